@@ -1,0 +1,105 @@
+"""The in-memory tree a build works on: sources (directory, tar, bootstrap) produce it,
+layer merging edits it, and the v5/v6 writers serialise it.
+
+A build needs the whole tree in memory anyway (directories are sorted and sized before anything
+is written), so one `Inode` per file is fine here; readers never use this model.
+
+Hard links are the same `Inode` object reachable under several names; writers count references
+for `nlink` and emit one inode (v6) or linked records (v5).
+"""
+
+import stat
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from ..rafs.model import BlobInfo, ChunkInfo
+
+
+@dataclass
+class FileData:
+    """Content not yet in any blob: `size` bytes read from `open()` (a fresh stream each call)."""
+
+    size: int
+    open: Callable[[], BinaryIO]
+
+
+@dataclass
+class ChunkedData:
+    """Content already stored in existing blobs (from a bootstrap being merged).
+
+    `chunks` carry `file_offset` in this file and `blob_index` into `blobs`.
+    """
+
+    size: int
+    chunks: list[ChunkInfo]
+    blobs: list[BlobInfo]
+
+
+@dataclass(eq=False)
+class Inode:
+    """One file system object. Directories hold `children`, sorted by the writers."""
+
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    mtime_nsec: int = 0
+    rdev: int = 0
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    symlink: bytes | None = None
+    data: FileData | ChunkedData | None = None
+    children: dict[bytes, "Inode"] | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+    @property
+    def is_symlink(self) -> bool:
+        return stat.S_ISLNK(self.mode)
+
+    @property
+    def size(self) -> int:
+        if self.is_reg:
+            return self.data.size if self.data is not None else 0
+        if self.is_symlink:
+            return len(self.symlink or b"")
+        return 0
+
+    @staticmethod
+    def directory(mode: int = 0o755, **kw: object) -> "Inode":
+        return Inode(mode=stat.S_IFDIR | (mode & 0o7777), children={}, **kw)  # type: ignore[arg-type]
+
+
+def walk(root: Inode, path: bytes = b"/") -> Iterator[tuple[bytes, Inode]]:
+    """Depth-first pre-order (path, inode), children in byte order (iterative)."""
+    stack: list[tuple[bytes, Inode]] = [(path, root)]
+    while stack:
+        p, node = stack.pop()
+        yield p, node
+        if node.children:
+            base = p if p.endswith(b"/") else p + b"/"
+            for name in sorted(node.children, reverse=True):
+                stack.append((base + name, node.children[name]))
+
+
+def link_counts(root: Inode) -> dict[int, int]:
+    """id(inode) -> number of directory entries naming it (directories: 2 + subdirectories)."""
+    counts: dict[int, int] = {}
+    for _path, node in walk(root):
+        if node.is_dir:
+            assert node.children is not None
+            counts[id(node)] = 2 + sum(1 for c in node.children.values() if c.is_dir)
+        elif node.children is None:
+            pass
+    for _path, node in walk(root):
+        if node.children:
+            for child in node.children.values():
+                if not child.is_dir:
+                    counts[id(child)] = counts.get(id(child), 0) + 1
+    return counts

@@ -1,0 +1,70 @@
+"""Chunk compression, digests and CRC32C: pure functions over bytes.
+
+zstd, lz4, blake3, hashlib and crc32c all release the GIL on large buffers, so callers may run
+these in worker threads without stalling an event loop.
+"""
+
+import gzip
+import hashlib
+import zlib
+
+import blake3
+import google_crc32c
+import lz4.block
+import zstandard
+
+from .constants import Compressor, Digester
+from .errors import FormatError
+
+ZSTD_LEVEL = 3
+
+
+
+def compress(algo: Compressor, data: bytes) -> bytes:
+    """Compress one chunk the way nydus-image does (raw LZ4 block, one zstd frame, gzip member)."""
+    if algo == Compressor.NONE:
+        return bytes(data)
+    if algo == Compressor.LZ4_BLOCK:
+        return lz4.block.compress(data, store_size=False)
+    if algo == Compressor.ZSTD:
+        return zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(data)
+    if algo == Compressor.GZIP:
+        return gzip.compress(data, mtime=0)
+    raise FormatError(f"unsupported compressor id {int(algo)}")
+
+
+def decompress(algo: Compressor, data: bytes, size: int) -> bytes:
+    """Decompress one chunk to exactly `size` bytes; anything else is a FormatError."""
+    try:
+        if algo == Compressor.NONE:
+            out = bytes(data)
+        elif algo == Compressor.LZ4_BLOCK:
+            out = lz4.block.decompress(data, uncompressed_size=size)
+        elif algo == Compressor.ZSTD:
+            out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+        elif algo == Compressor.GZIP:
+            d = zlib.decompressobj(wbits=31)
+            out = d.decompress(data, size)
+        else:
+            raise FormatError(f"unsupported compressor id {int(algo)}")
+    except FormatError:
+        raise
+    except Exception as e:  # the libraries raise their own error types for corrupt input
+        raise FormatError(f"cannot decompress {Compressor(algo).nydus_name} chunk: {e}") from None
+    if len(out) != size:
+        raise FormatError(f"chunk decompressed to {len(out)} bytes, expected {size}")
+    return out
+
+
+def digest(algo: Digester, data: bytes) -> bytes:
+    """The 32-byte chunk/inode digest with the image's digester."""
+    if algo == Digester.BLAKE3:
+        return blake3.blake3(data, max_threads=1).digest()
+    if algo == Digester.SHA256:
+        return hashlib.sha256(data).digest()
+    raise FormatError(f"unsupported digester id {int(algo)}")
+
+
+def crc32c(data: bytes) -> int:
+    """CRC-32C (Castagnoli) of the uncompressed chunk, as nydus-image >= 2.4 stores it."""
+    return int(google_crc32c.value(bytes(data)))

@@ -1,0 +1,56 @@
+"""Version detection and opening a bootstrap file as an mmap-backed image."""
+
+import mmap
+import os
+import struct
+
+from .constants import EROFS_MAGIC, EROFS_SUPER_OFFSET, RAFS_V4_VERSION, RAFS_V5_MAGIC, RAFS_V5_VERSION
+from .errors import FormatError
+from .model import RafsImage
+
+
+def detect_version(buf: bytes | mmap.mmap | memoryview) -> int:
+    """5 or 6 from the magic numbers (spec section 1); FormatError otherwise."""
+    if len(buf) >= 8:
+        magic, version = struct.unpack_from("<II", buf, 0)
+        if magic == RAFS_V5_MAGIC and version in (RAFS_V5_VERSION, RAFS_V4_VERSION):
+            return 5
+    if len(buf) >= EROFS_SUPER_OFFSET + 4 and struct.unpack_from("<I", buf, EROFS_SUPER_OFFSET)[0] == EROFS_MAGIC:
+        return 6
+    raise FormatError("not a RAFS bootstrap: neither the v5 magic at 0 nor the EROFS magic at 1024")
+
+
+def open_bootstrap(path: str) -> RafsImage:
+    """mmap `path` read-only and return the matching reader."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise FormatError(f"{path}: empty bootstrap")
+        mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    finally:
+        os.close(fd)
+    try:
+        version = detect_version(mm)
+        if version == 5:
+            from .v5 import V5Image
+
+            return V5Image(mm)
+        from .v6 import V6Image
+
+        return V6Image(mm)
+    except BaseException:
+        mm.close()
+        raise
+
+
+def open_bytes(data: bytes) -> RafsImage:
+    """Reader over an in-memory bootstrap (tests, bootstraps extracted from blobs)."""
+    version = detect_version(data)
+    if version == 5:
+        from .v5 import V5Image
+
+        return V5Image(data)
+    from .v6 import V6Image
+
+    return V6Image(data)
