@@ -92,14 +92,8 @@ def link_counts(root: Inode) -> dict[int, int]:
     """id(inode) -> number of directory entries naming it (directories: 2 + subdirectories)."""
     counts: dict[int, int] = {}
     for _path, node in walk(root):
-        if node.is_dir:
-            assert node.children is not None
+        if node.children is None:
+            counts[id(node)] = counts.get(id(node), 0) + 1
+        else:
             counts[id(node)] = 2 + sum(1 for c in node.children.values() if c.is_dir)
-        elif node.children is None:
-            pass
-    for _path, node in walk(root):
-        if node.children:
-            for child in node.children.values():
-                if not child.is_dir:
-                    counts[id(child)] = counts.get(id(child), 0) + 1
     return counts

@@ -1,0 +1,34 @@
+"""Shared test fixtures: where ../shared is, and skips that name a missing device or tool."""
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("NYDUS_PY_SHARED", REPO.parent / "shared"))
+NYDUS_FIXTURES = SHARED / "fixtures" / "nydus"
+
+
+def require_tool(name: str) -> str:
+    """Path of tool `name`; skip (naming the missing package) when absent."""
+    path = shutil.which(name) or (f"/usr/sbin/{name}" if os.path.exists(f"/usr/sbin/{name}") else None)
+    if path is None:
+        pytest.skip(f"missing tool {name!r} (install the Debian package that provides it)")
+    return path
+
+
+def require_device(path: str) -> None:
+    """Skip when a kernel device node is missing; everywhere else the test runs."""
+    if not os.path.exists(path):
+        pytest.skip(f"missing device {path}")
+    if os.geteuid() != 0:
+        pytest.skip(f"{path} needs root")
+
+
+@pytest.fixture(scope="session")
+def nydus_fixtures() -> Path:
+    if not NYDUS_FIXTURES.is_dir():
+        pytest.fail(f"shared fixtures not found at {NYDUS_FIXTURES}; CI keeps ../shared beside the repo")
+    return NYDUS_FIXTURES
