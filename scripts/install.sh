@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Installs everything nydus_py needs on a fresh Debian machine (run as root): the Debian tools the
+# tests and benchmarks use as peers/oracles, and the package itself with its test extras.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DEB_PACKAGES=(
+  erofs-utils      # fsck.erofs / dump.erofs / mkfs.erofs: the oracle and peer for v6 images
+  squashfs-tools   # mksquashfs: build-speed peer
+  squashfuse       # squashfuse_ll: FUSE peer in benchmarks
+  fuse3            # fusermount3 for unprivileged mounts
+  attr             # getfattr/setfattr for tests and debugging
+  util-linux       # mount, losetup
+)
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+python3 -m pip install -q --disable-pip-version-check -e ".[test]"
