@@ -1,0 +1,139 @@
+"""The /dev/fuse transport: worker threads move whole requests between the kernel and a handler.
+
+Each worker owns a channel (the mount's fd for the first, a FUSE_DEV_IOC_CLONE'd fd for the
+others, so the kernel spreads requests without a shared lock) and one reusable request buffer.
+The handler is sans-IO: bytes in, reply bytes (or None) out. Blocking read(2)/write(2) release the
+GIL, and so do the decompressors and hashes the handler calls, so threads overlap where it counts.
+"""
+
+import errno
+import fcntl
+import logging
+import os
+import struct
+import threading
+from collections.abc import Callable
+
+from .mount import fuse_mount, fuse_umount, is_mountpoint
+
+log = logging.getLogger(__name__)
+
+FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
+FUSE_MIN_READ_BUFFER = 8192
+HEADER_ROOM = 4096  # fuse_in_header + the largest op header in front of WRITE data
+
+Handler = Callable[[memoryview], bytes | None]
+
+
+class FuseDevSession:
+    """Serve one mountpoint with `threads` workers until unmounted (by us or anyone else)."""
+
+    def __init__(self, handler: Handler, mountpoint: str, *, threads: int = 4, max_write: int = 1 << 20,
+                 fsname: str = "rafs", allow_other: bool = True) -> None:
+        if not 1 <= threads <= 1024:
+            raise ValueError("thread count must be 1..1024")
+        self.handler = handler
+        self.mountpoint = os.path.realpath(mountpoint)
+        self.threads = threads
+        self.bufsize = max(FUSE_MIN_READ_BUFFER, max_write + HEADER_ROOM)
+        self.fsname = fsname
+        self.allow_other = allow_other
+        self.fd = -1
+        self._workers: list[threading.Thread] = []
+        self._fds: list[int] = []
+        self._stopped = threading.Event()
+        self._lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def mount(self) -> None:
+        self.fd = fuse_mount(self.mountpoint, fsname=self.fsname, allow_other=self.allow_other)
+        self._start_workers(self.fd)
+
+    def attach(self, fd: int) -> None:
+        """Serve an already-mounted connection (failover / hot upgrade hand the fd over)."""
+        self.fd = fd
+        self._start_workers(fd)
+
+    def _start_workers(self, fd: int) -> None:
+        self._fds = [fd] + [self._clone(fd) for _ in range(self.threads - 1)]
+        for i, chan in enumerate(self._fds):
+            t = threading.Thread(target=self._serve, args=(chan,), name=f"fuse-worker-{i}", daemon=True)
+            self._workers.append(t)
+            t.start()
+
+    @staticmethod
+    def _clone(fd: int) -> int:
+        clone = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.ioctl(clone, FUSE_DEV_IOC_CLONE, struct.pack("I", fd))
+        except OSError:
+            os.close(clone)
+            raise
+        return clone
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until every worker has finished; True when the session is over."""
+        return self._stopped.wait(timeout)
+
+    def unmount(self, lazy: bool = False) -> None:
+        """Unmount (idempotent); workers then see ENODEV and exit."""
+        with self._lock:
+            if is_mountpoint(self.mountpoint):
+                try:
+                    fuse_umount(self.mountpoint, lazy=lazy)
+                except OSError as e:
+                    if e.errno != errno.EBUSY or lazy:
+                        raise
+                    log.warning("%s busy, detaching lazily", self.mountpoint)
+                    fuse_umount(self.mountpoint, lazy=True)
+
+    def close(self) -> None:
+        """Unmount, wait for the workers and release every channel fd."""
+        self.unmount()
+        for t in self._workers:
+            t.join(timeout=10)
+        for fd in self._fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds = []
+        self._workers = []
+        self.fd = -1
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _serve(self, fd: int) -> None:
+        buf = bytearray(self.bufsize)
+        view = memoryview(buf)
+        handler = self.handler
+        try:
+            while True:
+                try:
+                    n = os.readv(fd, [buf])
+                except OSError as e:
+                    if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
+                        continue
+                    if e.errno in (errno.ENODEV, errno.EBADF):
+                        return  # unmounted or connection aborted: the session is over
+                    raise
+                if n == 0:
+                    return
+                reply = handler(view[:n])
+                if reply is None:
+                    continue
+                try:
+                    os.write(fd, reply)
+                except OSError as e:
+                    # ENOENT: the request was interrupted and the kernel forgot it.
+                    if e.errno == errno.ENOENT:
+                        continue
+                    if e.errno in (errno.ENODEV, errno.EBADF):
+                        return
+                    raise
+        except Exception:
+            log.exception("FUSE worker on fd %d failed", fd)
+        finally:
+            view.release()
+            with self._lock:
+                if all(not t.is_alive() or t is threading.current_thread() for t in self._workers):
+                    self._stopped.set()

@@ -1,0 +1,128 @@
+"""Mounting and unmounting a FUSE filesystem on an open /dev/fuse.
+
+As root we call mount(2) directly with the options nydusd uses; otherwise `fusermount3` mounts
+for us and hands the /dev/fuse fd back over a unix socket (SCM_RIGHTS), like libfuse does.
+"""
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import os
+import socket
+import subprocess
+
+log = logging.getLogger(__name__)
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOATIME = 1024
+MNT_DETACH = 2
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
+_libc.umount2.argtypes = [ctypes.c_char_p, ctypes.c_int]
+
+
+def sys_mount(source: str, target: str, fstype: str, flags: int, data: str) -> None:
+    """mount(2); OSError with the kernel's errno on failure."""
+    if _libc.mount(source.encode(), target.encode(), fstype.encode(), flags, data.encode()) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mount {fstype} on {target}: {os.strerror(e)}")
+
+
+def sys_umount(target: str, flags: int = 0) -> None:
+    if _libc.umount2(target.encode(), flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"umount {target}: {os.strerror(e)}")
+
+
+def fuse_mount(
+    mountpoint: str,
+    *,
+    fsname: str = "rafs",
+    allow_other: bool = True,
+    readonly: bool = True,
+    max_read: int = 0,
+) -> int:
+    """Mount a FUSE filesystem at `mountpoint` and return the /dev/fuse fd that serves it."""
+    if os.geteuid() == 0:
+        fd = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
+        st = os.stat(mountpoint)
+        opts = [
+            "default_permissions",
+            f"fd={fd}",
+            f"rootmode={st.st_mode & 0o170000:o}",
+            f"user_id={os.geteuid()}",
+            f"group_id={os.getegid()}",
+        ]
+        if max_read:
+            opts.append(f"max_read={max_read}")
+        if allow_other:
+            opts.append("allow_other")
+        flags = MS_NOSUID | MS_NODEV | MS_NOATIME | (MS_RDONLY if readonly else 0)
+        try:
+            sys_mount(fsname, mountpoint, "fuse", flags, ",".join(opts))
+            return fd
+        except OSError as e:
+            os.close(fd)
+            if e.errno != errno.EPERM:
+                raise
+            log.warning("mount(2) refused (EPERM), falling back to fusermount3")
+    return _fusermount(mountpoint, fsname, allow_other, readonly)
+
+
+def _fusermount(mountpoint: str, fsname: str, allow_other: bool, readonly: bool) -> int:
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    opts = ["default_permissions", f"fsname={fsname}", "nosuid", "nodev", "noatime"]
+    if readonly:
+        opts.append("ro")
+    if allow_other:
+        opts.append("allow_other")
+    env = dict(os.environ, _FUSE_COMMFD=str(theirs.fileno()))
+    try:
+        proc = subprocess.run(
+            ["fusermount3", "-o", ",".join(opts), "--", mountpoint],
+            env=env,
+            pass_fds=(theirs.fileno(),),
+            capture_output=True,
+            check=False,
+        )
+        theirs.close()
+        if proc.returncode != 0:
+            raise OSError(errno.EPERM, f"fusermount3 failed: {proc.stderr.decode(errors='replace').strip()}")
+        _msg, fds, _flags, _addr = socket.recv_fds(ours, 16, 1)
+        if not fds:
+            raise OSError(errno.EIO, "fusermount3 did not pass a /dev/fuse fd")
+        os.set_inheritable(fds[0], False)
+        return fds[0]
+    finally:
+        ours.close()
+
+
+def fuse_umount(mountpoint: str, lazy: bool = False) -> None:
+    """Unmount; as non-root through fusermount3 -u."""
+    if os.geteuid() == 0:
+        sys_umount(mountpoint, MNT_DETACH if lazy else 0)
+        return
+    args = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    proc = subprocess.run(args, capture_output=True, check=False)
+    if proc.returncode != 0:
+        raise OSError(errno.EBUSY, f"fusermount3 -u failed: {proc.stderr.decode(errors='replace').strip()}")
+
+
+def is_mountpoint(path: str) -> bool:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and os.fsdecode(fields[4]).replace("\\040", " ") == real:
+                return True
+    return False
+
+
+def connection_id(mountpoint: str) -> int:
+    """FUSE connection id of a mount: /sys/fs/fuse/connections/<id>."""
+    st = os.stat(mountpoint)
+    return os.major(st.st_dev) << 20 | os.minor(st.st_dev)
