@@ -1,0 +1,526 @@
+"""Build trees from a local directory or an OCI layer tar, without extracting anything.
+
+Decisions for tar input (every name is treated as hostile):
+* Names are normalised lexically like containerd (`filepath.Clean`): leading '/', '.' and empty
+  components are dropped, so absolute names are relative to the layer root; `a/../b` is `b`; a
+  `..` that would climb above the root is a FormatError.
+* A path component that exists but is not a directory (file, symlink) is a FormatError: symlinks
+  are never followed while building, and tar extraction would fail there too.
+* Hard links (LNKTYPE) must name an earlier regular member of the same layer (as nydus-image
+  requires); they share that member's Inode object.
+* Duplicates: the later member wins (like extraction); a directory replacing a directory keeps
+  its children and takes the new attributes.
+* Missing parents are created as 0755 root-owned directories.
+* Member data must lie inside the archive (no declared size past its end); GNU sparse members and
+  unknown member types are refused, like nydus-image does.
+* Whiteouts (`.wh.NAME`, `.wh..wh..opq`) stay ordinary entries; `merge.merge_layers` applies them.
+
+Xattrs: RAFS can store only `user.`, `trusted.`, `security.` and `system.posix_acl_{access,default}`
+names (value <= 64 KiB, name suffix <= 255 bytes); others are logged and counted, not stored.
+"""
+
+import base64
+import errno as _errno
+import io
+import logging
+import os
+import stat
+import tarfile
+import tempfile
+import urllib.parse
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+import zstandard
+
+from ..rafs.errors import FormatError
+from .tree import FileData, Inode
+
+log = logging.getLogger(__name__)
+
+MAX_NAME_LEN = 255
+MAX_SYMLINK_LEN = 4095
+MAX_XATTR_VALUE = 65535
+_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
+_XATTR_EXACT = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+GZIP_MAGIC = b"\x1f\x8b"
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+
+
+@dataclass
+class SourceStats:
+    """What a source reader dropped or noticed, for the CLI to report."""
+
+    entries: int = 0
+    skipped_xattrs: int = 0
+    skipped_xattr_names: set[bytes] = field(default_factory=set)
+
+
+def xattr_storable(name: bytes, value: bytes) -> bool:
+    """Whether RAFS v5/v6 can store this xattr (EROFS name_index prefixes, u8 name, u16 value)."""
+    if len(value) > MAX_XATTR_VALUE:
+        return False
+    if name in _XATTR_EXACT:
+        return True
+    for prefix in _XATTR_PREFIXES:
+        if name.startswith(prefix):
+            return 0 < len(name) - len(prefix) <= MAX_NAME_LEN
+    return False
+
+
+def _keep_xattrs(xattrs: dict[bytes, bytes], where: str, stats: SourceStats | None) -> dict[bytes, bytes]:
+    kept: dict[bytes, bytes] = {}
+    for name, value in xattrs.items():
+        if xattr_storable(name, value):
+            kept[name] = value
+            continue
+        log.warning("%s: xattr %r cannot be stored in RAFS; skipped", where, name)
+        if stats is not None:
+            stats.skipped_xattrs += 1
+            stats.skipped_xattr_names.add(name)
+    return kept
+
+
+# --------------------------------------------------------------------------------------------
+# Directory source
+# --------------------------------------------------------------------------------------------
+
+
+def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as e:
+        if e.errno in (_errno.ENOTSUP, _errno.EOPNOTSUPP, _errno.EPERM):
+            return {}
+        raise
+    out: dict[bytes, bytes] = {}
+    for name in names:
+        try:
+            out[os.fsencode(name)] = os.getxattr(path, name, follow_symlinks=False)
+        except OSError as e:
+            if e.errno == _errno.ENODATA:  # removed between list and get
+                continue
+            raise
+    return out
+
+
+def _opener(path: bytes) -> Callable[[], BinaryIO]:
+    def open_file() -> BinaryIO:
+        return open(path, "rb")
+
+    return open_file
+
+
+def tree_from_directory(path: str | bytes | os.PathLike[str], stats: SourceStats | None = None) -> Inode:
+    """The tree under directory `path` (lstat only, symlinks never followed).
+
+    Hard links (same st_dev/st_ino) become one shared Inode; regular files get a FileData that
+    opens the path lazily, so nothing is read until a writer asks.
+    """
+    top = os.fsencode(path)
+    st = os.lstat(top)
+    if not stat.S_ISDIR(st.st_mode):
+        raise FormatError(f"{os.fsdecode(top)}: source is not a directory")
+    root = _inode_from_stat(top, st, stats)
+    seen: dict[tuple[int, int], Inode] = {}
+    stack: list[tuple[bytes, Inode]] = [(top, root)]
+    while stack:
+        dir_path, dir_node = stack.pop()
+        assert dir_node.children is not None
+        with os.scandir(dir_path) as it:
+            entries = list(it)
+        for entry in entries:
+            name = os.fsencode(entry.name)
+            if len(name) > MAX_NAME_LEN:
+                raise FormatError(f"{os.fsdecode(entry.path)}: name longer than {MAX_NAME_LEN} bytes")
+            child_path = os.fsencode(entry.path)
+            est = entry.stat(follow_symlinks=False)
+            if stats is not None:
+                stats.entries += 1
+            if stat.S_ISDIR(est.st_mode):
+                child = _inode_from_stat(child_path, est, stats)
+                stack.append((child_path, child))
+            else:
+                key = (est.st_dev, est.st_ino)
+                shared = seen.get(key) if est.st_nlink > 1 else None
+                if shared is not None:
+                    child = shared
+                else:
+                    child = _inode_from_stat(child_path, est, stats)
+                    if est.st_nlink > 1:
+                        seen[key] = child
+            dir_node.children[name] = child
+    return root
+
+
+def _inode_from_stat(path: bytes, st: os.stat_result, stats: SourceStats | None) -> Inode:
+    mode = st.st_mode
+    fmt = stat.S_IFMT(mode)
+    if fmt not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+        raise FormatError(f"{os.fsdecode(path)}: unsupported file type {fmt:o}")
+    node = Inode(
+        mode=mode,
+        uid=st.st_uid,
+        gid=st.st_gid,
+        mtime=st.st_mtime_ns // 1_000_000_000,
+        mtime_nsec=st.st_mtime_ns % 1_000_000_000,
+        rdev=st.st_rdev if fmt in (stat.S_IFCHR, stat.S_IFBLK) else 0,
+        xattrs=_keep_xattrs(_read_xattrs(path), os.fsdecode(path), stats),
+    )
+    if fmt == stat.S_IFDIR:
+        node.children = {}
+    elif fmt == stat.S_IFREG:
+        node.data = FileData(size=st.st_size, open=_opener(path))
+    elif fmt == stat.S_IFLNK:
+        target = os.readlink(path)
+        if not target or len(target) > MAX_SYMLINK_LEN:
+            raise FormatError(f"{os.fsdecode(path)}: symlink target of {len(target)} bytes")
+        node.symlink = target
+    return node
+
+
+# --------------------------------------------------------------------------------------------
+# Tar source
+# --------------------------------------------------------------------------------------------
+
+
+class _Backing:
+    """A seekable file holding the (decompressed) tar; member data is read from it with pread."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        self.fd = file.fileno()
+        self.size = os.fstat(self.fd).st_size
+
+
+class _MemberReader(io.RawIOBase):
+    """Read-only stream over [offset, offset+size) of the backing file (independent position)."""
+
+    def __init__(self, backing: _Backing, offset: int, size: int) -> None:
+        self._b = backing
+        self._off = offset
+        self._size = size
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf: "bytearray | memoryview") -> int:  # type: ignore[override]
+        n = min(len(buf), self._size - self._pos)
+        if n <= 0:
+            return 0
+        data = os.pread(self._b.fd, n, self._off + self._pos)
+        if len(data) != n:
+            raise FormatError(f"tar data truncated at offset {self._off + self._pos}")
+        memoryview(buf)[:n] = data
+        self._pos += n
+        return n
+
+
+def _member_opener(backing: _Backing, offset: int, size: int) -> Callable[[], BinaryIO]:
+    def open_member() -> BinaryIO:
+        return io.BufferedReader(_MemberReader(backing, offset, size))
+
+    return open_member
+
+
+def _spool(src: BinaryIO, decompress: str | None) -> BinaryIO:
+    """Copy `src` (decompressing gzip/zstd) into an anonymous temp file."""
+    tmp = tempfile.TemporaryFile()  # noqa: SIM115 (returned open)
+    try:
+        if decompress == "gzip":
+            import gzip
+            import zlib
+
+            try:
+                with gzip.GzipFile(fileobj=src, mode="rb") as gz:
+                    _copy(gz, tmp)
+            except (OSError, EOFError, zlib.error) as e:
+                raise FormatError(f"corrupt gzip layer: {e}") from None
+        elif decompress == "zstd":
+            try:
+                with zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True, closefd=False) as zr:
+                    _copy(zr, tmp)
+            except zstandard.ZstdError as e:
+                raise FormatError(f"corrupt zstd layer: {e}") from None
+        else:
+            _copy(src, tmp)
+        tmp.flush()
+        tmp.seek(0)
+        return tmp
+    except BaseException:
+        tmp.close()
+        raise
+
+
+def _copy(src: Any, dst: BinaryIO) -> None:
+    while True:
+        block = src.read(1 << 20)
+        if not block:
+            return
+        dst.write(block)
+
+
+def detect_compression(head: bytes) -> str | None:
+    """'gzip', 'zstd' or None (plain tar) from the first bytes of a layer."""
+    if head.startswith(GZIP_MAGIC):
+        return "gzip"
+    if head.startswith(ZSTD_MAGIC):
+        return "zstd"
+    return None
+
+
+def _open_backing(src: str | os.PathLike[str] | BinaryIO) -> _Backing:
+    if isinstance(src, str | bytes | os.PathLike):
+        f: BinaryIO = open(src, "rb")  # noqa: SIM115 (kept open for FileData)
+        owned = True
+    else:
+        f = src
+        owned = False
+    try:
+        head = _peek(f, 4)
+        kind = detect_compression(head)
+        if kind is None and _has_fileno(f) and f.seekable():
+            return _Backing(f)
+        spooled = _spool(f, kind)
+        if owned:
+            f.close()
+        return _Backing(spooled)
+    except BaseException:
+        if owned:
+            f.close()
+        raise
+
+
+def _has_fileno(f: BinaryIO) -> bool:
+    try:
+        f.fileno()
+    except (OSError, AttributeError, io.UnsupportedOperation):
+        return False
+    return True
+
+
+def _peek(f: BinaryIO, n: int) -> bytes:
+    if f.seekable():
+        pos = f.tell()
+        head = f.read(n)
+        f.seek(pos)
+        return head
+    peek = getattr(f, "peek", None)
+    if peek is not None:
+        return bytes(peek(n)[:n])
+    raise FormatError("tar source must be seekable or a buffered stream")
+
+
+def _norm(raw: bytes, what: str) -> list[bytes]:
+    """Path components of a tar name, lexically cleaned; `..` above the root is refused."""
+    parts: list[bytes] = []
+    for comp in raw.split(b"/"):
+        if comp in (b"", b"."):
+            continue
+        if comp == b"..":
+            if not parts:
+                raise FormatError(f"tar {what} {raw!r} escapes the layer root")
+            parts.pop()
+            continue
+        if len(comp) > MAX_NAME_LEN:
+            raise FormatError(f"tar {what} {raw!r}: component longer than {MAX_NAME_LEN} bytes")
+        parts.append(comp)
+    return parts
+
+
+def _tar_bytes(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+def _pax_xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for key, value in member.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            out[_tar_bytes(key[len("SCHILY.xattr.") :])] = _tar_bytes(value)
+        elif key.startswith("LIBARCHIVE.xattr."):
+            name = urllib.parse.unquote_to_bytes(key[len("LIBARCHIVE.xattr.") :])
+            try:
+                out[name] = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
+            except ValueError:
+                raise FormatError(f"tar member {member.name!r}: bad base64 in xattr {key!r}") from None
+    return out
+
+
+def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
+    """(seconds, nanoseconds); PAX mtime is parsed exactly, not through a float."""
+    text = member.pax_headers.get("mtime")
+    if text is not None:
+        whole, _, frac = text.partition(".")
+        try:
+            sec = int(whole)
+            nsec = int((frac + "000000000")[:9]) if frac else 0
+        except ValueError:
+            raise FormatError(f"tar member {member.name!r}: bad PAX mtime {text!r}") from None
+        if text.startswith("-"):
+            return 0, 0
+        return sec, nsec
+    return max(0, int(member.mtime)), 0
+
+
+_TYPES = {
+    tarfile.REGTYPE: stat.S_IFREG,
+    tarfile.AREGTYPE: stat.S_IFREG,
+    tarfile.CONTTYPE: stat.S_IFREG,
+    tarfile.DIRTYPE: stat.S_IFDIR,
+    tarfile.SYMTYPE: stat.S_IFLNK,
+    tarfile.CHRTYPE: stat.S_IFCHR,
+    tarfile.BLKTYPE: stat.S_IFBLK,
+    tarfile.FIFOTYPE: stat.S_IFIFO,
+}
+
+
+class _TarTree:
+    """Inserts members into a tree following the rules in the module docstring."""
+
+    def __init__(self, stats: SourceStats | None) -> None:
+        self.root = Inode.directory(0o755)
+        self.stats = stats
+
+    def parent_of(self, parts: list[bytes], raw: str) -> Inode:
+        node = self.root
+        for comp in parts[:-1]:
+            assert node.children is not None
+            child = node.children.get(comp)
+            if child is None:
+                child = Inode.directory(0o755)
+                node.children[comp] = child
+            elif not child.is_dir:
+                raise FormatError(f"tar member {raw!r}: parent component {comp!r} is not a directory")
+            node = child
+        return node
+
+    def lookup(self, parts: list[bytes]) -> Inode | None:
+        node = self.root
+        for comp in parts:
+            if node.children is None:
+                return None
+            nxt = node.children.get(comp)
+            if nxt is None:
+                return None
+            node = nxt
+        return node
+
+    def place(self, parts: list[bytes], node: Inode, raw: str) -> None:
+        if not parts:
+            if not node.is_dir:
+                raise FormatError(f"tar member {raw!r} names the layer root but is not a directory")
+            _copy_attrs(self.root, node)
+            return
+        parent = self.parent_of(parts, raw)
+        assert parent.children is not None
+        old = parent.children.get(parts[-1])
+        if old is not None and old.is_dir and node.is_dir:
+            _copy_attrs(old, node)
+        else:
+            parent.children[parts[-1]] = node
+
+
+def _copy_attrs(dst: Inode, src: Inode) -> None:
+    dst.mode, dst.uid, dst.gid = src.mode, src.uid, src.gid
+    dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, src.xattrs
+
+
+def tree_from_tar(src: str | os.PathLike[str] | BinaryIO, stats: SourceStats | None = None) -> Inode:
+    """The tree of one OCI layer tar (plain, gzip or zstd, detected by magic).
+
+    Regular files get a FileData reading their bytes from the archive (the decompressed copy for
+    compressed layers), so the archive (or a temp copy) stays open while the tree is alive.
+    """
+    backing = _open_backing(src)
+    try:
+        tar = tarfile.open(  # noqa: SIM115 (closing would close the backing file)
+            fileobj=backing.file, mode="r:", encoding="utf-8", errors="surrogateescape"
+        )
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        raise FormatError(f"not a tar archive: {e}") from None
+    tt = _TarTree(stats)
+    while True:
+        try:
+            member = tar.next()
+        except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as e:
+            raise FormatError(f"corrupt tar archive at offset {tar.offset}: {e}") from None
+        if member is None:
+            break
+        _add_member(tt, member, backing)
+    trailing = backing.size - tar.offset
+    if 0 < trailing < tarfile.BLOCKSIZE:
+        raise FormatError(f"tar archive truncated: {trailing} stray bytes after offset {tar.offset}")
+    return tt.root
+
+
+def _add_member(tt: _TarTree, m: tarfile.TarInfo, backing: _Backing) -> None:
+    raw = m.name
+    if tt.stats is not None:
+        tt.stats.entries += 1
+    if m.sparse is not None or m.type == tarfile.GNUTYPE_SPARSE:
+        raise FormatError(f"tar member {raw!r}: GNU sparse members are not supported")
+    parts = _norm(_tar_bytes(raw), "name")
+    if m.type == tarfile.LNKTYPE:
+        target_parts = _norm(_tar_bytes(m.linkname), "hard link target")
+        target = tt.lookup(target_parts)
+        if target is None or not target.is_reg:
+            raise FormatError(
+                f"tar member {raw!r}: hard link target {m.linkname!r} is not an earlier regular file of this layer"
+            )
+        if not parts:
+            raise FormatError(f"tar member {raw!r}: hard link cannot be the layer root")
+        tt.place(parts, target, raw)
+        return
+    fmt = _TYPES.get(m.type)
+    if fmt is None:
+        raise FormatError(f"tar member {raw!r}: unsupported member type {m.type!r}")
+    for what, v in (("uid", m.uid), ("gid", m.gid)):
+        if not 0 <= v <= 0xFFFF_FFFF:
+            raise FormatError(f"tar member {raw!r}: {what} {v} out of range")
+    sec, nsec = _mtime(m)
+    where = f"tar member {raw!r}"
+    node = Inode(
+        mode=fmt | (m.mode & 0o7777),
+        uid=m.uid,
+        gid=m.gid,
+        mtime=sec,
+        mtime_nsec=nsec,
+        xattrs=_keep_xattrs(_pax_xattrs(m), where, tt.stats),
+    )
+    if fmt == stat.S_IFREG:
+        if m.size < 0 or m.offset_data + m.size > backing.size:
+            raise FormatError(
+                f"{where}: declared size {m.size} at offset {m.offset_data} runs past the end of "
+                f"the archive ({backing.size} bytes)"
+            )
+        node.data = FileData(size=m.size, open=_member_opener(backing, m.offset_data, m.size))
+    elif fmt == stat.S_IFDIR:
+        node.children = {}
+    elif fmt == stat.S_IFLNK:
+        link = _tar_bytes(m.linkname)
+        if not link or len(link) > MAX_SYMLINK_LEN:
+            raise FormatError(f"{where}: symlink target of {len(link)} bytes")
+        node.symlink = link
+    elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+        try:
+            node.rdev = os.makedev(m.devmajor, m.devminor)
+        except (OverflowError, ValueError):
+            raise FormatError(f"{where}: device {m.devmajor}:{m.devminor} out of range") from None
+        if node.rdev > 0xFFFF_FFFF:
+            raise FormatError(f"{where}: device {m.devmajor}:{m.devminor} does not fit 32 bits")
+    tt.place(parts, node, raw)
+
