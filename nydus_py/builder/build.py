@@ -1,0 +1,144 @@
+"""`build_image`: the one entry point from a build tree to a bootstrap + data blob.
+
+Order of work: validate and lay out the tree (fails fast, before any blob byte is written),
+gather the blobs that `ChunkedData` files already live in, write the new blob (chunks of
+`FileData` files, deduplicated against itself and those existing blobs), then write the bootstrap.
+
+Blob table = existing blobs first, in the order they are met (files in BFS order, each file's
+`ChunkedData.blobs` in list order; only blobs some chunk uses; one entry per blob id), then the new
+blob. When every chunk is empty or already stored elsewhere no blob file is written and
+`BuildResult.blob_id` is None; an image without any blob has no device slots and mounts without
+`device=` options.
+"""
+
+import contextlib
+import os
+import tempfile
+
+from ..rafs.constants import Compressor
+from ..rafs.errors import FormatError
+from ..rafs.model import BlobInfo, ChunkInfo
+from .blob_writer import BlobWriter, validate_blob_id
+from .options import BuildOptions, BuildResult
+from .tree import ChunkedData, FileData, Inode
+from .v6_writer import plan_v6, write_v6
+
+
+def check_options(opts: BuildOptions) -> None:
+    """ValueError for options this builder cannot honour."""
+    if opts.fs_version == 5:
+        raise ValueError("RAFS v5 output is not supported by this builder yet; use fs_version=6")
+    if opts.fs_version != 6:
+        raise ValueError(f"unknown RAFS version {opts.fs_version!r}; expected 6")
+    if opts.compressor not in (Compressor.NONE, Compressor.LZ4_BLOCK, Compressor.ZSTD):
+        raise ValueError(f"compressor {Compressor(opts.compressor).nydus_name} is not supported for RAFS v6 builds")
+    if opts.blob_id is not None:
+        validate_blob_id(opts.blob_id)
+
+
+def _existing_blobs(
+    plan_files: list[tuple[bytes, Inode]], opts: BuildOptions
+) -> tuple[list[BlobInfo], dict[int, list[ChunkInfo]], dict[bytes, ChunkInfo]]:
+    """Union blob table of `ChunkedData` files, their chunks remapped to it, and a dedup map."""
+    used: set[str] = set()
+    for path, node in plan_files:
+        data = node.data
+        if isinstance(data, ChunkedData):
+            for c in data.chunks:
+                if not 0 <= c.blob_index < len(data.blobs):
+                    raise FormatError(f"{path!r}: chunk refers to blob {c.blob_index} of {len(data.blobs)}")
+                used.add(data.blobs[c.blob_index].blob_id)
+    table: list[BlobInfo] = []
+    pos: dict[str, int] = {}
+    for _path, node in plan_files:
+        data = node.data
+        if isinstance(data, ChunkedData):
+            for b in data.blobs:
+                if b.blob_id in used and b.blob_id not in pos:
+                    pos[b.blob_id] = len(table)
+                    table.append(_with_index(b, len(table)))
+    chunks: dict[int, list[ChunkInfo]] = {}
+    dedup: dict[bytes, ChunkInfo] = {}
+    for _path, node in plan_files:
+        data = node.data
+        if not isinstance(data, ChunkedData) or id(node) in chunks:
+            continue
+        remapped = sorted(
+            (c._replace(blob_index=pos[data.blobs[c.blob_index].blob_id]) for c in data.chunks),
+            key=lambda c: c.file_offset,
+        )
+        chunks[id(node)] = remapped
+        for c in remapped:
+            if table[c.blob_index].digester == opts.digester and c.digest not in dedup:
+                dedup[c.digest] = c
+    return table, chunks, dedup
+
+
+def _with_index(b: BlobInfo, index: int) -> BlobInfo:
+    if b.index == index:
+        return b
+    from dataclasses import replace
+
+    return replace(b, index=index)
+
+
+def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOptions) -> BuildResult:
+    """Write `bootstrap_path` (RAFS v6) and, if there is new file data, one blob in `blob_dir`.
+
+    Raises ValueError for unusable options and FormatError for trees RAFS cannot represent;
+    on error no partial blob or bootstrap is left behind.
+    """
+    check_options(opts)
+    plan = plan_v6(root, opts)
+    files = plan.regular_files()
+    table, file_chunks, dedup = _existing_blobs(files, opts)
+    if opts.blob_id is not None and opts.blob_id in {b.blob_id for b in table}:
+        raise FormatError(f"blob id {opts.blob_id} is already used by a blob the image references")
+    if len(table) >= 254:
+        raise FormatError(f"image would reference {len(table) + 1} blobs; RAFS v6 allows 254")
+
+    order = plan.data_order()
+    new_blob: BlobInfo | None = None
+    with BlobWriter(blob_dir, opts, blob_index=len(table), existing=dedup) as writer:
+        results = writer.add_files([n.data for n in order if isinstance(n.data, FileData)])
+        for node, chunks in zip(order, results, strict=True):
+            file_chunks[id(node)] = chunks
+        new_blob = writer.finish()
+        blob_path = getattr(writer, "path", None) if new_blob is not None else None
+    blobs = table + ([new_blob] if new_blob is not None else [])
+    try:
+        boot = write_v6(plan, blobs, file_chunks, opts)
+        _write_atomic(bootstrap_path, boot)
+    except BaseException:
+        if blob_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(blob_path)
+        raise
+    return BuildResult(
+        bootstrap_path=bootstrap_path,
+        blob_id=new_blob.blob_id if new_blob else None,
+        blob_path=blob_path,
+        blob_ids=[b.blob_id for b in blobs],
+        inodes=len(plan.records),
+        chunks=len(writer.chunks),
+        deduplicated=writer.deduplicated,
+        uncompressed_bytes=writer.stored_uncompressed,
+        compressed_bytes=writer.stored_compressed,
+    )
+
+
+def _write_atomic(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, prefix=".boot-", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise

@@ -1,0 +1,177 @@
+"""The uncompressed, 4K-aligned view of a data blob (spec 5.2).
+
+Every chunk is decompressed to its `uncompressed_offset`; gaps stay zero (sparse). This is what
+nydusd keeps in its blob cache and what the kernel EROFS driver reads through a device slot:
+mount a v6 bootstrap with `device=<view>` (one per blob, blob-table order) to get file data.
+
+Chunks come from the blob's own blob.meta array, so this works for any v6 blob with blob.meta,
+not only ones this builder wrote. When the blob carries a digest array (INLINED_CHUNK_DIGEST,
+found through the ToC) every chunk is verified against it.
+"""
+
+import contextlib
+import hashlib
+import os
+import struct
+import tempfile
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from ..rafs import codec
+from ..rafs.constants import (
+    EROFS_MAGIC,
+    EROFS_SUPER_OFFSET,
+    RAFS_V6_EXT_SUPER_OFFSET,
+    TAR_HEADER_SIZE,
+    TOC_ENTRY_SIZE,
+    V6_BLOB_ENTRY_SIZE,
+    BlobFeatures,
+    Compressor,
+    Digester,
+)
+from ..rafs.errors import DigestMismatch, FormatError
+from ..rafs.model import BlobInfo, RafsImage
+from .blob_writer import TOC_BLOB_DIGEST, decode_ci_array
+
+_BLOB_ENTRY = struct.Struct("<64sIIIIIIQQIIQQQ32s")
+_TOC_ENTRY = struct.Struct("<II16s32sQQQ")
+
+
+def v6_blob_table(boot: bytes) -> list[BlobInfo]:
+    """Blob table of a RAFS v6 bootstrap (only what locating blob data needs)."""
+    if len(boot) < 4096 or struct.unpack_from("<I", boot, EROFS_SUPER_OFFSET)[0] != EROFS_MAGIC:
+        raise FormatError("not a RAFS v6 bootstrap (no EROFS superblock)")
+    _flags, off, size = struct.unpack_from("<QQI", boot, RAFS_V6_EXT_SUPER_OFFSET)
+    if size % V6_BLOB_ENTRY_SIZE or off + size > len(boot):
+        raise FormatError(f"blob table at {off}+{size} outside the {len(boot)}-byte bootstrap")
+    out = []
+    for i in range(size // V6_BLOB_ENTRY_SIZE):
+        f = _BLOB_ENTRY.unpack_from(boot, off + i * V6_BLOB_ENTRY_SIZE)
+        try:
+            out.append(
+                BlobInfo(
+                    index=i,
+                    blob_id=f[0].rstrip(b"\0").decode("ascii"),
+                    compressor=Compressor(f[4]),
+                    digester=Digester(f[5]),
+                    chunk_size=f[2],
+                    chunk_count=f[3],
+                    features=BlobFeatures(f[6]),
+                    compressed_size=f[7],
+                    uncompressed_size=f[8],
+                    blob_toc_size=f[9],
+                    ci_compressor=Compressor(f[10]),
+                    ci_offset=f[11],
+                    ci_compressed_size=f[12],
+                    ci_uncompressed_size=f[13],
+                    blob_toc_digest=f[14],
+                )
+            )
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FormatError(f"blob table entry {i}: {e}") from None
+    return out
+
+
+def _blob_info(source: str | os.PathLike[str] | bytes | RafsImage, blob_id: str) -> BlobInfo:
+    if isinstance(source, RafsImage):
+        blobs = list(source.blobs)
+    else:
+        if isinstance(source, bytes):
+            boot = source
+        else:
+            with open(source, "rb") as f:
+                boot = f.read()
+        blobs = v6_blob_table(boot)
+    for b in blobs:
+        if b.blob_id == blob_id:
+            return b
+    raise FormatError(f"blob {blob_id} is not in the image's blob table")
+
+
+def _pread(fd: int, size: int, off: int, what: str) -> bytes:
+    data = os.pread(fd, size, off)
+    if len(data) != size:
+        raise FormatError(f"{what}: short read of {size} bytes at {off} (truncated blob?)")
+    return data
+
+
+def read_toc(fd: int, info: BlobInfo, blob_size: int) -> dict[str, tuple[int, bytes, int, int, int]]:
+    """ToC entries by name: (flags, sha256, compressed_offset, compressed_size, uncompressed_size)."""
+    size = info.blob_toc_size
+    if size < TAR_HEADER_SIZE + TOC_ENTRY_SIZE or (size - TAR_HEADER_SIZE) % TOC_ENTRY_SIZE or size > blob_size:
+        raise FormatError(f"blob {info.blob_id}: bad ToC size {size}")
+    raw = _pread(fd, size, blob_size - size, f"blob {info.blob_id} ToC")
+    if info.blob_toc_digest != b"\0" * 32 and hashlib.sha256(raw).digest() != info.blob_toc_digest:
+        raise DigestMismatch(f"blob {info.blob_id}: ToC digest mismatch")
+    out = {}
+    for i in range((size - TAR_HEADER_SIZE) // TOC_ENTRY_SIZE):
+        flags, _r, name, digest, off, csize, usize = _TOC_ENTRY.unpack_from(raw, i * TOC_ENTRY_SIZE)
+        out[name.rstrip(b"\0").decode("ascii", "replace")] = (flags, digest, off, csize, usize)
+    return out
+
+
+def write_cache_view(
+    bootstrap_or_image: str | os.PathLike[str] | bytes | RafsImage,
+    blob_dir: str,
+    blob_id: str,
+    out_path: str,
+    workers: int | None = None,
+) -> int:
+    """Write the uncompressed view of blob `blob_id` to `out_path`; returns its size."""
+    info = _blob_info(bootstrap_or_image, blob_id)
+    if info.ci_uncompressed_size == 0 or info.ci_compressed_size == 0:
+        raise FormatError(f"blob {blob_id} has no blob.meta chunk table; cannot build its cache view")
+    fd = os.open(os.path.join(blob_dir, blob_id), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        blob_size = os.fstat(fd).st_size
+        ci_raw = _pread(fd, info.ci_compressed_size, info.ci_offset, f"blob {blob_id} blob.meta")
+        entries = decode_ci_array(ci_raw, info)
+        digests: bytes | None = None
+        if info.features & BlobFeatures.INLINED_CHUNK_DIGEST and info.features & BlobFeatures.HAS_TOC:
+            toc = read_toc(fd, info, blob_size)
+            ent = toc.get(TOC_BLOB_DIGEST)
+            if ent is not None:
+                _f, sha, off, csize, _u = ent
+                digests = _pread(fd, csize, off, f"blob {blob_id} blob.digest")
+                if hashlib.sha256(digests).digest() != sha or len(digests) != 32 * len(entries):
+                    raise DigestMismatch(f"blob {blob_id}: blob.digest array does not match its ToC entry")
+        size = info.uncompressed_size
+        for i, (_co, _cs, uoff, usize) in enumerate(entries):
+            if uoff + usize > size:
+                raise FormatError(f"blob {blob_id}: chunk {i} ends at {uoff + usize}, past the view size {size}")
+        out_dir = os.path.dirname(os.path.abspath(out_path))
+        ofd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".view-", suffix=".tmp")
+        try:
+            os.ftruncate(ofd, size)
+
+            def one(i: int) -> None:
+                coff, csize, uoff, usize = entries[i]
+                raw = _pread(fd, csize, coff, f"blob {blob_id} chunk {i}")
+                data = raw if csize == usize else codec.decompress(info.compressor, raw, usize)
+                if digests is not None and codec.digest(info.digester, data) != digests[32 * i : 32 * i + 32]:
+                    raise DigestMismatch(f"blob {blob_id}: chunk {i} does not match its digest")
+                os.pwrite(ofd, data, uoff)
+
+            nworkers = workers or max(1, min(8, os.cpu_count() or 1))
+            with ThreadPoolExecutor(nworkers, thread_name_prefix="nydus-view") as pool:
+                inflight: deque[Future[None]] = deque()
+                for i in range(len(entries)):
+                    inflight.append(pool.submit(one, i))
+                    while len(inflight) > 4 * nworkers:
+                        inflight.popleft().result()
+                while inflight:
+                    inflight.popleft().result()
+            os.fsync(ofd)
+            os.close(ofd)
+            ofd = -1
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, out_path)
+        except BaseException:
+            if ofd >= 0:
+                os.close(ofd)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return size
+    finally:
+        os.close(fd)

@@ -1,0 +1,669 @@
+"""Serialising a build tree to a RAFS v6 (EROFS-compatible) bootstrap, spec sections 4 and 9.
+
+Two steps, so a build can reject a bad tree before it spends time on blob data:
+
+* `plan_v6(root, opts)` validates the tree (names, types, xattr prefixes, sizes) and lays it out:
+  every distinct inode gets a 32-byte-aligned place in the meta area (nid), directory and symlink
+  data get blocks. Nothing here depends on chunk placement, only on chunk counts.
+* `write_v6(plan, blobs, file_chunks)` fills in the bytes once the blob table is known.
+
+Layout of the result:
+
+    block 0   EROFS sb @1024, RAFS ext sb @1152, device slots @1408
+    block 1.. blob table (256 B/blob) + prefetch table (u32 nids)
+    meta area first block left empty (root nid 128, like nydus), then inodes in BFS order,
+              each "inode + xattr ibody + inline tail" inside one block; regular files'
+              8-byte chunk indexes follow their inode and may run on into the next block
+    data      full directory blocks and non-inline symlink blocks
+    chunk table (80 B records sorted by (digest, blob_index+1, ci_index)), padded to 4096
+
+Every inode is an extended (64-byte) inode, as nydus's directory builds do: it keeps mtime with
+nanoseconds, 32-bit uid/gid and rdev. Hard links of any non-directory type are one inode with
+several dirents.
+"""
+
+import stat
+import struct
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+from ..rafs.constants import (
+    CHUNK_RECORD_SIZE,
+    EROFS_BLOCK_SIZE,
+    EROFS_CHUNK_FORMAT_INDEXES,
+    EROFS_FEATURE_COMPAT_RAFS_V6,
+    EROFS_FEATURE_INCOMPAT_RAFS_V6,
+    EROFS_FT_BLKDEV,
+    EROFS_FT_CHRDEV,
+    EROFS_FT_DIR,
+    EROFS_FT_FIFO,
+    EROFS_FT_REG_FILE,
+    EROFS_FT_SOCK,
+    EROFS_FT_SYMLINK,
+    EROFS_INODE_CHUNK_BASED,
+    EROFS_INODE_FLAT_INLINE,
+    EROFS_INODE_FLAT_PLAIN,
+    EROFS_MAGIC,
+    EROFS_SUPER_OFFSET,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    RAFS_V6_DEVT_SLOTOFF,
+    RAFS_V6_DEVTABLE_OFFSET,
+    RAFS_V6_EXT_SUPER_OFFSET,
+    V6_BLOB_ENTRY_SIZE,
+    V6_DEVSLOT_SIZE,
+    BlobFeatures,
+    ChunkFlags,
+    SuperFlags,
+)
+from ..rafs.errors import FormatError
+from ..rafs.model import BlobInfo, ChunkInfo
+from .options import BuildOptions
+from .tree import ChunkedData, FileData, Inode
+
+BLOCK = EROFS_BLOCK_SIZE
+INODE_SIZE = 64  # extended inode
+DIRENT_SIZE = 12
+CHUNK_INDEX_SIZE = 8
+MAX_NAME = 255
+MAX_SYMLINK = 4095  # PATH_MAX - 1: longer targets cannot be read back by the kernel
+MAX_BLOBS = 254  # device_id low byte = blob_index + 1, nydus asserts < 255 entries
+MAPPED_BLKADDR_ALIGN = 0x8_0000  # nydus aligns device slots' flat-disk start to 512 KiB
+
+_INODE = struct.Struct("<HHHHQIIIIQII16x")
+_DIRENT = struct.Struct("<QHBx")
+_CHUNK_INDEX = struct.Struct("<HHI")
+_CHUNK_RECORD = struct.Struct("<32sIIIIQQQII")
+_XATTR_ENTRY = struct.Struct("<BBH")
+_SUPER = struct.Struct("<IIIBBHQQIIII16s16sIHHH38x")
+_EXT_SUPER = struct.Struct("<QQIIQQQI4x200x")
+_DEVSLOT = struct.Struct("<64sII56x")
+_BLOB_ENTRY = struct.Struct("<64sIIIIIIQQIIQQQ32s32sQ8sI36x")
+
+# (name_index, prefix, exact): exact names carry no suffix
+_XATTR_PREFIXES: tuple[tuple[int, bytes, bool], ...] = (
+    (2, b"system.posix_acl_access", True),
+    (3, b"system.posix_acl_default", True),
+    (1, b"user.", False),
+    (4, b"trusted.", False),
+    (6, b"security.", False),
+)
+
+_FILE_TYPES = {
+    stat.S_IFREG: EROFS_FT_REG_FILE,
+    stat.S_IFDIR: EROFS_FT_DIR,
+    stat.S_IFCHR: EROFS_FT_CHRDEV,
+    stat.S_IFBLK: EROFS_FT_BLKDEV,
+    stat.S_IFIFO: EROFS_FT_FIFO,
+    stat.S_IFSOCK: EROFS_FT_SOCK,
+    stat.S_IFLNK: EROFS_FT_SYMLINK,
+}
+
+assert _INODE.size == INODE_SIZE and _SUPER.size == 128 and _EXT_SUPER.size == 256
+assert _DEVSLOT.size == V6_DEVSLOT_SIZE and _BLOB_ENTRY.size == V6_BLOB_ENTRY_SIZE
+assert _CHUNK_RECORD.size == CHUNK_RECORD_SIZE and _DIRENT.size == DIRENT_SIZE
+
+
+def encode_xattrs(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes:
+    """Inline xattr ibody (12-byte header + 4-aligned entries), names sorted; b'' if none."""
+    if not xattrs:
+        return b""
+    out = bytearray(12)  # h_name_filter 0, h_shared_count 0, reserved
+    for name in sorted(xattrs):
+        value = xattrs[name]
+        if not isinstance(name, bytes) or not isinstance(value, bytes):
+            raise FormatError(f"{path!r}: xattr names and values must be bytes")
+        index, suffix = _xattr_prefix(name, path)
+        if len(suffix) > MAX_NAME:
+            raise FormatError(f"{path!r}: xattr name {name!r} longer than {MAX_NAME} bytes after its prefix")
+        if len(value) > 0xFFFF:
+            raise FormatError(f"{path!r}: xattr {name!r} value of {len(value)} bytes exceeds 65535")
+        out += _XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+        out += b"\0" * (-len(out) % 4)
+    return bytes(out)
+
+
+def _xattr_prefix(name: bytes, path: bytes) -> tuple[int, bytes]:
+    """(EROFS name_index, name suffix) of an xattr name."""
+    for index, prefix, exact in _XATTR_PREFIXES:
+        if exact and name == prefix:
+            return index, b""
+        if not exact and name.startswith(prefix) and len(name) > len(prefix):
+            return index, name[len(prefix) :]
+    raise FormatError(
+        f"{path!r}: xattr {name!r} not storable in RAFS "
+        "(allowed: user.*, trusted.*, security.*, system.posix_acl_access/default)"
+    )
+
+
+def dir_size(names: Sequence[bytes]) -> int:
+    """i_size of a directory whose sorted entries (incl. '.' and '..') are `names` (spec 4.7)."""
+    size = 0
+    for n in names:
+        ln = DIRENT_SIZE + len(n)
+        if size % BLOCK + ln > BLOCK:
+            size = _align(size, BLOCK)
+        size += ln
+    return size
+
+
+def dir_blocks(entries: Sequence[tuple[bytes, int, int]]) -> list[bytes]:
+    """Directory blocks for sorted (name, nid, file_type) entries; the last one is not padded."""
+    blocks: list[bytes] = []
+    group: list[tuple[bytes, int, int]] = []
+    used = 0
+
+    def flush() -> None:
+        nameoff = DIRENT_SIZE * len(group)
+        heads = bytearray()
+        names = bytearray()
+        for name, nid, ftype in group:
+            heads += _DIRENT.pack(nid, nameoff + len(names), ftype)
+            names += name
+        blocks.append(bytes(heads + names))
+
+    for e in entries:
+        ln = DIRENT_SIZE + len(e[0])
+        if used + ln > BLOCK:
+            flush()
+            group.clear()
+            used = 0
+        group.append(e)
+        used += ln
+    if group:
+        flush()
+    return blocks
+
+
+class _Rec:
+    """Layout record of one distinct inode (hard links share one)."""
+
+    __slots__ = (
+        "inode",
+        "path",
+        "ino",
+        "nlink",
+        "parent",
+        "entries",
+        "xattr",
+        "layout",
+        "dsize",
+        "nchunks",
+        "off",
+        "data_blk",
+        "ftype",
+    )
+
+    def __init__(self, inode: Inode, path: bytes, ino: int, ftype: int) -> None:
+        self.inode = inode
+        self.path = path
+        self.ino = ino
+        self.nlink = 1
+        self.parent: _Rec | None = None
+        self.entries: list[tuple[bytes, _Rec]] | None = None  # dirs: sorted children
+        self.xattr = b""
+        self.layout = EROFS_INODE_FLAT_PLAIN
+        self.dsize = 0  # i_size
+        self.nchunks = 0
+        self.off = 0  # offset inside the meta area
+        self.data_blk = -1  # first data block, relative to the data area
+        self.ftype = ftype
+
+
+@dataclass
+class V6Plan:
+    """A validated, laid-out tree, ready for `write_v6` once blobs and chunks are known."""
+
+    chunk_size: int
+    records: list[_Rec]  # BFS order; records[0] is the root
+    by_id: dict[int, _Rec]
+    inode_area: int  # bytes of the meta area used by inodes (incl. the empty first block)
+    data_blocks: int  # blocks of directory/symlink data after the inode area
+    prefetch: list[_Rec] = field(default_factory=list)
+    has_xattr: bool = False
+
+    def regular_files(self) -> list[tuple[bytes, Inode]]:
+        """(path, inode) of every distinct regular file, BFS order."""
+        return [(r.path, r.inode) for r in self.records if r.ftype == EROFS_FT_REG_FILE]
+
+    def data_order(self) -> list[Inode]:
+        """Regular files with new data (`FileData`) in blob order: prefetch matches first.
+
+        Like nydus: a file under a prefetch pattern goes in pattern order, everything else in
+        BFS order; empty files are skipped.
+        """
+        patterns = {r.path: i for i, r in enumerate(self.prefetch)}
+        first: list[tuple[int, int, Inode]] = []
+        rest: list[Inode] = []
+        for seq, r in enumerate(self.records):
+            if r.ftype != EROFS_FT_REG_FILE or not isinstance(r.inode.data, FileData) or r.inode.data.size == 0:
+                continue
+            idx = _match_pattern(r.path, patterns) if patterns else None
+            if idx is None:
+                rest.append(r.inode)
+            else:
+                first.append((idx, seq, r.inode))
+        first.sort(key=lambda t: (t[0], t[1]))
+        return [t[2] for t in first] + rest
+
+
+def _match_pattern(path: bytes, patterns: Mapping[bytes, int]) -> int | None:
+    p = path
+    while True:
+        idx = patterns.get(p)
+        if idx is not None:
+            return idx
+        if p == b"/":
+            return None
+        p = p.rsplit(b"/", 1)[0] or b"/"
+
+
+def _check_name(name: object, parent: bytes) -> bytes:
+    if not isinstance(name, bytes):
+        raise FormatError(f"{parent!r}: entry name {name!r} is not bytes")
+    if not name or len(name) > MAX_NAME or b"/" in name or b"\0" in name or name in (b".", b".."):
+        raise FormatError(f"{parent!r}: invalid entry name {name!r} (1..255 bytes, no '/' or NUL, not . or ..)")
+    return name
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return (parent if parent.endswith(b"/") else parent + b"/") + name
+
+
+def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
+    """Validate `root` and lay it out; FormatError names the first offending path."""
+    cs = opts.chunk_size
+    if cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
+        raise ValueError(f"chunk size {cs:#x} must be a power of two in [{MIN_CHUNK_SIZE:#x}, {MAX_CHUNK_SIZE:#x}]")
+    if not isinstance(root, Inode) or not root.is_dir:
+        raise FormatError("the root of the tree must be a directory")
+
+    records: list[_Rec] = []
+    by_id: dict[int, _Rec] = {}
+
+    def new_rec(node: Inode, path: bytes) -> _Rec:
+        ftype = _FILE_TYPES.get(stat.S_IFMT(node.mode))
+        if ftype is None:
+            raise FormatError(f"{path!r}: unsupported file type in mode {node.mode:#o}")
+        rec = _Rec(node, path, len(records) + 1, ftype)
+        records.append(rec)
+        by_id[id(node)] = rec
+        return rec
+
+    root_rec = new_rec(root, b"/")
+    root_rec.parent = root_rec
+    queue: deque[_Rec] = deque([root_rec])
+    while queue:
+        d = queue.popleft()
+        kids = d.inode.children or {}
+        entries: list[tuple[bytes, _Rec]] = []
+        subdirs = 0
+        for name in sorted(kids):
+            _check_name(name, d.path)
+            child = kids[name]
+            if not isinstance(child, Inode):
+                raise FormatError(f"{_join(d.path, name)!r}: not an Inode")
+            rec = by_id.get(id(child))
+            if rec is not None:
+                if rec.ftype == EROFS_FT_DIR:
+                    raise FormatError(f"{_join(d.path, name)!r}: directory linked twice (hard-linked dir or loop)")
+                rec.nlink += 1
+            else:
+                rec = new_rec(child, _join(d.path, name))
+                if rec.ftype == EROFS_FT_DIR:
+                    rec.parent = d
+                    queue.append(rec)
+            if rec.ftype == EROFS_FT_DIR:
+                subdirs += 1
+            entries.append((name, rec))
+        d.entries = entries
+        d.nlink = 2 + subdirs
+
+    has_xattr = False
+    for r in records:
+        node = r.inode
+        if r.ftype != EROFS_FT_DIR and node.children:
+            raise FormatError(f"{r.path!r}: only directories can have children")
+        for label, v, hi in (("uid", node.uid, 0xFFFF_FFFF), ("gid", node.gid, 0xFFFF_FFFF),
+                             ("mtime", node.mtime, (1 << 64) - 1), ("mtime_nsec", node.mtime_nsec, 999_999_999)):
+            if not isinstance(v, int) or not 0 <= v <= hi:
+                raise FormatError(f"{r.path!r}: {label} {v!r} out of range")
+        r.xattr = encode_xattrs(node.xattrs, r.path)
+        has_xattr = has_xattr or bool(r.xattr)
+        if INODE_SIZE + len(r.xattr) > BLOCK:
+            raise FormatError(f"{r.path!r}: xattrs take {len(r.xattr)} bytes, more than fit beside the inode in a block")
+        if r.ftype == EROFS_FT_DIR:
+            assert r.entries is not None
+            names = sorted([b".", b".."] + [n for n, _ in r.entries])
+            r.dsize = dir_size(names)
+        elif r.ftype == EROFS_FT_SYMLINK:
+            target = node.symlink
+            if not isinstance(target, bytes) or not 0 < len(target) <= MAX_SYMLINK or b"\0" in target:
+                raise FormatError(f"{r.path!r}: symlink target must be 1..{MAX_SYMLINK} bytes without NUL")
+            r.dsize = len(target)
+        elif r.ftype == EROFS_FT_REG_FILE:
+            data = node.data
+            if data is not None and not isinstance(data, FileData | ChunkedData):
+                raise FormatError(f"{r.path!r}: file data of unknown kind {type(data).__name__}")
+            size = 0 if data is None else data.size
+            if not isinstance(size, int) or size < 0:
+                raise FormatError(f"{r.path!r}: bad file size {size!r}")
+            r.dsize = size
+            r.nchunks = (size + cs - 1) // cs
+            r.layout = EROFS_INODE_CHUNK_BASED
+
+    # -- inode placement ------------------------------------------------------------------------
+    cur = BLOCK  # first meta block stays empty, so the root's nid is 128 and never 0
+    gaps: list[list[int]] = []  # [start, end) free tails of blocks, each inside one block
+
+    def alloc(contig: int, total: int) -> int:
+        nonlocal cur
+        if total <= BLOCK:
+            for g in gaps:
+                if g[1] - g[0] >= total:
+                    off = g[0]
+                    g[0] = _align(off + total, 32)
+                    if g[1] - g[0] < 64:
+                        gaps.remove(g)
+                    return off
+        if cur % BLOCK + contig > BLOCK:
+            nxt = _align(cur, BLOCK)
+            if nxt - cur >= 64:
+                gaps.append([cur, nxt])
+                if len(gaps) > 16:
+                    del gaps[0]
+            cur = nxt
+        off = cur
+        cur = _align(cur + total, 32)
+        return off
+
+    for r in records:
+        base = INODE_SIZE + len(r.xattr)
+        if r.ftype in (EROFS_FT_DIR, EROFS_FT_SYMLINK):
+            tail = r.dsize % BLOCK
+            if tail and base + tail <= BLOCK:
+                r.layout = EROFS_INODE_FLAT_INLINE
+                r.off = alloc(base + tail, base + tail)
+            else:
+                r.layout = EROFS_INODE_FLAT_PLAIN
+                r.off = alloc(base, base)
+        elif r.ftype == EROFS_FT_REG_FILE:
+            r.off = alloc(base, _align(base, CHUNK_INDEX_SIZE) + CHUNK_INDEX_SIZE * r.nchunks)
+        else:
+            r.off = alloc(base, base)
+
+    data_blocks = 0
+    for r in records:
+        if r.ftype in (EROFS_FT_DIR, EROFS_FT_SYMLINK):
+            n = r.dsize // BLOCK if r.layout == EROFS_INODE_FLAT_INLINE else _align(r.dsize, BLOCK) // BLOCK
+            if n:
+                r.data_blk = data_blocks
+                data_blocks += n
+
+    plan = V6Plan(cs, records, by_id, cur, data_blocks, has_xattr=has_xattr)
+    plan.prefetch = _resolve_prefetch(root_rec, opts.prefetch_paths)
+    return plan
+
+
+def _resolve_prefetch(root: _Rec, paths: Sequence[bytes]) -> list[_Rec]:
+    """Records named by absolute prefetch paths, in order; covered and missing paths are dropped
+    (as nydus does: it only warns)."""
+    chosen: list[bytes] = []
+    out: list[_Rec] = []
+    for raw in paths:
+        p = raw.encode() if isinstance(raw, str) else bytes(raw)
+        if not p.startswith(b"/"):
+            continue
+        parts = [c for c in p.split(b"/") if c and c != b"."]
+        norm = b"/" + b"/".join(parts)
+        if any(norm == c or norm.startswith(c.rstrip(b"/") + b"/") for c in chosen):
+            continue
+        rec: _Rec | None = root
+        for comp in parts:
+            if rec is None or rec.entries is None:
+                rec = None
+                break
+            rec = next((r for n, r in rec.entries if n == comp), None)
+        if rec is None:
+            continue
+        chosen.append(norm)
+        out.append(rec)
+    return out
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+def _validate_blobs(blobs: Sequence[BlobInfo], chunk_size: int) -> None:
+    if len(blobs) > MAX_BLOBS:
+        raise FormatError(f"{len(blobs)} blobs; RAFS v6 images reference at most {MAX_BLOBS}")
+    for i, b in enumerate(blobs):
+        bid = b.blob_id.encode() if b.blob_id.isascii() else b""
+        if not 0 < len(bid) <= 64:
+            raise FormatError(f"blob {i}: id {b.blob_id!r} must be 1..64 ASCII characters")
+        if b.chunk_size != chunk_size:
+            raise FormatError(f"blob {b.blob_id}: chunk size {b.chunk_size:#x} differs from the image's {chunk_size:#x}")
+        if b.uncompressed_size <= 0 or b.uncompressed_size % BLOCK:
+            raise FormatError(f"blob {b.blob_id}: uncompressed size {b.uncompressed_size} is not a positive 4K multiple")
+        if not b.features & BlobFeatures.ALIGNED:
+            raise FormatError(f"blob {b.blob_id}: v6 needs 4K-aligned (ALIGNED) blobs")
+
+
+def write_v6(
+    plan: V6Plan,
+    blobs: Sequence[BlobInfo],
+    file_chunks: Mapping[int, Sequence[ChunkInfo]],
+    opts: BuildOptions,
+) -> bytes:
+    """The bootstrap bytes. `file_chunks[id(inode)]` lists every regular file's chunks in file
+    order, `blob_index` relative to `blobs` (the image's blob table, in order)."""
+    cs = plan.chunk_size
+    _validate_blobs(blobs, cs)
+    nblobs = len(blobs)
+    blob_table_offset = _align(RAFS_V6_DEVTABLE_OFFSET + V6_DEVSLOT_SIZE * nblobs, BLOCK)
+    blob_table_size = V6_BLOB_ENTRY_SIZE * nblobs
+    prefetch = plan.prefetch if nblobs else []
+    prefetch_offset = blob_table_offset + blob_table_size if prefetch else 0
+    prefetch_size = 4 * len(prefetch)
+    meta_blkaddr = _align(blob_table_offset + blob_table_size + prefetch_size, BLOCK) // BLOCK
+    meta_base = meta_blkaddr * BLOCK
+    data_blk0 = meta_blkaddr + _align(plan.inode_area, BLOCK) // BLOCK
+    chunk_table_offset = (data_blk0 + plan.data_blocks) * BLOCK
+    buf = bytearray(chunk_table_offset)
+    chunk_format = EROFS_CHUNK_FORMAT_INDEXES | (cs.bit_length() - 1 - 12)
+    explicit = not opts.repeatable
+    table: dict[tuple[bytes, int, int], ChunkInfo] = {}
+
+    for r in plan.records:
+        node = r.inode
+        pos = meta_base + r.off
+        base = INODE_SIZE + len(r.xattr)
+        i_u = 0
+        if r.ftype == EROFS_FT_DIR:
+            assert r.entries is not None and r.parent is not None
+            ents = [(b".", r.off // 32, EROFS_FT_DIR), (b"..", r.parent.off // 32, EROFS_FT_DIR)]
+            ents += [(n, c.off // 32, c.ftype) for n, c in r.entries]
+            ents.sort(key=lambda e: e[0])
+            blocks = dir_blocks(ents)
+            i_u = _place_data(buf, r, blocks, pos + base, data_blk0)
+        elif r.ftype == EROFS_FT_SYMLINK:
+            target = node.symlink or b""
+            pieces = [target[i : i + BLOCK] for i in range(0, len(target), BLOCK)]
+            i_u = _place_data(buf, r, pieces, pos + base, data_blk0)
+        elif r.ftype == EROFS_FT_REG_FILE:
+            i_u = chunk_format
+            chunks = file_chunks.get(id(node), ()) if r.nchunks else ()
+            if len(chunks) != r.nchunks:
+                raise FormatError(f"{r.path!r}: {len(chunks)} chunks for {r.dsize} bytes, expected {r.nchunks}")
+            ipos = _align(pos + base, CHUNK_INDEX_SIZE)
+            for k, c in enumerate(chunks):
+                _check_chunk(r, k, c, cs, nblobs)
+                _CHUNK_INDEX.pack_into(
+                    buf,
+                    ipos + k * CHUNK_INDEX_SIZE,
+                    c.index & 0xFFFF,
+                    (c.blob_index + 1) | (((c.index >> 16) & 0xFF) << 8),
+                    c.uncompressed_offset // BLOCK,
+                )
+                key = (c.digest, c.blob_index + 1, c.index)
+                if key not in table:
+                    table[key] = c
+        elif r.ftype in (EROFS_FT_CHRDEV, EROFS_FT_BLKDEV):
+            i_u = node.rdev & 0xFFFF_FFFF
+        _INODE.pack_into(
+            buf,
+            pos,
+            1 | (r.layout << 1),
+            (len(r.xattr) - 12) // 4 + 1 if r.xattr else 0,
+            node.mode & 0xFFFF,
+            0,
+            r.dsize,
+            i_u,
+            r.ino,
+            node.uid if explicit else 0,
+            node.gid if explicit else 0,
+            node.mtime,
+            node.mtime_nsec,
+            r.nlink,
+        )
+        if r.xattr:
+            buf[pos + INODE_SIZE : pos + base] = r.xattr
+
+    # chunk table
+    records = bytearray()
+    for key in sorted(table):
+        c = table[key]
+        records += _CHUNK_RECORD.pack(
+            c.digest,
+            c.blob_index,
+            int(c.flags),
+            c.compressed_size,
+            c.uncompressed_size,
+            c.compressed_offset,
+            c.uncompressed_offset,
+            c.file_offset,
+            c.index,
+            c.crc32,
+        )
+    buf += records
+    buf += b"\0" * (-len(buf) % BLOCK)
+
+    # device slots (nydus places each blob's flat-disk image at a 512 KiB boundary after the last)
+    pos = len(buf)
+    total_blocks = 0
+    for i, b in enumerate(blobs):
+        cnt = b.uncompressed_size // BLOCK
+        if cnt > 0xFFFF_FFFF or total_blocks + cnt > 0xFFFF_FFFF:
+            raise FormatError(f"blob {b.blob_id}: too many data blocks for RAFS v6")
+        mapped = _align(pos, MAPPED_BLKADDR_ALIGN) // BLOCK
+        pos = (mapped + cnt) * BLOCK
+        total_blocks += cnt
+        _DEVSLOT.pack_into(buf, RAFS_V6_DEVTABLE_OFFSET + i * V6_DEVSLOT_SIZE, b.blob_id.encode(), cnt, mapped)
+        _BLOB_ENTRY.pack_into(
+            buf,
+            blob_table_offset + i * V6_BLOB_ENTRY_SIZE,
+            b.blob_id.encode(),
+            i,
+            b.chunk_size,
+            b.chunk_count,
+            int(b.compressor),
+            int(b.digester),
+            int(b.features),
+            b.compressed_size,
+            b.uncompressed_size,
+            b.blob_toc_size,
+            int(b.ci_compressor),
+            b.ci_offset,
+            b.ci_compressed_size,
+            b.ci_uncompressed_size,
+            b.blob_toc_digest,
+            b"\0" * 32,
+            0,
+            b"\0" * 8,
+            0,
+        )
+    for i, pr in enumerate(prefetch):
+        struct.pack_into("<I", buf, prefetch_offset + 4 * i, pr.off // 32)
+
+    flags = SuperFlags.for_algorithms(opts.compressor, opts.digester)
+    if explicit:
+        flags |= SuperFlags.EXPLICIT_UID_GID
+    if plan.has_xattr:
+        flags |= SuperFlags.HAS_XATTR
+    if blobs and all(b.features & BlobFeatures.INLINED_CHUNK_DIGEST for b in blobs):
+        flags |= SuperFlags.INLINED_CHUNK_DIGEST
+    _EXT_SUPER.pack_into(
+        buf,
+        RAFS_V6_EXT_SUPER_OFFSET,
+        int(flags),
+        blob_table_offset,
+        blob_table_size,
+        cs,
+        chunk_table_offset,
+        len(records),
+        prefetch_offset,
+        prefetch_size,
+    )
+    root_nid = plan.records[0].off // 32
+    assert root_nid <= 0xFFFF
+    _SUPER.pack_into(
+        buf,
+        EROFS_SUPER_OFFSET,
+        EROFS_MAGIC,
+        0,
+        EROFS_FEATURE_COMPAT_RAFS_V6,
+        12,
+        0,
+        root_nid,
+        len(plan.records),
+        0,
+        0,
+        total_blocks,
+        meta_blkaddr,
+        0,
+        b"\0" * 16,
+        b"\0" * 16,
+        EROFS_FEATURE_INCOMPAT_RAFS_V6,
+        0,
+        nblobs,
+        RAFS_V6_DEVT_SLOTOFF,
+    )
+    return bytes(buf)
+
+
+def _place_data(buf: bytearray, r: _Rec, pieces: list[bytes], inline_pos: int, data_blk0: int) -> int:
+    """Write dir/symlink data blocks; returns i_u (raw_blkaddr of the first full block)."""
+    if r.layout == EROFS_INODE_FLAT_INLINE:
+        full, tail = pieces[:-1], pieces[-1]
+        assert len(tail) < BLOCK
+        buf[inline_pos : inline_pos + len(tail)] = tail
+    else:
+        full = pieces
+    if not full:
+        return 0
+    blk = data_blk0 + r.data_blk
+    for i, p in enumerate(full):
+        o = (blk + i) * BLOCK
+        buf[o : o + len(p)] = p
+    return blk
+
+
+def _check_chunk(r: _Rec, k: int, c: ChunkInfo, cs: int, nblobs: int) -> None:
+    want = min(cs, r.dsize - k * cs)
+    if c.file_offset != k * cs or c.uncompressed_size != want:
+        raise FormatError(
+            f"{r.path!r}: chunk {k} covers [{c.file_offset}, +{c.uncompressed_size}), "
+            f"expected [{k * cs}, +{want}) (v6 files are dense chunk arrays)"
+        )
+    if not 0 <= c.blob_index < nblobs:
+        raise FormatError(f"{r.path!r}: chunk {k} refers to blob {c.blob_index}, image has {nblobs}")
+    if c.uncompressed_offset % BLOCK:
+        raise FormatError(f"{r.path!r}: chunk {k} uncompressed offset {c.uncompressed_offset:#x} not 4K aligned")
+    if not 0 <= c.index < 1 << 24:
+        raise FormatError(f"{r.path!r}: chunk {k} ci_index {c.index} needs more than 24 bits")
+    if c.uncompressed_offset // BLOCK > 0xFFFF_FFFF:
+        raise FormatError(f"{r.path!r}: chunk {k} uncompressed offset beyond 16 TiB")
+    if c.flags & ~(ChunkFlags.COMPRESSED | ChunkFlags.HAS_CRC32 | ChunkFlags.ENCRYPTED | ChunkFlags.BATCH):
+        raise FormatError(f"{r.path!r}: chunk {k} has unknown flags {int(c.flags):#x}")
