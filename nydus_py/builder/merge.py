@@ -1,0 +1,242 @@
+"""Stacking layer trees into one (whiteouts applied) and turning a bootstrap back into a tree.
+
+Layer semantics follow the OCI image spec / overlayfs:
+* `.wh.NAME` in a layer removes NAME coming from the layers below; the marker is not kept.
+* `.wh..wh..opq` in a directory hides everything the lower layers had in that directory.
+* Any other `.wh..wh.*` name is AUFS metadata and is dropped (as containerd does).
+* A non-directory replaces whatever was below; a directory over a non-directory replaces it; a
+  directory over a directory merges, taking the upper directory's attributes.
+* Within a layer, whiteouts apply before that layer's own entries, so `.wh.x` plus a new `x`
+  means "replace x".
+
+Inputs are never modified: directories of the result are fresh objects, while non-directory
+Inodes are shared with the layers, so hard links (one Inode under several names) stay one Inode.
+"""
+
+import io
+import os
+import stat
+from collections.abc import Callable
+from typing import BinaryIO
+
+from ..rafs.chunkdata import read_file_range
+from ..rafs.errors import FormatError
+from ..rafs.model import BlobInfo, RafsImage
+from ..storage.localfs import LocalBlobDir
+from .tree import ChunkedData, FileData, Inode
+
+WHITEOUT_PREFIX = b".wh."
+WHITEOUT_META_PREFIX = b".wh..wh."
+WHITEOUT_OPAQUE = b".wh..wh..opq"
+OVERLAY_OPAQUE_XATTR = b"trusted.overlay.opaque"
+
+WHITEOUT_SPECS = ("oci", "overlayfs", "none")
+
+
+def _dir_copy(src: Inode) -> Inode:
+    return Inode(
+        mode=src.mode,
+        uid=src.uid,
+        gid=src.gid,
+        mtime=src.mtime,
+        mtime_nsec=src.mtime_nsec,
+        rdev=src.rdev,
+        xattrs=dict(src.xattrs),
+        children={},
+    )
+
+
+def _take_attrs(dst: Inode, src: Inode) -> None:
+    dst.mode, dst.uid, dst.gid = src.mode, src.uid, src.gid
+    dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, dict(src.xattrs)
+
+
+def _classify(name: bytes, node: Inode, spec: str) -> tuple[str, bytes]:
+    """('whiteout', target) | ('meta', b'') | ('entry', name) for one upper-layer entry."""
+    if spec == "oci":
+        if name == WHITEOUT_OPAQUE or name.startswith(WHITEOUT_META_PREFIX):
+            return "meta", b""
+        if name.startswith(WHITEOUT_PREFIX) and len(name) > len(WHITEOUT_PREFIX):
+            return "whiteout", name[len(WHITEOUT_PREFIX) :]
+    elif spec == "overlayfs" and stat.S_ISCHR(node.mode) and node.rdev == 0:
+        return "whiteout", name
+    return "entry", name
+
+
+def _is_opaque(upper: Inode, spec: str) -> bool:
+    if spec == "oci":
+        return WHITEOUT_OPAQUE in (upper.children or {})
+    if spec == "overlayfs":
+        return upper.xattrs.get(OVERLAY_OPAQUE_XATTR) == b"y"
+    return False
+
+
+def merge_layers(layers: list[Inode], whiteout_spec: str = "oci") -> Inode:
+    """One tree from `layers` (lowest first) with whiteouts applied and removed.
+
+    `whiteout_spec`: "oci" (`.wh.` files, the default), "overlayfs" (0/0 char devices and
+    `trusted.overlay.opaque=y`), or "none" (plain union, every name kept).
+    """
+    if whiteout_spec not in WHITEOUT_SPECS:
+        raise ValueError(f"unknown whiteout spec {whiteout_spec!r}; expected one of {WHITEOUT_SPECS}")
+    if not layers:
+        raise ValueError("merge_layers needs at least one layer")
+    for i, layer in enumerate(layers):
+        if not layer.is_dir or layer.children is None:
+            raise FormatError(f"layer {i}: root is not a directory")
+    result = _dir_copy(layers[0])
+    for layer in layers:
+        _apply(result, layer, whiteout_spec)
+    return result
+
+
+def _apply(lower: Inode, upper: Inode, spec: str) -> None:
+    """Apply directory `upper` onto the result directory `lower` (iteratively, any depth)."""
+    stack: list[tuple[Inode, Inode]] = [(lower, upper)]
+    while stack:
+        low, up = stack.pop()
+        assert low.children is not None and up.children is not None
+        _take_attrs(low, up)
+        if spec == "overlayfs":
+            low.xattrs.pop(OVERLAY_OPAQUE_XATTR, None)
+        if _is_opaque(up, spec):
+            low.children.clear()
+        entries: list[tuple[bytes, Inode]] = []
+        for name, node in up.children.items():
+            kind, key = _classify(name, node, spec)
+            if kind == "whiteout":
+                low.children.pop(key, None)
+            elif kind == "entry":
+                entries.append((name, node))
+        for name, node in entries:
+            old = low.children.get(name)
+            if not node.is_dir:
+                low.children[name] = node
+                continue
+            if old is None or not old.is_dir:
+                old = _dir_copy(node)
+                low.children[name] = old
+            stack.append((old, node))
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap -> tree
+# --------------------------------------------------------------------------------------------
+
+
+class _ImageFileReader(io.RawIOBase):
+    """Stream of one regular file of an image, chunks fetched and digest-checked on demand."""
+
+    def __init__(self, source: LocalBlobDir, image: RafsImage, ino: int, size: int, step: int) -> None:
+        self._src, self._img, self._ino = source, image, ino
+        self._size, self._step, self._pos = size, step, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: "bytearray | memoryview") -> int:  # type: ignore[override]
+        n = min(len(buf), self._size - self._pos, self._step)
+        if n <= 0:
+            return 0
+        data = read_file_range(self._src, self._img, self._ino, self._pos, n, validate=True)
+        if len(data) != n:
+            raise FormatError(f"inode {self._ino}: short read at {self._pos}")
+        memoryview(buf)[:n] = data
+        self._pos += n
+        return n
+
+
+def _image_opener(
+    source: LocalBlobDir, image: RafsImage, ino: int, size: int, step: int
+) -> Callable[[], BinaryIO]:
+    def open_file() -> BinaryIO:
+        return io.BufferedReader(_ImageFileReader(source, image, ino, size, step), buffer_size=step)
+
+    return open_file
+
+
+def _check_name(name: bytes, path: bytes) -> None:
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise FormatError(f"{path!r}: invalid directory entry name {name!r}")
+
+
+def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: bool = False) -> Inode:
+    """The build tree of a bootstrap.
+
+    Default: regular files carry ChunkedData (the image's chunks and blob table), so a new
+    bootstrap can reference the existing blobs without touching data. With `blob_dir`, every
+    referenced blob must exist there. With `rewrite=True` (needs `blob_dir`), files carry
+    FileData that reads and verifies the chunks instead, for writing the data anew (unpack,
+    format conversion); the image must then stay open while the tree is used.
+    """
+    if rewrite and blob_dir is None:
+        raise ValueError("rewrite=True needs blob_dir")
+    blobs: list[BlobInfo] = list(image.blobs)
+    source: LocalBlobDir | None = None
+    if blob_dir is not None:
+        source = LocalBlobDir(blob_dir)
+        for b in blobs:
+            if not os.path.isfile(source.path(b.blob_id)):
+                raise FormatError(f"blob {b.blob_id} not found in {blob_dir}")
+    step = max(image.chunk_size, 4096)
+
+    def make(ino: int, path: bytes) -> Inode:
+        a = image.getattr(ino)
+        fmt = stat.S_IFMT(a.mode)
+        node = Inode(mode=a.mode, uid=a.uid, gid=a.gid, mtime=a.mtime, mtime_nsec=a.mtime_nsec)
+        if fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            node.rdev = a.rdev
+        names = image.listxattr(ino)
+        for name in names:
+            value = image.getxattr(ino, name)
+            if value is not None:
+                node.xattrs[name] = value
+        if fmt == stat.S_IFDIR:
+            node.children = {}
+        elif fmt == stat.S_IFLNK:
+            node.symlink = image.readlink(ino)
+        elif fmt == stat.S_IFREG:
+            if rewrite:
+                assert source is not None
+                node.data = FileData(size=a.size, open=_image_opener(source, image, ino, a.size, step))
+            else:
+                chunks = image.chunks(ino)
+                for c in chunks:
+                    if not 0 <= c.blob_index < len(blobs):
+                        raise FormatError(f"{path!r}: chunk refers to blob index {c.blob_index} of {len(blobs)}")
+                    if c.file_offset + c.uncompressed_size > a.size + image.chunk_size:
+                        raise FormatError(f"{path!r}: chunk at file offset {c.file_offset} beyond size {a.size}")
+                node.data = ChunkedData(size=a.size, chunks=chunks, blobs=blobs)
+        elif fmt not in (stat.S_IFIFO, stat.S_IFSOCK):
+            raise FormatError(f"{path!r}: unknown file type {fmt:o}")
+        return node
+
+    root_ino = image.root_ino
+    root = make(root_ino, b"/")
+    if not root.is_dir:
+        raise FormatError("image root is not a directory")
+    shared: dict[int, Inode] = {}
+    seen_dirs = {root_ino}
+    stack: list[tuple[int, bytes, Inode]] = [(root_ino, b"/", root)]
+    while stack:
+        ino, path, node = stack.pop()
+        assert node.children is not None
+        for e in image.readdir(ino):
+            _check_name(e.name, path)
+            cpath = path.rstrip(b"/") + b"/" + e.name
+            if e.name in node.children:
+                raise FormatError(f"{cpath!r}: duplicate directory entry")
+            existing = shared.get(e.ino)
+            if existing is not None:
+                node.children[e.name] = existing
+                continue
+            if e.ino in seen_dirs:
+                raise FormatError(f"{cpath!r}: directory inode {e.ino} reached twice (loop or hard-linked dir)")
+            child = make(e.ino, cpath)
+            node.children[e.name] = child
+            if child.is_dir:
+                seen_dirs.add(e.ino)
+                stack.append((e.ino, cpath, child))
+            else:
+                shared[e.ino] = child
+    return root
