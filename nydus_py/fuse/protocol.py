@@ -1,0 +1,620 @@
+"""The FUSE request handler: one request's bytes in, the reply's bytes out (sans-IO).
+
+The same `FuseSession` serves /dev/fuse (a worker reads one request per read(2)) and virtio-fs
+(a request is the readable half of a descriptor chain). Model: fuse-backend-rs `Server`.
+
+Wire rules the handler implements:
+* INIT negotiates min(kernel minor, 45); init_out is sized for the kernel's minor (64 bytes from
+  7.23, 24 bytes for 7.13..7.22); only flags the kernel offered are answered; major > 7 gets our
+  version back (the kernel retries), major < 7 or minor < 13 gets EPROTO.
+* Before INIT (and after DESTROY) every request gets EIO, except INIT itself and the
+  no-reply opcodes.
+* FORGET, BATCH_FORGET, INTERRUPT and NOTIFY_REPLY never get a reply (`None`); virtio-fs must
+  still complete their descriptor chains.
+* The filesystem is read-only: every mutating opcode answers EROFS, OPEN with write access too.
+  FSYNC, FSYNCDIR, SYNCFS, POLL, locks, BMAP, STATX and DAX mapping answer ENOSYS: the kernel then
+  stops sending them and treats fsync as success and poll as "always ready", exactly what a
+  read-only image wants (this is also what nydusd's RAFS answers). IOCTL answers ENOTTY.
+  Unknown opcodes answer ENOSYS.
+* Errors are fuse_out_header(len=16, error=-errno). Truncated or malformed arguments answer
+  EINVAL, a header whose len exceeds the buffer answers EIO, and fewer than 40 bytes (no header
+  to answer to) raise FuseProtocolError: the transport logs it and reads the next request.
+"""
+
+import errno
+import logging
+import os
+import struct
+import threading
+import time
+from collections.abc import Callable
+
+from .abi import (
+    ACCESS_IN,
+    ATTR_FMT,
+    BATCH_FORGET_IN,
+    DIRENT,
+    DIRENTPLUS,
+    FORGET_IN,
+    FORGET_ONE,
+    GETXATTR_IN,
+    IN_HEADER,
+    INIT_IN_COMPAT,
+    INIT_OUT,
+    KERNEL_MINOR_VERSION,
+    KERNEL_VERSION,
+    MIN_KERNEL_MINOR_VERSION,
+    MIN_READ_BUFFER,
+    NAME_MAX,
+    NO_REPLY_OPCODES,
+    NOTIFY_DELETE_OUT,
+    NOTIFY_INVAL_ENTRY_OUT,
+    NOTIFY_INVAL_INODE_OUT,
+    OPEN_IN,
+    OUT_HEADER,
+    REQUEST_ARGS,
+    InitFlags,
+    NotifyCode,
+    Opcode,
+    init_out_size,
+)
+from .api import Filesystem
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "SUPPORTED_FLAGS",
+    "FuseProtocolError",
+    "FuseSession",
+    "describe_reply",
+    "describe_request",
+    "notify_delete",
+    "notify_inval_entry",
+    "notify_inval_inode",
+]
+
+# Flags this handler can honour if the filesystem wants them and the kernel offers them. Not
+# here: splice (we copy), writeback cache and locks (read-only), DAX/passthrough/io_uring/
+# security contexts/supplementary groups (need transport or request-format support we lack).
+SUPPORTED_FLAGS = (
+    InitFlags.ASYNC_READ
+    | InitFlags.EXPORT_SUPPORT
+    | InitFlags.BIG_WRITES
+    | InitFlags.AUTO_INVAL_DATA
+    | InitFlags.DO_READDIRPLUS
+    | InitFlags.READDIRPLUS_AUTO
+    | InitFlags.ASYNC_DIO
+    | InitFlags.NO_OPEN_SUPPORT
+    | InitFlags.PARALLEL_DIROPS
+    | InitFlags.POSIX_ACL
+    | InitFlags.ABORT_ERROR
+    | InitFlags.MAX_PAGES
+    | InitFlags.CACHE_SYMLINKS
+    | InitFlags.NO_OPENDIR_SUPPORT
+    | InitFlags.EXPLICIT_INVAL_DATA
+    | InitFlags.DIRECT_IO_ALLOW_MMAP
+)
+
+_MUTATING = (
+    Opcode.SETATTR, Opcode.SYMLINK, Opcode.MKNOD, Opcode.MKDIR, Opcode.UNLINK, Opcode.RMDIR,
+    Opcode.RENAME, Opcode.LINK, Opcode.WRITE, Opcode.SETXATTR, Opcode.REMOVEXATTR, Opcode.CREATE,
+    Opcode.FALLOCATE, Opcode.RENAME2, Opcode.COPY_FILE_RANGE, Opcode.COPY_FILE_RANGE_64,
+    Opcode.TMPFILE,
+)
+_UNSUPPORTED = (
+    Opcode.FSYNC, Opcode.FSYNCDIR, Opcode.SYNCFS, Opcode.GETLK, Opcode.SETLK, Opcode.SETLKW,
+    Opcode.BMAP, Opcode.POLL, Opcode.SETUPMAPPING, Opcode.REMOVEMAPPING, Opcode.STATX,
+)
+
+_HDR_SIZE = IN_HEADER.size
+_OUT = OUT_HEADER.pack
+_ENTRY_REPLY = struct.Struct("<IiQQQQQII" + ATTR_FMT)
+_ATTR_REPLY = struct.Struct("<IiQQII" + ATTR_FMT)
+_OPEN_REPLY = struct.Struct("<IiQQIi")
+_STATFS_REPLY = struct.Struct("<IiQQQQQQIII28x")
+_XATTR_SIZE_REPLY = struct.Struct("<IiQII")
+_LSEEK_REPLY = struct.Struct("<IiQQ")
+_FH = struct.Struct("<Q")  # the fh that starts read/release/flush/lseek in-args
+_READ_HEAD = struct.Struct("<QQI")  # fh, offset, size of fuse_read_in
+_U32 = struct.Struct("<I")
+_ENTRY_SIZE = _ENTRY_REPLY.size
+_ATTR_SIZE = _ATTR_REPLY.size
+_DIRENT_SIZE = DIRENT.size
+_DIRENTPLUS_SIZE = DIRENTPLUS.size
+_DIRENT_PACK = DIRENT.pack
+_DIRENTPLUS_PACK = DIRENTPLUS.pack
+_PADS = [b"\0" * i for i in range(8)]
+_MAX_SECS = (1 << 63) - 1
+_O_ACCMODE = os.O_ACCMODE
+
+Reply = bytes | tuple[bytes, bytes | bytearray | memoryview] | None
+_Op = Callable[[int, int, memoryview, int, int], Reply]
+
+
+class FuseProtocolError(ValueError):
+    """A buffer too short to hold a fuse_in_header: there is no request to answer."""
+
+
+_timeout_cache: dict[float, tuple[int, int]] = {}
+
+
+def _tsplit(t: float) -> tuple[int, int]:
+    """Seconds as a float -> (sec, nsec) for the *_valid fields (cached: filesystems reuse a
+    handful of timeout values)."""
+    r = _timeout_cache.get(t)
+    if r is None:
+        if not t > 0:  # also NaN
+            r = (0, 0)
+        elif t >= _MAX_SECS:
+            r = (_MAX_SECS, 0)
+        else:
+            s = int(t)
+            r = (s, min(int((t - s) * 1e9), 999_999_999))
+        if len(_timeout_cache) < 256:
+            _timeout_cache[t] = r
+    return r
+
+
+def _cstr(body: memoryview, start: int) -> bytes:
+    """The NUL-terminated name at `start` of the in-args."""
+    raw = bytes(body[start:])
+    end = raw.find(b"\0")
+    if end < 0:
+        raise OSError(errno.EINVAL, "name is not NUL-terminated")
+    return raw[:end]
+
+
+def _fixed_reply(code: int) -> _Op:
+    neg = -code
+
+    def reply(unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        return _OUT(16, neg, unique)
+
+    return reply
+
+
+def _no_reply(unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> None:
+    return None
+
+
+class FuseSession:
+    """One FUSE connection's protocol state around a `Filesystem`.
+
+    `handle()` is thread-safe after INIT (transports call it from several workers); INIT and
+    DESTROY swap the dispatch table atomically. Per-request cost is one header unpack, one dict
+    lookup and the op's own packing.
+    """
+
+    def __init__(
+        self,
+        fs: Filesystem,
+        *,
+        max_write: int = 1 << 20,
+        max_readahead: int = 1 << 20,
+        max_pages: int = 256,
+        max_background: int = 0,
+        congestion_threshold: int = 0,
+        time_gran: int = 1,
+        supported: int = SUPPORTED_FLAGS,
+        debug: bool = False,
+    ) -> None:
+        self.fs = fs
+        self.max_write = max_write
+        self.max_readahead = max_readahead
+        self.max_pages = max_pages
+        # 0 keeps the kernel defaults (12 and 9)
+        self.max_background = max_background
+        self.congestion_threshold = congestion_threshold
+        self.time_gran = time_gran
+        self.supported = InitFlags(supported)
+        self.debug = debug
+        # negotiated state (valid while `initialized`)
+        self.initialized = False
+        self.kernel_major = 0
+        self.kernel_minor = 0
+        self.proto_minor = 0
+        self.capable = InitFlags(0)  # what the kernel offered
+        self.flags = InitFlags(0)  # what we enabled (as sent in the reply)
+        self.readahead = 0  # the negotiated max_readahead
+        self._no_open = False
+        self._no_opendir = False
+        self._init_lock = threading.Lock()
+
+        self._pre_init_ops: dict[int, tuple[_Op, int]] = {
+            Opcode.INIT: (self._init, 8),
+            Opcode.FORGET: (_no_reply, 0),
+            Opcode.BATCH_FORGET: (_no_reply, 0),
+            Opcode.INTERRUPT: (_no_reply, 0),
+            Opcode.NOTIFY_REPLY: (_no_reply, 0),
+        }
+        ops: dict[int, tuple[_Op, int]] = {
+            Opcode.INIT: (self._init, 8),
+            Opcode.DESTROY: (self._destroy, 0),
+            Opcode.LOOKUP: (self._lookup, 1),
+            Opcode.FORGET: (self._forget, FORGET_IN.size),
+            Opcode.BATCH_FORGET: (self._batch_forget, BATCH_FORGET_IN.size),
+            Opcode.INTERRUPT: (_no_reply, 0),
+            Opcode.NOTIFY_REPLY: (_no_reply, 0),
+            Opcode.GETATTR: (self._getattr, 0),
+            Opcode.READLINK: (self._readlink, 0),
+            Opcode.OPEN: (self._open, OPEN_IN.size),
+            Opcode.READ: (self._read, 40),
+            Opcode.RELEASE: (self._release, 24),
+            Opcode.FLUSH: (self._flush, 24),
+            Opcode.OPENDIR: (self._opendir, OPEN_IN.size),
+            Opcode.READDIR: (self._readdir, 40),
+            Opcode.READDIRPLUS: (self._readdirplus, 40),
+            Opcode.RELEASEDIR: (self._releasedir, 24),
+            Opcode.STATFS: (self._statfs, 0),
+            Opcode.GETXATTR: (self._getxattr, GETXATTR_IN.size + 1),
+            Opcode.LISTXATTR: (self._listxattr, GETXATTR_IN.size),
+            Opcode.ACCESS: (self._access, ACCESS_IN.size),
+            Opcode.LSEEK: (self._lseek, 24),
+            Opcode.IOCTL: (_fixed_reply(errno.ENOTTY), 0),
+        }
+        for op in _MUTATING:
+            ops[op] = (_fixed_reply(errno.EROFS), 0)
+        for op in _UNSUPPORTED:
+            ops[op] = (_fixed_reply(errno.ENOSYS), 0)
+        self._post_init_ops = ops
+        self._ops = self._pre_init_ops
+        self._unknown = -errno.EIO
+
+    # -- public ---------------------------------------------------------------------------------
+    @property
+    def min_read_buffer(self) -> int:
+        """The smallest buffer a /dev/fuse reader may pass: the kernel refuses a read(2) that
+        could not hold in_header + write_in + max_write."""
+        return max(MIN_READ_BUFFER, 4096 + self.max_write)
+
+    def handle(self, req: bytes | bytearray | memoryview) -> bytes | None:
+        """The reply to one request (None when the kernel expects none)."""
+        r = self._handle_debug(req) if self.debug else self._dispatch(req)
+        if isinstance(r, tuple):
+            return b"".join(r)
+        return r
+
+    def handle_vectored(self, req: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview] | None:
+        """Like handle(), but the reply as buffers to gather (writev / virtqueue descriptors),
+        so READ data is not copied once more behind its header."""
+        r = self._handle_debug(req) if self.debug else self._dispatch(req)
+        if r is None:
+            return None
+        if isinstance(r, tuple):
+            return list(r)
+        return [r]
+
+    # -- dispatch -------------------------------------------------------------------------------
+    def _dispatch(self, req: bytes | bytearray | memoryview) -> Reply:
+        n = len(req)
+        if n < _HDR_SIZE:
+            raise FuseProtocolError(f"request of {n} bytes is shorter than fuse_in_header")
+        length, opcode, unique, nodeid, uid, gid, _pid, extlen, _pad = IN_HEADER.unpack_from(req)
+        entry = self._ops.get(opcode)
+        if entry is None:
+            return _OUT(16, self._unknown, unique)
+        fn, minlen = entry
+        end = length - (extlen << 3)
+        if length > n or length < _HDR_SIZE or end < _HDR_SIZE + minlen:
+            if opcode in NO_REPLY_OPCODES:
+                log.warning("dropping malformed %s (len %d, %d bytes)", _opname(opcode), length, n)
+                return None
+            code = errno.EINVAL if _HDR_SIZE <= length <= n else errno.EIO
+            return _OUT(16, -code, unique)
+        body = memoryview(req)[_HDR_SIZE:end]
+        try:
+            return fn(unique, nodeid, body, uid, gid)
+        except OSError as e:
+            err = e.errno
+            if not isinstance(err, int) or not 0 < err < 4096:
+                log.error("FUSE %s on nodeid %d: %r has no usable errno", _opname(opcode), nodeid, e)
+                err = errno.EIO
+            return _OUT(16, -err, unique)
+        except Exception:
+            log.exception("FUSE %s on nodeid %d failed", _opname(opcode), nodeid)
+            return _OUT(16, -errno.EIO, unique)
+
+    def _handle_debug(self, req: bytes | bytearray | memoryview) -> Reply:
+        t0 = time.perf_counter_ns()
+        try:
+            r = self._dispatch(req)
+        except FuseProtocolError as e:
+            log.debug("FUSE bad request: %s", e)
+            raise
+        us = (time.perf_counter_ns() - t0) / 1000
+        log.debug("FUSE %s -> %s [%.1f us]", describe_request(req), describe_reply(r), us)
+        return r
+
+    # -- session --------------------------------------------------------------------------------
+    def _init(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        major, minor = struct.unpack_from("<II", body)
+        if major > KERNEL_VERSION:
+            # Tell the kernel our major; it resends INIT with it (fuse.h version negotiation).
+            return _OUT(16 + INIT_OUT.size, 0, unique) + INIT_OUT.pack(
+                KERNEL_VERSION, KERNEL_MINOR_VERSION, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0)
+        if major < KERNEL_VERSION or minor < MIN_KERNEL_MINOR_VERSION:
+            log.error("unsupported FUSE protocol %d.%d", major, minor)
+            return _OUT(16, -errno.EPROTO, unique)
+        if len(body) < INIT_IN_COMPAT.size:
+            return _OUT(16, -errno.EINVAL, unique)
+        _, _, max_readahead, flags = INIT_IN_COMPAT.unpack_from(body)
+        capable = flags
+        if flags & InitFlags.INIT_EXT:
+            if len(body) >= INIT_IN_COMPAT.size + 4:
+                capable |= _U32.unpack_from(body, INIT_IN_COMPAT.size)[0] << 32
+            else:
+                capable &= ~int(InitFlags.INIT_EXT)  # a short init_in despite INIT_EXT: no flags2
+        with self._init_lock:
+            if self.initialized:
+                # A second INIT restarts the connection (a virtio-fs guest that rebooted).
+                self._teardown()
+            want = self.fs.init(InitFlags(capable))
+            enabled = capable & int(want) & int(self.supported)
+            proto_minor = min(minor, KERNEL_MINOR_VERSION)
+            out_flags = enabled & 0xFFFF_FFFF
+            out_flags2 = enabled >> 32
+            if capable & InitFlags.INIT_EXT:
+                out_flags |= InitFlags.INIT_EXT
+            else:
+                out_flags2 = 0
+            max_pages = self.max_pages if enabled & InitFlags.MAX_PAGES else 0
+            readahead = min(max_readahead, self.max_readahead)
+            out = INIT_OUT.pack(
+                KERNEL_VERSION, proto_minor, readahead, out_flags,
+                self.max_background, self.congestion_threshold, self.max_write, self.time_gran,
+                max_pages, 0, out_flags2, 0, 0,
+            )[: init_out_size(minor)]
+            self.kernel_major, self.kernel_minor, self.proto_minor = major, minor, proto_minor
+            self.capable = InitFlags(capable)
+            self.flags = InitFlags(out_flags | out_flags2 << 32)
+            self.readahead = readahead
+            self._no_open = bool(enabled & InitFlags.NO_OPEN_SUPPORT)
+            self._no_opendir = bool(enabled & InitFlags.NO_OPENDIR_SUPPORT)
+            self.initialized = True
+            self._unknown = -errno.ENOSYS
+            self._ops = self._post_init_ops
+        log.info("FUSE INIT: kernel %d.%d flags %#x, negotiated 7.%d flags %#x", major, minor, capable,
+                 proto_minor, self.flags)
+        return _OUT(16 + len(out), 0, unique) + out
+
+    def _teardown(self) -> None:
+        self._ops = self._pre_init_ops
+        self._unknown = -errno.EIO
+        self.initialized = False
+        try:
+            self.fs.destroy()
+        except Exception:
+            log.exception("filesystem destroy() failed")
+
+    def _destroy(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        with self._init_lock:
+            self._teardown()
+        return _OUT(16, 0, unique)
+
+    # -- inodes ---------------------------------------------------------------------------------
+    def _lookup(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        ino, gen, attr, et, at = self.fs.lookup(nodeid, _cstr(body, 0))
+        es, ens = _tsplit(et)
+        as_, ans = _tsplit(at)
+        return _ENTRY_REPLY.pack(_ENTRY_SIZE, 0, unique, ino, gen, es, as_, ens, ans, *attr)
+
+    def _forget(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> None:
+        try:
+            self.fs.forget(nodeid, FORGET_IN.unpack_from(body)[0])
+        except Exception:
+            log.exception("forget(%d) failed", nodeid)
+
+    def _batch_forget(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> None:
+        count = BATCH_FORGET_IN.unpack_from(body)[0]
+        avail = (len(body) - BATCH_FORGET_IN.size) // FORGET_ONE.size
+        if count > avail:
+            log.warning("BATCH_FORGET claims %d entries but carries %d", count, avail)
+            count = avail
+        start = BATCH_FORGET_IN.size
+        items = list(FORGET_ONE.iter_unpack(body[start : start + count * FORGET_ONE.size]))
+        try:
+            self.fs.batch_forget(items)
+        except Exception:
+            log.exception("batch_forget of %d inodes failed", count)
+
+    def _getattr(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        attr, timeout = self.fs.getattr(nodeid)
+        s, ns = _tsplit(timeout)
+        return _ATTR_REPLY.pack(_ATTR_SIZE, 0, unique, s, ns, 0, *attr)
+
+    def _readlink(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        target = bytes(self.fs.readlink(nodeid))
+        return _OUT(16 + len(target), 0, unique) + target
+
+    def _statfs(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        return _STATFS_REPLY.pack(_STATFS_REPLY.size, 0, unique, *self.fs.statfs(nodeid))
+
+    def _access(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        self.fs.access(nodeid, ACCESS_IN.unpack_from(body)[0], uid, gid)
+        return _OUT(16, 0, unique)
+
+    # -- files ----------------------------------------------------------------------------------
+    def _open(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        flags = OPEN_IN.unpack_from(body)[0]
+        if flags & _O_ACCMODE:
+            return _OUT(16, -errno.EROFS, unique)
+        if self._no_open:
+            return _OUT(16, -errno.ENOSYS, unique)
+        fh, open_flags = self.fs.open(nodeid, flags)
+        return _OPEN_REPLY.pack(_OPEN_REPLY.size, 0, unique, fh, open_flags, 0)
+
+    def _read(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> Reply:
+        fh, offset, size = _READ_HEAD.unpack_from(body)
+        data = self.fs.read(nodeid, fh, offset, size)
+        n = len(data)
+        if n > size:
+            log.error("read(%d) returned %d bytes for a %d-byte request; truncating", nodeid, n, size)
+            data = memoryview(data)[:size]
+            n = size
+        if not n:
+            return _OUT(16, 0, unique)
+        return _OUT(16 + n, 0, unique), data
+
+    def _release(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        self.fs.release(nodeid, _FH.unpack_from(body)[0])
+        return _OUT(16, 0, unique)
+
+    def _flush(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        self.fs.flush(nodeid, _FH.unpack_from(body)[0])
+        return _OUT(16, 0, unique)
+
+    def _lseek(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        fh, offset, whence = struct.unpack_from("<QqI", body)
+        pos = self.fs.lseek(nodeid, fh, offset, whence)
+        return _LSEEK_REPLY.pack(_LSEEK_REPLY.size, 0, unique, pos)
+
+    # -- directories ----------------------------------------------------------------------------
+    def _opendir(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        if self._no_opendir:
+            return _OUT(16, -errno.ENOSYS, unique)
+        fh, open_flags = self.fs.opendir(nodeid, OPEN_IN.unpack_from(body)[0])
+        return _OPEN_REPLY.pack(_OPEN_REPLY.size, 0, unique, fh, open_flags, 0)
+
+    def _releasedir(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        self.fs.releasedir(nodeid, _FH.unpack_from(body)[0])
+        return _OUT(16, 0, unique)
+
+    def _readdir(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        fh, offset, size = _READ_HEAD.unpack_from(body)
+        parts = [b""]
+        append = parts.append
+        used = 0
+        for name, ino, typ, off in self.fs.readdir(nodeid, fh, offset):
+            nl = len(name)
+            if not 0 < nl <= NAME_MAX or b"/" in name:
+                log.error("readdir(%d): skipping invalid name %r", nodeid, name)
+                continue
+            rec = (_DIRENT_SIZE + nl + 7) & ~7
+            if used + rec > size:
+                break
+            append(_DIRENT_PACK(ino, off, nl, typ >> 12))
+            append(name)
+            pad = rec - _DIRENT_SIZE - nl
+            if pad:
+                append(_PADS[pad])
+            used += rec
+        parts[0] = _OUT(16 + used, 0, unique)
+        return b"".join(parts)
+
+    def _readdirplus(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        fh, offset, size = _READ_HEAD.unpack_from(body)
+        parts = [b""]
+        append = parts.append
+        used = 0
+        for entry, name, typ, off in self.fs.readdirplus(nodeid, fh, offset):
+            nl = len(name)
+            if not 0 < nl <= NAME_MAX or b"/" in name:
+                log.error("readdirplus(%d): skipping invalid name %r", nodeid, name)
+                continue
+            rec = (_DIRENTPLUS_SIZE + nl + 7) & ~7
+            if used + rec > size:
+                break
+            ino, gen, attr, et, at = entry
+            es, ens = _tsplit(et)
+            as_, ans = _tsplit(at)
+            append(_DIRENTPLUS_PACK(ino, gen, es, as_, ens, ans, *attr, attr[0] or ino, off, nl, typ >> 12))
+            append(name)
+            pad = rec - _DIRENTPLUS_SIZE - nl
+            if pad:
+                append(_PADS[pad])
+            used += rec
+        parts[0] = _OUT(16 + used, 0, unique)
+        return b"".join(parts)
+
+    # -- xattrs ---------------------------------------------------------------------------------
+    def _getxattr(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        size = GETXATTR_IN.unpack_from(body)[0]
+        value = bytes(self.fs.getxattr(nodeid, _cstr(body, GETXATTR_IN.size)))
+        return _xattr_reply(unique, size, value)
+
+    def _listxattr(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        size = GETXATTR_IN.unpack_from(body)[0]
+        names = self.fs.listxattr(nodeid)
+        return _xattr_reply(unique, size, b"".join(bytes(n) + b"\0" for n in names))
+
+
+def _xattr_reply(unique: int, size: int, value: bytes) -> bytes:
+    """size 0 asks only for the length (fuse_getxattr_out); a too small buffer is ERANGE."""
+    n = len(value)
+    if size == 0:
+        return _XATTR_SIZE_REPLY.pack(_XATTR_SIZE_REPLY.size, 0, unique, n, 0)
+    if n > size:
+        return _OUT(16, -errno.ERANGE, unique)
+    return _OUT(16 + n, 0, unique) + value
+
+
+# -- notifications (server -> kernel, unique 0) -------------------------------------------------
+def notify_inval_inode(ino: int, offset: int = 0, length: int = 0) -> bytes:
+    """Drop cached attributes of `ino`, and its cached pages from `offset` (length <= 0: to the
+    end; offset < 0: attributes only)."""
+    return _OUT(16 + NOTIFY_INVAL_INODE_OUT.size, NotifyCode.INVAL_INODE, 0) + NOTIFY_INVAL_INODE_OUT.pack(
+        ino, offset, length)
+
+
+def notify_inval_entry(parent: int, name: bytes, flags: int = 0) -> bytes:
+    """Drop the cached dentry `name` in directory `parent` (flags: EXPIRE_ONLY)."""
+    payload = NOTIFY_INVAL_ENTRY_OUT.pack(parent, len(name), flags) + name + b"\0"
+    return _OUT(16 + len(payload), NotifyCode.INVAL_ENTRY, 0) + payload
+
+
+def notify_delete(parent: int, child: int, name: bytes) -> bytes:
+    """Tell the kernel `name` (inode `child`) is gone from `parent`."""
+    payload = NOTIFY_DELETE_OUT.pack(parent, child, len(name), 0) + name + b"\0"
+    return _OUT(16 + len(payload), NotifyCode.DELETE, 0) + payload
+
+
+# -- debug decoding -----------------------------------------------------------------------------
+def _opname(opcode: int) -> str:
+    try:
+        return Opcode(opcode).name
+    except ValueError:
+        return f"OPCODE_{opcode}"
+
+
+def describe_request(req: bytes | bytearray | memoryview) -> str:
+    """A one-line decoding of a request (header, in-args, names) for logs; never raises."""
+    if len(req) < _HDR_SIZE:
+        return f"<{len(req)}-byte fragment>"
+    length, opcode, unique, nodeid, uid, gid, pid, extlen, _ = IN_HEADER.unpack_from(req)
+    out = [f"{_opname(opcode)} unique={unique} nodeid={nodeid} uid={uid} gid={gid} pid={pid}"]
+    if length != len(req):
+        out.append(f"len={length}/{len(req)}")
+    if extlen:
+        out.append(f"extlen={extlen * 8}")
+    body = bytes(memoryview(req)[_HDR_SIZE : min(length, len(req), _HDR_SIZE + 4096)])
+    st, fields, nnames = REQUEST_ARGS.get(opcode, (None, (), 0))
+    off = 0
+    if st is not None:
+        if len(body) < st.size:
+            return " ".join([*out, f"<{len(body)}-byte args, {st.size} needed>"])
+        for k, v in zip(fields, st.unpack_from(body), strict=True):
+            if k in ("padding", "dummy", "unused", "unused4", "unused5", "reserved"):
+                continue
+            out.append(f"{k}={v:#x}" if "flags" in k or k in ("mask", "valid") else f"{k}={v}")
+        off = st.size
+    for _ in range(nnames):
+        end = body.find(b"\0", off)
+        if end < 0:
+            out.append(f"name={body[off:]!r}<no NUL>")
+            break
+        out.append(f"name={body[off:end]!r}")
+        off = end + 1
+    return " ".join(out)
+
+
+def describe_reply(reply: object) -> str:
+    """A one-line summary of what handle() returned."""
+    if reply is None:
+        return "no reply"
+    head = reply[0] if isinstance(reply, tuple) else reply
+    if not isinstance(head, bytes | bytearray | memoryview) or len(head) < OUT_HEADER.size:
+        return f"<malformed reply {reply!r:.60}>"
+    length, error, _unique = OUT_HEADER.unpack_from(head)
+    if error:
+        return f"error {errno.errorcode.get(-error, str(-error))}"
+    return f"ok len={length}"
