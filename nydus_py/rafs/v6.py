@@ -1,0 +1,828 @@
+"""RAFS v6 (EROFS-compatible) bootstrap reader, decoding on demand from an mmap or bytes.
+
+Spec: shared/specs/RAFS-FORMAT.md sections 2, 4 and 6. Loading parses only the superblocks,
+device slots and blob table (O(blobs)); inodes, directory blocks, xattrs and chunk indexes are
+decoded from the buffer when asked for, and every decode validates what it reads, so a hostile
+bootstrap yields a FormatError, never an IndexError, a hang or a loop.
+
+Chunk resolution uses the bootstrap chunk table. It is sorted by digest, not by the
+(blob, ci_index) key a chunk index carries, so on the first `chunks()` call the reader builds a
+compact index once: an `array('Q')` of packed keys `blob_index<<56 | ci_index<<32 | blkaddr` in
+sorted order plus an `array('I')` of record numbers (12 bytes per chunk, no per-chunk objects),
+then binary-searches it. The key includes blkaddr, like nydusd's own chunk map, so a chunk index
+whose uncompressed offset disagrees with the table is caught. blob.meta (read from the blob,
+see blobmeta.py) is the other source nydusd uses; `check` compares the two.
+"""
+
+from __future__ import annotations
+
+import bisect
+import functools
+import os
+import re
+import stat
+import struct
+from array import array
+from collections.abc import Iterator
+from typing import Any, NamedTuple
+
+from .constants import (
+    BLOB_FEATURES_INVALID,
+    CHUNK_RECORD_SIZE,
+    EROFS_BLOCK_SIZE,
+    EROFS_CHUNK_FORMAT_INDEXES,
+    EROFS_FEATURE_COMPAT_RAFS_V6,
+    EROFS_FEATURE_INCOMPAT_RAFS_V6,
+    EROFS_INODE_CHUNK_BASED,
+    EROFS_INODE_FLAT_INLINE,
+    EROFS_INODE_FLAT_PLAIN,
+    EROFS_MAGIC,
+    EROFS_SUPER_OFFSET,
+    MAX_CHUNK_SIZE,
+    MIN_CHUNK_SIZE,
+    RAFS_V6_DEVT_SLOTOFF,
+    RAFS_V6_DEVTABLE_OFFSET,
+    RAFS_V6_EXT_SUPER_OFFSET,
+    SUPER_FLAGS_KNOWN,
+    V6_BLOB_ENTRY_SIZE,
+    V6_DEVSLOT_SIZE,
+    XATTR_PREFIXES,
+    BlobFeatures,
+    ChunkFlags,
+    Compressor,
+    Digester,
+    SuperFlags,
+)
+from .errors import FormatError
+from .model import Attr, BlobInfo, ChunkInfo, DirEntry, RafsImage
+
+BLOCK = EROFS_BLOCK_SIZE
+HOLE_BLKADDR = 0xFFFF_FFFF
+MAX_NAME = 255
+MAX_SYMLINK = 4096
+MAX_CHUNKS_PER_BLOB = 1 << 24
+BLOB_MAX_UNCOMPRESSED = 1 << 44
+BLOB_MAX_COMPRESSED = 1 << 40
+CHUNK_FLAGS_KNOWN = 0x1F
+INODE_CACHE = 8192
+
+_SB = struct.Struct("<IIIBBHQQIIII16s16sIHHH38s")
+_EXT_SB = struct.Struct("<QQIIQQQII")
+_DEVSLOT = struct.Struct("<64sII56s")
+_BLOB = struct.Struct("<64sIIIIIIQQIIQQQ32s32sQQI36s")
+_COMPACT = struct.Struct("<HHHHIIIIHHI")
+_EXTENDED = struct.Struct("<HHHHQIIIIQII16s")
+_DIRENT = struct.Struct("<QHBB")
+_XATTR_ENTRY = struct.Struct("<BBH")
+_CHUNK_INDEX = struct.Struct("<HHI")
+_CHUNK_REC = struct.Struct("<32sIIIIQQQII")
+_CHUNK_KEY = struct.Struct("<32xI20xQ8xI4x")
+_U16 = struct.Struct("<H")
+
+_BLOB_ID_RE = re.compile(rb"[0-9A-Za-z_.\-]{64}")
+
+# EROFS dirent file_type -> S_IFMT bits
+_FT_TO_IFMT = {
+    1: stat.S_IFREG,
+    2: stat.S_IFDIR,
+    3: stat.S_IFCHR,
+    4: stat.S_IFBLK,
+    5: stat.S_IFIFO,
+    6: stat.S_IFSOCK,
+    7: stat.S_IFLNK,
+}
+_VALID_IFMT = frozenset(_FT_TO_IFMT.values())
+_FT_NAMES = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFCHR: "char device",
+             stat.S_IFBLK: "block device", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket",
+             stat.S_IFLNK: "symlink"}  # fmt: skip
+
+
+class DeviceSlot(NamedTuple):
+    """One EROFS device-table slot (@1408): what the kernel sees as extra device N+1."""
+
+    blob_id: str
+    blocks: int
+    mapped_blkaddr: int
+
+
+class _Inode(NamedTuple):
+    """A decoded, validated on-disk inode (small tuple, made per call and LRU-cached)."""
+
+    nid: int
+    off: int
+    extended: bool
+    layout: int
+    mode: int
+    nlink: int
+    size: int
+    i_u: int
+    uid: int
+    gid: int
+    mtime: int
+    mtime_nsec: int
+    xattr_off: int  # end of the inode core = start of the xattr ibody
+    xattr_size: int
+    data_off: int  # end of inode + xattr ibody
+
+
+def decode_dev(dev: int) -> int:
+    """Linux new_decode_dev of a 32-bit EROFS rdev, as an os.makedev value."""
+    major = (dev & 0xFFF00) >> 8
+    minor = (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+    return os.makedev(major, minor)
+
+
+def _align(x: int, a: int) -> int:
+    return (x + a - 1) // a * a
+
+
+class V6Image(RafsImage):
+    """A RAFS v6 bootstrap. `buf` is an mmap (closed by close()) or any bytes-like object."""
+
+    version = 6
+
+    def __init__(self, buf: bytes | bytearray | memoryview | object) -> None:
+        self._buf = buf
+        self._len = len(buf)  # type: ignore[arg-type]
+        self._closed = False
+        self._chunk_keys: array[int] | None = None
+        self._chunk_pos: array[int] | None = None
+        self._inode_count: int | None = None
+        self._inode = functools.lru_cache(maxsize=INODE_CACHE)(self._decode_inode)
+        self._parse_superblocks()
+        self.blobs: list[BlobInfo] = self._parse_blob_table()
+        self.devices: list[DeviceSlot] = self._parse_device_slots()
+        root = self._inode(self.root_ino)
+        if not stat.S_ISDIR(root.mode):
+            raise FormatError(f"root nid {self.root_ino} is not a directory (mode {root.mode:o})")
+
+    # ------------------------------------------------------------------ low-level reads
+
+    def _unpack(self, st: struct.Struct, off: int, what: str) -> tuple[Any, ...]:
+        if off < 0 or off + st.size > self._len:
+            raise FormatError(f"{what} at offset {off} (+{st.size}) is outside the {self._len}-byte bootstrap")
+        return st.unpack_from(self._buf, off)  # type: ignore[arg-type]
+
+    def _bytes(self, off: int, size: int, what: str) -> bytes:
+        if off < 0 or size < 0 or off + size > self._len:
+            raise FormatError(f"{what} at offset {off} (+{size}) is outside the {self._len}-byte bootstrap")
+        return bytes(self._buf[off : off + size])  # type: ignore[index]
+
+    # ------------------------------------------------------------------ superblocks
+
+    def _parse_superblocks(self) -> None:
+        n = self._len
+        if n < BLOCK or n % BLOCK:
+            raise FormatError(f"RAFS v6 bootstrap size {n} is not a non-zero multiple of {BLOCK}")
+        (magic, checksum, compat, blkszbits, extslots, root_nid, inos, build_time, build_time_nsec,
+         blocks, meta_blkaddr, xattr_blkaddr, _uuid, _vol, incompat, s_u, extra_devices, devt_slotoff,
+         _res) = self._unpack(_SB, EROFS_SUPER_OFFSET, "EROFS superblock")  # fmt: skip
+        if magic != EROFS_MAGIC:
+            raise FormatError(f"bad EROFS magic {magic:#x} at offset {EROFS_SUPER_OFFSET}")
+        if not compat & EROFS_FEATURE_COMPAT_RAFS_V6:
+            raise FormatError(
+                f"EROFS image is not RAFS v6: feature_compat {compat:#x} lacks {EROFS_FEATURE_COMPAT_RAFS_V6:#x}"
+            )
+        if checksum != 0:
+            raise FormatError(f"RAFS v6 superblock checksum must be 0, got {checksum:#x}")
+        if blkszbits == 9:
+            raise FormatError("RAFS v6 with 512-byte blocks (tarfs mode) is not supported")
+        if blkszbits != 12:
+            raise FormatError(f"invalid block size bits {blkszbits} in RAFS v6 superblock")
+        if extslots != 0:
+            raise FormatError(f"invalid superblock extslots {extslots}")
+        if inos == 0:
+            raise FormatError("RAFS v6 superblock has inode count 0")
+        if s_u != 0:
+            raise FormatError(f"RAFS v6 superblock union field must be 0, got {s_u:#x}")
+        if xattr_blkaddr != 0:
+            raise FormatError("shared xattr area (xattr_blkaddr != 0) is not supported by RAFS v6")
+        if extra_devices == 0 and blocks not in (0, 4096):
+            raise FormatError(f"RAFS v6 superblock: {blocks} blocks but no extra devices")
+        if devt_slotoff * V6_DEVSLOT_SIZE != RAFS_V6_DEVTABLE_OFFSET or devt_slotoff != RAFS_V6_DEVT_SLOTOFF:
+            raise FormatError(f"invalid device table slot offset {devt_slotoff} (must be {RAFS_V6_DEVT_SLOTOFF})")
+        if incompat != EROFS_FEATURE_INCOMPAT_RAFS_V6:
+            raise FormatError(
+                f"RAFS v6 feature_incompat must be {EROFS_FEATURE_INCOMPAT_RAFS_V6:#x}, got {incompat:#x}"
+            )
+        meta_start = meta_blkaddr * BLOCK
+        if meta_start >= n:
+            raise FormatError(f"meta_blkaddr {meta_blkaddr} is beyond the {n}-byte bootstrap")
+
+        (flags, blob_off, blob_size, chunk_size, ct_off, ct_size, pf_off, pf_size,
+         _pad) = self._unpack(_EXT_SB, RAFS_V6_EXT_SUPER_OFFSET, "RAFS v6 extended superblock")  # fmt: skip
+        if flags & ~SUPER_FLAGS_KNOWN:
+            raise FormatError(f"unknown RAFS superblock flags {flags & ~SUPER_FLAGS_KNOWN:#x}")
+        comp_bits = SuperFlags.COMPRESSION_NONE | SuperFlags.COMPRESSION_LZ4
+        comp_bits |= SuperFlags.COMPRESSION_GZIP | SuperFlags.COMPRESSION_ZSTD
+        if (flags & comp_bits).bit_count() != 1:
+            raise FormatError(f"RAFS v6 flags {flags:#x} must set exactly one compression bit")
+        if (flags & (SuperFlags.HASH_BLAKE3 | SuperFlags.HASH_SHA256)).bit_count() != 1:
+            raise FormatError(f"RAFS v6 flags {flags:#x} must set exactly one digest bit")
+        if flags & SuperFlags.TARFS_MODE:
+            raise FormatError("RAFS v6 tarfs mode is not supported")
+        if chunk_size.bit_count() != 1 or not MIN_CHUNK_SIZE <= chunk_size <= MAX_CHUNK_SIZE:
+            raise FormatError(f"invalid chunk size {chunk_size:#x} in RAFS v6 extended superblock")
+
+        devslot_end = RAFS_V6_DEVTABLE_OFFSET + V6_DEVSLOT_SIZE * extra_devices
+        if (
+            blob_off % BLOCK
+            or blob_off < BLOCK
+            or blob_off < devslot_end
+            or blob_size % V6_BLOB_ENTRY_SIZE
+            or blob_off + blob_size > n
+        ):
+            raise FormatError(f"invalid blob table offset {blob_off:#x} / size {blob_size:#x}")
+        ranges = [("blob table", blob_off, blob_size)]
+        if ct_size:
+            if ct_off % BLOCK or ct_off < BLOCK or ct_off < devslot_end or ct_size % CHUNK_RECORD_SIZE or ct_off + ct_size > n:
+                raise FormatError(f"invalid chunk table offset {ct_off:#x} / size {ct_size:#x}")
+            ranges.append(("chunk table", ct_off, ct_size))
+        if pf_size and pf_off:
+            if pf_off < BLOCK or pf_size % 4 or pf_off < devslot_end or pf_off + pf_size > n:
+                raise FormatError(f"invalid prefetch table offset {pf_off:#x} / size {pf_size:#x}")
+            ranges.append(("prefetch table", pf_off, pf_size))
+        else:
+            pf_size = 0
+        for i, (na, oa, sa) in enumerate(ranges):
+            for nb, ob, sb in ranges[i + 1 :]:
+                if sa and sb and oa < ob + sb and ob < oa + sa:
+                    raise FormatError(f"{na} [{oa:#x}, +{sa:#x}) overlaps {nb} [{ob:#x}, +{sb:#x})")
+
+        # The meta area runs from meta_blkaddr to the chunk table (nydus writes it last), else to EOF.
+        meta_end = ct_off if ct_size and ct_off > meta_start else n
+        self.flags = SuperFlags(flags)
+        self.chunk_size = chunk_size
+        self.root_ino = root_nid
+        self.sb_inos = inos
+        self.build_time = build_time
+        self.build_time_nsec = build_time_nsec
+        self.sb_blocks = blocks
+        self.meta_blkaddr = meta_blkaddr
+        self._meta_start = meta_start
+        self._meta_end = meta_end
+        self._max_nid = (meta_end - meta_start) // 32 - 1
+        self._extra_devices = extra_devices
+        self._blob_off, self._blob_size = blob_off, blob_size
+        self._ct_off, self._ct_size = ct_off, ct_size
+        self._pf_off, self._pf_size = pf_off, pf_size
+        if self.flags & SuperFlags.EXPLICIT_UID_GID:
+            self._own_ids: tuple[int, int] | None = None
+        else:
+            self._own_ids = (os.geteuid(), os.getegid())
+
+    def _parse_blob_table(self) -> list[BlobInfo]:
+        blobs = []
+        for i in range(self._blob_size // V6_BLOB_ENTRY_SIZE):
+            blobs.append(self._parse_blob(i, self._blob_off + i * V6_BLOB_ENTRY_SIZE))
+        return blobs
+
+    def _parse_blob(self, i: int, off: int) -> BlobInfo:
+        (raw_id, index, chunk_size, chunk_count, comp, dig, features, c_size, u_size, toc_size, ci_comp,
+         ci_off, ci_c, ci_u, toc_digest, _meta_digest, _meta_size, _iv, cipher, _res) = self._unpack(
+            _BLOB, off, f"blob table entry {i}")  # fmt: skip
+        where = f"blob table entry {i}"
+        if not _BLOB_ID_RE.fullmatch(raw_id):
+            raise FormatError(f"{where}: blob id {raw_id!r} is not 64 characters of [0-9A-Za-z_.-]")
+        if index != i:
+            raise FormatError(f"{where}: blob_index {index} does not match its position")
+        if chunk_size != self.chunk_size:
+            raise FormatError(f"{where}: chunk size {chunk_size:#x} != superblock chunk size {self.chunk_size:#x}")
+        if chunk_count > MAX_CHUNKS_PER_BLOB:
+            raise FormatError(f"{where}: chunk count {chunk_count} exceeds {MAX_CHUNKS_PER_BLOB}")
+        try:
+            compressor, ci_compressor, digester = Compressor(comp), Compressor(ci_comp), Digester(dig)
+        except ValueError:
+            raise FormatError(f"{where}: unknown algorithm ids (compressor {comp}, ci {ci_comp}, digest {dig})") from None
+        if cipher > 3:
+            raise FormatError(f"{where}: unknown cipher id {cipher}")
+        if u_size > BLOB_MAX_UNCOMPRESSED or c_size > BLOB_MAX_COMPRESSED:
+            raise FormatError(f"{where}: blob sizes {c_size}/{u_size} exceed the format limits")
+        if features & BLOB_FEATURES_INVALID:
+            raise FormatError(f"{where}: invalid blob feature bits {features & BLOB_FEATURES_INVALID:#x}")
+        feats = BlobFeatures(features)
+        if not feats & BlobFeatures.ALIGNED:
+            raise FormatError(f"{where}: blob lacks the ALIGNED feature required for RAFS v6")
+        if ci_c > ci_u:
+            raise FormatError(f"{where}: chunk-info compressed size {ci_c} > uncompressed size {ci_u}")
+        special = BlobFeatures.BATCH | BlobFeatures.ZRAN | BlobFeatures.ENCRYPTED
+        if feats & BlobFeatures.CHUNK_INFO_V2:
+            ok = ci_u >= chunk_count * 24 if feats & special else ci_u == chunk_count * 24
+        elif feats & special:
+            ok = False
+        else:
+            ok = bool(feats & BlobFeatures.IS_CHUNKDICT_GENERATED) or ci_u == chunk_count * 16
+        if not ok:
+            raise FormatError(
+                f"{where}: chunk-info size {ci_u} inconsistent with {chunk_count} chunks and features {features:#x}"
+            )
+        return BlobInfo(
+            index=i,
+            blob_id=raw_id.decode("ascii"),
+            compressor=compressor,
+            digester=digester,
+            chunk_size=chunk_size,
+            chunk_count=chunk_count,
+            features=feats,
+            compressed_size=c_size,
+            uncompressed_size=u_size,
+            ci_compressor=ci_compressor,
+            ci_offset=ci_off,
+            ci_compressed_size=ci_c,
+            ci_uncompressed_size=ci_u,
+            blob_toc_size=toc_size,
+            blob_toc_digest=bytes(toc_digest),
+        )
+
+    def _parse_device_slots(self) -> list[DeviceSlot]:
+        if self._extra_devices != len(self.blobs):
+            raise FormatError(
+                f"superblock has {self._extra_devices} device slots but the blob table has {len(self.blobs)} blobs"
+            )
+        slots = []
+        seen: set[bytes] = set()
+        for i in range(self._extra_devices):
+            raw_id, blocks, mapped, _r = self._unpack(_DEVSLOT, RAFS_V6_DEVTABLE_OFFSET + i * V6_DEVSLOT_SIZE, "device slot")
+            if not _BLOB_ID_RE.fullmatch(raw_id):
+                raise FormatError(f"device slot {i}: blob id {raw_id!r} is not 64 characters of [0-9A-Za-z_.-]")
+            if raw_id in seen:
+                raise FormatError(f"device slot {i}: duplicated blob id {raw_id.decode()}")
+            seen.add(raw_id)
+            if blocks == 0:
+                raise FormatError(f"device slot {i}: zero blocks")
+            if raw_id.decode("ascii") != self.blobs[i].blob_id:
+                raise FormatError(f"device slot {i} names blob {raw_id.decode()}, blob table has {self.blobs[i].blob_id}")
+            slots.append(DeviceSlot(raw_id.decode("ascii"), blocks, mapped))
+        return slots
+
+    # ------------------------------------------------------------------ inodes
+
+    def _decode_inode(self, nid: int) -> _Inode:
+        if self._closed:
+            raise FormatError("image is closed")
+        if not isinstance(nid, int) or nid < 0 or nid > self._max_nid:
+            raise FormatError(f"nid {nid} is outside the meta area (max {self._max_nid})")
+        off = self._meta_start + nid * 32
+        (fmt,) = self._unpack(_U16, off, f"inode {nid}")
+        extended = bool(fmt & 1)
+        if fmt & ~0xF:
+            raise FormatError(f"inode {nid}: unknown i_format bits {fmt:#x}")
+        layout = (fmt >> 1) & 7
+        if layout in (1, 3):
+            raise FormatError(f"inode {nid}: compressed EROFS data layout {layout} is not supported by RAFS")
+        if layout not in (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE, EROFS_INODE_CHUNK_BASED):
+            raise FormatError(f"inode {nid}: unknown data layout {layout}")
+        isize = 64 if extended else 32
+        if off + isize > self._meta_end:
+            raise FormatError(f"inode {nid} at {off} runs past the meta area end {self._meta_end}")
+        if extended:
+            (_f, icount, mode, _r, size, i_u, _ino, uid, gid, mtime, mtime_nsec, nlink,
+             _res) = _EXTENDED.unpack_from(self._buf, off)  # type: ignore[arg-type]  # fmt: skip
+        else:
+            (_f, icount, mode, nlink, size, mdelta, i_u, _ino, uid, gid,
+             _res) = _COMPACT.unpack_from(self._buf, off)  # type: ignore[arg-type]  # fmt: skip
+            mtime, mtime_nsec = self.build_time + mdelta, self.build_time_nsec
+        ifmt = stat.S_IFMT(mode)
+        if ifmt not in _VALID_IFMT:
+            raise FormatError(f"inode {nid}: invalid file type in mode {mode:o}")
+        if nlink == 0:
+            raise FormatError(f"inode {nid}: link count 0")
+        xsize = 12 + 4 * (icount - 1) if icount else 0
+        xattr_off = off + isize
+        data_off = xattr_off + xsize
+        if data_off > self._meta_end:
+            raise FormatError(f"inode {nid}: xattr ibody runs past the meta area end")
+        if self._own_ids is not None:
+            uid, gid = self._own_ids
+        ino = _Inode(nid, off, extended, layout, mode, nlink, size, i_u, uid, gid, mtime, mtime_nsec,
+                     xattr_off, xsize, data_off)  # fmt: skip
+        self._check_layout(ino, ifmt)
+        return ino
+
+    def _check_layout(self, ino: _Inode, ifmt: int) -> None:
+        nid, size, layout = ino.nid, ino.size, ino.layout
+        kind = _FT_NAMES[ifmt]
+        if ifmt == stat.S_IFREG:
+            if layout != EROFS_INODE_CHUNK_BASED:
+                if size:
+                    raise FormatError(f"inode {nid}: non-empty regular file is not chunk-based (layout {layout})")
+                return
+            fmt = ino.i_u & 0xFFFF
+            if fmt & ~(EROFS_CHUNK_FORMAT_INDEXES | 0x1F):
+                raise FormatError(f"inode {nid}: unknown chunk format bits {fmt:#x}")
+            if not fmt & EROFS_CHUNK_FORMAT_INDEXES:
+                raise FormatError(f"inode {nid}: block-map chunk format (no INDEXES bit) is not RAFS")
+            count = -(-size // self.chunk_size)
+            end = _align(ino.data_off, 8) + 8 * count
+            if end > self._meta_end:
+                raise FormatError(f"inode {nid}: {count} chunk indexes for size {size} run past the meta area")
+            return
+        if layout == EROFS_INODE_CHUNK_BASED:
+            raise FormatError(f"inode {nid}: {kind} cannot be chunk-based")
+        if ifmt in (stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
+            if size:
+                raise FormatError(f"inode {nid}: {kind} has non-zero size {size}")
+            return
+        if ifmt == stat.S_IFLNK and not 0 < size <= MAX_SYMLINK:
+            raise FormatError(f"inode {nid}: symlink target size {size} not in 1..{MAX_SYMLINK}")
+        if ifmt == stat.S_IFDIR and size == 0:
+            raise FormatError(f"inode {nid}: directory with size 0")
+        nblocks = -(-size // BLOCK)
+        full = nblocks if layout == EROFS_INODE_FLAT_PLAIN else nblocks - 1
+        if full and (ino.i_u < 1 or (ino.i_u + full) * BLOCK > self._len):
+            raise FormatError(f"inode {nid}: {full} data blocks at block {ino.i_u} are outside the bootstrap")
+        if layout == EROFS_INODE_FLAT_INLINE:
+            tail = size - BLOCK * (nblocks - 1)
+            if ino.data_off % BLOCK + tail > BLOCK or ino.data_off + tail > self._len:
+                raise FormatError(f"inode {nid}: inline tail of {tail} bytes crosses a block boundary")
+
+    def _data_block(self, ino: _Inode, b: int) -> tuple[int, int]:
+        """(offset, length) of data block `b` of a flat (plain/inline) inode."""
+        nblocks = -(-ino.size // BLOCK)
+        length = BLOCK if b < nblocks - 1 else ino.size - BLOCK * (nblocks - 1)
+        if ino.layout == EROFS_INODE_FLAT_INLINE and b == nblocks - 1:
+            return ino.data_off, length
+        return (ino.i_u + b) * BLOCK, length
+
+    def _ifmt_inode(self, nid: int, ifmt: int, what: str) -> _Inode:
+        ino = self._inode(nid)
+        if stat.S_IFMT(ino.mode) != ifmt:
+            raise FormatError(f"inode {nid} is not a {what} (mode {ino.mode:o})")
+        return ino
+
+    # ------------------------------------------------------------------ RafsImage API
+
+    def inode_count(self) -> int:
+        """Distinct inodes reachable from the root (hard links once); one validating walk, cached.
+
+        The superblock's `inos` (kept as `sb_inos`) counts hard links per link in nydus images.
+        """
+        if self._inode_count is None:
+            seen = bytearray((self._max_nid >> 3) + 1)
+            count = 0
+            for _path, nid in self.walk():
+                byte, bit = nid >> 3, 1 << (nid & 7)
+                if not seen[byte] & bit:
+                    seen[byte] |= bit
+                    count += 1
+            self._inode_count = count
+        return self._inode_count
+
+    def getattr(self, ino: int) -> Attr:
+        i = self._inode(ino)
+        rdev = 0
+        if stat.S_IFMT(i.mode) in (stat.S_IFCHR, stat.S_IFBLK):
+            rdev = decode_dev(i.i_u)
+        return Attr(
+            ino=ino,
+            mode=i.mode,
+            nlink=i.nlink,
+            uid=i.uid,
+            gid=i.gid,
+            rdev=rdev,
+            size=i.size,
+            blocks=-(-i.size // 512),
+            mtime=i.mtime,
+            mtime_nsec=i.mtime_nsec,
+        )
+
+    def _block_count(self, ino: _Inode) -> int:
+        return -(-ino.size // BLOCK)
+
+    def _dir_block(self, ino: _Inode, b: int) -> list[tuple[bytes, int, int]]:
+        """Validated (name, nid, file_type) entries of directory block `b`."""
+        off, length = self._data_block(ino, b)
+        where = f"directory {ino.nid} block {b}"
+        if length < 12:
+            raise FormatError(f"{where}: {length} bytes cannot hold a dirent")
+        data = self._bytes(off, length, where)
+        nameoff0 = _U16.unpack_from(data, 8)[0]
+        if nameoff0 < 12 or nameoff0 % 12 or nameoff0 >= length:
+            raise FormatError(f"{where}: invalid first name offset {nameoff0}")
+        n = nameoff0 // 12
+        ents = list(_DIRENT.iter_unpack(data[:nameoff0]))
+        out = []
+        prev = b""
+        for i, (nid, nameoff, ftype, _r) in enumerate(ents):
+            end = ents[i + 1][1] if i + 1 < n else length
+            if not nameoff < end <= length or nameoff < nameoff0:
+                raise FormatError(f"{where}: entry {i} name offsets {nameoff}..{end} are not increasing inside the block")
+            name = data[nameoff:end]
+            if i + 1 == n:
+                nul = name.find(b"\0")
+                if nul >= 0:
+                    name = name[:nul]
+            elif b"\0" in name:
+                raise FormatError(f"{where}: entry {i} name contains NUL")
+            if not name:
+                raise FormatError(f"{where}: entry {i} has an empty name")
+            if len(name) > MAX_NAME or b"/" in name:
+                raise FormatError(f"{where}: invalid name {name[:64]!r}")
+            if ftype not in _FT_TO_IFMT:
+                raise FormatError(f"{where}: entry {name!r} has invalid file type {ftype}")
+            if name <= prev:
+                raise FormatError(f"{where}: entries not sorted ({prev!r} then {name!r})")
+            prev = name
+            out.append((name, nid, ftype))
+        return out
+
+    def _block_first_name(self, ino: _Inode, b: int) -> bytes:
+        return self._dir_block(ino, b)[0][0]
+
+    def _find(self, ino: _Inode, name: bytes) -> tuple[int, int] | None:
+        """(nid, file_type) of `name` in directory `ino`: binary search over blocks, then inside one."""
+        lo, hi = 0, self._block_count(ino) - 1
+        target = -1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            if self._block_first_name(ino, mid) <= name:
+                target, lo = mid, mid + 1
+            else:
+                hi = mid - 1
+        if target < 0:
+            return None
+        ents = self._dir_block(ino, target)
+        k = bisect.bisect_left(ents, (name,))
+        if k < len(ents) and ents[k][0] == name:
+            return ents[k][1], ents[k][2]
+        return None
+
+    def _dotdot(self, dir_ino: _Inode) -> int:
+        hit = self._find(dir_ino, b"..")
+        if hit is None:
+            raise FormatError(f"directory {dir_ino.nid} has no '..' entry")
+        nid, ftype = hit
+        if ftype != 2:
+            raise FormatError(f"directory {dir_ino.nid}: '..' has file type {ftype}, not a directory")
+        self._ifmt_inode(nid, stat.S_IFDIR, "directory ('..' target)")
+        if dir_ino.nid == self.root_ino and nid != self.root_ino:
+            raise FormatError(f"root directory's '..' is {nid}, not the root")
+        return nid
+
+    def _check_child(self, parent: int, name: bytes, nid: int, ftype: int) -> int:
+        """S_IFMT of child `nid`, after checking it matches the dirent and can't form a loop."""
+        child = self._inode(nid)
+        ifmt = stat.S_IFMT(child.mode)
+        if _FT_TO_IFMT[ftype] != ifmt:
+            raise FormatError(
+                f"directory {parent}: entry {name!r} says {_FT_NAMES[_FT_TO_IFMT[ftype]]} but inode {nid} is a {_FT_NAMES[ifmt]}"
+            )
+        if ifmt == stat.S_IFDIR:
+            if nid == parent or nid == self.root_ino:
+                raise FormatError(f"directory {parent}: entry {name!r} points back to directory {nid} (loop)")
+            up = self._dotdot(child)
+            if up != parent:
+                raise FormatError(
+                    f"directory {parent}: subdirectory {name!r} (nid {nid}) has '..' = {up}; "
+                    "a directory must have exactly one parent"
+                )
+        return ifmt
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        d = self._ifmt_inode(parent, stat.S_IFDIR, "directory")
+        if name in (b".", b"..") or not name or len(name) > MAX_NAME or b"/" in name or b"\0" in name:
+            return None
+        hit = self._find(d, name)
+        if hit is None:
+            return None
+        self._check_child(parent, name, hit[0], hit[1])
+        return hit[0]
+
+    def readdir(self, ino: int, offset: int = 0) -> Iterator[DirEntry]:
+        d = self._ifmt_inode(ino, stat.S_IFDIR, "directory")
+        return self._readdir(d, max(0, offset))
+
+    def _readdir(self, d: _Inode, skip: int) -> Iterator[DirEntry]:
+        nblocks = self._block_count(d)
+        prev_last: bytes | None = None
+        saw_dot = saw_dotdot = False
+        complete = skip == 0
+        subdirs: set[int] = set()
+        for b in range(nblocks):
+            ents = self._dir_block(d, b)
+            if prev_last is not None and ents[0][0] <= prev_last:
+                raise FormatError(f"directory {d.nid}: block {b} starts with {ents[0][0]!r}, not after {prev_last!r}")
+            prev_last = ents[-1][0]
+            for name, nid, ftype in ents:
+                if name == b".":
+                    if nid != d.nid or ftype != 2:
+                        raise FormatError(f"directory {d.nid}: '.' points to {nid} (type {ftype})")
+                    saw_dot = True
+                    continue
+                if name == b"..":
+                    self._dotdot(d)
+                    saw_dotdot = True
+                    continue
+                if skip:
+                    skip -= 1
+                    continue
+                ifmt = self._check_child(d.nid, name, nid, ftype)
+                if ifmt == stat.S_IFDIR:
+                    if nid in subdirs:
+                        raise FormatError(f"directory {d.nid}: subdirectory {nid} listed twice")
+                    subdirs.add(nid)
+                yield DirEntry(name, nid, ifmt)
+        if complete and not (saw_dot and saw_dotdot):
+            raise FormatError(f"directory {d.nid} lacks '.' or '..'")
+
+    def walk(self, ino: int | None = None, path: bytes = b"/") -> Iterator[tuple[bytes, int]]:
+        """Depth-first pre-order (path, inode), children in byte order.
+
+        No ancestor set is needed: readdir proves every subdirectory's '..' is the directory
+        listing it (and never the root or itself), so each directory is reached at most once.
+        """
+        start = self.root_ino if ino is None else ino
+        stack: list[tuple[bytes, int]] = [(path, start)]
+        while stack:
+            p, i = stack.pop()
+            yield p, i
+            if not stat.S_ISDIR(self._inode(i).mode):
+                continue
+            base = p if p.endswith(b"/") else p + b"/"
+            kids = list(self.readdir(i))
+            stack.extend((base + e.name, e.ino) for e in reversed(kids))
+
+    def parent(self, ino: int) -> int:
+        d = self._ifmt_inode(ino, stat.S_IFDIR, "directory")
+        return self._dotdot(d)
+
+    def readlink(self, ino: int) -> bytes:
+        i = self._ifmt_inode(ino, stat.S_IFLNK, "symlink")
+        off, length = self._data_block(i, 0)
+        target = self._bytes(off, length, f"symlink {ino} target")
+        if b"\0" in target:
+            raise FormatError(f"symlink {ino}: target contains NUL")
+        return target
+
+    def _xattrs(self, ino: int) -> list[tuple[bytes, int, int]]:
+        """(full name, value offset, value size) of the inline xattrs of `ino`."""
+        i = self._inode(ino)
+        if not i.xattr_size:
+            return []
+        shared = self._bytes(i.xattr_off + 4, 1, f"inode {ino} xattr header")[0]
+        if shared:
+            raise FormatError(f"inode {ino}: {shared} shared xattrs; RAFS v6 supports inline xattrs only")
+        pos, end = i.xattr_off + 12, i.xattr_off + i.xattr_size
+        out = []
+        names: set[bytes] = set()
+        while pos < end:
+            if pos + 4 > end:
+                raise FormatError(f"inode {ino}: truncated xattr entry")
+            nlen, nidx, vsize = _XATTR_ENTRY.unpack_from(self._buf, pos)  # type: ignore[arg-type]
+            total = 4 + nlen + vsize
+            if pos + total > end:
+                raise FormatError(f"inode {ino}: xattr entry of {total} bytes overruns the ibody")
+            prefix = XATTR_PREFIXES.get(nidx)
+            if prefix is None:
+                raise FormatError(f"inode {ino}: unknown xattr name index {nidx}")
+            name = prefix + self._bytes(pos + 4, nlen, "xattr name")
+            if name in names:
+                raise FormatError(f"inode {ino}: duplicate xattr {name!r}")
+            if b"\0" in name:
+                raise FormatError(f"inode {ino}: xattr name contains NUL")
+            names.add(name)
+            out.append((name, pos + 4 + nlen, vsize))
+            pos += _align(total, 4)
+        return out
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return [name for name, _o, _s in self._xattrs(ino)]
+
+    def getxattr(self, ino: int, name: bytes) -> bytes | None:
+        for n, off, size in self._xattrs(ino):
+            if n == name:
+                return self._bytes(off, size, "xattr value")
+        return None
+
+    # ------------------------------------------------------------------ chunks
+
+    def _chunk_index(self) -> tuple[array[int], array[int]]:
+        """Sorted packed keys and record numbers of the chunk table (built once, compact)."""
+        if self._chunk_keys is not None and self._chunk_pos is not None:
+            return self._chunk_keys, self._chunk_pos
+        nblobs = len(self.blobs)
+        packed: list[int] = []
+        mv = memoryview(self._buf)  # type: ignore[arg-type]
+        table = mv[self._ct_off : self._ct_off + self._ct_size]
+        try:
+            for i, (blob_index, uoff, index) in enumerate(_CHUNK_KEY.iter_unpack(table)):
+                if blob_index >= nblobs or blob_index >= 255:
+                    raise FormatError(f"chunk table record {i}: blob index {blob_index} out of range ({nblobs} blobs)")
+                if index >= MAX_CHUNKS_PER_BLOB:
+                    raise FormatError(f"chunk table record {i}: chunk index {index} exceeds 2^24")
+                if uoff % BLOCK or uoff >> 12 >= HOLE_BLKADDR:
+                    raise FormatError(f"chunk table record {i}: uncompressed offset {uoff:#x} is not a 4K block address")
+                packed.append(((blob_index << 56 | index << 32 | uoff >> 12) << 32) | i)
+        finally:
+            table.release()
+            mv.release()
+        packed.sort()
+        keys = array("Q", (p >> 32 for p in packed))
+        pos = array("I", (p & 0xFFFF_FFFF for p in packed))
+        del packed
+        for j in range(1, len(keys)):
+            if keys[j] == keys[j - 1]:
+                raise FormatError(f"chunk table records {pos[j - 1]} and {pos[j]} describe the same chunk")
+        self._chunk_keys, self._chunk_pos = keys, pos
+        return keys, pos
+
+    def chunk_record(self, i: int) -> ChunkInfo:
+        """Record `i` of the bootstrap chunk table (file_offset is the first user's, meaningless in v6)."""
+        if not 0 <= i < self._ct_size // CHUNK_RECORD_SIZE:
+            raise FormatError(f"chunk table record {i} out of range")
+        (digest, blob_index, flags, c_size, u_size, c_off, u_off, f_off, index,
+         crc) = _CHUNK_REC.unpack_from(self._buf, self._ct_off + i * CHUNK_RECORD_SIZE)  # type: ignore[arg-type]  # fmt: skip
+        return ChunkInfo(bytes(digest), blob_index, ChunkFlags(flags), c_off, c_size, u_off, u_size, f_off, index, crc)
+
+    def chunk_table_len(self) -> int:
+        return self._ct_size // CHUNK_RECORD_SIZE
+
+    def check_chunk_table(self) -> int:
+        """Deep O(chunks) check of the chunk table (for `check`): every record valid, strictly
+        sorted by (digest, blob_index+1) as nydus-image writes it, keys unique. Returns the count."""
+        self._chunk_index()
+        prev: tuple[bytes, int] | None = None
+        n = self.chunk_table_len()
+        for i in range(n):
+            rec = self.chunk_record(i)
+            self._check_record(rec, f"chunk table record {i}")
+            key = (rec.digest, rec.blob_index + 1)
+            if prev is not None and key <= prev:
+                raise FormatError(f"chunk table record {i} is out of (digest, blob) order")
+            prev = key
+        return n
+
+    def _check_record(self, rec: ChunkInfo, where: str) -> BlobInfo:
+        if not 0 <= rec.blob_index < len(self.blobs):
+            raise FormatError(f"{where}: blob index {rec.blob_index} out of range")
+        blob = self.blobs[rec.blob_index]
+        if int(rec.flags) & ~CHUNK_FLAGS_KNOWN:
+            raise FormatError(f"{where}: unknown chunk flags {int(rec.flags):#x}")
+        if rec.compressed_size == 0 or not 0 < rec.uncompressed_size <= self.chunk_size:
+            raise FormatError(f"{where}: invalid sizes {rec.compressed_size}/{rec.uncompressed_size}")
+        packed = rec.flags & (ChunkFlags.COMPRESSED | ChunkFlags.BATCH | ChunkFlags.ENCRYPTED)
+        if not packed and rec.compressed_size != rec.uncompressed_size:
+            raise FormatError(f"{where}: uncompressed chunk stored in {rec.compressed_size} bytes, not {rec.uncompressed_size}")
+        if rec.index >= blob.chunk_count:
+            raise FormatError(f"{where}: chunk index {rec.index} >= blob {blob.index} chunk count {blob.chunk_count}")
+        if blob.compressed_size and rec.compressed_offset + rec.compressed_size > blob.compressed_size:
+            raise FormatError(f"{where}: compressed range ends past blob size {blob.compressed_size}")
+        if blob.uncompressed_size and rec.uncompressed_offset + rec.uncompressed_size > blob.uncompressed_size:
+            raise FormatError(f"{where}: uncompressed range ends past blob size {blob.uncompressed_size}")
+        return blob
+
+    def chunks(self, ino: int, offset: int = 0, size: int | None = None) -> list[ChunkInfo]:
+        i = self._ifmt_inode(ino, stat.S_IFREG, "regular file")
+        start = max(0, offset)
+        end = i.size if size is None else min(i.size, start + size)
+        if end <= start or i.layout != EROFS_INODE_CHUNK_BASED:
+            return []
+        cs = self.chunk_size
+        base = _align(i.data_off, 8)
+        out = []
+        for k in range(start // cs, (end - 1) // cs + 1):
+            advise, device_id, blkaddr = _CHUNK_INDEX.unpack_from(self._buf, base + 8 * k)  # type: ignore[arg-type]
+            if blkaddr == HOLE_BLKADDR:
+                continue
+            where = f"inode {ino} chunk {k}"
+            blob_index = (device_id & 0xFF) - 1
+            if not 0 <= blob_index < len(self.blobs):
+                raise FormatError(f"{where}: device id {device_id & 0xFF} names no blob ({len(self.blobs)} blobs)")
+            blob = self.blobs[blob_index]
+            if blob.features & (BlobFeatures.ZRAN | BlobFeatures.BATCH):
+                raise FormatError(f"{where}: blob {blob.blob_id} uses zran/batch chunks, which are not supported")
+            ci_index = ((device_id >> 8) << 16) | advise
+            keys, pos = self._chunk_index()
+            key = blob_index << 56 | ci_index << 32 | blkaddr
+            j = bisect.bisect_left(keys, key)
+            if j >= len(keys) or keys[j] != key:
+                raise FormatError(
+                    f"{where}: (blob {blob_index}, ci_index {ci_index}, blkaddr {blkaddr:#x}) is not in the chunk table"
+                )
+            rec = self.chunk_record(pos[j])
+            self._check_record(rec, f"{where} (chunk table record {pos[j]})")
+            want = min(cs, i.size - k * cs)
+            if rec.uncompressed_size != want:
+                raise FormatError(f"{where}: chunk table says {rec.uncompressed_size} bytes, file needs {want}")
+            out.append(rec._replace(file_offset=k * cs))
+        return out
+
+    def prefetch_table(self) -> list[int]:
+        out = []
+        for k in range(self._pf_size // 4):
+            (nid,) = struct.unpack_from("<I", self._buf, self._pf_off + 4 * k)  # type: ignore[arg-type]
+            if nid == 0:  # padding: nydusd stops at the first 0
+                break
+            self._inode(nid)
+            out.append(nid)
+        return out
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._inode.cache_clear()
+        self._chunk_keys = self._chunk_pos = None
+        close = getattr(self._buf, "close", None)
+        if callable(close):
+            close()
