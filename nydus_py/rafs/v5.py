@@ -43,7 +43,7 @@ Buffer = bytes | bytearray | mmap.mmap | memoryview
 _SUPER = struct.Struct("<IIIIQQQQQIIIIQ")  # the first 80 bytes of the 8192-byte superblock
 _INODE = struct.Struct("<QQIIIIQQQIIIHHIIQ")  # RafsV5Inode after the 32-byte digest
 _CHUNK = struct.Struct("<32sIIIIQQQII")  # RafsV5ChunkInfo, 80 bytes
-_CHUNK_POS = struct.Struct("<IIQQQ")  # uncompressed_size .. file_offset, at +44 of a chunk
+_CHUNK_POS = struct.Struct("<IQQQ")  # uncompressed_size, compressed/uncompressed/file offset at +44
 _EXT_BLOB = struct.Struct("<IIQQ")  # chunk_count, features, uncompressed_size, compressed_size
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -143,7 +143,9 @@ class V5Image(RafsImage):
         if sb_size != RAFS_V5_SUPERBLOCK_SIZE:
             raise FormatError(f"superblock: s_sb_size {sb_size}, expected {RAFS_V5_SUPERBLOCK_SIZE}")
         if block_size & (block_size - 1) or not MIN_CHUNK_SIZE <= block_size <= MAX_CHUNK_SIZE:
-            raise FormatError(f"superblock: chunk size {block_size:#x} is not a power of two in 4 KiB..16 MiB")
+            raise FormatError(
+                f"superblock: chunk size {block_size:#x} is not a power of two in 4 KiB..16 MiB"
+            )
         if flags & ~SUPER_FLAGS_KNOWN:
             raise FormatError(f"superblock: unknown flag bits {flags & ~SUPER_FLAGS_KNOWN:#x} in s_flags")
         if itab_entries == 0:
@@ -208,7 +210,9 @@ class V5Image(RafsImage):
                     buf, self._ext + index * EXT_BLOB_ENTRY_SIZE
                 )
                 if features & BLOB_FEATURES_INVALID or features & ~BLOB_FEATURES_KNOWN:
-                    raise FormatError(f"extended blob table: blob {blob_id} has unknown features {features:#x}")
+                    raise FormatError(
+                        f"extended blob table: blob {blob_id} has unknown features {features:#x}"
+                    )
             blobs.append(
                 BlobInfo(
                     index=index,
@@ -303,8 +307,10 @@ class V5Image(RafsImage):
                     raise FormatError(
                         f"{where}: {child_count} chunks for a {size}-byte file without holes, expected {expected}"
                     )
-        elif ftype == stat.S_IFDIR and child_count and (
-            child_count >= entries or child_index <= ino or child_index + child_count - 1 > entries
+        elif (
+            ftype == stat.S_IFDIR
+            and child_count
+            and (child_count >= entries or child_index <= ino or child_index + child_count - 1 > entries)
         ):
             raise FormatError(
                 f"{where}: children slots {child_index}..+{child_count} are not after the directory "
@@ -360,7 +366,9 @@ class V5Image(RafsImage):
             for slot in range(1, self._entries + 1):
                 off = _U32.unpack_from(buf, itab + 4 * (slot - 1))[0] << 3
                 if off < RAFS_V5_SUPERBLOCK_SIZE or off + INODE_RECORD_SIZE > n:
-                    raise FormatError(f"inode {slot}: record offset {off} is outside the bootstrap ({n} bytes)")
+                    raise FormatError(
+                        f"inode {slot}: record offset {off} is outside the bootstrap ({n} bytes)"
+                    )
                 if _U64.unpack_from(buf, off + 40)[0] == slot:
                     count += 1
             self._unique_inodes = count
@@ -521,14 +529,14 @@ class V5Image(RafsImage):
         lo, hi = 0, rec.child_count
         while lo < hi:
             mid = (lo + hi) // 2
-            usize, _, _, _, foff = _CHUNK_POS.unpack_from(self._buf, base + mid * CHUNK_RECORD_SIZE + 44)
+            usize, _, _, foff = _CHUNK_POS.unpack_from(self._buf, base + mid * CHUNK_RECORD_SIZE + 44)
             if foff + usize <= offset:
                 lo = mid + 1
             else:
                 hi = mid
         prev_end = 0
         if lo > 0:
-            usize, _, _, _, foff = _CHUNK_POS.unpack_from(self._buf, base + (lo - 1) * CHUNK_RECORD_SIZE + 44)
+            usize, _, _, foff = _CHUNK_POS.unpack_from(self._buf, base + (lo - 1) * CHUNK_RECORD_SIZE + 44)
             prev_end = foff + usize
         for i in range(lo, rec.child_count):
             c = self._chunk(rec, i)
@@ -545,6 +553,8 @@ class V5Image(RafsImage):
 
     def prefetch_table(self) -> list[int]:
         self._check_open()
+        if not self._ptab_entries:
+            return []
         inos = list(struct.unpack_from(f"<{self._ptab_entries}I", self._buf, self._ptab))
         for ino in inos:
             if not 1 <= ino <= self._entries:
@@ -561,7 +571,9 @@ class V5Image(RafsImage):
         buf = self._buf
         parts: list[bytes] = []
         if stat.S_ISREG(rec.mode):
-            parts = [bytes(buf[p : p + 32]) for p in range(rec.data_off, rec.data_off + rec.child_count * 80, 80)]
+            parts = [
+                bytes(buf[p : p + 32]) for p in range(rec.data_off, rec.data_off + rec.child_count * 80, 80)
+            ]
         elif stat.S_ISLNK(rec.mode):
             start = rec.off + INODE_RECORD_SIZE + _align8(rec.name_size)
             parts = [bytes(buf[start : start + rec.symlink_size])]

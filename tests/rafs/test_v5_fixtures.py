@@ -39,7 +39,9 @@ def expected(fixtures: Path) -> tuple[list[dict], dict[bytes, str]]:
 
 
 def normalize_expected(node: dict) -> tuple:
-    kids = tuple(sorted(normalize_expected(c) for c in node.get("contents", []) if node["type"] == "directory"))
+    kids = tuple(
+        sorted(normalize_expected(c) for c in node.get("contents", []) if node["type"] == "directory")
+    )
     return (node["type"], node["name"].encode(), node.get("target", "").encode(), kids)
 
 
@@ -199,7 +201,9 @@ def test_same_content_across_both_bootstraps(nydus_fixtures: Path, blobs: LocalB
 
 
 def test_partial_reads_match_whole_file(img: RafsImage, blobs: LocalBlobDir) -> None:
-    ino = paths(img)[b"/normal-file-test/busybox/1f777dbdd68d1c4d554bc0d20e027bfef9ed2dfe2d8d5f029e958552a0e12475/layer.tar"]
+    ino = paths(img)[
+        b"/normal-file-test/busybox/1f777dbdd68d1c4d554bc0d20e027bfef9ed2dfe2d8d5f029e958552a0e12475/layer.tar"
+    ]
     size = img.getattr(ino).size
     whole = read_file_range(blobs, img, ino, 0, size)
     cs = img.chunk_size

@@ -76,8 +76,13 @@ def build(
     flags: int = DEFAULT_FLAGS,
     blob_id: str = "ab" * 32,
     prefetch: list[int] | None = None,
+    extra_blobs: list[str] | None = None,
+    ext_table: bool = True,
 ) -> tuple[bytes, bytes]:
-    """(bootstrap, blob) for the tree under `root` (root.name is ignored and stored as "/")."""
+    """(bootstrap, blob) for the tree under `root` (root.name is ignored and stored as "/").
+
+    All data goes to the first blob; `extra_blobs` only add (empty) blob table entries.
+    """
     slots: list[Node] = [root]
     root.slot, root.parent_slot = 1, 0
 
@@ -114,15 +119,17 @@ def build(
     for n in slots:
         if n.link is not None or not stat.S_ISREG(n.mode):
             continue
-        pieces = n.holes if n.holes is not None else [
-            (o, n.data[o : o + chunk_size]) for o in range(0, len(n.data), chunk_size)
-        ]
-        recs, ids = [], []
+        pieces = (
+            n.holes
+            if n.holes is not None
+            else [(o, n.data[o : o + chunk_size]) for o in range(0, len(n.data), chunk_size)]
+        )
+        recs, digests_ = [], []
         for off, data in pieces:
             r, i = chunk_rec(data, off)
             recs.append(r)
-            ids.append(i)
-        chunk_recs[id(n)], chunk_ids[id(n)] = recs, ids
+            digests_.append(i)
+        chunk_recs[id(n)], chunk_ids[id(n)] = recs, digests_
 
     digests: dict[int, bytes] = {}
 
@@ -146,8 +153,20 @@ def build(
     itab_size = len(_pad(b"\0" * 4 * n_slots))
     prefetch = prefetch or []
     ptab = _pad(struct.pack(f"<{len(prefetch)}I", *prefetch))
-    btab = _pad(struct.pack("<II", 0, 0) + blob_id.encode())
-    ext = struct.pack("<IIQQ", len(blob) and 1, 0, len(blob), len(blob)) + b"\0" * 40
+    ids: list[str] = [blob_id, *(extra_blobs or [])]
+    btab = _pad(b"\0".join(struct.pack("<II", 512 * i, 4096 * i) + bid.encode() for i, bid in enumerate(ids)))
+    nchunks = sum(len(r) for r in chunk_recs.values())
+    ext = (
+        b"".join(
+            struct.pack(
+                "<IIQQ", nchunks if i == 0 else 0, 0, len(blob) if i == 0 else 0, len(blob) if i == 0 else 0
+            )
+            + b"\0" * 40
+            for i in range(len(ids))
+        )
+        if ext_table
+        else b""
+    )
     itab_off = SB
     ptab_off = itab_off + itab_size
     btab_off = ptab_off + len(ptab)
@@ -166,9 +185,7 @@ def build(
             tail += _pad(p.target)
         if p.xattrs:
             iflags |= V5_INODE_XATTR
-            body = b"".join(
-                struct.pack("<I", len(k) + 1 + len(v)) + k + b"\0" + v for k, v in p.xattrs
-            )
+            body = b"".join(struct.pack("<I", len(k) + 1 + len(v)) + k + b"\0" + v for k, v in p.xattrs)
             tail += _pad(struct.pack("<Q", len(body)) + body)
         count = 0
         size = 0
@@ -223,8 +240,8 @@ def build(
         n_slots,
         len(prefetch),
         len(btab),
-        1,
-        ext_off,
+        len(ids) if ext_table else 0,
+        ext_off if ext_table else 0,
     )
     out = bytearray(sb.ljust(SB, b"\0"))
     out += _pad(struct.pack(f"<{n_slots}I", *table))
