@@ -207,7 +207,7 @@ def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: b
                     if c.file_offset + c.uncompressed_size > a.size + image.chunk_size:
                         raise FormatError(f"{path!r}: chunk at file offset {c.file_offset} beyond size {a.size}")
                 node.data = ChunkedData(size=a.size, chunks=chunks, blobs=blobs)
-        elif fmt not in (stat.S_IFIFO, stat.S_IFSOCK):
+        elif fmt not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise FormatError(f"{path!r}: unknown file type {fmt:o}")
         return node
 

@@ -1,0 +1,331 @@
+"""`nydus-image-py`: build, merge, check, inspect and unpack RAFS images (peer of `nydus-image`).
+
+Every bad input (corrupt image, hostile tar, missing file) ends as one line on stderr and exit
+code 1; argparse usage errors exit 2.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import stat
+import sys
+import tempfile
+
+from ..builder.options import BuildOptions, BuildResult
+from ..builder.sources import SourceStats, detect_compression, tree_from_directory, tree_from_tar
+from ..builder.tree import Inode
+from ..rafs.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Compressor, Digester
+from ..rafs.errors import FormatError
+
+PROG = "nydus-image-py"
+SOURCE_TYPES = ("dir-rafs", "tar-rafs", "targz-rafs")
+
+
+def _chunk_size(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid chunk size {text!r}") from None
+    if not MIN_CHUNK_SIZE <= value <= MAX_CHUNK_SIZE or value & (value - 1):
+        raise argparse.ArgumentTypeError(
+            f"chunk size {text} must be a power of two in [{MIN_CHUNK_SIZE:#x}, {MAX_CHUNK_SIZE:#x}]"
+        )
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Build and inspect RAFS (Nydus) images.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("create", help="build a bootstrap and a data blob from directories or layer tars")
+    c.add_argument("sources", nargs="+", metavar="SOURCE", help="directory or tar(.gz); several = layers, lowest first")
+    c.add_argument("--bootstrap", "-B", required=True, help="bootstrap file to write")
+    c.add_argument("--blob-dir", "-D", required=True, help="directory for the data blob (named by blob id)")
+    c.add_argument("--fs-version", type=int, choices=(5, 6), default=6)
+    c.add_argument("--compressor", choices=("zstd", "lz4_block", "none", "gzip"), default="zstd")
+    c.add_argument("--digester", choices=("blake3", "sha256"), default="blake3")
+    c.add_argument("--chunk-size", type=_chunk_size, default=0x100000)
+    c.add_argument("--type", "-t", choices=SOURCE_TYPES, help="source type (default: detected per source)")
+    c.add_argument("--repeatable", action="store_true", help="do not record uid/gid explicitly")
+    c.add_argument("--blob-id", help="name the new blob instead of using its sha256")
+    c.add_argument("--prefetch-files", metavar="FILE", help="file listing absolute paths to prefetch, one per line")
+    c.add_argument("--whiteout-spec", choices=("oci", "overlayfs", "none"), default="oci")
+    c.add_argument("--parent-bootstrap", metavar="BOOTSTRAP", help="lowest layer: an existing bootstrap (data reused)")
+    c.add_argument("--output-json", metavar="FILE", help="write the build result as JSON")
+
+    m = sub.add_parser("merge", help="merge layer bootstraps (lowest first) into one image bootstrap")
+    m.add_argument("bootstraps", nargs="+", metavar="BOOTSTRAP")
+    m.add_argument("--bootstrap", "-B", required=True, help="merged bootstrap to write")
+    m.add_argument("--blob-dir", "-D", help="where the layer blobs are (checked to exist)")
+    m.add_argument("--fs-version", type=int, choices=(5, 6), help="default: the layers' version")
+    m.add_argument("--whiteout-spec", choices=("oci", "overlayfs", "none"), default="oci")
+    m.add_argument("--output-json", metavar="FILE", help="write the build result as JSON")
+
+    k = sub.add_parser("check", help="validate a bootstrap and (with --blob-dir) every chunk")
+    k.add_argument("--bootstrap", "-B", required=True)
+    k.add_argument("--blob-dir", "-D")
+    k.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    i = sub.add_parser("inspect", help="print the tree and parameters of a bootstrap")
+    i.add_argument("--bootstrap", "-B", required=True)
+    i.add_argument("--json", action="store_true")
+    i.add_argument("--stats-only", action="store_true", help="omit the per-file tree")
+
+    u = sub.add_parser("unpack", help="write the image as a tar")
+    u.add_argument("--bootstrap", "-B", required=True)
+    u.add_argument("--blob-dir", "-D", required=True)
+    u.add_argument("--output", "-o", required=True, help="tar file to write ('-' for stdout)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def _source_tree(path: str, kind: str | None, stats: SourceStats) -> Inode:
+    is_dir = os.path.isdir(path)
+    if kind is None:
+        kind = "dir-rafs" if is_dir else "tar-rafs"
+    if kind == "dir-rafs":
+        if not is_dir:
+            raise ValueError(f"{path}: --type dir-rafs needs a directory")
+        return tree_from_directory(path, stats)
+    if is_dir:
+        raise ValueError(f"{path}: --type {kind} needs a tar file, got a directory")
+    if kind == "targz-rafs":
+        with open(path, "rb") as f:
+            if detect_compression(f.read(4)) != "gzip":
+                raise FormatError(f"{path}: --type targz-rafs but the file is not gzip-compressed")
+    return tree_from_tar(path, stats)
+
+
+def _prefetch_paths(list_file: str, root: Inode) -> list[bytes]:
+    out: list[bytes] = []
+    with open(list_file, "rb") as f:
+        for line in f:
+            p = line.strip()
+            if not p or p.startswith(b"#"):
+                continue
+            if not p.startswith(b"/"):
+                p = b"/" + p
+            p = b"/" + b"/".join(c for c in p.split(b"/") if c and c != b".")
+            if _lookup(root, p) is None:
+                print(f"{PROG}: warning: prefetch path {p.decode('utf-8', 'replace')} is not in the image; ignored", file=sys.stderr)
+                continue
+            out.append(p)
+    return out
+
+
+def _lookup(root: Inode, path: bytes) -> Inode | None:
+    node: Inode | None = root
+    for comp in path.split(b"/"):
+        if not comp:
+            continue
+        if node is None or node.children is None:
+            return None
+        node = node.children.get(comp)
+    return node
+
+
+def _write_result(result: BuildResult, output_json: str | None) -> None:
+    print(f"bootstrap: {result.bootstrap_path}")
+    print(f"blob: {result.blob_id or '(none: no new data)'}")
+    print(f"blobs: {', '.join(result.blob_ids) or '(none)'}")
+    print(
+        f"inodes: {result.inodes}  chunks: {result.chunks}  deduplicated: {result.deduplicated}  "
+        f"bytes: {result.uncompressed_bytes} -> {result.compressed_bytes}"
+    )
+    if output_json:
+        with open(output_json, "w") as f:
+            json.dump(dataclasses.asdict(result), f, indent=2)
+
+
+def cmd_create(a: argparse.Namespace) -> int:
+    from ..builder.build import build_image
+    from ..builder.merge import merge_layers, tree_from_image
+
+    stats = SourceStats()
+    layers = [_source_tree(s, a.type, stats) for s in a.sources]
+    parent = None
+    if a.parent_bootstrap:
+        from ..rafs import open_bootstrap
+
+        parent = open_bootstrap(a.parent_bootstrap)
+        layers.insert(0, tree_from_image(parent, a.blob_dir))
+    try:
+        root = layers[0] if len(layers) == 1 else merge_layers(layers, a.whiteout_spec)
+        opts = BuildOptions(
+            fs_version=a.fs_version,
+            compressor=Compressor.from_name(a.compressor),
+            digester=Digester.from_name(a.digester),
+            chunk_size=a.chunk_size,
+            repeatable=a.repeatable,
+            blob_id=a.blob_id,
+        )
+        if a.prefetch_files:
+            opts.prefetch_paths = _prefetch_paths(a.prefetch_files, root)
+        os.makedirs(a.blob_dir, exist_ok=True)
+        result = build_image(root, a.bootstrap, a.blob_dir, opts)
+    finally:
+        if parent is not None:
+            parent.close()
+    if stats.skipped_xattrs:
+        names = ", ".join(sorted(n.decode("utf-8", "replace") for n in stats.skipped_xattr_names))
+        print(f"{PROG}: warning: skipped {stats.skipped_xattrs} xattrs RAFS cannot store ({names})", file=sys.stderr)
+    _write_result(result, a.output_json)
+    return 0
+
+
+def cmd_merge(a: argparse.Namespace) -> int:
+    from ..builder.build import build_image
+    from ..builder.merge import merge_layers, tree_from_image
+    from ..rafs import open_bootstrap
+
+    images = []
+    try:
+        for path in a.bootstraps:
+            images.append(open_bootstrap(path))
+        layers = [tree_from_image(img, a.blob_dir) for img in images]
+        root = merge_layers(layers, a.whiteout_spec)
+        top = images[-1]
+        opts = BuildOptions(
+            fs_version=a.fs_version or max(img.version for img in images),
+            compressor=top.compressor,
+            digester=top.digester,
+            chunk_size=max(img.chunk_size for img in images),
+        )
+        if a.blob_dir:
+            result = build_image(root, a.bootstrap, a.blob_dir, opts)
+        else:
+            with tempfile.TemporaryDirectory(prefix="nydus-merge-") as tmp:
+                result = build_image(root, a.bootstrap, tmp, opts)
+                if result.blob_id is not None:
+                    raise ValueError("merge had to write new blob data; pass --blob-dir")
+    finally:
+        for img in images:
+            img.close()
+    _write_result(result, a.output_json)
+    return 0
+
+
+def cmd_check(a: argparse.Namespace) -> int:
+    from ..builder.check import check_image
+    from ..rafs import open_bootstrap
+
+    with open_bootstrap(a.bootstrap) as img:
+        report = check_image(img, a.blob_dir)
+        version = img.version
+    if a.json:
+        print(json.dumps({"bootstrap": a.bootstrap, "version": version, **report.as_dict()}, indent=2))
+    else:
+        for err in report.errors:
+            print(f"{PROG}: {a.bootstrap}: {err}", file=sys.stderr)
+        if report.error_count > len(report.errors):
+            print(f"{PROG}: ... and {report.error_count - len(report.errors)} more problems", file=sys.stderr)
+        verified = f", {report.chunks_verified} chunks verified" if a.blob_dir else ""
+        print(
+            f"RAFS v{version}: {report.inodes} inodes ({report.files} files, {report.dirs} dirs, "
+            f"{report.symlinks} symlinks, {report.others} other), {report.chunk_refs} chunk refs{verified}: "
+            + ("OK" if report.ok else f"{report.error_count} problem(s)")
+        )
+    return 0 if report.ok else 1
+
+
+def _mode_str(kind: str, mode: int) -> str:
+    ch = {"dir": "d", "symlink": "l", "chardev": "c", "blockdev": "b", "fifo": "p", "socket": "s"}.get(kind, "-")
+    return ch + stat.filemode(mode)[1:]
+
+
+def cmd_inspect(a: argparse.Namespace) -> int:
+    from ..builder.check import describe_image
+    from ..rafs import open_bootstrap
+
+    with open_bootstrap(a.bootstrap) as img:
+        info = describe_image(img, with_tree=not a.stats_only)
+    if a.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(
+        f"RAFS v{info['version']}  compressor {info['compressor']}  digester {info['digester']}  "
+        f"chunk size {info['chunk_size']:#x}  flags {info['flags']:#x}"
+    )
+    for b in info["blobs"]:
+        print(
+            f"blob {b['index']}: {b['blob_id']}  {b['compressor']}/{b['digester']}  chunks {b['chunk_count']}  "
+            f"compressed {b['compressed_size']}  uncompressed {b['uncompressed_size']}  features {b['features']:#x}"
+        )
+    s = info["stats"]
+    print(
+        f"inodes {s['inodes']}  files {s['files']}  dirs {s['dirs']}  symlinks {s['symlinks']}  "
+        f"hardlinks {s['hardlinks']}  other {s['others']}  total size {s['total_size']}  chunks {s['chunks']}"
+    )
+    for e in info.get("tree", []):
+        extra = f" -> {e['target']}" if "target" in e else ""
+        if "rdev" in e:
+            extra = f" {e['rdev'][0]},{e['rdev'][1]}"
+        print(
+            f"{_mode_str(e['type'], e['mode'])} {e['uid']:>5} {e['gid']:>5} {e['size']:>10} "
+            f"{e['chunks']:>4}c  {e['path']}{extra}"
+        )
+    return 0
+
+
+def cmd_unpack(a: argparse.Namespace) -> int:
+    from ..builder.export import write_tar
+    from ..builder.merge import tree_from_image
+    from ..rafs import open_bootstrap
+
+    with open_bootstrap(a.bootstrap) as img:
+        root = tree_from_image(img, a.blob_dir, rewrite=True)
+        if a.output == "-":
+            stats = write_tar(root, sys.stdout.buffer)
+        else:
+            out_dir = os.path.dirname(os.path.abspath(a.output))
+            fd, tmp = tempfile.mkstemp(prefix=".unpack-", dir=out_dir)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    stats = write_tar(root, f)
+                os.replace(tmp, a.output)
+            except BaseException:
+                os.unlink(tmp)
+                raise
+    for p in stats.skipped:
+        print(f"{PROG}: warning: {p.decode('utf-8', 'replace')}: socket not representable in tar, skipped", file=sys.stderr)
+    if a.output != "-":
+        print(f"wrote {stats.entries} entries ({stats.data_bytes} bytes of file data) to {a.output}")
+    return 0
+
+
+COMMANDS = {
+    "create": cmd_create,
+    "merge": cmd_merge,
+    "check": cmd_check,
+    "inspect": cmd_inspect,
+    "unpack": cmd_unpack,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format=f"{PROG}: %(levelname)s: %(message)s"
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except (FormatError, ValueError, OSError) as e:
+        print(f"{PROG}: error: {_describe(e)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{os.fsdecode(e.filename)}: {e.strerror}"
+    return str(e) or type(e).__name__
+
+
+if __name__ == "__main__":
+    sys.exit(main())
