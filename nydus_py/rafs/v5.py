@@ -236,15 +236,22 @@ class V5Image(RafsImage):
         if self._closed:
             raise FormatError("v5 image is closed")
 
-    def _record(self, slot: int) -> _Rec:
-        """The validated record of inode-table slot `slot` (== inode number unless a hard link)."""
+    def _record_offset(self, slot: int) -> int:
+        """Where slot `slot`'s 128-byte record starts, checked to lie inside the buffer."""
         self._check_open()
         if not 1 <= slot <= self._entries:
             raise FormatError(f"inode {slot}: not in the inode table (1..{self._entries})")
+        off = _U32.unpack_from(self._buf, self._itab + 4 * (slot - 1))[0] << 3
+        if off < RAFS_V5_SUPERBLOCK_SIZE or off + INODE_RECORD_SIZE > self._len:
+            raise FormatError(
+                f"inode {slot}: record offset {off} is outside the bootstrap ({self._len} bytes)"
+            )
+        return off
+
+    def _record(self, slot: int) -> _Rec:
+        """The validated record of inode-table slot `slot` (== inode number unless a hard link)."""
+        off = self._record_offset(slot)
         buf, n, entries = self._buf, self._len, self._entries
-        off = _U32.unpack_from(buf, self._itab + 4 * (slot - 1))[0] << 3
-        if off < RAFS_V5_SUPERBLOCK_SIZE or off + INODE_RECORD_SIZE > n:
-            raise FormatError(f"inode {slot}: record offset {off} is outside the bootstrap ({n} bytes)")
         (
             parent,
             ino,
@@ -360,18 +367,11 @@ class V5Image(RafsImage):
     def inode_count(self) -> int:
         """Distinct inodes: slots whose record carries their own number (hard links count once)."""
         if self._unique_inodes is None:
-            self._check_open()
-            buf, n, itab = self._buf, self._len, self._itab
-            count = 0
-            for slot in range(1, self._entries + 1):
-                off = _U32.unpack_from(buf, itab + 4 * (slot - 1))[0] << 3
-                if off < RAFS_V5_SUPERBLOCK_SIZE or off + INODE_RECORD_SIZE > n:
-                    raise FormatError(
-                        f"inode {slot}: record offset {off} is outside the bootstrap ({n} bytes)"
-                    )
-                if _U64.unpack_from(buf, off + 40)[0] == slot:
-                    count += 1
-            self._unique_inodes = count
+            self._unique_inodes = sum(
+                1
+                for slot in range(1, self._entries + 1)
+                if _U64.unpack_from(self._buf, self._record_offset(slot) + 40)[0] == slot
+            )
         return self._unique_inodes
 
     @property
@@ -445,6 +445,9 @@ class V5Image(RafsImage):
         rec = self._inode(ino)
         if not stat.S_ISLNK(rec.mode):
             raise FormatError(f"inode {ino}: not a symlink (mode {rec.mode:o})")
+        return self._target(rec)
+
+    def _target(self, rec: _Rec) -> bytes:
         start = rec.off + INODE_RECORD_SIZE + _align8(rec.name_size)
         return bytes(self._buf[start : start + rec.symlink_size])
 
@@ -500,6 +503,11 @@ class V5Image(RafsImage):
             raise FormatError(f"{where} has implausible compressed size {csize}")
         return ChunkInfo(digest, blob_index, ChunkFlags(flags), coff, csize, uoff, usize, foff, index, crc)
 
+    def _chunk_end(self, rec: _Rec, i: int) -> int:
+        """file_offset + uncompressed_size of chunk `i`, without decoding the whole record."""
+        usize, _, _, foff = _CHUNK_POS.unpack_from(self._buf, rec.data_off + i * CHUNK_RECORD_SIZE + 44)
+        return int(foff + usize)
+
     def _file(self, ino: int) -> _Rec:
         rec = self._inode(ino)
         if not stat.S_ISREG(rec.mode):
@@ -525,19 +533,14 @@ class V5Image(RafsImage):
                 out.append(c)
             return out
         # HAS_HOLE: chunks are sorted by file_offset and do not overlap; bisect on their ends.
-        base = rec.data_off
         lo, hi = 0, rec.child_count
         while lo < hi:
             mid = (lo + hi) // 2
-            usize, _, _, foff = _CHUNK_POS.unpack_from(self._buf, base + mid * CHUNK_RECORD_SIZE + 44)
-            if foff + usize <= offset:
+            if self._chunk_end(rec, mid) <= offset:
                 lo = mid + 1
             else:
                 hi = mid
-        prev_end = 0
-        if lo > 0:
-            usize, _, _, foff = _CHUNK_POS.unpack_from(self._buf, base + (lo - 1) * CHUNK_RECORD_SIZE + 44)
-            prev_end = foff + usize
+        prev_end = self._chunk_end(rec, lo - 1) if lo > 0 else 0
         for i in range(lo, rec.child_count):
             c = self._chunk(rec, i)
             if c.file_offset < prev_end:
@@ -575,8 +578,7 @@ class V5Image(RafsImage):
                 bytes(buf[p : p + 32]) for p in range(rec.data_off, rec.data_off + rec.child_count * 80, 80)
             ]
         elif stat.S_ISLNK(rec.mode):
-            start = rec.off + INODE_RECORD_SIZE + _align8(rec.name_size)
-            parts = [bytes(buf[start : start + rec.symlink_size])]
+            parts = [self._target(rec)]
         elif stat.S_ISDIR(rec.mode):
             for i in range(rec.child_count):
                 child, _ = self._child(rec, i)
