@@ -205,8 +205,9 @@ OUT_HEADER = struct.Struct("<IiQ")
 
 # --- attributes and entries ------------------------------------------------------------------
 # ino, size, blocks, atime, mtime, ctime, atimensec, mtimensec, ctimensec,
-# mode, nlink, uid, gid, rdev, blksize, flags
-ATTR_FMT = "QQQQQQIIIIIIIIII"
+# mode, nlink, uid, gid, rdev, blksize, flags. The header says u64 for the times but the kernel
+# stores them in a time64_t, so they are packed signed: pre-1970 times survive.
+ATTR_FMT = "QQQqqqIIIIIIIIII"
 ATTR = struct.Struct("<" + ATTR_FMT)
 # nodeid, generation, entry_valid, attr_valid, entry_valid_nsec, attr_valid_nsec, attr
 ENTRY_OUT = struct.Struct("<QQQQII" + ATTR_FMT)

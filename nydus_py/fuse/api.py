@@ -29,8 +29,8 @@ class FuseError(OSError):
 class FuseAttr(NamedTuple):
     """struct fuse_attr, fields in wire order (so the handler packs it with one call).
 
-    `mode` includes the S_IFMT type bits; times are seconds + nanoseconds; `blocks` counts
-    512-byte units; `flags` is FUSE_ATTR_* (0 for nearly everything).
+    `mode` includes the S_IFMT type bits; times are seconds (may be negative) + nanoseconds;
+    `blocks` counts 512-byte units; `flags` is FUSE_ATTR_* (0 for nearly everything).
     """
 
     ino: int = 0

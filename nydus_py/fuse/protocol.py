@@ -117,6 +117,8 @@ _LSEEK_REPLY = struct.Struct("<IiQQ")
 _FH = struct.Struct("<Q")  # the fh that starts read/release/flush/lseek in-args
 _READ_HEAD = struct.Struct("<QQI")  # fh, offset, size of fuse_read_in
 _U32 = struct.Struct("<I")
+_U32X2 = struct.Struct("<II")
+_LSEEK_IN = struct.Struct("<QqI")  # fh, offset (signed loff_t), whence
 _ENTRY_SIZE = _ENTRY_REPLY.size
 _ATTR_SIZE = _ATTR_REPLY.size
 _DIRENT_SIZE = DIRENT.size
@@ -327,7 +329,7 @@ class FuseSession:
 
     # -- session --------------------------------------------------------------------------------
     def _init(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
-        major, minor = struct.unpack_from("<II", body)
+        major, minor = _U32X2.unpack_from(body)
         if major > KERNEL_VERSION:
             # Tell the kernel our major; it resends INIT with it (fuse.h version negotiation).
             return _OUT(16 + INIT_OUT.size, 0, unique) + INIT_OUT.pack(
@@ -464,7 +466,7 @@ class FuseSession:
         return _OUT(16, 0, unique)
 
     def _lseek(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
-        fh, offset, whence = struct.unpack_from("<QqI", body)
+        fh, offset, whence = _LSEEK_IN.unpack_from(body)
         pos = self.fs.lseek(nodeid, fh, offset, whence)
         return _LSEEK_REPLY.pack(_LSEEK_REPLY.size, 0, unique, pos)
 

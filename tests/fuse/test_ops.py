@@ -9,7 +9,7 @@ import struct
 import pytest
 
 from nydus_py.fuse.abi import InitFlags
-from nydus_py.fuse.api import DEFAULT_WANT, Filesystem
+from nydus_py.fuse.api import DEFAULT_WANT, Filesystem, FuseAttr
 from nydus_py.fuse.protocol import FuseSession, notify_delete, notify_inval_entry, notify_inval_inode
 
 from . import kernel as K
@@ -81,6 +81,18 @@ def test_getattr(k: Kernel) -> None:
     assert (o["attr_valid"], o["attr_valid_nsec"]) == (2, 500_000_000)
     assert o["attr"]["ino"] == 3 and o["attr"]["mode"] == stat.S_IFDIR | 0o755 and o["attr"]["nlink"] == 2
     assert k.getattr(1234)[0] == errno.ENOENT
+
+
+def test_getattr_pre_1970_times() -> None:
+    class Old(MemFS):
+        def getattr(self, ino: int) -> tuple[FuseAttr, float]:
+            return self.attr(ino)._replace(atime=-1, mtime=-86400, ctime=0), 1.0
+
+    k = Kernel(FuseSession(Old()))
+    k.init(45)
+    err, p = k.getattr(2)
+    assert err == 0
+    assert struct.unpack_from("<qqq", p, 16 + 24) == (-1, -86400, 0)
 
 
 def test_readlink(k: Kernel) -> None:
