@@ -575,7 +575,10 @@ class V5Image(RafsImage):
         parts: list[bytes] = []
         if stat.S_ISREG(rec.mode):
             parts = [
-                bytes(buf[p : p + 32]) for p in range(rec.data_off, rec.data_off + rec.child_count * 80, 80)
+                bytes(buf[p : p + 32])
+                for p in range(
+                    rec.data_off, rec.data_off + rec.child_count * CHUNK_RECORD_SIZE, CHUNK_RECORD_SIZE
+                )
             ]
         elif stat.S_ISLNK(rec.mode):
             parts = [self._target(rec)]
