@@ -10,8 +10,9 @@ from ..rafs.model import BlobInfo
 class LocalBlobDir:
     """Reads blob ranges with pread from `<dir>/<blob_id>`; fds are opened once and shared."""
 
-    def __init__(self, blob_dir: str) -> None:
+    def __init__(self, blob_dir: str, alt_dirs: list[str] | None = None) -> None:
         self.blob_dir = blob_dir
+        self.search = [blob_dir, *(alt_dirs or [])]
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
 
@@ -27,14 +28,21 @@ class LocalBlobDir:
         with self._lock:
             fd = self._fds.get(blob_id)
             if fd is None:
-                try:
-                    fd = os.open(self.path(blob_id), os.O_RDONLY | os.O_CLOEXEC)
-                except FileNotFoundError:
-                    raise FormatError(f"blob {blob_id} not found in {self.blob_dir}") from None
+                self.path(blob_id)
+                for d in self.search:
+                    try:
+                        fd = os.open(os.path.join(d, blob_id), os.O_RDONLY | os.O_CLOEXEC)
+                        break
+                    except FileNotFoundError:
+                        continue
+                else:
+                    raise FormatError(f"blob {blob_id} not found in {', '.join(self.search)}")
                 self._fds[blob_id] = fd
             return fd
 
     def read(self, blob: BlobInfo, offset: int, size: int) -> bytes:
+        if not (0 <= offset < 1 << 62 and 0 <= size < 1 << 31):
+            raise FormatError(f"blob {blob.blob_id}: impossible read of {size} bytes at offset {offset}")
         fd = self._fd(blob.blob_id)
         data = os.pread(fd, size, offset)
         if len(data) != size:
@@ -48,3 +56,21 @@ class LocalBlobDir:
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+
+
+class SingleBlobFile(LocalBlobDir):
+    """localfs `blob_file`: every blob id resolves to one fixed file."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(os.path.dirname(path) or ".")
+        self.file = path
+
+    def _fd(self, blob_id: str) -> int:
+        fd = self._fds.get("")
+        if fd is None:
+            with self._lock:
+                fd = self._fds.get("")
+                if fd is None:
+                    fd = os.open(self.file, os.O_RDONLY | os.O_CLOEXEC)
+                    self._fds[""] = fd
+        return fd

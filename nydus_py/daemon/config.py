@@ -1,0 +1,108 @@
+"""nydusd's RAFS configuration (v1 JSON, as nydus-snapshotter and Kata write it).
+
+Only what this daemon acts on is modelled; unknown keys are accepted and ignored like nydusd
+does (the snapshotter always sends some), wrong types are a ConfigError naming the key.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """The configuration is not valid nydusd JSON."""
+
+
+@dataclass
+class BackendConfig:
+    type: str
+    config: dict[str, Any]
+
+
+@dataclass
+class CacheConfig:
+    type: str = ""
+    compressed: bool = False
+    validate: bool = False
+    work_dir: str = "."
+
+
+@dataclass
+class RafsConfig:
+    backend: BackendConfig
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    device_id: str = ""
+    mode: str = "direct"
+    digest_validate: bool = False
+    enable_xattr: bool = False
+    iostats_files: bool = False
+    amplify_io: int = 1 << 20
+    entry_timeout: float = 86400.0
+    attr_timeout: float = 86400.0
+    prefetch_enable: bool = False
+    prefetch_threads: int = 8
+    prefetch_all: bool = False
+
+
+def _get(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], default: Any, where: str) -> Any:
+    if key not in obj or obj[key] is None:
+        return default
+    value = obj[key]
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise ConfigError(f"{where}{key}: expected {getattr(typ, '__name__', typ)}, got {type(value).__name__}")
+    return value
+
+
+def parse_config(text: str | bytes) -> RafsConfig:
+    """Parse nydusd v1 JSON; ConfigError with the offending key on anything invalid."""
+    try:
+        raw = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"invalid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError("configuration must be a JSON object")
+    device = _get(raw, "device", dict, None, "")
+    if device is None:
+        raise ConfigError("device: missing")
+    backend = _get(device, "backend", dict, None, "device.")
+    if backend is None:
+        raise ConfigError("device.backend: missing")
+    btype = _get(backend, "type", str, None, "device.backend.")
+    if not btype:
+        raise ConfigError("device.backend.type: missing")
+    if btype not in ("localfs", "registry"):
+        raise ConfigError(f"device.backend.type: unsupported backend {btype!r} (localfs, registry)")
+    bconf = _get(backend, "config", dict, None, "device.backend.")
+    if bconf is None:
+        raise ConfigError("device.backend.config: missing")
+    if btype == "localfs" and not (bconf.get("dir") or bconf.get("blob_file")):
+        raise ConfigError("device.backend.config: localfs needs 'dir' or 'blob_file'")
+    cache_raw = _get(device, "cache", dict, {}, "device.")
+    cache_conf = _get(cache_raw, "config", dict, {}, "device.cache.")
+    cache = CacheConfig(
+        type=_get(cache_raw, "type", str, "", "device.cache."),
+        compressed=_get(cache_raw, "compressed", bool, False, "device.cache."),
+        validate=_get(cache_raw, "validate", bool, False, "device.cache."),
+        work_dir=_get(cache_conf, "work_dir", str, ".", "device.cache.config."),
+    )
+    mode = _get(raw, "mode", str, "direct", "")
+    if mode not in ("direct", "cached"):
+        raise ConfigError(f"mode: expected 'direct' or 'cached', got {mode!r}")
+    prefetch = _get(raw, "fs_prefetch", dict, None, "")
+    cfg = RafsConfig(
+        backend=BackendConfig(btype, bconf),
+        cache=cache,
+        device_id=_get(device, "id", str, "", "device."),
+        mode=mode,
+        digest_validate=_get(raw, "digest_validate", bool, False, ""),
+        enable_xattr=_get(raw, "enable_xattr", bool, False, ""),
+        iostats_files=_get(raw, "iostats_files", bool, False, ""),
+        amplify_io=_get(raw, "amplify_io", int, 1 << 20, ""),
+        entry_timeout=float(_get(raw, "entry_timeout", (int, float), 86400.0, "")),
+        attr_timeout=float(_get(raw, "attr_timeout", (int, float), 86400.0, "")),
+    )
+    if prefetch is not None:
+        cfg.prefetch_enable = _get(prefetch, "enable", bool, False, "fs_prefetch.")
+        cfg.prefetch_threads = _get(prefetch, "threads_count", int, 8, "fs_prefetch.")
+        cfg.prefetch_all = _get(prefetch, "prefetch_all", bool, True, "fs_prefetch.")
+    return cfg

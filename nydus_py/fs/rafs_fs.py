@@ -1,0 +1,201 @@
+"""A RAFS image as a FUSE filesystem: the one request handler behind /dev/fuse and virtio-fs.
+
+Everything is answered from the mmap'd bootstrap on demand (no per-inode state), with long
+entry/attr timeouts and KEEP_CACHE/CACHE_DIR because the tree never changes. Data goes through a
+BlobDevice, so a damaged chunk is EIO and never wrong bytes.
+"""
+
+import errno
+import logging
+import os
+import stat
+
+from ..fuse.api import Entry, Filesystem, FuseAttr, FuseError, StatFs
+from ..fuse.abi import FOpenFlags
+from ..rafs.errors import FormatError
+from ..rafs.model import Attr, RafsImage
+from ..storage.device import BlobDevice
+
+log = logging.getLogger(__name__)
+
+FUSE_ROOT_ID = 1
+SEEK_DATA = 3
+SEEK_HOLE = 4
+# readdir cookies: 1 = ".", 2 = "..", 3 + i = after child i
+_DOT, _DOTDOT, _FIRST_CHILD = 1, 2, 3
+
+
+class RafsFilesystem(Filesystem):
+    def __init__(self, image: RafsImage, device: BlobDevice, *, entry_timeout: float = 86400.0,
+                 attr_timeout: float = 86400.0, enable_xattr: bool = True) -> None:
+        self.image = image
+        self.device = device
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.xattrs = enable_xattr and image.has_xattrs
+        self.root = image.root_ino
+
+    # -- inode numbers: the kernel's root is 1, the image's may be a v6 nid ------------------------
+    def _img(self, ino: int) -> int:
+        return self.root if ino == FUSE_ROOT_ID else ino
+
+    def _fuse(self, ino: int) -> int:
+        if ino == self.root:
+            return FUSE_ROOT_ID
+        if ino == FUSE_ROOT_ID:
+            raise FuseError(errno.EIO, "image inode 1 is not the root and cannot be exported")
+        return ino
+
+    def _attr(self, a: Attr) -> FuseAttr:
+        return FuseAttr(
+            ino=self._fuse(a.ino), size=a.size, blocks=a.blocks, atime=a.mtime, mtime=a.mtime, ctime=a.mtime,
+            atime_nsec=a.mtime_nsec, mtime_nsec=a.mtime_nsec, ctime_nsec=a.mtime_nsec, mode=a.mode,
+            nlink=a.nlink, uid=a.uid, gid=a.gid, rdev=a.rdev, blksize=4096,
+        )
+
+    def _getattr(self, ino: int) -> Attr:
+        try:
+            return self.image.getattr(ino)
+        except FormatError as e:
+            log.error("inode %d: %s", ino, e)
+            raise FuseError(errno.EIO) from None
+
+    def _entry(self, ino: int) -> Entry:
+        return Entry(self._fuse(ino), 0, self._attr(self._getattr(ino)), self.entry_timeout, self.attr_timeout)
+
+    # -- metadata ----------------------------------------------------------------------------------
+    def lookup(self, parent: int, name: bytes) -> Entry:
+        p = self._img(parent)
+        try:
+            if name == b".":
+                return self._entry(p)
+            if name == b"..":
+                return self._entry(self.image.parent(p))
+            if not stat.S_ISDIR(self.image.getattr(p).mode):
+                raise FuseError(errno.ENOTDIR)
+            child = self.image.lookup(p, name)
+        except FormatError as e:
+            log.error("lookup %r in inode %d: %s", name, p, e)
+            raise FuseError(errno.EIO) from None
+        if child is None:
+            raise FuseError(errno.ENOENT)
+        return self._entry(child)
+
+    def getattr(self, ino: int) -> tuple[FuseAttr, float]:
+        return self._attr(self._getattr(self._img(ino))), self.attr_timeout
+
+    def readlink(self, ino: int) -> bytes:
+        i = self._img(ino)
+        if not stat.S_ISLNK(self._getattr(i).mode):
+            raise FuseError(errno.EINVAL)
+        try:
+            return self.image.readlink(i)
+        except FormatError as e:
+            log.error("readlink inode %d: %s", i, e)
+            raise FuseError(errno.EIO) from None
+
+    def open(self, ino: int, flags: int) -> tuple[int, int]:
+        mode = self._getattr(self._img(ino)).mode
+        if stat.S_ISDIR(mode):
+            raise FuseError(errno.EISDIR)
+        return 0, FOpenFlags.KEEP_CACHE
+
+    def opendir(self, ino: int, flags: int) -> tuple[int, int]:
+        if not stat.S_ISDIR(self._getattr(self._img(ino)).mode):
+            raise FuseError(errno.ENOTDIR)
+        return 0, FOpenFlags.KEEP_CACHE | FOpenFlags.CACHE_DIR
+
+    def readdir(self, ino: int, fh: int, offset: int):  # type: ignore[no-untyped-def]
+        i = self._img(ino)
+        try:
+            if offset < _DOT:
+                yield b".", ino, stat.S_IFDIR, _DOT
+            if offset < _DOTDOT:
+                yield b"..", self._fuse(self.image.parent(i)), stat.S_IFDIR, _DOTDOT
+            skip = max(0, offset - _DOTDOT)
+            for n, e in enumerate(self.image.readdir(i, skip), start=skip + _FIRST_CHILD):
+                yield e.name, self._fuse(e.ino), e.type, n
+        except FormatError as ex:
+            log.error("readdir inode %d: %s", i, ex)
+            raise FuseError(errno.EIO) from None
+
+    def readdirplus(self, ino: int, fh: int, offset: int):  # type: ignore[no-untyped-def]
+        i = self._img(ino)
+        try:
+            if offset < _DOT:
+                yield Entry(0, 0, FuseAttr(ino=ino, mode=stat.S_IFDIR), 0.0, 0.0), b".", stat.S_IFDIR, _DOT
+            if offset < _DOTDOT:
+                pino = self._fuse(self.image.parent(i))
+                yield Entry(0, 0, FuseAttr(ino=pino, mode=stat.S_IFDIR), 0.0, 0.0), b"..", stat.S_IFDIR, _DOTDOT
+            skip = max(0, offset - _DOTDOT)
+            for n, e in enumerate(self.image.readdir(i, skip), start=skip + _FIRST_CHILD):
+                yield self._entry(e.ino), e.name, e.type, n
+        except FormatError as ex:
+            log.error("readdirplus inode %d: %s", i, ex)
+            raise FuseError(errno.EIO) from None
+
+    def statfs(self, ino: int) -> StatFs:
+        files = self.image.inode_count()
+        return StatFs(blocks=0, bfree=0, bavail=0, files=files, ffree=0, bsize=4096, namelen=255, frsize=4096)
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        if not self.xattrs:
+            raise FuseError(errno.ENOSYS)
+        try:
+            value = self.image.getxattr(self._img(ino), name)
+        except FormatError as e:
+            log.error("getxattr inode %d: %s", ino, e)
+            raise FuseError(errno.EIO) from None
+        if value is None:
+            raise FuseError(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        if not self.xattrs:
+            raise FuseError(errno.ENOSYS)
+        try:
+            return self.image.listxattr(self._img(ino))
+        except FormatError as e:
+            log.error("listxattr inode %d: %s", ino, e)
+            raise FuseError(errno.EIO) from None
+
+    # -- data ------------------------------------------------------------------------------------
+    def read(self, ino: int, fh: int, offset: int, size: int) -> bytes:
+        i = self._img(ino)
+        attr = self._getattr(i)
+        if not stat.S_ISREG(attr.mode):
+            raise FuseError(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EINVAL)
+        try:
+            return self.device.read(i, offset, size, attr.size)
+        except (FormatError, OSError) as e:
+            log.error("read inode %d [%d, +%d): %s", i, offset, size, e)
+            raise FuseError(errno.EIO) from None
+
+    def lseek(self, ino: int, fh: int, offset: int, whence: int) -> int:
+        i = self._img(ino)
+        size = self._getattr(i).size
+        if whence not in (SEEK_DATA, SEEK_HOLE):
+            raise FuseError(errno.EINVAL)
+        if offset < 0 or offset >= size:
+            raise FuseError(errno.ENXIO)
+        try:
+            chunks = self.image.chunks(i, offset, size - offset)
+        except FormatError as e:
+            log.error("lseek inode %d: %s", i, e)
+            raise FuseError(errno.EIO) from None
+        if whence == SEEK_DATA:
+            for c in chunks:
+                if c.file_offset + c.uncompressed_size > offset:
+                    return max(offset, c.file_offset)
+            raise FuseError(errno.ENXIO)
+        pos = offset
+        for c in chunks:
+            if c.file_offset > pos:
+                return pos
+            pos = max(pos, c.file_offset + c.uncompressed_size)
+        return min(pos, size)
+
+    def destroy(self) -> None:
+        log.debug("FUSE session destroyed")
+
+
