@@ -7,11 +7,11 @@ BlobDevice, so a damaged chunk is EIO and never wrong bytes.
 
 import errno
 import logging
-import os
 import stat
+from collections.abc import Iterator
 
-from ..fuse.api import Entry, Filesystem, FuseAttr, FuseError, StatFs
 from ..fuse.abi import FOpenFlags
+from ..fuse.api import DirEntryPlusTuple, DirEntryTuple, Entry, Filesystem, FuseAttr, FuseError, StatFs
 from ..rafs.errors import FormatError
 from ..rafs.model import Attr, RafsImage
 from ..storage.device import BlobDevice
@@ -105,7 +105,7 @@ class RafsFilesystem(Filesystem):
             raise FuseError(errno.ENOTDIR)
         return 0, FOpenFlags.KEEP_CACHE | FOpenFlags.CACHE_DIR
 
-    def readdir(self, ino: int, fh: int, offset: int):  # type: ignore[no-untyped-def]
+    def readdir(self, ino: int, fh: int, offset: int) -> Iterator[DirEntryTuple]:
         i = self._img(ino)
         try:
             if offset < _DOT:
@@ -119,7 +119,7 @@ class RafsFilesystem(Filesystem):
             log.error("readdir inode %d: %s", i, ex)
             raise FuseError(errno.EIO) from None
 
-    def readdirplus(self, ino: int, fh: int, offset: int):  # type: ignore[no-untyped-def]
+    def readdirplus(self, ino: int, fh: int, offset: int) -> Iterator[DirEntryPlusTuple]:
         i = self._img(ino)
         try:
             if offset < _DOT:

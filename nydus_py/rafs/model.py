@@ -49,7 +49,7 @@ class ChunkInfo(NamedTuple):
     uncompressed_offset: int
     uncompressed_size: int
     file_offset: int
-    index: int
+    index: int  # type: ignore[assignment]  # the record field shadows tuple.index
     crc32: int
 
     @property

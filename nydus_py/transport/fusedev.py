@@ -6,6 +6,7 @@ The handler is sans-IO: bytes in, reply bytes (or None) out. Blocking read(2)/wr
 GIL, and so do the decompressors and hashes the handler calls, so threads overlap where it counts.
 """
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -93,10 +94,8 @@ class FuseDevSession:
         for t in self._workers:
             t.join(timeout=10)
         for fd in self._fds:
-            try:
+            with contextlib.suppress(OSError):
                 os.close(fd)
-            except OSError:
-                pass
         self._fds = []
         self._workers = []
         self.fd = -1
