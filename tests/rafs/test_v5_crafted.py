@@ -4,7 +4,6 @@ huge directories. Bootstraps are built by the test-only writer in v5craft.py."""
 import os
 import stat
 import struct
-import time
 from typing import Any
 
 import pytest
@@ -273,18 +272,11 @@ def big_boot() -> bytes:
     return boot
 
 
-def test_large_image_loads_in_constant_time(big_boot: bytes) -> None:
-    small, _ = build(d(b"", f(b"a")))
-    t0 = time.perf_counter()
-    for _ in range(20):
-        open_bytes(small)
-    t_small = (time.perf_counter() - t0) / 20
+def test_large_image_loads_without_touching_inodes(big_boot: bytes) -> None:
+    # Load cost is measured in records decoded (deterministic); wall time belongs to benchmarks/.
     CountingImage.reads = 0
-    t0 = time.perf_counter()
     img = CountingImage(big_boot)
-    t_big = time.perf_counter() - t0
     assert CountingImage.reads == 1  # only the root record
-    assert t_big < max(0.05, 20 * t_small)
     big = img.lookup(1, b"big")
     assert big is not None
     CountingImage.reads = 0
