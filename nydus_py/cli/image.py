@@ -314,6 +314,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # `inspect | head`: the reader went away, not an error worth a message
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (FormatError, ValueError, OSError) as e:
         print(f"{PROG}: error: {_describe(e)}", file=sys.stderr)
         return 1

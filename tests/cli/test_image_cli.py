@@ -196,6 +196,22 @@ def test_parent_bootstrap(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert describe(tree_from_tar(tmp_path / "o.tar")) == describe(merge_layers([tree_from_tar(t) for t in tars[:2]]))
 
 
+def test_repeatable_and_blob_id(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    populate(src)
+    for i in (1, 2):
+        assert run(capsys, "create", "--repeatable", "-B", tmp_path / f"{i}.boot", "-D", tmp_path / f"b{i}", src)[0] == 0
+    assert (tmp_path / "1.boot").read_bytes() == (tmp_path / "2.boot").read_bytes()
+    assert blob_files(tmp_path / "b1") == blob_files(tmp_path / "b2")
+    (blob_id,) = blob_files(tmp_path / "b1")
+    assert blob_id == hashlib.sha256((tmp_path / "b1" / blob_id).read_bytes()).hexdigest()
+    named = "ab" * 32
+    rc, out, _ = run(capsys, "create", "--blob-id", named, "-B", tmp_path / "n.boot", "-D", tmp_path / "bn", src)
+    assert rc == 0 and named in out and list(blob_files(tmp_path / "bn")) == [named]
+    assert run(capsys, "check", "-B", tmp_path / "n.boot", "-D", tmp_path / "bn")[0] == 0
+
+
 def test_prefetch_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     src = tmp_path / "src"
     (src / "a" / "b").mkdir(parents=True)
