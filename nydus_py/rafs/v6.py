@@ -491,15 +491,9 @@ class V6Image(RafsImage):
 
     def _dir_block(self, ino: _Inode, b: int) -> list[tuple[bytes, int, int]]:
         """Validated (name, nid, file_type) entries of directory block `b`."""
-        off, length = self._data_block(ino, b)
-        where = f"directory {ino.nid} block {b}"
-        if length < 12:
-            raise FormatError(f"{where}: {length} bytes cannot hold a dirent")
-        data = self._bytes(off, length, where)
-        nameoff0 = _U16.unpack_from(data, 8)[0]
-        if nameoff0 < 12 or nameoff0 % 12 or nameoff0 >= length:
-            raise FormatError(f"{where}: invalid first name offset {nameoff0}")
-        n = nameoff0 // 12
+        data, n, where = self._block_head(ino, b)
+        nameoff0 = 12 * n
+        length = len(data)
         ents = list(_DIRENT.iter_unpack(data[:nameoff0]))
         out = []
         prev = b""
@@ -526,25 +520,65 @@ class V6Image(RafsImage):
             out.append((name, nid, ftype))
         return out
 
-    def _block_first_name(self, ino: _Inode, b: int) -> bytes:
-        return self._dir_block(ino, b)[0][0]
+    def _block_head(self, ino: _Inode, b: int) -> tuple[bytes, int, str]:
+        """Raw bytes of directory block `b` and its entry count (first nameoff validated)."""
+        off, length = self._data_block(ino, b)
+        where = f"directory {ino.nid} block {b}"
+        if length < 12:
+            raise FormatError(f"{where}: {length} bytes cannot hold a dirent")
+        data = self._bytes(off, length, where)
+        nameoff0 = _U16.unpack_from(data, 8)[0]
+        if nameoff0 < 12 or nameoff0 % 12 or nameoff0 >= length:
+            raise FormatError(f"{where}: invalid first name offset {nameoff0}")
+        return data, nameoff0 // 12, where
+
+    @staticmethod
+    def _entry_name(data: bytes, i: int, n: int, where: str) -> bytes:
+        """Name of entry `i` of a block with `n` entries (the last one ends at NUL or block end)."""
+        nameoff = _U16.unpack_from(data, 12 * i + 8)[0]
+        end = _U16.unpack_from(data, 12 * i + 20)[0] if i + 1 < n else len(data)
+        if not 12 * n <= nameoff < end <= len(data):
+            raise FormatError(f"{where}: entry {i} name offsets {nameoff}..{end} are not increasing inside the block")
+        name = data[nameoff:end]
+        if i + 1 == n:
+            nul = name.find(b"\0")
+            if nul >= 0:
+                name = name[:nul]
+            if not name:
+                raise FormatError(f"{where}: entry {i} has an empty name")
+        return name
 
     def _find(self, ino: _Inode, name: bytes) -> tuple[int, int] | None:
-        """(nid, file_type) of `name` in directory `ino`: binary search over blocks, then inside one."""
+        """(nid, file_type) of `name` in directory `ino`, like the kernel: binary search over the
+        blocks' first names, then inside one block, decoding only the probed entries.
+
+        Ordering is fully checked by readdir; here a corrupt order can only make a lookup miss.
+        """
         lo, hi = 0, self._block_count(ino) - 1
-        target = -1
+        target: tuple[bytes, int, str] | None = None
         while lo <= hi:
             mid = (lo + hi) // 2
-            if self._block_first_name(ino, mid) <= name:
-                target, lo = mid, mid + 1
+            head = self._block_head(ino, mid)
+            if self._entry_name(head[0], 0, head[1], head[2]) <= name:
+                target, lo = head, mid + 1
             else:
                 hi = mid - 1
-        if target < 0:
+        if target is None:
             return None
-        ents = self._dir_block(ino, target)
-        k = bisect.bisect_left(ents, (name,))
-        if k < len(ents) and ents[k][0] == name:
-            return ents[k][1], ents[k][2]
+        data, n, where = target
+        lo, hi = 0, n - 1
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            got = self._entry_name(data, mid, n, where)
+            if got == name:
+                nid, _off, ftype, _r = _DIRENT.unpack_from(data, 12 * mid)
+                if ftype not in _FT_TO_IFMT:
+                    raise FormatError(f"{where}: entry {name!r} has invalid file type {ftype}")
+                return nid, ftype
+            if got < name:
+                lo = mid + 1
+            else:
+                hi = mid - 1
         return None
 
     def _dotdot(self, dir_ino: _Inode) -> int:
