@@ -43,6 +43,7 @@ class FuseDevSession:
         self._workers: list[threading.Thread] = []
         self._fds: list[int] = []
         self._stopped = threading.Event()
+        self._running = 0
         self._lock = threading.Lock()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -57,6 +58,8 @@ class FuseDevSession:
 
     def _start_workers(self, fd: int) -> None:
         self._fds = [fd] + [self._clone(fd) for _ in range(self.threads - 1)]
+        self._stopped.clear()
+        self._running = len(self._fds)
         for i, chan in enumerate(self._fds):
             t = threading.Thread(target=self._serve, args=(chan,), name=f"fuse-worker-{i}", daemon=True)
             self._workers.append(t)
@@ -133,6 +136,9 @@ class FuseDevSession:
             log.exception("FUSE worker on fd %d failed", fd)
         finally:
             view.release()
+            # A count, not is_alive(): two workers ending together would each still see the
+            # other alive, and nobody would signal the end of the session.
             with self._lock:
-                if all(not t.is_alive() or t is threading.current_thread() for t in self._workers):
+                self._running -= 1
+                if self._running == 0:
                     self._stopped.set()

@@ -1,0 +1,165 @@
+"""The /dev/fuse transport's life cycle on real mounts: 50 mount/umount rounds leave nothing
+behind; the daemon ends cleanly on SIGTERM/SIGINT, on an external umount and on a connection
+abort; debug mode logs every op with its args, result and latency."""
+
+import os
+import re
+import signal
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from nydus_py.fs.rafs_fs import RafsFilesystem
+from nydus_py.fuse.protocol import FuseSession
+from nydus_py.rafs import open_bootstrap
+from nydus_py.storage.device import BlobDevice
+from nydus_py.storage.localfs import LocalBlobDir
+from nydus_py.transport.fusedev import FuseDevSession
+from nydus_py.transport.mount import is_mountpoint
+from tests.conftest import require_device
+from tests.fs.mountrig import CHUNK, Daemon, abort_connection, build, cleanup_mount, wait_for, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+DATA = bytes(range(256)) * (3 * CHUNK // 256) + b"tail"
+
+
+@pytest.fixture
+def image(tmp_path: Path):
+    src = tmp_path / "src"
+    (src / "dir").mkdir(parents=True)
+    (src / "hello").write_bytes(DATA)
+    (src / "dir" / "small").write_bytes(b"small\n")
+    return build(str(src), str(tmp_path / "img"), views=False)
+
+
+def _mounts_at(path: str) -> int:
+    real = os.path.realpath(path)
+    with open("/proc/self/mountinfo") as f:
+        return sum(1 for line in f if line.split()[4] == real)
+
+
+def test_mount_umount_50_times_leaves_nothing(image, tmp_path: Path) -> None:
+    require_device("/dev/fuse")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    threads_before = set(threading.enumerate())
+    fds_before = sorted(os.listdir("/proc/self/fd"))
+    for i in range(50):
+        img = open_bootstrap(image.boot)
+        source = LocalBlobDir(image.blob_dir)
+        fs = RafsFilesystem(img, BlobDevice(img, source, validate=True))
+        session = FuseSession(fs)
+        dev = FuseDevSession(session.handle, str(mnt), threads=1 + i % 4, max_write=session.max_write)
+        dev.mount()
+        try:
+            assert _mounts_at(str(mnt)) == 1
+            assert sorted(os.listdir(mnt)) == ["dir", "hello"]
+            with open(mnt / "hello", "rb") as f:
+                f.seek(i * 997)
+                assert f.read(CHUNK) == DATA[i * 997 : i * 997 + CHUNK]
+            assert (mnt / "dir" / "small").stat().st_size == 6
+        finally:
+            dev.close()
+            img.close()
+            source.close()
+        assert dev.wait(0), f"round {i}: workers still running"
+        assert _mounts_at(str(mnt)) == 0, f"round {i}: stale mount"
+    assert set(threading.enumerate()) == threads_before
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
+
+
+def _daemon(image, tmp_path: Path, log_level: str = "info") -> Daemon:
+    cfg = write_config(str(tmp_path / "cfg.json"), image.blob_dir)
+    d = Daemon(image.boot, str(tmp_path / "mnt"), cfg, str(tmp_path / "nydusd.log"), log_level=log_level)
+    d.wait_mounted()
+    return d
+
+
+def _wait_exit(d: Daemon, timeout: float = 30.0) -> int:
+    try:
+        return d.proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        d.kill()
+        raise AssertionError(f"daemon did not exit:\n{d.log_text()}") from None
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_and_exits_0(image, tmp_path: Path, sig: int) -> None:
+    require_device("/dev/fuse")
+    d = _daemon(image, tmp_path)
+    try:
+        assert Path(d.mountpoint, "hello").read_bytes() == DATA
+        d.proc.send_signal(sig)
+        assert _wait_exit(d) == 0, d.log_text()
+        assert not is_mountpoint(d.mountpoint)
+        assert "session ended" in d.log_text()
+    finally:
+        d.kill()
+
+
+def test_sigterm_while_busy_detaches_and_serves_open_files(image, tmp_path: Path) -> None:
+    """A file held open makes umount EBUSY: the daemon detaches lazily, keeps serving the open
+    file, and exits 0 once it is closed."""
+    require_device("/dev/fuse")
+    d = _daemon(image, tmp_path)
+    try:
+        fd = os.open(os.path.join(d.mountpoint, "hello"), os.O_RDONLY | os.O_DIRECT)
+        try:
+            d.proc.send_signal(signal.SIGTERM)
+            wait_for(lambda: not is_mountpoint(d.mountpoint), 20, "the lazy detach")
+            assert d.proc.poll() is None
+            assert os.pread(fd, 4096, CHUNK) == DATA[CHUNK : CHUNK + 4096]
+        finally:
+            os.close(fd)
+        assert _wait_exit(d) == 0, d.log_text()
+        assert "detaching lazily" in d.log_text()
+    finally:
+        d.kill()
+
+
+def test_external_umount_ends_session(image, tmp_path: Path) -> None:
+    require_device("/dev/fuse")
+    d = _daemon(image, tmp_path)
+    try:
+        assert Path(d.mountpoint, "dir", "small").read_bytes() == b"small\n"
+        subprocess.run(["umount", d.mountpoint], check=True, timeout=20)
+        assert _wait_exit(d) == 0, d.log_text()
+        assert not is_mountpoint(d.mountpoint)
+    finally:
+        d.kill()
+
+
+def test_connection_abort_ends_session(image, tmp_path: Path) -> None:
+    require_device("/dev/fuse")
+    d = _daemon(image, tmp_path)
+    try:
+        assert Path(d.mountpoint, "hello").stat().st_size == len(DATA)
+        assert abort_connection(d.mountpoint)
+        assert _wait_exit(d) == 0, d.log_text()
+        # the dead mount is gone too: the daemon unmounts what it mounted
+        assert not is_mountpoint(d.mountpoint), "aborted mount left behind"
+    finally:
+        d.kill()
+        cleanup_mount(str(tmp_path / "mnt"))
+
+
+def test_debug_mode_logs_ops_with_args_result_latency(image, tmp_path: Path) -> None:
+    require_device("/dev/fuse")
+    d = _daemon(image, tmp_path, log_level="debug")
+    try:
+        with open(os.path.join(d.mountpoint, "hello"), "rb") as f:
+            assert f.read(100) == DATA[:100]
+        assert not os.path.exists(os.path.join(d.mountpoint, "missing"))
+        assert d.stop() == 0
+    finally:
+        d.kill()
+    log = d.log_text()
+    lat = r"\[\d+(\.\d+)? us\]"
+    assert re.search(r"FUSE INIT unique=\d+ .*-> ok len=\d+ " + lat, log), log[:2000]
+    assert re.search(r"FUSE LOOKUP unique=\d+ nodeid=1 .*name=b'hello' -> ok len=\d+ " + lat, log)
+    assert re.search(r"FUSE LOOKUP unique=\d+ nodeid=1 .*name=b'missing' -> error ENOENT " + lat, log)
+    assert re.search(r"FUSE OPEN unique=\d+ nodeid=\d+ .*flags=0x[0-9a-f]+.* -> ok len=32 " + lat, log)
+    assert re.search(r"FUSE READ unique=\d+ nodeid=\d+ .*offset=0 size=\d+ .*-> ok len=\d+ " + lat, log)
