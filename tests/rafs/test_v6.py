@@ -262,3 +262,44 @@ def test_mkfs_erofs_image_is_rejected(tmp_path: "os.PathLike[str]") -> None:
     subprocess.run([mkfs, "-T0", plain, tree], check=True, capture_output=True)
     with pytest.raises(FormatError):
         open_bootstrap(plain)
+
+
+def test_project_builder_output(tmp_path: "os.PathLike[str]") -> None:
+    """The project's builder (nydus_py.builder) and this reader agree, including blob trailers."""
+    from nydus_py.builder.build import build_image
+    from nydus_py.builder.options import BuildOptions
+    from nydus_py.builder.sources import tree_from_directory
+    from nydus_py.rafs import blobmeta
+
+    root = os.path.join(tmp_path, "src")
+    os.makedirs(os.path.join(root, "d", "e"))
+    files = {"a.bin": os.urandom(300_000), "d/e/z": b"z" * 5000, "d/same": b"z" * 5000, "empty": b""}
+    for rel, data in files.items():
+        with open(os.path.join(root, rel), "wb") as fh:
+            fh.write(data)
+    os.symlink("a.bin", os.path.join(root, "ln"))
+    os.link(os.path.join(root, "a.bin"), os.path.join(root, "hard"))
+    blob_dir = os.path.join(tmp_path, "blobs")
+    os.makedirs(blob_dir)
+    boot = os.path.join(tmp_path, "boot")
+    res = build_image(tree_from_directory(root), boot, blob_dir, BuildOptions(chunk_size=0x10000))
+    with open_bootstrap(boot) as img:
+        assert isinstance(img, V6Image)
+        with open(os.path.join(blob_dir, res.blob_id or ""), "rb") as fh:
+            blob = fh.read()
+        assert exercise(img, blob) == 9  # /, a.bin, d, d/e, d/e/z, d/same, empty, hard, ln
+        src = MemBlobs({img.blobs[0].blob_id: blob})
+        for rel, data in files.items():
+            ino = root_ino = img.root_ino
+            for part in rel.encode().split(b"/"):
+                found = img.lookup(ino, part)
+                assert found is not None
+                ino = found
+            assert ino != root_ino and read_file_range(src, img, ino, 0, len(data) + 1) == data
+        assert img.readlink(img.lookup(img.root_ino, b"ln") or 0) == b"a.bin"
+        assert img.lookup(img.root_ino, b"hard") == img.lookup(img.root_ino, b"a.bin")
+        info = img.blobs[0]
+        _h, table = blobmeta.read_blob_meta(blob, info)
+        digests = blobmeta.read_blob_digests(blob, info)
+        recs = [img.chunk_record(i) for i in range(img.chunk_table_len())]
+        assert blobmeta.cross_check_chunks(recs, info, table, digests) == len(recs) == img.check_chunk_table()
