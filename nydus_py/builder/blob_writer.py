@@ -183,6 +183,8 @@ class BlobWriter:
         self._tmp: str | None = None
         self._pos = 0
         self._hash = hashlib.sha256()
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: deque[Future[None]] = deque()
         self._closed = False
 
     # -- chunk pipeline -------------------------------------------------------------------------
@@ -222,13 +224,25 @@ class BlobWriter:
             self._fd, self._tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".blob-", suffix=".tmp")
 
     def _write(self, data: bytes) -> None:
+        """Queue `data` for the writer thread (file write + blob sha256 overlap chunk work)."""
+        self._pos += len(data)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="nydus-blob-write")
+        self._writes.append(self._writer.submit(self._write_now, data))
+        while len(self._writes) > 16:
+            self._writes.popleft().result()
+
+    def _write_now(self, data: bytes) -> None:
         assert self._fd is not None
         view = memoryview(data)
         while view:
             n = os.write(self._fd, view)
             view = view[n:]
         self._hash.update(data)
-        self._pos += len(data)
+
+    def _flush(self) -> None:
+        while self._writes:
+            self._writes.popleft().result()
 
     def _commit(self, prep: _Prepared, file_offset: int) -> ChunkInfo:
         """Consumer side, in submission order: reference or store the chunk."""
@@ -348,6 +362,7 @@ class BlobWriter:
         data_size = self._pos
         uncompressed_size = self._uoff
         if opts.blob_toc:
+            self._flush()
             data_digest = self._hash.copy().digest()
             self._write(tar_header(TOC_BLOB_RAW, data_size))
             toc.append(toc_entry(TOC_BLOB_RAW, Compressor.NONE, data_digest, 0, data_size, uncompressed_size))
@@ -401,9 +416,11 @@ class BlobWriter:
             toc_digest = hashlib.sha256(entries + theader).digest()
             toc_size = len(entries) + len(theader)
 
+        self._flush()
         blob_id = opts.blob_id or self._hash.hexdigest()
         validate_blob_id(blob_id)
         assert self._fd is not None and self._tmp is not None
+        self._stop_writer()
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
@@ -435,7 +452,14 @@ class BlobWriter:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def _stop_writer(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=True)
+            self._writer = None
+        self._writes.clear()
+
     def _discard(self) -> None:
+        self._stop_writer()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
