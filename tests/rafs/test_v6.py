@@ -88,6 +88,15 @@ def test_tree_matches_source(built: tuple[Node, Built]) -> None:
     assert img.inode_count() == len(got) - 1
 
 
+def test_sample_tree_covers_every_data_layout(built: tuple[Node, Built]) -> None:
+    _tree, b = built
+    img = V6Image(b.bootstrap)
+    layouts = {p: img._inode(b.nids[p]).layout for p in (b"/long-link", b"/short-link", b"/plain-dir", b"/dir/many", b"/dir")}
+    assert layouts == {b"/long-link": 0, b"/short-link": 2, b"/plain-dir": 0, b"/dir/many": 2, b"/dir": 2}
+    assert img.getattr(b.nids[b"/dir/many"]).size > 4096 and img.getattr(b.nids[b"/plain-dir"]).size > 4032
+    assert len(img.readlink(b.nids[b"/long-link"])) == 4090
+
+
 def test_compact_inode_mtime_is_build_time_plus_delta() -> None:
     tree = d({b"a": f(b"1", mtime=1_000_123), b"b": f(b"2", mtime=1_000_000)})
     b = encode(tree, compact=True, build_time=1_000_000)

@@ -438,7 +438,8 @@ def sample_tree(big: int = 3 * 0x10_0000 + 1234) -> Node:
             b"-early": f(b"sorts before dot"),
             b"dir": d({b"sub": d({b"leaf": f(b"leaf")}), b"many": d(many)}),
             b"short-link": link(b"hello.txt"),
-            b"long-link": link(b"a/" * 1500 + b"end"),
+            b"long-link": link(b"a/" * 2043 + b"end!"),  # 4090 bytes: FLAT_PLAIN
+            b"plain-dir": d({b"p%026d" % i: f(b"") for i in range(103)}),  # 4044-byte block: FLAT_PLAIN
             b"xattrs": f(b"x", xattrs={b"user.k": b"v", b"trusted.t": b"tv" * 10, b"security.selinux": b"ctx\0"}),
             b"dev-chr": special(stat.S_IFCHR, os.makedev(1, 3)),
             b"dev-blk": special(stat.S_IFBLK, os.makedev(259, 70000)),
