@@ -91,7 +91,9 @@ def encode_ci_v1(
 ) -> bytes:
     """One 16-byte blob.meta v1 entry (spec 5.3)."""
     if uncompressed_offset & 0xFFF or uncompressed_offset >> 44:
-        raise FormatError(f"uncompressed offset {uncompressed_offset:#x} not encodable in a v1 chunk-info entry")
+        raise FormatError(
+            f"uncompressed offset {uncompressed_offset:#x} not encodable in a v1 chunk-info entry"
+        )
     if compressed_offset >> 40:
         raise FormatError(f"compressed offset {compressed_offset:#x} beyond 1 TiB")
     if not (0 < compressed_size <= 1 << 24 and 0 < uncompressed_size <= 1 << 24):
@@ -117,14 +119,30 @@ def blob_meta_header(
 ) -> bytes:
     h = bytearray(BLOB_META_HEADER_SIZE)
     _META_HEADER.pack_into(
-        h, 0, BLOB_META_MAGIC, features, ci_compressor, entries, ci_offset, ci_compressed, ci_uncompressed, 0, 0, 0
+        h,
+        0,
+        BLOB_META_MAGIC,
+        features,
+        ci_compressor,
+        entries,
+        ci_offset,
+        ci_compressed,
+        ci_uncompressed,
+        0,
+        0,
+        0,
     )
     struct.pack_into("<I", h, BLOB_META_HEADER_SIZE - 4, BLOB_META_MAGIC)
     return bytes(h)
 
 
 def toc_entry(
-    name: str, compressor: Compressor, digest: bytes, offset: int, compressed_size: int, uncompressed_size: int
+    name: str,
+    compressor: Compressor,
+    digest: bytes,
+    offset: int,
+    compressed_size: int,
+    uncompressed_size: int,
 ) -> bytes:
     flags = _TOC_FLAGS.get(compressor)
     if flags is None:
@@ -183,6 +201,7 @@ class BlobWriter:
         self._tmp: str | None = None
         self._pos = 0
         self._hash = hashlib.sha256()
+        self.path: str | None = None  # the finished blob file
         self._writer: ThreadPoolExecutor | None = None
         self._writes: deque[Future[None]] = deque()
         self._closed = False
@@ -384,7 +403,12 @@ class BlobWriter:
             self._write(tar_header(TOC_BLOB_META, len(ci_data) + len(header)))
             toc.append(
                 toc_entry(
-                    TOC_BLOB_META, ci_compressor, hashlib.sha256(ci_raw).digest(), ci_offset, len(ci_data), len(ci_raw)
+                    TOC_BLOB_META,
+                    ci_compressor,
+                    hashlib.sha256(ci_raw).digest(),
+                    ci_offset,
+                    len(ci_data),
+                    len(ci_raw),
                 )
             )
             toc.append(
@@ -403,7 +427,12 @@ class BlobWriter:
             self._write(tar_header(TOC_BLOB_DIGEST, len(digests)))
             toc.append(
                 toc_entry(
-                    TOC_BLOB_DIGEST, Compressor.NONE, hashlib.sha256(digests).digest(), doff, len(digests), len(digests)
+                    TOC_BLOB_DIGEST,
+                    Compressor.NONE,
+                    hashlib.sha256(digests).digest(),
+                    doff,
+                    len(digests),
+                    len(digests),
                 )
             )
         toc_size = 0
@@ -484,9 +513,15 @@ class BlobWriter:
 
 def validate_blob_id(blob_id: str) -> None:
     """Blob ids name files and fill 64-byte device-slot tags."""
-    if not (0 < len(blob_id) <= 64) or not blob_id.isascii() or any(c in blob_id for c in "/\0") or blob_id in (
-        ".",
-        "..",
+    if (
+        not (0 < len(blob_id) <= 64)
+        or not blob_id.isascii()
+        or any(c in blob_id for c in "/\0")
+        or blob_id
+        in (
+            ".",
+            "..",
+        )
     ):
         raise ValueError(f"invalid blob id {blob_id!r}: need 1..64 ASCII characters, no '/' or NUL")
 

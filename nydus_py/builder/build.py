@@ -31,7 +31,9 @@ def check_options(opts: BuildOptions) -> None:
     if opts.fs_version != 6:
         raise ValueError(f"unknown RAFS version {opts.fs_version!r}; expected 6")
     if opts.compressor not in (Compressor.NONE, Compressor.LZ4_BLOCK, Compressor.ZSTD):
-        raise ValueError(f"compressor {Compressor(opts.compressor).nydus_name} is not supported for RAFS v6 builds")
+        raise ValueError(
+            f"compressor {Compressor(opts.compressor).nydus_name} is not supported for RAFS v6 builds"
+        )
     if opts.blob_id is not None:
         validate_blob_id(opts.blob_id)
 
@@ -59,7 +61,7 @@ def _existing_blobs(
                     table.append(_with_index(b, len(table)))
     chunks: dict[int, list[ChunkInfo]] = {}
     dedup: dict[bytes, ChunkInfo] = {}
-    for _path, node in plan_files:
+    for path, node in plan_files:
         data = node.data
         if not isinstance(data, ChunkedData) or id(node) in chunks:
             continue
@@ -67,11 +69,32 @@ def _existing_blobs(
             (c._replace(blob_index=pos[data.blobs[c.blob_index].blob_id]) for c in data.chunks),
             key=lambda c: c.file_offset,
         )
+        _check_dense(path, data.size, remapped, table, opts.chunk_size)
         chunks[id(node)] = remapped
         for c in remapped:
             if table[c.blob_index].digester == opts.digester and c.digest not in dedup:
                 dedup[c.digest] = c
     return table, chunks, dedup
+
+
+def _check_dense(path: bytes, size: int, chunks: list[ChunkInfo], table: list[BlobInfo], cs: int) -> None:
+    """v6 files are dense arrays of chunk_size chunks in ALIGNED blobs of the same chunk size;
+    checked here so a bad merge fails before any blob byte is written."""
+    want = (size + cs - 1) // cs
+    if len(chunks) != want:
+        raise FormatError(f"{path!r}: {len(chunks)} chunks for {size} bytes, expected {want} of {cs:#x}")
+    for k, c in enumerate(chunks):
+        blob = table[c.blob_index]
+        if blob.chunk_size != cs:
+            raise FormatError(
+                f"{path!r}: blob {blob.blob_id} has chunk size {blob.chunk_size:#x}, the image uses {cs:#x}"
+            )
+        if c.file_offset != k * cs or c.uncompressed_size != min(cs, size - k * cs):
+            raise FormatError(
+                f"{path!r}: chunk {k} at [{c.file_offset}, +{c.uncompressed_size}) leaves a hole"
+            )
+        if c.uncompressed_offset % 4096:
+            raise FormatError(f"{path!r}: chunk {k} of blob {blob.blob_id} is not 4K aligned (v5-only blob?)")
 
 
 def _with_index(b: BlobInfo, index: int) -> BlobInfo:
@@ -104,7 +127,7 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
         for node, chunks in zip(order, results, strict=True):
             file_chunks[id(node)] = chunks
         new_blob = writer.finish()
-        blob_path = getattr(writer, "path", None) if new_blob is not None else None
+        blob_path = writer.path
     blobs = table + ([new_blob] if new_blob is not None else [])
     try:
         boot = write_v6(plan, blobs, file_chunks, opts)

@@ -98,7 +98,11 @@ def _pread(fd: int, size: int, off: int, what: str) -> bytes:
 def read_toc(fd: int, info: BlobInfo, blob_size: int) -> dict[str, tuple[int, bytes, int, int, int]]:
     """ToC entries by name: (flags, sha256, compressed_offset, compressed_size, uncompressed_size)."""
     size = info.blob_toc_size
-    if size < TAR_HEADER_SIZE + TOC_ENTRY_SIZE or (size - TAR_HEADER_SIZE) % TOC_ENTRY_SIZE or size > blob_size:
+    if (
+        size < TAR_HEADER_SIZE + TOC_ENTRY_SIZE
+        or (size - TAR_HEADER_SIZE) % TOC_ENTRY_SIZE
+        or size > blob_size
+    ):
         raise FormatError(f"blob {info.blob_id}: bad ToC size {size}")
     raw = _pread(fd, size, blob_size - size, f"blob {info.blob_id} ToC")
     if info.blob_toc_digest != b"\0" * 32 and hashlib.sha256(raw).digest() != info.blob_toc_digest:
@@ -138,7 +142,9 @@ def write_cache_view(
         size = info.uncompressed_size
         for i, (_co, _cs, uoff, usize) in enumerate(entries):
             if uoff + usize > size:
-                raise FormatError(f"blob {blob_id}: chunk {i} ends at {uoff + usize}, past the view size {size}")
+                raise FormatError(
+                    f"blob {blob_id}: chunk {i} ends at {uoff + usize}, past the view size {size}"
+                )
         out_dir = os.path.dirname(os.path.abspath(out_path))
         ofd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".view-", suffix=".tmp")
         try:

@@ -237,7 +237,11 @@ class V6Plan:
         first: list[tuple[int, int, Inode]] = []
         rest: list[Inode] = []
         for seq, r in enumerate(self.records):
-            if r.ftype != EROFS_FT_REG_FILE or not isinstance(r.inode.data, FileData) or r.inode.data.size == 0:
+            if (
+                r.ftype != EROFS_FT_REG_FILE
+                or not isinstance(r.inode.data, FileData)
+                or r.inode.data.size == 0
+            ):
                 continue
             idx = _match_pattern(r.path, patterns) if patterns else None
             if idx is None:
@@ -263,7 +267,9 @@ def _check_name(name: object, parent: bytes) -> bytes:
     if not isinstance(name, bytes):
         raise FormatError(f"{parent!r}: entry name {name!r} is not bytes")
     if not name or len(name) > MAX_NAME or b"/" in name or b"\0" in name or name in (b".", b".."):
-        raise FormatError(f"{parent!r}: invalid entry name {name!r} (1..255 bytes, no '/' or NUL, not . or ..)")
+        raise FormatError(
+            f"{parent!r}: invalid entry name {name!r} (1..255 bytes, no '/' or NUL, not . or ..)"
+        )
     return name
 
 
@@ -275,7 +281,9 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
     """Validate `root` and lay it out; FormatError names the first offending path."""
     cs = opts.chunk_size
     if cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
-        raise ValueError(f"chunk size {cs:#x} must be a power of two in [{MIN_CHUNK_SIZE:#x}, {MAX_CHUNK_SIZE:#x}]")
+        raise ValueError(
+            f"chunk size {cs:#x} must be a power of two in [{MIN_CHUNK_SIZE:#x}, {MAX_CHUNK_SIZE:#x}]"
+        )
     if not isinstance(root, Inode) or not root.is_dir:
         raise FormatError("the root of the tree must be a directory")
 
@@ -307,7 +315,9 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
             rec = by_id.get(id(child))
             if rec is not None:
                 if rec.ftype == EROFS_FT_DIR:
-                    raise FormatError(f"{_join(d.path, name)!r}: directory linked twice (hard-linked dir or loop)")
+                    raise FormatError(
+                        f"{_join(d.path, name)!r}: directory linked twice (hard-linked dir or loop)"
+                    )
                 rec.nlink += 1
             else:
                 rec = new_rec(child, _join(d.path, name))
@@ -325,14 +335,20 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
         node = r.inode
         if r.ftype != EROFS_FT_DIR and node.children:
             raise FormatError(f"{r.path!r}: only directories can have children")
-        for label, v, hi in (("uid", node.uid, 0xFFFF_FFFF), ("gid", node.gid, 0xFFFF_FFFF),
-                             ("mtime", node.mtime, (1 << 64) - 1), ("mtime_nsec", node.mtime_nsec, 999_999_999)):
+        for label, v, hi in (
+            ("uid", node.uid, 0xFFFF_FFFF),
+            ("gid", node.gid, 0xFFFF_FFFF),
+            ("mtime", node.mtime, (1 << 64) - 1),
+            ("mtime_nsec", node.mtime_nsec, 999_999_999),
+        ):
             if not isinstance(v, int) or not 0 <= v <= hi:
                 raise FormatError(f"{r.path!r}: {label} {v!r} out of range")
         r.xattr = encode_xattrs(node.xattrs, r.path)
         has_xattr = has_xattr or bool(r.xattr)
         if INODE_SIZE + len(r.xattr) > BLOCK:
-            raise FormatError(f"{r.path!r}: xattrs take {len(r.xattr)} bytes, more than fit beside the inode in a block")
+            raise FormatError(
+                f"{r.path!r}: xattrs take {len(r.xattr)} bytes, more than fit beside the inode in a block"
+            )
         if r.ftype == EROFS_FT_DIR:
             assert r.entries is not None
             names = sorted([b".", b".."] + [n for n, _ in r.entries])
@@ -444,9 +460,13 @@ def _validate_blobs(blobs: Sequence[BlobInfo], chunk_size: int) -> None:
         if not 0 < len(bid) <= 64:
             raise FormatError(f"blob {i}: id {b.blob_id!r} must be 1..64 ASCII characters")
         if b.chunk_size != chunk_size:
-            raise FormatError(f"blob {b.blob_id}: chunk size {b.chunk_size:#x} differs from the image's {chunk_size:#x}")
+            raise FormatError(
+                f"blob {b.blob_id}: chunk size {b.chunk_size:#x} differs from the image's {chunk_size:#x}"
+            )
         if b.uncompressed_size <= 0 or b.uncompressed_size % BLOCK:
-            raise FormatError(f"blob {b.blob_id}: uncompressed size {b.uncompressed_size} is not a positive 4K multiple")
+            raise FormatError(
+                f"blob {b.blob_id}: uncompressed size {b.uncompressed_size} is not a positive 4K multiple"
+            )
         if not b.features & BlobFeatures.ALIGNED:
             raise FormatError(f"blob {b.blob_id}: v6 needs 4K-aligned (ALIGNED) blobs")
 
@@ -496,7 +516,9 @@ def write_v6(
             i_u = chunk_format
             chunks = file_chunks.get(id(node), ()) if r.nchunks else ()
             if len(chunks) != r.nchunks:
-                raise FormatError(f"{r.path!r}: {len(chunks)} chunks for {r.dsize} bytes, expected {r.nchunks}")
+                raise FormatError(
+                    f"{r.path!r}: {len(chunks)} chunks for {r.dsize} bytes, expected {r.nchunks}"
+                )
             ipos = _align(pos + base, CHUNK_INDEX_SIZE)
             for k, c in enumerate(chunks):
                 _check_chunk(r, k, c, cs, nblobs)
@@ -560,7 +582,9 @@ def write_v6(
         mapped = _align(pos, MAPPED_BLKADDR_ALIGN) // BLOCK
         pos = (mapped + cnt) * BLOCK
         total_blocks += cnt
-        _DEVSLOT.pack_into(buf, RAFS_V6_DEVTABLE_OFFSET + i * V6_DEVSLOT_SIZE, b.blob_id.encode(), cnt, mapped)
+        _DEVSLOT.pack_into(
+            buf, RAFS_V6_DEVTABLE_OFFSET + i * V6_DEVSLOT_SIZE, b.blob_id.encode(), cnt, mapped
+        )
         _BLOB_ENTRY.pack_into(
             buf,
             blob_table_offset + i * V6_BLOB_ENTRY_SIZE,
@@ -660,7 +684,9 @@ def _check_chunk(r: _Rec, k: int, c: ChunkInfo, cs: int, nblobs: int) -> None:
     if not 0 <= c.blob_index < nblobs:
         raise FormatError(f"{r.path!r}: chunk {k} refers to blob {c.blob_index}, image has {nblobs}")
     if c.uncompressed_offset % BLOCK:
-        raise FormatError(f"{r.path!r}: chunk {k} uncompressed offset {c.uncompressed_offset:#x} not 4K aligned")
+        raise FormatError(
+            f"{r.path!r}: chunk {k} uncompressed offset {c.uncompressed_offset:#x} not 4K aligned"
+        )
     if not 0 <= c.index < 1 << 24:
         raise FormatError(f"{r.path!r}: chunk {k} ci_index {c.index} needs more than 24 bits")
     if c.uncompressed_offset // BLOCK > 0xFFFF_FFFF:

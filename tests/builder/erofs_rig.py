@@ -35,7 +35,10 @@ def tree_from_directory(path: str | bytes) -> Inode:
             hit = seen.get((st.st_dev, st.st_ino))
             if hit is not None:
                 return hit
-        xattrs = {os.fsencode(n): os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p, follow_symlinks=False)}
+        xattrs = {
+            os.fsencode(n): os.getxattr(p, n, follow_symlinks=False)
+            for n in os.listxattr(p, follow_symlinks=False)
+        }
         node = Inode(
             mode=st.st_mode,
             uid=st.st_uid,
@@ -91,7 +94,10 @@ def erofs_mount(bootstrap: str, devices: Sequence[str], target: str) -> Iterator
 
 
 def _xattrs(p: bytes) -> dict[bytes, bytes]:
-    return {os.fsencode(n): os.getxattr(p, n, follow_symlinks=False) for n in os.listxattr(p, follow_symlinks=False)}
+    return {
+        os.fsencode(n): os.getxattr(p, n, follow_symlinks=False)
+        for n in os.listxattr(p, follow_symlinks=False)
+    }
 
 
 def _file_digest(p: bytes) -> bytes:

@@ -81,7 +81,9 @@ def test_ci_v1_roundtrip_and_fixture_values():
 def test_trailers_parse_back(tmp_path, compressor, digester):
     rnd = os.urandom(3 * CS + 100)
     text = b"nydus chunk " * 5000
-    w, info, chunks, blob = write_blob(tmp_path, [rnd, text, b"", rnd[:CS]], compressor=compressor, digester=digester)
+    w, info, chunks, blob = write_blob(
+        tmp_path, [rnd, text, b"", rnd[:CS]], compressor=compressor, digester=digester
+    )
     assert info is not None
     assert info.blob_id == hashlib.sha256(blob).hexdigest()
     assert info.compressed_size == len(blob)
@@ -115,8 +117,12 @@ def test_trailers_parse_back(tmp_path, compressor, digester):
     magic, feats, ci_comp, entries, ci_off, ci_c, ci_u = struct.unpack_from("<IIIIQQQ", hdr)
     assert magic == BLOB_META_MAGIC and struct.unpack_from("<I", hdr, 4092)[0] == BLOB_META_MAGIC
     assert (feats, ci_comp, entries, ci_off, ci_c, ci_u) == (
-        int(info.features), int(info.ci_compressor), info.chunk_count, info.ci_offset,
-        info.ci_compressed_size, info.ci_uncompressed_size,
+        int(info.features),
+        int(info.ci_compressor),
+        info.chunk_count,
+        info.ci_offset,
+        info.ci_compressed_size,
+        info.ci_uncompressed_size,
     )
     raw_ci = blob[ci_off : ci_off + ci_c]
     if info.ci_compressor != Compressor.NONE:
@@ -136,13 +142,18 @@ def test_trailers_parse_back(tmp_path, compressor, digester):
         prev_end = uoff + usize
         c = stored[i]
         assert (c.compressed_offset, c.compressed_size, c.uncompressed_offset, c.uncompressed_size) == (
-            coff, csize, uoff, usize
+            coff,
+            csize,
+            uoff,
+            usize,
         )
         data = blob[coff : coff + csize]
         assert c.compressed == (csize != usize) == bool(c.flags & ChunkFlags.COMPRESSED)
         if c.compressed:
             data = codec.decompress(compressor, data, usize)
-        assert codec.digest(digester, data) == blob[digests_off + 32 * i : digests_off + 32 * i + 32] == c.digest
+        assert (
+            codec.digest(digester, data) == blob[digests_off + 32 * i : digests_off + 32 * i + 32] == c.digest
+        )
         assert codec.crc32c(data) == c.crc32 and c.flags & ChunkFlags.HAS_CRC32
     assert info.uncompressed_size == (prev_end + 4095) // 4096 * 4096
 

@@ -103,6 +103,7 @@ def apply_meta(post: list[tuple[str, str, Meta]]) -> None:
 
 # -- hypothesis strategies ------------------------------------------------------------------------
 
+
 def _long(base: bytes, n: int) -> bytes:
     return (base + b"L" * n)[:255]
 
@@ -147,7 +148,9 @@ leaves = st.one_of(
     st.tuples(st.just("file"), contents, metas),
     st.tuples(st.just("link"), st.integers(0, 100), metas),
     st.tuples(st.just("symlink"), targets, metas),
-    st.tuples(st.sampled_from(["chr", "blk"]), st.tuples(st.integers(0, 4095), st.integers(0, 2**20 - 1)), metas),
+    st.tuples(
+        st.sampled_from(["chr", "blk"]), st.tuples(st.integers(0, 4095), st.integers(0, 2**20 - 1)), metas
+    ),
     st.tuples(st.sampled_from(["fifo", "sock"]), metas),
 )
 
@@ -201,7 +204,9 @@ def build_and_check(src: str, work: str, opts: BuildOptions, root: Inode | None 
     return result
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(spec=trees, opts=build_opts)
 def test_random_trees_mount_identically(spec, opts):
     erofs_available()
@@ -258,7 +263,10 @@ def test_everything_tree(tmp_path):
     erofs_available()
     src = str(tmp_path / "src")
     everything_tree(src)
-    for opts in (BuildOptions(chunk_size=0x4000), BuildOptions(chunk_size=0x1000, compressor=Compressor.LZ4_BLOCK)):
+    for opts in (
+        BuildOptions(chunk_size=0x4000),
+        BuildOptions(chunk_size=0x1000, compressor=Compressor.LZ4_BLOCK),
+    ):
         work = tmp_path / f"w{opts.chunk_size}"
         work.mkdir()
         r = build_and_check(src, str(work), opts)

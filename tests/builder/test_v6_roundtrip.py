@@ -21,7 +21,9 @@ from nydus_py.storage.localfs import LocalBlobDir
 
 
 def reg(data: bytes, **kw) -> Inode:
-    return Inode(mode=stat.S_IFREG | kw.pop("perm", 0o644), data=FileData(len(data), lambda: io.BytesIO(data)), **kw)
+    return Inode(
+        mode=stat.S_IFREG | kw.pop("perm", 0o644), data=FileData(len(data), lambda: io.BytesIO(data)), **kw
+    )
 
 
 def payload(kind: int, size: int) -> bytes:
@@ -53,8 +55,11 @@ leaf = st.one_of(
         st.integers(0, 0o7777),
         attrs,
     ),
-    st.builds(lambda t, a: Inode(mode=stat.S_IFLNK | 0o777, symlink=t, **a), st.binary(min_size=1, max_size=200).map(
-        lambda t: t.replace(b"\0", b"0")), attrs),
+    st.builds(
+        lambda t, a: Inode(mode=stat.S_IFLNK | 0o777, symlink=t, **a),
+        st.binary(min_size=1, max_size=200).map(lambda t: t.replace(b"\0", b"0")),
+        attrs,
+    ),
     st.builds(
         lambda m, rd, a: Inode(mode=m | 0o640, rdev=rd, **a),
         st.sampled_from([stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK]),
@@ -62,8 +67,10 @@ leaf = st.one_of(
         attrs,
     ),
 )
-names = st.binary(min_size=1, max_size=30).map(lambda n: n.replace(b"/", b"_").replace(b"\0", b"_")).filter(
-    lambda n: n not in (b".", b"..")
+names = (
+    st.binary(min_size=1, max_size=30)
+    .map(lambda n: n.replace(b"/", b"_").replace(b"\0", b"_"))
+    .filter(lambda n: n not in (b".", b".."))
 )
 
 
@@ -73,7 +80,9 @@ def mkdir(children: dict, a: dict) -> Inode:
     return d
 
 
-trees = st.recursive(leaf, lambda ch: st.builds(mkdir, st.dictionaries(names, ch, max_size=8), attrs), max_leaves=40)
+trees = st.recursive(
+    leaf, lambda ch: st.builds(mkdir, st.dictionaries(names, ch, max_size=8), attrs), max_leaves=40
+)
 
 
 def add_hardlinks(root: Inode, data: st.DataObject) -> None:
@@ -121,7 +130,9 @@ def check_image(root: Inode, tmp: str, opts: BuildOptions) -> None:
         source.close()
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(
     tree=st.builds(mkdir, st.dictionaries(names, trees, min_size=1, max_size=10), attrs),
     data=st.data(),
@@ -147,9 +158,10 @@ def test_cache_view_layout_and_verification(tmp_path):
         assert len(view) == size == img.blobs[0].uncompressed_size
         ino = img.lookup(img.root_ino, b"f")
         for c in img.chunks(ino):
-            assert view[c.uncompressed_offset : c.uncompressed_offset + c.uncompressed_size] == data[
-                c.file_offset : c.file_offset + c.uncompressed_size
-            ]
+            assert (
+                view[c.uncompressed_offset : c.uncompressed_offset + c.uncompressed_size]
+                == data[c.file_offset : c.file_offset + c.uncompressed_size]
+            )
     finally:
         img.close()
     # the path form gives the same view; a flipped byte in chunk data is caught by blob.digest

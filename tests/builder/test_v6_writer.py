@@ -49,16 +49,44 @@ class Boot:
 
     def __init__(self, data: bytes) -> None:
         self.d = data
-        (self.magic, self.cksum, self.compat, self.blkbits, _ext, self.root_nid, self.inos, _bt, _btn,
-         self.blocks, self.meta_blkaddr, _xa) = struct.unpack_from("<IIIBBHQQIIII", data, 1024)
-        self.incompat, _u, self.extra_devices, self.devt_slotoff = struct.unpack_from("<IHHH", data, 1024 + 80)
-        (self.flags, self.bt_off, self.bt_size, self.chunk_size, self.ct_off, self.ct_size, self.pf_off,
-         self.pf_size) = struct.unpack_from("<QQIIQQQI", data, 1152)
+        (
+            self.magic,
+            self.cksum,
+            self.compat,
+            self.blkbits,
+            _ext,
+            self.root_nid,
+            self.inos,
+            _bt,
+            _btn,
+            self.blocks,
+            self.meta_blkaddr,
+            _xa,
+        ) = struct.unpack_from("<IIIBBHQQIIII", data, 1024)
+        self.incompat, _u, self.extra_devices, self.devt_slotoff = struct.unpack_from(
+            "<IHHH", data, 1024 + 80
+        )
+        (
+            self.flags,
+            self.bt_off,
+            self.bt_size,
+            self.chunk_size,
+            self.ct_off,
+            self.ct_size,
+            self.pf_off,
+            self.pf_size,
+        ) = struct.unpack_from("<QQIIQQQI", data, 1152)
 
     def inode(self, nid: int) -> dict:
         pos = self.meta_blkaddr * 4096 + nid * 32
         f = struct.unpack_from("<HHHHQIIIIQII", self.d, pos)
-        ino = dict(zip(["fmt", "icount", "mode", "_r", "size", "u", "ino", "uid", "gid", "mtime", "nsec", "nlink"], f, strict=True))
+        ino = dict(
+            zip(
+                ["fmt", "icount", "mode", "_r", "size", "u", "ino", "uid", "gid", "mtime", "nsec", "nlink"],
+                f,
+                strict=True,
+            )
+        )
         ino["pos"] = pos
         ino["xsize"] = 12 + 4 * (ino["icount"] - 1) if ino["icount"] else 0
         ino["layout"] = ino["fmt"] >> 1
@@ -115,8 +143,11 @@ def test_superblocks_and_tables(tmp_path):
     assert (b.magic, b.cksum, b.compat, b.blkbits, b.incompat) == (0xE0F5E1E2, 0, 0x4000_0000, 12, 0xC)
     assert (b.root_nid, b.extra_devices, b.devt_slotoff, b.chunk_size) == (128, 1, 11, CS)
     assert b.flags == int(
-        SuperFlags.COMPRESSION_ZSTD | SuperFlags.HASH_BLAKE3 | SuperFlags.EXPLICIT_UID_GID
-        | SuperFlags.HAS_XATTR | SuperFlags.INLINED_CHUNK_DIGEST
+        SuperFlags.COMPRESSION_ZSTD
+        | SuperFlags.HASH_BLAKE3
+        | SuperFlags.EXPLICIT_UID_GID
+        | SuperFlags.HAS_XATTR
+        | SuperFlags.INLINED_CHUNK_DIGEST
     )
     assert b.bt_off == 4096 and b.bt_size == 256 and b.ct_off % 4096 == 0 and b.ct_size % 80 == 0
     assert b.meta_blkaddr == 2 and b.d[2 * 4096 : 3 * 4096] == bytes(4096)  # first meta block empty
@@ -205,7 +236,11 @@ def test_bad_trees_fail_before_any_blob(tmp_path, mutate):
 
 
 def test_option_errors(tmp_path):
-    for opts in (BuildOptions(fs_version=5), BuildOptions(compressor=Compressor.GZIP), BuildOptions(chunk_size=3000)):
+    for opts in (
+        BuildOptions(fs_version=5),
+        BuildOptions(compressor=Compressor.GZIP),
+        BuildOptions(chunk_size=3000),
+    ):
         with pytest.raises(ValueError):
             build_image(sample_tree(), str(tmp_path / "boot"), str(tmp_path / "blobs"), opts)
 
@@ -239,11 +274,16 @@ def test_existing_blobs_union_and_dedup(tmp_path):
     infos, chunk_lists = [], []
     for name in ("l1", "l2"):
         w = BlobWriter(str(tmp_path / "blobs"), BuildOptions(chunk_size=CS), blob_index=0)
-        chunk_lists.append(w.add_file(FileData(len(old), lambda: io.BytesIO(old)))
-                           if name == "l1" else w.add_file(FileData(5, lambda: io.BytesIO(b"12345"))))
+        chunk_lists.append(
+            w.add_file(FileData(len(old), lambda: io.BytesIO(old)))
+            if name == "l1"
+            else w.add_file(FileData(5, lambda: io.BytesIO(b"12345")))
+        )
         infos.append(w.finish())
     root = Inode.directory()
-    root.children[b"old"] = Inode(mode=stat.S_IFREG | 0o644, data=ChunkedData(len(old), chunk_lists[0], [infos[0]]))
+    root.children[b"old"] = Inode(
+        mode=stat.S_IFREG | 0o644, data=ChunkedData(len(old), chunk_lists[0], [infos[0]])
+    )
     root.children[b"old2"] = Inode(mode=stat.S_IFREG | 0o644, data=ChunkedData(5, chunk_lists[1], [infos[1]]))
     root.children[b"new"] = reg(old[CS:] + b"tail")  # first chunk dedups against blob l1
     r, b = build(tmp_path, root)
@@ -266,3 +306,17 @@ def test_chunked_data_must_match_chunk_size(tmp_path):
     root.children[b"f"] = Inode(mode=stat.S_IFREG | 0o644, data=ChunkedData(10, chunks, [info]))
     with pytest.raises(FormatError, match="chunk size"):
         build(tmp_path, root)
+
+
+def test_chunked_data_with_hole_fails_before_new_blob(tmp_path):
+    w = BlobWriter(str(tmp_path / "old"), BuildOptions(chunk_size=CS), blob_index=0)
+    chunks = w.add_file(FileData(3 * CS, lambda: io.BytesIO(os.urandom(3 * CS))))
+    info = w.finish()
+    root = Inode.directory()
+    root.children[b"holey"] = Inode(
+        mode=stat.S_IFREG | 0o644, data=ChunkedData(3 * CS, chunks[:1] + chunks[2:], [info])
+    )
+    root.children[b"new"] = reg(b"fresh data")
+    with pytest.raises(FormatError, match="chunks for"):
+        build(tmp_path, root)
+    assert not (tmp_path / "blobs").exists() or os.listdir(tmp_path / "blobs") == []
