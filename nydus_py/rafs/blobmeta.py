@@ -38,6 +38,7 @@ META_HEADER_NAME = "blob.meta.header"
 BLOB_NAME = "image.blob"
 TOC_NONE, TOC_ZSTD, TOC_LZ4 = 0x1, 0x2, 0x4
 MAX_BOOTSTRAP = 1 << 32
+MAX_CHUNK_INFO = 1 << 30
 ZERO_DIGEST = b"\0" * 32
 
 _TOC_ENTRY = struct.Struct("<II16s32sQQQ48s")
@@ -240,8 +241,8 @@ def toc_entry_data(src: RangeReader | bytes | bytearray | memoryview, entry: Toc
         data = raw
     elif algo == Compressor.ZSTD:
         data = _zstd_stream(raw, entry.uncompressed_size, f"ToC entry {entry.name!r}")
-    else:
-        data = codec.decompress(algo, raw, entry.uncompressed_size)
+    else:  # nydusd does not support lz4_block ToC sections either
+        raise FormatError(f"ToC entry {entry.name!r}: {algo.nydus_name} sections are not supported")
     if len(data) != entry.uncompressed_size:
         raise FormatError(f"ToC entry {entry.name!r}: {len(data)} bytes, expected {entry.uncompressed_size}")
     if entry.uncompressed_digest != ZERO_DIGEST and hashlib.sha256(data).digest() != entry.uncompressed_digest:
@@ -250,15 +251,23 @@ def toc_entry_data(src: RangeReader | bytes | bytearray | memoryview, entry: Toc
 
 
 def _zstd_stream(raw: bytes, size: int, what: str) -> bytes:
-    """Decompress zstd frame(s) that may lack a content size, refusing more than `size` bytes."""
+    """Decompress zstd frame(s) that may lack a content size, refusing more than `size` bytes.
+
+    Output grows only as data is produced, so a lying size cannot force a huge allocation.
+    """
+    out = bytearray()
     try:
         reader = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
-        data = reader.read(size + 1)
+        while len(out) <= size:
+            piece = reader.read(min(1 << 20, size + 1 - len(out)))
+            if not piece:
+                break
+            out += piece
     except zstandard.ZstdError as e:
         raise FormatError(f"{what}: cannot decompress zstd data: {e}") from None
-    if len(data) != size:
-        raise FormatError(f"{what}: decompressed to {len(data)}{'+' if len(data) > size else ''} bytes, expected {size}")
-    return data
+    if len(out) != size:
+        raise FormatError(f"{what}: decompressed to {len(out)}{'+' if len(out) > size else ''} bytes, expected {size}")
+    return bytes(out)
 
 
 # ---------------------------------------------------------------------------- blob.meta
@@ -376,6 +385,8 @@ def decode_chunk_info(raw: bytes, header: BlobMetaHeader) -> ChunkInfoTable:
     """The chunk-info array from its stored (maybe compressed) bytes, per its header."""
     if len(raw) != header.ci_compressed_size:
         raise FormatError(f"blob.meta array is {len(raw)} bytes, header says {header.ci_compressed_size}")
+    if header.ci_uncompressed_size > MAX_CHUNK_INFO:
+        raise FormatError(f"blob.meta array of {header.ci_uncompressed_size} bytes exceeds {MAX_CHUNK_INFO}")
     if header.ci_compressor == Compressor.NONE:
         if header.ci_compressed_size != header.ci_uncompressed_size:
             raise FormatError("blob.meta array is uncompressed but its sizes differ")

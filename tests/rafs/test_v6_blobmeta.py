@@ -222,3 +222,29 @@ def test_mutated_blob_tails_raise_only_format_error(edits: list[tuple[int, int]]
 
 INLINE_TOC = encode(TREE, chunk_size=0x1000, inline_bootstrap=True, toc=True, blob_id="c" * 64)
 INLINE_RAW = encode(TREE, chunk_size=0x1000, inline_bootstrap=True, toc=False, blob_id="c" * 64)
+
+
+def test_toc_entry_sizes_and_algorithms_are_checked() -> None:
+    import tracemalloc
+
+    import zstandard
+
+    payload = zstandard.ZstdCompressor(write_content_size=False).compress(b"boot" * 100)
+    blob = payload + b"\0" * 100
+    lying = bm.TocEntry(bm.TOC_ZSTD, "image.boot", b"\0" * 32, 0, len(payload), 3 << 30)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match="expected"):
+            bm.toc_entry_data(blob, lying)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 << 20
+    ok = bm.TocEntry(bm.TOC_ZSTD, "image.boot", hashlib.sha256(b"boot" * 100).digest(), 0, len(payload), 400)
+    assert bm.toc_entry_data(blob, ok) == b"boot" * 100
+    with pytest.raises(FormatError, match="not supported"):
+        bm.toc_entry_data(blob, bm.TocEntry(bm.TOC_LZ4, "x", b"\0" * 32, 0, 4, 4))
+    with pytest.raises(FormatError, match="unknown flags"):
+        bm.toc_entry_data(blob, bm.TocEntry(0x10, "x", b"\0" * 32, 0, 4, 4))
+    with pytest.raises(FormatError, match="outside"):
+        bm.toc_entry_data(blob, bm.TocEntry(bm.TOC_NONE, "x", b"\0" * 32, 10**9, 4, 4))
