@@ -22,6 +22,7 @@ nanoseconds, 32-bit uid/gid and rdev. Hard links of any non-directory type are o
 several dirents.
 """
 
+import logging
 import stat
 import struct
 from collections import deque
@@ -61,6 +62,8 @@ from ..rafs.errors import FormatError
 from ..rafs.model import BlobInfo, ChunkInfo
 from .options import BuildOptions
 from .tree import ChunkedData, FileData, Inode
+
+log = logging.getLogger(__name__)
 
 BLOCK = EROFS_BLOCK_SIZE
 INODE_SIZE = 64  # extended inode
@@ -424,16 +427,18 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
 
 def _resolve_prefetch(root: _Rec, paths: Sequence[bytes]) -> list[_Rec]:
     """Records named by absolute prefetch paths, in order; covered and missing paths are dropped
-    (as nydus does: it only warns)."""
+    with a warning, as nydus does."""
     chosen: list[bytes] = []
     out: list[_Rec] = []
     for raw in paths:
         p = raw.encode() if isinstance(raw, str) else bytes(raw)
         if not p.startswith(b"/"):
+            log.warning("prefetch path %r is not absolute; ignored", p)
             continue
         parts = [c for c in p.split(b"/") if c and c != b"."]
         norm = b"/" + b"/".join(parts)
         if any(norm == c or norm.startswith(c.rstrip(b"/") + b"/") for c in chosen):
+            log.info("prefetch path %r is covered by an earlier one", p)
             continue
         rec: _Rec | None = root
         for comp in parts:
@@ -442,6 +447,7 @@ def _resolve_prefetch(root: _Rec, paths: Sequence[bytes]) -> list[_Rec]:
                 break
             rec = next((r for n, r in rec.entries if n == comp), None)
         if rec is None:
+            log.warning("prefetch path %r is not in the image; ignored", p)
             continue
         chosen.append(norm)
         out.append(rec)
