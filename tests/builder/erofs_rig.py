@@ -1,8 +1,8 @@
 """Test rig for the v6 builder: read a directory into the build tree, mount images with the
 kernel EROFS driver (file-backed, raw mount(2)), and compare two directory trees field by field.
 
-The directory reader is a deliberately small test helper (the product reader is
-`nydus_py.builder.sources`); keeping it here lets the oracle test the writer alone.
+The directory reader is the product's own (`nydus_py.builder.sources`), so the oracle covers
+reading the source tree as well as writing the image.
 """
 
 import ctypes
@@ -14,53 +14,12 @@ from contextlib import contextmanager
 
 import pytest
 
-from nydus_py.builder.tree import FileData, Inode
+from nydus_py.builder.sources import tree_from_directory
+
+__all__ = ["compare_trees", "erofs_available", "erofs_mount", "tree_from_directory"]
 
 MS_RDONLY = 1
 MNT_DETACH = 2
-
-
-def _opener(path: bytes):  # noqa: ANN202 - tiny closure factory
-    return lambda: open(path, "rb")
-
-
-def tree_from_directory(path: str | bytes) -> Inode:
-    """Build-tree model of an on-disk directory (no filtering; hard links by (dev, ino))."""
-    root_path = os.fsencode(path)
-    seen: dict[tuple[int, int], Inode] = {}
-
-    def node_for(p: bytes) -> Inode:
-        st = os.lstat(p)
-        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-            hit = seen.get((st.st_dev, st.st_ino))
-            if hit is not None:
-                return hit
-        xattrs = {
-            os.fsencode(n): os.getxattr(p, n, follow_symlinks=False)
-            for n in os.listxattr(p, follow_symlinks=False)
-        }
-        node = Inode(
-            mode=st.st_mode,
-            uid=st.st_uid,
-            gid=st.st_gid,
-            mtime=st.st_mtime_ns // 1_000_000_000,
-            mtime_nsec=st.st_mtime_ns % 1_000_000_000,
-            rdev=st.st_rdev if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else 0,
-            xattrs=xattrs,
-        )
-        if stat.S_ISREG(st.st_mode):
-            node.data = FileData(st.st_size, _opener(p))
-        elif stat.S_ISLNK(st.st_mode):
-            node.symlink = os.readlink(p)
-        elif stat.S_ISDIR(st.st_mode):
-            node.children = {}
-            for name in sorted(os.listdir(p)):
-                node.children[name] = node_for(p + b"/" + name)
-        if not stat.S_ISDIR(st.st_mode) and st.st_nlink > 1:
-            seen[(st.st_dev, st.st_ino)] = node
-        return node
-
-    return node_for(root_path)
 
 
 def erofs_available() -> None:
@@ -113,9 +72,10 @@ def _file_digest(p: bytes) -> bytes:
     return h.digest()
 
 
-def compare_trees(src: str | bytes, mnt: str | bytes, *, check_owner: bool = True) -> int:
+def compare_trees(src: str | bytes, mnt: str | bytes, *, check_owner: bool = True, without_sockets: bool = False) -> int:
     """Assert that `mnt` mirrors `src`: names, every stat field, xattrs, link targets, data and
-    hard-link identity. Returns the number of entries compared."""
+    hard-link identity. Returns the number of entries compared. `without_sockets`: `src` sockets
+    are expected to be absent (tar cannot hold them)."""
     src_b, mnt_b = os.fsencode(src), os.fsencode(mnt)
     groups_src: dict[tuple[int, int], bytes] = {}
     groups_mnt: dict[int, bytes] = {}
@@ -135,6 +95,8 @@ def compare_trees(src: str | bytes, mnt: str | bytes, *, check_owner: bool = Tru
         assert _xattrs(a) == _xattrs(b), where
         if stat.S_ISDIR(sa.st_mode):
             na, nb = sorted(os.listdir(a)), sorted(os.listdir(b))
+            if without_sockets:
+                na = [n for n in na if not stat.S_ISSOCK(os.lstat(a + b"/" + n).st_mode)]
             assert na == nb, where
             subdirs = sum(1 for n in na if stat.S_ISDIR(os.lstat(a + b"/" + n).st_mode))
             assert sb.st_nlink == 2 + subdirs, where

@@ -19,6 +19,7 @@ from nydus_py.builder.build import build_image
 from nydus_py.builder.cache_view import write_cache_view
 from nydus_py.builder.options import BuildOptions, BuildResult
 from nydus_py.builder.tree import ChunkedData, FileData, Inode
+from nydus_py.cli.image import main as image_cli
 from nydus_py.rafs.constants import Compressor, Digester
 from tests.conftest import require_tool
 
@@ -194,6 +195,13 @@ def build_and_check(src: str, work: str, opts: BuildOptions, root: Inode | None 
     with erofs_mount(boot, views, mnt):
         n = compare_trees(src, mnt)
         assert n >= 1
+    # The same image through `nydus-image-py unpack`, extracted by GNU tar, must match too.
+    out_tar, out_dir = os.path.join(work, "unpacked.tar"), os.path.join(work, "unpacked")
+    assert image_cli(["unpack", "--bootstrap", boot, "--blob-dir", blobs, "--output", out_tar]) == 0
+    os.makedirs(out_dir)
+    subprocess.run([require_tool("tar"), "--xattrs", "--xattrs-include=*", "--same-owner", "--numeric-owner",
+                    "-xpf", out_tar, "-C", out_dir], check=True)
+    compare_trees(src, out_dir, without_sockets=True)
     dev_args = [f"--device={v}" for v in views]
     fsck = subprocess.run([require_tool("fsck.erofs"), *dev_args, boot], capture_output=True, text=True)
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
