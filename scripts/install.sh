@@ -11,6 +11,8 @@ DEB_PACKAGES=(
   fuse3            # fusermount3 for unprivileged mounts
   attr             # getfattr/setfattr for tests and debugging
   util-linux       # mount, losetup
+  docker-registry  # distribution 2.8: the real OCI registry the storage tests push to and read from
+  apache2-utils    # htpasswd -B: bcrypt users for the basic-auth registry rig
 )
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do

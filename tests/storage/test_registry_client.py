@@ -1,0 +1,273 @@
+"""The registry backend against real `docker-registry` instances (plain, basic, token, mirror,
+redirect) and a forward proxy; blobs are pushed by our own client."""
+
+import errno
+import hashlib
+import json
+import os
+import random
+import threading
+import time
+
+import pytest
+
+from nydus_py.rafs.constants import Compressor, Digester
+from nydus_py.rafs.model import BlobInfo
+from nydus_py.storage.registry import RegistryBackend, parse_registry_config
+
+from . import registry_rig as rig
+from .fault_proxy import FaultProxy
+from .images import registry_config
+
+DATA = random.Random(3).randbytes(700_000)
+BLOB_ID = hashlib.sha256(DATA).hexdigest()
+BLOB = BlobInfo(0, BLOB_ID, Compressor.NONE, Digester.SHA256, 0x10000)
+
+
+def backend(host: str, repo: str = "test/blob", **extra: object) -> RegistryBackend:
+    return RegistryBackend(parse_registry_config(registry_config(host, repo, **extra), env={},
+                                                 docker_config_paths=[]))
+
+
+def check_ranges(b: RegistryBackend, n: int = 20, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    spots = [(0, 1), (len(DATA) - 1, 1), (0, len(DATA)), (65535, 2)]
+    spots += [(o, rng.randrange(1, min(200_000, len(DATA) - o) + 1)) for o in
+              (rng.randrange(len(DATA)) for _ in range(n))]
+    for off, size in spots:
+        assert b.read(BLOB, off, size) == DATA[off:off + size], (off, size)
+
+
+@pytest.fixture(scope="module")
+def pushed_plain(plain_registry):
+    with backend(plain_registry.host) as b:
+        assert b.push_blob(DATA) == f"sha256:{BLOB_ID}"
+        assert b.push_blob(DATA) == f"sha256:{BLOB_ID}"  # already there: no second upload
+    return plain_registry
+
+
+def test_plain_push_and_ranged_reads(pushed_plain):
+    with backend(pushed_plain.host) as b:
+        check_ranges(b)
+        c = b.counters
+        assert c.ok_200_for_206 == 0 and c.read_errors == 0 and c.retries == 0
+        assert c.requests == c.reads  # anonymous registry: one request per read
+        assert b.blob_size(BLOB_ID) == len(DATA)
+
+
+def test_chunked_upload(plain_registry):
+    data = os.urandom(300_001)
+    with backend(plain_registry.host, "test/chunked") as b:
+        digest = b.push_blob(data, chunk_size=100_000)
+        assert digest == "sha256:" + hashlib.sha256(data).hexdigest()
+        blob = BlobInfo(0, digest[7:], Compressor.NONE, Digester.SHA256, 0x10000)
+        assert b.read(blob, 0, len(data)) == data
+    assert plain_registry.log_text().count("PATCH /v2/test/chunked/blobs/uploads/") >= 3
+
+
+def test_missing_blob_and_range_past_end_fail_fast(pushed_plain):
+    with backend(pushed_plain.host) as b:
+        missing = BlobInfo(0, "0" * 64, Compressor.NONE, Digester.SHA256, 0x10000)
+        t = time.monotonic()
+        with pytest.raises(OSError) as e:
+            b.read(missing, 0, 10)
+        assert e.value.errno == errno.EIO
+        with pytest.raises(OSError):
+            b.read(BLOB, len(DATA) + 10, 10)
+        assert time.monotonic() - t < 2  # permanent answers are not retried
+        assert b.counters.retries == 0 and b.counters.errors_by_status.get(404) == 1
+        with pytest.raises(OSError) as e:
+            b.blob_size("0" * 64)
+        assert e.value.errno == errno.ENOENT
+
+
+def test_basic_auth(basic_registry):
+    with backend(basic_registry.host, auth=rig.basic_auth()) as b:
+        b.push_blob(DATA)
+        check_ranges(b, 5)
+        # one 401 to learn the scheme, then the Basic header is cached
+        assert b.counters.unauthorized == 1
+    with backend(basic_registry.host, auth=rig.basic_auth(rig.USER, "wrong")) as b:
+        t = time.monotonic()
+        with pytest.raises(OSError):
+            b.read(BLOB, 0, 10)
+        assert time.monotonic() - t < 2 and b.counters.retries == 0
+    with backend(basic_registry.host) as b, pytest.raises(OSError):
+        b.read(BLOB, 0, 10)
+
+
+def test_basic_auth_from_env_and_docker_config(basic_registry, tmp_path):
+    cfg = parse_registry_config(registry_config(basic_registry.host, "test/blob"),
+                                env={"IMAGE_PULL_AUTH": rig.basic_auth()})
+    with RegistryBackend(cfg) as b:
+        b.push_blob(DATA)
+        assert b.read(BLOB, 5, 5) == DATA[5:10]
+    (tmp_path / "config.json").write_text(
+        json.dumps({"auths": {basic_registry.host: {"username": rig.USER, "password": rig.PASSWORD}}}))
+    cfg = parse_registry_config(registry_config(basic_registry.host, "test/blob"), env={},
+                                docker_config_paths=[str(tmp_path / "config.json")])
+    with RegistryBackend(cfg) as b:
+        assert b.read(BLOB, 5, 5) == DATA[5:10]
+
+
+@pytest.fixture(scope="module")
+def pushed_token(token_registry):
+    for repo in ("test/blob", "public/blob"):
+        with backend(token_registry.host, repo, auth=rig.basic_auth()) as b:
+            b.push_blob(DATA)
+    return token_registry
+
+
+def test_token_auth_one_fetch_for_a_burst(pushed_token, token_server):
+    before = len(token_server.requests)
+    with backend(pushed_token.host, auth=rig.basic_auth()) as b:
+        errors: list[BaseException] = []
+
+        def reader(seed: int) -> None:
+            try:
+                check_ranges(b, 3, seed)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert not errors
+        assert b.counters.token_fetches == 1
+    assert len(token_server.requests) - before == 1
+    assert token_server.requests[-1]["method"] == "POST" and token_server.requests[-1]["auth"]
+
+
+def test_token_anonymous_public_and_denied_private(pushed_token):
+    with backend(pushed_token.host, "public/blob") as b:
+        assert b.read(BLOB, 100, 50) == DATA[100:150]
+    with backend(pushed_token.host, "test/blob") as b:
+        with pytest.raises(OSError):
+            b.read(BLOB, 100, 50)
+        # a token that the registry refuses is not re-fetched in a loop
+        assert b.counters.token_fetches <= 2
+
+
+def test_token_get_fallback_remembered(pushed_token, token_server):
+    token_server.post_enabled = False
+    try:
+        before = len(token_server.requests)
+        with backend(pushed_token.host, auth=rig.basic_auth()) as b:
+            assert b.read(BLOB, 0, 100) == DATA[:100]
+            assert "http://" + token_server.realm.split("://")[1] in b.client.auth.use_get
+        methods = [r["method"] for r in token_server.requests[before:]]
+        assert methods == ["POST", "GET"]
+    finally:
+        token_server.post_enabled = True
+
+
+def test_token_proactive_renewal_is_bounded(pushed_token, token_server):
+    token_server.expires_in = 2
+    try:
+        before = len(token_server.requests)
+        with backend(pushed_token.host, auth=rig.basic_auth()) as b:
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 4.5:
+                assert b.read(BLOB, 0, 10) == DATA[:10]
+                time.sleep(0.05)
+            fetched = b.counters.token_fetches
+            refreshes = b.counters.token_refreshes
+        # one token per ~1s (half-life renewal), never a storm
+        assert 3 <= len(token_server.requests) - before <= 8
+        assert refreshes >= 2 and fetched == len(token_server.requests) - before
+    finally:
+        token_server.expires_in = 300
+
+
+def test_token_server_down_backs_off(pushed_token, token_server):
+    token_server.fail_next = 1000
+    try:
+        before = len(token_server.requests)
+        with backend(pushed_token.host, auth=rig.basic_auth(), read_deadline=2.0) as b:
+            t = time.monotonic()
+            for _ in range(5):
+                with pytest.raises(OSError):
+                    b.read(BLOB, 0, 10)
+            assert time.monotonic() - t < 5 * 2.5
+        # 5 reads with retries inside 2 s deadlines: token requests stay few (1 s, 2 s, ... backoff)
+        assert len(token_server.requests) - before <= 10
+    finally:
+        token_server.fail_next = 0
+
+
+def test_mirror_answers_200_for_206(pushed_plain, mirror_registry):
+    with backend(mirror_registry.host) as b:
+        assert b.read(BLOB, 12345, 1000) == DATA[12345:13345]
+        assert b.counters.ok_200_for_206 >= 1
+        check_ranges(b, 5)
+        assert b.counters.read_errors == 0
+
+
+def test_redirect_without_authorization_and_cached(pushed_plain, redirect_registry):
+    reg, target = redirect_registry
+    start = len(target.requests)
+    with backend(reg.host, registry_token="not-for-object-storage") as b:
+        assert b.read(BLOB, 0, 100) == DATA[:100]
+        assert b.read(BLOB, 1000, 100) == DATA[1000:1100]
+        assert b.counters.redirects == 1 and b.counters.redirect_cache_hits == 1
+        got = target.requests[start:]
+        assert [r["range"] for r in got] == ["bytes=0-99", "bytes=1000-1099"]
+        assert not any(r["auth"] for r in got)
+        # an expired signature (403) drops the cached URL and asks the registry again
+        target.deny_next = 1
+        assert b.read(BLOB, 2000, 10) == DATA[2000:2010]
+        assert b.counters.redirect_cache_drops == 1 and b.counters.redirects == 2
+    gets = [line for line in reg.log_text().splitlines() if f"/blobs/sha256:{BLOB_ID}" in line and "307" in line]
+    assert len(gets) >= 2
+
+
+def test_redirect_host_rewrite(registry_bin, registry_root, pushed_plain):
+    target = rig.RangeServer(pushed_plain.data).start()
+    reg = rig.Registry(registry_bin, registry_root, "redirect-bogus", {
+        "storage": {"filesystem": {"rootdirectory": str(pushed_plain.data)}, "redirect": {"disable": False},
+                    "maintenance": {"uploadpurging": {"enabled": False}}},
+        "middleware": {"storage": [{"name": "redirect", "options": {"baseurl": "http://127.0.0.1:9/"}}]},
+    })
+    reg.helpers.append(target)
+    reg.start()
+    try:
+        with backend(reg.host, blob_redirected_host=target.url.split("://")[1]) as b:
+            assert b.read(BLOB, 7, 7) == DATA[7:14]
+        assert len(target.requests) == 1
+    finally:
+        reg.stop()
+
+
+def test_forward_proxy_fallback_and_recovery(pushed_plain):
+    proxy = FaultProxy()
+    try:
+        with backend(pushed_plain.host, proxy={"url": proxy.url, "ping_url": proxy.url + "/ping",
+                                               "check_interval": 0.2, "fallback": True}) as b:
+            assert b.read(BLOB, 0, 10) == DATA[:10]
+            assert len(proxy.blob_requests()) == 1 and b.counters.fallbacks == 0
+            proxy.pause()
+            for i in range(3):
+                assert b.read(BLOB, i, 10) == DATA[i:i + 10]
+            assert b.counters.fallbacks >= 1 and b.counters.proxy_failures >= 1
+            proxy.resume()
+            deadline = time.monotonic() + 5
+            while b.counters.proxy_recoveries == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert b.counters.proxy_recoveries == 1
+            n = len(proxy.blob_requests())
+            assert b.read(BLOB, 50, 10) == DATA[50:60]
+            assert len(proxy.blob_requests()) == n + 1
+            # the proxy answering 5xx is a proxy failure too
+            proxy.inject("5xx")
+            fb = b.counters.fallbacks
+            assert b.read(BLOB, 60, 10) == DATA[60:70]
+            assert b.counters.fallbacks == fb + 1
+        proxy.pause()
+        with backend(pushed_plain.host, proxy={"url": proxy.url, "fallback": False}, read_deadline=1.5) as b:
+            with pytest.raises(OSError):
+                b.read(BLOB, 0, 10)
+            assert b.counters.fallbacks == 0
+    finally:
+        proxy.stop()
