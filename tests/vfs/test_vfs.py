@@ -1,0 +1,200 @@
+"""The pseudo-root VFS: routing, inode numbering, run-time mount/umount, dedicated mode."""
+
+import errno
+import stat
+import threading
+import time
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nydus_py.fuse.api import FuseError
+from nydus_py.vfs import INO_SHIFT, MAX_INDEX, Vfs, VfsError
+from tests.fuse.memfs import MemFS
+
+ROOT = 1
+
+
+def names(vfs: Vfs, ino: int) -> list[bytes]:
+    return [n for n, *_ in vfs.readdir(ino, 0, 0)]
+
+
+def walk(vfs: Vfs, path: str) -> int:
+    ino = ROOT
+    for part in path.strip("/").split("/"):
+        if part:
+            ino = vfs.lookup(ino, part.encode()).ino
+    return ino
+
+
+def test_shared_mounts_route_and_keep_inodes_distinct() -> None:
+    vfs = Vfs()
+    a, b = MemFS(), MemFS()
+    ia = vfs.mount("/snap-a", a)
+    ib = vfs.mount("/rafs/c1/lowerdir", b)
+    assert ia != ib and 1 <= ia <= MAX_INDEX and 1 <= ib <= MAX_INDEX
+    assert names(vfs, ROOT) == [b".", b"..", b"rafs", b"snap-a"]
+    rafs = vfs.lookup(ROOT, b"rafs")
+    assert stat.S_ISDIR(rafs.attr.mode) and rafs.ino >> INO_SHIFT == 0
+    root_b = walk(vfs, "/rafs/c1/lowerdir")
+    assert root_b == (ib << INO_SHIFT) | 1
+    ha = vfs.lookup(walk(vfs, "/snap-a"), b"hello")
+    hb = vfs.lookup(root_b, b"hello")
+    assert ha.ino == (ia << INO_SHIFT) | 2 and hb.ino == (ib << INO_SHIFT) | 2
+    assert ha.attr.ino == ha.ino and hb.attr.ino == hb.ino
+    assert vfs.getattr(hb.ino)[0].ino == hb.ino
+    assert vfs.read(ha.ino, 102, 0, 100) == b"hello world\n"
+    deep = vfs.lookup(vfs.lookup(root_b, b"sub").ino, b"deep")
+    assert deep.ino >> INO_SHIFT == ib and vfs.read(deep.ino, 104, 0, 4) == bytes(range(4))
+    assert vfs.readlink(vfs.lookup(root_b, b"link").ino) == b"hello"
+    # ".." of a mounted root leads back into the pseudo tree, in lookup and in readdir
+    c1 = walk(vfs, "/rafs/c1")
+    assert vfs.lookup(root_b, b"..").ino == c1
+    dots = {n: i for n, i, _t, _o in vfs.readdir(root_b, 0, 0)}
+    assert dots[b".."] == c1 and dots[b"."] == root_b and dots[b"hello"] == hb.ino
+    plus = {n: e for e, n, _t, _o in vfs.readdirplus(root_b, 0, 0)}
+    assert plus[b"hello"].ino == hb.ino and plus[b"hello"].attr.ino == hb.ino
+    assert plus[b".."].attr.ino == c1
+    pseudo_plus = {n: e for e, n, _t, _o in vfs.readdirplus(ROOT, 0, 0)}
+    assert pseudo_plus[b"snap-a"].ino == (ia << INO_SHIFT) | 1
+    assert vfs.mounts() == {"/snap-a": ia, "/rafs/c1/lowerdir": ib}
+
+
+def test_umount_prunes_auto_directories_and_stales_old_inodes() -> None:
+    vfs = Vfs()
+    vfs.mount("/keep", MemFS())
+    idx = vfs.mount("/rafs/c1/lowerdir", MemFS())
+    hello = vfs.lookup(walk(vfs, "/rafs/c1/lowerdir"), b"hello").ino
+    vfs.mount("/rafs/c2/lowerdir", MemFS())
+    vfs.umount("/rafs/c1/lowerdir")
+    assert names(vfs, walk(vfs, "/rafs")) == [b".", b"..", b"c2"]
+    with pytest.raises(FuseError) as e:
+        vfs.getattr(hello)
+    assert e.value.errno == errno.ESTALE
+    vfs.umount("/rafs/c2/lowerdir/")
+    assert names(vfs, ROOT) == [b".", b"..", b"keep"]
+    with pytest.raises(FuseError):
+        vfs.lookup(ROOT, b"rafs")
+    # the freed index is not handed out again right away
+    assert vfs.mount("/again", MemFS()) != idx
+
+
+def test_mount_table_errors_change_nothing() -> None:
+    vfs = Vfs()
+    vfs.mount("/a/b", MemFS())
+    before = (vfs.mounts(), names(vfs, ROOT), vfs.export_layout())
+    cases = [("/a/b", errno.EEXIST), ("/a/b/c", errno.EBUSY), ("/a", errno.EBUSY), ("/", errno.EBUSY),
+             ("relative", errno.EINVAL), ("/x/../y", errno.EINVAL), ("", errno.EINVAL)]
+    for path, code in cases:
+        with pytest.raises(VfsError) as e:
+            vfs.mount(path, MemFS())
+        assert e.value.errno == code, path
+    with pytest.raises(VfsError) as e:
+        vfs.umount("/nope")
+    assert e.value.errno == errno.ENOENT
+    assert (vfs.mounts(), names(vfs, ROOT), vfs.export_layout()) == before
+
+
+def test_dedicated_root_passes_inodes_through() -> None:
+    vfs = Vfs()
+    fs = MemFS()
+    assert vfs.mount("/", fs) == 0
+    hello = vfs.lookup(ROOT, b"hello")
+    assert hello.ino == 2 and hello.attr.ino == 2
+    assert names(vfs, ROOT) == [n for n, *_ in fs.readdir(1, 0, 0)]
+    with pytest.raises(VfsError):
+        vfs.mount("/other", MemFS())
+    assert vfs.umount("/") is fs
+    with pytest.raises(FuseError):
+        vfs.getattr(2)
+    assert names(vfs, ROOT) == [b".", b".."]
+
+
+def test_index_limit() -> None:
+    vfs = Vfs()
+    for i in range(MAX_INDEX):
+        vfs.mount(f"/m{i}", MemFS())
+    with pytest.raises(VfsError) as e:
+        vfs.mount("/one-too-many", MemFS())
+    assert e.value.errno == errno.ENOSPC
+    vfs.umount("/m7")
+    assert vfs.mount("/one-more", MemFS()) == 8
+
+
+class SlowFS(MemFS):
+    def __init__(self) -> None:
+        super().__init__()
+        self.entered = threading.Event()
+        self.release_read = threading.Event()
+
+    def read(self, ino: int, fh: int, offset: int, size: int) -> bytes:
+        self.entered.set()
+        assert self.release_read.wait(10)
+        return super().read(ino, fh, offset, size)
+
+
+def test_umount_waits_for_requests_inside() -> None:
+    vfs = Vfs()
+    fs = SlowFS()
+    idx = vfs.mount("/slow", fs)
+    out: list[bytes] = []
+    t = threading.Thread(target=lambda: out.append(bytes(vfs.read((idx << INO_SHIFT) | 2, 102, 0, 5))))
+    t.start()
+    assert fs.entered.wait(5)
+    done = threading.Event()
+    u = threading.Thread(target=lambda: (vfs.umount("/slow"), done.set()))
+    u.start()
+    time.sleep(0.2)
+    assert not done.is_set(), "umount returned while a read was inside the filesystem"
+    fs.release_read.set()
+    t.join(5)
+    u.join(5)
+    assert done.is_set() and out == [b"hello"]
+
+
+def test_layout_round_trip_keeps_inode_numbers() -> None:
+    vfs = Vfs()
+    vfs.mount("/rafs/c1/lowerdir", MemFS())
+    vfs.mount("/s2", MemFS())
+    layout = vfs.export_layout()
+    pseudo = {p: walk(vfs, p) for p in ("/rafs", "/rafs/c1")}
+    other = Vfs()
+    other.restore_layout(layout)
+    for path, index in layout["mounts"].items():
+        other.mount(path, MemFS(), index=index)
+    assert {p: walk(other, p) for p in pseudo} == pseudo
+    assert walk(other, "/rafs/c1/lowerdir/hello") == walk(vfs, "/rafs/c1/lowerdir/hello")
+    assert other.mounts() == vfs.mounts()
+
+
+paths = st.lists(st.sampled_from(["a", "b", "c"]), min_size=1, max_size=3).map(lambda p: "/" + "/".join(p))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), paths), max_size=25))
+def test_random_mount_sequences_match_a_model(ops: list[tuple[bool, str]]) -> None:
+    vfs = Vfs()
+    model: dict[str, int] = {}
+    for is_mount, path in ops:
+        if is_mount:
+            clash = any(path == p or path.startswith(p + "/") or p.startswith(path + "/") for p in model)
+            try:
+                model[path] = vfs.mount(path, MemFS())
+                assert not clash
+            except VfsError:
+                assert clash
+        else:
+            try:
+                vfs.umount(path)
+                assert path in model
+                del model[path]
+            except VfsError:
+                assert path not in model
+        assert vfs.mounts() == model
+        assert len(set(model.values())) == len(model)
+        top = sorted({p.split("/")[1].encode() for p in model})
+        assert names(vfs, ROOT)[2:] == top
+        for path, idx in model.items():
+            assert walk(vfs, path) == (idx << INO_SHIFT) | 1
+            assert walk(vfs, path + "/sub/deep") == (idx << INO_SHIFT) | 4
