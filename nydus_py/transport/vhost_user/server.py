@@ -1,0 +1,323 @@
+"""The vhost-user socket loop: accept a front-end, feed its messages to a `Backend`, and serve each
+running queue from its own worker thread.
+
+One front-end at a time (the listening socket stays; after a disconnect the next one is
+accepted, e.g. a restarted VM). Messages are read as a header, whose recvmsg also carries the
+SCM_RIGHTS fds, then the payload. A malformed message drops the connection; everything the
+connection owned (workers, mappings, fds) is released before the next accept.
+
+A worker waits on its kick eventfd (a private dup, so the control thread may replace or close
+the original at any time) and a stop eventfd, pops every available chain, hands the readable
+bytes to the request handler, scatters the reply into the writable buffers, completes the chain
+on the used ring and signals the call eventfd when the driver wants it.
+"""
+
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable, Sequence
+
+from . import messages as M
+from .backend import Backend, Vring
+from .messages import Message, VhostUserError
+from .virtqueue import Chain, DescriptorError, RingError
+
+log = logging.getLogger(__name__)
+
+Buffers = Sequence[bytes | bytearray | memoryview]
+# request bytes, room in the writable part -> reply buffers (None: complete with 0 bytes)
+RequestHandler = Callable[[memoryview, int], Buffers | None]
+STOP_TIMEOUT = 30.0
+POLL_INTERVAL_MS = 1  # queues without a kick fd (VRING_NOFD) are polled this often
+
+
+class QueueWorker:
+    """Serves one running vring until stopped."""
+
+    def __init__(self, vring: Vring, handler: RequestHandler, name: str) -> None:
+        self.vring = vring
+        self.handler = handler
+        self.kick = os.dup(vring.kick) if vring.kick is not None else None
+        self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.served = 0
+        self.failed = 0
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        os.eventfd_write(self.stop_fd, 1)
+        self.thread.join(STOP_TIMEOUT)
+        if self.thread.is_alive():
+            log.error("queue %d: worker still busy after %.0f s; abandoning it", self.vring.index, STOP_TIMEOUT)
+            return
+        for fd in (self.kick, self.stop_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+
+    def _run(self) -> None:
+        poller = select.poll()
+        poller.register(self.stop_fd, select.POLLIN)
+        if self.kick is not None:
+            poller.register(self.kick, select.POLLIN)
+        timeout = None if self.kick is not None else POLL_INTERVAL_MS
+        try:
+            while True:
+                if not self._drain():
+                    return
+                ready = poller.poll(timeout)
+                for fd, _ in ready:
+                    if fd == self.stop_fd:
+                        return
+                    with contextlib.suppress(BlockingIOError, InterruptedError):
+                        os.eventfd_read(fd)
+        except Exception:
+            log.exception("queue %d: worker failed", self.vring.index)
+
+    def _drain(self) -> bool:
+        """Serve everything available; False if the ring is broken (the worker then stops)."""
+        q = self.vring.queue
+        if q is None:
+            return False
+        while True:
+            try:
+                chain = q.pop()
+            except DescriptorError as e:
+                log.error("queue %d: %s; completing it with an empty reply", self.vring.index, e)
+                self.failed += 1
+                q.push(e.head, 0)
+                self._notify()
+                continue
+            except RingError as e:
+                log.error("queue %d: %s; the queue stops", self.vring.index, e)
+                return False
+            if chain is None:
+                q.set_avail_event()
+                # a syscall-free re-check after publishing avail_event (the GIL switch and the
+                # store order on x86 make it a full barrier for this purpose)
+                try:
+                    if not q.pending():
+                        return True
+                except RingError as e:
+                    log.error("queue %d: %s; the queue stops", self.vring.index, e)
+                    return False
+                continue
+            q.push(chain.head, self._serve(chain))
+            self.served += 1
+            self._notify()
+
+    def _notify(self) -> None:
+        q = self.vring.queue
+        if q is not None and q.needs_notify():
+            self.vring.signal()
+
+    def _serve(self, chain: Chain) -> int:
+        room = chain.writable_size()
+        try:
+            reply = self.handler(memoryview(chain.read_all()), room)
+        except Exception:
+            log.exception("queue %d: request handler failed on chain %d", self.vring.index, chain.head)
+            self.failed += 1
+            return 0
+        if not reply:
+            return 0
+        try:
+            return chain.write(reply)
+        except ValueError as e:
+            log.error("queue %d: %s", self.vring.index, e)
+            self.failed += 1
+            return 0
+
+
+class VhostUserServer:
+    """Listen on `path` and serve front-ends one after another with `handler` behind every queue.
+
+    `backend_factory` builds a fresh Backend per connection; `on_disconnect` runs after a
+    connection's state is released (e.g. to reset the FUSE session for the next guest).
+    """
+
+    def __init__(self, path: str, handler: RequestHandler, *,
+                 backend_factory: Callable[[], Backend] = Backend,
+                 on_disconnect: Callable[[], None] | None = None) -> None:
+        self.path = path
+        self.handler = handler
+        self.backend_factory = backend_factory
+        self.on_disconnect = on_disconnect
+        self.listener: socket.socket | None = None
+        self.conn: socket.socket | None = None
+        self.backend: Backend | None = None
+        self.workers: dict[int, QueueWorker] = {}
+        self.connections = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def bind(self) -> None:
+        """Unlink any stale socket file and listen (as nydusd does with --sock)."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        s.bind(self.path)
+        s.listen(1)
+        self.listener = s
+
+    def start(self) -> "VhostUserServer":
+        """Bind (if needed) and serve in a background thread."""
+        if self.listener is None:
+            self.bind()
+        self._thread = threading.Thread(target=self.serve_forever, name="vhost-user", daemon=True)
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        if self.listener is None:
+            self.bind()
+        assert self.listener is not None
+        while not self._stopping.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError as e:
+                if self._stopping.is_set():
+                    return
+                if e.errno in (errno.EINTR, errno.ECONNABORTED):
+                    continue
+                raise
+            with self._lock:
+                if self._stopping.is_set():
+                    conn.close()
+                    return
+                self.conn = conn
+            self.connections += 1
+            log.info("vhost-user front-end connected (connection %d)", self.connections)
+            try:
+                self._serve_connection(conn)
+            finally:
+                self._release()
+
+    def stop(self) -> None:
+        """Stop accepting, drop the current front-end and its workers; idempotent."""
+        self._stopping.set()
+        with self._lock:
+            for s in (self.conn, self.listener):
+                if s is not None:
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+            if self.listener is not None:
+                self.listener.close()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(STOP_TIMEOUT)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    # -- one connection --------------------------------------------------------------------
+    def _serve_connection(self, conn: socket.socket) -> None:
+        backend = self.backend_factory()
+        backend.on_start = self._start_worker
+        backend.on_stop = self._stop_worker
+        self.backend = backend
+        while True:
+            try:
+                msg = _recv_message(conn)
+            except VhostUserError as e:
+                log.error("vhost-user: %s; dropping the connection", e)
+                return
+            except OSError as e:
+                if not self._stopping.is_set():
+                    log.error("vhost-user: receive failed: %s; dropping the connection", e)
+                return
+            if msg is None:
+                log.info("vhost-user front-end disconnected")
+                return
+            log.debug("vhost-user <- %s flags=%#x size=%d fds=%d", msg.name(), msg.flags, len(msg.payload),
+                      len(msg.fds))
+            try:
+                reply = backend.handle(msg)
+            except VhostUserError as e:
+                log.error("vhost-user: %s; dropping the connection", e)
+                return
+            if reply is not None:
+                try:
+                    conn.sendall(reply)
+                except OSError as e:
+                    log.error("vhost-user: reply to %s failed: %s", msg.name(), e)
+                    return
+
+    def _release(self) -> None:
+        backend, self.backend = self.backend, None
+        if backend is not None:
+            backend.close()
+        for w in list(self.workers.values()):
+            w.stop()
+        self.workers.clear()
+        with self._lock:
+            conn, self.conn = self.conn, None
+        if conn is not None:
+            conn.close()
+        if self.on_disconnect is not None:
+            try:
+                self.on_disconnect()
+            except Exception:
+                log.exception("on_disconnect failed")
+
+    def _start_worker(self, vring: Vring) -> None:
+        self._stop_worker(vring)
+        w = QueueWorker(vring, self.handler, f"vhost-user-q{vring.index}")
+        self.workers[vring.index] = w
+        w.start()
+        log.debug("queue %d started (size %d)", vring.index, vring.num)
+
+    def _stop_worker(self, vring: Vring) -> None:
+        w = self.workers.pop(vring.index, None)
+        if w is not None:
+            w.stop()
+            log.debug("queue %d stopped after %d requests (%d failed)", vring.index, w.served, w.failed)
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def _recv_message(conn: socket.socket) -> Message | None:
+    """One message, or None on a clean EOF between messages."""
+    data, fds, flags, _ = socket.recv_fds(conn, M.HEADER_SIZE, M.MAX_FDS)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None
+    try:
+        if flags & socket.MSG_CTRUNC:
+            raise VhostUserError(f"more than {M.MAX_FDS} fds in one message")
+        if len(data) < M.HEADER_SIZE:
+            rest = _recv_exact(conn, M.HEADER_SIZE - len(data))
+            if rest is None:
+                raise VhostUserError("connection closed inside a message header")
+            data += rest
+        request, mflags, size = M.decode_header(data)
+        payload = _recv_exact(conn, size) if size else b""
+        if payload is None:
+            raise VhostUserError(f"connection closed inside the payload of {M.request_name(request)}")
+    except BaseException:
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        raise
+    return Message(request, mflags, payload, list(fds))

@@ -1,0 +1,57 @@
+"""virtio-fs on top of the vhost-user server: FUSE requests from guest descriptor chains.
+
+Each chain's readable half is one FUSE request (fuse_in_header + args + WRITE data); the reply
+goes into the writable half. The same `FuseSession` as /dev/fuse answers it. Differences from
+/dev/fuse handled here: FORGET/BATCH_FORGET chains are completed with 0 bytes, a reply bigger
+than the guest's writable room becomes EIO (never a partial write), and a disconnect resets the
+session so the next guest starts with INIT.
+"""
+
+import errno
+import logging
+import struct
+
+from ...fuse.abi import OUT_HEADER
+from ...fuse.protocol import FuseProtocolError, FuseSession
+from .backend import Backend
+from .server import Buffers, RequestHandler, VhostUserServer
+
+log = logging.getLogger(__name__)
+
+_UNIQUE = struct.Struct("<Q")
+# hiprio + request queues; Linux (up to 6.x) uses one request queue
+DEFAULT_REQUEST_QUEUES = 1
+
+
+def fuse_request_handler(session: FuseSession) -> RequestHandler:
+    """A server RequestHandler answering FUSE requests with `session`."""
+
+    def handle(req: memoryview, room: int) -> Buffers | None:
+        try:
+            reply = session.handle_vectored(req)
+        except FuseProtocolError as e:
+            log.error("virtio-fs: %s", e)
+            return None
+        if reply is None:
+            return None
+        size = sum(len(b) for b in reply)
+        if size <= room:
+            return reply
+        unique = _UNIQUE.unpack_from(req, 8)[0]
+        log.error("virtio-fs: a %d-byte reply to request %d does not fit the guest's %d bytes", size, unique, room)
+        if room < OUT_HEADER.size:
+            return None
+        return [OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, unique)]
+
+    return handle
+
+
+def virtiofs_server(session: FuseSession, sock: str, *, request_queues: int = DEFAULT_REQUEST_QUEUES,
+                    queue_size: int = 1024) -> VhostUserServer:
+    """A (not yet started) vhost-user-fs server for `session` on unix socket `sock`."""
+
+    def backend() -> Backend:
+        return Backend(1 + request_queues, max_queue_size=max(queue_size, 1024))
+
+    return VhostUserServer(sock, fuse_request_handler(session), backend_factory=backend,
+                           on_disconnect=session.reset)

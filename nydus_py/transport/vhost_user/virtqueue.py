@@ -1,0 +1,264 @@
+"""Split virtqueues over mapped guest memory (virtio 1.x §2.7), sans-IO.
+
+`GuestMemory` translates guest-physical addresses (descriptors) and frontend virtual addresses
+(ring locations) into memoryviews of the mapped regions, refusing anything that is not wholly
+inside one region. `Virtqueue` pops descriptor chains (direct and indirect, with loop and
+size limits), completes them on the used ring and decides whether the driver wants an
+interrupt (EVENT_IDX or NO_INTERRUPT). A bad chain raises `DescriptorError` for that request
+only; a bad ring (avail index jumping ahead by more than the queue size, a head out of range)
+raises `RingError`, after which the queue stops.
+
+Guest memory is shared with a running guest: every value read from it is untrusted and may change
+between two reads, so each descriptor is read exactly once and checked before use.
+"""
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+DESC_SIZE = DESC.size
+DESC_F_NEXT = 1
+DESC_F_WRITE = 2
+DESC_F_INDIRECT = 4
+AVAIL_F_NO_INTERRUPT = 1
+USED_F_NO_NOTIFY = 1
+U16 = struct.Struct("<H")
+USED_ELEM = struct.Struct("<II")
+MAX_QUEUE_SIZE = 32768
+# An indirect table can't be longer than this many descriptors (Linux allocates at most one per
+# scatterlist entry of a request; 1 MiB of 4 KiB pages plus headers is ~260).
+MAX_INDIRECT = 4096
+# Total bytes one chain may describe in each direction (a 1 MiB FUSE WRITE/READ plus headers).
+MAX_CHAIN_BYTES = 64 << 20
+
+
+class VirtqueueError(ValueError):
+    """Base class: something in guest memory is not what the virtio spec allows."""
+
+
+class DescriptorError(VirtqueueError):
+    """One chain is unusable (out-of-memory address, loop, bad flags): that request fails."""
+
+    def __init__(self, head: int, message: str) -> None:
+        super().__init__(f"chain {head}: {message}")
+        self.head = head
+
+
+class RingError(VirtqueueError):
+    """The ring itself is corrupt: the queue can't go on."""
+
+
+@dataclass
+class Region:
+    gpa: int
+    size: int
+    uva: int
+    view: memoryview  # `size` bytes of the mapping, starting at the region's mmap_offset
+
+
+class GuestMemory:
+    """An immutable set of mapped regions. A new memory table builds a new object; workers that
+    still hold the old one keep its mappings alive until they let go (no unmap under a reader)."""
+
+    def __init__(self, regions: Sequence[Region] = ()) -> None:
+        self.regions = sorted(regions, key=lambda r: r.gpa)
+        self._by_uva = sorted(regions, key=lambda r: r.uva)
+
+    @staticmethod
+    def _find(regions: list[Region], addr: int, length: int, uva: bool) -> memoryview | None:
+        for r in regions:
+            base = r.uva if uva else r.gpa
+            if base <= addr < base + r.size:
+                off = addr - base
+                if length > r.size - off:
+                    return None
+                return r.view[off : off + length]
+        return None
+
+    def gpa(self, addr: int, length: int) -> memoryview | None:
+        """`length` bytes at guest-physical `addr`, or None when not wholly inside one region."""
+        if length == 0:
+            return memoryview(b"")
+        return self._find(self.regions, addr, length, False)
+
+    def uva(self, addr: int, length: int) -> memoryview | None:
+        """`length` bytes at frontend virtual address `addr` (ring addresses), or None."""
+        return self._find(self._by_uva, addr, length, True)
+
+    def total(self) -> int:
+        return sum(r.size for r in self.regions)
+
+
+@dataclass
+class Chain:
+    """A popped request: the readable then writable buffers (views into guest memory)."""
+
+    head: int
+    readable: list[memoryview]
+    writable: list[memoryview]
+
+    def read_all(self) -> bytes:
+        return b"".join(self.readable)
+
+    def writable_size(self) -> int:
+        return sum(len(v) for v in self.writable)
+
+    def write(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
+        """Scatter `parts` across the writable buffers; returns the bytes written (all of
+        them, or raises ValueError before writing anything if they don't fit)."""
+        total = sum(len(p) for p in parts)
+        if total > self.writable_size():
+            raise ValueError(f"reply of {total} bytes does not fit {self.writable_size()} writable bytes")
+        bufs = iter(self.writable)
+        dst = next(bufs, None)
+        doff = 0
+        for p in parts:
+            src = memoryview(p).cast("B")
+            soff = 0
+            while soff < len(src):
+                while dst is not None and doff >= len(dst):
+                    dst = next(bufs, None)
+                    doff = 0
+                assert dst is not None  # guaranteed by the size check
+                n = min(len(src) - soff, len(dst) - doff)
+                dst[doff : doff + n] = src[soff : soff + n]
+                soff += n
+                doff += n
+        return total
+
+
+class Virtqueue:
+    """The device side of one split virtqueue."""
+
+    def __init__(self, memory: GuestMemory, num: int, desc: int, avail: int, used: int, *,
+                 last_avail: int = 0, indirect: bool = False, event_idx: bool = False,
+                 max_chain_bytes: int = MAX_CHAIN_BYTES) -> None:
+        """`desc`/`avail`/`used` are frontend virtual addresses (as SET_VRING_ADDR sends them)."""
+        if not 0 < num <= MAX_QUEUE_SIZE or num & (num - 1):
+            raise RingError(f"queue size {num} is not a power of two in 1..{MAX_QUEUE_SIZE}")
+        self.memory = memory
+        self.num = num
+        self.indirect = indirect
+        self.event_idx = event_idx
+        self.max_chain_bytes = max_chain_bytes
+        d = memory.uva(desc, num * DESC_SIZE)
+        a = memory.uva(avail, 6 + 2 * num)
+        u = memory.uva(used, 6 + 8 * num)
+        if d is None or a is None or u is None:
+            which = [n for n, v in (("descriptor table", d), ("avail ring", a), ("used ring", u)) if v is None]
+            raise RingError(f"{', '.join(which)} not inside guest memory")
+        self.desc, self.avail, self.used = d, a, u
+        self.last_avail = last_avail & 0xFFFF
+        self.used_idx = U16.unpack_from(u, 2)[0]
+        self._signalled_used = self.used_idx  # used idx at the last interrupt
+        self._signalled_valid = False
+
+    # -- avail side ------------------------------------------------------------------------
+    def avail_idx(self) -> int:
+        return int(U16.unpack_from(self.avail, 2)[0])
+
+    def pending(self) -> int:
+        """How many chains the driver has made available that we have not popped."""
+        n = (self.avail_idx() - self.last_avail) & 0xFFFF
+        if n > self.num:
+            raise RingError(f"avail index {self.avail_idx()} is {n} ahead of {self.last_avail} (queue size {self.num})")
+        return n
+
+    def pop(self) -> Chain | None:
+        """The next available chain, or None. DescriptorError: that chain is bad (it has been
+        consumed; complete it with `push(e.head, 0)`)."""
+        if not self.pending():
+            return None
+        head = U16.unpack_from(self.avail, 4 + 2 * (self.last_avail % self.num))[0]
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        if head >= self.num:
+            raise RingError(f"avail ring names descriptor {head} of {self.num}")
+        return self._walk(head)
+
+    def set_avail_event(self) -> None:
+        """With EVENT_IDX: ask to be kicked once the driver makes the entry after
+        `last_avail` available."""
+        if self.event_idx:
+            U16.pack_into(self.used, 4 + 8 * self.num, self.last_avail)
+
+    def _walk(self, head: int) -> Chain:
+        mem = self.memory
+        readable: list[memoryview] = []
+        writable: list[memoryview] = []
+        table = self.desc
+        size = self.num
+        idx = head
+        seen = 0
+        in_indirect = False
+        rbytes = wbytes = 0
+        while True:
+            seen += 1
+            if seen > size:
+                raise DescriptorError(head, "descriptor chain loops or is longer than its table")
+            addr, length, flags, nxt = DESC.unpack_from(table, idx * DESC_SIZE)
+            if flags & DESC_F_INDIRECT:
+                if in_indirect:
+                    raise DescriptorError(head, "nested indirect descriptor")
+                if not self.indirect:
+                    raise DescriptorError(head, "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
+                if flags & DESC_F_NEXT:
+                    raise DescriptorError(head, "indirect descriptor with NEXT set")
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
+                    raise DescriptorError(head, f"indirect table of {length} bytes")
+                t = mem.gpa(addr, length)
+                if t is None:
+                    raise DescriptorError(head, f"indirect table {addr:#x}+{length:#x} outside guest memory")
+                # copy: the guest can't change the table under us while we walk it
+                table = memoryview(bytes(t))
+                size = length // DESC_SIZE
+                idx = 0
+                seen = 0
+                in_indirect = True
+                continue
+            buf = mem.gpa(addr, length)
+            if buf is None:
+                raise DescriptorError(head, f"buffer {addr:#x}+{length:#x} outside guest memory")
+            if flags & DESC_F_WRITE:
+                wbytes += length
+                if wbytes > self.max_chain_bytes:
+                    raise DescriptorError(head, f"more than {self.max_chain_bytes} writable bytes")
+                if length:
+                    writable.append(buf)
+            else:
+                if writable:
+                    raise DescriptorError(head, "readable descriptor after a writable one")
+                rbytes += length
+                if rbytes > self.max_chain_bytes:
+                    raise DescriptorError(head, f"more than {self.max_chain_bytes} readable bytes")
+                if length:
+                    readable.append(buf)
+            if not flags & DESC_F_NEXT:
+                return Chain(head, readable, writable)
+            if nxt >= size:
+                raise DescriptorError(head, f"next descriptor {nxt} out of a table of {size}")
+            idx = nxt
+
+    # -- used side -------------------------------------------------------------------------
+    def push(self, head: int, length: int) -> None:
+        """Return chain `head` to the driver with `length` bytes written. The element is stored
+        before the index that publishes it (x86 keeps stores in order; the GIL and the
+        mmap'd buffer give no reordering of their own)."""
+        slot = self.used_idx % self.num
+        USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, length)
+        self.used_idx = (self.used_idx + 1) & 0xFFFF
+        U16.pack_into(self.used, 2, self.used_idx)
+
+    def needs_notify(self) -> bool:
+        """Whether the driver wants an interrupt for what was pushed since the last one."""
+        new = self.used_idx
+        old = self._signalled_used
+        valid = self._signalled_valid
+        self._signalled_used = new
+        self._signalled_valid = True
+        if not self.event_idx:
+            return not U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT and new != old
+        used_event = U16.unpack_from(self.avail, 4 + 2 * self.num)[0]
+        if not valid:
+            return True
+        return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
