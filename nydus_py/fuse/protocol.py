@@ -28,6 +28,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
+from typing import Protocol
 
 from .abi import (
     ACCESS_IN,
@@ -66,6 +67,7 @@ __all__ = [
     "SUPPORTED_FLAGS",
     "FuseProtocolError",
     "FuseSession",
+    "RequestObserver",
     "describe_reply",
     "describe_request",
     "notify_delete",
@@ -135,6 +137,18 @@ _Op = Callable[[int, int, memoryview, int, int], Reply]
 
 class FuseProtocolError(ValueError):
     """A buffer too short to hold a fuse_in_header: there is no request to answer."""
+
+
+class RequestObserver(Protocol):
+    """Sees every request around its handling (metrics, in-flight tracking). `started` returns
+    a token handed back to `finished` with the reply (None: no reply, or the handler raised)."""
+
+    def started(self, opcode: int, nodeid: int, unique: int) -> object: ...
+
+    def finished(self, token: object, reply: Reply) -> None: ...
+
+
+_OBS_HEAD = struct.Struct("<4xIQQ")  # opcode, unique, nodeid of fuse_in_header
 
 
 _timeout_cache: dict[float, tuple[int, int]] = {}
@@ -261,6 +275,10 @@ class FuseSession:
         self._post_init_ops = ops
         self._ops = self._pre_init_ops
         self._unknown = -errno.EIO
+        self.observer: RequestObserver | None = None
+        self._call: Callable[[bytes | bytearray | memoryview], Reply] = self._dispatch
+        self._inner: Callable[[bytes | bytearray | memoryview], Reply] = self._dispatch
+        self.set_observer(None)
 
     # -- public ---------------------------------------------------------------------------------
     @property
@@ -269,9 +287,15 @@ class FuseSession:
         could not hold in_header + write_in + max_write."""
         return max(MIN_READ_BUFFER, 4096 + self.max_write)
 
+    def set_observer(self, observer: RequestObserver | None) -> None:
+        """Install (or remove) the request observer; without one a request costs nothing extra."""
+        self.observer = observer
+        self._inner = self._handle_debug if self.debug else self._dispatch
+        self._call = self._inner if observer is None else self._handle_observed
+
     def handle(self, req: bytes | bytearray | memoryview) -> bytes | None:
         """The reply to one request (None when the kernel expects none)."""
-        r = self._handle_debug(req) if self.debug else self._dispatch(req)
+        r = self._call(req)
         if isinstance(r, tuple):
             return b"".join(r)
         return r
@@ -279,12 +303,39 @@ class FuseSession:
     def handle_vectored(self, req: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview] | None:
         """Like handle(), but the reply as buffers to gather (writev / virtqueue descriptors),
         so READ data is not copied once more behind its header."""
-        r = self._handle_debug(req) if self.debug else self._dispatch(req)
+        r = self._call(req)
         if r is None:
             return None
         if isinstance(r, tuple):
             return list(r)
         return [r]
+
+    def export_state(self) -> dict[str, int]:
+        """What INIT negotiated, for a successor that takes the /dev/fuse fd over (failover,
+        hot upgrade): the kernel will not send INIT again on that connection."""
+        with self._init_lock:
+            return {"initialized": int(self.initialized), "kernel_major": self.kernel_major,
+                    "kernel_minor": self.kernel_minor, "proto_minor": self.proto_minor,
+                    "capable": int(self.capable), "flags": int(self.flags), "readahead": self.readahead}
+
+    def restore_state(self, state: dict[str, int]) -> None:
+        """Continue a connection a predecessor initialised (see export_state)."""
+        if not state.get("initialized"):
+            return
+        with self._init_lock:
+            capable = InitFlags(int(state["capable"]))
+            self.fs.init(capable)
+            self.kernel_major = int(state["kernel_major"])
+            self.kernel_minor = int(state["kernel_minor"])
+            self.proto_minor = int(state["proto_minor"])
+            self.capable = capable
+            self.flags = InitFlags(int(state["flags"]))
+            self.readahead = int(state["readahead"])
+            self._no_open = bool(self.flags & InitFlags.NO_OPEN_SUPPORT)
+            self._no_opendir = bool(self.flags & InitFlags.NO_OPENDIR_SUPPORT)
+            self.initialized = True
+            self._unknown = -errno.ENOSYS
+            self._ops = self._post_init_ops
 
     # -- dispatch -------------------------------------------------------------------------------
     def _dispatch(self, req: bytes | bytearray | memoryview) -> Reply:
@@ -315,6 +366,19 @@ class FuseSession:
         except Exception:
             log.exception("FUSE %s on nodeid %d failed", _opname(opcode), nodeid)
             return _OUT(16, -errno.EIO, unique)
+
+    def _handle_observed(self, req: bytes | bytearray | memoryview) -> Reply:
+        obs = self.observer
+        if obs is None or len(req) < _HDR_SIZE:
+            return self._inner(req)
+        opcode, unique, nodeid = _OBS_HEAD.unpack_from(req)
+        token = obs.started(opcode, nodeid, unique)
+        r: Reply = None
+        try:
+            r = self._inner(req)
+            return r
+        finally:
+            obs.finished(token, r)
 
     def _handle_debug(self, req: bytes | bytearray | memoryview) -> Reply:
         t0 = time.perf_counter_ns()
