@@ -310,6 +310,13 @@ class FuseSession:
             return list(r)
         return [r]
 
+    def reset(self) -> None:
+        """Forget the connection (its transport went away, e.g. a virtio-fs guest disconnected):
+        the filesystem's destroy() runs and the next request must be INIT."""
+        with self._init_lock:
+            if self.initialized:
+                self._teardown()
+
     def export_state(self) -> dict[str, int]:
         """What INIT negotiated, for a successor that takes the /dev/fuse fd over (failover,
         hot upgrade): the kernel will not send INIT again on that connection."""
