@@ -8,6 +8,11 @@ Layout (spec section 5.1, as nydus-image >= 2.2 writes it with `--features blob-
 Bracketed parts are written only with `BuildOptions.blob_toc`. Tar headers follow the data they
 describe so a reader can walk the blob backwards from its end.
 
+For RAFS v5 (`opts.fs_version == 5`) the blob is plain chunk data, as nydus-image writes it for
+v5 (blob.meta is v6-only there and `--features blob-toc` is refused with v5): no trailers, chunks'
+uncompressed offsets packed back to back (no 4K alignment), features CAP_TAR_TOC only, and
+`blob_toc` is ignored. v5 readers locate chunks through the bootstrap's chunk records alone.
+
 Chunks are digested, CRC'd and compressed in a thread pool (zstd, lz4, blake3, hashlib and crc32c
 release the GIL), but decisions (dedup, offsets, chunk indexes) are taken in submission order, so
 the blob is byte-for-byte deterministic whatever the scheduling.
@@ -18,6 +23,7 @@ of the chunk data region, where nydus writes the data size as offset and hashes 
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import struct
@@ -184,7 +190,9 @@ class BlobWriter:
         self.blob_index = blob_index
         self.existing: Mapping[bytes, ChunkInfo] = existing or {}
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
-        self.features = blob_features(opts.blob_toc)
+        # RAFS v5: plain chunk data, unaligned, no trailers (see the module docstring)
+        self.plain = opts.fs_version == 5
+        self.features = BlobFeatures.CAP_TAR_TOC if self.plain else blob_features(opts.blob_toc)
         # results, filled in order
         self.chunks: dict[bytes, ChunkInfo] = {}  # digest -> chunk stored in this blob
         self.ci_entries = bytearray()
@@ -276,12 +284,14 @@ class BlobWriter:
         assert prep.packed is not None
         stored, compressed = prep.packed.result()
         index = len(self.chunks)
-        if index >= MAX_CI_INDEX:
-            raise FormatError(f"blob would hold more than {MAX_CI_INDEX} chunks; use a bigger chunk size")
+        limit = 1 << 32 if self.plain else MAX_CI_INDEX  # v5 records: u32 index; v6: 24 bits
+        if index >= limit:
+            raise FormatError(f"blob would hold more than {limit} chunks; use a bigger chunk size")
         self._open()
         uoff = self._uoff
-        self.ci_entries += encode_ci_v1(self._pos, len(stored), uoff, prep.size)
-        self.digests += prep.digest
+        if not self.plain:
+            self.ci_entries += encode_ci_v1(self._pos, len(stored), uoff, prep.size)
+            self.digests += prep.digest
         flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
         info = ChunkInfo(
             digest=prep.digest,
@@ -296,7 +306,7 @@ class BlobWriter:
             crc32=prep.crc,
         )
         self._write(stored)
-        self._uoff = _align(uoff + prep.size, EROFS_BLOCK_SIZE)
+        self._uoff = uoff + prep.size if self.plain else _align(uoff + prep.size, EROFS_BLOCK_SIZE)
         self.stored_uncompressed += prep.size
         self.stored_compressed += len(stored)
         with self._lock:
@@ -375,6 +385,20 @@ class BlobWriter:
             raise
 
     def _finish(self) -> BlobInfo:
+        if self.plain:
+            return self._name_blob(
+                BlobInfo(
+                    index=self.blob_index,
+                    blob_id="",
+                    compressor=self.opts.compressor,
+                    digester=self.opts.digester,
+                    chunk_size=self.opts.chunk_size,
+                    chunk_count=len(self.chunks),
+                    features=self.features,
+                    compressed_size=self._pos,
+                    uncompressed_size=self._uoff,
+                )
+            )
         opts = self.opts
         features = int(self.features)
         toc: list[bytes] = []
@@ -445,8 +469,31 @@ class BlobWriter:
             toc_digest = hashlib.sha256(entries + theader).digest()
             toc_size = len(entries) + len(theader)
 
+        return self._name_blob(
+            BlobInfo(
+                index=self.blob_index,
+                blob_id="",
+                compressor=opts.compressor,
+                digester=opts.digester,
+                chunk_size=opts.chunk_size,
+                chunk_count=len(self.chunks),
+                features=self.features,
+                compressed_size=self._pos,
+                uncompressed_size=uncompressed_size,
+                ci_compressor=ci_compressor,
+                ci_offset=ci_offset,
+                ci_compressed_size=len(ci_data),
+                ci_uncompressed_size=len(ci_raw),
+                blob_toc_size=toc_size,
+                blob_toc_digest=toc_digest,
+            )
+        )
+
+    def _name_blob(self, info: BlobInfo) -> BlobInfo:
+        """Flush, name the file by blob id (sha256 of the whole file unless given) and return
+        `info` with that id."""
         self._flush()
-        blob_id = opts.blob_id or self._hash.hexdigest()
+        blob_id = self.opts.blob_id or self._hash.hexdigest()
         validate_blob_id(blob_id)
         assert self._fd is not None and self._tmp is not None
         self._stop_writer()
@@ -458,23 +505,7 @@ class BlobWriter:
         os.replace(self._tmp, final)
         self._tmp = None
         self.path = final
-        return BlobInfo(
-            index=self.blob_index,
-            blob_id=blob_id,
-            compressor=opts.compressor,
-            digester=opts.digester,
-            chunk_size=opts.chunk_size,
-            chunk_count=len(self.chunks),
-            features=self.features,
-            compressed_size=self._pos,
-            uncompressed_size=uncompressed_size,
-            ci_compressor=ci_compressor,
-            ci_offset=ci_offset,
-            ci_compressed_size=len(ci_data),
-            ci_uncompressed_size=len(ci_raw),
-            blob_toc_size=toc_size,
-            blob_toc_digest=toc_digest,
-        )
+        return dataclasses.replace(info, blob_id=blob_id)
 
     def _shutdown(self) -> None:
         if self._pool is not None:

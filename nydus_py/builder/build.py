@@ -9,6 +9,10 @@ Blob table = existing blobs first, in the order they are met (files in BFS order
 blob. When every chunk is empty or already stored elsewhere no blob file is written and
 `BuildResult.blob_id` is None; an image without any blob has no device slots and mounts without
 `device=` options.
+
+RAFS v5 (`opts.fs_version == 5`) goes the same way through `v5_writer`; its blob is plain chunk
+data (see `blob_writer`), and existing chunks must fit the image's single compressor, digester
+and chunk size (`v5_writer.check_chunks`).
 """
 
 import contextlib
@@ -21,18 +25,18 @@ from ..rafs.model import BlobInfo, ChunkInfo
 from .blob_writer import BlobWriter, validate_blob_id
 from .options import BuildOptions, BuildResult
 from .tree import ChunkedData, FileData, Inode
-from .v6_writer import plan_v6, write_v6
+from .v5_writer import V5Plan, check_chunks, plan_v5, write_v5
+from .v6_writer import V6Plan, plan_v6, write_v6
 
 
 def check_options(opts: BuildOptions) -> None:
     """ValueError for options this builder cannot honour."""
-    if opts.fs_version == 5:
-        raise ValueError("RAFS v5 output is not supported by this builder yet; use fs_version=6")
-    if opts.fs_version != 6:
-        raise ValueError(f"unknown RAFS version {opts.fs_version!r}; expected 6")
+    if opts.fs_version not in (5, 6):
+        raise ValueError(f"unknown RAFS version {opts.fs_version!r}; expected 5 or 6")
     if opts.compressor not in (Compressor.NONE, Compressor.LZ4_BLOCK, Compressor.ZSTD):
         raise ValueError(
-            f"compressor {Compressor(opts.compressor).nydus_name} is not supported for RAFS v6 builds"
+            f"compressor {Compressor(opts.compressor).nydus_name} is not supported for RAFS "
+            f"v{opts.fs_version} builds"
         )
     if opts.blob_id is not None:
         validate_blob_id(opts.blob_id)
@@ -69,7 +73,10 @@ def _existing_blobs(
             (c._replace(blob_index=pos[data.blobs[c.blob_index].blob_id]) for c in data.chunks),
             key=lambda c: c.file_offset,
         )
-        _check_dense(path, data.size, remapped, table, opts.chunk_size)
+        if opts.fs_version == 5:
+            check_chunks(path, data.size, remapped, table, opts)
+        else:
+            _check_dense(path, data.size, remapped, table, opts.chunk_size)
         chunks[id(node)] = remapped
         for c in remapped:
             if table[c.blob_index].digester == opts.digester and c.digest not in dedup:
@@ -106,18 +113,18 @@ def _with_index(b: BlobInfo, index: int) -> BlobInfo:
 
 
 def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOptions) -> BuildResult:
-    """Write `bootstrap_path` (RAFS v6) and, if there is new file data, one blob in `blob_dir`.
+    """Write `bootstrap_path` (RAFS v6, or v5 with `opts.fs_version == 5`) and, if there is new file data, one blob in `blob_dir`.
 
     Raises ValueError for unusable options and FormatError for trees RAFS cannot represent;
     on error no partial blob or bootstrap is left behind.
     """
     check_options(opts)
-    plan = plan_v6(root, opts)
+    plan: V5Plan | V6Plan = plan_v5(root, opts) if opts.fs_version == 5 else plan_v6(root, opts)
     files = plan.regular_files()
     table, file_chunks, dedup = _existing_blobs(files, opts)
     if opts.blob_id is not None and opts.blob_id in {b.blob_id for b in table}:
         raise FormatError(f"blob id {opts.blob_id} is already used by a blob the image references")
-    if len(table) >= 254:
+    if isinstance(plan, V6Plan) and len(table) >= 254:
         raise FormatError(f"image would reference {len(table) + 1} blobs; RAFS v6 allows 254")
 
     order = plan.data_order()
@@ -130,7 +137,10 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
         blob_path = writer.path
     blobs = table + ([new_blob] if new_blob is not None else [])
     try:
-        boot = write_v6(plan, blobs, file_chunks, opts)
+        if isinstance(plan, V5Plan):
+            boot = write_v5(plan, blobs, file_chunks, opts)
+        else:
+            boot = write_v6(plan, blobs, file_chunks, opts)
         _write_atomic(bootstrap_path, boot)
     except BaseException:
         if blob_path is not None:
@@ -142,7 +152,7 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
         blob_id=new_blob.blob_id if new_blob else None,
         blob_path=blob_path,
         blob_ids=[b.blob_id for b in blobs],
-        inodes=len(plan.records),
+        inodes=plan.inode_count if isinstance(plan, V5Plan) else len(plan.records),
         chunks=len(writer.chunks),
         deduplicated=writer.deduplicated,
         uncompressed_bytes=writer.stored_uncompressed,

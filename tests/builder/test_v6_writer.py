@@ -237,7 +237,7 @@ def test_bad_trees_fail_before_any_blob(tmp_path, mutate):
 
 def test_option_errors(tmp_path):
     for opts in (
-        BuildOptions(fs_version=5),
+        BuildOptions(fs_version=4),
         BuildOptions(compressor=Compressor.GZIP),
         BuildOptions(chunk_size=3000),
     ):

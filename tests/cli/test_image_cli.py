@@ -342,7 +342,7 @@ def test_truncated_tar_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str
         (["--type", "dir-rafs", "PLAIN"], "needs a directory"),
         (["--type", "tar-rafs", "DIR"], "needs a tar file"),
         (["MISSING"], "No such file"),
-        (["--fs-version", "5", "DIR"], "v5"),
+        (["--fs-version", "5", "--compressor", "gzip", "DIR"], "gzip is not supported for RAFS v5"),
         (["--blob-id", "../../x", "DIR"], "blob id"),
     ],
 )
