@@ -79,6 +79,30 @@ class StatFs(NamedTuple):
     frsize: int = 4096
 
 
+class SetAttr(NamedTuple):
+    """A SETATTR request: only the fields whose FATTR_* bit is in `valid` mean anything.
+    `fh` is the open file's handle when FATTR_FH is set (ftruncate/futimens), else None.
+    FATTR_ATIME_NOW / FATTR_MTIME_NOW mean "set to the current time"."""
+
+    valid: int
+    fh: int | None
+    size: int
+    atime: int
+    atime_nsec: int
+    mtime: int
+    mtime_nsec: int
+    mode: int
+    uid: int
+    gid: int
+
+
+class Caller(NamedTuple):
+    """Who asked (from fuse_in_header): new inodes should belong to uid/gid."""
+
+    uid: int
+    gid: int
+
+
 def negative_entry(timeout: float) -> Entry:
     """An Entry telling the kernel to remember for `timeout` seconds that the name is absent."""
     return Entry(0, 0, ZERO_ATTR, timeout, 0.0)
@@ -147,9 +171,10 @@ class Filesystem(ABC):
         """Target of symlink `ino` (EINVAL if it is not a symlink)."""
 
     def open(self, ino: int, flags: int) -> tuple[int, int]:
-        """Open regular file `ino` read-only; return (fh, FOPEN_* flags).
+        """Open regular file `ino`; return (fh, FOPEN_* flags).
 
-        Called only for O_RDONLY opens: the handler answers EROFS for write access itself.
+        Called only for O_RDONLY opens unless the filesystem is `writable`: the handler answers
+        EROFS for write access itself.
         """
         return 0, FOpenFlags.KEEP_CACHE
 
@@ -207,6 +232,62 @@ class Filesystem(ABC):
         """access(2) check for the caller `uid`/`gid` (mask: R_OK|W_OK|X_OK, or F_OK = 0);
         raise EACCES to refuse. Not sent with default_permissions. Default ENOSYS: the kernel
         then allows everything and stops asking."""
+        raise FuseError(_errno.ENOSYS)
+
+    # -- writes -------------------------------------------------------------------------------
+    # The handler answers EROFS for every mutating request (and for OPEN with write access)
+    # unless the filesystem sets `writable = True`; the defaults below then answer ENOSYS.
+    writable = False
+
+    def setattr(self, ino: int, attr: SetAttr) -> tuple[FuseAttr, float]:
+        """chmod/chown/truncate/utimens; the new attributes and their timeout."""
+        raise FuseError(_errno.ENOSYS)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Entry:
+        raise FuseError(_errno.ENOSYS)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Entry:
+        raise FuseError(_errno.ENOSYS)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Entry:
+        raise FuseError(_errno.ENOSYS)
+
+    def link(self, ino: int, newparent: int, newname: bytes) -> Entry:
+        raise FuseError(_errno.ENOSYS)
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        raise FuseError(_errno.ENOSYS)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        raise FuseError(_errno.ENOSYS)
+
+    def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
+        """rename/renameat2 (flags: RENAME_NOREPLACE / EXCHANGE / WHITEOUT)."""
+        raise FuseError(_errno.ENOSYS)
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Entry, int, int]:
+        """Create and open regular file `name`: (entry, fh, FOPEN_* flags). ENOSYS makes the
+        kernel fall back to MKNOD + OPEN."""
+        raise FuseError(_errno.ENOSYS)
+
+    def write(self, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:
+        """Write `data` at `offset`; the number of bytes written."""
+        raise FuseError(_errno.ENOSYS)
+
+    def fsync(self, ino: int, fh: int, datasync: bool) -> None:
+        """ENOSYS (the default) makes the kernel treat fsync as done and stop asking."""
+        raise FuseError(_errno.ENOSYS)
+
+    def fsyncdir(self, ino: int, fh: int, datasync: bool) -> None:
+        raise FuseError(_errno.ENOSYS)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        raise FuseError(_errno.ENOSYS)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        raise FuseError(_errno.ENOSYS)
+
+    def fallocate(self, ino: int, fh: int, offset: int, length: int, mode: int) -> None:
         raise FuseError(_errno.ENOSYS)
 
     def lseek(self, ino: int, fh: int, offset: int, whence: int) -> int:

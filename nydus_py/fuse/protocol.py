@@ -11,8 +11,11 @@ Wire rules the handler implements:
   no-reply opcodes.
 * FORGET, BATCH_FORGET, INTERRUPT and NOTIFY_REPLY never get a reply (`None`); virtio-fs must
   still complete their descriptor chains.
-* The filesystem is read-only: every mutating opcode answers EROFS, OPEN with write access too.
-  FSYNC, FSYNCDIR, SYNCFS, POLL, locks, BMAP, STATX and DAX mapping answer ENOSYS: the kernel then
+* Unless the filesystem sets `writable = True`, every mutating opcode answers EROFS, OPEN with
+  write access too; a writable filesystem gets SETATTR, MKNOD, MKDIR, SYMLINK, LINK, UNLINK,
+  RMDIR, RENAME(2), CREATE, WRITE, FSYNC(DIR), SETXATTR, REMOVEXATTR and FALLOCATE
+  (COPY_FILE_RANGE and TMPFILE answer ENOSYS: the kernel falls back to read+write / EOPNOTSUPP).
+  For read-only ones FSYNC, FSYNCDIR, SYNCFS, POLL, locks, BMAP, STATX and DAX mapping answer ENOSYS: the kernel then
   stops sending them and treats fsync as success and poll as "always ready", exactly what a
   read-only image wants (this is also what nydusd's RAFS answers). IOCTL answers ENOTTY.
   Unknown opcodes answer ENOSYS.
@@ -34,18 +37,26 @@ from .abi import (
     ACCESS_IN,
     ATTR_FMT,
     BATCH_FORGET_IN,
+    CREATE_IN,
     DIRENT,
     DIRENTPLUS,
+    FALLOCATE_IN,
+    FATTR_FH,
     FORGET_IN,
     FORGET_ONE,
+    FSYNC_FDATASYNC,
+    FSYNC_IN,
     GETXATTR_IN,
     IN_HEADER,
     INIT_IN_COMPAT,
     INIT_OUT,
     KERNEL_MINOR_VERSION,
     KERNEL_VERSION,
+    LINK_IN,
     MIN_KERNEL_MINOR_VERSION,
     MIN_READ_BUFFER,
+    MKDIR_IN,
+    MKNOD_IN,
     NAME_MAX,
     NO_REPLY_OPCODES,
     NOTIFY_DELETE_OUT,
@@ -53,13 +64,20 @@ from .abi import (
     NOTIFY_INVAL_INODE_OUT,
     OPEN_IN,
     OUT_HEADER,
+    RENAME2_IN,
+    RENAME_IN,
     REQUEST_ARGS,
+    SETATTR_IN,
+    SETXATTR_IN,
+    SETXATTR_IN_COMPAT,
+    WRITE_IN,
+    WRITE_OUT,
     InitFlags,
     NotifyCode,
     Opcode,
     init_out_size,
 )
-from .api import Filesystem
+from .api import Caller, Entry, Filesystem, SetAttr
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +139,8 @@ _READ_HEAD = struct.Struct("<QQI")  # fh, offset, size of fuse_read_in
 _U32 = struct.Struct("<I")
 _U32X2 = struct.Struct("<II")
 _LSEEK_IN = struct.Struct("<QqI")  # fh, offset (signed loff_t), whence
+_CREATE_REPLY = struct.Struct("<IiQQQQQII" + ATTR_FMT + "QIi")  # out_header, entry_out, open_out
+_MAX_OFFSET = (1 << 63) - 1
 _ENTRY_SIZE = _ENTRY_REPLY.size
 _ATTR_SIZE = _ATTR_REPLY.size
 _DIRENT_SIZE = DIRENT.size
@@ -273,6 +293,8 @@ class FuseSession:
         for op in _UNSUPPORTED:
             ops[op] = (_fixed_reply(errno.ENOSYS), 0)
         self._post_init_ops = ops
+        self._writable = False
+        self._install_write_ops()
         self._ops = self._pre_init_ops
         self._unknown = -errno.EIO
         self.observer: RequestObserver | None = None
@@ -343,6 +365,40 @@ class FuseSession:
             self.initialized = True
             self._unknown = -errno.ENOSYS
             self._ops = self._post_init_ops
+
+    def _install_write_ops(self) -> None:
+        """Route mutating opcodes to the filesystem if it is writable (EROFS otherwise); checked
+        again at every INIT, so a filesystem may decide in init()."""
+        writable = bool(getattr(self.fs, "writable", False))
+        ops = self._post_init_ops
+        if writable:
+            ops.update({
+                Opcode.SETATTR: (self._setattr, SETATTR_IN.size),
+                Opcode.MKNOD: (self._mknod, MKNOD_IN.size + 1),
+                Opcode.MKDIR: (self._mkdir, MKDIR_IN.size + 1),
+                Opcode.SYMLINK: (self._symlink, 2),
+                Opcode.LINK: (self._link, LINK_IN.size + 1),
+                Opcode.UNLINK: (self._unlink, 1),
+                Opcode.RMDIR: (self._rmdir, 1),
+                Opcode.RENAME: (self._rename, RENAME_IN.size + 2),
+                Opcode.RENAME2: (self._rename2, RENAME2_IN.size + 2),
+                Opcode.CREATE: (self._create, CREATE_IN.size + 1),
+                Opcode.WRITE: (self._write, WRITE_IN.size),
+                Opcode.FSYNC: (self._fsync, FSYNC_IN.size),
+                Opcode.FSYNCDIR: (self._fsyncdir, FSYNC_IN.size),
+                Opcode.SETXATTR: (self._setxattr, SETXATTR_IN_COMPAT.size + 1),
+                Opcode.REMOVEXATTR: (self._removexattr, 1),
+                Opcode.FALLOCATE: (self._fallocate, FALLOCATE_IN.size),
+                Opcode.COPY_FILE_RANGE: (_fixed_reply(errno.ENOSYS), 0),
+                Opcode.COPY_FILE_RANGE_64: (_fixed_reply(errno.ENOSYS), 0),
+                Opcode.TMPFILE: (_fixed_reply(errno.ENOSYS), 0),
+            })
+        else:
+            for op in _MUTATING:
+                ops[op] = (_fixed_reply(errno.EROFS), 0)
+            for op in (Opcode.FSYNC, Opcode.FSYNCDIR):
+                ops[op] = (_fixed_reply(errno.ENOSYS), 0)
+        self._writable = writable
 
     # -- dispatch -------------------------------------------------------------------------------
     def _dispatch(self, req: bytes | bytearray | memoryview) -> Reply:
@@ -422,6 +478,7 @@ class FuseSession:
                 # A second INIT restarts the connection (a virtio-fs guest that rebooted).
                 self._teardown()
             want = self.fs.init(InitFlags(capable))
+            self._install_write_ops()
             enabled = capable & int(want) & int(self.supported)
             proto_minor = min(minor, KERNEL_MINOR_VERSION)
             out_flags = enabled & 0xFFFF_FFFF
@@ -466,10 +523,7 @@ class FuseSession:
 
     # -- inodes ---------------------------------------------------------------------------------
     def _lookup(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
-        ino, gen, attr, et, at = self.fs.lookup(nodeid, _cstr(body, 0))
-        es, ens = _tsplit(et)
-        as_, ans = _tsplit(at)
-        return _ENTRY_REPLY.pack(_ENTRY_SIZE, 0, unique, ino, gen, es, as_, ens, ans, *attr)
+        return _entry_reply(unique, self.fs.lookup(nodeid, _cstr(body, 0)))
 
     def _forget(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> None:
         try:
@@ -509,7 +563,7 @@ class FuseSession:
     # -- files ----------------------------------------------------------------------------------
     def _open(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
         flags = OPEN_IN.unpack_from(body)[0]
-        if flags & _O_ACCMODE:
+        if flags & _O_ACCMODE and not self._writable:
             return _OUT(16, -errno.EROFS, unique)
         if self._no_open:
             return _OUT(16, -errno.ENOSYS, unique)
@@ -599,6 +653,121 @@ class FuseSession:
         parts[0] = _OUT(16 + used, 0, unique)
         return b"".join(parts)
 
+    # -- writes (only routed for a writable filesystem) ----------------------------------------
+    def _setattr(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        (valid, _, fh, size, _lock_owner, atime, mtime, _ctime, atimensec, mtimensec, _ctimensec, mode, _,
+         a_uid, a_gid, _) = SETATTR_IN.unpack_from(body)
+        req = SetAttr(valid, fh if valid & FATTR_FH else None, size, atime, atimensec, mtime, mtimensec, mode,
+                      a_uid, a_gid)
+        attr, timeout = self.fs.setattr(nodeid, req)
+        s, ns = _tsplit(timeout)
+        return _ATTR_REPLY.pack(_ATTR_SIZE, 0, unique, s, ns, 0, *attr)
+
+    def _mknod(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        mode, rdev, _umask, _ = MKNOD_IN.unpack_from(body)
+        name = _cstr(body, MKNOD_IN.size)
+        return _entry_reply(unique, self.fs.mknod(nodeid, _name(name), mode, rdev, Caller(uid, gid)))
+
+    def _mkdir(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        mode, _umask = MKDIR_IN.unpack_from(body)
+        name = _cstr(body, MKDIR_IN.size)
+        return _entry_reply(unique, self.fs.mkdir(nodeid, _name(name), mode, Caller(uid, gid)))
+
+    def _symlink(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        name, target = _two_names(body, 0)
+        if not target:
+            raise OSError(errno.EINVAL, "empty symlink target")
+        return _entry_reply(unique, self.fs.symlink(nodeid, _name(name), target, Caller(uid, gid)))
+
+    def _link(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        old = LINK_IN.unpack_from(body)[0]
+        name = _cstr(body, LINK_IN.size)
+        return _entry_reply(unique, self.fs.link(old, nodeid, _name(name)))
+
+    def _unlink(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        self.fs.unlink(nodeid, _name(_cstr(body, 0)))
+        return _OUT(16, 0, unique)
+
+    def _rmdir(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        self.fs.rmdir(nodeid, _name(_cstr(body, 0)))
+        return _OUT(16, 0, unique)
+
+    def _rename(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        newdir = RENAME_IN.unpack_from(body)[0]
+        old, new = _two_names(body, RENAME_IN.size)
+        self.fs.rename(nodeid, _name(old), newdir, _name(new), 0)
+        return _OUT(16, 0, unique)
+
+    def _rename2(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        newdir, flags, _ = RENAME2_IN.unpack_from(body)
+        old, new = _two_names(body, RENAME2_IN.size)
+        self.fs.rename(nodeid, _name(old), newdir, _name(new), flags)
+        return _OUT(16, 0, unique)
+
+    def _create(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        flags, mode, _umask, _open_flags = CREATE_IN.unpack_from(body)
+        name = _cstr(body, CREATE_IN.size)
+        entry, fh, open_flags = self.fs.create(nodeid, _name(name), mode, flags, Caller(uid, gid))
+        ino, gen, attr, et, at = entry
+        es, ens = _tsplit(et)
+        as_, ans = _tsplit(at)
+        return _CREATE_REPLY.pack(_CREATE_REPLY.size, 0, unique, ino, gen, es, as_, ens, ans, *attr, fh,
+                                  open_flags, 0)
+
+    def _write(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        fh, offset, size, write_flags, _lock_owner, flags, _ = WRITE_IN.unpack_from(body)
+        data = body[WRITE_IN.size :]
+        if len(data) != size:
+            return _OUT(16, -errno.EINVAL, unique)
+        if offset > _MAX_OFFSET:
+            return _OUT(16, -errno.EFBIG, unique)
+        n = self.fs.write(nodeid, fh, offset, data, flags)
+        if not 0 <= n <= size:
+            log.error("write(%d) claims %d bytes of %d written", nodeid, n, size)
+            return _OUT(16, -errno.EIO, unique)
+        return _OUT(16 + WRITE_OUT.size, 0, unique) + WRITE_OUT.pack(n, 0)
+
+    def _fsync(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        fh, fsync_flags, _ = FSYNC_IN.unpack_from(body)
+        self.fs.fsync(nodeid, fh, bool(fsync_flags & FSYNC_FDATASYNC))
+        return _OUT(16, 0, unique)
+
+    def _fsyncdir(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        fh, fsync_flags, _ = FSYNC_IN.unpack_from(body)
+        self.fs.fsyncdir(nodeid, fh, bool(fsync_flags & FSYNC_FDATASYNC))
+        return _OUT(16, 0, unique)
+
+    def _setxattr(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        # fuse_setxattr_in is 16 bytes only with SETXATTR_EXT, which we never enable
+        ext = bool(self.flags & InitFlags.SETXATTR_EXT)
+        head = SETXATTR_IN if ext else SETXATTR_IN_COMPAT
+        if len(body) < head.size + 1:
+            return _OUT(16, -errno.EINVAL, unique)
+        size, flags = head.unpack_from(body)[:2]
+        name = _cstr(body, head.size)
+        start = head.size + len(name) + 1
+        value = bytes(body[start : start + size])
+        if len(value) != size:
+            return _OUT(16, -errno.EINVAL, unique)
+        if not name:
+            return _OUT(16, -errno.EINVAL, unique)
+        self.fs.setxattr(nodeid, name, value, flags)
+        return _OUT(16, 0, unique)
+
+    def _removexattr(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        name = _cstr(body, 0)
+        if not name:
+            return _OUT(16, -errno.EINVAL, unique)
+        self.fs.removexattr(nodeid, name)
+        return _OUT(16, 0, unique)
+
+    def _fallocate(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+        fh, offset, length, mode, _ = FALLOCATE_IN.unpack_from(body)
+        if offset > _MAX_OFFSET or length > _MAX_OFFSET:
+            return _OUT(16, -errno.EFBIG, unique)
+        self.fs.fallocate(nodeid, fh, offset, length, mode)
+        return _OUT(16, 0, unique)
+
     # -- xattrs ---------------------------------------------------------------------------------
     def _getxattr(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
         size = GETXATTR_IN.unpack_from(body)[0]
@@ -609,6 +778,31 @@ class FuseSession:
         size = GETXATTR_IN.unpack_from(body)[0]
         names = self.fs.listxattr(nodeid)
         return _xattr_reply(unique, size, b"".join(bytes(n) + b"\0" for n in names))
+
+
+def _entry_reply(unique: int, entry: Entry) -> bytes:
+    ino, gen, attr, et, at = entry
+    es, ens = _tsplit(et)
+    as_, ans = _tsplit(at)
+    return _ENTRY_REPLY.pack(_ENTRY_SIZE, 0, unique, ino, gen, es, as_, ens, ans, *attr)
+
+
+def _name(name: bytes) -> bytes:
+    """A directory entry name the kernel may send: non-empty, no "/" (the kernel never sends
+    "." or ".." for creates, but a hostile transport might)."""
+    if not name or b"/" in name or name in (b".", b".."):
+        raise OSError(errno.EINVAL, f"invalid entry name {name!r}")
+    return name
+
+
+def _two_names(body: memoryview, start: int) -> tuple[bytes, bytes]:
+    """Two consecutive NUL-terminated strings (SYMLINK, RENAME)."""
+    raw = bytes(body[start:])
+    end = raw.find(b"\0")
+    end2 = raw.find(b"\0", end + 1) if end >= 0 else -1
+    if end2 < 0:
+        raise OSError(errno.EINVAL, "names are not NUL-terminated")
+    return raw[:end], raw[end + 1 : end2]
 
 
 def _xattr_reply(unique: int, size: int, value: bytes) -> bytes:

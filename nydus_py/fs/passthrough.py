@@ -1,0 +1,493 @@
+"""A read-write passthrough of a host directory (Kata's shared `/containers`), confined to it.
+
+Every inode the guest knows is an O_PATH fd; every name is a single component resolved from its
+parent's fd with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) (or an O_NOFOLLOW *at() call),
+so neither ".." nor a symlink — planted by the guest or swapped in on the host — ever leads out
+of the shared directory. Rules that keep it that way:
+* ".." is only answered for the root (as itself); EXPORT_SUPPORT is not offered, so the kernel
+  never needs more.
+* Nothing follows a symlink inode: opening one is ELOOP, mode/time changes on one are refused,
+  chown/link use AT_EMPTY_PATH on the fd itself, xattrs on symlinks are refused.
+* Data ops reopen the O_PATH fd through /proc/self/fd (the inode itself, not a path), only for
+  regular files and directories; device nodes can be neither created nor opened.
+New inodes are chowned to the caller's uid/gid when we run as root (virtiofsd does the same with
+per-thread fsuid). Entry/attr timeouts are short (the host may change the tree: cache=auto).
+"""
+
+import contextlib
+import ctypes
+import errno
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..fuse.abi import (
+    FATTR_ATIME,
+    FATTR_ATIME_NOW,
+    FATTR_GID,
+    FATTR_MODE,
+    FATTR_MTIME,
+    FATTR_MTIME_NOW,
+    FATTR_SIZE,
+    FATTR_UID,
+    InitFlags,
+)
+from ..fuse.api import (
+    DEFAULT_WANT,
+    Caller,
+    DirEntryTuple,
+    Entry,
+    Filesystem,
+    FuseAttr,
+    FuseError,
+    SetAttr,
+    StatFs,
+)
+
+log = logging.getLogger(__name__)
+
+ROOT_ID = 1
+AT_EMPTY_PATH = 0x1000
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+SYS_OPENAT2 = 437  # x86_64 and aarch64 share this number
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_have_openat2 = True
+
+
+def openat_beneath(dirfd: int, name: bytes, flags: int, mode: int = 0) -> int:
+    """openat2(dirfd, name, flags, RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS); falls back to
+    openat(O_NOFOLLOW) on kernels without openat2 (a single component can't escape either)."""
+    global _have_openat2
+    if _have_openat2:
+        how = _OpenHow(flags | os.O_CLOEXEC, mode, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
+        fd = _libc.syscall(SYS_OPENAT2, dirfd, name, ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err), name)
+        _have_openat2 = False
+    return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
+
+
+def _check(rc: int, what: str) -> None:
+    if rc < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def _fchown_empty(fd: int, uid: int, gid: int) -> None:
+    _check(_libc.fchownat(fd, b"", uid, gid, AT_EMPTY_PATH), "fchownat")
+
+
+def _link_empty(fd: int, newdir: int, name: bytes) -> None:
+    _check(_libc.linkat(fd, b"", newdir, name, AT_EMPTY_PATH), "linkat")
+
+
+def _renameat2(olddir: int, old: bytes, newdir: int, new: bytes, flags: int) -> None:
+    _check(_libc.renameat2(olddir, old, newdir, new, ctypes.c_uint(flags)), "renameat2")
+
+
+def _proc(fd: int) -> str:
+    return f"/proc/self/fd/{fd}"
+
+
+@dataclass(eq=False)
+class _Inode:
+    ino: int
+    fd: int  # O_PATH (| O_NOFOLLOW for symlinks)
+    key: tuple[int, int]  # (st_dev, st_ino) on the host
+    mode: int  # S_IFMT bits, fixed for the inode's life
+    nlookup: int = 0
+
+
+@dataclass(eq=False)
+class _Dir:
+    fd: int
+    entries: list[tuple[bytes, int, int]] | None = None  # (name, host ino, S_IFMT type)
+
+
+class PassthroughFilesystem(Filesystem):
+    """`root` (a host directory) served read-write, or read-only with `writable=False`."""
+
+    def __init__(self, root: str, *, writable: bool = True, entry_timeout: float = 1.0,
+                 attr_timeout: float = 1.0, xattr: bool = True) -> None:
+        self.root_path = os.path.realpath(root)
+        self.writable = writable
+        self.entry_timeout = entry_timeout
+        self.attr_timeout = attr_timeout
+        self.xattr = xattr
+        self._chown = os.geteuid() == 0
+        self._lock = threading.Lock()
+        self._inodes: dict[int, _Inode] = {}
+        self._by_key: dict[tuple[int, int], int] = {}
+        self._next_ino = ROOT_ID + 1
+        self._handles: dict[int, int | _Dir] = {}
+        self._next_fh = 1
+        fd = os.open(self.root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(fd)
+        self._root = _Inode(ROOT_ID, fd, (st.st_dev, st.st_ino), stat.S_IFDIR, 1)
+        self._inodes[ROOT_ID] = self._root
+        self._by_key[self._root.key] = ROOT_ID
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def init(self, capable: InitFlags) -> InitFlags:
+        # no EXPORT_SUPPORT: the kernel then never looks up "." or ".."
+        return (DEFAULT_WANT & ~InitFlags.EXPORT_SUPPORT) | InitFlags.AUTO_INVAL_DATA | InitFlags.ASYNC_DIO
+
+    def destroy(self) -> None:
+        """The guest went away: drop every inode and handle but the root."""
+        with self._lock:
+            for node in self._inodes.values():
+                if node is not self._root:
+                    with contextlib.suppress(OSError):
+                        os.close(node.fd)
+            for h in self._handles.values():
+                with contextlib.suppress(OSError):
+                    os.close(h.fd if isinstance(h, _Dir) else h)
+            self._inodes = {ROOT_ID: self._root}
+            self._by_key = {self._root.key: ROOT_ID}
+            self._handles = {}
+
+    def close(self) -> None:
+        self.destroy()
+        with contextlib.suppress(OSError):
+            os.close(self._root.fd)
+
+    # -- inodes ------------------------------------------------------------------------------
+    def _node(self, ino: int) -> _Inode:
+        node = self._inodes.get(ino)
+        if node is None:
+            raise FuseError(errno.ESTALE)
+        return node
+
+    def _dir(self, ino: int) -> _Inode:
+        node = self._node(ino)
+        if not stat.S_ISDIR(node.mode):
+            raise FuseError(errno.ENOTDIR)
+        return node
+
+    def _attr(self, st: os.stat_result) -> FuseAttr:
+        return FuseAttr(
+            ino=st.st_ino, size=st.st_size, blocks=st.st_blocks, atime=int(st.st_atime), mtime=int(st.st_mtime),
+            ctime=int(st.st_ctime), atime_nsec=st.st_atime_ns % 1_000_000_000,
+            mtime_nsec=st.st_mtime_ns % 1_000_000_000, ctime_nsec=st.st_ctime_ns % 1_000_000_000,
+            mode=st.st_mode, nlink=st.st_nlink, uid=st.st_uid, gid=st.st_gid, rdev=st.st_rdev,
+            blksize=st.st_blksize,
+        )
+
+    def _register(self, fd: int) -> Entry:
+        """Turn a fresh O_PATH fd into a looked-up inode (reusing the known one for the same
+        host inode: hard links and repeated lookups share a nodeid)."""
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        key = (st.st_dev, st.st_ino)
+        with self._lock:
+            ino = self._by_key.get(key)
+            if ino is not None:
+                os.close(fd)
+                node = self._inodes[ino]
+            else:
+                ino = self._next_ino
+                self._next_ino += 1
+                node = _Inode(ino, fd, key, stat.S_IFMT(st.st_mode))
+                self._inodes[ino] = node
+                self._by_key[key] = ino
+            node.nlookup += 1
+        return Entry(ino, 0, self._attr(st), self.entry_timeout, self.attr_timeout)
+
+    def _open_child(self, parent: _Inode, name: bytes) -> int:
+        return openat_beneath(parent.fd, name, os.O_PATH | os.O_NOFOLLOW)
+
+    def lookup(self, parent: int, name: bytes) -> Entry:
+        p = self._dir(parent)
+        if name == b"." or (name == b".." and parent == ROOT_ID):
+            return self._register(os.dup(p.fd))
+        if name == b".." or b"/" in name or not name:
+            raise FuseError(errno.EACCES if name == b".." else errno.EINVAL)
+        return self._register(self._open_child(p, name))
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        if ino == ROOT_ID:
+            return
+        with self._lock:
+            node = self._inodes.get(ino)
+            if node is None:
+                return
+            node.nlookup -= nlookup
+            if node.nlookup > 0:
+                return
+            del self._inodes[ino]
+            if self._by_key.get(node.key) == ino:
+                del self._by_key[node.key]
+        os.close(node.fd)
+
+    def getattr(self, ino: int) -> tuple[FuseAttr, float]:
+        return self._attr(os.fstat(self._node(ino).fd)), self.attr_timeout
+
+    def readlink(self, ino: int) -> bytes:
+        node = self._node(ino)
+        if not stat.S_ISLNK(node.mode):
+            raise FuseError(errno.EINVAL)
+        return _readlink_fd(node.fd)
+
+    def statfs(self, ino: int) -> StatFs:
+        v = os.statvfs(_proc(self._node(ino).fd))
+        return StatFs(v.f_blocks, v.f_bfree, v.f_bavail, v.f_files, v.f_ffree, v.f_bsize, v.f_namemax, v.f_frsize)
+
+    # -- handles -----------------------------------------------------------------------------
+    def _new_handle(self, h: int | _Dir) -> int:
+        with self._lock:
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = h
+        return fh
+
+    def _fd(self, fh: int) -> int:
+        h = self._handles.get(fh)
+        if h is None:
+            raise FuseError(errno.EBADF)
+        return h.fd if isinstance(h, _Dir) else h
+
+    def _reopen(self, node: _Inode, flags: int) -> int:
+        if stat.S_ISLNK(node.mode):
+            raise FuseError(errno.ELOOP)
+        if not (stat.S_ISREG(node.mode) or stat.S_ISDIR(node.mode)):
+            raise FuseError(errno.EACCES)  # never open device nodes, FIFOs or sockets of the host
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)
+        return os.open(_proc(node.fd), flags | os.O_CLOEXEC)
+
+    def open(self, ino: int, flags: int) -> tuple[int, int]:
+        node = self._node(ino)
+        if stat.S_ISDIR(node.mode):
+            raise FuseError(errno.EISDIR)
+        if flags & os.O_ACCMODE and not self.writable:
+            raise FuseError(errno.EROFS)
+        return self._new_handle(self._reopen(node, flags)), 0
+
+    def read(self, ino: int, fh: int, offset: int, size: int) -> bytes:
+        return os.pread(self._fd(fh), size, offset)
+
+    def write(self, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:
+        return os.pwrite(self._fd(fh), data, offset)
+
+    def flush(self, ino: int, fh: int) -> None:
+        # close(dup(fd)): what close(2) of the guest's file means on the host (POSIX locks,
+        # NFS-style deferred write errors)
+        os.close(os.dup(self._fd(fh)))
+
+    def release(self, ino: int, fh: int) -> None:
+        with self._lock:
+            h = self._handles.pop(fh, None)
+        if h is not None:
+            os.close(h.fd if isinstance(h, _Dir) else h)
+
+    def fsync(self, ino: int, fh: int, datasync: bool) -> None:
+        fd = self._fd(fh)
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
+
+    def fsyncdir(self, ino: int, fh: int, datasync: bool) -> None:
+        self.fsync(ino, fh, datasync)
+
+    def fallocate(self, ino: int, fh: int, offset: int, length: int, mode: int) -> None:
+        if mode:
+            raise FuseError(errno.EOPNOTSUPP)
+        os.posix_fallocate(self._fd(fh), offset, length)
+
+    def lseek(self, ino: int, fh: int, offset: int, whence: int) -> int:
+        return os.lseek(self._fd(fh), offset, whence)
+
+    # -- directories -------------------------------------------------------------------------
+    def opendir(self, ino: int, flags: int) -> tuple[int, int]:
+        node = self._dir(ino)
+        return self._new_handle(_Dir(self._reopen(node, os.O_RDONLY | os.O_DIRECTORY))), 0
+
+    def releasedir(self, ino: int, fh: int) -> None:
+        self.release(ino, fh)
+
+    def readdir(self, ino: int, fh: int, offset: int) -> Iterator[DirEntryTuple]:
+        h = self._handles.get(fh)
+        if not isinstance(h, _Dir):
+            raise FuseError(errno.EBADF)
+        if h.entries is None or offset == 0:
+            # a snapshot per pass over the directory, so cookies stay stable under changes
+            entries = [(b".", 0, stat.S_IFDIR), (b"..", 0, stat.S_IFDIR)]
+            with os.scandir(_proc(h.fd)) as it:
+                for e in it:
+                    try:
+                        typ = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
+                    except OSError:
+                        continue
+                    entries.append((os.fsencode(e.name), e.inode(), typ))
+            h.entries = entries
+        for i in range(offset, len(h.entries)):
+            name, hino, typ = h.entries[i]
+            yield name, hino or ino, typ, i + 1
+
+    # -- creating ----------------------------------------------------------------------------
+    def _owned(self, parent: _Inode, name: bytes, caller: Caller) -> None:
+        if self._chown:
+            os.chown(name, caller.uid, caller.gid, dir_fd=parent.fd, follow_symlinks=False)
+
+    def _check_writable(self) -> None:
+        if not self.writable:
+            raise FuseError(errno.EROFS)
+
+    def _created(self, parent: _Inode, name: bytes, caller: Caller) -> Entry:
+        try:
+            self._owned(parent, name, caller)
+            return self._register(self._open_child(parent, name))
+        except OSError:
+            log.warning("passthrough: could not finish creating %r", name)
+            raise
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Entry:
+        self._check_writable()
+        p = self._dir(parent)
+        os.mkdir(name, mode & 0o7777, dir_fd=p.fd)
+        return self._created(p, name, caller)
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Entry:
+        self._check_writable()
+        p = self._dir(parent)
+        if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+            raise FuseError(errno.EPERM)  # no device nodes on the host from a guest
+        os.mknod(name, mode, 0, dir_fd=p.fd)
+        return self._created(p, name, caller)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Entry:
+        self._check_writable()
+        p = self._dir(parent)
+        os.symlink(target, name, dir_fd=p.fd)
+        return self._created(p, name, caller)
+
+    def link(self, ino: int, newparent: int, newname: bytes) -> Entry:
+        self._check_writable()
+        node = self._node(ino)
+        p = self._dir(newparent)
+        if stat.S_ISDIR(node.mode):
+            raise FuseError(errno.EPERM)
+        _link_empty(node.fd, p.fd, newname)
+        return self._register(self._open_child(p, newname))
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Entry, int, int]:
+        self._check_writable()
+        p = self._dir(parent)
+        fd = os.open(name, (flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC) & ~os.O_NOCTTY, mode & 0o7777,
+                     dir_fd=p.fd)
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise FuseError(errno.EACCES)
+            entry = self._created(p, name, caller)
+        except BaseException:
+            os.close(fd)
+            raise
+        return entry, self._new_handle(fd), 0
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._check_writable()
+        os.unlink(name, dir_fd=self._dir(parent).fd)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._check_writable()
+        os.rmdir(name, dir_fd=self._dir(parent).fd)
+
+    def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
+        self._check_writable()
+        p, np = self._dir(parent), self._dir(newparent)
+        if flags:
+            _renameat2(p.fd, name, np.fd, newname, flags)
+        else:
+            os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=np.fd)
+
+    # -- attributes --------------------------------------------------------------------------
+    def setattr(self, ino: int, attr: SetAttr) -> tuple[FuseAttr, float]:
+        self._check_writable()
+        node = self._node(ino)
+        valid = attr.valid
+        is_link = stat.S_ISLNK(node.mode)
+        if is_link and valid & (FATTR_MODE | FATTR_SIZE | FATTR_ATIME | FATTR_MTIME):
+            raise FuseError(errno.EOPNOTSUPP)  # would follow the link through /proc
+        if valid & FATTR_MODE:
+            os.chmod(_proc(node.fd), stat.S_IMODE(attr.mode))
+        if valid & (FATTR_UID | FATTR_GID):
+            _fchown_empty(node.fd, attr.uid if valid & FATTR_UID else -1, attr.gid if valid & FATTR_GID else -1)
+        if valid & FATTR_SIZE:
+            if attr.fh is not None and attr.fh in self._handles:
+                os.ftruncate(self._fd(attr.fh), attr.size)
+            else:
+                fd = self._reopen(node, os.O_WRONLY)
+                try:
+                    os.ftruncate(fd, attr.size)
+                finally:
+                    os.close(fd)
+        if valid & (FATTR_ATIME | FATTR_MTIME):
+            st = os.fstat(node.fd)
+            now = time.time_ns()
+            at = st.st_atime_ns
+            mt = st.st_mtime_ns
+            if valid & FATTR_ATIME:
+                at = now if valid & FATTR_ATIME_NOW else attr.atime * 1_000_000_000 + attr.atime_nsec
+            if valid & FATTR_MTIME:
+                mt = now if valid & FATTR_MTIME_NOW else attr.mtime * 1_000_000_000 + attr.mtime_nsec
+            os.utime(_proc(node.fd), ns=(at, mt))
+        return self.getattr(ino)
+
+    # -- xattrs ------------------------------------------------------------------------------
+    def _xattr_node(self, ino: int) -> _Inode:
+        if not self.xattr:
+            raise FuseError(errno.ENOSYS)
+        node = self._node(ino)
+        if stat.S_ISLNK(node.mode):
+            raise FuseError(errno.EPERM)
+        return node
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        node = self._node(ino)
+        if not self.xattr:
+            raise FuseError(errno.ENOSYS)
+        if stat.S_ISLNK(node.mode):
+            raise FuseError(errno.ENODATA)
+        return os.getxattr(_proc(node.fd), name)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        node = self._node(ino)
+        if not self.xattr:
+            raise FuseError(errno.ENOSYS)
+        if stat.S_ISLNK(node.mode):
+            return []
+        return [os.fsencode(n) for n in os.listxattr(_proc(node.fd))]
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        self._check_writable()
+        os.setxattr(_proc(self._xattr_node(ino).fd), name, value, flags)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._check_writable()
+        os.removexattr(_proc(self._xattr_node(ino).fd), name)
+
+
+def _readlink_fd(fd: int) -> bytes:
+    """readlinkat(fd, "") of an O_PATH|O_NOFOLLOW symlink fd."""
+    buf = ctypes.create_string_buffer(4097)  # PATH_MAX + 1: never a silent truncation
+    n = _libc.readlinkat(fd, b"", buf, len(buf))
+    _check(n, "readlinkat")
+    return buf.raw[:n]

@@ -1,0 +1,194 @@
+"""PassthroughFilesystem through FuseSession (kernel stand-in): read-write ops land on the host
+directory, and nothing the guest sends reaches outside it."""
+
+import errno
+import os
+import stat
+import struct
+from pathlib import Path
+
+import pytest
+
+from nydus_py.fs.passthrough import PassthroughFilesystem
+from nydus_py.fuse.abi import FATTR_MODE, FATTR_MTIME, FATTR_SIZE
+from nydus_py.fuse.protocol import FuseSession
+
+from ..fuse import kernel as K
+from ..fuse.kernel import Kernel, decode_attr_out, decode_dirents, decode_entry_out
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    root = tmp_path / "share"
+    (root / "dir").mkdir(parents=True)
+    (root / "dir" / "f.txt").write_bytes(b"content\n")
+    (root / "escape").symlink_to("/etc")
+    (root / "rel-escape").symlink_to("../outside")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "secret").write_bytes(b"secret")
+    return root
+
+
+@pytest.fixture
+def pfs(tree: Path) -> PassthroughFilesystem:
+    return PassthroughFilesystem(str(tree))
+
+
+@pytest.fixture
+def k(pfs: PassthroughFilesystem) -> Kernel:
+    kern = Kernel(FuseSession(pfs))
+    kern.uid = kern.gid = 0
+    assert kern.init(38)[0] == 0
+    return kern
+
+
+def lookup(k: Kernel, parent: int, name: bytes) -> int:
+    err, p = k.lookup(parent, name)
+    assert err == 0, (name, errno.errorcode.get(err))
+    return int(decode_entry_out(p)["nodeid"])
+
+
+def create(k: Kernel, parent: int, name: bytes, mode: int = 0o644) -> tuple[int, int]:
+    err, p = k.call(K.CREATE, parent, struct.pack("<IIII", os.O_RDWR | os.O_CREAT, stat.S_IFREG | mode, 0, 0)
+                    + name + b"\0")
+    assert err == 0, errno.errorcode.get(err)
+    return int(decode_entry_out(p[:128])["nodeid"]), int(struct.unpack_from("<Q", p, 128)[0])
+
+
+def write(k: Kernel, ino: int, fh: int, offset: int, data: bytes) -> int:
+    err, p = k.call(K.WRITE, ino, struct.pack("<QQIIQII", fh, offset, len(data), 0, 0, 0, 0) + data)
+    assert err == 0
+    return int(struct.unpack_from("<I", p)[0])
+
+
+def test_create_write_read_back_on_host(k: Kernel, tree: Path) -> None:
+    ino, fh = create(k, 1, b"new.txt")
+    assert write(k, ino, fh, 0, b"hello ") == 6
+    assert write(k, ino, fh, 6, b"world") == 5
+    err, data = k.read(ino, fh, 0, 100)
+    assert err == 0 and data == b"hello world"
+    assert k.call(K.FSYNC, ino, struct.pack("<QII", fh, 0, 0))[0] == 0
+    assert k.call(K.FLUSH, ino, struct.pack("<QIIQ", fh, 0, 0, 0))[0] == 0
+    assert k.release(ino, fh)[0] == 0
+    assert (tree / "new.txt").read_bytes() == b"hello world"
+    assert stat.S_IMODE((tree / "new.txt").stat().st_mode) == 0o644
+
+
+def test_mkdir_rename_unlink_rmdir_symlink_link(k: Kernel, tree: Path) -> None:
+    err, p = k.call(K.MKDIR, 1, struct.pack("<II", 0o750, 0) + b"sub\0")
+    assert err == 0
+    sub = int(decode_entry_out(p)["nodeid"])
+    assert (tree / "sub").is_dir() and stat.S_IMODE((tree / "sub").stat().st_mode) == 0o750
+    d = lookup(k, 1, b"dir")
+    assert k.call(K.RENAME, d, struct.pack("<Q", sub) + b"f.txt\0g.txt\0")[0] == 0
+    assert (tree / "sub" / "g.txt").read_bytes() == b"content\n"
+    err, p = k.call(K.SYMLINK, sub, b"ln\0g.txt\0")
+    assert err == 0 and os.readlink(tree / "sub" / "ln") == "g.txt"
+    ln = int(decode_entry_out(p)["nodeid"])
+    err, target = k.call(K.READLINK, ln)
+    assert (err, target) == (0, b"g.txt")
+    g = lookup(k, sub, b"g.txt")
+    err, p = k.call(K.LINK, 1, struct.pack("<Q", g) + b"hard\0")
+    assert err == 0
+    e = decode_entry_out(p)
+    assert e["nodeid"] == g and e["attr"]["nlink"] == 2  # a hard link is the same inode
+    assert (tree / "hard").read_bytes() == b"content\n"
+    assert k.call(K.RMDIR, 1, b"sub\0")[0] == errno.ENOTEMPTY
+    for name in (b"g.txt\0", b"ln\0"):
+        assert k.call(K.UNLINK, sub, name)[0] == 0
+    assert k.call(K.RMDIR, 1, b"sub\0")[0] == 0
+    assert not (tree / "sub").exists()
+    # renameat2 flags: NOREPLACE over an existing name fails
+    assert k.call(K.RENAME2, 1, struct.pack("<QII", 1, 1, 0) + b"hard\0dir\0")[0] == errno.EEXIST
+
+
+def test_setattr_and_xattrs(k: Kernel, tree: Path) -> None:
+    f = lookup(k, lookup(k, 1, b"dir"), b"f.txt")
+    args = struct.pack("<IIQQQQQQIIIIIIII", FATTR_MODE | FATTR_SIZE | FATTR_MTIME, 0, 0, 3, 0, 0, 1_000_000, 0,
+                       0, 5, 0, 0o100600, 0, 0, 0, 0)
+    err, p = k.call(K.SETATTR, f, args)
+    assert err == 0
+    a = decode_attr_out(p)["attr"]
+    assert a["size"] == 3 and a["mode"] == stat.S_IFREG | 0o600 and a["mtime"] == 1_000_000
+    st = (tree / "dir" / "f.txt").stat()
+    assert st.st_size == 3 and st.st_mtime_ns == 1_000_000 * 10**9 + 5
+    assert k.call(K.SETXATTR, f, struct.pack("<II", 2, 0) + b"user.k\0v1")[0] == 0
+    assert os.getxattr(tree / "dir" / "f.txt", "user.k") == b"v1"
+    err, v = k.getxattr(f, b"user.k", 100)
+    assert (err, v) == (0, b"v1")
+    err, names = k.listxattr(f, 100)
+    assert err == 0 and b"user.k\0" in names
+    assert k.call(K.REMOVEXATTR, f, b"user.k\0")[0] == 0
+    assert k.getxattr(f, b"user.k", 100)[0] == errno.ENODATA
+
+
+def test_readdir_lists_host_entries(k: Kernel) -> None:
+    err, p = k.open(1, os.O_RDONLY | os.O_DIRECTORY, opcode=K.OPENDIR)
+    assert err == 0
+    fh = struct.unpack_from("<Q", p)[0]
+    err, data = k.read(1, fh, 0, 4096, opcode=K.READDIR)
+    names = {n for _, _, _, n in decode_dirents(data)}
+    assert names == {b".", b"..", b"dir", b"escape", b"rel-escape"}
+    assert k.release(1, fh, opcode=K.RELEASEDIR)[0] == 0
+
+
+def test_symlinks_never_lead_out(k: Kernel, tree: Path) -> None:
+    esc = lookup(k, 1, b"escape")
+    rel = lookup(k, 1, b"rel-escape")
+    # a lookup "through" a symlink is not a directory; the link itself can't be opened
+    assert k.lookup(esc, b"passwd")[0] == errno.ENOTDIR
+    assert k.lookup(rel, b"secret")[0] == errno.ENOTDIR
+    assert k.open(esc)[0] == errno.ELOOP
+    # ".." of the root is the root; ".." elsewhere and names with "/" are refused
+    assert lookup(k, 1, b"..") == 1
+    d = lookup(k, 1, b"dir")
+    assert k.lookup(d, b"..")[0] == errno.EACCES
+    assert k.lookup(1, b"../outside")[0] == errno.EINVAL
+    # creating over a symlink does not follow it
+    err, _ = k.call(K.CREATE, 1, struct.pack("<IIII", os.O_WRONLY | os.O_CREAT, 0o100644, 0, 0) + b"rel-escape\0")
+    assert err == errno.ELOOP
+    assert not (tree.parent / "outside" / "x").exists()
+    # setattr that would follow the link through /proc is refused
+    args = struct.pack("<IIQQQQQQIIIIIIII", FATTR_MODE, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0o777, 0, 0, 0, 0)
+    assert k.call(K.SETATTR, esc, args)[0] == errno.EOPNOTSUPP
+    assert stat.S_IMODE(os.stat("/etc").st_mode) != 0o777
+
+
+def test_a_directory_swapped_for_a_symlink_on_the_host(k: Kernel, tree: Path) -> None:
+    d = lookup(k, 1, b"dir")
+    os.rename(tree / "dir", tree / "moved")
+    (tree / "dir").symlink_to(tree.parent / "outside")
+    # the old nodeid still names the real directory, never the planted link's target
+    assert lookup(k, d, b"f.txt")
+    assert k.lookup(d, b"secret")[0] == errno.ENOENT
+    assert k.lookup(lookup(k, 1, b"dir"), b"secret")[0] == errno.ENOTDIR
+
+
+def test_no_device_nodes(k: Kernel) -> None:
+    args = struct.pack("<IIII", stat.S_IFBLK | 0o600, os.makedev(8, 0), 0, 0) + b"sda\0"
+    assert k.call(K.MKNOD, 1, args)[0] == errno.EPERM
+    err, p = k.call(K.MKNOD, 1, struct.pack("<IIII", stat.S_IFIFO | 0o600, 0, 0, 0) + b"fifo\0")
+    assert err == 0
+    fifo = int(decode_entry_out(p)["nodeid"])
+    assert k.open(fifo)[0] == errno.EACCES  # never opened on the host (would block)
+
+
+def test_read_only_mode(tree: Path) -> None:
+    k = Kernel(FuseSession(PassthroughFilesystem(str(tree), writable=False)))
+    k.init(38)
+    assert k.call(K.MKDIR, 1, struct.pack("<II", 0o755, 0) + b"x\0") == (errno.EROFS, b"")
+    d = lookup(k, 1, b"dir")
+    f = lookup(k, d, b"f.txt")
+    assert k.open(f, os.O_WRONLY)[0] == errno.EROFS
+
+
+def test_forget_closes_and_destroy_resets(pfs: PassthroughFilesystem, k: Kernel) -> None:
+    d = lookup(k, 1, b"dir")
+    assert lookup(k, 1, b"dir") == d
+    k.send(K.FORGET, d, struct.pack("<Q", 1))
+    assert d in pfs._inodes
+    k.send(K.FORGET, d, struct.pack("<Q", 1))
+    assert d not in pfs._inodes
+    lookup(k, 1, b"escape")
+    pfs.destroy()
+    assert list(pfs._inodes) == [1]
