@@ -11,6 +11,10 @@ DEB_PACKAGES=(
   fuse3            # fusermount3 for unprivileged mounts
   attr             # getfattr/setfattr for tests and debugging
   util-linux       # mount, losetup
+  qemu-system-x86  # QEMU 7.2 (TCG) + its virtiofsd: the virtio-fs guest tests and the benchmark peer
+  busybox-static   # the guest initramfs of the virtio-fs tests (the kernel is apt-get downloaded by the tests)
+  gcc              # builds the static xattr helper for the guest
+  libc6-dev        # (static libc for it)
   docker-registry  # distribution 2.8: the real OCI registry the storage tests push to and read from
   apache2-utils    # htpasswd -B: bcrypt users for the basic-auth registry rig
 )

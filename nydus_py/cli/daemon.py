@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--id")
     f.add_argument("--apisock")
     f.set_defaults(func=cmd_fuse)
+    from .virtiofs import add_arguments as add_virtiofs_arguments
+
+    add_virtiofs_arguments(sub.add_parser("virtiofs", help="serve filesystems to a VM over vhost-user-fs"))
     return p
 
 
