@@ -1,0 +1,1 @@
+"""The daemon's control APIs: nydusd's HTTP API (`http`) and a gRPC mirror (`grpc_server`)."""

@@ -1,0 +1,291 @@
+"""A filesystem instance the daemon mounts in its VFS, from nydusd's mount command.
+
+`MountCmd` is the body of `POST /api/v1/mount` (and of the gRPC Mount call); `create_instance()`
+turns it into a running filesystem: a RAFS image over its backend (through the single backend
+factory `nydus_py.cli.daemon.make_source`), or another type registered with `register_fs_type()`
+(passthrough, added by the virtio-fs side). Every instance carries the counters its metrics
+endpoints read.
+"""
+
+import contextlib
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..fs.rafs_fs import RafsFilesystem
+from ..fuse.api import Filesystem
+from ..metrics.backend import BackendStats, instrument, unwrap
+from ..metrics.fsstats import FsStats
+from ..rafs import FormatError, open_bootstrap
+from ..rafs.model import RafsImage
+from ..storage.device import BlobDevice
+from .config import ConfigError
+from .configfile import ParsedConfig, parse_any
+from .errors import BadRequest, InternalError, Unsupported
+
+log = logging.getLogger(__name__)
+
+RAFS_TYPES = ("rafs",)
+PASSTHROUGH_TYPES = ("passthrough", "passthroughfs", "passthrough_fs")
+
+
+@dataclass
+class MountCmd:
+    fs_type: str
+    source: str
+    config: str
+    prefetch_files: list[str] | None = None
+
+    @classmethod
+    def from_json(cls, body: Any) -> "MountCmd":
+        """Validate a decoded request body; BadRequest names the offending field."""
+        if not isinstance(body, dict):
+            raise BadRequest("mount body must be a JSON object")
+        for key in ("fs_type", "source", "config"):
+            if key not in body:
+                raise BadRequest(f"missing field {key!r}")
+            if not isinstance(body[key], str):
+                raise BadRequest(f"field {key!r} must be a string")
+        pf = body.get("prefetch_files")
+        files: list[str] | None
+        if pf is None:
+            files = None
+        elif isinstance(pf, list) and all(isinstance(p, str) for p in pf):
+            files = list(pf)
+        elif isinstance(pf, str):
+            files = [line for line in pf.splitlines() if line.strip()]
+        else:
+            raise BadRequest("field 'prefetch_files' must be a list of paths")
+        if not body["fs_type"]:
+            raise BadRequest("field 'fs_type' must not be empty")
+        if not body["source"]:
+            raise BadRequest("field 'source' must not be empty")
+        return cls(body["fs_type"], body["source"], body["config"], files)
+
+    def to_json(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"fs_type": self.fs_type, "source": self.source, "config": self.config}
+        if self.prefetch_files is not None:
+            d["prefetch_files"] = self.prefetch_files
+        return d
+
+
+@dataclass(eq=False)
+class Instance:
+    """One mounted filesystem and everything it owns."""
+
+    mountpoint: str
+    cmd: MountCmd
+    fs: Filesystem
+    backend_type: str  # "Rafs" | "PassthroughFs" (DaemonInfo.backend_collection)
+    stats: FsStats
+    parsed: ParsedConfig | None = None
+    image: RafsImage | None = None
+    source: Any = None
+    device: BlobDevice | None = None
+    backend_stats: BackendStats | None = None
+    prefetcher: Any = None
+    mounted_time: float = field(default_factory=time.time)
+    index: int = -1
+
+    @property
+    def blobcache_id(self) -> str:
+        """The key of this instance's blob-cache metrics: the config id (`device.id`)."""
+        return self.parsed.id if self.parsed is not None and self.parsed.id else self.mountpoint
+
+    def close(self) -> None:
+        """Stop background work and release files; the VFS no longer routes to it."""
+        if self.prefetcher is not None:
+            with contextlib.suppress(Exception):
+                self.prefetcher.stop()
+        close_fs = getattr(self.fs, "close", None)
+        if callable(close_fs):
+            close_fs()
+        close_src = getattr(self.source, "close", None)
+        if callable(close_src):
+            try:
+                close_src()
+            except Exception:
+                log.exception("closing the backend of %s failed", self.mountpoint)
+        if self.image is not None:
+            try:
+                self.image.close()
+            except BufferError:
+                log.warning("%s: bootstrap still referenced, leaving it to the garbage collector", self.mountpoint)
+
+    # -- views --------------------------------------------------------------------------------
+    def collection_entry(self) -> dict[str, Any]:
+        return {
+            "backend_type": self.backend_type,
+            "mountpoint": self.mountpoint,
+            "mounted_time": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(self.mounted_time))
+            + f".{int(self.mounted_time % 1 * 1e9):09d} +00:00:00",
+            "config": self.parsed.redacted_v2() if self.parsed is not None else {},
+        }
+
+    def superblock(self) -> dict[str, Any]:
+        """`GET /api/v1/daemon/backend`: the RAFS superblock facts this reader knows."""
+        img = self.image
+        if img is None:
+            return {"backend_type": self.backend_type, "mountpoint": self.mountpoint}
+        return {
+            "magic": 0x52414653 if img.version == 5 else 0xE0F5E1E2,
+            "version": img.version,
+            "sb_size": 8192 if img.version == 5 else 128,
+            "root_inode": img.root_ino,
+            "chunk_size": img.chunk_size,
+            "batch_size": 0,
+            "inodes_count": img.inode_count(),
+            "flags": int(img.flags),
+            "blobs": [b.blob_id for b in img.blobs],
+            "attr_timeout": self.parsed.rafs.attr_timeout if self.parsed else 0,
+            "entry_timeout": self.parsed.rafs.entry_timeout if self.parsed else 0,
+            "is_chunk_dict": False,
+        }
+
+    def blobcache(self) -> dict[str, Any]:
+        """nydusd's BlobcacheMetrics for this instance (zeros when there is no cache)."""
+        out: dict[str, Any] = {
+            "underlying_files": [], "store_path": "", "partial_hits": 0, "whole_hits": 0, "total": 0,
+            "entries_count": 0, "prefetch_data_amount": 0, "prefetch_requests_count": 0, "prefetch_workers": 0,
+            "prefetch_unmerged_chunks": 0, "prefetch_cumulative_time_millis": 0, "prefetch_begin_time_secs": 0,
+            "prefetch_begin_time_millis": 0, "prefetch_end_time_secs": 0, "prefetch_end_time_millis": 0,
+            "buffered_backend_size": 0, "data_all_ready": False,
+        }
+        snap = getattr(self.source, "snapshot", None)
+        if callable(snap) and hasattr(self.source, "read_chunks"):
+            s = snap()
+            for k in out:
+                if k in s and isinstance(s[k], type(out[k])):
+                    out[k] = s[k]
+        p = self.prefetcher
+        if p is not None:
+            out["prefetch_workers"] = int(getattr(p, "threads", 0))
+            begin = float(getattr(p, "started_at", 0.0))
+            end = float(getattr(p, "finished_at", 0.0))
+            if begin:
+                out["prefetch_begin_time_secs"] = int(begin)
+                out["prefetch_begin_time_millis"] = int(begin * 1000) % 1000
+            if end:
+                out["prefetch_end_time_secs"] = int(end)
+                out["prefetch_end_time_millis"] = int(end * 1000) % 1000
+                out["prefetch_cumulative_time_millis"] = int((end - begin) * 1000)
+        return out
+
+    def backend_counters(self) -> dict[str, Any]:
+        """The backend's own counters (registry: requests, statuses, retries, fallbacks...)."""
+        counters = getattr(unwrap(self.source), "counters", None)
+        snap = getattr(counters, "snapshot", None)
+        return snap() if callable(snap) else {}
+
+
+InstanceFactory = Callable[[str, MountCmd, "ParsedConfig | None"], Instance]
+_FACTORIES: dict[str, InstanceFactory] = {}
+
+
+def register_fs_type(names: tuple[str, ...], factory: InstanceFactory) -> None:
+    """Make `fs_type` values in `names` mountable (e.g. passthrough for virtio-fs)."""
+    for n in names:
+        _FACTORIES[n] = factory
+
+
+def create_instance(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None = None) -> Instance:
+    factory = _FACTORIES.get(cmd.fs_type)
+    if factory is None:
+        if cmd.fs_type in PASSTHROUGH_TYPES:
+            raise Unsupported(f"fs_type {cmd.fs_type!r}: passthrough filesystems are not available in this build")
+        raise BadRequest(f"unknown fs_type {cmd.fs_type!r} (rafs, passthrough_fs)")
+    return factory(mountpoint, cmd, default_config)
+
+
+def _parse_config(cmd: MountCmd, default_config: ParsedConfig | None) -> ParsedConfig:
+    if not cmd.config.strip():
+        if default_config is None:
+            raise BadRequest("a rafs mount needs a config")
+        return default_config
+    try:
+        return parse_any(cmd.config)
+    except ConfigError as e:
+        raise BadRequest(f"config: {e}") from None
+
+
+def _backend_factories() -> tuple[Callable[..., Any], Callable[..., Any] | None]:
+    from ..cli import daemon as cli_daemon  # the single backend factory lives with the CLI
+
+    return cli_daemon.make_source, getattr(cli_daemon, "make_prefetcher", None)
+
+
+def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None = None) -> Instance:
+    parsed = _parse_config(cmd, default_config)
+    cfg = parsed.rafs
+    try:
+        image = open_bootstrap(cmd.source)
+    except FormatError as e:
+        raise BadRequest(f"bootstrap {cmd.source}: {e}") from None
+    except OSError as e:
+        raise BadRequest(f"bootstrap {cmd.source}: {e.strerror or e}") from None
+    make_source, make_prefetcher = _backend_factories()
+    source = None
+    try:
+        try:
+            source = make_source(cfg)
+        except ConfigError as e:
+            raise BadRequest(f"config: {e}") from None
+        source, bstats = instrument(source, cfg.backend.type)
+        device = BlobDevice(image, source, validate=cfg.digest_validate or cfg.cache.validate,
+                            amplify_io=cfg.amplify_io)
+        fs = RafsFilesystem(image, device, entry_timeout=cfg.entry_timeout, attr_timeout=cfg.attr_timeout,
+                            enable_xattr=cfg.enable_xattr)
+        stats = FsStats(mountpoint, files=cfg.iostats_files, access_pattern=parsed.access_pattern,
+                        latest=parsed.latest_read_files)
+        inst = Instance(mountpoint, cmd, fs, "Rafs", stats, parsed=parsed, image=image, source=source,
+                        device=device, backend_stats=bstats)
+        if make_prefetcher is not None:
+            inst.prefetcher = _start_prefetch(make_prefetcher, cfg, image, source, cmd.prefetch_files)
+        return inst
+    except BaseException as e:
+        close = getattr(source, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
+        image.close()
+        if isinstance(e, (BadRequest, Unsupported)):
+            raise
+        if isinstance(e, Exception):
+            raise InternalError(f"mount {mountpoint}: {e}") from e
+        raise
+
+
+def _start_prefetch(make_prefetcher: Callable[..., Any], cfg: Any, image: RafsImage, source: Any,
+                    files: list[str] | None) -> Any:
+    if not files:
+        return make_prefetcher(cfg, image, source, None)
+    fd, path = tempfile.mkstemp(prefix="nydusd-py-prefetch-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write("\n".join(files) + "\n")
+        return make_prefetcher(cfg, image, source, path)
+    finally:
+        os.unlink(path)
+
+
+def create_passthrough(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None = None) -> Instance:
+    """A host directory (Kata's `/containers` share), when the passthrough filesystem is built in."""
+    from ..fs.passthrough import PassthroughFilesystem
+
+    if not os.path.isdir(cmd.source):
+        raise BadRequest(f"passthrough source {cmd.source} is not a directory")
+    fs = PassthroughFilesystem(cmd.source)
+    return Instance(mountpoint, cmd, fs, "PassthroughFs", FsStats(mountpoint))
+
+
+register_fs_type(RAFS_TYPES, create_rafs)
+try:
+    import nydus_py.fs.passthrough  # noqa: F401  (optional: the virtio-fs side provides it)
+except ImportError:
+    pass
+else:
+    register_fs_type(PASSTHROUGH_TYPES, create_passthrough)

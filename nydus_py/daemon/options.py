@@ -1,0 +1,129 @@
+"""nydusd's command line (clap definitions of `src/bin/nydusd/main.rs`), parsed with argparse.
+
+Global options may come before or after the subcommand; with no subcommand the FUSE options mean
+`fuse` (upstream's legacy mode). Usage errors exit 2 with a message on stderr, like clap.
+Deviations, both friendlier than upstream and documented: `--backend-source` is accepted (the
+snapshotter sends it; upstream exits 2), and `virtiofs --threads N` (suggested by Kata's docs) is
+accepted and sets the number of queue workers.
+"""
+
+import argparse
+import sys
+from typing import Any
+
+from .version import version_text
+
+SUBCOMMANDS = ("fuse", "virtiofs", "singleton")
+LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
+
+
+class _VersionAction(argparse.Action):
+    def __init__(self, option_strings: list[str], dest: str = argparse.SUPPRESS, **kw: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kw)
+
+    def __call__(self, parser: argparse.ArgumentParser, ns: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        sys.stdout.write(version_text())
+        sys.stdout.flush()
+        parser.exit(0)
+
+
+def _threads(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid thread count {value!r}") from None
+    if not 1 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"thread count {n} is not in 1..=1024")
+    return n
+
+
+def _nonneg(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid number {value!r}") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{n} must not be negative")
+    return n
+
+
+def _global(p: argparse.ArgumentParser, top: bool) -> None:
+    """Options valid anywhere on the line; sub-parsers must not reset what the top level set."""
+    d: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    g = p.add_argument_group("global options")
+    g.add_argument("-A", "--apisock", help="HTTP API unix socket (created 0600)", **d)
+    g.add_argument("-C", "--config", help="config file: JSON v1, JSON v2 or TOML v2", **d)
+    g.add_argument("--id", help="daemon id (requires --supervisor)", **d)
+    g.add_argument("--supervisor", help="supervisor unix socket for failover/upgrade (requires --id)", **d)
+    g.add_argument("--upgrade", action="store_true", help="start in INIT and wait for a takeover", **d)
+    g.add_argument("-l", "--log-level", choices=LOG_LEVELS, **({"default": "info"} if top else d))
+    g.add_argument("-L", "--log-file", help="log file (.log is appended when it has no extension)", **d)
+    g.add_argument("--log-rotation-size", type=_nonneg, metavar="MIB", help="rotate the log at this size",
+                   **({"default": 0} if top else d))
+    g.add_argument("--rlimit-nofile", type=_nonneg, **({"default": 1_000_000} if top else d))
+    g.add_argument("--grpc-sock", help="also serve the gRPC control API on this unix socket", **d)
+    g.add_argument("--metrics-addr", metavar="HOST:PORT", help="also serve /metrics over TCP", **d)
+    g.add_argument("-V", "--version", action=_VersionAction, help="print version information")
+
+
+def _fs_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("filesystem options")
+    g.add_argument("-B", "--bootstrap", help="RAFS bootstrap to mount at --virtual-mountpoint")
+    g.add_argument("-D", "--localfs-dir", help="quick start: localfs backend and blob cache in this directory")
+    g.add_argument("-s", "--shared-dir", help="passthrough directory (not available)")
+    g.add_argument("--prefetch-files", help="file listing paths to prefetch, one per line (requires --bootstrap)")
+    g.add_argument("-m", "--virtual-mountpoint", default="/", help="where the bootstrap is mounted inside the FS")
+    g.add_argument("--dedup-db", help="accepted for compatibility; cross-image dedup is not used")
+    g.add_argument("--backend-source", help="accepted and ignored (nydus-snapshotter's experimental option)")
+
+
+def _fuse_options(p: argparse.ArgumentParser, required: bool) -> None:
+    g = p.add_argument_group("FUSE options")
+    g.add_argument("-M", "--mountpoint", required=required, help="FUSE mountpoint (must exist)")
+    g.add_argument("--thread-num", "--fuse-threads", dest="thread_num", type=_threads, default=4)
+    g.add_argument("--failover-policy", choices=("none", "resend", "flush"), default="resend")
+    g.add_argument("--writable", action="store_true", help="accepted; the filesystem is always read-only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nydusd-py", description="Lazy-loading container image filesystem daemon, "
+                                "a nydusd peer (fuse | virtiofs | singleton)")
+    _global(p, top=True)
+    sub = p.add_subparsers(dest="command", metavar="{fuse,virtiofs,singleton}")
+    f = sub.add_parser("fuse", help="serve through /dev/fuse")
+    _global(f, top=False)
+    _fuse_options(f, required=True)
+    _fs_options(f)
+    v = sub.add_parser("virtiofs", help="serve a VM through vhost-user-fs")
+    _global(v, top=False)
+    v.add_argument("--sock", required=True, help="vhost-user listener socket")
+    v.add_argument("--hybrid-mode", nargs="?", const="true", default=None, help="accepted (RAFS + passthrough)")
+    v.add_argument("--threads", type=_threads, default=None, help="queue workers (Kata's docs pass it)")
+    _fs_options(v)
+    s = sub.add_parser("singleton", help="fscache service (not supported)")
+    _global(s, top=False)
+    s.add_argument("-F", "--fscache", help="fscache cache directory")
+    s.add_argument("--fscache-tag")
+    s.add_argument("--fscache-threads", type=_threads, default=4)
+    return p
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    argv = list(argv)
+    parser = build_parser()
+    if argv and not any(a in SUBCOMMANDS for a in argv) and not any(a in ("-h", "--help", "-V", "--version")
+                                                                    for a in argv):
+        argv.insert(0, "fuse")  # legacy mode: top-level FUSE options mean `fuse`
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.error("a subcommand is required (fuse, virtiofs or singleton)")
+    if bool(args.id) != bool(args.supervisor):
+        parser.error("--id and --supervisor must be given together")
+    if getattr(args, "prefetch_files", None) and not getattr(args, "bootstrap", None):
+        parser.error("--prefetch-files requires --bootstrap")
+    if args.config and getattr(args, "localfs_dir", None):
+        parser.error("--config conflicts with --localfs-dir")
+    if getattr(args, "bootstrap", None) and getattr(args, "shared_dir", None):
+        parser.error("--bootstrap conflicts with --shared-dir")
+    return args

@@ -1,0 +1,441 @@
+"""The daemon: state machine, VFS with its mounted instances, FUSE/virtio-fs transport, metrics.
+
+`DaemonService` is the one implementation behind the HTTP API and the gRPC API: every endpoint is
+a method here that returns plain JSON-able data (or None for "204, no body") and raises
+`daemon.errors.ApiError` subclasses, which both front-ends turn into the same status and
+`{code, message}` body. Methods that mount, unmount or change state serialise on one lock (nydusd
+handles one API request at a time); they block, so the HTTP front-end runs them in an executor.
+"""
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..fuse.abi import OUT_HEADER, NotifyCode
+from ..fuse.protocol import FuseSession
+from ..metrics.fsstats import FsStats, FuseMetrics
+from ..vfs import INO_MASK, INO_SHIFT, MAX_INDEX, Vfs, VfsError, normalize_path
+from . import supervisor
+from .configfile import ParsedConfig
+from .errors import ApiError, BadRequest, Conflict, InternalError, NotFound, NotReady, Unsupported
+from .instance import Instance, MountCmd, create_instance
+from .logsetup import EventRing, set_level
+from .state import DaemonState, Event, StateMachine
+from .version import build_info
+
+log = logging.getLogger("nydusd-py")
+
+OVERRIDE_KEYS = ("registry_auth", "proxy_url", "dragonfly_scheduler_endpoint")
+STATE_FORMAT = "nydus_py/takeover/1"
+
+
+@dataclass
+class DaemonOptions:
+    mode: str = "fuse"  # fuse | virtiofs
+    mountpoint: str = ""
+    threads: int = 4
+    apisock: str | None = None
+    id: str | None = None
+    supervisor: str | None = None
+    failover_policy: str = "resend"
+    upgrade: bool = False
+    debug: bool = False
+    writable: bool = False
+
+
+def _strip_id(value: str) -> str:
+    return value.strip("/")
+
+
+class DaemonService:
+    def __init__(self, opts: DaemonOptions, events: EventRing | None = None) -> None:
+        self.opts = opts
+        self.events = events or EventRing()
+        self.sm = StateMachine(on_change=self._on_state)
+        self.vfs = Vfs()
+        self.session = FuseSession(self.vfs, debug=opts.debug)
+        self.metrics = FuseMetrics(self._route)
+        self.session.set_observer(self.metrics)
+        self.instances: dict[str, Instance] = {}
+        self._by_index: list[Instance | None] = [None] * (MAX_INDEX + 1)
+        self._lock = threading.RLock()
+        self.transport: Any = None  # FuseDevSession (fusedev) or the vhost-user server (virtiofs)
+        self.fuse_fd = -1  # the /dev/fuse fd (fusedev), also when taken over and not yet started
+        self.overrides: dict[str, dict[str, str]] = {}
+        self.default_config: ParsedConfig | None = None
+        self.started_at = time.time()
+        # set when the process should end: (exit code, unmount first)
+        self.exit_request: tuple[int, bool] | None = None
+        self.exit_event = threading.Event()
+        self.on_exit: Callable[[], None] | None = None
+
+    # -- plumbing -------------------------------------------------------------------------------
+    def _on_state(self, old: DaemonState, new: DaemonState, event: Event) -> None:
+        log.info("state %s --%s--> %s", old.value, event.value, new.value)
+
+    def _route(self, nodeid: int) -> tuple[FsStats | None, int]:
+        inst = self._by_index[nodeid >> INO_SHIFT]
+        if inst is None:
+            return None, nodeid
+        return inst.stats, nodeid & INO_MASK
+
+    @property
+    def state(self) -> DaemonState:
+        return self.sm.state
+
+    def request_exit(self, code: int, unmount: bool) -> None:
+        if self.exit_request is None:
+            self.exit_request = (code, unmount)
+        self.exit_event.set()
+        if self.on_exit is not None:
+            self.on_exit()
+
+    # -- mounts ---------------------------------------------------------------------------------
+    def normalize_mountpoint(self, mountpoint: str | None) -> str:
+        if mountpoint is None or mountpoint == "":
+            raise BadRequest("'mountpoint' should be specified in query string")
+        try:
+            return normalize_path(mountpoint)
+        except VfsError as e:
+            raise BadRequest(str(e)) from None
+
+    def mount(self, mountpoint: str | None, cmd: MountCmd) -> None:
+        mp = self.normalize_mountpoint(mountpoint)
+        with self._lock:
+            if self.state == DaemonState.STOPPED:
+                raise NotReady("the daemon is stopping")
+            old = self.instances.get(mp)
+            if old is not None:
+                if old.cmd.to_json() == cmd.to_json():
+                    log.info("mount %s: already mounted with the same source and config", mp)
+                    return
+                raise Conflict(f"{mp} is already mounted")
+            self._check_mountable(mp)
+            inst = create_instance(mp, cmd, self.default_config)
+            try:
+                inst.index = self.vfs.mount(mp, inst.fs)
+            except VfsError as e:
+                inst.close()
+                raise (Conflict(str(e)) if e.errno in (errno.EEXIST, errno.EBUSY) else BadRequest(str(e))) from None
+            self.instances[mp] = inst
+            self._by_index[inst.index] = inst
+        log.info("mounted %s (%s) at %s, index %d", cmd.source, cmd.fs_type, mp, inst.index)
+
+    def _check_mountable(self, mp: str) -> None:
+        """Refuse before building anything what the VFS would refuse (no half-made instances)."""
+        for other in self.instances:
+            if other == "/" or mp == "/" or mp.startswith(other + "/") or other.startswith(mp + "/"):
+                raise Conflict(f"cannot mount {mp}: it overlaps the mount at {other}")
+
+    def remount(self, mountpoint: str | None, cmd: MountCmd) -> None:
+        mp = self.normalize_mountpoint(mountpoint)
+        with self._lock:
+            old = self.instances.get(mp)
+            if old is None:
+                raise NotFound(f"{mp} is not mounted")
+            inst = create_instance(mp, cmd, self.default_config)
+            inst.index = old.index
+            self.vfs.replace(mp, inst.fs)
+            self.instances[mp] = inst
+            self._by_index[inst.index] = inst
+        old.close()
+        log.info("remounted %s at %s", cmd.source, mp)
+
+    def umount(self, mountpoint: str | None) -> None:
+        mp = self.normalize_mountpoint(mountpoint)
+        with self._lock:
+            inst = self.instances.get(mp)
+            if inst is None:
+                raise NotFound(f"{mp} is not mounted")
+            self.vfs.umount(mp)
+            del self.instances[mp]
+            if self._by_index[inst.index] is inst:
+                self._by_index[inst.index] = None
+        inst.close()
+        log.info("umounted %s", mp)
+
+    def close_all(self) -> None:
+        with self._lock:
+            for mp in sorted(self.instances, key=len, reverse=True):
+                inst = self.instances.pop(mp)
+                with contextlib.suppress(VfsError):
+                    self.vfs.umount(mp, wait=2.0)
+                self._by_index[inst.index] = None
+                try:
+                    inst.close()
+                except Exception:
+                    log.exception("closing %s failed", mp)
+
+    # -- daemon ---------------------------------------------------------------------------------
+    def daemon_info(self, v2: bool = False) -> dict[str, Any]:
+        with self._lock:
+            collection = None if v2 else {mp: i.collection_entry() for mp, i in sorted(self.instances.items())}
+        return {"version": dict(build_info()), "id": self.opts.id, "supervisor": self.opts.supervisor,
+                "state": self.state.value, "backend_collection": collection}
+
+    def configure(self, body: Any) -> None:
+        if not isinstance(body, dict) or "log_level" not in body:
+            raise BadRequest("body must be {\"log_level\": <level>}")
+        level = body["log_level"]
+        try:
+            set_level(level)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        log.warning("log level set to %s", level)
+
+    def events_json(self) -> dict[str, Any]:
+        return self.events.json()
+
+    def backend_info(self, mountpoint: str | None) -> dict[str, Any]:
+        mp = self.normalize_mountpoint(mountpoint)
+        inst = self.instances.get(mp)
+        if inst is None:
+            raise NotFound(f"{mp} is not mounted")
+        return inst.superblock()
+
+    def start(self) -> None:
+        """PUT /daemon/start: READY -> RUNNING (after a takeover: start serving the fd)."""
+        with self._lock:
+            self.sm.peek(Event.START)
+            if self.transport is None and self.fuse_fd >= 0:
+                self._attach_transport(self.fuse_fd)
+            self.sm.fire(Event.START)
+
+    def exit(self) -> None:
+        """PUT /daemon/exit: stop without unmounting (the hand-over path), then the process ends."""
+        with self._lock:
+            if self.state == DaemonState.RUNNING:
+                self.sm.fire(Event.STOP)
+            if self.state == DaemonState.READY:
+                self.sm.fire(Event.EXIT)
+            elif self.state == DaemonState.INIT:
+                self.sm.fire(Event.STOP)
+            else:
+                self.sm.peek(Event.EXIT)
+        self.request_exit(0, unmount=False)
+
+    def shutdown(self) -> None:
+        """SIGTERM/SIGINT: stop, unmount (unless still in INIT), exit 0."""
+        with self._lock:
+            state = self.state
+            if state == DaemonState.STOPPED:
+                return
+            if state == DaemonState.RUNNING:
+                self.sm.fire(Event.STOP)
+            self.sm.fire(Event.STOP)
+        self.request_exit(0, unmount=state != DaemonState.INIT)
+
+    # -- transports -----------------------------------------------------------------------------
+    def _attach_transport(self, fd: int) -> None:
+        from ..transport.fusedev import FuseDevSession
+
+        t = FuseDevSession(self.session.handle, self.opts.mountpoint, threads=self.opts.threads)
+        t.attach(fd)
+        self.transport = t
+        self._set_notifier(fd)
+
+    def _set_notifier(self, fd: int) -> None:
+        def notify(msg: bytes) -> None:
+            os.write(fd, msg)
+
+        self.vfs.notifier = notify
+
+    def fuse_mount(self) -> None:
+        """Mount the FUSE filesystem and start serving it (Mount -> READY, Start -> RUNNING)."""
+        from ..transport.fusedev import FuseDevSession
+
+        t = FuseDevSession(self.session.handle, self.opts.mountpoint, threads=self.opts.threads)
+        t.mount()
+        self.transport = t
+        self.fuse_fd = t.fd
+        self._set_notifier(t.fd)
+        self.sm.fire(Event.MOUNT)
+        self.sm.fire(Event.START)
+
+    def transport_wait(self, timeout: float | None) -> bool:
+        t = self.transport
+        return t.wait(timeout) if t is not None else False
+
+    # -- failover / upgrade -----------------------------------------------------------------------
+    def _state_blob(self) -> bytes:
+        with self._lock:
+            mounts = [{"mountpoint": mp, "index": i.index, "cmd": i.cmd.to_json()}
+                      for mp, i in sorted(self.instances.items())]
+            state = {"format": STATE_FORMAT, "mountpoint": self.opts.mountpoint, "mounts": mounts,
+                     "vfs": self.vfs.export_layout(), "fuse": self.session.export_state(),
+                     "default_config": self.default_config.v1 if self.default_config is not None else None}
+        return json.dumps(state).encode()
+
+    def sendfd(self) -> None:
+        """PUT /daemon/fuse/sendfd: hand state + /dev/fuse fd to the supervisor."""
+        if self.opts.mode != "fuse":
+            raise Unsupported("sendfd is only available for fusedev")
+        if not self.opts.supervisor:
+            raise Unsupported("the daemon was started without --supervisor")
+        if self.fuse_fd < 0:
+            raise NotReady("the FUSE connection is not set up")
+        # Always connect (the snapshotter blocks in accept() until we do), after FUSE INIT if
+        # it comes within a few seconds.
+        deadline = time.monotonic() + 5
+        while not self.session.initialized and time.monotonic() < deadline:
+            time.sleep(0.01)
+        try:
+            supervisor.send_state(self.opts.supervisor, self.fuse_fd, self._state_blob())
+        except OSError as e:
+            raise InternalError(f"sendfd to {self.opts.supervisor}: {e}") from None
+        log.info("state and FUSE fd sent to supervisor %s", self.opts.supervisor)
+
+    def takeover(self) -> None:
+        """PUT /daemon/fuse/takeover (INIT only): receive state + fd, rebuild the mounts -> READY."""
+        if self.opts.mode != "fuse":
+            raise Unsupported("takeover is only available for fusedev")
+        if not self.opts.supervisor:
+            raise Unsupported("the daemon was started without --supervisor")
+        with self._lock:
+            self.sm.peek(Event.TAKEOVER)
+            try:
+                blob, fds = supervisor.recv_state(self.opts.supervisor)
+            except OSError as e:
+                raise InternalError(f"takeover from {self.opts.supervisor}: {e}") from None
+            if not fds:
+                raise InternalError("takeover: the supervisor sent no file descriptor")
+            for extra in fds[1:]:
+                os.close(extra)
+            try:
+                self._restore(blob)
+            except (ApiError, ValueError, KeyError, TypeError) as e:
+                os.close(fds[0])
+                self.close_all()
+                msg = e.message if isinstance(e, ApiError) else f"unusable takeover state: {e}"
+                raise InternalError(msg) from None
+            self.fuse_fd = fds[0]
+            self._failover_policy(fds[0])
+            self.sm.fire(Event.TAKEOVER)
+        log.info("took over %d mounts from supervisor %s", len(self.instances), self.opts.supervisor)
+
+    def _restore(self, blob: bytes) -> None:
+        state = json.loads(blob)
+        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
+            raise ValueError("not a nydus_py takeover state (an upstream nydusd state cannot be restored)")
+        if state.get("default_config") is not None and self.default_config is None:
+            from .configfile import parse_any
+
+            self.default_config = parse_any(json.dumps(state["default_config"]))
+        self.vfs.restore_layout(state["vfs"])
+        for m in state["mounts"]:
+            cmd = MountCmd.from_json(m["cmd"])
+            inst = create_instance(m["mountpoint"], cmd, self.default_config)
+            inst.index = self.vfs.mount(m["mountpoint"], inst.fs, index=m["index"] or None)
+            self.instances[m["mountpoint"]] = inst
+            self._by_index[inst.index] = inst
+        self.session.restore_state(state["fuse"])
+
+    def _failover_policy(self, fd: int) -> None:
+        """Requests the dead daemon had read but not answered: ask the kernel to resend them."""
+        policy = self.opts.failover_policy
+        if policy == "none":
+            return
+        if policy == "resend":
+            try:
+                os.write(fd, OUT_HEADER.pack(OUT_HEADER.size, NotifyCode.RESEND, 0))
+                return
+            except OSError as e:
+                log.warning("FUSE NOTIFY_RESEND failed (%s); trying the connection's sysfs file", e)
+        from ..transport.mount import connection_id
+
+        try:
+            conn = connection_id(self.opts.mountpoint)
+            for base in ("/sys/fs/fuse/connections", "/proc/sys/fs/fuse/connections"):
+                path = f"{base}/{conn}/{policy}"
+                if os.path.exists(path):
+                    with open(path, "w") as f:
+                        f.write("1")
+                    return
+        except OSError as e:
+            log.warning("failover policy %s: %s", policy, e)
+
+    # -- metrics --------------------------------------------------------------------------------
+    def _pick(self, id: str | None, key: Callable[[Instance], list[str]], what: str) -> Instance:
+        with self._lock:
+            insts = list(self.instances.values())
+        if id is None:
+            if len(insts) == 1:
+                return insts[0]
+            raise NotFound(f"{what}: no id given and {len(insts)} filesystems are mounted (NoCounter)")
+        want = _strip_id(id)
+        for inst in insts:
+            if any(_strip_id(k) == want for k in key(inst)):
+                return inst
+        raise NotFound(f"{what}: no metrics for id {id!r} (NoCounter)")
+
+    def metrics_fs(self, id: str | None) -> dict[str, Any]:
+        return self._pick(id, lambda i: [i.mountpoint], "metrics").stats.fs_io_stats()
+
+    def metrics_files(self, id: str | None, latest: bool) -> Any:
+        stats = self._pick(id, lambda i: [i.mountpoint], "files metrics").stats
+        return stats.take_latest() if latest else stats.files()
+
+    def metrics_pattern(self, id: str | None) -> list[dict[str, int]]:
+        return self._pick(id, lambda i: [i.mountpoint], "access pattern").stats.access_patterns()
+
+    def metrics_backend(self, id: str | None) -> dict[str, Any]:
+        inst = self._pick(id, lambda i: [i.mountpoint, i.blobcache_id], "backend metrics")
+        if inst.backend_stats is None:
+            raise NotFound(f"{inst.mountpoint} has no storage backend (NoCounter)")
+        return inst.backend_stats.json()
+
+    def metrics_blobcache(self, id: str | None) -> dict[str, Any]:
+        return self._pick(id, lambda i: [i.blobcache_id, i.mountpoint], "blobcache metrics").blobcache()
+
+    def metrics_inflight(self) -> list[dict[str, int]] | None:
+        if self.opts.mode != "fuse":
+            raise Unsupported("in-flight metrics are only available for fusedev")
+        return self.metrics.inflight_list() or None
+
+    # -- runtime config -------------------------------------------------------------------------
+    def get_config(self, id: str | None) -> dict[str, Any]:
+        with self._lock:
+            if id is not None:
+                return {k: ("<redacted>" if k == "registry_auth" else v)
+                        for k, v in self.overrides.get(_strip_id(id), {}).items()}
+            return {f"/{i}:{k}": ("<redacted>" if k == "registry_auth" else v)
+                    for i, kv in sorted(self.overrides.items()) for k, v in kv.items()}
+
+    def put_config(self, id: str | None, body: Any) -> None:
+        if not isinstance(body, dict) or not all(isinstance(v, str) for v in body.values()):
+            raise BadRequest("body must be a flat JSON object of strings")
+        bad = [k for k in body if k not in OVERRIDE_KEYS]
+        if bad:
+            raise BadRequest(f"unsupported config keys {bad} (allowed: {', '.join(OVERRIDE_KEYS)})")
+        key = _strip_id(id or "")
+        with self._lock:
+            self.overrides.setdefault(key, {}).update(body)
+            targets = [i for i in self.instances.values()
+                       if key in ("", _strip_id(i.mountpoint), _strip_id(i.blobcache_id))]
+        for inst in targets:
+            self._apply_override(inst, body)
+
+    @staticmethod
+    def _apply_override(inst: Instance, body: dict[str, str]) -> None:
+        from ..metrics.backend import unwrap
+
+        backend = unwrap(inst.source)
+        if "registry_auth" in body:
+            setter = getattr(backend, "set_registry_auth", None)
+            if callable(setter):
+                setter(body["registry_auth"])
+                log.info("%s: registry credentials updated", inst.mountpoint)
+            else:
+                log.warning("%s: the %s backend cannot take new credentials at run time", inst.mountpoint,
+                            inst.parsed.rafs.backend.type if inst.parsed else "?")
+
+    # -- fscache blobs (singleton mode) ----------------------------------------------------------
+    def blobs(self, method: str) -> None:
+        raise Unsupported(f"{method} /api/v2/blobs: fscache (singleton) mode is not supported by nydusd-py")

@@ -1,0 +1,260 @@
+"""The HTTP API on a service with no FUSE mount (mounts go into the VFS only): every route,
+status code and JSON field the snapshotter and Kata read, and bad input that changes nothing."""
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from nydus_py.api.http import make_app
+from nydus_py.daemon.service import DaemonOptions, DaemonService
+from nydus_py.vfs import INO_SHIFT
+from tests.daemon.rig import Image, make_image, snapshotter_config
+
+V1 = "/api/v1"
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> list[Image]:
+    work = tmp_path_factory.mktemp("images")
+    return [make_image(str(work), seed, files=12) for seed in range(3)]
+
+
+def run(service: DaemonService, fn: Callable[[TestClient], Awaitable[None]]) -> None:
+    async def main() -> None:
+        async with TestClient(TestServer(make_app(service))) as client:
+            await fn(client)
+
+    asyncio.run(main())
+
+
+def new_service(tmp_path: Path) -> DaemonService:
+    return DaemonService(DaemonOptions(mode="fuse", mountpoint=str(tmp_path)))
+
+
+def mount_body(img: Image, sid: str, **extra: Any) -> dict[str, Any]:
+    return {"fs_type": "rafs", "source": img.boot, "config": snapshotter_config(img.blobs, sid), **extra}
+
+
+async def expect_error(resp: Any, status: int) -> dict[str, Any]:
+    assert resp.status == status, (resp.status, await resp.text())
+    assert resp.headers["Content-Type"] == "application/json"
+    assert resp.headers["Server"] == "Nydus API"
+    body = await resp.json()
+    assert set(body) == {"code", "message"} and body["message"]
+    return body
+
+
+def test_daemon_info_and_shared_mounts(tmp_path: Path, images: list[Image]) -> None:
+    svc = new_service(tmp_path)
+
+    async def go(c: TestClient) -> None:
+        r = await c.get(f"{V1}/daemon")
+        assert r.status == 200 and r.headers["Server"] == "Nydus API"
+        info = await r.json()
+        assert info["state"] == "INIT" and info["id"] is None and info["backend_collection"] == {}
+        assert set(info["version"]) == {"package_ver", "git_commit", "build_time", "profile", "rustc"}
+        assert len(info["version"]["git_commit"]) == 40
+        for i, img in enumerate(images):
+            # the snapshotter percent-encodes the query, Kata Go does not
+            q = f"mountpoint=%2Fsnap{i}" if i % 2 else f"mountpoint=/snap{i}"
+            r = await c.post(f"{V1}/mount?{q}", json=mount_body(img, f"snap{i}"))
+            assert r.status == 204, await r.text()
+            assert r.headers["Content-Type"] == "application/json" and await r.read() == b""
+        info = await (await c.get(f"{V1}/daemon")).json()
+        coll = info["backend_collection"]
+        assert sorted(coll) == ["/snap0", "/snap1", "/snap2"]
+        entry = coll["/snap1"]
+        assert entry["backend_type"] == "Rafs" and entry["mountpoint"] == "/snap1"
+        assert entry["config"]["version"] == 2 and entry["config"]["id"] == "/snap1"
+        assert entry["config"]["backend"]["type"] == "localfs"
+        v2 = await (await c.get("/api/v2/daemon")).json()
+        assert v2["backend_collection"] is None and v2["state"] == "INIT"
+        # the VFS routes each sub-tree to its own image with distinct inode numbers
+        inos = set()
+        for i, img in enumerate(images):
+            root = svc.vfs.lookup(1, f"snap{i}".encode())
+            ident = svc.vfs.lookup(root.ino, f"id-{i}".encode())
+            assert svc.vfs.read(ident.ino, 0, 0, 100) == img.files[f"id-{i}"]
+            inos.add(ident.ino >> INO_SHIFT)
+        assert len(inos) == 3
+        # the superblock view
+        sb = await (await c.get(f"{V1}/daemon/backend", params={"mountpoint": "/snap0"})).json()
+        assert sb["version"] == 6 and sb["inodes_count"] > 12
+        # umount, then the path is gone
+        r = await c.delete(f"{V1}/mount", params={"mountpoint": "/snap0"})
+        assert r.status == 204
+        assert sorted((await (await c.get(f"{V1}/daemon")).json())["backend_collection"]) == ["/snap1", "/snap2"]
+        await expect_error(await c.delete(f"{V1}/mount", params={"mountpoint": "/snap0"}), 404)
+
+    run(svc, go)
+    svc.close_all()
+
+
+def test_metrics_endpoints(tmp_path: Path, images: list[Image]) -> None:
+    svc = new_service(tmp_path)
+
+    async def go(c: TestClient) -> None:
+        # one mount: omitted id selects it (dedicated mode relies on this)
+        assert (await c.post(f"{V1}/mount?mountpoint=/s1", json=mount_body(images[0], "s1"))).status == 204
+        m = await (await c.get(f"{V1}/metrics")).json()
+        assert m["id"] == "/s1" and m["measure_latency"] is True
+        for key, n in (("fop_hits", 15), ("fop_errors", 15), ("fop_cumulative_latency_total", 15),
+                       ("block_count_read", 8), ("read_latency_dist", 8)):
+            assert len(m[key]) == n and all(isinstance(v, int) for v in m[key]), key
+        for key in ("files_account_enabled", "access_pattern_enabled", "data_read", "nr_opens"):
+            assert key in m
+        bc = await (await c.get(f"{V1}/metrics/blobcache")).json()
+        assert isinstance(bc["underlying_files"], list) and isinstance(bc["data_all_ready"], bool)
+        for key in ("store_path", "partial_hits", "whole_hits", "total", "entries_count", "prefetch_data_amount",
+                    "prefetch_requests_count", "prefetch_workers", "prefetch_cumulative_time_millis",
+                    "buffered_backend_size"):
+            assert key in bc, key
+        assert (await c.post(f"{V1}/mount?mountpoint=/s2", json=mount_body(images[1], "s2"))).status == 204
+        # two mounts: an omitted id is NoCounter (404); ids work with and without the leading /
+        await expect_error(await c.get(f"{V1}/metrics"), 404)
+        await expect_error(await c.get(f"{V1}/metrics/blobcache"), 404)
+        for ident in ("/s2", "s2", "%2Fs2"):
+            r = await c.get(f"{V1}/metrics/blobcache?id={ident}")
+            assert r.status == 200, ident
+            r = await c.get(f"{V1}/metrics?id={ident}")
+            assert (await r.json())["id"] == "/s2"
+        await expect_error(await c.get(f"{V1}/metrics", params={"id": "/nope"}), 404)
+        be = await (await c.get(f"{V1}/metrics/backend", params={"id": "/s1"})).json()
+        assert be["backend_type"] == "localfs" and len(be["read_latency_sizes_dist"]) == 8
+        assert all(len(row) == 8 for row in be["read_latency_sizes_dist"])
+        # reads through the VFS show up in the per-mount counters of the right mount only
+        root = svc.vfs.lookup(1, b"s2")
+        ident = svc.vfs.lookup(root.ino, b"id-1")
+        svc.metrics.finished(svc.metrics.started(15, ident.ino, 7), (b"\x10\0\0\0\0\0\0\0" + bytes(8), b"x" * 9))
+        m2 = await (await c.get(f"{V1}/metrics", params={"id": "/s2"})).json()
+        m1 = await (await c.get(f"{V1}/metrics", params={"id": "/s1"})).json()
+        assert m2["fop_hits"][4] == 1 and m2["data_read"] == 9 and m1["fop_hits"][4] == 0
+        files = await (await c.get(f"{V1}/metrics/files", params={"id": "/s2"})).json()
+        assert files[str(ident.ino & ((1 << INO_SHIFT) - 1))]["data_read"] == 9
+        latest = await (await c.get(f"{V1}/metrics/files", params={"id": "/s2", "latest": "true"})).json()
+        assert latest == [[ident.ino & ((1 << INO_SHIFT) - 1)]]
+        assert await (await c.get(f"{V1}/metrics/files", params={"id": "/s2", "latest": "true"})).json() == []
+        pattern = await (await c.get(f"{V1}/metrics/pattern", params={"id": "/s2"})).json()
+        assert pattern[0]["nr_read"] == 1 and pattern[0]["first_access_time_secs"] > 0
+        await expect_error(await c.get(f"{V1}/metrics/files", params={"id": "/s2", "latest": "maybe"}), 400)
+        # nothing in flight: 204
+        r = await c.get(f"{V1}/metrics/inflight")
+        assert r.status == 204
+        svc.metrics.started(15, ident.ino, 99)
+        ops = await (await c.get(f"{V1}/metrics/inflight")).json()
+        assert ops == [{"inode": ident.ino, "opcode": 15, "unique": 99, "timestamp_secs": ops[0]["timestamp_secs"]}]
+        text = await (await c.get("/metrics")).text()
+        assert 'nydusd_fuse_requests_total{mountpoint="/s2",op="read"} 1.0' in text
+        assert "nydusd_backend_reads_total" in text and 'nydusd_state{state="INIT"} 1.0' in text
+
+    run(svc, go)
+    svc.close_all()
+
+
+def snapshot(svc: DaemonService) -> Any:
+    return (svc.state, svc.vfs.mounts(), json.dumps(svc.daemon_info(), sort_keys=True), dict(svc.overrides))
+
+
+def test_bad_input_is_4xx_and_changes_nothing(tmp_path: Path, images: list[Image]) -> None:
+    svc = new_service(tmp_path)
+    good = mount_body(images[0], "a")
+
+    async def go(c: TestClient) -> None:
+        assert (await c.post(f"{V1}/mount?mountpoint=/a", json=good)).status == 204
+        before = snapshot(svc)
+        cases: list[tuple[str, str, Any, int]] = [
+            ("POST", f"{V1}/mount?mountpoint=/b", b"{not json", 400),
+            ("POST", f"{V1}/mount", good, 400),  # no mountpoint
+            ("POST", f"{V1}/mount?mountpoint=", good, 400),
+            ("POST", f"{V1}/mount?mountpoint=relative", good, 400),
+            ("POST", f"{V1}/mount?mountpoint=/b", {"source": images[1].boot, "config": "{}"}, 400),
+            ("POST", f"{V1}/mount?mountpoint=/b", {**good, "config": 5}, 400),
+            ("POST", f"{V1}/mount?mountpoint=/b", {**good, "fs_type": ["rafs"]}, 400),
+            ("POST", f"{V1}/mount?mountpoint=/b", {**good, "fs_type": "ext4"}, 400),
+            ("POST", f"{V1}/mount?mountpoint=/b", {**good, "config": "{\"device\": 3}"}, 400),
+            ("POST", f"{V1}/mount?mountpoint=/b", {**good, "config": "not json"}, 400),
+            ("POST", f"{V1}/mount?mountpoint=/b", {**good, "source": str(tmp_path / "missing.boot")}, 400),
+            ("POST", f"{V1}/mount?mountpoint=/b", {**good, "source": __file__}, 400),  # not a bootstrap
+            ("POST", f"{V1}/mount?mountpoint=/b", {**good, "prefetch_files": 7}, 400),
+            ("POST", f"{V1}/mount?mountpoint=/b", [1, 2], 400),
+            ("POST", f"{V1}/mount?mountpoint=/a", mount_body(images[1], "a"), 409),  # taken
+            ("POST", f"{V1}/mount?mountpoint=/a/sub", good, 409),  # under a mount
+            ("PUT", f"{V1}/mount?mountpoint=/zzz", good, 404),
+            ("DELETE", f"{V1}/mount?mountpoint=/zzz", None, 404),
+            ("DELETE", f"{V1}/mount", None, 400),
+            ("DELETE", f"{V1}/mount?mountpoint=/a", b"{}", 400),  # a body where none is allowed
+            ("GET", f"{V1}/mount", None, 400),  # wrong method
+            ("GET", f"{V1}/nothing", None, 404),
+            ("GET", f"{V1}/daemon/backend", None, 400),
+            ("GET", f"{V1}/daemon/backend?mountpoint=/zzz", None, 404),
+            ("PUT", f"{V1}/daemon", {"log_level": "loud"}, 400),
+            ("PUT", f"{V1}/daemon", {"level": "info"}, 400),
+            ("PUT", f"{V1}/daemon", b"", 400),
+            ("PUT", f"{V1}/daemon/start", None, 400),  # INIT -> Start is not a transition
+            ("PUT", f"{V1}/daemon/exit", b"x", 400),
+            ("PUT", f"{V1}/daemon/fuse/sendfd", None, 501),  # no --supervisor
+            ("PUT", f"{V1}/config?id=/a", {"registry_auth": 5}, 400),
+            ("PUT", f"{V1}/config?id=/a", {"password": "x"}, 400),
+            ("PUT", f"{V1}/config?id=/a", b"[", 400),
+            ("PUT", "/api/v2/blobs", {"type": "bootstrap"}, 501),
+            ("DELETE", "/api/v2/blobs?domain_id=x", None, 501),
+        ]
+        for method, url, body, status in cases:
+            data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+            r = await c.request(method, url, data=data)
+            await expect_error(r, status)
+            assert snapshot(svc) == before, (method, url)
+
+    run(svc, go)
+    svc.close_all()
+
+
+def test_state_transitions_over_the_api(tmp_path: Path) -> None:
+    svc = new_service(tmp_path)
+
+    async def go(c: TestClient) -> None:
+        assert (await c.put(f"{V1}/daemon/exit")).status == 204  # INIT -Stop-> STOPPED, no umount
+        assert svc.state.value == "STOPPED" and svc.exit_request == (0, False)
+        await expect_error(await c.put(f"{V1}/daemon/exit"), 400)
+        await expect_error(await c.put(f"{V1}/daemon/start"), 400)
+
+    run(svc, go)
+
+
+def test_config_overrides_and_log_level(tmp_path: Path, images: list[Image]) -> None:
+    svc = new_service(tmp_path)
+
+    async def go(c: TestClient) -> None:
+        assert (await c.post(f"{V1}/mount?mountpoint=/a", json=mount_body(images[0], "a"))).status == 204
+        r = await c.put(f"{V1}/config", params={"id": "/a"}, json={"registry_auth": "dXNlcjpzZWNyZXQ="})
+        assert r.status == 204
+        got = await (await c.get(f"{V1}/config", params={"id": "/a"})).json()
+        assert got == {"registry_auth": "<redacted>"}
+        everything = await (await c.get(f"{V1}/config")).text()
+        assert "dXNlcjpzZWNyZXQ=" not in everything and "/a:registry_auth" in everything
+        assert (await c.put(f"{V1}/daemon", json={"log_level": "DEBUG"})).status == 204
+        assert logging.getLogger().level == logging.DEBUG
+        assert (await c.put("/api/v2/daemon", json={"log_level": "info"})).status == 204
+        logging.getLogger("nydus_py.test").error('backend said {"auth": "dXNlcjpzZWNyZXQ="} Bearer abcdefghijklmn')
+        events = await (await c.get(f"{V1}/daemon/events")).json()
+        assert events["max_errors"] == 500 and events["max_size"] == 51200 and events["total_errors"] >= 1
+        text = json.dumps(events)
+        assert "dXNlcjpzZWNyZXQ=" not in text and "abcdefghijklmn" not in text and "<redacted>" in text
+        metrics = await (await c.get("/metrics")).text()
+        assert "dXNlcjpzZWNyZXQ=" not in metrics
+
+    events_before = logging.getLogger().handlers[:]
+    svc.events.setLevel(logging.ERROR)
+    logging.getLogger().addHandler(svc.events)
+    try:
+        run(svc, go)
+    finally:
+        logging.getLogger().handlers[:] = events_before
+        logging.getLogger().setLevel(logging.WARNING)
+        svc.close_all()
