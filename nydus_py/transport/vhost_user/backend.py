@@ -20,6 +20,7 @@ import contextlib
 import logging
 import mmap
 import os
+import stat
 import threading
 from collections.abc import Callable
 
@@ -38,7 +39,14 @@ Mapper = Callable[[int, int], "mmap.mmap | bytearray"]
 
 
 def mmap_mapper(fd: int, length: int) -> mmap.mmap:
-    """Map `length` bytes of `fd` from offset 0, shared and read-write (as the spec asks)."""
+    """Map `length` bytes of `fd` from offset 0, shared and read-write (as the spec asks).
+
+    A region reaching past the end of its file would map fine and then kill us with SIGBUS on
+    first touch, so the file must be at least that long now. (A front-end that shrinks it
+    later can still do that; QEMU never does, and virtiofsd has the same exposure.)"""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_size < length:
+        raise ValueError(f"region needs {length} bytes of a {st.st_size}-byte file")
     return mmap.mmap(fd, length, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
@@ -182,8 +190,17 @@ class Backend:
         for vr in self.vrings:
             self._stop(vr)
             vr.close()
-        self._slots = []
+            vr.queue = None
+        slots, self._slots = self._slots, []
         self.memory = GuestMemory()
+        # unmap now rather than whenever the cycle collector gets to us (each mapping holds a
+        # dup of the guest's memfd); a mapping a stuck worker still reads stays until it lets go
+        for _, region, mapping in slots:
+            with contextlib.suppress(BufferError):
+                region.view.release()
+                close = getattr(mapping, "close", None)
+                if close is not None:
+                    close()
 
     # -- helpers ---------------------------------------------------------------------------
     def _take(self, fd: int) -> int:

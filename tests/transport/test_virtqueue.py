@@ -1,0 +1,189 @@
+"""Split virtqueue parsing over plain buffers: chains, indirect tables, limits, and fuzzed tables
+that must only ever produce DescriptorError/RingError (never another exception, never a view
+outside guest memory)."""
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nydus_py.transport.vhost_user.virtqueue import (
+    Chain,
+    DescriptorError,
+    GuestMemory,
+    Region,
+    RingError,
+    Virtqueue,
+)
+
+GPA = 0x10000
+UVA = 0x7000_0000
+SIZE = 0x10000
+NUM = 8
+DESC, AVAIL, USED = 0x0, 0x100, 0x200  # offsets of the rings in the region
+DATA = 0x1000
+
+
+def make(buf: bytearray | None = None, *, indirect: bool = True, event_idx: bool = False) -> tuple[bytearray, Virtqueue]:
+    buf = buf if buf is not None else bytearray(SIZE)
+    mem = GuestMemory([Region(GPA, SIZE, UVA, memoryview(buf))])
+    q = Virtqueue(mem, NUM, UVA + DESC, UVA + AVAIL, UVA + USED, indirect=indirect, event_idx=event_idx)
+    return buf, q
+
+
+def desc(buf: bytearray, table: int, i: int, addr: int, length: int, flags: int, nxt: int = 0) -> None:
+    struct.pack_into("<QIHH", buf, table + 16 * i, addr, length, flags, nxt)
+
+
+def offer(buf: bytearray, head: int, idx: int = 1) -> None:
+    struct.pack_into("<H", buf, AVAIL + 4 + 2 * ((idx - 1) % NUM), head)
+    struct.pack_into("<H", buf, AVAIL + 2, idx)
+
+
+def test_direct_chain_and_used_ring() -> None:
+    buf, q = make()
+    buf[DATA : DATA + 5] = b"hello"
+    desc(buf, DESC, 3, GPA + DATA, 5, 1, 5)
+    desc(buf, DESC, 5, GPA + DATA + 0x100, 4, 1 | 2, 6)
+    desc(buf, DESC, 6, GPA + DATA + 0x200, 4, 2)
+    offer(buf, 3)
+    c = q.pop()
+    assert isinstance(c, Chain) and c.head == 3 and c.read_all() == b"hello"
+    assert c.writable_size() == 8
+    assert c.write([b"abc", memoryview(b"defgh")]) == 8
+    assert bytes(buf[DATA + 0x100 : DATA + 0x104]) == b"abcd" and bytes(buf[DATA + 0x200 : DATA + 0x204]) == b"efgh"
+    with pytest.raises(ValueError):
+        c.write([b"x" * 9])
+    assert q.pop() is None
+    q.push(3, 8)
+    assert struct.unpack_from("<HHII", buf, USED) == (0, 1, 3, 8)
+    assert q.needs_notify() and not q.needs_notify()  # nothing new since the last interrupt
+
+
+def test_indirect_table() -> None:
+    buf, q = make()
+    table = 0x800
+    desc(buf, table, 0, GPA + DATA, 3, 1, 1)
+    desc(buf, table, 1, GPA + DATA + 0x10, 16, 2)
+    desc(buf, DESC, 0, GPA + table, 32, 4)
+    offer(buf, 0)
+    c = q.pop()
+    assert c is not None and len(c.readable) == 1 and c.writable_size() == 16
+
+
+@pytest.mark.parametrize(
+    "setup, message",
+    [
+        (lambda b: desc(b, DESC, 0, GPA + SIZE - 4, 8, 0), "outside guest memory"),
+        (lambda b: desc(b, DESC, 0, 0x10, 8, 0), "outside guest memory"),
+        (lambda b: desc(b, DESC, 0, 1 << 63, 1 << 31, 0), "outside guest memory"),
+        (lambda b: desc(b, DESC, 0, GPA + DATA, 4, 1, 0), "loops"),
+        (lambda b: (desc(b, DESC, 0, GPA + DATA, 4, 1, 1), desc(b, DESC, 1, GPA + DATA, 4, 1, 0)), "loops"),
+        (lambda b: desc(b, DESC, 0, GPA + DATA, 4, 1, NUM), "out of a table"),
+        (lambda b: (desc(b, DESC, 0, GPA + DATA, 4, 2 | 1, 1), desc(b, DESC, 1, GPA + DATA, 4, 0)),
+         "readable descriptor after a writable"),
+        (lambda b: desc(b, DESC, 0, GPA + 0x800, 24, 4), "indirect table of 24"),
+        (lambda b: desc(b, DESC, 0, GPA + 0x800, 0, 4), "indirect table of 0"),
+        (lambda b: desc(b, DESC, 0, GPA + SIZE - 16, 32, 4), "indirect table"),
+        (lambda b: desc(b, DESC, 0, GPA + 0x800, 16, 4 | 1, 1), "NEXT"),
+        (lambda b: (desc(b, DESC, 0, GPA + 0x800, 16, 4), desc(b, 0x800, 0, GPA + 0x900, 16, 4)), "nested"),
+        (lambda b: (desc(b, DESC, 0, GPA + 0x800, 32, 4), desc(b, 0x800, 0, GPA + DATA, 4, 1, 1),
+                    desc(b, 0x800, 1, GPA + DATA, 4, 1, 0)), "loops"),
+    ],
+)
+def test_bad_chains_fail_that_request_only(setup: object, message: str) -> None:
+    buf, q = make()
+    setup(buf)  # type: ignore[operator]
+    offer(buf, 0)
+    with pytest.raises(DescriptorError, match=message) as ei:
+        q.pop()
+    assert ei.value.head == 0
+    q.push(0, 0)
+    # the next request is fine
+    desc(buf, DESC, 1, GPA + DATA, 4, 0)
+    offer(buf, 1, idx=2)
+    c = q.pop()
+    assert c is not None and c.head == 1
+
+
+def test_indirect_refused_unless_negotiated() -> None:
+    buf, q = make(indirect=False)
+    desc(buf, DESC, 0, GPA + 0x800, 16, 4)
+    offer(buf, 0)
+    with pytest.raises(DescriptorError, match="INDIRECT_DESC"):
+        q.pop()
+
+
+def test_broken_rings() -> None:
+    buf, q = make()
+    struct.pack_into("<H", buf, AVAIL + 2, NUM + 1)  # more available than the queue holds
+    with pytest.raises(RingError):
+        q.pop()
+    buf, q = make()
+    offer(buf, NUM)  # a head out of range
+    with pytest.raises(RingError):
+        q.pop()
+    mem = GuestMemory([Region(GPA, SIZE, UVA, memoryview(bytearray(SIZE)))])
+    with pytest.raises(RingError, match="used ring"):
+        Virtqueue(mem, NUM, UVA, UVA + 0x100, UVA + SIZE - 8)
+    with pytest.raises(RingError, match="power of two"):
+        Virtqueue(mem, 6, UVA, UVA + 0x100, UVA + 0x200)
+
+
+def test_event_idx_suppression() -> None:
+    buf, q = make(event_idx=True)
+    for i in range(3):
+        desc(buf, DESC, i, GPA + DATA, 4, 0)
+        offer(buf, i, idx=i + 1)
+    for _ in range(3):
+        c = q.pop()
+        assert c is not None
+    q.set_avail_event()
+    assert struct.unpack_from("<H", buf, USED + 4 + 8 * NUM)[0] == 3
+    q.push(0, 0)
+    assert q.needs_notify()  # the first interrupt is always sent
+    struct.pack_into("<H", buf, AVAIL + 4 + 2 * NUM, 2)  # used_event: "interrupt me once used passes 2"
+    q.push(1, 0)
+    assert not q.needs_notify()  # used idx 2: not past used_event yet
+    q.push(2, 0)
+    assert q.needs_notify()  # 3 > used_event
+
+
+def test_regions_translate_by_gpa_and_uva() -> None:
+    a, b = bytearray(0x1000), bytearray(0x2000)
+    mem = GuestMemory([Region(0x1_0000_0000, 0x2000, 0x9000, memoryview(b)), Region(0, 0x1000, 0x5000, memoryview(a))])
+    v = mem.gpa(0x1_0000_0ff0, 0x10)
+    assert v is not None
+    v[:] = b"x" * 16
+    assert b[0xFF0:0x1000] == b"x" * 16
+    assert mem.gpa(0xFF0, 0x20) is None  # runs off the end of a region
+    assert mem.gpa(0x1000, 1) is None  # in the hole
+    u = mem.uva(0x5000, 0x1000)
+    assert u is not None and len(u) == 0x1000
+    assert mem.total() == 0x3000
+
+
+@settings(max_examples=300, deadline=None)
+@given(table=st.binary(min_size=16 * NUM, max_size=16 * NUM), heads=st.lists(st.integers(0, 0xFFFF), max_size=4),
+       idx=st.integers(0, 0xFFFF), indirect=st.binary(max_size=256))
+def test_fuzzed_rings_never_escape(table: bytes, heads: list[int], idx: int, indirect: bytes) -> None:
+    buf = bytearray(SIZE)
+    buf[DESC : DESC + len(table)] = table
+    buf[0x800 : 0x800 + len(indirect)] = indirect
+    for i, h in enumerate(heads):
+        struct.pack_into("<H", buf, AVAIL + 4 + 2 * i, h)
+    struct.pack_into("<H", buf, AVAIL + 2, idx)
+    _, q = make(buf)
+    for _ in range(NUM + 1):
+        try:
+            c = q.pop()
+        except DescriptorError:
+            continue
+        except RingError:
+            return
+        if c is None:
+            return
+        for v in c.readable + c.writable:
+            # every buffer is a slice of the one region (never a copy, never truncated)
+            assert isinstance(v, memoryview) and v.obj is buf and 0 < len(v) <= SIZE
