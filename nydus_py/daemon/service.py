@@ -60,6 +60,10 @@ class DaemonService:
         self.events = events or EventRing()
         self.sm = StateMachine(on_change=self._on_state)
         self.vfs = Vfs()
+        if opts.mode == "virtiofs":  # a writable passthrough may be mounted beside the images
+            from ..fs.writable_vfs import WritableVfs
+
+            self.vfs = WritableVfs()
         self.session = FuseSession(self.vfs, debug=opts.debug)
         self.metrics = FuseMetrics(self._route)
         self.session.set_observer(self.metrics)

@@ -33,7 +33,7 @@ def guest_tools() -> dict[str, bytes]:
 def start_daemon(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
     sock = str(tmp / "vfs.sock")
     logf = tmp / "daemon.log"
-    cmd = [sys.executable, "-m", "nydus_py.cli.daemon", "virtiofs", "--sock", sock, "--log-file", str(logf), *args]
+    cmd = [sys.executable, "-m", "nydus_py.daemon", "virtiofs", "--sock", sock, "--log-file", str(logf), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL)
     return proc, sock
 
@@ -212,4 +212,4 @@ def test_passthrough_writes_and_reconnect(guest_tools: dict[str, bytes], tmp_pat
         stop_pid(proc)
     assert proc.returncode == 0
     log = (tmp_path / "daemon.log").read_text()
-    assert "stopped after 2 front-end connections" in log, log[-3000:]
+    assert "front-end connected (connection 2)" in log, log[-3000:]

@@ -1,0 +1,129 @@
+"""A `Vfs` that also routes mutating requests, for virtio-fs shares that mix read-only RAFS images
+with a writable passthrough (Kata: `/containers` read-write, `/rafs/<id>/lowerdir` read-only).
+
+A request goes to the filesystem that owns its inode only if that filesystem is `writable`;
+everything else (RAFS, the pseudo directories that lead to mountpoints) answers EROFS, and so
+does an OPEN for writing. RENAME/LINK across two filesystems answer EXDEV, as the kernel does
+between mounts. The pseudo root never asks the kernel to skip OPEN (NO_OPEN_SUPPORT is
+session-wide, and a passthrough filesystem needs real handles).
+"""
+
+import errno
+import os
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from ..fuse.abi import InitFlags
+from ..fuse.api import Caller, Entry, FuseAttr, FuseError, SetAttr
+from ..vfs import INO_MASK, INO_SHIFT, Vfs
+
+T = TypeVar("T")
+
+
+class WritableVfs(Vfs):
+    writable = True
+
+    def init(self, capable: InitFlags) -> InitFlags:
+        return super().init(capable) & ~(InitFlags.NO_OPEN_SUPPORT | InitFlags.NO_OPENDIR_SUPPORT)
+
+    def _route(self, ino: int, fn: Callable[[Any, int], T], *, write: bool = True) -> T:
+        """Call `fn(fs, inner_ino)` inside the filesystem owning `ino` (EROFS if it is not
+        writable or `ino` is a pseudo directory)."""
+        if self._pseudo_node(ino) is not None:
+            raise FuseError(errno.EROFS)
+        slot = self._slot(ino)
+        try:
+            if write and not getattr(slot.fs, "writable", False):
+                raise FuseError(errno.EROFS)
+            return fn(slot.fs, ino & INO_MASK if slot.base else ino)
+        finally:
+            self._leave(slot)
+
+    def _entry(self, parent: int, fn: Callable[[Any, int], Entry]) -> Entry:
+        if self._pseudo_node(parent) is not None:
+            raise FuseError(errno.EROFS)
+        slot = self._slot(parent)
+        try:
+            if not getattr(slot.fs, "writable", False):
+                raise FuseError(errno.EROFS)
+            return self._fix_entry(slot, fn(slot.fs, parent & INO_MASK if slot.base else parent))
+        finally:
+            self._leave(slot)
+
+    def _same_fs(self, a: int, b: int) -> None:
+        if self._pseudo_node(a) is not None or self._pseudo_node(b) is not None:
+            raise FuseError(errno.EROFS)
+        sa, sb = self._slot(a), self._slot(b)
+        self._leave(sa)
+        self._leave(sb)
+        if sa is not sb:
+            raise FuseError(errno.EXDEV)
+
+    # -- opens ---------------------------------------------------------------------------------
+    def open(self, ino: int, flags: int) -> tuple[int, int]:
+        if flags & os.O_ACCMODE:
+            return self._route(ino, lambda fs, i: fs.open(i, flags))
+        return super().open(ino, flags)
+
+    def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Entry, int, int]:
+        if self._pseudo_node(parent) is not None:
+            raise FuseError(errno.EROFS)
+        slot = self._slot(parent)
+        try:
+            if not getattr(slot.fs, "writable", False):
+                raise FuseError(errno.EROFS)
+            entry, fh, open_flags = slot.fs.create(parent & INO_MASK if slot.base else parent, name, mode, flags,
+                                                   caller)
+            return self._fix_entry(slot, entry), fh, open_flags
+        finally:
+            self._leave(slot)
+
+    # -- single inode --------------------------------------------------------------------------
+    def setattr(self, ino: int, attr: SetAttr) -> tuple[FuseAttr, float]:
+        a, timeout = self._route(ino, lambda fs, i: fs.setattr(i, attr))
+        # as Vfs.getattr reports it: the kernel's inode number for a filesystem under a path
+        return (a._replace(ino=ino) if ino >> INO_SHIFT else a), timeout
+
+    def write(self, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:
+        return self._route(ino, lambda fs, i: fs.write(i, fh, offset, data, flags))
+
+    def fsync(self, ino: int, fh: int, datasync: bool) -> None:
+        self._route(ino, lambda fs, i: fs.fsync(i, fh, datasync), write=False)
+
+    def fsyncdir(self, ino: int, fh: int, datasync: bool) -> None:
+        self._route(ino, lambda fs, i: fs.fsyncdir(i, fh, datasync), write=False)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        self._route(ino, lambda fs, i: fs.setxattr(i, name, value, flags))
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        self._route(ino, lambda fs, i: fs.removexattr(i, name))
+
+    def fallocate(self, ino: int, fh: int, offset: int, length: int, mode: int) -> None:
+        self._route(ino, lambda fs, i: fs.fallocate(i, fh, offset, length, mode))
+
+    # -- in a directory ------------------------------------------------------------------------
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Entry:
+        return self._entry(parent, lambda fs, p: fs.mknod(p, name, mode, rdev, caller))
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Entry:
+        return self._entry(parent, lambda fs, p: fs.mkdir(p, name, mode, caller))
+
+    def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Entry:
+        return self._entry(parent, lambda fs, p: fs.symlink(p, name, target, caller))
+
+    def unlink(self, parent: int, name: bytes) -> None:
+        self._route(parent, lambda fs, p: fs.unlink(p, name))
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        self._route(parent, lambda fs, p: fs.rmdir(p, name))
+
+    def link(self, ino: int, newparent: int, newname: bytes) -> Entry:
+        self._same_fs(ino, newparent)
+        inner = ino & INO_MASK if ino >> INO_SHIFT else ino
+        return self._entry(newparent, lambda fs, p: fs.link(inner, p, newname))
+
+    def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
+        self._same_fs(parent, newparent)
+        inner = newparent & INO_MASK if newparent >> INO_SHIFT else newparent
+        self._route(parent, lambda fs, p: fs.rename(p, name, inner, newname, flags))
