@@ -12,6 +12,8 @@ import os
 import random
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -213,3 +215,77 @@ def test_passthrough_writes_and_reconnect(guest_tools: dict[str, bytes], tmp_pat
     assert proc.returncode == 0
     log = (tmp_path / "daemon.log").read_text()
     assert "front-end connected (connection 2)" in log, log[-3000:]
+
+
+KATA_SCRIPT = r"""
+echo "##BOOT"; ls; ls containers
+touch containers/booted
+i=0; while [ ! -e rafs/c1/lowerdir/small.txt ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
+echo "##SHA"; (cd rafs/c1/lowerdir && find . -type f -print0 | xargs -0 sha256sum | sort -k2)
+echo "##READ"; cat rafs/c1/lowerdir/small.txt; echo from-guest > containers/guest.txt
+i=0; while [ -e rafs/c1/lowerdir/small.txt ] && [ $i -lt 150 ]; do sleep 0.1; i=$((i+1)); done
+echo "##AFTER"; ls; ls containers; test -e rafs || echo rafs-gone
+"""
+
+
+def test_kata_flow(guest_tools: dict[str, bytes], rafs_image: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    """Kata's sequence: empty share, /containers passthrough, then an image mounted at
+    /rafs/<id>/lowerdir while the guest runs, read there, and unmounted again."""
+    from ..daemon.rig import Api, wait_state
+
+    src, boot, cfg = rafs_image
+    share = tmp_path / "shared"
+    share.mkdir()
+    (share / "hello").write_text("sandbox\n")
+    apisock = str(tmp_path / "api.sock")
+    proc, sock = start_daemon(tmp_path, "--apisock", apisock)
+    api = Api(apisock)
+    events: list[str] = []
+    try:
+        deadline = time.monotonic() + 15
+        while not os.path.exists(apisock) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        wait_state(api, "RUNNING")
+        r = api.request("POST", "/api/v1/mount", {"mountpoint": "/containers"},
+                        {"fs_type": "passthrough_fs", "source": str(share), "config": ""})
+        assert r.status == 204, r.body
+
+        def host_side() -> None:
+            """Mount the image once the guest is up, unmount it once the guest has read it."""
+            if not wait_for(share / "booted", 120):
+                return
+            r = api.request("POST", "/api/v1/mount", {"mountpoint": "/rafs/c1/lowerdir"},
+                            {"fs_type": "rafs", "source": str(boot), "config": cfg.read_text()})
+            events.append(f"mount {r.status}")
+            if not wait_for(share / "guest.txt", 60):
+                return
+            r = api.request("DELETE", "/api/v1/mount", {"mountpoint": "/rafs/c1/lowerdir"})
+            events.append(f"umount {r.status}")
+
+        t = threading.Thread(target=host_side, daemon=True)
+        t.start()
+        r = run_guest(sock, KATA_SCRIPT, tmp_path / "vm", tag="kataShared", timeout=150, watch_pid=proc.pid,
+                      extra=guest_tools)
+        t.join(10)
+    finally:
+        api.close()
+        stop_pid(proc)
+    out = sections(r.check())
+    assert out["BOOT"].split() == ["containers", "hello"]
+    assert events == ["mount 204", "umount 204"]
+    expect = sorted(f"{hashlib.sha256(p.read_bytes()).hexdigest()}  ./{p.relative_to(src)}"
+                    for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+    assert sorted(out["SHA"].splitlines()) == expect
+    assert out["READ"] == (src / "small.txt").read_text()
+    assert (share / "guest.txt").read_text() == "from-guest\n"
+    assert out["AFTER"].split() == ["containers", "booted", "guest.txt", "hello", "rafs-gone"]
+    assert proc.returncode == 0
+
+
+def wait_for(path: Path, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
