@@ -210,11 +210,18 @@ def cleanup_mount(path: str) -> None:
 
 
 def wait_state(api: Api, state: str, timeout: float = 10.0) -> dict[str, Any]:
+    """Poll GET /api/v1/daemon like the snapshotter (a refused connection is retried: a stale
+    socket file of a dead predecessor may still be there)."""
     deadline = time.monotonic() + timeout
+    last: object = None
     while True:
-        r = api.get("/api/v1/daemon")
-        if r.status == 200 and r.json()["state"] == state:
-            return r.json()
+        try:
+            r = api.get("/api/v1/daemon")
+            last = (r.status, r.body)
+            if r.status == 200 and r.json()["state"] == state:
+                return r.json()
+        except ConnectionError as e:
+            last = e
         if time.monotonic() > deadline:
-            raise AssertionError(f"state never became {state}: {r.status} {r.body!r}")
+            raise AssertionError(f"state never became {state}: {last!r}")
         time.sleep(0.02)
