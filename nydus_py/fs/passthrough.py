@@ -332,8 +332,16 @@ class PassthroughFilesystem(Filesystem):
             entries = [(b".", 0, stat.S_IFDIR), (b"..", 0, stat.S_IFDIR)]
             with os.scandir(_proc(h.fd)) as it:
                 for e in it:
+                    # d_type answers these without a syscall; only odd types need an lstat
                     try:
-                        typ = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
+                        if e.is_dir(follow_symlinks=False):
+                            typ = stat.S_IFDIR
+                        elif e.is_file(follow_symlinks=False):
+                            typ = stat.S_IFREG
+                        elif e.is_symlink():
+                            typ = stat.S_IFLNK
+                        else:
+                            typ = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
                     except OSError:
                         continue
                     entries.append((os.fsencode(e.name), e.inode(), typ))

@@ -97,12 +97,16 @@ class Chain:
     head: int
     readable: list[memoryview]
     writable: list[memoryview]
+    wsize: int = -1  # total writable bytes (computed on demand)
 
     def read_all(self) -> bytes:
-        return b"".join(self.readable)
+        r = self.readable
+        return bytes(r[0]) if len(r) == 1 else b"".join(r)
 
     def writable_size(self) -> int:
-        return sum(len(v) for v in self.writable)
+        if self.wsize < 0:
+            self.wsize = sum(len(v) for v in self.writable)
+        return self.wsize
 
     def write(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
         """Scatter `parts` across the writable buffers; returns the bytes written (all of
@@ -110,6 +114,9 @@ class Chain:
         total = sum(len(p) for p in parts)
         if total > self.writable_size():
             raise ValueError(f"reply of {total} bytes does not fit {self.writable_size()} writable bytes")
+        if len(parts) == 1 and self.writable and total <= len(self.writable[0]):
+            self.writable[0][:total] = parts[0]  # the common case: a small reply, one buffer
+            return total
         bufs = iter(self.writable)
         dst = next(bufs, None)
         doff = 0
