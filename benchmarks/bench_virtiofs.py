@@ -74,8 +74,8 @@ def build_image(root: Path) -> tuple[Path, Path]:
 
 
 def measure(name: str, cmd: list[str], sock: str, work: Path, reps: int) -> dict[str, list[float]]:
-    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=open(work / f"{name}.log", "wb"))
+    with open(work / f"{name}.log", "wb") as logf:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
     try:
         r = run_guest(sock, GUEST.replace("@REPS@", str(reps)), work / f"vm-{name}", timeout=600,
                       watch_pid=proc.pid)
