@@ -269,7 +269,9 @@ class PassthroughFilesystem(Filesystem):
             raise FuseError(errno.ELOOP)
         if not (stat.S_ISREG(node.mode) or stat.S_ISDIR(node.mode)):
             raise FuseError(errno.EACCES)  # never open device nodes, FIFOs or sockets of the host
-        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW)
+        # O_DIRECT stays in the guest (as virtiofsd does by default): our buffers are not
+        # aligned for it, and the guest's page cache choice says nothing about the host's
+        flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT)
         return os.open(_proc(node.fd), flags | os.O_CLOEXEC)
 
     def open(self, ino: int, flags: int) -> tuple[int, int]:
@@ -399,8 +401,8 @@ class PassthroughFilesystem(Filesystem):
     def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Entry, int, int]:
         self._check_writable()
         p = self._dir(parent)
-        fd = os.open(name, (flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC) & ~os.O_NOCTTY, mode & 0o7777,
-                     dir_fd=p.fd)
+        fd = os.open(name, (flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC) & ~(os.O_NOCTTY | os.O_DIRECT),
+                     mode & 0o7777, dir_fd=p.fd)
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise FuseError(errno.EACCES)

@@ -177,6 +177,7 @@ echo "##LS"; ls -n | wc -l
 
 SECOND_SCRIPT = r"""
 echo "##READ"; cat new.txt host2.txt; sha256sum rand | cut -d' ' -f1; cat rand.sha
+dd if=rand bs=1M iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1
 rm rand
 """
 
@@ -208,7 +209,7 @@ def test_passthrough_writes_and_reconnect(guest_tools: dict[str, bytes], tmp_pat
         r2 = run_guest(sock, SECOND_SCRIPT, tmp_path / "vm2", timeout=120, watch_pid=proc.pid, extra=guest_tools)
         lines = sections(r2.check())["READ"].splitlines()
         assert lines[:2] == ["hello from the guest", "second host file"]
-        assert lines[2] == lines[3]
+        assert lines[2] == lines[3] == lines[4]  # O_DIRECT reads too
         assert not (share / "rand").exists()
     finally:
         stop_pid(proc)
