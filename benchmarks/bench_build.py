@@ -37,10 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     work = args.workdir or tempfile.mkdtemp(prefix="nydus-bench-build-")
     tree = os.path.join(work, "tree")
-    if not os.path.isdir(tree):
-        stats = generate(tree, args.scale)
-    else:
-        stats = {}
+    stats = generate(tree, args.scale) if not os.path.isdir(tree) else {}
     total = sum(os.lstat(os.path.join(d, f)).st_size for d, _, fs in os.walk(tree) for f in fs)
     results: dict[str, list[dict[str, float]]] = {}
     for rep in range(args.reps):

@@ -12,7 +12,7 @@ import os
 import random
 
 MTIME = 1_700_000_000
-WORDS = [w.encode() for w in "import def class return self value data nydus chunk blob layer image file path".split()]
+WORDS = [w.encode() for w in ["import", "def", "class", "return", "self", "value", "data", "nydus", "chunk", "blob", "layer", "image", "file", "path"]]
 
 
 class _Corpus:
