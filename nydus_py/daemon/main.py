@@ -196,9 +196,7 @@ class Daemon:
         from ..api.http import make_app, metrics_only_app, start_tcp_site, start_unix_site
 
         a = self.args
-        if self.opts.apisock:
-            self.runners.append(await start_unix_site(make_app(self.service), self.opts.apisock))
-            log.info("API listening on %s", self.opts.apisock)
+        # the HTTP socket last: clients take its appearance as "the daemon is up"
         if a.metrics_addr:
             host, _, port = a.metrics_addr.rpartition(":")
             self.runners.append(await start_tcp_site(metrics_only_app(self.service), host or "127.0.0.1", int(port)))
@@ -207,6 +205,9 @@ class Daemon:
 
             self.grpc_server = serve_grpc(self.service, a.grpc_sock)
             log.info("gRPC API listening on %s", a.grpc_sock)
+        if self.opts.apisock:
+            self.runners.append(await start_unix_site(make_app(self.service), self.opts.apisock))
+            log.info("API listening on %s", self.opts.apisock)
 
     # -- running -----------------------------------------------------------------------------------
     def _watch_transport(self) -> None:

@@ -86,6 +86,13 @@ def test_daemon_info_and_shared_mounts(tmp_path: Path, images: list[Image]) -> N
         # the superblock view
         sb = await (await c.get(f"{V1}/daemon/backend", params={"mountpoint": "/snap0"})).json()
         assert sb["version"] == 6 and sb["inodes_count"] > 12
+        # remount: same index, the new image's content
+        idx = svc.vfs.mounts()["/snap2"]
+        r = await c.put(f"{V1}/mount", params={"mountpoint": "/snap2"}, json=mount_body(images[0], "snap2"))
+        assert r.status == 204
+        assert svc.vfs.mounts()["/snap2"] == idx
+        root2 = svc.vfs.lookup(1, b"snap2")
+        assert svc.vfs.read(svc.vfs.lookup(root2.ino, b"id-0").ino, 0, 0, 100) == images[0].files["id-0"]
         # umount, then the path is gone
         r = await c.delete(f"{V1}/mount", params={"mountpoint": "/snap0"})
         assert r.status == 204

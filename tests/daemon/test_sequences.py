@@ -7,6 +7,8 @@ import signal
 import socket
 import stat
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -204,11 +206,31 @@ def test_sigint_and_usage_errors(root: Path, images: list[Image]) -> None:
     cfg.write_text(snapshotter_config(img.blobs))
     mnt = str(root / "mnt")
     sock = str(root / "socket/d1/api.sock")
-    d = DaemonProc(["fuse", "--config", str(cfg), "--bootstrap", img.boot, "--mountpoint", mnt, "--apisock", sock],
-                   str(root / "out.log"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    grpc_sock = str(root / "socket/d1/grpc.sock")
+    d = DaemonProc(["fuse", "--config", str(cfg), "--bootstrap", img.boot, "--mountpoint", mnt, "--apisock", sock,
+                    "--grpc-sock", grpc_sock, "--metrics-addr", f"127.0.0.1:{port}"], str(root / "out.log"))
     try:
         d.wait_socket(sock)
+        # the optional TCP listener serves /metrics and nothing of the control API
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert r.status == 200 and b'nydusd_state{state="RUNNING"} 1.0' in r.read()
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/daemon", timeout=10)
+        assert e.value.code == 404
+        # the gRPC socket answers with the same state
+        import grpc
+
+        from nydus_py.api.grpc_gen import control_pb2 as pb
+        from nydus_py.api.grpc_gen import control_pb2_grpc as pb_grpc
+
+        with grpc.insecure_channel(f"unix:{grpc_sock}") as channel:
+            info = pb_grpc.ControlStub(channel).GetDaemonInfo(pb.DaemonInfoRequest(), timeout=10)
+        assert info.state == "RUNNING" and stat.S_IMODE(os.stat(grpc_sock).st_mode) == 0o600
         assert d.stop(signal.SIGINT) == 0
+        assert not os.path.exists(grpc_sock)
         assert not is_mountpoint(mnt) and not os.path.exists(sock)
     finally:
         d.kill()
