@@ -152,11 +152,9 @@ class Daemon:
                 svc.mount(a.virtual_mountpoint, cmd)
             except ApiError as e:
                 raise StartupError(e.message) from None
-            inst = svc.instances[svc.normalize_mountpoint(a.virtual_mountpoint)]
-            img = inst.image
-            if img is not None:
-                log.info("loaded %s (RAFS v%d, %d blobs, %d inodes)", boot, img.version, len(img.blobs),
-                         img.inode_count())
+            img = svc.instances[svc.normalize_mountpoint(a.virtual_mountpoint)].image
+            if img is not None:  # (no inode count here: on v6 it walks the inode table)
+                log.info("loaded %s (RAFS v%d, %d blobs)", boot, img.version, len(img.blobs))
 
     def recovering(self) -> bool:
         """--upgrade, or a crashed predecessor: stay in INIT, mount nothing, wait for takeover."""

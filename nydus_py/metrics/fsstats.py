@@ -10,6 +10,7 @@ import errno
 import struct
 import threading
 import time
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable
 from typing import Any
 
@@ -36,18 +37,12 @@ _ENOSYS = -errno.ENOSYS
 
 def latency_bucket(us: int) -> int:
     """Index of the first latency bound `us` does not exceed (7: more than 2 s)."""
-    for i, b in enumerate(LATENCY_BOUNDS_US):
-        if us <= b:
-            return i
-    return len(LATENCY_BOUNDS_US)
+    return bisect_left(LATENCY_BOUNDS_US, us)
 
 
 def size_bucket(n: int) -> int:
     """Index of the block-size bucket of an `n`-byte request (7: 1 MiB and more)."""
-    for i, b in enumerate(BLOCK_BOUNDS):
-        if n < b:
-            return i
-    return len(BLOCK_BOUNDS)
+    return bisect_right(BLOCK_BOUNDS, n)
 
 
 def opname(opcode: int) -> str:
@@ -180,12 +175,13 @@ class FuseMetrics:
     def __init__(self, route: Callable[[int], tuple[FsStats | None, int]]) -> None:
         # route(kernel nodeid) -> (stats of its filesystem or None, the filesystem's own inode)
         self.route = route
-        self.inflight: dict[int, tuple[int, int, int]] = {}  # unique -> (nodeid, opcode, start secs)
+        self.inflight: dict[int, tuple[int, int, int]] = {}  # unique -> (nodeid, opcode, perf_counter_ns)
         self.pseudo = FsStats("")  # requests on the pseudo root (shared mode)
 
     def started(self, opcode: int, nodeid: int, unique: int) -> object:
-        self.inflight[unique] = (nodeid, opcode, int(time.time()))
-        return unique, opcode, nodeid, time.perf_counter_ns()
+        t0 = time.perf_counter_ns()
+        self.inflight[unique] = (nodeid, opcode, t0)
+        return unique, opcode, nodeid, t0
 
     def finished(self, token: object, reply: Any) -> None:
         unique: int
@@ -209,5 +205,7 @@ class FuseMetrics:
         (stats or self.pseudo).record(opcode, ino, elapsed_us, error, nbytes)
 
     def inflight_list(self) -> list[dict[str, int]]:
-        return [{"inode": n, "opcode": op, "unique": u, "timestamp_secs": ts}
-                for u, (n, op, ts) in sorted(self.inflight.items())]
+        """nydusd's in-flight entries; start times are wall-clock seconds (from the monotonic clock)."""
+        wall, mono = time.time(), time.perf_counter_ns()
+        return [{"inode": n, "opcode": op, "unique": u, "timestamp_secs": int(wall - (mono - t0) / 1e9)}
+                for u, (n, op, t0) in sorted(self.inflight.items())]
