@@ -178,9 +178,10 @@ class DaemonService:
                     log.exception("closing %s failed", mp)
 
     # -- daemon ---------------------------------------------------------------------------------
+    # Read-only endpoints never take `_lock`: a mount or takeover holding it must not stall the
+    # state polls (the dict copies below are atomic under the GIL).
     def daemon_info(self, v2: bool = False) -> dict[str, Any]:
-        with self._lock:
-            collection = None if v2 else {mp: i.collection_entry() for mp, i in sorted(self.instances.items())}
+        collection = None if v2 else {mp: i.collection_entry() for mp, i in sorted(self.instances.items())}
         return {"version": dict(build_info()), "id": self.opts.id, "supervisor": self.opts.supervisor,
                 "state": self.state.value, "backend_collection": collection}
 
@@ -367,8 +368,7 @@ class DaemonService:
 
     # -- metrics --------------------------------------------------------------------------------
     def _pick(self, id: str | None, key: Callable[[Instance], list[str]], what: str) -> Instance:
-        with self._lock:
-            insts = list(self.instances.values())
+        insts = list(self.instances.values())
         if id is None:
             if len(insts) == 1:
                 return insts[0]
@@ -405,12 +405,12 @@ class DaemonService:
 
     # -- runtime config -------------------------------------------------------------------------
     def get_config(self, id: str | None) -> dict[str, Any]:
-        with self._lock:
-            if id is not None:
-                return {k: ("<redacted>" if k == "registry_auth" else v)
-                        for k, v in self.overrides.get(_strip_id(id), {}).items()}
-            return {f"/{i}:{k}": ("<redacted>" if k == "registry_auth" else v)
-                    for i, kv in sorted(self.overrides.items()) for k, v in kv.items()}
+        """Stored overrides; credentials are shown as <redacted> (upstream echoes them)."""
+        if id is not None:
+            return {k: ("<redacted>" if k == "registry_auth" else v)
+                    for k, v in dict(self.overrides.get(_strip_id(id), {})).items()}
+        return {f"/{i}:{k}": ("<redacted>" if k == "registry_auth" else v)
+                for i, kv in sorted(self.overrides.items()) for k, v in dict(kv).items()}
 
     def put_config(self, id: str | None, body: Any) -> None:
         if not isinstance(body, dict) or not all(isinstance(v, str) for v in body.values()):

@@ -265,3 +265,39 @@ def test_config_overrides_and_log_level(tmp_path: Path, images: list[Image]) -> 
         logging.getLogger().handlers[:] = events_before
         logging.getLogger().setLevel(logging.WARNING)
         svc.close_all()
+
+
+def test_slow_mount_does_not_stall_the_api(tmp_path: Path) -> None:
+    """A mount runs on the API worker thread: state polls and metrics answer meanwhile."""
+    import threading
+    import time
+
+    from nydus_py.daemon.instance import Instance, register_fs_type
+    from nydus_py.metrics.fsstats import FsStats
+    from tests.fuse.memfs import MemFS
+
+    release = threading.Event()
+
+    def slow_factory(mountpoint: str, cmd: Any, default: Any) -> Instance:
+        assert release.wait(10)
+        return Instance(mountpoint, cmd, MemFS(), "Rafs", FsStats(mountpoint))
+
+    register_fs_type(("test-slowfs",), slow_factory)
+    svc = new_service(tmp_path)
+
+    async def go(c: TestClient) -> None:
+        body = {"fs_type": "test-slowfs", "source": "x", "config": ""}
+        mount = asyncio.ensure_future(c.post(f"{V1}/mount?mountpoint=/slow", json=body))
+        await asyncio.sleep(0.1)
+        t0 = time.monotonic()
+        for _ in range(5):
+            r = await c.get(f"{V1}/daemon")
+            assert r.status == 200
+            assert (await c.get(f"{V1}/metrics/inflight")).status == 204
+        assert time.monotonic() - t0 < 1.0 and not mount.done()
+        release.set()
+        assert (await mount).status == 204
+        assert "/slow" in (await (await c.get(f"{V1}/daemon")).json())["backend_collection"]
+
+    run(svc, go)
+    svc.close_all()
