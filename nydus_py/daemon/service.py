@@ -47,7 +47,6 @@ class DaemonOptions:
     failover_policy: str = "resend"
     upgrade: bool = False
     debug: bool = False
-    writable: bool = False
 
 
 def _strip_id(value: str) -> str:

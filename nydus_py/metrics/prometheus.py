@@ -15,7 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .backend import BACKEND_LATENCY_BOUNDS_MS, unwrap
+from .backend import BACKEND_LATENCY_BOUNDS_MS
 from .fsstats import LATENCY_BOUNDS_US, opname
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -182,4 +182,4 @@ def exposition(registry: CollectorRegistry) -> bytes:
     return generate_latest(registry)
 
 
-__all__ = ["CONTENT_TYPE", "DaemonCollector", "exposition", "make_registry", "rss_bytes", "unwrap"]
+__all__ = ["CONTENT_TYPE", "DaemonCollector", "exposition", "make_registry", "rss_bytes"]
