@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import stat
+import subprocess
 import threading
 import urllib.error
 import urllib.request
@@ -301,4 +302,22 @@ def test_ten_images_mounted_and_unmounted_while_readers_run(root: Path, tmp_path
     finally:
         stop.set()
         api.close()
+        d.kill()
+
+
+def test_quickstart_dir_and_external_umount_ends_the_daemon(root: Path, images: list[Image]) -> None:
+    """`--localfs-dir` (localfs backend + blob cache in one directory, no config), and nydusd's
+    rule that the daemon exits 0 when its FUSE mount goes away under it."""
+    img = images[1]
+    mnt = str(root / "mnt")
+    sock = str(root / "socket/d1/api.sock")
+    d = DaemonProc(["fuse", "--localfs-dir", img.blobs, "--bootstrap", img.boot, "--mountpoint", mnt,
+                    "--apisock", sock], str(root / "out.log"))
+    try:
+        d.wait_socket(sock)
+        read_all(mnt, img.files)
+        subprocess.run(["umount", mnt], check=True)
+        assert d.wait_exit() == 0
+        assert not os.path.exists(sock)
+    finally:
         d.kill()
