@@ -186,3 +186,26 @@ def test_logging_helpers() -> None:
         ring.emit(logging.LogRecord("x", logging.ERROR, "f", 1, "error %d", (i,), None))
     j = ring.json()
     assert j["total_errors"] == 600 and len(j["errors"]) == 500 and j["errors"][-1].endswith("error 599")
+
+
+def test_log_file_rotation(tmp_path: Path) -> None:
+    from nydus_py.daemon.logsetup import setup_logging
+
+    root = logging.getLogger()
+    saved, level = root.handlers[:], root.level
+    try:
+        setup_logging("info", str(tmp_path / "nydusd"), 1)
+        lg = logging.getLogger("nydus_py.rotation")
+        for i in range(2200):
+            lg.info("line %05d %s", i, "x" * 600)
+        for h in root.handlers:
+            h.flush()
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert "nydusd.log" in names and "nydusd.log.1" in names, names
+        assert all(p.stat().st_size <= (1 << 20) + 1024 for p in tmp_path.iterdir())
+        assert "line 02199" in (tmp_path / "nydusd.log").read_text()
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:] = saved
+        root.setLevel(level)
