@@ -207,22 +207,24 @@ class Vfs(Filesystem):
                 raise VfsError(f"{path} is not mounted", errno.ENOENT)
             with slot.lock:
                 slot.closed = True
+            # the topmost name that disappears, for the kernel's dentry cache
+            gone: tuple[_Pseudo, bytes] | None = None
             if slot is self._rootfs:
                 self._rootfs = None
             else:
                 self._slots[slot.index] = None
                 assert slot.parent is not None
                 slot.parent.children.pop(slot.name, None)
+                gone = (slot.parent, slot.name)
                 # remove the directories that only led to this mount
-                node: _Pseudo | None = slot.parent
-                while node is not None and node.parent is not None and not node.children:
+                node = slot.parent
+                while node.parent is not None and not node.children:
                     node.parent.children.pop(node.name, None)
                     self._pseudo.pop(node.ino, None)
-                    top_parent, top_name = node.parent, node.name
+                    gone = (node.parent, node.name)
                     node = node.parent
-                    slot.parent, slot.name = top_parent, top_name
-        if slot.parent is not None:
-            self._notify_entry(slot.parent.ino, slot.name)
+        if gone is not None:
+            self._notify_entry(gone[0].ino, gone[1])
             self._notify(notify_inval_inode(slot.kernel_root, -1))
         deadline = time.monotonic() + wait
         with slot.lock:
@@ -497,7 +499,7 @@ class Vfs(Filesystem):
             self._leave(slot)
 
     def release(self, ino: int, fh: int) -> None:
-        if self._pseudo_node_quiet(ino) and self._pseudo.get(ino) is not None:
+        if self._pseudo_node_quiet(ino):
             return
         try:
             slot = self._slot(ino)

@@ -198,3 +198,22 @@ def test_random_mount_sequences_match_a_model(ops: list[tuple[bool, str]]) -> No
         for path, idx in model.items():
             assert walk(vfs, path) == (idx << INO_SHIFT) | 1
             assert walk(vfs, path + "/sub/deep") == (idx << INO_SHIFT) | 4
+
+
+def test_kernel_is_told_about_names_that_appear_and_go() -> None:
+    from nydus_py.fuse.abi import InitFlags
+    from nydus_py.fuse.protocol import notify_inval_entry, notify_inval_inode
+
+    vfs = Vfs()
+    sent: list[bytes] = []
+    vfs.notifier = sent.append
+    vfs.mount("/before-init", MemFS())
+    assert sent == []  # nothing to tell a kernel that has not connected yet
+    vfs.init(InitFlags(0))
+    idx = vfs.mount("/rafs/c1/lowerdir", MemFS())
+    c1 = walk(vfs, "/rafs/c1")
+    assert sent == [notify_inval_entry(c1, b"lowerdir")]
+    sent.clear()
+    vfs.umount("/rafs/c1/lowerdir")
+    # the topmost directory that went away is invalidated in its parent, and the old root inode
+    assert sent == [notify_inval_entry(ROOT, b"rafs"), notify_inval_inode((idx << INO_SHIFT) | 1, -1)]
