@@ -7,27 +7,45 @@ the filesystem can answer EIO and never hand out wrong bytes.
 
 import logging
 import threading
+from collections.abc import Sequence
+from typing import Protocol, runtime_checkable
 
 from ..rafs.chunkdata import BlobSource, decode_chunk
 from ..rafs.errors import FormatError
-from ..rafs.model import ChunkInfo, RafsImage
+from ..rafs.model import BlobInfo, ChunkInfo, RafsImage
 from .chunk_cache import ChunkCache
 
 log = logging.getLogger(__name__)
 
 
+@runtime_checkable
+class ChunkSource(Protocol):
+    """A source that hands out decoded, validated chunks itself (the persistent blob cache).
+
+    `extra` are chunks the reader will probably want next (read amplification): fetched along
+    when that is cheap, not returned.
+    """
+
+    def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo],
+                    extra: Sequence[ChunkInfo] = ()) -> list[bytes]: ...
+
+
 class BlobDevice:
-    def __init__(self, image: RafsImage, source: BlobSource, *, validate: bool = True,
-                 cache: ChunkCache | None = None) -> None:
+    def __init__(self, image: RafsImage, source: BlobSource | ChunkSource, *, validate: bool = True,
+                 cache: ChunkCache | None = None, amplify_io: int = 0) -> None:
         self.image = image
         self.source = source
         self.validate = validate
         self.cache = cache or ChunkCache()
+        self.amplify_io = max(0, amplify_io)
         self.read_errors = 0
         self.bytes_read = 0
         self._stats_lock = threading.Lock()
+        self._chunked = source if isinstance(source, ChunkSource) else None
 
     def load_chunk(self, chunk: ChunkInfo) -> bytes:
+        if self._chunked is not None:
+            return self._load_chunks([chunk])[0]
         key = (chunk.blob_index, chunk.compressed_offset, chunk.compressed_size, chunk.uncompressed_size)
         return self.cache.get(key, lambda: self._fetch(chunk))
 
@@ -37,7 +55,7 @@ class BlobDevice:
             raise FormatError(f"chunk refers to blob index {chunk.blob_index}, image has {len(blobs)}")
         blob = blobs[chunk.blob_index]
         try:
-            raw = self.source.read(blob, chunk.compressed_offset, chunk.compressed_size)
+            raw = self.source.read(blob, chunk.compressed_offset, chunk.compressed_size)  # type: ignore[union-attr]
             return decode_chunk(raw, chunk, blob, self.validate)
         except (FormatError, OSError) as e:
             with self._stats_lock:
@@ -46,7 +64,7 @@ class BlobDevice:
                       chunk.compressed_size, e)
             raise
 
-    def read(self, ino: int, offset: int, size: int, file_size: int | None = None) -> bytes:
+    def read(self, ino: int, offset: int, size: int, file_size: int | None = None) -> bytes | memoryview:
         """Bytes [offset, offset+size) of regular file `ino`, clipped to its size; holes are zeros."""
         if file_size is None:
             file_size = self.image.getattr(ino).size
@@ -54,11 +72,17 @@ class BlobDevice:
         if offset >= end:
             return b""
         chunks = self.image.chunks(ino, offset, end - offset)
+        if self._chunked is not None:
+            extra = self.image.chunks(ino, end, self.amplify_io) if self.amplify_io and end < file_size else []
+            out = _assemble(chunks, self._load_chunks(chunks, extra), offset, end)
+            with self._stats_lock:
+                self.bytes_read += len(out)
+            return out
         if len(chunks) == 1:
             c = chunks[0]
             if c.file_offset <= offset and end <= c.file_offset + c.uncompressed_size:
-                data = self.load_chunk(c)
-                out = data[offset - c.file_offset : end - c.file_offset]
+                # a view, not a copy: the FUSE reply is gathered straight from the cached chunk
+                out = memoryview(self.load_chunk(c))[offset - c.file_offset : end - c.file_offset]
                 with self._stats_lock:
                     self.bytes_read += len(out)
                 return out
@@ -72,3 +96,41 @@ class BlobDevice:
         with self._stats_lock:
             self.bytes_read += len(buf)
         return bytes(buf)
+
+    def _load_chunks(self, chunks: list[ChunkInfo], extra: Sequence[ChunkInfo] = ()) -> list[bytes]:
+        """Decoded chunks through the ChunkSource, one call per blob (so it can merge them)."""
+        assert self._chunked is not None
+        blobs = self.image.blobs
+        out: list[bytes] = [b""] * len(chunks)
+        groups: dict[int, list[int]] = {}
+        for k, c in enumerate(chunks):
+            if not 0 <= c.blob_index < len(blobs):
+                raise FormatError(f"chunk refers to blob index {c.blob_index}, image has {len(blobs)}")
+            groups.setdefault(c.blob_index, []).append(k)
+        for bi, ks in groups.items():
+            more = [c for c in extra if c.blob_index == bi]
+            try:
+                got = self._chunked.read_chunks(blobs[bi], [chunks[k] for k in ks], more)
+            except (FormatError, OSError) as e:
+                with self._stats_lock:
+                    self.read_errors += 1
+                log.error("blob %s: %s", blobs[bi].blob_id, e)
+                raise
+            for k, data in zip(ks, got, strict=True):
+                out[k] = data
+        return out
+
+
+def _assemble(chunks: list[ChunkInfo], datas: list[bytes], offset: int, end: int) -> bytes:
+    """File bytes [offset, end) from its overlapping chunks; holes stay zero."""
+    if len(chunks) == 1:
+        c = chunks[0]
+        if c.file_offset <= offset and end <= c.file_offset + c.uncompressed_size:
+            return datas[0][offset - c.file_offset : end - c.file_offset]
+    buf = bytearray(end - offset)
+    for c, data in zip(chunks, datas, strict=True):
+        lo = max(offset, c.file_offset)
+        hi = min(end, c.file_offset + c.uncompressed_size)
+        if hi > lo:
+            buf[lo - offset : hi - offset] = data[lo - c.file_offset : hi - c.file_offset]
+    return bytes(buf)

@@ -1,0 +1,520 @@
+"""The persistent blob cache: decoded chunks in `<work_dir>/<blob id>.blob.data`, readiness in
+`<blob id>.blob.data.chunk_map` (Nydus's names and layout, NYDUSD-CONTRACT.md 6.8).
+
+What it promises:
+* A chunk enters the cache only after its digest checked out, and is marked ready only after its
+  bytes are written and fdatasync'ed, so a crash can lose work but never leave a ready chunk with
+  wrong bytes. With `validate`, cached bytes are checked again on every read; a bad one is
+  dropped and fetched again instead of being served.
+* Concurrent readers of one missing chunk cause one fetch; missing chunks that sit next to each
+  other in the blob are fetched with one ranged read of up to `amplify_io` bytes, and a read may
+  pull in following chunks of the same file (`extra`) within that budget.
+* On-demand reads go first: prefetch waits while any on-demand fetch is running, and an on-demand
+  reader never waits for a prefetch fetch that failed - it fetches the chunk itself.
+* `size_limit` > 0 caps the bytes on disk by evicting whole blobs, least recently used first,
+  never one that a read is using right now.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import re
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from ...rafs.chunkdata import BlobSource, decode_chunk, verify_chunk
+from ...rafs.errors import DigestMismatch, FormatError
+from ...rafs.model import BlobInfo, ChunkInfo
+from .chunk_map import ChunkMap
+
+log = logging.getLogger(__name__)
+
+DATA_SUFFIX = ".blob.data"
+MAP_SUFFIX = ".blob.data.chunk_map"
+MERGE_GAP = 4096  # bytes of unwanted data we accept between two chunks to save a request
+MAX_UNCOMPRESSED = 1 << 40
+_BLOB_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+class CacheStats:
+    """Counters named after nydusd's blobcache metrics where one exists."""
+
+    def __init__(self) -> None:
+        self.total = 0  # read_chunks calls
+        self.whole_hits = 0  # calls served entirely from the cache
+        self.partial_hits = 0  # calls served partly from the cache
+        self.chunk_hits = 0
+        self.chunk_misses = 0
+        self.waited = 0  # chunks another reader was already fetching
+        self.backend_reads = 0
+        self.backend_bytes = 0
+        self.merged_chunks = 0  # chunks that shared a backend read with another chunk
+        self.amplified_chunks = 0  # chunks fetched ahead of need (`extra`)
+        self.digest_errors = 0  # fetched chunks whose digest was wrong (never cached)
+        self.cache_corruptions = 0  # cached chunks that failed validation and were dropped
+        self.backend_errors = 0
+        self.prefetch_data_amount = 0
+        self.prefetch_requests_count = 0
+        self.prefetch_waits = 0  # times prefetch stood aside for on-demand reads
+        self.evictions = 0
+        self.evicted_bytes = 0
+        self.uncacheable = 0  # chunks of blobs without a chunk count (not persisted)
+
+    def snapshot(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+class CachedBlob:
+    """Open files of one blob's cache entry."""
+
+    def __init__(self, work_dir: str, blob: BlobInfo) -> None:
+        self.blob = blob
+        self.data_path = os.path.join(work_dir, blob.blob_id + DATA_SUFFIX)
+        self.map_path = os.path.join(work_dir, blob.blob_id + MAP_SUFFIX)
+        self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self.map: ChunkMap | None = None
+        try:
+            st = os.fstat(self.fd)
+            if 0 < blob.uncompressed_size <= MAX_UNCOMPRESSED and st.st_size < blob.uncompressed_size:
+                os.ftruncate(self.fd, blob.uncompressed_size)  # sparse, pre-sized like nydusd
+            if 0 < blob.chunk_count <= 1 << 24:
+                self.map = ChunkMap(self.map_path, blob.chunk_count)
+            self.used = os.fstat(self.fd).st_blocks * 512
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.pins = 0
+        self.dirty = False
+
+    def cacheable(self, c: ChunkInfo) -> bool:
+        limit = self.blob.uncompressed_size or MAX_UNCOMPRESSED
+        return (self.map is not None and 0 <= c.index < self.map.chunks
+                and c.uncompressed_offset >= 0 and c.uncompressed_offset + c.uncompressed_size <= limit)
+
+    def ready(self, c: ChunkInfo) -> bool:
+        return self.map is not None and self.cacheable(c) and (self.map.is_ready(c.index) or self.map.refresh(c.index))
+
+    def read(self, c: ChunkInfo) -> bytes:
+        data = os.pread(self.fd, c.uncompressed_size, c.uncompressed_offset)
+        if len(data) != c.uncompressed_size:
+            raise OSError(errno.EIO, f"cache file {self.data_path} is short at {c.uncompressed_offset}")
+        return data
+
+    def write(self, c: ChunkInfo, data: bytes) -> None:
+        n = os.pwrite(self.fd, data, c.uncompressed_offset)
+        if n != len(data):
+            raise OSError(errno.EIO, f"short write to {self.data_path}")
+        self.used += len(data)
+
+    def close(self) -> None:
+        if self.map is not None:
+            self.map.close()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class BlobCacheManager:
+    """A ChunkSource: decoded, validated chunks of any blob, through the persistent cache."""
+
+    def __init__(self, work_dir: str, source: BlobSource, *, validate: bool = False, amplify_io: int = 1 << 20,
+                 size_limit: int = 0) -> None:
+        os.makedirs(work_dir, exist_ok=True)
+        self.work_dir = work_dir
+        self.source = source
+        self.validate = validate
+        self.amplify_io = max(0, amplify_io)
+        self.size_limit = max(0, size_limit)
+        self.stats = CacheStats()
+        self._lock = threading.Lock()
+        self._blobs: OrderedDict[str, CachedBlob] = OrderedDict()  # LRU order, most recent last
+        self._inflight: dict[tuple[str, int], tuple[Future[bytes], bool]] = {}
+        self._demand = 0
+        self._demand_idle = threading.Condition(self._lock)
+        self._on_disk: dict[str, tuple[float, int]] = self._scan() if self.size_limit else {}
+        self._closed = False
+
+    # -- files and eviction ---------------------------------------------------------------------
+    def _scan(self) -> dict[str, tuple[float, int]]:
+        """Blobs already in work_dir (other images, earlier runs): mtime and bytes on disk."""
+        out: dict[str, tuple[float, int]] = {}
+        with os.scandir(self.work_dir) as it:
+            for e in it:
+                if e.name.endswith(DATA_SUFFIX) and _BLOB_ID.match(e.name[: -len(DATA_SUFFIX)]):
+                    with contextlib.suppress(OSError):
+                        st = e.stat(follow_symlinks=False)
+                        out[e.name[: -len(DATA_SUFFIX)]] = (st.st_mtime, st.st_blocks * 512)
+        return out
+
+    def _pin(self, blob: BlobInfo) -> CachedBlob:
+        if not _BLOB_ID.match(blob.blob_id):
+            raise FormatError(f"invalid blob id {blob.blob_id!r}")
+        with self._lock:
+            if self._closed:
+                raise OSError(errno.EIO, "blob cache is closed")
+            cb = self._blobs.get(blob.blob_id)
+            if cb is None:
+                cb = CachedBlob(self.work_dir, blob)
+                self._blobs[blob.blob_id] = cb
+                self._on_disk.pop(blob.blob_id, None)
+            self._blobs.move_to_end(blob.blob_id)
+            cb.pins += 1
+            return cb
+
+    def _unpin(self, cb: CachedBlob) -> None:
+        with self._lock:
+            cb.pins -= 1
+            over = self.size_limit and cb.dirty and self._usage() > self.size_limit
+            cb.dirty = False
+        if over:
+            self.evict()
+
+    def _usage(self) -> int:
+        return sum(cb.used for cb in self._blobs.values()) + sum(n for _t, n in self._on_disk.values())
+
+    def usage(self) -> int:
+        """Bytes the cache holds on disk (as accounted; sparse holes excluded)."""
+        with self._lock:
+            return self._usage()
+
+    def evict(self) -> int:
+        """Drop least recently used blobs not in use until under `size_limit`; returns bytes freed."""
+        freed = 0
+        with self._lock:
+            victims: list[str] = [b for b, _ in sorted(self._on_disk.items(), key=lambda kv: kv[1][0])]
+            victims += [b for b, cb in self._blobs.items() if cb.pins == 0]
+            for blob_id in victims:
+                if self._usage() <= self.size_limit:
+                    break
+                cb = self._blobs.pop(blob_id, None)
+                if cb is not None:
+                    size = cb.used
+                    cb.close()
+                else:
+                    size = self._on_disk.pop(blob_id)[1]
+                self._remove_files(blob_id)
+                freed += size
+                self.stats.evictions += 1
+                self.stats.evicted_bytes += size
+                log.info("cache: evicted blob %s (%d bytes)", blob_id, size)
+        return freed
+
+    def _remove_files(self, blob_id: str) -> None:
+        # the map goes first: a crash in between leaves data without a map, i.e. nothing ready
+        for suffix in (MAP_SUFFIX, DATA_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.work_dir, blob_id + suffix))
+
+    def underlying_files(self) -> list[str]:
+        with self._lock:
+            return sorted(b + DATA_SUFFIX for b in self._blobs)
+
+    def data_all_ready(self) -> bool:
+        with self._lock:
+            return all(cb.map is not None and cb.map.all_ready for cb in self._blobs.values())
+
+    def ready_chunks(self, blob: BlobInfo) -> int:
+        cb = self._pin(blob)
+        try:
+            return cb.map.ready_count if cb.map is not None else 0
+        finally:
+            self._unpin(cb)
+
+    # -- on-demand first ------------------------------------------------------------------------
+    def _demand_begin(self) -> None:
+        with self._lock:
+            self._demand += 1
+
+    def _demand_end(self) -> None:
+        with self._lock:
+            self._demand -= 1
+            if self._demand == 0:
+                self._demand_idle.notify_all()
+
+    def wait_demand_idle(self, timeout: float = 5.0) -> None:
+        """Prefetch calls this before each fetch: stand aside while on-demand reads fetch."""
+        with self._lock:
+            if self._demand:
+                self.stats.prefetch_waits += 1
+                self._demand_idle.wait_for(lambda: self._demand == 0, timeout)
+
+    # -- reads ----------------------------------------------------------------------------------
+    def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo] = (),
+                    prefetch: bool = False) -> list[bytes]:
+        """Decoded bytes of `chunks` (all of `blob`), fetching what is missing; chunks in `extra`
+        are fetched along when missing and within the `amplify_io` budget, but not returned.
+
+        A chunk that cannot be had raises OSError(EIO) or FormatError (DigestMismatch); the
+        caller answers EIO. Nothing wrong is ever returned or cached.
+        """
+        if prefetch:
+            self.wait_demand_idle()
+        else:
+            self._demand_begin()
+        cb = self._pin(blob)
+        try:
+            with self._lock:
+                self.stats.total += 1
+            return self._read(cb, chunks, extra, prefetch)
+        finally:
+            self._unpin(cb)
+            if not prefetch:
+                self._demand_end()
+
+    def prefetch(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], merging_size: int = 1 << 20) -> int:
+        """Fetch the chunks of `blob` that are neither cached nor being fetched, in reads of up
+        to `merging_size` bytes, after any running on-demand fetch; returns how many it got.
+        Failures are counted and logged, never raised (a prefetch is only a hint)."""
+        self.wait_demand_idle()
+        cb = self._pin(blob)
+        mine: list[tuple[ChunkInfo, Future[bytes]]] = []
+        try:
+            with self._lock:
+                seen: set[int] = set()
+                for c in chunks:
+                    key = (blob.blob_id, c.compressed_offset)
+                    if c.compressed_offset in seen or key in self._inflight or cb.ready(c):
+                        continue
+                    seen.add(c.compressed_offset)
+                    fut: Future[bytes] = Future()
+                    self._inflight[key] = (fut, True)
+                    mine.append((c, fut))
+            try:
+                self._fetch(cb, mine, True, merging_size)
+            finally:
+                self._settle(cb, mine)
+            return sum(1 for _c, f in mine if f.exception() is None)
+        finally:
+            self._unpin(cb)
+
+    def _cached(self, cb: CachedBlob, c: ChunkInfo) -> bytes | None:
+        if not cb.ready(c):
+            return None
+        data = cb.read(c)
+        if self.validate:
+            try:
+                verify_chunk(data, c, cb.blob)
+            except DigestMismatch as e:
+                assert cb.map is not None
+                cb.map.clear(c.index)
+                with self._lock:
+                    self.stats.cache_corruptions += 1
+                log.error("cache: %s; dropped it, fetching again", e)
+                return None
+        return data
+
+    def _read(self, cb: CachedBlob, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo],
+              prefetch: bool) -> list[bytes]:
+        out: list[bytes | None] = [self._cached(cb, c) for c in chunks]
+        missing = [k for k, d in enumerate(out) if d is None]
+        hits = len(chunks) - len(missing)
+        with self._lock:
+            self.stats.chunk_hits += hits
+            if not missing:
+                self.stats.whole_hits += 1
+            elif hits:
+                self.stats.partial_hits += 1
+        if not missing:
+            return out  # type: ignore[return-value]
+        mine, waits, recheck = self._claim(cb, chunks, missing, extra, prefetch)
+        try:
+            self._fetch(cb, mine, prefetch)
+        finally:
+            self._settle(cb, mine)
+        for k in recheck:
+            out[k] = self._cached(cb, chunks[k])
+        by_off = {c.compressed_offset: fut for c, fut in mine}
+        for k in missing:
+            c = chunks[k]
+            fut = by_off.get(c.compressed_offset)
+            if fut is not None:
+                out[k] = fut.result()
+        for k, fut, owner_prefetch in waits:
+            try:
+                out[k] = fut.result()
+            except (OSError, FormatError):
+                if prefetch or not owner_prefetch:
+                    raise
+                # a prefetch fetch gives up sooner than we may: fetch it ourselves
+                out[k] = self._read(cb, [chunks[k]], (), False)[0]
+        for k, d in enumerate(out):
+            if d is None:  # ready at claim time but gone since (evicted or corrupt): fetch now
+                out[k] = self._read(cb, [chunks[k]], (), prefetch)[0]
+        return out  # type: ignore[return-value]
+
+    def _claim(self, cb: CachedBlob, chunks: Sequence[ChunkInfo], missing: list[int], extra: Sequence[ChunkInfo],
+               prefetch: bool) -> tuple[list[tuple[ChunkInfo, Future[bytes]]],
+                                        list[tuple[int, Future[bytes], bool]], list[int]]:
+        """Split missing chunks into ours to fetch, others' fetches to wait for, and chunks that
+        became ready meanwhile; add `extra` chunks within the amplification budget."""
+        bid = cb.blob.blob_id
+        mine: list[tuple[ChunkInfo, Future[bytes]]] = []
+        waits: list[tuple[int, Future[bytes], bool]] = []
+        recheck: list[int] = []
+        with self._lock:
+            for k in missing:
+                c = chunks[k]
+                key = (bid, c.compressed_offset)
+                ent = self._inflight.get(key)
+                if ent is not None:
+                    waits.append((k, ent[0], ent[1]))
+                    self.stats.waited += 1
+                elif any(m.compressed_offset == c.compressed_offset for m, _ in mine):
+                    continue  # the same chunk twice in one read (a file repeating itself)
+                elif cb.ready(c):
+                    recheck.append(k)
+                else:
+                    fut: Future[bytes] = Future()
+                    self._inflight[key] = (fut, prefetch)
+                    mine.append((c, fut))
+            self.stats.chunk_misses += len(mine)
+            budget = self.amplify_io - sum(c.compressed_size for c, _ in mine)
+            for c in extra:
+                if budget < c.compressed_size:
+                    break
+                key = (bid, c.compressed_offset)
+                if key in self._inflight or cb.ready(c):
+                    continue
+                fut = Future()
+                self._inflight[key] = (fut, prefetch)
+                mine.append((c, fut))
+                budget -= c.compressed_size
+                self.stats.amplified_chunks += 1
+        return mine, waits, recheck
+
+    def _settle(self, cb: CachedBlob, mine: list[tuple[ChunkInfo, Future[bytes]]]) -> None:
+        """Every claimed future ends resolved and out of the in-flight table, whatever happened."""
+        with self._lock:
+            for c, _fut in mine:
+                self._inflight.pop((cb.blob.blob_id, c.compressed_offset), None)
+        for _c, fut in mine:
+            if not fut.done():
+                fut.set_exception(OSError(errno.EIO, "chunk fetch was abandoned"))
+
+    def _runs(self, claimed: list[tuple[ChunkInfo, Future[bytes]]],
+              limit: int) -> list[list[tuple[ChunkInfo, Future[bytes]]]]:
+        """Group chunks into ranged reads: adjacent in the blob (gaps <= MERGE_GAP), each read
+        at most `limit` bytes (but always at least one chunk)."""
+        order = sorted(claimed, key=lambda cf: cf[0].compressed_offset)
+        runs: list[list[tuple[ChunkInfo, Future[bytes]]]] = []
+        for cf in order:
+            c = cf[0]
+            if runs:
+                first, last = runs[-1][0][0], runs[-1][-1][0]
+                end = last.compressed_offset + last.compressed_size
+                gap = c.compressed_offset - end
+                if 0 <= gap <= MERGE_GAP and c.compressed_offset + c.compressed_size - first.compressed_offset <= max(
+                        limit, first.compressed_size):
+                    runs[-1].append(cf)
+                    continue
+            runs.append([cf])
+        return runs
+
+    def _fetch(self, cb: CachedBlob, claimed: list[tuple[ChunkInfo, Future[bytes]]], prefetch: bool,
+               limit: int | None = None) -> None:
+        blob = cb.blob
+        reader = getattr(self.source, "read_prefetch", None) if prefetch else None
+        read = reader if callable(reader) else self.source.read
+        for run in self._runs(claimed, self.amplify_io if limit is None else limit):
+            start = run[0][0].compressed_offset
+            end = run[-1][0].compressed_offset + run[-1][0].compressed_size
+            try:
+                raw = read(blob, start, end - start)
+            except (OSError, FormatError) as e:
+                with self._lock:
+                    self.stats.backend_errors += 1
+                for _c, fut in run:
+                    fut.set_exception(e)
+                continue
+            with self._lock:
+                self.stats.backend_reads += 1
+                self.stats.backend_bytes += len(raw)
+                if len(run) > 1:
+                    self.stats.merged_chunks += len(run)
+                if prefetch:
+                    self.stats.prefetch_requests_count += 1
+                    self.stats.prefetch_data_amount += len(raw)
+            good: list[tuple[ChunkInfo, Future[bytes], bytes]] = []
+            for c, fut in run:
+                lo = c.compressed_offset - start
+                try:
+                    data = self._decode(cb, raw[lo:lo + c.compressed_size], c, read)
+                except (FormatError, OSError) as e:
+                    fut.set_exception(e)
+                    continue
+                good.append((c, fut, data))
+            self._store(cb, good)
+
+    def _decode(self, cb: CachedBlob, raw: bytes, c: ChunkInfo, read: Any) -> bytes:
+        """Decode and validate a fetched chunk; bytes that fail are fetched once more, alone
+        (a flipped bit on the way), and a second failure is the reader's EIO."""
+        try:
+            return decode_chunk(raw, c, cb.blob, validate=True)
+        except FormatError as e:
+            self._bad_chunk(cb, c, e, "; fetching it again")
+        raw = read(cb.blob, c.compressed_offset, c.compressed_size)
+        with self._lock:
+            self.stats.backend_reads += 1
+            self.stats.backend_bytes += len(raw)
+        try:
+            return decode_chunk(raw, c, cb.blob, validate=True)
+        except FormatError as e:
+            self._bad_chunk(cb, c, e, "")
+            raise
+
+    def _bad_chunk(self, cb: CachedBlob, c: ChunkInfo, e: FormatError, then: str) -> None:
+        if isinstance(e, DigestMismatch):
+            with self._lock:
+                self.stats.digest_errors += 1
+        log.error("blob %s: fetched chunk at %d is bad: %s%s", cb.blob.blob_id, c.compressed_offset, e, then)
+
+    def _store(self, cb: CachedBlob, good: list[tuple[ChunkInfo, Future[bytes], bytes]]) -> None:
+        """Write, fdatasync, then mark ready; hand the bytes out even if the cache write fails."""
+        ready: list[int] = []
+        try:
+            for c, _fut, data in good:
+                if cb.cacheable(c):
+                    cb.write(c, data)
+                    ready.append(c.index)
+                else:
+                    with self._lock:
+                        self.stats.uncacheable += 1
+            if ready:
+                os.fdatasync(cb.fd)
+                assert cb.map is not None
+                cb.map.set_ready(ready)
+                with self._lock:
+                    cb.dirty = True
+        except OSError as e:
+            log.error("cache: writing blob %s failed (%s); serving without caching", cb.blob.blob_id, e)
+        for _c, fut, data in good:
+            fut.set_result(data)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            for cb in self._blobs.values():
+                cb.close()
+            self._blobs.clear()
+        close = getattr(self.source, "close", None)
+        if callable(close):
+            close()
+
+    def snapshot(self, id: str = "") -> dict[str, Any]:
+        """nydusd's `/api/v1/metrics/blobcache` fields this cache can fill, plus its own counters."""
+        with self._lock:
+            files = sorted(b + DATA_SUFFIX for b in self._blobs)
+            all_ready = all(cb.map is not None and cb.map.all_ready for cb in self._blobs.values())
+        s = self.stats
+        return {"underlying_files": files, "store_path": self.work_dir, "partial_hits": s.partial_hits,
+                "whole_hits": s.whole_hits, "total": s.total, "entries_count": len(files),
+                "prefetch_data_amount": s.prefetch_data_amount, "prefetch_requests_count": s.prefetch_requests_count,
+                "data_all_ready": all_ready, "cache": s.snapshot(), "usage": self.usage(), "id": id,
+                "time": time.time()}

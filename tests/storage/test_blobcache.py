@@ -1,0 +1,310 @@
+"""The persistent blob cache over a fake backend: layout, restart reuse, single flight, merging,
+amplification, validation, crash safety, LRU eviction, on-demand before prefetch."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from nydus_py.rafs import open_bootstrap
+from nydus_py.rafs.chunkdata import verify_chunk
+from nydus_py.rafs.errors import DigestMismatch, FormatError
+from nydus_py.storage.cache import BlobCacheManager, ChunkMap
+from nydus_py.storage.device import BlobDevice
+from nydus_py.storage.localfs import LocalBlobDir
+from nydus_py.storage.prefetch import resolve_path
+
+from . import images
+from .synth import FakeSource, make_blob
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def manager(tmp_path, src, **kw):
+    return BlobCacheManager(str(tmp_path / "cache"), src, **kw)
+
+
+def test_layout_and_restart_reuse(tmp_path):
+    b = make_blob(40, seed=1)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src)
+    got = m.read_chunks(b.info, b.chunks[5:9])
+    assert got == b.plain[5:9] and src.reads() == 1  # 4 adjacent chunks, one ranged read
+    data_path = tmp_path / "cache" / f"{b.info.blob_id}.blob.data"
+    map_path = tmp_path / "cache" / f"{b.info.blob_id}.blob.data.chunk_map"
+    assert data_path.stat().st_size == b.info.uncompressed_size  # pre-sized, sparse
+    with open(data_path, "rb") as f:
+        c = b.chunks[7]
+        f.seek(c.uncompressed_offset)
+        assert f.read(c.uncompressed_size) == b.plain[7]  # uncompressed, at its offset
+    assert m.snapshot()["underlying_files"] == [f"{b.info.blob_id}.blob.data"]
+    m.close()
+    cmap = ChunkMap(str(map_path), 40)
+    assert [i for i in range(40) if cmap.is_ready(i)] == [5, 6, 7, 8]
+    cmap.close()
+    # a new daemon reuses the cache: no backend read for those chunks
+    src2 = FakeSource(fail=1000).add(b)
+    m2 = manager(tmp_path, src2)
+    assert m2.read_chunks(b.info, b.chunks[5:9]) == b.plain[5:9]
+    assert src2.reads() == 0 and m2.stats.whole_hits == 1
+    m2.close()
+
+
+def test_whole_image_through_blob_device(tmp_path):
+    img = images.build(tmp_path / "img")
+    image = open_bootstrap(str(img.boot))
+    m = manager(tmp_path, LocalBlobDir(str(img.blob_dir)), amplify_io=1 << 20)
+    dev = BlobDevice(image, m, amplify_io=1 << 20)
+    for rel, data in img.files.items():
+        ino = resolve_path(image, b"/" + rel.encode())
+        assert dev.read(ino, 0, len(data) + 1) == data
+        if len(data) > 70_000:
+            assert dev.read(ino, 65_530, 20) == data[65_530:65_550]
+    assert m.stats.digest_errors == 0
+    m2 = manager(tmp_path, FakeSource(fail=1000))
+    dev2 = BlobDevice(image, m2)
+    for rel, data in img.files.items():
+        assert dev2.read(resolve_path(image, b"/" + rel.encode()), 0, len(data)) == data
+    assert m2.data_all_ready()
+    image.close()
+
+
+def test_single_flight(tmp_path):
+    b = make_blob(8, seed=2)
+    gate = threading.Event()
+    src = FakeSource(gate=gate).add(b)
+    m = manager(tmp_path, src)
+    results: list[bytes] = []
+    threads = [threading.Thread(target=lambda: results.append(m.read_chunks(b.info, [b.chunks[3]])[0]))
+               for _ in range(12)]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    gate.set()
+    for t in threads:
+        t.join(10)
+    assert results == [b.plain[3]] * 12
+    assert src.reads() == 1 and m.stats.waited == 11
+
+
+def test_merging_respects_amplify_io_and_gaps(tmp_path):
+    b = make_blob(32, seed=3, compress=False)  # 16 KiB stored chunks
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src, amplify_io=64 << 10)
+    assert m.read_chunks(b.info, b.chunks[0:10]) == b.plain[0:10]
+    assert [c[2] for c in src.calls] == [65536, 65536, 32768]  # at most amplify_io per request
+    src.calls.clear()
+    m.read_chunks(b.info, [b.chunks[12], b.chunks[20]])  # not adjacent: two requests
+    assert len(src.calls) == 2
+    m0 = BlobCacheManager(str(tmp_path / "c0"), src, amplify_io=0)
+    src.calls.clear()
+    m0.read_chunks(b.info, b.chunks[0:3])
+    assert len(src.calls) == 3
+
+
+def test_amplification_fetches_following_chunks(tmp_path):
+    b = make_blob(10, seed=4)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src, amplify_io=1 << 20)
+    assert m.read_chunks(b.info, b.chunks[:1], extra=b.chunks[1:]) == b.plain[:1]
+    assert src.reads() == 1 and m.stats.amplified_chunks == 9
+    assert m.read_chunks(b.info, b.chunks[1:]) == b.plain[1:]
+    assert src.reads() == 1
+
+
+def test_corruption_on_the_wire_is_refetched_or_eio(tmp_path):
+    b = make_blob(6, seed=5)
+    src = FakeSource(corrupt=1).add(b)
+    m = manager(tmp_path, src)
+    assert m.read_chunks(b.info, [b.chunks[2]]) == [b.plain[2]]  # one bad transfer: fetched again
+    assert m.stats.digest_errors == 1
+    src.corrupt = 2  # bad twice: EIO, nothing cached
+    with pytest.raises(DigestMismatch):
+        m.read_chunks(b.info, [b.chunks[4]])
+    assert m.ready_chunks(b.info) == 1
+    assert m.read_chunks(b.info, [b.chunks[4]]) == [b.plain[4]]
+    src.fail = 1
+    with pytest.raises(OSError):
+        m.read_chunks(b.info, [b.chunks[5]])
+    assert m.read_chunks(b.info, [b.chunks[5]]) == [b.plain[5]]  # a failure is not cached
+
+
+def test_bad_bytes_in_cache_are_dropped_with_validate(tmp_path):
+    b = make_blob(4, seed=6)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src, validate=True)
+    m.read_chunks(b.info, b.chunks)
+    m.close()
+    path = tmp_path / "cache" / f"{b.info.blob_id}.blob.data"
+    with open(path, "r+b") as f:
+        f.seek(b.chunks[1].uncompressed_offset + 10)
+        f.write(b"\xde\xad")
+    m = manager(tmp_path, src, validate=True)
+    before = src.reads()
+    assert m.read_chunks(b.info, b.chunks) == b.plain
+    assert m.stats.cache_corruptions == 1 and src.reads() == before + 1
+
+
+def test_marked_only_after_write(tmp_path, monkeypatch):
+    """If the daemon dies after writing data but before marking it, the chunk is fetched again."""
+    b = make_blob(4, seed=7)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src)
+
+    def die(self, indices):  # noqa: ANN001
+        raise OSError(5, "simulated crash before marking")
+
+    monkeypatch.setattr(ChunkMap, "set_ready", die)
+    assert m.read_chunks(b.info, b.chunks[:2]) == b.plain[:2]  # still served
+    monkeypatch.undo()
+    m.close()
+    m2 = manager(tmp_path, src)
+    assert m2.ready_chunks(b.info) == 0
+    before = src.reads()
+    assert m2.read_chunks(b.info, b.chunks[:2]) == b.plain[:2] and src.reads() == before + 1
+
+
+CRASH_CHILD = textwrap.dedent("""
+    import sys, random
+    sys.path.insert(0, {repo!r})
+    from tests.storage.synth import FakeSource, make_blob
+    from nydus_py.storage.cache import BlobCacheManager
+    blobs = [make_blob(256, seed=s) for s in range(3)]
+    src = FakeSource(delay=0.001)
+    for b in blobs:
+        src.add(b)
+    m = BlobCacheManager({work!r}, src, amplify_io=64 << 10)
+    rng = random.Random({seed})
+    print("ready", flush=True)
+    while True:
+        b = rng.choice(blobs)
+        i = rng.randrange(256)
+        m.read_chunks(b.info, b.chunks[i:i + rng.randrange(1, 8)])
+""")
+
+
+@pytest.mark.slow
+def test_sigkill_never_leaves_a_ready_chunk_with_wrong_bytes(tmp_path):
+    blobs = [make_blob(256, seed=s) for s in range(3)]
+    for round_ in range(8):
+        work = str(tmp_path / f"cache{round_}")
+        proc = subprocess.Popen([sys.executable, "-c", CRASH_CHILD.format(repo=str(REPO), work=work, seed=round_)],
+                                stdout=subprocess.PIPE)
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
+        time.sleep(0.1 + 0.03 * round_)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc.stdout.close()
+        ready_total = 0
+        for b in blobs:
+            mp = os.path.join(work, f"{b.info.blob_id}.blob.data.chunk_map")
+            if not os.path.exists(mp):
+                continue
+            cmap = ChunkMap(mp, 256)
+            with open(os.path.join(work, f"{b.info.blob_id}.blob.data"), "rb") as f:
+                for c in b.chunks:
+                    if cmap.is_ready(c.index):
+                        ready_total += 1
+                        f.seek(c.uncompressed_offset)
+                        verify_chunk(f.read(c.uncompressed_size), c, b.info)
+            cmap.close()
+        assert 0 < ready_total < 3 * 256  # killed in the middle of the work
+
+
+def test_lru_eviction_of_whole_blobs(tmp_path):
+    blobs = [make_blob(8, seed=10 + i, compress=False) for i in range(3)]
+    src = FakeSource()
+    for b in blobs:
+        src.add(b)
+    one = blobs[0].info.uncompressed_size
+    # a leftover blob of another image is in work_dir already
+    (tmp_path / "cache").mkdir()
+    leftover = tmp_path / "cache" / ("f" * 64 + ".blob.data")
+    leftover.write_bytes(os.urandom(one))
+    m = manager(tmp_path, src, size_limit=int(one * 2.5))
+    m.read_chunks(blobs[0].info, blobs[0].chunks)
+    m.read_chunks(blobs[1].info, blobs[1].chunks)
+    assert not leftover.exists() and m.stats.evictions == 1  # oldest first: the leftover
+    m.read_chunks(blobs[0].info, blobs[0].chunks[:1])  # blob 0 is now more recent than blob 1
+    m.read_chunks(blobs[2].info, blobs[2].chunks)
+    files = set(os.listdir(tmp_path / "cache"))
+    assert f"{blobs[1].info.blob_id}.blob.data" not in files
+    assert f"{blobs[1].info.blob_id}.blob.data.chunk_map" not in files
+    assert f"{blobs[0].info.blob_id}.blob.data" in files and m.usage() <= int(one * 2.5)
+    # an evicted blob is simply fetched again
+    before = src.reads()
+    assert m.read_chunks(blobs[1].info, blobs[1].chunks) == blobs[1].plain and src.reads() > before
+
+
+def test_blob_in_use_is_not_evicted(tmp_path):
+    a, b = make_blob(8, seed=20, compress=False), make_blob(8, seed=21, compress=False)
+    gate = threading.Event()
+    src = FakeSource().add(a).add(b)
+    m = manager(tmp_path, src, size_limit=a.info.uncompressed_size // 2)
+    m.read_chunks(a.info, a.chunks[:4])
+    src.gate = gate
+    t = threading.Thread(target=lambda: m.read_chunks(a.info, a.chunks[4:]))
+    t.start()
+    time.sleep(0.2)
+    src.gate = None
+    m.read_chunks(b.info, b.chunks)  # over the limit; a is pinned by the running read
+    assert os.path.exists(os.path.join(m.work_dir, f"{a.info.blob_id}.blob.data"))
+    gate.set()
+    t.join(10)
+
+
+def test_prefetch_waits_for_on_demand(tmp_path):
+    b = make_blob(16, seed=30)
+    gate = threading.Event()
+    src = FakeSource(gate=gate).add(b)
+    m = manager(tmp_path, src)
+    demand = threading.Thread(target=lambda: m.read_chunks(b.info, [b.chunks[0]]))
+    demand.start()
+    time.sleep(0.1)
+    pf = threading.Thread(target=lambda: m.prefetch(b.info, b.chunks[8:]))
+    pf.start()
+    time.sleep(0.2)
+    assert [c[3] for c in src.calls] == [False]  # prefetch stood aside
+    gate.set()
+    demand.join(10)
+    pf.join(10)
+    assert m.stats.prefetch_waits == 1 and src.reads(prefetch=True) == 1
+    assert m.ready_chunks(b.info) == 9
+
+
+def test_on_demand_refetches_after_failed_prefetch(tmp_path):
+    b = make_blob(4, seed=31)
+    gate = threading.Event()
+    src = FakeSource(gate=gate, fail=1).add(b)
+    m = manager(tmp_path, src)
+    pf = threading.Thread(target=lambda: m.prefetch(b.info, b.chunks[:1]))
+    pf.start()
+    time.sleep(0.1)
+    out: list[bytes] = []
+    demand = threading.Thread(target=lambda: out.extend(m.read_chunks(b.info, [b.chunks[0]])))
+    demand.start()
+    time.sleep(0.1)
+    gate.set()
+    pf.join(10)
+    demand.join(10)
+    assert out == [b.plain[0]] and m.stats.waited == 1
+
+
+def test_bad_blob_ids_and_uncacheable_chunks(tmp_path):
+    b = make_blob(3, seed=40)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src)
+    from dataclasses import replace
+
+    with pytest.raises(FormatError):
+        m.read_chunks(replace(b.info, blob_id="../../etc"), b.chunks)
+    # no chunk count (old v5 blob table): served, not persisted
+    bare = replace(b.info, chunk_count=0)
+    assert m.read_chunks(bare, b.chunks) == b.plain and m.stats.uncacheable == 3
+    assert m.read_chunks(bare, b.chunks) == b.plain and src.reads() == 2
