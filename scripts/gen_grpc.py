@@ -3,6 +3,8 @@
 
 The generated files are checked in (so running the daemon needs no grpcio-tools); `--check`
 regenerates into a temporary directory and fails if the checked-in files differ (CI runs it).
+Two textual fixes are applied: the servicer module imports its messages relatively, and the base
+servicer's default methods abort with UNIMPLEMENTED instead of raising NotImplementedError.
 """
 
 import argparse
@@ -33,6 +35,10 @@ def generate(dest: Path) -> None:
             text = (gen / name).read_text()
             # protoc writes absolute imports from the proto path; the package lives elsewhere
             text = text.replace("from nydus_py import control_pb2 as", "from . import control_pb2 as")
+            # the base servicer's defaults answer UNIMPLEMENTED through abort() (same status for
+            # the client) instead of a NotImplementedError stub; nydus_py overrides every method
+            text = text.replace("raise NotImplementedError('Method not implemented!')",
+                                "context.abort(grpc.StatusCode.UNIMPLEMENTED, 'Method not implemented!')")
             (dest / name).write_text(text)
         (dest / "__init__.py").write_text(INIT)
 
