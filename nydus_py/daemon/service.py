@@ -419,25 +419,29 @@ class DaemonService:
             raise BadRequest(f"unsupported config keys {bad} (allowed: {', '.join(OVERRIDE_KEYS)})")
         key = _strip_id(id or "")
         with self._lock:
-            self.overrides.setdefault(key, {}).update(body)
+            # id "/" (dedicated daemons) or "" means every instance
             targets = [i for i in self.instances.values()
-                       if key in ("", _strip_id(i.mountpoint), _strip_id(i.blobcache_id))]
-        for inst in targets:
-            self._apply_override(inst, body)
+                       if key == "" or key in (_strip_id(i.mountpoint), _strip_id(i.blobcache_id))]
+            for inst in targets:
+                self._apply_override(inst, body)
+            self.overrides.setdefault(key, {}).update(body)
 
     @staticmethod
     def _apply_override(inst: Instance, body: dict[str, str]) -> None:
+        """registry_auth goes to a registry backend now; the other keys are only stored."""
         from ..metrics.backend import unwrap
 
-        backend = unwrap(inst.source)
-        if "registry_auth" in body:
-            setter = getattr(backend, "set_registry_auth", None)
-            if callable(setter):
-                setter(body["registry_auth"])
-                log.info("%s: registry credentials updated", inst.mountpoint)
-            else:
-                log.warning("%s: the %s backend cannot take new credentials at run time", inst.mountpoint,
-                            inst.parsed.rafs.backend.type if inst.parsed else "?")
+        if "registry_auth" not in body:
+            return
+        setter = getattr(unwrap(inst.source), "set_registry_auth", None)
+        if not callable(setter):
+            log.info("%s: the backend has no registry credentials to update", inst.mountpoint)
+            return
+        try:
+            setter(body["registry_auth"])
+        except ValueError as e:
+            raise BadRequest(f"registry_auth: {e}") from None
+        log.info("%s: registry credentials updated", inst.mountpoint)
 
     # -- fscache blobs (singleton mode) ----------------------------------------------------------
     def blobs(self, method: str) -> None:

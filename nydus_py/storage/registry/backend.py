@@ -16,6 +16,7 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from ...rafs.model import BlobInfo
+from .auth import decode_basic
 from .client import Counters, RegistryClient
 from .config import RegistryConfig
 
@@ -77,6 +78,20 @@ class RegistryBackend:
 
     def get_blob(self, digest: str) -> bytes:
         return self._call(self.client.get_blob(digest), 600.0)
+
+    def set_registry_auth(self, auth: str) -> None:
+        """New basic credentials (base64 `user:pass`) at run time, from `PUT /api/v1/config`
+        registry_auth: later token requests use them and a Basic header in use is replaced.
+        ValueError when `auth` is not base64 of `user:pass`."""
+        decode_basic(auth)
+        state = self.client.auth
+
+        def apply() -> None:  # on the loop that owns the auth state
+            state.basic = auth
+            if state.header is not None and state.header.startswith("Basic "):
+                state._set(f"Basic {auth}")
+
+        self.loop.call_soon_threadsafe(apply)
 
     def close(self) -> None:
         if self._closed:

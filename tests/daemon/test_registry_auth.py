@@ -1,0 +1,67 @@
+"""`PUT /api/v1/config` registry_auth: new credentials reach a mounted registry image at run time
+(the snapshotter's credential renewal, §3.5 H), against a real htpasswd-protected registry."""
+
+import asyncio
+import errno
+import json
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from nydus_py.api.http import make_app
+from nydus_py.daemon.service import DaemonOptions, DaemonService
+from nydus_py.fuse.api import FuseError
+from nydus_py.storage.registry import RegistryBackend, parse_registry_config
+from tests.storage import images as timg
+from tests.storage import registry_rig as rig
+from tests.storage.conftest import basic_registry, registry_bin, registry_root  # noqa: F401 - fixtures
+
+pytestmark = pytest.mark.slow
+
+
+def test_registry_auth_reload(basic_registry: rig.Registry, tmp_path: Path,  # noqa: F811
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("IMAGE_PULL_AUTH", raising=False)
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
+    image = timg.build(tmp_path / "img", seed=11)
+    good = rig.basic_auth()
+    with RegistryBackend(parse_registry_config(timg.registry_config(basic_registry.host, "demo/auth", auth=good),
+                                               env={})) as pusher:
+        timg.push_image(pusher, image, "v1")
+    wrong = rig.basic_auth(rig.USER, "not-the-password")
+    cfg = timg.nydusd_config(timg.registry_config(basic_registry.host, "demo/auth", auth=wrong, retry_limit=0),
+                             None)
+    svc = DaemonService(DaemonOptions(mode="fuse", mountpoint=str(tmp_path)))
+
+    def read_motd() -> bytes:
+        root = svc.vfs.lookup(1, b"img")
+        etc = svc.vfs.lookup(root.ino, b"etc")
+        motd = svc.vfs.lookup(etc.ino, b"motd")
+        return bytes(svc.vfs.read(motd.ino, 0, 0, 4096))
+
+    async def go(c: TestClient) -> None:
+        body = {"fs_type": "rafs", "source": str(image.boot), "config": json.dumps(cfg)}
+        assert (await c.post("/api/v1/mount?mountpoint=/img", json=body)).status == 204
+        loop = asyncio.get_running_loop()
+        with pytest.raises(FuseError) as e:
+            await loop.run_in_executor(None, read_motd)
+        assert e.value.errno == errno.EIO
+        bad = await c.put("/api/v1/config", params={"id": "/img"}, json={"registry_auth": "%%%"})
+        assert bad.status == 400
+        r = await c.put("/api/v1/config", params={"id": "/test"}, json={"registry_auth": good})  # by device.id
+        assert r.status == 204
+        assert await loop.run_in_executor(None, read_motd) == image.files["etc/motd"]
+        shown = await (await c.get("/api/v1/config")).text()
+        assert good not in shown
+        info = await (await c.get("/api/v1/daemon")).text()
+        assert good not in info and wrong not in info
+
+    async def main() -> None:
+        async with TestClient(TestServer(make_app(svc))) as client:
+            await go(client)
+
+    try:
+        asyncio.run(main())
+    finally:
+        svc.close_all()
