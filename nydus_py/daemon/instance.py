@@ -235,8 +235,8 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
         except ConfigError as e:
             raise BadRequest(f"config: {e}") from None
         source, bstats = instrument(source, cfg.backend.type)
-        device = BlobDevice(image, source, validate=cfg.digest_validate or cfg.cache.validate)
-        device.amplify_io = max(0, cfg.amplify_io)  # read amplification (nydusd's amplify_io)
+        device = BlobDevice(image, source, validate=cfg.digest_validate or cfg.cache.validate,
+                            amplify_io=cfg.amplify_io)
         fs = RafsFilesystem(image, device, entry_timeout=cfg.entry_timeout, attr_timeout=cfg.attr_timeout,
                             enable_xattr=cfg.enable_xattr)
         stats = FsStats(mountpoint, files=cfg.iostats_files, access_pattern=parsed.access_pattern,
