@@ -3,6 +3,7 @@ mounts: dedicated start, shared daemon with mounts and umounts, metrics collecti
 shutdown by SIGTERM and by the exit call; every status code and JSON field the snapshotter reads."""
 
 import os
+import re
 import signal
 import socket
 import stat
@@ -128,6 +129,14 @@ def test_dedicated_daemon_sequence(root: Path, images: list[Image]) -> None:
         assert be["read_count"] >= 1 and be["read_errors"] == 0
         prom = api.get("/metrics")
         assert prom.status == 200 and b"nydusd_fuse_request_duration_seconds_bucket" in prom.body
+        text = prom.body.decode()
+        for family in ('nydusd_fuse_requests_total{mountpoint="/",op="read"}', "nydusd_read_bytes_total",
+                       "nydusd_backend_read_duration_seconds_bucket", 'nydusd_cache_misses_total{mountpoint="/"}',
+                       'nydusd_cache_hits_total{kind="chunk",mountpoint="/"}', "nydusd_cache_usage_bytes",
+                       'nydusd_state{state="RUNNING"} 1.0', "nydusd_rss_bytes"):
+            assert family in text, family
+        reads = re.search(r'nydusd_backend_reads_total\{backend="localfs",mountpoint="/"\} (\S+)', text)
+        assert reads and float(reads.group(1)) == be["read_count"]
         assert os.path.exists(root / "logs/d1/nydusd.log")
         # the idle liveness connection is still open
         live.setblocking(False)
