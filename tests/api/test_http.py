@@ -301,3 +301,32 @@ def test_slow_mount_does_not_stall_the_api(tmp_path: Path) -> None:
 
     run(svc, go)
     svc.close_all()
+
+
+def test_prefetch_progress_in_blobcache_metrics(tmp_path: Path, images: list[Image]) -> None:
+    """fs_prefetch with a blob cache: the whole image is fetched in the background and the
+    blobcache/Prometheus metrics show it (prefetch amounts, times, data_all_ready)."""
+    import time
+
+    svc = new_service(tmp_path)
+    img = images[2]
+    cfg = json.loads(snapshotter_config(img.blobs, "p", cache_dir=str(tmp_path / "cache")))
+    cfg["fs_prefetch"] = {"enable": True, "prefetch_all": True, "threads_count": 2}
+
+    async def go(c: TestClient) -> None:
+        body = {"fs_type": "rafs", "source": img.boot, "config": json.dumps(cfg)}
+        assert (await c.post(f"{V1}/mount?mountpoint=/p", json=body)).status == 204
+        deadline = time.monotonic() + 20
+        while True:
+            bc = await (await c.get(f"{V1}/metrics/blobcache", params={"id": "/p"})).json()
+            if bc["prefetch_end_time_secs"] or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        assert bc["prefetch_end_time_secs"] >= bc["prefetch_begin_time_secs"] > 0
+        assert bc["prefetch_data_amount"] > 0 and bc["prefetch_workers"] == 2
+        assert bc["data_all_ready"] is True and bc["underlying_files"]
+        text = await (await c.get("/metrics")).text()
+        assert 'nydusd_prefetch_done{mountpoint="/p"} 1.0' in text
+
+    run(svc, go)
+    svc.close_all()
