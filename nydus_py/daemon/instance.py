@@ -10,6 +10,7 @@ endpoints read.
 import contextlib
 import logging
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Callable
@@ -222,6 +223,8 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
     parsed = _parse_config(cmd, default_config)
     cfg = parsed.rafs
     try:
+        if not stat.S_ISREG(os.stat(cmd.source).st_mode):  # a FIFO would block open() forever
+            raise BadRequest(f"bootstrap {cmd.source} is not a regular file")
         image = open_bootstrap(cmd.source)
     except FormatError as e:
         raise BadRequest(f"bootstrap {cmd.source}: {e}") from None

@@ -4,6 +4,7 @@ status code and JSON field the snapshotter and Kata read, and bad input that cha
 import asyncio
 import json
 import logging
+import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,8 @@ def snapshot(svc: DaemonService) -> Any:
 def test_bad_input_is_4xx_and_changes_nothing(tmp_path: Path, images: list[Image]) -> None:
     svc = new_service(tmp_path)
     good = mount_body(images[0], "a")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
 
     async def go(c: TestClient) -> None:
         assert (await c.post(f"{V1}/mount?mountpoint=/a", json=good)).status == 204
@@ -188,6 +191,8 @@ def test_bad_input_is_4xx_and_changes_nothing(tmp_path: Path, images: list[Image
             ("POST", f"{V1}/mount?mountpoint=/b", {**good, "config": "not json"}, 400),
             ("POST", f"{V1}/mount?mountpoint=/b", {**good, "source": str(tmp_path / "missing.boot")}, 400),
             ("POST", f"{V1}/mount?mountpoint=/b", {**good, "source": __file__}, 400),  # not a bootstrap
+            ("POST", f"{V1}/mount?mountpoint=/b", {**good, "source": str(fifo)}, 400),  # would block open()
+            ("POST", f"{V1}/mount?mountpoint=/b", {**good, "source": str(tmp_path)}, 400),  # a directory
             ("POST", f"{V1}/mount?mountpoint=/b", {**good, "prefetch_files": 7}, 400),
             ("POST", f"{V1}/mount?mountpoint=/b", [1, 2], 400),
             ("POST", f"{V1}/mount?mountpoint=/a", mount_body(images[1], "a"), 409),  # taken
