@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import os
+import stat
 import threading
 import tomllib
 from dataclasses import dataclass
@@ -266,7 +267,10 @@ def apply_pull_auth(v1: dict[str, Any], auth: str) -> dict[str, Any]:
 
 def read_config_file(path: str) -> ParsedConfig:
     """`--config FILE`, with IMAGE_PULL_AUTH applied as nydusd does for the command-line config."""
-    size = os.path.getsize(path)
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(f"{path} is not a regular file")
+    size = st.st_size
     if size > MAX_CONFIG_SIZE:
         raise ConfigError(f"{path}: config is larger than {MAX_CONFIG_SIZE} bytes")
     with open(path, "rb") as f:
