@@ -19,7 +19,7 @@ class DaemonState(enum.Enum):
     RUNNING = "RUNNING"
     STOPPED = "STOPPED"
     UNKNOWN = "UNKNOWN"
-    # In the OpenAPI file (stale upstream, never reported by nydusd); kept for the gRPC enum.
+    # Named by nydusd's OpenAPI file but never reported by nydusd (stale); never entered here either.
     UPGRADING = "UPGRADING"
     INTERRUPTED = "INTERRUPTED"
 
