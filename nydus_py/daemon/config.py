@@ -25,6 +25,8 @@ class CacheConfig:
     compressed: bool = False
     validate: bool = False
     work_dir: str = "."
+    # bytes on disk before least-recently-used blobs are evicted; 0 = no cap (nydusd has none)
+    size_limit: int = 0
 
 
 @dataclass
@@ -42,6 +44,8 @@ class RafsConfig:
     prefetch_enable: bool = False
     prefetch_threads: int = 8
     prefetch_all: bool = False
+    prefetch_bandwidth: int = 0  # bytes/s, 0 = unlimited (fs_prefetch.bandwidth_rate)
+    prefetch_merging_size: int = 1 << 20  # fs_prefetch.merging_size
 
 
 def _get(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], default: Any, where: str) -> Any:
@@ -84,7 +88,12 @@ def parse_config(text: str | bytes) -> RafsConfig:
         compressed=_get(cache_raw, "compressed", bool, False, "device.cache."),
         validate=_get(cache_raw, "validate", bool, False, "device.cache."),
         work_dir=_get(cache_conf, "work_dir", str, ".", "device.cache.config."),
+        size_limit=_get(cache_conf, "size_limit", int, 0, "device.cache.config."),
     )
+    if cache.type in ("blobcache", "filecache") and not cache.work_dir:
+        raise ConfigError("device.cache.config.work_dir: blobcache needs a work_dir")
+    if cache.size_limit < 0:
+        raise ConfigError("device.cache.config.size_limit: must be >= 0")
     mode = _get(raw, "mode", str, "direct", "")
     if mode not in ("direct", "cached"):
         raise ConfigError(f"mode: expected 'direct' or 'cached', got {mode!r}")
@@ -105,4 +114,10 @@ def parse_config(text: str | bytes) -> RafsConfig:
         cfg.prefetch_enable = _get(prefetch, "enable", bool, False, "fs_prefetch.")
         cfg.prefetch_threads = _get(prefetch, "threads_count", int, 8, "fs_prefetch.")
         cfg.prefetch_all = _get(prefetch, "prefetch_all", bool, True, "fs_prefetch.")
+        cfg.prefetch_bandwidth = _get(prefetch, "bandwidth_rate", int, 0, "fs_prefetch.")
+        cfg.prefetch_merging_size = _get(prefetch, "merging_size", int, 1 << 20, "fs_prefetch.")
+        if cfg.prefetch_enable and not 1 <= cfg.prefetch_threads <= 1024:
+            raise ConfigError("fs_prefetch.threads_count: must be 1..1024")
+        if cfg.prefetch_bandwidth < 0 or not 0 <= cfg.prefetch_merging_size <= 0x10000000:
+            raise ConfigError("fs_prefetch: bandwidth_rate must be >= 0 and merging_size 0..0x10000000")
     return cfg

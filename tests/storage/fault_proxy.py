@@ -130,6 +130,11 @@ class FaultProxy:
                     await asyncio.wait_for(self._server.wait_closed(), 2)
             if self._session is not None:
                 await self._session.close()
+            me = asyncio.current_task()
+            tasks = [t for t in asyncio.all_tasks() if t is not me]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         with contextlib.suppress(Exception):
             self._run(go())
         self.loop.call_soon_threadsafe(self.loop.stop)
@@ -139,7 +144,8 @@ class FaultProxy:
     async def _conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             await self._serve(reader, writer)
-        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, aiohttp.ClientError):
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, aiohttp.ClientError,
+                asyncio.CancelledError):
             pass
         finally:
             with contextlib.suppress(Exception):

@@ -43,6 +43,10 @@ MAX_UNCOMPRESSED = 1 << 40
 _BLOB_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
+class FetchAbandoned(OSError):
+    """A chunk was not fetched because an earlier range of the same fetch failed."""
+
+
 class CacheStats:
     """Counters named after nydusd's blobcache metrics where one exists."""
 
@@ -339,10 +343,11 @@ class BlobCacheManager:
         for k, fut, owner_prefetch in waits:
             try:
                 out[k] = fut.result()
-            except (OSError, FormatError):
-                if prefetch or not owner_prefetch:
+            except (OSError, FormatError) as e:
+                if prefetch or not (owner_prefetch or isinstance(e, FetchAbandoned)):
                     raise
-                # a prefetch fetch gives up sooner than we may: fetch it ourselves
+                # a prefetch gives up sooner than we may, an abandoned chunk was never tried:
+                # fetch it ourselves
                 out[k] = self._read(cb, [chunks[k]], (), False)[0]
         for k, d in enumerate(out):
             if d is None:  # ready at claim time but gone since (evicted or corrupt): fetch now
@@ -422,7 +427,15 @@ class BlobCacheManager:
         blob = cb.blob
         reader = getattr(self.source, "read_prefetch", None) if prefetch else None
         read = reader if callable(reader) else self.source.read
+        failed: BaseException | None = None
         for run in self._runs(claimed, self.amplify_io if limit is None else limit):
+            if failed is not None:
+                # one range already failed after all its retries: this read is EIO anyway, and
+                # the next ranges would each take another deadline; readers waiting for these
+                # chunks fetch them themselves
+                for _c, fut in run:
+                    fut.set_exception(FetchAbandoned(errno.EIO, f"not fetched after an earlier failure: {failed}"))
+                continue
             start = run[0][0].compressed_offset
             end = run[-1][0].compressed_offset + run[-1][0].compressed_size
             try:
@@ -432,6 +445,7 @@ class BlobCacheManager:
                     self.stats.backend_errors += 1
                 for _c, fut in run:
                     fut.set_exception(e)
+                failed = e
                 continue
             with self._lock:
                 self.stats.backend_reads += 1

@@ -156,6 +156,10 @@ class RegistryClient:
                 connector=conn, auto_decompress=False, headers={"User-Agent": USER_AGENT, **dict(self.cfg.headers)},
                 timeout=aiohttp.ClientTimeout(total=None), trust_env=False,
             )
+            # aiohttp quietly resends an idempotent request once after a reset; our own retry
+            # loop does that with backoff, a deadline and counting, so switch the hidden one off
+            if hasattr(self._sessions[name], "_retry_connection"):
+                self._sessions[name]._retry_connection = False
         self._token_lock = asyncio.Lock()
         self._first_lock = asyncio.Lock()
         self._token_event = asyncio.Event()
