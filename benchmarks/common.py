@@ -55,3 +55,33 @@ def bar_plot(name: str, title: str, labels: list[str], values: list[float], ylab
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def grouped_bar_plot(name: str, title: str, labels: list[str], series: dict[str, list[float]], ylabel: str,
+                     log: bool = False) -> Path:
+    """One group of bars per label, one bar per series (e.g. per server), saved as RESULTS/name.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = max(1, len(series))
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 0.9 * n / 2), 4.5))
+    for k, (sname, values) in enumerate(series.items()):
+        xs = [i + (k - (n - 1) / 2) * width for i in range(len(labels))]
+        ax.bar(xs, values, width, label=sname)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xticks(range(len(labels)))
+    ax.set_xticklabels(labels, fontsize=8)
+    ax.set_title(title)
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

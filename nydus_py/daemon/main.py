@@ -234,14 +234,17 @@ class Daemon:
 
         svc.on_exit = wake
         t0 = time.monotonic()
+        # Handlers first: a SIGTERM that arrives while we mount must not kill us with the default
+        # action (leaving a dead mount behind); asyncio queues it until the first await below,
+        # when the mount is complete and shutdown() can undo it.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, loop, sig)
         if not self.recovering():
             self.load()
             if self.opts.mode == "fuse":
                 self.start_fuse()
             else:
                 self.start_virtiofs()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, loop, sig)
         try:
             await self.start_apis()
         except OSError as e:

@@ -240,7 +240,7 @@ class DaemonService:
     def _attach_transport(self, fd: int) -> None:
         from ..transport.fusedev import FuseDevSession
 
-        t = FuseDevSession(self.session.handle, self.opts.mountpoint, threads=self.opts.threads)
+        t = FuseDevSession(self.session.handle_vectored, self.opts.mountpoint, threads=self.opts.threads)
         t.attach(fd)
         self.transport = t
         self._set_notifier(fd)
@@ -255,7 +255,7 @@ class DaemonService:
         """Mount the FUSE filesystem and start serving it (Mount -> READY, Start -> RUNNING)."""
         from ..transport.fusedev import FuseDevSession
 
-        t = FuseDevSession(self.session.handle, self.opts.mountpoint, threads=self.opts.threads)
+        t = FuseDevSession(self.session.handle_vectored, self.opts.mountpoint, threads=self.opts.threads)
         t.mount()
         self.transport = t
         self.fuse_fd = t.fd

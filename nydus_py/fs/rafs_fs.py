@@ -10,11 +10,21 @@ import logging
 import stat
 from collections.abc import Iterator
 
-from ..fuse.abi import FOpenFlags
-from ..fuse.api import DirEntryPlusTuple, DirEntryTuple, Entry, Filesystem, FuseAttr, FuseError, StatFs
+from ..fuse.abi import FOpenFlags, InitFlags
+from ..fuse.api import (
+    DEFAULT_WANT,
+    DirEntryPlusTuple,
+    DirEntryTuple,
+    Entry,
+    Filesystem,
+    FuseAttr,
+    FuseError,
+    StatFs,
+)
 from ..rafs.errors import FormatError
 from ..rafs.model import Attr, RafsImage
 from ..storage.device import BlobDevice
+from .readahead import SequentialReadahead
 
 log = logging.getLogger(__name__)
 
@@ -27,13 +37,21 @@ _DOT, _DOTDOT, _FIRST_CHILD = 1, 2, 3
 
 class RafsFilesystem(Filesystem):
     def __init__(self, image: RafsImage, device: BlobDevice, *, entry_timeout: float = 86400.0,
-                 attr_timeout: float = 86400.0, enable_xattr: bool = True) -> None:
+                 attr_timeout: float = 86400.0, enable_xattr: bool = True, readahead_chunks: int = 4) -> None:
         self.image = image
         self.device = device
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
         self.xattrs = enable_xattr and image.has_xattrs
         self.root = image.root_ino
+        self.readahead = SequentialReadahead(image, device, readahead_chunks) if readahead_chunks > 0 else None
+
+    def init(self, capable: InitFlags) -> InitFlags:
+        """Zero-message open/opendir (as nydusd's RAFS asks): the kernel stops sending OPEN,
+        OPENDIR and their RELEASEs after the first ENOSYS and treats files as KEEP_CACHE and
+        directories as KEEP_CACHE|CACHE_DIR, which is what open()/opendir() answer anyway. That
+        is two round trips fewer per file opened, warm or cold."""
+        return DEFAULT_WANT | InitFlags.NO_OPEN_SUPPORT | InitFlags.NO_OPENDIR_SUPPORT
 
     # -- inode numbers: the kernel's root is 1, the image's may be a v6 nid ------------------------
     def _img(self, ino: int) -> int:
@@ -160,16 +178,19 @@ class RafsFilesystem(Filesystem):
             raise FuseError(errno.EIO) from None
 
     # -- data ------------------------------------------------------------------------------------
-    def read(self, ino: int, fh: int, offset: int, size: int) -> bytes:
+    def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | memoryview:
         i = self._img(ino)
         attr = self._getattr(i)
         if not stat.S_ISREG(attr.mode):
             raise FuseError(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EINVAL)
         try:
-            return self.device.read(i, offset, size, attr.size)
+            data = self.device.read(i, offset, size, attr.size)
         except (FormatError, OSError) as e:
             log.error("read inode %d [%d, +%d): %s", i, offset, size, e)
             raise FuseError(errno.EIO) from None
+        if self.readahead is not None and data:
+            self.readahead.after_read(i, offset, offset + len(data), attr.size)
+        return data
 
     def lseek(self, ino: int, fh: int, offset: int, whence: int) -> int:
         i = self._img(ino)
@@ -197,5 +218,12 @@ class RafsFilesystem(Filesystem):
 
     def destroy(self) -> None:
         log.debug("FUSE session destroyed")
+        if self.readahead is not None:
+            self.readahead.close()
+
+    def close(self) -> None:
+        """Stop background work (the readahead pool); the image and device stay the caller's."""
+        if self.readahead is not None:
+            self.readahead.close()
 
 

@@ -82,10 +82,10 @@ class BlobDevice:
             c = chunks[0]
             if c.file_offset <= offset and end <= c.file_offset + c.uncompressed_size:
                 # a view, not a copy: the FUSE reply is gathered straight from the cached chunk
-                out = memoryview(self.load_chunk(c))[offset - c.file_offset : end - c.file_offset]
+                view = memoryview(self.load_chunk(c))[offset - c.file_offset : end - c.file_offset]
                 with self._stats_lock:
-                    self.bytes_read += len(out)
-                return out
+                    self.bytes_read += len(view)
+                return view
         buf = bytearray(end - offset)
         for c in chunks:
             data = self.load_chunk(c)

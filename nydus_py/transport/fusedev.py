@@ -2,7 +2,7 @@
 
 Each worker owns a channel (the mount's fd for the first, a FUSE_DEV_IOC_CLONE'd fd for the
 others, so the kernel spreads requests without a shared lock) and one reusable request buffer.
-The handler is sans-IO: bytes in, reply bytes (or None) out. Blocking read(2)/write(2) release the
+The handler is sans-IO: bytes in, reply bytes (or buffers to gather, or None) out. Blocking read(2)/write(2) release the
 GIL, and so do the decompressors and hashes the handler calls, so threads overlap where it counts.
 """
 
@@ -15,22 +15,25 @@ import struct
 import threading
 from collections.abc import Callable
 
-from .mount import fuse_mount, fuse_umount, is_mountpoint
+from .mount import fuse_mount, fuse_umount, is_mountpoint, set_readahead_kb
 
 log = logging.getLogger(__name__)
 
 FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
 FUSE_MIN_READ_BUFFER = 8192
 HEADER_ROOM = 4096  # fuse_in_header + the largest op header in front of WRITE data
+FUSE_INIT = 26
 
-Handler = Callable[[memoryview], bytes | None]
+# Reply bytes, or a list of buffers written with one writev (FuseSession.handle_vectored), or
+# None for requests the kernel expects no answer to.
+Handler = Callable[[memoryview], bytes | list[bytes | bytearray | memoryview] | None]
 
 
 class FuseDevSession:
     """Serve one mountpoint with `threads` workers until unmounted (by us or anyone else)."""
 
     def __init__(self, handler: Handler, mountpoint: str, *, threads: int = 4, max_write: int = 1 << 20,
-                 fsname: str = "rafs", allow_other: bool = True) -> None:
+                 fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024) -> None:
         if not 1 <= threads <= 1024:
             raise ValueError("thread count must be 1..1024")
         self.handler = handler
@@ -39,6 +42,8 @@ class FuseDevSession:
         self.bufsize = max(FUSE_MIN_READ_BUFFER, max_write + HEADER_ROOM)
         self.fsname = fsname
         self.allow_other = allow_other
+        self.readahead_kb = readahead_kb
+        self._ra_pending = False
         self.fd = -1
         self._workers: list[threading.Thread] = []
         self._fds: list[int] = []
@@ -49,7 +54,17 @@ class FuseDevSession:
     # -- lifecycle -------------------------------------------------------------------------------
     def mount(self) -> None:
         self.fd = fuse_mount(self.mountpoint, fsname=self.fsname, allow_other=self.allow_other)
+        self._ra_pending = self.readahead_kb > 0
         self._start_workers(self.fd)
+
+    def _after_init(self) -> None:
+        """The kernel caps a FUSE mount's readahead at its bdi default (128 KiB) whatever the
+        INIT reply offers, and sets it while handling that reply; raising read_ahead_kb right
+        after (root only) lets sequential reads arrive as READs of up to max_pages (1 MiB):
+        an eighth of the requests for the same bytes."""
+        self._ra_pending = False
+        if set_readahead_kb(self.mountpoint, self.readahead_kb):
+            log.debug("%s: read_ahead_kb = %d", self.mountpoint, self.readahead_kb)
 
     def attach(self, fd: int) -> None:
         """Serve an already-mounted connection (failover / hot upgrade hand the fd over)."""
@@ -120,11 +135,20 @@ class FuseDevSession:
                     raise
                 if n == 0:
                     return
-                reply = handler(view[:n])
+                try:
+                    reply = handler(view[:n])
+                except ValueError as e:  # FuseProtocolError: a fragment with no header to answer
+                    log.error("FUSE worker on fd %d: dropping request: %s", fd, e)
+                    continue
                 if reply is None:
                     continue
                 try:
-                    os.write(fd, reply)
+                    if isinstance(reply, list):
+                        os.writev(fd, reply)  # header + data without joining them first
+                    else:
+                        os.write(fd, reply)
+                    if self._ra_pending and buf[4] == FUSE_INIT and buf[5] == 0:
+                        self._after_init()
                 except OSError as e:
                     # ENOENT: the request was interrupted and the kernel forgot it.
                     if e.errno == errno.ENOENT:

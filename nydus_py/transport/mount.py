@@ -122,6 +122,35 @@ def is_mountpoint(path: str) -> bool:
     return False
 
 
+def mount_device(real_mountpoint: str) -> str | None:
+    """"major:minor" of the topmost mount at `real_mountpoint` (already a realpath), from
+    /proc/self/mountinfo. Nothing here touches the mount: a FUSE server calling this from its
+    own worker would otherwise wait for itself (realpath lstat()s the mount root)."""
+    real = real_mountpoint
+    dev = None
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 4 and os.fsdecode(fields[4]).replace("\\040", " ") == real:
+                dev = fields[2].decode()
+    return dev
+
+
+def set_readahead_kb(mountpoint: str, kb: int) -> bool:
+    """Set the read_ahead_kb of the mount's backing device info (root only); False if not possible.
+    `mountpoint` must already be a realpath (see mount_device)."""
+    dev = mount_device(mountpoint)
+    if dev is None:
+        return False
+    try:
+        with open(f"/sys/class/bdi/{dev}/read_ahead_kb", "w") as f:
+            f.write(f"{kb}\n")
+    except OSError as e:
+        log.debug("cannot set read_ahead_kb of %s (%s): %s", mountpoint, dev, e)
+        return False
+    return True
+
+
 def connection_id(mountpoint: str) -> int:
     """FUSE connection id of a mount: /sys/fs/fuse/connections/<id>."""
     st = os.stat(mountpoint)

@@ -191,9 +191,10 @@ class Daemon:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
-            return is_mountpoint(self.mountpoint) and "serving" in self.log_text()
+            return is_mountpoint(self.mountpoint)
 
         wait_for(ready, timeout, f"{self.mountpoint} to be mounted")
+        os.stat(self.mountpoint)  # answered by the daemon once INIT is through
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait; a daemon that does not go is aborted and killed (and the test fails)."""

