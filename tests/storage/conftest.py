@@ -62,3 +62,10 @@ def redirect_registry(registry_bin: str, registry_root: Path,
     reg, target = rig.redirect_registry(registry_bin, registry_root, plain_registry)
     yield reg, target
     reg.stop()
+
+
+@pytest.fixture(scope="session")
+def tls_registry(registry_bin: str, registry_root: Path) -> Iterator[tuple[rig.Registry, Path]]:
+    reg, ca = rig.tls_registry(registry_bin, registry_root)
+    yield reg, ca
+    reg.stop()

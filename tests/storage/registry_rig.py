@@ -278,11 +278,12 @@ class Registry:
             self.config[k] = v
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        self.tls_ca: Path | None = None  # CA file when the registry serves HTTPS
         self.helpers: list[Any] = []  # token/range servers owned by this registry
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.tls_ca else 'http'}://127.0.0.1:{self.port}"
 
     @property
     def host(self) -> str:
@@ -306,9 +307,14 @@ class Registry:
         else:
             self.stop()
             raise RuntimeError(f"docker-registry {self.name} did not start: {self.log_text()[-2000:]}")
+        ctx = None
+        if self.tls_ca is not None:
+            import ssl
+
+            ctx = ssl.create_default_context(cafile=str(self.tls_ca))
         while time.monotonic() < deadline:
             try:
-                urllib.request.urlopen(f"{self.url}/v2/", timeout=2).close()
+                urllib.request.urlopen(f"{self.url}/v2/", timeout=2, context=ctx).close()
                 return self
             except urllib.error.HTTPError as e:
                 if e.code == 401:
@@ -386,6 +392,40 @@ def redirect_registry(binary: str, workdir: Path, upstream: Registry) -> tuple[R
     })
     reg.helpers.append(target)
     return reg.start(), target
+
+
+def tls_registry(binary: str, workdir: Path) -> tuple[Registry, Path]:
+    """A registry serving HTTPS with a certificate for 127.0.0.1 from our own CA; returns the
+    registry and the CA's PEM file."""
+    import ipaddress
+
+    d = workdir / "tls"
+    d.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nydus-py test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    (d / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+    reg = Registry(binary, workdir, "tls", {"http": {"addr": "127.0.0.1:0", "secret": secrets.token_hex(16),
+                                                     "tls": {"certificate": str(d / "cert.pem"),
+                                                             "key": str(d / "key.pem")}}})
+    reg.tls_ca = d / "ca.pem"
+    return reg.start(), d / "ca.pem"
 
 
 def htpasswd_line(tool: str) -> Callable[[str, str], str]:

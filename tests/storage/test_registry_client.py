@@ -271,3 +271,31 @@ def test_forward_proxy_fallback_and_recovery(pushed_plain):
             assert b.counters.fallbacks == 0
     finally:
         proxy.stop()
+
+
+def tls_backend(host: str, **extra: object) -> RegistryBackend:
+    conf = {"host": host, "repo": "test/tls", "timeout": 2, "read_deadline": 2.0, **extra}
+    return RegistryBackend(parse_registry_config(conf, env={}, docker_config_paths=[]))
+
+
+def test_https_with_ca_file_skip_verify_and_refusal(tls_registry):
+    reg, ca = tls_registry
+    with tls_backend(reg.host, ca_cert_files=[str(ca)]) as b:  # scheme defaults to https
+        b.push_blob(DATA)
+        assert b.read(BLOB, 10, 20) == DATA[10:30]
+    with tls_backend(reg.host, skip_verify=True) as b:
+        assert b.read(BLOB, 10, 20) == DATA[10:30] and b.counters.https_to_http == 0
+    with tls_backend(reg.host) as b:  # unknown CA: refused, EIO within the deadline
+        t = time.monotonic()
+        with pytest.raises(OSError):
+            b.read(BLOB, 10, 20)
+        assert time.monotonic() - t < 4.5 and b.counters.network_errors >= 1
+
+
+def test_https_to_http_fallback_only_with_skip_verify(pushed_plain):
+    with tls_backend(pushed_plain.host, repo="test/blob", skip_verify=True) as b:
+        assert b.read(BLOB, 0, 10) == DATA[:10]
+        assert b.read(BLOB, 10, 10) == DATA[10:20]
+        assert b.counters.https_to_http == 1 and b.client.scheme == "http"
+    with tls_backend(pushed_plain.host, repo="test/blob") as b, pytest.raises(OSError):
+        b.read(BLOB, 0, 10)
