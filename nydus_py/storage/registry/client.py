@@ -18,11 +18,12 @@ import contextlib
 import errno
 import hashlib
 import logging
+import os
 import random
 import re
 import ssl
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, BinaryIO
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import aiohttp
@@ -680,6 +681,119 @@ class RegistryClient:
         if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
             raise OSError(errno.EIO, f"blob {digest}: content does not match its digest")
         return body
+
+    # -- streaming transfers (image conversion) -------------------------------------------------
+    async def fetch_manifest(self, reference: str,
+                             accept: tuple[str, ...] = MANIFEST_TYPES) -> tuple[bytes, str, str] | None:
+        """(body, Content-Type, Docker-Content-Digest or "") of a manifest; None on 404."""
+        st, h, body = await self._checked("GET", self.url(f"manifests/{reference}"), {"Accept": ", ".join(accept)},
+                                          None, (200, 404))
+        if st == 404:
+            return None
+        return body, h.get("Content-Type", ""), h.get("Docker-Content-Digest", "")
+
+    async def download_blob(self, digest: str, out: BinaryIO, *, limit: int | None = None,
+                            progress: Callable[[int], None] | None = None, stall: float = 60.0,
+                            piece: int = 1 << 20) -> tuple[str, int]:
+        """Stream blob `digest` into the empty file `out`, hashing as it goes; returns (sha256 hex
+        of the bytes received, their count). Memory use is one `piece`, whatever the blob size.
+
+        The caller compares the result with the descriptor (a lying registry is its business).
+        At most `limit + 1` bytes are taken (so an overlong body is seen without filling the disk).
+        Transient failures restart from zero (up to the configured retries; `progress` gets the
+        negative count to roll back); a body silent for `stall` seconds is a failure.
+        OSError(ENOENT) when the registry does not have the blob, OSError(EIO) otherwise.
+        """
+        url = self.url(f"blobs/{digest}")
+        attempt = 0
+        while True:
+            h = hashlib.sha256()
+            got = 0
+            out.seek(0)
+            out.truncate()
+            try:
+                async with asyncio.timeout(max(60.0, self.cfg.deadline)):  # until the headers are in
+                    resp = await self._registry_request("GET", url, {})
+                    if resp.status in REDIRECT_STATUSES and resp.headers.get("Location"):
+                        target = self._rewrite_redirect(urljoin(url, resp.headers["Location"]))
+                        resp.release()
+                        self.counters.redirects += 1
+                        resp = await self._send("GET", target, {})
+                try:
+                    if resp.status in (404, 410):
+                        raise OSError(errno.ENOENT, f"blob {digest} not found in {self.cfg.host}/{self.cfg.repo}")
+                    if resp.status in (401, 403):
+                        raise PermanentError(f"HTTP {resp.status}: access denied")
+                    if resp.status in (408, 425, 429) or resp.status >= 500:
+                        raise TransientError(f"HTTP {resp.status}")
+                    if resp.status != 200:
+                        raise PermanentError(f"unexpected HTTP {resp.status}")
+                    while limit is None or got <= limit:
+                        want = piece if limit is None else min(piece, limit + 1 - got)
+                        async with asyncio.timeout(stall):
+                            data = await resp.content.read(want)
+                        if not data:
+                            break
+                        h.update(data)
+                        out.write(data)
+                        got += len(data)
+                        self.counters.body_bytes += len(data)
+                        if progress is not None:
+                            progress(len(data))
+                    if limit is not None and got > limit:
+                        resp.close()
+                finally:
+                    resp.release()
+                out.flush()
+                return h.hexdigest(), got
+            except PermanentError as e:
+                raise OSError(errno.EIO, f"GET blob {digest}: {_describe(e)}") from None
+            except (TransientError, aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+                if progress is not None and got:
+                    progress(-got)
+                attempt += 1
+                if attempt > self.cfg.retries:
+                    raise OSError(errno.EIO, f"GET blob {digest}: {_describe(e)} (after {attempt} attempts)") from None
+                self.counters.retries += 1
+                delay = min(BACKOFF_MAX, BACKOFF_BASE * 2 ** (attempt - 1)) * self.rng.uniform(0.5, 1.0)
+                log.info("blob %s: download attempt %d failed (%s); retrying in %.2fs", digest, attempt,
+                         _describe(e), delay)
+                await asyncio.sleep(delay)
+
+    async def push_blob_file(self, path: str, digest: str, *, piece: int = 8 << 20,
+                             progress: Callable[[int], None] | None = None) -> bool:
+        """Upload the file at `path` as blob `digest` unless the registry already has it (HEAD);
+        True when it was uploaded. Sent as one PUT when it fits in `piece` bytes, else as PATCH
+        pieces then a PUT, so memory use is one piece. The file must hash to `digest` (the
+        registry checks; a mismatch is its 400)."""
+        if await self.blob_exists(digest):
+            return False
+        _st, h, _b = await self._checked("POST", self.url("blobs/uploads/"), {}, None, (202,))
+        location = self._upload_url(h)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            body = b""
+            if size <= piece:
+                body = f.read()
+            else:
+                pos = 0
+                while pos < size:
+                    data = f.read(min(piece, size - pos))
+                    if not data:
+                        raise OSError(errno.EIO, f"{path}: file shrank while uploading")
+                    hdrs = {"Content-Type": "application/octet-stream",
+                            "Content-Range": f"{pos}-{pos + len(data) - 1}"}
+                    _st, h, _b = await self._checked("PATCH", location, hdrs, data, (202,))
+                    location = self._upload_url(h)
+                    pos += len(data)
+                    if progress is not None:
+                        progress(len(data))
+        sep = "&" if "?" in location else "?"
+        await self._checked("PUT", f"{location}{sep}digest={digest}", {"Content-Type": "application/octet-stream"},
+                            body, (201,))
+        if progress is not None and body:
+            progress(len(body))
+        return True
 
 
 def _describe(e: BaseException | None) -> str:
