@@ -65,12 +65,16 @@ class Request:
 
 class FaultProxy:
     def __init__(self, upstream: str | None = None, *, stall_seconds: float = 30.0, challenge: str = "",
-                 match: Callable[[str, str], bool] = is_blob_get, latency: float = 0.0) -> None:
+                 match: Callable[[str, str], bool] = is_blob_get, latency: float = 0.0,
+                 bandwidth: float = 0.0) -> None:
         self.upstream = upstream.rstrip("/") if upstream else None
         self.stall_seconds = stall_seconds
         self.challenge = challenge
         self.match = match
-        self.latency = latency
+        self.latency = latency  # seconds added to every request
+        self.bandwidth = bandwidth  # bytes/s shared by all responses (0 = unlimited)
+        self._link_free = 0.0
+        self.body_bytes = 0
         self.faults: deque[str] = deque()
         self.injected: Counter[str] = Counter()
         self.requests: list[Request] = []
@@ -152,7 +156,11 @@ class FaultProxy:
                 writer.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
+        first = await reader.readexactly(1)
+        if not first.isalpha():  # a TLS hello or junk: refuse at once, like a plain HTTP server would
+            self._rst(writer)
+            return
+        head = first + await reader.readuntil(b"\r\n\r\n")
         lines = head.decode("latin-1").split("\r\n")
         method, target, _version = lines[0].split(" ", 2)
         headers: dict[str, str] = {}
@@ -245,8 +253,22 @@ class FaultProxy:
 
     async def _respond(self, writer: asyncio.StreamWriter, status: int, headers: list[tuple[str, str]],
                        body: bytes) -> None:
-        writer.write(self._head(status, headers, len(body)) + body)
-        await writer.drain()
+        self.body_bytes += len(body)
+        if not self.bandwidth:
+            writer.write(self._head(status, headers, len(body)) + body)
+            await writer.drain()
+            return
+        writer.write(self._head(status, headers, len(body)))
+        piece = 64 << 10
+        for pos in range(0, len(body), piece):
+            part = body[pos:pos + piece]
+            now = time.monotonic()  # one shared link: responses queue for it
+            start = max(now, self._link_free)
+            self._link_free = start + len(part) / self.bandwidth
+            if self._link_free > now:
+                await asyncio.sleep(self._link_free - now)
+            writer.write(part)
+            await writer.drain()
 
     @staticmethod
     def _rst(writer: asyncio.StreamWriter) -> None:

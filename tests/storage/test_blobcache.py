@@ -340,3 +340,21 @@ def test_real_nydus_v5_images_unaligned_offsets(tmp_path, nydus_fixtures, name):
         assert again.read(i, 0, s) == want[p], p
     assert m2.stats.cache_corruptions == 0
     image.close()
+
+
+def test_on_demand_does_not_wait_for_queued_prefetch_reads(tmp_path):
+    """A prefetch batch of many separate ranges: a reader wanting the last one fetches it
+    itself instead of waiting for the batch to get there."""
+    b = make_blob(24, seed=32, compress=False)
+    src = FakeSource(delay=0.2).add(b)
+    m = manager(tmp_path, src)
+    spread = b.chunks[0:20:2]  # ten non-adjacent chunks: ten ranged reads, one after another
+    pf = threading.Thread(target=lambda: m.prefetch(b.info, spread, merging_size=1 << 20))
+    pf.start()
+    time.sleep(0.1)
+    t = time.monotonic()
+    assert m.read_chunks(b.info, [b.chunks[18]]) == [b.plain[18]]
+    assert time.monotonic() - t < 0.2 * 3  # not 10 x 0.2 s
+    pf.join(10)
+    assert m.ready_chunks(b.info) == 10
+    assert [c[1] for c in src.calls].count(b.chunks[18].compressed_offset) == 1  # fetched once

@@ -274,27 +274,41 @@ class BlobCacheManager:
 
     def prefetch(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], merging_size: int = 1 << 20) -> int:
         """Fetch the chunks of `blob` that are neither cached nor being fetched, in reads of up
-        to `merging_size` bytes, after any running on-demand fetch; returns how many it got.
-        Failures are counted and logged, never raised (a prefetch is only a hint)."""
-        self.wait_demand_idle()
+        to `merging_size` bytes; returns how many it got. Failures are counted and logged, never
+        raised (a prefetch is only a hint).
+
+        Chunks are claimed one ranged read at a time, right before it is sent and after any
+        running on-demand fetch, so an on-demand reader never waits for a prefetch read that has
+        not started yet: it claims the chunk itself.
+        """
         cb = self._pin(blob)
-        mine: list[tuple[ChunkInfo, Future[bytes]]] = []
+        got = 0
         try:
-            with self._lock:
-                seen: set[int] = set()
-                for c in chunks:
-                    key = (blob.blob_id, c.compressed_offset)
-                    if c.compressed_offset in seen or key in self._inflight or cb.ready(c):
-                        continue
+            todo: list[tuple[ChunkInfo, Future[bytes]]] = []
+            seen: set[int] = set()
+            for c in chunks:
+                if c.compressed_offset not in seen and not cb.ready(c):
                     seen.add(c.compressed_offset)
-                    fut: Future[bytes] = Future()
-                    self._inflight[key] = (fut, True)
-                    mine.append((c, fut))
-            try:
-                self._fetch(cb, mine, True, merging_size)
-            finally:
-                self._settle(cb, mine)
-            return sum(1 for _c, f in mine if f.exception() is None)
+                    todo.append((c, Future()))  # placeholder futures: only used for grouping
+            for run in self._runs(todo, merging_size):
+                self.wait_demand_idle()
+                mine: list[tuple[ChunkInfo, Future[bytes]]] = []
+                with self._lock:
+                    if self._closed:
+                        break
+                    for c, _ in run:
+                        key = (blob.blob_id, c.compressed_offset)
+                        if key in self._inflight or cb.ready(c):
+                            continue
+                        fut: Future[bytes] = Future()
+                        self._inflight[key] = (fut, True)
+                        mine.append((c, fut))
+                try:
+                    self._fetch(cb, mine, True, merging_size)
+                finally:
+                    self._settle(cb, mine)
+                got += sum(1 for _c, f in mine if f.exception() is None)
+            return got
         finally:
             self._unpin(cb)
 
