@@ -1,0 +1,108 @@
+"""`nydusify-py`: convert an OCI/Docker image in a registry into a Nydus image in a registry
+(peer of nydusify's `convert`).
+
+    nydusify-py convert --source REG/REPO:TAG --target REG/REPO:TAG [--source-insecure] ...
+
+Credentials: `--source-auth/--target-auth USER:PASSWORD`, else the registry's entry in the
+docker config.json (`$DOCKER_CONFIG`, `~/.docker`), else anonymous; bearer tokens are fetched as
+the registry asks. `--*-insecure` skips TLS verification and falls back to plain HTTP.
+Errors end as one line on stderr and exit code 1 (nothing is pushed for bad input); usage
+errors exit 2.
+"""
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+
+from ..convert.converter import ConvertOptions, ConvertResult, convert
+from ..convert.errors import ConvertError
+from ..convert.progress import Progress, human
+from ..rafs.errors import FormatError
+from .image import _chunk_size
+
+PROG = "nydusify-py"
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Convert container images to Nydus images.")
+    sub = p.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("convert", help="pull an OCI/Docker image, build its Nydus form, push it")
+    c.add_argument("--source", required=True, metavar="REF", help="source image, e.g. registry:5000/app:v1")
+    c.add_argument("--target", required=True, metavar="REF", help="target image (a tag)")
+    c.add_argument("--source-insecure", action="store_true", help="skip TLS checks / allow plain HTTP for the source")
+    c.add_argument("--target-insecure", action="store_true", help="skip TLS checks / allow plain HTTP for the target")
+    c.add_argument("--source-auth", metavar="USER:PASSWORD", help="source credentials (default: docker config.json)")
+    c.add_argument("--target-auth", metavar="USER:PASSWORD", help="target credentials (default: docker config.json)")
+    c.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform to convert (default: this machine's)")
+    c.add_argument("--fs-version", type=int, choices=(5, 6), default=6, help="RAFS version (default 6)")
+    c.add_argument("--compressor", choices=("zstd", "lz4_block", "none"), default="zstd")
+    c.add_argument("--chunk-size", type=_chunk_size, default=0x100000, help="power of two, 0x1000..0x1000000")
+    c.add_argument("--merge-platform", action="store_true",
+                   help="push an OCI index holding both the original and the Nydus manifest")
+    c.add_argument("--work-dir", metavar="DIR", help="where temporary files go (default: $TMPDIR)")
+    c.add_argument("--jobs", type=int, default=3, metavar="N", help="concurrent downloads and uploads (default 3)")
+    c.add_argument("--output-json", metavar="FILE", help="write the conversion summary as JSON")
+    c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
+    return p
+
+
+def summary(r: ConvertResult) -> str:
+    lines = [
+        f"converted {r.source} ({r.platform}) -> {r.target}",
+        f"  manifest {r.manifest_digest}" + (f"  index {r.index_digest}" if r.index_digest else ""),
+        f"  layers {r.layers}: {human(r.source_bytes)} compressed, {human(r.tar_bytes)} tar, "
+        f"{human(r.file_bytes)} file data",
+        f"  nydus: blobs {human(r.blob_bytes)}, bootstrap {human(r.bootstrap_bytes)} "
+        f"(layer {human(r.bootstrap_layer_bytes)})",
+        f"  chunks {r.chunks}, {r.deduplicated} deduplicated (dedup ratio {100 * r.dedup_ratio:.1f}%)",
+        f"  pushed {len(r.uploaded)} blobs ({human(r.uploaded_bytes)}), {len(r.reused)} already in the target "
+        f"({human(r.reused_bytes)})",
+        f"  time {r.seconds:.2f} s",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_convert(a: argparse.Namespace) -> int:
+    if a.jobs < 1 or a.jobs > 64:
+        raise ConvertError("--jobs must be in 1..64")
+    opts = ConvertOptions(
+        source=a.source, target=a.target, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
+        source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform, fs_version=a.fs_version,
+        compressor=a.compressor, chunk_size=a.chunk_size, merge_platform=a.merge_platform, work_dir=a.work_dir,
+        jobs=a.jobs,
+    )
+    progress = Progress(sys.stderr, quiet=a.quiet)
+    try:
+        result = convert(opts, progress)
+    finally:
+        progress.close()
+    print(summary(result))
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump({**dataclasses.asdict(result), "dedup_ratio": result.dedup_ratio}, f, indent=2)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format=f"{PROG}: %(levelname)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("nydus_py.storage.registry.client").setLevel(logging.ERROR)
+    try:
+        return cmd_convert(args)
+    except (ConvertError, FormatError, ValueError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{PROG}: error: {e.strerror or e}" if e.filename is None else f"{PROG}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Layer streams: decompression that checks what it reads, and the Nydus bootstrap layer tar.
+
+`decompress_to` copies a (gzip | zstd | plain) layer into a file while hashing the tar (the
+diff_id), in bounded pieces: memory use does not depend on the layer size or its compression
+ratio. A stream that ends before its end-of-stream marker (truncated), corrupt data, or junk after
+the last member is a FormatError; zero padding after a gzip member is allowed as gzip(1) does.
+
+The bootstrap layer is what nydusify pushes: a gzip tar with a directory `image` and the file
+`image/image.boot` (mode 0644, mtime 0, root-owned), so the same bootstrap always gives the same
+layer digest and re-running a conversion reuses it.
+"""
+
+import gzip
+import hashlib
+import io
+import tarfile
+import zlib
+from collections.abc import Callable
+from typing import BinaryIO
+
+import zstandard
+
+from ..builder.sources import GZIP_MAGIC, detect_compression
+from ..rafs.errors import FormatError
+from .oci import BOOTSTRAP_NAME, LEGACY_BOOTSTRAP_NAME
+
+PIECE = 1 << 20
+_ZSTD_FEED = 4096  # compressed bytes per zstd call: caps one call's output (RLE blocks) near 128 MiB
+_GZIP_OUT = 1 << 20
+
+
+class _HashWriter(io.RawIOBase):
+    """Writes through to `dst`, hashing and counting what passes."""
+
+    def __init__(self, dst: BinaryIO) -> None:
+        self.dst = dst
+        self.hash = hashlib.sha256()
+        self.size = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b: "bytes | bytearray | memoryview") -> int:  # type: ignore[override]
+        data = bytes(b)
+        self.dst.write(data)
+        self.hash.update(data)
+        self.size += len(data)
+        return len(data)
+
+
+def decompress_to(src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None] | None = None) -> tuple[str, int, str]:
+    """Copy layer `src` (detected by magic) into `dst` uncompressed.
+
+    Returns (sha256 hex of the tar = diff_id, tar size, "gzip" | "zstd" | "tar"). `progress` gets
+    the compressed bytes consumed.
+    """
+    out = _HashWriter(dst)
+    first = src.read(PIECE)
+    kind = detect_compression(first[:4]) or "tar"
+    if kind == "gzip":
+        _gunzip(src, first, out, progress)
+    elif kind == "zstd":
+        _unzstd(src, first, out, progress)
+    else:
+        data = first
+        while data:
+            out.write(data)
+            if progress is not None:
+                progress(len(data))
+            data = src.read(PIECE)
+    dst.flush()
+    return out.hash.hexdigest(), out.size, kind
+
+
+def _gunzip(src: BinaryIO, first: bytes, out: _HashWriter, progress: Callable[[int], None] | None) -> None:
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+    data = first
+    while data:
+        if progress is not None:
+            progress(len(data))
+        buf = data
+        while buf:
+            if d.eof:  # after a member: zero padding, or the next member
+                rest = buf.lstrip(b"\0")
+                if not rest:
+                    break
+                if not (rest.startswith(GZIP_MAGIC) or GZIP_MAGIC.startswith(rest)):
+                    raise FormatError("corrupt gzip layer: junk after the end of the gzip stream")
+                d = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                buf = rest
+            try:
+                out.write(d.decompress(buf, _GZIP_OUT))
+            except zlib.error as e:
+                raise FormatError(f"corrupt gzip layer: {e}") from None
+            buf = d.unused_data if d.eof else d.unconsumed_tail
+        data = src.read(PIECE)
+    if not d.eof:
+        raise FormatError("truncated gzip layer: the stream ends before its end-of-stream marker")
+
+
+def _unzstd(src: BinaryIO, first: bytes, out: _HashWriter, progress: Callable[[int], None] | None) -> None:
+    d = zstandard.ZstdDecompressor().decompressobj()
+    data = first
+    while data:
+        if progress is not None:
+            progress(len(data))
+        for pos in range(0, len(data), _ZSTD_FEED):
+            buf = data[pos:pos + _ZSTD_FEED]
+            while buf:
+                if d.eof:  # the next frame
+                    d = zstandard.ZstdDecompressor().decompressobj()
+                try:
+                    out.write(d.decompress(buf))
+                except zstandard.ZstdError as e:
+                    raise FormatError(f"corrupt zstd layer: {e}") from None
+                buf = d.unused_data if d.eof else b""
+        data = src.read(PIECE)
+    if not d.eof:
+        raise FormatError("truncated zstd layer: the last frame is incomplete")
+
+
+# -- the bootstrap layer --------------------------------------------------------------------------
+
+
+def write_bootstrap_layer(boot: BinaryIO, boot_size: int, dst: BinaryIO) -> tuple[str, int, str]:
+    """Write the bootstrap layer (gzip tar with `image/image.boot`) into `dst`.
+
+    Returns (sha256 hex of the gzip = layer digest, its size, sha256 hex of the tar = diff_id).
+    """
+    outer = _HashWriter(dst)
+    with gzip.GzipFile(filename="", mode="wb", fileobj=outer, mtime=0) as gz:
+        inner = _HashWriter(gz)  # type: ignore[arg-type]
+        with tarfile.open(fileobj=inner, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            d = tarfile.TarInfo("image")
+            d.type, d.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(d)
+            f = tarfile.TarInfo(BOOTSTRAP_NAME)
+            f.size, f.mode = boot_size, 0o644
+            tar.addfile(f, boot)
+    dst.flush()
+    return outer.hash.hexdigest(), outer.size, inner.hash.hexdigest()
+
+
+def extract_bootstrap(layer: BinaryIO, dst: BinaryIO, max_size: int = 1 << 31) -> int:
+    """Copy `image/image.boot` (or the legacy top-level `image.boot`) out of a bootstrap layer
+    (gzip or plain tar) into `dst`; returns its size. FormatError when it is missing or the
+    layer is corrupt."""
+    head = layer.read(4)
+    layer.seek(0)
+    mode = "r|gz" if detect_compression(head) == "gzip" else "r|"
+    wanted = (BOOTSTRAP_NAME, LEGACY_BOOTSTRAP_NAME)
+    try:
+        with tarfile.open(fileobj=layer, mode=mode) as tar:  # type: ignore[call-overload]
+            for member in tar:
+                name = member.name.lstrip("/")
+                while name.startswith("./"):
+                    name = name[2:]
+                if name not in wanted or not member.isreg():
+                    continue
+                if member.size > max_size:
+                    raise FormatError(f"bootstrap layer: {name} is {member.size} bytes, more than {max_size}")
+                f = tar.extractfile(member)
+                assert f is not None
+                n = 0
+                while True:
+                    block = f.read(PIECE)
+                    if not block:
+                        break
+                    dst.write(block)
+                    n += len(block)
+                if n != member.size:
+                    raise FormatError(f"bootstrap layer: {name} ends after {n} of {member.size} bytes")
+                dst.flush()
+                return n
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
+        raise FormatError(f"bootstrap layer is not a valid tar.gz: {e}") from None
+    raise FormatError(f"bootstrap layer has no {BOOTSTRAP_NAME}")

@@ -1,0 +1,126 @@
+"""One RAFS blob per image layer, then one merged bootstrap: nydusify's build, in process.
+
+`LayerStack.add_layer` reads one uncompressed layer tar (whiteouts are ordinary entries at this
+point), writes that layer's data blob with the chunks no lower layer already stored (chunks are
+deduplicated across layers by digest), and keeps only the layer's tree with every regular file
+turned into a `ChunkedData` pointing at the blobs: after it returns, the tar is no longer needed.
+`finish` stacks those trees (OCI whiteouts applied, `merge.merge_layers`) and writes the image
+bootstrap with `build.build_image`, which then has no new data to write.
+
+The blob table lists the blobs in layer order (a layer whose chunks all exist lower down, or
+that has no file data, adds no blob); blobs whose every chunk was whited out or replaced by upper
+layers drop out of the table, so only blobs the image uses are pushed.
+"""
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import BinaryIO
+
+from ..builder.blob_writer import BlobWriter
+from ..builder.build import build_image, check_options
+from ..builder.merge import merge_layers
+from ..builder.options import BuildOptions, BuildResult
+from ..builder.sources import SourceStats, tree_from_tar
+from ..builder.tree import ChunkedData, FileData, Inode, walk
+from ..builder.v5_writer import plan_v5
+from ..builder.v6_writer import plan_v6
+from ..rafs.model import BlobInfo, ChunkInfo
+
+
+@dataclass
+class LayerResult:
+    blob: BlobInfo | None  # None: nothing new to store
+    blob_path: str | None
+    entries: int
+    file_bytes: int  # regular file bytes of the layer (hard links once)
+    chunks: int  # chunk references of the layer's files
+    new_chunks: int  # of which stored in this layer's blob
+    deduplicated: int  # of which found in this or a lower layer's blob
+    stored_compressed: int  # bytes of chunk data written
+
+
+def _counting(data: FileData, progress: Callable[[int], None]) -> FileData:
+    """`data` whose streams report the bytes read (build progress)."""
+    opener = data.open
+
+    class Counted:
+        def __init__(self) -> None:
+            self.f = opener()
+
+        def read(self, n: int = -1) -> bytes:
+            b = self.f.read(n)
+            progress(len(b))
+            return b
+
+        def __enter__(self) -> "Counted":
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.f.close()
+
+        def close(self) -> None:
+            self.f.close()
+
+    return FileData(size=data.size, open=Counted)  # type: ignore[arg-type]
+
+
+class LayerStack:
+    """Builds the layers of one image, lowest first, into `blob_dir`."""
+
+    def __init__(self, opts: BuildOptions, blob_dir: str) -> None:
+        check_options(opts)
+        if opts.blob_id is not None:
+            raise ValueError("a layered build names each blob by its digest; blob_id cannot be set")
+        self.opts = opts
+        self.blob_dir = blob_dir
+        self.blobs: list[BlobInfo] = []  # shared by every ChunkedData of the stack
+        self.layers: list[Inode] = []
+        self.dedup: dict[bytes, ChunkInfo] = {}
+
+    def add_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None) -> LayerResult:
+        """Build the blob of one uncompressed layer tar (seekable, a real file is best: its data is
+        read in place). `progress` gets the file bytes consumed."""
+        stats = SourceStats()
+        root = tree_from_tar(tar, stats)
+        plan = plan_v5(root, self.opts) if self.opts.fs_version == 5 else plan_v6(root, self.opts)
+        order = plan.data_order()
+        datas = [n.data for n in order if isinstance(n.data, FileData)]
+        if progress is not None:
+            datas = [_counting(d, progress) for d in datas]
+        with BlobWriter(self.blob_dir, self.opts, blob_index=len(self.blobs), existing=self.dedup) as writer:
+            results = writer.add_files(datas)
+            blob = writer.finish()
+        if blob is not None:
+            self.blobs.append(blob)
+        for node, chunks in zip(order, results, strict=True):
+            assert node.data is not None
+            node.data = ChunkedData(size=node.data.size, chunks=chunks, blobs=self.blobs)
+        refs = sum(len(c) for c in results)
+        for _path, node in walk(root):  # empty files still hold the tar open: let go of it
+            if node.is_reg and isinstance(node.data, FileData):
+                node.data = ChunkedData(size=0, chunks=[], blobs=self.blobs)
+        for digest, info in writer.chunks.items():
+            self.dedup.setdefault(digest, info)
+        self.layers.append(root)
+        return LayerResult(
+            blob=blob,
+            blob_path=writer.path,
+            entries=stats.entries,
+            file_bytes=writer.uncompressed_bytes,
+            chunks=refs,
+            new_chunks=len(writer.chunks),
+            deduplicated=writer.deduplicated,
+            stored_compressed=writer.stored_compressed,
+        )
+
+    def finish(self, bootstrap_path: str) -> BuildResult:
+        """Write the merged image bootstrap (whiteouts applied). No blob data is written here."""
+        if not self.layers:
+            raise ValueError("no layers were added")
+        root = merge_layers(self.layers, "oci")
+        scratch = os.path.join(self.blob_dir, ".merge")
+        result = build_image(root, bootstrap_path, scratch, self.opts)
+        if result.blob_id is not None:  # every file is ChunkedData: a new blob means a bug here
+            raise AssertionError("merging layers wrote new blob data")
+        return result
