@@ -27,6 +27,7 @@ from ..storage.device import BlobDevice
 from .config import ConfigError
 from .configfile import ParsedConfig, parse_any
 from .errors import BadRequest, InternalError, Unsupported
+from .image_ref import is_image_source, prepare_image_mount
 
 log = logging.getLogger(__name__)
 
@@ -220,16 +221,25 @@ def _backend_factories() -> tuple[Callable[..., Any], Callable[..., Any] | None]
 
 
 def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None = None) -> Instance:
-    parsed = _parse_config(cmd, default_config)
+    boot = cmd.source
+    fetched = None
+    if is_image_source(cmd.source):  # docker://REGISTRY/REPO:TAG (see daemon.image_ref)
+        fetched, parsed = prepare_image_mount(cmd.source, cmd.config, default_config)
+        boot = fetched.path
+    else:
+        parsed = _parse_config(cmd, default_config)
     cfg = parsed.rafs
     try:
-        if not stat.S_ISREG(os.stat(cmd.source).st_mode):  # a FIFO would block open() forever
-            raise BadRequest(f"bootstrap {cmd.source} is not a regular file")
-        image = open_bootstrap(cmd.source)
+        if not stat.S_ISREG(os.stat(boot).st_mode):  # a FIFO would block open() forever
+            raise BadRequest(f"bootstrap {boot} is not a regular file")
+        image = open_bootstrap(boot)
     except FormatError as e:
         raise BadRequest(f"bootstrap {cmd.source}: {e}") from None
     except OSError as e:
         raise BadRequest(f"bootstrap {cmd.source}: {e.strerror or e}") from None
+    finally:
+        if fetched is not None:
+            fetched.release()
     make_source, make_prefetcher = _backend_factories()
     source = None
     try:

@@ -30,6 +30,7 @@ from ..rafs import FormatError
 from .config import ConfigError
 from .configfile import ParsedConfig, parse_any, read_config_file
 from .errors import ApiError
+from .image_ref import image_source, is_image_source
 from .instance import MountCmd
 from .logsetup import setup_logging
 from .options import parse_args
@@ -137,8 +138,10 @@ class Daemon:
             except ApiError as e:
                 raise StartupError(f"--shared-dir {a.shared_dir}: {e.message}") from None
         boot = getattr(a, "bootstrap", None)
+        if getattr(a, "image", None):
+            boot = image_source(a.image)  # docker://REF: a config is optional (daemon.image_ref)
         if boot:
-            if svc.default_config is None:
+            if svc.default_config is None and not is_image_source(boot):
                 raise StartupError("--bootstrap needs --config or --localfs-dir")
             files = None
             if a.prefetch_files:
@@ -174,7 +177,7 @@ class Daemon:
             svc.fuse_mount()
         except OSError as e:
             raise StartupError(f"mount FUSE at {self.opts.mountpoint}: {e}") from None
-        boot = getattr(self.args, "bootstrap", None)
+        boot = getattr(self.args, "bootstrap", None) or getattr(self.args, "image", None)
         log.info("serving %s at %s with %d threads (%s mode)", boot or "a shared daemon", self.opts.mountpoint,
                  self.opts.threads, "dedicated" if boot else "shared")
 

@@ -70,6 +70,8 @@ def _global(p: argparse.ArgumentParser, top: bool) -> None:
 def _fs_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filesystem options")
     g.add_argument("-B", "--bootstrap", help="RAFS bootstrap to mount at --virtual-mountpoint")
+    g.add_argument("--image", metavar="REGISTRY/REPO:TAG", help="Nydus image in a registry to mount instead of "
+                   "--bootstrap (manifest and bootstrap fetched at start, data read lazily)")
     g.add_argument("-D", "--localfs-dir", help="quick start: localfs backend and blob cache in this directory")
     g.add_argument("-s", "--shared-dir", help="passthrough directory (not available)")
     g.add_argument("--prefetch-files", help="file listing paths to prefetch, one per line (requires --bootstrap)")
@@ -120,10 +122,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("a subcommand is required (fuse, virtiofs or singleton)")
     if bool(args.id) != bool(args.supervisor):
         parser.error("--id and --supervisor must be given together")
-    if getattr(args, "prefetch_files", None) and not getattr(args, "bootstrap", None):
-        parser.error("--prefetch-files requires --bootstrap")
+    if getattr(args, "prefetch_files", None) and not (getattr(args, "bootstrap", None) or getattr(args, "image", None)):
+        parser.error("--prefetch-files requires --bootstrap or --image")
     if args.config and getattr(args, "localfs_dir", None):
         parser.error("--config conflicts with --localfs-dir")
+    if getattr(args, "image", None) and (getattr(args, "bootstrap", None) or getattr(args, "localfs_dir", None)
+                                         or getattr(args, "shared_dir", None)):
+        parser.error("--image conflicts with --bootstrap, --localfs-dir and --shared-dir")
     if getattr(args, "bootstrap", None) and getattr(args, "shared_dir", None):
         parser.error("--bootstrap conflicts with --shared-dir")
     return args

@@ -133,7 +133,7 @@ def sample_layers(seed: int = 1, big: int = 4 << 20) -> list[Layer]:
         Entry("data/opq/b", data=b"b from layer 2\n"),
         Entry("data/hl", "dir", mode=0o755),
         Entry("data/hl/one", data=b"hard linked content\n" * 50, mode=0o640),
-        Entry("data/hl/two", "link", target="data/hl/one"),
+        Entry("data/hl/two", "link", target="data/hl/one", mode=0o640),  # a link header repeats its target's mode
         Entry(".dotfile", data=b"hidden but present\n", mode=0o600, uid=1000, gid=1000),
         Entry("usr", "dir", mode=0o755),
         Entry("usr/share", "dir", mode=0o755),
