@@ -17,6 +17,7 @@ DEB_PACKAGES=(
   libc6-dev        # (static libc for it)
   docker-registry  # distribution 2.8: the real OCI registry the storage tests push to and read from
   apache2-utils    # htpasswd -B: bcrypt users for the basic-auth registry rig
+  skopeo           # pushes the OCI-layout test images of the conversion tests to docker-registry
 )
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do

@@ -20,6 +20,7 @@ directory that is removed at the end.
 import asyncio
 import base64
 import binascii
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -28,6 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+
+import aiohttp
 
 from ..builder.options import BuildOptions
 from ..rafs.constants import Compressor
@@ -102,10 +105,10 @@ def normalize_auth(value: str) -> str:
 
 
 def registry_config(ref: ImageRef, insecure: bool, auth: str | None,
-                    docker_config_paths: list[str] | None) -> RegistryConfig:
+                    docker_config_paths: list[str] | None, scheme: str = "https") -> RegistryConfig:
     """The storage backend's registry config for `ref`: same auth rules (explicit, else docker
-    config.json), HTTPS; `insecure` skips certificate checks and falls back to plain HTTP."""
-    conf: dict[str, Any] = {"host": ref.host, "repo": ref.repository, "scheme": "https",
+    config.json); `insecure` skips certificate checks (and `probe_scheme` may pick plain HTTP)."""
+    conf: dict[str, Any] = {"host": ref.host, "repo": ref.repository, "scheme": scheme,
                             "skip_verify": insecure, "timeout": 30, "connect_timeout": 10}
     if auth:
         conf["auth"] = normalize_auth(auth)
@@ -113,6 +116,24 @@ def registry_config(ref: ImageRef, insecure: bool, auth: str | None,
         return parse_registry_config(conf, env={}, docker_config_paths=docker_config_paths, where="")
     except ValueError as e:
         raise ConvertError(f"{ref}: {e}") from None
+
+
+async def probe_scheme(host: str, timeout: float = 10.0) -> str:
+    """"https" when `host` speaks TLS (certificates not checked), "http" when its TLS handshake
+    fails like a plain HTTP server's does: what an insecure registry is reached with. Decided once,
+    before any authenticated or concurrent request."""
+    conn = aiohttp.TCPConnector(ssl=False)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as s:
+        try:
+            async with s.get(f"https://{host}/v2/", allow_redirects=False) as r:
+                await r.read()
+                return "https"
+        except (aiohttp.ClientSSLError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            if isinstance(e, aiohttp.ClientConnectorError) and not isinstance(e, aiohttp.ClientSSLError):
+                return "https"  # nothing listens: the real request will say so
+            return "http"
+        except (aiohttp.ClientError, TimeoutError):
+            return "https"
 
 
 @dataclass
@@ -205,6 +226,10 @@ class Converter:
         t0 = time.monotonic()
         if self.opts.work_dir:
             os.makedirs(self.opts.work_dir, exist_ok=True)
+        for attr, ref, insecure in (("src_cfg", self.src_ref, self.opts.source_insecure),
+                                    ("dst_cfg", self.dst_ref, self.opts.target_insecure)):
+            if insecure and await probe_scheme(ref.host) == "http":
+                setattr(self, attr, dataclasses.replace(getattr(self, attr), scheme="http"))
         work = tempfile.mkdtemp(prefix="nydusify-", dir=self.opts.work_dir)
         src = RegistryClient(self.src_cfg)
         dst = RegistryClient(self.dst_cfg)
