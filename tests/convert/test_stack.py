@@ -1,0 +1,130 @@
+"""LayerStack: one blob per layer, chunks deduplicated across layers, merged bootstrap equal to
+the layers stacked with OCI whiteouts (checked through a real reader and every chunk)."""
+
+import io
+import os
+import random
+import stat
+
+import pytest
+
+from nydus_py.builder.check import check_image
+from nydus_py.builder.merge import merge_layers
+from nydus_py.builder.options import BuildOptions
+from nydus_py.builder.sources import tree_from_tar
+from nydus_py.builder.tree import FileData, walk
+from nydus_py.convert.stack import LayerStack
+from nydus_py.rafs import open_bootstrap
+from nydus_py.rafs.chunkdata import read_file_range
+from nydus_py.rafs.errors import FormatError
+from nydus_py.storage.localfs import LocalBlobDir
+
+from .ociimage import Entry, make_tar
+
+CS = 0x10000
+
+
+def layers(seed: int) -> list[list[Entry]]:
+    rng = random.Random(seed)
+    shared = rng.randbytes(3 * CS + 100)
+    return [
+        [Entry("a", "dir", mode=0o755), Entry("a/shared", data=shared), Entry("a/gone", data=rng.randbytes(5000)),
+         Entry("d", "dir"), Entry("d/x", data=b"x"), Entry("o", "dir"), Entry("o/old", data=b"old"),
+         Entry("keep", data=rng.randbytes(CS))],
+        [Entry("a", "dir", mode=0o700), Entry("a/.wh.gone"), Entry("b", "dir"), Entry("b/copy", data=shared),
+         Entry(".wh.d"), Entry("o", "dir"), Entry("o/.wh..wh..opq"), Entry("o/new", data=b"new"),
+         Entry("h1", data=b"linked" * 1000), Entry("h2", "link", target="h1")],
+        [Entry("d", "dir", mode=0o711), Entry("d/again", data=rng.randbytes(2 * CS)), Entry("empty", data=b""),
+         Entry("s", "symlink", target="a/shared")],
+    ]
+
+
+def expected(tars: list[bytes]) -> dict[bytes, tuple[int, bytes]]:
+    root = merge_layers([tree_from_tar(io.BytesIO(t)) for t in tars])
+    out = {}
+    for path, node in walk(root):
+        data = b""
+        if node.is_reg and isinstance(node.data, FileData) and node.data.size:
+            with node.data.open() as f:
+                data = f.read()
+        elif node.is_symlink:
+            data = node.symlink or b""
+        out[path] = (node.mode, data)
+    return out
+
+
+def actual(boot: str, blob_dir: str) -> dict[bytes, tuple[int, bytes]]:
+    out = {}
+    src = LocalBlobDir(blob_dir)
+    with open_bootstrap(boot) as img:
+        report = check_image(img, blob_dir)
+        assert report.ok, report.errors
+        stack = [(img.root_ino, b"/")]
+        while stack:
+            ino, path = stack.pop()
+            a = img.getattr(ino)
+            data = b""
+            if stat.S_ISREG(a.mode):
+                data = read_file_range(src, img, ino, 0, a.size)
+            elif stat.S_ISLNK(a.mode):
+                data = img.readlink(ino)
+            out[path] = (a.mode, data)
+            if stat.S_ISDIR(a.mode):
+                for e in img.readdir(ino):
+                    stack.append((e.ino, path.rstrip(b"/") + b"/" + e.name))
+    return out
+
+
+@pytest.mark.parametrize("fs_version", [6, 5])
+def test_stack_equals_merged_layers_and_dedups(tmp_path, fs_version):
+    tars = [make_tar(entries) for entries in layers(1)]
+    opts = BuildOptions(fs_version=fs_version, chunk_size=CS)
+    stack = LayerStack(opts, str(tmp_path / "blobs"))
+    seen: list[int] = []
+    results = []
+    for t in tars:
+        f = tmp_path / f"layer{len(results)}.tar"
+        f.write_bytes(t)
+        with open(f, "rb") as fh:
+            results.append(stack.add_layer(fh, seen.append))
+    res = stack.finish(str(tmp_path / "image.boot"))
+    got = actual(str(tmp_path / "image.boot"), str(tmp_path / "blobs"))
+    want = expected(tars)
+    assert got == want
+    assert b"/a/gone" not in got and b"/d/x" not in got and sorted(p for p in got if p.startswith(b"/o/")) == [b"/o/new"]
+    # layer 2's copy of `shared` is entirely made of layer 1's chunks
+    assert results[1].deduplicated >= 4
+    assert sum(seen) == sum(r.file_bytes for r in results)
+    assert res.blob_ids == [r.blob.blob_id for r in results if r.blob is not None]  # layer order
+    for bid in res.blob_ids:
+        assert os.path.getsize(tmp_path / "blobs" / bid) > 0
+    with open_bootstrap(str(tmp_path / "image.boot")) as img:
+        assert img.version == fs_version
+        h1 = img.getattr(next(e.ino for e in img.readdir(img.root_ino) if e.name == b"h1"))
+        assert h1.nlink == 2
+
+
+def test_fully_deduplicated_or_whited_out_layers_add_no_blob(tmp_path):
+    data = random.Random(5).randbytes(2 * CS)
+    tars = [make_tar([Entry("f", data=data)]),
+            make_tar([Entry("g", data=data)]),  # nothing new: no blob
+            make_tar([Entry(".wh.f"), Entry(".wh.g"), Entry("e", data=b"")])]  # all data gone from the image
+    stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
+    results = []
+    for t in tars:
+        results.append(stack.add_layer(io.BytesIO(t)))
+    assert results[0].blob is not None and results[1].blob is None and results[1].deduplicated == 2
+    assert results[2].blob is None
+    res = stack.finish(str(tmp_path / "boot"))
+    assert res.blob_ids == []  # layer 1's blob is not referenced any more: nothing to push
+    assert actual(str(tmp_path / "boot"), str(tmp_path / "blobs"))[b"/e"] == (stat.S_IFREG | 0o644, b"")
+
+
+def test_hostile_layer_is_a_format_error(tmp_path):
+    stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path))
+    with pytest.raises(FormatError, match="escapes the layer root"):
+        stack.add_layer(io.BytesIO(make_tar([Entry("../x", data=b"x")])))
+    with pytest.raises(ValueError, match="no layers"):
+        stack.finish(str(tmp_path / "boot"))
+    with pytest.raises(ValueError, match="blob_id"):
+        LayerStack(BuildOptions(blob_id="0" * 64), str(tmp_path))

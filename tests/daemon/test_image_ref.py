@@ -1,0 +1,52 @@
+"""Mount-by-reference config handling (the fetch itself runs against real registries in
+tests/convert/test_convert_e2e.py)."""
+
+import json
+
+import pytest
+
+from nydus_py.convert.reference import parse_reference
+from nydus_py.daemon.configfile import parse_any
+from nydus_py.daemon.errors import BadRequest
+from nydus_py.daemon.image_ref import image_config, image_source, is_image_source, prepare_image_mount
+
+
+def test_sources():
+    assert image_source("127.0.0.1:5000/a:b") == "docker://127.0.0.1:5000/a:b"
+    assert image_source("docker://r.io/a:b") == "docker://r.io/a:b"
+    assert is_image_source("docker://x/y") and not is_image_source("/path/image.boot")
+
+
+def test_default_config_is_http_only_on_loopback():
+    local = image_config(parse_reference("127.0.0.1:5000/test/app:v1"), None)
+    assert local.rafs.backend.type == "registry"
+    assert local.rafs.backend.config == {"host": "127.0.0.1:5000", "repo": "test/app", "scheme": "http"}
+    remote = image_config(parse_reference("busybox"), None)
+    assert remote.rafs.backend.config == {"host": "index.docker.io", "repo": "library/busybox", "scheme": "https"}
+
+
+def test_given_config_keeps_everything_but_host_and_repo():
+    cfg = {"device": {"id": "/snap", "backend": {"type": "registry", "config": {
+        "host": "old.example", "repo": "old/repo", "scheme": "http", "auth": "dXNlcjpwYXNz", "timeout": 7}},
+        "cache": {"type": "blobcache", "config": {"work_dir": "/var/cache/x"}}},
+        "mode": "direct", "digest_validate": True, "iostats_files": True, "access_pattern": True}
+    parsed = parse_any(json.dumps(cfg))
+    out = image_config(parse_reference("reg.io:5000/new/repo@sha256:" + "a" * 64), parsed)
+    b = out.rafs.backend.config
+    assert (b["host"], b["repo"], b["auth"], b["timeout"], b["scheme"]) == (
+        "reg.io:5000", "new/repo", "dXNlcjpwYXNz", 7, "http")
+    assert out.rafs.cache.work_dir == "/var/cache/x" and out.rafs.digest_validate and out.access_pattern
+    assert parsed.rafs.backend.config["host"] == "old.example"  # the daemon's default config is untouched
+
+
+def test_unusable_input_is_a_bad_request():
+    local = parse_any(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": "/tmp"}}}}))
+    with pytest.raises(BadRequest, match="needs a registry backend"):
+        image_config(parse_reference("reg.io/a:b"), local)
+    with pytest.raises(BadRequest, match="invalid image reference"):
+        prepare_image_mount("docker://NOT/valid", "", None)
+    with pytest.raises(BadRequest, match="config"):
+        prepare_image_mount("docker://reg.io/a:b", "{not json", None)
+    with pytest.raises(BadRequest, match="127.0.0.1:9/a:b"):  # nothing listens there
+        prepare_image_mount("docker://127.0.0.1:9/a:b", json.dumps({"device": {"backend": {
+            "type": "registry", "config": {"scheme": "http", "timeout": 1, "retry_limit": 1}}}}), None)
