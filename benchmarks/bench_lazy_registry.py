@@ -1,0 +1,364 @@
+"""Lazy start from a registry against a full pull, side by side on the same loopback registry.
+
+An image of --size-mib MiB in --layers layers (small, medium and large files, half random and
+half text) is built twice from the same trees: as a Nydus image (one RAFS blob per layer and a
+merged bootstrap, pushed by our registry client) and as an OCI image (gzip tar layers). A
+"startup set" of files totalling --startup-pct percent of the data (the Slacker figure, 6.4 %)
+is read from a `nydusd-py fuse` mount with a registry backend and an empty blobcache. Measured:
+
+  (a) mount-to-first-byte: daemon start to the first byte of a startup file
+  (b) time to read the whole startup set lazily (sequentially, and with 8 readers)
+  (c) full pull + unpack of the OCI image: `skopeo copy` then `tar -xzf` of every layer
+  (d) bytes fetched from the registry against bytes read (backend metrics and proxy count)
+
+once straight against the registry and once through a proxy adding --latency-ms per request and
+a shared --bandwidth-mbit link. Results: benchmarks/results/lazy_registry.{json,png}.
+
+    python3 benchmarks/bench_lazy_registry.py [--size-mib 500] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import hashlib
+import http.client
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import RESULTS, drop_caches, grouped_bar_plot, save  # noqa: E402
+from nydus_py.builder.build import build_image  # noqa: E402
+from nydus_py.builder.merge import merge_layers, tree_from_image  # noqa: E402
+from nydus_py.builder.options import BuildOptions  # noqa: E402
+from nydus_py.builder.sources import tree_from_directory  # noqa: E402
+from nydus_py.rafs import open_bootstrap  # noqa: E402
+from nydus_py.storage.registry import RegistryBackend, parse_registry_config  # noqa: E402
+from nydus_py.transport.mount import is_mountpoint  # noqa: E402
+from tests.storage import images  # noqa: E402
+from tests.storage import registry_rig as rig  # noqa: E402
+from tests.storage.fault_proxy import FaultProxy  # noqa: E402
+
+TEXT = b"".join(b"%08d the quick brown fox jumps over the lazy dog; config=value\n" % i for i in range(20000))
+
+
+def content(rng: random.Random, size: int) -> bytes:
+    half = size // 2
+    reps = TEXT * (2 + (size - half) // len(TEXT))
+    off = rng.randrange(len(TEXT))
+    return rng.randbytes(half) + reps[off:off + size - half]
+
+
+def make_layers(root: Path, total: int, layers: int, seed: int) -> dict[str, int]:
+    """Layer directories root/l<i>; returns image path -> size of every regular file."""
+    rng = random.Random(seed)
+    files: dict[str, int] = {}
+    per = total // layers
+    for li in range(layers):
+        d = root / f"l{li}"
+        left = per
+        sizes = [24 << 20] * (1 if per >= 64 << 20 else 0)
+        sizes += [rng.randrange(1 << 20, 4 << 20) for _ in range(max(1, per // (12 << 20)))]
+        left -= sum(sizes)
+        while left > 0:  # the rest in small files
+            s = min(left, rng.randrange(1 << 10, 48 << 10))
+            sizes.append(s)
+            left -= s
+        for k, s in enumerate(sizes):
+            rel = f"layer{li}/{'big' if s >= 1 << 20 else f'd{k % 40:02d}'}/f{k:05d}"
+            p = d / rel
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_bytes(content(rng, s))
+            files[rel] = s
+    return files
+
+
+def build_nydus(root: Path, layers: int, out: Path) -> tuple[Path, Path, list[str], float]:
+    """One blob per layer: each layer is built on top of the previous bootstrap."""
+    blob_dir = out / "blobs"
+    blob_dir.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    boot = None
+    for li in range(layers):
+        tree = tree_from_directory(root / f"l{li}")
+        if boot is not None:
+            with open_bootstrap(str(boot)) as parent:
+                tree = merge_layers([tree_from_image(parent, str(blob_dir)), tree])
+        nb = out / f"boot{li}"
+        build_image(tree, str(nb), str(blob_dir), BuildOptions())
+        boot = nb
+    assert boot is not None
+    with open_bootstrap(str(boot)) as img:
+        ids = [b.blob_id for b in img.blobs]
+    return boot, blob_dir, ids, time.perf_counter() - t
+
+
+def build_oci_layers(root: Path, layers: int, out: Path) -> list[tuple[Path, str]]:
+    """gzip tar per layer (`tar | gzip -6`); returns (file, diff_id)."""
+    out.mkdir(parents=True, exist_ok=True)
+    res = []
+    for li in range(layers):
+        tar_path = out / f"layer{li}.tar"
+        subprocess.run(["tar", "-C", str(root / f"l{li}"), "--sort=name", "--mtime=@0", "--owner=0", "--group=0",
+                        "-cf", str(tar_path), "."], check=True)
+        h = hashlib.sha256()
+        with open(tar_path, "rb") as f:
+            while b := f.read(1 << 20):
+                h.update(b)
+        subprocess.run(["gzip", "-6", "-n", "-f", str(tar_path)], check=True)
+        res.append((out / f"layer{li}.tar.gz", "sha256:" + h.hexdigest()))
+    return res
+
+
+def push_oci(b: RegistryBackend, layers: list[tuple[Path, str]], tag: str) -> None:
+    descs = []
+    for path, _diff in layers:
+        data = path.read_bytes()
+        digest = b.push_blob(data)
+        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest,
+                      "size": len(data)})
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": [d for _p, d in layers]}}).encode()
+    cd = b.push_blob(config)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": images.MANIFEST_MEDIA,
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd,
+                                      "size": len(config)}, "layers": descs}).encode()
+    b.push_manifest(tag, manifest, images.MANIFEST_MEDIA)
+
+
+def push_nydus(b: RegistryBackend, boot: Path, blob_dir: Path, ids: list[str], tag: str) -> None:
+    descs = []
+    for bid in ids:
+        data = (blob_dir / bid).read_bytes()
+        descs.append({"mediaType": images.BLOB_MEDIA, "digest": b.push_blob(data), "size": len(data),
+                      "annotations": {"containerd.io/snapshot/nydus-blob": "true"}})
+    layer = images.bootstrap_layer(boot.read_bytes())
+    descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": b.push_blob(layer),
+                  "size": len(layer), "annotations": {"containerd.io/snapshot/nydus-bootstrap": "true"}})
+    config = b"{}"
+    cd = b.push_blob(config)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": images.MANIFEST_MEDIA,
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd,
+                                      "size": len(config)}, "layers": descs}).encode()
+    b.push_manifest(tag, manifest, images.MANIFEST_MEDIA)
+
+
+class UnixHTTP(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=10)
+        self.path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(self.path)
+        self.sock = s
+
+
+def api_get(sock: str, path: str) -> dict:
+    c = UnixHTTP(sock)
+    try:
+        c.request("GET", path)
+        return json.loads(c.getresponse().read())
+    finally:
+        c.close()
+
+
+def read_file(path: Path) -> int:
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while b := f.read(1 << 20):
+            n += len(b)
+    return n
+
+
+def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int,
+             prefetch: bool = False) -> dict[str, float]:
+    """Mount with an empty cache, read the startup set; times and bytes. With `prefetch` the
+    startup set is also given as --prefetch-files (8 prefetch threads) while one reader reads."""
+    run = work / f"lazy-{host.replace(':', '_')}-{threads}-{int(prefetch)}"
+    shutil.rmtree(run, ignore_errors=True)
+    run.mkdir(parents=True)
+    mnt, sock = run / "mnt", str(run / "api.sock")
+    mnt.mkdir()
+    extra: dict[str, object] = {"amplify_io": 1 << 20}
+    argv_pf: list[str] = []
+    if prefetch:
+        extra["fs_prefetch"] = {"enable": True, "prefetch_all": False, "threads_count": 8, "merging_size": 1 << 20}
+        (run / "prefetch.list").write_text("".join(f"/{rel}\n" for rel in startup))
+        argv_pf = ["--prefetch-files", str(run / "prefetch.list")]
+    cfg = images.nydusd_config(images.registry_config(host, "bench/nydus", timeout=30, read_deadline=120),
+                               str(run / "cache"), **extra)
+    (run / "config.json").write_text(json.dumps(cfg))
+    drop_caches()
+    env = {**images.env_without_auth(), "PYTHONPATH": str(REPO)}
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--config", str(run / "config.json"),
+                             "--bootstrap", str(boot), "--mountpoint", str(mnt), "--apisock", sock,
+                             "--thread-num", "8", "--log-level", "warn", "--log-file", str(run / "nydusd.log"),
+                             *argv_pf],
+                            env=env, cwd=str(REPO))
+    try:
+        while not (is_mountpoint(str(mnt)) and os.path.exists(sock)):
+            if proc.poll() is not None or time.perf_counter() - t0 > 60:
+                raise RuntimeError((run / "nydusd.log").read_text()[-3000:])
+            time.sleep(0.005)
+        t_mount = time.perf_counter()
+        with open(mnt / startup[0], "rb", buffering=0) as f:
+            assert f.read(1)
+        t_first = time.perf_counter()
+        t1 = time.perf_counter()
+        if threads == 1:
+            nread = sum(read_file(mnt / rel) for rel in startup)
+        else:
+            with concurrent.futures.ThreadPoolExecutor(threads) as ex:
+                nread = sum(ex.map(lambda rel: read_file(mnt / rel), startup))
+        t_read = time.perf_counter() - t1
+        backend = api_get(sock, "/api/v1/metrics/backend")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        if is_mountpoint(str(mnt)):
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    shutil.rmtree(run / "cache", ignore_errors=True)
+    return {"mount_s": t_mount - t0, "first_byte_s": t_first - t0, "startup_read_s": t_read,
+            "bytes_read": nread, "backend_bytes": backend["read_amount_total"], "backend_requests": backend["read_count"]}
+
+
+def full_pull(work: Path, host: str) -> dict[str, float]:
+    dest = work / "oci-pull"
+    rootfs = work / "oci-rootfs"
+    for d in (dest, rootfs):
+        shutil.rmtree(d, ignore_errors=True)
+    rootfs.mkdir(parents=True)
+    drop_caches()
+    t0 = time.perf_counter()
+    subprocess.run(["skopeo", "copy", "--quiet", "--src-tls-verify=false", f"docker://{host}/bench/oci:v1",
+                    f"oci:{dest}:v1"], check=True)
+    t_copy = time.perf_counter() - t0
+    index = json.loads((dest / "index.json").read_text())
+    mdig = index["manifests"][0]["digest"].split(":")[1]
+    manifest = json.loads((dest / "blobs" / "sha256" / mdig).read_bytes())
+    t1 = time.perf_counter()
+    for layer in manifest["layers"]:
+        blob = dest / "blobs" / "sha256" / layer["digest"].split(":")[1]
+        subprocess.run(["tar", "-C", str(rootfs), "-xzf", str(blob)], check=True)
+    t_unpack = time.perf_counter() - t1
+    size = sum(layer["size"] for layer in manifest["layers"])
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.rmtree(rootfs, ignore_errors=True)
+    return {"copy_s": t_copy, "unpack_s": t_unpack, "total_s": t_copy + t_unpack, "layer_bytes": size}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--size-mib", type=int, default=500)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--startup-pct", type=float, default=6.4)
+    ap.add_argument("--latency-ms", type=float, default=20.0)
+    ap.add_argument("--bandwidth-mbit", type=float, default=200.0)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "lazy_registry"))
+    ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    a = ap.parse_args()
+    work = Path(a.work)
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    registry = None
+    proxy = None
+    try:
+        t = time.perf_counter()
+        files = make_layers(work / "src", a.size_mib << 20, a.layers, a.seed)
+        gen_s = time.perf_counter() - t
+        total = sum(files.values())
+        rng = random.Random(a.seed + 1)
+        order = sorted(files)
+        rng.shuffle(order)
+        startup, acc = [], 0
+        for rel in order:
+            if acc >= total * a.startup_pct / 100:
+                break
+            if files[rel] > 8 << 20:
+                continue  # the startup set is made of ordinary files, not the huge ones
+            startup.append(rel)
+            acc += files[rel]
+        boot, blob_dir, ids, build_s = build_nydus(work / "src", a.layers, work / "nydus")
+        oci = build_oci_layers(work / "src", a.layers, work / "oci")
+        binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
+        registry = rig.plain_registry(binary, work / "registry")
+        cfg = parse_registry_config(images.registry_config(registry.host, "bench/nydus", timeout=300), env={},
+                                    docker_config_paths=[])
+        t = time.perf_counter()
+        with RegistryBackend(cfg) as b:
+            push_nydus(b, boot, blob_dir, ids, "v1")
+        cfg = parse_registry_config(images.registry_config(registry.host, "bench/oci", timeout=300), env={},
+                                    docker_config_paths=[])
+        with RegistryBackend(cfg) as b:
+            push_oci(b, oci, "v1")
+        push_s = time.perf_counter() - t
+        nydus_bytes = sum((blob_dir / i).stat().st_size for i in ids)
+        oci_bytes = sum(p.stat().st_size for p, _ in oci)
+        proxy = FaultProxy(registry.url, latency=a.latency_ms / 1000, bandwidth=a.bandwidth_mbit * 1e6 / 8,
+                           match=lambda m, p: False)
+        results: dict[str, dict[str, object]] = {}
+        for label, host in (("loopback", registry.host), (f"{a.latency_ms:g}ms+{a.bandwidth_mbit:g}Mbit", proxy.host)):
+            print(f"[{label}] lazy, 1 reader ...", flush=True)
+            lazy1 = lazy_run(work, boot, host, startup, 1)
+            print(f"[{label}] lazy, 8 readers ...", flush=True)
+            lazy8 = lazy_run(work, boot, host, startup, 8)
+            print(f"[{label}] lazy, 1 reader + prefetch list ...", flush=True)
+            lazypf = lazy_run(work, boot, host, startup, 1, prefetch=True)
+            print(f"[{label}] full pull ...", flush=True)
+            pull = full_pull(work, host)
+            results[label] = {"lazy_1_reader": lazy1, "lazy_8_readers": lazy8, "lazy_prefetch_list": lazypf,
+                              "full_pull": pull,
+                              "speedup_1_reader": pull["total_s"] / lazy1["startup_read_s"],
+                              "speedup_8_readers": pull["total_s"] / lazy8["startup_read_s"],
+                              "fetched_over_read": lazy1["backend_bytes"] / lazy1["bytes_read"]}
+            print(json.dumps(results[label], indent=1), flush=True)
+        payload = {
+            "image": {"size_bytes": total, "files": len(files), "layers": a.layers, "nydus_blob_bytes": nydus_bytes,
+                      "oci_layer_bytes": oci_bytes, "bootstrap_bytes": boot.stat().st_size,
+                      "startup_files": len(startup), "startup_bytes": acc, "startup_pct": 100 * acc / total},
+            "setup_s": {"generate": gen_s, "nydus_build": build_s, "push_both": push_s},
+            "network": {"latency_ms": a.latency_ms, "bandwidth_mbit": a.bandwidth_mbit},
+            "results": results,
+            "notes": "(a) first_byte_s counts from daemon start with the bootstrap already local; "
+                     "(b) startup_read_s after the mount; (c) skopeo copy + tar -xzf of every layer; "
+                     "page cache dropped before each run; the cache directory starts empty.",
+        }
+        save("lazy_registry", payload)
+        labels = list(results)
+        grouped_bar_plot(
+            "lazy_registry", f"Lazy start vs full pull ({total >> 20} MiB image, {100 * acc / total:.1f}% read)",
+            labels,
+            {"lazy: first byte": [results[k]["lazy_1_reader"]["first_byte_s"] for k in labels],  # type: ignore[index]
+             "lazy: startup set (1 reader)": [results[k]["lazy_1_reader"]["startup_read_s"] for k in labels],  # type: ignore[index]
+             "lazy: startup set (8 readers)": [results[k]["lazy_8_readers"]["startup_read_s"] for k in labels],  # type: ignore[index]
+             "lazy: startup set (prefetch list)": [results[k]["lazy_prefetch_list"]["startup_read_s"]  # type: ignore[index]
+                                                   for k in labels],
+             "full pull + unpack": [results[k]["full_pull"]["total_s"] for k in labels]},  # type: ignore[index]
+            "seconds")
+        print(f"results in {RESULTS / 'lazy_registry.json'}")
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        if registry is not None:
+            registry.stop()
+        if not a.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
