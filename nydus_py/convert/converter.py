@@ -137,6 +137,15 @@ async def probe_scheme(host: str, timeout: float = 10.0) -> str:
 
 
 @dataclass
+class _Fetched:
+    path: str  # the compressed layer (removed after unpacking unless the original is copied too)
+    tar_path: str
+    tar_size: int
+    kind: str  # gzip | zstd | tar
+    diff_id: str  # sha256 hex of the tar
+
+
+@dataclass
 class _Source:
     manifest: oci.Manifest
     manifest_bytes: bytes
@@ -234,20 +243,22 @@ class Converter:
         src = RegistryClient(self.src_cfg)
         dst = RegistryClient(self.dst_cfg)
         builder = ThreadPoolExecutor(1, thread_name_prefix="nydusify-build")
+        unpacker = ThreadPoolExecutor(1, thread_name_prefix="nydusify-unpack")
         try:
             await src.start()
             await dst.start()
-            result = await self._convert(src, dst, work, builder)
+            result = await self._convert(src, dst, work, builder, unpacker)
             result.seconds = time.monotonic() - t0
             return result
         finally:
+            unpacker.shutdown(wait=True, cancel_futures=True)
             builder.shutdown(wait=True, cancel_futures=True)
             await src.close()
             await dst.close()
             shutil.rmtree(work, ignore_errors=True)
 
     async def _convert(self, src: RegistryClient, dst: RegistryClient, work: str,
-                       builder: ThreadPoolExecutor) -> ConvertResult:
+                       builder: ThreadPoolExecutor, unpacker: ThreadPoolExecutor) -> ConvertResult:
         ui = self.progress
         source = await resolve_source(src, self.src_ref, self.opts.platform)
         # one request to the target before any concurrent ones: it fails fast when the target is
@@ -266,23 +277,27 @@ class Converter:
         stack = LayerStack(self.build_opts, blob_dir)
         bars = [ui.bar(f"layer {i + 1}/{len(layers)} {d.short}") for i, d in enumerate(layers)]
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
-        downloads: dict[str, asyncio.Task[str]] = {}
+        # pull + unpack (a few layers at a time) run ahead of the build, which goes in layer order
+        downloads: dict[str, asyncio.Task[_Fetched]] = {}
         for i, d in enumerate(layers):
             if d.digest not in downloads:
-                downloads[d.digest] = asyncio.create_task(self._download(src, i, d, dl_dir, bars[i], sem))
+                downloads[d.digest] = asyncio.create_task(self._fetch(src, i, d, dl_dir, bars[i], sem, unpacker))
         last_use = {d.digest: i for i, d in enumerate(layers)}
         loop = asyncio.get_running_loop()
         results: list[LayerResult] = []
         tar_bytes = 0
         try:
             for i, d in enumerate(layers):
-                path = await downloads[d.digest]
-                res, tsize = await loop.run_in_executor(builder, self._build_layer, stack, i, d, path,
-                                                        source.diff_ids[i], work, bars[i])
+                got = await downloads[d.digest]
+                if f"sha256:{got.diff_id}" != source.diff_ids[i]:
+                    raise FormatError(f"layer {i + 1} ({d.short}): the uncompressed {got.kind} does not match the "
+                                      f"config's diff_id {source.diff_ids[i][:19]} (it hashes to "
+                                      f"sha256:{got.diff_id[:12]})")
+                res = await loop.run_in_executor(builder, self._build_layer, stack, i, d, got, bars[i])
                 results.append(res)
-                tar_bytes += tsize
-                if last_use[d.digest] == i and not self.copy_original:
-                    os.unlink(path)
+                tar_bytes += got.tar_size
+                if last_use[d.digest] == i:
+                    os.unlink(got.tar_path)
         except BaseException:
             for t in downloads.values():
                 t.cancel()
@@ -324,7 +339,7 @@ class Converter:
             for i, d in enumerate(layers):
                 if d.digest not in seen:
                     seen.add(d.digest)
-                    files.append((d.digest, downloads[d.digest].result(), d.size, f"original layer {i + 1}"))
+                    files.append((d.digest, downloads[d.digest].result().path, d.size, f"original layer {i + 1}"))
             small.append((source.manifest.config.digest, source.config_bytes))
         await self._push_all(dst, files, small, result)
 
@@ -347,8 +362,10 @@ class Converter:
         ui.close()
         return result
 
-    async def _download(self, src: RegistryClient, i: int, d: oci.Descriptor, dl_dir: str, bar: Bar,
-                        sem: asyncio.Semaphore) -> str:
+    async def _fetch(self, src: RegistryClient, i: int, d: oci.Descriptor, dl_dir: str, bar: Bar,
+                     sem: asyncio.Semaphore, unpacker: ThreadPoolExecutor) -> "_Fetched":
+        """Download layer `d` (checked against its size and digest), then unpack it to a tar file."""
+        where = f"layer {i + 1} ({d.short})"
         async with sem:
             path = os.path.join(dl_dir, d.hex)
             bar.phase("pull", d.size)
@@ -356,39 +373,41 @@ class Converter:
                 try:
                     got_hex, n = await src.download_blob(d.digest, f, limit=d.size, progress=bar.advance)
                 except OSError as e:
-                    raise ConvertError(f"layer {i + 1} ({d.short}): {e.strerror or e}") from None
+                    raise ConvertError(f"{where}: {e.strerror or e}") from None
             if n != d.size:
                 more = "more than" if n > d.size else f"{n} bytes, not"
-                raise ConvertError(f"layer {i + 1} ({d.short}): the registry sent {more} the {d.size} bytes "
-                                   "the manifest says")
+                raise ConvertError(f"{where}: the registry sent {more} the {d.size} bytes the manifest says")
             if got_hex != d.hex:
-                raise ConvertError(f"layer {i + 1} ({d.short}): content does not match its digest "
-                                   f"(it hashes to sha256:{got_hex})")
+                raise ConvertError(f"{where}: content does not match its digest (it hashes to sha256:{got_hex})")
             bar.finish(f"pulled {human(n)}")
-            return path
+        fetched = await asyncio.get_running_loop().run_in_executor(unpacker, self._unpack, where, d, path, bar)
+        if not self.copy_original:
+            os.unlink(path)
+        return fetched
 
-    def _build_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, path: str, diff_id: str, work: str,
-                     bar: Bar) -> tuple[LayerResult, int]:
-        where = f"layer {i + 1} ({d.short})"
-        with open(path, "rb") as comp, tempfile.TemporaryFile(dir=work) as tar:
+    @staticmethod
+    def _unpack(where: str, d: oci.Descriptor, path: str, bar: Bar) -> "_Fetched":
+        tar_path = path + ".tar"
+        with open(path, "rb") as comp, open(tar_path, "wb") as tar:
             bar.phase("unpack", d.size)
             try:
                 dhex, tsize, kind = decompress_to(comp, tar, bar.advance)
             except FormatError as e:
                 raise FormatError(f"{where}: {e}") from None
-            if f"sha256:{dhex}" != diff_id:
-                raise FormatError(f"{where}: the uncompressed {kind} does not match the config's diff_id "
-                                  f"{diff_id[:19]} (it hashes to sha256:{dhex[:12]})")
-            tar.seek(0)
-            bar.phase("build", tsize)
+        bar.finish(f"unpacked {human(tsize)} of {kind}")
+        return _Fetched(path, tar_path, tsize, kind, dhex)
+
+    def _build_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, got: "_Fetched", bar: Bar) -> LayerResult:
+        with open(got.tar_path, "rb") as tar:
+            bar.phase("build", got.tar_size)
             try:
                 res = stack.add_layer(tar, bar.advance)
             except FormatError as e:
-                raise FormatError(f"{where}: {e}") from None
+                raise FormatError(f"layer {i + 1} ({d.short}): {e}") from None
         blob = f"blob {res.blob.blob_id[:12]} {human(res.blob.compressed_size)}" if res.blob else "no new data"
-        bar.close(f"{human(d.size)} {kind} -> {human(tsize)} tar -> {blob} "
+        bar.close(f"{human(d.size)} {got.kind} -> {human(got.tar_size)} tar -> {blob} "
                   f"({res.new_chunks} new chunks, {res.deduplicated} deduplicated)")
-        return res, tsize
+        return res
 
     async def _push_all(self, dst: RegistryClient, files: list[tuple[str, str, int, str]],
                         small: list[tuple[str, bytes]], result: ConvertResult) -> None:

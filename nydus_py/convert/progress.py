@@ -73,6 +73,8 @@ class Bar:
     def render(self) -> str:
         if self.finished or (self.note and self.done >= self.total):
             return f"{self.label}  {self.note}"
+        if not self.phase_name:
+            return f"{self.label}  waiting"
         frac = min(1.0, self.done / self.total) if self.total else 0.0
         fill = int(frac * BAR_WIDTH)
         elapsed = max(1e-6, time.monotonic() - self.t0)

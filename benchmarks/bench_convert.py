@@ -1,0 +1,229 @@
+"""Conversion throughput and peak RSS: `nydusify-py convert` against `skopeo copy` of the same image.
+
+An OCI image of --size-mib MiB in --layers gzip layers (large, medium and small files, half random
+and half text, plus some files repeated in a later layer) is written as an OCI layout and pushed by
+skopeo to a loopback docker-registry (the source). Then, each run against a fresh target registry:
+
+  * `nydusify-py convert`: pull every layer, unpack, build one RAFS blob per layer + bootstrap,
+    push the Nydus image;
+  * `skopeo copy docker://SRC docker://DST`: the cost of a plain pull + push of the same image.
+
+Measured: wall time, the process's peak RSS (VmHWM, polled), and throughput in MiB/s of the source
+image (compressed) and of its file data. Results: benchmarks/results/convert.{json,png}.
+
+    python3 benchmarks/bench_convert.py [--size-mib 500] [--layers 5] [--runs 2] [--keep]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.common import grouped_bar_plot, save  # noqa: E402
+from tests.storage import registry_rig as rig  # noqa: E402
+
+TEXT = b"".join(b"%08d the quick brown fox jumps over the lazy dog; config=value\n" % i for i in range(20000))
+MTIME = 1_700_000_000
+
+
+def content(rng: random.Random, size: int) -> bytes:
+    half = size // 2
+    reps = TEXT * (2 + (size - half) // len(TEXT))
+    off = rng.randrange(len(TEXT))
+    return rng.randbytes(half) + reps[off:off + size - half]
+
+
+def layer_files(rng: random.Random, budget: int, idx: int) -> list[tuple[str, int]]:
+    """(path, size) adding up to about `budget` bytes: 60% large, 30% medium, 10% small files."""
+    out: list[tuple[str, int]] = []
+    for share, lo, hi, kind in ((0.6, 8 << 20, 32 << 20, "large"), (0.3, 256 << 10, 2 << 20, "medium"),
+                                (0.1, 1 << 10, 16 << 10, "small")):
+        left = int(budget * share)
+        n = 0
+        while left > 0:
+            size = min(left, rng.randint(lo, hi))
+            out.append((f"l{idx}/{kind}/{n // 100:03d}/f{n:05d}", size))
+            left -= size
+            n += 1
+    return out
+
+
+def write_layer(path: Path, files: list[tuple[str, bytes]]) -> tuple[str, str, int]:
+    """gzip tar layer at `path`; returns (digest, diff_id, size)."""
+    tar_hash = hashlib.sha256()
+
+    class Tee(io.RawIOBase):
+        def __init__(self, gz: gzip.GzipFile) -> None:
+            self.gz = gz
+
+        def writable(self) -> bool:
+            return True
+
+        def write(self, b) -> int:  # type: ignore[override]
+            tar_hash.update(b)
+            self.gz.write(b)
+            return len(b)
+
+    with open(path, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=1, mtime=0) as gz:
+        tee = Tee(gz)
+        with tarfile.open(fileobj=tee, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
+            dirs: set[str] = set()
+            for name, data in files:
+                parts = name.split("/")
+                for i in range(1, len(parts)):
+                    d = "/".join(parts[:i])
+                    if d not in dirs:
+                        dirs.add(d)
+                        ti = tarfile.TarInfo(d)
+                        ti.type, ti.mode, ti.mtime = tarfile.DIRTYPE, 0o755, MTIME
+                        tar.addfile(ti)
+                ti = tarfile.TarInfo(name)
+                ti.size, ti.mode, ti.mtime = len(data), 0o644, MTIME
+                tar.addfile(ti, io.BytesIO(data))
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return "sha256:" + h.hexdigest(), "sha256:" + tar_hash.hexdigest(), path.stat().st_size
+
+
+def make_layout(root: Path, size_mib: int, layers: int, seed: int = 1) -> tuple[int, int]:
+    """OCI layout with tag `v1`; returns (compressed bytes, file bytes)."""
+    rng = random.Random(seed)
+    blobs = root / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+    budget = (size_mib << 20) // layers
+    descs, diff_ids = [], []
+    file_bytes = 0
+    carried: list[tuple[str, bytes]] = []
+    for i in range(layers):
+        files = [(p, content(rng, s)) for p, s in layer_files(rng, budget, i)]
+        files += [(f"l{i}/dup/{p.rsplit('/', 1)[1]}", d) for p, d in carried]  # repeated content: dedup
+        carried = [f for f in files if "/medium/" in f[0]][:3]
+        file_bytes += sum(len(d) for _, d in files)
+        tmp = root / f"layer{i}.tar.gz"
+        digest, diff_id, size = write_layer(tmp, files)
+        os.replace(tmp, blobs / digest[7:])
+        descs.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size})
+        diff_ids.append(diff_id)
+        del files
+    config = json.dumps({"architecture": "amd64", "os": "linux", "config": {},
+                         "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+    (blobs / hashlib.sha256(config).hexdigest()).write_bytes(config)
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                                      "digest": "sha256:" + hashlib.sha256(config).hexdigest(), "size": len(config)},
+                           "layers": descs}).encode()
+    (blobs / hashlib.sha256(manifest).hexdigest()).write_bytes(manifest)
+    (root / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (root / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [
+        {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+         "digest": "sha256:" + hashlib.sha256(manifest).hexdigest(), "size": len(manifest),
+         "annotations": {"org.opencontainers.image.ref.name": "v1"}}]}))
+    return sum(d["size"] for d in descs), file_bytes
+
+
+def run_polled(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+    """Wall time and peak RSS of `cmd`, the peak read from /proc/PID/status VmHWM every 20 ms.
+
+    (wait4's ru_maxrss would not do here: Linux carries the parent's RSS high-water mark over
+    fork+exec, so a child of this harness - which holds an image's worth of generated data - would
+    report at least the harness's size.)"""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    hwm = 0
+    status = f"/proc/{proc.pid}/status"
+    while proc.poll() is None:
+        try:
+            with open(status) as f:
+                for line in f:
+                    if line.startswith("VmHWM:"):
+                        hwm = max(hwm, int(line.split()[1]))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    wall = time.perf_counter() - t0
+    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]}")
+    return {"wall_s": wall, "peak_rss_mib": hwm / 1024}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mib", type=int, default=500)
+    ap.add_argument("--layers", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=2)
+    ap.add_argument("--keep", action="store_true")
+    args = ap.parse_args()
+    registry = shutil.which("docker-registry")
+    skopeo = shutil.which("skopeo")
+    if not registry or not skopeo:
+        raise SystemExit("needs docker-registry and skopeo (scripts/install.sh)")
+    work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=REPO / "benchmarks" / "work"))
+    src = None
+    try:
+        t0 = time.perf_counter()
+        compressed, file_bytes = make_layout(work / "layout", args.size_mib, args.layers)
+        print(f"image: {args.layers} layers, {compressed / 2**20:.0f} MiB gzip, {file_bytes / 2**20:.0f} MiB files "
+              f"(made in {time.perf_counter() - t0:.1f}s)")
+        src = rig.plain_registry(registry, work)
+        subprocess.run([skopeo, "--insecure-policy", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
+                        f"oci:{work / 'layout'}:v1", f"docker://{src.host}/bench/app:v1"], check=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "DOCKER_CONFIG": str(work / "no-docker-config")}
+        runs: dict[str, list[dict[str, float]]] = {"nydusify-py convert": [], "skopeo copy": []}
+        for r in range(args.runs):
+            for name in runs:
+                dst = rig.Registry(registry, work, f"dst-{name.split()[0]}-{r}").start()
+                try:
+                    if name == "skopeo copy":
+                        cmd = [skopeo, "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
+                               "--dest-tls-verify=false", f"docker://{src.host}/bench/app:v1",
+                               f"docker://{dst.host}/bench/app:v1"]
+                    else:
+                        cmd = [sys.executable, "-m", "nydus_py.cli.nydusify", "convert", "-q", "--source",
+                               f"{src.host}/bench/app:v1", "--target", f"{dst.host}/bench/app:v1-nydus",
+                               "--source-insecure", "--target-insecure", "--work-dir", str(work / "tmp")]
+                    m = run_polled(cmd, env)
+                finally:
+                    dst.stop()
+                    shutil.rmtree(dst.dir, ignore_errors=True)
+                m["mib_per_s_compressed"] = compressed / 2**20 / m["wall_s"]
+                m["mib_per_s_files"] = file_bytes / 2**20 / m["wall_s"]
+                runs[name].append(m)
+                print(f"run {r + 1} {name}: {m['wall_s']:.1f}s, peak RSS {m['peak_rss_mib']:.0f} MiB, "
+                      f"{m['mib_per_s_compressed']:.0f} MiB/s of image")
+        best = {name: min(v, key=lambda m: m["wall_s"]) for name, v in runs.items()}
+        payload = {"size_mib": args.size_mib, "layers": args.layers, "compressed_bytes": compressed,
+                   "file_bytes": file_bytes, "cpus": os.cpu_count(), "runs": runs, "best": best}
+        path = save("convert", payload)
+        labels = ["wall s", "peak RSS MiB / 100", "MiB/s (image)"]
+        series = {name: [m["wall_s"], m["peak_rss_mib"] / 100, m["mib_per_s_compressed"]] for name, m in best.items()}
+        grouped_bar_plot("convert", f"{compressed / 2**20:.0f} MiB, {args.layers}-layer image: conversion vs plain copy",
+                         labels, series, "value (best of runs)")
+        print(f"wrote {path} and convert.png")
+    finally:
+        if src is not None:
+            src.stop()
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
