@@ -164,6 +164,15 @@ def run_polled(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
     return {"wall_s": wall, "peak_rss_mib": hwm / 1024}
 
 
+def plot(payload: dict) -> None:
+    labels = ["wall time (s)", "peak RSS (MiB)", "throughput (MiB/s of image)", "throughput (MiB/s of files)"]
+    series = {name: [m["wall_s"], m["peak_rss_mib"], m["mib_per_s_compressed"], m["mib_per_s_files"]]
+              for name, m in payload["best"].items()}
+    grouped_bar_plot("convert", f"{payload['compressed_bytes'] / 2**20:.0f} MiB gzip image "
+                     f"({payload['file_bytes'] / 2**20:.0f} MiB files, {payload['layers']} layers): "
+                     "nydusify-py convert vs skopeo copy", labels, series, "best of runs (log scale)", log=True)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=500)
@@ -212,10 +221,7 @@ def main() -> int:
         payload = {"size_mib": args.size_mib, "layers": args.layers, "compressed_bytes": compressed,
                    "file_bytes": file_bytes, "cpus": os.cpu_count(), "runs": runs, "best": best}
         path = save("convert", payload)
-        labels = ["wall s", "peak RSS MiB / 100", "MiB/s (image)"]
-        series = {name: [m["wall_s"], m["peak_rss_mib"] / 100, m["mib_per_s_compressed"]] for name, m in best.items()}
-        grouped_bar_plot("convert", f"{compressed / 2**20:.0f} MiB, {args.layers}-layer image: conversion vs plain copy",
-                         labels, series, "value (best of runs)")
+        plot(payload)
         print(f"wrote {path} and convert.png")
     finally:
         if src is not None:
