@@ -1,7 +1,9 @@
 """The /dev/fuse transport: worker threads move whole requests between the kernel and a handler.
 
 Each worker owns a channel (the mount's fd for the first, a FUSE_DEV_IOC_CLONE'd fd for the
-others, so the kernel spreads requests without a shared lock) and one reusable request buffer.
+others) and one reusable request buffer. One worker at a time reads (leader/follower, see
+`_serve`): metadata requests are answered by the reading thread itself, READs hand the reader
+role to the next worker first.
 The handler is sans-IO: bytes in, reply bytes (or buffers to gather, or None) out. Blocking read(2)/write(2) release the
 GIL, and so do the decompressors and hashes the handler calls, so threads overlap where it counts.
 """
@@ -23,6 +25,9 @@ FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
 FUSE_MIN_READ_BUFFER = 8192
 HEADER_ROOM = 4096  # fuse_in_header + the largest op header in front of WRITE data
 FUSE_INIT = 26
+FUSE_READ = 15
+# requests that may block on blob I/O: the reading thread hands the reader role on first
+_HANDOFF_OPCODES = frozenset({FUSE_READ})
 
 # Reply bytes, or a list of buffers written with one writev (FuseSession.handle_vectored), or
 # None for requests the kernel expects no answer to.
@@ -50,6 +55,7 @@ class FuseDevSession:
         self._stopped = threading.Event()
         self._running = 0
         self._lock = threading.Lock()
+        self._reader = threading.Lock()  # held by the one worker allowed to read /dev/fuse
 
     # -- lifecycle -------------------------------------------------------------------------------
     def mount(self) -> None:
@@ -119,12 +125,23 @@ class FuseDevSession:
         self.fd = -1
 
     # -- the loop --------------------------------------------------------------------------------
+    # Leader/follower: only the thread holding `_reader` reads /dev/fuse. It answers metadata
+    # requests itself and keeps reading, so a stream of small requests never bounces between
+    # threads (with blocking reads on every worker the kernel wakes them in turn, and each wake-up
+    # is a GIL hand-over: about three context switches and 2-3x the round trip). Before a READ,
+    # which may wait for a fetch and a decompression, it passes the reader role on, so other
+    # requests keep flowing and READs still run in parallel.
     def _serve(self, fd: int) -> None:
         buf = bytearray(self.bufsize)
         view = memoryview(buf)
         handler = self.handler
+        reader = self._reader if self.threads > 1 else None
+        leader = False
         try:
             while True:
+                if reader is not None and not leader:
+                    reader.acquire()
+                    leader = True
                 try:
                     n = os.readv(fd, [buf])
                 except OSError as e:
@@ -135,6 +152,9 @@ class FuseDevSession:
                     raise
                 if n == 0:
                     return
+                if leader and buf[4] in _HANDOFF_OPCODES and buf[5] == 0:
+                    leader = False
+                    reader.release()  # type: ignore[union-attr]
                 try:
                     reply = handler(view[:n])
                 except ValueError as e:  # FuseProtocolError: a fragment with no header to answer
@@ -159,6 +179,8 @@ class FuseDevSession:
         except Exception:
             log.exception("FUSE worker on fd %d failed", fd)
         finally:
+            if leader:
+                reader.release()  # type: ignore[union-attr]  # the next worker meets ENODEV too
             view.release()
             # A count, not is_alive(): two workers ending together would each still see the
             # other alive, and nobody would signal the end of the session.
