@@ -20,7 +20,6 @@ directory that is removed at the end.
 import asyncio
 import base64
 import binascii
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -29,8 +28,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
-
-import aiohttp
 
 from ..builder.options import BuildOptions
 from ..rafs.constants import Compressor
@@ -107,7 +104,7 @@ def normalize_auth(value: str) -> str:
 def registry_config(ref: ImageRef, insecure: bool, auth: str | None,
                     docker_config_paths: list[str] | None, scheme: str = "https") -> RegistryConfig:
     """The storage backend's registry config for `ref`: same auth rules (explicit, else docker
-    config.json); `insecure` skips certificate checks (and `probe_scheme` may pick plain HTTP)."""
+    config.json); `insecure` skips certificate checks (and the client's sticky HTTPS->HTTP fallback reaches a plain registry)."""
     conf: dict[str, Any] = {"host": ref.host, "repo": ref.repository, "scheme": scheme,
                             "skip_verify": insecure, "timeout": 30, "connect_timeout": 10}
     if auth:
@@ -116,24 +113,6 @@ def registry_config(ref: ImageRef, insecure: bool, auth: str | None,
         return parse_registry_config(conf, env={}, docker_config_paths=docker_config_paths, where="")
     except ValueError as e:
         raise ConvertError(f"{ref}: {e}") from None
-
-
-async def probe_scheme(host: str, timeout: float = 10.0) -> str:
-    """"https" when `host` speaks TLS (certificates not checked), "http" when its TLS handshake
-    fails like a plain HTTP server's does: what an insecure registry is reached with. Decided once,
-    before any authenticated or concurrent request."""
-    conn = aiohttp.TCPConnector(ssl=False)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as s:
-        try:
-            async with s.get(f"https://{host}/v2/", allow_redirects=False) as r:
-                await r.read()
-                return "https"
-        except (aiohttp.ClientSSLError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-            if isinstance(e, aiohttp.ClientConnectorError) and not isinstance(e, aiohttp.ClientSSLError):
-                return "https"  # nothing listens: the real request will say so
-            return "http"
-        except (aiohttp.ClientError, TimeoutError):
-            return "https"
 
 
 @dataclass
@@ -235,10 +214,6 @@ class Converter:
         t0 = time.monotonic()
         if self.opts.work_dir:
             os.makedirs(self.opts.work_dir, exist_ok=True)
-        for attr, ref, insecure in (("src_cfg", self.src_ref, self.opts.source_insecure),
-                                    ("dst_cfg", self.dst_ref, self.opts.target_insecure)):
-            if insecure and await probe_scheme(ref.host) == "http":
-                setattr(self, attr, dataclasses.replace(getattr(self, attr), scheme="http"))
         work = tempfile.mkdtemp(prefix="nydusify-", dir=self.opts.work_dir)
         src = RegistryClient(self.src_cfg)
         dst = RegistryClient(self.dst_cfg)

@@ -299,3 +299,34 @@ def test_https_to_http_fallback_only_with_skip_verify(pushed_plain):
         assert b.counters.https_to_http == 1 and b.client.scheme == "http"
     with tls_backend(pushed_plain.host, repo="test/blob") as b, pytest.raises(OSError):
         b.read(BLOB, 0, 10)
+
+
+def test_https_to_http_fallback_holds_for_concurrent_first_reads(pushed_plain):
+    """Reads queued behind the first request (with URLs built as https) follow the switch."""
+    with tls_backend(pushed_plain.host, repo="test/blob", skip_verify=True) as b:
+        results: list[bytes] = []
+        errors: list[BaseException] = []
+
+        def reader(off: int) -> None:
+            try:
+                results.append(b.read(BLOB, off, 16))
+            except BaseException as e:  # collected and asserted below
+                errors.append(e)
+
+        threads = [threading.Thread(target=reader, args=(i * 16,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert not errors, errors
+        assert sorted(results) == sorted(DATA[i * 16 : i * 16 + 16] for i in range(8))
+        assert b.counters.https_to_http == 1
+
+
+def test_https_to_http_fallback_then_401_retry(basic_registry):
+    """The 401 answer after the switch is retried over plain HTTP, not the old https URL."""
+    with backend(basic_registry.host, auth=rig.basic_auth()) as b:
+        b.push_blob(DATA)
+    with tls_backend(basic_registry.host, repo="test/blob", skip_verify=True, auth=rig.basic_auth()) as b:
+        assert b.read(BLOB, 3, 10) == DATA[3:13]
+        assert b.counters.https_to_http == 1 and b.counters.unauthorized == 1

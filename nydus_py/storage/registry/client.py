@@ -242,6 +242,7 @@ class RegistryClient:
         Goes through the proxy while it is healthy; a proxy that fails or answers >= 500 is marked
         down and, with `fallback`, the request goes to the origin (counted and logged).
         """
+        url = self._origin_url(url)
         session = self._sessions["prefetch" if prefetch else "demand"]
         hdrs = dict(headers)
         if self.cfg.proxy.url:
@@ -278,7 +279,7 @@ class RegistryClient:
             self.counters.requests += 1
             resp = await session.request(method, url, headers=hdrs, data=data, allow_redirects=False)
         except (aiohttp.ClientSSLError, aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
-            if self._maybe_plain_http(url, e):
+            if self._maybe_plain_http(url, e) or self._origin_url(url) != url:
                 return await self._send(method, "http://" + url[len("https://"):], headers, prefetch=prefetch,
                                         data=data, proxied=proxied)
             raise
@@ -288,6 +289,15 @@ class RegistryClient:
         if resp.status >= 400:
             self.counters.status(resp.status)
         return resp
+
+    def _origin_url(self, url: str) -> str:
+        """After the sticky HTTPS->HTTP switch, every registry URL built earlier (by requests that
+        were queued or are retrying after a 401) goes to plain HTTP too; redirect targets on other
+        hosts keep their scheme."""
+        prefix = f"https://{self.cfg.host}/"
+        if self.scheme == "http" and url.startswith(prefix):
+            return "http://" + url[len("https://"):]
+        return url
 
     def _maybe_plain_http(self, url: str, e: Exception) -> bool:
         """nydusd's sticky HTTPS->HTTP fallback: only with skip_verify and a TLS-looking failure."""
