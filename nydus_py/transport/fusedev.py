@@ -26,8 +26,10 @@ FUSE_MIN_READ_BUFFER = 8192
 HEADER_ROOM = 4096  # fuse_in_header + the largest op header in front of WRITE data
 FUSE_INIT = 26
 FUSE_READ = 15
-# requests that may block on blob I/O: the reading thread hands the reader role on first
-_HANDOFF_OPCODES = frozenset({FUSE_READ})
+# Requests that may block on I/O (blob fetches for RAFS; disk writes and syncs for a writable
+# passthrough filesystem): the reading thread hands the reader role on before handling them.
+# READ, WRITE, FSYNC, FSYNCDIR, FALLOCATE, COPY_FILE_RANGE.
+_HANDOFF_OPCODES = frozenset({FUSE_READ, 16, 20, 30, 43, 47})
 
 # Reply bytes, or a list of buffers written with one writev (FuseSession.handle_vectored), or
 # None for requests the kernel expects no answer to.
@@ -38,7 +40,8 @@ class FuseDevSession:
     """Serve one mountpoint with `threads` workers until unmounted (by us or anyone else)."""
 
     def __init__(self, handler: Handler, mountpoint: str, *, threads: int = 4, max_write: int = 1 << 20,
-                 fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024) -> None:
+                 fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
+                 leader_follower: bool = True) -> None:
         if not 1 <= threads <= 1024:
             raise ValueError("thread count must be 1..1024")
         self.handler = handler
@@ -55,7 +58,8 @@ class FuseDevSession:
         self._stopped = threading.Event()
         self._running = 0
         self._lock = threading.Lock()
-        self._reader = threading.Lock()  # held by the one worker allowed to read /dev/fuse
+        # held by the one worker allowed to read /dev/fuse (None: every worker reads)
+        self._reader = threading.Lock() if leader_follower and threads > 1 else None
 
     # -- lifecycle -------------------------------------------------------------------------------
     def mount(self) -> None:
@@ -135,7 +139,7 @@ class FuseDevSession:
         buf = bytearray(self.bufsize)
         view = memoryview(buf)
         handler = self.handler
-        reader = self._reader if self.threads > 1 else None
+        reader = self._reader
         leader = False
         try:
             while True:
