@@ -1,0 +1,276 @@
+"""The snapshotter itself, without gRPC: containerd's overlayfs snapshotter plus Nydus layers.
+
+Ordinary snapshots behave like `snapshots/overlay/overlay.go` (v1.6.20): `ROOT/snapshots/<id>/fs`
+(and `work` for active ones), the metadata in `ROOT/metadata.db`, and the same mounts:
+
+* no parent: `bind` of `fs`, `rw` (active) or `ro` (view), with `rbind`;
+* a view with one lower directory: `bind ro,rbind` of it;
+* otherwise `overlay` with `[index=off,] [userxattr,] [workdir=..,upperdir=..,] lowerdir=a:b:c`
+  (nearest parent first). For an `overlay` mount containerd's differ writes straight into
+  `upperdir`, which is why the shape must match the built-in one.
+
+Nydus layers (labels.py): a Prepare that carries a target chainID, an image reference and the
+`nydus-blob` or `nydus-bootstrap` annotation makes a *committed* snapshot named after the chainID,
+with the given parent and labels, and answers AlreadyExists. containerd then never downloads the
+layer. A data-blob snapshot stays empty. A bootstrap snapshot is mounted by reference in the shared
+`nydusd-py` (`/<id>` in its FUSE root); in a child's lower directories that mount stands for the
+bootstrap snapshot and everything below it (the bootstrap holds the whole merged image).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import NoReturn, Protocol
+
+from .errors import AlreadyExists, SnapshotError, Unavailable
+from .labels import BOOTSTRAP, remote_layer
+from .store import Info, Kind, MetaStore, Record, Snapshot
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Mount:
+    type: str
+    source: str
+    options: list[str] = field(default_factory=list)
+    target: str = ""
+
+
+class ImageMounter(Protocol):
+    """What the snapshotter needs from the shared daemon (nydusd.SharedDaemon)."""
+
+    def mount(self, sid: str, image_ref: str) -> None:
+        """Mount image `image_ref` at `/<sid>`; a no-op when it is mounted. Unavailable on failure."""
+
+    def umount(self, sid: str) -> None:
+        """Unmount `/<sid>` when mounted; never raises for an unknown id."""
+
+    def mount_dir(self, sid: str) -> str:
+        """The host directory where `/<sid>` appears."""
+
+
+def disk_usage(path: str) -> tuple[int, int]:
+    """(bytes, inodes) of a tree like containerd's fs.DiskUsage: 512-byte blocks of each inode
+    counted once (hard links), the root included."""
+    seen: set[tuple[int, int]] = set()
+    size = 0
+
+    def add(p: str) -> None:
+        nonlocal size
+        try:
+            st = os.lstat(p)
+        except FileNotFoundError:
+            return
+        k = (st.st_dev, st.st_ino)
+        if k not in seen:
+            seen.add(k)
+            size += st.st_blocks * 512
+
+    if not os.path.lexists(path):
+        return 0, 0
+    add(path)
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            add(os.path.join(dirpath, name))
+    return size, len(seen)
+
+
+def _needs_userxattr() -> bool:
+    """overlayfs in a user namespace needs `userxattr` (containerd's NeedsUserXAttr, simplified:
+    only outside the initial user namespace, where the trusted.* namespace is unusable)."""
+    try:
+        with open("/proc/self/uid_map") as f:
+            fields = f.read().split()
+    except OSError:
+        return False
+    return fields[:3] != ["0", "0", "4294967295"]
+
+
+class Snapshotter:
+    def __init__(self, root: str, mounter: ImageMounter | None = None) -> None:
+        self.root = os.path.abspath(root)
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        os.makedirs(self.snapshots_dir, mode=0o700, exist_ok=True)
+        self.store = MetaStore(os.path.join(self.root, "metadata.db"))
+        self.mounter = mounter
+        self.index_off = os.path.exists("/sys/module/overlay/parameters/index")
+        self.userxattr = _needs_userxattr()
+
+    @property
+    def snapshots_dir(self) -> str:
+        return os.path.join(self.root, "snapshots")
+
+    def upper_path(self, sid: str) -> str:
+        return os.path.join(self.root, "snapshots", sid, "fs")
+
+    def work_path(self, sid: str) -> str:
+        return os.path.join(self.root, "snapshots", sid, "work")
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- queries -------------------------------------------------------------------------------
+    def stat(self, key: str) -> Info:
+        with self.store.tx() as tx:
+            return tx.get(key).info
+
+    def walk(self) -> list[Info]:
+        with self.store.tx() as tx:
+            return [r.info for r in tx.all()]
+
+    def usage(self, key: str) -> tuple[int, int]:
+        with self.store.tx() as tx:
+            rec = tx.get(key)
+        if rec.info.kind == Kind.ACTIVE:
+            return disk_usage(self.upper_path(rec.id))
+        return rec.size, rec.inodes
+
+    def update(self, info: Info, fieldpaths: list[str]) -> Info:
+        with self.store.tx() as tx:
+            return tx.update(info, fieldpaths)
+
+    def bootstrap_snapshots(self) -> list[Record]:
+        with self.store.tx() as tx:
+            return [r for r in tx.all() if r.remote == BOOTSTRAP]
+
+    # -- creating ------------------------------------------------------------------------------
+    def prepare(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        if remote_layer(labels) is not None:
+            self._prepare_remote(key, parent, labels)
+        return self._create(Kind.ACTIVE, key, parent, labels)
+
+    def view(self, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        return self._create(Kind.VIEW, key, parent, labels)
+
+    def _new_dir(self, kind: Kind) -> str:
+        td = tempfile.mkdtemp(prefix="new-", dir=self.snapshots_dir)
+        os.mkdir(os.path.join(td, "fs"), 0o755)
+        if kind == Kind.ACTIVE:
+            os.mkdir(os.path.join(td, "work"), 0o711)
+        return td
+
+    def _create(self, kind: Kind, key: str, parent: str, labels: dict[str, str]) -> list[Mount]:
+        with self.store.tx() as tx:
+            td = self._new_dir(kind)
+            try:
+                snap = tx.create(kind, key, parent, labels)
+                os.rename(td, os.path.join(self.snapshots_dir, snap.id))
+            except BaseException:
+                shutil.rmtree(td, ignore_errors=True)
+                raise
+        try:
+            mounts, lowers = self._mounts(snap)
+            if lowers:
+                st = os.stat(lowers[0])
+                os.lchown(self.upper_path(snap.id), st.st_uid, st.st_gid)
+        except BaseException:
+            self._drop(key)
+            raise
+        return mounts
+
+    def _prepare_remote(self, key: str, parent: str, labels: dict[str, str]) -> NoReturn:
+        """A committed snapshot for a Nydus layer; always ends in AlreadyExists (or an error)."""
+        remote = remote_layer(labels)
+        assert remote is not None
+        source = ""
+        if remote.kind == BOOTSTRAP:
+            if self.mounter is None:
+                raise Unavailable("no nydusd-py daemon is configured to mount Nydus images")
+            try:
+                source = "docker://" + str(remote.mount_ref())
+            except ValueError as e:
+                raise Unavailable(f"image reference {remote.image_ref!r}: {e}") from None
+        with self.store.tx() as tx:
+            if tx.exists(remote.target):
+                raise AlreadyExists(f"target snapshot {remote.target!r}")
+            td = self._new_dir(Kind.COMMITTED)
+            try:
+                snap = tx.create(Kind.COMMITTED, remote.target, parent, labels, remote=remote.kind, source=source)
+                os.rename(td, os.path.join(self.snapshots_dir, snap.id))
+            except BaseException:
+                shutil.rmtree(td, ignore_errors=True)
+                raise
+        if remote.kind == BOOTSTRAP:
+            assert self.mounter is not None
+            try:
+                self.mounter.mount(snap.id, source)
+            except SnapshotError:
+                self._drop(remote.target)
+                raise
+            log.info("prepare %s: Nydus image %s mounted at /%s for %s", key, source, snap.id, remote.target)
+        else:
+            log.info("prepare %s: Nydus data layer %s needs no content (%s)", key, remote.layer_digest,
+                     remote.target)
+        raise AlreadyExists(f"target snapshot {remote.target!r}")
+
+    def _drop(self, key: str) -> None:
+        """Undo a snapshot just created (its mount or its lchown failed)."""
+        try:
+            self.remove(key)
+        except SnapshotError as e:
+            log.warning("could not roll back snapshot %s: %s", key, e)
+
+    # -- mounts --------------------------------------------------------------------------------
+    def mounts(self, key: str) -> list[Mount]:
+        with self.store.tx() as tx:
+            snap = tx.snapshot(key)
+        return self._mounts(snap)[0]
+
+    def _lowers(self, parents: tuple[Record, ...]) -> list[str]:
+        lowers: list[str] = []
+        for p in parents:
+            if p.remote == BOOTSTRAP:
+                if self.mounter is None:
+                    raise Unavailable(f"snapshot {p.info.name} is a Nydus image, but no daemon is configured")
+                self.mounter.mount(p.id, p.source)  # after a daemon restart: mount it again
+                lowers.append(self.mounter.mount_dir(p.id))
+                break  # the bootstrap is the whole image: the (empty) data layers below add nothing
+            lowers.append(self.upper_path(p.id))
+        return lowers
+
+    def _mounts(self, snap: Snapshot) -> tuple[list[Mount], list[str]]:
+        if not snap.parents:
+            ro = "ro" if snap.kind == Kind.VIEW else "rw"
+            return [Mount("bind", self.upper_path(snap.id), [ro, "rbind"])], []
+        lowers = self._lowers(snap.parents)
+        options: list[str] = []
+        if self.index_off:
+            options.append("index=off")
+        if self.userxattr:
+            options.append("userxattr")
+        if snap.kind == Kind.ACTIVE:
+            options += [f"workdir={self.work_path(snap.id)}", f"upperdir={self.upper_path(snap.id)}"]
+        elif len(lowers) == 1:
+            return [Mount("bind", lowers[0], ["ro", "rbind"])], lowers
+        options.append("lowerdir=" + ":".join(lowers))
+        return [Mount("overlay", "overlay", options)], lowers
+
+    # -- commit, remove, cleanup ---------------------------------------------------------------
+    def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
+        with self.store.tx() as tx:
+            rec = tx.get(key)
+            size, inodes = disk_usage(self.upper_path(rec.id))
+            tx.commit(key, name, size, inodes, labels)
+
+    def remove(self, key: str) -> None:
+        with self.store.tx() as tx:
+            rec = tx.remove(key)
+            removals = self._unreferenced_dirs(tx.ids())
+        if rec.remote == BOOTSTRAP and self.mounter is not None:
+            self.mounter.umount(rec.id)
+        for d in removals:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        with self.store.tx() as tx:
+            removals = self._unreferenced_dirs(tx.ids())
+        for d in removals:
+            shutil.rmtree(d, ignore_errors=True)
+
+    def _unreferenced_dirs(self, ids: set[str]) -> list[str]:
+        return [os.path.join(self.snapshots_dir, d) for d in sorted(os.listdir(self.snapshots_dir)) if d not in ids]
