@@ -13,7 +13,6 @@ from ..storage.cache import BlobCacheManager
 from ..storage.device import ChunkSource
 from ..storage.localfs import LocalBlobDir, SingleBlobFile
 from ..storage.prefetch import Prefetcher, read_prefetch_list
-from ..storage.registry import RegistryBackend, parse_registry_config
 
 log = logging.getLogger("nydusd-py")
 
@@ -29,6 +28,9 @@ def make_backend(cfg: RafsConfig) -> BlobSource:
             return SingleBlobFile(str(conf["blob_file"]))
         return LocalBlobDir(str(conf["dir"]), alt_dirs=[str(d) for d in conf.get("alt_dirs") or []])
     if cfg.backend.type == "registry":
+        # Imported on demand: aiohttp costs a localfs-only daemon ~10 MiB of RSS.
+        from ..storage.registry import RegistryBackend, parse_registry_config
+
         return RegistryBackend(parse_registry_config(conf))
     raise ConfigError(f"backend {cfg.backend.type!r} is not available in this build")
 

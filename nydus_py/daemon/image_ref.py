@@ -23,10 +23,8 @@ import tempfile
 from dataclasses import dataclass
 
 from ..convert.errors import ConvertError
-from ..convert.pull import fetch_bootstrap_sync
 from ..convert.reference import ImageRef, is_loopback, parse_reference
 from ..rafs.errors import FormatError
-from ..storage.registry import parse_registry_config
 from .config import ConfigError
 from .configfile import ParsedConfig, parse_any
 from .errors import BadRequest
@@ -82,6 +80,10 @@ def prepare_image_mount(source: str, config_text: str,
                         fallback: ParsedConfig | None) -> tuple[ImageBootstrap, ParsedConfig]:
     """Fetch the bootstrap of image `source` (`docker://REF`); BadRequest with the reason when
     the reference, the config or the image is unusable."""
+    # Imported here: they pull in aiohttp, which a daemon serving local images never needs.
+    from ..convert.pull import fetch_bootstrap_sync
+    from ..storage.registry import parse_registry_config
+
     try:
         ref = parse_reference(source[len(IMAGE_PREFIX):])
     except ConvertError as e:

@@ -12,6 +12,7 @@ import contextlib
 import errno
 import fcntl
 import logging
+import mmap
 import os
 import struct
 import threading
@@ -136,7 +137,9 @@ class FuseDevSession:
     # which may wait for a fetch and a decompression, it passes the reader role on, so other
     # requests keep flowing and READs still run in parallel.
     def _serve(self, fd: int) -> None:
-        buf = bytearray(self.bufsize)
+        # An anonymous mapping, not a bytearray: pages become resident only as large requests
+        # touch them, so idle workers cost no memory (a bytearray is zero-filled up front).
+        buf = mmap.mmap(-1, self.bufsize)
         view = memoryview(buf)
         handler = self.handler
         reader = self._reader
@@ -186,6 +189,7 @@ class FuseDevSession:
             if leader:
                 reader.release()  # type: ignore[union-attr]  # the next worker meets ENODEV too
             view.release()
+            buf.close()
             # A count, not is_alive(): two workers ending together would each still see the
             # other alive, and nobody would signal the end of the session.
             with self._lock:
