@@ -18,6 +18,9 @@ DEB_PACKAGES=(
   docker-registry  # distribution 2.8: the real OCI registry the storage tests push to and read from
   apache2-utils    # htpasswd -B: bcrypt users for the basic-auth registry rig
   skopeo           # pushes the OCI-layout test images of the conversion tests to docker-registry
+  containerd       # containerd 1.6 + ctr: the snapshotter end-to-end tests run it with its own root and socket
+  runc             # the runtime behind `ctr run` in those tests
+  stargz-snapshotter  # ctr-remote: `images rpull` sends the remote-snapshotter labels (cri-tools is not in Debian 12)
 )
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do

@@ -146,13 +146,13 @@ class SharedDaemon:
         return True
 
     def _clear_leftovers(self) -> None:
-        os.makedirs(self.dir, mode=0o700, exist_ok=True)
-        os.makedirs(self.mnt, mode=0o755, exist_ok=True)
-        os.makedirs(self.cache, mode=0o700, exist_ok=True)
-        if is_mountpoint(self.mnt):
+        if is_mountpoint(self.mnt):  # first: a dead FUSE root fails every stat with ENOTCONN
             log.warning("unmounting the dead FUSE root %s", self.mnt)
             with contextlib.suppress(OSError):
                 fuse_umount(self.mnt, lazy=True)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.mnt, mode=0o755, exist_ok=True)
+        os.makedirs(self.cache, mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock)
 
@@ -229,7 +229,7 @@ class SharedDaemon:
             self._proc = self._pid = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.pid_file)
-            if os.path.isdir(self.mnt) and is_mountpoint(self.mnt):
+            if is_mountpoint(self.mnt):
                 with contextlib.suppress(OSError):
                     fuse_umount(self.mnt, lazy=True)
 

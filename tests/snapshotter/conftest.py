@@ -16,6 +16,13 @@ from nydus_py.snapshotter.grpc_gen import snapshots_pb2 as pb
 from nydus_py.snapshotter.grpc_gen import snapshots_pb2_grpc as pb_grpc
 from nydus_py.snapshotter.service import serve
 from nydus_py.snapshotter.snapshotter import Snapshotter
+from tests.convert.conftest import skopeo  # noqa: F401  (fixture)
+from tests.storage.conftest import (  # noqa: F401  (fixtures)
+    basic_registry,
+    plain_registry,
+    registry_bin,
+    registry_root,
+)
 
 
 @dataclass
