@@ -144,6 +144,12 @@ class RafsImage(ABC):
         chunk) read as zeros.
         """
 
+    def chunks_after(self, chunk: ChunkInfo) -> Iterator[ChunkInfo]:
+        """Chunks stored after `chunk` in its blob, in blob order (whatever file they belong to),
+        for read amplification across files; `file_offset` is meaningless. Images without a
+        blob-wide chunk table yield nothing."""
+        return iter(())
+
     @abstractmethod
     def prefetch_table(self) -> list[int]:
         """Inodes the image asks to prefetch (directories mean whole subtrees)."""

@@ -841,6 +841,24 @@ class V6Image(RafsImage):
             out.append(rec._replace(file_offset=k * cs))
         return out
 
+    def chunks_after(self, chunk: ChunkInfo) -> Iterator[ChunkInfo]:
+        """The blob's chunks with ci_index > chunk.index in index order (the builder numbers
+        chunks in blob order), decoded one at a time from the sorted chunk index."""
+        keys, pos = self._chunk_index()
+        b = chunk.blob_index
+        if not 0 <= b < len(self.blobs) or not 0 <= chunk.index < MAX_CHUNKS_PER_BLOB:
+            return
+        j = bisect.bisect_left(keys, b << 56 | (chunk.index + 1) << 32)
+        last = chunk.index
+        while j < len(keys) and keys[j] >> 56 == b:
+            index = keys[j] >> 32 & 0xFF_FFFF
+            if index != last:  # one record per chunk index is enough
+                rec = self.chunk_record(pos[j])
+                self._check_record(rec, f"chunk table record {pos[j]}")
+                last = index
+                yield rec
+            j += 1
+
     def prefetch_table(self) -> list[int]:
         out = []
         for k in range(self._pf_size // 4):

@@ -7,7 +7,7 @@ the filesystem can answer EIO and never hand out wrong bytes.
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
 from ..rafs.chunkdata import BlobSource, decode_chunk
@@ -23,11 +23,13 @@ class ChunkSource(Protocol):
     """A source that hands out decoded, validated chunks itself (the persistent blob cache).
 
     `extra` are chunks the reader will probably want next (read amplification): fetched along
-    when that is cheap, not returned.
+    when that is cheap, not returned. `follow(c)` yields the chunks stored after `c` in its
+    blob (of any file), for amplification across files.
     """
 
-    def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo],
-                    extra: Sequence[ChunkInfo] = ()) -> list[bytes]: ...
+    def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo] = (),
+                    prefetch: bool = False,
+                    follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]: ...
 
 
 class BlobDevice:
@@ -42,6 +44,9 @@ class BlobDevice:
         self.bytes_read = 0
         self._stats_lock = threading.Lock()
         self._chunked = source if isinstance(source, ChunkSource) else None
+        # the blob's following chunks, for amplification across files (v6 chunk table)
+        self._follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = (
+            getattr(image, "chunks_after", None) if self.amplify_io else None)
 
     def load_chunk(self, chunk: ChunkInfo) -> bytes:
         if self._chunked is not None:
@@ -110,7 +115,7 @@ class BlobDevice:
         for bi, ks in groups.items():
             more = [c for c in extra if c.blob_index == bi]
             try:
-                got = self._chunked.read_chunks(blobs[bi], [chunks[k] for k in ks], more)
+                got = self._chunked.read_chunks(blobs[bi], [chunks[k] for k in ks], more, follow=self._follow)
             except (FormatError, OSError) as e:
                 with self._stats_lock:
                     self.read_errors += 1

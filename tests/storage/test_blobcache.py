@@ -67,6 +67,7 @@ def test_whole_image_through_blob_device(tmp_path):
         if len(data) > 70_000:
             assert dev.read(ino, 65_530, 20) == data[65_530:65_550]
     assert m.stats.digest_errors == 0
+    m.flush()  # another manager on the same work_dir sees the bits once they are persisted
     m2 = manager(tmp_path, FakeSource(fail=1000))
     dev2 = BlobDevice(image, m2)
     for rel, data in img.files.items():
@@ -160,14 +161,85 @@ def test_marked_only_after_write(tmp_path, monkeypatch):
     def die(self, indices):  # noqa: ANN001
         raise OSError(5, "simulated crash before marking")
 
+    assert m.read_chunks(b.info, b.chunks[:2]) == b.plain[:2]  # served at once
     monkeypatch.setattr(ChunkMap, "set_ready", die)
-    assert m.read_chunks(b.info, b.chunks[:2]) == b.plain[:2]  # still served
+    m.flush()  # the data is synced, the bits never reach the file
     monkeypatch.undo()
     m.close()
     m2 = manager(tmp_path, src)
     assert m2.ready_chunks(b.info) == 0
     before = src.reads()
     assert m2.read_chunks(b.info, b.chunks[:2]) == b.plain[:2] and src.reads() == before + 1
+
+
+def test_bits_reach_the_file_only_after_fdatasync(tmp_path, monkeypatch):
+    """Batched durability: a written chunk is served from the cache at once, but its bit is in the
+    chunk map file only after an fdatasync that came after its write; a crash before the flush
+    (here: a second manager reading the files meanwhile) finds nothing ready."""
+    b = make_blob(8, seed=8)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src, sync_delay=60.0)  # the flusher will not run by itself in this test
+    map_path = str(tmp_path / "cache" / f"{b.info.blob_id}.blob.data.chunk_map")
+    assert m.read_chunks(b.info, b.chunks[:3]) == b.plain[:3]
+    assert m.read_chunks(b.info, b.chunks[:3]) == b.plain[:3] and src.reads() == 1  # cache hits
+    crashed = manager(tmp_path, FakeSource(fail=1000))  # what a restart would see now
+    assert crashed.ready_chunks(b.info) == 0
+    crashed.close()
+    synced: list[list[int]] = []
+    real_sync = os.fdatasync
+
+    def spy(fd: int) -> None:
+        cm = ChunkMap(map_path, 8)  # the file's bits at the moment of the sync
+        synced.append([i for i in range(8) if cm.is_ready(i)])
+        cm.close()
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", spy)
+    assert m.flush() == 3
+    monkeypatch.undo()
+    assert synced == [[]]  # one sync for the batch, before any bit was set
+    cm = ChunkMap(map_path, 8)
+    assert [i for i in range(8) if cm.is_ready(i)] == [0, 1, 2]
+    cm.close()
+    assert m.flush() == 0
+    m.close()
+
+
+def test_failed_fdatasync_forgets_the_chunks(tmp_path, monkeypatch):
+    b = make_blob(4, seed=9)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src, sync_delay=60.0)
+    m.read_chunks(b.info, b.chunks[:2])
+
+    def broken(fd: int) -> None:
+        raise OSError(5, "disk error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    m.flush()
+    monkeypatch.undo()
+    assert m.ready_chunks(b.info) == 0  # never marked, fetched again
+    assert m.read_chunks(b.info, b.chunks[:2]) == b.plain[:2] and src.reads() == 2
+    m.close()
+    m2 = manager(tmp_path, src)
+    assert m2.ready_chunks(b.info) == 2  # the refetched ones were synced and marked at close
+    m2.close()
+
+
+def test_flusher_persists_in_the_background(tmp_path):
+    b = make_blob(4, seed=11)
+    m = manager(tmp_path, FakeSource().add(b), sync_delay=0.01)
+    m.read_chunks(b.info, b.chunks)
+    map_path = str(tmp_path / "cache" / f"{b.info.blob_id}.blob.data.chunk_map")
+    deadline = time.monotonic() + 10
+    while True:
+        cm = ChunkMap(map_path, 4)
+        n = cm.ready_count
+        cm.close()
+        if n == 4 or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert n == 4  # without close or an explicit flush
+    m.close()
 
 
 CRASH_CHILD = textwrap.dedent("""
@@ -179,13 +251,20 @@ CRASH_CHILD = textwrap.dedent("""
     src = FakeSource(delay=0.001)
     for b in blobs:
         src.add(b)
-    m = BlobCacheManager({work!r}, src, amplify_io=64 << 10)
+    m = BlobCacheManager({work!r}, src, amplify_io=64 << 10, sync_delay=0.005)
     rng = random.Random({seed})
-    print("ready", flush=True)
-    while True:
+
+    def step():
         b = rng.choice(blobs)
         i = rng.randrange(256)
         m.read_chunks(b.info, b.chunks[i:i + rng.randrange(1, 8)])
+
+    for _ in range(10):
+        step()
+    m.flush()  # some chunks are surely on disk before the kill
+    print("ready", flush=True)
+    while True:
+        step()
 """)
 
 
@@ -358,3 +437,102 @@ def test_on_demand_does_not_wait_for_queued_prefetch_reads(tmp_path):
     pf.join(10)
     assert m.ready_chunks(b.info) == 10
     assert [c[1] for c in src.calls].count(b.chunks[18].compressed_offset) == 1  # fetched once
+
+
+def _follow(b):  # noqa: ANN001, ANN202
+    return lambda c: iter(b.chunks[c.index + 1:])
+
+
+def test_cross_file_amplification_opens_on_sequential_misses(tmp_path):
+    """A random miss fetches only what it needs; a miss where the previous fetch ended takes the
+    blob's next chunks too, in a window that doubles up to amplify_io."""
+    from nydus_py.storage.cache.blobcache import FOLLOW_MIN
+
+    b = make_blob(200, seed=50)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src, amplify_io=512 << 10)
+    f = _follow(b)
+    assert m.read_chunks(b.info, [b.chunks[100]], follow=f) == [b.plain[100]]
+    assert src.calls[-1][2] == b.chunks[100].compressed_size and m.stats.followed_chunks == 0
+    assert m.read_chunks(b.info, [b.chunks[20]], follow=f) == [b.plain[20]]  # random again
+    assert m.stats.followed_chunks == 0
+    # the next chunk in the blob: window FOLLOW_MIN
+    m.read_chunks(b.info, [b.chunks[21]], follow=f)
+    first = m.stats.followed_chunks
+    size = src.calls[-1][2]
+    assert first > 2 and size <= b.chunks[21].compressed_size + FOLLOW_MIN
+    assert src.calls[-1][1] == b.chunks[21].compressed_offset
+    nxt = 22 + first
+    reads = src.reads()
+    assert m.read_chunks(b.info, b.chunks[22:nxt], follow=f) == b.plain[22:nxt]  # all fetched along
+    assert src.reads() == reads
+    # reading on (over the chunk cached at the start, too) doubles the window, up to amplify_io
+    calls = len(src.calls)
+    for i in range(nxt, 200):
+        assert m.read_chunks(b.info, [b.chunks[i]], follow=f) == [b.plain[i]]
+    sizes = [c[2] for c in src.calls[calls:]]
+    assert sizes[0] > size and max(sizes) <= 512 << 10 and max(sizes) > (512 << 10) - 2 * b.chunks[0].compressed_size
+    assert m.stats.sequential_misses == len(sizes) + 1
+    assert m.read_chunks(b.info, b.chunks[20:]) == b.plain[20:] and m.stats.whole_hits >= 1
+
+
+def test_cross_file_amplification_stops_at_cached_or_inflight_chunks(tmp_path):
+    b = make_blob(40, seed=51)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src, amplify_io=1 << 20)
+    f = _follow(b)
+    m.read_chunks(b.info, [b.chunks[5]])  # cached already
+    m.read_chunks(b.info, [b.chunks[0]], follow=f)
+    m.read_chunks(b.info, [b.chunks[1]], follow=f)  # sequential: would take 2.., stops before 5
+    assert m.stats.followed_chunks == 3 and src.calls[-1][2] == sum(c.compressed_size for c in b.chunks[1:5])
+    # another fetch already has the following chunk: not fetched twice
+    gate = threading.Event()
+    src.gate = gate
+    pf = threading.Thread(target=lambda: m.prefetch(b.info, b.chunks[11:13]))
+    pf.start()
+    time.sleep(0.1)
+    out: list[bytes] = []
+    assert m.read_chunks(b.info, [b.chunks[5]], follow=f) == [b.plain[5]]  # a hit carries the stream on
+    t = threading.Thread(target=lambda: out.extend(m.read_chunks(b.info, [b.chunks[6]], follow=f)))
+    t.start()
+    time.sleep(0.1)
+    gate.set()
+    pf.join(10)
+    t.join(10)
+    assert out == [b.plain[6]] and m.stats.followed_chunks == 3 + 4  # 7..10, not the prefetched 11
+    demand = [c for c in src.calls if not c[3]]
+    assert demand[-1][1] == b.chunks[6].compressed_offset
+    assert demand[-1][1] + demand[-1][2] == b.chunks[11].compressed_offset
+    offsets = [c[1] for c in src.calls]
+    assert all(offsets.count(c.compressed_offset) <= 1 for c in b.chunks)
+
+
+def test_scattered_reads_fetch_only_what_they_read(tmp_path):
+    b = make_blob(120, seed=52)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src, amplify_io=1 << 20)
+    picks = [3, 50, 17, 90, 33, 71, 5, 110]
+    for i in picks:
+        assert m.read_chunks(b.info, [b.chunks[i]], follow=_follow(b)) == [b.plain[i]]
+    assert sum(c[2] for c in src.calls) == sum(b.chunks[i].compressed_size for i in picks)
+
+
+def test_reader_waiting_for_prefetch_does_not_hold_prefetch_back(tmp_path):
+    """Only a running on-demand backend fetch makes prefetch stand aside; a reader that waits for
+    a chunk a prefetch is fetching does not, so the other prefetch workers go on."""
+    b = make_blob(16, seed=53, compress=False)
+    src = FakeSource(delay=0.3).add(b)
+    m = manager(tmp_path, src)
+    p1 = threading.Thread(target=lambda: m.prefetch(b.info, b.chunks[0:2]))
+    p1.start()
+    time.sleep(0.05)
+    out: list[bytes] = []
+    reader = threading.Thread(target=lambda: out.extend(m.read_chunks(b.info, [b.chunks[1]])))
+    reader.start()
+    time.sleep(0.05)
+    p2 = threading.Thread(target=lambda: m.prefetch(b.info, b.chunks[8:10]))
+    p2.start()
+    for t in (p1, reader, p2):
+        t.join(10)
+    assert out == [b.plain[1]] and m.stats.waited == 1
+    assert m.stats.prefetch_waits == 0 and src.reads() == 2

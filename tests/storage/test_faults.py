@@ -63,6 +63,7 @@ class Rig:
         """Every chunk the map says is ready holds exactly its bytes."""
         blob = self.device.image.blobs[0]
         n = 0
+        self.cache.flush()  # the bits reach the file in batches
         work = Path(self.cache.work_dir)
         cmap = ChunkMap(str(work / f"{blob.blob_id}.blob.data.chunk_map"), blob.chunk_count)
         try:

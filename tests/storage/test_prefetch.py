@@ -56,6 +56,7 @@ def ready_set(cache, image):
 
     from nydus_py.storage.cache import ChunkMap
 
+    cache.flush()  # the bits reach the file in batches (a no-op once closed)
     cm = ChunkMap(os.path.join(cache.work_dir, f"{blob.blob_id}.blob.data.chunk_map"), blob.chunk_count)
     try:
         return {i for i in range(blob.chunk_count) if cm.is_ready(i)}

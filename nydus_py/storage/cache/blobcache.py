@@ -2,15 +2,26 @@
 `<blob id>.blob.data.chunk_map` (Nydus's names and layout, NYDUSD-CONTRACT.md 6.8).
 
 What it promises:
-* A chunk enters the cache only after its digest checked out, and is marked ready only after its
-  bytes are written and fdatasync'ed, so a crash can lose work but never leave a ready chunk with
-  wrong bytes. With `validate`, cached bytes are checked again on every read; a bad one is
+* A chunk enters the cache only after its digest checked out, and is marked ready in the chunk
+  map file only after its bytes are written and fdatasync'ed, so a crash can lose work but never
+  leave a ready chunk with wrong bytes. The sync is batched: a written chunk is ready in memory
+  at once (this daemon reads it back from the page cache), and a flusher thread persists the
+  bits every `sync_delay` seconds, one fdatasync per blob then the bits (a crash loses at most
+  that much work). With `validate`, cached bytes are checked again on every read; a bad one is
   dropped and fetched again instead of being served.
-* Concurrent readers of one missing chunk cause one fetch; missing chunks that sit next to each
-  other in the blob are fetched with one ranged read of up to `amplify_io` bytes, and a read may
-  pull in following chunks of the same file (`extra`) within that budget.
-* On-demand reads go first: prefetch waits while any on-demand fetch is running, and an on-demand
-  reader never waits for a prefetch fetch that failed - it fetches the chunk itself.
+* Concurrent readers of one missing chunk cause one fetch (a reader of a chunk that a prefetch or
+  another reader is fetching waits for that fetch); missing chunks that sit next to each other in
+  the blob are fetched with one ranged read of up to `amplify_io` bytes, and a read may pull in
+  following chunks of the same file (`extra`) within that budget.
+* Across files (`follow`, the blob's chunks in blob order): an on-demand miss that continues where
+  an earlier fetch of the same blob ended also takes the next adjacent, missing chunks of the blob,
+  whatever file they belong to, in a window that doubles on each such sequential miss up to
+  `amplify_io` and closes on a random one (the kernel's readahead rule). Files packed in the order
+  they are read (a build with prefetch files) then come in large reads; scattered reads do not pay
+  for neighbours they never use.
+* On-demand reads go first: prefetch waits while an on-demand backend fetch is running (not while
+  a reader merely waits for a prefetch fetch or reads the cache), and an on-demand reader never
+  waits for a prefetch fetch that failed - it fetches the chunk itself.
 * `size_limit` > 0 caps the bytes on disk by evicting whole blobs, least recently used first,
   never one that a read is using right now.
 """
@@ -25,7 +36,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -40,6 +51,8 @@ DATA_SUFFIX = ".blob.data"
 MAP_SUFFIX = ".blob.data.chunk_map"
 MERGE_GAP = 4096  # bytes of unwanted data we accept between two chunks to save a request
 MAX_UNCOMPRESSED = 1 << 40
+FOLLOW_MIN = 128 << 10  # first cross-file amplification window after a sequential miss
+_STREAMS = 16  # sequential streams remembered per blob
 _BLOB_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -61,6 +74,8 @@ class CacheStats:
         self.backend_bytes = 0
         self.merged_chunks = 0  # chunks that shared a backend read with another chunk
         self.amplified_chunks = 0  # chunks fetched ahead of need (`extra`)
+        self.followed_chunks = 0  # of those, chunks of other files taken along (`follow`)
+        self.sequential_misses = 0  # on-demand misses continuing an earlier fetch of the blob
         self.digest_errors = 0  # fetched chunks whose digest was wrong (never cached)
         self.cache_corruptions = 0  # cached chunks that failed validation and were dropped
         self.backend_errors = 0
@@ -96,6 +111,8 @@ class CachedBlob:
             raise
         self.pins = 0
         self.dirty = False
+        self.pending: set[int] = set()  # written and ready in memory, not yet durable (manager lock)
+        self.flush_lock = threading.Lock()  # held across fdatasync + persisting the bits
 
     def cacheable(self, c: ChunkInfo) -> bool:
         limit = self.blob.uncompressed_size or MAX_UNCOMPRESSED
@@ -129,7 +146,7 @@ class BlobCacheManager:
     """A ChunkSource: decoded, validated chunks of any blob, through the persistent cache."""
 
     def __init__(self, work_dir: str, source: BlobSource, *, validate: bool = False, amplify_io: int = 1 << 20,
-                 size_limit: int = 0) -> None:
+                 size_limit: int = 0, sync_delay: float = 0.1) -> None:
         os.makedirs(work_dir, exist_ok=True)
         self.work_dir = work_dir
         self.source = source
@@ -142,8 +159,14 @@ class BlobCacheManager:
         self._inflight: dict[tuple[str, int], tuple[Future[bytes], bool]] = {}
         self._demand = 0
         self._demand_idle = threading.Condition(self._lock)
+        # blob id -> {compressed end of an on-demand fetch: its cross-file window}, oldest first
+        self._streams: dict[str, OrderedDict[int, int]] = {}
         self._on_disk: dict[str, tuple[float, int]] = self._scan() if self.size_limit else {}
         self._closed = False
+        self.sync_delay = max(0.0, sync_delay)
+        self._flush_wake = threading.Condition(self._lock)
+        self._flush_stop = threading.Event()
+        self._flusher: threading.Thread | None = None
 
     # -- files and eviction ---------------------------------------------------------------------
     def _scan(self) -> dict[str, tuple[float, int]]:
@@ -251,26 +274,25 @@ class BlobCacheManager:
 
     # -- reads ----------------------------------------------------------------------------------
     def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo] = (),
-                    prefetch: bool = False) -> list[bytes]:
+                    prefetch: bool = False,
+                    follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
         """Decoded bytes of `chunks` (all of `blob`), fetching what is missing; chunks in `extra`
         are fetched along when missing and within the `amplify_io` budget, but not returned.
+        `follow(c)` gives the chunks stored after `c` in the blob, for cross-file amplification
+        of sequential misses (see the module docstring); it is only called on a miss.
 
         A chunk that cannot be had raises OSError(EIO) or FormatError (DigestMismatch); the
         caller answers EIO. Nothing wrong is ever returned or cached.
         """
         if prefetch:
             self.wait_demand_idle()
-        else:
-            self._demand_begin()
         cb = self._pin(blob)
         try:
             with self._lock:
                 self.stats.total += 1
-            return self._read(cb, chunks, extra, prefetch)
+            return self._read(cb, chunks, extra, prefetch, None if prefetch else follow)
         finally:
             self._unpin(cb)
-            if not prefetch:
-                self._demand_end()
 
     def prefetch(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], merging_size: int = 1 << 20) -> int:
         """Fetch the chunks of `blob` that are neither cached nor being fetched, in reads of up
@@ -321,7 +343,10 @@ class BlobCacheManager:
                 verify_chunk(data, c, cb.blob)
             except DigestMismatch as e:
                 assert cb.map is not None
-                cb.map.clear(c.index)
+                with cb.flush_lock:  # after any flush that may be persisting this chunk's bit
+                    with self._lock:
+                        cb.pending.discard(c.index)
+                    cb.map.clear(c.index)
                 with self._lock:
                     self.stats.cache_corruptions += 1
                 log.error("cache: %s; dropped it, fetching again", e)
@@ -329,11 +354,14 @@ class BlobCacheManager:
         return data
 
     def _read(self, cb: CachedBlob, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo],
-              prefetch: bool) -> list[bytes]:
+              prefetch: bool, follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
         out: list[bytes | None] = [self._cached(cb, c) for c in chunks]
         missing = [k for k, d in enumerate(out) if d is None]
         hits = len(chunks) - len(missing)
         with self._lock:
+            streams = self._streams.get(cb.blob.blob_id) if follow is not None and hits else None
+            if streams:
+                self._advance(streams, [c for c, d in zip(chunks, out, strict=True) if d is not None])
             self.stats.chunk_hits += hits
             if not missing:
                 self.stats.whole_hits += 1
@@ -342,10 +370,17 @@ class BlobCacheManager:
         if not missing:
             return out  # type: ignore[return-value]
         mine, waits, recheck = self._claim(cb, chunks, missing, extra, prefetch)
+        if mine and follow is not None:
+            self._follow(cb, mine, follow)
+        demand = bool(mine) and not prefetch
+        if demand:
+            self._demand_begin()
         try:
             self._fetch(cb, mine, prefetch)
         finally:
             self._settle(cb, mine)
+            if demand:
+                self._demand_end()
         for k in recheck:
             out[k] = self._cached(cb, chunks[k])
         by_off = {c.compressed_offset: fut for c, fut in mine}
@@ -407,6 +442,65 @@ class BlobCacheManager:
                 budget -= c.compressed_size
                 self.stats.amplified_chunks += 1
         return mine, waits, recheck
+
+    def _follow(self, cb: CachedBlob, mine: list[tuple[ChunkInfo, Future[bytes]]],
+                follow: Callable[[ChunkInfo], Iterable[ChunkInfo]]) -> None:
+        """Cross-file amplification of an on-demand miss: when the miss starts where an earlier
+        fetch of this blob ended (within MERGE_GAP), claim the blob's next adjacent missing chunks in a
+        window that doubles per sequential miss (up to what `amplify_io` leaves); a random
+        miss closes the window. Remembers where this fetch ends for the next miss."""
+        bid = cb.blob.blob_id
+        first = min(c.compressed_offset for c, _ in mine)
+        last = max((c for c, _ in mine), key=lambda c: c.compressed_offset + c.compressed_size)
+        end = last.compressed_offset + last.compressed_size
+        budget = self.amplify_io - sum(c.compressed_size for c, _ in mine)
+        with self._lock:
+            streams = self._streams.setdefault(bid, OrderedDict())
+            window = 0
+            for e, w in list(streams.items()):
+                if abs(first - e) <= MERGE_GAP:
+                    del streams[e]
+                    window = min(self.amplify_io, max(2 * w, FOLLOW_MIN))
+                    self.stats.sequential_misses += 1
+                    break
+        budget = min(budget, window)
+        taken: list[tuple[ChunkInfo, Future[bytes]]] = []
+        if budget > 0:
+            try:
+                for c in follow(last):
+                    gap = c.compressed_offset - end
+                    if not 0 <= gap <= MERGE_GAP or c.compressed_size > budget or not cb.cacheable(c):
+                        break
+                    with self._lock:
+                        key = (bid, c.compressed_offset)
+                        if key in self._inflight or cb.ready(c):
+                            break
+                        fut: Future[bytes] = Future()
+                        self._inflight[key] = (fut, False)
+                    taken.append((c, fut))
+                    budget -= c.compressed_size + gap
+                    end = c.compressed_offset + c.compressed_size
+            except (FormatError, OSError) as e:  # a broken table only ends the amplification
+                log.warning("blob %s: cross-file amplification stopped: %s", bid, e)
+        mine.extend(taken)
+        with self._lock:
+            self.stats.amplified_chunks += len(taken)
+            self.stats.followed_chunks += len(taken)
+            streams = self._streams.setdefault(bid, OrderedDict())
+            streams[end] = window
+            while len(streams) > _STREAMS:
+                streams.popitem(last=False)
+
+    @staticmethod
+    def _advance(streams: OrderedDict[int, int], hits: list[ChunkInfo]) -> None:
+        """(lock held) A sequential reader passing over cached chunks carries its stream along, so
+        its next miss still counts as sequential."""
+        for c in sorted(hits, key=lambda c: c.compressed_offset):
+            for e, w in streams.items():
+                if abs(c.compressed_offset - e) <= MERGE_GAP:
+                    del streams[e]
+                    streams[c.compressed_offset + c.compressed_size] = w
+                    break
 
     def _settle(self, cb: CachedBlob, mine: list[tuple[ChunkInfo, Future[bytes]]]) -> None:
         """Every claimed future ends resolved and out of the in-flight table, whatever happened."""
@@ -504,7 +598,8 @@ class BlobCacheManager:
         log.error("blob %s: fetched chunk at %d is bad: %s%s", cb.blob.blob_id, c.compressed_offset, e, then)
 
     def _store(self, cb: CachedBlob, good: list[tuple[ChunkInfo, Future[bytes], bytes]]) -> None:
-        """Write, fdatasync, then mark ready; hand the bytes out even if the cache write fails."""
+        """Write, mark ready in memory, queue for the flusher (fdatasync, then the bits on disk);
+        hand the bytes out even if the cache write fails."""
         ready: list[int] = []
         try:
             for c, _fut, data in good:
@@ -514,18 +609,94 @@ class BlobCacheManager:
                 else:
                     with self._lock:
                         self.stats.uncacheable += 1
-            if ready:
-                os.fdatasync(cb.fd)
-                assert cb.map is not None
-                cb.map.set_ready(ready)
-                with self._lock:
-                    cb.dirty = True
         except OSError as e:
             log.error("cache: writing blob %s failed (%s); serving without caching", cb.blob.blob_id, e)
+        if ready:
+            assert cb.map is not None
+            if self.sync_delay > 0:
+                cb.map.mark(ready)
+                with self._lock:
+                    cb.dirty = True
+                    cb.pending.update(ready)
+                    self._wake_flusher()
+            else:
+                self._persist(cb, ready)
         for _c, fut, data in good:
             fut.set_result(data)
 
+    # -- durability -----------------------------------------------------------------------------
+    def _wake_flusher(self) -> None:
+        """(lock held) Start the flusher on first use, or wake it."""
+        if self._closed:
+            return
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_loop, name="blobcache-sync", daemon=True)
+            self._flusher.start()
+        self._flush_wake.notify()
+
+    def _flush_loop(self) -> None:
+        while True:
+            with self._lock:
+                self._flush_wake.wait_for(lambda: self._closed or any(cb.pending for cb in self._blobs.values()))
+                if self._closed:
+                    return
+            if self._flush_stop.wait(self.sync_delay):  # gather a batch; close() does the last flush
+                return
+            self.flush()
+
+    def flush(self) -> int:
+        """Make every chunk written so far durable and ready on disk: per blob one fdatasync, then
+        its bits. Returns how many chunks were persisted."""
+        with self._lock:
+            todo = [cb for cb in self._blobs.values() if cb.pending]
+            for cb in todo:
+                cb.pins += 1  # not evicted (its fd closed) under our feet
+        done = 0
+        try:
+            for cb in todo:
+                with cb.flush_lock:
+                    with self._lock:
+                        batch, cb.pending = cb.pending, set()
+                    if batch and cb.fd >= 0:
+                        self._persist(cb, sorted(batch))
+                        done += len(batch)
+        finally:
+            with self._lock:
+                for cb in todo:
+                    cb.pins -= 1
+        return done
+
+    def _persist(self, cb: CachedBlob, indices: list[int]) -> None:
+        """fdatasync the data, then set the bits in the chunk map file. When the data cannot be
+        made durable the chunks are forgotten (fetched again), never marked."""
+        assert cb.map is not None
+        try:
+            os.fdatasync(cb.fd)
+        except OSError as e:
+            log.error("cache: fdatasync of blob %s failed (%s); dropping %d chunks", cb.blob.blob_id, e, len(indices))
+            for i in indices:
+                cb.map.clear(i)
+            return
+        try:
+            cb.map.set_ready(indices)
+            with self._lock:
+                cb.dirty = True
+        except OSError as e:
+            log.error("cache: marking chunks of blob %s failed (%s); they will be fetched again next time",
+                      cb.blob.blob_id, e)
+
     def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            flusher = self._flusher
+        if flusher is not None:
+            with self._lock:
+                self._closed = True
+                self._flush_stop.set()
+                self._flush_wake.notify_all()
+            flusher.join(30)
+        self.flush()
         with self._lock:
             self._closed = True
             for cb in self._blobs.values():

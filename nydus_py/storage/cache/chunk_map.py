@@ -5,9 +5,10 @@ their own: a 4096-byte header of u32 LE `magic 0x424D4150, version 1, magic2 0x4
 all_ready (0x4D4D4150 once every chunk is cached)`, then ceil(chunks/8) bitmap bytes, MSB first
 (chunk i is byte i/8, bit 7 - i%8). A file of any other size or header is discarded.
 
-A bit is only ever set after the chunk's bytes are validated, written and fdatasync'ed (the cache
-does that); bits are merged into the file under an flock so two of our daemons sharing a
-work_dir never lose each other's bits.
+A bit is only ever set in the file after the chunk's bytes are validated, written and
+fdatasync'ed (the cache does that, in batches); until then `mark` keeps it in memory only, so this
+daemon already serves the chunk from the (page-cached) data file. Bits are merged into the file
+under an flock so two of our daemons sharing a work_dir never lose each other's bits.
 """
 
 from __future__ import annotations
@@ -107,8 +108,18 @@ class ChunkMap:
                     self.ready_count += 1
         return bool(self.bits[byte] & mask)
 
+    def mark(self, indices: Iterable[int]) -> None:
+        """Ready in memory only: their bytes are written, not yet durable; `set_ready` persists."""
+        with self._lock:
+            for i in indices:
+                if 0 <= i < self.chunks:
+                    byte, mask = bit(i)
+                    if not self.bits[byte] & mask:
+                        self.bits[byte] |= mask
+                        self.ready_count += 1
+
     def set_ready(self, indices: Iterable[int]) -> None:
-        """Mark chunks ready (their data must already be durable in the data file)."""
+        """Mark chunks ready in the file (their data must already be durable in the data file)."""
         idx = sorted({i for i in indices if 0 <= i < self.chunks})
         if not idx:
             return
