@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--work-dir", metavar="DIR", help="where temporary files go (default: $TMPDIR)")
     c.add_argument("--jobs", type=int, default=3, metavar="N", help="concurrent downloads and uploads (default 3)")
     c.add_argument("--output-json", metavar="FILE", help="write the conversion summary as JSON")
+    c.add_argument("--prefetch-patterns", action="store_true",
+                   help="read prefetch paths from STDIN, one absolute path per line (files read at startup, in "
+                        "order): they go first and contiguous in each layer's blob and into the prefetch table")
+    c.add_argument("--prefetch-files", metavar="FILE", help="like --prefetch-patterns, from FILE")
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
     return p
@@ -65,6 +69,21 @@ def summary(r: ConvertResult) -> str:
     return "\n".join(lines)
 
 
+def _prefetch_patterns(a: argparse.Namespace) -> list[bytes]:
+    if a.prefetch_files:
+        with open(a.prefetch_files, "rb") as f:
+            data = f.read(16 << 20)
+    elif a.prefetch_patterns:
+        data = sys.stdin.buffer.read(16 << 20)
+    else:
+        return []
+    paths = [line.strip() for line in data.splitlines() if line.strip()]
+    bad = [p for p in paths if not p.startswith(b"/")]
+    if bad:
+        raise ConvertError(f"prefetch paths must be absolute: {bad[0].decode(errors='replace')!r}")
+    return paths
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     if a.jobs < 1 or a.jobs > 64:
         raise ConvertError("--jobs must be in 1..64")
@@ -72,7 +91,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         source=a.source, target=a.target, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
         source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform, fs_version=a.fs_version,
         compressor=a.compressor, chunk_size=a.chunk_size, merge_platform=a.merge_platform, work_dir=a.work_dir,
-        jobs=a.jobs,
+        jobs=a.jobs, prefetch_patterns=_prefetch_patterns(a),
     )
     progress = Progress(sys.stderr, quiet=a.quiet)
     try:

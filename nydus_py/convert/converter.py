@@ -59,6 +59,9 @@ class ConvertOptions:
     docker_config_paths: list[str] | None = None  # None: $DOCKER_CONFIG / ~/.docker/config.json
     jobs: int = 3  # concurrent downloads, and concurrent uploads
     piece_size: int = 8 << 20  # upload piece
+    # absolute paths (files or directories) read at startup, in reading order (nydusify's
+    # --prefetch-patterns): first and contiguous in each layer's blob, and the prefetch table
+    prefetch_patterns: list[bytes] = field(default_factory=list)
 
 
 @dataclass
@@ -186,7 +189,8 @@ def build_options(opts: ConvertOptions) -> BuildOptions:
         comp = Compressor.from_name(opts.compressor)
     except ValueError as e:
         raise ConvertError(str(e)) from None
-    bo = BuildOptions(fs_version=opts.fs_version, compressor=comp, chunk_size=opts.chunk_size)
+    bo = BuildOptions(fs_version=opts.fs_version, compressor=comp, chunk_size=opts.chunk_size,
+                      prefetch_paths=list(opts.prefetch_patterns))
     from ..builder.build import check_options
 
     try:

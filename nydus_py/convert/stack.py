@@ -14,7 +14,7 @@ layers drop out of the table, so only blobs the image uses are pushed.
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import BinaryIO
 
 from ..builder.blob_writer import BlobWriter
@@ -83,7 +83,8 @@ class LayerStack:
         read in place). `progress` gets the file bytes consumed."""
         stats = SourceStats()
         root = tree_from_tar(tar, stats)
-        plan = plan_v5(root, self.opts) if self.opts.fs_version == 5 else plan_v6(root, self.opts)
+        opts = self._layer_options(root)
+        plan = plan_v5(root, opts) if opts.fs_version == 5 else plan_v6(root, opts)
         order = plan.data_order()
         datas = [n.data for n in order if isinstance(n.data, FileData)]
         if progress is not None:
@@ -114,6 +115,16 @@ class LayerStack:
             stored_compressed=writer.stored_compressed,
         )
 
+    def _layer_options(self, root: Inode) -> BuildOptions:
+        """The build options of one layer: only the prefetch paths this layer has (the others
+        belong to other layers, no warning about them here). Its blob then starts with those
+        files, in the given order; the merged bootstrap's prefetch table lists them all."""
+        if not self.opts.prefetch_paths:
+            return self.opts
+        present = {p for p, _node in walk(root)}
+        mine = [p for p in self.opts.prefetch_paths if _normalize(p) in present]
+        return replace(self.opts, prefetch_paths=mine)
+
     def finish(self, bootstrap_path: str) -> BuildResult:
         """Write the merged image bootstrap (whiteouts applied). No blob data is written here."""
         if not self.layers:
@@ -124,3 +135,7 @@ class LayerStack:
         if result.blob_id is not None:  # every file is ChunkedData: a new blob means a bug here
             raise AssertionError("merging layers wrote new blob data")
         return result
+
+
+def _normalize(path: bytes) -> bytes:
+    return b"/" + b"/".join(c for c in path.split(b"/") if c and c != b".")

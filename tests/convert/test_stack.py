@@ -128,3 +128,30 @@ def test_hostile_layer_is_a_format_error(tmp_path):
         stack.finish(str(tmp_path / "boot"))
     with pytest.raises(ValueError, match="blob_id"):
         LayerStack(BuildOptions(blob_id="0" * 64), str(tmp_path))
+
+
+def test_prefetch_patterns_go_first_in_each_layer_blob(tmp_path, caplog):
+    """nydusify --prefetch-patterns: each layer's blob starts with its listed files, in list order;
+    the merged bootstrap's prefetch table names them all; no warnings about other layers' paths."""
+    rng = random.Random(9)
+    l0 = [Entry(f"f{k}", data=rng.randbytes(3000 + k)) for k in range(6)]
+    l1 = [Entry("d", "dir")] + [Entry(f"d/g{k}", data=rng.randbytes(2000 + k)) for k in range(6)]
+    want = [b"/d/g4", b"/f5", b"/f0/", b"/d/g1", b"/f3"]
+    stack = LayerStack(BuildOptions(chunk_size=CS, prefetch_paths=want), str(tmp_path / "blobs"))
+    with caplog.at_level("WARNING"):
+        results = [stack.add_layer(io.BytesIO(make_tar(entries))) for entries in (l0, l1)]
+        stack.finish(str(tmp_path / "boot"))
+    assert not [r for r in caplog.records if "prefetch" in r.getMessage()]
+    from nydus_py.storage.prefetch import resolve_path
+
+    with open_bootstrap(str(tmp_path / "boot")) as img:
+        table = img.prefetch_table()
+        assert table == [resolve_path(img, p.rstrip(b"/")) for p in want]
+        for layer, names in ((0, [b"/f5", b"/f0", b"/f3"]), (1, [b"/d/g4", b"/d/g1"])):
+            blob = results[layer].blob
+            assert blob is not None
+            offsets = [img.chunks(resolve_path(img, n))[0].compressed_offset for n in names]
+            assert offsets[0] == 0 and offsets == sorted(offsets)  # first, in list order
+            others = [c.compressed_offset for _p, ino in img.walk() if stat.S_ISREG(img.getattr(ino).mode)
+                      for c in img.chunks(ino) if c.blob_index == blob.index and c.compressed_offset not in offsets]
+            assert min(others) > max(offsets)
