@@ -2,8 +2,11 @@
 
 Hints come from `--prefetch-files` (one absolute path per line, blank lines skipped) or, when
 that is not given, the bootstrap's prefetch table; directories mean their whole subtree. With
-`prefetch_all` every file follows. A planner thread turns files into per-blob batches of at most
-`merging_size` bytes for `threads` workers; a token bucket caps the bandwidth. Prefetch never
+`prefetch_all` every file follows. A planner thread turns files into per-blob batches for
+`threads` workers, each batch one ranged read: chunks adjacent in the blob, at most
+`merging_size` bytes (files packed in prefetch order make few large reads; scattered files make
+many small ones, which the workers then send in parallel instead of one after another); a token
+bucket caps the bandwidth. Prefetch never
 delays an on-demand read: the cache makes each batch wait while on-demand fetches run, and uses
 the backend's separate prefetch connections.
 """
@@ -19,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 from ..rafs.errors import FormatError
 from ..rafs.model import ChunkInfo, RafsImage
-from .cache.blobcache import BlobCacheManager
+from .cache.blobcache import MERGE_GAP, BlobCacheManager
 
 log = logging.getLogger(__name__)
 
@@ -130,12 +133,19 @@ class Prefetcher:
             sizes: dict[int, int] = {}
             for ino in self._files():
                 for c in self.image.chunks(ino):
-                    b = batches.setdefault(c.blob_index, [])
-                    b.append(c)
-                    sizes[c.blob_index] = sizes.get(c.blob_index, 0) + c.compressed_size
-                    if sizes[c.blob_index] >= self.merging_size:
-                        self._put(c.blob_index, batches.pop(c.blob_index))
+                    b = batches.get(c.blob_index)
+                    if b:
+                        last = b[-1]
+                        gap = c.compressed_offset - (last.compressed_offset + last.compressed_size)
+                        if (not 0 <= gap <= MERGE_GAP or sizes[c.blob_index] + gap + c.compressed_size
+                                > self.merging_size):
+                            self._put(c.blob_index, batches.pop(c.blob_index))  # one read's worth
+                            b = None
+                    if not b:
+                        b = batches[c.blob_index] = []
                         sizes[c.blob_index] = 0
+                    b.append(c)
+                    sizes[c.blob_index] += c.compressed_size
                 if self._stop.is_set():
                     return
             for bi, chunks in batches.items():

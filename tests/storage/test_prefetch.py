@@ -145,3 +145,34 @@ def test_on_demand_not_queued_behind_prefetch(built, tmp_path):
     pf.wait(60)
     assert sum(1 for c in src.calls if c[3]) > remaining_prefetch  # prefetch was still going
     assert any(not c[3] for c in src.calls)
+
+
+def test_scattered_files_are_fetched_in_parallel(built, tmp_path):
+    """Each batch is one ranged read of adjacent chunks: files scattered in the blob become
+    separate batches that the workers send side by side (not one worker's queue of reads)."""
+    delay = 0.2
+    src = SlowDir(str(built.blob_dir), delay)
+    image = open_bootstrap(str(built.boot))
+    files = [b"/small/f03", b"/small/f11", b"/small/f19", b"/small/f27"]
+    runs = {tuple(c.compressed_offset for c in image.chunks(resolve_path(image, f))) for f in files}
+    assert len(runs) == 4
+    cache = BlobCacheManager(str(tmp_path / "cache"), src)
+    t = time.monotonic()
+    pf = Prefetcher(image, cache, files=files, threads=4, merging_size=1 << 20).start()
+    assert pf.wait(30)
+    took = time.monotonic() - t
+    assert len(src.calls) == 4 and pf.batches == 4
+    assert took < delay * 2.5, took  # not 4 x delay
+    starts = sorted(c[0] for c in src.calls)
+    assert starts[-1] - starts[0] < delay
+
+
+def test_files_packed_in_prefetch_order_make_few_large_reads(built, tmp_path):
+    src = SlowDir(str(built.blob_dir), 0.0)
+    image = open_bootstrap(str(built.boot))
+    cache = BlobCacheManager(str(tmp_path / "cache"), src)
+    pf = Prefetcher(image, cache, threads=4, merging_size=4 << 20).start()  # the table: /etc, /big/a.bin
+    assert pf.wait(30)
+    # built with those as prefetch files: first and contiguous in the blob, so a single read
+    assert len(src.calls) == 1 and src.calls[0][1] == 0
+    assert cache.ready_chunks(image.blobs[0]) == len(chunk_set(image, [b"/etc/passwd", b"/etc/motd", b"/big/a.bin"]))
