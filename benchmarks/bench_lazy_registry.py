@@ -1,20 +1,25 @@
 """Lazy start from a registry against a full pull, side by side on the same loopback registry.
 
 An image of --size-mib MiB in --layers layers (small, medium and large files, half random and
-half text) is built twice from the same trees: as a Nydus image (one RAFS blob per layer and a
-merged bootstrap, pushed by our registry client) and as an OCI image (gzip tar layers). A
-"startup set" of files totalling --startup-pct percent of the data (the Slacker figure, 6.4 %)
-is read from a `nydusd-py fuse` mount with a registry backend and an empty blobcache. Measured:
+half text) is built three times from the same trees: as a Nydus image built as is ("plain": one
+RAFS blob per layer and a merged bootstrap), as a Nydus image built with the "startup set" as
+prefetch files ("ordered": `nydus-image create --prefetch-files`, so those files sit first and
+contiguous in each layer's blob, in reading order, and the bootstrap's prefetch table lists them),
+and as an OCI image (gzip tar layers). The startup set, files totalling --startup-pct percent of
+the data (the Slacker figure, 6.4 %), is read from a `nydusd-py fuse` mount with a registry
+backend and an empty blobcache. Measured:
 
   (a) mount-to-first-byte: daemon start to the first byte of a startup file
-  (b) time to read the whole startup set lazily (sequentially, and with 8 readers)
+  (b) time to read the whole startup set lazily, per variant: plain image on demand (1 and 8
+      readers), plain image with the set as --prefetch-files, ordered image on demand (cross-file
+      amplification), and ordered image with fs_prefetch from its prefetch table (the main one)
   (c) full pull + unpack of the OCI image: `skopeo copy` then `tar -xzf` of every layer
-  (d) bytes fetched from the registry against bytes read (backend metrics and proxy count)
+  (d) bytes fetched from the registry against bytes read (backend metrics)
 
 once straight against the registry and once through a proxy adding --latency-ms per request and
 a shared --bandwidth-mbit link. Results: benchmarks/results/lazy_registry.{json,png}.
 
-    python3 benchmarks/bench_lazy_registry.py [--size-mib 500] [--keep]
+    python3 benchmarks/bench_lazy_registry.py [--size-mib 500] [--merging-mib 2] [--keep]
 """
 
 from __future__ import annotations
@@ -83,8 +88,12 @@ def make_layers(root: Path, total: int, layers: int, seed: int) -> dict[str, int
     return files
 
 
-def build_nydus(root: Path, layers: int, out: Path) -> tuple[Path, Path, list[str], float]:
-    """One blob per layer: each layer is built on top of the previous bootstrap."""
+def build_nydus(root: Path, layers: int, out: Path,
+                prefetch: list[str] | None = None) -> tuple[Path, Path, list[str], float]:
+    """One blob per layer: each layer is built on top of the previous bootstrap. With `prefetch`
+    (image paths, in reading order) every layer is built with those of its files as prefetch
+    files (`nydus-image create --prefetch-files`): they go first and contiguous in the layer's
+    blob, in that order, and the final bootstrap's prefetch table lists them all."""
     blob_dir = out / "blobs"
     blob_dir.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
@@ -95,7 +104,9 @@ def build_nydus(root: Path, layers: int, out: Path) -> tuple[Path, Path, list[st
             with open_bootstrap(str(boot)) as parent:
                 tree = merge_layers([tree_from_image(parent, str(blob_dir)), tree])
         nb = out / f"boot{li}"
-        build_image(tree, str(nb), str(blob_dir), BuildOptions())
+        # the files of this layer and the ones below (all in the merged tree)
+        paths = [f"/{rel}".encode() for rel in prefetch or [] if int(rel.split("/")[0][5:]) <= li]
+        build_image(tree, str(nb), str(blob_dir), BuildOptions(prefetch_paths=paths))
         boot = nb
     assert boot is not None
     with open_bootstrap(str(boot)) as img:
@@ -181,22 +192,29 @@ def read_file(path: Path) -> int:
     return n
 
 
-def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int,
-             prefetch: bool = False) -> dict[str, float]:
-    """Mount with an empty cache, read the startup set; times and bytes. With `prefetch` the
-    startup set is also given as --prefetch-files (8 prefetch threads) while one reader reads."""
-    run = work / f"lazy-{host.replace(':', '_')}-{threads}-{int(prefetch)}"
+def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int, *, repo: str = "bench/nydus",
+             prefetch: str = "none", merging_size: int = 4 << 20, prefetch_threads: int = 8,
+             amplify_io: int = 1 << 20) -> dict[str, object]:
+    """Mount with an empty cache, read the startup set with `threads` readers; times and bytes.
+
+    prefetch: "none" (on-demand only), "list" (the startup set given as --prefetch-files) or
+    "table" (fs_prefetch from the bootstrap's prefetch table, the image built with the startup
+    set as prefetch files). Prefetch runs with `prefetch_threads` workers and reads of up to
+    `merging_size` bytes."""
+    run = work / f"lazy-{host.replace(':', '_')}-{threads}-{prefetch}-{repo.replace('/', '_')}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     mnt, sock = run / "mnt", str(run / "api.sock")
     mnt.mkdir()
-    extra: dict[str, object] = {"amplify_io": 1 << 20}
+    extra: dict[str, object] = {"amplify_io": amplify_io}
     argv_pf: list[str] = []
-    if prefetch:
-        extra["fs_prefetch"] = {"enable": True, "prefetch_all": False, "threads_count": 8, "merging_size": 1 << 20}
+    if prefetch != "none":
+        extra["fs_prefetch"] = {"enable": True, "prefetch_all": False, "threads_count": prefetch_threads,
+                                "merging_size": merging_size}
+    if prefetch == "list":
         (run / "prefetch.list").write_text("".join(f"/{rel}\n" for rel in startup))
         argv_pf = ["--prefetch-files", str(run / "prefetch.list")]
-    cfg = images.nydusd_config(images.registry_config(host, "bench/nydus", timeout=30, read_deadline=120),
+    cfg = images.nydusd_config(images.registry_config(host, repo, timeout=30, read_deadline=120),
                                str(run / "cache"), **extra)
     (run / "config.json").write_text(json.dumps(cfg))
     drop_caches()
@@ -222,20 +240,33 @@ def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int
         else:
             with concurrent.futures.ThreadPoolExecutor(threads) as ex:
                 nread = sum(ex.map(lambda rel: read_file(mnt / rel), startup))
-        t_read = time.perf_counter() - t1
+        t_done = time.perf_counter()
         backend = api_get(sock, "/api/v1/metrics/backend")
+        cache = api_get(sock, "/api/v1/metrics/blobcache")
     finally:
+        clean_exit = True
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:  # not part of what is measured: note it and go on
+            clean_exit = False
+            proc.kill()
+            proc.wait(30)
         if is_mountpoint(str(mnt)):
             subprocess.run(["umount", "-l", str(mnt)], check=False)
+    if not clean_exit:
+        print(f"warning: the daemon did not stop within 30 s of SIGTERM (killed); log tail:\n"
+              f"{(run / 'nydusd.log').read_text(errors='replace')[-1500:]}", flush=True)
     shutil.rmtree(run / "cache", ignore_errors=True)
-    return {"mount_s": t_mount - t0, "first_byte_s": t_first - t0, "startup_read_s": t_read,
-            "bytes_read": nread, "backend_bytes": backend["read_amount_total"], "backend_requests": backend["read_count"]}
+    return {"mount_s": t_mount - t0, "first_byte_s": t_first - t0, "startup_read_s": t_done - t1,
+            "start_to_done_s": t_done - t0, "bytes_read": nread, "backend_bytes": backend["read_amount_total"],
+            "backend_requests": backend["read_count"], "prefetch_requests": cache["prefetch_requests_count"],
+            "prefetch_bytes": cache["prefetch_data_amount"],
+            "prefetch_s": cache["prefetch_cumulative_time_millis"] / 1000, "clean_exit": clean_exit}
 
 
-def full_pull(work: Path, host: str) -> dict[str, float]:
+def full_pull(work: Path, host: str) -> dict[str, object]:
     dest = work / "oci-pull"
     rootfs = work / "oci-rootfs"
     for d in (dest, rootfs):
@@ -260,6 +291,25 @@ def full_pull(work: Path, host: str) -> dict[str, float]:
     return {"copy_s": t_copy, "unpack_s": t_unpack, "total_s": t_copy + t_unpack, "layer_bytes": size}
 
 
+def best(runs: list[dict[str, object]], key: str, *more: str) -> dict[str, object]:
+    """The run with the smallest `key` (other jobs share the CPUs: the least disturbed run), with
+    every run's `key` and `more` values kept as samples."""
+    out = dict(min(runs, key=lambda r: float(r[key])))  # type: ignore[arg-type]
+    for k in (key, *more):
+        out[f"samples_{k}"] = [r[k] for r in runs]
+    return out
+
+
+VARIANTS = (  # name, image, readers, prefetch
+    ("no_hints_1_reader", "plain", 1, "none"),
+    ("no_hints_8_readers", "plain", 8, "none"),
+    ("no_hints_prefetch_list", "plain", 1, "list"),
+    ("ordered_on_demand", "ordered", 1, "none"),
+    ("ordered_prefetch", "ordered", 1, "table"),
+)
+MAIN = "ordered_prefetch"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=500)
@@ -267,6 +317,9 @@ def main() -> int:
     ap.add_argument("--startup-pct", type=float, default=6.4)
     ap.add_argument("--latency-ms", type=float, default=20.0)
     ap.add_argument("--bandwidth-mbit", type=float, default=200.0)
+    ap.add_argument("--merging-mib", type=float, default=2.0, help="fs_prefetch.merging_size")
+    ap.add_argument("--prefetch-threads", type=int, default=8)
+    ap.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is reported, all kept")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "lazy_registry"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -276,6 +329,7 @@ def main() -> int:
     work.mkdir(parents=True)
     registry = None
     proxy = None
+    t_all = time.perf_counter()
     try:
         t = time.perf_counter()
         files = make_layers(work / "src", a.size_mib << 20, a.layers, a.seed)
@@ -292,63 +346,79 @@ def main() -> int:
                 continue  # the startup set is made of ordinary files, not the huge ones
             startup.append(rel)
             acc += files[rel]
-        boot, blob_dir, ids, build_s = build_nydus(work / "src", a.layers, work / "nydus")
+        # "plain": built as is; "ordered": the startup set (in reading order) as prefetch files
+        built = {"plain": build_nydus(work / "src", a.layers, work / "nydus"),
+                 "ordered": build_nydus(work / "src", a.layers, work / "nydus-ordered", startup)}
         oci = build_oci_layers(work / "src", a.layers, work / "oci")
         binary = shutil.which("docker-registry") or "/usr/bin/docker-registry"
         registry = rig.plain_registry(binary, work / "registry")
-        cfg = parse_registry_config(images.registry_config(registry.host, "bench/nydus", timeout=300), env={},
-                                    docker_config_paths=[])
         t = time.perf_counter()
-        with RegistryBackend(cfg) as b:
-            push_nydus(b, boot, blob_dir, ids, "v1")
+        for name, (boot, blob_dir, ids, _s) in built.items():
+            cfg = parse_registry_config(images.registry_config(registry.host, f"bench/{name}", timeout=300), env={},
+                                        docker_config_paths=[])
+            with RegistryBackend(cfg) as b:
+                push_nydus(b, boot, blob_dir, ids, "v1")
         cfg = parse_registry_config(images.registry_config(registry.host, "bench/oci", timeout=300), env={},
                                     docker_config_paths=[])
         with RegistryBackend(cfg) as b:
             push_oci(b, oci, "v1")
         push_s = time.perf_counter() - t
-        nydus_bytes = sum((blob_dir / i).stat().st_size for i in ids)
+        nydus_bytes = sum((built["plain"][1] / i).stat().st_size for i in built["plain"][2])
         oci_bytes = sum(p.stat().st_size for p, _ in oci)
         proxy = FaultProxy(registry.url, latency=a.latency_ms / 1000, bandwidth=a.bandwidth_mbit * 1e6 / 8,
                            match=lambda m, p: False)
         results: dict[str, dict[str, object]] = {}
         for label, host in (("loopback", registry.host), (f"{a.latency_ms:g}ms+{a.bandwidth_mbit:g}Mbit", proxy.host)):
-            print(f"[{label}] lazy, 1 reader ...", flush=True)
-            lazy1 = lazy_run(work, boot, host, startup, 1)
-            print(f"[{label}] lazy, 8 readers ...", flush=True)
-            lazy8 = lazy_run(work, boot, host, startup, 8)
-            print(f"[{label}] lazy, 1 reader + prefetch list ...", flush=True)
-            lazypf = lazy_run(work, boot, host, startup, 1, prefetch=True)
+            res: dict[str, object] = {}
+            for vname, image, readers, pf in VARIANTS:
+                print(f"[{label}] {vname} ...", flush=True)
+                runs = [lazy_run(work, built[image][0], host, startup, readers, repo=f"bench/{image}", prefetch=pf,
+                                 merging_size=int(a.merging_mib * (1 << 20)), prefetch_threads=a.prefetch_threads)
+                        for _ in range(max(1, a.repeat))]
+                res[vname] = best(runs, "startup_read_s", "start_to_done_s", "first_byte_s")
             print(f"[{label}] full pull ...", flush=True)
-            pull = full_pull(work, host)
-            results[label] = {"lazy_1_reader": lazy1, "lazy_8_readers": lazy8, "lazy_prefetch_list": lazypf,
-                              "full_pull": pull,
-                              "speedup_1_reader": pull["total_s"] / lazy1["startup_read_s"],
-                              "speedup_8_readers": pull["total_s"] / lazy8["startup_read_s"],
-                              "fetched_over_read": lazy1["backend_bytes"] / lazy1["bytes_read"]}
-            print(json.dumps(results[label], indent=1), flush=True)
-        payload = {
+            pull = best([full_pull(work, host) for _ in range(max(1, a.repeat))], "total_s")
+            res["full_pull"] = pull
+            res["speedup"] = {v: pull["total_s"] / res[v]["startup_read_s"] for v, *_ in VARIANTS}  # type: ignore[index]
+            res["speedup_start_to_done"] = {v: pull["total_s"] / res[v]["start_to_done_s"]  # type: ignore[index]
+                                            for v, *_ in VARIANTS}
+            res["fetched_over_read"] = {v: res[v]["backend_bytes"] / res[v]["bytes_read"]  # type: ignore[index]
+                                        for v, *_ in VARIANTS}
+            results[label] = res
+            print(json.dumps(res, indent=1), flush=True)
+        payload: dict[str, object] = {
             "image": {"size_bytes": total, "files": len(files), "layers": a.layers, "nydus_blob_bytes": nydus_bytes,
-                      "oci_layer_bytes": oci_bytes, "bootstrap_bytes": boot.stat().st_size,
+                      "oci_layer_bytes": oci_bytes, "bootstrap_bytes": built["plain"][0].stat().st_size,
                       "startup_files": len(startup), "startup_bytes": acc, "startup_pct": 100 * acc / total},
-            "setup_s": {"generate": gen_s, "nydus_build": build_s, "push_both": push_s},
+            "setup_s": {"generate": gen_s, "nydus_build_plain": built["plain"][3],
+                        "nydus_build_ordered": built["ordered"][3], "push_all": push_s},
             "network": {"latency_ms": a.latency_ms, "bandwidth_mbit": a.bandwidth_mbit},
+            "repeat": a.repeat,
+            "lazy_config": {"amplify_io": 1 << 20, "prefetch_merging_size": int(a.merging_mib * (1 << 20)),
+                            "prefetch_threads": a.prefetch_threads, "fuse_threads": 8},
+            "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
             "results": results,
             "notes": "(a) first_byte_s counts from daemon start with the bootstrap already local; "
-                     "(b) startup_read_s after the mount; (c) skopeo copy + tar -xzf of every layer; "
-                     "page cache dropped before each run; the cache directory starts empty.",
+                     "(b) startup_read_s from the mount to the last startup byte, start_to_done_s from daemon "
+                     "start; (c) skopeo copy + tar -xzf of every layer; page cache dropped before each run; the "
+                     "cache directory starts empty; each measurement is the best of `repeat` runs (samples_* has them "
+                     "all). plain = image built as is (startup files scattered in the "
+                     "blobs); ordered = built with the startup set as prefetch files (first and contiguous in "
+                     "each blob, in reading order; prefetch table). *_prefetch_list: --prefetch-files; "
+                     "ordered_prefetch: fs_prefetch from the bootstrap's prefetch table. Other jobs shared the "
+                     "2 CPUs during the run.",
         }
+        payload["total_run_s"] = time.perf_counter() - t_all
         save("lazy_registry", payload)
         labels = list(results)
+        series = {"full pull + unpack": [results[k]["full_pull"]["total_s"] for k in labels]}  # type: ignore[index]
+        series.update({f"lazy {v}": [results[k][v]["startup_read_s"] for k in labels]  # type: ignore[index]
+                       for v, *_ in VARIANTS})
+        series[f"lazy {MAIN}: daemon start to done"] = [results[k][MAIN]["start_to_done_s"]  # type: ignore[index]
+                                                        for k in labels]
         grouped_bar_plot(
-            "lazy_registry", f"Lazy start vs full pull ({total >> 20} MiB image, {100 * acc / total:.1f}% read)",
-            labels,
-            {"lazy: first byte": [results[k]["lazy_1_reader"]["first_byte_s"] for k in labels],  # type: ignore[index]
-             "lazy: startup set (1 reader)": [results[k]["lazy_1_reader"]["startup_read_s"] for k in labels],  # type: ignore[index]
-             "lazy: startup set (8 readers)": [results[k]["lazy_8_readers"]["startup_read_s"] for k in labels],  # type: ignore[index]
-             "lazy: startup set (prefetch list)": [results[k]["lazy_prefetch_list"]["startup_read_s"]  # type: ignore[index]
-                                                   for k in labels],
-             "full pull + unpack": [results[k]["full_pull"]["total_s"] for k in labels]},  # type: ignore[index]
-            "seconds")
+            "lazy_registry", f"Reading the startup set ({100 * acc / total:.1f}% of a {total >> 20} MiB image) "
+            "vs full pull (s, log)", labels, series, "seconds", log=True)
         print(f"results in {RESULTS / 'lazy_registry.json'}")
     finally:
         if proxy is not None:
