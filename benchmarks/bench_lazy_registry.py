@@ -36,6 +36,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -204,7 +205,8 @@ def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int
     run = work / f"lazy-{host.replace(':', '_')}-{threads}-{prefetch}-{repo.replace('/', '_')}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
-    mnt, sock = run / "mnt", str(run / "api.sock")
+    sock_dir = Path(tempfile.mkdtemp(prefix="nyb"))  # AF_UNIX paths are short
+    mnt, sock = run / "mnt", str(sock_dir / "api.sock")
     mnt.mkdir()
     extra: dict[str, object] = {"amplify_io": amplify_io}
     argv_pf: list[str] = []
@@ -259,6 +261,7 @@ def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int
         print(f"warning: the daemon did not stop within 30 s of SIGTERM (killed); log tail:\n"
               f"{(run / 'nydusd.log').read_text(errors='replace')[-1500:]}", flush=True)
     shutil.rmtree(run / "cache", ignore_errors=True)
+    shutil.rmtree(sock_dir, ignore_errors=True)
     return {"mount_s": t_mount - t0, "first_byte_s": t_first - t0, "startup_read_s": t_done - t1,
             "start_to_done_s": t_done - t0, "bytes_read": nread, "backend_bytes": backend["read_amount_total"],
             "backend_requests": backend["read_count"], "prefetch_requests": cache["prefetch_requests_count"],
