@@ -27,6 +27,7 @@ import time
 from typing import Any
 
 from ..rafs import FormatError
+from ..transport.mount import is_mountpoint, real_mountpoint
 from .config import ConfigError
 from .configfile import ParsedConfig, parse_any, read_config_file
 from .errors import ApiError
@@ -104,9 +105,10 @@ class Daemon:
         threads = getattr(args, "thread_num", None) or getattr(args, "threads", None) or 4
         mountpoint = getattr(args, "mountpoint", None) or ""
         if mode == "fuse":
-            if not os.path.isdir(mountpoint):
+            # An existing mount (upgrade/failover) is not stat'ed: its daemon is not serving yet.
+            if not is_mountpoint(mountpoint) and not os.path.isdir(mountpoint):
                 raise StartupError(f"mountpoint {mountpoint} does not exist or is not a directory")
-            mountpoint = os.path.realpath(mountpoint)
+            mountpoint = real_mountpoint(mountpoint)
         self.opts = DaemonOptions(
             mode=mode, mountpoint=mountpoint, threads=threads,
             apisock=os.path.abspath(args.apisock) if args.apisock else None, id=args.id,

@@ -18,7 +18,7 @@ import struct
 import threading
 from collections.abc import Callable
 
-from .mount import fuse_mount, fuse_umount, is_mountpoint, set_readahead_kb
+from .mount import fuse_mount, fuse_umount, is_mountpoint, real_mountpoint, set_readahead_kb
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class FuseDevSession:
         if not 1 <= threads <= 1024:
             raise ValueError("thread count must be 1..1024")
         self.handler = handler
-        self.mountpoint = os.path.realpath(mountpoint)
+        self.mountpoint = real_mountpoint(mountpoint)
         self.threads = threads
         self.bufsize = max(FUSE_MIN_READ_BUFFER, max_write + HEADER_ROOM)
         self.fsname = fsname

@@ -112,8 +112,16 @@ def fuse_umount(mountpoint: str, lazy: bool = False) -> None:
         raise OSError(errno.EBUSY, f"fusermount3 -u failed: {proc.stderr.decode(errors='replace').strip()}")
 
 
+def real_mountpoint(path: str) -> str:
+    """Canonical path of `path` without stat'ing `path` itself: on a FUSE mount whose daemon is
+    not serving (a takeover in progress) that stat would wait for the daemon indefinitely."""
+    parent, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(parent), name)
+
+
 def is_mountpoint(path: str) -> bool:
-    real = os.path.realpath(path)
+    """Whether `path` is in this process's mount table (read from /proc, never from the mount)."""
+    real = real_mountpoint(path)
     with open("/proc/self/mountinfo", "rb") as f:
         for line in f:
             fields = line.split()
