@@ -188,8 +188,11 @@ class FuseDevSession:
         finally:
             if leader:
                 reader.release()  # type: ignore[union-attr]  # the next worker meets ENODEV too
-            view.release()
-            buf.close()
+            # No explicit buf.close(): a request slice may still be referenced (BufferError);
+            # the mapping goes away with its last reference. Nothing here may raise before the
+            # count below, or the session would never end.
+            with contextlib.suppress(BufferError):
+                view.release()
             # A count, not is_alive(): two workers ending together would each still see the
             # other alive, and nobody would signal the end of the session.
             with self._lock:

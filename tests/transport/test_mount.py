@@ -45,3 +45,25 @@ def test_is_mountpoint_sends_no_request_to_the_mount(tmp_path: Path) -> None:
     finally:
         transport.close()
     assert not is_mountpoint(str(mnt))
+
+
+def test_session_ends_even_if_a_handler_keeps_a_request_view(tmp_path: Path) -> None:
+    """A request slice still referenced at shutdown must not keep the session from ending."""
+    require_device("/dev/fuse")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    session = FuseSession(MemFS())
+    kept: list[memoryview] = []
+
+    def handler(req: memoryview) -> bytes | None:
+        kept.append(req)  # e.g. a debug log or an in-flight table holding on to the request
+        return session.handle(req)
+
+    transport = FuseDevSession(handler, str(mnt), threads=2)
+    transport.mount()
+    try:
+        assert sorted(p.name for p in mnt.iterdir())
+        transport.unmount()
+        assert transport.wait(10), "workers did not finish after the unmount"
+    finally:
+        transport.close()
