@@ -35,7 +35,7 @@ class WritableVfs(Vfs):
         try:
             if write and not getattr(slot.fs, "writable", False):
                 raise FuseError(errno.EROFS)
-            return fn(slot.fs, ino & INO_MASK if slot.base else ino)
+            return fn(slot.fs, slot.inner(ino))
         finally:
             self._leave(slot)
 
@@ -46,7 +46,7 @@ class WritableVfs(Vfs):
         try:
             if not getattr(slot.fs, "writable", False):
                 raise FuseError(errno.EROFS)
-            return self._fix_entry(slot, fn(slot.fs, parent & INO_MASK if slot.base else parent))
+            return self._fix_entry(slot, fn(slot.fs, slot.inner(parent)))
         finally:
             self._leave(slot)
 
@@ -72,7 +72,7 @@ class WritableVfs(Vfs):
         try:
             if not getattr(slot.fs, "writable", False):
                 raise FuseError(errno.EROFS)
-            entry, fh, open_flags = slot.fs.create(parent & INO_MASK if slot.base else parent, name, mode, flags,
+            entry, fh, open_flags = slot.fs.create(slot.inner(parent), name, mode, flags,
                                                    caller)
             return self._fix_entry(slot, entry), fh, open_flags
         finally:

@@ -90,6 +90,10 @@ class _Slot:
     def __post_init__(self) -> None:
         self.idle = threading.Condition(self.lock)
 
+    def inner(self, kernel_ino: int) -> int:
+        """The filesystem's own inode number of a kernel inode routed to this slot."""
+        return kernel_ino & INO_MASK if self.base else kernel_ino
+
     @property
     def kernel_root(self) -> int:
         return ROOT_ID if self.base == 0 else self.base | ROOT_ID
@@ -424,7 +428,7 @@ class Vfs(Filesystem):
         if node is None:
             slot = self._slot(parent)
             try:
-                inner = parent & INO_MASK if slot.base else parent
+                inner = slot.inner(parent)
                 if name == b".." and inner == ROOT_ID and slot.parent is not None:
                     return self._pseudo_entry(slot.parent)
                 return self._fix_entry(slot, slot.fs.lookup(inner, name))
@@ -447,7 +451,7 @@ class Vfs(Filesystem):
         except FuseError:
             return
         try:
-            slot.fs.forget(ino & INO_MASK if slot.base else ino, nlookup)
+            slot.fs.forget(slot.inner(ino), nlookup)
         finally:
             self._leave(slot)
 
@@ -476,7 +480,7 @@ class Vfs(Filesystem):
             raise FuseError(errno.EINVAL)
         slot = self._slot(ino)
         try:
-            return slot.fs.readlink(ino & INO_MASK if slot.base else ino)
+            return slot.fs.readlink(slot.inner(ino))
         finally:
             self._leave(slot)
 
@@ -485,7 +489,7 @@ class Vfs(Filesystem):
             raise FuseError(errno.EISDIR)
         slot = self._slot(ino)
         try:
-            return slot.fs.open(ino & INO_MASK if slot.base else ino, flags)
+            return slot.fs.open(slot.inner(ino), flags)
         finally:
             self._leave(slot)
 
@@ -494,7 +498,7 @@ class Vfs(Filesystem):
             raise FuseError(errno.EISDIR)
         slot = self._slot(ino)
         try:
-            return slot.fs.read(ino & INO_MASK if slot.base else ino, fh, offset, size)
+            return slot.fs.read(slot.inner(ino), fh, offset, size)
         finally:
             self._leave(slot)
 
@@ -506,7 +510,7 @@ class Vfs(Filesystem):
         except FuseError:
             return  # the filesystem is gone; nothing to release
         try:
-            slot.fs.release(ino & INO_MASK if slot.base else ino, fh)
+            slot.fs.release(slot.inner(ino), fh)
         finally:
             self._leave(slot)
 
@@ -515,7 +519,7 @@ class Vfs(Filesystem):
             raise FuseError(errno.ENOSYS)
         slot = self._slot(ino)
         try:
-            slot.fs.flush(ino & INO_MASK if slot.base else ino, fh)
+            slot.fs.flush(slot.inner(ino), fh)
         finally:
             self._leave(slot)
 
@@ -524,7 +528,7 @@ class Vfs(Filesystem):
             return 0, 0  # listings change with mounts: nothing may be cached
         slot = self._slot(ino)
         try:
-            return slot.fs.opendir(ino & INO_MASK if slot.base else ino, flags)
+            return slot.fs.opendir(slot.inner(ino), flags)
         finally:
             self._leave(slot)
 
@@ -536,7 +540,7 @@ class Vfs(Filesystem):
         except FuseError:
             return
         try:
-            slot.fs.releasedir(ino & INO_MASK if slot.base else ino, fh)
+            slot.fs.releasedir(slot.inner(ino), fh)
         finally:
             self._leave(slot)
 
@@ -621,7 +625,7 @@ class Vfs(Filesystem):
             return StatFs()
         slot = self._slot(ino)
         try:
-            return slot.fs.statfs(ino & INO_MASK if slot.base else ino)
+            return slot.fs.statfs(slot.inner(ino))
         finally:
             self._leave(slot)
 
@@ -630,7 +634,7 @@ class Vfs(Filesystem):
             raise FuseError(errno.ENODATA)
         slot = self._slot(ino)
         try:
-            return slot.fs.getxattr(ino & INO_MASK if slot.base else ino, name)
+            return slot.fs.getxattr(slot.inner(ino), name)
         finally:
             self._leave(slot)
 
@@ -639,7 +643,7 @@ class Vfs(Filesystem):
             return []
         slot = self._slot(ino)
         try:
-            return slot.fs.listxattr(ino & INO_MASK if slot.base else ino)
+            return slot.fs.listxattr(slot.inner(ino))
         finally:
             self._leave(slot)
 
@@ -648,7 +652,7 @@ class Vfs(Filesystem):
             return
         slot = self._slot(ino)
         try:
-            slot.fs.access(ino & INO_MASK if slot.base else ino, mask, uid, gid)
+            slot.fs.access(slot.inner(ino), mask, uid, gid)
         finally:
             self._leave(slot)
 
@@ -657,7 +661,7 @@ class Vfs(Filesystem):
             raise FuseError(errno.EINVAL)
         slot = self._slot(ino)
         try:
-            return slot.fs.lseek(ino & INO_MASK if slot.base else ino, fh, offset, whence)
+            return slot.fs.lseek(slot.inner(ino), fh, offset, whence)
         finally:
             self._leave(slot)
 
