@@ -47,7 +47,7 @@ def running(api: Api) -> bool:
 def one_start(argv: list[str], sock: str, mnt: str, mount_body: dict | None = None) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(REPO))
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "nydus_py.daemon", *argv], env=env, cwd=str(REPO),
+    proc = subprocess.Popen([sys.executable, "-m", "nydus_py.cli.daemon", *argv], env=env, cwd=str(REPO),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     api = Api(sock)
     try:

@@ -132,7 +132,7 @@ def main() -> int:
     socks = {k: str(tmp / f"{k}.sock") for k in ("c", "rafs", "pt")}
 
     def daemon(sock: str) -> list[str]:
-        return [sys.executable, "-m", "nydus_py.daemon", "virtiofs", "--sock", sock, "--log-level", "warn"]
+        return [sys.executable, "-m", "nydus_py.cli.daemon", "virtiofs", "--sock", sock, "--log-level", "warn"]
 
     runs = {
         "virtiofsd": (socks["c"], [VIRTIOFSD, f"--socket-path={socks['c']}", "-o", f"source={work / 'tree'}",

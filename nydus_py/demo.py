@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         log_path = os.path.join(work, "nydusd.log")
         log = open(log_path, "w")  # noqa: SIM115 - lives as long as the daemon
         t0 = time.perf_counter()
-        daemon = subprocess.Popen([py, "-m", "nydus_py.daemon", "fuse", "--mountpoint", mnt, "--apisock", sock,
+        daemon = subprocess.Popen([py, "-m", "nydus_py.cli.daemon", "fuse", "--mountpoint", mnt, "--apisock", sock,
                                    "--thread-num", "4", "--log-level", "info"], stdout=log, stderr=log)
         wait_for(sock, daemon, log_path)
         api = ApiClient(sock)

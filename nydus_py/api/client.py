@@ -19,7 +19,7 @@ class _UnixConnection(http.client.HTTPConnection):
         self.sock = s
 
 
-class ApiError(RuntimeError):
+class ApiCallError(RuntimeError):
     def __init__(self, status: int, body: Any) -> None:
         super().__init__(f"HTTP {status}: {body}")
         self.status = status
@@ -27,7 +27,7 @@ class ApiError(RuntimeError):
 
 
 class ApiClient:
-    """One keep-alive connection; `call()` returns the decoded JSON (None for 204) or raises ApiError."""
+    """One keep-alive connection; `call()` returns the decoded JSON (None for 204) or raises ApiCallError."""
 
     def __init__(self, sock: str, timeout: float = 30.0) -> None:
         self.sock = sock
@@ -57,7 +57,7 @@ class ApiClient:
             except ValueError:
                 decoded = payload.decode(errors="replace")
         if status >= 400:
-            raise ApiError(status, decoded)
+            raise ApiCallError(status, decoded)
         return decoded
 
     def close(self) -> None:

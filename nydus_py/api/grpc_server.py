@@ -19,7 +19,7 @@ from ..daemon.errors import ApiError
 from ..daemon.instance import MountCmd
 from .grpc_gen import control_pb2 as pb
 from .grpc_gen import control_pb2_grpc as pb_grpc
-from .http import check_socket_dir
+from .sockets import check_socket_dir
 
 log = logging.getLogger(__name__)
 

@@ -10,12 +10,8 @@ closed by the server: the snapshotter's liveness monitor holds one open without 
 """
 
 import asyncio
-import contextlib
 import json
 import logging
-import os
-import socket
-import stat
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -24,7 +20,8 @@ from aiohttp import web
 
 from ..daemon.errors import ApiError, BadRequest, NotFound
 from ..daemon.instance import MountCmd
-from ..metrics.prometheus import CONTENT_TYPE, exposition, make_registry
+from .prometheus import CONTENT_TYPE, exposition, make_registry
+from .sockets import bind_unix
 
 log = logging.getLogger(__name__)
 
@@ -249,40 +246,6 @@ def make_app(service: Any, routes: dict[str, dict[str, Handler]] | None = None) 
 def metrics_only_app(service: Any) -> web.Application:
     """`/metrics` alone, for the optional TCP listener (the control API stays on the unix socket)."""
     return make_app(service, {"/metrics": {"GET": get_prometheus}})
-
-
-# -- the unix socket ------------------------------------------------------------------------------
-def check_socket_dir(path: str) -> None:
-    """The directory must exist or be creatable (0700), and must not be world-writable."""
-    d = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(d):
-        os.makedirs(d, mode=0o700, exist_ok=True)
-    st = os.stat(d)
-    if st.st_mode & stat.S_IWOTH:
-        raise OSError(f"refusing to create the API socket in world-writable directory {d}")
-
-
-def bind_unix(path: str) -> socket.socket:
-    """A listening socket at `path`, created 0600 and put in place atomically (bound under a
-    temporary name, chmod'ed, renamed over any stale file)."""
-    check_socket_dir(path)
-    path = os.path.abspath(path)
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(tmp)
-        os.chmod(tmp, 0o600)
-        sock.listen(128)
-        os.rename(tmp, path)
-    except BaseException:
-        sock.close()
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    sock.setblocking(False)
-    return sock
 
 
 async def start_unix_site(app: web.Application, path: str) -> web.AppRunner:

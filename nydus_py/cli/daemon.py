@@ -1,84 +1,325 @@
-"""`nydusd-py`'s entry point and the backend factory every daemon mode shares (`make_source`).
+"""`nydusd-py`: the process around DaemonService, in nydusd's start-up order.
 
-The daemon itself (CLI, state machine, VFS, APIs) lives in `nydus_py.daemon`."""
+fuse, normal start: load config + bootstrap, mount FUSE (INIT -> READY -> RUNNING), and only then
+bind `--apisock`, so the socket appears when the daemon is already RUNNING (the snapshotter and
+Kata poll for the file, then for RUNNING). With `--upgrade`, or when the previous daemon crashed
+(the mountpoint is still mounted and `--apisock` exists but refuses connections), nothing is
+mounted: the daemon stays in INIT with its API up and waits for the supervisor's takeover.
 
+The asyncio loop (HTTP API) runs in the main thread; FUSE workers, the gRPC server and blocking
+API calls run in their own threads. SIGTERM/SIGINT unmount (lazily) and exit 0; `PUT
+/api/v1/daemon/exit` exits 0 without unmounting; the FUSE session ending (unmounted by someone
+else) exits 0. Start-up failures print `Error: ...` and exit 1; usage errors exit 2.
+"""
+
+import asyncio
+import contextlib
+import errno
+import json
 import logging
+import os
+import resource
+import signal
+import socket
 import sys
+import threading
+import time
 from typing import Any
 
-from ..daemon.config import ConfigError, RafsConfig
-from ..rafs.chunkdata import BlobSource
-from ..rafs.model import RafsImage
-from ..storage.cache import BlobCacheManager
-from ..storage.device import ChunkSource
-from ..storage.localfs import LocalBlobDir, SingleBlobFile
-from ..storage.prefetch import Prefetcher, read_prefetch_list
+from ..config import ConfigError, ParsedConfig, parse_any, read_config_file
+from ..daemon.errors import ApiError
+from ..daemon.image_ref import image_source, is_image_source
+from ..daemon.instance import MountCmd
+from ..daemon.logsetup import setup_logging
+from ..daemon.service import DaemonOptions, DaemonService
+from ..daemon.state import DaemonState, Event
+from ..rafs import FormatError
+from ..storage.prefetch import read_prefetch_list
+from ..transport.mount import is_mountpoint, real_mountpoint
+from .daemon_options import parse_args
 
 log = logging.getLogger("nydusd-py")
 
 
-CACHE_TYPES = ("blobcache", "filecache")
+class StartupError(Exception):
+    pass
 
 
-def make_backend(cfg: RafsConfig) -> BlobSource:
-    """The configured backend alone (localfs or registry), without any cache."""
-    conf = cfg.backend.config
-    if cfg.backend.type == "localfs":
-        if conf.get("blob_file"):
-            return SingleBlobFile(str(conf["blob_file"]))
-        return LocalBlobDir(str(conf["dir"]), alt_dirs=[str(d) for d in conf.get("alt_dirs") or []])
-    if cfg.backend.type == "registry":
-        # Imported on demand: aiohttp costs a localfs-only daemon ~10 MiB of RSS.
-        from ..storage.registry import RegistryBackend, parse_registry_config
-
-        return RegistryBackend(parse_registry_config(conf))
-    raise ConfigError(f"backend {cfg.backend.type!r} is not available in this build")
+def vhost_user_available() -> bool:
+    try:
+        import nydus_py.transport.vhost_user  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
-def make_source(cfg: RafsConfig) -> BlobSource | ChunkSource:
-    """The backend, under the persistent blob cache when the config asks for one
-    (`blobcache`/`filecache`; `fscache` and `dummycache` mean none here)."""
-    backend = make_backend(cfg)
-    if cfg.cache.type not in CACHE_TYPES:
-        return backend
-    if cfg.cache.compressed:
-        log.warning("cache.compressed is not supported; caching uncompressed chunks (.blob.data)")
-    return BlobCacheManager(cfg.cache.work_dir, backend, validate=cfg.cache.validate or cfg.digest_validate,
-                            amplify_io=cfg.amplify_io, size_limit=cfg.cache.size_limit)
+def set_rlimit_nofile(target: int) -> None:
+    """nydusd's RLIMIT_NOFILE rule: min(requested, max(soft, min(file-max - 16384, 1e6)))."""
+    if target <= 0:
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/file-max") as f:
+            file_max = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        file_max = 1 << 20
+    want = min(target, max(soft, min(file_max - 16384, 1_000_000)))
+    if want == soft:
+        return
+    for limits in ((want, max(want, hard)), (min(want, hard), hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+            return
+        except (OSError, ValueError) as e:
+            err = e
+    log.info("RLIMIT_NOFILE stays %d: %s", soft, err)
 
 
-def make_prefetcher(cfg: RafsConfig, image: RafsImage, source: BlobSource | ChunkSource,
-                    prefetch_files: str | None) -> Prefetcher | None:
-    """A started prefetcher when fs_prefetch or --prefetch-files asks for one (and there is a
-    cache to prefetch into)."""
-    files = read_prefetch_list(prefetch_files) if prefetch_files else None
-    if not (cfg.prefetch_enable or files):
-        return None
-    if not isinstance(source, BlobCacheManager):
-        log.warning("prefetch needs a blobcache; not prefetching")
-        return None
-    return Prefetcher(image, source, threads=cfg.prefetch_threads, bandwidth=cfg.prefetch_bandwidth,
-                      merging_size=cfg.prefetch_merging_size or 1 << 20, files=files,
-                      prefetch_all=cfg.prefetch_all and cfg.prefetch_enable).start()
+def previous_crashed(mountpoint: str, apisock: str | None) -> bool:
+    """nydusd's crash test: our mountpoint is still mounted and the old API socket is dead."""
+    from ..transport.mount import is_mountpoint
+
+    if not apisock or not os.path.exists(apisock) or not is_mountpoint(mountpoint):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(apisock)
+        except OSError:
+            return True
+    return False
 
 
-def storage_metrics(source: object) -> dict[str, Any]:
-    """Counters of the backend and cache, for logs now and the metrics API later."""
-    out: dict[str, Any] = {}
-    if isinstance(source, BlobCacheManager):
-        out["blobcache"] = source.snapshot()
-        source = source.source
-    counters = getattr(source, "counters", None)
-    if counters is not None:
-        out["backend"] = counters.snapshot()
-    return out
+def quickstart_config(localfs_dir: str) -> ParsedConfig:
+    """`--localfs-dir DIR`: localfs backend and blob cache both in DIR."""
+    cfg = {"device": {"backend": {"type": "localfs", "config": {"dir": localfs_dir}},
+                      "cache": {"type": "blobcache", "config": {"work_dir": os.path.join(localfs_dir, "cache")}}},
+           "mode": "direct", "digest_validate": False}
+    return parse_any(json.dumps(cfg))
+
+
+class Daemon:
+    def __init__(self, args: Any) -> None:
+        self.args = args
+        mode = args.command
+        threads = getattr(args, "thread_num", None) or getattr(args, "threads", None) or 4
+        mountpoint = getattr(args, "mountpoint", None) or ""
+        if mode == "fuse":
+            # An existing mount (upgrade/failover) is not stat'ed: its daemon is not serving yet.
+            if not is_mountpoint(mountpoint) and not os.path.isdir(mountpoint):
+                raise StartupError(f"mountpoint {mountpoint} does not exist or is not a directory")
+            mountpoint = real_mountpoint(mountpoint)
+        self.opts = DaemonOptions(
+            mode=mode, mountpoint=mountpoint, threads=threads,
+            apisock=os.path.abspath(args.apisock) if args.apisock else None, id=args.id,
+            supervisor=os.path.abspath(args.supervisor) if args.supervisor else None,
+            failover_policy=getattr(args, "failover_policy", "none"), upgrade=args.upgrade,
+            debug=args.log_level in ("trace", "debug"))
+        self.events = setup_logging(args.log_level, args.log_file, args.log_rotation_size)
+        self.service = DaemonService(self.opts, self.events)
+        self.runners: list[Any] = []
+        self.grpc_server: Any = None
+
+    # -- start-up ---------------------------------------------------------------------------------
+    def load(self) -> None:
+        """Config and the initial (dedicated) mount, before anything is visible to clients."""
+        a = self.args
+        svc = self.service
+        if getattr(a, "backend_source", None):
+            log.info("--backend-source given; ignored (credentials come from the config)")
+        try:
+            if a.config:
+                svc.default_config = read_config_file(a.config)
+            elif getattr(a, "localfs_dir", None):
+                svc.default_config = quickstart_config(a.localfs_dir)
+        except (ConfigError, OSError) as e:
+            raise StartupError(f"config {a.config or a.localfs_dir}: {e}") from None
+        if getattr(a, "shared_dir", None):
+            try:
+                svc.mount(a.virtual_mountpoint, MountCmd("passthrough_fs", a.shared_dir, ""))
+            except ApiError as e:
+                raise StartupError(f"--shared-dir {a.shared_dir}: {e.message}") from None
+        boot = getattr(a, "bootstrap", None)
+        if getattr(a, "image", None):
+            boot = image_source(a.image)  # docker://REF: a config is optional (daemon.image_ref)
+        if boot:
+            if svc.default_config is None and not is_image_source(boot):
+                raise StartupError("--bootstrap needs --config or --localfs-dir")
+            files = None
+            if a.prefetch_files:
+                try:
+                    files = [os.fsdecode(p) for p in read_prefetch_list(a.prefetch_files)]
+                except OSError as e:
+                    raise StartupError(f"--prefetch-files {a.prefetch_files}: {e}") from None
+            cmd = MountCmd("rafs", boot, "", files)
+            try:
+                svc.mount(a.virtual_mountpoint, cmd)
+            except ApiError as e:
+                raise StartupError(e.message) from None
+            img = svc.instances[svc.normalize_mountpoint(a.virtual_mountpoint)].image
+            if img is not None:  # (no inode count here: on v6 it walks the inode table)
+                log.info("loaded %s (RAFS v%d, %d blobs)", boot, img.version, len(img.blobs))
+
+    def recovering(self) -> bool:
+        """--upgrade, or a crashed predecessor: stay in INIT, mount nothing, wait for takeover."""
+        if self.opts.mode != "fuse":
+            return False
+        if self.opts.upgrade:
+            log.info("--upgrade: waiting in INIT for the takeover")
+            return True
+        if previous_crashed(self.opts.mountpoint, self.opts.apisock):
+            log.warning("previous daemon on %s crashed: waiting in INIT for the takeover", self.opts.mountpoint)
+            return True
+        return False
+
+    def start_fuse(self) -> None:
+        svc = self.service
+        try:
+            svc.fuse_mount()
+        except OSError as e:
+            raise StartupError(f"mount FUSE at {self.opts.mountpoint}: {e}") from None
+        boot = getattr(self.args, "bootstrap", None) or getattr(self.args, "image", None)
+        log.info("serving %s at %s with %d threads (%s mode)", boot or "a shared daemon", self.opts.mountpoint,
+                 self.opts.threads, "dedicated" if boot else "shared")
+
+    def start_virtiofs(self) -> None:
+        from ..transport.vhost_user import virtiofs_server
+
+        svc = self.service
+        server = virtiofs_server(svc.session, os.path.abspath(self.args.sock))
+        server.bind()
+        server.start()
+        svc.transport = server
+        svc.sm.fire(Event.MOUNT)
+        svc.sm.fire(Event.START)
+        log.info("serving virtio-fs on %s", self.args.sock)
+
+    async def start_apis(self) -> None:
+        # imported here: aiohttp and grpc cost RSS that the daemon pays only for the APIs it runs
+        from ..api.http import make_app, metrics_only_app, start_tcp_site, start_unix_site
+
+        a = self.args
+        # the HTTP socket last: clients take its appearance as "the daemon is up"
+        if a.metrics_addr:
+            host, _, port = a.metrics_addr.rpartition(":")
+            self.runners.append(await start_tcp_site(metrics_only_app(self.service), host or "127.0.0.1", int(port)))
+        if a.grpc_sock:
+            from ..api.grpc_server import serve_grpc
+
+            self.grpc_server = serve_grpc(self.service, a.grpc_sock)
+            log.info("gRPC API listening on %s", a.grpc_sock)
+        if self.opts.apisock:
+            self.runners.append(await start_unix_site(make_app(self.service), self.opts.apisock))
+            log.info("API listening on %s", self.opts.apisock)
+
+    # -- running -----------------------------------------------------------------------------------
+    def _watch_transport(self) -> None:
+        """The FUSE session ending by itself (unmounted elsewhere, aborted) ends the daemon."""
+        svc = self.service
+        while not svc.exit_event.is_set():
+            t = svc.transport
+            if t is None:
+                svc.exit_event.wait(0.5)
+                continue
+            if t.wait(0.5):
+                if not svc.exit_event.is_set():
+                    log.info("the FUSE session ended; exiting")
+                    with contextlib.suppress(ApiError):
+                        if svc.state == DaemonState.RUNNING:
+                            svc.sm.fire(Event.STOP)
+                    svc.request_exit(0, unmount=False)
+                return
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        svc = self.service
+        def wake() -> None:
+            loop.call_soon_threadsafe(stop.set)
+
+        svc.on_exit = wake
+        t0 = time.monotonic()
+        # Handlers first: a SIGTERM that arrives while we mount must not kill us with the default
+        # action (leaving a dead mount behind); asyncio queues it until the first await below,
+        # when the mount is complete and shutdown() can undo it.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal, loop, sig)
+        if not self.recovering():
+            self.load()
+            if self.opts.mode == "fuse":
+                self.start_fuse()
+            else:
+                self.start_virtiofs()
+        try:
+            await self.start_apis()
+        except OSError as e:
+            raise StartupError(f"API socket: {e}") from None
+        log.info("state %s %.0f ms after start", svc.state.value, (time.monotonic() - t0) * 1000)
+        threading.Thread(target=self._watch_transport, name="transport-watch", daemon=True).start()
+        await stop.wait()
+        return await self.finish()
+
+    def _on_signal(self, loop: asyncio.AbstractEventLoop, sig: int) -> None:
+        log.info("signal %s: shutting down", signal.Signals(sig).name)
+        loop.run_in_executor(None, self.service.shutdown)
+
+    async def finish(self) -> int:
+        svc = self.service
+        code, unmount = svc.exit_request or (0, True)
+        for runner in self.runners:
+            with contextlib.suppress(Exception):
+                await runner.cleanup()
+        if self.grpc_server is not None:
+            self.grpc_server.stop(0.5)
+        for path in (self.opts.apisock, getattr(self.args, "grpc_sock", None)):
+            if path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+        await asyncio.get_running_loop().run_in_executor(None, self._stop_transport, unmount)
+        log.info("exit %d", code)
+        return code
+
+    def _stop_transport(self, unmount: bool) -> None:
+        svc = self.service
+        t = svc.transport
+        if t is None:
+            return
+        if self.opts.mode != "fuse":
+            t.stop()
+            svc.close_all()
+            return
+        if not unmount:
+            # hand-over or session already over: leave the mount alone; our fds close at exit
+            return
+        try:
+            t.unmount(lazy=True)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
+                log.error("unmount %s: %s", self.opts.mountpoint, e)
+        t.close()
+        svc.close_all()
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`nydusd-py` (fuse | virtiofs | singleton, nydusd's flags): see nydus_py.daemon.main."""
-    from ..daemon.main import main as daemon_main
-
-    return daemon_main(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    if args.command == "singleton":
+        print("Error: singleton/fscache mode is not supported by nydusd-py (use `fuse`)", file=sys.stderr)
+        return 1
+    if args.command == "virtiofs" and not vhost_user_available():
+        print("Error: virtiofs is not yet available in this build of nydusd-py", file=sys.stderr)
+        return 1
+    try:
+        daemon = Daemon(args)
+        set_rlimit_nofile(args.rlimit_nofile)
+        return asyncio.run(daemon.run())
+    except StartupError as e:
+        log.error("%s", e)
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
+    except (ConfigError, FormatError, OSError) as e:
+        log.error("%s", e)
+        print(f"Error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -22,15 +22,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
+from ..config import CACHE_TYPES, ConfigError, ParsedConfig, parse_any
 from ..convert.errors import ConvertError
 from ..convert.reference import ImageRef, is_loopback, parse_reference
 from ..rafs.errors import FormatError
-from .config import ConfigError
-from .configfile import ParsedConfig, parse_any
 from .errors import BadRequest
 
 IMAGE_PREFIX = "docker://"
-CACHE_TYPES = ("blobcache", "filecache")
 
 
 def is_image_source(source: str) -> bool:

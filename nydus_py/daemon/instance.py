@@ -2,7 +2,7 @@
 
 `MountCmd` is the body of `POST /api/v1/mount` (and of the gRPC Mount call); `create_instance()`
 turns it into a running filesystem: a RAFS image over its backend (through the single backend
-factory `nydus_py.cli.daemon.make_source`), or another type registered with `register_fs_type()`
+factory `nydus_py.storage.factory`), or another type registered with `register_fs_type()`
 (passthrough, added by the virtio-fs side). Every instance carries the counters its metrics
 endpoints read.
 """
@@ -11,12 +11,12 @@ import contextlib
 import logging
 import os
 import stat
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config import ConfigError, ParsedConfig, parse_any
 from ..fs.rafs_fs import RafsFilesystem
 from ..fuse.api import Filesystem
 from ..metrics.backend import BackendStats, instrument, unwrap
@@ -24,8 +24,7 @@ from ..metrics.fsstats import FsStats
 from ..rafs import FormatError, open_bootstrap
 from ..rafs.model import RafsImage
 from ..storage.device import BlobDevice
-from .config import ConfigError
-from .configfile import ParsedConfig, parse_any
+from ..storage.factory import make_prefetcher, make_source
 from .errors import BadRequest, InternalError, Unsupported
 from .image_ref import is_image_source, prepare_image_mount
 
@@ -214,12 +213,6 @@ def _parse_config(cmd: MountCmd, default_config: ParsedConfig | None) -> ParsedC
         raise BadRequest(f"config: {e}") from None
 
 
-def _backend_factories() -> tuple[Callable[..., Any], Callable[..., Any] | None]:
-    from ..cli import daemon as cli_daemon  # the single backend factory lives with the CLI
-
-    return cli_daemon.make_source, getattr(cli_daemon, "make_prefetcher", None)
-
-
 def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None = None) -> Instance:
     boot = cmd.source
     fetched = None
@@ -240,7 +233,6 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
     finally:
         if fetched is not None:
             fetched.release()
-    make_source, make_prefetcher = _backend_factories()
     source = None
     try:
         try:
@@ -256,8 +248,8 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
                         latest=parsed.latest_read_files)
         inst = Instance(mountpoint, cmd, fs, "Rafs", stats, parsed=parsed, image=image, source=source,
                         device=device, backend_stats=bstats)
-        if make_prefetcher is not None:
-            inst.prefetcher = _start_prefetch(make_prefetcher, cfg, image, source, cmd.prefetch_files)
+        files = [os.fsencode(p) for p in cmd.prefetch_files or ()]
+        inst.prefetcher = make_prefetcher(cfg, image, source, files)
         return inst
     except BaseException as e:
         close = getattr(source, "close", None)
@@ -270,19 +262,6 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
         if isinstance(e, Exception):
             raise InternalError(f"mount {mountpoint}: {e}") from e
         raise
-
-
-def _start_prefetch(make_prefetcher: Callable[..., Any], cfg: Any, image: RafsImage, source: Any,
-                    files: list[str] | None) -> Any:
-    if not files:
-        return make_prefetcher(cfg, image, source, None)
-    fd, path = tempfile.mkstemp(prefix="nydusd-py-prefetch-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write("\n".join(files) + "\n")
-        return make_prefetcher(cfg, image, source, path)
-    finally:
-        os.unlink(path)
 
 
 def create_passthrough(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None = None) -> Instance:

@@ -18,12 +18,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import ParsedConfig
 from ..fuse.abi import OUT_HEADER, NotifyCode
 from ..fuse.protocol import FuseSession
 from ..metrics.fsstats import FsStats, FuseMetrics
 from ..vfs import INO_MASK, INO_SHIFT, MAX_INDEX, Vfs, VfsError, normalize_path
 from . import supervisor
-from .configfile import ParsedConfig
 from .errors import ApiError, BadRequest, Conflict, InternalError, NotFound, NotReady, Unsupported
 from .instance import Instance, MountCmd, create_instance
 from .logsetup import EventRing, set_level
@@ -329,7 +329,7 @@ class DaemonService:
         if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
             raise ValueError("not a nydus_py takeover state (an upstream nydusd state cannot be restored)")
         if state.get("default_config") is not None and self.default_config is None:
-            from .configfile import parse_any
+            from ..config import parse_any
 
             self.default_config = parse_any(json.dumps(state["default_config"]))
         self.vfs.restore_layout(state["vfs"])

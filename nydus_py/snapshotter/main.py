@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", help=f"state directory: metadata.db, snapshots/, mnt/, cache/ (default {DEFAULT_ROOT})")
     p.add_argument("--address", help=f"gRPC unix socket for containerd (default {DEFAULT_ADDRESS})")
     p.add_argument("--nydusd-path", help="nydusd-py executable (default: nydusd-py on PATH, else "
-                                         "python3 -m nydus_py.daemon)")
+                                         "python3 -m nydus_py.cli.daemon)")
     p.add_argument("--nydusd-args", help=f"extra arguments of the shared daemon (default {' '.join(DEFAULT_ARGS)!r})")
     p.add_argument("--nydusd-config", help="v1 JSON nydusd config used as the template of every image's config")
     p.add_argument("--insecure-registry", action="append", default=None, metavar="HOST[:PORT]",

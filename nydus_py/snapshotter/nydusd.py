@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..api.client import ApiClient, ApiError
+from ..api.client import ApiCallError, ApiClient
 from ..convert.errors import ConvertError
 from ..convert.reference import ImageRef, is_loopback, parse_reference
 from ..storage.registry.auth import resolve_credentials
@@ -48,7 +48,7 @@ DEFAULT_ARGS = ("--thread-num", "4", "--log-level", "info")
 def default_command() -> list[str]:
     """`nydusd-py` from PATH, else this interpreter running the daemon module."""
     found = shutil.which("nydusd-py")
-    return [found] if found else [sys.executable, "-m", "nydus_py.daemon"]
+    return [found] if found else [sys.executable, "-m", "nydus_py.cli.daemon"]
 
 
 @dataclass
@@ -116,7 +116,7 @@ class SharedDaemon:
         api = ApiClient(self.sock, timeout=timeout)
         try:
             info = api.call("GET", "/api/v1/daemon")
-        except (OSError, ApiError, ValueError):
+        except (OSError, ApiCallError, ValueError):
             return None
         finally:
             api.close()
@@ -283,7 +283,7 @@ class SharedDaemon:
             assert self._api is not None
             try:
                 self._api.call("POST", "/api/v1/mount", {"mountpoint": f"/{sid}"}, body)
-            except ApiError as e:
+            except ApiCallError as e:
                 msg = e.body.get("message", e.body) if isinstance(e.body, dict) else e.body
                 raise Unavailable(f"nydusd-py could not mount {image_ref}: {msg}") from None
             except OSError as e:
@@ -298,7 +298,7 @@ class SharedDaemon:
                 return
             try:
                 self._api.call("DELETE", "/api/v1/mount", {"mountpoint": f"/{sid}"})
-            except ApiError as e:
+            except ApiCallError as e:
                 if e.status != 404:
                     log.warning("umount /%s: %s", sid, e)
             except OSError as e:

@@ -13,7 +13,7 @@ from typing import Protocol, runtime_checkable
 from ..rafs.chunkdata import BlobSource, decode_chunk
 from ..rafs.errors import FormatError
 from ..rafs.model import BlobInfo, ChunkInfo, RafsImage
-from .chunk_cache import ChunkCache
+from .cache.chunk_cache import ChunkCache
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from nydus_py.api.client import ApiClient, ApiError
+from nydus_py.api.client import ApiCallError, ApiClient
 from nydus_py.convert import oci
 from nydus_py.storage.registry import RegistryBackend, parse_registry_config
 from nydus_py.transport.mount import is_mountpoint
@@ -86,7 +86,7 @@ class Daemon:
         self.mnt.mkdir()
         self.sock = str(work / f"{name}.sock")
         self.log = work / f"{name}.log"
-        argv = [sys.executable, "-m", "nydus_py.daemon", "fuse", "--mountpoint", str(self.mnt), "--apisock",
+        argv = [sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--mountpoint", str(self.mnt), "--apisock",
                 self.sock, "--log-level", "info", "--thread-num", "4"]
         if image:
             argv += ["--image", image]
@@ -257,12 +257,12 @@ def test_merge_platform_index_mounted_through_the_api(tmp_path, daemons, source_
     assert sorted(os.listdir(d.mnt / "app" / "data" / "opq")) == ["b"]
     info = d.api.call("GET", "/api/v1/daemon")
     assert any(m["mountpoint"] == "/app" for m in info["backend_collection"].values())
-    with pytest.raises(ApiError) as e:  # a reference that is not there: 4xx with the reason
+    with pytest.raises(ApiCallError) as e:  # a reference that is not there: 4xx with the reason
         d.api.call("POST", "/api/v1/mount", {"mountpoint": "/nope"},
                    {"fs_type": "rafs", "source": f"docker://{plain_registry.host}/test/absent:v1",
                     "config": json.dumps(registry_cfg(None))})
     assert "not found" in str(e.value)
-    with pytest.raises(ApiError) as e:  # an OCI image that is not a Nydus one
+    with pytest.raises(ApiCallError) as e:  # an OCI image that is not a Nydus one
         d.api.call("POST", "/api/v1/mount", {"mountpoint": "/oci"},
                    {"fs_type": "rafs", "source": f"docker://{src}", "config": json.dumps(registry_cfg(None))})
     assert "not a Nydus image" in str(e.value)

@@ -147,7 +147,7 @@ def assert_error(r: Resp, status: int) -> dict[str, Any]:
 
 # -- the daemon process ---------------------------------------------------------------------------------
 def version_commit() -> str:
-    out = subprocess.run([sys.executable, "-m", "nydus_py.daemon", "--version"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "nydus_py.cli.daemon", "--version"], capture_output=True,
                          text=True, check=True, cwd=str(REPO)).stdout
     m = re.search(r"Git Commit:\s*(.+)", out)
     assert m, out
@@ -163,7 +163,7 @@ class DaemonProc:
         full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
         self.t0 = time.monotonic()
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "nydus_py.daemon", *args], stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-m", "nydus_py.cli.daemon", *args], stdout=out,
                                          stderr=subprocess.STDOUT, cwd=str(REPO), env=full_env)
 
     def log_text(self) -> str:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from nydus_py.daemon.config import ConfigError
-from nydus_py.daemon.configfile import _logged, parse_any, read_config_file, redact
+from nydus_py.cli.daemon_options import parse_args
+from nydus_py.config import ConfigError
+from nydus_py.config.forms import _logged, parse_any, read_config_file, redact
 from nydus_py.daemon.errors import UnexpectedEvent
 from nydus_py.daemon.logsetup import EventRing, log_file_name, scrub
-from nydus_py.daemon.options import parse_args
 from nydus_py.daemon.state import TRANSITIONS, DaemonState, Event, StateMachine
 from nydus_py.daemon.version import build_info, version_text
 from tests.daemon.rig import REPO
@@ -82,7 +82,7 @@ def test_v1_v2_and_toml_mean_the_same() -> None:
 
 def test_unknown_keys_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     _logged.clear()
-    with caplog.at_level(logging.INFO, logger="nydus_py.daemon.configfile"):
+    with caplog.at_level(logging.INFO, logger="nydus_py.config.forms"):
         parse_any(json.dumps(SNAPSHOTTER_V1))
         parse_any(json.dumps(SNAPSHOTTER_V1))
     lines = [r.getMessage() for r in caplog.records]
@@ -135,7 +135,7 @@ def test_state_machine_allows_exactly_the_upstream_transitions() -> None:
 
 
 def test_version_output_matches_the_api() -> None:
-    out = subprocess.run([sys.executable, "-m", "nydus_py.daemon", "--version"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "nydus_py.cli.daemon", "--version"], capture_output=True,
                          cwd=str(REPO), check=True).stdout.decode()
     assert out == version_text() and out.startswith("nydusd \r")
     m = re.search(r"Git Commit:\s*(.+)", out)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from nydus_py.config.forms import parse_any
 from nydus_py.convert.reference import parse_reference
-from nydus_py.daemon.configfile import parse_any
 from nydus_py.daemon.errors import BadRequest
 from nydus_py.daemon.image_ref import image_config, image_source, is_image_source, prepare_image_mount
 

@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from nydus_py.daemon.configfile import parse_any
-from nydus_py.daemon.options import parse_args as nydusd_parse_args
+from nydus_py.cli.daemon_options import parse_args as nydusd_parse_args
+from nydus_py.config.forms import parse_any
 from nydus_py.snapshotter import main as snap_main
 from nydus_py.snapshotter.nydusd import load_template
 from tests.conftest import require_tool

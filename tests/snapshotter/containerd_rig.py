@@ -113,7 +113,7 @@ class SnapshotterProcess:
         self.sock = str(work / "snapshotter.sock")
         self.log = work / "snapshotter.log"
         argv = [sys.executable, "-m", "nydus_py.snapshotter", "--root", str(self.root), "--address", self.sock,
-                "--nydusd-path", f"{sys.executable} -m nydus_py.daemon", "--log-level", "debug",
+                "--nydusd-path", f"{sys.executable} -m nydus_py.cli.daemon", "--log-level", "debug",
                 "--stop-daemon-on-exit", *extra]
         e = dict(os.environ if env is None else env)
         e["PYTHONPATH"] = str(REPO)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from nydus_py.config.forms import parse_any
 from nydus_py.convert.reference import parse_reference
-from nydus_py.daemon.configfile import parse_any
 from nydus_py.snapshotter.nydusd import DaemonSettings, SharedDaemon, load_template
 
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nydus_py.daemon.config import ConfigError
+from nydus_py.config import ConfigError
 from nydus_py.storage.registry import auth as A
 from nydus_py.storage.registry.config import parse_registry_config
 

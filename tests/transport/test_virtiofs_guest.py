@@ -35,7 +35,7 @@ def guest_tools() -> dict[str, bytes]:
 def start_daemon(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
     sock = str(tmp / "vfs.sock")
     logf = tmp / "daemon.log"
-    cmd = [sys.executable, "-m", "nydus_py.daemon", "virtiofs", "--sock", sock, "--log-file", str(logf), *args]
+    cmd = [sys.executable, "-m", "nydus_py.cli.daemon", "virtiofs", "--sock", sock, "--log-file", str(logf), *args]
     proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL)
     return proc, sock
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from ...daemon.config import ConfigError
+from ...config import ConfigError
 from .auth import resolve_credentials
 
 HEADER_ENV_PREFIX = "NYDUS_HEADER_"

@@ -15,8 +15,10 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .backend import BACKEND_LATENCY_BOUNDS_MS
-from .fsstats import LATENCY_BOUNDS_US, opname
+from ..daemon.state import DaemonState
+from ..daemon.version import build_info
+from ..metrics.backend import BACKEND_LATENCY_BOUNDS_MS
+from ..metrics.fsstats import LATENCY_BOUNDS_US, opname
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _FS_LE = [f"{b / 1e6:g}" for b in LATENCY_BOUNDS_US] + ["+Inf"]
@@ -56,9 +58,6 @@ class DaemonCollector(Collector):
         yield from self._prefetch(instances)
 
     def _daemon(self, svc: Any) -> Iterator[Metric]:
-        from ..daemon.state import DaemonState
-        from ..daemon.version import build_info
-
         state = GaugeMetricFamily("nydusd_state", "Daemon state (1 for the current one)", labels=["state"])
         for s in (DaemonState.INIT, DaemonState.READY, DaemonState.RUNNING, DaemonState.STOPPED):
             state.add_metric([s.value], 1.0 if svc.state == s else 0.0)

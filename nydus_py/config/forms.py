@@ -1,7 +1,7 @@
 """nydusd config text in any of its forms -> RafsConfig, plus the views the API shows of it.
 
 Parsing order as nydusd: JSON v2 (`"version": 2`), then TOML v2, then JSON v1 (the form the
-snapshotter and Kata send). v2 is converted to v1 and parsed by `daemon.config.parse_config`, so
+snapshotter and Kata send). v2 is converted to v1 and parsed by `config.model.parse_config`, so
 both forms go through the same checks. Keys this daemon does not know are ignored (the
 snapshotter always sends some) and each unknown key path is logged once per process.
 `redacted_v2()` is the converted v2 form with credentials removed: what DaemonInfo reports.
@@ -19,7 +19,7 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
-from .config import ConfigError, RafsConfig, parse_config
+from .model import ConfigError, RafsConfig, parse_config
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,10 @@ class ConfigError(ValueError):
     """The configuration is not valid nydusd JSON."""
 
 
+# cache types backed by the persistent blob cache (`fscache` and `dummycache` mean none here)
+CACHE_TYPES = ("blobcache", "filecache")
+
+
 @dataclass
 class BackendConfig:
     type: str

@@ -11,7 +11,7 @@ import argparse
 import sys
 from typing import Any
 
-from .version import version_text
+from ..daemon.version import version_text
 
 SUBCOMMANDS = ("fuse", "virtiofs", "singleton")
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
