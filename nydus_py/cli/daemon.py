@@ -14,7 +14,6 @@ else) exits 0. Start-up failures print `Error: ...` and exit 1; usage errors exi
 
 import asyncio
 import contextlib
-import errno
 import json
 import logging
 import os
@@ -284,21 +283,11 @@ class Daemon:
         t = svc.transport
         if t is None:
             return
-        if self.opts.mode != "fuse":
-            t.stop()
-            svc.close_all()
-            return
-        if not unmount:
+        if self.opts.mode == "fuse" and not unmount:
             # hand-over or session already over: leave the mount alone; our fds close at exit
             return
-        try:
-            t.unmount(lazy=True)
-        except OSError as e:
-            if e.errno not in (errno.EINVAL, errno.ENOENT):
-                log.error("unmount %s: %s", self.opts.mountpoint, e)
-        t.close()
+        t.stop()
         svc.close_all()
-
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)

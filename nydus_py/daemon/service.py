@@ -19,10 +19,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ParsedConfig
-from ..fuse.abi import OUT_HEADER, NotifyCode
-from ..fuse.protocol import FuseSession
+from ..fuse.protocol import FuseSession, notify_resend
 from ..metrics.fsstats import FsStats, FuseMetrics
-from ..vfs import INO_MASK, INO_SHIFT, MAX_INDEX, Vfs, VfsError, normalize_path
+from ..transport.base import Transport
+from ..transport.fusedev import FuseDevSession
+from ..vfs import MAX_INDEX, Vfs, VfsError, normalize_path
 from . import supervisor
 from .errors import ApiError, BadRequest, Conflict, InternalError, NotFound, NotReady, Unsupported
 from .instance import Instance, MountCmd, create_instance
@@ -69,7 +70,7 @@ class DaemonService:
         self.instances: dict[str, Instance] = {}
         self._by_index: list[Instance | None] = [None] * (MAX_INDEX + 1)
         self._lock = threading.RLock()
-        self.transport: Any = None  # FuseDevSession (fusedev) or the vhost-user server (virtiofs)
+        self.transport: Transport | None = None  # FuseDevSession (fusedev) or the vhost-user server
         self.fuse_fd = -1  # the /dev/fuse fd (fusedev), also when taken over and not yet started
         self.overrides: dict[str, dict[str, str]] = {}
         self.default_config: ParsedConfig | None = None
@@ -84,10 +85,11 @@ class DaemonService:
         log.info("state %s --%s--> %s", old.value, event.value, new.value)
 
     def _route(self, nodeid: int) -> tuple[FsStats | None, int]:
-        inst = self._by_index[nodeid >> INO_SHIFT]
+        index, inner = self.vfs.split(nodeid)
+        inst = self._by_index[index]
         if inst is None:
             return None, nodeid
-        return inst.stats, nodeid & INO_MASK
+        return inst.stats, inner
 
     @property
     def state(self) -> DaemonState:
@@ -237,10 +239,11 @@ class DaemonService:
         self.request_exit(0, unmount=state != DaemonState.INIT)
 
     # -- transports -----------------------------------------------------------------------------
-    def _attach_transport(self, fd: int) -> None:
-        from ..transport.fusedev import FuseDevSession
+    def _new_fusedev(self) -> FuseDevSession:
+        return FuseDevSession(self.session.handle_vectored, self.opts.mountpoint, threads=self.opts.threads)
 
-        t = FuseDevSession(self.session.handle_vectored, self.opts.mountpoint, threads=self.opts.threads)
+    def _attach_transport(self, fd: int) -> None:
+        t = self._new_fusedev()
         t.attach(fd)
         self.transport = t
         self._set_notifier(fd)
@@ -253,9 +256,7 @@ class DaemonService:
 
     def fuse_mount(self) -> None:
         """Mount the FUSE filesystem and start serving it (Mount -> READY, Start -> RUNNING)."""
-        from ..transport.fusedev import FuseDevSession
-
-        t = FuseDevSession(self.session.handle_vectored, self.opts.mountpoint, threads=self.opts.threads)
+        t = self._new_fusedev()
         t.mount()
         self.transport = t
         self.fuse_fd = t.fd
@@ -348,7 +349,7 @@ class DaemonService:
             return
         if policy == "resend":
             try:
-                os.write(fd, OUT_HEADER.pack(OUT_HEADER.size, NotifyCode.RESEND, 0))
+                os.write(fd, notify_resend())
                 return
             except OSError as e:
                 log.warning("FUSE NOTIFY_RESEND failed (%s); trying the connection's sysfs file", e)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from ..fuse.abi import InitFlags
 from ..fuse.api import Caller, Entry, FuseAttr, FuseError, SetAttr
-from ..vfs import INO_MASK, INO_SHIFT, Vfs
+from ..vfs import Vfs
 
 T = TypeVar("T")
 
@@ -31,33 +31,26 @@ class WritableVfs(Vfs):
         writable or `ino` is a pseudo directory)."""
         if self._pseudo_node(ino) is not None:
             raise FuseError(errno.EROFS)
-        slot = self._slot(ino)
-        try:
-            if write and not getattr(slot.fs, "writable", False):
+        with self.entered(ino) as (fs, inner):
+            if write and not getattr(fs, "writable", False):
                 raise FuseError(errno.EROFS)
-            return fn(slot.fs, slot.inner(ino))
-        finally:
-            self._leave(slot)
+            return fn(fs, inner)
 
     def _entry(self, parent: int, fn: Callable[[Any, int], Entry]) -> Entry:
         if self._pseudo_node(parent) is not None:
             raise FuseError(errno.EROFS)
-        slot = self._slot(parent)
-        try:
-            if not getattr(slot.fs, "writable", False):
+        e = self.entered(parent)
+        with e as (fs, inner):
+            if not getattr(fs, "writable", False):
                 raise FuseError(errno.EROFS)
-            return self._fix_entry(slot, fn(slot.fs, slot.inner(parent)))
-        finally:
-            self._leave(slot)
+            return self._fix_entry(e.slot, fn(fs, inner))
 
     def _same_fs(self, a: int, b: int) -> None:
         if self._pseudo_node(a) is not None or self._pseudo_node(b) is not None:
             raise FuseError(errno.EROFS)
-        sa, sb = self._slot(a), self._slot(b)
-        self._leave(sa)
-        self._leave(sb)
-        if sa is not sb:
-            raise FuseError(errno.EXDEV)
+        with self.entered(a) as (fa, _), self.entered(b) as (fb, _):
+            if fa is not fb:
+                raise FuseError(errno.EXDEV)
 
     # -- opens ---------------------------------------------------------------------------------
     def open(self, ino: int, flags: int) -> tuple[int, int]:
@@ -68,21 +61,18 @@ class WritableVfs(Vfs):
     def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Entry, int, int]:
         if self._pseudo_node(parent) is not None:
             raise FuseError(errno.EROFS)
-        slot = self._slot(parent)
-        try:
-            if not getattr(slot.fs, "writable", False):
+        e = self.entered(parent)
+        with e as (fs, inner):
+            if not getattr(fs, "writable", False):
                 raise FuseError(errno.EROFS)
-            entry, fh, open_flags = slot.fs.create(slot.inner(parent), name, mode, flags,
-                                                   caller)
-            return self._fix_entry(slot, entry), fh, open_flags
-        finally:
-            self._leave(slot)
+            entry, fh, open_flags = fs.create(inner, name, mode, flags, caller)
+            return self._fix_entry(e.slot, entry), fh, open_flags
 
     # -- single inode --------------------------------------------------------------------------
     def setattr(self, ino: int, attr: SetAttr) -> tuple[FuseAttr, float]:
         a, timeout = self._route(ino, lambda fs, i: fs.setattr(i, attr))
         # as Vfs.getattr reports it: the kernel's inode number for a filesystem under a path
-        return (a._replace(ino=ino) if ino >> INO_SHIFT else a), timeout
+        return (a._replace(ino=ino) if self.split(ino)[0] else a), timeout
 
     def write(self, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:
         return self._route(ino, lambda fs, i: fs.write(i, fh, offset, data, flags))
@@ -120,10 +110,10 @@ class WritableVfs(Vfs):
 
     def link(self, ino: int, newparent: int, newname: bytes) -> Entry:
         self._same_fs(ino, newparent)
-        inner = ino & INO_MASK if ino >> INO_SHIFT else ino
+        inner = self.split(ino)[1]
         return self._entry(newparent, lambda fs, p: fs.link(inner, p, newname))
 
     def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
         self._same_fs(parent, newparent)
-        inner = newparent & INO_MASK if newparent >> INO_SHIFT else newparent
+        inner = self.split(newparent)[1]
         self._route(parent, lambda fs, p: fs.rename(p, name, inner, newname, flags))

@@ -829,6 +829,11 @@ def notify_inval_entry(parent: int, name: bytes, flags: int = 0) -> bytes:
     return _OUT(16 + len(payload), NotifyCode.INVAL_ENTRY, 0) + payload
 
 
+def notify_resend() -> bytes:
+    """Ask the kernel to send again every request it is waiting on (a successor's failover)."""
+    return _OUT(16, NotifyCode.RESEND, 0)
+
+
 def notify_delete(parent: int, child: int, name: bytes) -> bytes:
     """Tell the kernel `name` (inode `child`) is gone from `parent`."""
     payload = NOTIFY_DELETE_OUT.pack(parent, child, len(name), 0) + name + b"\0"

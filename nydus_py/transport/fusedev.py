@@ -117,6 +117,15 @@ class FuseDevSession:
                     log.warning("%s busy, detaching lazily", self.mountpoint)
                     fuse_umount(self.mountpoint, lazy=True)
 
+    def stop(self) -> None:
+        """Transport.stop: detach the mount lazily (open files stay usable until closed), then close."""
+        try:
+            self.unmount(lazy=True)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOENT):
+                log.error("unmount %s: %s", self.mountpoint, e)
+        self.close()
+
     def close(self) -> None:
         """Unmount, wait for the workers and release every channel fd."""
         self.unmount()

@@ -99,6 +99,23 @@ class _Slot:
         return ROOT_ID if self.base == 0 else self.base | ROOT_ID
 
 
+class _Entered:
+    """`with vfs.entered(ino) as (fs, inner):` the slot stays entered (not torn down by an umount
+    or a hot swap) until the block ends. A class, not a generator: it is on every request."""
+
+    __slots__ = ("inner", "slot")
+
+    def __init__(self, slot: _Slot, inner: int) -> None:
+        self.slot = slot
+        self.inner = inner
+
+    def __enter__(self) -> tuple[Filesystem, int]:
+        return self.slot.fs, self.inner
+
+    def __exit__(self, *exc: object) -> None:
+        Vfs._leave(self.slot)
+
+
 def _attr_with_ino(a: FuseAttr, ino: int) -> FuseAttr:
     return FuseAttr(ino, *a[1:])
 
@@ -350,6 +367,17 @@ class Vfs(Filesystem):
             slot.active += 1
         return slot
 
+    def entered(self, ino: int) -> _Entered:
+        """The filesystem of kernel inode `ino` and its own inode number, held entered for a
+        `with` block (ESTALE when it is gone)."""
+        slot = self._slot(ino)
+        return _Entered(slot, slot.inner(ino))
+
+    @staticmethod
+    def split(kernel_ino: int) -> tuple[int, int]:
+        """(filesystem index, the filesystem's own inode number) of a kernel inode number."""
+        return kernel_ino >> INO_SHIFT, kernel_ino & INO_MASK
+
     @staticmethod
     def _leave(slot: _Slot) -> None:
         with slot.lock:
@@ -386,12 +414,10 @@ class Vfs(Filesystem):
     def _child_entry(self, child: "_Pseudo | _Slot") -> Entry:
         if isinstance(child, _Pseudo):
             return self._pseudo_entry(child)
-        slot = self._slot(child.kernel_root)
-        try:
-            attr, timeout = slot.fs.getattr(ROOT_ID)
-            return Entry(slot.kernel_root, 0, _attr_with_ino(attr, slot.kernel_root), PSEUDO_TIMEOUT, timeout)
-        finally:
-            self._leave(slot)
+        root = child.kernel_root
+        with self.entered(root) as (fs, inner):
+            attr, timeout = fs.getattr(inner)
+            return Entry(root, 0, _attr_with_ino(attr, root), PSEUDO_TIMEOUT, timeout)
 
     # -- Filesystem API -------------------------------------------------------------------------
     def init(self, capable: InitFlags) -> InitFlags:
@@ -426,14 +452,12 @@ class Vfs(Filesystem):
     def lookup(self, parent: int, name: bytes) -> Entry:
         node = self._pseudo_node(parent)
         if node is None:
-            slot = self._slot(parent)
-            try:
-                inner = slot.inner(parent)
+            e = self.entered(parent)
+            with e as (fs, inner):
+                slot = e.slot
                 if name == b".." and inner == ROOT_ID and slot.parent is not None:
                     return self._pseudo_entry(slot.parent)
-                return self._fix_entry(slot, slot.fs.lookup(inner, name))
-            finally:
-                self._leave(slot)
+                return self._fix_entry(slot, fs.lookup(inner, name))
         if name == b".":
             return self._pseudo_entry(node)
         if name == b"..":
@@ -447,13 +471,11 @@ class Vfs(Filesystem):
         if self._pseudo_node_quiet(ino):
             return
         try:
-            slot = self._slot(ino)
+            e = self.entered(ino)
         except FuseError:
             return
-        try:
-            slot.fs.forget(slot.inner(ino), nlookup)
-        finally:
-            self._leave(slot)
+        with e as (fs, inner):
+            fs.forget(inner, nlookup)
 
     def batch_forget(self, items: list[tuple[int, int]]) -> None:
         for ino, n in items:
@@ -466,83 +488,59 @@ class Vfs(Filesystem):
         node = self._pseudo_node(ino)
         if node is not None:
             return self._pseudo_attr(node), PSEUDO_TIMEOUT
-        slot = self._slot(ino)
-        try:
-            if not slot.base:
-                return slot.fs.getattr(ino)
-            attr, timeout = slot.fs.getattr(ino & INO_MASK)
-            return _attr_with_ino(attr, ino), timeout
-        finally:
-            self._leave(slot)
+        with self.entered(ino) as (fs, inner):
+            attr, timeout = fs.getattr(inner)
+            return (attr if inner == ino else _attr_with_ino(attr, ino)), timeout
 
     def readlink(self, ino: int) -> bytes:
         if self._pseudo_node(ino) is not None:
             raise FuseError(errno.EINVAL)
-        slot = self._slot(ino)
-        try:
-            return slot.fs.readlink(slot.inner(ino))
-        finally:
-            self._leave(slot)
+        with self.entered(ino) as (fs, inner):
+            return fs.readlink(inner)
 
     def open(self, ino: int, flags: int) -> tuple[int, int]:
         if self._pseudo_node(ino) is not None:
             raise FuseError(errno.EISDIR)
-        slot = self._slot(ino)
-        try:
-            return slot.fs.open(slot.inner(ino), flags)
-        finally:
-            self._leave(slot)
+        with self.entered(ino) as (fs, inner):
+            return fs.open(inner, flags)
 
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
         if self._pseudo_node(ino) is not None:
             raise FuseError(errno.EISDIR)
-        slot = self._slot(ino)
-        try:
-            return slot.fs.read(slot.inner(ino), fh, offset, size)
-        finally:
-            self._leave(slot)
+        with self.entered(ino) as (fs, inner):
+            return fs.read(inner, fh, offset, size)
 
     def release(self, ino: int, fh: int) -> None:
         if self._pseudo_node_quiet(ino):
             return
         try:
-            slot = self._slot(ino)
+            e = self.entered(ino)
         except FuseError:
             return  # the filesystem is gone; nothing to release
-        try:
-            slot.fs.release(slot.inner(ino), fh)
-        finally:
-            self._leave(slot)
+        with e as (fs, inner):
+            fs.release(inner, fh)
 
     def flush(self, ino: int, fh: int) -> None:
         if self._pseudo_node(ino) is not None:
             raise FuseError(errno.ENOSYS)
-        slot = self._slot(ino)
-        try:
-            slot.fs.flush(slot.inner(ino), fh)
-        finally:
-            self._leave(slot)
+        with self.entered(ino) as (fs, inner):
+            fs.flush(inner, fh)
 
     def opendir(self, ino: int, flags: int) -> tuple[int, int]:
         if self._pseudo_node(ino) is not None:
             return 0, 0  # listings change with mounts: nothing may be cached
-        slot = self._slot(ino)
-        try:
-            return slot.fs.opendir(slot.inner(ino), flags)
-        finally:
-            self._leave(slot)
+        with self.entered(ino) as (fs, inner):
+            return fs.opendir(inner, flags)
 
     def releasedir(self, ino: int, fh: int) -> None:
         if self._pseudo_node_quiet(ino):
             return
         try:
-            slot = self._slot(ino)
+            e = self.entered(ino)
         except FuseError:
             return
-        try:
-            slot.fs.releasedir(slot.inner(ino), fh)
-        finally:
-            self._leave(slot)
+        with e as (fs, inner):
+            fs.releasedir(inner, fh)
 
     def _pseudo_children(self, node: _Pseudo) -> list[tuple[bytes, "_Pseudo | _Slot"]]:
         with self._lock:
@@ -552,8 +550,7 @@ class Vfs(Filesystem):
         node = self._pseudo_node(ino)
         if node is not None:
             return self._pseudo_readdir(node, offset)
-        slot = self._slot(ino)
-        return self._routed_readdir(slot, ino, fh, offset)
+        return self._routed_readdir(self.entered(ino), fh, offset)
 
     def _pseudo_readdir(self, node: _Pseudo, offset: int) -> Iterator[DirEntryTuple]:
         if offset < 1:
@@ -566,28 +563,25 @@ class Vfs(Filesystem):
             cino = child.ino if isinstance(child, _Pseudo) else child.kernel_root
             yield name, cino, stat.S_IFDIR, k + 3
 
-    def _routed_readdir(self, slot: _Slot, ino: int, fh: int, offset: int) -> Iterator[DirEntryTuple]:
-        try:
+    def _routed_readdir(self, e: _Entered, fh: int, offset: int) -> Iterator[DirEntryTuple]:
+        with e as (fs, inner):
+            slot = e.slot
             base = slot.base
             if not base:
-                yield from slot.fs.readdir(ino, fh, offset)
+                yield from fs.readdir(inner, fh, offset)
                 return
-            inner = ino & INO_MASK
             up = slot.parent.ino if inner == ROOT_ID and slot.parent is not None else 0
-            for name, cino, typ, off in slot.fs.readdir(inner, fh, offset):
+            for name, cino, typ, off in fs.readdir(inner, fh, offset):
                 if up and name == b"..":
                     yield name, up, typ, off
                 else:
                     yield name, cino | base, typ, off
-        finally:
-            self._leave(slot)
 
     def readdirplus(self, ino: int, fh: int, offset: int) -> Iterator[DirEntryPlusTuple]:
         node = self._pseudo_node(ino)
         if node is not None:
             return self._pseudo_readdirplus(node, offset)
-        slot = self._slot(ino)
-        return self._routed_readdirplus(slot, ino, fh, offset)
+        return self._routed_readdirplus(self.entered(ino), fh, offset)
 
     def _pseudo_readdirplus(self, node: _Pseudo, offset: int) -> Iterator[DirEntryPlusTuple]:
         for name, cino, typ, off in self._pseudo_readdir(node, offset):
@@ -603,67 +597,50 @@ class Vfs(Filesystem):
                 continue
             yield entry, name, typ, off
 
-    def _routed_readdirplus(self, slot: _Slot, ino: int, fh: int, offset: int) -> Iterator[DirEntryPlusTuple]:
-        try:
+    def _routed_readdirplus(self, e: _Entered, fh: int, offset: int) -> Iterator[DirEntryPlusTuple]:
+        with e as (fs, inner):
+            slot = e.slot
             base = slot.base
             if not base:
-                yield from slot.fs.readdirplus(ino, fh, offset)
+                yield from fs.readdirplus(inner, fh, offset)
                 return
-            inner = ino & INO_MASK
             up = slot.parent.ino if inner == ROOT_ID and slot.parent is not None else 0
-            for entry, name, typ, off in slot.fs.readdirplus(inner, fh, offset):
+            for entry, name, typ, off in fs.readdirplus(inner, fh, offset):
                 if entry.ino == 0:  # "." / "..": only the dirent's d_ino is used
                     d_ino = up if (up and name == b"..") else entry.attr.ino | base
                     yield Entry(0, 0, FuseAttr(ino=d_ino, mode=entry.attr.mode), 0.0, 0.0), name, typ, off
                 else:
                     yield self._fix_entry(slot, entry), name, typ, off
-        finally:
-            self._leave(slot)
 
     def statfs(self, ino: int) -> StatFs:
         if self._pseudo_node(ino) is not None:
             return StatFs()
-        slot = self._slot(ino)
-        try:
-            return slot.fs.statfs(slot.inner(ino))
-        finally:
-            self._leave(slot)
+        with self.entered(ino) as (fs, inner):
+            return fs.statfs(inner)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if self._pseudo_node(ino) is not None:
             raise FuseError(errno.ENODATA)
-        slot = self._slot(ino)
-        try:
-            return slot.fs.getxattr(slot.inner(ino), name)
-        finally:
-            self._leave(slot)
+        with self.entered(ino) as (fs, inner):
+            return fs.getxattr(inner, name)
 
     def listxattr(self, ino: int) -> list[bytes]:
         if self._pseudo_node(ino) is not None:
             return []
-        slot = self._slot(ino)
-        try:
-            return slot.fs.listxattr(slot.inner(ino))
-        finally:
-            self._leave(slot)
+        with self.entered(ino) as (fs, inner):
+            return fs.listxattr(inner)
 
     def access(self, ino: int, mask: int, uid: int, gid: int) -> None:
         if self._pseudo_node(ino) is not None:
             return
-        slot = self._slot(ino)
-        try:
-            slot.fs.access(slot.inner(ino), mask, uid, gid)
-        finally:
-            self._leave(slot)
+        with self.entered(ino) as (fs, inner):
+            fs.access(inner, mask, uid, gid)
 
     def lseek(self, ino: int, fh: int, offset: int, whence: int) -> int:
         if self._pseudo_node(ino) is not None:
             raise FuseError(errno.EINVAL)
-        slot = self._slot(ino)
-        try:
-            return slot.fs.lseek(slot.inner(ino), fh, offset, whence)
-        finally:
-            self._leave(slot)
+        with self.entered(ino) as (fs, inner):
+            return fs.lseek(inner, fh, offset, whence)
 
 
 __all__ = ["INO_MASK", "INO_SHIFT", "MAX_INDEX", "ROOT_ID", "Vfs", "VfsError", "normalize_path"]
