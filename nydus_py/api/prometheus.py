@@ -15,10 +15,12 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..daemon.instance import Instance
 from ..daemon.state import DaemonState
 from ..daemon.version import build_info
 from ..metrics.backend import BACKEND_LATENCY_BOUNDS_MS
 from ..metrics.fsstats import LATENCY_BOUNDS_US, opname
+from ..storage.cache import BlobCacheManager
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _FS_LE = [f"{b / 1e6:g}" for b in LATENCY_BOUNDS_US] + ["+Inf"]
@@ -75,7 +77,7 @@ class DaemonCollector(Collector):
         ev.add_metric([], float(svc.events.total_errors))
         yield ev
 
-    def _fuse(self, instances: list[Any], svc: Any) -> Iterator[Metric]:
+    def _fuse(self, instances: list[Instance], svc: Any) -> Iterator[Metric]:
         reqs = CounterMetricFamily("nydusd_fuse_requests", "FUSE requests handled", labels=["mountpoint", "op"])
         errs = CounterMetricFamily("nydusd_fuse_request_errors", "FUSE requests answered with an error",
                                    labels=["mountpoint", "op"])
@@ -93,7 +95,7 @@ class DaemonCollector(Collector):
                 read.add_metric([mp], float(stats.data_read))
         yield from (reqs, errs, lat, read)
 
-    def _backend(self, instances: list[Any]) -> Iterator[Metric]:
+    def _backend(self, instances: list[Instance]) -> Iterator[Metric]:
         labels = ["mountpoint", "backend"]
         reads = CounterMetricFamily("nydusd_backend_reads", "Blob range reads sent to the backend", labels=labels)
         errors = CounterMetricFamily("nydusd_backend_read_errors", "Backend reads that failed", labels=labels)
@@ -116,7 +118,7 @@ class DaemonCollector(Collector):
                 lat.add_metric(lv, _cumulative(j["read_cumulative_latency_millis_dist"], _BACKEND_LE),
                                j["read_cumulative_latency_millis_total"] / 1e3)
             if inst.device is not None:
-                chunk_errors.add_metric([inst.mountpoint], float(getattr(inst.device, "read_errors", 0)))
+                chunk_errors.add_metric([inst.mountpoint], float(inst.device.read_errors))
             snap = inst.backend_counters()
             for status, n in sorted((snap.get("errors_by_status") or {}).items()):
                 http.add_metric([inst.mountpoint, str(status)], float(n))
@@ -125,7 +127,7 @@ class DaemonCollector(Collector):
                     counters.add_metric([inst.mountpoint, k], float(v))
         yield from (reads, errors, nbytes, lat, chunk_errors, http, counters)
 
-    def _cache(self, instances: list[Any]) -> Iterator[Metric]:
+    def _cache(self, instances: list[Instance]) -> Iterator[Metric]:
         hits = CounterMetricFamily("nydusd_cache_hits", "Blob cache hits", labels=["mountpoint", "kind"])
         misses = CounterMetricFamily("nydusd_cache_misses", "Chunks not in the blob cache", labels=["mountpoint"])
         evictions = CounterMetricFamily("nydusd_cache_evictions", "Blobs evicted from the cache",
@@ -135,24 +137,20 @@ class DaemonCollector(Collector):
         files = GaugeMetricFamily("nydusd_cache_files", "Blob cache data files", labels=["mountpoint"])
         for inst in instances:
             src = inst.source
-            stats = getattr(src, "stats", None) if hasattr(src, "read_chunks") else None
-            if stats is None:
+            if not isinstance(src, BlobCacheManager):
                 continue
+            stats = src.stats
             mp = inst.mountpoint
-            hits.add_metric([mp, "chunk"], float(getattr(stats, "chunk_hits", 0)))
-            hits.add_metric([mp, "whole"], float(getattr(stats, "whole_hits", 0)))
-            hits.add_metric([mp, "partial"], float(getattr(stats, "partial_hits", 0)))
-            misses.add_metric([mp], float(getattr(stats, "chunk_misses", 0)))
-            evictions.add_metric([mp], float(getattr(stats, "evictions", 0)))
-            use = getattr(src, "usage", None)
-            if callable(use):
-                usage.add_metric([mp], float(use()))
-            uf = getattr(src, "underlying_files", None)
-            if callable(uf):
-                files.add_metric([mp], float(len(uf())))
+            hits.add_metric([mp, "chunk"], float(stats.chunk_hits))
+            hits.add_metric([mp, "whole"], float(stats.whole_hits))
+            hits.add_metric([mp, "partial"], float(stats.partial_hits))
+            misses.add_metric([mp], float(stats.chunk_misses))
+            evictions.add_metric([mp], float(stats.evictions))
+            usage.add_metric([mp], float(src.usage()))
+            files.add_metric([mp], float(len(src.underlying_files())))
         yield from (hits, misses, evictions, usage, files)
 
-    def _prefetch(self, instances: list[Any]) -> Iterator[Metric]:
+    def _prefetch(self, instances: list[Instance]) -> Iterator[Metric]:
         chunks = CounterMetricFamily("nydusd_prefetch_chunks", "Chunks prefetched", labels=["mountpoint"])
         planned = CounterMetricFamily("nydusd_prefetch_planned_bytes", "Bytes planned for prefetch",
                                       labels=["mountpoint"])
@@ -163,11 +161,10 @@ class DaemonCollector(Collector):
             if p is None:
                 continue
             mp = inst.mountpoint
-            chunks.add_metric([mp], float(getattr(p, "chunks_fetched", 0)))
-            planned.add_metric([mp], float(getattr(p, "bytes_planned", 0)))
-            errors.add_metric([mp], float(getattr(p, "errors", 0)))
-            ev = getattr(p, "done", None)
-            done.add_metric([mp], 1.0 if ev is not None and ev.is_set() else 0.0)
+            chunks.add_metric([mp], float(p.chunks_fetched))
+            planned.add_metric([mp], float(p.bytes_planned))
+            errors.add_metric([mp], float(p.errors))
+            done.add_metric([mp], 1.0 if p.done.is_set() else 0.0)
         yield from (chunks, planned, errors, done)
 
 

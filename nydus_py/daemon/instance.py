@@ -22,9 +22,12 @@ from ..fuse.api import Filesystem
 from ..metrics.backend import BackendStats, instrument, unwrap
 from ..metrics.fsstats import FsStats
 from ..rafs import FormatError, open_bootstrap
+from ..rafs.chunkdata import BlobSource
 from ..rafs.model import RafsImage
-from ..storage.device import BlobDevice
+from ..storage.cache import BlobCacheManager
+from ..storage.device import BlobDevice, ChunkSource
 from ..storage.factory import make_prefetcher, make_source
+from ..storage.prefetch import Prefetcher
 from .errors import BadRequest, InternalError, Unsupported
 from .image_ref import is_image_source, prepare_image_mount
 
@@ -85,10 +88,10 @@ class Instance:
     stats: FsStats
     parsed: ParsedConfig | None = None
     image: RafsImage | None = None
-    source: Any = None
+    source: BlobSource | ChunkSource | None = None
     device: BlobDevice | None = None
     backend_stats: BackendStats | None = None
-    prefetcher: Any = None
+    prefetcher: Prefetcher | None = None
     mounted_time: float = field(default_factory=time.time)
     index: int = -1
 
@@ -156,17 +159,15 @@ class Instance:
             "prefetch_begin_time_millis": 0, "prefetch_end_time_secs": 0, "prefetch_end_time_millis": 0,
             "buffered_backend_size": 0, "data_all_ready": False,
         }
-        snap = getattr(self.source, "snapshot", None)
-        if callable(snap) and hasattr(self.source, "read_chunks"):
-            s = snap()
+        if isinstance(self.source, BlobCacheManager):
+            s = self.source.snapshot()
             for k in out:
                 if k in s and isinstance(s[k], type(out[k])):
                     out[k] = s[k]
         p = self.prefetcher
         if p is not None:
-            out["prefetch_workers"] = int(getattr(p, "threads", 0))
-            begin = float(getattr(p, "started_at", 0.0))
-            end = float(getattr(p, "finished_at", 0.0))
+            out["prefetch_workers"] = p.threads
+            begin, end = p.started_at, p.finished_at
             if begin:
                 out["prefetch_begin_time_secs"] = int(begin)
                 out["prefetch_begin_time_millis"] = int(begin * 1000) % 1000

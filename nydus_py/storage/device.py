@@ -7,6 +7,7 @@ the filesystem can answer EIO and never hand out wrong bytes.
 
 import logging
 import threading
+from functools import partial
 from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, runtime_checkable
 
@@ -49,10 +50,16 @@ class BlobDevice:
             getattr(image, "chunks_after", None) if self.amplify_io else None)
 
     def load_chunk(self, chunk: ChunkInfo) -> bytes:
+        return self._load([chunk])[0]
+
+    def _load(self, chunks: list[ChunkInfo], extra: Sequence[ChunkInfo] = ()) -> list[bytes]:
+        """Decoded chunks: through the ChunkSource (the blob cache), else once each through the
+        in-memory chunk cache from the plain backend."""
         if self._chunked is not None:
-            return self._load_chunks([chunk])[0]
-        key = (chunk.blob_index, chunk.compressed_offset, chunk.compressed_size, chunk.uncompressed_size)
-        return self.cache.get(key, lambda: self._fetch(chunk))
+            return self._load_chunks(chunks, extra)
+        get = self.cache.get
+        return [get((c.blob_index, c.compressed_offset, c.compressed_size, c.uncompressed_size),
+                    partial(self._fetch, c)) for c in chunks]
 
     def _fetch(self, chunk: ChunkInfo) -> bytes:
         blobs = self.image.blobs
@@ -77,30 +84,12 @@ class BlobDevice:
         if offset >= end:
             return b""
         chunks = self.image.chunks(ino, offset, end - offset)
-        if self._chunked is not None:
-            extra = self.image.chunks(ino, end, self.amplify_io) if self.amplify_io and end < file_size else []
-            out = _assemble(chunks, self._load_chunks(chunks, extra), offset, end)
-            with self._stats_lock:
-                self.bytes_read += len(out)
-            return out
-        if len(chunks) == 1:
-            c = chunks[0]
-            if c.file_offset <= offset and end <= c.file_offset + c.uncompressed_size:
-                # a view, not a copy: the FUSE reply is gathered straight from the cached chunk
-                view = memoryview(self.load_chunk(c))[offset - c.file_offset : end - c.file_offset]
-                with self._stats_lock:
-                    self.bytes_read += len(view)
-                return view
-        buf = bytearray(end - offset)
-        for c in chunks:
-            data = self.load_chunk(c)
-            lo = max(offset, c.file_offset)
-            hi = min(end, c.file_offset + c.uncompressed_size)
-            if hi > lo:
-                buf[lo - offset : hi - offset] = data[lo - c.file_offset : hi - c.file_offset]
+        extra = (self.image.chunks(ino, end, self.amplify_io)
+                 if self._chunked is not None and self.amplify_io and end < file_size else [])
+        out = _assemble(chunks, self._load(chunks, extra), offset, end)
         with self._stats_lock:
-            self.bytes_read += len(buf)
-        return bytes(buf)
+            self.bytes_read += len(out)
+        return out
 
     def _load_chunks(self, chunks: list[ChunkInfo], extra: Sequence[ChunkInfo] = ()) -> list[bytes]:
         """Decoded chunks through the ChunkSource, one call per blob (so it can merge them)."""
@@ -126,12 +115,13 @@ class BlobDevice:
         return out
 
 
-def _assemble(chunks: list[ChunkInfo], datas: list[bytes], offset: int, end: int) -> bytes:
-    """File bytes [offset, end) from its overlapping chunks; holes stay zero."""
+def _assemble(chunks: list[ChunkInfo], datas: list[bytes], offset: int, end: int) -> bytes | memoryview:
+    """File bytes [offset, end) from its overlapping chunks; holes stay zero. Within one chunk a
+    view, not a copy: the FUSE reply is gathered straight from the decoded chunk."""
     if len(chunks) == 1:
         c = chunks[0]
         if c.file_offset <= offset and end <= c.file_offset + c.uncompressed_size:
-            return datas[0][offset - c.file_offset : end - c.file_offset]
+            return memoryview(datas[0])[offset - c.file_offset : end - c.file_offset]
     buf = bytearray(end - offset)
     for c, data in zip(chunks, datas, strict=True):
         lo = max(offset, c.file_offset)
