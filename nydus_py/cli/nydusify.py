@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(message)s")
     if not args.verbose:
-        logging.getLogger("nydus_py.storage.registry.client").setLevel(logging.ERROR)
+        logging.getLogger("nydus_py.storage.registry").setLevel(logging.ERROR)
     try:
         return cmd_convert(args)
     except (ConvertError, FormatError, ValueError) as e:

@@ -7,8 +7,8 @@ the filesystem can answer EIO and never hand out wrong bytes.
 
 import logging
 import threading
-from functools import partial
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Protocol, runtime_checkable
 
 from ..rafs.chunkdata import BlobSource, decode_chunk

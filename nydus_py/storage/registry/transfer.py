@@ -1,0 +1,224 @@
+"""Whole-object transfers for the image tools (convert, the demo, tests): manifests, small blobs,
+streamed blob downloads and chunked uploads. Memory use is one piece, whatever the blob size."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import logging
+import os
+from collections.abc import Callable, Mapping
+from typing import BinaryIO
+from urllib.parse import urljoin
+
+import aiohttp
+
+from .errors import PermanentError, TransientError, backoff, describe
+from .http import RegistryHttp
+from .reader import REDIRECT_STATUSES
+
+log = logging.getLogger(__name__)
+
+MANIFEST_TYPES = (
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
+
+
+class ImageTransfer:
+    def __init__(self, http: RegistryHttp) -> None:
+        self.http = http
+
+    async def _checked(self, method: str, url: str, headers: Mapping[str, str], data: bytes | None,
+                       ok: tuple[int, ...]) -> tuple[int, Mapping[str, str], bytes]:
+        try:
+            async with asyncio.timeout(max(60.0, self.http.cfg.deadline)):
+                resp = await self.http.request(method, url, headers, data=data)
+                try:
+                    body = await resp.read()
+                    if resp.status not in ok:
+                        raise OSError(errno.EIO, f"{method} {url}: HTTP {resp.status} {body[:200]!r}")
+                    return resp.status, resp.headers, body
+                finally:
+                    resp.release()
+        except (TransientError, PermanentError, aiohttp.ClientError, TimeoutError) as e:
+            raise OSError(errno.EIO, f"{method} {url}: {describe(e)}") from None
+
+    async def blob_exists(self, digest: str) -> bool:
+        st, _h, _b = await self._checked("HEAD", self.http.url(f"blobs/{digest}"), {}, None, (200, 404))
+        return st == 200
+
+    async def push_blob(self, data: bytes, digest: str | None = None, chunk_size: int = 0) -> str:
+        """Upload `data` (monolithic PUT, or PATCH pieces of `chunk_size` then PUT); returns its
+        digest. A blob already present is not uploaded again."""
+        computed = "sha256:" + hashlib.sha256(data).hexdigest()
+        if digest is not None and digest != computed:
+            raise ValueError(f"push_blob: data hashes to {computed}, not {digest}")
+        if await self.blob_exists(computed):
+            return computed
+        _st, h, _b = await self._checked("POST", self.http.url("blobs/uploads/"), {}, None, (202,))
+        location = self._upload_url(h)
+        if chunk_size > 0:
+            pos = 0
+            while pos < len(data):
+                piece = data[pos:pos + chunk_size]
+                hdrs = {"Content-Type": "application/octet-stream",
+                        "Content-Range": f"{pos}-{pos + len(piece) - 1}"}
+                _st, h, _b = await self._checked("PATCH", location, hdrs, piece, (202,))
+                location = self._upload_url(h)
+                pos += len(piece)
+            body: bytes = b""
+        else:
+            body = data
+        sep = "&" if "?" in location else "?"
+        await self._checked("PUT", f"{location}{sep}digest={computed}",
+                            {"Content-Type": "application/octet-stream"}, body, (201,))
+        return computed
+
+    def _upload_url(self, headers: Mapping[str, str]) -> str:
+        loc = headers.get("Location")
+        if not loc:
+            raise OSError(errno.EIO, "upload answer without Location")
+        return urljoin(f"{self.http.scheme}://{self.http.cfg.host}/", loc)
+
+    async def push_manifest(self, reference: str, body: bytes, media_type: str) -> str:
+        _st, h, _b = await self._checked("PUT", self.http.url(f"manifests/{reference}"), {"Content-Type": media_type},
+                                         body, (201,))
+        return h.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(body).hexdigest()
+
+    async def get_manifest(self, reference: str) -> tuple[bytes, str]:
+        _st, h, body = await self._checked("GET", self.http.url(f"manifests/{reference}"),
+                                           {"Accept": ", ".join(MANIFEST_TYPES)}, None, (200,))
+        return body, h.get("Content-Type", "")
+
+    async def get_blob(self, digest: str) -> bytes:
+        """A whole (small) blob, e.g. a config or bootstrap layer, following redirects."""
+        url = self.http.url(f"blobs/{digest}")
+        st, h, body = await self._checked("GET", url, {}, None, (200, *REDIRECT_STATUSES))
+        if st in REDIRECT_STATUSES:
+            resp = await self.http.send("GET", self.http.rewrite_redirect(urljoin(url, h["Location"])), {})
+            try:
+                if resp.status != 200:
+                    raise OSError(errno.EIO, f"GET {digest} redirect target: HTTP {resp.status}")
+                body = await resp.read()
+            finally:
+                resp.release()
+        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            raise OSError(errno.EIO, f"blob {digest}: content does not match its digest")
+        return body
+
+    # -- streaming transfers (image conversion) -------------------------------------------------
+    async def fetch_manifest(self, reference: str,
+                             accept: tuple[str, ...] = MANIFEST_TYPES) -> tuple[bytes, str, str] | None:
+        """(body, Content-Type, Docker-Content-Digest or "") of a manifest; None on 404."""
+        st, h, body = await self._checked("GET", self.http.url(f"manifests/{reference}"), {"Accept": ", ".join(accept)},
+                                          None, (200, 404))
+        if st == 404:
+            return None
+        return body, h.get("Content-Type", ""), h.get("Docker-Content-Digest", "")
+
+    async def download_blob(self, digest: str, out: BinaryIO, *, limit: int | None = None,
+                            progress: Callable[[int], None] | None = None, stall: float = 60.0,
+                            piece: int = 1 << 20) -> tuple[str, int]:
+        """Stream blob `digest` into the empty file `out`, hashing as it goes; returns (sha256 hex
+        of the bytes received, their count). Memory use is one `piece`, whatever the blob size.
+
+        The caller compares the result with the descriptor (a lying registry is its business).
+        At most `limit + 1` bytes are taken (so an overlong body is seen without filling the disk).
+        Transient failures restart from zero (up to the configured retries; `progress` gets the
+        negative count to roll back); a body silent for `stall` seconds is a failure.
+        OSError(ENOENT) when the registry does not have the blob, OSError(EIO) otherwise.
+        """
+        url = self.http.url(f"blobs/{digest}")
+        attempt = 0
+        while True:
+            h = hashlib.sha256()
+            got = 0
+            out.seek(0)
+            out.truncate()
+            try:
+                async with asyncio.timeout(max(60.0, self.http.cfg.deadline)):  # until the headers are in
+                    resp = await self.http.request("GET", url, {})
+                    if resp.status in REDIRECT_STATUSES and resp.headers.get("Location"):
+                        target = self.http.rewrite_redirect(urljoin(url, resp.headers["Location"]))
+                        resp.release()
+                        self.http.counters.redirects += 1
+                        resp = await self.http.send("GET", target, {})
+                try:
+                    if resp.status in (404, 410):
+                        raise OSError(errno.ENOENT, f"blob {digest} not found in {self.http.cfg.host}/{self.http.cfg.repo}")
+                    if resp.status in (401, 403):
+                        raise PermanentError(f"HTTP {resp.status}: access denied")
+                    if resp.status in (408, 425, 429) or resp.status >= 500:
+                        raise TransientError(f"HTTP {resp.status}")
+                    if resp.status != 200:
+                        raise PermanentError(f"unexpected HTTP {resp.status}")
+                    while limit is None or got <= limit:
+                        want = piece if limit is None else min(piece, limit + 1 - got)
+                        async with asyncio.timeout(stall):
+                            data = await resp.content.read(want)
+                        if not data:
+                            break
+                        h.update(data)
+                        out.write(data)
+                        got += len(data)
+                        self.http.counters.body_bytes += len(data)
+                        if progress is not None:
+                            progress(len(data))
+                    if limit is not None and got > limit:
+                        resp.close()
+                finally:
+                    resp.release()
+                out.flush()
+                return h.hexdigest(), got
+            except PermanentError as e:
+                raise OSError(errno.EIO, f"GET blob {digest}: {describe(e)}") from None
+            except (TransientError, aiohttp.ClientError, TimeoutError, ConnectionError) as e:
+                if progress is not None and got:
+                    progress(-got)
+                attempt += 1
+                if attempt > self.http.cfg.retries:
+                    raise OSError(errno.EIO, f"GET blob {digest}: {describe(e)} (after {attempt} attempts)") from None
+                self.http.counters.retries += 1
+                delay = backoff(attempt, self.http.rng)
+                log.info("blob %s: download attempt %d failed (%s); retrying in %.2fs", digest, attempt,
+                         describe(e), delay)
+                await asyncio.sleep(delay)
+
+    async def push_blob_file(self, path: str, digest: str, *, piece: int = 8 << 20,
+                             progress: Callable[[int], None] | None = None) -> bool:
+        """Upload the file at `path` as blob `digest` unless the registry already has it (HEAD);
+        True when it was uploaded. Sent as one PUT when it fits in `piece` bytes, else as PATCH
+        pieces then a PUT, so memory use is one piece. The file must hash to `digest` (the
+        registry checks; a mismatch is its 400)."""
+        if await self.blob_exists(digest):
+            return False
+        _st, h, _b = await self._checked("POST", self.http.url("blobs/uploads/"), {}, None, (202,))
+        location = self._upload_url(h)
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            body = b""
+            if size <= piece:
+                body = f.read()
+            else:
+                pos = 0
+                while pos < size:
+                    data = f.read(min(piece, size - pos))
+                    if not data:
+                        raise OSError(errno.EIO, f"{path}: file shrank while uploading")
+                    hdrs = {"Content-Type": "application/octet-stream",
+                            "Content-Range": f"{pos}-{pos + len(data) - 1}"}
+                    _st, h, _b = await self._checked("PATCH", location, hdrs, data, (202,))
+                    location = self._upload_url(h)
+                    pos += len(data)
+                    if progress is not None:
+                        progress(len(data))
+        sep = "&" if "?" in location else "?"
+        await self._checked("PUT", f"{location}{sep}digest={digest}", {"Content-Type": "application/octet-stream"},
+                            body, (201,))
+        if progress is not None and body:
+            progress(len(body))
+        return True
