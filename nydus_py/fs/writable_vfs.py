@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from ..fuse.abi import InitFlags
 from ..fuse.api import Caller, Entry, FuseAttr, FuseError, SetAttr
-from ..vfs import Vfs
+from ..vfs.vfs import Entered, Vfs
 
 T = TypeVar("T")
 
@@ -36,13 +36,19 @@ class WritableVfs(Vfs):
                 raise FuseError(errno.EROFS)
             return fn(fs, inner)
 
-    def _entry(self, parent: int, fn: Callable[[Any, int], Entry]) -> Entry:
+    def _entered_writable(self, parent: int) -> Entered:
+        """`entered(parent)` when a writable filesystem owns it, else EROFS."""
         if self._pseudo_node(parent) is not None:
             raise FuseError(errno.EROFS)
         e = self.entered(parent)
+        if not getattr(e.slot.fs, "writable", False):
+            self._leave(e.slot)
+            raise FuseError(errno.EROFS)
+        return e
+
+    def _entry(self, parent: int, fn: Callable[[Any, int], Entry]) -> Entry:
+        e = self._entered_writable(parent)
         with e as (fs, inner):
-            if not getattr(fs, "writable", False):
-                raise FuseError(errno.EROFS)
             return self._fix_entry(e.slot, fn(fs, inner))
 
     def _same_fs(self, a: int, b: int) -> None:
@@ -59,12 +65,8 @@ class WritableVfs(Vfs):
         return super().open(ino, flags)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Entry, int, int]:
-        if self._pseudo_node(parent) is not None:
-            raise FuseError(errno.EROFS)
-        e = self.entered(parent)
+        e = self._entered_writable(parent)
         with e as (fs, inner):
-            if not getattr(fs, "writable", False):
-                raise FuseError(errno.EROFS)
             entry, fh, open_flags = fs.create(inner, name, mode, flags, caller)
             return self._fix_entry(e.slot, entry), fh, open_flags
 

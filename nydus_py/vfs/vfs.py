@@ -99,7 +99,7 @@ class _Slot:
         return ROOT_ID if self.base == 0 else self.base | ROOT_ID
 
 
-class _Entered:
+class Entered:
     """`with vfs.entered(ino) as (fs, inner):` the slot stays entered (not torn down by an umount
     or a hot swap) until the block ends. A class, not a generator: it is on every request."""
 
@@ -367,11 +367,11 @@ class Vfs(Filesystem):
             slot.active += 1
         return slot
 
-    def entered(self, ino: int) -> _Entered:
+    def entered(self, ino: int) -> Entered:
         """The filesystem of kernel inode `ino` and its own inode number, held entered for a
         `with` block (ESTALE when it is gone)."""
         slot = self._slot(ino)
-        return _Entered(slot, slot.inner(ino))
+        return Entered(slot, slot.inner(ino))
 
     @staticmethod
     def split(kernel_ino: int) -> tuple[int, int]:
@@ -468,21 +468,24 @@ class Vfs(Filesystem):
         return self._child_entry(child)
 
     def forget(self, ino: int, nlookup: int) -> None:
-        if self._pseudo_node_quiet(ino):
-            return
-        try:
-            e = self.entered(ino)
-        except FuseError:
-            return
-        with e as (fs, inner):
-            fs.forget(inner, nlookup)
+        e = self._entered_quietly(ino)
+        if e is not None:
+            with e as (fs, inner):
+                fs.forget(inner, nlookup)
 
     def batch_forget(self, items: list[tuple[int, int]]) -> None:
         for ino, n in items:
             self.forget(ino, n)
 
-    def _pseudo_node_quiet(self, ino: int) -> bool:
-        return not (ino >> INO_SHIFT) and self._rootfs is None
+    def _entered_quietly(self, ino: int) -> Entered | None:
+        """For requests without an error reply (FORGET, RELEASE*): None for a pseudo directory or
+        a filesystem that is gone (nothing left to forget or release)."""
+        if not (ino >> INO_SHIFT) and self._rootfs is None:
+            return None
+        try:
+            return self.entered(ino)
+        except FuseError:
+            return None
 
     def getattr(self, ino: int) -> tuple[FuseAttr, float]:
         node = self._pseudo_node(ino)
@@ -511,14 +514,10 @@ class Vfs(Filesystem):
             return fs.read(inner, fh, offset, size)
 
     def release(self, ino: int, fh: int) -> None:
-        if self._pseudo_node_quiet(ino):
-            return
-        try:
-            e = self.entered(ino)
-        except FuseError:
-            return  # the filesystem is gone; nothing to release
-        with e as (fs, inner):
-            fs.release(inner, fh)
+        e = self._entered_quietly(ino)
+        if e is not None:
+            with e as (fs, inner):
+                fs.release(inner, fh)
 
     def flush(self, ino: int, fh: int) -> None:
         if self._pseudo_node(ino) is not None:
@@ -533,14 +532,10 @@ class Vfs(Filesystem):
             return fs.opendir(inner, flags)
 
     def releasedir(self, ino: int, fh: int) -> None:
-        if self._pseudo_node_quiet(ino):
-            return
-        try:
-            e = self.entered(ino)
-        except FuseError:
-            return
-        with e as (fs, inner):
-            fs.releasedir(inner, fh)
+        e = self._entered_quietly(ino)
+        if e is not None:
+            with e as (fs, inner):
+                fs.releasedir(inner, fh)
 
     def _pseudo_children(self, node: _Pseudo) -> list[tuple[bytes, "_Pseudo | _Slot"]]:
         with self._lock:
@@ -563,7 +558,7 @@ class Vfs(Filesystem):
             cino = child.ino if isinstance(child, _Pseudo) else child.kernel_root
             yield name, cino, stat.S_IFDIR, k + 3
 
-    def _routed_readdir(self, e: _Entered, fh: int, offset: int) -> Iterator[DirEntryTuple]:
+    def _routed_readdir(self, e: Entered, fh: int, offset: int) -> Iterator[DirEntryTuple]:
         with e as (fs, inner):
             slot = e.slot
             base = slot.base
@@ -597,7 +592,7 @@ class Vfs(Filesystem):
                 continue
             yield entry, name, typ, off
 
-    def _routed_readdirplus(self, e: _Entered, fh: int, offset: int) -> Iterator[DirEntryPlusTuple]:
+    def _routed_readdirplus(self, e: Entered, fh: int, offset: int) -> Iterator[DirEntryPlusTuple]:
         with e as (fs, inner):
             slot = e.slot
             base = slot.base
