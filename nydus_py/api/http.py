@@ -70,12 +70,18 @@ def query_bool(request: web.Request, name: str) -> bool:
     raise BadRequest(f"query parameter {name!r} must be true or false")
 
 
+# Workers for blocking calls (mount, umount, takeover...). More than one: a mount waiting on a
+# slow registry must not hold up the umount or mount of another image (the service serializes
+# what must be serialized under its own lock, and never holds it while building an instance).
+API_WORKERS = 4
+
+
 class ApiContext:
-    """The service plus the single worker that runs blocking calls in order."""
+    """The service plus the workers that run its blocking calls."""
 
     def __init__(self, service: Any) -> None:
         self.service = service
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="api-worker")
+        self.executor = ThreadPoolExecutor(max_workers=API_WORKERS, thread_name_prefix="api-worker")
         self.registry = make_registry(service)
 
     async def blocking(self, fn: Callable[..., Any], *args: Any) -> Any:

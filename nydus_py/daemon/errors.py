@@ -59,6 +59,13 @@ class Unsupported(ApiError):
     kind = "Unsupported"
 
 
+class Timeout(ApiError):
+    """An operation (a mount building its instance) did not finish within its deadline."""
+
+    status = 504
+    kind = "Timeout"
+
+
 class NotReady(ApiError):
     status = 503
     kind = "NotReady"

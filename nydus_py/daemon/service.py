@@ -25,7 +25,7 @@ from ..transport.base import Transport
 from ..transport.fusedev import FuseDevSession
 from ..vfs import MAX_INDEX, Vfs, VfsError, normalize_path
 from . import supervisor
-from .errors import ApiError, BadRequest, Conflict, InternalError, NotFound, NotReady, Unsupported
+from .errors import ApiError, BadRequest, Conflict, InternalError, NotFound, NotReady, Timeout, Unsupported
 from .instance import Instance, MountCmd, create_instance
 from .logsetup import EventRing, set_level
 from .state import DaemonState, Event, StateMachine
@@ -48,6 +48,9 @@ class DaemonOptions:
     failover_policy: str = "resend"
     upgrade: bool = False
     debug: bool = False
+    # seconds a mount may take to build its instance (bootstrap, backend, cache); past it the
+    # mount answers 504 and whatever it builds later is closed
+    mount_timeout: float = 120.0
 
 
 def _strip_id(value: str) -> str:
@@ -70,6 +73,8 @@ class DaemonService:
         self.instances: dict[str, Instance] = {}
         self._by_index: list[Instance | None] = [None] * (MAX_INDEX + 1)
         self._lock = threading.RLock()
+        self._building: set[str] = set()  # mountpoints whose instance is being built
+        self.mount_timeouts = 0
         self.transport: Transport | None = None  # FuseDevSession (fusedev) or the vhost-user server
         self.fuse_fd = -1  # the /dev/fuse fd (fusedev), also when taken over and not yet started
         self.overrides: dict[str, dict[str, str]] = {}
@@ -123,29 +128,83 @@ class DaemonService:
                     return
                 raise Conflict(f"{mp} is already mounted")
             self._check_mountable(mp)
-            inst = create_instance(mp, cmd, self.default_config)
-            try:
-                inst.index = self.vfs.mount(mp, inst.fs)
-            except VfsError as e:
-                inst.close()
-                raise (Conflict(str(e)) if e.errno in (errno.EEXIST, errno.EBUSY) else BadRequest(str(e))) from None
-            self.instances[mp] = inst
-            self._by_index[inst.index] = inst
+            self._building.add(mp)  # reserved: the instance is built without the lock held
+        try:
+            inst = self._build(mp, cmd)
+            with self._lock:
+                try:
+                    inst.index = self.vfs.mount(mp, inst.fs)
+                except VfsError as e:
+                    inst.close()
+                    raise (Conflict(str(e)) if e.errno in (errno.EEXIST, errno.EBUSY)
+                           else BadRequest(str(e))) from None
+                self.instances[mp] = inst
+                self._by_index[inst.index] = inst
+        finally:
+            with self._lock:
+                self._building.discard(mp)
         log.info("mounted %s (%s) at %s, index %d", cmd.source, cmd.fs_type, mp, inst.index)
 
     def _check_mountable(self, mp: str) -> None:
         """Refuse before building anything what the VFS would refuse (no half-made instances)."""
-        for other in self.instances:
+        if mp in self._building:
+            raise Conflict(f"a mount at {mp} is in progress")
+        for other in (*self.instances, *self._building):
             if other == "/" or mp == "/" or mp.startswith(other + "/") or other.startswith(mp + "/"):
                 raise Conflict(f"cannot mount {mp}: it overlaps the mount at {other}")
+
+    def _build(self, mp: str, cmd: MountCmd) -> Instance:
+        """`create_instance` in a thread of its own, within `mount_timeout`, so a slow backend or
+        a hung source cannot hold up other mounts, umounts or the API thread. An instance that
+        is finished after the deadline is closed, never mounted."""
+        box: dict[str, Any] = {}
+        done = threading.Event()
+        lock = threading.Lock()
+
+        def work() -> None:
+            try:
+                inst = create_instance(mp, cmd, self.default_config)
+            except BaseException as e:  # handed to the caller (or logged when it gave up)
+                with lock:
+                    box["error"] = e
+                    late = "late" in box
+                if late:
+                    log.warning("mount %s failed after its deadline: %s", mp, e)
+                done.set()
+                return
+            with lock:
+                box["inst"] = inst
+                late = "late" in box
+            if late:
+                log.warning("mount %s finished after its deadline; discarding it", mp)
+                inst.close()
+            done.set()
+
+        threading.Thread(target=work, name=f"mount {mp}", daemon=True).start()
+        if not done.wait(self.opts.mount_timeout):
+            with lock:
+                if "inst" not in box and "error" not in box:
+                    box["late"] = True
+                    self.mount_timeouts += 1
+                    log.error("mount %s (%s): not done after %.0f s; giving up", mp, cmd.source,
+                              self.opts.mount_timeout)
+                    raise Timeout(f"mount {mp}: not done after {self.opts.mount_timeout:.0f} s")
+        if "error" in box:
+            raise box["error"]
+        inst: Instance = box["inst"]
+        return inst
 
     def remount(self, mountpoint: str | None, cmd: MountCmd) -> None:
         mp = self.normalize_mountpoint(mountpoint)
         with self._lock:
-            old = self.instances.get(mp)
-            if old is None:
+            if mp not in self.instances:
                 raise NotFound(f"{mp} is not mounted")
-            inst = create_instance(mp, cmd, self.default_config)
+        inst = self._build(mp, cmd)
+        with self._lock:
+            old = self.instances.get(mp)
+            if old is None:  # umounted meanwhile
+                inst.close()
+                raise NotFound(f"{mp} is not mounted")
             inst.index = old.index
             self.vfs.replace(mp, inst.fs)
             self.instances[mp] = inst

@@ -2,6 +2,7 @@
 
 import mmap
 import os
+import stat
 import struct
 
 from .constants import EROFS_MAGIC, EROFS_SUPER_OFFSET, RAFS_V4_VERSION, RAFS_V5_MAGIC, RAFS_V5_VERSION
@@ -21,10 +22,16 @@ def detect_version(buf: bytes | mmap.mmap | memoryview) -> int:
 
 
 def open_bootstrap(path: str) -> RafsImage:
-    """mmap `path` read-only and return the matching reader."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """mmap `path` read-only and return the matching reader.
+
+    Opened without blocking and checked on the open file, not by name: a FIFO or device swapped
+    in for the bootstrap is refused at once instead of blocking the caller forever."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     try:
-        size = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FormatError(f"{path}: not a regular file")
+        size = st.st_size
         if size == 0:
             raise FormatError(f"{path}: empty bootstrap")
         mm = mmap.mmap(fd, size, prot=mmap.PROT_READ)
