@@ -24,6 +24,7 @@ from ..fuse.api import (
 from ..rafs.errors import FormatError
 from ..rafs.model import Attr, RafsImage
 from ..storage.device import BlobDevice
+from .failed_reads import RecentFailures
 from .readahead import SequentialReadahead
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class RafsFilesystem(Filesystem):
         self.xattrs = enable_xattr and image.has_xattrs
         self.root = image.root_ino
         self.readahead = SequentialReadahead(image, device, readahead_chunks) if readahead_chunks > 0 else None
+        self.failures = RecentFailures()
 
     def init(self, capable: InitFlags) -> InitFlags:
         """Zero-message open/opendir (as nydusd's RAFS asks): the kernel stops sending OPEN,
@@ -183,10 +185,15 @@ class RafsFilesystem(Filesystem):
         attr = self._getattr(i)
         if not stat.S_ISREG(attr.mode):
             raise FuseError(errno.EISDIR if stat.S_ISDIR(attr.mode) else errno.EINVAL)
+        end = min(attr.size, offset + size)
+        if self.failures.covers(i, offset, end):
+            log.info("read inode %d [%d, +%d): this range failed moments ago; EIO at once", i, offset, size)
+            raise FuseError(errno.EIO)
         try:
             data = self.device.read(i, offset, size, attr.size)
         except (FormatError, OSError) as e:
             log.error("read inode %d [%d, +%d): %s", i, offset, size, e)
+            self.failures.failed(i, offset, end)
             raise FuseError(errno.EIO) from None
         if self.readahead is not None and data:
             self.readahead.after_read(i, offset, offset + len(data), attr.size)

@@ -42,12 +42,20 @@ class FuseDevSession:
 
     def __init__(self, handler: Handler, mountpoint: str, *, threads: int = 4, max_write: int = 1 << 20,
                  fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
-                 leader_follower: bool = True) -> None:
+                 leader_follower: bool = True, max_threads: int = 0) -> None:
         if not 1 <= threads <= 1024:
             raise ValueError("thread count must be 1..1024")
         self.handler = handler
         self.mountpoint = real_mountpoint(mountpoint)
         self.threads = threads
+        # Spare workers: when every worker is inside a request that may block (a READ waiting on
+        # the registry), one more is started so that someone always reads /dev/fuse: metadata
+        # answered from the bootstrap never queues behind data, and concurrent READs do not
+        # queue behind each other's deadlines. Spares retire when idle again.
+        self.max_threads = max(threads, max_threads or min(1024, max(64, 4 * threads)))
+        self._blocked = 0  # workers inside a hand-off request
+        self.spares_started = 0
+        self.spare_failures = 0
         self.bufsize = max(FUSE_MIN_READ_BUFFER, max_write + HEADER_ROOM)
         self.fsname = fsname
         self.allow_other = allow_other
@@ -90,6 +98,53 @@ class FuseDevSession:
             t = threading.Thread(target=self._serve, args=(chan,), name=f"fuse-worker-{i}", daemon=True)
             self._workers.append(t)
             t.start()
+
+    def _start_spare(self, fd: int) -> None:
+        """A worker beyond `threads` (counted in `_running` by the caller) on a channel of its own."""
+        try:
+            chan = self._clone(fd)
+        except OSError as e:
+            with self._lock:
+                self._running -= 1
+                self.spare_failures += 1
+            log.warning("no spare FUSE worker (clone of /dev/fuse failed: %s); requests may queue", e)
+            return
+        t = threading.Thread(target=self._serve, args=(chan, True), name=f"fuse-spare-{chan}", daemon=True)
+        with self._lock:
+            self.spares_started += 1
+            self._fds.append(chan)
+            self._workers.append(t)
+        log.debug("all %d FUSE workers are blocked; started a spare", self._running - 1)
+        t.start()
+
+    def _enter_blocking(self, fd: int) -> None:
+        """A worker is about to handle a request that may block: keep one worker free."""
+        with self._lock:
+            self._blocked += 1
+            spare = (self._blocked >= self._running and self._running < self.max_threads
+                     and not self._stopped.is_set())
+            if spare:
+                self._running += 1
+        if spare:
+            self._start_spare(fd)
+
+    def _leave_blocking(self, spare: bool) -> bool:
+        """Done with a blocking request; True when this spare worker should retire (another
+        worker is free to read)."""
+        with self._lock:
+            self._blocked -= 1
+            if spare and self._running - self._blocked > 1:
+                self._running -= 1
+                return True
+        return False
+
+    def _retire(self, fd: int) -> None:
+        with self._lock:
+            if fd in self._fds:
+                self._fds.remove(fd)
+            self._workers = [t for t in self._workers if t is not threading.current_thread()]
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
     @staticmethod
     def _clone(fd: int) -> int:
@@ -145,7 +200,7 @@ class FuseDevSession:
     # is a GIL hand-over: about three context switches and 2-3x the round trip). Before a READ,
     # which may wait for a fetch and a decompression, it passes the reader role on, so other
     # requests keep flowing and READs still run in parallel.
-    def _serve(self, fd: int) -> None:
+    def _serve(self, fd: int, spare: bool = False) -> None:
         # An anonymous mapping, not a bytearray: pages become resident only as large requests
         # touch them, so idle workers cost no memory (a bytearray is zero-filled up front).
         buf = mmap.mmap(-1, self.bufsize)
@@ -153,8 +208,9 @@ class FuseDevSession:
         handler = self.handler
         reader = self._reader
         leader = False
+        retired = False
         try:
-            while True:
+            while not retired:
                 if reader is not None and not leader:
                     reader.acquire()
                     leader = True
@@ -168,14 +224,20 @@ class FuseDevSession:
                     raise
                 if n == 0:
                     return
-                if leader and buf[4] in _HANDOFF_OPCODES and buf[5] == 0:
-                    leader = False
-                    reader.release()  # type: ignore[union-attr]
+                blocking = buf[4] in _HANDOFF_OPCODES and buf[5] == 0
+                if blocking:
+                    if leader:
+                        leader = False
+                        reader.release()  # type: ignore[union-attr]
+                    self._enter_blocking(fd)
                 try:
                     reply = handler(view[:n])
                 except ValueError as e:  # FuseProtocolError: a fragment with no header to answer
                     log.error("FUSE worker on fd %d: dropping request: %s", fd, e)
                     continue
+                finally:
+                    if blocking:
+                        retired = self._leave_blocking(spare)
                 if reply is None:
                     continue
                 try:
@@ -202,9 +264,12 @@ class FuseDevSession:
             # count below, or the session would never end.
             with contextlib.suppress(BufferError):
                 view.release()
-            # A count, not is_alive(): two workers ending together would each still see the
-            # other alive, and nobody would signal the end of the session.
-            with self._lock:
-                self._running -= 1
-                if self._running == 0:
-                    self._stopped.set()
+            if retired:  # a spare no longer needed: already uncounted, its channel closes
+                self._retire(fd)
+            else:
+                # A count, not is_alive(): two workers ending together would each still see the
+                # other alive, and nobody would signal the end of the session.
+                with self._lock:
+                    self._running -= 1
+                    if self._running == 0:
+                        self._stopped.set()

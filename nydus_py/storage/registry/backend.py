@@ -21,7 +21,7 @@ from .client import Counters, RegistryClient
 from .config import RegistryConfig
 
 T = TypeVar("T")
-_GRACE = 2.0  # seconds past the client's own deadline before the caller stops waiting
+GRACE = 2.0  # seconds past the client's own deadline before the caller stops waiting
 
 
 class RegistryBackend:
@@ -57,15 +57,15 @@ class RegistryBackend:
 
     def read(self, blob: BlobInfo, offset: int, size: int) -> bytes:
         """BlobSource: bytes [offset, offset+size) of `blob`; OSError(EIO) on failure."""
-        return self._call(self.client.read_blob(blob.blob_id, offset, size), self.cfg.deadline + _GRACE)
+        return self._call(self.client.read_blob(blob.blob_id, offset, size), self.cfg.deadline + GRACE)
 
     def read_prefetch(self, blob: BlobInfo, offset: int, size: int) -> bytes:
         """Like `read`, on the prefetch connection pool and with fewer retries."""
         return self._call(self.client.read_blob(blob.blob_id, offset, size, prefetch=True),
-                          self.cfg.deadline + _GRACE)
+                          self.cfg.deadline + GRACE)
 
     def blob_size(self, blob_id: str) -> int:
-        return self._call(self.client.blob_size(blob_id), self.cfg.deadline + _GRACE)
+        return self._call(self.client.blob_size(blob_id), self.cfg.deadline + GRACE)
 
     def push_blob(self, data: bytes, digest: str | None = None, chunk_size: int = 0) -> str:
         return self._call(self.client.push_blob(data, digest, chunk_size), 600.0)
