@@ -16,6 +16,10 @@ directory. Rules that keep it that way:
 * `writable=False` refuses every mutation, including opens with O_TRUNC, O_CREAT or O_APPEND.
 New inodes are chowned to the caller's uid/gid when we run as root (virtiofsd does the same with
 per-thread fsuid). Entry/attr timeouts are short (the host may change the tree: cache=auto).
+
+A READ with handle 0 means the kernel opened without asking us (a VFS that negotiated
+zero-message open, as `nydusd-py fuse` does for its RAFS mounts): it is served from one read-only
+fd per inode, opened on first use and closed on forget. Our own handles start at 1.
 """
 
 import contextlib
@@ -149,6 +153,7 @@ class _Inode:
     key: tuple[int, int]  # (st_dev, st_ino) on the host
     mode: int  # S_IFMT bits, fixed for the inode's life
     nlookup: int = 0
+    rfd: int = -1  # read-only fd for reads without an OPEN (handle 0), opened on first use
 
 
 @dataclass(eq=False)
@@ -189,6 +194,7 @@ class PassthroughFilesystem(Filesystem):
         """The guest went away: drop every inode and handle but the root."""
         with self._lock:
             for node in self._inodes.values():
+                _close_rfd(node)
                 if node is not self._root:
                     with contextlib.suppress(OSError):
                         os.close(node.fd)
@@ -273,6 +279,7 @@ class PassthroughFilesystem(Filesystem):
             del self._inodes[ino]
             if self._by_key.get(node.key) == ino:
                 del self._by_key[node.key]
+            _close_rfd(node)
         os.close(node.fd)
 
     def getattr(self, ino: int) -> tuple[FuseAttr, float]:
@@ -302,6 +309,28 @@ class PassthroughFilesystem(Filesystem):
             raise FuseError(errno.EBADF)
         return h.fd if isinstance(h, _Dir) else h
 
+    def _read_fd(self, ino: int, fh: int) -> int:
+        """The fd to read `ino` through: handle `fh`, or for handle 0 (the kernel skipped
+        OPEN: zero-message open) the inode's own read-only fd, opened once."""
+        if fh:
+            return self._fd(fh)
+        node = self._node(ino)
+        if not stat.S_ISREG(node.mode):
+            raise FuseError(errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EBADF)
+        with self._lock:
+            if node.rfd >= 0:
+                return node.rfd
+        fd = self._reopen(node, os.O_RDONLY)
+        with self._lock:
+            if node.rfd < 0 and self._inodes.get(ino) is node:
+                node.rfd = fd
+                return fd
+            keep = node.rfd
+        os.close(fd)  # another thread was first, or the inode was forgotten meanwhile
+        if keep < 0:
+            raise FuseError(errno.ESTALE)
+        return keep
+
     def _reopen(self, node: _Inode, flags: int) -> int:
         if stat.S_ISLNK(node.mode):
             raise FuseError(errno.ELOOP)
@@ -321,13 +350,15 @@ class PassthroughFilesystem(Filesystem):
         return self._new_handle(self._reopen(node, flags)), 0
 
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes:
-        return os.pread(self._fd(fh), size, offset)
+        return os.pread(self._read_fd(ino, fh), size, offset)
 
     def write(self, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:
         self._check_writable()
         return os.pwrite(self._fd(fh), data, offset)
 
     def flush(self, ino: int, fh: int) -> None:
+        if not fh:
+            return  # no OPEN was sent, so there is no file of the guest's to close
         # close(dup(fd)): what close(2) of the guest's file means on the host (POSIX locks,
         # NFS-style deferred write errors)
         os.close(os.dup(self._fd(fh)))
@@ -339,7 +370,7 @@ class PassthroughFilesystem(Filesystem):
             os.close(h.fd if isinstance(h, _Dir) else h)
 
     def fsync(self, ino: int, fh: int, datasync: bool) -> None:
-        fd = self._fd(fh)
+        fd = self._read_fd(ino, fh)
         if datasync:
             os.fdatasync(fd)
         else:
@@ -355,7 +386,7 @@ class PassthroughFilesystem(Filesystem):
         os.posix_fallocate(self._fd(fh), offset, length)
 
     def lseek(self, ino: int, fh: int, offset: int, whence: int) -> int:
-        return os.lseek(self._fd(fh), offset, whence)
+        return os.lseek(self._read_fd(ino, fh), offset, whence)
 
     # -- directories -------------------------------------------------------------------------
     def opendir(self, ino: int, flags: int) -> tuple[int, int]:
@@ -594,6 +625,14 @@ class PassthroughFilesystem(Filesystem):
     def removexattr(self, ino: int, name: bytes) -> None:
         self._check_writable()
         os.removexattr(_proc(self._xattr_node(ino).fd), name)
+
+
+def _close_rfd(node: _Inode) -> None:
+    """Close the inode's zero-message-open read fd (the caller holds the filesystem's lock)."""
+    if node.rfd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(node.rfd)
+        node.rfd = -1
 
 
 def _readlink_fd(fd: int) -> bytes:
