@@ -1,17 +1,25 @@
 """A read-write passthrough of a host directory (Kata's shared `/containers`), confined to it.
 
-Every inode the guest knows is an O_PATH fd; every name is a single component resolved from its
-parent's fd with openat2(RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS) (or an O_NOFOLLOW *at() call),
-so neither ".." nor a symlink — planted by the guest or swapped in on the host — ever leads out
-of the shared directory. Rules that keep it that way:
+Every inode the guest knows is an O_PATH fd; every name is checked to be exactly one path
+component (no "/", not "." or "..", not empty, no NUL) at this class's own API — not only by the
+FUSE decoder in front of it — and is resolved from its parent's fd with openat2(RESOLVE_BENEATH |
+RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS) or acted on with an *at() call, so neither ".." nor
+a symlink — planted by the guest or swapped in on the host — ever leads out of the shared
+directory. Rules that keep it that way:
 * ".." is only answered for the root (as itself); EXPORT_SUPPORT is not offered, so the kernel
   never needs more.
 * Nothing follows a symlink inode: opening one is ELOOP, mode/time changes on one are refused,
   chown/link use AT_EMPTY_PATH on the fd itself, xattrs on symlinks are refused.
 * Data ops reopen the O_PATH fd through /proc/self/fd (the inode itself, not a path), only for
   regular files and directories; device nodes can be neither created nor opened.
+* A create that fails half-way removes the name it made (if the name still is what it made).
+* `writable=False` refuses every mutation, including opens with O_TRUNC, O_CREAT or O_APPEND.
 New inodes are chowned to the caller's uid/gid when we run as root (virtiofsd does the same with
 per-thread fsuid). Entry/attr timeouts are short (the host may change the tree: cache=auto).
+
+A READ with handle 0 means the kernel opened without asking us (a VFS that negotiated
+zero-message open, as `nydusd-py fuse` does for its RAFS mounts): it is served from one read-only
+fd per inode, opened on first use and closed on forget. Our own handles start at 1.
 """
 
 import contextlib
@@ -22,6 +30,7 @@ import os
 import stat
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -47,16 +56,26 @@ from ..fuse.api import (
     SetAttr,
     StatFs,
 )
+from ..fuse.api import OPEN_MUTATING_FLAGS as _OPEN_MUTATING
 
 log = logging.getLogger(__name__)
 
 ROOT_ID = 1
+NAME_MAX = 255
 AT_EMPTY_PATH = 0x1000
 RESOLVE_NO_MAGICLINKS = 0x02
 RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_BENEATH = 0x08
-SYS_OPENAT2 = 437  # x86_64 and aarch64 share this number
+RESOLVE = RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS
+SYS_OPENAT2 = 437  # one number on every architecture (x86_64, aarch64, ...) since 5.6
+RENAME_FLAGS = 1 | 2 | 4  # RENAME_NOREPLACE | RENAME_EXCHANGE | RENAME_WHITEOUT
+# A read-only share also refuses O_APPEND (issue 16): nothing but plain reads reaches the host.
+_READ_ONLY_REFUSED = os.O_ACCMODE | _OPEN_MUTATING | os.O_APPEND
 _libc = ctypes.CDLL(None, use_errno=True)
+
+# Every fallback this module takes, by kind (each also logged): "openat2_enosys" counts name
+# resolutions done with openat(O_NOFOLLOW) because the kernel has no openat2.
+FALLBACKS: Counter[str] = Counter()
 
 
 class _OpenHow(ctypes.Structure):
@@ -66,19 +85,42 @@ class _OpenHow(ctypes.Structure):
 _have_openat2 = True
 
 
+def _sys_openat2(dirfd: int, name: bytes, how: _OpenHow) -> int:
+    """The raw openat2(2) syscall: an fd, or -errno."""
+    fd = _libc.syscall(SYS_OPENAT2, dirfd, name, ctypes.byref(how), ctypes.sizeof(how))
+    return int(fd) if fd >= 0 else -ctypes.get_errno()
+
+
+def component(name: bytes) -> bytes:
+    """`name` if it is exactly one path component; FuseError otherwise (EINVAL, or
+    ENAMETOOLONG). Checked here and not only by the FUSE decoder: any caller of the API gets
+    the same confinement."""
+    if (not isinstance(name, bytes) or not name or name in (b".", b"..") or b"/" in name
+            or b"\0" in name):
+        raise FuseError(errno.EINVAL, f"not a single path component: {name!r}")
+    if len(name) > NAME_MAX:
+        raise FuseError(errno.ENAMETOOLONG)
+    return name
+
+
 def openat_beneath(dirfd: int, name: bytes, flags: int, mode: int = 0) -> int:
-    """openat2(dirfd, name, flags, RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS); falls back to
-    openat(O_NOFOLLOW) on kernels without openat2 (a single component can't escape either)."""
+    """openat2(dirfd, name, flags, RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_SYMLINKS)
+    of one path component. Only on ENOSYS (a kernel older than 5.6) does it fall back to
+    openat(O_NOFOLLOW), which can't escape either for a single component; that is logged and
+    counted in FALLBACKS."""
     global _have_openat2
+    component(name)
     if _have_openat2:
-        how = _OpenHow(flags | os.O_CLOEXEC, mode, RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS)
-        fd = _libc.syscall(SYS_OPENAT2, dirfd, name, ctypes.byref(how), ctypes.sizeof(how))
+        how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0, RESOLVE)
+        fd = _sys_openat2(dirfd, name, how)
         if fd >= 0:
-            return int(fd)
-        err = ctypes.get_errno()
-        if err != errno.ENOSYS:
-            raise OSError(err, os.strerror(err), name)
+            return fd
+        if fd != -errno.ENOSYS:
+            raise OSError(-fd, os.strerror(-fd), name)
         _have_openat2 = False
+        log.error("passthrough: openat2 is not available (ENOSYS): resolving single names with "
+                  "openat(O_NOFOLLOW) instead of RESOLVE_BENEATH")
+    FALLBACKS["openat2_enosys"] += 1
     return os.open(name, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode, dir_fd=dirfd)
 
 
@@ -111,6 +153,7 @@ class _Inode:
     key: tuple[int, int]  # (st_dev, st_ino) on the host
     mode: int  # S_IFMT bits, fixed for the inode's life
     nlookup: int = 0
+    rfd: int = -1  # read-only fd for reads without an OPEN (handle 0), opened on first use
 
 
 @dataclass(eq=False)
@@ -151,6 +194,7 @@ class PassthroughFilesystem(Filesystem):
         """The guest went away: drop every inode and handle but the root."""
         with self._lock:
             for node in self._inodes.values():
+                _close_rfd(node)
                 if node is not self._root:
                     with contextlib.suppress(OSError):
                         os.close(node.fd)
@@ -218,9 +262,9 @@ class PassthroughFilesystem(Filesystem):
         p = self._dir(parent)
         if name == b"." or (name == b".." and parent == ROOT_ID):
             return self._register(os.dup(p.fd))
-        if name == b".." or b"/" in name or not name:
-            raise FuseError(errno.EACCES if name == b".." else errno.EINVAL)
-        return self._register(self._open_child(p, name))
+        if name == b"..":
+            raise FuseError(errno.EACCES)
+        return self._register(self._open_child(p, component(name)))
 
     def forget(self, ino: int, nlookup: int) -> None:
         if ino == ROOT_ID:
@@ -235,6 +279,7 @@ class PassthroughFilesystem(Filesystem):
             del self._inodes[ino]
             if self._by_key.get(node.key) == ino:
                 del self._by_key[node.key]
+            _close_rfd(node)
         os.close(node.fd)
 
     def getattr(self, ino: int) -> tuple[FuseAttr, float]:
@@ -264,6 +309,28 @@ class PassthroughFilesystem(Filesystem):
             raise FuseError(errno.EBADF)
         return h.fd if isinstance(h, _Dir) else h
 
+    def _read_fd(self, ino: int, fh: int) -> int:
+        """The fd to read `ino` through: handle `fh`, or for handle 0 (the kernel skipped
+        OPEN: zero-message open) the inode's own read-only fd, opened once."""
+        if fh:
+            return self._fd(fh)
+        node = self._node(ino)
+        if not stat.S_ISREG(node.mode):
+            raise FuseError(errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EBADF)
+        with self._lock:
+            if node.rfd >= 0:
+                return node.rfd
+        fd = self._reopen(node, os.O_RDONLY)
+        with self._lock:
+            if node.rfd < 0 and self._inodes.get(ino) is node:
+                node.rfd = fd
+                return fd
+            keep = node.rfd
+        os.close(fd)  # another thread was first, or the inode was forgotten meanwhile
+        if keep < 0:
+            raise FuseError(errno.ESTALE)
+        return keep
+
     def _reopen(self, node: _Inode, flags: int) -> int:
         if stat.S_ISLNK(node.mode):
             raise FuseError(errno.ELOOP)
@@ -278,17 +345,20 @@ class PassthroughFilesystem(Filesystem):
         node = self._node(ino)
         if stat.S_ISDIR(node.mode):
             raise FuseError(errno.EISDIR)
-        if flags & os.O_ACCMODE and not self.writable:
+        if flags & _READ_ONLY_REFUSED and not self.writable:
             raise FuseError(errno.EROFS)
         return self._new_handle(self._reopen(node, flags)), 0
 
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes:
-        return os.pread(self._fd(fh), size, offset)
+        return os.pread(self._read_fd(ino, fh), size, offset)
 
     def write(self, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:
+        self._check_writable()
         return os.pwrite(self._fd(fh), data, offset)
 
     def flush(self, ino: int, fh: int) -> None:
+        if not fh:
+            return  # no OPEN was sent, so there is no file of the guest's to close
         # close(dup(fd)): what close(2) of the guest's file means on the host (POSIX locks,
         # NFS-style deferred write errors)
         os.close(os.dup(self._fd(fh)))
@@ -300,7 +370,7 @@ class PassthroughFilesystem(Filesystem):
             os.close(h.fd if isinstance(h, _Dir) else h)
 
     def fsync(self, ino: int, fh: int, datasync: bool) -> None:
-        fd = self._fd(fh)
+        fd = self._read_fd(ino, fh)
         if datasync:
             os.fdatasync(fd)
         else:
@@ -310,12 +380,13 @@ class PassthroughFilesystem(Filesystem):
         self.fsync(ino, fh, datasync)
 
     def fallocate(self, ino: int, fh: int, offset: int, length: int, mode: int) -> None:
+        self._check_writable()
         if mode:
             raise FuseError(errno.EOPNOTSUPP)
         os.posix_fallocate(self._fd(fh), offset, length)
 
     def lseek(self, ino: int, fh: int, offset: int, whence: int) -> int:
-        return os.lseek(self._fd(fh), offset, whence)
+        return os.lseek(self._read_fd(ino, fh), offset, whence)
 
     # -- directories -------------------------------------------------------------------------
     def opendir(self, ino: int, flags: int) -> tuple[int, int]:
@@ -353,76 +424,137 @@ class PassthroughFilesystem(Filesystem):
             yield name, hino or ino, typ, i + 1
 
     # -- creating ----------------------------------------------------------------------------
-    def _owned(self, parent: _Inode, name: bytes, caller: Caller) -> None:
-        if self._chown:
-            os.chown(name, caller.uid, caller.gid, dir_fd=parent.fd, follow_symlinks=False)
-
     def _check_writable(self) -> None:
         if not self.writable:
             raise FuseError(errno.EROFS)
 
-    def _created(self, parent: _Inode, name: bytes, caller: Caller) -> Entry:
+    def _finish(self, p: _Inode, name: bytes, fmt: int, caller: Caller | None,
+                key: tuple[int, int] | None = None) -> Entry:
+        """Open, check, chown and register what was just made at `name` (of type `fmt`; the
+        host inode `key` if already known). On any failure the name is removed again — if it
+        still names what we made — so a failed create leaves nothing behind."""
         try:
-            self._owned(parent, name, caller)
-            return self._register(self._open_child(parent, name))
-        except OSError:
-            log.warning("passthrough: could not finish creating %r", name)
+            if key is None:
+                st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
+                key = (st.st_dev, st.st_ino)
+            fd = self._open_child(p, name)
+            try:
+                st = os.fstat(fd)
+                if (st.st_dev, st.st_ino) != key or stat.S_IFMT(st.st_mode) != fmt:
+                    raise FuseError(errno.EIO, f"{name!r} was replaced while being created")
+                if caller is not None and self._chown:
+                    _fchown_empty(fd, caller.uid, caller.gid)
+            except BaseException:
+                os.close(fd)
+                raise
+            return self._register(fd)
+        except BaseException:
+            log.warning("passthrough: could not finish creating %r; removing it again", name)
+            self._undo(p, name, key, fmt)
             raise
 
-    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Entry:
+    def _undo(self, p: _Inode, name: bytes, key: tuple[int, int] | None, fmt: int) -> None:
+        if key is None:
+            log.error("passthrough: %r was made but could not be identified; left in place", name)
+            return
+        try:
+            st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
+            if (st.st_dev, st.st_ino) != key:
+                return  # the name is someone else's by now
+            if fmt == stat.S_IFDIR:
+                os.rmdir(name, dir_fd=p.fd)
+            else:
+                os.unlink(name, dir_fd=p.fd)
+        except OSError as e:
+            log.error("passthrough: could not remove half-created %r: %s", name, e)
+
+    def _parent(self, parent: int, name: bytes) -> _Inode:
+        """The directory a mutation happens in, after the read-only and name checks."""
         self._check_writable()
         p = self._dir(parent)
+        component(name)
+        return p
+
+    def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Entry:
+        p = self._parent(parent, name)
         os.mkdir(name, mode & 0o7777, dir_fd=p.fd)
-        return self._created(p, name, caller)
+        return self._finish(p, name, stat.S_IFDIR, caller)
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Entry:
-        self._check_writable()
-        p = self._dir(parent)
-        if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+        p = self._parent(parent, name)
+        fmt = stat.S_IFMT(mode)
+        if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
             raise FuseError(errno.EPERM)  # no device nodes on the host from a guest
-        os.mknod(name, mode, 0, dir_fd=p.fd)
-        return self._created(p, name, caller)
+        os.mknod(name, fmt | (mode & 0o7777), 0, dir_fd=p.fd)
+        return self._finish(p, name, fmt, caller)
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Entry:
-        self._check_writable()
-        p = self._dir(parent)
+        p = self._parent(parent, name)
+        if not target or b"\0" in target:
+            raise FuseError(errno.EINVAL)
         os.symlink(target, name, dir_fd=p.fd)
-        return self._created(p, name, caller)
+        return self._finish(p, name, stat.S_IFLNK, caller)
 
     def link(self, ino: int, newparent: int, newname: bytes) -> Entry:
-        self._check_writable()
+        p = self._parent(newparent, newname)
         node = self._node(ino)
-        p = self._dir(newparent)
         if stat.S_ISDIR(node.mode):
             raise FuseError(errno.EPERM)
         _link_empty(node.fd, p.fd, newname)
-        return self._register(self._open_child(p, newname))
+        return self._finish(p, newname, node.mode, None, node.key)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Entry, int, int]:
-        self._check_writable()
-        p = self._dir(parent)
-        fd = os.open(name, (flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC) & ~(os.O_NOCTTY | os.O_DIRECT),
-                     mode & 0o7777, dir_fd=p.fd)
+        p = self._parent(parent, name)
+        oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT | os.O_PATH
+                           | os.O_TMPFILE)
         try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise FuseError(errno.EACCES)
-            entry = self._created(p, name, caller)
+            # O_EXCL always: an existing name is never opened with O_CREAT (a FIFO would block,
+            # a device would be opened) but looked at first, below
+            fd = openat_beneath(p.fd, name, oflags | os.O_CREAT | os.O_EXCL, mode & 0o7777)
+        except FileExistsError:
+            if flags & os.O_EXCL:
+                raise
+            return self._open_existing(p, name, oflags)
+        try:
+            st = os.fstat(fd)
+            entry = self._finish(p, name, stat.S_IFREG, caller, (st.st_dev, st.st_ino))
+        except BaseException:
+            os.close(fd)
+            raise
+        return entry, self._new_handle(fd), 0
+
+    def _open_existing(self, p: _Inode, name: bytes, flags: int) -> tuple[Entry, int, int]:
+        """CREATE of a name that exists (the guest did not ask for O_EXCL): open it like OPEN
+        would, regular files only and never through a symlink."""
+        opath = self._open_child(p, name)
+        try:
+            st = os.fstat(opath)
+            if stat.S_ISLNK(st.st_mode):
+                raise FuseError(errno.ELOOP)
+            if not stat.S_ISREG(st.st_mode):
+                raise FuseError(errno.EACCES)  # never open device nodes, FIFOs or sockets of the host
+            fd = os.open(_proc(opath), flags | os.O_CLOEXEC)
+        except BaseException:
+            os.close(opath)
+            raise
+        try:
+            entry = self._register(opath)
         except BaseException:
             os.close(fd)
             raise
         return entry, self._new_handle(fd), 0
 
     def unlink(self, parent: int, name: bytes) -> None:
-        self._check_writable()
-        os.unlink(name, dir_fd=self._dir(parent).fd)
+        os.unlink(name, dir_fd=self._parent(parent, name).fd)
 
     def rmdir(self, parent: int, name: bytes) -> None:
-        self._check_writable()
-        os.rmdir(name, dir_fd=self._dir(parent).fd)
+        os.rmdir(name, dir_fd=self._parent(parent, name).fd)
 
     def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
-        self._check_writable()
-        p, np = self._dir(parent), self._dir(newparent)
+        p = self._parent(parent, name)
+        np = self._parent(newparent, newname)
+        if flags & ~RENAME_FLAGS:
+            raise FuseError(errno.EINVAL)
         if flags:
             _renameat2(p.fd, name, np.fd, newname, flags)
         else:
@@ -493,6 +625,14 @@ class PassthroughFilesystem(Filesystem):
     def removexattr(self, ino: int, name: bytes) -> None:
         self._check_writable()
         os.removexattr(_proc(self._xattr_node(ino).fd), name)
+
+
+def _close_rfd(node: _Inode) -> None:
+    """Close the inode's zero-message-open read fd (the caller holds the filesystem's lock)."""
+    if node.rfd >= 0:
+        with contextlib.suppress(OSError):
+            os.close(node.rfd)
+        node.rfd = -1
 
 
 def _readlink_fd(fd: int) -> bytes:

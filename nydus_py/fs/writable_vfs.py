@@ -3,9 +3,9 @@ with a writable passthrough (Kata: `/containers` read-write, `/rafs/<id>/lowerdi
 
 A request goes to the filesystem that owns its inode only if that filesystem is `writable`;
 everything else (RAFS, the pseudo directories that lead to mountpoints) answers EROFS, and so
-does an OPEN for writing. RENAME/LINK across two filesystems answer EXDEV, as the kernel does
-between mounts. The pseudo root never asks the kernel to skip OPEN (NO_OPEN_SUPPORT is
-session-wide, and a passthrough filesystem needs real handles).
+does an OPEN for writing or with O_TRUNC/O_CREAT. RENAME/LINK across two filesystems answer
+EXDEV, as the kernel does between mounts. The pseudo root never asks the kernel to skip OPEN
+(NO_OPEN_SUPPORT is session-wide, and a passthrough filesystem wants real handles).
 """
 
 import errno
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..fuse.abi import InitFlags
-from ..fuse.api import Caller, Entry, FuseAttr, FuseError, SetAttr
+from ..fuse.api import OPEN_MUTATING_FLAGS, Caller, Entry, FuseAttr, FuseError, SetAttr
 from ..vfs.vfs import Entered, Vfs
 
 T = TypeVar("T")
@@ -60,7 +60,7 @@ class WritableVfs(Vfs):
 
     # -- opens ---------------------------------------------------------------------------------
     def open(self, ino: int, flags: int) -> tuple[int, int]:
-        if flags & os.O_ACCMODE:
+        if flags & (os.O_ACCMODE | OPEN_MUTATING_FLAGS):  # O_TRUNC writes even with O_RDONLY
             return self._route(ino, lambda fs, i: fs.open(i, flags))
         return super().open(ino, flags)
 

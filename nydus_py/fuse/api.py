@@ -103,6 +103,12 @@ class Caller(NamedTuple):
     gid: int
 
 
+# OPEN flags that change the file even with O_RDONLY access (the kernel itself sends O_TRUNC only
+# with ATOMIC_O_TRUNC and never O_CREAT, but a virtio-fs guest may send anything): a read-only
+# filesystem must never see them.
+OPEN_MUTATING_FLAGS = os.O_TRUNC | os.O_CREAT | (os.O_TMPFILE & ~os.O_DIRECTORY)
+
+
 def negative_entry(timeout: float) -> Entry:
     """An Entry telling the kernel to remember for `timeout` seconds that the name is absent."""
     return Entry(0, 0, ZERO_ATTR, timeout, 0.0)
@@ -173,8 +179,8 @@ class Filesystem(ABC):
     def open(self, ino: int, flags: int) -> tuple[int, int]:
         """Open regular file `ino`; return (fh, FOPEN_* flags).
 
-        Called only for O_RDONLY opens unless the filesystem is `writable`: the handler answers
-        EROFS for write access itself.
+        Called only for O_RDONLY opens without OPEN_MUTATING_FLAGS unless the filesystem is
+        `writable`: the handler answers EROFS for those itself.
         """
         return 0, FOpenFlags.KEEP_CACHE
 

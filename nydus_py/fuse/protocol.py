@@ -12,8 +12,8 @@ Wire rules the handler implements:
 * FORGET, BATCH_FORGET, INTERRUPT and NOTIFY_REPLY never get a reply (`None`); virtio-fs must
   still complete their descriptor chains.
 * Unless the filesystem sets `writable = True`, every mutating opcode answers EROFS, OPEN with
-  write access too; a writable filesystem gets SETATTR, MKNOD, MKDIR, SYMLINK, LINK, UNLINK,
-  RMDIR, RENAME(2), CREATE, WRITE, FSYNC(DIR), SETXATTR, REMOVEXATTR and FALLOCATE
+  write access or O_TRUNC/O_CREAT/O_TMPFILE too; a writable filesystem gets SETATTR, MKNOD,
+  MKDIR, SYMLINK, LINK, UNLINK, RMDIR, RENAME(2), CREATE, WRITE, FSYNC(DIR), SETXATTR, REMOVEXATTR and FALLOCATE
   (COPY_FILE_RANGE and TMPFILE answer ENOSYS: the kernel falls back to read+write / EOPNOTSUPP).
   For read-only ones FSYNC, FSYNCDIR, SYNCFS, POLL, locks, BMAP, STATX and DAX mapping answer ENOSYS: the kernel then
   stops sending them and treats fsync as success and poll as "always ready", exactly what a
@@ -77,7 +77,7 @@ from .abi import (
     Opcode,
     init_out_size,
 )
-from .api import Caller, Entry, Filesystem, SetAttr
+from .api import OPEN_MUTATING_FLAGS, Caller, Entry, Filesystem, SetAttr
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ _DIRENT_PACK = DIRENT.pack
 _DIRENTPLUS_PACK = DIRENTPLUS.pack
 _PADS = [b"\0" * i for i in range(8)]
 _MAX_SECS = (1 << 63) - 1
-_O_ACCMODE = os.O_ACCMODE
+# refused for a read-only filesystem: write access, or flags that write with O_RDONLY
+_O_READ_ONLY_REFUSED = os.O_ACCMODE | OPEN_MUTATING_FLAGS
 
 Reply = bytes | tuple[bytes, bytes | bytearray | memoryview] | None
 _Op = Callable[[int, int, memoryview, int, int], Reply]
@@ -563,7 +564,7 @@ class FuseSession:
     # -- files ----------------------------------------------------------------------------------
     def _open(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
         flags = OPEN_IN.unpack_from(body)[0]
-        if flags & _O_ACCMODE and not self._writable:
+        if flags & _O_READ_ONLY_REFUSED and not self._writable:
             return _OUT(16, -errno.EROFS, unique)
         if self._no_open:
             return _OUT(16, -errno.ENOSYS, unique)

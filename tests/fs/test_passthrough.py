@@ -13,6 +13,7 @@ import pytest
 from nydus_py.fs.passthrough import PassthroughFilesystem
 from nydus_py.fuse.abi import FATTR_MODE, FATTR_MTIME, FATTR_SIZE
 from nydus_py.fuse.protocol import FuseSession
+from nydus_py.vfs import Vfs
 
 from ..fuse import kernel as K
 from ..fuse.kernel import Kernel, decode_attr_out, decode_dirents, decode_entry_out
@@ -203,3 +204,38 @@ def test_forget_closes_and_destroy_resets(pfs: PassthroughFilesystem, k: Kernel)
     lookup(k, 1, b"escape")
     pfs.destroy()
     assert list(pfs._inodes) == [1]
+
+
+def _open_fds() -> set[int]:
+    return {int(n) for n in os.listdir("/proc/self/fd")}
+
+
+def test_reads_without_open_under_the_fuse_daemon_vfs(tree: Path) -> None:
+    """`nydusd-py fuse` serves mounts through a Vfs that negotiates zero-message open (the
+    kernel then never sends OPEN and reads arrive with handle 0): a passthrough mounted there
+    still reads, through one read-only fd per inode that its FORGET closes."""
+    big = os.urandom(300_000)
+    (tree / "dir" / "big").write_bytes(big)
+    vfs = Vfs()
+    vfs.mount("/pt", PassthroughFilesystem(str(tree)))
+    k = Kernel(FuseSession(vfs))
+    assert k.init()[0] == 0
+    d = lookup(k, lookup(k, 1, b"pt"), b"dir")
+    fds = _open_fds()
+    f = lookup(k, d, b"big")
+    assert k.open(f, os.O_RDONLY)[0] == errno.ENOSYS  # the kernel now stops sending OPEN
+    got = b"".join(k.read(f, 0, off, 131072)[1] for off in range(0, len(big), 131072))
+    assert got == big
+    small = lookup(k, d, b"f.txt")
+    assert k.read(small, 0, 0, 4096) == (0, b"content\n")
+    assert k.call(K.LSEEK, small, struct.pack("<QQII", 0, 2, 3, 0))[0] == 0  # SEEK_DATA on handle 0
+    assert k.call(K.FLUSH, f, struct.pack("<QIIQ", 0, 0, 0, 0))[0] == 0  # close(2) must not fail
+    assert k.read(d, 0, 0, 10)[0] == errno.EISDIR
+    assert len(_open_fds() - fds) == 4  # two O_PATH inodes, two read fds
+    for ino in (f, small):
+        k.send(K.FORGET, ino, struct.pack("<Q", 1))
+    assert _open_fds() == fds
+    # writes stay refused: the fuse daemon's VFS is read-only whatever the passthrough is
+    assert k.open(small, os.O_RDONLY | os.O_TRUNC)[0] == errno.EROFS
+    assert k.call(K.WRITE, small, struct.pack("<QQIIQII", 0, 0, 1, 0, 0, 0, 0) + b"x")[0] == errno.EROFS
+    assert (tree / "dir" / "f.txt").read_bytes() == b"content\n"
