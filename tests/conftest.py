@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,11 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("NYDUS_PY_SHARED", REPO.parent / "shared"))
 NYDUS_FIXTURES = SHARED / "fixtures" / "nydus"
+
+# Image mounts without a cache section use the default blob cache (daemon/image_ref.py); in the
+# suite (and the daemons it starts, which inherit the environment) it lives in a temp dir, not
+# in /var/lib/nydus-py/cache.
+os.environ.setdefault("NYDUS_PY_CACHE_DIR", tempfile.mkdtemp(prefix="nydus-py-test-cache-"))
 
 
 def require_tool(name: str) -> str:

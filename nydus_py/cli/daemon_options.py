@@ -71,7 +71,9 @@ def _fs_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("filesystem options")
     g.add_argument("-B", "--bootstrap", help="RAFS bootstrap to mount at --virtual-mountpoint")
     g.add_argument("--image", metavar="REGISTRY/REPO:TAG", help="Nydus image in a registry to mount instead of "
-                   "--bootstrap (manifest and bootstrap fetched at start, data read lazily)")
+                   "--bootstrap (manifest and bootstrap fetched at start, data read lazily; without a "
+                   "cache in --config, chunks are cached in $NYDUS_PY_CACHE_DIR or /var/lib/nydus-py/cache, "
+                   "at most $NYDUS_PY_CACHE_SIZE bytes, default 10 GiB)")
     g.add_argument("-D", "--localfs-dir", help="quick start: localfs backend and blob cache in this directory")
     g.add_argument("-s", "--shared-dir", help="passthrough directory (not available)")
     g.add_argument("--prefetch-files", help="file listing paths to prefetch, one per line (requires --bootstrap)")

@@ -8,7 +8,11 @@ from the blobs through the registry backend, whose `host` and `repo` become the 
 Config: the mount's config (or the daemon's `--config`) must use the `registry` backend; its
 auth, scheme, timeouts, proxy and cache settings apply. With no config at all, one is made:
 registry backend, HTTPS, except plain HTTP for loopback registries (127.0.0.0/8, localhost, ::1),
-as Docker treats those as insecure by default; no cache.
+as Docker treats those as insecure by default. A config without a cache section (the made-up one
+included) gets the default blob cache: `$NYDUS_PY_CACHE_DIR`, else `/var/lib/nydus-py/cache`,
+capped at `$NYDUS_PY_CACHE_SIZE` bytes (default 10 GiB, least recently used blobs evicted).
+Without a cache every page-cache miss would be a ranged GET of one chunk, fetched again after
+every eviction: a lazy image would lose to a full pull.
 
 Where the bootstrap goes: with a blobcache, under its work_dir as `<layer digest>.image.boot`
 (kept and reused, so a restart or a takeover does not download it again); otherwise in a temp
@@ -18,9 +22,11 @@ directory that is removed as soon as the bootstrap is mapped.
 import contextlib
 import copy
 import json
+import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 from ..config import CACHE_TYPES, ConfigError, ParsedConfig, parse_any
 from ..convert.errors import ConvertError
@@ -49,10 +55,26 @@ class ImageBootstrap:
             self.temp_dir = None
 
 
+DEFAULT_CACHE_DIR = "/var/lib/nydus-py/cache"
+DEFAULT_CACHE_SIZE = 10 << 30
+
+
+def default_cache() -> dict[str, Any]:
+    """The blob cache of image mounts whose config has none (see the module docstring)."""
+    work_dir = os.environ.get("NYDUS_PY_CACHE_DIR") or DEFAULT_CACHE_DIR
+    raw = os.environ.get("NYDUS_PY_CACHE_SIZE", "")
+    try:
+        size = int(raw) if raw else DEFAULT_CACHE_SIZE
+    except ValueError:
+        raise BadRequest(f"NYDUS_PY_CACHE_SIZE={raw!r} is not a byte count") from None
+    return {"type": "blobcache", "config": {"work_dir": work_dir, "size_limit": max(0, size)}}
+
+
 def default_config(ref: ImageRef) -> ParsedConfig:
     scheme = "http" if is_loopback(ref.host) else "https"
     v1 = {"device": {"backend": {"type": "registry", "config": {"host": ref.host, "repo": ref.repository,
-                                                                "scheme": scheme}}},
+                                                                "scheme": scheme}},
+                     "cache": default_cache()},
           "mode": "direct", "digest_validate": False, "enable_xattr": True}
     return parse_any(json.dumps(v1))
 
@@ -66,6 +88,8 @@ def image_config(ref: ImageRef, parsed: ParsedConfig | None) -> ParsedConfig:
                          f"{parsed.rafs.backend.type!r}")
     v1 = copy.deepcopy(parsed.v1)
     v1["device"]["backend"]["config"].update(host=ref.host, repo=ref.repository)
+    if not v1["device"].get("cache"):
+        v1["device"]["cache"] = default_cache()
     try:
         out = parse_any(json.dumps(v1))
     except ConfigError as e:

@@ -20,9 +20,27 @@ def test_sources():
 def test_default_config_is_http_only_on_loopback():
     local = image_config(parse_reference("127.0.0.1:5000/test/app:v1"), None)
     assert local.rafs.backend.type == "registry"
+    assert local.rafs.cache.type == "blobcache"  # the default is one that caches
     assert local.rafs.backend.config == {"host": "127.0.0.1:5000", "repo": "test/app", "scheme": "http"}
     remote = image_config(parse_reference("busybox"), None)
     assert remote.rafs.backend.config == {"host": "index.docker.io", "repo": "library/busybox", "scheme": "https"}
+
+
+def test_image_mounts_without_a_cache_get_the_default_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    ref = parse_reference("127.0.0.1:5000/test/app:v1")
+    monkeypatch.delenv("NYDUS_PY_CACHE_DIR", raising=False)
+    monkeypatch.delenv("NYDUS_PY_CACHE_SIZE", raising=False)
+    made = image_config(ref, None).rafs.cache
+    assert (made.type, made.work_dir, made.size_limit) == ("blobcache", "/var/lib/nydus-py/cache", 10 << 30)
+    monkeypatch.setenv("NYDUS_PY_CACHE_DIR", "/srv/cache")
+    monkeypatch.setenv("NYDUS_PY_CACHE_SIZE", str(1 << 30))
+    no_cache = parse_any(json.dumps({"device": {"backend": {"type": "registry", "config": {
+        "host": "x", "repo": "y"}}}}))
+    got = image_config(ref, no_cache).rafs.cache
+    assert (got.type, got.work_dir, got.size_limit) == ("blobcache", "/srv/cache", 1 << 30)
+    monkeypatch.setenv("NYDUS_PY_CACHE_SIZE", "lots")
+    with pytest.raises(BadRequest, match="NYDUS_PY_CACHE_SIZE"):
+        image_config(ref, None)
 
 
 def test_given_config_keeps_everything_but_host_and_repo():
