@@ -50,7 +50,7 @@ def parse_json(body: bytes) -> Any:
         raise BadRequest("a JSON body is required")
     try:
         return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also too deep nesting, too many digits, bad UTF-8
         raise BadRequest(f"ParseBody: {e}") from None
 
 

@@ -204,7 +204,7 @@ def redact(obj: Any) -> Any:
 def _load_toml(text: str, json_err: json.JSONDecodeError) -> dict[str, Any]:
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError:
+    except (ValueError, RecursionError):  # TOMLDecodeError, too many digits, too deep nesting
         raise ConfigError(f"invalid JSON: {json_err}") from None
     if raw.get("version") != 2:
         raise ConfigError("TOML config must be version 2")
@@ -223,6 +223,8 @@ def _load(text: str | bytes) -> dict[str, Any]:
         raw = json.loads(text)
     except json.JSONDecodeError as json_err:
         raw = _load_toml(text, json_err)
+    except (ValueError, RecursionError) as e:  # valid JSON syntax the decoder refuses to build
+        raise ConfigError(f"invalid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError("configuration must be a JSON object")
     return raw

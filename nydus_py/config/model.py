@@ -65,7 +65,7 @@ def parse_config(text: str | bytes) -> RafsConfig:
     """Parse nydusd v1 JSON; ConfigError with the offending key on anything invalid."""
     try:
         raw = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # also too deep nesting and too many digits
         raise ConfigError(f"invalid JSON: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError("configuration must be a JSON object")

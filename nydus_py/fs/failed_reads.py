@@ -29,6 +29,11 @@ class RecentFailures:
             while len(self._ranges) > _CAP:
                 del self._ranges[next(iter(self._ranges))]
 
+    def clear(self) -> None:
+        """Forget every failure (the backend's settings changed: the next reads ask it again)."""
+        with self._lock:
+            self._ranges.clear()
+
     def covers(self, ino: int, start: int, end: int) -> bool:
         """True (and counted) when [start, end) lies in a range of `ino` that failed < hold ago."""
         if not self._ranges:  # the common case: nothing failed, no lock

@@ -157,13 +157,15 @@ def version_commit() -> str:
 class DaemonProc:
     """`nydusd-py <args>` in a subprocess with its output in a log file."""
 
-    def __init__(self, args: list[str], log: str, *, env: dict[str, str] | None = None) -> None:
+    def __init__(self, args: list[str], log: str, *, env: dict[str, str] | None = None,
+                 module: str = "nydus_py.cli.daemon") -> None:
+        """`module`: run the daemon through a wrapper module instead (same argv)."""
         self.args = args
         self.log = log
         full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
         self.t0 = time.monotonic()
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen([sys.executable, "-m", "nydus_py.cli.daemon", *args], stdout=out,
+            self.proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out,
                                          stderr=subprocess.STDOUT, cwd=str(REPO), env=full_env)
 
     def log_text(self) -> str:

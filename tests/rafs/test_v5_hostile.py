@@ -18,7 +18,6 @@ from hypothesis import strategies as st
 from nydus_py.rafs.constants import V5_INODE_HAS_HOLE
 from nydus_py.rafs.errors import FormatError
 from nydus_py.rafs.loader import open_bytes
-from nydus_py.rafs.v5 import V5Image
 
 from ..conftest import NYDUS_FIXTURES
 from .v5craft import (
@@ -51,6 +50,7 @@ from .v5craft import (
     slot_of,
 )
 from .v5craft import build as craft
+from .walk import exercise as walk_everything
 
 FIXTURE_BOOTS = {
     name: (NYDUS_FIXTURES / name).read_bytes() for name in ("v5-sha256-none.boot", "v5-blake3-lz4.boot")
@@ -86,28 +86,7 @@ def exercise(data: bytes) -> None:
     except FormatError:
         return
     try:
-        for _, ino in img.walk():
-            attr = img.getattr(ino)
-            names = img.listxattr(ino)
-            for name in names:
-                img.getxattr(ino, name)
-            img.getxattr(ino, b"user.absent")
-            if stat.S_ISLNK(attr.mode):
-                img.readlink(ino)
-            elif stat.S_ISREG(attr.mode):
-                img.chunks(ino)
-                img.chunks(ino, attr.size // 2, 8192)
-            elif stat.S_ISDIR(attr.mode):
-                img.parent(ino)
-                entries = list(img.readdir(ino, 1))
-                for e in entries[:3]:
-                    img.lookup(ino, e.name)
-                img.lookup(ino, b"zzz-not-there")
-        img.prefetch_table()
-        img.inode_count()
-        assert isinstance(img, V5Image)
-        for slot in range(1, img.slot_count + 1):
-            img.inode_digest_ok(slot)
+        walk_everything(img)
     except FormatError:
         pass
     finally:

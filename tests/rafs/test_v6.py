@@ -14,7 +14,8 @@ from nydus_py.rafs.loader import open_bootstrap, open_bytes
 from nydus_py.rafs.v6 import V6Image, decode_dev
 
 from ..conftest import require_tool
-from .v6_encode import Built, MemBlobs, Node, d, encode, exercise, f, link, sample_tree
+from .v6_encode import Built, Node, d, encode, f, link, sample_tree
+from .walk import MemBlobs, exercise
 
 CS = 0x10_0000
 

@@ -16,7 +16,8 @@ from nydus_py.rafs.errors import FormatError
 from nydus_py.rafs.model import ChunkInfo
 from nydus_py.rafs.v6 import V6Image
 
-from .v6_encode import Built, d, encode, exercise, f, link
+from .v6_encode import Built, d, encode, f, link
+from .walk import exercise
 
 TREE = d({b"a": f(b"A" * 10000), b"b": f(b"hello"), b"c": f(b"A" * 10000), b"l": link(b"a"), b"s": d({b"x": f(b"xx")})})
 

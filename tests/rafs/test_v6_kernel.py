@@ -16,7 +16,8 @@ from nydus_py.rafs.chunkdata import decode_chunk, read_file_range
 from nydus_py.rafs.v6 import V6Image
 
 from ..conftest import require_device
-from .v6_encode import MemBlobs, encode, sample_tree
+from .v6_encode import encode, sample_tree
+from .walk import MemBlobs
 
 pytestmark = pytest.mark.slow
 
