@@ -276,7 +276,8 @@ class V5Image(RafsImage):
             raise FormatError(f"{where}: i_ino {ino} is not in 1..{entries}")
         if nlink == 0:
             raise FormatError(f"{where}: i_nlink is 0")
-        if not 0 < name_size <= MAX_NAME:
+        # Older nydus-image wrote the root with an empty name; every other inode needs one.
+        if name_size > MAX_NAME or (name_size == 0 and slot != ROOT_INO):
             raise FormatError(f"{where}: name size {name_size} is not in 1..{MAX_NAME}")
         ftype = stat.S_IFMT(mode)
         if ftype not in VALID_TYPES or mode > 0o177777:
