@@ -24,13 +24,21 @@ several dirents.
 
 import logging
 import stat
-import struct
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..rafs.constants import (
-    CHUNK_RECORD_SIZE,
+from ..rafs.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, BlobFeatures, ChunkFlags, SuperFlags
+from ..rafs.errors import FormatError
+from ..rafs.layout_common import U32, pack_chunk
+from ..rafs.layout_v6 import (
+    BLOB_ENTRY,
+    CHUNK_INDEX,
+    CHUNK_INDEX_SIZE,
+    DEVSLOT,
+    DIRENT,
+    DIRENT_SIZE,
+    EROFS_BLKSZBITS,
     EROFS_BLOCK_SIZE,
     EROFS_CHUNK_FORMAT_INDEXES,
     EROFS_FEATURE_COMPAT_RAFS_V6,
@@ -38,27 +46,29 @@ from ..rafs.constants import (
     EROFS_FT_BLKDEV,
     EROFS_FT_CHRDEV,
     EROFS_FT_DIR,
-    EROFS_FT_FIFO,
     EROFS_FT_REG_FILE,
-    EROFS_FT_SOCK,
     EROFS_FT_SYMLINK,
     EROFS_INODE_CHUNK_BASED,
     EROFS_INODE_FLAT_INLINE,
     EROFS_INODE_FLAT_PLAIN,
     EROFS_MAGIC,
+    EROFS_NID_SIZE,
     EROFS_SUPER_OFFSET,
-    MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
+    EXT_SUPERBLOCK,
+    EXTENDED_INODE,
+    IFMT_TO_FT,
+    MAX_NAME,
     RAFS_V6_DEVT_SLOTOFF,
     RAFS_V6_DEVTABLE_OFFSET,
     RAFS_V6_EXT_SUPER_OFFSET,
+    SUPERBLOCK,
     V6_BLOB_ENTRY_SIZE,
     V6_DEVSLOT_SIZE,
-    BlobFeatures,
-    ChunkFlags,
-    SuperFlags,
+    XATTR_ENTRY,
+    XATTR_IBODY_HEADER,
+    XATTR_PREFIXES,
+    XATTR_WHOLE_NAMES,
 )
-from ..rafs.errors import FormatError
 from ..rafs.model import BlobInfo, ChunkInfo
 from .options import BuildOptions
 from .tree import ChunkedData, FileData, Inode
@@ -66,53 +76,16 @@ from .tree import ChunkedData, FileData, Inode
 log = logging.getLogger(__name__)
 
 BLOCK = EROFS_BLOCK_SIZE
-INODE_SIZE = 64  # extended inode
-DIRENT_SIZE = 12
-CHUNK_INDEX_SIZE = 8
-MAX_NAME = 255
+INODE_SIZE = EXTENDED_INODE.size  # every inode this writer makes is an extended one
 MAX_SYMLINK = 4095  # PATH_MAX - 1: longer targets cannot be read back by the kernel
 MAX_BLOBS = 254  # device_id low byte = blob_index + 1, nydus asserts < 255 entries
 MAPPED_BLKADDR_ALIGN = 0x8_0000  # nydus aligns device slots' flat-disk start to 512 KiB
-
-_INODE = struct.Struct("<HHHHQIIIIQII16x")
-_DIRENT = struct.Struct("<QHBx")
-_CHUNK_INDEX = struct.Struct("<HHI")
-_CHUNK_RECORD = struct.Struct("<32sIIIIQQQII")
-_XATTR_ENTRY = struct.Struct("<BBH")
-_SUPER = struct.Struct("<IIIBBHQQIIII16s16sIHHH38x")
-_EXT_SUPER = struct.Struct("<QQIIQQQI4x200x")
-_DEVSLOT = struct.Struct("<64sII56x")
-_BLOB_ENTRY = struct.Struct("<64sIIIIIIQQIIQQQ32s32sQ8sI36x")
-
-# (name_index, prefix, exact): exact names carry no suffix
-_XATTR_PREFIXES: tuple[tuple[int, bytes, bool], ...] = (
-    (2, b"system.posix_acl_access", True),
-    (3, b"system.posix_acl_default", True),
-    (1, b"user.", False),
-    (4, b"trusted.", False),
-    (6, b"security.", False),
-)
-
-_FILE_TYPES = {
-    stat.S_IFREG: EROFS_FT_REG_FILE,
-    stat.S_IFDIR: EROFS_FT_DIR,
-    stat.S_IFCHR: EROFS_FT_CHRDEV,
-    stat.S_IFBLK: EROFS_FT_BLKDEV,
-    stat.S_IFIFO: EROFS_FT_FIFO,
-    stat.S_IFSOCK: EROFS_FT_SOCK,
-    stat.S_IFLNK: EROFS_FT_SYMLINK,
-}
-
-assert _INODE.size == INODE_SIZE and _SUPER.size == 128 and _EXT_SUPER.size == 256
-assert _DEVSLOT.size == V6_DEVSLOT_SIZE and _BLOB_ENTRY.size == V6_BLOB_ENTRY_SIZE
-assert _CHUNK_RECORD.size == CHUNK_RECORD_SIZE and _DIRENT.size == DIRENT_SIZE
-
 
 def encode_xattrs(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes:
     """Inline xattr ibody (12-byte header + 4-aligned entries), names sorted; b'' if none."""
     if not xattrs:
         return b""
-    out = bytearray(12)  # h_name_filter 0, h_shared_count 0, reserved
+    out = bytearray(XATTR_IBODY_HEADER.size)  # no name filter, no shared xattrs
     for name in sorted(xattrs):
         value = xattrs[name]
         if not isinstance(name, bytes) or not isinstance(value, bytes):
@@ -122,17 +95,18 @@ def encode_xattrs(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes:
             raise FormatError(f"{path!r}: xattr name {name!r} longer than {MAX_NAME} bytes after its prefix")
         if len(value) > 0xFFFF:
             raise FormatError(f"{path!r}: xattr {name!r} value of {len(value)} bytes exceeds 65535")
-        out += _XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+        out += XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
         out += b"\0" * (-len(out) % 4)
     return bytes(out)
 
 
 def _xattr_prefix(name: bytes, path: bytes) -> tuple[int, bytes]:
     """(EROFS name_index, name suffix) of an xattr name."""
-    for index, prefix, exact in _XATTR_PREFIXES:
-        if exact and name == prefix:
-            return index, b""
-        if not exact and name.startswith(prefix) and len(name) > len(prefix):
+    for index, prefix in XATTR_PREFIXES.items():
+        if index in XATTR_WHOLE_NAMES:
+            if name == prefix:
+                return index, b""
+        elif name.startswith(prefix) and len(name) > len(prefix):
             return index, name[len(prefix) :]
     raise FormatError(
         f"{path!r}: xattr {name!r} not storable in RAFS "
@@ -162,7 +136,7 @@ def dir_blocks(entries: Sequence[tuple[bytes, int, int]]) -> list[bytes]:
         heads = bytearray()
         names = bytearray()
         for name, nid, ftype in group:
-            heads += _DIRENT.pack(nid, nameoff + len(names), ftype)
+            heads += DIRENT.pack(nid, nameoff + len(names), ftype)
             names += name
         blocks.append(bytes(heads + names))
 
@@ -294,7 +268,7 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
     by_id: dict[int, _Rec] = {}
 
     def new_rec(node: Inode, path: bytes) -> _Rec:
-        ftype = _FILE_TYPES.get(stat.S_IFMT(node.mode))
+        ftype = IFMT_TO_FT.get(stat.S_IFMT(node.mode))
         if ftype is None:
             raise FormatError(f"{path!r}: unsupported file type in mode {node.mode:#o}")
         rec = _Rec(node, path, len(records) + 1, ftype)
@@ -382,7 +356,7 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
             for g in gaps:
                 if g[1] - g[0] >= total:
                     off = g[0]
-                    g[0] = _align(off + total, 32)
+                    g[0] = _align(off + total, EROFS_NID_SIZE)
                     if g[1] - g[0] < 64:
                         gaps.remove(g)
                     return off
@@ -394,7 +368,7 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
                     del gaps[0]
             cur = nxt
         off = cur
-        cur = _align(cur + total, 32)
+        cur = _align(cur + total, EROFS_NID_SIZE)
         return off
 
     for r in records:
@@ -498,7 +472,7 @@ def write_v6(
     data_blk0 = meta_blkaddr + _align(plan.inode_area, BLOCK) // BLOCK
     chunk_table_offset = (data_blk0 + plan.data_blocks) * BLOCK
     buf = bytearray(chunk_table_offset)
-    chunk_format = EROFS_CHUNK_FORMAT_INDEXES | (cs.bit_length() - 1 - 12)
+    chunk_format = EROFS_CHUNK_FORMAT_INDEXES | (cs.bit_length() - 1 - EROFS_BLKSZBITS)
     explicit = not opts.repeatable
     table: dict[tuple[bytes, int, int], ChunkInfo] = {}
 
@@ -509,8 +483,9 @@ def write_v6(
         i_u = 0
         if r.ftype == EROFS_FT_DIR:
             assert r.entries is not None and r.parent is not None
-            ents = [(b".", r.off // 32, EROFS_FT_DIR), (b"..", r.parent.off // 32, EROFS_FT_DIR)]
-            ents += [(n, c.off // 32, c.ftype) for n, c in r.entries]
+            nid, parent_nid = r.off // EROFS_NID_SIZE, r.parent.off // EROFS_NID_SIZE
+            ents = [(b".", nid, EROFS_FT_DIR), (b"..", parent_nid, EROFS_FT_DIR)]
+            ents += [(n, c.off // EROFS_NID_SIZE, c.ftype) for n, c in r.entries]
             ents.sort(key=lambda e: e[0])
             blocks = dir_blocks(ents)
             i_u = _place_data(buf, r, blocks, pos + base, data_blk0)
@@ -528,7 +503,7 @@ def write_v6(
             ipos = _align(pos + base, CHUNK_INDEX_SIZE)
             for k, c in enumerate(chunks):
                 _check_chunk(r, k, c, cs, nblobs)
-                _CHUNK_INDEX.pack_into(
+                CHUNK_INDEX.pack_into(
                     buf,
                     ipos + k * CHUNK_INDEX_SIZE,
                     c.index & 0xFFFF,
@@ -540,13 +515,12 @@ def write_v6(
                     table[key] = c
         elif r.ftype in (EROFS_FT_CHRDEV, EROFS_FT_BLKDEV):
             i_u = node.rdev & 0xFFFF_FFFF
-        _INODE.pack_into(
+        EXTENDED_INODE.pack_into(
             buf,
             pos,
             1 | (r.layout << 1),
-            (len(r.xattr) - 12) // 4 + 1 if r.xattr else 0,
+            (len(r.xattr) - XATTR_IBODY_HEADER.size) // 4 + 1 if r.xattr else 0,
             node.mode & 0xFFFF,
-            0,
             r.dsize,
             i_u,
             r.ino,
@@ -560,21 +534,7 @@ def write_v6(
             buf[pos + INODE_SIZE : pos + base] = r.xattr
 
     # chunk table
-    records = bytearray()
-    for key in sorted(table):
-        c = table[key]
-        records += _CHUNK_RECORD.pack(
-            c.digest,
-            c.blob_index,
-            int(c.flags),
-            c.compressed_size,
-            c.uncompressed_size,
-            c.compressed_offset,
-            c.uncompressed_offset,
-            c.file_offset,
-            c.index,
-            c.crc32,
-        )
+    records = b"".join(pack_chunk(table[key]) for key in sorted(table))
     buf += records
     buf += b"\0" * (-len(buf) % BLOCK)
 
@@ -588,10 +548,10 @@ def write_v6(
         mapped = _align(pos, MAPPED_BLKADDR_ALIGN) // BLOCK
         pos = (mapped + cnt) * BLOCK
         total_blocks += cnt
-        _DEVSLOT.pack_into(
+        DEVSLOT.pack_into(
             buf, RAFS_V6_DEVTABLE_OFFSET + i * V6_DEVSLOT_SIZE, b.blob_id.encode(), cnt, mapped
         )
-        _BLOB_ENTRY.pack_into(
+        BLOB_ENTRY.pack_into(
             buf,
             blob_table_offset + i * V6_BLOB_ENTRY_SIZE,
             b.blob_id.encode(),
@@ -611,11 +571,10 @@ def write_v6(
             b.blob_toc_digest,
             b"\0" * 32,
             0,
-            b"\0" * 8,
             0,
         )
     for i, pr in enumerate(prefetch):
-        struct.pack_into("<I", buf, prefetch_offset + 4 * i, pr.off // 32)
+        U32.pack_into(buf, prefetch_offset + 4 * i, pr.off // EROFS_NID_SIZE)
 
     flags = SuperFlags.for_algorithms(opts.compressor, opts.digester)
     if explicit:
@@ -624,7 +583,7 @@ def write_v6(
         flags |= SuperFlags.HAS_XATTR
     if blobs and all(b.features & BlobFeatures.INLINED_CHUNK_DIGEST for b in blobs):
         flags |= SuperFlags.INLINED_CHUNK_DIGEST
-    _EXT_SUPER.pack_into(
+    EXT_SUPERBLOCK.pack_into(
         buf,
         RAFS_V6_EXT_SUPER_OFFSET,
         int(flags),
@@ -636,15 +595,15 @@ def write_v6(
         prefetch_offset,
         prefetch_size,
     )
-    root_nid = plan.records[0].off // 32
+    root_nid = plan.records[0].off // EROFS_NID_SIZE
     assert root_nid <= 0xFFFF
-    _SUPER.pack_into(
+    SUPERBLOCK.pack_into(
         buf,
         EROFS_SUPER_OFFSET,
         EROFS_MAGIC,
         0,
         EROFS_FEATURE_COMPAT_RAFS_V6,
-        12,
+        EROFS_BLKSZBITS,
         0,
         root_nid,
         len(plan.records),

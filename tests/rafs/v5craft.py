@@ -11,13 +11,13 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
-from nydus_py.rafs.constants import (
+from nydus_py.rafs.constants import SuperFlags
+from nydus_py.rafs.layout_v5 import (
     RAFS_V5_MAGIC,
     RAFS_V5_VERSION,
     V5_INODE_HAS_HOLE,
     V5_INODE_SYMLINK,
     V5_INODE_XATTR,
-    SuperFlags,
 )
 
 SB = 8192
