@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..rafs import codec
-from ..rafs.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, ChunkFlags, SuperFlags
+from ..rafs.constants import ChunkFlags, SuperFlags
 from ..rafs.errors import FormatError
 from ..rafs.layout_common import CHUNK_RECORD_SIZE, U32, U64, pack_chunk, pack_u32s
 from ..rafs.layout_v5 import (
@@ -52,13 +52,12 @@ from ..rafs.layout_v5 import (
     align8,
 )
 from ..rafs.model import BlobInfo, ChunkInfo
+from . import plan_common
 from .options import BuildOptions
-from .tree import ChunkedData, FileData, Inode
-from .v6_writer import _check_name, _join, _match_pattern
+from .tree import FileData, Inode
 
 DIR_PSEUDO_ENTRY = 8  # RAFS_V5_VIRTUAL_ENTRY_SIZE
 DIR_MIN_SIZE = 4096
-MAX_SYMLINK = 4095
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 0x10000  # nydus RafsXAttrs::add limit
 MAX_BOOTSTRAP = 8 << 32  # record offsets are stored >> 3 in u32 slots
@@ -128,7 +127,7 @@ class V5Plan:
             data = node.data
             if not stat.S_ISREG(node.mode) or not isinstance(data, FileData) or data.size == 0:
                 continue
-            idx = _match_pattern(s.path, patterns) if patterns else None
+            idx = plan_common.match_pattern(s.path, patterns) if patterns else None
             key = (1, 0, seq) if idx is None else (0, idx, seq)
             cur = best.get(id(node))
             if cur is None or key < cur[0]:
@@ -174,13 +173,7 @@ def dir_size_v5(names: Sequence[bytes]) -> int:
 
 def plan_v5(root: Inode, opts: BuildOptions) -> V5Plan:
     """Validate `root` and assign slots; FormatError names the first offending path."""
-    cs = opts.chunk_size
-    if cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
-        raise ValueError(
-            f"chunk size {cs:#x} must be a power of two in [{MIN_CHUNK_SIZE:#x}, {MAX_CHUNK_SIZE:#x}]"
-        )
-    if not isinstance(root, Inode) or not root.is_dir:
-        raise FormatError("the root of the tree must be a directory")
+    cs = plan_common.check_root(root, opts)
 
     root_slot = _Slot(root, b"/", b"/", 1, 0)
     slots: list[_Slot] = [root_slot]
@@ -194,10 +187,10 @@ def plan_v5(root: Inode, opts: BuildOptions) -> V5Plan:
         d.child_count = len(kids)
         subdirs: list[_Slot] = []
         for name in kids:
-            _check_name(name, d.path)  # before sorting: a str name must not raise TypeError
+            plan_common.check_name(name, d.path)  # before sorting: a str name must not raise TypeError
         for name in sorted(kids):
             child = kids[name]
-            path = _join(d.path, name)
+            path = plan_common.join(d.path, name)
             if not isinstance(child, Inode):
                 raise FormatError(f"{path!r}: not an Inode")
             s = _Slot(child, path, name, len(slots) + 1, d.slot)
@@ -229,14 +222,7 @@ def plan_v5(root: Inode, opts: BuildOptions) -> V5Plan:
             raise FormatError(f"{path!r}: unsupported file type in mode {node.mode!r}")
         if fmt != stat.S_IFDIR and node.children:
             raise FormatError(f"{path!r}: only directories can have children")
-        for label, v, hi in (
-            ("uid", node.uid, 0xFFFF_FFFF),
-            ("gid", node.gid, 0xFFFF_FFFF),
-            ("mtime", node.mtime, (1 << 64) - 1),
-            ("mtime_nsec", node.mtime_nsec, 999_999_999),
-        ):
-            if not isinstance(v, int) or not 0 <= v <= hi:
-                raise FormatError(f"{path!r}: {label} {v!r} out of range")
+        plan_common.check_attrs(path, node)
         if fmt in (stat.S_IFCHR, stat.S_IFBLK) and not (
             isinstance(node.rdev, int) and 0 <= node.rdev <= 0xFFFF_FFFF
         ):
@@ -246,18 +232,9 @@ def plan_v5(root: Inode, opts: BuildOptions) -> V5Plan:
         if fmt == stat.S_IFDIR:
             s.size = dir_size_v5(list((node.children or {}).keys()))
         elif fmt == stat.S_IFLNK:
-            target = node.symlink
-            if not isinstance(target, bytes) or not 0 < len(target) <= MAX_SYMLINK or b"\0" in target:
-                raise FormatError(f"{path!r}: symlink target must be 1..{MAX_SYMLINK} bytes without NUL")
-            s.size = len(target)
+            s.size = plan_common.symlink_size(path, node)
         elif fmt == stat.S_IFREG:
-            data = node.data
-            if data is not None and not isinstance(data, FileData | ChunkedData):
-                raise FormatError(f"{path!r}: file data of unknown kind {type(data).__name__}")
-            size = 0 if data is None else data.size
-            if not isinstance(size, int) or not 0 <= size < 1 << 63:
-                raise FormatError(f"{path!r}: bad file size {size!r}")
-            s.size = size
+            s.size = plan_common.file_size(path, node, limit=1 << 63)
     for s in slots:
         if s.primary is not s:
             s.size, s.xattr = s.primary.size, s.primary.xattr
@@ -273,13 +250,10 @@ def _resolve_prefetch(slots: list[_Slot], paths: Sequence[bytes]) -> list[_Slot]
     chosen: list[bytes] = []
     out: list[_Slot] = []
     for raw in paths:
-        p = raw.encode() if isinstance(raw, str) else bytes(raw)
-        if not p.startswith(b"/"):
+        got = plan_common.prefetch_path(raw, chosen)
+        if isinstance(got, str):
             continue
-        parts = [c for c in p.split(b"/") if c and c != b"."]
-        norm = b"/" + b"/".join(parts)
-        if any(norm == c or norm.startswith(c.rstrip(b"/") + b"/") for c in chosen):
-            continue
+        norm, parts = got
         cur: _Slot | None = slots[0]
         for comp in parts:
             kids = cur.inode.children if cur is not None and cur.inode.is_dir else None

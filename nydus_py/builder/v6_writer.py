@@ -28,7 +28,7 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..rafs.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, BlobFeatures, ChunkFlags, SuperFlags
+from ..rafs.constants import BlobFeatures, ChunkFlags, SuperFlags
 from ..rafs.errors import FormatError
 from ..rafs.layout_common import U32, pack_chunk
 from ..rafs.layout_v6 import (
@@ -70,14 +70,14 @@ from ..rafs.layout_v6 import (
     XATTR_WHOLE_NAMES,
 )
 from ..rafs.model import BlobInfo, ChunkInfo
+from . import plan_common
 from .options import BuildOptions
-from .tree import ChunkedData, FileData, Inode
+from .tree import FileData, Inode
 
 log = logging.getLogger(__name__)
 
 BLOCK = EROFS_BLOCK_SIZE
 INODE_SIZE = EXTENDED_INODE.size  # every inode this writer makes is an extended one
-MAX_SYMLINK = 4095  # PATH_MAX - 1: longer targets cannot be read back by the kernel
 MAX_BLOBS = 254  # device_id low byte = blob_index + 1, nydus asserts < 255 entries
 MAPPED_BLKADDR_ALIGN = 0x8_0000  # nydus aligns device slots' flat-disk start to 512 KiB
 
@@ -220,7 +220,7 @@ class V6Plan:
                 or r.inode.data.size == 0
             ):
                 continue
-            idx = _match_pattern(r.path, patterns) if patterns else None
+            idx = plan_common.match_pattern(r.path, patterns) if patterns else None
             if idx is None:
                 rest.append(r.inode)
             else:
@@ -229,40 +229,9 @@ class V6Plan:
         return [t[2] for t in first] + rest
 
 
-def _match_pattern(path: bytes, patterns: Mapping[bytes, int]) -> int | None:
-    p = path
-    while True:
-        idx = patterns.get(p)
-        if idx is not None:
-            return idx
-        if p == b"/":
-            return None
-        p = p.rsplit(b"/", 1)[0] or b"/"
-
-
-def _check_name(name: object, parent: bytes) -> bytes:
-    if not isinstance(name, bytes):
-        raise FormatError(f"{parent!r}: entry name {name!r} is not bytes")
-    if not name or len(name) > MAX_NAME or b"/" in name or b"\0" in name or name in (b".", b".."):
-        raise FormatError(
-            f"{parent!r}: invalid entry name {name!r} (1..255 bytes, no '/' or NUL, not . or ..)"
-        )
-    return name
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
-    return (parent if parent.endswith(b"/") else parent + b"/") + name
-
-
 def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
     """Validate `root` and lay it out; FormatError names the first offending path."""
-    cs = opts.chunk_size
-    if cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
-        raise ValueError(
-            f"chunk size {cs:#x} must be a power of two in [{MIN_CHUNK_SIZE:#x}, {MAX_CHUNK_SIZE:#x}]"
-        )
-    if not isinstance(root, Inode) or not root.is_dir:
-        raise FormatError("the root of the tree must be a directory")
+    cs = plan_common.check_root(root, opts)
 
     records: list[_Rec] = []
     by_id: dict[int, _Rec] = {}
@@ -285,19 +254,19 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
         entries: list[tuple[bytes, _Rec]] = []
         subdirs = 0
         for name in sorted(kids):
-            _check_name(name, d.path)
+            plan_common.check_name(name, d.path)
             child = kids[name]
             if not isinstance(child, Inode):
-                raise FormatError(f"{_join(d.path, name)!r}: not an Inode")
+                raise FormatError(f"{plan_common.join(d.path, name)!r}: not an Inode")
             rec = by_id.get(id(child))
             if rec is not None:
                 if rec.ftype == EROFS_FT_DIR:
                     raise FormatError(
-                        f"{_join(d.path, name)!r}: directory linked twice (hard-linked dir or loop)"
+                        f"{plan_common.join(d.path, name)!r}: directory linked twice (hard-linked dir or loop)"
                     )
                 rec.nlink += 1
             else:
-                rec = new_rec(child, _join(d.path, name))
+                rec = new_rec(child, plan_common.join(d.path, name))
                 if rec.ftype == EROFS_FT_DIR:
                     rec.parent = d
                     queue.append(rec)
@@ -312,14 +281,7 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
         node = r.inode
         if r.ftype != EROFS_FT_DIR and node.children:
             raise FormatError(f"{r.path!r}: only directories can have children")
-        for label, v, hi in (
-            ("uid", node.uid, 0xFFFF_FFFF),
-            ("gid", node.gid, 0xFFFF_FFFF),
-            ("mtime", node.mtime, (1 << 64) - 1),
-            ("mtime_nsec", node.mtime_nsec, 999_999_999),
-        ):
-            if not isinstance(v, int) or not 0 <= v <= hi:
-                raise FormatError(f"{r.path!r}: {label} {v!r} out of range")
+        plan_common.check_attrs(r.path, node)
         r.xattr = encode_xattrs(node.xattrs, r.path)
         has_xattr = has_xattr or bool(r.xattr)
         if INODE_SIZE + len(r.xattr) > BLOCK:
@@ -331,17 +293,9 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
             names = sorted([b".", b".."] + [n for n, _ in r.entries])
             r.dsize = dir_size(names)
         elif r.ftype == EROFS_FT_SYMLINK:
-            target = node.symlink
-            if not isinstance(target, bytes) or not 0 < len(target) <= MAX_SYMLINK or b"\0" in target:
-                raise FormatError(f"{r.path!r}: symlink target must be 1..{MAX_SYMLINK} bytes without NUL")
-            r.dsize = len(target)
+            r.dsize = plan_common.symlink_size(r.path, node)
         elif r.ftype == EROFS_FT_REG_FILE:
-            data = node.data
-            if data is not None and not isinstance(data, FileData | ChunkedData):
-                raise FormatError(f"{r.path!r}: file data of unknown kind {type(data).__name__}")
-            size = 0 if data is None else data.size
-            if not isinstance(size, int) or size < 0:
-                raise FormatError(f"{r.path!r}: bad file size {size!r}")
+            size = plan_common.file_size(r.path, node)
             r.dsize = size
             r.nchunks = (size + cs - 1) // cs
             r.layout = EROFS_INODE_CHUNK_BASED
@@ -405,15 +359,14 @@ def _resolve_prefetch(root: _Rec, paths: Sequence[bytes]) -> list[_Rec]:
     chosen: list[bytes] = []
     out: list[_Rec] = []
     for raw in paths:
-        p = raw.encode() if isinstance(raw, str) else bytes(raw)
-        if not p.startswith(b"/"):
-            log.warning("prefetch path %r is not absolute; ignored", p)
+        got = plan_common.prefetch_path(raw, chosen)
+        if got == "relative":
+            log.warning("prefetch path %r is not absolute; ignored", raw)
             continue
-        parts = [c for c in p.split(b"/") if c and c != b"."]
-        norm = b"/" + b"/".join(parts)
-        if any(norm == c or norm.startswith(c.rstrip(b"/") + b"/") for c in chosen):
-            log.info("prefetch path %r is covered by an earlier one", p)
+        if isinstance(got, str):
+            log.info("prefetch path %r is covered by an earlier one", raw)
             continue
+        norm, parts = got
         rec: _Rec | None = root
         for comp in parts:
             if rec is None or rec.entries is None:
@@ -421,7 +374,7 @@ def _resolve_prefetch(root: _Rec, paths: Sequence[bytes]) -> list[_Rec]:
                 break
             rec = next((r for n, r in rec.entries if n == comp), None)
         if rec is None:
-            log.warning("prefetch path %r is not in the image; ignored", p)
+            log.warning("prefetch path %r is not in the image; ignored", raw)
             continue
         chosen.append(norm)
         out.append(rec)
