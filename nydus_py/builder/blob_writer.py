@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import struct
 import tempfile
 import threading
 from collections import deque
@@ -36,32 +35,28 @@ from dataclasses import dataclass
 from typing import BinaryIO
 
 from ..rafs import codec
-from ..rafs.constants import (
-    BLOB_META_HEADER_SIZE,
-    BLOB_META_MAGIC,
-    EROFS_BLOCK_SIZE,
-    TAR_HEADER_SIZE,
-    BlobFeatures,
-    ChunkFlags,
-    Compressor,
-)
+from ..rafs.constants import BlobFeatures, ChunkFlags, Compressor
 from ..rafs.errors import FormatError
+from ..rafs.layout_blob import (
+    BLOB_NAME,
+    CI_V1_ENTRY_SIZE,
+    DIGEST_NAME,
+    META_HEADER_NAME,
+    META_NAME,
+    TOC_FLAGS,
+    TOC_NAME,
+    pack_blob_meta_header,
+    pack_ci_v1,
+    pack_toc_entry,
+    tar_header,
+    unpack_ci_v1,
+)
+from ..rafs.layout_v6 import EROFS_BLOCK_SIZE
 from ..rafs.model import BlobInfo, ChunkInfo
 from .options import BuildOptions
 from .tree import FileData
 
-CI_V1_ENTRY_SIZE = 16
 MAX_CI_INDEX = 1 << 24  # v6 chunk indexes carry 24 bits of ci_index
-
-TOC_BLOB_RAW = "image.blob"
-TOC_BLOB_META = "blob.meta"
-TOC_BLOB_META_HEADER = "blob.meta.header"
-TOC_BLOB_DIGEST = "blob.digest"
-TOC_BLOB_TOC = "rafs.blob.toc"
-
-_TOC_FLAGS = {Compressor.NONE: 1, Compressor.ZSTD: 2, Compressor.LZ4_BLOCK: 4}
-_TOC_ENTRY = struct.Struct("<II16s32sQQQ48x")
-_META_HEADER = struct.Struct("<IIIIQQQQQI")
 
 
 def blob_features(blob_toc: bool) -> BlobFeatures:
@@ -70,90 +65,6 @@ def blob_features(blob_toc: bool) -> BlobFeatures:
     if blob_toc:
         f |= BlobFeatures.HAS_TAR_HEADER | BlobFeatures.HAS_TOC | BlobFeatures.INLINED_CHUNK_DIGEST
     return f
-
-
-def tar_header(name: str, size: int) -> bytes:
-    """512-byte GNU tar header like tar-rs `Header::new_gnu()` + path, type '0', size, cksum."""
-    raw = name.encode()
-    if not raw or len(raw) > 100:
-        raise ValueError(f"tar entry name {name!r} must be 1..100 bytes")
-    h = bytearray(TAR_HEADER_SIZE)
-    h[0 : len(raw)] = raw
-    if size < 8**11:
-        h[124:136] = b"%011o\0" % size
-    else:  # GNU base-256 for sizes >= 8 GiB
-        h[124:136] = b"\x80" + size.to_bytes(11, "big")
-    h[136:148] = b"00000000000\0"
-    h[156] = ord("0")
-    h[257:263] = b"ustar "
-    h[263:265] = b" \0"
-    h[148:156] = b" " * 8
-    h[148:156] = b"%07o\0" % sum(h)
-    return bytes(h)
-
-
-def encode_ci_v1(
-    compressed_offset: int, compressed_size: int, uncompressed_offset: int, uncompressed_size: int
-) -> bytes:
-    """One 16-byte blob.meta v1 entry (spec 5.3)."""
-    if uncompressed_offset & 0xFFF or uncompressed_offset >> 44:
-        raise FormatError(
-            f"uncompressed offset {uncompressed_offset:#x} not encodable in a v1 chunk-info entry"
-        )
-    if compressed_offset >> 40:
-        raise FormatError(f"compressed offset {compressed_offset:#x} beyond 1 TiB")
-    if not (0 < compressed_size <= 1 << 24 and 0 < uncompressed_size <= 1 << 24):
-        raise FormatError(f"chunk sizes {compressed_size}/{uncompressed_size} not encodable")
-    us, cs = uncompressed_size - 1, compressed_size - 1
-    uncomp = uncompressed_offset | ((us & 0xFFFFF) << 44) | (((us >> 20) & 0xF) << 8)
-    comp = compressed_offset | ((cs & 0xFFFFF) << 44) | (((cs >> 20) & 0xF) << 40)
-    return struct.pack("<QQ", uncomp, comp)
-
-
-def decode_ci_v1(entry: bytes | memoryview) -> tuple[int, int, int, int]:
-    """(compressed_offset, compressed_size, uncompressed_offset, uncompressed_size) of a v1 entry."""
-    uncomp, comp = struct.unpack_from("<QQ", entry, 0)
-    uoff = uncomp & 0xFFF_FFFF_F000
-    usize = (((uncomp >> 44) & 0xFFFFF) | (((uncomp >> 8) & 0xF) << 20)) + 1
-    coff = comp & 0xFF_FFFF_FFFF
-    csize = (((comp >> 44) & 0xFFFFF) | (((comp >> 40) & 0xF) << 20)) + 1
-    return coff, csize, uoff, usize
-
-
-def blob_meta_header(
-    features: int, ci_compressor: int, entries: int, ci_offset: int, ci_compressed: int, ci_uncompressed: int
-) -> bytes:
-    h = bytearray(BLOB_META_HEADER_SIZE)
-    _META_HEADER.pack_into(
-        h,
-        0,
-        BLOB_META_MAGIC,
-        features,
-        ci_compressor,
-        entries,
-        ci_offset,
-        ci_compressed,
-        ci_uncompressed,
-        0,
-        0,
-        0,
-    )
-    struct.pack_into("<I", h, BLOB_META_HEADER_SIZE - 4, BLOB_META_MAGIC)
-    return bytes(h)
-
-
-def toc_entry(
-    name: str,
-    compressor: Compressor,
-    digest: bytes,
-    offset: int,
-    compressed_size: int,
-    uncompressed_size: int,
-) -> bytes:
-    flags = _TOC_FLAGS.get(compressor)
-    if flags is None:
-        raise ValueError(f"ToC cannot describe {compressor.nydus_name} data")
-    return _TOC_ENTRY.pack(flags, 0, name.encode(), digest, offset, compressed_size, uncompressed_size)
 
 
 @dataclass
@@ -183,7 +94,7 @@ class BlobWriter:
         existing: Mapping[bytes, ChunkInfo] | None = None,
         workers: int | None = None,
     ) -> None:
-        if opts.compressor not in _TOC_FLAGS:
+        if opts.compressor not in TOC_FLAGS:
             raise ValueError(f"compressor {opts.compressor.nydus_name} cannot be used for RAFS v6 blobs")
         self.opts = opts
         self.blob_dir = blob_dir
@@ -290,7 +201,7 @@ class BlobWriter:
         self._open()
         uoff = self._uoff
         if not self.plain:
-            self.ci_entries += encode_ci_v1(self._pos, len(stored), uoff, prep.size)
+            self.ci_entries += pack_ci_v1(self._pos, len(stored), uoff, prep.size)
             self.digests += prep.digest
         flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
         info = ChunkInfo(
@@ -407,8 +318,8 @@ class BlobWriter:
         if opts.blob_toc:
             self._flush()
             data_digest = self._hash.copy().digest()
-            self._write(tar_header(TOC_BLOB_RAW, data_size))
-            toc.append(toc_entry(TOC_BLOB_RAW, Compressor.NONE, data_digest, 0, data_size, uncompressed_size))
+            self._write(tar_header(BLOB_NAME, data_size))
+            toc.append(pack_toc_entry(BLOB_NAME, Compressor.NONE, data_digest, 0, data_size, uncompressed_size))
 
         ci_raw = bytes(self.ci_entries)
         ci_compressor = Compressor.NONE
@@ -418,16 +329,16 @@ class BlobWriter:
             if len(packed) < len(ci_raw):
                 ci_data, ci_compressor = packed, opts.compressor
         ci_offset = self._pos
-        header = blob_meta_header(
+        header = pack_blob_meta_header(
             features, int(ci_compressor), len(self.chunks), ci_offset, len(ci_data), len(ci_raw)
         )
         self._write(ci_data)
         self._write(header)
         if opts.blob_toc:
-            self._write(tar_header(TOC_BLOB_META, len(ci_data) + len(header)))
+            self._write(tar_header(META_NAME, len(ci_data) + len(header)))
             toc.append(
-                toc_entry(
-                    TOC_BLOB_META,
+                pack_toc_entry(
+                    META_NAME,
                     ci_compressor,
                     hashlib.sha256(ci_raw).digest(),
                     ci_offset,
@@ -436,8 +347,8 @@ class BlobWriter:
                 )
             )
             toc.append(
-                toc_entry(
-                    TOC_BLOB_META_HEADER,
+                pack_toc_entry(
+                    META_HEADER_NAME,
                     Compressor.NONE,
                     hashlib.sha256(header).digest(),
                     ci_offset + len(ci_data),
@@ -448,10 +359,10 @@ class BlobWriter:
             digests = bytes(self.digests)
             doff = self._pos
             self._write(digests)
-            self._write(tar_header(TOC_BLOB_DIGEST, len(digests)))
+            self._write(tar_header(DIGEST_NAME, len(digests)))
             toc.append(
-                toc_entry(
-                    TOC_BLOB_DIGEST,
+                pack_toc_entry(
+                    DIGEST_NAME,
                     Compressor.NONE,
                     hashlib.sha256(digests).digest(),
                     doff,
@@ -463,7 +374,7 @@ class BlobWriter:
         toc_digest = b"\0" * 32
         if opts.blob_toc:
             entries = b"".join(toc)
-            theader = tar_header(TOC_BLOB_TOC, len(entries))
+            theader = tar_header(TOC_NAME, len(entries))
             self._write(entries)
             self._write(theader)
             toc_digest = hashlib.sha256(entries + theader).digest()
@@ -593,4 +504,4 @@ def decode_ci_array(raw: bytes, info: BlobInfo) -> Sequence[tuple[int, int, int,
         raw = codec.decompress(info.ci_compressor, raw, info.ci_uncompressed_size)
     if len(raw) != info.ci_uncompressed_size or len(raw) % CI_V1_ENTRY_SIZE:
         raise FormatError(f"blob {info.blob_id}: blob.meta array has bad size {len(raw)}")
-    return [decode_ci_v1(raw[i : i + CI_V1_ENTRY_SIZE]) for i in range(0, len(raw), CI_V1_ENTRY_SIZE)]
+    return [unpack_ci_v1(raw, i) for i in range(0, len(raw), CI_V1_ENTRY_SIZE)]

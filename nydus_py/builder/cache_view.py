@@ -12,59 +12,56 @@ found through the ToC) every chunk is verified against it.
 import contextlib
 import hashlib
 import os
-import struct
 import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from ..rafs import codec
-from ..rafs.constants import (
+from ..rafs.constants import BlobFeatures, Compressor, Digester
+from ..rafs.errors import DigestMismatch, FormatError
+from ..rafs.layout_blob import DIGEST_NAME, TAR_HEADER_SIZE, TOC_ENTRY, TOC_ENTRY_SIZE
+from ..rafs.layout_common import U32
+from ..rafs.layout_v6 import (
+    BLOB_ENTRY,
     EROFS_MAGIC,
     EROFS_SUPER_OFFSET,
+    EXT_SUPERBLOCK,
     RAFS_V6_EXT_SUPER_OFFSET,
-    TAR_HEADER_SIZE,
-    TOC_ENTRY_SIZE,
     V6_BLOB_ENTRY_SIZE,
-    BlobFeatures,
-    Compressor,
-    Digester,
 )
-from ..rafs.errors import DigestMismatch, FormatError
 from ..rafs.model import BlobInfo, RafsImage
-from .blob_writer import TOC_BLOB_DIGEST, decode_ci_array
-
-_BLOB_ENTRY = struct.Struct("<64sIIIIIIQQIIQQQ32s")
-_TOC_ENTRY = struct.Struct("<II16s32sQQQ")
+from .blob_writer import decode_ci_array
 
 
 def v6_blob_table(boot: bytes) -> list[BlobInfo]:
     """Blob table of a RAFS v6 bootstrap (only what locating blob data needs)."""
-    if len(boot) < 4096 or struct.unpack_from("<I", boot, EROFS_SUPER_OFFSET)[0] != EROFS_MAGIC:
+    if len(boot) < 4096 or U32.unpack_from(boot, EROFS_SUPER_OFFSET)[0] != EROFS_MAGIC:
         raise FormatError("not a RAFS v6 bootstrap (no EROFS superblock)")
-    _flags, off, size = struct.unpack_from("<QQI", boot, RAFS_V6_EXT_SUPER_OFFSET)
+    ext = EXT_SUPERBLOCK.unpack_dict(boot, RAFS_V6_EXT_SUPER_OFFSET)
+    off, size = ext["blob_table_offset"], ext["blob_table_size"]
     if size % V6_BLOB_ENTRY_SIZE or off + size > len(boot):
         raise FormatError(f"blob table at {off}+{size} outside the {len(boot)}-byte bootstrap")
     out = []
     for i in range(size // V6_BLOB_ENTRY_SIZE):
-        f = _BLOB_ENTRY.unpack_from(boot, off + i * V6_BLOB_ENTRY_SIZE)
+        f = BLOB_ENTRY.unpack_dict(boot, off + i * V6_BLOB_ENTRY_SIZE)
         try:
             out.append(
                 BlobInfo(
                     index=i,
-                    blob_id=f[0].rstrip(b"\0").decode("ascii"),
-                    compressor=Compressor(f[4]),
-                    digester=Digester(f[5]),
-                    chunk_size=f[2],
-                    chunk_count=f[3],
-                    features=BlobFeatures(f[6]),
-                    compressed_size=f[7],
-                    uncompressed_size=f[8],
-                    blob_toc_size=f[9],
-                    ci_compressor=Compressor(f[10]),
-                    ci_offset=f[11],
-                    ci_compressed_size=f[12],
-                    ci_uncompressed_size=f[13],
-                    blob_toc_digest=f[14],
+                    blob_id=f["blob_id"].rstrip(b"\0").decode("ascii"),
+                    compressor=Compressor(f["compression_algo"]),
+                    digester=Digester(f["digest_algo"]),
+                    chunk_size=f["chunk_size"],
+                    chunk_count=f["chunk_count"],
+                    features=BlobFeatures(f["features"]),
+                    compressed_size=f["compressed_size"],
+                    uncompressed_size=f["uncompressed_size"],
+                    blob_toc_size=f["blob_toc_size"],
+                    ci_compressor=Compressor(f["ci_compressor"]),
+                    ci_offset=f["ci_offset"],
+                    ci_compressed_size=f["ci_compressed_size"],
+                    ci_uncompressed_size=f["ci_uncompressed_size"],
+                    blob_toc_digest=f["blob_toc_digest"],
                 )
             )
         except (ValueError, UnicodeDecodeError) as e:
@@ -109,7 +106,7 @@ def read_toc(fd: int, info: BlobInfo, blob_size: int) -> dict[str, tuple[int, by
         raise DigestMismatch(f"blob {info.blob_id}: ToC digest mismatch")
     out = {}
     for i in range((size - TAR_HEADER_SIZE) // TOC_ENTRY_SIZE):
-        flags, _r, name, digest, off, csize, usize = _TOC_ENTRY.unpack_from(raw, i * TOC_ENTRY_SIZE)
+        flags, name, digest, off, csize, usize = TOC_ENTRY.unpack_from(raw, i * TOC_ENTRY_SIZE)
         out[name.rstrip(b"\0").decode("ascii", "replace")] = (flags, digest, off, csize, usize)
     return out
 
@@ -133,7 +130,7 @@ def write_cache_view(
         digests: bytes | None = None
         if info.features & BlobFeatures.INLINED_CHUNK_DIGEST and info.features & BlobFeatures.HAS_TOC:
             toc = read_toc(fd, info, blob_size)
-            ent = toc.get(TOC_BLOB_DIGEST)
+            ent = toc.get(DIGEST_NAME)
             if ent is not None:
                 _f, sha, off, csize, _u = ent
                 digests = _pread(fd, csize, off, f"blob {blob_id} blob.digest")

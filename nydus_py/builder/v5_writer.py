@@ -27,56 +27,45 @@ has holes.
 """
 
 import stat
-import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..rafs import codec
-from ..rafs.constants import (
-    CHUNK_RECORD_SIZE,
-    MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
+from ..rafs.constants import ChunkFlags, SuperFlags
+from ..rafs.errors import FormatError
+from ..rafs.layout_common import CHUNK_RECORD_SIZE, U32, U64, pack_chunk, pack_u32s
+from ..rafs.layout_v5 import (
+    BLOB_ENTRY_HEAD,
+    EXT_BLOB_ENTRY,
+    INODE,
+    INODE_RECORD_SIZE,
+    MAX_BLOB_ID,
     RAFS_V5_MAGIC,
     RAFS_V5_SUPERBLOCK_SIZE,
     RAFS_V5_VERSION,
+    SUPERBLOCK,
     V5_INODE_HAS_HOLE,
     V5_INODE_SYMLINK,
     V5_INODE_XATTR,
-    ChunkFlags,
-    SuperFlags,
+    XATTR_NAME_PREFIXES,
+    XATTR_NAMES_EXACT,
+    align8,
 )
-from ..rafs.errors import FormatError
 from ..rafs.model import BlobInfo, ChunkInfo
+from . import plan_common
 from .options import BuildOptions
-from .tree import ChunkedData, FileData, Inode
-from .v6_writer import _check_name, _join, _match_pattern
+from .tree import FileData, Inode
 
-INODE_SIZE = 128
-EXT_BLOB_ENTRY_SIZE = 64
 DIR_PSEUDO_ENTRY = 8  # RAFS_V5_VIRTUAL_ENTRY_SIZE
 DIR_MIN_SIZE = 4096
-MAX_SYMLINK = 4095
 MAX_XATTR_NAME = 255
 MAX_XATTR_VALUE = 0x10000  # nydus RafsXAttrs::add limit
-MAX_BLOB_ID = 255
 MAX_BOOTSTRAP = 8 << 32  # record offsets are stored >> 3 in u32 slots
-
-_SUPER = struct.Struct("<IIIIQQQQQIIIIQ")
-_INODE = struct.Struct("<32sQQIIIIQQQIIIHHIIQ8x")
-_CHUNK = struct.Struct("<32sIIIIQQQII")
-_EXT_BLOB = struct.Struct("<IIQQ40x")
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
 
 _TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 )
-_XATTR_PREFIXES = (b"user.", b"security.", b"trusted.")
-_XATTR_EXACT = (b"system.posix_acl_access", b"system.posix_acl_default")
 _CHUNK_FLAGS_OK = ChunkFlags.COMPRESSED | ChunkFlags.HAS_CRC32
-
-assert _INODE.size == INODE_SIZE and _CHUNK.size == CHUNK_RECORD_SIZE
-assert _EXT_BLOB.size == EXT_BLOB_ENTRY_SIZE and _SUPER.size == 80
 
 
 class _Slot:
@@ -138,16 +127,12 @@ class V5Plan:
             data = node.data
             if not stat.S_ISREG(node.mode) or not isinstance(data, FileData) or data.size == 0:
                 continue
-            idx = _match_pattern(s.path, patterns) if patterns else None
+            idx = plan_common.match_pattern(s.path, patterns) if patterns else None
             key = (1, 0, seq) if idx is None else (0, idx, seq)
             cur = best.get(id(node))
             if cur is None or key < cur[0]:
                 best[id(node)] = (key, node)
         return [node for _key, node in sorted(best.values(), key=lambda t: t[0])]
-
-
-def _align8(n: int) -> int:
-    return (n + 7) & ~7
 
 
 def encode_xattrs_v5(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes:
@@ -160,7 +145,8 @@ def encode_xattrs_v5(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes
         if not isinstance(name, bytes) or not isinstance(value, bytes):
             raise FormatError(f"{path!r}: xattr names and values must be bytes")
         if not (
-            name in _XATTR_EXACT or any(name.startswith(p) and len(name) > len(p) for p in _XATTR_PREFIXES)
+            name in XATTR_NAMES_EXACT
+            or any(name.startswith(p) and len(name) > len(p) for p in XATTR_NAME_PREFIXES)
         ):
             raise FormatError(
                 f"{path!r}: xattr {name!r} not storable in RAFS "
@@ -174,8 +160,8 @@ def encode_xattrs_v5(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes
             raise FormatError(
                 f"{path!r}: xattr {name!r} value of {len(value)} bytes exceeds {MAX_XATTR_VALUE}"
             )
-        body += _U32.pack(len(name) + 1 + len(value)) + name + b"\0" + value
-    out = _U64.pack(len(body)) + body
+        body += U32.pack(len(name) + 1 + len(value)) + name + b"\0" + value
+    out = U64.pack(len(body)) + body
     return out + b"\0" * (-len(out) % 8)
 
 
@@ -187,13 +173,7 @@ def dir_size_v5(names: Sequence[bytes]) -> int:
 
 def plan_v5(root: Inode, opts: BuildOptions) -> V5Plan:
     """Validate `root` and assign slots; FormatError names the first offending path."""
-    cs = opts.chunk_size
-    if cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
-        raise ValueError(
-            f"chunk size {cs:#x} must be a power of two in [{MIN_CHUNK_SIZE:#x}, {MAX_CHUNK_SIZE:#x}]"
-        )
-    if not isinstance(root, Inode) or not root.is_dir:
-        raise FormatError("the root of the tree must be a directory")
+    cs = plan_common.check_root(root, opts)
 
     root_slot = _Slot(root, b"/", b"/", 1, 0)
     slots: list[_Slot] = [root_slot]
@@ -207,10 +187,10 @@ def plan_v5(root: Inode, opts: BuildOptions) -> V5Plan:
         d.child_count = len(kids)
         subdirs: list[_Slot] = []
         for name in kids:
-            _check_name(name, d.path)  # before sorting: a str name must not raise TypeError
+            plan_common.check_name(name, d.path)  # before sorting: a str name must not raise TypeError
         for name in sorted(kids):
             child = kids[name]
-            path = _join(d.path, name)
+            path = plan_common.join(d.path, name)
             if not isinstance(child, Inode):
                 raise FormatError(f"{path!r}: not an Inode")
             s = _Slot(child, path, name, len(slots) + 1, d.slot)
@@ -242,14 +222,7 @@ def plan_v5(root: Inode, opts: BuildOptions) -> V5Plan:
             raise FormatError(f"{path!r}: unsupported file type in mode {node.mode!r}")
         if fmt != stat.S_IFDIR and node.children:
             raise FormatError(f"{path!r}: only directories can have children")
-        for label, v, hi in (
-            ("uid", node.uid, 0xFFFF_FFFF),
-            ("gid", node.gid, 0xFFFF_FFFF),
-            ("mtime", node.mtime, (1 << 64) - 1),
-            ("mtime_nsec", node.mtime_nsec, 999_999_999),
-        ):
-            if not isinstance(v, int) or not 0 <= v <= hi:
-                raise FormatError(f"{path!r}: {label} {v!r} out of range")
+        plan_common.check_attrs(path, node)
         if fmt in (stat.S_IFCHR, stat.S_IFBLK) and not (
             isinstance(node.rdev, int) and 0 <= node.rdev <= 0xFFFF_FFFF
         ):
@@ -259,18 +232,9 @@ def plan_v5(root: Inode, opts: BuildOptions) -> V5Plan:
         if fmt == stat.S_IFDIR:
             s.size = dir_size_v5(list((node.children or {}).keys()))
         elif fmt == stat.S_IFLNK:
-            target = node.symlink
-            if not isinstance(target, bytes) or not 0 < len(target) <= MAX_SYMLINK or b"\0" in target:
-                raise FormatError(f"{path!r}: symlink target must be 1..{MAX_SYMLINK} bytes without NUL")
-            s.size = len(target)
+            s.size = plan_common.symlink_size(path, node)
         elif fmt == stat.S_IFREG:
-            data = node.data
-            if data is not None and not isinstance(data, FileData | ChunkedData):
-                raise FormatError(f"{path!r}: file data of unknown kind {type(data).__name__}")
-            size = 0 if data is None else data.size
-            if not isinstance(size, int) or not 0 <= size < 1 << 63:
-                raise FormatError(f"{path!r}: bad file size {size!r}")
-            s.size = size
+            s.size = plan_common.file_size(path, node, limit=1 << 63)
     for s in slots:
         if s.primary is not s:
             s.size, s.xattr = s.primary.size, s.primary.xattr
@@ -286,13 +250,10 @@ def _resolve_prefetch(slots: list[_Slot], paths: Sequence[bytes]) -> list[_Slot]
     chosen: list[bytes] = []
     out: list[_Slot] = []
     for raw in paths:
-        p = raw.encode() if isinstance(raw, str) else bytes(raw)
-        if not p.startswith(b"/"):
+        got = plan_common.prefetch_path(raw, chosen)
+        if isinstance(got, str):
             continue
-        parts = [c for c in p.split(b"/") if c and c != b"."]
-        norm = b"/" + b"/".join(parts)
-        if any(norm == c or norm.startswith(c.rstrip(b"/") + b"/") for c in chosen):
-            continue
+        norm, parts = got
         cur: _Slot | None = slots[0]
         for comp in parts:
             kids = cur.inode.children if cur is not None and cur.inode.is_dir else None
@@ -383,7 +344,7 @@ def _blob_table(blobs: Sequence[BlobInfo]) -> bytes:
             raise FormatError(f"blob {i}: id {b.blob_id!r} contains '/'")
         if not (0 <= b.readahead_offset <= 0xFFFF_FFFF and 0 <= b.readahead_size <= 0xFFFF_FFFF):
             raise FormatError(f"blob {b.blob_id}: readahead range does not fit u32")
-        parts.append(struct.pack("<II", b.readahead_offset, b.readahead_size) + raw)
+        parts.append(BLOB_ENTRY_HEAD.pack(b.readahead_offset, b.readahead_size) + raw)
     out = b"\0".join(parts)
     return out + b"\0" * (-len(out) % 8)
 
@@ -415,21 +376,7 @@ def write_v5(
                 chunks = list(file_chunks.get(key, ())) if s.size else []
                 holes[key] = check_chunks(s.path, s.size, chunks, blobs, opts)
                 nchunks[key] = len(chunks)
-                chunk_recs[key] = b"".join(
-                    _CHUNK.pack(
-                        c.digest,
-                        c.blob_index,
-                        int(c.flags),
-                        c.compressed_size,
-                        c.uncompressed_size,
-                        c.compressed_offset,
-                        c.uncompressed_offset,
-                        c.file_offset,
-                        c.index,
-                        c.crc32,
-                    )
-                    for c in chunks
-                )
+                chunk_recs[key] = b"".join(pack_chunk(c) for c in chunks)
             recs = chunk_recs[key]
             ids = b"".join(recs[i : i + 32] for i in range(0, len(recs), CHUNK_RECORD_SIZE))
             digests[s.slot - 1] = codec.digest(digester, ids)
@@ -442,10 +389,10 @@ def write_v5(
             digests[s.slot - 1] = codec.digest(digester, b"")
 
     itab_off = RAFS_V5_SUPERBLOCK_SIZE
-    itab_size = _align8(4 * n)
+    itab_size = align8(4 * n)
     ptab_off = itab_off + itab_size
     inos = [s.ino for s in plan.prefetch]
-    ptab = struct.pack(f"<{len(inos)}I", *inos)
+    ptab = pack_u32s(inos)
     ptab += b"\0" * (-len(ptab) % 8)
     btab_off = ptab_off + len(ptab)
     btab = _blob_table(blobs)
@@ -454,7 +401,7 @@ def write_v5(
     for b in blobs:
         if not (0 <= b.chunk_count <= 0xFFFF_FFFF and 0 <= int(b.features) <= 0xFFFF_FFFF):
             raise FormatError(f"blob {b.blob_id}: chunk count / features out of range")
-        ext += _EXT_BLOB.pack(b.chunk_count, int(b.features), b.uncompressed_size, b.compressed_size)
+        ext += EXT_BLOB_ENTRY.pack(b.chunk_count, int(b.features), b.uncompressed_size, b.compressed_size)
     rec_off = ext_off + len(ext)
 
     table = bytearray(itab_size)
@@ -464,9 +411,9 @@ def write_v5(
         node = p.inode
         mode = node.mode
         off = rec_off + len(records)
-        if off + INODE_SIZE >= MAX_BOOTSTRAP:
+        if off + INODE_RECORD_SIZE >= MAX_BOOTSTRAP:
             raise FormatError(f"bootstrap would exceed {MAX_BOOTSTRAP} bytes; RAFS v5 cannot address it")
-        _U32.pack_into(table, 4 * (s.slot - 1), off >> 3)
+        U32.pack_into(table, 4 * (s.slot - 1), off >> 3)
         flags = 0
         child_index = child_count = rdev = 0
         symlink = b""
@@ -483,8 +430,8 @@ def write_v5(
             rdev = node.rdev
         if p.xattr:
             flags |= V5_INODE_XATTR
-        xattr_bytes = _align8(_U64.unpack_from(p.xattr)[0]) if p.xattr else 0
-        records += _INODE.pack(
+        xattr_bytes = align8(U64.unpack_from(p.xattr)[0]) if p.xattr else 0
+        records += INODE.pack(
             digests[s.slot - 1],
             s.parent,
             s.ino,
@@ -519,7 +466,7 @@ def write_v5(
     if plan.has_xattr:
         flags |= SuperFlags.HAS_XATTR
     sb = bytearray(RAFS_V5_SUPERBLOCK_SIZE)
-    _SUPER.pack_into(
+    SUPERBLOCK.pack_into(
         sb,
         0,
         RAFS_V5_MAGIC,

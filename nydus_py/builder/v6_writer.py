@@ -24,13 +24,21 @@ several dirents.
 
 import logging
 import stat
-import struct
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from ..rafs.constants import (
-    CHUNK_RECORD_SIZE,
+from ..rafs.constants import BlobFeatures, ChunkFlags, SuperFlags
+from ..rafs.errors import FormatError
+from ..rafs.layout_common import U32, pack_chunk
+from ..rafs.layout_v6 import (
+    BLOB_ENTRY,
+    CHUNK_INDEX,
+    CHUNK_INDEX_SIZE,
+    DEVSLOT,
+    DIRENT,
+    DIRENT_SIZE,
+    EROFS_BLKSZBITS,
     EROFS_BLOCK_SIZE,
     EROFS_CHUNK_FORMAT_INDEXES,
     EROFS_FEATURE_COMPAT_RAFS_V6,
@@ -38,81 +46,46 @@ from ..rafs.constants import (
     EROFS_FT_BLKDEV,
     EROFS_FT_CHRDEV,
     EROFS_FT_DIR,
-    EROFS_FT_FIFO,
     EROFS_FT_REG_FILE,
-    EROFS_FT_SOCK,
     EROFS_FT_SYMLINK,
     EROFS_INODE_CHUNK_BASED,
     EROFS_INODE_FLAT_INLINE,
     EROFS_INODE_FLAT_PLAIN,
     EROFS_MAGIC,
+    EROFS_NID_SIZE,
     EROFS_SUPER_OFFSET,
-    MAX_CHUNK_SIZE,
-    MIN_CHUNK_SIZE,
+    EXT_SUPERBLOCK,
+    EXTENDED_INODE,
+    IFMT_TO_FT,
+    MAX_NAME,
     RAFS_V6_DEVT_SLOTOFF,
     RAFS_V6_DEVTABLE_OFFSET,
     RAFS_V6_EXT_SUPER_OFFSET,
+    SUPERBLOCK,
     V6_BLOB_ENTRY_SIZE,
     V6_DEVSLOT_SIZE,
-    BlobFeatures,
-    ChunkFlags,
-    SuperFlags,
+    XATTR_ENTRY,
+    XATTR_IBODY_HEADER,
+    XATTR_PREFIXES,
+    XATTR_WHOLE_NAMES,
 )
-from ..rafs.errors import FormatError
 from ..rafs.model import BlobInfo, ChunkInfo
+from . import plan_common
 from .options import BuildOptions
-from .tree import ChunkedData, FileData, Inode
+from .tree import FileData, Inode
 
 log = logging.getLogger(__name__)
 
 BLOCK = EROFS_BLOCK_SIZE
-INODE_SIZE = 64  # extended inode
-DIRENT_SIZE = 12
-CHUNK_INDEX_SIZE = 8
-MAX_NAME = 255
-MAX_SYMLINK = 4095  # PATH_MAX - 1: longer targets cannot be read back by the kernel
+INODE_SIZE = EXTENDED_INODE.size  # every inode this writer makes is an extended one
 MAX_BLOBS = 254  # device_id low byte = blob_index + 1, nydus asserts < 255 entries
 MAPPED_BLKADDR_ALIGN = 0x8_0000  # nydus aligns device slots' flat-disk start to 512 KiB
-
-_INODE = struct.Struct("<HHHHQIIIIQII16x")
-_DIRENT = struct.Struct("<QHBx")
-_CHUNK_INDEX = struct.Struct("<HHI")
-_CHUNK_RECORD = struct.Struct("<32sIIIIQQQII")
-_XATTR_ENTRY = struct.Struct("<BBH")
-_SUPER = struct.Struct("<IIIBBHQQIIII16s16sIHHH38x")
-_EXT_SUPER = struct.Struct("<QQIIQQQI4x200x")
-_DEVSLOT = struct.Struct("<64sII56x")
-_BLOB_ENTRY = struct.Struct("<64sIIIIIIQQIIQQQ32s32sQ8sI36x")
-
-# (name_index, prefix, exact): exact names carry no suffix
-_XATTR_PREFIXES: tuple[tuple[int, bytes, bool], ...] = (
-    (2, b"system.posix_acl_access", True),
-    (3, b"system.posix_acl_default", True),
-    (1, b"user.", False),
-    (4, b"trusted.", False),
-    (6, b"security.", False),
-)
-
-_FILE_TYPES = {
-    stat.S_IFREG: EROFS_FT_REG_FILE,
-    stat.S_IFDIR: EROFS_FT_DIR,
-    stat.S_IFCHR: EROFS_FT_CHRDEV,
-    stat.S_IFBLK: EROFS_FT_BLKDEV,
-    stat.S_IFIFO: EROFS_FT_FIFO,
-    stat.S_IFSOCK: EROFS_FT_SOCK,
-    stat.S_IFLNK: EROFS_FT_SYMLINK,
-}
-
-assert _INODE.size == INODE_SIZE and _SUPER.size == 128 and _EXT_SUPER.size == 256
-assert _DEVSLOT.size == V6_DEVSLOT_SIZE and _BLOB_ENTRY.size == V6_BLOB_ENTRY_SIZE
-assert _CHUNK_RECORD.size == CHUNK_RECORD_SIZE and _DIRENT.size == DIRENT_SIZE
-
 
 def encode_xattrs(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes:
     """Inline xattr ibody (12-byte header + 4-aligned entries), names sorted; b'' if none."""
     if not xattrs:
         return b""
-    out = bytearray(12)  # h_name_filter 0, h_shared_count 0, reserved
+    out = bytearray(XATTR_IBODY_HEADER.size)  # no name filter, no shared xattrs
     for name in sorted(xattrs):
         value = xattrs[name]
         if not isinstance(name, bytes) or not isinstance(value, bytes):
@@ -122,17 +95,18 @@ def encode_xattrs(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes:
             raise FormatError(f"{path!r}: xattr name {name!r} longer than {MAX_NAME} bytes after its prefix")
         if len(value) > 0xFFFF:
             raise FormatError(f"{path!r}: xattr {name!r} value of {len(value)} bytes exceeds 65535")
-        out += _XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
+        out += XATTR_ENTRY.pack(len(suffix), index, len(value)) + suffix + value
         out += b"\0" * (-len(out) % 4)
     return bytes(out)
 
 
 def _xattr_prefix(name: bytes, path: bytes) -> tuple[int, bytes]:
     """(EROFS name_index, name suffix) of an xattr name."""
-    for index, prefix, exact in _XATTR_PREFIXES:
-        if exact and name == prefix:
-            return index, b""
-        if not exact and name.startswith(prefix) and len(name) > len(prefix):
+    for index, prefix in XATTR_PREFIXES.items():
+        if index in XATTR_WHOLE_NAMES:
+            if name == prefix:
+                return index, b""
+        elif name.startswith(prefix) and len(name) > len(prefix):
             return index, name[len(prefix) :]
     raise FormatError(
         f"{path!r}: xattr {name!r} not storable in RAFS "
@@ -162,7 +136,7 @@ def dir_blocks(entries: Sequence[tuple[bytes, int, int]]) -> list[bytes]:
         heads = bytearray()
         names = bytearray()
         for name, nid, ftype in group:
-            heads += _DIRENT.pack(nid, nameoff + len(names), ftype)
+            heads += DIRENT.pack(nid, nameoff + len(names), ftype)
             names += name
         blocks.append(bytes(heads + names))
 
@@ -246,7 +220,7 @@ class V6Plan:
                 or r.inode.data.size == 0
             ):
                 continue
-            idx = _match_pattern(r.path, patterns) if patterns else None
+            idx = plan_common.match_pattern(r.path, patterns) if patterns else None
             if idx is None:
                 rest.append(r.inode)
             else:
@@ -255,46 +229,15 @@ class V6Plan:
         return [t[2] for t in first] + rest
 
 
-def _match_pattern(path: bytes, patterns: Mapping[bytes, int]) -> int | None:
-    p = path
-    while True:
-        idx = patterns.get(p)
-        if idx is not None:
-            return idx
-        if p == b"/":
-            return None
-        p = p.rsplit(b"/", 1)[0] or b"/"
-
-
-def _check_name(name: object, parent: bytes) -> bytes:
-    if not isinstance(name, bytes):
-        raise FormatError(f"{parent!r}: entry name {name!r} is not bytes")
-    if not name or len(name) > MAX_NAME or b"/" in name or b"\0" in name or name in (b".", b".."):
-        raise FormatError(
-            f"{parent!r}: invalid entry name {name!r} (1..255 bytes, no '/' or NUL, not . or ..)"
-        )
-    return name
-
-
-def _join(parent: bytes, name: bytes) -> bytes:
-    return (parent if parent.endswith(b"/") else parent + b"/") + name
-
-
 def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
     """Validate `root` and lay it out; FormatError names the first offending path."""
-    cs = opts.chunk_size
-    if cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
-        raise ValueError(
-            f"chunk size {cs:#x} must be a power of two in [{MIN_CHUNK_SIZE:#x}, {MAX_CHUNK_SIZE:#x}]"
-        )
-    if not isinstance(root, Inode) or not root.is_dir:
-        raise FormatError("the root of the tree must be a directory")
+    cs = plan_common.check_root(root, opts)
 
     records: list[_Rec] = []
     by_id: dict[int, _Rec] = {}
 
     def new_rec(node: Inode, path: bytes) -> _Rec:
-        ftype = _FILE_TYPES.get(stat.S_IFMT(node.mode))
+        ftype = IFMT_TO_FT.get(stat.S_IFMT(node.mode))
         if ftype is None:
             raise FormatError(f"{path!r}: unsupported file type in mode {node.mode:#o}")
         rec = _Rec(node, path, len(records) + 1, ftype)
@@ -311,19 +254,19 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
         entries: list[tuple[bytes, _Rec]] = []
         subdirs = 0
         for name in sorted(kids):
-            _check_name(name, d.path)
+            plan_common.check_name(name, d.path)
             child = kids[name]
             if not isinstance(child, Inode):
-                raise FormatError(f"{_join(d.path, name)!r}: not an Inode")
+                raise FormatError(f"{plan_common.join(d.path, name)!r}: not an Inode")
             rec = by_id.get(id(child))
             if rec is not None:
                 if rec.ftype == EROFS_FT_DIR:
                     raise FormatError(
-                        f"{_join(d.path, name)!r}: directory linked twice (hard-linked dir or loop)"
+                        f"{plan_common.join(d.path, name)!r}: directory linked twice (hard-linked dir or loop)"
                     )
                 rec.nlink += 1
             else:
-                rec = new_rec(child, _join(d.path, name))
+                rec = new_rec(child, plan_common.join(d.path, name))
                 if rec.ftype == EROFS_FT_DIR:
                     rec.parent = d
                     queue.append(rec)
@@ -338,14 +281,7 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
         node = r.inode
         if r.ftype != EROFS_FT_DIR and node.children:
             raise FormatError(f"{r.path!r}: only directories can have children")
-        for label, v, hi in (
-            ("uid", node.uid, 0xFFFF_FFFF),
-            ("gid", node.gid, 0xFFFF_FFFF),
-            ("mtime", node.mtime, (1 << 64) - 1),
-            ("mtime_nsec", node.mtime_nsec, 999_999_999),
-        ):
-            if not isinstance(v, int) or not 0 <= v <= hi:
-                raise FormatError(f"{r.path!r}: {label} {v!r} out of range")
+        plan_common.check_attrs(r.path, node)
         r.xattr = encode_xattrs(node.xattrs, r.path)
         has_xattr = has_xattr or bool(r.xattr)
         if INODE_SIZE + len(r.xattr) > BLOCK:
@@ -357,17 +293,9 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
             names = sorted([b".", b".."] + [n for n, _ in r.entries])
             r.dsize = dir_size(names)
         elif r.ftype == EROFS_FT_SYMLINK:
-            target = node.symlink
-            if not isinstance(target, bytes) or not 0 < len(target) <= MAX_SYMLINK or b"\0" in target:
-                raise FormatError(f"{r.path!r}: symlink target must be 1..{MAX_SYMLINK} bytes without NUL")
-            r.dsize = len(target)
+            r.dsize = plan_common.symlink_size(r.path, node)
         elif r.ftype == EROFS_FT_REG_FILE:
-            data = node.data
-            if data is not None and not isinstance(data, FileData | ChunkedData):
-                raise FormatError(f"{r.path!r}: file data of unknown kind {type(data).__name__}")
-            size = 0 if data is None else data.size
-            if not isinstance(size, int) or size < 0:
-                raise FormatError(f"{r.path!r}: bad file size {size!r}")
+            size = plan_common.file_size(r.path, node)
             r.dsize = size
             r.nchunks = (size + cs - 1) // cs
             r.layout = EROFS_INODE_CHUNK_BASED
@@ -382,7 +310,7 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
             for g in gaps:
                 if g[1] - g[0] >= total:
                     off = g[0]
-                    g[0] = _align(off + total, 32)
+                    g[0] = _align(off + total, EROFS_NID_SIZE)
                     if g[1] - g[0] < 64:
                         gaps.remove(g)
                     return off
@@ -394,7 +322,7 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
                     del gaps[0]
             cur = nxt
         off = cur
-        cur = _align(cur + total, 32)
+        cur = _align(cur + total, EROFS_NID_SIZE)
         return off
 
     for r in records:
@@ -431,15 +359,14 @@ def _resolve_prefetch(root: _Rec, paths: Sequence[bytes]) -> list[_Rec]:
     chosen: list[bytes] = []
     out: list[_Rec] = []
     for raw in paths:
-        p = raw.encode() if isinstance(raw, str) else bytes(raw)
-        if not p.startswith(b"/"):
-            log.warning("prefetch path %r is not absolute; ignored", p)
+        got = plan_common.prefetch_path(raw, chosen)
+        if got == "relative":
+            log.warning("prefetch path %r is not absolute; ignored", raw)
             continue
-        parts = [c for c in p.split(b"/") if c and c != b"."]
-        norm = b"/" + b"/".join(parts)
-        if any(norm == c or norm.startswith(c.rstrip(b"/") + b"/") for c in chosen):
-            log.info("prefetch path %r is covered by an earlier one", p)
+        if isinstance(got, str):
+            log.info("prefetch path %r is covered by an earlier one", raw)
             continue
+        norm, parts = got
         rec: _Rec | None = root
         for comp in parts:
             if rec is None or rec.entries is None:
@@ -447,7 +374,7 @@ def _resolve_prefetch(root: _Rec, paths: Sequence[bytes]) -> list[_Rec]:
                 break
             rec = next((r for n, r in rec.entries if n == comp), None)
         if rec is None:
-            log.warning("prefetch path %r is not in the image; ignored", p)
+            log.warning("prefetch path %r is not in the image; ignored", raw)
             continue
         chosen.append(norm)
         out.append(rec)
@@ -498,7 +425,7 @@ def write_v6(
     data_blk0 = meta_blkaddr + _align(plan.inode_area, BLOCK) // BLOCK
     chunk_table_offset = (data_blk0 + plan.data_blocks) * BLOCK
     buf = bytearray(chunk_table_offset)
-    chunk_format = EROFS_CHUNK_FORMAT_INDEXES | (cs.bit_length() - 1 - 12)
+    chunk_format = EROFS_CHUNK_FORMAT_INDEXES | (cs.bit_length() - 1 - EROFS_BLKSZBITS)
     explicit = not opts.repeatable
     table: dict[tuple[bytes, int, int], ChunkInfo] = {}
 
@@ -509,8 +436,9 @@ def write_v6(
         i_u = 0
         if r.ftype == EROFS_FT_DIR:
             assert r.entries is not None and r.parent is not None
-            ents = [(b".", r.off // 32, EROFS_FT_DIR), (b"..", r.parent.off // 32, EROFS_FT_DIR)]
-            ents += [(n, c.off // 32, c.ftype) for n, c in r.entries]
+            nid, parent_nid = r.off // EROFS_NID_SIZE, r.parent.off // EROFS_NID_SIZE
+            ents = [(b".", nid, EROFS_FT_DIR), (b"..", parent_nid, EROFS_FT_DIR)]
+            ents += [(n, c.off // EROFS_NID_SIZE, c.ftype) for n, c in r.entries]
             ents.sort(key=lambda e: e[0])
             blocks = dir_blocks(ents)
             i_u = _place_data(buf, r, blocks, pos + base, data_blk0)
@@ -528,7 +456,7 @@ def write_v6(
             ipos = _align(pos + base, CHUNK_INDEX_SIZE)
             for k, c in enumerate(chunks):
                 _check_chunk(r, k, c, cs, nblobs)
-                _CHUNK_INDEX.pack_into(
+                CHUNK_INDEX.pack_into(
                     buf,
                     ipos + k * CHUNK_INDEX_SIZE,
                     c.index & 0xFFFF,
@@ -540,13 +468,12 @@ def write_v6(
                     table[key] = c
         elif r.ftype in (EROFS_FT_CHRDEV, EROFS_FT_BLKDEV):
             i_u = node.rdev & 0xFFFF_FFFF
-        _INODE.pack_into(
+        EXTENDED_INODE.pack_into(
             buf,
             pos,
             1 | (r.layout << 1),
-            (len(r.xattr) - 12) // 4 + 1 if r.xattr else 0,
+            (len(r.xattr) - XATTR_IBODY_HEADER.size) // 4 + 1 if r.xattr else 0,
             node.mode & 0xFFFF,
-            0,
             r.dsize,
             i_u,
             r.ino,
@@ -560,21 +487,7 @@ def write_v6(
             buf[pos + INODE_SIZE : pos + base] = r.xattr
 
     # chunk table
-    records = bytearray()
-    for key in sorted(table):
-        c = table[key]
-        records += _CHUNK_RECORD.pack(
-            c.digest,
-            c.blob_index,
-            int(c.flags),
-            c.compressed_size,
-            c.uncompressed_size,
-            c.compressed_offset,
-            c.uncompressed_offset,
-            c.file_offset,
-            c.index,
-            c.crc32,
-        )
+    records = b"".join(pack_chunk(table[key]) for key in sorted(table))
     buf += records
     buf += b"\0" * (-len(buf) % BLOCK)
 
@@ -588,10 +501,10 @@ def write_v6(
         mapped = _align(pos, MAPPED_BLKADDR_ALIGN) // BLOCK
         pos = (mapped + cnt) * BLOCK
         total_blocks += cnt
-        _DEVSLOT.pack_into(
+        DEVSLOT.pack_into(
             buf, RAFS_V6_DEVTABLE_OFFSET + i * V6_DEVSLOT_SIZE, b.blob_id.encode(), cnt, mapped
         )
-        _BLOB_ENTRY.pack_into(
+        BLOB_ENTRY.pack_into(
             buf,
             blob_table_offset + i * V6_BLOB_ENTRY_SIZE,
             b.blob_id.encode(),
@@ -611,11 +524,10 @@ def write_v6(
             b.blob_toc_digest,
             b"\0" * 32,
             0,
-            b"\0" * 8,
             0,
         )
     for i, pr in enumerate(prefetch):
-        struct.pack_into("<I", buf, prefetch_offset + 4 * i, pr.off // 32)
+        U32.pack_into(buf, prefetch_offset + 4 * i, pr.off // EROFS_NID_SIZE)
 
     flags = SuperFlags.for_algorithms(opts.compressor, opts.digester)
     if explicit:
@@ -624,7 +536,7 @@ def write_v6(
         flags |= SuperFlags.HAS_XATTR
     if blobs and all(b.features & BlobFeatures.INLINED_CHUNK_DIGEST for b in blobs):
         flags |= SuperFlags.INLINED_CHUNK_DIGEST
-    _EXT_SUPER.pack_into(
+    EXT_SUPERBLOCK.pack_into(
         buf,
         RAFS_V6_EXT_SUPER_OFFSET,
         int(flags),
@@ -636,15 +548,15 @@ def write_v6(
         prefetch_offset,
         prefetch_size,
     )
-    root_nid = plan.records[0].off // 32
+    root_nid = plan.records[0].off // EROFS_NID_SIZE
     assert root_nid <= 0xFFFF
-    _SUPER.pack_into(
+    SUPERBLOCK.pack_into(
         buf,
         EROFS_SUPER_OFFSET,
         EROFS_MAGIC,
         0,
         EROFS_FEATURE_COMPAT_RAFS_V6,
-        12,
+        EROFS_BLKSZBITS,
         0,
         root_nid,
         len(plan.records),

@@ -11,7 +11,6 @@ bootstrap chunk table against blob.meta / blob.digest.
 from __future__ import annotations
 
 import hashlib
-import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -19,32 +18,31 @@ from typing import NamedTuple, Protocol
 import zstandard
 
 from . import codec
-from .constants import (
+from .constants import BlobFeatures, Compressor
+from .errors import FormatError
+from .layout_blob import (
+    BLOB_META_HEADER,
     BLOB_META_HEADER_SIZE,
     BLOB_META_MAGIC,
+    BOOT_NAME,
+    CI_V1_ENTRY_SIZE,
+    CI_V2_ENTRY_SIZE,
+    DIGEST_NAME,
     TAR_HEADER_SIZE,
+    TOC_ENTRY,
     TOC_ENTRY_SIZE,
-    BlobFeatures,
-    Compressor,
+    TOC_FLAGS,
+    TOC_NAME,
+    parse_tar_header,
+    unpack_ci_v1,
+    unpack_ci_v2,
 )
-from .errors import FormatError
 from .model import BlobInfo, ChunkInfo
 
-TOC_NAME = "rafs.blob.toc"
-BOOT_NAME = "image.boot"
-DIGEST_NAME = "blob.digest"
-META_NAME = "blob.meta"
-META_HEADER_NAME = "blob.meta.header"
-BLOB_NAME = "image.blob"
-TOC_NONE, TOC_ZSTD, TOC_LZ4 = 0x1, 0x2, 0x4
 MAX_BOOTSTRAP = 1 << 32
 MAX_CHUNK_INFO = 1 << 30
 ZERO_DIGEST = b"\0" * 32
-
-_TOC_ENTRY = struct.Struct("<II16s32sQQQ48s")
-_META_HEADER = struct.Struct("<IIIIQQQQQI")
-_V1 = struct.Struct("<QQ")
-_V2 = struct.Struct("<QQQ")
+_TOC_COMPRESSORS = {flag: algo for algo, flag in TOC_FLAGS.items()}
 
 
 class RangeReader(Protocol):
@@ -85,59 +83,6 @@ def _read(src: RangeReader, offset: int, size: int, what: str) -> bytes:
 
 
 # ---------------------------------------------------------------------------- tar headers
-
-
-@dataclass(frozen=True)
-class TarHeader:
-    name: str
-    size: int
-
-
-def _octal(field: bytes, what: str) -> int:
-    if field and field[0] & 0x80:  # GNU base-256
-        return int.from_bytes(bytes([field[0] & 0x7F]) + field[1:], "big")
-    text = field.split(b"\0", 1)[0].strip(b" ")
-    if not text:
-        return 0
-    if any(c not in b"01234567" for c in text):
-        raise FormatError(f"tar header: {what} field {field!r} is not octal")
-    return int(text, 8)
-
-
-def parse_tar_header(block: bytes) -> TarHeader:
-    """The name and size of a 512-byte GNU/ustar header for a regular file."""
-    if len(block) != TAR_HEADER_SIZE:
-        raise FormatError(f"tar header must be {TAR_HEADER_SIZE} bytes, got {len(block)}")
-    if block[257:263] not in (b"ustar ", b"ustar\0"):
-        raise FormatError("tar header: no ustar/GNU magic")
-    stored = _octal(block[148:156], "checksum")
-    if stored != sum(block[:148]) + 8 * 0x20 + sum(block[156:]):
-        raise FormatError("tar header: checksum mismatch")
-    if block[156:157] not in (b"0", b"\0"):
-        raise FormatError(f"tar header: entry type {block[156:157]!r} is not a regular file")
-    try:
-        name = block[:100].split(b"\0", 1)[0].decode("utf-8")
-    except UnicodeDecodeError:
-        raise FormatError("tar header: name is not UTF-8") from None
-    return TarHeader(name, _octal(block[124:136], "size"))
-
-
-def tar_header(name: str, size: int) -> bytes:
-    """The GNU header nydus-image writes after a section (Rust `tar::Header::new_gnu`)."""
-    raw = name.encode("utf-8")
-    if not raw or len(raw) > 100:
-        raise ValueError(f"tar section name {name!r} must be 1..100 bytes")
-    h = bytearray(TAR_HEADER_SIZE)
-    h[: len(raw)] = raw
-    if size < 8**11:
-        h[124:136] = b"%011o\0" % size
-    else:
-        h[124:136] = bytes([0x80]) + size.to_bytes(11, "big")
-    h[136:148] = b"00000000000\0"
-    h[156:157] = b"0"
-    h[257:265] = b"ustar  \0"
-    h[148:156] = b"%07o\0" % (sum(h) + 8 * 0x20)
-    return bytes(h)
 
 
 @dataclass(frozen=True)
@@ -186,7 +131,7 @@ class TocEntry:
 
     @property
     def compressor(self) -> Compressor:
-        algo = {TOC_NONE: Compressor.NONE, TOC_ZSTD: Compressor.ZSTD, TOC_LZ4: Compressor.LZ4_BLOCK}.get(self.flags & 0xF)
+        algo = _TOC_COMPRESSORS.get(self.flags & 0xF)
         if algo is None or self.flags & ~0xF:
             raise FormatError(f"ToC entry {self.name!r}: unknown flags {self.flags:#x}")
         return algo
@@ -209,7 +154,7 @@ def parse_toc(data: bytes, expected_digest: bytes | None = None) -> list[TocEntr
     if expected_digest and expected_digest != ZERO_DIGEST and hashlib.sha256(body).digest() != expected_digest:
         raise FormatError("blob ToC digest does not match the blob table")
     out = []
-    for flags, _r, raw_name, dig, c_off, c_size, u_size, _r2 in _TOC_ENTRY.iter_unpack(body[: hdr.size]):
+    for flags, raw_name, dig, c_off, c_size, u_size in TOC_ENTRY.iter_unpack(body[: hdr.size]):
         try:
             name = raw_name.rstrip(b"\0").decode("utf-8")
         except UnicodeDecodeError:
@@ -289,8 +234,8 @@ class BlobMetaHeader:
 def parse_blob_meta_header(data: bytes) -> BlobMetaHeader:
     if len(data) != BLOB_META_HEADER_SIZE:
         raise FormatError(f"blob.meta header must be {BLOB_META_HEADER_SIZE} bytes, got {len(data)}")
-    magic, features, ci_comp, entries, ci_off, ci_c, ci_u, x_off, x_size, x_count = _META_HEADER.unpack_from(data)
-    (magic2,) = struct.unpack_from("<I", data, BLOB_META_HEADER_SIZE - 4)
+    (magic, features, ci_comp, entries, ci_off, ci_c, ci_u, x_off, x_size, x_count,
+     magic2) = BLOB_META_HEADER.unpack(data)  # fmt: skip
     if magic != BLOB_META_MAGIC or magic2 != BLOB_META_MAGIC:
         raise FormatError(f"blob.meta header magics {magic:#x}/{magic2:#x} != {BLOB_META_MAGIC:#x}")
     try:
@@ -319,40 +264,23 @@ class MetaChunk(NamedTuple):
 
 
 def decode_v1(raw: bytes, off: int = 0) -> MetaChunk:
-    uncomp, comp = _V1.unpack_from(raw, off)
-    u_off = uncomp & 0xFFF_FFFF_F000
-    u_size = ((uncomp >> 44) | ((uncomp & 0xF00) << 12)) + 1
-    c_off = comp & 0xFF_FFFF_FFFF
-    c_size = ((comp >> 44) | ((comp & 0xF00_0000_0000) >> 20)) + 1
+    c_off, c_size, u_off, u_size = unpack_ci_v1(raw, off)
     compressed = c_size != u_size
     return MetaChunk(c_off, c_size, u_off, u_size, compressed, int(compressed), 0)
 
 
-def encode_v1(c_off: int, c_size: int, u_off: int, u_size: int) -> bytes:
-    """A v1 entry (the inverse of decode_v1), for builders and tests."""
-    if u_off & ~0xFFF_FFFF_F000 or c_off >> 40 or not 0 < c_size <= 1 << 24 or not 0 < u_size <= 1 << 24:
-        raise ValueError("chunk does not fit a v1 blob.meta entry")
-    us, cs = u_size - 1, c_size - 1
-    uncomp = u_off | ((us & 0xF_FFFF) << 44) | ((us & 0xF0_0000) >> 12)
-    comp = c_off | ((cs & 0xF_FFFF) << 44) | ((cs & 0xF0_0000) << 20)
-    return _V1.pack(uncomp, comp)
-
-
 def decode_v2(raw: bytes, off: int = 0) -> MetaChunk:
-    uncomp, comp, data = _V2.unpack_from(raw, off)
-    flags = uncomp >> 56
+    c_off, c_size, u_off, u_size, flags, data = unpack_ci_v2(raw, off)
     if flags & ~0x1F:
         raise FormatError(f"blob.meta v2 entry has unknown flags {flags:#x}")
-    u_off = (uncomp & 0xFFFF_FFFF) << 12
-    u_size = ((uncomp >> 32) & 0xFF_FFFF) + 1
-    return MetaChunk(comp & 0xFF_FFFF_FFFF, comp >> 40, u_off, u_size, bool(flags & 1), flags, data)
+    return MetaChunk(c_off, c_size, u_off, u_size, bool(flags & 1), flags, data)
 
 
 class ChunkInfoTable:
     """The uncompressed blob.meta chunk-info array; entries decoded on demand."""
 
     def __init__(self, data: bytes, entries: int, v2: bool) -> None:
-        self.entry_size = 24 if v2 else 16
+        self.entry_size = CI_V2_ENTRY_SIZE if v2 else CI_V1_ENTRY_SIZE
         if len(data) < entries * self.entry_size:
             raise FormatError(f"blob.meta array of {len(data)} bytes cannot hold {entries} entries")
         self._data = data

@@ -1,29 +1,8 @@
-"""Magic numbers and flag words of RAFS v5/v6 (spec: shared/specs/RAFS-FORMAT.md, sections 1-2)."""
+"""Algorithms and flag words shared by RAFS v5 and v6 and by the image model (spec:
+shared/specs/RAFS-FORMAT.md section 2). The on-disk records, their magic numbers and the flags
+that belong to one record live in layout_common, layout_v5, layout_v6 and layout_blob."""
 
 from enum import IntEnum, IntFlag
-
-RAFS_V5_MAGIC = 0x52414653
-RAFS_V5_VERSION = 0x500
-RAFS_V4_VERSION = 0x400
-RAFS_V5_SUPERBLOCK_SIZE = 8192
-
-EROFS_MAGIC = 0xE0F5E1E2
-EROFS_SUPER_OFFSET = 1024
-RAFS_V6_EXT_SUPER_OFFSET = 1152
-RAFS_V6_DEVTABLE_OFFSET = 1408
-RAFS_V6_DEVT_SLOTOFF = 11
-EROFS_BLOCK_SIZE = 4096
-EROFS_FEATURE_COMPAT_RAFS_V6 = 0x4000_0000
-EROFS_FEATURE_INCOMPAT_RAFS_V6 = 0xC  # CHUNKED_FILE | DEVICE_TABLE
-
-BLOB_META_MAGIC = 0xB10BB10B
-BLOB_META_HEADER_SIZE = 4096
-TOC_ENTRY_SIZE = 128
-TAR_HEADER_SIZE = 512
-
-CHUNK_RECORD_SIZE = 80  # RafsV5ChunkInfo, also the v6 chunk table record
-V6_BLOB_ENTRY_SIZE = 256
-V6_DEVSLOT_SIZE = 128
 
 MIN_CHUNK_SIZE = 0x1000
 MAX_CHUNK_SIZE = 0x100_0000
@@ -148,35 +127,3 @@ class BlobFeatures(IntFlag):
 
 
 BLOB_FEATURES_INVALID = 0x0000_F000 | 0x8000_0000
-
-# v5 inode i_flags
-V5_INODE_SYMLINK = 0x1
-V5_INODE_HARDLINK = 0x2
-V5_INODE_XATTR = 0x4
-V5_INODE_HAS_HOLE = 0x8
-
-# EROFS inode data layouts (i_format bits 1..3)
-EROFS_INODE_FLAT_PLAIN = 0
-EROFS_INODE_FLAT_INLINE = 2
-EROFS_INODE_CHUNK_BASED = 4
-EROFS_CHUNK_FORMAT_INDEXES = 0x20
-EROFS_CHUNK_FORMAT_BLKBITS_MASK = 0x1F
-
-# EROFS dirent file types
-EROFS_FT_UNKNOWN = 0
-EROFS_FT_REG_FILE = 1
-EROFS_FT_DIR = 2
-EROFS_FT_CHRDEV = 3
-EROFS_FT_BLKDEV = 4
-EROFS_FT_FIFO = 5
-EROFS_FT_SOCK = 6
-EROFS_FT_SYMLINK = 7
-
-# xattr name prefixes by EROFS name_index
-XATTR_PREFIXES: dict[int, bytes] = {
-    1: b"user.",
-    2: b"system.posix_acl_access",
-    3: b"system.posix_acl_default",
-    4: b"trusted.",
-    6: b"security.",
-}

@@ -3,20 +3,21 @@
 import mmap
 import os
 import stat
-import struct
 
-from .constants import EROFS_MAGIC, EROFS_SUPER_OFFSET, RAFS_V4_VERSION, RAFS_V5_MAGIC, RAFS_V5_VERSION
 from .errors import FormatError
+from .layout_common import U32
+from .layout_v5 import RAFS_V4_VERSION, RAFS_V5_MAGIC, RAFS_V5_VERSION
+from .layout_v6 import EROFS_MAGIC, EROFS_SUPER_OFFSET
 from .model import RafsImage
 
 
 def detect_version(buf: bytes | mmap.mmap | memoryview) -> int:
     """5 or 6 from the magic numbers (spec section 1); FormatError otherwise."""
     if len(buf) >= 8:
-        magic, version = struct.unpack_from("<II", buf, 0)
+        magic, version = U32.unpack_from(buf, 0)[0], U32.unpack_from(buf, 4)[0]
         if magic == RAFS_V5_MAGIC and version in (RAFS_V5_VERSION, RAFS_V4_VERSION):
             return 5
-    if len(buf) >= EROFS_SUPER_OFFSET + 4 and struct.unpack_from("<I", buf, EROFS_SUPER_OFFSET)[0] == EROFS_MAGIC:
+    if len(buf) >= EROFS_SUPER_OFFSET + 4 and U32.unpack_from(buf, EROFS_SUPER_OFFSET)[0] == EROFS_MAGIC:
         return 6
     raise FormatError("not a RAFS bootstrap: neither the v5 magic at 0 nor the EROFS magic at 1024")
 

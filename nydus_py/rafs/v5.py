@@ -13,57 +13,52 @@ directory's own), so what a walk sees is a real tree: no loops and no shared sub
 import mmap
 import os
 import stat
-import struct
 from collections.abc import Iterator
 from typing import NamedTuple
 
 from . import codec
 from .constants import (
     BLOB_FEATURES_INVALID,
-    CHUNK_RECORD_SIZE,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
-    RAFS_V4_VERSION,
-    RAFS_V5_MAGIC,
-    RAFS_V5_SUPERBLOCK_SIZE,
-    RAFS_V5_VERSION,
     SUPER_FLAGS_KNOWN,
-    V5_INODE_HAS_HOLE,
-    V5_INODE_SYMLINK,
-    V5_INODE_XATTR,
     BlobFeatures,
     ChunkFlags,
     SuperFlags,
 )
 from .errors import FormatError
+from .layout_common import CHUNK_EXTENT, CHUNK_RECORD_SIZE, U32, U64, unpack_chunk, unpack_u32s
+from .layout_v5 import (
+    BLOB_ENTRY_HEAD,
+    EXT_BLOB_ENTRY,
+    EXT_BLOB_ENTRY_SIZE,
+    INODE_BODY,
+    INODE_INO_OFFSET,
+    INODE_RECORD_SIZE,
+    MAX_BLOB_ID,
+    MAX_NAME,
+    RAFS_V4_VERSION,
+    RAFS_V5_MAGIC,
+    RAFS_V5_SUPERBLOCK_SIZE,
+    RAFS_V5_VERSION,
+    ROOT_INO,
+    SUPERBLOCK,
+    V5_INODE_HAS_HOLE,
+    V5_INODE_SYMLINK,
+    V5_INODE_XATTR,
+    XATTR_NAME_PREFIXES,
+    XATTR_NAMES_EXACT,
+    align8,
+)
 from .model import Attr, BlobInfo, ChunkInfo, DirEntry, RafsImage
 
 Buffer = bytes | bytearray | mmap.mmap | memoryview
 
-_SUPER = struct.Struct("<IIIIQQQQQIIIIQ")  # the first 80 bytes of the 8192-byte superblock
-_INODE = struct.Struct("<QQIIIIQQQIIIHHIIQ")  # RafsV5Inode after the 32-byte digest
-_CHUNK = struct.Struct("<32sIIIIQQQII")  # RafsV5ChunkInfo, 80 bytes
-_CHUNK_POS = struct.Struct("<IQQQ")  # uncompressed_size, compressed/uncompressed/file offset at +44
-_EXT_BLOB = struct.Struct("<IIQQ")  # chunk_count, features, uncompressed_size, compressed_size
-_U32 = struct.Struct("<I")
-_U64 = struct.Struct("<Q")
-
-INODE_RECORD_SIZE = 128
-EXT_BLOB_ENTRY_SIZE = 64
-ROOT_INO = 1
-MAX_NAME = 255
-MAX_BLOB_ID = 255
 KNOWN_CHUNK_FLAGS = 0x1F
 VALID_TYPES = frozenset(
     (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK)
 )
 BLOB_FEATURES_KNOWN = sum(int(f) for f in BlobFeatures)
-XATTR_NAME_PREFIXES = (b"user.", b"security.", b"trusted.")
-XATTR_NAMES_EXACT = (b"system.posix_acl_access", b"system.posix_acl_default")
-
-
-def _align8(n: int) -> int:
-    return (n + 7) & ~7
 
 
 class _Rec(NamedTuple):
@@ -137,7 +132,7 @@ class V5Image(RafsImage):
             btab_size,
             ext_entries,
             ext_off,
-        ) = _SUPER.unpack_from(self._buf, 0)
+        ) = SUPERBLOCK.unpack_from(self._buf, 0)
         if magic != RAFS_V5_MAGIC or version not in (RAFS_V5_VERSION, RAFS_V4_VERSION):
             raise FormatError(f"superblock: bad magic {magic:#x} / version {version:#x} for RAFS v5")
         if sb_size != RAFS_V5_SUPERBLOCK_SIZE:
@@ -190,7 +185,7 @@ class V5Image(RafsImage):
         pos, end = 0, len(table)
         blobs: list[BlobInfo] = []
         while end - pos > 8:
-            ra_off, ra_size = struct.unpack_from("<II", table, pos)
+            ra_off, ra_size = BLOB_ENTRY_HEAD.unpack_from(table, pos)
             nul = table.find(b"\0", pos + 8)
             id_bytes = table[pos + 8 : end if nul < 0 else nul]
             pos += 8 + len(id_bytes) + 1
@@ -206,7 +201,7 @@ class V5Image(RafsImage):
                     raise FormatError(
                         f"extended blob table has {self._ext_entries} entries, fewer than the blob table"
                     )
-                chunk_count, features, usize, csize = _EXT_BLOB.unpack_from(
+                chunk_count, features, usize, csize = EXT_BLOB_ENTRY.unpack_from(
                     buf, self._ext + index * EXT_BLOB_ENTRY_SIZE
                 )
                 if features & BLOB_FEATURES_INVALID or features & ~BLOB_FEATURES_KNOWN:
@@ -241,7 +236,7 @@ class V5Image(RafsImage):
         self._check_open()
         if not 1 <= slot <= self._entries:
             raise FormatError(f"inode {slot}: not in the inode table (1..{self._entries})")
-        off = _U32.unpack_from(self._buf, self._itab + 4 * (slot - 1))[0] << 3
+        off = U32.unpack_from(self._buf, self._itab + 4 * (slot - 1))[0] << 3
         if off < RAFS_V5_SUPERBLOCK_SIZE or off + INODE_RECORD_SIZE > self._len:
             raise FormatError(
                 f"inode {slot}: record offset {off} is outside the bootstrap ({self._len} bytes)"
@@ -270,13 +265,14 @@ class V5Image(RafsImage):
             rdev,
             mtime_nsec,
             mtime,
-        ) = _INODE.unpack_from(buf, off + 32)
+        ) = INODE_BODY.unpack_from(buf, off)
         where = f"inode {slot}"
         if not 1 <= ino <= entries:
             raise FormatError(f"{where}: i_ino {ino} is not in 1..{entries}")
         if nlink == 0:
             raise FormatError(f"{where}: i_nlink is 0")
-        if not 0 < name_size <= MAX_NAME:
+        # Older nydus-image wrote the root with an empty name; every other inode needs one.
+        if name_size > MAX_NAME or (name_size == 0 and slot != ROOT_INO):
             raise FormatError(f"{where}: name size {name_size} is not in 1..{MAX_NAME}")
         ftype = stat.S_IFMT(mode)
         if ftype not in VALID_TYPES or mode > 0o177777:
@@ -290,7 +286,7 @@ class V5Image(RafsImage):
             raise FormatError(f"{where}: symlink without a target (size {symlink_size}, flags {flags:#x})")
         if ftype == stat.S_IFDIR and ino != slot:
             raise FormatError(f"{where}: directory records i_ino {ino}; directories cannot be hard links")
-        xattr_off = off + INODE_RECORD_SIZE + _align8(name_size) + _align8(symlink_size)
+        xattr_off = off + INODE_RECORD_SIZE + align8(name_size) + align8(symlink_size)
         if xattr_off > n:
             raise FormatError(f"{where}: name/symlink run past the end of the bootstrap")
         if slot != ROOT_INO:
@@ -301,8 +297,8 @@ class V5Image(RafsImage):
         if flags & V5_INODE_XATTR:
             if xattr_off + 8 > n:
                 raise FormatError(f"{where}: xattr table header runs past the end of the bootstrap")
-            xsize = _U64.unpack_from(buf, xattr_off)[0]
-            data_off = xattr_off + 8 + _align8(xsize)
+            xsize = U64.unpack_from(buf, xattr_off)[0]
+            data_off = xattr_off + 8 + align8(xsize)
             if data_off > n:
                 raise FormatError(f"{where}: xattr table of {xsize} bytes runs past the end of the bootstrap")
         if ftype == stat.S_IFREG:
@@ -370,7 +366,7 @@ class V5Image(RafsImage):
             self._unique_inodes = sum(
                 1
                 for slot in range(1, self._entries + 1)
-                if _U64.unpack_from(self._buf, self._record_offset(slot) + 40)[0] == slot
+                if U64.unpack_from(self._buf, self._record_offset(slot) + INODE_INO_OFFSET)[0] == slot
             )
         return self._unique_inodes
 
@@ -448,7 +444,7 @@ class V5Image(RafsImage):
         return self._target(rec)
 
     def _target(self, rec: _Rec) -> bytes:
-        start = rec.off + INODE_RECORD_SIZE + _align8(rec.name_size)
+        start = rec.off + INODE_RECORD_SIZE + align8(rec.name_size)
         return bytes(self._buf[start : start + rec.symlink_size])
 
     def _xattrs(self, rec: _Rec) -> Iterator[tuple[bytes, int, int]]:
@@ -456,12 +452,12 @@ class V5Image(RafsImage):
         if not rec.flags & V5_INODE_XATTR:
             return
         buf = self._buf
-        size = _U64.unpack_from(buf, rec.xattr_off)[0]
+        size = U64.unpack_from(buf, rec.xattr_off)[0]
         pos, end = rec.xattr_off + 8, rec.xattr_off + 8 + size
         while pos < end:
             if pos + 4 > end:
                 raise FormatError(f"inode {rec.slot}: truncated xattr pair header at {pos}")
-            plen = _U32.unpack_from(buf, pos)[0]
+            plen = U32.unpack_from(buf, pos)[0]
             pos += 4
             if plen == 0 or pos + plen > end:
                 raise FormatError(f"inode {rec.slot}: xattr pair of {plen} bytes overruns the xattr table")
@@ -489,23 +485,24 @@ class V5Image(RafsImage):
         return None
 
     def _chunk(self, rec: _Rec, i: int) -> ChunkInfo:
-        (digest, blob_index, flags, csize, usize, coff, uoff, foff, index, crc) = _CHUNK.unpack_from(
-            self._buf, rec.data_off + i * CHUNK_RECORD_SIZE
-        )
+        c = unpack_chunk(self._buf, rec.data_off + i * CHUNK_RECORD_SIZE)
         where = f"inode {rec.slot}: chunk {i}"
-        if blob_index >= len(self.blobs):
-            raise FormatError(f"{where} refers to blob {blob_index}, the image has {len(self.blobs)}")
+        if c.blob_index >= len(self.blobs):
+            raise FormatError(f"{where} refers to blob {c.blob_index}, the image has {len(self.blobs)}")
+        flags = int(c.flags)
         if flags & ~KNOWN_CHUNK_FLAGS or flags & ChunkFlags.BATCH:
             raise FormatError(f"{where} has unsupported flags {flags:#x}")
-        if not 0 < usize <= self.chunk_size:
-            raise FormatError(f"{where} has uncompressed size {usize}, chunk size is {self.chunk_size}")
-        if not 0 < csize <= 2 * self.chunk_size:
-            raise FormatError(f"{where} has implausible compressed size {csize}")
-        return ChunkInfo(digest, blob_index, ChunkFlags(flags), coff, csize, uoff, usize, foff, index, crc)
+        if not 0 < c.uncompressed_size <= self.chunk_size:
+            raise FormatError(
+                f"{where} has uncompressed size {c.uncompressed_size}, chunk size is {self.chunk_size}"
+            )
+        if not 0 < c.compressed_size <= 2 * self.chunk_size:
+            raise FormatError(f"{where} has implausible compressed size {c.compressed_size}")
+        return c
 
     def _chunk_end(self, rec: _Rec, i: int) -> int:
         """file_offset + uncompressed_size of chunk `i`, without decoding the whole record."""
-        usize, _, _, foff = _CHUNK_POS.unpack_from(self._buf, rec.data_off + i * CHUNK_RECORD_SIZE + 44)
+        usize, foff = CHUNK_EXTENT.unpack_from(self._buf, rec.data_off + i * CHUNK_RECORD_SIZE)
         return int(foff + usize)
 
     def _file(self, ino: int) -> _Rec:
@@ -558,7 +555,7 @@ class V5Image(RafsImage):
         self._check_open()
         if not self._ptab_entries:
             return []
-        inos = list(struct.unpack_from(f"<{self._ptab_entries}I", self._buf, self._ptab))
+        inos = unpack_u32s(self._buf, self._ptab, self._ptab_entries)
         for ino in inos:
             if not 1 <= ino <= self._entries:
                 raise FormatError(f"prefetch table: inode {ino} is not in 1..{self._entries}")

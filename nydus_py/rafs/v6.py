@@ -28,25 +28,9 @@ from typing import Any, NamedTuple
 
 from .constants import (
     BLOB_FEATURES_INVALID,
-    CHUNK_RECORD_SIZE,
-    EROFS_BLOCK_SIZE,
-    EROFS_CHUNK_FORMAT_INDEXES,
-    EROFS_FEATURE_COMPAT_RAFS_V6,
-    EROFS_FEATURE_INCOMPAT_RAFS_V6,
-    EROFS_INODE_CHUNK_BASED,
-    EROFS_INODE_FLAT_INLINE,
-    EROFS_INODE_FLAT_PLAIN,
-    EROFS_MAGIC,
-    EROFS_SUPER_OFFSET,
     MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
-    RAFS_V6_DEVT_SLOTOFF,
-    RAFS_V6_DEVTABLE_OFFSET,
-    RAFS_V6_EXT_SUPER_OFFSET,
     SUPER_FLAGS_KNOWN,
-    V6_BLOB_ENTRY_SIZE,
-    V6_DEVSLOT_SIZE,
-    XATTR_PREFIXES,
     BlobFeatures,
     ChunkFlags,
     Compressor,
@@ -54,11 +38,46 @@ from .constants import (
     SuperFlags,
 )
 from .errors import FormatError
+from .layout_common import CHUNK_KEY, CHUNK_RECORD_SIZE, U16, U32, Record, unpack_chunk
+from .layout_v6 import (
+    BLOB_ENTRY,
+    CHUNK_INDEX,
+    COMPACT_INODE,
+    DEVSLOT,
+    DIRENT,
+    DIRENT_NAMEOFF,
+    DIRENT_SIZE,
+    EROFS_BLKSZBITS,
+    EROFS_BLOCK_SIZE,
+    EROFS_CHUNK_FORMAT_BLKBITS_MASK,
+    EROFS_CHUNK_FORMAT_INDEXES,
+    EROFS_FEATURE_COMPAT_RAFS_V6,
+    EROFS_FEATURE_INCOMPAT_RAFS_V6,
+    EROFS_FT_DIR,
+    EROFS_INODE_CHUNK_BASED,
+    EROFS_INODE_FLAT_INLINE,
+    EROFS_INODE_FLAT_PLAIN,
+    EROFS_MAGIC,
+    EROFS_NID_SIZE,
+    EROFS_SUPER_OFFSET,
+    EXT_SUPERBLOCK,
+    EXTENDED_INODE,
+    FT_TO_IFMT,
+    HOLE_BLKADDR,
+    MAX_NAME,
+    RAFS_V6_DEVT_SLOTOFF,
+    RAFS_V6_DEVTABLE_OFFSET,
+    RAFS_V6_EXT_SUPER_OFFSET,
+    SUPERBLOCK,
+    V6_BLOB_ENTRY_SIZE,
+    V6_DEVSLOT_SIZE,
+    XATTR_ENTRY,
+    XATTR_IBODY_HEADER,
+    XATTR_PREFIXES,
+)
 from .model import Attr, BlobInfo, ChunkInfo, DirEntry, RafsImage
 
 BLOCK = EROFS_BLOCK_SIZE
-HOLE_BLKADDR = 0xFFFF_FFFF
-MAX_NAME = 255
 MAX_SYMLINK = 4096
 MAX_CHUNKS_PER_BLOB = 1 << 24
 BLOB_MAX_UNCOMPRESSED = 1 << 44
@@ -66,32 +85,9 @@ BLOB_MAX_COMPRESSED = 1 << 40
 CHUNK_FLAGS_KNOWN = 0x1F
 INODE_CACHE = 8192
 
-_SB = struct.Struct("<IIIBBHQQIIII16s16sIHHH38s")
-_EXT_SB = struct.Struct("<QQIIQQQII")
-_DEVSLOT = struct.Struct("<64sII56s")
-_BLOB = struct.Struct("<64sIIIIIIQQIIQQQ32s32sQQI36s")
-_COMPACT = struct.Struct("<HHHHIIIIHHI")
-_EXTENDED = struct.Struct("<HHHHQIIIIQII16s")
-_DIRENT = struct.Struct("<QHBB")
-_XATTR_ENTRY = struct.Struct("<BBH")
-_CHUNK_INDEX = struct.Struct("<HHI")
-_CHUNK_REC = struct.Struct("<32sIIIIQQQII")
-_CHUNK_KEY = struct.Struct("<32xI20xQ8xI4x")
-_U16 = struct.Struct("<H")
-
 _BLOB_ID_RE = re.compile(rb"[0-9A-Za-z_.\-]{64}")
 
-# EROFS dirent file_type -> S_IFMT bits
-_FT_TO_IFMT = {
-    1: stat.S_IFREG,
-    2: stat.S_IFDIR,
-    3: stat.S_IFCHR,
-    4: stat.S_IFBLK,
-    5: stat.S_IFIFO,
-    6: stat.S_IFSOCK,
-    7: stat.S_IFLNK,
-}
-_VALID_IFMT = frozenset(_FT_TO_IFMT.values())
+_VALID_IFMT = frozenset(FT_TO_IFMT.values())
 _FT_NAMES = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFCHR: "char device",
              stat.S_IFBLK: "block device", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket",
              stat.S_IFLNK: "symlink"}  # fmt: skip
@@ -158,7 +154,7 @@ class V6Image(RafsImage):
 
     # ------------------------------------------------------------------ low-level reads
 
-    def _unpack(self, st: struct.Struct, off: int, what: str) -> tuple[Any, ...]:
+    def _unpack(self, st: struct.Struct | Record, off: int, what: str) -> tuple[Any, ...]:
         if off < 0 or off + st.size > self._len:
             raise FormatError(f"{what} at offset {off} (+{st.size}) is outside the {self._len}-byte bootstrap")
         return st.unpack_from(self._buf, off)  # type: ignore[arg-type]
@@ -175,8 +171,8 @@ class V6Image(RafsImage):
         if n < BLOCK or n % BLOCK:
             raise FormatError(f"RAFS v6 bootstrap size {n} is not a non-zero multiple of {BLOCK}")
         (magic, checksum, compat, blkszbits, extslots, root_nid, inos, build_time, build_time_nsec,
-         blocks, meta_blkaddr, xattr_blkaddr, _uuid, _vol, incompat, s_u, extra_devices, devt_slotoff,
-         _res) = self._unpack(_SB, EROFS_SUPER_OFFSET, "EROFS superblock")  # fmt: skip
+         blocks, meta_blkaddr, xattr_blkaddr, _uuid, _vol, incompat, s_u, extra_devices,
+         devt_slotoff) = self._unpack(SUPERBLOCK, EROFS_SUPER_OFFSET, "EROFS superblock")  # fmt: skip
         if magic != EROFS_MAGIC:
             raise FormatError(f"bad EROFS magic {magic:#x} at offset {EROFS_SUPER_OFFSET}")
         if not compat & EROFS_FEATURE_COMPAT_RAFS_V6:
@@ -187,7 +183,7 @@ class V6Image(RafsImage):
             raise FormatError(f"RAFS v6 superblock checksum must be 0, got {checksum:#x}")
         if blkszbits == 9:
             raise FormatError("RAFS v6 with 512-byte blocks (tarfs mode) is not supported")
-        if blkszbits != 12:
+        if blkszbits != EROFS_BLKSZBITS:
             raise FormatError(f"invalid block size bits {blkszbits} in RAFS v6 superblock")
         if extslots != 0:
             raise FormatError(f"invalid superblock extslots {extslots}")
@@ -209,8 +205,8 @@ class V6Image(RafsImage):
         if meta_start >= n:
             raise FormatError(f"meta_blkaddr {meta_blkaddr} is beyond the {n}-byte bootstrap")
 
-        (flags, blob_off, blob_size, chunk_size, ct_off, ct_size, pf_off, pf_size,
-         _pad) = self._unpack(_EXT_SB, RAFS_V6_EXT_SUPER_OFFSET, "RAFS v6 extended superblock")  # fmt: skip
+        (flags, blob_off, blob_size, chunk_size, ct_off, ct_size, pf_off,
+         pf_size) = self._unpack(EXT_SUPERBLOCK, RAFS_V6_EXT_SUPER_OFFSET, "RAFS v6 extended superblock")  # fmt: skip
         if flags & ~SUPER_FLAGS_KNOWN:
             raise FormatError(f"unknown RAFS superblock flags {flags & ~SUPER_FLAGS_KNOWN:#x}")
         comp_bits = SuperFlags.COMPRESSION_NONE | SuperFlags.COMPRESSION_LZ4
@@ -261,7 +257,7 @@ class V6Image(RafsImage):
         self.meta_blkaddr = meta_blkaddr
         self._meta_start = meta_start
         self._meta_end = meta_end
-        self._max_nid = (meta_end - meta_start) // 32 - 1
+        self._max_nid = (meta_end - meta_start) // EROFS_NID_SIZE - 1
         self._extra_devices = extra_devices
         self._blob_off, self._blob_size = blob_off, blob_size
         self._ct_off, self._ct_size = ct_off, ct_size
@@ -279,8 +275,8 @@ class V6Image(RafsImage):
 
     def _parse_blob(self, i: int, off: int) -> BlobInfo:
         (raw_id, index, chunk_size, chunk_count, comp, dig, features, c_size, u_size, toc_size, ci_comp,
-         ci_off, ci_c, ci_u, toc_digest, _meta_digest, _meta_size, _iv, cipher, _res) = self._unpack(
-            _BLOB, off, f"blob table entry {i}")  # fmt: skip
+         ci_off, ci_c, ci_u, toc_digest, _meta_digest, _meta_size, cipher) = self._unpack(
+            BLOB_ENTRY, off, f"blob table entry {i}")  # fmt: skip
         where = f"blob table entry {i}"
         if not _BLOB_ID_RE.fullmatch(raw_id):
             raise FormatError(f"{where}: blob id {raw_id!r} is not 64 characters of [0-9A-Za-z_.-]")
@@ -342,7 +338,9 @@ class V6Image(RafsImage):
         slots = []
         seen: set[bytes] = set()
         for i in range(self._extra_devices):
-            raw_id, blocks, mapped, _r = self._unpack(_DEVSLOT, RAFS_V6_DEVTABLE_OFFSET + i * V6_DEVSLOT_SIZE, "device slot")
+            raw_id, blocks, mapped = self._unpack(
+                DEVSLOT, RAFS_V6_DEVTABLE_OFFSET + i * V6_DEVSLOT_SIZE, "device slot"
+            )
             if not _BLOB_ID_RE.fullmatch(raw_id):
                 raise FormatError(f"device slot {i}: blob id {raw_id!r} is not 64 characters of [0-9A-Za-z_.-]")
             if raw_id in seen:
@@ -362,8 +360,8 @@ class V6Image(RafsImage):
             raise FormatError("image is closed")
         if not isinstance(nid, int) or nid < 0 or nid > self._max_nid:
             raise FormatError(f"nid {nid} is outside the meta area (max {self._max_nid})")
-        off = self._meta_start + nid * 32
-        (fmt,) = self._unpack(_U16, off, f"inode {nid}")
+        off = self._meta_start + nid * EROFS_NID_SIZE
+        (fmt,) = self._unpack(U16, off, f"inode {nid}")  # i_format, first in both inode records
         extended = bool(fmt & 1)
         if fmt & ~0xF:
             raise FormatError(f"inode {nid}: unknown i_format bits {fmt:#x}")
@@ -372,22 +370,22 @@ class V6Image(RafsImage):
             raise FormatError(f"inode {nid}: compressed EROFS data layout {layout} is not supported by RAFS")
         if layout not in (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE, EROFS_INODE_CHUNK_BASED):
             raise FormatError(f"inode {nid}: unknown data layout {layout}")
-        isize = 64 if extended else 32
+        isize = EXTENDED_INODE.size if extended else COMPACT_INODE.size
         if off + isize > self._meta_end:
             raise FormatError(f"inode {nid} at {off} runs past the meta area end {self._meta_end}")
         if extended:
-            (_f, icount, mode, _r, size, i_u, _ino, uid, gid, mtime, mtime_nsec, nlink,
-             _res) = _EXTENDED.unpack_from(self._buf, off)  # type: ignore[arg-type]  # fmt: skip
+            (_f, icount, mode, size, i_u, _ino, uid, gid, mtime, mtime_nsec,
+             nlink) = EXTENDED_INODE.unpack_from(self._buf, off)  # fmt: skip
         else:
-            (_f, icount, mode, nlink, size, mdelta, i_u, _ino, uid, gid,
-             _res) = _COMPACT.unpack_from(self._buf, off)  # type: ignore[arg-type]  # fmt: skip
+            (_f, icount, mode, nlink, size, mdelta, i_u, _ino, uid,
+             gid) = COMPACT_INODE.unpack_from(self._buf, off)  # fmt: skip
             mtime, mtime_nsec = self.build_time + mdelta, self.build_time_nsec
         ifmt = stat.S_IFMT(mode)
         if ifmt not in _VALID_IFMT:
             raise FormatError(f"inode {nid}: invalid file type in mode {mode:o}")
         if nlink == 0:
             raise FormatError(f"inode {nid}: link count 0")
-        xsize = 12 + 4 * (icount - 1) if icount else 0
+        xsize = XATTR_IBODY_HEADER.size + 4 * (icount - 1) if icount else 0
         xattr_off = off + isize
         data_off = xattr_off + xsize
         if data_off > self._meta_end:
@@ -408,12 +406,12 @@ class V6Image(RafsImage):
                     raise FormatError(f"inode {nid}: non-empty regular file is not chunk-based (layout {layout})")
                 return
             fmt = ino.i_u & 0xFFFF
-            if fmt & ~(EROFS_CHUNK_FORMAT_INDEXES | 0x1F):
+            if fmt & ~(EROFS_CHUNK_FORMAT_INDEXES | EROFS_CHUNK_FORMAT_BLKBITS_MASK):
                 raise FormatError(f"inode {nid}: unknown chunk format bits {fmt:#x}")
             if not fmt & EROFS_CHUNK_FORMAT_INDEXES:
                 raise FormatError(f"inode {nid}: block-map chunk format (no INDEXES bit) is not RAFS")
             count = -(-size // self.chunk_size)
-            end = _align(ino.data_off, 8) + 8 * count
+            end = _align(ino.data_off, CHUNK_INDEX.size) + CHUNK_INDEX.size * count
             if end > self._meta_end:
                 raise FormatError(f"inode {nid}: {count} chunk indexes for size {size} run past the meta area")
             return
@@ -492,12 +490,12 @@ class V6Image(RafsImage):
     def _dir_block(self, ino: _Inode, b: int) -> list[tuple[bytes, int, int]]:
         """Validated (name, nid, file_type) entries of directory block `b`."""
         data, n, where = self._block_head(ino, b)
-        nameoff0 = 12 * n
+        nameoff0 = DIRENT_SIZE * n
         length = len(data)
-        ents = list(_DIRENT.iter_unpack(data[:nameoff0]))
+        ents = list(DIRENT.iter_unpack(data[:nameoff0]))
         out = []
         prev = b""
-        for i, (nid, nameoff, ftype, _r) in enumerate(ents):
+        for i, (nid, nameoff, ftype) in enumerate(ents):
             end = ents[i + 1][1] if i + 1 < n else length
             if not nameoff < end <= length or nameoff < nameoff0:
                 raise FormatError(f"{where}: entry {i} name offsets {nameoff}..{end} are not increasing inside the block")
@@ -512,7 +510,7 @@ class V6Image(RafsImage):
                 raise FormatError(f"{where}: entry {i} has an empty name")
             if len(name) > MAX_NAME or b"/" in name:
                 raise FormatError(f"{where}: invalid name {name[:64]!r}")
-            if ftype not in _FT_TO_IFMT:
+            if ftype not in FT_TO_IFMT:
                 raise FormatError(f"{where}: entry {name!r} has invalid file type {ftype}")
             if name <= prev:
                 raise FormatError(f"{where}: entries not sorted ({prev!r} then {name!r})")
@@ -524,20 +522,20 @@ class V6Image(RafsImage):
         """Raw bytes of directory block `b` and its entry count (first nameoff validated)."""
         off, length = self._data_block(ino, b)
         where = f"directory {ino.nid} block {b}"
-        if length < 12:
+        if length < DIRENT_SIZE:
             raise FormatError(f"{where}: {length} bytes cannot hold a dirent")
         data = self._bytes(off, length, where)
-        nameoff0 = _U16.unpack_from(data, 8)[0]
-        if nameoff0 < 12 or nameoff0 % 12 or nameoff0 >= length:
+        nameoff0 = DIRENT_NAMEOFF.unpack_from(data, 0)[0]
+        if nameoff0 < DIRENT_SIZE or nameoff0 % DIRENT_SIZE or nameoff0 >= length:
             raise FormatError(f"{where}: invalid first name offset {nameoff0}")
-        return data, nameoff0 // 12, where
+        return data, nameoff0 // DIRENT_SIZE, where
 
     @staticmethod
     def _entry_name(data: bytes, i: int, n: int, where: str) -> bytes:
         """Name of entry `i` of a block with `n` entries (the last one ends at NUL or block end)."""
-        nameoff = _U16.unpack_from(data, 12 * i + 8)[0]
-        end = _U16.unpack_from(data, 12 * i + 20)[0] if i + 1 < n else len(data)
-        if not 12 * n <= nameoff < end <= len(data):
+        nameoff = DIRENT_NAMEOFF.unpack_from(data, DIRENT_SIZE * i)[0]
+        end = DIRENT_NAMEOFF.unpack_from(data, DIRENT_SIZE * (i + 1))[0] if i + 1 < n else len(data)
+        if not DIRENT_SIZE * n <= nameoff < end <= len(data):
             raise FormatError(f"{where}: entry {i} name offsets {nameoff}..{end} are not increasing inside the block")
         name = data[nameoff:end]
         if i + 1 == n:
@@ -571,8 +569,8 @@ class V6Image(RafsImage):
             mid = (lo + hi) // 2
             got = self._entry_name(data, mid, n, where)
             if got == name:
-                nid, _off, ftype, _r = _DIRENT.unpack_from(data, 12 * mid)
-                if ftype not in _FT_TO_IFMT:
+                nid, _off, ftype = DIRENT.unpack_from(data, DIRENT_SIZE * mid)
+                if ftype not in FT_TO_IFMT:
                     raise FormatError(f"{where}: entry {name!r} has invalid file type {ftype}")
                 return nid, ftype
             if got < name:
@@ -586,7 +584,7 @@ class V6Image(RafsImage):
         if hit is None:
             raise FormatError(f"directory {dir_ino.nid} has no '..' entry")
         nid, ftype = hit
-        if ftype != 2:
+        if ftype != EROFS_FT_DIR:
             raise FormatError(f"directory {dir_ino.nid}: '..' has file type {ftype}, not a directory")
         self._ifmt_inode(nid, stat.S_IFDIR, "directory ('..' target)")
         if dir_ino.nid == self.root_ino and nid != self.root_ino:
@@ -597,9 +595,9 @@ class V6Image(RafsImage):
         """S_IFMT of child `nid`, after checking it matches the dirent and can't form a loop."""
         child = self._inode(nid)
         ifmt = stat.S_IFMT(child.mode)
-        if _FT_TO_IFMT[ftype] != ifmt:
+        if FT_TO_IFMT[ftype] != ifmt:
             raise FormatError(
-                f"directory {parent}: entry {name!r} says {_FT_NAMES[_FT_TO_IFMT[ftype]]} but inode {nid} is a {_FT_NAMES[ifmt]}"
+                f"directory {parent}: entry {name!r} says {_FT_NAMES[FT_TO_IFMT[ftype]]} but inode {nid} is a {_FT_NAMES[ifmt]}"
             )
         if ifmt == stat.S_IFDIR:
             if nid == parent or nid == self.root_ino:
@@ -639,7 +637,7 @@ class V6Image(RafsImage):
             prev_last = ents[-1][0]
             for name, nid, ftype in ents:
                 if name == b".":
-                    if nid != d.nid or ftype != 2:
+                    if nid != d.nid or ftype != EROFS_FT_DIR:
                         raise FormatError(f"directory {d.nid}: '.' points to {nid} (type {ftype})")
                     saw_dot = True
                     continue
@@ -693,29 +691,30 @@ class V6Image(RafsImage):
         i = self._inode(ino)
         if not i.xattr_size:
             return []
-        shared = self._bytes(i.xattr_off + 4, 1, f"inode {ino} xattr header")[0]
+        shared_at = i.xattr_off + XATTR_IBODY_HEADER.offset("shared_count")
+        shared = self._bytes(shared_at, 1, f"inode {ino} xattr header")[0]
         if shared:
             raise FormatError(f"inode {ino}: {shared} shared xattrs; RAFS v6 supports inline xattrs only")
-        pos, end = i.xattr_off + 12, i.xattr_off + i.xattr_size
+        pos, end = i.xattr_off + XATTR_IBODY_HEADER.size, i.xattr_off + i.xattr_size
         out = []
         names: set[bytes] = set()
         while pos < end:
-            if pos + 4 > end:
+            if pos + XATTR_ENTRY.size > end:
                 raise FormatError(f"inode {ino}: truncated xattr entry")
-            nlen, nidx, vsize = _XATTR_ENTRY.unpack_from(self._buf, pos)  # type: ignore[arg-type]
-            total = 4 + nlen + vsize
+            nlen, nidx, vsize = XATTR_ENTRY.unpack_from(self._buf, pos)
+            total = XATTR_ENTRY.size + nlen + vsize
             if pos + total > end:
                 raise FormatError(f"inode {ino}: xattr entry of {total} bytes overruns the ibody")
             prefix = XATTR_PREFIXES.get(nidx)
             if prefix is None:
                 raise FormatError(f"inode {ino}: unknown xattr name index {nidx}")
-            name = prefix + self._bytes(pos + 4, nlen, "xattr name")
+            name = prefix + self._bytes(pos + XATTR_ENTRY.size, nlen, "xattr name")
             if name in names:
                 raise FormatError(f"inode {ino}: duplicate xattr {name!r}")
             if b"\0" in name:
                 raise FormatError(f"inode {ino}: xattr name contains NUL")
             names.add(name)
-            out.append((name, pos + 4 + nlen, vsize))
+            out.append((name, pos + XATTR_ENTRY.size + nlen, vsize))
             pos += _align(total, 4)
         return out
 
@@ -739,7 +738,7 @@ class V6Image(RafsImage):
         mv = memoryview(self._buf)  # type: ignore[arg-type]
         table = mv[self._ct_off : self._ct_off + self._ct_size]
         try:
-            for i, (blob_index, uoff, index) in enumerate(_CHUNK_KEY.iter_unpack(table)):
+            for i, (blob_index, uoff, index) in enumerate(CHUNK_KEY.iter_unpack(table)):
                 if blob_index >= nblobs or blob_index >= 255:
                     raise FormatError(f"chunk table record {i}: blob index {blob_index} out of range ({nblobs} blobs)")
                 if index >= MAX_CHUNKS_PER_BLOB:
@@ -764,9 +763,7 @@ class V6Image(RafsImage):
         """Record `i` of the bootstrap chunk table (file_offset is the first user's, meaningless in v6)."""
         if not 0 <= i < self._ct_size // CHUNK_RECORD_SIZE:
             raise FormatError(f"chunk table record {i} out of range")
-        (digest, blob_index, flags, c_size, u_size, c_off, u_off, f_off, index,
-         crc) = _CHUNK_REC.unpack_from(self._buf, self._ct_off + i * CHUNK_RECORD_SIZE)  # type: ignore[arg-type]  # fmt: skip
-        return ChunkInfo(bytes(digest), blob_index, ChunkFlags(flags), c_off, c_size, u_off, u_size, f_off, index, crc)
+        return unpack_chunk(self._buf, self._ct_off + i * CHUNK_RECORD_SIZE)
 
     def chunk_table_len(self) -> int:
         return self._ct_size // CHUNK_RECORD_SIZE
@@ -812,10 +809,10 @@ class V6Image(RafsImage):
         if end <= start or i.layout != EROFS_INODE_CHUNK_BASED:
             return []
         cs = self.chunk_size
-        base = _align(i.data_off, 8)
+        base = _align(i.data_off, CHUNK_INDEX.size)
         out = []
         for k in range(start // cs, (end - 1) // cs + 1):
-            advise, device_id, blkaddr = _CHUNK_INDEX.unpack_from(self._buf, base + 8 * k)  # type: ignore[arg-type]
+            advise, device_id, blkaddr = CHUNK_INDEX.unpack_from(self._buf, base + CHUNK_INDEX.size * k)
             if blkaddr == HOLE_BLKADDR:
                 continue
             where = f"inode {ino} chunk {k}"
@@ -862,7 +859,7 @@ class V6Image(RafsImage):
     def prefetch_table(self) -> list[int]:
         out = []
         for k in range(self._pf_size // 4):
-            (nid,) = struct.unpack_from("<I", self._buf, self._pf_off + 4 * k)  # type: ignore[arg-type]
+            (nid,) = U32.unpack_from(self._buf, self._pf_off + 4 * k)  # type: ignore[arg-type]
             if nid == 0:  # padding: nydusd stops at the first 0
                 break
             self._inode(nid)

@@ -8,12 +8,13 @@ import tarfile
 
 import pytest
 
-from nydus_py.builder.blob_writer import BlobWriter, decode_ci_v1, encode_ci_v1, tar_header
+from nydus_py.builder.blob_writer import BlobWriter
 from nydus_py.builder.options import BuildOptions
 from nydus_py.builder.tree import FileData
 from nydus_py.rafs import codec
-from nydus_py.rafs.constants import BLOB_META_MAGIC, BlobFeatures, ChunkFlags, Compressor, Digester
+from nydus_py.rafs.constants import BlobFeatures, ChunkFlags, Compressor, Digester
 from nydus_py.rafs.errors import FormatError
+from nydus_py.rafs.layout_blob import BLOB_META_MAGIC, pack_ci_v1, tar_header, unpack_ci_v1
 
 CS = 0x4000
 
@@ -70,10 +71,10 @@ def test_tar_header_is_gnu_and_parses():
 def test_ci_v1_roundtrip_and_fixture_values():
     # values from the Nydus 2.2 fixture blob be7d77..: (coff, csize, uoff, usize)
     for e in [(0, 4828, 0, 16931), (4828, 2974, 20480, 13400), (1 << 39, 1 << 24, 0xFFF_FFFF_F000, 1 << 24)]:
-        assert decode_ci_v1(encode_ci_v1(*e)) == e
-    assert encode_ci_v1(0, 4828, 0, 16931).hex() == "00000000002022040000000000b02d01"
+        assert unpack_ci_v1(pack_ci_v1(*e)) == e
+    assert pack_ci_v1(0, 4828, 0, 16931).hex() == "00000000002022040000000000b02d01"
     with pytest.raises(FormatError):
-        encode_ci_v1(0, 10, 100, 10)
+        pack_ci_v1(0, 10, 100, 10)
 
 
 @pytest.mark.parametrize("compressor", [Compressor.ZSTD, Compressor.LZ4_BLOCK, Compressor.NONE])
@@ -137,7 +138,7 @@ def test_trailers_parse_back(tmp_path, compressor, digester):
     assert sorted(stored) == list(range(info.chunk_count))
     prev_end = 0
     for i in range(info.chunk_count):
-        coff, csize, uoff, usize = decode_ci_v1(raw_ci[16 * i : 16 * i + 16])
+        coff, csize, uoff, usize = unpack_ci_v1(raw_ci[16 * i : 16 * i + 16])
         assert uoff % 4096 == 0 and uoff >= prev_end
         prev_end = uoff + usize
         c = stored[i]

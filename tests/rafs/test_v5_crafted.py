@@ -342,3 +342,30 @@ def test_hole_chunk_search_matches_scan(
     for o, data in chunks:
         content[o : o + len(data)] = data
     assert read_file_range(MemBlobs(blob), img, 2, off, n) == bytes(content[off : off + n])
+
+
+def test_root_with_empty_name_loads_and_walks() -> None:
+    """Older nydus-image wrote the root record with i_name_size 0 (issue 16, item 9)."""
+    boot, blob = build(rich_tree(), root_name=b"")
+    root_off = record_offset(boot, 1)
+    assert struct.unpack_from("<H", boot, root_off + 100)[0] == 0  # the root really has no name
+    img = v5(boot)
+    p = paths(img)
+    assert p == paths(v5(build(rich_tree())[0]))
+    assert img.getattr(img.root_ino).uid == 7
+    assert img.lookup(img.root_ino, b"x") == p[b"/x"]
+    assert img.parent(p[b"/x"]) == img.root_ino
+    sparse = p[b"/sparse"]
+    data = read_file_range(MemBlobs(blob), img, sparse, 0, img.getattr(sparse).size)
+    assert data[4096:8192] == b"A" * 4096
+    assert all(img.inode_digest_ok(s) for s in range(1, img.slot_count + 1))
+
+
+def test_non_root_empty_name_is_refused() -> None:
+    """Only the root may have an empty name: a nameless child is still a FormatError."""
+    boot, _ = build(d(b"", f(b"", b"data"), f(b"b", b"more")), root_name=b"")
+    img = v5(boot)
+    with pytest.raises(FormatError, match="inode 2: name size 0 is not in 1..255"):
+        list(img.walk())
+    with pytest.raises(FormatError, match="inode 2: name size 0"):
+        img.lookup(img.root_ino, b"a")

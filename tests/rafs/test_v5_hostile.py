@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from nydus_py.rafs.constants import V5_INODE_HAS_HOLE
 from nydus_py.rafs.errors import FormatError
+from nydus_py.rafs.layout_v5 import V5_INODE_HAS_HOLE
 from nydus_py.rafs.loader import open_bytes
 
 from ..conftest import NYDUS_FIXTURES

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nydus_py.rafs import blobmeta as bm
+from nydus_py.rafs import layout_blob as lb
 from nydus_py.rafs.constants import BlobFeatures, Compressor
 from nydus_py.rafs.errors import FormatError
 from nydus_py.rafs.model import ChunkInfo
@@ -33,23 +34,23 @@ def records(img: V6Image) -> list[ChunkInfo]:
 
 def test_tar_header_roundtrip_and_python_tarfile_agree() -> None:
     for name, size in (("blob.meta", 4128), ("rafs.blob.toc", 0), ("image.boot", 8**11 + 5)):
-        raw = bm.tar_header(name, size)
+        raw = lb.tar_header(name, size)
         assert len(raw) == 512
-        assert bm.parse_tar_header(raw) == bm.TarHeader(name, size)
+        assert lb.parse_tar_header(raw) == lb.TarHeader(name, size)
         if size < 8**11:
             info = tarfile.TarInfo.frombuf(raw, "utf-8", "strict")
             assert (info.name, info.size, info.type) == (name, size, tarfile.REGTYPE)
-    bad = bytearray(bm.tar_header("x", 10))
+    bad = bytearray(lb.tar_header("x", 10))
     bad[0] = ord("y")
     with pytest.raises(FormatError, match="checksum"):
-        bm.parse_tar_header(bytes(bad))
+        lb.parse_tar_header(bytes(bad))
     with pytest.raises(FormatError, match="magic"):
-        bm.parse_tar_header(b"\0" * 512)
+        lb.parse_tar_header(b"\0" * 512)
     # a header made by Python's tarfile (ustar, not GNU) parses too
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as t:
         t.addfile(tarfile.TarInfo("image.boot"), io.BytesIO(b""))
-    assert bm.parse_tar_header(buf.getvalue()[:512]) == bm.TarHeader("image.boot", 0)
+    assert lb.parse_tar_header(buf.getvalue()[:512]) == lb.TarHeader("image.boot", 0)
 
 
 def test_sections_and_toc(built: Built) -> None:
@@ -127,7 +128,7 @@ def test_blob_meta_header_checks(built: Built) -> None:
 )
 @settings(max_examples=200, deadline=None)
 def test_v1_entry_roundtrip(c_off: int, c_size: int, u_blk: int, u_size: int) -> None:
-    e = bm.decode_v1(bm.encode_v1(c_off, c_size, u_blk << 12, u_size))
+    e = bm.decode_v1(lb.pack_ci_v1(c_off, c_size, u_blk << 12, u_size))
     assert (e.compressed_offset, e.compressed_size, e.uncompressed_offset, e.uncompressed_size) == (
         c_off,
         c_size,
@@ -196,10 +197,10 @@ def test_no_digest_array_when_feature_clear() -> None:
 
 def test_list_sections_stops_at_headerless_data() -> None:
     payload = b"\x07" * 3000
-    blob = payload + b"meta" + bm.tar_header("blob.meta", 4)
+    blob = payload + b"meta" + lb.tar_header("blob.meta", 4)
     assert bm.list_sections(blob) == [bm.Section("blob.meta", 3000, 4)]
     with pytest.raises(FormatError, match="claims"):
-        bm.list_sections(b"x" + bm.tar_header("blob.meta", 100))
+        bm.list_sections(b"x" + lb.tar_header("blob.meta", 100))
 
 
 @settings(max_examples=150, deadline=None)
@@ -232,7 +233,7 @@ def test_toc_entry_sizes_and_algorithms_are_checked() -> None:
 
     payload = zstandard.ZstdCompressor(write_content_size=False).compress(b"boot" * 100)
     blob = payload + b"\0" * 100
-    lying = bm.TocEntry(bm.TOC_ZSTD, "image.boot", b"\0" * 32, 0, len(payload), 3 << 30)
+    lying = bm.TocEntry(lb.TOC_ZSTD, "image.boot", b"\0" * 32, 0, len(payload), 3 << 30)
     tracemalloc.start()
     try:
         with pytest.raises(FormatError, match="expected"):
@@ -241,11 +242,11 @@ def test_toc_entry_sizes_and_algorithms_are_checked() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 16 << 20
-    ok = bm.TocEntry(bm.TOC_ZSTD, "image.boot", hashlib.sha256(b"boot" * 100).digest(), 0, len(payload), 400)
+    ok = bm.TocEntry(lb.TOC_ZSTD, "image.boot", hashlib.sha256(b"boot" * 100).digest(), 0, len(payload), 400)
     assert bm.toc_entry_data(blob, ok) == b"boot" * 100
     with pytest.raises(FormatError, match="not supported"):
-        bm.toc_entry_data(blob, bm.TocEntry(bm.TOC_LZ4, "x", b"\0" * 32, 0, 4, 4))
+        bm.toc_entry_data(blob, bm.TocEntry(lb.TOC_LZ4, "x", b"\0" * 32, 0, 4, 4))
     with pytest.raises(FormatError, match="unknown flags"):
         bm.toc_entry_data(blob, bm.TocEntry(0x10, "x", b"\0" * 32, 0, 4, 4))
     with pytest.raises(FormatError, match="outside"):
-        bm.toc_entry_data(blob, bm.TocEntry(bm.TOC_NONE, "x", b"\0" * 32, 10**9, 4, 4))
+        bm.toc_entry_data(blob, bm.TocEntry(lb.TOC_NONE, "x", b"\0" * 32, 10**9, 4, 4))

@@ -11,13 +11,13 @@ import stat
 import struct
 from dataclasses import dataclass, field
 
-from nydus_py.rafs.constants import (
+from nydus_py.rafs.constants import SuperFlags
+from nydus_py.rafs.layout_v5 import (
     RAFS_V5_MAGIC,
     RAFS_V5_VERSION,
     V5_INODE_HAS_HOLE,
     V5_INODE_SYMLINK,
     V5_INODE_XATTR,
-    SuperFlags,
 )
 
 SB = 8192
@@ -78,8 +78,10 @@ def build(
     prefetch: list[int] | None = None,
     extra_blobs: list[str] | None = None,
     ext_table: bool = True,
+    root_name: bytes = b"/",
 ) -> tuple[bytes, bytes]:
-    """(bootstrap, blob) for the tree under `root` (root.name is ignored and stored as "/").
+    """(bootstrap, blob) for the tree under `root` (root.name is ignored; the root record is
+    named `root_name`: "/" as nydus-image writes it now, b"" as older versions did).
 
     All data goes to the first blob; `extra_blobs` only add (empty) blob table entries.
     """
@@ -177,7 +179,7 @@ def build(
     table: list[int] = []
     for n in slots:
         p = primary(n)
-        name = b"/" if n is root else n.name
+        name = root_name if n is root else n.name
         iflags = 0
         tail = _pad(name)
         if stat.S_ISLNK(p.mode):

@@ -13,15 +13,8 @@ import struct
 from dataclasses import dataclass, field
 
 from nydus_py.rafs import codec
-from nydus_py.rafs.blobmeta import encode_v1, tar_header
-from nydus_py.rafs.constants import (
-    BLOB_META_MAGIC,
-    BlobFeatures,
-    ChunkFlags,
-    Compressor,
-    Digester,
-    SuperFlags,
-)
+from nydus_py.rafs.constants import BlobFeatures, ChunkFlags, Compressor, Digester, SuperFlags
+from nydus_py.rafs.layout_blob import BLOB_META_MAGIC, pack_ci_v1, tar_header
 
 BLOCK = 4096
 
@@ -213,7 +206,7 @@ def encode(
             ci, _c, _cs, u_off, _us, _f, _crc = chunks[dig]
             ino.chunk_refs.append((ci & 0xFFFF, 1 | ((ci >> 16) << 8), u_off // BLOCK))
     by_ci = sorted(chunks.items(), key=lambda kv: kv[1][0])
-    ci_raw = b"".join(encode_v1(v[1], v[2], v[3], v[4]) for _d, v in by_ci)
+    ci_raw = b"".join(pack_ci_v1(v[1], v[2], v[3], v[4]) for _d, v in by_ci)
     ci_stored = ci_raw if ci_compressor == Compressor.NONE else codec.compress(ci_compressor, ci_raw)
     features = BlobFeatures.ALIGNED | BlobFeatures.CAP_TAR_TOC | BlobFeatures.HAS_TAR_HEADER
     if toc:
