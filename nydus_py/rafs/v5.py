@@ -374,6 +374,9 @@ class V5Image(RafsImage):
             )
         return self._unique_inodes
 
+    def superblock_inodes(self) -> int:
+        return self.inodes_count_hint
+
     @property
     def slot_count(self) -> int:
         """Entries of the inode table (every name has a slot; hard links have several)."""

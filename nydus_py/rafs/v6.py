@@ -468,6 +468,9 @@ class V6Image(RafsImage):
             self._inode_count = count
         return self._inode_count
 
+    def superblock_inodes(self) -> int:
+        return self.sb_inos
+
     def getattr(self, ino: int) -> Attr:
         i = self._inode(ino)
         rdev = 0
