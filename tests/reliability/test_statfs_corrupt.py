@@ -98,3 +98,25 @@ def test_statfs_answers_from_the_superblock(damaged, caplog: pytest.LogCaptureFi
     # the rest of the tree still works, the broken inode is EIO as before
     small = k.call(K.LOOKUP, 1, b"small\0")
     assert small[0] == 0
+
+
+def test_a_failed_inode_count_is_cached(damaged, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whoever still asks for the exact count (inspect, tests) pays for the failing walk once:
+    the image never changes, so neither does the answer."""
+    img, _dev, _inodes = damaged
+    with pytest.raises(FormatError) as first:
+        img.inode_count()
+    work = "readdir" if img.version == 6 else "_record_offset"  # what the count is made of
+    real = getattr(img, work)
+    calls: list[int] = []
+
+    def wrapped(*a: object, **kw: object) -> object:
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(img, work, wrapped)
+    for _ in range(3):
+        with pytest.raises(FormatError) as again:
+            img.inode_count()
+        assert str(again.value) == str(first.value)
+    assert not calls
