@@ -5,7 +5,7 @@ their own: a 4096-byte header of u32 LE `magic 0x424D4150, version 1, magic2 0x4
 all_ready (0x4D4D4150 once every chunk is cached)`, then ceil(chunks/8) bitmap bytes, MSB first
 (chunk i is byte i/8, bit 7 - i%8). A file of any other size or header is discarded.
 
-Our own integrity stamp lives in the header's reserved bytes (nydusd never reads them): blob id,
+Our own integrity stamp lives in the header's reserved bytes (nydusd leaves them zero): blob id,
 chunk count, the data file's pre-sized length and inode, and a generation bumped on every reset,
 under a CRC. It ties the bits to one data file, so a map copied from another blob, left behind
 when the data file was replaced, written by another tool (no stamp) or with a damaged stamp is
@@ -13,6 +13,8 @@ reset instead of trusted, and so is a map whose data file is shorter than stampe
 chunks past the cut would read back as zeros). The chunk table is not known here, so which ready
 chunks a cut loses cannot be told: all of them are dropped (refetched; never wrong bytes). A
 reset writes the stamp last, so an interrupted one leaves no stamp and is redone on next open.
+The bits themselves carry no checksum (it would have to be rewritten with every bit set): a
+flipped bit, like a flipped data byte, is only caught by the cache's digest validation.
 
 A bit is only ever set in the file after the chunk's bytes are validated, written and
 fdatasync'ed (the cache does that, in batches); until then `mark` keeps it in memory only, so this
