@@ -714,9 +714,11 @@ class BlobCacheManager:
 
     def flush(self) -> int:
         """Make every chunk written so far durable and ready on disk: per blob one fdatasync, then
-        its bits. Returns how many chunks were persisted."""
+        its bits. Returns how many chunks were persisted (by this call). A batch the flusher is
+        persisting right now is waited for (its flush_lock is held), so the promise holds when this
+        returns."""
         with self._lock:
-            todo = [cb for cb in self._blobs.values() if cb.pending]
+            todo = [cb for cb in self._blobs.values() if cb.pending or cb.flush_lock.locked()]
             for cb in todo:
                 cb.pins += 1  # not evicted (its fd closed) under our feet
         done = 0
