@@ -141,7 +141,7 @@ class Instance:
             "root_inode": img.root_ino,
             "chunk_size": img.chunk_size,
             "batch_size": 0,
-            "inodes_count": img.inode_count(),
+            "inodes_count": img.superblock_inodes(),  # as nydusd: counting would walk the tree
             "flags": int(img.flags),
             "blobs": [b.blob_id for b in img.blobs],
             "attr_timeout": self.parsed.rafs.attr_timeout if self.parsed else 0,

@@ -47,6 +47,8 @@ class RafsFilesystem(Filesystem):
         self.root = image.root_ino
         self.readahead = SequentialReadahead(image, device, readahead_chunks) if readahead_chunks > 0 else None
         self.failures = RecentFailures()
+        self._statfs = StatFs(blocks=0, bfree=0, bavail=0, files=image.superblock_inodes(), ffree=0, bsize=4096,
+                              namelen=255, frsize=4096)
 
     def init(self, capable: InitFlags) -> InitFlags:
         """Zero-message open/opendir (as nydusd's RAFS asks): the kernel stops sending OPEN,
@@ -155,8 +157,9 @@ class RafsFilesystem(Filesystem):
             raise FuseError(errno.EIO) from None
 
     def statfs(self, ino: int) -> StatFs:
-        files = self.image.inode_count()
-        return StatFs(blocks=0, bfree=0, bavail=0, files=files, ffree=0, bsize=4096, namelen=255, frsize=4096)
+        """From the superblock, like nydusd: counting the inodes would walk the whole tree (and,
+        on a damaged image, fail the same way on every call)."""
+        return self._statfs
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
         if not self.xattrs:

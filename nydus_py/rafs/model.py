@@ -106,6 +106,11 @@ class RafsImage(ABC):
         """Number of distinct inodes (hard links counted once)."""
 
     @abstractmethod
+    def superblock_inodes(self) -> int:
+        """The superblock's inode count, parsed at open: what statfs and the backend API report
+        (nydusd reports the same field). Never walks the tree, so a damaged inode cannot fail it."""
+
+    @abstractmethod
     def getattr(self, ino: int) -> Attr:
         """Attributes of `ino`; FormatError if it is not a valid inode of this image."""
 

@@ -101,6 +101,7 @@ class V5Image(RafsImage):
         self._len = len(buf)
         self._closed = False
         self._unique_inodes: int | None = None
+        self._unique_inodes_error: str | None = None
         self._parse_superblock()
         self.blobs: list[BlobInfo] = self._parse_blob_tables()
         root = self._record(ROOT_INO)
@@ -361,14 +362,24 @@ class V5Image(RafsImage):
     # ------------------------------------------------------------------ RafsImage API
 
     def inode_count(self) -> int:
-        """Distinct inodes: slots whose record carries their own number (hard links count once)."""
+        """Distinct inodes: slots whose record carries their own number (hard links count once).
+        A failure is cached too: the image does not change, so neither would the answer."""
+        if self._unique_inodes_error is not None:
+            raise FormatError(self._unique_inodes_error)
         if self._unique_inodes is None:
-            self._unique_inodes = sum(
-                1
-                for slot in range(1, self._entries + 1)
-                if U64.unpack_from(self._buf, self._record_offset(slot) + INODE_INO_OFFSET)[0] == slot
-            )
+            try:
+                self._unique_inodes = sum(
+                    1
+                    for slot in range(1, self._entries + 1)
+                    if U64.unpack_from(self._buf, self._record_offset(slot) + INODE_INO_OFFSET)[0] == slot
+                )
+            except FormatError as e:
+                self._unique_inodes_error = str(e)
+                raise
         return self._unique_inodes
+
+    def superblock_inodes(self) -> int:
+        return self.inodes_count_hint
 
     @property
     def slot_count(self) -> int:

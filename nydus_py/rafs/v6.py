@@ -144,6 +144,7 @@ class V6Image(RafsImage):
         self._chunk_keys: array[int] | None = None
         self._chunk_pos: array[int] | None = None
         self._inode_count: int | None = None
+        self._inode_count_error: str | None = None
         self._inode = functools.lru_cache(maxsize=INODE_CACHE)(self._decode_inode)
         self._parse_superblocks()
         self.blobs: list[BlobInfo] = self._parse_blob_table()
@@ -454,17 +455,27 @@ class V6Image(RafsImage):
         """Distinct inodes reachable from the root (hard links once); one validating walk, cached.
 
         The superblock's `inos` (kept as `sb_inos`) counts hard links per link in nydus images.
+        A failed walk is cached too: the image does not change, so neither would the answer.
         """
+        if self._inode_count_error is not None:
+            raise FormatError(self._inode_count_error)
         if self._inode_count is None:
             seen = bytearray((self._max_nid >> 3) + 1)
             count = 0
-            for _path, nid in self.walk():
-                byte, bit = nid >> 3, 1 << (nid & 7)
-                if not seen[byte] & bit:
-                    seen[byte] |= bit
-                    count += 1
+            try:
+                for _path, nid in self.walk():
+                    byte, bit = nid >> 3, 1 << (nid & 7)
+                    if not seen[byte] & bit:
+                        seen[byte] |= bit
+                        count += 1
+            except FormatError as e:
+                self._inode_count_error = str(e)
+                raise
             self._inode_count = count
         return self._inode_count
+
+    def superblock_inodes(self) -> int:
+        return self.sb_inos
 
     def getattr(self, ino: int) -> Attr:
         i = self._inode(ino)

@@ -170,6 +170,7 @@ def test_marked_only_after_write(tmp_path, monkeypatch):
     assert m2.ready_chunks(b.info) == 0
     before = src.reads()
     assert m2.read_chunks(b.info, b.chunks[:2]) == b.plain[:2] and src.reads() == before + 1
+    m2.close()  # its flusher would otherwise run into the next test's fdatasync spy
 
 
 def test_bits_reach_the_file_only_after_fdatasync(tmp_path, monkeypatch):
@@ -189,9 +190,10 @@ def test_bits_reach_the_file_only_after_fdatasync(tmp_path, monkeypatch):
     real_sync = os.fdatasync
 
     def spy(fd: int) -> None:
-        cm = ChunkMap(map_path, 8)  # the file's bits at the moment of the sync
-        synced.append([i for i in range(8) if cm.is_ready(i)])
-        cm.close()
+        if os.readlink(f"/proc/self/fd/{fd}") == os.path.realpath(map_path[: -len(".chunk_map")]):  # not another test's flusher
+            cm = ChunkMap(map_path, 8)  # the file's bits at the moment of the sync
+            synced.append([i for i in range(8) if cm.is_ready(i)])
+            cm.close()
         real_sync(fd)
 
     monkeypatch.setattr(os, "fdatasync", spy)
@@ -536,3 +538,42 @@ def test_reader_waiting_for_prefetch_does_not_hold_prefetch_back(tmp_path):
         t.join(10)
     assert out == [b.plain[1]] and m.stats.waited == 1
     assert m.stats.prefetch_waits == 0 and src.reads() == 2
+
+
+def test_flush_waits_for_the_batch_the_flusher_is_persisting(tmp_path, monkeypatch):
+    """flush() promises that what was written is ready on disk when it returns, also when the
+    background flusher took the batch a moment earlier (before, flush() found nothing pending
+    and returned while the flusher was still in its fdatasync)."""
+    b = make_blob(4, seed=12)
+    m = manager(tmp_path, FakeSource().add(b), sync_delay=0.001)
+    map_path = str(tmp_path / "cache" / f"{b.info.blob_id}.blob.data.chunk_map")
+    entered, release = threading.Event(), threading.Event()
+    real_sync = os.fdatasync
+
+    def slow_sync(fd: int) -> None:
+        mine = os.readlink(f"/proc/self/fd/{fd}") == os.path.realpath(map_path[: -len(".chunk_map")])  # not another test's
+        if mine and threading.current_thread().name == "blobcache-sync":
+            entered.set()
+            release.wait(30)
+        real_sync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", slow_sync)
+    m.read_chunks(b.info, b.chunks)
+    assert entered.wait(30)  # the flusher holds the whole batch now
+
+    def on_disk() -> int:
+        cm = ChunkMap(map_path, 4)
+        try:
+            return cm.ready_count
+        finally:
+            cm.close()
+
+    t = threading.Thread(target=m.flush)
+    t.start()
+    t.join(1.0)
+    if not t.is_alive():  # flush() returned: its promise must already hold
+        assert on_disk() == 4
+    release.set()
+    t.join(30)
+    assert not t.is_alive() and on_disk() == 4
+    m.close()

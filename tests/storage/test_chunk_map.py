@@ -106,3 +106,53 @@ def test_invalid_sizes(tmp_path):
     for n in (0, -1, (1 << 24) + 1):
         with pytest.raises(ValueError):
             cm.ChunkMap(str(tmp_path / "m"), n)
+
+
+def _bound(tmp_path, blob_id: str = "ab" * 32, size: int = 8 * 4096, chunks: int = 8):
+    data = tmp_path / f"{blob_id}.blob.data"
+    fd = os.open(data, os.O_RDWR | os.O_CREAT, 0o644)
+    return fd, cm.ChunkMap(str(tmp_path / "m"), chunks, cm.Binding(blob_id, fd, size))
+
+
+def test_stamp_ties_the_map_to_its_data_file(tmp_path):
+    fd, m = _bound(tmp_path)
+    assert os.fstat(fd).st_size == 8 * 4096 and m.invalid is None and m.generation == 1  # pre-sized
+    m.set_ready([1, 2])
+    m.close()
+    raw = Path(tmp_path / "m").read_bytes()
+    stamp = cm.Stamp.decode(raw[cm.STAMP_OFFSET:])
+    assert stamp == cm.Stamp(bytes.fromhex("ab" * 32), 8, 8 * 4096, os.fstat(fd).st_ino, 1)
+    assert raw[cm.STAMP_OFFSET + cm.STAMP_SIZE:4096] == bytes(4096 - cm.STAMP_OFFSET - cm.STAMP_SIZE)
+    m = cm.ChunkMap(str(tmp_path / "m"), 8, cm.Binding("ab" * 32, fd, 8 * 4096))
+    assert m.invalid is None and m.ready_count == 2
+    m.close()
+    # another blob's binding, another length, a shorter data file: each resets, generation moves on
+    for blob_id, size, cut in (("cd" * 32, 8 * 4096, None), ("ab" * 32, 9 * 4096, None), ("ab" * 32, 8 * 4096, 5)):
+        good = cm.ChunkMap(str(tmp_path / "m"), 8, cm.Binding("ab" * 32, fd, 8 * 4096))
+        good.set_ready([3])
+        good.close()
+        if cut is not None:
+            os.ftruncate(fd, cut)
+        m = cm.ChunkMap(str(tmp_path / "m"), 8, cm.Binding(blob_id, fd, size))
+        assert m.invalid is not None and m.dropped >= 1 and m.ready_count == 0, (blob_id, size, cut)
+        assert os.fstat(fd).st_size >= 8 * 4096  # extended only after the map was reset
+        gen = m.generation
+        m.close()
+        m = cm.ChunkMap(str(tmp_path / "m"), 8)  # unbound: accepts any valid stamp, changes nothing
+        assert m.invalid is None and m.generation == gen
+        m.close()
+    os.close(fd)
+
+
+def test_runtime_reset_refuses_marks_from_before(tmp_path):
+    fd, m = _bound(tmp_path)
+    m.set_ready([0, 5])
+    gen = m.generation
+    assert m.reset() == 2 and m.generation == gen + 1 and m.ready_count == 0
+    assert not m.mark([1], gen) and not m.is_ready(1)  # written before the reset: refused
+    assert m.mark([1], m.generation) and m.is_ready(1)
+    m.close()
+    m = cm.ChunkMap(str(tmp_path / "m"), 8, cm.Binding("ab" * 32, fd, 8 * 4096))
+    assert m.invalid is None and m.ready_count == 0 and m.generation == gen + 1
+    m.close()
+    os.close(fd)

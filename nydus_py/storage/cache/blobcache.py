@@ -24,6 +24,22 @@ What it promises:
   waits for a prefetch fetch that failed - it fetches the chunk itself.
 * `size_limit` > 0 caps the bytes on disk by evicting whole blobs, least recently used first,
   never one that a read is using right now.
+
+Damage from outside (another tool, a disk, a person) - what is caught, and what only `validate` catches:
+* On open, the chunk map must carry our stamp for this blob, chunk count, data file (inode) and
+  its pre-sized length, and the data file must still be that long; otherwise the map is reset
+  (logged, counted in `invalidated_maps` / `dropped_chunks`): a truncated data file, a map copied
+  from another blob, a replaced data file or a map without or with a damaged stamp costs a refetch.
+* While open, a ready chunk that reads back short, or a data file found shorter than pre-sized
+  before a write or a flush (truncated meanwhile), resets the map the same way; chunks written
+  before such a reset are never persisted as ready. A blob whose image does not record its
+  uncompressed size (old v5) has no pre-sized length: only the stamp and short reads guard it.
+* Bytes changed in place (flipped, zeroed, a punched hole) keep the file's size and inode: only
+  `validate` (`digest_validate`) finds them, by checking each cached chunk's digest on every read
+  (the bad chunk is dropped and fetched again; `cache_corruptions`). With validation off such
+  bytes are served as they are: that is the price of not hashing every cached read. Telling
+  zeros from data would need a look at the data itself and cannot be done right (chunks may be
+  all zeros), so it is not attempted.
 """
 
 from __future__ import annotations
@@ -43,7 +59,7 @@ from typing import Any
 from ...rafs.chunkdata import BlobSource, decode_chunk, verify_chunk
 from ...rafs.errors import DigestMismatch, FormatError
 from ...rafs.model import BlobInfo, ChunkInfo
-from .chunk_map import ChunkMap
+from .chunk_map import Binding, ChunkMap
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +101,8 @@ class CacheStats:
         self.evictions = 0
         self.evicted_bytes = 0
         self.uncacheable = 0  # chunks of blobs without a chunk count (not persisted)
+        self.invalidated_maps = 0  # chunk maps reset because they or their data file were damaged
+        self.dropped_chunks = 0  # ready chunks forgotten with them (fetched again when read)
 
     def snapshot(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -99,20 +117,23 @@ class CachedBlob:
         self.map_path = os.path.join(work_dir, blob.blob_id + MAP_SUFFIX)
         self.fd = os.open(self.data_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         self.map: ChunkMap | None = None
+        size = blob.uncompressed_size if 0 < blob.uncompressed_size <= MAX_UNCOMPRESSED else 0
+        self.size = size  # the data file's full length, 0 when unknown
         try:
-            st = os.fstat(self.fd)
-            if 0 < blob.uncompressed_size <= MAX_UNCOMPRESSED and st.st_size < blob.uncompressed_size:
-                os.ftruncate(self.fd, blob.uncompressed_size)  # sparse, pre-sized like nydusd
             if 0 < blob.chunk_count <= 1 << 24:
-                self.map = ChunkMap(self.map_path, blob.chunk_count)
+                # checks the map against the data file's length, then pre-sizes it (sparse, like nydusd)
+                self.map = ChunkMap(self.map_path, blob.chunk_count, Binding(blob.blob_id, self.fd, size))
+            elif size and os.fstat(self.fd).st_size < size:
+                os.ftruncate(self.fd, size)
             self.used = os.fstat(self.fd).st_blocks * 512
         except BaseException:
             os.close(self.fd)
             raise
         self.pins = 0
         self.dirty = False
-        self.pending: set[int] = set()  # written and ready in memory, not yet durable (manager lock)
-        self.flush_lock = threading.Lock()  # held across fdatasync + persisting the bits
+        # written and ready in memory, not yet durable: index -> map generation (manager lock)
+        self.pending: dict[int, int] = {}
+        self.flush_lock = threading.Lock()  # held across fdatasync + persisting the bits, and map resets
 
     def cacheable(self, c: ChunkInfo) -> bool:
         limit = self.blob.uncompressed_size or MAX_UNCOMPRESSED
@@ -123,16 +144,21 @@ class CachedBlob:
         return self.map is not None and self.cacheable(c) and (self.map.is_ready(c.index) or self.map.refresh(c.index))
 
     def read(self, c: ChunkInfo) -> bytes:
-        data = os.pread(self.fd, c.uncompressed_size, c.uncompressed_offset)
-        if len(data) != c.uncompressed_size:
-            raise OSError(errno.EIO, f"cache file {self.data_path} is short at {c.uncompressed_offset}")
-        return data
+        """The cached bytes; fewer than the chunk's size when the data file was cut short."""
+        return os.pread(self.fd, c.uncompressed_size, c.uncompressed_offset)
 
     def write(self, c: ChunkInfo, data: bytes) -> None:
         n = os.pwrite(self.fd, data, c.uncompressed_offset)
         if n != len(data):
             raise OSError(errno.EIO, f"short write to {self.data_path}")
         self.used += len(data)
+
+    def short(self) -> int | None:
+        """The data file's length when it is shorter than pre-sized (truncated from outside)."""
+        if not self.size:
+            return None
+        n = os.fstat(self.fd).st_size
+        return n if n < self.size else None
 
     def close(self) -> None:
         if self.map is not None:
@@ -191,6 +217,12 @@ class BlobCacheManager:
                 cb = CachedBlob(self.work_dir, blob)
                 self._blobs[blob.blob_id] = cb
                 self._on_disk.pop(blob.blob_id, None)
+                if cb.map is not None and cb.map.invalid is not None:
+                    self.stats.invalidated_maps += 1
+                    self.stats.dropped_chunks += cb.map.dropped
+                    log.warning("cache: chunk map of blob %s reset on open: %s; %d ready chunks dropped "
+                                "(fetched again), generation %d", blob.blob_id, cb.map.invalid, cb.map.dropped,
+                                cb.map.generation)
             self._blobs.move_to_end(blob.blob_id)
             cb.pins += 1
             return cb
@@ -335,23 +367,50 @@ class BlobCacheManager:
             self._unpin(cb)
 
     def _cached(self, cb: CachedBlob, c: ChunkInfo) -> bytes | None:
+        if cb.map is None:
+            return None
+        gen = cb.map.generation  # before the readiness check: a reset in between shows
         if not cb.ready(c):
             return None
         data = cb.read(c)
+        if len(data) != c.uncompressed_size:
+            self._truncated(cb, gen, f"a ready chunk at {c.uncompressed_offset} read back {len(data)} of "
+                                     f"{c.uncompressed_size} bytes")
+            return None
+        if cb.map.generation != gen:
+            return None  # reset while we read: the bytes may be the re-extended file's zeros
         if self.validate:
             try:
                 verify_chunk(data, c, cb.blob)
             except DigestMismatch as e:
-                assert cb.map is not None
                 with cb.flush_lock:  # after any flush that may be persisting this chunk's bit
                     with self._lock:
-                        cb.pending.discard(c.index)
+                        cb.pending.pop(c.index, None)
                     cb.map.clear(c.index)
                 with self._lock:
                     self.stats.cache_corruptions += 1
                 log.error("cache: %s; dropped it, fetching again", e)
                 return None
         return data
+
+    def _truncated(self, cb: CachedBlob, gen: int, what: str) -> None:
+        with cb.flush_lock:
+            self._truncated_locked(cb, gen, what)
+
+    def _truncated_locked(self, cb: CachedBlob, gen: int, what: str) -> None:
+        """(flush_lock held) The data file was cut while in use (`what` showed it). Which ready
+        chunks the cut took is unknown here, so the map is reset as on open, unless that already
+        happened since `gen`; chunks written but not yet durable go too (their bytes may be gone)."""
+        assert cb.map is not None
+        if cb.map.generation != gen:
+            return
+        dropped = cb.map.reset()
+        with self._lock:
+            cb.pending.clear()
+            self.stats.invalidated_maps += 1
+            self.stats.dropped_chunks += dropped
+        log.error("cache: blob %s: %s, the data file was truncated; chunk map reset, %d ready chunks dropped "
+                  "(fetched again), generation %d", cb.blob.blob_id, what, dropped, cb.map.generation)
 
     def _read(self, cb: CachedBlob, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo],
               prefetch: bool, follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
@@ -601,7 +660,12 @@ class BlobCacheManager:
         """Write, mark ready in memory, queue for the flusher (fdatasync, then the bits on disk);
         hand the bytes out even if the cache write fails."""
         ready: list[int] = []
+        gen = cb.map.generation if cb.map is not None else 0
         try:
+            cut = cb.short() if good else None
+            if cut is not None:  # caught before a write past the cut hides it
+                self._truncated(cb, gen, f"the data file is {cut} bytes, not {cb.size}")
+                gen = cb.map.generation if cb.map is not None else 0
             for c, _fut, data in good:
                 if cb.cacheable(c):
                     cb.write(c, data)
@@ -614,13 +678,17 @@ class BlobCacheManager:
         if ready:
             assert cb.map is not None
             if self.sync_delay > 0:
-                cb.map.mark(ready)
-                with self._lock:
-                    cb.dirty = True
-                    cb.pending.update(ready)
-                    self._wake_flusher()
+                if cb.map.mark(ready, gen):
+                    with self._lock:
+                        cb.dirty = True
+                        cb.pending.update(dict.fromkeys(ready, gen))
+                        self._wake_flusher()
+                else:
+                    log.info("cache: blob %s: %d chunks written while its chunk map was reset are not marked",
+                             cb.blob.blob_id, len(ready))
             else:
-                self._persist(cb, ready)
+                with cb.flush_lock:
+                    self._persist(cb, ready, gen)
         for _c, fut, data in good:
             fut.set_result(data)
 
@@ -646,9 +714,11 @@ class BlobCacheManager:
 
     def flush(self) -> int:
         """Make every chunk written so far durable and ready on disk: per blob one fdatasync, then
-        its bits. Returns how many chunks were persisted."""
+        its bits. Returns how many chunks were persisted (by this call). A batch the flusher is
+        persisting right now is waited for (its flush_lock is held), so the promise holds when this
+        returns."""
         with self._lock:
-            todo = [cb for cb in self._blobs.values() if cb.pending]
+            todo = [cb for cb in self._blobs.values() if cb.pending or cb.flush_lock.locked()]
             for cb in todo:
                 cb.pins += 1  # not evicted (its fd closed) under our feet
         done = 0
@@ -656,27 +726,36 @@ class BlobCacheManager:
             for cb in todo:
                 with cb.flush_lock:
                     with self._lock:
-                        batch, cb.pending = cb.pending, set()
+                        batch, cb.pending = cb.pending, {}
                     if batch and cb.fd >= 0:
-                        self._persist(cb, sorted(batch))
-                        done += len(batch)
+                        for gen in set(batch.values()):
+                            done += self._persist(cb, sorted(i for i, g in batch.items() if g == gen), gen)
         finally:
             with self._lock:
                 for cb in todo:
                     cb.pins -= 1
         return done
 
-    def _persist(self, cb: CachedBlob, indices: list[int]) -> None:
-        """fdatasync the data, then set the bits in the chunk map file. When the data cannot be
-        made durable the chunks are forgotten (fetched again), never marked."""
+    def _persist(self, cb: CachedBlob, indices: list[int], gen: int) -> int:
+        """(flush_lock held) fdatasync the data, then set the bits in the chunk map file; returns
+        how many were persisted. When the data cannot be made durable, or the map was reset
+        since the chunks were written (`gen`), or the data file turns out cut short, the chunks
+        are forgotten (fetched again), never marked."""
         assert cb.map is not None
+        cut = cb.short()
+        if cut is not None:  # a fact about the file now, whatever generation the batch is from
+            self._truncated_locked(cb, cb.map.generation, f"the data file is {cut} bytes, not {cb.size}")
+        if cb.map.generation != gen:
+            log.info("cache: blob %s: %d chunks written before its chunk map was reset are not persisted",
+                     cb.blob.blob_id, len(indices))
+            return 0
         try:
             os.fdatasync(cb.fd)
         except OSError as e:
             log.error("cache: fdatasync of blob %s failed (%s); dropping %d chunks", cb.blob.blob_id, e, len(indices))
             for i in indices:
                 cb.map.clear(i)
-            return
+            return 0
         try:
             cb.map.set_ready(indices)
             with self._lock:
@@ -684,6 +763,7 @@ class BlobCacheManager:
         except OSError as e:
             log.error("cache: marking chunks of blob %s failed (%s); they will be fetched again next time",
                       cb.blob.blob_id, e)
+        return len(indices)
 
     def close(self) -> None:
         with self._lock:
