@@ -6,8 +6,11 @@ file-backed EROFS mount at the target whose devices are those view files. Metada
 by the kernel from the bootstrap; file data misses become FUSE READs of the views, served lazily
 from the blob cache and backend.
 
-`close()` undoes everything in reverse: the EROFS mount (detached lazily when busy), the FUSE
-mount and its worker threads and fds, the private directory.
+`close()` undoes everything in reverse: the EROFS mount, the FUSE mount and its worker threads
+and fds, the private directory. When the EROFS mount is busy (a process still has a file open or
+its cwd there) it is detached lazily: the views keep serving it for `busy_grace` seconds, then
+their FUSE connection is aborted, so later reads of uncached data there are EIO (never zeros),
+and nothing of ours is left behind.
 """
 
 import contextlib
@@ -22,12 +25,28 @@ from ..rafs.model import RafsImage
 from ..storage.device import BlobDevice
 from ..transport.erofs_mount import check_image, mount_erofs, umount_erofs
 from ..transport.fusedev import FuseDevSession
-from ..transport.mount import is_mountpoint, real_mountpoint
+from ..transport.mount import is_mountpoint, real_mountpoint, sys_mount
 from .blob_view import BlobViewFilesystem
 
 log = logging.getLogger(__name__)
 
 VIEW_FSNAME = "nydus-blobview"
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def abort_connection(conn: int) -> bool:
+    """Abort FUSE connection `conn` through fusectl (mounted here when missing, as systemd does)."""
+    path = f"{FUSECTL}/{conn}/abort"
+    if not os.path.exists(f"{FUSECTL}/{conn}"):
+        with contextlib.suppress(OSError):
+            sys_mount("fusectl", FUSECTL, "fusectl", 0, "")
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+        return True
+    except OSError as e:
+        log.error("cannot abort FUSE connection %d (%s)", conn, e)
+        return False
 
 
 def private_base() -> str:
@@ -46,7 +65,7 @@ class ErofsServe:
     """One image served by the kernel EROFS driver at `target`, data through our blob views."""
 
     def __init__(self, image: RafsImage, device: BlobDevice, bootstrap: str, target: str, *,
-                 threads: int = 4, base_dir: str | None = None) -> None:
+                 threads: int = 4, base_dir: str | None = None, busy_grace: float = 2.0) -> None:
         check_image(image)  # ErofsImageError before anything is mounted
         self.image = image
         self.device = device
@@ -59,6 +78,9 @@ class ErofsServe:
         self.session: FuseDevSession | None = None
         self.mounted = False
         self.lazy_detaches = 0
+        self.aborts = 0
+        self.busy_grace = busy_grace
+        self.conn = -1  # the views' FUSE connection id (/sys/fs/fuse/connections/<id>)
 
     def start(self) -> None:
         """Mount the views (when the image has blobs), then EROFS at the target."""
@@ -74,6 +96,8 @@ class ErofsServe:
                 self.session = FuseDevSession(fuse.handle_vectored, self.view_dir, threads=self.threads,
                                               fsname=VIEW_FSNAME, allow_other=True)
                 self.session.mount()
+                st = os.stat(self.view_dir)  # (answered by our workers: INIT is through)
+                self.conn = os.major(st.st_dev) << 20 | os.minor(st.st_dev)
                 devices = self.fs.paths(self.view_dir)
             mount_erofs(self.bootstrap, devices, self.target)
             self.mounted = True
@@ -85,11 +109,12 @@ class ErofsServe:
 
     def close(self) -> None:
         """Unmount EROFS, then the views; release threads, fds and the private directory."""
+        detached = False
         if self.mounted:
             self.mounted = False
             try:
-                if umount_erofs(self.target):
-                    self.lazy_detaches += 1
+                detached = umount_erofs(self.target)
+                self.lazy_detaches += detached
             except OSError as e:
                 if e.errno not in (errno.EINVAL, errno.ENOENT):
                     log.error("umount EROFS at %s: %s", self.target, e)
@@ -99,6 +124,12 @@ class ErofsServe:
                 s.unmount()  # busy only when a detached EROFS still holds a view open: lazily
             except OSError as e:
                 log.error("unmount blob views at %s: %s", self.view_dir, e)
+            # A detached EROFS still reads the views until its last user goes; past the grace
+            # the connection is aborted (its readers get EIO) so that the workers end now.
+            if detached and not s.wait(self.busy_grace) and self.conn >= 0:
+                log.warning("%s is still in use %.0f s after umount; aborting its blob views (reads of "
+                            "data not in the page cache there now fail with EIO)", self.target, self.busy_grace)
+                self.aborts += abort_connection(self.conn)
             s.close()
         if self.view_dir:
             with contextlib.suppress(OSError):
@@ -109,6 +140,6 @@ class ErofsServe:
         """Metrics: kernel reads through the views, and whether it is mounted."""
         out = self.fs.stats.snapshot()
         out.update({"fs_driver": "erofs", "mountpoint": self.target, "view_dir": self.view_dir,
-                    "mounted": self.mounted, "lazy_detaches": self.lazy_detaches,
+                    "mounted": self.mounted, "lazy_detaches": self.lazy_detaches, "aborts": self.aborts,
                     "device_bytes_read": self.device.bytes_read, "device_read_errors": self.device.read_errors})
         return out

@@ -442,3 +442,43 @@ def test_dedicated_v5_refused_exit_1(tmp_path) -> None:
     assert d.wait_exit(60) == 1
     assert "Error: fs_driver erofs: RAFS v5 images cannot be served by the kernel EROFS driver" in d.log_text()
     assert not is_mountpoint(str(mnt))
+
+
+@pytest.mark.slow
+def test_busy_umount_detaches_then_aborts_views_eio_not_zeros(tmp_path) -> None:
+    """A file still open in the EROFS mount at umount: the mount is detached, the views are
+    aborted after the grace, nothing of ours stays mounted, and reading data that was never
+    fetched is EIO, not zeros; what the reader already had stays right."""
+    erofs_available()
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(9).randbytes(4 << 20)
+    (src / "big").write_bytes(data)
+    work = str(tmp_path / "w")
+    boot, blobs = os.path.join(work, "boot"), os.path.join(work, "blobs")
+    build_image(tree_from_directory(str(src)), boot, blobs, BuildOptions(chunk_size=0x10000))
+    base = str(tmp_path / "views")
+    os.makedirs(base)
+    views_before = _views()
+    image = open_bootstrap(boot)
+    cache = BlobCacheManager(os.path.join(work, "cache"), LocalBlobDir(blobs), amplify_io=0)
+    device = BlobDevice(image, cache, validate=True)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    serve = ErofsServe(image, device, boot, str(mnt), base_dir=base, busy_grace=0.2)
+    serve.start()
+    fd = os.open(mnt / "big", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4096, 0) == data[:4096]
+        serve.close()
+        assert serve.lazy_detaches == 1 and serve.aborts == 1
+        assert not is_mountpoint(str(mnt)) and _views() == views_before and os.listdir(base) == []
+        assert os.pread(fd, 4096, 0) == data[:4096]  # in the page cache: still right
+        with pytest.raises(OSError) as ei:
+            os.pread(fd, 4096, 3 << 20)  # never fetched: EIO, not zeros
+        assert ei.value.errno in (errno.EIO, errno.ENOTCONN)
+    finally:
+        os.close(fd)
+        serve.close()
+        cache.close()
+        image.close()
