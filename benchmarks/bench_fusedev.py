@@ -1,8 +1,9 @@
 """nydus_py over /dev/fuse against native ext4, kernel EROFS and squashfuse_ll, side by side.
 
-One tree (gen_tree.py), four servers: the directory itself, the same RAFS v6 bootstrap mounted by
+One tree (gen_tree.py), five servers: the directory itself, the same RAFS v6 bootstrap mounted by
 the kernel EROFS driver (file-backed, device=<cache view>), a mksquashfs image under
-squashfuse_ll, and `nydusd-py fuse` on the bootstrap + blob. Workloads, cold (unmount,
+squashfuse_ll, `nydusd-py fuse` on the bootstrap + blob, and `nydusd-py fuse --fs-driver erofs`
+(the kernel EROFS driver on the bootstrap, data lazily through the daemon's blob views). Workloads, cold (unmount,
 drop_caches, mount) and warm (the same again right away): sequential read of the 100 MiB file,
 reading every small file, `find`, `ls -lR`, 4 KiB random reads. Servers take turns on every
 workload and the starting server rotates per rep; each value is reported as the median of the
@@ -179,6 +180,17 @@ class NydusPy(FuseProcess):
                                     "--log-level", "warn"], probe)
         self.sigterm = True
 
+
+class NydusPyErofs(FuseProcess):
+    """`nydusd-py fuse --fs-driver erofs`: the same config, served by the kernel EROFS driver."""
+
+    name = "nydus_py_erofs"
+
+    def __init__(self, mnt: str, boot: str, config: str, log: str, threads: int) -> None:
+        super().__init__(mnt, log, [sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--fs-driver", "erofs",
+                                    "--config", config, "--bootstrap", boot, "--mountpoint", mnt,
+                                    "--thread-num", str(threads), "--log-level", "warn"])
+        self.sigterm = True
 
 
 # -- workloads ----------------------------------------------------------------------------------------
@@ -379,7 +391,8 @@ def main() -> None:
     Path(small_list).write_bytes(b"\0".join(os.fsencode(p) for p in small))
     print("building images ...", flush=True)
     info = build_images(tree, work)
-    mnts = {n: os.path.join(work, f"mnt-{n}") for n in ("erofs", "squashfuse_ll", "nydus_py", "nydus_py_rtt")}
+    mnts = {n: os.path.join(work, f"mnt-{n}") for n in ("erofs", "squashfuse_ll", "nydus_py", "nydus_py_rtt",
+                                                       "nydus_py_erofs")}
     for m in mnts.values():
         os.makedirs(m, exist_ok=True)
         if is_mountpoint(m):
@@ -391,6 +404,8 @@ def main() -> None:
         Erofs(mnts["erofs"], str(info["boot"]), list(info["views"])),  # type: ignore[arg-type]
         Squashfuse(mnts["squashfuse_ll"], str(info["sqfs"]), os.path.join(work, "squashfuse.log")),
         nydus,
+        NydusPyErofs(mnts["nydus_py_erofs"], str(info["boot"]), cfg, os.path.join(work, "nydusd-erofs.log"),
+                     args.threads),
     ]
     names = [s.name for s in servers]
     ctx = {"small_list": small_list}
@@ -435,6 +450,10 @@ def main() -> None:
         print(f"nydus_py RSS after ls -lR of a {flat['files']}-file image: {flat['rss_after_lsR_mib']:.1f} MiB "
               f"(after mount {flat['rss_after_mount_mib']:.1f}, peak {flat['peak_rss_mib']:.1f}; "
               f"ls -lR {flat['lsR_s']:.2f} s)")
+    for w, t in cols:
+        e = summary[w][t]["nydus_py_erofs"]["ratio"]
+        goals[f"erofs driver: {w} {t} (vs fusedev {summary[w][t]['nydus_py']['ratio']:.2f}x)"] = {
+            "value": e, "met": e <= summary[w][t]["nydus_py"]["ratio"]}
     print("\ngoals (nydus_py):")
     for k, v in goals.items():
         print(f"  {k:45s} {v['value']:8.2f}  {'met' if v['met'] else 'NOT met'}")

@@ -118,6 +118,7 @@ class Daemon:
         self.service = DaemonService(self.opts, self.events)
         self.runners: list[Any] = []
         self.grpc_server: Any = None
+        self.kernel = False  # the dedicated mount is served by the kernel EROFS driver
 
     # -- start-up ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -141,7 +142,13 @@ class Daemon:
         boot = getattr(a, "bootstrap", None)
         if getattr(a, "image", None):
             boot = image_source(a.image)  # docker://REF: a config is optional (daemon.image_ref)
+        driver = getattr(a, "fs_driver", None) or (
+            svc.default_config.fs_driver if svc.default_config is not None else "fusedev")
+        if getattr(a, "fs_driver", None) == "erofs" and not boot:
+            raise StartupError("--fs-driver erofs needs --bootstrap (a shared daemon takes the driver from each "
+                               "mount's config)")
         if boot:
+            self.kernel = self.opts.mode == "fuse" and driver == "erofs"
             if svc.default_config is None and not is_image_source(boot):
                 raise StartupError("--bootstrap needs --config or --localfs-dir")
             files = None
@@ -151,6 +158,8 @@ class Daemon:
                 except OSError as e:
                     raise StartupError(f"--prefetch-files {a.prefetch_files}: {e}") from None
             cmd = MountCmd("rafs", boot, "", files)
+            if self.kernel:  # EROFS at --mountpoint; no FUSE filesystem of ours there
+                cmd = MountCmd("rafs", boot, "", files, fs_driver="erofs", target=self.opts.mountpoint)
             try:
                 svc.mount(a.virtual_mountpoint, cmd)
             except ApiError as e:
@@ -161,8 +170,8 @@ class Daemon:
 
     def recovering(self) -> bool:
         """--upgrade, or a crashed predecessor: stay in INIT, mount nothing, wait for takeover."""
-        if self.opts.mode != "fuse":
-            return False
+        if self.opts.mode != "fuse" or getattr(self.args, "fs_driver", None) == "erofs":
+            return False  # (an EROFS mount is never handed over: nothing to take over)
         if self.opts.upgrade:
             log.info("--upgrade: waiting in INIT for the takeover")
             return True
@@ -180,6 +189,14 @@ class Daemon:
         boot = getattr(self.args, "bootstrap", None) or getattr(self.args, "image", None)
         log.info("serving %s at %s with %d threads (%s mode)", boot or "a shared daemon", self.opts.mountpoint,
                  self.opts.threads, "dedicated" if boot else "shared")
+
+    def start_erofs(self) -> None:
+        """The dedicated mount is already the kernel's (made in load()): just go RUNNING."""
+        svc = self.service
+        svc.sm.fire(Event.MOUNT)
+        svc.sm.fire(Event.START)
+        log.info("serving %s at %s with the kernel EROFS driver (dedicated mode)", self.args.bootstrap,
+                 self.opts.mountpoint)
 
     def start_virtiofs(self) -> None:
         from ..transport.vhost_user import virtiofs_server
@@ -245,7 +262,9 @@ class Daemon:
             loop.add_signal_handler(sig, self._on_signal, loop, sig)
         if not self.recovering():
             self.load()
-            if self.opts.mode == "fuse":
+            if self.kernel:
+                self.start_erofs()
+            elif self.opts.mode == "fuse":
                 self.start_fuse()
             else:
                 self.start_virtiofs()
@@ -281,10 +300,10 @@ class Daemon:
     def _stop_transport(self, unmount: bool) -> None:
         svc = self.service
         t = svc.transport
-        if t is None:
-            return
-        if self.opts.mode == "fuse" and not unmount:
-            # hand-over or session already over: leave the mount alone; our fds close at exit
+        if t is None or (self.opts.mode == "fuse" and not unmount):
+            # hand-over or session already over: leave the FUSE mount alone (our fds close at
+            # exit); EROFS mounts cannot be handed over, and their views die with us: undo them
+            svc.close_all(kernel_only=not (t is None and unmount))
             return
         t.stop()
         svc.close_all()

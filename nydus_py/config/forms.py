@@ -42,7 +42,9 @@ BACKEND_KEYS: dict[str, set[str]] = {
     "http-proxy": {"addr", "path", *_CONNECTION},
 }
 _V1_TOP = {"device", "mode", "digest_validate", "iostats_files", "enable_xattr", "access_pattern",
-           "latest_read_files", "amplify_io", "fs_prefetch", "entry_timeout", "attr_timeout"}
+           "latest_read_files", "amplify_io", "fs_prefetch", "entry_timeout", "attr_timeout", "fs_driver"}
+# how a mount is served: our FUSE filesystem, or the kernel's EROFS driver over blob views
+FS_DRIVERS = ("fusedev", "erofs")
 _V1_DEVICE = {"id", "backend", "cache", "external_backends"}
 _V1_CACHE = {"type", "compressed", "validate", "config"}
 _V1_CACHE_CONF = {"work_dir", "disable_indexed_map", "enable_encryption", "enable_convergent_encryption",
@@ -93,6 +95,7 @@ class ParsedConfig:
     v1: dict[str, Any]  # the v1 JSON object actually parsed (v2 converted), secrets included
     access_pattern: bool = False
     latest_read_files: bool = False
+    fs_driver: str = "fusedev"  # the top-level "fs_driver" key (FS_DRIVERS)
 
     @property
     def id(self) -> str:
@@ -147,6 +150,8 @@ def v2_to_v1(raw: dict[str, Any]) -> dict[str, Any]:
                    ("latest_read_files", "latest_read_files"), ("batch_size", "amplify_io")):
         if v2 in rafs:
             out[v1] = rafs[v2]
+    if "fs_driver" in raw:
+        out["fs_driver"] = raw["fs_driver"]
     prefetch = rafs.get("prefetch") if isinstance(rafs.get("prefetch"), dict) else cache.get("prefetch")
     if isinstance(prefetch, dict):
         out["fs_prefetch"] = _prefetch_v2_to_v1(prefetch)
@@ -173,6 +178,8 @@ def v1_to_v2(v1: dict[str, Any]) -> dict[str, Any]:
                  "latest_read_files": bool(v1.get("latest_read_files", False)),
                  "batch_size": v1.get("amplify_io", 1 << 20)},
     }
+    if "fs_driver" in v1:
+        out["fs_driver"] = v1["fs_driver"]
     if ctype in ("blobcache", "filecache"):
         out["cache"]["filecache"] = {"work_dir": (cache.get("config") or {}).get("work_dir", ".")}
     elif ctype == "fscache":
@@ -237,7 +244,7 @@ def parse_any(text: str | bytes, *, pull_auth: str | None = None) -> ParsedConfi
         if raw["version"] != 2 or isinstance(raw["version"], bool):
             raise ConfigError(f"version: unsupported config version {raw['version']!r}")
         _note_unknown(raw, {"version", "id", "backend", "cache", "rafs", "overlay", "external_backends",
-                            "metadata_path"}, "")
+                            "metadata_path", "fs_driver"}, "")
         v1 = v2_to_v1(raw)
     else:
         _check_unknown_v1(raw)
@@ -249,7 +256,10 @@ def parse_any(text: str | bytes, *, pull_auth: str | None = None) -> ParsedConfi
     for k, v in flags.items():
         if not isinstance(v, bool):
             raise ConfigError(f"{k}: expected bool, got {type(v).__name__}")
-    return ParsedConfig(rafs, v1, **flags)
+    driver = v1.get("fs_driver", "fusedev")
+    if driver not in FS_DRIVERS:
+        raise ConfigError(f"fs_driver: expected one of {', '.join(FS_DRIVERS)}, got {driver!r}")
+    return ParsedConfig(rafs, v1, **flags, fs_driver=driver)
 
 
 def apply_pull_auth(v1: dict[str, Any], auth: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError, ParsedConfig, parse_any
+from ..fs.erofs_serve import ErofsServe
 from ..fs.rafs_fs import RafsFilesystem
 from ..fuse.api import Filesystem
 from ..metrics.backend import BackendStats, instrument, unwrap
@@ -27,6 +28,7 @@ from ..storage.cache import BlobCacheManager
 from ..storage.device import BlobDevice, ChunkSource
 from ..storage.factory import make_prefetcher, make_source
 from ..storage.prefetch import Prefetcher
+from ..transport.erofs_mount import ErofsImageError, ErofsUnavailable
 from .errors import BadRequest, InternalError, Unsupported
 from .image_ref import is_image_source, prepare_image_mount
 
@@ -42,6 +44,10 @@ class MountCmd:
     source: str
     config: str
     prefetch_files: list[str] | None = None
+    # set by the command line of a dedicated daemon (`--fs-driver`, `--mountpoint`), never by
+    # the API: there the driver comes from the config and the target is the mountpoint
+    fs_driver: str = ""
+    target: str = ""
 
     @classmethod
     def from_json(cls, body: Any) -> "MountCmd":
@@ -73,6 +79,8 @@ class MountCmd:
         d: dict[str, Any] = {"fs_type": self.fs_type, "source": self.source, "config": self.config}
         if self.prefetch_files is not None:
             d["prefetch_files"] = self.prefetch_files
+        if self.fs_driver:
+            d["fs_driver"] = self.fs_driver
         return d
 
 
@@ -91,6 +99,7 @@ class Instance:
     device: BlobDevice | None = None
     backend_stats: BackendStats | None = None
     prefetcher: Prefetcher | None = None
+    erofs: ErofsServe | None = None  # served by the kernel EROFS driver (not in the VFS)
     mounted_time: float = field(default_factory=time.time)
     index: int = -1
 
@@ -100,10 +109,16 @@ class Instance:
         return self.parsed.id if self.parsed is not None and self.parsed.id else self.mountpoint
 
     def close(self) -> None:
-        """Stop background work and release files; the VFS no longer routes to it."""
+        """Stop background work and release files; the VFS no longer routes to it. An EROFS
+        instance unmounts its EROFS mount and blob views first."""
         if self.prefetcher is not None:
             with contextlib.suppress(Exception):
                 self.prefetcher.stop()
+        if self.erofs is not None:
+            try:
+                self.erofs.close()
+            except Exception:
+                log.exception("unmounting the EROFS serving of %s failed", self.mountpoint)
         close_fs = getattr(self.fs, "close", None)
         if callable(close_fs):
             close_fs()
@@ -163,6 +178,14 @@ class Instance:
             for k in out:
                 if k in s and isinstance(s[k], type(out[k])):
                     out[k] = s[k]
+        if self.erofs is not None:  # kernel reads through the blob views, and what they fetched
+            ev = self.erofs.snapshot()
+            if self.backend_stats is not None:
+                b = self.backend_stats.json()
+                ev["backend_reads"], ev["backend_bytes"] = b["read_count"], b["read_amount_total"]
+                ev["prefetch_backend_reads"] = self.backend_stats.prefetch_reads
+                ev["prefetch_backend_bytes"] = self.backend_stats.prefetch_bytes
+            out["erofs"] = ev
         p = self.prefetcher
         if p is not None:
             out["prefetch_workers"] = p.threads
@@ -213,9 +236,28 @@ def _parse_config(cmd: MountCmd, default_config: ParsedConfig | None) -> ParsedC
         raise BadRequest(f"config: {e}") from None
 
 
+def fs_driver_of(cmd: MountCmd, default_config: ParsedConfig | None) -> str:
+    """The driver a mount asks for: the command line's, else its config's (a config that does not
+    parse is reported by the mount itself)."""
+    if cmd.fs_driver:
+        return cmd.fs_driver
+    if cmd.fs_type not in RAFS_TYPES:
+        return "fusedev"
+    if cmd.config.strip():
+        try:
+            return parse_any(cmd.config).fs_driver
+        except ConfigError:
+            return "fusedev"
+    return default_config.fs_driver if default_config is not None else "fusedev"
+
+
 def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None = None) -> Instance:
     boot = cmd.source
     fetched = None
+    driver = fs_driver_of(cmd, default_config)
+    if driver == "erofs" and is_image_source(cmd.source):
+        raise Unsupported("fs_driver erofs: mounting by image reference is not supported yet; pull the "
+                          "bootstrap and mount it by path, or use fs_driver fusedev")
     if is_image_source(cmd.source):  # docker://REGISTRY/REPO:TAG (see daemon.image_ref)
         fetched, parsed = prepare_image_mount(cmd.source, cmd.config, default_config)
         boot = fetched.path
@@ -240,6 +282,8 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
         source, bstats = instrument(source, cfg.backend.type)
         device = BlobDevice(image, source, validate=cfg.digest_validate or cfg.cache.validate,
                             amplify_io=cfg.amplify_io)
+        if driver == "erofs":
+            return _erofs_instance(mountpoint, cmd, parsed, image, source, bstats, device)
         fs = RafsFilesystem(image, device, entry_timeout=cfg.entry_timeout, attr_timeout=cfg.attr_timeout,
                             enable_xattr=cfg.enable_xattr)
         stats = FsStats(mountpoint, files=cfg.iostats_files, access_pattern=parsed.access_pattern,
@@ -260,6 +304,33 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
         if isinstance(e, Exception):
             raise InternalError(f"mount {mountpoint}: {e}") from e
         raise
+
+
+def _erofs_instance(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, image: RafsImage,
+                    source: BlobSource | ChunkSource, bstats: BackendStats, device: BlobDevice) -> Instance:
+    """The image served by the kernel EROFS driver at `cmd.target` (dedicated mode) or at the
+    mountpoint itself, a host path (shared mode); its blob views over a private FUSE mount."""
+    target = cmd.target or mountpoint
+    try:
+        serve = ErofsServe(image, device, cmd.source, target)
+    except ErofsImageError as e:
+        raise BadRequest(f"fs_driver erofs: {e}") from None
+    try:
+        serve.start()
+    except ErofsUnavailable as e:
+        raise Unsupported(f"fs_driver erofs: {e.strerror or e}") from None
+    except OSError as e:
+        raise BadRequest(f"fs_driver erofs: mount at {target}: {e.strerror or e}") from None
+    cfg = parsed.rafs
+    inst = Instance(mountpoint, cmd, serve.fs, "Rafs", FsStats(mountpoint), parsed=parsed, image=image,
+                    source=source, device=device, backend_stats=bstats, erofs=serve)
+    try:
+        files = [os.fsencode(p) for p in cmd.prefetch_files or ()]
+        inst.prefetcher = make_prefetcher(cfg, image, source, files)
+    except BaseException:
+        serve.close()
+        raise
+    return inst
 
 
 def create_passthrough(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None = None) -> Instance:

@@ -27,7 +27,7 @@ from ..transport.fusedev import FuseDevSession
 from ..vfs import MAX_INDEX, Vfs, VfsError, normalize_path
 from . import supervisor
 from .errors import ApiError, BadRequest, Conflict, InternalError, NotFound, NotReady, Timeout, Unsupported
-from .instance import Instance, MountCmd, create_instance
+from .instance import Instance, MountCmd, create_instance, fs_driver_of
 from .logsetup import EventRing, set_level
 from .state import DaemonState, Event, StateMachine
 from .version import build_info
@@ -118,7 +118,10 @@ class DaemonService:
             raise BadRequest(str(e)) from None
 
     def mount(self, mountpoint: str | None, cmd: MountCmd) -> None:
+        """Mount `cmd` at `mountpoint` in the VFS; with fs_driver erofs the mountpoint is a host
+        path where the kernel EROFS mount goes (the VFS is not involved)."""
         mp = self.normalize_mountpoint(mountpoint)
+        kernel = fs_driver_of(cmd, self.default_config) == "erofs"
         with self._lock:
             if self.state == DaemonState.STOPPED:
                 raise NotReady("the daemon is stopping")
@@ -128,11 +131,16 @@ class DaemonService:
                     log.info("mount %s: already mounted with the same source and config", mp)
                     return
                 raise Conflict(f"{mp} is already mounted")
-            self._check_mountable(mp)
+            self._check_mountable(mp, kernel)
             self._building.add(mp)  # reserved: the instance is built without the lock held
         try:
             inst = self._build(mp, cmd)
             with self._lock:
+                if inst.erofs is not None:
+                    self.instances[mp] = inst
+                    log.info("mounted %s (%s) at %s with the kernel EROFS driver", cmd.source, cmd.fs_type,
+                             inst.erofs.target)
+                    return
                 try:
                     inst.index = self.vfs.mount(mp, inst.fs)
                 except VfsError as e:
@@ -146,11 +154,15 @@ class DaemonService:
                 self._building.discard(mp)
         log.info("mounted %s (%s) at %s, index %d", cmd.source, cmd.fs_type, mp, inst.index)
 
-    def _check_mountable(self, mp: str) -> None:
-        """Refuse before building anything what the VFS would refuse (no half-made instances)."""
+    def _check_mountable(self, mp: str, kernel: bool = False) -> None:
+        """Refuse before building anything what the VFS would refuse (no half-made instances).
+        A kernel (EROFS) mount only needs its host path to be free of our own mounts."""
         if mp in self._building:
             raise Conflict(f"a mount at {mp} is in progress")
-        for other in (*self.instances, *self._building):
+        if kernel:
+            return
+        vfs_mounts = [m for m, i in self.instances.items() if i.erofs is None]
+        for other in (*vfs_mounts, *self._building):
             if other == "/" or mp == "/" or mp.startswith(other + "/") or other.startswith(mp + "/"):
                 raise Conflict(f"cannot mount {mp}: it overlaps the mount at {other}")
 
@@ -200,6 +212,8 @@ class DaemonService:
         with self._lock:
             if mp not in self.instances:
                 raise NotFound(f"{mp} is not mounted")
+            if self.instances[mp].erofs is not None or fs_driver_of(cmd, self.default_config) == "erofs":
+                raise Unsupported("remount with fs_driver erofs is not supported; umount and mount again")
         inst = self._build(mp, cmd)
         with self._lock:
             old = self.instances.get(mp)
@@ -219,20 +233,25 @@ class DaemonService:
             inst = self.instances.get(mp)
             if inst is None:
                 raise NotFound(f"{mp} is not mounted")
-            self.vfs.umount(mp)
+            if inst.erofs is None:
+                self.vfs.umount(mp)
             del self.instances[mp]
-            if self._by_index[inst.index] is inst:
+            if inst.index >= 0 and self._by_index[inst.index] is inst:
                 self._by_index[inst.index] = None
         inst.close()
         log.info("umounted %s", mp)
 
-    def close_all(self) -> None:
+    def close_all(self, kernel_only: bool = False) -> None:
+        """Close every instance (`kernel_only`: the EROFS ones, which no hand-over can carry)."""
         with self._lock:
             for mp in sorted(self.instances, key=len, reverse=True):
+                if kernel_only and self.instances[mp].erofs is None:
+                    continue
                 inst = self.instances.pop(mp)
-                with contextlib.suppress(VfsError):
-                    self.vfs.umount(mp, wait=2.0)
-                self._by_index[inst.index] = None
+                if inst.erofs is None:
+                    with contextlib.suppress(VfsError):
+                        self.vfs.umount(mp, wait=2.0)
+                    self._by_index[inst.index] = None
                 try:
                     inst.close()
                 except Exception:
@@ -332,7 +351,11 @@ class DaemonService:
     def _state_blob(self) -> bytes:
         with self._lock:
             mounts = [{"mountpoint": mp, "index": i.index, "cmd": i.cmd.to_json()}
-                      for mp, i in sorted(self.instances.items())]
+                      for mp, i in sorted(self.instances.items()) if i.erofs is None]
+            for mp, i in self.instances.items():
+                if i.erofs is not None:
+                    log.warning("%s: EROFS mounts are not handed over (failover of fs_driver erofs is not "
+                                "supported)", mp)
             state = {"format": STATE_FORMAT, "mountpoint": self.opts.mountpoint, "mounts": mounts,
                      "vfs": self.vfs.export_layout(), "fuse": self.session.export_state(),
                      "default_config": self.default_config.v1 if self.default_config is not None else None}

@@ -143,6 +143,7 @@ class V6Image(RafsImage):
         self._closed = False
         self._chunk_keys: array[int] | None = None
         self._chunk_pos: array[int] | None = None
+        self._blob_maps: dict[int, array[int]] = {}  # blob index -> sorted blkaddr<<32 | record
         self._inode_count: int | None = None
         self._inode_count_error: str | None = None
         self._inode = functools.lru_cache(maxsize=INODE_CACHE)(self._decode_inode)
@@ -867,6 +868,51 @@ class V6Image(RafsImage):
                 yield rec
             j += 1
 
+    def check_blob_alignment(self) -> None:
+        """FormatError unless every chunk starts on a 4 KiB block of its blob's uncompressed space
+        (what the kernel EROFS driver needs to read the blob view as a device)."""
+        self._chunk_index()  # validates every record's uncompressed offset
+
+    def _blob_map(self, b: int) -> array[int]:
+        """Chunks of blob `b` sorted by uncompressed offset: `blkaddr << 32 | record number`,
+        one per block address (built once per blob, 8 bytes per chunk)."""
+        m = self._blob_maps.get(b)
+        if m is not None:
+            return m
+        keys, pos = self._chunk_index()
+        lo, hi = bisect.bisect_left(keys, b << 56), bisect.bisect_left(keys, (b + 1) << 56)
+        first: dict[int, int] = {}
+        for j in range(lo, hi):
+            first.setdefault(keys[j] & 0xFFFF_FFFF, pos[j])
+        m = array("Q", sorted(blk << 32 | p for blk, p in first.items()))
+        self._blob_maps[b] = m  # a racing builder makes the same array
+        return m
+
+    def blob_chunks(self, blob_index: int, offset: int, size: int) -> list[ChunkInfo]:
+        """Chunks of blob `blob_index` overlapping [offset, offset+size) of its uncompressed view,
+        in offset order, with `file_offset` = the chunk's uncompressed offset (the view's file
+        offset). Ranges no chunk covers read as zeros."""
+        if not 0 <= blob_index < len(self.blobs):
+            raise FormatError(f"blob index {blob_index} out of range ({len(self.blobs)} blobs)")
+        end = offset + size
+        if size <= 0 or offset < 0:
+            return []
+        m = self._blob_map(blob_index)
+        j = max(0, bisect.bisect_right(m, (offset >> 12) << 32 | 0xFFFF_FFFF) - 1)
+        out: list[ChunkInfo] = []
+        prev_end = 0
+        while j < len(m) and (m[j] >> 32) << 12 < end:
+            rec = self.chunk_record(m[j] & 0xFFFF_FFFF)
+            j += 1
+            self._check_record(rec, f"blob {blob_index} chunk at {rec.uncompressed_offset:#x}")
+            if rec.uncompressed_offset + rec.uncompressed_size <= offset:
+                continue
+            if rec.uncompressed_offset < prev_end:
+                raise FormatError(f"blob {blob_index}: chunks overlap at uncompressed offset {rec.uncompressed_offset:#x}")
+            prev_end = rec.uncompressed_offset + rec.uncompressed_size
+            out.append(rec._replace(file_offset=rec.uncompressed_offset))
+        return out
+
     def prefetch_table(self) -> list[int]:
         out = []
         for k in range(self._pf_size // 4):
@@ -883,6 +929,7 @@ class V6Image(RafsImage):
         self._closed = True
         self._inode.cache_clear()
         self._chunk_keys = self._chunk_pos = None
+        self._blob_maps.clear()
         close = getattr(self._buf, "close", None)
         if callable(close):
             close()

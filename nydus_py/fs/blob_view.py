@@ -1,0 +1,133 @@
+"""A tiny read-only FUSE filesystem with one regular file per blob: the blob's uncompressed view.
+
+This is what the kernel EROFS driver reads as its devices (`device=` per blob) when an image is
+served with `--fs-driver erofs`: metadata never leaves the kernel, and only EROFS page-cache
+misses on file data reach Python, as READs of `<mount>/<blob id>`. They are served by the same
+`BlobDevice` chunk machinery as the FUSE driver (blob cache, lazy, digest-checked): a chunk that
+cannot be had is EIO, never zeros or wrong bytes.
+
+Inodes: 1 is the root directory, 2 + i is blob i (blob-table order).
+"""
+
+import errno
+import logging
+import stat
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+from ..fuse.abi import FOpenFlags
+from ..fuse.api import Entry, Filesystem, FuseAttr, FuseError, StatFs
+from ..rafs.errors import FormatError
+from ..rafs.layout_v6 import EROFS_BLOCK_SIZE
+from ..rafs.model import BlobInfo, RafsImage
+from ..storage.device import BlobDevice
+
+log = logging.getLogger(__name__)
+
+ROOT = 1
+FIRST_BLOB = 2
+TIMEOUT = 86400.0 * 365  # the set of blobs never changes while mounted
+
+
+def view_size(blob: BlobInfo, blocks: int = 0) -> int:
+    """Size of a blob's view file: its uncompressed size, at least the device slot's blocks."""
+    return max(blob.uncompressed_size, blocks * EROFS_BLOCK_SIZE)
+
+
+class BlobViewStats:
+    """What kernel reads through the views cost: READs, bytes served, failures."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.read_bytes = 0
+        self.read_errors = 0
+        self.opens = 0
+        self._lock = threading.Lock()
+
+    def count(self, nbytes: int, failed: bool = False) -> None:
+        with self._lock:
+            self.reads += 1
+            self.read_bytes += nbytes
+            self.read_errors += failed
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            return {"kernel_reads": self.reads, "kernel_read_bytes": self.read_bytes,
+                    "kernel_read_errors": self.read_errors, "view_opens": self.opens}
+
+
+class BlobViewFilesystem(Filesystem):
+    def __init__(self, image: RafsImage, device: BlobDevice) -> None:
+        self.image = image
+        self.device = device
+        self.blobs = list(image.blobs)
+        slots = getattr(image, "devices", None) or []
+        self.sizes = [view_size(b, slots[i].blocks if i < len(slots) else 0) for i, b in enumerate(self.blobs)]
+        self.names = {b.blob_id.encode(): FIRST_BLOB + i for i, b in enumerate(self.blobs)}
+        self.stats = BlobViewStats()
+
+    def paths(self, mountpoint: str) -> list[str]:
+        """The device file of every blob, in blob-table order."""
+        return [f"{mountpoint}/{b.blob_id}" for b in self.blobs]
+
+    def _blob(self, ino: int) -> int:
+        i = ino - FIRST_BLOB
+        if not 0 <= i < len(self.blobs):
+            raise FuseError(errno.ENOENT)
+        return i
+
+    def _attr(self, ino: int) -> FuseAttr:
+        if ino == ROOT:
+            return FuseAttr(ino=ROOT, mode=stat.S_IFDIR | 0o500, nlink=2, blksize=EROFS_BLOCK_SIZE)
+        size = self.sizes[self._blob(ino)]
+        return FuseAttr(ino=ino, size=size, blocks=(size + 511) // 512, mode=stat.S_IFREG | 0o400, nlink=1,
+                        blksize=EROFS_BLOCK_SIZE)
+
+    def lookup(self, parent: int, name: bytes) -> Entry:
+        if parent != ROOT:
+            raise FuseError(errno.ENOTDIR)
+        if name in (b".", b".."):
+            return Entry(ROOT, 0, self._attr(ROOT), TIMEOUT, TIMEOUT)
+        ino = self.names.get(name)
+        if ino is None:
+            raise FuseError(errno.ENOENT)
+        return Entry(ino, 0, self._attr(ino), TIMEOUT, TIMEOUT)
+
+    def getattr(self, ino: int) -> tuple[FuseAttr, float]:
+        return self._attr(ino), TIMEOUT
+
+    def readlink(self, ino: int) -> bytes:
+        raise FuseError(errno.EINVAL)
+
+    def open(self, ino: int, flags: int) -> tuple[int, int]:
+        if ino == ROOT:
+            raise FuseError(errno.EISDIR)
+        self._blob(ino)
+        with self.stats._lock:
+            self.stats.opens += 1
+        return 0, FOpenFlags.KEEP_CACHE
+
+    def readdir(self, ino: int, fh: int, offset: int) -> Iterator[tuple[bytes, int, int, int]]:
+        if ino != ROOT:
+            raise FuseError(errno.ENOTDIR)
+        entries = [(b".", ROOT, stat.S_IFDIR), (b"..", ROOT, stat.S_IFDIR)]
+        entries += [(b.blob_id.encode(), FIRST_BLOB + i, stat.S_IFREG) for i, b in enumerate(self.blobs)]
+        for k in range(offset, len(entries)):
+            name, child, typ = entries[k]
+            yield name, child, typ, k + 1
+
+    def statfs(self, ino: int) -> StatFs:
+        blocks = sum(self.sizes) // EROFS_BLOCK_SIZE
+        return StatFs(blocks=blocks, files=len(self.blobs) + 1, bsize=EROFS_BLOCK_SIZE, frsize=EROFS_BLOCK_SIZE)
+
+    def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | memoryview:
+        i = self._blob(ino)
+        try:
+            data = self.device.read_blob(i, offset, size, self.sizes[i])
+        except (FormatError, OSError) as e:
+            self.stats.count(0, failed=True)
+            log.error("blob view %s [%d, +%d): %s", self.blobs[i].blob_id, offset, size, e)
+            raise FuseError(errno.EIO) from None
+        self.stats.count(len(data))
+        return data
