@@ -14,6 +14,8 @@ Decisions for tar input (every name is treated as hostile):
 * Member data must lie inside the archive (no declared size past its end); GNU sparse members and
   unknown member types are refused, like nydus-image does.
 * Whiteouts (`.wh.NAME`, `.wh..wh..opq`) stay ordinary entries; `merge.merge_layers` applies them.
+* Compressed (or unseekable) input is expanded into an anonymous file (in `spool_dir`) and
+  refused once it expands past its `ExpansionLimits` (decompression bombs, see `limits`).
 
 Xattrs: RAFS can store only `user.`, `trusted.`, `security.` and `system.posix_acl_{access,default}`
 names (value <= 64 KiB, name suffix <= 255 bytes); others are logged and counted, not stored.
@@ -35,6 +37,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from ..rafs.errors import FormatError
+from .limits import ExpansionLimits, ExpansionMeter
 from .tree import FileData, Inode
 
 log = logging.getLogger(__name__)
@@ -44,6 +47,8 @@ MAX_SYMLINK_LEN = 4095
 MAX_XATTR_VALUE = 65535
 _XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 _XATTR_EXACT = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+DEFAULT_LIMITS = ExpansionLimits()
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -237,27 +242,45 @@ def _member_opener(backing: _Backing, offset: int, size: int) -> Callable[[], Bi
     return open_member
 
 
-def _spool(src: BinaryIO, decompress: str | None) -> BinaryIO:
-    """Copy `src` (decompressing gzip/zstd) into an anonymous temp file."""
-    tmp = tempfile.TemporaryFile()  # noqa: SIM115 (returned open)
+class _CountingReader:
+    """Reads through to `src`, telling `meter` how many compressed bytes were read."""
+
+    def __init__(self, src: BinaryIO, meter: ExpansionMeter) -> None:
+        self._src = src
+        self._meter = meter
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        self._meter.consumed(len(data))
+        return data
+
+
+def _spool(
+    src: BinaryIO, decompress: str | None, limits: ExpansionLimits | None, spool_dir: str | None
+) -> BinaryIO:
+    """Copy `src` (decompressing gzip/zstd) into an anonymous temp file in `spool_dir`
+    (default: the temp dir), refusing a layer that expands past `limits`."""
+    tmp = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (returned open)
+    meter = ExpansionMeter(limits)
+    counted: Any = _CountingReader(src, meter)
     try:
         if decompress == "gzip":
             import gzip
             import zlib
 
             try:
-                with gzip.GzipFile(fileobj=src, mode="rb") as gz:
-                    _copy(gz, tmp)
+                with gzip.GzipFile(fileobj=counted, mode="rb") as gz:
+                    _copy(gz, tmp, meter)
             except (OSError, EOFError, zlib.error) as e:
                 raise FormatError(f"corrupt gzip layer: {e}") from None
         elif decompress == "zstd":
             try:
-                with zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True, closefd=False) as zr:
-                    _copy(zr, tmp)
+                with zstandard.ZstdDecompressor().stream_reader(counted, read_across_frames=True, closefd=False) as zr:
+                    _copy(zr, tmp, meter)
             except zstandard.ZstdError as e:
                 raise FormatError(f"corrupt zstd layer: {e}") from None
         else:
-            _copy(src, tmp)
+            _copy(counted, tmp, meter)
         tmp.flush()
         tmp.seek(0)
         return tmp
@@ -266,11 +289,12 @@ def _spool(src: BinaryIO, decompress: str | None) -> BinaryIO:
         raise
 
 
-def _copy(src: Any, dst: BinaryIO) -> None:
+def _copy(src: Any, dst: BinaryIO, meter: ExpansionMeter) -> None:
     while True:
         block = src.read(1 << 20)
         if not block:
             return
+        meter.produce(len(block))
         dst.write(block)
 
 
@@ -283,7 +307,9 @@ def detect_compression(head: bytes) -> str | None:
     return None
 
 
-def _open_backing(src: str | os.PathLike[str] | BinaryIO) -> _Backing:
+def _open_backing(
+    src: str | os.PathLike[str] | BinaryIO, limits: ExpansionLimits | None, spool_dir: str | None
+) -> _Backing:
     if isinstance(src, str | bytes | os.PathLike):
         f: BinaryIO = open(src, "rb")  # noqa: SIM115 (kept open for FileData)
         owned = True
@@ -295,7 +321,7 @@ def _open_backing(src: str | os.PathLike[str] | BinaryIO) -> _Backing:
         kind = detect_compression(head)
         if kind is None and _has_fileno(f) and f.seekable():
             return _Backing(f)
-        spooled = _spool(f, kind)
+        spooled = _spool(f, kind, limits, spool_dir)
         if owned:
             f.close()
         return _Backing(spooled)
@@ -439,13 +465,22 @@ def _copy_attrs(dst: Inode, src: Inode) -> None:
     dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, src.xattrs
 
 
-def tree_from_tar(src: str | os.PathLike[str] | BinaryIO, stats: SourceStats | None = None) -> Inode:
+def tree_from_tar(
+    src: str | os.PathLike[str] | BinaryIO,
+    stats: SourceStats | None = None,
+    *,
+    limits: ExpansionLimits | None = DEFAULT_LIMITS,
+    spool_dir: str | None = None,
+) -> Inode:
     """The tree of one OCI layer tar (plain, gzip or zstd, detected by magic).
 
     Regular files get a FileData reading their bytes from the archive (the decompressed copy for
     compressed layers), so the archive (or a temp copy) stays open while the tree is alive.
+    A compressed (or unseekable) layer is first copied into an anonymous file in `spool_dir`
+    (default: the temp dir; nothing is left there, whatever happens), refused with an
+    `ExpansionLimitError` when it expands past `limits` (None: no caps).
     """
-    backing = _open_backing(src)
+    backing = _open_backing(src, limits, spool_dir)
     try:
         tar = tarfile.open(  # noqa: SIM115 (closing would close the backing file)
             fileobj=backing.file, mode="r:", encoding="utf-8", errors="surrogateescape"
