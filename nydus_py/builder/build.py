@@ -120,8 +120,7 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
     """
     check_options(opts)
     plan: V5Plan | V6Plan = plan_v5(root, opts) if opts.fs_version == 5 else plan_v6(root, opts)
-    files = plan.regular_files()
-    table, file_chunks, dedup = _existing_blobs(files, opts)
+    table, file_chunks, dedup = _existing_blobs(plan.regular_files(), opts)
     if opts.blob_id is not None and opts.blob_id in {b.blob_id for b in table}:
         raise FormatError(f"blob id {opts.blob_id} is already used by a blob the image references")
     if isinstance(plan, V6Plan) and len(table) >= 254:
@@ -137,6 +136,7 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
         blob_path = writer.path
     blobs = table + ([new_blob] if new_blob is not None else [])
     try:
+        boot: bytes | bytearray
         if isinstance(plan, V5Plan):
             boot = write_v5(plan, blobs, file_chunks, opts)
         else:
@@ -160,7 +160,7 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
     )
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def _write_atomic(path: str, data: bytes | bytearray) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".boot-", suffix=".tmp")

@@ -30,7 +30,7 @@ import stat
 import tarfile
 import tempfile
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -38,7 +38,7 @@ import zstandard
 
 from ..rafs.errors import FormatError
 from .limits import ExpansionLimits, ExpansionMeter
-from .tree import FileData, Inode
+from .tree import NO_XATTRS, FileData, Inode
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,9 @@ def xattr_storable(name: bytes, value: bytes) -> bool:
     return False
 
 
-def _keep_xattrs(xattrs: dict[bytes, bytes], where: str, stats: SourceStats | None) -> dict[bytes, bytes]:
+def _keep_xattrs(xattrs: dict[bytes, bytes], where: str, stats: SourceStats | None) -> Mapping[bytes, bytes]:
+    if not xattrs:
+        return NO_XATTRS
     kept: dict[bytes, bytes] = {}
     for name, value in xattrs.items():
         if xattr_storable(name, value):
@@ -85,7 +87,7 @@ def _keep_xattrs(xattrs: dict[bytes, bytes], where: str, stats: SourceStats | No
         if stats is not None:
             stats.skipped_xattrs += 1
             stats.skipped_xattr_names.add(name)
-    return kept
+    return kept or NO_XATTRS
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,11 +113,16 @@ def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def _opener(path: bytes) -> Callable[[], BinaryIO]:
-    def open_file() -> BinaryIO:
-        return open(path, "rb")
+class _PathOpener:
+    """`FileData.open` of a directory source's file (an object per file: smaller than a closure)."""
 
-    return open_file
+    __slots__ = ("path",)
+
+    def __init__(self, path: bytes) -> None:
+        self.path = path
+
+    def __call__(self) -> BinaryIO:
+        return open(self.path, "rb")
 
 
 def tree_from_directory(path: str | bytes | os.PathLike[str], stats: SourceStats | None = None) -> Inode:
@@ -177,7 +184,7 @@ def _inode_from_stat(path: bytes, st: os.stat_result, stats: SourceStats | None)
     if fmt == stat.S_IFDIR:
         node.children = {}
     elif fmt == stat.S_IFREG:
-        node.data = FileData(size=st.st_size, open=_opener(path))
+        node.data = FileData(size=st.st_size, open=_PathOpener(path))
     elif fmt == stat.S_IFLNK:
         target = os.readlink(path)
         if not target or len(target) > MAX_SYMLINK_LEN:
@@ -235,11 +242,19 @@ class _MemberReader(io.RawIOBase):
         return n
 
 
-def _member_opener(backing: _Backing, offset: int, size: int) -> Callable[[], BinaryIO]:
-    def open_member() -> BinaryIO:
-        return io.BufferedReader(_MemberReader(backing, offset, size))
+class _MemberOpener:
+    """`FileData.open` of a tar member: a stream over its bytes in the backing file (an object
+    per file: smaller than a closure)."""
 
-    return open_member
+    __slots__ = ("backing", "offset", "size")
+
+    def __init__(self, backing: _Backing, offset: int, size: int) -> None:
+        self.backing = backing
+        self.offset = offset
+        self.size = size
+
+    def __call__(self) -> BinaryIO:
+        return io.BufferedReader(_MemberReader(self.backing, self.offset, self.size))
 
 
 class _CountingReader:
@@ -417,9 +432,19 @@ _TYPES = {
 class _TarTree:
     """Inserts members into a tree following the rules in the module docstring."""
 
+    _MAX_SHARED_INTS = 1 << 16
+
     def __init__(self, stats: SourceStats | None) -> None:
         self.root = Inode.directory(0o755)
         self.stats = stats
+        self._ints: dict[int, int] = {}
+
+    def share(self, v: int) -> int:
+        """One int object per value for modes, ids and mtimes (most members repeat a few), up
+        to a bound: with 100k entries that saves megabytes."""
+        if len(self._ints) < self._MAX_SHARED_INTS:
+            return self._ints.setdefault(v, v)
+        return self._ints.get(v, v)
 
     def parent_of(self, parts: list[bytes], raw: str) -> Inode:
         node = self.root
@@ -495,6 +520,7 @@ def tree_from_tar(
             raise FormatError(f"corrupt tar archive at offset {tar.offset}: {e}") from None
         if member is None:
             break
+        tar.members.clear()  # type: ignore[attr-defined]  # else TarFile keeps every TarInfo (~0.5 KiB each)
         _add_member(tt, member, backing)
     trailing = backing.size - tar.offset
     if 0 < trailing < tarfile.BLOCKSIZE:
@@ -528,13 +554,14 @@ def _add_member(tt: _TarTree, m: tarfile.TarInfo, backing: _Backing) -> None:
             raise FormatError(f"tar member {raw!r}: {what} {v} out of range")
     sec, nsec = _mtime(m)
     where = f"tar member {raw!r}"
+    share = tt.share
     node = Inode(
-        mode=fmt | (m.mode & 0o7777),
-        uid=m.uid,
-        gid=m.gid,
-        mtime=sec,
-        mtime_nsec=nsec,
-        xattrs=_keep_xattrs(_pax_xattrs(m), where, tt.stats),
+        mode=share(fmt | (m.mode & 0o7777)),
+        uid=share(m.uid),
+        gid=share(m.gid),
+        mtime=share(sec),
+        mtime_nsec=share(nsec),
+        xattrs=_keep_xattrs(_pax_xattrs(m), where, tt.stats) if m.pax_headers else NO_XATTRS,
     )
     if fmt == stat.S_IFREG:
         if m.size < 0 or m.offset_data + m.size > backing.size:
@@ -542,7 +569,7 @@ def _add_member(tt: _TarTree, m: tarfile.TarInfo, backing: _Backing) -> None:
                 f"{where}: declared size {m.size} at offset {m.offset_data} runs past the end of "
                 f"the archive ({backing.size} bytes)"
             )
-        node.data = FileData(size=m.size, open=_member_opener(backing, m.offset_data, m.size))
+        node.data = FileData(size=m.size, open=_MemberOpener(backing, m.offset_data, m.size))
     elif fmt == stat.S_IFDIR:
         node.children = {}
     elif fmt == stat.S_IFLNK:
