@@ -5,15 +5,18 @@ decompressed, before the disk fills, when either
 
 * its expanded size passes `max_size` (default 64 GiB), or
 * it has expanded past `ratio_grace` (default 64 MiB) and its expanded size is more than
-  `max_ratio` (default 100) times the compressed bytes read so far.
+  `max_ratio` (default 100) times its compressed size (for a stream of unknown size: the
+  compressed bytes read so far).
 
 Real layers compress 2-10x; the grace keeps small, very compressible layers (a file of zeros)
 working. 0 turns a cap off. `nydus-image-py create` and `nydusify-py convert` take these as
 `--max-expanded-size`, `--max-expansion-ratio` and `--expansion-ratio-grace`.
 """
 
+import io
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from ..rafs.errors import FormatError
 
@@ -48,6 +51,19 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
+def remaining_size(f: Any) -> int | None:
+    """Bytes from `f`'s position to its end, if it can tell (a seekable file); else None."""
+    try:
+        if not f.seekable():
+            return None
+        pos = f.tell()
+        end = f.seek(0, io.SEEK_END)
+        f.seek(pos)
+    except (OSError, AttributeError, ValueError):
+        return None
+    return max(0, int(end) - int(pos))
+
+
 def human_size(n: int) -> str:
     for unit, step in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= step:
@@ -59,11 +75,14 @@ class ExpansionMeter:
     """Counts compressed bytes read and expanded bytes produced; raises before a cap is passed.
 
     Call `consumed` with compressed bytes as they are read and `produce` with each piece of
-    output before writing it: a refused piece is never written.
+    output before writing it: a refused piece is never written. `compressed_size` (when known)
+    is the ratio's base from the start, so where the compressible part of a layer lies does not
+    matter.
     """
 
-    def __init__(self, limits: ExpansionLimits | None) -> None:
+    def __init__(self, limits: ExpansionLimits | None, compressed_size: int | None = None) -> None:
         self.limits = limits or ExpansionLimits(0, 0, 0)
+        self.compressed_size = compressed_size or 0
         self.compressed = 0
         self.expanded = 0
 
@@ -78,10 +97,11 @@ class ExpansionMeter:
                 f"expands to more than {human_size(lim.max_size)} ({lim.max_size} bytes; "
                 f"limit --max-expanded-size) after {human_size(self.compressed)} of compressed input"
             )
-        if lim.max_ratio and after > lim.ratio_grace and after > lim.max_ratio * self.compressed:
+        base = max(self.compressed, self.compressed_size)
+        if lim.max_ratio and after > lim.ratio_grace and after > lim.max_ratio * base:
             raise ExpansionLimitError(
                 f"expands more than {lim.max_ratio:g} times: {human_size(after)} from "
-                f"{human_size(self.compressed)} of compressed input (limit --max-expansion-ratio, "
+                f"{human_size(base)} of compressed input (limit --max-expansion-ratio, "
                 f"checked past --expansion-ratio-grace {human_size(lim.ratio_grace)})"
             )
         self.expanded = after

@@ -37,7 +37,7 @@ from typing import Any, BinaryIO
 import zstandard
 
 from ..rafs.errors import FormatError
-from .limits import ExpansionLimits, ExpansionMeter
+from .limits import ExpansionLimits, ExpansionMeter, remaining_size
 from .tree import NO_XATTRS, FileData, Inode
 
 log = logging.getLogger(__name__)
@@ -275,8 +275,8 @@ def _spool(
 ) -> BinaryIO:
     """Copy `src` (decompressing gzip/zstd) into an anonymous temp file in `spool_dir`
     (default: the temp dir), refusing a layer that expands past `limits`."""
+    meter = ExpansionMeter(limits, remaining_size(src))
     tmp = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (returned open)
-    meter = ExpansionMeter(limits)
     counted: Any = _CountingReader(src, meter)
     try:
         if decompress == "gzip":

@@ -197,13 +197,23 @@ def _write_result(result: BuildResult, output_json: str | None) -> None:
             json.dump(dataclasses.asdict(result), f, indent=2)
 
 
+def _make_dirs(path: str) -> list[str]:
+    """`os.makedirs(path)`; returns the directories it created, outermost first."""
+    missing: list[str] = []
+    p = os.path.abspath(path)
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return missing[::-1]
+
+
 def cmd_create(a: argparse.Namespace) -> int:
     from ..builder.build import build_image
     from ..builder.merge import merge_layers, tree_from_image
 
     stats = SourceStats()
-    made_blob_dir = not os.path.isdir(a.blob_dir)
-    os.makedirs(a.blob_dir, exist_ok=True)  # compressed layers are spooled in there
+    made = _make_dirs(a.blob_dir)  # compressed layers are spooled in there
     parent = None
     try:
         limits = limits_from_args(a)
@@ -226,9 +236,9 @@ def cmd_create(a: argparse.Namespace) -> int:
             opts.prefetch_paths = _prefetch_paths(a.prefetch_files, root)
         result = build_image(root, a.bootstrap, a.blob_dir, opts)
     except BaseException:
-        if made_blob_dir:
+        for d in reversed(made):  # only if still empty: a failed build leaves nothing
             with contextlib.suppress(OSError):
-                os.rmdir(a.blob_dir)  # only if still empty: a failed build leaves nothing
+                os.rmdir(d)
         raise
     finally:
         if parent is not None:

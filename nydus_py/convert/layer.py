@@ -22,7 +22,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from ..builder.limits import ExpansionLimits, ExpansionMeter
+from ..builder.limits import ExpansionLimits, ExpansionMeter, remaining_size
 from ..builder.sources import DEFAULT_LIMITS, GZIP_MAGIC, detect_compression
 from ..rafs.errors import FormatError
 from .oci import BOOTSTRAP_NAME, LEGACY_BOOTSTRAP_NAME
@@ -63,10 +63,11 @@ def decompress_to(
     """Copy layer `src` (detected by magic) into `dst` uncompressed.
 
     Returns (sha256 hex of the tar = diff_id, tar size, "gzip" | "zstd" | "tar"). `progress` gets
-    the compressed bytes consumed. A layer expanding past `limits` (None: no caps) is an
-    `ExpansionLimitError`, raised before the piece that would pass the cap is written.
+    the compressed bytes consumed. A layer expanding past `limits` (None: no caps; the ratio is
+    taken against `src`'s size when it is seekable) is an `ExpansionLimitError`, raised before
+    the piece that would pass the cap is written.
     """
-    meter = ExpansionMeter(limits)
+    meter = ExpansionMeter(limits, remaining_size(src))
     out = _HashWriter(dst, meter)
     first = src.read(PIECE)
     kind = detect_compression(first[:4]) or "tar"

@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import random
 import subprocess
 import sys
 import tarfile
@@ -124,7 +125,7 @@ def test_create_refuses_bomb_and_leaves_nothing(case: str, bomb: tuple[str, byte
     errors = [ln for ln in err.splitlines() if ln.startswith("nydus-image-py: error:")]
     assert len(errors) == 1, err
     assert str(layer) in errors[0] and limit in errors[0], errors[0]
-    assert not out.exists() or not any(out.rglob("*")), list(out.rglob("*"))
+    assert not out.exists(), list(out.rglob("*"))  # not even the directories create made
     assert not any(watched_tmp.iterdir())
 
 
@@ -200,7 +201,7 @@ def test_decompress_to_never_writes_past_the_cap(bomb: tuple[str, bytes, bytes])
     assert sink.n <= cap
 
 
-def test_decompress_to_ratio_counts_compressed_bytes_read(bomb: tuple[str, bytes, bytes]) -> None:
+def test_decompress_to_ratio_cap(bomb: tuple[str, bytes, bytes]) -> None:
     kind, blob, tar = bomb
     sink = Sink()
     with pytest.raises(ExpansionLimitError, match="--max-expansion-ratio"):
@@ -210,6 +211,40 @@ def test_decompress_to_ratio_counts_compressed_bytes_read(bomb: tuple[str, bytes
     out = io.BytesIO()
     diff_id, size, got = decompress_to(io.BytesIO(blob), out)
     assert (got, size, diff_id) == (kind, len(tar), hashlib.sha256(tar).hexdigest())
+
+
+class Unseekable(io.RawIOBase):
+    def __init__(self, data: bytes) -> None:
+        self.f = io.BytesIO(data)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b: "bytearray | memoryview") -> int:  # type: ignore[override]
+        return self.f.readinto(b)
+
+
+def test_ratio_is_against_the_whole_compressed_size(tmp_path: Path, watched_tmp: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    """40 MiB of zeros, then 4 MiB of random data: 11x overall, but ~1000x over its first MiB.
+    With the layer's size known, a ratio cap of 20 lets it through; a stream of unknown size is
+    judged on what was read so far."""
+    tar = tar_of({"zeros": 40 * MiB, "random": random.Random(7).randbytes(4 * MiB)})
+    blob = gzip.compress(tar, compresslevel=1, mtime=0)
+    limits = ExpansionLimits(max_ratio=20, ratio_grace=MiB)
+    out = io.BytesIO()
+    decompress_to(io.BytesIO(blob), out, limits=limits)
+    assert out.getvalue() == tar
+    with pytest.raises(ExpansionLimitError, match="--max-expansion-ratio"):
+        decompress_to(Unseekable(blob), io.BytesIO(), limits=limits)  # type: ignore[arg-type]
+    layer = tmp_path / "layer.tar.gz"
+    layer.write_bytes(blob)
+    rc, err = create(capsys, "create", "--bootstrap", tmp_path / "image.boot", "--blob-dir", tmp_path / "blobs",
+                     "--max-expansion-ratio", "20", "--expansion-ratio-grace", "1M", layer)
+    assert rc == 0, err
+    with pytest.raises(ExpansionLimitError, match="--max-expansion-ratio"):
+        tree_from_tar(io.BufferedReader(Unseekable(blob)), limits=limits, spool_dir=str(tmp_path))  # type: ignore[arg-type]
+    assert not any(watched_tmp.iterdir())
 
 
 def test_plain_tar_is_not_a_ratio_bomb() -> None:
