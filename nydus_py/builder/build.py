@@ -16,6 +16,7 @@ and chunk size (`v5_writer.check_chunks`).
 """
 
 import contextlib
+import itertools
 import os
 import tempfile
 
@@ -43,9 +44,10 @@ def check_options(opts: BuildOptions) -> None:
 
 
 def _existing_blobs(
-    plan_files: list[tuple[bytes, Inode]], opts: BuildOptions
+    plan_files: list[tuple[bytes, Inode]], opts: BuildOptions, want_dedup: bool = True
 ) -> tuple[list[BlobInfo], dict[int, list[ChunkInfo]], dict[bytes, ChunkInfo]]:
-    """Union blob table of `ChunkedData` files, their chunks remapped to it, and a dedup map."""
+    """Union blob table of `ChunkedData` files, their chunks remapped to it, and a dedup map
+    (empty unless `want_dedup`: only new data needs one)."""
     used: set[str] = set()
     for path, node in plan_files:
         data = node.data
@@ -69,19 +71,32 @@ def _existing_blobs(
         data = node.data
         if not isinstance(data, ChunkedData) or id(node) in chunks:
             continue
-        remapped = sorted(
-            (c._replace(blob_index=pos[data.blobs[c.blob_index].blob_id]) for c in data.chunks),
-            key=lambda c: c.file_offset,
-        )
+        remapped = _remap(data, pos)
         if opts.fs_version == 5:
             check_chunks(path, data.size, remapped, table, opts)
         else:
             _check_dense(path, data.size, remapped, table, opts.chunk_size)
         chunks[id(node)] = remapped
+        if not want_dedup:
+            continue
         for c in remapped:
             if table[c.blob_index].digester == opts.digester and c.digest not in dedup:
                 dedup[c.digest] = c
     return table, chunks, dedup
+
+
+def _remap(data: ChunkedData, pos: dict[str, int]) -> list[ChunkInfo]:
+    """`data`'s chunks in file order with blob indexes into the image's table. The list (and
+    each chunk) is reused when nothing changes: a converted layer's files keep theirs."""
+    out = [
+        c if c.blob_index == (i := pos[data.blobs[c.blob_index].blob_id]) else c._replace(blob_index=i)
+        for c in data.chunks
+    ]
+    if any(a.file_offset > b.file_offset for a, b in itertools.pairwise(out)):
+        out.sort(key=lambda c: c.file_offset)
+    elif isinstance(data.chunks, list) and all(a is b for a, b in zip(out, data.chunks, strict=True)):
+        return data.chunks
+    return out
 
 
 def _check_dense(path: bytes, size: int, chunks: list[ChunkInfo], table: list[BlobInfo], cs: int) -> None:
@@ -120,14 +135,14 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
     """
     check_options(opts)
     plan: V5Plan | V6Plan = plan_v5(root, opts) if opts.fs_version == 5 else plan_v6(root, opts)
-    files = plan.regular_files()
-    table, file_chunks, dedup = _existing_blobs(files, opts)
+    order = plan.data_order()
+    has_new = any(isinstance(n.data, FileData) for n in order)
+    table, file_chunks, dedup = _existing_blobs(plan.regular_files(), opts, want_dedup=has_new)
     if opts.blob_id is not None and opts.blob_id in {b.blob_id for b in table}:
         raise FormatError(f"blob id {opts.blob_id} is already used by a blob the image references")
     if isinstance(plan, V6Plan) and len(table) >= 254:
         raise FormatError(f"image would reference {len(table) + 1} blobs; RAFS v6 allows 254")
 
-    order = plan.data_order()
     new_blob: BlobInfo | None = None
     with BlobWriter(blob_dir, opts, blob_index=len(table), existing=dedup) as writer:
         results = writer.add_files([n.data for n in order if isinstance(n.data, FileData)])
@@ -137,6 +152,7 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
         blob_path = writer.path
     blobs = table + ([new_blob] if new_blob is not None else [])
     try:
+        boot: bytes | bytearray
         if isinstance(plan, V5Plan):
             boot = write_v5(plan, blobs, file_chunks, opts)
         else:
@@ -160,7 +176,7 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
     )
 
 
-def _write_atomic(path: str, data: bytes) -> None:
+def _write_atomic(path: str, data: bytes | bytearray) -> None:
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, prefix=".boot-", suffix=".tmp")

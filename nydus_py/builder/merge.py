@@ -16,14 +16,14 @@ Inodes are shared with the layers, so hard links (one Inode under several names)
 import io
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import BinaryIO
 
 from ..rafs.chunkdata import read_file_range
 from ..rafs.errors import FormatError
 from ..rafs.model import BlobInfo, RafsImage
 from ..storage.localfs import LocalBlobDir
-from .tree import ChunkedData, FileData, Inode
+from .tree import NO_XATTRS, ChunkedData, FileData, Inode
 
 WHITEOUT_PREFIX = b".wh."
 WHITEOUT_META_PREFIX = b".wh..wh."
@@ -41,14 +41,18 @@ def _dir_copy(src: Inode) -> Inode:
         mtime=src.mtime,
         mtime_nsec=src.mtime_nsec,
         rdev=src.rdev,
-        xattrs=dict(src.xattrs),
+        xattrs=_xattr_copy(src.xattrs),
         children={},
     )
 
 
 def _take_attrs(dst: Inode, src: Inode) -> None:
     dst.mode, dst.uid, dst.gid = src.mode, src.uid, src.gid
-    dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, dict(src.xattrs)
+    dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, _xattr_copy(src.xattrs)
+
+
+def _xattr_copy(xattrs: Mapping[bytes, bytes]) -> Mapping[bytes, bytes]:
+    return dict(xattrs) if xattrs else NO_XATTRS
 
 
 def _classify(name: bytes, node: Inode, spec: str) -> tuple[str, bytes]:
@@ -97,8 +101,8 @@ def _apply(lower: Inode, upper: Inode, spec: str) -> None:
         low, up = stack.pop()
         assert low.children is not None and up.children is not None
         _take_attrs(low, up)
-        if spec == "overlayfs":
-            low.xattrs.pop(OVERLAY_OPAQUE_XATTR, None)
+        if spec == "overlayfs" and OVERLAY_OPAQUE_XATTR in low.xattrs:
+            low.xattrs = {k: v for k, v in low.xattrs.items() if k != OVERLAY_OPAQUE_XATTR}
         if _is_opaque(up, spec):
             low.children.clear()
         entries: list[tuple[bytes, Inode]] = []
@@ -186,11 +190,13 @@ def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: b
         node = Inode(mode=a.mode, uid=a.uid, gid=a.gid, mtime=a.mtime, mtime_nsec=a.mtime_nsec)
         if fmt in (stat.S_IFCHR, stat.S_IFBLK):
             node.rdev = a.rdev
-        names = image.listxattr(ino)
-        for name in names:
+        xattrs: dict[bytes, bytes] = {}
+        for name in image.listxattr(ino):
             value = image.getxattr(ino, name)
             if value is not None:
-                node.xattrs[name] = value
+                xattrs[name] = value
+        if xattrs:
+            node.xattrs = xattrs
         if fmt == stat.S_IFDIR:
             node.children = {}
         elif fmt == stat.S_IFLNK:

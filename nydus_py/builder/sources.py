@@ -14,6 +14,8 @@ Decisions for tar input (every name is treated as hostile):
 * Member data must lie inside the archive (no declared size past its end); GNU sparse members and
   unknown member types are refused, like nydus-image does.
 * Whiteouts (`.wh.NAME`, `.wh..wh..opq`) stay ordinary entries; `merge.merge_layers` applies them.
+* Compressed (or unseekable) input is expanded into an anonymous file (in `spool_dir`) and
+  refused once it expands past its `ExpansionLimits` (decompression bombs, see `limits`).
 
 Xattrs: RAFS can store only `user.`, `trusted.`, `security.` and `system.posix_acl_{access,default}`
 names (value <= 64 KiB, name suffix <= 255 bytes); others are logged and counted, not stored.
@@ -28,14 +30,15 @@ import stat
 import tarfile
 import tempfile
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 import zstandard
 
 from ..rafs.errors import FormatError
-from .tree import FileData, Inode
+from .limits import ExpansionLimits, ExpansionMeter, remaining_size
+from .tree import NO_XATTRS, FileData, Inode
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ MAX_SYMLINK_LEN = 4095
 MAX_XATTR_VALUE = 65535
 _XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 _XATTR_EXACT = (b"system.posix_acl_access", b"system.posix_acl_default")
+
+DEFAULT_LIMITS = ExpansionLimits()
 
 GZIP_MAGIC = b"\x1f\x8b"
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -70,7 +75,9 @@ def xattr_storable(name: bytes, value: bytes) -> bool:
     return False
 
 
-def _keep_xattrs(xattrs: dict[bytes, bytes], where: str, stats: SourceStats | None) -> dict[bytes, bytes]:
+def _keep_xattrs(xattrs: dict[bytes, bytes], where: str, stats: SourceStats | None) -> Mapping[bytes, bytes]:
+    if not xattrs:
+        return NO_XATTRS
     kept: dict[bytes, bytes] = {}
     for name, value in xattrs.items():
         if xattr_storable(name, value):
@@ -80,7 +87,7 @@ def _keep_xattrs(xattrs: dict[bytes, bytes], where: str, stats: SourceStats | No
         if stats is not None:
             stats.skipped_xattrs += 1
             stats.skipped_xattr_names.add(name)
-    return kept
+    return kept or NO_XATTRS
 
 
 # --------------------------------------------------------------------------------------------
@@ -106,11 +113,16 @@ def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
     return out
 
 
-def _opener(path: bytes) -> Callable[[], BinaryIO]:
-    def open_file() -> BinaryIO:
-        return open(path, "rb")
+class _PathOpener:
+    """`FileData.open` of a directory source's file (an object per file: smaller than a closure)."""
 
-    return open_file
+    __slots__ = ("path",)
+
+    def __init__(self, path: bytes) -> None:
+        self.path = path
+
+    def __call__(self) -> BinaryIO:
+        return open(self.path, "rb")
 
 
 def tree_from_directory(path: str | bytes | os.PathLike[str], stats: SourceStats | None = None) -> Inode:
@@ -172,7 +184,7 @@ def _inode_from_stat(path: bytes, st: os.stat_result, stats: SourceStats | None)
     if fmt == stat.S_IFDIR:
         node.children = {}
     elif fmt == stat.S_IFREG:
-        node.data = FileData(size=st.st_size, open=_opener(path))
+        node.data = FileData(size=st.st_size, open=_PathOpener(path))
     elif fmt == stat.S_IFLNK:
         target = os.readlink(path)
         if not target or len(target) > MAX_SYMLINK_LEN:
@@ -230,34 +242,60 @@ class _MemberReader(io.RawIOBase):
         return n
 
 
-def _member_opener(backing: _Backing, offset: int, size: int) -> Callable[[], BinaryIO]:
-    def open_member() -> BinaryIO:
-        return io.BufferedReader(_MemberReader(backing, offset, size))
+class _MemberOpener:
+    """`FileData.open` of a tar member: a stream over its bytes in the backing file (an object
+    per file: smaller than a closure)."""
 
-    return open_member
+    __slots__ = ("backing", "offset", "size")
+
+    def __init__(self, backing: _Backing, offset: int, size: int) -> None:
+        self.backing = backing
+        self.offset = offset
+        self.size = size
+
+    def __call__(self) -> BinaryIO:
+        return io.BufferedReader(_MemberReader(self.backing, self.offset, self.size))
 
 
-def _spool(src: BinaryIO, decompress: str | None) -> BinaryIO:
-    """Copy `src` (decompressing gzip/zstd) into an anonymous temp file."""
-    tmp = tempfile.TemporaryFile()  # noqa: SIM115 (returned open)
+class _CountingReader:
+    """Reads through to `src`, telling `meter` how many compressed bytes were read."""
+
+    def __init__(self, src: BinaryIO, meter: ExpansionMeter) -> None:
+        self._src = src
+        self._meter = meter
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._src.read(n)
+        self._meter.consumed(len(data))
+        return data
+
+
+def _spool(
+    src: BinaryIO, decompress: str | None, limits: ExpansionLimits | None, spool_dir: str | None
+) -> BinaryIO:
+    """Copy `src` (decompressing gzip/zstd) into an anonymous temp file in `spool_dir`
+    (default: the temp dir), refusing a layer that expands past `limits`."""
+    meter = ExpansionMeter(limits, remaining_size(src))
+    tmp = tempfile.TemporaryFile(dir=spool_dir)  # noqa: SIM115 (returned open)
+    counted: Any = _CountingReader(src, meter)
     try:
         if decompress == "gzip":
             import gzip
             import zlib
 
             try:
-                with gzip.GzipFile(fileobj=src, mode="rb") as gz:
-                    _copy(gz, tmp)
+                with gzip.GzipFile(fileobj=counted, mode="rb") as gz:
+                    _copy(gz, tmp, meter)
             except (OSError, EOFError, zlib.error) as e:
                 raise FormatError(f"corrupt gzip layer: {e}") from None
         elif decompress == "zstd":
             try:
-                with zstandard.ZstdDecompressor().stream_reader(src, read_across_frames=True, closefd=False) as zr:
-                    _copy(zr, tmp)
+                with zstandard.ZstdDecompressor().stream_reader(counted, read_across_frames=True, closefd=False) as zr:
+                    _copy(zr, tmp, meter)
             except zstandard.ZstdError as e:
                 raise FormatError(f"corrupt zstd layer: {e}") from None
         else:
-            _copy(src, tmp)
+            _copy(counted, tmp, meter)
         tmp.flush()
         tmp.seek(0)
         return tmp
@@ -266,11 +304,12 @@ def _spool(src: BinaryIO, decompress: str | None) -> BinaryIO:
         raise
 
 
-def _copy(src: Any, dst: BinaryIO) -> None:
+def _copy(src: Any, dst: BinaryIO, meter: ExpansionMeter) -> None:
     while True:
         block = src.read(1 << 20)
         if not block:
             return
+        meter.produce(len(block))
         dst.write(block)
 
 
@@ -283,7 +322,9 @@ def detect_compression(head: bytes) -> str | None:
     return None
 
 
-def _open_backing(src: str | os.PathLike[str] | BinaryIO) -> _Backing:
+def _open_backing(
+    src: str | os.PathLike[str] | BinaryIO, limits: ExpansionLimits | None, spool_dir: str | None
+) -> _Backing:
     if isinstance(src, str | bytes | os.PathLike):
         f: BinaryIO = open(src, "rb")  # noqa: SIM115 (kept open for FileData)
         owned = True
@@ -295,7 +336,7 @@ def _open_backing(src: str | os.PathLike[str] | BinaryIO) -> _Backing:
         kind = detect_compression(head)
         if kind is None and _has_fileno(f) and f.seekable():
             return _Backing(f)
-        spooled = _spool(f, kind)
+        spooled = _spool(f, kind, limits, spool_dir)
         if owned:
             f.close()
         return _Backing(spooled)
@@ -391,9 +432,19 @@ _TYPES = {
 class _TarTree:
     """Inserts members into a tree following the rules in the module docstring."""
 
+    _MAX_SHARED_INTS = 1 << 16
+
     def __init__(self, stats: SourceStats | None) -> None:
         self.root = Inode.directory(0o755)
         self.stats = stats
+        self._ints: dict[int, int] = {}
+
+    def share(self, v: int) -> int:
+        """One int object per value for modes, ids and mtimes (most members repeat a few), up
+        to a bound: with 100k entries that saves megabytes."""
+        if len(self._ints) < self._MAX_SHARED_INTS:
+            return self._ints.setdefault(v, v)
+        return self._ints.get(v, v)
 
     def parent_of(self, parts: list[bytes], raw: str) -> Inode:
         node = self.root
@@ -439,13 +490,22 @@ def _copy_attrs(dst: Inode, src: Inode) -> None:
     dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, src.xattrs
 
 
-def tree_from_tar(src: str | os.PathLike[str] | BinaryIO, stats: SourceStats | None = None) -> Inode:
+def tree_from_tar(
+    src: str | os.PathLike[str] | BinaryIO,
+    stats: SourceStats | None = None,
+    *,
+    limits: ExpansionLimits | None = DEFAULT_LIMITS,
+    spool_dir: str | None = None,
+) -> Inode:
     """The tree of one OCI layer tar (plain, gzip or zstd, detected by magic).
 
     Regular files get a FileData reading their bytes from the archive (the decompressed copy for
     compressed layers), so the archive (or a temp copy) stays open while the tree is alive.
+    A compressed (or unseekable) layer is first copied into an anonymous file in `spool_dir`
+    (default: the temp dir; nothing is left there, whatever happens), refused with an
+    `ExpansionLimitError` when it expands past `limits` (None: no caps).
     """
-    backing = _open_backing(src)
+    backing = _open_backing(src, limits, spool_dir)
     try:
         tar = tarfile.open(  # noqa: SIM115 (closing would close the backing file)
             fileobj=backing.file, mode="r:", encoding="utf-8", errors="surrogateescape"
@@ -460,6 +520,7 @@ def tree_from_tar(src: str | os.PathLike[str] | BinaryIO, stats: SourceStats | N
             raise FormatError(f"corrupt tar archive at offset {tar.offset}: {e}") from None
         if member is None:
             break
+        tar.members.clear()  # type: ignore[attr-defined]  # else TarFile keeps every TarInfo (~0.5 KiB each)
         _add_member(tt, member, backing)
     trailing = backing.size - tar.offset
     if 0 < trailing < tarfile.BLOCKSIZE:
@@ -493,13 +554,14 @@ def _add_member(tt: _TarTree, m: tarfile.TarInfo, backing: _Backing) -> None:
             raise FormatError(f"tar member {raw!r}: {what} {v} out of range")
     sec, nsec = _mtime(m)
     where = f"tar member {raw!r}"
+    share = tt.share
     node = Inode(
-        mode=fmt | (m.mode & 0o7777),
-        uid=m.uid,
-        gid=m.gid,
-        mtime=sec,
-        mtime_nsec=nsec,
-        xattrs=_keep_xattrs(_pax_xattrs(m), where, tt.stats),
+        mode=share(fmt | (m.mode & 0o7777)),
+        uid=share(m.uid),
+        gid=share(m.gid),
+        mtime=share(sec),
+        mtime_nsec=share(nsec),
+        xattrs=_keep_xattrs(_pax_xattrs(m), where, tt.stats) if m.pax_headers else NO_XATTRS,
     )
     if fmt == stat.S_IFREG:
         if m.size < 0 or m.offset_data + m.size > backing.size:
@@ -507,7 +569,7 @@ def _add_member(tt: _TarTree, m: tarfile.TarInfo, backing: _Backing) -> None:
                 f"{where}: declared size {m.size} at offset {m.offset_data} runs past the end of "
                 f"the archive ({backing.size} bytes)"
             )
-        node.data = FileData(size=m.size, open=_member_opener(backing, m.offset_data, m.size))
+        node.data = FileData(size=m.size, open=_MemberOpener(backing, m.offset_data, m.size))
     elif fmt == stat.S_IFDIR:
         node.children = {}
     elif fmt == stat.S_IFLNK:

@@ -2,21 +2,27 @@
 layer merging edits it, and the v5/v6 writers serialise it.
 
 A build needs the whole tree in memory anyway (directories are sorted and sized before anything
-is written), so one `Inode` per file is fine here; readers never use this model.
+is written), so there is one `Inode` per file; readers never use this model. To keep a layer of
+100k entries small, the classes use `__slots__`, an inode without xattrs shares `NO_XATTRS`
+(read-only: assign a new mapping to change xattrs, never mutate one in place), and file data
+openers are small objects rather than closures.
 
 Hard links are the same `Inode` object reachable under several names; writers count references
 for `nlink` and emit one inode (v6) or linked records (v5).
 """
 
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import BinaryIO
 
 from ..rafs.model import BlobInfo, ChunkInfo
 
+NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})
 
-@dataclass
+
+@dataclass(slots=True)
 class FileData:
     """Content not yet in any blob: `size` bytes read from `open()` (a fresh stream each call)."""
 
@@ -24,7 +30,7 @@ class FileData:
     open: Callable[[], BinaryIO]
 
 
-@dataclass
+@dataclass(slots=True)
 class ChunkedData:
     """Content already stored in existing blobs (from a bootstrap being merged).
 
@@ -36,7 +42,7 @@ class ChunkedData:
     blobs: list[BlobInfo]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Inode:
     """One file system object. Directories hold `children`, sorted by the writers."""
 
@@ -46,7 +52,7 @@ class Inode:
     mtime: int = 0
     mtime_nsec: int = 0
     rdev: int = 0
-    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    xattrs: Mapping[bytes, bytes] = field(default_factory=lambda: NO_XATTRS)
     symlink: bytes | None = None
     data: FileData | ChunkedData | None = None
     children: dict[bytes, "Inode"] | None = None

@@ -484,4 +484,4 @@ def write_v5(
         len(blobs),
         ext_off,
     )
-    return bytes(sb + table + ptab + btab + ext + records)
+    return b"".join((sb, table, ptab, btab, ext, records))  # one copy, not five

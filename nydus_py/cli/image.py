@@ -2,9 +2,16 @@
 
 Every bad input (corrupt image, hostile tar, missing file) ends as one line on stderr and exit
 code 1; argparse usage errors exit 2.
+
+`create` decompresses gzip/zstd layer tars into anonymous files inside `--blob-dir` (never the
+system temp dir; nothing is left behind, even on a crash) and refuses decompression bombs: a layer
+that expands past `--max-expanded-size` (default 64G), or past `--max-expansion-ratio` (default
+100) times its compressed size once it is beyond `--expansion-ratio-grace` (default 64M). 0
+turns a cap off. See `builder.limits`.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -13,6 +20,14 @@ import stat
 import sys
 import tempfile
 
+from ..builder.limits import (
+    DEFAULT_MAX_RATIO,
+    DEFAULT_MAX_SIZE,
+    DEFAULT_RATIO_GRACE,
+    ExpansionLimits,
+    human_size,
+    parse_size,
+)
 from ..builder.options import BuildOptions, BuildResult
 from ..builder.sources import SourceStats, detect_compression, tree_from_directory, tree_from_tar
 from ..builder.tree import Inode
@@ -35,6 +50,40 @@ def _chunk_size(text: str) -> int:
     return value
 
 
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid ratio {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"ratio {text} must be a finite number >= 0")
+    return value
+
+
+def add_limit_args(p: argparse.ArgumentParser) -> None:
+    """The decompression-bomb caps (`builder.limits`), shared with nydusify-py."""
+    p.add_argument("--max-expanded-size", type=_size, default=DEFAULT_MAX_SIZE, metavar="SIZE",
+                   help=f"refuse a layer whose tar is larger than SIZE once decompressed (e.g. 512M, 64G; "
+                        f"0: no cap; default {human_size(DEFAULT_MAX_SIZE)})")
+    p.add_argument("--max-expansion-ratio", type=_ratio, default=DEFAULT_MAX_RATIO, metavar="RATIO",
+                   help=f"refuse a layer that expands more than RATIO times its compressed size (0: no cap; "
+                        f"default {DEFAULT_MAX_RATIO:g})")
+    p.add_argument("--expansion-ratio-grace", type=_size, default=DEFAULT_RATIO_GRACE, metavar="SIZE",
+                   help=f"check the ratio only once a layer has expanded past SIZE "
+                        f"(default {human_size(DEFAULT_RATIO_GRACE)})")
+
+
+def limits_from_args(a: argparse.Namespace) -> ExpansionLimits:
+    return ExpansionLimits(a.max_expanded_size, a.max_expansion_ratio, a.expansion_ratio_grace)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Build and inspect RAFS (Nydus) images.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
@@ -55,6 +104,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--whiteout-spec", choices=("oci", "overlayfs", "none"), default="oci")
     c.add_argument("--parent-bootstrap", metavar="BOOTSTRAP", help="lowest layer: an existing bootstrap (data reused)")
     c.add_argument("--output-json", metavar="FILE", help="write the build result as JSON")
+    add_limit_args(c)
 
     m = sub.add_parser("merge", help="merge layer bootstraps (lowest first) into one image bootstrap")
     m.add_argument("bootstraps", nargs="+", metavar="BOOTSTRAP")
@@ -84,7 +134,9 @@ def _parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------
 
 
-def _source_tree(path: str, kind: str | None, stats: SourceStats) -> Inode:
+def _source_tree(
+    path: str, kind: str | None, stats: SourceStats, limits: ExpansionLimits, spool_dir: str
+) -> Inode:
     is_dir = os.path.isdir(path)
     if kind is None:
         kind = "dir-rafs" if is_dir else "tar-rafs"
@@ -98,7 +150,10 @@ def _source_tree(path: str, kind: str | None, stats: SourceStats) -> Inode:
         with open(path, "rb") as f:
             if detect_compression(f.read(4)) != "gzip":
                 raise FormatError(f"{path}: --type targz-rafs but the file is not gzip-compressed")
-    return tree_from_tar(path, stats)
+    try:
+        return tree_from_tar(path, stats, limits=limits, spool_dir=spool_dir)
+    except FormatError as e:
+        raise type(e)(f"{path}: {e}") from None
 
 
 def _prefetch_paths(list_file: str, root: Inode) -> list[bytes]:
@@ -142,19 +197,32 @@ def _write_result(result: BuildResult, output_json: str | None) -> None:
             json.dump(dataclasses.asdict(result), f, indent=2)
 
 
+def _make_dirs(path: str) -> list[str]:
+    """`os.makedirs(path)`; returns the directories it created, outermost first."""
+    missing: list[str] = []
+    p = os.path.abspath(path)
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    os.makedirs(path, exist_ok=True)
+    return missing[::-1]
+
+
 def cmd_create(a: argparse.Namespace) -> int:
     from ..builder.build import build_image
     from ..builder.merge import merge_layers, tree_from_image
 
     stats = SourceStats()
-    layers = [_source_tree(s, a.type, stats) for s in a.sources]
+    made = _make_dirs(a.blob_dir)  # compressed layers are spooled in there
     parent = None
-    if a.parent_bootstrap:
-        from ..rafs import open_bootstrap
-
-        parent = open_bootstrap(a.parent_bootstrap)
-        layers.insert(0, tree_from_image(parent, a.blob_dir))
     try:
+        limits = limits_from_args(a)
+        layers = [_source_tree(s, a.type, stats, limits, a.blob_dir) for s in a.sources]
+        if a.parent_bootstrap:
+            from ..rafs import open_bootstrap
+
+            parent = open_bootstrap(a.parent_bootstrap)
+            layers.insert(0, tree_from_image(parent, a.blob_dir))
         root = layers[0] if len(layers) == 1 else merge_layers(layers, a.whiteout_spec)
         opts = BuildOptions(
             fs_version=a.fs_version,
@@ -166,8 +234,12 @@ def cmd_create(a: argparse.Namespace) -> int:
         )
         if a.prefetch_files:
             opts.prefetch_paths = _prefetch_paths(a.prefetch_files, root)
-        os.makedirs(a.blob_dir, exist_ok=True)
         result = build_image(root, a.bootstrap, a.blob_dir, opts)
+    except BaseException:
+        for d in reversed(made):  # only if still empty: a failed build leaves nothing
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+        raise
     finally:
         if parent is not None:
             parent.close()

@@ -8,6 +8,11 @@ docker config.json (`$DOCKER_CONFIG`, `~/.docker`), else anonymous; bearer token
 the registry asks. `--*-insecure` skips TLS verification and falls back to plain HTTP.
 Errors end as one line on stderr and exit code 1 (nothing is pushed for bad input); usage
 errors exit 2.
+
+Layers are downloaded and decompressed inside `--work-dir` (removed at the end, also on failure);
+a layer that expands past `--max-expanded-size` (default 64G), or more than
+`--max-expansion-ratio` (default 100) times its compressed size once past
+`--expansion-ratio-grace` (default 64M), fails the conversion (a decompression bomb).
 """
 
 import argparse
@@ -20,7 +25,7 @@ from ..convert.converter import ConvertOptions, ConvertResult, convert
 from ..convert.errors import ConvertError
 from ..convert.progress import Progress, human
 from ..rafs.errors import FormatError
-from .image import _chunk_size
+from .image import _chunk_size, add_limit_args, limits_from_args
 
 PROG = "nydusify-py"
 
@@ -48,6 +53,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="read prefetch paths from STDIN, one absolute path per line (files read at startup, in "
                         "order): they go first and contiguous in each layer's blob and into the prefetch table")
     c.add_argument("--prefetch-files", metavar="FILE", help="like --prefetch-patterns, from FILE")
+    add_limit_args(c)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
     return p
@@ -91,7 +97,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         source=a.source, target=a.target, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
         source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform, fs_version=a.fs_version,
         compressor=a.compressor, chunk_size=a.chunk_size, merge_platform=a.merge_platform, work_dir=a.work_dir,
-        jobs=a.jobs, prefetch_patterns=_prefetch_patterns(a),
+        jobs=a.jobs, prefetch_patterns=_prefetch_patterns(a), expansion_limits=limits_from_args(a),
     )
     progress = Progress(sys.stderr, quiet=a.quiet)
     try:

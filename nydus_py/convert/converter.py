@@ -20,6 +20,7 @@ directory that is removed at the end.
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import os
 import shutil
@@ -29,6 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..builder.limits import ExpansionLimits
 from ..builder.options import BuildOptions
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
@@ -62,6 +64,8 @@ class ConvertOptions:
     # absolute paths (files or directories) read at startup, in reading order (nydusify's
     # --prefetch-patterns): first and contiguous in each layer's blob, and the prefetch table
     prefetch_patterns: list[bytes] = field(default_factory=list)
+    # caps on how far one layer may expand (decompression bombs); None: no caps
+    expansion_limits: ExpansionLimits | None = field(default_factory=ExpansionLimits)
 
 
 @dataclass
@@ -364,15 +368,19 @@ class Converter:
             os.unlink(path)
         return fetched
 
-    @staticmethod
-    def _unpack(where: str, d: oci.Descriptor, path: str, bar: Bar) -> "_Fetched":
+    def _unpack(self, where: str, d: oci.Descriptor, path: str, bar: Bar) -> "_Fetched":
+        """Decompress the layer next to it (inside the work dir, removed with it)."""
         tar_path = path + ".tar"
-        with open(path, "rb") as comp, open(tar_path, "wb") as tar:
-            bar.phase("unpack", d.size)
-            try:
-                dhex, tsize, kind = decompress_to(comp, tar, bar.advance)
-            except FormatError as e:
-                raise FormatError(f"{where}: {e}") from None
+        try:
+            with open(path, "rb") as comp, open(tar_path, "wb") as tar:
+                bar.phase("unpack", d.size)
+                dhex, tsize, kind = decompress_to(comp, tar, bar.advance, self.opts.expansion_limits)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tar_path)  # free the disk now, not when the work dir goes
+            if isinstance(e, FormatError):
+                raise type(e)(f"{where}: {e}") from None
+            raise
         bar.finish(f"unpacked {human(tsize)} of {kind}")
         return _Fetched(path, tar_path, tsize, kind, dhex)
 

@@ -4,6 +4,8 @@
 diff_id), in bounded pieces: memory use does not depend on the layer size or its compression
 ratio. A stream that ends before its end-of-stream marker (truncated), corrupt data, or junk after
 the last member is a FormatError; zero padding after a gzip member is allowed as gzip(1) does.
+A layer that expands past its `ExpansionLimits` (a decompression bomb, see `builder.limits`) is
+refused while it expands, before the piece that would pass the cap is written.
 
 The bootstrap layer is what nydusify pushes: a gzip tar with a directory `image` and the file
 `image/image.boot` (mode 0644, mtime 0, root-owned), so the same bootstrap always gives the same
@@ -20,7 +22,8 @@ from typing import BinaryIO
 
 import zstandard
 
-from ..builder.sources import GZIP_MAGIC, detect_compression
+from ..builder.limits import ExpansionLimits, ExpansionMeter, remaining_size
+from ..builder.sources import DEFAULT_LIMITS, GZIP_MAGIC, detect_compression
 from ..rafs.errors import FormatError
 from .oci import BOOTSTRAP_NAME, LEGACY_BOOTSTRAP_NAME
 
@@ -30,54 +33,69 @@ _GZIP_OUT = 1 << 20
 
 
 class _HashWriter(io.RawIOBase):
-    """Writes through to `dst`, hashing and counting what passes."""
+    """Writes through to `dst`, hashing and counting what passes; `meter` may refuse a write."""
 
-    def __init__(self, dst: BinaryIO) -> None:
+    def __init__(self, dst: BinaryIO, meter: ExpansionMeter | None = None) -> None:
         self.dst = dst
         self.hash = hashlib.sha256()
         self.size = 0
+        self.meter = meter
 
     def writable(self) -> bool:
         return True
 
     def write(self, b: "bytes | bytearray | memoryview") -> int:  # type: ignore[override]
         data = bytes(b)
+        if self.meter is not None:
+            self.meter.produce(len(data))
         self.dst.write(data)
         self.hash.update(data)
         self.size += len(data)
         return len(data)
 
 
-def decompress_to(src: BinaryIO, dst: BinaryIO, progress: Callable[[int], None] | None = None) -> tuple[str, int, str]:
+def decompress_to(
+    src: BinaryIO,
+    dst: BinaryIO,
+    progress: Callable[[int], None] | None = None,
+    limits: ExpansionLimits | None = DEFAULT_LIMITS,
+) -> tuple[str, int, str]:
     """Copy layer `src` (detected by magic) into `dst` uncompressed.
 
     Returns (sha256 hex of the tar = diff_id, tar size, "gzip" | "zstd" | "tar"). `progress` gets
-    the compressed bytes consumed.
+    the compressed bytes consumed. A layer expanding past `limits` (None: no caps; the ratio is
+    taken against `src`'s size when it is seekable) is an `ExpansionLimitError`, raised before
+    the piece that would pass the cap is written.
     """
-    out = _HashWriter(dst)
+    meter = ExpansionMeter(limits, remaining_size(src))
+    out = _HashWriter(dst, meter)
     first = src.read(PIECE)
     kind = detect_compression(first[:4]) or "tar"
+
+    def consumed(n: int) -> None:  # before the bytes are expanded, so the ratio sees them
+        meter.consumed(n)
+        if progress is not None:
+            progress(n)
+
     if kind == "gzip":
-        _gunzip(src, first, out, progress)
+        _gunzip(src, first, out, consumed)
     elif kind == "zstd":
-        _unzstd(src, first, out, progress)
+        _unzstd(src, first, out, consumed)
     else:
         data = first
         while data:
+            consumed(len(data))
             out.write(data)
-            if progress is not None:
-                progress(len(data))
             data = src.read(PIECE)
     dst.flush()
     return out.hash.hexdigest(), out.size, kind
 
 
-def _gunzip(src: BinaryIO, first: bytes, out: _HashWriter, progress: Callable[[int], None] | None) -> None:
+def _gunzip(src: BinaryIO, first: bytes, out: _HashWriter, progress: Callable[[int], None]) -> None:
     d = zlib.decompressobj(16 + zlib.MAX_WBITS)
     data = first
     while data:
-        if progress is not None:
-            progress(len(data))
+        progress(len(data))
         buf = data
         while buf:
             if d.eof:  # after a member: zero padding, or the next member
@@ -98,12 +116,11 @@ def _gunzip(src: BinaryIO, first: bytes, out: _HashWriter, progress: Callable[[i
         raise FormatError("truncated gzip layer: the stream ends before its end-of-stream marker")
 
 
-def _unzstd(src: BinaryIO, first: bytes, out: _HashWriter, progress: Callable[[int], None] | None) -> None:
+def _unzstd(src: BinaryIO, first: bytes, out: _HashWriter, progress: Callable[[int], None]) -> None:
     d = zstandard.ZstdDecompressor().decompressobj()
     data = first
     while data:
-        if progress is not None:
-            progress(len(data))
+        progress(len(data))
         for pos in range(0, len(data), _ZSTD_FEED):
             buf = data[pos:pos + _ZSTD_FEED]
             while buf:

@@ -40,29 +40,47 @@ class LayerResult:
     stored_compressed: int  # bytes of chunk data written
 
 
+class _Counted:
+    """A stream of `data` that reports the bytes read (build progress)."""
+
+    __slots__ = ("f", "progress")
+
+    def __init__(self, f: BinaryIO, progress: Callable[[int], None]) -> None:
+        self.f = f
+        self.progress = progress
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        self.progress(len(b))
+        return b
+
+    def __enter__(self) -> "_Counted":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+    def close(self) -> None:
+        self.f.close()
+
+
+class _CountingOpener:
+    """`FileData.open` wrapping another opener's streams in `_Counted` (one small object per
+    file: no closure or class per file)."""
+
+    __slots__ = ("opener", "progress")
+
+    def __init__(self, opener: Callable[[], BinaryIO], progress: Callable[[int], None]) -> None:
+        self.opener = opener
+        self.progress = progress
+
+    def __call__(self) -> BinaryIO:
+        return _Counted(self.opener(), self.progress)  # type: ignore[return-value]
+
+
 def _counting(data: FileData, progress: Callable[[int], None]) -> FileData:
     """`data` whose streams report the bytes read (build progress)."""
-    opener = data.open
-
-    class Counted:
-        def __init__(self) -> None:
-            self.f = opener()
-
-        def read(self, n: int = -1) -> bytes:
-            b = self.f.read(n)
-            progress(len(b))
-            return b
-
-        def __enter__(self) -> "Counted":
-            return self
-
-        def __exit__(self, *exc: object) -> None:
-            self.f.close()
-
-        def close(self) -> None:
-            self.f.close()
-
-    return FileData(size=data.size, open=Counted)  # type: ignore[arg-type]
+    return FileData(size=data.size, open=_CountingOpener(data.open, progress))
 
 
 class LayerStack:

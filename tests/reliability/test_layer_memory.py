@@ -1,0 +1,80 @@
+"""Memory per entry while a layer of many small entries is built (issue 16, item 10).
+
+Python-heap bounds per tar entry, traced with tracemalloc (deterministic, unlike RSS), with
+room to spare over what the builder needs today and well under what it needed before: the tar
+parser kept every TarInfo (~0.5 KiB each) until the tree was done, and the convert build wrapped
+each file's stream in a class made per file (~1 KiB+ each). `benchmarks/bench_convert_memory.py`
+measures the process's peak RSS for 100k entries.
+"""
+
+import gc
+import io
+import tarfile
+import tracemalloc
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+
+from nydus_py.builder.options import BuildOptions
+from nydus_py.builder.sources import tree_from_tar
+from nydus_py.builder.tree import walk
+from nydus_py.convert.stack import LayerStack
+
+ENTRIES = 10_000
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def many_entries(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """100 directories of 99 small, distinct files."""
+    path = tmp_path_factory.mktemp("many") / "layer.tar"
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for d in range(ENTRIES // 100):
+            info = tarfile.TarInfo(f"usr/lib/d{d:04d}")
+            info.type, info.mode, info.mtime = tarfile.DIRTYPE, 0o755, 1_700_000_000
+            tar.addfile(info)
+            for k in range(99):
+                data = f"{d}/{k} ".encode() * (1 + k % 7)
+                info = tarfile.TarInfo(f"usr/lib/d{d:04d}/file-{k:03d}")
+                info.size, info.mode, info.mtime = len(data), 0o644, 1_700_000_000
+                tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def traced(fn: Callable[[], T]) -> tuple[T, int, int]:
+    """(result, bytes still allocated after a collection, peak bytes) of `fn()`."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        result = fn()
+        gc.collect()
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return result, current, peak
+
+
+def test_tar_tree_is_small_per_entry(many_entries: Path) -> None:
+    root, kept, peak = traced(lambda: tree_from_tar(str(many_entries)))
+    assert sum(1 for _ in walk(root)) == ENTRIES + 3  # + /, /usr, /usr/lib
+    assert kept / ENTRIES < 500, kept / ENTRIES  # 876 B before, 328 B now
+    assert peak / ENTRIES < 600, peak / ENTRIES  # 1288 B before: every TarInfo kept
+
+
+def test_layer_build_with_progress_is_small_per_entry(many_entries: Path, tmp_path: Path) -> None:
+    consumed = [0]
+
+    def progress(n: int) -> None:
+        consumed[0] += n
+
+    def build() -> LayerStack:
+        stack = LayerStack(BuildOptions(), str(tmp_path))
+        with open(many_entries, "rb") as f:
+            stack.add_layer(f, progress)
+        return stack
+
+    stack, _kept, peak = traced(build)
+    assert consumed[0] > 0 and len(stack.layers) == 1
+    assert peak / ENTRIES < 2000, peak / ENTRIES  # 5344 B before: a class per file; 1200 B now
