@@ -22,6 +22,7 @@ import os
 import random
 import re
 import ssl
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, BinaryIO
 from urllib.parse import urljoin, urlsplit, urlunsplit
@@ -120,11 +121,13 @@ def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None
 class RegistryClient:
     """Talks to one registry repository. Create, use and close it inside one event loop."""
 
-    def __init__(self, cfg: RegistryConfig, rng: random.Random | None = None) -> None:
+    def __init__(self, cfg: RegistryConfig, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` times the token lifecycle (ages, backoffs, renewals); tests pass a manual one."""
         self.cfg = cfg
         self.counters = Counters()
         self.rng = rng or random.Random()
-        self.auth = AuthState(cfg.auth, cfg.registry_token, cfg.repo, rng=self.rng)
+        self.auth = AuthState(cfg.auth, cfg.registry_token, cfg.repo, clock=clock, rng=self.rng)
         self.scheme = cfg.scheme
         self.redirects: dict[str, str] = {}
         self.proxy_healthy = True
