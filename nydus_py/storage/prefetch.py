@@ -74,17 +74,22 @@ class TokenBucket:
 class Prefetcher:
     def __init__(self, image: RafsImage, cache: BlobCacheManager, *, threads: int = 8, bandwidth: int = 0,
                  merging_size: int = 1 << 20, files: list[bytes] | None = None, use_table: bool = True,
-                 prefetch_all: bool = False) -> None:
+                 prefetch_all: bool = False, clock: Callable[[], float] = time.monotonic,
+                 pause: Callable[[float], bool] | None = None) -> None:
+        """`clock` paces the bandwidth cap and `pause(seconds)` waits for the cap, returning
+        True when prefetch was stopped meanwhile (default: the stop event's wait); tests pass
+        a manual clock and a pause that advances it, so the cap is checked without waiting."""
         self.image = image
         self.cache = cache
         self.threads = max(1, min(threads, 1024))
-        self.bucket = TokenBucket(bandwidth)
+        self.bucket = TokenBucket(bandwidth, clock)
         self.merging_size = max(4096, merging_size)
         self.files = files
         self.use_table = use_table
         self.prefetch_all = prefetch_all
         self._queue: queue.Queue[tuple[int, list[ChunkInfo]] | None] = queue.Queue(maxsize=self.threads * 4)
         self._stop = threading.Event()
+        self._pause = pause or self._stop.wait
         self._threads: list[threading.Thread] = []
         self.batches = 0
         self.chunks_fetched = 0
@@ -184,7 +189,7 @@ class Prefetcher:
             if not 0 <= blob_index < len(blobs):
                 continue
             wait = self.bucket.delay_for(sum(c.compressed_size for c in chunks))
-            if wait and self._stop.wait(wait):
+            if wait and self._pause(wait):
                 return
             try:
                 self.chunks_fetched += self.cache.prefetch(blobs[blob_index], chunks, self.merging_size)

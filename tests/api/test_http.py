@@ -16,6 +16,7 @@ from nydus_py.api.http import make_app
 from nydus_py.daemon.service import DaemonOptions, DaemonService
 from nydus_py.vfs import INO_SHIFT
 from tests.daemon.rig import Image, make_image, snapshotter_config
+from tests.waiting import async_wait_until
 
 V1 = "/api/v1"
 
@@ -275,16 +276,16 @@ def test_config_overrides_and_log_level(tmp_path: Path, images: list[Image]) -> 
 def test_slow_mount_does_not_stall_the_api(tmp_path: Path) -> None:
     """A mount runs on the API worker thread: state polls and metrics answer meanwhile."""
     import threading
-    import time
 
     from nydus_py.daemon.instance import Instance, register_fs_type
     from nydus_py.metrics.fsstats import FsStats
     from tests.fuse.memfs import MemFS
 
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
 
     def slow_factory(mountpoint: str, cmd: Any, default: Any) -> Instance:
-        assert release.wait(10)
+        entered.set()
+        assert release.wait(30)
         return Instance(mountpoint, cmd, MemFS(), "Rafs", FsStats(mountpoint))
 
     register_fs_type(("test-slowfs",), slow_factory)
@@ -293,13 +294,17 @@ def test_slow_mount_does_not_stall_the_api(tmp_path: Path) -> None:
     async def go(c: TestClient) -> None:
         body = {"fs_type": "test-slowfs", "source": "x", "config": ""}
         mount = asyncio.ensure_future(c.post(f"{V1}/mount?mountpoint=/slow", json=body))
-        await asyncio.sleep(0.1)
-        t0 = time.monotonic()
+
+        async def mounting() -> bool:
+            return entered.is_set()
+
+        await async_wait_until(mounting, what="the mount to be inside the filesystem factory")
+        # answered while the mount is held inside the factory (a stalled API would wait for it)
         for _ in range(5):
             r = await c.get(f"{V1}/daemon")
             assert r.status == 200
             assert (await c.get(f"{V1}/metrics/inflight")).status == 204
-        assert time.monotonic() - t0 < 1.0 and not mount.done()
+        assert not mount.done() and not release.is_set()
         release.set()
         assert (await mount).status == 204
         assert "/slow" in (await (await c.get(f"{V1}/daemon")).json())["backend_collection"]
@@ -311,8 +316,6 @@ def test_slow_mount_does_not_stall_the_api(tmp_path: Path) -> None:
 def test_prefetch_progress_in_blobcache_metrics(tmp_path: Path, images: list[Image]) -> None:
     """fs_prefetch with a blob cache: the whole image is fetched in the background and the
     blobcache/Prometheus metrics show it (prefetch amounts, times, data_all_ready)."""
-    import time
-
     svc = new_service(tmp_path)
     img = images[2]
     cfg = json.loads(snapshotter_config(img.blobs, "p", cache_dir=str(tmp_path / "cache")))
@@ -321,12 +324,12 @@ def test_prefetch_progress_in_blobcache_metrics(tmp_path: Path, images: list[Ima
     async def go(c: TestClient) -> None:
         body = {"fs_type": "rafs", "source": img.boot, "config": json.dumps(cfg)}
         assert (await c.post(f"{V1}/mount?mountpoint=/p", json=body)).status == 204
-        deadline = time.monotonic() + 20
-        while True:
+
+        async def finished() -> dict[str, Any] | None:
             bc = await (await c.get(f"{V1}/metrics/blobcache", params={"id": "/p"})).json()
-            if bc["prefetch_end_time_secs"] or time.monotonic() > deadline:
-                break
-            await asyncio.sleep(0.05)
+            return bc if bc["prefetch_end_time_secs"] else None
+
+        bc = await async_wait_until(finished, 20, "prefetch to finish")
         assert bc["prefetch_end_time_secs"] >= bc["prefetch_begin_time_secs"] > 0
         assert bc["prefetch_data_amount"] > 0 and bc["prefetch_workers"] == 2
         assert bc["data_all_ready"] is True and bc["underlying_files"]

@@ -27,6 +27,7 @@ from nydus_py.transport.mount import is_mountpoint
 from tests.conftest import require_device, require_tool
 from tests.storage import registry_rig as rig
 from tests.storage.fault_proxy import FaultProxy
+from tests.waiting import wait_until
 
 from . import ociimage as oi
 
@@ -96,13 +97,17 @@ class Daemon:
             argv += ["--config", str(cfg)]
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO), env=env())
-        deadline = time.monotonic() + 30
-        while not (is_mountpoint(str(self.mnt)) and os.path.exists(self.sock)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"daemon did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)
+        try:
+            wait_until(self._mounted, 30, lambda: f"the daemon to mount:\n{self.log.read_text()}")
+        except AssertionError:
+            self.kill()
+            raise
         self.api = ApiClient(self.sock)
+
+    def _mounted(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
+        return is_mountpoint(str(self.mnt)) and os.path.exists(self.sock)
 
     def stop(self) -> None:
         self.api.close()

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from nydus_py.builder.build import build_image
 from nydus_py.builder.options import BuildOptions
 from nydus_py.builder.sources import tree_from_directory
 from nydus_py.transport.mount import fuse_umount, is_mountpoint
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNK = 0x10000
@@ -163,7 +163,6 @@ class DaemonProc:
         self.args = args
         self.log = log
         full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-        self.t0 = time.monotonic()
         with open(log, "ab") as out:
             self.proc = subprocess.Popen([sys.executable, "-m", module, *args], stdout=out,
                                          stderr=subprocess.STDOUT, cwd=str(REPO), env=full_env)
@@ -171,16 +170,15 @@ class DaemonProc:
     def log_text(self) -> str:
         return Path(self.log).read_text(errors="replace")
 
-    def wait_socket(self, path: str, timeout: float = 10.0) -> float:
-        """Seconds from exec until `path` exists (the snapshotter's 100 ms stat poll, finer)."""
-        deadline = self.t0 + timeout
-        while not os.path.exists(path):
+    def wait_socket(self, path: str, timeout: float = 10.0) -> None:
+        """Until `path` exists (like the snapshotter's stat poll); fails at once if the daemon exits."""
+
+        def there() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log_text()}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no socket {path} after {timeout}s:\n{self.log_text()}")
-            time.sleep(0.005)
-        return time.monotonic() - self.t0
+            return os.path.exists(path)
+
+        wait_until(there, timeout, lambda: f"socket {path}:\n{self.log_text()}")
 
     def wait_exit(self, timeout: float = 20.0) -> int:
         try:
@@ -202,28 +200,33 @@ class DaemonProc:
 
 
 def cleanup_mount(path: str) -> None:
-    for _ in range(3):
+    """Lazily unmount `path` if it is (still) a mount point, retrying while umount fails."""
+
+    def gone() -> bool:
         if not is_mountpoint(path):
-            return
+            return True
         try:
             fuse_umount(path, lazy=True)
         except OSError:
-            time.sleep(0.1)
+            return False
+        return not is_mountpoint(path)
+
+    wait_until(gone, 5, f"{path} to be unmounted")
 
 
 def wait_state(api: Api, state: str, timeout: float = 10.0) -> dict[str, Any]:
     """Poll GET /api/v1/daemon like the snapshotter (a refused connection is retried: a stale
     socket file of a dead predecessor may still be there)."""
-    deadline = time.monotonic() + timeout
-    last: object = None
-    while True:
+    last: list[object] = [None]
+
+    def reached() -> dict[str, Any] | None:
         try:
             r = api.get("/api/v1/daemon")
-            last = (r.status, r.body)
+            last[0] = (r.status, r.body)
             if r.status == 200 and r.json()["state"] == state:
-                return r.json()
+                return r.json()  # type: ignore[no-any-return]
         except ConnectionError as e:
-            last = e
-        if time.monotonic() > deadline:
-            raise AssertionError(f"state never became {state}: {last!r}")
-        time.sleep(0.02)
+            last[0] = e
+        return None
+
+    return wait_until(reached, timeout, lambda: f"state {state}, last answer {last[0]!r}")

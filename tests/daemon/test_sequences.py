@@ -71,8 +71,7 @@ def test_dedicated_daemon_sequence(root: Path, images: list[Image]) -> None:
                     "--failover-policy", "resend"], str(root / "out.log"))
     try:
         # A.2: the socket appears once the daemon is RUNNING and mounted
-        elapsed = d.wait_socket(sock)
-        assert elapsed < 10
+        d.wait_socket(sock)
         assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
         assert is_mountpoint(mnt)
         # A.3: liveness connection, idle forever

@@ -16,8 +16,7 @@ import signal
 import stat
 import subprocess
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from nydus_py.builder.cache_view import write_cache_view
 from nydus_py.builder.options import BuildOptions, BuildResult
 from nydus_py.builder.sources import tree_from_directory
 from nydus_py.transport.mount import is_mountpoint
+from tests.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 CHUNK = 0x10000  # small chunks make "a file of several chunks" cheap
@@ -160,12 +160,8 @@ def abort_connection(mountpoint: str) -> bool:
     return True
 
 
-def wait_for(cond, timeout: float, what: str) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
+def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
+    wait_until(cond, timeout, what)
 
 
 class Daemon:

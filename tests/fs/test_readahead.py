@@ -2,7 +2,6 @@
 readers trigger nothing, and a broken chunk ahead never fails the current read."""
 
 import random
-import time
 from pathlib import Path
 
 from nydus_py.builder.options import BuildOptions
@@ -12,6 +11,7 @@ from nydus_py.rafs.model import BlobInfo
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 
+from ..waiting import wait_until
 from .mountrig import CHUNK, build
 
 N_CHUNKS = 64
@@ -47,10 +47,9 @@ def _setup(tmp_path: Path, fail_chunk: int | None = None):
 
 
 def _settle(fs: RafsFilesystem) -> None:
-    assert fs.readahead is not None
-    deadline = time.monotonic() + 10
-    while fs.readahead._inflight and time.monotonic() < deadline:
-        time.sleep(0.005)
+    ra = fs.readahead
+    assert ra is not None
+    wait_until(lambda: not ra._inflight, what="the readahead fetches to finish")
 
 
 def test_sequential_reader_gets_chunks_ahead(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from nydus_py.rafs.loader import open_bytes
 from nydus_py.rafs.model import BlobInfo, RafsImage
 from nydus_py.rafs.v5 import V5Image
 
-from .test_v5_hostile import exercise_timed, mutant
+from .test_v5_hostile import exercise_bounded, mutant
 from .v5craft import (
     DEFAULT_FLAGS,
     F_FLAGS,
@@ -313,7 +313,7 @@ def rich_mutants(draw: st.DrawFn) -> bytes:
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(rich_mutants())
 def test_mutated_rich_tree_raises_only_format_error(data: bytes) -> None:
-    exercise_timed(data)
+    exercise_bounded(data)
 
 
 @st.composite

@@ -20,6 +20,7 @@ from nydus_py.storage.registry import RegistryBackend, parse_registry_config
 from tests.storage import images
 from tests.storage.fault_proxy import FaultProxy
 from tests.storage.test_registry_mount import Nydusd
+from tests.waiting import wait_until
 
 TIMEOUT, RETRIES = 2.0, 2
 READERS = 8
@@ -35,13 +36,6 @@ def pushed(tmp_path_factory: pytest.TempPathFactory, plain_registry):  # type: i
     with RegistryBackend(cfg) as b:
         images.push_image(b, img, "v1")
     return img
-
-
-def wait_for(what: str, cond, timeout: float = WAIT) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 @pytest.mark.slow
@@ -87,7 +81,8 @@ def test_stalled_registry_reads_end_within_the_bound_and_metadata_flows(tmp_path
         for t in threads:
             t.start()
         # every reader's request is at the (stalled) registry: all of them wait at once
-        wait_for(f"{READERS} stalled blob requests", lambda: len(proxy.blob_requests()) - before >= READERS)
+        wait_until(lambda: len(proxy.blob_requests()) - before >= READERS, WAIT,
+                   f"{READERS} stalled blob requests")
         # metadata of names nobody looked up yet is answered while every reader still waits
         assert not took, f"a reader ended before the stat could be tried: {took}"
         st = os.stat(d.mnt / "etc" / "motd")

@@ -12,10 +12,11 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 from nydus_py.transport.mount import is_mountpoint
+from tests.waiting import WaitTimeout, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 SNAPSHOTTER = "nydus-py"
@@ -65,6 +66,29 @@ def log_tail(path: Path, n: int = 4000) -> str:
     return data[-n:].decode(errors="replace")
 
 
+def wait_started(proc: subprocess.Popen[bytes], sock: str, name: str, log: Path, stop: Callable[[], None]) -> None:
+    """Until `proc` has created `sock`; when it exits first or takes 30 s: `stop`, then fail."""
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"{name} exited with {proc.returncode}")
+        return os.path.exists(sock)
+
+    try:
+        wait_until(up, 30, f"{name} to create {sock}")
+    except AssertionError as e:
+        stop()
+        raise AssertionError(f"{name} did not start ({e}):\n{log_tail(log)}") from None
+
+
+def pid_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 class Containerd:
     def __init__(self, binary: str, ctr: str, work: Path, snap_sock: str) -> None:
         self.ctr = ctr
@@ -78,12 +102,7 @@ class Containerd:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen([binary, "--config", str(self.config)], stdout=out,
                                          stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"containerd did not start:\n{log_tail(self.log)}")
-            time.sleep(0.05)
+        wait_started(self.proc, self.sock, "containerd", self.log, self.stop)
 
     def run(self, tool: str, *args: str, timeout: float = 120, check: bool = True,
             ns: str = "default") -> subprocess.CompletedProcess[str]:
@@ -120,12 +139,7 @@ class SnapshotterProcess:
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO), env=e,
                                          start_new_session=True)
-        deadline = time.monotonic() + 30
-        while not os.path.exists(self.sock):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"snapshotter did not start:\n{log_tail(self.log)}")
-            time.sleep(0.05)
+        wait_started(self.proc, self.sock, "snapshotter", self.log, self.stop)
 
     @property
     def daemon_sock(self) -> str:
@@ -152,14 +166,9 @@ class SnapshotterProcess:
                 pid = None
         if pid is not None:  # the snapshotter did not stop it: do it here, by pid
             os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + 15
-            while time.monotonic() < deadline:
-                try:
-                    os.kill(pid, 0)
-                except ProcessLookupError:
-                    break
-                time.sleep(0.05)
-            else:
+            try:
+                wait_until(lambda: not pid_exists(pid), 15, f"daemon {pid} to exit")
+            except WaitTimeout:
                 os.kill(pid, signal.SIGKILL)
         if is_mountpoint(str(self.mnt)):
             subprocess.run(["umount", "-l", str(self.mnt)], check=False, capture_output=True)

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -32,6 +33,7 @@ from nydus_py.snapshotter.grpc_gen import snapshots_pb2_grpc as pb_grpc
 from tests.conftest import require_device, require_tool
 from tests.convert import ociimage as oi
 from tests.storage import registry_rig as rig
+from tests.waiting import WaitTimeout, wait_until
 
 from .containerd_rig import Containerd, SnapshotterProcess, log_tail
 
@@ -178,10 +180,7 @@ def test_nydus_image_is_pulled_and_run_lazily(stack: Stack, images, plain_regist
 
     # the image's removal: containerd's GC removes every snapshot, the daemon unmounts the image
     stack.cd.run(stack.ctr, "images", "rm", "--sync", ref)
-    deadline = time.monotonic() + 30
-    while stack.snapshots() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert stack.snapshots() == [], stack.logs()
+    wait_until(lambda: stack.snapshots() == [], 30, lambda: f"containerd's GC to remove every snapshot:\n{stack.logs()}")
     assert stack.daemon_mounts() == []
     assert os.listdir(stack.snap.root / "snapshots") == []
     assert boot["annotations"]["containerd.io/snapshot/nydus-bootstrap"] == "true"
@@ -228,9 +227,8 @@ def test_a_dead_daemon_is_restarted_and_the_image_mounted_again(stack: Stack, im
     before = stack.snap.daemon_pid()
     assert before is not None
     os.kill(before, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while os.path.exists(f"/proc/{before}") and time.monotonic() < deadline:
-        time.sleep(0.05)
+    with contextlib.suppress(WaitTimeout):  # as before: a zombie not reaped yet still lets the test go on
+        wait_until(lambda: not os.path.exists(f"/proc/{before}"), 10, f"daemon {before} to be gone")
     # the container's Prepare finds the daemon gone: leftovers cleared, daemon restarted, image mounted
     out = stack.cd.ctr_run(ref, "restart-c1", "/bin/busybox", "sh", "-c", SCRIPT)
     assert out == expected_output(img), stack.logs()

@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from tests.waiting import wait_until
+
 USER, PASSWORD = "tester", "s3cret-pass"
 _LISTEN = re.compile(r'listening on 127\.0\.0\.1:(\d+)')
 
@@ -295,35 +297,35 @@ class Registry:
         self._log = open(self.log_path, "ab")  # noqa: SIM115  (closed in stop)
         self.proc = subprocess.Popen([self.binary, "serve", str(cfg_path)], stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"docker-registry {self.name} exited: {self.log_text()[-2000:]}")
-            m = _LISTEN.search(self.log_text())
-            if m:
-                self.port = int(m.group(1))
-                break
-            time.sleep(0.05)
-        else:
-            self.stop()
-            raise RuntimeError(f"docker-registry {self.name} did not start: {self.log_text()[-2000:]}")
         ctx = None
         if self.tls_ca is not None:
             import ssl
 
             ctx = ssl.create_default_context(cafile=str(self.tls_ca))
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.url}/v2/", timeout=2, context=ctx).close()
-                return self
-            except urllib.error.HTTPError as e:
-                if e.code == 401:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"docker-registry {self.name} does not answer /v2/")
+        try:
+            m = wait_until(self._listening, timeout,
+                           lambda: f"docker-registry {self.name} to listen: {self.log_text()[-2000:]}")
+            self.port = int(m.group(1))
+            wait_until(lambda: self._answers(ctx), timeout, f"docker-registry {self.name} to answer /v2/")
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _listening(self) -> re.Match[str] | None:
+        assert self.proc is not None
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"docker-registry {self.name} exited: {self.log_text()[-2000:]}")
+        return _LISTEN.search(self.log_text())
+
+    def _answers(self, ctx: Any) -> bool:
+        try:
+            urllib.request.urlopen(f"{self.url}/v2/", timeout=2, context=ctx).close()
+            return True
+        except urllib.error.HTTPError as e:
+            return e.code == 401
+        except OSError:
+            return False
 
     def log_text(self) -> str:
         try:

@@ -1,4 +1,4 @@
-"""Hand-made blobs for cache tests: chunks with real digests, and a source that can be slowed,
+"""Hand-made blobs for cache tests: chunks with real digests, and a source that can be held,
 counted, broken and corrupted on purpose."""
 
 from __future__ import annotations
@@ -7,12 +7,12 @@ import errno
 import hashlib
 import random
 import threading
-import time
 from dataclasses import dataclass, field
 
 from nydus_py.rafs import codec
 from nydus_py.rafs.constants import BlobFeatures, ChunkFlags, Compressor, Digester
 from nydus_py.rafs.model import BlobInfo, ChunkInfo
+from tests.waiting import wait_for
 
 
 @dataclass
@@ -53,19 +53,32 @@ def make_blob(n: int, seed: int = 0, chunk_size: int = 0x4000, compress: bool = 
 
 @dataclass
 class FakeSource:
-    """BlobSource over in-memory blobs, recording every read."""
+    """BlobSource over in-memory blobs, recording every read. A slow backend is a gate the
+    test holds closed: reads block inside until it opens them, and `wait_inside` tells the
+    test when reads have got that far, so it orders threads by events, not by sleeping."""
 
     blobs: dict[str, bytes] = field(default_factory=dict)
-    delay: float = 0.0
     fail: int = 0  # fail this many reads with EIO
     corrupt: int = 0  # flip a byte in this many reads
     gate: threading.Event | None = None  # reads block until it is set
+    prefetch_gate: threading.Event | None = None  # prefetch reads block until it is set
     calls: list[tuple[str, int, int, bool]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    inside: dict[bool, int] = field(default_factory=lambda: {False: 0, True: 0})  # by prefetch
+    changed: threading.Condition = field(init=False)  # notified when `calls`/`inside` change
+
+    def __post_init__(self) -> None:
+        self.changed = threading.Condition(self.lock)
 
     def add(self, blob: Blob) -> FakeSource:
         self.blobs[blob.info.blob_id] = blob.data
         return self
+
+    def wait_inside(self, demand: int = 0, prefetch: int = 0, timeout: float = 10.0, what: str = "") -> None:
+        """Block until exactly `demand` on-demand and `prefetch` prefetch reads are in the backend."""
+        want = {False: demand, True: prefetch}
+        wait_for(self.changed, lambda: self.inside == want, timeout,
+                 lambda: f"{what or 'reads'}: {want} inside the backend, have {self.inside}")
 
     def _read(self, blob: BlobInfo, offset: int, size: int, prefetch: bool) -> bytes:
         with self.lock:
@@ -76,10 +89,18 @@ class FakeSource:
             corrupt = not fail and self.corrupt > 0
             if corrupt:
                 self.corrupt -= 1
-        if self.gate is not None:
-            self.gate.wait(30)
-        if self.delay:
-            time.sleep(self.delay)
+            # the gates this read passes, as they are now: the test may swap them afterwards
+            gates = [g for g in (self.gate, self.prefetch_gate if prefetch else None) if g is not None]
+            self.inside[prefetch] += 1
+            self.changed.notify_all()
+        try:
+            for g in gates:
+                if not g.wait(30):
+                    raise OSError(errno.EIO, "fake backend: the test never opened the gate")
+        finally:
+            with self.lock:
+                self.inside[prefetch] -= 1
+                self.changed.notify_all()
         if fail:
             raise OSError(errno.EIO, "injected backend failure")
         data = self.blobs[blob.blob_id][offset:offset + size]

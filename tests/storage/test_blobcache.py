@@ -1,13 +1,13 @@
 """The persistent blob cache over a fake backend: layout, restart reuse, single flight, merging,
 amplification, validation, crash safety, LRU eviction, on-demand before prefetch."""
 
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.storage.prefetch import resolve_path
 
+from ..waiting import wait_event, wait_until
 from . import images
 from .synth import FakeSource, make_blob
 
@@ -86,7 +87,8 @@ def test_single_flight(tmp_path):
                for _ in range(12)]
     for t in threads:
         t.start()
-    time.sleep(0.3)
+    src.wait_inside(demand=1, what="the one fetch")
+    wait_until(lambda: m.stats.waited == 11, what="the other 11 readers to wait for it")
     gate.set()
     for t in threads:
         t.join(10)
@@ -232,15 +234,16 @@ def test_flusher_persists_in_the_background(tmp_path):
     m = manager(tmp_path, FakeSource().add(b), sync_delay=0.01)
     m.read_chunks(b.info, b.chunks)
     map_path = str(tmp_path / "cache" / f"{b.info.blob_id}.blob.data.chunk_map")
-    deadline = time.monotonic() + 10
-    while True:
+
+    def ready_in_file() -> int:
         cm = ChunkMap(map_path, 4)
-        n = cm.ready_count
-        cm.close()
-        if n == 4 or time.monotonic() > deadline:
-            break
-        time.sleep(0.01)
-    assert n == 4  # without close or an explicit flush
+        try:
+            return cm.ready_count
+        finally:
+            cm.close()
+
+    # without close or an explicit flush
+    wait_until(lambda: ready_in_file() == 4, what=lambda: f"4 bits in the chunk map file, have {ready_in_file()}")
     m.close()
 
 
@@ -250,7 +253,7 @@ CRASH_CHILD = textwrap.dedent("""
     from tests.storage.synth import FakeSource, make_blob
     from nydus_py.storage.cache import BlobCacheManager
     blobs = [make_blob(256, seed=s) for s in range(3)]
-    src = FakeSource(delay=0.001)
+    src = FakeSource()
     for b in blobs:
         src.add(b)
     m = BlobCacheManager({work!r}, src, amplify_io=64 << 10, sync_delay=0.005)
@@ -265,8 +268,11 @@ CRASH_CHILD = textwrap.dedent("""
         step()
     m.flush()  # some chunks are surely on disk before the kill
     print("ready", flush=True)
+    n = 0
     while True:
         step()
+        n += 1
+        print(str(n).ljust(31), flush=True)  # the parent kills after some of these lines
 """)
 
 
@@ -277,8 +283,12 @@ def test_sigkill_never_leaves_a_ready_chunk_with_wrong_bytes(tmp_path):
         work = str(tmp_path / f"cache{round_}")
         proc = subprocess.Popen([sys.executable, "-c", CRASH_CHILD.format(repo=str(REPO), work=work, seed=round_)],
                                 stdout=subprocess.PIPE)
-        assert proc.stdout is not None and proc.stdout.readline().strip() == b"ready"
-        time.sleep(0.1 + 0.03 * round_)
+        assert proc.stdout is not None
+        # a one-page pipe: the child, writing a line per step, stays at most 128 steps ahead
+        fcntl.fcntl(proc.stdout.fileno(), fcntl.F_SETPIPE_SZ, 4096)
+        assert proc.stdout.readline().strip() == b"ready"
+        for _ in range(5 + 10 * round_):  # a different point of the work each round
+            assert proc.stdout.readline(), "the child died before the kill"
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
         proc.stdout.close()
@@ -332,7 +342,7 @@ def test_blob_in_use_is_not_evicted(tmp_path):
     src.gate = gate
     t = threading.Thread(target=lambda: m.read_chunks(a.info, a.chunks[4:]))
     t.start()
-    time.sleep(0.2)
+    src.wait_inside(demand=1, what="the read of blob a")
     src.gate = None
     m.read_chunks(b.info, b.chunks)  # over the limit; a is pinned by the running read
     assert os.path.exists(os.path.join(m.work_dir, f"{a.info.blob_id}.blob.data"))
@@ -347,10 +357,10 @@ def test_prefetch_waits_for_on_demand(tmp_path):
     m = manager(tmp_path, src)
     demand = threading.Thread(target=lambda: m.read_chunks(b.info, [b.chunks[0]]))
     demand.start()
-    time.sleep(0.1)
+    src.wait_inside(demand=1, what="the on-demand fetch")
     pf = threading.Thread(target=lambda: m.prefetch(b.info, b.chunks[8:]))
     pf.start()
-    time.sleep(0.2)
+    wait_until(lambda: m.stats.prefetch_waits == 1, what="prefetch to stand aside")
     assert [c[3] for c in src.calls] == [False]  # prefetch stood aside
     gate.set()
     demand.join(10)
@@ -366,11 +376,11 @@ def test_on_demand_refetches_after_failed_prefetch(tmp_path):
     m = manager(tmp_path, src)
     pf = threading.Thread(target=lambda: m.prefetch(b.info, b.chunks[:1]))
     pf.start()
-    time.sleep(0.1)
+    src.wait_inside(prefetch=1, what="the prefetch (bound to fail)")
     out: list[bytes] = []
     demand = threading.Thread(target=lambda: out.extend(m.read_chunks(b.info, [b.chunks[0]])))
     demand.start()
-    time.sleep(0.1)
+    wait_until(lambda: m.stats.waited == 1, what="the reader to wait for the prefetch")
     gate.set()
     pf.join(10)
     demand.join(10)
@@ -427,15 +437,23 @@ def test_on_demand_does_not_wait_for_queued_prefetch_reads(tmp_path):
     """A prefetch batch of many separate ranges: a reader wanting the last one fetches it
     itself instead of waiting for the batch to get there."""
     b = make_blob(24, seed=32, compress=False)
-    src = FakeSource(delay=0.2).add(b)
+    held = threading.Event()
+    src = FakeSource(prefetch_gate=held).add(b)
     m = manager(tmp_path, src)
     spread = b.chunks[0:20:2]  # ten non-adjacent chunks: ten ranged reads, one after another
     pf = threading.Thread(target=lambda: m.prefetch(b.info, spread, merging_size=1 << 20))
     pf.start()
-    time.sleep(0.1)
-    t = time.monotonic()
-    assert m.read_chunks(b.info, [b.chunks[18]]) == [b.plain[18]]
-    assert time.monotonic() - t < 0.2 * 3  # not 10 x 0.2 s
+    src.wait_inside(prefetch=1, what="the first of the prefetch's reads")
+    out: list[bytes] = []
+    done = threading.Event()
+    reader = threading.Thread(target=lambda: (out.extend(m.read_chunks(b.info, [b.chunks[18]])), done.set()))
+    reader.start()
+    # served while the prefetch is still held in its first read: not queued behind the other nine
+    wait_event(done, what="the on-demand read while the prefetch is held")
+    assert out == [b.plain[18]] and m.stats.waited == 0
+    assert [c[3] for c in src.calls] == [True, False]
+    held.set()
+    reader.join(10)
     pf.join(10)
     assert m.ready_chunks(b.info) == 10
     assert [c[1] for c in src.calls].count(b.chunks[18].compressed_offset) == 1  # fetched once
@@ -492,12 +510,12 @@ def test_cross_file_amplification_stops_at_cached_or_inflight_chunks(tmp_path):
     src.gate = gate
     pf = threading.Thread(target=lambda: m.prefetch(b.info, b.chunks[11:13]))
     pf.start()
-    time.sleep(0.1)
+    src.wait_inside(prefetch=1, what="the prefetch of 11..12")
     out: list[bytes] = []
     assert m.read_chunks(b.info, [b.chunks[5]], follow=f) == [b.plain[5]]  # a hit carries the stream on
     t = threading.Thread(target=lambda: out.extend(m.read_chunks(b.info, [b.chunks[6]], follow=f)))
     t.start()
-    time.sleep(0.1)
+    src.wait_inside(demand=1, prefetch=1, what="the on-demand fetch from 6")
     gate.set()
     pf.join(10)
     t.join(10)
@@ -523,17 +541,20 @@ def test_reader_waiting_for_prefetch_does_not_hold_prefetch_back(tmp_path):
     """Only a running on-demand backend fetch makes prefetch stand aside; a reader that waits for
     a chunk a prefetch is fetching does not, so the other prefetch workers go on."""
     b = make_blob(16, seed=53, compress=False)
-    src = FakeSource(delay=0.3).add(b)
+    held = threading.Event()
+    src = FakeSource(prefetch_gate=held).add(b)
     m = manager(tmp_path, src)
     p1 = threading.Thread(target=lambda: m.prefetch(b.info, b.chunks[0:2]))
     p1.start()
-    time.sleep(0.05)
+    src.wait_inside(prefetch=1, what="the first prefetch")
     out: list[bytes] = []
     reader = threading.Thread(target=lambda: out.extend(m.read_chunks(b.info, [b.chunks[1]])))
     reader.start()
-    time.sleep(0.05)
+    wait_until(lambda: m.stats.waited == 1, what="the reader to wait for the first prefetch")
     p2 = threading.Thread(target=lambda: m.prefetch(b.info, b.chunks[8:10]))
     p2.start()
+    src.wait_inside(prefetch=2, what="the second prefetch, beside the waiting reader")
+    held.set()
     for t in (p1, reader, p2):
         t.join(10)
     assert out == [b.plain[1]] and m.stats.waited == 1

@@ -2,40 +2,26 @@
 and on-demand reads that never wait behind prefetch."""
 
 import threading
-import time
 
 import pytest
 
 from nydus_py.rafs import open_bootstrap
-from nydus_py.rafs.model import BlobInfo
 from nydus_py.storage.cache import BlobCacheManager
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.storage.prefetch import Prefetcher, TokenBucket, read_prefetch_list, resolve_path
 
+from ..clock import ManualClock
+from ..waiting import wait_event
 from . import images
+from .synth import FakeSource
 
 
-class SlowDir(LocalBlobDir):
-    """localfs with a fixed latency per request (like a far registry), counting requests."""
-
-    def __init__(self, path: str, delay: float) -> None:
-        super().__init__(path)
-        self.delay = delay
-        self.calls: list[tuple[float, int, int, bool]] = []
-        self.lock = threading.Lock()
-
-    def _slow(self, blob: BlobInfo, offset: int, size: int, prefetch: bool) -> bytes:
-        with self.lock:
-            self.calls.append((time.monotonic(), offset, size, prefetch))
-        time.sleep(self.delay)
-        return super().read(blob, offset, size)
-
-    def read(self, blob: BlobInfo, offset: int, size: int) -> bytes:
-        return self._slow(blob, offset, size, False)
-
-    def read_prefetch(self, blob: BlobInfo, offset: int, size: int) -> bytes:
-        return self._slow(blob, offset, size, True)
+def held_source(built: images.BuiltImage, prefetch_gate: threading.Event | None = None) -> FakeSource:
+    """The image's blobs behind a recording fake backend (a far registry whose prefetch
+    requests stay in flight until the test opens `prefetch_gate`)."""
+    blobs = {p.name: p.read_bytes() for p in built.blob_dir.iterdir()}
+    return FakeSource(blobs=blobs, prefetch_gate=prefetch_gate)
 
 
 @pytest.fixture(scope="module")
@@ -111,64 +97,84 @@ def test_token_bucket():
     assert TokenBucket(0).delay_for(1 << 30) == 0.0
 
 
+class Waits:
+    """A prefetch worker's wait for the bandwidth cap, on a manual clock: time passes at once."""
+
+    def __init__(self, clock: ManualClock) -> None:
+        self.clock = clock
+        self.seconds: list[float] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, seconds: float) -> bool:
+        with self.lock:
+            self.seconds.append(seconds)
+            self.clock.advance(seconds)
+        return False  # not stopped
+
+
 def test_bandwidth_cap(built, tmp_path):
     rate = 400_000
-    t = time.monotonic()
-    image, cache, pf = run(built, tmp_path, files=[b"/big/a.bin", b"/big/b.bin"], bandwidth=rate,
-                           merging_size=64 << 10, threads=4)
-    took = time.monotonic() - t
-    total = cache.stats.prefetch_data_amount
-    assert total > 600_000
-    assert took >= 0.8 * (total - (64 << 10) * 2) / rate
-    t = time.monotonic()
-    run(built, tmp_path / "uncapped", files=[b"/big/a.bin", b"/big/b.bin"], merging_size=64 << 10, threads=4)
-    assert time.monotonic() - t < took / 2
+    files = [b"/big/a.bin", b"/big/b.bin"]
+    clock = ManualClock()
+    waits = Waits(clock)
+    start = clock()
+    image, cache, pf = run(built, tmp_path, files=files, bandwidth=rate, merging_size=64 << 10, threads=4,
+                           clock=clock, pause=waits)
+    total = pf.bytes_planned
+    assert cache.stats.prefetch_data_amount == total > 600_000 and pf.batches > 4
+    # the bucket made the workers wait: the last batch went out no earlier than the bytes of all
+    # the batches before it take at `rate` (each batch is at most merging_size bytes)
+    assert waits.seconds and clock() - start >= (total - (64 << 10)) / rate
+    uncapped = Waits(ManualClock())
+    run(built, tmp_path / "uncapped", files=files, merging_size=64 << 10, threads=4, clock=uncapped.clock,
+        pause=uncapped)
+    assert uncapped.seconds == []  # no cap: no worker ever waits
 
 
 def test_on_demand_not_queued_behind_prefetch(built, tmp_path):
-    delay = 0.15
-    src = SlowDir(str(built.blob_dir), delay)
+    held = threading.Event()
+    src = held_source(built, held)
     image = open_bootstrap(str(built.boot))
     cache = BlobCacheManager(str(tmp_path / "cache"), src, amplify_io=0)
     pf = Prefetcher(image, cache, prefetch_all=True, use_table=False, threads=2, merging_size=64 << 10).start()
-    time.sleep(delay * 2.5)  # prefetch is busy
-    assert not pf.done.is_set()
+    src.wait_inside(prefetch=2, what="both prefetch workers busy")
     dev = BlobDevice(image, cache)
     ino = resolve_path(image, b"/text/log.txt")
-    t = time.monotonic()
-    data = dev.read(ino, 300_000, 100)
-    took = time.monotonic() - t
-    assert data == built.files["text/log.txt"][300_000:300_100]
-    # one request of its own, plus at most the prefetch fetches already in flight when it came
-    assert took < delay * 3.5, took
-    remaining_prefetch = sum(1 for c in src.calls if c[3])
-    pf.wait(60)
-    assert sum(1 for c in src.calls if c[3]) > remaining_prefetch  # prefetch was still going
-    assert any(not c[3] for c in src.calls)
+    got: list[bytes] = []
+    done = threading.Event()
+    reader = threading.Thread(target=lambda: (got.append(bytes(dev.read(ino, 300_000, 100))), done.set()))
+    reader.start()
+    # answered while both prefetch reads are still held: one request of its own, queued behind nothing
+    wait_event(done, what="the on-demand read while prefetch holds every worker")
+    assert got == [built.files["text/log.txt"][300_000:300_100]]
+    assert [c[3] for c in src.calls] == [True, True, False] and not pf.done.is_set()
+    held.set()
+    reader.join(10)
+    assert pf.wait(60) and pf.errors == 0
+    assert sum(1 for c in src.calls if c[3]) > 2  # prefetch went on afterwards
+    assert cache.data_all_ready()
 
 
 def test_scattered_files_are_fetched_in_parallel(built, tmp_path):
     """Each batch is one ranged read of adjacent chunks: files scattered in the blob become
     separate batches that the workers send side by side (not one worker's queue of reads)."""
-    delay = 0.2
-    src = SlowDir(str(built.blob_dir), delay)
+    held = threading.Event()
+    src = held_source(built, held)
     image = open_bootstrap(str(built.boot))
     files = [b"/small/f03", b"/small/f11", b"/small/f19", b"/small/f27"]
     runs = {tuple(c.compressed_offset for c in image.chunks(resolve_path(image, f))) for f in files}
     assert len(runs) == 4
     cache = BlobCacheManager(str(tmp_path / "cache"), src)
-    t = time.monotonic()
     pf = Prefetcher(image, cache, files=files, threads=4, merging_size=1 << 20).start()
+    # all four reads in the backend at once (one worker's queue would hold the others back)
+    src.wait_inside(prefetch=4, what="four batches side by side")
+    held.set()
     assert pf.wait(30)
-    took = time.monotonic() - t
     assert len(src.calls) == 4 and pf.batches == 4
-    assert took < delay * 2.5, took  # not 4 x delay
-    starts = sorted(c[0] for c in src.calls)
-    assert starts[-1] - starts[0] < delay
 
 
 def test_files_packed_in_prefetch_order_make_few_large_reads(built, tmp_path):
-    src = SlowDir(str(built.blob_dir), 0.0)
+    src = held_source(built)
     image = open_bootstrap(str(built.boot))
     cache = BlobCacheManager(str(tmp_path / "cache"), src)
     pf = Prefetcher(image, cache, threads=4, merging_size=4 << 20).start()  # the table: /etc, /big/a.bin

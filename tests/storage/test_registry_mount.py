@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from nydus_py.storage.prefetch import resolve_path
 from nydus_py.storage.registry import RegistryBackend, parse_registry_config
 from nydus_py.transport.mount import is_mountpoint
 from tests.conftest import require_device
+from tests.waiting import wait_until
 
 from . import images
 from . import registry_rig as rig
@@ -58,12 +58,16 @@ class Nydusd:
         env = {**images.env_without_auth(), "PYTHONPATH": str(REPO)}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)
-        deadline = time.monotonic() + 30
-        while not (is_mountpoint(str(self.mnt)) and os.path.exists(self.sock)):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"daemon did not mount:\n{self.log.read_text()}")
-            time.sleep(0.05)
+        try:
+            wait_until(self._mounted, 30, lambda: f"the daemon to mount:\n{self.log.read_text()}")
+        except AssertionError:
+            self.kill()
+            raise
+
+    def _mounted(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"daemon exited with {self.proc.returncode}:\n{self.log.read_text()}")
+        return is_mountpoint(str(self.mnt)) and os.path.exists(self.sock)
 
     def get(self, path: str) -> dict:
         c = UnixHTTP(self.sock)
@@ -180,21 +184,21 @@ def test_lazy_mount_fetches_only_what_is_read(tmp_path, daemons, pushed, plain_r
         for rel in read:
             assert (d2.mnt / rel).read_bytes() == img.files[rel]
         assert len(proxy.blob_requests()) == n
-        t = time.monotonic()
         with pytest.raises(OSError) as e:
             (d2.mnt / "big" / "b.bin").read_bytes()
-        assert e.value.errno == errno.EIO and time.monotonic() - t < 4.0 + 3
+        assert e.value.errno == errno.EIO
+        assert d2.get("/api/v1/metrics/backend")["read_errors"] >= 1  # the registry's failure, not a hang
         proxy.clear()
         # not poisoned: once the failure's short memory (fs.failed_reads.HOLD) has passed, the
         # registry is asked again and the bytes are right
-        end = time.monotonic() + HOLD + 10
-        while True:
+        def read_b() -> bytes | None:
             try:
-                data = (d2.mnt / "big" / "b.bin").read_bytes()
-                break
+                return (d2.mnt / "big" / "b.bin").read_bytes()
             except OSError as e:
-                assert e.errno == errno.EIO and time.monotonic() < end, e
-                time.sleep(0.05)  # poll interval of the condition above
+                assert e.errno == errno.EIO, e
+                return None
+
+        data = wait_until(read_b, HOLD + 10, "big/b.bin readable again after the registry recovered")
         assert data == img.files["big/b.bin"]
         d2.stop()
     finally:
@@ -210,10 +214,7 @@ def test_prefetch_files_fill_the_cache(tmp_path, daemons, pushed, plain_registry
                                   fs_prefetch={"enable": True, "prefetch_all": False, "threads_count": 2})
     d = Nydusd(tmp_path, "pf", boot, config, prefetch_files=lst)
     daemons.append(d)
-    deadline = time.monotonic() + 20
-    while d.get("/api/v1/metrics/blobcache")["prefetch_end_time_secs"] == 0:
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_until(lambda: d.get("/api/v1/metrics/blobcache")["prefetch_end_time_secs"], 20, "prefetch to finish")
     m = d.get("/api/v1/metrics/blobcache")
     want = {lo for lo, _ in chunk_ranges(boot, ["big/b.bin", "etc/motd"])}
     assert m["prefetch_data_amount"] == sum(hi - lo for lo, hi in chunk_ranges(boot, ["big/b.bin", "etc/motd"]))

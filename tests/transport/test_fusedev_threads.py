@@ -3,7 +3,6 @@
 
 import os
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -22,11 +21,27 @@ pytestmark = [pytest.mark.slow, pytest.mark.root]
 GETATTR, READ = 3, 15
 
 
-class SlowSource(LocalBlobDir):
-    """Every blob read takes a while, so overlapping READs are visible."""
+class OverlapSource(LocalBlobDir):
+    """Each blob read stays inside until another one is inside too: READs served one at a time
+    would never meet (each gives up after `patience` seconds, and `met` stays False)."""
+
+    def __init__(self, path: str, patience: float = 10.0) -> None:
+        super().__init__(path)
+        self.patience = patience
+        self.inside = 0
+        self.met = False
+        self.gave_up = False
+        self.cond = threading.Condition()
 
     def read(self, blob, offset, size):  # noqa: ANN001, ANN201
-        time.sleep(0.05)
+        with self.cond:
+            self.inside += 1
+            if self.inside >= 2:
+                self.met = True
+                self.cond.notify_all()
+            if not self.cond.wait_for(lambda: self.met or self.gave_up, self.patience):
+                self.gave_up = True  # the first to give up lets every later read through
+            self.inside -= 1
         return super().read(blob, offset, size)
 
 
@@ -38,7 +53,7 @@ def test_metadata_stays_on_one_thread_reads_spread(tmp_path: Path) -> None:
         (src / f"f{i}").write_bytes(os.urandom(2 * CHUNK))
     img = build(str(src), str(tmp_path / "img"), views=False)
     image = open_bootstrap(img.boot)
-    source = SlowSource(img.blob_dir)
+    source = OverlapSource(img.blob_dir)
     fs = RafsFilesystem(image, BlobDevice(image, source, validate=True), attr_timeout=0.0, readahead_chunks=0)
     session = FuseSession(fs)
     seen: dict[int, set[int]] = {GETATTR: set(), READ: set()}
@@ -96,5 +111,6 @@ def test_metadata_stays_on_one_thread_reads_spread(tmp_path: Path) -> None:
     # one reader at a time, and it keeps the role across metadata requests: the 300 GETATTRs
     # are answered by the thread that read them, nearly always the same one
     assert len(seen[GETATTR]) <= 2, len(seen[GETATTR])
-    # a READ hands the role on: slow READs overlap on several threads
+    # a READ hands the role on: READs held in the backend meet there, on several threads
+    assert source.met and not source.gave_up
     assert len(seen[READ]) >= 2 and active[1] >= 2, (len(seen[READ]), active[1])

@@ -7,7 +7,6 @@ import os
 import socket
 import struct
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,29 +19,34 @@ from nydus_py.transport.vhost_user.server import VhostUserServer
 
 from ..fuse.kernel import LOOKUP
 from ..fuse.memfs import MemFS
+from ..waiting import wait_event, wait_until
 from . import vhost_frontend as F
 from .test_vhost_user import fuse_call, fuse_req, init
 from .vhost_frontend import GPA_BASE, Frontend
 
 
 class SlowFS(MemFS):
-    """lookup of "slow" takes a while (a request in flight when the front-end goes away)."""
+    """lookup of "slow" stays inside until the test releases it (a request in flight when the
+    front-end goes away)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.entered = threading.Event()
+        self.release = threading.Event()
 
     def lookup(self, parent: int, name: bytes) -> Entry:
         if name == b"slow":
             self.entered.set()
-            time.sleep(0.5)
+            assert self.release.wait(30), "the test never released the slow lookup"
             name = b"hello"
         return super().lookup(parent, name)
 
 
 @pytest.fixture
-def fs() -> SlowFS:
-    return SlowFS()
+def fs() -> Iterator[SlowFS]:
+    f = SlowFS()
+    yield f
+    f.release.set()
 
 
 @pytest.fixture
@@ -132,8 +136,7 @@ def test_bad_fds_are_closed_not_leaked(server: tuple[VhostUserServer, str], capl
     assert "larger" in caplog.text or "bytes of a" in caplog.text
     assert "not inside guest memory" in caplog.text
     served_after(sock)
-    time.sleep(0.2)
-    assert open_fds() <= before + 1
+    wait_until(lambda: open_fds() <= before + 1, what=lambda: f"fds back to {before} + 1, have {open_fds()}")
 
 
 def test_bad_descriptors_fail_only_their_request(server: tuple[VhostUserServer, str],
@@ -183,16 +186,14 @@ def test_corrupt_avail_ring_stops_the_queue_not_the_daemon(server: tuple[VhostUs
         with caplog.at_level(logging.ERROR):
             struct.pack_into("<H", fe.mem, q.avail + 2, (q.avail_idx + q.num + 5) & 0xFFFF)
             q.do_kick()
-            deadline = time.monotonic() + 5
-            while "the queue stops" not in caplog.text and time.monotonic() < deadline:
-                time.sleep(0.02)
-        assert "the queue stops" in caplog.text
+            wait_until(lambda: "the queue stops" in caplog.text, what="the worker to stop the queue")
     finally:
         fe.close()
     served_after(sock)
 
 
-def test_disconnect_mid_request(server: tuple[VhostUserServer, str], fs: SlowFS) -> None:
+def test_disconnect_mid_request(server: tuple[VhostUserServer, str], fs: SlowFS,
+                                caplog: pytest.LogCaptureFixture) -> None:
     srv, sock = server
     fe = Frontend(sock)
     fe.setup()
@@ -200,8 +201,12 @@ def test_disconnect_mid_request(server: tuple[VhostUserServer, str], fs: SlowFS)
     q = fe.queues[1]
     q.add([fuse_req(LOOKUP, 1, b"slow\0", 8)], [16, 128])
     q.do_kick()
-    assert fs.entered.wait(5)
-    fe.close()  # gone while the request is being served (its memory stays mapped until done)
+    wait_event(fs.entered, what="the slow lookup to be inside the filesystem")
+    with caplog.at_level(logging.INFO, logger="nydus_py.transport.vhost_user.server"):
+        fe.close()  # gone while the request is being served (its memory stays mapped until done)
+        wait_until(lambda: "front-end disconnected" in caplog.text, what="the backend to see the disconnect")
+    assert not fs.release.is_set()
+    fs.release.set()  # the request finishes after its front-end left
     served_after(sock)
     assert srv.connections == 2
 

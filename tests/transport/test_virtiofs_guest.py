@@ -13,12 +13,12 @@ import random
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from ..conftest import REPO, require_tool
+from ..waiting import WaitTimeout, wait_until
 from .virtio_rig import qemu_available, run_guest, stop_pid, xattr_tool
 
 pytestmark = pytest.mark.slow
@@ -243,9 +243,7 @@ def test_kata_flow(guest_tools: dict[str, bytes], rafs_image: tuple[Path, Path, 
     api = Api(apisock)
     events: list[str] = []
     try:
-        deadline = time.monotonic() + 15
-        while not os.path.exists(apisock) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(lambda: os.path.exists(apisock), 15, f"the API socket {apisock}")
         wait_state(api, "RUNNING")
         r = api.request("POST", "/api/v1/mount", {"mountpoint": "/containers"},
                         {"fs_type": "passthrough_fs", "source": str(share), "config": ""})
@@ -284,9 +282,9 @@ def test_kata_flow(guest_tools: dict[str, bytes], rafs_image: tuple[Path, Path, 
 
 
 def wait_for(path: Path, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
+    """Whether `path` appeared within `timeout` seconds."""
+    try:
+        wait_until(path.exists, timeout, str(path))
+    except WaitTimeout:
+        return False
     return True

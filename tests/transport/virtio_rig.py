@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tests.waiting import WaitTimeout, wait_until
+
 CACHE_DIR = Path(os.environ.get("NYDUS_PY_VM_CACHE", "/var/cache/nydus_py/vm"))
 MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "fuse",
            "virtiofs")
@@ -198,13 +200,18 @@ def run_guest(sock: str | Path, script: str, workdir: Path, *, tag: str = "myfs"
     console, result = workdir / "console.log", workdir / "result.log"
     for f in (console, result):
         f.write_bytes(b"")
-    deadline = time.monotonic() + socket_wait
-    while not os.path.exists(sock):
-        if time.monotonic() > deadline:
-            raise RigError(f"backend socket {sock} did not appear within {socket_wait} s")
+
+    def socket_there() -> bool:
+        if os.path.exists(sock):
+            return True
         if watch_pid is not None and not _alive(watch_pid):
             raise RigError("backend exited before its socket appeared")
-        time.sleep(0.05)
+        return False
+
+    try:
+        wait_until(socket_there, socket_wait, f"backend socket {sock}")
+    except WaitTimeout as e:
+        raise RigError(str(e)) from None
     cmd = [
         QEMU, "-accel", "tcg,thread=multi", "-cpu", "max", "-M", "q35", "-smp", "1", "-m", f"{mem_mb}M",
         "-object", f"memory-backend-memfd,id=mem,size={mem_mb}M,share=on", "-numa", "node,memdev=mem",
@@ -220,20 +227,11 @@ def run_guest(sock: str | Path, script: str, workdir: Path, *, tag: str = "myfs"
         proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=err, stderr=err)
     rc = "no-end"
     try:
-        while True:
-            text = result.read_bytes().decode(errors="replace")
-            if "@@VFS-END" in text:
-                proc.wait(15)
-                break
-            if proc.poll() is not None:
-                break
-            if time.monotonic() - t0 > timeout:
-                rc = "host-timeout"
-                break
-            if watch_pid is not None and not _alive(watch_pid):
-                rc = "backend-died"
-                break
-            time.sleep(0.1)
+        how = watch_guest(proc, result, timeout, watch_pid)
+        if how == "end":
+            proc.wait(15)
+        elif how != "exited":
+            rc = how
     finally:
         _kill(proc)
     secs = time.monotonic() - t0
@@ -251,6 +249,25 @@ def run_guest(sock: str | Path, script: str, workdir: Path, *, tag: str = "myfs"
     elif "@@VFS-END rc=" in text:
         rc = text.split("@@VFS-END rc=", 1)[1].split("@@", 1)[0]
     return GuestResult(rc, out, cons, secs)
+
+
+def watch_guest(proc: subprocess.Popen[bytes], result: Path, timeout: float, watch_pid: int | None) -> str:
+    """How a guest run ended: "end" (its script finished), "exited" (QEMU quit first),
+    "backend-died" or "host-timeout"."""
+
+    def ended() -> str | None:
+        if "@@VFS-END" in result.read_bytes().decode(errors="replace"):
+            return "end"
+        if proc.poll() is not None:
+            return "exited"
+        if watch_pid is not None and not _alive(watch_pid):
+            return "backend-died"
+        return None
+
+    try:
+        return wait_until(ended, timeout, "the guest")
+    except WaitTimeout:
+        return "host-timeout"
 
 
 def _alive(pid: int) -> bool:

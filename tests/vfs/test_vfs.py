@@ -3,7 +3,6 @@
 import errno
 import stat
 import threading
-import time
 
 import pytest
 from hypothesis import given, settings
@@ -12,6 +11,7 @@ from hypothesis import strategies as st
 from nydus_py.fuse.api import FuseError
 from nydus_py.vfs import INO_SHIFT, MAX_INDEX, Vfs, VfsError
 from tests.fuse.memfs import MemFS
+from tests.waiting import wait_event
 
 ROOT = 1
 
@@ -141,11 +141,21 @@ def test_umount_waits_for_requests_inside() -> None:
     out: list[bytes] = []
     t = threading.Thread(target=lambda: out.append(bytes(vfs.read((idx << INO_SHIFT) | 2, 102, 0, 5))))
     t.start()
-    assert fs.entered.wait(5)
+    wait_event(fs.entered, what="the read to be inside the filesystem")
+    # see umount block on the mount's idle condition (the read is still inside)
+    slot = vfs._by_path["/slow"]
+    waiting = threading.Event()
+    real_wait = slot.idle.wait
+
+    def spy(timeout: float | None = None) -> bool:
+        waiting.set()
+        return real_wait(timeout)
+
+    slot.idle.wait = spy  # type: ignore[method-assign]
     done = threading.Event()
     u = threading.Thread(target=lambda: (vfs.umount("/slow"), done.set()))
     u.start()
-    time.sleep(0.2)
+    wait_event(waiting, what="umount to wait for the read inside")
     assert not done.is_set(), "umount returned while a read was inside the filesystem"
     fs.release_read.set()
     t.join(5)

@@ -12,7 +12,8 @@ import concurrent.futures
 import contextlib
 import errno
 import threading
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from ...rafs.model import BlobInfo
@@ -25,12 +26,13 @@ GRACE = 2.0  # seconds past the client's own deadline before the caller stops wa
 
 
 class RegistryBackend:
-    def __init__(self, cfg: RegistryConfig) -> None:
+    def __init__(self, cfg: RegistryConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` is the token lifecycle's (see RegistryClient)."""
         self.cfg = cfg
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="registry-io", daemon=True)
         self._thread.start()
-        self.client = RegistryClient(cfg)
+        self.client = RegistryClient(cfg, clock=clock)
         self._closed = False
         self.hung_reads = 0
         self._call(self.client.start(), 30.0)

@@ -7,6 +7,8 @@ Callers use the operations bound here; create, use and close it inside one event
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 
 from .auth import AuthState
 from .config import RegistryConfig
@@ -17,8 +19,10 @@ from .transfer import MANIFEST_TYPES, ImageTransfer
 
 
 class RegistryClient:
-    def __init__(self, cfg: RegistryConfig, rng: random.Random | None = None) -> None:
-        self.http = RegistryHttp(cfg, rng)
+    def __init__(self, cfg: RegistryConfig, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`clock` times the token lifecycle (ages, backoffs, renewals); tests pass a manual one."""
+        self.http = RegistryHttp(cfg, rng, clock)
         self.reader = BlobReader(self.http)
         self.transfer = ImageTransfer(self.http)
         self.start = self.http.start

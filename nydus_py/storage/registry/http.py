@@ -12,7 +12,8 @@ import logging
 import random
 import re
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -30,11 +31,12 @@ USER_AGENT = "nydusd/1.0.0"
 class RegistryHttp:
     """Create, use and close it inside one event loop."""
 
-    def __init__(self, cfg: RegistryConfig, rng: random.Random | None = None) -> None:
+    def __init__(self, cfg: RegistryConfig, rng: random.Random | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
         self.counters = Counters()
         self.rng = rng or random.Random()
-        self.auth = AuthState(cfg.auth, cfg.registry_token, cfg.repo, rng=self.rng)
+        self.auth = AuthState(cfg.auth, cfg.registry_token, cfg.repo, clock=clock, rng=self.rng)
         self.tokens = TokenRefresher(cfg, self.auth, self.counters)
         self.scheme = cfg.scheme
         self.proxy_healthy = True
