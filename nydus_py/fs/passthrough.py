@@ -17,9 +17,14 @@ directory. Rules that keep it that way:
 New inodes are chowned to the caller's uid/gid when we run as root (virtiofsd does the same with
 per-thread fsuid). Entry/attr timeouts are short (the host may change the tree: cache=auto).
 
+Every request holds the inode or handle it works on (`with self._using(ino) as node:`), so a
+FORGET, RELEASE or RELEASEDIR racing it (a hostile guest; the kernel never does that) only drops
+the table entry: the fds stay open until the last request using them ends, and are never closed
+under a syscall whose fd number would by then name another file of the daemon.
+
 A READ with handle 0 means the kernel opened without asking us (a VFS that negotiated
 zero-message open, as `nydusd-py fuse` does for its RAFS mounts): it is served from one read-only
-fd per inode, opened on first use and closed on forget. Our own handles start at 1.
+fd per inode, opened on first use and closed with the inode. Our own handles start at 1.
 """
 
 import contextlib
@@ -32,7 +37,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import Self
 
 from ..fuse.abi import (
     FATTR_ATIME,
@@ -146,20 +151,92 @@ def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-@dataclass(eq=False)
-class _Inode:
-    ino: int
-    fd: int  # O_PATH (| O_NOFOLLOW for symlinks)
-    key: tuple[int, int]  # (st_dev, st_ino) on the host
-    mode: int  # S_IFMT bits, fixed for the inode's life
-    nlookup: int = 0
-    rfd: int = -1  # read-only fd for reads without an OPEN (handle 0), opened on first use
+class _Held:
+    """An owner of fds (an inode or an open handle) that requests borrow: the context manager a
+    `with self._using*(...)` block runs on.
+
+    Taken under the filesystem lock (found in its table, one token appended to `users`); given
+    back in `__exit__` without it: list.append/pop are atomic, and the GIL orders every step, so
+    of a last user popping its token and then reading `dead`, and a forget/release setting `dead`
+    (under the lock, as it drops the table entry, so nobody takes it after) and then reading
+    `users`, at least one sees the other and closes. Exactly one does: closing pops the single
+    `_unclosed` token first. One lock round trip per request, none on the way out."""
+
+    __slots__ = ("users", "dead", "_unclosed")
+
+    def __init__(self) -> None:
+        self.users: list[None] = []
+        self.dead = False
+        self._unclosed: list[None] = [None]
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.users.pop()
+        if self.dead:
+            self.close_if_unused()
+
+    def close_if_unused(self) -> None:
+        """Close the fds if the tables dropped this and no request uses it any more."""
+        if self.users:
+            return
+        try:
+            self._unclosed.pop()
+        except IndexError:
+            return  # closed already (the other side got there first)
+        self._close_fds()
+
+    @property
+    def io_fd(self) -> int:
+        """The fd that data ops (read, fsync, lseek) use."""
+        raise NotImplementedError
+
+    def _close_fds(self) -> None:
+        raise NotImplementedError
 
 
-@dataclass(eq=False)
-class _Dir:
-    fd: int
-    entries: list[tuple[bytes, int, int]] | None = None  # (name, host ino, S_IFMT type)
+class _Inode(_Held):
+    __slots__ = ("ino", "fd", "key", "mode", "nlookup", "rfd")
+
+    def __init__(self, ino: int, fd: int, key: tuple[int, int], mode: int, nlookup: int = 0) -> None:
+        super().__init__()
+        self.ino = ino
+        self.fd = fd  # O_PATH (| O_NOFOLLOW for symlinks)
+        self.key = key  # (st_dev, st_ino) on the host
+        self.mode = mode  # S_IFMT bits, fixed for the inode's life
+        self.nlookup = nlookup
+        self.rfd = -1  # read-only fd for reads without an OPEN (handle 0), opened on first use
+
+    @property
+    def io_fd(self) -> int:
+        return self.rfd
+
+    def _close_fds(self) -> None:
+        for fd in (self.rfd, self.fd):
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+        self.rfd = self.fd = -1
+
+
+class _Handle(_Held):
+    __slots__ = ("fd", "is_dir", "entries")
+
+    def __init__(self, fd: int, is_dir: bool) -> None:
+        super().__init__()
+        self.fd = fd
+        self.is_dir = is_dir
+        self.entries: list[tuple[bytes, int, int]] | None = None  # dirs: (name, host ino, S_IFMT type)
+
+    @property
+    def io_fd(self) -> int:
+        return self.fd
+
+    def _close_fds(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = -1
 
 
 class PassthroughFilesystem(Filesystem):
@@ -177,7 +254,7 @@ class PassthroughFilesystem(Filesystem):
         self._inodes: dict[int, _Inode] = {}
         self._by_key: dict[tuple[int, int], int] = {}
         self._next_ino = ROOT_ID + 1
-        self._handles: dict[int, int | _Dir] = {}
+        self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
         fd = os.open(self.root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
@@ -191,38 +268,86 @@ class PassthroughFilesystem(Filesystem):
         return (DEFAULT_WANT & ~InitFlags.EXPORT_SUPPORT) | InitFlags.AUTO_INVAL_DATA | InitFlags.ASYNC_DIO
 
     def destroy(self) -> None:
-        """The guest went away: drop every inode and handle but the root."""
+        """The guest went away: drop every inode and handle but the root (requests still
+        running close theirs when they end)."""
         with self._lock:
-            for node in self._inodes.values():
-                _close_rfd(node)
-                if node is not self._root:
-                    with contextlib.suppress(OSError):
-                        os.close(node.fd)
-            for h in self._handles.values():
-                with contextlib.suppress(OSError):
-                    os.close(h.fd if isinstance(h, _Dir) else h)
-            self._inodes = {ROOT_ID: self._root}
-            self._by_key = {self._root.key: ROOT_ID}
+            dropped: list[_Held] = [n for n in self._inodes.values() if n is not self._root]
+            dropped += self._handles.values()
+            for held in dropped:
+                held.dead = True
+            alive = not self._root.dead  # (after close() the root stays gone)
+            self._inodes = {ROOT_ID: self._root} if alive else {}
+            self._by_key = {self._root.key: ROOT_ID} if alive else {}
             self._handles = {}
+        for held in dropped:
+            held.close_if_unused()
 
     def close(self) -> None:
+        """Drop everything, the root too: later requests get ESTALE."""
         self.destroy()
-        with contextlib.suppress(OSError):
-            os.close(self._root.fd)
+        with self._lock:
+            self._inodes = {}
+            self._by_key = {}
+            self._root.dead = True
+        self._root.close_if_unused()
+
+    # -- holding inodes and handles ----------------------------------------------------------
+    def _using(self, ino: int, *, dir_only: bool = False) -> _Inode:
+        """Inode `ino`, its fds kept open until the request is done with it:
+        `with self._using(ino) as node:` (ESTALE if unknown, ENOTDIR for `dir_only`)."""
+        with self._lock:
+            node = self._inodes.get(ino)
+            if node is None:
+                raise FuseError(errno.ESTALE)
+            if dir_only and not stat.S_ISDIR(node.mode):
+                raise FuseError(errno.ENOTDIR)
+            node.users.append(None)
+        return node
+
+    def _using_handle(self, fh: int) -> _Handle:
+        """Handle `fh`, its fd kept open until the request is done with it (EBADF if unknown)."""
+        with self._lock:
+            h = self._handles.get(fh)
+            if h is None:
+                raise FuseError(errno.EBADF)
+            h.users.append(None)
+        return h
+
+    def _using_io(self, ino: int, fh: int) -> _Held:
+        """What to read `ino` through, held (its `io_fd`): handle `fh`, or for handle 0 (the
+        kernel skipped OPEN: zero-message open) the inode with its own read-only fd, opened
+        once. One lock round trip once that fd exists."""
+        if fh:
+            return self._using_handle(fh)
+        with self._lock:
+            node = self._inodes.get(ino)
+            if node is None:
+                raise FuseError(errno.ESTALE)
+            if not stat.S_ISREG(node.mode):
+                raise FuseError(errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EBADF)
+            node.users.append(None)
+            if node.rfd >= 0:
+                return node
+        try:
+            fd = self._reopen(node, os.O_RDONLY)
+            with self._lock:
+                if node.rfd < 0:  # (installed even if forgotten meanwhile: its closer closes it)
+                    node.rfd = fd
+                    return node
+            os.close(fd)  # another request was first
+            return node
+        except BaseException:
+            node.__exit__(None, None, None)
+            raise
+
+    def _parent(self, parent: int, name: bytes) -> _Inode:
+        """The directory a mutation happens in, held, after the read-only and name checks:
+        `with self._parent(parent, name) as p:`."""
+        self._check_writable()
+        component(name)
+        return self._using(parent, dir_only=True)
 
     # -- inodes ------------------------------------------------------------------------------
-    def _node(self, ino: int) -> _Inode:
-        node = self._inodes.get(ino)
-        if node is None:
-            raise FuseError(errno.ESTALE)
-        return node
-
-    def _dir(self, ino: int) -> _Inode:
-        node = self._node(ino)
-        if not stat.S_ISDIR(node.mode):
-            raise FuseError(errno.ENOTDIR)
-        return node
-
     def _attr(self, st: os.stat_result) -> FuseAttr:
         return FuseAttr(
             ino=st.st_ino, size=st.st_size, blocks=st.st_blocks, atime=int(st.st_atime), mtime=int(st.st_mtime),
@@ -233,8 +358,8 @@ class PassthroughFilesystem(Filesystem):
         )
 
     def _register(self, fd: int) -> Entry:
-        """Turn a fresh O_PATH fd into a looked-up inode (reusing the known one for the same
-        host inode: hard links and repeated lookups share a nodeid)."""
+        """Turn a fresh O_PATH fd (ours: no request shares it) into a looked-up inode (reusing
+        the known one for the same host inode: hard links and repeated lookups share a nodeid)."""
         try:
             st = os.fstat(fd)
         except OSError:
@@ -259,12 +384,14 @@ class PassthroughFilesystem(Filesystem):
         return openat_beneath(parent.fd, name, os.O_PATH | os.O_NOFOLLOW)
 
     def lookup(self, parent: int, name: bytes) -> Entry:
-        p = self._dir(parent)
-        if name == b"." or (name == b".." and parent == ROOT_ID):
-            return self._register(os.dup(p.fd))
-        if name == b"..":
-            raise FuseError(errno.EACCES)
-        return self._register(self._open_child(p, component(name)))
+        with self._using(parent, dir_only=True) as p:
+            if name == b"." or (name == b".." and parent == ROOT_ID):
+                fd = os.dup(p.fd)
+            elif name == b"..":
+                raise FuseError(errno.EACCES)
+            else:
+                fd = self._open_child(p, component(name))
+        return self._register(fd)
 
     def forget(self, ino: int, nlookup: int) -> None:
         if ino == ROOT_ID:
@@ -279,59 +406,34 @@ class PassthroughFilesystem(Filesystem):
             del self._inodes[ino]
             if self._by_key.get(node.key) == ino:
                 del self._by_key[node.key]
-            _close_rfd(node)
-        os.close(node.fd)
+            node.dead = True
+        node.close_if_unused()
 
     def getattr(self, ino: int) -> tuple[FuseAttr, float]:
-        return self._attr(os.fstat(self._node(ino).fd)), self.attr_timeout
+        with self._using(ino) as node:
+            return self._attr(os.fstat(node.fd)), self.attr_timeout
 
     def readlink(self, ino: int) -> bytes:
-        node = self._node(ino)
-        if not stat.S_ISLNK(node.mode):
-            raise FuseError(errno.EINVAL)
-        return _readlink_fd(node.fd)
+        with self._using(ino) as node:
+            if not stat.S_ISLNK(node.mode):
+                raise FuseError(errno.EINVAL)
+            return _readlink_fd(node.fd)
 
     def statfs(self, ino: int) -> StatFs:
-        v = os.statvfs(_proc(self._node(ino).fd))
+        with self._using(ino) as node:
+            v = os.statvfs(_proc(node.fd))
         return StatFs(v.f_blocks, v.f_bfree, v.f_bavail, v.f_files, v.f_ffree, v.f_bsize, v.f_namemax, v.f_frsize)
 
     # -- handles -----------------------------------------------------------------------------
-    def _new_handle(self, h: int | _Dir) -> int:
+    def _new_handle(self, fd: int, is_dir: bool = False) -> int:
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = h
+            self._handles[fh] = _Handle(fd, is_dir)
         return fh
 
-    def _fd(self, fh: int) -> int:
-        h = self._handles.get(fh)
-        if h is None:
-            raise FuseError(errno.EBADF)
-        return h.fd if isinstance(h, _Dir) else h
-
-    def _read_fd(self, ino: int, fh: int) -> int:
-        """The fd to read `ino` through: handle `fh`, or for handle 0 (the kernel skipped
-        OPEN: zero-message open) the inode's own read-only fd, opened once."""
-        if fh:
-            return self._fd(fh)
-        node = self._node(ino)
-        if not stat.S_ISREG(node.mode):
-            raise FuseError(errno.EISDIR if stat.S_ISDIR(node.mode) else errno.EBADF)
-        with self._lock:
-            if node.rfd >= 0:
-                return node.rfd
-        fd = self._reopen(node, os.O_RDONLY)
-        with self._lock:
-            if node.rfd < 0 and self._inodes.get(ino) is node:
-                node.rfd = fd
-                return fd
-            keep = node.rfd
-        os.close(fd)  # another thread was first, or the inode was forgotten meanwhile
-        if keep < 0:
-            raise FuseError(errno.ESTALE)
-        return keep
-
     def _reopen(self, node: _Inode, flags: int) -> int:
+        """A real fd for the inode (the caller holds it), through /proc/self/fd."""
         if stat.S_ISLNK(node.mode):
             raise FuseError(errno.ELOOP)
         if not (stat.S_ISREG(node.mode) or stat.S_ISDIR(node.mode)):
@@ -342,39 +444,48 @@ class PassthroughFilesystem(Filesystem):
         return os.open(_proc(node.fd), flags | os.O_CLOEXEC)
 
     def open(self, ino: int, flags: int) -> tuple[int, int]:
-        node = self._node(ino)
-        if stat.S_ISDIR(node.mode):
-            raise FuseError(errno.EISDIR)
-        if flags & _READ_ONLY_REFUSED and not self.writable:
-            raise FuseError(errno.EROFS)
-        return self._new_handle(self._reopen(node, flags)), 0
+        with self._using(ino) as node:
+            if stat.S_ISDIR(node.mode):
+                raise FuseError(errno.EISDIR)
+            if flags & _READ_ONLY_REFUSED and not self.writable:
+                raise FuseError(errno.EROFS)
+            fd = self._reopen(node, flags)
+        return self._new_handle(fd), 0
 
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes:
-        return os.pread(self._read_fd(ino, fh), size, offset)
+        if fh:  # the hot path: straight to the handle
+            with self._using_handle(fh) as h:
+                return os.pread(h.fd, size, offset)
+        with self._using_io(ino, 0) as held:
+            return os.pread(held.io_fd, size, offset)
 
     def write(self, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:
         self._check_writable()
-        return os.pwrite(self._fd(fh), data, offset)
+        with self._using_handle(fh) as h:
+            return os.pwrite(h.fd, data, offset)
 
     def flush(self, ino: int, fh: int) -> None:
         if not fh:
             return  # no OPEN was sent, so there is no file of the guest's to close
         # close(dup(fd)): what close(2) of the guest's file means on the host (POSIX locks,
         # NFS-style deferred write errors)
-        os.close(os.dup(self._fd(fh)))
+        with self._using_handle(fh) as h:
+            os.close(os.dup(h.fd))
 
     def release(self, ino: int, fh: int) -> None:
         with self._lock:
             h = self._handles.pop(fh, None)
-        if h is not None:
-            os.close(h.fd if isinstance(h, _Dir) else h)
+            if h is None:
+                return
+            h.dead = True
+        h.close_if_unused()
 
     def fsync(self, ino: int, fh: int, datasync: bool) -> None:
-        fd = self._read_fd(ino, fh)
-        if datasync:
-            os.fdatasync(fd)
-        else:
-            os.fsync(fd)
+        with self._using_io(ino, fh) as held:
+            if datasync:
+                os.fdatasync(held.io_fd)
+            else:
+                os.fsync(held.io_fd)
 
     def fsyncdir(self, ino: int, fh: int, datasync: bool) -> None:
         self.fsync(ino, fh, datasync)
@@ -383,45 +494,31 @@ class PassthroughFilesystem(Filesystem):
         self._check_writable()
         if mode:
             raise FuseError(errno.EOPNOTSUPP)
-        os.posix_fallocate(self._fd(fh), offset, length)
+        with self._using_handle(fh) as h:
+            os.posix_fallocate(h.fd, offset, length)
 
     def lseek(self, ino: int, fh: int, offset: int, whence: int) -> int:
-        return os.lseek(self._read_fd(ino, fh), offset, whence)
+        with self._using_io(ino, fh) as held:
+            return os.lseek(held.io_fd, offset, whence)
 
     # -- directories -------------------------------------------------------------------------
     def opendir(self, ino: int, flags: int) -> tuple[int, int]:
-        node = self._dir(ino)
-        return self._new_handle(_Dir(self._reopen(node, os.O_RDONLY | os.O_DIRECTORY))), 0
+        with self._using(ino, dir_only=True) as node:
+            fd = self._reopen(node, os.O_RDONLY | os.O_DIRECTORY)
+        return self._new_handle(fd, is_dir=True), 0
 
     def releasedir(self, ino: int, fh: int) -> None:
         self.release(ino, fh)
 
     def readdir(self, ino: int, fh: int, offset: int) -> Iterator[DirEntryTuple]:
-        h = self._handles.get(fh)
-        if not isinstance(h, _Dir):
-            raise FuseError(errno.EBADF)
-        if h.entries is None or offset == 0:
-            # a snapshot per pass over the directory, so cookies stay stable under changes
-            entries = [(b".", 0, stat.S_IFDIR), (b"..", 0, stat.S_IFDIR)]
-            with os.scandir(_proc(h.fd)) as it:
-                for e in it:
-                    # d_type answers these without a syscall; only odd types need an lstat
-                    try:
-                        if e.is_dir(follow_symlinks=False):
-                            typ = stat.S_IFDIR
-                        elif e.is_file(follow_symlinks=False):
-                            typ = stat.S_IFREG
-                        elif e.is_symlink():
-                            typ = stat.S_IFLNK
-                        else:
-                            typ = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
-                    except OSError:
-                        continue
-                    entries.append((os.fsencode(e.name), e.inode(), typ))
-            h.entries = entries
-        for i in range(offset, len(h.entries)):
-            name, hino, typ = h.entries[i]
-            yield name, hino or ino, typ, i + 1
+        with self._using_handle(fh) as h:
+            if not h.is_dir:
+                raise FuseError(errno.EBADF)
+            entries = h.entries
+            if entries is None or offset == 0:
+                # a snapshot per pass over the directory, so cookies stay stable under changes
+                entries = h.entries = _scan(h.fd)
+        return _entries_from(entries, offset, ino)
 
     # -- creating ----------------------------------------------------------------------------
     def _check_writable(self) -> None:
@@ -430,9 +527,10 @@ class PassthroughFilesystem(Filesystem):
 
     def _finish(self, p: _Inode, name: bytes, fmt: int, caller: Caller | None,
                 key: tuple[int, int] | None = None) -> Entry:
-        """Open, check, chown and register what was just made at `name` (of type `fmt`; the
-        host inode `key` if already known). On any failure the name is removed again — if it
-        still names what we made — so a failed create leaves nothing behind."""
+        """Open, check, chown and register what was just made at `name` in `p` (held by the
+        caller) (of type `fmt`; the host inode `key` if already known). On any failure the name
+        is removed again — if it still names what we made — so a failed create leaves nothing
+        behind."""
         try:
             if key is None:
                 st = os.stat(name, dir_fd=p.fd, follow_symlinks=False)
@@ -468,59 +566,51 @@ class PassthroughFilesystem(Filesystem):
         except OSError as e:
             log.error("passthrough: could not remove half-created %r: %s", name, e)
 
-    def _parent(self, parent: int, name: bytes) -> _Inode:
-        """The directory a mutation happens in, after the read-only and name checks."""
-        self._check_writable()
-        p = self._dir(parent)
-        component(name)
-        return p
-
     def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Entry:
-        p = self._parent(parent, name)
-        os.mkdir(name, mode & 0o7777, dir_fd=p.fd)
-        return self._finish(p, name, stat.S_IFDIR, caller)
+        with self._parent(parent, name) as p:
+            os.mkdir(name, mode & 0o7777, dir_fd=p.fd)
+            return self._finish(p, name, stat.S_IFDIR, caller)
 
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Entry:
-        p = self._parent(parent, name)
-        fmt = stat.S_IFMT(mode)
-        if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
-            raise FuseError(errno.EPERM)  # no device nodes on the host from a guest
-        os.mknod(name, fmt | (mode & 0o7777), 0, dir_fd=p.fd)
-        return self._finish(p, name, fmt, caller)
+        with self._parent(parent, name) as p:
+            fmt = stat.S_IFMT(mode)
+            if fmt not in (stat.S_IFREG, stat.S_IFIFO, stat.S_IFSOCK):
+                raise FuseError(errno.EPERM)  # no device nodes on the host from a guest
+            os.mknod(name, fmt | (mode & 0o7777), 0, dir_fd=p.fd)
+            return self._finish(p, name, fmt, caller)
 
     def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Entry:
-        p = self._parent(parent, name)
-        if not target or b"\0" in target:
-            raise FuseError(errno.EINVAL)
-        os.symlink(target, name, dir_fd=p.fd)
-        return self._finish(p, name, stat.S_IFLNK, caller)
+        with self._parent(parent, name) as p:
+            if not target or b"\0" in target:
+                raise FuseError(errno.EINVAL)
+            os.symlink(target, name, dir_fd=p.fd)
+            return self._finish(p, name, stat.S_IFLNK, caller)
 
     def link(self, ino: int, newparent: int, newname: bytes) -> Entry:
-        p = self._parent(newparent, newname)
-        node = self._node(ino)
-        if stat.S_ISDIR(node.mode):
-            raise FuseError(errno.EPERM)
-        _link_empty(node.fd, p.fd, newname)
-        return self._finish(p, newname, node.mode, None, node.key)
+        with self._parent(newparent, newname) as p, self._using(ino) as node:
+            if stat.S_ISDIR(node.mode):
+                raise FuseError(errno.EPERM)
+            _link_empty(node.fd, p.fd, newname)
+            return self._finish(p, newname, node.mode, None, node.key)
 
     def create(self, parent: int, name: bytes, mode: int, flags: int, caller: Caller) -> tuple[Entry, int, int]:
-        p = self._parent(parent, name)
         oflags = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT | os.O_PATH
                            | os.O_TMPFILE)
-        try:
-            # O_EXCL always: an existing name is never opened with O_CREAT (a FIFO would block,
-            # a device would be opened) but looked at first, below
-            fd = openat_beneath(p.fd, name, oflags | os.O_CREAT | os.O_EXCL, mode & 0o7777)
-        except FileExistsError:
-            if flags & os.O_EXCL:
+        with self._parent(parent, name) as p:
+            try:
+                # O_EXCL always: an existing name is never opened with O_CREAT (a FIFO would
+                # block, a device would be opened) but looked at first, below
+                fd = openat_beneath(p.fd, name, oflags | os.O_CREAT | os.O_EXCL, mode & 0o7777)
+            except FileExistsError:
+                if flags & os.O_EXCL:
+                    raise
+                return self._open_existing(p, name, oflags)
+            try:
+                st = os.fstat(fd)
+                entry = self._finish(p, name, stat.S_IFREG, caller, (st.st_dev, st.st_ino))
+            except BaseException:
+                os.close(fd)
                 raise
-            return self._open_existing(p, name, oflags)
-        try:
-            st = os.fstat(fd)
-            entry = self._finish(p, name, stat.S_IFREG, caller, (st.st_dev, st.st_ino))
-        except BaseException:
-            os.close(fd)
-            raise
         return entry, self._new_handle(fd), 0
 
     def _open_existing(self, p: _Inode, name: bytes, flags: int) -> tuple[Entry, int, int]:
@@ -545,94 +635,131 @@ class PassthroughFilesystem(Filesystem):
         return entry, self._new_handle(fd), 0
 
     def unlink(self, parent: int, name: bytes) -> None:
-        os.unlink(name, dir_fd=self._parent(parent, name).fd)
+        with self._parent(parent, name) as p:
+            os.unlink(name, dir_fd=p.fd)
 
     def rmdir(self, parent: int, name: bytes) -> None:
-        os.rmdir(name, dir_fd=self._parent(parent, name).fd)
+        with self._parent(parent, name) as p:
+            os.rmdir(name, dir_fd=p.fd)
 
     def rename(self, parent: int, name: bytes, newparent: int, newname: bytes, flags: int) -> None:
-        p = self._parent(parent, name)
-        np = self._parent(newparent, newname)
-        if flags & ~RENAME_FLAGS:
-            raise FuseError(errno.EINVAL)
-        if flags:
-            _renameat2(p.fd, name, np.fd, newname, flags)
-        else:
-            os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=np.fd)
+        with self._parent(parent, name) as p, self._parent(newparent, newname) as np:
+            if flags & ~RENAME_FLAGS:
+                raise FuseError(errno.EINVAL)
+            if flags:
+                _renameat2(p.fd, name, np.fd, newname, flags)
+            else:
+                os.rename(name, newname, src_dir_fd=p.fd, dst_dir_fd=np.fd)
 
     # -- attributes --------------------------------------------------------------------------
     def setattr(self, ino: int, attr: SetAttr) -> tuple[FuseAttr, float]:
         self._check_writable()
-        node = self._node(ino)
-        valid = attr.valid
-        is_link = stat.S_ISLNK(node.mode)
-        if is_link and valid & (FATTR_MODE | FATTR_SIZE | FATTR_ATIME | FATTR_MTIME):
-            raise FuseError(errno.EOPNOTSUPP)  # would follow the link through /proc
-        if valid & FATTR_MODE:
-            os.chmod(_proc(node.fd), stat.S_IMODE(attr.mode))
-        if valid & (FATTR_UID | FATTR_GID):
-            _fchown_empty(node.fd, attr.uid if valid & FATTR_UID else -1, attr.gid if valid & FATTR_GID else -1)
-        if valid & FATTR_SIZE:
-            if attr.fh is not None and attr.fh in self._handles:
-                os.ftruncate(self._fd(attr.fh), attr.size)
+        with self._using(ino) as node:
+            valid = attr.valid
+            is_link = stat.S_ISLNK(node.mode)
+            if is_link and valid & (FATTR_MODE | FATTR_SIZE | FATTR_ATIME | FATTR_MTIME):
+                raise FuseError(errno.EOPNOTSUPP)  # would follow the link through /proc
+            if valid & FATTR_MODE:
+                os.chmod(_proc(node.fd), stat.S_IMODE(attr.mode))
+            if valid & (FATTR_UID | FATTR_GID):
+                _fchown_empty(node.fd, attr.uid if valid & FATTR_UID else -1,
+                              attr.gid if valid & FATTR_GID else -1)
+            if valid & FATTR_SIZE:
+                self._truncate(node, attr.fh, attr.size)
+            if valid & (FATTR_ATIME | FATTR_MTIME):
+                st = os.fstat(node.fd)
+                now = time.time_ns()
+                at = st.st_atime_ns
+                mt = st.st_mtime_ns
+                if valid & FATTR_ATIME:
+                    at = now if valid & FATTR_ATIME_NOW else attr.atime * 1_000_000_000 + attr.atime_nsec
+                if valid & FATTR_MTIME:
+                    mt = now if valid & FATTR_MTIME_NOW else attr.mtime * 1_000_000_000 + attr.mtime_nsec
+                os.utime(_proc(node.fd), ns=(at, mt))
+            return self._attr(os.fstat(node.fd)), self.attr_timeout
+
+    def _truncate(self, node: _Inode, fh: int | None, size: int) -> None:
+        """Through the guest's handle if it sent a live one, else a write-only reopen."""
+        if fh is not None:
+            try:
+                h = self._using_handle(fh)
+            except FuseError:
+                pass  # released meanwhile (or never ours): truncate through the inode
             else:
-                fd = self._reopen(node, os.O_WRONLY)
-                try:
-                    os.ftruncate(fd, attr.size)
-                finally:
-                    os.close(fd)
-        if valid & (FATTR_ATIME | FATTR_MTIME):
-            st = os.fstat(node.fd)
-            now = time.time_ns()
-            at = st.st_atime_ns
-            mt = st.st_mtime_ns
-            if valid & FATTR_ATIME:
-                at = now if valid & FATTR_ATIME_NOW else attr.atime * 1_000_000_000 + attr.atime_nsec
-            if valid & FATTR_MTIME:
-                mt = now if valid & FATTR_MTIME_NOW else attr.mtime * 1_000_000_000 + attr.mtime_nsec
-            os.utime(_proc(node.fd), ns=(at, mt))
-        return self.getattr(ino)
+                with h:
+                    os.ftruncate(h.fd, size)
+                return
+        fd = self._reopen(node, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
 
     # -- xattrs ------------------------------------------------------------------------------
     def _xattr_node(self, ino: int) -> _Inode:
+        """Inode `ino` held for an xattr change (ENOSYS without xattrs, EPERM for a symlink)."""
         if not self.xattr:
             raise FuseError(errno.ENOSYS)
-        node = self._node(ino)
+        node = self._using(ino)
         if stat.S_ISLNK(node.mode):
+            node.__exit__(None, None, None)
             raise FuseError(errno.EPERM)
         return node
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
-        node = self._node(ino)
-        if not self.xattr:
-            raise FuseError(errno.ENOSYS)
-        if stat.S_ISLNK(node.mode):
-            raise FuseError(errno.ENODATA)
-        return os.getxattr(_proc(node.fd), name)
+        with self._using(ino) as node:
+            if not self.xattr:
+                raise FuseError(errno.ENOSYS)
+            if stat.S_ISLNK(node.mode):
+                raise FuseError(errno.ENODATA)
+            return os.getxattr(_proc(node.fd), name)
 
     def listxattr(self, ino: int) -> list[bytes]:
-        node = self._node(ino)
-        if not self.xattr:
-            raise FuseError(errno.ENOSYS)
-        if stat.S_ISLNK(node.mode):
-            return []
-        return [os.fsencode(n) for n in os.listxattr(_proc(node.fd))]
+        with self._using(ino) as node:
+            if not self.xattr:
+                raise FuseError(errno.ENOSYS)
+            if stat.S_ISLNK(node.mode):
+                return []
+            names = os.listxattr(_proc(node.fd))
+        return [os.fsencode(n) for n in names]
 
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
         self._check_writable()
-        os.setxattr(_proc(self._xattr_node(ino).fd), name, value, flags)
+        with self._xattr_node(ino) as node:
+            os.setxattr(_proc(node.fd), name, value, flags)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         self._check_writable()
-        os.removexattr(_proc(self._xattr_node(ino).fd), name)
+        with self._xattr_node(ino) as node:
+            os.removexattr(_proc(node.fd), name)
 
 
-def _close_rfd(node: _Inode) -> None:
-    """Close the inode's zero-message-open read fd (the caller holds the filesystem's lock)."""
-    if node.rfd >= 0:
-        with contextlib.suppress(OSError):
-            os.close(node.rfd)
-        node.rfd = -1
+def _scan(fd: int) -> list[tuple[bytes, int, int]]:
+    """(name, host ino, S_IFMT type) of every entry of the directory open at `fd` (held by the
+    caller), "." and ".." first."""
+    entries = [(b".", 0, stat.S_IFDIR), (b"..", 0, stat.S_IFDIR)]
+    with os.scandir(_proc(fd)) as it:
+        for e in it:
+            # d_type answers these without a syscall; only odd types need an lstat
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    typ = stat.S_IFDIR
+                elif e.is_file(follow_symlinks=False):
+                    typ = stat.S_IFREG
+                elif e.is_symlink():
+                    typ = stat.S_IFLNK
+                else:
+                    typ = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
+            except OSError:
+                continue
+            entries.append((os.fsencode(e.name), e.inode(), typ))
+    return entries
+
+
+def _entries_from(entries: list[tuple[bytes, int, int]], offset: int, ino: int) -> Iterator[DirEntryTuple]:
+    for i in range(offset, len(entries)):
+        name, hino, typ = entries[i]
+        yield name, hino or ino, typ, i + 1
 
 
 def _readlink_fd(fd: int) -> bytes:

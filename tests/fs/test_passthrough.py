@@ -82,7 +82,7 @@ def test_o_direct_is_not_passed_to_the_host(k: Kernel, pfs: PassthroughFilesyste
     assert err == 0
     fh = struct.unpack_from("<Q", p)[0]
     # our read buffers are not aligned for O_DIRECT: on a disk filesystem reads would be EINVAL
-    assert not fcntl.fcntl(pfs._fd(fh), fcntl.F_GETFL) & os.O_DIRECT
+    assert not fcntl.fcntl(pfs._handles[fh].fd, fcntl.F_GETFL) & os.O_DIRECT
     assert k.read(f, fh, 0, 4096) == (0, b"content\n")
 
 
