@@ -27,6 +27,7 @@ zero-message open, as `nydusd-py fuse` does for its RAFS mounts): it is served f
 fd per inode, opened on first use and closed with the inode. Our own handles start at 1.
 """
 
+import abc
 import contextlib
 import ctypes
 import errno
@@ -151,7 +152,7 @@ def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
-class _Held:
+class _Held(abc.ABC):
     """An owner of fds (an inode or an open handle) that requests borrow: the context manager a
     `with self._using*(...)` block runs on.
 
@@ -188,12 +189,13 @@ class _Held:
         self._close_fds()
 
     @property
+    @abc.abstractmethod
     def io_fd(self) -> int:
         """The fd that data ops (read, fsync, lseek) use."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _close_fds(self) -> None:
-        raise NotImplementedError
+        """Close what this owns (once: `close_if_unused` makes sure)."""
 
 
 class _Inode(_Held):

@@ -402,7 +402,7 @@ def test_source_swapped_for_fifo_before_open_is_refused_without_blocking(
 
 
 def test_swap_hook_really_blocks_a_plain_open(tmp_path: Path) -> None:
-    """The hook's swap is what the xfail test relies on: after it, a blocking open() of the
+    """The hook's swap is what the FIFO-swap test relies on: after it, a blocking open() of the
     source would wait for a writer (checked here with O_NONBLOCK, which fails with ENXIO for
     a write open of a FIFO without readers)."""
     source, fifo = tmp_path / "s", tmp_path / "f"
