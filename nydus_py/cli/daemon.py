@@ -145,7 +145,7 @@ class Daemon:
         driver = getattr(a, "fs_driver", None) or (
             svc.default_config.fs_driver if svc.default_config is not None else "fusedev")
         if getattr(a, "fs_driver", None) == "erofs" and not boot:
-            raise StartupError("--fs-driver erofs needs --bootstrap (a shared daemon takes the driver from each "
+            raise StartupError("--fs-driver erofs needs --bootstrap or --image (a shared daemon takes the driver from each "
                                "mount's config)")
         if boot:
             self.kernel = self.opts.mode == "fuse" and driver == "erofs"
@@ -195,8 +195,8 @@ class Daemon:
         svc = self.service
         svc.sm.fire(Event.MOUNT)
         svc.sm.fire(Event.START)
-        log.info("serving %s at %s with the kernel EROFS driver (dedicated mode)", self.args.bootstrap,
-                 self.opts.mountpoint)
+        boot = getattr(self.args, "bootstrap", None) or getattr(self.args, "image", None)
+        log.info("serving %s at %s with the kernel EROFS driver (dedicated mode)", boot, self.opts.mountpoint)
 
     def start_virtiofs(self) -> None:
         from ..transport.vhost_user import virtiofs_server
