@@ -26,7 +26,9 @@ from nydus_py.builder.cache_view import write_cache_view
 from nydus_py.builder.options import BuildOptions
 from nydus_py.builder.tree import ChunkedData, FileData
 from nydus_py.config import ConfigError, parse_any
+from nydus_py.fs.blob_view import BlobViewFilesystem
 from nydus_py.fs.erofs_serve import ErofsServe
+from nydus_py.fuse.api import FuseError
 from nydus_py.metrics.backend import BackendStats, instrument
 from nydus_py.rafs import open_bootstrap
 from nydus_py.rafs.constants import Compressor
@@ -235,6 +237,58 @@ def test_bad_chunk_is_eio_and_neighbours_read_right(tmp_path) -> None:
             assert ei.value.errno == errno.EIO
         assert s.cache.stats.digest_errors >= 1
         assert s.serve.fs.stats.read_errors >= 1
+
+
+class FlippingBlobDir(LocalBlobDir):
+    """Local blobs with one byte flipped in [lo, hi) of every read that covers it; counts reads."""
+
+    def __init__(self, blob_dir: str, lo: int, hi: int) -> None:
+        super().__init__(blob_dir)
+        self.lo, self.hi = lo, hi
+        self.reads = 0
+
+    def read(self, blob, offset: int, size: int) -> bytes:  # noqa: ANN001
+        self.reads += 1
+        data = bytearray(super().read(blob, offset, size))
+        if offset <= self.lo + 17 < offset + len(data):
+            data[self.lo + 17 - offset] ^= 0x40
+        return bytes(data)
+
+
+def test_view_follow_up_read_served_from_cache_or_fast_eio(tmp_path) -> None:
+    """A READ spanning files fails on one bad chunk. Right after, a READ inside that range (the
+    kernel's retry for the page the reader wanted) is served from the cache when its chunks
+    arrived, and is EIO at once, without the backend, when they did not."""
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(5)
+    files = {name: rng.randbytes(3 * 0x4000 + 100) for name in ("a", "b")}
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
+    build_image(tree_from_directory(str(src)), boot, blobs, BuildOptions(chunk_size=0x4000, compressor=Compressor.NONE))
+    with open_bootstrap(boot) as image:
+        a_ino, b_ino = image.lookup(image.root_ino, b"a"), image.lookup(image.root_ino, b"b")
+        assert a_ino is not None and b_ino is not None
+        a0, bad = image.chunks(a_ino)[0], image.chunks(b_ino)[1]
+        backend = FlippingBlobDir(blobs, bad.compressed_offset, bad.compressed_offset + bad.compressed_size)
+        cache = BlobCacheManager(str(tmp_path / "cache"), backend, amplify_io=0)
+        try:
+            fs = BlobViewFilesystem(image, BlobDevice(image, cache, amplify_io=0))
+            lo = min(a0.uncompressed_offset, bad.uncompressed_offset)
+            hi = max(a0.uncompressed_offset, bad.uncompressed_offset) + 0x4000
+            with pytest.raises(FuseError) as ei:
+                fs.read(2, 0, lo, hi - lo)
+            assert ei.value.errno == errno.EIO
+            reads = backend.reads
+            got = fs.read(2, 0, a0.uncompressed_offset, 0x4000)  # arrived: served from the cache
+            assert bytes(got) == files["a"][:0x4000]
+            with pytest.raises(FuseError) as ei:
+                fs.read(2, 0, bad.uncompressed_offset, 0x1000)  # not arrived: EIO at once
+            assert ei.value.errno == errno.EIO
+            assert backend.reads == reads and fs.stats.fast_failures == 1
+        finally:
+            cache.close()
 
 
 # -- leaks ---------------------------------------------------------------------------------------------

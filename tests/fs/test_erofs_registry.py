@@ -3,13 +3,17 @@ mounted by reference (`--image REF`, `docker://` sources over the API): the boot
 at mount, the data blob is read lazily through the blob cache. A counting proxy in front of the
 registry shows what each step fetched; the storage fault matrix runs through it too."""
 
+import concurrent.futures
+import errno
 import json
 import os
 import random
 import re
 import signal
 import subprocess
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +22,12 @@ import pytest
 from nydus_py.builder.build import build_image
 from nydus_py.builder.options import BuildOptions
 from nydus_py.builder.sources import tree_from_directory
+from nydus_py.fs.erofs_serve import ErofsServe
+from nydus_py.fs.failed_reads import HOLD
+from nydus_py.rafs import open_bootstrap
 from nydus_py.rafs.constants import Compressor
+from nydus_py.storage.cache import BlobCacheManager
+from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.registry import RegistryBackend, parse_registry_config
 from nydus_py.transport.mount import is_mountpoint
 from tests.builder.erofs_rig import compare_trees, erofs_available
@@ -183,3 +192,137 @@ def test_shared_api_mount_of_docker_source(tmp_path: Path, pushed: Pushed, proxy
     finally:
         d.kill()
         _cleanup([str(host), str(fuse_mnt)], views_before)
+
+
+# -- the storage fault matrix, through the kernel's EROFS driver ----------------------------------------
+
+TIMEOUT, DEADLINE = 0.5, 2.0  # the backend's per-attempt timeout and per-read deadline
+LIMIT = DEADLINE + 1.5  # a read(2) ends (bytes or EIO) within this; two deadlines would not
+BLOCK = 16 << 10
+FAULTS = ("5xx", "reset", "stall", "truncate", "short", "oversize", "bad_range", "corrupt", "200_for_206")
+FILES = ["big/a.bin", "etc/passwd", "small/f03", "text/log.txt"]
+
+
+@dataclass
+class FaultRig:
+    proxy: FaultProxy
+    backend: RegistryBackend
+    cache: BlobCacheManager
+    serve: ErofsServe
+    files: dict[str, bytes]
+    pool: concurrent.futures.ThreadPoolExecutor
+
+    def pread(self, rel: str, offset: int, size: int = BLOCK) -> bytes | None:
+        """One read(2) of the EROFS mount: its bytes, or None for EIO; it must end within LIMIT
+        and any bytes it returns must be the source's."""
+        def go() -> bytes | None:
+            fd = os.open(os.path.join(self.serve.target, rel), os.O_RDONLY)
+            try:
+                return os.pread(fd, size, offset)
+            except OSError as e:
+                assert e.errno == errno.EIO, f"{rel} @{offset}: {e}"
+                return None
+            finally:
+                os.close(fd)
+
+        fut = self.pool.submit(go)
+        try:
+            got = fut.result(timeout=LIMIT)
+        except concurrent.futures.TimeoutError:
+            raise AssertionError(f"read of {rel} @{offset} still blocked after {LIMIT} s") from None
+        want = self.files[rel][offset:offset + size]
+        if got is not None and got != want:
+            zeros = got == bytes(len(got))
+            raise AssertionError(f"{rel} @{offset}: wrong bytes{' (zeros)' if zeros else ''}")
+        return got
+
+    def read_all(self, rel: str) -> int:
+        """Read `rel` block by block; returns how many blocks were EIO (the rest were right)."""
+        size = len(self.files[rel])
+        return sum(self.pread(rel, off) is None for off in range(0, size, BLOCK))
+
+    def recovered(self, rel: str) -> None:
+        """Every block of `rel` reads right once the short memory of failed ranges
+        (`failed_reads.HOLD`) has passed: failures were not cached, by us or by the kernel."""
+        for off in range(0, len(self.files[rel]), BLOCK):
+            deadline = time.monotonic() + HOLD + LIMIT
+            while self.pread(rel, off) is None:
+                assert time.monotonic() < deadline, f"{rel} @{off} still EIO with a healthy registry"
+                time.sleep(0.05)  # poll interval of the condition above
+
+
+@contextmanager
+def served_through_proxy(tmp_path: Path, pushed: Pushed) -> Iterator[FaultRig]:
+    """The pushed image served with the EROFS driver in this process, its blob read through a
+    fault proxy in front of the registry, with a fresh blob cache and page cache."""
+    erofs_available()
+    proxy = FaultProxy(pushed.registry_url, stall_seconds=10)
+    conf = images.registry_config(proxy.host, REPO, timeout=TIMEOUT, read_deadline=DEADLINE, retry_limit=3)
+    backend = RegistryBackend(parse_registry_config(conf, env={}, docker_config_paths=[]))
+    cache = BlobCacheManager(str(tmp_path / "cache"), backend, amplify_io=128 << 10)
+    image = open_bootstrap(str(pushed.image.boot))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    serve = ErofsServe(image, BlobDevice(image, cache, amplify_io=128 << 10), str(pushed.image.boot), str(mnt),
+                       base_dir=str(tmp_path))
+    pool = concurrent.futures.ThreadPoolExecutor(2)
+    try:
+        serve.start()
+        yield FaultRig(proxy, backend, cache, serve, pushed.image.files, pool)
+    finally:
+        proxy.clear()
+        serve.close()
+        pool.shutdown(wait=True)
+        cache.close()
+        image.close()
+        proxy.stop()
+    assert not is_mountpoint(str(mnt))
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_erofs_one_fault_is_absorbed(tmp_path: Path, pushed: Pushed, fault: str) -> None:
+    """One fault on the first blob GET: retried (or the chunk fetched again), the reader never
+    sees it; every file then reads right."""
+    with served_through_proxy(tmp_path, pushed) as r:
+        r.proxy.inject(fault)
+        assert r.read_all("big/a.bin") == 0
+        assert r.proxy.injected[fault] == 1
+        for rel in FILES:
+            assert r.read_all(rel) == 0
+        assert r.serve.fs.stats.read_errors == 0
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_erofs_persistent_fault_is_eio_then_recovers(tmp_path: Path, pushed: Pushed, fault: str) -> None:
+    """Every blob GET faulty: each read(2) ends within the deadline with EIO or the right bytes
+    (a 200 for a 206 is whole and right), never zeros; once the registry is healthy again the
+    same ranges read right (the failures were not cached, by us or by the kernel)."""
+    with served_through_proxy(tmp_path, pushed) as r:
+        r.proxy.inject(fault, 1000)
+        offsets = (0, 3 * images.CHUNK)
+        eio = sum(r.pread("big/c.bin", off) is None for off in offsets)
+        eio += r.pread("etc/motd", 0) is None
+        if fault == "corrupt":  # one flipped byte per response: some chunk of the file is bad
+            eio += r.read_all("big/c.bin")
+        if fault == "200_for_206":
+            assert eio == 0
+        else:
+            assert eio >= 1 and r.serve.fs.stats.read_errors >= 1
+        r.proxy.clear()
+        for rel in ("big/c.bin", "etc/motd"):
+            r.recovered(rel)
+
+
+def test_erofs_mixed_faults_never_a_wrong_byte(tmp_path: Path, pushed: Pushed) -> None:
+    """A random mix of faults while every file is read: only right bytes or EIO; then, healthy
+    again, everything reads right."""
+    rng = random.Random(4)
+    with served_through_proxy(tmp_path, pushed) as r:
+        for _ in range(40):
+            r.proxy.inject(rng.choice([f for f in FAULTS if f != "stall"]))
+        for rel in sorted(r.files):
+            r.read_all(rel)
+        assert sum(r.proxy.injected.values()) > 0
+        r.proxy.clear()
+        for rel in sorted(r.files):
+            r.recovered(rel)
