@@ -211,10 +211,12 @@ class Daemon:
         log.info("serving virtio-fs on %s", self.args.sock)
 
     async def start_apis(self) -> None:
+        a = self.args
+        if not (a.metrics_addr or a.grpc_sock or self.opts.apisock):
+            return  # no API: aiohttp is never imported (its import is ~0.1 s of CPU after the mount shows)
         # imported here: aiohttp and grpc cost RSS that the daemon pays only for the APIs it runs
         from ..api.http import make_app, metrics_only_app, start_tcp_site, start_unix_site
 
-        a = self.args
         # the HTTP socket last: clients take its appearance as "the daemon is up"
         if a.metrics_addr:
             host, _, port = a.metrics_addr.rpartition(":")

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -479,6 +480,35 @@ def test_shared_daemon_mounts_erofs_at_host_path_beside_fusedev(tmp_path) -> Non
     finally:
         d.kill()
         _cleanup([str(host), str(fuse_mnt)], old_views)
+
+
+@pytest.mark.slow
+def test_dedicated_daemon_without_api_never_imports_aiohttp(tmp_path) -> None:
+    """No API socket: nothing of aiohttp is loaded (its import cost ~0.1 s of CPU right after
+    the mount showed, beside the user's first commands on a 2-core machine)."""
+    erofs_available()
+    src = str(tmp_path / "src")
+    make_tree(src, many=5)
+    img = build(src, str(tmp_path / "img"), views=False)
+    cfg = tmp_path / "c.json"
+    cfg.write_text(_config(img.blob_dir, str(tmp_path / "cache")))
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    old_views = _views()
+    d = DaemonProc(["fuse", "--fs-driver", "erofs", "--config", str(cfg), "--bootstrap", img.boot,
+                    "--mountpoint", str(mnt), "--log-level", "info"], str(tmp_path / "d.log"))
+    try:
+        deadline = time.monotonic() + 30
+        while "state RUNNING" not in d.log_text():
+            assert d.proc.poll() is None and time.monotonic() < deadline, d.log_text()
+            time.sleep(0.02)  # poll interval of the condition above
+        assert _erofs_at(str(mnt))
+        maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+        assert "aiohttp" not in maps
+        assert d.stop(signal.SIGTERM) == 0, d.log_text()
+    finally:
+        d.kill()
+        _cleanup([str(mnt)], old_views)
 
 
 def test_dedicated_v5_refused_exit_1(tmp_path) -> None:
