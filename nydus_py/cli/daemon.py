@@ -145,7 +145,7 @@ class Daemon:
         driver = getattr(a, "fs_driver", None) or (
             svc.default_config.fs_driver if svc.default_config is not None else "fusedev")
         if getattr(a, "fs_driver", None) == "erofs" and not boot:
-            raise StartupError("--fs-driver erofs needs --bootstrap (a shared daemon takes the driver from each "
+            raise StartupError("--fs-driver erofs needs --bootstrap or --image (a shared daemon takes the driver from each "
                                "mount's config)")
         if boot:
             self.kernel = self.opts.mode == "fuse" and driver == "erofs"
@@ -195,8 +195,8 @@ class Daemon:
         svc = self.service
         svc.sm.fire(Event.MOUNT)
         svc.sm.fire(Event.START)
-        log.info("serving %s at %s with the kernel EROFS driver (dedicated mode)", self.args.bootstrap,
-                 self.opts.mountpoint)
+        boot = getattr(self.args, "bootstrap", None) or getattr(self.args, "image", None)
+        log.info("serving %s at %s with the kernel EROFS driver (dedicated mode)", boot, self.opts.mountpoint)
 
     def start_virtiofs(self) -> None:
         from ..transport.vhost_user import virtiofs_server
@@ -211,10 +211,12 @@ class Daemon:
         log.info("serving virtio-fs on %s", self.args.sock)
 
     async def start_apis(self) -> None:
+        a = self.args
+        if not (a.metrics_addr or a.grpc_sock or self.opts.apisock):
+            return  # no API: aiohttp is never imported (its import is ~0.1 s of CPU after the mount shows)
         # imported here: aiohttp and grpc cost RSS that the daemon pays only for the APIs it runs
         from ..api.http import make_app, metrics_only_app, start_tcp_site, start_unix_site
 
-        a = self.args
         # the HTTP socket last: clients take its appearance as "the daemon is up"
         if a.metrics_addr:
             host, _, port = a.metrics_addr.rpartition(":")

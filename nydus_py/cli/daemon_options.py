@@ -89,7 +89,7 @@ def _fuse_options(p: argparse.ArgumentParser, required: bool) -> None:
     g.add_argument("--failover-policy", choices=("none", "resend", "flush"), default="resend")
     g.add_argument("--writable", action="store_true", help="accepted; the filesystem is always read-only")
     g.add_argument("--fs-driver", choices=("fusedev", "erofs"), default=None,
-                   help="how --bootstrap is served at --mountpoint: fusedev (this daemon's FUSE filesystem) or "
+                   help="how --bootstrap or --image is served at --mountpoint: fusedev (this daemon's FUSE filesystem) or "
                    "erofs (the kernel's EROFS driver, file data lazily through blob views); default: the config's "
                    "fs_driver, else fusedev")
 

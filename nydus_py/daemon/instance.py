@@ -255,14 +255,21 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
     boot = cmd.source
     fetched = None
     driver = fs_driver_of(cmd, default_config)
-    if driver == "erofs" and is_image_source(cmd.source):
-        raise Unsupported("fs_driver erofs: mounting by image reference is not supported yet; pull the "
-                          "bootstrap and mount it by path, or use fs_driver fusedev")
     if is_image_source(cmd.source):  # docker://REGISTRY/REPO:TAG (see daemon.image_ref)
         fetched, parsed = prepare_image_mount(cmd.source, cmd.config, default_config)
         boot = fetched.path
     else:
         parsed = _parse_config(cmd, default_config)
+    try:
+        # A fetched bootstrap in a temp dir is dropped once mapped, and with fs_driver erofs
+        # once the kernel has opened it too (it keeps its own reference to the file).
+        return _create_rafs(mountpoint, cmd, parsed, boot, driver)
+    finally:
+        if fetched is not None:
+            fetched.release()
+
+
+def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str, driver: str) -> Instance:
     cfg = parsed.rafs
     try:
         image = open_bootstrap(boot)  # (non-blocking open, fstat: a FIFO is refused at once)
@@ -270,9 +277,6 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
         raise BadRequest(f"bootstrap {cmd.source}: {e}") from None
     except OSError as e:
         raise BadRequest(f"bootstrap {cmd.source}: {e.strerror or e}") from None
-    finally:
-        if fetched is not None:
-            fetched.release()
     source = None
     try:
         try:
@@ -283,7 +287,7 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
         device = BlobDevice(image, source, validate=cfg.digest_validate or cfg.cache.validate,
                             amplify_io=cfg.amplify_io)
         if driver == "erofs":
-            return _erofs_instance(mountpoint, cmd, parsed, image, source, bstats, device)
+            return _erofs_instance(mountpoint, cmd, parsed, boot, image, source, bstats, device)
         fs = RafsFilesystem(image, device, entry_timeout=cfg.entry_timeout, attr_timeout=cfg.attr_timeout,
                             enable_xattr=cfg.enable_xattr)
         stats = FsStats(mountpoint, files=cfg.iostats_files, access_pattern=parsed.access_pattern,
@@ -306,13 +310,14 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
         raise
 
 
-def _erofs_instance(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, image: RafsImage,
+def _erofs_instance(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str, image: RafsImage,
                     source: BlobSource | ChunkSource, bstats: BackendStats, device: BlobDevice) -> Instance:
     """The image served by the kernel EROFS driver at `cmd.target` (dedicated mode) or at the
-    mountpoint itself, a host path (shared mode); its blob views over a private FUSE mount."""
+    mountpoint itself, a host path (shared mode); its blob views over a private FUSE mount.
+    `boot` is the bootstrap file: `cmd.source`, or the one fetched for a `docker://` source."""
     target = cmd.target or mountpoint
     try:
-        serve = ErofsServe(image, device, cmd.source, target)
+        serve = ErofsServe(image, device, boot, target)
     except ErofsImageError as e:
         raise BadRequest(f"fs_driver erofs: {e}") from None
     try:

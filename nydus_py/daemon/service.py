@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ParsedConfig
-from ..fs.rafs_fs import RafsFilesystem
 from ..fuse.protocol import FuseSession, notify_resend
 from ..metrics.fsstats import FsStats, FuseMetrics
 from ..transport.base import Transport
@@ -525,8 +524,9 @@ class DaemonService:
             setter(body["registry_auth"])
         except ValueError as e:
             raise BadRequest(f"registry_auth: {e}") from None
-        if isinstance(inst.fs, RafsFilesystem):
-            inst.fs.failures.clear()  # reads that failed with the old credentials may work now
+        failures = getattr(inst.fs, "failures", None)  # (RafsFilesystem, or the EROFS blob views)
+        if failures is not None:
+            failures.clear()  # reads that failed with the old credentials may work now
         log.info("%s: registry credentials updated", inst.mountpoint)
 
     # -- fscache blobs (singleton mode) ----------------------------------------------------------

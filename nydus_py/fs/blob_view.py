@@ -4,7 +4,10 @@ This is what the kernel EROFS driver reads as its devices (`device=` per blob) w
 served with `--fs-driver erofs`: metadata never leaves the kernel, and only EROFS page-cache
 misses on file data reach Python, as READs of `<mount>/<blob id>`. They are served by the same
 `BlobDevice` chunk machinery as the FUSE driver (blob cache, lazy, digest-checked): a chunk that
-cannot be had is EIO, never zeros or wrong bytes.
+cannot be had is EIO, never zeros or wrong bytes. A range that failed moments ago is served
+from the cache alone, EIO at once for what is not there (`failed_reads`): the kernel asks again
+for the page the reader wanted right after a failed readahead, and one read(2) must not wait two
+backend deadlines; a readahead spans neighbouring files, whose chunks may well have arrived.
 
 Inodes: 1 is the root directory, 2 + i is blob i (blob-table order).
 """
@@ -22,6 +25,7 @@ from ..rafs.errors import FormatError
 from ..rafs.layout_v6 import EROFS_BLOCK_SIZE
 from ..rafs.model import BlobInfo, RafsImage
 from ..storage.device import BlobDevice
+from .failed_reads import RecentFailures
 
 log = logging.getLogger(__name__)
 
@@ -42,19 +46,22 @@ class BlobViewStats:
         self.reads = 0
         self.read_bytes = 0
         self.read_errors = 0
+        self.fast_failures = 0  # answered EIO from the memory of a failure moments ago
         self.opens = 0
         self._lock = threading.Lock()
 
-    def count(self, nbytes: int, failed: bool = False) -> None:
+    def count(self, nbytes: int, failed: bool = False, fast: bool = False) -> None:
         with self._lock:
             self.reads += 1
             self.read_bytes += nbytes
             self.read_errors += failed
+            self.fast_failures += fast
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
             return {"kernel_reads": self.reads, "kernel_read_bytes": self.read_bytes,
-                    "kernel_read_errors": self.read_errors, "view_opens": self.opens}
+                    "kernel_read_errors": self.read_errors, "kernel_fast_failures": self.fast_failures,
+                    "view_opens": self.opens}
 
 
 class BlobViewFilesystem(Filesystem):
@@ -66,6 +73,7 @@ class BlobViewFilesystem(Filesystem):
         self.sizes = [view_size(b, slots[i].blocks if i < len(slots) else 0) for i, b in enumerate(self.blobs)]
         self.names = {b.blob_id.encode(): FIRST_BLOB + i for i, b in enumerate(self.blobs)}
         self.stats = BlobViewStats()
+        self.failures = RecentFailures()
 
     def paths(self, mountpoint: str) -> list[str]:
         """The device file of every blob, in blob-table order."""
@@ -123,10 +131,25 @@ class BlobViewFilesystem(Filesystem):
 
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | memoryview:
         i = self._blob(ino)
+        end = min(self.sizes[i], offset + size)
+        if self.failures.covers(ino, offset, end):
+            # The kernel's follow-up READ after a failed readahead: served when its chunks are
+            # cached (a readahead spans files, the failed chunk may be a neighbour's), else EIO
+            # at once rather than a second backend deadline.
+            try:
+                data = self.device.read_blob(i, offset, size, self.sizes[i], cached_only=True)
+            except (FormatError, OSError):
+                self.stats.count(0, failed=True, fast=True)
+                log.info("blob view %s [%d, +%d): this range failed moments ago and is not cached; EIO at once",
+                         self.blobs[i].blob_id, offset, size)
+                raise FuseError(errno.EIO) from None
+            self.stats.count(len(data))
+            return data
         try:
             data = self.device.read_blob(i, offset, size, self.sizes[i])
         except (FormatError, OSError) as e:
             self.stats.count(0, failed=True)
+            self.failures.failed(ino, offset, end)
             log.error("blob view %s [%d, +%d): %s", self.blobs[i].blob_id, offset, size, e)
             raise FuseError(errno.EIO) from None
         self.stats.count(len(data))

@@ -3,11 +3,12 @@
     nydus-snapshotter-py --root /var/lib/containerd-nydus-py \\
         --address /run/containerd-nydus-py/containerd-nydus-grpc.sock \\
         [--nydusd-path nydusd-py] [--nydusd-args "--thread-num 4 --log-level info"] \\
-        [--nydusd-config template.json] [--insecure-registry HOST[:PORT]]... [--config FILE.toml]
+        [--nydusd-config template.json] [--insecure-registry HOST[:PORT]]... [--config FILE.toml] \\
+        [--fs-driver fusedev|erofs|auto]
 
 `--config` names a TOML file with the same settings (`root`, `address`, `nydusd_path`,
-`nydusd_args`, `nydusd_config`, `insecure_registries`, `log_level`, `stop_daemon_on_exit`);
-command-line flags win. containerd points `[proxy_plugins.<name>] address` at `--address`.
+`nydusd_args`, `nydusd_config`, `insecure_registries`, `log_level`, `stop_daemon_on_exit`, and
+`fs_driver` in a `[daemon]` table, see `fsdriver`); command-line flags win. containerd points `[proxy_plugins.<name>] address` at `--address`.
 SIGTERM/SIGINT stop the gRPC server (5 s grace); the shared nydusd-py keeps running (a restarted
 snapshotter adopts it) unless `--stop-daemon-on-exit`.
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 from .. import __version__
 from .errors import SnapshotError
+from .fsdriver import FS_DRIVERS, resolve_fs_driver
 from .nydusd import DEFAULT_ARGS, DaemonSettings, SharedDaemon, default_command, load_template
 from .service import serve, socket_address
 from .snapshotter import Snapshotter
@@ -35,7 +37,8 @@ log = logging.getLogger("nydus-snapshotter-py")
 DEFAULT_ROOT = "/var/lib/containerd-nydus-py"
 DEFAULT_ADDRESS = "/run/containerd-nydus-py/containerd-nydus-grpc.sock"
 CONFIG_KEYS = {"root": str, "address": str, "nydusd_path": str, "nydusd_args": str, "nydusd_config": str,
-               "insecure_registries": list, "log_level": str, "stop_daemon_on_exit": bool}
+               "insecure_registries": list, "log_level": str, "stop_daemon_on_exit": bool, "daemon": dict}
+DAEMON_KEYS = {"fs_driver": str}  # the [daemon] table
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
 
 
@@ -54,6 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registry reached without certificate checks, falling back to plain HTTP (repeatable; "
                         "loopback registries always are)")
     p.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    p.add_argument("--fs-driver", choices=FS_DRIVERS, default=None,
+                   help="how images are served: fusedev (the shared daemon's FUSE filesystem), erofs (the kernel's "
+                        "EROFS driver, data lazily through the daemon) or auto (erofs where this host supports "
+                        "file-backed EROFS mounts, else fusedev); default: [daemon] fs_driver, else fusedev")
     p.add_argument("--stop-daemon-on-exit", action="store_true", default=None,
                    help="also stop the shared nydusd-py when the snapshotter exits")
     p.add_argument("--version", action="version", version=f"nydus-snapshotter-py {__version__}")
@@ -70,6 +77,14 @@ def load_config(path: str) -> dict[str, Any]:
             raise ValueError(f"{path}: {key} must be a {CONFIG_KEYS[key].__name__}")
     if not all(isinstance(h, str) for h in doc.get("insecure_registries", [])):
         raise ValueError(f"{path}: insecure_registries must be a list of strings")
+    for key, value in doc.get("daemon", {}).items():
+        if key not in DAEMON_KEYS:
+            raise ValueError(f"{path}: unknown key daemon.{key} (known: {', '.join(sorted(DAEMON_KEYS))})")
+        if not isinstance(value, DAEMON_KEYS[key]):
+            raise ValueError(f"{path}: daemon.{key} must be a {DAEMON_KEYS[key].__name__}")
+    driver = doc.get("daemon", {}).get("fs_driver", "fusedev")
+    if driver not in FS_DRIVERS:
+        raise ValueError(f"{path}: daemon.fs_driver must be one of {', '.join(FS_DRIVERS)}, got {driver!r}")
     return doc
 
 
@@ -77,10 +92,12 @@ def settings_from(args: argparse.Namespace) -> dict[str, Any]:
     """The effective settings: defaults < --config file < flags."""
     conf: dict[str, Any] = {"root": DEFAULT_ROOT, "address": DEFAULT_ADDRESS, "nydusd_path": "",
                             "nydusd_args": " ".join(DEFAULT_ARGS), "nydusd_config": "", "insecure_registries": [],
-                            "log_level": "info", "stop_daemon_on_exit": False}
+                            "log_level": "info", "stop_daemon_on_exit": False, "fs_driver": "fusedev"}
     if args.config:
-        conf.update(load_config(args.config))
-    for key in CONFIG_KEYS:
+        doc = load_config(args.config)
+        conf["fs_driver"] = doc.pop("daemon", {}).get("fs_driver", conf["fs_driver"])
+        conf.update(doc)
+    for key in [*CONFIG_KEYS, "fs_driver"]:
         flag = "insecure_registry" if key == "insecure_registries" else key
         value = getattr(args, flag, None)
         if value is not None:
@@ -114,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     command = shlex.split(conf["nydusd_path"]) if conf["nydusd_path"] else default_command()
     settings = DaemonSettings(command=command, args=shlex.split(conf["nydusd_args"]),
-                              insecure_registries=tuple(conf["insecure_registries"]), config_template=template)
+                              insecure_registries=tuple(conf["insecure_registries"]), config_template=template,
+                              fs_driver=resolve_fs_driver(conf["fs_driver"]))
     daemon = SharedDaemon(conf["root"], settings)
     try:
         sn = Snapshotter(conf["root"], daemon)

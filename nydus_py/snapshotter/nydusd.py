@@ -14,6 +14,12 @@ Each image is mounted by reference: `POST /api/v1/mount?mountpoint=/<sid>` with 
 found on this host (`IMAGE_PULL_AUTH`, else docker `config.json`): containerd never passes them.
 Registries listed as insecure (and loopback ones, as Docker does) skip certificate checks and
 fall back to plain HTTP.
+
+With `fs_driver = "erofs"` (see `fsdriver`) the same call carries `"fs_driver": "erofs"` in the
+config and, as its mountpoint, the host directory `ROOT/erofs/<sid>`, where the daemon has the
+kernel's EROFS driver mount the image (a kernel mount cannot live inside our FUSE root); that
+directory is the image's lower dir. EROFS mounts left by a daemon that died are detached before
+a new daemon starts.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ from ..api.client import ApiCallError, ApiClient
 from ..convert.errors import ConvertError
 from ..convert.reference import ImageRef, is_loopback, parse_reference
 from ..storage.registry.auth import resolve_credentials
-from ..transport.mount import fuse_umount, is_mountpoint
+from ..transport.mount import MNT_DETACH, fuse_umount, is_mountpoint, sys_umount
 from .errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -61,6 +67,7 @@ class DaemonSettings:
     env: Mapping[str, str] | None = None  # where IMAGE_PULL_AUTH is looked up (os.environ)
     start_timeout: float = 30.0
     mount_timeout: float = 600.0
+    fs_driver: str = "fusedev"  # "fusedev" | "erofs" (`auto` is resolved before: fsdriver.resolve_fs_driver)
 
 
 def load_template(path: str) -> dict[str, Any]:
@@ -82,6 +89,7 @@ class SharedDaemon:
         self.dir = os.path.join(self.root, "nydusd")
         self.mnt = os.path.join(self.root, "mnt")
         self.cache = os.path.join(self.root, "cache")
+        self.erofs_dir = os.path.join(self.root, "erofs")  # fs_driver erofs: ROOT/erofs/<sid>
         self.sock = os.path.join(self.dir, "api.sock")
         self.pid_file = os.path.join(self.dir, "nydusd.pid")
         self.log_path = os.path.join(self.dir, "nydusd.log")
@@ -150,11 +158,32 @@ class SharedDaemon:
             log.warning("unmounting the dead FUSE root %s", self.mnt)
             with contextlib.suppress(OSError):
                 fuse_umount(self.mnt, lazy=True)
+        self._detach_stale_erofs()
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         os.makedirs(self.mnt, mode=0o755, exist_ok=True)
         os.makedirs(self.cache, mode=0o700, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.sock)
+
+    def _detach_stale_erofs(self) -> None:
+        """EROFS mounts of a daemon that is gone: their blob views died with it (reads fail)."""
+        with contextlib.suppress(FileNotFoundError), os.scandir(self.erofs_dir) as it:
+            for e in it:
+                if is_mountpoint(e.path):
+                    log.warning("detaching the EROFS mount %s of a daemon that is gone", e.path)
+                    try:
+                        sys_umount(e.path, MNT_DETACH)
+                    except OSError as err:
+                        log.error("cannot detach %s: %s", e.path, err)
+
+    @property
+    def erofs(self) -> bool:
+        return self.settings.fs_driver == "erofs"
+
+    def api_mountpoint(self, sid: str) -> str:
+        """The `mountpoint` of the mount calls: `/<sid>` in the FUSE root, or with fs_driver
+        erofs the host directory the kernel mounts the image at."""
+        return self.mount_dir(sid) if self.erofs else f"/{sid}"
 
     def argv(self) -> list[str]:
         return [*self.settings.command, "fuse", "--mountpoint", self.mnt, "--apisock", self.sock,
@@ -235,7 +264,7 @@ class SharedDaemon:
 
     # -- images --------------------------------------------------------------------------------
     def mount_dir(self, sid: str) -> str:
-        return os.path.join(self.mnt, sid)
+        return os.path.join(self.erofs_dir if self.erofs else self.mnt, sid)
 
     def is_mounted(self, sid: str) -> bool:
         with self._lock:
@@ -268,6 +297,9 @@ class SharedDaemon:
         cache: dict[str, Any] = device.setdefault("cache", {"type": "blobcache"})
         cache.setdefault("type", "blobcache")
         cache.setdefault("config", {}).setdefault("work_dir", self.cache)
+        cfg.pop("fs_driver", None)  # the snapshotter's setting wins over the template's
+        if self.erofs:
+            cfg["fs_driver"] = "erofs"
         return cfg
 
     def mount(self, sid: str, image_ref: str) -> None:
@@ -280,9 +312,11 @@ class SharedDaemon:
             except ConvertError as e:
                 raise Unavailable(f"image reference {image_ref!r}: {e}") from None
             body = {"fs_type": "rafs", "source": image_ref, "config": json.dumps(self.image_config(ref, sid))}
+            if self.erofs:
+                os.makedirs(self.mount_dir(sid), mode=0o755, exist_ok=True)
             assert self._api is not None
             try:
-                self._api.call("POST", "/api/v1/mount", {"mountpoint": f"/{sid}"}, body)
+                self._api.call("POST", "/api/v1/mount", {"mountpoint": self.api_mountpoint(sid)}, body)
             except ApiCallError as e:
                 msg = e.body.get("message", e.body) if isinstance(e.body, dict) else e.body
                 raise Unavailable(f"nydusd-py could not mount {image_ref}: {msg}") from None
@@ -297,13 +331,16 @@ class SharedDaemon:
             if self._api is None or not self._alive():
                 return
             try:
-                self._api.call("DELETE", "/api/v1/mount", {"mountpoint": f"/{sid}"})
+                self._api.call("DELETE", "/api/v1/mount", {"mountpoint": self.api_mountpoint(sid)})
             except ApiCallError as e:
                 if e.status != 404:
                     log.warning("umount /%s: %s", sid, e)
             except OSError as e:
                 self._close_api()
                 log.warning("umount /%s: %s", sid, e)
+            if self.erofs:
+                with contextlib.suppress(OSError):
+                    os.rmdir(self.mount_dir(sid))  # (not when still mounted: EBUSY)
 
     def metrics(self, kind: str, sid: str) -> Any:
         """`GET /api/v1/metrics[/kind]?id=/<sid>` (kind "" for the filesystem counters)."""

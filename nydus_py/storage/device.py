@@ -5,6 +5,7 @@ decodes and validates it, and assembles the bytes. Digest failures surface as Di
 the filesystem can answer EIO and never hand out wrong bytes.
 """
 
+import errno
 import logging
 import threading
 from collections.abc import Callable, Iterable, Sequence
@@ -91,10 +92,12 @@ class BlobDevice:
             self.bytes_read += len(out)
         return out
 
-    def read_blob(self, blob_index: int, offset: int, size: int, view_size: int) -> bytes | memoryview:
+    def read_blob(self, blob_index: int, offset: int, size: int, view_size: int, *,
+                  cached_only: bool = False) -> bytes | memoryview:
         """Bytes [offset, offset+size) of a blob's uncompressed view, clipped to `view_size`: what
         the kernel EROFS driver reads from the blob's device file. Same chunk machinery as
-        `read` (lazy, digest-checked, EIO never wrong bytes); ranges without a chunk are zeros."""
+        `read` (lazy, digest-checked, EIO never wrong bytes); ranges without a chunk are zeros.
+        `cached_only`: from the caches alone, OSError(EIO) when a chunk would need the backend."""
         chunks_of = getattr(self.image, "blob_chunks", None)
         if not callable(chunks_of):
             raise FormatError(f"RAFS v{self.image.version} has no blob-wide chunk table; blob views need RAFS v6")
@@ -102,11 +105,35 @@ class BlobDevice:
         if offset >= end:
             return b""
         chunks: list[ChunkInfo] = chunks_of(blob_index, offset, end - offset)
+        if cached_only:
+            datas = self._peek(chunks)
+            if datas is None:
+                raise OSError(errno.EIO, "not in the cache, and not fetched: this range failed moments ago")
+            return _assemble(chunks, datas, offset, end)
         extra: list[ChunkInfo] = (chunks_of(blob_index, end, self.amplify_io)
                                   if self._chunked is not None and self.amplify_io and end < view_size else [])
         out = _assemble(chunks, self._load(chunks, extra), offset, end)
         with self._stats_lock:
             self.bytes_read += len(out)
+        return out
+
+    def _peek(self, chunks: list[ChunkInfo]) -> list[bytes] | None:
+        """Decoded chunks from the blob cache or the in-memory chunk cache, without fetching;
+        None when any is missing."""
+        blobs = self.image.blobs
+        out: list[bytes] = []
+        for c in chunks:
+            if not 0 <= c.blob_index < len(blobs):
+                return None
+            if self._chunked is not None:
+                cached = getattr(self._chunked, "cached_chunks", None)
+                got = cached(blobs[c.blob_index], [c]) if callable(cached) else None
+                data = got[0] if got else None
+            else:
+                data = self.cache.peek((c.blob_index, c.compressed_offset, c.compressed_size, c.uncompressed_size))
+            if data is None:
+                return None
+            out.append(data)
         return out
 
     def _load_chunks(self, chunks: list[ChunkInfo], extra: Sequence[ChunkInfo] = ()) -> list[bytes]:

@@ -326,6 +326,21 @@ class BlobCacheManager:
         finally:
             self._unpin(cb)
 
+    def cached_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo]) -> list[bytes] | None:
+        """Decoded bytes of `chunks` when every one is in the cache now, else None; never
+        fetches (a reader that must not wait for the backend)."""
+        cb = self._pin(blob)
+        try:
+            out = []
+            for c in chunks:
+                data = self._cached(cb, c)
+                if data is None:
+                    return None
+                out.append(data)
+            return out
+        finally:
+            self._unpin(cb)
+
     def prefetch(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], merging_size: int = 1 << 20) -> int:
         """Fetch the chunks of `blob` that are neither cached nor being fetched, in reads of up
         to `merging_size` bytes; returns how many it got. Failures are counted and logged, never

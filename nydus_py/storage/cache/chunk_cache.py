@@ -53,6 +53,11 @@ class ChunkCache:
         fut.set_result(data)
         return data
 
+    def peek(self, key: Hashable) -> bytes | None:
+        """The chunk when it is held now; never loads (and counts neither hit nor miss)."""
+        with self._lock:
+            return self._data.get(key)
+
     def clear(self) -> None:
         with self._lock:
             self._data.clear()
