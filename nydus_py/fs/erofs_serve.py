@@ -25,30 +25,12 @@ from ..rafs.model import RafsImage
 from ..storage.device import BlobDevice
 from ..transport.erofs_mount import check_image, mount_erofs, umount_erofs
 from ..transport.fusedev import FuseDevSession
-from ..transport.mount import is_mountpoint, real_mountpoint, sys_mount
+from ..transport.mount import abort_connection, is_mountpoint, real_mountpoint
 from .blob_view import BlobViewFilesystem
 
 log = logging.getLogger(__name__)
 
 VIEW_FSNAME = "nydus-blobview"
-FUSECTL = "/sys/fs/fuse/connections"
-
-
-def abort_connection(conn: int) -> bool:
-    """Abort FUSE connection `conn` through fusectl (mounted here when missing, as systemd does)."""
-    path = f"{FUSECTL}/{conn}/abort"
-    if not os.path.exists(f"{FUSECTL}/{conn}"):
-        with contextlib.suppress(OSError):
-            sys_mount("fusectl", FUSECTL, "fusectl", 0, "")
-    try:
-        with open(path, "w") as f:
-            f.write("1")
-        return True
-    except OSError as e:
-        log.error("cannot abort FUSE connection %d (%s)", conn, e)
-        return False
-
-
 def private_base() -> str:
     """Where blob-view mounts live: /run/nydus-py when we may write there, else the temp dir."""
     base = "/run/nydus-py"

@@ -18,13 +18,22 @@ import struct
 import threading
 from collections.abc import Callable
 
-from .mount import fuse_mount, fuse_umount, is_mountpoint, real_mountpoint, set_readahead_kb
+from .mount import (
+    abort_connection,
+    connection_of,
+    fuse_mount,
+    fuse_umount,
+    is_mountpoint,
+    real_mountpoint,
+    set_readahead_kb,
+)
 
 log = logging.getLogger(__name__)
 
 FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
 FUSE_MIN_READ_BUFFER = 8192
 HEADER_ROOM = 4096  # fuse_in_header + the largest op header in front of WRITE data
+STOP_GRACE = 2.0  # seconds a lazily detached, still busy mount is served after stop()
 FUSE_INIT = 26
 FUSE_READ = 15
 # Requests that may block on I/O (blob fetches for RAFS; disk writes and syncs for a writable
@@ -56,6 +65,7 @@ class FuseDevSession:
         self._blocked = 0  # workers inside a hand-off request
         self.spares_started = 0
         self.spare_failures = 0
+        self.aborts = 0  # connections aborted by stop() after their grace
         self.bufsize = max(FUSE_MIN_READ_BUFFER, max_write + HEADER_ROOM)
         self.fsname = fsname
         self.allow_other = allow_other
@@ -172,13 +182,20 @@ class FuseDevSession:
                     log.warning("%s busy, detaching lazily", self.mountpoint)
                     fuse_umount(self.mountpoint, lazy=True)
 
-    def stop(self) -> None:
-        """Transport.stop: detach the mount lazily (open files stay usable until closed), then close."""
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """Transport.stop: detach the mount lazily, then close. Files still open on it are served
+        for `grace` seconds; past that the connection is aborted (their reads fail: ENOTCONN)
+        so that the daemon ends now instead of when the last of them is closed."""
+        conn = connection_of(self.mountpoint)  # (from mountinfo, before the detach)
         try:
             self.unmount(lazy=True)
         except OSError as e:
             if e.errno not in (errno.EINVAL, errno.ENOENT):
                 log.error("unmount %s: %s", self.mountpoint, e)
+        if self._workers and not self.wait(grace) and conn >= 0:
+            log.warning("%s is still in use %.1f s after its lazy umount; aborting the FUSE connection",
+                        self.mountpoint, grace)
+            self.aborts += abort_connection(conn)
         self.close()
 
     def close(self) -> None:

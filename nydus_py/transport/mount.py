@@ -4,6 +4,7 @@ As root we call mount(2) directly with the options nydusd uses; otherwise `fuser
 for us and hands the /dev/fuse fd back over a unix socket (SCM_RIGHTS), like libfuse does.
 """
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -157,6 +158,35 @@ def set_readahead_kb(mountpoint: str, kb: int) -> bool:
         log.debug("cannot set read_ahead_kb of %s (%s): %s", mountpoint, dev, e)
         return False
     return True
+
+
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def connection_of(real_mountpoint: str) -> int:
+    """FUSE connection id (/sys/fs/fuse/connections/<id>) of the mount at `real_mountpoint`, read
+    from mountinfo (no request to the mount, which may be our own); -1 when it is not mounted."""
+    dev = mount_device(real_mountpoint)
+    if dev is None:
+        return -1
+    major, _, minor = dev.partition(":")
+    return int(major) << 20 | int(minor)
+
+
+def abort_connection(conn: int) -> bool:
+    """Abort FUSE connection `conn` through fusectl (mounted here when missing, as systemd does):
+    its pending and future requests fail and its servers' reads see ENODEV."""
+    path = f"{FUSECTL}/{conn}/abort"
+    if not os.path.exists(f"{FUSECTL}/{conn}"):
+        with contextlib.suppress(OSError):
+            sys_mount("fusectl", FUSECTL, "fusectl", 0, "")
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+        return True
+    except OSError as e:
+        log.error("cannot abort FUSE connection %d (%s)", conn, e)
+        return False
 
 
 def connection_id(mountpoint: str) -> int:

@@ -2,6 +2,7 @@
 behind; the daemon ends cleanly on SIGTERM/SIGINT, on an external umount and on a connection
 abort; debug mode logs every op with its args, result and latency."""
 
+import contextlib
 import errno
 import os
 import re
@@ -135,6 +136,26 @@ def test_sigterm_while_busy_detaches_and_serves_open_files(image, tmp_path: Path
             os.close(fd)
         assert _wait_exit(d) == 0, d.log_text()
     finally:
+        d.kill()
+
+
+def test_sigterm_with_a_file_never_closed_ends_after_the_grace(image, tmp_path: Path) -> None:
+    """A file that stays open keeps a lazily detached mount alive: the daemon serves it for the
+    stop grace (fusedev.STOP_GRACE), then aborts the connection and exits 0 (it used to wait for
+    each worker in turn, 10 s apiece). The open file then fails instead of hanging."""
+    require_device("/dev/fuse")
+    d = _daemon(image, tmp_path)
+    fd = os.open(os.path.join(d.mountpoint, "hello"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        d.proc.send_signal(signal.SIGTERM)
+        assert _wait_exit(d, timeout=15) == 0, d.log_text()
+        assert "aborting the FUSE connection" in d.log_text()
+        with pytest.raises(OSError) as e:
+            os.pread(fd, 4096, 0)
+        assert e.value.errno in (errno.ENOTCONN, errno.EIO)
+    finally:
+        with contextlib.suppress(OSError):  # (close flushes: ENOTCONN on an aborted connection)
+            os.close(fd)
         d.kill()
 
 
