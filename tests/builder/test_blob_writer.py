@@ -9,12 +9,14 @@ import tarfile
 import pytest
 
 from nydus_py.builder.blob_writer import BlobWriter
+from nydus_py.builder.chunk_records import ChunkRecords
 from nydus_py.builder.options import BuildOptions
 from nydus_py.builder.tree import FileData
 from nydus_py.rafs import codec
 from nydus_py.rafs.constants import BlobFeatures, ChunkFlags, Compressor, Digester
 from nydus_py.rafs.errors import FormatError
 from nydus_py.rafs.layout_blob import BLOB_META_MAGIC, pack_ci_v1, tar_header, unpack_ci_v1
+from nydus_py.rafs.layout_common import pack_chunk, unpack_chunks
 
 CS = 0x4000
 
@@ -50,7 +52,7 @@ def parse_toc(blob: bytes, toc_off: int, toc_size: int) -> dict[str, tuple]:
 def write_blob(tmp_path, files: list[bytes], **kw) -> tuple[BlobWriter, object, list, bytes]:
     opts = BuildOptions(chunk_size=kw.pop("chunk_size", CS), **kw)
     w = BlobWriter(str(tmp_path), opts, blob_index=0)
-    chunks = w.add_files([fd(d) for d in files])
+    chunks = [unpack_chunks(r) for r in w.add_files([fd(d) for d in files])]
     info = w.finish()
     blob = b""
     if info:
@@ -177,10 +179,12 @@ def test_incompressible_chunks_stay_raw(tmp_path):
 def test_dedup_against_existing_and_no_blob_when_nothing_new(tmp_path):
     data = os.urandom(2 * CS)
     w1, info1, chunks1, _ = write_blob(tmp_path / "a", [data])
-    existing = {c.digest: c for c in chunks1[0]}
+    existing = ChunkRecords()
+    for c in chunks1[0]:
+        existing.add(pack_chunk(c))
     opts = BuildOptions(chunk_size=CS)
     w2 = BlobWriter(str(tmp_path / "b"), opts, blob_index=1, existing=existing)
-    got = w2.add_files([fd(data[CS:] + data[:CS]), fd(b"")])
+    got = [unpack_chunks(r) for r in w2.add_files([fd(data[CS:] + data[:CS]), fd(b"")])]
     assert w2.finish() is None
     assert not (tmp_path / "b").exists() or os.listdir(tmp_path / "b") == []
     assert [c.blob_index for c in got[0]] == [0, 0]
