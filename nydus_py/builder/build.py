@@ -47,11 +47,33 @@ def check_options(opts: BuildOptions) -> None:
         validate_blob_id(opts.blob_id)
 
 
+class FileChunks:
+    """The packed chunk list of each regular file of one build, for the writers: a file's own
+    `ChunkedData.chunks` unless its chunks were remapped or newly written (`override`), so a
+    tree of converted layers needs no dict entry per file."""
+
+    __slots__ = ("_override",)
+
+    def __init__(self) -> None:
+        self._override: dict[int, bytes] = {}  # id(inode) -> packed chunks
+
+    def override(self, node: Inode, chunks: bytes) -> None:
+        self._override[id(node)] = chunks
+
+    def __call__(self, node: Inode) -> bytes:
+        chunks = self._override.get(id(node))
+        if chunks is not None:
+            return chunks
+        data = node.data
+        return data.chunks if isinstance(data, ChunkedData) else b""
+
+
 def _existing_blobs(
     plan_files: list[tuple[bytes, Inode]], opts: BuildOptions, want_dedup: bool = True
-) -> tuple[list[BlobInfo], dict[int, bytes], ChunkRecords]:
+) -> tuple[list[BlobInfo], FileChunks, ChunkRecords]:
     """Union blob table of `ChunkedData` files, their packed chunk lists remapped to it, and a
-    dedup map (empty unless `want_dedup`: only new data needs one)."""
+    dedup map (empty unless `want_dedup`: only new data needs one). `plan_files` lists each
+    file once."""
     used: set[str] = set()
     for path, node in plan_files:
         data = node.data
@@ -69,18 +91,19 @@ def _existing_blobs(
                 if b.blob_id in used and b.blob_id not in pos:
                     pos[b.blob_id] = len(table)
                     table.append(_with_index(b, len(table)))
-    chunks: dict[int, bytes] = {}
+    chunks = FileChunks()
     dedup = ChunkRecords()
     for path, node in plan_files:
         data = node.data
-        if not isinstance(data, ChunkedData) or id(node) in chunks:
+        if not isinstance(data, ChunkedData):
             continue
         remapped, infos = _remap(data, pos)
         if opts.fs_version == 5:
             check_chunks(path, data.size, infos, table, opts)
         else:
             _check_dense(path, data.size, infos, table, opts.chunk_size)
-        chunks[id(node)] = remapped
+        if remapped is not data.chunks:
+            chunks.override(node, remapped)
         if not want_dedup:
             continue
         for k, c in enumerate(infos):
@@ -153,7 +176,7 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
     with BlobWriter(blob_dir, opts, blob_index=len(table), existing=dedup) as writer:
         results = writer.add_files([n.data for n in order if isinstance(n.data, FileData)])
         for node, chunks in zip(order, results, strict=True):
-            file_chunks[id(node)] = chunks
+            file_chunks.override(node, chunks)
         new_blob = writer.finish()
         blob_path = writer.path
     blobs = table + ([new_blob] if new_blob is not None else [])

@@ -35,12 +35,18 @@ class ChunkRecords:
         return True
 
     def update(self, other: "ChunkRecords") -> None:
-        """Add every record of `other` (in its order) whose digest is new here."""
+        """Add every record of `other` (in its order) whose digest is new here; `other` is left
+        empty (its storage is taken over when this map is empty, not copied)."""
+        if not self._at:
+            self.records, self._at = other.records, other._at
+            other.records, other._at = bytearray(), {}
+            return
         for digest, pos in other._at.items():
             if digest not in self._at:
                 self._at[digest] = len(self.records) // CHUNK_RECORD_SIZE
                 off = pos * CHUNK_RECORD_SIZE
                 self.records += other.records[off : off + CHUNK_RECORD_SIZE]
+        other.records, other._at = bytearray(), {}
 
     def get(self, digest: bytes, file_offset: int) -> bytes | None:
         """The record of `digest` referenced at `file_offset` of a file, or None."""

@@ -27,7 +27,7 @@ has holes.
 """
 
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..rafs import codec
@@ -352,10 +352,10 @@ def _blob_table(blobs: Sequence[BlobInfo]) -> bytes:
 def write_v5(
     plan: V5Plan,
     blobs: Sequence[BlobInfo],
-    file_chunks: Mapping[int, bytes],
+    file_chunks: Callable[[Inode], bytes],
     opts: BuildOptions,
 ) -> bytes:
-    """The bootstrap bytes. `file_chunks[id(inode)]` is every regular file's chunk list in file
+    """The bootstrap bytes. `file_chunks(inode)` is every regular file's chunk list in file
     order as packed records (already the on-disk form), `blob_index` relative to `blobs` (the
     image's blob table, in order)."""
     slots = plan.slots
@@ -374,7 +374,7 @@ def write_v5(
         if stat.S_ISREG(mode):
             key = id(node)
             if key not in chunk_recs:
-                packed = file_chunks.get(key, b"") if s.size else b""
+                packed = file_chunks(node) if s.size else b""
                 chunks = unpack_chunks(packed)
                 holes[key] = check_chunks(s.path, s.size, chunks, blobs, opts)
                 nchunks[key] = len(chunks)

@@ -25,7 +25,7 @@ several dirents.
 import logging
 import stat
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..rafs.constants import BlobFeatures, ChunkFlags, SuperFlags
@@ -420,10 +420,10 @@ def _validate_blobs(blobs: Sequence[BlobInfo], chunk_size: int) -> None:
 def write_v6(
     plan: V6Plan,
     blobs: Sequence[BlobInfo],
-    file_chunks: Mapping[int, bytes],
+    file_chunks: Callable[[Inode], bytes],
     opts: BuildOptions,
 ) -> bytearray:
-    """The bootstrap bytes. `file_chunks[id(inode)]` is every regular file's chunk list in file
+    """The bootstrap bytes. `file_chunks(inode)` is every regular file's chunk list in file
     order as packed records, `blob_index` relative to `blobs` (the image's blob table, in order).
 
     The chunk table is gathered first, so the result is allocated once at its final size and
@@ -442,9 +442,11 @@ def write_v6(
     chunk_table_offset = (data_blk0 + plan.data_blocks) * BLOCK
     chunk_format = EROFS_CHUNK_FORMAT_INDEXES | (cs.bit_length() - 1 - EROFS_BLKSZBITS)
     explicit = not opts.repeatable
-    keys, records = _chunk_table(plan, file_chunks, nblobs)
-    nrecords = len(keys)
-    buf = bytearray(_align(chunk_table_offset + len(records), BLOCK))
+    chunk_table = _chunk_table(plan, file_chunks, nblobs)  # before `buf`: its index is gone then
+    nrecords = len(chunk_table) // CHUNK_RECORD_SIZE
+    buf = bytearray(_align(chunk_table_offset + len(chunk_table), BLOCK))
+    buf[chunk_table_offset : chunk_table_offset + len(chunk_table)] = chunk_table
+    del chunk_table
 
     for ino, r in enumerate(plan.records, 1):
         node = r.inode
@@ -465,7 +467,7 @@ def write_v6(
             i_u = _place_data(buf, r, pieces, pos + base, data_blk0)
         elif r.ftype == EROFS_FT_REG_FILE:
             i_u = chunk_format
-            packed = file_chunks.get(id(node), b"") if r.nchunks else b""
+            packed = file_chunks(node) if r.nchunks else b""
             ipos = _align(pos + base, CHUNK_INDEX_SIZE)
             for k, (blob_index, uoff, index) in enumerate(CHUNK_KEY.iter_unpack(packed)):
                 CHUNK_INDEX.pack_into(
@@ -494,12 +496,6 @@ def write_v6(
         )
         if r.xattr:
             buf[pos + INODE_SIZE : pos + base] = r.xattr
-
-    # chunk table
-    for i, key in enumerate(sorted(keys)):
-        off, src = chunk_table_offset + i * CHUNK_RECORD_SIZE, keys[key] * CHUNK_RECORD_SIZE
-        buf[off : off + CHUNK_RECORD_SIZE] = records[src : src + CHUNK_RECORD_SIZE]
-    del keys, records
 
     # device slots (nydus places each blob's flat-disk image at a 512 KiB boundary after the last)
     pos = len(buf)
@@ -585,20 +581,17 @@ def write_v6(
     return buf
 
 
-def _chunk_table(
-    plan: V6Plan, file_chunks: Mapping[int, bytes], nblobs: int
-) -> tuple[dict[bytes, int], bytearray]:
-    """Check every file's chunks (in record order) and gather the distinct chunk records (the
-    first reference of each), packed: (sort key -> record number, records). The sort key is
-    (digest, blob_index + 1, ci_index) as bytes that sort the same way, so no object per chunk
-    but the key is kept."""
+def _chunk_table(plan: V6Plan, file_chunks: Callable[[Inode], bytes], nblobs: int) -> bytearray:
+    """Check every file's chunks (in record order) and return the chunk table: the distinct
+    chunk records (the first reference of each), sorted by (digest, blob_index + 1, ci_index).
+    The only object per chunk is its sort key, and only while this runs."""
     cs = plan.chunk_size
     keys: dict[bytes, int] = {}
     records = bytearray()
     for r in plan.records:
         if r.ftype != EROFS_FT_REG_FILE:
             continue
-        packed = file_chunks.get(id(r.inode), b"") if r.nchunks else b""
+        packed = file_chunks(r.inode) if r.nchunks else b""
         n = len(packed) // CHUNK_RECORD_SIZE
         if n != r.nchunks:
             raise FormatError(f"{r.path!r}: {n} chunks for {r.dsize} bytes, expected {r.nchunks}")
@@ -608,7 +601,11 @@ def _chunk_table(
             if key not in keys:
                 keys[key] = len(keys)
                 records += packed[k * CHUNK_RECORD_SIZE : (k + 1) * CHUNK_RECORD_SIZE]
-    return keys, records
+    table = bytearray(len(records))
+    for i, key in enumerate(sorted(keys)):
+        src = keys[key] * CHUNK_RECORD_SIZE
+        table[i * CHUNK_RECORD_SIZE : (i + 1) * CHUNK_RECORD_SIZE] = records[src : src + CHUNK_RECORD_SIZE]
+    return table
 
 
 
