@@ -97,10 +97,13 @@ class LayerStack:
         self.blobs: list[BlobInfo] = []  # shared by every ChunkedData of the stack
         self.layers: list[Inode] = []
         self.dedup = ChunkRecords()  # every stored chunk of the stack, packed
+        self._finished = False
 
     def add_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None) -> LayerResult:
         """Build the blob of one uncompressed layer tar (seekable, a real file is best: its data is
         read in place). `progress` gets the file bytes consumed."""
+        if self._finished:
+            raise RuntimeError("LayerStack already finished")
         stats = SourceStats()
         root = tree_from_tar(tar, stats)
         opts = self._layer_options(root)
@@ -145,10 +148,19 @@ class LayerStack:
         return replace(self.opts, prefetch_paths=mine)
 
     def finish(self, bootstrap_path: str) -> BuildResult:
-        """Write the merged image bootstrap (whiteouts applied). No blob data is written here."""
+        """Write the merged image bootstrap (whiteouts applied). No blob data is written here.
+
+        The stack is spent afterwards: the dedup map and the layer trees are let go before the
+        bootstrap is written (they would double the peak memory of a big layer)."""
         if not self.layers:
             raise ValueError("no layers were added")
-        root = merge_layers(self.layers, "oci")
+        if self._finished:
+            raise RuntimeError("LayerStack already finished")
+        self._finished = True
+        self.dedup = ChunkRecords()
+        layers, self.layers = self.layers, []
+        root = merge_layers(layers, "oci")
+        del layers  # the merge copied the directories it needs
         scratch = os.path.join(self.blob_dir, ".merge")
         result = build_image(root, bootstrap_path, scratch, self.opts)
         if result.blob_id is not None:  # every file is ChunkedData: a new blob means a bug here
