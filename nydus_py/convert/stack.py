@@ -152,10 +152,10 @@ class LayerStack:
 
         The stack is spent afterwards: the dedup map and the layer trees are let go before the
         bootstrap is written (they would double the peak memory of a big layer)."""
-        if not self.layers:
-            raise ValueError("no layers were added")
         if self._finished:
             raise RuntimeError("LayerStack already finished")
+        if not self.layers:
+            raise ValueError("no layers were added")
         self._finished = True
         self.dedup = ChunkRecords()
         layers, self.layers = self.layers, []

@@ -223,3 +223,22 @@ def test_short_file_is_format_error_and_leaves_nothing(tmp_path):
     with pytest.raises(FormatError, match="ended after"), w:
         w.add_files([FileData(3 * CS, lambda: io.BytesIO(b"x" * CS))])
     assert [n for n in os.listdir(tmp_path)] == []
+
+
+def test_chunk_records_keep_the_first_record_per_digest(tmp_path):
+    _w, _info, chunks, _ = write_blob(tmp_path, [os.urandom(2 * CS), os.urandom(CS)])
+    a, b, c = chunks[0][0], chunks[0][1], chunks[1][0]
+    lower = ChunkRecords()
+    assert lower.add(pack_chunk(a)) and not lower.add(pack_chunk(a._replace(index=99)))
+    upper = ChunkRecords()
+    upper.add(pack_chunk(b._replace(blob_index=1)))
+    upper.add(pack_chunk(a._replace(blob_index=1)))  # lower's stays
+    upper.add(pack_chunk(c._replace(blob_index=1)))
+    lower.update(upper)
+    assert len(upper) == 0 and list(lower) == [a.digest, b.digest, c.digest]
+    got = unpack_chunks(lower.get(a.digest, 7 * CS) + lower.get(b.digest, 0))
+    assert got == [a._replace(file_offset=7 * CS), b._replace(blob_index=1, file_offset=0)]
+    assert lower.get(b"\1" * 32, 0) is None
+    fresh = ChunkRecords()
+    fresh.update(lower)  # an empty map takes the storage over
+    assert len(lower) == 0 and list(fresh) == [a.digest, b.digest, c.digest]
