@@ -29,7 +29,7 @@ import os
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -51,8 +51,10 @@ from ..rafs.layout_blob import (
     tar_header,
     unpack_ci_v1,
 )
+from ..rafs.layout_common import CHUNK, unpack_chunks
 from ..rafs.layout_v6 import EROFS_BLOCK_SIZE
 from ..rafs.model import BlobInfo, ChunkInfo
+from .chunk_records import ChunkRecords
 from .options import BuildOptions
 from .tree import FileData
 
@@ -81,9 +83,10 @@ class BlobWriter:
     """Cuts files into chunks and writes the new blob of one build.
 
     `blob_index` is the position the new blob will take in the image's blob table; `existing`
-    maps chunk digest -> ChunkInfo (blob_index already relative to that table) of chunks that
-    other blobs of the image hold: identical chunks are referenced there instead of stored again.
-    Digests must come from the same digester as `opts.digester`.
+    holds the chunk records (blob_index already relative to that table) of chunks that other
+    blobs of the image hold: identical chunks are referenced there instead of stored again.
+    Digests must come from the same digester as `opts.digester`. Chunks are packed records
+    throughout (`chunk_records`), never a Python object per chunk.
     """
 
     def __init__(
@@ -91,7 +94,7 @@ class BlobWriter:
         blob_dir: str,
         opts: BuildOptions,
         blob_index: int,
-        existing: Mapping[bytes, ChunkInfo] | None = None,
+        existing: ChunkRecords | None = None,
         workers: int | None = None,
     ) -> None:
         if opts.compressor not in TOC_FLAGS:
@@ -99,13 +102,13 @@ class BlobWriter:
         self.opts = opts
         self.blob_dir = blob_dir
         self.blob_index = blob_index
-        self.existing: Mapping[bytes, ChunkInfo] = existing or {}
+        self.existing: ChunkRecords = existing if existing is not None else ChunkRecords()
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         # RAFS v5: plain chunk data, unaligned, no trailers (see the module docstring)
         self.plain = opts.fs_version == 5
         self.features = BlobFeatures.CAP_TAR_TOC if self.plain else blob_features(opts.blob_toc)
         # results, filled in order
-        self.chunks: dict[bytes, ChunkInfo] = {}  # digest -> chunk stored in this blob
+        self.chunks = ChunkRecords()  # the chunks stored in this blob, by index
         self.ci_entries = bytearray()
         self.digests = bytearray()
         self.deduplicated = 0
@@ -182,16 +185,18 @@ class BlobWriter:
         while self._writes:
             self._writes.popleft().result()
 
-    def _commit(self, prep: _Prepared, file_offset: int) -> ChunkInfo:
-        """Consumer side, in submission order: reference or store the chunk."""
-        known = self.chunks.get(prep.digest)
+    def _commit(self, prep: _Prepared, file_offset: int) -> bytes:
+        """Consumer side, in submission order: reference or store the chunk; its packed record."""
+        known = self.chunks.get(prep.digest, file_offset)
         if known is None and prep.packed is None:
             # another blob holds it (the worker saw it in `existing`)
             self.deduplicated += 1
-            return self.existing[prep.digest]._replace(file_offset=file_offset)
+            other = self.existing.get(prep.digest, file_offset)
+            assert other is not None
+            return other
         if known is not None:
             self.deduplicated += 1
-            return known._replace(file_offset=file_offset)
+            return known
         assert prep.packed is not None
         stored, compressed = prep.packed.result()
         index = len(self.chunks)
@@ -204,29 +209,30 @@ class BlobWriter:
             self.ci_entries += pack_ci_v1(self._pos, len(stored), uoff, prep.size)
             self.digests += prep.digest
         flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
-        info = ChunkInfo(
-            digest=prep.digest,
-            blob_index=self.blob_index,
-            flags=flags,
-            compressed_offset=self._pos,
-            compressed_size=len(stored),
-            uncompressed_offset=uoff,
-            uncompressed_size=prep.size,
-            file_offset=file_offset,
-            index=index,
-            crc32=prep.crc,
+        record = CHUNK.pack(
+            prep.digest,
+            self.blob_index,
+            int(flags),
+            len(stored),
+            prep.size,
+            self._pos,
+            uoff,
+            file_offset,
+            index,
+            prep.crc,
         )
         self._write(stored)
         self._uoff = uoff + prep.size if self.plain else _align(uoff + prep.size, EROFS_BLOCK_SIZE)
         self.stored_uncompressed += prep.size
         self.stored_compressed += len(stored)
         with self._lock:
-            self.chunks[prep.digest] = info
+            self.chunks.add(record)
             self._packing.pop(prep.digest, None)
-        return info
+        return record
 
-    def add_files(self, files: Iterable[FileData]) -> list[list[ChunkInfo]]:
-        """Chunk lists (file order, `file_offset` set) for each of `files`, in order.
+    def add_files(self, files: Iterable[FileData]) -> list[bytes]:
+        """Chunk lists (file order, `file_offset` set) for each of `files`, in order, each as
+        packed chunk records (`ChunkedData.chunks`).
 
         All files share one pipeline so small files keep every worker busy.
         """
@@ -237,20 +243,26 @@ class BlobWriter:
         pool = self._pool
         cs = self.opts.chunk_size
         window = 2 * self.workers + 2
-        results: list[list[ChunkInfo]] = []
+        results: list[bytes | bytearray] = []
         pending: deque[tuple[int, int, Future[_Prepared]]] = deque()
+        done = 0  # results[:done] are final (bytes)
 
         def drain(limit: int) -> None:
+            nonlocal done
             while len(pending) > limit:
                 fidx, foff, fut = pending.popleft()
-                results[fidx].append(self._commit(fut.result(), foff))
+                while done < fidx:  # files before this chunk's are complete: freeze them
+                    results[done] = bytes(results[done])
+                    done += 1
+                results[fidx] += self._commit(fut.result(), foff)
 
         try:
             for fdata in files:
                 fidx = len(results)
-                results.append([])
                 if fdata.size <= 0:
+                    results.append(b"")
                     continue
+                results.append(bytearray())
                 with fdata.open() as stream:
                     off = 0
                     while off < fdata.size:
@@ -269,10 +281,11 @@ class BlobWriter:
             for _, _, fut in pending:
                 fut.cancel()
             raise
-        return results
+        return [r if isinstance(r, bytes) else bytes(r) for r in results]
 
     def add_file(self, data: FileData) -> list[ChunkInfo]:
-        return self.add_files([data])[0]
+        """One file's chunks, decoded (for callers building a few files by hand)."""
+        return unpack_chunks(self.add_files([data])[0])
 
     # -- trailers ---------------------------------------------------------------------------------
 

@@ -22,12 +22,16 @@ import tempfile
 
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
+from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, pack_chunks
 from ..rafs.model import BlobInfo, ChunkInfo
 from .blob_writer import BlobWriter, validate_blob_id
+from .chunk_records import ChunkRecords
 from .options import BuildOptions, BuildResult
 from .tree import ChunkedData, FileData, Inode
 from .v5_writer import V5Plan, check_chunks, plan_v5, write_v5
 from .v6_writer import V6Plan, plan_v6, write_v6
+
+_BLOB_INDEX = CHUNK.view("blob_index")
 
 
 def check_options(opts: BuildOptions) -> None:
@@ -43,19 +47,41 @@ def check_options(opts: BuildOptions) -> None:
         validate_blob_id(opts.blob_id)
 
 
+class FileChunks:
+    """The packed chunk list of each regular file of one build, for the writers: a file's own
+    `ChunkedData.chunks` unless its chunks were remapped or newly written (`override`), so a
+    tree of converted layers needs no dict entry per file."""
+
+    __slots__ = ("_override",)
+
+    def __init__(self) -> None:
+        self._override: dict[int, bytes] = {}  # id(inode) -> packed chunks
+
+    def override(self, node: Inode, chunks: bytes) -> None:
+        self._override[id(node)] = chunks
+
+    def __call__(self, node: Inode) -> bytes:
+        chunks = self._override.get(id(node))
+        if chunks is not None:
+            return chunks
+        data = node.data
+        return data.chunks if isinstance(data, ChunkedData) else b""
+
+
 def _existing_blobs(
     plan_files: list[tuple[bytes, Inode]], opts: BuildOptions, want_dedup: bool = True
-) -> tuple[list[BlobInfo], dict[int, list[ChunkInfo]], dict[bytes, ChunkInfo]]:
-    """Union blob table of `ChunkedData` files, their chunks remapped to it, and a dedup map
-    (empty unless `want_dedup`: only new data needs one)."""
+) -> tuple[list[BlobInfo], FileChunks, ChunkRecords]:
+    """Union blob table of `ChunkedData` files, their packed chunk lists remapped to it, and a
+    dedup map (empty unless `want_dedup`: only new data needs one). `plan_files` lists each
+    file once."""
     used: set[str] = set()
     for path, node in plan_files:
         data = node.data
         if isinstance(data, ChunkedData):
-            for c in data.chunks:
-                if not 0 <= c.blob_index < len(data.blobs):
-                    raise FormatError(f"{path!r}: chunk refers to blob {c.blob_index} of {len(data.blobs)}")
-                used.add(data.blobs[c.blob_index].blob_id)
+            for (bi,) in _BLOB_INDEX.iter_unpack(data.chunks):
+                if not 0 <= bi < len(data.blobs):
+                    raise FormatError(f"{path!r}: chunk refers to blob {bi} of {len(data.blobs)}")
+                used.add(data.blobs[bi].blob_id)
     table: list[BlobInfo] = []
     pos: dict[str, int] = {}
     for _path, node in plan_files:
@@ -65,38 +91,41 @@ def _existing_blobs(
                 if b.blob_id in used and b.blob_id not in pos:
                     pos[b.blob_id] = len(table)
                     table.append(_with_index(b, len(table)))
-    chunks: dict[int, list[ChunkInfo]] = {}
-    dedup: dict[bytes, ChunkInfo] = {}
+    chunks = FileChunks()
+    dedup = ChunkRecords()
     for path, node in plan_files:
         data = node.data
-        if not isinstance(data, ChunkedData) or id(node) in chunks:
+        if not isinstance(data, ChunkedData):
             continue
-        remapped = _remap(data, pos)
+        remapped, infos = _remap(data, pos)
         if opts.fs_version == 5:
-            check_chunks(path, data.size, remapped, table, opts)
+            check_chunks(path, data.size, infos, table, opts)
         else:
-            _check_dense(path, data.size, remapped, table, opts.chunk_size)
-        chunks[id(node)] = remapped
+            _check_dense(path, data.size, infos, table, opts.chunk_size)
+        if remapped is not data.chunks:
+            chunks.override(node, remapped)
         if not want_dedup:
             continue
-        for c in remapped:
+        for k, c in enumerate(infos):
             if table[c.blob_index].digester == opts.digester and c.digest not in dedup:
-                dedup[c.digest] = c
+                dedup.add(remapped[k * CHUNK_RECORD_SIZE : (k + 1) * CHUNK_RECORD_SIZE])
     return table, chunks, dedup
 
 
-def _remap(data: ChunkedData, pos: dict[str, int]) -> list[ChunkInfo]:
-    """`data`'s chunks in file order with blob indexes into the image's table. The list (and
-    each chunk) is reused when nothing changes: a converted layer's files keep theirs."""
+def _remap(data: ChunkedData, pos: dict[str, int]) -> tuple[bytes, list[ChunkInfo]]:
+    """`data`'s packed chunks in file order with blob indexes into the image's table, and the
+    same decoded (transient, for the checks). The packed list is reused when nothing changes: a
+    converted layer's files keep theirs."""
+    infos = data.chunk_infos()
     out = [
         c if c.blob_index == (i := pos[data.blobs[c.blob_index].blob_id]) else c._replace(blob_index=i)
-        for c in data.chunks
+        for c in infos
     ]
     if any(a.file_offset > b.file_offset for a, b in itertools.pairwise(out)):
         out.sort(key=lambda c: c.file_offset)
-    elif isinstance(data.chunks, list) and all(a is b for a, b in zip(out, data.chunks, strict=True)):
-        return data.chunks
-    return out
+    elif all(a is b for a, b in zip(out, infos, strict=True)):
+        return data.chunks, infos
+    return pack_chunks(out), out
 
 
 def _check_dense(path: bytes, size: int, chunks: list[ChunkInfo], table: list[BlobInfo], cs: int) -> None:
@@ -147,7 +176,7 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
     with BlobWriter(blob_dir, opts, blob_index=len(table), existing=dedup) as writer:
         results = writer.add_files([n.data for n in order if isinstance(n.data, FileData)])
         for node, chunks in zip(order, results, strict=True):
-            file_chunks[id(node)] = chunks
+            file_chunks.override(node, chunks)
         new_blob = writer.finish()
         blob_path = writer.path
     blobs = table + ([new_blob] if new_blob is not None else [])

@@ -21,6 +21,7 @@ from typing import BinaryIO
 
 from ..rafs.chunkdata import read_file_range
 from ..rafs.errors import FormatError
+from ..rafs.layout_common import pack_chunks
 from ..rafs.model import BlobInfo, RafsImage
 from ..storage.localfs import LocalBlobDir
 from .tree import NO_XATTRS, ChunkedData, FileData, Inode
@@ -212,7 +213,7 @@ def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: b
                         raise FormatError(f"{path!r}: chunk refers to blob index {c.blob_index} of {len(blobs)}")
                     if c.file_offset + c.uncompressed_size > a.size + image.chunk_size:
                         raise FormatError(f"{path!r}: chunk at file offset {c.file_offset} beyond size {a.size}")
-                node.data = ChunkedData(size=a.size, chunks=chunks, blobs=blobs)
+                node.data = ChunkedData(size=a.size, chunks=pack_chunks(chunks), blobs=blobs)
         elif fmt not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise FormatError(f"{path!r}: unknown file type {fmt:o}")
         return node

@@ -12,11 +12,14 @@ for `nlink` and emit one inode (v6) or linked records (v5).
 """
 
 import stat
-from collections.abc import Callable, Iterator, Mapping
+import struct
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import BinaryIO
 
+from ..rafs.errors import FormatError
+from ..rafs.layout_common import pack_chunks, unpack_chunks
 from ..rafs.model import BlobInfo, ChunkInfo
 
 NO_XATTRS: Mapping[bytes, bytes] = MappingProxyType({})
@@ -32,14 +35,37 @@ class FileData:
 
 @dataclass(slots=True)
 class ChunkedData:
-    """Content already stored in existing blobs (from a bootstrap being merged).
+    """Content already stored in existing blobs (from a bootstrap being merged, or a layer
+    converted before).
 
-    `chunks` carry `file_offset` in this file and `blob_index` into `blobs`.
+    `chunks` is the file's chunk list as packed 80-byte records (`rafs.layout_common.CHUNK`, the
+    v5 on-disk form), each with `file_offset` in this file and `blob_index` into `blobs`: one
+    bytes object per file instead of a `ChunkInfo` per chunk (issue 16, item 10). A sequence of
+    `ChunkInfo` given instead is packed here; `chunk_infos()` decodes them again.
     """
 
     size: int
-    chunks: list[ChunkInfo]
+    chunks: bytes
     blobs: list[BlobInfo]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chunks, bytes):
+            self.chunks = _pack(self.chunks)
+
+    def chunk_infos(self) -> list[ChunkInfo]:
+        return unpack_chunks(self.chunks)
+
+
+def _pack(chunks: "bytearray | memoryview | Sequence[ChunkInfo]") -> bytes:
+    if isinstance(chunks, bytearray | memoryview):
+        return bytes(chunks)
+    for c in chunks:
+        if len(c.digest) != 32:  # "32s" would pad or cut it silently
+            raise FormatError(f"chunk at file offset {c.file_offset} has a {len(c.digest)}-byte digest")
+    try:
+        return pack_chunks(chunks)
+    except struct.error as e:
+        raise FormatError(f"chunk field out of range: {e}") from None
 
 
 @dataclass(eq=False, slots=True)

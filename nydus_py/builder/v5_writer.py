@@ -27,13 +27,13 @@ has holes.
 """
 
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..rafs import codec
 from ..rafs.constants import ChunkFlags, SuperFlags
 from ..rafs.errors import FormatError
-from ..rafs.layout_common import CHUNK_RECORD_SIZE, U32, U64, pack_chunk, pack_u32s
+from ..rafs.layout_common import CHUNK_RECORD_SIZE, U32, U64, pack_u32s, unpack_chunks
 from ..rafs.layout_v5 import (
     BLOB_ENTRY_HEAD,
     EXT_BLOB_ENTRY,
@@ -352,11 +352,12 @@ def _blob_table(blobs: Sequence[BlobInfo]) -> bytes:
 def write_v5(
     plan: V5Plan,
     blobs: Sequence[BlobInfo],
-    file_chunks: Mapping[int, Sequence[ChunkInfo]],
+    file_chunks: Callable[[Inode], bytes],
     opts: BuildOptions,
 ) -> bytes:
-    """The bootstrap bytes. `file_chunks[id(inode)]` lists every regular file's chunks in file
-    order, `blob_index` relative to `blobs` (the image's blob table, in order)."""
+    """The bootstrap bytes. `file_chunks(inode)` is every regular file's chunk list in file
+    order as packed records (already the on-disk form), `blob_index` relative to `blobs` (the
+    image's blob table, in order)."""
     slots = plan.slots
     n = len(slots)
     digester = opts.digester
@@ -373,10 +374,11 @@ def write_v5(
         if stat.S_ISREG(mode):
             key = id(node)
             if key not in chunk_recs:
-                chunks = list(file_chunks.get(key, ())) if s.size else []
+                packed = file_chunks(node) if s.size else b""
+                chunks = unpack_chunks(packed)
                 holes[key] = check_chunks(s.path, s.size, chunks, blobs, opts)
                 nchunks[key] = len(chunks)
-                chunk_recs[key] = b"".join(pack_chunk(c) for c in chunks)
+                chunk_recs[key] = packed
             recs = chunk_recs[key]
             ids = b"".join(recs[i : i + 32] for i in range(0, len(recs), CHUNK_RECORD_SIZE))
             digests[s.slot - 1] = codec.digest(digester, ids)

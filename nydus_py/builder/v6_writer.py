@@ -25,12 +25,12 @@ several dirents.
 import logging
 import stat
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from ..rafs.constants import BlobFeatures, ChunkFlags, SuperFlags
 from ..rafs.errors import FormatError
-from ..rafs.layout_common import CHUNK_RECORD_SIZE, U32, pack_chunk
+from ..rafs.layout_common import CHUNK_KEY, CHUNK_RECORD_SIZE, CHUNK_SORT_TAIL, U32, unpack_chunks
 from ..rafs.layout_v6 import (
     BLOB_ENTRY,
     CHUNK_INDEX,
@@ -420,11 +420,11 @@ def _validate_blobs(blobs: Sequence[BlobInfo], chunk_size: int) -> None:
 def write_v6(
     plan: V6Plan,
     blobs: Sequence[BlobInfo],
-    file_chunks: Mapping[int, Sequence[ChunkInfo]],
+    file_chunks: Callable[[Inode], bytes],
     opts: BuildOptions,
 ) -> bytearray:
-    """The bootstrap bytes. `file_chunks[id(inode)]` lists every regular file's chunks in file
-    order, `blob_index` relative to `blobs` (the image's blob table, in order).
+    """The bootstrap bytes. `file_chunks(inode)` is every regular file's chunk list in file
+    order as packed records, `blob_index` relative to `blobs` (the image's blob table, in order).
 
     The chunk table is gathered first, so the result is allocated once at its final size and
     returned without a copy (a bootstrap of 100k files is ~20 MiB)."""
@@ -442,8 +442,11 @@ def write_v6(
     chunk_table_offset = (data_blk0 + plan.data_blocks) * BLOCK
     chunk_format = EROFS_CHUNK_FORMAT_INDEXES | (cs.bit_length() - 1 - EROFS_BLKSZBITS)
     explicit = not opts.repeatable
-    table = _chunk_table(plan, file_chunks, nblobs)
-    buf = bytearray(_align(chunk_table_offset + CHUNK_RECORD_SIZE * len(table), BLOCK))
+    chunk_table = _chunk_table(plan, file_chunks, nblobs)  # before `buf`: its index is gone then
+    nrecords = len(chunk_table) // CHUNK_RECORD_SIZE
+    buf = bytearray(_align(chunk_table_offset + len(chunk_table), BLOCK))
+    buf[chunk_table_offset : chunk_table_offset + len(chunk_table)] = chunk_table
+    del chunk_table
 
     for ino, r in enumerate(plan.records, 1):
         node = r.inode
@@ -464,15 +467,15 @@ def write_v6(
             i_u = _place_data(buf, r, pieces, pos + base, data_blk0)
         elif r.ftype == EROFS_FT_REG_FILE:
             i_u = chunk_format
-            chunks = file_chunks.get(id(node), ()) if r.nchunks else ()
+            packed = file_chunks(node) if r.nchunks else b""
             ipos = _align(pos + base, CHUNK_INDEX_SIZE)
-            for k, c in enumerate(chunks):
+            for k, (blob_index, uoff, index) in enumerate(CHUNK_KEY.iter_unpack(packed)):
                 CHUNK_INDEX.pack_into(
                     buf,
                     ipos + k * CHUNK_INDEX_SIZE,
-                    c.index & 0xFFFF,
-                    (c.blob_index + 1) | (((c.index >> 16) & 0xFF) << 8),
-                    c.uncompressed_offset // BLOCK,
+                    index & 0xFFFF,
+                    (blob_index + 1) | (((index >> 16) & 0xFF) << 8),
+                    uoff // BLOCK,
                 )
         elif r.ftype in (EROFS_FT_CHRDEV, EROFS_FT_BLKDEV):
             i_u = node.rdev & 0xFFFF_FFFF
@@ -493,11 +496,6 @@ def write_v6(
         )
         if r.xattr:
             buf[pos + INODE_SIZE : pos + base] = r.xattr
-
-    # chunk table
-    for i, key in enumerate(sorted(table)):
-        off = chunk_table_offset + i * CHUNK_RECORD_SIZE
-        buf[off : off + CHUNK_RECORD_SIZE] = pack_chunk(table[key])
 
     # device slots (nydus places each blob's flat-disk image at a 512 KiB boundary after the last)
     pos = len(buf)
@@ -552,7 +550,7 @@ def write_v6(
         blob_table_size,
         cs,
         chunk_table_offset,
-        CHUNK_RECORD_SIZE * len(table),
+        CHUNK_RECORD_SIZE * nrecords,
         prefetch_offset,
         prefetch_size,
     )
@@ -583,25 +581,32 @@ def write_v6(
     return buf
 
 
-def _chunk_table(
-    plan: V6Plan, file_chunks: Mapping[int, Sequence[ChunkInfo]], nblobs: int
-) -> dict[tuple[bytes, int, int], ChunkInfo]:
-    """Check every file's chunks (in record order) and gather the distinct chunk records, keyed
-    by their sort order (digest, blob_index + 1, ci_index)."""
+def _chunk_table(plan: V6Plan, file_chunks: Callable[[Inode], bytes], nblobs: int) -> bytearray:
+    """Check every file's chunks (in record order) and return the chunk table: the distinct
+    chunk records (the first reference of each), sorted by (digest, blob_index + 1, ci_index).
+    The only object per chunk is its sort key, and only while this runs."""
     cs = plan.chunk_size
-    table: dict[tuple[bytes, int, int], ChunkInfo] = {}
+    keys: dict[bytes, int] = {}
+    records = bytearray()
     for r in plan.records:
         if r.ftype != EROFS_FT_REG_FILE:
             continue
-        chunks = file_chunks.get(id(r.inode), ()) if r.nchunks else ()
-        if len(chunks) != r.nchunks:
-            raise FormatError(f"{r.path!r}: {len(chunks)} chunks for {r.dsize} bytes, expected {r.nchunks}")
-        for k, c in enumerate(chunks):
+        packed = file_chunks(r.inode) if r.nchunks else b""
+        n = len(packed) // CHUNK_RECORD_SIZE
+        if n != r.nchunks:
+            raise FormatError(f"{r.path!r}: {n} chunks for {r.dsize} bytes, expected {r.nchunks}")
+        for k, c in enumerate(unpack_chunks(packed)):
             _check_chunk(r, k, c, cs, nblobs)
-            key = (c.digest, c.blob_index + 1, c.index)
-            if key not in table:
-                table[key] = c
+            key = c.digest + CHUNK_SORT_TAIL.pack(c.blob_index + 1, c.index)
+            if key not in keys:
+                keys[key] = len(keys)
+                records += packed[k * CHUNK_RECORD_SIZE : (k + 1) * CHUNK_RECORD_SIZE]
+    table = bytearray(len(records))
+    for i, key in enumerate(sorted(keys)):
+        src = keys[key] * CHUNK_RECORD_SIZE
+        table[i * CHUNK_RECORD_SIZE : (i + 1) * CHUNK_RECORD_SIZE] = records[src : src + CHUNK_RECORD_SIZE]
     return table
+
 
 
 def _place_data(buf: bytearray, r: _Rec, pieces: list[bytes], inline_pos: int, data_blk0: int) -> int:

@@ -19,13 +19,15 @@ from typing import BinaryIO
 
 from ..builder.blob_writer import BlobWriter
 from ..builder.build import build_image, check_options
+from ..builder.chunk_records import ChunkRecords
 from ..builder.merge import merge_layers
 from ..builder.options import BuildOptions, BuildResult
 from ..builder.sources import SourceStats, tree_from_tar
 from ..builder.tree import ChunkedData, FileData, Inode, walk
 from ..builder.v5_writer import plan_v5
 from ..builder.v6_writer import plan_v6
-from ..rafs.model import BlobInfo, ChunkInfo
+from ..rafs.layout_common import CHUNK_RECORD_SIZE
+from ..rafs.model import BlobInfo
 
 
 @dataclass
@@ -94,11 +96,14 @@ class LayerStack:
         self.blob_dir = blob_dir
         self.blobs: list[BlobInfo] = []  # shared by every ChunkedData of the stack
         self.layers: list[Inode] = []
-        self.dedup: dict[bytes, ChunkInfo] = {}
+        self.dedup = ChunkRecords()  # every stored chunk of the stack, packed
+        self._finished = False
 
     def add_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None) -> LayerResult:
         """Build the blob of one uncompressed layer tar (seekable, a real file is best: its data is
         read in place). `progress` gets the file bytes consumed."""
+        if self._finished:
+            raise RuntimeError("LayerStack already finished")
         stats = SourceStats()
         root = tree_from_tar(tar, stats)
         opts = self._layer_options(root)
@@ -115,12 +120,11 @@ class LayerStack:
         for node, chunks in zip(order, results, strict=True):
             assert node.data is not None
             node.data = ChunkedData(size=node.data.size, chunks=chunks, blobs=self.blobs)
-        refs = sum(len(c) for c in results)
+        refs = sum(len(c) for c in results) // CHUNK_RECORD_SIZE
         for _path, node in walk(root):  # empty files still hold the tar open: let go of it
             if node.is_reg and isinstance(node.data, FileData):
-                node.data = ChunkedData(size=0, chunks=[], blobs=self.blobs)
-        for digest, info in writer.chunks.items():
-            self.dedup.setdefault(digest, info)
+                node.data = ChunkedData(size=0, chunks=b"", blobs=self.blobs)
+        self.dedup.update(writer.chunks)
         self.layers.append(root)
         return LayerResult(
             blob=blob,
@@ -144,10 +148,19 @@ class LayerStack:
         return replace(self.opts, prefetch_paths=mine)
 
     def finish(self, bootstrap_path: str) -> BuildResult:
-        """Write the merged image bootstrap (whiteouts applied). No blob data is written here."""
+        """Write the merged image bootstrap (whiteouts applied). No blob data is written here.
+
+        The stack is spent afterwards: the dedup map and the layer trees are let go before the
+        bootstrap is written (they would double the peak memory of a big layer)."""
+        if self._finished:
+            raise RuntimeError("LayerStack already finished")
         if not self.layers:
             raise ValueError("no layers were added")
-        root = merge_layers(self.layers, "oci")
+        self._finished = True
+        self.dedup = ChunkRecords()
+        layers, self.layers = self.layers, []
+        root = merge_layers(layers, "oci")
+        del layers  # the merge copied the directories it needs
         scratch = os.path.join(self.blob_dir, ".merge")
         result = build_image(root, bootstrap_path, scratch, self.opts)
         if result.blob_id is not None:  # every file is ChunkedData: a new blob means a bug here

@@ -82,6 +82,9 @@ CHUNK = Record(
 CHUNK_RECORD_SIZE = CHUNK.size
 # (blob_index, uncompressed_offset, index): the v6 reader's sort key over the chunk table
 CHUNK_KEY = CHUNK.view("blob_index", "uncompressed_offset", "index")
+# (blob_index + 1, ci_index) big-endian: after a digest, bytes sort as the v6 chunk table's
+# (digest, blob_index + 1, ci_index) order (the v6 writer's key)
+CHUNK_SORT_TAIL = struct.Struct(">QQ")
 # (uncompressed_size, file_offset): where a v5 chunk ends in its file
 CHUNK_EXTENT = CHUNK.view("uncompressed_size", "file_offset")
 
@@ -108,6 +111,28 @@ def unpack_chunk(buf: Any, offset: int) -> ChunkInfo:
     (digest, blob_index, flags, c_size, u_size, c_off, u_off, f_off, index,
      crc) = CHUNK.unpack_from(buf, offset)  # fmt: skip
     return ChunkInfo(digest, blob_index, ChunkFlags(flags), c_off, c_size, u_off, u_size, f_off, index, crc)
+
+
+# the one per-reference field of a chunk record: the same chunk referenced from another file (or
+# offset) is the same record with these 8 bytes changed
+CHUNK_FILE_OFFSET = CHUNK.offset("file_offset")
+
+
+def pack_chunks(chunks: Iterator[ChunkInfo] | Sequence[ChunkInfo]) -> bytes:
+    """A chunk list as consecutive records (the v5 on-disk form of a file's chunks)."""
+    return b"".join(pack_chunk(c) for c in chunks)
+
+
+def unpack_chunks(buf: Any) -> list[ChunkInfo]:
+    """Every record of a packed chunk list, in order (a transient view for checks)."""
+    return [unpack_chunk(buf, off) for off in range(0, len(buf), CHUNK_RECORD_SIZE)]
+
+
+def with_file_offset(buf: Any, offset: int, file_offset: int) -> bytes:
+    """The chunk record at `offset` of `buf`, referenced at `file_offset` of a file."""
+    head = bytes(buf[offset : offset + CHUNK_FILE_OFFSET])
+    tail = bytes(buf[offset + CHUNK_FILE_OFFSET + 8 : offset + CHUNK_RECORD_SIZE])
+    return head + U64.pack(file_offset) + tail
 
 
 def pack_u32s(values: Sequence[int]) -> bytes:

@@ -9,12 +9,14 @@ import tarfile
 import pytest
 
 from nydus_py.builder.blob_writer import BlobWriter
+from nydus_py.builder.chunk_records import ChunkRecords
 from nydus_py.builder.options import BuildOptions
 from nydus_py.builder.tree import FileData
 from nydus_py.rafs import codec
 from nydus_py.rafs.constants import BlobFeatures, ChunkFlags, Compressor, Digester
 from nydus_py.rafs.errors import FormatError
 from nydus_py.rafs.layout_blob import BLOB_META_MAGIC, pack_ci_v1, tar_header, unpack_ci_v1
+from nydus_py.rafs.layout_common import pack_chunk, unpack_chunks
 
 CS = 0x4000
 
@@ -50,7 +52,7 @@ def parse_toc(blob: bytes, toc_off: int, toc_size: int) -> dict[str, tuple]:
 def write_blob(tmp_path, files: list[bytes], **kw) -> tuple[BlobWriter, object, list, bytes]:
     opts = BuildOptions(chunk_size=kw.pop("chunk_size", CS), **kw)
     w = BlobWriter(str(tmp_path), opts, blob_index=0)
-    chunks = w.add_files([fd(d) for d in files])
+    chunks = [unpack_chunks(r) for r in w.add_files([fd(d) for d in files])]
     info = w.finish()
     blob = b""
     if info:
@@ -177,10 +179,12 @@ def test_incompressible_chunks_stay_raw(tmp_path):
 def test_dedup_against_existing_and_no_blob_when_nothing_new(tmp_path):
     data = os.urandom(2 * CS)
     w1, info1, chunks1, _ = write_blob(tmp_path / "a", [data])
-    existing = {c.digest: c for c in chunks1[0]}
+    existing = ChunkRecords()
+    for c in chunks1[0]:
+        existing.add(pack_chunk(c))
     opts = BuildOptions(chunk_size=CS)
     w2 = BlobWriter(str(tmp_path / "b"), opts, blob_index=1, existing=existing)
-    got = w2.add_files([fd(data[CS:] + data[:CS]), fd(b"")])
+    got = [unpack_chunks(r) for r in w2.add_files([fd(data[CS:] + data[:CS]), fd(b"")])]
     assert w2.finish() is None
     assert not (tmp_path / "b").exists() or os.listdir(tmp_path / "b") == []
     assert [c.blob_index for c in got[0]] == [0, 0]
@@ -219,3 +223,22 @@ def test_short_file_is_format_error_and_leaves_nothing(tmp_path):
     with pytest.raises(FormatError, match="ended after"), w:
         w.add_files([FileData(3 * CS, lambda: io.BytesIO(b"x" * CS))])
     assert [n for n in os.listdir(tmp_path)] == []
+
+
+def test_chunk_records_keep_the_first_record_per_digest(tmp_path):
+    _w, _info, chunks, _ = write_blob(tmp_path, [os.urandom(2 * CS), os.urandom(CS)])
+    a, b, c = chunks[0][0], chunks[0][1], chunks[1][0]
+    lower = ChunkRecords()
+    assert lower.add(pack_chunk(a)) and not lower.add(pack_chunk(a._replace(index=99)))
+    upper = ChunkRecords()
+    upper.add(pack_chunk(b._replace(blob_index=1)))
+    upper.add(pack_chunk(a._replace(blob_index=1)))  # lower's stays
+    upper.add(pack_chunk(c._replace(blob_index=1)))
+    lower.update(upper)
+    assert len(upper) == 0 and list(lower) == [a.digest, b.digest, c.digest]
+    got = unpack_chunks(lower.get(a.digest, 7 * CS) + lower.get(b.digest, 0))
+    assert got == [a._replace(file_offset=7 * CS), b._replace(blob_index=1, file_offset=0)]
+    assert lower.get(b"\1" * 32, 0) is None
+    fresh = ChunkRecords()
+    fresh.update(lower)  # an empty map takes the storage over
+    assert len(lower) == 0 and list(fresh) == [a.digest, b.digest, c.digest]

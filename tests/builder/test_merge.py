@@ -234,8 +234,8 @@ def test_tree_from_fixture_image(nydus_fixtures: Path, boot: str) -> None:
             names += 1
             assert isinstance(node.data, ChunkedData)
             assert [b.blob_id for b in node.data.blobs] == blob_ids
-            assert all(c.file_offset + c.uncompressed_size <= node.size for c in node.data.chunks)
-            refs += len(node.data.chunks)
+            assert all(c.file_offset + c.uncompressed_size <= node.size for c in node.data.chunk_infos())
+            refs += len(node.data.chunk_infos())
     assert (names, refs) == (23, 29)  # README: 23 regular files, 29 chunks (counted per name)
     assert describe(chunked, data=False) == describe(data_tree, data=False)
     for _path, node in walk(data_tree):

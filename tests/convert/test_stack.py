@@ -155,3 +155,15 @@ def test_prefetch_patterns_go_first_in_each_layer_blob(tmp_path, caplog):
             others = [c.compressed_offset for _p, ino in img.walk() if stat.S_ISREG(img.getattr(ino).mode)
                       for c in img.chunks(ino) if c.blob_index == blob.index and c.compressed_offset not in offsets]
             assert min(others) > max(offsets)
+
+
+def test_finished_stack_refuses_more_layers(tmp_path):
+    """finish() lets go of the dedup map and the layer trees, so the stack is spent."""
+    stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
+    stack.add_layer(io.BytesIO(make_tar([Entry("a", data=b"a" * 100)])))
+    stack.finish(str(tmp_path / "boot"))
+    assert len(stack.dedup) == 0 and stack.layers == []
+    with pytest.raises(RuntimeError, match="finished"):
+        stack.add_layer(io.BytesIO(make_tar([Entry("b", data=b"b")])))
+    with pytest.raises(RuntimeError, match="finished"):
+        stack.finish(str(tmp_path / "boot2"))

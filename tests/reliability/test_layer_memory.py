@@ -3,8 +3,9 @@
 Python-heap bounds per tar entry, traced with tracemalloc (deterministic, unlike RSS), with
 room to spare over what the builder needs today and well under what it needed before: the tar
 parser kept every TarInfo (~0.5 KiB each) until the tree was done, and the convert build wrapped
-each file's stream in a class made per file (~1 KiB+ each). `benchmarks/bench_convert_memory.py`
-measures the process's peak RSS for 100k entries.
+each file's stream in a class made per file (~1 KiB+ each), and every chunk was a `ChunkInfo`
+(~400 B) until the image was finished. `benchmarks/bench_convert_memory.py` measures the
+process's peak RSS for 100k entries.
 """
 
 import gc
@@ -77,4 +78,27 @@ def test_layer_build_with_progress_is_small_per_entry(many_entries: Path, tmp_pa
 
     stack, _kept, peak = traced(build)
     assert consumed[0] > 0 and len(stack.layers) == 1
-    assert peak / ENTRIES < 2000, peak / ENTRIES  # 5344 B before: a class per file; 1200 B now
+    # 5344 B before: a class per file; 1196 B with a ChunkInfo per chunk; 1091 B packed
+    assert peak / ENTRIES < 1150, peak / ENTRIES
+
+
+def test_converted_layer_and_its_bootstrap_are_small_per_entry(many_entries: Path, tmp_path: Path) -> None:
+    """What a converted layer keeps until the image is finished (chunks as packed records, not
+    a `ChunkInfo` per chunk), and the peak while the bootstrap is written (the stack lets go of
+    its dedup map and layer trees first; the v6 chunk table is sorted before the bootstrap
+    buffer exists)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        stack = LayerStack(BuildOptions(), str(tmp_path))
+        with open(many_entries, "rb") as f:
+            stack.add_layer(f)
+        gc.collect()
+        kept = tracemalloc.get_traced_memory()[0]
+        tracemalloc.reset_peak()
+        stack.finish(str(tmp_path / "image.boot"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert kept / ENTRIES < 620, kept / ENTRIES  # 685 B with a ChunkInfo per chunk; 581 B now
+    assert peak / ENTRIES < 1000, peak / ENTRIES  # 1321 B before; 891 B now
