@@ -23,6 +23,7 @@ from ..fuse.protocol import FuseSession, notify_resend
 from ..metrics.fsstats import FsStats, FuseMetrics
 from ..transport.base import Transport
 from ..transport.fusedev import FuseDevSession
+from ..transport.mount import connection_of, real_mountpoint
 from ..vfs import MAX_INDEX, Vfs, VfsError, normalize_path
 from . import supervisor
 from .errors import ApiError, BadRequest, Conflict, InternalError, NotFound, NotReady, Timeout, Unsupported
@@ -435,10 +436,12 @@ class DaemonService:
                 return
             except OSError as e:
                 log.warning("FUSE NOTIFY_RESEND failed (%s); trying the connection's sysfs file", e)
-        from ..transport.mount import connection_id
-
+        # from mountinfo: a stat of the mountpoint would wait for us (nothing serves it yet)
+        conn = connection_of(real_mountpoint(self.opts.mountpoint))
+        if conn < 0:
+            log.warning("failover policy %s: %s is not mounted", policy, self.opts.mountpoint)
+            return
         try:
-            conn = connection_id(self.opts.mountpoint)
             for base in ("/sys/fs/fuse/connections", "/proc/sys/fs/fuse/connections"):
                 path = f"{base}/{conn}/{policy}"
                 if os.path.exists(path):

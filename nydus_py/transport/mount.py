@@ -187,9 +187,3 @@ def abort_connection(conn: int) -> bool:
     except OSError as e:
         log.error("cannot abort FUSE connection %d (%s)", conn, e)
         return False
-
-
-def connection_id(mountpoint: str) -> int:
-    """FUSE connection id of a mount: /sys/fs/fuse/connections/<id>."""
-    st = os.stat(mountpoint)
-    return os.major(st.st_dev) << 20 | os.minor(st.st_dev)
