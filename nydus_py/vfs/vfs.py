@@ -295,10 +295,6 @@ class Vfs(Filesystem):
                 old.idle.wait(max(0.0, deadline - time.monotonic()))
         return old.fs
 
-    def index_of(self, kernel_ino: int) -> int:
-        """The filesystem index a kernel inode belongs to (0: pseudo fs or the fs at "/")."""
-        return kernel_ino >> INO_SHIFT
-
     def path_of_index(self, index: int) -> str | None:
         if index == 0:
             r = self._rootfs
