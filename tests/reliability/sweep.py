@@ -174,6 +174,18 @@ def sabotaged(fault: str) -> Walk:
     return walk
 
 
+def peak_rss() -> int:
+    """This process's own peak RSS (VmHWM of its address space).
+
+    Not ru_maxrss: Linux carries the pre-exec peak across execve, so a worker started by a big
+    pytest process would report the parent's RSS before it ran a single case."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
 def worker(config: Path, seed: int, start: int, stop: int, deadline: float, inject: dict[int, str]) -> None:
     """Run cases [start, stop), one JSON line per case on stdout."""
     resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE, ADDRESS_SPACE))
@@ -187,7 +199,7 @@ def worker(config: Path, seed: int, start: int, stop: int, deadline: float, inje
             kind, detail = run_case(base.data, base, deadline, sabotaged(inject[i]))
         else:
             kind, detail = run_case(data, base, deadline)
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        rss = peak_rss()
         if kind != "memory" and rss > RSS_BOUND:
             kind, detail = "memory", f"peak RSS {rss >> 20} MiB"
         line = {"i": i, "base": base.name, "kind": kind, "detail": detail}

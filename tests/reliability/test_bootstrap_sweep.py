@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import NYDUS_FIXTURES
-from .sweep import prepare, run_sweep
+from .sweep import RSS_BOUND, prepare, run_sweep
 
 CASES = int(os.environ.get("NYDUS_SWEEP_CASES", "3000"))
 SEED = int(os.environ.get("NYDUS_SWEEP_SEED", "16"))
@@ -48,3 +48,16 @@ def test_harness_reports_every_failure_kind_and_carries_on(config: Path, tmp_pat
     assert {int(str(f["i"])): f["kind"] for f in report.failures} == inject, report.summary()
     assert report.counts["ok"] + report.counts["format"] == 14 - len(inject)
     assert report.restarts == 3  # after memory, crash and stuck
+
+
+def test_worker_peak_is_its_own_not_its_parents(config: Path, tmp_path: Path) -> None:
+    """A sweep started from a parent that once held more than the RSS bound (a long pytest run
+    does) still judges each case by the worker's own peak; ru_maxrss would carry the parent's
+    pre-exec peak over and call every case `memory` (what CI saw)."""
+    ballast = bytearray(RSS_BOUND + (64 << 20))
+    for offset in range(0, len(ballast), 4096):
+        ballast[offset] = 1
+    report = run_sweep(config, SEED, 6, tmp_path / "worker.log")
+    del ballast
+    assert report.tried == 6
+    assert not report.failures, report.summary()
