@@ -17,7 +17,9 @@ backend and an empty blobcache. Measured:
   (d) bytes fetched from the registry against bytes read (backend metrics)
 
 once straight against the registry and once through a proxy adding --latency-ms per request and
-a shared --bandwidth-mbit link. Results: benchmarks/results/lazy_registry.{json,png}.
+a shared --bandwidth-mbit link. Every lazy variant runs with each --fs-driver (fusedev, and erofs:
+the kernel EROFS driver over the daemon's lazy blob views; names prefixed `erofs_`). Results:
+benchmarks/results/<--save-as, default lazy_registry>.{json,png}.
 
     python3 benchmarks/bench_lazy_registry.py [--size-mib 500] [--merging-mib 2] [--keep]
 """
@@ -195,14 +197,15 @@ def read_file(path: Path) -> int:
 
 def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int, *, repo: str = "bench/nydus",
              prefetch: str = "none", merging_size: int = 4 << 20, prefetch_threads: int = 8,
-             amplify_io: int = 1 << 20) -> dict[str, object]:
-    """Mount with an empty cache, read the startup set with `threads` readers; times and bytes.
+             amplify_io: int = 1 << 20, driver: str = "fusedev") -> dict[str, object]:
+    """Mount with an empty cache (`driver`: nydusd-py's --fs-driver), read the startup set with
+    `threads` readers; times and bytes.
 
     prefetch: "none" (on-demand only), "list" (the startup set given as --prefetch-files) or
     "table" (fs_prefetch from the bootstrap's prefetch table, the image built with the startup
     set as prefetch files). Prefetch runs with `prefetch_threads` workers and reads of up to
     `merging_size` bytes."""
-    run = work / f"lazy-{host.replace(':', '_')}-{threads}-{prefetch}-{repo.replace('/', '_')}"
+    run = work / f"lazy-{driver}-{host.replace(':', '_')}-{threads}-{prefetch}-{repo.replace('/', '_')}"
     shutil.rmtree(run, ignore_errors=True)
     run.mkdir(parents=True)
     sock_dir = Path(tempfile.mkdtemp(prefix="nyb"))  # AF_UNIX paths are short
@@ -225,7 +228,7 @@ def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int
     proc = subprocess.Popen([sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--config", str(run / "config.json"),
                              "--bootstrap", str(boot), "--mountpoint", str(mnt), "--apisock", sock,
                              "--thread-num", "8", "--log-level", "warn", "--log-file", str(run / "nydusd.log"),
-                             *argv_pf],
+                             "--fs-driver", driver, *argv_pf],
                             env=env, cwd=str(REPO))
     try:
         while not (is_mountpoint(str(mnt)) and os.path.exists(sock)):
@@ -311,6 +314,12 @@ VARIANTS = (  # name, image, readers, prefetch
     ("ordered_prefetch", "ordered", 1, "table"),
 )
 MAIN = "ordered_prefetch"
+DRIVERS = ("fusedev", "erofs")
+
+
+def variant_key(driver: str, name: str) -> str:
+    """fusedev variants keep their historical names; the others are prefixed with the driver."""
+    return name if driver == "fusedev" else f"{driver}_{name}"
 
 
 def main() -> int:
@@ -324,10 +333,15 @@ def main() -> int:
     ap.add_argument("--prefetch-threads", type=int, default=8)
     ap.add_argument("--repeat", type=int, default=2, help="runs per measurement; the best is reported, all kept")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--fs-driver", choices=(*DRIVERS, "both"), default="both",
+                    help="nydusd-py --fs-driver of the lazy runs (both: side by side in one run)")
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "lazy_registry"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument("--save-as", default="lazy_registry", help="results name under benchmarks/results")
     a = ap.parse_args()
     work = Path(a.work)
+    drivers = DRIVERS if a.fs_driver == "both" else (a.fs_driver,)
+    keys = [variant_key(d, v) for d in drivers for v, *_ in VARIANTS]
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     registry = None
@@ -373,20 +387,23 @@ def main() -> int:
         results: dict[str, dict[str, object]] = {}
         for label, host in (("loopback", registry.host), (f"{a.latency_ms:g}ms+{a.bandwidth_mbit:g}Mbit", proxy.host)):
             res: dict[str, object] = {}
-            for vname, image, readers, pf in VARIANTS:
-                print(f"[{label}] {vname} ...", flush=True)
-                runs = [lazy_run(work, built[image][0], host, startup, readers, repo=f"bench/{image}", prefetch=pf,
-                                 merging_size=int(a.merging_mib * (1 << 20)), prefetch_threads=a.prefetch_threads)
-                        for _ in range(max(1, a.repeat))]
-                res[vname] = best(runs, "startup_read_s", "start_to_done_s", "first_byte_s")
+            for driver in drivers:
+                for vname, image, readers, pf in VARIANTS:
+                    key = variant_key(driver, vname)
+                    print(f"[{label}] {key} ...", flush=True)
+                    runs = [lazy_run(work, built[image][0], host, startup, readers, repo=f"bench/{image}",
+                                     prefetch=pf, merging_size=int(a.merging_mib * (1 << 20)),
+                                     prefetch_threads=a.prefetch_threads, driver=driver)
+                            for _ in range(max(1, a.repeat))]
+                    res[key] = best(runs, "startup_read_s", "start_to_done_s", "first_byte_s")
             print(f"[{label}] full pull ...", flush=True)
             pull = best([full_pull(work, host) for _ in range(max(1, a.repeat))], "total_s")
             res["full_pull"] = pull
-            res["speedup"] = {v: pull["total_s"] / res[v]["startup_read_s"] for v, *_ in VARIANTS}  # type: ignore[index]
+            res["speedup"] = {v: pull["total_s"] / res[v]["startup_read_s"] for v in keys}  # type: ignore[index]
             res["speedup_start_to_done"] = {v: pull["total_s"] / res[v]["start_to_done_s"]  # type: ignore[index]
-                                            for v, *_ in VARIANTS}
+                                            for v in keys}
             res["fetched_over_read"] = {v: res[v]["backend_bytes"] / res[v]["bytes_read"]  # type: ignore[index]
-                                        for v, *_ in VARIANTS}
+                                        for v in keys}
             results[label] = res
             print(json.dumps(res, indent=1), flush=True)
         payload: dict[str, object] = {
@@ -397,6 +414,7 @@ def main() -> int:
                         "nydus_build_ordered": built["ordered"][3], "push_all": push_s},
             "network": {"latency_ms": a.latency_ms, "bandwidth_mbit": a.bandwidth_mbit},
             "repeat": a.repeat,
+            "fs_drivers": list(drivers),
             "lazy_config": {"amplify_io": 1 << 20, "prefetch_merging_size": int(a.merging_mib * (1 << 20)),
                             "prefetch_threads": a.prefetch_threads, "fuse_threads": 8},
             "cpus": os.cpu_count(), "loadavg_at_end": os.getloadavg(),
@@ -412,17 +430,19 @@ def main() -> int:
                      "2 CPUs during the run.",
         }
         payload["total_run_s"] = time.perf_counter() - t_all
-        save("lazy_registry", payload)
+        save(a.save_as, payload)
         labels = list(results)
         series = {"full pull + unpack": [results[k]["full_pull"]["total_s"] for k in labels]}  # type: ignore[index]
         series.update({f"lazy {v}": [results[k][v]["startup_read_s"] for k in labels]  # type: ignore[index]
-                       for v, *_ in VARIANTS})
-        series[f"lazy {MAIN}: daemon start to done"] = [results[k][MAIN]["start_to_done_s"]  # type: ignore[index]
-                                                        for k in labels]
+                       for v in keys})
+        for driver in drivers:
+            main_key = variant_key(driver, MAIN)
+            series[f"lazy {main_key}: daemon start to done"] = [
+                results[k][main_key]["start_to_done_s"] for k in labels]  # type: ignore[index]
         grouped_bar_plot(
-            "lazy_registry", f"Reading the startup set ({100 * acc / total:.1f}% of a {total >> 20} MiB image) "
+            a.save_as, f"Reading the startup set ({100 * acc / total:.1f}% of a {total >> 20} MiB image) "
             "vs full pull (s, log)", labels, series, "seconds", log=True)
-        print(f"results in {RESULTS / 'lazy_registry.json'}")
+        print(f"results in {RESULTS / (a.save_as + '.json')}")
     finally:
         if proxy is not None:
             proxy.stop()
