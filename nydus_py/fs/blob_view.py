@@ -9,6 +9,12 @@ from the cache alone, EIO at once for what is not there (`failed_reads`): the ke
 for the page the reader wanted right after a failed readahead, and one read(2) must not wait two
 backend deadlines; a readahead spans neighbouring files, whose chunks may well have arrived.
 
+Views are opened with FOPEN_DIRECT_IO: a view has no page cache of its own, so a READ is exactly
+what EROFS asked for (its readahead stops at the end of the file being read) and data is not
+cached twice. With the view's own page cache, readahead on the view ramped up to 1 MiB windows
+that ran across neighbouring files: reading a startup set fetched 2.35x the bytes it read (5.7x
+in bench_lazy_registry), where it now fetches about what it reads.
+
 Inodes: 1 is the root directory, 2 + i is blob i (blob-table order).
 """
 
@@ -114,7 +120,7 @@ class BlobViewFilesystem(Filesystem):
         self._blob(ino)
         with self.stats._lock:
             self.stats.opens += 1
-        return 0, FOpenFlags.KEEP_CACHE
+        return 0, FOpenFlags.DIRECT_IO
 
     def readdir(self, ino: int, fh: int, offset: int) -> Iterator[tuple[bytes, int, int, int]]:
         if ino != ROOT:

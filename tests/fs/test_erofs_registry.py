@@ -283,6 +283,30 @@ def served_through_proxy(tmp_path: Path, pushed: Pushed) -> Iterator[FaultRig]:
     assert not is_mountpoint(str(mnt))
 
 
+STARTUP = ["big/a.bin", "bulk/b0", "bulk/b3", "etc/passwd", "etc/motd", *(f"small/f{i:02d}" for i in range(0, 30, 3))]
+
+
+def test_erofs_startup_set_fetches_little_more_than_it_reads(tmp_path: Path, pushed: Pushed) -> None:
+    """Laziness through the kernel's EROFS driver: nothing but the bootstrap is needed to mount
+    and walk the tree, and reading a startup set (whole files: multi-chunk ones and small ones,
+    scattered over the blob) fetches at most 1.3x the bytes it reads (the data is incompressible,
+    so compression does not flatter the ratio). Kernel readahead on the views is what could
+    blow this up."""
+    with served_through_proxy(tmp_path, pushed) as r:
+        n = sum(len(dirs) + len(names) for _, dirs, names in os.walk(r.serve.target))
+        assert n > 40 and data_gets(r.proxy, pushed) == [], "mount and walk fetched data"
+        nread = 0
+        for rel in STARTUP:
+            got = (Path(r.serve.target) / rel).read_bytes()
+            assert got == r.files[rel], rel
+            nread += len(got)
+        fetched = _ranged_bytes(data_gets(r.proxy, pushed))
+        blob = len(pushed.image.blob_bytes())
+        print(f"startup set: read {nread}, fetched {fetched} ({fetched / nread:.2f}x) of a {blob}-byte blob")
+        assert fetched <= 1.3 * nread, f"fetched {fetched} bytes to read {nread} ({fetched / nread:.2f}x)"
+        assert fetched < blob / 2
+
+
 @pytest.mark.parametrize("fault", FAULTS)
 def test_erofs_one_fault_is_absorbed(tmp_path: Path, pushed: Pushed, fault: str) -> None:
     """One fault on the first blob GET: retried (or the chunk fetched again), the reader never
