@@ -26,12 +26,14 @@ class ChunkSource(Protocol):
 
     `extra` are chunks the reader will probably want next (read amplification): fetched along
     when that is cheap, not returned. `follow(c)` yields the chunks stored after `c` in its
-    blob (of any file), for amplification across files.
+    blob (of any file), for amplification across files; `follow_late` opens that window one
+    sequential miss later.
     """
 
     def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo] = (),
                     prefetch: bool = False,
-                    follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]: ...
+                    follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None,
+                    follow_late: bool = False) -> list[bytes]: ...
 
 
 class BlobDevice:
@@ -110,9 +112,16 @@ class BlobDevice:
             if datas is None:
                 raise OSError(errno.EIO, "not in the cache, and not fetched: this range failed moments ago")
             return _assemble(chunks, datas, offset, end)
-        extra: list[ChunkInfo] = (chunks_of(blob_index, end, self.amplify_io)
-                                  if self._chunked is not None and self.amplify_io and end < view_size else [])
-        out = _assemble(chunks, self._load(chunks, extra), offset, end)
+        # No blind `extra` here: what follows in the blob is mostly other files. EROFS already
+        # asks for the rest of the file being read (its readahead stops at the file's end), in a
+        # few READs: the second of them is a sequential miss that should not fetch the next
+        # file's chunks, so the cross-file window (`follow`) opens one sequential miss later. A
+        # long stream, within a big file or across files, still grows it.
+        if self._chunked is not None:
+            datas = self._load_chunks(chunks, (), follow_late=True)
+        else:
+            datas = self._load(chunks)
+        out = _assemble(chunks, datas, offset, end)
         with self._stats_lock:
             self.bytes_read += len(out)
         return out
@@ -136,7 +145,8 @@ class BlobDevice:
             out.append(data)
         return out
 
-    def _load_chunks(self, chunks: list[ChunkInfo], extra: Sequence[ChunkInfo] = ()) -> list[bytes]:
+    def _load_chunks(self, chunks: list[ChunkInfo], extra: Sequence[ChunkInfo] = (), *,
+                     follow_late: bool = False) -> list[bytes]:
         """Decoded chunks through the ChunkSource, one call per blob (so it can merge them)."""
         assert self._chunked is not None
         blobs = self.image.blobs
@@ -149,7 +159,8 @@ class BlobDevice:
         for bi, ks in groups.items():
             more = [c for c in extra if c.blob_index == bi]
             try:
-                got = self._chunked.read_chunks(blobs[bi], [chunks[k] for k in ks], more, follow=self._follow)
+                got = self._chunked.read_chunks(blobs[bi], [chunks[k] for k in ks], more, follow=self._follow,
+                                                follow_late=follow_late)
             except (FormatError, OSError) as e:
                 with self._stats_lock:
                     self.read_errors += 1

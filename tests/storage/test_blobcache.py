@@ -496,6 +496,29 @@ def test_cross_file_amplification_opens_on_sequential_misses(tmp_path):
     assert m.read_chunks(b.info, b.chunks[20:]) == b.plain[20:] and m.stats.whole_hits >= 1
 
 
+def test_follow_late_opens_the_window_one_sequential_miss_later(tmp_path):
+    """Blob views (`follow_late`): the kernel reads a file in a few READs, the second a
+    sequential miss at the file's tail; it must not take the next file's chunks along. A third
+    sequential miss opens the window as usual (a long stream still grows it)."""
+    from nydus_py.storage.cache.blobcache import FOLLOW_MIN
+
+    b = make_blob(60, seed=52)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src, amplify_io=512 << 10)
+    f = _follow(b)
+    m.read_chunks(b.info, [b.chunks[10]], follow=f, follow_late=True)  # random
+    m.read_chunks(b.info, [b.chunks[11]], follow=f, follow_late=True)  # first sequential: marked only
+    assert m.stats.followed_chunks == 0 and m.stats.sequential_misses == 1
+    assert src.calls[-1][1:3] == (b.chunks[11].compressed_offset, b.chunks[11].compressed_size)
+    m.read_chunks(b.info, [b.chunks[12]], follow=f, follow_late=True)  # second: FOLLOW_MIN
+    assert m.stats.followed_chunks > 2 and src.calls[-1][2] <= b.chunks[12].compressed_size + FOLLOW_MIN
+    # without follow_late the first sequential miss opens it (the FUSE driver's reads)
+    m.read_chunks(b.info, [b.chunks[40]], follow=f)
+    before = m.stats.followed_chunks
+    m.read_chunks(b.info, [b.chunks[41]], follow=f)
+    assert m.stats.followed_chunks > before
+
+
 def test_cross_file_amplification_stops_at_cached_or_inflight_chunks(tmp_path):
     b = make_blob(40, seed=51)
     src = FakeSource().add(b)

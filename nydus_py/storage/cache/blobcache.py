@@ -68,6 +68,7 @@ MAP_SUFFIX = ".blob.data.chunk_map"
 MERGE_GAP = 4096  # bytes of unwanted data we accept between two chunks to save a request
 MAX_UNCOMPRESSED = 1 << 40
 FOLLOW_MIN = 128 << 10  # first cross-file amplification window after a sequential miss
+LATE_MARK = 1  # window of a stream's first sequential miss with `follow_late`: no chunk fits
 _STREAMS = 16  # sequential streams remembered per blob
 _BLOB_ID = re.compile(r"^[0-9a-f]{64}$")
 
@@ -307,11 +308,14 @@ class BlobCacheManager:
     # -- reads ----------------------------------------------------------------------------------
     def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo] = (),
                     prefetch: bool = False,
-                    follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
+                    follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None,
+                    follow_late: bool = False) -> list[bytes]:
         """Decoded bytes of `chunks` (all of `blob`), fetching what is missing; chunks in `extra`
         are fetched along when missing and within the `amplify_io` budget, but not returned.
         `follow(c)` gives the chunks stored after `c` in the blob, for cross-file amplification
         of sequential misses (see the module docstring); it is only called on a miss.
+        `follow_late`: the window opens at the second sequential miss of a stream, not the first
+        (blob views: the first is usually the tail of the file the kernel is reading).
 
         A chunk that cannot be had raises OSError(EIO) or FormatError (DigestMismatch); the
         caller answers EIO. Nothing wrong is ever returned or cached.
@@ -322,7 +326,7 @@ class BlobCacheManager:
         try:
             with self._lock:
                 self.stats.total += 1
-            return self._read(cb, chunks, extra, prefetch, None if prefetch else follow)
+            return self._read(cb, chunks, extra, prefetch, None if prefetch else follow, follow_late)
         finally:
             self._unpin(cb)
 
@@ -428,7 +432,8 @@ class BlobCacheManager:
                   "(fetched again), generation %d", cb.blob.blob_id, what, dropped, cb.map.generation)
 
     def _read(self, cb: CachedBlob, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo],
-              prefetch: bool, follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
+              prefetch: bool, follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None,
+              follow_late: bool = False) -> list[bytes]:
         out: list[bytes | None] = [self._cached(cb, c) for c in chunks]
         missing = [k for k, d in enumerate(out) if d is None]
         hits = len(chunks) - len(missing)
@@ -445,7 +450,7 @@ class BlobCacheManager:
             return out  # type: ignore[return-value]
         mine, waits, recheck = self._claim(cb, chunks, missing, extra, prefetch)
         if mine and follow is not None:
-            self._follow(cb, mine, follow)
+            self._follow(cb, mine, follow, follow_late)
         demand = bool(mine) and not prefetch
         if demand:
             self._demand_begin()
@@ -518,7 +523,7 @@ class BlobCacheManager:
         return mine, waits, recheck
 
     def _follow(self, cb: CachedBlob, mine: list[tuple[ChunkInfo, Future[bytes]]],
-                follow: Callable[[ChunkInfo], Iterable[ChunkInfo]]) -> None:
+                follow: Callable[[ChunkInfo], Iterable[ChunkInfo]], late: bool = False) -> None:
         """Cross-file amplification of an on-demand miss: when the miss starts where an earlier
         fetch of this blob ended (within MERGE_GAP), claim the blob's next adjacent missing chunks in a
         window that doubles per sequential miss (up to what `amplify_io` leaves); a random
@@ -534,7 +539,9 @@ class BlobCacheManager:
             for e, w in list(streams.items()):
                 if abs(first - e) <= MERGE_GAP:
                     del streams[e]
-                    window = min(self.amplify_io, max(2 * w, FOLLOW_MIN))
+                    # `late`: a stream's first sequential miss only marks it (a 1-byte window
+                    # takes no chunk); the next one opens FOLLOW_MIN
+                    window = LATE_MARK if late and w == 0 else min(self.amplify_io, max(2 * w, FOLLOW_MIN))
                     self.stats.sequential_misses += 1
                     break
         budget = min(budget, window)
