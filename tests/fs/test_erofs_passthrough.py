@@ -4,8 +4,10 @@ one through the views' READs as before, and the cache never evicts a blob the ke
 directly. Also FUSE passthrough on the views themselves, and why EROFS cannot sit on it."""
 
 import errno
+import json
 import os
 import random
+import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -28,7 +30,9 @@ from nydus_py.transport.erofs_mount import mount_erofs
 from nydus_py.transport.fusedev import FuseDevSession
 from nydus_py.transport.mount import is_mountpoint
 from tests.builder.erofs_rig import compare_trees, erofs_available
+from tests.daemon.rig import Api, DaemonProc, wait_state
 from tests.fs.mountrig import CHUNK, Image, build, make_tree
+from tests.fs.test_erofs_driver import _cleanup, _daemon_views
 from tests.waiting import wait_until
 
 
@@ -146,6 +150,49 @@ def test_eviction_spares_a_blob_read_by_the_kernel(tmp_path) -> None:
     finally:
         again.close()
     assert not any(os.path.exists(p) for p in data)
+
+
+@pytest.mark.slow
+def test_daemon_second_mount_reads_the_complete_cache_directly(tmp_path) -> None:
+    """`nydusd-py fuse --fs-driver erofs` over a blob cache: the first run reads everything
+    through the views (and completes the cache), the second one hands EROFS the cache file, mounts
+    no view, and its metrics say so; digest validation on keeps the views."""
+    erofs_available()
+    src, img = image_of(tmp_path)
+    cache = str(tmp_path / "cache")
+    mnt, sock = tmp_path / "mnt", str(tmp_path / "api.sock")
+    mnt.mkdir()
+
+    def run(validate: bool) -> dict:
+        cfg = tmp_path / f"c{validate:d}.json"
+        cfg.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": img.blob_dir}},
+                                              "cache": {"type": "blobcache", "config": {"work_dir": cache}}},
+                                   "mode": "direct", "digest_validate": validate, "enable_xattr": True}))
+        d = DaemonProc(["fuse", "--fs-driver", "erofs", "--config", str(cfg), "--bootstrap", img.boot,
+                        "--mountpoint", str(mnt), "--apisock", sock], str(tmp_path / "d.log"))
+        try:
+            d.wait_socket(sock, 30)
+            api = Api(sock)
+            wait_state(api, "RUNNING")
+            assert compare_trees(src, str(mnt)) > 300
+            m = api.get("/api/v1/metrics/blobcache").json()["erofs"]
+            m["views_mounted"] = bool(_daemon_views(d))
+            api.close()
+            assert d.stop(signal.SIGTERM) == 0, d.log_text()
+            return m
+        finally:
+            d.kill()
+            _cleanup([str(mnt)], d)
+
+    first = run(False)
+    assert first["cache_devices"] == 0 and first["cache_device_fallbacks"] == 1 and first["kernel_reads"] > 0
+    assert first["views_mounted"]
+    second = run(False)
+    assert second["cache_devices"] == 1 and second["cache_device_fallbacks"] == 0, second
+    assert second["kernel_reads"] == 0 and second["backend_bytes"] == 0 and not second["views_mounted"]
+    validated = run(True)  # every cached read must be digest-checked: through the views
+    assert validated["cache_devices"] == 0 and validated["cache_device_fallbacks"] == 1
+    assert validated["kernel_reads"] > 0 and validated["backend_bytes"] == 0
 
 
 # -- FUSE passthrough on the views themselves --------------------------------------------------------
