@@ -17,7 +17,9 @@ Safety: a blob handed out stays pinned in the cache (never evicted) until the im
 (`release`). Nothing writes a complete blob's data file again, so the kernel reads exactly what
 was verified. Not used with cache digest validation on (every cached read must be checked). A
 blob completed after the mount stays on the FUSE path until the image is mounted again: EROFS
-opens its devices once, at mount time.
+opens its devices once, at mount time. An EROFS mount detached lazily while busy keeps reading
+its cache files after `release`: if the cache then evicts such a blob, the unlinked file lives
+on (same bytes) until the last reader goes; only the space comes back later than accounted.
 """
 
 import logging
