@@ -4,7 +4,9 @@ Two mounts per image: the blob views (`blob_view.BlobViewFilesystem`) over our o
 mount in a private directory (0700, under /run/nydus-py or the temp dir), and the bootstrap as a
 file-backed EROFS mount at the target whose devices are those view files. Metadata is answered
 by the kernel from the bootstrap; file data misses become FUSE READs of the views, served lazily
-from the blob cache and backend.
+from the blob cache and backend. A blob already complete in the blob cache at mount is given to
+EROFS as the cache's data file itself, with no FUSE in between (`cache_devices`); when every
+blob is, the views are not mounted at all.
 
 `close()` undoes everything in reverse: the EROFS mount, the FUSE mount and its worker threads
 and fds, the private directory. When the EROFS mount is busy (a process still has a file open or
@@ -27,6 +29,7 @@ from ..transport.erofs_mount import check_image, mount_erofs, umount_erofs
 from ..transport.fusedev import FuseDevSession
 from ..transport.mount import abort_connection, is_mountpoint, real_mountpoint
 from .blob_view import BlobViewFilesystem
+from .cache_devices import CacheDevices
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,7 @@ class ErofsServe:
         self.bootstrap = os.path.abspath(bootstrap)
         self.target = real_mountpoint(target)
         self.fs = BlobViewFilesystem(image, device)
+        self.direct = CacheDevices(device, self.fs.blobs)
         self.threads = threads
         self.base_dir = base_dir
         self.view_dir = ""
@@ -71,8 +75,8 @@ class ErofsServe:
         if not os.path.isdir(self.target):
             raise OSError(errno.ENOTDIR, f"mountpoint {self.target} is not a directory")
         try:
-            devices: list[str] = []
-            if self.fs.blobs:
+            direct = self.direct.claim()  # blobs complete in the cache: EROFS reads their files
+            if not all(direct):
                 self.view_dir = tempfile.mkdtemp(prefix="blobview-", dir=self.base_dir or private_base())
                 fuse = FuseSession(self.fs)
                 self.session = FuseDevSession(fuse.handle_vectored, self.view_dir, threads=self.threads,
@@ -80,14 +84,16 @@ class ErofsServe:
                 self.session.mount()
                 st = os.stat(self.view_dir)  # (answered by our workers: INIT is through)
                 self.conn = os.major(st.st_dev) << 20 | os.minor(st.st_dev)
-                devices = self.fs.paths(self.view_dir)
+            views = self.fs.paths(self.view_dir) if self.view_dir else []
+            devices = [d or views[i] for i, d in enumerate(direct)]
             mount_erofs(self.bootstrap, devices, self.target)
             self.mounted = True
         except BaseException:
             self.close()
             raise
-        log.info("serving %s at %s with the kernel EROFS driver (%d blob views at %s)", self.bootstrap,
-                 self.target, len(self.fs.blobs), self.view_dir or "-")
+        log.info("serving %s at %s with the kernel EROFS driver (%d blobs read from the cache directly, "
+                 "%d through blob views at %s)", self.bootstrap, self.target, self.direct.direct,
+                 len(self.fs.blobs) - self.direct.direct, self.view_dir or "-")
 
     def close(self) -> None:
         """Unmount EROFS, then the views; release threads, fds and the private directory."""
@@ -117,10 +123,12 @@ class ErofsServe:
             with contextlib.suppress(OSError):
                 os.rmdir(self.view_dir)
             self.view_dir = ""
+        self.direct.release()
 
     def snapshot(self) -> dict[str, Any]:
         """Metrics: kernel reads through the views, and whether it is mounted."""
         out = self.fs.stats.snapshot()
+        out.update(self.direct.snapshot())
         out.update({"fs_driver": "erofs", "mountpoint": self.target, "view_dir": self.view_dir,
                     "mounted": self.mounted, "lazy_detaches": self.lazy_detaches, "aborts": self.aborts,
                     "device_bytes_read": self.device.bytes_read, "device_read_errors": self.device.read_errors})

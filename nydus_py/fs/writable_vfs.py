@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..fuse.abi import InitFlags
-from ..fuse.api import OPEN_MUTATING_FLAGS, Caller, Entry, FuseAttr, FuseError, SetAttr
+from ..fuse.api import OPEN_MUTATING_FLAGS, Caller, Entry, FuseAttr, FuseError, OpenResult, SetAttr
 from ..vfs.vfs import Entered, Vfs
 
 T = TypeVar("T")
@@ -59,7 +59,7 @@ class WritableVfs(Vfs):
                 raise FuseError(errno.EXDEV)
 
     # -- opens ---------------------------------------------------------------------------------
-    def open(self, ino: int, flags: int) -> tuple[int, int]:
+    def open(self, ino: int, flags: int) -> OpenResult:
         if flags & (os.O_ACCMODE | OPEN_MUTATING_FLAGS):  # O_TRUNC writes even with O_RDONLY
             return self._route(ino, lambda fs, i: fs.open(i, flags))
         return super().open(ino, flags)

@@ -196,6 +196,15 @@ SETXATTR_ACL_KILL_SGID = 1 << 0
 EXPIRE_ONLY = 1 << 0
 
 FUSE_DEV_IOC_CLONE = 0x8004E500  # _IOR(229, 0, uint32_t)
+# Passthrough (7.40): register an open file as the backing of passthrough opens; the ioctl
+# returns its backing id (> 0), which OPEN replies name in fuse_open_out.backing_id.
+FUSE_DEV_IOC_BACKING_OPEN = 0x4010E501  # _IOW(229, 1, struct fuse_backing_map)
+FUSE_DEV_IOC_BACKING_CLOSE = 0x4004E502  # _IOW(229, 2, uint32_t)
+BACKING_MAP = struct.Struct("<iIQ")  # fd, flags (must be 0), padding (must be 0)
+BACKING_ID = struct.Struct("<I")
+# The kernel's FILESYSTEM_MAX_STACK_DEPTH: a passthrough FUSE mount announces its own depth
+# (init_out.max_stack_depth, 1..2); a filesystem stacked on its files adds one more level.
+FILESYSTEM_MAX_STACK_DEPTH = 2
 
 # --- headers ---------------------------------------------------------------------------------
 # len, opcode, unique, nodeid, uid, gid, pid, total_extlen (u16, in 8-byte units, 7.38), padding

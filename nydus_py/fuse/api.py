@@ -14,7 +14,7 @@ import errno as _errno
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 from .abi import FOpenFlags, InitFlags
 
@@ -96,6 +96,31 @@ class SetAttr(NamedTuple):
     gid: int
 
 
+class Opened(NamedTuple):
+    """An OPEN result that names a backing file: with FOPEN_PASSTHROUGH in `flags` the kernel
+    reads and writes `backing_id` (registered with `BackingFiles.backing_open`) itself, and no
+    READ of this open file ever reaches the filesystem. Plain opens return `(fh, flags)`."""
+
+    fh: int
+    flags: int
+    backing_id: int = 0
+
+
+OpenResult = tuple[int, int] | Opened
+
+
+class BackingFiles(Protocol):
+    """The transport's passthrough registry (FUSE_DEV_IOC_BACKING_OPEN/CLOSE on /dev/fuse)."""
+
+    def backing_open(self, fd: int) -> int:
+        """Register open file `fd` (the caller may close it afterwards); its backing id."""
+        ...
+
+    def backing_close(self, backing_id: int) -> None:
+        """Drop a registration; passthrough opens already made keep their file."""
+        ...
+
+
 class Caller(NamedTuple):
     """Who asked (from fuse_in_header): new inodes should belong to uid/gid."""
 
@@ -151,6 +176,11 @@ class Filesystem(ABC):
         """
         return DEFAULT_WANT
 
+    def negotiated(self, flags: InitFlags) -> None:
+        """What INIT enabled (after `init`; also when a successor restores a connection): e.g.
+        whether OPEN may answer with passthrough (InitFlags.PASSTHROUGH)."""
+        return None
+
     def destroy(self) -> None:
         """The connection is going away (FUSE_DESTROY, or a new INIT on the same session)."""
         return None
@@ -176,8 +206,9 @@ class Filesystem(ABC):
     def readlink(self, ino: int) -> bytes:
         """Target of symlink `ino` (EINVAL if it is not a symlink)."""
 
-    def open(self, ino: int, flags: int) -> tuple[int, int]:
-        """Open regular file `ino`; return (fh, FOPEN_* flags).
+    def open(self, ino: int, flags: int) -> OpenResult:
+        """Open regular file `ino`; return (fh, FOPEN_* flags), or `Opened` with a backing id
+        and FOPEN_PASSTHROUGH when `negotiated` said PASSTHROUGH is on.
 
         Called only for O_RDONLY opens without OPEN_MUTATING_FLAGS unless the filesystem is
         `writable`: the handler answers EROFS for those itself.

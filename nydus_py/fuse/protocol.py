@@ -42,6 +42,7 @@ from .abi import (
     DIRENTPLUS,
     FALLOCATE_IN,
     FATTR_FH,
+    FILESYSTEM_MAX_STACK_DEPTH,
     FORGET_IN,
     FORGET_ONE,
     FSYNC_FDATASYNC,
@@ -72,12 +73,13 @@ from .abi import (
     SETXATTR_IN_COMPAT,
     WRITE_IN,
     WRITE_OUT,
+    FOpenFlags,
     InitFlags,
     NotifyCode,
     Opcode,
     init_out_size,
 )
-from .api import OPEN_MUTATING_FLAGS, Caller, Entry, Filesystem, SetAttr
+from .api import OPEN_MUTATING_FLAGS, Caller, Entry, Filesystem, OpenResult, SetAttr
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +96,9 @@ __all__ = [
 ]
 
 # Flags this handler can honour if the filesystem wants them and the kernel offers them. Not
-# here: splice (we copy), writeback cache and locks (read-only), DAX/passthrough/io_uring/
-# security contexts/supplementary groups (need transport or request-format support we lack).
+# here: splice (we copy), writeback cache and locks (read-only), DAX/io_uring/security
+# contexts/supplementary groups (need transport or request-format support we lack). PASSTHROUGH
+# is only asked for by a filesystem that the /dev/fuse transport gave its backing registry.
 SUPPORTED_FLAGS = (
     InitFlags.ASYNC_READ
     | InitFlags.EXPORT_SUPPORT
@@ -113,6 +116,7 @@ SUPPORTED_FLAGS = (
     | InitFlags.NO_OPENDIR_SUPPORT
     | InitFlags.EXPLICIT_INVAL_DATA
     | InitFlags.DIRECT_IO_ALLOW_MMAP
+    | InitFlags.PASSTHROUGH
 )
 
 _MUTATING = (
@@ -232,6 +236,7 @@ class FuseSession:
         max_background: int = 0,
         congestion_threshold: int = 0,
         time_gran: int = 1,
+        max_stack_depth: int = 1,
         supported: int = SUPPORTED_FLAGS,
         debug: bool = False,
     ) -> None:
@@ -243,6 +248,10 @@ class FuseSession:
         self.max_background = max_background
         self.congestion_threshold = congestion_threshold
         self.time_gran = time_gran
+        # With PASSTHROUGH: how deep this mount stacks on its backing files (1: they must live
+        # on a plain filesystem). A filesystem mounted on our files (EROFS on a blob view) adds
+        # one level, and the kernel allows FILESYSTEM_MAX_STACK_DEPTH in all.
+        self.max_stack_depth = max_stack_depth
         self.supported = InitFlags(supported)
         self.debug = debug
         # negotiated state (valid while `initialized`)
@@ -361,6 +370,7 @@ class FuseSession:
             self.capable = capable
             self.flags = InitFlags(int(state["flags"]))
             self.readahead = int(state["readahead"])
+            self.fs.negotiated(self.flags)
             self._no_open = bool(self.flags & InitFlags.NO_OPEN_SUPPORT)
             self._no_opendir = bool(self.flags & InitFlags.NO_OPENDIR_SUPPORT)
             self.initialized = True
@@ -481,6 +491,10 @@ class FuseSession:
             want = self.fs.init(InitFlags(capable))
             self._install_write_ops()
             enabled = capable & int(want) & int(self.supported)
+            if enabled & InitFlags.PASSTHROUGH and not 1 <= self.max_stack_depth <= FILESYSTEM_MAX_STACK_DEPTH:
+                log.warning("FUSE INIT: max_stack_depth %d is outside 1..%d; not enabling passthrough",
+                            self.max_stack_depth, FILESYSTEM_MAX_STACK_DEPTH)
+                enabled &= ~int(InitFlags.PASSTHROUGH)
             proto_minor = min(minor, KERNEL_MINOR_VERSION)
             out_flags = enabled & 0xFFFF_FFFF
             out_flags2 = enabled >> 32
@@ -488,12 +502,13 @@ class FuseSession:
                 out_flags |= InitFlags.INIT_EXT
             else:
                 out_flags2 = 0
+            stack_depth = self.max_stack_depth if enabled & InitFlags.PASSTHROUGH else 0
             max_pages = self.max_pages if enabled & InitFlags.MAX_PAGES else 0
             readahead = min(max_readahead, self.max_readahead)
             out = INIT_OUT.pack(
                 KERNEL_VERSION, proto_minor, readahead, out_flags,
                 self.max_background, self.congestion_threshold, self.max_write, self.time_gran,
-                max_pages, 0, out_flags2, 0, 0,
+                max_pages, 0, out_flags2, stack_depth, 0,
             )[: init_out_size(minor)]
             self.kernel_major, self.kernel_minor, self.proto_minor = major, minor, proto_minor
             self.capable = InitFlags(capable)
@@ -501,6 +516,7 @@ class FuseSession:
             self.readahead = readahead
             self._no_open = bool(enabled & InitFlags.NO_OPEN_SUPPORT)
             self._no_opendir = bool(enabled & InitFlags.NO_OPENDIR_SUPPORT)
+            self.fs.negotiated(InitFlags(enabled))
             self.initialized = True
             self._unknown = -errno.ENOSYS
             self._ops = self._post_init_ops
@@ -568,8 +584,7 @@ class FuseSession:
             return _OUT(16, -errno.EROFS, unique)
         if self._no_open:
             return _OUT(16, -errno.ENOSYS, unique)
-        fh, open_flags = self.fs.open(nodeid, flags)
-        return _OPEN_REPLY.pack(_OPEN_REPLY.size, 0, unique, fh, open_flags, 0)
+        return open_reply(unique, self.fs.open(nodeid, flags), bool(self.flags & InitFlags.PASSTHROUGH))
 
     def _read(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> Reply:
         fh, offset, size = _READ_HEAD.unpack_from(body)
@@ -779,6 +794,22 @@ class FuseSession:
         size = GETXATTR_IN.unpack_from(body)[0]
         names = self.fs.listxattr(nodeid)
         return _xattr_reply(unique, size, b"".join(bytes(n) + b"\0" for n in names))
+
+
+def open_reply(unique: int, opened: OpenResult, passthrough: bool) -> bytes:
+    """fuse_out_header + fuse_open_out for an OPEN result. A passthrough answer needs the
+    session to have negotiated PASSTHROUGH and a registered backing id (> 0): the kernel
+    fails the open(2) otherwise, so such a filesystem bug is an EIO logged here."""
+    fh, open_flags = opened[0], opened[1]
+    backing_id = opened[2] if len(opened) > 2 else 0
+    if open_flags & FOpenFlags.PASSTHROUGH:
+        if not passthrough or backing_id <= 0:
+            log.error("OPEN answered FOPEN_PASSTHROUGH with backing id %d, but passthrough is %s",
+                      backing_id, "on" if passthrough else "not negotiated")
+            return _OUT(16, -errno.EIO, unique)
+    else:
+        backing_id = 0
+    return _OPEN_REPLY.pack(_OPEN_REPLY.size, 0, unique, fh, open_flags, backing_id)
 
 
 def _entry_reply(unique: int, entry: Entry) -> bytes:

@@ -173,15 +173,23 @@ class BlobDevice:
 
 def _assemble(chunks: list[ChunkInfo], datas: list[bytes], offset: int, end: int) -> bytes | memoryview:
     """File bytes [offset, end) from its overlapping chunks; holes stay zero. Within one chunk a
-    view, not a copy: the FUSE reply is gathered straight from the decoded chunk."""
+    view, not a copy: the FUSE reply is gathered straight from the decoded chunk. Across chunks
+    one join of views (a 1 MiB READ spanning two chunks is one copy, not four)."""
     if len(chunks) == 1:
         c = chunks[0]
         if c.file_offset <= offset and end <= c.file_offset + c.uncompressed_size:
             return memoryview(datas[0])[offset - c.file_offset : end - c.file_offset]
-    buf = bytearray(end - offset)
-    for c, data in zip(chunks, datas, strict=True):
-        lo = max(offset, c.file_offset)
+    parts: list[bytes | memoryview] = []
+    pos = offset
+    for c, data in sorted(zip(chunks, datas, strict=True), key=lambda cd: cd[0].file_offset):
+        lo = max(pos, c.file_offset)
         hi = min(end, c.file_offset + c.uncompressed_size)
-        if hi > lo:
-            buf[lo - offset : hi - offset] = data[lo - c.file_offset : hi - c.file_offset]
-    return bytes(buf)
+        if hi <= lo:
+            continue
+        if lo > pos:
+            parts.append(bytes(lo - pos))  # a hole
+        parts.append(memoryview(data)[lo - c.file_offset : hi - c.file_offset])
+        pos = hi
+    if pos < end:
+        parts.append(bytes(end - pos))
+    return b"".join(parts)

@@ -18,6 +18,7 @@ import struct
 import threading
 from collections.abc import Callable
 
+from ..fuse.abi import BACKING_ID, BACKING_MAP, FUSE_DEV_IOC_BACKING_CLOSE, FUSE_DEV_IOC_BACKING_OPEN
 from .mount import (
     abort_connection,
     connection_of,
@@ -74,6 +75,7 @@ class FuseDevSession:
         self.fd = -1
         self._workers: list[threading.Thread] = []
         self._fds: list[int] = []
+        self._backings: set[int] = set()  # passthrough backing ids registered and not closed
         self._stopped = threading.Event()
         self._running = 0
         self._lock = threading.Lock()
@@ -156,6 +158,44 @@ class FuseDevSession:
         with contextlib.suppress(OSError):
             os.close(fd)
 
+    # -- passthrough ---------------------------------------------------------------------------
+    def backing_open(self, fd: int) -> int:
+        """FUSE_DEV_IOC_BACKING_OPEN: register open file `fd` for passthrough opens; its id.
+        OSError when the kernel refuses (EPERM: passthrough not negotiated or no CAP_SYS_ADMIN;
+        ELOOP: the file lives on a filesystem stacked too deep)."""
+        if self.fd < 0:
+            raise OSError(errno.EBADF, "the FUSE session is not mounted")
+        backing_id = fcntl.ioctl(self.fd, FUSE_DEV_IOC_BACKING_OPEN, bytearray(BACKING_MAP.pack(fd, 0, 0)), True)
+        with self._lock:
+            self._backings.add(backing_id)
+        return backing_id
+
+    def backing_close(self, backing_id: int) -> None:
+        """FUSE_DEV_IOC_BACKING_CLOSE; files opened through it keep their backing file."""
+        with self._lock:
+            if backing_id not in self._backings:
+                return
+            self._backings.discard(backing_id)
+            fd = self.fd
+        if fd >= 0:
+            fcntl.ioctl(fd, FUSE_DEV_IOC_BACKING_CLOSE, bytearray(BACKING_ID.pack(backing_id)), True)
+
+    def _close_backings(self) -> None:
+        """At the end of the session: ids nobody closed (the kernel would drop them with the
+        connection anyway; closing them here keeps the count of open ones honest)."""
+        with self._lock:
+            left = sorted(self._backings)
+        for backing_id in left:
+            try:
+                self.backing_close(backing_id)
+            except OSError as e:
+                log.info("closing passthrough backing id %d at session end: %s", backing_id, e)
+
+    @property
+    def backings_open(self) -> int:
+        with self._lock:
+            return len(self._backings)
+
     @staticmethod
     def _clone(fd: int) -> int:
         clone = os.open("/dev/fuse", os.O_RDWR | os.O_CLOEXEC)
@@ -203,6 +243,7 @@ class FuseDevSession:
         self.unmount()
         for t in self._workers:
             t.join(timeout=10)
+        self._close_backings()
         for fd in self._fds:
             with contextlib.suppress(OSError):
                 os.close(fd)

@@ -32,6 +32,7 @@ from ..fuse.api import (
     Filesystem,
     FuseAttr,
     FuseError,
+    OpenResult,
     StatFs,
 )
 from ..fuse.protocol import notify_inval_entry, notify_inval_inode
@@ -497,7 +498,7 @@ class Vfs(Filesystem):
         with self.entered(ino) as (fs, inner):
             return fs.readlink(inner)
 
-    def open(self, ino: int, flags: int) -> tuple[int, int]:
+    def open(self, ino: int, flags: int) -> OpenResult:
         if self._pseudo_node(ino) is not None:
             raise FuseError(errno.EISDIR)
         with self.entered(ino) as (fs, inner):

@@ -98,8 +98,7 @@ def test_init_only_offered_flags() -> None:
 
 def test_init_never_splice_or_writeback_even_if_wanted() -> None:
     fs = MemFS(want=DEFAULT_WANT | InitFlags.SPLICE_READ | InitFlags.SPLICE_WRITE | InitFlags.SPLICE_MOVE
-               | InitFlags.WRITEBACK_CACHE | InitFlags.POSIX_LOCKS | InitFlags.PASSTHROUGH
-               | InitFlags.SECURITY_CTX)
+               | InitFlags.WRITEBACK_CACHE | InitFlags.POSIX_LOCKS | InitFlags.SECURITY_CTX)
     k = Kernel(FuseSession(fs))
     _, out = k.init(45)
     o = decode_init_out(out)

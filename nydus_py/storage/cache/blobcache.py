@@ -23,7 +23,8 @@ What it promises:
   a reader merely waits for a prefetch fetch or reads the cache), and an on-demand reader never
   waits for a prefetch fetch that failed - it fetches the chunk itself.
 * `size_limit` > 0 caps the bytes on disk by evicting whole blobs, least recently used first,
-  never one that a read is using right now.
+  never one that a read is using right now, nor one whose data file the kernel reads directly
+  (a `CompleteData` handed out for FUSE passthrough holds the blob until released).
 
 Damage from outside (another tool, a disk, a person) - what is caught, and what only `validate` catches:
 * On open, the chunk map must carry our stamp for this blob, chunk count, data file (inode) and
@@ -169,6 +170,28 @@ class CachedBlob:
             self.fd = -1
 
 
+class CompleteData:
+    """A complete blob's data file, opened read-only, held out of eviction until `release()`:
+    what a FUSE passthrough open hands to the kernel (which then reads it without us)."""
+
+    def __init__(self, manager: BlobCacheManager, cb: CachedBlob, fd: int) -> None:
+        self.blob_id = cb.blob.blob_id
+        self.path = cb.data_path
+        self.fd = fd
+        self._manager: BlobCacheManager | None = manager
+        self._cb = cb
+
+    def release(self) -> None:
+        """Close our fd and let the blob be evicted again (idempotent)."""
+        m, self._manager = self._manager, None
+        if m is None:
+            return
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        m._unpin(self._cb)
+
+
 class BlobCacheManager:
     """A ChunkSource: decoded, validated chunks of any blob, through the persistent cache."""
 
@@ -286,6 +309,45 @@ class BlobCacheManager:
             return cb.map.ready_count if cb.map is not None else 0
         finally:
             self._unpin(cb)
+
+    def complete_data(self, blob: BlobInfo) -> CompleteData | str:
+        """The blob's data file when every chunk of it is in the cache and checks out (chunk map
+        all ready, its stamp still bound to this data file, the file as long as pre-sized), so
+        the file is exactly the blob's uncompressed view; else why not. The blob stays pinned
+        (never evicted) until the CompleteData is released. With `validate` on, never: each
+        cached read must be digest-checked, which a reader of the file itself would skip."""
+        if self.validate:
+            return "cache digest validation is on (reads of the data file itself would skip it)"
+        cb = self._pin(blob)
+        try:
+            got = self._open_complete(cb)
+        except OSError as e:
+            got = f"checking the data file failed: {e}"
+        if isinstance(got, str):
+            self._unpin(cb)
+            return got
+        return CompleteData(self, cb, got)  # the pin now belongs to it
+
+    @staticmethod
+    def _open_complete(cb: CachedBlob) -> int | str:
+        """A read-only fd on the data file of a complete, intact blob; else why not."""
+        m = cb.map
+        if m is None:
+            return "the blob has no chunk map (chunk count unknown)"
+        if not m.all_ready:
+            return f"{m.ready_count} of {m.chunks} chunks cached"
+        if not cb.size:
+            return "the blob's uncompressed size is unknown"
+        with cb.flush_lock:  # not while a flush or a map reset is under way
+            cut = cb.short()
+            if cut is not None:
+                return f"the data file is {cut} bytes, not {cb.size} (truncated)"
+            bad = m.verify()
+            if bad is not None:
+                return f"chunk map check failed: {bad}"
+            if not m.all_ready:
+                return "chunks were dropped meanwhile"
+            return os.open(f"/proc/self/fd/{cb.fd}", os.O_RDONLY | os.O_CLOEXEC)  # the very same inode
 
     # -- on-demand first ------------------------------------------------------------------------
     def _demand_begin(self) -> None:

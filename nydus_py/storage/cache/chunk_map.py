@@ -180,6 +180,18 @@ class ChunkMap:
             return f"the data file is {dst.st_size} bytes, shorter than its {b.data_size} (truncated)"
         return None
 
+    def verify(self) -> str | None:
+        """Check the file's stamp against our binding and data file again now (as on open):
+        why the map cannot be trusted, or None. Never resets anything."""
+        raw = os.pread(self.fd, self.size, 0)
+        if len(raw) != self.size or not header_valid(raw):
+            return "the chunk map file is no longer a valid map"
+        stamp = Stamp.decode(raw[STAMP_OFFSET:])
+        reason = self._mismatch(stamp)
+        if reason is None and stamp is not None and stamp.generation != self.generation:
+            reason = f"the map was reset (generation {stamp.generation}, ours {self.generation})"
+        return reason
+
     def _stamp(self, generation: int) -> Stamp:
         b = self.bind
         if b is None:
