@@ -27,12 +27,14 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 
 from ..convert.converter import ConvertOptions, ConvertResult, convert
 from ..convert.errors import ConvertError
 from ..convert.progress import Progress, human
 from ..convert.reference import parse_reference
 from ..rafs.errors import FormatError
+from . import nydusify_check
 from .image import _chunk_size, add_limit_args, limits_from_args
 
 PROG = "nydusify-py"
@@ -74,6 +76,8 @@ def _parser() -> argparse.ArgumentParser:
     add_limit_args(c)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
+    c.set_defaults(run=cmd_convert)
+    nydusify_check.add_parser(sub)
     return p
 
 
@@ -128,7 +132,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise ConvertError("--all-platforms conflicts with --platform")
     target = a.target if a.target is not None else target_with_suffix(a.source, a.target_suffix)
     opts = ConvertOptions(
-        source=a.source, target=target, plain_http=a.plain_http, oci=a.oci, all_platforms=a.all_platforms, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
+        source=a.source, target=target, plain_http=a.plain_http, oci=a.oci, all_platforms=a.all_platforms,
+        source_insecure=a.source_insecure, target_insecure=a.target_insecure,
         source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform, fs_version=a.fs_version,
         compressor=a.compressor, chunk_size=a.chunk_size, merge_platform=a.merge_platform, work_dir=a.work_dir,
         jobs=a.jobs, prefetch_patterns=_prefetch_patterns(a), expansion_limits=limits_from_args(a),
@@ -152,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("nydus_py.storage.registry").setLevel(logging.ERROR)
     try:
-        return cmd_convert(args)
+        run: Callable[[argparse.Namespace], int] = args.run
+        return run(args)
     except (ConvertError, FormatError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
