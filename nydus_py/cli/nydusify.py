@@ -34,7 +34,7 @@ from ..convert.errors import ConvertError
 from ..convert.progress import Progress, human
 from ..convert.reference import parse_reference
 from ..rafs.errors import FormatError
-from . import nydusify_check
+from . import nydusify_check, nydusify_copy
 from .image import _chunk_size, add_limit_args, limits_from_args
 
 PROG = "nydusify-py"
@@ -78,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
     c.set_defaults(run=cmd_convert)
     nydusify_check.add_parser(sub)
+    nydusify_copy.add_parser(sub)
     return p
 
 
