@@ -34,7 +34,7 @@ from ..convert.errors import ConvertError
 from ..convert.progress import Progress, human
 from ..convert.reference import parse_reference
 from ..rafs.errors import FormatError
-from . import nydusify_check, nydusify_copy
+from . import nydusify_check, nydusify_copy, nydusify_mount
 from .image import _chunk_size, add_limit_args, limits_from_args
 
 PROG = "nydusify-py"
@@ -79,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     c.set_defaults(run=cmd_convert)
     nydusify_check.add_parser(sub)
     nydusify_copy.add_parser(sub)
+    nydusify_mount.add_parser(sub)
     return p
 
 
