@@ -136,6 +136,16 @@ def _parser() -> argparse.ArgumentParser:
                     help="accepted; chunks are matched by the digest each image records")
     st.add_argument("--output-json", "-J", metavar="FILE", help="write the statistics as JSON instead of text")
 
+    e = sub.add_parser("export", help="write a RAFS v6 image as a raw EROFS block disk with the data inline")
+    e.add_argument("--block", action="store_true", required=True, help="a raw block disk (the only export kind)")
+    e.add_argument("--bootstrap", "-B", required=True)
+    e.add_argument("--blob-dir", "--localfs-dir", "-D", dest="blob_dir", required=True, help="where the blobs are")
+    e.add_argument("--output", "-O", help="disk file to write (default: DIR/<bootstrap name>.disk)")
+    e.add_argument("--keep-device-table", action="store_true",
+                   help="upstream's bytes: bootstrap verbatim, blob-relative chunk addresses (the kernel's flat "
+                        "device mode reads it; fsck.erofs 1.5 does not)")
+    e.add_argument("--threads", type=int, default=4, help="accepted for compatibility")
+
     u = sub.add_parser("unpack", help="write the image as a tar")
     u.add_argument("--bootstrap", "-B", required=True)
     u.add_argument("--blob-dir", "-D", required=True)
@@ -445,8 +455,20 @@ def render_stat(r: Any) -> str:
     return "\n".join(out)
 
 
+def cmd_export(a: argparse.Namespace) -> int:
+    from ..builder.block_export import export_block
+
+    output = a.output or os.path.join(a.blob_dir, os.path.basename(a.bootstrap) + ".disk")
+    r = export_block(a.bootstrap, a.blob_dir, output, keep_device_table=a.keep_device_table)
+    blobs = ", ".join(f"{bid[:12]} at block {start:#x} ({n} blocks)" for bid, start, n in r.blobs)
+    print(f"wrote {r.output}: {r.blocks} blocks of 4096 ({r.size} bytes), bootstrap {r.bootstrap_bytes} bytes, "
+          f"{r.chunks_written} chunks; blobs: {blobs or 'none'}")
+    return 0
+
+
 COMMANDS = {
     "stat": cmd_stat,
+    "export": cmd_export,
     "create": cmd_create,
     "merge": cmd_merge,
     "check": cmd_check,
