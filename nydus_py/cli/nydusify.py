@@ -1,7 +1,10 @@
-"""`nydusify-py`: convert an OCI/Docker image in a registry into a Nydus image in a registry
-(peer of nydusify's `convert`).
+"""`nydusify-py`: convert an OCI/Docker image in a registry into a Nydus image in a registry,
+and the tools around it (peer of nydusify's `convert`, `check`, `copy`, `mount`/`view`).
 
     nydusify-py convert --source REG/REPO:TAG --target REG/REPO:TAG [--source-insecure] ...
+    nydusify-py check   --target REF [--source REF]        (cli/nydusify_check.py)
+    nydusify-py copy    --source REF --target REF          (cli/nydusify_copy.py)
+    nydusify-py mount   --target REF --mount-path DIR      (cli/nydusify_mount.py)
 
 Credentials: `--source-auth/--target-auth USER:PASSWORD`, else the registry's entry in the
 docker config.json (`$DOCKER_CONFIG`, `~/.docker`), else anonymous; bearer tokens are fetched as

@@ -77,4 +77,6 @@ def transport_error(ep: Endpoint, e: OSError, what: str = "") -> ConvertError:
     if not ep.insecure and any(s in low for s in _CERT_SIGNS):
         return ConvertError(f"{where}: the TLS certificate of {host} is not trusted; pass --{ep.side}-insecure "
                             "to skip the check")
+    if "connect call failed" in low or "connection refused" in low:
+        return ConvertError(f"{where}: cannot connect to {host}: connection refused")
     return ConvertError(f"{where}: {text}")

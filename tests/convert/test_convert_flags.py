@@ -52,6 +52,10 @@ def test_plain_http_registry_without_flag_is_one_line_hint(small_image, plain_re
     assert r.returncode == 1
     line = one_error_line(r.stderr)
     assert "target " in line and "--target-insecure or --plain-http" in line, line
+    # nothing listens: said plainly, once
+    r = nydusify("--source", src, "--target", "127.0.0.1:9/x:y", "--plain-http")
+    assert one_error_line(r.stderr) == "nydusify-py: error: target 127.0.0.1:9/x:y: cannot connect to 127.0.0.1:9: " \
+                                       "connection refused"
 
 
 def test_plain_http_fs_chunk_size_and_target_suffix(tmp_path, small_image, plain_registry):
