@@ -1,4 +1,4 @@
-"""`nydus-image-py`: build, merge, check, inspect and unpack RAFS images (peer of `nydus-image`).
+"""`nydus-image-py`: build, merge, check, inspect, stat and unpack RAFS images (peer of `nydus-image`).
 
 Every bad input (corrupt image, hostile tar, missing file) ends as one line on stderr and exit
 code 1; argparse usage errors exit 2.
@@ -19,6 +19,7 @@ import os
 import stat
 import sys
 import tempfile
+from typing import Any
 
 from ..builder.limits import (
     DEFAULT_MAX_RATIO,
@@ -123,6 +124,27 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--bootstrap", "-B", required=True)
     i.add_argument("--json", action="store_true")
     i.add_argument("--stats-only", action="store_true", help="omit the per-file tree")
+
+    st = sub.add_parser("stat", help="chunk, size and dedup statistics of one or many bootstraps")
+    st.add_argument("--bootstrap", "-B", action="append", default=[], metavar="BOOTSTRAP",
+                    help="a base image (repeatable)")
+    st.add_argument("--blob-dir", "-D", metavar="DIR",
+                    help="every file without an extension in DIR is a base image (dedup across them)")
+    st.add_argument("--target", "-T", action="append", default=[], metavar="BOOTSTRAP",
+                    help="an image measured against the bases' chunks (repeatable)")
+    st.add_argument("--digester", choices=("blake3", "sha256"), default="blake3",
+                    help="accepted; chunks are matched by the digest each image records")
+    st.add_argument("--output-json", "-J", metavar="FILE", help="write the statistics as JSON instead of text")
+
+    e = sub.add_parser("export", help="write a RAFS v6 image as a raw EROFS block disk with the data inline")
+    e.add_argument("--block", action="store_true", required=True, help="a raw block disk (the only export kind)")
+    e.add_argument("--bootstrap", "-B", required=True)
+    e.add_argument("--blob-dir", "--localfs-dir", "-D", dest="blob_dir", required=True, help="where the blobs are")
+    e.add_argument("--output", "-O", help="disk file to write (default: DIR/<bootstrap name>.disk)")
+    e.add_argument("--keep-device-table", action="store_true",
+                   help="upstream's bytes: bootstrap verbatim, blob-relative chunk addresses (the kernel's flat "
+                        "device mode reads it; fsck.erofs 1.5 does not)")
+    e.add_argument("--threads", type=int, default=4, help="accepted for compatibility")
 
     u = sub.add_parser("unpack", help="write the image as a tar")
     u.add_argument("--bootstrap", "-B", required=True)
@@ -370,7 +392,83 @@ def cmd_unpack(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stat(a: argparse.Namespace) -> int:
+    from ..builder.stat import Stat, as_json, bootstraps_in
+
+    bases = list(a.bootstrap)
+    if a.blob_dir:
+        if not os.path.isdir(a.blob_dir):
+            raise ValueError(f"--blob-dir {a.blob_dir}: not a directory")
+        targets = {os.path.abspath(t) for t in a.target}
+        bases += [p for p in bootstraps_in(a.blob_dir) if os.path.abspath(p) not in targets]
+    if not bases:
+        raise ValueError("one of --bootstrap and --blob-dir must be given (and name at least one bootstrap)")
+    st = Stat()
+    for path in bases:
+        st.add_base(path)
+    for path in a.target:
+        st.add_target(path)
+    result = st.finalize(dedup=bool(a.blob_dir) or len(bases) > 1)
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(as_json(result), f, indent=2)
+        return 0
+    print(render_stat(result))
+    return 0
+
+
+def render_stat(r: Any) -> str:
+    """Text like upstream's dump, one block per image, then the blobs and the dedup table."""
+    out: list[str] = []
+
+    def image(title: str, s: Any) -> None:
+        out.append(f"{title}: {s.bootstrap}")
+        for label, v in (("Directories", s.dirs), ("Files", s.files), ("Symlinks", s.symlinks),
+                         ("Chunks", s.chunks), ("Distinct Chunks", s.distinct_chunks),
+                         ("Dedup Ratio", f"{100 * s.dedup_ratio:.1f}%"), ("File Size", s.file_size),
+                         ("Padding Size", s.padding_size), ("Uncompressed Size", s.uncomp_size),
+                         ("Compressed Size", s.comp_size), ("Owned Chunk Count", s.own_chunks),
+                         ("Owned Comp Size", s.own_comp_size), ("Referenced Chunk Count", s.ref_chunks),
+                         ("Referenced Comp Size", s.ref_comp_size)):
+            out.append(f"  {label + ':':<24}{v}")
+        for b in s.blobs:
+            out.append(f"  blob {b.blob_id[:16]}: {b.chunk_count} chunks, {b.compressed_size} compressed, "
+                       f"{b.uncompressed_size} uncompressed; {b.chunk_refs} refs to {b.distinct_chunks} chunks "
+                       f"(dedup ratio {100 * b.dedup_ratio:.1f}%)")
+
+    for s in r.target_images:
+        image("Target Image", s)
+    for s in r.base_images:
+        image("Base Image", s)
+    if len(r.base_images) > 1:
+        image("Base Images (all)", r.base_image)
+        out.append(f"  {'Dedup Chunk Count:':<24}{r.base_image.dedup_chunks}")
+        out.append(f"  {'Dedup Comp Size:':<24}{r.base_image.dedup_comp_size}")
+    if r.dedup_info:
+        out.append("Chunk Deduplication Statistics:")
+        out.append("Global Dedup Thresh:\tRaw Chunks:\tDedup Chunks:\tComp Content Size:\tComp Base Size:\t"
+                   "Comp Image Size:\tUncomp Content Size:\tUncomp Base Size\tUncomp Image Size")
+        for i, d in enumerate(r.dedup_info):
+            out.append(f"{i + 1:<24}0x{d.raw_chunks:<14x}0x{d.dedup_chunks:<14x}0x{d.comp_content_size:<14x}"
+                       f"0x{d.comp_base_size:<14x}0x{d.comp_image_size:<14x}0x{d.uncomp_content_size:<14x}"
+                       f"0x{d.uncomp_base_size:<14x}0x{d.uncomp_image_size:<14x}")
+    return "\n".join(out)
+
+
+def cmd_export(a: argparse.Namespace) -> int:
+    from ..builder.block_export import export_block
+
+    output = a.output or os.path.join(a.blob_dir, os.path.basename(a.bootstrap) + ".disk")
+    r = export_block(a.bootstrap, a.blob_dir, output, keep_device_table=a.keep_device_table)
+    blobs = ", ".join(f"{bid[:12]} at block {start:#x} ({n} blocks)" for bid, start, n in r.blobs)
+    print(f"wrote {r.output}: {r.blocks} blocks of 4096 ({r.size} bytes), bootstrap {r.bootstrap_bytes} bytes, "
+          f"{r.chunks_written} chunks; blobs: {blobs or 'none'}")
+    return 0
+
+
 COMMANDS = {
+    "stat": cmd_stat,
+    "export": cmd_export,
     "create": cmd_create,
     "merge": cmd_merge,
     "check": cmd_check,

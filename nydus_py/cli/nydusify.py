@@ -1,11 +1,21 @@
-"""`nydusify-py`: convert an OCI/Docker image in a registry into a Nydus image in a registry
-(peer of nydusify's `convert`).
+"""`nydusify-py`: convert an OCI/Docker image in a registry into a Nydus image in a registry,
+and the tools around it (peer of nydusify's `convert`, `check`, `copy`, `mount`/`view`).
 
     nydusify-py convert --source REG/REPO:TAG --target REG/REPO:TAG [--source-insecure] ...
+    nydusify-py check   --target REF [--source REF]        (cli/nydusify_check.py)
+    nydusify-py copy    --source REF --target REF          (cli/nydusify_copy.py)
+    nydusify-py mount   --target REF --mount-path DIR      (cli/nydusify_mount.py)
 
 Credentials: `--source-auth/--target-auth USER:PASSWORD`, else the registry's entry in the
 docker config.json (`$DOCKER_CONFIG`, `~/.docker`), else anonymous; bearer tokens are fetched as
-the registry asks. `--*-insecure` skips TLS verification and falls back to plain HTTP.
+the registry asks. `--*-insecure` skips TLS verification and falls back to plain HTTP;
+`--plain-http` talks plain HTTP to both registries from the start (nydusify's flag). A plain-HTTP
+registry reached without either gets a one-line hint naming them.
+
+nydusify's names work too: `--fs-chunk-size` (= `--chunk-size`), `--multi-platform`
+(= `--merge-platform`), `--target-suffix=-nydus` (target = the tagged source + suffix),
+`--platform a,b` / `--all-platforms` (several images: an index of Nydus manifests), `--oci`
+(OCI media types; without it a Docker source keeps Docker ones, as nydusify does).
 Errors end as one line on stderr and exit code 1 (nothing is pushed for bad input); usage
 errors exit 2.
 
@@ -20,11 +30,14 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 
 from ..convert.converter import ConvertOptions, ConvertResult, convert
 from ..convert.errors import ConvertError
 from ..convert.progress import Progress, human
+from ..convert.reference import parse_reference
 from ..rafs.errors import FormatError
+from . import nydusify_check, nydusify_copy, nydusify_mount
 from .image import _chunk_size, add_limit_args, limits_from_args
 
 PROG = "nydusify-py"
@@ -35,16 +48,26 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="pull an OCI/Docker image, build its Nydus form, push it")
     c.add_argument("--source", required=True, metavar="REF", help="source image, e.g. registry:5000/app:v1")
-    c.add_argument("--target", required=True, metavar="REF", help="target image (a tag)")
+    t = c.add_mutually_exclusive_group(required=True)
+    t.add_argument("--target", metavar="REF", help="target image (a tag)")
+    t.add_argument("--target-suffix", metavar="SUFFIX",
+                   help="target = the source reference (tagged) plus SUFFIX, e.g. -nydus (conflicts with --target)")
     c.add_argument("--source-insecure", action="store_true", help="skip TLS checks / allow plain HTTP for the source")
     c.add_argument("--target-insecure", action="store_true", help="skip TLS checks / allow plain HTTP for the target")
+    c.add_argument("--plain-http", action="store_true", help="talk plain HTTP to both registries")
     c.add_argument("--source-auth", metavar="USER:PASSWORD", help="source credentials (default: docker config.json)")
     c.add_argument("--target-auth", metavar="USER:PASSWORD", help="target credentials (default: docker config.json)")
-    c.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform to convert (default: this machine's)")
+    c.add_argument("--platform", metavar="OS/ARCH[/VARIANT][,...]",
+                   help="platform(s) to convert, comma-separated (default: this machine's); several give an index")
+    c.add_argument("--all-platforms", action="store_true",
+                   help="convert every platform of a source index into an index (conflicts with --platform)")
+    c.add_argument("--oci", action="store_true",
+                   help="OCI media types for the Nydus image even when the source has Docker ones")
     c.add_argument("--fs-version", type=int, choices=(5, 6), default=6, help="RAFS version (default 6)")
     c.add_argument("--compressor", choices=("zstd", "lz4_block", "none"), default="zstd")
-    c.add_argument("--chunk-size", type=_chunk_size, default=0x100000, help="power of two, 0x1000..0x1000000")
-    c.add_argument("--merge-platform", action="store_true",
+    c.add_argument("--fs-chunk-size", "--chunk-size", dest="chunk_size", type=_chunk_size, default=0x100000,
+                   help="power of two, 0x1000..0x1000000 (default 0x100000)")
+    c.add_argument("--merge-platform", "--multi-platform", dest="merge_platform", action="store_true",
                    help="push an OCI index holding both the original and the Nydus manifest")
     c.add_argument("--work-dir", metavar="DIR", help="where temporary files go (default: $TMPDIR)")
     c.add_argument("--jobs", type=int, default=3, metavar="N", help="concurrent downloads and uploads (default 3)")
@@ -56,10 +79,17 @@ def _parser() -> argparse.ArgumentParser:
     add_limit_args(c)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
+    c.set_defaults(run=cmd_convert)
+    nydusify_check.add_parser(sub)
+    nydusify_copy.add_parser(sub)
+    nydusify_mount.add_parser(sub)
     return p
 
 
 def summary(r: ConvertResult) -> str:
+    if r.platforms:
+        return "\n".join([f"converted {r.source} -> {r.target}: index {r.index_digest}",
+                          *(summary(p) for p in r.platforms)])
     lines = [
         f"converted {r.source} ({r.platform}) -> {r.target}",
         f"  manifest {r.manifest_digest}" + (f"  index {r.index_digest}" if r.index_digest else ""),
@@ -90,11 +120,25 @@ def _prefetch_patterns(a: argparse.Namespace) -> list[bytes]:
     return paths
 
 
+def target_with_suffix(source: str, suffix: str) -> str:
+    """nydusify's --target-suffix: the source reference, tagged (`latest` by default), plus `suffix`."""
+    ref = parse_reference(source)
+    if ref.digest:
+        raise ConvertError(f"--target-suffix needs a tagged source, not a digest: {ref}")
+    target = f"{ref}{suffix}"
+    parse_reference(target)  # the suffix must leave a valid tag
+    return target
+
+
 def cmd_convert(a: argparse.Namespace) -> int:
     if a.jobs < 1 or a.jobs > 64:
         raise ConvertError("--jobs must be in 1..64")
+    if a.all_platforms and a.platform:
+        raise ConvertError("--all-platforms conflicts with --platform")
+    target = a.target if a.target is not None else target_with_suffix(a.source, a.target_suffix)
     opts = ConvertOptions(
-        source=a.source, target=a.target, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
+        source=a.source, target=target, plain_http=a.plain_http, oci=a.oci, all_platforms=a.all_platforms,
+        source_insecure=a.source_insecure, target_insecure=a.target_insecure,
         source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform, fs_version=a.fs_version,
         compressor=a.compressor, chunk_size=a.chunk_size, merge_platform=a.merge_platform, work_dir=a.work_dir,
         jobs=a.jobs, prefetch_patterns=_prefetch_patterns(a), expansion_limits=limits_from_args(a),
@@ -118,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:
         logging.getLogger("nydus_py.storage.registry").setLevel(logging.ERROR)
     try:
-        return cmd_convert(args)
+        run: Callable[[argparse.Namespace], int] = args.run
+        return run(args)
     except (ConvertError, FormatError, ValueError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1

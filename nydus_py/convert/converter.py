@@ -18,8 +18,6 @@ directory that is removed at the end.
 """
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import hashlib
 import os
@@ -34,13 +32,13 @@ from ..builder.limits import ExpansionLimits
 from ..builder.options import BuildOptions
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
-from ..storage.registry import RegistryClient, RegistryConfig, parse_registry_config
-from ..storage.registry.auth import decode_basic
+from ..storage.registry import RegistryClient
 from . import oci
 from .errors import ConvertError
 from .layer import decompress_to, write_bootstrap_layer
 from .progress import Bar, Progress, human
 from .reference import ImageRef, parse_reference
+from .remote import Endpoint, endpoint_config, transport_error
 from .stack import LayerResult, LayerStack
 
 
@@ -66,6 +64,9 @@ class ConvertOptions:
     prefetch_patterns: list[bytes] = field(default_factory=list)
     # caps on how far one layer may expand (decompression bombs); None: no caps
     expansion_limits: ExpansionLimits | None = field(default_factory=ExpansionLimits)
+    plain_http: bool = False  # nydusify's --plain-http: both registries over plain HTTP
+    oci: bool = False  # nydusify's --oci: OCI media types even for a Docker source
+    all_platforms: bool = False  # every platform of a source index -> an index of Nydus manifests
 
 
 @dataclass
@@ -89,37 +90,12 @@ class ConvertResult:
     uploaded_bytes: int = 0
     reused_bytes: int = 0
     seconds: float = 0.0
+    platforms: list["ConvertResult"] = field(default_factory=list)  # per platform, for several
 
     @property
     def dedup_ratio(self) -> float:
         """Share of chunk references that did not need storing again."""
         return self.deduplicated / self.chunks if self.chunks else 0.0
-
-
-def normalize_auth(value: str) -> str:
-    """base64 `user:pass` from either `user:pass` or its base64; ConvertError otherwise."""
-    v = value.strip()
-    if ":" in v:
-        return base64.b64encode(v.encode()).decode()
-    try:
-        decode_basic(v)
-    except (ValueError, binascii.Error):
-        raise ConvertError("credentials must be USER:PASSWORD or base64 of it") from None
-    return v
-
-
-def registry_config(ref: ImageRef, insecure: bool, auth: str | None,
-                    docker_config_paths: list[str] | None, scheme: str = "https") -> RegistryConfig:
-    """The storage backend's registry config for `ref`: same auth rules (explicit, else docker
-    config.json); `insecure` skips certificate checks (and the client's sticky HTTPS->HTTP fallback reaches a plain registry)."""
-    conf: dict[str, Any] = {"host": ref.host, "repo": ref.repository, "scheme": scheme,
-                            "skip_verify": insecure, "timeout": 30, "connect_timeout": 10}
-    if auth:
-        conf["auth"] = normalize_auth(auth)
-    try:
-        return parse_registry_config(conf, env={}, docker_config_paths=docker_config_paths, where="")
-    except ValueError as e:
-        raise ConvertError(f"{ref}: {e}") from None
 
 
 @dataclass
@@ -146,32 +122,9 @@ def _sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
-async def resolve_source(client: RegistryClient, ref: ImageRef, platform: str | None) -> _Source:
-    """The manifest, config and platform of the image to convert."""
-    want = oci.parse_platform(platform) if platform else oci.host_platform()
-    got = await client.fetch_manifest(ref.reference, oci.ACCEPT)
-    if got is None:
-        raise ConvertError(f"source image {ref} not found")
-    body, ctype, _ = got
-    if ref.digest and _sha(body) != ref.digest:
-        raise ConvertError(f"source image {ref}: the manifest the registry sent hashes to {_sha(body)}")
-    doc = oci.parse_document(body, ctype, "source manifest")
-    from_index = isinstance(doc, oci.Index)
-    if isinstance(doc, oci.Index):
-        desc = oci.select_manifest(doc, want)
-        got = await client.fetch_manifest(desc.digest, oci.MANIFEST_TYPES)
-        if got is None:
-            raise ConvertError(f"source image {ref}: the index names manifest {desc.digest}, which is missing")
-        body = got[0]
-        if _sha(body) != desc.digest or len(body) != desc.size:
-            raise ConvertError(f"source image {ref}: manifest {desc.short} does not match its index entry")
-        sub = oci.parse_document(body, got[1], f"manifest {desc.short}")
-        if not isinstance(sub, oci.Manifest):
-            raise FormatError(f"manifest {desc.short}: an index inside an index is not supported")
-        doc = sub
-        mdesc = {"mediaType": desc.media_type, "digest": desc.digest, "size": desc.size}
-    else:
-        mdesc = {"mediaType": doc.media_type, "digest": _sha(body), "size": len(body)}
+async def _manifest_source(client: RegistryClient, ref: ImageRef, body: bytes, doc: oci.Manifest,
+                           mdesc: dict[str, Any], want: oci.Platform | None, from_index: bool) -> _Source:
+    """The config and diff_ids of one source manifest (`want`: the platform asked for, if any)."""
     if doc.config.size > oci.MAX_DOCUMENT:
         raise FormatError(f"image config of {doc.config.size} bytes is too large")
     try:
@@ -182,10 +135,86 @@ async def resolve_source(client: RegistryClient, ref: ImageRef, platform: str | 
         raise ConvertError(f"source image {ref}: config is {len(cbytes)} bytes, the manifest says {doc.config.size}")
     config = oci.parse_json(cbytes, "image config")
     have = oci.config_platform(config)
-    if platform and not from_index and have is not None and not oci.platform_matches(want, have):
+    if want is not None and not from_index and have is not None and not oci.platform_matches(want, have):
         raise ConvertError(f"source image {ref} is for {have}, not {want}")
     diff_ids = oci.check_source(doc, config)
-    return _Source(doc, body, mdesc, config, cbytes, diff_ids, have or want)
+    return _Source(doc, body, mdesc, config, cbytes, diff_ids, have or want or oci.host_platform())
+
+
+async def _index_entry(client: RegistryClient, ref: ImageRef, desc: oci.Descriptor,
+                       want: oci.Platform | None) -> _Source:
+    got = await client.fetch_manifest(desc.digest, oci.MANIFEST_TYPES)
+    if got is None:
+        raise ConvertError(f"source image {ref}: the index names manifest {desc.digest}, which is missing")
+    body = got[0]
+    if _sha(body) != desc.digest or len(body) != desc.size:
+        raise ConvertError(f"source image {ref}: manifest {desc.short} does not match its index entry")
+    sub = oci.parse_document(body, got[1], f"manifest {desc.short}")
+    if not isinstance(sub, oci.Manifest):
+        raise FormatError(f"manifest {desc.short}: an index inside an index is not supported")
+    mdesc = {"mediaType": desc.media_type, "digest": desc.digest, "size": desc.size}
+    src = await _manifest_source(client, ref, body, sub, mdesc, want, True)
+    entry = oci.platform_of(desc.platform)
+    if entry is not None:
+        src.platform = entry
+    return src
+
+
+def _all_entries(index: oci.Index) -> list[oci.Descriptor]:
+    """Every image of an index worth converting: manifests with a real platform, not Nydus ones
+    (attestation manifests say `unknown/unknown`)."""
+    out = []
+    for d in index.manifests:
+        plat = oci.platform_of(d.platform)
+        if d.media_type in oci.MANIFEST_TYPES and not oci.is_nydus_entry(d) and (plat is None or plat.os != "unknown"):
+            out.append(d)
+    if not out:
+        raise ConvertError("the source index lists no image manifest to convert")
+    return out
+
+
+async def resolve_sources(client: RegistryClient, ref: ImageRef, platforms: list[oci.Platform] | None,
+                          all_platforms: bool = False) -> tuple[list[_Source], str | None]:
+    """The images to convert and, when they came from an index, its media type.
+
+    `platforms` None means this machine's; `all_platforms` takes every image of an index (a plain
+    manifest is then converted as it is, whatever its platform)."""
+    got = await client.fetch_manifest(ref.reference, oci.ACCEPT)
+    if got is None:
+        raise ConvertError(f"source image {ref} not found")
+    body, ctype, _ = got
+    if ref.digest and _sha(body) != ref.digest:
+        raise ConvertError(f"source image {ref}: the manifest the registry sent hashes to {_sha(body)}")
+    doc = oci.parse_document(body, ctype, "source manifest")
+    if isinstance(doc, oci.Index):
+        if all_platforms:
+            return [await _index_entry(client, ref, d, None) for d in _all_entries(doc)], doc.media_type
+        wants = platforms or [oci.host_platform()]
+        descs = [oci.select_manifest(doc, w) for w in wants]
+        return [await _index_entry(client, ref, d, w) for d, w in zip(descs, wants, strict=True)], doc.media_type
+    if platforms and len(platforms) > 1:
+        raise ConvertError(f"source image {ref} is one manifest, not an index: it has one platform, "
+                           f"not {len(platforms)}")
+    mdesc = {"mediaType": doc.media_type, "digest": _sha(body), "size": len(body)}
+    want = None if all_platforms or not platforms else platforms[0]
+    src = await _manifest_source(client, ref, body, doc, mdesc, want, False)
+    return [src], None
+
+
+async def resolve_source(client: RegistryClient, ref: ImageRef, platform: str | None) -> _Source:
+    """The manifest, config and platform of the one image to convert."""
+    sources, _ = await resolve_sources(client, ref, [oci.parse_platform(platform)] if platform else None)
+    return sources[0]
+
+
+def parse_platforms(text: str | None) -> list[oci.Platform] | None:
+    """nydusify's `--platform linux/amd64,linux/arm64`; None when not given."""
+    if not text:
+        return None
+    out = [oci.parse_platform(p) for p in text.split(",") if p.strip()]
+    if not out:
+        raise ConvertError(f"invalid platform {text!r}: expected OS/ARCH[/VARIANT][,...]")
+    return out
 
 
 def build_options(opts: ConvertOptions) -> BuildOptions:
@@ -212,9 +241,14 @@ class Converter:
         self.dst_ref = parse_reference(opts.target)
         if self.dst_ref.digest:
             raise ConvertError(f"target {opts.target} must name a tag, not a digest")
+        if opts.all_platforms and opts.platform:
+            raise ConvertError("--all-platforms conflicts with --platform")
+        self.platforms = parse_platforms(opts.platform)
         self.build_opts = build_options(opts)
-        self.src_cfg = registry_config(self.src_ref, opts.source_insecure, opts.source_auth, opts.docker_config_paths)
-        self.dst_cfg = registry_config(self.dst_ref, opts.target_insecure, opts.target_auth, opts.docker_config_paths)
+        self.src_ep = Endpoint("source", self.src_ref, opts.source_insecure, opts.plain_http, opts.source_auth)
+        self.dst_ep = Endpoint("target", self.dst_ref, opts.target_insecure, opts.plain_http, opts.target_auth)
+        self.src_cfg = endpoint_config(self.src_ep, opts.docker_config_paths)
+        self.dst_cfg = endpoint_config(self.dst_ep, opts.docker_config_paths)
         self.copy_original = opts.merge_platform and (self.src_ref.host, self.src_ref.repository) != (
             self.dst_ref.host, self.dst_ref.repository)
 
@@ -242,14 +276,49 @@ class Converter:
 
     async def _convert(self, src: RegistryClient, dst: RegistryClient, work: str,
                        builder: ThreadPoolExecutor, unpacker: ThreadPoolExecutor) -> ConvertResult:
-        ui = self.progress
-        source = await resolve_source(src, self.src_ref, self.opts.platform)
+        try:
+            sources, index_type = await resolve_sources(src, self.src_ref, self.platforms, self.opts.all_platforms)
+        except OSError as e:
+            raise transport_error(self.src_ep, e) from None
         # one request to the target before any concurrent ones: it fails fast when the target is
         # unreachable, and settles its scheme (HTTP fallback) and auth while nothing else is in flight
         try:
             await dst.fetch_manifest(self.dst_ref.reference)
         except OSError as e:
-            raise ConvertError(f"target {self.dst_ref}: {e.strerror or e}") from None
+            raise transport_error(self.dst_ep, e) from None
+        if index_type is None or (len(sources) == 1 and not self.opts.all_platforms):
+            result, _ = await self._convert_one(sources[0], src, dst, work, builder, unpacker, tagged=True)
+            self.progress.close()
+            return result
+        # several images: each Nydus manifest by digest, then one index under the tag
+        results: list[ConvertResult] = []
+        entries: list[dict[str, Any]] = []
+        for n, source in enumerate(sources):
+            sub = os.path.join(work, f"platform-{n}")
+            os.makedirs(sub)
+            res, nydus_desc = await self._convert_one(source, src, dst, sub, builder, unpacker, tagged=False)
+            results.append(res)
+            if self.opts.merge_platform:
+                entries += oci.merged_index(source.manifest_desc, nydus_desc, source.platform)["manifests"]
+            else:
+                entries.append({**nydus_desc, "platform": oci.platform_dict(source.platform)})
+        docker = index_type == oci.DOCKER_LIST and not self.opts.oci and not self.opts.merge_platform
+        index_type = oci.DOCKER_LIST if docker else oci.OCI_INDEX
+        index_bytes = oci.dumps({"schemaVersion": 2, "mediaType": index_type, "manifests": entries})
+        try:
+            digest = await dst.push_manifest(self.dst_ref.reference, index_bytes, index_type)
+        except OSError as e:
+            raise transport_error(self.dst_ep, e, "pushing the index") from None
+        self.progress.close()
+        return combine(results, digest)
+
+    async def _convert_one(self, source: _Source, src: RegistryClient, dst: RegistryClient, work: str,
+                           builder: ThreadPoolExecutor, unpacker: ThreadPoolExecutor,
+                           tagged: bool) -> tuple[ConvertResult, dict[str, Any]]:
+        """Convert one source image and push it; its manifest goes under the target tag when
+        `tagged` (or, with merge_platform, an index of the original and it), else by digest only.
+        Returns the result and the Nydus manifest's descriptor."""
+        ui = self.progress
         layers = source.manifest.layers
         ui.log(f"source {self.src_ref} ({source.platform}): {len(layers)} layers, "
                f"{human(sum(d.size for d in layers))} compressed")
@@ -294,12 +363,16 @@ class Converter:
         boot_size = os.path.getsize(boot_path)
         blob_files = [(bid, os.path.join(blob_dir, bid)) for bid in merged.blob_ids]
         blob_layers = [oci.blob_layer(bid, os.path.getsize(p)) for bid, p in blob_files]
+        # nydusify keeps a Docker source's media types unless --oci (an index entry with
+        # artifactType, as --merge-platform writes, needs OCI ones)
+        docker = source.manifest.media_type == oci.DOCKER_MANIFEST and not self.opts.oci and not self.opts.merge_platform
         config = oci.nydus_config(source.config, [f"sha256:{bid}" for bid, _ in blob_files], f"sha256:{bl_diff}")
         config_bytes = oci.dumps(config)
-        config_desc = {"mediaType": oci.OCI_CONFIG, "digest": _sha(config_bytes), "size": len(config_bytes)}
+        config_desc = {"mediaType": oci.DOCKER_CONFIG if docker else oci.OCI_CONFIG, "digest": _sha(config_bytes),
+                       "size": len(config_bytes)}
         layer_descs = [*blob_layers, oci.bootstrap_layer(f"sha256:{bl_hex}", bl_size, f"sha256:{bl_diff}",
-                                                         self.build_opts.fs_version)]
-        manifest = oci.nydus_manifest(config_desc, layer_descs, merged=self.opts.merge_platform)
+                                                         self.build_opts.fs_version, docker=docker)]
+        manifest = oci.nydus_manifest(config_desc, layer_descs, merged=self.opts.merge_platform, docker=docker)
         manifest_bytes = oci.dumps(manifest)
         ui.log(f"built {len(blob_files)} blobs ({human(sum(d['size'] for d in blob_layers))}) and a "
                f"{human(boot_size)} bootstrap; pushing to {self.dst_ref}")
@@ -324,26 +397,32 @@ class Converter:
                     seen.add(d.digest)
                     files.append((d.digest, downloads[d.digest].result().path, d.size, f"original layer {i + 1}"))
             small.append((source.manifest.config.digest, source.config_bytes))
-        await self._push_all(dst, files, small, result)
-
-        needed = [d for d, *_ in files] + [d for d, _ in small]
-        missing = [d for d in needed if not await dst.blob_exists(d)]
+        try:
+            await self._push_all(dst, files, small, result)
+            needed = [d for d, *_ in files] + [d for d, _ in small]
+            missing = [d for d in needed if not await dst.blob_exists(d)]
+        except OSError as e:
+            raise transport_error(self.dst_ep, e, "pushing") from None
         if missing:
             raise ConvertError(f"the target does not have {len(missing)} blob(s) after the push "
                                f"({', '.join(m[:19] for m in missing)}); no manifest was pushed")
-        if self.opts.merge_platform:
-            if self.copy_original:
-                await dst.push_manifest(source.manifest_desc["digest"], source.manifest_bytes,
-                                        source.manifest_desc["mediaType"])
-            await dst.push_manifest(result.manifest_digest, manifest_bytes, oci.OCI_MANIFEST)
-            nydus_desc = {"mediaType": oci.OCI_MANIFEST, "digest": result.manifest_digest,
-                          "size": len(manifest_bytes)}
-            index_bytes = oci.dumps(oci.merged_index(source.manifest_desc, nydus_desc, source.platform))
-            result.index_digest = await dst.push_manifest(self.dst_ref.reference, index_bytes, oci.OCI_INDEX)
-        else:
-            await dst.push_manifest(self.dst_ref.reference, manifest_bytes, oci.OCI_MANIFEST)
-        ui.close()
-        return result
+        nydus_desc = {"mediaType": manifest["mediaType"], "digest": result.manifest_digest,
+                      "size": len(manifest_bytes)}
+        try:
+            if self.opts.merge_platform:
+                if self.copy_original:
+                    await dst.push_manifest(source.manifest_desc["digest"], source.manifest_bytes,
+                                            source.manifest_desc["mediaType"])
+                await dst.push_manifest(result.manifest_digest, manifest_bytes, manifest["mediaType"])
+                if tagged:
+                    index_bytes = oci.dumps(oci.merged_index(source.manifest_desc, nydus_desc, source.platform))
+                    result.index_digest = await dst.push_manifest(self.dst_ref.reference, index_bytes, oci.OCI_INDEX)
+            else:
+                await dst.push_manifest(self.dst_ref.reference if tagged else result.manifest_digest, manifest_bytes,
+                                        manifest["mediaType"])
+        except OSError as e:
+            raise transport_error(self.dst_ep, e, "pushing the manifest") from None
+        return result, nydus_desc
 
     async def _fetch(self, src: RegistryClient, i: int, d: oci.Descriptor, dl_dir: str, bar: Bar,
                      sem: asyncio.Semaphore, unpacker: ThreadPoolExecutor) -> "_Fetched":
@@ -433,6 +512,26 @@ class Converter:
         else:
             result.reused.append(digest)
             result.reused_bytes += size
+
+
+def combine(results: list[ConvertResult], index_digest: str) -> ConvertResult:
+    """One result for a multi-platform conversion: the sums, each platform's own under `platforms`."""
+    first = results[0]
+    out = ConvertResult(
+        source=first.source, target=first.target, platform=",".join(r.platform for r in results),
+        manifest_digest=index_digest, index_digest=index_digest, layers=sum(r.layers for r in results),
+        source_bytes=sum(r.source_bytes for r in results), tar_bytes=sum(r.tar_bytes for r in results),
+        file_bytes=sum(r.file_bytes for r in results), chunks=sum(r.chunks for r in results),
+        deduplicated=sum(r.deduplicated for r in results), blob_bytes=sum(r.blob_bytes for r in results),
+        bootstrap_bytes=sum(r.bootstrap_bytes for r in results),
+        bootstrap_layer_bytes=sum(r.bootstrap_layer_bytes for r in results))
+    for r in results:
+        out.uploaded += r.uploaded
+        out.reused += r.reused
+        out.uploaded_bytes += r.uploaded_bytes
+        out.reused_bytes += r.reused_bytes
+    out.platforms = results
+    return out
 
 
 def convert(opts: ConvertOptions, progress: Progress | None = None) -> ConvertResult:

@@ -40,6 +40,7 @@ NYDUS_OS_FEATURE = "nydus.remoteimage.v1"
 
 NYDUS_BLOB = "application/vnd.oci.image.layer.nydus.blob.v1"
 OCI_LAYER_GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
+DOCKER_LAYER_GZIP = "application/vnd.docker.image.rootfs.diff.tar.gzip"
 LAYER_TYPES = (
     "application/vnd.oci.image.layer.v1.tar",
     OCI_LAYER_GZIP,
@@ -47,7 +48,7 @@ LAYER_TYPES = (
     "application/vnd.oci.image.layer.nondistributable.v1.tar",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
     "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd",
-    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    DOCKER_LAYER_GZIP,
     "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip",
 )
 
@@ -277,8 +278,8 @@ def blob_layer(blob_id: str, size: int) -> dict[str, Any]:
             "annotations": {ANNO_NYDUS_BLOB: "true", ANNO_UNCOMPRESSED: digest}}
 
 
-def bootstrap_layer(digest: str, size: int, diff_id: str, fs_version: int) -> dict[str, Any]:
-    return {"mediaType": OCI_LAYER_GZIP, "digest": digest, "size": size,
+def bootstrap_layer(digest: str, size: int, diff_id: str, fs_version: int, *, docker: bool = False) -> dict[str, Any]:
+    return {"mediaType": DOCKER_LAYER_GZIP if docker else OCI_LAYER_GZIP, "digest": digest, "size": size,
             "annotations": {ANNO_NYDUS_BOOTSTRAP: "true", ANNO_FS_VERSION: str(fs_version),
                             ANNO_UNCOMPRESSED: diff_id}}
 
@@ -295,10 +296,12 @@ def nydus_config(source: dict[str, Any], blob_digests: list[str], bootstrap_diff
 
 
 def nydus_manifest(config: dict[str, Any], layers: list[dict[str, Any]], *, merged: bool = False,
-                   annotations: dict[str, str] | None = None) -> dict[str, Any]:
+                   annotations: dict[str, str] | None = None, docker: bool = False) -> dict[str, Any]:
+    """The Nydus manifest; `docker` keeps a Docker source's media types (nydusify without --oci)."""
     cfg = dict(config)
-    cfg["mediaType"] = NYDUS_CONFIG if merged else OCI_CONFIG
-    doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": cfg, "layers": layers}
+    cfg["mediaType"] = NYDUS_CONFIG if merged else DOCKER_CONFIG if docker else OCI_CONFIG
+    doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST if docker else OCI_MANIFEST,
+                           "config": cfg, "layers": layers}
     if merged:
         doc["artifactType"] = NYDUS_ARTIFACT
     if annotations:
@@ -306,11 +309,17 @@ def nydus_manifest(config: dict[str, Any], layers: list[dict[str, Any]], *, merg
     return doc
 
 
-def merged_index(original: dict[str, Any], nydus: dict[str, Any], platform: Platform) -> dict[str, Any]:
-    """An index with the original manifest and the Nydus one for the same platform."""
+def platform_dict(platform: Platform) -> dict[str, Any]:
+    """An index entry's `platform`."""
     plat: dict[str, Any] = {"architecture": platform.architecture, "os": platform.os}
     if platform.variant:
         plat["variant"] = platform.variant
+    return plat
+
+
+def merged_index(original: dict[str, Any], nydus: dict[str, Any], platform: Platform) -> dict[str, Any]:
+    """An index with the original manifest and the Nydus one for the same platform."""
+    plat = platform_dict(platform)
     orig = {**original, "platform": dict(plat)}
     orig.pop("annotations", None)
     ny = {**nydus, "platform": {**plat, "os.features": [NYDUS_OS_FEATURE]}, "artifactType": NYDUS_ARTIFACT}

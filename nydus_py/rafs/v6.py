@@ -850,6 +850,14 @@ class V6Image(RafsImage):
             out.append(rec._replace(file_offset=k * cs))
         return out
 
+    def chunk_index_span(self, ino: int) -> tuple[int, int]:
+        """(byte offset in the bootstrap, entry count) of regular file `ino`'s EROFS chunk index
+        array: what a tool rewriting chunk addresses (a flat block export) patches."""
+        i = self._ifmt_inode(ino, stat.S_IFREG, "regular file")
+        if i.layout != EROFS_INODE_CHUNK_BASED or not i.size:
+            return 0, 0
+        return _align(i.data_off, CHUNK_INDEX.size), -(-i.size // self.chunk_size)
+
     def chunks_after(self, chunk: ChunkInfo) -> Iterator[ChunkInfo]:
         """The blob's chunks with ci_index > chunk.index in index order (the builder numbers
         chunks in blob order), decoded one at a time from the sorted chunk index."""

@@ -1,0 +1,45 @@
+"""`nydusify-py copy`: copy an image (Nydus or not) between registries or repositories, blobs
+the target already has skipped (see convert/copier.py).
+
+    nydusify-py copy --source REG/REPO:TAG --target REG/REPO:TAG [--all-platforms | --platform P]
+"""
+
+import argparse
+import dataclasses
+import json
+from typing import Any
+
+from ..convert.copier import CopyOptions, copy
+from ..convert.errors import ConvertError
+from ..convert.progress import human
+from .nydusify_check import add_endpoint_args
+
+
+def add_parser(sub: Any) -> None:
+    c = sub.add_parser("copy", help="copy an image between registries (reusing blobs already there)")
+    c.add_argument("--source", required=True, metavar="REF", help="image to copy")
+    c.add_argument("--target", required=True, metavar="REF", help="where to (a tag)")
+    add_endpoint_args(c, ("source", "target"))
+    c.add_argument("--platform", metavar="OS/ARCH[/VARIANT][,...]", help="platform(s) to copy (default: this machine's)")
+    c.add_argument("--all-platforms", action="store_true", help="copy every platform of an index")
+    c.add_argument("--work-dir", metavar="DIR", help="where blobs pass through (default: $TMPDIR)")
+    c.add_argument("--jobs", type=int, default=3, metavar="N", help="concurrent blob copies (default 3)")
+    c.add_argument("--output-json", metavar="FILE", help="write what was copied as JSON")
+    c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
+    c.set_defaults(run=cmd_copy)
+
+
+def cmd_copy(a: argparse.Namespace) -> int:
+    if a.jobs < 1 or a.jobs > 64:
+        raise ConvertError("--jobs must be in 1..64")
+    r = copy(CopyOptions(
+        source=a.source, target=a.target, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
+        plain_http=a.plain_http, source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform,
+        all_platforms=a.all_platforms, work_dir=a.work_dir, jobs=a.jobs))
+    print(f"copied {r.source} -> {r.target} ({r.digest})")
+    print(f"  manifests {len(r.manifests)}; uploaded {len(r.uploaded)} blobs ({human(r.uploaded_bytes)}), "
+          f"{len(r.reused)} already in the target ({human(r.reused_bytes)}); time {r.seconds:.2f} s")
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(dataclasses.asdict(r), f, indent=2)
+    return 0
