@@ -18,11 +18,11 @@ block addresses either way. `keep_device_table=True` gives upstream's bytes exac
 import contextlib
 import os
 import stat
-import struct
 import tempfile
 from dataclasses import dataclass
 
 from ..rafs.errors import FormatError
+from ..rafs.layout_common import U16, U32
 from ..rafs.layout_v6 import CHUNK_INDEX, EROFS_SUPER_OFFSET, SUPERBLOCK
 from ..rafs.loader import open_bootstrap
 from ..rafs.model import ChunkInfo
@@ -110,8 +110,8 @@ def _export(image: V6Image, boot: bytearray, blob_dir: str, output: str, keep: b
                     raise FormatError(f"inode {ino} chunk {k}: device id {device_id & 0xFF} names no blob")
                 CHUNK_INDEX.pack_into(boot, pos, advise, device_id, blkaddr + layout[blob_index][1])
                 rewritten += 1
-        struct.pack_into("<H", boot, EROFS_SUPER_OFFSET + SUPERBLOCK.offset("extra_devices"), 0)
-        struct.pack_into("<I", boot, EROFS_SUPER_OFFSET + SUPERBLOCK.offset("blocks"), total_blocks)
+        U16.pack_into(boot, EROFS_SUPER_OFFSET + SUPERBLOCK.offset("extra_devices"), 0)
+        U32.pack_into(boot, EROFS_SUPER_OFFSET + SUPERBLOCK.offset("blocks"), total_blocks)
     out_dir = os.path.dirname(os.path.abspath(output))
     fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".disk-", suffix=".tmp")
     local = LocalBlobDir(blob_dir)

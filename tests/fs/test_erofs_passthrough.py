@@ -211,6 +211,7 @@ def views(img: Image, work: str) -> Iterator[tuple[BlobViewFilesystem, FuseDevSe
     fs.backing = session
     try:
         session.mount()
+        os.listdir(mnt)  # the first request waits for INIT: negotiation is over once it answers
         yield fs, session, mnt
     finally:
         session.close()
