@@ -47,12 +47,14 @@ def _classify(name: bytes, layer: Tree, node: int, spec: str) -> tuple[str, byte
     return "entry", name
 
 
-def merge_layers(layers: "Sequence[Inode | Tree]", whiteout_spec: str = "oci") -> Tree:
+def merge_layers(layers: "Sequence[Inode | Tree]", whiteout_spec: str = "oci", *, consume: bool = False) -> Tree:
     """One packed tree from `layers` (lowest first) with whiteouts applied and removed.
 
     `whiteout_spec`: "oci" (`.wh.` files, the default), "overlayfs" (0/0 char devices and
     `trusted.overlay.opaque=y`), or "none" (plain union, every name kept). The layers are not
     modified; entries are copied into the result (hard links within a layer stay one inode).
+    With `consume` (`layers` must then be a list the caller gives up), each layer is dropped
+    from the list once applied, so its memory can go before the next one is merged.
     """
     if whiteout_spec not in WHITEOUT_SPECS:
         raise ValueError(f"unknown whiteout spec {whiteout_spec!r}; expected one of {WHITEOUT_SPECS}")
@@ -66,9 +68,13 @@ def merge_layers(layers: "Sequence[Inode | Tree]", whiteout_spec: str = "oci") -
         if not tree.is_dir(0):
             raise FormatError(f"layer {i}: root is not a directory")
         trees.append(tree)
+    if consume:
+        assert isinstance(layers, list)
+        layers.clear()
+    trees.reverse()
     result = Tree()
-    for tree in trees:
-        _apply(result, tree, whiteout_spec)
+    while trees:
+        _apply(result, trees.pop(), whiteout_spec)
     result.freeze()
     return result
 

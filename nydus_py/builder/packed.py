@@ -294,7 +294,7 @@ class Tree:
     def _rebuild_ns(self) -> "array[int]":
         live = sum(1 for p in self.parent if p != DEAD)
         cap = 64
-        while cap < 4 * live:
+        while cap < 3 * live:
             cap *= 2
         self._ns = ns = array("q", bytes(8 * cap))
         self._ns_fill = 0

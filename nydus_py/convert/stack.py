@@ -170,8 +170,7 @@ class LayerStack:
         self._finished = True
         self.dedup = ChunkRecords()
         layers, self.layers = self.layers, []
-        root = merge_layers(layers, "oci")
-        del layers  # the merge copied the directories it needs
+        root = merge_layers(layers, "oci", consume=True)  # each layer goes once merged
         scratch = os.path.join(self.blob_dir, ".merge")
         result = build_image(root, bootstrap_path, scratch, self.opts)
         if result.blob_id is not None:  # every file is ChunkedData: a new blob means a bug here
