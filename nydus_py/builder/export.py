@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..rafs.errors import FormatError
-from .tree import ChunkedData, Inode, walk
+from .packed import Tree
+from .tree import ChunkedData, Inode, ident, walk
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-def write_tar(root: Inode, out: BinaryIO) -> ExportStats:
+def write_tar(root: "Inode | Tree", out: BinaryIO) -> ExportStats:
     """Write every object of `root` to `out` as a PAX tar (root directory as `./`).
 
     Regular files need FileData (a tree from `tree_from_image(..., rewrite=True)`, a directory or
@@ -72,15 +73,15 @@ def write_tar(root: Inode, out: BinaryIO) -> ExportStats:
                     raise FormatError(f"{path!r}: xattr name {xname!r} is not UTF-8; PAX cannot hold it") from None
                 pax[key] = _text(value)
             ti.pax_headers = pax
-            if node.children is None and id(node) in first_path:
+            if node.children is None and ident(node) in first_path:
                 ti.type = tarfile.LNKTYPE
-                ti.linkname = first_path[id(node)]
+                ti.linkname = first_path[ident(node)]
                 ti.size = 0
                 tar.addfile(ti)
                 stats.entries += 1
                 continue
             if node.children is None:
-                first_path[id(node)] = name
+                first_path[ident(node)] = name
             try:
                 ti.type = _TAR_TYPES[fmt]
             except KeyError:

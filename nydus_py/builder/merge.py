@@ -16,7 +16,7 @@ layer stay one inode there.
 import io
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import BinaryIO
 
 from ..rafs.chunkdata import read_file_range
@@ -25,7 +25,7 @@ from ..rafs.layout_common import pack_chunks
 from ..rafs.model import BlobInfo, RafsImage
 from ..storage.localfs import LocalBlobDir
 from .packed import DEAD, K_LINK, Tree, as_tree
-from .tree import ChunkedData, FileData, Inode
+from .tree import Inode
 
 WHITEOUT_PREFIX = b".wh."
 WHITEOUT_META_PREFIX = b".wh..wh."
@@ -160,13 +160,16 @@ class _ImageFileReader(io.RawIOBase):
         return n
 
 
-def _image_opener(
-    source: LocalBlobDir, image: RafsImage, ino: int, size: int, step: int
-) -> Callable[[], BinaryIO]:
-    def open_file() -> BinaryIO:
-        return io.BufferedReader(_ImageFileReader(source, image, ino, size, step), buffer_size=step)
+class _ImageBacking:
+    """`packed.Backing` of a rewritten image: the "range" of a K_TAR entry is (inode number,
+    size), read and verified through the image's chunks (one object per image, not per file)."""
 
-    return open_file
+    def __init__(self, source: LocalBlobDir, image: RafsImage, step: int) -> None:
+        self.source, self.image, self.step = source, image, step
+
+    def open_range(self, offset: int, size: int) -> BinaryIO:
+        reader = _ImageFileReader(self.source, self.image, offset, size, self.step)
+        return io.BufferedReader(reader, buffer_size=self.step)
 
 
 def _check_name(name: bytes, path: bytes) -> None:
@@ -174,14 +177,14 @@ def _check_name(name: bytes, path: bytes) -> None:
         raise FormatError(f"{path!r}: invalid directory entry name {name!r}")
 
 
-def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: bool = False) -> Inode:
-    """The build tree of a bootstrap.
+def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: bool = False) -> Tree:
+    """The packed build tree of a bootstrap.
 
-    Default: regular files carry ChunkedData (the image's chunks and blob table), so a new
-    bootstrap can reference the existing blobs without touching data. With `blob_dir`, every
-    referenced blob must exist there. With `rewrite=True` (needs `blob_dir`), files carry
-    FileData that reads and verifies the chunks instead, for writing the data anew (unpack,
-    format conversion); the image must then stay open while the tree is used.
+    Default: regular files carry the image's chunk records (and blob table), so a new bootstrap
+    can reference the existing blobs without touching data. With `blob_dir`, every referenced
+    blob must exist there. With `rewrite=True` (needs `blob_dir`), files read and verify their
+    chunks instead, for writing the data anew (unpack, format conversion); the image must then
+    stay open while the tree is used.
     """
     if rewrite and blob_dir is None:
         raise ValueError("rewrite=True needs blob_dir")
@@ -192,29 +195,28 @@ def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: b
         for b in blobs:
             if not os.path.isfile(source.path(b.blob_id)):
                 raise FormatError(f"blob {b.blob_id} not found in {blob_dir}")
-    step = max(image.chunk_size, 4096)
+    tree = Tree()
+    bset = tree.blob_set(blobs)
+    if rewrite:
+        assert source is not None
+        tree.backings.append(_ImageBacking(source, image, max(image.chunk_size, 4096)))
 
-    def make(ino: int, path: bytes) -> Inode:
+    def fill(idx: int, ino: int, path: bytes) -> None:
         a = image.getattr(ino)
         fmt = stat.S_IFMT(a.mode)
-        node = Inode(mode=a.mode, uid=a.uid, gid=a.gid, mtime=a.mtime, mtime_nsec=a.mtime_nsec)
-        if fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            node.rdev = a.rdev
         xattrs: dict[bytes, bytes] = {}
         for name in image.listxattr(ino):
             value = image.getxattr(ino, name)
             if value is not None:
                 xattrs[name] = value
-        if xattrs:
-            node.xattrs = xattrs
-        if fmt == stat.S_IFDIR:
-            node.children = {}
+        tree.set_attrs(idx, a.mode, a.uid, a.gid, a.mtime, a.mtime_nsec, xattrs)
+        if fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            tree.set_rdev(idx, a.rdev)
         elif fmt == stat.S_IFLNK:
-            node.symlink = image.readlink(ino)
+            tree.set_symlink(idx, image.readlink(ino))
         elif fmt == stat.S_IFREG:
             if rewrite:
-                assert source is not None
-                node.data = FileData(size=a.size, open=_image_opener(source, image, ino, a.size, step))
+                tree.set_tar(idx, ino, a.size)
             else:
                 chunks = image.chunks(ino)
                 for c in chunks:
@@ -222,37 +224,36 @@ def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: b
                         raise FormatError(f"{path!r}: chunk refers to blob index {c.blob_index} of {len(blobs)}")
                     if c.file_offset + c.uncompressed_size > a.size + image.chunk_size:
                         raise FormatError(f"{path!r}: chunk at file offset {c.file_offset} beyond size {a.size}")
-                node.data = ChunkedData(size=a.size, chunks=pack_chunks(chunks), blobs=blobs)
-        elif fmt not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+                tree.set_chunks(idx, pack_chunks(chunks), a.size, bset)
+        elif fmt not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFDIR):
             raise FormatError(f"{path!r}: unknown file type {fmt:o}")
-        return node
 
     root_ino = image.root_ino
-    root = make(root_ino, b"/")
-    if not root.is_dir:
+    fill(0, root_ino, b"/")
+    if not tree.is_dir(0):
         raise FormatError("image root is not a directory")
-    shared: dict[int, Inode] = {}
+    shared: dict[int, int] = {}  # inode number -> entry, non-directories (only while reading)
     seen_dirs = {root_ino}
-    stack: list[tuple[int, bytes, Inode]] = [(root_ino, b"/", root)]
+    stack: list[tuple[int, bytes, int]] = [(root_ino, b"/", 0)]
     while stack:
-        ino, path, node = stack.pop()
-        assert node.children is not None
+        ino, path, d = stack.pop()
         for e in image.readdir(ino):
             _check_name(e.name, path)
             cpath = path.rstrip(b"/") + b"/" + e.name
-            if e.name in node.children:
+            if tree.lookup(d, e.name) >= 0:
                 raise FormatError(f"{cpath!r}: duplicate directory entry")
             existing = shared.get(e.ino)
             if existing is not None:
-                node.children[e.name] = existing
+                tree.add_link(d, e.name, existing)
                 continue
             if e.ino in seen_dirs:
                 raise FormatError(f"{cpath!r}: directory inode {e.ino} reached twice (loop or hard-linked dir)")
-            child = make(e.ino, cpath)
-            node.children[e.name] = child
-            if child.is_dir:
+            child = tree.add(d, e.name, 0)
+            fill(child, e.ino, cpath)
+            if tree.is_dir(child):
                 seen_dirs.add(e.ino)
                 stack.append((e.ino, cpath, child))
             else:
                 shared[e.ino] = child
-    return root
+    tree.freeze()
+    return tree

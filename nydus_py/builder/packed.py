@@ -6,7 +6,8 @@ parent, name offset/length into one `names` bytearray, xattrs as an offset/lengt
 `extra` bytearray) plus a data descriptor (`kind`, `a`, `b`):
 
     K_NONE     directories, fifos, sockets; devices keep rdev in `a`
-    K_TAR      a regular file's bytes [a, a+size) in `backings[bset]` (a layer tar)
+    K_TAR      a regular file's bytes: `backings[bset].open_range(a, size)` (a layer tar: a is
+               the member's data offset; a rewritten image: a is the inode number)
     K_CHUNKS   a regular file's packed chunk records chunks[a:a+b], blobs `blob_sets[bset]`
     K_EXTERN   a regular file whose data is `externs[a]` (a `FileData` of a directory source or
                a hand-built tree: one object per such file, kept by its source)
