@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from ..rafs.constants import BlobFeatures, ChunkFlags, SuperFlags
 from ..rafs.errors import FormatError
-from ..rafs.layout_common import CHUNK_KEY, CHUNK_RECORD_SIZE, CHUNK_SORT_TAIL, U32, unpack_chunks
+from ..rafs.layout_common import CHUNK, CHUNK_KEY, CHUNK_RECORD_SIZE, CHUNK_SORT_TAIL, U32, unpack_chunks
 from ..rafs.layout_v6 import (
     BLOB_ENTRY,
     CHUNK_INDEX,
@@ -80,6 +80,10 @@ BLOCK = EROFS_BLOCK_SIZE
 INODE_SIZE = EXTENDED_INODE.size  # every inode this writer makes is an extended one
 MAX_BLOBS = 254  # device_id low byte = blob_index + 1, nydus asserts < 255 entries
 MAPPED_BLKADDR_ALIGN = 0x8_0000  # nydus aligns device slots' flat-disk start to 512 KiB
+_BLOB_AND_INDEX = CHUNK.view("blob_index", "index")
+_BLOB_INDEX_END = CHUNK.offset("blob_index") + 4  # digest + blob_index open every record
+_INDEX_AT = CHUNK.offset("index")
+
 
 def encode_xattrs(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes:
     """Inline xattr ibody (12-byte header + 4-aligned entries), names sorted; b'' if none."""
@@ -590,10 +594,15 @@ def write_v6(
 def _chunk_table(plan: V6Plan, file_chunks: Callable[[int], bytes], nblobs: int) -> bytearray:
     """Check every file's chunks (in record order) and return the chunk table: the distinct
     chunk records (the first reference of each), sorted by (digest, blob_index + 1, ci_index).
-    The only object per chunk is its sort key, and only while this runs."""
+
+    Distinct records are found with an open-addressing table of record numbers over the
+    gathered records, and sorted one leading digest byte at a time: the sort keys exist for
+    1/256 of the chunks at once, never an object per chunk for the whole table."""
     cs = plan.chunk_size
-    keys: dict[bytes, int] = {}
     records = bytearray()
+    table = array("q", bytes(8 * 1024))
+    count = 0
+    buckets = [array("I") for _ in range(256)]  # record numbers by the digest's first byte
     for r in range(len(plan)):
         if plan.r_ftype[r] != EROFS_FT_REG_FILE:
             continue
@@ -604,14 +613,49 @@ def _chunk_table(plan: V6Plan, file_chunks: Callable[[int], bytes], nblobs: int)
             raise FormatError(f"{plan.path(r)!r}: {n} chunks for {plan.r_dsize[r]} bytes, expected {nchunks}")
         for k, c in enumerate(unpack_chunks(packed)):
             _check_chunk(plan, r, k, c, cs, nblobs)
-            key = c.digest + CHUNK_SORT_TAIL.pack(c.blob_index + 1, c.index)
-            if key not in keys:
-                keys[key] = len(keys)
-                records += packed[k * CHUNK_RECORD_SIZE : (k + 1) * CHUNK_RECORD_SIZE]
-    table = bytearray(len(records))
-    for i, key in enumerate(sorted(keys)):
-        src = keys[key] * CHUNK_RECORD_SIZE
-        table[i * CHUNK_RECORD_SIZE : (i + 1) * CHUNK_RECORD_SIZE] = records[src : src + CHUNK_RECORD_SIZE]
+            rec = packed[k * CHUNK_RECORD_SIZE : (k + 1) * CHUNK_RECORD_SIZE]
+            key = _table_key(rec)
+            mask = len(table) - 1
+            h = hash(key) & mask
+            while table[h] and _table_key(records, (table[h] - 1) * CHUNK_RECORD_SIZE) != key:
+                h = (h + 1) & mask
+            if table[h]:
+                continue
+            records += rec
+            table[h] = count + 1
+            buckets[rec[0]].append(count)
+            count += 1
+            if count * 2 > len(table):
+                table = _grown(records, count, len(table) * 2)
+    del table
+    out = bytearray(len(records))
+    pos = 0
+    for bucket in buckets:
+        for i in sorted(bucket, key=lambda i: _sort_key(records, i * CHUNK_RECORD_SIZE)):
+            src = i * CHUNK_RECORD_SIZE
+            out[pos : pos + CHUNK_RECORD_SIZE] = records[src : src + CHUNK_RECORD_SIZE]
+            pos += CHUNK_RECORD_SIZE
+    return out
+
+
+def _table_key(buf: "bytes | bytearray", off: int = 0) -> bytes:
+    """What makes a chunk table entry distinct: digest, blob_index and ci_index of a record."""
+    return bytes(buf[off : off + _BLOB_INDEX_END]) + bytes(buf[off + _INDEX_AT : off + _INDEX_AT + 4])
+
+
+def _sort_key(buf: bytearray, off: int) -> bytes:
+    blob_index, index = _BLOB_AND_INDEX.unpack_from(buf, off)
+    return bytes(buf[off : off + 32]) + CHUNK_SORT_TAIL.pack(blob_index + 1, index)
+
+
+def _grown(records: bytearray, count: int, cap: int) -> "array[int]":
+    table = array("q", bytes(8 * cap))
+    mask = cap - 1
+    for i in range(count):
+        h = hash(_table_key(records, i * CHUNK_RECORD_SIZE)) & mask
+        while table[h]:
+            h = (h + 1) & mask
+        table[h] = i + 1
     return table
 
 
