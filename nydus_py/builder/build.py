@@ -201,6 +201,8 @@ def build_image(root: "Tree | Inode", bootstrap_path: str, blob_dir: str, opts: 
         )
         new_blob = writer.finish()
         blob_path = writer.path
+    counts = (len(writer.chunks), writer.deduplicated, writer.stored_uncompressed, writer.stored_compressed)
+    del writer, dedup  # their chunk records and blob.meta buffers are not needed for the bootstrap
     blobs = table + ([new_blob] if new_blob is not None else [])
     try:
         boot: bytes | bytearray
@@ -220,10 +222,10 @@ def build_image(root: "Tree | Inode", bootstrap_path: str, blob_dir: str, opts: 
         blob_path=blob_path,
         blob_ids=[b.blob_id for b in blobs],
         inodes=plan.inode_count if isinstance(plan, V5Plan) else len(plan),
-        chunks=len(writer.chunks),
-        deduplicated=writer.deduplicated,
-        uncompressed_bytes=writer.stored_uncompressed,
-        compressed_bytes=writer.stored_compressed,
+        chunks=counts[0],
+        deduplicated=counts[1],
+        uncompressed_bytes=counts[2],
+        compressed_bytes=counts[3],
     )
 
 
