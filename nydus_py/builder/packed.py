@@ -73,6 +73,7 @@ class Tree:
         "blob_sets",
         "externs",
         "backings",
+        "_bset_of",
         "_ns",
         "_ns_fill",
         "__weakref__",
@@ -102,6 +103,7 @@ class Tree:
         self.extra = bytearray()
         self.chunks = bytearray()
         self.blob_sets: list[list[BlobInfo]] = []
+        self._bset_of: dict[int, int] = {}  # id(blob list) -> its index (the lists are kept)
         self.externs: list[Any] = []
         self.backings: list[Backing] = []
         self._ns: array[int] | None = array("q", bytes(8 * 64))
@@ -248,10 +250,13 @@ class Tree:
 
     def blob_set(self, blobs: list[BlobInfo]) -> int:
         """Index of `blobs` (by identity) in `blob_sets`, added if new."""
-        for i, s in enumerate(self.blob_sets):
-            if s is blobs:
-                return i
+        got = self._bset_of.get(id(blobs))
+        if got is not None:
+            return got
+        if len(self.blob_sets) > 0xFFFF:
+            raise FormatError("more than 65536 distinct blob tables in one tree")
         self.blob_sets.append(blobs)
+        self._bset_of[id(blobs)] = len(self.blob_sets) - 1
         return len(self.blob_sets) - 1
 
     def set_chunks(self, idx: int, packed: "bytes | bytearray | memoryview", size: int, bset: int) -> None:

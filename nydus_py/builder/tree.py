@@ -1,14 +1,14 @@
-"""The in-memory tree a build works on: sources (directory, tar, bootstrap) produce it,
-layer merging edits it, and the v5/v6 writers serialise it.
+"""The object form of a build tree (`Inode`), and the file data kinds (`FileData`, `ChunkedData`).
 
-A build needs the whole tree in memory anyway (directories are sorted and sized before anything
-is written), so there is one `Inode` per file; readers never use this model. To keep a layer of
-100k entries small, the classes use `__slots__`, an inode without xattrs shares `NO_XATTRS`
-(read-only: assign a new mapping to change xattrs, never mutate one in place), and file data
-openers are small objects rather than closures.
+Sources (directory, tar, bootstrap), layer merging and the writers work on the packed form,
+`packed.Tree` (array columns, no Python object per entry: issue 16, item 10); an `Inode` tree is
+what a caller builds by hand (tests, small tools) and is packed when a build or merge starts
+(`packed.as_tree`). `walk` and `link_counts` take either form; packed entries come out as
+transient `packed.Node` views with the same attributes.
 
 Hard links are the same `Inode` object reachable under several names; writers count references
-for `nlink` and emit one inode (v6) or linked records (v5).
+for `nlink` and emit one inode (v6) or linked records (v5). An inode without xattrs shares
+`NO_XATTRS` (read-only: assign a new mapping to change xattrs, never mutate one in place).
 """
 
 import stat
