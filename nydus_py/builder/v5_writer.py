@@ -54,7 +54,7 @@ from ..rafs.layout_v5 import (
 from ..rafs.model import BlobInfo, ChunkInfo
 from . import plan_common
 from .options import BuildOptions
-from .packed import K_LINK, K_SYMLINK, Children, Tree, as_tree
+from .packed import K_SYMLINK, Children, Tree, as_tree
 from .tree import Inode
 
 DIR_PSEUDO_ENTRY = 8  # RAFS_V5_VIRTUAL_ENTRY_SIZE
@@ -124,15 +124,16 @@ class V5Plan:
         the data."""
         tree = self.tree
         patterns = {self.path(s): i for i, s in enumerate(self.prefetch)}
-        if not patterns:
-            out = array("i")
-            seen: set[int] = set()
-            for s in range(len(self.s_node)):
-                n = self.s_node[s]
-                if stat.S_ISREG(tree.mode[n]) and tree.has_new_data(n) and tree.size[n] and n not in seen:
-                    seen.add(n) if tree.kind[self.s_entry[s]] == K_LINK or self.s_nlink[s] > 1 else None
-                    out.append(n)
-            return out
+        if not patterns:  # slot order of each inode's primary slot (its first name)
+            prim, node = self.s_primary, self.s_node
+            return array(
+                "i",
+                (
+                    node[s]
+                    for s in range(len(node))
+                    if prim[s] == s and stat.S_ISREG(tree.mode[node[s]]) and tree.has_new_data(node[s]) and tree.size[node[s]]
+                ),
+            )
         best: dict[int, tuple[int, int, int]] = {}
         for seq in range(len(self.s_node)):
             n = self.s_node[seq]
