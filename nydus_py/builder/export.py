@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..rafs.errors import FormatError
-from .packed import Tree
+from .packed import K_LINK, Tree
 from .tree import ChunkedData, Inode, ident, walk
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,14 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
+def _linked(root: "Inode | Tree") -> set[int] | None:
+    """Inode entries of a packed tree that hard links point at; None for an `Inode` tree."""
+    if not isinstance(root, Tree):
+        return None
+    kind, a = root.kind, root.a
+    return {a[i] for i in range(len(root)) if kind[i] == K_LINK}
+
+
 def write_tar(root: "Inode | Tree", out: BinaryIO) -> ExportStats:
     """Write every object of `root` to `out` as a PAX tar (root directory as `./`).
 
@@ -47,7 +55,8 @@ def write_tar(root: "Inode | Tree", out: BinaryIO) -> ExportStats:
     a tar); ChunkedData cannot be read without its blobs and is refused.
     """
     stats = ExportStats()
-    first_path: dict[int, str] = {}
+    first_path: dict[int, str] = {}  # only inodes with several names (every non-dir of an Inode tree)
+    linked = _linked(root)
     with tarfile.open(
         fileobj=out, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
     ) as tar:
@@ -80,7 +89,7 @@ def write_tar(root: "Inode | Tree", out: BinaryIO) -> ExportStats:
                 tar.addfile(ti)
                 stats.entries += 1
                 continue
-            if node.children is None:
+            if node.children is None and (linked is None or ident(node) in linked):
                 first_path[ident(node)] = name
             try:
                 ti.type = _TAR_TYPES[fmt]

@@ -160,3 +160,19 @@ def test_converted_layer_and_its_bootstrap_are_small_per_entry(many_entries: Pat
     # (87 B of columns, 80 B chunk record) and dedup table (80 B record + table slots)
     assert kept / ENTRIES < 340, kept / ENTRIES
     assert peak / ENTRIES < 700, peak / ENTRIES  # 1321 B before; 891 B; 549 B packed
+
+
+@pytest.mark.parametrize("fs_version", [5, 6])
+def test_write_plans_hold_no_object_per_entry(many_entries: Path, fs_version: int) -> None:
+    """The writers' per-inode plan (v6 records, v5 slots) is array columns: planning a layer of
+    10k entries leaves a bounded number of allocations (a `_Rec`/`_Slot` object per inode
+    before)."""
+    from nydus_py.builder.v5_writer import plan_v5
+    from nydus_py.builder.v6_writer import plan_v6
+
+    tree = tree_from_tar(str(many_entries))
+    opts = BuildOptions(fs_version=fs_version)
+    plan, blocks, top = retained_blocks(lambda: (plan_v5 if fs_version == 5 else plan_v6)(tree, opts))
+    assert blocks < 100, (blocks, top)  # ~10 000 with an object per inode
+    order, blocks, top = retained_blocks(plan.data_order)
+    assert len(order) == ENTRIES - 100 and blocks < 20, (blocks, top)
