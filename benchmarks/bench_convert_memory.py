@@ -14,7 +14,7 @@ PAX xattr) is built in fresh child processes, each reporting its own peak RSS (V
 Not a test: it prints numbers (and saves them with --save). VmHWM, not wait4's ru_maxrss: Linux
 carries a parent's high-water mark over fork+exec.
 
-    python3 benchmarks/bench_convert_memory.py [--entries 100000] [--xattrs] [--save]
+    python3 benchmarks/bench_convert_memory.py [--entries 100000] [--xattrs] [--save [--save-as NAME]]
 """
 
 from __future__ import annotations
@@ -135,7 +135,9 @@ def main() -> int:
     ap.add_argument("--entries", type=int, default=100_000)
     ap.add_argument("--xattrs", action="store_true", help="a PAX xattr on every regular file")
     ap.add_argument("--no-registry", action="store_true", help="skip the end-to-end nydusify-py run")
-    ap.add_argument("--save", action="store_true", help="write benchmarks/results/convert_memory.json")
+    ap.add_argument("--save", action="store_true", help="write benchmarks/results/<--save-as>.json")
+    ap.add_argument("--save-as", default="convert_memory", help="results file name (default convert_memory)")
+    ap.add_argument("--note", default="", help="free text saved with the results")
     a = ap.parse_args()
     results: dict[str, float] = {}
     with tempfile.TemporaryDirectory(prefix="bench-mem-") as tmp:
@@ -173,7 +175,10 @@ def main() -> int:
             if reg is not None:
                 reg.stop()
     if a.save:
-        print(save("convert_memory", {"entries": a.entries, "xattrs": a.xattrs, "peak_rss_mib": results}))
+        payload: dict[str, object] = {"entries": a.entries, "xattrs": a.xattrs, "peak_rss_mib": results}
+        if a.note:
+            payload["note"] = a.note
+        print(save(a.save_as, payload))
     return 0
 
 

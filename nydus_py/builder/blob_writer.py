@@ -29,7 +29,7 @@ import os
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -232,7 +232,15 @@ class BlobWriter:
 
     def add_files(self, files: Iterable[FileData]) -> list[bytes]:
         """Chunk lists (file order, `file_offset` set) for each of `files`, in order, each as
-        packed chunk records (`ChunkedData.chunks`).
+        packed chunk records (`ChunkedData.chunks`)."""
+        results: list[bytes] = []
+        self.add_files_stream(files, lambda _i, chunks: results.append(chunks))
+        return results
+
+    def add_files_stream(self, files: Iterable[FileData], done: Callable[[int, bytes], None]) -> None:
+        """Write `files` (an iterable: each is opened once, in order), calling `done(i, chunks)`
+        with the packed chunk records of the i-th file as soon as it is complete, in order; only
+        the files of the in-flight window are held here.
 
         All files share one pipeline so small files keep every worker busy.
         """
@@ -243,26 +251,33 @@ class BlobWriter:
         pool = self._pool
         cs = self.opts.chunk_size
         window = 2 * self.workers + 2
-        results: list[bytes | bytearray] = []
+        partial: dict[int, bytearray] = {}  # files with chunks in flight
         pending: deque[tuple[int, int, Future[_Prepared]]] = deque()
-        done = 0  # results[:done] are final (bytes)
+        nfiles = 0
+        finished = 0  # files [0, finished) were reported
+
+        def report(upto: int) -> None:
+            nonlocal finished
+            while finished < upto:
+                got = partial.pop(finished, None)
+                done(finished, bytes(got) if got is not None else b"")
+                finished += 1
 
         def drain(limit: int) -> None:
-            nonlocal done
             while len(pending) > limit:
                 fidx, foff, fut = pending.popleft()
-                while done < fidx:  # files before this chunk's are complete: freeze them
-                    results[done] = bytes(results[done])
-                    done += 1
-                results[fidx] += self._commit(fut.result(), foff)
+                report(fidx)  # files before this chunk's are complete
+                partial[fidx] += self._commit(fut.result(), foff)
 
         try:
             for fdata in files:
-                fidx = len(results)
+                fidx = nfiles
+                nfiles += 1
                 if fdata.size <= 0:
-                    results.append(b"")
+                    if not pending:
+                        report(nfiles)
                     continue
-                results.append(bytearray())
+                partial[fidx] = bytearray()
                 with fdata.open() as stream:
                     off = 0
                     while off < fdata.size:
@@ -277,11 +292,11 @@ class BlobWriter:
                         off += want
                         drain(window)
             drain(0)
+            report(nfiles)
         except BaseException:
             for _, _, fut in pending:
                 fut.cancel()
             raise
-        return [r if isinstance(r, bytes) else bytes(r) for r in results]
 
     def add_file(self, data: FileData) -> list[ChunkInfo]:
         """One file's chunks, decoded (for callers building a few files by hand)."""

@@ -19,15 +19,18 @@ import contextlib
 import itertools
 import os
 import tempfile
+from array import array
+from collections.abc import Callable
 
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
-from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, pack_chunks
+from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, pack_chunks, unpack_chunks
 from ..rafs.model import BlobInfo, ChunkInfo
 from .blob_writer import BlobWriter, validate_blob_id
 from .chunk_records import ChunkRecords
 from .options import BuildOptions, BuildResult
-from .tree import ChunkedData, FileData, Inode
+from .packed import K_CHUNKS, Tree, as_tree
+from .tree import FileData, Inode
 from .v5_writer import V5Plan, check_chunks, plan_v5, write_v5
 from .v6_writer import V6Plan, plan_v6, write_v6
 
@@ -49,61 +52,80 @@ def check_options(opts: BuildOptions) -> None:
 
 class FileChunks:
     """The packed chunk list of each regular file of one build, for the writers: a file's own
-    `ChunkedData.chunks` unless its chunks were remapped or newly written (`override`), so a
-    tree of converted layers needs no dict entry per file."""
+    chunk records in the tree unless they were remapped or newly written (`override`), kept in
+    one bytearray with an offset per entry, not an object per file."""
 
-    __slots__ = ("_override",)
+    __slots__ = ("tree", "_off", "_len", "_store")
 
-    def __init__(self) -> None:
-        self._override: dict[int, bytes] = {}  # id(inode) -> packed chunks
+    def __init__(self, tree: Tree) -> None:
+        self.tree = tree
+        self._off: array[int] | None = None  # entry -> offset in _store, -1: not overridden
+        self._len: array[int] | None = None
+        self._store = bytearray()
 
-    def override(self, node: Inode, chunks: bytes) -> None:
-        self._override[id(node)] = chunks
+    def override(self, idx: int, chunks: bytes) -> None:
+        if self._off is None:
+            self._off = array("q", [-1]) * len(self.tree)
+            self._len = array("I", bytes(4 * len(self.tree)))
+        assert self._len is not None
+        self._off[idx], self._len[idx] = len(self._store), len(chunks)
+        self._store += chunks
 
-    def __call__(self, node: Inode) -> bytes:
-        chunks = self._override.get(id(node))
-        if chunks is not None:
-            return chunks
-        data = node.data
-        return data.chunks if isinstance(data, ChunkedData) else b""
+    def __call__(self, idx: int) -> bytes:
+        if self._off is not None and self._off[idx] >= 0:
+            assert self._len is not None
+            o = self._off[idx]
+            return bytes(self._store[o : o + self._len[idx]])
+        return self.tree.chunk_bytes(idx)
+
+
+def _with_path(tree: Tree, idx: int, check: Callable[[bytes], object]) -> object:
+    """`check(path)` with the entry's path computed only when it fails (its message names it)."""
+    try:
+        return check(b"?")
+    except FormatError:
+        check(tree.path(idx))
+        raise
 
 
 def _existing_blobs(
-    plan_files: list[tuple[bytes, Inode]], opts: BuildOptions, want_dedup: bool = True
+    tree: Tree, files: "array[int]", opts: BuildOptions, want_dedup: bool = True
 ) -> tuple[list[BlobInfo], FileChunks, ChunkRecords]:
-    """Union blob table of `ChunkedData` files, their packed chunk lists remapped to it, and a
-    dedup map (empty unless `want_dedup`: only new data needs one). `plan_files` lists each
-    file once."""
+    """Union blob table of K_CHUNKS files, their packed chunk lists remapped to it, and a dedup
+    map (empty unless `want_dedup`: only new data needs one). `files` lists each file once."""
     used: set[str] = set()
-    for path, node in plan_files:
-        data = node.data
-        if isinstance(data, ChunkedData):
-            for (bi,) in _BLOB_INDEX.iter_unpack(data.chunks):
-                if not 0 <= bi < len(data.blobs):
-                    raise FormatError(f"{path!r}: chunk refers to blob {bi} of {len(data.blobs)}")
-                used.add(data.blobs[bi].blob_id)
+    kind = tree.kind
+    for n in files:
+        if kind[n] != K_CHUNKS:
+            continue
+        blobs = tree.blobs_of(n)
+        a = tree.a[n]
+        for (bi,) in _BLOB_INDEX.iter_unpack(memoryview(tree.chunks)[a : a + tree.b[n]]):
+            if not 0 <= bi < len(blobs):
+                raise FormatError(f"{tree.path(n)!r}: chunk refers to blob {bi} of {len(blobs)}")
+            used.add(blobs[bi].blob_id)
     table: list[BlobInfo] = []
     pos: dict[str, int] = {}
-    for _path, node in plan_files:
-        data = node.data
-        if isinstance(data, ChunkedData):
-            for b in data.blobs:
+    for n in files:
+        if kind[n] == K_CHUNKS:
+            for b in tree.blobs_of(n):
                 if b.blob_id in used and b.blob_id not in pos:
                     pos[b.blob_id] = len(table)
                     table.append(_with_index(b, len(table)))
-    chunks = FileChunks()
+    chunks = FileChunks(tree)
     dedup = ChunkRecords()
-    for path, node in plan_files:
-        data = node.data
-        if not isinstance(data, ChunkedData):
+    for n in files:
+        if kind[n] != K_CHUNKS:
             continue
-        remapped, infos = _remap(data, pos)
+        own = tree.chunk_bytes(n)
+        size = tree.size[n]
+        remapped, infos = _remap(own, tree.blobs_of(n), pos)
         if opts.fs_version == 5:
-            check_chunks(path, data.size, infos, table, opts)
+            _with_path(tree, n, lambda p: check_chunks(p, size, infos, table, opts))  # noqa: B023
         else:
-            _check_dense(path, data.size, infos, table, opts.chunk_size)
-        if remapped is not data.chunks:
-            chunks.override(node, remapped)
+            _with_path(tree, n, lambda p: _check_dense(p, size, infos, table, opts.chunk_size))  # noqa: B023
+        if remapped is not own:
+            chunks.override(n, remapped)
         if not want_dedup:
             continue
         for k, c in enumerate(infos):
@@ -112,19 +134,19 @@ def _existing_blobs(
     return table, chunks, dedup
 
 
-def _remap(data: ChunkedData, pos: dict[str, int]) -> tuple[bytes, list[ChunkInfo]]:
-    """`data`'s packed chunks in file order with blob indexes into the image's table, and the
+def _remap(own: bytes, blobs: list[BlobInfo], pos: dict[str, int]) -> tuple[bytes, list[ChunkInfo]]:
+    """A file's packed chunks in file order with blob indexes into the image's table, and the
     same decoded (transient, for the checks). The packed list is reused when nothing changes: a
     converted layer's files keep theirs."""
-    infos = data.chunk_infos()
+    infos = unpack_chunks(own)
     out = [
-        c if c.blob_index == (i := pos[data.blobs[c.blob_index].blob_id]) else c._replace(blob_index=i)
+        c if c.blob_index == (i := pos[blobs[c.blob_index].blob_id]) else c._replace(blob_index=i)
         for c in infos
     ]
     if any(a.file_offset > b.file_offset for a, b in itertools.pairwise(out)):
         out.sort(key=lambda c: c.file_offset)
     elif all(a is b for a, b in zip(out, infos, strict=True)):
-        return data.chunks, infos
+        return own, infos
     return pack_chunks(out), out
 
 
@@ -156,17 +178,17 @@ def _with_index(b: BlobInfo, index: int) -> BlobInfo:
     return replace(b, index=index)
 
 
-def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOptions) -> BuildResult:
+def build_image(root: "Tree | Inode", bootstrap_path: str, blob_dir: str, opts: BuildOptions) -> BuildResult:
     """Write `bootstrap_path` (RAFS v6, or v5 with `opts.fs_version == 5`) and, if there is new file data, one blob in `blob_dir`.
 
     Raises ValueError for unusable options and FormatError for trees RAFS cannot represent;
     on error no partial blob or bootstrap is left behind.
     """
     check_options(opts)
-    plan: V5Plan | V6Plan = plan_v5(root, opts) if opts.fs_version == 5 else plan_v6(root, opts)
+    tree = as_tree(root)
+    plan: V5Plan | V6Plan = plan_v5(tree, opts) if opts.fs_version == 5 else plan_v6(tree, opts)
     order = plan.data_order()
-    has_new = any(isinstance(n.data, FileData) for n in order)
-    table, file_chunks, dedup = _existing_blobs(plan.regular_files(), opts, want_dedup=has_new)
+    table, file_chunks, dedup = _existing_blobs(tree, plan.regular_files(), opts, want_dedup=bool(order))
     if opts.blob_id is not None and opts.blob_id in {b.blob_id for b in table}:
         raise FormatError(f"blob id {opts.blob_id} is already used by a blob the image references")
     if isinstance(plan, V6Plan) and len(table) >= 254:
@@ -174,11 +196,13 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
 
     new_blob: BlobInfo | None = None
     with BlobWriter(blob_dir, opts, blob_index=len(table), existing=dedup) as writer:
-        results = writer.add_files([n.data for n in order if isinstance(n.data, FileData)])
-        for node, chunks in zip(order, results, strict=True):
-            file_chunks.override(node, chunks)
+        writer.add_files_stream(
+            (_new_data(tree, n) for n in order), lambda i, chunks: file_chunks.override(order[i], chunks)
+        )
         new_blob = writer.finish()
         blob_path = writer.path
+    counts = (len(writer.chunks), writer.deduplicated, writer.stored_uncompressed, writer.stored_compressed)
+    del writer, dedup  # their chunk records and blob.meta buffers are not needed for the bootstrap
     blobs = table + ([new_blob] if new_blob is not None else [])
     try:
         boot: bytes | bytearray
@@ -197,12 +221,19 @@ def build_image(root: Inode, bootstrap_path: str, blob_dir: str, opts: BuildOpti
         blob_id=new_blob.blob_id if new_blob else None,
         blob_path=blob_path,
         blob_ids=[b.blob_id for b in blobs],
-        inodes=plan.inode_count if isinstance(plan, V5Plan) else len(plan.records),
-        chunks=len(writer.chunks),
-        deduplicated=writer.deduplicated,
-        uncompressed_bytes=writer.stored_uncompressed,
-        compressed_bytes=writer.stored_compressed,
+        inodes=plan.inode_count if isinstance(plan, V5Plan) else len(plan),
+        chunks=counts[0],
+        deduplicated=counts[1],
+        uncompressed_bytes=counts[2],
+        compressed_bytes=counts[3],
     )
+
+
+def _new_data(tree: Tree, idx: int) -> FileData:
+    data = tree.file_data(idx)
+    if data is None:
+        raise FormatError(f"{tree.path(idx)!r}: file data of unknown kind")
+    return data
 
 
 def _write_atomic(path: str, data: bytes | bytearray) -> None:

@@ -1,60 +1,100 @@
 """Chunks a build can deduplicate against, kept as packed 80-byte records (`rafs.layout_common.CHUNK`).
 
 A layer of 100k small files has ~100k distinct chunks; as `ChunkInfo` tuples they cost ~400 B
-each for the whole build. Here each costs its record (80 B in one shared bytearray) plus one dict
-slot keyed by its digest (issue 16, item 10).
+each for the whole build, and a dict keyed by digest still ~130 B (a bytes key and an int per
+chunk). Here each costs its record (80 B in one shared bytearray) plus 2-4 slots of an
+open-addressing table of record numbers (`array('q')`, probed with Python's per-process keyed
+`hash` of the digest, so crafted digests cannot pile up on one slot): no Python object per chunk
+(issue 16, item 10).
 """
 
+from array import array
 from collections.abc import Iterator
 
 from ..rafs.layout_common import CHUNK_RECORD_SIZE, with_file_offset
+
+_DIGEST = 32  # the digest opens every record
 
 
 class ChunkRecords:
     """digest -> packed chunk record; the first record added for a digest wins."""
 
-    __slots__ = ("records", "_at")
+    __slots__ = ("records", "_table", "_count")
 
     def __init__(self) -> None:
         self.records = bytearray()  # CHUNK records, in the order added
-        self._at: dict[bytes, int] = {}  # digest -> position of its record in `records`
+        self._table = array("q", bytes(8 * 64))  # record number + 1; 0 = free
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self._at)
+        return self._count
+
+    def _find(self, digest: bytes) -> tuple[int, int]:
+        """(table slot, record number or -1 when absent: then the slot is where it goes)."""
+        table, records = self._table, self.records
+        mask = len(table) - 1
+        h = hash(digest) & mask
+        while True:
+            v = table[h]
+            if v == 0:
+                return h, -1
+            off = (v - 1) * CHUNK_RECORD_SIZE
+            if records[off : off + _DIGEST] == digest:
+                return h, v - 1
+            h = (h + 1) & mask
 
     def __contains__(self, digest: object) -> bool:
-        return digest in self._at
-
-    def add(self, record: bytes) -> bool:
-        """Keep `record` unless its digest is known already; True if it was kept."""
-        digest = bytes(record[:32])
-        if digest in self._at:
+        if not isinstance(digest, bytes | bytearray):
             return False
-        self._at[digest] = len(self.records) // CHUNK_RECORD_SIZE
+        return self._find(bytes(digest))[1] >= 0
+
+    def add(self, record: "bytes | bytearray | memoryview") -> bool:
+        """Keep `record` unless its digest is known already; True if it was kept."""
+        slot, pos = self._find(bytes(record[:_DIGEST]))
+        if pos >= 0:
+            return False
         self.records += record
+        self._count += 1
+        self._table[slot] = self._count
+        if self._count * 2 > len(self._table):
+            self._grow()
         return True
+
+    def _grow(self) -> None:
+        cap = len(self._table) * 2
+        table = array("q", bytes(8 * cap))
+        mask = cap - 1
+        records = self.records
+        for n in range(self._count):
+            off = n * CHUNK_RECORD_SIZE
+            h = hash(bytes(records[off : off + _DIGEST])) & mask
+            while table[h]:
+                h = (h + 1) & mask
+            table[h] = n + 1
+        self._table = table
 
     def update(self, other: "ChunkRecords") -> None:
         """Add every record of `other` (in its order) whose digest is new here; `other` is left
         empty (its storage is taken over when this map is empty, not copied)."""
-        if not self._at:
-            self.records, self._at = other.records, other._at
-            other.records, other._at = bytearray(), {}
-            return
-        for digest, pos in other._at.items():
-            if digest not in self._at:
-                self._at[digest] = len(self.records) // CHUNK_RECORD_SIZE
-                off = pos * CHUNK_RECORD_SIZE
-                self.records += other.records[off : off + CHUNK_RECORD_SIZE]
-        other.records, other._at = bytearray(), {}
+        if not self._count:
+            self.records, self._table, self._count = other.records, other._table, other._count
+        else:
+            view = memoryview(other.records)
+            for n in range(other._count):
+                self.add(view[n * CHUNK_RECORD_SIZE : (n + 1) * CHUNK_RECORD_SIZE])
+            view.release()
+        other.records, other._table, other._count = bytearray(), array("q", bytes(8 * 64)), 0
 
     def get(self, digest: bytes, file_offset: int) -> bytes | None:
         """The record of `digest` referenced at `file_offset` of a file, or None."""
-        pos = self._at.get(digest)
-        if pos is None:
+        pos = self._find(bytes(digest))[1]
+        if pos < 0:
             return None
         return with_file_offset(self.records, pos * CHUNK_RECORD_SIZE, file_offset)
 
     def __iter__(self) -> Iterator[bytes]:
         """The digests, in the order added."""
-        return iter(self._at)
+        records = self.records
+        for n in range(self._count):
+            off = n * CHUNK_RECORD_SIZE
+            yield bytes(records[off : off + _DIGEST])

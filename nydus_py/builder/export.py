@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from ..rafs.errors import FormatError
-from .tree import ChunkedData, Inode, walk
+from .packed import K_LINK, Tree
+from .tree import ChunkedData, Inode, ident, walk
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +40,23 @@ def _text(b: bytes) -> str:
     return b.decode("utf-8", "surrogateescape")
 
 
-def write_tar(root: Inode, out: BinaryIO) -> ExportStats:
+def _linked(root: "Inode | Tree") -> set[int] | None:
+    """Inode entries of a packed tree that hard links point at; None for an `Inode` tree."""
+    if not isinstance(root, Tree):
+        return None
+    kind, a = root.kind, root.a
+    return {a[i] for i in range(len(root)) if kind[i] == K_LINK}
+
+
+def write_tar(root: "Inode | Tree", out: BinaryIO) -> ExportStats:
     """Write every object of `root` to `out` as a PAX tar (root directory as `./`).
 
     Regular files need FileData (a tree from `tree_from_image(..., rewrite=True)`, a directory or
     a tar); ChunkedData cannot be read without its blobs and is refused.
     """
     stats = ExportStats()
-    first_path: dict[int, str] = {}
+    first_path: dict[int, str] = {}  # only inodes with several names (every non-dir of an Inode tree)
+    linked = _linked(root)
     with tarfile.open(
         fileobj=out, mode="w", format=tarfile.PAX_FORMAT, encoding="utf-8", errors="surrogateescape"
     ) as tar:
@@ -72,15 +82,15 @@ def write_tar(root: Inode, out: BinaryIO) -> ExportStats:
                     raise FormatError(f"{path!r}: xattr name {xname!r} is not UTF-8; PAX cannot hold it") from None
                 pax[key] = _text(value)
             ti.pax_headers = pax
-            if node.children is None and id(node) in first_path:
+            if node.children is None and ident(node) in first_path:
                 ti.type = tarfile.LNKTYPE
-                ti.linkname = first_path[id(node)]
+                ti.linkname = first_path[ident(node)]
                 ti.size = 0
                 tar.addfile(ti)
                 stats.entries += 1
                 continue
-            if node.children is None:
-                first_path[id(node)] = name
+            if node.children is None and (linked is None or ident(node) in linked):
+                first_path[ident(node)] = name
             try:
                 ti.type = _TAR_TYPES[fmt]
             except KeyError:

@@ -9,14 +9,14 @@ Layer semantics follow the OCI image spec / overlayfs:
 * Within a layer, whiteouts apply before that layer's own entries, so `.wh.x` plus a new `x`
   means "replace x".
 
-Inputs are never modified: directories of the result are fresh objects, while non-directory
-Inodes are shared with the layers, so hard links (one Inode under several names) stay one Inode.
+Inputs are never modified: the result is a new packed tree (`packed.Tree`); hard links inside a
+layer stay one inode there.
 """
 
 import io
 import os
 import stat
-from collections.abc import Callable, Mapping
+from collections.abc import Sequence
 from typing import BinaryIO
 
 from ..rafs.chunkdata import read_file_range
@@ -24,7 +24,8 @@ from ..rafs.errors import FormatError
 from ..rafs.layout_common import pack_chunks
 from ..rafs.model import BlobInfo, RafsImage
 from ..storage.localfs import LocalBlobDir
-from .tree import NO_XATTRS, ChunkedData, FileData, Inode
+from .packed import DEAD, K_LINK, Tree, as_tree
+from .tree import Inode
 
 WHITEOUT_PREFIX = b".wh."
 WHITEOUT_META_PREFIX = b".wh..wh."
@@ -34,94 +35,102 @@ OVERLAY_OPAQUE_XATTR = b"trusted.overlay.opaque"
 WHITEOUT_SPECS = ("oci", "overlayfs", "none")
 
 
-def _dir_copy(src: Inode) -> Inode:
-    return Inode(
-        mode=src.mode,
-        uid=src.uid,
-        gid=src.gid,
-        mtime=src.mtime,
-        mtime_nsec=src.mtime_nsec,
-        rdev=src.rdev,
-        xattrs=_xattr_copy(src.xattrs),
-        children={},
-    )
-
-
-def _take_attrs(dst: Inode, src: Inode) -> None:
-    dst.mode, dst.uid, dst.gid = src.mode, src.uid, src.gid
-    dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, _xattr_copy(src.xattrs)
-
-
-def _xattr_copy(xattrs: Mapping[bytes, bytes]) -> Mapping[bytes, bytes]:
-    return dict(xattrs) if xattrs else NO_XATTRS
-
-
-def _classify(name: bytes, node: Inode, spec: str) -> tuple[str, bytes]:
+def _classify(name: bytes, layer: Tree, node: int, spec: str) -> tuple[str, bytes]:
     """('whiteout', target) | ('meta', b'') | ('entry', name) for one upper-layer entry."""
     if spec == "oci":
         if name == WHITEOUT_OPAQUE or name.startswith(WHITEOUT_META_PREFIX):
             return "meta", b""
         if name.startswith(WHITEOUT_PREFIX) and len(name) > len(WHITEOUT_PREFIX):
             return "whiteout", name[len(WHITEOUT_PREFIX) :]
-    elif spec == "overlayfs" and stat.S_ISCHR(node.mode) and node.rdev == 0:
+    elif spec == "overlayfs" and stat.S_ISCHR(layer.mode[node]) and layer.rdev(node) == 0:
         return "whiteout", name
     return "entry", name
 
 
-def _is_opaque(upper: Inode, spec: str) -> bool:
-    if spec == "oci":
-        return WHITEOUT_OPAQUE in (upper.children or {})
-    if spec == "overlayfs":
-        return upper.xattrs.get(OVERLAY_OPAQUE_XATTR) == b"y"
-    return False
-
-
-def merge_layers(layers: list[Inode], whiteout_spec: str = "oci") -> Inode:
-    """One tree from `layers` (lowest first) with whiteouts applied and removed.
+def merge_layers(layers: "Sequence[Inode | Tree]", whiteout_spec: str = "oci", *, consume: bool = False) -> Tree:
+    """One packed tree from `layers` (lowest first) with whiteouts applied and removed.
 
     `whiteout_spec`: "oci" (`.wh.` files, the default), "overlayfs" (0/0 char devices and
-    `trusted.overlay.opaque=y`), or "none" (plain union, every name kept).
+    `trusted.overlay.opaque=y`), or "none" (plain union, every name kept). The layers are not
+    modified; entries are copied into the result (hard links within a layer stay one inode).
+    With `consume` (`layers` must then be a list the caller gives up), each layer is dropped
+    from the list once applied, so its memory can go before the next one is merged.
     """
     if whiteout_spec not in WHITEOUT_SPECS:
         raise ValueError(f"unknown whiteout spec {whiteout_spec!r}; expected one of {WHITEOUT_SPECS}")
     if not layers:
         raise ValueError("merge_layers needs at least one layer")
+    trees: list[Tree] = []
     for i, layer in enumerate(layers):
-        if not layer.is_dir or layer.children is None:
+        if isinstance(layer, Inode) and (not layer.is_dir or layer.children is None):
             raise FormatError(f"layer {i}: root is not a directory")
-    result = _dir_copy(layers[0])
-    for layer in layers:
-        _apply(result, layer, whiteout_spec)
+        tree = as_tree(layer)
+        if not tree.is_dir(0):
+            raise FormatError(f"layer {i}: root is not a directory")
+        trees.append(tree)
+    if consume:
+        assert isinstance(layers, list)
+        layers.clear()
+    trees.reverse()
+    result = Tree()
+    while trees:
+        _apply(result, trees.pop(), whiteout_spec)
+    result.freeze()
     return result
 
 
-def _apply(lower: Inode, upper: Inode, spec: str) -> None:
-    """Apply directory `upper` onto the result directory `lower` (iteratively, any depth)."""
-    stack: list[tuple[Inode, Inode]] = [(lower, upper)]
+def _apply(result: Tree, layer: Tree, spec: str) -> None:
+    """Apply `layer` onto `result` (iteratively, any depth)."""
+    ch = layer.children()
+    # layer inodes with several names -> their copy in `result` (only while this layer applies)
+    targets = {layer.a[i] for i in range(len(layer)) if layer.kind[i] == K_LINK and layer.parent[i] != DEAD}
+    copies: dict[int, int] = {}
+    stack: list[tuple[int, int]] = [(0, 0)]
     while stack:
         low, up = stack.pop()
-        assert low.children is not None and up.children is not None
-        _take_attrs(low, up)
-        if spec == "overlayfs" and OVERLAY_OPAQUE_XATTR in low.xattrs:
-            low.xattrs = {k: v for k, v in low.xattrs.items() if k != OVERLAY_OPAQUE_XATTR}
-        if _is_opaque(up, spec):
-            low.children.clear()
-        entries: list[tuple[bytes, Inode]] = []
-        for name, node in up.children.items():
-            kind, key = _classify(name, node, spec)
+        kids = ch.of(up)
+        up_xattrs = layer.xattrs(up) if layer.xlen[up] else {}
+        if spec == "oci":
+            opaque = any(layer.name(c) == WHITEOUT_OPAQUE for c in kids)
+        else:
+            opaque = spec == "overlayfs" and up_xattrs.get(OVERLAY_OPAQUE_XATTR) == b"y"
+        if opaque:
+            low = _emptied(result, low)
+        result.copy_attrs(low, layer, up)
+        if spec == "overlayfs" and OVERLAY_OPAQUE_XATTR in up_xattrs:
+            result.set_xattrs(low, {k: v for k, v in up_xattrs.items() if k != OVERLAY_OPAQUE_XATTR})
+        entries: list[int] = []
+        for c in kids:
+            kind, key = _classify(layer.name(c), layer, layer.resolve(c), spec)
             if kind == "whiteout":
-                low.children.pop(key, None)
+                result.remove(low, key)
             elif kind == "entry":
-                entries.append((name, node))
-        for name, node in entries:
-            old = low.children.get(name)
-            if not node.is_dir:
-                low.children[name] = node
+                entries.append(c)
+        for c in entries:
+            name = layer.name(c)
+            n = layer.resolve(c)
+            if not stat.S_ISDIR(layer.mode[n]):
+                prev = copies.get(n)
+                if prev is not None:
+                    result.add_link(low, name, prev)
+                else:
+                    idx = result.copy_entry(low, name, layer, n)
+                    if n in targets:
+                        copies[n] = idx
                 continue
-            if old is None or not old.is_dir:
-                old = _dir_copy(node)
-                low.children[name] = old
-            stack.append((old, node))
+            old = result.lookup(low, name)
+            if old < 0 or not result.is_dir(old):
+                old = result.add(low, name, layer.mode[n])
+            stack.append((old, c))
+
+
+def _emptied(result: Tree, d: int) -> int:
+    """Directory `d` of `result` with its children gone (an opaque upper directory): a fresh
+    entry in its place (the root: a fresh tree)."""
+    if d == 0:
+        result.reset()
+        return 0
+    return result.add(result.parent[d], result.name(d), result.mode[d])
 
 
 # --------------------------------------------------------------------------------------------
@@ -151,13 +160,16 @@ class _ImageFileReader(io.RawIOBase):
         return n
 
 
-def _image_opener(
-    source: LocalBlobDir, image: RafsImage, ino: int, size: int, step: int
-) -> Callable[[], BinaryIO]:
-    def open_file() -> BinaryIO:
-        return io.BufferedReader(_ImageFileReader(source, image, ino, size, step), buffer_size=step)
+class _ImageBacking:
+    """`packed.Backing` of a rewritten image: the "range" of a K_TAR entry is (inode number,
+    size), read and verified through the image's chunks (one object per image, not per file)."""
 
-    return open_file
+    def __init__(self, source: LocalBlobDir, image: RafsImage, step: int) -> None:
+        self.source, self.image, self.step = source, image, step
+
+    def open_range(self, offset: int, size: int) -> BinaryIO:
+        reader = _ImageFileReader(self.source, self.image, offset, size, self.step)
+        return io.BufferedReader(reader, buffer_size=self.step)
 
 
 def _check_name(name: bytes, path: bytes) -> None:
@@ -165,14 +177,14 @@ def _check_name(name: bytes, path: bytes) -> None:
         raise FormatError(f"{path!r}: invalid directory entry name {name!r}")
 
 
-def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: bool = False) -> Inode:
-    """The build tree of a bootstrap.
+def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: bool = False) -> Tree:
+    """The packed build tree of a bootstrap.
 
-    Default: regular files carry ChunkedData (the image's chunks and blob table), so a new
-    bootstrap can reference the existing blobs without touching data. With `blob_dir`, every
-    referenced blob must exist there. With `rewrite=True` (needs `blob_dir`), files carry
-    FileData that reads and verifies the chunks instead, for writing the data anew (unpack,
-    format conversion); the image must then stay open while the tree is used.
+    Default: regular files carry the image's chunk records (and blob table), so a new bootstrap
+    can reference the existing blobs without touching data. With `blob_dir`, every referenced
+    blob must exist there. With `rewrite=True` (needs `blob_dir`), files read and verify their
+    chunks instead, for writing the data anew (unpack, format conversion); the image must then
+    stay open while the tree is used.
     """
     if rewrite and blob_dir is None:
         raise ValueError("rewrite=True needs blob_dir")
@@ -183,29 +195,28 @@ def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: b
         for b in blobs:
             if not os.path.isfile(source.path(b.blob_id)):
                 raise FormatError(f"blob {b.blob_id} not found in {blob_dir}")
-    step = max(image.chunk_size, 4096)
+    tree = Tree()
+    bset = tree.blob_set(blobs)
+    if rewrite:
+        assert source is not None
+        tree.backings.append(_ImageBacking(source, image, max(image.chunk_size, 4096)))
 
-    def make(ino: int, path: bytes) -> Inode:
+    def fill(idx: int, ino: int, path: bytes) -> None:
         a = image.getattr(ino)
         fmt = stat.S_IFMT(a.mode)
-        node = Inode(mode=a.mode, uid=a.uid, gid=a.gid, mtime=a.mtime, mtime_nsec=a.mtime_nsec)
-        if fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            node.rdev = a.rdev
         xattrs: dict[bytes, bytes] = {}
         for name in image.listxattr(ino):
             value = image.getxattr(ino, name)
             if value is not None:
                 xattrs[name] = value
-        if xattrs:
-            node.xattrs = xattrs
-        if fmt == stat.S_IFDIR:
-            node.children = {}
+        tree.set_attrs(idx, a.mode, a.uid, a.gid, a.mtime, a.mtime_nsec, xattrs)
+        if fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            tree.set_rdev(idx, a.rdev)
         elif fmt == stat.S_IFLNK:
-            node.symlink = image.readlink(ino)
+            tree.set_symlink(idx, image.readlink(ino))
         elif fmt == stat.S_IFREG:
             if rewrite:
-                assert source is not None
-                node.data = FileData(size=a.size, open=_image_opener(source, image, ino, a.size, step))
+                tree.set_tar(idx, ino, a.size)
             else:
                 chunks = image.chunks(ino)
                 for c in chunks:
@@ -213,37 +224,36 @@ def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: b
                         raise FormatError(f"{path!r}: chunk refers to blob index {c.blob_index} of {len(blobs)}")
                     if c.file_offset + c.uncompressed_size > a.size + image.chunk_size:
                         raise FormatError(f"{path!r}: chunk at file offset {c.file_offset} beyond size {a.size}")
-                node.data = ChunkedData(size=a.size, chunks=pack_chunks(chunks), blobs=blobs)
-        elif fmt not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+                tree.set_chunks(idx, pack_chunks(chunks), a.size, bset)
+        elif fmt not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFDIR):
             raise FormatError(f"{path!r}: unknown file type {fmt:o}")
-        return node
 
     root_ino = image.root_ino
-    root = make(root_ino, b"/")
-    if not root.is_dir:
+    fill(0, root_ino, b"/")
+    if not tree.is_dir(0):
         raise FormatError("image root is not a directory")
-    shared: dict[int, Inode] = {}
+    shared: dict[int, int] = {}  # inode number -> entry, non-directories (only while reading)
     seen_dirs = {root_ino}
-    stack: list[tuple[int, bytes, Inode]] = [(root_ino, b"/", root)]
+    stack: list[tuple[int, bytes, int]] = [(root_ino, b"/", 0)]
     while stack:
-        ino, path, node = stack.pop()
-        assert node.children is not None
+        ino, path, d = stack.pop()
         for e in image.readdir(ino):
             _check_name(e.name, path)
             cpath = path.rstrip(b"/") + b"/" + e.name
-            if e.name in node.children:
+            if tree.lookup(d, e.name) >= 0:
                 raise FormatError(f"{cpath!r}: duplicate directory entry")
             existing = shared.get(e.ino)
             if existing is not None:
-                node.children[e.name] = existing
+                tree.add_link(d, e.name, existing)
                 continue
             if e.ino in seen_dirs:
                 raise FormatError(f"{cpath!r}: directory inode {e.ino} reached twice (loop or hard-linked dir)")
-            child = make(e.ino, cpath)
-            node.children[e.name] = child
-            if child.is_dir:
+            child = tree.add(d, e.name, 0)
+            fill(child, e.ino, cpath)
+            if tree.is_dir(child):
                 seen_dirs.add(e.ino)
                 stack.append((e.ino, cpath, child))
             else:
                 shared[e.ino] = child
-    return root
+    tree.freeze()
+    return tree

@@ -13,14 +13,14 @@ MAX_NAME = min(layout_v5.MAX_NAME, layout_v6.MAX_NAME)
 MAX_SYMLINK = 4095  # PATH_MAX - 1: longer targets cannot be read back by the kernel
 
 
-def check_root(root: Inode, opts: BuildOptions) -> int:
+def check_root(root_is_dir: bool, opts: BuildOptions) -> int:
     """The chunk size to plan with; ValueError for a bad one, FormatError for a bad root."""
     cs = opts.chunk_size
     if cs < MIN_CHUNK_SIZE or cs > MAX_CHUNK_SIZE or cs & (cs - 1):
         raise ValueError(
             f"chunk size {cs:#x} must be a power of two in [{MIN_CHUNK_SIZE:#x}, {MAX_CHUNK_SIZE:#x}]"
         )
-    if not isinstance(root, Inode) or not root.is_dir:
+    if not root_is_dir:
         raise FormatError("the root of the tree must be a directory")
     return cs
 

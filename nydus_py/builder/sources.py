@@ -7,7 +7,7 @@ Decisions for tar input (every name is treated as hostile):
 * A path component that exists but is not a directory (file, symlink) is a FormatError: symlinks
   are never followed while building, and tar extraction would fail there too.
 * Hard links (LNKTYPE) must name an earlier regular member of the same layer (as nydus-image
-  requires); they share that member's Inode object.
+  requires); they become hard links to that member's entry.
 * Duplicates: the later member wins (like extraction); a directory replacing a directory keeps
   its children and takes the new attributes.
 * Missing parents are created as 0755 root-owned directories.
@@ -38,7 +38,8 @@ import zstandard
 
 from ..rafs.errors import FormatError
 from .limits import ExpansionLimits, ExpansionMeter, remaining_size
-from .tree import NO_XATTRS, FileData, Inode
+from .packed import DEAD, Tree
+from .tree import NO_XATTRS
 
 log = logging.getLogger(__name__)
 
@@ -113,34 +114,22 @@ def _read_xattrs(path: bytes) -> dict[bytes, bytes]:
     return out
 
 
-class _PathOpener:
-    """`FileData.open` of a directory source's file (an object per file: smaller than a closure)."""
+def tree_from_directory(path: str | bytes | os.PathLike[str], stats: SourceStats | None = None) -> Tree:
+    """The packed tree under directory `path` (lstat only, symlinks never followed).
 
-    __slots__ = ("path",)
-
-    def __init__(self, path: bytes) -> None:
-        self.path = path
-
-    def __call__(self) -> BinaryIO:
-        return open(self.path, "rb")
-
-
-def tree_from_directory(path: str | bytes | os.PathLike[str], stats: SourceStats | None = None) -> Inode:
-    """The tree under directory `path` (lstat only, symlinks never followed).
-
-    Hard links (same st_dev/st_ino) become one shared Inode; regular files get a FileData that
-    opens the path lazily, so nothing is read until a writer asks.
+    Hard links (same st_dev/st_ino) become links to one entry; regular files keep their path
+    (K_PATH), so nothing is read until a writer asks.
     """
     top = os.fsencode(path)
     st = os.lstat(top)
     if not stat.S_ISDIR(st.st_mode):
         raise FormatError(f"{os.fsdecode(top)}: source is not a directory")
-    root = _inode_from_stat(top, st, stats)
-    seen: dict[tuple[int, int], Inode] = {}
-    stack: list[tuple[bytes, Inode]] = [(top, root)]
+    tree = Tree()
+    _set_from_stat(tree, 0, top, st, stats)
+    seen: dict[tuple[int, int], int] = {}  # only files with st_nlink > 1, only while reading
+    stack: list[tuple[bytes, int]] = [(top, 0)]
     while stack:
-        dir_path, dir_node = stack.pop()
-        assert dir_node.children is not None
+        dir_path, d = stack.pop()
         with os.scandir(dir_path) as it:
             entries = list(it)
         for entry in entries:
@@ -151,46 +140,45 @@ def tree_from_directory(path: str | bytes | os.PathLike[str], stats: SourceStats
             est = entry.stat(follow_symlinks=False)
             if stats is not None:
                 stats.entries += 1
-            if stat.S_ISDIR(est.st_mode):
-                child = _inode_from_stat(child_path, est, stats)
-                stack.append((child_path, child))
-            else:
+            if not stat.S_ISDIR(est.st_mode) and est.st_nlink > 1:
                 key = (est.st_dev, est.st_ino)
-                shared = seen.get(key) if est.st_nlink > 1 else None
+                shared = seen.get(key)
                 if shared is not None:
-                    child = shared
-                else:
-                    child = _inode_from_stat(child_path, est, stats)
-                    if est.st_nlink > 1:
-                        seen[key] = child
-            dir_node.children[name] = child
-    return root
+                    tree.add_link(d, name, shared)
+                    continue
+            idx = tree.add(d, name, 0)
+            _set_from_stat(tree, idx, child_path, est, stats)
+            if stat.S_ISDIR(est.st_mode):
+                stack.append((child_path, idx))
+            elif est.st_nlink > 1:
+                seen[(est.st_dev, est.st_ino)] = idx
+    tree.freeze()
+    return tree
 
 
-def _inode_from_stat(path: bytes, st: os.stat_result, stats: SourceStats | None) -> Inode:
+def _set_from_stat(tree: Tree, idx: int, path: bytes, st: os.stat_result, stats: SourceStats | None) -> None:
     mode = st.st_mode
     fmt = stat.S_IFMT(mode)
     if fmt not in (stat.S_IFREG, stat.S_IFDIR, stat.S_IFLNK, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO, stat.S_IFSOCK):
         raise FormatError(f"{os.fsdecode(path)}: unsupported file type {fmt:o}")
-    node = Inode(
-        mode=mode,
-        uid=st.st_uid,
-        gid=st.st_gid,
-        mtime=st.st_mtime_ns // 1_000_000_000,
-        mtime_nsec=st.st_mtime_ns % 1_000_000_000,
-        rdev=st.st_rdev if fmt in (stat.S_IFCHR, stat.S_IFBLK) else 0,
-        xattrs=_keep_xattrs(_read_xattrs(path), os.fsdecode(path), stats),
+    tree.set_attrs(
+        idx,
+        mode,
+        st.st_uid,
+        st.st_gid,
+        st.st_mtime_ns // 1_000_000_000,
+        st.st_mtime_ns % 1_000_000_000,
+        _keep_xattrs(_read_xattrs(path), os.fsdecode(path), stats),
     )
-    if fmt == stat.S_IFDIR:
-        node.children = {}
+    if fmt in (stat.S_IFCHR, stat.S_IFBLK):
+        tree.set_rdev(idx, st.st_rdev)
     elif fmt == stat.S_IFREG:
-        node.data = FileData(size=st.st_size, open=_PathOpener(path))
+        tree.set_path(idx, path, st.st_size)
     elif fmt == stat.S_IFLNK:
         target = os.readlink(path)
         if not target or len(target) > MAX_SYMLINK_LEN:
             raise FormatError(f"{os.fsdecode(path)}: symlink target of {len(target)} bytes")
-        node.symlink = target
-    return node
+        tree.set_symlink(idx, target)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,6 +193,10 @@ class _Backing:
         self.file = file
         self.fd = file.fileno()
         self.size = os.fstat(self.fd).st_size
+
+    def open_range(self, offset: int, size: int) -> BinaryIO:
+        """A stream over the member bytes [offset, offset+size)."""
+        return io.BufferedReader(_MemberReader(self, offset, size))
 
 
 class _MemberReader(io.RawIOBase):
@@ -240,21 +232,6 @@ class _MemberReader(io.RawIOBase):
         memoryview(buf)[:n] = data
         self._pos += n
         return n
-
-
-class _MemberOpener:
-    """`FileData.open` of a tar member: a stream over its bytes in the backing file (an object
-    per file: smaller than a closure)."""
-
-    __slots__ = ("backing", "offset", "size")
-
-    def __init__(self, backing: _Backing, offset: int, size: int) -> None:
-        self.backing = backing
-        self.offset = offset
-        self.size = size
-
-    def __call__(self) -> BinaryIO:
-        return io.BufferedReader(_MemberReader(self.backing, self.offset, self.size))
 
 
 class _CountingReader:
@@ -430,64 +407,50 @@ _TYPES = {
 
 
 class _TarTree:
-    """Inserts members into a tree following the rules in the module docstring."""
+    """Inserts members into a packed tree following the rules in the module docstring."""
 
-    _MAX_SHARED_INTS = 1 << 16
-
-    def __init__(self, stats: SourceStats | None) -> None:
-        self.root = Inode.directory(0o755)
+    def __init__(self, stats: SourceStats | None, backing: _Backing) -> None:
+        self.tree = Tree()
+        self.tree.backings.append(backing)
         self.stats = stats
-        self._ints: dict[int, int] = {}
+        self._dir_key: list[bytes] = []  # the parent components last resolved ...
+        self._dir_idx = 0  # ... and their entry (members come directory by directory)
 
-    def share(self, v: int) -> int:
-        """One int object per value for modes, ids and mtimes (most members repeat a few), up
-        to a bound: with 100k entries that saves megabytes."""
-        if len(self._ints) < self._MAX_SHARED_INTS:
-            return self._ints.setdefault(v, v)
-        return self._ints.get(v, v)
-
-    def parent_of(self, parts: list[bytes], raw: str) -> Inode:
-        node = self.root
-        for comp in parts[:-1]:
-            assert node.children is not None
-            child = node.children.get(comp)
-            if child is None:
-                child = Inode.directory(0o755)
-                node.children[comp] = child
-            elif not child.is_dir:
+    def parent_of(self, parts: list[bytes], raw: str) -> int:
+        tree = self.tree
+        dirs = parts[:-1]
+        if dirs == self._dir_key and self._alive(self._dir_idx):
+            return self._dir_idx
+        node = 0
+        for comp in dirs:
+            child = tree.lookup(node, comp)
+            if child < 0:
+                child = tree.add(node, comp, stat.S_IFDIR | 0o755)
+            elif not tree.is_dir(child):
                 raise FormatError(f"tar member {raw!r}: parent component {comp!r} is not a directory")
             node = child
+        self._dir_key, self._dir_idx = dirs, node
         return node
 
-    def lookup(self, parts: list[bytes]) -> Inode | None:
-        node = self.root
+    def _alive(self, idx: int) -> bool:
+        """No directory on the way up from `idx` was replaced since it was resolved."""
+        parent = self.tree.parent
+        while idx > 0:
+            idx = parent[idx]
+            if idx == DEAD:
+                return False
+        return True
+
+    def lookup(self, parts: list[bytes]) -> int:
+        tree = self.tree
+        node = 0
         for comp in parts:
-            if node.children is None:
-                return None
-            nxt = node.children.get(comp)
-            if nxt is None:
-                return None
-            node = nxt
+            if not tree.is_dir(node):
+                return -1
+            node = tree.lookup(node, comp)
+            if node < 0:
+                return -1
         return node
-
-    def place(self, parts: list[bytes], node: Inode, raw: str) -> None:
-        if not parts:
-            if not node.is_dir:
-                raise FormatError(f"tar member {raw!r} names the layer root but is not a directory")
-            _copy_attrs(self.root, node)
-            return
-        parent = self.parent_of(parts, raw)
-        assert parent.children is not None
-        old = parent.children.get(parts[-1])
-        if old is not None and old.is_dir and node.is_dir:
-            _copy_attrs(old, node)
-        else:
-            parent.children[parts[-1]] = node
-
-
-def _copy_attrs(dst: Inode, src: Inode) -> None:
-    dst.mode, dst.uid, dst.gid = src.mode, src.uid, src.gid
-    dst.mtime, dst.mtime_nsec, dst.xattrs = src.mtime, src.mtime_nsec, src.xattrs
 
 
 def tree_from_tar(
@@ -496,11 +459,11 @@ def tree_from_tar(
     *,
     limits: ExpansionLimits | None = DEFAULT_LIMITS,
     spool_dir: str | None = None,
-) -> Inode:
-    """The tree of one OCI layer tar (plain, gzip or zstd, detected by magic).
+) -> Tree:
+    """The packed tree of one OCI layer tar (plain, gzip or zstd, detected by magic).
 
-    Regular files get a FileData reading their bytes from the archive (the decompressed copy for
-    compressed layers), so the archive (or a temp copy) stays open while the tree is alive.
+    Regular files are byte ranges of the archive (the decompressed copy for compressed layers),
+    so the archive (or a temp copy) stays open while the tree is alive.
     A compressed (or unseekable) layer is first copied into an anonymous file in `spool_dir`
     (default: the temp dir; nothing is left there, whatever happens), refused with an
     `ExpansionLimitError` when it expands past `limits` (None: no caps).
@@ -512,7 +475,7 @@ def tree_from_tar(
         )
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise FormatError(f"not a tar archive: {e}") from None
-    tt = _TarTree(stats)
+    tt = _TarTree(stats, backing)
     while True:
         try:
             member = tar.next()
@@ -525,11 +488,13 @@ def tree_from_tar(
     trailing = backing.size - tar.offset
     if 0 < trailing < tarfile.BLOCKSIZE:
         raise FormatError(f"tar archive truncated: {trailing} stray bytes after offset {tar.offset}")
-    return tt.root
+    tt.tree.freeze()
+    return tt.tree
 
 
 def _add_member(tt: _TarTree, m: tarfile.TarInfo, backing: _Backing) -> None:
     raw = m.name
+    tree = tt.tree
     if tt.stats is not None:
         tt.stats.entries += 1
     if m.sparse is not None or m.type == tarfile.GNUTYPE_SPARSE:
@@ -538,13 +503,13 @@ def _add_member(tt: _TarTree, m: tarfile.TarInfo, backing: _Backing) -> None:
     if m.type == tarfile.LNKTYPE:
         target_parts = _norm(_tar_bytes(m.linkname), "hard link target")
         target = tt.lookup(target_parts)
-        if target is None or not target.is_reg:
+        if target < 0 or not stat.S_ISREG(tree.mode[tree.resolve(target)]):
             raise FormatError(
                 f"tar member {raw!r}: hard link target {m.linkname!r} is not an earlier regular file of this layer"
             )
         if not parts:
             raise FormatError(f"tar member {raw!r}: hard link cannot be the layer root")
-        tt.place(parts, target, raw)
+        tree.add_link(tt.parent_of(parts, raw), parts[-1], target)
         return
     fmt = _TYPES.get(m.type)
     if fmt is None:
@@ -553,36 +518,44 @@ def _add_member(tt: _TarTree, m: tarfile.TarInfo, backing: _Backing) -> None:
         if not 0 <= v <= 0xFFFF_FFFF:
             raise FormatError(f"tar member {raw!r}: {what} {v} out of range")
     sec, nsec = _mtime(m)
+    if sec >= 1 << 64:
+        raise FormatError(f"tar member {raw!r}: mtime {sec} out of range")
     where = f"tar member {raw!r}"
-    share = tt.share
-    node = Inode(
-        mode=share(fmt | (m.mode & 0o7777)),
-        uid=share(m.uid),
-        gid=share(m.gid),
-        mtime=share(sec),
-        mtime_nsec=share(nsec),
-        xattrs=_keep_xattrs(_pax_xattrs(m), where, tt.stats) if m.pax_headers else NO_XATTRS,
-    )
-    if fmt == stat.S_IFREG:
-        if m.size < 0 or m.offset_data + m.size > backing.size:
-            raise FormatError(
-                f"{where}: declared size {m.size} at offset {m.offset_data} runs past the end of "
-                f"the archive ({backing.size} bytes)"
-            )
-        node.data = FileData(size=m.size, open=_MemberOpener(backing, m.offset_data, m.size))
-    elif fmt == stat.S_IFDIR:
-        node.children = {}
-    elif fmt == stat.S_IFLNK:
+    xattrs = _keep_xattrs(_pax_xattrs(m), where, tt.stats) if m.pax_headers else NO_XATTRS
+    mode = fmt | (m.mode & 0o7777)
+    if fmt == stat.S_IFREG and (m.size < 0 or m.offset_data + m.size > backing.size):
+        raise FormatError(
+            f"{where}: declared size {m.size} at offset {m.offset_data} runs past the end of "
+            f"the archive ({backing.size} bytes)"
+        )
+    rdev = 0
+    link = b""
+    if fmt == stat.S_IFLNK:
         link = _tar_bytes(m.linkname)
         if not link or len(link) > MAX_SYMLINK_LEN:
             raise FormatError(f"{where}: symlink target of {len(link)} bytes")
-        node.symlink = link
     elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
         try:
-            node.rdev = os.makedev(m.devmajor, m.devminor)
+            rdev = os.makedev(m.devmajor, m.devminor)
         except (OverflowError, ValueError):
             raise FormatError(f"{where}: device {m.devmajor}:{m.devminor} out of range") from None
-        if node.rdev > 0xFFFF_FFFF:
+        if rdev > 0xFFFF_FFFF:
             raise FormatError(f"{where}: device {m.devmajor}:{m.devminor} does not fit 32 bits")
-    tt.place(parts, node, raw)
-
+    if not parts:
+        if fmt != stat.S_IFDIR:
+            raise FormatError(f"tar member {raw!r} names the layer root but is not a directory")
+        tree.set_attrs(0, mode, m.uid, m.gid, sec, nsec, xattrs)
+        return
+    parent = tt.parent_of(parts, raw)
+    if fmt == stat.S_IFDIR:
+        old = tree.lookup(parent, parts[-1])
+        if old >= 0 and tree.is_dir(old):  # a directory again: keep its children
+            tree.set_attrs(old, mode, m.uid, m.gid, sec, nsec, xattrs)
+            return
+    idx = tree.add(parent, parts[-1], mode, m.uid, m.gid, sec, nsec, xattrs)
+    if fmt == stat.S_IFREG:
+        tree.set_tar(idx, m.offset_data, m.size)
+    elif fmt == stat.S_IFLNK:
+        tree.set_symlink(idx, link)
+    elif rdev:
+        tree.set_rdev(idx, rdev)

@@ -1,14 +1,14 @@
-"""The in-memory tree a build works on: sources (directory, tar, bootstrap) produce it,
-layer merging edits it, and the v5/v6 writers serialise it.
+"""The object form of a build tree (`Inode`), and the file data kinds (`FileData`, `ChunkedData`).
 
-A build needs the whole tree in memory anyway (directories are sorted and sized before anything
-is written), so there is one `Inode` per file; readers never use this model. To keep a layer of
-100k entries small, the classes use `__slots__`, an inode without xattrs shares `NO_XATTRS`
-(read-only: assign a new mapping to change xattrs, never mutate one in place), and file data
-openers are small objects rather than closures.
+Sources (directory, tar, bootstrap), layer merging and the writers work on the packed form,
+`packed.Tree` (array columns, no Python object per entry: issue 16, item 10); an `Inode` tree is
+what a caller builds by hand (tests, small tools) and is packed when a build or merge starts
+(`packed.as_tree`). `walk` and `link_counts` take either form; packed entries come out as
+transient `packed.Node` views with the same attributes.
 
 Hard links are the same `Inode` object reachable under several names; writers count references
-for `nlink` and emit one inode (v6) or linked records (v5).
+for `nlink` and emit one inode (v6) or linked records (v5). An inode without xattrs shares
+`NO_XATTRS` (read-only: assign a new mapping to change xattrs, never mutate one in place).
 """
 
 import stat
@@ -16,7 +16,7 @@ import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from ..rafs.errors import FormatError
 from ..rafs.layout_common import pack_chunks, unpack_chunks
@@ -108,8 +108,12 @@ class Inode:
         return Inode(mode=stat.S_IFDIR | (mode & 0o7777), children={}, **kw)  # type: ignore[arg-type]
 
 
-def walk(root: Inode, path: bytes = b"/") -> Iterator[tuple[bytes, Inode]]:
-    """Depth-first pre-order (path, inode), children in byte order (iterative)."""
+def walk(root: "Inode | Any", path: bytes = b"/") -> Iterator[tuple[bytes, Any]]:
+    """Depth-first pre-order (path, inode), children in byte order (iterative). A packed
+    `Tree` yields transient `packed.Node` views."""
+    if not isinstance(root, Inode):  # a packed tree or a `packed.Node` view
+        yield from root.walk_nodes(path)
+        return
     stack: list[tuple[bytes, Inode]] = [(path, root)]
     while stack:
         p, node = stack.pop()
@@ -120,12 +124,19 @@ def walk(root: Inode, path: bytes = b"/") -> Iterator[tuple[bytes, Inode]]:
                 stack.append((base + name, node.children[name]))
 
 
-def link_counts(root: Inode) -> dict[int, int]:
-    """id(inode) -> number of directory entries naming it (directories: 2 + subdirectories)."""
+def link_counts(root: "Inode | Any") -> dict[int, int]:
+    """ident(inode) -> number of directory entries naming it (directories: 2 + subdirectories)."""
     counts: dict[int, int] = {}
     for _path, node in walk(root):
-        if node.children is None:
-            counts[id(node)] = counts.get(id(node), 0) + 1
+        key = ident(node)
+        if not node.is_dir:
+            counts[key] = counts.get(key, 0) + 1
         else:
-            counts[id(node)] = 2 + sum(1 for c in node.children.values() if c.is_dir)
+            counts[key] = 2 + sum(1 for c in (node.children or {}).values() if c.is_dir)
     return counts
+
+
+def ident(node: "Inode | Any") -> int:
+    """Identity of an inode for hard-link grouping: id() of an `Inode`, the inode's entry of a
+    packed `Node` view."""
+    return id(node) if isinstance(node, Inode) else int(node.ident)

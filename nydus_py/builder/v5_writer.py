@@ -27,8 +27,8 @@ has holes.
 """
 
 import stat
+from array import array
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from ..rafs import codec
 from ..rafs.constants import ChunkFlags, SuperFlags
@@ -54,7 +54,8 @@ from ..rafs.layout_v5 import (
 from ..rafs.model import BlobInfo, ChunkInfo
 from . import plan_common
 from .options import BuildOptions
-from .tree import FileData, Inode
+from .packed import K_SYMLINK, Children, Tree, as_tree
+from .tree import Inode
 
 DIR_PSEUDO_ENTRY = 8  # RAFS_V5_VIRTUAL_ENTRY_SIZE
 DIR_MIN_SIZE = 4096
@@ -68,71 +69,82 @@ _TYPES = frozenset(
 _CHUNK_FLAGS_OK = ChunkFlags.COMPRESSED | ChunkFlags.HAS_CRC32
 
 
-class _Slot:
-    """One inode-table slot: a name of an inode (hard links: several slots, one `primary`)."""
-
-    __slots__ = (
-        "inode",
-        "path",
-        "name",
-        "slot",
-        "ino",
-        "parent",
-        "primary",
-        "nlink",
-        "child_index",
-        "child_count",
-        "size",
-        "xattr",
-    )
-
-    def __init__(self, inode: Inode, path: bytes, name: bytes, slot: int, parent: int) -> None:
-        self.inode = inode
-        self.path = path
-        self.name = name
-        self.slot = slot
-        self.ino = slot
-        self.parent = parent
-        self.primary: _Slot = self
-        self.nlink = 1
-        self.child_index = 0
-        self.child_count = 0
-        self.size = 0
-        self.xattr = b""  # encoded xattr table incl. the u64 size header, padded; b"" if none
-
-
-@dataclass
 class V5Plan:
-    """A validated tree with slots assigned, ready for `write_v5` once chunks are known."""
+    """A validated tree with slots assigned, ready for `write_v5` once chunks are known.
 
-    chunk_size: int
-    slots: list[_Slot]  # slot order; slots[0] is the root (slot 1)
-    inode_count: int  # distinct inodes (s_inodes_count)
-    prefetch: list[_Slot] = field(default_factory=list)
-    has_xattr: bool = False
+    One inode-table slot per name (hard links: several slots, one primary), slot order, kept
+    as array columns rather than an object per slot: `s_entry` is the tree entry of the name,
+    `s_node` the entry holding the inode's attributes.
+    """
 
-    def regular_files(self) -> list[tuple[bytes, Inode]]:
-        """(path, inode) of every distinct regular file, slot order."""
-        return [(s.path, s.inode) for s in self.slots if s.primary is s and stat.S_ISREG(s.inode.mode)]
+    def __init__(self, tree: Tree, chunk_size: int) -> None:
+        self.tree = tree
+        self.chunk_size = chunk_size
+        self.s_entry = array("i")
+        self.s_node = array("i")
+        self.s_parent = array("I")  # parent's slot number (root: 0)
+        self.s_primary = array("I")  # index (0-based) of the slot holding the inode's record
+        self.s_nlink = array("I")
+        self.s_child_index = array("I")
+        self.s_child_count = array("I")
+        self.s_size = array("Q")
+        self.s_xlen = array("I")  # encoded xattr table length (0: none)
+        self.inode_count = 0  # distinct inodes (s_inodes_count)
+        self.prefetch: list[int] = []  # slot indexes
+        self.has_xattr = False
 
-    def data_order(self) -> list[Inode]:
-        """Files with new data (`FileData`) in blob order, as nydus's `layout_blob_simple` puts
-        them for v5: files under a prefetch pattern first (pattern order, then slot order), the
-        rest in slot order. Every name of a hard-linked file counts; its first dump writes the data.
-        """
-        patterns = {s.path: i for i, s in enumerate(self.prefetch)}
-        best: dict[int, tuple[tuple[int, int, int], Inode]] = {}
-        for seq, s in enumerate(self.slots):
-            node = s.inode
-            data = node.data
-            if not stat.S_ISREG(node.mode) or not isinstance(data, FileData) or data.size == 0:
+    def __len__(self) -> int:
+        return len(self.s_entry)
+
+    def path(self, s: int) -> bytes:
+        return self.tree.path(self.s_entry[s])
+
+    def _new(self, entry: int, node: int, parent: int) -> int:
+        s = len(self.s_entry)
+        self.s_entry.append(entry)
+        self.s_node.append(node)
+        self.s_parent.append(parent)
+        self.s_primary.append(s)
+        self.s_nlink.append(1)
+        self.s_child_index.append(0)
+        self.s_child_count.append(0)
+        self.s_size.append(0)
+        self.s_xlen.append(0)
+        return s
+
+    def regular_files(self) -> "array[int]":
+        """Inode entries of every distinct regular file, slot order."""
+        mode, node, prim = self.tree.mode, self.s_node, self.s_primary
+        return array("i", (node[s] for s in range(len(node)) if prim[s] == s and stat.S_ISREG(mode[node[s]])))
+
+    def data_order(self) -> "array[int]":
+        """Inode entries of files with new data in blob order, as nydus's `layout_blob_simple`
+        puts them for v5: files under a prefetch pattern first (pattern order, then slot order),
+        the rest in slot order. Every name of a hard-linked file counts; its first dump writes
+        the data."""
+        tree = self.tree
+        patterns = {self.path(s): i for i, s in enumerate(self.prefetch)}
+        if not patterns:  # slot order of each inode's primary slot (its first name)
+            prim, node = self.s_primary, self.s_node
+            return array(
+                "i",
+                (
+                    node[s]
+                    for s in range(len(node))
+                    if prim[s] == s and stat.S_ISREG(tree.mode[node[s]]) and tree.has_new_data(node[s]) and tree.size[node[s]]
+                ),
+            )
+        best: dict[int, tuple[int, int, int]] = {}
+        for seq in range(len(self.s_node)):
+            n = self.s_node[seq]
+            if not stat.S_ISREG(tree.mode[n]) or not tree.has_new_data(n) or tree.size[n] == 0:
                 continue
-            idx = plan_common.match_pattern(s.path, patterns) if patterns else None
+            idx = plan_common.match_pattern(self.path(seq), patterns)
             key = (1, 0, seq) if idx is None else (0, idx, seq)
-            cur = best.get(id(node))
-            if cur is None or key < cur[0]:
-                best[id(node)] = (key, node)
-        return [node for _key, node in sorted(best.values(), key=lambda t: t[0])]
+            cur = best.get(n)
+            if cur is None or key < cur:
+                best[n] = key
+        return array("i", [n for n, _key in sorted(best.items(), key=lambda t: t[1])])
 
 
 def encode_xattrs_v5(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes:
@@ -171,98 +183,112 @@ def dir_size_v5(names: Sequence[bytes]) -> int:
     return (total + DIR_MIN_SIZE - 1) // DIR_MIN_SIZE * DIR_MIN_SIZE if total else DIR_MIN_SIZE
 
 
-def plan_v5(root: Inode, opts: BuildOptions) -> V5Plan:
+def plan_v5(root: "Tree | Inode", opts: BuildOptions) -> V5Plan:
     """Validate `root` and assign slots; FormatError names the first offending path."""
-    cs = plan_common.check_root(root, opts)
-
-    root_slot = _Slot(root, b"/", b"/", 1, 0)
-    slots: list[_Slot] = [root_slot]
-    seen_dirs = {id(root)}
-    files: dict[int, _Slot] = {}  # id(regular-file Inode) -> its first slot
-    stack = [root_slot]
+    tree = as_tree(root)
+    cs = plan_common.check_root(tree.is_dir(0), opts)
+    plan = V5Plan(tree, cs)
+    ch = tree.children()
+    mode = tree.mode
+    first = array("i", [-1]) * len(tree)  # regular-file inode entry -> its first slot
+    plan._new(0, 0, 0)
+    stack = [0]
     while stack:
         d = stack.pop()
-        kids = d.inode.children or {}
-        d.child_index = len(slots) + 1
-        d.child_count = len(kids)
-        subdirs: list[_Slot] = []
-        for name in kids:
-            plan_common.check_name(name, d.path)  # before sorting: a str name must not raise TypeError
-        for name in sorted(kids):
-            child = kids[name]
-            path = plan_common.join(d.path, name)
-            if not isinstance(child, Inode):
-                raise FormatError(f"{path!r}: not an Inode")
-            s = _Slot(child, path, name, len(slots) + 1, d.slot)
-            slots.append(s)
-            if child.is_dir:
-                if id(child) in seen_dirs:
-                    raise FormatError(f"{path!r}: directory linked twice (hard-linked dir or loop)")
-                seen_dirs.add(id(child))
+        e = plan.s_node[d]
+        kids = ch.of(e)
+        plan.s_child_index[d] = len(plan) + 1
+        plan.s_child_count[d] = len(kids)
+        dpath: bytes | None = None
+        subdirs: list[int] = []
+        for c in kids:
+            name = tree.name(c)
+            if not name or len(name) > plan_common.MAX_NAME or b"/" in name or b"\0" in name or name in (b".", b".."):
+                dpath = dpath or tree.path(e)
+                plan_common.check_name(name, dpath)
+            n = tree.resolve(c)
+            s = plan._new(c, n, d + 1)
+            if stat.S_ISDIR(mode[n]):
                 subdirs.append(s)
-            elif child.is_reg:
-                first = files.get(id(child))
-                if first is None:
-                    files[id(child)] = s
+            elif stat.S_ISREG(mode[n]):
+                f = first[n]
+                if f < 0:
+                    first[n] = s
                 else:
-                    s.primary, s.ino = first, first.slot
-                    first.nlink += 1
-        d.nlink = 2 + len(subdirs)
+                    plan.s_primary[s] = f
+                    plan.s_nlink[f] += 1
+        plan.s_nlink[d] = 2 + len(subdirs)
         stack.extend(reversed(subdirs))
-    if len(slots) > 0xFFFF_FFFF:
-        raise FormatError(f"{len(slots)} names do not fit a v5 inode table")
+    del first
+    if len(plan) > 0xFFFF_FFFF:
+        raise FormatError(f"{len(plan)} names do not fit a v5 inode table")
 
     has_xattr = False
-    for s in slots:
-        if s.primary is not s:
+    count = 0
+    for s in range(len(plan)):
+        if plan.s_primary[s] != s:
             continue
-        node, path = s.inode, s.path
-        fmt = stat.S_IFMT(node.mode) if isinstance(node.mode, int) else -1
-        if fmt not in _TYPES or not 0 <= node.mode <= 0o177777:
-            raise FormatError(f"{path!r}: unsupported file type in mode {node.mode!r}")
-        if fmt != stat.S_IFDIR and node.children:
-            raise FormatError(f"{path!r}: only directories can have children")
-        plan_common.check_attrs(path, node)
-        if fmt in (stat.S_IFCHR, stat.S_IFBLK) and not (
-            isinstance(node.rdev, int) and 0 <= node.rdev <= 0xFFFF_FFFF
-        ):
-            raise FormatError(f"{path!r}: device number {node.rdev!r} does not fit v5's 32-bit i_rdev")
-        s.xattr = encode_xattrs_v5(node.xattrs, path)
-        has_xattr = has_xattr or bool(s.xattr)
+        count += 1
+        n = plan.s_node[s]
+        m = mode[n]
+        fmt = stat.S_IFMT(m)
+        if fmt not in _TYPES or not 0 <= m <= 0o177777:
+            raise FormatError(f"{plan.path(s)!r}: unsupported file type in mode {m!r}")
+        if tree.nsec[n] > 999_999_999:
+            raise FormatError(f"{plan.path(s)!r}: mtime_nsec {tree.nsec[n]} out of range")
+        if fmt in (stat.S_IFCHR, stat.S_IFBLK) and tree.rdev(n) > 0xFFFF_FFFF:
+            raise FormatError(f"{plan.path(s)!r}: device number {tree.rdev(n)!r} does not fit v5's 32-bit i_rdev")
+        if tree.xlen[n]:
+            plan.s_xlen[s] = len(encode_xattrs_v5(tree.xattrs(n), plan.path(s)))
+            has_xattr = has_xattr or bool(plan.s_xlen[s])
         if fmt == stat.S_IFDIR:
-            s.size = dir_size_v5(list((node.children or {}).keys()))
+            plan.s_size[s] = dir_size_v5([tree.name(c) for c in ch.of(n)])
         elif fmt == stat.S_IFLNK:
-            s.size = plan_common.symlink_size(path, node)
+            size = tree.b[n] if tree.kind[n] == K_SYMLINK else 0
+            if not 0 < size <= plan_common.MAX_SYMLINK or b"\0" in tree.symlink(n):
+                raise FormatError(
+                    f"{plan.path(s)!r}: symlink target must be 1..{plan_common.MAX_SYMLINK} bytes without NUL"
+                )
+            plan.s_size[s] = size
         elif fmt == stat.S_IFREG:
-            s.size = plan_common.file_size(path, node, limit=1 << 63)
-    for s in slots:
-        if s.primary is not s:
-            s.size, s.xattr = s.primary.size, s.primary.xattr
+            size = tree.size[n]
+            if size >= 1 << 63:
+                raise FormatError(f"{plan.path(s)!r}: bad file size {size!r}")
+            plan.s_size[s] = size
+    for s in range(len(plan)):
+        p = plan.s_primary[s]
+        if p != s:
+            plan.s_size[s], plan.s_xlen[s] = plan.s_size[p], plan.s_xlen[p]
 
-    plan = V5Plan(cs, slots, sum(1 for s in slots if s.primary is s), has_xattr=has_xattr)
-    plan.prefetch = _resolve_prefetch(slots, opts.prefetch_paths)
+    plan.inode_count, plan.has_xattr = count, has_xattr
+    plan.prefetch = _resolve_prefetch(plan, ch, opts.prefetch_paths)
     return plan
 
 
-def _resolve_prefetch(slots: list[_Slot], paths: Sequence[bytes]) -> list[_Slot]:
+def _resolve_prefetch(plan: V5Plan, ch: Children, paths: Sequence[bytes]) -> list[int]:
     """Slots named by absolute prefetch paths, in the given order; paths that are relative,
     missing or covered by an earlier one are dropped (nydus warns and goes on)."""
+    tree = plan.tree
     chosen: list[bytes] = []
-    out: list[_Slot] = []
+    out: list[int] = []
     for raw in paths:
         got = plan_common.prefetch_path(raw, chosen)
         if isinstance(got, str):
             continue
         norm, parts = got
-        cur: _Slot | None = slots[0]
+        cur = 0
         for comp in parts:
-            kids = cur.inode.children if cur is not None and cur.inode.is_dir else None
-            if not kids or comp not in kids:
-                cur = None
+            n = plan.s_node[cur]
+            if not stat.S_ISDIR(tree.mode[n]):
+                cur = -1
                 break
-            assert cur is not None
-            cur = slots[cur.child_index - 1 + sorted(kids).index(comp)]
-        if cur is None:
+            kids = ch.of(n)
+            k = next((k for k, c in enumerate(kids) if tree.name(c) == comp), -1)
+            if k < 0:
+                cur = -1
+                break
+            cur = plan.s_child_index[cur] - 1 + k
+        if cur < 0:
             continue
         chosen.append(norm)
         out.append(cur)
@@ -352,48 +378,50 @@ def _blob_table(blobs: Sequence[BlobInfo]) -> bytes:
 def write_v5(
     plan: V5Plan,
     blobs: Sequence[BlobInfo],
-    file_chunks: Callable[[Inode], bytes],
+    file_chunks: Callable[[int], bytes],
     opts: BuildOptions,
 ) -> bytes:
-    """The bootstrap bytes. `file_chunks(inode)` is every regular file's chunk list in file
+    """The bootstrap bytes. `file_chunks(entry)` is every regular file's chunk list in file
     order as packed records (already the on-disk form), `blob_index` relative to `blobs` (the
     image's blob table, in order)."""
-    slots = plan.slots
-    n = len(slots)
+    tree = plan.tree
+    n = len(plan)
     digester = opts.digester
     explicit = not opts.repeatable
+    mode = tree.mode
 
-    # chunk lists, hole flags and inode digests (children have higher slots: reverse order works)
-    chunk_recs: dict[int, bytes] = {}
-    holes: dict[int, bool] = {}
-    nchunks: dict[int, int] = {}
-    digests: list[bytes] = [b""] * n
-    for s in reversed(slots):
-        node = s.inode
-        mode = node.mode
-        if stat.S_ISREG(mode):
-            key = id(node)
-            if key not in chunk_recs:
-                packed = file_chunks(node) if s.size else b""
-                chunks = unpack_chunks(packed)
-                holes[key] = check_chunks(s.path, s.size, chunks, blobs, opts)
-                nchunks[key] = len(chunks)
-                chunk_recs[key] = packed
-            recs = chunk_recs[key]
+    # hole flags, chunk counts and inode digests (children have higher slots: reverse order works)
+    holes = array("B", bytes(len(tree)))
+    nchunks = array("I", bytes(4 * len(tree)))
+    checked = array("B", bytes(len(tree)))
+    digests = bytearray(32 * n)
+    for s in range(n - 1, -1, -1):
+        node = plan.s_node[s]
+        m = mode[node]
+        if stat.S_ISREG(m):
+            size = plan.s_size[s]
+            recs = file_chunks(node) if size else b""
+            if not checked[node]:
+                chunks = unpack_chunks(recs)
+                holes[node] = check_chunks(plan.path(s), size, chunks, blobs, opts)
+                nchunks[node] = len(chunks)
+                checked[node] = 1
             ids = b"".join(recs[i : i + 32] for i in range(0, len(recs), CHUNK_RECORD_SIZE))
-            digests[s.slot - 1] = codec.digest(digester, ids)
-        elif stat.S_ISLNK(mode):
-            digests[s.slot - 1] = codec.digest(digester, node.symlink or b"")
-        elif stat.S_ISDIR(mode):
-            kids = digests[s.child_index - 1 : s.child_index - 1 + s.child_count]
-            digests[s.slot - 1] = codec.digest(digester, b"".join(kids))
+            d = codec.digest(digester, ids)
+        elif stat.S_ISLNK(m):
+            d = codec.digest(digester, tree.symlink(node))
+        elif stat.S_ISDIR(m):
+            ci = plan.s_child_index[s] - 1
+            d = codec.digest(digester, bytes(digests[32 * ci : 32 * (ci + plan.s_child_count[s])]))
         else:
-            digests[s.slot - 1] = codec.digest(digester, b"")
+            d = codec.digest(digester, b"")
+        digests[32 * s : 32 * s + 32] = d
+    del checked
 
     itab_off = RAFS_V5_SUPERBLOCK_SIZE
     itab_size = align8(4 * n)
     ptab_off = itab_off + itab_size
-    inos = [s.ino for s in plan.prefetch]
+    inos = [plan.s_primary[s] + 1 for s in plan.prefetch]
     ptab = pack_u32s(inos)
     ptab += b"\0" * (-len(ptab) % 8)
     btab_off = ptab_off + len(ptab)
@@ -408,57 +436,61 @@ def write_v5(
 
     table = bytearray(itab_size)
     records = bytearray()
-    for s in slots:
-        p = s.primary
-        node = p.inode
-        mode = node.mode
+    for s in range(n):
+        p = plan.s_primary[s]
+        node = plan.s_node[s]
+        entry = plan.s_entry[s]
+        m = mode[node]
         off = rec_off + len(records)
         if off + INODE_RECORD_SIZE >= MAX_BOOTSTRAP:
             raise FormatError(f"bootstrap would exceed {MAX_BOOTSTRAP} bytes; RAFS v5 cannot address it")
-        U32.pack_into(table, 4 * (s.slot - 1), off >> 3)
+        U32.pack_into(table, 4 * s, off >> 3)
         flags = 0
         child_index = child_count = rdev = 0
         symlink = b""
-        if stat.S_ISDIR(mode):
-            child_index, child_count = s.child_index, s.child_count
-        elif stat.S_ISREG(mode):
-            child_count = nchunks[id(node)]
-            if holes[id(node)]:
+        if stat.S_ISDIR(m):
+            child_index, child_count = plan.s_child_index[s], plan.s_child_count[s]
+        elif stat.S_ISREG(m):
+            child_count = nchunks[node]
+            if holes[node]:
                 flags |= V5_INODE_HAS_HOLE
-        elif stat.S_ISLNK(mode):
-            symlink = node.symlink or b""
+        elif stat.S_ISLNK(m):
+            symlink = tree.symlink(node)
             flags |= V5_INODE_SYMLINK
-        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            rdev = node.rdev
-        if p.xattr:
+        elif stat.S_ISCHR(m) or stat.S_ISBLK(m):
+            rdev = tree.rdev(node)
+        xattr = encode_xattrs_v5(tree.xattrs(node)) if plan.s_xlen[p] else b""
+        if xattr:
             flags |= V5_INODE_XATTR
-        xattr_bytes = align8(U64.unpack_from(p.xattr)[0]) if p.xattr else 0
+        xattr_bytes = align8(U64.unpack_from(xattr)[0]) if xattr else 0
+        size = plan.s_size[p]
+        name = b"/" if s == 0 else tree.name(entry)
         records += INODE.pack(
-            digests[s.slot - 1],
-            s.parent,
-            s.ino,
-            node.uid if explicit else 0,
-            node.gid if explicit else 0,
+            bytes(digests[32 * s : 32 * s + 32]),
+            plan.s_parent[s],
+            p + 1,
+            tree.uid[node] if explicit else 0,
+            tree.gid[node] if explicit else 0,
             0,
-            mode,
-            p.size,
-            (p.size + xattr_bytes + 511) // 512,
+            m,
+            size,
+            (size + xattr_bytes + 511) // 512,
             flags,
-            p.nlink,
+            plan.s_nlink[p],
             child_index,
             child_count,
-            len(s.name),
+            len(name),
             len(symlink),
             rdev,
-            node.mtime_nsec,
-            node.mtime,
+            tree.nsec[node],
+            tree.mtime[node],
         )
-        records += s.name + b"\0" * (-len(s.name) % 8)
+        records += name + b"\0" * (-len(name) % 8)
         if symlink:
             records += symlink + b"\0" * (-len(symlink) % 8)
-        records += p.xattr
-        if stat.S_ISREG(mode):
-            records += chunk_recs[id(node)]
+        records += xattr
+        if stat.S_ISREG(m):
+            records += file_chunks(node) if size else b""
     if rec_off + len(records) >= MAX_BOOTSTRAP:
         raise FormatError(f"bootstrap would exceed {MAX_BOOTSTRAP} bytes; RAFS v5 cannot address it")
 

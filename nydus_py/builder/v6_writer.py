@@ -24,13 +24,12 @@ several dirents.
 
 import logging
 import stat
-from collections import deque
+from array import array
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 
 from ..rafs.constants import BlobFeatures, ChunkFlags, SuperFlags
 from ..rafs.errors import FormatError
-from ..rafs.layout_common import CHUNK_KEY, CHUNK_RECORD_SIZE, CHUNK_SORT_TAIL, U32, unpack_chunks
+from ..rafs.layout_common import CHUNK, CHUNK_KEY, CHUNK_RECORD_SIZE, CHUNK_SORT_TAIL, U32, unpack_chunks
 from ..rafs.layout_v6 import (
     BLOB_ENTRY,
     CHUNK_INDEX,
@@ -72,7 +71,8 @@ from ..rafs.layout_v6 import (
 from ..rafs.model import BlobInfo, ChunkInfo
 from . import plan_common
 from .options import BuildOptions
-from .tree import FileData, Inode
+from .packed import K_SYMLINK, Tree, as_tree
+from .tree import Inode
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,10 @@ BLOCK = EROFS_BLOCK_SIZE
 INODE_SIZE = EXTENDED_INODE.size  # every inode this writer makes is an extended one
 MAX_BLOBS = 254  # device_id low byte = blob_index + 1, nydus asserts < 255 entries
 MAPPED_BLKADDR_ALIGN = 0x8_0000  # nydus aligns device slots' flat-disk start to 512 KiB
+_BLOB_AND_INDEX = CHUNK.view("blob_index", "index")
+_BLOB_INDEX_END = CHUNK.offset("blob_index") + 4  # digest + blob_index open every record
+_INDEX_AT = CHUNK.offset("index")
+
 
 def encode_xattrs(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes:
     """Inline xattr ibody (12-byte header + 4-aligned entries), names sorted; b'' if none."""
@@ -153,165 +157,153 @@ def dir_blocks(entries: Sequence[tuple[bytes, int, int]]) -> list[bytes]:
     return blocks
 
 
-class _Rec:
-    """Layout record of one distinct inode (hard links share one).
+class V6Plan:
+    """A validated, laid-out tree, ready for `write_v6` once blobs and chunks are known.
 
-    Kept small (one per inode of the image): the path is not stored but rebuilt from `name` and
-    `parent` (the first name met, in BFS order), the inode number is the record's position.
+    One record per distinct inode (hard links share one), in BFS order (inode number - 1;
+    record 0 is the root), kept as array columns, not an object per inode: `r_node` is the
+    tree entry holding the inode's attributes, `r_name` the entry of its first name met (for
+    paths), `r_parent` the record of the directory holding that name (the root: itself).
     """
 
-    __slots__ = (
-        "inode",
-        "name",
-        "nlink",
-        "parent",
-        "names",
-        "kids",
-        "xattr",
-        "layout",
-        "dsize",
-        "nchunks",
-        "off",
-        "data_blk",
-        "ftype",
-    )
+    def __init__(self, tree: Tree, chunk_size: int) -> None:
+        self.tree = tree
+        self.chunk_size = chunk_size
+        self.children = tree.children()
+        self.rec_of = array("i", [-1]) * len(tree)  # inode entry -> record
+        self.r_node = array("i")
+        self.r_name = array("i")
+        self.r_parent = array("i")
+        self.r_nlink = array("I")
+        self.r_ftype = array("B")
+        self.r_layout = array("B")
+        self.r_xlen = array("H")
+        self.r_dsize = array("Q")
+        self.r_off = array("Q")
+        self.r_data_blk = array("q")
+        self.inode_area = 0  # bytes of the meta area used by inodes (incl. the empty first block)
+        self.data_blocks = 0  # blocks of directory/symlink data after the inode area
+        self.prefetch: list[int] = []  # records
+        self.has_xattr = False
 
-    def __init__(self, inode: Inode, name: bytes, parent: "_Rec | None", ftype: int) -> None:
-        self.inode = inode
-        self.name = name
-        self.nlink = 1
-        self.parent = parent  # the directory first met holding it (the root: itself)
-        self.names: list[bytes] | None = None  # dirs: sorted entry names ...
-        self.kids: list[_Rec] | None = None  # ... and their records
-        self.xattr = b""
-        self.layout = EROFS_INODE_FLAT_PLAIN
-        self.dsize = 0  # i_size
-        self.nchunks = 0
-        self.off = 0  # offset inside the meta area
-        self.data_blk = -1  # first data block, relative to the data area
-        self.ftype = ftype
+    def __len__(self) -> int:
+        return len(self.r_node)
 
-    @property
-    def path(self) -> bytes:
-        names: list[bytes] = []
-        r = self
-        while r.parent is not None and r.parent is not r:
-            names.append(r.name)
-            r = r.parent
-        return b"/" + b"/".join(reversed(names))
+    def path(self, r: int) -> bytes:
+        return self.tree.path(self.r_name[r])
 
+    def nchunks(self, r: int) -> int:
+        cs = self.chunk_size
+        return (self.r_dsize[r] + cs - 1) // cs if self.r_ftype[r] == EROFS_FT_REG_FILE else 0
 
-@dataclass
-class V6Plan:
-    """A validated, laid-out tree, ready for `write_v6` once blobs and chunks are known."""
+    def _new(self, node: int, name: int, parent: int, ftype: int) -> int:
+        r = len(self.r_node)
+        self.r_node.append(node)
+        self.r_name.append(name)
+        self.r_parent.append(parent)
+        self.r_nlink.append(1)
+        self.r_ftype.append(ftype)
+        self.r_layout.append(EROFS_INODE_FLAT_PLAIN)
+        self.r_xlen.append(0)
+        self.r_dsize.append(0)
+        self.r_off.append(0)
+        self.r_data_blk.append(-1)
+        self.rec_of[node] = r
+        return r
 
-    chunk_size: int
-    records: list[_Rec]  # BFS order (inode number - 1); records[0] is the root
-    inode_area: int  # bytes of the meta area used by inodes (incl. the empty first block)
-    data_blocks: int  # blocks of directory/symlink data after the inode area
-    prefetch: list[_Rec] = field(default_factory=list)
-    has_xattr: bool = False
+    def regular_files(self) -> "array[int]":
+        """Inode entries of every distinct regular file, BFS order."""
+        ft, node = self.r_ftype, self.r_node
+        return array("i", (node[r] for r in range(len(node)) if ft[r] == EROFS_FT_REG_FILE))
 
-    def regular_files(self) -> list[tuple[bytes, Inode]]:
-        """(path, inode) of every distinct regular file, BFS order."""
-        return [(r.path, r.inode) for r in self.records if r.ftype == EROFS_FT_REG_FILE]
-
-    def data_order(self) -> list[Inode]:
-        """Regular files with new data (`FileData`) in blob order: prefetch matches first.
+    def data_order(self) -> "array[int]":
+        """Inode entries of regular files with new data in blob order: prefetch matches first.
 
         Like nydus: a file under a prefetch pattern goes in pattern order, everything else in
         BFS order; empty files are skipped.
         """
-        patterns = {r.path: i for i, r in enumerate(self.prefetch)}
-        first: list[tuple[int, int, Inode]] = []
-        rest: list[Inode] = []
-        for seq, r in enumerate(self.records):
-            if (
-                r.ftype != EROFS_FT_REG_FILE
-                or not isinstance(r.inode.data, FileData)
-                or r.inode.data.size == 0
-            ):
+        tree = self.tree
+        patterns = {self.path(r): i for i, r in enumerate(self.prefetch)}
+        first: list[tuple[int, int, int]] = []
+        rest = array("i")
+        for r in range(len(self.r_node)):
+            n = self.r_node[r]
+            if self.r_ftype[r] != EROFS_FT_REG_FILE or not tree.has_new_data(n) or tree.size[n] == 0:
                 continue
-            idx = plan_common.match_pattern(r.path, patterns) if patterns else None
+            idx = plan_common.match_pattern(self.path(r), patterns) if patterns else None
             if idx is None:
-                rest.append(r.inode)
+                rest.append(n)
             else:
-                first.append((idx, seq, r.inode))
+                first.append((idx, r, n))
         first.sort(key=lambda t: (t[0], t[1]))
-        return [t[2] for t in first] + rest
+        return array("i", [t[2] for t in first]) + rest
 
 
-def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
+def plan_v6(root: "Tree | Inode", opts: BuildOptions) -> V6Plan:
     """Validate `root` and lay it out; FormatError names the first offending path."""
-    cs = plan_common.check_root(root, opts)
+    tree = as_tree(root)
+    cs = plan_common.check_root(tree.is_dir(0), opts)
+    plan = V6Plan(tree, cs)
+    ch = plan.children
+    rec_of, r_node, r_ftype, r_nlink = plan.rec_of, plan.r_node, plan.r_ftype, plan.r_nlink
 
-    records: list[_Rec] = []
-    by_id: dict[int, _Rec] = {}  # only while planning: finds hard links
-
-    def new_rec(node: Inode, name: bytes, parent: _Rec | None) -> _Rec:
-        ftype = IFMT_TO_FT.get(stat.S_IFMT(node.mode))
+    def ftype_of(node: int, where: int) -> int:
+        ftype = IFMT_TO_FT.get(stat.S_IFMT(tree.mode[node]))
         if ftype is None:
-            where = b"/" if parent is None else plan_common.join(parent.path, name)
-            raise FormatError(f"{where!r}: unsupported file type in mode {node.mode:#o}")
-        rec = _Rec(node, name, parent, ftype)
-        records.append(rec)
-        by_id[id(node)] = rec
-        return rec
+            raise FormatError(f"{tree.path(where)!r}: unsupported file type in mode {tree.mode[node]:#o}")
+        return ftype
 
-    root_rec = new_rec(root, b"", None)
-    root_rec.parent = root_rec
-    queue: deque[_Rec] = deque([root_rec])
-    while queue:
-        d = queue.popleft()
-        kids = d.inode.children or {}
-        names = sorted(kids)
-        recs: list[_Rec] = []
+    plan._new(0, 0, 0, ftype_of(0, 0))
+    head = 0
+    while head < len(r_node):  # records grow behind `head`: BFS over directory records
+        d = head
+        head += 1
+        if r_ftype[d] != EROFS_FT_DIR:
+            continue
+        e = r_node[d]
+        dpath: bytes | None = None
         subdirs = 0
-        for name in names:
-            plan_common.check_name(name, d.path)
-            child = kids[name]
-            if not isinstance(child, Inode):
-                raise FormatError(f"{plan_common.join(d.path, name)!r}: not an Inode")
-            rec = by_id.get(id(child))
-            if rec is not None:
-                if rec.ftype == EROFS_FT_DIR:
-                    raise FormatError(
-                        f"{plan_common.join(d.path, name)!r}: directory linked twice (hard-linked dir or loop)"
-                    )
-                rec.nlink += 1
+        for c in ch.of(e):
+            name = tree.name(c)
+            if not name or len(name) > plan_common.MAX_NAME or b"/" in name or b"\0" in name or name in (b".", b".."):
+                dpath = dpath or tree.path(e)
+                plan_common.check_name(name, dpath)
+            t = tree.resolve(c)
+            rec = rec_of[t]
+            if rec >= 0:
+                if r_ftype[rec] == EROFS_FT_DIR:
+                    raise FormatError(f"{tree.path(c)!r}: directory linked twice (hard-linked dir or loop)")
+                r_nlink[rec] += 1
             else:
-                rec = new_rec(child, name, d)
-                if rec.ftype == EROFS_FT_DIR:
-                    queue.append(rec)
-            if rec.ftype == EROFS_FT_DIR:
+                rec = plan._new(t, c, d, ftype_of(t, c))
+            if r_ftype[rec] == EROFS_FT_DIR:
                 subdirs += 1
-            recs.append(rec)
-        d.names, d.kids = names, recs
-        d.nlink = 2 + subdirs
-    by_id.clear()
+        r_nlink[d] = 2 + subdirs
 
     has_xattr = False
-    for r in records:
-        node = r.inode
-        if r.ftype != EROFS_FT_DIR and node.children:
-            raise FormatError(f"{r.path!r}: only directories can have children")
-        plan_common.check_attrs(r.path, node)
-        r.xattr = encode_xattrs(node.xattrs, r.path)
-        has_xattr = has_xattr or bool(r.xattr)
-        if INODE_SIZE + len(r.xattr) > BLOCK:
-            raise FormatError(
-                f"{r.path!r}: xattrs take {len(r.xattr)} bytes, more than fit beside the inode in a block"
-            )
-        if r.ftype == EROFS_FT_DIR:
-            assert r.names is not None
-            r.dsize = dir_size(sorted([b".", b"..", *r.names]))
-        elif r.ftype == EROFS_FT_SYMLINK:
-            r.dsize = plan_common.symlink_size(r.path, node)
-        elif r.ftype == EROFS_FT_REG_FILE:
-            size = plan_common.file_size(r.path, node)
-            r.dsize = size
-            r.nchunks = (size + cs - 1) // cs
-            r.layout = EROFS_INODE_CHUNK_BASED
+    for r in range(len(r_node)):
+        n = r_node[r]
+        ft = r_ftype[r]
+        if tree.nsec[n] > 999_999_999:
+            raise FormatError(f"{plan.path(r)!r}: mtime_nsec {tree.nsec[n]} out of range")
+        if tree.xlen[n]:
+            xlen = len(encode_xattrs(tree.xattrs(n), plan.path(r)))
+            plan.r_xlen[r] = xlen
+            has_xattr = has_xattr or bool(xlen)
+            if INODE_SIZE + xlen > BLOCK:
+                raise FormatError(
+                    f"{plan.path(r)!r}: xattrs take {xlen} bytes, more than fit beside the inode in a block"
+                )
+        if ft == EROFS_FT_DIR:
+            names = [b".", b".."]
+            names += (tree.name(c) for c in ch.of(n))
+            names.sort()
+            plan.r_dsize[r] = dir_size(names)
+        elif ft == EROFS_FT_SYMLINK:
+            plan.r_dsize[r] = _symlink_size(plan, r)
+        elif ft == EROFS_FT_REG_FILE:
+            plan.r_dsize[r] = tree.size[n]
+            plan.r_layout[r] = EROFS_INODE_CHUNK_BASED
 
     # -- inode placement ------------------------------------------------------------------------
     cur = BLOCK  # first meta block stays empty, so the root's nid is 128 and never 0
@@ -338,39 +330,53 @@ def plan_v6(root: Inode, opts: BuildOptions) -> V6Plan:
         cur = _align(cur + total, EROFS_NID_SIZE)
         return off
 
-    for r in records:
-        base = INODE_SIZE + len(r.xattr)
-        if r.ftype in (EROFS_FT_DIR, EROFS_FT_SYMLINK):
-            tail = r.dsize % BLOCK
+    r_off, r_layout, r_dsize = plan.r_off, plan.r_layout, plan.r_dsize
+    for r in range(len(r_node)):
+        ft = r_ftype[r]
+        base = INODE_SIZE + plan.r_xlen[r]
+        if ft in (EROFS_FT_DIR, EROFS_FT_SYMLINK):
+            tail = r_dsize[r] % BLOCK
             if tail and base + tail <= BLOCK:
-                r.layout = EROFS_INODE_FLAT_INLINE
-                r.off = alloc(base + tail, base + tail)
+                r_layout[r] = EROFS_INODE_FLAT_INLINE
+                r_off[r] = alloc(base + tail, base + tail)
             else:
-                r.layout = EROFS_INODE_FLAT_PLAIN
-                r.off = alloc(base, base)
-        elif r.ftype == EROFS_FT_REG_FILE:
-            r.off = alloc(base, _align(base, CHUNK_INDEX_SIZE) + CHUNK_INDEX_SIZE * r.nchunks)
+                r_layout[r] = EROFS_INODE_FLAT_PLAIN
+                r_off[r] = alloc(base, base)
+        elif ft == EROFS_FT_REG_FILE:
+            r_off[r] = alloc(base, _align(base, CHUNK_INDEX_SIZE) + CHUNK_INDEX_SIZE * plan.nchunks(r))
         else:
-            r.off = alloc(base, base)
+            r_off[r] = alloc(base, base)
 
     data_blocks = 0
-    for r in records:
-        if r.ftype in (EROFS_FT_DIR, EROFS_FT_SYMLINK):
-            n = r.dsize // BLOCK if r.layout == EROFS_INODE_FLAT_INLINE else _align(r.dsize, BLOCK) // BLOCK
+    for r in range(len(r_node)):
+        if r_ftype[r] in (EROFS_FT_DIR, EROFS_FT_SYMLINK):
+            dsize = r_dsize[r]
+            n = dsize // BLOCK if r_layout[r] == EROFS_INODE_FLAT_INLINE else _align(dsize, BLOCK) // BLOCK
             if n:
-                r.data_blk = data_blocks
+                plan.r_data_blk[r] = data_blocks
                 data_blocks += n
 
-    plan = V6Plan(cs, records, cur, data_blocks, has_xattr=has_xattr)
-    plan.prefetch = _resolve_prefetch(root_rec, opts.prefetch_paths)
+    plan.inode_area, plan.data_blocks, plan.has_xattr = cur, data_blocks, has_xattr
+    plan.prefetch = _resolve_prefetch(plan, opts.prefetch_paths)
     return plan
 
 
-def _resolve_prefetch(root: _Rec, paths: Sequence[bytes]) -> list[_Rec]:
+def _symlink_size(plan: V6Plan, r: int) -> int:
+    tree, n = plan.tree, plan.r_node[r]
+    size = tree.b[n] if tree.kind[n] == K_SYMLINK else 0
+    if not 0 < size <= plan_common.MAX_SYMLINK or b"\0" in tree.symlink(n):
+        raise FormatError(
+            f"{plan.path(r)!r}: symlink target must be 1..{plan_common.MAX_SYMLINK} bytes without NUL"
+        )
+    return size
+
+
+def _resolve_prefetch(plan: V6Plan, paths: Sequence[bytes]) -> list[int]:
     """Records named by absolute prefetch paths, in order; covered and missing paths are dropped
     with a warning, as nydus does."""
+    tree, ch = plan.tree, plan.children
     chosen: list[bytes] = []
-    out: list[_Rec] = []
+    out: list[int] = []
     for raw in paths:
         got = plan_common.prefetch_path(raw, chosen)
         if got == "relative":
@@ -380,17 +386,17 @@ def _resolve_prefetch(root: _Rec, paths: Sequence[bytes]) -> list[_Rec]:
             log.info("prefetch path %r is covered by an earlier one", raw)
             continue
         norm, parts = got
-        rec: _Rec | None = root
+        node = 0
         for comp in parts:
-            if rec is None or rec.names is None or rec.kids is None:
-                rec = None
+            if node < 0 or plan.r_ftype[plan.rec_of[node]] != EROFS_FT_DIR:
+                node = -1
                 break
-            rec = next((r for n, r in zip(rec.names, rec.kids, strict=True) if n == comp), None)
-        if rec is None:
+            node = next((tree.resolve(c) for c in ch.of(node) if tree.name(c) == comp), -1)
+        if node < 0:
             log.warning("prefetch path %r is not in the image; ignored", raw)
             continue
         chosen.append(norm)
-        out.append(rec)
+        out.append(plan.rec_of[node])
     return out
 
 
@@ -420,15 +426,16 @@ def _validate_blobs(blobs: Sequence[BlobInfo], chunk_size: int) -> None:
 def write_v6(
     plan: V6Plan,
     blobs: Sequence[BlobInfo],
-    file_chunks: Callable[[Inode], bytes],
+    file_chunks: Callable[[int], bytes],
     opts: BuildOptions,
 ) -> bytearray:
-    """The bootstrap bytes. `file_chunks(inode)` is every regular file's chunk list in file
+    """The bootstrap bytes. `file_chunks(entry)` is every regular file's chunk list in file
     order as packed records, `blob_index` relative to `blobs` (the image's blob table, in order).
 
     The chunk table is gathered first, so the result is allocated once at its final size and
     returned without a copy (a bootstrap of 100k files is ~20 MiB)."""
     cs = plan.chunk_size
+    tree = plan.tree
     _validate_blobs(blobs, cs)
     nblobs = len(blobs)
     blob_table_offset = _align(RAFS_V6_DEVTABLE_OFFSET + V6_DEVSLOT_SIZE * nblobs, BLOCK)
@@ -448,26 +455,29 @@ def write_v6(
     buf[chunk_table_offset : chunk_table_offset + len(chunk_table)] = chunk_table
     del chunk_table
 
-    for ino, r in enumerate(plan.records, 1):
-        node = r.inode
-        pos = meta_base + r.off
-        base = INODE_SIZE + len(r.xattr)
+    r_off, rec_of, r_ftype = plan.r_off, plan.rec_of, plan.r_ftype
+    for r in range(len(plan)):
+        n = plan.r_node[r]
+        ft = r_ftype[r]
+        pos = meta_base + r_off[r]
+        xattr = encode_xattrs(tree.xattrs(n)) if plan.r_xlen[r] else b""
+        base = INODE_SIZE + len(xattr)
         i_u = 0
-        if r.ftype == EROFS_FT_DIR:
-            assert r.names is not None and r.kids is not None and r.parent is not None
-            nid, parent_nid = r.off // EROFS_NID_SIZE, r.parent.off // EROFS_NID_SIZE
+        if ft == EROFS_FT_DIR:
+            nid, parent_nid = r_off[r] // EROFS_NID_SIZE, r_off[plan.r_parent[r]] // EROFS_NID_SIZE
             ents = [(b".", nid, EROFS_FT_DIR), (b"..", parent_nid, EROFS_FT_DIR)]
-            ents += [(n, c.off // EROFS_NID_SIZE, c.ftype) for n, c in zip(r.names, r.kids, strict=True)]
+            for c in plan.children.of(n):
+                cr = rec_of[tree.resolve(c)]
+                ents.append((tree.name(c), r_off[cr] // EROFS_NID_SIZE, r_ftype[cr]))
             ents.sort(key=lambda e: e[0])
-            blocks = dir_blocks(ents)
-            i_u = _place_data(buf, r, blocks, pos + base, data_blk0)
-        elif r.ftype == EROFS_FT_SYMLINK:
-            target = node.symlink or b""
+            i_u = _place_data(buf, plan, r, dir_blocks(ents), pos + base, data_blk0)
+        elif ft == EROFS_FT_SYMLINK:
+            target = tree.symlink(n)
             pieces = [target[i : i + BLOCK] for i in range(0, len(target), BLOCK)]
-            i_u = _place_data(buf, r, pieces, pos + base, data_blk0)
-        elif r.ftype == EROFS_FT_REG_FILE:
+            i_u = _place_data(buf, plan, r, pieces, pos + base, data_blk0)
+        elif ft == EROFS_FT_REG_FILE:
             i_u = chunk_format
-            packed = file_chunks(node) if r.nchunks else b""
+            packed = file_chunks(n) if plan.r_dsize[r] else b""
             ipos = _align(pos + base, CHUNK_INDEX_SIZE)
             for k, (blob_index, uoff, index) in enumerate(CHUNK_KEY.iter_unpack(packed)):
                 CHUNK_INDEX.pack_into(
@@ -477,25 +487,25 @@ def write_v6(
                     (blob_index + 1) | (((index >> 16) & 0xFF) << 8),
                     uoff // BLOCK,
                 )
-        elif r.ftype in (EROFS_FT_CHRDEV, EROFS_FT_BLKDEV):
-            i_u = node.rdev & 0xFFFF_FFFF
+        elif ft in (EROFS_FT_CHRDEV, EROFS_FT_BLKDEV):
+            i_u = tree.rdev(n) & 0xFFFF_FFFF
         EXTENDED_INODE.pack_into(
             buf,
             pos,
-            1 | (r.layout << 1),
-            (len(r.xattr) - XATTR_IBODY_HEADER.size) // 4 + 1 if r.xattr else 0,
-            node.mode & 0xFFFF,
-            r.dsize,
+            1 | (plan.r_layout[r] << 1),
+            (len(xattr) - XATTR_IBODY_HEADER.size) // 4 + 1 if xattr else 0,
+            tree.mode[n] & 0xFFFF,
+            plan.r_dsize[r],
             i_u,
-            ino,
-            node.uid if explicit else 0,
-            node.gid if explicit else 0,
-            node.mtime,
-            node.mtime_nsec,
-            r.nlink,
+            r + 1,
+            tree.uid[n] if explicit else 0,
+            tree.gid[n] if explicit else 0,
+            tree.mtime[n],
+            tree.nsec[n],
+            plan.r_nlink[r],
         )
-        if r.xattr:
-            buf[pos + INODE_SIZE : pos + base] = r.xattr
+        if xattr:
+            buf[pos + INODE_SIZE : pos + base] = xattr
 
     # device slots (nydus places each blob's flat-disk image at a 512 KiB boundary after the last)
     pos = len(buf)
@@ -533,7 +543,7 @@ def write_v6(
             0,
         )
     for i, pr in enumerate(prefetch):
-        U32.pack_into(buf, prefetch_offset + 4 * i, pr.off // EROFS_NID_SIZE)
+        U32.pack_into(buf, prefetch_offset + 4 * i, r_off[pr] // EROFS_NID_SIZE)
 
     flags = SuperFlags.for_algorithms(opts.compressor, opts.digester)
     if explicit:
@@ -554,7 +564,7 @@ def write_v6(
         prefetch_offset,
         prefetch_size,
     )
-    root_nid = plan.records[0].off // EROFS_NID_SIZE
+    root_nid = r_off[0] // EROFS_NID_SIZE
     assert root_nid <= 0xFFFF
     SUPERBLOCK.pack_into(
         buf,
@@ -565,7 +575,7 @@ def write_v6(
         EROFS_BLKSZBITS,
         0,
         root_nid,
-        len(plan.records),
+        len(plan),
         0,
         0,
         total_blocks,
@@ -581,37 +591,77 @@ def write_v6(
     return buf
 
 
-def _chunk_table(plan: V6Plan, file_chunks: Callable[[Inode], bytes], nblobs: int) -> bytearray:
+def _chunk_table(plan: V6Plan, file_chunks: Callable[[int], bytes], nblobs: int) -> bytearray:
     """Check every file's chunks (in record order) and return the chunk table: the distinct
     chunk records (the first reference of each), sorted by (digest, blob_index + 1, ci_index).
-    The only object per chunk is its sort key, and only while this runs."""
+
+    Distinct records are found with an open-addressing table of record numbers over the
+    gathered records, and sorted one leading digest byte at a time: the sort keys exist for
+    1/256 of the chunks at once, never an object per chunk for the whole table."""
     cs = plan.chunk_size
-    keys: dict[bytes, int] = {}
     records = bytearray()
-    for r in plan.records:
-        if r.ftype != EROFS_FT_REG_FILE:
+    table = array("q", bytes(8 * 1024))
+    count = 0
+    buckets = [array("I") for _ in range(256)]  # record numbers by the digest's first byte
+    for r in range(len(plan)):
+        if plan.r_ftype[r] != EROFS_FT_REG_FILE:
             continue
-        packed = file_chunks(r.inode) if r.nchunks else b""
+        nchunks = plan.nchunks(r)
+        packed = file_chunks(plan.r_node[r]) if nchunks else b""
         n = len(packed) // CHUNK_RECORD_SIZE
-        if n != r.nchunks:
-            raise FormatError(f"{r.path!r}: {n} chunks for {r.dsize} bytes, expected {r.nchunks}")
+        if n != nchunks:
+            raise FormatError(f"{plan.path(r)!r}: {n} chunks for {plan.r_dsize[r]} bytes, expected {nchunks}")
         for k, c in enumerate(unpack_chunks(packed)):
-            _check_chunk(r, k, c, cs, nblobs)
-            key = c.digest + CHUNK_SORT_TAIL.pack(c.blob_index + 1, c.index)
-            if key not in keys:
-                keys[key] = len(keys)
-                records += packed[k * CHUNK_RECORD_SIZE : (k + 1) * CHUNK_RECORD_SIZE]
-    table = bytearray(len(records))
-    for i, key in enumerate(sorted(keys)):
-        src = keys[key] * CHUNK_RECORD_SIZE
-        table[i * CHUNK_RECORD_SIZE : (i + 1) * CHUNK_RECORD_SIZE] = records[src : src + CHUNK_RECORD_SIZE]
+            _check_chunk(plan, r, k, c, cs, nblobs)
+            rec = packed[k * CHUNK_RECORD_SIZE : (k + 1) * CHUNK_RECORD_SIZE]
+            key = _table_key(rec)
+            mask = len(table) - 1
+            h = hash(key) & mask
+            while table[h] and _table_key(records, (table[h] - 1) * CHUNK_RECORD_SIZE) != key:
+                h = (h + 1) & mask
+            if table[h]:
+                continue
+            records += rec
+            table[h] = count + 1
+            buckets[rec[0]].append(count)
+            count += 1
+            if count * 2 > len(table):
+                table = _grown(records, count, len(table) * 2)
+    del table
+    out = bytearray(len(records))
+    pos = 0
+    for bucket in buckets:
+        for i in sorted(bucket, key=lambda i: _sort_key(records, i * CHUNK_RECORD_SIZE)):
+            src = i * CHUNK_RECORD_SIZE
+            out[pos : pos + CHUNK_RECORD_SIZE] = records[src : src + CHUNK_RECORD_SIZE]
+            pos += CHUNK_RECORD_SIZE
+    return out
+
+
+def _table_key(buf: "bytes | bytearray", off: int = 0) -> bytes:
+    """What makes a chunk table entry distinct: digest, blob_index and ci_index of a record."""
+    return bytes(buf[off : off + _BLOB_INDEX_END]) + bytes(buf[off + _INDEX_AT : off + _INDEX_AT + 4])
+
+
+def _sort_key(buf: bytearray, off: int) -> bytes:
+    blob_index, index = _BLOB_AND_INDEX.unpack_from(buf, off)
+    return bytes(buf[off : off + 32]) + CHUNK_SORT_TAIL.pack(blob_index + 1, index)
+
+
+def _grown(records: bytearray, count: int, cap: int) -> "array[int]":
+    table = array("q", bytes(8 * cap))
+    mask = cap - 1
+    for i in range(count):
+        h = hash(_table_key(records, i * CHUNK_RECORD_SIZE)) & mask
+        while table[h]:
+            h = (h + 1) & mask
+        table[h] = i + 1
     return table
 
 
-
-def _place_data(buf: bytearray, r: _Rec, pieces: list[bytes], inline_pos: int, data_blk0: int) -> int:
+def _place_data(buf: bytearray, plan: V6Plan, r: int, pieces: list[bytes], inline_pos: int, data_blk0: int) -> int:
     """Write dir/symlink data blocks; returns i_u (raw_blkaddr of the first full block)."""
-    if r.layout == EROFS_INODE_FLAT_INLINE:
+    if plan.r_layout[r] == EROFS_INODE_FLAT_INLINE:
         full, tail = pieces[:-1], pieces[-1]
         assert len(tail) < BLOCK
         buf[inline_pos : inline_pos + len(tail)] = tail
@@ -619,29 +669,30 @@ def _place_data(buf: bytearray, r: _Rec, pieces: list[bytes], inline_pos: int, d
         full = pieces
     if not full:
         return 0
-    blk = data_blk0 + r.data_blk
+    blk = data_blk0 + plan.r_data_blk[r]
     for i, p in enumerate(full):
         o = (blk + i) * BLOCK
         buf[o : o + len(p)] = p
     return blk
 
 
-def _check_chunk(r: _Rec, k: int, c: ChunkInfo, cs: int, nblobs: int) -> None:
-    want = min(cs, r.dsize - k * cs)
+def _check_chunk(plan: V6Plan, r: int, k: int, c: ChunkInfo, cs: int, nblobs: int) -> None:
+    dsize = plan.r_dsize[r]
+    want = min(cs, dsize - k * cs)
     if c.file_offset != k * cs or c.uncompressed_size != want:
         raise FormatError(
-            f"{r.path!r}: chunk {k} covers [{c.file_offset}, +{c.uncompressed_size}), "
+            f"{plan.path(r)!r}: chunk {k} covers [{c.file_offset}, +{c.uncompressed_size}), "
             f"expected [{k * cs}, +{want}) (v6 files are dense chunk arrays)"
         )
     if not 0 <= c.blob_index < nblobs:
-        raise FormatError(f"{r.path!r}: chunk {k} refers to blob {c.blob_index}, image has {nblobs}")
+        raise FormatError(f"{plan.path(r)!r}: chunk {k} refers to blob {c.blob_index}, image has {nblobs}")
     if c.uncompressed_offset % BLOCK:
         raise FormatError(
-            f"{r.path!r}: chunk {k} uncompressed offset {c.uncompressed_offset:#x} not 4K aligned"
+            f"{plan.path(r)!r}: chunk {k} uncompressed offset {c.uncompressed_offset:#x} not 4K aligned"
         )
     if not 0 <= c.index < 1 << 24:
-        raise FormatError(f"{r.path!r}: chunk {k} ci_index {c.index} needs more than 24 bits")
+        raise FormatError(f"{plan.path(r)!r}: chunk {k} ci_index {c.index} needs more than 24 bits")
     if c.uncompressed_offset // BLOCK > 0xFFFF_FFFF:
-        raise FormatError(f"{r.path!r}: chunk {k} uncompressed offset beyond 16 TiB")
+        raise FormatError(f"{plan.path(r)!r}: chunk {k} uncompressed offset beyond 16 TiB")
     if c.flags & ~(ChunkFlags.COMPRESSED | ChunkFlags.HAS_CRC32 | ChunkFlags.ENCRYPTED | ChunkFlags.BATCH):
-        raise FormatError(f"{r.path!r}: chunk {k} has unknown flags {int(c.flags):#x}")
+        raise FormatError(f"{plan.path(r)!r}: chunk {k} has unknown flags {int(c.flags):#x}")

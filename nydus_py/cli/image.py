@@ -30,6 +30,7 @@ from ..builder.limits import (
     parse_size,
 )
 from ..builder.options import BuildOptions, BuildResult
+from ..builder.packed import Tree, as_tree
 from ..builder.sources import SourceStats, detect_compression, tree_from_directory, tree_from_tar
 from ..builder.tree import Inode
 from ..rafs.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Compressor, Digester
@@ -158,7 +159,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _source_tree(
     path: str, kind: str | None, stats: SourceStats, limits: ExpansionLimits, spool_dir: str
-) -> Inode:
+) -> Tree:
     is_dir = os.path.isdir(path)
     if kind is None:
         kind = "dir-rafs" if is_dir else "tar-rafs"
@@ -178,7 +179,8 @@ def _source_tree(
         raise type(e)(f"{path}: {e}") from None
 
 
-def _prefetch_paths(list_file: str, root: Inode) -> list[bytes]:
+def _prefetch_paths(list_file: str, root: "Inode | Tree") -> list[bytes]:
+    tree = as_tree(root)
     out: list[bytes] = []
     with open(list_file, "rb") as f:
         for line in f:
@@ -188,22 +190,11 @@ def _prefetch_paths(list_file: str, root: Inode) -> list[bytes]:
             if not p.startswith(b"/"):
                 p = b"/" + p
             p = b"/" + b"/".join(c for c in p.split(b"/") if c and c != b".")
-            if _lookup(root, p) is None:
+            if tree.find(p) < 0:
                 print(f"{PROG}: warning: prefetch path {p.decode('utf-8', 'replace')} is not in the image; ignored", file=sys.stderr)
                 continue
             out.append(p)
     return out
-
-
-def _lookup(root: Inode, path: bytes) -> Inode | None:
-    node: Inode | None = root
-    for comp in path.split(b"/"):
-        if not comp:
-            continue
-        if node is None or node.children is None:
-            return None
-        node = node.children.get(comp)
-    return node
 
 
 def _write_result(result: BuildResult, output_json: str | None) -> None:
@@ -239,7 +230,7 @@ def cmd_create(a: argparse.Namespace) -> int:
     parent = None
     try:
         limits = limits_from_args(a)
-        layers = [_source_tree(s, a.type, stats, limits, a.blob_dir) for s in a.sources]
+        layers: list[Inode | Tree] = [_source_tree(s, a.type, stats, limits, a.blob_dir) for s in a.sources]
         if a.parent_bootstrap:
             from ..rafs import open_bootstrap
 

@@ -2,8 +2,9 @@
 
 `LayerStack.add_layer` reads one uncompressed layer tar (whiteouts are ordinary entries at this
 point), writes that layer's data blob with the chunks no lower layer already stored (chunks are
-deduplicated across layers by digest), and keeps only the layer's tree with every regular file
-turned into a `ChunkedData` pointing at the blobs: after it returns, the tar is no longer needed.
+deduplicated across layers by digest), and keeps only the layer's packed tree (`packed.Tree`:
+array columns, no object per entry) with every regular file's data turned into chunk records
+pointing at the blobs: after it returns, the tar is no longer needed.
 `finish` stacks those trees (OCI whiteouts applied, `merge.merge_layers`) and writes the image
 bootstrap with `build.build_image`, which then has no new data to write.
 
@@ -13,7 +14,7 @@ layers drop out of the table, so only blobs the image uses are pushed.
 """
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
@@ -22,8 +23,9 @@ from ..builder.build import build_image, check_options
 from ..builder.chunk_records import ChunkRecords
 from ..builder.merge import merge_layers
 from ..builder.options import BuildOptions, BuildResult
+from ..builder.packed import K_TAR, Tree
 from ..builder.sources import SourceStats, tree_from_tar
-from ..builder.tree import ChunkedData, FileData, Inode, walk
+from ..builder.tree import FileData
 from ..builder.v5_writer import plan_v5
 from ..builder.v6_writer import plan_v6
 from ..rafs.layout_common import CHUNK_RECORD_SIZE
@@ -95,7 +97,7 @@ class LayerStack:
         self.opts = opts
         self.blob_dir = blob_dir
         self.blobs: list[BlobInfo] = []  # shared by every ChunkedData of the stack
-        self.layers: list[Inode] = []
+        self.layers: list[Tree] = []
         self.dedup = ChunkRecords()  # every stored chunk of the stack, packed
         self._finished = False
 
@@ -105,27 +107,36 @@ class LayerStack:
         if self._finished:
             raise RuntimeError("LayerStack already finished")
         stats = SourceStats()
-        root = tree_from_tar(tar, stats)
-        opts = self._layer_options(root)
-        plan = plan_v5(root, opts) if opts.fs_version == 5 else plan_v6(root, opts)
+        tree = tree_from_tar(tar, stats)
+        opts = self._layer_options(tree)
+        plan = plan_v5(tree, opts) if opts.fs_version == 5 else plan_v6(tree, opts)
         order = plan.data_order()
-        datas = [n.data for n in order if isinstance(n.data, FileData)]
+        del plan
+        bset = tree.blob_set(self.blobs)
+        refs = 0
+
+        def stored(i: int, chunks: bytes) -> None:
+            nonlocal refs
+            n = order[i]
+            refs += len(chunks) // CHUNK_RECORD_SIZE
+            tree.set_chunks(n, chunks, tree.size[n], bset)
+
+        datas: Iterator[FileData] = (_file_data(tree, n) for n in order)
         if progress is not None:
-            datas = [_counting(d, progress) for d in datas]
+            datas = (_counting(d, progress) for d in datas)
         with BlobWriter(self.blob_dir, self.opts, blob_index=len(self.blobs), existing=self.dedup) as writer:
-            results = writer.add_files(datas)
+            writer.add_files_stream(datas, stored)
             blob = writer.finish()
         if blob is not None:
             self.blobs.append(blob)
-        for node, chunks in zip(order, results, strict=True):
-            assert node.data is not None
-            node.data = ChunkedData(size=node.data.size, chunks=chunks, blobs=self.blobs)
-        refs = sum(len(c) for c in results) // CHUNK_RECORD_SIZE
-        for _path, node in walk(root):  # empty files still hold the tar open: let go of it
-            if node.is_reg and isinstance(node.data, FileData):
-                node.data = ChunkedData(size=0, chunks=b"", blobs=self.blobs)
+        kind = tree.kind
+        for n in range(len(tree)):  # empty (or unreachable) files: no chunks; let go of the tar
+            if kind[n] == K_TAR:
+                tree.set_chunks(n, b"", tree.size[n], bset)
+        tree.backings.clear()
+        tree.freeze()
         self.dedup.update(writer.chunks)
-        self.layers.append(root)
+        self.layers.append(tree)
         return LayerResult(
             blob=blob,
             blob_path=writer.path,
@@ -137,14 +148,14 @@ class LayerStack:
             stored_compressed=writer.stored_compressed,
         )
 
-    def _layer_options(self, root: Inode) -> BuildOptions:
+    def _layer_options(self, tree: Tree) -> BuildOptions:
         """The build options of one layer: only the prefetch paths this layer has (the others
         belong to other layers, no warning about them here). Its blob then starts with those
         files, in the given order; the merged bootstrap's prefetch table lists them all."""
         if not self.opts.prefetch_paths:
             return self.opts
-        present = {p for p, _node in walk(root)}
-        mine = [p for p in self.opts.prefetch_paths if _normalize(p) in present]
+        mine = [p for p in self.opts.prefetch_paths if tree.find(_normalize(p)) >= 0]
+        tree.freeze()
         return replace(self.opts, prefetch_paths=mine)
 
     def finish(self, bootstrap_path: str) -> BuildResult:
@@ -159,13 +170,18 @@ class LayerStack:
         self._finished = True
         self.dedup = ChunkRecords()
         layers, self.layers = self.layers, []
-        root = merge_layers(layers, "oci")
-        del layers  # the merge copied the directories it needs
+        root = merge_layers(layers, "oci", consume=True)  # each layer goes once merged
         scratch = os.path.join(self.blob_dir, ".merge")
         result = build_image(root, bootstrap_path, scratch, self.opts)
         if result.blob_id is not None:  # every file is ChunkedData: a new blob means a bug here
             raise AssertionError("merging layers wrote new blob data")
         return result
+
+
+def _file_data(tree: Tree, n: int) -> FileData:
+    data = tree.file_data(n)
+    assert data is not None  # data_order lists files with new data only
+    return data
 
 
 def _normalize(path: bytes) -> bytes:

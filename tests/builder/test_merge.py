@@ -1,6 +1,5 @@
 """Layer merging with OCI/overlayfs whiteouts, and bootstrap -> tree reconstruction."""
 
-import copy
 import hashlib
 import io
 import json
@@ -62,7 +61,7 @@ def test_multilayer_like_e2e_rig() -> None:
         "/etc",
         "/etc/hostname",
     }
-    assert lookup(merged, "bin/tool") is lookup(merged, "bin/tool-link")
+    assert lookup(merged, "bin/tool") == lookup(merged, "bin/tool-link")
     assert read_all(lookup(merged, "data/opq/b")) == b"b"
 
 
@@ -122,8 +121,8 @@ def test_hard_links_across_merge() -> None:
     upper = layer(member(".wh.a", data=b""), member("c", data=b"c2"), member("d", tarfile.LNKTYPE, linkname="c"))
     merged = merge_layers([lower, upper])
     b = lookup(merged, "b")
-    assert read_all(b) == b"shared" and b is lookup(lower, "a")  # the surviving name keeps the inode
-    assert lookup(merged, "c") is lookup(merged, "d") and read_all(lookup(merged, "d")) == b"c2"
+    assert read_all(b) == b"shared" and b != lookup(merged, "c")  # the surviving name keeps the inode
+    assert lookup(merged, "c") == lookup(merged, "d") and read_all(lookup(merged, "d")) == b"c2"
 
 
 def test_inputs_are_not_modified() -> None:
@@ -226,7 +225,7 @@ def test_tree_from_fixture_image(nydus_fixtures: Path, boot: str) -> None:
         assert md5s.keys() <= files.keys()
         for path, digest in md5s.items():
             assert hashlib.md5(read_all(files[path])).hexdigest() == digest, path
-    assert lookup(chunked, "hardlink-test/foo") is lookup(chunked, "hardlink-test/test.sh")
+    assert lookup(chunked, "hardlink-test/foo") == lookup(chunked, "hardlink-test/test.sh")
     assert lookup(chunked, "symlink-test/root-1").symlink == b"/////////////////"
     refs = names = 0
     for _path, node in walk(chunked):
@@ -273,12 +272,9 @@ def test_merge_image_trees_reuses_chunks(nydus_fixtures: Path) -> None:
         str(nydus_fixtures / "v5-blake3-lz4.boot")
     ) as b:
         lower, upper = tree_from_image(a), tree_from_image(b)
-    upper_copy = copy.copy(upper)
-    assert upper_copy.children is not None
-    upper_copy.children = dict(upper_copy.children)
-    del upper_copy.children[b"symlink-test"]
-    upper_copy.children[b".wh.symlink-test"] = Inode(mode=stat.S_IFREG | 0o644)
-    merged = merge_layers([lower, upper_copy])
-    assert b"symlink-test" not in (merged.children or {})
+    upper.remove(0, b"symlink-test")
+    upper.add(0, b".wh.symlink-test", stat.S_IFREG | 0o644)
+    merged = merge_layers([lower, upper])
+    assert b"symlink-test" not in (merged.root.children or {})
     f = lookup(merged, "hardlink-test/foo")
     assert isinstance(f.data, ChunkedData) and f.data.blobs[0].blob_id.startswith("d7b86b1e")

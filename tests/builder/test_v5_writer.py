@@ -12,6 +12,7 @@ import struct
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -21,6 +22,7 @@ from nydus_py.builder.build import build_image
 from nydus_py.builder.check import check_image
 from nydus_py.builder.merge import tree_from_image
 from nydus_py.builder.options import BuildOptions
+from nydus_py.builder.packed import Tree
 from nydus_py.builder.tree import ChunkedData, FileData, Inode, walk
 from nydus_py.cli.image import main
 from nydus_py.rafs import codec, open_bootstrap
@@ -111,9 +113,10 @@ names = (
 )
 
 
-def kids(node: Inode) -> dict[bytes, Inode]:
-    assert node.children is not None
-    return node.children
+def kids(node: "Inode | Tree") -> dict[bytes, Any]:
+    n: Any = node.root if isinstance(node, Tree) else node
+    assert n.children is not None
+    return n.children
 
 
 def lk(img: RafsImage, parent: int, name: bytes) -> int:

@@ -18,9 +18,10 @@ from nydus_py.builder.blob_writer import BlobWriter
 from nydus_py.builder.build import build_image
 from nydus_py.builder.cache_view import write_cache_view
 from nydus_py.builder.options import BuildOptions, BuildResult
-from nydus_py.builder.tree import ChunkedData, FileData, Inode
+from nydus_py.builder.tree import FileData, Inode
 from nydus_py.cli.image import main as image_cli
 from nydus_py.rafs.constants import Compressor, Digester
+from nydus_py.rafs.layout_common import pack_chunks
 from tests.conftest import require_tool
 
 from .erofs_rig import compare_trees, erofs_available, erofs_mount, tree_from_directory
@@ -298,8 +299,7 @@ def test_layered_image_uses_existing_blobs(tmp_path):
     info = w.finish()
     assert info is not None
     root = tree_from_directory(str(src))
-    node = root.children[b"lower"]
-    node.data = ChunkedData(len(lower), chunks, [info])
+    root.set_chunks(root.find(b"/lower"), pack_chunks(chunks), len(lower), root.blob_set([info]))
     r = build_and_check(str(src), str(tmp_path / "w"), opts, root=root)
     assert r.blob_ids == [info.blob_id, r.blob_id]
     assert r.deduplicated == 2  # the two leading chunks of "upper" are the lower blob's

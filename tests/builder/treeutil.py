@@ -4,8 +4,10 @@ import hashlib
 import io
 import stat
 import tarfile
+from typing import Any
 
-from nydus_py.builder.tree import ChunkedData, Inode, walk
+from nydus_py.builder.packed import Tree
+from nydus_py.builder.tree import ChunkedData, Inode, ident, walk
 
 
 def member(
@@ -41,9 +43,11 @@ def make_tar(members: list[tuple[tarfile.TarInfo, bytes]], fmt: int = tarfile.PA
     return buf.getvalue()
 
 
-def lookup(root: Inode, path: str | bytes) -> Inode:
+def lookup(root: Inode | Tree, path: str | bytes) -> Any:
+    """The node at `path`: an `Inode`, or a `packed.Node` view of a packed tree (compare those
+    with ==, not `is`)."""
     p = path.encode() if isinstance(path, str) else path
-    node = root
+    node: Any = root.root if isinstance(root, Tree) else root
     for comp in p.split(b"/"):
         if comp:
             assert node.children is not None, f"{p!r}: {comp!r} under a non-directory"
@@ -51,20 +55,20 @@ def lookup(root: Inode, path: str | bytes) -> Inode:
     return node
 
 
-def read_all(node: Inode) -> bytes:
+def read_all(node: Any) -> bytes:
     assert node.data is not None and not isinstance(node.data, ChunkedData)
     with node.data.open() as f:
         return f.read()
 
 
-def describe(root: Inode, *, data: bool = True, mtime_nsec: bool = True) -> dict[bytes, tuple]:
+def describe(root: Inode | Tree, *, data: bool = True, mtime_nsec: bool = True) -> dict[bytes, tuple]:
     """path -> (type/mode, uid, gid, mtime, nsec, rdev, xattrs, symlink, size, sha256, link group)."""
     groups: dict[int, bytes] = {}
     out: dict[bytes, tuple] = {}
     for path, node in walk(root):
         group = b""
         if node.children is None:
-            group = groups.setdefault(id(node), path)
+            group = groups.setdefault(ident(node), path)
         digest = ""
         if data and node.is_reg and node.data is not None and node.size:
             digest = hashlib.sha256(read_all(node)).hexdigest()

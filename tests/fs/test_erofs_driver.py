@@ -26,7 +26,7 @@ from nydus_py.builder.blob_writer import BlobWriter
 from nydus_py.builder.build import build_image
 from nydus_py.builder.cache_view import write_cache_view
 from nydus_py.builder.options import BuildOptions
-from nydus_py.builder.tree import ChunkedData, FileData
+from nydus_py.builder.tree import FileData
 from nydus_py.config import ConfigError, parse_any
 from nydus_py.fs.blob_view import BlobViewFilesystem
 from nydus_py.fs.erofs_serve import ErofsServe
@@ -34,6 +34,7 @@ from nydus_py.fuse.api import FuseError
 from nydus_py.metrics.backend import BackendStats, instrument
 from nydus_py.rafs import open_bootstrap
 from nydus_py.rafs.constants import Compressor
+from nydus_py.rafs.layout_common import pack_chunks
 from nydus_py.rafs.model import RafsImage
 from nydus_py.storage.cache import BlobCacheManager
 from nydus_py.storage.device import BlobDevice
@@ -152,7 +153,7 @@ def test_multi_blob_image_with_dedup_across_layers(tmp_path) -> None:
     info = w.finish()
     assert info is not None
     root = tree_from_directory(str(src))
-    root.children[b"lower"].data = ChunkedData(len(lower), chunks, [info])
+    root.set_chunks(root.find(b"/lower"), pack_chunks(chunks), len(lower), root.blob_set([info]))
     boot = os.path.join(work, "boot")
     r = build_image(root, boot, blobs, opts)
     assert r.blob_ids == [info.blob_id, r.blob_id] and r.deduplicated >= 3

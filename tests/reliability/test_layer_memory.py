@@ -4,8 +4,11 @@ Python-heap bounds per tar entry, traced with tracemalloc (deterministic, unlike
 room to spare over what the builder needs today and well under what it needed before: the tar
 parser kept every TarInfo (~0.5 KiB each) until the tree was done, and the convert build wrapped
 each file's stream in a class made per file (~1 KiB+ each), and every chunk was a `ChunkInfo`
-(~400 B) until the image was finished. `benchmarks/bench_convert_memory.py` measures the
-process's peak RSS for 100k entries.
+(~400 B) until the image was finished; then the tree itself was an `Inode` + `FileData` +
+opener + dict slot per entry (~330 B). Now the tree is packed (`builder.packed`: array columns)
+and the dedup map an open-addressing table over packed records, so what a layer keeps is a
+handful of allocations whatever its size: the tests count allocations as well as bytes.
+`benchmarks/bench_convert_memory.py` measures the process's peak RSS for 100k entries.
 """
 
 import gc
@@ -60,8 +63,60 @@ def traced(fn: Callable[[], T]) -> tuple[T, int, int]:
 def test_tar_tree_is_small_per_entry(many_entries: Path) -> None:
     root, kept, peak = traced(lambda: tree_from_tar(str(many_entries)))
     assert sum(1 for _ in walk(root)) == ENTRIES + 3  # + /, /usr, /usr/lib
-    assert kept / ENTRIES < 500, kept / ENTRIES  # 876 B before, 328 B now
-    assert peak / ENTRIES < 600, peak / ENTRIES  # 1288 B before: every TarInfo kept
+    # 876 B before; 328 B with an Inode per entry; 87 B packed (columns + names)
+    assert kept / ENTRIES < 120, kept / ENTRIES
+    assert peak / ENTRIES < 250, peak / ENTRIES  # 1288 B before: every TarInfo kept; 141 B now
+
+
+def retained_blocks(fn: Callable[[], T]) -> tuple[T, int, list[str]]:
+    """(result, allocations still alive after `fn` and a collection, the biggest sites)."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.take_snapshot()
+        result = fn()
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+    finally:
+        tracemalloc.stop()
+    diff = after.compare_to(before, "lineno")
+    blocks = sum(d.count_diff for d in diff if d.count_diff > 0)
+    return result, blocks, [str(d) for d in diff[:5]]
+
+
+def live_instances(*types: type) -> int:
+    return sum(1 for o in gc.get_objects() if isinstance(o, types))
+
+
+def test_layer_tree_holds_no_object_per_entry(many_entries: Path) -> None:
+    """Reading a layer of 10k entries leaves a bounded number of allocations behind (the old
+    tree left ~4 per entry: Inode, FileData, opener, name) and no inode or view object."""
+    from nydus_py.builder.tree import FileData, Inode
+
+    tree, blocks, top = retained_blocks(lambda: tree_from_tar(str(many_entries)))
+    assert blocks < 200, (blocks, top)  # ~40 000 with an Inode tree
+    assert live_instances(Inode, FileData) == 0
+    try:
+        from nydus_py.builder.packed import Node
+    except ImportError:  # the Inode model had no views
+        return
+    assert live_instances(Node) == 0
+    del tree
+
+
+def test_converted_layer_holds_no_object_per_entry(many_entries: Path, tmp_path: Path) -> None:
+    """What a LayerStack keeps of a converted layer (its tree with chunk records, the dedup map
+    over every stored chunk) is a bounded number of allocations too."""
+
+    def build() -> LayerStack:
+        stack = LayerStack(BuildOptions(), str(tmp_path))
+        with open(many_entries, "rb") as f:
+            stack.add_layer(f)
+        return stack
+
+    stack, blocks, top = retained_blocks(build)
+    assert len(stack.layers) == 1
+    assert blocks < 300, (blocks, top)  # ~60 000 with Inodes and a dict over chunk digests
 
 
 def test_layer_build_with_progress_is_small_per_entry(many_entries: Path, tmp_path: Path) -> None:
@@ -78,8 +133,9 @@ def test_layer_build_with_progress_is_small_per_entry(many_entries: Path, tmp_pa
 
     stack, _kept, peak = traced(build)
     assert consumed[0] > 0 and len(stack.layers) == 1
-    # 5344 B before: a class per file; 1196 B with a ChunkInfo per chunk; 1091 B packed
-    assert peak / ENTRIES < 1150, peak / ENTRIES
+    # 5344 B before: a class per file; 1196 B with a ChunkInfo per chunk; 1091 B with packed
+    # chunks; 416 B with the packed tree and dedup table
+    assert peak / ENTRIES < 550, peak / ENTRIES
 
 
 def test_converted_layer_and_its_bootstrap_are_small_per_entry(many_entries: Path, tmp_path: Path) -> None:
@@ -100,5 +156,23 @@ def test_converted_layer_and_its_bootstrap_are_small_per_entry(many_entries: Pat
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert kept / ENTRIES < 620, kept / ENTRIES  # 685 B with a ChunkInfo per chunk; 581 B now
-    assert peak / ENTRIES < 1000, peak / ENTRIES  # 1321 B before; 891 B now
+    # 685 B with a ChunkInfo per chunk; 581 B with packed chunks; 291 B with the packed tree
+    # (87 B of columns, 80 B chunk record) and dedup table (80 B record + table slots)
+    assert kept / ENTRIES < 340, kept / ENTRIES
+    assert peak / ENTRIES < 700, peak / ENTRIES  # 1321 B before; 891 B; 549 B packed
+
+
+@pytest.mark.parametrize("fs_version", [5, 6])
+def test_write_plans_hold_no_object_per_entry(many_entries: Path, fs_version: int) -> None:
+    """The writers' per-inode plan (v6 records, v5 slots) is array columns: planning a layer of
+    10k entries leaves a bounded number of allocations (a `_Rec`/`_Slot` object per inode
+    before)."""
+    from nydus_py.builder.v5_writer import plan_v5
+    from nydus_py.builder.v6_writer import plan_v6
+
+    tree = tree_from_tar(str(many_entries))
+    opts = BuildOptions(fs_version=fs_version)
+    plan, blocks, top = retained_blocks(lambda: (plan_v5 if fs_version == 5 else plan_v6)(tree, opts))
+    assert blocks < 100, (blocks, top)  # ~10 000 with an object per inode
+    order, blocks, top = retained_blocks(plan.data_order)
+    assert len(order) == ENTRIES - 100 and blocks < 20, (blocks, top)
