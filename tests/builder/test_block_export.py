@@ -19,9 +19,10 @@ from nydus_py.builder.blob_writer import BlobWriter
 from nydus_py.builder.build import build_image
 from nydus_py.builder.cache_view import write_cache_view
 from nydus_py.builder.options import BuildOptions
-from nydus_py.builder.tree import ChunkedData, FileData
+from nydus_py.builder.tree import FileData
 from nydus_py.cli.image import main as image_cli
 from nydus_py.rafs.constants import Compressor
+from nydus_py.rafs.layout_common import pack_chunks
 from nydus_py.rafs.loader import open_bootstrap
 from tests.conftest import require_tool
 
@@ -104,7 +105,7 @@ def two_blob_image(tmp_path: Path) -> tuple[Path, Path, Path, list[str]]:
     info = w.finish()
     assert info is not None
     root = tree_from_directory(str(src))
-    root.children[b"lower"].data = ChunkedData(len(lower), chunks, [info])
+    root.set_chunks(root.find(b"/lower"), pack_chunks(chunks), len(lower), root.blob_set([info]))
     boot = tmp_path / "boot"
     r = build_image(root, str(boot), str(blobs), opts)
     assert r.blob_ids == [info.blob_id, r.blob_id]
