@@ -2,6 +2,7 @@
 the kernel enforces them (FUSE_POSIX_ACL), and caches them, so a warm `ls -l` sends no GETXATTR
 for them any more."""
 
+import errno
 import json
 import os
 import re
@@ -136,7 +137,7 @@ def test_the_kernel_enforces_the_images_acls(acl_image: tuple[Path, Path]) -> No
     src, work = acl_image
     img = work / "img"
     want = _probe(str(src))
-    denied = os.strerror(13)
+    denied = os.strerror(errno.EACCES)
     assert want == {"shared/granted": "ok", "shared/denied": denied, "shared/by-group": "ok", "shared/masked": denied,
                     "private/inside": "ok", "closed/inside": denied, "readme": "ok", "plain/f00": "ok"}
     with nydusd(str(img / "boot"), str(img / "blobs"), str(work / "mnt-perm"), str(work)) as d:
@@ -172,3 +173,39 @@ def test_a_warm_ls_l_sends_no_acl_getxattr(acl_image: tuple[Path, Path]) -> None
     assert first.get("system.posix_acl_access", 0) >= PLAIN_FILES, first
     # ... and the kernel kept every answer, "no ACL" included
     assert second == {} and third == {}, (second, third)
+
+
+@pytest.mark.slow
+def test_shared_daemon_image_without_xattrs_beside_one_with_acls(acl_image: tuple[Path, Path]) -> None:
+    """A shared daemon negotiates POSIX_ACL before any image is there; an image without xattrs
+    asked first must not switch xattrs off for the connection (ENOSYS would)."""
+    from tests.daemon.rig import Api, DaemonProc, cleanup_mount, make_image, snapshotter_config
+
+    src, work = acl_image
+    shared = work / "shared-daemon"
+    shared.mkdir()
+    bare = make_image(str(shared), seed=7, files=4)
+    mnt, sock = shared / "mnt", str(shared / "api.sock")
+    mnt.mkdir()
+    d = DaemonProc(["fuse", "--mountpoint", str(mnt), "--apisock", sock], str(shared / "daemon.log"))
+    api = Api(sock)
+    try:
+        d.wait_socket(sock)
+        for name, boot, blobs in (("bare", bare.boot, bare.blobs),
+                                  ("acl", str(work / "img" / "boot"), str(work / "img" / "blobs"))):
+            body = {"fs_type": "rafs", "source": boot, "config": snapshotter_config(blobs, name)}
+            r = api.request("POST", "/api/v1/mount", {"mountpoint": f"/{name}"}, body)
+            assert r.status == 204, r.body
+        subprocess.run(["ls", "-l", str(mnt / "bare")], check=True, capture_output=True)
+        with pytest.raises(OSError) as ei:
+            os.getxattr(mnt / "bare" / "id-7", "user.anything")
+        assert ei.value.errno == errno.ENODATA  # the image has none, and xattrs stay on
+        assert os.listxattr(mnt / "bare" / "id-7") == []
+        assert os.getxattr(mnt / "acl" / "plain" / "f00", "user.note") == b"an ordinary xattr beside the ACLs"
+        assert _probe(str(mnt / "acl")) == _probe(str(src))
+        assert _getfacl(mnt / "acl") == _getfacl(src)
+        assert d.stop() == 0
+    finally:
+        api.close()
+        d.kill()
+        cleanup_mount(str(mnt))
