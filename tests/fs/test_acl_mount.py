@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.builder.erofs_rig import erofs_available, erofs_mount
 from tests.fs.mountrig import build, nydusd
 
 pytestmark = [
@@ -76,7 +77,8 @@ def acl_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("acl")
     src = work / "src"
     make_acl_tree(src)
-    build(str(src), str(work / "img"), views=False)
+    img = build(str(src), str(work / "img"))
+    (work / "views.json").write_text(json.dumps(img.views))
     return src, work
 
 
@@ -142,6 +144,18 @@ def test_the_kernel_enforces_the_images_acls(acl_image: tuple[Path, Path]) -> No
                     "private/inside": "ok", "closed/inside": denied, "readme": "ok", "plain/f00": "ok"}
     with nydusd(str(img / "boot"), str(img / "blobs"), str(work / "mnt-perm"), str(work)) as d:
         assert _probe(d.mountpoint) == want
+
+
+@pytest.mark.slow
+def test_kernel_erofs_reads_the_same_acls_from_the_bootstrap(acl_image: tuple[Path, Path]) -> None:
+    """The kernel's own reader of the same v6 bootstrap is the oracle for how the ACLs are stored."""
+    erofs_available()
+    src, work = acl_image
+    mnt = work / "mnt-erofs"
+    mnt.mkdir(exist_ok=True)
+    with erofs_mount(str(work / "img" / "boot"), json.loads((work / "views.json").read_text()), str(mnt)):
+        assert _getfacl(mnt) == _getfacl(src)
+        assert _probe(str(mnt)) == _probe(str(src))
 
 
 _ACL_GETXATTR = re.compile(r"FUSE GETXATTR .*name=b'(system\.posix_acl_(?:access|default))'")
