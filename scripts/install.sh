@@ -10,6 +10,7 @@ DEB_PACKAGES=(
   squashfuse       # squashfuse_ll: FUSE peer in benchmarks
   fuse3            # fusermount3 for unprivileged mounts
   attr             # getfattr/setfattr for tests and debugging
+  acl              # getfacl/setfacl: the POSIX ACL tests compare getfacl -R through a mount with the source
   util-linux       # mount, losetup
   qemu-system-x86  # QEMU 7.2 (TCG) + its virtiofsd: the virtio-fs guest tests and the benchmark peer
   busybox-static   # the guest initramfs of the virtio-fs tests (the kernel is apt-get downloaded by the tests)

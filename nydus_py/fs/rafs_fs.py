@@ -21,6 +21,7 @@ from ..fuse.api import (
     FuseError,
     StatFs,
 )
+from ..rafs.acl import ACL_NAMES, acl_xattr_problem
 from ..rafs.errors import FormatError
 from ..rafs.model import Attr, RafsImage
 from ..storage.device import BlobDevice
@@ -54,8 +55,17 @@ class RafsFilesystem(Filesystem):
         """Zero-message open/opendir (as nydusd's RAFS asks): the kernel stops sending OPEN,
         OPENDIR and their RELEASEs after the first ENOSYS and treats files as KEEP_CACHE and
         directories as KEEP_CACHE|CACHE_DIR, which is what open()/opendir() answer anyway. That
-        is two round trips fewer per file opened, warm or cold."""
-        return DEFAULT_WANT | InitFlags.NO_OPEN_SUPPORT | InitFlags.NO_OPENDIR_SUPPORT
+        is two round trips fewer per file opened, warm or cold.
+
+        POSIX_ACL when the image has xattrs: the kernel then enforces the image's ACLs (it turns
+        on default_permissions, which our mounts have anyway) and caches each inode's ACLs, also
+        "none", for as long as its attributes. Without it every `ls -l` sends a GETXATTR of
+        system.posix_acl_access per file that nothing remembers. An image without xattrs gains
+        nothing: its first GETXATTR answers ENOSYS and the kernel stops asking altogether."""
+        want = DEFAULT_WANT | InitFlags.NO_OPEN_SUPPORT | InitFlags.NO_OPENDIR_SUPPORT
+        if self.xattrs:
+            want |= InitFlags.POSIX_ACL
+        return want
 
     # -- inode numbers: the kernel's root is 1, the image's may be a v6 nid ------------------------
     def _img(self, ino: int) -> int:
@@ -171,6 +181,13 @@ class RafsFilesystem(Filesystem):
             raise FuseError(errno.EIO) from None
         if value is None:
             raise FuseError(errno.ENODATA)
+        if name in ACL_NAMES:
+            problem = acl_xattr_problem(value)
+            if problem is not None:
+                # the kernel would fail every permission check on the inode with EINVAL, or
+                # evaluate entries out of order: refuse it loudly instead
+                log.error("inode %d: %s is not a usable ACL (%s)", ino, name.decode(), problem)
+                raise FuseError(errno.EIO)
         return value
 
     def listxattr(self, ino: int) -> list[bytes]:

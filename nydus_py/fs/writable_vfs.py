@@ -24,7 +24,11 @@ class WritableVfs(Vfs):
     writable = True
 
     def init(self, capable: InitFlags) -> InitFlags:
-        return super().init(capable) & ~(InitFlags.NO_OPEN_SUPPORT | InitFlags.NO_OPENDIR_SUPPORT)
+        """No POSIX_ACL (which the Vfs asks for): for a writable layer it also changes how
+        creates treat the umask and the parent's default ACL, which the passthrough was not
+        written or tested for; the read-only images beside it lose only ACL caching."""
+        return super().init(capable) & ~(InitFlags.NO_OPEN_SUPPORT | InitFlags.NO_OPENDIR_SUPPORT
+                                         | InitFlags.POSIX_ACL)
 
     def _route(self, ino: int, fn: Callable[[Any, int], T], *, write: bool = True) -> T:
         """Call `fn(fs, inner_ino)` inside the filesystem owning `ino` (EROFS if it is not

@@ -434,7 +434,11 @@ class Vfs(Filesystem):
         if want is not None:
             return want
         # Pseudo directories change with mounts: no NO_OPENDIR_SUPPORT (it implies CACHE_DIR).
-        return DEFAULT_WANT | InitFlags.NO_OPEN_SUPPORT
+        # POSIX_ACL: INIT comes before the images, and the flag holds for the connection, so a
+        # shared daemon asks for it up front: images with ACLs get them enforced and every
+        # image gets its ACLs (also "none") cached by the kernel. Images without xattrs must then
+        # never answer ENOSYS, which would switch xattrs off for all of them (see getxattr).
+        return DEFAULT_WANT | InitFlags.NO_OPEN_SUPPORT | InitFlags.POSIX_ACL
 
     def destroy(self) -> None:
         with self._lock:
@@ -611,16 +615,35 @@ class Vfs(Filesystem):
             return fs.statfs(inner)
 
     def getxattr(self, ino: int, name: bytes) -> bytes:
+        """A filesystem without xattrs answers ENOSYS, and the kernel then never sends GETXATTR
+        on this connection again: right for one image mounted at "/", wrong for one image of a
+        shared daemon, where it would hide the xattrs of all the others. There it becomes
+        ENODATA, which is true of every name: the kernel caches it as "no ACL" (EOPNOTSUPP
+        would fail its permission checks), and an LSM labelling inodes from security.* xattrs
+        falls back to its default label (EOPNOTSUPP makes SELinux refuse the inode)."""
         if self._pseudo_node(ino) is not None:
             raise FuseError(errno.ENODATA)
-        with self.entered(ino) as (fs, inner):
-            return fs.getxattr(inner, name)
+        e = self.entered(ino)
+        with e as (fs, inner):
+            try:
+                return fs.getxattr(inner, name)
+            except OSError as err:
+                if err.errno != errno.ENOSYS or not e.slot.base:
+                    raise
+        raise FuseError(errno.ENODATA)
 
     def listxattr(self, ino: int) -> list[bytes]:
+        """Like getxattr: ENOSYS from one image of a shared daemon is "no xattrs here"."""
         if self._pseudo_node(ino) is not None:
             return []
-        with self.entered(ino) as (fs, inner):
-            return fs.listxattr(inner)
+        e = self.entered(ino)
+        with e as (fs, inner):
+            try:
+                return fs.listxattr(inner)
+            except OSError as err:
+                if err.errno != errno.ENOSYS or not e.slot.base:
+                    raise
+        return []
 
     def access(self, ino: int, mask: int, uid: int, gid: int) -> None:
         if self._pseudo_node(ino) is not None:

@@ -227,3 +227,50 @@ def test_kernel_is_told_about_names_that_appear_and_go() -> None:
     vfs.umount("/rafs/c1/lowerdir")
     # the topmost directory that went away is invalidated in its parent, and the old root inode
     assert sent == [notify_inval_entry(ROOT, b"rafs"), notify_inval_inode((idx << INO_SHIFT) | 1, -1)]
+
+
+class _NoXattrs(MemFS):
+    """An image without xattrs: ENOSYS, as RafsFilesystem answers (the Filesystem default)."""
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        raise FuseError(errno.ENOSYS)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        raise FuseError(errno.ENOSYS)
+
+
+def test_shared_daemon_asks_for_posix_acl_before_any_image() -> None:
+    from nydus_py.fs.writable_vfs import WritableVfs
+    from nydus_py.fuse.abi import InitFlags
+
+    everything = InitFlags(0xFFFFFFFF)
+    assert Vfs().init(everything) & InitFlags.POSIX_ACL
+    # the writable layer's creates are not ACL-aware: it keeps the kernel's old behaviour
+    assert not WritableVfs().init(everything) & InitFlags.POSIX_ACL
+
+
+def test_an_image_without_xattrs_does_not_switch_xattrs_off_for_the_others() -> None:
+    """ENOSYS would make the kernel stop sending GETXATTR on the whole connection: in a shared
+    daemon it must become "no such attribute" (ENODATA, which the kernel caches as "no ACL")."""
+    vfs = Vfs()
+    vfs.mount("/bare", _NoXattrs())
+    vfs.mount("/rich", MemFS())
+    bare = vfs.lookup(walk(vfs, "/bare"), b"hello").ino
+    rich = vfs.lookup(walk(vfs, "/rich"), b"hello").ino
+    for name in (b"system.posix_acl_access", b"security.selinux", b"user.greeting"):
+        with pytest.raises(FuseError) as ei:
+            vfs.getxattr(bare, name)
+        assert ei.value.errno == errno.ENODATA, name
+    assert vfs.listxattr(bare) == []
+    assert vfs.getxattr(rich, b"user.greeting") == b"hi there"
+    # one image at "/" has the connection to itself: ENOSYS goes through (no GETXATTR ever again)
+    solo = Vfs()
+    solo.mount("/", _NoXattrs())
+    for call in (lambda: solo.getxattr(vfs_root_child(solo), b"user.x"), lambda: solo.listxattr(ROOT)):
+        with pytest.raises(FuseError) as ei:
+            call()
+        assert ei.value.errno == errno.ENOSYS
+
+
+def vfs_root_child(vfs: Vfs) -> int:
+    return vfs.lookup(ROOT, b"hello").ino
