@@ -23,9 +23,11 @@ names (value <= 64 KiB, name suffix <= 255 bytes); others are logged and counted
 
 import base64
 import errno as _errno
+import grp
 import io
 import logging
 import os
+import pwd
 import stat
 import tarfile
 import tempfile
@@ -36,6 +38,7 @@ from typing import Any, BinaryIO
 
 import zstandard
 
+from ..rafs.acl import acl_from_text
 from ..rafs.errors import FormatError
 from .limits import ExpansionLimits, ExpansionMeter, remaining_size
 from .packed import DEAD, Tree
@@ -364,10 +367,25 @@ def _tar_bytes(s: str) -> bytes:
     return s.encode("utf-8", "surrogateescape")
 
 
-def _pax_xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
+# ACLs in text form (GNU tar --acls, star): `SCHILY.acl.access` / `.default`
+_TEXT_ACLS = {"SCHILY.acl.access": b"system.posix_acl_access", "SCHILY.acl.default": b"system.posix_acl_default"}
+
+
+def _user_id(name: str) -> int:
+    return pwd.getpwnam(name).pw_uid
+
+
+def _group_id(name: str) -> int:
+    return grp.getgrnam(name).gr_gid
+
+
+def _pax_xattrs(member: tarfile.TarInfo, stats: "SourceStats | None" = None) -> dict[bytes, bytes]:
     out: dict[bytes, bytes] = {}
+    texts: dict[bytes, str] = {}
     for key, value in member.pax_headers.items():
-        if key.startswith("SCHILY.xattr."):
+        if key in _TEXT_ACLS:
+            texts[_TEXT_ACLS[key]] = value
+        elif key.startswith("SCHILY.xattr."):
             out[_tar_bytes(key[len("SCHILY.xattr.") :])] = _tar_bytes(value)
         elif key.startswith("LIBARCHIVE.xattr."):
             name = urllib.parse.unquote_to_bytes(key[len("LIBARCHIVE.xattr.") :])
@@ -375,6 +393,17 @@ def _pax_xattrs(member: tarfile.TarInfo) -> dict[bytes, bytes]:
                 out[name] = base64.b64decode(value + "=" * (-len(value) % 4), validate=True)
             except ValueError:
                 raise FormatError(f"tar member {member.name!r}: bad base64 in xattr {key!r}") from None
+    for name, text in texts.items():
+        if name in out:
+            continue  # the binary form (SCHILY.xattr.system.posix_acl_*) wins over the text
+        # Names resolve against the build host's passwd and group, as `tar -x --acls` would.
+        try:
+            out[name] = acl_from_text(text, user_id=_user_id, group_id=_group_id)
+        except (KeyError, ValueError) as e:  # as tar -x --acls: that ACL is lost, the entry is kept
+            log.warning("tar member %r: ACL %s %r cannot be used (%s); skipped", member.name, name.decode(), text, e)
+            if stats is not None:
+                stats.skipped_xattrs += 1
+                stats.skipped_xattr_names.add(name)
     return out
 
 
@@ -521,7 +550,7 @@ def _add_member(tt: _TarTree, m: tarfile.TarInfo, backing: _Backing) -> None:
     if sec >= 1 << 64:
         raise FormatError(f"tar member {raw!r}: mtime {sec} out of range")
     where = f"tar member {raw!r}"
-    xattrs = _keep_xattrs(_pax_xattrs(m), where, tt.stats) if m.pax_headers else NO_XATTRS
+    xattrs = _keep_xattrs(_pax_xattrs(m, tt.stats), where, tt.stats) if m.pax_headers else NO_XATTRS
     mode = fmt | (m.mode & 0o7777)
     if fmt == stat.S_IFREG and (m.size < 0 or m.offset_data + m.size > backing.size):
         raise FormatError(

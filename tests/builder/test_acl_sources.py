@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from nydus_py.builder.sources import tree_from_directory, tree_from_tar
+from nydus_py.builder.sources import SourceStats, tree_from_directory, tree_from_tar
 from nydus_py.rafs.acl import ACL_ACCESS, ACL_DEFAULT, acl_from_text
 from tests.builder.treeutil import lookup, make_tar, member
 
@@ -40,8 +40,6 @@ def test_tar_binary_acl_xattrs_are_kept() -> None:
     assert lookup(root, "f").xattrs[ACL_ACCESS] == value
 
 
-@pytest.mark.xfail(strict=True, reason="sources._pax_xattrs ignores SCHILY.acl.access/default (GNU tar --acls, "
-                   "star): it needs acl_from_text there; left to the tree.py/sources.py refactor (issue 12 report)")
 def test_tar_text_acls_become_acl_xattrs() -> None:
     pax = {"SCHILY.acl.access": TEXT, "SCHILY.acl.default": DEFAULT_TEXT.replace(",", "\n")}
     root = tree_from_tar(io.BytesIO(make_tar([member("d", tarfile.DIRTYPE, mode=0o755, pax=pax)])))
@@ -68,3 +66,19 @@ def test_gnu_tar_writes_the_text_form(tmp_path: Path) -> None:
     if re.search(r"^user:[^:0-9][^:]*:", text, re.M):  # (uid 1000 has a name on this host)
         with pytest.raises(ValueError, match="a name"):
             acl_from_text(text)
+
+
+def test_tar_text_acl_with_an_unknown_name_is_skipped_and_counted() -> None:
+    """A name the build host cannot resolve loses that ACL (as `tar -x --acls` would), logged
+    and counted; the entry and its other xattrs stay. A binary form beside the text wins."""
+    stats = SourceStats()
+    pax = {"SCHILY.acl.access": "user::rw-,user:no-such-user-xyz:r--,group::r--,mask::r--,other::---",
+           "SCHILY.xattr.user.keep": "1"}
+    root = tree_from_tar(io.BytesIO(make_tar([member("f", pax=pax)])), stats=stats)
+    assert lookup(root, "f").xattrs == {b"user.keep": b"1"}
+    assert stats.skipped_xattrs == 1 and ACL_ACCESS in stats.skipped_xattr_names
+    binary = acl_from_text(TEXT)
+    pax = {"SCHILY.acl.access": "user::---,group::---,other::---",
+           "SCHILY.xattr.system.posix_acl_access": binary.decode("utf-8", "surrogateescape")}
+    root = tree_from_tar(io.BytesIO(make_tar([member("g", pax=pax)])))
+    assert lookup(root, "g").xattrs[ACL_ACCESS] == binary

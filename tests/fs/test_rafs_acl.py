@@ -30,9 +30,8 @@ def _fs(tmp_path: Path, xattrs: dict[str, dict[bytes, bytes]], version: int) -> 
     for name in ("good", "bad", "none"):
         (src / name).write_bytes(name.encode())
     root = tree_from_directory(src)
-    assert root.children is not None
     for name, xs in xattrs.items():
-        root.children[name.encode()].xattrs = xs
+        root.set_xattrs(root.find(b"/" + name.encode()), xs)
     boot, blobs = str(tmp_path / "boot"), str(tmp_path / "blobs")
     os.makedirs(blobs)
     build_image(root, boot, blobs, BuildOptions(fs_version=version))
