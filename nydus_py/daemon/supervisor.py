@@ -15,6 +15,7 @@ stays, so the supervisor's fd can be handed out again, like a plain /dev/fuse fd
 import array
 import os
 import socket
+import stat
 
 FIRST_CHUNK = 32 << 10
 MAX_FDS = 16
@@ -70,6 +71,8 @@ def bundle_fds(fds: list[int]) -> int:
 def unbundle_fds(bundle: int, count: int) -> list[int]:
     """Copies of the `count` fds in `bundle` (which keeps its own: a peek, not a read); the
     caller owns them and still owns `bundle`. ValueError when it is not such a bundle."""
+    if not stat.S_ISSOCK(os.fstat(bundle).st_mode):
+        raise ValueError("the fd received is not an fd bundle")
     with socket.socket(fileno=os.dup(bundle)) as s:
         if s.family != socket.AF_UNIX or s.type != socket.SOCK_DGRAM:
             raise ValueError("the fd received is not an fd bundle")
