@@ -84,6 +84,7 @@ class DaemonService:
         self.transport: Transport | None = None  # FuseDevSession (fusedev) or the vhost-user server
         self.fuse_fd = -1  # the /dev/fuse fd (fusedev), also when taken over and not yet started
         self._replay_pending = False  # taken over: apply the failover policy at start
+        self.handing_over = False  # PUT /daemon/exit: a successor takes over what was sent
         self.overrides: dict[str, dict[str, str]] = {}
         self.default_config: ParsedConfig | None = None
         self.started_at = time.time()
@@ -248,14 +249,15 @@ class DaemonService:
         log.info("umounted %s", mp)
 
     def close_all(self, kernel_only: bool = False) -> None:
-        """Close every instance. `kernel_only` (a hand-over exit, the FUSE mount stays): the
-        EROFS ones, except those handed to a supervisor, left mounted for the successor."""
+        """Close every instance. `kernel_only` (the FUSE mount stays: a hand-over exit, or its
+        session ended): the EROFS ones, except, at a hand-over (`exit`), those sent to the
+        supervisor, left mounted for the successor."""
         with self._lock:
             for mp in sorted(self.instances, key=len, reverse=True):
                 inst = self.instances[mp]
                 if kernel_only and inst.erofs is None:
                     continue
-                if kernel_only and inst.erofs is not None and inst.erofs.handed_over:
+                if kernel_only and self.handing_over and inst.erofs is not None and inst.erofs.handed_over:
                     log.info("%s: left mounted for the daemon that takes over", mp)
                     continue
                 del self.instances[mp]
@@ -323,6 +325,7 @@ class DaemonService:
                 self.sm.fire(Event.STOP)
             else:
                 self.sm.peek(Event.EXIT)
+            self.handing_over = True
         self.request_exit(0, unmount=False)
 
     def shutdown(self) -> None:

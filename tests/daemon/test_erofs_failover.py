@@ -420,6 +420,20 @@ def test_dedicated_erofs_daemon_failover(rig: Rig) -> None:
     assert not erofs_at(rig.host) and not is_mountpoint(view_dir) and not os.path.exists(view_dir)
 
 
+def test_fuse_root_unmounted_after_sendfd_still_unmounts_erofs(rig: Rig) -> None:
+    """Only a hand-over (PUT /daemon/exit) leaves the EROFS mounts sent to the supervisor: when
+    the daemon ends because its FUSE root went away, no successor will see a crash (the root
+    is not mounted), so they are unmounted as before, nothing left behind."""
+    d, api = rig.start(str(rig.root / "socket/api.sock"))
+    rig.mount(api)
+    view_dir, _views = rig.views(api)
+    rig.sup.save(api)
+    api.close()
+    os.system(f"umount -l {rig.mnt}")  # noqa: S605
+    assert d.wait_exit() == 0, d.log_text()
+    assert not erofs_at(rig.host) and not is_mountpoint(view_dir) and not os.path.exists(view_dir), d.log_text()
+
+
 def _census(pid: int) -> tuple[int, int]:
     return len(os.listdir(f"/proc/{pid}/fd")), len(os.listdir(f"/proc/{pid}/task"))
 
