@@ -372,7 +372,9 @@ class DaemonService:
     # -- failover / upgrade -----------------------------------------------------------------------
     def _state_blob(self) -> tuple[bytes, list[int], list[Any]]:
         """(state, the fds to hand over, the EROFS serves in it). Without EROFS mounts: the
-        /1 format and the /dev/fuse fd alone, as ever."""
+        /1 format and the /dev/fuse fd alone, as ever. The view fds are dups (the caller
+        closes fds[1:] or all of them when there is no /dev/fuse), taken under the lock: an
+        umount closes its fd after the lock, and a bare number could by then be another file."""
         fds: list[int] = [self.fuse_fd] if self.fuse_fd >= 0 else []
         with self._lock:
             mounts = [{"mountpoint": mp, "index": i.index, "cmd": i.cmd.to_json()}
@@ -382,6 +384,8 @@ class DaemonService:
                 if i.erofs is None:
                     continue
                 fd = i.erofs.view_fd
+                if fd >= 0:
+                    fd = os.dup(fd)
                 erofs.append({"mountpoint": mp, "cmd": i.cmd.to_json(), "serve": i.erofs.handover_state(),
                               "fd": len(fds) if fd >= 0 else -1})
                 serves.append(i.erofs)
@@ -412,10 +416,14 @@ class DaemonService:
         while self.fuse_fd >= 0 and not self.session.initialized and time.monotonic() < deadline:
             time.sleep(0.01)
         blob, fds, serves = self._state_blob()
+        dups = fds[1 if self.fuse_fd >= 0 else 0:] if serves else []
         try:
             fd = supervisor.bundle_fds(fds) if serves else fds[0]
         except (OSError, ValueError) as e:
             raise InternalError(f"sendfd: {e}") from None
+        finally:
+            for dup in dups:
+                os.close(dup)
         try:
             supervisor.send_state(self.opts.supervisor, fd, blob)
         except OSError as e:

@@ -376,6 +376,7 @@ def test_hot_upgrade_keeps_erofs_mount_serving(rig: Rig) -> None:
         rig.run(api1)
         readers.wait_reads(2 * READERS)
         tally = readers.finish()
+    print(f"\nhot upgrade: {tally.reads} reads, {tally.wrong_bytes} wrong bytes, {tally.eio} EIO")
     assert tally.wrong_bytes == 0 and not tally.other, tally
     assert full_compare(rig.host, rig.files, views) == 0
     assert rig.erofs_metrics(api1)["kernel_reads"] > 0
