@@ -23,12 +23,17 @@ from pathlib import Path
 import pytest
 
 from nydus_py.api.http import API_WORKERS
+from nydus_py.fs.erofs_serve import ErofsServe
+from nydus_py.rafs import open_bootstrap
+from nydus_py.storage.device import BlobDevice
+from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.transport.mount import is_mountpoint
 from tests.builder.erofs_rig import erofs_available
 from tests.conftest import require_device
 from tests.daemon.rig import Api, DaemonProc, wait_state
 from tests.daemon.test_failover import Supervisor
 from tests.fs.mountrig import build
+from tests.fs.test_erofs_driver import served
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.slow
@@ -433,6 +438,39 @@ def test_fuse_root_unmounted_after_sendfd_still_unmounts_erofs(rig: Rig) -> None
     os.system(f"umount -l {rig.mnt}")  # noqa: S605
     assert d.wait_exit() == 0, d.log_text()
     assert not erofs_at(rig.host) and not is_mountpoint(view_dir) and not os.path.exists(view_dir), d.log_text()
+
+
+def test_adopt_refuses_another_blob_table_eio_never_wrong_bytes(tmp_path: Path,
+                                                                image: tuple[dict[str, bytes], str, str]) -> None:
+    """A successor whose bootstrap no longer has the blob table the kernel mounted with must not
+    serve the views (other blobs' bytes at those offsets): it aborts them (EIO) and unmounts."""
+    require_device("/dev/fuse")
+    erofs_available()
+    files, boot, blobs = image
+    other_src = tmp_path / "other"
+    make_source(other_src, files=3, seed=99)
+    other = build(str(other_src), str(tmp_path / "other-img"), views=False)
+    base = str(tmp_path / "views")
+    os.makedirs(base)
+    with served(boot, blobs, str(tmp_path / "w"), base_dir=base) as s:
+        rel = sorted(files)[0]
+        fd = os.open(os.path.join(s.serve.target, rel), os.O_RDONLY)  # busy: detached, not unmounted
+        try:
+            img2 = open_bootstrap(other.boot)
+            dev2 = BlobDevice(img2, LocalBlobDir(other.blob_dir))
+            succ = ErofsServe(img2, dev2, other.boot, s.serve.target)
+            with pytest.raises(ValueError, match="blob table differs"):
+                succ.adopt(s.serve.handover_state(), os.dup(s.serve.view_fd))
+            img2.close()
+            assert succ.aborts == 1
+            assert not is_mountpoint(s.serve.target) and not is_mountpoint(s.serve.view_dir)
+            drop(fd)
+            with pytest.raises(OSError) as ei:
+                os.pread(fd, 4096, 0)
+            assert ei.value.errno in (errno.EIO, errno.ENOTCONN, errno.ECONNABORTED)
+        finally:
+            os.close(fd)
+    assert os.listdir(base) == []
 
 
 def _census(pid: int) -> tuple[int, int]:
