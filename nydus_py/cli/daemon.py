@@ -170,8 +170,10 @@ class Daemon:
 
     def recovering(self) -> bool:
         """--upgrade, or a crashed predecessor: stay in INIT, mount nothing, wait for takeover."""
-        if self.opts.mode != "fuse" or getattr(self.args, "fs_driver", None) == "erofs":
-            return False  # (an EROFS mount is never handed over: nothing to take over)
+        if self.opts.mode != "fuse":
+            return False
+        if getattr(self.args, "fs_driver", None) == "erofs" and not self.opts.supervisor:
+            return False  # (nothing holds its blob views' connection: there is nothing to take over)
         if self.opts.upgrade:
             log.info("--upgrade: waiting in INIT for the takeover")
             return True
@@ -304,7 +306,8 @@ class Daemon:
         t = svc.transport
         if t is None or (self.opts.mode == "fuse" and not unmount):
             # hand-over or session already over: leave the FUSE mount alone (our fds close at
-            # exit); EROFS mounts cannot be handed over, and their views die with us: undo them
+            # exit), and the EROFS mounts handed to the supervisor; undo the others (their
+            # views would die with us)
             svc.close_all(kernel_only=not (t is None and unmount))
             return
         t.stop()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import ConfigError, ParsedConfig, parse_any
-from ..fs.erofs_serve import ErofsServe
+from ..fs.erofs_serve import ErofsGone, ErofsServe
 from ..fs.rafs_fs import RafsFilesystem
 from ..fuse.api import Filesystem
 from ..metrics.backend import BackendStats, instrument, unwrap
@@ -269,14 +269,44 @@ def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | N
             fetched.release()
 
 
-def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str, driver: str) -> Instance:
+def restore_erofs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None, saved: dict[str, Any],
+                  fd: int) -> Instance:
+    """A predecessor's `fs_driver: erofs` mount, taken over: the same image and backend, its
+    EROFS mount and blob views adopted as they are (`saved`: `ErofsServe.handover_state`), the
+    views' `fd` (owned from here on, closed on failure) served from `ErofsServe.resume`.
+    ErofsGone when the mount is no longer there."""
+    cmd = MountCmd(cmd.fs_type, cmd.source, cmd.config, cmd.prefetch_files, fs_driver=cmd.fs_driver,
+                   target=str(saved["target"]))
+    try:
+        fetched = None
+        if is_image_source(cmd.source):
+            fetched, parsed = prepare_image_mount(cmd.source, cmd.config, default_config)
+            boot = fetched.path
+        else:
+            parsed = _parse_config(cmd, default_config)
+            boot = cmd.source
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        raise
+    try:
+        return _create_rafs(mountpoint, cmd, parsed, boot, "erofs", adopt=(saved, fd))
+    finally:
+        if fetched is not None:
+            fetched.release()
+
+
+def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str, driver: str,
+                 adopt: tuple[dict[str, Any], int] | None = None) -> Instance:
+    """`adopt`: (saved state, views fd) of an EROFS mount to take over; the fd is ours."""
     cfg = parsed.rafs
     try:
         image = open_bootstrap(boot)  # (non-blocking open, fstat: a FIFO is refused at once)
-    except FormatError as e:
-        raise BadRequest(f"bootstrap {cmd.source}: {e}") from None
-    except OSError as e:
-        raise BadRequest(f"bootstrap {cmd.source}: {e.strerror or e}") from None
+    except (FormatError, OSError) as e:
+        if adopt is not None and adopt[1] >= 0:
+            os.close(adopt[1])
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise BadRequest(f"bootstrap {cmd.source}: {detail}") from None
     source = None
     try:
         try:
@@ -287,7 +317,9 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
         device = BlobDevice(image, source, validate=cfg.digest_validate or cfg.cache.validate,
                             amplify_io=cfg.amplify_io)
         if driver == "erofs":
-            return _erofs_instance(mountpoint, cmd, parsed, boot, image, source, bstats, device)
+            saved, fd = adopt if adopt is not None else (None, -1)
+            adopt = None  # (the fd is _erofs_instance's from here on)
+            return _erofs_instance(mountpoint, cmd, parsed, boot, image, source, bstats, device, saved, fd)
         fs = RafsFilesystem(image, device, entry_timeout=cfg.entry_timeout, attr_timeout=cfg.attr_timeout,
                             enable_xattr=cfg.enable_xattr)
         stats = FsStats(mountpoint, files=cfg.iostats_files, access_pattern=parsed.access_pattern,
@@ -298,12 +330,14 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
         inst.prefetcher = make_prefetcher(cfg, image, source, files)
         return inst
     except BaseException as e:
+        if adopt is not None and adopt[1] >= 0:
+            os.close(adopt[1])
         close = getattr(source, "close", None)
         if callable(close):
             with contextlib.suppress(Exception):
                 close()
         image.close()
-        if isinstance(e, (BadRequest, Unsupported)):
+        if isinstance(e, (BadRequest, Unsupported, ErofsGone)):
             raise
         if isinstance(e, Exception):
             raise InternalError(f"mount {mountpoint}: {e}") from e
@@ -311,21 +345,34 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
 
 
 def _erofs_instance(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str, image: RafsImage,
-                    source: BlobSource | ChunkSource, bstats: BackendStats, device: BlobDevice) -> Instance:
+                    source: BlobSource | ChunkSource, bstats: BackendStats, device: BlobDevice,
+                    saved: dict[str, Any] | None = None, fd: int = -1) -> Instance:
     """The image served by the kernel EROFS driver at `cmd.target` (dedicated mode) or at the
     mountpoint itself, a host path (shared mode); its blob views over a private FUSE mount.
-    `boot` is the bootstrap file: `cmd.source`, or the one fetched for a `docker://` source."""
+    `boot` is the bootstrap file: `cmd.source`, or the one fetched for a `docker://` source.
+    With `saved` (a takeover), the predecessor's mounts are adopted through `fd` instead."""
     target = cmd.target or mountpoint
     try:
         serve = ErofsServe(image, device, boot, target)
     except ErofsImageError as e:
+        if fd >= 0:
+            os.close(fd)
         raise BadRequest(f"fs_driver erofs: {e}") from None
+    if saved is not None:
+        serve.adopt(saved, fd)  # (ErofsGone, ValueError: the caller reports it)
+        return _erofs_wrap(mountpoint, cmd, parsed, image, source, bstats, device, serve)
     try:
         serve.start()
     except ErofsUnavailable as e:
         raise Unsupported(f"fs_driver erofs: {e.strerror or e}") from None
     except OSError as e:
         raise BadRequest(f"fs_driver erofs: mount at {target}: {e.strerror or e}") from None
+    return _erofs_wrap(mountpoint, cmd, parsed, image, source, bstats, device, serve)
+
+
+def _erofs_wrap(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, image: RafsImage,
+                source: BlobSource | ChunkSource, bstats: BackendStats, device: BlobDevice,
+                serve: ErofsServe) -> Instance:
     cfg = parsed.rafs
     inst = Instance(mountpoint, cmd, serve.fs, "Rafs", FsStats(mountpoint), parsed=parsed, image=image,
                     source=source, device=device, backend_stats=bstats, erofs=serve)
@@ -333,7 +380,10 @@ def _erofs_instance(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: 
         files = [os.fsencode(p) for p in cmd.prefetch_files or ()]
         inst.prefetcher = make_prefetcher(cfg, image, source, files)
     except BaseException:
-        serve.close()
+        if serve.adopted:
+            serve.release()  # a failed takeover leaves the mounts as they are, for another
+        else:
+            serve.close()
         raise
     return inst
 

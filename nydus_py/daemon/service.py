@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import ParsedConfig
+from ..fs.erofs_serve import ErofsGone
 from ..fuse.protocol import FuseSession, notify_resend
 from ..metrics.fsstats import FsStats, FuseMetrics
 from ..transport.base import Transport
@@ -27,7 +28,7 @@ from ..transport.mount import connection_of, real_mountpoint
 from ..vfs import MAX_INDEX, Vfs, VfsError, normalize_path
 from . import supervisor
 from .errors import ApiError, BadRequest, Conflict, InternalError, NotFound, NotReady, Timeout, Unsupported
-from .instance import Instance, MountCmd, create_instance, fs_driver_of
+from .instance import Instance, MountCmd, create_instance, fs_driver_of, restore_erofs
 from .logsetup import EventRing, set_level
 from .state import DaemonState, Event, StateMachine
 from .version import build_info
@@ -35,7 +36,11 @@ from .version import build_info
 log = logging.getLogger("nydusd-py")
 
 OVERRIDE_KEYS = ("registry_auth", "proxy_url", "dragonfly_scheduler_endpoint")
-STATE_FORMAT = "nydus_py/takeover/1"
+STATE_FORMAT = "nydus_py/takeover/1"  # the fd handed over is /dev/fuse itself
+# With EROFS mounts: the fd is a bundle (supervisor.bundle_fds) of /dev/fuse and the blob-view
+# fds, and the state says which is which ("fuse_fd", each "erofs" entry's "fd"). A daemon that
+# only knows /1 refuses it instead of mistaking the bundle for /dev/fuse.
+STATE_FORMAT_BUNDLE = "nydus_py/takeover/2"
 
 
 @dataclass
@@ -78,6 +83,8 @@ class DaemonService:
         self.mount_timeouts = 0
         self.transport: Transport | None = None  # FuseDevSession (fusedev) or the vhost-user server
         self.fuse_fd = -1  # the /dev/fuse fd (fusedev), also when taken over and not yet started
+        self._replay_pending = False  # taken over: apply the failover policy at start
+        self.handing_over = False  # PUT /daemon/exit: a successor takes over what was sent
         self.overrides: dict[str, dict[str, str]] = {}
         self.default_config: ParsedConfig | None = None
         self.started_at = time.time()
@@ -242,12 +249,18 @@ class DaemonService:
         log.info("umounted %s", mp)
 
     def close_all(self, kernel_only: bool = False) -> None:
-        """Close every instance (`kernel_only`: the EROFS ones, which no hand-over can carry)."""
+        """Close every instance. `kernel_only` (the FUSE mount stays: a hand-over exit, or its
+        session ended): the EROFS ones, except, at a hand-over (`exit`), those sent to the
+        supervisor, left mounted for the successor."""
         with self._lock:
             for mp in sorted(self.instances, key=len, reverse=True):
-                if kernel_only and self.instances[mp].erofs is None:
+                inst = self.instances[mp]
+                if kernel_only and inst.erofs is None:
                     continue
-                inst = self.instances.pop(mp)
+                if kernel_only and self.handing_over and inst.erofs is not None and inst.erofs.handed_over:
+                    log.info("%s: left mounted for the daemon that takes over", mp)
+                    continue
+                del self.instances[mp]
                 if inst.erofs is None:
                     with contextlib.suppress(VfsError):
                         self.vfs.umount(mp, wait=2.0)
@@ -286,11 +299,19 @@ class DaemonService:
         return inst.superblock()
 
     def start(self) -> None:
-        """PUT /daemon/start: READY -> RUNNING (after a takeover: start serving the fd)."""
+        """PUT /daemon/start: READY -> RUNNING (after a takeover: the failover policy, then
+        serving the fds; here, not at takeover, so that it also covers the requests a hot
+        upgrade's predecessor read before it exited)."""
         with self._lock:
             self.sm.peek(Event.START)
+            replay, self._replay_pending = self._replay_pending, False
             if self.transport is None and self.fuse_fd >= 0:
+                if replay:
+                    self._failover_policy(self.fuse_fd)
                 self._attach_transport(self.fuse_fd)
+            for inst in self.instances.values():
+                if inst.erofs is not None:
+                    inst.erofs.resume(self._failover_policy if replay else None)
             self.sm.fire(Event.START)
 
     def exit(self) -> None:
@@ -304,6 +325,7 @@ class DaemonService:
                 self.sm.fire(Event.STOP)
             else:
                 self.sm.peek(Event.EXIT)
+            self.handing_over = True
         self.request_exit(0, unmount=False)
 
     def shutdown(self) -> None:
@@ -348,37 +370,71 @@ class DaemonService:
         return t.wait(timeout) if t is not None else False
 
     # -- failover / upgrade -----------------------------------------------------------------------
-    def _state_blob(self) -> bytes:
+    def _state_blob(self) -> tuple[bytes, list[int], list[Any]]:
+        """(state, the fds to hand over, the EROFS serves in it). Without EROFS mounts: the
+        /1 format and the /dev/fuse fd alone, as ever. The view fds are dups (the caller
+        closes fds[1:] or all of them when there is no /dev/fuse), taken under the lock: an
+        umount closes its fd after the lock, and a bare number could by then be another file."""
+        fds: list[int] = [self.fuse_fd] if self.fuse_fd >= 0 else []
         with self._lock:
             mounts = [{"mountpoint": mp, "index": i.index, "cmd": i.cmd.to_json()}
                       for mp, i in sorted(self.instances.items()) if i.erofs is None]
-            for mp, i in self.instances.items():
-                if i.erofs is not None:
-                    log.warning("%s: EROFS mounts are not handed over (failover of fs_driver erofs is not "
-                                "supported)", mp)
-            state = {"format": STATE_FORMAT, "mountpoint": self.opts.mountpoint, "mounts": mounts,
-                     "vfs": self.vfs.export_layout(), "fuse": self.session.export_state(),
-                     "default_config": self.default_config.v1 if self.default_config is not None else None}
-        return json.dumps(state).encode()
+            erofs, serves = [], []
+            for mp, i in sorted(self.instances.items()):
+                if i.erofs is None:
+                    continue
+                fd = i.erofs.view_fd
+                if fd >= 0:
+                    fd = os.dup(fd)
+                erofs.append({"mountpoint": mp, "cmd": i.cmd.to_json(), "serve": i.erofs.handover_state(),
+                              "fd": len(fds) if fd >= 0 else -1})
+                serves.append(i.erofs)
+                if fd >= 0:
+                    fds.append(fd)
+            state: dict[str, Any] = {
+                "format": STATE_FORMAT, "mountpoint": self.opts.mountpoint, "mounts": mounts,
+                "vfs": self.vfs.export_layout(), "fuse": self.session.export_state(),
+                "default_config": self.default_config.v1 if self.default_config is not None else None}
+            if serves:
+                state.update({"format": STATE_FORMAT_BUNDLE, "fds": len(fds),
+                              "fuse_fd": 0 if self.fuse_fd >= 0 else -1, "erofs": erofs})
+        return json.dumps(state).encode(), fds, serves
 
     def sendfd(self) -> None:
-        """PUT /daemon/fuse/sendfd: hand state + /dev/fuse fd to the supervisor."""
+        """PUT /daemon/fuse/sendfd: hand state + /dev/fuse fd (or, with EROFS mounts, the fd
+        bundle that holds it and the blob-view fds) to the supervisor."""
         if self.opts.mode != "fuse":
             raise Unsupported("sendfd is only available for fusedev")
         if not self.opts.supervisor:
             raise Unsupported("the daemon was started without --supervisor")
-        if self.fuse_fd < 0:
+        kernel = any(i.erofs is not None for i in list(self.instances.values()))
+        if self.fuse_fd < 0 and not kernel:
             raise NotReady("the FUSE connection is not set up")
         # Always connect (the snapshotter blocks in accept() until we do), after FUSE INIT if
         # it comes within a few seconds.
         deadline = time.monotonic() + 5
-        while not self.session.initialized and time.monotonic() < deadline:
+        while self.fuse_fd >= 0 and not self.session.initialized and time.monotonic() < deadline:
             time.sleep(0.01)
+        blob, fds, serves = self._state_blob()
+        dups = fds[1 if self.fuse_fd >= 0 else 0:] if serves else []
         try:
-            supervisor.send_state(self.opts.supervisor, self.fuse_fd, self._state_blob())
+            fd = supervisor.bundle_fds(fds) if serves else fds[0]
+        except (OSError, ValueError) as e:
+            raise InternalError(f"sendfd: {e}") from None
+        finally:
+            for dup in dups:
+                os.close(dup)
+        try:
+            supervisor.send_state(self.opts.supervisor, fd, blob)
         except OSError as e:
             raise InternalError(f"sendfd to {self.opts.supervisor}: {e}") from None
-        log.info("state and FUSE fd sent to supervisor %s", self.opts.supervisor)
+        finally:
+            if serves:
+                os.close(fd)
+        for serve in serves:
+            serve.handed_over = True
+        log.info("state and %s sent to supervisor %s", f"fd bundle ({len(fds)} fds)" if serves else "FUSE fd",
+                 self.opts.supervisor)
 
     def takeover(self) -> None:
         """PUT /daemon/fuse/takeover (INIT only): receive state + fd, rebuild the mounts -> READY."""
@@ -397,36 +453,66 @@ class DaemonService:
             for extra in fds[1:]:
                 os.close(extra)
             try:
-                self._restore(blob)
-            except (ApiError, ValueError, KeyError, TypeError) as e:
-                os.close(fds[0])
+                self.fuse_fd = self._restore(blob, fds[0])
+            except (ApiError, ValueError, KeyError, TypeError, OSError) as e:
+                for inst in self.instances.values():
+                    if inst.erofs is not None:
+                        inst.erofs.release()  # the kernel mounts stay, for another takeover
                 self.close_all()
                 msg = e.message if isinstance(e, ApiError) else f"unusable takeover state: {e}"
                 raise InternalError(msg) from None
-            self.fuse_fd = fds[0]
-            self._failover_policy(fds[0])
+            self._replay_pending = True
             self.sm.fire(Event.TAKEOVER)
         log.info("took over %d mounts from supervisor %s", len(self.instances), self.opts.supervisor)
 
-    def _restore(self, blob: bytes) -> None:
-        state = json.loads(blob)
-        if not isinstance(state, dict) or state.get("format") != STATE_FORMAT:
-            raise ValueError("not a nydus_py takeover state (an upstream nydusd state cannot be restored)")
-        if state.get("default_config") is not None and self.default_config is None:
-            from ..config import parse_any
+    def _restore(self, blob: bytes, fd: int) -> int:
+        """Rebuild the mounts of a saved state from the supervisor's `fd` (owned: every fd ends
+        up with an instance, the transport or closed); returns the /dev/fuse fd (-1: none)."""
+        fds = [fd]
+        try:
+            state = json.loads(blob)
+            if not isinstance(state, dict) or state.get("format") not in (STATE_FORMAT, STATE_FORMAT_BUNDLE):
+                raise ValueError("not a nydus_py takeover state (an upstream nydusd state cannot be restored)")
+            if state["format"] == STATE_FORMAT_BUNDLE:
+                fds = supervisor.unbundle_fds(fd, int(state["fds"]))
+                os.close(fd)
+                fuse_fd = fds[state["fuse_fd"]] if state["fuse_fd"] >= 0 else -1
+            else:
+                fuse_fd = fd
+            if state.get("default_config") is not None and self.default_config is None:
+                from ..config import parse_any
 
-            self.default_config = parse_any(json.dumps(state["default_config"]))
-        self.vfs.restore_layout(state["vfs"])
-        for m in state["mounts"]:
-            cmd = MountCmd.from_json(m["cmd"])
-            inst = create_instance(m["mountpoint"], cmd, self.default_config)
-            inst.index = self.vfs.mount(m["mountpoint"], inst.fs, index=m["index"] or None)
-            self.instances[m["mountpoint"]] = inst
-            self._by_index[inst.index] = inst
-        self.session.restore_state(state["fuse"])
+                self.default_config = parse_any(json.dumps(state["default_config"]))
+            self.vfs.restore_layout(state["vfs"])
+            for m in state["mounts"]:
+                cmd = MountCmd.from_json(m["cmd"])
+                inst = create_instance(m["mountpoint"], cmd, self.default_config)
+                inst.index = self.vfs.mount(m["mountpoint"], inst.fs, index=m["index"] or None)
+                self.instances[m["mountpoint"]] = inst
+                self._by_index[inst.index] = inst
+            self.session.restore_state(state["fuse"])
+            for e in state.get("erofs", ()):  # (absent from /1 states)
+                k = e["fd"]
+                view_fd, fds[k] = (fds[k], -1) if k >= 0 else (-1, -1)  # the instance's from here on
+                cmd = MountCmd.from_json(e["cmd"])
+                cmd.fs_driver = str(e["cmd"].get("fs_driver", ""))  # (a dedicated daemon's, from its command line)
+                try:
+                    inst = restore_erofs(e["mountpoint"], cmd, self.default_config, e["serve"], view_fd)
+                except ErofsGone as gone:
+                    log.warning("takeover of %s: %s", e["mountpoint"], gone)
+                    continue
+                self.instances[e["mountpoint"]] = inst
+        except BaseException:
+            for other in fds:
+                if other >= 0:
+                    with contextlib.suppress(OSError):
+                        os.close(other)
+            raise
+        return fuse_fd
 
-    def _failover_policy(self, fd: int) -> None:
-        """Requests the dead daemon had read but not answered: ask the kernel to resend them."""
+    def _failover_policy(self, fd: int, conn: int = -1) -> None:
+        """Requests the dead daemon had read but not answered: ask the kernel to resend them.
+        `conn`: the FUSE connection of `fd` (default: the mount at our mountpoint's)."""
         policy = self.opts.failover_policy
         if policy == "none":
             return
@@ -437,7 +523,8 @@ class DaemonService:
             except OSError as e:
                 log.warning("FUSE NOTIFY_RESEND failed (%s); trying the connection's sysfs file", e)
         # from mountinfo: a stat of the mountpoint would wait for us (nothing serves it yet)
-        conn = connection_of(real_mountpoint(self.opts.mountpoint))
+        if conn < 0:
+            conn = connection_of(real_mountpoint(self.opts.mountpoint))
         if conn < 0:
             log.warning("failover policy %s: %s is not mounted", policy, self.opts.mountpoint)
             return

@@ -13,6 +13,13 @@ and fds, the private directory. When the EROFS mount is busy (a process still ha
 its cwd there) it is detached lazily: the views keep serving it for `busy_grace` seconds, then
 their FUSE connection is aborted, so later reads of uncached data there are EIO (never zeros),
 and nothing of ours is left behind.
+
+Failover and hot upgrade: the views' FUSE connection is handed to the supervisor with the
+daemon's state (`handover_state`, `view_fd`), and the EROFS mount stays in the kernel. A daemon
+that takes over `adopt`s both from the saved state (same bootstrap, same blob table, checked),
+without mounting anything, and `resume`s serving the old connection when it starts; reads in the
+gap wait in the kernel's queue (or fail with EIO when the dead daemon had them in hand on a
+channel that died with it), never zeros. `close()` after that cleans up as usual.
 """
 
 import contextlib
@@ -20,6 +27,7 @@ import errno
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from ..fuse.protocol import FuseSession
@@ -27,13 +35,23 @@ from ..rafs.model import RafsImage
 from ..storage.device import BlobDevice
 from ..transport.erofs_mount import check_image, mount_erofs, umount_erofs
 from ..transport.fusedev import FuseDevSession
-from ..transport.mount import abort_connection, is_mountpoint, real_mountpoint
+from ..transport.mount import abort_connection, connection_of, fuse_umount, is_mountpoint, real_mountpoint
 from .blob_view import BlobViewFilesystem
 from .cache_devices import CacheDevices
 
 log = logging.getLogger(__name__)
 
 VIEW_FSNAME = "nydus-blobview"
+
+# What a successor does with the requests its predecessor had read but not answered, given the
+# views' fd and FUSE connection id (the daemon's --failover-policy).
+Replay = Callable[[int, int], None]
+
+
+class ErofsGone(OSError):
+    """A mount of the saved state is no longer there (unmounted during the gap): nothing to adopt."""
+
+
 def private_base() -> str:
     """Where blob-view mounts live: /run/nydus-py when we may write there, else the temp dir."""
     base = "/run/nydus-py"
@@ -67,6 +85,10 @@ class ErofsServe:
         self.aborts = 0
         self.busy_grace = busy_grace
         self.conn = -1  # the views' FUSE connection id (/sys/fs/fuse/connections/<id>)
+        self.fuse: FuseSession | None = None
+        self.handed_over = False  # in the state last sent to a supervisor: left mounted at a hand-over exit
+        self._adopted_fd = -1  # the views' fd taken over, until resume() serves it
+        self.adopted = False  # the mounts are a predecessor's, taken over
 
     def start(self) -> None:
         """Mount the views (when the image has blobs), then EROFS at the target."""
@@ -78,8 +100,8 @@ class ErofsServe:
             direct = self.direct.claim()  # blobs complete in the cache: EROFS reads their files
             if not all(direct):
                 self.view_dir = tempfile.mkdtemp(prefix="blobview-", dir=self.base_dir or private_base())
-                fuse = FuseSession(self.fs)
-                self.session = FuseDevSession(fuse.handle_vectored, self.view_dir, threads=self.threads,
+                self.fuse = FuseSession(self.fs)
+                self.session = FuseDevSession(self.fuse.handle_vectored, self.view_dir, threads=self.threads,
                                               fsname=VIEW_FSNAME, allow_other=True)
                 self.session.mount()
                 st = os.stat(self.view_dir)  # (answered by our workers: INIT is through)
@@ -119,11 +141,106 @@ class ErofsServe:
                             "data not in the page cache there now fail with EIO)", self.target, self.busy_grace)
                 self.aborts += abort_connection(self.conn)
             s.close()
+        if self._adopted_fd >= 0:  # taken over, never served
+            os.close(self._adopted_fd)
+            self._adopted_fd = -1
         if self.view_dir:
             with contextlib.suppress(OSError):
                 os.rmdir(self.view_dir)
             self.view_dir = ""
         self.direct.release()
+
+    # -- failover / hot upgrade ------------------------------------------------------------------
+    @property
+    def view_fd(self) -> int:
+        """The views' /dev/fuse fd to hand over (-1: an image without blobs has no views)."""
+        if self._adopted_fd >= 0:
+            return self._adopted_fd
+        return self.session.fd if self.session is not None else -1
+
+    def _blob_table(self) -> list[list[Any]]:
+        return [[b.blob_id, size] for b, size in zip(self.fs.blobs, self.fs.sizes, strict=True)]
+
+    def handover_state(self) -> dict[str, Any]:
+        """What a successor needs besides the mount command: where the mounts are, the blob
+        table the EROFS mount was made with, and what the views' FUSE INIT negotiated."""
+        return {"target": self.target, "view_dir": self.view_dir, "bootstrap": self.bootstrap,
+                "blobs": self._blob_table(), "fuse": self.fuse.export_state() if self.fuse is not None else None}
+
+    def adopt(self, saved: dict[str, Any], fd: int) -> None:
+        """Take over a predecessor's EROFS mount and views (`saved`: its `handover_state`) with
+        the views' `fd` (ours from now on, also on failure); nothing is mounted, nothing served
+        until `resume`. ErofsGone (after cleaning up what is left) when the EROFS mount is gone;
+        ValueError when the bootstrap no longer has the blob table the kernel mounted with: its
+        view connection is aborted then (EIO, never the wrong blob's bytes)."""
+        view_dir = str(saved.get("view_dir") or "")
+        try:
+            if not is_mountpoint(self.target):
+                raise ErofsGone(errno.ENOENT, f"{self.target} is no longer mounted; its blob views are dropped")
+            if bool(view_dir) != bool(self.fs.blobs) or (view_dir and connection_of(real_mountpoint(view_dir)) < 0):
+                raise ErofsGone(errno.ENOENT, f"the blob views of {self.target} ({view_dir or '-'}) are gone; "
+                                "unmounting the EROFS mount")
+            if saved.get("blobs") != self._blob_table():
+                raise ValueError(f"{self.bootstrap}: the blob table differs from the one {self.target} was mounted "
+                                 "with; its blob views are aborted (reads there fail with EIO)")
+        except BaseException as e:
+            self._drop_adopted(view_dir, fd, abort=isinstance(e, ValueError), erofs_too=not isinstance(e, ErofsGone)
+                               or is_mountpoint(self.target))
+            raise
+        self.view_dir = view_dir
+        self.mounted = self.adopted = True
+        if view_dir:
+            self.conn = connection_of(real_mountpoint(view_dir))
+            self.fuse = FuseSession(self.fs)
+            self.fuse.restore_state(saved.get("fuse") or {})
+            self.session = FuseDevSession(self.fuse.handle_vectored, view_dir, threads=self.threads,
+                                          fsname=VIEW_FSNAME, allow_other=True)
+            self._adopted_fd = fd
+        elif fd >= 0:
+            os.close(fd)
+        log.info("took over %s at %s (%d blob views at %s)", self.bootstrap, self.target, len(self.fs.blobs),
+                 view_dir or "-")
+
+    def _drop_adopted(self, view_dir: str, fd: int, *, abort: bool, erofs_too: bool) -> None:
+        """What is left of mounts that cannot be adopted goes (lazily): no reader may wait forever."""
+        if abort and view_dir:
+            conn = connection_of(real_mountpoint(view_dir))
+            if conn >= 0:
+                self.aborts += abort_connection(conn)
+        if erofs_too and is_mountpoint(self.target):
+            with contextlib.suppress(OSError):
+                umount_erofs(self.target)
+        if view_dir and is_mountpoint(view_dir):
+            with contextlib.suppress(OSError):
+                fuse_umount(view_dir, lazy=True)
+        if fd >= 0:
+            os.close(fd)
+        if view_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(view_dir)
+
+    def resume(self, replay: Replay | None = None) -> None:
+        """Serve the adopted views again: first `replay` (the failover policy: ask the kernel to
+        send again what the predecessor had read but not answered), then the workers."""
+        fd, self._adopted_fd = self._adopted_fd, -1
+        if fd < 0 or self.session is None:
+            return
+        if replay is not None:
+            try:
+                replay(fd, self.conn)
+            except Exception:
+                log.exception("failover policy on the blob views of %s failed", self.target)
+        self.session.attach(fd)
+        log.info("serving the blob views of %s again at %s", self.target, self.view_dir)
+
+    def release(self) -> None:
+        """Forget the mounts without touching them (a failed takeover: they stay for another)."""
+        if self._adopted_fd >= 0:
+            os.close(self._adopted_fd)
+            self._adopted_fd = -1
+        self.mounted = False
+        self.session = None
+        self.view_dir = ""
 
     def snapshot(self) -> dict[str, Any]:
         """Metrics: kernel reads through the views, and whether it is mounted."""
