@@ -88,6 +88,7 @@ class ErofsServe:
         self.fuse: FuseSession | None = None
         self.handed_over = False  # in the state last sent to a supervisor: left mounted at a hand-over exit
         self._adopted_fd = -1  # the views' fd taken over, until resume() serves it
+        self._direct: list[bool] = []  # per blob: EROFS reads its cache data file (no view)
         self.adopted = False  # the mounts are a predecessor's, taken over
 
     def start(self) -> None:
@@ -98,6 +99,7 @@ class ErofsServe:
             raise OSError(errno.ENOTDIR, f"mountpoint {self.target} is not a directory")
         try:
             direct = self.direct.claim()  # blobs complete in the cache: EROFS reads their files
+            self._direct = [d is not None for d in direct]
             if not all(direct):
                 self.view_dir = tempfile.mkdtemp(prefix="blobview-", dir=self.base_dir or private_base())
                 self.fuse = FuseSession(self.fs)
@@ -165,7 +167,8 @@ class ErofsServe:
         """What a successor needs besides the mount command: where the mounts are, the blob
         table the EROFS mount was made with, and what the views' FUSE INIT negotiated."""
         return {"target": self.target, "view_dir": self.view_dir, "bootstrap": self.bootstrap,
-                "blobs": self._blob_table(), "fuse": self.fuse.export_state() if self.fuse is not None else None}
+                "blobs": self._blob_table(), "fuse": self.fuse.export_state() if self.fuse is not None else None,
+                "direct": self._direct}
 
     def adopt(self, saved: dict[str, Any], fd: int) -> None:
         """Take over a predecessor's EROFS mount and views (`saved`: its `handover_state`) with
@@ -174,10 +177,16 @@ class ErofsServe:
         ValueError when the bootstrap no longer has the blob table the kernel mounted with: its
         view connection is aborted then (EIO, never the wrong blob's bytes)."""
         view_dir = str(saved.get("view_dir") or "")
+        # blobs the predecessor gave EROFS as cache files need no view (a state without the key
+        # predates cache devices: every blob had one)
+        direct = [bool(d) for d in saved.get("direct") or [False] * len(self.fs.blobs)]
         try:
             if not is_mountpoint(self.target):
                 raise ErofsGone(errno.ENOENT, f"{self.target} is no longer mounted; its blob views are dropped")
-            if bool(view_dir) != bool(self.fs.blobs) or (view_dir and connection_of(real_mountpoint(view_dir)) < 0):
+            if len(direct) != len(self.fs.blobs):
+                raise ValueError(f"{self.bootstrap}: the saved state has {len(direct)} blobs, the image "
+                                 f"{len(self.fs.blobs)}")
+            if bool(view_dir) != (not all(direct)) or (view_dir and connection_of(real_mountpoint(view_dir)) < 0):
                 raise ErofsGone(errno.ENOENT, f"the blob views of {self.target} ({view_dir or '-'}) are gone; "
                                 "unmounting the EROFS mount")
             if saved.get("blobs") != self._blob_table():
@@ -189,6 +198,8 @@ class ErofsServe:
             raise
         self.view_dir = view_dir
         self.mounted = self.adopted = True
+        self._direct = direct
+        self._pin_direct(direct)
         if view_dir:
             self.conn = connection_of(real_mountpoint(view_dir))
             self.fuse = FuseSession(self.fs)
@@ -200,6 +211,18 @@ class ErofsServe:
             os.close(fd)
         log.info("took over %s at %s (%d blob views at %s)", self.bootstrap, self.target, len(self.fs.blobs),
                  view_dir or "-")
+
+    def _pin_direct(self, direct: list[bool]) -> None:
+        """Pin again the cache files the kernel reads directly, so eviction spares them. A blob
+        no longer complete here is logged: the kernel keeps reading the file it opened (an
+        unlinked file stays readable), only its space comes back late."""
+        if not any(direct):
+            return
+        now = self.direct.claim()
+        for blob, was, path in zip(self.fs.blobs, direct, now, strict=True):
+            if was and path is None:
+                log.warning("blob %s: EROFS at %s reads its cache file, which is no longer complete in this "
+                            "cache; not pinned", blob.blob_id, self.target)
 
     def _drop_adopted(self, view_dir: str, fd: int, *, abort: bool, erofs_too: bool) -> None:
         """What is left of mounts that cannot be adopted goes (lazily): no reader may wait forever."""

@@ -60,10 +60,10 @@ def make_source(src: Path, files: int = 24, seed: int = 5) -> dict[str, bytes]:
     return out
 
 
-def config(blob_dir: str, cache_dir: str) -> str:
+def config(blob_dir: str, cache_dir: str, *, validate: bool = True) -> str:
     return json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": blob_dir}},
                                   "cache": {"type": "blobcache", "config": {"work_dir": cache_dir}}},
-                       "mode": "direct", "digest_validate": True, "fs_driver": "erofs"})
+                       "mode": "direct", "digest_validate": validate, "fs_driver": "erofs"})
 
 
 def drop(fd: int) -> None:
@@ -235,8 +235,9 @@ class Rig:
         d.wait_socket(sock, 30)
         return d, Api(sock)
 
-    def mount(self, api: Api, host: str | None = None) -> None:
-        body = {"fs_type": "rafs", "source": self.boot, "config": config(self.blobs, str(self.root / "cache"))}
+    def mount(self, api: Api, host: str | None = None, *, validate: bool = True) -> None:
+        body = {"fs_type": "rafs", "source": self.boot,
+                "config": config(self.blobs, str(self.root / "cache"), validate=validate)}
         r = api.request("POST", f"{V1}/mount", {"mountpoint": host or self.host}, body)
         assert r.status == 204, (r.status, r.body, self.daemons[-1].log_text())
 
@@ -424,6 +425,37 @@ def test_dedicated_erofs_daemon_failover(rig: Rig) -> None:
     api.close()
     assert d.stop(signal.SIGTERM) == 0, d.log_text()
     assert not erofs_at(rig.host) and not is_mountpoint(view_dir) and not os.path.exists(view_dir)
+
+
+def test_takeover_of_a_mount_reading_complete_cache_files(rig: Rig) -> None:
+    """A mount made when the blob cache was already complete has no blob views at all: EROFS
+    reads the cache data files (`cache_devices`). kill -9, then a takeover: the EROFS mount is
+    adopted as it is (not torn down for missing views), the files stay pinned, every file reads
+    right, and SIGTERM then unmounts it."""
+    sock = str(rig.root / "socket/api.sock")
+    d, api = rig.start(sock)
+    rig.mount(api)
+    _vd, views = rig.views(api)
+    assert full_compare(rig.host, rig.files, views) == 0  # every chunk is in the cache now
+    r = api.request("DELETE", f"{V1}/mount", {"mountpoint": rig.host})
+    assert r.status == 204, r.body
+    rig.mount(api, validate=False)  # (with digest validation the views stay: they check every read)
+    m = rig.erofs_metrics(api)
+    assert m["view_dir"] == "" and m["cache_devices"] >= 1 and m["cache_device_fallbacks"] == 0, m
+    rig.sup.save(api)
+    d.stop(signal.SIGKILL)
+    api.close()
+    assert erofs_at(rig.host)
+    d, api = rig.takeover(sock)
+    rig.run(api)
+    assert erofs_at(rig.host), d.log_text()
+    m = rig.erofs_metrics(api)
+    assert m["cache_devices_pinned"] == m["cache_devices"] >= 1, m
+    assert full_compare(rig.host, rig.files, []) == 0
+    rig.sup.save(api)  # and it can hand over again
+    api.close()
+    assert d.stop(signal.SIGTERM) == 0, d.log_text()
+    assert not erofs_at(rig.host)
 
 
 def test_fuse_root_unmounted_after_sendfd_still_unmounts_erofs(rig: Rig) -> None:
