@@ -12,8 +12,10 @@ permission check on the inode fail (EINVAL) or, worse, be evaluated in the wrong
 `SCHILY.acl.default`, e.g. "user::rw-,user:1000:r--,group::r--,mask::r--,other::---") into it.
 """
 
-import struct
 from collections.abc import Callable
+
+from .layout_common import ACL_XATTR_ENTRY as _ENTRY
+from .layout_common import ACL_XATTR_HEADER as _HEADER
 
 ACL_ACCESS = b"system.posix_acl_access"
 ACL_DEFAULT = b"system.posix_acl_default"
@@ -23,8 +25,6 @@ NameToId = Callable[[str], int]  # a user or group name to its id (KeyError/Valu
 XATTR_VERSION = 2
 USER_OBJ, USER, GROUP_OBJ, GROUP, MASK, OTHER = 0x01, 0x02, 0x04, 0x08, 0x10, 0x20
 UNDEFINED_ID = 0xFFFFFFFF
-_HEADER = struct.Struct("<I")
-_ENTRY = struct.Struct("<HHI")
 # canonical position of each tag (posix_acl_valid's state machine)
 _RANK = {USER_OBJ: 0, USER: 1, GROUP_OBJ: 2, GROUP: 3, MASK: 4, OTHER: 5}
 _TAGS = {"user": (USER_OBJ, USER), "u": (USER_OBJ, USER), "group": (GROUP_OBJ, GROUP), "g": (GROUP_OBJ, GROUP),

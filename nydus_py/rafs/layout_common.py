@@ -142,3 +142,9 @@ def pack_u32s(values: Sequence[int]) -> bytes:
 
 def unpack_u32s(buf: Any, offset: int, count: int) -> list[int]:
     return list(struct.unpack_from(f"<{count}I", buf, offset))
+
+
+# POSIX ACL xattr values (system.posix_acl_*; stored verbatim): posix_acl_xattr_header
+# (le32 version) then posix_acl_xattr_entry records (le16 tag, le16 perm, le32 id)
+ACL_XATTR_HEADER = struct.Struct("<I")
+ACL_XATTR_ENTRY = struct.Struct("<HHI")
