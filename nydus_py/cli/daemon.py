@@ -7,12 +7,13 @@ Kata poll for the file, then for RUNNING). With `--upgrade`, or when the previou
 mounted: the daemon stays in INIT with its API up and waits for the supervisor's takeover.
 
 The asyncio loop (HTTP API) runs in the main thread; FUSE workers, the gRPC server and blocking
-API calls run in their own threads. SIGTERM/SIGINT unmount (lazily) and exit 0; `PUT
+API calls run in their own threads. A daemon with no API at all (no --apisock, gRPC or metrics
+address) runs the same life cycle without an event loop and never imports asyncio (with it ssl
+and aiohttp): about 8 MiB of RSS and 20 ms of CPU it would not use. SIGTERM/SIGINT unmount (lazily) and exit 0; `PUT
 /api/v1/daemon/exit` exits 0 without unmounting; the FUSE session ending (unmounted by someone
 else) exits 0. Start-up failures print `Error: ...` and exit 1; usage errors exit 2.
 """
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -23,7 +24,10 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 from ..config import ConfigError, ParsedConfig, parse_any, read_config_file
 from ..daemon.errors import ApiError
@@ -250,7 +254,59 @@ class Daemon:
                     svc.request_exit(0, unmount=False)
                 return
 
+    def has_api(self) -> bool:
+        a = self.args
+        return bool(a.metrics_addr or getattr(a, "grpc_sock", None) or self.opts.apisock)
+
+    def _start(self) -> None:
+        if not self.recovering():
+            self.load()
+            if self.kernel:
+                self.start_erofs()
+            elif self.opts.mode == "fuse":
+                self.start_fuse()
+            else:
+                self.start_virtiofs()
+
+    def run_without_loop(self) -> int:
+        """The life cycle of `run` for a daemon with no API: signals and the exit request are
+        waited for on a threading.Event in the main thread, no event loop."""
+        svc = self.service
+        stop = threading.Event()
+        svc.on_exit = stop.set
+        started = threading.Event()
+        pending: list[int] = []
+
+        def on_signal(sig: int, _frame: object) -> None:
+            # as in `run`: a signal during the mount is acted on once the mount is complete
+            if started.is_set():
+                self._shutdown_on(sig)
+            else:
+                pending.append(sig)
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, on_signal)
+        t0 = time.monotonic()
+        self._start()
+        started.set()
+        log.info("state %s %.0f ms after start", svc.state.value, (time.monotonic() - t0) * 1000)
+        if pending:
+            self._shutdown_on(pending[0])
+        threading.Thread(target=self._watch_transport, name="transport-watch", daemon=True).start()
+        while not stop.wait(1.0):  # (a timed wait: signal handlers run between waits)
+            pass
+        code, unmount = svc.exit_request or (0, True)
+        self._stop_transport(unmount)
+        log.info("exit %d", code)
+        return code
+
+    def _shutdown_on(self, sig: int) -> None:
+        log.info("signal %s: shutting down", signal.Signals(sig).name)
+        threading.Thread(target=self.service.shutdown, name="shutdown", daemon=True).start()
+
     async def run(self) -> int:
+        import asyncio
+
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         svc = self.service
@@ -264,14 +320,7 @@ class Daemon:
         # when the mount is complete and shutdown() can undo it.
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, loop, sig)
-        if not self.recovering():
-            self.load()
-            if self.kernel:
-                self.start_erofs()
-            elif self.opts.mode == "fuse":
-                self.start_fuse()
-            else:
-                self.start_virtiofs()
+        self._start()
         try:
             await self.start_apis()
         except OSError as e:
@@ -281,11 +330,13 @@ class Daemon:
         await stop.wait()
         return await self.finish()
 
-    def _on_signal(self, loop: asyncio.AbstractEventLoop, sig: int) -> None:
+    def _on_signal(self, loop: "asyncio.AbstractEventLoop", sig: int) -> None:
         log.info("signal %s: shutting down", signal.Signals(sig).name)
         loop.run_in_executor(None, self.service.shutdown)
 
     async def finish(self) -> int:
+        import asyncio
+
         svc = self.service
         code, unmount = svc.exit_request or (0, True)
         for runner in self.runners:
@@ -324,6 +375,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon = Daemon(args)
         set_rlimit_nofile(args.rlimit_nofile)
+        if not daemon.has_api():
+            return daemon.run_without_loop()
+        import asyncio
+
         return asyncio.run(daemon.run())
     except StartupError as e:
         log.error("%s", e)

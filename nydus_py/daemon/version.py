@@ -7,7 +7,6 @@ NYDUS_PY_GIT_COMMIT, or else is a digest of the package's sources (stable for on
 """
 
 import functools
-import hashlib
 import os
 import platform
 import sys
@@ -53,6 +52,8 @@ def _read_git_head(repo: Path) -> str | None:
 
 
 def _source_digest() -> str:
+    import hashlib  # (lazily: libcrypto is ~3.5 MiB of RSS)
+
     h = hashlib.sha1()
     for path in sorted(PACKAGE_DIR.rglob("*.py")):
         h.update(str(path.relative_to(PACKAGE_DIR)).encode())

@@ -10,7 +10,6 @@ bootstrap chunk table against blob.meta / blob.digest.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -18,7 +17,7 @@ from typing import NamedTuple, Protocol
 import zstandard
 
 from . import codec
-from .constants import BlobFeatures, Compressor
+from .constants import BlobFeatures, Compressor, Digester
 from .errors import FormatError
 from .layout_blob import (
     BLOB_META_HEADER,
@@ -151,7 +150,7 @@ def parse_toc(data: bytes, expected_digest: bytes | None = None) -> list[TocEntr
     if hdr.size % TOC_ENTRY_SIZE or hdr.size + TAR_HEADER_SIZE > len(data):
         raise FormatError(f"ToC size {hdr.size} is not a multiple of {TOC_ENTRY_SIZE} within {len(data)} bytes")
     body = bytes(data[len(data) - TAR_HEADER_SIZE - hdr.size :])
-    if expected_digest and expected_digest != ZERO_DIGEST and hashlib.sha256(body).digest() != expected_digest:
+    if expected_digest and expected_digest != ZERO_DIGEST and codec.digest(Digester.SHA256, body) != expected_digest:
         raise FormatError("blob ToC digest does not match the blob table")
     out = []
     for flags, raw_name, dig, c_off, c_size, u_size in TOC_ENTRY.iter_unpack(body[: hdr.size]):
@@ -190,7 +189,7 @@ def toc_entry_data(src: RangeReader | bytes | bytearray | memoryview, entry: Toc
         raise FormatError(f"ToC entry {entry.name!r}: {algo.nydus_name} sections are not supported")
     if len(data) != entry.uncompressed_size:
         raise FormatError(f"ToC entry {entry.name!r}: {len(data)} bytes, expected {entry.uncompressed_size}")
-    if entry.uncompressed_digest != ZERO_DIGEST and hashlib.sha256(data).digest() != entry.uncompressed_digest:
+    if entry.uncompressed_digest != ZERO_DIGEST and codec.digest(Digester.SHA256, data) != entry.uncompressed_digest:
         raise FormatError(f"ToC entry {entry.name!r}: sha256 mismatch")
     return data
 

@@ -5,7 +5,6 @@ these in worker threads without stalling an event loop.
 """
 
 import gzip
-import hashlib
 import threading
 import zlib
 
@@ -79,6 +78,8 @@ def digest(algo: Digester, data: bytes) -> bytes:
     if algo == Digester.BLAKE3:
         return blake3.blake3(data, max_threads=1).digest()
     if algo == Digester.SHA256:
+        import hashlib  # here: OpenSSL's libcrypto is ~3.5 MiB of RSS a blake3 image never needs
+
         return hashlib.sha256(data).digest()
     raise FormatError(f"unsupported digester id {int(algo)}")
 
