@@ -68,6 +68,8 @@ class DaemonSettings:
     start_timeout: float = 30.0
     mount_timeout: float = 600.0
     fs_driver: str = "fusedev"  # "fusedev" | "erofs" (`auto` is resolved before: fsdriver.resolve_fs_driver)
+    skip_ssl_verify: bool = False  # every registry is insecure ([remote] skip_ssl_verify)
+    cache_dir: str = ""  # the blob cache ([cache_manager] cache_dir); "": ROOT/cache
 
 
 def load_template(path: str) -> dict[str, Any]:
@@ -88,7 +90,8 @@ class SharedDaemon:
         self.settings = settings or DaemonSettings()
         self.dir = os.path.join(self.root, "nydusd")
         self.mnt = os.path.join(self.root, "mnt")
-        self.cache = os.path.join(self.root, "cache")
+        self.cache = os.path.abspath(self.settings.cache_dir) if self.settings.cache_dir else \
+            os.path.join(self.root, "cache")
         self.erofs_dir = os.path.join(self.root, "erofs")  # fs_driver erofs: ROOT/erofs/<sid>
         self.sock = os.path.join(self.dir, "api.sock")
         self.pid_file = os.path.join(self.dir, "nydusd.pid")
@@ -284,7 +287,7 @@ class SharedDaemon:
         conf.setdefault("timeout", 30)
         conf.setdefault("connect_timeout", 10)
         if ref.host in self.settings.insecure_registries or ref.registry in self.settings.insecure_registries \
-                or is_loopback(ref.host):
+                or is_loopback(ref.host) or self.settings.skip_ssl_verify:
             conf["skip_verify"] = True
             conf.setdefault("scheme", "https")  # the client falls back to http:// when TLS fails
         try:

@@ -53,6 +53,9 @@ class ImageMounter(Protocol):
     def mount_dir(self, sid: str) -> str:
         """The host directory where `/<sid>` appears."""
 
+    def stop(self) -> None:
+        """Stop the daemons (the snapshotter exits with cleanup_on_close)."""
+
 
 def disk_usage(path: str) -> tuple[int, int]:
     """(bytes, inodes) of a tree like containerd's fs.DiskUsage: 512-byte blocks of each inode
@@ -92,7 +95,7 @@ def _needs_userxattr() -> bool:
 
 
 class Snapshotter:
-    def __init__(self, root: str, mounter: ImageMounter | None = None) -> None:
+    def __init__(self, root: str, mounter: ImageMounter | None = None, overlay_volatile: bool = False) -> None:
         self.root = os.path.abspath(root)
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         os.makedirs(self.snapshots_dir, mode=0o700, exist_ok=True)
@@ -100,6 +103,7 @@ class Snapshotter:
         self.mounter = mounter
         self.index_off = os.path.exists("/sys/module/overlay/parameters/index")
         self.userxattr = _needs_userxattr()
+        self.volatile = overlay_volatile  # [snapshot] enable_overlayfs_volatile: no syncs of upperdir
 
     @property
     def snapshots_dir(self) -> str:
@@ -244,6 +248,8 @@ class Snapshotter:
         if self.userxattr:
             options.append("userxattr")
         if snap.kind == Kind.ACTIVE:
+            if self.volatile:
+                options.append("volatile")
             options += [f"workdir={self.work_path(snap.id)}", f"upperdir={self.upper_path(snap.id)}"]
         elif len(lowers) == 1:
             return [Mount("bind", lowers[0], ["ro", "rbind"])], lowers

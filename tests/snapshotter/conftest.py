@@ -50,6 +50,9 @@ class FakeMounter:
     def mount_dir(self, sid: str) -> str:
         return str(self.base / sid)
 
+    def stop(self) -> None:
+        self.calls.append(("stop",))
+
 
 @dataclass
 class Rig:
