@@ -26,6 +26,7 @@ import sys
 import threading
 
 from .. import __version__
+from .dedicated import DedicatedDaemons
 from .errors import SnapshotError
 from .fsdriver import FS_DRIVERS, resolve_fs_driver
 from .nydusd import DaemonSettings, SharedDaemon, default_command, load_template
@@ -137,9 +138,10 @@ def build_mounter(conf: Settings) -> ImageMounter | None:
     settings = DaemonSettings(command=command, args=daemon_args(conf),
                               insecure_registries=tuple(conf.insecure_registries), config_template=template,
                               fs_driver=resolve_fs_driver(conf.fs_driver), skip_ssl_verify=conf.skip_ssl_verify,
-                              cache_dir=conf.cache_dir)
+                              cache_dir=conf.cache_dir, recover_policy=conf.recover_policy,
+                              failover_policy=conf.failover_policy)
     if conf.daemon_mode == "dedicated":
-        raise ConfigError("daemon_mode dedicated is not implemented yet")
+        return DedicatedDaemons(conf.root, settings)
     return SharedDaemon(conf.root, settings)
 
 
