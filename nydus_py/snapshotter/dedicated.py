@@ -114,6 +114,9 @@ class DedicatedDaemons:
     def mount_dir(self, sid: str) -> str:
         return os.path.join(self.root, "mnt", sid)
 
+    def pin(self, image_ref: str) -> str:
+        return DedicatedDaemon(self.root, self.settings, "pin").pin(image_ref)  # (never started)
+
     def is_mounted(self, sid: str) -> bool:
         with self._lock:
             d = self.daemons.get(sid)

@@ -55,6 +55,7 @@ from ..convert.reference import ImageRef, is_loopback, parse_reference
 from ..storage.registry.auth import resolve_credentials
 from ..transport.mount import MNT_DETACH, fuse_umount, is_mountpoint, sys_umount
 from .errors import Unavailable
+from .pinning import pin_reference
 from .supervisor import Supervisor, SupervisorError
 
 log = logging.getLogger(__name__)
@@ -476,6 +477,18 @@ class SharedDaemon:
         if self.erofs:
             cfg["fs_driver"] = "erofs"
         return cfg
+
+    def pin(self, image_ref: str) -> str:
+        """`image_ref` by digest: a tag is resolved now, with this image's registry settings and
+        credentials, so every later mount (restart, recovery) serves this very image."""
+        try:
+            ref = parse_reference(image_ref)
+        except ConvertError as e:
+            raise Unavailable(f"image reference {image_ref!r}: {e}") from None
+        if ref.digest:
+            return image_ref
+        backend = self.image_config(ref, "pin")["device"]["backend"]["config"]
+        return pin_reference(ref, backend, self.settings.mount_timeout)
 
     def mount(self, sid: str, image_ref: str) -> None:
         with self._lock:

@@ -14,7 +14,9 @@ Nydus layers (labels.py): a Prepare that carries a target chainID, an image refe
 with the given parent and labels, and answers AlreadyExists. containerd then never downloads the
 layer. A data-blob snapshot stays empty. A bootstrap snapshot is mounted by reference in the shared
 `nydusd-py` (`/<id>` in its FUSE root); in a child's lower directories that mount stands for the
-bootstrap snapshot and everything below it (the bootstrap holds the whole merged image).
+bootstrap snapshot and everything below it (the bootstrap holds the whole merged image). The
+reference is always a digest: a tag (`ctr-remote rpull` gives no manifest digest) is resolved at
+the Prepare and the digest recorded as the snapshot's `source`, which every later mount uses.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class ImageMounter(Protocol):
 
     def stop(self) -> None:
         """Stop the daemons (the snapshotter exits with cleanup_on_close)."""
+
+    def pin(self, image_ref: str) -> str:
+        """`image_ref` (docker://...) by digest: a tag resolved now. Unavailable on failure."""
 
 
 def disk_usage(path: str) -> tuple[int, int]:
@@ -189,6 +194,10 @@ class Snapshotter:
                 source = "docker://" + str(remote.mount_ref())
             except ValueError as e:
                 raise Unavailable(f"image reference {remote.image_ref!r}: {e}") from None
+            pinned = self.mounter.pin(source)  # always by digest: restarts must mount this very image
+            if pinned != source:
+                log.info("prepare %s: %s is %s", key, source, pinned)
+            source = pinned
         with self.store.tx() as tx:
             if tx.exists(remote.target):
                 raise AlreadyExists(f"target snapshot {remote.target!r}")
