@@ -19,7 +19,9 @@ import logging
 import os
 import shutil
 import threading
+import time
 from collections import Counter
+from typing import Any
 
 from ..convert.errors import ConvertError
 from ..convert.reference import parse_reference
@@ -73,7 +75,9 @@ class DedicatedDaemon(SharedDaemon):
                 json.dump(cfg, f)
             os.chmod(self.config_path + ".tmp", 0o600)  # it may carry credentials
             os.replace(self.config_path + ".tmp", self.config_path)
+            t0 = time.monotonic()
             self.ensure_running()
+            self.observe_mount(time.monotonic() - t0)
             self._mounted = {sid}
             self._sources = {sid: image_ref}
 
@@ -131,6 +135,15 @@ class DedicatedDaemons:
     def all(self) -> list[SharedDaemon]:
         with self._lock:
             return list(self.daemons.values())
+
+    def stats(self) -> dict[str, Any]:
+        total: dict[str, Any] = {"daemons": 0, "mounts": 0, "recoveries": Counter()}
+        for d in self.all():
+            st = d.stats()
+            total["daemons"] += st["daemons"]
+            total["mounts"] += st["mounts"]
+            total["recoveries"].update(st["recoveries"])
+        return total
 
     @property
     def recoveries(self) -> Counter[str]:

@@ -29,6 +29,7 @@ from .. import __version__
 from .dedicated import DedicatedDaemons
 from .errors import SnapshotError
 from .fsdriver import FS_DRIVERS, resolve_fs_driver
+from .metrics import SnapshotterMetrics
 from .nydusd import DaemonSettings, SharedDaemon, default_command, load_template
 from .service import serve, socket_address
 from .settings import DAEMON_MODES, LOG_LEVELS, ConfigError, Settings, load_file
@@ -128,7 +129,7 @@ def _setup_logging(conf: Settings) -> None:
     root.setLevel(_level(conf.log_level))
 
 
-def build_mounter(conf: Settings) -> ImageMounter | None:
+def build_mounter(conf: Settings, metrics: SnapshotterMetrics | None = None) -> SharedDaemon | DedicatedDaemons | None:
     """The daemons that serve Nydus images for `daemon_mode` (None for "none")."""
     if conf.daemon_mode == "none":
         log.info("daemon_mode none: Nydus layers are refused, ordinary snapshots work")
@@ -139,7 +140,8 @@ def build_mounter(conf: Settings) -> ImageMounter | None:
                               insecure_registries=tuple(conf.insecure_registries), config_template=template,
                               fs_driver=resolve_fs_driver(conf.fs_driver), skip_ssl_verify=conf.skip_ssl_verify,
                               cache_dir=conf.cache_dir, recover_policy=conf.recover_policy,
-                              failover_policy=conf.failover_policy)
+                              failover_policy=conf.failover_policy,
+                              on_mount=metrics.mount.observe if metrics is not None else None)
     if conf.daemon_mode == "dedicated":
         return DedicatedDaemons(conf.root, settings)
     return SharedDaemon(conf.root, settings)
@@ -151,15 +153,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         conf = settings_from(args)
         _setup_logging(conf)
-        mounter = build_mounter(conf)
+        metrics = SnapshotterMetrics()
+        mounter = build_mounter(conf, metrics)
     except (ConfigError, OSError) as e:
         print(f"nydus-snapshotter-py: error: {e}", file=sys.stderr)
         return 2
     try:
         sn = Snapshotter(conf.root, mounter, overlay_volatile=conf.overlayfs_volatile)
+    except OSError as e:
+        print(f"nydus-snapshotter-py: error: root {conf.root}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    sn.on_pull = metrics.pull.observe
+    metrics.watch(sn, mounter)
+    try:
+        if conf.metrics_address:
+            metrics.serve(conf.metrics_address)
+    except (OSError, ValueError) as e:
+        print(f"nydus-snapshotter-py: error: [metrics] address {conf.metrics_address}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        sn.close()
+        return 2
+    try:
         server = serve(sn, conf.address)
     except (OSError, RuntimeError) as e:
-        print(f"nydus-snapshotter-py: error: {e}", file=sys.stderr)
+        print(f"nydus-snapshotter-py: error: gRPC address {conf.address}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        metrics.close()
+        sn.close()
         return 1
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -174,6 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     server.stop(5).wait(10)
     if conf.stop_daemon_on_exit and mounter is not None:
         mounter.stop()
+    metrics.close()
     sn.close()
     if os.path.exists(path):
         os.unlink(path)

@@ -45,7 +45,7 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +84,7 @@ class DaemonSettings:
     cache_dir: str = ""  # the blob cache ([cache_manager] cache_dir); "": ROOT/cache
     recover_policy: str = "none"  # "none" | "restart" | "failover" (main passes the config's, default restart)
     failover_policy: str = "resend"  # the daemon's --failover-policy
+    on_mount: Callable[[float], None] | None = None  # seconds of each image mount (metrics)
 
 
 def load_template(path: str) -> dict[str, Any]:
@@ -503,6 +504,7 @@ class SharedDaemon:
             if self.erofs:
                 os.makedirs(self.mount_dir(sid), mode=0o755, exist_ok=True)
             assert self._api is not None
+            t0 = time.monotonic()
             try:
                 self._api.call("POST", "/api/v1/mount", {"mountpoint": self.api_mountpoint(sid)}, body)
             except ApiCallError as e:
@@ -511,9 +513,20 @@ class SharedDaemon:
             except OSError as e:
                 self._close_api()
                 raise Unavailable(f"nydusd-py API {self.sock}: {e}") from None
+            self.observe_mount(time.monotonic() - t0)
             self._mounted.add(sid)
             self._sources[sid] = image_ref
             self._save_state()
+
+    def observe_mount(self, seconds: float) -> None:
+        if self.settings.on_mount is not None:
+            self.settings.on_mount(seconds)
+
+    def stats(self) -> dict[str, Any]:
+        """For the snapshotter's metrics: running daemons, mounted images, recoveries."""
+        with self._lock:
+            up = self._api is not None and self._alive()
+            return {"daemons": int(up), "mounts": len(self._mounted) if up else 0, "recoveries": dict(self.recoveries)}
 
     def umount(self, sid: str) -> None:
         with self._lock:

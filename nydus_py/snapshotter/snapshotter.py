@@ -25,6 +25,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
 
@@ -109,6 +111,7 @@ class Snapshotter:
         self.index_off = os.path.exists("/sys/module/overlay/parameters/index")
         self.userxattr = _needs_userxattr()
         self.volatile = overlay_volatile  # [snapshot] enable_overlayfs_volatile: no syncs of upperdir
+        self.on_pull: Callable[[float], None] | None = None  # seconds of each Nydus image's remote Prepare
 
     @property
     def snapshots_dir(self) -> str:
@@ -186,6 +189,7 @@ class Snapshotter:
         """A committed snapshot for a Nydus layer; always ends in AlreadyExists (or an error)."""
         remote = remote_layer(labels)
         assert remote is not None
+        t0 = time.monotonic()
         source = ""
         if remote.kind == BOOTSTRAP:
             if self.mounter is None:
@@ -216,6 +220,8 @@ class Snapshotter:
                 self._drop(remote.target)
                 raise
             log.info("prepare %s: Nydus image %s mounted at /%s for %s", key, source, snap.id, remote.target)
+            if self.on_pull is not None:
+                self.on_pull(time.monotonic() - t0)
         else:
             log.info("prepare %s: Nydus data layer %s needs no content (%s)", key, remote.layer_digest,
                      remote.target)
