@@ -21,6 +21,7 @@ import argparse
 import logging
 import os
 import shlex
+import shutil
 import signal
 import sys
 import threading
@@ -129,13 +130,34 @@ def _setup_logging(conf: Settings) -> None:
     root.setLevel(_level(conf.log_level))
 
 
+MAX_SUN_PATH = 107  # sockaddr_un.sun_path (108) less the NUL
+LONGEST_SOCKET = "/nydusd/4294967295/supervisor.sock"  # a dedicated daemon's, under the root
+
+
+def check_root(root: str) -> None:
+    """Every daemon socket under `root` must fit a unix socket address (upstream: MaxRootPathLen)."""
+    n = len(os.fsencode(os.path.abspath(root)))
+    if n + len(LONGEST_SOCKET) > MAX_SUN_PATH:
+        raise ConfigError(f"root {root} is too long ({n} bytes): daemon sockets under it would not fit a unix "
+                          f"socket address; use a root of at most {MAX_SUN_PATH - len(LONGEST_SOCKET)} bytes")
+
+
 def build_mounter(conf: Settings, metrics: SnapshotterMetrics | None = None) -> SharedDaemon | DedicatedDaemons | None:
     """The daemons that serve Nydus images for `daemon_mode` (None for "none")."""
     if conf.daemon_mode == "none":
         log.info("daemon_mode none: Nydus layers are refused, ordinary snapshots work")
         return None
-    template = load_template(conf.nydusd_config) if conf.nydusd_config else None
+    check_root(conf.root)
+    try:
+        template = load_template(conf.nydusd_config) if conf.nydusd_config else None
+    except OSError as e:
+        raise ConfigError(f"nydusd_config {conf.nydusd_config}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ConfigError(f"nydusd_config {e}") from None
     command = shlex.split(conf.nydusd_path) if conf.nydusd_path else default_command()
+    if not command or shutil.which(command[0]) is None:
+        raise ConfigError(f"nydusd not found: {conf.nydusd_path!r} is not an executable; set [daemon] nydusd_path "
+                          "(or --nydusd-path) to nydusd-py, e.g. \"python3 -m nydus_py.cli.daemon\"")
     settings = DaemonSettings(command=command, args=daemon_args(conf),
                               insecure_registries=tuple(conf.insecure_registries), config_template=template,
                               fs_driver=resolve_fs_driver(conf.fs_driver), skip_ssl_verify=conf.skip_ssl_verify,

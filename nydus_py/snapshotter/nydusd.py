@@ -90,7 +90,11 @@ class DaemonSettings:
 def load_template(path: str) -> dict[str, Any]:
     """A v1 JSON nydusd config used as the template of every image's config."""
     with open(path, "rb") as f:
-        doc = json.loads(f.read(1 << 20))
+        text = f.read(1 << 20)
+    try:
+        doc = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a JSON nydusd config: {e}") from None
     if not isinstance(doc, dict):
         raise ValueError(f"{path}: expected a JSON object")
     backend = doc.get("device", {}).get("backend", {}) if isinstance(doc.get("device"), dict) else {}

@@ -193,7 +193,8 @@ class Snapshotter:
         source = ""
         if remote.kind == BOOTSTRAP:
             if self.mounter is None:
-                raise Unavailable("no nydusd-py daemon is configured to mount Nydus images")
+                raise Unavailable("this snapshotter runs with daemon_mode none and cannot mount Nydus images; set "
+                                  "daemon_mode to shared or dedicated")
             try:
                 source = "docker://" + str(remote.mount_ref())
             except ValueError as e:
@@ -245,7 +246,8 @@ class Snapshotter:
         for p in parents:
             if p.remote == BOOTSTRAP:
                 if self.mounter is None:
-                    raise Unavailable(f"snapshot {p.info.name} is a Nydus image, but no daemon is configured")
+                    raise Unavailable(f"snapshot {p.info.name} is a Nydus image, but this snapshotter runs with "
+                                      "daemon_mode none; set daemon_mode to shared or dedicated")
                 self.mounter.mount(p.id, p.source)  # after a daemon restart: mount it again
                 lowers.append(self.mounter.mount_dir(p.id))
                 break  # the bootstrap is the whole image: the (empty) data layers below add nothing
