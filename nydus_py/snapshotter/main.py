@@ -131,7 +131,7 @@ def _setup_logging(conf: Settings) -> None:
 
 
 MAX_SUN_PATH = 107  # sockaddr_un.sun_path (108) less the NUL
-LONGEST_SOCKET = "/nydusd/4294967295/supervisor.sock"  # a dedicated daemon's, under the root
+LONGEST_SOCKET = "/nydusd/9999999/supervisor.sock"  # a dedicated daemon's (7-digit snapshot id), under the root
 
 
 def check_root(root: str) -> None:
