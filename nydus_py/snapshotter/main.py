@@ -30,6 +30,7 @@ from .. import __version__
 from .dedicated import DedicatedDaemons
 from .errors import SnapshotError
 from .fsdriver import FS_DRIVERS, resolve_fs_driver
+from .kubelet_auth import KubeletProvider, ProviderConfigError
 from .metrics import SnapshotterMetrics
 from .nydusd import DaemonSettings, SharedDaemon, default_command, load_template
 from .service import serve, socket_address
@@ -154,6 +155,12 @@ def build_mounter(conf: Settings, metrics: SnapshotterMetrics | None = None) -> 
         raise ConfigError(f"nydusd_config {conf.nydusd_config}: {e.strerror or e}") from None
     except ValueError as e:
         raise ConfigError(f"nydusd_config {e}") from None
+    provider = None
+    if conf.kubelet_providers:
+        try:
+            provider = KubeletProvider(conf.credential_provider_config, conf.credential_provider_bin_dir)
+        except ProviderConfigError as e:
+            raise ConfigError(str(e)) from None
     command = shlex.split(conf.nydusd_path) if conf.nydusd_path else default_command()
     if not command or shutil.which(command[0]) is None:
         raise ConfigError(f"nydusd not found: {conf.nydusd_path!r} is not an executable; set [daemon] nydusd_path "
@@ -163,7 +170,8 @@ def build_mounter(conf: Settings, metrics: SnapshotterMetrics | None = None) -> 
                               fs_driver=resolve_fs_driver(conf.fs_driver), skip_ssl_verify=conf.skip_ssl_verify,
                               cache_dir=conf.cache_dir, recover_policy=conf.recover_policy,
                               failover_policy=conf.failover_policy,
-                              on_mount=metrics.mount.observe if metrics is not None else None)
+                              on_mount=metrics.mount.observe if metrics is not None else None,
+                              credential_provider=provider.credentials if provider is not None else None)
     if conf.daemon_mode == "dedicated":
         return DedicatedDaemons(conf.root, settings)
     return SharedDaemon(conf.root, settings)

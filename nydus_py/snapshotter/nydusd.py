@@ -85,6 +85,7 @@ class DaemonSettings:
     recover_policy: str = "none"  # "none" | "restart" | "failover" (main passes the config's, default restart)
     failover_policy: str = "resend"  # the daemon's --failover-policy
     on_mount: Callable[[float], None] | None = None  # seconds of each image mount (metrics)
+    credential_provider: Callable[[str], str | None] | None = None  # REGISTRY/REPO -> base64 user:pass (kubelet)
 
 
 def load_template(path: str) -> dict[str, Any]:
@@ -473,6 +474,8 @@ class SharedDaemon:
                                        self.settings.docker_config_paths)
         except ValueError as e:
             raise Unavailable(f"credentials for {ref.host}: {e}") from None
+        if not auth and self.settings.credential_provider is not None:
+            auth = self.settings.credential_provider(f"{ref.registry}/{ref.repository}")
         if auth:
             conf["auth"] = auth
         cache: dict[str, Any] = device.setdefault("cache", {"type": "blobcache"})

@@ -55,6 +55,9 @@ class Settings:
     cache_dir: str = ""  # "": ROOT/cache
     metrics_address: str = ""  # "": no metrics server
     overlayfs_volatile: bool = False
+    kubelet_providers: bool = False  # [remote.auth] enable_kubelet_credential_providers
+    credential_provider_config: str = ""
+    credential_provider_bin_dir: str = ""
 
 
 # key -> (type, Settings field); a type of (bool,) etc. is checked with isinstance, int never as bool
@@ -76,6 +79,9 @@ TABLES: dict[str, dict[str, Key]] = {
     "metrics": {"address": (str, "metrics_address")},
     "cache_manager": {"cache_dir": (str, "cache_dir")},
     "remote": {"skip_ssl_verify": (bool, "skip_ssl_verify")},
+    "remote.auth": {"enable_kubelet_credential_providers": (bool, "kubelet_providers"),
+                    "credential_provider_config": (str, "credential_provider_config"),
+                    "credential_provider_bin_dir": (str, "credential_provider_bin_dir")},
     "snapshot": {"enable_overlayfs_volatile": (bool, "overlayfs_volatile")},
 }
 # upstream keys we read but do not act on: (type, why)
@@ -101,8 +107,6 @@ IGNORED: dict[str, tuple[type, str]] = {
     "remote.auth.enable_kubeconfig_keychain": (bool, _K8S), "remote.auth.kubeconfig_path": (str, _K8S),
     "remote.auth.enable_cri_keychain": (bool, "no CRI image-service proxy; " + _K8S),
     "remote.auth.image_service_address": (str, "no CRI image-service proxy"),
-    "remote.auth.enable_kubelet_credential_providers": (bool, _K8S),
-    "remote.auth.credential_provider_config": (str, _K8S), "remote.auth.credential_provider_bin_dir": (str, _K8S),
     "remote.auth.credential_renewal_interval": (str, "credentials are read at each mount, nothing is cached"),
     "snapshot.enable_nydus_overlayfs": (bool, "nydus-overlayfs (Kata) is not part of nydus-snapshotter-py"),
     "snapshot.nydus_overlayfs_path": (str, "nydus-overlayfs (Kata) is not part of nydus-snapshotter-py"),
@@ -201,6 +205,9 @@ def validate(s: Settings, where: str) -> None:
         raise ConfigError(f"{where}: insecure_registries must be a list of strings")
     if not s.root:
         raise ConfigError(f"{where}: root must not be empty")
+    if s.kubelet_providers and not (s.credential_provider_config and s.credential_provider_bin_dir):
+        raise ConfigError(f"{where}: remote.auth.enable_kubelet_credential_providers needs credential_provider_config "
+                          "and credential_provider_bin_dir")
 
 
 def load_file(path: str, out: Settings | None = None) -> Settings:

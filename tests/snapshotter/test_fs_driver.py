@@ -138,3 +138,15 @@ def test_stale_erofs_mounts_are_detached_before_a_new_daemon(tmp_path) -> None:
     finally:
         if is_mountpoint(stale):
             sys_umount(stale)
+
+
+def test_failover_needs_fusedev(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """An EROFS mount cannot be handed to a new daemon: recover_policy failover is restart there."""
+    caplog.set_level(logging.WARNING, "nydus_py.snapshotter.nydusd")
+    fuse = SharedDaemon(str(tmp_path / "a"), DaemonSettings(command=["nydusd-py"], recover_policy="failover"))
+    assert fuse.policy == "failover" and fuse.supervisor is not None
+    assert fuse.argv()[-6:] == ["--id", "shared", "--supervisor", fuse.supervisor.path, "--failover-policy", "resend"]
+    ero = SharedDaemon(str(tmp_path / "b"), DaemonSettings(command=["nydusd-py"], recover_policy="failover",
+                                                           fs_driver="erofs"))
+    assert ero.policy == "restart" and ero.supervisor is None and "--supervisor" not in ero.argv()
+    assert "EROFS mounts cannot be handed over" in caplog.text
