@@ -67,9 +67,10 @@ class DedicatedDaemon(SharedDaemon):
                 ref = parse_reference(image_ref)
             except ConvertError as e:
                 raise Unavailable(f"image reference {image_ref!r}: {e}") from None
-            self.source = image_ref
+            mirror = self.select_mirror(ref)
+            self.source = self.mount_source(image_ref, ref, mirror)
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            cfg = self.image_config(ref, sid)
+            cfg = self.image_config(ref, sid, mirror)
             cfg.pop("fs_driver", None)  # (--fs-driver on the command line)
             with open(self.config_path + ".tmp", "w") as f:
                 json.dump(cfg, f)

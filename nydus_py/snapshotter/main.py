@@ -171,7 +171,8 @@ def build_mounter(conf: Settings, metrics: SnapshotterMetrics | None = None) -> 
                               cache_dir=conf.cache_dir, recover_policy=conf.recover_policy,
                               failover_policy=conf.failover_policy,
                               on_mount=metrics.mount.observe if metrics is not None else None,
-                              credential_provider=provider.credentials if provider is not None else None)
+                              credential_provider=provider.credentials if provider is not None else None,
+                              mirrors_dir=conf.mirrors_dir)
     if conf.daemon_mode == "dedicated":
         return DedicatedDaemons(conf.root, settings)
     return SharedDaemon(conf.root, settings)

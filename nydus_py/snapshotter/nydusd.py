@@ -55,6 +55,7 @@ from ..convert.reference import ImageRef, is_loopback, parse_reference
 from ..storage.registry.auth import resolve_credentials
 from ..transport.mount import MNT_DETACH, fuse_umount, is_mountpoint, sys_umount
 from .errors import Unavailable
+from .mirrors import Mirror, select_mirror
 from .pinning import pin_reference
 from .supervisor import Supervisor, SupervisorError
 
@@ -86,6 +87,7 @@ class DaemonSettings:
     failover_policy: str = "resend"  # the daemon's --failover-policy
     on_mount: Callable[[float], None] | None = None  # seconds of each image mount (metrics)
     credential_provider: Callable[[str], str | None] | None = None  # REGISTRY/REPO -> base64 user:pass (kubelet)
+    mirrors_dir: str = ""  # [remote.mirrors_config] dir: certs.d-style hosts.toml files (mirrors.py)
 
 
 def load_template(path: str) -> dict[str, Any]:
@@ -452,7 +454,18 @@ class SharedDaemon:
         with self._lock:
             return sid in self._mounted and self._alive()
 
-    def image_config(self, ref: ImageRef, sid: str) -> dict[str, Any]:
+    def select_mirror(self, ref: ImageRef) -> Mirror | None:
+        """The mirror to fetch `ref` through ([remote.mirrors_config] dir), chosen at each mount."""
+        return select_mirror(self.settings.mirrors_dir, ref.host) if self.settings.mirrors_dir else None
+
+    @staticmethod
+    def mount_source(image_ref: str, ref: ImageRef, mirror: Mirror | None) -> str:
+        """The daemon takes the backend host from the source reference: a mirror goes there."""
+        if mirror is None:
+            return image_ref
+        return "docker://" + str(ImageRef(mirror.host, ref.repository, ref.tag, ref.digest))
+
+    def image_config(self, ref: ImageRef, sid: str, mirror: Mirror | None = None) -> dict[str, Any]:
         """The v1 config sent with the mount: the template (if any) with this image's registry,
         credentials, scheme, the shared blob cache and `device.id = /<sid>`."""
         cfg: dict[str, Any] = copy.deepcopy(self.settings.config_template) if self.settings.config_template else {
@@ -463,6 +476,9 @@ class SharedDaemon:
         backend["type"] = "registry"
         conf: dict[str, Any] = backend.setdefault("config", {})
         conf.update(host=ref.host, repo=ref.repository)
+        if mirror is not None:
+            conf.update(host=mirror.host, scheme=mirror.scheme)
+            log.info("image %s through mirror %s://%s", ref, mirror.scheme, mirror.host)
         conf.setdefault("timeout", 30)
         conf.setdefault("connect_timeout", 10)
         if ref.host in self.settings.insecure_registries or ref.registry in self.settings.insecure_registries \
@@ -495,7 +511,7 @@ class SharedDaemon:
             raise Unavailable(f"image reference {image_ref!r}: {e}") from None
         if ref.digest:
             return image_ref
-        backend = self.image_config(ref, "pin")["device"]["backend"]["config"]
+        backend = self.image_config(ref, "pin", self.select_mirror(ref))["device"]["backend"]["config"]
         return pin_reference(ref, backend, self.settings.mount_timeout)
 
     def mount(self, sid: str, image_ref: str) -> None:
@@ -507,7 +523,9 @@ class SharedDaemon:
                 ref = parse_reference(image_ref)
             except ConvertError as e:
                 raise Unavailable(f"image reference {image_ref!r}: {e}") from None
-            body = {"fs_type": "rafs", "source": image_ref, "config": json.dumps(self.image_config(ref, sid))}
+            mirror = self.select_mirror(ref)
+            body = {"fs_type": "rafs", "source": self.mount_source(image_ref, ref, mirror),
+                    "config": json.dumps(self.image_config(ref, sid, mirror))}
             if self.erofs:
                 os.makedirs(self.mount_dir(sid), mode=0o755, exist_ok=True)
             assert self._api is not None

@@ -15,6 +15,7 @@ our earlier files (`nydusd_path`, `nydusd_args`, `insecure_registries` at the to
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -58,6 +59,7 @@ class Settings:
     kubelet_providers: bool = False  # [remote.auth] enable_kubelet_credential_providers
     credential_provider_config: str = ""
     credential_provider_bin_dir: str = ""
+    mirrors_dir: str = ""  # [remote.mirrors_config] dir
 
 
 # key -> (type, Settings field); a type of (bool,) etc. is checked with isinstance, int never as bool
@@ -79,6 +81,7 @@ TABLES: dict[str, dict[str, Key]] = {
     "metrics": {"address": (str, "metrics_address")},
     "cache_manager": {"cache_dir": (str, "cache_dir")},
     "remote": {"skip_ssl_verify": (bool, "skip_ssl_verify")},
+    "remote.mirrors_config": {"dir": (str, "mirrors_dir")},
     "remote.auth": {"enable_kubelet_credential_providers": (bool, "kubelet_providers"),
                     "credential_provider_config": (str, "credential_provider_config"),
                     "credential_provider_bin_dir": (str, "credential_provider_bin_dir")},
@@ -103,7 +106,6 @@ IGNORED: dict[str, tuple[type, str]] = {
     "metrics.hung_io_interval": (str, "no hung-I/O detector; the daemon's own metrics have per-request latencies"),
     "metrics.collect_interval": (str, "metrics are read at scrape time, not collected periodically"),
     "remote.convert_vpc_registry": (bool, "Alibaba Cloud VPC registry rewriting"),
-    "remote.mirrors_config.dir": (str, "mirrors come from the nydusd config template (nydusd_config)"),
     "remote.auth.enable_kubeconfig_keychain": (bool, _K8S), "remote.auth.kubeconfig_path": (str, _K8S),
     "remote.auth.enable_cri_keychain": (bool, "no CRI image-service proxy; " + _K8S),
     "remote.auth.image_service_address": (str, "no CRI image-service proxy"),
@@ -205,6 +207,8 @@ def validate(s: Settings, where: str) -> None:
         raise ConfigError(f"{where}: insecure_registries must be a list of strings")
     if not s.root:
         raise ConfigError(f"{where}: root must not be empty")
+    if s.mirrors_dir and not os.path.isdir(s.mirrors_dir):
+        raise ConfigError(f"{where}: remote.mirrors_config.dir {s.mirrors_dir} does not exist or is not a directory")
     if s.kubelet_providers and not (s.credential_provider_config and s.credential_provider_bin_dir):
         raise ConfigError(f"{where}: remote.auth.enable_kubelet_credential_providers needs credential_provider_config "
                           "and credential_provider_bin_dir")

@@ -19,6 +19,7 @@ from nydus_py.snapshotter.snapshotter import Snapshotter
 from tests.convert.conftest import skopeo  # noqa: F401  (fixture)
 from tests.storage.conftest import (  # noqa: F401  (fixtures)
     basic_registry,
+    mirror_registry,
     plain_registry,
     registry_bin,
     registry_root,
