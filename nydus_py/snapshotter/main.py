@@ -206,6 +206,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         server = serve(sn, conf.address)
+        if conf.uid or conf.gid:  # (upstream's uid/gid: who may connect, with mode 0660)
+            os.chown(socket_address(conf.address)[0], conf.uid, conf.gid)
     except (OSError, RuntimeError) as e:
         print(f"nydus-snapshotter-py: error: gRPC address {conf.address}: {getattr(e, 'strerror', None) or e}",
               file=sys.stderr)

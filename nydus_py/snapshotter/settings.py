@@ -60,13 +60,15 @@ class Settings:
     credential_provider_config: str = ""
     credential_provider_bin_dir: str = ""
     mirrors_dir: str = ""  # [remote.mirrors_config] dir
+    uid: int = 0  # owner of the gRPC socket (mode 0660)
+    gid: int = 0
 
 
 # key -> (type, Settings field); a type of (bool,) etc. is checked with isinstance, int never as bool
 Key = tuple[type, str]
 TOP: dict[str, Key] = {
     "root": (str, "root"), "address": (str, "address"), "daemon_mode": (str, "daemon_mode"),
-    "cleanup_on_close": (bool, "stop_daemon_on_exit"),
+    "cleanup_on_close": (bool, "stop_daemon_on_exit"), "uid": (int, "uid"), "gid": (int, "gid"),
     # our flat form
     "nydusd_path": (str, "nydusd_path"), "nydusd_args": (str, "nydusd_args"), "nydusd_config": (str, "nydusd_config"),
     "insecure_registries": (list, "insecure_registries"), "log_level": (str, "log_level"),
@@ -91,7 +93,6 @@ TABLES: dict[str, dict[str, Key]] = {
 _K8S = "needs Kubernetes (credentials come from IMAGE_PULL_AUTH or docker config.json on this host)"
 _ROT = "the snapshotter logs to stderr/stdout; rotation is journald's or logrotate's job"
 IGNORED: dict[str, tuple[type, str]] = {
-    "uid": (int, "the socket is root's, mode 0660"), "gid": (int, "the socket is root's, mode 0660"),
     "system.enable": (bool, "no system controller (debug/upgrade HTTP API)"),
     "system.address": (str, "no system controller"), "system.uid": (int, "no system controller"),
     "system.gid": (int, "no system controller"),

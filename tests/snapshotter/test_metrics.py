@@ -52,10 +52,12 @@ def test_metrics_address_from_the_config(tmp_path: Path) -> None:
     """The real command line: upstream's [metrics] table, daemon_mode none, an ordinary Prepare."""
     port = free_port()
     cfg = tmp_path / "config.toml"
-    cfg.write_text(f'version = 1\ndaemon_mode = "none"\n[metrics]\naddress = "127.0.0.1:{port}"\n'
-                   'hung_io_interval = "10s"\n')
+    cfg.write_text(f'version = 1\ndaemon_mode = "none"\nuid = 1234\ngid = 2345\n[metrics]\n'
+                   f'address = "127.0.0.1:{port}"\nhung_io_interval = "10s"\n')
     snap = SnapshotterProcess(tmp_path, "--config", str(cfg))
     try:
+        st = os.stat(snap.sock)  # upstream's uid/gid: the socket's owner
+        assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (1234, 2345, 0o660)
         url = f"http://127.0.0.1:{port}/metrics"
         m = scrape(url)
         assert m['nydus_snapshotter_snapshots{kind="active"}'] == 0 and m["nydus_snapshotter_daemons"] == 0
