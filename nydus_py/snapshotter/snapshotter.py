@@ -14,7 +14,9 @@ Nydus layers (labels.py): a Prepare that carries a target chainID, an image refe
 with the given parent and labels, and answers AlreadyExists. containerd then never downloads the
 layer. A data-blob snapshot stays empty. A bootstrap snapshot is mounted by reference in the shared
 `nydusd-py` (`/<id>` in its FUSE root); in a child's lower directories that mount stands for the
-bootstrap snapshot and everything below it (the bootstrap holds the whole merged image).
+bootstrap snapshot and everything below it (the bootstrap holds the whole merged image). The
+reference is always a digest: a tag (`ctr-remote rpull` gives no manifest digest) is resolved at
+the Prepare and the digest recorded as the snapshot's `source`, which every later mount uses.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import logging
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
 
@@ -52,6 +56,12 @@ class ImageMounter(Protocol):
 
     def mount_dir(self, sid: str) -> str:
         """The host directory where `/<sid>` appears."""
+
+    def stop(self) -> None:
+        """Stop the daemons (the snapshotter exits with cleanup_on_close)."""
+
+    def pin(self, image_ref: str) -> str:
+        """`image_ref` (docker://...) by digest: a tag resolved now. Unavailable on failure."""
 
 
 def disk_usage(path: str) -> tuple[int, int]:
@@ -92,7 +102,7 @@ def _needs_userxattr() -> bool:
 
 
 class Snapshotter:
-    def __init__(self, root: str, mounter: ImageMounter | None = None) -> None:
+    def __init__(self, root: str, mounter: ImageMounter | None = None, overlay_volatile: bool = False) -> None:
         self.root = os.path.abspath(root)
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         os.makedirs(self.snapshots_dir, mode=0o700, exist_ok=True)
@@ -100,6 +110,8 @@ class Snapshotter:
         self.mounter = mounter
         self.index_off = os.path.exists("/sys/module/overlay/parameters/index")
         self.userxattr = _needs_userxattr()
+        self.volatile = overlay_volatile  # [snapshot] enable_overlayfs_volatile: no syncs of upperdir
+        self.on_pull: Callable[[float], None] | None = None  # seconds of each Nydus image's remote Prepare
 
     @property
     def snapshots_dir(self) -> str:
@@ -177,14 +189,20 @@ class Snapshotter:
         """A committed snapshot for a Nydus layer; always ends in AlreadyExists (or an error)."""
         remote = remote_layer(labels)
         assert remote is not None
+        t0 = time.monotonic()
         source = ""
         if remote.kind == BOOTSTRAP:
             if self.mounter is None:
-                raise Unavailable("no nydusd-py daemon is configured to mount Nydus images")
+                raise Unavailable("this snapshotter runs with daemon_mode none and cannot mount Nydus images; set "
+                                  "daemon_mode to shared or dedicated")
             try:
                 source = "docker://" + str(remote.mount_ref())
             except ValueError as e:
                 raise Unavailable(f"image reference {remote.image_ref!r}: {e}") from None
+            pinned = self.mounter.pin(source)  # always by digest: restarts must mount this very image
+            if pinned != source:
+                log.info("prepare %s: %s is %s", key, source, pinned)
+            source = pinned
         with self.store.tx() as tx:
             if tx.exists(remote.target):
                 raise AlreadyExists(f"target snapshot {remote.target!r}")
@@ -203,6 +221,8 @@ class Snapshotter:
                 self._drop(remote.target)
                 raise
             log.info("prepare %s: Nydus image %s mounted at /%s for %s", key, source, snap.id, remote.target)
+            if self.on_pull is not None:
+                self.on_pull(time.monotonic() - t0)
         else:
             log.info("prepare %s: Nydus data layer %s needs no content (%s)", key, remote.layer_digest,
                      remote.target)
@@ -226,7 +246,8 @@ class Snapshotter:
         for p in parents:
             if p.remote == BOOTSTRAP:
                 if self.mounter is None:
-                    raise Unavailable(f"snapshot {p.info.name} is a Nydus image, but no daemon is configured")
+                    raise Unavailable(f"snapshot {p.info.name} is a Nydus image, but this snapshotter runs with "
+                                      "daemon_mode none; set daemon_mode to shared or dedicated")
                 self.mounter.mount(p.id, p.source)  # after a daemon restart: mount it again
                 lowers.append(self.mounter.mount_dir(p.id))
                 break  # the bootstrap is the whole image: the (empty) data layers below add nothing
@@ -244,6 +265,8 @@ class Snapshotter:
         if self.userxattr:
             options.append("userxattr")
         if snap.kind == Kind.ACTIVE:
+            if self.volatile:
+                options.append("volatile")
             options += [f"workdir={self.work_path(snap.id)}", f"upperdir={self.upper_path(snap.id)}"]
         elif len(lowers) == 1:
             return [Mount("bind", lowers[0], ["ro", "rbind"])], lowers

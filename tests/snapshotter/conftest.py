@@ -19,6 +19,7 @@ from nydus_py.snapshotter.snapshotter import Snapshotter
 from tests.convert.conftest import skopeo  # noqa: F401  (fixture)
 from tests.storage.conftest import (  # noqa: F401  (fixtures)
     basic_registry,
+    mirror_registry,
     plain_registry,
     registry_bin,
     registry_root,
@@ -33,6 +34,8 @@ class FakeMounter:
     calls: list[tuple[str, ...]] = field(default_factory=list)
     mounted: dict[str, str] = field(default_factory=dict)
     fail: str = ""
+    tags: dict[str, str] = field(default_factory=lambda: {
+        "docker://registry.local:5000/app:v1-nydus": "docker://registry.local:5000/app@sha256:" + "cd" * 32})
 
     def mount(self, sid: str, image_ref: str) -> None:
         if sid in self.mounted:
@@ -49,6 +52,17 @@ class FakeMounter:
 
     def mount_dir(self, sid: str) -> str:
         return str(self.base / sid)
+
+    def stop(self) -> None:
+        self.calls.append(("stop",))
+
+    def pin(self, image_ref: str) -> str:
+        """Tags resolve through `tags` (a tag not there is an error, as a missing manifest is)."""
+        if "@sha256:" in image_ref:
+            return image_ref
+        if image_ref not in self.tags:
+            raise Unavailable(f"image {image_ref} not found in the registry (manifest unknown)")
+        return self.tags[image_ref]
 
 
 @dataclass

@@ -10,8 +10,9 @@ import pytest
 
 from nydus_py.config.forms import parse_any
 from nydus_py.snapshotter.fsdriver import resolve_fs_driver
-from nydus_py.snapshotter.main import build_parser, load_config, settings_from
+from nydus_py.snapshotter.main import build_parser, settings_from
 from nydus_py.snapshotter.nydusd import DaemonSettings, SharedDaemon
+from nydus_py.snapshotter.settings import ConfigError, load_file
 from nydus_py.transport.erofs_mount import probe_file_backed
 from nydus_py.transport.mount import is_mountpoint, sys_mount, sys_umount
 
@@ -63,18 +64,15 @@ def test_probe_on_this_host() -> None:
 def test_config_daemon_table_and_flag(tmp_path) -> None:
     toml = tmp_path / "s.toml"
     toml.write_text('root = "/r"\n[daemon]\nfs_driver = "auto"\n')
-    assert load_config(str(toml))["daemon"] == {"fs_driver": "auto"}
+    assert load_file(str(toml)).fs_driver == "auto"
     conf = settings_from(build_parser().parse_args(["--config", str(toml)]))
-    assert conf["fs_driver"] == "auto" and conf["root"] == "/r" and "daemon" not in conf
+    assert conf.fs_driver == "auto" and conf.root == "/r"
     conf = settings_from(build_parser().parse_args(["--config", str(toml), "--fs-driver", "erofs"]))
-    assert conf["fs_driver"] == "erofs"  # the flag wins
-    assert settings_from(build_parser().parse_args([]))["fs_driver"] == "fusedev"
-    toml.write_text('[daemon]\nfs_driver = "fscache"\n')
-    with pytest.raises(ValueError, match="daemon.fs_driver must be one of"):
-        load_config(str(toml))
-    toml.write_text('[daemon]\nthreads = 4\n')
-    with pytest.raises(ValueError, match="unknown key daemon.threads"):
-        load_config(str(toml))
+    assert conf.fs_driver == "erofs"  # the flag wins
+    assert settings_from(build_parser().parse_args([])).fs_driver == "fusedev"
+    toml.write_text('[daemon]\nfs_driver = "ext4"\n')
+    with pytest.raises(ConfigError, match="daemon.fs_driver must be one of"):
+        load_file(str(toml))
 
 
 class FakeApi:
@@ -140,3 +138,15 @@ def test_stale_erofs_mounts_are_detached_before_a_new_daemon(tmp_path) -> None:
     finally:
         if is_mountpoint(stale):
             sys_umount(stale)
+
+
+def test_failover_needs_fusedev(tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    """An EROFS mount cannot be handed to a new daemon: recover_policy failover is restart there."""
+    caplog.set_level(logging.WARNING, "nydus_py.snapshotter.nydusd")
+    fuse = SharedDaemon(str(tmp_path / "a"), DaemonSettings(command=["nydusd-py"], recover_policy="failover"))
+    assert fuse.policy == "failover" and fuse.supervisor is not None
+    assert fuse.argv()[-6:] == ["--id", "shared", "--supervisor", fuse.supervisor.path, "--failover-policy", "resend"]
+    ero = SharedDaemon(str(tmp_path / "b"), DaemonSettings(command=["nydusd-py"], recover_policy="failover",
+                                                           fs_driver="erofs"))
+    assert ero.policy == "restart" and ero.supervisor is None and "--supervisor" not in ero.argv()
+    assert "EROFS mounts cannot be handed over" in caplog.text

@@ -266,7 +266,7 @@ def remote_prepare(rig: Rig, n: int, chain: str, parent: str, labels: dict[str, 
 
 @pytest.mark.parametrize("make_labels,source", [
     (cri_labels, f"docker://registry.local:5000/app@{MANIFEST}"),
-    (stargz_labels, "docker://registry.local:5000/app:v1-nydus"),
+    (stargz_labels, "docker://registry.local:5000/app@sha256:" + "cd" * 32),  # the tag, resolved at Prepare
 ])
 def test_nydus_layers_become_committed_snapshots_and_the_bootstrap_is_the_lower(rig: Rig, make_labels, source):
     remote_prepare(rig, 1, "sha256:c1", "", make_labels("sha256:c1", "sha256:blob1", bootstrap=False))
