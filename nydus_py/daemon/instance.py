@@ -353,7 +353,7 @@ def _erofs_instance(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: 
     With `saved` (a takeover), the predecessor's mounts are adopted through `fd` instead."""
     target = cmd.target or mountpoint
     try:
-        serve = ErofsServe(image, device, boot, target)
+        serve = ErofsServe(image, device, boot, target, local_blobs=parsed.rafs.backend.type == "localfs")
     except ErofsImageError as e:
         if fd >= 0:
             os.close(fd)

@@ -68,13 +68,14 @@ class ErofsServe:
     """One image served by the kernel EROFS driver at `target`, data through our blob views."""
 
     def __init__(self, image: RafsImage, device: BlobDevice, bootstrap: str, target: str, *,
-                 threads: int = 4, base_dir: str | None = None, busy_grace: float = 2.0) -> None:
+                 threads: int = 4, base_dir: str | None = None, busy_grace: float = 2.0,
+                 local_blobs: bool = False) -> None:
         check_image(image)  # ErofsImageError before anything is mounted
         self.image = image
         self.device = device
         self.bootstrap = os.path.abspath(bootstrap)
         self.target = real_mountpoint(target)
-        self.fs = BlobViewFilesystem(image, device)
+        self.fs = BlobViewFilesystem(image, device, local=local_blobs)
         self.direct = CacheDevices(device, self.fs.blobs)
         self.threads = threads
         self.base_dir = base_dir

@@ -142,3 +142,16 @@ def test_release_all_gives_everything_back(img, tmp_path) -> None:
         fs.release_all()
         assert backing.closed == [1] and pins(cache) == 0
         assert fs.stats.snapshot()["passthrough_files"] == 0
+
+
+@pytest.mark.parametrize(("local", "flags"), [(False, FOpenFlags.DIRECT_IO), (True, FOpenFlags.KEEP_CACHE)])
+def test_views_of_local_blobs_keep_a_page_cache(img, local, flags) -> None:
+    """Remote blobs: DIRECT_IO (view readahead would fetch neighbours over the network). Local
+    blobs: KEEP_CACHE, so the view's readahead serves many small files with one READ."""
+    image = open_bootstrap(img.boot)
+    try:
+        fs = BlobViewFilesystem(image, BlobDevice(image, LocalBlobDir(img.blob_dir)), local=local)
+        assert fs.open(FIRST_BLOB, os.O_RDONLY) == (0, flags)
+    finally:
+        image.close()
+
