@@ -168,7 +168,7 @@ class Daemon:
     """`python -m nydus_py.cli.daemon fuse ...` in a subprocess, log in a file."""
 
     def __init__(self, boot: str, mountpoint: str, config: str, log: str, *, threads: int = 4,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", args: tuple[str, ...] = ()) -> None:
         os.makedirs(mountpoint, exist_ok=True)
         self.mountpoint = os.path.realpath(mountpoint)
         self.log = log
@@ -176,7 +176,7 @@ class Daemon:
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--config", config, "--bootstrap", boot,
-                 "--mountpoint", self.mountpoint, "--thread-num", str(threads), "--log-level", log_level],
+                 "--mountpoint", self.mountpoint, "--thread-num", str(threads), "--log-level", log_level, *args],
                 stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO), env=env,
             )
 
@@ -218,11 +218,12 @@ def cleanup_mount(mountpoint: str) -> None:
 
 @contextlib.contextmanager
 def nydusd(boot: str, blob_dir: str, mountpoint: str, work: str, *, threads: int = 4, log_level: str = "info",
-           **cfg: object) -> Iterator[Daemon]:
-    """A mounted daemon for the `with` body; on exit it must stop cleanly (exit 0, no mount)."""
+           args: tuple[str, ...] = (), **cfg: object) -> Iterator[Daemon]:
+    """A mounted daemon for the `with` body; on exit it must stop cleanly (exit 0, no mount).
+    `args`: more command-line options."""
     config = write_config(os.path.join(work, f"config-{os.path.basename(mountpoint)}.json"), blob_dir, **cfg)
     d = Daemon(boot, mountpoint, config, os.path.join(work, f"nydusd-{os.path.basename(mountpoint)}.log"),
-               threads=threads, log_level=log_level)
+               threads=threads, log_level=log_level, args=args)
     try:
         d.wait_mounted()
         yield d
