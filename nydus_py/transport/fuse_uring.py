@@ -22,7 +22,9 @@ import logging
 import mmap
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from ..fuse.abi import IN_HEADER, InitFlags
@@ -38,8 +40,8 @@ from ..fuse.uring import (
     place_error,
     place_reply,
 )
-from .fusedev import FuseDevSession, Handler
-from .io_uring import Ring, encode_uring_cmd, mmap_address, probe
+from .fusedev import _HANDOFF_OPCODES, FuseDevSession, Handler
+from .io_uring import IORING_OP_READ, Ring, encode_sqe, encode_uring_cmd, mmap_address, probe
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,7 @@ JOIN_TIMEOUT = 10.0
 # what the kernel sends over /dev/fuse even when the ring serves the rest: INIT, FORGET,
 # INTERRUPT, BATCH_FORGET
 _DEV_ALWAYS = frozenset({26, 2, 36, 42})
+_WAKE = 1 << 63  # user_data of the eventfd read that wakes a queue for offloaded replies
 _TEARDOWN = frozenset({-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED})
 
 
@@ -109,6 +112,7 @@ class UringStats:
         self.register_failures = 0
         self.commit_failures = 0
         self.entry_errors = 0  # entries that could not be decoded or answered (EIO committed)
+        self.offloaded = 0  # requests that may block, answered in the offload pool
 
     def add(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -142,20 +146,30 @@ class _Entry:
 
 
 class _Queue:
-    """One kernel queue: a ring, `depth` entries, and the thread that owns both."""
+    """One kernel queue: a ring, `depth` entries, and the thread that owns both.
+
+    Requests that may block (READ waiting on a registry fetch, writes, syncs) go to the shared
+    `offload` pool, so the queue keeps answering metadata meanwhile; the pool hands each
+    finished entry back through `done` and an eventfd whose read is pending on the ring, and
+    the queue thread commits it (only the owner thread touches the ring: the kernel completes
+    a command in the task that submitted it)."""
 
     def __init__(self, qid: int, fd: int, depth: int, payload_size: int, handler: Handler,
-                 stats: UringStats) -> None:
+                 stats: UringStats, offload: ThreadPoolExecutor | None = None) -> None:
         self.qid = qid
         self.fd = fd
         self.handler = handler
         self.stats = stats
-        self.ring = Ring(depth)
+        self.offload = offload
+        self.ring = Ring(depth + 1)  # (+1: the eventfd read)
         try:
             self.entries = [_Entry(i, payload_size) for i in range(depth)]
+            self.efd = os.eventfd(0, os.EFD_CLOEXEC)
         except BaseException:
             self.ring.close()
             raise
+        self._efd_buf = (ctypes.c_uint64 * 1)()
+        self.done: deque[tuple[_Entry, int]] = deque()
         self.scratch = mmap.mmap(-1, payload_size + mmap.PAGESIZE)  # requests reassembled here
         self.thread = threading.Thread(target=self._run, name=f"fuse-uring-{qid}", daemon=True)
         self.registered = threading.Event()  # every REGISTER was passed to the kernel
@@ -166,13 +180,19 @@ class _Queue:
                                     addr=ctypes.addressof(e.iov), length=2)
         return encode_uring_cmd(self.fd, cmd_op, encode_cmd_req(self.qid, commit_id), user_data=e.index)
 
+    def _arm_wake(self) -> None:
+        self.ring.push(encode_sqe(IORING_OP_READ, self.efd, addr=ctypes.addressof(self._efd_buf), length=8,
+                                  user_data=_WAKE))
+
     def _run(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             os.sched_setaffinity(0, {self.qid})  # serve the queue on the CPU whose requests it gets
-        outstanding = 0
+        outstanding = 0  # entries the kernel or the offload pool still holds
         try:
             for e in self.entries:
                 self.ring.push(self._sqe(e, CMD_REGISTER))
+            if self.offload is not None:
+                self._arm_wake()
             self.ring.enter(0)
             outstanding = len(self.entries)
             self.registered.set()
@@ -180,12 +200,18 @@ class _Queue:
             while outstanding:
                 self.ring.enter(1)
                 for user_data, res, _ in self.ring.reap():
+                    if user_data == _WAKE:
+                        while self.done:
+                            e, commit_id = self.done.popleft()
+                            self.ring.push(self._sqe(e, CMD_COMMIT_AND_FETCH, commit_id))
+                        self._arm_wake()
+                        continue
                     e = self.entries[user_data]
                     if res < 0:
                         outstanding -= 1
                         self._failed(e, res)
-                        continue
-                    self._serve(e, scratch)
+                    elif not self._serve(e, scratch):
+                        outstanding -= 1
         except Exception:
             log.exception("FUSE io_uring queue %d failed", self.qid)
         finally:
@@ -203,24 +229,57 @@ class _Queue:
             self.stats.add("commit_failures")
             log.error("FUSE io_uring queue %d: COMMIT_AND_FETCH failed: %s", self.qid, os.strerror(-res))
 
-    def _serve(self, e: _Entry, scratch: memoryview) -> None:
+    def _serve(self, e: _Entry, scratch: memoryview) -> bool:
+        """Answer (or hand off) the request in `e`; False when the entry is out of the game."""
         with self.stats.lock:
             self.stats.ring_requests += 1
             self.stats.queue_requests[self.qid] += 1
         commit_id = entry_commit_id(e.hdr_view)
         try:
             req = assemble_request(e.hdr_view, e.pay_view, scratch)
+        except RingEntryError as ex:
+            return self._commit_error(e, commit_id, ex)
+        if self.offload is not None and req[4] in _HANDOFF_OPCODES and req[5] == 0:
+            self.stats.add("offloaded")
+            self.offload.submit(self._answer_later, e, commit_id, bytes(req))  # (the scratch is reused)
+            return True
+        if not self._answer(e, commit_id, req):
+            return False
+        self.ring.push(self._sqe(e, CMD_COMMIT_AND_FETCH, commit_id))
+        return True
+
+    def _answer(self, e: _Entry, commit_id: int, req: memoryview) -> bool:
+        """The reply, placed in the entry; False when the request wants none."""
+        try:
             reply = self.handler(req)
-            if reply is None:  # no reply expected: nothing to commit, the entry is not re-armed
+            if reply is None:  # nothing to commit: the entry is not re-armed
                 log.warning("FUSE io_uring queue %d: opcode %d wants no reply; entry %d retired", self.qid,
                             IN_HEADER.unpack_from(e.hdr_view)[1], e.index)
-                return
+                return False
             place_reply(reply, e.hdr_view, e.pay_view)
-        except (RingEntryError, ValueError) as ex:
+        except ValueError as ex:  # RingEntryError, FuseProtocolError
             self.stats.add("entry_errors")
             log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
             place_error(e.hdr_view, commit_id, -errno.EIO)
+        return True
+
+    def _commit_error(self, e: _Entry, commit_id: int, ex: Exception) -> bool:
+        self.stats.add("entry_errors")
+        log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
+        place_error(e.hdr_view, commit_id, -errno.EIO)
         self.ring.push(self._sqe(e, CMD_COMMIT_AND_FETCH, commit_id))
+        return True
+
+    def _answer_later(self, e: _Entry, commit_id: int, req: bytes) -> None:
+        """In the offload pool: answer, then have the queue thread commit."""
+        try:
+            if not self._answer(e, commit_id, memoryview(req)):
+                place_error(e.hdr_view, commit_id, -errno.EIO)  # (commit anyway: the entry comes back)
+        except Exception:
+            log.exception("FUSE io_uring queue %d: offloaded request failed", self.qid)
+            place_error(e.hdr_view, commit_id, -errno.EIO)
+        self.done.append((e, commit_id))
+        os.eventfd_write(self.efd, 1)
 
     def _close(self) -> None:
         with contextlib.suppress(BufferError):
@@ -228,6 +287,7 @@ class _Queue:
         for e in self.entries:
             e.close()
         self.ring.close()
+        os.close(self.efd)
 
 
 class FuseUringSession:
@@ -235,11 +295,14 @@ class FuseUringSession:
 
     def __init__(self, session: UringSession, mountpoint: str, *, threads: int = 2, depth: int = DEFAULT_DEPTH,
                  fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
-                 enable_param: str = ENABLE_URING_PARAM, queues: int = 0) -> None:
+                 enable_param: str = ENABLE_URING_PARAM, queues: int = 0, offload_threads: int = 16) -> None:
         if not 1 <= depth <= 64:
             raise ValueError("io_uring queue depth must be 1..64")
         self.session = session
         self.depth = depth
+        # threads for requests that may block (0: every request is answered by its queue thread)
+        self.offload_threads = offload_threads
+        self.offload: ThreadPoolExecutor | None = None
         self.enable_param = enable_param
         self.nr_queues = queues or read_possible_cpus()
         self.stats = UringStats()
@@ -284,15 +347,18 @@ class FuseUringSession:
             self.fallback("the kernel did not offer FUSE_OVER_IO_URING at INIT")
             return
         payload = max_payload_size(self.session.max_write, self.session.max_pages)
+        if self.offload_threads > 0:
+            self.offload = ThreadPoolExecutor(self.offload_threads, thread_name_prefix="fuse-uring-io")
         try:
             for qid in range(self.nr_queues):
                 self.queues.append(_Queue(qid, self.dev.fd, self.depth, payload, self.session.handle_vectored,
-                                          self.stats))
+                                          self.stats, self.offload))
         except OSError as e:
+            failed = len(self.queues)
             for q in self.queues:
                 q._close()
             self.queues = []
-            self._abandon_ring(f"setting up queue {len(self.queues)}: {e}")
+            self._abandon_ring(f"setting up queue {failed}: {e}")
             return
         with self.stats.lock:
             self.stats.queues = len(self.queues)
@@ -354,3 +420,6 @@ class FuseUringSession:
             if q.thread.is_alive():
                 log.error("FUSE io_uring queue %d did not end after the unmount", q.qid)
         self.queues = [q for q in self.queues if q.thread.is_alive()]
+        if self.offload is not None and not self.queues:
+            self.offload.shutdown(wait=True)
+            self.offload = None

@@ -27,6 +27,7 @@ IORING_OFF_SQ_RING = 0
 IORING_OFF_CQ_RING = 0x8000000
 IORING_OFF_SQES = 0x10000000
 IORING_OP_NOP = 0
+IORING_OP_READ = 22
 IORING_OP_URING_CMD = 46
 
 # struct io_uring_params: sq_entries, cq_entries, flags, sq_thread_cpu, sq_thread_idle, features,

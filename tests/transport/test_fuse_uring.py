@@ -11,6 +11,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -27,7 +28,7 @@ from nydus_py.transport.mount import abort_connection, connection_of, is_mountpo
 from tests.builder.erofs_rig import compare_trees
 from tests.conftest import require_device
 from tests.fs.mountrig import Image, build, make_tree, nydusd
-from tests.waiting import wait_until
+from tests.waiting import wait_event, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -73,7 +74,8 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Image]:
 
 
 @contextlib.contextmanager
-def served(image: Image, mnt: Path, **kw: int) -> Iterator[FuseUringSession]:
+def served(image: Image, mnt: Path, *, block_reads: tuple[threading.Event, threading.Event] | None = None,
+           **kw: int) -> Iterator[FuseUringSession]:
     """An in-process FuseUringSession over the image; a watchdog aborts a hung connection so
     that a protocol bug fails the test instead of wedging it. (It finds the connection in
     mountinfo: a stat of the mountpoint would hang as well while the kernel holds requests
@@ -82,6 +84,16 @@ def served(image: Image, mnt: Path, **kw: int) -> Iterator[FuseUringSession]:
     img = open_bootstrap(image.boot)
     source = LocalBlobDir(image.blob_dir)
     fs = RafsFilesystem(img, BlobDevice(img, source, validate=True))
+    if block_reads is not None:  # a READ that waits, as one on a slow registry fetch does
+        read = fs.read
+        entered, release = block_reads
+
+        def slow_read(*a: Any) -> Any:
+            entered.set()
+            assert release.wait(60)
+            return read(*a)
+
+        fs.read = slow_read  # type: ignore[method-assign]
     session = FuseSession(fs)
     t = FuseUringSession(session, str(mnt), threads=2, **kw)
     watchdog: threading.Timer | None = None
@@ -155,6 +167,41 @@ def test_concurrent_readers_on_every_cpu(uring_on: None, tree: tuple[str, Image]
     for cpu in cpus:  # each reader's CPU had its requests served by its own queue
         assert per_queue[cpu] > 0, per_queue
     assert stats["dev_requests"] == 0
+
+
+def test_a_blocked_read_does_not_hold_up_its_queue(uring_on: None, tree: tuple[str, Image], tmp_path: Path) -> None:
+    """A READ that waits (registry fetch) goes to the offload pool: metadata requests from the
+    same CPU, so on the same queue, are answered meanwhile."""
+    src, image = tree
+    mnt = tmp_path / "mnt"
+    entered, release = threading.Event(), threading.Event()
+    got: dict[str, object] = {}
+    cpu = min(os.sched_getaffinity(0))
+
+    def on_cpu(key: str, fn: Any) -> threading.Thread:
+        def run() -> None:
+            os.sched_setaffinity(0, {cpu})
+            got[key] = fn()
+
+        th = threading.Thread(target=run)
+        th.start()
+        return th
+
+    with served(image, mnt, block_reads=(entered, release), offload_threads=4) as t:
+        try:
+            reader = on_cpu("data", lambda: (mnt / "text").read_bytes())
+            wait_event(entered, 30, "the READ to reach the filesystem")
+            lister = on_cpu("names", lambda: sorted(os.listdir(mnt / "many2")))
+            lister.join(30)
+            assert not lister.is_alive(), "metadata waited behind the blocked READ"
+            assert reader.is_alive()
+        finally:
+            release.set()
+        reader.join(60)
+        stats = t.stats.as_dict()
+    assert got["names"] == sorted(os.listdir(os.path.join(src, "many2")))
+    assert got["data"] == Path(src, "text").read_bytes()
+    assert stats["dev_requests"] == 0 and stats["entry_errors"] == 0 and stats["offloaded"] > 0
 
 
 def test_mount_umount_rounds_leave_no_threads_or_fds(uring_on: None, tree: tuple[str, Image],
