@@ -15,7 +15,6 @@ import errno
 import mmap
 import os
 import struct
-from collections.abc import Iterator
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
@@ -48,6 +47,8 @@ _MASK32 = 0xFFFF_FFFF
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+_SYS_ENTER = ctypes.c_long(SYS_IO_URING_ENTER)
+_ZERO = ctypes.c_size_t(0)
 
 
 class SqOffsets:
@@ -175,6 +176,7 @@ class Ring:
             _U32.pack_into(self._sq, p.sq_off.array + 4 * i, i)
         self._tail = _U32.unpack_from(self._sq, p.sq_off.tail)[0]
         self.pending = 0  # SQEs queued and not yet passed to io_uring_enter
+        self._c_fd = ctypes.c_int(self.fd)
 
     def push(self, sqe: bytes) -> None:
         """Queue one SQE (submitted by the next enter()); OSError(EBUSY) if the SQ is full."""
@@ -192,8 +194,7 @@ class Ring:
         """Submit what push() queued and wait for `min_complete` completions (GIL released)."""
         flags = IORING_ENTER_GETEVENTS if min_complete else 0
         while True:
-            ret = _syscall(SYS_IO_URING_ENTER, ctypes.c_int(self.fd), ctypes.c_uint(self.pending),
-                           ctypes.c_uint(min_complete), ctypes.c_uint(flags), None, ctypes.c_size_t(0))
+            ret = _syscall(_SYS_ENTER, self._c_fd, self.pending, min_complete, flags, None, _ZERO)
             if ret >= 0:
                 self.pending -= min(ret, self.pending)
                 return ret
@@ -201,7 +202,7 @@ class Ring:
             if e != errno.EINTR:
                 raise OSError(e, os.strerror(e))
 
-    def reap(self) -> Iterator[tuple[int, int, int]]:
+    def reap(self) -> list[tuple[int, int, int]]:
         """The completions ready now, (user_data, res, flags) each, and mark them consumed."""
         off = self.params.cq_off
         head = _U32.unpack_from(self._cq, off.head)[0]
@@ -209,7 +210,7 @@ class Ring:
         n = cq_ready(head, tail)
         out = [decode_cqe(self._cq, off.cqes + ring_slot(head + i, self._cq_mask) * CQE.size) for i in range(n)]
         _U32.pack_into(self._cq, off.head, (head + n) & _MASK32)
-        yield from out
+        return out
 
     def close(self) -> None:
         for m in {id(self._sq): self._sq, id(self._cq): self._cq, id(self._sqes): self._sqes}.values():
