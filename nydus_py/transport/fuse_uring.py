@@ -21,6 +21,7 @@ import errno
 import logging
 import mmap
 import os
+import struct
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -41,17 +42,20 @@ from ..fuse.uring import (
     place_reply,
 )
 from .fusedev import _HANDOFF_OPCODES, FuseDevSession, Handler
-from .io_uring import IORING_OP_READ, Ring, encode_sqe, encode_uring_cmd, mmap_address, probe
+from .io_uring import IORING_OP_READ, SQE_HEAD, Ring, encode_sqe, encode_uring_cmd, mmap_address, probe
 
 log = logging.getLogger(__name__)
 
 ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
-DEFAULT_DEPTH = 4
+DEFAULT_DEPTH = 1
+DEFAULT_WORKERS = 4
 JOIN_TIMEOUT = 10.0
 # CQE results that mean "the connection is going away", not a failure
 # what the kernel sends over /dev/fuse even when the ring serves the rest: INIT, FORGET,
 # INTERRUPT, BATCH_FORGET
 _DEV_ALWAYS = frozenset({26, 2, 36, 42})
+_COMMIT_ID = struct.Struct("<Q")
+_COMMIT_ID_OFFSET = SQE_HEAD.size + 8  # fuse_uring_cmd_req.commit_id in the SQE's command area
 _WAKE = 1 << 63  # user_data of the eventfd read that wakes a queue for offloaded replies
 _TEARDOWN = frozenset({-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED})
 
@@ -109,6 +113,8 @@ class UringStats:
         self.ring_requests = 0  # requests that arrived in ring entries (the sum of queue_requests)
         self.dev_requests = 0  # requests read from /dev/fuse, but for INIT, FORGET and INTERRUPT
         self.queue_requests: list[int] = []  # ring requests per queue (the caller's CPU)
+        self.worker_requests: list[int] = []  # per ring thread (each the only writer of its slot)
+        self.workers_per_queue = 1
         self.register_failures = 0
         self.commit_failures = 0
         self.entry_errors = 0  # entries that could not be decoded or answered (EIO committed)
@@ -121,7 +127,10 @@ class UringStats:
     def as_dict(self) -> dict[str, int | str | bool | list[int]]:
         with self.lock:
             out = {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items() if k != "lock"}
-        out["ring_requests"] = sum(self.queue_requests)
+        w = self.workers_per_queue
+        per = list(self.worker_requests)
+        out["queue_requests"] = [sum(per[q * w:(q + 1) * w]) for q in range(len(per) // w)]
+        out["ring_requests"] = sum(per)
         return out
 
 
@@ -137,6 +146,7 @@ class _Entry:
         self.iov = (ctypes.c_uint64 * 4)(hdr_addr, REQ_HEADER_SIZE, pay_addr, payload_size)
         self.hdr_view = memoryview(self.hdr)[:REQ_HEADER_SIZE]
         self.pay_view = memoryview(self.payload)
+        self.commit_sqe: bytearray | None = None
 
     def close(self) -> None:
         self.hdr_view.release()
@@ -148,17 +158,18 @@ class _Entry:
 
 
 class _Queue:
-    """One kernel queue: a ring, `depth` entries, and the thread that owns both.
+    """One ring thread of a kernel queue: its own ring and `depth` entries, which only it
+    touches (the kernel completes a command in the task that submitted it).
 
-    Requests that may block (READ waiting on a registry fetch, writes, syncs) go to the shared
-    `offload` pool, so the queue keeps answering metadata meanwhile; the pool hands each
-    finished entry back through `done` and an eventfd whose read is pending on the ring, and
-    the queue thread commits it (only the owner thread touches the ring: the kernel completes
-    a command in the task that submitted it)."""
+    With `offload` (a pool; for depth > 1), requests that may block (READ waiting on a
+    registry fetch, writes, syncs) are answered in the pool so that this thread keeps serving
+    its other entries; the pool hands each finished entry back through `done` and an eventfd
+    whose read is pending on the ring, and this thread commits it."""
 
     def __init__(self, qid: int, fd: int, depth: int, payload_size: int, handler: Handler,
-                 stats: UringStats, offload: ThreadPoolExecutor | None = None) -> None:
+                 stats: UringStats, offload: ThreadPoolExecutor | None = None, slot: int = 0) -> None:
         self.qid = qid
+        self.slot = slot  # this thread's index in stats.worker_requests
         self.fd = fd
         self.handler = handler
         self.stats = stats
@@ -173,7 +184,7 @@ class _Queue:
         self._efd_buf = (ctypes.c_uint64 * 1)()
         self.done: deque[tuple[_Entry, int]] = deque()
         self.scratch = mmap.mmap(-1, payload_size + mmap.PAGESIZE)  # requests reassembled here
-        self.thread = threading.Thread(target=self._run, name=f"fuse-uring-{qid}", daemon=True)
+        self.thread = threading.Thread(target=self._run, name=f"fuse-uring-{qid}.{slot}", daemon=True)
         self.registered = threading.Event()  # every REGISTER was passed to the kernel
 
     def _sqe(self, e: _Entry, cmd_op: int, commit_id: int = 0) -> bytes:
@@ -181,6 +192,13 @@ class _Queue:
             return encode_uring_cmd(self.fd, cmd_op, encode_cmd_req(self.qid), user_data=e.index,
                                     addr=ctypes.addressof(e.iov), length=2)
         return encode_uring_cmd(self.fd, cmd_op, encode_cmd_req(self.qid, commit_id), user_data=e.index)
+
+    def _commit_sqe(self, e: _Entry, commit_id: int) -> bytearray:
+        """COMMIT_AND_FETCH for `e`: its prepared SQE with the commit id filled in."""
+        if e.commit_sqe is None:
+            e.commit_sqe = bytearray(self._sqe(e, CMD_COMMIT_AND_FETCH))
+        _COMMIT_ID.pack_into(e.commit_sqe, _COMMIT_ID_OFFSET, commit_id)
+        return e.commit_sqe
 
     def _arm_wake(self) -> None:
         self.ring.push(encode_sqe(IORING_OP_READ, self.efd, addr=ctypes.addressof(self._efd_buf), length=8,
@@ -205,7 +223,7 @@ class _Queue:
                     if user_data == _WAKE:
                         while self.done:
                             e, commit_id = self.done.popleft()
-                            self.ring.push(self._sqe(e, CMD_COMMIT_AND_FETCH, commit_id))
+                            self.ring.push(self._commit_sqe(e, commit_id))
                         self._arm_wake()
                         continue
                     e = self.entries[user_data]
@@ -233,7 +251,7 @@ class _Queue:
 
     def _serve(self, e: _Entry, scratch: memoryview) -> bool:
         """Answer (or hand off) the request in `e`; False when the entry is out of the game."""
-        self.stats.queue_requests[self.qid] += 1  # (this thread is the only writer of its slot)
+        self.stats.worker_requests[self.slot] += 1  # (this thread is the only writer of its slot)
         commit_id = entry_commit_id(e.hdr_view)
         try:
             req = assemble_request(e.hdr_view, e.pay_view, scratch)
@@ -245,7 +263,7 @@ class _Queue:
             return True
         if not self._answer(e, commit_id, req):
             return False
-        self.ring.push(self._sqe(e, CMD_COMMIT_AND_FETCH, commit_id))
+        self.ring.push(self._commit_sqe(e, commit_id))
         return True
 
     def _answer(self, e: _Entry, commit_id: int, req: memoryview) -> bool:
@@ -267,7 +285,7 @@ class _Queue:
         self.stats.add("entry_errors")
         log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
         place_error(e.hdr_view, commit_id, -errno.EIO)
-        self.ring.push(self._sqe(e, CMD_COMMIT_AND_FETCH, commit_id))
+        self.ring.push(self._commit_sqe(e, commit_id))
         return True
 
     def _answer_later(self, e: _Entry, commit_id: int, req: bytes) -> None:
@@ -295,11 +313,17 @@ class FuseUringSession:
 
     def __init__(self, session: UringSession, mountpoint: str, *, threads: int = 2, depth: int = DEFAULT_DEPTH,
                  fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
-                 enable_param: str = ENABLE_URING_PARAM, queues: int = 0, offload_threads: int = 16) -> None:
-        if not 1 <= depth <= 64:
-            raise ValueError("io_uring queue depth must be 1..64")
+                 enable_param: str = ENABLE_URING_PARAM, queues: int = 0, workers: int = DEFAULT_WORKERS,
+                 offload_threads: int = 0) -> None:
+        if not 1 <= depth <= 64 or not 1 <= workers <= 64:
+            raise ValueError("io_uring queue depth and workers per queue must be 1..64")
         self.session = session
-        self.depth = depth
+        self.depth = depth  # entries per ring thread
+        # Ring threads per queue, each with its own ring and `depth` entries. With one entry
+        # each, a thread stuck in a slow READ holds only its own entry: the kernel hands the
+        # next requests of that CPU to the other threads' entries (most recently committed
+        # first, so a stream of metadata requests stays on one warm thread).
+        self.workers = workers
         # threads for requests that may block (0: every request is answered by its queue thread)
         self.offload_threads = offload_threads
         self.offload: ThreadPoolExecutor | None = None
@@ -351,8 +375,9 @@ class FuseUringSession:
             self.offload = ThreadPoolExecutor(self.offload_threads, thread_name_prefix="fuse-uring-io")
         try:
             for qid in range(self.nr_queues):
-                self.queues.append(_Queue(qid, self.dev.fd, self.depth, payload, self.session.handle_vectored,
-                                          self.stats, self.offload))
+                for w in range(self.workers):
+                    self.queues.append(_Queue(qid, self.dev.fd, self.depth, payload, self.session.handle_vectored,
+                                              self.stats, self.offload, slot=qid * self.workers + w))
         except OSError as e:
             failed = len(self.queues)
             for q in self.queues:
@@ -361,8 +386,9 @@ class FuseUringSession:
             self._abandon_ring(f"setting up queue {failed}: {e}")
             return
         with self.stats.lock:
-            self.stats.queues = len(self.queues)
-            self.stats.queue_requests = [0] * len(self.queues)
+            self.stats.queues = self.nr_queues
+            self.stats.workers_per_queue = self.workers
+            self.stats.worker_requests = [0] * len(self.queues)
             self.stats.entries = len(self.queues) * self.depth
         for q in self.queues:
             q.thread.start()
@@ -372,8 +398,8 @@ class FuseUringSession:
             self.stats.active = self.stats.register_failures == 0
         if self.stats.register_failures:
             self.fallback(f"{self.stats.register_failures} REGISTER commands failed")
-        log.info("FUSE io_uring: %d queues x %d entries of %d KiB on %s", len(self.queues), self.depth,
-                 payload >> 10, self.mountpoint)
+        log.info("FUSE io_uring: %d queues x %d threads x %d entries of %d KiB on %s", self.nr_queues,
+                 self.workers, self.depth, payload >> 10, self.mountpoint)
 
     def _abandon_ring(self, reason: str) -> None:
         """INIT negotiated the ring, so the kernel holds every request until all queues are

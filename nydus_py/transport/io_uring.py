@@ -175,15 +175,17 @@ class Ring:
         for i in range(p.sq_entries):
             _U32.pack_into(self._sq, p.sq_off.array + 4 * i, i)
         self._tail = _U32.unpack_from(self._sq, p.sq_off.tail)[0]
+        self._head = _U32.unpack_from(self._sq, p.sq_off.head)[0]  # last seen; reread when full
         self.pending = 0  # SQEs queued and not yet passed to io_uring_enter
         self._c_fd = ctypes.c_int(self.fd)
 
-    def push(self, sqe: bytes) -> None:
+    def push(self, sqe: bytes | bytearray) -> None:
         """Queue one SQE (submitted by the next enter()); OSError(EBUSY) if the SQ is full."""
         p = self.params
-        head = _U32.unpack_from(self._sq, p.sq_off.head)[0]
-        if sq_free(head, self._tail, p.sq_entries) <= 0:
-            raise OSError(errno.EBUSY, "io_uring submission queue full")
+        if sq_free(self._head, self._tail, p.sq_entries) <= 0:  # (the kernel may have moved on)
+            self._head = _U32.unpack_from(self._sq, p.sq_off.head)[0]
+            if sq_free(self._head, self._tail, p.sq_entries) <= 0:
+                raise OSError(errno.EBUSY, "io_uring submission queue full")
         slot = ring_slot(self._tail, self._sq_mask)
         self._sqes[slot * self.sqe_size:(slot + 1) * self.sqe_size] = sqe
         self._tail = (self._tail + 1) & _MASK32
