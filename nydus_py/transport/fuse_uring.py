@@ -23,9 +23,7 @@ import mmap
 import os
 import struct
 import threading
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
 from ..fuse.abi import IN_HEADER, InitFlags
@@ -33,7 +31,6 @@ from ..fuse.uring import (
     CMD_COMMIT_AND_FETCH,
     CMD_REGISTER,
     REQ_HEADER_SIZE,
-    RingEntryError,
     assemble_request,
     encode_cmd_req,
     entry_commit_id,
@@ -42,13 +39,14 @@ from ..fuse.uring import (
     place_reply,
 )
 from .fusedev import _HANDOFF_OPCODES, FuseDevSession, Handler
-from .io_uring import IORING_OP_READ, SQE_HEAD, Ring, encode_sqe, encode_uring_cmd, mmap_address, probe
+from .io_uring import SQE_HEAD, Ring, encode_uring_cmd, mmap_address, probe
 
 log = logging.getLogger(__name__)
 
 ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 DEFAULT_DEPTH = 1
 DEFAULT_WORKERS = 4
+DEFAULT_MAX_WORKERS = 16  # per queue, spares included
 JOIN_TIMEOUT = 10.0
 # CQE results that mean "the connection is going away", not a failure
 # what the kernel sends over /dev/fuse even when the ring serves the rest: INIT, FORGET,
@@ -56,7 +54,6 @@ JOIN_TIMEOUT = 10.0
 _DEV_ALWAYS = frozenset({26, 2, 36, 42})
 _COMMIT_ID = struct.Struct("<Q")
 _COMMIT_ID_OFFSET = SQE_HEAD.size + 8  # fuse_uring_cmd_req.commit_id in the SQE's command area
-_WAKE = 1 << 63  # user_data of the eventfd read that wakes a queue for offloaded replies
 _TEARDOWN = frozenset({-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED})
 
 
@@ -112,13 +109,13 @@ class UringStats:
         self.entries = 0
         self.ring_requests = 0  # requests that arrived in ring entries (the sum of queue_requests)
         self.dev_requests = 0  # requests read from /dev/fuse, but for INIT, FORGET and INTERRUPT
-        self.queue_requests: list[int] = []  # ring requests per queue (the caller's CPU)
         self.worker_requests: list[int] = []  # per ring thread (each the only writer of its slot)
-        self.workers_per_queue = 1
+        self.worker_qid: list[int] = []  # the queue of each ring thread
+        self.spares_started = 0
+        self.spare_failures = 0
         self.register_failures = 0
         self.commit_failures = 0
         self.entry_errors = 0  # entries that could not be decoded or answered (EIO committed)
-        self.offloaded = 0  # requests that may block, answered in the offload pool
 
     def add(self, name: str, n: int = 1) -> None:
         with self.lock:
@@ -127,9 +124,11 @@ class UringStats:
     def as_dict(self) -> dict[str, int | str | bool | list[int]]:
         with self.lock:
             out = {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items() if k != "lock"}
-        w = self.workers_per_queue
-        per = list(self.worker_requests)
-        out["queue_requests"] = [sum(per[q * w:(q + 1) * w]) for q in range(len(per) // w)]
+            per, qids = list(self.worker_requests), list(self.worker_qid)
+        queue_requests = [0] * max(self.queues, max(qids, default=-1) + 1)  # per queue (the caller's CPU)
+        for n, q in zip(per, qids, strict=True):
+            queue_requests[q] += n
+        out["queue_requests"] = queue_requests
         out["ring_requests"] = sum(per)
         return out
 
@@ -159,30 +158,24 @@ class _Entry:
 
 class _Queue:
     """One ring thread of a kernel queue: its own ring and `depth` entries, which only it
-    touches (the kernel completes a command in the task that submitted it).
-
-    With `offload` (a pool; for depth > 1), requests that may block (READ waiting on a
-    registry fetch, writes, syncs) are answered in the pool so that this thread keeps serving
-    its other entries; the pool hands each finished entry back through `done` and an eventfd
-    whose read is pending on the ring, and this thread commits it."""
+    touches (the kernel completes a command in the task that submitted it). Around a request
+    that may block (READ on a fetch, writes, syncs) it tells `blocking` so that the session
+    can start a spare thread for the queue."""
 
     def __init__(self, qid: int, fd: int, depth: int, payload_size: int, handler: Handler,
-                 stats: UringStats, offload: ThreadPoolExecutor | None = None, slot: int = 0) -> None:
+                 stats: UringStats, blocking: Callable[[int, int], None] | None = None, slot: int = 0) -> None:
         self.qid = qid
         self.slot = slot  # this thread's index in stats.worker_requests
         self.fd = fd
         self.handler = handler
         self.stats = stats
-        self.offload = offload
-        self.ring = Ring(depth + 1)  # (+1: the eventfd read)
+        self.blocking = blocking
+        self.ring = Ring(depth)
         try:
             self.entries = [_Entry(i, payload_size) for i in range(depth)]
-            self.efd = os.eventfd(0, os.EFD_CLOEXEC)
         except BaseException:
             self.ring.close()
             raise
-        self._efd_buf = (ctypes.c_uint64 * 1)()
-        self.done: deque[tuple[_Entry, int]] = deque()
         self.scratch = mmap.mmap(-1, payload_size + mmap.PAGESIZE)  # requests reassembled here
         self.thread = threading.Thread(target=self._run, name=f"fuse-uring-{qid}.{slot}", daemon=True)
         self.registered = threading.Event()  # every REGISTER was passed to the kernel
@@ -200,19 +193,13 @@ class _Queue:
         _COMMIT_ID.pack_into(e.commit_sqe, _COMMIT_ID_OFFSET, commit_id)
         return e.commit_sqe
 
-    def _arm_wake(self) -> None:
-        self.ring.push(encode_sqe(IORING_OP_READ, self.efd, addr=ctypes.addressof(self._efd_buf), length=8,
-                                  user_data=_WAKE))
-
     def _run(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             os.sched_setaffinity(0, {self.qid})  # serve the queue on the CPU whose requests it gets
-        outstanding = 0  # entries the kernel or the offload pool still holds
+        outstanding = 0  # entries the kernel still holds for us
         try:
             for e in self.entries:
                 self.ring.push(self._sqe(e, CMD_REGISTER))
-            if self.offload is not None:
-                self._arm_wake()
             self.ring.enter(0)
             outstanding = len(self.entries)
             self.registered.set()
@@ -220,12 +207,6 @@ class _Queue:
             while outstanding:
                 self.ring.enter(1)
                 for user_data, res, _ in self.ring.reap():
-                    if user_data == _WAKE:
-                        while self.done:
-                            e, commit_id = self.done.popleft()
-                            self.ring.push(self._commit_sqe(e, commit_id))
-                        self._arm_wake()
-                        continue
                     e = self.entries[user_data]
                     if res < 0:
                         outstanding -= 1
@@ -250,26 +231,19 @@ class _Queue:
             log.error("FUSE io_uring queue %d: COMMIT_AND_FETCH failed: %s", self.qid, os.strerror(-res))
 
     def _serve(self, e: _Entry, scratch: memoryview) -> bool:
-        """Answer (or hand off) the request in `e`; False when the entry is out of the game."""
+        """Answer the request in `e` and queue its commit; False when the entry is out of the game."""
         self.stats.worker_requests[self.slot] += 1  # (this thread is the only writer of its slot)
         commit_id = entry_commit_id(e.hdr_view)
         try:
             req = assemble_request(e.hdr_view, e.pay_view, scratch)
-        except RingEntryError as ex:
-            return self._commit_error(e, commit_id, ex)
-        if self.offload is not None and req[4] in _HANDOFF_OPCODES and req[5] == 0:
-            self.stats.add("offloaded")
-            self.offload.submit(self._answer_later, e, commit_id, bytes(req))  # (the scratch is reused)
-            return True
-        if not self._answer(e, commit_id, req):
-            return False
-        self.ring.push(self._commit_sqe(e, commit_id))
-        return True
-
-    def _answer(self, e: _Entry, commit_id: int, req: memoryview) -> bool:
-        """The reply, placed in the entry; False when the request wants none."""
-        try:
-            reply = self.handler(req)
+            blocking = self.blocking is not None and req[4] in _HANDOFF_OPCODES and req[5] == 0
+            if blocking:
+                self.blocking(self.qid, 1)  # type: ignore[misc]
+            try:
+                reply = self.handler(req)
+            finally:
+                if blocking:
+                    self.blocking(self.qid, -1)  # type: ignore[misc]
             if reply is None:  # nothing to commit: the entry is not re-armed
                 log.warning("FUSE io_uring queue %d: opcode %d wants no reply; entry %d retired", self.qid,
                             IN_HEADER.unpack_from(e.hdr_view)[1], e.index)
@@ -279,25 +253,8 @@ class _Queue:
             self.stats.add("entry_errors")
             log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
             place_error(e.hdr_view, commit_id, -errno.EIO)
-        return True
-
-    def _commit_error(self, e: _Entry, commit_id: int, ex: Exception) -> bool:
-        self.stats.add("entry_errors")
-        log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
-        place_error(e.hdr_view, commit_id, -errno.EIO)
         self.ring.push(self._commit_sqe(e, commit_id))
         return True
-
-    def _answer_later(self, e: _Entry, commit_id: int, req: bytes) -> None:
-        """In the offload pool: answer, then have the queue thread commit."""
-        try:
-            if not self._answer(e, commit_id, memoryview(req)):
-                place_error(e.hdr_view, commit_id, -errno.EIO)  # (commit anyway: the entry comes back)
-        except Exception:
-            log.exception("FUSE io_uring queue %d: offloaded request failed", self.qid)
-            place_error(e.hdr_view, commit_id, -errno.EIO)
-        self.done.append((e, commit_id))
-        os.eventfd_write(self.efd, 1)
 
     def _close(self) -> None:
         with contextlib.suppress(BufferError):
@@ -305,7 +262,6 @@ class _Queue:
         for e in self.entries:
             e.close()
         self.ring.close()
-        os.close(self.efd)
 
 
 class FuseUringSession:
@@ -314,7 +270,7 @@ class FuseUringSession:
     def __init__(self, session: UringSession, mountpoint: str, *, threads: int = 2, depth: int = DEFAULT_DEPTH,
                  fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
                  enable_param: str = ENABLE_URING_PARAM, queues: int = 0, workers: int = DEFAULT_WORKERS,
-                 offload_threads: int = 0) -> None:
+                 max_workers: int = DEFAULT_MAX_WORKERS) -> None:
         if not 1 <= depth <= 64 or not 1 <= workers <= 64:
             raise ValueError("io_uring queue depth and workers per queue must be 1..64")
         self.session = session
@@ -324,9 +280,16 @@ class FuseUringSession:
         # next requests of that CPU to the other threads' entries (most recently committed
         # first, so a stream of metadata requests stays on one warm thread).
         self.workers = workers
-        # threads for requests that may block (0: every request is answered by its queue thread)
-        self.offload_threads = offload_threads
-        self.offload: ThreadPoolExecutor | None = None
+        # Spares: when every ring thread of a queue is inside a request that may block (READs
+        # waiting on the registry), one more is started for that queue, up to `max_workers`,
+        # so metadata never queues behind data. The kernel has no way to unregister an entry,
+        # so spares stay until the connection ends.
+        self.max_workers = max(workers, max_workers)
+        self._lock = threading.Lock()
+        self._blocked: list[int] = []  # per queue: ring threads inside a blocking request
+        self._running: list[int] = []  # per queue: ring threads
+        self._payload = 0
+        self._stopping = False
         self.enable_param = enable_param
         self.nr_queues = queues or read_possible_cpus()
         self.stats = UringStats()
@@ -370,14 +333,11 @@ class FuseUringSession:
         if not self.session.flags & InitFlags.OVER_IO_URING:
             self.fallback("the kernel did not offer FUSE_OVER_IO_URING at INIT")
             return
-        payload = max_payload_size(self.session.max_write, self.session.max_pages)
-        if self.offload_threads > 0:
-            self.offload = ThreadPoolExecutor(self.offload_threads, thread_name_prefix="fuse-uring-io")
+        payload = self._payload = max_payload_size(self.session.max_write, self.session.max_pages)
         try:
             for qid in range(self.nr_queues):
-                for w in range(self.workers):
-                    self.queues.append(_Queue(qid, self.dev.fd, self.depth, payload, self.session.handle_vectored,
-                                              self.stats, self.offload, slot=qid * self.workers + w))
+                for _ in range(self.workers):
+                    self.queues.append(self._new_queue(qid))
         except OSError as e:
             failed = len(self.queues)
             for q in self.queues:
@@ -387,9 +347,9 @@ class FuseUringSession:
             return
         with self.stats.lock:
             self.stats.queues = self.nr_queues
-            self.stats.workers_per_queue = self.workers
-            self.stats.worker_requests = [0] * len(self.queues)
             self.stats.entries = len(self.queues) * self.depth
+        self._blocked = [0] * self.nr_queues
+        self._running = [self.workers] * self.nr_queues
         for q in self.queues:
             q.thread.start()
         for q in self.queues:
@@ -400,6 +360,40 @@ class FuseUringSession:
             self.fallback(f"{self.stats.register_failures} REGISTER commands failed")
         log.info("FUSE io_uring: %d queues x %d threads x %d entries of %d KiB on %s", self.nr_queues,
                  self.workers, self.depth, payload >> 10, self.mountpoint)
+
+    def _new_queue(self, qid: int) -> _Queue:
+        """A ring thread for queue `qid` (not started), with its slot in the request counters."""
+        with self.stats.lock:
+            slot = len(self.stats.worker_requests)
+            self.stats.worker_requests.append(0)
+            self.stats.worker_qid.append(qid)
+        return _Queue(qid, self.dev.fd, self.depth, self._payload, self.session.handle_vectored, self.stats,
+                      self._blocking, slot=slot)
+
+    def _blocking(self, qid: int, delta: int) -> None:
+        """A ring thread of `qid` enters (+1) or leaves (-1) a request that may block."""
+        with self._lock:
+            self._blocked[qid] += delta
+            spare = (delta > 0 and self._blocked[qid] >= self._running[qid] < self.max_workers
+                     and not self._stopping)
+            if spare:
+                self._running[qid] += 1
+        if not spare:
+            return
+        try:
+            q = self._new_queue(qid)
+        except OSError as e:
+            with self._lock:
+                self._running[qid] -= 1
+            self.stats.add("spare_failures")
+            log.warning("no spare FUSE io_uring thread for queue %d (%s); requests may queue", qid, e)
+            return
+        with self._lock:
+            self.queues.append(q)
+        self.stats.add("spares_started")
+        self.stats.add("entries", self.depth)
+        log.debug("all FUSE io_uring threads of queue %d are blocked; started a spare", qid)
+        q.thread.start()
 
     def _abandon_ring(self, reason: str) -> None:
         """INIT negotiated the ring, so the kernel holds every request until all queues are
@@ -422,7 +416,9 @@ class FuseUringSession:
     def wait(self, timeout: float | None = None) -> bool:
         if not self.dev.wait(timeout):
             return False
-        for q in self.queues:
+        with self._lock:
+            queues = list(self.queues)
+        for q in queues:
             q.thread.join(timeout)
             if q.thread.is_alive():
                 return False
@@ -440,12 +436,13 @@ class FuseUringSession:
         self._join()
 
     def _join(self) -> None:
-        for q in self.queues:
+        with self._lock:
+            self._stopping = True  # (the connection is gone: no more spares)
+            queues = list(self.queues)
+        for q in queues:
             if q.thread.ident is not None:
                 q.thread.join(JOIN_TIMEOUT)
             if q.thread.is_alive():
                 log.error("FUSE io_uring queue %d did not end after the unmount", q.qid)
-        self.queues = [q for q in self.queues if q.thread.is_alive()]
-        if self.offload is not None and not self.queues:
-            self.offload.shutdown(wait=True)
-            self.offload = None
+        with self._lock:
+            self.queues = [q for q in self.queues if q.thread.is_alive()]
