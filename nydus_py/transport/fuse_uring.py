@@ -4,9 +4,9 @@ read(2) on /dev/fuse, and a reply is committed together with the fetch of the ne
 
 The INIT handshake still goes over /dev/fuse, and so do FORGET, INTERRUPT and notifications,
 so a `FuseDevSession` serves the mount as usual; after the INIT reply that negotiated
-FUSE_OVER_IO_URING, one thread per queue registers `depth` entries. The kernel has one queue
-per possible CPU and routes a request to the queue of the CPU its caller runs on; it holds
-every request back until all queues have an entry, then switches to the ring for good.
+FUSE_OVER_IO_URING, `workers` ring threads per queue register `depth` entries each. The kernel
+has one queue per possible CPU and routes a request to the queue of the CPU its caller runs on;
+it holds every request back until all queues have an entry, then switches to the ring for good.
 
 Fallbacks (logged, counted in `stats`): io_uring unusable in this process, the module
 parameter fuse.enable_uring is N (the kernel then does not offer FUSE_OVER_IO_URING), or a
@@ -48,12 +48,12 @@ DEFAULT_DEPTH = 1
 DEFAULT_WORKERS = 4
 DEFAULT_MAX_WORKERS = 16  # per queue, spares included
 JOIN_TIMEOUT = 10.0
-# CQE results that mean "the connection is going away", not a failure
 # what the kernel sends over /dev/fuse even when the ring serves the rest: INIT, FORGET,
 # INTERRUPT, BATCH_FORGET
 _DEV_ALWAYS = frozenset({26, 2, 36, 42})
 _COMMIT_ID = struct.Struct("<Q")
 _COMMIT_ID_OFFSET = SQE_HEAD.size + 8  # fuse_uring_cmd_req.commit_id in the SQE's command area
+# CQE results that mean "the connection is going away", not a failure
 _TEARDOWN = frozenset({-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED})
 
 
