@@ -19,6 +19,11 @@ GETXATTR round trips that the kernel never caches. The same servers run the same
 Also: nydus_py daemon RSS after a cold `ls -lR` (this tree, and a flat 100k-file image), and
 one GETATTR round trip (stat in a loop against a daemon with attr_timeout 0, so every stat is
 exactly one GETATTR; native stat cost subtracted). Run as root (mounts, drop_caches).
+
+`--io-uring` adds `nydus_py_uring` (`nydusd-py fuse --io-uring`: FUSE over io_uring) beside
+`nydus_py` (/dev/fuse reads) and measures its GETATTR round trip too; the bench sets
+fuse.enable_uring=Y for the run and restores it after (the daemon never writes it). `--servers`
+limits the run to some servers (native is always there: ratios are to it).
 """
 
 import argparse
@@ -47,6 +52,7 @@ from nydus_py.builder.build import build_image  # noqa: E402
 from nydus_py.builder.cache_view import write_cache_view  # noqa: E402
 from nydus_py.builder.options import BuildOptions  # noqa: E402
 from nydus_py.builder.sources import tree_from_directory  # noqa: E402
+from nydus_py.transport.fuse_uring import ENABLE_URING_PARAM  # noqa: E402
 from nydus_py.transport.mount import is_mountpoint, sys_mount, sys_umount  # noqa: E402
 
 BIG = "opt/models/bigfile_100m.bin"
@@ -188,14 +194,30 @@ class Squashfuse(FuseProcess):
 class NydusPy(FuseProcess):
     name = "nydus_py"
 
+    extra: tuple[str, ...] = ()
+
     def __init__(self, mnt: str, boot: str, config: str, log: str, threads: int, probe: str = "opt",
                  apisock: str | None = None) -> None:
         api = ["--apisock", apisock] if apisock else []
         super().__init__(mnt, log, [sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--config", config,
                                     "--bootstrap", boot, "--mountpoint", mnt, "--thread-num", str(threads),
-                                    "--log-level", "warn", *api], probe)
+                                    "--log-level", "warn", *api, *self.extra], probe)
         self.sigterm = True
         self.apisock = apisock
+
+
+class NydusPyUring(NydusPy):
+    """`nydusd-py fuse --io-uring`: the same daemon, requests over FUSE io_uring queues."""
+
+    name = "nydus_py_uring"
+    extra = ("--io-uring",)
+
+    def start(self) -> None:
+        super().start()
+        with open(self.log, errors="replace") as f:  # a fallback is logged at warn level
+            if "io_uring not used" in f.read():
+                self.stop()
+                raise RuntimeError(f"{self.name} fell back to /dev/fuse reads; see {self.log}")
 
 
 class NydusPyErofs(FuseProcess):
@@ -354,7 +376,7 @@ def run_workloads(servers: list[Server], reps: int, ctx: dict, workloads: list[s
                 drop_caches()
                 s.start()
                 cold = fn(s.root, ctx)
-                if wname == "lsR" and isinstance(s, NydusPy):
+                if wname == "lsR" and s.name == "nydus_py":
                     rss.append(s.rss_mib())
                 warm = statistics.median(fn(s.root, ctx) for _ in range(warm_n))
                 raw[wname]["cold"].setdefault(s.name, []).append(cold)
@@ -476,7 +498,7 @@ def bench_tree(tree: str, work: str, name: str, args: argparse.Namespace, worklo
     n_small, small_list = small_files(tree, work, name)
     print(f"[{name}] building images ...", flush=True)
     info = build_images(tree, work, f"img-{name}")
-    mnts = {n: os.path.join(work, f"mnt-{name}-{n}") for n in ("erofs", "squashfuse_ll", "nydus_py",
+    mnts = {n: os.path.join(work, f"mnt-{name}-{n}") for n in ("erofs", "squashfuse_ll", "nydus_py", "nydus_py_uring",
                                                                "nydus_py_erofs", "nydus_py_erofs_cached")}
     for m in mnts.values():
         os.makedirs(m, exist_ok=True)
@@ -495,11 +517,14 @@ def bench_tree(tree: str, work: str, name: str, args: argparse.Namespace, worklo
         Erofs(mnts["erofs"], str(info["boot"]), list(info["views"])),  # type: ignore[arg-type]
         Squashfuse(mnts["squashfuse_ll"], str(info["sqfs"]), os.path.join(work, f"squashfuse-{name}.log")),
         NydusPy(mnts["nydus_py"], str(info["boot"]), cfg, os.path.join(work, f"nydusd-{name}.log"), args.threads),
+        NydusPyUring(mnts["nydus_py_uring"], str(info["boot"]), cfg, os.path.join(work, f"nydusd-uring-{name}.log"),
+                     args.threads),
         NydusPyErofs(mnts["nydus_py_erofs"], str(info["boot"]), cfg, os.path.join(work, f"nydusd-erofs-{name}.log"),
                      args.threads),
         NydusPyErofsCached(mnts["nydus_py_erofs_cached"], str(info["boot"]), cached_cfg,
                            os.path.join(work, f"nydusd-erofs-cached-{name}.log"), args.threads, cache_dir),
     ]
+    servers = [s for s in servers if s.name == "native" or s.name in args.servers]
     names = [s.name for s in servers]
     print(f"[{name}] {n_small} small files, {info['inodes']} inodes; {args.reps} reps", flush=True)
     try:
@@ -534,7 +559,35 @@ def main() -> None:
                     help="measure one GETATTR round trip")
     ap.add_argument("--workdir", help="keep the tree and images here (reused across runs)")
     ap.add_argument("--tag", default="fusedev", help="name of the JSON/PNG result files")
+    ap.add_argument("--io-uring", action="store_true", help="also nydus_py_uring (FUSE over io_uring)")
+    ap.add_argument("--servers", default="erofs,squashfuse_ll,nydus_py,nydus_py_erofs,nydus_py_erofs_cached",
+                    help="comma-separated servers besides native (nydus_py_uring is added by --io-uring)")
     args = ap.parse_args()
+    args.servers = set(args.servers.split(",")) | ({"nydus_py_uring"} if args.io_uring else set())
+    if args.io_uring:
+        old_param = Path(ENABLE_URING_PARAM).read_text().strip()
+        Path(ENABLE_URING_PARAM).write_text("Y")
+        try:
+            return run(args)
+        finally:
+            Path(ENABLE_URING_PARAM).write_text(old_param)
+    run(args)
+
+
+def uring_ratios(runs: dict, workloads: list[str]) -> dict:
+    """nydus_py_uring / nydus_py time per workload: median of the per-rep ratios (<1: the ring
+    is faster)."""
+    out = {}
+    for tname, run in runs.items():
+        for w in workloads:
+            for t in ("cold", "warm"):
+                per = run["raw"][w][t]
+                ratios = [u / f for u, f in zip(per["nydus_py_uring"], per["nydus_py"], strict=True)]
+                out[f"{tname} {w} {t}"] = statistics.median(ratios)
+    return out
+
+
+def run(args: argparse.Namespace) -> None:
     if os.geteuid() != 0:
         sys.exit("bench_fusedev needs root (mounts and drop_caches)")
     workloads = [w for w in args.workloads.split(",") if w]
@@ -558,8 +611,14 @@ def main() -> None:
     main_run = runs["plain"]
     names, summary, info = main_run["names"], main_run["summary"], main_run["image"]
 
-    rtt = None
-    if args.getattr:
+    rtt = rtt_uring = None
+    if args.getattr and args.io_uring:
+        mnt = os.path.join(work, "mnt-nydus_py_uring_rtt")
+        os.makedirs(mnt, exist_ok=True)
+        rtt_cfg = write_config(os.path.join(work, "nydusd-rtt.json"), str(info["blobs"]), attr_timeout=0)
+        rtt_uring = getattr_rtt(NydusPyUring(mnt, str(info["boot"]), rtt_cfg, os.path.join(work, "nydusd-rtt-uring.log"),
+                                             args.threads, apisock=os.path.join(work, "rtt-uring-api.sock")), tree)
+    if args.getattr and "nydus_py" in args.servers:
         mnt = os.path.join(work, "mnt-nydus_py_rtt")
         os.makedirs(mnt, exist_ok=True)
         rtt_cfg = write_config(os.path.join(work, "nydusd-rtt.json"), str(info["blobs"]), attr_timeout=0)
@@ -573,13 +632,13 @@ def main() -> None:
     for tname, run in runs.items():
         print_table(f"[{tname} tree] ratio to native (median of per-rep ratios; time, >1 = slower), {args.reps} reps, "
                     f"scale {args.scale:g}", names, run["summary"], workloads)
-    if "seq" in summary:
+    if "seq" in summary and "nydus_py" in names:
         seq_native = summary["seq"]["cold"]["native"]["median_s"]
         print(f"native seq cold {100 / seq_native:.0f} MiB/s; nydus_py seq cold "
               f"{100 / summary['seq']['cold']['nydus_py']['median_s']:.0f} MiB/s")
     goals = {}
     for (w, t), limit in GOALS.items():
-        if w in summary:
+        if w in summary and "nydus_py" in names:
             r = summary[w][t]["nydus_py"]["ratio"]
             goals[f"{w} {t} <= {limit}x"] = {"value": r, "met": r <= limit}
     if rtt is not None:
@@ -588,6 +647,17 @@ def main() -> None:
         print(f"\nGETATTR: {rtt['stat_us']:.1f} us per stat of {BIG} on the mount (median of batches), "
               f"{rtt['native_stat_us']:.1f} us on ext4, {rtt['requests_per_stat']:.2f} GETATTRs per stat -> "
               f"round trip {rtt['getattr_rtt_us']:.1f} us (best batch {rtt['getattr_rtt_best_us']:.1f} us)")
+    uring = None
+    if args.io_uring and "nydus_py" in names:
+        uring = {"time_ratio_uring_to_fusedev": uring_ratios(runs, workloads), "getattr": rtt_uring}
+        print("\nnydus_py_uring / nydus_py time (median of per-rep ratios; <1: io_uring faster)")
+        for k, v in uring["time_ratio_uring_to_fusedev"].items():
+            print(f"  {k:24s} {v:6.2f}")
+        if rtt_uring is not None:
+            print(f"GETATTR over io_uring: round trip {rtt_uring['getattr_rtt_us']:.1f} us (best batch "
+                  f"{rtt_uring['getattr_rtt_best_us']:.1f} us)" + (
+                      f"; /dev/fuse {rtt['getattr_rtt_us']:.1f} us -> ratio "
+                      f"{float(rtt_uring['getattr_rtt_us']) / float(rtt['getattr_rtt_us']):.2f}" if rtt else ""))
     if flat:
         goals[f"RSS after ls -lR, {flat['files']} files <= {RSS_GOAL_MIB:g} MiB"] = {
             "value": flat["rss_after_lsR_mib"], "met": flat["rss_after_lsR_mib"] <= RSS_GOAL_MIB}
@@ -598,6 +668,8 @@ def main() -> None:
               f"(after mount {flat['rss_after_mount_mib']:.1f}, peak {flat['peak_rss_mib']:.1f}; "
               f"ls -lR {flat['lsR_s']:.2f} s)")
     for tname, run in runs.items():
+        if not {"nydus_py", "nydus_py_erofs", "nydus_py_erofs_cached"} <= set(names):
+            break
         for w in workloads:
             for t in ("cold", "warm"):
                 e = run["summary"][w][t]["nydus_py_erofs"]["ratio"]
@@ -622,7 +694,7 @@ def main() -> None:
                "xattr_tree": ({"files_with_xattr": xattr_files, "image": runs["xattr"]["image"],
                                "summary": runs["xattr"]["summary"], "raw": runs["xattr"]["raw"]}
                               if "xattr" in runs else None),
-               "elapsed_s": elapsed}
+               "io_uring": uring, "elapsed_s": elapsed}
     path = save(args.tag, payload)
     cols = [(tn, w, t) for tn in runs for w in workloads for t in ("cold", "warm")]
     labels = [f"{w} {t}\n{tn}" for tn, w, t in cols]

@@ -161,6 +161,10 @@ async def get_metrics_blobcache(ctx: ApiContext, req: web.Request, body: bytes) 
     return json_response(ctx.service.metrics_blobcache(req.query.get("id")))
 
 
+async def get_metrics_transport(ctx: ApiContext, req: web.Request, body: bytes) -> web.Response:
+    return json_response(ctx.service.metrics_transport())
+
+
 async def get_metrics_inflight(ctx: ApiContext, req: web.Request, body: bytes) -> web.Response:
     ops = ctx.service.metrics_inflight()
     return no_content() if ops is None else json_response(ops)
@@ -205,6 +209,7 @@ ROUTES: dict[str, dict[str, Handler]] = {
     f"{V1}/metrics/backend": {"GET": get_metrics_backend},
     f"{V1}/metrics/blobcache": {"GET": get_metrics_blobcache},
     f"{V1}/metrics/inflight": {"GET": get_metrics_inflight},
+    f"{V1}/metrics/transport": {"GET": get_metrics_transport},
     f"{V1}/config": {"GET": get_config, "PUT": put_config},
     f"{V2}/daemon": {"GET": get_daemon_v2, "PUT": put_daemon},
     f"{V2}/blobs": {"GET": _blobs("GET"), "PUT": _blobs("PUT"), "DELETE": _blobs("DELETE")},

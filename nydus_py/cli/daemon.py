@@ -138,6 +138,8 @@ class Daemon:
                 svc.default_config = quickstart_config(a.localfs_dir)
         except (ConfigError, OSError) as e:
             raise StartupError(f"config {a.config or a.localfs_dir}: {e}") from None
+        self.opts.io_uring = bool(getattr(a, "io_uring", False)) or (
+            svc.default_config is not None and svc.default_config.fuse_io_uring)
         if getattr(a, "shared_dir", None):
             try:
                 svc.mount(a.virtual_mountpoint, MountCmd("passthrough_fs", a.shared_dir, ""))

@@ -86,6 +86,10 @@ def _fuse_options(p: argparse.ArgumentParser, required: bool) -> None:
     g = p.add_argument_group("FUSE options")
     g.add_argument("-M", "--mountpoint", required=required, help="FUSE mountpoint (must exist)")
     g.add_argument("--thread-num", "--fuse-threads", dest="thread_num", type=_threads, default=4)
+    g.add_argument("--io-uring", action="store_true", default=False,
+                   help="serve FUSE requests over io_uring (kernel 6.14+ with fuse.enable_uring=Y; the daemon does not "
+                   "set that module parameter). Falls back to /dev/fuse reads, logged and counted in "
+                   "/api/v1/metrics/transport. Also the config key \"fuse_io_uring\": true")
     g.add_argument("--failover-policy", choices=("none", "resend", "flush"), default="resend")
     g.add_argument("--writable", action="store_true", help="accepted; the filesystem is always read-only")
     g.add_argument("--fs-driver", choices=("fusedev", "erofs"), default=None,

@@ -42,7 +42,8 @@ BACKEND_KEYS: dict[str, set[str]] = {
     "http-proxy": {"addr", "path", *_CONNECTION},
 }
 _V1_TOP = {"device", "mode", "digest_validate", "iostats_files", "enable_xattr", "access_pattern",
-           "latest_read_files", "amplify_io", "fs_prefetch", "entry_timeout", "attr_timeout", "fs_driver"}
+           "latest_read_files", "amplify_io", "fs_prefetch", "entry_timeout", "attr_timeout", "fs_driver",
+           "fuse_io_uring"}
 # how a mount is served: our FUSE filesystem, or the kernel's EROFS driver over blob views
 FS_DRIVERS = ("fusedev", "erofs")
 _V1_DEVICE = {"id", "backend", "cache", "external_backends"}
@@ -96,6 +97,7 @@ class ParsedConfig:
     access_pattern: bool = False
     latest_read_files: bool = False
     fs_driver: str = "fusedev"  # the top-level "fs_driver" key (FS_DRIVERS)
+    fuse_io_uring: bool = False  # serve FUSE over io_uring (transport/fuse_uring), else /dev/fuse reads
 
     @property
     def id(self) -> str:
@@ -150,8 +152,9 @@ def v2_to_v1(raw: dict[str, Any]) -> dict[str, Any]:
                    ("latest_read_files", "latest_read_files"), ("batch_size", "amplify_io")):
         if v2 in rafs:
             out[v1] = rafs[v2]
-    if "fs_driver" in raw:
-        out["fs_driver"] = raw["fs_driver"]
+    for key in ("fs_driver", "fuse_io_uring"):
+        if key in raw:
+            out[key] = raw[key]
     prefetch = rafs.get("prefetch") if isinstance(rafs.get("prefetch"), dict) else cache.get("prefetch")
     if isinstance(prefetch, dict):
         out["fs_prefetch"] = _prefetch_v2_to_v1(prefetch)
@@ -178,8 +181,9 @@ def v1_to_v2(v1: dict[str, Any]) -> dict[str, Any]:
                  "latest_read_files": bool(v1.get("latest_read_files", False)),
                  "batch_size": v1.get("amplify_io", 1 << 20)},
     }
-    if "fs_driver" in v1:
-        out["fs_driver"] = v1["fs_driver"]
+    for key in ("fs_driver", "fuse_io_uring"):
+        if key in v1:
+            out[key] = v1[key]
     if ctype in ("blobcache", "filecache"):
         out["cache"]["filecache"] = {"work_dir": (cache.get("config") or {}).get("work_dir", ".")}
     elif ctype == "fscache":
@@ -244,7 +248,7 @@ def parse_any(text: str | bytes, *, pull_auth: str | None = None) -> ParsedConfi
         if raw["version"] != 2 or isinstance(raw["version"], bool):
             raise ConfigError(f"version: unsupported config version {raw['version']!r}")
         _note_unknown(raw, {"version", "id", "backend", "cache", "rafs", "overlay", "external_backends",
-                            "metadata_path", "fs_driver"}, "")
+                            "metadata_path", "fs_driver", "fuse_io_uring"}, "")
         v1 = v2_to_v1(raw)
     else:
         _check_unknown_v1(raw)
@@ -252,7 +256,7 @@ def parse_any(text: str | bytes, *, pull_auth: str | None = None) -> ParsedConfi
     if pull_auth:
         v1 = apply_pull_auth(v1, pull_auth)
     rafs = parse_config(json.dumps(v1))
-    flags = {k: v1.get(k, False) for k in ("access_pattern", "latest_read_files")}
+    flags = {k: v1.get(k, False) for k in ("access_pattern", "latest_read_files", "fuse_io_uring")}
     for k, v in flags.items():
         if not isinstance(v, bool):
             raise ConfigError(f"{k}: expected bool, got {type(v).__name__}")

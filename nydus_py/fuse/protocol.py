@@ -254,6 +254,8 @@ class FuseSession:
         self.max_stack_depth = max_stack_depth
         self.supported = InitFlags(supported)
         self.debug = debug
+        # INIT flags the transport itself asks for whatever the filesystem wants (OVER_IO_URING)
+        self.transport_flags = 0
         # negotiated state (valid while `initialized`)
         self.initialized = False
         self.kernel_major = 0
@@ -490,7 +492,7 @@ class FuseSession:
                 self._teardown()
             want = self.fs.init(InitFlags(capable))
             self._install_write_ops()
-            enabled = capable & int(want) & int(self.supported)
+            enabled = capable & ((int(want) & int(self.supported)) | self.transport_flags)
             if enabled & InitFlags.PASSTHROUGH and not 1 <= self.max_stack_depth <= FILESYSTEM_MAX_STACK_DEPTH:
                 log.warning("FUSE INIT: max_stack_depth %d is outside 1..%d; not enabling passthrough",
                             self.max_stack_depth, FILESYSTEM_MAX_STACK_DEPTH)

@@ -72,6 +72,9 @@ class FuseDevSession:
         self.allow_other = allow_other
         self.readahead_kb = readahead_kb
         self._ra_pending = False
+        # called by the worker that wrote the INIT reply, once the kernel has processed it
+        # (the io_uring transport registers its queues from there)
+        self.on_init: Callable[[], None] | None = None
         self.fd = -1
         self._workers: list[threading.Thread] = []
         self._fds: list[int] = []
@@ -303,8 +306,11 @@ class FuseDevSession:
                         os.writev(fd, reply)  # header + data without joining them first
                     else:
                         os.write(fd, reply)
-                    if self._ra_pending and buf[4] == FUSE_INIT and buf[5] == 0:
-                        self._after_init()
+                    if buf[4] == FUSE_INIT and buf[5] == 0:
+                        if self._ra_pending:
+                            self._after_init()
+                        if self.on_init is not None:
+                            self.on_init()
                 except OSError as e:
                     # ENOENT: the request was interrupted and the kernel forgot it.
                     if e.errno == errno.ENOENT:

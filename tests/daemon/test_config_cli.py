@@ -209,3 +209,20 @@ def test_log_file_rotation(tmp_path: Path) -> None:
             h.close()
         root.handlers[:] = saved
         root.setLevel(level)
+
+
+def test_fuse_io_uring_from_config_and_command_line(caplog: pytest.LogCaptureFixture) -> None:
+    """`"fuse_io_uring": true` (v1 or v2, a known key: not logged as unknown) and
+    `nydusd-py fuse --io-uring` both ask for FUSE over io_uring; it is off by default."""
+    _logged.clear()
+    with caplog.at_level(logging.INFO, logger="nydus_py.config.forms"):
+        v1 = parse_any(json.dumps({**SNAPSHOTTER_V1, "fuse_io_uring": True}))
+        v2 = parse_any(json.dumps({**V2_JSON, "fuse_io_uring": True}))
+    assert v1.fuse_io_uring and v2.fuse_io_uring
+    assert not any("fuse_io_uring" in r.getMessage() for r in caplog.records)
+    assert v2.redacted_v2()["fuse_io_uring"] is True
+    assert not parse_any(json.dumps(SNAPSHOTTER_V1)).fuse_io_uring
+    with pytest.raises(ConfigError):
+        parse_any(json.dumps({**SNAPSHOTTER_V1, "fuse_io_uring": "yes"}))
+    assert parse_args(["fuse", "--mountpoint", "/m", "--io-uring"]).io_uring
+    assert not parse_args(["fuse", "--mountpoint", "/m"]).io_uring

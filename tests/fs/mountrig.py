@@ -20,10 +20,14 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from nydus_py.builder.build import build_image
 from nydus_py.builder.cache_view import write_cache_view
 from nydus_py.builder.options import BuildOptions, BuildResult
 from nydus_py.builder.sources import tree_from_directory
+from nydus_py.transport.fuse_uring import ENABLE_URING_PARAM
+from nydus_py.transport.io_uring import probe
 from nydus_py.transport.mount import is_mountpoint
 from tests.waiting import wait_until
 
@@ -164,11 +168,43 @@ def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
     wait_until(cond, timeout, what)
 
 
+# Appended to every daemon's command line, and the daemons started meanwhile: the
+# `fuse_transport` fixture runs a test over /dev/fuse reads and again over io_uring.
+DAEMON_ARGS: list[str] = []
+STARTED: list["Daemon"] = []
+
+
+@pytest.fixture(params=["fusedev", "io_uring"])
+def fuse_transport(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test once per FUSE transport (tests opt in with `usefixtures`). Over io_uring
+    every daemon the test started must really have served the ring (no silent fallback)."""
+    if request.param == "fusedev":
+        yield "fusedev"
+        return
+    if not os.path.exists(ENABLE_URING_PARAM):
+        pytest.skip("this kernel has no FUSE over io_uring")
+    if why := probe():
+        pytest.skip(why)
+    old = Path(ENABLE_URING_PARAM).read_text().strip()
+    Path(ENABLE_URING_PARAM).write_text("Y")
+    DAEMON_ARGS.append("--io-uring")
+    STARTED.clear()
+    try:
+        yield "io_uring"
+    finally:
+        DAEMON_ARGS.remove("--io-uring")
+        Path(ENABLE_URING_PARAM).write_text(old)
+    for d in STARTED:
+        text = d.log_text()
+        assert "FUSE io_uring: " in text and "io_uring not used" not in text, f"{d.log} did not use io_uring"
+    STARTED.clear()
+
+
 class Daemon:
     """`python -m nydus_py.cli.daemon fuse ...` in a subprocess, log in a file."""
 
     def __init__(self, boot: str, mountpoint: str, config: str, log: str, *, threads: int = 4,
-                 log_level: str = "info") -> None:
+                 log_level: str = "info", args: tuple[str, ...] = ()) -> None:
         os.makedirs(mountpoint, exist_ok=True)
         self.mountpoint = os.path.realpath(mountpoint)
         self.log = log
@@ -176,9 +212,11 @@ class Daemon:
         with open(log, "ab") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--config", config, "--bootstrap", boot,
-                 "--mountpoint", self.mountpoint, "--thread-num", str(threads), "--log-level", log_level],
+                 "--mountpoint", self.mountpoint, "--thread-num", str(threads), "--log-level", log_level, *args,
+                 *DAEMON_ARGS],
                 stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO), env=env,
             )
+        STARTED.append(self)
 
     def log_text(self) -> str:
         return Path(self.log).read_text(errors="replace")
@@ -218,11 +256,12 @@ def cleanup_mount(mountpoint: str) -> None:
 
 @contextlib.contextmanager
 def nydusd(boot: str, blob_dir: str, mountpoint: str, work: str, *, threads: int = 4, log_level: str = "info",
-           **cfg: object) -> Iterator[Daemon]:
-    """A mounted daemon for the `with` body; on exit it must stop cleanly (exit 0, no mount)."""
+           args: tuple[str, ...] = (), **cfg: object) -> Iterator[Daemon]:
+    """A mounted daemon for the `with` body; on exit it must stop cleanly (exit 0, no mount).
+    `args`: more command-line options."""
     config = write_config(os.path.join(work, f"config-{os.path.basename(mountpoint)}.json"), blob_dir, **cfg)
     d = Daemon(boot, mountpoint, config, os.path.join(work, f"nydusd-{os.path.basename(mountpoint)}.log"),
-               threads=threads, log_level=log_level)
+               threads=threads, log_level=log_level, args=args)
     try:
         d.wait_mounted()
         yield d

@@ -22,9 +22,10 @@ from tests.builder.erofs_rig import erofs_available, erofs_mount
 from tests.conftest import require_device
 from tests.rafs.test_v5_fixtures import expected, normalize_expected
 
-from .mountrig import CHUNK, build, compare, make_tree, nydusd, pread_all
+from .mountrig import CHUNK, build, compare, fuse_transport, make_tree, nydusd, pread_all  # noqa: F401
 
-pytestmark = [pytest.mark.slow, pytest.mark.root]
+# every test here runs over /dev/fuse reads and again over FUSE io_uring
+pytestmark = [pytest.mark.slow, pytest.mark.root, pytest.mark.usefixtures("fuse_transport")]
 
 
 @pytest.fixture(scope="module")

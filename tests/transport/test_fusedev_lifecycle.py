@@ -21,7 +21,16 @@ from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.transport.fusedev import FuseDevSession
 from nydus_py.transport.mount import is_mountpoint, mount_device
 from tests.conftest import require_device
-from tests.fs.mountrig import CHUNK, Daemon, abort_connection, build, cleanup_mount, wait_for, write_config
+from tests.fs.mountrig import (  # noqa: F401  (fuse_transport: a fixture)
+    CHUNK,
+    Daemon,
+    abort_connection,
+    build,
+    cleanup_mount,
+    fuse_transport,
+    wait_for,
+    write_config,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
@@ -106,6 +115,7 @@ def _wait_exit(d: Daemon, timeout: float = 30.0) -> int:
         raise AssertionError(f"daemon did not exit:\n{d.log_text()}") from None
 
 
+@pytest.mark.usefixtures("fuse_transport")  # over /dev/fuse reads and over io_uring
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_unmounts_and_exits_0(image, tmp_path: Path, sig: int) -> None:
     require_device("/dev/fuse")
@@ -119,6 +129,7 @@ def test_signal_unmounts_and_exits_0(image, tmp_path: Path, sig: int) -> None:
         d.kill()
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_sigterm_while_busy_detaches_and_serves_open_files(image, tmp_path: Path) -> None:
     """A file held open makes a plain umount EBUSY: the daemon detaches lazily, keeps serving
     the open file, and exits 0 once it is closed. (Also: a SIGTERM right after the mount must
@@ -139,6 +150,7 @@ def test_sigterm_while_busy_detaches_and_serves_open_files(image, tmp_path: Path
         d.kill()
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_sigterm_with_a_file_never_closed_ends_after_the_grace(image, tmp_path: Path) -> None:
     """A file that stays open keeps a lazily detached mount alive: the daemon serves it for the
     stop grace (fusedev.STOP_GRACE), then aborts the connection and exits 0 (it used to wait for
@@ -159,6 +171,7 @@ def test_sigterm_with_a_file_never_closed_ends_after_the_grace(image, tmp_path: 
         d.kill()
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_external_umount_ends_session(image, tmp_path: Path) -> None:
     require_device("/dev/fuse")
     d = _daemon(image, tmp_path)
@@ -171,6 +184,7 @@ def test_external_umount_ends_session(image, tmp_path: Path) -> None:
         d.kill()
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_connection_abort_ends_session(image, tmp_path: Path) -> None:
     require_device("/dev/fuse")
     d = _daemon(image, tmp_path)
@@ -189,6 +203,7 @@ def test_connection_abort_ends_session(image, tmp_path: Path) -> None:
         cleanup_mount(str(tmp_path / "mnt"))
 
 
+@pytest.mark.usefixtures("fuse_transport")
 def test_debug_mode_logs_ops_with_args_result_latency(image, tmp_path: Path) -> None:
     require_device("/dev/fuse")
     d = _daemon(image, tmp_path, log_level="debug")

@@ -1,0 +1,448 @@
+"""FUSE over io_uring (kernel 6.14+): requests arrive in registered ring entries instead of
+read(2) on /dev/fuse, and a reply is committed together with the fetch of the next request
+(FUSE_IO_URING_CMD_COMMIT_AND_FETCH), one io_uring_enter for a whole batch.
+
+The INIT handshake still goes over /dev/fuse, and so do FORGET, INTERRUPT and notifications,
+so a `FuseDevSession` serves the mount as usual; after the INIT reply that negotiated
+FUSE_OVER_IO_URING, `workers` ring threads per queue register `depth` entries each. The kernel
+has one queue per possible CPU and routes a request to the queue of the CPU its caller runs on;
+it holds every request back until all queues have an entry, then switches to the ring for good.
+
+Fallbacks (logged, counted in `stats`): io_uring unusable in this process, the module
+parameter fuse.enable_uring is N (the kernel then does not offer FUSE_OVER_IO_URING), or a
+queue fails to set up. Requests then keep flowing through the /dev/fuse workers. We never
+flip /sys/module/fuse/parameters/enable_uring ourselves: it is host-wide policy (every later
+FUSE mount is offered the ring), so it stays the administrator's decision.
+"""
+
+import contextlib
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import struct
+import threading
+from collections.abc import Callable
+from typing import Protocol
+
+from ..fuse.abi import IN_HEADER, InitFlags
+from ..fuse.uring import (
+    CMD_COMMIT_AND_FETCH,
+    CMD_REGISTER,
+    REQ_HEADER_SIZE,
+    assemble_request,
+    encode_cmd_req,
+    entry_commit_id,
+    max_payload_size,
+    place_error,
+    place_reply,
+)
+from .fusedev import _HANDOFF_OPCODES, FuseDevSession, Handler
+from .io_uring import SQE_HEAD, Ring, encode_uring_cmd, mmap_address, probe
+
+log = logging.getLogger(__name__)
+
+ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+DEFAULT_DEPTH = 1
+DEFAULT_WORKERS = 4
+DEFAULT_MAX_WORKERS = 16  # per queue, spares included
+JOIN_TIMEOUT = 10.0
+# what the kernel sends over /dev/fuse even when the ring serves the rest: INIT, FORGET,
+# INTERRUPT, BATCH_FORGET
+_DEV_ALWAYS = frozenset({26, 2, 36, 42})
+_COMMIT_ID = struct.Struct("<Q")
+_COMMIT_ID_OFFSET = SQE_HEAD.size + 8  # fuse_uring_cmd_req.commit_id in the SQE's command area
+# CQE results that mean "the connection is going away", not a failure
+_TEARDOWN = frozenset({-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED})
+
+
+class UringSession(Protocol):
+    """What the transport needs of a `FuseSession`."""
+
+    max_write: int
+    max_pages: int
+    transport_flags: int
+    flags: InitFlags
+
+    def handle_vectored(self, req: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview] | None: ...
+
+
+def possible_cpus(text: str) -> int:
+    """How many queues the kernel makes: num_possible_cpus(), from a cpu list like '0-3,5'."""
+    n = 0
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+def read_possible_cpus() -> int:
+    with open("/sys/devices/system/cpu/possible") as f:
+        return possible_cpus(f.read())
+
+
+def enable_uring_param(path: str = ENABLE_URING_PARAM) -> str | None:
+    """None when the fuse module offers io_uring to new connections, else why not."""
+    try:
+        with open(path) as f:
+            value = f.read().strip()
+    except OSError as e:
+        return f"{path}: {e.strerror} (this kernel has no FUSE over io_uring)"
+    if value not in ("Y", "1"):
+        return f"{path} is {value} (set it to Y to allow FUSE over io_uring)"
+    return None
+
+
+class UringStats:
+    """Counters for the metrics API."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requested = True
+        self.active = False  # INIT negotiated the ring and every queue registered its entries
+        self.fallbacks = 0
+        self.fallback_reason = ""
+        self.queues = 0
+        self.entries = 0
+        self.ring_requests = 0  # requests that arrived in ring entries (the sum of queue_requests)
+        self.dev_requests = 0  # requests read from /dev/fuse, but for INIT, FORGET and INTERRUPT
+        self.worker_requests: list[int] = []  # per ring thread (each the only writer of its slot)
+        self.worker_qid: list[int] = []  # the queue of each ring thread
+        self.spares_started = 0
+        self.spare_failures = 0
+        self.register_failures = 0
+        self.commit_failures = 0
+        self.entry_errors = 0  # entries that could not be decoded or answered (EIO committed)
+
+    def add(self, name: str, n: int = 1) -> None:
+        with self.lock:
+            setattr(self, name, getattr(self, name) + n)
+
+    def as_dict(self) -> dict[str, int | str | bool | list[int]]:
+        with self.lock:
+            out = {k: (list(v) if isinstance(v, list) else v) for k, v in vars(self).items() if k != "lock"}
+            per, qids = list(self.worker_requests), list(self.worker_qid)
+        queue_requests = [0] * max(self.queues, max(qids, default=-1) + 1)  # per queue (the caller's CPU)
+        for n, q in zip(per, qids, strict=True):
+            queue_requests[q] += n
+        out["queue_requests"] = queue_requests
+        out["ring_requests"] = sum(per)
+        return out
+
+
+class _Entry:
+    """One ring entry: its two registered buffers and the iovec array that points at them."""
+
+    def __init__(self, index: int, payload_size: int) -> None:
+        self.index = index
+        self.hdr = mmap.mmap(-1, mmap.PAGESIZE)
+        self.payload = mmap.mmap(-1, payload_size)  # pages become resident as replies touch them
+        hdr_addr, self._hdr_anchor = mmap_address(self.hdr)
+        pay_addr, self._pay_anchor = mmap_address(self.payload)
+        self.iov = (ctypes.c_uint64 * 4)(hdr_addr, REQ_HEADER_SIZE, pay_addr, payload_size)
+        self.hdr_view = memoryview(self.hdr)[:REQ_HEADER_SIZE]
+        self.pay_view = memoryview(self.payload)
+        self.commit_sqe: bytearray | None = None
+
+    def close(self) -> None:
+        self.hdr_view.release()
+        self.pay_view.release()
+        del self._hdr_anchor, self._pay_anchor
+        for m in (self.hdr, self.payload):
+            with contextlib.suppress(BufferError):
+                m.close()
+
+
+class _Queue:
+    """One ring thread of a kernel queue: its own ring and `depth` entries, which only it
+    touches (the kernel completes a command in the task that submitted it). Around a request
+    that may block (READ on a fetch, writes, syncs) it tells `blocking` so that the session
+    can start a spare thread for the queue."""
+
+    def __init__(self, qid: int, fd: int, depth: int, payload_size: int, handler: Handler,
+                 stats: UringStats, blocking: Callable[[int, int], None] | None = None, slot: int = 0) -> None:
+        self.qid = qid
+        self.slot = slot  # this thread's index in stats.worker_requests
+        self.fd = fd
+        self.handler = handler
+        self.stats = stats
+        self.blocking = blocking
+        self.ring = Ring(depth)
+        try:
+            self.entries = [_Entry(i, payload_size) for i in range(depth)]
+        except BaseException:
+            self.ring.close()
+            raise
+        self.scratch = mmap.mmap(-1, payload_size + mmap.PAGESIZE)  # requests reassembled here
+        self.thread = threading.Thread(target=self._run, name=f"fuse-uring-{qid}.{slot}", daemon=True)
+        self.registered = threading.Event()  # every REGISTER was passed to the kernel
+
+    def _sqe(self, e: _Entry, cmd_op: int, commit_id: int = 0) -> bytes:
+        if cmd_op == CMD_REGISTER:
+            return encode_uring_cmd(self.fd, cmd_op, encode_cmd_req(self.qid), user_data=e.index,
+                                    addr=ctypes.addressof(e.iov), length=2)
+        return encode_uring_cmd(self.fd, cmd_op, encode_cmd_req(self.qid, commit_id), user_data=e.index)
+
+    def _commit_sqe(self, e: _Entry, commit_id: int) -> bytearray:
+        """COMMIT_AND_FETCH for `e`: its prepared SQE with the commit id filled in."""
+        if e.commit_sqe is None:
+            e.commit_sqe = bytearray(self._sqe(e, CMD_COMMIT_AND_FETCH))
+        _COMMIT_ID.pack_into(e.commit_sqe, _COMMIT_ID_OFFSET, commit_id)
+        return e.commit_sqe
+
+    def _run(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            os.sched_setaffinity(0, {self.qid})  # serve the queue on the CPU whose requests it gets
+        outstanding = 0  # entries the kernel still holds for us
+        try:
+            for e in self.entries:
+                self.ring.push(self._sqe(e, CMD_REGISTER))
+            self.ring.enter(0)
+            outstanding = len(self.entries)
+            self.registered.set()
+            scratch = memoryview(self.scratch)
+            while outstanding:
+                self.ring.enter(1)
+                for user_data, res, _ in self.ring.reap():
+                    e = self.entries[user_data]
+                    if res < 0:
+                        outstanding -= 1
+                        self._failed(e, res)
+                    elif not self._serve(e, scratch):
+                        outstanding -= 1
+        except Exception:
+            log.exception("FUSE io_uring queue %d failed", self.qid)
+        finally:
+            self.registered.set()
+            self._close()
+
+    def _failed(self, e: _Entry, res: int) -> None:
+        if res in _TEARDOWN:
+            return
+        if e.hdr_view[0:4] == b"\0\0\0\0":  # never carried a request: its REGISTER failed
+            self.stats.add("register_failures")
+            log.error("FUSE io_uring queue %d: REGISTER failed: %s (the kernel serves /dev/fuse instead)",
+                      self.qid, os.strerror(-res))
+        else:
+            self.stats.add("commit_failures")
+            log.error("FUSE io_uring queue %d: COMMIT_AND_FETCH failed: %s", self.qid, os.strerror(-res))
+
+    def _serve(self, e: _Entry, scratch: memoryview) -> bool:
+        """Answer the request in `e` and queue its commit; False when the entry is out of the game."""
+        self.stats.worker_requests[self.slot] += 1  # (this thread is the only writer of its slot)
+        commit_id = entry_commit_id(e.hdr_view)
+        try:
+            req = assemble_request(e.hdr_view, e.pay_view, scratch)
+            blocking = self.blocking is not None and req[4] in _HANDOFF_OPCODES and req[5] == 0
+            if blocking:
+                self.blocking(self.qid, 1)  # type: ignore[misc]
+            try:
+                reply = self.handler(req)
+            finally:
+                if blocking:
+                    self.blocking(self.qid, -1)  # type: ignore[misc]
+            if reply is None:  # nothing to commit: the entry is not re-armed
+                log.warning("FUSE io_uring queue %d: opcode %d wants no reply; entry %d retired", self.qid,
+                            IN_HEADER.unpack_from(e.hdr_view)[1], e.index)
+                return False
+            place_reply(reply, e.hdr_view, e.pay_view)
+        except ValueError as ex:  # RingEntryError, FuseProtocolError
+            self.stats.add("entry_errors")
+            log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
+            place_error(e.hdr_view, commit_id, -errno.EIO)
+        self.ring.push(self._commit_sqe(e, commit_id))
+        return True
+
+    def _close(self) -> None:
+        with contextlib.suppress(BufferError):
+            self.scratch.close()
+        for e in self.entries:
+            e.close()
+        self.ring.close()
+
+
+class FuseUringSession:
+    """Transport: serve a mountpoint with io_uring queues beside the /dev/fuse workers."""
+
+    def __init__(self, session: UringSession, mountpoint: str, *, threads: int = 2, depth: int = DEFAULT_DEPTH,
+                 fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
+                 enable_param: str = ENABLE_URING_PARAM, queues: int = 0, workers: int = DEFAULT_WORKERS,
+                 max_workers: int = DEFAULT_MAX_WORKERS) -> None:
+        if not 1 <= depth <= 64 or not 1 <= workers <= 64:
+            raise ValueError("io_uring queue depth and workers per queue must be 1..64")
+        self.session = session
+        self.depth = depth  # entries per ring thread
+        # Ring threads per queue, each with its own ring and `depth` entries. With one entry
+        # each, a thread stuck in a slow READ holds only its own entry: the kernel hands the
+        # next requests of that CPU to the other threads' entries (most recently committed
+        # first, so a stream of metadata requests stays on one warm thread).
+        self.workers = workers
+        # Spares: when every ring thread of a queue is inside a request that may block (READs
+        # waiting on the registry), one more is started for that queue, up to `max_workers`,
+        # so metadata never queues behind data. The kernel has no way to unregister an entry,
+        # so spares stay until the connection ends.
+        self.max_workers = max(workers, max_workers)
+        self._lock = threading.Lock()
+        self._blocked: list[int] = []  # per queue: ring threads inside a blocking request
+        self._running: list[int] = []  # per queue: ring threads
+        self._payload = 0
+        self._stopping = False
+        self.enable_param = enable_param
+        self.nr_queues = queues or read_possible_cpus()
+        self.stats = UringStats()
+        self.dev = FuseDevSession(self._dev_handle, mountpoint, threads=threads, max_write=session.max_write,
+                                  fsname=fsname, allow_other=allow_other, readahead_kb=readahead_kb)
+        self.mountpoint = self.dev.mountpoint
+        self.queues: list[_Queue] = []
+        self.on_fallback: Callable[[str], None] | None = None
+
+    def _dev_handle(self, req: memoryview) -> list[bytes | bytearray | memoryview] | None:
+        """/dev/fuse requests: counted, so that a ring that serves nothing shows."""
+        if IN_HEADER.unpack_from(req)[1] not in _DEV_ALWAYS:
+            self.stats.add("dev_requests")
+        return self.session.handle_vectored(req)
+
+    @property
+    def fd(self) -> int:
+        return self.dev.fd
+
+    def fallback(self, reason: str) -> None:
+        """Serve through /dev/fuse reads: logged and counted."""
+        with self.stats.lock:
+            self.stats.fallbacks += 1
+            self.stats.fallback_reason = reason
+        log.warning("FUSE io_uring not used for %s: %s; serving /dev/fuse reads", self.mountpoint, reason)
+        if self.on_fallback is not None:
+            self.on_fallback(reason)
+
+    def mount(self) -> None:
+        why = enable_uring_param(self.enable_param) or probe()
+        if why is None:
+            self.session.transport_flags |= int(InitFlags.OVER_IO_URING)
+            self.dev.on_init = self._after_init
+        else:
+            self.fallback(why)
+        self.dev.mount()
+
+    def _after_init(self) -> None:
+        """In the worker that wrote the INIT reply: register every queue, or fall back."""
+        self.dev.on_init = None
+        if not self.session.flags & InitFlags.OVER_IO_URING:
+            self.fallback("the kernel did not offer FUSE_OVER_IO_URING at INIT")
+            return
+        payload = self._payload = max_payload_size(self.session.max_write, self.session.max_pages)
+        try:
+            for qid in range(self.nr_queues):
+                for _ in range(self.workers):
+                    self.queues.append(self._new_queue(qid))
+        except OSError as e:
+            failed = len(self.queues)
+            for q in self.queues:
+                q._close()
+            self.queues = []
+            self._abandon_ring(f"setting up queue {failed}: {e}")
+            return
+        with self.stats.lock:
+            self.stats.queues = self.nr_queues
+            self.stats.entries = len(self.queues) * self.depth
+        self._blocked = [0] * self.nr_queues
+        self._running = [self.workers] * self.nr_queues
+        for q in self.queues:
+            q.thread.start()
+        for q in self.queues:
+            q.registered.wait(JOIN_TIMEOUT)
+        with self.stats.lock:
+            self.stats.active = self.stats.register_failures == 0
+        if self.stats.register_failures:
+            self.fallback(f"{self.stats.register_failures} REGISTER commands failed")
+        log.info("FUSE io_uring: %d queues x %d threads x %d entries of %d KiB on %s", self.nr_queues,
+                 self.workers, self.depth, payload >> 10, self.mountpoint)
+
+    def _new_queue(self, qid: int) -> _Queue:
+        """A ring thread for queue `qid` (not started), with its slot in the request counters."""
+        with self.stats.lock:
+            slot = len(self.stats.worker_requests)
+            self.stats.worker_requests.append(0)
+            self.stats.worker_qid.append(qid)
+        return _Queue(qid, self.dev.fd, self.depth, self._payload, self.session.handle_vectored, self.stats,
+                      self._blocking, slot=slot)
+
+    def _blocking(self, qid: int, delta: int) -> None:
+        """A ring thread of `qid` enters (+1) or leaves (-1) a request that may block."""
+        with self._lock:
+            self._blocked[qid] += delta
+            spare = (delta > 0 and self._blocked[qid] >= self._running[qid] < self.max_workers
+                     and not self._stopping)
+            if spare:
+                self._running[qid] += 1
+        if not spare:
+            return
+        try:
+            q = self._new_queue(qid)
+        except OSError as e:
+            with self._lock:
+                self._running[qid] -= 1
+            self.stats.add("spare_failures")
+            log.warning("no spare FUSE io_uring thread for queue %d (%s); requests may queue", qid, e)
+            return
+        with self._lock:
+            self.queues.append(q)
+        self.stats.add("spares_started")
+        self.stats.add("entries", self.depth)
+        log.debug("all FUSE io_uring threads of queue %d are blocked; started a spare", qid)
+        q.thread.start()
+
+    def _abandon_ring(self, reason: str) -> None:
+        """INIT negotiated the ring, so the kernel holds every request until all queues are
+        registered; a REGISTER it rejects (here: a malformed one) makes it give up the ring
+        and serve /dev/fuse."""
+        try:
+            ring = Ring(2)
+            try:
+                ring.push(encode_uring_cmd(self.dev.fd, CMD_REGISTER, encode_cmd_req(0), user_data=0, length=0))
+                ring.enter(1)
+                res = [r for _, r, _ in ring.reap()]
+            finally:
+                ring.close()
+            log.info("FUSE io_uring: malformed REGISTER answered %s; the kernel falls back to /dev/fuse", res)
+        except OSError as e:
+            log.error("FUSE io_uring: could not make the kernel drop the ring (%s); requests may hang", e)
+        self.fallback(reason)
+
+    # -- Transport --------------------------------------------------------------------------------
+    def wait(self, timeout: float | None = None) -> bool:
+        if not self.dev.wait(timeout):
+            return False
+        with self._lock:
+            queues = list(self.queues)
+        for q in queues:
+            q.thread.join(timeout)
+            if q.thread.is_alive():
+                return False
+        return True
+
+    def unmount(self, lazy: bool = False) -> None:
+        self.dev.unmount(lazy=lazy)
+
+    def stop(self) -> None:
+        self.dev.stop()
+        self._join()
+
+    def close(self) -> None:
+        self.dev.close()
+        self._join()
+
+    def _join(self) -> None:
+        with self._lock:
+            self._stopping = True  # (the connection is gone: no more spares)
+            queues = list(self.queues)
+        for q in queues:
+            if q.thread.ident is not None:
+                q.thread.join(JOIN_TIMEOUT)
+            if q.thread.is_alive():
+                log.error("FUSE io_uring queue %d did not end after the unmount", q.qid)
+        with self._lock:
+            self.queues = [q for q in self.queues if q.thread.is_alive()]
