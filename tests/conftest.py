@@ -1,5 +1,6 @@
 """Shared test fixtures: where ../shared is, and skips that name a missing device or tool."""
 
+import logging
 import os
 import shutil
 import tempfile
@@ -38,3 +39,17 @@ def nydus_fixtures() -> Path:
     if not NYDUS_FIXTURES.is_dir():
         pytest.fail(f"shared fixtures not found at {NYDUS_FIXTURES}; CI keeps ../shared beside the repo")
     return NYDUS_FIXTURES
+
+
+@pytest.fixture(autouse=True)
+def _logging_handlers_restored():
+    """A CLI main() run in-process attaches handlers to pytest's captured stderr; left behind,
+    they make later threads log to a closed stream ("--- Logging error ---")."""
+    loggers = [logging.getLogger(), logging.getLogger("nydus_py")]
+    saved = [(lg, list(lg.handlers), lg.level) for lg in loggers]
+    yield
+    for lg, handlers, level in saved:
+        for h in lg.handlers[:]:
+            if h not in handlers:
+                lg.removeHandler(h)
+        lg.setLevel(level)
