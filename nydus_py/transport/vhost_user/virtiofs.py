@@ -14,13 +14,14 @@ import struct
 from ...fuse.abi import OUT_HEADER
 from ...fuse.protocol import FuseProtocolError, FuseSession
 from .backend import Backend
-from .server import Buffers, RequestHandler, VhostUserServer
+from .server import DEFAULT_WORKERS, STOP_GRACE, Buffers, RequestHandler, VhostUserServer
 
 log = logging.getLogger(__name__)
 
 _UNIQUE = struct.Struct("<Q")
 # hiprio + request queues; Linux (up to 6.x) uses one request queue
 DEFAULT_REQUEST_QUEUES = 1
+HIPRIO_QUEUE = 0
 
 
 def fuse_request_handler(session: FuseSession) -> RequestHandler:
@@ -47,11 +48,20 @@ def fuse_request_handler(session: FuseSession) -> RequestHandler:
 
 
 def virtiofs_server(session: FuseSession, sock: str, *, request_queues: int = DEFAULT_REQUEST_QUEUES,
-                    queue_size: int = 1024) -> VhostUserServer:
-    """A (not yet started) vhost-user-fs server for `session` on unix socket `sock`."""
+                    queue_size: int = 1024, workers: int = DEFAULT_WORKERS,
+                    stop_grace: float = STOP_GRACE) -> VhostUserServer:
+    """A (not yet started) vhost-user-fs server for `session` on unix socket `sock`.
+
+    `request_queues` is how many request queues we offer (the front-end may use fewer); each
+    running request queue gets `workers` threads, the hiprio queue (FORGET, INTERRUPT) one."""
+    if not 1 <= request_queues <= 255:
+        raise ValueError("request_queues must be 1..255")
 
     def backend() -> Backend:
         return Backend(1 + request_queues, max_queue_size=max(queue_size, 1024))
 
+    def queue_workers(index: int) -> int:
+        return 1 if index == HIPRIO_QUEUE else workers
+
     return VhostUserServer(sock, fuse_request_handler(session), backend_factory=backend,
-                           on_disconnect=session.reset)
+                           on_disconnect=session.reset, queue_workers=queue_workers, stop_grace=stop_grace)

@@ -1,0 +1,249 @@
+"""Queue worker pools: a request stuck in the filesystem (a stalled chunk fetch) does not hold up
+the others on its queue, replies come back out of order with the used ring consistent, and a
+hostile front-end (descriptors reused in flight, a queue stopped mid-request) gets no double
+return and no write after the stop. Driven by the Python front-end, no QEMU."""
+
+import os
+import struct
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from nydus_py.fuse.api import Entry
+from nydus_py.fuse.protocol import FuseSession
+from nydus_py.transport.vhost_user import virtiofs_server
+from nydus_py.transport.vhost_user.server import QueueWorker, VhostUserServer
+
+from ..fuse.kernel import LOOKUP
+from ..fuse.memfs import MemFS
+from ..waiting import wait_event, wait_until
+from . import vhost_frontend as F
+from .test_vhost_hostile import served_after
+from .test_vhost_user import fuse_req, init
+from .vhost_frontend import DriverQueue, Frontend
+
+OUT = [16, 128]  # out header + fuse_entry_out
+
+
+class GateFS(MemFS):
+    """lookup of b"gateN" waits until the test opens gate N, then answers as "hello" would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gates = {i: threading.Event() for i in range(16)}
+        self.entered = {i: threading.Event() for i in range(16)}
+
+    def lookup(self, parent: int, name: bytes) -> Entry:
+        if name.startswith(b"gate"):
+            n = int(name[4:])
+            self.entered[n].set()
+            assert self.gates[n].wait(30), f"the test never opened gate {n}"
+            name = b"hello"
+        return super().lookup(parent, name)
+
+    def open_all(self) -> None:
+        for g in self.gates.values():
+            g.set()
+
+
+@pytest.fixture
+def fs() -> Iterator[GateFS]:
+    f = GateFS()
+    yield f
+    f.open_all()
+
+
+def start(tmp_path: Path, fs: GateFS, **kw: object) -> tuple[VhostUserServer, str]:
+    sock = str(tmp_path / "vfs.sock")
+    return virtiofs_server(FuseSession(fs), sock, **kw).start(), sock  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def server(tmp_path: Path, fs: GateFS) -> Iterator[tuple[VhostUserServer, str]]:
+    srv, sock = start(tmp_path, fs, workers=4, stop_grace=0.5)
+    yield srv, sock
+    fs.open_all()
+    srv.stop()
+
+
+def submit(q: DriverQueue, name: bytes, unique: int) -> tuple[int, int]:
+    """A LOOKUP chain on `q` (not kicked): (head, offset of its reply buffer)."""
+    req = fuse_req(LOOKUP, 1, name + b"\0", unique)
+    head, offs = q.add([req[:40], req[40:]], OUT)
+    return head, offs[0]
+
+
+def check_reply(fe: Frontend, off: int, length: int, unique: int) -> None:
+    olen, error, uniq = struct.unpack_from("<IiQ", fe.mem, off)
+    assert (uniq, error, olen) == (unique, 0, length)
+    assert struct.unpack_from("<Q", fe.mem, off + 16)[0] == 2  # the nodeid of hello
+
+
+def collect(q: DriverQueue, n: int) -> list[tuple[int, int]]:
+    return [q.wait_used() for _ in range(n)]
+
+
+def worker(srv: VhostUserServer, index: int) -> QueueWorker:
+    return wait_until(lambda: srv.workers.get(index), what=f"queue {index} to run")
+
+
+def test_blocked_request_does_not_hold_up_its_queue(server: tuple[VhostUserServer, str], fs: GateFS) -> None:
+    _, sock = server
+    fe = Frontend(sock)
+    try:
+        fe.setup()
+        init(fe)
+        q = fe.queues[1]
+        slow, slow_off = submit(q, b"gate0", 100)
+        q.do_kick()
+        wait_event(fs.entered[0], what="the slow lookup to be inside the filesystem")
+        fast = {submit(q, b"hello", 200 + i): 200 + i for i in range(12)}
+        q.do_kick()
+        done = collect(q, len(fast))  # all of them while the slow one still waits
+        assert sorted(h for h, _ in done) == sorted(h for h, _ in fast)
+        for (head, off), unique in fast.items():
+            check_reply(fe, off, dict(done)[head], unique)
+        assert not fs.gates[0].is_set()
+        fs.gates[0].set()
+        head, length = q.wait_used()
+        assert head == slow
+        check_reply(fe, slow_off, length, 100)
+        assert q.used_idx() == 1 + len(fast) + 1  # INIT, the fast ones, the slow one: once each
+    finally:
+        fe.close()
+
+
+def test_out_of_order_completion_keeps_the_used_ring_consistent(tmp_path: Path, fs: GateFS) -> None:
+    srv, sock = start(tmp_path, fs, workers=8)
+    fe = Frontend(sock)
+    try:
+        fe.setup()
+        init(fe)
+        q = fe.queues[1]
+        gated = [(submit(q, f"gate{i}".encode(), 300 + i), 300 + i) for i in range(6)]
+        q.do_kick()
+        for i in range(6):
+            wait_event(fs.entered[i], what=f"lookup {i} to be inside the filesystem")
+        order = []
+        for i in reversed(range(6)):  # answered last-in first-out
+            fs.gates[i].set()
+            head, length = q.wait_used()
+            order.append(head)
+            (h, off), unique = gated[i]
+            assert head == h
+            check_reply(fe, off, length, unique)
+        assert order == [h for (h, _), _ in reversed(gated)]
+        # the ring holds each element once, in completion order, and the driver's free list is whole again
+        used = [struct.unpack_from("<II", fe.mem, q.used + 4 + 8 * (s % q.num))[0] for s in range(1, 7)]
+        assert used == order and q.used_idx() == 7
+        w = worker(srv, 1)
+        assert (w.ring.completed, w.ring.dropped, w.ring.duplicates, len(w.ring.inflight)) == (7, 0, 0, 0)
+    finally:
+        fe.close()
+        fs.open_all()
+        srv.stop()
+
+
+def test_two_request_queues_each_with_a_pool(tmp_path: Path, fs: GateFS) -> None:
+    srv, sock = start(tmp_path, fs, request_queues=2, workers=2)
+    fe = Frontend(sock)
+    try:
+        fe.setup(nqueues=3)
+        assert fe.call_u64(F.GET_QUEUE_NUM) == 3
+        init(fe)
+        q1, q2 = fe.queues[1], fe.queues[2]
+        s1, _ = submit(q1, b"gate1", 10)
+        s2, _ = submit(q2, b"gate2", 11)
+        q1.do_kick()
+        q2.do_kick()
+        wait_event(fs.entered[1], what="queue 1's slow lookup")
+        wait_event(fs.entered[2], what="queue 2's slow lookup")
+        for q, base in ((q1, 20), (q2, 40)):
+            fast = {submit(q, b"hello", base + i): base + i for i in range(4)}
+            q.do_kick()
+            done = dict(collect(q, 4))
+            assert sorted(done) == sorted(h for h, _ in fast)
+            for (head, off), unique in fast.items():
+                check_reply(fe, off, done[head], unique)
+        fs.gates[2].set()
+        assert q2.wait_used()[0] == s2
+        fs.gates[1].set()
+        assert q1.wait_used()[0] == s1
+        assert (q1.used_idx(), q2.used_idx()) == (1 + 4 + 1, 4 + 1)
+        assert set(srv.workers) == {0, 1, 2}
+        assert [len(srv.workers[i].pool) for i in range(3)] == [0, 2, 2]  # hiprio: served inline
+    finally:
+        fe.close()
+        fs.open_all()
+        srv.stop()
+
+
+def test_descriptor_reused_while_in_flight_is_returned_once(server: tuple[VhostUserServer, str], fs: GateFS) -> None:
+    srv, sock = server
+    fe = Frontend(sock)
+    try:
+        fe.setup()
+        init(fe)
+        q = fe.queues[1]
+        slow, slow_off = submit(q, b"gate3", 50)
+        q.do_kick()
+        wait_event(fs.entered[3], what="the slow lookup to be inside the filesystem")
+        q.publish(slow)  # the driver offers the in-flight chain again
+        h1, off1 = submit(q, b"hello", 51)
+        q.do_kick()
+        head, length = q.wait_used()
+        assert head == h1
+        check_reply(fe, off1, length, 51)
+        assert worker(srv, 1).ring.duplicates == 1
+        fs.gates[3].set()
+        head, length = q.wait_used()
+        assert head == slow
+        check_reply(fe, slow_off, length, 50)
+        h2, off2 = submit(q, b"hello", 52)
+        q.do_kick()
+        assert q.wait_used()[0] == h2
+        check_reply(fe, off2, 144, 52)
+        # INIT, h1, the slow chain (once), h2: nothing for the second offer
+        used = [struct.unpack_from("<I", fe.mem, q.used + 4 + 8 * (s % q.num))[0] for s in range(1, 4)]
+        assert used == [h1, slow, h2] and q.used_idx() == 4
+    finally:
+        fe.close()
+
+
+def test_queue_stopped_mid_request_never_writes_after_the_stop(server: tuple[VhostUserServer, str],
+                                                               fs: GateFS) -> None:
+    srv, sock = server
+    fe = Frontend(sock)
+    try:
+        fe.setup()
+        init(fe)
+        q = fe.queues[1]
+        slow, slow_off = submit(q, b"gate4", 60)
+        q.do_kick()
+        wait_event(fs.entered[4], what="the slow lookup to be inside the filesystem")
+        w = worker(srv, 1)
+        # GET_VRING_BASE answers (after the grace) with the index past the in-flight chain
+        base = fe.call(F.GET_VRING_BASE, struct.pack("<II", 1, 0))
+        assert struct.unpack("<II", base) == (1, 2)
+        assert w.abandoned == 1 and 1 not in srv.workers
+        # the front-end owns the buffers again: it reuses them; the late reply must not land there
+        fe.mem[slow_off : slow_off + 144] = b"\x5a" * 144
+        fs.gates[4].set()
+        wait_until(lambda: w.ring.dropped == 1, what="the late reply to be dropped")
+        assert bytes(fe.mem[slow_off : slow_off + 144]) == b"\x5a" * 144
+        assert q.used_idx() == 1
+        # the backend stays up: the queue restarts with a new kick fd and serves again
+        old, q.kick = q.kick, os.eventfd(0, os.EFD_CLOEXEC)
+        os.close(old)
+        fe.send(F.SET_VRING_BASE, struct.pack("<II", 1, 2))
+        fe.send(F.SET_VRING_KICK, struct.pack("<Q", 1), [q.kick])
+        h, off = submit(q, b"hello", 61)
+        q.do_kick()
+        assert q.wait_used() == (h, 144)
+        check_reply(fe, off, 144, 61)
+        assert q.used_idx() == 2  # the abandoned chain never came back
+    finally:
+        fe.close()
+    served_after(sock)
