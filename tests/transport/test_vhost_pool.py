@@ -3,8 +3,11 @@ the others on its queue, replies come back out of order with the used ring consi
 hostile front-end (descriptors reused in flight, a queue stopped mid-request) gets no double
 return and no write after the stop. Driven by the Python front-end, no QEMU."""
 
+import errno
 import os
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from nydus_py.fuse.protocol import FuseSession
 from nydus_py.transport.vhost_user import virtiofs_server
 from nydus_py.transport.vhost_user.server import QueueWorker, VhostUserServer
 
+from ..conftest import REPO
 from ..fuse.kernel import LOOKUP
 from ..fuse.memfs import MemFS
 from ..waiting import wait_event, wait_until
@@ -23,6 +27,7 @@ from . import vhost_frontend as F
 from .test_vhost_hostile import served_after
 from .test_vhost_user import fuse_req, init
 from .vhost_frontend import DriverQueue, Frontend
+from .virtio_rig import stop_pid
 
 OUT = [16, 128]  # out header + fuse_entry_out
 
@@ -247,3 +252,31 @@ def test_queue_stopped_mid_request_never_writes_after_the_stop(server: tuple[Vho
     finally:
         fe.close()
     served_after(sock)
+
+
+def test_daemon_offers_the_configured_queues(tmp_path: Path) -> None:
+    """`nydusd-py virtiofs --virtio-queues 2 --virtio-workers 3`: three queues offered, both
+    request queues served (an empty share answers INIT and LOOKUP)."""
+    sock = str(tmp_path / "vfs.sock")
+    logf = tmp_path / "daemon.log"
+    proc = subprocess.Popen([sys.executable, "-m", "nydus_py.cli.daemon", "virtiofs", "--sock", sock,
+                             "--virtio-queues", "2", "--virtio-workers", "3", "--log-file", str(logf)],
+                            cwd=REPO, stdin=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: "serving virtio-fs" in (logf.read_text() if logf.exists() else "") or proc.poll() is not None,
+                   what="the daemon to serve")
+        assert proc.poll() is None, logf.read_text()
+        assert "2 request queue(s), 3 workers each" in logf.read_text()
+        fe = Frontend(sock)
+        try:
+            fe.setup(nqueues=3)
+            assert fe.call_u64(F.GET_QUEUE_NUM) == 3
+            init(fe)
+            for qi in (1, 2):
+                req = fuse_req(LOOKUP, 1, b"nothing-here\0", 70 + qi)
+                length, data = fe.request(qi, [req], OUT)
+                assert struct.unpack_from("<IiQ", data) == (16, -errno.ENOENT, 70 + qi)
+        finally:
+            fe.close()
+    finally:
+        stop_pid(proc)
