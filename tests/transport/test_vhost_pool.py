@@ -280,3 +280,53 @@ def test_daemon_offers_the_configured_queues(tmp_path: Path) -> None:
             fe.close()
     finally:
         stop_pid(proc)
+
+
+def test_stop_drops_queued_requests_unserved(tmp_path: Path, fs: GateFS) -> None:
+    """Both workers stuck and a third request waiting for one: a stop abandons all three; the
+    waiting one is never handed to the filesystem, the stuck ones' late replies are dropped."""
+    srv, sock = start(tmp_path, fs, workers=2, stop_grace=0.2)
+    fe = Frontend(sock)
+    try:
+        fe.setup()
+        init(fe)
+        q = fe.queues[1]
+        for i in (5, 6):
+            submit(q, f"gate{i}".encode(), 80 + i)
+        q.do_kick()
+        wait_event(fs.entered[5], what="lookup 5 inside the filesystem")
+        wait_event(fs.entered[6], what="lookup 6 inside the filesystem")
+        submit(q, b"gate7", 87)
+        q.do_kick()
+        w = worker(srv, 1)
+        wait_until(lambda: len(w.ring.inflight) == 3, what="the third request to be popped")
+        base = fe.call(F.GET_VRING_BASE, struct.pack("<II", 1, 0))
+        assert struct.unpack("<II", base) == (1, 4) and w.abandoned == 3
+        fs.gates[5].set()
+        fs.gates[6].set()
+        wait_until(lambda: w.ring.dropped == 3, what="all three replies to be dropped")
+        assert not fs.entered[7].is_set() and q.used_idx() == 1
+        wait_until(lambda: not any(t.is_alive() for t in w.pool), what="the pool threads to exit")
+    finally:
+        fe.close()
+        fs.open_all()
+        srv.stop()
+
+
+def test_disconnect_with_a_stuck_request_serves_the_next_frontend(server: tuple[VhostUserServer, str],
+                                                                  fs: GateFS) -> None:
+    srv, sock = server
+    fe = Frontend(sock)
+    fe.setup()
+    init(fe)
+    q = fe.queues[1]
+    submit(q, b"gate8", 90)
+    q.do_kick()
+    wait_event(fs.entered[8], what="the lookup to be inside the filesystem")
+    w = worker(srv, 1)
+    fe.close()  # gone; its request stays stuck past the grace
+    served_after(sock)  # the next front-end does not wait for it
+    assert w.abandoned == 1 and srv.connections == 2
+    fs.gates[8].set()
+    wait_until(lambda: w.ring.dropped == 1, what="the late reply to be dropped")
+    served_after(sock)
