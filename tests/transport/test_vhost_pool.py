@@ -283,9 +283,9 @@ def test_daemon_offers_the_configured_queues(tmp_path: Path) -> None:
 
 
 def test_stop_drops_queued_requests_unserved(tmp_path: Path, fs: GateFS) -> None:
-    """Both workers stuck and a third request waiting for one: a stop abandons all three; the
+    """Both workers stuck (no spares allowed) and a third request waiting for one: a stop abandons all three; the
     waiting one is never handed to the filesystem, the stuck ones' late replies are dropped."""
-    srv, sock = start(tmp_path, fs, workers=2, stop_grace=0.2)
+    srv, sock = start(tmp_path, fs, workers=2, max_workers=2, stop_grace=0.2)
     fe = Frontend(sock)
     try:
         fe.setup()
@@ -330,3 +330,35 @@ def test_disconnect_with_a_stuck_request_serves_the_next_frontend(server: tuple[
     fs.gates[8].set()
     wait_until(lambda: w.ring.dropped == 1, what="the late reply to be dropped")
     served_after(sock)
+
+
+def test_spare_workers_when_all_are_stuck(tmp_path: Path, fs: GateFS) -> None:
+    """More stalled requests than workers: spares start, so cached requests still complete;
+    the spares retire once the stall is over."""
+    srv, sock = start(tmp_path, fs, workers=2, max_workers=6)
+    fe = Frontend(sock)
+    try:
+        fe.setup()
+        init(fe)
+        q = fe.queues[1]
+        stuck = [submit(q, f"gate{i}".encode(), 400 + i)[0] for i in range(4)]
+        q.do_kick()
+        for i in range(4):
+            wait_event(fs.entered[i], what=f"stalled lookup {i} inside the filesystem")
+        fast = {submit(q, b"hello", 500 + i): 500 + i for i in range(6)}
+        q.do_kick()
+        done = dict(collect(q, len(fast)))
+        assert sorted(done) == sorted(h for h, _ in fast)
+        for (head, off), unique in fast.items():
+            check_reply(fe, off, done[head], unique)
+        w = worker(srv, 1)
+        assert w.spares_started >= 2 and w._threads <= 6
+        fs.open_all()
+        assert sorted(h for h, _ in collect(q, 4)) == sorted(stuck)
+        wait_until(lambda: w._threads == 2, what=lambda: f"spares to retire ({w._threads} threads)")
+        assert w._queued == 0 and w._idle == 2
+        assert len(w.ring.inflight) == 0 and q.used_idx() == 1 + 6 + 4
+    finally:
+        fe.close()
+        fs.open_all()
+        srv.stop()

@@ -40,6 +40,7 @@ STOP_TIMEOUT = 30.0
 # front-end waits for our answer meanwhile, so this is short next to a stalled registry.
 STOP_GRACE = 5.0
 DEFAULT_WORKERS = 4
+SPARE_IDLE = 2.0  # a spare worker idle this long retires
 POLL_INTERVAL_MS = 1  # queues without a kick fd (VRING_NOFD) are polled this often
 
 
@@ -47,10 +48,12 @@ class QueueWorker:
     """Serves one running vring until stopped: a dispatcher thread pops chains and `workers`
     pool threads answer them, so a request waiting on the network does not hold up the cached
     ones behind it (replies complete out of order; `InflightQueue` keeps the ring consistent).
-    With one worker the dispatcher answers requests itself (no hand-off)."""
+    When every pool thread is busy and a request waits, a spare thread starts (up to
+    `max_workers`), which retires once another thread is idle: stalled fetches never hold all
+    workers. With one worker the dispatcher answers requests itself (no hand-off, no spares)."""
 
     def __init__(self, vring: Vring, handler: RequestHandler, name: str, *, workers: int = 1,
-                 stop_grace: float = STOP_GRACE) -> None:
+                 stop_grace: float = STOP_GRACE, max_workers: int = 0) -> None:
         assert vring.queue is not None
         self.vring = vring
         self.handler = handler
@@ -68,6 +71,13 @@ class QueueWorker:
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.pool = [threading.Thread(target=self._work, name=f"{name}-w{i}", daemon=True)
                      for i in range(workers)] if workers > 1 else []
+        self.workers = len(self.pool)
+        self.max_workers = max(self.workers, max_workers or 4 * self.workers)
+        self._pool_lock = threading.Lock()
+        self._threads = self.workers  # pool threads alive (spares included)
+        self._idle = self.workers  # pool threads not serving a request
+        self._queued = 0  # requests handed over and not yet taken
+        self.spares_started = 0
 
     @property
     def served(self) -> int:
@@ -101,7 +111,9 @@ class QueueWorker:
         if not idle:
             log.error("queue %d: %d requests still in flight after %.1f s; abandoning them (their replies "
                       "will be dropped)", self.vring.index, self.abandoned, self.stop_grace)
-        for _ in self.pool:
+        with self._pool_lock:
+            threads = self._threads
+        for _ in range(threads):
             self.jobs.put(None)  # each pool thread exits after the request it is on
 
     def _run(self) -> None:
@@ -152,22 +164,54 @@ class QueueWorker:
                 log.error("queue %d: %s; the queue stops", self.vring.index, e)
                 return False
             if self.pool:
-                self.jobs.put(chain)
+                self._hand_over(chain)
             else:
                 self._serve(chain)
 
-    def _work(self) -> None:
+    def _hand_over(self, chain: Chain) -> None:
+        with self._pool_lock:
+            self._queued += 1
+            spare = self._queued > self._idle and self._threads < self.max_workers
+            if spare:
+                self._threads += 1
+                self._idle += 1  # (about to take a request)
+                self.spares_started += 1
+        if spare:
+            t = threading.Thread(target=self._work, args=(True,), name=f"{self.name}-spare", daemon=True)
+            log.debug("queue %d: all workers busy; started a spare", self.vring.index)
+            t.start()
+        self.jobs.put(chain)
+
+    def _work(self, spare: bool = False) -> None:
+        """A pool thread; counted idle (in `_idle`) whenever it is not serving a request."""
         while True:
-            chain = self.jobs.get()
-            if chain is None:
-                return
+            try:
+                chain = self.jobs.get(timeout=SPARE_IDLE) if spare else self.jobs.get()
+            except queue.Empty:
+                with self._pool_lock:
+                    if self._queued < self._idle:  # (a request may be on its way to us)
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
+                continue
+            with self._pool_lock:
+                self._idle -= 1
+                if chain is None:
+                    self._threads -= 1
+                    return
+                self._queued -= 1
             if self.ring.stopped:
                 self.ring.complete(chain, None)  # counted as dropped; the handler is not run
-                continue
-            try:
-                self._serve(chain)
-            except Exception:
-                log.exception("queue %d: pool worker failed on chain %d", self.vring.index, chain.head)
+            else:
+                try:
+                    self._serve(chain)
+                except Exception:
+                    log.exception("queue %d: pool worker failed on chain %d", self.vring.index, chain.head)
+            with self._pool_lock:
+                if spare and self._idle > 0 and self._queued == 0:  # another thread is free: retire
+                    self._threads -= 1
+                    return
+                self._idle += 1
 
     def _serve(self, chain: Chain) -> None:
         room = chain.writable_size()
@@ -191,10 +235,13 @@ class VhostUserServer:
     def __init__(self, path: str, handler: RequestHandler, *,
                  backend_factory: Callable[[], Backend] = Backend,
                  on_disconnect: Callable[[], None] | None = None,
-                 queue_workers: int | Callable[[int], int] = 1, stop_grace: float = STOP_GRACE) -> None:
-        """`queue_workers`: pool threads per running queue (or a function of the queue index)."""
+                 queue_workers: int | Callable[[int], int] = 1, stop_grace: float = STOP_GRACE,
+                 max_workers: int = 0) -> None:
+        """`queue_workers`: pool threads per running queue (or a function of the queue index);
+        `max_workers`: with spares, at most this many per queue (0: 4 x queue_workers)."""
         self.path = path
         self.queue_workers = queue_workers
+        self.max_workers = max_workers
         self.stop_grace = stop_grace
         self.handler = handler
         self.backend_factory = backend_factory
@@ -326,7 +373,7 @@ class VhostUserServer:
         self._stop_worker(vring)
         n = self.queue_workers(vring.index) if callable(self.queue_workers) else self.queue_workers
         w = QueueWorker(vring, self.handler, f"vhost-user-q{vring.index}", workers=max(1, n),
-                        stop_grace=self.stop_grace)
+                        stop_grace=self.stop_grace, max_workers=self.max_workers)
         self.workers[vring.index] = w
         w.start()
         log.debug("queue %d started (size %d)", vring.index, vring.num)

@@ -49,11 +49,12 @@ def fuse_request_handler(session: FuseSession) -> RequestHandler:
 
 def virtiofs_server(session: FuseSession, sock: str, *, request_queues: int = DEFAULT_REQUEST_QUEUES,
                     queue_size: int = 1024, workers: int = DEFAULT_WORKERS,
-                    stop_grace: float = STOP_GRACE) -> VhostUserServer:
+                    stop_grace: float = STOP_GRACE, max_workers: int = 0) -> VhostUserServer:
     """A (not yet started) vhost-user-fs server for `session` on unix socket `sock`.
 
     `request_queues` is how many request queues we offer (the front-end may use fewer); each
-    running request queue gets `workers` threads, the hiprio queue (FORGET, INTERRUPT) one."""
+    running request queue gets `workers` threads (and spares up to `max_workers`, default 4 x
+    workers, while all of them are busy), the hiprio queue (FORGET, INTERRUPT) one."""
     if not 1 <= request_queues <= 255:
         raise ValueError("request_queues must be 1..255")
 
@@ -64,4 +65,5 @@ def virtiofs_server(session: FuseSession, sock: str, *, request_queues: int = DE
         return 1 if index == HIPRIO_QUEUE else workers
 
     return VhostUserServer(sock, fuse_request_handler(session), backend_factory=backend,
-                           on_disconnect=session.reset, queue_workers=queue_workers, stop_grace=stop_grace)
+                           on_disconnect=session.reset, queue_workers=queue_workers, stop_grace=stop_grace,
+                           max_workers=max_workers)
