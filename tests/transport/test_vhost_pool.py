@@ -362,3 +362,30 @@ def test_spare_workers_when_all_are_stuck(tmp_path: Path, fs: GateFS) -> None:
         fe.close()
         fs.open_all()
         srv.stop()
+
+
+def test_memory_table_change_mid_request(server: tuple[VhostUserServer, str], fs: GateFS) -> None:
+    """SET_MEM_TABLE while a request is stuck: the queue restarts on the new table after the
+    grace, the stuck chain is abandoned (its late reply lands nowhere), new requests are served."""
+    srv, sock = server
+    fe = Frontend(sock)
+    try:
+        fe.setup()
+        init(fe)
+        q = fe.queues[1]
+        slow, slow_off = submit(q, b"gate9", 95)
+        q.do_kick()
+        wait_event(fs.entered[9], what="the lookup to be inside the filesystem")
+        old = worker(srv, 1)
+        assert fe.acked(F.SET_MEM_TABLE, fe.mem_table_payload(), [fe.memfd]) == 0
+        new = worker(srv, 1)
+        assert new is not old and old.abandoned == 1
+        fs.gates[9].set()
+        wait_until(lambda: old.ring.dropped == 1, what="the late reply to be dropped")
+        assert bytes(fe.mem[slow_off : slow_off + 16]) == b"\xee" * 16 and q.used_idx() == 1
+        h, off = submit(q, b"hello", 96)
+        q.do_kick()
+        assert q.wait_used() == (h, 144)
+        check_reply(fe, off, 144, 96)
+    finally:
+        fe.close()

@@ -11,6 +11,13 @@ replace or close the original at any time) and a stop eventfd, and pops every av
 for the queue's worker pool; a worker hands the readable bytes to the request handler, and the
 queue's `InflightQueue` scatters the reply into the writable buffers, completes the chain on the
 used ring and signals the call eventfd when the driver wants it (out of order, one at a time).
+
+Stopping a queue (GET_VRING_BASE, a memory or kick change, a disconnect) waits up to
+`stop_grace` for requests in flight, since the front-end waits for our answer meanwhile; what
+is still stuck then (a stalled registry) is abandoned: its reply is dropped unwritten, because
+the front-end may reuse that memory as soon as it has our answer. GET_VRING_BASE reports the
+index past it, so a paused-and-resumed guest never gets an answer to it (we offer no inflight
+tracking); a stall shorter than the grace loses nothing.
 """
 
 import contextlib
