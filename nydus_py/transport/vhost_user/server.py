@@ -48,6 +48,7 @@ STOP_TIMEOUT = 30.0
 STOP_GRACE = 5.0
 DEFAULT_WORKERS = 4
 SPARE_IDLE = 2.0  # a spare worker idle this long retires
+SPARE_AFTER_MS = 20  # a request waits this long behind busy workers before a spare starts
 POLL_INTERVAL_MS = 1  # queues without a kick fd (VRING_NOFD) are polled this often
 
 
@@ -55,9 +56,9 @@ class QueueWorker:
     """Serves one running vring until stopped: a dispatcher thread pops chains and `workers`
     pool threads answer them, so a request waiting on the network does not hold up the cached
     ones behind it (replies complete out of order; `InflightQueue` keeps the ring consistent).
-    When every pool thread is busy and a request waits, a spare thread starts (up to
-    `max_workers`), which retires once another thread is idle: stalled fetches never hold all
-    workers. With one worker the dispatcher answers requests itself (no hand-off, no spares)."""
+    When a request waits and every pool thread has been busy for SPARE_AFTER_MS, a spare
+    thread starts (up to `max_workers`); it retires after `SPARE_IDLE` seconds without work:
+    stalled fetches never hold all workers, and bursts of quick requests start none. With one worker the dispatcher answers requests itself (no hand-off, no spares)."""
 
     def __init__(self, vring: Vring, handler: RequestHandler, name: str, *, workers: int = 1,
                  stop_grace: float = STOP_GRACE, max_workers: int = 0) -> None:
@@ -84,6 +85,7 @@ class QueueWorker:
         self._threads = self.workers  # pool threads alive (spares included)
         self._idle = self.workers  # pool threads not serving a request
         self._queued = 0  # requests handed over and not yet taken
+        self._last_take = 0.0  # when a pool thread last took a request (monotonic)
         self.spares_started = 0
 
     @property
@@ -128,12 +130,16 @@ class QueueWorker:
         poller.register(self.stop_fd, select.POLLIN)
         if self.kick is not None:
             poller.register(self.kick, select.POLLIN)
-        timeout = None if self.kick is not None else POLL_INTERVAL_MS
+        idle_timeout = None if self.kick is not None else POLL_INTERVAL_MS
         try:
             while True:
                 if not self._drain():
                     return
-                ready = poller.poll(timeout)
+                # requests waiting for a busy pool: look again soon, to start a spare
+                waiting = bool(self.pool) and self._queued > self._idle
+                ready = poller.poll(SPARE_AFTER_MS if waiting else idle_timeout)
+                if waiting:
+                    self._maybe_spare()
                 for fd, _ in ready:
                     if fd == self.stop_fd:
                         return
@@ -178,7 +184,15 @@ class QueueWorker:
     def _hand_over(self, chain: Chain) -> None:
         with self._pool_lock:
             self._queued += 1
-            spare = self._queued > self._idle and self._threads < self.max_workers
+        self.jobs.put(chain)
+        self._maybe_spare()
+
+    def _maybe_spare(self) -> None:
+        """Start a spare when a request waits and every pool thread has been on its request for
+        SPARE_AFTER_MS or more (likely waiting on I/O, not about to be free)."""
+        with self._pool_lock:
+            spare = (self._queued > self._idle and self._threads < self.max_workers
+                     and time.monotonic() - self._last_take >= SPARE_AFTER_MS / 1000)
             if spare:
                 self._threads += 1
                 self._idle += 1  # (about to take a request)
@@ -187,7 +201,6 @@ class QueueWorker:
             t = threading.Thread(target=self._work, args=(True,), name=f"{self.name}-spare", daemon=True)
             log.debug("queue %d: all workers busy; started a spare", self.vring.index)
             t.start()
-        self.jobs.put(chain)
 
     def _work(self, spare: bool = False) -> None:
         """A pool thread; counted idle (in `_idle`) whenever it is not serving a request."""
@@ -207,6 +220,7 @@ class QueueWorker:
                     self._threads -= 1
                     return
                 self._queued -= 1
+                self._last_take = time.monotonic()
             if self.ring.stopped:
                 self.ring.complete(chain, None)  # counted as dropped; the handler is not run
             else:
@@ -215,9 +229,6 @@ class QueueWorker:
                 except Exception:
                     log.exception("queue %d: pool worker failed on chain %d", self.vring.index, chain.head)
             with self._pool_lock:
-                if spare and self._idle > 0 and self._queued == 0:  # another thread is free: retire
-                    self._threads -= 1
-                    return
                 self._idle += 1
 
     def _serve(self, chain: Chain) -> None:
