@@ -14,13 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from nydus_py.fuse.api import Entry
 from nydus_py.fuse.protocol import FuseSession
 from nydus_py.transport.vhost_user import virtiofs_server
 from nydus_py.transport.vhost_user.server import QueueWorker, VhostUserServer
 
 from ..conftest import REPO
-from ..fuse.kernel import LOOKUP
+from ..fuse.kernel import LOOKUP, READ
 from ..fuse.memfs import MemFS
 from ..waiting import wait_event, wait_until
 from . import vhost_frontend as F
@@ -30,23 +29,26 @@ from .vhost_frontend import DriverQueue, Frontend
 from .virtio_rig import stop_pid
 
 OUT = [16, 128]  # out header + fuse_entry_out
+GATE = 1 << 20
+HELLO = b"hello world\n"
 
 
 class GateFS(MemFS):
-    """lookup of b"gateN" waits until the test opens gate N, then answers as "hello" would."""
+    """A READ of /hello at offset GATE + N waits until the test opens gate N (a chunk fetch
+    stalled on the registry), then answers as a read at offset 0 would."""
 
     def __init__(self) -> None:
         super().__init__()
         self.gates = {i: threading.Event() for i in range(16)}
         self.entered = {i: threading.Event() for i in range(16)}
 
-    def lookup(self, parent: int, name: bytes) -> Entry:
-        if name.startswith(b"gate"):
-            n = int(name[4:])
+    def read(self, ino: int, fh: int, offset: int, size: int) -> bytes:
+        if offset >= GATE:
+            n = offset - GATE
             self.entered[n].set()
             assert self.gates[n].wait(30), f"the test never opened gate {n}"
-            name = b"hello"
-        return super().lookup(parent, name)
+            offset = 0
+        return super().read(ino, fh, offset, size)
 
     def open_all(self) -> None:
         for g in self.gates.values():
@@ -74,16 +76,28 @@ def server(tmp_path: Path, fs: GateFS) -> Iterator[tuple[VhostUserServer, str]]:
 
 
 def submit(q: DriverQueue, name: bytes, unique: int) -> tuple[int, int]:
-    """A LOOKUP chain on `q` (not kicked): (head, offset of its reply buffer)."""
-    req = fuse_req(LOOKUP, 1, name + b"\0", unique)
-    head, offs = q.add([req[:40], req[40:]], OUT)
+    """A chain on `q` (not kicked): b"gateN" a READ that waits for gate N, b"read" a READ
+    answered at once (a cached read), b"hello" a LOOKUP (metadata, answered by the queue's
+    dispatcher). Returns (head, offset of its reply buffer)."""
+    if name == b"hello":
+        req = fuse_req(LOOKUP, 1, name + b"\0", unique)
+        head, offs = q.add([req[:40], req[40:]], OUT)
+        return head, offs[0]
+    offset = GATE + int(name[4:]) if name.startswith(b"gate") else 0
+    req = fuse_req(READ, 2, struct.pack("<QQIIQII", 102, offset, 4096, 0, 0, 0, 0), unique)
+    head, offs = q.add([req[:40], req[40:]], [16, 4096])
     return head, offs[0]
 
 
 def check_reply(fe: Frontend, off: int, length: int, unique: int) -> None:
+    """The reply at `off` answers request `unique` in `length` bytes: hello's entry or data."""
     olen, error, uniq = struct.unpack_from("<IiQ", fe.mem, off)
     assert (uniq, error, olen) == (unique, 0, length)
-    assert struct.unpack_from("<Q", fe.mem, off + 16)[0] == 2  # the nodeid of hello
+    if length == 16 + len(HELLO):  # a READ (its data follows in the next buffer)
+        data_off = (off + 16 + 15) & ~15
+        assert bytes(fe.mem[data_off : data_off + len(HELLO)]) == HELLO
+    else:
+        assert struct.unpack_from("<Q", fe.mem, off + 16)[0] == 2  # the nodeid of hello
 
 
 def collect(q: DriverQueue, n: int) -> list[tuple[int, int]]:
@@ -103,8 +117,8 @@ def test_blocked_request_does_not_hold_up_its_queue(server: tuple[VhostUserServe
         q = fe.queues[1]
         slow, slow_off = submit(q, b"gate0", 100)
         q.do_kick()
-        wait_event(fs.entered[0], what="the slow lookup to be inside the filesystem")
-        fast = {submit(q, b"hello", 200 + i): 200 + i for i in range(12)}
+        wait_event(fs.entered[0], what="the stalled read to be inside the filesystem")
+        fast = {submit(q, b"read" if i % 2 else b"hello", 200 + i): 200 + i for i in range(12)}
         q.do_kick()
         done = collect(q, len(fast))  # all of them while the slow one still waits
         assert sorted(h for h, _ in done) == sorted(h for h, _ in fast)
@@ -130,7 +144,7 @@ def test_out_of_order_completion_keeps_the_used_ring_consistent(tmp_path: Path, 
         gated = [(submit(q, f"gate{i}".encode(), 300 + i), 300 + i) for i in range(6)]
         q.do_kick()
         for i in range(6):
-            wait_event(fs.entered[i], what=f"lookup {i} to be inside the filesystem")
+            wait_event(fs.entered[i], what=f"read {i} to be inside the filesystem")
         order = []
         for i in reversed(range(6)):  # answered last-in first-out
             fs.gates[i].set()
@@ -163,10 +177,10 @@ def test_two_request_queues_each_with_a_pool(tmp_path: Path, fs: GateFS) -> None
         s2, _ = submit(q2, b"gate2", 11)
         q1.do_kick()
         q2.do_kick()
-        wait_event(fs.entered[1], what="queue 1's slow lookup")
-        wait_event(fs.entered[2], what="queue 2's slow lookup")
+        wait_event(fs.entered[1], what="queue 1's stalled read")
+        wait_event(fs.entered[2], what="queue 2's stalled read")
         for q, base in ((q1, 20), (q2, 40)):
-            fast = {submit(q, b"hello", base + i): base + i for i in range(4)}
+            fast = {submit(q, b"read" if i % 2 else b"hello", base + i): base + i for i in range(4)}
             q.do_kick()
             done = dict(collect(q, 4))
             assert sorted(done) == sorted(h for h, _ in fast)
@@ -194,7 +208,7 @@ def test_descriptor_reused_while_in_flight_is_returned_once(server: tuple[VhostU
         q = fe.queues[1]
         slow, slow_off = submit(q, b"gate3", 50)
         q.do_kick()
-        wait_event(fs.entered[3], what="the slow lookup to be inside the filesystem")
+        wait_event(fs.entered[3], what="the stalled read to be inside the filesystem")
         q.publish(slow)  # the driver offers the in-flight chain again
         h1, off1 = submit(q, b"hello", 51)
         q.do_kick()
@@ -227,7 +241,7 @@ def test_queue_stopped_mid_request_never_writes_after_the_stop(server: tuple[Vho
         q = fe.queues[1]
         slow, slow_off = submit(q, b"gate4", 60)
         q.do_kick()
-        wait_event(fs.entered[4], what="the slow lookup to be inside the filesystem")
+        wait_event(fs.entered[4], what="the stalled read to be inside the filesystem")
         w = worker(srv, 1)
         # GET_VRING_BASE answers (after the grace) with the index past the in-flight chain
         base = fe.call(F.GET_VRING_BASE, struct.pack("<II", 1, 0))
@@ -294,18 +308,24 @@ def test_stop_drops_queued_requests_unserved(tmp_path: Path, fs: GateFS) -> None
         for i in (5, 6):
             submit(q, f"gate{i}".encode(), 80 + i)
         q.do_kick()
-        wait_event(fs.entered[5], what="lookup 5 inside the filesystem")
-        wait_event(fs.entered[6], what="lookup 6 inside the filesystem")
+        wait_event(fs.entered[5], what="read 5 inside the filesystem")
+        wait_event(fs.entered[6], what="read 6 inside the filesystem")
         submit(q, b"gate7", 87)
         q.do_kick()
         w = worker(srv, 1)
         wait_until(lambda: len(w.ring.inflight) == 3, what="the third request to be popped")
+        # metadata is answered by the dispatcher itself, even with the pool full
+        h, off = submit(q, b"hello", 88)
+        q.do_kick()
+        assert q.wait_used() == (h, 144)
+        check_reply(fe, off, 144, 88)
+        assert w.inline == 2 and len(w.ring.inflight) == 3  # INIT and this LOOKUP
         base = fe.call(F.GET_VRING_BASE, struct.pack("<II", 1, 0))
-        assert struct.unpack("<II", base) == (1, 4) and w.abandoned == 3
+        assert struct.unpack("<II", base) == (1, 5) and w.abandoned == 3
         fs.gates[5].set()
         fs.gates[6].set()
         wait_until(lambda: w.ring.dropped == 3, what="all three replies to be dropped")
-        assert not fs.entered[7].is_set() and q.used_idx() == 1
+        assert not fs.entered[7].is_set() and q.used_idx() == 2
         wait_until(lambda: not any(t.is_alive() for t in w.pool), what="the pool threads to exit")
     finally:
         fe.close()
@@ -322,7 +342,7 @@ def test_disconnect_with_a_stuck_request_serves_the_next_frontend(server: tuple[
     q = fe.queues[1]
     submit(q, b"gate8", 90)
     q.do_kick()
-    wait_event(fs.entered[8], what="the lookup to be inside the filesystem")
+    wait_event(fs.entered[8], what="the read to be inside the filesystem")
     w = worker(srv, 1)
     fe.close()  # gone; its request stays stuck past the grace
     served_after(sock)  # the next front-end does not wait for it
@@ -344,8 +364,8 @@ def test_spare_workers_when_all_are_stuck(tmp_path: Path, fs: GateFS) -> None:
         stuck = [submit(q, f"gate{i}".encode(), 400 + i)[0] for i in range(4)]
         q.do_kick()
         for i in range(4):
-            wait_event(fs.entered[i], what=f"stalled lookup {i} inside the filesystem")
-        fast = {submit(q, b"hello", 500 + i): 500 + i for i in range(6)}
+            wait_event(fs.entered[i], what=f"stalled read {i} inside the filesystem")
+        fast = {submit(q, b"read", 500 + i): 500 + i for i in range(6)}
         q.do_kick()
         done = dict(collect(q, len(fast)))
         assert sorted(done) == sorted(h for h, _ in fast)
@@ -375,7 +395,7 @@ def test_memory_table_change_mid_request(server: tuple[VhostUserServer, str], fs
         q = fe.queues[1]
         slow, slow_off = submit(q, b"gate9", 95)
         q.do_kick()
-        wait_event(fs.entered[9], what="the lookup to be inside the filesystem")
+        wait_event(fs.entered[9], what="the read to be inside the filesystem")
         old = worker(srv, 1)
         assert fe.acked(F.SET_MEM_TABLE, fe.mem_table_payload(), [fe.memfd]) == 0
         new = worker(srv, 1)

@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 Buffers = Sequence[bytes | bytearray | memoryview]  # (as inflight.Buffers)
 # request bytes, room in the writable part -> reply buffers (None: complete with 0 bytes)
 RequestHandler = Callable[[memoryview, int], Buffers | None]
+# whether a popped chain may block (goes to the pool) or is quick (answered by the dispatcher)
+Offload = Callable[[Chain], bool]
 STOP_TIMEOUT = 30.0
 # How long stopping a queue (GET_VRING_BASE, a memory change) waits for requests in flight; the
 # front-end waits for our answer meanwhile, so this is short next to a stalled registry.
@@ -58,11 +60,15 @@ class QueueWorker:
     ones behind it (replies complete out of order; `InflightQueue` keeps the ring consistent).
     When a request waits and every pool thread has been busy for SPARE_AFTER_MS, a spare
     thread starts (up to `max_workers`); it retires after `SPARE_IDLE` seconds without work:
-    stalled fetches never hold all workers, and bursts of quick requests start none. With one worker the dispatcher answers requests itself (no hand-off, no spares)."""
+    stalled fetches never hold all workers, and bursts of quick requests start none.
+    `offload(chain)` False marks a request that never waits on I/O (FUSE metadata): the
+    dispatcher answers it itself, saving the hand-off (as fusedev's leader does). With one worker the dispatcher answers requests itself (no hand-off, no spares)."""
 
     def __init__(self, vring: Vring, handler: RequestHandler, name: str, *, workers: int = 1,
-                 stop_grace: float = STOP_GRACE, max_workers: int = 0) -> None:
+                 stop_grace: float = STOP_GRACE, max_workers: int = 0, offload: Offload | None = None) -> None:
         assert vring.queue is not None
+        self.offload = offload
+        self.inline = 0  # requests the dispatcher answered itself while it has a pool
         self.vring = vring
         self.handler = handler
         self.name = name
@@ -176,9 +182,11 @@ class QueueWorker:
             except RingError as e:
                 log.error("queue %d: %s; the queue stops", self.vring.index, e)
                 return False
-            if self.pool:
+            if self.pool and (self.offload is None or self.offload(chain)):
                 self._hand_over(chain)
             else:
+                if self.pool:
+                    self.inline += 1
                 self._serve(chain)
 
     def _hand_over(self, chain: Chain) -> None:
@@ -254,10 +262,12 @@ class VhostUserServer:
                  backend_factory: Callable[[], Backend] = Backend,
                  on_disconnect: Callable[[], None] | None = None,
                  queue_workers: int | Callable[[int], int] = 1, stop_grace: float = STOP_GRACE,
-                 max_workers: int = 0) -> None:
+                 max_workers: int = 0, offload: Offload | None = None) -> None:
         """`queue_workers`: pool threads per running queue (or a function of the queue index);
-        `max_workers`: with spares, at most this many per queue (0: 4 x queue_workers)."""
+        `max_workers`: with spares, at most this many per queue (0: 4 x queue_workers);
+        `offload`: which requests go to the pool (None: all)."""
         self.path = path
+        self.offload = offload
         self.queue_workers = queue_workers
         self.max_workers = max_workers
         self.stop_grace = stop_grace
@@ -391,7 +401,7 @@ class VhostUserServer:
         self._stop_worker(vring)
         n = self.queue_workers(vring.index) if callable(self.queue_workers) else self.queue_workers
         w = QueueWorker(vring, self.handler, f"vhost-user-q{vring.index}", workers=max(1, n),
-                        stop_grace=self.stop_grace, max_workers=self.max_workers)
+                        stop_grace=self.stop_grace, max_workers=self.max_workers, offload=self.offload)
         self.workers[vring.index] = w
         w.start()
         log.debug("queue %d started (size %d)", vring.index, vring.num)
