@@ -119,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--sock", required=True, help="vhost-user listener socket")
     v.add_argument("--hybrid-mode", nargs="?", const="true", default=None, help="accepted (RAFS + passthrough)")
     v.add_argument("--virtio-workers", "--threads", dest="threads", type=_threads, default=None, metavar="N",
-                   help="worker threads per request queue, so a request waiting on the registry does not hold "
-                   "up cached ones (default 4; 1 answers in the queue's own thread; --threads is Kata's name)")
+                   help="worker threads per request queue for reads and writes, so a read waiting on the registry "
+                   "does not hold up cached ones; more start while all are stuck, up to 4N (default 4; 1 "
+                   "answers everything in the queue's own thread; --threads is Kata's name)")
     v.add_argument("--virtio-queues", type=_queues, default=1, metavar="N",
                    help="request queues offered to the front-end (default 1; QEMU's vhost-user-fs-pci "
                    "num-request-queues must not exceed it)")
