@@ -91,7 +91,7 @@ class QueueWorker:
         self._threads = self.workers  # pool threads alive (spares included)
         self._idle = self.workers  # pool threads not serving a request
         self._queued = 0  # requests handed over and not yet taken
-        self._last_take = 0.0  # when a pool thread last took a request (monotonic)
+        self._last_take = time.monotonic()  # when a pool thread last took a request
         self.spares_started = 0
 
     @property
