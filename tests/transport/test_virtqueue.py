@@ -212,9 +212,12 @@ def test_inflight_queue_returns_each_chain_once() -> None:
     assert [struct.unpack_from("<II", buf, USED + 4 + 8 * s) for s in range(2)] == [(2, 16), (0, 4)]
     assert bytes(buf[DATA + 0x200 : DATA + 0x210]) == b"C" * 16 and signals == [1, 2]
     assert not ring.wait_idle(0)
-    assert ring.stop() == 2  # b and d abandoned
+    offer(buf, 3, 6)
+    ring.stop_popping()  # the first step of a stop: nothing more is consumed, replies still land
+    assert ring.pop() is None and vq.last_avail == 5
+    assert ring.complete(d, [b"D" * 16]) and struct.unpack_from("<H", buf, USED + 2)[0] == 3
+    assert ring.stop() == 1  # b abandoned
     assert not ring.complete(b, [b"B" * 16]) and ring.dropped == 2
     assert bytes(buf[DATA + 0x100 : DATA + 0x110]) == b"\0" * 16
-    assert struct.unpack_from("<H", buf, USED + 2)[0] == 2 and ring.wait_idle(0)
-    offer(buf, 1, 6)
+    assert struct.unpack_from("<H", buf, USED + 2)[0] == 3 and ring.wait_idle(0)
     assert ring.pop() is None and vq.last_avail == 5  # a stopped queue consumes nothing more

@@ -37,6 +37,7 @@ class InflightQueue:
         self._idle = threading.Condition(self.lock)
         self.inflight: dict[int, Chain] = {}
         self.stopped = False
+        self.popping = True  # False once stop_popping or stop was called
         self.completed = 0
         self.failed = 0  # completed with 0 bytes: bad chain, handler error, reply too big
         self.duplicates = 0  # heads the driver offered again while in flight (not served)
@@ -47,7 +48,7 @@ class InflightQueue:
         stopped. A bad chain is completed here with 0 bytes and skipped. RingError propagates:
         the ring itself is broken."""
         with self.lock:
-            while not self.stopped:
+            while self.popping:
                 head = self.vq.pop_head()
                 if head is None:
                     return None
@@ -71,7 +72,7 @@ class InflightQueue:
         """Nothing left to pop: ask for a kick (EVENT_IDX) and say whether more arrived
         meanwhile (the caller then pops again). RingError propagates."""
         with self.lock:
-            if self.stopped:
+            if not self.popping:
                 return False
             self.vq.set_avail_event()
             return self.vq.pending() > 0
@@ -116,11 +117,18 @@ class InflightQueue:
                 self._idle.wait(left)
             return True
 
+    def stop_popping(self) -> None:
+        """Consume no more avail entries (chains in flight still complete): the first step of
+        a stop, so that what the driver offers meanwhile stays in its ring for a restart."""
+        with self.lock:
+            self.popping = False
+
     def stop(self) -> int:
         """Stop the queue; the number of chains abandoned in flight (their late replies are
         dropped). Idempotent."""
         with self.lock:
             self.stopped = True
+            self.popping = False
             n = len(self.inflight)
             self.inflight.clear()
             self._idle.notify_all()

@@ -114,6 +114,7 @@ class QueueWorker:
         if self._stopped:
             return
         deadline = time.monotonic() + self.stop_grace
+        self.ring.stop_popping()  # what the driver offers from now on stays in its ring
         os.eventfd_write(self.stop_fd, 1)
         self.thread.join(self.stop_grace)
         with self._fd_lock:  # the private fds are closed by whichever of us finishes last
@@ -172,12 +173,12 @@ class QueueWorker:
             try:
                 chain = ring.pop()
                 if chain is None:
-                    if ring.stopped:
+                    if not ring.popping:
                         return False
                     # a syscall-free re-check after publishing avail_event (the GIL switch and
                     # the store order on x86 make it a full barrier for this purpose)
                     if not ring.arm():
-                        return not ring.stopped
+                        return ring.popping
                     continue
             except RingError as e:
                 log.error("queue %d: %s; the queue stops", self.vring.index, e)
