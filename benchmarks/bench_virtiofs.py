@@ -4,7 +4,11 @@ One tree: a 50 MB file and 5,000 six-byte files in 50 directories (VIRTIOFS-NOTE
 shape). Servers, each behind its own short-lived VM (tests/transport/virtio_rig.py):
 * `virtiofsd`: /usr/lib/qemu/virtiofsd -o cache=auto over the unpacked tree (the reference);
 * `nydus_py rafs`: `nydusd-py virtiofs --bootstrap` on a RAFS v6 image of the same tree;
-* `nydus_py passthrough`: `nydusd-py virtiofs --shared-dir` over the unpacked tree.
+* `nydus_py passthrough`: `nydusd-py virtiofs --shared-dir` over the unpacked tree;
+* `nydus_py rafs 1w`: the RAFS server with `--virtio-workers 1` (each queue answered in its own
+  thread: what the worker pool costs or gains);
+* `nydus_py rafs 2q4w`: `--virtio-queues 2 --virtio-workers 4` behind QEMU's
+  `num-request-queues=2` (the guest kernel decides how many it uses; 6.1 with one vCPU uses one).
 Guest workloads, each after `drop_caches` in the guest, timed with /proc/timer_list ("now at",
 busybox has no %N): `dd bs=1M iflag=direct` of the 50 MB file (every byte a FUSE READ into guest
 RAM: the backend-throughput probe), `find` over the 5,000 files, `cat` of all of them. Each
@@ -73,12 +77,13 @@ def build_image(root: Path) -> tuple[Path, Path]:
     return boot, cfg
 
 
-def measure(name: str, cmd: list[str], sock: str, work: Path, reps: int) -> dict[str, list[float]]:
+def measure(name: str, cmd: list[str], sock: str, work: Path, reps: int,
+            device_opts: str = "") -> dict[str, list[float]]:
     with open(work / f"{name}.log", "wb") as logf:
         proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
     try:
         r = run_guest(sock, GUEST.replace("@REPS@", str(reps)), work / f"vm-{name}", timeout=600,
-                      watch_pid=proc.pid)
+                      watch_pid=proc.pid, device_opts=device_opts)
     finally:
         stop_pid(proc)
     out: dict[str, list[float]] = {w: [] for w in WORKLOADS}
@@ -123,13 +128,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "virtiofs"))
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--servers", default="", help="comma-separated subset of the servers to run (virtiofsd "
+                    "is always run: ratios are to it)")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     make_tree(work)
     boot, cfg = build_image(work)
     tmp = Path(tempfile.mkdtemp(prefix="bench-vfs-"))
-    socks = {k: str(tmp / f"{k}.sock") for k in ("c", "rafs", "pt")}
+    socks = {k: str(tmp / f"{k}.sock") for k in ("c", "rafs", "pt", "rafs1", "rafs2q")}
 
     def daemon(sock: str) -> list[str]:
         return [sys.executable, "-m", "nydus_py.cli.daemon", "virtiofs", "--sock", sock, "--log-level", "warn"]
@@ -139,10 +146,20 @@ def main() -> int:
                                    "-o", "cache=auto"]),
         "nydus_py rafs": (socks["rafs"], [*daemon(socks["rafs"]), "--bootstrap", str(boot), "--config", str(cfg)]),
         "nydus_py passthrough": (socks["pt"], [*daemon(socks["pt"]), "--shared-dir", str(work / "tree")]),
+        "nydus_py rafs 1w": (socks["rafs1"], [*daemon(socks["rafs1"]), "--bootstrap", str(boot), "--config", str(cfg),
+                                              "--virtio-workers", "1"]),
+        "nydus_py rafs 2q4w": (socks["rafs2q"], [*daemon(socks["rafs2q"]), "--bootstrap", str(boot), "--config",
+                                                 str(cfg), "--virtio-queues", "2", "--virtio-workers", "4"]),
     }
+    device_opts = {"nydus_py rafs 2q4w": "num-request-queues=2"}
+    wanted = {"virtiofsd", *(n.strip() for n in args.servers.split(",") if n.strip())} if args.servers else set(runs)
+    if unknown := wanted - set(runs):
+        ap.error(f"unknown servers {sorted(unknown)}; known: {list(runs)}")
     raw: dict[str, dict[str, list[float]]] = {}
     for name, (sock, cmd) in runs.items():
-        raw[name] = measure(name.replace(" ", "_"), cmd, sock, tmp, args.reps)
+        if name not in wanted:
+            continue
+        raw[name] = measure(name.replace(" ", "_"), cmd, sock, tmp, args.reps, device_opts.get(name, ""))
         print(name, {w: [round(v) for v in vals] for w, vals in raw[name].items()}, flush=True)
     med = {name: {w: statistics.median(v) for w, v in vals.items()} for name, vals in raw.items()}
     ratios = {name: {w: med[name][w] / med["virtiofsd"][w] for w in WORKLOADS} for name in med}

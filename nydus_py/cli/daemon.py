@@ -208,15 +208,19 @@ class Daemon:
 
     def start_virtiofs(self) -> None:
         from ..transport.vhost_user import virtiofs_server
+        from ..transport.vhost_user.server import DEFAULT_WORKERS
 
         svc = self.service
-        server = virtiofs_server(svc.session, os.path.abspath(self.args.sock))
+        workers = self.args.threads or DEFAULT_WORKERS
+        queues = getattr(self.args, "virtio_queues", 1)
+        server = virtiofs_server(svc.session, os.path.abspath(self.args.sock), request_queues=queues,
+                                 workers=workers)
         server.bind()
         server.start()
         svc.transport = server
         svc.sm.fire(Event.MOUNT)
         svc.sm.fire(Event.START)
-        log.info("serving virtio-fs on %s", self.args.sock)
+        log.info("serving virtio-fs on %s (%d request queue(s), %d workers each)", self.args.sock, queues, workers)
 
     async def start_apis(self) -> None:
         a = self.args

@@ -4,7 +4,8 @@ Global options may come before or after the subcommand; with no subcommand the F
 `fuse` (upstream's legacy mode). Usage errors exit 2 with a message on stderr, like clap.
 Deviations, both friendlier than upstream and documented: `--backend-source` is accepted (the
 snapshotter sends it; upstream exits 2), and `virtiofs --threads N` (suggested by Kata's docs) is
-accepted and sets the number of queue workers.
+accepted as `--virtio-workers N` (worker threads per request queue); `--virtio-queues N` offers
+several request queues.
 """
 
 import argparse
@@ -35,6 +36,16 @@ def _threads(value: str) -> int:
         raise argparse.ArgumentTypeError(f"invalid thread count {value!r}") from None
     if not 1 <= n <= 1024:
         raise argparse.ArgumentTypeError(f"thread count {n} is not in 1..=1024")
+    return n
+
+
+def _queues(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid queue count {value!r}") from None
+    if not 1 <= n <= 255:
+        raise argparse.ArgumentTypeError(f"queue count {n} is not in 1..=255")
     return n
 
 
@@ -111,7 +122,13 @@ def build_parser() -> argparse.ArgumentParser:
     _global(v, top=False)
     v.add_argument("--sock", required=True, help="vhost-user listener socket")
     v.add_argument("--hybrid-mode", nargs="?", const="true", default=None, help="accepted (RAFS + passthrough)")
-    v.add_argument("--threads", type=_threads, default=None, help="queue workers (Kata's docs pass it)")
+    v.add_argument("--virtio-workers", "--threads", dest="threads", type=_threads, default=None, metavar="N",
+                   help="worker threads per request queue for reads and writes, so a read waiting on the registry "
+                   "does not hold up cached ones; more start while all are stuck, up to 4N (default 4; 1 "
+                   "answers everything in the queue's own thread; --threads is Kata's name)")
+    v.add_argument("--virtio-queues", type=_queues, default=1, metavar="N",
+                   help="request queues offered to the front-end (default 1; QEMU's vhost-user-fs-pci "
+                   "num-request-queues must not exceed it)")
     _fs_options(v)
     s = sub.add_parser("singleton", help="fscache service (not supported)")
     _global(s, top=False)

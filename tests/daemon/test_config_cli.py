@@ -154,6 +154,9 @@ def test_command_lines_of_the_snapshotter_and_kata_parse() -> None:
     b = parse_args(["virtiofs", "--hybrid-mode", "--log-level", "debug", "--apisock", "a.sock", "--sock", "v.sock",
                     "--threads", "4"])
     assert (b.command, b.sock, b.apisock, b.hybrid_mode) == ("virtiofs", "v.sock", "a.sock", "true")
+    assert (b.threads, b.virtio_queues) == (4, 1)
+    v = parse_args(["virtiofs", "--sock", "v.sock", "--virtio-workers", "8", "--virtio-queues", "2"])
+    assert (v.threads, v.virtio_queues) == (8, 2)
     # global options after the subcommand and before it; legacy mode without subcommand
     c = parse_args(["--log-level", "warn", "fuse", "--mountpoint", "/m", "--upgrade"])
     assert (c.log_level, c.upgrade) == ("warn", True)
@@ -168,6 +171,7 @@ def test_command_lines_of_the_snapshotter_and_kata_parse() -> None:
     ["fuse", "--mountpoint", "/m", "--thread-num", "1025"], ["fuse", "--mountpoint", "/m", "--failover-policy", "x"],
     ["fuse", "--mountpoint", "/m", "--prefetch-files", "/p"], ["fuse", "--mountpoint", "/m", "--log-level", "loud"],
     ["fuse", "--mountpoint", "/m", "--config", "/c", "--localfs-dir", "/d"], ["virtiofs"], ["bogus"],
+    ["virtiofs", "--sock", "s", "--virtio-queues", "0"], ["virtiofs", "--sock", "s", "--virtio-workers", "0"],
 ])
 def test_usage_errors_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as e:

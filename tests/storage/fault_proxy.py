@@ -16,6 +16,9 @@ matching requests (by default: blob GETs):
   200_for_206    fetch without Range and answer 200 with the whole blob
   expired_token  401 with the registry's Bearer challenge, whatever token was sent
 
+Besides, `hold_if(request)` holds every request it selects (e.g. by Range) until `release_held()`,
+then forwards it normally: a registry stalled for as long as the test wants, not for a fixed time.
+
 One request per connection (`Connection: close`), which keeps the fault boundaries exact.
 """
 
@@ -78,6 +81,9 @@ class FaultProxy:
         self.faults: deque[str] = deque()
         self.injected: Counter[str] = Counter()
         self.requests: list[Request] = []
+        self.hold_if: Callable[[Request], bool] | None = None
+        self.held = 0  # requests that hold_if selected (held until release_held)
+        self._gate: asyncio.Event | None = None
         self.port = 0
         self.loop = asyncio.new_event_loop()
         self._server: asyncio.base_events.Server | None = None
@@ -89,7 +95,15 @@ class FaultProxy:
     def _run(self, coro: Any, timeout: float = 10.0) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def release_held(self) -> None:
+        """Let every held request (and any later one hold_if selects) through."""
+        async def go() -> None:
+            assert self._gate is not None
+            self._gate.set()
+        self._run(go())
+
     async def _start(self) -> None:
+        self._gate = asyncio.Event()
         self._session = aiohttp.ClientSession(auto_decompress=False, timeout=aiohttp.ClientTimeout(total=60))
         await self._listen()
 
@@ -183,6 +197,10 @@ class FaultProxy:
             url = self.upstream + target
         req = Request(method, target, path, headers)
         self.requests.append(req)
+        if self.hold_if is not None and self.hold_if(req):
+            self.held += 1
+            assert self._gate is not None
+            await self._gate.wait()
         if self.latency:
             await asyncio.sleep(self.latency)
         fault = self.faults.popleft() if self.faults and self.match(method, path) else None

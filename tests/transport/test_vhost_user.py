@@ -14,6 +14,7 @@ from nydus_py.transport.vhost_user.server import VhostUserServer
 
 from ..fuse.kernel import INIT, LOOKUP, READ
 from ..fuse.memfs import MemFS
+from ..waiting import wait_until
 from . import vhost_frontend as F
 from .vhost_frontend import Frontend
 
@@ -91,15 +92,20 @@ def test_event_idx_and_mem_slots(server: tuple[VhostUserServer, str]) -> None:
                  protocol=F.PF_REPLY_ACK | F.PF_MQ | F.PF_MEM_SLOTS, mem_slots=True)
         init(fe)
         q = fe.queues[1]
-        # the backend publishes avail_event = its next avail index after draining
-        assert struct.unpack_from("<H", fe.mem, q.used + 4 + 8 * q.num)[0] == 1
+
+        def avail_event() -> int:
+            return int(struct.unpack_from("<H", fe.mem, q.used + 4 + 8 * q.num)[0])
+
+        # the backend publishes avail_event = its next avail index after draining (just after
+        # completing the last chain, so the driver may see the completion first)
+        wait_until(lambda: avail_event() == 1, what=lambda: f"avail_event 1, is {avail_event()}")
         # used_event far ahead: no interrupt wanted, yet the request completes
         struct.pack_into("<H", fe.mem, q.avail + 4 + 2 * q.num, 100)
         head, offs = q.add([fuse_req(LOOKUP, 1, b"hello\0", 4)], [16, 128])
         q.do_kick()
         got, length = q.wait_used()
         assert (got, length) == (head, 144)
-        assert struct.unpack_from("<H", fe.mem, q.used + 4 + 8 * q.num)[0] == 2
+        wait_until(lambda: avail_event() == 2, what=lambda: f"avail_event 2, is {avail_event()}")
     finally:
         fe.close()
 

@@ -13,11 +13,20 @@ import random
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from nydus_py.rafs import open_bootstrap
+from nydus_py.storage.prefetch import resolve_path
+from nydus_py.storage.registry import RegistryBackend, parse_registry_config
+
 from ..conftest import REPO, require_tool
+from ..storage import images
+from ..storage import registry_rig as rig
+from ..storage.fault_proxy import FaultProxy, Request
 from ..waiting import WaitTimeout, wait_until
 from .virtio_rig import qemu_available, run_guest, stop_pid, xattr_tool
 
@@ -288,3 +297,92 @@ def wait_for(path: Path, timeout: float) -> bool:
     except WaitTimeout:
         return False
     return True
+
+
+STALL_SCRIPT = r"""
+for f in etc/passwd etc/motd; do dd if=$f bs=64k iflag=direct 2>/dev/null | sha256sum; done > /tmp/warm
+(sha256sum big/b.bin > /tmp/slow.sum; touch /tmp/slow.done) &
+i=0
+while [ ! -e /tmp/slow.done ] && [ $i -lt 3000 ]; do
+  dd if=etc/passwd bs=64k iflag=direct 2>/dev/null | sha256sum | cut -c1-16 | sed 's/^/fast-ok /'
+  i=$((i+1))
+done
+wait
+echo "##SLOW"; cat /tmp/slow.sum
+"""
+
+
+@pytest.fixture(scope="module")
+def registry_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, Path, Any]]:
+    """A Nydus image pushed to a local docker-registry: (BuiltImage, pulled bootstrap, registry)."""
+    work = tmp_path_factory.mktemp("stall")
+    reg = rig.plain_registry(require_tool("docker-registry"), work / "registries")
+    try:
+        img = images.build(work / "img", seed=19)
+        cfg = parse_registry_config(images.registry_config(reg.host, "test/stall"), env={}, docker_config_paths=[])
+        with RegistryBackend(cfg) as b:
+            images.push_image(b, img, "v1")
+            boot = images.pull_bootstrap(b, "v1", work / "pulled.boot")
+        yield img, boot, reg
+    finally:
+        reg.stop()
+
+
+def test_stalled_chunk_does_not_hold_up_cached_reads(guest_tools: dict[str, bytes], registry_image: tuple[Any, Path, Any],
+                                                    tmp_path: Path) -> None:
+    """One guest reader waits on a chunk the registry holds back; another keeps reading a cached
+    file meanwhile (its requests share the one request queue). The host lets the chunk through
+    only once the cached reads are seen completing during the stall (or after a deadline, which
+    fails the test: with one worker per queue the cached reads queue up behind the stalled one)."""
+    img, boot, reg = registry_image
+    with open_bootstrap(str(boot)) as image:
+        slow = [(c.compressed_offset, c.compressed_offset + c.compressed_size)
+                for c in image.chunks(resolve_path(image, b"/big/b.bin"))]
+    lo, hi = min(a for a, _ in slow), max(b for _, b in slow)
+
+    def overlaps_slow(r: Request) -> bool:
+        if r.method != "GET" or "/blobs/sha256:" not in r.path or r.range is None:
+            return False
+        a, b = r.range.split("=")[1].split("-")
+        return int(a) < hi and lo < int(b) + 1
+
+    proxy = FaultProxy(reg.url)
+    proxy.hold_if = overlaps_slow
+    cfg = tmp_path / "config.json"
+    backend = images.registry_config(proxy.host, "test/stall", timeout=120, read_deadline=300)
+    cfg.write_text(json.dumps(images.nydusd_config(backend, str(tmp_path / "cache"), amplify_io=images.CHUNK)))
+    proc, sock = start_daemon(tmp_path, "--bootstrap", str(boot), "--config", str(cfg), "--virtio-workers", "8")
+    released: list[str] = []
+    result = tmp_path / "vm" / "result.log"
+
+    def fast_lines() -> int:
+        return result.read_text(errors="replace").count("fast-ok") if result.exists() else 0
+
+    def host_side() -> None:
+        """Release the held chunk once 5 cached reads completed while it was held."""
+        try:
+            wait_until(lambda: proxy.held, 150, "the guest's read of big/b.bin to reach the registry")
+            seen = fast_lines()
+            wait_until(lambda: fast_lines() >= seen + 5, 60, "cached reads completing during the stall")
+            released.append("after cached reads")
+        except WaitTimeout as e:
+            released.append(f"deadline: {e}")
+        finally:
+            proxy.release_held()
+
+    t = threading.Thread(target=host_side, daemon=True)
+    t.start()
+    try:
+        r = run_guest(sock, STALL_SCRIPT, tmp_path / "vm", timeout=240, watch_pid=proc.pid, extra=guest_tools)
+        t.join(30)
+    finally:
+        proxy.release_held()
+        stop_pid(proc)
+        proxy.stop()
+    out = r.check()
+    assert released == ["after cached reads"], (released, out[-2000:])
+    want = hashlib.sha256(img.files["etc/passwd"]).hexdigest()[:16]
+    fast = [line for line in out.splitlines() if line.startswith("fast-ok")]
+    assert fast and all(line == f"fast-ok {want}" for line in fast)
+    assert sections(out)["SLOW"].split()[0] == hashlib.sha256(img.files["big/b.bin"]).hexdigest()
+    assert proxy.held >= 1

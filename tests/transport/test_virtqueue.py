@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from nydus_py.transport.vhost_user.inflight import InflightQueue
 from nydus_py.transport.vhost_user.virtqueue import (
     Chain,
     DescriptorError,
@@ -187,3 +188,36 @@ def test_fuzzed_rings_never_escape(table: bytes, heads: list[int], idx: int, ind
         for v in c.readable + c.writable:
             # every buffer is a slice of the one region (never a copy, never truncated)
             assert isinstance(v, memoryview) and v.obj is buf and 0 < len(v) <= SIZE
+
+
+def test_inflight_queue_returns_each_chain_once() -> None:
+    """The sans-IO core of the worker pools: out-of-order completion, a head offered again while
+    in flight, a second completion, and completions after stop (nothing written, nothing pushed)."""
+    buf, vq = make()
+    signals: list[int] = []
+    ring = InflightQueue(vq, lambda: signals.append(vq.used_idx))
+    for i in range(4):
+        desc(buf, DESC, i, GPA + DATA + 0x100 * i, 16, 2)
+    for n, head in enumerate([0, 1, 2], 1):
+        offer(buf, head, n)
+    a, b, c = ring.pop(), ring.pop(), ring.pop()
+    assert a is not None and b is not None and c is not None and ring.pop() is None
+    offer(buf, 1, 4)  # head 1 again, still in flight: refused, never walked
+    offer(buf, 3, 5)
+    d = ring.pop()
+    assert d is not None and d.head == 3 and ring.duplicates == 1
+    assert ring.complete(c, [b"C" * 16]) and ring.complete(a, [b"A" * 4])
+    assert not ring.complete(c, [b"X" * 16])  # a second completion of the same chain
+    assert struct.unpack_from("<HH", buf, USED) == (0, 2)
+    assert [struct.unpack_from("<II", buf, USED + 4 + 8 * s) for s in range(2)] == [(2, 16), (0, 4)]
+    assert bytes(buf[DATA + 0x200 : DATA + 0x210]) == b"C" * 16 and signals == [1, 2]
+    assert not ring.wait_idle(0)
+    offer(buf, 3, 6)
+    ring.stop_popping()  # the first step of a stop: nothing more is consumed, replies still land
+    assert ring.pop() is None and vq.last_avail == 5
+    assert ring.complete(d, [b"D" * 16]) and struct.unpack_from("<H", buf, USED + 2)[0] == 3
+    assert ring.stop() == 1  # b abandoned
+    assert not ring.complete(b, [b"B" * 16]) and ring.dropped == 2
+    assert bytes(buf[DATA + 0x100 : DATA + 0x110]) == b"\0" * 16
+    assert struct.unpack_from("<H", buf, USED + 2)[0] == 3 and ring.wait_idle(0)
+    assert ring.pop() is None and vq.last_avail == 5  # a stopped queue consumes nothing more

@@ -190,8 +190,10 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
 
 def run_guest(sock: str | Path, script: str, workdir: Path, *, tag: str = "myfs", timeout: float = 120.0,
               watch_pid: int | None = None, mount_opts: str = "", mem_mb: int = 512,
-              socket_wait: float = 10.0, extra: dict[str, bytes] | None = None) -> GuestResult:
-    """Boot a guest against the vhost-user socket `sock`, run `script` in the mounted share."""
+              socket_wait: float = 10.0, extra: dict[str, bytes] | None = None,
+              device_opts: str = "") -> GuestResult:
+    """Boot a guest against the vhost-user socket `sock`, run `script` in the mounted share.
+    `device_opts` are appended to the vhost-user-fs-pci device (e.g. "num-request-queues=2")."""
     kernel, mods = ensure_kernel()
     workdir.mkdir(parents=True, exist_ok=True)
     initrd = workdir / "initrd.cpio"
@@ -220,7 +222,7 @@ def run_guest(sock: str | Path, script: str, workdir: Path, *, tag: str = "myfs"
         "-display", "none", "-vga", "none", "-nodefaults", "-no-reboot", "-no-user-config", "-monitor", "none",
         "-serial", f"file:{console}", "-serial", f"file:{result}",
         "-chardev", f"socket,id=char0,path={sock}",
-        "-device", f"vhost-user-fs-pci,queue-size=1024,chardev=char0,tag={tag}",
+        "-device", f"vhost-user-fs-pci,queue-size=1024,chardev=char0,tag={tag}" + (f",{device_opts}" if device_opts else ""),
     ]
     t0 = time.monotonic()
     with open(workdir / "qemu.stderr", "wb") as err:

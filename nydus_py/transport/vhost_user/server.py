@@ -6,72 +6,147 @@ accepted, e.g. a restarted VM). Messages are read as a header, whose recvmsg als
 SCM_RIGHTS fds, then the payload. A malformed message drops the connection; everything the
 connection owned (workers, mappings, fds) is released before the next accept.
 
-A worker waits on its kick eventfd (a private dup, so the control thread may replace or close
-the original at any time) and a stop eventfd, pops every available chain, hands the readable
-bytes to the request handler, scatters the reply into the writable buffers, completes the chain
-on the used ring and signals the call eventfd when the driver wants it.
+A queue's dispatcher waits on its kick eventfd (a private dup, so the control thread may
+replace or close the original at any time) and a stop eventfd, and pops every available chain
+for the queue's worker pool; a worker hands the readable bytes to the request handler, and the
+queue's `InflightQueue` scatters the reply into the writable buffers, completes the chain on the
+used ring and signals the call eventfd when the driver wants it (out of order, one at a time).
+
+Stopping a queue (GET_VRING_BASE, a memory or kick change, a disconnect) waits up to
+`stop_grace` for requests in flight, since the front-end waits for our answer meanwhile; what
+is still stuck then (a stalled registry) is abandoned: its reply is dropped unwritten, because
+the front-end may reuse that memory as soon as it has our answer. GET_VRING_BASE reports the
+index past it, so a paused-and-resumed guest never gets an answer to it (we offer no inflight
+tracking); a stall shorter than the grace loses nothing.
 """
 
 import contextlib
 import errno
 import logging
 import os
+import queue
 import select
 import socket
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 from . import messages as M
 from .backend import Backend, Vring
+from .inflight import InflightQueue
 from .messages import Message, VhostUserError
-from .virtqueue import Chain, DescriptorError, RingError
+from .virtqueue import Chain, RingError
 
 log = logging.getLogger(__name__)
 
-Buffers = Sequence[bytes | bytearray | memoryview]
+Buffers = Sequence[bytes | bytearray | memoryview]  # (as inflight.Buffers)
 # request bytes, room in the writable part -> reply buffers (None: complete with 0 bytes)
 RequestHandler = Callable[[memoryview, int], Buffers | None]
+# whether a popped chain may block (goes to the pool) or is quick (answered by the dispatcher)
+Offload = Callable[[Chain], bool]
 STOP_TIMEOUT = 30.0
+# How long stopping a queue (GET_VRING_BASE, a memory change) waits for requests in flight; the
+# front-end waits for our answer meanwhile, so this is short next to a stalled registry.
+STOP_GRACE = 5.0
+DEFAULT_WORKERS = 4
+SPARE_IDLE = 2.0  # a spare worker idle this long retires
+SPARE_AFTER_MS = 20  # a request waits this long behind busy workers before a spare starts
 POLL_INTERVAL_MS = 1  # queues without a kick fd (VRING_NOFD) are polled this often
 
 
 class QueueWorker:
-    """Serves one running vring until stopped."""
+    """Serves one running vring until stopped: a dispatcher thread pops chains and `workers`
+    pool threads answer them, so a request waiting on the network does not hold up the cached
+    ones behind it (replies complete out of order; `InflightQueue` keeps the ring consistent).
+    When a request waits and every pool thread has been busy for SPARE_AFTER_MS, a spare
+    thread starts (up to `max_workers`); it retires after `SPARE_IDLE` seconds without work:
+    stalled fetches never hold all workers, and bursts of quick requests start none.
+    `offload(chain)` False marks a request that never waits on I/O (FUSE metadata): the
+    dispatcher answers it itself, saving the hand-off (as fusedev's leader does). With one worker the dispatcher answers requests itself (no hand-off, no spares)."""
 
-    def __init__(self, vring: Vring, handler: RequestHandler, name: str) -> None:
+    def __init__(self, vring: Vring, handler: RequestHandler, name: str, *, workers: int = 1,
+                 stop_grace: float = STOP_GRACE, max_workers: int = 0, offload: Offload | None = None) -> None:
+        assert vring.queue is not None
+        self.offload = offload
+        self.inline = 0  # requests the dispatcher answered itself while it has a pool
         self.vring = vring
         self.handler = handler
+        self.name = name
+        self.stop_grace = stop_grace
+        self.ring = InflightQueue(vring.queue, vring.signal, index=vring.index)
         self.kick = os.dup(vring.kick) if vring.kick is not None else None
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.served = 0
-        self.failed = 0
+        self.handler_errors = 0
+        self.abandoned = 0
+        self._stopped = False
+        self._exited = False
+        self._fd_lock = threading.Lock()
+        self.jobs: queue.SimpleQueue[Chain | None] = queue.SimpleQueue()
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.pool = [threading.Thread(target=self._work, name=f"{name}-w{i}", daemon=True)
+                     for i in range(workers)] if workers > 1 else []
+        self.workers = len(self.pool)
+        self.max_workers = max(self.workers, max_workers or 4 * self.workers)
+        self._pool_lock = threading.Lock()
+        self._threads = self.workers  # pool threads alive (spares included)
+        self._idle = self.workers  # pool threads not serving a request
+        self._queued = 0  # requests handed over and not yet taken
+        self._last_take = time.monotonic()  # when a pool thread last took a request
+        self.spares_started = 0
+
+    @property
+    def served(self) -> int:
+        return self.ring.completed
+
+    @property
+    def failed(self) -> int:
+        return self.ring.failed + self.handler_errors
 
     def start(self) -> None:
+        for t in self.pool:
+            t.start()
         self.thread.start()
 
     def stop(self) -> None:
-        os.eventfd_write(self.stop_fd, 1)
-        self.thread.join(STOP_TIMEOUT)
-        if self.thread.is_alive():
-            log.error("queue %d: worker still busy after %.0f s; abandoning it", self.vring.index, STOP_TIMEOUT)
+        """Stop popping, give requests in flight `stop_grace` seconds to finish, then abandon
+        the rest (their replies are dropped unwritten). Returns with nothing more written to
+        the ring or the guest's buffers, as GET_VRING_BASE needs."""
+        if self._stopped:
             return
-        for fd in (self.kick, self.stop_fd):
-            if fd is not None:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+        deadline = time.monotonic() + self.stop_grace
+        self.ring.stop_popping()  # what the driver offers from now on stays in its ring
+        os.eventfd_write(self.stop_fd, 1)
+        self.thread.join(self.stop_grace)
+        with self._fd_lock:  # the private fds are closed by whichever of us finishes last
+            self._stopped = True
+            if self._exited or not self.thread.is_alive():
+                self._exited = True
+                self._close_fds()
+        idle = self.ring.wait_idle(max(0.0, deadline - time.monotonic()))
+        self.abandoned = self.ring.stop()
+        if not idle:
+            log.error("queue %d: %d requests still in flight after %.1f s; abandoning them (their replies "
+                      "will be dropped)", self.vring.index, self.abandoned, self.stop_grace)
+        with self._pool_lock:
+            threads = self._threads
+        for _ in range(threads):
+            self.jobs.put(None)  # each pool thread exits after the request it is on
 
     def _run(self) -> None:
         poller = select.poll()
         poller.register(self.stop_fd, select.POLLIN)
         if self.kick is not None:
             poller.register(self.kick, select.POLLIN)
-        timeout = None if self.kick is not None else POLL_INTERVAL_MS
+        idle_timeout = None if self.kick is not None else POLL_INTERVAL_MS
         try:
             while True:
                 if not self._drain():
                     return
-                ready = poller.poll(timeout)
+                # requests waiting for a busy pool: look again soon, to start a spare
+                waiting = bool(self.pool) and self._queued > self._idle
+                ready = poller.poll(SPARE_AFTER_MS if waiting else idle_timeout)
+                if waiting:
+                    self._maybe_spare()
                 for fd, _ in ready:
                     if fd == self.stop_fd:
                         return
@@ -79,60 +154,102 @@ class QueueWorker:
                         os.eventfd_read(fd)
         except Exception:
             log.exception("queue %d: worker failed", self.vring.index)
+        finally:
+            with self._fd_lock:
+                self._exited = True
+                if self._stopped:  # stop() gave up waiting for us: the fds are ours to close
+                    self._close_fds()
+
+    def _close_fds(self) -> None:
+        for fd in (self.kick, self.stop_fd):
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _drain(self) -> bool:
-        """Serve everything available; False if the ring is broken (the worker then stops)."""
-        q = self.vring.queue
-        if q is None:
-            return False
+        """Dispatch everything available; False if the ring is broken or stopped."""
+        ring = self.ring
         while True:
             try:
-                chain = q.pop()
-            except DescriptorError as e:
-                log.error("queue %d: %s; completing it with an empty reply", self.vring.index, e)
-                self.failed += 1
-                q.push(e.head, 0)
-                self._notify()
-                continue
+                chain = ring.pop()
+                if chain is None:
+                    if not ring.popping:
+                        return False
+                    # a syscall-free re-check after publishing avail_event (the GIL switch and
+                    # the store order on x86 make it a full barrier for this purpose)
+                    if not ring.arm():
+                        return ring.popping
+                    continue
             except RingError as e:
                 log.error("queue %d: %s; the queue stops", self.vring.index, e)
                 return False
-            if chain is None:
-                q.set_avail_event()
-                # a syscall-free re-check after publishing avail_event (the GIL switch and the
-                # store order on x86 make it a full barrier for this purpose)
-                try:
-                    if not q.pending():
-                        return True
-                except RingError as e:
-                    log.error("queue %d: %s; the queue stops", self.vring.index, e)
-                    return False
+            if self.pool and (self.offload is None or self.offload(chain)):
+                self._hand_over(chain)
+            else:
+                if self.pool:
+                    self.inline += 1
+                self._serve(chain)
+
+    def _hand_over(self, chain: Chain) -> None:
+        with self._pool_lock:
+            self._queued += 1
+        self.jobs.put(chain)
+        self._maybe_spare()
+
+    def _maybe_spare(self) -> None:
+        """Start a spare when a request waits and every pool thread has been on its request for
+        SPARE_AFTER_MS or more (likely waiting on I/O, not about to be free)."""
+        with self._pool_lock:
+            spare = (self._queued > self._idle and self._threads < self.max_workers
+                     and time.monotonic() - self._last_take >= SPARE_AFTER_MS / 1000)
+            if spare:
+                self._threads += 1
+                self._idle += 1  # (about to take a request)
+                self.spares_started += 1
+        if spare:
+            t = threading.Thread(target=self._work, args=(True,), name=f"{self.name}-spare", daemon=True)
+            log.debug("queue %d: all workers busy; started a spare", self.vring.index)
+            t.start()
+
+    def _work(self, spare: bool = False) -> None:
+        """A pool thread; counted idle (in `_idle`) whenever it is not serving a request."""
+        while True:
+            try:
+                chain = self.jobs.get(timeout=SPARE_IDLE) if spare else self.jobs.get()
+            except queue.Empty:
+                with self._pool_lock:
+                    if self._queued < self._idle:  # (a request may be on its way to us)
+                        self._idle -= 1
+                        self._threads -= 1
+                        return
                 continue
-            q.push(chain.head, self._serve(chain))
-            self.served += 1
-            self._notify()
+            with self._pool_lock:
+                self._idle -= 1
+                if chain is None:
+                    self._threads -= 1
+                    return
+                self._queued -= 1
+                self._last_take = time.monotonic()
+            if self.ring.stopped:
+                self.ring.complete(chain, None)  # counted as dropped; the handler is not run
+            else:
+                try:
+                    self._serve(chain)
+                except Exception:
+                    log.exception("queue %d: pool worker failed on chain %d", self.vring.index, chain.head)
+            with self._pool_lock:
+                self._idle += 1
 
-    def _notify(self) -> None:
-        q = self.vring.queue
-        if q is not None and q.needs_notify():
-            self.vring.signal()
-
-    def _serve(self, chain: Chain) -> int:
+    def _serve(self, chain: Chain) -> None:
         room = chain.writable_size()
         try:
             reply = self.handler(memoryview(chain.read_all()), room)
         except Exception:
             log.exception("queue %d: request handler failed on chain %d", self.vring.index, chain.head)
-            self.failed += 1
-            return 0
-        if not reply:
-            return 0
-        try:
-            return chain.write(reply)
-        except ValueError as e:
-            log.error("queue %d: %s", self.vring.index, e)
-            self.failed += 1
-            return 0
+            with self.ring.lock:
+                self.handler_errors += 1
+            reply = None
+        self.ring.complete(chain, reply)
 
 
 class VhostUserServer:
@@ -144,8 +261,17 @@ class VhostUserServer:
 
     def __init__(self, path: str, handler: RequestHandler, *,
                  backend_factory: Callable[[], Backend] = Backend,
-                 on_disconnect: Callable[[], None] | None = None) -> None:
+                 on_disconnect: Callable[[], None] | None = None,
+                 queue_workers: int | Callable[[int], int] = 1, stop_grace: float = STOP_GRACE,
+                 max_workers: int = 0, offload: Offload | None = None) -> None:
+        """`queue_workers`: pool threads per running queue (or a function of the queue index);
+        `max_workers`: with spares, at most this many per queue (0: 4 x queue_workers);
+        `offload`: which requests go to the pool (None: all)."""
         self.path = path
+        self.offload = offload
+        self.queue_workers = queue_workers
+        self.max_workers = max_workers
+        self.stop_grace = stop_grace
         self.handler = handler
         self.backend_factory = backend_factory
         self.on_disconnect = on_disconnect
@@ -274,7 +400,9 @@ class VhostUserServer:
 
     def _start_worker(self, vring: Vring) -> None:
         self._stop_worker(vring)
-        w = QueueWorker(vring, self.handler, f"vhost-user-q{vring.index}")
+        n = self.queue_workers(vring.index) if callable(self.queue_workers) else self.queue_workers
+        w = QueueWorker(vring, self.handler, f"vhost-user-q{vring.index}", workers=max(1, n),
+                        stop_grace=self.stop_grace, max_workers=self.max_workers, offload=self.offload)
         self.workers[vring.index] = w
         w.start()
         log.debug("queue %d started (size %d)", vring.index, vring.num)
@@ -283,7 +411,8 @@ class VhostUserServer:
         w = self.workers.pop(vring.index, None)
         if w is not None:
             w.stop()
-            log.debug("queue %d stopped after %d requests (%d failed)", vring.index, w.served, w.failed)
+            log.debug("queue %d stopped after %d requests (%d failed, %d abandoned)", vring.index, w.served,
+                      w.failed, w.abandoned)
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes | None:

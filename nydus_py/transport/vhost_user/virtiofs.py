@@ -14,13 +14,29 @@ import struct
 from ...fuse.abi import OUT_HEADER
 from ...fuse.protocol import FuseProtocolError, FuseSession
 from .backend import Backend
-from .server import Buffers, RequestHandler, VhostUserServer
+from .server import DEFAULT_WORKERS, STOP_GRACE, Buffers, RequestHandler, VhostUserServer
+from .virtqueue import Chain
 
 log = logging.getLogger(__name__)
 
 _UNIQUE = struct.Struct("<Q")
 # hiprio + request queues; Linux (up to 6.x) uses one request queue
 DEFAULT_REQUEST_QUEUES = 1
+HIPRIO_QUEUE = 0
+# Requests that may wait on I/O (blob fetches for RAFS, disk writes and syncs for passthrough):
+# READ, WRITE, FSYNC, FSYNCDIR, FALLOCATE, COPY_FILE_RANGE; the same set fusedev hands off.
+# Everything else (metadata from the bootstrap or a stat) is answered by the queue's dispatcher.
+OFFLOAD_OPCODES = frozenset({15, 16, 20, 30, 43, 47})
+
+
+def fuse_offload(chain: Chain) -> bool:
+    """Whether `chain` goes to the worker pool: a blocking opcode, or a header we can't read
+    from its first buffer (a routing hint only: the request is parsed again later)."""
+    r = chain.readable
+    if not r or len(r[0]) < 8:
+        return True
+    opcode = int.from_bytes(r[0][4:8], "little")
+    return opcode in OFFLOAD_OPCODES
 
 
 def fuse_request_handler(session: FuseSession) -> RequestHandler:
@@ -47,11 +63,23 @@ def fuse_request_handler(session: FuseSession) -> RequestHandler:
 
 
 def virtiofs_server(session: FuseSession, sock: str, *, request_queues: int = DEFAULT_REQUEST_QUEUES,
-                    queue_size: int = 1024) -> VhostUserServer:
-    """A (not yet started) vhost-user-fs server for `session` on unix socket `sock`."""
+                    queue_size: int = 1024, workers: int = DEFAULT_WORKERS,
+                    stop_grace: float = STOP_GRACE, max_workers: int = 0) -> VhostUserServer:
+    """A (not yet started) vhost-user-fs server for `session` on unix socket `sock`.
+
+    `request_queues` is how many request queues we offer (the front-end may use fewer); each
+    running request queue gets `workers` threads (and spares up to `max_workers`, default 4 x
+    workers, while all of them are busy) for the requests that may wait on I/O, and answers the
+    others in its dispatcher; the hiprio queue (FORGET, INTERRUPT) has one thread."""
+    if not 1 <= request_queues <= 255:
+        raise ValueError("request_queues must be 1..255")
 
     def backend() -> Backend:
         return Backend(1 + request_queues, max_queue_size=max(queue_size, 1024))
 
+    def queue_workers(index: int) -> int:
+        return 1 if index == HIPRIO_QUEUE else workers
+
     return VhostUserServer(sock, fuse_request_handler(session), backend_factory=backend,
-                           on_disconnect=session.reset)
+                           on_disconnect=session.reset, queue_workers=queue_workers, stop_grace=stop_grace,
+                           max_workers=max_workers, offload=fuse_offload)

@@ -175,13 +175,19 @@ class Virtqueue:
     def pop(self) -> Chain | None:
         """The next available chain, or None. DescriptorError: that chain is bad (it has been
         consumed; complete it with `push(e.head, 0)`)."""
+        head = self.pop_head()
+        return None if head is None else self.walk(head)
+
+    def pop_head(self) -> int | None:
+        """Consume the next avail entry and return its head (not yet walked), or None; lets a
+        caller refuse a head it already has in flight before reading its descriptors."""
         if not self.pending():
             return None
         head = U16.unpack_from(self.avail, 4 + 2 * (self.last_avail % self.num))[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if head >= self.num:
             raise RingError(f"avail ring names descriptor {head} of {self.num}")
-        return self._walk(head)
+        return int(head)
 
     def set_avail_event(self) -> None:
         """With EVENT_IDX: ask to be kicked once the driver makes the entry after
@@ -189,7 +195,8 @@ class Virtqueue:
         if self.event_idx:
             U16.pack_into(self.used, 4 + 8 * self.num, self.last_avail)
 
-    def _walk(self, head: int) -> Chain:
+    def walk(self, head: int) -> Chain:
+        """The chain starting at descriptor `head` (DescriptorError if it is bad)."""
         mem = self.memory
         readable: list[memoryview] = []
         writable: list[memoryview] = []

@@ -1,0 +1,139 @@
+"""One virtqueue shared by a popping thread and several completing workers (no threads of its own).
+
+Worker pools complete requests out of order, which the virtio spec allows; what must hold is
+the ring's consistency. `InflightQueue` keeps it in one place, under one lock per queue:
+
+* avail-side: only `pop` consumes avail entries, and a head that is still in flight is refused
+  (a driver reusing a descriptor before it came back gets no second used element for it);
+* used-side: `complete` writes the reply into the chain's buffers, pushes the used element and
+  decides on (and sends) the interrupt in one critical section, and only for a head it handed
+  out and has not yet returned, so every chain comes back exactly once with its own id;
+* `stop` ends the queue: completions that arrive later are dropped (counted, logged) without
+  touching guest memory, which the front-end may free or reuse once GET_VRING_BASE is answered.
+
+The signal callable (the call eventfd) is injected, so tests drive this over plain buffers.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from .virtqueue import Chain, DescriptorError, Virtqueue
+
+log = logging.getLogger(__name__)
+
+Buffers = Sequence[bytes | bytearray | memoryview]
+
+
+class InflightQueue:
+    """A Virtqueue with its in-flight chains, safe for one popper and many completers."""
+
+    def __init__(self, vq: Virtqueue, signal: Callable[[], None], *, index: int = 0) -> None:
+        self.vq = vq
+        self.signal = signal
+        self.index = index
+        self.lock = threading.Lock()
+        self._idle = threading.Condition(self.lock)
+        self.inflight: dict[int, Chain] = {}
+        self.stopped = False
+        self.popping = True  # False once stop_popping or stop was called
+        self.completed = 0
+        self.failed = 0  # completed with 0 bytes: bad chain, handler error, reply too big
+        self.duplicates = 0  # heads the driver offered again while in flight (not served)
+        self.dropped = 0  # completions after stop (not written, not pushed)
+
+    def pop(self) -> Chain | None:
+        """The next available chain (now in flight), or None when there is none or the queue
+        stopped. A bad chain is completed here with 0 bytes and skipped. RingError propagates:
+        the ring itself is broken."""
+        with self.lock:
+            while self.popping:
+                head = self.vq.pop_head()
+                if head is None:
+                    return None
+                if head in self.inflight:
+                    self.duplicates += 1
+                    log.error("queue %d: the driver offered descriptor %d again while it is in flight; "
+                              "ignoring the second offer", self.index, head)
+                    continue
+                try:
+                    chain = self.vq.walk(head)
+                except DescriptorError as e:
+                    log.error("queue %d: %s; completing it with an empty reply", self.index, e)
+                    self.failed += 1
+                    self._push(head, 0)
+                    continue
+                self.inflight[head] = chain
+                return chain
+            return None
+
+    def arm(self) -> bool:
+        """Nothing left to pop: ask for a kick (EVENT_IDX) and say whether more arrived
+        meanwhile (the caller then pops again). RingError propagates."""
+        with self.lock:
+            if not self.popping:
+                return False
+            self.vq.set_avail_event()
+            return self.vq.pending() > 0
+
+    def complete(self, chain: Chain, reply: Buffers | None) -> bool:
+        """Write `reply` into `chain` and return it to the driver; False (nothing written) if
+        the queue stopped meanwhile or the chain is not in flight. A reply that does not fit
+        completes the chain with 0 bytes."""
+        with self.lock:
+            if self.stopped or self.inflight.get(chain.head) is not chain:
+                self.dropped += 1
+                log.warning("queue %d: dropping the reply to chain %d (the queue %s)", self.index, chain.head,
+                            "stopped" if self.stopped else "does not have it in flight")
+                return False
+            length = 0
+            if reply:
+                try:
+                    length = chain.write(reply)
+                except ValueError as e:
+                    log.error("queue %d: %s", self.index, e)
+                    self.failed += 1
+            del self.inflight[chain.head]
+            self.completed += 1  # (counted before the driver can see it)
+            self._push(chain.head, length)
+            if not self.inflight:
+                self._idle.notify_all()
+            return True
+
+    def _push(self, head: int, length: int) -> None:
+        self.vq.push(head, length)
+        if self.vq.needs_notify():
+            self.signal()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until nothing is in flight; False if something still is after `timeout`."""
+        deadline = time.monotonic() + timeout
+        with self.lock:
+            while self.inflight:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._idle.wait(left)
+            return True
+
+    def stop_popping(self) -> None:
+        """Consume no more avail entries (chains in flight still complete): the first step of
+        a stop, so that what the driver offers meanwhile stays in its ring for a restart."""
+        with self.lock:
+            self.popping = False
+
+    def stop(self) -> int:
+        """Stop the queue; the number of chains abandoned in flight (their late replies are
+        dropped). Idempotent."""
+        with self.lock:
+            self.stopped = True
+            self.popping = False
+            n = len(self.inflight)
+            self.inflight.clear()
+            self._idle.notify_all()
+            return n
+
+    def last_avail(self) -> int:
+        with self.lock:
+            return self.vq.last_avail
