@@ -5,13 +5,12 @@ kept in the ring buffer `GET /api/v1/daemon/events` serves.
 """
 
 import collections
-import email.utils
 import logging
-import logging.handlers
 import os
 import re
 import sys
 import threading
+import time
 from typing import Any
 
 LEVELS = {"trace": logging.DEBUG, "debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING,
@@ -61,7 +60,7 @@ class EventRing(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            line = f"{email.utils.formatdate(record.created, usegmt=True)} - {scrub(record.getMessage())}"
+            line = f"{http_date(record.created)} - {scrub(record.getMessage())}"
         except Exception:
             return
         n = len(line)
@@ -79,6 +78,18 @@ class EventRing(logging.Handler):
                     "total_size": self.total_size, "errors": list(self._events)}
 
 
+_DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+_MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+def http_date(ts: float) -> str:
+    """`email.utils.formatdate(ts, usegmt=True)` (RFC 2822, English names whatever the locale)
+    without importing the email package."""
+    t = time.gmtime(ts)
+    return (f"{_DAYS[t.tm_wday]}, {t.tm_mday:02d} {_MONTHS[t.tm_mon - 1]} {t.tm_year:04d} "
+            f"{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d} GMT")
+
+
 def log_file_name(path: str) -> str:
     """nydusd appends `.log` to a `--log-file` without an extension."""
     return path if os.path.splitext(path)[1] else path + ".log"
@@ -94,7 +105,9 @@ def setup_logging(level: str, log_file: str | None = None, rotation_mib: int = 0
         path = log_file_name(log_file)
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         if rotation_mib > 0:
-            handler = logging.handlers.RotatingFileHandler(path, maxBytes=rotation_mib << 20, backupCount=10)
+            from logging.handlers import RotatingFileHandler  # (here: it pulls in email, ~1.8 MiB of RSS)
+
+            handler = RotatingFileHandler(path, maxBytes=rotation_mib << 20, backupCount=10)
         else:
             handler = logging.FileHandler(path, mode="a")
     else:
