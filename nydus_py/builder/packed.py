@@ -45,7 +45,8 @@ _XHEAD = 6  # per xattr in `extra`: u16 name length, u32 value length (LE), then
 class Backing(Protocol):
     """Where K_TAR entries' bytes live (a layer tar, kept open while the tree is)."""
 
-    def open_range(self, offset: int, size: int) -> BinaryIO: ...
+    def open_range(self, offset: int, size: int) -> BinaryIO:
+        """A fresh stream of `size` bytes at `offset` of the backing file."""
 
 
 class Tree:
