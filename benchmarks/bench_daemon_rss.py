@@ -20,6 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_load import build_flat_tree
 from common import bar_plot, drop_caches, save
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,13 +44,7 @@ def vm(pid: int) -> dict[str, float]:
 
 def build(work: str, files: int) -> tuple[str, str]:
     tree, boot, blobs = os.path.join(work, "tree"), os.path.join(work, "image.boot"), os.path.join(work, "blobs")
-    per_dir = 1000
-    for i in range(files):
-        d = os.path.join(tree, f"d{i // per_dir:04d}")
-        if i % per_dir == 0:
-            os.makedirs(d)
-        with open(os.path.join(d, f"file{i:06d}"), "wb") as f:
-            f.write(b"x" * (i % 64))
+    build_flat_tree(tree, files)
     os.makedirs(blobs)
     subprocess.run([sys.executable, "-m", "nydus_py.cli.image", "create", "--bootstrap", boot, "--blob-dir", blobs,
                     tree], check=True, cwd=str(REPO), stdout=subprocess.DEVNULL)

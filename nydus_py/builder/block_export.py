@@ -15,10 +15,8 @@ made self-contained: every chunk index gets its absolute block address, `extra_d
 block addresses either way. `keep_device_table=True` gives upstream's bytes exactly.
 """
 
-import contextlib
 import os
 import stat
-import tempfile
 from dataclasses import dataclass
 
 from ..rafs.errors import FormatError
@@ -29,6 +27,7 @@ from ..rafs.model import ChunkInfo
 from ..rafs.v6 import V6Image
 from ..storage.device import BlobDevice
 from ..storage.localfs import LocalBlobDir
+from .atomic import atomic_output
 
 BLOCK = 4096
 MAPPED_ALIGN = 0x8_0000  # where nydus starts each blob (512 KiB), for images whose slots say 0
@@ -112,34 +111,21 @@ def _export(image: V6Image, boot: bytearray, blob_dir: str, output: str, keep: b
                 rewritten += 1
         U16.pack_into(boot, EROFS_SUPER_OFFSET + SUPERBLOCK.offset("extra_devices"), 0)
         U32.pack_into(boot, EROFS_SUPER_OFFSET + SUPERBLOCK.offset("blocks"), total_blocks)
-    out_dir = os.path.dirname(os.path.abspath(output))
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".disk-", suffix=".tmp")
     local = LocalBlobDir(blob_dir)
     written = 0
     try:
-        os.ftruncate(fd, total_blocks * BLOCK)
-        os.pwrite(fd, bytes(boot), 0)
-        device = BlobDevice(image, local, validate=True)
-        done: set[tuple[int, int]] = set()
-        for ino in inodes:
-            for c in image.chunks(ino):
-                key = (c.blob_index, c.uncompressed_offset)
-                if key in done:
-                    continue
-                done.add(key)
-                _write_chunk(fd, device, c, layout[c.blob_index][1])
-                written += 1
-        os.fsync(fd)
-        os.close(fd)
-        fd = -1
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, output)
-    except BaseException:
-        if fd >= 0:
-            os.close(fd)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        with atomic_output(output, ".disk-", total_blocks * BLOCK) as fd:
+            os.pwrite(fd, bytes(boot), 0)
+            device = BlobDevice(image, local, validate=True)
+            done: set[tuple[int, int]] = set()
+            for ino in inodes:
+                for c in image.chunks(ino):
+                    key = (c.blob_index, c.uncompressed_offset)
+                    if key in done:
+                        continue
+                    done.add(key)
+                    _write_chunk(fd, device, c, layout[c.blob_index][1])
+                    written += 1
     finally:
         local.close()
     return BlockExport(output, total_blocks * BLOCK, total_blocks, len(boot), layout, written, rewritten)

@@ -18,7 +18,6 @@ and chunk size (`v5_writer.check_chunks`).
 import contextlib
 import itertools
 import os
-import tempfile
 from array import array
 from collections.abc import Callable
 
@@ -26,6 +25,7 @@ from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
 from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, pack_chunks, unpack_chunks
 from ..rafs.model import BlobInfo, ChunkInfo
+from .atomic import atomic_output
 from .blob_writer import BlobWriter, validate_blob_id
 from .chunk_records import ChunkRecords
 from .options import BuildOptions, BuildResult
@@ -237,17 +237,6 @@ def _new_data(tree: Tree, idx: int) -> FileData:
 
 
 def _write_atomic(path: str, data: bytes | bytearray) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".boot-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with atomic_output(path, ".boot-") as fd, open(fd, "wb", closefd=False) as f:
+        f.write(data)

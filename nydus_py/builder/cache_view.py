@@ -9,10 +9,8 @@ not only ones this builder wrote. When the blob carries a digest array (INLINED_
 found through the ToC) every chunk is verified against it.
 """
 
-import contextlib
 import hashlib
 import os
-import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -30,6 +28,7 @@ from ..rafs.layout_v6 import (
     V6_BLOB_ENTRY_SIZE,
 )
 from ..rafs.model import BlobInfo, RafsImage
+from .atomic import atomic_output
 from .blob_writer import decode_ci_array
 
 
@@ -142,10 +141,7 @@ def write_cache_view(
                 raise FormatError(
                     f"blob {blob_id}: chunk {i} ends at {uoff + usize}, past the view size {size}"
                 )
-        out_dir = os.path.dirname(os.path.abspath(out_path))
-        ofd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".view-", suffix=".tmp")
-        try:
-            os.ftruncate(ofd, size)
+        with atomic_output(out_path, ".view-", size) as ofd:
 
             def one(i: int) -> None:
                 coff, csize, uoff, usize = entries[i]
@@ -164,17 +160,6 @@ def write_cache_view(
                         inflight.popleft().result()
                 while inflight:
                     inflight.popleft().result()
-            os.fsync(ofd)
-            os.close(ofd)
-            ofd = -1
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, out_path)
-        except BaseException:
-            if ofd >= 0:
-                os.close(ofd)
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
         return size
     finally:
         os.close(fd)

@@ -35,7 +35,7 @@ from ..rafs.errors import FormatError
 from ..rafs.layout_common import unpack_chunks
 from ..rafs.model import BlobInfo
 from . import plan_common
-from .tree import NO_XATTRS, ChunkedData, FileData, Inode
+from .tree import NO_XATTRS, ChunkedData, FileData, FileKind, Inode
 
 DEAD = -1
 K_NONE, K_TAR, K_CHUNKS, K_EXTERN, K_SYMLINK, K_LINK, K_PATH = range(7)
@@ -45,7 +45,8 @@ _XHEAD = 6  # per xattr in `extra`: u16 name length, u32 value length (LE), then
 class Backing(Protocol):
     """Where K_TAR entries' bytes live (a layer tar, kept open while the tree is)."""
 
-    def open_range(self, offset: int, size: int) -> BinaryIO: ...
+    def open_range(self, offset: int, size: int) -> BinaryIO:
+        """A fresh stream of `size` bytes at `offset` of the backing file."""
 
 
 class Tree:
@@ -516,19 +517,16 @@ class _PathOpener:
         return open(self.path, "rb")
 
 
-class Node:
+class Node(FileKind):
     """Read-only view of one entry with the old `Inode` attributes (made on access, not kept)."""
 
-    __slots__ = ("tree", "index", "ident")
+    __slots__ = ("tree", "index", "ident", "mode")
 
     def __init__(self, tree: Tree, index: int) -> None:
         self.tree = tree
         self.index = index
         self.ident = tree.resolve(index)  # same for every name of a hard-linked inode
-
-    @property
-    def mode(self) -> int:
-        return self.tree.mode[self.ident]
+        self.mode = tree.mode[self.ident]
 
     @property
     def uid(self) -> int:
@@ -576,18 +574,6 @@ class Node:
             return None
         t = self.tree
         return {t.name(c): Node(t, c) for c in t.children().of(self.ident)}
-
-    @property
-    def is_dir(self) -> bool:
-        return stat.S_ISDIR(self.mode)
-
-    @property
-    def is_reg(self) -> bool:
-        return stat.S_ISREG(self.mode)
-
-    @property
-    def is_symlink(self) -> bool:
-        return stat.S_ISLNK(self.mode)
 
     @property
     def size(self) -> int:

@@ -68,20 +68,11 @@ def _pack(chunks: "bytearray | memoryview | Sequence[ChunkInfo]") -> bytes:
         raise FormatError(f"chunk field out of range: {e}") from None
 
 
-@dataclass(eq=False, slots=True)
-class Inode:
-    """One file system object. Directories hold `children`, sorted by the writers."""
+class FileKind:
+    """`is_dir` / `is_reg` / `is_symlink` from a `mode` (an `Inode`, or a packed tree's `Node`)."""
 
+    __slots__ = ()
     mode: int
-    uid: int = 0
-    gid: int = 0
-    mtime: int = 0
-    mtime_nsec: int = 0
-    rdev: int = 0
-    xattrs: Mapping[bytes, bytes] = field(default_factory=lambda: NO_XATTRS)
-    symlink: bytes | None = None
-    data: FileData | ChunkedData | None = None
-    children: dict[bytes, "Inode"] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -94,6 +85,22 @@ class Inode:
     @property
     def is_symlink(self) -> bool:
         return stat.S_ISLNK(self.mode)
+
+
+@dataclass(eq=False, slots=True)
+class Inode(FileKind):
+    """One file system object. Directories hold `children`, sorted by the writers."""
+
+    mode: int
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    mtime_nsec: int = 0
+    rdev: int = 0
+    xattrs: Mapping[bytes, bytes] = field(default_factory=lambda: NO_XATTRS)
+    symlink: bytes | None = None
+    data: FileData | ChunkedData | None = None
+    children: dict[bytes, "Inode"] | None = None
 
     @property
     def size(self) -> int:

@@ -40,6 +40,7 @@ from .progress import Bar, Progress, human
 from .reference import ImageRef, parse_reference
 from .remote import Endpoint, endpoint_config, transport_error
 from .stack import LayerResult, LayerStack
+from .tasks import gather_or_cancel
 
 
 @dataclass
@@ -494,15 +495,7 @@ class Converter:
                     await dst.push_blob(data, digest)
                 self._account(result, digest, len(data), not exists)
 
-        tasks = [asyncio.create_task(one(*f)) for f in files]
-        tasks += [asyncio.create_task(one_small(d, b)) for d, b in small]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await gather_or_cancel([*(one(*f) for f in files), *(one_small(d, b) for d, b in small)])
 
     @staticmethod
     def _account(result: ConvertResult, digest: str, size: int, sent: bool) -> None:

@@ -26,6 +26,7 @@ from .converter import parse_platforms
 from .errors import ConvertError
 from .reference import parse_reference
 from .remote import Endpoint, endpoint_config, transport_error
+from .tasks import gather_or_cancel
 
 
 @dataclass
@@ -206,14 +207,7 @@ class Copier:
                 result.uploaded.append(d.digest)
                 result.uploaded_bytes += d.size
 
-        tasks = [asyncio.create_task(one(d)) for d in todo.values()]
-        try:
-            await asyncio.gather(*tasks)
-        except BaseException:
-            for t in tasks:
-                t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            raise
+        await gather_or_cancel(one(d) for d in todo.values())
 
 
 def copy(opts: CopyOptions) -> CopyResult:

@@ -114,11 +114,9 @@ class BackingFiles(Protocol):
 
     def backing_open(self, fd: int) -> int:
         """Register open file `fd` (the caller may close it afterwards); its backing id."""
-        ...
 
     def backing_close(self, backing_id: int) -> None:
         """Drop a registration; passthrough opens already made keep their file."""
-        ...
 
 
 class Caller(NamedTuple):

@@ -33,7 +33,8 @@ class ChunkSource(Protocol):
     def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo] = (),
                     prefetch: bool = False,
                     follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None,
-                    follow_late: bool = False) -> list[bytes]: ...
+                    follow_late: bool = False) -> list[bytes]:
+        """Decoded bytes of `chunks`, all of `blob`; OSError(EIO) or FormatError, never wrong bytes."""
 
 
 class BlobDevice:

@@ -65,7 +65,8 @@ class UringSession(Protocol):
     transport_flags: int
     flags: InitFlags
 
-    def handle_vectored(self, req: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview] | None: ...
+    def handle_vectored(self, req: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview] | None:
+        """The reply to one request as buffers to write in order (None: no reply)."""
 
 
 def possible_cpus(text: str) -> int:

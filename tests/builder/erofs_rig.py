@@ -115,3 +115,20 @@ def compare_trees(src: str | bytes, mnt: str | bytes, *, check_owner: bool = Tru
         elif stat.S_ISCHR(sa.st_mode) or stat.S_ISBLK(sa.st_mode):
             assert sa.st_rdev == sb.st_rdev, (where, sa.st_rdev, sb.st_rdev)
     return count
+
+
+def mounts() -> list[str]:
+    """The lines of /proc/self/mountinfo."""
+    with open("/proc/self/mountinfo") as f:
+        return f.read().splitlines()
+
+
+def erofs_at(path: str) -> bool:
+    """Whether the kernel EROFS driver is mounted at `path`."""
+    real = os.path.realpath(path)
+    return any(line.split()[4] == real and line.split(" - ")[1].startswith("erofs ") for line in mounts())
+
+
+def blob_view_mounts() -> set[str]:
+    """Mountpoints of every blob-view FUSE mount (ours and other tests')."""
+    return {line.split()[4] for line in mounts() if " - fuse nydus-blobview " in line}

@@ -50,7 +50,7 @@ def test_tar_text_acls_become_acl_xattrs() -> None:
 
 @pytest.mark.skipif(shutil.which("tar") is None or shutil.which("setfacl") is None, reason="GNU tar/setfacl missing")
 def test_gnu_tar_writes_the_text_form(tmp_path: Path) -> None:
-    """What the xfail above is about: GNU tar --acls stores no binary ACL xattr, only text."""
+    """Why the text form matters: GNU tar --acls stores no binary ACL xattr, only text."""
     (tmp_path / "f").write_bytes(b"x")
     subprocess.run(["setfacl", "--set", TEXT, str(tmp_path / "f")], check=True)
     out = tmp_path / "l.tar"

@@ -28,7 +28,7 @@ from nydus_py.rafs import open_bootstrap
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.transport.mount import is_mountpoint
-from tests.builder.erofs_rig import erofs_available
+from tests.builder.erofs_rig import erofs_at, erofs_available
 from tests.conftest import require_device
 from tests.daemon.rig import Api, DaemonProc, wait_state
 from tests.daemon.test_failover import Supervisor
@@ -196,11 +196,6 @@ def full_compare(root: str, files: dict[str, bytes], views: list[str]) -> int:
 def mountinfo() -> list[list[str]]:
     with open("/proc/self/mountinfo") as f:
         return [line.split() for line in f]
-
-
-def erofs_at(path: str) -> bool:
-    real = os.path.realpath(path)
-    return any(m[4] == real and m[m.index("-") + 1] == "erofs" for m in mountinfo())
 
 
 def mounted_under(root: str) -> list[str]:

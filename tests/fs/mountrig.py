@@ -184,7 +184,7 @@ def fuse_transport(request: pytest.FixtureRequest) -> Iterator[str]:
     if not os.path.exists(ENABLE_URING_PARAM):
         pytest.skip("this kernel has no FUSE over io_uring")
     if why := probe():
-        pytest.skip(why)
+        pytest.skip(f"no usable io_uring in this kernel: {why}")
     old = Path(ENABLE_URING_PARAM).read_text().strip()
     Path(ENABLE_URING_PARAM).write_text("Y")
     DAEMON_ARGS.append("--io-uring")

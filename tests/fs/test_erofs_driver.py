@@ -41,7 +41,14 @@ from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.transport.erofs_mount import ErofsImageError, check_image
 from nydus_py.transport.mount import is_mountpoint
-from tests.builder.erofs_rig import compare_trees, erofs_available, tree_from_directory
+from tests.builder.erofs_rig import (
+    blob_view_mounts,
+    compare_trees,
+    erofs_at,
+    erofs_available,
+    mounts,
+    tree_from_directory,
+)
 from tests.builder.test_v6_kernel import apply_meta, build_opts, everything_tree, materialise, trees
 from tests.daemon.rig import Api, DaemonProc, assert_error, wait_state
 from tests.fs.mountrig import build, make_tree
@@ -80,11 +87,6 @@ def served(boot: str, blob_dir: str, work: str, *, amplify_io: int = 1 << 20, ba
         cache.close()
         image.close()
     assert not is_mountpoint(mnt)
-
-
-def mounts() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return f.read().splitlines()
 
 
 def check_views(s: Served, boot: str, blob_dir: str, work: str) -> None:
@@ -388,19 +390,10 @@ def _config(blob_dir: str, cache_dir: str, **extra: object) -> str:
                        "mode": "direct", "digest_validate": True, "enable_xattr": True, **extra})
 
 
-def _erofs_at(path: str) -> bool:
-    real = os.path.realpath(path)
-    return any(line.split()[4] == real and line.split(" - ")[1].startswith("erofs ") for line in mounts())
-
-
-def _views() -> set[str]:
-    return {line.split()[4] for line in mounts() if " - fuse nydus-blobview " in line}
-
-
 def _daemon_views(d: DaemonProc) -> set[str]:
     """The blob-view mounts the daemon's log names that are still mounted (never another
     test's: other tests, and other people's, may mount views meanwhile)."""
-    return set(re.findall(r"blob views at (\S+)\)", d.log_text())) & _views()
+    return set(re.findall(r"blob views at (\S+)\)", d.log_text())) & blob_view_mounts()
 
 
 def _cleanup(paths: list[str], d: DaemonProc) -> None:
@@ -428,7 +421,7 @@ def test_dedicated_daemon_fs_driver_erofs(tmp_path) -> None:
         d.wait_socket(sock, 30)
         api = Api(sock)
         wait_state(api, "RUNNING")
-        assert _erofs_at(str(mnt)), d.log_text()
+        assert erofs_at(str(mnt)), d.log_text()
         assert compare_trees(src, str(mnt)) > 200
         m = api.get("/api/v1/metrics/blobcache").json()
         assert m["erofs"]["kernel_reads"] > 0 and m["erofs"]["backend_bytes"] > 0, m
@@ -462,7 +455,7 @@ def test_shared_daemon_mounts_erofs_at_host_path_beside_fusedev(tmp_path) -> Non
                         {"fs_type": "rafs", "source": img.boot,
                          "config": _config(img.blob_dir, str(tmp_path / "cache2"))})
         assert r.status == 204, r.body
-        assert _erofs_at(str(host))
+        assert erofs_at(str(host))
         assert compare_trees(src, str(host)) > 50
         assert compare_trees(src, str(fuse_mnt / "img")) > 50  # the FUSE one beside it
         m = api.get("/api/v1/metrics/blobcache", id=str(host)).json()
@@ -507,13 +500,13 @@ def test_dedicated_daemon_without_api_never_imports_aiohttp(tmp_path) -> None:
         while "state RUNNING" not in d.log_text():
             assert d.proc.poll() is None and time.monotonic() < deadline, d.log_text()
             time.sleep(0.02)  # poll interval of the condition above
-        assert _erofs_at(str(mnt))
+        assert erofs_at(str(mnt))
         maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
         assert "aiohttp" not in maps
         # no API, no event loop: neither asyncio nor ssl, and no libcrypto for a blake3 image
         for lib in ("_asyncio", "_ssl", "_hashlib", "libcrypto"):
             assert lib not in maps, lib
-        assert _erofs_at(str(mnt))  # (and it still serves: SIGTERM below must unmount it)
+        assert erofs_at(str(mnt))  # (and it still serves: SIGTERM below must unmount it)
         assert d.stop(signal.SIGTERM) == 0, d.log_text()
     finally:
         d.kill()
@@ -565,7 +558,7 @@ def test_busy_umount_detaches_then_aborts_views_eio_not_zeros(tmp_path) -> None:
         serve.close()
         assert serve.lazy_detaches == 1 and serve.aborts == 1
         assert not is_mountpoint(str(mnt)) and os.listdir(base) == []
-        assert not any(v.startswith(base + "/") for v in _views())
+        assert not any(v.startswith(base + "/") for v in blob_view_mounts())
         assert os.pread(fd, 4096, 0) == data[:4096]  # in the page cache: still right
         with pytest.raises(OSError) as ei:
             os.pread(fd, 4096, 3 << 20)  # never fetched: EIO, not zeros

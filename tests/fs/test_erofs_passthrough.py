@@ -10,7 +10,6 @@ import random
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -19,9 +18,8 @@ from nydus_py.builder.cache_view import write_cache_view
 from nydus_py.fs.blob_view import BlobViewFilesystem
 from nydus_py.fs.erofs_serve import ErofsServe
 from nydus_py.fuse.protocol import FuseSession
-from nydus_py.metrics.backend import BackendStats, instrument
+from nydus_py.metrics.backend import instrument
 from nydus_py.rafs import open_bootstrap
-from nydus_py.rafs.model import RafsImage
 from nydus_py.storage.cache import BlobCacheManager
 from nydus_py.storage.cache.blobcache import DATA_SUFFIX
 from nydus_py.storage.device import BlobDevice
@@ -32,16 +30,8 @@ from nydus_py.transport.mount import is_mountpoint
 from tests.builder.erofs_rig import compare_trees, erofs_available
 from tests.daemon.rig import Api, DaemonProc, wait_state
 from tests.fs.mountrig import CHUNK, Image, build, make_tree
-from tests.fs.test_erofs_driver import _cleanup, _daemon_views
+from tests.fs.test_erofs_driver import Served, _cleanup, _daemon_views
 from tests.waiting import wait_until
-
-
-@dataclass
-class Served:
-    serve: ErofsServe
-    cache: BlobCacheManager
-    backend: BackendStats
-    image: RafsImage
 
 
 @contextmanager

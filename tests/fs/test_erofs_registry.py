@@ -30,7 +30,7 @@ from nydus_py.storage.cache import BlobCacheManager
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.registry import RegistryBackend, parse_registry_config
 from nydus_py.transport.mount import is_mountpoint
-from tests.builder.erofs_rig import compare_trees, erofs_available
+from tests.builder.erofs_rig import blob_view_mounts, compare_trees, erofs_at, erofs_available
 from tests.daemon.rig import Api, DaemonProc, wait_state
 from tests.storage import images
 from tests.storage.conftest import plain_registry, registry_bin, registry_root  # noqa: F401
@@ -108,20 +108,6 @@ def data_gets(proxy: FaultProxy, pushed: Pushed) -> list[Request]:
     return [r for r in proxy.blob_requests() if pushed.data_blob in r.path]
 
 
-def _mounts() -> list[str]:
-    with open("/proc/self/mountinfo") as f:
-        return f.read().splitlines()
-
-
-def _views() -> set[str]:
-    return {line.split()[4] for line in _mounts() if " - fuse nydus-blobview " in line}
-
-
-def erofs_at(path: str) -> bool:
-    real = os.path.realpath(path)
-    return any(line.split()[4] == real and line.split(" - ")[1].startswith("erofs ") for line in _mounts())
-
-
 def _cleanup(paths: list[str], d: DaemonProc) -> None:
     """After a failed daemon test: detach what it left (its EROFS mounts, then the blob views
     its log names; never another test's)."""
@@ -129,7 +115,7 @@ def _cleanup(paths: list[str], d: DaemonProc) -> None:
         if is_mountpoint(p):
             subprocess.run(["umount", "-l", p], check=False, capture_output=True)
     for v in re.findall(r"blob views at (\S+)\)", d.log_text()):
-        if v in _views():
+        if v in blob_view_mounts():
             subprocess.run(["umount", "-l", v], check=False, capture_output=True)
 
 
@@ -165,10 +151,10 @@ def test_dedicated_by_reference_lazy_and_equal(tmp_path: Path, pushed: Pushed, p
         m = api.get("/api/v1/metrics/blobcache").json()
         assert m["erofs"]["kernel_reads"] > 0 and m["erofs"]["backend_bytes"] > 0, m
         view_dir = m["erofs"]["view_dir"]
-        assert view_dir in _views()
+        assert view_dir in blob_view_mounts()
         api.close()
         assert d.stop(signal.SIGTERM) == 0, d.log_text()
-        assert not is_mountpoint(str(mnt)) and view_dir not in _views(), d.log_text()
+        assert not is_mountpoint(str(mnt)) and view_dir not in blob_view_mounts(), d.log_text()
     finally:
         d.kill()
         _cleanup([str(mnt)], d)
@@ -194,10 +180,10 @@ def test_shared_api_mount_of_docker_source(tmp_path: Path, pushed: Pushed, proxy
         assert compare_trees(str(pushed.image.src), str(host)) > 40
         assert data_gets(proxy, pushed)
         view_dir = api.get("/api/v1/metrics/blobcache", id=str(host)).json()["erofs"]["view_dir"]
-        assert view_dir in _views()
+        assert view_dir in blob_view_mounts()
         r = api.request("DELETE", "/api/v1/mount", {"mountpoint": str(host)})
         assert r.status == 204, r.body
-        assert not is_mountpoint(str(host)) and view_dir not in _views()
+        assert not is_mountpoint(str(host)) and view_dir not in blob_view_mounts()
         api.close()
         assert d.stop(signal.SIGTERM) == 0, d.log_text()
     finally:
