@@ -119,6 +119,9 @@ class DedicatedDaemons:
     def mount_dir(self, sid: str) -> str:
         return os.path.join(self.root, "mnt", sid)
 
+    def handoff(self, sid: str, image_ref: str, layer_digest: str) -> tuple[str, str]:
+        return self._get(sid).handoff(sid, image_ref, layer_digest)
+
     def pin(self, image_ref: str) -> str:
         return DedicatedDaemon(self.root, self.settings, "pin").pin(image_ref)  # (never started)
 

@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-daemon-on-exit", action="store_true", default=None,
                    help="also stop the daemons when the snapshotter exits")
     p.add_argument("--nydus-image", help="accepted for nydus-snapshotter compatibility; never run here")
-    p.add_argument("--nydus-overlayfs-path", help="accepted for nydus-snapshotter compatibility; nydus-overlayfs "
-                                                  "(Kata) is not part of nydus-snapshotter-py")
+    p.add_argument("--nydus-overlayfs-path", help="the nydus-overlayfs helper (a name in PATH or a path): Nydus "
+                                                  "mounts get type fuse.<this> with [snapshot] "
+                                                  "enable_nydus_overlayfs (default nydus-overlayfs)")
     p.add_argument("--version", action="version", version=f"nydus-snapshotter-py {__version__}")
     return p
 
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 _FLAGS = {"root": "root", "address": "address", "nydusd_path": "nydusd_path", "nydusd_args": "nydusd_args",
           "nydusd_config": "nydusd_config", "daemon_mode": "daemon_mode", "insecure_registry": "insecure_registries",
           "log_level": "log_level", "log_to_stdout": "log_to_stdout", "fs_driver": "fs_driver",
-          "stop_daemon_on_exit": "stop_daemon_on_exit"}
+          "stop_daemon_on_exit": "stop_daemon_on_exit", "nydus_overlayfs_path": "nydus_overlayfs_path"}
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
@@ -90,7 +91,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
             setattr(conf, name, value)
     if conf.daemon_mode == "multiple":
         conf.daemon_mode = "dedicated"
-    for flag in ("nydus_image", "nydus_overlayfs_path"):
+    for flag in ("nydus_image",):
         if getattr(args, flag, None):
             log.info("--%s is accepted for nydus-snapshotter compatibility and not used", flag.replace("_", "-"))
     return conf
@@ -190,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nydus-snapshotter-py: error: {e}", file=sys.stderr)
         return 2
     try:
-        sn = Snapshotter(conf.root, mounter, overlay_volatile=conf.overlayfs_volatile)
+        sn = Snapshotter(conf.root, mounter, overlay_volatile=conf.overlayfs_volatile,
+                         nydus_overlayfs=conf.nydus_overlayfs, nydus_overlayfs_path=conf.nydus_overlayfs_path)
     except OSError as e:
         print(f"nydus-snapshotter-py: error: root {conf.root}: {e.strerror or e}", file=sys.stderr)
         return 1

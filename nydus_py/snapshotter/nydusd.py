@@ -50,6 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..api.client import ApiCallError, ApiClient
+from ..config import CACHE_TYPES
 from ..convert.errors import ConvertError
 from ..convert.reference import ImageRef, is_loopback, parse_reference
 from ..storage.registry.auth import resolve_credentials
@@ -513,6 +514,32 @@ class SharedDaemon:
             return image_ref
         backend = self.image_config(ref, "pin", self.select_mirror(ref))["device"]["backend"]["config"]
         return pin_reference(ref, backend, self.settings.mount_timeout)
+
+    def handoff(self, sid: str, image_ref: str, layer_digest: str) -> tuple[str, str]:
+        """(bootstrap file, JSON config) for another daemon to mount image `/<sid>` (Kata's, from
+        the extraoption): the bootstrap this daemon fetched into the blob cache as
+        `<layer digest hex>.image.boot` and the config it mounted the image with (same registry,
+        credentials and cache; without fs_driver: the other daemon serves it over virtio-fs)."""
+        try:
+            ref = parse_reference(image_ref)
+        except ConvertError as e:
+            raise Unavailable(f"image reference {image_ref!r}: {e}") from None
+        cfg = self.image_config(ref, sid, self.select_mirror(ref))
+        cfg.pop("fs_driver", None)
+        cache = cfg["device"]["cache"]
+        work_dir = cache.get("config", {}).get("work_dir", "") if cache.get("type") in CACHE_TYPES else ""
+        if not work_dir:
+            raise Unavailable(f"image {image_ref}: the nydusd config has no blob cache, so its bootstrap is not kept "
+                              "on this host for Kata; remove device.cache from nydusd_config or make it a blobcache")
+        algo, _, hexdigest = layer_digest.partition(":")
+        if algo != "sha256" or len(hexdigest) != 64:
+            raise Unavailable(f"image {image_ref}: the snapshot labels give no bootstrap layer digest "
+                              f"({layer_digest!r}), so its bootstrap cannot be handed to Kata")
+        path = os.path.join(work_dir, f"{hexdigest}.image.boot")
+        if not os.path.isfile(path):
+            raise Unavailable(f"image {image_ref}: its bootstrap is not at {path} (was the cache cleaned under a "
+                              "mounted image?); remove and pull the image again")
+        return path, json.dumps(cfg)
 
     def mount(self, sid: str, image_ref: str) -> None:
         with self._lock:

@@ -17,6 +17,13 @@ layer. A data-blob snapshot stays empty. A bootstrap snapshot is mounted by refe
 bootstrap snapshot and everything below it (the bootstrap holds the whole merged image). The
 reference is always a digest: a tag (`ctr-remote rpull` gives no manifest digest) is resolved at
 the Prepare and the digest recorded as the snapshot's `source`, which every later mount uses.
+
+With `[snapshot] enable_nydus_overlayfs` (upstream's `remoteMountWithExtraOptions`), a mount with
+a Nydus image below is `fuse.nydus-overlayfs` (source `overlay`) with the overlay options plus
+`extraoption=` (extraoption.py): the bootstrap file, the config the shared daemon mounts the image
+with and the snapshot's directory, for a Kata runtime to mount the image in its own virtio-fs
+daemon. runc gets the same mount; the `nydus-overlayfs` helper drops the option and mounts a
+plain overlay. A view is then an overlay of the image and the view's own directory, as upstream.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import NoReturn, Protocol
 
 from .errors import AlreadyExists, SnapshotError, Unavailable
+from .extraoption import HEADER_BYTES, MOUNT_TYPE, SOURCE, ExtraOption, ExtraOptionError, detect_fs_version
 from .labels import BOOTSTRAP, remote_layer
 from .store import Info, Kind, MetaStore, Record, Snapshot
 
@@ -62,6 +70,11 @@ class ImageMounter(Protocol):
 
     def pin(self, image_ref: str) -> str:
         """`image_ref` (docker://...) by digest: a tag resolved now. Unavailable on failure."""
+
+    def handoff(self, sid: str, image_ref: str, layer_digest: str) -> tuple[str, str]:
+        """(bootstrap file, JSON config) with which another daemon (Kata's) can mount the image
+        mounted at `/<sid>`; `layer_digest` is its bootstrap layer's. Unavailable when the
+        bootstrap is not on this host."""
 
 
 def disk_usage(path: str) -> tuple[int, int]:
@@ -102,7 +115,8 @@ def _needs_userxattr() -> bool:
 
 
 class Snapshotter:
-    def __init__(self, root: str, mounter: ImageMounter | None = None, overlay_volatile: bool = False) -> None:
+    def __init__(self, root: str, mounter: ImageMounter | None = None, overlay_volatile: bool = False,
+                 nydus_overlayfs: bool = False, nydus_overlayfs_path: str = "") -> None:
         self.root = os.path.abspath(root)
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         os.makedirs(self.snapshots_dir, mode=0o700, exist_ok=True)
@@ -111,6 +125,9 @@ class Snapshotter:
         self.index_off = os.path.exists("/sys/module/overlay/parameters/index")
         self.userxattr = _needs_userxattr()
         self.volatile = overlay_volatile  # [snapshot] enable_overlayfs_volatile: no syncs of upperdir
+        self.nydus_overlayfs = nydus_overlayfs  # [snapshot] enable_nydus_overlayfs: extraoption for Kata
+        # [snapshot] nydus_overlayfs_path: the helper's path in the type (mount.fuse runs it)
+        self.nydus_overlayfs_type = f"fuse.{nydus_overlayfs_path}" if nydus_overlayfs_path else MOUNT_TYPE
         self.on_pull: Callable[[float], None] | None = None  # seconds of each Nydus image's remote Prepare
 
     @property
@@ -241,7 +258,9 @@ class Snapshotter:
             snap = tx.snapshot(key)
         return self._mounts(snap)[0]
 
-    def _lowers(self, parents: tuple[Record, ...]) -> list[str]:
+    def _lowers(self, parents: tuple[Record, ...]) -> tuple[list[str], Record | None]:
+        """The lower directories, nearest first, and the Nydus bootstrap snapshot among the
+        parents (None without one)."""
         lowers: list[str] = []
         for p in parents:
             if p.remote == BOOTSTRAP:
@@ -250,15 +269,16 @@ class Snapshotter:
                                       "daemon_mode none; set daemon_mode to shared or dedicated")
                 self.mounter.mount(p.id, p.source)  # after a daemon restart: mount it again
                 lowers.append(self.mounter.mount_dir(p.id))
-                break  # the bootstrap is the whole image: the (empty) data layers below add nothing
+                return lowers, p  # the bootstrap is the whole image: the (empty) data layers below add nothing
             lowers.append(self.upper_path(p.id))
-        return lowers
+        return lowers, None
 
     def _mounts(self, snap: Snapshot) -> tuple[list[Mount], list[str]]:
         if not snap.parents:
             ro = "ro" if snap.kind == Kind.VIEW else "rw"
             return [Mount("bind", self.upper_path(snap.id), [ro, "rbind"])], []
-        lowers = self._lowers(snap.parents)
+        lowers, boot = self._lowers(snap.parents)
+        kata = self.nydus_overlayfs and boot is not None
         options: list[str] = []
         if self.index_off:
             options.append("index=off")
@@ -268,10 +288,29 @@ class Snapshotter:
             if self.volatile:
                 options.append("volatile")
             options += [f"workdir={self.work_path(snap.id)}", f"upperdir={self.upper_path(snap.id)}"]
-        elif len(lowers) == 1:
+        elif not kata and len(lowers) == 1:
             return [Mount("bind", lowers[0], ["ro", "rbind"])], lowers
-        options.append("lowerdir=" + ":".join(lowers))
+        view_own = [self.upper_path(snap.id)] if kata and snap.kind == Kind.VIEW else []
+        options.append("lowerdir=" + ":".join(lowers + view_own))
+        if boot is not None and kata:
+            options.append(self._extra_option(snap, boot).encode())  # (never logged: it may hold credentials)
+            return [Mount(self.nydus_overlayfs_type, SOURCE, options)], lowers
         return [Mount("overlay", "overlay", options)], lowers
+
+    def _extra_option(self, snap: Snapshot, boot: Record) -> ExtraOption:
+        """What Kata needs to mount image `boot` itself for container snapshot `snap`."""
+        assert self.mounter is not None
+        remote = remote_layer(boot.info.labels)
+        digest = remote.layer_digest if remote is not None else ""
+        bootstrap, config = self.mounter.handoff(boot.id, boot.source, digest)
+        try:
+            with open(bootstrap, "rb") as f:
+                version = detect_fs_version(f.read(HEADER_BYTES))
+        except OSError as e:
+            raise Unavailable(f"bootstrap {bootstrap} of {boot.source}: {e.strerror or e}") from None
+        except ExtraOptionError as e:
+            raise Unavailable(f"bootstrap {bootstrap} of {boot.source}: {e}") from None
+        return ExtraOption(bootstrap, config, os.path.join(self.snapshots_dir, snap.id), version)
 
     # -- commit, remove, cleanup ---------------------------------------------------------------
     def commit(self, name: str, key: str, labels: dict[str, str]) -> None:
