@@ -17,7 +17,6 @@ import grpc
 import pytest
 
 from nydus_py.snapshotter import extraoption as xo
-from nydus_py.snapshotter import labels as L
 from nydus_py.snapshotter.errors import Unavailable
 from nydus_py.snapshotter.grpc_gen import snapshots_pb2_grpc as pb_grpc
 from nydus_py.snapshotter.overlayfs_helper import HelperError, compact_lowerdir, flags_and_data, parse_argv
