@@ -17,8 +17,10 @@ import grpc
 import pytest
 
 from nydus_py.snapshotter import extraoption as xo
+from nydus_py.snapshotter.dedicated import DedicatedDaemons
 from nydus_py.snapshotter.errors import Unavailable
 from nydus_py.snapshotter.grpc_gen import snapshots_pb2_grpc as pb_grpc
+from nydus_py.snapshotter.nydusd import DaemonSettings, SharedDaemon
 from nydus_py.snapshotter.overlayfs_helper import HelperError, compact_lowerdir, flags_and_data, parse_argv
 from nydus_py.snapshotter.service import serve
 from nydus_py.snapshotter.snapshotter import Snapshotter
@@ -327,3 +329,38 @@ def test_settings_and_flag(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> 
     assert "enable_kata_volume = True is not implemented" in caplog.text and "guest-pull" in caplog.text
     s = settings_from(build_parser().parse_args(["--config", str(cfg), "--nydus-overlayfs-path", "/x/nydus-overlayfs"]))
     assert s.nydus_overlayfs_path == "/x/nydus-overlayfs"
+
+
+# -- the daemons' side: which bootstrap and config Kata gets ------------------------------------
+
+DIGEST = "sha256:" + "5e" * 32
+REF = "docker://registry.local:5000/app@sha256:" + "cd" * 32
+
+
+def daemon_settings(**kw: object) -> DaemonSettings:
+    return DaemonSettings(command=["nydusd-py"], env={}, docker_config_paths=[], **kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["shared", "dedicated"])
+def test_handoff_is_the_cached_bootstrap_and_the_mount_config(tmp_path: Path, mode: str) -> None:
+    settings = daemon_settings(fs_driver="erofs", insecure_registries=("registry.local:5000",))
+    d = SharedDaemon(str(tmp_path), settings) if mode == "shared" else DedicatedDaemons(str(tmp_path), settings)
+    with pytest.raises(Unavailable, match=r"its bootstrap is not at .*5e5e.*\.image\.boot .*pull the image again"):
+        d.handoff("7", REF, DIGEST)
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / ("5e" * 32 + ".image.boot")).write_bytes(b"boot")
+    path, config = d.handoff("7", REF, DIGEST)
+    assert path == str(tmp_path / "cache" / ("5e" * 32 + ".image.boot"))
+    cfg = json.loads(config)
+    assert cfg["device"]["id"] == "/7" and "fs_driver" not in cfg  # Kata's daemon serves it over virtio-fs
+    assert cfg["device"]["backend"]["config"] == {"host": "registry.local:5000", "repo": "app", "timeout": 30,
+                                                       "connect_timeout": 10, "skip_verify": True, "scheme": "https"}
+    assert cfg["device"]["cache"] == {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}
+    with pytest.raises(Unavailable, match="the snapshot labels give no bootstrap layer digest"):
+        d.handoff("7", REF, "sha256:boot")
+
+
+def test_handoff_needs_a_blob_cache(tmp_path: Path) -> None:
+    d = SharedDaemon(str(tmp_path), daemon_settings(config_template={"device": {"cache": {"type": "none"}}}))
+    with pytest.raises(Unavailable, match="the nydusd config has no blob cache"):
+        d.handoff("7", REF, DIGEST)
