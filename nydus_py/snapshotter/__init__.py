@@ -3,5 +3,7 @@ built-in one, and Nydus images mounted lazily by reference through one shared `n
 
 Modules: `store` (sqlite metadata), `filters` (containerd's filter syntax), `labels` (remote
 layer labels), `snapshotter` (the core), `nydusd` (the shared daemon), `service` (gRPC),
-`main` (command line); `grpc_gen` holds the stubs generated from proto/containerd.
+`main` (command line), `extraoption` (the Kata `extraoption=` codec), `overlayfs_helper`
+(`nydus-overlayfs-py`, the mount helper that drops it for runc); `grpc_gen` holds the stubs
+generated from proto/containerd.
 """

@@ -97,6 +97,19 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return conf
 
 
+def overlayfs_helper_warning(conf: Settings, path: str | None = None) -> str | None:
+    """With enable_nydus_overlayfs, the one-line warning when this host has no helper for the
+    mount type (containerd's mount.fuse runs it for every Nydus container mount, runc's too)."""
+    if not conf.nydus_overlayfs:
+        return None
+    helper = conf.nydus_overlayfs_path or "nydus-overlayfs"
+    if shutil.which(helper, path=path) is not None:
+        return None
+    return (f"[snapshot] enable_nydus_overlayfs: no {helper!r} on this host's PATH, so containerd cannot mount Nydus "
+            f"containers (mount type fuse.{helper}); link it to nydus-overlayfs-py, e.g. ln -s "
+            f"\"$(command -v nydus-overlayfs-py)\" /usr/local/bin/nydus-overlayfs")
+
+
 def daemon_args(conf: Settings) -> list[str]:
     """The daemon arguments: nydusd_args, then threads_number and log_rotation_size when set."""
     args = shlex.split(conf.nydusd_args)
@@ -187,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(conf)
         metrics = SnapshotterMetrics()
         mounter = build_mounter(conf, metrics)
+        if (warning := overlayfs_helper_warning(conf)) is not None:
+            log.warning("%s", warning)
     except (ConfigError, OSError) as e:
         print(f"nydus-snapshotter-py: error: {e}", file=sys.stderr)
         return 2

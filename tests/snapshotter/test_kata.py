@@ -364,3 +364,16 @@ def test_handoff_needs_a_blob_cache(tmp_path: Path) -> None:
     d = SharedDaemon(str(tmp_path), daemon_settings(config_template={"device": {"cache": {"type": "none"}}}))
     with pytest.raises(Unavailable, match="the nydusd config has no blob cache"):
         d.handoff("7", REF, DIGEST)
+
+
+def test_a_missing_helper_is_warned_about(tmp_path: Path) -> None:
+    from nydus_py.snapshotter.main import overlayfs_helper_warning
+    from nydus_py.snapshotter.settings import Settings
+
+    conf = Settings(nydus_overlayfs=True)
+    warning = overlayfs_helper_warning(conf, path=str(tmp_path))
+    assert warning is not None and "no 'nydus-overlayfs' on this host's PATH" in warning and "\n" not in warning
+    (tmp_path / "nydus-overlayfs").write_text("#!/bin/sh\n")
+    (tmp_path / "nydus-overlayfs").chmod(0o755)
+    assert overlayfs_helper_warning(conf, path=str(tmp_path)) is None
+    assert overlayfs_helper_warning(Settings(), path=str(tmp_path / "empty")) is None  # not enabled: not needed
