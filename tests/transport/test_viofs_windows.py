@@ -7,12 +7,15 @@ import errno
 import os
 import random
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from nydus_py.api.client import ApiClient
 from nydus_py.fs.passthrough import PassthroughFilesystem
 from nydus_py.fs.rafs_fs import RafsFilesystem
 from nydus_py.fuse.api import Filesystem
@@ -22,11 +25,14 @@ from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.transport.vhost_user import virtiofs_server
 
-from ..fs.mountrig import build
+from ..conftest import REPO
+from ..fs.mountrig import build, write_config
+from ..waiting import wait_until
 from . import vhost_frontend as F
 from . import viofs_windows as W
 from .vhost_frontend import Frontend
 from .viofs_windows import FuseReplyError, ViofsGuest
+from .virtio_rig import stop_pid
 
 BIG = 3 * (1 << 20) + 12345  # three full 1 MiB READs and a short one
 MANY = 400  # entries: several READDIRPLUS rounds of 8 KiB
@@ -250,3 +256,79 @@ def test_queue_of_128_needs_indirect_for_1mib_reads(share: Share) -> None:
                 assert guest.read(ctx, 0, 100 * 4096 - 0x9F0) == share.files["Docs/big.bin"][: 100 * 4096 - 0x9F0]
         finally:
             fe.close()
+
+
+# -- the case-insensitive option, through the daemon's command line ------------------------------------
+
+
+def start_daemon(tmp: Path, *args: str) -> tuple[subprocess.Popen[bytes], str, str, Path]:
+    sock, api, logf = str(tmp / "vfs.sock"), str(tmp / "api.sock"), tmp / "daemon.log"
+    cmd = [sys.executable, "-m", "nydus_py.cli.daemon", "virtiofs", "--sock", sock, "--apisock", api,
+           "--log-file", str(logf), *args]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+    def up() -> bool:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited {proc.returncode}: {logf.read_text(errors='replace')}")
+        return os.path.exists(api) and os.path.exists(sock)
+
+    wait_until(up, 30, "the daemon's sockets")
+    return proc, sock, api, logf
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["rafs-config-key", "passthrough-cli-flag"])
+def test_case_insensitive_share_for_windows(tmp_path: Path, kind: str) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    files = make_share(src)
+    (src / "Makefile").write_bytes(b"upper\n")
+    (src / "makefile").write_bytes(b"lower\n")
+    if kind.startswith("rafs"):
+        img = build(str(src), str(tmp_path / "img"), views=False)
+        config = write_config(str(tmp_path / "config.json"), img.blob_dir, case_insensitive=True)
+        args: tuple[str, ...] = ("--config", config, "--bootstrap", img.boot)
+    else:
+        args = ("--shared-dir", str(src), "--case-insensitive")
+    proc, sock, api, logf = start_daemon(tmp_path, *args)
+    try:
+        fe, guest = connect(sock, indirect=True)
+        try:
+            guest.mount()
+            # a path typed in another case: one LOOKUP per component, not the service's
+            # OPENDIR + READDIR pages + LOOKUP + RELEASEDIR fallback
+            before = len(guest.sent)
+            ctx = guest.open("\\docs\\README.txt")
+            assert [op for op, *_ in guest.sent[before:]] == [W.LOOKUP, W.LOOKUP, W.OPEN]
+            assert guest.read(ctx, 0, MiB) == files["Docs/ReadMe.TXT"]
+            guest.close(ctx)
+            ctx = guest.open("\\DOCS\\BIG.BIN")
+            assert guest.read(ctx, 0, BIG) == files["Docs/big.bin"]
+            guest.close(ctx)
+            assert guest.lookup_path("\\programme\\übersicht.TXT").attr.size == len("ÄÖÜ\n".encode())
+            # the listing shows the names as they are
+            listing = {e.name for e in guest.read_directory(guest.open("\\dOcS"), 4096)}
+            assert listing == {b".", b"..", b"ReadMe.TXT", b"big.bin", b"Sub"}
+            # names that differ only in case: exact lookups only
+            for name, data in ((b"Makefile", b"upper\n"), (b"makefile", b"lower\n")):
+                ctx = guest.open("\\" + name.decode())
+                assert guest.read(ctx, 0, 4096) == data
+                guest.close(ctx)
+            for _ in range(2):
+                with pytest.raises(FuseReplyError) as ei:
+                    guest.lookup_path("\\MAKEFILE")
+                assert ei.value.errno == errno.ENOENT
+            with pytest.raises(FuseReplyError):
+                guest.lookup_path("\\docs\\nothing-like-it")
+        finally:
+            fe.close()
+        client = ApiClient(api)
+        try:
+            counters = client.call("GET", "/api/v1/metrics")["case_insensitive"]
+        finally:
+            client.close()
+        assert counters["collisions"] == 1 and counters["ambiguous_lookups"] == 2
+        assert counters["fallback_hits"] >= 6 and counters["misses"] == 1
+        assert logf.read_text(errors="replace").count("differ only in case") == 1
+    finally:
+        stop_pid(proc)
