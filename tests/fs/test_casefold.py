@@ -20,7 +20,8 @@ from nydus_py.rafs import open_bootstrap
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 
-from .mountrig import build
+from ..conftest import require_device
+from .mountrig import build, nydusd
 
 
 def test_fold() -> None:
@@ -217,3 +218,40 @@ def test_mount_body_and_passthrough_config(tmp_path: Path) -> None:
     plain = create_instance("/share", MountCmd("passthrough_fs", str(tmp_path), "not json"))
     assert plain.casefold_counters() is None
     plain.close()
+
+
+# -- over a /dev/fuse mount (the option is accepted by `nydusd-py fuse` too) -------------------------
+
+
+@pytest.mark.slow
+def test_fuse_mount_case_insensitive(tmp_path: Path) -> None:
+    """The kernel caches dentries by exact name: a folded name gets a dentry of its own for the
+    same inode, which reads the same."""
+    require_device("/dev/fuse")
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    img = build(str(src), str(tmp_path / "img"), views=False)
+    mnt = tmp_path / "mnt"
+    with nydusd(img.boot, img.blob_dir, str(mnt), str(tmp_path), args=("--case-insensitive",)) as d:
+        assert (mnt / "docs" / "readme.txt").read_bytes() == b"read me\n"
+        assert (mnt / "DOCS" / "SUB" / "leaf").read_bytes() == b"leaf\n"
+        assert os.stat(mnt / "Docs").st_ino == os.stat(mnt / "dOcS").st_ino
+        assert sorted(os.listdir(mnt / "docs")) == ["ReadMe.TXT", "Sub"]
+        assert sorted(os.listdir(mnt / "Docs")) == ["ReadMe.TXT", "Sub"]
+        assert (mnt / "Makefile").read_bytes() == b"upper\n" and (mnt / "makefile").read_bytes() == b"lower\n"
+        with pytest.raises(FileNotFoundError):
+            (mnt / "MAKEFILE").read_bytes()
+        assert (mnt / "übersicht.TXT").read_bytes() == b"u\n"
+    assert d.log_text().count("differ only in case") == 1
+
+
+def test_not_with_the_kernel_erofs_driver(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    img = build(str(src), str(tmp_path / "img"), views=False)
+    cfg = json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": img.blob_dir}}},
+                      "case_insensitive": True})
+    with pytest.raises(BadRequest, match="case_insensitive needs fs_driver fusedev"):
+        create_instance("/", MountCmd("rafs", img.boot, cfg, fs_driver="erofs", target=str(tmp_path / "m")))
