@@ -31,8 +31,8 @@ from functools import lru_cache
 log = logging.getLogger(__name__)
 
 MAX_DIRS = 1024
-MAX_ENTRIES = 1 << 20  # names held in all indexes together
-MAX_DIR_ENTRIES = 1 << 17  # a larger directory is scanned per miss instead of indexed
+MAX_ENTRIES = 1 << 17  # names held in all indexes together (~100 bytes each: ~13 MB at most)
+MAX_DIR_ENTRIES = 1 << 16  # a larger directory is scanned per miss instead of indexed
 MAX_LOGGED = 4096  # collisions (and large directories) remembered as logged; past it no more logs
 
 COUNTERS = ("fallback_hits", "misses", "collisions", "ambiguous_lookups", "indexes_built", "indexes_evicted",

@@ -332,3 +332,41 @@ def test_case_insensitive_share_for_windows(tmp_path: Path, kind: str) -> None:
         assert logf.read_text(errors="replace").count("differ only in case") == 1
     finally:
         stop_pid(proc)
+
+
+def test_case_insensitive_costs_one_lookup_instead_of_a_directory_scan(tmp_path: Path) -> None:
+    """A mixed-case path on a case-sensitive image with the service's own `-i`: per miss an
+    OPENDIR, READDIR pages until the match, a LOOKUP and a RELEASEDIR. With the daemon's option
+    the first LOOKUP of each component answers."""
+    src = tmp_path / "src"
+    src.mkdir()
+    files = make_share(src)
+    img = build(str(src), str(tmp_path / "img"), views=False)
+    path, rel = "\\MANY\\FILE-0399-" + "X" * (399 % 40), f"many/file-0399-{'x' * (399 % 40)}"
+    counts = {}
+    for ci in (False, True):
+        image = open_bootstrap(img.boot)
+        fs = RafsFilesystem(image, BlobDevice(image, LocalBlobDir(img.blob_dir)), case_insensitive=ci)
+        sock = str(tmp_path / f"vfs-{ci}.sock")
+        gen = _serve(fs, sock)
+        next(gen)
+        try:
+            fe, guest = connect(sock, indirect=True)
+            try:
+                guest.case_insensitive = True  # the service's -i, in both runs
+                guest.init()
+                before = len(guest.sent)
+                ctx = guest.open(path)
+                ops = [op for op, *_ in guest.sent[before:]]
+                assert guest.read(ctx, 0, MiB) == files[rel]
+                guest.close(ctx)
+            finally:
+                fe.close()
+        finally:
+            next(gen, None)
+        counts[ci] = ops
+    assert counts[True] == [W.LOOKUP, W.LOOKUP, W.OPEN]
+    service = counts[False]
+    assert service.count(W.LOOKUP) == 4 and service.count(W.OPENDIR) == 2 and service.count(W.RELEASEDIR) == 2
+    assert service.count(W.READDIR) >= 6  # the root's one page, then `many` up to its last entry
+    assert len(service) >= 5 * len(counts[True])

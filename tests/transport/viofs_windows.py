@@ -103,7 +103,9 @@ header are whatever follows the 40-byte struct on the service's stack: a server 
   A server-side case-insensitive LOOKUP (nydusd-py --case-insensitive) answers the first LOOKUP.
 """
 
+import errno
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .vhost_frontend import GPA_BASE, WRITE, DriverQueue, Frontend, _chain_ids
@@ -187,7 +189,7 @@ class FileContext:
     node_id: int
     file_handle: int
     is_directory: bool
-    entry: EntryOut
+    entry: EntryOut | None  # None: opened by NameAwareRequest without a lookup
 
 
 @dataclass
@@ -231,6 +233,8 @@ class ViofsGuest:
         self.indirect = False
         self.max_pages = 0
         self.max_write = 0
+        # the service's own `-i` / CaseInsensitive=1 (svc:NameAwareRequest)
+        self.case_insensitive = False
         self.sent: list[tuple[int, int, int, bool]] = []
 
     # -- the transport (pci driver) ---------------------------------------------------------
@@ -301,6 +305,26 @@ class ViofsGuest:
         return KSTATFS.unpack(p)
 
     def lookup(self, parent: int, name: bytes) -> EntryOut:
+        """svc:NameAwareRequest(SubmitLookupRequest): with `case_insensitive` a failed LOOKUP is
+        retried under the first name of `parent` that matches ignoring case (OPENDIR, READDIR
+        pages, RELEASEDIR: svc:ReadDirAndIgnoreCaseSearch)."""
+        try:
+            return self._lookup(parent, name)
+        except FuseReplyError:
+            if not self.case_insensitive:
+                raise
+        p = self.request(OPENDIR, parent, struct.pack("<II", O_RDONLY | O_DIRECTORY, 0), OPEN_OUT_SIZE)
+        ctx = FileContext(parent, OPEN_OUT.unpack(p)[0], True, None)
+        try:
+            want = name.decode().lower()
+            real = next((n for n in self.read_dir_names(ctx) if n.decode(errors="replace").lower() == want), None)
+        finally:
+            self.close(ctx)
+        if real is None:
+            raise FuseReplyError(errno.ENOENT, f"{name!r}: no match ignoring case")
+        return self._lookup(parent, real)
+
+    def _lookup(self, parent: int, name: bytes) -> EntryOut:
         """svc:SubmitLookupRequest."""
         assert len(name) < MAX_PATH
         p = self.request(LOOKUP, parent, name + b"\0", LOOKUP_OUT_SIZE)
@@ -369,21 +393,23 @@ class ViofsGuest:
                 pos += rec
             assert pos == len(p), f"{len(p) - pos} stray bytes after the last direntplus"
 
-    def read_dir_names(self, ctx: FileContext) -> list[bytes]:
-        """svc:ReadDirAndIgnoreCaseSearch's READDIR pages of 4080 bytes, names only."""
+    def read_dir_names(self, ctx: FileContext) -> Iterator[bytes]:
+        """svc:ReadDirAndIgnoreCaseSearch's READDIR pages of 4080 bytes, names only; the next
+        page is asked for only when the caller wants more (the service stops at a match)."""
         size = PAGE - 16
-        names: list[bytes] = []
         offset = 0
         while True:
             p = self.request(READDIR, ctx.node_id, READ_IN.pack(ctx.file_handle, offset, size, 0, 0, 0, 0), PAGE)
             if not p:
-                return names
+                return
             pos = 0
             while len(p) - pos > DIRENT.size:
                 _ino, off, namelen, _typ = DIRENT.unpack_from(p, pos)
-                names.append(p[pos + DIRENT.size : pos + DIRENT.size + namelen])
+                rec = (DIRENT.size + namelen + 7) & ~7
+                assert rec <= len(p) - pos, "dirent runs past the reply"
                 offset = off
-                pos += (DIRENT.size + namelen + 7) & ~7
+                yield p[pos + DIRENT.size : pos + DIRENT.size + namelen]
+                pos += rec
             assert pos == len(p)
 
     def read(self, ctx: FileContext, offset: int, length: int) -> bytes:
@@ -413,7 +439,7 @@ class ViofsGuest:
 
     def close(self, ctx: FileContext) -> None:
         """svc:Close -> SubmitReleaseRequest."""
-        if ctx.entry.attr.mode & 0o170000 == 0o120000:
+        if ctx.entry is not None and ctx.entry.attr.mode & 0o170000 == 0o120000:
             return
         op = RELEASEDIR if ctx.is_directory else RELEASE
         p = self.request(op, ctx.node_id, struct.pack("<QIIQ", ctx.file_handle, 0, 0, 0), 16)
