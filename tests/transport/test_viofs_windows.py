@@ -325,11 +325,15 @@ def test_case_insensitive_share_for_windows(tmp_path: Path, kind: str) -> None:
         client = ApiClient(api)
         try:
             counters = client.call("GET", "/api/v1/metrics")["case_insensitive"]
+            status, prom = client.request("GET", "/metrics")
         finally:
             client.close()
         assert counters["collisions"] == 1 and counters["ambiguous_lookups"] == 2
         assert counters["fallback_hits"] >= 6 and counters["misses"] == 1
         assert logf.read_text(errors="replace").count("differ only in case") == 1
+        assert status == 200
+        assert b'nydusd_case_insensitive_collisions_total{mountpoint="/"} 1.0' in prom
+        assert b'nydusd_case_insensitive_lookups_total{mountpoint="/",result="ambiguous"} 2.0' in prom
     finally:
         stop_pid(proc)
 
