@@ -5,7 +5,7 @@ itself (`-i`), but at four requests and a full directory scan per miss, per path
 open. With `case_insensitive` the filesystem answers the first LOOKUP instead:
 
 * a name that exists exactly is always looked up exactly (no cost for the common case);
-* a name that does not exists is folded and looked for in a case-folded index of its directory;
+* a name that does not exist is folded and looked for in a case-folded index of its directory;
   a single match is looked up under its real name;
 * where two or more names of the directory fold the same (`Makefile` and `makefile`), the folded
   lookup is refused (ENOENT): lookups there stay exact, and the collision is logged once per

@@ -276,6 +276,8 @@ class PassthroughFilesystem(Filesystem):
     def destroy(self) -> None:
         """The guest went away: drop every inode and handle but the root (requests still
         running close theirs when they end)."""
+        if self.casefold is not None:
+            self.casefold.clear()  # (its indexes are keyed by inode numbers of this session)
         with self._lock:
             dropped: list[_Held] = [n for n in self._inodes.values() if n is not self._root]
             dropped += self._handles.values()
