@@ -56,6 +56,7 @@ def make_share(root: Path) -> dict[str, bytes]:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_bytes(data)
     os.symlink("Docs/Sub", root / "link-to-sub")
+    os.symlink("t" * 300, root / "long-link")  # a target longer than the service's 260-byte buffer
     os.chmod(root / "Docs" / "ReadMe.TXT", 0o444)
     return files
 
@@ -215,6 +216,12 @@ def test_windows_session(share: Share, indirect: bool) -> None:
         ctx = guest.open("\\link-to-sub\\leaf.txt")
         assert guest.read(ctx, 0, 4096) == b"leaf\n"
         guest.close(ctx)
+
+        long_link = guest.lookup_path("\\long-link")
+        assert long_link.attr.size == 300
+        with pytest.raises(FuseReplyError) as ei:
+            guest.readlink(long_link.nodeid)  # 316 bytes of reply for a 276-byte buffer
+        assert ei.value.errno == errno.EIO
 
         # -- errors the service maps to NTSTATUS ----------------------------------------------
         with pytest.raises(FuseReplyError) as ei:

@@ -61,6 +61,8 @@ reply sizes are the fixed C structs of svc/fusereq.h:
 
 (*) READLINK's header says len = 40 + 260 and the driver is handed 300 bytes, of which all but the
 header are whatever follows the 40-byte struct on the service's stack: a server must ignore them.
+Its reply buffer holds 260 bytes of target: a longer target does not fit, and our backend answers
+EIO rather than a truncated target (virtio-fs: a reply never overflows the writable part).
 
 * INIT (svc:SubmitInitRequest): protocol 7.31, 16-byte fuse_init_in: max_readahead = 0,
   flags = FUSE_DO_READDIRPLUS | FUSE_MAX_PAGES (0x402000), nothing else. From the reply it keeps
