@@ -58,6 +58,7 @@ class DaemonCollector(Collector):
         yield from self._backend(instances)
         yield from self._cache(instances)
         yield from self._prefetch(instances)
+        yield from self._casefold(instances)
 
     def _daemon(self, svc: Any) -> Iterator[Metric]:
         state = GaugeMetricFamily("nydusd_state", "Daemon state (1 for the current one)", labels=["state"])
@@ -166,6 +167,22 @@ class DaemonCollector(Collector):
             errors.add_metric([mp], float(p.errors))
             done.add_metric([mp], 1.0 if p.done.is_set() else 0.0)
         yield from (chunks, planned, errors, done)
+
+
+    def _casefold(self, instances: list[Instance]) -> Iterator[Metric]:
+        """Case-insensitive LOOKUP (only mounts that have it on)."""
+        fam = CounterMetricFamily("nydusd_case_insensitive_lookups", "LOOKUPs that fell back to a case-folded "
+                                  "match, by result", labels=["mountpoint", "result"])
+        col = CounterMetricFamily("nydusd_case_insensitive_collisions", "Names that differ only in case "
+                                  "(folded lookups refused)", labels=["mountpoint"])
+        for inst in instances:
+            c = inst.casefold_counters()
+            if c is None:
+                continue
+            for result, key in (("hit", "fallback_hits"), ("miss", "misses"), ("ambiguous", "ambiguous_lookups")):
+                fam.add_metric([inst.mountpoint, result], float(c[key]))
+            col.add_metric([inst.mountpoint], float(c["collisions"]))
+        yield from (fam, col)
 
 
 def make_registry(service: Any) -> CollectorRegistry:

@@ -117,7 +117,8 @@ class Daemon:
             apisock=os.path.abspath(args.apisock) if args.apisock else None, id=args.id,
             supervisor=os.path.abspath(args.supervisor) if args.supervisor else None,
             failover_policy=getattr(args, "failover_policy", "none"), upgrade=args.upgrade,
-            debug=args.log_level in ("trace", "debug"))
+            debug=args.log_level in ("trace", "debug"),
+            case_insensitive=bool(getattr(args, "case_insensitive", False)))
         self.events = setup_logging(args.log_level, args.log_file, args.log_rotation_size)
         self.service = DaemonService(self.opts, self.events)
         self.runners: list[Any] = []

@@ -91,6 +91,10 @@ def _fs_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("-m", "--virtual-mountpoint", default="/", help="where the bootstrap is mounted inside the FS")
     g.add_argument("--dedup-db", help="accepted for compatibility; cross-image dedup is not used")
     g.add_argument("--backend-source", help="accepted and ignored (nydus-snapshotter's experimental option)")
+    g.add_argument("--case-insensitive", action="store_true", default=False,
+                   help="LOOKUP of a name that does not exist falls back to a case-folded match, for Windows guests "
+                   "(every mount of this daemon; names that differ only in case stay exact). Per RAFS mount: the "
+                   "config key \"case_insensitive\": true. Not with --fs-driver erofs")
 
 
 def _fuse_options(p: argparse.ArgumentParser, required: bool) -> None:

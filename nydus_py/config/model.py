@@ -50,6 +50,9 @@ class RafsConfig:
     prefetch_all: bool = False
     prefetch_bandwidth: int = 0  # bytes/s, 0 = unlimited (fs_prefetch.bandwidth_rate)
     prefetch_merging_size: int = 1 << 20  # fs_prefetch.merging_size
+    # LOOKUP falls back to a case-folded match (Windows guests; fs.casefold). v1: top-level
+    # "case_insensitive", v2: rafs.case_insensitive. Not a nydusd key.
+    case_insensitive: bool = False
 
 
 def _get(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], default: Any, where: str) -> Any:
@@ -113,6 +116,7 @@ def parse_config(text: str | bytes) -> RafsConfig:
         amplify_io=_get(raw, "amplify_io", int, 1 << 20, ""),
         entry_timeout=float(_get(raw, "entry_timeout", (int, float), 86400.0, "")),
         attr_timeout=float(_get(raw, "attr_timeout", (int, float), 86400.0, "")),
+        case_insensitive=_get(raw, "case_insensitive", bool, False, ""),
     )
     if prefetch is not None:
         cfg.prefetch_enable = _get(prefetch, "enable", bool, False, "fs_prefetch.")

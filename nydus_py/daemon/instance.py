@@ -8,6 +8,7 @@ endpoints read.
 """
 
 import contextlib
+import json
 import logging
 import os
 import time
@@ -48,6 +49,9 @@ class MountCmd:
     # the API: there the driver comes from the config and the target is the mountpoint
     fs_driver: str = ""
     target: str = ""
+    # case-insensitive LOOKUP for Windows guests (`--case-insensitive`, or the body's
+    # "case_insensitive": true); a RAFS config's "case_insensitive" key turns it on as well
+    case_insensitive: bool = False
 
     @classmethod
     def from_json(cls, body: Any) -> "MountCmd":
@@ -73,7 +77,10 @@ class MountCmd:
             raise BadRequest("field 'fs_type' must not be empty")
         if not body["source"]:
             raise BadRequest("field 'source' must not be empty")
-        return cls(body["fs_type"], body["source"], body["config"], files)
+        ci = body.get("case_insensitive", False)
+        if not isinstance(ci, bool):
+            raise BadRequest("field 'case_insensitive' must be a boolean")
+        return cls(body["fs_type"], body["source"], body["config"], files, case_insensitive=ci)
 
     def to_json(self) -> dict[str, Any]:
         d: dict[str, Any] = {"fs_type": self.fs_type, "source": self.source, "config": self.config}
@@ -81,6 +88,8 @@ class MountCmd:
             d["prefetch_files"] = self.prefetch_files
         if self.fs_driver:
             d["fs_driver"] = self.fs_driver
+        if self.case_insensitive:
+            d["case_insensitive"] = True
         return d
 
 
@@ -199,6 +208,11 @@ class Instance:
                 out["prefetch_cumulative_time_millis"] = int((end - begin) * 1000)
         return out
 
+    def casefold_counters(self) -> dict[str, int] | None:
+        """Case-insensitive lookup counters (fs.casefold), None when the option is off."""
+        folder = getattr(self.fs, "casefold", None)
+        return folder.snapshot() if folder is not None else None
+
     def backend_counters(self) -> dict[str, Any]:
         """The backend's own counters (registry: requests, statuses, retries, fallbacks...)."""
         counters = getattr(unwrap(self.source), "counters", None)
@@ -300,6 +314,10 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
                  adopt: tuple[dict[str, Any], int] | None = None) -> Instance:
     """`adopt`: (saved state, views fd) of an EROFS mount to take over; the fd is ours."""
     cfg = parsed.rafs
+    if driver == "erofs" and (cmd.case_insensitive or cfg.case_insensitive):
+        if adopt is not None and adopt[1] >= 0:
+            os.close(adopt[1])
+        raise BadRequest("case_insensitive needs fs_driver fusedev (the kernel's EROFS driver looks names up itself)")
     try:
         image = open_bootstrap(boot)  # (non-blocking open, fstat: a FIFO is refused at once)
     except (FormatError, OSError) as e:
@@ -321,7 +339,8 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
             adopt = None  # (the fd is _erofs_instance's from here on)
             return _erofs_instance(mountpoint, cmd, parsed, boot, image, source, bstats, device, saved, fd)
         fs = RafsFilesystem(image, device, entry_timeout=cfg.entry_timeout, attr_timeout=cfg.attr_timeout,
-                            enable_xattr=cfg.enable_xattr)
+                            enable_xattr=cfg.enable_xattr,
+                            case_insensitive=cmd.case_insensitive or cfg.case_insensitive)
         stats = FsStats(mountpoint, files=cfg.iostats_files, access_pattern=parsed.access_pattern,
                         latest=parsed.latest_read_files)
         inst = Instance(mountpoint, cmd, fs, "Rafs", stats, parsed=parsed, image=image, source=source,
@@ -394,8 +413,26 @@ def create_passthrough(mountpoint: str, cmd: MountCmd, default_config: ParsedCon
 
     if not os.path.isdir(cmd.source):
         raise BadRequest(f"passthrough source {cmd.source} is not a directory")
-    fs = PassthroughFilesystem(cmd.source)
+    fs = PassthroughFilesystem(cmd.source, case_insensitive=cmd.case_insensitive or _passthrough_ci(cmd.config))
     return Instance(mountpoint, cmd, fs, "PassthroughFs", FsStats(mountpoint))
+
+
+def _passthrough_ci(config: str) -> bool:
+    """"case_insensitive" of a passthrough mount's config, a JSON object whose other keys are
+    ignored (as is a config that is not a JSON object: passthrough mounts never needed one)."""
+    if not config.strip():
+        return False
+    try:
+        raw = json.loads(config)
+    except ValueError:
+        log.info("passthrough mount: config is not JSON; ignored")
+        return False
+    if not isinstance(raw, dict):
+        return False
+    value = raw.get("case_insensitive", False)
+    if not isinstance(value, bool):
+        raise BadRequest("config case_insensitive: expected a boolean")
+    return value
 
 
 register_fs_type(RAFS_TYPES, create_rafs)

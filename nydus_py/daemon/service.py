@@ -8,6 +8,7 @@ handles one API request at a time); they block, so the HTTP front-end runs them 
 """
 
 import contextlib
+import dataclasses
 import errno
 import json
 import logging
@@ -60,6 +61,8 @@ class DaemonOptions:
     mount_timeout: float = 120.0
     # FUSE over io_uring (--io-uring / "fuse_io_uring": true); falls back to /dev/fuse reads
     io_uring: bool = False
+    # --case-insensitive: every mount of this daemon gets case-insensitive LOOKUP (fs.casefold)
+    case_insensitive: bool = False
 
 
 def _strip_id(value: str) -> str:
@@ -131,6 +134,7 @@ class DaemonService:
         """Mount `cmd` at `mountpoint` in the VFS; with fs_driver erofs the mountpoint is a host
         path where the kernel EROFS mount goes (the VFS is not involved)."""
         mp = self.normalize_mountpoint(mountpoint)
+        cmd = self._with_daemon_options(cmd)
         kernel = fs_driver_of(cmd, self.default_config) == "erofs"
         with self._lock:
             if self.state == DaemonState.STOPPED:
@@ -217,8 +221,15 @@ class DaemonService:
         inst: Instance = box["inst"]
         return inst
 
+    def _with_daemon_options(self, cmd: MountCmd) -> MountCmd:
+        """`cmd` with what the daemon's command line turns on for every mount."""
+        if self.opts.case_insensitive and not cmd.case_insensitive:
+            return dataclasses.replace(cmd, case_insensitive=True)
+        return cmd
+
     def remount(self, mountpoint: str | None, cmd: MountCmd) -> None:
         mp = self.normalize_mountpoint(mountpoint)
+        cmd = self._with_daemon_options(cmd)
         with self._lock:
             if mp not in self.instances:
                 raise NotFound(f"{mp} is not mounted")
@@ -559,7 +570,12 @@ class DaemonService:
         raise NotFound(f"{what}: no metrics for id {id!r} (NoCounter)")
 
     def metrics_fs(self, id: str | None) -> dict[str, Any]:
-        return self._pick(id, lambda i: [i.mountpoint], "metrics").stats.fs_io_stats()
+        inst = self._pick(id, lambda i: [i.mountpoint], "metrics")
+        out = inst.stats.fs_io_stats()
+        counters = inst.casefold_counters()
+        if counters is not None:  # (not a nydusd field: only there when the option is on)
+            out["case_insensitive"] = counters
+        return out
 
     def metrics_files(self, id: str | None, latest: bool) -> Any:
         stats = self._pick(id, lambda i: [i.mountpoint], "files metrics").stats

@@ -63,6 +63,7 @@ from ..fuse.api import (
     StatFs,
 )
 from ..fuse.api import OPEN_MUTATING_FLAGS as _OPEN_MUTATING
+from .casefold import CaseFolder
 
 log = logging.getLogger(__name__)
 
@@ -245,8 +246,11 @@ class PassthroughFilesystem(Filesystem):
     """`root` (a host directory) served read-write, or read-only with `writable=False`."""
 
     def __init__(self, root: str, *, writable: bool = True, entry_timeout: float = 1.0,
-                 attr_timeout: float = 1.0, xattr: bool = True) -> None:
+                 attr_timeout: float = 1.0, xattr: bool = True, case_insensitive: bool = False) -> None:
+        """`case_insensitive`: a LOOKUP that misses falls back to a case-folded match (fs.casefold;
+        a directory's index is rebuilt when its mtime or ctime changes)."""
         self.root_path = os.path.realpath(root)
+        self.casefold = CaseFolder(f"passthrough {self.root_path}") if case_insensitive else None
         self.writable = writable
         self.entry_timeout = entry_timeout
         self.attr_timeout = attr_timeout
@@ -272,6 +276,8 @@ class PassthroughFilesystem(Filesystem):
     def destroy(self) -> None:
         """The guest went away: drop every inode and handle but the root (requests still
         running close theirs when they end)."""
+        if self.casefold is not None:
+            self.casefold.clear()  # (its indexes are keyed by inode numbers of this session)
         with self._lock:
             dropped: list[_Held] = [n for n in self._inodes.values() if n is not self._root]
             dropped += self._handles.values()
@@ -392,8 +398,22 @@ class PassthroughFilesystem(Filesystem):
             elif name == b"..":
                 raise FuseError(errno.EACCES)
             else:
-                fd = self._open_child(p, component(name))
+                try:
+                    fd = self._open_child(p, component(name))
+                except FileNotFoundError:
+                    real = self._casefold(p, name)
+                    if real is None:
+                        raise
+                    fd = self._open_child(p, real)
         return self._register(fd)
+
+    def _casefold(self, p: "_Inode", name: bytes) -> bytes | None:
+        """The name in directory `p` (held) that `name` matches ignoring case, or None."""
+        if self.casefold is None:
+            return None
+        st = os.fstat(p.fd)
+        return self.casefold.resolve(p.ino, name, lambda: map(os.fsencode, os.listdir(_proc(p.fd))),
+                                     (st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
 
     def forget(self, ino: int, nlookup: int) -> None:
         if ino == ROOT_ID:

@@ -25,6 +25,7 @@ from ..rafs.acl import ACL_NAMES, acl_xattr_problem
 from ..rafs.errors import FormatError
 from ..rafs.model import Attr, RafsImage
 from ..storage.device import BlobDevice
+from .casefold import CaseFolder
 from .failed_reads import RecentFailures
 from .readahead import SequentialReadahead
 
@@ -39,7 +40,9 @@ _DOT, _DOTDOT, _FIRST_CHILD = 1, 2, 3
 
 class RafsFilesystem(Filesystem):
     def __init__(self, image: RafsImage, device: BlobDevice, *, entry_timeout: float = 86400.0,
-                 attr_timeout: float = 86400.0, enable_xattr: bool = True, readahead_chunks: int = 4) -> None:
+                 attr_timeout: float = 86400.0, enable_xattr: bool = True, readahead_chunks: int = 4,
+                 case_insensitive: bool = False) -> None:
+        """`case_insensitive`: a LOOKUP that misses falls back to a case-folded match (fs.casefold)."""
         self.image = image
         self.device = device
         self.entry_timeout = entry_timeout
@@ -48,6 +51,7 @@ class RafsFilesystem(Filesystem):
         self.root = image.root_ino
         self.readahead = SequentialReadahead(image, device, readahead_chunks) if readahead_chunks > 0 else None
         self.failures = RecentFailures()
+        self.casefold = CaseFolder("RAFS image") if case_insensitive else None
         self._statfs = StatFs(blocks=0, bfree=0, bavail=0, files=image.superblock_inodes(), ffree=0, bsize=4096,
                               namelen=255, frsize=4096)
 
@@ -106,6 +110,10 @@ class RafsFilesystem(Filesystem):
             if not stat.S_ISDIR(self.image.getattr(p).mode):
                 raise FuseError(errno.ENOTDIR)
             child = self.image.lookup(p, name)
+            if child is None and self.casefold is not None:
+                real = self.casefold.resolve(p, name, lambda: (e.name for e in self.image.readdir(p)))
+                if real is not None:
+                    child = self.image.lookup(p, real)
         except FormatError as e:
             log.error("lookup %r in inode %d: %s", name, p, e)
             raise FuseError(errno.EIO) from None

@@ -658,6 +658,14 @@ class FuseSession:
                 continue
             rec = (_DIRENTPLUS_SIZE + nl + 7) & ~7
             if used + rec > size:
+                # looked up but not sent: give that lookup back (as fuse-backend-rs does), or
+                # every full reply would leak one
+                if entry.ino:
+                    try:
+                        self.fs.forget(entry.ino, 1)
+                    except Exception:
+                        log.exception("readdirplus(%d): forget(%d) of an entry that did not fit failed", nodeid,
+                                      entry.ino)
                 break
             ino, gen, attr, et, at = entry
             es, ens = _tsplit(et)

@@ -225,6 +225,41 @@ def test_readdirplus_small_buffers_resume(k: Kernel, fs: MemFS, size: int) -> No
     assert got == (expected if size >= 152 + 255 else expected[:-1])
 
 
+def test_readdirplus_gives_back_the_lookup_of_an_entry_that_did_not_fit() -> None:
+    """READDIRPLUS looks an entry up before it knows the entry fits; one that does not is
+    forgotten again, or each full reply would leak one lookup (a passthrough share then keeps
+    that inode's fd open until the guest goes away)."""
+
+    class Counting(MemFS):
+        lookups = 0
+
+        def lookup(self, parent: int, name: bytes):  # type: ignore[no-untyped-def]
+            e = super().lookup(parent, name)
+            if e.ino:
+                self.lookups += 1
+            return e
+
+    fs = Counting()
+    k = Kernel(FuseSession(fs))
+    k.init(45)
+    sent = 0
+    offset = 0
+    rounds = 0
+    while True:
+        err, p = k.read(6, 206, offset, 500, opcode=K.READDIRPLUS)
+        assert err == 0
+        ents = decode_direntplus(p)
+        if not ents:
+            break
+        rounds += 1
+        sent += sum(1 for e in ents if e[0]["nodeid"])
+        offset = ents[-1][2]
+    assert rounds > 2
+    given_back = sum(n for _, n in fs.forgets)
+    assert given_back > 0
+    assert fs.lookups - given_back == sent
+
+
 def test_readdir_skips_names_the_kernel_would_reject(fs: MemFS, caplog: pytest.LogCaptureFixture) -> None:
     class BadNames(MemFS):
         def readdir(self, ino: int, fh: int, offset: int):  # type: ignore[no-untyped-def]
