@@ -26,6 +26,7 @@ directory that is removed at the end.
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import os
 import shutil
@@ -470,6 +471,9 @@ class Converter:
         boot_size = os.path.getsize(boot_path)
         blob_files = [(bid, os.path.join(blob_dir, bid)) for bid in merged.blob_ids
                       if os.path.exists(os.path.join(blob_dir, bid))]
+        for bid in merged.blob_ids:  # a local chunk dictionary's blobs: in the target already, or an error
+            if bid in dict_ids and bid not in remote and not os.path.exists(os.path.join(blob_dir, bid)):
+                remote[bid] = await self._dict_blob_in_target(dst, bid)
         elsewhere = [remote[bid] for bid in merged.blob_ids if (bid, os.path.join(blob_dir, bid)) not in blob_files]
         sizes = {**{bid: os.path.getsize(p) for bid, p in blob_files}, **{r.hex: r.size for r in elsewhere}}
         missing_here = [bid for bid in merged.blob_ids if bid not in sizes]
@@ -637,6 +641,17 @@ class Converter:
         ids = {b.blob_id for b in image.blobs}
         self.progress.log(f"chunk dict: {n} chunks in {len(ids)} blobs")
         return ids
+
+    async def _dict_blob_in_target(self, dst: RegistryClient, bid: str) -> RemoteBlob:
+        try:
+            size = await dst.blob_size(bid)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise ConvertError(f"chunk dict blob {bid[:12]} is not in the target repository "
+                                   f"{self.dst_ref.registry}/{self.dst_ref.repository}; push the dictionary image "
+                                   "there or give it as --chunk-dict bootstrap:registry:REF") from None
+            raise transport_error(self.dst_ep, e) from None
+        return RemoteBlob(f"sha256:{bid}", size, None, None)
 
     async def _cache_hits(self, chains: list[str], params: str, work: str) -> dict[int, Hit]:
         """The layers the build cache has records for, their bootstraps fetched."""
