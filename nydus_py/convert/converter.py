@@ -409,7 +409,7 @@ class Converter:
             remote.update(self.chunk_dict.blobs)
         chains = chain_ids(source.diff_ids)
         params = build_params(self.build_opts, self.chunk_dict.digest if self.chunk_dict else None)
-        hits = await self._cache_hits(chains, params, work)
+        candidates = {i: r for i, c in enumerate(chains) if self.cache and (r := self.cache.lookup(c, params))}
         bars = [ui.bar(f"layer {i + 1}/{len(layers)} {d.short}") for i, d in enumerate(layers)]
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
         # pull + unpack (a few layers at a time) run ahead of the build, which goes in layer order
@@ -421,12 +421,13 @@ class Converter:
             return downloads[d.digest]
 
         for i, d in enumerate(layers):
-            if i not in hits or self.copy_original:
+            if i not in candidates or self.copy_original:
                 download(i, d)
-        last_use = {d.digest: i for i, d in enumerate(layers) if i not in hits}
+        last_use = {d.digest: i for i, d in enumerate(layers) if i not in candidates}
         results: list[LayerResult] = []
         tar_bytes = 0
         try:
+            hits = await self._cache_hits(candidates, work)  # while the other layers download
             for i, d in enumerate(layers):
                 hit = hits.get(i)
                 if hit is not None:
@@ -491,7 +492,7 @@ class Converter:
                                                          self.build_opts.fs_version, docker=docker)]
         manifest = oci.nydus_manifest(config_desc, layer_descs, merged=self.opts.merge_platform, docker=docker)
         manifest_bytes = oci.dumps(manifest)
-        ui.log(f"built {len(blob_files)} blobs ({human(sum(d['size'] for d in blob_layers))}) and a "
+        ui.log(f"{len(blob_layers)} blobs ({human(sum(d['size'] for d in blob_layers))}, {len(blob_files)} built here) and a "
                f"{human(boot_size)} bootstrap; pushing to {self.dst_ref}")
 
         result = ConvertResult(
@@ -653,20 +654,24 @@ class Converter:
             raise transport_error(self.dst_ep, e) from None
         return RemoteBlob(f"sha256:{bid}", size, None, None)
 
-    async def _cache_hits(self, chains: list[str], params: str, work: str) -> dict[int, Hit]:
-        """The layers the build cache has records for, their bootstraps fetched."""
-        if self.cache is None or self.cache_client is None or self.cache_ep is None:
+    async def _cache_hits(self, candidates: dict[int, Record], work: str) -> dict[int, Hit]:
+        """The layers the build cache has records for, their bootstraps fetched (a few at a
+        time); a record that turns out unusable is left out (the layer is then converted)."""
+        if not candidates or self.cache_client is None or self.cache_ep is None:
             return {}
+        client, ep = self.cache_client, self.cache_ep
+        sem = asyncio.Semaphore(max(1, self.opts.jobs))
+
         hits: dict[int, Hit] = {}
-        for i, chain in enumerate(chains):
-            rec = self.cache.lookup(chain, params)
-            if rec is None:
-                continue
-            hit = await fetch_hit(self.cache_client, self.cache_ep, rec, work, len(self.cache_used) + i)
-            if hit is None:
-                self.cache_stats.unusable += 1
-            else:
+
+        async def one(i: int, rec: Record) -> None:
+            async with sem:
+                hit = await fetch_hit(client, ep, rec, work, i)
+            if hit is not None:
                 hits[i] = hit
+
+        await gather_or_cancel([one(i, r) for i, r in candidates.items()])
+        self.cache_stats.unusable += len(candidates) - len(hits)
         return hits
 
     def _cached_layer(self, stack: LayerStack, i: int, hit: Hit, bar: Bar) -> LayerResult:
