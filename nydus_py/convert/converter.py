@@ -423,11 +423,15 @@ class Converter:
         for i, d in enumerate(layers):
             if i not in candidates or self.copy_original:
                 download(i, d)
-        last_use = {d.digest: i for i, d in enumerate(layers) if i not in candidates}
         results: list[LayerResult] = []
         tar_bytes = 0
         try:
             hits = await self._cache_hits(candidates, work)  # while the other layers download
+            for i, d in enumerate(layers):
+                if i not in hits:  # a record that was not usable: the layer is converted
+                    download(i, d)
+            # the last layer that needs each download (its tar goes once that one is built)
+            last_use = {d.digest: i for i, d in enumerate(layers) if i not in hits}
             for i, d in enumerate(layers):
                 hit = hits.get(i)
                 if hit is not None:
@@ -437,6 +441,9 @@ class Converter:
                         self.cache_stats.unusable += 1
                         ui.log(f"layer {i + 1} ({d.short}): build cache record not usable ({e}); converting it")
                         hit = None
+                        task = downloads.get(d.digest)
+                        if task is not None and task.done() and not os.path.exists(task.result().tar_path):
+                            del downloads[d.digest]  # a lower layer used and let go of it: pull it again
                     else:
                         self.cache_stats.hits += 1
                         self.cache_used.append(hit.record)

@@ -147,3 +147,40 @@ def test_max_records_and_version(tmp_path: Path, plain_registry: rig.Registry) -
     assert res["build_cache"]["discarded"].startswith("cache version 'v1'")
     m = get_manifest(plain_registry, *cache.split(":"))
     assert m["annotations"][bc.ANNO_CACHE] == "v2" and res["build_cache"]["records"] == 3
+
+
+def test_unusable_records_are_converted(tmp_path: Path, plain_registry: rig.Registry) -> None:
+    """A record whose bootstrap is not one (here: a blob's bytes) is a miss, counted; with the
+    same layer lower down converted already, its download is not reused after it was let go."""
+    base = shared_layers(4)
+    layers = [base[0], base[1], base[0]]  # the same layer twice (another ChainID each time)
+    img, src = push(plain_registry, "bc/dup", layers)
+    cache = f"{plain_registry.host}/bc/dup-nydus:cache"
+    target = f"{plain_registry.host}/bc/dup-nydus"
+    first = convert(tmp_path, src, f"{target}:v1", "--build-cache", cache)
+    assert first["layers_built"] == 3
+    m = get_manifest(plain_registry, "bc/dup-nydus", "cache")
+    chains = bc.chain_ids([ly.diff_id for ly in img.layers])
+
+    def chain(ly: dict) -> str:
+        return ly["annotations"].get(bc.ANNO_SOURCE_CHAINID, "")
+
+    # layer 1 has no record any more; layer 3's bootstrap "layer" is really a blob
+    some_blob = next(ly for ly in m["layers"] if ly["mediaType"] == oci.NYDUS_BLOB)
+    tampered = []
+    for ly in m["layers"]:
+        if chain(ly) == chains[0]:
+            continue
+        if chain(ly) == chains[2] and ly["annotations"].get(oci.ANNO_NYDUS_BOOTSTRAP) == "true":
+            ly = {**ly, "digest": some_blob["digest"], "size": some_blob["size"]}
+        tampered.append(ly)
+    body = json.dumps({**m, "layers": tampered}).encode()
+    regpush.push_manifest(plain_registry.url, "bc/dup-nydus", "cache", body, oci.OCI_MANIFEST)
+
+    again = convert(tmp_path, src, f"{target}:v2", "--build-cache", cache)
+    assert (again["layers_built"], again["layers_cached"]) == (2, 1)
+    assert again["build_cache"]["unusable"] == 1 and again["build_cache"]["misses"] == 2
+    assert again["manifest_digest"] == first["manifest_digest"]
+    # the misses made good records again
+    third = convert(tmp_path, src, f"{target}:v3", "--build-cache", cache)
+    assert (third["layers_built"], third["layers_cached"]) == (0, 3)
