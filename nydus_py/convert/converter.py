@@ -293,10 +293,14 @@ class Converter:
         self.cache_stats = CacheStats()
         self.cache_used: list[Record] = []  # records this run hit or made, in layer order
         self.cache_new: dict[str, str] = {}  # digest -> local file of what new records need pushed
+        # records made in this run: (record, its layer bootstrap, its blob file), for later platforms
+        self.cache_made: dict[tuple[str, str], tuple[Record, str, str | None]] = {}
         if opts.build_cache:
             cref = parse_reference(opts.build_cache)
             if cref.digest:
                 raise ConvertError(f"build cache {opts.build_cache} must name a tag, not a digest")
+            if same_repo(cref, self.dst_ref) and cref.reference == self.dst_ref.reference:
+                raise ConvertError(f"build cache {cref} is the target itself; give it another tag")
             # on the target's registry, the cache goes the way the target does
             same = cref.host == self.dst_ref.host
             self.cache_ep = Endpoint("build-cache", cref, opts.build_cache_insecure or (same and opts.target_insecure),
@@ -409,7 +413,7 @@ class Converter:
             remote.update(self.chunk_dict.blobs)
         chains = chain_ids(source.diff_ids)
         params = build_params(self.build_opts, self.chunk_dict.digest if self.chunk_dict else None)
-        candidates = {i: r for i, c in enumerate(chains) if self.cache and (r := self.cache.lookup(c, params))}
+        candidates = {i: r for i, c in enumerate(chains) if (r := self._cache_lookup(c, params))}
         bars = [ui.bar(f"layer {i + 1}/{len(layers)} {d.short}") for i, d in enumerate(layers)]
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
         # pull + unpack (a few layers at a time) run ahead of the build, which goes in layer order
@@ -426,7 +430,7 @@ class Converter:
         results: list[LayerResult] = []
         tar_bytes = 0
         try:
-            hits = await self._cache_hits(candidates, work)  # while the other layers download
+            hits = await self._cache_hits(candidates, work, blob_dir)  # while the other layers download
             for i, d in enumerate(layers):
                 if i not in hits:  # a record that was not usable: the layer is converted
                     download(i, d)
@@ -661,15 +665,33 @@ class Converter:
             raise transport_error(self.dst_ep, e) from None
         return RemoteBlob(f"sha256:{bid}", size, None, None)
 
-    async def _cache_hits(self, candidates: dict[int, Record], work: str) -> dict[int, Hit]:
+    def _cache_lookup(self, chain: str, params: str) -> Record | None:
+        """A record made earlier in this run (another platform), else one of the cache image."""
+        if self.cache is None:
+            return None
+        made = self.cache_made.get((chain, params))
+        return made[0] if made is not None else self.cache.lookup(chain, params)
+
+    async def _cache_hits(self, candidates: dict[int, Record], work: str, blob_dir: str) -> dict[int, Hit]:
         """The layers the build cache has records for, their bootstraps fetched (a few at a
-        time); a record that turns out unusable is left out (the layer is then converted)."""
+        time); a record that turns out unusable is left out (the layer is then converted).
+        Records made earlier in this run are at hand: their blob is linked into `blob_dir`."""
         if not candidates or self.cache_client is None or self.cache_ep is None:
             return {}
         client, ep = self.cache_client, self.cache_ep
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
-
         hits: dict[int, Hit] = {}
+        remote: dict[int, Record] = {}
+        for i, rec in candidates.items():
+            made = self.cache_made.get(rec.key)
+            if made is None:
+                remote[i] = rec
+                continue
+            _rec, boot, blob_path = made
+            if blob_path is not None and rec.blob is not None:
+                with contextlib.suppress(FileExistsError):
+                    os.link(blob_path, os.path.join(blob_dir, rec.blob.hex))
+            hits[i] = Hit(rec, boot, None)
 
         async def one(i: int, rec: Record) -> None:
             async with sem:
@@ -677,7 +699,7 @@ class Converter:
             if hit is not None:
                 hits[i] = hit
 
-        await gather_or_cancel([one(i, r) for i, r in candidates.items()])
+        await gather_or_cancel([one(i, r) for i, r in remote.items()])
         self.cache_stats.unusable += len(candidates) - len(hits)
         return hits
 
@@ -699,7 +721,6 @@ class Converter:
         used = stack.write_layer_bootstrap(boot)
         with open(boot, "rb") as bf, open(tgz, "wb") as out:
             hexd, size, diff = write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
-        os.unlink(boot)
         self.cache_new[f"sha256:{hexd}"] = tgz
         blob = None
         if res.blob is not None and res.blob_path is not None:
@@ -711,7 +732,9 @@ class Converter:
                 where = self.chunk_dict.blobs.get(h)
                 if where is not None:
                     self.cache.add_reference(Blob(where.digest, where.size))
-        return Record(chain, params, Blob(f"sha256:{hexd}", size), f"sha256:{diff}", blob, refs)
+        rec = Record(chain, params, Blob(f"sha256:{hexd}", size), f"sha256:{diff}", blob, refs)
+        self.cache_made[rec.key] = (rec, boot, res.blob_path if blob is not None else None)
+        return rec
 
     async def _push_cache(self, dst: RegistryClient) -> None:
         """The blobs of new records, then the cache manifest (after the image is pushed)."""

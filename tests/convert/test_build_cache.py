@@ -17,7 +17,7 @@ from tests.storage import registry_rig as rig
 
 from . import ociimage as oi
 from . import regpush
-from .test_check import check
+from .test_check import check, nydusify
 from .test_convert_e2e import convert, get_manifest
 
 pytestmark = [pytest.mark.slow]
@@ -184,3 +184,28 @@ def test_unusable_records_are_converted(tmp_path: Path, plain_registry: rig.Regi
     # the misses made good records again
     third = convert(tmp_path, src, f"{target}:v3", "--build-cache", cache)
     assert (third["layers_built"], third["layers_cached"]) == (0, 3)
+
+
+def test_all_platforms_share_one_cache(tmp_path: Path, plain_registry: rig.Registry) -> None:
+    base = shared_layers(5)
+    images = {"amd64": oi.make_image([*base, app_layer(50)], "amd64"),
+              "arm64": oi.make_image([*base, app_layer(51)], "arm64")}
+    regpush.push_index(plain_registry.url, "bc/multi", "v1", images)
+    src = f"{plain_registry.host}/bc/multi:v1"
+    cache = f"{plain_registry.host}/bc/multi-nydus:cache"
+    first = convert(tmp_path, src, f"{plain_registry.host}/bc/multi-nydus:v1", "--all-platforms",
+                    "--build-cache", cache)
+    # the second platform already finds the shared base layers recorded by the first
+    assert [(p["layers_built"], p["layers_cached"]) for p in first["platforms"]] == [(3, 0), (1, 2)]
+    assert first["build_cache"]["records"] == 4
+    again = convert(tmp_path, src, f"{plain_registry.host}/bc/multi-nydus:v2", "--all-platforms",
+                    "--build-cache", cache)
+    assert [(p["layers_built"], p["layers_cached"]) for p in again["platforms"]] == [(0, 3), (0, 3)]
+    assert again["manifest_digest"] == first["manifest_digest"]
+    for arch in ("amd64", "arm64"):
+        r = check("--source", src, "--target", f"{plain_registry.host}/bc/multi-nydus:v2", "--platform",
+                  f"linux/{arch}")
+        assert r.returncode == 0, r.stderr
+
+    r = nydusify("convert", "-q", "--source", src, "--target", cache, "--plain-http", "--build-cache", cache)
+    assert r.returncode == 1 and "is the target itself" in r.stderr and r.stderr.count("\n") == 1, r.stderr
