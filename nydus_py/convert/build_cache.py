@@ -42,7 +42,7 @@ ANNO_FORMAT = "io.nydus-py.build-cache"  # on the manifest: what the cached boot
 ANNO_PARAMS = "io.nydus-py.build-params"  # on each record's layers: the build parameters
 FORMAT = "layer-bootstrap/1"
 DEFAULT_VERSION = "v1"
-MAX_RECORDS = 200  # nydusify's cap (bootstrap + blob per record stays under docker's 127 layers... mostly)
+MAX_RECORDS = 200  # nydusify's cap on --build-cache-max-records
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ class BuildCache:
             return f"cache version {version!r}, not {self.version!r}"
         if annotations.get(ANNO_FORMAT) != FORMAT:
             return f"cache format {annotations.get(ANNO_FORMAT)!r} (not written by nydus-py), not {FORMAT!r}"
-        pending: dict[str, dict[str, Any]] = {}  # chain+params of the last bootstrap layer -> its fields
+        pending: dict[tuple[str, str], dict[str, Any]] = {}  # (chain, params) -> the fields seen so far
         order: list[tuple[str, str]] = []
         for layer in layers:
             if not self._take(layer, pending, order):
@@ -148,7 +148,7 @@ class BuildCache:
             if key in seen:
                 continue
             seen.add(key)
-            f = pending[f"{key[0]}|{key[1]}"]
+            f = pending[key]
             if "bootstrap" in f:
                 self.records.append(Record(key[0], key[1], f["bootstrap"], f["diff_id"], f.get("blob"),
                                            tuple(f.get("refs", ()))))
@@ -158,7 +158,8 @@ class BuildCache:
             log.warning("build cache: %d layer(s) of the cache manifest made no valid record; ignored", self.skipped)
         return None
 
-    def _take(self, layer: Any, pending: dict[str, dict[str, Any]], order: list[tuple[str, str]]) -> bool:
+    def _take(self, layer: Any, pending: dict[tuple[str, str], dict[str, Any]], order: list[tuple[str, str]]) -> bool:
+        """Fold one cache manifest layer into `pending`; False when it is not a valid one."""
         if not isinstance(layer, dict):
             return False
         ann = layer.get("annotations") or {}
@@ -176,7 +177,7 @@ class BuildCache:
         if not (isinstance(chain, str) and _is_digest(chain) and isinstance(params, str)):
             return False
         key = (chain, params)
-        f = pending.setdefault(f"{chain}|{params}", {})
+        f = pending.setdefault(key, {})
         if ann.get(oci.ANNO_NYDUS_BOOTSTRAP) == "true":
             diff_id = ann.get(oci.ANNO_UNCOMPRESSED)
             if not (isinstance(diff_id, str) and _is_digest(diff_id)):
