@@ -11,7 +11,12 @@ skopeo to a loopback docker-registry (the source). Then, each run against a fres
 Measured: wall time, the process's peak RSS (VmHWM, polled), and throughput in MiB/s of the source
 image (compressed) and of its file data. Results: benchmarks/results/convert.{json,png}.
 
-    python3 benchmarks/bench_convert.py [--size-mib 500] [--layers 5] [--runs 2] [--keep]
+With `--build-cache`, the rebuild case instead: a second image equal to the first but for its last
+layer; the first image is converted with `--build-cache` (filling the cache), then the second
+(only its last layer converted, the others mounted from the cache). Reported: both wall times and
+their ratio (goal <= 0.3). Results: benchmarks/results/convert-build-cache.json.
+
+    python3 benchmarks/bench_convert.py [--size-mib 500] [--layers 5] [--runs 2] [--keep] [--build-cache]
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import io
 import json
 import os
 import random
+import resource
 import shutil
 import subprocess
 import sys
@@ -102,8 +108,9 @@ def write_layer(path: Path, files: list[tuple[str, bytes]]) -> tuple[str, str, i
     return "sha256:" + h.hexdigest(), "sha256:" + tar_hash.hexdigest(), path.stat().st_size
 
 
-def make_layout(root: Path, size_mib: int, layers: int, seed: int = 1) -> tuple[int, int]:
-    """OCI layout with tag `v1`; returns (compressed bytes, file bytes)."""
+def make_layout(root: Path, size_mib: int, layers: int, seed: int = 1, last_seed: int | None = None) -> tuple[int, int]:
+    """OCI layout with tag `v1`; returns (compressed bytes, file bytes). With `last_seed`, the
+    last layer's content comes from that seed (the layers below are the same as without it)."""
     rng = random.Random(seed)
     blobs = root / "blobs" / "sha256"
     blobs.mkdir(parents=True)
@@ -112,6 +119,8 @@ def make_layout(root: Path, size_mib: int, layers: int, seed: int = 1) -> tuple[
     file_bytes = 0
     carried: list[tuple[str, bytes]] = []
     for i in range(layers):
+        if i == layers - 1 and last_seed is not None:
+            rng = random.Random(last_seed)
         files = [(p, content(rng, s)) for p, s in layer_files(rng, budget, i)]
         files += [(f"l{i}/dup/{p.rsplit('/', 1)[1]}", d) for p, d in carried]  # repeated content: dedup
         carried = [f for f in files if "/medium/" in f[0]][:3]
@@ -173,12 +182,74 @@ def plot(payload: dict) -> None:
                      "nydusify-py convert vs skopeo copy", labels, series, "best of runs (log scale)", log=True)
 
 
+def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work: Path) -> int:
+    """First conversion with --build-cache, then the image with one changed layer."""
+    compressed, file_bytes = make_layout(work / "layout", args.size_mib, args.layers)
+    make_layout(work / "layout2", args.size_mib, args.layers, last_seed=99)
+    print(f"images: {args.layers} layers, {compressed / 2**20:.0f} MiB gzip, {file_bytes / 2**20:.0f} MiB files; "
+          "the second differs in its last layer")
+    src = rig.plain_registry(registry, work)
+    try:
+        for layout, tag in (("layout", "v1"), ("layout2", "v2")):
+            subprocess.run([skopeo, "--insecure-policy", "copy", "--quiet", "--preserve-digests",
+                            "--dest-tls-verify=false", f"oci:{work / layout}:v1", f"docker://{src.host}/bench/app:{tag}"],
+                           check=True)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "DOCKER_CONFIG": str(work / "no-docker-config")}
+        runs: list[dict[str, float]] = []
+        for r in range(args.runs):
+            m: dict[str, float] = {}
+            for tag, name in (("v1", "plain"), ("v1", "first"), ("v2", "rebuild")):
+                if name != "rebuild":  # the plain and the first conversion each into an empty registry
+                    dst = rig.Registry(registry, work, f"dst-{name}-{r}").start()
+                out = work / f"result-{r}-{name}.json"
+                cmd = [sys.executable, "-m", "nydus_py.cli.nydusify", "convert", "-q", "--source",
+                       f"{src.host}/bench/app:{tag}", "--target", f"{dst.host}/bench/app:{tag}-nydus",
+                       "--source-insecure", "--target-insecure", "--work-dir", str(work / "tmp"),
+                       "--output-json", str(out)]
+                if name != "plain":
+                    cmd += ["--build-cache", f"{dst.host}/bench/app:cache"]
+                try:
+                    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                    got = run_polled(cmd, env)
+                    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the conversion, once reaped
+                    m[f"{name}_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                    res = json.loads(out.read_text())
+                    m[f"{name}_wall_s"] = got["wall_s"]
+                    m[f"{name}_peak_rss_mib"] = got["peak_rss_mib"]
+                    m[f"{name}_layers_built"] = res["layers_built"]
+                    m[f"{name}_layers_cached"] = res["layers_cached"]
+                finally:
+                    if name != "first":
+                        dst.stop()
+                        shutil.rmtree(dst.dir, ignore_errors=True)
+            m["ratio"] = m["rebuild_wall_s"] / m["first_wall_s"]
+            m["ratio_to_plain"] = m["rebuild_wall_s"] / m["plain_wall_s"]
+            m["cpu_ratio"] = m["rebuild_cpu_s"] / m["first_cpu_s"]  # steadier than wall time on a busy machine
+            runs.append(m)
+            print(f"run {r + 1}: plain {m['plain_wall_s']:.2f}s, first with the cache {m['first_wall_s']:.2f}s "
+                  f"({m['first_layers_built']:.0f} layers converted), rebuild {m['rebuild_wall_s']:.2f}s "
+                  f"({m['rebuild_layers_built']:.0f} converted, {m['rebuild_layers_cached']:.0f} from the cache): "
+                  f"{m['ratio']:.2f}x the first, {m['ratio_to_plain']:.2f}x the plain conversion; CPU "
+                  f"{m['rebuild_cpu_s']:.2f}s vs {m['first_cpu_s']:.2f}s: {m['cpu_ratio']:.2f}x")
+        best = min(runs, key=lambda m: m["ratio"])
+        median = sorted(m["ratio"] for m in runs)[len(runs) // 2]
+        print(f"ratio rebuild/first: best {best['ratio']:.2f}, median {median:.2f} (load {os.getloadavg()[0]:.1f})")
+        payload = {"median_ratio": median,"size_mib": args.size_mib, "layers": args.layers, "compressed_bytes": compressed,
+                   "file_bytes": file_bytes, "cpus": os.cpu_count(), "runs": runs, "best": best,
+                   "load": os.getloadavg()}
+        print(f"wrote {save('convert-build-cache', payload)}")
+    finally:
+        src.stop()
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-mib", type=int, default=500)
     ap.add_argument("--layers", type=int, default=5)
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--build-cache", action="store_true", help="the --build-cache rebuild case (one changed layer)")
     args = ap.parse_args()
     registry = shutil.which("docker-registry")
     skopeo = shutil.which("skopeo")
@@ -186,6 +257,12 @@ def main() -> int:
         raise SystemExit("needs docker-registry and skopeo (scripts/install.sh)")
     work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=REPO / "benchmarks" / "work"))
     src = None
+    if args.build_cache:
+        try:
+            return build_cache_case(args, registry, skopeo, work)
+        finally:
+            if not args.keep:
+                shutil.rmtree(work, ignore_errors=True)
     try:
         t0 = time.perf_counter()
         compressed, file_bytes = make_layout(work / "layout", args.size_mib, args.layers)

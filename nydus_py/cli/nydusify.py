@@ -16,6 +16,13 @@ nydusify's names work too: `--fs-chunk-size` (= `--chunk-size`), `--multi-platfo
 (= `--merge-platform`), `--target-suffix=-nydus` (target = the tagged source + suffix),
 `--platform a,b` / `--all-platforms` (several images: an index of Nydus manifests), `--oci`
 (OCI media types; without it a Docker source keeps Docker ones, as nydusify does).
+`--build-cache REF` (or `--build-cache-tag TAG`: the target's repository with that tag) reuses
+layers converted before: a layer whose ChainID and build parameters have a record is neither
+pulled nor built, its blob is mounted (same registry) or copied into the target, and the cache
+image is pushed at the end (at most `--build-cache-max-records` records, least recently used out;
+`--build-cache-version` discards caches of another version). `--chunk-dict
+bootstrap:registry:REF | bootstrap:local:PATH | REF` deduplicates against an existing Nydus
+image's chunks: they are referenced from its blobs, which join the new image.
 Errors end as one line on stderr and exit code 1 (nothing is pushed for bad input); usage
 errors exit 2.
 
@@ -32,10 +39,12 @@ import logging
 import sys
 from collections.abc import Callable
 
+from ..convert.build_cache import DEFAULT_VERSION, MAX_RECORDS
 from ..convert.converter import ConvertOptions, ConvertResult, convert
 from ..convert.errors import ConvertError
 from ..convert.progress import Progress, human
 from ..convert.reference import parse_reference
+from ..convert.reuse import cache_ref_for
 from ..rafs.errors import FormatError
 from . import nydusify_check, nydusify_copy, nydusify_mount
 from .image import _chunk_size, add_limit_args, limits_from_args
@@ -70,6 +79,20 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--merge-platform", "--multi-platform", dest="merge_platform", action="store_true",
                    help="push an OCI index holding both the original and the Nydus manifest")
     c.add_argument("--work-dir", metavar="DIR", help="where temporary files go (default: $TMPDIR)")
+    bc = c.add_mutually_exclusive_group()
+    bc.add_argument("--build-cache", metavar="REF", help="cache image of converted layers (a tag), read and updated")
+    bc.add_argument("--build-cache-tag", metavar="TAG", help="use TARGET-REPOSITORY:TAG as --build-cache")
+    c.add_argument("--build-cache-version", default=DEFAULT_VERSION, metavar="V",
+                   help=f"cache version; a cache of another version is replaced (default {DEFAULT_VERSION})")
+    c.add_argument("--build-cache-insecure", action="store_true",
+                   help="skip TLS checks / allow plain HTTP for the cache registry")
+    c.add_argument("--build-cache-max-records", type=int, default=MAX_RECORDS, metavar="N",
+                   help=f"records kept in the cache image, 1..{MAX_RECORDS} (default {MAX_RECORDS})")
+    c.add_argument("--chunk-dict", metavar="SPEC",
+                   help="deduplicate against a Nydus image's chunks: bootstrap:registry:REF, bootstrap:local:PATH "
+                        "(its blobs must be in the target repository) or REF")
+    c.add_argument("--chunk-dict-insecure", action="store_true",
+                   help="skip TLS checks / allow plain HTTP for the chunk dict registry")
     c.add_argument("--jobs", type=int, default=3, metavar="N", help="concurrent downloads and uploads (default 3)")
     c.add_argument("--output-json", metavar="FILE", help="write the conversion summary as JSON")
     c.add_argument("--prefetch-patterns", action="store_true",
@@ -102,6 +125,12 @@ def summary(r: ConvertResult) -> str:
         f"({human(r.reused_bytes)})",
         f"  time {r.seconds:.2f} s",
     ]
+    if r.build_cache:
+        c = r.build_cache
+        lines.insert(-1, f"  build cache: {r.layers_cached} layers reused, {r.layers_built} converted "
+                         f"({c['unusable']} records not usable), {c['records']} records kept")
+    if r.dict_blobs:
+        lines.insert(-1, f"  chunk dict: {len(r.dict_blobs)} of its blobs referenced")
     return "\n".join(lines)
 
 
@@ -136,12 +165,18 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.all_platforms and a.platform:
         raise ConvertError("--all-platforms conflicts with --platform")
     target = a.target if a.target is not None else target_with_suffix(a.source, a.target_suffix)
+    if not 1 <= a.build_cache_max_records <= MAX_RECORDS:
+        raise ConvertError(f"--build-cache-max-records must be in 1..{MAX_RECORDS}")
+    cache = cache_ref_for(target, a.build_cache_tag) if a.build_cache_tag else a.build_cache
     opts = ConvertOptions(
         source=a.source, target=target, plain_http=a.plain_http, oci=a.oci, all_platforms=a.all_platforms,
         source_insecure=a.source_insecure, target_insecure=a.target_insecure,
         source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform, fs_version=a.fs_version,
         compressor=a.compressor, chunk_size=a.chunk_size, merge_platform=a.merge_platform, work_dir=a.work_dir,
         jobs=a.jobs, prefetch_patterns=_prefetch_patterns(a), expansion_limits=limits_from_args(a),
+        build_cache=cache, build_cache_insecure=a.build_cache_insecure, build_cache_version=a.build_cache_version,
+        build_cache_max_records=a.build_cache_max_records, chunk_dict=a.chunk_dict,
+        chunk_dict_insecure=a.chunk_dict_insecure,
     )
     progress = Progress(sys.stderr, quiet=a.quiet)
     try:

@@ -12,6 +12,12 @@ pointing at missing blobs:
    their files in pieces; then every blob the manifest names is checked to be present, and the
    manifest (and with `merge_platform` the index) is pushed last.
 
+With `build_cache` (see `build_cache`), layers whose ChainID and build parameters have a record
+are neither pulled nor built: their cached layer bootstrap joins the stack and their blob is
+mounted (same registry) or copied into the target; the cache image is pushed at the very end.
+With `chunk_dict`, chunks the dictionary image has are referenced from its blobs, which then
+join the image (mounted or copied into the target like cached blobs).
+
 Memory stays flat with layer size: layers stream to disk, decompression and the build read 1 MiB
 at a time, uploads send one piece (8 MiB by default) at a time. Everything goes under one temp
 directory that is removed at the end.
@@ -19,6 +25,8 @@ directory that is removed at the end.
 
 import asyncio
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import os
 import shutil
@@ -28,18 +36,33 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..builder.chunk_dict import ChunkDictError
 from ..builder.limits import ExpansionLimits
 from ..builder.options import BuildOptions
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
+from ..rafs.loader import open_bootstrap
 from ..storage.registry import RegistryClient
 from . import oci
+from .build_cache import DEFAULT_VERSION, MAX_RECORDS, Blob, BuildCache, Record, build_params, chain_ids
 from .errors import ConvertError
 from .layer import decompress_to, write_bootstrap_layer
 from .progress import Bar, Progress, human
 from .reference import ImageRef, parse_reference
 from .remote import Endpoint, endpoint_config, transport_error
-from .stack import LayerResult, LayerStack
+from .reuse import (
+    CacheStats,
+    ChunkDict,
+    Hit,
+    RemoteBlob,
+    fetch_hit,
+    load_cache,
+    load_chunk_dict,
+    parse_chunk_dict,
+    place_blob,
+    same_repo,
+)
+from .stack import CacheMismatch, LayerResult, LayerStack
 from .tasks import gather_or_cancel
 
 
@@ -68,6 +91,12 @@ class ConvertOptions:
     plain_http: bool = False  # nydusify's --plain-http: both registries over plain HTTP
     oci: bool = False  # nydusify's --oci: OCI media types even for a Docker source
     all_platforms: bool = False  # every platform of a source index -> an index of Nydus manifests
+    build_cache: str | None = None  # nydusify's --build-cache REF (a tag)
+    build_cache_insecure: bool = False
+    build_cache_version: str = DEFAULT_VERSION
+    build_cache_max_records: int = MAX_RECORDS
+    chunk_dict: str | None = None  # --chunk-dict: bootstrap:registry:REF | bootstrap:local:PATH | REF
+    chunk_dict_insecure: bool = False
 
 
 @dataclass
@@ -92,6 +121,12 @@ class ConvertResult:
     reused_bytes: int = 0
     seconds: float = 0.0
     platforms: list["ConvertResult"] = field(default_factory=list)  # per platform, for several
+    layers_built: int = 0  # layers pulled and converted here
+    layers_cached: int = 0  # layers taken from the build cache
+    mounted: list[str] = field(default_factory=list)  # digests mounted from another repository
+    copied: list[str] = field(default_factory=list)  # digests copied from another repository
+    dict_blobs: list[str] = field(default_factory=list)  # chunk-dictionary blobs the image references
+    build_cache: dict[str, Any] = field(default_factory=dict)  # CacheStats, with a cache
 
     @property
     def dedup_ratio(self) -> float:
@@ -252,6 +287,33 @@ class Converter:
         self.dst_cfg = endpoint_config(self.dst_ep, opts.docker_config_paths)
         self.copy_original = opts.merge_platform and (self.src_ref.host, self.src_ref.repository) != (
             self.dst_ref.host, self.dst_ref.repository)
+        self.cache_ep: Endpoint | None = None
+        self.cache = BuildCache(opts.build_cache_version, opts.build_cache_max_records, opts.fs_version) \
+            if opts.build_cache else None
+        self.cache_stats = CacheStats()
+        self.cache_used: list[Record] = []  # records this run hit or made, in layer order
+        self.cache_new: dict[str, str] = {}  # digest -> local file of what new records need pushed
+        # records made in this run: (record, its layer bootstrap, its blob file), for later platforms
+        self.cache_made: dict[tuple[str, str], tuple[Record, str, str | None]] = {}
+        if opts.build_cache:
+            cref = parse_reference(opts.build_cache)
+            if cref.digest:
+                raise ConvertError(f"build cache {opts.build_cache} must name a tag, not a digest")
+            if same_repo(cref, self.dst_ref) and cref.reference == self.dst_ref.reference:
+                raise ConvertError(f"build cache {cref} is the target itself; give it another tag")
+            # on the target's registry, the cache goes the way the target does
+            same = cref.host == self.dst_ref.host
+            self.cache_ep = Endpoint("build-cache", cref, opts.build_cache_insecure or (same and opts.target_insecure),
+                                     opts.plain_http, opts.target_auth if same else None)
+        self.dict_ep: Endpoint | None = None
+        self.chunk_dict: ChunkDict | None = None
+        if opts.chunk_dict:
+            kind, where = parse_chunk_dict(opts.chunk_dict)
+            if kind == "registry":
+                dref = parse_reference(where)
+                same = dref.host == self.dst_ref.host
+                self.dict_ep = Endpoint("chunk-dict", dref, opts.chunk_dict_insecure or (same and opts.target_insecure),
+                                        opts.plain_http, opts.target_auth if same else None)
 
     async def run(self) -> ConvertResult:
         t0 = time.monotonic()
@@ -260,12 +322,25 @@ class Converter:
         work = tempfile.mkdtemp(prefix="nydusify-", dir=self.opts.work_dir)
         src = RegistryClient(self.src_cfg)
         dst = RegistryClient(self.dst_cfg)
+        extra = {ep.side: RegistryClient(endpoint_config(ep, self.opts.docker_config_paths))
+                 for ep in (self.cache_ep, self.dict_ep) if ep is not None}
         builder = ThreadPoolExecutor(1, thread_name_prefix="nydusify-build")
         unpacker = ThreadPoolExecutor(1, thread_name_prefix="nydusify-unpack")
         try:
             await src.start()
             await dst.start()
+            for c in extra.values():
+                await c.start()
+            self.cache_client = extra.get("build-cache")
+            if self.opts.chunk_dict:
+                self.chunk_dict = await load_chunk_dict(self.opts.chunk_dict, extra.get("chunk-dict"), self.dict_ep,
+                                                        work)
+            if self.cache is not None and self.cache_client is not None and self.cache_ep is not None:
+                await load_cache(self.cache_client, self.cache_ep, self.cache, self.cache_stats)
             result = await self._convert(src, dst, work, builder, unpacker)
+            if self.cache is not None:
+                await self._push_cache(dst)
+                result.build_cache = dataclasses.asdict(self.cache_stats)
             result.seconds = time.monotonic() - t0
             return result
         finally:
@@ -273,6 +348,8 @@ class Converter:
             builder.shutdown(wait=True, cancel_futures=True)
             await src.close()
             await dst.close()
+            for c in extra.values():
+                await c.close()
             shutil.rmtree(work, ignore_errors=True)
 
     async def _convert(self, src: RegistryClient, dst: RegistryClient, work: str,
@@ -328,28 +405,70 @@ class Converter:
         os.makedirs(blob_dir)
         os.makedirs(dl_dir)
         stack = LayerStack(self.build_opts, blob_dir)
+        loop = asyncio.get_running_loop()
+        remote: dict[str, RemoteBlob] = {}  # blob hex -> where a blob not built here is
+        dict_ids: set[str] = set()
+        if self.chunk_dict is not None:
+            dict_ids = await loop.run_in_executor(builder, self._add_dict, stack)
+            remote.update(self.chunk_dict.blobs)
+        chains = chain_ids(source.diff_ids)
+        params = build_params(self.build_opts, self.chunk_dict.digest if self.chunk_dict else None)
+        candidates = {i: r for i, c in enumerate(chains) if (r := self._cache_lookup(c, params))}
         bars = [ui.bar(f"layer {i + 1}/{len(layers)} {d.short}") for i, d in enumerate(layers)]
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
         # pull + unpack (a few layers at a time) run ahead of the build, which goes in layer order
         downloads: dict[str, asyncio.Task[_Fetched]] = {}
-        for i, d in enumerate(layers):
+
+        def download(i: int, d: oci.Descriptor) -> asyncio.Task[_Fetched]:
             if d.digest not in downloads:
                 downloads[d.digest] = asyncio.create_task(self._fetch(src, i, d, dl_dir, bars[i], sem, unpacker))
-        last_use = {d.digest: i for i, d in enumerate(layers)}
-        loop = asyncio.get_running_loop()
+            return downloads[d.digest]
+
+        for i, d in enumerate(layers):
+            if i not in candidates or self.copy_original:
+                download(i, d)
         results: list[LayerResult] = []
         tar_bytes = 0
         try:
+            hits = await self._cache_hits(candidates, work, blob_dir)  # while the other layers download
             for i, d in enumerate(layers):
-                got = await downloads[d.digest]
+                if i not in hits:  # a record that was not usable: the layer is converted
+                    download(i, d)
+            # the last layer that needs each download (its tar goes once that one is built)
+            last_use = {d.digest: i for i, d in enumerate(layers) if i not in hits}
+            for i, d in enumerate(layers):
+                hit = hits.get(i)
+                if hit is not None:
+                    try:
+                        res = await loop.run_in_executor(builder, self._cached_layer, stack, i, hit, bars[i])
+                    except CacheMismatch as e:
+                        self.cache_stats.unusable += 1
+                        ui.log(f"layer {i + 1} ({d.short}): build cache record not usable ({e}); converting it")
+                        hit = None
+                        task = downloads.get(d.digest)
+                        if task is not None and task.done() and not os.path.exists(task.result().tar_path):
+                            del downloads[d.digest]  # a lower layer used and let go of it: pull it again
+                    else:
+                        self.cache_stats.hits += 1
+                        self.cache_used.append(hit.record)
+                        if hit.blob is not None:
+                            remote[hit.blob.hex] = hit.blob
+                        results.append(res)
+                        continue
+                got = await download(i, d)
                 if f"sha256:{got.diff_id}" != source.diff_ids[i]:
                     raise FormatError(f"layer {i + 1} ({d.short}): the uncompressed {got.kind} does not match the "
                                       f"config's diff_id {source.diff_ids[i][:19]} (it hashes to "
                                       f"sha256:{got.diff_id[:12]})")
                 res = await loop.run_in_executor(builder, self._build_layer, stack, i, d, got, bars[i])
                 results.append(res)
+                if self.cache is not None:
+                    self.cache_stats.misses += 1
+                    rec = await loop.run_in_executor(builder, self._cache_record, stack, chains[i], params, res,
+                                                     dict_ids, work, i)
+                    self.cache_used.append(rec)
                 tar_bytes += got.tar_size
-                if last_use[d.digest] == i:
+                if last_use.get(d.digest, i) <= i:
                     os.unlink(got.tar_path)
         except BaseException:
             for t in downloads.values():
@@ -362,12 +481,21 @@ class Converter:
         with open(boot_path, "rb") as bf, open(bl_path, "wb") as out:
             bl_hex, bl_size, bl_diff = write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
         boot_size = os.path.getsize(boot_path)
-        blob_files = [(bid, os.path.join(blob_dir, bid)) for bid in merged.blob_ids]
-        blob_layers = [oci.blob_layer(bid, os.path.getsize(p)) for bid, p in blob_files]
+        blob_files = [(bid, os.path.join(blob_dir, bid)) for bid in merged.blob_ids
+                      if os.path.exists(os.path.join(blob_dir, bid))]
+        for bid in merged.blob_ids:  # a local chunk dictionary's blobs: in the target already, or an error
+            if bid in dict_ids and bid not in remote and not os.path.exists(os.path.join(blob_dir, bid)):
+                remote[bid] = await self._dict_blob_in_target(dst, bid)
+        elsewhere = [remote[bid] for bid in merged.blob_ids if (bid, os.path.join(blob_dir, bid)) not in blob_files]
+        sizes = {**{bid: os.path.getsize(p) for bid, p in blob_files}, **{r.hex: r.size for r in elsewhere}}
+        missing_here = [bid for bid in merged.blob_ids if bid not in sizes]
+        if missing_here:  # a blob neither built nor known remotely: a bug, not bad input
+            raise AssertionError(f"blobs {missing_here} of the image are nowhere")
+        blob_layers = [oci.blob_layer(bid, sizes[bid]) for bid in merged.blob_ids]
         # nydusify keeps a Docker source's media types unless --oci (an index entry with
         # artifactType, as --merge-platform writes, needs OCI ones)
         docker = source.manifest.media_type == oci.DOCKER_MANIFEST and not self.opts.oci and not self.opts.merge_platform
-        config = oci.nydus_config(source.config, [f"sha256:{bid}" for bid, _ in blob_files], f"sha256:{bl_diff}")
+        config = oci.nydus_config(source.config, [f"sha256:{bid}" for bid in merged.blob_ids], f"sha256:{bl_diff}")
         config_bytes = oci.dumps(config)
         config_desc = {"mediaType": oci.DOCKER_CONFIG if docker else oci.OCI_CONFIG, "digest": _sha(config_bytes),
                        "size": len(config_bytes)}
@@ -375,7 +503,7 @@ class Converter:
                                                          self.build_opts.fs_version, docker=docker)]
         manifest = oci.nydus_manifest(config_desc, layer_descs, merged=self.opts.merge_platform, docker=docker)
         manifest_bytes = oci.dumps(manifest)
-        ui.log(f"built {len(blob_files)} blobs ({human(sum(d['size'] for d in blob_layers))}) and a "
+        ui.log(f"{len(blob_layers)} blobs ({human(sum(d['size'] for d in blob_layers))}, {len(blob_files)} built here) and a "
                f"{human(boot_size)} bootstrap; pushing to {self.dst_ref}")
 
         result = ConvertResult(
@@ -384,7 +512,9 @@ class Converter:
             source_bytes=sum(d.size for d in layers), tar_bytes=tar_bytes,
             file_bytes=sum(r.file_bytes for r in results), chunks=sum(r.chunks for r in results),
             deduplicated=sum(r.deduplicated for r in results), blob_bytes=sum(d["size"] for d in blob_layers),
-            bootstrap_bytes=boot_size, bootstrap_layer_bytes=bl_size)
+            bootstrap_bytes=boot_size, bootstrap_layer_bytes=bl_size,
+            layers_built=sum(not r.cached for r in results), layers_cached=sum(r.cached for r in results),
+            dict_blobs=[bid for bid in merged.blob_ids if bid in dict_ids])
 
         files: list[tuple[str, str, int, str]] = [  # digest, path, size, label
             *((f"sha256:{bid}", p, os.path.getsize(p), f"blob {bid[:12]}") for bid, p in blob_files),
@@ -399,8 +529,8 @@ class Converter:
                     files.append((d.digest, downloads[d.digest].result().path, d.size, f"original layer {i + 1}"))
             small.append((source.manifest.config.digest, source.config_bytes))
         try:
-            await self._push_all(dst, files, small, result)
-            needed = [d for d, *_ in files] + [d for d, _ in small]
+            await self._push_all(dst, files, small, result, elsewhere, work)
+            needed = [d for d, *_ in files] + [d for d, _ in small] + [r.digest for r in elsewhere]
             missing = [d for d in needed if not await dst.blob_exists(d)]
         except OSError as e:
             raise transport_error(self.dst_ep, e, "pushing") from None
@@ -477,8 +607,20 @@ class Converter:
         return res
 
     async def _push_all(self, dst: RegistryClient, files: list[tuple[str, str, int, str]],
-                        small: list[tuple[str, bytes]], result: ConvertResult) -> None:
+                        small: list[tuple[str, bytes]], result: ConvertResult,
+                        elsewhere: list[RemoteBlob], work: str) -> None:
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
+
+        async def one_remote(blob: RemoteBlob) -> None:
+            async with sem:
+                how = await place_blob(dst, self.dst_ep, blob, work, self.opts.piece_size)
+                if how == "present":
+                    self._account(result, blob.digest, blob.size, False)
+                elif how == "mounted":
+                    result.mounted.append(blob.digest)
+                else:
+                    result.copied.append(blob.digest)
+                    self._account(result, blob.digest, blob.size, True)
 
         async def one(digest: str, path: str, size: int, label: str) -> None:
             async with sem:
@@ -495,7 +637,138 @@ class Converter:
                     await dst.push_blob(data, digest)
                 self._account(result, digest, len(data), not exists)
 
-        await gather_or_cancel([*(one(*f) for f in files), *(one_small(d, b) for d, b in small)])
+        await gather_or_cancel([*(one(*f) for f in files), *(one_small(d, b) for d, b in small),
+                                *(one_remote(b) for b in elsewhere)])
+
+    def _add_dict(self, stack: LayerStack) -> set[str]:
+        """Seed `stack` with the chunk dictionary; the dictionary's blob ids."""
+        assert self.chunk_dict is not None
+        try:
+            image = open_bootstrap(self.chunk_dict.bootstrap_path)
+            n = stack.add_dict(image)
+        except ChunkDictError as e:
+            raise ConvertError(f"--chunk-dict: {e}") from None
+        except FormatError as e:
+            raise FormatError(f"chunk dict bootstrap: {e}") from None
+        ids = {b.blob_id for b in image.blobs}
+        self.progress.log(f"chunk dict: {n} chunks in {len(ids)} blobs")
+        return ids
+
+    async def _dict_blob_in_target(self, dst: RegistryClient, bid: str) -> RemoteBlob:
+        try:
+            size = await dst.blob_size(bid)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                raise ConvertError(f"chunk dict blob {bid[:12]} is not in the target repository "
+                                   f"{self.dst_ref.registry}/{self.dst_ref.repository}; push the dictionary image "
+                                   "there or give it as --chunk-dict bootstrap:registry:REF") from None
+            raise transport_error(self.dst_ep, e) from None
+        return RemoteBlob(f"sha256:{bid}", size, None, None)
+
+    def _cache_lookup(self, chain: str, params: str) -> Record | None:
+        """A record made earlier in this run (another platform), else one of the cache image."""
+        if self.cache is None:
+            return None
+        made = self.cache_made.get((chain, params))
+        return made[0] if made is not None else self.cache.lookup(chain, params)
+
+    async def _cache_hits(self, candidates: dict[int, Record], work: str, blob_dir: str) -> dict[int, Hit]:
+        """The layers the build cache has records for, their bootstraps fetched (a few at a
+        time); a record that turns out unusable is left out (the layer is then converted).
+        Records made earlier in this run are at hand: their blob is linked into `blob_dir`."""
+        if not candidates or self.cache_client is None or self.cache_ep is None:
+            return {}
+        client, ep = self.cache_client, self.cache_ep
+        sem = asyncio.Semaphore(max(1, self.opts.jobs))
+        hits: dict[int, Hit] = {}
+        remote: dict[int, Record] = {}
+        for i, rec in candidates.items():
+            made = self.cache_made.get(rec.key)
+            if made is None:
+                remote[i] = rec
+                continue
+            _rec, boot, blob_path = made
+            if blob_path is not None and rec.blob is not None:
+                with contextlib.suppress(FileExistsError):
+                    os.link(blob_path, os.path.join(blob_dir, rec.blob.hex))
+            hits[i] = Hit(rec, boot, None)
+
+        async def one(i: int, rec: Record) -> None:
+            async with sem:
+                hit = await fetch_hit(client, ep, rec, work, i)
+            if hit is not None:
+                hits[i] = hit
+
+        await gather_or_cancel([one(i, r) for i, r in remote.items()])
+        self.cache_stats.unusable += len(candidates) - len(hits)
+        return hits
+
+    def _cached_layer(self, stack: LayerStack, i: int, hit: Hit, bar: Bar) -> LayerResult:
+        image = open_bootstrap(hit.bootstrap_path)
+        try:
+            res = stack.add_cached_layer(image, hit.record.blob.hex if hit.record.blob else None)
+        except FormatError as e:
+            raise CacheMismatch(str(e)) from None
+        bar.close(f"from the build cache ({res.chunks} chunks" +
+                  (f", blob {hit.record.blob.hex[:12]})" if hit.record.blob else ")"))
+        return res
+
+    def _cache_record(self, stack: LayerStack, chain: str, params: str, res: LayerResult, dict_ids: set[str],
+                      work: str, i: int) -> Record:
+        """The build cache record of layer `i` just built: its own bootstrap, as a layer."""
+        boot = os.path.join(work, f"layer-{i}.boot")
+        tgz = os.path.join(work, f"layer-{i}.boot.tar.gz")
+        used = stack.write_layer_bootstrap(boot)
+        with open(boot, "rb") as bf, open(tgz, "wb") as out:
+            hexd, size, diff = write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
+        self.cache_new[f"sha256:{hexd}"] = tgz
+        blob = None
+        if res.blob is not None and res.blob_path is not None:
+            blob = Blob(f"sha256:{res.blob.blob_id}", os.path.getsize(res.blob_path))
+            self.cache_new[blob.digest] = res.blob_path
+        refs = tuple(b for b in used if b in dict_ids)
+        if self.cache is not None and self.chunk_dict is not None:
+            for h in refs:
+                where = self.chunk_dict.blobs.get(h)
+                if where is not None:
+                    self.cache.add_reference(Blob(where.digest, where.size))
+        rec = Record(chain, params, Blob(f"sha256:{hexd}", size), f"sha256:{diff}", blob, refs)
+        self.cache_made[rec.key] = (rec, boot, res.blob_path if blob is not None else None)
+        return rec
+
+    async def _push_cache(self, dst: RegistryClient) -> None:
+        """The blobs of new records, then the cache manifest (after the image is pushed)."""
+        assert self.cache is not None and self.cache_client is not None and self.cache_ep is not None
+        cache, client, ep = self.cache, self.cache_client, self.cache_ep
+        cache.record(self.cache_used)
+        self.cache_stats.records = len(cache.records)
+        # what this run made, and the dictionary blobs its records reference (records kept from
+        # before were complete when they were pushed)
+        wanted = {b.digest: b for r in self.cache_used for b in (r.bootstrap, r.blob)
+                  if b is not None and b.digest in self.cache_new}
+        wanted.update({cache.references[h].digest: cache.references[h] for r in self.cache_used
+                       for h in r.reference_blobs if h in cache.references})
+        try:
+            for digest, blob in wanted.items():
+                if await client.blob_exists(digest):
+                    continue
+                if ep.ref.host == self.dst_ref.host and not same_repo(ep.ref, self.dst_ref) \
+                        and await client.mount_blob(digest, self.dst_ref.repository):
+                    continue
+                path = self.cache_new.get(digest)
+                if path is None:
+                    if self.chunk_dict is not None and blob.hex in self.chunk_dict.blobs:
+                        src = self.chunk_dict.blobs[blob.hex]
+                        await place_blob(client, ep, src, os.path.dirname(self.chunk_dict.bootstrap_path),
+                                         self.opts.piece_size)
+                        continue
+                    raise ConvertError(f"build cache {ep.ref}: blob {digest[:19]} of a kept record is gone")
+                await client.push_blob_file(path, digest, piece=self.opts.piece_size)
+            config, config_desc, manifest, mtype = cache.export()
+            await client.push_blob(config, config_desc["digest"])
+            await client.push_manifest(ep.ref.reference, manifest, mtype)
+        except OSError as e:
+            raise transport_error(ep, e, "the image is pushed, but pushing the build cache failed") from None
 
     @staticmethod
     def _account(result: ConvertResult, digest: str, size: int, sent: bool) -> None:

@@ -8,6 +8,13 @@ pointing at the blobs: after it returns, the tar is no longer needed.
 `finish` stacks those trees (OCI whiteouts applied, `merge.merge_layers`) and writes the image
 bootstrap with `build.build_image`, which then has no new data to write.
 
+With a chunk dictionary (`add_dict`, before the first layer), chunks the dictionary has are
+referenced from its blobs instead of stored. For a build cache, `write_layer_bootstrap` keeps a
+built layer's tree as a bootstrap of its own (whiteouts still entries), and `add_cached_layer`
+takes such a bootstrap back in place of building the layer: its tree joins the stack and the
+chunks its blob holds become dedup candidates for the layers above, exactly as if it had just
+been built, so the merged bootstrap is the same byte for byte.
+
 The blob table lists the blobs in layer order (a layer whose chunks all exist lower down, or
 that has no file data, adds no blob); blobs whose every chunk was whited out or replaced by upper
 layers drop out of the table, so only blobs the image uses are pushed.
@@ -20,16 +27,20 @@ from typing import BinaryIO
 
 from ..builder.blob_writer import BlobWriter
 from ..builder.build import build_image, check_options
+from ..builder.chunk_dict import load_chunk_dict
 from ..builder.chunk_records import ChunkRecords
-from ..builder.merge import merge_layers
+from ..builder.merge import merge_layers, tree_from_image
 from ..builder.options import BuildOptions, BuildResult
-from ..builder.packed import K_TAR, Tree
+from ..builder.packed import K_CHUNKS, K_TAR, Tree
 from ..builder.sources import SourceStats, tree_from_tar
 from ..builder.tree import FileData
 from ..builder.v5_writer import plan_v5
 from ..builder.v6_writer import plan_v6
-from ..rafs.layout_common import CHUNK_RECORD_SIZE
-from ..rafs.model import BlobInfo
+from ..rafs.errors import FormatError
+from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, U32
+from ..rafs.model import BlobInfo, RafsImage
+
+_BLOB_INDEX = CHUNK.offset("blob_index")
 
 
 @dataclass
@@ -42,6 +53,11 @@ class LayerResult:
     new_chunks: int  # of which stored in this layer's blob
     deduplicated: int  # of which found in this or a lower layer's blob
     stored_compressed: int  # bytes of chunk data written
+    cached: bool = False  # taken from a build cache, not built
+
+
+class CacheMismatch(FormatError):
+    """A cached layer bootstrap does not fit this stack (it names blobs the stack lacks)."""
 
 
 class _Counted:
@@ -99,7 +115,19 @@ class LayerStack:
         self.blobs: list[BlobInfo] = []  # shared by every ChunkedData of the stack
         self.layers: list[Tree] = []
         self.dedup = ChunkRecords()  # every stored chunk of the stack, packed
+        self.dict_blobs = 0  # the first blobs of `blobs` come from a chunk dictionary
         self._finished = False
+
+    def add_dict(self, image: RafsImage) -> int:
+        """Dedup against the chunks of chunk dictionary `image` (before any layer); returns how
+        many distinct chunks it offers. ChunkDictError when its format cannot serve this build."""
+        if self.layers or self.blobs:
+            raise RuntimeError("the chunk dictionary goes in before the first layer")
+        blobs, records = load_chunk_dict(image, self.opts)
+        self.blobs.extend(blobs)
+        self.dict_blobs = len(blobs)
+        self.dedup.update(records)
+        return len(self.dedup)
 
     def add_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None) -> LayerResult:
         """Build the blob of one uncompressed layer tar (seekable, a real file is best: its data is
@@ -135,7 +163,8 @@ class LayerStack:
                 tree.set_chunks(n, b"", tree.size[n], bset)
         tree.backings.clear()
         tree.freeze()
-        self.dedup.update(writer.chunks)
+        n_stored = len(writer.chunks)
+        self.dedup.update(writer.chunks)  # takes the records: writer.chunks is empty afterwards
         self.layers.append(tree)
         return LayerResult(
             blob=blob,
@@ -143,10 +172,72 @@ class LayerStack:
             entries=stats.entries,
             file_bytes=writer.uncompressed_bytes,
             chunks=refs,
-            new_chunks=len(writer.chunks),
+            new_chunks=n_stored,
             deduplicated=writer.deduplicated,
             stored_compressed=writer.stored_compressed,
         )
+
+    def write_layer_bootstrap(self, path: str) -> list[str]:
+        """The last added layer alone, as a bootstrap (whiteouts kept as entries, chunks pointing
+        at the blobs the layer uses): what a build cache stores for it. Returns its blob table."""
+        if self._finished or not self.layers:
+            raise RuntimeError("no layer to write")
+        scratch = os.path.join(self.blob_dir, ".layer")
+        result = build_image(self.layers[-1], path, scratch, replace(self.opts, prefetch_paths=[]))
+        if result.blob_id is not None:  # every file is ChunkedData by now
+            raise AssertionError("a layer bootstrap wrote new blob data")
+        return result.blob_ids
+
+    def add_cached_layer(self, image: RafsImage, blob_id: str | None) -> LayerResult:
+        """Take a layer from its cached bootstrap (`write_layer_bootstrap`'s) instead of
+        building it; `blob_id` is the blob that layer stored (None: it stored nothing).
+
+        Every other blob the bootstrap references must be one the stack has already (lower
+        layers or the chunk dictionary): CacheMismatch otherwise, and the stack is unchanged."""
+        if self._finished:
+            raise RuntimeError("LayerStack already finished")
+        known = {b.blob_id for b in self.blobs}
+        own: BlobInfo | None = None
+        for b in image.blobs:
+            if b.blob_id == blob_id:
+                own = b
+            elif b.blob_id not in known:
+                raise CacheMismatch(f"cached layer references blob {b.blob_id[:12]}, which no lower layer has")
+        if blob_id is not None and (own is None or blob_id in known):
+            raise CacheMismatch(f"cached layer does not reference its blob {blob_id[:12]} as a new one")
+        if image.version != self.opts.fs_version or image.chunk_size != self.opts.chunk_size:
+            raise CacheMismatch(f"cached layer is RAFS v{image.version} with chunk size {image.chunk_size:#x}")
+        tree = tree_from_image(image)
+        if own is not None:
+            self.blobs.append(replace(own, index=len(self.blobs)))
+        # the tree's chunks point into the stack's blob list, as a built layer's do (the merged
+        # blob table follows the lists the files carry: the same lists, the same table)
+        where = {b.blob_id: i for i, b in enumerate(self.blobs)}
+        bset = tree.blob_set(self.blobs)
+        own_index = where.get(blob_id or "", -1)
+        new = ChunkRecords()
+        refs = file_bytes = 0
+        chunks = tree.chunks
+        for n in range(len(tree)):
+            if tree.kind[n] != K_CHUNKS:
+                continue
+            blobs = tree.blobs_of(n)
+            a = tree.a[n]
+            for off in range(a + _BLOB_INDEX, a + tree.b[n], CHUNK_RECORD_SIZE):
+                refs += 1
+                (bi,) = U32.unpack_from(chunks, off)
+                stack_index = where[blobs[bi].blob_id]
+                U32.pack_into(chunks, off, stack_index)
+                if stack_index == own_index:
+                    new.add(chunks[off - _BLOB_INDEX:off - _BLOB_INDEX + CHUNK_RECORD_SIZE])
+            tree.bset[n] = bset
+            file_bytes += tree.size[n]
+        stored = len(new)
+        self.dedup.update(new)
+        self.layers.append(tree)
+        return LayerResult(blob=own, blob_path=None, entries=len(tree), file_bytes=file_bytes, chunks=refs,
+                           new_chunks=stored, deduplicated=refs - stored,
+                           stored_compressed=own.compressed_size if own else 0, cached=True)
 
     def _layer_options(self, tree: Tree) -> BuildOptions:
         """The build options of one layer: only the prefetch paths this layer has (the others

@@ -354,3 +354,22 @@ def test_https_to_http_fallback_then_401_retry(basic_registry):
     with tls_backend(basic_registry.host, repo="test/blob", skip_verify=True, auth=rig.basic_auth()) as b:
         assert b.read(BLOB, 3, 10) == DATA[3:13]
         assert b.counters.https_to_http == 1 and b.counters.unauthorized == 1
+
+
+def test_ssl_context_is_shared_per_ca_set(tls_registry):
+    """Loading the system CA store costs ~70 ms; clients with the same CA files share one context,
+    and an edited CA file (new mtime) is read again."""
+    from nydus_py.storage.registry.http import RegistryHttp
+
+    _reg, ca = tls_registry
+
+    def ctx(**extra: object) -> object:
+        conf = {"host": "example.invalid", "repo": "a/b", **extra}
+        return RegistryHttp(parse_registry_config(conf, env={}, docker_config_paths=[]))._ssl()
+
+    assert ctx() is ctx() and ctx(skip_verify=True) is False
+    with_ca = ctx(ca_cert_files=[str(ca)])
+    assert with_ca is ctx(ca_cert_files=[str(ca)]) and with_ca is not ctx()
+    st = os.stat(ca)
+    os.utime(ca, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert ctx(ca_cert_files=[str(ca)]) is not with_ca

@@ -32,6 +32,7 @@ class RegistryClient:
         self.blob_exists = self.transfer.blob_exists
         self.push_blob = self.transfer.push_blob
         self.push_blob_file = self.transfer.push_blob_file
+        self.mount_blob = self.transfer.mount_blob
         self.push_manifest = self.transfer.push_manifest
         self.get_manifest = self.transfer.get_manifest
         self.fetch_manifest = self.transfer.fetch_manifest

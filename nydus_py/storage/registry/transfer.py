@@ -78,6 +78,22 @@ class ImageTransfer:
                             {"Content-Type": "application/octet-stream"}, body, (201,))
         return computed
 
+    async def mount_blob(self, digest: str, from_repo: str) -> bool:
+        """Cross-repository mount of blob `digest` from `from_repo` of the same registry (no
+        bytes sent); True when the registry mounted it. A registry that cannot (it does not have
+        the blob there, or does not mount) opens an upload instead, which is cancelled here."""
+        url = self.http.url(f"blobs/uploads/?mount={digest}&from={from_repo}")
+        st, h, _b = await self._checked("POST", url, {}, None, (201, 202))
+        if st == 201:
+            return True
+        loc = h.get("Location")
+        if loc:
+            try:
+                await self._checked("DELETE", self._upload_url(h), {}, None, (202, 204, 404))
+            except OSError as e:  # the registry expires the session itself
+                log.info("blob %s: cancelling the upload opened instead of a mount failed: %s", digest, e)
+        return False
+
     def _upload_url(self, headers: Mapping[str, str]) -> str:
         loc = headers.get("Location")
         if not loc:

@@ -1,0 +1,211 @@
+"""`nydusify-py convert --build-cache` against a loopback docker-registry: a second image sharing
+its lower layers converts only its new layer (the result's layer counts; the target registry's
+access log shows the shared blobs mounted, not uploaded), and gives the same manifest as a
+conversion without the cache; a cache hit needs the same build parameters; the image passes
+`check`; the cache manifest has nydusify's layout."""
+
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+
+from nydus_py.convert import build_cache as bc
+from nydus_py.convert import oci
+from tests.storage import registry_rig as rig
+
+from . import ociimage as oi
+from . import regpush
+from .test_check import check, nydusify
+from .test_convert_e2e import convert, get_manifest
+
+pytestmark = [pytest.mark.slow]
+
+
+def shared_layers(seed: int) -> list[oi.Layer]:
+    rng = random.Random(seed)
+    base = [oi.Entry("./", "dir", mode=0o755), oi.Entry("usr", "dir", mode=0o755),
+            oi.Entry("usr/lib", "dir", mode=0o755), oi.Entry("usr/lib/libbig.so", data=rng.randbytes(600_000)),
+            oi.Entry("usr/lib/old", data=b"old\n"), oi.Entry("etc", "dir", mode=0o755),
+            oi.Entry("etc/os-release", data=b"ID=test\n")]
+    mid = [oi.Entry("usr", "dir", mode=0o755), oi.Entry("usr/lib", "dir", mode=0o755),
+           oi.Entry("usr/lib/.wh.old"), oi.Entry("usr/lib/libmid.so", data=rng.randbytes(300_000)),
+           oi.Entry("usr/lib/libbig-copy.so", data=rng.randbytes(50_000))]
+    return [oi.compress(oi.Layer(base, "gzip")), oi.compress(oi.Layer(mid, "zstd"))]
+
+
+def app_layer(seed: int) -> oi.Layer:
+    rng = random.Random(seed)
+    return oi.compress(oi.Layer([oi.Entry("app", "dir", mode=0o755),
+                                 oi.Entry("app/main", data=rng.randbytes(200_000), mode=0o755),
+                                 oi.Entry("app/version", data=f"{seed}\n".encode())], "gzip"))
+
+
+def push(reg: rig.Registry, repo: str, layers: list[oi.Layer]) -> tuple[oi.OciImage, str]:
+    img = oi.make_image(layers)
+    regpush.push_image(reg.url, repo, "v1", img)
+    return img, f"{reg.host}/{repo}:v1"
+
+
+def uploads(reg: rig.Registry, repo: str) -> tuple[int, int]:
+    """(uploads started, mounts asked) in `repo`, from the registry's access log."""
+    text = reg.log_text()
+    started = len(re.findall(rf'"POST /v2/{re.escape(repo)}/blobs/uploads/ HTTP', text))
+    mounts = text.count(f'"POST /v2/{repo}/blobs/uploads/?mount=')
+    return started, mounts
+
+
+def cache_manifest(reg: rig.Registry, repo: str, tag: str) -> dict:
+    return get_manifest(reg, repo, tag)
+
+
+def test_second_image_converts_only_its_new_layer(tmp_path: Path, plain_registry: rig.Registry) -> None:
+    base = shared_layers(1)
+    img_a, src_a = push(plain_registry, "bc/app-a", [*base, app_layer(10)])
+    img_b, src_b = push(plain_registry, "bc/app-b", [*base, app_layer(11)])
+    cache = f"{plain_registry.host}/bc/cache:v1"
+
+    first = convert(tmp_path, src_a, f"{plain_registry.host}/bc/a-nydus:v1", "--build-cache", cache)
+    assert (first["layers_built"], first["layers_cached"]) == (3, 0)
+    assert first["build_cache"]["misses"] == 3 and first["build_cache"]["records"] == 3
+
+    # the cache has nydusify's layout: per record a bootstrap layer, then its blob, by ChainID
+    m = cache_manifest(plain_registry, "bc/cache", "v1")
+    assert m["annotations"][bc.ANNO_CACHE] == "v1" and m["annotations"][oci.ANNO_FS_VERSION] == "6"
+    chains = bc.chain_ids([ly.diff_id for ly in img_a.layers])
+    boots = [ly for ly in m["layers"] if ly["annotations"].get(oci.ANNO_NYDUS_BOOTSTRAP) == "true"]
+    assert {b["annotations"][bc.ANNO_SOURCE_CHAINID] for b in boots} == set(chains)
+    blobs = [ly for ly in m["layers"] if ly["mediaType"] == oci.NYDUS_BLOB]
+    assert all(b["annotations"][bc.ANNO_SOURCE_CHAINID] in chains for b in blobs) and len(blobs) == 3
+
+    before = uploads(plain_registry, "bc/b-nydus")
+    second = convert(tmp_path, src_b, f"{plain_registry.host}/bc/b-nydus:v1", "--build-cache", cache)
+    assert (second["layers_built"], second["layers_cached"]) == (1, 2)
+    assert second["build_cache"]["hits"] == 2 and second["build_cache"]["records"] == 4
+    after = uploads(plain_registry, "bc/b-nydus")
+    nydus_b = get_manifest(plain_registry, "bc/b-nydus", "v1")
+    cached_blobs = {ly["digest"] for ly in nydus_b["layers"]} & {b["digest"] for b in blobs}
+    assert len(cached_blobs) == 2  # the two shared layers' blobs come from the cache ...
+    assert sorted(second["mounted"]) == sorted(cached_blobs)  # ... mounted from its repository
+    assert after[1] - before[1] == 2
+    # ... and only the new layer's blob, the bootstrap layer and the config are uploaded
+    assert after[0] - before[0] == 3, (before, after)
+
+    # byte for byte what a conversion without the cache makes
+    plain = convert(tmp_path, src_b, f"{plain_registry.host}/bc/b-plain:v1")
+    assert (plain["layers_built"], plain["layers_cached"]) == (3, 0)
+    assert plain["manifest_digest"] == second["manifest_digest"]
+
+    r = check("--source", src_b, "--target", f"{plain_registry.host}/bc/b-nydus:v1")
+    assert r.returncode == 0, r.stderr
+    assert "paths equal to the source's layers" in r.stdout
+
+
+def test_cache_hits_need_the_same_parameters(tmp_path: Path, plain_registry: rig.Registry) -> None:
+    _img, src = push(plain_registry, "bc/params", [*shared_layers(2), app_layer(20)])
+    cache = f"{plain_registry.host}/bc/params-cache:v1"
+    target = f"{plain_registry.host}/bc/params-nydus"
+    first = convert(tmp_path, src, f"{target}:zstd", "--build-cache", cache)
+    assert first["layers_built"] == 3
+    lz4 = convert(tmp_path, src, f"{target}:lz4", "--build-cache", cache, "--compressor", "lz4_block")
+    assert (lz4["layers_built"], lz4["layers_cached"]) == (3, 0)  # another compressor: all misses
+    chunk = convert(tmp_path, src, f"{target}:chunk", "--build-cache", cache, "--fs-chunk-size", "0x10000")
+    assert (chunk["layers_built"], chunk["layers_cached"]) == (3, 0)
+    v5 = convert(tmp_path, src, f"{target}:v5", "--build-cache", cache, "--fs-version", "5")
+    assert (v5["layers_built"], v5["layers_cached"]) == (3, 0)
+    # the zstd records stayed in the cache (12 records now): a zstd rerun hits them all
+    again = convert(tmp_path, src, f"{target}:zstd-again", "--build-cache", cache)
+    assert (again["layers_built"], again["layers_cached"]) == (0, 3)
+    assert again["manifest_digest"] == first["manifest_digest"]
+    assert again["build_cache"]["records"] == 12
+    lz4_again = convert(tmp_path, src, f"{target}:lz4-again", "--build-cache", cache, "--compressor", "lz4_block")
+    assert (lz4_again["layers_built"], lz4_again["layers_cached"]) == (0, 3)
+    assert lz4_again["manifest_digest"] == lz4["manifest_digest"]
+    for tag in ("lz4-again", "v5"):
+        r = check("--source", src, "--target", f"{target}:{tag}")
+        assert r.returncode == 0, r.stderr
+
+
+def test_max_records_and_version(tmp_path: Path, plain_registry: rig.Registry) -> None:
+    _img, src = push(plain_registry, "bc/lru", [*shared_layers(3), app_layer(30)])
+    cache = "bc/lru-nydus:cache"  # --build-cache-tag: the target's repository
+    target = f"{plain_registry.host}/bc/lru-nydus:v1"
+    res = convert(tmp_path, src, target, "--build-cache-tag", "cache", "--build-cache-max-records", "2")
+    assert res["build_cache"]["records"] == 2
+    m = get_manifest(plain_registry, *cache.split(":"))
+    chains = bc.chain_ids([d for d in json.loads(oi.make_image([*shared_layers(3), app_layer(30)]).config)
+                           ["rootfs"]["diff_ids"]])
+    kept = [ly["annotations"][bc.ANNO_SOURCE_CHAINID] for ly in m["layers"]
+            if ly["annotations"].get(oci.ANNO_NYDUS_BOOTSTRAP) == "true"]
+    assert kept == chains[:2]  # the most recent first, in layer order; the third fell out
+    res = convert(tmp_path, src, target, "--build-cache-tag", "cache")
+    assert (res["layers_built"], res["layers_cached"]) == (1, 2)
+    # another cache version: the cache is replaced, nothing reused
+    res = convert(tmp_path, src, target, "--build-cache-tag", "cache", "--build-cache-version", "v2")
+    assert (res["layers_built"], res["layers_cached"]) == (3, 0)
+    assert res["build_cache"]["discarded"].startswith("cache version 'v1'")
+    m = get_manifest(plain_registry, *cache.split(":"))
+    assert m["annotations"][bc.ANNO_CACHE] == "v2" and res["build_cache"]["records"] == 3
+
+
+def test_unusable_records_are_converted(tmp_path: Path, plain_registry: rig.Registry) -> None:
+    """A record whose bootstrap is not one (here: a blob's bytes) is a miss, counted; with the
+    same layer lower down converted already, its download is not reused after it was let go."""
+    base = shared_layers(4)
+    layers = [base[0], base[1], base[0]]  # the same layer twice (another ChainID each time)
+    img, src = push(plain_registry, "bc/dup", layers)
+    cache = f"{plain_registry.host}/bc/dup-nydus:cache"
+    target = f"{plain_registry.host}/bc/dup-nydus"
+    first = convert(tmp_path, src, f"{target}:v1", "--build-cache", cache)
+    assert first["layers_built"] == 3
+    m = get_manifest(plain_registry, "bc/dup-nydus", "cache")
+    chains = bc.chain_ids([ly.diff_id for ly in img.layers])
+
+    def chain(ly: dict) -> str:
+        return ly["annotations"].get(bc.ANNO_SOURCE_CHAINID, "")
+
+    # layer 1 has no record any more; layer 3's bootstrap "layer" is really a blob
+    some_blob = next(ly for ly in m["layers"] if ly["mediaType"] == oci.NYDUS_BLOB)
+    tampered = []
+    for ly in m["layers"]:
+        if chain(ly) == chains[0]:
+            continue
+        if chain(ly) == chains[2] and ly["annotations"].get(oci.ANNO_NYDUS_BOOTSTRAP) == "true":
+            ly = {**ly, "digest": some_blob["digest"], "size": some_blob["size"]}
+        tampered.append(ly)
+    body = json.dumps({**m, "layers": tampered}).encode()
+    regpush.push_manifest(plain_registry.url, "bc/dup-nydus", "cache", body, oci.OCI_MANIFEST)
+
+    again = convert(tmp_path, src, f"{target}:v2", "--build-cache", cache)
+    assert (again["layers_built"], again["layers_cached"]) == (2, 1)
+    assert again["build_cache"]["unusable"] == 1 and again["build_cache"]["misses"] == 2
+    assert again["manifest_digest"] == first["manifest_digest"]
+    # the misses made good records again
+    third = convert(tmp_path, src, f"{target}:v3", "--build-cache", cache)
+    assert (third["layers_built"], third["layers_cached"]) == (0, 3)
+
+
+def test_all_platforms_share_one_cache(tmp_path: Path, plain_registry: rig.Registry) -> None:
+    base = shared_layers(5)
+    images = {"amd64": oi.make_image([*base, app_layer(50)], "amd64"),
+              "arm64": oi.make_image([*base, app_layer(51)], "arm64")}
+    regpush.push_index(plain_registry.url, "bc/multi", "v1", images)
+    src = f"{plain_registry.host}/bc/multi:v1"
+    cache = f"{plain_registry.host}/bc/multi-nydus:cache"
+    first = convert(tmp_path, src, f"{plain_registry.host}/bc/multi-nydus:v1", "--all-platforms",
+                    "--build-cache", cache)
+    # the second platform already finds the shared base layers recorded by the first
+    assert [(p["layers_built"], p["layers_cached"]) for p in first["platforms"]] == [(3, 0), (1, 2)]
+    assert first["build_cache"]["records"] == 4
+    again = convert(tmp_path, src, f"{plain_registry.host}/bc/multi-nydus:v2", "--all-platforms",
+                    "--build-cache", cache)
+    assert [(p["layers_built"], p["layers_cached"]) for p in again["platforms"]] == [(0, 3), (0, 3)]
+    assert again["manifest_digest"] == first["manifest_digest"]
+    for arch in ("amd64", "arm64"):
+        r = check("--source", src, "--target", f"{plain_registry.host}/bc/multi-nydus:v2", "--platform",
+                  f"linux/{arch}")
+        assert r.returncode == 0, r.stderr
+
+    r = nydusify("convert", "-q", "--source", src, "--target", cache, "--plain-http", "--build-cache", cache)
+    assert r.returncode == 1 and "is the target itself" in r.stderr and r.stderr.count("\n") == 1, r.stderr
