@@ -15,6 +15,10 @@ backend and an empty blobcache. Measured:
       amplification), and ordered image with fs_prefetch from its prefetch table (the main one)
   (c) full pull + unpack of the OCI image: `skopeo copy` then `tar -xzf` of every layer
   (d) bytes fetched from the registry against bytes read (backend metrics)
+  (e) whole_tree_1_reader: every file of the plain image read by one reader in readdir order (as
+      `tar -c` does), no hints: lazy time over the full pull's (`whole_over_pull`, lower is
+      better) and bytes fetched over the blobs' bytes (`fetched_over_blob`); `bytes_by_mode` says
+      how the bytes came (on demand, adaptive fetching's streams, prefetch)
 
 once straight against the registry and once through a proxy adding --latency-ms per request and
 a shared --bandwidth-mbit link. Every lazy variant runs with each --fs-driver (fusedev, and erofs:
@@ -283,9 +287,7 @@ def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int
             "backend_requests": backend["read_count"], "prefetch_requests": cache["prefetch_requests_count"],
             "prefetch_bytes": cache["prefetch_data_amount"],
             "prefetch_s": cache["prefetch_cumulative_time_millis"] / 1000, "clean_exit": clean_exit,
-            "bytes_by_mode": {k: cache.get("cache", {}).get(k) for k in ("ondemand_bytes", "stream_bytes",
-                                                                          "prefetch_data_amount")},
-            "streamed_blobs": cache.get("cache", {}).get("stream_switches")}
+            "bytes_by_mode": cache.get("fetched_bytes"), "streams": cache.get("streams")}
 
 
 def full_pull(work: Path, host: str) -> dict[str, object]:

@@ -19,6 +19,9 @@ What it promises:
   `amplify_io` and closes on a random one (the kernel's readahead rule). Files packed in the order
   they are read (a build with prefetch files) then come in large reads; scattered reads do not pay
   for neighbours they never use.
+* Dense reads switch a blob to streams (adaptive fetching, `streams.py`): many distinct chunks
+  of one blob fetched on demand in a short window make the rest of it come in large parallel
+  ranged reads, decoded as they arrive, without ever making an on-demand read wait behind one.
 * On-demand reads go first: prefetch waits while an on-demand backend fetch is running (not while
   a reader merely waits for a prefetch fetch or reads the cache), and an on-demand reader never
   waits for a prefetch fetch that failed - it fetches the chunk itself.
