@@ -18,8 +18,8 @@ from nydus_py.builder.options import BuildOptions
 from nydus_py.builder.sources import tree_from_directory
 from nydus_py.rafs import open_bootstrap
 from nydus_py.rafs.chunkdata import verify_chunk
-from nydus_py.rafs.errors import FormatError
 from nydus_py.rafs.constants import ChunkFlags, Compressor
+from nydus_py.rafs.errors import FormatError
 from nydus_py.rafs.model import ChunkInfo
 from nydus_py.storage.cache import BlobCacheManager, ChunkMap
 from nydus_py.storage.cache.streams import GAP, DenseDetector, plan_streams
