@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -47,11 +48,11 @@ def is_stream(r: Request) -> bool:
     return range_len(r) > AMPLIFY + GAP
 
 
-def build_many_files(work: Path) -> images.BuiltImage:
-    """240 small random files (one chunk each, in name order in the blob) and two of several
+def build_many_files(work: Path, n: int = 240) -> images.BuiltImage:
+    """`n` small random files (one chunk each, in name order in the blob) and two of several
     chunks: a tree whose reader touches many distinct chunks, like a walk of a root filesystem."""
     rng = random.Random(31)
-    files = {f"d{i // 60}/f{i:03d}": rng.randbytes(rng.randrange(3000, 12000)) for i in range(240)}
+    files = {f"d{i // 60:02d}/f{i:04d}": rng.randbytes(rng.randrange(3000, 12000)) for i in range(n)}
     files["big/a.bin"] = rng.randbytes(5 * images.CHUNK + 77)
     files["big/b.bin"] = rng.randbytes(4 * images.CHUNK)
     src = work / "src"
@@ -279,3 +280,55 @@ def test_broken_stream_falls_back_to_per_chunk_fetches(make_rig, caplog):
         assert r.read(rel) == r.image.files[rel]
     assert r.cache.stats.stream_reads == 1  # no more streams for this blob
     r.check_cache()
+
+
+# -- the daemon, with its defaults ---------------------------------------------------------------
+@pytest.fixture(scope="module")
+def big_pushed(tmp_path_factory, plain_registry):
+    """An image of 700 chunks (the defaults stream a blob after 15% of its chunks, at least 64)."""
+    work = tmp_path_factory.mktemp("streams-e2e")
+    img = build_many_files(work / "img", n=690)
+    cfg = parse_registry_config(images.registry_config(plain_registry.host, "test/streams-e2e"), env={},
+                                docker_config_paths=[])
+    with RegistryBackend(cfg) as b:
+        images.push_image(b, img, "v1")
+    return img
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.parametrize("driver", ["fusedev", "erofs"])
+def test_daemon_whole_tree_read_streams_with_defaults(tmp_path, big_pushed, plain_registry, driver):
+    """`nydusd-py fuse` with a registry, a blob cache and no tuning: `tar`-like reading of every
+    file switches the blob to streams, every byte is right, the blob is fetched about once and
+    the metrics say how the bytes came."""
+    from tests.conftest import require_device
+
+    from .test_registry_mount import Nydusd
+
+    require_device("/dev/fuse")
+    img = big_pushed
+    proxy = FaultProxy(plain_registry.url)
+    d = None
+    try:
+        config = images.nydusd_config(images.registry_config(proxy.host, "test/streams-e2e", read_deadline=10.0),
+                                      str(tmp_path / "cache"))
+        d = Nydusd(tmp_path, "whole", img.boot, config, extra_argv=("--fs-driver", driver))
+        for dirpath, _dirs, names in os.walk(d.mnt):  # readdir order, as tar reads
+            for name in names:
+                p = Path(dirpath) / name
+                assert p.read_bytes() == img.files[str(p.relative_to(d.mnt))]
+        bc = d.get("/api/v1/metrics/blobcache")
+        be = d.get("/api/v1/metrics/backend")
+        with open_bootstrap(str(img.boot)) as bimg:
+            blob_size = bimg.blobs[0].compressed_size
+        assert bc["streams"]["stream_switches"] == 1 and bc["streams"]["stream_failures"] == 0, bc
+        assert bc["fetched_bytes"]["stream"] > 0 and bc["fetched_bytes"]["ondemand"] > 0, bc
+        assert be["read_amount_total"] == bc["fetched_bytes"]["stream"] + bc["fetched_bytes"]["ondemand"]
+        assert be["read_amount_total"] <= 1.05 * blob_size, (be, blob_size)
+        assert any(range_len(q) >= 256 << 10 for q in proxy.blob_requests())  # a large ranged GET
+        d.stop()
+    finally:
+        if d is not None:
+            d.kill()
+        proxy.stop()
