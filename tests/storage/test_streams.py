@@ -5,6 +5,7 @@ broken stream never give wrong bytes."""
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import random
@@ -332,3 +333,30 @@ def test_daemon_whole_tree_read_streams_with_defaults(tmp_path, big_pushed, plai
         if d is not None:
             d.kill()
         proxy.stop()
+
+
+def test_config_keys_reach_the_cache(tmp_path):
+    from nydus_py.config import ConfigError, parse_config
+    from nydus_py.storage.factory import make_source
+
+    def conf(**cache: object) -> str:
+        return json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(tmp_path)}},
+                                      "cache": {"type": "blobcache",
+                                                "config": {"work_dir": str(tmp_path / "c"), **cache}}}})
+
+    src = make_source(parse_config(conf(stream_size=16 << 20, streams=2, dense_ratio=0.5)))
+    try:
+        assert isinstance(src, BlobCacheManager) and src.streamer is not None
+        assert (src.streamer.size, src.streamer.streams, src.dense_fraction) == (16 << 20, 2, 0.5)
+    finally:
+        src.close()
+    off = make_source(parse_config(conf(stream_size=0)))
+    try:
+        assert isinstance(off, BlobCacheManager) and off.streamer is None
+    finally:
+        off.close()
+    default = parse_config(conf()).cache
+    assert (default.stream_size, default.streams, default.dense_ratio) == (8 << 20, 4, 0.15)
+    for bad in ({"stream_size": -1}, {"streams": 0}, {"dense_ratio": 0}, {"dense_ratio": 1.5}, {"streams": "4"}):
+        with pytest.raises(ConfigError):
+            parse_config(conf(**bad))
