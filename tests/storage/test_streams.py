@@ -22,10 +22,11 @@ from nydus_py.rafs import open_bootstrap
 from nydus_py.rafs.chunkdata import verify_chunk
 from nydus_py.rafs.constants import ChunkFlags, Compressor
 from nydus_py.rafs.errors import FormatError
-from nydus_py.rafs.model import ChunkInfo
+from nydus_py.rafs.model import BlobInfo, ChunkInfo
 from nydus_py.storage.cache import BlobCacheManager, ChunkMap
 from nydus_py.storage.cache.streams import GAP, DenseDetector, plan_streams
 from nydus_py.storage.device import BlobDevice
+from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.storage.prefetch import resolve_path
 from nydus_py.storage.registry import RegistryBackend, parse_registry_config
 
@@ -191,10 +192,70 @@ def test_dense_reader_switches_to_streams_and_fetches_the_blob_about_once(make_r
     assert s.stream_bytes > 0 and s.ondemand_bytes > 0
     assert s.backend_bytes == s.ondemand_bytes + s.stream_bytes  # every byte counted in one mode
     assert s.backend_bytes <= 1.05 * r.blob_size(), (s.backend_bytes, r.blob_size(), s.stream_skipped_bytes)
+    assert s.digest_errors == 0
     assert any(is_stream(q) for q in r.proxy.blob_requests())
     assert r.check_cache() > 0
     snap = r.cache.snapshot()["cache"]
     assert snap["stream_bytes"] == s.stream_bytes and snap["ondemand_bytes"] == s.ondemand_bytes
+
+
+def test_stream_over_small_cached_chunks_keeps_its_place(make_rig):
+    """Chunks already cached that are smaller than GAP stay inside a stream's range (one GET):
+    the bytes after such a hole are still matched to the right chunks."""
+    r = make_rig()
+    order = r.in_blob_order()
+    holes = [rel for rel in order[len(order) // 2:] if sum(c.compressed_size for c in r.chunks(rel)) <= GAP][::3]
+    assert len(holes) >= 3
+    for rel in holes:  # sparse: a few small files in the second half
+        assert r.read(rel) == r.image.files[rel]
+    assert r.cache.stats.stream_switches == 0
+    for rel in order:
+        assert r.read(rel) == r.image.files[rel]
+    r.streams_idle()
+    s = r.cache.stats
+    assert s.stream_switches == 1 and s.digest_errors == 0, s.snapshot()
+    spans = [tuple(int(x) for x in q.range[len("bytes="):].split("-")) for q in r.proxy.blob_requests() if is_stream(q)]
+    inside = [rel for rel in holes for c in r.chunks(rel)
+              if any(lo < c.compressed_offset and c.compressed_offset + c.compressed_size <= hi for lo, hi in spans)]
+    assert inside, "no stream spanned a cached chunk"
+
+
+class PieceSource:
+    """The image's blobs, streamed in odd small pieces (a network whose pieces end anywhere:
+    inside a chunk, inside the gap of a cached chunk)."""
+
+    def __init__(self, blob_dir: Path, piece: int = 997) -> None:
+        self.inner = LocalBlobDir(str(blob_dir))
+        self.piece = piece
+
+    def read(self, blob: BlobInfo, offset: int, size: int) -> bytes:
+        return self.inner.read(blob, offset, size)
+
+    def read_stream(self, blob: BlobInfo, offset: int, size: int) -> Iterator[bytes]:
+        data = self.inner.read(blob, offset, size)
+        for pos in range(0, len(data), self.piece):
+            yield data[pos:pos + self.piece]
+
+
+def test_stream_pieces_ending_anywhere_keep_their_place(image, tmp_path):
+    cache = BlobCacheManager(str(tmp_path / "cache"), PieceSource(image.blob_dir), amplify_io=AMPLIFY,
+                             stream_size=STREAM, streams=2, stream_lookahead=32 << 10, dense_fraction=0.1,
+                             dense_min_chunks=8)
+    device = BlobDevice(open_bootstrap(str(image.boot)), cache, amplify_io=AMPLIFY)
+    try:
+        r = Rig(None, None, cache, device, image)  # type: ignore[arg-type]
+        order = r.in_blob_order()
+        holes = [rel for rel in order[len(order) // 2:] if sum(c.compressed_size for c in r.chunks(rel)) <= GAP][::2]
+        for rel in holes:
+            assert r.read(rel) == image.files[rel]
+        for rel in order:
+            assert r.read(rel) == image.files[rel]
+        r.streams_idle()
+        assert cache.stats.stream_switches == 1 and cache.stats.streamed_chunks > 0
+        assert cache.stats.digest_errors == 0, cache.stats.snapshot()
+    finally:
+        cache.close()
+        device.image.close()
 
 
 def test_sparse_reader_never_switches(make_rig):

@@ -224,9 +224,12 @@ class Streamer:
                 return  # an earlier stream of this blob failed (per-chunk fetches from now on), or closing
             cb = self.m._pin(blob)
             try:
-                chunks = self._missing(cb, planned)  # fetched on demand since the plan: not again
-                if chunks:
-                    _OneStream(self, cb, chunks).run()
+                # what was fetched on demand since the plan is not fetched again: the rest, in
+                # runs of adjacent chunks
+                for run in plan_streams(self._missing(cb, planned), 0, 1 << 62):
+                    if self.state.get(blob.blob_id) != "streaming" or self._closed:
+                        break
+                    _OneStream(self, cb, run).run()
             finally:
                 self.m._unpin(cb)
         except (OSError, FormatError) as e:
@@ -315,7 +318,9 @@ class _OneStream:
                 with m._lock:
                     m.stats.streamed_chunks += len(good)
                     m.stats.stream_skipped_bytes += skipped
-                cut = (self.chunks[k].compressed_offset if k < len(self.chunks) else got) - base
+                # drop what was used, up to the next chunk (never past what arrived: the gap
+                # before the next chunk may still be on its way)
+                cut = min((self.chunks[k].compressed_offset if k < len(self.chunks) else got) - base, len(buf))
                 if cut > 0:
                     del buf[:cut]
                     base += cut
