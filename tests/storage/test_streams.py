@@ -24,7 +24,7 @@ from nydus_py.rafs.constants import ChunkFlags, Compressor
 from nydus_py.rafs.errors import FormatError
 from nydus_py.rafs.model import BlobInfo, ChunkInfo
 from nydus_py.storage.cache import BlobCacheManager, ChunkMap
-from nydus_py.storage.cache.streams import GAP, DenseDetector, plan_streams
+from nydus_py.storage.cache.streams import GAP, DenseDetector, dense_units, plan_streams
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.storage.prefetch import resolve_path
@@ -165,6 +165,12 @@ def test_dense_detector_counts_within_the_window():
 def test_dense_detector_needs_min_chunks_and_a_chunk_count():
     assert not DenseDetector(chunks=10, fraction=0.2, window=10.0, min_chunks=8).note(0.0, 5)
     assert not DenseDetector(chunks=0, fraction=0.2, window=10.0).note(0.0, 1000)  # unknown count: never
+
+
+def test_dense_units_weigh_large_chunks():
+    assert dense_units([_chunk(0, 3000), _chunk(3000, 100)]) == 2  # small files: one each
+    assert dense_units([_chunk(0, 1 << 20)]) == 16  # a 1 MiB chunk: one per 64 KiB
+    assert dense_units([]) == 0
 
 
 def _chunk(off: int, size: int) -> ChunkInfo:

@@ -64,7 +64,7 @@ from ...rafs.chunkdata import BlobSource, decode_chunk, verify_chunk
 from ...rafs.errors import DigestMismatch, FormatError
 from ...rafs.model import BlobInfo, ChunkInfo
 from .chunk_map import Binding, ChunkMap
-from .streams import DenseDetector, FetchAbandoned, Streamer, Table
+from .streams import DenseDetector, FetchAbandoned, Streamer, Table, dense_units
 
 log = logging.getLogger(__name__)
 
@@ -204,12 +204,13 @@ class BlobCacheManager:
 
     def __init__(self, work_dir: str, source: BlobSource, *, validate: bool = False, amplify_io: int = 1 << 20,
                  size_limit: int = 0, sync_delay: float = 0.1, stream_size: int = 8 << 20, streams: int = 4,
-                 stream_lookahead: int = 1 << 20, dense_fraction: float = 0.15, dense_window: float = 10.0,
+                 stream_lookahead: int = 1 << 20, dense_fraction: float = 0.15, dense_window: float = 5.0,
                  dense_min_chunks: int = 64) -> None:
         """Adaptive fetching (streams.py), for backends that can stream (`read_stream`): a blob
-        whose on-demand fetches took `dense_fraction` of its chunks (at least `dense_min_chunks`)
-        within `dense_window` seconds streams the rest in `streams` parallel ranges of at least
-        `stream_size` bytes, claiming chunks `stream_lookahead` bytes ahead of what arrived.
+        whose on-demand fetches took `dense_fraction` of its chunks (at least `dense_min_chunks`;
+        a large chunk counts once per 64 KiB) within `dense_window` seconds streams the rest in
+        `streams` parallel ranges of at least `stream_size` bytes, claiming chunks
+        `stream_lookahead` bytes ahead of what arrived.
         `stream_size` 0 turns it off."""
         os.makedirs(work_dir, exist_ok=True)
         self.work_dir = work_dir
@@ -583,7 +584,7 @@ class BlobCacheManager:
             if det is None:
                 det = self._dense[bid] = DenseDetector(cb.blob.chunk_count, self.dense_fraction, self.dense_window,
                                                        self.dense_min_chunks)
-            dense = det.note(time.monotonic(), len(mine))
+            dense = det.note(time.monotonic(), dense_units(c for c, _ in mine))
         if dense:
             at = max(c.compressed_offset + c.compressed_size for c, _ in mine)
             self.streamer.start(cb, table, at)

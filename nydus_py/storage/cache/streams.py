@@ -54,11 +54,21 @@ class FetchAbandoned(OSError):
 Table = Callable[[BlobInfo], Iterable[ChunkInfo]]
 
 
+UNIT = 64 << 10  # a fetched chunk counts once per UNIT of its compressed bytes (at least once)
+
+
+def dense_units(chunks: Iterable[ChunkInfo]) -> int:
+    """What a fetch adds to its blob's density: one per chunk, and one per UNIT of a large one
+    (a blob of large chunks read in order is as dense as one of small files; a sparse reader of
+    small files stays sparse, and one large file in it adds little)."""
+    return sum(max(1, c.compressed_size // UNIT) for c in chunks)
+
+
 class DenseDetector:
-    """Sans-IO: is a blob being read densely? `note(now, n)` records n chunks fetched on demand
-    and answers True once, when the chunks fetched within the last `window` seconds reach
-    `fraction` of the blob's `chunks` (and at least `min_chunks`, so a small blob's first read
-    is not a walk)."""
+    """Sans-IO: is a blob being read densely? `note(now, n)` records n units (`dense_units`)
+    fetched on demand and answers True once, when the units fetched within the last `window`
+    seconds reach `fraction` of the blob's `chunks` (and at least `min_chunks`, so a small
+    blob's first read is not a walk)."""
 
     def __init__(self, chunks: int, fraction: float, window: float, min_chunks: int = 16) -> None:
         self.need = max(min_chunks, int(chunks * fraction) + 1) if chunks > 0 else 0
