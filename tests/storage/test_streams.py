@@ -427,3 +427,19 @@ def test_config_keys_reach_the_cache(tmp_path):
     for bad in ({"stream_size": -1}, {"streams": 0}, {"dense_ratio": 0}, {"dense_ratio": 1.5}, {"streams": "4"}):
         with pytest.raises(ConfigError):
             parse_config(conf(**bad))
+
+
+def test_stream_answered_with_the_whole_blob_is_sliced(make_rig):
+    """A registry (or pull-through cache) that ignores Range and sends the whole blob with 200:
+    the stream takes its range out of it, as a plain read does."""
+    r = make_rig()
+    r.proxy.fault_if = is_stream
+    r.proxy.inject("200_for_206", times=100)
+    left = _read_until_streaming(r)
+    r.streams_idle()
+    assert r.proxy.injected["200_for_206"] >= 1 and r.backend.counters.ok_200_for_206 >= 1
+    s = r.cache.stats
+    assert s.stream_failures == 0 and s.streamed_chunks > 0 and s.digest_errors == 0
+    for rel in left:
+        assert r.read(rel) == r.image.files[rel]
+    r.check_cache()
