@@ -162,6 +162,17 @@ def test_dense_detector_counts_within_the_window():
     assert not d.note(12.5, 50)  # fires once
 
 
+def test_dense_detector_needs_less_while_a_walk_streams_another_blob():
+    need = 1000 * 0.2
+    walking = DenseDetector(chunks=1000, fraction=0.2, window=10.0, min_chunks=4)
+    assert not walking.note(0.0, 49, walking=True)
+    assert walking.note(0.1, 2, walking=True)  # a quarter of the need
+    alone = DenseDetector(chunks=1000, fraction=0.2, window=10.0, min_chunks=4)
+    assert not alone.note(0.0, 51) and not alone.note(0.1, int(need) - 52)
+    tiny = DenseDetector(chunks=100, fraction=0.2, window=10.0, min_chunks=4)
+    assert not tiny.note(0.0, 15, walking=True) and tiny.note(0.1, 1, walking=True)  # never under WALK_MIN
+
+
 def test_dense_detector_needs_min_chunks_and_a_chunk_count():
     assert not DenseDetector(chunks=10, fraction=0.2, window=10.0, min_chunks=8).note(0.0, 5)
     assert not DenseDetector(chunks=0, fraction=0.2, window=10.0).note(0.0, 1000)  # unknown count: never

@@ -584,7 +584,8 @@ class BlobCacheManager:
             if det is None:
                 det = self._dense[bid] = DenseDetector(cb.blob.chunk_count, self.dense_fraction, self.dense_window,
                                                        self.dense_min_chunks)
-            dense = det.note(time.monotonic(), dense_units(c for c, _ in mine))
+            now = time.monotonic()
+            dense = det.note(now, dense_units(c for c, _ in mine), self.streamer.walking(now, self.dense_window))
         if dense:
             at = max(c.compressed_offset + c.compressed_size for c, _ in mine)
             self.streamer.start(cb, table, at)

@@ -3,7 +3,8 @@
 Chunk-sized fetches (even amplified ones, `follow`) pay a round trip each and leave the link idle
 while the reader decodes and serves. When one blob's on-demand fetches take many distinct chunks
 in a short window (`DenseDetector`: a whole-tree walk, a `tar` of the image, a reader of most
-files), what is still missing of that blob is planned into ranges of at least `size` bytes
+files; while another blob streams, a walk entering the next layer needs a quarter of that),
+what is still missing of that blob is planned into ranges of at least `size` bytes
 (`plan_streams`, starting where the reader is) and fetched by `streams` worker threads in
 parallel, each a single ranged GET whose bytes are decoded and stored chunk by chunk as they
 arrive. On-demand reads still go first:
@@ -29,6 +30,7 @@ import errno
 import logging
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future
@@ -55,6 +57,7 @@ Table = Callable[[BlobInfo], Iterable[ChunkInfo]]
 
 
 UNIT = 64 << 10  # a fetched chunk counts once per UNIT of its compressed bytes (at least once)
+WALK_MIN = 16  # units that switch a blob while another blob of the image streams (or just did)
 
 
 def dense_units(chunks: Iterable[ChunkInfo]) -> int:
@@ -77,14 +80,16 @@ class DenseDetector:
         self._sum = 0
         self.fired = False
 
-    def note(self, now: float, n: int) -> bool:
+    def note(self, now: float, n: int, walking: bool = False) -> bool:
+        """`walking`: another blob of the image streamed moments ago (a walk crossing into the
+        next layer): a quarter of the usual need (at least WALK_MIN units) is enough."""
         if self.fired or not self.need or n <= 0:
             return False
         self._events.append((now, n))
         self._sum += n
         while self._events and self._events[0][0] < now - self.window:
             self._sum -= self._events.popleft()[1]
-        if self._sum >= self.need:
+        if self._sum >= (max(WALK_MIN, self.need // 4) if walking else self.need):
             self.fired = True
             self._events.clear()
         return self.fired
@@ -127,9 +132,14 @@ class Streamer:
         self._left: dict[str, int] = {}  # blob id -> streams not finished yet
         self.idle = threading.Condition(self._lock)
         self._closed = False
+        self.last_active = -1e9  # monotonic time a stream of any blob last received bytes (or started)
 
     def streaming(self, blob_id: str) -> bool:
         return self.state.get(blob_id) == "streaming"
+
+    def walking(self, now: float, within: float) -> bool:
+        """Some blob streamed within the last `within` seconds (a dense reader is about)."""
+        return now - self.last_active < within
 
     def start(self, cb: CachedBlob, table: Table, at: int) -> bool:
         """Plan and stream what is missing of `cb`'s blob, once per blob; False when it already
@@ -140,6 +150,7 @@ class Streamer:
                 return False
             self.state[bid] = "streaming"
             self._left[bid] = 1  # the plan itself
+            self.last_active = time.monotonic()
             while len(self._threads) < self.streams:
                 t = threading.Thread(target=self._work, name=f"blob-stream-{len(self._threads)}", daemon=True)
                 self._threads.append(t)
@@ -297,6 +308,7 @@ class _OneStream:
                     break  # the cache is closing: what is claimed is abandoned below
                 buf += piece
                 got = base + len(buf)
+                self.s.last_active = time.monotonic()
                 with m._lock:
                     m.stats.stream_bytes += len(piece)
                     m.stats.backend_bytes += len(piece)
