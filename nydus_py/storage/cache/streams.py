@@ -225,13 +225,15 @@ class Streamer:
         m = self.m
         out: list[ChunkInfo] = []
         seen = -1
-        with m._lock:
-            for c in chunks:
-                if c.compressed_offset == seen or not cb.cacheable(c):
-                    continue
-                seen = c.compressed_offset
-                if (cb.blob.blob_id, c.compressed_offset) not in m._inflight and not cb.ready(c):
-                    out.append(c)
+        todo = list(chunks)
+        for lo in range(0, len(todo), 4096):  # the cache's lock in slices: readers keep going
+            with m._lock:
+                for c in todo[lo:lo + 4096]:
+                    if c.compressed_offset == seen or not cb.cacheable(c):
+                        continue
+                    seen = c.compressed_offset
+                    if (cb.blob.blob_id, c.compressed_offset) not in m._inflight and not cb.ready(c):
+                        out.append(c)
         return out
 
     def _fail(self, bid: str) -> None:
