@@ -303,8 +303,9 @@ class _OneStream:
         buf = bytearray()
         base = self.start  # blob offset of buf[0]
         k = 0  # next chunk to complete
+        pieces: Iterator[bytes] | None = None
         try:
-            pieces: Iterator[bytes] = source.read_stream(cb.blob, self.start, self.end - self.start)
+            pieces = source.read_stream(cb.blob, self.start, self.end - self.start)
             for piece in pieces:
                 if self.s._closed:
                     break  # the cache is closing: what is claimed is abandoned below
@@ -358,6 +359,9 @@ class _OneStream:
             log.warning("blob %s: stream %d+%d broke after %d bytes (%s); its chunks are fetched one by one "
                         "from now on", cb.blob.blob_id, self.start, self.end - self.start, base - self.start, e)
         finally:
+            close = getattr(pieces, "close", None)
+            if callable(close):  # a stream left early (closing) drops its connection now, not at GC
+                close()
             left = list(self.mine.items())
             self.mine.clear()
             self._release(off for off, _f in left)
