@@ -15,6 +15,10 @@ backend and an empty blobcache. Measured:
       amplification), and ordered image with fs_prefetch from its prefetch table (the main one)
   (c) full pull + unpack of the OCI image: `skopeo copy` then `tar -xzf` of every layer
   (d) bytes fetched from the registry against bytes read (backend metrics)
+  (e) whole_tree_1_reader: every file of the plain image read by one reader in readdir order (as
+      `tar -c` does), no hints: lazy time over the full pull's (`whole_over_pull`, lower is
+      better) and bytes fetched over the blobs' bytes (`fetched_over_blob`); `bytes_by_mode` says
+      how the bytes came (on demand, adaptive fetching's streams, prefetch)
 
 once straight against the registry and once through a proxy adding --latency-ms per request and
 a shared --bandwidth-mbit link. Every lazy variant runs with each --fs-driver (fusedev, and erofs:
@@ -195,11 +199,22 @@ def read_file(path: Path) -> int:
     return n
 
 
+def read_tree(root: Path) -> int:
+    """Every regular file under `root`, one after another in readdir order (as `tar -c` reads)."""
+    n = 0
+    for d, _dirs, names in os.walk(root):
+        for name in names:
+            p = Path(d) / name
+            if p.is_file() and not p.is_symlink():
+                n += read_file(p)
+    return n
+
+
 def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int, *, repo: str = "bench/nydus",
              prefetch: str = "none", merging_size: int = 4 << 20, prefetch_threads: int = 8,
-             amplify_io: int = 1 << 20, driver: str = "fusedev") -> dict[str, object]:
+             amplify_io: int = 1 << 20, driver: str = "fusedev", whole: bool = False) -> dict[str, object]:
     """Mount with an empty cache (`driver`: nydusd-py's --fs-driver), read the startup set with
-    `threads` readers; times and bytes.
+    `threads` readers (`whole`: every file of the tree instead, one reader); times and bytes.
 
     prefetch: "none" (on-demand only), "list" (the startup set given as --prefetch-files) or
     "table" (fs_prefetch from the bootstrap's prefetch table, the image built with the startup
@@ -240,7 +255,9 @@ def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int
             assert f.read(1)
         t_first = time.perf_counter()
         t1 = time.perf_counter()
-        if threads == 1:
+        if whole:
+            nread = read_tree(mnt)
+        elif threads == 1:
             nread = sum(read_file(mnt / rel) for rel in startup)
         else:
             with concurrent.futures.ThreadPoolExecutor(threads) as ex:
@@ -269,7 +286,8 @@ def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int
             "start_to_done_s": t_done - t0, "bytes_read": nread, "backend_bytes": backend["read_amount_total"],
             "backend_requests": backend["read_count"], "prefetch_requests": cache["prefetch_requests_count"],
             "prefetch_bytes": cache["prefetch_data_amount"],
-            "prefetch_s": cache["prefetch_cumulative_time_millis"] / 1000, "clean_exit": clean_exit}
+            "prefetch_s": cache["prefetch_cumulative_time_millis"] / 1000, "clean_exit": clean_exit,
+            "bytes_by_mode": cache.get("fetched_bytes"), "streams": cache.get("streams")}
 
 
 def full_pull(work: Path, host: str) -> dict[str, object]:
@@ -306,13 +324,15 @@ def best(runs: list[dict[str, object]], key: str, *more: str) -> dict[str, objec
     return out
 
 
-VARIANTS = (  # name, image, readers, prefetch
+VARIANTS = (  # name, image, readers, prefetch ("whole": every file of the tree, not the startup set)
     ("no_hints_1_reader", "plain", 1, "none"),
     ("no_hints_8_readers", "plain", 8, "none"),
     ("no_hints_prefetch_list", "plain", 1, "list"),
     ("ordered_on_demand", "ordered", 1, "none"),
     ("ordered_prefetch", "ordered", 1, "table"),
+    ("whole_tree_1_reader", "plain", 1, "whole"),
 )
+WHOLE = {"whole_tree_1_reader"}
 MAIN = "ordered_prefetch"
 DRIVERS = ("fusedev", "erofs")
 
@@ -338,10 +358,12 @@ def main() -> int:
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "lazy_registry"))
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
     ap.add_argument("--save-as", default="lazy_registry", help="results name under benchmarks/results")
+    ap.add_argument("--variants", default="", help="comma-separated variant names to run (default: all)")
     a = ap.parse_args()
+    variants = [v for v in VARIANTS if not a.variants or v[0] in a.variants.split(",")]
     work = Path(a.work)
     drivers = DRIVERS if a.fs_driver == "both" else (a.fs_driver,)
-    keys = [variant_key(d, v) for d in drivers for v, *_ in VARIANTS]
+    keys = [variant_key(d, v) for d in drivers for v, *_ in variants]
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     registry = None
@@ -388,12 +410,13 @@ def main() -> int:
         for label, host in (("loopback", registry.host), (f"{a.latency_ms:g}ms+{a.bandwidth_mbit:g}Mbit", proxy.host)):
             res: dict[str, object] = {}
             for driver in drivers:
-                for vname, image, readers, pf in VARIANTS:
+                for vname, image, readers, pf in variants:
                     key = variant_key(driver, vname)
                     print(f"[{label}] {key} ...", flush=True)
                     runs = [lazy_run(work, built[image][0], host, startup, readers, repo=f"bench/{image}",
-                                     prefetch=pf, merging_size=int(a.merging_mib * (1 << 20)),
-                                     prefetch_threads=a.prefetch_threads, driver=driver)
+                                     prefetch="none" if pf == "whole" else pf,
+                                     merging_size=int(a.merging_mib * (1 << 20)),
+                                     prefetch_threads=a.prefetch_threads, driver=driver, whole=pf == "whole")
                             for _ in range(max(1, a.repeat))]
                     res[key] = best(runs, "startup_read_s", "start_to_done_s", "first_byte_s")
             print(f"[{label}] full pull ...", flush=True)
@@ -404,6 +427,15 @@ def main() -> int:
                                             for v in keys}
             res["fetched_over_read"] = {v: res[v]["backend_bytes"] / res[v]["bytes_read"]  # type: ignore[index]
                                         for v in keys}
+            # whole-tree reads: lazy time over the full pull's (lower is better, goal <= 1.2) and
+            # bytes fetched over the blobs' bytes (goal <= 1.05)
+            res["whole_over_pull"] = {v: res[v]["startup_read_s"] / pull["total_s"]  # type: ignore[index]
+                                      for v in keys if v.removeprefix("erofs_") in WHOLE}
+            res["whole_start_to_done_over_pull"] = {
+                v: res[v]["start_to_done_s"] / pull["total_s"]  # type: ignore[index]
+                for v in keys if v.removeprefix("erofs_") in WHOLE}
+            res["fetched_over_blob"] = {v: res[v]["backend_bytes"] / nydus_bytes  # type: ignore[index]
+                                        for v in keys if v.removeprefix("erofs_") in WHOLE}
             results[label] = res
             print(json.dumps(res, indent=1), flush=True)
         payload: dict[str, object] = {
@@ -435,7 +467,7 @@ def main() -> int:
         series = {"full pull + unpack": [results[k]["full_pull"]["total_s"] for k in labels]}  # type: ignore[index]
         series.update({f"lazy {v}": [results[k][v]["startup_read_s"] for k in labels]  # type: ignore[index]
                        for v in keys})
-        for driver in drivers:
+        for driver in drivers if any(v[0] == MAIN for v in variants) else ():
             main_key = variant_key(driver, MAIN)
             series[f"lazy {main_key}: daemon start to done"] = [
                 results[k][main_key]["start_to_done_s"] for k in labels]  # type: ignore[index]

@@ -136,6 +136,10 @@ class DaemonCollector(Collector):
         usage = GaugeMetricFamily("nydusd_cache_usage_bytes", "Bytes the blob cache uses on disk",
                                   labels=["mountpoint"])
         files = GaugeMetricFamily("nydusd_cache_files", "Blob cache data files", labels=["mountpoint"])
+        fetched = CounterMetricFamily("nydusd_cache_fetched_bytes", "Bytes fetched from the backend, by mode "
+                                      "(ondemand, stream: adaptive fetching, prefetch)", labels=["mountpoint", "mode"])
+        streams = CounterMetricFamily("nydusd_cache_streams", "Adaptive fetching: blobs switched to streams, "
+                                      "streams started, streams that broke", labels=["mountpoint", "event"])
         for inst in instances:
             src = inst.source
             if not isinstance(src, BlobCacheManager):
@@ -149,7 +153,13 @@ class DaemonCollector(Collector):
             evictions.add_metric([mp], float(stats.evictions))
             usage.add_metric([mp], float(src.usage()))
             files.add_metric([mp], float(len(src.underlying_files())))
-        yield from (hits, misses, evictions, usage, files)
+            for mode, n in (("ondemand", stats.ondemand_bytes), ("stream", stats.stream_bytes),
+                            ("prefetch", stats.prefetch_data_amount)):
+                fetched.add_metric([mp, mode], float(n))
+            for event, n in (("switch", stats.stream_switches), ("start", stats.stream_reads),
+                             ("failure", stats.stream_failures)):
+                streams.add_metric([mp, event], float(n))
+        yield from (hits, misses, evictions, usage, files, fetched, streams)
 
     def _prefetch(self, instances: list[Instance]) -> Iterator[Metric]:
         chunks = CounterMetricFamily("nydusd_prefetch_chunks", "Chunks prefetched", labels=["mountpoint"])

@@ -31,6 +31,11 @@ class CacheConfig:
     work_dir: str = "."
     # bytes on disk before least-recently-used blobs are evicted; 0 = no cap (nydusd has none)
     size_limit: int = 0
+    # adaptive fetching (this daemon's keys): a blob whose on-demand fetches took `dense_ratio` of
+    # its chunks within seconds streams the rest in `streams` ranges of >= `stream_size` bytes (0: off)
+    stream_size: int = 8 << 20
+    streams: int = 4
+    dense_ratio: float = 0.15
 
 
 @dataclass
@@ -96,11 +101,17 @@ def parse_config(text: str | bytes) -> RafsConfig:
         validate=_get(cache_raw, "validate", bool, False, "device.cache."),
         work_dir=_get(cache_conf, "work_dir", str, ".", "device.cache.config."),
         size_limit=_get(cache_conf, "size_limit", int, 0, "device.cache.config."),
+        stream_size=_get(cache_conf, "stream_size", int, 8 << 20, "device.cache.config."),
+        streams=_get(cache_conf, "streams", int, 4, "device.cache.config."),
+        dense_ratio=float(_get(cache_conf, "dense_ratio", (int, float), 0.15, "device.cache.config.")),
     )
     if cache.type in ("blobcache", "filecache") and not cache.work_dir:
         raise ConfigError("device.cache.config.work_dir: blobcache needs a work_dir")
     if cache.size_limit < 0:
         raise ConfigError("device.cache.config.size_limit: must be >= 0")
+    if cache.stream_size < 0 or not 1 <= cache.streams <= 64 or not 0 < cache.dense_ratio <= 1:
+        raise ConfigError("device.cache.config: stream_size must be >= 0 (0: no streams), streams 1..64, "
+                          "dense_ratio in (0, 1]")
     mode = _get(raw, "mode", str, "direct", "")
     if mode not in ("direct", "cached"):
         raise ConfigError(f"mode: expected 'direct' or 'cached', got {mode!r}")

@@ -187,6 +187,11 @@ class Instance:
             for k in out:
                 if k in s and isinstance(s[k], type(out[k])):
                     out[k] = s[k]
+            c = s["cache"]  # (beyond nydusd's fields) bytes by how they came, adaptive fetching's streams
+            out["fetched_bytes"] = {"ondemand": c["ondemand_bytes"], "stream": c["stream_bytes"],
+                                    "prefetch": c["prefetch_data_amount"]}
+            out["streams"] = {k: c[k] for k in ("stream_switches", "stream_reads", "streamed_chunks",
+                                                "stream_skipped_bytes", "stream_failures")}
         if self.erofs is not None:  # kernel reads through the blob views, and what they fetched
             ev = self.erofs.snapshot()
             if self.backend_stats is not None:

@@ -9,6 +9,8 @@ reads.
 import threading
 import time
 from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 from ..rafs.model import BlobInfo
@@ -93,9 +95,30 @@ class MeteredBackend:
         self.stats.record(len(data), time.perf_counter() - t0, True, prefetch)
         return data
 
+    def _stream(self, fn: Callable[[BlobInfo, int, int], Iterator[bytes]], blob: BlobInfo, offset: int,
+                size: int) -> Iterator[bytes]:
+        """A stream is one read of all the bytes it brought, counted when it ends (also broken)."""
+        t0 = time.perf_counter()
+        n = 0
+        ok = False
+        try:
+            for piece in fn(blob, offset, size):
+                n += len(piece)
+                yield piece
+            ok = True
+        finally:
+            if ok:
+                self.stats.record(n, time.perf_counter() - t0, True, True)
+            else:  # the bytes that came still crossed the network
+                self.stats.record(0, time.perf_counter() - t0, False, True)
+                with self.stats.lock:
+                    self.stats.read_amount_total += n
+
     def __getattr__(self, name: str) -> Any:
         if name == "read_chunks":  # never pretend to be a chunk source
             raise AttributeError(name)
+        if name == "read_stream":  # only when the backend can stream (AttributeError otherwise)
+            return partial(self._stream, self.inner.read_stream)
         return getattr(self.inner, name)
 
 

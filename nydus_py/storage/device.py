@@ -27,13 +27,15 @@ class ChunkSource(Protocol):
     `extra` are chunks the reader will probably want next (read amplification): fetched along
     when that is cheap, not returned. `follow(c)` yields the chunks stored after `c` in its
     blob (of any file), for amplification across files; `follow_late` opens that window one
-    sequential miss later.
+    sequential miss later. `table(blob)` lists all the blob's chunks in blob order (for
+    adaptive fetching: a blob read densely streams what is missing of it).
     """
 
     def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo] = (),
                     prefetch: bool = False,
                     follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None,
-                    follow_late: bool = False) -> list[bytes]:
+                    follow_late: bool = False,
+                    table: Callable[[BlobInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
         """Decoded bytes of `chunks`, all of `blob`; OSError(EIO) or FormatError, never wrong bytes."""
 
 
@@ -52,6 +54,10 @@ class BlobDevice:
         # the blob's following chunks, for amplification across files (v6 chunk table)
         self._follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = (
             getattr(image, "chunks_after", None) if self.amplify_io else None)
+        blob_chunks = getattr(image, "blob_chunks", None)
+        self._table: Callable[[BlobInfo], Iterable[ChunkInfo]] | None = (
+            (lambda b: blob_chunks(b.index, 0, b.uncompressed_size) if b.uncompressed_size > 0 else [])
+            if callable(blob_chunks) else None)
 
     def load_chunk(self, chunk: ChunkInfo) -> bytes:
         return self._load([chunk])[0]
@@ -161,7 +167,7 @@ class BlobDevice:
             more = [c for c in extra if c.blob_index == bi]
             try:
                 got = self._chunked.read_chunks(blobs[bi], [chunks[k] for k in ks], more, follow=self._follow,
-                                                follow_late=follow_late)
+                                                follow_late=follow_late, table=self._table)
             except (FormatError, OSError) as e:
                 with self._stats_lock:
                     self.read_errors += 1

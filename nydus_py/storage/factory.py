@@ -38,7 +38,9 @@ def make_source(cfg: RafsConfig) -> BlobSource | ChunkSource:
     if cfg.cache.compressed:
         log.warning("cache.compressed is not supported; caching uncompressed chunks (.blob.data)")
     return BlobCacheManager(cfg.cache.work_dir, backend, validate=cfg.cache.validate or cfg.digest_validate,
-                            amplify_io=cfg.amplify_io, size_limit=cfg.cache.size_limit)
+                            amplify_io=cfg.amplify_io, size_limit=cfg.cache.size_limit,
+                            stream_size=cfg.cache.stream_size, streams=cfg.cache.streams,
+                            dense_fraction=cfg.cache.dense_ratio)
 
 
 def make_prefetcher(cfg: RafsConfig, image: RafsImage, source: BlobSource | ChunkSource,

@@ -123,6 +123,8 @@ def test_dedicated_daemon_sequence(root: Path, images: list[Image]) -> None:
         assert m["fop_hits"][9] >= len(img.files)  # lookups
         bc2 = api.get(f"{V1}/metrics/blobcache").json()
         assert bc2["underlying_files"], "the blob cache holds the blobs that were read"
+        assert bc2["fetched_bytes"]["ondemand"] > 0 and bc2["fetched_bytes"]["stream"] == 0
+        assert bc2["streams"]["stream_switches"] == 0  # (a localfs backend never streams)
         assert api.get(f"{V1}/metrics/inflight").status == 204
         be = api.get(f"{V1}/metrics/backend").json()
         assert be["read_count"] >= 1 and be["read_errors"] == 0
@@ -132,8 +134,11 @@ def test_dedicated_daemon_sequence(root: Path, images: list[Image]) -> None:
         for family in ('nydusd_fuse_requests_total{mountpoint="/",op="read"}', "nydusd_read_bytes_total",
                        "nydusd_backend_read_duration_seconds_bucket", 'nydusd_cache_misses_total{mountpoint="/"}',
                        'nydusd_cache_hits_total{kind="chunk",mountpoint="/"}', "nydusd_cache_usage_bytes",
-                       'nydusd_state{state="RUNNING"} 1.0', "nydusd_rss_bytes"):
+                       'nydusd_state{state="RUNNING"} 1.0', "nydusd_rss_bytes",
+                       'nydusd_cache_streams_total{event="switch",mountpoint="/"} 0.0'):
             assert family in text, family
+        ondemand = re.search(r'nydusd_cache_fetched_bytes_total\{mode="ondemand",mountpoint="/"\} (\S+)', text)
+        assert ondemand and float(ondemand.group(1)) >= 1  # the reads above fetched on demand
         reads = re.search(r'nydusd_backend_reads_total\{backend="localfs",mountpoint="/"\} (\S+)', text)
         assert reads and float(reads.group(1)) == be["read_count"]
         assert os.path.exists(root / "logs/d1/nydusd.log")

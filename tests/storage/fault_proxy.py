@@ -18,6 +18,9 @@ matching requests (by default: blob GETs):
 
 Besides, `hold_if(request)` holds every request it selects (e.g. by Range) until `release_held()`,
 then forwards it normally: a registry stalled for as long as the test wants, not for a fixed time.
+`fault_if(request)`, when set, picks the requests scripted faults apply to instead of `match`
+(e.g. only large ranges). `corrupt_offset`, when set, flips that byte of the blob in every 206
+whose range covers it (a registry that keeps serving one bad chunk, whoever asks).
 
 One request per connection (`Connection: close`), which keeps the fault boundaries exact.
 """
@@ -82,6 +85,9 @@ class FaultProxy:
         self.injected: Counter[str] = Counter()
         self.requests: list[Request] = []
         self.hold_if: Callable[[Request], bool] | None = None
+        self.fault_if: Callable[[Request], bool] | None = None
+        self.corrupt_offset: int | None = None
+        self.corrupted = 0  # responses corrupt_offset flipped a byte in
         self.held = 0  # requests that hold_if selected (held until release_held)
         self._gate: asyncio.Event | None = None
         self.port = 0
@@ -203,7 +209,8 @@ class FaultProxy:
             await self._gate.wait()
         if self.latency:
             await asyncio.sleep(self.latency)
-        fault = self.faults.popleft() if self.faults and self.match(method, path) else None
+        picked = self.fault_if(req) if self.fault_if is not None else self.match(method, path)
+        fault = self.faults.popleft() if self.faults and picked else None
         req.fault = fault
         if fault:
             self.injected[fault] += 1
@@ -232,6 +239,8 @@ class FaultProxy:
             status = up.status
             out_headers = [(k, v) for k, v in up.headers.items() if k.lower() not in HOP]
         req.status = status
+        if self.corrupt_offset is not None and status == 206:
+            data = self._corrupt_at(self.corrupt_offset, data, out_headers)
         if fault and status == 206:
             data, status, out_headers = self._mangle(fault, data, out_headers)
             if status < 0:
@@ -262,6 +271,15 @@ class FaultProxy:
                 b[len(b) // 2] ^= 0xFF
             return bytes(b), 206, list(h.items())
         return data, 206, headers
+
+    def _corrupt_at(self, offset: int, data: bytes, headers: list[tuple[str, str]]) -> bytes:
+        first = int(dict(headers)["Content-Range"].split(" ")[1].split("-")[0])
+        if not first <= offset < first + len(data):
+            return data
+        self.corrupted += 1
+        b = bytearray(data)
+        b[offset - first] ^= 0xFF
+        return bytes(b)
 
     @staticmethod
     def _head(status: int, headers: list[tuple[str, str]], length: int) -> bytes:

@@ -44,7 +44,8 @@ class UnixHTTP(http.client.HTTPConnection):
 
 
 class Nydusd:
-    def __init__(self, work: Path, name: str, boot: Path, config: dict, prefetch_files: Path | None = None) -> None:
+    def __init__(self, work: Path, name: str, boot: Path, config: dict, prefetch_files: Path | None = None,
+                 extra_argv: tuple[str, ...] = ()) -> None:
         self.mnt = work / f"mnt-{name}"
         self.mnt.mkdir(exist_ok=True)
         self.sock = str(work / f"{name}.sock")
@@ -55,6 +56,7 @@ class Nydusd:
                 "--mountpoint", str(self.mnt), "--apisock", self.sock, "--log-level", "info", "--thread-num", "4"]
         if prefetch_files is not None:
             argv += ["--prefetch-files", str(prefetch_files)]
+        argv += extra_argv
         env = {**images.env_without_auth(), "PYTHONPATH": str(REPO)}
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=str(REPO), env=env)

@@ -19,6 +19,9 @@ What it promises:
   `amplify_io` and closes on a random one (the kernel's readahead rule). Files packed in the order
   they are read (a build with prefetch files) then come in large reads; scattered reads do not pay
   for neighbours they never use.
+* Dense reads switch a blob to streams (adaptive fetching, `streams.py`): many distinct chunks
+  of one blob fetched on demand in a short window make the rest of it come in large parallel
+  ranged reads, decoded as they arrive, without ever making an on-demand read wait behind one.
 * On-demand reads go first: prefetch waits while an on-demand backend fetch is running (not while
   a reader merely waits for a prefetch fetch or reads the cache), and an on-demand reader never
   waits for a prefetch fetch that failed - it fetches the chunk itself.
@@ -61,6 +64,7 @@ from ...rafs.chunkdata import BlobSource, decode_chunk, verify_chunk
 from ...rafs.errors import DigestMismatch, FormatError
 from ...rafs.model import BlobInfo, ChunkInfo
 from .chunk_map import Binding, ChunkMap
+from .streams import DenseDetector, FetchAbandoned, Streamer, Table, dense_units
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +76,6 @@ FOLLOW_MIN = 128 << 10  # first cross-file amplification window after a sequenti
 LATE_MARK = 1  # window of a stream's first sequential miss with `follow_late`: no chunk fits
 _STREAMS = 16  # sequential streams remembered per blob
 _BLOB_ID = re.compile(r"^[0-9a-f]{64}$")
-
-
-class FetchAbandoned(OSError):
-    """A chunk was not fetched because an earlier range of the same fetch failed."""
 
 
 class CacheStats:
@@ -97,6 +97,13 @@ class CacheStats:
         self.digest_errors = 0  # fetched chunks whose digest was wrong (never cached)
         self.cache_corruptions = 0  # cached chunks that failed validation and were dropped
         self.backend_errors = 0
+        self.ondemand_bytes = 0  # bytes fetched for on-demand reads (with their amplification)
+        self.stream_bytes = 0  # bytes that came in streams (adaptive fetching, see streams.py)
+        self.stream_switches = 0  # blobs switched to streams because they were read densely
+        self.stream_reads = 0  # streams started
+        self.streamed_chunks = 0  # chunks a stream brought
+        self.stream_skipped_bytes = 0  # stream bytes dropped: their chunk was fetched on demand meanwhile
+        self.stream_failures = 0  # streams that broke (their blob went back to per-chunk fetches)
         self.prefetch_data_amount = 0
         self.prefetch_requests_count = 0
         self.prefetch_waits = 0  # times prefetch stood aside for on-demand reads
@@ -196,7 +203,15 @@ class BlobCacheManager:
     """A ChunkSource: decoded, validated chunks of any blob, through the persistent cache."""
 
     def __init__(self, work_dir: str, source: BlobSource, *, validate: bool = False, amplify_io: int = 1 << 20,
-                 size_limit: int = 0, sync_delay: float = 0.1) -> None:
+                 size_limit: int = 0, sync_delay: float = 0.1, stream_size: int = 8 << 20, streams: int = 4,
+                 stream_lookahead: int = 1 << 20, dense_fraction: float = 0.15, dense_window: float = 5.0,
+                 dense_min_chunks: int = 64) -> None:
+        """Adaptive fetching (streams.py), for backends that can stream (`read_stream`): a blob
+        whose on-demand fetches took `dense_fraction` of its chunks (at least `dense_min_chunks`;
+        a large chunk counts once per 64 KiB) within `dense_window` seconds streams the rest in
+        `streams` parallel ranges of at least `stream_size` bytes, claiming chunks
+        `stream_lookahead` bytes ahead of what arrived.
+        `stream_size` 0 turns it off."""
         os.makedirs(work_dir, exist_ok=True)
         self.work_dir = work_dir
         self.source = source
@@ -217,6 +232,12 @@ class BlobCacheManager:
         self._flush_wake = threading.Condition(self._lock)
         self._flush_stop = threading.Event()
         self._flusher: threading.Thread | None = None
+        self.dense_fraction = dense_fraction
+        self.dense_window = dense_window
+        self.dense_min_chunks = dense_min_chunks
+        self._dense: dict[str, DenseDetector] = {}
+        self.streamer = (Streamer(self, streams=streams, size=stream_size, lookahead=stream_lookahead)
+                         if stream_size > 0 else None)
 
     # -- files and eviction ---------------------------------------------------------------------
     def _scan(self) -> dict[str, tuple[float, int]]:
@@ -371,13 +392,15 @@ class BlobCacheManager:
     def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo] = (),
                     prefetch: bool = False,
                     follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None,
-                    follow_late: bool = False) -> list[bytes]:
+                    follow_late: bool = False, table: Table | None = None) -> list[bytes]:
         """Decoded bytes of `chunks` (all of `blob`), fetching what is missing; chunks in `extra`
         are fetched along when missing and within the `amplify_io` budget, but not returned.
         `follow(c)` gives the chunks stored after `c` in the blob, for cross-file amplification
         of sequential misses (see the module docstring); it is only called on a miss.
         `follow_late`: the window opens at the second sequential miss of a stream, not the first
         (blob views: the first is usually the tail of the file the kernel is reading).
+        `table(blob)` gives all of the blob's chunks: with it, dense reading switches the blob to
+        streams (adaptive fetching, see streams.py).
 
         A chunk that cannot be had raises OSError(EIO) or FormatError (DigestMismatch); the
         caller answers EIO. Nothing wrong is ever returned or cached.
@@ -388,7 +411,8 @@ class BlobCacheManager:
         try:
             with self._lock:
                 self.stats.total += 1
-            return self._read(cb, chunks, extra, prefetch, None if prefetch else follow, follow_late)
+            return self._read(cb, chunks, extra, prefetch, None if prefetch else follow, follow_late,
+                              None if prefetch else table)
         finally:
             self._unpin(cb)
 
@@ -495,7 +519,7 @@ class BlobCacheManager:
 
     def _read(self, cb: CachedBlob, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo],
               prefetch: bool, follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None,
-              follow_late: bool = False) -> list[bytes]:
+              follow_late: bool = False, table: Table | None = None) -> list[bytes]:
         out: list[bytes | None] = [self._cached(cb, c) for c in chunks]
         missing = [k for k, d in enumerate(out) if d is None]
         hits = len(chunks) - len(missing)
@@ -510,9 +534,14 @@ class BlobCacheManager:
                 self.stats.partial_hits += 1
         if not missing:
             return out  # type: ignore[return-value]
+        streaming = self.streamer is not None and self.streamer.streaming(cb.blob.blob_id)
+        if streaming:  # the streams bring the rest: fetch just what this read needs
+            extra, follow = (), None
         mine, waits, recheck = self._claim(cb, chunks, missing, extra, prefetch)
         if mine and follow is not None:
             self._follow(cb, mine, follow, follow_late)
+        if mine and table is not None and not streaming:
+            self._note_dense(cb, mine, table)
         demand = bool(mine) and not prefetch
         if demand:
             self._demand_begin()
@@ -543,6 +572,23 @@ class BlobCacheManager:
             if d is None:  # ready at claim time but gone since (evicted or corrupt): fetch now
                 out[k] = self._read(cb, [chunks[k]], (), prefetch)[0]
         return out  # type: ignore[return-value]
+
+    def _note_dense(self, cb: CachedBlob, mine: list[tuple[ChunkInfo, Future[bytes]]], table: Table) -> None:
+        """Count an on-demand fetch's chunks towards the blob's density; a blob read densely
+        switches to streams starting where this fetch ends (adaptive fetching)."""
+        if self.streamer is None or not callable(getattr(self.source, "read_stream", None)):
+            return
+        bid = cb.blob.blob_id
+        with self._lock:
+            det = self._dense.get(bid)
+            if det is None:
+                det = self._dense[bid] = DenseDetector(cb.blob.chunk_count, self.dense_fraction, self.dense_window,
+                                                       self.dense_min_chunks)
+            now = time.monotonic()
+            dense = det.note(now, dense_units(c for c, _ in mine), self.streamer.walking(now, self.dense_window))
+        if dense:
+            at = max(c.compressed_offset + c.compressed_size for c, _ in mine)
+            self.streamer.start(cb, table, at)
 
     def _claim(self, cb: CachedBlob, chunks: Sequence[ChunkInfo], missing: list[int], extra: Sequence[ChunkInfo],
                prefetch: bool) -> tuple[list[tuple[ChunkInfo, Future[bytes]]],
@@ -703,6 +749,8 @@ class BlobCacheManager:
                 self.stats.backend_bytes += len(raw)
                 if len(run) > 1:
                     self.stats.merged_chunks += len(run)
+                if not prefetch:
+                    self.stats.ondemand_bytes += len(raw)
                 if prefetch:
                     self.stats.prefetch_requests_count += 1
                     self.stats.prefetch_data_amount += len(raw)
@@ -854,6 +902,8 @@ class BlobCacheManager:
             if self._closed:
                 return
             flusher = self._flusher
+        if self.streamer is not None:
+            self.streamer.close()
         if flusher is not None:
             with self._lock:
                 self._closed = True

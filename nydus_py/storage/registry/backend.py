@@ -11,9 +11,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import errno
+import queue
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 from ...rafs.model import BlobInfo
@@ -65,6 +66,41 @@ class RegistryBackend:
         """Like `read`, on the prefetch connection pool and with fewer retries."""
         return self._call(self.client.read_blob(blob.blob_id, offset, size, prefetch=True),
                           self.cfg.deadline + GRACE)
+
+    def read_stream(self, blob: BlobInfo, offset: int, size: int) -> Iterator[bytes]:
+        """Bytes [offset, offset+size) of `blob` in pieces as they arrive, on the prefetch
+        connections (adaptive fetching's large sequential reads). OSError(EIO) when the stream
+        breaks or stalls, possibly after some pieces; closing the iterator early drops the
+        connection."""
+        if self._closed:
+            raise OSError(errno.EIO, "registry backend is closed")
+        pieces: queue.SimpleQueue[bytes | BaseException | None] = queue.SimpleQueue()
+
+        async def run() -> None:
+            try:
+                await self.client.reader.stream_blob(blob.blob_id, offset, size, pieces.put)
+                pieces.put(None)
+            except BaseException as e:  # cancelled too: the consumer is told, never left waiting
+                pieces.put(e if isinstance(e, OSError) else OSError(errno.EIO, f"stream stopped: {e!r}"))
+                if not isinstance(e, Exception):
+                    raise
+
+        fut = asyncio.run_coroutine_threadsafe(run(), self.loop)
+        idle = (self.cfg.timeout if self.cfg.timeout > 0 else self.cfg.deadline) + GRACE
+        try:
+            while True:
+                try:
+                    item = pieces.get(timeout=idle)
+                except queue.Empty:
+                    self.hung_reads += 1
+                    raise OSError(errno.EIO, f"stream of blob {blob.blob_id} stalled for {idle:.1f}s") from None
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            fut.cancel()
 
     def blob_size(self, blob_id: str) -> int:
         return self._call(self.client.blob_size(blob_id), self.cfg.deadline + GRACE)

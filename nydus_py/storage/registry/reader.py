@@ -13,6 +13,9 @@ import asyncio
 import errno
 import logging
 import re
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
 from urllib.parse import urljoin
 
 import aiohttp
@@ -26,6 +29,8 @@ PREFETCH_RETRIES = 1
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
 _CONTENT_RANGE = re.compile(r"^\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*$", re.IGNORECASE)
 _SKIP_PIECE = 1 << 20
+STREAM_PIECE = 256 << 10  # bytes handed on at a time by a stream
+T = TypeVar("T")
 
 
 def parse_content_range(value: str | None) -> tuple[int, int, int | None] | None:
@@ -66,7 +71,7 @@ class BlobReader:
             budget = min(self.http.cfg.timeout, remaining) if self.http.cfg.timeout > 0 else remaining
             try:
                 async with asyncio.timeout(budget):
-                    data = await self._attempt(blob_id, offset, size, prefetch)
+                    data: bytes = await self._attempt(blob_id, offset, size, prefetch)
                 self.http.counters.read_bytes += len(data)
                 return data
             except PermanentError as e:
@@ -95,7 +100,61 @@ class BlobReader:
         log.error("%s", msg)
         raise OSError(errno.EIO, msg)
 
-    async def _attempt(self, blob_id: str, offset: int, size: int, prefetch: bool) -> bytes:
+    async def stream_blob(self, blob_id: str, offset: int, size: int, sink: Callable[[bytes], None]) -> None:
+        """Bytes [offset, offset+size) of the blob handed to `sink` in pieces as they arrive (a
+        large sequential read whose first chunks are used before the last arrive). One attempt on
+        the prefetch connections, no retries: a stream that breaks is the caller's to fall back
+        from. Every wait (headers, each piece) has the per-request timeout; OSError(EIO) on any
+        failure, after some pieces may already have been handed on."""
+        if size <= 0:
+            return
+        if offset < 0:
+            raise OSError(errno.EINVAL, f"blob {blob_id}: impossible stream of {size} bytes at {offset}")
+        self.http.counters.reads += 1
+        idle = self.http.cfg.timeout if self.http.cfg.timeout > 0 else self.http.cfg.deadline
+        try:
+            async with asyncio.timeout(idle) as tm:
+                await self._attempt(blob_id, offset, size, True, partial(self._stream_body, sink=sink, tm=tm,
+                                                                           idle=idle))
+        except (PermanentError, TransientError, TimeoutError, aiohttp.ClientError, OSError) as e:
+            if isinstance(e, TimeoutError):
+                self.http.counters.timeouts += 1
+            elif isinstance(e, (aiohttp.ClientError, OSError)):
+                self.http.counters.network_errors += 1
+            self.http.counters.read_errors += 1
+            raise OSError(errno.EIO, f"blob {blob_id} stream {offset}+{size}: {describe(e)}") from None
+
+    async def _stream_body(self, resp: aiohttp.ClientResponse, offset: int, size: int, *,
+                           sink: Callable[[bytes], None], tm: asyncio.Timeout, idle: float) -> None:
+        if resp.status != 206:  # a whole-blob 200 (sliced) or an error: as a plain read
+            sink(await self._body(resp, offset, size))
+            return
+        cr = parse_content_range(resp.headers.get("Content-Range"))
+        cl = resp.content_length
+        if cr is None or cr[0] != offset or cr[1] != offset + size - 1 or (cl is not None and cl != size):
+            self.http.counters.bad_content_range += 1
+            resp.close()
+            raise TransientError(f"206 with Content-Range {resp.headers.get('Content-Range')!r} and "
+                                 f"{cl} bytes, asked bytes {offset}-{offset + size - 1}")
+        loop = asyncio.get_running_loop()
+        left = size
+        while left > 0:
+            tm.reschedule(loop.time() + idle)
+            piece = await resp.content.read(min(left, STREAM_PIECE))
+            if not piece:
+                self.http.counters.short_bodies += 1
+                resp.close()
+                raise TransientError(f"stream ended after {size - left} of {size} bytes")
+            self.http.counters.body_bytes += len(piece)
+            self.http.counters.read_bytes += len(piece)
+            left -= len(piece)
+            sink(piece)
+
+    async def _attempt(self, blob_id: str, offset: int, size: int, prefetch: bool,
+                       body: Callable[[aiohttp.ClientResponse, int, int], Awaitable[T]] | None = None) -> T:
+        """One GET of the range (following a redirect); `body` turns the response into the
+        result (default: the exact bytes)."""
+        take: Callable[[aiohttp.ClientResponse, int, int], Awaitable[T]] = body or self._body  # type: ignore[assignment]
         rng = {"Range": f"bytes={offset}-{offset + size - 1}"}
         cached = self.redirects.get(blob_id)
         if cached is not None:
@@ -107,7 +166,7 @@ class BlobReader:
                     self.http.counters.redirect_cache_drops += 1
                     log.info("blob %s: cached redirect answered %d; asking the registry again", blob_id, resp.status)
                 else:
-                    return await self._body(resp, offset, size)
+                    return await take(resp, offset, size)
             finally:
                 resp.release()
         url = self.http.blob_url(blob_id)
@@ -119,12 +178,12 @@ class BlobReader:
                 self.http.counters.redirects += 1
                 r2 = await self.http.send("GET", target, rng, prefetch=prefetch)
                 try:
-                    data = await self._body(r2, offset, size)
+                    data = await take(r2, offset, size)
                 finally:
                     r2.release()
                 self.redirects[blob_id] = target
                 return data
-            return await self._body(resp, offset, size)
+            return await take(resp, offset, size)
         finally:
             resp.release()
 
