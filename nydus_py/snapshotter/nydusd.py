@@ -63,6 +63,7 @@ from .supervisor import Supervisor, SupervisorError
 log = logging.getLogger(__name__)
 
 DEFAULT_ARGS = ("--thread-num", "4", "--log-level", "info")
+BACKGROUND_RATE = 16 << 20  # bytes/s of the default config's background completion (fs_prefetch.prefetch_all)
 
 
 def default_command() -> list[str]:
@@ -470,7 +471,11 @@ class SharedDaemon:
         """The v1 config sent with the mount: the template (if any) with this image's registry,
         credentials, scheme, the shared blob cache and `device.id = /<sid>`."""
         cfg: dict[str, Any] = copy.deepcopy(self.settings.config_template) if self.settings.config_template else {
-            "mode": "direct", "digest_validate": False, "enable_xattr": True}
+            "mode": "direct", "digest_validate": False, "enable_xattr": True,
+            # background completion: after the image's prefetch hints, every file, at a capped
+            # rate and behind on-demand reads (the daemon alone leaves it off)
+            "fs_prefetch": {"enable": True, "prefetch_all": True, "threads_count": 4,
+                            "bandwidth_rate": BACKGROUND_RATE}}
         device: dict[str, Any] = cfg.setdefault("device", {})
         device["id"] = f"/{sid}"
         backend: dict[str, Any] = device.setdefault("backend", {})

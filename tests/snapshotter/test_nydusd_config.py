@@ -26,6 +26,9 @@ def test_default_config_is_a_valid_registry_config(tmp_path):
     assert cfg["device"]["cache"] == {"type": "blobcache", "config": {"work_dir": d.cache}}
     parsed = parse_any(json.dumps(cfg))  # what nydusd-py will parse
     assert parsed.rafs.backend.type == "registry"
+    # background completion of the image, capped (the daemon's own default leaves it off)
+    assert parsed.rafs.prefetch_enable and parsed.rafs.prefetch_all
+    assert 0 < parsed.rafs.prefetch_bandwidth <= 32 << 20
     assert d.argv() == ["nydusd-py", "fuse", "--mountpoint", d.mnt, "--apisock", d.sock,
                         "--thread-num", "4", "--log-level", "info"]
 
