@@ -16,8 +16,9 @@
 #   PIP_EXTRA_INDEX_URL=URL    more indexes, space-separated
 #   CA_BUNDLE=FILE             a PEM file in image-build/ of the build context: the CA of a
 #                              TLS-intercepting proxy or of a private index. pip (PIP_CERT) and apt
-#                              (Acquire::https::CAInfo) verify with it, and the image trusts it at
-#                              run time too (registries behind the same proxy).
+#                              (Acquire::https::CAInfo) verify with it instead of their default roots
+#                              (append those if some hosts are reached directly); the image trusts
+#                              it at run time too (registries behind the same proxy).
 #   WHEELS=DIR                 a directory in image-build/ with the wheels of requirements.lock
 #                              (`scripts/lock.sh --download image-build/wheels`): pip installs
 #                              offline (--no-index --find-links); apt still needs a Debian mirror.

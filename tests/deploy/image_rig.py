@@ -120,9 +120,10 @@ def main_mirror(sources: list[AptSource]) -> str:
 # -- the base image ----------------------------------------------------------------------------------
 
 
-def base_tarball(sources: list[AptSource]) -> Path:
+def base_tarball(sources: list[AptSource], scratch: Path) -> Path:
     """A debootstrap --variant=minbase bookworm root file system, slimmed as debian:bookworm-slim is
-    and with this host's bookworm sources, as a tar under CACHE_DIR (made once, ~30 s)."""
+    and with this host's bookworm sources, as a tar under CACHE_DIR (made once, ~30 s, in
+    `scratch`: dpkg syncs every file it unpacks, which a tmpfs makes free)."""
     mirror = main_mirror(sources)
     lines = "".join(f"deb {s.uri} {' '.join(s.suites)} {' '.join(s.components)}\n" for s in sources)
     if not lines:
@@ -132,8 +133,7 @@ def base_tarball(sources: list[AptSource]) -> Path:
     if tarball.exists():
         return tarball
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    root = CACHE_DIR / f"rootfs-{key}.tmp"
-    shutil.rmtree(root, ignore_errors=True)
+    root = scratch / f"rootfs-{key}"
     debootstrap = shutil.which("debootstrap") or "/usr/sbin/debootstrap"
     log.info("debootstrap --variant=minbase bookworm from %s into %s", mirror, root)
     run([debootstrap, "--variant=minbase", "bookworm", str(root), mirror], timeout=900)
@@ -200,10 +200,29 @@ class Buildah:
         finally:
             self("rm", ctr)
 
+    def forget(self, *images: str) -> None:
+        """Remove working containers, `images` and the layers only they used (the base stays)."""
+        self("rm", "--all")
+        for image in images:
+            self("rmi", "--force", image)
+        self("rmi", "--prune")
+
     def image_size(self, image: str) -> str:
         """Size of `image` in the storage (uncompressed layers), as buildah says it ("198 MB")."""
         (entry,) = json.loads(self("images", "--json", image).stdout)
         return str(entry["size"])
+
+
+def storage_tmpfs(path: Path, size: str = "6g") -> bool:
+    """Mount a tmpfs at `path` for the vfs storage (every vfs layer is a full copy of the root file
+    system: on a busy disk that copying, and deleting it afterwards, is most of the build time).
+    False, logged, when it cannot be mounted: the storage then lives on disk."""
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "nydus-py-buildah", str(path)],
+                       capture_output=True, text=True, timeout=30)
+    if r.returncode != 0:
+        log.warning("buildah storage on disk, no tmpfs at %s: %s", path, r.stderr.strip())
+        return False
+    return True
 
 
 def build_context(dest: Path) -> Path:

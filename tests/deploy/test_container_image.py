@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import urllib.request
 from collections.abc import Iterator
+from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from .image_rig import (
     bookworm_sources,
     build_context,
     locked_wheels,
+    storage_tmpfs,
 )
 
 pytestmark = pytest.mark.slow
@@ -47,15 +49,21 @@ def buildah(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Buildah]:
     if os.geteuid() != 0:
         pytest.skip("the image tests run buildah as root (vfs storage, chroot isolation)")
     b = Buildah(binary, tmp_path_factory.mktemp("buildah"))
-    base = os.environ.get("NYDUS_PY_TEST_BASE_IMAGE")
-    if base:
-        b.base = base
-    else:
-        require_tool("debootstrap")
-        b.import_tarball(base_tarball(bookworm_sources()), LOCAL_BASE)
-        b.base, b.from_local = LOCAL_BASE, True
-    yield b
-    shutil.rmtree(b.state)
+    on_tmpfs = storage_tmpfs(b.state)
+    try:
+        base = os.environ.get("NYDUS_PY_TEST_BASE_IMAGE")
+        if base:
+            b.base = base
+        else:
+            require_tool("debootstrap")
+            b.import_tarball(base_tarball(bookworm_sources(), b.state), LOCAL_BASE)
+            b.base, b.from_local = LOCAL_BASE, True
+        yield b
+    finally:
+        if on_tmpfs:
+            subprocess.run(["umount", str(b.state)], check=True, timeout=60)
+        else:
+            shutil.rmtree(b.state)
 
 
 def arch() -> str:
@@ -95,9 +103,11 @@ def test_bad_build_args_fail_first_with_a_line_naming_them(buildah: Buildah, tmp
 def test_image_from_a_private_https_index_runs_and_is_pushed(buildah: Buildah, tmp_path: Path) -> None:
     wheels = locked_wheels(arch())
     ca, cert, key = rig.tls_files(tmp_path / "tls")
-    index = HttpsIndex(wheels, tmp_path / "index", cert, key).start()
-    registry = rig.plain_registry(require_tool("docker-registry"), tmp_path / "registry")
-    try:
+    with ExitStack() as stack:
+        index = HttpsIndex(wheels, tmp_path / "index", cert, key).start()
+        stack.callback(index.stop)
+        registry = rig.plain_registry(require_tool("docker-registry"), tmp_path / "registry")
+        stack.callback(registry.stop)
         ctx = build_context(tmp_path / "ctx")
         # the proxy's CA, and the host's roots for anything else reached directly (the Debian mirror)
         bundle = ca.read_text() + (HOST_BUNDLE.read_text() if HOST_BUNDLE.exists() else "")
@@ -135,9 +145,7 @@ def test_image_from_a_private_https_index_runs_and_is_pushed(buildah: Buildah, t
         assert config["Entrypoint"] == ["nydus-snapshotter-py"]
         assert f"NYDUS_PY_GIT_COMMIT={commit}" in config["Env"]
         print(f"pushed: {sum(d['size'] for d in manifest['layers']) / 1e6:.0f} MB compressed")
-    finally:
-        registry.stop()
-        index.stop()
+        buildah.forget(image)  # (after a failure the module's storage goes as a whole)
 
 
 def test_nydusd_target_builds_offline_from_a_wheel_directory(buildah: Buildah, tmp_path: Path) -> None:
@@ -153,3 +161,4 @@ def test_nydusd_target_builds_offline_from_a_wheel_directory(buildah: Buildah, t
     assert config["Entrypoint"] == ["nydusd-py"] and config["Cmd"] == ["--help"]
     out = buildah.run_in(image, "nydusd-py", "--version")
     assert re.search(r"Version:\s+v\d", out), out
+    buildah.forget(image)
