@@ -22,6 +22,8 @@ DEB_PACKAGES=(
   containerd       # containerd 1.6 + ctr: the snapshotter end-to-end tests run it with its own root and socket
   runc             # the runtime behind `ctr run` in those tests
   stargz-snapshotter  # ctr-remote: `images rpull` sends the remote-snapshotter labels (cri-tools is not in Debian 12)
+  buildah          # builds the Dockerfile in tests/deploy/test_container_image.py (vfs storage, chroot isolation: no daemon)
+  debootstrap      # makes that test's Debian bookworm base image (minbase) from this machine's apt mirror
 )
 missing=()
 for p in "${DEB_PACKAGES[@]}"; do

@@ -396,12 +396,11 @@ def redirect_registry(binary: str, workdir: Path, upstream: Registry) -> tuple[R
     return reg.start(), target
 
 
-def tls_registry(binary: str, workdir: Path) -> tuple[Registry, Path]:
-    """A registry serving HTTPS with a certificate for 127.0.0.1 from our own CA; returns the
-    registry and the CA's PEM file."""
+def tls_files(d: Path) -> tuple[Path, Path, Path]:
+    """A CA of our own and a server certificate for 127.0.0.1 signed by it, written into `d`:
+    (ca.pem, cert.pem, key.pem)."""
     import ipaddress
 
-    d = workdir / "tls"
     d.mkdir(parents=True, exist_ok=True)
     now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -423,11 +422,17 @@ def tls_registry(binary: str, workdir: Path) -> tuple[Registry, Path]:
     (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                                   serialization.NoEncryption()))
+    return d / "ca.pem", d / "cert.pem", d / "key.pem"
+
+
+def tls_registry(binary: str, workdir: Path) -> tuple[Registry, Path]:
+    """A registry serving HTTPS with a certificate for 127.0.0.1 from our own CA; returns the
+    registry and the CA's PEM file."""
+    ca, cert, key = tls_files(workdir / "tls")
     reg = Registry(binary, workdir, "tls", {"http": {"addr": "127.0.0.1:0", "secret": secrets.token_hex(16),
-                                                     "tls": {"certificate": str(d / "cert.pem"),
-                                                             "key": str(d / "key.pem")}}})
-    reg.tls_ca = d / "ca.pem"
-    return reg.start(), d / "ca.pem"
+                                                     "tls": {"certificate": str(cert), "key": str(key)}}})
+    reg.tls_ca = ca
+    return reg.start(), ca
 
 
 def htpasswd_line(tool: str) -> Callable[[str, str], str]:
