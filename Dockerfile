@@ -5,7 +5,7 @@
 #   ... --build-arg GIT_COMMIT=$(git rev-parse HEAD)                 # what `nydusd-py --version` reports
 #
 # Both images hold every console script (nydus-snapshotter-py, nydusd-py, nydusify-py,
-# nydus-image-py) in /usr/local/bin; deploy/kubernetes/ runs the default one privileged with
+# nydus-image-py, nydus-overlayfs-py) in /usr/local/bin; deploy/kubernetes/ runs the default one privileged with
 # /dev/fuse (deploy/README.md: building, pushing, and pointing the DaemonSet at the image).
 #
 # Python dependencies come from requirements.lock (written by scripts/lock.sh), checked against its
@@ -79,7 +79,7 @@ RUN set -eu; ca=/usr/local/share/ca-certificates/nydus-py-build-ca.crt; opt=""; 
     || { echo "apt-get failed: the base image's Debian mirror must be reachable (build args HTTP_PROXY/HTTPS_PROXY for a proxy, CA_BUNDLE for a TLS-intercepting one)" >&2; exit 1; }; \
     apt-get clean; rm -rf /var/lib/apt/lists/*
 COPY --from=build /opt/nydus-py /opt/nydus-py
-RUN for s in nydus-snapshotter-py nydusd-py nydusify-py nydus-image-py; do \
+RUN for s in nydus-snapshotter-py nydusd-py nydusify-py nydus-image-py nydus-overlayfs-py; do \
         ln -s /opt/nydus-py/bin/$s /usr/local/bin/$s; done
 ARG GIT_COMMIT=""
 ENV NYDUS_PY_GIT_COMMIT=${GIT_COMMIT}
