@@ -12,18 +12,17 @@ import errno
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import ParsedConfig
-from ..fs.erofs_serve import ErofsGone
 from ..fuse.protocol import FuseSession, notify_resend
 from ..metrics.fsstats import FsStats, FuseMetrics
 from ..transport.base import Transport
-from ..transport.fuse_uring import FuseUringSession
 from ..transport.fusedev import FuseDevSession
 from ..transport.mount import connection_of, real_mountpoint
 from ..vfs import MAX_INDEX, Vfs, VfsError, normalize_path
@@ -33,6 +32,9 @@ from .instance import Instance, MountCmd, create_instance, fs_driver_of, restore
 from .logsetup import EventRing, set_level
 from .state import DaemonState, Event, StateMachine
 from .version import build_info
+
+if TYPE_CHECKING:  # (imported where used: only --io-uring daemons load the ring code)
+    from ..transport.fuse_uring import FuseUringSession
 
 log = logging.getLogger("nydusd-py")
 
@@ -364,7 +366,9 @@ class DaemonService:
         """Mount the FUSE filesystem and start serving it (Mount -> READY, Start -> RUNNING)."""
         t: FuseDevSession | FuseUringSession = self._new_fusedev()
         if self.opts.io_uring:
-            t = FuseUringSession(self.session, self.opts.mountpoint, threads=self.opts.threads)
+            from ..transport.fuse_uring import FuseUringSession as Uring
+
+            t = Uring(self.session, self.opts.mountpoint, threads=self.opts.threads)
         t.mount()
         self.transport = t
         self.fuse_fd = t.fd
@@ -503,6 +507,8 @@ class DaemonService:
                 view_fd, fds[k] = (fds[k], -1) if k >= 0 else (-1, -1)  # the instance's from here on
                 cmd = MountCmd.from_json(e["cmd"])
                 cmd.fs_driver = str(e["cmd"].get("fs_driver", ""))  # (a dedicated daemon's, from its command line)
+                from ..fs.erofs_serve import ErofsGone
+
                 try:
                     inst = restore_erofs(e["mountpoint"], cmd, self.default_config, e["serve"], view_fd)
                 except ErofsGone as gone:
@@ -581,7 +587,8 @@ class DaemonService:
         """How FUSE requests reach the daemon: /dev/fuse reads or io_uring (with its counters,
         fallbacks included)."""
         t = self.transport
-        if isinstance(t, FuseUringSession):
+        uring = sys.modules.get("nydus_py.transport.fuse_uring")  # (not loaded: not in use)
+        if uring is not None and isinstance(t, uring.FuseUringSession):
             return {"transport": "fuse_io_uring" if t.stats.active else "fusedev", "io_uring": t.stats.as_dict()}
         if isinstance(t, FuseDevSession):
             return {"transport": "fusedev", "io_uring": None}

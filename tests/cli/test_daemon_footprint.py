@@ -20,6 +20,10 @@ LAZY = {
     "google_crc32c": "chunk CRCs",
     "aiohttp": "the HTTP API and registries",
     "grpc": "the gRPC API",
+    "nydus_py.fs.erofs_serve": "fs_driver erofs mounts",
+    "nydus_py.transport.erofs_mount": "fs_driver erofs mounts",
+    "nydus_py.transport.fuse_uring": "--io-uring",
+    "nydus_py.fs.passthrough": "passthrough mounts (virtio-fs shares)",
 }
 
 
@@ -29,6 +33,14 @@ def test_the_daemon_entry_point_imports_nothing_it_may_not_need() -> None:
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     loaded = json.loads(out.stdout)
     assert loaded == [], {m: LAZY[m] for m in loaded}
+
+
+def test_mounting_by_reference_loads_no_builder() -> None:
+    """`--image REF` needs the manifest code and the bootstrap's tar, not the builder (~20 ms)."""
+    code = ("import sys; import nydus_py.cli.daemon, nydus_py.convert.pull; "
+            "print([m for m in sys.modules if m.startswith('nydus_py.builder')])")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "[]"
 
 
 @pytest.mark.parametrize("ts", [0, 951782400, 1_700_000_000.75, 4_102_444_799])
