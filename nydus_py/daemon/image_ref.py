@@ -8,8 +8,9 @@ from the blobs through the registry backend, whose `host` and `repo` become the 
 Config: the mount's config (or the daemon's `--config`) must use the `registry` backend; its
 auth, scheme, timeouts, proxy and cache settings apply. With no config at all, one is made:
 registry backend, HTTPS, except plain HTTP for loopback registries (127.0.0.0/8, localhost, ::1),
-as Docker treats those as insecure by default. A config without a cache section (the made-up one
-included) gets the default blob cache: `$NYDUS_PY_CACHE_DIR`, else `/var/lib/nydus-py/cache`,
+as Docker treats those as insecure by default; the image's prefetch table, if it has one, is
+prefetched from the start (fs_prefetch, not prefetch_all). A config without a cache section (the
+made-up one included) gets the default blob cache: `$NYDUS_PY_CACHE_DIR`, else `/var/lib/nydus-py/cache`,
 capped at `$NYDUS_PY_CACHE_SIZE` bytes (default 10 GiB, least recently used blobs evicted).
 Without a cache every page-cache miss would be a ranged GET of one chunk, fetched again after
 every eviction: a lazy image would lose to a full pull.
@@ -62,6 +63,7 @@ class ImageBootstrap:
 
 DEFAULT_CACHE_DIR = "/var/lib/nydus-py/cache"
 DEFAULT_CACHE_SIZE = 10 << 30
+DEFAULT_PREFETCH_THREADS = 4
 
 
 def default_cache() -> dict[str, Any]:
@@ -80,7 +82,10 @@ def default_config(ref: ImageRef) -> ParsedConfig:
     v1 = {"device": {"backend": {"type": "registry", "config": {"host": ref.host, "repo": ref.repository,
                                                                 "scheme": scheme}},
                      "cache": default_cache()},
-          "mode": "direct", "digest_validate": False, "enable_xattr": True}
+          "mode": "direct", "digest_validate": False, "enable_xattr": True,
+          # the image's prefetch table (nydusify's hints) from the start, as the snapshotter's
+          # default config does; without a table nothing is started (daemon.instance)
+          "fs_prefetch": {"enable": True, "prefetch_all": False, "threads_count": DEFAULT_PREFETCH_THREADS}}
     return parse_any(json.dumps(v1))
 
 

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..config import ConfigError, ParsedConfig, parse_any
+from ..config import ConfigError, ParsedConfig, RafsConfig, parse_any
 from ..fs.rafs_fs import RafsFilesystem
 from ..fuse.api import Filesystem
 from ..metrics.backend import BackendStats, instrument, unwrap
@@ -361,7 +361,7 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
         inst = Instance(mountpoint, cmd, fs, "Rafs", stats, parsed=parsed, image=image, source=source,
                         device=device, backend_stats=bstats)
         files = [os.fsencode(p) for p in cmd.prefetch_files or ()]
-        inst.prefetcher = make_prefetcher(cfg, image, source, files)
+        inst.prefetcher = _prefetcher(cfg, image, source, files)
         return inst
     except BaseException as e:
         if adopt is not None and adopt[1] >= 0:
@@ -376,6 +376,16 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
         if isinstance(e, Exception):
             raise InternalError(f"mount {mountpoint}: {e}") from e
         raise
+
+
+def _prefetcher(cfg: RafsConfig, image: RafsImage, source: BlobSource | ChunkSource,
+                files: list[bytes]) -> Prefetcher | None:
+    """The started prefetcher, or None when it would have nothing to do: fs_prefetch on, but no
+    files given, no prefetch_all and an empty prefetch table (no threads per mount for nothing)."""
+    if cfg.prefetch_enable and not files and not cfg.prefetch_all and not image.prefetch_table():
+        log.debug("fs_prefetch: the image has no prefetch table and no files are given; not prefetching")
+        return None
+    return make_prefetcher(cfg, image, source, files)
 
 
 def _erofs_gone(e: BaseException) -> bool:
@@ -421,7 +431,7 @@ def _erofs_wrap(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, image: Raf
                     source=source, device=device, backend_stats=bstats, erofs=serve)
     try:
         files = [os.fsencode(p) for p in cmd.prefetch_files or ()]
-        inst.prefetcher = make_prefetcher(cfg, image, source, files)
+        inst.prefetcher = _prefetcher(cfg, image, source, files)
     except BaseException:
         if serve.adopted:
             serve.release()  # a failed takeover leaves the mounts as they are, for another
