@@ -4,8 +4,8 @@ A node's shared daemon holds every image of every pod. One image of --entries en
 files in directories of 50, RAFS v6, its blob in a loopback `docker-registry`) is mounted
 --images times through `POST /api/v1/mount` with the snapshotter's per-image config (registry
 backend, the shared blob cache), then each mount is walked (`ls -lR`) and a few files of each are
-read. RSS (and threads, anonymous memory) are read from /proc: with no image, after the mounts,
-after the walks, and once idle again. Per image = (after walks, idle - no image) / --images.
+read. RSS (and threads, anonymous memory, the largest mappings) are read from /proc: with no
+image, after the mounts, after the walks, and once idle again (--idle-s later). Per image = (after walks, idle - no image) / --images.
 
     python3 benchmarks/bench_shared_rss.py [--images 50] [--entries 2300] [--backend registry|localfs]
 """
@@ -44,6 +44,26 @@ def proc_mem(pid: int) -> dict[str, float]:
             elif k == "Threads":
                 out[k] = int(v)
     return out
+
+
+def smaps_by_path(pid: int, top: int = 12) -> list[tuple[str, float, int]]:
+    """(mapping, Rss MiB, count) of the largest mappings of `pid`, grouped by path (anonymous
+    mappings as [anon]; .blob.data, .chunk_map and .boot files by suffix)."""
+    sums: dict[str, list[float]] = {}
+    name = "[anon]"
+    with open(f"/proc/{pid}/smaps") as f:
+        for line in f:
+            head = line.split()
+            if len(head) >= 5 and "-" in head[0] and not line.startswith(("Rss", "Size")) and ":" not in head[0]:
+                path = head[5] if len(head) > 5 else "[anon]"
+                for suffix in (".blob.data", ".chunk_map", ".boot"):
+                    if path.endswith(suffix):
+                        path = f"*{suffix}"
+                name = path
+                sums.setdefault(name, [0.0, 0])[1] += 1
+            elif line.startswith("Rss:"):
+                sums[name][0] += int(head[1]) / 1024
+    return sorted(((k, round(v[0], 2), int(v[1])) for k, v in sums.items()), key=lambda t: -t[1])[:top]
 
 
 def make_tree(root: Path, entries: int) -> list[str]:
@@ -89,7 +109,9 @@ def config(backend: str, work: Path, blobs: Path, registry: rig.Registry | None,
                        "mode": "direct", "digest_validate": False, "enable_xattr": True})
 
 
-def run(n_images: int, entries: int, backend: str, settle: float = 3.0) -> dict[str, Any]:
+def run(n_images: int, entries: int, backend: str, settle: float = 3.0, idle_s: float = 25.0) -> dict[str, Any]:
+    """`idle_s`: how long the walked mounts stay untouched before "idle" is read (the daemon's
+    idle trimmer runs every 10 s: a mount is trimmed after one to two rounds without requests)."""
     work = Path(tempfile.mkdtemp(prefix="nydus-bench-shared-"))
     registry = None
     proc = None
@@ -124,8 +146,10 @@ def run(n_images: int, entries: int, backend: str, settle: float = 3.0) -> dict[
                 with open(mnt / f"img{i}" / rel, "rb") as f:
                     f.read()
         out["walked"] = proc_mem(proc.pid)
-        time.sleep(settle)
+        out["walked_smaps"] = smaps_by_path(proc.pid)
+        time.sleep(idle_s)
         out["idle"] = proc_mem(proc.pid)
+        out["idle_smaps"] = smaps_by_path(proc.pid)
         base = out["no_image"]["VmRSS"]
         out["per_image_mib"] = {k: (out[k]["VmRSS"] - base) / n_images for k in ("mounted", "walked", "idle")}
         out["threads_per_image"] = (out["idle"]["Threads"] - out["no_image"]["Threads"]) / n_images
@@ -147,9 +171,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=50)
     ap.add_argument("--entries", type=int, default=2300)
     ap.add_argument("--backend", choices=("registry", "localfs"), default="registry")
+    ap.add_argument("--idle-s", type=float, default=25.0, help="seconds untouched before the idle reading")
     ap.add_argument("--save-as", default="", help="results name under benchmarks/results")
     args = ap.parse_args()
-    res = run(args.images, args.entries, args.backend)
+    res = run(args.images, args.entries, args.backend, idle_s=args.idle_s)
     print(json.dumps(res, indent=2))
     if args.save_as:
         save(args.save_as, res)

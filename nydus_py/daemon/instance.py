@@ -137,6 +137,14 @@ class Instance:
             except BufferError:
                 log.warning("%s: bootstrap still referenced, leaving it to the garbage collector", self.mountpoint)
 
+    def activity(self) -> int:
+        """A number that changes whenever a FUSE request reaches this mount (the idle trimmer's)."""
+        return sum(self.stats.hits)
+
+    def trim(self) -> bool:
+        """Give back what an idle mount can rebuild on demand: the bootstrap's mapped pages."""
+        return self.image.trim() if self.image is not None else False
+
     # -- views --------------------------------------------------------------------------------
     def collection_entry(self) -> dict[str, Any]:
         return {

@@ -62,6 +62,9 @@ class DaemonOptions:
     mount_timeout: float = 120.0
     # FUSE over io_uring (--io-uring / "fuse_io_uring": true); falls back to /dev/fuse reads
     io_uring: bool = False
+    # seconds between the idle trimmer's rounds: a mount no request reached during a whole round
+    # gives back its bootstrap's mapped pages (Instance.trim); 0 = never
+    trim_interval: float = 10.0
 
 
 def _strip_id(value: str) -> str:
@@ -97,6 +100,8 @@ class DaemonService:
         self.exit_request: tuple[int, bool] | None = None
         self.exit_event = threading.Event()
         self.on_exit: Callable[[], None] | None = None
+        self._trimmer: threading.Thread | None = None  # started with the first mount
+        self.trims = 0  # mounts trimmed by the idle trimmer
 
     # -- plumbing -------------------------------------------------------------------------------
     def _on_state(self, old: DaemonState, new: DaemonState, event: Event) -> None:
@@ -150,6 +155,7 @@ class DaemonService:
             with self._lock:
                 if inst.erofs is not None:
                     self.instances[mp] = inst
+                    self._start_trimmer()
                     log.info("mounted %s (%s) at %s with the kernel EROFS driver", cmd.source, cmd.fs_type,
                              inst.erofs.target)
                     return
@@ -161,10 +167,36 @@ class DaemonService:
                            else BadRequest(str(e))) from None
                 self.instances[mp] = inst
                 self._by_index[inst.index] = inst
+                self._start_trimmer()
         finally:
             with self._lock:
                 self._building.discard(mp)
         log.info("mounted %s (%s) at %s, index %d", cmd.source, cmd.fs_type, mp, inst.index)
+
+    def _start_trimmer(self) -> None:
+        """(With the lock held.) One thread per daemon, from its first mount on."""
+        if self._trimmer is None and self.opts.trim_interval > 0:
+            self._trimmer = threading.Thread(target=self._trim_idle, name="trim", daemon=True)
+            self._trimmer.start()
+
+    def _trim_idle(self) -> None:
+        """Each round, trim the mounts no request reached since the previous round (once per
+        idle spell: a mount is trimmed again only after it was used)."""
+        seen: dict[Instance, int] = {}
+        trimmed: dict[Instance, int] = {}
+        while not self.exit_event.wait(self.opts.trim_interval):
+            with self._lock:
+                live = list(self.instances.values())
+            for inst in live:
+                n = inst.activity()
+                if seen.get(inst) == n and trimmed.get(inst) != n and inst.trim():
+                    trimmed[inst] = n
+                    self.trims += 1
+                    log.debug("trimmed idle mount %s", inst.mountpoint)
+                seen[inst] = n
+            for gone in set(seen) - set(live):
+                seen.pop(gone, None)
+                trimmed.pop(gone, None)
 
     def _check_mountable(self, mp: str, kernel: bool = False) -> None:
         """Refuse before building anything what the VFS would refuse (no half-made instances).
@@ -317,6 +349,8 @@ class DaemonService:
             for inst in self.instances.values():
                 if inst.erofs is not None:
                     inst.erofs.resume(self._failover_policy if replay else None)
+            if self.instances:  # (taken over: mounted without mount())
+                self._start_trimmer()
             self.sm.fire(Event.START)
 
     def exit(self) -> None:
