@@ -28,6 +28,7 @@ from ..transport.mount import connection_of, real_mountpoint
 from ..vfs import MAX_INDEX, Vfs, VfsError, normalize_path
 from . import supervisor
 from .errors import ApiError, BadRequest, Conflict, InternalError, NotFound, NotReady, Timeout, Unsupported
+from .heap import trim_heap
 from .instance import Instance, MountCmd, create_instance, fs_driver_of, restore_erofs
 from .logsetup import EventRing, set_level
 from .state import DaemonState, Event, StateMachine
@@ -187,13 +188,17 @@ class DaemonService:
         while not self.exit_event.wait(self.opts.trim_interval):
             with self._lock:
                 live = list(self.instances.values())
+            round_trims = 0
             for inst in live:
                 n = inst.activity()
                 if seen.get(inst) == n and trimmed.get(inst) != n and inst.trim():
                     trimmed[inst] = n
-                    self.trims += 1
+                    round_trims += 1
                     log.debug("trimmed idle mount %s", inst.mountpoint)
                 seen[inst] = n
+            if round_trims:  # what their requests left in the malloc heaps goes back too
+                trim_heap()
+                self.trims += round_trims
             for gone in set(seen) - set(live):
                 seen.pop(gone, None)
                 trimmed.pop(gone, None)
