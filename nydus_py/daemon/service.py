@@ -191,10 +191,13 @@ class DaemonService:
             round_trims = 0
             for inst in live:
                 n = inst.activity()
-                if seen.get(inst) == n and trimmed.get(inst) != n and inst.trim():
-                    trimmed[inst] = n
-                    round_trims += 1
-                    log.debug("trimmed idle mount %s", inst.mountpoint)
+                try:
+                    if seen.get(inst) == n and trimmed.get(inst) != n and inst.trim():
+                        trimmed[inst] = n
+                        round_trims += 1
+                        log.debug("trimmed idle mount %s", inst.mountpoint)
+                except Exception:  # (a mount closing meanwhile; the next round tries again)
+                    log.exception("trimming %s failed", inst.mountpoint)
                 seen[inst] = n
             if round_trims:  # what their requests left in the malloc heaps goes back too
                 trim_heap()
