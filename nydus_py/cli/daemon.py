@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 from ..config import ConfigError, ParsedConfig, parse_any, read_config_file
 from ..daemon.errors import ApiError
+from ..daemon.heap import trim_heap
 from ..daemon.image_ref import image_source, is_image_source
 from ..daemon.instance import MountCmd
 from ..daemon.logsetup import setup_logging
@@ -117,7 +118,7 @@ class Daemon:
             apisock=os.path.abspath(args.apisock) if args.apisock else None, id=args.id,
             supervisor=os.path.abspath(args.supervisor) if args.supervisor else None,
             failover_policy=getattr(args, "failover_policy", "none"), upgrade=args.upgrade,
-            debug=args.log_level in ("trace", "debug"),
+            debug=args.log_level in ("trace", "debug"), trim_interval=args.trim_interval,
             case_insensitive=bool(getattr(args, "case_insensitive", False)))
         self.events = setup_logging(args.log_level, args.log_file, args.log_rotation_size)
         self.service = DaemonService(self.opts, self.events)
@@ -297,6 +298,7 @@ class Daemon:
         self._start()
         started.set()
         log.info("state %s %.0f ms after start", svc.state.value, (time.monotonic() - t0) * 1000)
+        trim_heap()  # (the start-up's garbage, once serving: daemon.heap)
         if pending:
             self._shutdown_on(pending[0])
         threading.Thread(target=self._watch_transport, name="transport-watch", daemon=True).start()
@@ -333,6 +335,7 @@ class Daemon:
         except OSError as e:
             raise StartupError(f"API socket: {e}") from None
         log.info("state %s %.0f ms after start", svc.state.value, (time.monotonic() - t0) * 1000)
+        trim_heap()  # (the start-up's garbage, once serving: daemon.heap)
         threading.Thread(target=self._watch_transport, name="transport-watch", daemon=True).start()
         await stop.wait()
         return await self.finish()

@@ -59,6 +59,13 @@ def _nonneg(value: str) -> int:
     return n
 
 
+def _nonneg_float(v: str) -> float:
+    f = float(v)
+    if not f >= 0:
+        raise argparse.ArgumentTypeError(f"{v}: must be >= 0")
+    return f
+
+
 def _global(p: argparse.ArgumentParser, top: bool) -> None:
     """Options valid anywhere on the line; sub-parsers must not reset what the top level set."""
     d: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
@@ -75,6 +82,9 @@ def _global(p: argparse.ArgumentParser, top: bool) -> None:
     g.add_argument("--rlimit-nofile", type=_nonneg, **({"default": 1_000_000} if top else d))
     g.add_argument("--grpc-sock", help="also serve the gRPC control API on this unix socket", **d)
     g.add_argument("--metrics-addr", metavar="HOST:PORT", help="also serve /metrics over TCP", **d)
+    g.add_argument("--trim-interval", type=_nonneg_float, metavar="SECONDS",
+                   help="a mount no request reached for this long gives back its bootstrap's resident pages "
+                   "and the daemon its free heap (default 10; 0: never)", **({"default": 10.0} if top else d))
     g.add_argument("-V", "--version", action=_VersionAction, help="print version information")
 
 

@@ -25,7 +25,8 @@ import zstandard
 from ..builder.limits import ExpansionLimits, ExpansionMeter, remaining_size
 from ..builder.sources import DEFAULT_LIMITS, GZIP_MAGIC, detect_compression
 from ..rafs.errors import FormatError
-from .oci import BOOTSTRAP_NAME, LEGACY_BOOTSTRAP_NAME
+from .bootstrap_layer import extract_bootstrap as extract_bootstrap  # (re-exported: checker, tests)
+from .oci import BOOTSTRAP_NAME
 
 PIECE = 1 << 20
 _ZSTD_FEED = 512  # compressed bytes per zstd call: caps one call's output near 16 MiB (RLE blocks); ~1 GB/s
@@ -157,38 +158,3 @@ def write_bootstrap_layer(boot: BinaryIO, boot_size: int, dst: BinaryIO) -> tupl
     dst.flush()
     return outer.hash.hexdigest(), outer.size, inner.hash.hexdigest()
 
-
-def extract_bootstrap(layer: BinaryIO, dst: BinaryIO, max_size: int = 1 << 31) -> int:
-    """Copy `image/image.boot` (or the legacy top-level `image.boot`) out of a bootstrap layer
-    (gzip or plain tar) into `dst`; returns its size. FormatError when it is missing or the
-    layer is corrupt."""
-    head = layer.read(4)
-    layer.seek(0)
-    mode = "r|gz" if detect_compression(head) == "gzip" else "r|"
-    wanted = (BOOTSTRAP_NAME, LEGACY_BOOTSTRAP_NAME)
-    try:
-        with tarfile.open(fileobj=layer, mode=mode) as tar:  # type: ignore[call-overload]
-            for member in tar:
-                name = member.name.lstrip("/")
-                while name.startswith("./"):
-                    name = name[2:]
-                if name not in wanted or not member.isreg():
-                    continue
-                if member.size > max_size:
-                    raise FormatError(f"bootstrap layer: {name} is {member.size} bytes, more than {max_size}")
-                f = tar.extractfile(member)
-                assert f is not None
-                n = 0
-                while True:
-                    block = f.read(PIECE)
-                    if not block:
-                        break
-                    dst.write(block)
-                    n += len(block)
-                if n != member.size:
-                    raise FormatError(f"bootstrap layer: {name} ends after {n} of {member.size} bytes")
-                dst.flush()
-                return n
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as e:
-        raise FormatError(f"bootstrap layer is not a valid tar.gz: {e}") from None
-    raise FormatError(f"bootstrap layer has no {BOOTSTRAP_NAME}")

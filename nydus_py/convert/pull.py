@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from ..rafs.errors import FormatError
 from ..storage.registry import RegistryClient, RegistryConfig
 from . import oci
+from .bootstrap_layer import extract_bootstrap
 from .errors import ConvertError
-from .layer import extract_bootstrap
 from .reference import ImageRef
 
 

@@ -8,16 +8,17 @@ endpoints read.
 """
 
 import contextlib
+import importlib.util
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..config import ConfigError, ParsedConfig, parse_any
-from ..fs.erofs_serve import ErofsGone, ErofsServe
+from ..config import ConfigError, ParsedConfig, RafsConfig, parse_any
 from ..fs.rafs_fs import RafsFilesystem
 from ..fuse.api import Filesystem
 from ..metrics.backend import BackendStats, instrument, unwrap
@@ -27,11 +28,13 @@ from ..rafs.chunkdata import BlobSource
 from ..rafs.model import RafsImage
 from ..storage.cache import BlobCacheManager
 from ..storage.device import BlobDevice, ChunkSource
-from ..storage.factory import make_prefetcher, make_source
+from ..storage.factory import make_backend, make_prefetcher, make_source
 from ..storage.prefetch import Prefetcher
-from ..transport.erofs_mount import ErofsImageError, ErofsUnavailable
 from .errors import BadRequest, InternalError, Unsupported
-from .image_ref import is_image_source, prepare_image_mount
+from .image_ref import is_image_source, plan_image_mount, prepare_image_mount
+
+if TYPE_CHECKING:  # imported where used: only `fs_driver: erofs` mounts load the EROFS code
+    from ..fs.erofs_serve import ErofsServe
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ class Instance:
     device: BlobDevice | None = None
     backend_stats: BackendStats | None = None
     prefetcher: Prefetcher | None = None
-    erofs: ErofsServe | None = None  # served by the kernel EROFS driver (not in the VFS)
+    erofs: "ErofsServe | None" = None  # served by the kernel EROFS driver (not in the VFS)
     mounted_time: float = field(default_factory=time.time)
     index: int = -1
 
@@ -142,6 +145,14 @@ class Instance:
                 self.image.close()
             except BufferError:
                 log.warning("%s: bootstrap still referenced, leaving it to the garbage collector", self.mountpoint)
+
+    def activity(self) -> int:
+        """A number that changes whenever a FUSE request reaches this mount (the idle trimmer's)."""
+        return sum(self.stats.hits)
+
+    def trim(self) -> bool:
+        """Give back what an idle mount can rebuild on demand: the bootstrap's mapped pages."""
+        return self.image.trim() if self.image is not None else False
 
     # -- views --------------------------------------------------------------------------------
     def collection_entry(self) -> dict[str, Any]:
@@ -271,21 +282,46 @@ def fs_driver_of(cmd: MountCmd, default_config: ParsedConfig | None) -> str:
 
 
 def create_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None = None) -> Instance:
-    boot = cmd.source
-    fetched = None
     driver = fs_driver_of(cmd, default_config)
     if is_image_source(cmd.source):  # docker://REGISTRY/REPO:TAG (see daemon.image_ref)
-        fetched, parsed = prepare_image_mount(cmd.source, cmd.config, default_config)
-        boot = fetched.path
-    else:
-        parsed = _parse_config(cmd, default_config)
+        return _create_image_rafs(mountpoint, cmd, default_config, driver)
+    parsed = _parse_config(cmd, default_config)
+    return _create_rafs(mountpoint, cmd, parsed, cmd.source, driver)
+
+
+def _create_image_rafs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None,
+                       driver: str) -> Instance:
+    """An image by reference: the registry backend first, then the manifest and the bootstrap
+    through its client (one connection and one auth for everything), and the blob cache made
+    while they come."""
+    plan = plan_image_mount(cmd.source, cmd.config, default_config)
+    cfg = plan.parsed.rafs
+    source: BlobSource | ChunkSource | None = None
+    try:
+        try:
+            backend = make_backend(cfg)
+        except ConfigError as e:
+            raise BadRequest(f"config: {e}") from None
+        source = backend
+        from ..storage.registry import RegistryBackend  # (loaded by make_backend)
+
+        assert isinstance(backend, RegistryBackend), backend  # (image_config asks for one)
+        fut = plan.start_fetch(backend)
+        source = make_source(cfg, backend)
+        fetched = plan.finish(fut)
+    except BaseException:
+        plan.cleanup()
+        close = getattr(source, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
+        raise
     try:
         # A fetched bootstrap in a temp dir is dropped once mapped, and with fs_driver erofs
         # once the kernel has opened it too (it keeps its own reference to the file).
-        return _create_rafs(mountpoint, cmd, parsed, boot, driver)
+        return _create_rafs(mountpoint, cmd, plan.parsed, fetched.path, driver, source=source)
     finally:
-        if fetched is not None:
-            fetched.release()
+        fetched.release()
 
 
 def restore_erofs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig | None, saved: dict[str, Any],
@@ -316,8 +352,10 @@ def restore_erofs(mountpoint: str, cmd: MountCmd, default_config: ParsedConfig |
 
 
 def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str, driver: str,
-                 adopt: tuple[dict[str, Any], int] | None = None) -> Instance:
-    """`adopt`: (saved state, views fd) of an EROFS mount to take over; the fd is ours."""
+                 adopt: tuple[dict[str, Any], int] | None = None,
+                 source: BlobSource | ChunkSource | None = None) -> Instance:
+    """`adopt`: (saved state, views fd) of an EROFS mount to take over; the fd is ours. `source`:
+    the backend (under its cache) made already, ours to close on failure."""
     cfg = parsed.rafs
     if driver == "erofs" and (cmd.case_insensitive or cfg.case_insensitive):
         if adopt is not None and adopt[1] >= 0:
@@ -328,14 +366,18 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
     except (FormatError, OSError) as e:
         if adopt is not None and adopt[1] >= 0:
             os.close(adopt[1])
+        close = getattr(source, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
         detail = e.strerror if isinstance(e, OSError) and e.strerror else e
         raise BadRequest(f"bootstrap {cmd.source}: {detail}") from None
-    source = None
     try:
-        try:
-            source = make_source(cfg)
-        except ConfigError as e:
-            raise BadRequest(f"config: {e}") from None
+        if source is None:
+            try:
+                source = make_source(cfg)
+            except ConfigError as e:
+                raise BadRequest(f"config: {e}") from None
         source, bstats = instrument(source, cfg.backend.type)
         device = BlobDevice(image, source, validate=cfg.digest_validate or cfg.cache.validate,
                             amplify_io=cfg.amplify_io)
@@ -351,7 +393,7 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
         inst = Instance(mountpoint, cmd, fs, "Rafs", stats, parsed=parsed, image=image, source=source,
                         device=device, backend_stats=bstats)
         files = [os.fsencode(p) for p in cmd.prefetch_files or ()]
-        inst.prefetcher = make_prefetcher(cfg, image, source, files)
+        inst.prefetcher = _prefetcher(cfg, image, source, files)
         return inst
     except BaseException as e:
         if adopt is not None and adopt[1] >= 0:
@@ -361,11 +403,27 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
             with contextlib.suppress(Exception):
                 close()
         image.close()
-        if isinstance(e, (BadRequest, Unsupported, ErofsGone)):
+        if isinstance(e, (BadRequest, Unsupported)) or _erofs_gone(e):
             raise
         if isinstance(e, Exception):
             raise InternalError(f"mount {mountpoint}: {e}") from e
         raise
+
+
+def _prefetcher(cfg: RafsConfig, image: RafsImage, source: BlobSource | ChunkSource,
+                files: list[bytes]) -> Prefetcher | None:
+    """The started prefetcher, or None when it would have nothing to do: fs_prefetch on, but no
+    files given, no prefetch_all and an empty prefetch table (no threads per mount for nothing)."""
+    if cfg.prefetch_enable and not files and not cfg.prefetch_all and not image.prefetch_table():
+        log.debug("fs_prefetch: the image has no prefetch table and no files are given; not prefetching")
+        return None
+    return make_prefetcher(cfg, image, source, files)
+
+
+def _erofs_gone(e: BaseException) -> bool:
+    """`e` is fs.erofs_serve.ErofsGone (the module not loaded: it cannot be)."""
+    mod = sys.modules.get("nydus_py.fs.erofs_serve")
+    return mod is not None and isinstance(e, mod.ErofsGone)
 
 
 def _erofs_instance(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str, image: RafsImage,
@@ -375,6 +433,9 @@ def _erofs_instance(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: 
     mountpoint itself, a host path (shared mode); its blob views over a private FUSE mount.
     `boot` is the bootstrap file: `cmd.source`, or the one fetched for a `docker://` source.
     With `saved` (a takeover), the predecessor's mounts are adopted through `fd` instead."""
+    from ..fs.erofs_serve import ErofsServe
+    from ..transport.erofs_mount import ErofsImageError, ErofsUnavailable
+
     target = cmd.target or mountpoint
     try:
         serve = ErofsServe(image, device, boot, target, local_blobs=parsed.rafs.backend.type == "localfs")
@@ -396,13 +457,13 @@ def _erofs_instance(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: 
 
 def _erofs_wrap(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, image: RafsImage,
                 source: BlobSource | ChunkSource, bstats: BackendStats, device: BlobDevice,
-                serve: ErofsServe) -> Instance:
+                serve: "ErofsServe") -> Instance:
     cfg = parsed.rafs
     inst = Instance(mountpoint, cmd, serve.fs, "Rafs", FsStats(mountpoint), parsed=parsed, image=image,
                     source=source, device=device, backend_stats=bstats, erofs=serve)
     try:
         files = [os.fsencode(p) for p in cmd.prefetch_files or ()]
-        inst.prefetcher = make_prefetcher(cfg, image, source, files)
+        inst.prefetcher = _prefetcher(cfg, image, source, files)
     except BaseException:
         if serve.adopted:
             serve.release()  # a failed takeover leaves the mounts as they are, for another
@@ -441,9 +502,7 @@ def _passthrough_ci(config: str) -> bool:
 
 
 register_fs_type(RAFS_TYPES, create_rafs)
-try:
-    import nydus_py.fs.passthrough  # noqa: F401  (optional: the virtio-fs side provides it)
-except ImportError:
-    pass
-else:
+# optional (the virtio-fs side provides it), and imported by its first mount: a daemon serving
+# images only never loads it
+if importlib.util.find_spec("nydus_py.fs.passthrough") is not None:
     register_fs_type(PASSTHROUGH_TYPES, create_passthrough)

@@ -13,27 +13,30 @@ import errno
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config import ParsedConfig
-from ..fs.erofs_serve import ErofsGone
 from ..fuse.protocol import FuseSession, notify_resend
 from ..metrics.fsstats import FsStats, FuseMetrics
 from ..transport.base import Transport
-from ..transport.fuse_uring import FuseUringSession
 from ..transport.fusedev import FuseDevSession
 from ..transport.mount import connection_of, real_mountpoint
 from ..vfs import MAX_INDEX, Vfs, VfsError, normalize_path
 from . import supervisor
 from .errors import ApiError, BadRequest, Conflict, InternalError, NotFound, NotReady, Timeout, Unsupported
+from .heap import trim_heap
 from .instance import Instance, MountCmd, create_instance, fs_driver_of, restore_erofs
 from .logsetup import EventRing, set_level
 from .state import DaemonState, Event, StateMachine
 from .version import build_info
+
+if TYPE_CHECKING:  # (imported where used: only --io-uring daemons load the ring code)
+    from ..transport.fuse_uring import FuseUringSession
 
 log = logging.getLogger("nydusd-py")
 
@@ -63,6 +66,9 @@ class DaemonOptions:
     io_uring: bool = False
     # --case-insensitive: every mount of this daemon gets case-insensitive LOOKUP (fs.casefold)
     case_insensitive: bool = False
+    # seconds between the idle trimmer's rounds: a mount no request reached during a whole round
+    # gives back its bootstrap's mapped pages (Instance.trim); 0 = never
+    trim_interval: float = 10.0
 
 
 def _strip_id(value: str) -> str:
@@ -98,6 +104,8 @@ class DaemonService:
         self.exit_request: tuple[int, bool] | None = None
         self.exit_event = threading.Event()
         self.on_exit: Callable[[], None] | None = None
+        self._trimmer: threading.Thread | None = None  # started with the first mount
+        self.trims = 0  # mounts trimmed by the idle trimmer
 
     # -- plumbing -------------------------------------------------------------------------------
     def _on_state(self, old: DaemonState, new: DaemonState, event: Event) -> None:
@@ -152,6 +160,7 @@ class DaemonService:
             with self._lock:
                 if inst.erofs is not None:
                     self.instances[mp] = inst
+                    self._start_trimmer()
                     log.info("mounted %s (%s) at %s with the kernel EROFS driver", cmd.source, cmd.fs_type,
                              inst.erofs.target)
                     return
@@ -163,10 +172,43 @@ class DaemonService:
                            else BadRequest(str(e))) from None
                 self.instances[mp] = inst
                 self._by_index[inst.index] = inst
+                self._start_trimmer()
         finally:
             with self._lock:
                 self._building.discard(mp)
         log.info("mounted %s (%s) at %s, index %d", cmd.source, cmd.fs_type, mp, inst.index)
+
+    def _start_trimmer(self) -> None:
+        """(With the lock held.) One thread per daemon, from its first mount on."""
+        if self._trimmer is None and self.opts.trim_interval > 0:
+            self._trimmer = threading.Thread(target=self._trim_idle, name="trim", daemon=True)
+            self._trimmer.start()
+
+    def _trim_idle(self) -> None:
+        """Each round, trim the mounts no request reached since the previous round (once per
+        idle spell: a mount is trimmed again only after it was used)."""
+        seen: dict[Instance, int] = {}
+        trimmed: dict[Instance, int] = {}
+        while not self.exit_event.wait(self.opts.trim_interval):
+            with self._lock:
+                live = list(self.instances.values())
+            round_trims = 0
+            for inst in live:
+                n = inst.activity()
+                try:
+                    if seen.get(inst) == n and trimmed.get(inst) != n and inst.trim():
+                        trimmed[inst] = n
+                        round_trims += 1
+                        log.debug("trimmed idle mount %s", inst.mountpoint)
+                except Exception:  # (a mount closing meanwhile; the next round tries again)
+                    log.exception("trimming %s failed", inst.mountpoint)
+                seen[inst] = n
+            if round_trims:  # what their requests left in the malloc heaps goes back too
+                trim_heap()
+                self.trims += round_trims
+            for gone in set(seen) - set(live):
+                seen.pop(gone, None)
+                trimmed.pop(gone, None)
 
     def _check_mountable(self, mp: str, kernel: bool = False) -> None:
         """Refuse before building anything what the VFS would refuse (no half-made instances).
@@ -326,6 +368,8 @@ class DaemonService:
             for inst in self.instances.values():
                 if inst.erofs is not None:
                     inst.erofs.resume(self._failover_policy if replay else None)
+            if self.instances:  # (taken over: mounted without mount())
+                self._start_trimmer()
             self.sm.fire(Event.START)
 
     def exit(self) -> None:
@@ -375,7 +419,9 @@ class DaemonService:
         """Mount the FUSE filesystem and start serving it (Mount -> READY, Start -> RUNNING)."""
         t: FuseDevSession | FuseUringSession = self._new_fusedev()
         if self.opts.io_uring:
-            t = FuseUringSession(self.session, self.opts.mountpoint, threads=self.opts.threads)
+            from ..transport.fuse_uring import FuseUringSession as Uring
+
+            t = Uring(self.session, self.opts.mountpoint, threads=self.opts.threads)
         t.mount()
         self.transport = t
         self.fuse_fd = t.fd
@@ -514,6 +560,8 @@ class DaemonService:
                 view_fd, fds[k] = (fds[k], -1) if k >= 0 else (-1, -1)  # the instance's from here on
                 cmd = MountCmd.from_json(e["cmd"])
                 cmd.fs_driver = str(e["cmd"].get("fs_driver", ""))  # (a dedicated daemon's, from its command line)
+                from ..fs.erofs_serve import ErofsGone
+
                 try:
                     inst = restore_erofs(e["mountpoint"], cmd, self.default_config, e["serve"], view_fd)
                 except ErofsGone as gone:
@@ -597,7 +645,8 @@ class DaemonService:
         """How FUSE requests reach the daemon: /dev/fuse reads or io_uring (with its counters,
         fallbacks included)."""
         t = self.transport
-        if isinstance(t, FuseUringSession):
+        uring = sys.modules.get("nydus_py.transport.fuse_uring")  # (not loaded: not in use)
+        if uring is not None and isinstance(t, uring.FuseUringSession):
             return {"transport": "fuse_io_uring" if t.stats.active else "fusedev", "io_uring": t.stats.as_dict()}
         if isinstance(t, FuseDevSession):
             return {"transport": "fusedev", "io_uring": None}

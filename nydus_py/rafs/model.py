@@ -6,6 +6,7 @@ Inode numbers are the image's own (v5: i_ino; v6: nid); mapping the root to FUSE
 filesystem layer's job.
 """
 
+import mmap
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -162,6 +163,20 @@ class RafsImage(ABC):
     @abstractmethod
     def close(self) -> None:
         """Release the mmap; the image must not be used afterwards."""
+
+    def trim(self) -> bool:
+        """Unmap the bootstrap's resident pages from this process (MADV_DONTNEED), for an idle
+        mount: a walked image otherwise keeps its whole bootstrap in the daemon's RSS. They come
+        back from the page cache on the next access (a minor fault per page); other readers
+        are not affected. False when the image is not an open mmap."""
+        buf = getattr(self, "_buf", None)
+        if not isinstance(buf, mmap.mmap) or buf.closed:
+            return False
+        try:
+            buf.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # (closed meanwhile)
+            return False
+        return True
 
     def walk(self, ino: int | None = None, path: bytes = b"/") -> Iterator[tuple[bytes, int]]:
         """Depth-first pre-order (path, inode) of the tree, children in byte order.

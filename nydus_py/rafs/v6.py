@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import bisect
 import functools
+import itertools
 import os
 import re
 import stat
 import struct
+import weakref
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 from .constants import (
@@ -83,6 +85,8 @@ MAX_CHUNKS_PER_BLOB = 1 << 24
 BLOB_MAX_UNCOMPRESSED = 1 << 44
 BLOB_MAX_COMPRESSED = 1 << 40
 CHUNK_FLAGS_KNOWN = 0x1F
+# Decoded inodes kept for all the images of the process together (~0.5 KiB each): one budget, so
+# a shared daemon with 50 images walked holds at most this many, not this many per image.
 INODE_CACHE = 8192
 
 _BLOB_ID_RE = re.compile(rb"[0-9A-Za-z_.\-]{64}")
@@ -132,6 +136,19 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
+_open_images: weakref.WeakValueDictionary[int, V6Image] = weakref.WeakValueDictionary()
+_serials = itertools.count(1)
+
+
+@functools.lru_cache(maxsize=INODE_CACHE)
+def _cached_inode(serial: int, nid: int) -> _Inode:
+    """Inode `nid` of open image `serial`, from the process-wide cache (errors are not cached)."""
+    image = _open_images.get(serial)
+    if image is None:
+        raise FormatError("image is closed")
+    return image._decode_inode(nid)
+
+
 class V6Image(RafsImage):
     """A RAFS v6 bootstrap. `buf` is an mmap (closed by close()) or any bytes-like object."""
 
@@ -146,7 +163,9 @@ class V6Image(RafsImage):
         self._blob_maps: dict[int, array[int]] = {}  # blob index -> sorted blkaddr<<32 | record
         self._inode_count: int | None = None
         self._inode_count_error: str | None = None
-        self._inode = functools.lru_cache(maxsize=INODE_CACHE)(self._decode_inode)
+        self._serial = next(_serials)
+        _open_images[self._serial] = self
+        self._inode: Callable[[int], _Inode] = functools.partial(_cached_inode, self._serial)
         self._parse_superblocks()
         self.blobs: list[BlobInfo] = self._parse_blob_table()
         self.devices: list[DeviceSlot] = self._parse_device_slots()
@@ -935,7 +954,8 @@ class V6Image(RafsImage):
         if self._closed:
             return
         self._closed = True
-        self._inode.cache_clear()
+        _open_images.pop(self._serial, None)
+        self._inode = self._decode_inode  # (raises: closed; the shared cache's entries age out)
         self._chunk_keys = self._chunk_pos = None
         self._blob_maps.clear()
         close = getattr(self._buf, "close", None)

@@ -29,10 +29,11 @@ def make_backend(cfg: RafsConfig) -> BlobSource:
     raise ConfigError(f"backend {cfg.backend.type!r} is not available in this build")
 
 
-def make_source(cfg: RafsConfig) -> BlobSource | ChunkSource:
-    """The backend, under the persistent blob cache when the config asks for one
-    (`blobcache`/`filecache`; `fscache` and `dummycache` mean none here)."""
-    backend = make_backend(cfg)
+def make_source(cfg: RafsConfig, backend: BlobSource | None = None) -> BlobSource | ChunkSource:
+    """The backend (`backend`, else a new one), under the persistent blob cache when the config
+    asks for one (`blobcache`/`filecache`; `fscache` and `dummycache` mean none here)."""
+    if backend is None:
+        backend = make_backend(cfg)
     if cfg.cache.type not in CACHE_TYPES:
         return backend
     if cfg.cache.compressed:

@@ -1,7 +1,8 @@
 """Mount-by-reference config handling (the fetch itself runs against real registries in
-tests/convert/test_convert_e2e.py)."""
+tests/convert/test_convert_e2e.py and tests/daemon/test_image_start.py)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +10,8 @@ from nydus_py.config.forms import parse_any
 from nydus_py.convert.reference import parse_reference
 from nydus_py.daemon.errors import BadRequest
 from nydus_py.daemon.image_ref import image_config, image_source, is_image_source, prepare_image_mount
+from nydus_py.daemon.instance import MountCmd, create_instance
+from tests.storage import images
 
 
 def test_sources():
@@ -72,3 +75,25 @@ def test_unusable_input_is_a_bad_request():
     with pytest.raises(BadRequest, match="127.0.0.1:9/a:b"):  # nothing listens there
         prepare_image_mount("docker://127.0.0.1:9/a:b", json.dumps({"device": {"backend": {
             "type": "registry", "config": {"scheme": "http", "timeout": 1, "retry_limit": 1}}}}), None)
+
+
+def test_the_made_up_config_prefetches_the_table_only() -> None:
+    cfg = image_config(parse_reference("127.0.0.1:5000/test/app:v1"), None).rafs
+    assert cfg.prefetch_enable and not cfg.prefetch_all
+
+
+@pytest.mark.parametrize("table", [False, True])
+def test_a_prefetcher_is_started_only_with_something_to_prefetch(tmp_path: Path, table: bool) -> None:
+    """fs_prefetch on an image without a prefetch table (and no files, no prefetch_all) starts no
+    threads: a shared daemon would carry them per image for nothing."""
+    img = images.build(tmp_path, prefetch=[b"/etc"] if table else None)
+    cfg = {"device": {"backend": {"type": "localfs", "config": {"dir": str(img.blob_dir)}},
+                      "cache": {"type": "blobcache", "config": {"work_dir": str(tmp_path / "cache")}}},
+           "mode": "direct", "fs_prefetch": {"enable": True, "prefetch_all": False, "threads_count": 2}}
+    inst = create_instance("/m", MountCmd("rafs", str(img.boot), json.dumps(cfg)))
+    try:
+        assert (inst.prefetcher is not None) == table
+        if inst.prefetcher is not None:
+            assert inst.prefetcher.done.wait(30)
+    finally:
+        inst.close()

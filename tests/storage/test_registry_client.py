@@ -316,6 +316,22 @@ def test_https_with_ca_file_skip_verify_and_refusal(tls_registry):
         assert b.counters.network_errors >= 1 and b.hung_reads == 0
 
 
+def test_starting_a_client_loads_the_system_cas_no_second_time(monkeypatch):
+    """aiohttp made its verified context from the system CAs at import; a client that verifies
+    with them uses that one (loading them again was ~25-50 ms of every daemon start). Custom CA
+    files still get a context of their own (test above)."""
+    import ssl
+
+    import aiohttp.connector
+
+    made: list[object] = []
+    real = ssl.create_default_context
+    monkeypatch.setattr(ssl, "create_default_context", lambda *a, **k: made.append(a) or real(*a, **k))
+    with tls_backend("127.0.0.1:9") as b:  # (nothing listens: start() connects nowhere)
+        assert all(s.connector._ssl is True for s in b.client.http._sessions.values())  # type: ignore[union-attr]
+    assert made == [] and isinstance(aiohttp.connector._SSL_CONTEXT_VERIFIED, ssl.SSLContext)
+
+
 def test_https_to_http_fallback_only_with_skip_verify(pushed_plain):
     with tls_backend(pushed_plain.host, repo="test/blob", skip_verify=True) as b:
         assert b.read(BLOB, 0, 10) == DATA[:10]
