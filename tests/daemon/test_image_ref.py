@@ -35,10 +35,9 @@ def test_image_mounts_without_a_cache_get_the_default_one(monkeypatch: pytest.Mo
     monkeypatch.delenv("NYDUS_PY_CACHE_SIZE", raising=False)
     made = image_config(ref, None).rafs.cache
     assert (made.type, made.work_dir, made.size_limit) == ("blobcache", "/var/lib/nydus-py/cache", 10 << 30)
-    # adaptive fetching on, background completion (prefetch_all) off: the daemon's defaults
-    assert made.stream_size > 0 and not image_config(ref, None).rafs.prefetch_enable
-    # adaptive fetching on, background completion (prefetch_all) off: the daemon's defaults
-    assert made.stream_size > 0 and not image_config(ref, None).rafs.prefetch_enable
+    # adaptive fetching on, background completion (prefetch_all) off: the daemon's defaults (the
+    # image's own prefetch table is fetched: test_the_made_up_config_prefetches_the_table_only)
+    assert made.stream_size > 0 and not image_config(ref, None).rafs.prefetch_all
     monkeypatch.setenv("NYDUS_PY_CACHE_DIR", "/srv/cache")
     monkeypatch.setenv("NYDUS_PY_CACHE_SIZE", str(1 << 30))
     no_cache = parse_any(json.dumps({"device": {"backend": {"type": "registry", "config": {
