@@ -199,7 +199,6 @@ class QueueWorker:
                 return False
             if self.pool and (self.offload is None or self.offload(chain)):
                 if self.into is not None and self._serve(chain, nowait=True):
-                    self.inline_nowait += 1
                     continue
                 self._hand_over(chain)
             else:
@@ -283,6 +282,8 @@ class QueueWorker:
             with self.ring.lock:
                 self.handler_errors += 1
             reply = None
+        if nowait:
+            self.inline_nowait += 1  # (before the driver can see the reply)
         if isinstance(reply, int):
             self.ring.complete_written(chain, reply)
         else:
