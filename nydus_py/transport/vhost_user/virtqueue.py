@@ -64,6 +64,8 @@ class GuestMemory:
     def __init__(self, regions: Sequence[Region] = ()) -> None:
         self.regions = sorted(regions, key=lambda r: r.gpa)
         self._by_uva = sorted(regions, key=lambda r: r.uva)
+        # the region of the last descriptor: a READ's 256 page descriptors are mostly in one
+        self._hit: Region | None = None
 
     @staticmethod
     def _find(regions: list[Region], addr: int, length: int, uva: bool) -> memoryview | None:
@@ -80,7 +82,17 @@ class GuestMemory:
         """`length` bytes at guest-physical `addr`, or None when not wholly inside one region."""
         if length == 0:
             return memoryview(b"")
-        return self._find(self.regions, addr, length, False)
+        r = self._hit
+        if r is not None:
+            off = addr - r.gpa
+            if 0 <= off and off + length <= r.size:
+                return r.view[off : off + length]
+        for r in self.regions:
+            if r.gpa <= addr < r.gpa + r.size:
+                self._hit = r
+                off = addr - r.gpa
+                return r.view[off : off + length] if length <= r.size - off else None
+        return None
 
     def uva(self, addr: int, length: int) -> memoryview | None:
         """`length` bytes at frontend virtual address `addr` (ring addresses), or None."""
