@@ -345,3 +345,23 @@ def test_no_write_into_a_chain_after_its_queue_stopped() -> None:
     stopper.join(10)
     assert not stopper.is_alive() and ring.writers == 0
     assert not ring.complete_written(chain, 10) and ring.dropped == 1
+
+
+def test_stalled_read_into_after_a_queue_stop_writes_nothing(rafs: Rig) -> None:
+    """A READ waiting on its fetch when the queue stops (GET_VRING_BASE) never writes its data
+    or header into the buffers the front-end owns again."""
+    src, w = rafs.source, rafs.worker
+    assert src is not None
+    src.gate_at = rafs.offsets[1]
+    q = rafs.fe.queues[1]
+    _, (w_off,) = q.add([fuse_req(READ, rafs.nodeid, struct.pack("<QQIIQII", 0, CHUNK, 4096, 0, 0, 0, 0), 50)],
+                        [16 + 4096], indirect=True)
+    q.do_kick()
+    wait_event(src.entered, what="the stalled fetch to start")
+    base = rafs.fe.call(F.GET_VRING_BASE, struct.pack("<II", 1, 0))
+    assert struct.unpack("<II", base)[0] == 1 and w.abandoned == 1
+    rafs.fe.mem[w_off : w_off + 16 + 4096] = b"\x5a" * (16 + 4096)
+    src.gate.set()
+    wait_until(lambda: w.ring.dropped == 1, what="the late reply to be dropped")
+    assert bytes(rafs.fe.mem[w_off : w_off + 16 + 4096]) == b"\x5a" * (16 + 4096)
+    assert q.used_idx() == q.last_used

@@ -18,6 +18,7 @@ the ring's consistency. `InflightQueue` keeps it in one place, under one lock pe
 The signal callable (the call eventfd) is injected, so tests drive this over plain buffers.
 """
 
+import errno
 import logging
 import threading
 import time
@@ -139,7 +140,7 @@ class InflightQueue:
     def begin_write(self, chain: Chain) -> None:
         with self.lock:
             if self.stopped or self.inflight.get(chain.head) is not chain:
-                raise Abandoned(f"queue {self.index}: chain {chain.head} may no longer be written "
+                raise Abandoned(errno.ESHUTDOWN, f"queue {self.index}: chain {chain.head} may no longer be written "
                                 f"({'the queue stopped' if self.stopped else 'not in flight'})")
             self.writers += 1
 
