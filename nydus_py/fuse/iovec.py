@@ -28,20 +28,29 @@ class ReadDest(Protocol):
         ...
 
 
-def trim(bufs: Sequence[memoryview], skip: int, limit: int) -> list[memoryview]:
-    """The bytes [skip, skip + limit) of the concatenation of `bufs`, as views (no copy)."""
+def trim(bufs: Sequence[memoryview], skip: int, limit: int, total: int = -1) -> list[memoryview]:
+    """The bytes [skip, skip + limit) of the concatenation of `bufs`, as views (no copy).
+    `total`: their combined length when the caller knows it (a READ's usual shape, a header
+    buffer then exactly `limit` bytes of pages, is then a slice of the list)."""
+    if total < 0:
+        total = sum(map(len, bufs))
+    i = 0
+    n = len(bufs)
+    while i < n and skip >= len(bufs[i]):
+        skip -= len(bufs[i])
+        total -= len(bufs[i])
+        i += 1
+    if not skip and total == limit:
+        return list(bufs[i:])
     out: list[memoryview] = []
-    for b in bufs:
+    for b in bufs[i:]:
+        if not limit:
+            break
         n = len(b)
-        if skip >= n:
-            skip -= n
-            continue
         take = min(n - skip, limit)
         out.append(b[skip : skip + take] if skip or take < n else b)
         skip = 0
         limit -= take
-        if not limit:
-            break
     return out
 
 

@@ -392,17 +392,18 @@ class FuseSession:
             if (opcode == _OP_READ and length <= len(req) and length - (extlen << 3) >= _READ_MIN
                     and bufs and len(bufs[0]) >= _OUT_SIZE):
                 fh, offset, size = _READ_HEAD.unpack_from(req, _HDR_SIZE)
-                if sum(len(b) for b in bufs) - _OUT_SIZE >= size:
-                    return self._read_into(unique, nodeid, fh, offset, size, bufs, guard, nowait)
+                room = sum(map(len, bufs))
+                if room - _OUT_SIZE >= size:
+                    return self._read_into(unique, nodeid, fh, offset, size, bufs, room, guard, nowait)
         if nowait:
             raise WouldBlock
         return self.handle_vectored(req)
 
     def _read_into(self, unique: int, nodeid: int, fh: int, offset: int, size: int, bufs: Sequence[memoryview],
-                   guard: AbstractContextManager[object], nowait: bool) -> int:
+                   room: int, guard: AbstractContextManager[object], nowait: bool) -> int:
         obs = self.observer
         token = obs.started(Opcode.READ, nodeid, unique) if obs is not None and not nowait else None
-        dest = _GuardedDest(trim(bufs, _OUT_SIZE, size), size, guard)
+        dest = _GuardedDest(trim(bufs, _OUT_SIZE, size, room), size, guard)
         err = 0
         got = 0
         try:

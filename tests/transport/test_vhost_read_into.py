@@ -365,3 +365,21 @@ def test_stalled_read_into_after_a_queue_stop_writes_nothing(rafs: Rig) -> None:
     wait_until(lambda: w.ring.dropped == 1, what="the late reply to be dropped")
     assert bytes(rafs.fe.mem[w_off : w_off + 16 + 4096]) == b"\x5a" * (16 + 4096)
     assert q.used_idx() == q.last_used
+
+
+@pytest.mark.parametrize("sizes", [[16, 4096, 4096], [10, 6, 4096, 100], [16, 5, 3], [20, 4096], [16], [3, 3, 3, 3, 3, 3]])
+def test_trim_is_the_slice_of_the_concatenation(sizes: list[int]) -> None:
+    from nydus_py.fuse.iovec import trim
+
+    total = sum(sizes)
+    mem = bytearray(random.Random(len(sizes)).randbytes(total))
+    bufs, pos = [], 0
+    for n in sizes:
+        bufs.append(memoryview(mem)[pos : pos + n])
+        pos += n
+    for skip in (0, 3, 16, total):
+        for limit in (0, 1, total - min(skip, total), max(0, total - skip - 7)):
+            for known in (-1, total):
+                got = trim(bufs, skip, limit, known)
+                assert b"".join(got) == bytes(mem[skip : skip + limit]), (skip, limit)
+                assert all(len(b) for b in got)
