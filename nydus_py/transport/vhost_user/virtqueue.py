@@ -85,7 +85,7 @@ class GuestMemory:
         r = self._hit
         if r is not None:
             off = addr - r.gpa
-            if 0 <= off and off + length <= r.size:
+            if off >= 0 and off + length <= r.size:
                 return r.view[off : off + length]
         for r in self.regions:
             if r.gpa <= addr < r.gpa + r.size:
@@ -246,7 +246,7 @@ class Virtqueue:
                 idx = 0
                 seen = 0
                 continue
-            if hit is not None and 0 <= addr - hit.gpa and addr - hit.gpa + length <= hit.size:
+            if hit is not None and addr - hit.gpa >= 0 and addr - hit.gpa + length <= hit.size:
                 off = addr - hit.gpa
                 buf: memoryview | None = hit.view[off : off + length]
             else:
