@@ -84,6 +84,9 @@ BLOB_MAX_UNCOMPRESSED = 1 << 44
 BLOB_MAX_COMPRESSED = 1 << 40
 CHUNK_FLAGS_KNOWN = 0x1F
 INODE_CACHE = 8192
+# parsed directory blocks: a listing comes in several READDIR(PLUS) requests (a 4 KiB reply holds
+# ~25 entries) that each start over in the same block; ~15 KiB each at most
+DIR_BLOCK_CACHE = 64
 
 _BLOB_ID_RE = re.compile(rb"[0-9A-Za-z_.\-]{64}")
 
@@ -147,6 +150,7 @@ class V6Image(RafsImage):
         self._inode_count: int | None = None
         self._inode_count_error: str | None = None
         self._inode = functools.lru_cache(maxsize=INODE_CACHE)(self._decode_inode)
+        self._dir_blocks = functools.lru_cache(maxsize=DIR_BLOCK_CACHE)(self._decode_dir_block)
         self._parse_superblocks()
         self.blobs: list[BlobInfo] = self._parse_blob_table()
         self.devices: list[DeviceSlot] = self._parse_device_slots()
@@ -499,8 +503,12 @@ class V6Image(RafsImage):
     def _block_count(self, ino: _Inode) -> int:
         return -(-ino.size // BLOCK)
 
-    def _dir_block(self, ino: _Inode, b: int) -> list[tuple[bytes, int, int]]:
-        """Validated (name, nid, file_type) entries of directory block `b`."""
+    def _dir_block(self, ino: _Inode, b: int) -> tuple[tuple[bytes, int, int], ...]:
+        """Validated (name, nid, file_type) entries of directory block `b` (cached, shared)."""
+        return self._dir_blocks(ino.nid, b)
+
+    def _decode_dir_block(self, dir_nid: int, b: int) -> tuple[tuple[bytes, int, int], ...]:
+        ino = self._inode(dir_nid)
         data, n, where = self._block_head(ino, b)
         nameoff0 = DIRENT_SIZE * n
         length = len(data)
@@ -528,7 +536,7 @@ class V6Image(RafsImage):
                 raise FormatError(f"{where}: entries not sorted ({prev!r} then {name!r})")
             prev = name
             out.append((name, nid, ftype))
-        return out
+        return tuple(out)
 
     def _block_head(self, ino: _Inode, b: int) -> tuple[bytes, int, str]:
         """Raw bytes of directory block `b` and its entry count (first nameoff validated)."""
@@ -936,6 +944,7 @@ class V6Image(RafsImage):
             return
         self._closed = True
         self._inode.cache_clear()
+        self._dir_blocks.cache_clear()
         self._chunk_keys = self._chunk_pos = None
         self._blob_maps.clear()
         close = getattr(self._buf, "close", None)
