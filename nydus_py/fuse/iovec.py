@@ -56,15 +56,20 @@ def trim(bufs: Sequence[memoryview], skip: int, limit: int, total: int = -1) -> 
 
 def scatter(bufs: Sequence[memoryview], data: Buffer) -> int:
     """Copy `data` across `bufs` in order; returns the bytes copied (at most their total)."""
-    src = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
-    pos = 0
+    src = memoryview(data)
+    if src.format != "B" or src.ndim != 1:
+        src = src.cast("B")
     end = len(src)
+    pos = 0
     for b in bufs:
-        if pos >= end:
+        e = pos + len(b)
+        if e > end:  # the data ends inside this buffer
+            if pos < end:
+                b[: end - pos] = src[pos:end]
+                pos = end
             break
-        n = min(len(b), end - pos)
-        b[:n] = src[pos : pos + n]
-        pos += n
+        b[:] = src[pos:e]
+        pos = e
     return pos
 
 

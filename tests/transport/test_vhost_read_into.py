@@ -383,3 +383,17 @@ def test_trim_is_the_slice_of_the_concatenation(sizes: list[int]) -> None:
                 got = trim(bufs, skip, limit, known)
                 assert b"".join(got) == bytes(mem[skip : skip + limit]), (skip, limit)
                 assert all(len(b) for b in got)
+
+
+@pytest.mark.parametrize("n", [0, 1, 4095, 4096, 4097, 3 * 4096, 5 * 4096])
+def test_scatter_copies_what_fits(n: int) -> None:
+    from nydus_py.fuse.iovec import scatter
+
+    mem = bytearray(b"\xee" * (4 * 4096 + 100))
+    bufs = [memoryview(mem)[0:100], memoryview(mem)[200:4296], memoryview(mem)[4400 : 4400 + 3 * 4096]]
+    data = random.Random(n).randbytes(n)
+    got = scatter(bufs, data)
+    room = sum(len(b) for b in bufs)
+    assert got == min(n, room)
+    assert b"".join(bytes(b) for b in bufs)[:got] == data[:got]
+    assert bytes(mem[100:200]) == b"\xee" * 100  # nothing between the buffers is touched
