@@ -427,12 +427,14 @@ class FuseSession:
             err, got = errno.EIO, 0
         elif err:
             got = 0
-        with guard:
-            _OUT_INTO(bufs[0], 0, _OUT_SIZE + got, -err, unique)
-        if obs is not None:
-            if token is None:
-                token = obs.started(Opcode.READ, nodeid, unique)
-            obs.finished(token, cast(Reply, (_OUT(_OUT_SIZE + got, -err, unique), _Span(got))))
+        try:
+            with guard:  # (raises when the transport has dropped the request meanwhile)
+                _OUT_INTO(bufs[0], 0, _OUT_SIZE + got, -err, unique)
+        finally:
+            if obs is not None:
+                if token is None:
+                    token = obs.started(Opcode.READ, nodeid, unique)
+                obs.finished(token, cast(Reply, (_OUT(_OUT_SIZE + got, -err, unique), _Span(got))))
         return _OUT_SIZE + got
 
     def reset(self) -> None:

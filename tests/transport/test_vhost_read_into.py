@@ -278,10 +278,11 @@ def test_session_read_into_matches_the_buffered_reply() -> None:
     lookup = struct.pack("<IIQQIIIHH", 40 + 6, LOOKUP, 2, 1, 0, 0, 1, 0, 0) + b"hello\0"
     nodeid = struct.unpack_from("<Q", session.handle(lookup) or b"", 16)[0]
     guard = threading.Lock()
-    for offset, size in ((0, 4096), (3, 5), (100, 10)):
-        req = struct.pack("<IIQQIIIHH", 80, READ, 3, nodeid, 0, 0, 1, 0, 0) + struct.pack("<QQIIQII", 0, offset, size,
+    for fh, offset, size in ((100 + nodeid, 0, 4096), (100 + nodeid, 3, 5), (100 + nodeid, 100, 10), (7, 0, 10)):
+        req = struct.pack("<IIQQIIIHH", 80, READ, 3, nodeid, 0, 0, 1, 0, 0) + struct.pack("<QQIIQII", fh, offset, size,
                                                                                           0, 0, 0, 0)
         want = session.handle(req)
+        assert want is not None and len(want) == 16 + len(b"hello world\n"[offset : offset + size] if fh != 7 else b"")
         mem = bytearray(16 + size)
         n = session.handle_into(req, [memoryview(mem)[:7 + 16], memoryview(mem)[7 + 16 :]], guard)
         assert isinstance(n, int) and bytes(mem[:n]) == want
@@ -397,3 +398,48 @@ def test_scatter_copies_what_fits(n: int) -> None:
     assert got == min(n, room)
     assert b"".join(bytes(b) for b in bufs)[:got] == data[:got]
     assert bytes(mem[100:200]) == b"\xee" * 100  # nothing between the buffers is touched
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.open: dict[int, int] = {}
+        self.done: list[tuple[int, int]] = []  # (error, data bytes)
+
+    def started(self, opcode: int, nodeid: int, unique: int) -> object:
+        self.open[unique] = opcode
+        return unique
+
+    def finished(self, token: object, reply: object) -> None:
+        assert isinstance(token, int)
+        self.open.pop(token)
+        if isinstance(reply, tuple):
+            self.done.append((struct.unpack_from("<i", reply[0], 4)[0], len(reply[1])))
+
+
+class _Refusing:
+    def __enter__(self) -> None:
+        raise Abandoned(errno.ESHUTDOWN, "the queue stopped")
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_observer_sees_reads_into_and_none_is_left_open() -> None:
+    """The metrics observer counts a READ answered into the caller's buffers like a buffered one
+    (bytes, error), and one whose buffers were taken away is still finished (no in-flight leak)."""
+    session = FuseSession(MemFS())
+    rec = _Recorder()
+    session.set_observer(rec)
+    init_req = struct.pack("<IIQQIIIHH", 40 + 64, 26, 1, 0, 0, 0, 1, 0, 0) + struct.pack("<IIIII44x", 7, 38, 0, 0, 0)
+    session.handle(init_req)
+    lookup = struct.pack("<IIQQIIIHH", 40 + 6, LOOKUP, 2, 1, 0, 0, 1, 0, 0) + b"hello\0"
+    nodeid = struct.unpack_from("<Q", session.handle(lookup) or b"", 16)[0]
+    read = struct.pack("<IIQQIIIHH", 80, READ, 3, nodeid, 0, 0, 1, 0, 0) + struct.pack("<QQIIQII", 100 + nodeid, 0,
+                                                                                       4096, 0, 0, 0, 0)
+    rec.done.clear()
+    mem = bytearray(16 + 4096)
+    assert session.handle_into(read, [memoryview(mem)], threading.Lock()) == 16 + 12
+    assert rec.done == [(0, 12)] and not rec.open
+    with pytest.raises(Abandoned):
+        session.handle_into(read, [memoryview(mem)], _Refusing())
+    assert not rec.open and rec.done[-1] == (-errno.ESHUTDOWN, 0)
