@@ -82,7 +82,7 @@ class QueueWorker:
         self.into = into
         self.inline = 0  # requests the dispatcher answered itself while it has a pool
         self.inline_nowait = 0  # of the pool-bound ones, answered by the dispatcher without waiting
-        self.handed_over = 0  # requests the pool answered
+        self.handed_over = 0  # requests handed to the pool
         self.vring = vring
         self.handler = handler
         self.name = name
