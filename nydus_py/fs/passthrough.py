@@ -38,6 +38,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from functools import partial
 from typing import Self
 
 from ..fuse.abi import (
@@ -63,6 +64,7 @@ from ..fuse.api import (
     StatFs,
 )
 from ..fuse.api import OPEN_MUTATING_FLAGS as _OPEN_MUTATING
+from ..fuse.iovec import ReadDest, WouldBlock, trim
 from .casefold import CaseFolder
 
 log = logging.getLogger(__name__)
@@ -147,6 +149,22 @@ def _link_empty(fd: int, newdir: int, name: bytes) -> None:
 
 def _renameat2(olddir: int, old: bytes, newdir: int, new: bytes, flags: int) -> None:
     _check(_libc.renameat2(olddir, old, newdir, new, ctypes.c_uint(flags)), "renameat2")
+
+
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+
+
+def _preadv_full(fd: int, offset: int, size: int, bufs: list[memoryview]) -> int:
+    """preadv until `size` bytes or the end of the file (in IOV_MAX pieces); the bytes read."""
+    got = 0
+    while got < size:
+        part = bufs[:_IOV_MAX]
+        n = os.preadv(fd, part, offset + got)
+        if n <= 0:
+            break
+        got += n
+        bufs = trim(bufs, n, size - got)
+    return got
 
 
 def _proc(fd: int) -> str:
@@ -262,6 +280,10 @@ class PassthroughFilesystem(Filesystem):
         self._next_ino = ROOT_ID + 1
         self._handles: dict[int, _Handle] = {}
         self._next_fh = 1
+        # read_into(nowait=True) uses preadv2(RWF_NOWAIT); off for good after the host's
+        # filesystem refused it once (logged; such reads then all go to the caller's pool)
+        self.nowait_supported = True
+        self.nowait_refused = 0
         fd = os.open(self.root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         self._root = _Inode(ROOT_ID, fd, (st.st_dev, st.st_ino), stat.S_IFDIR, 1)
@@ -480,6 +502,37 @@ class PassthroughFilesystem(Filesystem):
                 return os.pread(h.fd, size, offset)
         with self._using_io(ino, 0) as held:
             return os.pread(held.io_fd, size, offset)
+
+    def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
+        """preadv straight into `dest` (virtio-fs: the guest's buffers); `nowait` reads only
+        what the host's page cache holds (RWF_NOWAIT), and gives up (WouldBlock) on less than
+        the request short of the end of the file."""
+        if nowait and not self.nowait_supported:
+            raise WouldBlock
+        with self._using_handle(fh) if fh else self._using_io(ino, 0) as held:
+            fd = held.io_fd
+            if nowait:
+                return dest.fill(partial(self._preadv_nowait, fd, offset, dest.size))
+            return dest.fill(partial(_preadv_full, fd, offset, dest.size))
+
+    def _preadv_nowait(self, fd: int, offset: int, size: int, bufs: list[memoryview]) -> int:
+        if len(bufs) > _IOV_MAX:
+            raise WouldBlock
+        try:
+            n = os.preadv(fd, bufs, offset, os.RWF_NOWAIT)
+        except OSError as e:
+            if e.errno == errno.EAGAIN:
+                raise WouldBlock from None
+            if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self.nowait_supported = False
+                self.nowait_refused += 1
+                log.warning("the shared directory's filesystem refuses RWF_NOWAIT reads (%s); every READ "
+                            "goes to the worker pool", e)
+                raise WouldBlock from None
+            raise
+        if n == size or offset + n >= os.fstat(fd).st_size:
+            return n  # all of it, or a short read at the end of the file
+        raise WouldBlock  # the rest is not in the page cache
 
     def write(self, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:
         self._check_writable()

@@ -9,6 +9,7 @@ import errno
 import logging
 import stat
 from collections.abc import Iterator
+from functools import partial
 
 from ..fuse.abi import FOpenFlags, InitFlags
 from ..fuse.api import (
@@ -21,6 +22,7 @@ from ..fuse.api import (
     FuseError,
     StatFs,
 )
+from ..fuse.iovec import ReadDest, WouldBlock, scatter
 from ..rafs.acl import ACL_NAMES, acl_xattr_problem
 from ..rafs.errors import FormatError
 from ..rafs.model import Attr, RafsImage
@@ -209,6 +211,38 @@ class RafsFilesystem(Filesystem):
 
     # -- data ------------------------------------------------------------------------------------
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | memoryview:
+        i, file_size = self._readable(ino, offset, size)
+        try:
+            data = self.device.read(i, offset, size, file_size)
+        except (FormatError, OSError) as e:
+            log.error("read inode %d [%d, +%d): %s", i, offset, size, e)
+            self.failures.failed(i, offset, min(file_size, offset + size))
+            raise FuseError(errno.EIO) from None
+        if self.readahead is not None and data:
+            self.readahead.after_read(i, offset, offset + len(data), file_size)
+        return data
+
+    def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
+        """One copy from the decoded chunks into `dest`; `nowait` answers only from chunks
+        held now (the in-memory chunk cache or ready in the blob cache), else WouldBlock."""
+        if not nowait:
+            return dest.fill(partial(scatter, data=self.read(ino, fh, offset, size)))
+        i, file_size = self._readable(ino, offset, size)
+        try:
+            data = self.device.read_cached(i, offset, min(size, dest.size), file_size)
+        except (FormatError, OSError) as e:  # a broken chunk table: the pool's read reports it
+            log.debug("read inode %d [%d, +%d) from the caches: %s", i, offset, size, e)
+            raise WouldBlock from None
+        if data is None:
+            raise WouldBlock
+        n = dest.fill(partial(scatter, data=data))
+        if self.readahead is not None and n:
+            self.readahead.after_read(i, offset, offset + n, file_size)
+        return n
+
+    def _readable(self, ino: int, offset: int, size: int) -> tuple[int, int]:
+        """(image inode, file size) of a regular file whose range [offset, +size) did not
+        fail moments ago (EIO at once then)."""
         i = self._img(ino)
         attr = self._getattr(i)
         if not stat.S_ISREG(attr.mode):
@@ -217,15 +251,7 @@ class RafsFilesystem(Filesystem):
         if self.failures.covers(i, offset, end):
             log.info("read inode %d [%d, +%d): this range failed moments ago; EIO at once", i, offset, size)
             raise FuseError(errno.EIO)
-        try:
-            data = self.device.read(i, offset, size, attr.size)
-        except (FormatError, OSError) as e:
-            log.error("read inode %d [%d, +%d): %s", i, offset, size, e)
-            self.failures.failed(i, offset, end)
-            raise FuseError(errno.EIO) from None
-        if self.readahead is not None and data:
-            self.readahead.after_read(i, offset, offset + len(data), attr.size)
-        return data
+        return i, attr.size
 
     def lseek(self, ino: int, fh: int, offset: int, whence: int) -> int:
         i = self._img(ino)

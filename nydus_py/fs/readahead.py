@@ -59,7 +59,7 @@ class SequentialReadahead:
         with self._lock:
             for c in chunks:
                 key = (c.blob_index, c.compressed_offset)
-                if key not in self._inflight:
+                if key not in self._inflight and not self.device.holds(c):  # (no thread hand-off for a hit)
                     self._inflight.add(key)
                     todo.append(c)
             if todo and self._pool is None:

@@ -14,9 +14,11 @@ import errno as _errno
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
+from functools import partial
 from typing import NamedTuple, Protocol
 
 from .abi import FOpenFlags, InitFlags
+from .iovec import ReadDest, WouldBlock, scatter
 
 
 class FuseError(OSError):
@@ -216,6 +218,17 @@ class Filesystem(ABC):
     @abstractmethod
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
         """Up to `size` bytes at `offset`; fewer only at end of file (b"" past it)."""
+
+    def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
+        """Like `read`, but the data goes into `dest` (at most `dest.size` bytes; fewer only at
+        end of file); returns how many bytes were written. A transport that owns the reply's
+        memory (virtio-fs) saves the copies of a returned buffer. `nowait`: raise WouldBlock
+        rather than wait for I/O (the caller retries on a thread that may wait). This default
+        never answers without waiting, and copies `read`'s bytes once."""
+        if nowait:
+            raise WouldBlock
+        data = self.read(ino, fh, offset, min(size, dest.size))
+        return dest.fill(partial(scatter, data=data))
 
     def release(self, ino: int, fh: int) -> None:
         """Last close of an open file."""

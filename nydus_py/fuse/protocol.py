@@ -30,8 +30,9 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Protocol, cast
 
 from .abi import (
     ACCESS_IN,
@@ -80,6 +81,7 @@ from .abi import (
     init_out_size,
 )
 from .api import OPEN_MUTATING_FLAGS, Caller, Entry, Filesystem, OpenResult, SetAttr
+from .iovec import WouldBlock, trim
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +159,39 @@ _MAX_SECS = (1 << 63) - 1
 _O_READ_ONLY_REFUSED = os.O_ACCMODE | OPEN_MUTATING_FLAGS
 
 Reply = bytes | tuple[bytes, bytes | bytearray | memoryview] | None
+Buffer = bytes | bytearray | memoryview
+_OUT_SIZE = OUT_HEADER.size
+_OUT_INTO = OUT_HEADER.pack_into
+_READ_MIN = _HDR_SIZE + 40  # in_header + fuse_read_in
+_OP_READ = int(Opcode.READ)
 _Op = Callable[[int, int, memoryview, int, int], Reply]
+
+
+class _Span:
+    """The length of READ data already written elsewhere, for the observer (which only counts it)."""
+
+    __slots__ = ("n",)
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+
+class _GuardedDest:
+    """A ReadDest over a transport's buffers, written only while its guard is held."""
+
+    __slots__ = ("bufs", "size", "guard")
+
+    def __init__(self, bufs: list[memoryview], size: int, guard: AbstractContextManager[object]) -> None:
+        self.bufs = bufs
+        self.size = size
+        self.guard = guard
+
+    def fill(self, write: Callable[[list[memoryview]], int]) -> int:
+        with self.guard:
+            return write(self.bufs)
 
 
 class FuseProtocolError(ValueError):
@@ -343,6 +377,65 @@ class FuseSession:
         if isinstance(r, tuple):
             return list(r)
         return [r]
+
+    def handle_into(self, req: bytes | bytearray | memoryview, bufs: Sequence[memoryview],
+                    guard: AbstractContextManager[object], nowait: bool = False) -> int | list[Buffer] | None:
+        """Like handle_vectored(), but a READ's reply goes straight into `bufs` (the reply's own
+        memory: a virtio-fs chain's writable buffers), written only inside `with guard:`, and the
+        number of bytes written is returned. The filesystem's `read_into` puts the data there
+        (preadv for passthrough: no copy of ours at all). Anything else, and a READ whose
+        `size` does not fit `bufs` (handle_vectored's EIO-or-short answer applies), returns its
+        reply as buffers, written nowhere. `nowait`: raise WouldBlock rather than wait for I/O
+        (the caller then retries on a thread that may wait); only READs can be answered so."""
+        if len(req) >= _READ_MIN and self._ops is self._post_init_ops and not self.debug:
+            length, opcode, unique, nodeid, _uid, _gid, _pid, extlen, _pad = IN_HEADER.unpack_from(req)
+            if (opcode == _OP_READ and length <= len(req) and length - (extlen << 3) >= _READ_MIN
+                    and bufs and len(bufs[0]) >= _OUT_SIZE):
+                fh, offset, size = _READ_HEAD.unpack_from(req, _HDR_SIZE)
+                room = sum(map(len, bufs))
+                if room - _OUT_SIZE >= size:
+                    return self._read_into(unique, nodeid, fh, offset, size, bufs, room, guard, nowait)
+        if nowait:
+            raise WouldBlock
+        return self.handle_vectored(req)
+
+    def _read_into(self, unique: int, nodeid: int, fh: int, offset: int, size: int, bufs: Sequence[memoryview],
+                   room: int, guard: AbstractContextManager[object], nowait: bool) -> int:
+        obs = self.observer
+        token = obs.started(Opcode.READ, nodeid, unique) if obs is not None and not nowait else None
+        dest = _GuardedDest(trim(bufs, _OUT_SIZE, size, room), size, guard)
+        err = 0
+        got = 0
+        try:
+            got = self.fs.read_into(nodeid, fh, offset, size, dest, nowait)
+        except WouldBlock:
+            if obs is not None and token is not None:
+                obs.finished(token, None)
+            raise
+        except OSError as e:
+            code = e.errno
+            if isinstance(code, int) and 0 < code < 4096:
+                err = code
+            else:
+                log.error("FUSE READ on nodeid %d: %r has no usable errno", nodeid, e)
+                err = errno.EIO
+        except Exception:
+            log.exception("FUSE READ on nodeid %d failed", nodeid)
+            err = errno.EIO
+        if got > size or got < 0:
+            log.error("read_into(%d) says %d bytes for a %d-byte request; EIO", nodeid, got, size)
+            err, got = errno.EIO, 0
+        elif err:
+            got = 0
+        try:
+            with guard:  # (raises when the transport has dropped the request meanwhile)
+                _OUT_INTO(bufs[0], 0, _OUT_SIZE + got, -err, unique)
+        finally:
+            if obs is not None:
+                if token is None:
+                    token = obs.started(Opcode.READ, nodeid, unique)
+                obs.finished(token, cast(Reply, (_OUT(_OUT_SIZE + got, -err, unique), _Span(got))))
+        return _OUT_SIZE + got
 
     def reset(self) -> None:
         """Forget the connection (its transport went away, e.g. a virtio-fs guest disconnected):

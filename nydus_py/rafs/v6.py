@@ -88,6 +88,10 @@ CHUNK_FLAGS_KNOWN = 0x1F
 # Decoded inodes kept for all the images of the process together (~0.5 KiB each): one budget, so
 # a shared daemon with 50 images walked holds at most this many, not this many per image.
 INODE_CACHE = 8192
+# parsed directory blocks, for all the images of the process together: a listing comes in several
+# READDIR(PLUS) requests (a 4 KiB reply holds ~25 entries) that each start over in the same block;
+# ~15 KiB each at most
+DIR_BLOCK_CACHE = 64
 
 _BLOB_ID_RE = re.compile(rb"[0-9A-Za-z_.\-]{64}")
 
@@ -149,6 +153,16 @@ def _cached_inode(serial: int, nid: int) -> _Inode:
     return image._decode_inode(nid)
 
 
+@functools.lru_cache(maxsize=DIR_BLOCK_CACHE)
+def _cached_dir_block(serial: int, dir_nid: int, b: int) -> tuple[tuple[bytes, int, int], ...]:
+    """Block `b` of directory `dir_nid` of open image `serial`, parsed, from the process-wide cache
+    (one budget for every image, as for inodes)."""
+    image = _open_images.get(serial)
+    if image is None:
+        raise FormatError("image is closed")
+    return image._decode_dir_block(dir_nid, b)
+
+
 class V6Image(RafsImage):
     """A RAFS v6 bootstrap. `buf` is an mmap (closed by close()) or any bytes-like object."""
 
@@ -166,6 +180,8 @@ class V6Image(RafsImage):
         self._serial = next(_serials)
         _open_images[self._serial] = self
         self._inode: Callable[[int], _Inode] = functools.partial(_cached_inode, self._serial)
+        self._dir_blocks: Callable[[int, int], tuple[tuple[bytes, int, int], ...]] = functools.partial(
+            _cached_dir_block, self._serial)
         self._parse_superblocks()
         self.blobs: list[BlobInfo] = self._parse_blob_table()
         self.devices: list[DeviceSlot] = self._parse_device_slots()
@@ -518,8 +534,12 @@ class V6Image(RafsImage):
     def _block_count(self, ino: _Inode) -> int:
         return -(-ino.size // BLOCK)
 
-    def _dir_block(self, ino: _Inode, b: int) -> list[tuple[bytes, int, int]]:
-        """Validated (name, nid, file_type) entries of directory block `b`."""
+    def _dir_block(self, ino: _Inode, b: int) -> tuple[tuple[bytes, int, int], ...]:
+        """Validated (name, nid, file_type) entries of directory block `b` (cached, shared)."""
+        return self._dir_blocks(ino.nid, b)
+
+    def _decode_dir_block(self, dir_nid: int, b: int) -> tuple[tuple[bytes, int, int], ...]:
+        ino = self._inode(dir_nid)
         data, n, where = self._block_head(ino, b)
         nameoff0 = DIRENT_SIZE * n
         length = len(data)
@@ -547,7 +567,7 @@ class V6Image(RafsImage):
                 raise FormatError(f"{where}: entries not sorted ({prev!r} then {name!r})")
             prev = name
             out.append((name, nid, ftype))
-        return out
+        return tuple(out)
 
     def _block_head(self, ino: _Inode, b: int) -> tuple[bytes, int, str]:
         """Raw bytes of directory block `b` and its entry count (first nameoff validated)."""
@@ -955,7 +975,9 @@ class V6Image(RafsImage):
             return
         self._closed = True
         _open_images.pop(self._serial, None)
-        self._inode = self._decode_inode  # (raises: closed; the shared cache's entries age out)
+        # (these raise: closed; the shared caches' entries age out)
+        self._inode = self._decode_inode
+        self._dir_blocks = self._decode_dir_block
         self._chunk_keys = self._chunk_pos = None
         self._blob_maps.clear()
         close = getattr(self._buf, "close", None)

@@ -101,6 +101,29 @@ class BlobDevice:
             self.bytes_read += len(out)
         return out
 
+    def holds(self, chunk: ChunkInfo) -> bool:
+        """Whether `chunk` is decoded in the in-memory chunk cache now (a cheap check; False
+        with a blob cache, whose readiness costs a read)."""
+        if self._chunked is not None:
+            return False
+        c = chunk
+        return self.cache.peek((c.blob_index, c.compressed_offset, c.compressed_size, c.uncompressed_size)) is not None
+
+    def read_cached(self, ino: int, offset: int, size: int, file_size: int) -> bytes | memoryview | None:
+        """Like `read`, from the caches alone (chunks held in memory, or ready in the blob
+        cache): never waits for the backend; None when a chunk is not at hand."""
+        end = min(file_size, offset + size)
+        if offset >= end:
+            return b""
+        chunks = self.image.chunks(ino, offset, end - offset)
+        datas = self._peek(chunks)
+        if datas is None:
+            return None
+        out = _assemble(chunks, datas, offset, end)
+        with self._stats_lock:
+            self.bytes_read += len(out)
+        return out
+
     def read_blob(self, blob_index: int, offset: int, size: int, view_size: int, *,
                   cached_only: bool = False) -> bytes | memoryview:
         """Bytes [offset, offset+size) of a blob's uncompressed view, clipped to `view_size`: what

@@ -35,6 +35,7 @@ from ..fuse.api import (
     OpenResult,
     StatFs,
 )
+from ..fuse.iovec import ReadDest
 from ..fuse.protocol import notify_inval_entry, notify_inval_inode
 
 log = logging.getLogger(__name__)
@@ -513,6 +514,12 @@ class Vfs(Filesystem):
             raise FuseError(errno.EISDIR)
         with self.entered(ino) as (fs, inner):
             return fs.read(inner, fh, offset, size)
+
+    def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
+        if self._pseudo_node(ino) is not None:
+            raise FuseError(errno.EISDIR)
+        with self.entered(ino) as (fs, inner):
+            return fs.read_into(inner, fh, offset, size, dest, nowait)
 
     def release(self, ino: int, fh: int) -> None:
         e = self._entered_quietly(ino)

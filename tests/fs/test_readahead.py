@@ -96,3 +96,23 @@ def test_broken_chunk_ahead_does_not_fail_current_read(tmp_path: Path) -> None:
         assert fs.device.read_errors == 1
     finally:
         fs.close()
+
+
+def test_chunks_already_held_are_not_handed_to_the_pool(tmp_path: Path) -> None:
+    """A second sequential pass over cached chunks submits no readahead work (each submission
+    is a thread hand-off that a 1 MiB virtio-fs READ would pay for nothing)."""
+    fs, ino, data, source, offsets = _setup(tmp_path)
+    try:
+        ra = fs.readahead
+        assert ra is not None
+        step = 16 << 10
+        for off in range(0, 6 * CHUNK, step):
+            assert bytes(fs.read(ino, 0, off, step)) == data[off : off + step]
+        _settle(fs)
+        submitted = ra.submitted
+        assert submitted > 0
+        for off in range(0, 4 * CHUNK, step):  # all of these chunks and the next two are cached
+            assert bytes(fs.read(ino, 0, off, step)) == data[off : off + step]
+        assert ra.submitted == submitted
+    finally:
+        fs.close()

@@ -10,10 +10,15 @@ the ring's consistency. `InflightQueue` keeps it in one place, under one lock pe
   out and has not yet returned, so every chain comes back exactly once with its own id;
 * `stop` ends the queue: completions that arrive later are dropped (counted, logged) without
   touching guest memory, which the front-end may free or reuse once GET_VRING_BASE is answered.
+* a handler that writes its reply into the chain's buffers itself (a READ preadv'd into guest
+  memory) does so inside `guard(chain)`: refused (`Abandoned`) once the queue stopped or the
+  chain is no longer in flight, and `stop` waits for the writes in progress (short: a copy or a
+  local read, never a fetch) before it returns; `complete_written` then returns the chain.
 
 The signal callable (the call eventfd) is injected, so tests drive this over plain buffers.
 """
 
+import errno
 import logging
 import threading
 import time
@@ -24,6 +29,32 @@ from .virtqueue import Chain, DescriptorError, Virtqueue
 log = logging.getLogger(__name__)
 
 Buffers = Sequence[bytes | bytearray | memoryview]
+
+
+# how long stop() waits for a write into guest memory in progress (a local preadv, a copy)
+WRITER_GRACE = 10.0
+
+
+class Abandoned(OSError):
+    """The chain's buffers may no longer be written: its queue stopped (the front-end may reuse
+    the memory), or the chain is no longer in flight."""
+
+
+class _WriteGuard:
+    """`with ring.guard(chain):` the span in which a handler writes into `chain`'s buffers."""
+
+    __slots__ = ("ring", "chain")
+
+    def __init__(self, ring: "InflightQueue", chain: Chain) -> None:
+        self.ring = ring
+        self.chain = chain
+
+    def __enter__(self) -> "_WriteGuard":
+        self.ring.begin_write(self.chain)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.ring.end_write()
 
 
 class InflightQueue:
@@ -42,6 +73,7 @@ class InflightQueue:
         self.failed = 0  # completed with 0 bytes: bad chain, handler error, reply too big
         self.duplicates = 0  # heads the driver offered again while in flight (not served)
         self.dropped = 0  # completions after stop (not written, not pushed)
+        self.writers = 0  # handlers writing into a chain's buffers right now (see guard)
 
     def pop(self) -> Chain | None:
         """The next available chain (now in flight), or None when there is none or the queue
@@ -101,6 +133,44 @@ class InflightQueue:
                 self._idle.notify_all()
             return True
 
+    def guard(self, chain: Chain) -> _WriteGuard:
+        """The context in which a handler may write into `chain`'s buffers itself."""
+        return _WriteGuard(self, chain)
+
+    def begin_write(self, chain: Chain) -> None:
+        with self.lock:
+            if self.stopped or self.inflight.get(chain.head) is not chain:
+                raise Abandoned(errno.ESHUTDOWN, f"queue {self.index}: chain {chain.head} may no longer be written "
+                                f"({'the queue stopped' if self.stopped else 'not in flight'})")
+            self.writers += 1
+
+    def end_write(self) -> None:
+        with self.lock:
+            self.writers -= 1
+            if not self.writers:
+                self._idle.notify_all()
+
+    def complete_written(self, chain: Chain, length: int) -> bool:
+        """Return `chain` to the driver with `length` bytes its handler wrote (inside `guard`);
+        False (nothing pushed) if the queue stopped meanwhile or the chain is not in flight."""
+        with self.lock:
+            if self.stopped or self.inflight.get(chain.head) is not chain:
+                self.dropped += 1
+                log.warning("queue %d: dropping the reply to chain %d (the queue %s)", self.index, chain.head,
+                            "stopped" if self.stopped else "does not have it in flight")
+                return False
+            if not 0 <= length <= chain.writable_size():
+                log.error("queue %d: a handler says it wrote %d bytes into %d writable bytes; completing chain %d "
+                          "with 0", self.index, length, chain.writable_size(), chain.head)
+                self.failed += 1
+                length = 0
+            del self.inflight[chain.head]
+            self.completed += 1
+            self._push(chain.head, length)
+            if not self.inflight:
+                self._idle.notify_all()
+            return True
+
     def _push(self, head: int, length: int) -> None:
         self.vq.push(head, length)
         if self.vq.needs_notify():
@@ -132,6 +202,16 @@ class InflightQueue:
             n = len(self.inflight)
             self.inflight.clear()
             self._idle.notify_all()
+            # a write into guest memory already under way finishes before the front-end gets
+            # our answer (new ones are refused now)
+            deadline = time.monotonic() + WRITER_GRACE
+            while self.writers:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.error("queue %d: %d writes into guest memory still running after %.0f s", self.index,
+                              self.writers, WRITER_GRACE)
+                    break
+                self._idle.wait(left)
             return n
 
     def last_avail(self) -> int:

@@ -30,10 +30,12 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 
+from ...fuse.iovec import WouldBlock
 from . import messages as M
 from .backend import Backend, Vring
-from .inflight import InflightQueue
+from .inflight import Abandoned, InflightQueue
 from .messages import Message, VhostUserError
 from .virtqueue import Chain, RingError
 
@@ -44,6 +46,11 @@ Buffers = Sequence[bytes | bytearray | memoryview]  # (as inflight.Buffers)
 RequestHandler = Callable[[memoryview, int], Buffers | None]
 # whether a popped chain may block (goes to the pool) or is quick (answered by the dispatcher)
 Offload = Callable[[Chain], bool]
+# A handler that may write its reply into the chain itself: (request bytes, the chain, the guard
+# to write its buffers in, nowait) -> the bytes it wrote, or reply buffers as RequestHandler
+# (None: 0 bytes). With nowait it raises WouldBlock rather than wait on I/O: the dispatcher tries
+# that first for a request bound for the pool, and hands it over only then.
+IntoHandler = Callable[[memoryview, Chain, AbstractContextManager[object], bool], Buffers | int | None]
 STOP_TIMEOUT = 30.0
 # How long stopping a queue (GET_VRING_BASE, a memory change) waits for requests in flight; the
 # front-end waits for our answer meanwhile, so this is short next to a stalled registry.
@@ -62,13 +69,20 @@ class QueueWorker:
     thread starts (up to `max_workers`); it retires after `SPARE_IDLE` seconds without work:
     stalled fetches never hold all workers, and bursts of quick requests start none.
     `offload(chain)` False marks a request that never waits on I/O (FUSE metadata): the
-    dispatcher answers it itself, saving the hand-off (as fusedev's leader does). With one worker the dispatcher answers requests itself (no hand-off, no spares)."""
+    dispatcher answers it itself, saving the hand-off (as fusedev's leader does). With one worker the dispatcher answers requests itself (no hand-off, no spares).
+    With an `into` handler, replies may be written into the chain directly, and a request bound
+    for the pool is first tried on the dispatcher with nowait (a READ of cached data): only one
+    that would wait is handed over (`inline_nowait` counts the others)."""
 
     def __init__(self, vring: Vring, handler: RequestHandler, name: str, *, workers: int = 1,
-                 stop_grace: float = STOP_GRACE, max_workers: int = 0, offload: Offload | None = None) -> None:
+                 stop_grace: float = STOP_GRACE, max_workers: int = 0, offload: Offload | None = None,
+                 into: IntoHandler | None = None) -> None:
         assert vring.queue is not None
         self.offload = offload
+        self.into = into
         self.inline = 0  # requests the dispatcher answered itself while it has a pool
+        self.inline_nowait = 0  # of the pool-bound ones, answered by the dispatcher without waiting
+        self.handed_over = 0  # requests handed to the pool
         self.vring = vring
         self.handler = handler
         self.name = name
@@ -184,6 +198,8 @@ class QueueWorker:
                 log.error("queue %d: %s; the queue stops", self.vring.index, e)
                 return False
             if self.pool and (self.offload is None or self.offload(chain)):
+                if self.into is not None and self._serve(chain, nowait=True):
+                    continue
                 self._hand_over(chain)
             else:
                 if self.pool:
@@ -193,6 +209,7 @@ class QueueWorker:
     def _hand_over(self, chain: Chain) -> None:
         with self._pool_lock:
             self._queued += 1
+            self.handed_over += 1
         self.jobs.put(chain)
         self._maybe_spare()
 
@@ -240,16 +257,38 @@ class QueueWorker:
             with self._pool_lock:
                 self._idle += 1
 
-    def _serve(self, chain: Chain) -> None:
-        room = chain.writable_size()
+    def _serve(self, chain: Chain, nowait: bool = False) -> bool:
+        """Answer `chain` and complete it; False (nothing written, not completed) when `nowait`
+        and the handler would wait."""
+        reply: Buffers | int | None
         try:
-            reply = self.handler(memoryview(chain.read_all()), room)
+            if self.into is not None:
+                reply = self.into(memoryview(chain.read_all()), chain, self.ring.guard(chain), nowait)
+            else:
+                reply = self.handler(memoryview(chain.read_all()), chain.writable_size())
+        except WouldBlock:
+            if nowait:
+                return False
+            log.error("queue %d: the request handler would block on chain %d though allowed to", self.vring.index,
+                      chain.head)
+            with self.ring.lock:
+                self.handler_errors += 1
+            reply = None
+        except Abandoned as e:
+            log.warning("%s; its reply is dropped", e)
+            reply = None
         except Exception:
             log.exception("queue %d: request handler failed on chain %d", self.vring.index, chain.head)
             with self.ring.lock:
                 self.handler_errors += 1
             reply = None
-        self.ring.complete(chain, reply)
+        if nowait:
+            self.inline_nowait += 1  # (before the driver can see the reply)
+        if isinstance(reply, int):
+            self.ring.complete_written(chain, reply)
+        else:
+            self.ring.complete(chain, reply)
+        return True
 
 
 class VhostUserServer:
@@ -263,12 +302,14 @@ class VhostUserServer:
                  backend_factory: Callable[[], Backend] = Backend,
                  on_disconnect: Callable[[], None] | None = None,
                  queue_workers: int | Callable[[int], int] = 1, stop_grace: float = STOP_GRACE,
-                 max_workers: int = 0, offload: Offload | None = None) -> None:
+                 max_workers: int = 0, offload: Offload | None = None, into: IntoHandler | None = None) -> None:
         """`queue_workers`: pool threads per running queue (or a function of the queue index);
         `max_workers`: with spares, at most this many per queue (0: 4 x queue_workers);
-        `offload`: which requests go to the pool (None: all)."""
+        `offload`: which requests go to the pool (None: all); `into`: the handler used instead
+        of `handler`, which may write replies into the chain and answer without waiting."""
         self.path = path
         self.offload = offload
+        self.into = into
         self.queue_workers = queue_workers
         self.max_workers = max_workers
         self.stop_grace = stop_grace
@@ -402,7 +443,8 @@ class VhostUserServer:
         self._stop_worker(vring)
         n = self.queue_workers(vring.index) if callable(self.queue_workers) else self.queue_workers
         w = QueueWorker(vring, self.handler, f"vhost-user-q{vring.index}", workers=max(1, n),
-                        stop_grace=self.stop_grace, max_workers=self.max_workers, offload=self.offload)
+                        stop_grace=self.stop_grace, max_workers=self.max_workers, offload=self.offload,
+                        into=self.into)
         self.workers[vring.index] = w
         w.start()
         log.debug("queue %d started (size %d)", vring.index, vring.num)

@@ -1,7 +1,10 @@
 """virtio-fs on top of the vhost-user server: FUSE requests from guest descriptor chains.
 
 Each chain's readable half is one FUSE request (fuse_in_header + args + WRITE data); the reply
-goes into the writable half. The same `FuseSession` as /dev/fuse answers it. Differences from
+goes into the writable half: a READ's data straight from the filesystem (preadv into guest
+memory for passthrough, one copy from the decoded chunk for RAFS), anything else scattered from
+the reply's buffers. A READ whose data is at hand (page cache, chunk caches) is answered by the
+queue's dispatcher without the pool hand-off. The same `FuseSession` as /dev/fuse answers it. Differences from
 /dev/fuse handled here: FORGET/BATCH_FORGET chains are completed with 0 bytes, a reply bigger
 than the guest's writable room becomes EIO (never a partial write), and a disconnect resets the
 session so the next guest starts with INIT.
@@ -10,11 +13,12 @@ session so the next guest starts with INIT.
 import errno
 import logging
 import struct
+from contextlib import AbstractContextManager
 
 from ...fuse.abi import OUT_HEADER
 from ...fuse.protocol import FuseProtocolError, FuseSession
 from .backend import Backend
-from .server import DEFAULT_WORKERS, STOP_GRACE, Buffers, RequestHandler, VhostUserServer
+from .server import DEFAULT_WORKERS, STOP_GRACE, Buffers, IntoHandler, RequestHandler, VhostUserServer
 from .virtqueue import Chain
 
 log = logging.getLogger(__name__)
@@ -48,16 +52,37 @@ def fuse_request_handler(session: FuseSession) -> RequestHandler:
         except FuseProtocolError as e:
             log.error("virtio-fs: %s", e)
             return None
-        if reply is None:
+        return None if reply is None else _fit(req, reply, room)
+
+    return handle
+
+
+def _fit(req: memoryview, reply: Buffers, room: int) -> Buffers | None:
+    """`reply`, or EIO when it is bigger than the guest's `room` (never a partial write)."""
+    size = sum(len(b) for b in reply)
+    if size <= room:
+        return reply
+    unique = _UNIQUE.unpack_from(req, 8)[0]
+    log.error("virtio-fs: a %d-byte reply to request %d does not fit the guest's %d bytes", size, unique, room)
+    if room < OUT_HEADER.size:
+        return None
+    return [OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, unique)]
+
+
+def fuse_into_handler(session: FuseSession) -> IntoHandler:
+    """A server IntoHandler answering FUSE requests with `session`: a READ's data goes straight
+    into the chain's writable buffers (`FuseSession.handle_into`), and may be answered without
+    waiting (`nowait`) when it is at hand; any other reply is returned as buffers, as
+    `fuse_request_handler` does (EIO for one bigger than the guest's room)."""
+    def handle(req: memoryview, chain: Chain, guard: AbstractContextManager[object], nowait: bool) -> Buffers | int | None:
+        try:
+            r = session.handle_into(req, chain.writable, guard, nowait)
+        except FuseProtocolError as e:
+            log.error("virtio-fs: %s", e)
             return None
-        size = sum(len(b) for b in reply)
-        if size <= room:
-            return reply
-        unique = _UNIQUE.unpack_from(req, 8)[0]
-        log.error("virtio-fs: a %d-byte reply to request %d does not fit the guest's %d bytes", size, unique, room)
-        if room < OUT_HEADER.size:
-            return None
-        return [OUT_HEADER.pack(OUT_HEADER.size, -errno.EIO, unique)]
+        if isinstance(r, int) or r is None:
+            return r
+        return _fit(req, r, chain.writable_size())
 
     return handle
 
@@ -82,4 +107,4 @@ def virtiofs_server(session: FuseSession, sock: str, *, request_queues: int = DE
 
     return VhostUserServer(sock, fuse_request_handler(session), backend_factory=backend,
                            on_disconnect=session.reset, queue_workers=queue_workers, stop_grace=stop_grace,
-                           max_workers=max_workers, offload=fuse_offload)
+                           max_workers=max_workers, offload=fuse_offload, into=fuse_into_handler(session))

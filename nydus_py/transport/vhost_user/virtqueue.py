@@ -64,6 +64,8 @@ class GuestMemory:
     def __init__(self, regions: Sequence[Region] = ()) -> None:
         self.regions = sorted(regions, key=lambda r: r.gpa)
         self._by_uva = sorted(regions, key=lambda r: r.uva)
+        # the region of the last descriptor: a READ's 256 page descriptors are mostly in one
+        self._hit: Region | None = None
 
     @staticmethod
     def _find(regions: list[Region], addr: int, length: int, uva: bool) -> memoryview | None:
@@ -80,7 +82,17 @@ class GuestMemory:
         """`length` bytes at guest-physical `addr`, or None when not wholly inside one region."""
         if length == 0:
             return memoryview(b"")
-        return self._find(self.regions, addr, length, False)
+        r = self._hit
+        if r is not None:
+            off = addr - r.gpa
+            if off >= 0 and off + length <= r.size:
+                return r.view[off : off + length]
+        for r in self.regions:
+            if r.gpa <= addr < r.gpa + r.size:
+                self._hit = r
+                off = addr - r.gpa
+                return r.view[off : off + length] if length <= r.size - off else None
+        return None
 
     def uva(self, addr: int, length: int) -> memoryview | None:
         """`length` bytes at frontend virtual address `addr` (ring addresses), or None."""
@@ -201,18 +213,23 @@ class Virtqueue:
         readable: list[memoryview] = []
         writable: list[memoryview] = []
         table = self.desc
+        entries: list[tuple[int, int, int, int]] | None = None  # an indirect table, decoded once
         size = self.num
         idx = head
         seen = 0
-        in_indirect = False
         rbytes = wbytes = 0
+        limit = self.max_chain_bytes
+        hit = mem._hit  # the region of the previous buffer (a READ's pages are mostly in one)
         while True:
             seen += 1
             if seen > size:
                 raise DescriptorError(head, "descriptor chain loops or is longer than its table")
-            addr, length, flags, nxt = DESC.unpack_from(table, idx * DESC_SIZE)
+            if entries is None:
+                addr, length, flags, nxt = DESC.unpack_from(table, idx * DESC_SIZE)
+            else:
+                addr, length, flags, nxt = entries[idx]
             if flags & DESC_F_INDIRECT:
-                if in_indirect:
+                if entries is not None:
                     raise DescriptorError(head, "nested indirect descriptor")
                 if not self.indirect:
                     raise DescriptorError(head, "indirect descriptor without VIRTIO_RING_F_INDIRECT_DESC")
@@ -223,32 +240,36 @@ class Virtqueue:
                 t = mem.gpa(addr, length)
                 if t is None:
                     raise DescriptorError(head, f"indirect table {addr:#x}+{length:#x} outside guest memory")
-                # copy: the guest can't change the table under us while we walk it
-                table = memoryview(bytes(t))
+                # decoded from one copy: the guest can't change the table under us while we walk it
+                entries = list(DESC.iter_unpack(bytes(t)))
                 size = length // DESC_SIZE
                 idx = 0
                 seen = 0
-                in_indirect = True
                 continue
-            buf = mem.gpa(addr, length)
-            if buf is None:
-                raise DescriptorError(head, f"buffer {addr:#x}+{length:#x} outside guest memory")
+            if hit is not None and addr - hit.gpa >= 0 and addr - hit.gpa + length <= hit.size:
+                off = addr - hit.gpa
+                buf: memoryview | None = hit.view[off : off + length]
+            else:
+                buf = mem.gpa(addr, length)
+                if buf is None:
+                    raise DescriptorError(head, f"buffer {addr:#x}+{length:#x} outside guest memory")
+                hit = mem._hit
             if flags & DESC_F_WRITE:
                 wbytes += length
-                if wbytes > self.max_chain_bytes:
-                    raise DescriptorError(head, f"more than {self.max_chain_bytes} writable bytes")
+                if wbytes > limit:
+                    raise DescriptorError(head, f"more than {limit} writable bytes")
                 if length:
-                    writable.append(buf)
+                    writable.append(buf)  # type: ignore[arg-type]
             else:
                 if writable:
                     raise DescriptorError(head, "readable descriptor after a writable one")
                 rbytes += length
-                if rbytes > self.max_chain_bytes:
-                    raise DescriptorError(head, f"more than {self.max_chain_bytes} readable bytes")
+                if rbytes > limit:
+                    raise DescriptorError(head, f"more than {limit} readable bytes")
                 if length:
-                    readable.append(buf)
+                    readable.append(buf)  # type: ignore[arg-type]
             if not flags & DESC_F_NEXT:
-                return Chain(head, readable, writable)
+                return Chain(head, readable, writable, wbytes)
             if nxt >= size:
                 raise DescriptorError(head, f"next descriptor {nxt} out of a table of {size}")
             idx = nxt
