@@ -5,7 +5,7 @@ from pathlib import Path
 
 from nydus_py.builder.options import BuildOptions
 from nydus_py.rafs import open_bootstrap
-from nydus_py.rafs.v6 import DIR_BLOCK_CACHE
+from nydus_py.rafs.v6 import DIR_BLOCK_CACHE, _cached_dir_block
 
 from ..fs.mountrig import build
 
@@ -22,7 +22,7 @@ def test_a_listing_in_pieces_parses_each_block_once(tmp_path: Path) -> None:
     assert d is not None
     blocks = -(-image.getattr(d).size // 4096)
     assert 1 < blocks <= DIR_BLOCK_CACHE
-    before = image._dir_blocks.cache_info().misses  # type: ignore[attr-defined]
+    before = _cached_dir_block.cache_info().misses
     got: list[bytes] = []
     while True:  # 25 entries per request, as a 4 KiB READDIRPLUS reply holds
         piece = [e.name for _, e in zip(range(25), image.readdir(d, len(got)), strict=False)]
@@ -30,4 +30,4 @@ def test_a_listing_in_pieces_parses_each_block_once(tmp_path: Path) -> None:
             break
         got += piece
     assert got == names
-    assert image._dir_blocks.cache_info().misses - before == blocks  # type: ignore[attr-defined]
+    assert _cached_dir_block.cache_info().misses - before == blocks
