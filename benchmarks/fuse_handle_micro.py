@@ -181,7 +181,7 @@ def main() -> None:
         count = 0
         for _ in range(args.reps):
             rig = Rig(args.boot, args.config)
-            prof = cProfile.Profile() if args.profile == name else None
+            prof = cProfile.Profile(time.thread_time_ns, 1e-9) if args.profile == name else None
             t = time.thread_time()
             if prof is not None:
                 prof.enable()

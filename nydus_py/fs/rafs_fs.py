@@ -6,10 +6,12 @@ BlobDevice, so a damaged chunk is EIO and never wrong bytes.
 """
 
 import errno
+import itertools
 import logging
 import stat
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 
 from ..fuse.abi import FOpenFlags, InitFlags
@@ -25,7 +27,7 @@ from ..fuse.api import (
 )
 from ..rafs.acl import ACL_NAMES, acl_xattr_problem
 from ..rafs.errors import FormatError
-from ..rafs.model import Attr, RafsImage
+from ..rafs.model import Attr, DirEntry, RafsImage
 from ..storage.device import BlobDevice
 from .casefold import CaseFolder
 from .failed_reads import RecentFailures
@@ -44,6 +46,12 @@ _DOT, _DOTDOT, _FIRST_CHILD = 1, 2, 3
 # of the image carries answers EOPNOTSUPP, "this filesystem has no such labels", as a
 # filesystem without label support does: ls then stops asking for the rest of the device.
 LABEL_NAMESPACE = b"security."
+# Validated listings of recently read directories, for the requests that continue a listing:
+# the kernel reads a directory in 4 KiB replies until one comes back empty, so a directory of
+# n entries costs 1 + n/25 requests, and each used to decode and check the directory from its
+# start again. Bounded by entries, not directories: a directory bigger than the whole budget is
+# streamed as before.
+LISTING_BUDGET = 8192
 
 
 class RafsFilesystem(Filesystem):
@@ -68,6 +76,10 @@ class RafsFilesystem(Filesystem):
         self._scan: threading.Thread | None = None
         self._closed = False
         self.name_scan_failures = 0
+        self._listings: OrderedDict[int, tuple[int, tuple[DirEntry, ...]]] = OrderedDict()
+        self._listed = 0  # entries held in _listings
+        self._listing_lock = threading.Lock()
+        self._too_big: set[int] = set()  # directories streamed (more entries than the budget)
 
     def init(self, capable: InitFlags) -> InitFlags:
         """Zero-message open/opendir (as nydusd's RAFS asks): the kernel stops sending OPEN,
@@ -159,15 +171,50 @@ class RafsFilesystem(Filesystem):
             raise FuseError(errno.ENOTDIR)
         return 0, FOpenFlags.KEEP_CACHE | FOpenFlags.CACHE_DIR
 
+    def _listing(self, i: int) -> tuple[int, tuple[DirEntry, ...] | None]:
+        """(parent, validated children) of directory `i`, kept for the requests that continue
+        the listing; children None for a directory too big for LISTING_BUDGET (streamed)."""
+        with self._listing_lock:
+            hit = self._listings.get(i)
+            if hit is not None:
+                self._listings.move_to_end(i)
+                return hit
+        parent = self.image.parent(i)
+        if i in self._too_big:
+            return parent, None
+        kids = tuple(itertools.islice(self.image.readdir(i), LISTING_BUDGET + 1))
+        if len(kids) > LISTING_BUDGET:
+            with self._listing_lock:
+                if len(self._too_big) >= 1024:
+                    self._too_big.clear()
+                self._too_big.add(i)
+            return parent, None
+        with self._listing_lock:
+            if i not in self._listings:
+                self._listings[i] = (parent, kids)
+                self._listed += len(kids)
+                while self._listed > LISTING_BUDGET:
+                    _, (_, old) = self._listings.popitem(last=False)
+                    self._listed -= len(old)
+        return parent, kids
+
+    def _children(self, i: int, offset: int) -> tuple[int, Iterator[tuple[int, DirEntry]]]:
+        """(parent, (cookie, entry) of each child after readdir cookie `offset`)."""
+        parent, kids = self._listing(i)
+        skip = max(0, offset - _DOTDOT)
+        if kids is None:
+            return parent, enumerate(self.image.readdir(i, skip), start=skip + _FIRST_CHILD)
+        return parent, enumerate(kids[skip:], start=skip + _FIRST_CHILD)
+
     def readdir(self, ino: int, fh: int, offset: int) -> Iterator[DirEntryTuple]:
         i = self._img(ino)
         try:
+            parent, kids = self._children(i, offset)
             if offset < _DOT:
                 yield b".", ino, stat.S_IFDIR, _DOT
             if offset < _DOTDOT:
-                yield b"..", self._fuse(self.image.parent(i)), stat.S_IFDIR, _DOTDOT
-            skip = max(0, offset - _DOTDOT)
-            for n, e in enumerate(self.image.readdir(i, skip), start=skip + _FIRST_CHILD):
+                yield b"..", self._fuse(parent), stat.S_IFDIR, _DOTDOT
+            for n, e in kids:
                 yield e.name, self._fuse(e.ino), e.type, n
         except FormatError as ex:
             log.error("readdir inode %d: %s", i, ex)
@@ -176,13 +223,13 @@ class RafsFilesystem(Filesystem):
     def readdirplus(self, ino: int, fh: int, offset: int) -> Iterator[DirEntryPlusTuple]:
         i = self._img(ino)
         try:
+            parent, kids = self._children(i, offset)
             if offset < _DOT:
                 yield Entry(0, 0, FuseAttr(ino=ino, mode=stat.S_IFDIR), 0.0, 0.0), b".", stat.S_IFDIR, _DOT
             if offset < _DOTDOT:
-                pino = self._fuse(self.image.parent(i))
+                pino = self._fuse(parent)
                 yield Entry(0, 0, FuseAttr(ino=pino, mode=stat.S_IFDIR), 0.0, 0.0), b"..", stat.S_IFDIR, _DOTDOT
-            skip = max(0, offset - _DOTDOT)
-            for n, e in enumerate(self.image.readdir(i, skip), start=skip + _FIRST_CHILD):
+            for n, e in kids:
                 yield self._entry(e.ino), e.name, e.type, n
         except FormatError as ex:
             log.error("readdirplus inode %d: %s", i, ex)
