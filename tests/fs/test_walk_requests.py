@@ -104,3 +104,43 @@ def test_warm_ls_l_of_an_image_with_xattrs_asks_for_no_label_per_file(xattr_imag
     for w in warm:
         # one label probe per `ls` (the first file), the ACLs cached by the kernel, nothing else
         assert w == {"getxattr": 1}, warm
+
+
+def _run(cmd: list[str], cwd: str) -> None:
+    subprocess.run(cmd, cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.mark.slow
+def test_cold_walks_send_one_round_trip_per_directory_piece_and_per_file(xattr_image: Path) -> None:
+    """A cold `find`: READDIRPLUS fills every dentry (no LOOKUP, no GETATTR after it), then one
+    empty READDIR ends each directory; OPENDIR and OPEN answer ENOSYS once and are never sent
+    again, nor RELEASE(DIR); reading every file: one LOOKUP per name and one READ per small
+    file, FLUSH answered ENOSYS once."""
+    work = xattr_image
+    img = work / "img"
+    sock = str(work / "api-walk.sock")
+    dirs, files = 3, FILES
+    with nydusd(str(img / "boot"), str(img / "blobs"), str(work / "mnt-walk"), str(work),
+                args=("--apisock", sock)) as d:
+        api = Api(sock)
+        wait_until(lambda: os.path.exists(sock), 10, "the API socket")
+        try:
+            find = counted(api, _run, ["find", ".", "-type", "f"], d.mountpoint)
+            again = counted(api, _run, ["find", ".", "-type", "f"], d.mountpoint)
+        finally:
+            api.close()
+    with nydusd(str(img / "boot"), str(img / "blobs"), str(work / "mnt-walk"), str(work),
+                args=("--apisock", sock)) as d:
+        api = Api(sock)
+        wait_until(lambda: os.path.exists(sock), 10, "the API socket")
+        try:
+            names = [f"{p}/f{i:02d}" for p in ("a", "b") for i in range(FILES // 2)]
+            cat = counted(api, _run, ["cat", *names], d.mountpoint)
+        finally:
+            api.close()
+    statfs = find.pop("statfs", 0)
+    assert statfs <= 1 and find.pop("opendir", 0) <= 1, find
+    assert find == {"readdirplus": dirs, "readdir": dirs}, find
+    assert set(again) <= {"statfs"}, again  # everything cached: entries, attributes, listings
+    assert cat.pop("open", 0) <= 1 and cat.pop("flush", 0) <= 1, cat
+    assert cat == {"lookup": 2 + files, "read": files}, cat
