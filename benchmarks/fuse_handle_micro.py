@@ -140,6 +140,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--profile", choices=["readdirplus", "lookup", "read", "getattr", "getxattr"])
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--ops", default="readdirplus,lookup,read,getattr,getxattr", help="passes to run")
     args = ap.parse_args()
 
     rig = Rig(args.boot, args.config)
@@ -177,6 +178,8 @@ def main() -> None:
                                                "getattr": p_getattr, "getxattr": p_getxattr}
     out: dict[str, dict[str, float]] = {}
     for name, fn in passes.items():
+        if name not in args.ops.split(","):
+            continue
         per = []
         count = 0
         for _ in range(args.reps):
