@@ -6,8 +6,12 @@ BlobDevice, so a damaged chunk is EIO and never wrong bytes.
 """
 
 import errno
+import itertools
 import logging
 import stat
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from functools import partial
 
@@ -25,7 +29,7 @@ from ..fuse.api import (
 from ..fuse.iovec import ReadDest, WouldBlock, scatter
 from ..rafs.acl import ACL_NAMES, acl_xattr_problem
 from ..rafs.errors import FormatError
-from ..rafs.model import Attr, RafsImage
+from ..rafs.model import Attr, DirEntry, RafsImage
 from ..storage.device import BlobDevice
 from .casefold import CaseFolder
 from .failed_reads import RecentFailures
@@ -38,6 +42,19 @@ SEEK_DATA = 3
 SEEK_HOLE = 4
 # readdir cookies: 1 = ".", 2 = "..", 3 + i = after child i
 _DOT, _DOTDOT, _FIRST_CHILD = 1, 2, 3
+# Security-label probes: `ls -l` asks every file for security.selinux (libselinux does, also
+# with SELinux off), and the kernel caches no xattr answer but ACLs, so each `ls -l` of an image
+# with any xattr costs one GETXATTR round trip per file. A name of this namespace that no inode
+# of the image carries answers EOPNOTSUPP, "this filesystem has no such labels", as a
+# filesystem without label support does: ls then stops asking for the rest of the device.
+LABEL_NAMESPACE = b"security."
+# Validated listings of recently read directories, for the requests that continue a listing:
+# the kernel reads a directory in 4 KiB replies until one comes back empty, so a directory of
+# n entries costs 1 + n/25 requests, and each used to decode and check the directory from its
+# start again. Bounded by entries, not directories: a directory bigger than the whole budget is
+# streamed as before.
+LISTING_BUDGET = 8192
+_TUPLE_NEW = tuple.__new__  # a FuseAttr/Entry made without their keyword-taking __new__ (hot path)
 
 
 class RafsFilesystem(Filesystem):
@@ -56,6 +73,16 @@ class RafsFilesystem(Filesystem):
         self.casefold = CaseFolder("RAFS image") if case_insensitive else None
         self._statfs = StatFs(blocks=0, bfree=0, bavail=0, files=image.superblock_inodes(), ffree=0, bsize=4096,
                               namelen=255, frsize=4096)
+        # every xattr name some inode carries, once scanned (None: not known yet; see xattr_names)
+        self._xattr_names: frozenset[bytes] | None = None
+        self._scan_lock = threading.Lock()
+        self._scan: threading.Thread | None = None
+        self._closed = False
+        self.name_scan_failures = 0
+        self._listings: OrderedDict[int, tuple[int, tuple[DirEntry, ...]]] = OrderedDict()
+        self._listed = 0  # entries held in _listings
+        self._listing_lock = threading.Lock()
+        self._too_big: set[int] = set()  # directories streamed (more entries than the budget)
 
     def init(self, capable: InitFlags) -> InitFlags:
         """Zero-message open/opendir (as nydusd's RAFS asks): the kernel stops sending OPEN,
@@ -85,11 +112,15 @@ class RafsFilesystem(Filesystem):
         return ino
 
     def _attr(self, a: Attr) -> FuseAttr:
-        return FuseAttr(
-            ino=self._fuse(a.ino), size=a.size, blocks=a.blocks, atime=a.mtime, mtime=a.mtime, ctime=a.mtime,
-            atime_nsec=a.mtime_nsec, mtime_nsec=a.mtime_nsec, ctime_nsec=a.mtime_nsec, mode=a.mode,
-            nlink=a.nlink, uid=a.uid, gid=a.gid, rdev=a.rdev, blksize=4096,
-        )
+        # positional (keywords cost a third more on every entry of every listing), in FuseAttr's
+        # order: ino, size, blocks, atime, mtime, ctime, their nsecs, mode, nlink, uid, gid, rdev,
+        # blksize, flags
+        ino, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec = a
+        root = ino == self.root
+        if ino == FUSE_ROOT_ID and not root:
+            self._fuse(ino)  # raises: image inode 1 cannot be exported
+        return _TUPLE_NEW(FuseAttr, (FUSE_ROOT_ID if root else ino, size, blocks, mtime, mtime, mtime, nsec, nsec,
+                                     nsec, mode, nlink, uid, gid, rdev, 4096, 0))
 
     def _getattr(self, ino: int) -> Attr:
         try:
@@ -99,7 +130,8 @@ class RafsFilesystem(Filesystem):
             raise FuseError(errno.EIO) from None
 
     def _entry(self, ino: int) -> Entry:
-        return Entry(self._fuse(ino), 0, self._attr(self._getattr(ino)), self.entry_timeout, self.attr_timeout)
+        attr = self._attr(self._getattr(ino))  # attr.ino: the kernel's number of `ino`
+        return _TUPLE_NEW(Entry, (attr[0], 0, attr, self.entry_timeout, self.attr_timeout))
 
     # -- metadata ----------------------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> Entry:
@@ -147,15 +179,50 @@ class RafsFilesystem(Filesystem):
             raise FuseError(errno.ENOTDIR)
         return 0, FOpenFlags.KEEP_CACHE | FOpenFlags.CACHE_DIR
 
+    def _listing(self, i: int) -> tuple[int, tuple[DirEntry, ...] | None]:
+        """(parent, validated children) of directory `i`, kept for the requests that continue
+        the listing; children None for a directory too big for LISTING_BUDGET (streamed)."""
+        with self._listing_lock:
+            hit = self._listings.get(i)
+            if hit is not None:
+                self._listings.move_to_end(i)
+                return hit
+        parent = self.image.parent(i)
+        if i in self._too_big:
+            return parent, None
+        kids = tuple(itertools.islice(self.image.readdir(i), LISTING_BUDGET + 1))
+        if len(kids) > LISTING_BUDGET:
+            with self._listing_lock:
+                if len(self._too_big) >= 1024:
+                    self._too_big.clear()
+                self._too_big.add(i)
+            return parent, None
+        with self._listing_lock:
+            if i not in self._listings:
+                self._listings[i] = (parent, kids)
+                self._listed += len(kids)
+                while self._listed > LISTING_BUDGET:
+                    _, (_, old) = self._listings.popitem(last=False)
+                    self._listed -= len(old)
+        return parent, kids
+
+    def _children(self, i: int, offset: int) -> tuple[int, Iterator[tuple[int, DirEntry]]]:
+        """(parent, (cookie, entry) of each child after readdir cookie `offset`)."""
+        parent, kids = self._listing(i)
+        skip = max(0, offset - _DOTDOT)
+        if kids is None:
+            return parent, enumerate(self.image.readdir(i, skip), start=skip + _FIRST_CHILD)
+        return parent, enumerate(kids[skip:], start=skip + _FIRST_CHILD)
+
     def readdir(self, ino: int, fh: int, offset: int) -> Iterator[DirEntryTuple]:
         i = self._img(ino)
         try:
+            parent, kids = self._children(i, offset)
             if offset < _DOT:
                 yield b".", ino, stat.S_IFDIR, _DOT
             if offset < _DOTDOT:
-                yield b"..", self._fuse(self.image.parent(i)), stat.S_IFDIR, _DOTDOT
-            skip = max(0, offset - _DOTDOT)
-            for n, e in enumerate(self.image.readdir(i, skip), start=skip + _FIRST_CHILD):
+                yield b"..", self._fuse(parent), stat.S_IFDIR, _DOTDOT
+            for n, e in kids:
                 yield e.name, self._fuse(e.ino), e.type, n
         except FormatError as ex:
             log.error("readdir inode %d: %s", i, ex)
@@ -164,13 +231,13 @@ class RafsFilesystem(Filesystem):
     def readdirplus(self, ino: int, fh: int, offset: int) -> Iterator[DirEntryPlusTuple]:
         i = self._img(ino)
         try:
+            parent, kids = self._children(i, offset)
             if offset < _DOT:
                 yield Entry(0, 0, FuseAttr(ino=ino, mode=stat.S_IFDIR), 0.0, 0.0), b".", stat.S_IFDIR, _DOT
             if offset < _DOTDOT:
-                pino = self._fuse(self.image.parent(i))
+                pino = self._fuse(parent)
                 yield Entry(0, 0, FuseAttr(ino=pino, mode=stat.S_IFDIR), 0.0, 0.0), b"..", stat.S_IFDIR, _DOTDOT
-            skip = max(0, offset - _DOTDOT)
-            for n, e in enumerate(self.image.readdir(i, skip), start=skip + _FIRST_CHILD):
+            for n, e in kids:
                 yield self._entry(e.ino), e.name, e.type, n
         except FormatError as ex:
             log.error("readdirplus inode %d: %s", i, ex)
@@ -190,6 +257,8 @@ class RafsFilesystem(Filesystem):
             log.error("getxattr inode %d: %s", ino, e)
             raise FuseError(errno.EIO) from None
         if value is None:
+            if name.startswith(LABEL_NAMESPACE) and self._carried_nowhere(name):
+                raise FuseError(errno.EOPNOTSUPP)
             raise FuseError(errno.ENODATA)
         if name in ACL_NAMES:
             problem = acl_xattr_problem(value)
@@ -199,6 +268,46 @@ class RafsFilesystem(Filesystem):
                 log.error("inode %d: %s is not a usable ACL (%s)", ino, name.decode(), problem)
                 raise FuseError(errno.EIO)
         return value
+
+    def _carried_nowhere(self, name: bytes) -> bool:
+        """True once the image is known to have no inode with xattr `name`. The first question
+        starts the scan on a thread (a walk of the whole tree: 0.6 s for 100k inodes) and
+        answers False, as every question does until the scan is over."""
+        names = self._xattr_names
+        if names is not None:
+            return name not in names
+        with self._scan_lock:
+            if self._scan is None and not self._closed:
+                self._scan = threading.Thread(target=self._scan_names, name="rafs-xattr-names", daemon=True)
+                self._scan.start()
+        return False
+
+    def _scan_names(self) -> None:
+        t0 = time.monotonic()
+        names: set[bytes] = set()
+        n = 0
+        try:
+            for _path, ino in self.image.walk():
+                if self._closed:
+                    return
+                names.update(self.image.listxattr(ino))
+                n += 1
+        except Exception as e:  # a damaged image, or one closed under the scan
+            self.name_scan_failures += 1
+            if not self._closed:
+                log.warning("xattr name scan failed after %d inodes (%s); absent %s* xattrs keep answering ENODATA",
+                            n, e, LABEL_NAMESPACE.decode())
+            return
+        self._xattr_names = frozenset(names)
+        log.info("xattr names scanned: %d inodes, %d distinct names, in %.0f ms; %s* names none carries answer "
+                 "EOPNOTSUPP", n, len(names), (time.monotonic() - t0) * 1e3, LABEL_NAMESPACE.decode())
+
+    def xattr_names(self, timeout: float) -> frozenset[bytes] | None:
+        """The scanned names, waiting up to `timeout` for a scan under way (None: none finished)."""
+        scan = self._scan
+        if scan is not None:
+            scan.join(timeout)
+        return self._xattr_names
 
     def listxattr(self, ino: int) -> list[bytes]:
         if not self.xattrs:
@@ -283,7 +392,12 @@ class RafsFilesystem(Filesystem):
             self.readahead.close()
 
     def close(self) -> None:
-        """Stop background work (the readahead pool); the image and device stay the caller's."""
+        """Stop background work (the readahead pool, the xattr name scan); the image and device
+        stay the caller's."""
+        self._closed = True
+        scan = self._scan
+        if scan is not None:
+            scan.join(5.0)  # it checks _closed at every inode
         if self.readahead is not None:
             self.readahead.close()
 

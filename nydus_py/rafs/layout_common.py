@@ -106,11 +106,25 @@ def pack_chunk(c: ChunkInfo) -> bytes:
     )
 
 
+# ChunkFlags(x) costs an Enum call on every chunk of every READ; images use a handful of values
+_FLAGS: dict[int, ChunkFlags] = {}
+
+
+def chunk_flags(flags: int) -> ChunkFlags:
+    """ChunkFlags(flags), memoized (at most 256 distinct values are kept)."""
+    f = _FLAGS.get(flags)
+    if f is None:
+        f = ChunkFlags(flags)
+        if len(_FLAGS) < 256:
+            _FLAGS[flags] = f
+    return f
+
+
 def unpack_chunk(buf: Any, offset: int) -> ChunkInfo:
     """The record at `offset` as it is stored, unvalidated (readers check what they rely on)."""
     (digest, blob_index, flags, c_size, u_size, c_off, u_off, f_off, index,
      crc) = CHUNK.unpack_from(buf, offset)  # fmt: skip
-    return ChunkInfo(digest, blob_index, ChunkFlags(flags), c_off, c_size, u_off, u_size, f_off, index, crc)
+    return ChunkInfo(digest, blob_index, chunk_flags(flags), c_off, c_size, u_off, u_size, f_off, index, crc)
 
 
 # the one per-reference field of a chunk record: the same chunk referenced from another file (or

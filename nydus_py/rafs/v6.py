@@ -85,6 +85,9 @@ MAX_CHUNKS_PER_BLOB = 1 << 24
 BLOB_MAX_UNCOMPRESSED = 1 << 44
 BLOB_MAX_COMPRESSED = 1 << 40
 CHUNK_FLAGS_KNOWN = 0x1F
+# plain ints: IntFlag operators build a new flag object per call, on every chunk of every READ
+_PACKED_FLAGS = int(ChunkFlags.COMPRESSED | ChunkFlags.BATCH | ChunkFlags.ENCRYPTED)
+_REFUSED_FEATURES = int(BlobFeatures.ZRAN | BlobFeatures.BATCH)
 # Decoded inodes kept for all the images of the process together (~0.5 KiB each): one budget, so
 # a shared daemon with 50 images walked holds at most this many, not this many per image.
 INODE_CACHE = 8192
@@ -838,11 +841,12 @@ class V6Image(RafsImage):
         if not 0 <= rec.blob_index < len(self.blobs):
             raise FormatError(f"{where}: blob index {rec.blob_index} out of range")
         blob = self.blobs[rec.blob_index]
-        if int(rec.flags) & ~CHUNK_FLAGS_KNOWN:
-            raise FormatError(f"{where}: unknown chunk flags {int(rec.flags):#x}")
+        flags = int(rec.flags)
+        if flags & ~CHUNK_FLAGS_KNOWN:
+            raise FormatError(f"{where}: unknown chunk flags {flags:#x}")
         if rec.compressed_size == 0 or not 0 < rec.uncompressed_size <= self.chunk_size:
             raise FormatError(f"{where}: invalid sizes {rec.compressed_size}/{rec.uncompressed_size}")
-        packed = rec.flags & (ChunkFlags.COMPRESSED | ChunkFlags.BATCH | ChunkFlags.ENCRYPTED)
+        packed = flags & _PACKED_FLAGS
         if not packed and rec.compressed_size != rec.uncompressed_size:
             raise FormatError(f"{where}: uncompressed chunk stored in {rec.compressed_size} bytes, not {rec.uncompressed_size}")
         if rec.index >= blob.chunk_count:
@@ -871,7 +875,7 @@ class V6Image(RafsImage):
             if not 0 <= blob_index < len(self.blobs):
                 raise FormatError(f"{where}: device id {device_id & 0xFF} names no blob ({len(self.blobs)} blobs)")
             blob = self.blobs[blob_index]
-            if blob.features & (BlobFeatures.ZRAN | BlobFeatures.BATCH):
+            if int(blob.features) & _REFUSED_FEATURES:
                 raise FormatError(f"{where}: blob {blob.blob_id} uses zran/batch chunks, which are not supported")
             ci_index = ((device_id >> 8) << 16) | advise
             keys, pos = self._chunk_index()

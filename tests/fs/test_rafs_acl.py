@@ -63,3 +63,38 @@ def test_no_posix_acl_without_xattrs(tmp_path: Path) -> None:
     with pytest.raises(FuseError) as ei:
         fs.getxattr(_ino(fs, b"none"), ACL_ACCESS)
     assert ei.value.errno == errno.ENOSYS  # the kernel then stops asking for any xattr
+
+
+CAPABILITY = struct.pack("<5I", 0x02000001, 1 << 10, 0, 0, 0)
+
+
+@pytest.mark.parametrize("version", [5, 6])
+def test_label_probe_of_a_name_no_inode_carries_is_eopnotsupp(tmp_path: Path, version: int) -> None:
+    """`ls -l` asks every file for security.selinux; EOPNOTSUPP (not ENODATA) for a label name the
+    image never carries makes it stop asking, while names some inode carries stay ENODATA elsewhere."""
+    fs = _fs(tmp_path, {"good": {b"security.capability": CAPABILITY}, "bad": {b"user.note": b"x"}}, version)
+    none = _ino(fs, b"none")
+    with pytest.raises(FuseError) as ei:
+        fs.getxattr(none, b"security.selinux")
+    assert ei.value.errno == errno.ENODATA  # the first question starts the scan: not known yet
+    assert fs.xattr_names(30.0) == {b"security.capability", b"user.note"}
+    for name, want in ((b"security.selinux", errno.EOPNOTSUPP), (b"security.SMACK64", errno.EOPNOTSUPP),
+                       (b"security.capability", errno.ENODATA), (b"user.absent", errno.ENODATA),
+                       (b"trusted.absent", errno.ENODATA)):
+        with pytest.raises(FuseError) as ei:
+            fs.getxattr(none, name)
+        assert ei.value.errno == want, name
+    assert fs.getxattr(_ino(fs, b"good"), b"security.capability") == CAPABILITY
+    assert fs.name_scan_failures == 0
+    fs.close()
+
+
+def test_a_closed_filesystem_starts_no_scan(tmp_path: Path) -> None:
+    fs = _fs(tmp_path, {"bad": {b"user.note": b"x"}}, 6)
+    none = _ino(fs, b"none")
+    fs.close()
+    for _ in range(2):
+        with pytest.raises(FuseError) as ei:
+            fs.getxattr(none, b"security.selinux")
+        assert ei.value.errno == errno.ENODATA
+    assert fs.xattr_names(0.0) is None

@@ -313,3 +313,31 @@ def test_project_builder_output(tmp_path: "os.PathLike[str]") -> None:
         digests = blobmeta.read_blob_digests(blob, info)
         recs = [img.chunk_record(i) for i in range(img.chunk_table_len())]
         assert blobmeta.cross_check_chunks(recs, info, table, digests) == len(recs) == img.check_chunk_table()
+
+
+def test_mapping_a_read_to_chunks_builds_no_flag_objects(built: tuple[Node, Built],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """chunks() is on every READ: IntFlag operators and ChunkFlags(x) are Enum calls (a few µs
+    each, eight per chunk before); after the first record the flag values are memoized."""
+    import enum
+
+    from nydus_py.rafs.constants import BlobFeatures
+
+    _tree, b = built
+    img = open_bytes(b.bootstrap)
+    ino = b.nids[b"/big.bin"]
+    first = img.chunks(ino)
+    assert len(first) > 1 and all(isinstance(c.flags, ChunkFlags) for c in first)
+    made: list[type] = []
+    real = enum.EnumType.__call__
+
+    def counting(cls, *args, **kw):  # type: ignore[no-untyped-def]
+        if cls in (ChunkFlags, BlobFeatures):
+            made.append(cls)
+        return real(cls, *args, **kw)
+
+    monkeypatch.setattr(enum.EnumType, "__call__", counting)
+    again = img.chunks(ino)
+    monkeypatch.undo()
+    assert again == first
+    assert made == []
