@@ -8,13 +8,17 @@ registry backend and an empty blob cache, through the fault proxy of tests/stora
 which holds every GET of the stalled blob's data region and lets them through `stall_seconds`
 after the first one arrived (a bounded stall, so a server that waits for it still finishes).
 
-In the guest, after drop_caches: a 4th reader `cat`s the stalled blob's 1,000 files in the
+In the guest: one file of blob 0 is read first, so that the daemon's first registry request is
+not the stalled one (storage/registry/http runs a client's first request alone, to learn the
+registry's authentication, and holds every other request until it completes: a stalled first
+GET would hold up all fetches whatever the transport, measured 3 readers ≈ the stall with 4
+workers). Then, after drop_caches, a 4th reader `cat`s the stalled blob's 1,000 files in the
 background; once it has been in D state for 5 samples 0.1 s apart (blocked in the held READ), 3
 readers `cat` the other 4,000 files (13, 13 and 14 directories) in parallel. The figure is the time
 from their start until all 3 have finished (`readers3_ms`); `reader4_ms` is when the 4th finished
 (from the same start), and `reader4_blocked_at_end` whether it was still blocked when the 3 were
 done (what a worker pool should achieve). The 3 readers' chunks come from the registry too, on
-demand (not held): the first read of blob 0 fetches its data, the rest are blob-cache hits.
+demand and not held: a few amplified GETs fetch blob 0's data, the other reads are blob-cache hits.
 
 QEMU's virtiofsd serves directories only, not a lazily fetched registry image, and
 `nydus_py passthrough` serves a host directory: neither runs this workload, so there is no ratio,
@@ -57,6 +61,7 @@ GUEST = r"""
 now() { awk '/^now at/ {print $3; exit}' /proc/timer_list; }
 span() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", (b - a) / 1e6}'; }
 st() { if [ -e /proc/$1/stat ]; then awk '{print $3}' /proc/$1/stat; else echo gone; fi; }
+cat many/d00/f000 > /dev/null
 echo 3 > /proc/sys/vm/drop_caches
 cat many/d4?/* > /tmp/o4 &
 p4=$!
