@@ -14,6 +14,13 @@ busybox has no %N): `dd bs=1M iflag=direct` of the 50 MB file (every byte a FUSE
 RAM: the backend-throughput probe), `find` over the 5,000 files, `cat` of all of them. Each
 workload runs `--reps` times per VM; the median counts. Ratio = server / virtiofsd (goal ≤ 1.5).
 
+`stall_4readers_5000` (benchmarks/vfs_stall.py): the 5,000 files as a two-blob RAFS image lazily
+served from a local docker-registry through a fault proxy that stalls one blob for
+`--stall-seconds`; 4 guest readers, one blocked on the stalled blob, and the time for the other 3
+to read the rest. Run by the RAFS servers only (`nydus_py rafs`, `1w`, `2q4w`), one VM per rep:
+virtiofsd cannot serve a registry image, so it has no ratio; the JSON and the output say so.
+`--workloads` picks workloads (default: all); `--save-as` names the results files.
+
 TCG on 2 shared host cores: absolute numbers measure this machine; compare ratios of one run.
 """
 
@@ -27,6 +34,8 @@ import tempfile
 from pathlib import Path
 
 from common import RESULTS, save
+from vfs_stall import NOT_APPLICABLE, StallRig
+from vfs_stall import WORKLOAD as STALL
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -35,19 +44,28 @@ from tests.transport.virtio_rig import run_guest, stop_pid  # noqa: E402
 
 VIRTIOFSD = "/usr/lib/qemu/virtiofsd"
 WORKLOADS = ("dd_direct_50MB", "find_5000", "cat_5000")
+STALL_SERVERS = ("nydus_py rafs", "nydus_py rafs 1w", "nydus_py rafs 2q4w")  # the others can't serve a registry
 
-GUEST = r"""
+GUEST_HEAD = r"""
 now() { awk '/^now at/ {print $3; exit}' /proc/timer_list; }
 span() { awk -v a="$1" -v b="$2" 'BEGIN {printf "%.1f", (b - a) / 1e6}'; }
 for r in $(seq @REPS@); do
-  echo 3 > /proc/sys/vm/drop_caches; a=$(now)
-  dd if=big.bin of=/dev/null bs=1M iflag=direct 2>/dev/null; b=$(now); echo "dd_direct_50MB $(span $a $b)"
-  echo 3 > /proc/sys/vm/drop_caches; a=$(now)
-  n=$(find many | wc -l); b=$(now); echo "find_5000 $(span $a $b) $n"
-  echo 3 > /proc/sys/vm/drop_caches; a=$(now)
-  cat many/*/* | wc -c > /dev/null; b=$(now); echo "cat_5000 $(span $a $b)"
-done
 """
+GUEST_STEPS = {
+    "dd_direct_50MB": r"""  echo 3 > /proc/sys/vm/drop_caches; a=$(now)
+  dd if=big.bin of=/dev/null bs=1M iflag=direct 2>/dev/null; b=$(now); echo "dd_direct_50MB $(span $a $b)"
+""",
+    "find_5000": r"""  echo 3 > /proc/sys/vm/drop_caches; a=$(now)
+  n=$(find many | wc -l); b=$(now); echo "find_5000 $(span $a $b) $n"
+""",
+    "cat_5000": r"""  echo 3 > /proc/sys/vm/drop_caches; a=$(now)
+  cat many/*/* | wc -c > /dev/null; b=$(now); echo "cat_5000 $(span $a $b)"
+""",
+}
+
+
+def guest_script(workloads: list[str], reps: int) -> str:
+    return GUEST_HEAD.replace("@REPS@", str(reps)) + "".join(GUEST_STEPS[w] for w in workloads) + "done\n"
 
 
 def make_tree(root: Path) -> None:
@@ -77,16 +95,16 @@ def build_image(root: Path) -> tuple[Path, Path]:
     return boot, cfg
 
 
-def measure(name: str, cmd: list[str], sock: str, work: Path, reps: int,
+def measure(name: str, cmd: list[str], sock: str, work: Path, reps: int, workloads: list[str],
             device_opts: str = "") -> dict[str, list[float]]:
     with open(work / f"{name}.log", "wb") as logf:
         proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
     try:
-        r = run_guest(sock, GUEST.replace("@REPS@", str(reps)), work / f"vm-{name}", timeout=600,
+        r = run_guest(sock, guest_script(workloads, reps), work / f"vm-{name}", timeout=600,
                       watch_pid=proc.pid, device_opts=device_opts)
     finally:
         stop_pid(proc)
-    out: dict[str, list[float]] = {w: [] for w in WORKLOADS}
+    out: dict[str, list[float]] = {w: [] for w in workloads}
     for line in r.check().splitlines():
         parts = line.split()
         if parts and parts[0] in out:
@@ -96,32 +114,65 @@ def measure(name: str, cmd: list[str], sock: str, work: Path, reps: int,
     return out
 
 
-def plot(servers: dict[str, dict[str, float]]) -> Path:
+def plot(servers: dict[str, dict[str, float]], workloads: list[str], stall: dict[str, dict[str, object]],
+         name: str) -> Path:
+    """The classic workloads as grouped bars (left), the stall workload's figures (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    names = list(servers)
-    width = 0.8 / len(names)
-    for k, name in enumerate(names):
-        xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(WORKLOADS))]
-        vals = [servers[name][w] for w in WORKLOADS]
-        ax.bar(xs, vals, width, label=name)
-        for x, v in zip(xs, vals, strict=True):
-            ax.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(range(len(WORKLOADS)))
-    ax.set_xticklabels(WORKLOADS)
-    ax.set_ylabel("guest ms (median, lower is better)")
-    ax.set_title("virtio-fs in a TCG guest: nydus_py vs QEMU virtiofsd")
-    ax.legend()
+    panels = int(bool(workloads and servers)) + int(bool(stall))
+    fig, axes = plt.subplots(1, panels, figsize=(8 * panels, 4.5), squeeze=False)
+    k0 = 0
+    if workloads and servers:
+        ax = axes[0][0]
+        k0 = 1
+        names = list(servers)
+        width = 0.8 / len(names)
+        for k, sname in enumerate(names):
+            xs = [i + (k - (len(names) - 1) / 2) * width for i in range(len(workloads))]
+            vals = [servers[sname][w] for w in workloads]
+            ax.bar(xs, vals, width, label=sname)
+            for x, v in zip(xs, vals, strict=True):
+                ax.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(workloads)))
+        ax.set_xticklabels(workloads)
+        ax.set_ylabel("guest ms (median, lower is better)")
+        ax.set_title("virtio-fs in a TCG guest: nydus_py vs QEMU virtiofsd")
+        ax.legend()
+    if stall:
+        ax = axes[0][k0]
+        names = list(stall)
+        for k, key in enumerate(("readers3_ms", "reader4_ms")):
+            xs = [i + (k - 0.5) * 0.4 for i in range(len(names))]
+            vals = [float(stall[n][key]) for n in names]  # type: ignore[arg-type]
+            ax.bar(xs, vals, 0.4, label={"readers3_ms": "3 readers done (the figure)",
+                                         "reader4_ms": "4th reader (stalled blob) done"}[key])
+            for x, v in zip(xs, vals, strict=True):
+                ax.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(names)))
+        ax.set_xticklabels(names, fontsize=8)
+        ax.set_ylabel("guest ms from the 3 readers' start (median)")
+        ax.set_title(f"{STALL}: one blob stalled (virtiofsd: n/a, no registry)", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / "bench_virtiofs.png"
+    path = RESULTS / f"{name}.png"
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def stall_summary(runs: list[dict[str, object]]) -> dict[str, object]:
+    """Medians over the reps of one server, with every rep kept."""
+    def med(key: str) -> float:
+        return statistics.median(float(r[key]) for r in runs)  # type: ignore[arg-type]
+
+    out: dict[str, object] = {"readers3_ms": med("readers3_ms"), "reader4_ms": med("reader4_ms"),
+                              "reader4_blocked_at_end": [r["reader4_blocked_at_end"] for r in runs],
+                              "stall_s": [r.get("stall_s") for r in runs], "runs": runs}
+    return out
 
 
 def main() -> int:
@@ -129,8 +180,17 @@ def main() -> int:
     ap.add_argument("--work", default=str(REPO / "benchmarks" / "work" / "virtiofs"))
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--servers", default="", help="comma-separated subset of the servers to run (virtiofsd "
-                    "is always run: ratios are to it)")
+                    "is always run for the classic workloads: ratios are to it)")
+    ap.add_argument("--workloads", default="", help=f"comma-separated subset of {[*WORKLOADS, STALL]} "
+                    "(default: all)")
+    ap.add_argument("--stall-seconds", type=float, default=30.0,
+                    help=f"{STALL}: the proxy lets the stalled blob through this long after its first GET")
+    ap.add_argument("--save-as", default="bench_virtiofs", help="results name under benchmarks/results")
     args = ap.parse_args()
+    chosen = [w.strip() for w in args.workloads.split(",") if w.strip()] or [*WORKLOADS, STALL]
+    if unknown_w := set(chosen) - {*WORKLOADS, STALL}:
+        ap.error(f"unknown workloads {sorted(unknown_w)}; known: {[*WORKLOADS, STALL]}")
+    classic = [w for w in WORKLOADS if w in chosen]
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     make_tree(work)
@@ -151,23 +211,49 @@ def main() -> int:
         "nydus_py rafs 2q4w": (socks["rafs2q"], [*daemon(socks["rafs2q"]), "--bootstrap", str(boot), "--config",
                                                  str(cfg), "--virtio-queues", "2", "--virtio-workers", "4"]),
     }
+    # the RAFS servers' options beyond --bootstrap/--config, for the stall workload's own daemons
+    stall_args = {"nydus_py rafs": [], "nydus_py rafs 1w": ["--virtio-workers", "1"],
+                  "nydus_py rafs 2q4w": ["--virtio-queues", "2", "--virtio-workers", "4"]}
     device_opts = {"nydus_py rafs 2q4w": "num-request-queues=2"}
     wanted = {"virtiofsd", *(n.strip() for n in args.servers.split(",") if n.strip())} if args.servers else set(runs)
     if unknown := wanted - set(runs):
         ap.error(f"unknown servers {sorted(unknown)}; known: {list(runs)}")
-    raw: dict[str, dict[str, list[float]]] = {}
-    for name, (sock, cmd) in runs.items():
-        if name not in wanted:
-            continue
-        raw[name] = measure(name.replace(" ", "_"), cmd, sock, tmp, args.reps, device_opts.get(name, ""))
-        print(name, {w: [round(v) for v in vals] for w, vals in raw[name].items()}, flush=True)
-    med = {name: {w: statistics.median(v) for w, v in vals.items()} for name, vals in raw.items()}
-    ratios = {name: {w: med[name][w] / med["virtiofsd"][w] for w in WORKLOADS} for name in med}
-    for name in med:
-        print(f"{name:22s}", "  ".join(f"{w} {med[name][w]:8.1f} ms x{ratios[name][w]:.2f}" for w in WORKLOADS))
-    save("bench_virtiofs", {"accel": "tcg", "smp": 1, "reps": args.reps, "unit": "guest ms",
-                            "median_ms": med, "ratio_to_virtiofsd": ratios, "raw_ms": raw})
-    plot(med)
+    payload: dict[str, object] = {"accel": "tcg", "smp": 1, "reps": args.reps, "unit": "guest ms",
+                                  "workloads": chosen}
+    med: dict[str, dict[str, float]] = {}
+    if classic:
+        raw: dict[str, dict[str, list[float]]] = {}
+        for name, (sock, cmd) in runs.items():
+            if name not in wanted:
+                continue
+            raw[name] = measure(name.replace(" ", "_"), cmd, sock, tmp, args.reps, classic,
+                                device_opts.get(name, ""))
+            print(name, {w: [round(v) for v in vals] for w, vals in raw[name].items()}, flush=True)
+        med = {name: {w: statistics.median(v) for w, v in vals.items()} for name, vals in raw.items()}
+        ratios = {name: {w: med[name][w] / med["virtiofsd"][w] for w in classic} for name in med}
+        for name in med:
+            print(f"{name:22s}", "  ".join(f"{w} {med[name][w]:8.1f} ms x{ratios[name][w]:.2f}" for w in classic))
+        payload.update({"median_ms": med, "ratio_to_virtiofsd": ratios, "raw_ms": raw})
+    stall: dict[str, dict[str, object]] = {}
+    if STALL in chosen:
+        rig = StallRig(work, args.stall_seconds)
+        try:
+            for name in STALL_SERVERS:
+                if name not in wanted:
+                    continue
+                reps = [rig.measure(name, stall_args[name], device_opts.get(name, "")) for _ in range(args.reps)]
+                stall[name] = stall_summary(reps)
+                print(f"{STALL} {name}: " + "; ".join(
+                    f"3 readers {r['readers3_ms']} ms, 4th reader {r['reader4_ms']} ms, 4th still blocked when "
+                    f"the 3 finished: {r['reader4_blocked_at_end']}, stall {r.get('stall_s')} s"
+                    for r in reps), flush=True)
+        finally:
+            rig.close()
+        print(f"{STALL} virtiofsd: {NOT_APPLICABLE}")
+        payload[STALL] = {"stall_seconds": args.stall_seconds, "unit": "guest ms from the 3 readers' start",
+                          "servers": stall, "virtiofsd": NOT_APPLICABLE, "ratio_to_virtiofsd": None}
+    save(args.save_as, payload)
+    plot(med, classic, stall, args.save_as)
     return 0
 
 
