@@ -8,11 +8,10 @@ registry backend and an empty blob cache, through the fault proxy of tests/stora
 which holds every GET of the stalled blob's data region and lets them through `stall_seconds`
 after the first one arrived (a bounded stall, so a server that waits for it still finishes).
 
-In the guest: one file of blob 0 is read first, so that the daemon's first registry request is
-not the stalled one (storage/registry/http runs a client's first request alone, to learn the
-registry's authentication, and holds every other request until it completes: a stalled first
-GET would hold up all fetches whatever the transport, measured 3 readers ≈ the stall with 4
-workers). Then, after drop_caches, a 4th reader `cat`s the stalled blob's 1,000 files in the
+In the guest: one file of blob 0 is read first, so the figure measures the worker pool alone
+(before storage/registry/http bounded how long other requests wait for a client's first one, a
+stalled first GET held up all fetches whatever the transport: 3 readers took about the stall
+with 4 workers; now they would wait FIRST_WAIT). Then, after drop_caches, a 4th reader `cat`s the stalled blob's 1,000 files in the
 background; once it has been in D state for 5 samples 0.1 s apart (blocked in the held READ), 3
 readers `cat` the other 4,000 files (13, 13 and 14 directories) in parallel. The figure is the time
 from their start until all 3 have finished (`readers3_ms`); `reader4_ms` is when the 4th finished

@@ -389,3 +389,31 @@ def test_ssl_context_is_shared_per_ca_set(tls_registry):
     st = os.stat(ca)
     os.utime(ca, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert ctx(ca_cert_files=[str(ca)]) is not with_ca
+
+
+def test_a_stalled_first_request_does_not_hold_up_the_others(pushed_plain):
+    """The first request of a client learns the authentication alone; when it stalls (held by
+    the proxy before any answer), the other reads go ahead after a short wait instead of waiting
+    for it up to its deadline."""
+    proxy = FaultProxy(pushed_plain.url)
+    proxy.hold_if = lambda req: (req.range or "").startswith("bytes=0-")
+    first: list[bytes | BaseException] = []
+    try:
+        with backend(proxy.host, timeout=30) as b:  # (no retry of the held one while it is held)
+            def read_first() -> None:
+                try:
+                    first.append(b.read(BLOB, 0, 10))
+                except BaseException as e:  # noqa: BLE001
+                    first.append(e)
+
+            t = threading.Thread(target=read_first)
+            t.start()
+            wait_until(lambda: proxy.held >= 1, 10, "the first read to reach the registry and be held")
+            assert b.read(BLOB, 500_000, 100) == DATA[500_000:500_100]  # while the first is held
+            assert proxy.held == 1 and not first
+            assert b.counters.first_request_waits_cut == 1
+            proxy.release_held()
+            t.join(30)
+            assert first == [DATA[:10]]
+    finally:
+        proxy.stop()

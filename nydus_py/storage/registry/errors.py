@@ -45,6 +45,7 @@ class Counters:
         self.proxy_failures = 0
         self.proxy_recoveries = 0
         self.https_to_http = 0
+        self.first_request_waits_cut = 0  # requests that stopped waiting for a stalled first one
 
     def status(self, code: int) -> None:
         self.errors_by_status[code] = self.errors_by_status.get(code, 0) + 1

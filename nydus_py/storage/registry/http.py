@@ -28,6 +28,9 @@ from .tokens import TokenRefresher
 log = logging.getLogger(__name__)
 
 USER_AGENT = "nydusd/1.0.0"
+# seconds a request waits for the first request of its client (which learns the authentication)
+# before it goes ahead on its own: long enough for a token round trip, short beside a stall
+FIRST_WAIT = 2.0
 
 
 @functools.lru_cache(maxsize=16)
@@ -62,8 +65,8 @@ class RegistryHttp:
         self.proxy_healthy = True
         self._proxy_down_until = 0.0
         self._sessions: dict[str, aiohttp.ClientSession] = {}
-        self._first_lock: asyncio.Lock | None = None
-        self._first_done = False
+        self._first_started = False
+        self._first_done: asyncio.Event | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._closed = False
 
@@ -92,7 +95,7 @@ class RegistryHttp:
             # loop does that with backoff, a deadline and counting, so switch the hidden one off
             if hasattr(self._sessions[name], "_retry_connection"):
                 self._sessions[name]._retry_connection = False
-        self._first_lock = asyncio.Lock()
+        self._first_done = asyncio.Event()
         self._tasks.append(self.tokens.start(self._sessions["token"]))
         if self.cfg.proxy.url and self.cfg.proxy.ping_url:
             self._tasks.append(asyncio.create_task(self._proxy_check_loop()))
@@ -242,17 +245,27 @@ class RegistryHttp:
         return True
 
     async def request(self, method: str, url: str, headers: Mapping[str, str], *,
-                                prefetch: bool = False, data: bytes | None = None) -> aiohttp.ClientResponse:
-        """`_send` plus authentication. The first request of a client runs alone so one of them,
-        not a burst, learns how the registry wants to be authenticated."""
-        assert self._first_lock is not None
-        if not self._first_done:
-            async with self._first_lock:
-                if not self._first_done:
-                    try:
-                        return await self._auth_chain(method, url, headers, prefetch, data)
-                    finally:
-                        self._first_done = True
+                      prefetch: bool = False, data: bytes | None = None) -> aiohttp.ClientResponse:
+        """`_send` plus authentication. The first request of a client goes alone so one of them,
+        not a burst, learns how the registry wants to be authenticated; the others wait for its
+        answer at most FIRST_WAIT seconds, so a first request that stalls (a slow range, a held
+        connection) does not hold every other read of the mount up to its deadline."""
+        assert self._first_done is not None
+        if not self._first_done.is_set():
+            if not self._first_started:
+                self._first_started = True
+                try:
+                    return await self._auth_chain(method, url, headers, prefetch, data)
+                finally:
+                    self._first_done.set()
+            try:
+                await asyncio.wait_for(self._first_done.wait(), FIRST_WAIT)
+            except TimeoutError:
+                self.counters.first_request_waits_cut += 1
+                if self.counters.first_request_waits_cut == 1:
+                    log.warning("registry %s: the first request has no answer after %.0f s; the others go "
+                                "ahead without waiting for it to learn the authentication", self.cfg.host,
+                                FIRST_WAIT)
         return await self._auth_chain(method, url, headers, prefetch, data)
 
     async def _auth_chain(self, method: str, url: str, headers: Mapping[str, str], prefetch: bool,
