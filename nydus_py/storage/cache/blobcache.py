@@ -75,6 +75,7 @@ MAX_UNCOMPRESSED = 1 << 40
 FOLLOW_MIN = 128 << 10  # first cross-file amplification window after a sequential miss
 LATE_MARK = 1  # window of a stream's first sequential miss with `follow_late`: no chunk fits
 _STREAMS = 16  # sequential streams remembered per blob
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _BLOB_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -112,6 +113,8 @@ class CacheStats:
         self.uncacheable = 0  # chunks of blobs without a chunk count (not persisted)
         self.invalidated_maps = 0  # chunk maps reset because they or their data file were damaged
         self.dropped_chunks = 0  # ready chunks forgotten with them (fetched again when read)
+        self.direct_reads = 0  # runs of ready chunks read with preadv into a caller's buffers (no copy)
+        self.direct_bytes = 0
 
     def snapshot(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -428,6 +431,49 @@ class BlobCacheManager:
                     return None
                 out.append(data)
             return out
+        finally:
+            self._unpin(cb)
+
+    def read_ready_into(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], offset: int,
+                        bufs: list[memoryview], nowait: bool = False) -> bool:
+        """preadv bytes [offset, +len(bufs)) of the blob's data file straight into `bufs` (guest
+        memory) when every chunk of `chunks`, which cover that range, is ready; False when one is
+        not, or when validation is on (each cached read must be digest-checked: `_cached`), and
+        then `bufs` hold garbage the caller overwrites. The checks are `_cached`'s: a short read
+        (the data file was cut) resets the map, a reset during the read refuses the bytes.
+        `nowait`: RWF_NOWAIT, BlockingIOError when the bytes are not in the page cache."""
+        if self.validate or len(bufs) > _IOV_MAX:
+            return False
+        cb = self._pin(blob)
+        try:
+            m = cb.map
+            if m is None:
+                return False
+            gen = m.generation  # before the readiness checks: a reset in between shows
+            for c in chunks:
+                if not cb.ready(c):
+                    return False
+            want = sum(map(len, bufs))
+            if nowait:
+                try:
+                    n = os.preadv(cb.fd, bufs, offset, os.RWF_NOWAIT)
+                except OSError as e:
+                    if e.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
+                        raise BlockingIOError(errno.EAGAIN, f"not in the page cache ({e})") from None
+                    raise
+                if n != want:  # partly in the page cache (or cut: the blocking read tells)
+                    raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
+            else:
+                n = os.preadv(cb.fd, bufs, offset)
+                if n != want:
+                    self._truncated(cb, gen, f"ready chunks at {offset} read back {n} of {want} bytes")
+                    return False
+            if m.generation != gen:
+                return False  # reset while we read: the bytes may be the re-extended file's zeros
+            with self._lock:
+                self.stats.direct_reads += 1
+                self.stats.direct_bytes += n
+            return True
         finally:
             self._unpin(cb)
 
