@@ -143,7 +143,7 @@ class BlobDevice:
     def read_ready_into(self, ino: int, offset: int, size: int, file_size: int, bufs: list[memoryview],
                         nowait: bool = False) -> int:
         """Bytes [offset, offset+size) of file `ino`, clipped to its size, read by preadv from the
-        blob cache's data files straight into `bufs` (at least that long), one preadv per run of
+        blob cache's data files straight into `bufs` (exactly `size` bytes), one preadv per run of
         chunks contiguous in one data file: no copy in Python. -1 when any chunk is not ready
         (or the range has a hole): the caller takes the decoded-chunk path, which overwrites
         whatever landed in `bufs`. `nowait`: BlockingIOError when the bytes are not in the
@@ -176,10 +176,13 @@ class BlobDevice:
         if pos != end:
             return self._fallback()
         total = end - offset
-        views = [trim(bufs, 0, total)] if len(runs) == 1 else _split(bufs, [n for _b, _o, n, _cs in runs])
+        if len(runs) > 1:
+            views = _split(bufs, [n for _b, _o, n, _cs in runs])
+        else:  # `bufs` are `size` bytes: as they are unless the file ends first
+            views = [bufs if total == size else trim(bufs, 0, total, size)]
         try:
-            for (b, o, _n, cs), v in zip(runs, views, strict=True):
-                if not direct(blobs[b], cs, o, v, nowait):
+            for (b, o, n, cs), v in zip(runs, views, strict=True):
+                if not direct(blobs[b], cs, o, v, n, nowait):
                     return self._fallback()
         except BlockingIOError:
             self._fallback()

@@ -435,8 +435,8 @@ class BlobCacheManager:
             self._unpin(cb)
 
     def read_ready_into(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], offset: int,
-                        bufs: list[memoryview], nowait: bool = False) -> bool:
-        """preadv bytes [offset, +len(bufs)) of the blob's data file straight into `bufs` (guest
+                        bufs: list[memoryview], want: int, nowait: bool = False) -> bool:
+        """preadv bytes [offset, +want) of the blob's data file straight into `bufs` (`want` bytes, guest
         memory) when every chunk of `chunks`, which cover that range, is ready; False when one is
         not, or when validation is on (each cached read must be digest-checked: `_cached`), and
         then `bufs` hold garbage the caller overwrites. The checks are `_cached`'s: a short read
@@ -453,7 +453,6 @@ class BlobCacheManager:
             for c in chunks:
                 if not cb.ready(c):
                     return False
-            want = sum(map(len, bufs))
             if nowait:
                 try:
                     n = os.preadv(cb.fd, bufs, offset, os.RWF_NOWAIT)
