@@ -62,6 +62,9 @@ class BlobDevice:
         ready_into = getattr(self._chunked, "read_ready_into", None)
         self._ready_into: Callable[..., bool] | None = (
             ready_into if callable(ready_into) and not getattr(self._chunked, "validate", True) else None)
+        if callable(ready_into) and self._ready_into is None:
+            log.info("blob cache digest validation is on: cached READs are checked and copied, not read "
+                     "straight into the caller's buffers")
         # the blob's following chunks, for amplification across files (v6 chunk table)
         self._follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = (
             getattr(image, "chunks_after", None) if self.amplify_io else None)

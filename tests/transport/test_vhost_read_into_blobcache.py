@@ -4,6 +4,7 @@ of chunks contiguous in one data file, driven by the Python front-end (no QEMU).
 two blobs (its middle chunks are deduplicated against an earlier image's blob); a chunk not yet
 ready, digest validation on, or a cut data file take the decoded-chunk copy instead."""
 
+import ctypes
 import mmap
 import os
 import random
@@ -198,3 +199,49 @@ def test_digest_validation_keeps_the_checked_copy(tmp_path: Path) -> None:
         r.rig.fe.close()
         r.rig.srv.stop()
         r.cache.close()
+
+
+def _resident(path: str) -> bool:
+    """Whether the file's first page is in the page cache (mincore(2): looks, reads nothing)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 4096, access=mmap.ACCESS_COPY) as mm:
+        anchor = ctypes.c_char.from_buffer(mm)
+        try:
+            vec = (ctypes.c_ubyte * 1)()
+            if libc.mincore(ctypes.c_void_p(ctypes.addressof(anchor)), ctypes.c_size_t(4096), vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+            return bool(vec[0] & 1)
+        finally:
+            del anchor
+
+
+def _drop_pages(path: str) -> bool:
+    """Drop the data file's clean pages from the page cache; whether they are gone."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    return not _resident(path)
+
+
+def test_ready_chunks_not_in_the_page_cache_go_to_the_pool(crig: CacheRig) -> None:
+    """The dispatcher's attempt reads with RWF_NOWAIT: chunks ready on disk but not in the page
+    cache are handed to the pool (which may wait for the disk), and read there with preadv.
+    (An RWF_NOWAIT read that fails starts the kernel's readahead, so residency is checked with
+    mincore, not with a read.)"""
+    _warm(crig)
+    crig.cache.flush()  # the written pages become clean (fdatasync), so they can be dropped
+    blob = crig.device.image.blobs[1]
+    if not _drop_pages(os.path.join(crig.cache.work_dir, blob.blob_id + DATA_SUFFIX)):
+        pytest.skip("the cache's filesystem keeps the pages")
+    w = crig.rig.worker
+    handed, inline = w.handed_over, w.inline_nowait
+    d0 = crig.device.direct_reads
+    err, p = crig.read(10, 4096, [16, 4096], 8)  # chunk 0: blob 1
+    assert err == 0 and p == DATA[10:4106]
+    assert (w.handed_over, w.inline_nowait) == (handed + 1, inline)
+    assert crig.device.direct_reads == d0 + 1  # by the pool thread's preadv
+    err, p = crig.read(20, 4096, [16, 4096], 9)  # in the page cache now: the dispatcher answers
+    assert err == 0 and p == DATA[20:4116]
+    assert (w.handed_over, w.inline_nowait) == (handed + 1, inline + 1)

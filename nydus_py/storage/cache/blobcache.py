@@ -115,6 +115,7 @@ class CacheStats:
         self.dropped_chunks = 0  # ready chunks forgotten with them (fetched again when read)
         self.direct_reads = 0  # runs of ready chunks read with preadv into a caller's buffers (no copy)
         self.direct_bytes = 0
+        self.nowait_refused = 0  # RWF_NOWAIT refused by the work dir's filesystem (then plain reads)
 
     def snapshot(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -219,6 +220,7 @@ class BlobCacheManager:
         self.work_dir = work_dir
         self.source = source
         self.validate = validate
+        self.nowait_supported = True  # RWF_NOWAIT reads of the data files (`read_ready_into`)
         self.amplify_io = max(0, amplify_io)
         self.size_limit = max(0, size_limit)
         self.stats = CacheStats()
@@ -453,16 +455,23 @@ class BlobCacheManager:
             for c in chunks:
                 if not cb.ready(c):
                     return False
-            if nowait:
+            n = -1
+            if nowait and self.nowait_supported:
                 try:
                     n = os.preadv(cb.fd, bufs, offset, os.RWF_NOWAIT)
                 except OSError as e:
-                    if e.errno in (errno.EAGAIN, errno.EOPNOTSUPP, errno.EINVAL):
-                        raise BlockingIOError(errno.EAGAIN, f"not in the page cache ({e})") from None
-                    raise
-                if n != want:  # partly in the page cache (or cut: the blocking read tells)
+                    if e.errno == errno.EAGAIN:
+                        raise BlockingIOError(errno.EAGAIN, "not in the page cache") from None
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self.nowait_supported = False  # then as `_cached` reads: a plain read
+                    with self._lock:
+                        self.stats.nowait_refused += 1
+                    log.warning("cache: the work dir's filesystem refuses RWF_NOWAIT reads (%s); cached "
+                                "READs may wait for the disk in a queue's dispatcher", e)
+                if 0 <= n != want:  # partly in the page cache (or cut: the plain read tells)
                     raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
-            else:
+            if n < 0:
                 n = os.preadv(cb.fd, bufs, offset)
                 if n != want:
                     self._truncated(cb, gen, f"ready chunks at {offset} read back {n} of {want} bytes")
