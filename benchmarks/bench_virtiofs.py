@@ -5,6 +5,9 @@ shape). Servers, each behind its own short-lived VM (tests/transport/virtio_rig.
 * `virtiofsd`: /usr/lib/qemu/virtiofsd -o cache=auto over the unpacked tree (the reference);
 * `nydus_py rafs`: `nydusd-py virtiofs --bootstrap` on a RAFS v6 image of the same tree;
 * `nydus_py passthrough`: `nydusd-py virtiofs --shared-dir` over the unpacked tree;
+* `nydus_py rafs blobcache`: the RAFS server with a blob cache (`device.cache.type = blobcache`)
+  filled before the VM boots, so READs are preadv'ed from `<blob>.blob.data` into guest memory
+  (`BlobDevice.read_ready_into`, the steady state after a first read);
 * `nydus_py rafs 1w`: the RAFS server with `--virtio-workers 1` (each queue answered in its own
   thread: what the worker pool costs or gains);
 * `nydus_py rafs 2q4w`: `--virtio-queues 2 --virtio-workers 4` behind QEMU's
@@ -27,6 +30,7 @@ TCG on 2 shared host cores: absolute numbers measure this machine; compare ratio
 import argparse
 import json
 import os
+import stat
 import statistics
 import subprocess
 import sys
@@ -93,6 +97,33 @@ def build_image(root: Path) -> tuple[Path, Path]:
     cfg.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}}},
                                "mode": "direct"}))
     return boot, cfg
+
+
+def warm_cache(root: Path, boot: Path, blobs: Path) -> Path:
+    """A config with a blob cache under `root`/cache, every file of the image read through it
+    once (chunks ready and persisted), as a daemon's cache is after a first read."""
+    from nydus_py.config import parse_any
+    from nydus_py.rafs import open_bootstrap
+    from nydus_py.storage.device import BlobDevice
+    from nydus_py.storage.factory import make_source
+
+    cfg = root / "config-blobcache.json"
+    cfg.write_text(json.dumps({"device": {"backend": {"type": "localfs", "config": {"dir": str(blobs)}},
+                                          "cache": {"type": "blobcache",
+                                                    "config": {"work_dir": str(root / "cache")}}},
+                               "mode": "direct"}))
+    image = open_bootstrap(str(boot))
+    source = make_source(parse_any(cfg.read_text()).rafs)
+    device = BlobDevice(image, source, validate=False)
+    for _path, ino in image.walk():
+        attr = image.getattr(ino)
+        if stat.S_ISREG(attr.mode) and attr.size:
+            device.read(ino, 0, attr.size)
+    close = getattr(source, "close", None)
+    if callable(close):
+        close()  # flushes the chunk maps
+    image.close()
+    return cfg
 
 
 def measure(name: str, cmd: list[str], sock: str, work: Path, reps: int, workloads: list[str],
@@ -196,7 +227,7 @@ def main() -> int:
     make_tree(work)
     boot, cfg = build_image(work)
     tmp = Path(tempfile.mkdtemp(prefix="bench-vfs-"))
-    socks = {k: str(tmp / f"{k}.sock") for k in ("c", "rafs", "pt", "rafs1", "rafs2q")}
+    socks = {k: str(tmp / f"{k}.sock") for k in ("c", "rafs", "pt", "rafs1", "rafs2q", "rafsbc")}
 
     def daemon(sock: str) -> list[str]:
         return [sys.executable, "-m", "nydus_py.cli.daemon", "virtiofs", "--sock", sock, "--log-level", "warn"]
@@ -205,6 +236,8 @@ def main() -> int:
         "virtiofsd": (socks["c"], [VIRTIOFSD, f"--socket-path={socks['c']}", "-o", f"source={work / 'tree'}",
                                    "-o", "cache=auto"]),
         "nydus_py rafs": (socks["rafs"], [*daemon(socks["rafs"]), "--bootstrap", str(boot), "--config", str(cfg)]),
+        "nydus_py rafs blobcache": (socks["rafsbc"], [*daemon(socks["rafsbc"]), "--bootstrap", str(boot),
+                                                      "--config", "@blobcache"]),
         "nydus_py passthrough": (socks["pt"], [*daemon(socks["pt"]), "--shared-dir", str(work / "tree")]),
         "nydus_py rafs 1w": (socks["rafs1"], [*daemon(socks["rafs1"]), "--bootstrap", str(boot), "--config", str(cfg),
                                               "--virtio-workers", "1"]),
@@ -226,6 +259,8 @@ def main() -> int:
         for name, (sock, cmd) in runs.items():
             if name not in wanted:
                 continue
+            if "@blobcache" in cmd:
+                cmd = [str(warm_cache(work, boot, work / "blobs")) if a == "@blobcache" else a for a in cmd]
             raw[name] = measure(name.replace(" ", "_"), cmd, sock, tmp, args.reps, classic,
                                 device_opts.get(name, ""))
             print(name, {w: [round(v) for v in vals] for w, vals in raw[name].items()}, flush=True)

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Protocol, runtime_checkable
 
+from ..fuse.iovec import trim
 from ..rafs.chunkdata import BlobSource, decode_chunk
 from ..rafs.errors import FormatError
 from ..rafs.model import BlobInfo, ChunkInfo, RafsImage
@@ -49,8 +50,21 @@ class BlobDevice:
         self.amplify_io = max(0, amplify_io)
         self.read_errors = 0
         self.bytes_read = 0
+        # READs answered by preadv from the blob cache's data file into the caller's buffers, and
+        # those that tried and fell back to the decoded-chunk copy (a chunk not ready, a hole,
+        # a chunk not in the cache's layout, the bytes not in the page cache with `nowait`)
+        self.direct_reads = 0
+        self.direct_fallbacks = 0
         self._stats_lock = threading.Lock()
         self._chunked = source if isinstance(source, ChunkSource) else None
+        # the blob cache's preadv into caller buffers: not with validation on (every cached read
+        # is digest-checked there, which needs the bytes in our hands first)
+        ready_into = getattr(self._chunked, "read_ready_into", None)
+        self._ready_into: Callable[..., bool] | None = (
+            ready_into if callable(ready_into) and not getattr(self._chunked, "validate", True) else None)
+        if callable(ready_into) and self._ready_into is None:
+            log.info("blob cache digest validation is on: cached READs are checked and copied, not read "
+                     "straight into the caller's buffers")
         # the blob's following chunks, for amplification across files (v6 chunk table)
         self._follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = (
             getattr(image, "chunks_after", None) if self.amplify_io else None)
@@ -123,6 +137,68 @@ class BlobDevice:
         with self._stats_lock:
             self.bytes_read += len(out)
         return out
+
+    @property
+    def direct(self) -> bool:
+        """Whether `read_ready_into` can answer (a blob cache without digest validation)."""
+        return self._ready_into is not None
+
+    def read_ready_into(self, ino: int, offset: int, size: int, file_size: int, bufs: list[memoryview],
+                        nowait: bool = False) -> int:
+        """Bytes [offset, offset+size) of file `ino`, clipped to its size, read by preadv from the
+        blob cache's data files straight into `bufs` (exactly `size` bytes), one preadv per run of
+        chunks contiguous in one data file: no copy in Python. -1 when any chunk is not ready
+        (or the range has a hole): the caller takes the decoded-chunk path, which overwrites
+        whatever landed in `bufs`. `nowait`: BlockingIOError when the bytes are not in the
+        page cache."""
+        end = min(file_size, offset + size)
+        if offset >= end:
+            return 0
+        direct = self._ready_into
+        if direct is None:
+            return -1
+        blobs = self.image.blobs
+        # runs: (blob index, data file offset, length, chunks), contiguous in file and data file
+        runs: list[tuple[int, int, int, list[ChunkInfo]]] = []
+        pos = offset
+        for c in self.image.chunks(ino, offset, end - offset):
+            lo = max(pos, c.file_offset)
+            hi = min(end, c.file_offset + c.uncompressed_size)
+            if hi <= lo:
+                continue
+            if lo != pos or not 0 <= c.blob_index < len(blobs):
+                return self._fallback()  # a hole (zeros), out of order, or a bad blob index
+            at = c.uncompressed_offset + lo - c.file_offset
+            if runs and runs[-1][0] == c.blob_index and runs[-1][1] + runs[-1][2] == at:
+                b, o, n, cs = runs[-1]
+                cs.append(c)
+                runs[-1] = (b, o, n + hi - lo, cs)
+            else:
+                runs.append((c.blob_index, at, hi - lo, [c]))
+            pos = hi
+        if pos != end:
+            return self._fallback()
+        total = end - offset
+        if len(runs) > 1:
+            views = _split(bufs, [n for _b, _o, n, _cs in runs])
+        else:  # `bufs` are `size` bytes: as they are unless the file ends first
+            views = [bufs if total == size else trim(bufs, 0, total, size)]
+        try:
+            for (b, o, n, cs), v in zip(runs, views, strict=True):
+                if not direct(blobs[b], cs, o, v, n, nowait):
+                    return self._fallback()
+        except BlockingIOError:
+            self._fallback()
+            raise
+        with self._stats_lock:
+            self.direct_reads += 1
+            self.bytes_read += total
+        return total
+
+    def _fallback(self) -> int:
+        with self._stats_lock:
+            self.direct_fallbacks += 1
+        return -1
 
     def read_blob(self, blob_index: int, offset: int, size: int, view_size: int, *,
                   cached_only: bool = False) -> bytes | memoryview:
@@ -199,6 +275,26 @@ class BlobDevice:
             for k, data in zip(ks, got, strict=True):
                 out[k] = data
         return out
+
+
+def _split(bufs: list[memoryview], sizes: list[int]) -> list[list[memoryview]]:
+    """`bufs` cut into consecutive pieces of `sizes` bytes (views, in one walk); the buffers
+    hold at least their sum."""
+    out: list[list[memoryview]] = []
+    it = iter(bufs)
+    cur: memoryview | None = None
+    for want in sizes:
+        part: list[memoryview] = []
+        while want:
+            if cur is None or not len(cur):
+                cur = next(it)
+                continue
+            take = min(want, len(cur))
+            part.append(cur if take == len(cur) else cur[:take])
+            cur = cur[take:]
+            want -= take
+        out.append(part)
+    return out
 
 
 def _assemble(chunks: list[ChunkInfo], datas: list[bytes], offset: int, end: int) -> bytes | memoryview:

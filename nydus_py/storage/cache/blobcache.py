@@ -75,6 +75,7 @@ MAX_UNCOMPRESSED = 1 << 40
 FOLLOW_MIN = 128 << 10  # first cross-file amplification window after a sequential miss
 LATE_MARK = 1  # window of a stream's first sequential miss with `follow_late`: no chunk fits
 _STREAMS = 16  # sequential streams remembered per blob
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _BLOB_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -112,6 +113,9 @@ class CacheStats:
         self.uncacheable = 0  # chunks of blobs without a chunk count (not persisted)
         self.invalidated_maps = 0  # chunk maps reset because they or their data file were damaged
         self.dropped_chunks = 0  # ready chunks forgotten with them (fetched again when read)
+        self.direct_reads = 0  # runs of ready chunks read with preadv into a caller's buffers (no copy)
+        self.direct_bytes = 0
+        self.nowait_refused = 0  # RWF_NOWAIT refused by the work dir's filesystem (then plain reads)
 
     def snapshot(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -216,6 +220,7 @@ class BlobCacheManager:
         self.work_dir = work_dir
         self.source = source
         self.validate = validate
+        self.nowait_supported = True  # RWF_NOWAIT reads of the data files (`read_ready_into`)
         self.amplify_io = max(0, amplify_io)
         self.size_limit = max(0, size_limit)
         self.stats = CacheStats()
@@ -428,6 +433,55 @@ class BlobCacheManager:
                     return None
                 out.append(data)
             return out
+        finally:
+            self._unpin(cb)
+
+    def read_ready_into(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], offset: int,
+                        bufs: list[memoryview], want: int, nowait: bool = False) -> bool:
+        """preadv bytes [offset, +want) of the blob's data file straight into `bufs` (`want` bytes, guest
+        memory) when every chunk of `chunks`, which cover that range, is ready; False when one is
+        not, or when validation is on (each cached read must be digest-checked: `_cached`), and
+        then `bufs` hold garbage the caller overwrites. The checks are `_cached`'s: a short read
+        (the data file was cut) resets the map, a reset during the read refuses the bytes.
+        `nowait`: RWF_NOWAIT, BlockingIOError when the bytes are not in the page cache."""
+        if self.validate or len(bufs) > _IOV_MAX:
+            return False
+        cb = self._pin(blob)
+        try:
+            m = cb.map
+            if m is None:
+                return False
+            gen = m.generation  # before the readiness checks: a reset in between shows
+            for c in chunks:
+                if not cb.ready(c):
+                    return False
+            n = -1
+            if nowait and self.nowait_supported:
+                try:
+                    n = os.preadv(cb.fd, bufs, offset, os.RWF_NOWAIT)
+                except OSError as e:
+                    if e.errno == errno.EAGAIN:
+                        raise BlockingIOError(errno.EAGAIN, "not in the page cache") from None
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                        raise
+                    self.nowait_supported = False  # then as `_cached` reads: a plain read
+                    with self._lock:
+                        self.stats.nowait_refused += 1
+                    log.warning("cache: the work dir's filesystem refuses RWF_NOWAIT reads (%s); cached "
+                                "READs may wait for the disk in a queue's dispatcher", e)
+                if 0 <= n != want:  # partly in the page cache (or cut: the plain read tells)
+                    raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
+            if n < 0:
+                n = os.preadv(cb.fd, bufs, offset)
+                if n != want:
+                    self._truncated(cb, gen, f"ready chunks at {offset} read back {n} of {want} bytes")
+                    return False
+            if m.generation != gen:
+                return False  # reset while we read: the bytes may be the re-extended file's zeros
+            with self._lock:
+                self.stats.direct_reads += 1
+                self.stats.direct_bytes += n
+            return True
         finally:
             self._unpin(cb)
 
