@@ -170,7 +170,7 @@ class BlobWriter:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="nydus-blob-write")
         self._writes.append(self._writer.submit(self._write_now, data))
-        while len(self._writes) > 16:
+        while len(self._writes) > 8:  # bounded memory: a few compressed chunks queued
             self._writes.popleft().result()
 
     def _write_now(self, data: bytes) -> None:

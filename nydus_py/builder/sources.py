@@ -229,10 +229,13 @@ class _MemberReader(io.RawIOBase):
         n = min(len(buf), self._size - self._pos)
         if n <= 0:
             return 0
-        data = os.pread(self._b.fd, n, self._off + self._pos)
-        if len(data) != n:
-            raise FormatError(f"tar data truncated at offset {self._off + self._pos}")
-        memoryview(buf)[:n] = data
+        view = memoryview(buf)[:n]
+        got = 0
+        while got < n:  # straight into the caller's buffer (no bytes object in between)
+            k = os.preadv(self._b.fd, [view[got:]], self._off + self._pos + got)
+            if k <= 0:
+                raise FormatError(f"tar data truncated at offset {self._off + self._pos + got}")
+            got += k
         self._pos += n
         return n
 

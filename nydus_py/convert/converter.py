@@ -20,10 +20,12 @@ directory that is removed at the end.
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,12 +37,14 @@ from ..rafs.errors import FormatError
 from ..storage.registry import RegistryClient
 from . import oci
 from .errors import ConvertError
-from .layer import decompress_to, write_bootstrap_layer
+from .layer import Inflater, write_bootstrap_layer
 from .progress import Bar, Progress, human
 from .reference import ImageRef, parse_reference
 from .remote import Endpoint, endpoint_config, transport_error
 from .stack import LayerResult, LayerStack
 from .tasks import gather_or_cancel
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,7 +63,7 @@ class ConvertOptions:
     work_dir: str | None = None
     docker_config_paths: list[str] | None = None  # None: $DOCKER_CONFIG / ~/.docker/config.json
     jobs: int = 3  # concurrent downloads, and concurrent uploads
-    piece_size: int = 8 << 20  # upload piece
+    piece_size: int = 2 << 20  # upload piece
     # absolute paths (files or directories) read at startup, in reading order (nydusify's
     # --prefetch-patterns): first and contiguous in each layer's blob, and the prefetch table
     prefetch_patterns: list[bytes] = field(default_factory=list)
@@ -106,6 +110,61 @@ class _Fetched:
     tar_size: int
     kind: str  # gzip | zstd | tar
     diff_id: str  # sha256 hex of the tar
+
+
+class _InflateSink:
+    """`stream_blob`'s sink for a layer: each piece is inflated (`layer.Inflater`) in a worker
+    thread while the event loop reads the next one, so at most two pieces are in memory and the
+    loop never hashes or decompresses."""
+
+    def __init__(self, pool: ThreadPoolExecutor, tar_path: str, keep_path: str | None, size: int,
+                 limits: ExpansionLimits | None) -> None:
+        self.pool = pool
+        self.size = size
+        self.limits = limits
+        self.tar = open(tar_path, "wb")  # noqa: SIM115 (closed in close)
+        self.keep = open(keep_path, "wb") if keep_path else None  # noqa: SIM115
+        self.inflater: Inflater | None = None
+        self._pending: asyncio.Future[None] | None = None
+
+    async def restart(self) -> None:
+        await self.settle()
+        for f in (self.tar, self.keep):
+            if f is not None:
+                f.seek(0)
+                f.truncate()
+        self.inflater = Inflater(self.tar, self.limits, self.size, self.keep)
+
+    async def write(self, data: bytes) -> None:
+        await self.settle()
+        assert self.inflater is not None
+        self._pending = asyncio.get_running_loop().run_in_executor(self.pool, self.inflater.feed, data)
+
+    async def settle(self) -> None:
+        """Wait for the piece being inflated."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    def finish(self) -> tuple[str, int, str]:
+        """The tar's (diff_id, size, kind) once settled; the FormatError of bad data."""
+        assert self.inflater is not None and self._pending is None
+        return self.inflater.finish()
+
+    def layer_hex(self) -> str:
+        assert self.inflater is not None
+        return self.inflater.layer_hash.hexdigest()
+
+    async def close(self) -> None:
+        """Wait for the worker (also after an error or a cancel: it must not write to a closed
+        file), then close the files."""
+        if self._pending is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._pending)
+            self._pending = None
+        self.tar.close()
+        if self.keep is not None:
+            self.keep.close()
 
 
 @dataclass
@@ -330,7 +389,9 @@ class Converter:
         stack = LayerStack(self.build_opts, blob_dir)
         bars = [ui.bar(f"layer {i + 1}/{len(layers)} {d.short}") for i, d in enumerate(layers)]
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
-        # pull + unpack (a few layers at a time) run ahead of the build, which goes in layer order
+        push_sem = asyncio.Semaphore(max(1, self.opts.jobs))
+        # pull + unpack (a few layers at a time) run ahead of the build, which goes in layer
+        # order; each layer's blob is pushed as soon as it is built, while later layers build
         downloads: dict[str, asyncio.Task[_Fetched]] = {}
         for i, d in enumerate(layers):
             if d.digest not in downloads:
@@ -338,7 +399,10 @@ class Converter:
         last_use = {d.digest: i for i, d in enumerate(layers)}
         loop = asyncio.get_running_loop()
         results: list[LayerResult] = []
+        pushes: dict[str, tuple[asyncio.Task[bool], int]] = {}  # digest -> (sent? , size)
         tar_bytes = 0
+        boot_path = os.path.join(work, "image.boot")
+        bl_path = os.path.join(work, "bootstrap-layer.tar.gz")
         try:
             for i, d in enumerate(layers):
                 got = await downloads[d.digest]
@@ -351,16 +415,17 @@ class Converter:
                 tar_bytes += got.tar_size
                 if last_use[d.digest] == i:
                     os.unlink(got.tar_path)
+                if res.blob is not None and res.blob_path is not None:
+                    bid = res.blob.blob_id
+                    pushes[f"sha256:{bid}"] = (asyncio.create_task(self._push_file(
+                        dst, f"sha256:{bid}", res.blob_path, f"blob {bid[:12]}", push_sem)),
+                        os.path.getsize(res.blob_path))
+                _raise_failed(t for t, _ in pushes.values())
+            merged = await loop.run_in_executor(builder, stack.finish, boot_path)
+            bl_hex, bl_size, bl_diff = await loop.run_in_executor(builder, _bootstrap_layer, boot_path, bl_path)
         except BaseException:
-            for t in downloads.values():
-                t.cancel()
-            await asyncio.gather(*downloads.values(), return_exceptions=True)
+            await _cancel_all([*downloads.values(), *(t for t, _ in pushes.values())])
             raise
-        boot_path = os.path.join(work, "image.boot")
-        bl_path = os.path.join(work, "bootstrap-layer.tar.gz")
-        merged = await loop.run_in_executor(builder, stack.finish, boot_path)
-        with open(boot_path, "rb") as bf, open(bl_path, "wb") as out:
-            bl_hex, bl_size, bl_diff = write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
         boot_size = os.path.getsize(boot_path)
         blob_files = [(bid, os.path.join(blob_dir, bid)) for bid in merged.blob_ids]
         blob_layers = [oci.blob_layer(bid, os.path.getsize(p)) for bid, p in blob_files]
@@ -399,7 +464,7 @@ class Converter:
                     files.append((d.digest, downloads[d.digest].result().path, d.size, f"original layer {i + 1}"))
             small.append((source.manifest.config.digest, source.config_bytes))
         try:
-            await self._push_all(dst, files, small, result)
+            await self._push_rest(dst, pushes, files, small, push_sem, result)
             needed = [d for d, *_ in files] + [d for d, _ in small]
             missing = [d for d in needed if not await dst.blob_exists(d)]
         except OSError as e:
@@ -427,42 +492,48 @@ class Converter:
 
     async def _fetch(self, src: RegistryClient, i: int, d: oci.Descriptor, dl_dir: str, bar: Bar,
                      sem: asyncio.Semaphore, unpacker: ThreadPoolExecutor) -> "_Fetched":
-        """Download layer `d` (checked against its size and digest), then unpack it to a tar file."""
+        """Download layer `d` and decompress it to a tar file as it arrives (the pieces are
+        inflated in `unpacker` while the next ones download), then check its size and digest.
+        The compressed layer is kept on disk only when it is pushed too (`copy_original`)."""
         where = f"layer {i + 1} ({d.short})"
-        async with sem:
-            path = os.path.join(dl_dir, d.hex)
-            bar.phase("pull", d.size)
-            with open(path, "wb") as f:
-                try:
-                    got_hex, n = await src.download_blob(d.digest, f, limit=d.size, progress=bar.advance)
-                except OSError as e:
-                    raise ConvertError(f"{where}: {e.strerror or e}") from None
-            if n != d.size:
-                more = "more than" if n > d.size else f"{n} bytes, not"
-                raise ConvertError(f"{where}: the registry sent {more} the {d.size} bytes the manifest says")
-            if got_hex != d.hex:
-                raise ConvertError(f"{where}: content does not match its digest (it hashes to sha256:{got_hex})")
-            bar.finish(f"pulled {human(n)}")
-        fetched = await asyncio.get_running_loop().run_in_executor(unpacker, self._unpack, where, d, path, bar)
-        if not self.copy_original:
-            os.unlink(path)
-        return fetched
-
-    def _unpack(self, where: str, d: oci.Descriptor, path: str, bar: Bar) -> "_Fetched":
-        """Decompress the layer next to it (inside the work dir, removed with it)."""
+        path = os.path.join(dl_dir, d.hex)
         tar_path = path + ".tar"
-        try:
-            with open(path, "rb") as comp, open(tar_path, "wb") as tar:
-                bar.phase("unpack", d.size)
-                dhex, tsize, kind = decompress_to(comp, tar, bar.advance, self.opts.expansion_limits)
-        except BaseException as e:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tar_path)  # free the disk now, not when the work dir goes
-            if isinstance(e, FormatError):
-                raise type(e)(f"{where}: {e}") from None
-            raise
-        bar.finish(f"unpacked {human(tsize)} of {kind}")
+        async with sem:
+            bar.phase("pull", d.size)
+            sink = _InflateSink(unpacker, tar_path, path if self.copy_original else None, d.size,
+                                self.opts.expansion_limits)
+            try:
+                try:
+                    n, (dhex, tsize, kind) = await self._pull(src, d, where, sink, bar)
+                finally:
+                    await sink.close()
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tar_path)  # free the disk now, not when the work dir goes
+                raise
+            bar.finish(f"pulled {human(n)}, unpacked {human(tsize)} of {kind}")
         return _Fetched(path, tar_path, tsize, kind, dhex)
+
+    @staticmethod
+    async def _pull(src: RegistryClient, d: oci.Descriptor, where: str, sink: "_InflateSink",
+                    bar: Bar) -> tuple[int, tuple[str, int, str]]:
+        """Stream layer `d` into `sink`; (bytes received, the tar's (diff_id, size, kind)) once its
+        size and digest are checked (those errors first: bad bytes from a registry explain bad data)."""
+        try:
+            n = await src.stream_blob(d.digest, sink, limit=d.size, progress=bar.advance)
+            await sink.settle()
+        except OSError as e:
+            raise ConvertError(f"{where}: {e.strerror or e}") from None
+        if n != d.size:
+            more = "more than" if n > d.size else f"{n} bytes, not"
+            raise ConvertError(f"{where}: the registry sent {more} the {d.size} bytes the manifest says")
+        got_hex = sink.layer_hex()
+        if got_hex != d.hex:
+            raise ConvertError(f"{where}: content does not match its digest (it hashes to sha256:{got_hex})")
+        try:
+            return n, sink.finish()
+        except FormatError as e:
+            raise type(e)(f"{where}: {e}") from None
 
     def _build_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, got: "_Fetched", bar: Bar) -> LayerResult:
         with open(got.tar_path, "rb") as tar:
@@ -476,17 +547,33 @@ class Converter:
                   f"({res.new_chunks} new chunks, {res.deduplicated} deduplicated)")
         return res
 
-    async def _push_all(self, dst: RegistryClient, files: list[tuple[str, str, int, str]],
-                        small: list[tuple[str, bytes]], result: ConvertResult) -> None:
-        sem = asyncio.Semaphore(max(1, self.opts.jobs))
-
-        async def one(digest: str, path: str, size: int, label: str) -> None:
-            async with sem:
-                bar = self.progress.bar(label)
-                bar.phase("push", size)
+    async def _push_file(self, dst: RegistryClient, digest: str, path: str, label: str,
+                         sem: asyncio.Semaphore) -> bool:
+        """Upload one blob file unless the target has it; True when it was sent."""
+        async with sem:
+            size = os.path.getsize(path)
+            bar = self.progress.bar(label)
+            bar.phase("push", size)
+            try:
                 sent = await dst.push_blob_file(path, digest, piece=self.opts.piece_size, progress=bar.advance)
-                self._account(result, digest, size, sent)
-                bar.close(f"pushed {human(size)}" if sent else f"already in the target ({human(size)})")
+            except OSError as e:
+                raise transport_error(self.dst_ep, e, "pushing") from None
+            bar.close(f"pushed {human(size)}" if sent else f"already in the target ({human(size)})")
+            return sent
+
+    async def _push_rest(self, dst: RegistryClient, pushes: dict[str, tuple["asyncio.Task[bool]", int]],
+                         files: list[tuple[str, str, int, str]], small: list[tuple[str, bytes]],
+                         sem: asyncio.Semaphore, result: ConvertResult) -> None:
+        """Push what the layer loop did not (bootstrap layer, config, originals), wait for every
+        upload, and account for them. A layer blob that the merged image does not use (all its
+        files whited out above) was pushed already: it is counted, and left unreferenced."""
+        used = {digest for digest, *_ in files}
+        for digest, path, size, label in files:
+            if digest not in pushes:
+                pushes[digest] = (asyncio.create_task(self._push_file(dst, digest, path, label, sem)), size)
+        for digest in pushes:
+            if digest not in used:
+                log.info("blob %s was pushed but the merged image does not use it", digest)
 
         async def one_small(digest: str, data: bytes) -> None:
             async with sem:
@@ -495,7 +582,14 @@ class Converter:
                     await dst.push_blob(data, digest)
                 self._account(result, digest, len(data), not exists)
 
-        await gather_or_cancel([*(one(*f) for f in files), *(one_small(d, b) for d, b in small)])
+        tasks = [t for t, _ in pushes.values()]
+        try:
+            await gather_or_cancel([_wait(t) for t in tasks] + [one_small(d, b) for d, b in small])
+        except BaseException:
+            await _cancel_all(tasks)
+            raise
+        for digest, (task, size) in pushes.items():
+            self._account(result, digest, size, task.result())
 
     @staticmethod
     def _account(result: ConvertResult, digest: str, size: int, sent: bool) -> None:
@@ -505,6 +599,29 @@ class Converter:
         else:
             result.reused.append(digest)
             result.reused_bytes += size
+
+
+def _bootstrap_layer(boot_path: str, bl_path: str) -> tuple[str, int, str]:
+    with open(boot_path, "rb") as bf, open(bl_path, "wb") as out:
+        return write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
+
+
+def _raise_failed(tasks: Iterable["asyncio.Task[Any]"]) -> None:
+    """Raise the error of the first finished task that failed (a push that failed early stops
+    the conversion at once, not after the last layer)."""
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            t.result()
+
+
+async def _cancel_all(tasks: list["asyncio.Task[Any]"]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _wait(task: "asyncio.Task[Any]") -> None:
+    await task
 
 
 def combine(results: list[ConvertResult], index_digest: str) -> ConvertResult:
