@@ -1,19 +1,23 @@
 """`nydusify-py convert`: an OCI/Docker image in a registry -> a Nydus image in a registry.
 
-Order of work, chosen so that bad input pushes nothing and a failure never leaves a manifest
-pointing at missing blobs:
+Order of work, chosen so that a failure never leaves a manifest pointing at missing blobs, and so
+that downloading, building and uploading overlap:
 
 1. resolve the source (index -> the platform's manifest), fetch and check the config;
-2. pull the layers (a few at a time) into temp files, hashing while writing, and compare size and
-   digest with the manifest; unpack each one (checking its diff_id) and build its RAFS blob, lowest
-   layer first, in a build thread while later layers download;
-3. merge the bootstrap and write the bootstrap layer and the Nydus config;
-4. only now push: blobs the target already has (HEAD) are skipped, the others are uploaded from
-   their files in pieces; then every blob the manifest names is checked to be present, and the
-   manifest (and with `merge_platform` the index) is pushed last.
+2. pull the layers (a few at a time), each decompressed into a tar file as it arrives (a worker
+   thread inflates one piece while the next downloads) and checked against its size, digest and
+   diff_id; build each layer's RAFS blob in a build thread, lowest layer first, while later
+   layers download; push that blob at once (HEAD first: a blob the target has is skipped), while
+   later layers build;
+3. merge the bootstrap and write the bootstrap layer and the Nydus config, push them;
+4. check that every blob the manifest names is present, and only then push the manifest (and
+   with `merge_platform` the index).
+
+Bad input in the first layer pushes nothing; bad input in a later layer can leave the blobs of
+the layers below it in the target, unreferenced (no manifest names them), as nydusify does.
 
 Memory stays flat with layer size: layers stream to disk, decompression and the build read 1 MiB
-at a time, uploads send one piece (8 MiB by default) at a time. Everything goes under one temp
+at a time, uploads send one piece (2 MiB by default) at a time. Everything goes under one temp
 directory that is removed at the end.
 """
 
