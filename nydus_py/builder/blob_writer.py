@@ -199,6 +199,11 @@ class BlobWriter:
             return known
         assert prep.packed is not None
         stored, compressed = prep.packed.result()
+        flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
+        return self._store(prep.digest, stored, flags, prep.size, prep.crc, file_offset)
+
+    def _store(self, digest: bytes, stored: bytes, flags: ChunkFlags, size: int, crc: int, file_offset: int) -> bytes:
+        """Append one chunk's stored bytes; its packed record (in this blob, at `file_offset`)."""
         index = len(self.chunks)
         limit = 1 << 32 if self.plain else MAX_CI_INDEX  # v5 records: u32 index; v6: 24 bits
         if index >= limit:
@@ -206,29 +211,45 @@ class BlobWriter:
         self._open()
         uoff = self._uoff
         if not self.plain:
-            self.ci_entries += pack_ci_v1(self._pos, len(stored), uoff, prep.size)
-            self.digests += prep.digest
-        flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
+            self.ci_entries += pack_ci_v1(self._pos, len(stored), uoff, size)
+            self.digests += digest
         record = CHUNK.pack(
-            prep.digest,
+            digest,
             self.blob_index,
             int(flags),
             len(stored),
-            prep.size,
+            size,
             self._pos,
             uoff,
             file_offset,
             index,
-            prep.crc,
+            crc,
         )
         self._write(stored)
-        self._uoff = uoff + prep.size if self.plain else _align(uoff + prep.size, EROFS_BLOCK_SIZE)
-        self.stored_uncompressed += prep.size
+        self._uoff = uoff + size if self.plain else _align(uoff + size, EROFS_BLOCK_SIZE)
+        self.stored_uncompressed += size
         self.stored_compressed += len(stored)
         with self._lock:
             self.chunks.add(record)
-            self._packing.pop(prep.digest, None)
+            self._packing.pop(digest, None)
         return record
+
+    def add_stored(self, chunk: ChunkInfo, stored: bytes) -> bytes:
+        """Copy a chunk as another blob stores it (`stored`: its compressed bytes, same
+        compressor and digester as this blob; compaction): its packed record here, keeping its
+        digest, flags and CRC. A chunk whose digest this blob already holds is referenced, not
+        stored twice."""
+        if self._closed:
+            raise RuntimeError("BlobWriter already finished")
+        if len(stored) != chunk.compressed_size:
+            raise FormatError(f"chunk {chunk.digest.hex()[:12]}: {len(stored)} stored bytes, the record says "
+                              f"{chunk.compressed_size}")
+        known = self.chunks.get(chunk.digest, chunk.file_offset)
+        if known is not None:
+            self.deduplicated += 1
+            return known
+        self.uncompressed_bytes += chunk.uncompressed_size
+        return self._store(chunk.digest, stored, chunk.flags, chunk.uncompressed_size, chunk.crc32, chunk.file_offset)
 
     def add_files(self, files: Iterable[FileData]) -> list[bytes]:
         """Chunk lists (file order, `file_offset` set) for each of `files`, in order, each as
