@@ -59,6 +59,9 @@ from .options import BuildOptions
 from .tree import FileData
 
 MAX_CI_INDEX = 1 << 24  # v6 chunk indexes carry 24 bits of ci_index
+_BATCH_BYTES = 256 << 10  # chunks smaller than this go to the workers together ...
+_BATCH_CHUNKS = 64  # ... up to this many
+_WRITE_GATHER = 1 << 20
 
 
 def blob_features(blob_toc: bool) -> BlobFeatures:
@@ -126,6 +129,7 @@ class BlobWriter:
         self.path: str | None = None  # the finished blob file
         self._writer: ThreadPoolExecutor | None = None
         self._writes: deque[Future[None]] = deque()
+        self._wbuf = bytearray()  # small writes gathered for the writer thread
         self._closed = False
 
     # -- chunk pipeline -------------------------------------------------------------------------
@@ -165,15 +169,25 @@ class BlobWriter:
             self._fd, self._tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".blob-", suffix=".tmp")
 
     def _write(self, data: bytes) -> None:
-        """Queue `data` for the writer thread (file write + blob sha256 overlap chunk work)."""
+        """Queue `data` for the writer thread (file write + blob sha256 overlap chunk work).
+        Small pieces are gathered into one write of up to 1 MiB first (one hand-off each)."""
         self._pos += len(data)
+        if not self._wbuf and len(data) >= _WRITE_GATHER:
+            self._send(data)
+            return
+        self._wbuf += data
+        if len(self._wbuf) >= _WRITE_GATHER:
+            self._send(self._wbuf)
+            self._wbuf = bytearray()
+
+    def _send(self, data: "bytes | bytearray") -> None:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="nydus-blob-write")
         self._writes.append(self._writer.submit(self._write_now, data))
         while len(self._writes) > 8:  # bounded memory: a few compressed chunks queued
             self._writes.popleft().result()
 
-    def _write_now(self, data: bytes) -> None:
+    def _write_now(self, data: "bytes | bytearray") -> None:
         assert self._fd is not None
         view = memoryview(data)
         while view:
@@ -182,6 +196,9 @@ class BlobWriter:
         self._hash.update(data)
 
     def _flush(self) -> None:
+        if self._wbuf:
+            self._send(self._wbuf)
+            self._wbuf = bytearray()
         while self._writes:
             self._writes.popleft().result()
 
@@ -271,9 +288,14 @@ class BlobWriter:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nydus-blob")
         pool = self._pool
         cs = self.opts.chunk_size
-        window = 2 * self.workers + 2
+        window = 2 * self.workers + 2  # work items in flight
         partial: dict[int, bytearray] = {}  # files with chunks in flight
-        pending: deque[tuple[int, int, Future[_Prepared]]] = deque()
+        # work items in chunk order: a future of one chunk, or of a batch of small ones (one
+        # hand-off per batch, not per chunk: thread wake-ups cost more than hashing 4 KiB)
+        items: deque[tuple[Future[list[_Prepared]], list[tuple[int, int]]]] = deque()
+        batch: list[bytes] = []
+        where: list[tuple[int, int]] = []  # (file, offset) of each chunk of `batch`
+        batch_bytes = 0
         nfiles = 0
         finished = 0  # files [0, finished) were reported
 
@@ -284,18 +306,25 @@ class BlobWriter:
                 done(finished, bytes(got) if got is not None else b"")
                 finished += 1
 
+        def submit() -> None:
+            nonlocal batch, where, batch_bytes
+            if batch:
+                items.append((pool.submit(self._prepare_all, batch), where))
+                batch, where, batch_bytes = [], [], 0
+
         def drain(limit: int) -> None:
-            while len(pending) > limit:
-                fidx, foff, fut = pending.popleft()
-                report(fidx)  # files before this chunk's are complete
-                partial[fidx] += self._commit(fut.result(), foff)
+            while len(items) > limit:
+                fut, places = items.popleft()
+                for prep, (fidx, foff) in zip(fut.result(), places, strict=True):
+                    report(fidx)  # files before this chunk's are complete
+                    partial[fidx] += self._commit(prep, foff)
 
         try:
             for fdata in files:
                 fidx = nfiles
                 nfiles += 1
                 if fdata.size <= 0:
-                    if not pending:
+                    if not items and not batch:
                         report(nfiles)
                     continue
                 partial[fidx] = bytearray()
@@ -309,15 +338,23 @@ class BlobWriter:
                                 f"file data ended after {off + len(buf)} bytes, expected {fdata.size}"
                             )
                         self.uncompressed_bytes += want
-                        pending.append((fidx, off, pool.submit(self._prepare, buf)))
+                        batch.append(buf)
+                        where.append((fidx, off))
+                        batch_bytes += want
+                        if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_CHUNKS:
+                            submit()
+                            drain(window)
                         off += want
-                        drain(window)
+            submit()
             drain(0)
             report(nfiles)
         except BaseException:
-            for _, _, fut in pending:
+            for fut, _ in items:
                 fut.cancel()
             raise
+
+    def _prepare_all(self, bufs: list[bytes]) -> list[_Prepared]:
+        return [self._prepare(b) for b in bufs]
 
     def add_file(self, data: FileData) -> list[ChunkInfo]:
         """One file's chunks, decoded (for callers building a few files by hand)."""
@@ -477,6 +514,7 @@ class BlobWriter:
             self._writer.shutdown(wait=True)
             self._writer = None
         self._writes.clear()
+        self._wbuf = bytearray()
 
     def _discard(self) -> None:
         self._stop_writer()

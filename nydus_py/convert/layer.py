@@ -189,7 +189,9 @@ def write_bootstrap_layer(boot: BinaryIO, boot_size: int, dst: BinaryIO) -> tupl
     Returns (sha256 hex of the gzip = layer digest, its size, sha256 hex of the tar = diff_id).
     """
     outer = _HashWriter(dst)
-    with gzip.GzipFile(filename="", mode="wb", fileobj=outer, mtime=0) as gz:
+    # level 6 (as Go's gzip.DefaultCompression, which nydusify uses): 9 costs ~0.7 s on a 1 MiB
+    # bootstrap (its tables make deflate's lazy matching crawl) for <1% less size
+    with gzip.GzipFile(filename="", mode="wb", fileobj=outer, mtime=0, compresslevel=6) as gz:
         inner = _HashWriter(gz)  # type: ignore[arg-type]
         with tarfile.open(fileobj=inner, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             d = tarfile.TarInfo("image")
