@@ -26,10 +26,11 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import struct
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -51,7 +52,7 @@ from ..rafs.layout_blob import (
     tar_header,
     unpack_ci_v1,
 )
-from ..rafs.layout_common import CHUNK, unpack_chunks
+from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, unpack_chunk, unpack_chunks
 from ..rafs.layout_v6 import EROFS_BLOCK_SIZE
 from ..rafs.model import BlobInfo, ChunkInfo
 from .chunk_records import ChunkRecords
@@ -184,7 +185,7 @@ class BlobWriter:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="nydus-blob-write")
         self._writes.append(self._writer.submit(self._write_now, data))
-        while len(self._writes) > 8:  # bounded memory: a few compressed chunks queued
+        while len(self._writes) > 4:  # bounded memory: a few MiB queued
             self._writes.popleft().result()
 
     def _write_now(self, data: "bytes | bytearray") -> None:
@@ -288,7 +289,7 @@ class BlobWriter:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nydus-blob")
         pool = self._pool
         cs = self.opts.chunk_size
-        window = 2 * self.workers + 2  # work items in flight
+        window = self.workers + 2  # work items in flight (each up to ~1 MiB in, ~1 MiB out)
         partial: dict[int, bytearray] = {}  # files with chunks in flight
         # work items in chunk order: a future of one chunk, or of a batch of small ones (one
         # hand-off per batch, not per chunk: thread wake-ups cost more than hashing 4 KiB)
@@ -360,7 +361,32 @@ class BlobWriter:
         """One file's chunks, decoded (for callers building a few files by hand)."""
         return unpack_chunks(self.add_files([data])[0])
 
-    # -- trailers ---------------------------------------------------------------------------------
+    # -- held blobs (layers prepared in parallel, committed in order) ------------------------------
+
+    def hold(self) -> None:
+        """All chunk data is in: wait for the writes and stop the workers, keeping the blob open
+        (unnamed, no trailers) until `finish` or `abort`."""
+        self._shutdown()
+        self._flush()
+
+    def set_blob_index(self, index: int) -> None:
+        """Place the (held) blob at `index` of the image's blob table: the records kept here
+        say so from now on; those already handed out are the caller's (`with_blob_index`)."""
+        self.blob_index = index
+        self.chunks.records[:] = with_blob_index(self.chunks.records, index)
+
+    def stored_chunks(self) -> "Iterator[tuple[ChunkInfo, bytes]]":
+        """Each stored chunk, in blob order, with its stored bytes (after `hold`)."""
+        assert not self._writes and not self._wbuf, "hold() first"
+        recs = self.chunks.records
+        for off in range(0, len(recs), CHUNK_RECORD_SIZE):
+            c = unpack_chunk(recs, off)
+            assert self._fd is not None
+            data = os.pread(self._fd, c.compressed_size, c.compressed_offset)
+            if len(data) != c.compressed_size:
+                raise FormatError(f"held blob: chunk {c.index} is short")
+            yield c, data
+
 
     def finish(self) -> BlobInfo | None:
         """Append blob.meta / digests / ToC, name the blob and return its table entry.
@@ -553,6 +579,18 @@ def validate_blob_id(blob_id: str) -> None:
         )
     ):
         raise ValueError(f"invalid blob id {blob_id!r}: need 1..64 ASCII characters, no '/' or NUL")
+
+
+_BLOB_INDEX_AT = CHUNK.offset("blob_index")
+
+
+def with_blob_index(records: "bytes | bytearray", index: int) -> bytearray:
+    """Packed chunk records (all of one blob) with their blob_index set to `index`."""
+    out = bytearray(records)
+    field = struct.pack("<I", index)
+    for off in range(_BLOB_INDEX_AT, len(out), CHUNK_RECORD_SIZE):
+        out[off:off + 4] = field
+    return out
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes:

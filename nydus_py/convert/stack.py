@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
-from ..builder.blob_writer import BlobWriter
+from ..builder.blob_writer import BlobWriter, with_blob_index
 from ..builder.build import build_image, check_options
 from ..builder.chunk_records import ChunkRecords
 from ..builder.merge import merge_layers
@@ -28,8 +28,19 @@ from ..builder.sources import SourceStats, tree_from_tar
 from ..builder.tree import FileData
 from ..builder.v5_writer import plan_v5
 from ..builder.v6_writer import plan_v6
-from ..rafs.layout_common import CHUNK_RECORD_SIZE
+from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE
 from ..rafs.model import BlobInfo
+
+
+@dataclass
+class PreparedLayer:
+    """A layer parsed and its new chunk data written (`LayerStack.prepare_layer`), not yet placed
+    in the stack."""
+
+    tree: Tree
+    writer: BlobWriter  # held: chunk data written, no trailers, no name yet
+    refs: int  # chunk references of the layer's files
+    entries: int
 
 
 @dataclass
@@ -42,6 +53,9 @@ class LayerResult:
     new_chunks: int  # of which stored in this layer's blob
     deduplicated: int  # of which found in this or a lower layer's blob
     stored_compressed: int  # bytes of chunk data written
+
+
+FILE_OFFSET = CHUNK.view("file_offset")
 
 
 class _Counted:
@@ -104,6 +118,12 @@ class LayerStack:
     def add_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None) -> LayerResult:
         """Build the blob of one uncompressed layer tar (seekable, a real file is best: its data is
         read in place). `progress` gets the file bytes consumed."""
+        return self.commit_layer(self.prepare_layer(tar, progress))
+
+    def prepare_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None) -> PreparedLayer:
+        """The expensive part of `add_layer` (parse, chunk, hash, compress, write the chunk data),
+        independent of the other layers: several may run at once, in any order. Chunks are
+        deduplicated within the layer only here; `commit_layer` does the rest."""
         if self._finished:
             raise RuntimeError("LayerStack already finished")
         stats = SourceStats()
@@ -124,29 +144,79 @@ class LayerStack:
         datas: Iterator[FileData] = (_file_data(tree, n) for n in order)
         if progress is not None:
             datas = (_counting(d, progress) for d in datas)
-        with BlobWriter(self.blob_dir, self.opts, blob_index=len(self.blobs), existing=self.dedup) as writer:
+        writer = BlobWriter(self.blob_dir, self.opts, blob_index=0)
+        try:
             writer.add_files_stream(datas, stored)
-            blob = writer.finish()
-        if blob is not None:
-            self.blobs.append(blob)
+            writer.hold()
+        except BaseException:
+            writer.abort()
+            raise
         kind = tree.kind
         for n in range(len(tree)):  # empty (or unreachable) files: no chunks; let go of the tar
             if kind[n] == K_TAR:
                 tree.set_chunks(n, b"", tree.size[n], bset)
         tree.backings.clear()
         tree.freeze()
+        return PreparedLayer(tree, writer, refs, stats.entries)
+
+    def commit_layer(self, layer: PreparedLayer) -> LayerResult:
+        """Add a prepared layer on top of the stack (in layer order): its blob takes the next
+        place in the blob table, and chunks a lower layer stored already are referenced there.
+        When there are such chunks the blob is written again without them (stored bytes copied,
+        nothing recompressed), so the result is byte for byte what building the layers one after
+        the other would give."""
+        if self._finished:
+            raise RuntimeError("LayerStack already finished")
+        held, tree = layer.writer, layer.tree
+        index = len(self.blobs)
+        writer = held
+        try:
+            if not any(d in self.dedup for d in held.chunks):
+                if index:
+                    held.set_blob_index(index)
+                    tree.chunks[:] = with_blob_index(tree.chunks, index)
+            else:
+                writer = BlobWriter(self.blob_dir, self.opts, blob_index=index)
+                for chunk, data in held.stored_chunks():
+                    if chunk.digest not in self.dedup:
+                        writer.add_stored(chunk, data)
+                self._remap(tree, writer)
+                held.abort()
+            blob = writer.finish()
+        except BaseException:
+            held.abort()
+            writer.abort()
+            raise
+        if blob is not None:
+            self.blobs.append(blob)
+        new_chunks, stored_compressed = len(writer.chunks), writer.stored_compressed
         self.dedup.update(writer.chunks)
         self.layers.append(tree)
         return LayerResult(
             blob=blob,
             blob_path=writer.path,
-            entries=stats.entries,
-            file_bytes=writer.uncompressed_bytes,
-            chunks=refs,
-            new_chunks=len(writer.chunks),
-            deduplicated=writer.deduplicated,
-            stored_compressed=writer.stored_compressed,
+            entries=layer.entries,
+            file_bytes=held.uncompressed_bytes,
+            chunks=layer.refs,
+            new_chunks=new_chunks,
+            deduplicated=layer.refs - new_chunks,
+            stored_compressed=stored_compressed,
         )
+
+    def _remap(self, tree: Tree, writer: BlobWriter) -> None:
+        """Point every chunk record of `tree` (all in its own held blob) at `writer`'s blob or,
+        for chunks a lower layer holds, at that layer's record."""
+        chunks = tree.chunks
+        view = memoryview(chunks)
+        out = bytearray()
+        for off in range(0, len(chunks), CHUNK_RECORD_SIZE):
+            digest = bytes(view[off:off + 32])
+            fo = FILE_OFFSET.unpack_from(view, off)[0]
+            rec = writer.chunks.get(digest, fo) or self.dedup.get(digest, fo)
+            assert rec is not None
+            out += rec
+        view.release()
+        tree.chunks[:] = out
 
     def _layer_options(self, tree: Tree) -> BuildOptions:
         """The build options of one layer: only the prefetch paths this layer has (the others
