@@ -584,7 +584,7 @@ def validate_blob_id(blob_id: str) -> None:
 _BLOB_INDEX_AT = CHUNK.offset("blob_index")
 
 
-def with_blob_index(records: "bytes | bytearray", index: int) -> bytearray:
+def with_blob_index(records: "bytes | bytearray | memoryview", index: int) -> bytearray:
     """Packed chunk records (all of one blob) with their blob_index set to `index`."""
     out = bytearray(records)
     field = struct.pack("<I", index)

@@ -45,7 +45,7 @@ from .layer import Inflater, write_bootstrap_layer
 from .progress import Bar, Progress, human
 from .reference import ImageRef, parse_reference
 from .remote import Endpoint, endpoint_config, transport_error
-from .stack import LayerResult, LayerStack
+from .stack import LayerResult, LayerStack, PreparedLayer
 from .tasks import gather_or_cancel
 
 log = logging.getLogger(__name__)
@@ -323,7 +323,9 @@ class Converter:
         work = tempfile.mkdtemp(prefix="nydusify-", dir=self.opts.work_dir)
         src = RegistryClient(self.src_cfg)
         dst = RegistryClient(self.dst_cfg)
-        builder = ThreadPoolExecutor(1, thread_name_prefix="nydusify-build")
+        # layers are prepared (parsed, chunked, compressed) a few at once; the extra thread commits
+        # them in order (and writes the bootstrap), never waiting behind a prepare
+        builder = ThreadPoolExecutor(self._build_jobs() + 1, thread_name_prefix="nydusify-build")
         unpacker = ThreadPoolExecutor(1, thread_name_prefix="nydusify-unpack")
         try:
             await src.start()
@@ -390,7 +392,8 @@ class Converter:
         dl_dir = os.path.join(work, "layers")
         os.makedirs(blob_dir)
         os.makedirs(dl_dir)
-        stack = LayerStack(self.build_opts, blob_dir)
+        cpus = os.cpu_count() or 1
+        stack = LayerStack(self.build_opts, blob_dir, workers=max(1, cpus // self._build_jobs()))
         bars = [ui.bar(f"layer {i + 1}/{len(layers)} {d.short}") for i, d in enumerate(layers)]
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
         push_sem = asyncio.Semaphore(max(1, self.opts.jobs))
@@ -400,25 +403,35 @@ class Converter:
         for i, d in enumerate(layers):
             if d.digest not in downloads:
                 downloads[d.digest] = asyncio.create_task(self._fetch(src, i, d, dl_dir, bars[i], sem, unpacker))
-        last_use = {d.digest: i for i, d in enumerate(layers)}
         loop = asyncio.get_running_loop()
         results: list[LayerResult] = []
         pushes: dict[str, tuple[asyncio.Task[bool], int]] = {}  # digest -> (sent? , size)
         tar_bytes = 0
         boot_path = os.path.join(work, "image.boot")
         bl_path = os.path.join(work, "bootstrap-layer.tar.gz")
+        uses = {d.digest: sum(1 for x in layers if x.digest == d.digest) for d in layers}
+        slots = asyncio.Semaphore(self._build_jobs())
+
+        async def prepare(i: int, d: oci.Descriptor) -> tuple[_Fetched, PreparedLayer]:
+            got = await downloads[d.digest]
+            if f"sha256:{got.diff_id}" != source.diff_ids[i]:
+                raise FormatError(f"layer {i + 1} ({d.short}): the uncompressed {got.kind} does not match the "
+                                  f"config's diff_id {source.diff_ids[i][:19]} (it hashes to "
+                                  f"sha256:{got.diff_id[:12]})")
+            async with slots:
+                prepared = await loop.run_in_executor(builder, self._prepare_layer, stack, i, d, got, bars[i])
+            uses[d.digest] -= 1
+            if not uses[d.digest]:
+                os.unlink(got.tar_path)
+            return got, prepared
+
+        preps = [asyncio.create_task(prepare(i, d)) for i, d in enumerate(layers)]
         try:
             for i, d in enumerate(layers):
-                got = await downloads[d.digest]
-                if f"sha256:{got.diff_id}" != source.diff_ids[i]:
-                    raise FormatError(f"layer {i + 1} ({d.short}): the uncompressed {got.kind} does not match the "
-                                      f"config's diff_id {source.diff_ids[i][:19]} (it hashes to "
-                                      f"sha256:{got.diff_id[:12]})")
-                res = await loop.run_in_executor(builder, self._build_layer, stack, i, d, got, bars[i])
+                got, prepared = await preps[i]
+                res = await loop.run_in_executor(builder, self._commit_layer, stack, i, d, got, prepared, bars[i])
                 results.append(res)
                 tar_bytes += got.tar_size
-                if last_use[d.digest] == i:
-                    os.unlink(got.tar_path)
                 if res.blob is not None and res.blob_path is not None:
                     bid = res.blob.blob_id
                     pushes[f"sha256:{bid}"] = (asyncio.create_task(self._push_file(
@@ -428,7 +441,7 @@ class Converter:
             merged = await loop.run_in_executor(builder, stack.finish, boot_path)
             bl_hex, bl_size, bl_diff = await loop.run_in_executor(builder, _bootstrap_layer, boot_path, bl_path)
         except BaseException:
-            await _cancel_all([*downloads.values(), *(t for t, _ in pushes.values())])
+            await _cancel_all([*preps, *downloads.values(), *(t for t, _ in pushes.values())])
             raise
         boot_size = os.path.getsize(boot_path)
         blob_files = [(bid, os.path.join(blob_dir, bid)) for bid in merged.blob_ids]
@@ -539,13 +552,24 @@ class Converter:
         except FormatError as e:
             raise type(e)(f"{where}: {e}") from None
 
-    def _build_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, got: "_Fetched", bar: Bar) -> LayerResult:
+    def _build_jobs(self) -> int:
+        """Layers prepared at once: one per core (processes would not pay here: most of the work
+        is zstd, blake3, sha256 and I/O, which run outside the GIL), at most `jobs`."""
+        return max(1, min(self.opts.jobs, os.cpu_count() or 1))
+
+    def _prepare_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, got: "_Fetched",
+                       bar: Bar) -> PreparedLayer:
         with open(got.tar_path, "rb") as tar:
             bar.phase("build", got.tar_size)
             try:
-                res = stack.add_layer(tar, bar.advance)
+                return stack.prepare_layer(tar, bar.advance)
             except FormatError as e:
                 raise FormatError(f"layer {i + 1} ({d.short}): {e}") from None
+
+    @staticmethod
+    def _commit_layer(stack: LayerStack, i: int, d: oci.Descriptor, got: "_Fetched", prepared: PreparedLayer,
+                      bar: Bar) -> LayerResult:
+        res = stack.commit_layer(prepared)
         blob = f"blob {res.blob.blob_id[:12]} {human(res.blob.compressed_size)}" if res.blob else "no new data"
         bar.close(f"{human(d.size)} {got.kind} -> {human(got.tar_size)} tar -> {blob} "
                   f"({res.new_chunks} new chunks, {res.deduplicated} deduplicated)")

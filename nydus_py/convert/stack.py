@@ -20,7 +20,7 @@ from typing import BinaryIO
 
 from ..builder.blob_writer import BlobWriter, with_blob_index
 from ..builder.build import build_image, check_options
-from ..builder.chunk_records import ChunkRecords
+from ..builder.chunk_records import ChunkRecords, SharedChunkRecords
 from ..builder.merge import merge_layers
 from ..builder.options import BuildOptions, BuildResult
 from ..builder.packed import K_TAR, Tree
@@ -104,7 +104,7 @@ def _counting(data: FileData, progress: Callable[[int], None]) -> FileData:
 class LayerStack:
     """Builds the layers of one image, lowest first, into `blob_dir`."""
 
-    def __init__(self, opts: BuildOptions, blob_dir: str) -> None:
+    def __init__(self, opts: BuildOptions, blob_dir: str, workers: int | None = None) -> None:
         check_options(opts)
         if opts.blob_id is not None:
             raise ValueError("a layered build names each blob by its digest; blob_id cannot be set")
@@ -112,7 +112,9 @@ class LayerStack:
         self.blob_dir = blob_dir
         self.blobs: list[BlobInfo] = []  # shared by every ChunkedData of the stack
         self.layers: list[Tree] = []
-        self.dedup = ChunkRecords()  # every stored chunk of the stack, packed
+        self.workers = workers  # chunk workers per layer being prepared (None: one per core)
+        # every stored chunk of the committed layers, packed; read by layers being prepared
+        self.dedup: ChunkRecords = SharedChunkRecords()
         self._finished = False
 
     def add_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None) -> LayerResult:
@@ -123,7 +125,8 @@ class LayerStack:
     def prepare_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None) -> PreparedLayer:
         """The expensive part of `add_layer` (parse, chunk, hash, compress, write the chunk data),
         independent of the other layers: several may run at once, in any order. Chunks are
-        deduplicated within the layer only here; `commit_layer` does the rest."""
+        deduplicated within the layer and against the layers committed so far (whichever those
+        are when a chunk is looked at); `commit_layer` does the rest."""
         if self._finished:
             raise RuntimeError("LayerStack already finished")
         stats = SourceStats()
@@ -144,7 +147,7 @@ class LayerStack:
         datas: Iterator[FileData] = (_file_data(tree, n) for n in order)
         if progress is not None:
             datas = (_counting(d, progress) for d in datas)
-        writer = BlobWriter(self.blob_dir, self.opts, blob_index=0)
+        writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=self.dedup, workers=self.workers)
         try:
             writer.add_files_stream(datas, stored)
             writer.hold()
@@ -174,13 +177,13 @@ class LayerStack:
             if not any(d in self.dedup for d in held.chunks):
                 if index:
                     held.set_blob_index(index)
-                    tree.chunks[:] = with_blob_index(tree.chunks, index)
-            else:
+                    self._remap(tree, held, index)
+            else:  # a layer committed meanwhile holds some of these chunks
                 writer = BlobWriter(self.blob_dir, self.opts, blob_index=index)
                 for chunk, data in held.stored_chunks():
                     if chunk.digest not in self.dedup:
                         writer.add_stored(chunk, data)
-                self._remap(tree, writer)
+                self._remap(tree, held, index, writer)
                 held.abort()
             blob = writer.finish()
         except BaseException:
@@ -203,18 +206,26 @@ class LayerStack:
             stored_compressed=stored_compressed,
         )
 
-    def _remap(self, tree: Tree, writer: BlobWriter) -> None:
-        """Point every chunk record of `tree` (all in its own held blob) at `writer`'s blob or,
-        for chunks a lower layer holds, at that layer's record."""
+    def _remap(self, tree: Tree, held: BlobWriter, index: int, writer: BlobWriter | None = None) -> None:
+        """Fix the chunk records of `tree` that point at its held blob: that blob is table entry
+        `index`; or, with `writer` (the held blob written again), they point at `writer`'s
+        blob or, for chunks a lower layer holds, at that layer's record. Records of chunks
+        found in lower layers while preparing are right already."""
         chunks = tree.chunks
         view = memoryview(chunks)
-        out = bytearray()
+        out = bytearray(len(chunks))
         for off in range(0, len(chunks), CHUNK_RECORD_SIZE):
+            rec: bytes | bytearray | memoryview = view[off:off + CHUNK_RECORD_SIZE]
             digest = bytes(view[off:off + 32])
-            fo = FILE_OFFSET.unpack_from(view, off)[0]
-            rec = writer.chunks.get(digest, fo) or self.dedup.get(digest, fo)
-            assert rec is not None
-            out += rec
+            if digest in held.chunks:  # its own (a digest is all own or all a lower layer's)
+                if writer is None:
+                    rec = with_blob_index(rec, index)
+                else:
+                    fo = FILE_OFFSET.unpack_from(view, off)[0]
+                    got = writer.chunks.get(digest, fo) or self.dedup.get(digest, fo)
+                    assert got is not None
+                    rec = got
+            out[off:off + CHUNK_RECORD_SIZE] = rec
         view.release()
         tree.chunks[:] = out
 

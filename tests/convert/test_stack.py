@@ -183,10 +183,15 @@ def _sequential_blob(stack: LayerStack, tar: bytes, blob_dir: str) -> tuple[str 
     return (blob.blob_id if blob else None), chunks
 
 
-def test_layers_prepared_out_of_order_equal_a_sequential_build(tmp_path):
+@pytest.mark.parametrize("schedule", [
+    "P3 P1 P4 P2 P0 C0 C1 C2 C3 C4",  # all prepared before any commit
+    "P0 P1 C0 P2 P3 C1 P4 C2 C3 C4",  # later layers see some lower layers committed
+])
+def test_layers_prepared_out_of_order_equal_a_sequential_build(tmp_path, schedule):
     """Layers prepared at once (the converter's parallel builds), then committed in order, give
     the very blobs and chunk records of building them one after the other, also when a layer
-    repeats chunks of the layers below (its held blob is then written again without them)."""
+    repeats chunks of the layers below (found while preparing when that layer was committed
+    already, else its held blob is written again without them)."""
     rng = random.Random(11)
     common, only2 = rng.randbytes(3 * CS), rng.randbytes(CS + 3)
     tars = [make_tar([Entry("a", data=common + rng.randbytes(CS)), Entry("b", data=rng.randbytes(2 * CS + 7))]),
@@ -195,9 +200,13 @@ def test_layers_prepared_out_of_order_equal_a_sequential_build(tmp_path):
             make_tar([Entry("f", data=common)]),  # nothing new: no blob
             make_tar([Entry("g", data=only2 + b"!")])]  # chunks of the third blob (index 2)
     stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
-    prepared = {i: stack.prepare_layer(io.BytesIO(tars[i])) for i in (3, 1, 4, 2, 0)}  # any order
     oracle = tmp_path / "oracle"
-    for i in range(5):
+    prepared = {}
+    for step in schedule.split():
+        i = int(step[1])
+        if step[0] == "P":
+            prepared[i] = stack.prepare_layer(io.BytesIO(tars[i]))
+            continue
         want_id, want_chunks = _sequential_blob(stack, tars[i], str(oracle))
         res = stack.commit_layer(prepared[i])
         assert (res.blob.blob_id if res.blob else None) == want_id, i
