@@ -42,6 +42,7 @@ from ..storage.registry import RegistryClient
 from . import oci
 from .errors import ConvertError
 from .layer import Inflater, write_bootstrap_layer
+from .memory import release_free_memory
 from .progress import Bar, Progress, human
 from .reference import ImageRef, parse_reference
 from .remote import Endpoint, endpoint_config, transport_error
@@ -49,6 +50,8 @@ from .stack import LayerResult, LayerStack, PreparedLayer
 from .tasks import gather_or_cancel
 
 log = logging.getLogger(__name__)
+
+_PULL_PIECE = 256 << 10  # download piece handed to the inflate thread (two in flight per layer)
 
 
 @dataclass
@@ -537,7 +540,7 @@ class Converter:
         """Stream layer `d` into `sink`; (bytes received, the tar's (diff_id, size, kind)) once its
         size and digest are checked (those errors first: bad bytes from a registry explain bad data)."""
         try:
-            n = await src.stream_blob(d.digest, sink, limit=d.size, progress=bar.advance)
+            n = await src.stream_blob(d.digest, sink, limit=d.size, progress=bar.advance, piece=_PULL_PIECE)
             await sink.settle()
         except OSError as e:
             raise ConvertError(f"{where}: {e.strerror or e}") from None
@@ -562,14 +565,17 @@ class Converter:
         with open(got.tar_path, "rb") as tar:
             bar.phase("build", got.tar_size)
             try:
-                return stack.prepare_layer(tar, bar.advance)
+                prepared = stack.prepare_layer(tar, bar.advance)
             except FormatError as e:
                 raise FormatError(f"layer {i + 1} ({d.short}): {e}") from None
+        release_free_memory()
+        return prepared
 
     @staticmethod
     def _commit_layer(stack: LayerStack, i: int, d: oci.Descriptor, got: "_Fetched", prepared: PreparedLayer,
                       bar: Bar) -> LayerResult:
         res = stack.commit_layer(prepared)
+        release_free_memory()  # that layer's buffers are gone: keep the peak RSS near what is in use
         blob = f"blob {res.blob.blob_id[:12]} {human(res.blob.compressed_size)}" if res.blob else "no new data"
         bar.close(f"{human(d.size)} {got.kind} -> {human(got.tar_size)} tar -> {blob} "
                   f"({res.new_chunks} new chunks, {res.deduplicated} deduplicated)")

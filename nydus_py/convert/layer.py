@@ -30,7 +30,7 @@ from .oci import BOOTSTRAP_NAME, LEGACY_BOOTSTRAP_NAME
 
 PIECE = 1 << 20
 _ZSTD_FEED = 512  # compressed bytes per zstd call: caps one call's output near 16 MiB (RLE blocks); ~1 GB/s
-_GZIP_OUT = 1 << 20
+_GZIP_OUT = 256 << 10  # output per inflate call: less held at once (a bigger one is no faster)
 
 
 class _HashWriter(io.RawIOBase):
