@@ -329,7 +329,8 @@ class Converter:
         # layers are prepared (parsed, chunked, compressed) a few at once; the extra thread commits
         # them in order (and writes the bootstrap), never waiting behind a prepare
         builder = ThreadPoolExecutor(self._build_jobs() + 1, thread_name_prefix="nydusify-build")
-        unpacker = ThreadPoolExecutor(1, thread_name_prefix="nydusify-unpack")
+        # inflating + hashing + writing the tars of the layers being downloaded: one per core
+        unpacker = ThreadPoolExecutor(self._build_jobs(), thread_name_prefix="nydusify-unpack")
         try:
             await src.start()
             await dst.start()
@@ -415,13 +416,18 @@ class Converter:
         uses = {d.digest: sum(1 for x in layers if x.digest == d.digest) for d in layers}
         slots = asyncio.Semaphore(self._build_jobs())
 
+        started = [asyncio.Event() for _ in layers]
+
         async def prepare(i: int, d: oci.Descriptor) -> tuple[_Fetched, PreparedLayer]:
             got = await downloads[d.digest]
             if f"sha256:{got.diff_id}" != source.diff_ids[i]:
                 raise FormatError(f"layer {i + 1} ({d.short}): the uncompressed {got.kind} does not match the "
                                   f"config's diff_id {source.diff_ids[i][:19]} (it hashes to "
                                   f"sha256:{got.diff_id[:12]})")
+            if i:  # slots go in layer order: a lower layer prepared first is committed first, and
+                await started[i - 1].wait()  # the layers above then find its chunks while preparing
             async with slots:
+                started[i].set()
                 prepared = await loop.run_in_executor(builder, self._prepare_layer, stack, i, d, got, bars[i])
             uses[d.digest] -= 1
             if not uses[d.digest]:
