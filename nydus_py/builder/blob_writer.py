@@ -55,7 +55,7 @@ from ..rafs.layout_blob import (
 from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, unpack_chunk, unpack_chunks
 from ..rafs.layout_v6 import EROFS_BLOCK_SIZE
 from ..rafs.model import BlobInfo, ChunkInfo
-from .chunk_records import ChunkRecords
+from .chunk_records import ChunkLookup, ChunkRecords
 from .options import BuildOptions
 from .tree import FileData
 
@@ -98,7 +98,7 @@ class BlobWriter:
         blob_dir: str,
         opts: BuildOptions,
         blob_index: int,
-        existing: ChunkRecords | None = None,
+        existing: ChunkLookup | None = None,
         workers: int | None = None,
     ) -> None:
         if opts.compressor not in TOC_FLAGS:
@@ -106,7 +106,7 @@ class BlobWriter:
         self.opts = opts
         self.blob_dir = blob_dir
         self.blob_index = blob_index
-        self.existing: ChunkRecords = existing if existing is not None else ChunkRecords()
+        self.existing: ChunkLookup = existing if existing is not None else ChunkRecords()
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         # RAFS v5: plain chunk data, unaligned, no trailers (see the module docstring)
         self.plain = opts.fs_version == 5
@@ -374,6 +374,15 @@ class BlobWriter:
         say so from now on; those already handed out are the caller's (`with_blob_index`)."""
         self.blob_index = index
         self.chunks.records[:] = with_blob_index(self.chunks.records, index)
+
+    def holds(self, digest: bytes) -> bool:
+        """Whether this blob stores `digest` (safe while other threads write it)."""
+        with self._lock:
+            return digest in self.chunks
+
+    def held_record(self, digest: bytes, file_offset: int) -> bytes | None:
+        with self._lock:
+            return self.chunks.get(digest, file_offset)
 
     def stored_chunks(self) -> "Iterator[tuple[ChunkInfo, bytes]]":
         """Each stored chunk, in blob order, with its stored bytes (after `hold`)."""

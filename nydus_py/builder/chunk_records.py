@@ -11,10 +11,19 @@ open-addressing table of record numbers (`array('q')`, probed with Python's per-
 import threading
 from array import array
 from collections.abc import Iterator
+from typing import Protocol
 
 from ..rafs.layout_common import CHUNK_RECORD_SIZE, with_file_offset
 
 _DIGEST = 32  # the digest opens every record
+
+
+class ChunkLookup(Protocol):
+    """What a `BlobWriter` asks of the chunks other blobs hold."""
+
+    def __contains__(self, digest: object) -> bool: ...
+
+    def get(self, digest: bytes, file_offset: int) -> bytes | None: ...
 
 
 class ChunkRecords:

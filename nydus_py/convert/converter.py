@@ -571,7 +571,7 @@ class Converter:
         with open(got.tar_path, "rb") as tar:
             bar.phase("build", got.tar_size)
             try:
-                prepared = stack.prepare_layer(tar, bar.advance)
+                prepared = stack.prepare_layer(tar, bar.advance, position=i)
             except FormatError as e:
                 raise FormatError(f"layer {i + 1} ({d.short}): {e}") from None
         release_free_memory()

@@ -13,7 +13,9 @@ that has no file data, adds no blob); blobs whose every chunk was whited out or 
 layers drop out of the table, so only blobs the image uses are pushed.
 """
 
+import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO
@@ -41,6 +43,7 @@ class PreparedLayer:
     writer: BlobWriter  # held: chunk data written, no trailers, no name yet
     refs: int  # chunk references of the layer's files
     entries: int
+    position: int  # its place in the image, lowest 0
 
 
 @dataclass
@@ -54,6 +57,8 @@ class LayerResult:
     deduplicated: int  # of which found in this or a lower layer's blob
     stored_compressed: int  # bytes of chunk data written
 
+
+log = logging.getLogger(__name__)
 
 FILE_OFFSET = CHUNK.view("file_offset")
 
@@ -101,6 +106,28 @@ def _counting(data: FileData, progress: Callable[[int], None]) -> FileData:
     return FileData(size=data.size, open=_CountingOpener(data.open, progress))
 
 
+class _Below:
+    """The chunks the layers below one being prepared hold: the committed ones, then those
+    being prepared (their held blobs, looked at while they are written)."""
+
+    def __init__(self, committed: ChunkRecords, held: list[BlobWriter]) -> None:
+        self.committed = committed
+        self.held = held
+
+    def __contains__(self, digest: object) -> bool:
+        if digest in self.committed:
+            return True
+        return isinstance(digest, bytes) and any(w.holds(digest) for w in self.held)
+
+    def get(self, digest: bytes, file_offset: int) -> bytes | None:
+        got = self.committed.get(digest, file_offset)
+        for w in self.held:
+            if got is not None:
+                break
+            got = w.held_record(digest, file_offset)
+        return got
+
+
 class LayerStack:
     """Builds the layers of one image, lowest first, into `blob_dir`."""
 
@@ -115,6 +142,9 @@ class LayerStack:
         self.workers = workers  # chunk workers per layer being prepared (None: one per core)
         # every stored chunk of the committed layers, packed; read by layers being prepared
         self.dedup: ChunkRecords = SharedChunkRecords()
+        self._held: dict[int, BlobWriter] = {}  # layers being prepared or waiting, by position
+        self.rewrites = 0  # commits that wrote a held blob again (see commit_layer)
+        self._lock = threading.Lock()
         self._finished = False
 
     def add_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None) -> LayerResult:
@@ -122,13 +152,19 @@ class LayerStack:
         read in place). `progress` gets the file bytes consumed."""
         return self.commit_layer(self.prepare_layer(tar, progress))
 
-    def prepare_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None) -> PreparedLayer:
+    def prepare_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None,
+                      position: int | None = None) -> PreparedLayer:
         """The expensive part of `add_layer` (parse, chunk, hash, compress, write the chunk data),
-        independent of the other layers: several may run at once, in any order. Chunks are
-        deduplicated within the layer and against the layers committed so far (whichever those
-        are when a chunk is looked at); `commit_layer` does the rest."""
+        independent of the other layers: several may run at once, in any order. `position` is
+        the layer's place in the image (default: the next one to commit). Chunks are deduplicated
+        within the layer and against what the layers below hold - committed, or being prepared -
+        when a chunk is looked at; `commit_layer` does the rest."""
         if self._finished:
             raise RuntimeError("LayerStack already finished")
+        if position is None:
+            position = len(self.layers)
+        if position < len(self.layers) or position in self._held:
+            raise ValueError(f"layer {position} is committed or being prepared already")
         stats = SourceStats()
         tree = tree_from_tar(tar, stats)
         opts = self._layer_options(tree)
@@ -147,11 +183,16 @@ class LayerStack:
         datas: Iterator[FileData] = (_file_data(tree, n) for n in order)
         if progress is not None:
             datas = (_counting(d, progress) for d in datas)
-        writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=self.dedup, workers=self.workers)
+        with self._lock:
+            below = _Below(self.dedup, [w for p, w in sorted(self._held.items()) if p < position])
+            writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=below, workers=self.workers)
+            self._held[position] = writer
         try:
             writer.add_files_stream(datas, stored)
             writer.hold()
         except BaseException:
+            with self._lock:
+                self._held.pop(position, None)
             writer.abort()
             raise
         kind = tree.kind
@@ -160,7 +201,7 @@ class LayerStack:
                 tree.set_chunks(n, b"", tree.size[n], bset)
         tree.backings.clear()
         tree.freeze()
-        return PreparedLayer(tree, writer, refs, stats.entries)
+        return PreparedLayer(tree, writer, refs, stats.entries, position)
 
     def commit_layer(self, layer: PreparedLayer) -> LayerResult:
         """Add a prepared layer on top of the stack (in layer order): its blob takes the next
@@ -171,14 +212,18 @@ class LayerStack:
         if self._finished:
             raise RuntimeError("LayerStack already finished")
         held, tree = layer.writer, layer.tree
+        if layer.position != len(self.layers):
+            raise ValueError(f"layer {layer.position} committed as layer {len(self.layers)}")
         index = len(self.blobs)
         writer = held
         try:
             if not any(d in self.dedup for d in held.chunks):
-                if index:
-                    held.set_blob_index(index)
-                    self._remap(tree, held, index)
-            else:  # a layer committed meanwhile holds some of these chunks
+                held.set_blob_index(index)
+                self._remap(tree, held, index)
+            else:  # a layer below stored some of these chunks after this one looked for them
+                log.debug("layer %d: its held blob is written again without the chunks of the layers below",
+                          layer.position)
+                self.rewrites += 1
                 writer = BlobWriter(self.blob_dir, self.opts, blob_index=index)
                 for chunk, data in held.stored_chunks():
                     if chunk.digest not in self.dedup:
@@ -190,6 +235,9 @@ class LayerStack:
             held.abort()
             writer.abort()
             raise
+        finally:
+            with self._lock:
+                self._held.pop(layer.position, None)
         if blob is not None:
             self.blobs.append(blob)
         new_chunks, stored_compressed = len(writer.chunks), writer.stored_compressed
@@ -207,24 +255,25 @@ class LayerStack:
         )
 
     def _remap(self, tree: Tree, held: BlobWriter, index: int, writer: BlobWriter | None = None) -> None:
-        """Fix the chunk records of `tree` that point at its held blob: that blob is table entry
-        `index`; or, with `writer` (the held blob written again), they point at `writer`'s
-        blob or, for chunks a lower layer holds, at that layer's record. Records of chunks
-        found in lower layers while preparing are right already."""
+        """Fix the chunk records of `tree`: those of its held blob point at table entry `index`
+        (or, with `writer`, the held blob written again, at `writer`'s blob, or at the layer
+        below that holds the chunk); the others at the chunk's record in the layers below, all
+        committed by now (a record found while preparing may be of a blob that was held then)."""
         chunks = tree.chunks
         view = memoryview(chunks)
         out = bytearray(len(chunks))
         for off in range(0, len(chunks), CHUNK_RECORD_SIZE):
-            rec: bytes | bytearray | memoryview = view[off:off + CHUNK_RECORD_SIZE]
+            rec: bytes | bytearray | memoryview | None = view[off:off + CHUNK_RECORD_SIZE]
             digest = bytes(view[off:off + 32])
-            if digest in held.chunks:  # its own (a digest is all own or all a lower layer's)
-                if writer is None:
-                    rec = with_blob_index(rec, index)
-                else:
-                    fo = FILE_OFFSET.unpack_from(view, off)[0]
-                    got = writer.chunks.get(digest, fo) or self.dedup.get(digest, fo)
-                    assert got is not None
-                    rec = got
+            fo = FILE_OFFSET.unpack_from(view, off)[0]
+            if digest in held.chunks and writer is None:  # its own (a digest is all own or all below)
+                rec = with_blob_index(view[off:off + CHUNK_RECORD_SIZE], index)
+            elif digest in held.chunks:
+                rec = writer.chunks.get(digest, fo) if writer is not None else None
+                rec = rec or self.dedup.get(digest, fo)
+            else:
+                rec = self.dedup.get(digest, fo)
+            assert rec is not None, "a chunk of a lower layer is not in the stack"
             out[off:off + CHUNK_RECORD_SIZE] = rec
         view.release()
         tree.chunks[:] = out
