@@ -492,7 +492,13 @@ class Converter:
         try:
             await self._push_rest(dst, pushes, files, small, push_sem, result)
             needed = [d for d, *_ in files] + [d for d, _ in small]
-            missing = [d for d in needed if not await dst.blob_exists(d)]
+            present: dict[str, bool] = {}
+
+            async def check(digest: str) -> None:
+                present[digest] = await dst.blob_exists(digest)
+
+            await gather_or_cancel(check(d) for d in needed)  # at once, not one after another
+            missing = [d for d in needed if not present[d]]
         except OSError as e:
             raise transport_error(self.dst_ep, e, "pushing") from None
         if missing:
