@@ -26,10 +26,11 @@ import contextlib
 import dataclasses
 import hashlib
 import os
+import struct
 import tempfile
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import BinaryIO
@@ -51,14 +52,17 @@ from ..rafs.layout_blob import (
     tar_header,
     unpack_ci_v1,
 )
-from ..rafs.layout_common import CHUNK, unpack_chunks
+from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, unpack_chunk, unpack_chunks
 from ..rafs.layout_v6 import EROFS_BLOCK_SIZE
 from ..rafs.model import BlobInfo, ChunkInfo
-from .chunk_records import ChunkRecords
+from .chunk_records import ChunkLookup, ChunkRecords
 from .options import BuildOptions
 from .tree import FileData
 
 MAX_CI_INDEX = 1 << 24  # v6 chunk indexes carry 24 bits of ci_index
+_BATCH_BYTES = 256 << 10  # chunks smaller than this go to the workers together ...
+_BATCH_CHUNKS = 64  # ... up to this many
+_WRITE_GATHER = 1 << 20
 
 
 def blob_features(blob_toc: bool) -> BlobFeatures:
@@ -94,7 +98,7 @@ class BlobWriter:
         blob_dir: str,
         opts: BuildOptions,
         blob_index: int,
-        existing: ChunkRecords | None = None,
+        existing: ChunkLookup | None = None,
         workers: int | None = None,
     ) -> None:
         if opts.compressor not in TOC_FLAGS:
@@ -102,7 +106,7 @@ class BlobWriter:
         self.opts = opts
         self.blob_dir = blob_dir
         self.blob_index = blob_index
-        self.existing: ChunkRecords = existing if existing is not None else ChunkRecords()
+        self.existing: ChunkLookup = existing if existing is not None else ChunkRecords()
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         # RAFS v5: plain chunk data, unaligned, no trailers (see the module docstring)
         self.plain = opts.fs_version == 5
@@ -126,6 +130,7 @@ class BlobWriter:
         self.path: str | None = None  # the finished blob file
         self._writer: ThreadPoolExecutor | None = None
         self._writes: deque[Future[None]] = deque()
+        self._wbuf = bytearray()  # small writes gathered for the writer thread
         self._closed = False
 
     # -- chunk pipeline -------------------------------------------------------------------------
@@ -165,15 +170,25 @@ class BlobWriter:
             self._fd, self._tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".blob-", suffix=".tmp")
 
     def _write(self, data: bytes) -> None:
-        """Queue `data` for the writer thread (file write + blob sha256 overlap chunk work)."""
+        """Queue `data` for the writer thread (file write + blob sha256 overlap chunk work).
+        Small pieces are gathered into one write of up to 1 MiB first (one hand-off each)."""
         self._pos += len(data)
+        if not self._wbuf and len(data) >= _WRITE_GATHER:
+            self._send(data)
+            return
+        self._wbuf += data
+        if len(self._wbuf) >= _WRITE_GATHER:
+            self._send(self._wbuf)
+            self._wbuf = bytearray()
+
+    def _send(self, data: "bytes | bytearray") -> None:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="nydus-blob-write")
         self._writes.append(self._writer.submit(self._write_now, data))
-        while len(self._writes) > 16:
+        while len(self._writes) > 4:  # bounded memory: a few MiB queued
             self._writes.popleft().result()
 
-    def _write_now(self, data: bytes) -> None:
+    def _write_now(self, data: "bytes | bytearray") -> None:
         assert self._fd is not None
         view = memoryview(data)
         while view:
@@ -182,6 +197,9 @@ class BlobWriter:
         self._hash.update(data)
 
     def _flush(self) -> None:
+        if self._wbuf:
+            self._send(self._wbuf)
+            self._wbuf = bytearray()
         while self._writes:
             self._writes.popleft().result()
 
@@ -199,6 +217,11 @@ class BlobWriter:
             return known
         assert prep.packed is not None
         stored, compressed = prep.packed.result()
+        flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
+        return self._store(prep.digest, stored, flags, prep.size, prep.crc, file_offset)
+
+    def _store(self, digest: bytes, stored: bytes, flags: ChunkFlags, size: int, crc: int, file_offset: int) -> bytes:
+        """Append one chunk's stored bytes; its packed record (in this blob, at `file_offset`)."""
         index = len(self.chunks)
         limit = 1 << 32 if self.plain else MAX_CI_INDEX  # v5 records: u32 index; v6: 24 bits
         if index >= limit:
@@ -206,29 +229,45 @@ class BlobWriter:
         self._open()
         uoff = self._uoff
         if not self.plain:
-            self.ci_entries += pack_ci_v1(self._pos, len(stored), uoff, prep.size)
-            self.digests += prep.digest
-        flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
+            self.ci_entries += pack_ci_v1(self._pos, len(stored), uoff, size)
+            self.digests += digest
         record = CHUNK.pack(
-            prep.digest,
+            digest,
             self.blob_index,
             int(flags),
             len(stored),
-            prep.size,
+            size,
             self._pos,
             uoff,
             file_offset,
             index,
-            prep.crc,
+            crc,
         )
         self._write(stored)
-        self._uoff = uoff + prep.size if self.plain else _align(uoff + prep.size, EROFS_BLOCK_SIZE)
-        self.stored_uncompressed += prep.size
+        self._uoff = uoff + size if self.plain else _align(uoff + size, EROFS_BLOCK_SIZE)
+        self.stored_uncompressed += size
         self.stored_compressed += len(stored)
         with self._lock:
             self.chunks.add(record)
-            self._packing.pop(prep.digest, None)
+            self._packing.pop(digest, None)
         return record
+
+    def add_stored(self, chunk: ChunkInfo, stored: bytes) -> bytes:
+        """Copy a chunk as another blob stores it (`stored`: its compressed bytes, same
+        compressor and digester as this blob; compaction): its packed record here, keeping its
+        digest, flags and CRC. A chunk whose digest this blob already holds is referenced, not
+        stored twice."""
+        if self._closed:
+            raise RuntimeError("BlobWriter already finished")
+        if len(stored) != chunk.compressed_size:
+            raise FormatError(f"chunk {chunk.digest.hex()[:12]}: {len(stored)} stored bytes, the record says "
+                              f"{chunk.compressed_size}")
+        known = self.chunks.get(chunk.digest, chunk.file_offset)
+        if known is not None:
+            self.deduplicated += 1
+            return known
+        self.uncompressed_bytes += chunk.uncompressed_size
+        return self._store(chunk.digest, stored, chunk.flags, chunk.uncompressed_size, chunk.crc32, chunk.file_offset)
 
     def add_files(self, files: Iterable[FileData]) -> list[bytes]:
         """Chunk lists (file order, `file_offset` set) for each of `files`, in order, each as
@@ -250,9 +289,14 @@ class BlobWriter:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nydus-blob")
         pool = self._pool
         cs = self.opts.chunk_size
-        window = 2 * self.workers + 2
+        window = self.workers + 2  # work items in flight (each up to ~1 MiB in, ~1 MiB out)
         partial: dict[int, bytearray] = {}  # files with chunks in flight
-        pending: deque[tuple[int, int, Future[_Prepared]]] = deque()
+        # work items in chunk order: a future of one chunk, or of a batch of small ones (one
+        # hand-off per batch, not per chunk: thread wake-ups cost more than hashing 4 KiB)
+        items: deque[tuple[Future[list[_Prepared]], list[tuple[int, int]]]] = deque()
+        batch: list[bytes] = []
+        where: list[tuple[int, int]] = []  # (file, offset) of each chunk of `batch`
+        batch_bytes = 0
         nfiles = 0
         finished = 0  # files [0, finished) were reported
 
@@ -263,18 +307,25 @@ class BlobWriter:
                 done(finished, bytes(got) if got is not None else b"")
                 finished += 1
 
+        def submit() -> None:
+            nonlocal batch, where, batch_bytes
+            if batch:
+                items.append((pool.submit(self._prepare_all, batch), where))
+                batch, where, batch_bytes = [], [], 0
+
         def drain(limit: int) -> None:
-            while len(pending) > limit:
-                fidx, foff, fut = pending.popleft()
-                report(fidx)  # files before this chunk's are complete
-                partial[fidx] += self._commit(fut.result(), foff)
+            while len(items) > limit:
+                fut, places = items.popleft()
+                for prep, (fidx, foff) in zip(fut.result(), places, strict=True):
+                    report(fidx)  # files before this chunk's are complete
+                    partial[fidx] += self._commit(prep, foff)
 
         try:
             for fdata in files:
                 fidx = nfiles
                 nfiles += 1
                 if fdata.size <= 0:
-                    if not pending:
+                    if not items and not batch:
                         report(nfiles)
                     continue
                 partial[fidx] = bytearray()
@@ -288,21 +339,63 @@ class BlobWriter:
                                 f"file data ended after {off + len(buf)} bytes, expected {fdata.size}"
                             )
                         self.uncompressed_bytes += want
-                        pending.append((fidx, off, pool.submit(self._prepare, buf)))
+                        batch.append(buf)
+                        where.append((fidx, off))
+                        batch_bytes += want
+                        if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_CHUNKS:
+                            submit()
+                            drain(window)
                         off += want
-                        drain(window)
+            submit()
             drain(0)
             report(nfiles)
         except BaseException:
-            for _, _, fut in pending:
+            for fut, _ in items:
                 fut.cancel()
             raise
+
+    def _prepare_all(self, bufs: list[bytes]) -> list[_Prepared]:
+        return [self._prepare(b) for b in bufs]
 
     def add_file(self, data: FileData) -> list[ChunkInfo]:
         """One file's chunks, decoded (for callers building a few files by hand)."""
         return unpack_chunks(self.add_files([data])[0])
 
-    # -- trailers ---------------------------------------------------------------------------------
+    # -- held blobs (layers prepared in parallel, committed in order) ------------------------------
+
+    def hold(self) -> None:
+        """All chunk data is in: wait for the writes and stop the workers, keeping the blob open
+        (unnamed, no trailers) until `finish` or `abort`."""
+        self._shutdown()
+        self._flush()
+
+    def set_blob_index(self, index: int) -> None:
+        """Place the (held) blob at `index` of the image's blob table: the records kept here
+        say so from now on; those already handed out are the caller's (`with_blob_index`)."""
+        self.blob_index = index
+        self.chunks.records[:] = with_blob_index(self.chunks.records, index)
+
+    def holds(self, digest: bytes) -> bool:
+        """Whether this blob stores `digest` (safe while other threads write it)."""
+        with self._lock:
+            return digest in self.chunks
+
+    def held_record(self, digest: bytes, file_offset: int) -> bytes | None:
+        with self._lock:
+            return self.chunks.get(digest, file_offset)
+
+    def stored_chunks(self) -> "Iterator[tuple[ChunkInfo, bytes]]":
+        """Each stored chunk, in blob order, with its stored bytes (after `hold`)."""
+        assert not self._writes and not self._wbuf, "hold() first"
+        recs = self.chunks.records
+        for off in range(0, len(recs), CHUNK_RECORD_SIZE):
+            c = unpack_chunk(recs, off)
+            assert self._fd is not None
+            data = os.pread(self._fd, c.compressed_size, c.compressed_offset)
+            if len(data) != c.compressed_size:
+                raise FormatError(f"held blob: chunk {c.index} is short")
+            yield c, data
+
 
     def finish(self) -> BlobInfo | None:
         """Append blob.meta / digests / ToC, name the blob and return its table entry.
@@ -456,6 +549,7 @@ class BlobWriter:
             self._writer.shutdown(wait=True)
             self._writer = None
         self._writes.clear()
+        self._wbuf = bytearray()
 
     def _discard(self) -> None:
         self._stop_writer()
@@ -494,6 +588,18 @@ def validate_blob_id(blob_id: str) -> None:
         )
     ):
         raise ValueError(f"invalid blob id {blob_id!r}: need 1..64 ASCII characters, no '/' or NUL")
+
+
+_BLOB_INDEX_AT = CHUNK.offset("blob_index")
+
+
+def with_blob_index(records: "bytes | bytearray | memoryview", index: int) -> bytearray:
+    """Packed chunk records (all of one blob) with their blob_index set to `index`."""
+    out = bytearray(records)
+    field = struct.pack("<I", index)
+    for off in range(_BLOB_INDEX_AT, len(out), CHUNK_RECORD_SIZE):
+        out[off:off + 4] = field
+    return out
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes:

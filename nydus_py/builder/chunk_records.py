@@ -8,12 +8,22 @@ open-addressing table of record numbers (`array('q')`, probed with Python's per-
 (issue 16, item 10).
 """
 
+import threading
 from array import array
 from collections.abc import Iterator
+from typing import Protocol
 
 from ..rafs.layout_common import CHUNK_RECORD_SIZE, with_file_offset
 
 _DIGEST = 32  # the digest opens every record
+
+
+class ChunkLookup(Protocol):
+    """What a `BlobWriter` asks of the chunks other blobs hold."""
+
+    def __contains__(self, digest: object) -> bool: ...
+
+    def get(self, digest: bytes, file_offset: int) -> bytes | None: ...
 
 
 class ChunkRecords:
@@ -98,3 +108,30 @@ class ChunkRecords:
         for n in range(self._count):
             off = n * CHUNK_RECORD_SIZE
             yield bytes(records[off : off + _DIGEST])
+
+
+class SharedChunkRecords(ChunkRecords):
+    """A `ChunkRecords` that threads may read while another adds to it (a lock around each
+    call): layers being prepared look up what the layers committed so far hold."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.RLock()
+
+    def __contains__(self, digest: object) -> bool:
+        with self._lock:
+            return super().__contains__(digest)
+
+    def get(self, digest: bytes, file_offset: int) -> bytes | None:
+        with self._lock:
+            return super().get(digest, file_offset)
+
+    def add(self, record: "bytes | bytearray | memoryview") -> bool:
+        with self._lock:
+            return super().add(record)
+
+    def update(self, other: ChunkRecords) -> None:
+        with self._lock:
+            super().update(other)

@@ -1,4 +1,5 @@
-"""`nydus-image-py`: build, merge, check, inspect, stat and unpack RAFS images (peer of `nydus-image`).
+"""`nydus-image-py`: build, merge, check, inspect, stat, compact, export and unpack RAFS images (peer of
+`nydus-image`).
 
 Every bad input (corrupt image, hostile tar, missing file) ends as one line on stderr and exit
 code 1; argparse usage errors exit 2.
@@ -146,6 +147,24 @@ def _parser() -> argparse.ArgumentParser:
                    help="upstream's bytes: bootstrap verbatim, blob-relative chunk addresses (the kernel's flat "
                         "device mode reads it; fsck.erofs 1.5 does not)")
     e.add_argument("--threads", type=int, default=4, help="accepted for compatibility")
+
+    cp = sub.add_parser("compact", help="rewrite an image whose blobs are mostly unused into fewer blobs")
+    cp.add_argument("--bootstrap", "-B", required=True, help="bootstrap to compact")
+    cp.add_argument("--blob-dir", "-D", help="where the blobs are; new blobs are written there too")
+    cp.add_argument("--config", "-C", metavar="FILE",
+                    help="compact config JSON (min_used_ratio, compact_blob_size, max_compact_size, "
+                         "layers_to_compact, blobs_dir); the flags below override it")
+    cp.add_argument("--min-used-ratio", type=int, metavar="0-99",
+                    help="rebuild blobs whose used data is below this percent (0: off, the default)")
+    cp.add_argument("--compact-blob-size", type=int, metavar="BYTES", help="merge blobs smaller than this (10 MiB)")
+    cp.add_argument("--max-compact-size", type=int, metavar="BYTES", help="largest merged blob (100 MiB)")
+    cp.add_argument("--layers-to-compact", type=int, metavar="N", help="compact only with >= N blobs (0: always)")
+    cp.add_argument("--output-bootstrap", "-O", help="bootstrap to write (default: BOOTSTRAP.bootstrap.compact)")
+    cp.add_argument("--chunk-dict", metavar="[bootstrap=]PATH", help="keep the blobs of this chunk dictionary as they are")
+    cp.add_argument("--backend-type", help="only localfs: compact reads and writes local blobs")
+    cp.add_argument("--backend-config", help="accepted with --backend-type localfs: {\"dir\": BLOB_DIR}")
+    cp.add_argument("--backend-config-file", help="the same, from a file")
+    cp.add_argument("--output-json", metavar="FILE", help="write the result as JSON")
 
     u = sub.add_parser("unpack", help="write the image as a tar")
     u.add_argument("--bootstrap", "-B", required=True)
@@ -457,7 +476,76 @@ def cmd_export(a: argparse.Namespace) -> int:
     return 0
 
 
+def _compact_config(a: argparse.Namespace) -> Any:
+    from ..builder.compact import CompactConfig, config_from_json, config_from_mapping
+
+    cfg = CompactConfig()
+    if a.config:
+        with open(a.config) as f:
+            cfg = config_from_json(f.read(), f"compact config {a.config}")
+    flags = {"min_used_ratio": a.min_used_ratio, "compact_blob_size": a.compact_blob_size,
+             "max_compact_size": a.max_compact_size, "layers_to_compact": a.layers_to_compact}
+    given = {k: v for k, v in flags.items() if v is not None}
+    return config_from_mapping({**dataclasses.asdict(cfg), **given}, "compact options") if given else cfg
+
+
+def _compact_blob_dir(a: argparse.Namespace, cfg: Any) -> str:
+    """--blob-dir, else a localfs backend's dir, else the config's blobs_dir."""
+    if a.backend_type not in (None, "localfs"):
+        raise ValueError(f"compact reads local blobs only: backend type {a.backend_type!r} is not supported; "
+                         "download the blobs and pass --blob-dir")
+    text = a.backend_config
+    if a.backend_config_file:
+        with open(a.backend_config_file) as f:
+            text = f.read()
+    if text is not None:
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"backend config: not JSON: {e}") from None
+        d = doc.get("dir") if isinstance(doc, dict) else None
+        if not isinstance(d, str) or not d:
+            raise ValueError('backend config: expected a localfs config {"dir": BLOB_DIR}')
+        if a.blob_dir and os.path.abspath(a.blob_dir) != os.path.abspath(d):
+            raise ValueError(f"--blob-dir {a.blob_dir} and the backend config's dir {d} differ")
+        return d
+    if a.blob_dir:
+        return str(a.blob_dir)
+    if cfg.blobs_dir:
+        return str(cfg.blobs_dir)
+    raise ValueError("compact needs --blob-dir (or blobs_dir in --config)")
+
+
+def cmd_compact(a: argparse.Namespace) -> int:
+    from ..builder.compact import compact_image
+    from ..rafs import open_bootstrap
+
+    cfg = _compact_config(a)
+    blob_dir = _compact_blob_dir(a, cfg)
+    if not os.path.isdir(blob_dir):
+        raise ValueError(f"blob dir {blob_dir}: not a directory")
+    out = a.output_bootstrap or os.path.splitext(a.bootstrap)[0] + ".bootstrap.compact"
+    pinned: frozenset[str] = frozenset()
+    if a.chunk_dict:
+        path = a.chunk_dict[len("bootstrap="):] if a.chunk_dict.startswith("bootstrap=") else a.chunk_dict
+        with open_bootstrap(path) as d:
+            pinned = frozenset(b.blob_id for b in d.blobs)
+    with open_bootstrap(a.bootstrap) as img:
+        result = compact_image(img, out, cfg, blob_dir, pinned)
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(dataclasses.asdict(result), f, indent=2)
+    if result.bootstrap_path is None:
+        print(f"{result.blobs_before} blobs, fewer than layers_to_compact {cfg.layers_to_compact}: nothing to compact")
+        return 0
+    print(f"compacted {result.blobs_before} blobs ({human_size(result.bytes_before)}) into {len(result.blob_ids)} "
+          f"({human_size(result.bytes_after)}): {len(result.new_blobs)} new, {len(result.dropped)} no longer used; "
+          f"bootstrap {out}")
+    return 0
+
+
 COMMANDS = {
+    "compact": cmd_compact,
     "stat": cmd_stat,
     "export": cmd_export,
     "create": cmd_create,

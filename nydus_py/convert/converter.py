@@ -1,25 +1,32 @@
 """`nydusify-py convert`: an OCI/Docker image in a registry -> a Nydus image in a registry.
 
-Order of work, chosen so that bad input pushes nothing and a failure never leaves a manifest
-pointing at missing blobs:
+Order of work, chosen so that a failure never leaves a manifest pointing at missing blobs, and so
+that downloading, building and uploading overlap:
 
 1. resolve the source (index -> the platform's manifest), fetch and check the config;
-2. pull the layers (a few at a time) into temp files, hashing while writing, and compare size and
-   digest with the manifest; unpack each one (checking its diff_id) and build its RAFS blob, lowest
-   layer first, in a build thread while later layers download;
-3. merge the bootstrap and write the bootstrap layer and the Nydus config;
-4. only now push: blobs the target already has (HEAD) are skipped, the others are uploaded from
-   their files in pieces; then every blob the manifest names is checked to be present, and the
-   manifest (and with `merge_platform` the index) is pushed last.
+2. pull the layers (a few at a time), each decompressed into a tar file as it arrives (a worker
+   thread inflates one piece while the next downloads) and checked against its size, digest and
+   diff_id; build each layer's RAFS blob in a build thread, lowest layer first, while later
+   layers download; push that blob at once (HEAD first: a blob the target has is skipped), while
+   later layers build;
+3. merge the bootstrap and write the bootstrap layer and the Nydus config, push them;
+4. check that every blob the manifest names is present, and only then push the manifest (and
+   with `merge_platform` the index).
+
+Bad input in the first layer pushes nothing; bad input in a later layer can leave the blobs of
+the layers below it in the target, unreferenced (no manifest names them), as nydusify does.
 
 With `build_cache` (see `build_cache`), layers whose ChainID and build parameters have a record
-are neither pulled nor built: their cached layer bootstrap joins the stack and their blob is
-mounted (same registry) or copied into the target; the cache image is pushed at the very end.
+are neither pulled nor prepared: their cached layer bootstrap joins the stack where their commit
+would be (the layers above, prepared meanwhile, find its chunks from then on, as they do a
+committed layer's) and their blob is mounted (same registry) or copied into the target with the
+last pushes; the record of each layer built is made right after its commit. The cache image is
+pushed at the very end.
 With `chunk_dict`, chunks the dictionary image has are referenced from its blobs, which then
 join the image (mounted or copied into the target like cached blobs).
 
 Memory stays flat with layer size: layers stream to disk, decompression and the build read 1 MiB
-at a time, uploads send one piece (8 MiB by default) at a time. Everything goes under one temp
+at a time, uploads send one piece (2 MiB by default) at a time. Everything goes under one temp
 directory that is removed at the end.
 """
 
@@ -28,10 +35,12 @@ import contextlib
 import dataclasses
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,7 +55,8 @@ from ..storage.registry import RegistryClient
 from . import oci
 from .build_cache import DEFAULT_VERSION, MAX_RECORDS, Blob, BuildCache, Record, build_params, chain_ids
 from .errors import ConvertError
-from .layer import decompress_to, write_bootstrap_layer
+from .layer import Inflater, write_bootstrap_layer
+from .memory import release_free_memory
 from .progress import Bar, Progress, human
 from .reference import ImageRef, parse_reference
 from .remote import Endpoint, endpoint_config, transport_error
@@ -62,8 +72,12 @@ from .reuse import (
     place_blob,
     same_repo,
 )
-from .stack import CacheMismatch, LayerResult, LayerStack
+from .stack import CacheMismatch, LayerResult, LayerStack, PreparedLayer
 from .tasks import gather_or_cancel
+
+log = logging.getLogger(__name__)
+
+_PULL_PIECE = 256 << 10  # download piece handed to the inflate thread (two in flight per layer)
 
 
 @dataclass
@@ -82,7 +96,7 @@ class ConvertOptions:
     work_dir: str | None = None
     docker_config_paths: list[str] | None = None  # None: $DOCKER_CONFIG / ~/.docker/config.json
     jobs: int = 3  # concurrent downloads, and concurrent uploads
-    piece_size: int = 8 << 20  # upload piece
+    piece_size: int = 2 << 20  # upload piece
     # absolute paths (files or directories) read at startup, in reading order (nydusify's
     # --prefetch-patterns): first and contiguous in each layer's blob, and the prefetch table
     prefetch_patterns: list[bytes] = field(default_factory=list)
@@ -141,6 +155,61 @@ class _Fetched:
     tar_size: int
     kind: str  # gzip | zstd | tar
     diff_id: str  # sha256 hex of the tar
+
+
+class _InflateSink:
+    """`stream_blob`'s sink for a layer: each piece is inflated (`layer.Inflater`) in a worker
+    thread while the event loop reads the next one, so at most two pieces are in memory and the
+    loop never hashes or decompresses."""
+
+    def __init__(self, pool: ThreadPoolExecutor, tar_path: str, keep_path: str | None, size: int,
+                 limits: ExpansionLimits | None) -> None:
+        self.pool = pool
+        self.size = size
+        self.limits = limits
+        self.tar = open(tar_path, "wb")  # noqa: SIM115 (closed in close)
+        self.keep = open(keep_path, "wb") if keep_path else None  # noqa: SIM115
+        self.inflater: Inflater | None = None
+        self._pending: asyncio.Future[None] | None = None
+
+    async def restart(self) -> None:
+        await self.settle()
+        for f in (self.tar, self.keep):
+            if f is not None:
+                f.seek(0)
+                f.truncate()
+        self.inflater = Inflater(self.tar, self.limits, self.size, self.keep)
+
+    async def write(self, data: bytes) -> None:
+        await self.settle()
+        assert self.inflater is not None
+        self._pending = asyncio.get_running_loop().run_in_executor(self.pool, self.inflater.feed, data)
+
+    async def settle(self) -> None:
+        """Wait for the piece being inflated."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            await pending
+
+    def finish(self) -> tuple[str, int, str]:
+        """The tar's (diff_id, size, kind) once settled; the FormatError of bad data."""
+        assert self.inflater is not None and self._pending is None
+        return self.inflater.finish()
+
+    def layer_hex(self) -> str:
+        assert self.inflater is not None
+        return self.inflater.layer_hash.hexdigest()
+
+    async def close(self) -> None:
+        """Wait for the worker (also after an error or a cancel: it must not write to a closed
+        file), then close the files."""
+        if self._pending is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(self._pending)
+            self._pending = None
+        self.tar.close()
+        if self.keep is not None:
+            self.keep.close()
 
 
 @dataclass
@@ -324,8 +393,11 @@ class Converter:
         dst = RegistryClient(self.dst_cfg)
         extra = {ep.side: RegistryClient(endpoint_config(ep, self.opts.docker_config_paths))
                  for ep in (self.cache_ep, self.dict_ep) if ep is not None}
-        builder = ThreadPoolExecutor(1, thread_name_prefix="nydusify-build")
-        unpacker = ThreadPoolExecutor(1, thread_name_prefix="nydusify-unpack")
+        # layers are prepared (parsed, chunked, compressed) a few at once; the extra thread commits
+        # them in order (and writes the bootstrap), never waiting behind a prepare
+        builder = ThreadPoolExecutor(self._build_jobs() + 1, thread_name_prefix="nydusify-build")
+        # inflating + hashing + writing the tars of the layers being downloaded: one per core
+        unpacker = ThreadPoolExecutor(self._build_jobs(), thread_name_prefix="nydusify-unpack")
         try:
             await src.start()
             await dst.start()
@@ -404,11 +476,12 @@ class Converter:
         dl_dir = os.path.join(work, "layers")
         os.makedirs(blob_dir)
         os.makedirs(dl_dir)
-        stack = LayerStack(self.build_opts, blob_dir)
+        cpus = os.cpu_count() or 1
+        stack = LayerStack(self.build_opts, blob_dir, workers=max(1, cpus // self._build_jobs()))
         loop = asyncio.get_running_loop()
         remote: dict[str, RemoteBlob] = {}  # blob hex -> where a blob not built here is
         dict_ids: set[str] = set()
-        if self.chunk_dict is not None:
+        if self.chunk_dict is not None:  # its chunks are in the dedup map before any prepare starts
             dict_ids = await loop.run_in_executor(builder, self._add_dict, stack)
             remote.update(self.chunk_dict.blobs)
         chains = chain_ids(source.diff_ids)
@@ -416,7 +489,9 @@ class Converter:
         candidates = {i: r for i, c in enumerate(chains) if (r := self._cache_lookup(c, params))}
         bars = [ui.bar(f"layer {i + 1}/{len(layers)} {d.short}") for i, d in enumerate(layers)]
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
-        # pull + unpack (a few layers at a time) run ahead of the build, which goes in layer order
+        push_sem = asyncio.Semaphore(max(1, self.opts.jobs))
+        # pull + unpack (a few layers at a time) run ahead of the build, which goes in layer
+        # order; each layer's blob is pushed as soon as it is built, while later layers build
         downloads: dict[str, asyncio.Task[_Fetched]] = {}
 
         def download(i: int, d: oci.Descriptor) -> asyncio.Task[_Fetched]:
@@ -428,26 +503,61 @@ class Converter:
             if i not in candidates or self.copy_original:
                 download(i, d)
         results: list[LayerResult] = []
+        pushes: dict[str, tuple[asyncio.Task[bool], int]] = {}  # digest -> (sent? , size)
         tar_bytes = 0
+        boot_path = os.path.join(work, "image.boot")
+        bl_path = os.path.join(work, "bootstrap-layer.tar.gz")
+        uses: dict[str, int] = {}  # layers still to prepare from each download (its tar goes after the last)
+        slots = asyncio.Semaphore(self._build_jobs())
+        # set when a layer got its prepare slot, or at once for a layer the build cache serves
+        # (not prepared: the layers above do not wait for it)
+        started = [asyncio.Event() for _ in layers]
+        preps: dict[int, asyncio.Task[tuple[_Fetched, PreparedLayer]]] = {}
+
+        async def prepare(i: int, d: oci.Descriptor) -> tuple[_Fetched, PreparedLayer]:
+            got = await download(i, d)
+            if f"sha256:{got.diff_id}" != source.diff_ids[i]:
+                raise FormatError(f"layer {i + 1} ({d.short}): the uncompressed {got.kind} does not match the "
+                                  f"config's diff_id {source.diff_ids[i][:19]} (it hashes to "
+                                  f"sha256:{got.diff_id[:12]})")
+            if i:  # slots go in layer order: a lower layer prepared first is committed first, and
+                await started[i - 1].wait()  # the layers above then find its chunks while preparing
+            async with slots:
+                started[i].set()
+                prepared = await loop.run_in_executor(builder, self._prepare_layer, stack, i, d, got, bars[i])
+            uses[d.digest] -= 1
+            if not uses[d.digest]:
+                os.unlink(got.tar_path)
+            return got, prepared
+
+        def start_prepare(i: int, d: oci.Descriptor) -> None:
+            task = downloads.get(d.digest)
+            if not uses.get(d.digest) and task is not None and task.done() and not task.cancelled() \
+                    and task.exception() is None and not os.path.exists(task.result().tar_path):
+                del downloads[d.digest]  # the layers that used it are prepared and let go of its tar: pull again
+            uses[d.digest] = uses.get(d.digest, 0) + 1
+            preps[i] = asyncio.create_task(prepare(i, d))
+
+        hits: dict[int, Hit] = {}
         try:
-            hits = await self._cache_hits(candidates, work, blob_dir)  # while the other layers download
+            for i, d in enumerate(layers):  # these prepare while the cache records are fetched
+                if i not in candidates:
+                    start_prepare(i, d)
+            hits = await self._cache_hits(candidates, work, blob_dir)
             for i, d in enumerate(layers):
-                if i not in hits:  # a record that was not usable: the layer is converted
-                    download(i, d)
-            # the last layer that needs each download (its tar goes once that one is built)
-            last_use = {d.digest: i for i, d in enumerate(layers) if i not in hits}
+                if i in hits:
+                    started[i].set()
+                elif i in candidates:  # a record that was not usable: the layer is converted
+                    start_prepare(i, d)
             for i, d in enumerate(layers):
                 hit = hits.get(i)
-                if hit is not None:
+                if hit is not None:  # joins the stack where its commit would be
                     try:
                         res = await loop.run_in_executor(builder, self._cached_layer, stack, i, hit, bars[i])
                     except CacheMismatch as e:
                         self.cache_stats.unusable += 1
                         ui.log(f"layer {i + 1} ({d.short}): build cache record not usable ({e}); converting it")
-                        hit = None
-                        task = downloads.get(d.digest)
-                        if task is not None and task.done() and not os.path.exists(task.result().tar_path):
-                            del downloads[d.digest]  # a lower layer used and let go of it: pull it again
+                        start_prepare(i, d)
                     else:
                         self.cache_stats.hits += 1
                         self.cache_used.append(hit.record)
@@ -455,37 +565,32 @@ class Converter:
                             remote[hit.blob.hex] = hit.blob
                         results.append(res)
                         continue
-                got = await download(i, d)
-                if f"sha256:{got.diff_id}" != source.diff_ids[i]:
-                    raise FormatError(f"layer {i + 1} ({d.short}): the uncompressed {got.kind} does not match the "
-                                      f"config's diff_id {source.diff_ids[i][:19]} (it hashes to "
-                                      f"sha256:{got.diff_id[:12]})")
-                res = await loop.run_in_executor(builder, self._build_layer, stack, i, d, got, bars[i])
+                got, prepared = await preps[i]
+                res = await loop.run_in_executor(builder, self._commit_layer, stack, i, d, got, prepared, bars[i])
                 results.append(res)
-                if self.cache is not None:
+                tar_bytes += got.tar_size
+                if self.cache is not None:  # the record of the layer just committed (the stack's top)
                     self.cache_stats.misses += 1
                     rec = await loop.run_in_executor(builder, self._cache_record, stack, chains[i], params, res,
                                                      dict_ids, work, i)
                     self.cache_used.append(rec)
-                tar_bytes += got.tar_size
-                if last_use.get(d.digest, i) <= i:
-                    os.unlink(got.tar_path)
-        except BaseException:
-            for t in downloads.values():
-                t.cancel()
-            await asyncio.gather(*downloads.values(), return_exceptions=True)
+                if res.blob is not None and res.blob_path is not None:
+                    bid = res.blob.blob_id
+                    pushes[f"sha256:{bid}"] = (asyncio.create_task(self._push_file(
+                        dst, f"sha256:{bid}", res.blob_path, f"blob {bid[:12]}", push_sem)),
+                        os.path.getsize(res.blob_path))
+                _raise_failed(t for t, _ in pushes.values())
+            merged = await loop.run_in_executor(builder, stack.finish, boot_path)
+            bl_hex, bl_size, bl_diff = await loop.run_in_executor(builder, _bootstrap_layer, boot_path, bl_path)
+            for bid in merged.blob_ids:  # a local chunk dictionary's blobs: in the target already, or an error
+                if bid in dict_ids and bid not in remote and not os.path.exists(os.path.join(blob_dir, bid)):
+                    remote[bid] = await self._dict_blob_in_target(dst, bid)
+        except BaseException:  # the layer blobs being pushed stop too
+            await _cancel_all([*preps.values(), *downloads.values(), *(t for t, _ in pushes.values())])
             raise
-        boot_path = os.path.join(work, "image.boot")
-        bl_path = os.path.join(work, "bootstrap-layer.tar.gz")
-        merged = await loop.run_in_executor(builder, stack.finish, boot_path)
-        with open(boot_path, "rb") as bf, open(bl_path, "wb") as out:
-            bl_hex, bl_size, bl_diff = write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
         boot_size = os.path.getsize(boot_path)
         blob_files = [(bid, os.path.join(blob_dir, bid)) for bid in merged.blob_ids
                       if os.path.exists(os.path.join(blob_dir, bid))]
-        for bid in merged.blob_ids:  # a local chunk dictionary's blobs: in the target already, or an error
-            if bid in dict_ids and bid not in remote and not os.path.exists(os.path.join(blob_dir, bid)):
-                remote[bid] = await self._dict_blob_in_target(dst, bid)
         elsewhere = [remote[bid] for bid in merged.blob_ids if (bid, os.path.join(blob_dir, bid)) not in blob_files]
         sizes = {**{bid: os.path.getsize(p) for bid, p in blob_files}, **{r.hex: r.size for r in elsewhere}}
         missing_here = [bid for bid in merged.blob_ids if bid not in sizes]
@@ -529,9 +634,15 @@ class Converter:
                     files.append((d.digest, downloads[d.digest].result().path, d.size, f"original layer {i + 1}"))
             small.append((source.manifest.config.digest, source.config_bytes))
         try:
-            await self._push_all(dst, files, small, result, elsewhere, work)
+            await self._push_rest(dst, pushes, files, small, push_sem, result, elsewhere, work)
             needed = [d for d, *_ in files] + [d for d, _ in small] + [r.digest for r in elsewhere]
-            missing = [d for d in needed if not await dst.blob_exists(d)]
+            present: dict[str, bool] = {}
+
+            async def check(digest: str) -> None:
+                present[digest] = await dst.blob_exists(digest)
+
+            await gather_or_cancel(check(d) for d in needed)  # at once, not one after another
+            missing = [d for d in needed if not present[d]]
         except OSError as e:
             raise transport_error(self.dst_ep, e, "pushing") from None
         if missing:
@@ -557,59 +668,111 @@ class Converter:
 
     async def _fetch(self, src: RegistryClient, i: int, d: oci.Descriptor, dl_dir: str, bar: Bar,
                      sem: asyncio.Semaphore, unpacker: ThreadPoolExecutor) -> "_Fetched":
-        """Download layer `d` (checked against its size and digest), then unpack it to a tar file."""
+        """Download layer `d` and decompress it to a tar file as it arrives (the pieces are
+        inflated in `unpacker` while the next ones download), then check its size and digest.
+        The compressed layer is kept on disk only when it is pushed too (`copy_original`)."""
         where = f"layer {i + 1} ({d.short})"
-        async with sem:
-            path = os.path.join(dl_dir, d.hex)
-            bar.phase("pull", d.size)
-            with open(path, "wb") as f:
-                try:
-                    got_hex, n = await src.download_blob(d.digest, f, limit=d.size, progress=bar.advance)
-                except OSError as e:
-                    raise ConvertError(f"{where}: {e.strerror or e}") from None
-            if n != d.size:
-                more = "more than" if n > d.size else f"{n} bytes, not"
-                raise ConvertError(f"{where}: the registry sent {more} the {d.size} bytes the manifest says")
-            if got_hex != d.hex:
-                raise ConvertError(f"{where}: content does not match its digest (it hashes to sha256:{got_hex})")
-            bar.finish(f"pulled {human(n)}")
-        fetched = await asyncio.get_running_loop().run_in_executor(unpacker, self._unpack, where, d, path, bar)
-        if not self.copy_original:
-            os.unlink(path)
-        return fetched
-
-    def _unpack(self, where: str, d: oci.Descriptor, path: str, bar: Bar) -> "_Fetched":
-        """Decompress the layer next to it (inside the work dir, removed with it)."""
+        path = os.path.join(dl_dir, d.hex)
         tar_path = path + ".tar"
-        try:
-            with open(path, "rb") as comp, open(tar_path, "wb") as tar:
-                bar.phase("unpack", d.size)
-                dhex, tsize, kind = decompress_to(comp, tar, bar.advance, self.opts.expansion_limits)
-        except BaseException as e:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tar_path)  # free the disk now, not when the work dir goes
-            if isinstance(e, FormatError):
-                raise type(e)(f"{where}: {e}") from None
-            raise
-        bar.finish(f"unpacked {human(tsize)} of {kind}")
+        async with sem:
+            bar.phase("pull", d.size)
+            sink = _InflateSink(unpacker, tar_path, path if self.copy_original else None, d.size,
+                                self.opts.expansion_limits)
+            try:
+                try:
+                    n, (dhex, tsize, kind) = await self._pull(src, d, where, sink, bar)
+                finally:
+                    await sink.close()
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tar_path)  # free the disk now, not when the work dir goes
+                raise
+            bar.finish(f"pulled {human(n)}, unpacked {human(tsize)} of {kind}")
         return _Fetched(path, tar_path, tsize, kind, dhex)
 
-    def _build_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, got: "_Fetched", bar: Bar) -> LayerResult:
+    @staticmethod
+    async def _pull(src: RegistryClient, d: oci.Descriptor, where: str, sink: "_InflateSink",
+                    bar: Bar) -> tuple[int, tuple[str, int, str]]:
+        """Stream layer `d` into `sink`; (bytes received, the tar's (diff_id, size, kind)) once its
+        size and digest are checked (those errors first: bad bytes from a registry explain bad data)."""
+        try:
+            n = await src.stream_blob(d.digest, sink, limit=d.size, progress=bar.advance, piece=_PULL_PIECE)
+            await sink.settle()
+        except OSError as e:
+            raise ConvertError(f"{where}: {e.strerror or e}") from None
+        if n != d.size:
+            more = "more than" if n > d.size else f"{n} bytes, not"
+            raise ConvertError(f"{where}: the registry sent {more} the {d.size} bytes the manifest says")
+        got_hex = sink.layer_hex()
+        if got_hex != d.hex:
+            raise ConvertError(f"{where}: content does not match its digest (it hashes to sha256:{got_hex})")
+        try:
+            return n, sink.finish()
+        except FormatError as e:
+            raise type(e)(f"{where}: {e}") from None
+
+    def _build_jobs(self) -> int:
+        """Layers prepared at once: one per core (processes would not pay here: most of the work
+        is zstd, blake3, sha256 and I/O, which run outside the GIL), at most `jobs`."""
+        return max(1, min(self.opts.jobs, os.cpu_count() or 1))
+
+    def _prepare_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, got: "_Fetched",
+                       bar: Bar) -> PreparedLayer:
         with open(got.tar_path, "rb") as tar:
             bar.phase("build", got.tar_size)
             try:
-                res = stack.add_layer(tar, bar.advance)
+                prepared = stack.prepare_layer(tar, bar.advance, position=i)
             except FormatError as e:
                 raise FormatError(f"layer {i + 1} ({d.short}): {e}") from None
+        release_free_memory()
+        return prepared
+
+    @staticmethod
+    def _commit_layer(stack: LayerStack, i: int, d: oci.Descriptor, got: "_Fetched", prepared: PreparedLayer,
+                      bar: Bar) -> LayerResult:
+        res = stack.commit_layer(prepared)
+        release_free_memory()  # that layer's buffers are gone: keep the peak RSS near what is in use
         blob = f"blob {res.blob.blob_id[:12]} {human(res.blob.compressed_size)}" if res.blob else "no new data"
         bar.close(f"{human(d.size)} {got.kind} -> {human(got.tar_size)} tar -> {blob} "
                   f"({res.new_chunks} new chunks, {res.deduplicated} deduplicated)")
         return res
 
-    async def _push_all(self, dst: RegistryClient, files: list[tuple[str, str, int, str]],
-                        small: list[tuple[str, bytes]], result: ConvertResult,
-                        elsewhere: list[RemoteBlob], work: str) -> None:
-        sem = asyncio.Semaphore(max(1, self.opts.jobs))
+    async def _push_file(self, dst: RegistryClient, digest: str, path: str, label: str,
+                         sem: asyncio.Semaphore) -> bool:
+        """Upload one blob file unless the target has it; True when it was sent."""
+        async with sem:
+            size = os.path.getsize(path)
+            bar = self.progress.bar(label)
+            bar.phase("push", size)
+            try:
+                sent = await dst.push_blob_file(path, digest, piece=self.opts.piece_size, progress=bar.advance)
+            except OSError as e:
+                raise transport_error(self.dst_ep, e, "pushing") from None
+            bar.close(f"pushed {human(size)}" if sent else f"already in the target ({human(size)})")
+            return sent
+
+    async def _push_rest(self, dst: RegistryClient, pushes: dict[str, tuple["asyncio.Task[bool]", int]],
+                         files: list[tuple[str, str, int, str]], small: list[tuple[str, bytes]],
+                         sem: asyncio.Semaphore, result: ConvertResult, elsewhere: list[RemoteBlob],
+                         work: str) -> None:
+        """Push what the layer loop did not (bootstrap layer, config, originals), get the blobs
+        built elsewhere (build cache, chunk dictionary) into the target (mounted or copied), wait
+        for every upload, and account for them. A layer blob that the merged image does not use
+        (all its files whited out above) was pushed already: it is counted, and left unreferenced."""
+        used = {digest for digest, *_ in files}
+        for digest, path, size, label in files:
+            if digest not in pushes:
+                pushes[digest] = (asyncio.create_task(self._push_file(dst, digest, path, label, sem)), size)
+        for digest in pushes:
+            if digest not in used:
+                log.info("blob %s was pushed but the merged image does not use it", digest)
+
+        async def one_small(digest: str, data: bytes) -> None:
+            async with sem:
+                exists = await dst.blob_exists(digest)
+                if not exists:
+                    await dst.push_blob(data, digest)
+                self._account(result, digest, len(data), not exists)
 
         async def one_remote(blob: RemoteBlob) -> None:
             async with sem:
@@ -622,23 +785,15 @@ class Converter:
                     result.copied.append(blob.digest)
                     self._account(result, blob.digest, blob.size, True)
 
-        async def one(digest: str, path: str, size: int, label: str) -> None:
-            async with sem:
-                bar = self.progress.bar(label)
-                bar.phase("push", size)
-                sent = await dst.push_blob_file(path, digest, piece=self.opts.piece_size, progress=bar.advance)
-                self._account(result, digest, size, sent)
-                bar.close(f"pushed {human(size)}" if sent else f"already in the target ({human(size)})")
-
-        async def one_small(digest: str, data: bytes) -> None:
-            async with sem:
-                exists = await dst.blob_exists(digest)
-                if not exists:
-                    await dst.push_blob(data, digest)
-                self._account(result, digest, len(data), not exists)
-
-        await gather_or_cancel([*(one(*f) for f in files), *(one_small(d, b) for d, b in small),
-                                *(one_remote(b) for b in elsewhere)])
+        tasks = [t for t, _ in pushes.values()]
+        try:
+            await gather_or_cancel([_wait(t) for t in tasks] + [one_small(d, b) for d, b in small]
+                                   + [one_remote(b) for b in elsewhere])
+        except BaseException:
+            await _cancel_all(tasks)
+            raise
+        for digest, (task, size) in pushes.items():
+            self._account(result, digest, size, task.result())
 
     def _add_dict(self, stack: LayerStack) -> set[str]:
         """Seed `stack` with the chunk dictionary; the dictionary's blob ids."""
@@ -778,6 +933,29 @@ class Converter:
         else:
             result.reused.append(digest)
             result.reused_bytes += size
+
+
+def _bootstrap_layer(boot_path: str, bl_path: str) -> tuple[str, int, str]:
+    with open(boot_path, "rb") as bf, open(bl_path, "wb") as out:
+        return write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
+
+
+def _raise_failed(tasks: Iterable["asyncio.Task[Any]"]) -> None:
+    """Raise the error of the first finished task that failed (a push that failed early stops
+    the conversion at once, not after the last layer)."""
+    for t in tasks:
+        if t.done() and not t.cancelled() and t.exception() is not None:
+            t.result()
+
+
+async def _cancel_all(tasks: list["asyncio.Task[Any]"]) -> None:
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _wait(task: "asyncio.Task[Any]") -> None:
+    await task
 
 
 def combine(results: list[ConvertResult], index_digest: str) -> ConvertResult:

@@ -20,15 +20,17 @@ that has no file data, adds no blob); blobs whose every chunk was whited out or 
 layers drop out of the table, so only blobs the image uses are pushed.
 """
 
+import logging
 import os
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
-from ..builder.blob_writer import BlobWriter
+from ..builder.blob_writer import BlobWriter, with_blob_index
 from ..builder.build import build_image, check_options
 from ..builder.chunk_dict import load_chunk_dict
-from ..builder.chunk_records import ChunkRecords
+from ..builder.chunk_records import ChunkRecords, SharedChunkRecords
 from ..builder.merge import merge_layers, tree_from_image
 from ..builder.options import BuildOptions, BuildResult
 from ..builder.packed import K_CHUNKS, K_TAR, Tree
@@ -41,6 +43,18 @@ from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, U32
 from ..rafs.model import BlobInfo, RafsImage
 
 _BLOB_INDEX = CHUNK.offset("blob_index")
+
+
+@dataclass
+class PreparedLayer:
+    """A layer parsed and its new chunk data written (`LayerStack.prepare_layer`), not yet placed
+    in the stack."""
+
+    tree: Tree
+    writer: BlobWriter  # held: chunk data written, no trailers, no name yet
+    refs: int  # chunk references of the layer's files
+    entries: int
+    position: int  # its place in the image, lowest 0
 
 
 @dataclass
@@ -58,6 +72,11 @@ class LayerResult:
 
 class CacheMismatch(FormatError):
     """A cached layer bootstrap does not fit this stack (it names blobs the stack lacks)."""
+
+
+log = logging.getLogger(__name__)
+
+FILE_OFFSET = CHUNK.view("file_offset")
 
 
 class _Counted:
@@ -103,10 +122,32 @@ def _counting(data: FileData, progress: Callable[[int], None]) -> FileData:
     return FileData(size=data.size, open=_CountingOpener(data.open, progress))
 
 
+class _Below:
+    """The chunks the layers below one being prepared hold: the committed ones, then those
+    being prepared (their held blobs, looked at while they are written)."""
+
+    def __init__(self, committed: ChunkRecords, held: list[BlobWriter]) -> None:
+        self.committed = committed
+        self.held = held
+
+    def __contains__(self, digest: object) -> bool:
+        if digest in self.committed:
+            return True
+        return isinstance(digest, bytes) and any(w.holds(digest) for w in self.held)
+
+    def get(self, digest: bytes, file_offset: int) -> bytes | None:
+        got = self.committed.get(digest, file_offset)
+        for w in self.held:
+            if got is not None:
+                break
+            got = w.held_record(digest, file_offset)
+        return got
+
+
 class LayerStack:
     """Builds the layers of one image, lowest first, into `blob_dir`."""
 
-    def __init__(self, opts: BuildOptions, blob_dir: str) -> None:
+    def __init__(self, opts: BuildOptions, blob_dir: str, workers: int | None = None) -> None:
         check_options(opts)
         if opts.blob_id is not None:
             raise ValueError("a layered build names each blob by its digest; blob_id cannot be set")
@@ -114,8 +155,14 @@ class LayerStack:
         self.blob_dir = blob_dir
         self.blobs: list[BlobInfo] = []  # shared by every ChunkedData of the stack
         self.layers: list[Tree] = []
-        self.dedup = ChunkRecords()  # every stored chunk of the stack, packed
+        self.workers = workers  # chunk workers per layer being prepared (None: one per core)
+        # every stored chunk of the committed layers (and of a chunk dictionary), packed; read by
+        # layers being prepared
+        self.dedup: ChunkRecords = SharedChunkRecords()
         self.dict_blobs = 0  # the first blobs of `blobs` come from a chunk dictionary
+        self._held: dict[int, BlobWriter] = {}  # layers being prepared or waiting, by position
+        self.rewrites = 0  # commits that wrote a held blob again (see commit_layer)
+        self._lock = threading.Lock()
         self._finished = False
 
     def add_dict(self, image: RafsImage) -> int:
@@ -132,8 +179,21 @@ class LayerStack:
     def add_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None) -> LayerResult:
         """Build the blob of one uncompressed layer tar (seekable, a real file is best: its data is
         read in place). `progress` gets the file bytes consumed."""
+        return self.commit_layer(self.prepare_layer(tar, progress))
+
+    def prepare_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None,
+                      position: int | None = None) -> PreparedLayer:
+        """The expensive part of `add_layer` (parse, chunk, hash, compress, write the chunk data),
+        independent of the other layers: several may run at once, in any order. `position` is
+        the layer's place in the image (default: the next one to commit). Chunks are deduplicated
+        within the layer and against what the layers below hold - committed, or being prepared -
+        when a chunk is looked at; `commit_layer` does the rest."""
         if self._finished:
             raise RuntimeError("LayerStack already finished")
+        if position is None:
+            position = len(self.layers)
+        if position < len(self.layers) or position in self._held:
+            raise ValueError(f"layer {position} is committed or being prepared already")
         stats = SourceStats()
         tree = tree_from_tar(tar, stats)
         opts = self._layer_options(tree)
@@ -152,30 +212,100 @@ class LayerStack:
         datas: Iterator[FileData] = (_file_data(tree, n) for n in order)
         if progress is not None:
             datas = (_counting(d, progress) for d in datas)
-        with BlobWriter(self.blob_dir, self.opts, blob_index=len(self.blobs), existing=self.dedup) as writer:
+        with self._lock:
+            below = _Below(self.dedup, [w for p, w in sorted(self._held.items()) if p < position])
+            writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=below, workers=self.workers)
+            self._held[position] = writer
+        try:
             writer.add_files_stream(datas, stored)
-            blob = writer.finish()
-        if blob is not None:
-            self.blobs.append(blob)
+            writer.hold()
+        except BaseException:
+            with self._lock:
+                self._held.pop(position, None)
+            writer.abort()
+            raise
         kind = tree.kind
         for n in range(len(tree)):  # empty (or unreachable) files: no chunks; let go of the tar
             if kind[n] == K_TAR:
                 tree.set_chunks(n, b"", tree.size[n], bset)
         tree.backings.clear()
         tree.freeze()
-        n_stored = len(writer.chunks)
-        self.dedup.update(writer.chunks)  # takes the records: writer.chunks is empty afterwards
+        return PreparedLayer(tree, writer, refs, stats.entries, position)
+
+    def commit_layer(self, layer: PreparedLayer) -> LayerResult:
+        """Add a prepared layer on top of the stack (in layer order): its blob takes the next
+        place in the blob table, and chunks a lower layer stored already are referenced there.
+        When there are such chunks the blob is written again without them (stored bytes copied,
+        nothing recompressed), so the result is byte for byte what building the layers one after
+        the other would give."""
+        if self._finished:
+            raise RuntimeError("LayerStack already finished")
+        held, tree = layer.writer, layer.tree
+        if layer.position != len(self.layers):
+            raise ValueError(f"layer {layer.position} committed as layer {len(self.layers)}")
+        index = len(self.blobs)
+        writer = held
+        try:
+            if not any(d in self.dedup for d in held.chunks):
+                held.set_blob_index(index)
+                self._remap(tree, held, index)
+            else:  # a layer below stored some of these chunks after this one looked for them
+                log.debug("layer %d: its held blob is written again without the chunks of the layers below",
+                          layer.position)
+                self.rewrites += 1
+                writer = BlobWriter(self.blob_dir, self.opts, blob_index=index)
+                for chunk, data in held.stored_chunks():
+                    if chunk.digest not in self.dedup:
+                        writer.add_stored(chunk, data)
+                self._remap(tree, held, index, writer)
+                held.abort()
+            blob = writer.finish()
+        except BaseException:
+            held.abort()
+            writer.abort()
+            raise
+        finally:
+            with self._lock:
+                self._held.pop(layer.position, None)
+        if blob is not None:
+            self.blobs.append(blob)
+        new_chunks, stored_compressed = len(writer.chunks), writer.stored_compressed
+        self.dedup.update(writer.chunks)
         self.layers.append(tree)
         return LayerResult(
             blob=blob,
             blob_path=writer.path,
-            entries=stats.entries,
-            file_bytes=writer.uncompressed_bytes,
-            chunks=refs,
-            new_chunks=n_stored,
-            deduplicated=writer.deduplicated,
-            stored_compressed=writer.stored_compressed,
+            entries=layer.entries,
+            file_bytes=held.uncompressed_bytes,
+            chunks=layer.refs,
+            new_chunks=new_chunks,
+            deduplicated=layer.refs - new_chunks,
+            stored_compressed=stored_compressed,
         )
+
+    def _remap(self, tree: Tree, held: BlobWriter, index: int, writer: BlobWriter | None = None) -> None:
+        """Fix the chunk records of `tree`: those of its held blob point at table entry `index`
+        (or, with `writer`, the held blob written again, at `writer`'s blob, or at the layer
+        below that holds the chunk); the others at the chunk's record in the layers below, all
+        committed by now (a record found while preparing may be of a blob that was held then)."""
+        chunks = tree.chunks
+        view = memoryview(chunks)
+        out = bytearray(len(chunks))
+        for off in range(0, len(chunks), CHUNK_RECORD_SIZE):
+            rec: bytes | bytearray | memoryview | None = view[off:off + CHUNK_RECORD_SIZE]
+            digest = bytes(view[off:off + 32])
+            fo = FILE_OFFSET.unpack_from(view, off)[0]
+            if digest in held.chunks and writer is None:  # its own (a digest is all own or all below)
+                rec = with_blob_index(view[off:off + CHUNK_RECORD_SIZE], index)
+            elif digest in held.chunks:
+                rec = writer.chunks.get(digest, fo) if writer is not None else None
+                rec = rec or self.dedup.get(digest, fo)
+            else:
+                rec = self.dedup.get(digest, fo)
+            assert rec is not None, "a chunk of a lower layer is not in the stack"
+            out[off:off + CHUNK_RECORD_SIZE] = rec
+        view.release()
+        tree.chunks[:] = out
 
     def write_layer_bootstrap(self, path: str) -> list[str]:
         """The last added layer alone, as a bootstrap (whiteouts kept as entries, chunks pointing
@@ -193,9 +323,16 @@ class LayerStack:
         building it; `blob_id` is the blob that layer stored (None: it stored nothing).
 
         Every other blob the bootstrap references must be one the stack has already (lower
-        layers or the chunk dictionary): CacheMismatch otherwise, and the stack is unchanged."""
+        layers or the chunk dictionary): CacheMismatch otherwise, and the stack is unchanged.
+
+        It goes where its commit would (all layers below committed); layers above that are being
+        prepared find its chunks from then on, and `commit_layer` rewrites a held blob that stored
+        some of them before, as for a built layer committed meanwhile."""
         if self._finished:
             raise RuntimeError("LayerStack already finished")
+        with self._lock:
+            if len(self.layers) in self._held:
+                raise ValueError(f"layer {len(self.layers)} is being prepared; it cannot come from a cache")
         known = {b.blob_id for b in self.blobs}
         own: BlobInfo | None = None
         for b in image.blobs:

@@ -209,3 +209,54 @@ def test_all_platforms_share_one_cache(tmp_path: Path, plain_registry: rig.Regis
 
     r = nydusify("convert", "-q", "--source", src, "--target", cache, "--plain-http", "--build-cache", cache)
     assert r.returncode == 1 and "is the target itself" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_cached_and_misfit_layers_among_parallel_builds(tmp_path: Path, plain_registry: rig.Registry) -> None:
+    """The converter prepares the layers the cache does not serve at once: a cached layer joins
+    the stack at its place, a record that does not fit the stack there is converted at its place
+    (pulled and prepared then, after the layer above it), and the layers above find the chunks of
+    both (a file repeated from each): the manifest is byte for byte a conversion without the cache."""
+    rng = random.Random(6)
+    low_data, mid_data = rng.randbytes((5 << 20) // 2), rng.randbytes(3 << 20)
+    low = oi.compress(oi.Layer([oi.Entry("lib", "dir", mode=0o755), oi.Entry("lib/low", data=low_data)], "gzip"))
+    mid = oi.compress(oi.Layer([oi.Entry("lib", "dir", mode=0o755), oi.Entry("lib/low-copy", data=low_data),
+                                oi.Entry("lib/mid", data=mid_data)], "gzip"))
+    top = oi.compress(oi.Layer([oi.Entry("app", "dir", mode=0o755), oi.Entry("app/mid-copy", data=mid_data),
+                                oi.Entry("app/low-copy", data=low_data), oi.Entry("app/own", data=rng.randbytes(9000))],
+                               "zstd"))
+    img, src = push(plain_registry, "bc/par", [low, mid, top])
+    cache = f"{plain_registry.host}/bc/par-nydus:cache"
+    target = f"{plain_registry.host}/bc/par-nydus"
+    first = convert(tmp_path, src, f"{target}:v1", "--build-cache", cache)
+    assert first["layers_built"] == 3
+    plain = convert(tmp_path, src, f"{target}:plain")
+    assert plain["manifest_digest"] == first["manifest_digest"]
+
+    # layer 2's record gets layer 1's bootstrap (it names no new blob of its own: it does not fit
+    # once layer 1 is in), layer 3 loses its record (prepared from the start)
+    m = get_manifest(plain_registry, "bc/par-nydus", "cache")
+    chains = bc.chain_ids([ly.diff_id for ly in img.layers])
+
+    def boot_of(chain: str) -> dict:
+        return next(ly for ly in m["layers"] if ly["annotations"].get(bc.ANNO_SOURCE_CHAINID) == chain
+                    and ly["annotations"].get(oci.ANNO_NYDUS_BOOTSTRAP) == "true")
+
+    low_boot = boot_of(chains[0])
+    tampered = []
+    for ly in m["layers"]:
+        chain = ly["annotations"].get(bc.ANNO_SOURCE_CHAINID)
+        if chain == chains[2]:
+            continue
+        if ly is boot_of(chains[1]):
+            ly = {**ly, "digest": low_boot["digest"], "size": low_boot["size"]}
+        tampered.append(ly)
+    regpush.push_manifest(plain_registry.url, "bc/par-nydus", "cache", json.dumps({**m, "layers": tampered}).encode(),
+                          oci.OCI_MANIFEST)
+
+    again = convert(tmp_path, src, f"{target}:v2", "--build-cache", cache)
+    assert (again["layers_built"], again["layers_cached"]) == (2, 1)
+    assert again["build_cache"]["hits"] == 1 and again["build_cache"]["unusable"] == 1
+    assert again["build_cache"]["misses"] == 2
+    assert again["manifest_digest"] == first["manifest_digest"]
+    r = check("--source", src, "--target", f"{target}:v2")
+    assert r.returncode == 0, r.stderr

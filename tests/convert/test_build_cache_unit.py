@@ -70,6 +70,66 @@ def test_any_cached_subset_gives_the_same_bootstrap(tmp_path: Path, fs_version: 
             assert got == want, subset
 
 
+def build_in_parallel(work: Path, opts: BuildOptions, tar_list: list[bytes],
+                      cached: dict[int, tuple[str, str | None]], name: str, dict_boot: str | None = None,
+                      misfit: int | None = None) -> tuple[bytes, int]:
+    """The converter's order with both features: the chunk dictionary first, every layer the
+    cache does not serve prepared before any commit (upper layers first: the most rewrites),
+    then in layer order each prepared layer committed (its layer bootstrap written right after,
+    as a cache record is) and each cached one added in its place. Layer `misfit` has a record
+    that does not fit: refused at its place, it is prepared there and committed. Returns the
+    bootstrap and how many held blobs were written again."""
+    stack = LayerStack(opts, str(work / f"{name}-blobs"), workers=2)
+    if dict_boot:
+        stack.add_dict(open_bootstrap(dict_boot))
+    prepared = {i: stack.prepare_layer(io.BytesIO(tar_list[i]), position=i)
+                for i in reversed(range(len(tar_list))) if i not in cached}
+    for i, tar in enumerate(tar_list):
+        if i in cached:
+            boot, blob = cached[i]
+            if i != misfit:
+                assert stack.add_cached_layer(open_bootstrap(boot), blob).cached
+                continue
+            with pytest.raises(CacheMismatch):
+                stack.add_cached_layer(open_bootstrap(boot), "f" * 64)
+            prepared[i] = stack.prepare_layer(io.BytesIO(tar), position=i)
+        stack.commit_layer(prepared.pop(i))
+        stack.write_layer_bootstrap(str(work / f"{name}-layer{i}.boot"))
+    out = work / f"{name}.boot"
+    rewrites = stack.rewrites
+    stack.finish(str(out))
+    return out.read_bytes(), rewrites
+
+
+@pytest.mark.parametrize("with_dict", [False, True])
+def test_cached_layers_among_layers_prepared_in_parallel(tmp_path: Path, with_dict: bool) -> None:
+    """Any subset of cached layers, the others prepared at once and out of order (and a record
+    that does not fit, converted at its place) gives the bootstrap of building every layer one
+    after the other: the layers above a cached one find its chunks (its held blob written again
+    without them when it stored them first), with or without a chunk dictionary."""
+    opts = BuildOptions(chunk_size=CS)
+    rng = random.Random(1)
+    shared = rng.randbytes(3 * CS + 100)  # the `shared` of layers(1)
+    tl = [*tars(1), make_tar([Entry("z1", data=shared), Entry("z2", data=b"linked" * 1000)])]
+    dict_boot = None
+    if with_dict:
+        dstack = LayerStack(opts, str(tmp_path / "dict"))
+        dstack.add_layer(io.BytesIO(tl[2]))  # layer 2 then stores nothing
+        dict_boot = str(tmp_path / "dict.boot")
+        dstack.finish(dict_boot)
+    want, records = build(tmp_path, opts, tl, {}, "full", dict_boot)
+    rewrites = 0
+    for k in range(len(tl) + 1):
+        for subset in itertools.combinations(range(len(tl)), k):
+            for misfit in (None, *subset[:1]):
+                name = f"p{''.join(map(str, subset))}-{misfit}"
+                got, n = build_in_parallel(tmp_path, opts, tl, {i: records[i] for i in subset}, name, dict_boot,
+                                           misfit)
+                assert got == want, (subset, misfit)
+                rewrites += n
+    assert rewrites > 0  # some layers stored chunks of a cached (or late) layer below: written again
+
+
 def test_cached_layer_that_does_not_fit_is_refused(tmp_path: Path) -> None:
     opts = BuildOptions(chunk_size=CS)
     tl = tars(2)

@@ -390,6 +390,22 @@ def test_failed_push_leaves_no_manifest_and_rerun_completes(tmp_path, source_ima
         proxy.stop()
 
 
+def test_download_cut_midway_restarts_the_layer(tmp_path, source_image, plain_registry):
+    """Layers are inflated while they download: a body cut off midway restarts that layer's
+    tar from zero (`_InflateSink.restart`), and the image is the same as without the fault."""
+    img, src = source_image
+    clean = convert(tmp_path, src, f"{plain_registry.host}/test/cut-ref:v1")
+    big = max(img.layers, key=lambda layer: len(layer.blob)).digest
+    proxy = FaultProxy(plain_registry.url, match=lambda m, p: m == "GET" and p.endswith(f"/blobs/{big}"))
+    try:
+        proxy.inject("truncate_200", 2)
+        res = convert(tmp_path, src.replace(plain_registry.host, proxy.host), f"{plain_registry.host}/test/cut:v1")
+        assert [r.fault for r in proxy.requests if r.path.endswith(big)] == ["truncate_200", "truncate_200", None]
+    finally:
+        proxy.stop()
+    assert res["manifest_digest"] == clean["manifest_digest"]
+
+
 @pytest.mark.parametrize("kind", ["basic", "token"])
 def test_authenticated_registries(kind, tmp_path, daemons, request, skopeo):
     require_device("/dev/fuse")

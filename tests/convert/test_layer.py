@@ -13,7 +13,7 @@ import zstandard
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nydus_py.convert.layer import decompress_to, extract_bootstrap, write_bootstrap_layer
+from nydus_py.convert.layer import Inflater, decompress_to, extract_bootstrap, write_bootstrap_layer
 from nydus_py.rafs.errors import FormatError
 
 
@@ -172,3 +172,29 @@ def test_extract_bootstrap_variants_and_errors():
     with pytest.raises(FormatError, match="more than"):
         extract_bootstrap(io.BytesIO(gzip.compress(_tar({"image/image.boot": b"x" * 5000}))), io.BytesIO(),
                           max_size=100)
+
+
+def test_inflater_defers_bad_data_to_finish_and_keeps_hashing_the_layer():
+    """The converter compares the layer digest first: bad data must not stop the hashing, and
+    the error (with nothing written past it) comes from `finish`."""
+    good = gzip.compress(random.Random(3).randbytes(200_000), mtime=0)
+    blob = bytearray(good)
+    blob[len(blob) // 2] ^= 0x55
+    out, keep = io.BytesIO(), io.BytesIO()
+    inf = Inflater(out, None, len(blob), keep)
+    for i in range(0, len(blob), 7000):
+        inf.feed(bytes(blob[i:i + 7000]))  # no raise while feeding
+    assert inf.layer_hash.hexdigest() == hashlib.sha256(blob).hexdigest() and inf.layer_size == len(blob)
+    assert keep.getvalue() == bytes(blob)  # the original is copied whole
+    with pytest.raises(FormatError, match="corrupt gzip"):
+        inf.finish()
+
+
+def test_inflater_takes_pieces_smaller_than_the_magic():
+    data = b"hello tar" * 1000
+    blob = zstandard.ZstdCompressor().compress(data)
+    out = io.BytesIO()
+    inf = Inflater(out, None)
+    for i in range(len(blob)):
+        inf.feed(blob[i:i + 1])
+    assert inf.finish() == (hashlib.sha256(data).hexdigest(), len(data), "zstd") and out.getvalue() == data

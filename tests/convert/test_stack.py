@@ -8,6 +8,7 @@ import stat
 
 import pytest
 
+from nydus_py.builder.blob_writer import BlobWriter
 from nydus_py.builder.check import check_image
 from nydus_py.builder.merge import merge_layers
 from nydus_py.builder.options import BuildOptions
@@ -167,3 +168,60 @@ def test_finished_stack_refuses_more_layers(tmp_path):
         stack.add_layer(io.BytesIO(make_tar([Entry("b", data=b"b")])))
     with pytest.raises(RuntimeError, match="finished"):
         stack.finish(str(tmp_path / "boot2"))
+
+
+def _sequential_blob(stack: LayerStack, tar: bytes, blob_dir: str) -> tuple[str | None, list[bytes]]:
+    """The oracle: one layer built the straightforward way, deduplicating against the chunks the
+    stack holds while it writes (what `add_layer` did before layers could be prepared apart)."""
+    from nydus_py.builder.v6_writer import plan_v6
+
+    tree = tree_from_tar(io.BytesIO(tar))
+    order = plan_v6(tree, stack.opts).data_order()
+    with BlobWriter(blob_dir, stack.opts, blob_index=len(stack.blobs), existing=stack.dedup) as w:
+        chunks = w.add_files([tree.file_data(n) for n in order])
+        blob = w.finish()
+    return (blob.blob_id if blob else None), chunks
+
+
+@pytest.mark.parametrize("schedule,rewrites", [
+    ("P3 P1 P4 P2 P0 C0 C1 C2 C3 C4", 3),  # upper layers first: 1, 3, 4 store what lower ones hold
+    ("P0 P1 C0 P2 P3 C1 P4 C2 C3 C4", 0),  # lower ones committed or being prepared: found there
+    ("P0 P1 P2 P3 P4 C0 C1 C2 C3 C4", 0),  # all held: each finds the chunks of those below
+    ("P0 P2 C0 P4 P1 C1 C2 P3 C3 C4", 0),
+    ("P1 P0 C0 C1 P2 P3 P4 C2 C3 C4", 1),  # 1 before 0: 1's held blob is written again
+])
+def test_layers_prepared_out_of_order_equal_a_sequential_build(tmp_path, monkeypatch, schedule, rewrites):
+    """Layers prepared at once (the converter's parallel builds), then committed in order, give
+    the very blobs and chunk records of building them one after the other, also when a layer
+    repeats chunks of the layers below (found while preparing when that layer was committed
+    already, else its held blob is written again without them)."""
+    rng = random.Random(11)
+    common, only2 = rng.randbytes(3 * CS), rng.randbytes(CS + 3)
+    tars = [make_tar([Entry("a", data=common + rng.randbytes(CS)), Entry("b", data=rng.randbytes(2 * CS + 7))]),
+            make_tar([Entry("c", data=rng.randbytes(CS) + common), Entry("d", data=common[:CS])]),  # dups of 0
+            make_tar([Entry("e", data=only2)]),  # nothing shared
+            make_tar([Entry("f", data=common)]),  # nothing new: no blob
+            make_tar([Entry("g", data=only2 + b"!")])]  # chunks of the third blob (index 2)
+    stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
+    oracle = tmp_path / "oracle"
+    prepared = {}
+    rewritten: list[int] = []  # commits that wrote a held blob again
+    real = BlobWriter.stored_chunks
+    monkeypatch.setattr(BlobWriter, "stored_chunks", lambda w: rewritten.append(1) or real(w))
+    for step in schedule.split():
+        i = int(step[1])
+        if step[0] == "P":
+            prepared[i] = stack.prepare_layer(io.BytesIO(tars[i]), position=i)
+            continue
+        want_id, want_chunks = _sequential_blob(stack, tars[i], str(oracle))
+        res = stack.commit_layer(prepared[i])
+        assert (res.blob.blob_id if res.blob else None) == want_id, i
+        if want_id is not None:
+            assert (tmp_path / "blobs" / want_id).read_bytes() == (oracle / want_id).read_bytes()
+        tree = stack.layers[-1]
+        got = sorted(tree.chunk_bytes(n) for n in range(len(tree)) if tree.chunk_bytes(n))
+        assert got == sorted(c for c in want_chunks if c), i
+    assert len(stack.blobs) == 4
+    assert len(rewritten) == rewrites
+    stack.finish(str(tmp_path / "image.boot"))
+    assert actual(str(tmp_path / "image.boot"), str(tmp_path / "blobs")) == expected(tars)

@@ -9,6 +9,7 @@ matching requests (by default: blob GETs):
   reset          close the connection with RST before answering
   stall          say nothing for `stall_seconds`, then close
   truncate       send the real headers and half of the body, then RST
+  truncate_200   the same for a whole-blob 200 answer (a download cut off midway)
   short          206 whose Content-Length and body are shorter than the asked range
   oversize       206 with the right Content-Range but extra bytes in the body
   bad_range      206 for the range shifted by one byte (right length, wrong bytes)
@@ -40,7 +41,7 @@ from typing import Any
 
 import aiohttp
 
-KINDS = ("5xx", "reset", "stall", "truncate", "short", "oversize", "bad_range", "corrupt", "200_for_206",
+KINDS = ("5xx", "reset", "stall", "truncate", "truncate_200", "short", "oversize", "bad_range", "corrupt", "200_for_206",
          "expired_token")
 HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
        "proxy-authorization", "content-length"}
@@ -241,6 +242,12 @@ class FaultProxy:
         req.status = status
         if self.corrupt_offset is not None and status == 206:
             data = self._corrupt_at(self.corrupt_offset, data, out_headers)
+        if fault == "truncate_200" and status == 200:
+            writer.write(self._head(200, out_headers, len(data)))
+            writer.write(data[: len(data) // 2])
+            await writer.drain()
+            self._rst(writer)
+            return
         if fault and status == 206:
             data, status, out_headers = self._mangle(fault, data, out_headers)
             if status < 0:

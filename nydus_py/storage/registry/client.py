@@ -38,6 +38,7 @@ class RegistryClient:
         self.fetch_manifest = self.transfer.fetch_manifest
         self.get_blob = self.transfer.get_blob
         self.download_blob = self.transfer.download_blob
+        self.stream_blob = self.transfer.stream_blob
 
     @property
     def cfg(self) -> RegistryConfig:

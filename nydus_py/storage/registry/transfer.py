@@ -9,7 +9,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 from urllib.parse import urljoin
 
 import aiohttp
@@ -26,6 +26,33 @@ MANIFEST_TYPES = (
     "application/vnd.oci.image.index.v1+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 )
+
+
+class BlobSink(Protocol):
+    """Where `ImageTransfer.stream_blob` puts a blob's bytes."""
+
+    async def restart(self) -> None:
+        """Drop what was written: an attempt starts (again) from the blob's first byte."""
+
+    async def write(self, data: bytes) -> None:
+        """Take the next piece (the sink may keep `data`; it is not reused)."""
+
+
+class _FileSink:
+    """`download_blob`'s sink: an empty file, hashed as it is written (in the event loop)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self.hash = hashlib.sha256()
+
+    async def restart(self) -> None:
+        self.hash = hashlib.sha256()
+        self.out.seek(0)
+        self.out.truncate()
+
+    async def write(self, data: bytes) -> None:
+        self.hash.update(data)
+        self.out.write(data)
 
 
 class ImageTransfer:
@@ -148,13 +175,22 @@ class ImageTransfer:
         negative count to roll back); a body silent for `stall` seconds is a failure.
         OSError(ENOENT) when the registry does not have the blob, OSError(EIO) otherwise.
         """
+        sink = _FileSink(out)
+        n = await self.stream_blob(digest, sink, limit=limit, progress=progress, stall=stall, piece=piece)
+        out.flush()
+        return sink.hash.hexdigest(), n
+
+    async def stream_blob(self, digest: str, sink: BlobSink, *, limit: int | None = None,
+                          progress: Callable[[int], None] | None = None, stall: float = 60.0,
+                          piece: int = 1 << 20) -> int:
+        """`download_blob` into `sink` (awaited per piece, so a sink that hands the bytes to a
+        worker thread keeps the event loop free and memory at a few pieces); returns the count
+        of bytes received. `sink.restart()` is called before each attempt. Nothing is hashed here."""
         url = self.http.url(f"blobs/{digest}")
         attempt = 0
         while True:
-            h = hashlib.sha256()
             got = 0
-            out.seek(0)
-            out.truncate()
+            await sink.restart()
             try:
                 async with asyncio.timeout(max(60.0, self.http.cfg.deadline)):  # until the headers are in
                     resp = await self.http.request("GET", url, {})
@@ -178,8 +214,7 @@ class ImageTransfer:
                             data = await resp.content.read(want)
                         if not data:
                             break
-                        h.update(data)
-                        out.write(data)
+                        await sink.write(data)
                         got += len(data)
                         self.http.counters.body_bytes += len(data)
                         if progress is not None:
@@ -188,8 +223,7 @@ class ImageTransfer:
                         resp.close()
                 finally:
                     resp.release()
-                out.flush()
-                return h.hexdigest(), got
+                return got
             except PermanentError as e:
                 raise OSError(errno.EIO, f"GET blob {digest}: {describe(e)}") from None
             except (TransientError, aiohttp.ClientError, TimeoutError, ConnectionError) as e:
