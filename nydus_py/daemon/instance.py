@@ -151,8 +151,12 @@ class Instance:
         return sum(self.stats.hits)
 
     def trim(self) -> bool:
-        """Give back what an idle mount can rebuild on demand: the bootstrap's mapped pages."""
-        return self.image.trim() if self.image is not None else False
+        """Give back what an idle mount can rebuild on demand: the bootstrap's mapped pages and
+        the filesystem's kept listings."""
+        fs_trim = getattr(self.fs, "trim", None)
+        listings = bool(fs_trim()) if callable(fs_trim) else False
+        pages = self.image.trim() if self.image is not None else False
+        return pages or listings
 
     # -- views --------------------------------------------------------------------------------
     def collection_entry(self) -> dict[str, Any]:

@@ -52,8 +52,51 @@ LABEL_NAMESPACE = b"security."
 # the kernel reads a directory in 4 KiB replies until one comes back empty, so a directory of
 # n entries costs 1 + n/25 requests, and each used to decode and check the directory from its
 # start again. Bounded by entries, not directories: a directory bigger than the whole budget is
-# streamed as before.
+# streamed as before. One budget for every filesystem of the process (a shared daemon with 50
+# images walked holds at most this many entries, not this many per image).
 LISTING_BUDGET = 8192
+
+
+class _Listings:
+    """The process-wide LRU of validated listings, keyed by (filesystem serial, directory)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.held: OrderedDict[tuple[int, int], tuple[int, tuple[DirEntry, ...]]] = OrderedDict()
+        self.entries = 0
+        self.serials = itertools.count(1)
+
+    def get(self, key: tuple[int, int]) -> tuple[int, tuple[DirEntry, ...]] | None:
+        with self.lock:
+            hit = self.held.get(key)
+            if hit is not None:
+                self.held.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple[int, int], value: tuple[int, tuple[DirEntry, ...]]) -> None:
+        with self.lock:
+            if key in self.held:
+                return
+            self.held[key] = value
+            self.entries += len(value[1])
+            while self.entries > LISTING_BUDGET:
+                _, (_, old) = self.held.popitem(last=False)
+                self.entries -= len(old)
+
+    def drop(self, serial: int) -> bool:
+        """Forget the listings of filesystem `serial`; True if it had any."""
+        with self.lock:
+            mine = [k for k in self.held if k[0] == serial]
+            for k in mine:
+                self.entries -= len(self.held.pop(k)[1])
+            return bool(mine)
+
+    def held_by(self, serial: int) -> int:
+        with self.lock:
+            return sum(len(v[1]) for k, v in self.held.items() if k[0] == serial)
+
+
+_LISTINGS = _Listings()
 _TUPLE_NEW = tuple.__new__  # a FuseAttr/Entry made without their keyword-taking __new__ (hot path)
 
 
@@ -79,9 +122,8 @@ class RafsFilesystem(Filesystem):
         self._scan: threading.Thread | None = None
         self._closed = False
         self.name_scan_failures = 0
-        self._listings: OrderedDict[int, tuple[int, tuple[DirEntry, ...]]] = OrderedDict()
-        self._listed = 0  # entries held in _listings
-        self._listing_lock = threading.Lock()
+        self._serial = next(_LISTINGS.serials)  # this filesystem's key in _LISTINGS
+        self._listing_lock = threading.Lock()  # (_too_big)
         self._too_big: set[int] = set()  # directories streamed (more entries than the budget)
 
     def init(self, capable: InitFlags) -> InitFlags:
@@ -179,14 +221,21 @@ class RafsFilesystem(Filesystem):
             raise FuseError(errno.ENOTDIR)
         return 0, FOpenFlags.KEEP_CACHE | FOpenFlags.CACHE_DIR
 
+    def trim(self) -> bool:
+        """Drop the kept listings (an idle mount's: the idle trimmer's round); True if any."""
+        return _LISTINGS.drop(self._serial)
+
+    @property
+    def _listed(self) -> int:
+        """Entries of this filesystem's listings held now."""
+        return _LISTINGS.held_by(self._serial)
+
     def _listing(self, i: int) -> tuple[int, tuple[DirEntry, ...] | None]:
         """(parent, validated children) of directory `i`, kept for the requests that continue
         the listing; children None for a directory too big for LISTING_BUDGET (streamed)."""
-        with self._listing_lock:
-            hit = self._listings.get(i)
-            if hit is not None:
-                self._listings.move_to_end(i)
-                return hit
+        hit = _LISTINGS.get((self._serial, i))
+        if hit is not None:
+            return hit
         parent = self.image.parent(i)
         if i in self._too_big:
             return parent, None
@@ -197,13 +246,7 @@ class RafsFilesystem(Filesystem):
                     self._too_big.clear()
                 self._too_big.add(i)
             return parent, None
-        with self._listing_lock:
-            if i not in self._listings:
-                self._listings[i] = (parent, kids)
-                self._listed += len(kids)
-                while self._listed > LISTING_BUDGET:
-                    _, (_, old) = self._listings.popitem(last=False)
-                    self._listed -= len(old)
+        _LISTINGS.put((self._serial, i), (parent, kids))
         return parent, kids
 
     def _children(self, i: int, offset: int) -> tuple[int, Iterator[tuple[int, DirEntry]]]:
@@ -411,6 +454,7 @@ class RafsFilesystem(Filesystem):
         """Stop background work (the readahead pool, the xattr name scan); the image and device
         stay the caller's."""
         self._closed = True
+        _LISTINGS.drop(self._serial)
         scan = self._scan
         if scan is not None:
             scan.join(5.0)  # it checks _closed at every inode

@@ -114,3 +114,20 @@ def test_listing_of_a_non_directory_is_enotdir_or_eio(fs: RafsFilesystem) -> Non
     assert stat.S_ISREG(f.attr.mode)
     with pytest.raises(OSError):
         list(fs.readdirplus(f.ino, 0, 0))
+
+
+def test_one_budget_for_every_filesystem_and_trim_drops_its_own(fs: RafsFilesystem, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A shared daemon's images share LISTING_BUDGET (its memory does not grow per image), and an
+    idle mount's trim (or close) gives its listings back."""
+    monkeypatch.setattr(rafs_fs, "LISTING_BUDGET", 60)
+    other_fs = RafsFilesystem(fs.image, fs.device, readahead_chunks=0)
+    other = fs.lookup(1, b"other").ino
+    _walk_in_pieces(fs, other, 10)
+    assert fs._listed == 40
+    _walk_in_pieces(other_fs, other, 10)  # 40 + 40 > 60: the first filesystem's listing goes
+    assert fs._listed == 0 and other_fs._listed == 40
+    assert other_fs.trim() and other_fs._listed == 0 and not other_fs.trim()
+    _walk_in_pieces(other_fs, other, 10)
+    other_fs.close()
+    assert other_fs._listed == 0
