@@ -4,9 +4,11 @@ Maps a file range to chunks (through the image), loads each chunk once through t
 decodes and validates it, and assembles the bytes. Digest failures surface as DigestMismatch so
 the filesystem can answer EIO and never hand out wrong bytes.
 
-Random readers without digest validation decode only the head of a chunk they need: a 4 KiB
-read at offset k of a 1 MiB zstd chunk decodes about k bytes, not 1 MiB, and the in-memory
-chunk cache keeps that prefix (smaller entries: more chunks fit). A second miss in the same
+Random readers without digest validation, once the in-memory chunk cache is full (so a chunk
+would likely be evicted before its neighbours are read), decode only the head of a chunk they
+need: a 4 KiB read at offset k of a 1 MiB zstd chunk decodes about k bytes, not 1 MiB, and the
+cache keeps that prefix (smaller entries: more chunks fit). While the cache has room, chunks
+are decoded whole, as neighbours will hit them. A second miss in the same
 chunk decodes all of it, so a chunk never costs more than prefix + whole, and a reader that
 enters a chunk at its start (any sequential reader) decodes it whole at once. With validation
 on, every chunk is decoded whole and checked once; the cache remembers the checked bytes.
@@ -97,6 +99,8 @@ class BlobDevice:
                 want = size  # entered at its start (a sequential reader), or needed to its end
             elif self.cache.peek(key) is not None:
                 want = size  # a second miss in this chunk: decode it whole once, not in steps
+            elif self.cache.size + size <= self.cache.capacity:
+                want = size  # room to keep it whole without evicting: neighbours will hit
             else:
                 want = min(size, -(-hi // PARTIAL_STEP) * PARTIAL_STEP)
             out.append(get(key, partial(self._fetch, c, want), min(hi, size)))

@@ -48,8 +48,17 @@ def _text(n: int, seed: int = 5) -> bytes:
     return bytes(out[:n])
 
 
+def _full_cache() -> ChunkCache:
+    """A chunk cache with no room for another whole chunk (room for four 128 KiB heads), as
+    after a while of random reads over a file bigger than the cache."""
+    cache = ChunkCache(capacity_bytes=4 * CS)
+    cache.get("filler", lambda: bytes(4 * CS - N_CHUNKS * PARTIAL_STEP))
+    return cache
+
+
 def _setup(tmp_path: Path, compressor: Compressor = Compressor.ZSTD, *, validate: bool = False,
-           corrupt: bool = False) -> tuple[BlobDevice, RafsImage, int, bytes, CountingDir]:
+           corrupt: bool = False, cache: ChunkCache | None = None) -> tuple[BlobDevice, RafsImage, int, bytes,
+                                                                           CountingDir]:
     src = tmp_path / "src"
     src.mkdir(parents=True)
     data = _text(N_CHUNKS * CS - 777)
@@ -62,7 +71,7 @@ def _setup(tmp_path: Path, compressor: Compressor = Compressor.ZSTD, *, validate
     assert len(chunks) == N_CHUNKS
     assert all(c.compressed for c in chunks) == (compressor != Compressor.NONE)
     source = CountingDir(img.blob_dir, corrupt)
-    return BlobDevice(image, source, validate=validate), image, ino, data, source
+    return BlobDevice(image, source, validate=validate, cache=cache or _full_cache()), image, ino, data, source
 
 
 def test_random_reads_decode_only_the_head_they_need(tmp_path: Path) -> None:
@@ -77,6 +86,13 @@ def test_random_reads_decode_only_the_head_they_need(tmp_path: Path) -> None:
     # a neighbour inside the decoded head hits the chunk cache
     assert bytes(dev.read(ino, 65536, 4096, len(data))) == data[65536 : 65536 + 4096]
     assert dev.chunk_loads == N_CHUNKS
+
+
+def test_a_cache_with_room_keeps_chunks_whole(tmp_path: Path) -> None:
+    dev, _image, ino, data, _source = _setup(tmp_path, cache=ChunkCache())
+    for off in (8192, CS + 8192, 900_000):
+        assert bytes(dev.read(ino, off, 4096, len(data))) == data[off : off + 4096]
+    assert (dev.chunk_loads, dev.partial_loads, dev.decoded_bytes) == (2, 0, 2 * CS)
 
 
 def test_uncompressed_chunks_are_read_by_range(tmp_path: Path) -> None:
