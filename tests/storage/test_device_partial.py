@@ -2,6 +2,7 @@
 cold random reader does not pay a whole 1 MiB decode per miss; sequential readers, second
 misses and validating readers still decode whole chunks, and the bytes are always right."""
 
+import json
 import random
 from pathlib import Path
 
@@ -181,3 +182,34 @@ def test_the_chunk_cache_replaces_a_short_head_and_counts_its_size() -> None:
     assert loads == [100, 400]
     assert cache.size == 400
     assert cache.peek("k", 401) is None and cache.peek("k", 400) is not None
+
+
+def test_chunk_cache_size_is_a_config_key_in_both_forms() -> None:
+    from nydus_py.config import ConfigError
+    from nydus_py.config.forms import parse_any
+
+    backend = {"type": "localfs", "config": {"dir": "/nonexistent"}}
+    v1 = {"device": {"backend": backend}, "chunk_cache_size": 128 << 20}
+    v2 = {"version": 2, "backend": {"type": "localfs", "localfs": {"dir": "/nonexistent"}},
+          "rafs": {"chunk_cache_size": 128 << 20}}
+    assert parse_any(json.dumps(v1)).rafs.chunk_cache_size == 128 << 20
+    assert parse_any(json.dumps(v2)).rafs.chunk_cache_size == 128 << 20
+    assert parse_any(json.dumps({"device": {"backend": backend}})).rafs.chunk_cache_size == 64 << 20
+    with pytest.raises(ConfigError):
+        parse_any(json.dumps({**v1, "chunk_cache_size": -1}))
+
+
+def test_a_mounted_image_gets_the_configured_chunk_cache(tmp_path: Path) -> None:
+    from nydus_py.daemon.instance import MountCmd, create_instance
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 5000)
+    img = build(str(src), str(tmp_path / "img"), views=False)
+    cfg = {"device": {"backend": {"type": "localfs", "config": {"dir": img.blob_dir}}}, "mode": "direct",
+           "chunk_cache_size": 3 << 20}
+    inst = create_instance("/m", MountCmd("rafs", img.boot, json.dumps(cfg)))
+    try:
+        assert inst.device is not None and inst.device.cache.capacity == 3 << 20
+    finally:
+        inst.close()
