@@ -43,7 +43,7 @@ BACKEND_KEYS: dict[str, set[str]] = {
 }
 _V1_TOP = {"device", "mode", "digest_validate", "iostats_files", "enable_xattr", "access_pattern",
            "latest_read_files", "amplify_io", "fs_prefetch", "entry_timeout", "attr_timeout", "fs_driver",
-           "fuse_io_uring", "case_insensitive"}
+           "fuse_io_uring", "case_insensitive", "chunk_cache_size"}
 # how a mount is served: our FUSE filesystem, or the kernel's EROFS driver over blob views
 FS_DRIVERS = ("fusedev", "erofs")
 _V1_DEVICE = {"id", "backend", "cache", "external_backends"}
@@ -150,7 +150,7 @@ def v2_to_v1(raw: dict[str, Any]) -> dict[str, Any]:
     for v2, v1 in (("mode", "mode"), ("validate", "digest_validate"), ("enable_xattr", "enable_xattr"),
                    ("iostats_files", "iostats_files"), ("access_pattern", "access_pattern"),
                    ("latest_read_files", "latest_read_files"), ("batch_size", "amplify_io"),
-                   ("case_insensitive", "case_insensitive")):
+                   ("case_insensitive", "case_insensitive"), ("chunk_cache_size", "chunk_cache_size")):
         if v2 in rafs:
             out[v1] = rafs[v2]
     for key in ("fs_driver", "fuse_io_uring"):
@@ -185,8 +185,9 @@ def v1_to_v2(v1: dict[str, Any]) -> dict[str, Any]:
     for key in ("fs_driver", "fuse_io_uring"):
         if key in v1:
             out[key] = v1[key]
-    if "case_insensitive" in v1:
-        out["rafs"]["case_insensitive"] = v1["case_insensitive"]
+    for key in ("case_insensitive", "chunk_cache_size"):
+        if key in v1:
+            out["rafs"][key] = v1[key]
     if ctype in ("blobcache", "filecache"):
         out["cache"]["filecache"] = {"work_dir": (cache.get("config") or {}).get("work_dir", ".")}
     elif ctype == "fscache":

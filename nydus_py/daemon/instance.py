@@ -27,6 +27,7 @@ from ..rafs import FormatError, open_bootstrap
 from ..rafs.chunkdata import BlobSource
 from ..rafs.model import RafsImage
 from ..storage.cache import BlobCacheManager
+from ..storage.cache.chunk_cache import ChunkCache
 from ..storage.device import BlobDevice, ChunkSource
 from ..storage.factory import make_backend, make_prefetcher, make_source
 from ..storage.prefetch import Prefetcher
@@ -384,7 +385,7 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
                 raise BadRequest(f"config: {e}") from None
         source, bstats = instrument(source, cfg.backend.type)
         device = BlobDevice(image, source, validate=cfg.digest_validate or cfg.cache.validate,
-                            amplify_io=cfg.amplify_io)
+                            cache=ChunkCache(cfg.chunk_cache_size), amplify_io=cfg.amplify_io)
         if driver == "erofs":
             saved, fd = adopt if adopt is not None else (None, -1)
             adopt = None  # (the fd is _erofs_instance's from here on)

@@ -41,6 +41,33 @@ def decode_chunk(raw: bytes, chunk: ChunkInfo, blob: BlobInfo, validate: bool = 
     return data
 
 
+def decode_chunk_prefix(raw: bytes, chunk: ChunkInfo, blob: BlobInfo, n: int) -> bytes:
+    """At least the first `n` uncompressed bytes of `chunk` (all of it when `n` covers it or
+    the compressor cannot stop early), never validated: only for readers with digest
+    validation off, who then decode no more than they read. `raw` is the whole stored chunk
+    when it is compressed, else its first `n` bytes or more."""
+    if n >= chunk.uncompressed_size:
+        return decode_chunk(raw, chunk, blob, validate=False)
+    if chunk.flags & ChunkFlags.ENCRYPTED:
+        raise FormatError(f"blob {blob.blob_id}: encrypted chunks are not supported")
+    if not chunk.compressed:
+        if chunk.compressed_size != chunk.uncompressed_size:
+            raise FormatError(
+                f"blob {blob.blob_id}: uncompressed chunk at {chunk.compressed_offset} has "
+                f"stored size {chunk.compressed_size} != {chunk.uncompressed_size}"
+            )
+        if len(raw) < n:
+            raise FormatError(f"blob {blob.blob_id}: short read at offset {chunk.compressed_offset}: "
+                              f"got {len(raw)} of {n} bytes")
+        return bytes(raw)
+    if len(raw) != chunk.compressed_size:
+        raise FormatError(
+            f"blob {blob.blob_id}: short read at offset {chunk.compressed_offset}: "
+            f"got {len(raw)} of {chunk.compressed_size} bytes"
+        )
+    return codec.decompress_prefix(blob.compressor, raw, chunk.uncompressed_size, n)
+
+
 def verify_chunk(data: bytes, chunk: ChunkInfo, blob: BlobInfo) -> None:
     """Raise DigestMismatch unless `data` is what `chunk` records."""
     if chunk.flags & ChunkFlags.HAS_CRC32:

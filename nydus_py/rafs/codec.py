@@ -72,6 +72,42 @@ def decompress(algo: Compressor, data: bytes, size: int) -> bytes:
     return out
 
 
+def decompress_prefix(algo: Compressor, data: bytes, size: int, n: int) -> bytes:
+    """The first `n` (<= `size`) bytes of one chunk, or more of it (up to all `size`) where
+    the compressor cannot stop early (LZ4 blocks). A zstd frame or gzip member is decoded only
+    as far as needed: a 4 KiB read near the start of a 1 MiB chunk costs a fraction of the
+    whole. The bytes past `n` are never looked at, so a corruption there goes unnoticed: for
+    callers that do not validate digests anyway. Short output is a FormatError."""
+    n = min(n, size)
+    if n >= size or algo == Compressor.LZ4_BLOCK:
+        return decompress(algo, data, size)
+    try:
+        if algo == Compressor.NONE:
+            out = bytes(data[:n])
+        elif algo == Compressor.ZSTD:
+            parts: list[bytes] = []
+            got = 0
+            with _zstd_decompressor().stream_reader(data, read_size=32 << 10) as r:
+                while got < n:
+                    part = r.read(n - got)
+                    if not part:
+                        break
+                    parts.append(part)
+                    got += len(part)
+            out = parts[0] if len(parts) == 1 else b"".join(parts)
+        elif algo == Compressor.GZIP:
+            out = zlib.decompressobj(wbits=31).decompress(data, n)
+        else:
+            raise FormatError(f"unsupported compressor id {int(algo)}")
+    except FormatError:
+        raise
+    except Exception as e:  # the libraries raise their own error types for corrupt input
+        raise FormatError(f"cannot decompress {Compressor(algo).nydus_name} chunk: {e}") from None
+    if len(out) != n:
+        raise FormatError(f"chunk decompressed to {len(out)} bytes before its end, expected at least {n}")
+    return out
+
+
 def digest(algo: Digester, data: bytes) -> bytes:
     """The 32-byte chunk/inode digest with the image's digester."""
     if algo == Digester.BLAKE3:

@@ -3,6 +3,15 @@
 Maps a file range to chunks (through the image), loads each chunk once through the chunk cache,
 decodes and validates it, and assembles the bytes. Digest failures surface as DigestMismatch so
 the filesystem can answer EIO and never hand out wrong bytes.
+
+Random readers without digest validation, once the in-memory chunk cache is full (so a chunk
+would likely be evicted before its neighbours are read), decode only the head of a chunk they
+need: a 4 KiB read at offset k of a 1 MiB zstd chunk decodes about k bytes, not 1 MiB, and the
+cache keeps that prefix (smaller entries: more chunks fit). While the cache has room, chunks
+are decoded whole, as neighbours will hit them. A second miss in the same
+chunk decodes all of it, so a chunk never costs more than prefix + whole, and a reader that
+enters a chunk at its start (any sequential reader) decodes it whole at once. With validation
+on, every chunk is decoded whole and checked once; the cache remembers the checked bytes.
 """
 
 import errno
@@ -13,12 +22,16 @@ from functools import partial
 from typing import Protocol, runtime_checkable
 
 from ..fuse.iovec import trim
-from ..rafs.chunkdata import BlobSource, decode_chunk
+from ..rafs.chunkdata import BlobSource, decode_chunk, decode_chunk_prefix
 from ..rafs.errors import FormatError
 from ..rafs.model import BlobInfo, ChunkInfo, RafsImage
 from .cache.chunk_cache import ChunkCache
 
 log = logging.getLogger(__name__)
+
+# a partial decode stops at the needed end rounded up to this (zstd decodes whole blocks of up
+# to 128 KiB anyway; the next read just past the end should hit)
+PARTIAL_STEP = 128 << 10
 
 
 @runtime_checkable
@@ -55,6 +68,11 @@ class BlobDevice:
         # a chunk not in the cache's layout, the bytes not in the page cache with `nowait`)
         self.direct_reads = 0
         self.direct_fallbacks = 0
+        # chunk loads from the plain backend (misses of the chunk cache), how many of them
+        # decoded only a prefix, and the uncompressed bytes they produced: the decode work
+        self.chunk_loads = 0
+        self.partial_loads = 0
+        self.decoded_bytes = 0
         self._stats_lock = threading.Lock()
         self._chunked = source if isinstance(source, ChunkSource) else None
         # the blob cache's preadv into caller buffers: not with validation on (every cached read
@@ -76,29 +94,56 @@ class BlobDevice:
     def load_chunk(self, chunk: ChunkInfo) -> bytes:
         return self._load([chunk])[0]
 
-    def _load(self, chunks: list[ChunkInfo], extra: Sequence[ChunkInfo] = ()) -> list[bytes]:
+    def _load(self, chunks: list[ChunkInfo], extra: Sequence[ChunkInfo] = (),
+              spans: Sequence[tuple[int, int]] | None = None) -> list[bytes]:
         """Decoded chunks: through the ChunkSource (the blob cache), else once each through the
-        in-memory chunk cache from the plain backend."""
+        in-memory chunk cache from the plain backend. `spans[k]`: the range [lo, hi) of chunk
+        k the reader needs (chunk-relative); without validation only that much is promised,
+        and the result may be a prefix of the chunk covering it. Without `spans`, whole chunks."""
         if self._chunked is not None:
             return self._load_chunks(chunks, extra)
         get = self.cache.get
-        return [get((c.blob_index, c.compressed_offset, c.compressed_size, c.uncompressed_size),
-                    partial(self._fetch, c)) for c in chunks]
+        if spans is None or self.validate:
+            return [get(_key(c), partial(self._fetch, c, c.uncompressed_size), c.uncompressed_size) for c in chunks]
+        out: list[bytes] = []
+        for c, (lo, hi) in zip(chunks, spans, strict=True):
+            key = _key(c)
+            size = c.uncompressed_size
+            if lo <= 0 or hi >= size:
+                want = size  # entered at its start (a sequential reader), or needed to its end
+            elif self.cache.peek(key) is not None:
+                want = size  # a second miss in this chunk: decode it whole once, not in steps
+            elif self.cache.size + size <= self.cache.capacity:
+                want = size  # room to keep it whole without evicting: neighbours will hit
+            else:
+                want = min(size, -(-hi // PARTIAL_STEP) * PARTIAL_STEP)
+            out.append(get(key, partial(self._fetch, c, want), min(hi, size)))
+        return out
 
-    def _fetch(self, chunk: ChunkInfo) -> bytes:
+    def _fetch(self, chunk: ChunkInfo, want: int) -> bytes:
+        """Chunk `chunk` decoded (and validated, when on) through its first `want` bytes, or whole."""
         blobs = self.image.blobs
         if not 0 <= chunk.blob_index < len(blobs):
             raise FormatError(f"chunk refers to blob index {chunk.blob_index}, image has {len(blobs)}")
         blob = blobs[chunk.blob_index]
+        whole = self.validate or want >= chunk.uncompressed_size
         try:
-            raw = self.source.read(blob, chunk.compressed_offset, chunk.compressed_size)  # type: ignore[union-attr]
-            return decode_chunk(raw, chunk, blob, self.validate)
+            # an uncompressed chunk's prefix is a shorter read of the backend
+            n = chunk.compressed_size if whole or chunk.compressed else want
+            raw = self.source.read(blob, chunk.compressed_offset, n)  # type: ignore[union-attr]
+            data = (decode_chunk(raw, chunk, blob, self.validate) if whole
+                    else decode_chunk_prefix(raw, chunk, blob, want))
         except (FormatError, OSError) as e:
             with self._stats_lock:
                 self.read_errors += 1
             log.error("blob %s chunk at offset %d (size %d): %s", blob.blob_id, chunk.compressed_offset,
                       chunk.compressed_size, e)
             raise
+        with self._stats_lock:
+            self.chunk_loads += 1
+            self.partial_loads += len(data) < chunk.uncompressed_size
+            self.decoded_bytes += len(data)
+        return data
 
     def read(self, ino: int, offset: int, size: int, file_size: int | None = None) -> bytes | memoryview:
         """Bytes [offset, offset+size) of regular file `ino`, clipped to its size; holes are zeros."""
@@ -110,7 +155,8 @@ class BlobDevice:
         chunks = self.image.chunks(ino, offset, end - offset)
         extra = (self.image.chunks(ino, end, self.amplify_io)
                  if self._chunked is not None and self.amplify_io and end < file_size else [])
-        out = _assemble(chunks, self._load(chunks, extra), offset, end)
+        spans = [(offset - c.file_offset, end - c.file_offset) for c in chunks]
+        out = _assemble(chunks, self._load(chunks, extra, spans), offset, end)
         with self._stats_lock:
             self.bytes_read += len(out)
         return out
@@ -120,8 +166,7 @@ class BlobDevice:
         with a blob cache, whose readiness costs a read)."""
         if self._chunked is not None:
             return False
-        c = chunk
-        return self.cache.peek((c.blob_index, c.compressed_offset, c.compressed_size, c.uncompressed_size)) is not None
+        return self.cache.peek(_key(chunk), chunk.uncompressed_size) is not None
 
     def read_cached(self, ino: int, offset: int, size: int, file_size: int) -> bytes | memoryview | None:
         """Like `read`, from the caches alone (chunks held in memory, or ready in the blob
@@ -130,7 +175,7 @@ class BlobDevice:
         if offset >= end:
             return b""
         chunks = self.image.chunks(ino, offset, end - offset)
-        datas = self._peek(chunks)
+        datas = self._peek(chunks, end)
         if datas is None:
             return None
         out = _assemble(chunks, datas, offset, end)
@@ -232,9 +277,10 @@ class BlobDevice:
             self.bytes_read += len(out)
         return out
 
-    def _peek(self, chunks: list[ChunkInfo]) -> list[bytes] | None:
+    def _peek(self, chunks: list[ChunkInfo], end: int | None = None) -> list[bytes] | None:
         """Decoded chunks from the blob cache or the in-memory chunk cache, without fetching;
-        None when any is missing."""
+        None when any is missing. A held prefix will do when it covers file bytes up to `end`
+        (None: the whole chunk)."""
         blobs = self.image.blobs
         out: list[bytes] = []
         for c in chunks:
@@ -245,7 +291,8 @@ class BlobDevice:
                 got = cached(blobs[c.blob_index], [c]) if callable(cached) else None
                 data = got[0] if got else None
             else:
-                data = self.cache.peek((c.blob_index, c.compressed_offset, c.compressed_size, c.uncompressed_size))
+                need = c.uncompressed_size if end is None else min(c.uncompressed_size, end - c.file_offset)
+                data = self.cache.peek(_key(c), need)
             if data is None:
                 return None
             out.append(data)
@@ -295,6 +342,10 @@ def _split(bufs: list[memoryview], sizes: list[int]) -> list[list[memoryview]]:
             want -= take
         out.append(part)
     return out
+
+
+def _key(c: ChunkInfo) -> tuple[int, int, int, int]:
+    return (c.blob_index, c.compressed_offset, c.compressed_size, c.uncompressed_size)
 
 
 def _assemble(chunks: list[ChunkInfo], datas: list[bytes], offset: int, end: int) -> bytes | memoryview:
