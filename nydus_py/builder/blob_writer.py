@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import struct
 import tempfile
 import threading
 from collections import deque
@@ -52,7 +51,7 @@ from ..rafs.layout_blob import (
     tar_header,
     unpack_ci_v1,
 )
-from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, unpack_chunk, unpack_chunks
+from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, U32, unpack_chunk, unpack_chunks
 from ..rafs.layout_v6 import EROFS_BLOCK_SIZE
 from ..rafs.model import BlobInfo, ChunkInfo
 from .chunk_records import ChunkLookup, ChunkRecords
@@ -596,7 +595,7 @@ _BLOB_INDEX_AT = CHUNK.offset("blob_index")
 def with_blob_index(records: "bytes | bytearray | memoryview", index: int) -> bytearray:
     """Packed chunk records (all of one blob) with their blob_index set to `index`."""
     out = bytearray(records)
-    field = struct.pack("<I", index)
+    field = U32.pack(index)
     for off in range(_BLOB_INDEX_AT, len(out), CHUNK_RECORD_SIZE):
         out[off:off + 4] = field
     return out

@@ -4,9 +4,11 @@ zstd, lz4, blake3, hashlib and crc32c all release the GIL on large buffers, so c
 these in worker threads without stalling an event loop.
 """
 
+import contextlib
 import gzip
 import threading
 import zlib
+from collections.abc import Iterator
 
 import blake3
 import lz4.block
@@ -49,9 +51,20 @@ def compress(algo: Compressor, data: bytes) -> bytes:
     raise FormatError(f"unsupported compressor id {int(algo)}")
 
 
+@contextlib.contextmanager
+def _decode_errors(algo: Compressor) -> Iterator[None]:
+    """The libraries' own error types for corrupt input, as one FormatError."""
+    try:
+        yield
+    except FormatError:
+        raise
+    except Exception as e:
+        raise FormatError(f"cannot decompress {Compressor(algo).nydus_name} chunk: {e}") from None
+
+
 def decompress(algo: Compressor, data: bytes, size: int) -> bytes:
     """Decompress one chunk to exactly `size` bytes; anything else is a FormatError."""
-    try:
+    with _decode_errors(algo):
         if algo == Compressor.NONE:
             out = bytes(data)
         elif algo == Compressor.LZ4_BLOCK:
@@ -63,10 +76,6 @@ def decompress(algo: Compressor, data: bytes, size: int) -> bytes:
             out = d.decompress(data, size)
         else:
             raise FormatError(f"unsupported compressor id {int(algo)}")
-    except FormatError:
-        raise
-    except Exception as e:  # the libraries raise their own error types for corrupt input
-        raise FormatError(f"cannot decompress {Compressor(algo).nydus_name} chunk: {e}") from None
     if len(out) != size:
         raise FormatError(f"chunk decompressed to {len(out)} bytes, expected {size}")
     return out
@@ -81,7 +90,7 @@ def decompress_prefix(algo: Compressor, data: bytes, size: int, n: int) -> bytes
     n = min(n, size)
     if n >= size or algo == Compressor.LZ4_BLOCK:
         return decompress(algo, data, size)
-    try:
+    with _decode_errors(algo):
         if algo == Compressor.NONE:
             out = bytes(data[:n])
         elif algo == Compressor.ZSTD:
@@ -99,10 +108,6 @@ def decompress_prefix(algo: Compressor, data: bytes, size: int, n: int) -> bytes
             out = zlib.decompressobj(wbits=31).decompress(data, n)
         else:
             raise FormatError(f"unsupported compressor id {int(algo)}")
-    except FormatError:
-        raise
-    except Exception as e:  # the libraries raise their own error types for corrupt input
-        raise FormatError(f"cannot decompress {Compressor(algo).nydus_name} chunk: {e}") from None
     if len(out) != n:
         raise FormatError(f"chunk decompressed to {len(out)} bytes before its end, expected at least {n}")
     return out

@@ -114,10 +114,7 @@ class InflightQueue:
         the queue stopped meanwhile or the chain is not in flight. A reply that does not fit
         completes the chain with 0 bytes."""
         with self.lock:
-            if self.stopped or self.inflight.get(chain.head) is not chain:
-                self.dropped += 1
-                log.warning("queue %d: dropping the reply to chain %d (the queue %s)", self.index, chain.head,
-                            "stopped" if self.stopped else "does not have it in flight")
+            if not self._replyable(chain):
                 return False
             length = 0
             if reply:
@@ -132,6 +129,16 @@ class InflightQueue:
             if not self.inflight:
                 self._idle.notify_all()
             return True
+
+    def _replyable(self, chain: Chain) -> bool:
+        """(under the lock) Whether `chain` may still be completed; a reply that may not is
+        dropped here, logged and counted."""
+        if self.stopped or self.inflight.get(chain.head) is not chain:
+            self.dropped += 1
+            log.warning("queue %d: dropping the reply to chain %d (the queue %s)", self.index, chain.head,
+                        "stopped" if self.stopped else "does not have it in flight")
+            return False
+        return True
 
     def guard(self, chain: Chain) -> _WriteGuard:
         """The context in which a handler may write into `chain`'s buffers itself."""
@@ -154,10 +161,7 @@ class InflightQueue:
         """Return `chain` to the driver with `length` bytes its handler wrote (inside `guard`);
         False (nothing pushed) if the queue stopped meanwhile or the chain is not in flight."""
         with self.lock:
-            if self.stopped or self.inflight.get(chain.head) is not chain:
-                self.dropped += 1
-                log.warning("queue %d: dropping the reply to chain %d (the queue %s)", self.index, chain.head,
-                            "stopped" if self.stopped else "does not have it in flight")
+            if not self._replyable(chain):
                 return False
             if not 0 <= length <= chain.writable_size():
                 log.error("queue %d: a handler says it wrote %d bytes into %d writable bytes; completing chain %d "
