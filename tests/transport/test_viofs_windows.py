@@ -244,11 +244,10 @@ def test_windows_session(share: Share, indirect: bool) -> None:
         fe.close()
 
 
+@pytest.mark.parametrize("share", ["rafs"], indirect=True)  # a property of the ring, not of the filesystem
 def test_queue_of_128_needs_indirect_for_1mib_reads(share: Share) -> None:
     """QEMU's default queue-size=128: a 1 MiB READ (258+ page fragments) only fits through an
     indirect table; without one the driver gets -ENOSPC (hence queue-size=1024)."""
-    if share.kind != "rafs":
-        pytest.skip("a property of the ring, not of the filesystem")
     for indirect in (True, False):
         fe, guest = connect(share.sock, indirect=indirect, num=128)
         try:
