@@ -3,6 +3,7 @@ never see each other's entries, fill one LRU together, and give their bytes back
 
 import gc
 import json
+import threading
 from pathlib import Path
 
 from nydus_py.storage.cache.chunk_cache import DEFAULT_BUDGET, ChunkCache, ChunkStore
@@ -58,9 +59,11 @@ def test_the_budget_is_the_largest_live_request() -> None:
     big.get(1, lambda: bytes(150))
     big.close()  # the budget falls back to 100: evicted down to it
     assert small.capacity == 100 and store.size == 0
+    small.get(2, lambda: bytes(50))
     del small
     gc.collect()
-    assert store.capacity == DEFAULT_BUDGET  # (a collected view gives back its request)
+    assert store.entries() == 0  # a collected view gives back its entries and its request
+    assert store.capacity == DEFAULT_BUDGET
 
 
 def test_a_private_cache_keeps_its_own_capacity() -> None:
@@ -99,3 +102,21 @@ def test_mounted_images_share_the_daemons_chunk_cache(tmp_path: Path) -> None:
     finally:
         one.close()
         two.close()
+
+
+def test_a_view_collected_under_the_stores_lock_does_not_deadlock() -> None:
+    """A finalizer may run inside any allocation, also one made under the store's lock."""
+    store = ChunkStore()
+    view: list[ChunkCache] = [ChunkCache(100, store=store)]
+    view[0].get(1, lambda: bytes(10))
+
+    def collect_under_the_lock() -> None:
+        with store.lock:
+            view.clear()
+            gc.collect()
+
+    t = threading.Thread(target=collect_under_the_lock, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "the collected view's finalizer waited on the store's lock"
+    assert store.entries() == 0 and store.size == 0

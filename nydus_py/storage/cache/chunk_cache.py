@@ -13,6 +13,7 @@ none is open): a mount cannot shrink it under another's request. Closing (or col
 drops its entries; `clear` drops them too but keeps the view usable (the idle trimmer's).
 """
 
+import collections
 import itertools
 import threading
 import weakref
@@ -37,15 +38,20 @@ class ChunkStore:
         self._held: dict[int, int] = {}  # view serial -> bytes of its entries
         self._asked: dict[int, int] = {}  # live view serial -> capacity it asked for
         self.lock = threading.Lock()
+        # serials of views collected without close(): their finalizer may run inside any
+        # allocation, also one under the lock, so it only queues them for the next locked call
+        self._orphans: collections.deque[int] = collections.deque()
+        self.capacity = self._budget()
 
-    @property
-    def capacity(self) -> int:
+    def _budget(self) -> int:
+        """(Kept in `capacity`, set under the lock: readers look at it without the lock.)"""
         if self._fixed is not None:
             return self._fixed
         return max(self._asked.values(), default=DEFAULT_BUDGET)
 
     def entries(self) -> int:
         with self.lock:
+            self._reap()
             return len(self._data)
 
     def held(self, serial: int) -> int:
@@ -54,12 +60,15 @@ class ChunkStore:
 
     def _open(self, serial: int, asked: int) -> None:
         with self.lock:
+            self._reap()
             self._asked[serial] = asked
             self._held[serial] = 0
+            self.capacity = self._budget()
 
     def _put(self, key: tuple[int, Hashable], data: bytes) -> bytes:
         """Hold `data` for `key` (or a longer prefix held meanwhile) and evict down to the
         budget; the bytes the readers get. Under the lock."""
+        self._reap()
         old = self._data.pop(key, None)
         serial = key[0]
         if old is not None:
@@ -81,17 +90,30 @@ class ChunkStore:
             self.size -= len(gone)
             self._held[serial] -= len(gone)
 
+    def _orphan(self, serial: int) -> None:
+        self._orphans.append(serial)
+
+    def _reap(self) -> None:
+        """Close the views collected without close(). Under the lock."""
+        while self._orphans:
+            self._forget(self._orphans.popleft(), close=True)
+
     def _drop(self, serial: int, *, close: bool) -> None:
-        """Forget `serial`'s entries (and, closing, its request on the budget)."""
         with self.lock:
-            for key in [k for k in self._data if k[0] == serial]:
-                self.size -= len(self._data.pop(key))
-            if close:
-                self._held.pop(serial, None)
-                self._asked.pop(serial, None)
-                self._evict()  # (the budget may have shrunk)
-            elif serial in self._held:
-                self._held[serial] = 0
+            self._reap()
+            self._forget(serial, close=close)
+
+    def _forget(self, serial: int, *, close: bool) -> None:
+        """Forget `serial`'s entries (and, closing, its request on the budget). Under the lock."""
+        for key in [k for k in self._data if k[0] == serial]:
+            self.size -= len(self._data.pop(key))
+        if close:
+            self._held.pop(serial, None)
+            self._asked.pop(serial, None)
+            self.capacity = self._budget()
+            self._evict()  # (the budget may have shrunk)
+        elif serial in self._held:
+            self._held[serial] = 0
 
 
 _SHARED = ChunkStore()
@@ -107,7 +129,7 @@ class ChunkCache:
         self.hits = 0
         self.misses = 0
         self.store._open(self.serial, capacity_bytes)
-        self._finalizer = weakref.finalize(self, self.store._drop, self.serial, close=True)
+        self._finalizer = weakref.finalize(self, self.store._orphan, self.serial)
 
     @classmethod
     def shared(cls, capacity_bytes: int = DEFAULT_BUDGET) -> "ChunkCache":
@@ -180,4 +202,5 @@ class ChunkCache:
     def close(self) -> None:
         """Drop this view's entries and its request on the store's budget; later loads are
         served but not held."""
-        self._finalizer()
+        if self._finalizer.detach() is not None:
+            self.store._drop(self.serial, close=True)
