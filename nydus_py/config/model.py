@@ -58,10 +58,11 @@ class RafsConfig:
     # LOOKUP falls back to a case-folded match (Windows guests; fs.casefold). v1: top-level
     # "case_insensitive", v2: rafs.case_insensitive. Not a nydusd key.
     case_insensitive: bool = False
-    # bytes of decoded chunks held in memory per image without a blob cache (storage.cache.
-    # chunk_cache): random readers re-decode a chunk whenever it fell out. v1: top-level
+    # bytes of decoded chunks held in memory without a blob cache (storage.cache.chunk_cache):
+    # random readers re-decode a chunk whenever it fell out. One budget for all mounts of a
+    # daemon: the largest chunk_cache_size of its mounted images. v1: top-level
     # "chunk_cache_size", v2: rafs.chunk_cache_size. Not a nydusd key.
-    chunk_cache_size: int = 64 << 20
+    chunk_cache_size: int = 128 << 20
 
 
 def _get(obj: dict[str, Any], key: str, typ: type | tuple[type, ...], default: Any, where: str) -> Any:
@@ -132,7 +133,7 @@ def parse_config(text: str | bytes) -> RafsConfig:
         entry_timeout=float(_get(raw, "entry_timeout", (int, float), 86400.0, "")),
         attr_timeout=float(_get(raw, "attr_timeout", (int, float), 86400.0, "")),
         case_insensitive=_get(raw, "case_insensitive", bool, False, ""),
-        chunk_cache_size=_get(raw, "chunk_cache_size", int, 64 << 20, ""),
+        chunk_cache_size=_get(raw, "chunk_cache_size", int, 128 << 20, ""),
     )
     if cfg.chunk_cache_size < 0:
         raise ConfigError(f"chunk_cache_size: {cfg.chunk_cache_size} is negative")

@@ -141,6 +141,8 @@ class Instance:
                 close_src()
             except Exception:
                 log.exception("closing the backend of %s failed", self.mountpoint)
+        if self.device is not None:
+            self.device.cache.close()  # (its share of the daemon's decoded-chunk budget)
         if self.image is not None:
             try:
                 self.image.close()
@@ -153,11 +155,15 @@ class Instance:
 
     def trim(self) -> bool:
         """Give back what an idle mount can rebuild on demand: the bootstrap's mapped pages and
-        the filesystem's kept listings."""
+        the filesystem's kept listings, and its decoded chunks in the daemon's shared cache."""
         fs_trim = getattr(self.fs, "trim", None)
         listings = bool(fs_trim()) if callable(fs_trim) else False
         pages = self.image.trim() if self.image is not None else False
-        return pages or listings
+        chunks = False
+        if self.device is not None:
+            chunks = self.device.cache.held > 0
+            self.device.cache.clear()
+        return pages or listings or chunks
 
     # -- views --------------------------------------------------------------------------------
     def collection_entry(self) -> dict[str, Any]:
@@ -385,7 +391,7 @@ def _create_rafs(mountpoint: str, cmd: MountCmd, parsed: ParsedConfig, boot: str
                 raise BadRequest(f"config: {e}") from None
         source, bstats = instrument(source, cfg.backend.type)
         device = BlobDevice(image, source, validate=cfg.digest_validate or cfg.cache.validate,
-                            cache=ChunkCache(cfg.chunk_cache_size), amplify_io=cfg.amplify_io)
+                            cache=ChunkCache.shared(cfg.chunk_cache_size), amplify_io=cfg.amplify_io)
         if driver == "erofs":
             saved, fd = adopt if adopt is not None else (None, -1)
             adopt = None  # (the fd is _erofs_instance's from here on)

@@ -194,7 +194,7 @@ def test_chunk_cache_size_is_a_config_key_in_both_forms() -> None:
           "rafs": {"chunk_cache_size": 128 << 20}}
     assert parse_any(json.dumps(v1)).rafs.chunk_cache_size == 128 << 20
     assert parse_any(json.dumps(v2)).rafs.chunk_cache_size == 128 << 20
-    assert parse_any(json.dumps({"device": {"backend": backend}})).rafs.chunk_cache_size == 64 << 20
+    assert parse_any(json.dumps({"device": {"backend": backend}})).rafs.chunk_cache_size == 128 << 20
     with pytest.raises(ConfigError):
         parse_any(json.dumps({**v1, "chunk_cache_size": -1}))
 

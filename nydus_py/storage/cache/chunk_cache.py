@@ -3,40 +3,172 @@
 Concurrent readers of the same chunk wait for one fetch+decompress instead of repeating it; a
 failed load is not cached, so the next reader retries. An entry may be a prefix of its chunk
 (a random reader's partial decode, see BlobDevice): a reader that needs more loads again.
+
+The bytes live in a `ChunkStore` (one LRU, size, lock and loading map); a `ChunkCache` is a
+view of a store whose keys are prefixed by the view's serial, so two images' equal keys never
+meet. A daemon's mounts share one process-wide store (`ChunkCache.shared`): one memory budget,
+not one per image (a per-image budget multiplies in a shared daemon with many images). That
+budget is the largest `chunk_cache_size` any live shared view asked for (DEFAULT_BUDGET when
+none is open): a mount cannot shrink it under another's request. Closing (or collecting) a view
+drops its entries; `clear` drops them too but keeps the view usable (the idle trimmer's).
 """
 
+import collections
+import itertools
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 
+DEFAULT_BUDGET = 128 << 20
+
+_serials = itertools.count(1)
+
+
+class ChunkStore:
+    """The entries of all views of one budget; keys are (view serial, view key)."""
+
+    def __init__(self, capacity_bytes: int | None = None) -> None:
+        # fixed: a private store's capacity; None: the largest live view's request
+        self._fixed = capacity_bytes
+        self.size = 0
+        self._data: OrderedDict[tuple[int, Hashable], bytes] = OrderedDict()
+        self._loading: dict[tuple[int, Hashable], Future[bytes]] = {}
+        self._held: dict[int, int] = {}  # view serial -> bytes of its entries
+        self._asked: dict[int, int] = {}  # live view serial -> capacity it asked for
+        self.lock = threading.Lock()
+        # serials of views collected without close(): their finalizer may run inside any
+        # allocation, also one under the lock, so it only queues them for the next locked call
+        self._orphans: collections.deque[int] = collections.deque()
+        self.capacity = self._budget()
+
+    def _budget(self) -> int:
+        """(Kept in `capacity`, set under the lock: readers look at it without the lock.)"""
+        if self._fixed is not None:
+            return self._fixed
+        return max(self._asked.values(), default=DEFAULT_BUDGET)
+
+    def entries(self) -> int:
+        with self.lock:
+            self._reap()
+            return len(self._data)
+
+    def held(self, serial: int) -> int:
+        with self.lock:
+            return self._held.get(serial, 0)
+
+    def _open(self, serial: int, asked: int) -> None:
+        with self.lock:
+            self._reap()
+            self._asked[serial] = asked
+            self._held[serial] = 0
+            self.capacity = self._budget()
+
+    def _put(self, key: tuple[int, Hashable], data: bytes) -> bytes:
+        """Hold `data` for `key` (or a longer prefix held meanwhile) and evict down to the
+        budget; the bytes the readers get. Under the lock."""
+        self._reap()
+        old = self._data.pop(key, None)
+        serial = key[0]
+        if old is not None:
+            self.size -= len(old)
+            self._held[serial] -= len(old)
+            if len(old) > len(data):
+                data = old  # (a longer prefix came in meanwhile: keep it)
+        if serial in self._held and len(data) <= self.capacity:
+            self._data[key] = data
+            self.size += len(data)
+            self._held[serial] += len(data)
+            self._evict()
+        return data
+
+    def _evict(self) -> None:
+        cap = self.capacity
+        while self.size > cap:
+            (serial, _k), gone = self._data.popitem(last=False)
+            self.size -= len(gone)
+            self._held[serial] -= len(gone)
+
+    def _orphan(self, serial: int) -> None:
+        self._orphans.append(serial)
+
+    def _reap(self) -> None:
+        """Close the views collected without close(). Under the lock."""
+        while self._orphans:
+            self._forget(self._orphans.popleft(), close=True)
+
+    def _drop(self, serial: int, *, close: bool) -> None:
+        with self.lock:
+            self._reap()
+            self._forget(serial, close=close)
+
+    def _forget(self, serial: int, *, close: bool) -> None:
+        """Forget `serial`'s entries (and, closing, its request on the budget). Under the lock."""
+        for key in [k for k in self._data if k[0] == serial]:
+            self.size -= len(self._data.pop(key))
+        if close:
+            self._held.pop(serial, None)
+            self._asked.pop(serial, None)
+            self.capacity = self._budget()
+            self._evict()  # (the budget may have shrunk)
+        elif serial in self._held:
+            self._held[serial] = 0
+
+
+_SHARED = ChunkStore()
+
 
 class ChunkCache:
-    def __init__(self, capacity_bytes: int = 64 << 20) -> None:
-        self.capacity = capacity_bytes
-        self.size = 0
+    """One image's view of a ChunkStore: `ChunkCache(n)` owns a private store of n bytes (as
+    before stores were shared); `ChunkCache.shared(n)` views the daemon's process-wide one."""
+
+    def __init__(self, capacity_bytes: int = 64 << 20, *, store: ChunkStore | None = None) -> None:
+        self.store = store if store is not None else ChunkStore(capacity_bytes)
+        self.serial = next(_serials)
         self.hits = 0
         self.misses = 0
-        self._data: OrderedDict[Hashable, bytes] = OrderedDict()
-        self._loading: dict[Hashable, Future[bytes]] = {}
-        self._lock = threading.Lock()
+        self.store._open(self.serial, capacity_bytes)
+        self._finalizer = weakref.finalize(self, self.store._orphan, self.serial)
+
+    @classmethod
+    def shared(cls, capacity_bytes: int = DEFAULT_BUDGET) -> "ChunkCache":
+        """A view of the process-wide store, asking for a budget of `capacity_bytes`."""
+        return cls(capacity_bytes, store=_SHARED)
+
+    @property
+    def capacity(self) -> int:
+        """The budget of the store (shared with the other views of a shared store)."""
+        return self.store.capacity
+
+    @property
+    def size(self) -> int:
+        """Bytes held in the store (by all its views: what decides room before evicting)."""
+        return self.store.size
+
+    @property
+    def held(self) -> int:
+        """Bytes held for this view."""
+        return self.store.held(self.serial)
 
     def get(self, key: Hashable, load: Callable[[], bytes], need: int = 0) -> bytes:
         """The held bytes of `key` when they are at least `need` long, else `load()`'s (which
         replace a shorter held prefix). Concurrent misses share one load; a waiter whose
         shared load came out too short loads again."""
+        store = self.store
+        skey = (self.serial, key)
         while True:
-            with self._lock:
-                data = self._data.get(key)
+            with store.lock:
+                data = store._data.get(skey)
                 if data is not None and len(data) >= need:
-                    self._data.move_to_end(key)
+                    store._data.move_to_end(skey)
                     self.hits += 1
                     return data
-                fut = self._loading.get(key)
+                fut = store._loading.get(skey)
                 owner = fut is None
                 if fut is None:
                     fut = Future()
-                    self._loading[key] = fut
+                    store._loading[skey] = fut
                     self.misses += 1
             if not owner:
                 data = fut.result()
@@ -46,34 +178,29 @@ class ChunkCache:
             try:
                 data = load()
             except BaseException as e:
-                with self._lock:
-                    del self._loading[key]
+                with store.lock:
+                    del store._loading[skey]
                 fut.set_exception(e)
                 raise
-            with self._lock:
-                del self._loading[key]
-                old = self._data.pop(key, None)
-                if old is not None:
-                    self.size -= len(old)
-                if old is not None and len(old) > len(data):
-                    data = old  # (a longer prefix came in meanwhile: keep it)
-                if len(data) <= self.capacity:
-                    self._data[key] = data
-                    self.size += len(data)
-                    while self.size > self.capacity:
-                        _k, gone = self._data.popitem(last=False)
-                        self.size -= len(gone)
+            with store.lock:
+                del store._loading[skey]
+                data = store._put(skey, data)
             fut.set_result(data)
             return data
 
     def peek(self, key: Hashable, need: int = 0) -> bytes | None:
         """The chunk (or a prefix of it at least `need` long) when it is held now; never loads
         (and counts neither hit nor miss)."""
-        with self._lock:
-            data = self._data.get(key)
+        with self.store.lock:
+            data = self.store._data.get((self.serial, key))
         return data if data is not None and len(data) >= need else None
 
     def clear(self) -> None:
-        with self._lock:
-            self._data.clear()
-            self.size = 0
+        """Drop this view's entries (it stays usable)."""
+        self.store._drop(self.serial, close=False)
+
+    def close(self) -> None:
+        """Drop this view's entries and its request on the store's budget; later loads are
+        served but not held."""
+        if self._finalizer.detach() is not None:
+            self.store._drop(self.serial, close=True)
