@@ -8,7 +8,6 @@ is logged once and counted, and memory is left to the allocator.
 """
 
 import ctypes
-import ctypes.util
 import logging
 from collections.abc import Callable
 
@@ -25,15 +24,20 @@ def _find() -> Callable[[int], int] | None:
     global _looked, _trim
     if not _looked:
         _looked = True
-        try:
-            _trim = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+        try:  # the symbols the process has already (no ldconfig run to find the C library)
+            trim = ctypes.CDLL(None).malloc_trim
         except (OSError, AttributeError) as e:
             log.info("malloc_trim is not available (%s): freed memory stays with the allocator", e)
+        else:
+            trim.argtypes = [ctypes.c_size_t]
+            trim.restype = ctypes.c_int
+            _trim = trim
     return _trim
 
 
 def release_free_memory() -> bool:
-    """Return the C heap's free pages to the OS; True when malloc_trim ran."""
+    """Return the C heap's free pages to the OS; True when malloc_trim ran. (The daemon's
+    `daemon.heap.trim_heap` calls this too.)"""
     global trims, unavailable
     trim = _find()
     if trim is None:

@@ -7,21 +7,13 @@ returns the free pages of every arena to the kernel (4.4 MiB of an idle daemon w
 files, ~0.3 MiB with them). Without glibc (musl) there is nothing to call and nothing is done.
 """
 
-import ctypes
 import gc
-import logging
 
-log = logging.getLogger(__name__)
+from ..convert.memory import release_free_memory
 
 
 def trim_heap() -> bool:
-    """Collect cycles, then return free heap pages to the kernel; False when libc cannot."""
+    """Collect cycles, then return free heap pages to the kernel; False when libc cannot
+    (logged once and counted by `convert.memory`)."""
     gc.collect()
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        log.debug("no malloc_trim in this libc; the heap stays as it is")
-        return False
-    malloc_trim.argtypes = [ctypes.c_size_t]
-    malloc_trim.restype = ctypes.c_int
-    return bool(malloc_trim(0))
+    return release_free_memory()

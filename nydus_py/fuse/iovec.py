@@ -25,7 +25,6 @@ class ReadDest(Protocol):
     def fill(self, write: Callable[[list[memoryview]], int]) -> int:
         """Run `write` over the buffers while they may be written; returns what it returns.
         OSError when they no longer may (the reply would be dropped anyway)."""
-        ...
 
 
 def trim(bufs: Sequence[memoryview], skip: int, limit: int, total: int = -1) -> list[memoryview]:
@@ -51,6 +50,26 @@ def trim(bufs: Sequence[memoryview], skip: int, limit: int, total: int = -1) -> 
         out.append(b[skip : skip + take] if skip or take < n else b)
         skip = 0
         limit -= take
+    return out
+
+
+def split(bufs: list[memoryview], sizes: list[int]) -> list[list[memoryview]]:
+    """`bufs` cut into consecutive pieces of `sizes` bytes (views, in one walk); the buffers
+    hold at least their sum."""
+    out: list[list[memoryview]] = []
+    it = iter(bufs)
+    cur: memoryview | None = None
+    for want in sizes:
+        part: list[memoryview] = []
+        while want:
+            if cur is None or not len(cur):
+                cur = next(it)
+                continue
+            take = min(want, len(cur))
+            part.append(cur if take == len(cur) else cur[:take])
+            cur = cur[take:]
+            want -= take
+        out.append(part)
     return out
 
 

@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Sequence
 from functools import partial
 from typing import Protocol, runtime_checkable
 
-from ..fuse.iovec import trim
+from ..fuse.iovec import split, trim
 from ..rafs.chunkdata import BlobSource, decode_chunk, decode_chunk_prefix
 from ..rafs.errors import FormatError
 from ..rafs.model import BlobInfo, ChunkInfo, RafsImage
@@ -225,7 +225,7 @@ class BlobDevice:
             return self._fallback()
         total = end - offset
         if len(runs) > 1:
-            views = _split(bufs, [n for _b, _o, n, _cs in runs])
+            views = split(bufs, [n for _b, _o, n, _cs in runs])
         else:  # `bufs` are `size` bytes: as they are unless the file ends first
             views = [bufs if total == size else trim(bufs, 0, total, size)]
         try:
@@ -322,26 +322,6 @@ class BlobDevice:
             for k, data in zip(ks, got, strict=True):
                 out[k] = data
         return out
-
-
-def _split(bufs: list[memoryview], sizes: list[int]) -> list[list[memoryview]]:
-    """`bufs` cut into consecutive pieces of `sizes` bytes (views, in one walk); the buffers
-    hold at least their sum."""
-    out: list[list[memoryview]] = []
-    it = iter(bufs)
-    cur: memoryview | None = None
-    for want in sizes:
-        part: list[memoryview] = []
-        while want:
-            if cur is None or not len(cur):
-                cur = next(it)
-                continue
-            take = min(want, len(cur))
-            part.append(cur if take == len(cur) else cur[:take])
-            cur = cur[take:]
-            want -= take
-        out.append(part)
-    return out
 
 
 def _key(c: ChunkInfo) -> tuple[int, int, int, int]:
