@@ -35,7 +35,14 @@ from ..rafs.model import RafsImage
 from ..storage.device import BlobDevice
 from ..transport.erofs_mount import check_image, mount_erofs, umount_erofs
 from ..transport.fusedev import FuseDevSession
-from ..transport.mount import abort_connection, connection_of, fuse_umount, is_mountpoint, real_mountpoint
+from ..transport.mount import (
+    abort_connection,
+    abort_detached_connection,
+    connection_of,
+    fuse_umount,
+    is_mountpoint,
+    real_mountpoint,
+)
 from .blob_view import BlobViewFilesystem
 from .cache_devices import CacheDevices
 
@@ -142,7 +149,7 @@ class ErofsServe:
             if detached and not s.wait(self.busy_grace) and self.conn >= 0:
                 log.warning("%s is still in use %.0f s after umount; aborting its blob views (reads of "
                             "data not in the page cache there now fail with EIO)", self.target, self.busy_grace)
-                self.aborts += abort_connection(self.conn)
+                self.aborts += abort_detached_connection(self.conn)
             s.close()
         if self._adopted_fd >= 0:  # taken over, never served
             os.close(self._adopted_fd)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 from ..fuse.abi import BACKING_ID, BACKING_MAP, FUSE_DEV_IOC_BACKING_CLOSE, FUSE_DEV_IOC_BACKING_OPEN
 from .mount import (
-    abort_connection,
+    abort_detached_connection,
     connection_of,
     fuse_mount,
     fuse_umount,
@@ -238,7 +238,7 @@ class FuseDevSession:
         if self._workers and not self.wait(grace) and conn >= 0:
             log.warning("%s is still in use %.1f s after its lazy umount; aborting the FUSE connection",
                         self.mountpoint, grace)
-            self.aborts += abort_connection(conn)
+            self.aborts += abort_detached_connection(conn)
         self.close()
 
     def close(self) -> None:

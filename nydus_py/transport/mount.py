@@ -173,6 +173,24 @@ def connection_of(real_mountpoint: str) -> int:
     return int(major) << 20 | int(minor)
 
 
+def connection_mounted(conn: int) -> bool:
+    """Whether a mount of FUSE connection `conn`'s device is in /proc/self/mountinfo: after our
+    own mount was detached, its id may already be another mount's (ids are anonymous device
+    numbers, reused once the detached superblock goes)."""
+    dev = f"{conn >> 20}:{conn & 0xFFFFF}".encode()
+    with open("/proc/self/mountinfo", "rb") as f:
+        return any(len(fields) > 2 and fields[2] == dev for fields in map(bytes.split, f))
+
+
+def abort_detached_connection(conn: int) -> bool:
+    """`abort_connection` for the id of a mount we detached: refused (logged) when the id is
+    mounted again, i.e. another mount's now."""
+    if connection_mounted(conn):
+        log.warning("FUSE connection %d is another mount's now (ours was detached); not aborting it", conn)
+        return False
+    return abort_connection(conn)
+
+
 def abort_connection(conn: int) -> bool:
     """Abort FUSE connection `conn` through fusectl (mounted here when missing, as systemd does):
     its pending and future requests fail and its servers' reads see ENODEV."""
