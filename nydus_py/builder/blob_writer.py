@@ -243,7 +243,8 @@ class BlobWriter:
             crc,
         )
         self._write(stored)
-        self._uoff = uoff + size if self.plain else _align(uoff + size, EROFS_BLOCK_SIZE)
+        unaligned = self.plain and not self.opts.aligned_chunk
+        self._uoff = uoff + size if unaligned else _align(uoff + size, EROFS_BLOCK_SIZE)
         self.stored_uncompressed += size
         self.stored_compressed += len(stored)
         with self._lock:

@@ -20,6 +20,9 @@ class BuildOptions:
     blob_toc: bool = True
     # Paths (absolute, inside the image) whose inodes go into the prefetch table.
     prefetch_paths: list[bytes] = field(default_factory=list)
+    # `--aligned-chunk`: chunks start at 4 KiB-aligned uncompressed offsets. RAFS v5 only; v6 blobs
+    # are always aligned (nydus-image forces it there too).
+    aligned_chunk: bool = False
 
 
 @dataclass

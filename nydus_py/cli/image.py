@@ -102,6 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--chunk-size", type=_chunk_size, default=0x100000)
     c.add_argument("--type", "-t", choices=SOURCE_TYPES, help="source type (default: detected per source)")
     c.add_argument("--repeatable", action="store_true", help="do not record uid/gid explicitly")
+    c.add_argument("--aligned-chunk", action="store_true",
+                   help="4 KiB-aligned uncompressed chunk offsets (RAFS v5; v6 always is)")
     c.add_argument("--blob-id", help="name the new blob instead of using its sha256")
     c.add_argument("--prefetch-files", metavar="FILE", help="file listing absolute paths to prefetch, one per line")
     c.add_argument("--whiteout-spec", choices=("oci", "overlayfs", "none"), default="oci")
@@ -263,6 +265,7 @@ def cmd_create(a: argparse.Namespace) -> int:
             chunk_size=a.chunk_size,
             repeatable=a.repeatable,
             blob_id=a.blob_id,
+            aligned_chunk=a.aligned_chunk,
         )
         if a.prefetch_files:
             opts.prefetch_paths = _prefetch_paths(a.prefetch_files, root)

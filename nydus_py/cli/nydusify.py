@@ -23,6 +23,14 @@ image is pushed at the end (at most `--build-cache-max-records` records, least r
 `--build-cache-version` discards caches of another version). `--chunk-dict
 bootstrap:registry:REF | bootstrap:local:PATH | REF` deduplicates against an existing Nydus
 image's chunks: they are referenced from its blobs, which join the new image.
+`--prefetch-dir PATH` is one prefetch path (without it or --prefetch-patterns there is no prefetch
+table, where nydusify's default is "/", the whole image). `--fs-align-chunk` aligns v5 chunks to
+4 KiB (v6 always is). `--with-referrer` sets the manifest's `subject` to the source manifest.
+An upload answered 502-504, or whose connection fails, is tried again `--push-retry-count` times
+in all (default 3), `--push-retry-delay` apart (Go syntax, default 5s); each retry is logged and
+counted (`push_retries` in --output-json). `--batch-size` takes only 0; `--docker-v2-format` is
+accepted with nydusify's deprecation warning. nydusify's environment variables set the flags
+(SOURCE, TARGET, PLAIN_HTTP, FS_VERSION, ... ; a flag on the command line wins).
 Errors end as one line on stderr and exit code 1 (nothing is pushed for bad input); usage
 errors exit 2.
 
@@ -43,13 +51,29 @@ from ..convert.build_cache import DEFAULT_VERSION, MAX_RECORDS
 from ..convert.converter import ConvertOptions, ConvertResult, convert
 from ..convert.errors import ConvertError
 from ..convert.progress import Progress, human
+from ..convert.push_retry import DEFAULT_COUNT, PushRetry
 from ..convert.reference import parse_reference
 from ..convert.reuse import cache_ref_for
 from ..rafs.errors import FormatError
 from . import nydusify_check, nydusify_copy, nydusify_mount
+from .envflags import apply_env
 from .image import _chunk_size, add_limit_args, limits_from_args
 
 PROG = "nydusify-py"
+log = logging.getLogger("nydusify-py")
+
+# nydusify's EnvVars for `convert`, by our dest names
+CONVERT_ENV = {
+    "source": "SOURCE", "target": "TARGET", "target_suffix": "TARGET_SUFFIX", "source_insecure": "SOURCE_INSECURE",
+    "target_insecure": "TARGET_INSECURE", "build_cache": "BUILD_CACHE", "build_cache_tag": "BUILD_CACHE_TAG",
+    "build_cache_version": "BUILD_CACHE_VERSION", "build_cache_insecure": "BUILD_CACHE_INSECURE",
+    "build_cache_max_records": "BUILD_CACHE_MAX_RECORDS", "chunk_dict": "CHUNK_DICT",
+    "chunk_dict_insecure": "CHUNK_DICT_INSECURE", "merge_platform": "MERGE_PLATFORM",
+    "with_referrer": "WITH_REFERRER", "oci": "OCI", "fs_version": "FS_VERSION", "fs_align_chunk": "FS_ALIGN_CHUNK",
+    "prefetch_dir": "PREFETCH_DIR", "prefetch_patterns": "PREFETCH_PATTERNS", "compressor": "COMPRESSOR",
+    "chunk_size": "FS_CHUNK_SIZE", "batch_size": "BATCH_SIZE", "work_dir": "WORK_DIR", "output_json": "OUTPUT_JSON",
+    "plain_http": "PLAIN_HTTP", "push_retry_count": "PUSH_RETRY_COUNT", "push_retry_delay": "PUSH_RETRY_DELAY",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,9 +123,23 @@ def _parser() -> argparse.ArgumentParser:
                    help="read prefetch paths from STDIN, one absolute path per line (files read at startup, in "
                         "order): they go first and contiguous in each layer's blob and into the prefetch table")
     c.add_argument("--prefetch-files", metavar="FILE", help="like --prefetch-patterns, from FILE")
+    c.add_argument("--prefetch-dir", metavar="PATH",
+                   help="one absolute path inside the image to prefetch (conflicts with --prefetch-patterns)")
+    c.add_argument("--fs-align-chunk", "--backend-aligned-chunk", dest="fs_align_chunk", action="store_true",
+                   help="4 KiB-aligned chunk data for RAFS v5 (v6 always is)")
+    c.add_argument("--with-referrer", action="store_true",
+                   help="the Nydus manifest's `subject` names the source manifest (OCI referrers API)")
+    c.add_argument("--docker-v2-format", action="store_true", help="deprecated by nydusify; no effect (see --oci)")
+    c.add_argument("--batch-size", default="0", metavar="SIZE", help="only 0 (batch chunks are not built here)")
+    c.add_argument("--push-retry-count", type=int, default=DEFAULT_COUNT, metavar="N",
+                   help=f"attempts per upload when the registry answers 502-504 or the connection fails "
+                        f"(default {DEFAULT_COUNT}; 0 or less: the default)")
+    c.add_argument("--push-retry-delay", default="5s", metavar="DURATION",
+                   help="wait between upload attempts, Go syntax: 500ms, 5s, 1m (default 5s)")
     add_limit_args(c)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
+    apply_env(c, CONVERT_ENV)
     c.set_defaults(run=cmd_convert)
     nydusify_check.add_parser(sub)
     nydusify_copy.add_parser(sub)
@@ -135,7 +173,11 @@ def summary(r: ConvertResult) -> str:
 
 
 def _prefetch_patterns(a: argparse.Namespace) -> list[bytes]:
-    if a.prefetch_files:
+    if a.prefetch_dir:
+        if a.prefetch_patterns or a.prefetch_files:
+            raise ConvertError("--prefetch-dir conflicts with --prefetch-patterns")
+        data = a.prefetch_dir.encode()
+    elif a.prefetch_files:
         with open(a.prefetch_files, "rb") as f:
             data = f.read(16 << 20)
     elif a.prefetch_patterns:
@@ -147,6 +189,14 @@ def _prefetch_patterns(a: argparse.Namespace) -> list[bytes]:
     if bad:
         raise ConvertError(f"prefetch paths must be absolute: {bad[0].decode(errors='replace')!r}")
     return paths
+
+
+def _batch_size(text: str) -> int:
+    """nydusify's --batch-size value (decimal or 0x hex)."""
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise ConvertError(f"--batch-size: {text!r} is not a number") from None
 
 
 def target_with_suffix(source: str, suffix: str) -> str:
@@ -164,7 +214,19 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise ConvertError("--jobs must be in 1..64")
     if a.all_platforms and a.platform:
         raise ConvertError("--all-platforms conflicts with --platform")
+    if a.target is not None and a.target_suffix is not None:
+        raise ConvertError("--target conflicts with --target-suffix")
+    if a.target is None and a.target_suffix is None:
+        raise ConvertError("--target or --target-suffix is required")
     target = a.target if a.target is not None else target_with_suffix(a.source, a.target_suffix)
+    if _batch_size(a.batch_size):
+        raise ConvertError("--batch-size: batch chunks are not supported by nydusify-py; use 0")
+    if a.docker_v2_format:
+        log.warning("the option --docker-v2-format has been deprecated, use --oci instead")
+    try:
+        retry = PushRetry.from_flags(a.push_retry_count, a.push_retry_delay)
+    except ValueError as e:
+        raise ConvertError(f"--push-retry-delay: {e}") from None
     if not 1 <= a.build_cache_max_records <= MAX_RECORDS:
         raise ConvertError(f"--build-cache-max-records must be in 1..{MAX_RECORDS}")
     cache = cache_ref_for(target, a.build_cache_tag) if a.build_cache_tag else a.build_cache
@@ -176,7 +238,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         jobs=a.jobs, prefetch_patterns=_prefetch_patterns(a), expansion_limits=limits_from_args(a),
         build_cache=cache, build_cache_insecure=a.build_cache_insecure, build_cache_version=a.build_cache_version,
         build_cache_max_records=a.build_cache_max_records, chunk_dict=a.chunk_dict,
-        chunk_dict_insecure=a.chunk_dict_insecure,
+        chunk_dict_insecure=a.chunk_dict_insecure, push_retry=retry, with_referrer=a.with_referrer,
+        fs_align_chunk=a.fs_align_chunk,
     )
     progress = Progress(sys.stderr, quiet=a.quiet)
     try:
@@ -191,7 +254,12 @@ def cmd_convert(a: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        parser = _parser()
+    except ValueError as e:  # a nydusify environment variable with a bad value
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format=f"{PROG}: %(levelname)s: %(message)s")
     if not args.verbose:

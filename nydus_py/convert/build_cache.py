@@ -81,7 +81,8 @@ def build_params(opts: BuildOptions, chunk_dict: str | None = None) -> str:
     """The parameters a converted layer depends on, as one comparable string."""
     prefetch = hashlib.sha256(b"\n".join(opts.prefetch_paths)).hexdigest()[:16] if opts.prefetch_paths else "-"
     return (f"fs={opts.fs_version};compressor={opts.compressor.name.lower()};digester={opts.digester.name.lower()};"
-            f"chunk={opts.chunk_size:#x};toc={int(opts.blob_toc)};prefetch={prefetch};dict={chunk_dict or '-'}")
+            f"chunk={opts.chunk_size:#x};toc={int(opts.blob_toc)};prefetch={prefetch};dict={chunk_dict or '-'}"
+            + (";aligned=1" if opts.aligned_chunk and opts.fs_version == 5 else ""))
 
 
 @dataclass

@@ -58,6 +58,7 @@ from .errors import ConvertError
 from .layer import Inflater, write_bootstrap_layer
 from .memory import release_free_memory
 from .progress import Bar, Progress, human
+from .push_retry import PushRetry, RetryStats, retry_pushes
 from .reference import ImageRef, parse_reference
 from .remote import Endpoint, endpoint_config, transport_error
 from .reuse import (
@@ -111,6 +112,9 @@ class ConvertOptions:
     build_cache_max_records: int = MAX_RECORDS
     chunk_dict: str | None = None  # --chunk-dict: bootstrap:registry:REF | bootstrap:local:PATH | REF
     chunk_dict_insecure: bool = False
+    push_retry: PushRetry = field(default_factory=PushRetry)  # --push-retry-count/--push-retry-delay
+    with_referrer: bool = False  # nydusify's --with-referrer: the manifest's `subject` is the source's
+    fs_align_chunk: bool = False  # nydusify's --fs-align-chunk: 4 KiB-aligned chunks (v6 always is)
 
 
 @dataclass
@@ -141,6 +145,7 @@ class ConvertResult:
     copied: list[str] = field(default_factory=list)  # digests copied from another repository
     dict_blobs: list[str] = field(default_factory=list)  # chunk-dictionary blobs the image references
     build_cache: dict[str, Any] = field(default_factory=dict)  # CacheStats, with a cache
+    push_retries: int = 0  # uploads tried again after a 502-504 or a connection failure
 
     @property
     def dedup_ratio(self) -> float:
@@ -328,7 +333,7 @@ def build_options(opts: ConvertOptions) -> BuildOptions:
     except ValueError as e:
         raise ConvertError(str(e)) from None
     bo = BuildOptions(fs_version=opts.fs_version, compressor=comp, chunk_size=opts.chunk_size,
-                      prefetch_paths=list(opts.prefetch_patterns))
+                      prefetch_paths=list(opts.prefetch_patterns), aligned_chunk=opts.fs_align_chunk)
     from ..builder.build import check_options
 
     try:
@@ -391,8 +396,12 @@ class Converter:
         work = tempfile.mkdtemp(prefix="nydusify-", dir=self.opts.work_dir)
         src = RegistryClient(self.src_cfg)
         dst = RegistryClient(self.dst_cfg)
+        retries = RetryStats()
+        retry_pushes(dst, self.opts.push_retry, retries)
         extra = {ep.side: RegistryClient(endpoint_config(ep, self.opts.docker_config_paths))
                  for ep in (self.cache_ep, self.dict_ep) if ep is not None}
+        for c in extra.values():
+            retry_pushes(c, self.opts.push_retry, retries)
         # layers are prepared (parsed, chunked, compressed) a few at once; the extra thread commits
         # them in order (and writes the bootstrap), never waiting behind a prepare
         builder = ThreadPoolExecutor(self._build_jobs() + 1, thread_name_prefix="nydusify-build")
@@ -414,6 +423,7 @@ class Converter:
                 await self._push_cache(dst)
                 result.build_cache = dataclasses.asdict(self.cache_stats)
             result.seconds = time.monotonic() - t0
+            result.push_retries = retries.retried
             return result
         finally:
             unpacker.shutdown(wait=True, cancel_futures=True)
@@ -606,7 +616,8 @@ class Converter:
                        "size": len(config_bytes)}
         layer_descs = [*blob_layers, oci.bootstrap_layer(f"sha256:{bl_hex}", bl_size, f"sha256:{bl_diff}",
                                                          self.build_opts.fs_version, docker=docker)]
-        manifest = oci.nydus_manifest(config_desc, layer_descs, merged=self.opts.merge_platform, docker=docker)
+        manifest = oci.nydus_manifest(config_desc, layer_descs, merged=self.opts.merge_platform, docker=docker,
+                                      subject=source.manifest_desc if self.opts.with_referrer else None)
         manifest_bytes = oci.dumps(manifest)
         ui.log(f"{len(blob_layers)} blobs ({human(sum(d['size'] for d in blob_layers))}, {len(blob_files)} built here) and a "
                f"{human(boot_size)} bootstrap; pushing to {self.dst_ref}")

@@ -296,14 +296,19 @@ def nydus_config(source: dict[str, Any], blob_digests: list[str], bootstrap_diff
 
 
 def nydus_manifest(config: dict[str, Any], layers: list[dict[str, Any]], *, merged: bool = False,
-                   annotations: dict[str, str] | None = None, docker: bool = False) -> dict[str, Any]:
-    """The Nydus manifest; `docker` keeps a Docker source's media types (nydusify without --oci)."""
+                   annotations: dict[str, str] | None = None, docker: bool = False,
+                   subject: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Nydus manifest; `docker` keeps a Docker source's media types (nydusify without --oci).
+    `subject` (--with-referrer) is the source manifest's descriptor, without `platform` as
+    nydus-snapshotter's converter leaves it (some registries refuse it there)."""
     cfg = dict(config)
     cfg["mediaType"] = NYDUS_CONFIG if merged else DOCKER_CONFIG if docker else OCI_CONFIG
     doc: dict[str, Any] = {"schemaVersion": 2, "mediaType": DOCKER_MANIFEST if docker else OCI_MANIFEST,
                            "config": cfg, "layers": layers}
     if merged:
         doc["artifactType"] = NYDUS_ARTIFACT
+    if subject is not None:
+        doc["subject"] = {k: v for k, v in subject.items() if k != "platform"}
     if annotations:
         doc["annotations"] = dict(annotations)
     return doc

@@ -377,7 +377,8 @@ def test_failed_push_leaves_no_manifest_and_rerun_completes(tmp_path, source_ima
     try:
         target = f"{proxy.host}/test/flaky:v1"
         proxy.inject("5xx", 1)
-        r = nydusify("--source", src, "--target", target, "--source-insecure", "--target-insecure", "--jobs", "1")
+        r = nydusify("--source", src, "--target", target, "--source-insecure", "--target-insecure", "--jobs", "1",
+                     "--push-retry-count", "1")
         assert r.returncode == 1 and "503" in r.stderr, r.stderr
         st, _ = http_get(f"{plain_registry.url}/v2/test/flaky/manifests/v1", oci.OCI_MANIFEST)
         assert st == 404  # no manifest pointing at missing blobs

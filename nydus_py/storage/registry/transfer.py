@@ -28,6 +28,15 @@ MANIFEST_TYPES = (
 )
 
 
+class HttpStatusError(OSError):
+    """A registry answered a transfer with a status it was not expected to give (EIO); `status`
+    lets callers tell a gateway hiccup (502-504, worth retrying) from a refusal."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(errno.EIO, message)
+        self.status = status
+
+
 class BlobSink(Protocol):
     """Where `ImageTransfer.stream_blob` puts a blob's bytes."""
 
@@ -67,7 +76,7 @@ class ImageTransfer:
                 try:
                     body = await resp.read()
                     if resp.status not in ok:
-                        raise OSError(errno.EIO, f"{method} {url}: HTTP {resp.status} {body[:200]!r}")
+                        raise HttpStatusError(resp.status, f"{method} {url}: HTTP {resp.status} {body[:200]!r}")
                     return resp.status, resp.headers, body
                 finally:
                     resp.release()
