@@ -24,9 +24,10 @@ from collections.abc import Callable
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
 from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, pack_chunks, unpack_chunks
-from ..rafs.model import BlobInfo, ChunkInfo
+from ..rafs.model import BlobInfo, ChunkInfo, RafsImage
 from .atomic import atomic_output
 from .blob_writer import BlobWriter, validate_blob_id
+from .chunk_dict import load_chunk_dict
 from .chunk_records import ChunkRecords
 from .options import BuildOptions, BuildResult
 from .packed import K_CHUNKS, Tree, as_tree
@@ -178,8 +179,13 @@ def _with_index(b: BlobInfo, index: int) -> BlobInfo:
     return replace(b, index=index)
 
 
-def build_image(root: "Tree | Inode", bootstrap_path: str, blob_dir: str, opts: BuildOptions) -> BuildResult:
+def build_image(root: "Tree | Inode", bootstrap_path: str, blob_dir: str, opts: BuildOptions,
+                chunk_dict: RafsImage | None = None) -> BuildResult:
     """Write `bootstrap_path` (RAFS v6, or v5 with `opts.fs_version == 5`) and, if there is new file data, one blob in `blob_dir`.
+
+    With `chunk_dict` (nydus-image's `--chunk-dict bootstrap=PATH`), chunks that image has are
+    referenced from its blobs instead of stored again; as nydus-image does, all of its blobs join
+    the blob table, ahead of the new one.
 
     Raises ValueError for unusable options and FormatError for trees RAFS cannot represent;
     on error no partial blob or bootstrap is left behind.
@@ -189,6 +195,10 @@ def build_image(root: "Tree | Inode", bootstrap_path: str, blob_dir: str, opts: 
     plan: V5Plan | V6Plan = plan_v5(tree, opts) if opts.fs_version == 5 else plan_v6(tree, opts)
     order = plan.data_order()
     table, file_chunks, dedup = _existing_blobs(tree, plan.regular_files(), opts, want_dedup=bool(order))
+    if chunk_dict is not None:
+        extra, offered = load_chunk_dict(chunk_dict, opts, len(table), {b.blob_id: b.index for b in table})
+        table += extra
+        dedup.update(offered)
     if opts.blob_id is not None and opts.blob_id in {b.blob_id for b in table}:
         raise FormatError(f"blob id {opts.blob_id} is already used by a blob the image references")
     if isinstance(plan, V6Plan) and len(table) >= 254:

@@ -493,3 +493,63 @@ def test_aligned_chunk_v5(tmp_path: Path, capsys: pytest.CaptureFixture[str], al
     rc, _, err = run(capsys, "unpack", "--bootstrap", boot, "--blob-dir", blobs, "--output", out)
     assert rc == 0, err
     assert describe(tree_from_tar(out)) == describe(tree_from_directory(src))
+
+
+@pytest.mark.parametrize("fs_version", ["5", "6"])
+def test_create_with_chunk_dict(tmp_path: Path, capsys: pytest.CaptureFixture[str], fs_version: str) -> None:
+    """`create --chunk-dict bootstrap=PATH`: chunks the dictionary image has are referenced from
+    its blob (listed first, as nydus-image does), only the rest is stored; the image checks and
+    unpacks equal to its source, with both blobs in the blob dir."""
+    rng = __import__("random").Random(int(fs_version))
+    shared = {f"s{i}": rng.randbytes(20_000 + 1000 * i) for i in range(5)}
+    dict_src, src = tmp_path / "dict-src", tmp_path / "src"
+    dict_src.mkdir()
+    src.mkdir()
+    for name, data in shared.items():
+        (dict_src / name).write_bytes(data)
+        (src / f"copy-of-{name}").write_bytes(data)
+    (src / "new").write_bytes(rng.randbytes(30_000))
+    blobs = tmp_path / "blobs"
+    common = ("--blob-dir", blobs, "--fs-version", fs_version, "--chunk-size", "0x1000")
+    rc, _, err = run(capsys, "create", "--bootstrap", tmp_path / "dict.boot", *common,
+                     "--output-json", tmp_path / "dict.json", dict_src)
+    assert rc == 0, err
+    dict_blob = json.loads((tmp_path / "dict.json").read_text())["blob_id"]
+    rc, _, err = run(capsys, "create", "--bootstrap", tmp_path / "img.boot", *common, "--chunk-dict",
+                     f"bootstrap={tmp_path / 'dict.boot'}", "--output-json", tmp_path / "img.json", src)
+    assert rc == 0, err
+    res = json.loads((tmp_path / "img.json").read_text())
+    assert res["blob_ids"] == [dict_blob, res["blob_id"]]
+    assert res["uncompressed_bytes"] == 30_000  # only "new" is stored
+    with open_bootstrap(str(tmp_path / "img.boot")) as img:
+        used = {c.blob_index for _p, ino in img.walk() if stat.S_ISREG(img.getattr(ino).mode) for c in img.chunks(ino)}
+    assert used == {0, 1}
+    rc, out, err = run(capsys, "check", "--bootstrap", tmp_path / "img.boot", "--blob-dir", blobs)
+    assert rc == 0 and "OK" in out, err
+    rc, _, err = run(capsys, "unpack", "--bootstrap", tmp_path / "img.boot", "--blob-dir", blobs,
+                     "--output", tmp_path / "out.tar")
+    assert rc == 0, err
+    assert describe(tree_from_tar(tmp_path / "out.tar")) == describe(tree_from_directory(src))
+    # a parent bootstrap that already lists the dictionary's blob: it is not listed twice
+    rc, _, err = run(capsys, "create", "--bootstrap", tmp_path / "up.boot", *common, "--parent-bootstrap",
+                     tmp_path / "dict.boot", "--chunk-dict", tmp_path / "dict.boot",
+                     "--output-json", tmp_path / "up.json", src)
+    assert rc == 0, err
+    up = json.loads((tmp_path / "up.json").read_text())
+    assert up["blob_ids"] == [dict_blob, up["blob_id"]] and up["uncompressed_bytes"] == 30_000
+
+
+def test_create_chunk_dict_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 5000)
+    rc, _, err = run(capsys, "create", "--bootstrap", tmp_path / "dict.boot", "--blob-dir", tmp_path / "b", src)
+    assert rc == 0, err
+    for spec, message in ((f"bootstrap={tmp_path / 'dict.boot'}", "chunk dict has chunk size 0x100000, the image "
+                                                                  "uses 0x1000"),
+                          (f"registry={tmp_path / 'dict.boot'}", "expected bootstrap=PATH")):
+        rc, _, err = run(capsys, "create", "--bootstrap", tmp_path / "img.boot", "--blob-dir", tmp_path / "b",
+                         "--chunk-size", "0x1000", "--chunk-dict", spec, src)
+        assert rc == 1 and message in err, err
+        assert len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "img.boot").exists()
