@@ -171,6 +171,18 @@ def _parser() -> argparse.ArgumentParser:
     cp.add_argument("--backend-config-file", help="the same, from a file")
     cp.add_argument("--output-json", metavar="FILE", help="write the result as JSON")
 
+    op = sub.add_parser("optimize", help="move the data of the files read at start into one new blob")
+    op.add_argument("--bootstrap", "-B", required=True, help="bootstrap to optimize")
+    op.add_argument("--prefetch-files", "-p", required=True, metavar="FILE",
+                    help='hint file: {"version": "v1", "files": [{"path": "/abs", "ranges": [[off, size]]}]} '
+                         "or one absolute path per line")
+    src = op.add_mutually_exclusive_group(required=True)
+    src.add_argument("--blob-dir", "-D", help="where the image's blobs are")
+    src.add_argument("--blob", "-b", help="the image's one data blob file")
+    op.add_argument("--output-bootstrap", "-O", help="bootstrap to write (default: BOOTSTRAP.optimized)")
+    op.add_argument("--output-blob-dir", help="where the new blob goes (default: the blob dir)")
+    op.add_argument("--output-json", metavar="FILE", help="write the result as JSON")
+
     u = sub.add_parser("unpack", help="write the image as a tar")
     u.add_argument("--bootstrap", "-B", required=True)
     u.add_argument("--blob-dir", "-D", required=True)
@@ -564,7 +576,41 @@ def cmd_compact(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_optimize(a: argparse.Namespace) -> int:
+    from ..builder.optimize import optimize_image, parse_prefetch_files
+    from ..rafs import open_bootstrap
+
+    with open(a.prefetch_files, "rb") as hints:
+        files = parse_prefetch_files(hints.read(64 << 20))
+    out = a.output_bootstrap or a.bootstrap + ".optimized"
+    out_dir = a.output_blob_dir or a.blob_dir or os.path.dirname(os.path.abspath(a.blob))
+    fds: dict[str, int] = {}
+
+    def read_stored(blob_id: str, offset: int, size: int) -> bytes:
+        fd = fds.get(blob_id)
+        if fd is None:
+            path = a.blob if a.blob else os.path.join(a.blob_dir, blob_id)
+            fd = fds[blob_id] = os.open(path, os.O_RDONLY)
+        return os.pread(fd, size, offset)
+
+    try:
+        with open_bootstrap(a.bootstrap) as img:
+            if a.blob and len(img.blobs) != 1:
+                raise ValueError(f"--blob: the image has {len(img.blobs)} blobs; give --blob-dir")
+            result = optimize_image(img, files, out, out_dir, read_stored)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(dataclasses.asdict(result), f, indent=2)
+    print(f"moved {result.chunks_moved} chunks ({human_size(result.bytes_moved)}) of {result.files} files into blob "
+          f"{result.blob_id or '(none: nothing to move)'}; {len(result.skipped)} listed paths skipped; bootstrap {out}")
+    return 0
+
+
 COMMANDS = {
+    "optimize": cmd_optimize,
     "compact": cmd_compact,
     "stat": cmd_stat,
     "export": cmd_export,
