@@ -32,6 +32,7 @@ class NydusImage:
     blob_ids: list[str]
     fs_version: str
     bootstrap_path: str = ""
+    manifest: oci.Manifest | None = None  # the Nydus manifest itself
 
 
 async def resolve_nydus(client: RegistryClient, ref: ImageRef, platform: oci.Platform | None = None) -> NydusImage:
@@ -62,7 +63,8 @@ async def resolve_nydus(client: RegistryClient, ref: ImageRef, platform: oci.Pla
             raise FormatError(f"manifest {desc.short}: an index inside an index is not supported")
         doc = sub
     boot = oci.nydus_bootstrap(doc)
-    return NydusImage(ref, digest, boot, oci.nydus_blob_ids(doc), boot.annotations.get(oci.ANNO_FS_VERSION, "6"))
+    return NydusImage(ref, digest, boot, oci.nydus_blob_ids(doc), boot.annotations.get(oci.ANNO_FS_VERSION, "6"),
+                      manifest=doc)
 
 
 async def fetch_bootstrap(client: RegistryClient, ref: ImageRef, dest_dir: str,

@@ -1,0 +1,247 @@
+"""`nydusify-py optimize`: a Nydus image in a registry, with the data of the files a workload
+reads at start moved into one new blob (`builder/optimize.py`), pushed as a new image.
+
+As nydusify's optimizer (policy "separated-blob-with-prefetch-files"): the source's bootstrap is
+pulled and rebuilt; the new blob and bootstrap layer are pushed; the manifest lists the blobs the
+new bootstrap references, then the bootstrap layer, annotated
+`containerd.io/snapshot/nydus-separated-blob-with-prefetch-files: <new blob id>`; the config's
+diff_ids follow the layers. Differences, by decision:
+
+- only the stored ranges of the listed files' chunks are fetched from the source (ranged GETs,
+  adjacent ones merged), not whole blobs;
+- blobs the target repository lacks are mounted from the source repository (same registry) or
+  copied, so the target is complete even in another repository (nydusify assumes they are there);
+- the hint file is not packed into the bootstrap layer (the prefetch table carries the list).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..builder.optimize import PrefetchFile, optimize_image, parse_prefetch_files, planned_ranges
+from ..rafs.loader import open_bootstrap
+from ..storage.registry import RegistryClient
+from . import oci
+from .converter import parse_platforms
+from .errors import ConvertError
+from .layer import write_bootstrap_layer
+from .pull import fetch_bootstrap
+from .push_retry import PushRetry, RetryStats, retry_pushes
+from .reference import parse_reference
+from .remote import Endpoint, endpoint_config, transport_error
+from .reuse import RemoteBlob, place_blob
+from .tasks import gather_or_cancel
+
+log = logging.getLogger(__name__)
+
+POLICY = "separated-blob-with-prefetch-files"
+ANNO_PREFETCH_BLOB = "containerd.io/snapshot/nydus-separated-blob-with-prefetch-files"
+_MERGE_GAP = 64 << 10  # fetch two stored ranges as one when at most this far apart
+_FETCHES = 8
+
+
+@dataclass
+class OptimizeOptions:
+    source: str
+    target: str
+    prefetch_files: bytes  # the hint file's content
+    source_insecure: bool = False
+    target_insecure: bool = False
+    plain_http: bool = False
+    source_auth: str | None = None
+    target_auth: str | None = None
+    platform: str | None = None
+    work_dir: str | None = None
+    piece_size: int = 8 << 20
+    docker_config_paths: list[str] | None = None
+    push_retry: PushRetry = field(default_factory=PushRetry)
+
+
+@dataclass
+class OptimizeResult:
+    source: str
+    target: str
+    manifest_digest: str
+    blob_id: str  # the new blob
+    files: int
+    chunks_moved: int
+    bytes_moved: int
+    fetched_bytes: int  # what was read from the source's blobs
+    skipped: list[str] = field(default_factory=list)
+    blobs: dict[str, str] = field(default_factory=dict)  # digest -> present / mounted / copied / uploaded
+    push_retries: int = 0
+    seconds: float = 0.0
+
+
+def merge_ranges(ranges: list[tuple[int, int]], gap: int = _MERGE_GAP) -> list[tuple[int, int]]:
+    """Sorted (offset, size) ranges as fewer, larger ones (at most `gap` bytes between)."""
+    out: list[tuple[int, int]] = []
+    for off, size in sorted(ranges):
+        if out and off <= out[-1][0] + out[-1][1] + gap:
+            o, s = out[-1]
+            out[-1] = (o, max(s, off + size - o))
+        else:
+            out.append((off, size))
+    return out
+
+
+class Optimizer:
+    def __init__(self, opts: OptimizeOptions) -> None:
+        self.opts = opts
+        self.src_ref = parse_reference(opts.source)
+        self.dst_ref = parse_reference(opts.target)
+        if self.dst_ref.digest:
+            raise ConvertError(f"target {opts.target} must name a tag, not a digest")
+        plats = parse_platforms(opts.platform)
+        if plats and len(plats) > 1:
+            raise ConvertError("optimize takes one --platform")
+        self.platform = plats[0] if plats else oci.host_platform()
+        self.files: list[PrefetchFile] = parse_prefetch_files(opts.prefetch_files)
+        if not self.files:
+            raise ConvertError("the prefetch files list no absolute path; nothing to optimize")
+        self.src_ep = Endpoint("source", self.src_ref, opts.source_insecure, opts.plain_http, opts.source_auth)
+        self.dst_ep = Endpoint("target", self.dst_ref, opts.target_insecure, opts.plain_http, opts.target_auth)
+
+    async def run(self) -> OptimizeResult:
+        t0 = time.monotonic()
+        if self.opts.work_dir:
+            os.makedirs(self.opts.work_dir, exist_ok=True)
+        work = tempfile.mkdtemp(prefix="nydusify-optimize-", dir=self.opts.work_dir)
+        src = RegistryClient(endpoint_config(self.src_ep, self.opts.docker_config_paths))
+        dst = RegistryClient(endpoint_config(self.dst_ep, self.opts.docker_config_paths))
+        stats = RetryStats()
+        retry_pushes(dst, self.opts.push_retry, stats)
+        try:
+            await src.start()
+            await dst.start()
+            result = await self._optimize(src, dst, work)
+            result.push_retries = stats.retried
+            result.seconds = time.monotonic() - t0
+            return result
+        finally:
+            await src.close()
+            await dst.close()
+            shutil.rmtree(work, ignore_errors=True)
+
+    async def _optimize(self, src: RegistryClient, dst: RegistryClient, work: str) -> OptimizeResult:
+        try:
+            image = await fetch_bootstrap(src, self.src_ref, os.path.join(work, "boot"), self.platform)
+            assert image.manifest is not None
+            manifest = image.manifest
+            config = oci.parse_json(await src.get_blob(manifest.config.digest), "image config")
+        except OSError as e:
+            raise transport_error(self.src_ep, e) from None
+        sizes = {d.hex: d.size for d in manifest.layers}
+        src_dir, out_dir = os.path.join(work, "src"), os.path.join(work, "out")
+        os.makedirs(src_dir)
+        os.makedirs(out_dir)
+        boot_out = os.path.join(work, "optimized.boot")
+        with open_bootstrap(image.bootstrap_path) as img:
+            need = planned_ranges(img, self.files)
+            fetched = await self._fetch_ranges(src, need, src_dir)
+            fds: dict[str, int] = {}
+
+            def read_stored(blob_id: str, offset: int, size: int) -> bytes:
+                fd = fds.get(blob_id)
+                if fd is None:
+                    fd = fds[blob_id] = os.open(os.path.join(src_dir, blob_id), os.O_RDONLY)
+                return os.pread(fd, size, offset)
+
+            try:
+                built = await asyncio.to_thread(optimize_image, img, self.files, boot_out, out_dir, read_stored)
+            finally:
+                for fd in fds.values():
+                    os.close(fd)
+        if built.blob_id is None or built.blob_path is None:
+            raise ConvertError("none of the listed files has data in the image; nothing to optimize")
+        sizes[built.blob_id] = os.path.getsize(built.blob_path)
+        missing = [b for b in built.blob_ids if b not in sizes]
+        if missing:
+            raise ConvertError(f"the bootstrap references blob {missing[0][:12]}, which the manifest does not list")
+
+        bl_path = os.path.join(work, "bootstrap-layer.tar.gz")
+        with open(boot_out, "rb") as bf, open(bl_path, "wb") as out:
+            bl_hex, bl_size, bl_diff = write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
+        old_boot = image.bootstrap
+        boot_desc = {"mediaType": old_boot.media_type, "digest": f"sha256:{bl_hex}", "size": bl_size,
+                     "annotations": {**old_boot.annotations, oci.ANNO_UNCOMPRESSED: f"sha256:{bl_diff}",
+                                     ANNO_PREFETCH_BLOB: built.blob_id}}
+        layers = [oci.blob_layer(b, sizes[b]) for b in built.blob_ids] + [boot_desc]
+        new_config = dict(config)
+        rootfs = dict(config.get("rootfs") or {"type": "layers"})
+        rootfs["diff_ids"] = [f"sha256:{b}" for b in built.blob_ids] + [f"sha256:{bl_diff}"]
+        new_config["rootfs"] = rootfs
+        config_bytes = oci.dumps(new_config)
+        doc: dict[str, Any] = dict(manifest.raw)
+        doc["config"] = {**manifest.config.raw, "digest": _sha(config_bytes), "size": len(config_bytes)}
+        doc["layers"] = layers
+        doc.pop("subject", None)
+        manifest_bytes = oci.dumps(doc)
+
+        result = OptimizeResult(source=str(self.src_ref), target=str(self.dst_ref),
+                                manifest_digest=_sha(manifest_bytes), blob_id=built.blob_id, files=built.files,
+                                chunks_moved=built.chunks_moved, bytes_moved=built.bytes_moved,
+                                fetched_bytes=fetched, skipped=built.skipped)
+        try:
+            await self._push_blobs(src, dst, work, built.blob_ids, sizes, built.blob_id, built.blob_path, result)
+            await dst.push_blob_file(bl_path, f"sha256:{bl_hex}", piece=self.opts.piece_size)
+            await dst.push_blob(config_bytes, _sha(config_bytes))
+            await dst.push_manifest(self.dst_ref.reference, manifest_bytes, manifest.media_type)
+        except OSError as e:
+            raise transport_error(self.dst_ep, e, "pushing") from None
+        return result
+
+    async def _fetch_ranges(self, src: RegistryClient, need: dict[str, list[tuple[int, int]]], where: str) -> int:
+        """Each blob's needed stored ranges, merged, fetched at once into a sparse file named by
+        the blob id; returns the bytes fetched."""
+        sem = asyncio.Semaphore(_FETCHES)
+        total = 0
+
+        async def one(blob_id: str, fd: int, off: int, size: int) -> None:
+            nonlocal total
+            async with sem:
+                try:
+                    data = await src.read_blob(blob_id, off, size)
+                except OSError as e:
+                    raise transport_error(self.src_ep, e, f"blob {blob_id[:12]}") from None
+            os.pwrite(fd, data, off)
+            total += len(data)
+
+        fds = [(b, os.open(os.path.join(where, b), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)) for b in need]
+        try:
+            await gather_or_cancel(one(b, fd, off, size) for b, fd in fds for off, size in merge_ranges(need[b]))
+        finally:
+            for _b, fd in fds:
+                os.close(fd)
+        return total
+
+    async def _push_blobs(self, src: RegistryClient, dst: RegistryClient, work: str, blob_ids: list[str],
+                          sizes: dict[str, int], new_id: str, new_path: str, result: OptimizeResult) -> None:
+        async def one(b: str) -> None:
+            digest = f"sha256:{b}"
+            if b == new_id:
+                sent = await dst.push_blob_file(new_path, digest, piece=self.opts.piece_size)
+                result.blobs[digest] = "uploaded" if sent else "present"
+            else:
+                blob = RemoteBlob(digest, sizes[b], src, self.src_ep)
+                result.blobs[digest] = await place_blob(dst, self.dst_ep, blob, work, self.opts.piece_size)
+
+        await gather_or_cancel(one(b) for b in blob_ids)
+
+
+def _sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def optimize(opts: OptimizeOptions) -> OptimizeResult:
+    """Run one optimization to the end (its own event loop)."""
+    return asyncio.run(Optimizer(opts).run())
+
