@@ -17,27 +17,24 @@ diff_ids follow the layers. Differences, by decision:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 from ..builder.optimize import PrefetchFile, optimize_image, parse_prefetch_files, planned_ranges
 from ..rafs.loader import open_bootstrap
 from ..storage.registry import RegistryClient
 from . import oci
+from .assemble import Assembly, push_assembly
 from .converter import parse_platforms
 from .errors import ConvertError
-from .layer import write_bootstrap_layer
 from .pull import fetch_bootstrap
 from .push_retry import PushRetry, RetryStats, retry_pushes
 from .reference import parse_reference
 from .remote import Endpoint, endpoint_config, transport_error
-from .reuse import RemoteBlob, place_blob
 from .tasks import gather_or_cancel
 
 log = logging.getLogger(__name__)
@@ -139,7 +136,6 @@ class Optimizer:
             config = oci.parse_json(await src.get_blob(manifest.config.digest), "image config")
         except OSError as e:
             raise transport_error(self.src_ep, e) from None
-        sizes = {d.hex: d.size for d in manifest.layers}
         src_dir, out_dir = os.path.join(work, "src"), os.path.join(work, "out")
         os.makedirs(src_dir)
         os.makedirs(out_dir)
@@ -162,42 +158,14 @@ class Optimizer:
                     os.close(fd)
         if built.blob_id is None or built.blob_path is None:
             raise ConvertError("none of the listed files has data in the image; nothing to optimize")
-        sizes[built.blob_id] = os.path.getsize(built.blob_path)
-        missing = [b for b in built.blob_ids if b not in sizes]
-        if missing:
-            raise ConvertError(f"the bootstrap references blob {missing[0][:12]}, which the manifest does not list")
-
-        bl_path = os.path.join(work, "bootstrap-layer.tar.gz")
-        with open(boot_out, "rb") as bf, open(bl_path, "wb") as out:
-            bl_hex, bl_size, bl_diff = write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
-        old_boot = image.bootstrap
-        boot_desc = {"mediaType": old_boot.media_type, "digest": f"sha256:{bl_hex}", "size": bl_size,
-                     "annotations": {**old_boot.annotations, oci.ANNO_UNCOMPRESSED: f"sha256:{bl_diff}",
-                                     ANNO_PREFETCH_BLOB: built.blob_id}}
-        layers = [oci.blob_layer(b, sizes[b]) for b in built.blob_ids] + [boot_desc]
-        new_config = dict(config)
-        rootfs = dict(config.get("rootfs") or {"type": "layers"})
-        rootfs["diff_ids"] = [f"sha256:{b}" for b in built.blob_ids] + [f"sha256:{bl_diff}"]
-        new_config["rootfs"] = rootfs
-        config_bytes = oci.dumps(new_config)
-        doc: dict[str, Any] = dict(manifest.raw)
-        doc["config"] = {**manifest.config.raw, "digest": _sha(config_bytes), "size": len(config_bytes)}
-        doc["layers"] = layers
-        doc.pop("subject", None)
-        manifest_bytes = oci.dumps(doc)
-
-        result = OptimizeResult(source=str(self.src_ref), target=str(self.dst_ref),
-                                manifest_digest=_sha(manifest_bytes), blob_id=built.blob_id, files=built.files,
-                                chunks_moved=built.chunks_moved, bytes_moved=built.bytes_moved,
-                                fetched_bytes=fetched, skipped=built.skipped)
-        try:
-            await self._push_blobs(src, dst, work, built.blob_ids, sizes, built.blob_id, built.blob_path, result)
-            await dst.push_blob_file(bl_path, f"sha256:{bl_hex}", piece=self.opts.piece_size)
-            await dst.push_blob(config_bytes, _sha(config_bytes))
-            await dst.push_manifest(self.dst_ref.reference, manifest_bytes, manifest.media_type)
-        except OSError as e:
-            raise transport_error(self.dst_ep, e, "pushing") from None
-        return result
+        pushed = await push_assembly(
+            Assembly(manifest, config, built.blob_ids, {built.blob_id: built.blob_path}, boot_out,
+                     {ANNO_PREFETCH_BLOB: built.blob_id}),
+            src, self.src_ep, dst, self.dst_ep, self.dst_ref.reference, work, self.opts.piece_size)
+        return OptimizeResult(source=str(self.src_ref), target=str(self.dst_ref), manifest_digest=pushed.manifest_digest,
+                              blob_id=built.blob_id, files=built.files, chunks_moved=built.chunks_moved,
+                              bytes_moved=built.bytes_moved, fetched_bytes=fetched, skipped=built.skipped,
+                              blobs=pushed.blobs)
 
     async def _fetch_ranges(self, src: RegistryClient, need: dict[str, list[tuple[int, int]]], where: str) -> int:
         """Each blob's needed stored ranges, merged, fetched at once into a sparse file named by
@@ -222,23 +190,6 @@ class Optimizer:
             for _b, fd in fds:
                 os.close(fd)
         return total
-
-    async def _push_blobs(self, src: RegistryClient, dst: RegistryClient, work: str, blob_ids: list[str],
-                          sizes: dict[str, int], new_id: str, new_path: str, result: OptimizeResult) -> None:
-        async def one(b: str) -> None:
-            digest = f"sha256:{b}"
-            if b == new_id:
-                sent = await dst.push_blob_file(new_path, digest, piece=self.opts.piece_size)
-                result.blobs[digest] = "uploaded" if sent else "present"
-            else:
-                blob = RemoteBlob(digest, sizes[b], src, self.src_ep)
-                result.blobs[digest] = await place_blob(dst, self.dst_ep, blob, work, self.opts.piece_size)
-
-        await gather_or_cancel(one(b) for b in blob_ids)
-
-
-def _sha(data: bytes) -> str:
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def optimize(opts: OptimizeOptions) -> OptimizeResult:
