@@ -251,3 +251,50 @@ def test_a_dead_daemon_is_restarted_and_the_image_mounted_again(stack: Stack, im
     assert len(stack.daemon_mounts()) == 1
     stack.cd.run(stack.ctr, "images", "rm", "--sync", ref)
     assert stack.daemon_mounts() == []
+
+
+def test_commit_a_running_container_into_a_new_image(stack: Stack, images, plain_registry, tmp_path):
+    """`nydusify-py commit`: what a running container of a Nydus image wrote, changed and deleted
+    becomes a new Nydus image (the task paused while its upper directory is read, then resumed);
+    containerd runs that image with the changes, and `nydusify-py check` finds every blob right."""
+    img, _src, ref = images
+    stack.cd.run(stack.ctr_remote, "images", "rpull", "--plain-http", "--snapshotter", "nydus-py", ref)
+    cid = "commit-c1"
+    fifo = str(stack.cd.work / "fifo")
+    stack.cd.run(stack.ctr, "run", "-d", "--snapshotter", "nydus-py", "--runc-root", str(stack.cd.runc_root),
+                 "--fifo-dir", fifo, ref, cid, "/bin/busybox", "sleep", "600")
+    target = f"{plain_registry.host}/snap/app:committed"
+    try:
+        stack.cd.run(stack.ctr, "tasks", "exec", "--exec-id", "w1", "--fifo-dir", fifo, cid, "/bin/busybox", "sh",
+                     "-c", "echo committed > /committed.txt && rm /etc/passwd && mkdir -p /data/newdir && "
+                           "echo x > /data/newdir/f")
+        out = tmp_path / "commit.json"
+        env = dict(os.environ, PYTHONPATH=str(REPO), DOCKER_CONFIG="/nonexistent-docker-config")
+        r = subprocess.run([sys.executable, "-m", "nydus_py.cli.nydusify", "commit", "--container", cid[:9],
+                            "--target", target, "--containerd-address", f"unix://{stack.cd.sock}", "--plain-http",
+                            "--output-json", str(out)], capture_output=True, text=True, timeout=300, cwd=str(REPO),
+                           env=env)
+        assert r.returncode == 0, r.stderr + stack.logs()
+        res = json.loads(out.read_text())
+        assert res["container"] == cid and res["paused"] and res["committed_layers"] == 1 and res["blob_id"]
+        tasks = stack.cd.run(stack.ctr, "tasks", "ls").stdout
+        assert any(line.split()[:1] == [cid] and "RUNNING" in line for line in tasks.splitlines()), tasks
+        m = manifest(plain_registry, "snap/app", "committed")
+        assert m["layers"][-1]["annotations"]["containerd.io/snapshot/nydus-commit-blobs"] == f"sha256:{res['blob_id']}"
+        r = subprocess.run([sys.executable, "-m", "nydus_py.cli.nydusify", "check", "--plain-http", "--target", target],
+                           capture_output=True, text=True, timeout=300, cwd=str(REPO), env=env)
+        assert r.returncode == 0, r.stderr
+        stack.cd.run(stack.ctr_remote, "images", "rpull", "--plain-http", "--snapshotter", "nydus-py", target)
+        got = stack.cd.ctr_run(target, "commit-c2", "/bin/busybox", "sh", "-c",
+                               "cat /committed.txt; test -e /etc/passwd || echo passwd-gone; cat /data/newdir/f; "
+                               "cat /.dotfile")
+        dotfile = next(e.data for layer in img.layers for e in layer.entries if e.name == ".dotfile")
+        assert got == "committed\npasswd-gone\nx\n" + dotfile.decode(), stack.logs()
+    finally:
+        stack.cd.run(stack.ctr, "tasks", "kill", "-s", "SIGKILL", cid, check=False)
+        with contextlib.suppress(WaitTimeout):
+            wait_until(lambda: "RUNNING" not in stack.cd.run(stack.ctr, "tasks", "ls").stdout, 20,
+                       "the committed container's task to end")
+        stack.cd.run(stack.ctr, "tasks", "delete", "-f", cid, check=False)
+        stack.cd.run(stack.ctr, "containers", "delete", cid, check=False)
+        stack.cd.run(stack.ctr, "images", "rm", "--sync", ref, target, check=False)
