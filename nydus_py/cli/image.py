@@ -38,6 +38,7 @@ from ..rafs.constants import MAX_CHUNK_SIZE, MIN_CHUNK_SIZE, Compressor, Digeste
 from ..rafs.errors import FormatError
 
 PROG = "nydus-image-py"
+log = logging.getLogger(PROG)
 SOURCE_TYPES = ("dir-rafs", "tar-rafs", "targz-rafs")
 
 
@@ -182,6 +183,17 @@ def _parser() -> argparse.ArgumentParser:
     op.add_argument("--output-bootstrap", "-O", help="bootstrap to write (default: BOOTSTRAP.optimized)")
     op.add_argument("--output-blob-dir", help="where the new blob goes (default: the blob dir)")
     op.add_argument("--output-json", metavar="FILE", help="write the result as JSON")
+
+    cd = sub.add_parser("chunkdict", help="chunk dictionaries").add_subparsers(dest="chunkdict_command", required=True)
+    g = cd.add_parser("generate", help="a chunk dictionary bootstrap of the chunks several images share")
+    g.add_argument("sources", nargs="+", metavar="BOOTSTRAP", help="bootstraps of the images")
+    g.add_argument("--bootstrap", "-B", required=True, help="dictionary bootstrap to write")
+    g.add_argument("--blob-dir", "-D", help="accepted (the dictionary stores no data: its chunks stay in the "
+                                            "sources' blobs)")
+    g.add_argument("--database", help="accepted; no SQLite store is kept (the chunks are counted in memory)")
+    g.add_argument("--min-images", type=int, default=2, metavar="N",
+                   help="keep a chunk found in at least N of the images (default 2)")
+    g.add_argument("--output-json", metavar="FILE", help="write the result as JSON")
 
     u = sub.add_parser("unpack", help="write the image as a tar")
     u.add_argument("--bootstrap", "-B", required=True)
@@ -609,7 +621,29 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chunkdict(a: argparse.Namespace) -> int:
+    import contextlib
+    import tempfile
+
+    from ..builder.chunkdict import generate_chunkdict
+    from ..rafs import open_bootstrap
+
+    if a.database:
+        log.info("--database %s is not used: chunks are counted in memory", a.database)
+    with contextlib.ExitStack() as stack:
+        images = [stack.enter_context(open_bootstrap(p)) for p in a.sources]
+        blob_dir = a.blob_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="chunkdict-"))
+        result = generate_chunkdict(images, a.bootstrap, blob_dir, a.min_images)
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(dataclasses.asdict(result), f, indent=2)
+    print(f"chunk dictionary {a.bootstrap}: {result.chunks} of {result.distinct_chunks} distinct chunks "
+          f"({human_size(result.uncompressed_bytes)}) in {len(result.blob_ids)} blobs of {result.images} images")
+    return 0
+
+
 COMMANDS = {
+    "chunkdict": cmd_chunkdict,
     "optimize": cmd_optimize,
     "compact": cmd_compact,
     "stat": cmd_stat,

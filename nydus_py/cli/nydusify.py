@@ -7,6 +7,7 @@ and the tools around it (peer of nydusify's `convert`, `check`, `copy`, `mount`/
     nydusify-py mount   --target REF --mount-path DIR      (cli/nydusify_mount.py)
     nydusify-py optimize --source REF --target REF --prefetch-files FILE  (cli/nydusify_optimize.py)
     nydusify-py commit  --container ID --target REF        (cli/nydusify_commit.py)
+    nydusify-py chunkdict generate --sources REF,REF --target REF  (cli/nydusify_chunkdict.py)
 
 Credentials: `--source-auth/--target-auth USER:PASSWORD`, else the registry's entry in the
 docker config.json (`$DOCKER_CONFIG`, `~/.docker`), else anonymous; bearer tokens are fetched as
@@ -57,7 +58,14 @@ from ..convert.push_retry import DEFAULT_COUNT, PushRetry
 from ..convert.reference import parse_reference
 from ..convert.reuse import cache_ref_for
 from ..rafs.errors import FormatError
-from . import nydusify_check, nydusify_commit, nydusify_copy, nydusify_mount, nydusify_optimize
+from . import (
+    nydusify_check,
+    nydusify_chunkdict,
+    nydusify_commit,
+    nydusify_copy,
+    nydusify_mount,
+    nydusify_optimize,
+)
 from .envflags import apply_env
 from .image import _chunk_size, add_limit_args, limits_from_args
 
@@ -148,6 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     nydusify_mount.add_parser(sub)
     nydusify_optimize.add_parser(sub)
     nydusify_commit.add_parser(sub)
+    nydusify_chunkdict.add_parser(sub)
     return p
 
 

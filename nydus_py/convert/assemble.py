@@ -34,6 +34,8 @@ class Assembly:
     bootstrap_path: str
     annotations: dict[str, str] = field(default_factory=dict)  # added to the bootstrap layer's
     history: dict[str, Any] | None = None  # appended to the config's history
+    # where a source blob comes from when not from the one source (several source images)
+    blob_sources: dict[str, tuple[RegistryClient, Endpoint]] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,8 +84,8 @@ async def push_assembly(a: Assembly, src: RegistryClient, src_ep: Endpoint, dst:
             sent = await dst.push_blob_file(path, digest, piece=piece_size)
             status[digest] = "uploaded" if sent else "present"
         else:
-            status[digest] = await place_blob(dst, dst_ep, RemoteBlob(digest, sizes[b], src, src_ep), work,
-                                              piece_size)
+            client, ep = a.blob_sources.get(b, (src, src_ep))
+            status[digest] = await place_blob(dst, dst_ep, RemoteBlob(digest, sizes[b], client, ep), work, piece_size)
 
     try:
         await gather_or_cancel(one(b) for b in a.blob_ids)

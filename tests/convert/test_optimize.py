@@ -98,3 +98,43 @@ def test_optimize_errors(tmp_path, nydus_image, plain_registry):
     r = nydusify("optimize", "--source", nydus, "--target", f"{plain_registry.host}/opt/x:v1", "--plain-http",
                  "--prefetch-files", str(hints), "--policy", "other")
     assert r.returncode == 1 and "only separated-blob-with-prefetch-files" in r.stderr, r.stderr
+
+
+def test_chunkdict_generate_then_convert_with_it(tmp_path, plain_registry):
+    """`nydusify-py chunkdict generate` over two converted images that share files, then a third
+    image converted with `--chunk-dict` that dictionary: it stores less, references the
+    dictionary's blobs (present in its repository) and checks equal to its source."""
+    rng = random.Random(33)
+    shared = [oi.Entry("lib", "dir", mode=0o755)] + [oi.Entry(f"lib/s{i}", data=rng.randbytes(50_000 + i))
+                                                   for i in range(4)]
+    refs = []
+    for name in ("one", "two", "three"):
+        own = [oi.Entry(f"{name}.bin", data=rng.randbytes(40_000))]
+        img = oi.make_image([oi.compress(oi.Layer(shared + own, "gzip"))])
+        regpush.push_image(plain_registry.url, f"cd/{name}", "v1", img)
+        refs.append(f"{plain_registry.host}/cd/{name}:v1")
+    for ref in refs[:2]:
+        r = nydusify("convert", "-q", "--source", ref, "--target", ref + "-nydus", "--plain-http",
+                     "--fs-chunk-size", "0x4000")
+        assert r.returncode == 0, r.stderr
+    dict_ref = f"{plain_registry.host}/cd/dict:v1"
+    out = tmp_path / "d.json"
+    r = nydusify("chunkdict", "generate", "--sources", ",".join(x + "-nydus" for x in refs[:2]), "--target", dict_ref,
+                 "--plain-http", "--output-json", str(out))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["chunks"] == sum(-(-(50_000 + i) // 0x4000) for i in range(4))
+    assert set(res["blobs"].values()) == {"mounted"}
+    m = get_manifest(plain_registry, "cd/dict", "v1")
+    assert m["layers"][-1]["annotations"][oci.ANNO_NYDUS_BOOTSTRAP] == "true"
+    third = f"{plain_registry.host}/cd/three:v1-nydus"
+    plain, with_dict = tmp_path / "plain.json", tmp_path / "dict.json"
+    for target, out_json, extra in ((third + "plain", plain, ()), (third, with_dict, ("--chunk-dict", dict_ref))):
+        r = nydusify("convert", "-q", "--source", refs[2], "--target", target, "--plain-http",
+                     "--fs-chunk-size", "0x4000", "--output-json", str(out_json), *extra)
+        assert r.returncode == 0, r.stderr
+    a, b = json.loads(plain.read_text()), json.loads(with_dict.read_text())
+    assert b["dict_blobs"] and not a["dict_blobs"]
+    assert b["uploaded_bytes"] < a["uploaded_bytes"] / 2  # the shared files' chunks are the dictionary's
+    r = nydusify("check", "--plain-http", "--source", refs[2], "--target", third)
+    assert r.returncode == 0, r.stderr
