@@ -111,3 +111,30 @@ def test_plain_path_list_and_one_blob_file(tmp_path: Path, capsys: pytest.Captur
 def test_bad_hint_files(text: bytes, message: str):
     with pytest.raises(ValueError, match=message.replace("[", r"\[").replace("{", r"\{")):
         parse_prefetch_files(text)
+
+
+@pytest.mark.parametrize("boot", ["v5-blake3-lz4.boot", "v5-sha256-none.boot"])
+def test_optimize_an_image_made_by_nydus(tmp_path: Path, capsys: pytest.CaptureFixture[str], boot: str):
+    """Upstream-made images (the shared fixtures): the optimized image checks and unpacks to the
+    same tree as the original."""
+    from tests.conftest import NYDUS_FIXTURES
+
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    for b in (NYDUS_FIXTURES / "blobs").iterdir():
+        os.symlink(b, blobs / b.name)
+    with open_bootstrap(str(NYDUS_FIXTURES / boot)) as img:
+        files = [p for p, ino in img.walk() if stat.S_ISREG(img.getattr(ino).mode) and img.getattr(ino).size > 0]
+    (tmp_path / "hints.txt").write_bytes(b"\n".join(files[::3]) + b"\n")
+    rc, _, err = run(capsys, "optimize", "-B", NYDUS_FIXTURES / boot, "-D", blobs, "-p", tmp_path / "hints.txt",
+                     "-O", tmp_path / "opt.boot", "--output-blob-dir", tmp_path / "out", "--output-json",
+                     tmp_path / "r.json")
+    assert rc == 0, err
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["files"] == len(files[::3]) and res["chunks_moved"] > 0
+    os.symlink(tmp_path / "out" / res["blob_id"], blobs / res["blob_id"])
+    assert run(capsys, "check", "--bootstrap", tmp_path / "opt.boot", "--blob-dir", blobs)[0] == 0
+    for name, b in (("orig", NYDUS_FIXTURES / boot), ("opt", tmp_path / "opt.boot")):
+        rc, _, err = run(capsys, "unpack", "--bootstrap", b, "--blob-dir", blobs, "--output", tmp_path / f"{name}.tar")
+        assert rc == 0, err
+    assert describe(tree_from_tar(tmp_path / "opt.tar")) == describe(tree_from_tar(tmp_path / "orig.tar"))
