@@ -62,7 +62,7 @@ class ApiServer:
         self.executor: ThreadPoolExecutor | None = None
         api.blocking = self._blocking
         self.accept_errors = 0  # accept() failures (EMFILE...), each logged
-        self.protocol_errors = 0  # requests refused by the HTTP layer
+        self.protocol_errors = 0  # requests refused by the HTTP layer, each logged (info)
         self._conns: set[socket.socket] = set()
         self._busy = 0
         self._cond = threading.Condition()
@@ -157,8 +157,7 @@ class ApiServer:
                     return
                 conn.start_next_cycle()
         except h11.RemoteProtocolError as e:
-            self.protocol_errors += 1
-            log.info("%s: refused malformed HTTP: %s", self.name, e)
+            self._count_protocol_error(e)
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 with contextlib.suppress(OSError, h11.LocalProtocolError):
                     self._send(conn, sock, error_response(e.error_status_hint, f"BadRequest: {e}"), False)
@@ -183,56 +182,47 @@ class ApiServer:
         """Answer one request; False when the connection must be closed after it."""
         method = req.method.decode("ascii")
         head = method == "HEAD"
-        if len(req.headers) > MAX_HEADERS or len(req.target) + sum(len(n) + len(v) + 4 for n, v in req.headers) > MAX_HEAD:
-            self.protocol_errors += 1
-            self._send(conn, sock, error_response(431, "BadRequest: request head too large"), head)
-            return False
-        path, query = parse_target(req.target.decode("ascii", "surrogateescape"))
-        found = self.api.route(method, path)
-        if isinstance(found, Response):
-            with self._answering():
-                self._send(conn, sock, found, head)
-            return self._drain(conn, sock)
-        if _declared_length(req) > MAX_BODY:
-            self._send(conn, sock, too_large(), head)
-            return False
-        body = self._read_body(conn, sock)
-        if body is None:
-            self._send(conn, sock, too_large(), head)
-            return False
         with self._answering():
+            if _head_too_large(req):
+                self._count_protocol_error("request head too large")
+                self._send(conn, sock, error_response(431, "BadRequest: request head too large"), head)
+                return False
+            path, query = parse_target(req.target.decode("ascii", "surrogateescape"))
+            found = self.api.route(method, path)
+            if isinstance(found, Response):  # (before the body, like upstream)
+                self._send(conn, sock, found, head)
+                return conn.their_state is h11.DONE or (
+                    not conn.they_are_waiting_for_100_continue and self._read_body(conn, sock) is not None)
+            if _declared_length(req) > MAX_BODY:
+                self._send(conn, sock, too_large(), head)
+                return False
+        body = self._read_body(conn, sock)  # (not busy: a client may hold its body back for ever)
+        with self._answering():
+            if body is None:
+                self._send(conn, sock, too_large(), head)
+                return False
             self._send(conn, sock, self.api.call(found, Request(method, path, query, body)), head)
         return True
 
     def _read_body(self, conn: h11.Connection, sock: socket.socket) -> bytes | None:
+        """The request's body, or None when it is over MAX_BODY (not all of it is read then)."""
         parts: list[bytes] = []
         size = 0
         while True:
             event = self._next(conn, sock)
             if isinstance(event, h11.EndOfMessage):
                 return b"".join(parts)
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > MAX_BODY:
-                    return None
-                parts.append(bytes(event.data))
+            if not isinstance(event, h11.Data):
+                raise h11.RemoteProtocolError(f"unexpected {type(event).__name__} in a request body")
+            size += len(event.data)
+            if size > MAX_BODY:
+                return None
+            parts.append(bytes(event.data))
 
-    def _drain(self, conn: h11.Connection, sock: socket.socket) -> bool:
-        """After an answer sent before the body was read: read the body away (the connection
-        stays usable), or say to close it (a body too large, or one the client holds back)."""
-        if conn.their_state is h11.DONE:
-            return True
-        if conn.they_are_waiting_for_100_continue:
-            return False
-        size = 0
-        while True:
-            event = self._next(conn, sock)
-            if isinstance(event, h11.EndOfMessage):
-                return True
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > MAX_BODY:
-                    return False
+    def _count_protocol_error(self, what: object) -> None:
+        with self._cond:
+            self.protocol_errors += 1
+        log.info("%s: refused malformed HTTP: %s", self.name, what)
 
     def _send(self, conn: h11.Connection, sock: socket.socket, resp: Response, head: bool) -> None:
         headers = [("Server", SERVER), ("Content-Type", resp.content_type)]
@@ -262,6 +252,11 @@ class ApiServer:
                 left -= len(chunk)
 
 
+def _head_too_large(req: h11.Request) -> bool:
+    size = len(req.target) + sum(len(name) + len(value) + 4 for name, value in req.headers)
+    return len(req.headers) > MAX_HEADERS or size > MAX_HEAD
+
+
 def _declared_length(req: h11.Request) -> int:
     for name, value in req.headers:
         if name == b"content-length":
@@ -276,6 +271,7 @@ def serve_unix(service: Any, path: str) -> ApiServer:
 
 def serve_metrics_tcp(service: Any, host: str, port: int) -> ApiServer:
     """`/metrics` alone, for the optional TCP listener (the control API stays on the unix socket)."""
+    host = host.strip("[]")  # ([::1]:9100)
     family, _, _, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     sock = socket.create_server(addr[:2], family=family)
     return ApiServer(HttpApi(service, METRICS_ONLY), sock, "metrics").start()

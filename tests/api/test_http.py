@@ -311,8 +311,6 @@ def test_config_overrides_and_log_level(tmp_path: Path, images: list[Image]) -> 
 
 def test_slow_mount_does_not_stall_the_api(tmp_path: Path) -> None:
     """A mount runs on the API worker thread: state polls and metrics answer meanwhile."""
-    import threading
-
     from nydus_py.daemon.instance import Instance, register_fs_type
     from nydus_py.metrics.fsstats import FsStats
     from tests.fuse.memfs import MemFS

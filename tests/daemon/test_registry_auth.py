@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.api.test_http import Client, serving
 from nydus_py.daemon.service import DaemonOptions, DaemonService
 from nydus_py.fuse.api import FuseError
 from nydus_py.storage.registry import RegistryBackend, parse_registry_config
+from tests.api.test_http import Client, serving
 from tests.storage import images as timg
 from tests.storage import registry_rig as rig
 from tests.storage.conftest import basic_registry, registry_bin, registry_root  # noqa: F401 - fixtures
