@@ -77,6 +77,10 @@ class ApiServer:
         self._thread.start()
         return self
 
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
     def close(self, grace: float = CLOSE_GRACE_S) -> None:
         with self._cond:
             if self._closing:

@@ -317,7 +317,10 @@ def test_slow_mount_does_not_stall_the_api(tmp_path: Path) -> None:
 
     entered, release = threading.Event(), threading.Event()
 
+    threads: list[str] = []
+
     def slow_factory(mountpoint: str, cmd: Any, default: Any) -> Instance:
+        threads.append(threading.current_thread().name)
         entered.set()
         assert release.wait(30)
         return Instance(mountpoint, cmd, MemFS(), "Rafs", FsStats(mountpoint))
@@ -342,6 +345,7 @@ def test_slow_mount_does_not_stall_the_api(tmp_path: Path) -> None:
         release.set()
         mount.join(30)
         assert answers[0].status == 204
+        assert threads[0].startswith("api-worker"), threads  # (not the connection's thread)
         assert "/slow" in (c.get(f"{V1}/daemon").json())["backend_collection"]
 
     run(svc, go)
