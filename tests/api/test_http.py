@@ -317,16 +317,21 @@ def test_slow_mount_does_not_stall_the_api(tmp_path: Path) -> None:
 
     entered, release = threading.Event(), threading.Event()
 
-    threads: list[str] = []
-
     def slow_factory(mountpoint: str, cmd: Any, default: Any) -> Instance:
-        threads.append(threading.current_thread().name)
         entered.set()
         assert release.wait(30)
         return Instance(mountpoint, cmd, MemFS(), "Rafs", FsStats(mountpoint))
 
     register_fs_type(("test-slowfs",), slow_factory)
     svc = new_service(tmp_path)
+    threads: list[str] = []
+    real_mount = svc.mount
+
+    def mount_recording_its_thread(*args: Any) -> None:
+        threads.append(threading.current_thread().name)
+        real_mount(*args)
+
+    svc.mount = mount_recording_its_thread  # type: ignore[method-assign]
 
     def go(c: Client) -> None:
         body = {"fs_type": "test-slowfs", "source": "x", "config": ""}
