@@ -5,8 +5,8 @@ unknown path is 404, a known path with the wrong method 400, both with the `{cod
 Every answer is `Content-Type: application/json` (but the Prometheus text); success is 200 with JSON
 or 204 with no body. Endpoints that take no body refuse a non-empty one. Calls that mount, unmount
 or change state go through `blocking`, which the transport (`api.server`) points at its worker
-threads, so polls and metrics keep answering while a mount loads its bootstrap.
-`prometheus_client` (10 MiB with the ssl and email it imports) is loaded at the first scrape.
+threads, so polls and metrics keep answering while a mount loads its bootstrap. The Prometheus
+page's collector is made at the first scrape.
 """
 
 import json
