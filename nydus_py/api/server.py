@@ -1,12 +1,13 @@
 """The HTTP API's transport: HTTP/1.1 (h11, sans-IO) over a listening socket, one thread per
 connection, so a slow or half-open client holds only its own thread.
 
-Why not aiohttp: its server with asyncio and ssl took an idle daemon with an API socket from
-22 to 43 MiB (issue 12's goal is 25). An idle connection costs a thread here (~27 KiB of RSS). Idle keep-alive connections are never closed by the server:
-the snapshotter's liveness monitor holds one open without ever using it. Blocking calls (mount,
-umount, takeover...) run on a few worker threads shared by all connections. A body over
-`MAX_BODY` is refused with 413 without being read, malformed HTTP with nydusd's error body and a
-closed connection. `close()` lets requests being answered finish (briefly), then hangs up.
+Why not aiohttp: its server with asyncio and ssl took an idle daemon with an API socket from 22
+to 43 MiB (issue 12's goal is 25); an idle connection costs a thread here (~27 KiB of RSS).
+Idle keep-alive connections are never closed by the server: the snapshotter's liveness monitor
+holds one open without ever using it. Blocking calls (mount, umount, takeover...) run on a few
+worker threads shared by all connections. A body over `MAX_BODY` is refused with 413 without
+being read, malformed HTTP with nydusd's error body and a closed connection. `close()` lets the
+answers being written go out (briefly), then hangs up.
 """
 
 import contextlib
@@ -168,6 +169,8 @@ class ApiServer:
                     self._linger(sock)
         except OSError:
             pass  # the client went away
+        except Exception:  # a bug of ours: this connection ends, the server goes on
+            log.exception("%s: connection failed", self.name)
         finally:
             with self._cond:
                 self._conns.discard(sock)
