@@ -6,10 +6,9 @@ Kata poll for the file, then for RUNNING). With `--upgrade`, or when the previou
 (the mountpoint is still mounted and `--apisock` exists but refuses connections), nothing is
 mounted: the daemon stays in INIT with its API up and waits for the supervisor's takeover.
 
-The asyncio loop (HTTP API) runs in the main thread; FUSE workers, the gRPC server and blocking
-API calls run in their own threads. A daemon with no API at all (no --apisock, gRPC or metrics
-address) runs the same life cycle without an event loop and never imports asyncio (with it ssl
-and aiohttp): about 8 MiB of RSS and 20 ms of CPU it would not use. SIGTERM/SIGINT unmount (lazily) and exit 0; `PUT
+The main thread waits for signals and the exit request; FUSE workers, the HTTP API (api.server:
+a thread per connection, no event loop, so neither asyncio nor ssl nor aiohttp is loaded by it),
+the gRPC server and blocking API calls run in their own threads. SIGTERM/SIGINT unmount (lazily) and exit 0; `PUT
 /api/v1/daemon/exit` exits 0 without unmounting; the FUSE session ending (unmounted by someone
 else) exits 0. Start-up failures print `Error: ...` and exit 1; usage errors exit 2.
 """
@@ -27,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    import asyncio
+    from ..api.server import ApiServer
 
 from ..config import ConfigError, ParsedConfig, parse_any, read_config_file
 from ..daemon.errors import ApiError
@@ -122,7 +121,7 @@ class Daemon:
             case_insensitive=bool(getattr(args, "case_insensitive", False)))
         self.events = setup_logging(args.log_level, args.log_file, args.log_rotation_size)
         self.service = DaemonService(self.opts, self.events)
-        self.runners: list[Any] = []
+        self.servers: list[ApiServer] = []
         self.grpc_server: Any = None
         self.kernel = False  # the dedicated mount is served by the kernel EROFS driver
 
@@ -224,24 +223,24 @@ class Daemon:
         svc.sm.fire(Event.START)
         log.info("serving virtio-fs on %s (%d request queue(s), %d workers each)", self.args.sock, queues, workers)
 
-    async def start_apis(self) -> None:
+    def start_apis(self) -> None:
         a = self.args
-        if not (a.metrics_addr or a.grpc_sock or self.opts.apisock):
-            return  # no API: aiohttp is never imported (its import is ~0.1 s of CPU after the mount shows)
-        # imported here: aiohttp and grpc cost RSS that the daemon pays only for the APIs it runs
-        from ..api.http import make_app, metrics_only_app, start_tcp_site, start_unix_site
+        if not self.has_api():
+            return
+        # imported here: a daemon pays for the API servers it runs only (grpc is ~10 MiB)
+        from ..api.server import serve_metrics_tcp, serve_unix
 
         # the HTTP socket last: clients take its appearance as "the daemon is up"
         if a.metrics_addr:
             host, _, port = a.metrics_addr.rpartition(":")
-            self.runners.append(await start_tcp_site(metrics_only_app(self.service), host or "127.0.0.1", int(port)))
+            self.servers.append(serve_metrics_tcp(self.service, host or "127.0.0.1", int(port)))
         if a.grpc_sock:
             from ..api.grpc_server import serve_grpc
 
             self.grpc_server = serve_grpc(self.service, a.grpc_sock)
             log.info("gRPC API listening on %s", a.grpc_sock)
         if self.opts.apisock:
-            self.runners.append(await start_unix_site(make_app(self.service), self.opts.apisock))
+            self.servers.append(serve_unix(self.service, self.opts.apisock))
             log.info("API listening on %s", self.opts.apisock)
 
     # -- running -----------------------------------------------------------------------------------
@@ -276,9 +275,9 @@ class Daemon:
             else:
                 self.start_virtiofs()
 
-    def run_without_loop(self) -> int:
-        """The life cycle of `run` for a daemon with no API: signals and the exit request are
-        waited for on a threading.Event in the main thread, no event loop."""
+    def run(self) -> int:
+        """Signals and the exit request are waited for on a threading.Event in the main thread;
+        the API servers run on their own threads (no event loop: see api.server)."""
         svc = self.service
         stop = threading.Event()
         svc.on_exit = stop.set
@@ -286,7 +285,9 @@ class Daemon:
         pending: list[int] = []
 
         def on_signal(sig: int, _frame: object) -> None:
-            # as in `run`: a signal during the mount is acted on once the mount is complete
+            # a SIGTERM that arrives while we mount must not kill us with the default action
+            # (leaving a dead mount behind): it is acted on once the mount is complete and
+            # shutdown() can undo it
             if started.is_set():
                 self._shutdown_on(sig)
             else:
@@ -296,6 +297,10 @@ class Daemon:
             signal.signal(sig, on_signal)
         t0 = time.monotonic()
         self._start()
+        try:
+            self.start_apis()
+        except OSError as e:
+            raise StartupError(f"API socket: {e}") from None
         started.set()
         log.info("state %s %.0f ms after start", svc.state.value, (time.monotonic() - t0) * 1000)
         trim_heap()  # (the start-up's garbage, once serving: daemon.heap)
@@ -304,61 +309,24 @@ class Daemon:
         threading.Thread(target=self._watch_transport, name="transport-watch", daemon=True).start()
         while not stop.wait(1.0):  # (a timed wait: signal handlers run between waits)
             pass
-        code, unmount = svc.exit_request or (0, True)
-        self._stop_transport(unmount)
-        log.info("exit %d", code)
-        return code
+        return self.finish()
 
     def _shutdown_on(self, sig: int) -> None:
         log.info("signal %s: shutting down", signal.Signals(sig).name)
         threading.Thread(target=self.service.shutdown, name="shutdown", daemon=True).start()
 
-    async def run(self) -> int:
-        import asyncio
-
-        loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
-        svc = self.service
-        def wake() -> None:
-            loop.call_soon_threadsafe(stop.set)
-
-        svc.on_exit = wake
-        t0 = time.monotonic()
-        # Handlers first: a SIGTERM that arrives while we mount must not kill us with the default
-        # action (leaving a dead mount behind); asyncio queues it until the first await below,
-        # when the mount is complete and shutdown() can undo it.
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._on_signal, loop, sig)
-        self._start()
-        try:
-            await self.start_apis()
-        except OSError as e:
-            raise StartupError(f"API socket: {e}") from None
-        log.info("state %s %.0f ms after start", svc.state.value, (time.monotonic() - t0) * 1000)
-        trim_heap()  # (the start-up's garbage, once serving: daemon.heap)
-        threading.Thread(target=self._watch_transport, name="transport-watch", daemon=True).start()
-        await stop.wait()
-        return await self.finish()
-
-    def _on_signal(self, loop: "asyncio.AbstractEventLoop", sig: int) -> None:
-        log.info("signal %s: shutting down", signal.Signals(sig).name)
-        loop.run_in_executor(None, self.service.shutdown)
-
-    async def finish(self) -> int:
-        import asyncio
-
+    def finish(self) -> int:
         svc = self.service
         code, unmount = svc.exit_request or (0, True)
-        for runner in self.runners:
-            with contextlib.suppress(Exception):
-                await runner.cleanup()
+        for server in self.servers:
+            server.close()
         if self.grpc_server is not None:
             self.grpc_server.stop(0.5)
         for path in (self.opts.apisock, getattr(self.args, "grpc_sock", None)):
             if path:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(path)
-        await asyncio.get_running_loop().run_in_executor(None, self._stop_transport, unmount)
+        self._stop_transport(unmount)
         log.info("exit %d", code)
         return code
 
@@ -385,11 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon = Daemon(args)
         set_rlimit_nofile(args.rlimit_nofile)
-        if not daemon.has_api():
-            return daemon.run_without_loop()
-        import asyncio
-
-        return asyncio.run(daemon.run())
+        return daemon.run()
     except StartupError as e:
         log.error("%s", e)
         print(f"Error: {e}", file=sys.stderr)

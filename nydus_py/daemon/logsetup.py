@@ -118,8 +118,6 @@ def setup_logging(level: str, log_file: str | None = None, rotation_mib: int = 0
     ring = EventRing()
     root.addHandler(ring)
     set_level(level)
-    # aiohttp's access log would print every API call at INFO; keep it to debug runs
-    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     return ring
 
 

@@ -1,22 +1,26 @@
-"""The HTTP API on a service with no FUSE mount (mounts go into the VFS only): every route,
-status code and JSON field the snapshotter and Kata read, and bad input that changes nothing."""
+"""The HTTP API on a service with no FUSE mount (mounts go into the VFS only), served by
+`api.server` on a unix socket: every route, status code and JSON field the snapshotter and Kata
+read, and bad input that changes nothing."""
 
-import asyncio
 import json
 import logging
 import os
-from collections.abc import Awaitable, Callable
+import threading
+import urllib.parse
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from nydus_py.api.http import make_app
+from nydus_py.api.http_core import HttpApi
+from nydus_py.api.server import ApiServer
+from nydus_py.api.sockets import bind_unix
 from nydus_py.daemon.service import DaemonOptions, DaemonService
 from nydus_py.vfs import INO_SHIFT
-from tests.daemon.rig import Image, make_image, snapshotter_config
-from tests.waiting import async_wait_until
+from tests.daemon.rig import Api, Image, Resp, make_image, snapshotter_config
+from tests.waiting import wait_until
 
 V1 = "/api/v1"
 
@@ -27,12 +31,44 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> list[Image]:
     return [make_image(str(work), seed, files=12) for seed in range(3)]
 
 
-def run(service: DaemonService, fn: Callable[[TestClient], Awaitable[None]]) -> None:
-    async def main() -> None:
-        async with TestClient(TestServer(make_app(service))) as client:
-            await fn(client)
+class Client:
+    """The calls of aiohttp's test client these tests make, over one keep-alive connection."""
 
-    asyncio.run(main())
+    def __init__(self, sock: str) -> None:
+        self.api = Api(sock)
+
+    def request(self, method: str, url: str, params: dict[str, str] | None = None, json: Any = None,
+                data: bytes | None = None) -> Resp:
+        path, _, raw = url.partition("?")
+        if params:
+            raw = (raw + "&" if raw else "") + urllib.parse.urlencode(params)
+        return self.api.request(method, path, body=data if json is None else json, raw_query=raw or None)
+
+    def get(self, url: str, **kw: Any) -> Resp:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw: Any) -> Resp:
+        return self.request("POST", url, **kw)
+
+    def put(self, url: str, **kw: Any) -> Resp:
+        return self.request("PUT", url, **kw)
+
+    def delete(self, url: str, **kw: Any) -> Resp:
+        return self.request("DELETE", url, **kw)
+
+
+@contextmanager
+def serving(service: DaemonService, sock: str) -> Iterator[Client]:
+    server = ApiServer(HttpApi(service), bind_unix(sock)).start()
+    try:
+        yield Client(sock)
+    finally:
+        server.close()
+
+
+def run(service: DaemonService, fn: Callable[[Client], None]) -> None:
+    with serving(service, os.path.join(service.opts.mountpoint, "api.sock")) as client:
+        fn(client)
 
 
 def new_service(tmp_path: Path) -> DaemonService:
@@ -43,11 +79,11 @@ def mount_body(img: Image, sid: str, **extra: Any) -> dict[str, Any]:
     return {"fs_type": "rafs", "source": img.boot, "config": snapshotter_config(img.blobs, sid), **extra}
 
 
-async def expect_error(resp: Any, status: int) -> dict[str, Any]:
-    assert resp.status == status, (resp.status, await resp.text())
-    assert resp.headers["Content-Type"] == "application/json"
-    assert resp.headers["Server"] == "Nydus API"
-    body = await resp.json()
+def expect_error(resp: Resp, status: int) -> dict[str, Any]:
+    assert resp.status == status, (resp.status, resp.body)
+    assert resp.headers["content-type"] == "application/json"
+    assert resp.headers["server"] == "Nydus API"
+    body = resp.json()
     assert set(body) == {"code", "message"} and body["message"]
     return body
 
@@ -55,27 +91,27 @@ async def expect_error(resp: Any, status: int) -> dict[str, Any]:
 def test_daemon_info_and_shared_mounts(tmp_path: Path, images: list[Image]) -> None:
     svc = new_service(tmp_path)
 
-    async def go(c: TestClient) -> None:
-        r = await c.get(f"{V1}/daemon")
-        assert r.status == 200 and r.headers["Server"] == "Nydus API"
-        info = await r.json()
+    def go(c: Client) -> None:
+        r = c.get(f"{V1}/daemon")
+        assert r.status == 200 and r.headers["server"] == "Nydus API"
+        info = r.json()
         assert info["state"] == "INIT" and info["id"] is None and info["backend_collection"] == {}
         assert set(info["version"]) == {"package_ver", "git_commit", "build_time", "profile", "rustc"}
         assert len(info["version"]["git_commit"]) == 40
         for i, img in enumerate(images):
             # the snapshotter percent-encodes the query, Kata Go does not
             q = f"mountpoint=%2Fsnap{i}" if i % 2 else f"mountpoint=/snap{i}"
-            r = await c.post(f"{V1}/mount?{q}", json=mount_body(img, f"snap{i}"))
-            assert r.status == 204, await r.text()
-            assert r.headers["Content-Type"] == "application/json" and await r.read() == b""
-        info = await (await c.get(f"{V1}/daemon")).json()
+            r = c.post(f"{V1}/mount?{q}", json=mount_body(img, f"snap{i}"))
+            assert r.status == 204, r.body
+            assert r.headers["content-type"] == "application/json" and r.body == b""
+        info = c.get(f"{V1}/daemon").json()
         coll = info["backend_collection"]
         assert sorted(coll) == ["/snap0", "/snap1", "/snap2"]
         entry = coll["/snap1"]
         assert entry["backend_type"] == "Rafs" and entry["mountpoint"] == "/snap1"
         assert entry["config"]["version"] == 2 and entry["config"]["id"] == "/snap1"
         assert entry["config"]["backend"]["type"] == "localfs"
-        v2 = await (await c.get("/api/v2/daemon")).json()
+        v2 = c.get("/api/v2/daemon").json()
         assert v2["backend_collection"] is None and v2["state"] == "INIT"
         # the VFS routes each sub-tree to its own image with distinct inode numbers
         inos = set()
@@ -86,20 +122,20 @@ def test_daemon_info_and_shared_mounts(tmp_path: Path, images: list[Image]) -> N
             inos.add(ident.ino >> INO_SHIFT)
         assert len(inos) == 3
         # the superblock view
-        sb = await (await c.get(f"{V1}/daemon/backend", params={"mountpoint": "/snap0"})).json()
+        sb = c.get(f"{V1}/daemon/backend", params={"mountpoint": "/snap0"}).json()
         assert sb["version"] == 6 and sb["inodes_count"] > 12
         # remount: same index, the new image's content
         idx = svc.vfs.mounts()["/snap2"]
-        r = await c.put(f"{V1}/mount", params={"mountpoint": "/snap2"}, json=mount_body(images[0], "snap2"))
+        r = c.put(f"{V1}/mount", params={"mountpoint": "/snap2"}, json=mount_body(images[0], "snap2"))
         assert r.status == 204
         assert svc.vfs.mounts()["/snap2"] == idx
         root2 = svc.vfs.lookup(1, b"snap2")
         assert svc.vfs.read(svc.vfs.lookup(root2.ino, b"id-0").ino, 0, 0, 100) == images[0].files["id-0"]
         # umount, then the path is gone
-        r = await c.delete(f"{V1}/mount", params={"mountpoint": "/snap0"})
+        r = c.delete(f"{V1}/mount", params={"mountpoint": "/snap0"})
         assert r.status == 204
-        assert sorted((await (await c.get(f"{V1}/daemon")).json())["backend_collection"]) == ["/snap1", "/snap2"]
-        await expect_error(await c.delete(f"{V1}/mount", params={"mountpoint": "/snap0"}), 404)
+        assert sorted((c.get(f"{V1}/daemon").json())["backend_collection"]) == ["/snap1", "/snap2"]
+        expect_error(c.delete(f"{V1}/mount", params={"mountpoint": "/snap0"}), 404)
 
     run(svc, go)
     svc.close_all()
@@ -108,57 +144,57 @@ def test_daemon_info_and_shared_mounts(tmp_path: Path, images: list[Image]) -> N
 def test_metrics_endpoints(tmp_path: Path, images: list[Image]) -> None:
     svc = new_service(tmp_path)
 
-    async def go(c: TestClient) -> None:
+    def go(c: Client) -> None:
         # one mount: omitted id selects it (dedicated mode relies on this)
-        assert (await c.post(f"{V1}/mount?mountpoint=/s1", json=mount_body(images[0], "s1"))).status == 204
-        m = await (await c.get(f"{V1}/metrics")).json()
+        assert (c.post(f"{V1}/mount?mountpoint=/s1", json=mount_body(images[0], "s1"))).status == 204
+        m = c.get(f"{V1}/metrics").json()
         assert m["id"] == "/s1" and m["measure_latency"] is True
         for key, n in (("fop_hits", 15), ("fop_errors", 15), ("fop_cumulative_latency_total", 15),
                        ("block_count_read", 8), ("read_latency_dist", 8)):
             assert len(m[key]) == n and all(isinstance(v, int) for v in m[key]), key
         for key in ("files_account_enabled", "access_pattern_enabled", "data_read", "nr_opens"):
             assert key in m
-        bc = await (await c.get(f"{V1}/metrics/blobcache")).json()
+        bc = c.get(f"{V1}/metrics/blobcache").json()
         assert isinstance(bc["underlying_files"], list) and isinstance(bc["data_all_ready"], bool)
         for key in ("store_path", "partial_hits", "whole_hits", "total", "entries_count", "prefetch_data_amount",
                     "prefetch_requests_count", "prefetch_workers", "prefetch_cumulative_time_millis",
                     "buffered_backend_size"):
             assert key in bc, key
-        assert (await c.post(f"{V1}/mount?mountpoint=/s2", json=mount_body(images[1], "s2"))).status == 204
+        assert (c.post(f"{V1}/mount?mountpoint=/s2", json=mount_body(images[1], "s2"))).status == 204
         # two mounts: an omitted id is NoCounter (404); ids work with and without the leading /
-        await expect_error(await c.get(f"{V1}/metrics"), 404)
-        await expect_error(await c.get(f"{V1}/metrics/blobcache"), 404)
+        expect_error(c.get(f"{V1}/metrics"), 404)
+        expect_error(c.get(f"{V1}/metrics/blobcache"), 404)
         for ident in ("/s2", "s2", "%2Fs2"):
-            r = await c.get(f"{V1}/metrics/blobcache?id={ident}")
+            r = c.get(f"{V1}/metrics/blobcache?id={ident}")
             assert r.status == 200, ident
-            r = await c.get(f"{V1}/metrics?id={ident}")
-            assert (await r.json())["id"] == "/s2"
-        await expect_error(await c.get(f"{V1}/metrics", params={"id": "/nope"}), 404)
-        be = await (await c.get(f"{V1}/metrics/backend", params={"id": "/s1"})).json()
+            r = c.get(f"{V1}/metrics?id={ident}")
+            assert (r.json())["id"] == "/s2"
+        expect_error(c.get(f"{V1}/metrics", params={"id": "/nope"}), 404)
+        be = c.get(f"{V1}/metrics/backend", params={"id": "/s1"}).json()
         assert be["backend_type"] == "localfs" and len(be["read_latency_sizes_dist"]) == 8
         assert all(len(row) == 8 for row in be["read_latency_sizes_dist"])
         # reads through the VFS show up in the per-mount counters of the right mount only
         root = svc.vfs.lookup(1, b"s2")
         ident = svc.vfs.lookup(root.ino, b"id-1")
         svc.metrics.finished(svc.metrics.started(15, ident.ino, 7), (b"\x10\0\0\0\0\0\0\0" + bytes(8), b"x" * 9))
-        m2 = await (await c.get(f"{V1}/metrics", params={"id": "/s2"})).json()
-        m1 = await (await c.get(f"{V1}/metrics", params={"id": "/s1"})).json()
+        m2 = c.get(f"{V1}/metrics", params={"id": "/s2"}).json()
+        m1 = c.get(f"{V1}/metrics", params={"id": "/s1"}).json()
         assert m2["fop_hits"][4] == 1 and m2["data_read"] == 9 and m1["fop_hits"][4] == 0
-        files = await (await c.get(f"{V1}/metrics/files", params={"id": "/s2"})).json()
+        files = c.get(f"{V1}/metrics/files", params={"id": "/s2"}).json()
         assert files[str(ident.ino & ((1 << INO_SHIFT) - 1))]["data_read"] == 9
-        latest = await (await c.get(f"{V1}/metrics/files", params={"id": "/s2", "latest": "true"})).json()
+        latest = c.get(f"{V1}/metrics/files", params={"id": "/s2", "latest": "true"}).json()
         assert latest == [[ident.ino & ((1 << INO_SHIFT) - 1)]]
-        assert await (await c.get(f"{V1}/metrics/files", params={"id": "/s2", "latest": "true"})).json() == []
-        pattern = await (await c.get(f"{V1}/metrics/pattern", params={"id": "/s2"})).json()
+        assert c.get(f"{V1}/metrics/files", params={"id": "/s2", "latest": "true"}).json() == []
+        pattern = c.get(f"{V1}/metrics/pattern", params={"id": "/s2"}).json()
         assert pattern[0]["nr_read"] == 1 and pattern[0]["first_access_time_secs"] > 0
-        await expect_error(await c.get(f"{V1}/metrics/files", params={"id": "/s2", "latest": "maybe"}), 400)
+        expect_error(c.get(f"{V1}/metrics/files", params={"id": "/s2", "latest": "maybe"}), 400)
         # nothing in flight: 204
-        r = await c.get(f"{V1}/metrics/inflight")
+        r = c.get(f"{V1}/metrics/inflight")
         assert r.status == 204
         svc.metrics.started(15, ident.ino, 99)
-        ops = await (await c.get(f"{V1}/metrics/inflight")).json()
+        ops = c.get(f"{V1}/metrics/inflight").json()
         assert ops == [{"inode": ident.ino, "opcode": 15, "unique": 99, "timestamp_secs": ops[0]["timestamp_secs"]}]
-        text = await (await c.get("/metrics")).text()
+        text = c.get("/metrics").body.decode()
         assert 'nydusd_fuse_requests_total{mountpoint="/s2",op="read"} 1.0' in text
         assert "nydusd_backend_reads_total" in text and 'nydusd_state{state="INIT"} 1.0' in text
 
@@ -176,8 +212,8 @@ def test_bad_input_is_4xx_and_changes_nothing(tmp_path: Path, images: list[Image
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
 
-    async def go(c: TestClient) -> None:
-        assert (await c.post(f"{V1}/mount?mountpoint=/a", json=good)).status == 204
+    def go(c: Client) -> None:
+        assert (c.post(f"{V1}/mount?mountpoint=/a", json=good)).status == 204
         before = snapshot(svc)
         cases: list[tuple[str, str, Any, int]] = [
             ("POST", f"{V1}/mount?mountpoint=/b", b"{not json", 400),
@@ -220,8 +256,8 @@ def test_bad_input_is_4xx_and_changes_nothing(tmp_path: Path, images: list[Image
         ]
         for method, url, body, status in cases:
             data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
-            r = await c.request(method, url, data=data)
-            await expect_error(r, status)
+            r = c.request(method, url, data=data)
+            expect_error(r, status)
             assert snapshot(svc) == before, (method, url)
 
     run(svc, go)
@@ -231,11 +267,11 @@ def test_bad_input_is_4xx_and_changes_nothing(tmp_path: Path, images: list[Image
 def test_state_transitions_over_the_api(tmp_path: Path) -> None:
     svc = new_service(tmp_path)
 
-    async def go(c: TestClient) -> None:
-        assert (await c.put(f"{V1}/daemon/exit")).status == 204  # INIT -Stop-> STOPPED, no umount
+    def go(c: Client) -> None:
+        assert (c.put(f"{V1}/daemon/exit")).status == 204  # INIT -Stop-> STOPPED, no umount
         assert svc.state.value == "STOPPED" and svc.exit_request == (0, False)
-        await expect_error(await c.put(f"{V1}/daemon/exit"), 400)
-        await expect_error(await c.put(f"{V1}/daemon/start"), 400)
+        expect_error(c.put(f"{V1}/daemon/exit"), 400)
+        expect_error(c.put(f"{V1}/daemon/start"), 400)
 
     run(svc, go)
 
@@ -243,23 +279,23 @@ def test_state_transitions_over_the_api(tmp_path: Path) -> None:
 def test_config_overrides_and_log_level(tmp_path: Path, images: list[Image]) -> None:
     svc = new_service(tmp_path)
 
-    async def go(c: TestClient) -> None:
-        assert (await c.post(f"{V1}/mount?mountpoint=/a", json=mount_body(images[0], "a"))).status == 204
-        r = await c.put(f"{V1}/config", params={"id": "/a"}, json={"registry_auth": "dXNlcjpzZWNyZXQ="})
+    def go(c: Client) -> None:
+        assert (c.post(f"{V1}/mount?mountpoint=/a", json=mount_body(images[0], "a"))).status == 204
+        r = c.put(f"{V1}/config", params={"id": "/a"}, json={"registry_auth": "dXNlcjpzZWNyZXQ="})
         assert r.status == 204
-        got = await (await c.get(f"{V1}/config", params={"id": "/a"})).json()
+        got = c.get(f"{V1}/config", params={"id": "/a"}).json()
         assert got == {"registry_auth": "<redacted>"}
-        everything = await (await c.get(f"{V1}/config")).text()
+        everything = c.get(f"{V1}/config").body.decode()
         assert "dXNlcjpzZWNyZXQ=" not in everything and "/a:registry_auth" in everything
-        assert (await c.put(f"{V1}/daemon", json={"log_level": "DEBUG"})).status == 204
+        assert (c.put(f"{V1}/daemon", json={"log_level": "DEBUG"})).status == 204
         assert logging.getLogger().level == logging.DEBUG
-        assert (await c.put("/api/v2/daemon", json={"log_level": "info"})).status == 204
+        assert (c.put("/api/v2/daemon", json={"log_level": "info"})).status == 204
         logging.getLogger("nydus_py.test").error('backend said {"auth": "dXNlcjpzZWNyZXQ="} Bearer abcdefghijklmn')
-        events = await (await c.get(f"{V1}/daemon/events")).json()
+        events = c.get(f"{V1}/daemon/events").json()
         assert events["max_errors"] == 500 and events["max_size"] == 51200 and events["total_errors"] >= 1
         text = json.dumps(events)
         assert "dXNlcjpzZWNyZXQ=" not in text and "abcdefghijklmn" not in text and "<redacted>" in text
-        metrics = await (await c.get("/metrics")).text()
+        metrics = c.get("/metrics").body.decode()
         assert "dXNlcjpzZWNyZXQ=" not in metrics
 
     events_before = logging.getLogger().handlers[:]
@@ -275,8 +311,6 @@ def test_config_overrides_and_log_level(tmp_path: Path, images: list[Image]) -> 
 
 def test_slow_mount_does_not_stall_the_api(tmp_path: Path) -> None:
     """A mount runs on the API worker thread: state polls and metrics answer meanwhile."""
-    import threading
-
     from nydus_py.daemon.instance import Instance, register_fs_type
     from nydus_py.metrics.fsstats import FsStats
     from tests.fuse.memfs import MemFS
@@ -290,24 +324,34 @@ def test_slow_mount_does_not_stall_the_api(tmp_path: Path) -> None:
 
     register_fs_type(("test-slowfs",), slow_factory)
     svc = new_service(tmp_path)
+    threads: list[str] = []
+    real_mount = svc.mount
 
-    async def go(c: TestClient) -> None:
+    def mount_recording_its_thread(*args: Any) -> None:
+        threads.append(threading.current_thread().name)
+        real_mount(*args)
+
+    svc.mount = mount_recording_its_thread  # type: ignore[method-assign]
+
+    def go(c: Client) -> None:
         body = {"fs_type": "test-slowfs", "source": "x", "config": ""}
-        mount = asyncio.ensure_future(c.post(f"{V1}/mount?mountpoint=/slow", json=body))
-
-        async def mounting() -> bool:
-            return entered.is_set()
-
-        await async_wait_until(mounting, what="the mount to be inside the filesystem factory")
+        answers: list[Resp] = []
+        # its own connection, as the snapshotter's mount and state poll would be
+        mount = threading.Thread(target=lambda: answers.append(
+            Client(c.api.sock).post(f"{V1}/mount?mountpoint=/slow", json=body)))
+        mount.start()
+        wait_until(entered.is_set, what="the mount to be inside the filesystem factory")
         # answered while the mount is held inside the factory (a stalled API would wait for it)
         for _ in range(5):
-            r = await c.get(f"{V1}/daemon")
+            r = c.get(f"{V1}/daemon")
             assert r.status == 200
-            assert (await c.get(f"{V1}/metrics/inflight")).status == 204
-        assert not mount.done() and not release.is_set()
+            assert (c.get(f"{V1}/metrics/inflight")).status == 204
+        assert mount.is_alive() and not answers and not release.is_set()
         release.set()
-        assert (await mount).status == 204
-        assert "/slow" in (await (await c.get(f"{V1}/daemon")).json())["backend_collection"]
+        mount.join(30)
+        assert answers[0].status == 204
+        assert threads[0].startswith("api-worker"), threads  # (not the connection's thread)
+        assert "/slow" in (c.get(f"{V1}/daemon").json())["backend_collection"]
 
     run(svc, go)
     svc.close_all()
@@ -321,19 +365,19 @@ def test_prefetch_progress_in_blobcache_metrics(tmp_path: Path, images: list[Ima
     cfg = json.loads(snapshotter_config(img.blobs, "p", cache_dir=str(tmp_path / "cache")))
     cfg["fs_prefetch"] = {"enable": True, "prefetch_all": True, "threads_count": 2}
 
-    async def go(c: TestClient) -> None:
+    def go(c: Client) -> None:
         body = {"fs_type": "rafs", "source": img.boot, "config": json.dumps(cfg)}
-        assert (await c.post(f"{V1}/mount?mountpoint=/p", json=body)).status == 204
+        assert (c.post(f"{V1}/mount?mountpoint=/p", json=body)).status == 204
 
-        async def finished() -> dict[str, Any] | None:
-            bc = await (await c.get(f"{V1}/metrics/blobcache", params={"id": "/p"})).json()
+        def finished() -> dict[str, Any] | None:
+            bc = c.get(f"{V1}/metrics/blobcache", params={"id": "/p"}).json()
             return bc if bc["prefetch_end_time_secs"] else None
 
-        bc = await async_wait_until(finished, 20, "prefetch to finish")
+        bc = wait_until(finished, 20, "prefetch to finish")
         assert bc["prefetch_end_time_secs"] >= bc["prefetch_begin_time_secs"] > 0
         assert bc["prefetch_data_amount"] > 0 and bc["prefetch_workers"] == 2
         assert bc["data_all_ready"] is True and bc["underlying_files"]
-        text = await (await c.get("/metrics")).text()
+        text = c.get("/metrics").body.decode()
         assert 'nydusd_prefetch_done{mountpoint="/p"} 1.0' in text
 
     run(svc, go)

@@ -6,6 +6,7 @@ import email.utils
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +26,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 # module -> why only some daemons need it
 LAZY = {
-    "asyncio": "the event loop, only with an API socket",
+    "asyncio": "the event loop, only for registries",
     "ssl": "TLS, only for registries",
     "hashlib": "OpenSSL's libcrypto, only for sha256 digests",
     "email": "RFC 2822 dates and log rotation",
     "logging.handlers": "log rotation",
     "google_crc32c": "chunk CRCs",
-    "aiohttp": "the HTTP API and registries",
+    "aiohttp": "registries (the HTTP API is api.server: h11)",
     "grpc": "the gRPC API",
     "nydus_py.fs.erofs_serve": "fs_driver erofs mounts",
     "nydus_py.transport.erofs_mount": "fs_driver erofs mounts",
@@ -40,8 +41,10 @@ LAZY = {
 }
 
 
-def test_the_daemon_entry_point_imports_nothing_it_may_not_need() -> None:
-    code = ("import sys, json; import nydus_py.cli.daemon; "
+@pytest.mark.parametrize("modules", ["nydus_py.cli.daemon", "nydus_py.cli.daemon, nydus_py.api.server"])
+def test_the_daemon_entry_point_imports_nothing_it_may_not_need(modules: str) -> None:
+    """Also with the HTTP API server (`--apisock`): no asyncio, ssl or aiohttp."""
+    code = (f"import sys, json; import {modules}; "
             f"print(json.dumps([m for m in {sorted(LAZY)!r} if m in sys.modules]))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     loaded = json.loads(out.stdout)
@@ -83,11 +86,12 @@ def flat_image(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 class Daemon:
-    def __init__(self, work: Path, args: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, work: Path, args: list[str], env: dict[str, str] | None = None,
+                 module: str = "nydus_py.cli.daemon") -> None:
         self.mnt = work / "mnt"
         self.mnt.mkdir()
         self.log = work / "nydusd.log"
-        self.proc = subprocess.Popen([sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--mountpoint",
+        self.proc = subprocess.Popen([sys.executable, "-m", module, "fuse", "--mountpoint",
                                       str(self.mnt), "--log-level", "info", "--log-file", str(self.log), *args],
                                      env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})}, cwd=str(REPO))
 
@@ -124,6 +128,44 @@ def test_an_idle_daemon_stays_under_25_mib(tmp_path: Path, flat_image: tuple[Pat
                    lambda: f"RSS <= 25 MiB (it is {vm_rss_mib(d.proc.pid):.1f})")
         assert not any(cache.rglob("*.pyc"))
     finally:
+        d.stop()
+
+
+@pytest.mark.slow
+def test_an_idle_daemon_with_an_api_socket_stays_under_25_mib(tmp_path: Path) -> None:
+    """How nydus-snapshotter and Kata run it: a shared daemon started with --apisock and no mount
+    yet, its state polled and its metrics scraped, a liveness connection held open. The HTTP API is
+    served without aiohttp, asyncio or ssl (43 MiB before, with aiohttp's server)."""
+    require_device("/dev/fuse")
+    sock = tmp_path / "api.sock"
+    cache = tmp_path / "pycache"  # empty: no .pyc is found, none is written
+    modules = tmp_path / "modules.json"
+    d = Daemon(tmp_path, ["--apisock", str(sock)],
+               {"PYTHONPYCACHEPREFIX": str(cache), "PYTHONDONTWRITEBYTECODE": "1",
+                "NYDUS_TEST_MODULES_OUT": str(modules)}, module="tests.cli.modules_hook")
+    api = None
+    liveness = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        wait_until(lambda: d.alive() and sock.exists(), 30, "the API socket")
+        liveness.connect(str(sock))  # held open and never used, like the snapshotter's monitor
+        api = Api(str(sock))
+        assert api.request("GET", "/api/v1/daemon").json()["state"] == "RUNNING"
+        assert api.request("GET", "/api/v1/metrics/inflight").status == 204
+        assert api.request("GET", "/api/v1/nothing").status == 404
+        assert b'nydusd_state{state="RUNNING"} 1.0' in api.request("GET", "/metrics").body  # (a scrape)
+        wait_until(lambda: vm_rss_mib(d.proc.pid) <= 25.0, 10,
+                   lambda: f"RSS <= 25 MiB (it is {vm_rss_mib(d.proc.pid):.1f})")
+        d.proc.send_signal(signal.SIGUSR2)
+        loaded = wait_until(lambda: modules.exists() and json.loads(modules.read_text()), 10, "the module list")
+        heavy = {m: LAZY[m] for m in ("aiohttp", "asyncio", "ssl", "grpc") if m in loaded}
+        assert heavy == {}, heavy
+        assert "prometheus_client" not in loaded  # (10 MiB with ssl: the page is api.promtext's)
+        assert api.request("GET", "/api/v1/daemon").status == 200  # (the liveness connection is still open)
+        assert not any(cache.rglob("*.pyc"))
+    finally:
+        liveness.close()
+        if api is not None:
+            api.close()
         d.stop()
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from nydus_py.api.http import API_WORKERS
+from nydus_py.api.server import API_WORKERS
 from nydus_py.fs.erofs_serve import ErofsServe
 from nydus_py.rafs import open_bootstrap
 from nydus_py.storage.device import BlobDevice

@@ -1,18 +1,16 @@
 """`PUT /api/v1/config` registry_auth: new credentials reach a mounted registry image at run time
 (the snapshotter's credential renewal, §3.5 H), against a real htpasswd-protected registry."""
 
-import asyncio
 import errno
 import json
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
-from nydus_py.api.http import make_app
 from nydus_py.daemon.service import DaemonOptions, DaemonService
 from nydus_py.fuse.api import FuseError
 from nydus_py.storage.registry import RegistryBackend, parse_registry_config
+from tests.api.test_http import Client, serving
 from tests.storage import images as timg
 from tests.storage import registry_rig as rig
 from tests.storage.conftest import basic_registry, registry_bin, registry_root  # noqa: F401 - fixtures
@@ -40,28 +38,24 @@ def test_registry_auth_reload(basic_registry: rig.Registry, tmp_path: Path,  # n
         motd = svc.vfs.lookup(etc.ino, b"motd")
         return bytes(svc.vfs.read(motd.ino, 0, 0, 4096))
 
-    async def go(c: TestClient) -> None:
+    def go(c: Client) -> None:
         body = {"fs_type": "rafs", "source": str(image.boot), "config": json.dumps(cfg)}
-        assert (await c.post("/api/v1/mount?mountpoint=/img", json=body)).status == 204
-        loop = asyncio.get_running_loop()
+        assert c.post("/api/v1/mount?mountpoint=/img", json=body).status == 204
         with pytest.raises(FuseError) as e:
-            await loop.run_in_executor(None, read_motd)
+            read_motd()
         assert e.value.errno == errno.EIO
-        bad = await c.put("/api/v1/config", params={"id": "/img"}, json={"registry_auth": "%%%"})
+        bad = c.put("/api/v1/config", params={"id": "/img"}, json={"registry_auth": "%%%"})
         assert bad.status == 400
-        r = await c.put("/api/v1/config", params={"id": "/test"}, json={"registry_auth": good})  # by device.id
+        r = c.put("/api/v1/config", params={"id": "/test"}, json={"registry_auth": good})  # by device.id
         assert r.status == 204
-        assert await loop.run_in_executor(None, read_motd) == image.files["etc/motd"]
-        shown = await (await c.get("/api/v1/config")).text()
+        assert read_motd() == image.files["etc/motd"]
+        shown = c.get("/api/v1/config").body.decode()
         assert good not in shown
-        info = await (await c.get("/api/v1/daemon")).text()
+        info = c.get("/api/v1/daemon").body.decode()
         assert good not in info and wrong not in info
 
-    async def main() -> None:
-        async with TestClient(TestServer(make_app(svc))) as client:
-            await go(client)
-
     try:
-        asyncio.run(main())
+        with serving(svc, str(tmp_path / "api.sock")) as client:
+            go(client)
     finally:
         svc.close_all()
