@@ -13,7 +13,7 @@ from nydus_py.convert.errors import ConvertError
 
 
 def ns(**kw: object) -> argparse.Namespace:
-    return argparse.Namespace(**{"prefetch_files": None, "prefetch_patterns": False, **kw})
+    return argparse.Namespace(**{"prefetch_files": None, "prefetch_patterns": False, "prefetch_dir": None, **kw})
 
 
 def test_patterns_from_stdin_and_file(tmp_path, monkeypatch):
@@ -31,3 +31,11 @@ def test_patterns_from_stdin_and_file(tmp_path, monkeypatch):
 def test_patterns_reach_the_build_options():
     opts = ConvertOptions(source="r/a:1", target="r/b:1", prefetch_patterns=[b"/a", b"/b/c"])
     assert build_options(opts).prefetch_paths == [b"/a", b"/b/c"]
+
+
+def test_prefetch_dir_is_one_path_and_conflicts_with_patterns():
+    assert _prefetch_patterns(ns(prefetch_dir="/usr/lib")) == [b"/usr/lib"]
+    with pytest.raises(ConvertError, match="--prefetch-dir conflicts with --prefetch-patterns"):
+        _prefetch_patterns(ns(prefetch_dir="/usr/lib", prefetch_patterns=True))
+    with pytest.raises(ConvertError, match="must be absolute"):
+        _prefetch_patterns(ns(prefetch_dir="usr/lib"))
