@@ -29,6 +29,7 @@ LAZY = {
     "ssl": "TLS, only for registries",
     "hashlib": "OpenSSL's libcrypto, only for sha256 digests",
     "email": "RFC 2822 dates and log rotation",
+    "tomllib": "TOML configs",
     "logging.handlers": "log rotation",
     "google_crc32c": "chunk CRCs",
     "aiohttp": "the HTTP API and registries",
