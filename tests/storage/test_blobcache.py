@@ -550,14 +550,45 @@ def test_cross_file_amplification_stops_at_cached_or_inflight_chunks(tmp_path):
     assert all(offsets.count(c.compressed_offset) <= 1 for c in b.chunks)
 
 
-def test_scattered_reads_fetch_only_what_they_read(tmp_path):
-    b = make_blob(120, seed=52)
+def test_scattered_reads_stay_within_the_read_around_budget(tmp_path):
+    """Scattered reads that never use their neighbours: read-around stops once the bytes fetched
+    reach the budget (1.1x the uncompressed bytes read), and they fetch only what they read."""
+    from nydus_py.storage.cache.blobcache import AROUND_BUDGET
+
+    b = make_blob(400, seed=52)
     src = FakeSource().add(b)
     m = manager(tmp_path, src, amplify_io=1 << 20)
-    picks = [3, 50, 17, 90, 33, 71, 5, 110]
+    picks = list(range(3, 400, 23))
     for i in picks:
         assert m.read_chunks(b.info, [b.chunks[i]], follow=_follow(b)) == [b.plain[i]]
-    assert sum(c[2] for c in src.calls) == sum(b.chunks[i].compressed_size for i in picks)
+    fetched = sum(c[2] for c in src.calls)
+    asked = sum(b.chunks[i].uncompressed_size for i in picks)
+    assert m.stats.demand_uncompressed == asked
+    assert m.stats.around_chunks > 0 and m.stats.around_refused > 0
+    assert fetched <= AROUND_BUDGET * asked, (fetched, asked)
+    m2 = manager(tmp_path / "off", FakeSource().add(b), amplify_io=1 << 20, read_around=0)
+    for i in picks:
+        m2.read_chunks(b.info, [b.chunks[i]], follow=_follow(b))
+    assert m2.source.calls and sum(c[2] for c in m2.source.calls) == sum(b.chunks[i].compressed_size for i in picks)
+
+
+def test_a_random_miss_reads_around_and_a_read_of_a_neighbour_needs_no_fetch(tmp_path):
+    b = make_blob(100, seed=53)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src, amplify_io=1 << 20, read_around=32 << 10, around_budget=4.0)
+    f = _follow(b)
+    assert m.read_chunks(b.info, [b.chunks[40]], follow=f) == [b.plain[40]]
+    took = m.stats.around_chunks
+    assert took >= 2 and src.calls[-1][1] == b.chunks[40].compressed_offset
+    assert src.calls[-1][2] == sum(c.compressed_size for c in b.chunks[40:41 + took])
+    assert src.calls[-1][2] - b.chunks[40].compressed_size <= 32 << 10
+    reads = src.reads()
+    assert m.read_chunks(b.info, [b.chunks[42]], follow=f) == [b.plain[42]]  # a file read together
+    assert src.reads() == reads
+    assert m.stats.demand_uncompressed == b.chunks[40].uncompressed_size + b.chunks[42].uncompressed_size
+    # the used neighbour is credited once
+    assert m.read_chunks(b.info, [b.chunks[42]], follow=f) == [b.plain[42]]
+    assert m.stats.demand_uncompressed == b.chunks[40].uncompressed_size + b.chunks[42].uncompressed_size
 
 
 def test_reader_waiting_for_prefetch_does_not_hold_prefetch_back(tmp_path):

@@ -1,0 +1,63 @@
+"""Read-around of random misses (storage/cache/blobcache, issue 12: a first command read without
+hints), against a real `docker-registry`, counted in its access log: a file read after a
+neighbour in the blob costs no second GET, and scattered reads that never use their neighbours
+keep the bytes fetched within the budget."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+
+from nydus_py.storage.cache import BlobCacheManager
+from nydus_py.storage.cache.blobcache import AROUND_BUDGET
+from nydus_py.storage.registry import RegistryBackend, parse_registry_config
+
+from . import registry_rig as rig
+from .synth import Blob, make_blob
+
+REPO_NAME = "test/around"
+
+
+def pushed(reg: rig.Registry, seed: int, n: int) -> tuple[Blob, RegistryBackend]:
+    b = make_blob(n, seed=seed)
+    b = dataclasses.replace(b, info=dataclasses.replace(b.info, blob_id=hashlib.sha256(b.data).hexdigest()))
+    conf = {"host": reg.host, "repo": REPO_NAME, "scheme": "http", "timeout": 5}
+    backend = RegistryBackend(parse_registry_config(conf, env={}, docker_config_paths=[]))
+    backend.push_blob(b.data)
+    return b, backend
+
+
+def follow(b: Blob):  # noqa: ANN201
+    return lambda c: iter(b.chunks[c.index + 1:])
+
+
+def test_a_neighbour_read_after_a_random_miss_costs_no_get(tmp_path: Path, plain_registry: rig.Registry) -> None:
+    b, backend = pushed(plain_registry, 61, 120)
+    with backend:
+        m = BlobCacheManager(str(tmp_path / "cache"), backend)
+        # a first file of a few chunks (what the reads asked for pays for the window)
+        assert m.read_chunks(b.info, b.chunks[0:6], follow=follow(b)) == b.plain[0:6]
+        before = plain_registry.blob_gets(b.info.blob_id)
+        assert m.read_chunks(b.info, [b.chunks[70]], follow=follow(b)) == [b.plain[70]]  # random: reads around
+        assert plain_registry.blob_gets(b.info.blob_id) == before + 1
+        assert m.stats.around_chunks >= 3
+        for i in (72, 73):  # files read together, next in the blob
+            assert m.read_chunks(b.info, [b.chunks[i]], follow=follow(b)) == [b.plain[i]]
+        assert plain_registry.blob_gets(b.info.blob_id) == before + 1
+        m.close()
+
+
+def test_scattered_reads_keep_to_the_budget(tmp_path: Path, plain_registry: rig.Registry) -> None:
+    b, backend = pushed(plain_registry, 62, 600)
+    picks = list(range(5, 600, 31))
+    with backend:
+        m = BlobCacheManager(str(tmp_path / "cache"), backend)
+        before = plain_registry.blob_gets(b.info.blob_id)
+        for i in picks:
+            assert m.read_chunks(b.info, [b.chunks[i]], follow=follow(b)) == [b.plain[i]]
+        asked = sum(b.chunks[i].uncompressed_size for i in picks)
+        assert m.stats.ondemand_bytes <= AROUND_BUDGET * asked, (m.stats.ondemand_bytes, asked)
+        assert m.stats.around_refused > 0
+        assert plain_registry.blob_gets(b.info.blob_id) - before == len(picks)  # none was a neighbour
+        m.close()
