@@ -19,12 +19,13 @@ What it promises:
   `amplify_io` and closes on a random one (the kernel's readahead rule). Files packed in the order
   they are read (a build with prefetch files) then come in large reads.
 * Read-around (a random on-demand miss, no hints): the miss also takes the blob's next adjacent
-  missing chunks within `read_around` bytes (64 KiB), whatever file they belong to, but only while
-  the bytes fetched on demand stay within `around_budget` (1.1x) of the uncompressed bytes the
-  reads asked for (chunks fetched along count as asked for once a read uses them). Files read
-  together sit together in the blob (a package's modules in one directory), so a first command
-  read without hints waits for fewer round trips one after another; scattered reads that never use
-  their neighbours exhaust the budget and go back to fetching only what they read.
+  missing chunks within `read_around` bytes (64 KiB), whatever file they belong to, while the
+  bytes fetched along that no read has used stay within a budget: `AROUND_WASTE` (1/2) of the
+  compressed bytes reads asked for, plus `AROUND_EARN` (4) times the bytes fetched along that
+  reads did use. Files read together sit together in the blob (a package's modules in one
+  directory), so a first command read without hints waits for fewer round trips one after
+  another; scattered reads that never use their neighbours waste at most half as many bytes again
+  as they need, then fetch only what they read.
 * Dense reads switch a blob to streams (adaptive fetching, `streams.py`): many distinct chunks
   of one blob fetched on demand in a short window make the rest of it come in large parallel
   ranged reads, decoded as they arrive, without ever making an on-demand read wait behind one.
@@ -80,7 +81,8 @@ MERGE_GAP = 4096  # bytes of unwanted data we accept between two chunks to save 
 MAX_UNCOMPRESSED = 1 << 40
 FOLLOW_MIN = 128 << 10  # first cross-file amplification window after a sequential miss
 READ_AROUND = 64 << 10  # window of a random miss's read-around
-AROUND_BUDGET = 1.1  # on-demand bytes fetched / uncompressed bytes asked for, above which read-around stops
+AROUND_WASTE = 0.5  # unused bytes fetched along allowed per compressed byte reads asked for...
+AROUND_EARN = 4  # ... plus this many per byte fetched along that a read used
 _AHEAD_MAX = 1 << 16  # chunks fetched along remembered (to credit their later use)
 LATE_MARK = 1  # window of a stream's first sequential miss with `follow_late`: no chunk fits
 _STREAMS = 16  # sequential streams remembered per blob
@@ -105,7 +107,9 @@ class CacheStats:
         self.followed_chunks = 0  # of those, chunks of other files taken along (`follow`)
         self.around_chunks = 0  # of those, taken along by a random miss's read-around
         self.around_refused = 0  # random misses without read-around: the byte budget was spent
-        self.demand_uncompressed = 0  # uncompressed bytes on-demand reads asked for (read-around's budget)
+        self.demand_bytes = 0  # compressed bytes of the chunks on-demand reads asked for (read-around's budget)
+        self.ahead_bytes = 0  # compressed bytes fetched along on demand (amplification, read-around)
+        self.ahead_used_bytes = 0  # of those, bytes of chunks a read used later
         self.sequential_misses = 0  # on-demand misses continuing an earlier fetch of the blob
         self.digest_errors = 0  # fetched chunks whose digest was wrong (never cached)
         self.cache_corruptions = 0  # cached chunks that failed validation and were dropped
@@ -221,8 +225,7 @@ class BlobCacheManager:
     def __init__(self, work_dir: str, source: BlobSource, *, validate: bool = False, amplify_io: int = 1 << 20,
                  size_limit: int = 0, sync_delay: float = 0.1, stream_size: int = 8 << 20, streams: int = 4,
                  stream_lookahead: int = 1 << 20, dense_fraction: float = 0.15, dense_window: float = 5.0,
-                 dense_min_chunks: int = 64, read_around: int = READ_AROUND,
-                 around_budget: float = AROUND_BUDGET) -> None:
+                 dense_min_chunks: int = 64, read_around: int = READ_AROUND) -> None:
         """Adaptive fetching (streams.py), for backends that can stream (`read_stream`): a blob
         whose on-demand fetches took `dense_fraction` of its chunks (at least `dense_min_chunks`;
         a large chunk counts once per 64 KiB) within `dense_window` seconds streams the rest in
@@ -236,7 +239,6 @@ class BlobCacheManager:
         self.nowait_supported = True  # RWF_NOWAIT reads of the data files (`read_ready_into`)
         self.amplify_io = max(0, amplify_io)
         self.read_around = max(0, read_around)
-        self.around_budget = around_budget
         # chunks fetched along (amplification) that no read has used yet: (blob id, offset) -> size
         self._ahead: dict[tuple[str, int], int] = {}
         self.size_limit = max(0, size_limit)
@@ -652,10 +654,13 @@ class BlobCacheManager:
         """(lock held) What an on-demand read asks for, towards read-around's budget: its
         missing chunks, and the chunks fetched along earlier that it uses now (each once)."""
         ahead = self._ahead
+        s = self.stats
         for c, d in zip(chunks, out, strict=True):
             was_ahead = ahead.pop((bid, c.compressed_offset), None) is not None if ahead else False
+            if was_ahead:
+                s.ahead_used_bytes += c.compressed_size
             if d is None or was_ahead:
-                self.stats.demand_uncompressed += c.uncompressed_size
+                s.demand_bytes += c.compressed_size
 
     def _fetched_along(self, bid: str, taken: Iterable[ChunkInfo]) -> None:
         """(lock held) Remember chunks fetched ahead of need, to credit their later use."""
@@ -663,6 +668,7 @@ class BlobCacheManager:
             self._ahead.clear()  # (their use goes uncredited: read-around only stops sooner)
         for c in taken:
             self._ahead[(bid, c.compressed_offset)] = c.compressed_size
+            self.stats.ahead_bytes += c.compressed_size
 
     def _note_dense(self, cb: CachedBlob, mine: list[tuple[ChunkInfo, Future[bytes]]], table: Table) -> None:
         """Count an on-demand fetch's chunks towards the blob's density; a blob read densely
@@ -749,7 +755,7 @@ class BlobCacheManager:
                     self.stats.sequential_misses += 1
                     break
             else:
-                around = self._around_allowed(mine)
+                around = self._around_allowed()
         seq_window = window
         if around:
             window = self.read_around
@@ -785,14 +791,14 @@ class BlobCacheManager:
                 streams.popitem(last=False)
         return len(taken) if around else 0
 
-    def _around_allowed(self, mine: list[tuple[ChunkInfo, Future[bytes]]]) -> bool:
-        """(lock held) A random miss may read around while the on-demand bytes, with this fetch
-        and a full window, stay within the budget of what reads asked for."""
+    def _around_allowed(self) -> bool:
+        """(lock held) A random miss may read around while the unused bytes fetched along, with
+        a full window more, stay within the budget (module docstring)."""
         if self.read_around <= 0:
             return False
         s = self.stats
-        cost = s.ondemand_bytes + sum(c.compressed_size for c, _ in mine) + self.read_around
-        if cost <= self.around_budget * s.demand_uncompressed:
+        unused = s.ahead_bytes - s.ahead_used_bytes
+        if unused + self.read_around <= AROUND_WASTE * s.demand_bytes + AROUND_EARN * s.ahead_used_bytes:
             return True
         s.around_refused += 1
         return False
