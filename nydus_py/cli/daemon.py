@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 from ..config import ConfigError, ParsedConfig, parse_any, read_config_file
 from ..daemon.errors import ApiError
-from ..daemon.heap import trim_heap
+from ..daemon.heap import StartupHeap
 from ..daemon.image_ref import image_source, is_image_source
 from ..daemon.instance import MountCmd
 from ..daemon.logsetup import setup_logging
@@ -124,6 +124,7 @@ class Daemon:
         self.servers: list[ApiServer] = []
         self.grpc_server: Any = None
         self.kernel = False  # the dedicated mount is served by the kernel EROFS driver
+        self.heap = StartupHeap()  # (main hands its own over)
 
     # -- start-up ---------------------------------------------------------------------------------
     def load(self) -> None:
@@ -303,7 +304,7 @@ class Daemon:
             raise StartupError(f"API socket: {e}") from None
         started.set()
         log.info("state %s %.0f ms after start", svc.state.value, (time.monotonic() - t0) * 1000)
-        trim_heap()  # (the start-up's garbage, once serving: daemon.heap)
+        self.heap.serving(svc.exit_event)  # (the start-up's garbage, after the first requests: daemon.heap)
         if pending:
             self._shutdown_on(pending[0])
         threading.Thread(target=self._watch_transport, name="transport-watch", daemon=True).start()
@@ -343,6 +344,15 @@ class Daemon:
         svc.close_all()
 
 def main(argv: list[str] | None = None) -> int:
+    heap = StartupHeap()
+    heap.begin()  # no cyclic collection until the daemon serves (daemon.heap)
+    try:
+        return _main(argv, heap)
+    finally:
+        heap.end()  # (on again whatever happened: a start-up error, a caller in this process)
+
+
+def _main(argv: list[str] | None, heap: StartupHeap) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.command == "singleton":
         print("Error: singleton/fscache mode is not supported by nydusd-py (use `fuse`)", file=sys.stderr)
@@ -352,6 +362,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         daemon = Daemon(args)
+        daemon.heap = heap
         set_rlimit_nofile(args.rlimit_nofile)
         return daemon.run()
     except StartupError as e:

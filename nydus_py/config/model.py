@@ -36,6 +36,9 @@ class CacheConfig:
     stream_size: int = 8 << 20
     streams: int = 4
     dense_ratio: float = 0.15
+    # read-around of a random miss (this daemon's key): bytes after it taken along, within a
+    # budget of unused bytes (storage/cache/blobcache); 0: off
+    read_around: int = 64 << 10
 
 
 @dataclass
@@ -109,11 +112,14 @@ def parse_config(text: str | bytes) -> RafsConfig:
         stream_size=_get(cache_conf, "stream_size", int, 8 << 20, "device.cache.config."),
         streams=_get(cache_conf, "streams", int, 4, "device.cache.config."),
         dense_ratio=float(_get(cache_conf, "dense_ratio", (int, float), 0.15, "device.cache.config.")),
+        read_around=_get(cache_conf, "read_around", int, 64 << 10, "device.cache.config."),
     )
     if cache.type in ("blobcache", "filecache") and not cache.work_dir:
         raise ConfigError("device.cache.config.work_dir: blobcache needs a work_dir")
     if cache.size_limit < 0:
         raise ConfigError("device.cache.config.size_limit: must be >= 0")
+    if not 0 <= cache.read_around <= 1 << 20:
+        raise ConfigError("device.cache.config.read_around: must be 0..1 MiB (0: off)")
     if cache.stream_size < 0 or not 1 <= cache.streams <= 64 or not 0 < cache.dense_ratio <= 1:
         raise ConfigError("device.cache.config: stream_size must be >= 0 (0: no streams), streams 1..64, "
                           "dense_ratio in (0, 1]")

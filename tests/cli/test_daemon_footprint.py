@@ -30,6 +30,7 @@ LAZY = {
     "ssl": "TLS, only for registries",
     "hashlib": "OpenSSL's libcrypto, only for sha256 digests",
     "email": "RFC 2822 dates and log rotation",
+    "tomllib": "TOML configs",
     "logging.handlers": "log rotation",
     "google_crc32c": "chunk CRCs",
     "aiohttp": "registries (the HTTP API is api.server: h11)",
@@ -204,4 +205,23 @@ def test_a_shared_daemon_holds_under_half_a_mib_per_idle_image(tmp_path: Path,
     finally:
         if api is not None:
             api.close()
+        d.stop()
+
+
+@pytest.mark.slow
+def test_the_start_up_heap_settles_after_the_daemon_serves(tmp_path: Path, flat_image: tuple[Path, Path]) -> None:
+    """The start-up runs without cyclic collection; the one full collection (it found the
+    start-up's cycles) and the trim come after RUNNING, off the first requests' path."""
+    require_device("/dev/fuse")
+    boot, blobs = flat_image
+    d = Daemon(tmp_path, ["--localfs-dir", str(blobs), "--bootstrap", str(boot)])
+    try:
+        wait_until(lambda: d.alive() and "start-up heap settled" in d.log_text(), 30, "the start-up heap to settle")
+        lines = d.log_text().splitlines()
+        running = next(i for i, line in enumerate(lines) if "state RUNNING" in line and "after start" in line)
+        settled = next(i for i, line in enumerate(lines) if "start-up heap settled" in line)
+        assert running < settled, lines
+        collected = int(lines[settled].split("settled: ")[1].split()[0])
+        assert collected > 0, lines[settled]
+    finally:
         d.stop()

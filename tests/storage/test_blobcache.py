@@ -550,14 +550,51 @@ def test_cross_file_amplification_stops_at_cached_or_inflight_chunks(tmp_path):
     assert all(offsets.count(c.compressed_offset) <= 1 for c in b.chunks)
 
 
-def test_scattered_reads_fetch_only_what_they_read(tmp_path):
-    b = make_blob(120, seed=52)
+def test_scattered_reads_stay_within_the_read_around_budget(tmp_path):
+    """Scattered reads that never use their neighbours: read-around stops once the unused bytes
+    it fetched reach AROUND_WASTE of what the reads asked for; then they fetch only what they read."""
+    from nydus_py.storage.cache.blobcache import AROUND_WASTE
+
+    b = make_blob(400, seed=52)
     src = FakeSource().add(b)
     m = manager(tmp_path, src, amplify_io=1 << 20)
-    picks = [3, 50, 17, 90, 33, 71, 5, 110]
-    for i in picks:
+    picks = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]  # a first file, read at once
+    assert m.read_chunks(b.info, [b.chunks[i] for i in picks], follow=_follow(b)) == [b.plain[i] for i in picks]
+    for i in range(40, 400, 23):
         assert m.read_chunks(b.info, [b.chunks[i]], follow=_follow(b)) == [b.plain[i]]
-    assert sum(c[2] for c in src.calls) == sum(b.chunks[i].compressed_size for i in picks)
+        picks.append(i)
+    asked = sum(b.chunks[i].compressed_size for i in picks)
+    assert m.stats.demand_bytes == asked and m.stats.ahead_used_bytes == 0
+    assert m.stats.around_chunks > 0 and m.stats.around_refused > 0
+    fetched = sum(c[2] for c in src.calls)
+    assert fetched - asked == m.stats.ahead_bytes <= AROUND_WASTE * asked, (fetched, asked)
+    m2 = manager(tmp_path / "off", FakeSource().add(b), amplify_io=1 << 20, read_around=0)
+    m2.read_chunks(b.info, [b.chunks[i] for i in picks[:20]], follow=_follow(b))
+    for i in picks[20:]:
+        m2.read_chunks(b.info, [b.chunks[i]], follow=_follow(b))
+    assert sum(c[2] for c in m2.source.calls) == asked
+
+
+def test_a_random_miss_reads_around_and_a_read_of_a_neighbour_needs_no_fetch(tmp_path):
+    b = make_blob(100, seed=53)
+    src = FakeSource().add(b)
+    m = manager(tmp_path, src, amplify_io=1 << 20, read_around=32 << 10)
+    f = _follow(b)
+    m.read_chunks(b.info, b.chunks[0:40], follow=f)  # a file of 40 chunks: what it asks for pays for windows
+    assert m.stats.around_chunks >= 2  # it read around itself (40.. fetched along)
+    took = m.stats.around_chunks
+    assert m.read_chunks(b.info, [b.chunks[60]], follow=f) == [b.plain[60]]  # a random miss
+    assert m.stats.around_chunks > took and src.calls[-1][1] == b.chunks[60].compressed_offset
+    n = m.stats.around_chunks - took
+    assert src.calls[-1][2] == sum(c.compressed_size for c in b.chunks[60:61 + n])
+    assert src.calls[-1][2] - b.chunks[60].compressed_size <= 32 << 10
+    reads = src.reads()
+    assert m.read_chunks(b.info, [b.chunks[62]], follow=f) == [b.plain[62]]  # a file read together
+    assert src.reads() == reads
+    used = m.stats.ahead_used_bytes
+    assert used == b.chunks[62].compressed_size
+    assert m.read_chunks(b.info, [b.chunks[62]], follow=f) == [b.plain[62]]  # credited once
+    assert m.stats.ahead_used_bytes == used
 
 
 def test_reader_waiting_for_prefetch_does_not_hold_prefetch_back(tmp_path):

@@ -435,7 +435,14 @@ def test_config_keys_reach_the_cache(tmp_path):
         off.close()
     default = parse_config(conf()).cache
     assert (default.stream_size, default.streams, default.dense_ratio) == (8 << 20, 4, 0.15)
-    for bad in ({"stream_size": -1}, {"streams": 0}, {"dense_ratio": 0}, {"dense_ratio": 1.5}, {"streams": "4"}):
+    assert default.read_around == 64 << 10
+    no_around = make_source(parse_config(conf(read_around=0)))
+    try:
+        assert isinstance(no_around, BlobCacheManager) and no_around.read_around == 0
+    finally:
+        no_around.close()
+    for bad in ({"stream_size": -1}, {"streams": 0}, {"dense_ratio": 0}, {"dense_ratio": 1.5}, {"streams": "4"},
+                {"read_around": -1}, {"read_around": 2 << 20}):
         with pytest.raises(ConfigError):
             parse_config(conf(**bad))
 

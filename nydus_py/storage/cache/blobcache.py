@@ -17,8 +17,15 @@ What it promises:
   an earlier fetch of the same blob ended also takes the next adjacent, missing chunks of the blob,
   whatever file they belong to, in a window that doubles on each such sequential miss up to
   `amplify_io` and closes on a random one (the kernel's readahead rule). Files packed in the order
-  they are read (a build with prefetch files) then come in large reads; scattered reads do not pay
-  for neighbours they never use.
+  they are read (a build with prefetch files) then come in large reads.
+* Read-around (a random on-demand miss, no hints): the miss also takes the blob's next adjacent
+  missing chunks within `read_around` bytes (64 KiB), whatever file they belong to, while the
+  bytes fetched along that no read has used stay within a budget: `AROUND_WASTE` (1/2) of the
+  compressed bytes reads asked for, plus `AROUND_EARN` (4) times the bytes fetched along that
+  reads did use. Files read together sit together in the blob (a package's modules in one
+  directory), so a first command read without hints waits for fewer round trips one after
+  another; scattered reads that never use their neighbours waste at most half as many bytes again
+  as they need, then fetch only what they read.
 * Dense reads switch a blob to streams (adaptive fetching, `streams.py`): many distinct chunks
   of one blob fetched on demand in a short window make the rest of it come in large parallel
   ranged reads, decoded as they arrive, without ever making an on-demand read wait behind one.
@@ -73,6 +80,10 @@ MAP_SUFFIX = ".blob.data.chunk_map"
 MERGE_GAP = 4096  # bytes of unwanted data we accept between two chunks to save a request
 MAX_UNCOMPRESSED = 1 << 40
 FOLLOW_MIN = 128 << 10  # first cross-file amplification window after a sequential miss
+READ_AROUND = 64 << 10  # window of a random miss's read-around
+AROUND_WASTE = 0.5  # unused bytes fetched along allowed per compressed byte reads asked for...
+AROUND_EARN = 4  # ... plus this many per byte fetched along that a read used
+_AHEAD_MAX = 1 << 16  # chunks fetched along remembered (to credit their later use)
 LATE_MARK = 1  # window of a stream's first sequential miss with `follow_late`: no chunk fits
 _STREAMS = 16  # sequential streams remembered per blob
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
@@ -94,6 +105,11 @@ class CacheStats:
         self.merged_chunks = 0  # chunks that shared a backend read with another chunk
         self.amplified_chunks = 0  # chunks fetched ahead of need (`extra`)
         self.followed_chunks = 0  # of those, chunks of other files taken along (`follow`)
+        self.around_chunks = 0  # of those, taken along by a random miss's read-around
+        self.around_refused = 0  # random misses without read-around: the byte budget was spent
+        self.demand_bytes = 0  # compressed bytes of the chunks on-demand reads asked for (read-around's budget)
+        self.ahead_bytes = 0  # compressed bytes fetched along on demand (amplification, read-around)
+        self.ahead_used_bytes = 0  # of those, bytes of chunks a read used later
         self.sequential_misses = 0  # on-demand misses continuing an earlier fetch of the blob
         self.digest_errors = 0  # fetched chunks whose digest was wrong (never cached)
         self.cache_corruptions = 0  # cached chunks that failed validation and were dropped
@@ -209,19 +225,22 @@ class BlobCacheManager:
     def __init__(self, work_dir: str, source: BlobSource, *, validate: bool = False, amplify_io: int = 1 << 20,
                  size_limit: int = 0, sync_delay: float = 0.1, stream_size: int = 8 << 20, streams: int = 4,
                  stream_lookahead: int = 1 << 20, dense_fraction: float = 0.15, dense_window: float = 5.0,
-                 dense_min_chunks: int = 64) -> None:
+                 dense_min_chunks: int = 64, read_around: int = READ_AROUND) -> None:
         """Adaptive fetching (streams.py), for backends that can stream (`read_stream`): a blob
         whose on-demand fetches took `dense_fraction` of its chunks (at least `dense_min_chunks`;
         a large chunk counts once per 64 KiB) within `dense_window` seconds streams the rest in
         `streams` parallel ranges of at least `stream_size` bytes, claiming chunks
         `stream_lookahead` bytes ahead of what arrived.
-        `stream_size` 0 turns it off."""
+        `stream_size` 0 turns it off. `read_around` 0 turns read-around off (module docstring)."""
         os.makedirs(work_dir, exist_ok=True)
         self.work_dir = work_dir
         self.source = source
         self.validate = validate
         self.nowait_supported = True  # RWF_NOWAIT reads of the data files (`read_ready_into`)
         self.amplify_io = max(0, amplify_io)
+        self.read_around = max(0, read_around)
+        # chunks fetched along (amplification) that no read has used yet: (blob id, offset) -> size
+        self._ahead: dict[tuple[str, int], int] = {}
         self.size_limit = max(0, size_limit)
         self.stats = CacheStats()
         self._lock = threading.Lock()
@@ -578,6 +597,8 @@ class BlobCacheManager:
         missing = [k for k, d in enumerate(out) if d is None]
         hits = len(chunks) - len(missing)
         with self._lock:
+            if not prefetch:
+                self._credit(cb.blob.blob_id, chunks, out)
             streams = self._streams.get(cb.blob.blob_id) if follow is not None and hits else None
             if streams:
                 self._advance(streams, [c for c, d in zip(chunks, out, strict=True) if d is not None])
@@ -592,10 +613,12 @@ class BlobCacheManager:
         if streaming:  # the streams bring the rest: fetch just what this read needs
             extra, follow = (), None
         mine, waits, recheck = self._claim(cb, chunks, missing, extra, prefetch)
+        around = 0
         if mine and follow is not None:
-            self._follow(cb, mine, follow, follow_late)
+            around = self._follow(cb, mine, follow, follow_late)
         if mine and table is not None and not streaming:
-            self._note_dense(cb, mine, table)
+            # (read-around's chunks are no sign of dense reading: a scattered reader takes them)
+            self._note_dense(cb, mine[:len(mine) - around], table)
         demand = bool(mine) and not prefetch
         if demand:
             self._demand_begin()
@@ -626,6 +649,26 @@ class BlobCacheManager:
             if d is None:  # ready at claim time but gone since (evicted or corrupt): fetch now
                 out[k] = self._read(cb, [chunks[k]], (), prefetch)[0]
         return out  # type: ignore[return-value]
+
+    def _credit(self, bid: str, chunks: Sequence[ChunkInfo], out: list[bytes | None]) -> None:
+        """(lock held) What an on-demand read asks for, towards read-around's budget: its
+        missing chunks, and the chunks fetched along earlier that it uses now (each once)."""
+        ahead = self._ahead
+        s = self.stats
+        for c, d in zip(chunks, out, strict=True):
+            was_ahead = ahead.pop((bid, c.compressed_offset), None) is not None if ahead else False
+            if was_ahead:
+                s.ahead_used_bytes += c.compressed_size
+            if d is None or was_ahead:
+                s.demand_bytes += c.compressed_size
+
+    def _fetched_along(self, bid: str, taken: Iterable[ChunkInfo]) -> None:
+        """(lock held) Remember chunks fetched ahead of need, to credit their later use."""
+        if len(self._ahead) > _AHEAD_MAX:
+            self._ahead.clear()  # (their use goes uncredited: read-around only stops sooner)
+        for c in taken:
+            self._ahead[(bid, c.compressed_offset)] = c.compressed_size
+            self.stats.ahead_bytes += c.compressed_size
 
     def _note_dense(self, cb: CachedBlob, mine: list[tuple[ChunkInfo, Future[bytes]]], table: Table) -> None:
         """Count an on-demand fetch's chunks towards the blob's density; a blob read densely
@@ -682,14 +725,18 @@ class BlobCacheManager:
                 mine.append((c, fut))
                 budget -= c.compressed_size
                 self.stats.amplified_chunks += 1
+                if not prefetch:
+                    self._fetched_along(bid, (c,))
         return mine, waits, recheck
 
     def _follow(self, cb: CachedBlob, mine: list[tuple[ChunkInfo, Future[bytes]]],
-                follow: Callable[[ChunkInfo], Iterable[ChunkInfo]], late: bool = False) -> None:
+                follow: Callable[[ChunkInfo], Iterable[ChunkInfo]], late: bool = False) -> int:
         """Cross-file amplification of an on-demand miss: when the miss starts where an earlier
         fetch of this blob ended (within MERGE_GAP), claim the blob's next adjacent missing chunks in a
         window that doubles per sequential miss (up to what `amplify_io` leaves); a random
-        miss closes the window. Remembers where this fetch ends for the next miss."""
+        miss closes the window, and reads around within `read_around` while the budget allows.
+        Remembers where this fetch ends for the next miss. Returns how many chunks read-around
+        added (last in `mine`)."""
         bid = cb.blob.blob_id
         first = min(c.compressed_offset for c, _ in mine)
         last = max((c for c, _ in mine), key=lambda c: c.compressed_offset + c.compressed_size)
@@ -698,6 +745,7 @@ class BlobCacheManager:
         with self._lock:
             streams = self._streams.setdefault(bid, OrderedDict())
             window = 0
+            around = False
             for e, w in list(streams.items()):
                 if abs(first - e) <= MERGE_GAP:
                     del streams[e]
@@ -706,6 +754,11 @@ class BlobCacheManager:
                     window = LATE_MARK if late and w == 0 else min(self.amplify_io, max(2 * w, FOLLOW_MIN))
                     self.stats.sequential_misses += 1
                     break
+            else:
+                around = self._around_allowed()
+        seq_window = window
+        if around:
+            window = self.read_around
         budget = min(budget, window)
         taken: list[tuple[ChunkInfo, Future[bytes]]] = []
         if budget > 0:
@@ -729,10 +782,26 @@ class BlobCacheManager:
         with self._lock:
             self.stats.amplified_chunks += len(taken)
             self.stats.followed_chunks += len(taken)
+            if around:
+                self.stats.around_chunks += len(taken)
+            self._fetched_along(bid, (c for c, _ in taken))
             streams = self._streams.setdefault(bid, OrderedDict())
-            streams[end] = window
+            streams[end] = seq_window
             while len(streams) > _STREAMS:
                 streams.popitem(last=False)
+        return len(taken) if around else 0
+
+    def _around_allowed(self) -> bool:
+        """(lock held) A random miss may read around while the unused bytes fetched along, with
+        a full window more, stay within the budget (module docstring)."""
+        if self.read_around <= 0:
+            return False
+        s = self.stats
+        unused = s.ahead_bytes - s.ahead_used_bytes
+        if unused + self.read_around <= AROUND_WASTE * s.demand_bytes + AROUND_EARN * s.ahead_used_bytes:
+            return True
+        s.around_refused += 1
+        return False
 
     @staticmethod
     def _advance(streams: OrderedDict[int, int], hits: list[ChunkInfo]) -> None:

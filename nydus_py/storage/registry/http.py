@@ -23,6 +23,7 @@ import aiohttp
 from .auth import AuthState, Fail, Fetch, Retry, parse_www_authenticate
 from .config import RegistryConfig
 from .errors import Counters, PermanentError, TransientError
+from .lazy_cas import Connector
 from .tokens import TokenRefresher
 
 log = logging.getLogger(__name__)
@@ -72,9 +73,10 @@ class RegistryHttp:
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _ssl(self) -> ssl.SSLContext | bool:
-        """False: no verification; True: aiohttp's verified default context, which it made at
-        import from the system CAs (a context of our own would load them again, ~25-50 ms of
-        start-up); with `ca_cert_files`, a context of our own with them added."""
+        """False: no verification; True: aiohttp's verified default context, which gets the
+        system CAs before the first TLS handshake (`lazy_cas`; a context of our own would load
+        them again, ~25-50 ms of start-up); with `ca_cert_files`, a context of our own with them
+        added."""
         if self.cfg.skip_verify:
             return False
         if not self.cfg.ca_cert_files:
@@ -86,7 +88,7 @@ class RegistryHttp:
         connection an on-demand read is waiting for) and start the background tasks."""
         sslctx = self._ssl()
         for name in ("demand", "prefetch", "token"):
-            conn = aiohttp.TCPConnector(limit=self.cfg.max_connections, ssl=sslctx, enable_cleanup_closed=True)
+            conn = Connector(limit=self.cfg.max_connections, ssl=sslctx, enable_cleanup_closed=True)
             self._sessions[name] = aiohttp.ClientSession(
                 connector=conn, auto_decompress=False, headers={"User-Agent": USER_AGENT, **dict(self.cfg.headers)},
                 timeout=aiohttp.ClientTimeout(total=None), trust_env=False,
