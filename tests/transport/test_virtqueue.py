@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from nydus_py.transport.vhost_user.inflight import InflightQueue
 from nydus_py.transport.vhost_user.virtqueue import (
+    LINEAR_MIN,
     Chain,
     DescriptorError,
     GuestMemory,
@@ -244,6 +245,7 @@ def _pop_both(buf: bytearray) -> tuple[object, object]:
     out: list[object] = []
     for linear in (True, False):
         _, q = make(bytearray(buf))
+        q.linear_min = 1  # (every table, however short)
         if not linear:
             q._linear = lambda head, raw: None  # type: ignore[method-assign]
         try:
@@ -290,6 +292,7 @@ def test_linear_table_merges_adjacent_buffers_and_remembers_the_writable_half() 
     _linear_table(buf, descs)
     buf[0x1000:0x1050] = bytes(range(80))
     _, q = make(buf)
+    q.linear_min = 1
     c = q.pop()
     assert c is not None
     assert [len(v) for v in c.readable] == [80] and bytes(c.readable[0]) == bytes(range(80))
@@ -320,6 +323,7 @@ def test_non_linear_tables_take_the_walk(nexts: list[int], message: str) -> None
     descs = [(GPA + DATA2, 8, 0), (GPA + DATA2 + 8, 8, 0), (GPA + DATA2 + 16, 8, 2)]
     _linear_table(buf, descs, nexts)
     _, q = make(buf)
+    q.linear_min = 1
     with pytest.raises(DescriptorError, match=message):
         q.pop()
 
@@ -329,5 +333,20 @@ def test_a_table_whose_chain_skips_an_entry_is_not_taken_as_linear() -> None:
     buf[DATA2 : DATA2 + 24] = b"a" * 8 + b"b" * 8 + b"c" * 8
     _linear_table(buf, [(GPA + DATA2, 8, 0), (GPA + DATA2 + 8, 8, 0), (GPA + DATA2 + 16, 8, 2)], [2, 2, 0])
     _, q = make(buf)
+    q.linear_min = 1
     c = q.pop()
     assert c is not None and c.read_all() == b"a" * 8 and c.writable_size() == 8
+
+
+def test_short_tables_take_the_walk_and_long_ones_the_one_pass_decode() -> None:
+    """(the one-pass decode costs more than it saves below LINEAR_MIN descriptors)"""
+    calls: list[int] = []
+    for n in (4, LINEAR_MIN):
+        buf = bytearray(SIZE)
+        _linear_table(buf, [(GPA + DATA2, 40, 0)] + [(GPA + DATA2 + 0x100 * k, 16, 2) for k in range(1, n)])
+        _, q = make(buf)
+        real = q._linear
+        q._linear = lambda head, raw, real=real: calls.append(len(raw) // 16) or real(head, raw)  # type: ignore[method-assign]
+        c = q.pop()
+        assert c is not None and c.writable_size() == 16 * (n - 1)
+    assert calls == [LINEAR_MIN]

@@ -33,6 +33,9 @@ MAX_QUEUE_SIZE = 32768
 MAX_INDIRECT = 4096
 # Total bytes one chain may describe in each direction (a 1 MiB FUSE WRITE/READ plus headers).
 MAX_CHAIN_BYTES = 64 << 20
+# Indirect tables this long or longer are decoded in whole-table steps (`Virtqueue._linear`);
+# for shorter ones (metadata requests: 4 descriptors) the entry-by-entry walk is quicker.
+LINEAR_MIN = 16
 # the flags and next fields of a linear indirect table (`Virtqueue._linear`), to compare against
 _NEXTS = list(range(1, MAX_INDIRECT + 1))
 _READABLE = [DESC_F_NEXT] * MAX_INDIRECT
@@ -189,6 +192,7 @@ class Virtqueue:
         self.used_idx = U16.unpack_from(u, 2)[0]
         self._signalled_used = self.used_idx  # used idx at the last interrupt
         self._signalled_valid = False
+        self.linear_min = LINEAR_MIN
         # (writable descriptors of the last linear indirect table, their views, their bytes)
         self._memo: tuple[bytes, list[memoryview], int] | None = None
 
@@ -261,7 +265,7 @@ class Virtqueue:
                     raise DescriptorError(head, f"indirect table {addr:#x}+{length:#x} outside guest memory")
                 # decoded from one copy: the guest can't change the table under us while we walk it
                 raw = bytes(t)
-                if seen == 1:  # the whole chain is this table: try the one-pass decode
+                if seen == 1 and length >= self.linear_min * DESC_SIZE:  # the chain is this table
                     chain = self._linear(head, raw)
                     if chain is not None:
                         return chain
