@@ -93,6 +93,8 @@ class _OpenHow(ctypes.Structure):
 
 
 _have_openat2 = True
+_NS = 1_000_000_000
+_new_attr = tuple.__new__
 # the open_how of each flags value without O_CREAT (a lookup's O_PATH|O_NOFOLLOW, a reopen's)
 _HOWS: dict[int, _OpenHow] = {}
 
@@ -386,13 +388,11 @@ class PassthroughFilesystem(Filesystem):
 
     # -- inodes ------------------------------------------------------------------------------
     def _attr(self, st: os.stat_result) -> FuseAttr:
-        return FuseAttr(
-            ino=st.st_ino, size=st.st_size, blocks=st.st_blocks, atime=int(st.st_atime), mtime=int(st.st_mtime),
-            ctime=int(st.st_ctime), atime_nsec=st.st_atime_ns % 1_000_000_000,
-            mtime_nsec=st.st_mtime_ns % 1_000_000_000, ctime_nsec=st.st_ctime_ns % 1_000_000_000,
-            mode=st.st_mode, nlink=st.st_nlink, uid=st.st_uid, gid=st.st_gid, rdev=st.st_rdev,
-            blksize=st.st_blksize,
-        )
+        # positional, from the stat tuple (its whole seconds are floored, as the nanoseconds
+        # part expects): a READDIRPLUS builds one per entry
+        return _new_attr(FuseAttr, (
+            st[1], st[6], st.st_blocks, st[7], st[8], st[9], st.st_atime_ns % _NS, st.st_mtime_ns % _NS,
+            st.st_ctime_ns % _NS, st[0], st[3], st[4], st[5], st.st_rdev, st.st_blksize, 0))
 
     def _register(self, fd: int) -> Entry:
         """Turn a fresh O_PATH fd (ours: no request shares it) into a looked-up inode (reusing

@@ -274,3 +274,18 @@ def test_readdirplus_leaves_out_an_entry_removed_since_the_listing(pfs: Passthro
     assert b"n1" not in names and b"n0" in names and b"n2" in names
     # the directory was held for the reply and given back after it
     assert pfs._inodes[1].users == []
+
+
+def test_attr_times_before_1970_keep_their_fraction(pfs: PassthroughFilesystem, tree: Path) -> None:
+    """sec + nsec as the kernel reads them: a time of -1.5 s is (-2, 500000000), not (-1, 500000000),
+    which was half a second off the other way."""
+    f = tree / "dir" / "f.txt"
+    os.utime(f, ns=(-1_500_000_000, 2_250_000_000))
+    st = os.lstat(f)
+    if st.st_atime_ns != -1_500_000_000:
+        pytest.skip("the host filesystem does not keep times before 1970")
+    d = pfs.lookup(1, b"dir").ino
+    a = pfs.lookup(d, b"f.txt").attr
+    assert (a.atime, a.atime_nsec) == (-2, 500_000_000)
+    assert (a.mtime, a.mtime_nsec) == (2, 250_000_000)
+    assert a.atime * 1_000_000_000 + a.atime_nsec == st.st_atime_ns
