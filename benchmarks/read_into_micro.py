@@ -6,8 +6,10 @@ views of a memfd mapping, like a guest's RAM; unaligned buffers make the kernel'
 as slow). Times are the thread's CPU time (time.thread_time), so other processes on the
 cores do not inflate them. Modes, all with every chunk already at hand (the steady state of a
 sequential read after the first pass):
-* `memory`: no blob cache (bench_virtiofs.py's config): decoded chunks in the in-memory chunk
-  cache, copied into the buffers;
+* `memory`: no blob cache: decoded chunks in the in-memory chunk cache, copied into the buffers
+  (the path of compressed chunks);
+* `localfs preadv`: no blob cache (bench_virtiofs.py's config), chunks stored uncompressed:
+  preadv from the localfs blob straight into the buffers (`LocalBlobDir.preadv_into`);
 * `blobcache copy`: blob cache, chunks read from `<blob>.blob.data` and copied (the path before
   `BlobDevice.read_ready_into`);
 * `blobcache preadv`: blob cache, preadv from the data file straight into the buffers.
@@ -88,11 +90,13 @@ def main() -> int:
     view = memoryview(ram)
     bufs = [view[:16]] + [view[4096 + p * 4096 : 4096 + (p + 1) * 4096] for p in range(MIB // 4096)]
     results: dict[str, dict[str, float]] = {}
-    for mode in ("memory", "blobcache copy", "blobcache preadv"):
+    for mode in ("memory", "localfs preadv", "blobcache copy", "blobcache preadv"):
         image = open_bootstrap(str(tmp / "boot"))
         backend = LocalBlobDir(str(tmp / "blobs"))
-        cache = BlobCacheManager(str(tmp / "cache"), backend) if mode != "memory" else None
+        cache = BlobCacheManager(str(tmp / "cache"), backend) if mode.startswith("blobcache") else None
         device = BlobDevice(image, cache or backend, validate=False)
+        if mode == "memory":
+            device._raw_into = None  # the decoded-chunk copy, as for compressed chunks
         if mode == "blobcache copy":
             device._ready_into = None  # the path before read_ready_into
         fs = RafsFilesystem(image, device, readahead_chunks=0)

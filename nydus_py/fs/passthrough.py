@@ -55,6 +55,7 @@ from ..fuse.abi import (
 from ..fuse.api import (
     DEFAULT_WANT,
     Caller,
+    DirEntryPlusTuple,
     DirEntryTuple,
     Entry,
     Filesystem,
@@ -92,6 +93,10 @@ class _OpenHow(ctypes.Structure):
 
 
 _have_openat2 = True
+_NS = 1_000_000_000
+_new_attr = tuple.__new__
+# the open_how of each flags value without O_CREAT (a lookup's O_PATH|O_NOFOLLOW, a reopen's)
+_HOWS: dict[int, _OpenHow] = {}
 
 
 def _sys_openat2(dirfd: int, name: bytes, how: _OpenHow) -> int:
@@ -120,7 +125,11 @@ def openat_beneath(dirfd: int, name: bytes, flags: int, mode: int = 0) -> int:
     global _have_openat2
     component(name)
     if _have_openat2:
-        how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0, RESOLVE)
+        how = _HOWS.get(flags) if not flags & os.O_CREAT else None
+        if how is None:
+            how = _OpenHow(flags | os.O_CLOEXEC, mode if flags & os.O_CREAT else 0, RESOLVE)
+            if not flags & os.O_CREAT and len(_HOWS) < 64:
+                _HOWS[flags] = how  # (never changed once made: shared by every thread)
         fd = _sys_openat2(dirfd, name, how)
         if fd >= 0:
             return fd
@@ -379,13 +388,11 @@ class PassthroughFilesystem(Filesystem):
 
     # -- inodes ------------------------------------------------------------------------------
     def _attr(self, st: os.stat_result) -> FuseAttr:
-        return FuseAttr(
-            ino=st.st_ino, size=st.st_size, blocks=st.st_blocks, atime=int(st.st_atime), mtime=int(st.st_mtime),
-            ctime=int(st.st_ctime), atime_nsec=st.st_atime_ns % 1_000_000_000,
-            mtime_nsec=st.st_mtime_ns % 1_000_000_000, ctime_nsec=st.st_ctime_ns % 1_000_000_000,
-            mode=st.st_mode, nlink=st.st_nlink, uid=st.st_uid, gid=st.st_gid, rdev=st.st_rdev,
-            blksize=st.st_blksize,
-        )
+        # positional, from the stat tuple (its whole seconds are floored, as the nanoseconds
+        # part expects): a READDIRPLUS builds one per entry
+        return _new_attr(FuseAttr, (
+            st[1], st[6], st.st_blocks, st[7], st[8], st[9], st.st_atime_ns % _NS, st.st_mtime_ns % _NS,
+            st.st_ctime_ns % _NS, st[0], st[3], st[4], st[5], st.st_rdev, st.st_blksize, 0))
 
     def _register(self, fd: int) -> Entry:
         """Turn a fresh O_PATH fd (ours: no request shares it) into a looked-up inode (reusing
@@ -436,6 +443,23 @@ class PassthroughFilesystem(Filesystem):
         st = os.fstat(p.fd)
         return self.casefold.resolve(p.ino, name, lambda: map(os.fsencode, os.listdir(_proc(p.fd))),
                                      (st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+
+    def readdirplus(self, ino: int, fh: int, offset: int) -> Iterator[DirEntryPlusTuple]:
+        """readdir plus the lookup of each entry, as the default does, with the directory held
+        once for the whole reply instead of once per entry. An entry removed since the listing
+        was taken is left out (its lookup would fail the whole reply, and with it the lookups
+        of the entries before it)."""
+        with self._using(ino, dir_only=True) as p:
+            for name, child, typ, off in self.readdir(ino, fh, offset):
+                if name == b"." or name == b"..":
+                    yield Entry(0, 0, FuseAttr(ino=child, mode=typ), 0.0, 0.0), name, typ, off
+                    continue
+                try:
+                    fd = self._open_child(p, name)
+                except FileNotFoundError:
+                    log.debug("readdirplus(%d): %r was removed since the listing; left out", ino, name)
+                    continue
+                yield self._register(fd), name, typ, off
 
     def forget(self, ino: int, nlookup: int) -> None:
         if ino == ROOT_ID:
@@ -813,7 +837,7 @@ def _scan(fd: int) -> list[tuple[bytes, int, int]]:
     """(name, host ino, S_IFMT type) of every entry of the directory open at `fd` (held by the
     caller), "." and ".." first."""
     entries = [(b".", 0, stat.S_IFDIR), (b"..", 0, stat.S_IFDIR)]
-    with os.scandir(_proc(fd)) as it:
+    with os.scandir(os.fsencode(_proc(fd))) as it:  # (bytes names: no fsencode per entry)
         for e in it:
             # d_type answers these without a syscall; only odd types need an lstat
             try:
@@ -827,7 +851,7 @@ def _scan(fd: int) -> list[tuple[bytes, int, int]]:
                     typ = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
             except OSError:
                 continue
-            entries.append((os.fsencode(e.name), e.inode(), typ))
+            entries.append((e.name, e.inode(), typ))
     return entries
 
 

@@ -390,7 +390,7 @@ class RafsFilesystem(Filesystem):
                 log.debug("read inode %d [%d, +%d) from the blob cache files: %s", i, offset, size, e)
                 n = -1
             if n >= 0:
-                if self.readahead is not None and n:
+                if self.readahead is not None and n and not self.device.raw_direct:
                     self.readahead.after_read(i, offset, offset + n, file_size)
                 return n
         if not nowait:

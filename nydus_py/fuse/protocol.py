@@ -164,6 +164,8 @@ _OUT_SIZE = OUT_HEADER.size
 _OUT_INTO = OUT_HEADER.pack_into
 _READ_MIN = _HDR_SIZE + 40  # in_header + fuse_read_in
 _OP_READ = int(Opcode.READ)
+_OP_FORGET = int(Opcode.FORGET)
+_FORGET_LEN = IN_HEADER.size + FORGET_IN.size
 _Op = Callable[[int, int, memoryview, int, int], Reply]
 
 
@@ -344,6 +346,9 @@ class FuseSession:
         self._ops = self._pre_init_ops
         self._unknown = -errno.EIO
         self.observer: RequestObserver | None = None
+        # FORGETs taken by defer_forget, applied together by flush_forgets
+        self._forgets: list[tuple[int, int]] = []
+        self._forgets_lock = threading.Lock()
         self._call: Callable[[bytes | bytearray | memoryview], Reply] = self._dispatch
         self._inner: Callable[[bytes | bytearray | memoryview], Reply] = self._dispatch
         self.set_observer(None)
@@ -399,6 +404,37 @@ class FuseSession:
             raise WouldBlock
         return self.handle_vectored(req)
 
+    def defer_forget(self, req: bytes | bytearray | memoryview) -> bool:
+        """Take a well-formed FORGET (after INIT) to be applied by the next `flush_forgets`,
+        with the others that came with it, in one `batch_forget`: a guest's drop_caches sends
+        thousands at once, one per chain, and each answered through the whole dispatch costs
+        the request queue's thread the GIL meanwhile. Lookup counts add up in any order, so a
+        LOOKUP served before the flush loses nothing. False: not one (the caller handles it)."""
+        if len(req) != _FORGET_LEN or self._ops is not self._post_init_ops or self.debug:
+            return False
+        length, opcode, unique, nodeid, _uid, _gid, _pid, extlen, _pad = IN_HEADER.unpack_from(req)
+        if opcode != _OP_FORGET or length != _FORGET_LEN or extlen:
+            return False
+        nlookup = FORGET_IN.unpack_from(req, _HDR_SIZE)[0]
+        obs = self.observer
+        if obs is not None:
+            obs.finished(obs.started(_OP_FORGET, nodeid, unique), None)
+        with self._forgets_lock:
+            self._forgets.append((nodeid, nlookup))
+        return True
+
+    def flush_forgets(self) -> int:
+        """Apply the FORGETs `defer_forget` took; how many."""
+        if not self._forgets:
+            return 0
+        with self._forgets_lock:
+            items, self._forgets = self._forgets, []
+        try:
+            self.fs.batch_forget(items)
+        except Exception:
+            log.exception("batch_forget of %d deferred FORGETs failed", len(items))
+        return len(items)
+
     def _read_into(self, unique: int, nodeid: int, fh: int, offset: int, size: int, bufs: Sequence[memoryview],
                    room: int, guard: AbstractContextManager[object], nowait: bool) -> int:
         obs = self.observer
@@ -441,6 +477,8 @@ class FuseSession:
         """Forget the connection (its transport went away, e.g. a virtio-fs guest disconnected):
         the filesystem's destroy() runs and the next request must be INIT."""
         with self._init_lock:
+            with self._forgets_lock:
+                self._forgets = []  # (the connection's inodes go with it)
             if self.initialized:
                 self._teardown()
 

@@ -77,6 +77,22 @@ class MeteredBackend:
     def __init__(self, inner: Any, stats: BackendStats) -> None:
         self.inner = inner
         self.stats = stats
+        # the raw-chunk preadv into a caller's buffers (localfs), metered, when the inner has it
+        if callable(getattr(inner, "preadv_into", None)):
+            self.preadv_into = self._preadv_into
+
+    def _preadv_into(self, blob: BlobInfo, offset: int, bufs: list[memoryview], want: int,
+                     nowait: bool = False) -> bool:
+        t0 = time.perf_counter()
+        try:
+            ok: bool = self.inner.preadv_into(blob, offset, bufs, want, nowait)
+        except BlockingIOError:
+            raise  # (not a failure: the caller reads it on a thread that may wait)
+        except BaseException:
+            self.stats.record(0, time.perf_counter() - t0, False, False)
+            raise
+        self.stats.record(want if ok else 0, time.perf_counter() - t0, ok, False)
+        return ok
 
     def read(self, blob: BlobInfo, offset: int, size: int) -> bytes:
         return self._timed(self.inner.read, blob, offset, size, False)

@@ -24,7 +24,7 @@ from typing import Protocol, runtime_checkable
 from ..fuse.iovec import split, trim
 from ..rafs.chunkdata import BlobSource, decode_chunk, decode_chunk_prefix
 from ..rafs.errors import FormatError
-from ..rafs.model import BlobInfo, ChunkInfo, RafsImage
+from ..rafs.model import BlobInfo, ChunkFlags, ChunkInfo, RafsImage
 from .cache.chunk_cache import ChunkCache
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,10 @@ class BlobDevice:
         ready_into = getattr(self._chunked, "read_ready_into", None)
         self._ready_into: Callable[..., bool] | None = (
             ready_into if callable(ready_into) and not getattr(self._chunked, "validate", True) else None)
+        # without a blob cache, and with validation off: chunks stored uncompressed are preadv'ed
+        # from the backend's local blob file (localfs) straight into the caller's buffers
+        raw_into = getattr(source, "preadv_into", None) if self._chunked is None and not validate else None
+        self._raw_into: Callable[..., bool] | None = raw_into if callable(raw_into) else None
         if callable(ready_into) and self._ready_into is None:
             log.info("blob cache digest validation is on: cached READs are checked and copied, not read "
                      "straight into the caller's buffers")
@@ -185,8 +189,15 @@ class BlobDevice:
 
     @property
     def direct(self) -> bool:
-        """Whether `read_ready_into` can answer (a blob cache without digest validation)."""
-        return self._ready_into is not None
+        """Whether `read_ready_into` can answer (a blob cache without digest validation, or a
+        local backend's uncompressed chunks without it)."""
+        return self._ready_into is not None or self._raw_into is not None
+
+    @property
+    def raw_direct(self) -> bool:
+        """Whether `read_ready_into` reads the backend's own blob files (no blob cache): the
+        host's page cache is the cache then, and readahead into the chunk cache is wasted."""
+        return self._ready_into is None and self._raw_into is not None
 
     def read_ready_into(self, ino: int, offset: int, size: int, file_size: int, bufs: list[memoryview],
                         nowait: bool = False) -> int:
@@ -195,12 +206,14 @@ class BlobDevice:
         chunks contiguous in one data file: no copy in Python. -1 when any chunk is not ready
         (or the range has a hole): the caller takes the decoded-chunk path, which overwrites
         whatever landed in `bufs`. `nowait`: BlockingIOError when the bytes are not in the
-        page cache."""
+        page cache. Without a blob cache (`raw_direct`), the same from the local backend's
+        blob files for chunks stored uncompressed (-1 for a compressed one)."""
         end = min(file_size, offset + size)
         if offset >= end:
             return 0
         direct = self._ready_into
-        if direct is None:
+        raw = self._raw_into if direct is None else None
+        if direct is None and raw is None:
             return -1
         blobs = self.image.blobs
         # runs: (blob index, data file offset, length, chunks), contiguous in file and data file
@@ -213,7 +226,12 @@ class BlobDevice:
                 continue
             if lo != pos or not 0 <= c.blob_index < len(blobs):
                 return self._fallback()  # a hole (zeros), out of order, or a bad blob index
-            at = c.uncompressed_offset + lo - c.file_offset
+            if raw is None:
+                at = c.uncompressed_offset + lo - c.file_offset
+            elif c.compressed or c.flags & ChunkFlags.ENCRYPTED or c.compressed_size != c.uncompressed_size:
+                return self._fallback()  # only stored bytes that are the file's bytes
+            else:
+                at = c.compressed_offset + lo - c.file_offset
             if runs and runs[-1][0] == c.blob_index and runs[-1][1] + runs[-1][2] == at:
                 b, o, n, cs = runs[-1]
                 cs.append(c)
@@ -230,7 +248,12 @@ class BlobDevice:
             views = [bufs if total == size else trim(bufs, 0, total, size)]
         try:
             for (b, o, n, cs), v in zip(runs, views, strict=True):
-                if not direct(blobs[b], cs, o, v, n, nowait):
+                if raw is not None:
+                    ok = raw(blobs[b], o, v, n, nowait)
+                else:
+                    assert direct is not None
+                    ok = direct(blobs[b], cs, o, v, n, nowait)
+                if not ok:
                     return self._fallback()
         except BlockingIOError:
             self._fallback()

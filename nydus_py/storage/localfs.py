@@ -1,10 +1,15 @@
 """The `localfs` backend: blobs are files named by blob id in one directory."""
 
+import errno
+import logging
 import os
 import threading
 
 from ..rafs.errors import FormatError
 from ..rafs.model import BlobInfo
+
+log = logging.getLogger(__name__)
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 
 
 class LocalBlobDir:
@@ -15,6 +20,7 @@ class LocalBlobDir:
         self.search = [blob_dir, *(alt_dirs or [])]
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
+        self.nowait_supported = True  # False once the directory's filesystem refused RWF_NOWAIT
 
     def path(self, blob_id: str) -> str:
         if not blob_id or "/" in blob_id or blob_id in (".", ".."):
@@ -50,6 +56,32 @@ class LocalBlobDir:
                 f"blob {blob.blob_id}: read of {size} bytes at {offset} returned {len(data)} (truncated blob?)"
             )
         return data
+
+    def preadv_into(self, blob: BlobInfo, offset: int, bufs: list[memoryview], want: int,
+                    nowait: bool = False) -> bool:
+        """preadv the stored bytes [offset, +want) of `blob` straight into `bufs` (`want` bytes;
+        virtio-fs: guest memory), for chunks stored uncompressed: no copy in Python. False on a
+        short read (a cut blob: the caller's decoded-chunk path reports it). `nowait`:
+        RWF_NOWAIT, BlockingIOError when the bytes are not all in the page cache."""
+        if len(bufs) > _IOV_MAX or not (0 <= offset < 1 << 62 and 0 <= want < 1 << 31):
+            return False
+        fd = self._fd(blob.blob_id)
+        if nowait and self.nowait_supported:
+            try:
+                n = os.preadv(fd, bufs, offset, os.RWF_NOWAIT)
+            except OSError as e:
+                if e.errno == errno.EAGAIN:
+                    raise BlockingIOError(errno.EAGAIN, "not in the page cache") from None
+                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self.nowait_supported = False
+                log.warning("localfs: the blob directory's filesystem refuses RWF_NOWAIT reads (%s); READs of "
+                            "it may wait for the disk in a queue's dispatcher", e)
+            else:
+                if n != want:  # partly in the page cache (or cut: the plain read tells)
+                    raise BlockingIOError(errno.EAGAIN, "not all in the page cache")
+                return True
+        return os.preadv(fd, bufs, offset) == want
 
     def close(self) -> None:
         with self._lock:

@@ -239,3 +239,53 @@ def test_reads_without_open_under_the_fuse_daemon_vfs(tree: Path) -> None:
     assert k.open(small, os.O_RDONLY | os.O_TRUNC)[0] == errno.EROFS
     assert k.call(K.WRITE, small, struct.pack("<QQIIQII", 0, 0, 1, 0, 0, 0, 0) + b"x")[0] == errno.EROFS
     assert (tree / "dir" / "f.txt").read_bytes() == b"content\n"
+
+
+def _plus(it: object) -> list[tuple[object, ...]]:
+    """READDIRPLUS entries as comparable tuples (ino, attr, name, type, cookie)."""
+    return [(e.ino, e.attr, name, typ, off) for e, name, typ, off in it]  # type: ignore[attr-defined]
+
+
+def test_readdirplus_matches_readdir_plus_lookup(pfs: PassthroughFilesystem, tree: Path) -> None:
+    """The one-pass READDIRPLUS gives what the generic readdir + lookup per entry gives (same
+    inodes, attributes, cookies), and counts one lookup per entry sent."""
+    from nydus_py.fuse.api import Filesystem
+
+    for i in range(5):
+        (tree / f"n{i}").write_bytes(b"x" * i)
+    fh, _ = pfs.opendir(1, os.O_RDONLY)
+    fast = _plus(pfs.readdirplus(1, fh, 0))
+    slow = _plus(Filesystem.readdirplus(pfs, 1, fh, 0))
+    assert fast == slow and len(fast) == 2 + 3 + 5
+    d = next(e[0] for e in fast if e[2] == b"dir")
+    assert pfs._inodes[d].nlookup == 2  # once per pass
+    # resuming from a cookie
+    assert _plus(pfs.readdirplus(1, fh, 4)) == fast[4:]
+
+
+def test_readdirplus_leaves_out_an_entry_removed_since_the_listing(pfs: PassthroughFilesystem, tree: Path) -> None:
+    for i in range(3):
+        (tree / f"n{i}").write_bytes(b"x")
+    fh, _ = pfs.opendir(1, os.O_RDONLY)
+    it = iter(pfs.readdirplus(1, fh, 0))
+    first = next(it)  # the listing is taken
+    (tree / "n1").unlink()
+    names = [first[1]] + [name for _e, name, _t, _o in it]
+    assert b"n1" not in names and b"n0" in names and b"n2" in names
+    # the directory was held for the reply and given back after it
+    assert pfs._inodes[1].users == []
+
+
+def test_attr_times_before_1970_keep_their_fraction(pfs: PassthroughFilesystem, tree: Path) -> None:
+    """sec + nsec as the kernel reads them: a time of -1.5 s is (-2, 500000000), not (-1, 500000000),
+    which was half a second off the other way."""
+    f = tree / "dir" / "f.txt"
+    os.utime(f, ns=(-1_500_000_000, 2_250_000_000))
+    st = os.lstat(f)
+    if st.st_atime_ns != -1_500_000_000:
+        pytest.skip("the host filesystem does not keep times before 1970")
+    d = pfs.lookup(1, b"dir").ino
+    a = pfs.lookup(d, b"f.txt").attr
+    assert (a.atime, a.atime_nsec) == (-2, 500_000_000)
+    assert (a.mtime, a.mtime_nsec) == (2, 250_000_000)
+    assert a.atime * 1_000_000_000 + a.atime_nsec == st.st_atime_ns

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from nydus_py.transport.vhost_user.inflight import InflightQueue
 from nydus_py.transport.vhost_user.virtqueue import (
+    LINEAR_MIN,
     Chain,
     DescriptorError,
     GuestMemory,
@@ -221,3 +222,131 @@ def test_inflight_queue_returns_each_chain_once() -> None:
     assert bytes(buf[DATA + 0x100 : DATA + 0x110]) == b"\0" * 16
     assert struct.unpack_from("<H", buf, USED + 2)[0] == 3 and ring.wait_idle(0)
     assert ring.pop() is None and vq.last_avail == 5  # a stopped queue consumes nothing more
+
+
+# -- the one-pass decode of linear indirect tables (Virtqueue._linear) -----------------------------
+LIN_TABLE = 0x2000  # (room for 256 descriptors before DATA2)
+DATA2 = 0x4000
+
+
+def _linear_table(buf: bytearray, descs: list[tuple[int, int, int]], nexts: list[int] | None = None) -> None:
+    """An indirect table of `descs` (gpa, len, flags without NEXT) chained i -> i+1, at head 0."""
+    n = len(descs)
+    for i, (addr, length, flags) in enumerate(descs):
+        last = i == n - 1
+        nxt = nexts[i] if nexts is not None else (0 if last else i + 1)
+        desc(buf, LIN_TABLE, i, addr, length, flags | (0 if last else 1), nxt)
+    desc(buf, DESC, 0, GPA + LIN_TABLE, 16 * n, 4)
+    offer(buf, 0)
+
+
+def _pop_both(buf: bytearray) -> tuple[object, object]:
+    """(one-pass result, entry-by-entry result) of popping head 0: a Chain or the error text."""
+    out: list[object] = []
+    for linear in (True, False):
+        _, q = make(bytearray(buf))
+        q.linear_min = 1  # (every table, however short)
+        if not linear:
+            q._linear = lambda head, raw: None  # type: ignore[method-assign]
+        try:
+            c = q.pop()
+            assert c is not None
+            out.append((b"".join(c.readable), b"".join(c.writable), c.writable_size(),
+                        # the writable views cover exactly the described bytes: write a marker through them
+                        _marks(q, c)))
+        except DescriptorError as e:
+            out.append(("error", str(e)))
+    return out[0], out[1]
+
+
+def _marks(q: Virtqueue, c: Chain) -> bytes:
+    n = c.writable_size()
+    c.write([bytes((i * 7 + 1) & 0xFF for i in range(n))])
+    return bytes(q.memory.regions[0].view)
+
+
+@settings(max_examples=300, deadline=None)
+@given(layout=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 300), st.booleans()), min_size=1, max_size=24),
+       data=st.binary(min_size=64, max_size=64), spoil=st.integers(0, 5))
+def test_linear_tables_decode_as_the_walk_does(layout: list[tuple[int, int, bool]], data: bytes, spoil: int) -> None:
+    """Any linear table (adjacent, overlapping, empty, out-of-memory buffers; readable after
+    writable; the byte limit) gives the one-pass decode the same chain, or the same error, as the
+    entry-by-entry walk."""
+    buf = bytearray(SIZE)
+    buf[DATA2 : DATA2 + 64] = data
+    descs = []
+    for slot, length, writable in layout:
+        addr = GPA + DATA2 + slot * 0x100 if slot < 38 else (GPA + SIZE - 8 if slot == 38 else 1 << 40)
+        descs.append((addr, length, 2 if writable else 0))
+    if spoil == 1:
+        descs.sort(key=lambda d: d[2])  # the ordinary shape: readable then writable
+    _linear_table(buf, descs)
+    fast, slow = _pop_both(buf)
+    assert fast == slow
+
+
+def test_linear_table_merges_adjacent_buffers_and_remembers_the_writable_half() -> None:
+    buf = bytearray(SIZE)
+    pages = [GPA + DATA2 + 0x1000 * p for p in (3, 4, 5, 1, 7, 8)]  # runs: 3-5, 1, 7-8
+    descs = [(GPA + 0x1000, 40, 0), (GPA + 0x1028, 40, 0), (GPA + 0x1050, 16, 2)] + [(a, 0x1000, 2) for a in pages]
+    _linear_table(buf, descs)
+    buf[0x1000:0x1050] = bytes(range(80))
+    _, q = make(buf)
+    q.linear_min = 1
+    c = q.pop()
+    assert c is not None
+    assert [len(v) for v in c.readable] == [80] and bytes(c.readable[0]) == bytes(range(80))
+    assert [len(v) for v in c.writable] == [16, 0x3000, 0x1000, 0x2000]  # never merged across halves
+    assert c.writable_size() == 16 + 6 * 0x1000
+    q.push(0, 0)
+    # the same table again (a reader reusing its buffer): the writable views are reused, the
+    # readable half is decoded afresh
+    buf[0x1000:0x1050] = bytes(80)
+    offer(buf, 0, idx=2)
+    c2 = q.pop()
+    assert c2 is not None and bytes(c2.readable[0]) == bytes(80)
+    assert all(a is b for a, b in zip(c2.writable, c.writable, strict=True)) and c2.writable is not c.writable
+    q.push(0, 0)
+    # a changed page list is decoded afresh
+    desc(buf, LIN_TABLE, len(descs) - 1, GPA + DATA2 + 0x9000, 0x1000, 2, 0)
+    offer(buf, 0, idx=3)
+    c3 = q.pop()
+    assert c3 is not None and [len(v) for v in c3.writable] == [16, 0x3000, 0x1000, 0x1000, 0x1000]
+
+
+@pytest.mark.parametrize("nexts, message", [
+    ([1, 0, 0], "loops"),  # a loop inside the table
+    ([1, 7, 0], "out of a table"),
+])
+def test_non_linear_tables_take_the_walk(nexts: list[int], message: str) -> None:
+    buf = bytearray(SIZE)
+    descs = [(GPA + DATA2, 8, 0), (GPA + DATA2 + 8, 8, 0), (GPA + DATA2 + 16, 8, 2)]
+    _linear_table(buf, descs, nexts)
+    _, q = make(buf)
+    q.linear_min = 1
+    with pytest.raises(DescriptorError, match=message):
+        q.pop()
+
+
+def test_a_table_whose_chain_skips_an_entry_is_not_taken_as_linear() -> None:
+    buf = bytearray(SIZE)
+    buf[DATA2 : DATA2 + 24] = b"a" * 8 + b"b" * 8 + b"c" * 8
+    _linear_table(buf, [(GPA + DATA2, 8, 0), (GPA + DATA2 + 8, 8, 0), (GPA + DATA2 + 16, 8, 2)], [2, 2, 0])
+    _, q = make(buf)
+    q.linear_min = 1
+    c = q.pop()
+    assert c is not None and c.read_all() == b"a" * 8 and c.writable_size() == 8
+
+
+def test_short_tables_take_the_walk_and_long_ones_the_one_pass_decode() -> None:
+    """(the one-pass decode costs more than it saves below LINEAR_MIN descriptors)"""
+    calls: list[int] = []
+    for n in (4, LINEAR_MIN):
+        buf = bytearray(SIZE)
+        _linear_table(buf, [(GPA + DATA2, 40, 0)] + [(GPA + DATA2 + 0x100 * k, 16, 2) for k in range(1, n)])
+        _, q = make(buf)
+        real = q._linear
+        q._linear = lambda head, raw, real=real: calls.append(len(raw) // 16) or real(head, raw)  # type: ignore[method-assign]
+        c = q.pop()
+        assert c is not None and c.writable_size() == 16 * (n - 1)
+    assert calls == [LINEAR_MIN]

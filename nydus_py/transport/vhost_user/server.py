@@ -76,9 +76,10 @@ class QueueWorker:
 
     def __init__(self, vring: Vring, handler: RequestHandler, name: str, *, workers: int = 1,
                  stop_grace: float = STOP_GRACE, max_workers: int = 0, offload: Offload | None = None,
-                 into: IntoHandler | None = None) -> None:
+                 into: IntoHandler | None = None, on_idle: Callable[[], object] | None = None) -> None:
         assert vring.queue is not None
         self.offload = offload
+        self.on_idle = on_idle  # run by the dispatcher each time it has emptied the ring
         self.into = into
         self.inline = 0  # requests the dispatcher answered itself while it has a pool
         self.inline_nowait = 0  # of the pool-bound ones, answered by the dispatcher without waiting
@@ -181,7 +182,18 @@ class QueueWorker:
                     os.close(fd)
 
     def _drain(self) -> bool:
-        """Dispatch everything available; False if the ring is broken or stopped."""
+        """Dispatch everything available, then run `on_idle`; False if the ring is broken or
+        stopped."""
+        try:
+            return self._dispatch_available()
+        finally:
+            if self.on_idle is not None:
+                try:
+                    self.on_idle()
+                except Exception:
+                    log.exception("queue %d: the idle hook failed", self.vring.index)
+
+    def _dispatch_available(self) -> bool:
         ring = self.ring
         while True:
             try:
@@ -302,11 +314,14 @@ class VhostUserServer:
                  backend_factory: Callable[[], Backend] = Backend,
                  on_disconnect: Callable[[], None] | None = None,
                  queue_workers: int | Callable[[int], int] = 1, stop_grace: float = STOP_GRACE,
-                 max_workers: int = 0, offload: Offload | None = None, into: IntoHandler | None = None) -> None:
+                 max_workers: int = 0, offload: Offload | None = None, into: IntoHandler | None = None,
+                 on_idle: Callable[[], object] | None = None) -> None:
         """`queue_workers`: pool threads per running queue (or a function of the queue index);
         `max_workers`: with spares, at most this many per queue (0: 4 x queue_workers);
         `offload`: which requests go to the pool (None: all); `into`: the handler used instead
-        of `handler`, which may write replies into the chain and answer without waiting."""
+        of `handler`, which may write replies into the chain and answer without waiting;
+        `on_idle`: run by a queue's dispatcher whenever it has emptied its ring."""
+        self.on_idle = on_idle
         self.path = path
         self.offload = offload
         self.into = into
@@ -444,7 +459,7 @@ class VhostUserServer:
         n = self.queue_workers(vring.index) if callable(self.queue_workers) else self.queue_workers
         w = QueueWorker(vring, self.handler, f"vhost-user-q{vring.index}", workers=max(1, n),
                         stop_grace=self.stop_grace, max_workers=self.max_workers, offload=self.offload,
-                        into=self.into)
+                        into=self.into, on_idle=self.on_idle)
         self.workers[vring.index] = w
         w.start()
         log.debug("queue %d started (size %d)", vring.index, vring.num)

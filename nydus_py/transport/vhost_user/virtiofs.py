@@ -24,6 +24,7 @@ from .virtqueue import Chain
 log = logging.getLogger(__name__)
 
 _UNIQUE = struct.Struct("<Q")
+_FORGET = struct.pack("<I", 2)  # the opcode field of a FORGET's in header
 # hiprio + request queues; Linux (up to 6.x) uses one request queue
 DEFAULT_REQUEST_QUEUES = 1
 HIPRIO_QUEUE = 0
@@ -75,6 +76,8 @@ def fuse_into_handler(session: FuseSession) -> IntoHandler:
     waiting (`nowait`) when it is at hand; any other reply is returned as buffers, as
     `fuse_request_handler` does (EIO for one bigger than the guest's room)."""
     def handle(req: memoryview, chain: Chain, guard: AbstractContextManager[object], nowait: bool) -> Buffers | int | None:
+        if req[4:8] == _FORGET and session.defer_forget(req):
+            return None  # applied with the others by the dispatcher's idle hook (flush_forgets)
         try:
             r = session.handle_into(req, chain.writable, guard, nowait)
         except FuseProtocolError as e:
@@ -107,4 +110,5 @@ def virtiofs_server(session: FuseSession, sock: str, *, request_queues: int = DE
 
     return VhostUserServer(sock, fuse_request_handler(session), backend_factory=backend,
                            on_disconnect=session.reset, queue_workers=queue_workers, stop_grace=stop_grace,
-                           max_workers=max_workers, offload=fuse_offload, into=fuse_into_handler(session))
+                           max_workers=max_workers, offload=fuse_offload, into=fuse_into_handler(session),
+                           on_idle=session.flush_forgets)
