@@ -96,7 +96,7 @@ class ConvertOptions:
     work_dir: str | None = None
     docker_config_paths: list[str] | None = None  # None: $DOCKER_CONFIG / ~/.docker/config.json
     jobs: int = 3  # concurrent downloads, and concurrent uploads
-    piece_size: int = 2 << 20  # upload piece
+    piece_size: int = 1 << 20  # upload read size (one streamed PUT per blob)
     # absolute paths (files or directories) read at startup, in reading order (nydusify's
     # --prefetch-patterns): first and contiguous in each layer's blob, and the prefetch table
     prefetch_patterns: list[bytes] = field(default_factory=list)
