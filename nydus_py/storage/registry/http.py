@@ -16,7 +16,6 @@ import re
 import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Union
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -36,10 +35,10 @@ FIRST_WAIT = 2.0
 # A request body: bytes, or a factory of a fresh stream of pieces (called once per send, so a
 # body streamed from a file can be sent again after a 401, a proxy failure or the HTTP fallback).
 BodyFactory = Callable[[], AsyncIterator[bytes]]
-Body = Union[bytes, BodyFactory, None]
+Body = bytes | BodyFactory | None
 
 
-def _payload(data: Body) -> "bytes | AsyncIterator[bytes] | None":
+def _payload(data: Body) -> bytes | AsyncIterator[bytes] | None:
     return data() if callable(data) else data
 
 
