@@ -477,7 +477,8 @@ class Converter:
         os.makedirs(blob_dir)
         os.makedirs(dl_dir)
         cpus = os.cpu_count() or 1
-        stack = LayerStack(self.build_opts, blob_dir, workers=max(1, cpus // self._build_jobs()))
+        # blobs are uploaded and deleted, not kept: no fsync (durable=False)
+        stack = LayerStack(self.build_opts, blob_dir, workers=max(1, cpus // self._build_jobs()), durable=False)
         loop = asyncio.get_running_loop()
         remote: dict[str, RemoteBlob] = {}  # blob hex -> where a blob not built here is
         dict_ids: set[str] = set()

@@ -147,7 +147,7 @@ class _Below:
 class LayerStack:
     """Builds the layers of one image, lowest first, into `blob_dir`."""
 
-    def __init__(self, opts: BuildOptions, blob_dir: str, workers: int | None = None) -> None:
+    def __init__(self, opts: BuildOptions, blob_dir: str, workers: int | None = None, durable: bool = True) -> None:
         check_options(opts)
         if opts.blob_id is not None:
             raise ValueError("a layered build names each blob by its digest; blob_id cannot be set")
@@ -156,6 +156,7 @@ class LayerStack:
         self.blobs: list[BlobInfo] = []  # shared by every ChunkedData of the stack
         self.layers: list[Tree] = []
         self.workers = workers  # chunk workers per layer being prepared (None: one per core)
+        self.durable = durable  # fsync each finished blob (see BlobWriter)
         # every stored chunk of the committed layers (and of a chunk dictionary), packed; read by
         # layers being prepared
         self.dedup: ChunkRecords = SharedChunkRecords()
@@ -214,7 +215,8 @@ class LayerStack:
             datas = (_counting(d, progress) for d in datas)
         with self._lock:
             below = _Below(self.dedup, [w for p, w in sorted(self._held.items()) if p < position])
-            writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=below, workers=self.workers)
+            writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=below, workers=self.workers,
+                                durable=self.durable)
             self._held[position] = writer
         try:
             writer.add_files_stream(datas, stored)
@@ -253,7 +255,7 @@ class LayerStack:
                 log.debug("layer %d: its held blob is written again without the chunks of the layers below",
                           layer.position)
                 self.rewrites += 1
-                writer = BlobWriter(self.blob_dir, self.opts, blob_index=index)
+                writer = BlobWriter(self.blob_dir, self.opts, blob_index=index, durable=self.durable)
                 for chunk, data in held.stored_chunks():
                     if chunk.digest not in self.dedup:
                         writer.add_stored(chunk, data)
