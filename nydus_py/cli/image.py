@@ -106,6 +106,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--prefetch-files", metavar="FILE", help="file listing absolute paths to prefetch, one per line")
     c.add_argument("--whiteout-spec", choices=("oci", "overlayfs", "none"), default="oci")
     c.add_argument("--parent-bootstrap", metavar="BOOTSTRAP", help="lowest layer: an existing bootstrap (data reused)")
+    c.add_argument("--chunk-dict", metavar="bootstrap=PATH",
+                   help="reference the chunks this image's bootstrap has from its blobs instead of storing them "
+                        "(same RAFS version, chunk size and digester)")
     c.add_argument("--output-json", metavar="FILE", help="write the build result as JSON")
     add_limit_args(c)
 
@@ -240,6 +243,16 @@ def _make_dirs(path: str) -> list[str]:
     return missing[::-1]
 
 
+def _chunk_dict_path(arg: str) -> str:
+    """nydus-image's `--chunk-dict bootstrap=PATH` (a plain PATH works too)."""
+    kind, sep, path = arg.partition("=")
+    if not sep or "/" in kind:  # a path (that may hold a "=")
+        return arg
+    if kind != "bootstrap":
+        raise ValueError(f"--chunk-dict {arg}: only bootstrap=PATH dictionaries are supported")
+    return path
+
+
 def cmd_create(a: argparse.Namespace) -> int:
     from ..builder.build import build_image
     from ..builder.merge import merge_layers, tree_from_image
@@ -247,6 +260,7 @@ def cmd_create(a: argparse.Namespace) -> int:
     stats = SourceStats()
     made = _make_dirs(a.blob_dir)  # compressed layers are spooled in there
     parent = None
+    chunk_dict = None
     try:
         limits = limits_from_args(a)
         layers: list[Inode | Tree] = [_source_tree(s, a.type, stats, limits, a.blob_dir) for s in a.sources]
@@ -266,7 +280,11 @@ def cmd_create(a: argparse.Namespace) -> int:
         )
         if a.prefetch_files:
             opts.prefetch_paths = _prefetch_paths(a.prefetch_files, root)
-        result = build_image(root, a.bootstrap, a.blob_dir, opts)
+        if a.chunk_dict:
+            from ..rafs import open_bootstrap
+
+            chunk_dict = open_bootstrap(_chunk_dict_path(a.chunk_dict))
+        result = build_image(root, a.bootstrap, a.blob_dir, opts, chunk_dict=chunk_dict)
     except BaseException:
         for d in reversed(made):  # only if still empty: a failed build leaves nothing
             with contextlib.suppress(OSError):
@@ -275,6 +293,8 @@ def cmd_create(a: argparse.Namespace) -> int:
     finally:
         if parent is not None:
             parent.close()
+        if chunk_dict is not None:
+            chunk_dict.close()
     if stats.skipped_xattrs:
         names = ", ".join(sorted(n.decode("utf-8", "replace") for n in stats.skipped_xattr_names))
         print(f"{PROG}: warning: skipped {stats.skipped_xattrs} xattrs RAFS cannot store ({names})", file=sys.stderr)
@@ -527,8 +547,7 @@ def cmd_compact(a: argparse.Namespace) -> int:
     out = a.output_bootstrap or os.path.splitext(a.bootstrap)[0] + ".bootstrap.compact"
     pinned: frozenset[str] = frozenset()
     if a.chunk_dict:
-        path = a.chunk_dict[len("bootstrap="):] if a.chunk_dict.startswith("bootstrap=") else a.chunk_dict
-        with open_bootstrap(path) as d:
+        with open_bootstrap(_chunk_dict_path(a.chunk_dict)) as d:
             pinned = frozenset(b.blob_id for b in d.blobs)
     with open_bootstrap(a.bootstrap) as img:
         result = compact_image(img, out, cfg, blob_dir, pinned)
