@@ -269,8 +269,7 @@ def _place_dict_blobs(table: list[BlobInfo], dict_blobs: list[BlobInfo], new_blo
     base, nd = len(table), len(dict_blobs)
     used: set[int] = set()
     for n in order:
-        recs = file_chunks(n)
-        for (bi,) in _BLOB_INDEX.iter_unpack(recs):
+        for (bi,) in _BLOB_INDEX.iter_unpack(file_chunks(n)):
             if base <= bi < base + nd:
                 used.add(bi)
     at = {b.blob_id: b.index for b in table}
@@ -287,12 +286,12 @@ def _place_dict_blobs(table: list[BlobInfo], dict_blobs: list[BlobInfo], new_blo
     new_index = base + len(added)
     mapping[base + nd] = new_index
     for n in order:
-        recs = bytearray(file_chunks(n))
-        for off in range(0, len(recs), CHUNK_RECORD_SIZE):
-            (bi,) = _BLOB_INDEX.unpack_from(recs, off)
+        out = bytearray(file_chunks(n))
+        for off in range(0, len(out), CHUNK_RECORD_SIZE):
+            (bi,) = _BLOB_INDEX.unpack_from(out, off)
             if bi in mapping:
-                U32.pack_into(recs, off + _BLOB_INDEX_AT, mapping[bi])
-        file_chunks.override(n, bytes(recs))
+                U32.pack_into(out, off + _BLOB_INDEX_AT, mapping[bi])
+        file_chunks.override(n, bytes(out))
     if new_blob is not None:
         new_blob = replace(new_blob, index=new_index)
     return table + added, new_blob
