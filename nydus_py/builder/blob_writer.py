@@ -63,6 +63,7 @@ MAX_CI_INDEX = 1 << 24  # v6 chunk indexes carry 24 bits of ci_index
 _BATCH_BYTES = 256 << 10  # chunks smaller than this go to the workers together ...
 _BATCH_CHUNKS = 64  # ... up to this many
 _WRITE_GATHER = 1 << 20
+_WRITE_PARTS = 256  # at most this many pieces per writev (IOV_MAX is 1024)
 
 
 def blob_features(blob_toc: bool) -> BlobFeatures:
@@ -140,7 +141,8 @@ class BlobWriter:
         self.path: str | None = None  # the finished blob file
         self._writer: ThreadPoolExecutor | None = None
         self._writes: deque[Future[None]] = deque()
-        self._wbuf = bytearray()  # small writes gathered for the writer thread
+        self._wbuf: list[bytes] = []  # small writes gathered for the writer thread
+        self._wsize = 0
         self._closed = False
         # archive order first (`spill_file`), blob order after (`add_spilled_stream`)
         self._spill_fd: int | None = None
@@ -188,37 +190,41 @@ class BlobWriter:
             os.makedirs(self.blob_dir, exist_ok=True)
             self._fd, self._tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".blob-", suffix=".tmp")
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: "bytes | bytearray") -> None:
         """Queue `data` for the writer thread (file write + blob sha256 overlap chunk work).
-        Small pieces are gathered into one write of up to 1 MiB first (one hand-off each)."""
+        Small pieces are gathered up to 1 MiB (one hand-off each), as a list written with one
+        writev: never copied into one buffer (a copy that would hold the GIL)."""
         self._pos += len(data)
-        if not self._wbuf and len(data) >= _WRITE_GATHER:
-            self._send(data)
-            return
-        self._wbuf += data
-        if len(self._wbuf) >= _WRITE_GATHER:
+        self._wbuf.append(bytes(data) if isinstance(data, bytearray) else data)  # (a bytearray may change)
+        self._wsize += len(data)
+        if self._wsize >= _WRITE_GATHER or len(self._wbuf) >= _WRITE_PARTS:
             self._send(self._wbuf)
-            self._wbuf = bytearray()
+            self._wbuf, self._wsize = [], 0
 
-    def _send(self, data: "bytes | bytearray") -> None:
+    def _send(self, parts: list[bytes]) -> None:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="nydus-blob-write")
-        self._writes.append(self._writer.submit(self._write_now, data))
+        self._writes.append(self._writer.submit(self._write_now, parts))
         while len(self._writes) > 4:  # bounded memory: a few MiB queued
             self._writes.popleft().result()
 
-    def _write_now(self, data: "bytes | bytearray") -> None:
+    def _write_now(self, parts: list[bytes]) -> None:
         assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        self._hash.update(data)
+        views = [memoryview(p) for p in parts]
+        while views:
+            n = os.writev(self._fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+        for p in parts:
+            self._hash.update(p)
 
     def _flush(self) -> None:
         if self._wbuf:
             self._send(self._wbuf)
-            self._wbuf = bytearray()
+            self._wbuf, self._wsize = [], 0
         while self._writes:
             self._writes.popleft().result()
 
@@ -695,7 +701,7 @@ class BlobWriter:
             self._writer.shutdown(wait=True)
             self._writer = None
         self._writes.clear()
-        self._wbuf = bytearray()
+        self._wbuf, self._wsize = [], 0
 
     def _discard(self) -> None:
         self._stop_writer()
