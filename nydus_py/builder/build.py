@@ -117,11 +117,14 @@ def _existing_blobs(
                     table.append(_with_index(b, len(table)))
     chunks = FileChunks(tree)
     dedup = ChunkRecords()
+    fast = opts.fs_version != 5 and not want_dedup
     for n in files:
         if kind[n] != K_CHUNKS:
             continue
         own = tree.chunk_bytes(n)
         size = tree.size[n]
+        if fast and _kept_as_is(own, tree.blobs_of(n), pos, size, table, opts.chunk_size):
+            continue  # (a merge of converted layers: most files, checked without decoding a record)
         remapped, infos = _remap(own, tree.blobs_of(n), pos)
         if opts.fs_version == 5:
             _with_path(tree, n, lambda p: check_chunks(p, size, infos, table, opts))  # noqa: B023
@@ -135,6 +138,20 @@ def _existing_blobs(
             if table[c.blob_index].digester == opts.digester and c.digest not in dedup:
                 dedup.add(remapped[k * CHUNK_RECORD_SIZE : (k + 1) * CHUNK_RECORD_SIZE])
     return table, chunks, dedup
+
+
+def _kept_as_is(own: bytes, blobs: list[BlobInfo], pos: dict[str, int], size: int, table: list[BlobInfo],
+                cs: int) -> bool:
+    """Whether a v6 file's packed chunks stand as they are: blob indexes already the table's,
+    and a dense array of `cs` chunks in 4K-aligned blobs of that chunk size (`_check_dense`'s
+    rules, on the packed records). False sends the file the long way, which says what is wrong."""
+    if len(own) != (size + cs - 1) // cs * CHUNK_RECORD_SIZE:
+        return False
+    for k, (_d, bi, _f, _c, usize, _co, uoff, foff, _i, _crc) in enumerate(CHUNK.iter_unpack(own)):
+        if pos[blobs[bi].blob_id] != bi or foff != k * cs or usize != min(cs, size - k * cs) or uoff % 4096 \
+                or table[bi].chunk_size != cs:
+            return False
+    return True
 
 
 def _remap(own: bytes, blobs: list[BlobInfo], pos: dict[str, int]) -> tuple[bytes, list[ChunkInfo]]:
