@@ -618,6 +618,8 @@ class Converter:
                 elif i in candidates:  # a record that was not usable: the layer is converted
                     start_prepare(i, d)
             for i, d in enumerate(layers):
+                if results:  # the layers below join the image tree now, not all at the end
+                    await loop.run_in_executor(builder, stack.merge_committed)
                 hit = hits.get(i)
                 if hit is not None:  # joins the stack where its commit would be
                     try:

@@ -31,7 +31,7 @@ from ..builder.blob_writer import BlobWriter, ChunkSource, with_blob_index
 from ..builder.build import build_image, check_options
 from ..builder.chunk_dict import load_chunk_dict
 from ..builder.chunk_records import ChunkRecords, SharedChunkRecords
-from ..builder.merge import merge_layers, tree_from_image
+from ..builder.merge import LayerMerger, tree_from_image
 from ..builder.options import BuildOptions, BuildResult
 from ..builder.packed import K_CHUNKS, K_TAR, Tree
 from ..builder.sources import Growth, SourceStats, tree_from_tar
@@ -121,6 +121,7 @@ class LayerStack:
         self.rewrites = 0  # commits that wrote a held blob again (see commit_layer)
         self._lock = threading.Lock()
         self._finished = False
+        self._merger = LayerMerger("oci")  # the committed layers merged so far (`merge_committed`)
 
     def add_dict(self, image: RafsImage) -> int:
         """Dedup against the chunks of chunk dictionary `image` (before any layer); returns how
@@ -356,6 +357,13 @@ class LayerStack:
         tree.freeze()
         return replace(self.opts, prefetch_paths=mine)
 
+    def merge_committed(self) -> None:
+        """Merge the layers committed (or cached) since the last call into the image tree, so
+        that `finish` has only the rest to merge (a caller runs this while upper layers build).
+        The same tree as merging them all in `finish`."""
+        for tree in self.layers[self._merger.count:]:
+            self._merger.add(tree)
+
     def finish(self, bootstrap_path: str) -> BuildResult:
         """Write the merged image bootstrap (whiteouts applied). No blob data is written here.
 
@@ -367,8 +375,9 @@ class LayerStack:
             raise ValueError("no layers were added")
         self._finished = True
         self.dedup = ChunkRecords()
-        layers, self.layers = self.layers, []
-        root = merge_layers(layers, "oci", consume=True)  # each layer goes once merged
+        self.merge_committed()
+        self.layers = []
+        root = self._merger.result()
         scratch = os.path.join(self.blob_dir, ".merge")
         result = build_image(root, bootstrap_path, scratch, self.opts)
         if result.blob_id is not None:  # every file is ChunkedData: a new blob means a bug here

@@ -242,3 +242,20 @@ def test_blobs_are_fsynced_only_when_durable(tmp_path, monkeypatch, durable):
     named = sum(r.blob is not None for r in results)
     assert named >= 2
     assert len(synced) == (named if durable else 0)
+
+
+def test_layers_merged_as_they_commit_give_the_same_bootstrap(tmp_path):
+    """The converter merges each committed layer into the image tree while the layers above
+    build (`merge_committed`); `finish` then writes the bootstrap of merging them all at once."""
+    tars = [make_tar(entries) for entries in layers(7)]
+    boots = []
+    for early in (False, True):
+        stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / f"blobs-{early}"))
+        for t in tars:
+            stack.add_layer(io.BytesIO(t))
+            if early:
+                stack.merge_committed()
+        boot = tmp_path / f"boot-{early}"
+        stack.finish(str(boot))
+        boots.append(boot.read_bytes())
+    assert boots[0] == boots[1]
