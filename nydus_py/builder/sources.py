@@ -231,6 +231,12 @@ class Growth:
             self.failed = self.failed or failed
             self._cond.notify_all()
 
+    def check(self, generation: int) -> None:
+        """`Restarted` if the file restarted since `generation` (a short read's explanation)."""
+        with self._cond:
+            if self.generation != generation:
+                raise Restarted("the file restarted")
+
     def wait(self, end: int, generation: int) -> int:
         """Block until `end` bytes are written or the file is complete; the bytes written.
         `Restarted` when the file was restarted since `generation`, OSError when it failed."""
@@ -272,6 +278,13 @@ class _Backing:
             self.covers(1 << 62)
         return self.size
 
+    def _short(self, offset: int) -> FormatError:
+        """The error of a read that came back short at `offset`: `Restarted` (raised) when the
+        file being followed was truncated to start again meanwhile."""
+        if self.growth is not None:
+            self.growth.check(self.generation)
+        return FormatError(f"tar data truncated at offset {offset}")
+
     def pread(self, offset: int, n: int) -> bytes:
         """The `n` bytes at `offset` (FormatError past the end of the file)."""
         if n <= _SMALL:
@@ -282,7 +295,7 @@ class _Backing:
             self.covers(offset + n)
         data = os.pread(self.fd, n, offset)
         if len(data) != n:
-            raise FormatError(f"tar data truncated at offset {offset + len(data)}")
+            raise self._short(offset + len(data))
         return data
 
     def open_range(self, offset: int, size: int) -> BinaryIO:
@@ -301,14 +314,14 @@ class _Backing:
                 self._win = (start, data)
             got = data[offset - start:offset - start + n]
             if len(got) != n:
-                raise FormatError(f"tar data truncated at offset {offset + len(got)}")
+                raise self._short(offset + len(got))
             view[:] = got
             return
         done = 0
         while done < n:  # straight into the caller's buffer (no bytes object in between)
             k = os.preadv(self.fd, [view[done:]], offset + done)
             if k <= 0:
-                raise FormatError(f"tar data truncated at offset {offset + done}")
+                raise self._short(offset + done)
             done += k
 
 
@@ -361,7 +374,12 @@ class _FollowingFile(io.RawIOBase):
         return self._pos
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._b.final_size()}[whence]
+        if whence == io.SEEK_SET:
+            base = 0
+        elif whence == io.SEEK_CUR:
+            base = self._pos
+        else:  # (waits for the end of the file: only when asked for)
+            base = self._b.final_size()
         self._pos = max(0, base + pos)
         return self._pos
 
@@ -372,6 +390,8 @@ class _FollowingFile(io.RawIOBase):
         if not n:
             return 0
         k = os.preadv(b.fd, [memoryview(buf)[:n]], self._pos)
+        if k < n:
+            b._short(self._pos + k)  # (raises Restarted if that is why)
         self._pos += k
         return k
 

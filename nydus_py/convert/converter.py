@@ -178,12 +178,12 @@ class _InflateSink:
 
     async def restart(self) -> None:
         await self.settle()
+        if self.growth is not None:  # (first: a build reading a cut-short tar then knows why)
+            self.growth.restart()
         for f in (self.tar, self.keep):
             if f is not None:
                 f.seek(0)
                 f.truncate()
-        if self.growth is not None:
-            self.growth.restart()
         self.inflater = Inflater(self.tar, self.limits, self.size, self.keep)  # type: ignore[arg-type]
 
     async def write(self, data: bytes) -> None:

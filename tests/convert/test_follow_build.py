@@ -3,10 +3,13 @@ the converter does while a layer downloads): the files are chunked as they arriv
 byte for byte the build of the finished tar, a restart of the tar restarts the build, and a tar
 that will not complete ends the build instead of leaving it waiting."""
 
+import contextlib
 import io
 import os
 import random
+import tarfile
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import pytest
@@ -16,7 +19,7 @@ from nydus_py.builder.options import BuildOptions
 from nydus_py.builder.sources import Growth, Restarted
 from nydus_py.convert.stack import LayerStack, PreparedLayer
 
-from ..waiting import wait_event
+from ..waiting import wait_event, wait_until
 from .ociimage import Entry, make_tar
 
 CS = 0x10000
@@ -59,24 +62,52 @@ class Writer:
         self.growth.grew(self.pos)
 
     def restart(self) -> None:
+        self.growth.restart()  # (before the truncation, as the converter's sink does)
         self.f.seek(0)
         self.f.truncate()
         self.pos = 0
-        self.growth.restart()
+
+
+class Spills:
+    """Counts the files the build has chunked (`BlobWriter.spill_file` calls)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first = threading.Event()
 
 
 @pytest.fixture
-def spilled(monkeypatch):
-    """An event set once the build has chunked its first file (so it runs ahead of the end)."""
-    event = threading.Event()
+def spills(monkeypatch):
+    got = Spills()
     real = BlobWriter.spill_file
 
     def spy(self, source, key, size):  # type: ignore[no-untyped-def]
         real(self, source, key, size)
-        event.set()
+        got.count += 1
+        got.first.set()
 
     monkeypatch.setattr(BlobWriter, "spill_file", spy)
-    return event
+    return got
+
+
+def files_with_data(tar: bytes) -> int:
+    with tarfile.open(fileobj=io.BytesIO(tar)) as t:
+        return sum(1 for m in t.getmembers() if m.isreg() and m.size)
+
+
+@contextlib.contextmanager
+def builder() -> Iterator[ThreadPoolExecutor]:
+    """A thread for the build; a test that fails midway ends the tars it follows first (else the
+    build would wait for them forever, and the pool's exit for it)."""
+    growths: list[Growth] = []
+    with ThreadPoolExecutor(1) as pool:
+        pool.growths = growths  # type: ignore[attr-defined]
+        try:
+            yield pool
+        except BaseException:
+            for g in growths:
+                g.close(failed=True)
+            raise
 
 
 def start(pool: ThreadPoolExecutor, stack: LayerStack, path: str, growth: Growth) -> "Future[PreparedLayer]":
@@ -84,40 +115,48 @@ def start(pool: ThreadPoolExecutor, stack: LayerStack, path: str, growth: Growth
         with open(path, "rb") as tar:
             return stack.prepare_layer(tar, position=0, growth=growth)
 
+    pool.growths.append(growth)  # type: ignore[attr-defined]
     return pool.submit(run)
 
 
-def test_build_follows_a_growing_tar_and_equals_the_finished_build(tmp_path, spilled):
+def test_build_follows_a_growing_tar_and_equals_the_finished_build(tmp_path, spills):
     tar = sample_tar(1)
     want = oracle(tmp_path, tar)
+    spills.count = 0  # (the oracle's files)
+    spills.first.clear()
     path = str(tmp_path / "layer.tar")
     growth = Growth()
     w = Writer(path, growth)
     stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
-    with ThreadPoolExecutor(1) as pool:
+    with builder() as pool:
         fut = start(pool, stack, path, growth)
         half = len(tar) // 2
         for pos in range(0, half, 7000):  # odd pieces: members and blocks cut anywhere
             w.write(tar[pos:min(pos + 7000, half)])
-        wait_event(spilled, 10, "the build to chunk a file before the tar is complete")
+        wait_event(spills.first, 10, "the build to chunk a file before the tar is complete")
         assert not fut.done()
-        w.write(tar[half:])
+        end = len(tar) - 2 * tarfile.BLOCKSIZE  # every member, not the end-of-archive blocks
+        w.write(tar[half:end])
+        # each file is chunked as soon as it is in, not once the whole tar is
+        n = files_with_data(tar)
+        wait_until(lambda: spills.count == n, 10, lambda: f"{spills.count} of {n} files chunked before the end")
+        w.write(tar[end:])
         assert not fut.done()  # all bytes are in, but the tar may still grow: the build waits for its end
         growth.close()
         prepared = fut.result(30)
     assert blob_and_tree(stack, prepared) == want
 
 
-def test_a_restarted_tar_restarts_the_build(tmp_path, spilled):
+def test_a_restarted_tar_restarts_the_build(tmp_path, spills):
     tar = sample_tar(2)
     path = str(tmp_path / "layer.tar")
     growth = Growth()
     w = Writer(path, growth)
     stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
-    with ThreadPoolExecutor(1) as pool:
+    with builder() as pool:
         fut = start(pool, stack, path, growth)
         w.write(tar[: len(tar) // 2])
-        wait_event(spilled, 10, "the build to chunk a file")
+        wait_event(spills.first, 10, "the build to chunk a file")
         w.restart()
         with pytest.raises(Restarted):
             fut.result(30)
@@ -129,16 +168,16 @@ def test_a_restarted_tar_restarts_the_build(tmp_path, spilled):
     assert blob_and_tree(stack, prepared) == oracle(tmp_path, tar)
 
 
-def test_a_tar_that_will_not_complete_ends_the_build(tmp_path, spilled):
+def test_a_tar_that_will_not_complete_ends_the_build(tmp_path, spills):
     tar = sample_tar(3)
     path = str(tmp_path / "layer.tar")
     growth = Growth()
     w = Writer(path, growth)
     stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
-    with ThreadPoolExecutor(1) as pool:
+    with builder() as pool:
         fut = start(pool, stack, path, growth)
         w.write(tar[: len(tar) // 2])
-        wait_event(spilled, 10, "the build to chunk a file")
+        wait_event(spills.first, 10, "the build to chunk a file")
         growth.close(failed=True)  # the download failed (or was cancelled)
         with pytest.raises(OSError):
             fut.result(30)
