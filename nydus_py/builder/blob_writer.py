@@ -24,6 +24,7 @@ of the chunk data region, where nydus writes the data size as offset and hashes 
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import os
 import tempfile
@@ -32,7 +33,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 from ..rafs import codec
 from ..rafs.constants import BlobFeatures, ChunkFlags, Compressor
@@ -62,6 +63,7 @@ MAX_CI_INDEX = 1 << 24  # v6 chunk indexes carry 24 bits of ci_index
 _BATCH_BYTES = 256 << 10  # chunks smaller than this go to the workers together ...
 _BATCH_CHUNKS = 64  # ... up to this many
 _WRITE_GATHER = 1 << 20
+_WRITE_PARTS = 256  # at most this many pieces per writev (IOV_MAX is 1024)
 
 
 def blob_features(blob_toc: bool) -> BlobFeatures:
@@ -70,6 +72,12 @@ def blob_features(blob_toc: bool) -> BlobFeatures:
     if blob_toc:
         f |= BlobFeatures.HAS_TAR_HEADER | BlobFeatures.HAS_TOC | BlobFeatures.INLINED_CHUNK_DIGEST
     return f
+
+
+class ChunkSource(Protocol):
+    """Where `BlobWriter.spill_file` reads a file's bytes (a layer tar's backing file)."""
+
+    def pread(self, offset: int, n: int) -> bytes: ...
 
 
 @dataclass
@@ -99,6 +107,7 @@ class BlobWriter:
         blob_index: int,
         existing: ChunkLookup | None = None,
         workers: int | None = None,
+        durable: bool = True,
     ) -> None:
         if opts.compressor not in TOC_FLAGS:
             raise ValueError(f"compressor {opts.compressor.nydus_name} cannot be used for RAFS v6 blobs")
@@ -107,6 +116,9 @@ class BlobWriter:
         self.blob_index = blob_index
         self.existing: ChunkLookup = existing if existing is not None else ChunkRecords()
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
+        # fsync the finished blob (an output file); a blob that is uploaded and deleted at once
+        # (convert) skips it: the fsync cost ~20-100 ms per blob on the path to its upload
+        self.durable = durable
         # RAFS v5: plain chunk data, unaligned, no trailers (see the module docstring)
         self.plain = opts.fs_version == 5
         self.features = BlobFeatures.CAP_TAR_TOC if self.plain else blob_features(opts.blob_toc)
@@ -129,8 +141,18 @@ class BlobWriter:
         self.path: str | None = None  # the finished blob file
         self._writer: ThreadPoolExecutor | None = None
         self._writes: deque[Future[None]] = deque()
-        self._wbuf = bytearray()  # small writes gathered for the writer thread
+        self._wbuf: list[bytes] = []  # small writes gathered for the writer thread
+        self._wsize = 0
         self._closed = False
+        # archive order first (`spill_file`), blob order after (`add_spilled_stream`)
+        self._spill_fd: int | None = None
+        self._spill_pos = 0
+        self._spilled = ChunkRecords()  # digest -> record whose compressed_offset is in the spill
+        self._file_digests: dict[int, bytearray] = {}  # file key -> its chunks' digests, in order
+        self._spill_items: deque[tuple[Future[list[bytes]], list[int]]] = deque()
+        self._spill_batch: list[bytes] = []
+        self._spill_keys: list[int] = []
+        self._spill_bytes = 0
 
     # -- chunk pipeline -------------------------------------------------------------------------
 
@@ -168,37 +190,41 @@ class BlobWriter:
             os.makedirs(self.blob_dir, exist_ok=True)
             self._fd, self._tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".blob-", suffix=".tmp")
 
-    def _write(self, data: bytes) -> None:
+    def _write(self, data: "bytes | bytearray") -> None:
         """Queue `data` for the writer thread (file write + blob sha256 overlap chunk work).
-        Small pieces are gathered into one write of up to 1 MiB first (one hand-off each)."""
+        Small pieces are gathered up to 1 MiB (one hand-off each), as a list written with one
+        writev: never copied into one buffer (a copy that would hold the GIL)."""
         self._pos += len(data)
-        if not self._wbuf and len(data) >= _WRITE_GATHER:
-            self._send(data)
-            return
-        self._wbuf += data
-        if len(self._wbuf) >= _WRITE_GATHER:
+        self._wbuf.append(bytes(data) if isinstance(data, bytearray) else data)  # (a bytearray may change)
+        self._wsize += len(data)
+        if self._wsize >= _WRITE_GATHER or len(self._wbuf) >= _WRITE_PARTS:
             self._send(self._wbuf)
-            self._wbuf = bytearray()
+            self._wbuf, self._wsize = [], 0
 
-    def _send(self, data: "bytes | bytearray") -> None:
+    def _send(self, parts: list[bytes]) -> None:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="nydus-blob-write")
-        self._writes.append(self._writer.submit(self._write_now, data))
+        self._writes.append(self._writer.submit(self._write_now, parts))
         while len(self._writes) > 4:  # bounded memory: a few MiB queued
             self._writes.popleft().result()
 
-    def _write_now(self, data: "bytes | bytearray") -> None:
+    def _write_now(self, parts: list[bytes]) -> None:
         assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
-        self._hash.update(data)
+        views = [memoryview(p) for p in parts]
+        while views:
+            n = os.writev(self._fd, views)
+            while views and n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            if n:
+                views[0] = views[0][n:]
+        for p in parts:
+            self._hash.update(p)
 
     def _flush(self) -> None:
         if self._wbuf:
             self._send(self._wbuf)
-            self._wbuf = bytearray()
+            self._wbuf, self._wsize = [], 0
         while self._writes:
             self._writes.popleft().result()
 
@@ -353,6 +379,132 @@ class BlobWriter:
             for fut, _ in items:
                 fut.cancel()
             raise
+
+    # -- archive order first, blob order after (a layer chunked while it downloads) -------------
+
+    def spill_file(self, source: "ChunkSource", key: int, size: int) -> None:
+        """Chunk a file now, in the order files come (a tar's): digest, CRC and - for a chunk
+        neither this blob nor `existing` holds - compression, the stored bytes going to an
+        anonymous spill file. `source.pread(key + off, n)` gives its bytes (`key`: the file's
+        offset in the source, which names it for `add_spilled_stream`). Then
+        `spill_finish`, and `add_spilled_stream` writes the blob in its own order from the
+        spill: the same blob as `add_files_stream` over the same files (no chunk is digested
+        or compressed twice, so the work can run while the archive is still arriving)."""
+        if self._closed:
+            raise RuntimeError("BlobWriter already finished")
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nydus-blob")
+        if self._spill_fd is None:
+            os.makedirs(self.blob_dir, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".spill-", suffix=".tmp")
+            os.unlink(tmp)  # anonymous: gone with its fd, whatever happens
+            self._spill_fd = fd
+        cs = self.opts.chunk_size
+        self._file_digests[key] = bytearray()
+        off = 0
+        while off < size:
+            want = min(cs, size - off)
+            self._spill_batch.append(source.pread(key + off, want))
+            self._spill_keys.append(key)
+            self._spill_bytes += want
+            if self._spill_bytes >= _BATCH_BYTES or len(self._spill_batch) >= _BATCH_CHUNKS:
+                self._spill_submit()
+                self._spill_drain(self.workers + 2)
+            off += want
+
+    def _spill_submit(self) -> None:
+        if self._spill_batch:
+            assert self._pool is not None
+            self._spill_items.append((self._pool.submit(self._spill_all, self._spill_batch), self._spill_keys))
+            self._spill_batch, self._spill_keys, self._spill_bytes = [], [], 0
+
+    def _spill_drain(self, limit: int) -> None:
+        items = self._spill_items
+        while len(items) > limit:
+            fut, keys = items.popleft()
+            for digest, key in zip(fut.result(), keys, strict=True):
+                self._file_digests[key] += digest
+
+    def spill_finish(self) -> None:
+        """Wait for the chunks of every `spill_file` so far."""
+        try:
+            self._spill_submit()
+            self._spill_drain(0)
+        except BaseException:
+            for fut, _ in self._spill_items:
+                fut.cancel()
+            raise
+
+    def _spill_all(self, bufs: list[bytes]) -> list[bytes]:
+        return [self._spill_one(b) for b in bufs]
+
+    def _spill_one(self, data: bytes) -> bytes:
+        """Worker: the chunk's digest; a new one is compressed and appended to the spill."""
+        d = codec.digest(self.opts.digester, data)
+        with self._lock:
+            if d in self._spilled:
+                return d
+        if d in self.existing:
+            return d
+        crc = codec.crc32c(data)
+        stored, compressed = self._pack(data)
+        flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
+        with self._lock:
+            if d in self._spilled:  # another worker had the same chunk at the same time
+                return d
+            pos = self._spill_pos
+            self._spill_pos += len(stored)
+            self._spilled.add(CHUNK.pack(d, 0, int(flags), len(stored), len(data), pos, 0, 0, 0, crc))
+        assert self._spill_fd is not None
+        view = memoryview(stored)
+        while view:
+            n = os.pwrite(self._spill_fd, view, pos)
+            view, pos = view[n:], pos + n
+        return d
+
+    def add_spilled_stream(self, files: Iterable[tuple[int, int]], done: Callable[[int, bytes], None]) -> None:
+        """Write the blob from the spill: `files` are (key, size) of files given to
+        `spill_file`, in blob order; `done(i, chunks)` as in `add_files_stream`."""
+        if self._closed:
+            raise RuntimeError("BlobWriter already finished")
+        cs = self.opts.chunk_size
+        spilled = self._spilled
+        for i, (key, size) in enumerate(files):
+            digests = self._file_digests.get(key)
+            if digests is None or len(digests) != 32 * chunk_count(size, cs):
+                raise AssertionError(f"file at {key} was not spilled whole")
+            out = bytearray()
+            for k in range(len(digests) // 32):
+                d = bytes(digests[32 * k:32 * k + 32])
+                foff = k * cs
+                self.uncompressed_bytes += min(cs, size - foff)
+                known = self.chunks.get(d, foff)
+                if known is not None:
+                    self.deduplicated += 1
+                    out += known
+                    continue
+                rec = spilled.get(d, 0)
+                if rec is None:  # `existing` had it when it was looked at
+                    other = self.existing.get(d, foff)
+                    assert other is not None
+                    self.deduplicated += 1
+                    out += other
+                    continue
+                (_d, _bi, flags, c_size, u_size, c_off, _uo, _fo, _ix, crc) = CHUNK.unpack(rec)
+                assert self._spill_fd is not None
+                stored = os.pread(self._spill_fd, c_size, c_off)
+                if len(stored) != c_size:
+                    raise OSError(errno.EIO, "spill file is short")
+                out += self._store(d, stored, ChunkFlags(flags), u_size, crc, foff)
+            done(i, bytes(out))
+        self._close_spill()
+
+    def _close_spill(self) -> None:
+        if self._spill_fd is not None:
+            os.close(self._spill_fd)
+            self._spill_fd = None
+        self._spilled = ChunkRecords()
+        self._file_digests.clear()
 
     def _prepare_all(self, bufs: list[bytes]) -> list[_Prepared]:
         return [self._prepare(b) for b in bufs]
@@ -529,7 +681,8 @@ class BlobWriter:
         validate_blob_id(blob_id)
         assert self._fd is not None and self._tmp is not None
         self._stop_writer()
-        os.fsync(self._fd)
+        if self.durable:
+            os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
         final = os.path.join(self.blob_dir, blob_id)
@@ -549,10 +702,11 @@ class BlobWriter:
             self._writer.shutdown(wait=True)
             self._writer = None
         self._writes.clear()
-        self._wbuf = bytearray()
+        self._wbuf, self._wsize = [], 0
 
     def _discard(self) -> None:
         self._stop_writer()
+        self._close_spill()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -20,15 +20,16 @@ import itertools
 import os
 from array import array
 from collections.abc import Callable
+from dataclasses import replace
 
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
-from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, pack_chunks, unpack_chunks
+from ..rafs.layout_common import CHUNK, CHUNK_RECORD_SIZE, U32, pack_chunks, unpack_chunks
 from ..rafs.model import BlobInfo, ChunkInfo, RafsImage
 from .atomic import atomic_output
 from .blob_writer import BlobWriter, validate_blob_id
 from .chunk_dict import load_chunk_dict
-from .chunk_records import ChunkRecords
+from .chunk_records import ChunkLookup, ChunkRecords
 from .options import BuildOptions, BuildResult
 from .packed import K_CHUNKS, Tree, as_tree
 from .tree import FileData, Inode
@@ -36,6 +37,7 @@ from .v5_writer import V5Plan, check_chunks, plan_v5, write_v5
 from .v6_writer import V6Plan, plan_v6, write_v6
 
 _BLOB_INDEX = CHUNK.view("blob_index")
+_BLOB_INDEX_AT = CHUNK.offset("blob_index")
 
 
 def check_options(opts: BuildOptions) -> None:
@@ -115,11 +117,14 @@ def _existing_blobs(
                     table.append(_with_index(b, len(table)))
     chunks = FileChunks(tree)
     dedup = ChunkRecords()
+    fast = opts.fs_version != 5 and not want_dedup
     for n in files:
         if kind[n] != K_CHUNKS:
             continue
         own = tree.chunk_bytes(n)
         size = tree.size[n]
+        if fast and _kept_as_is(own, tree.blobs_of(n), pos, size, table, opts.chunk_size):
+            continue  # (a merge of converted layers: most files, checked without decoding a record)
         remapped, infos = _remap(own, tree.blobs_of(n), pos)
         if opts.fs_version == 5:
             _with_path(tree, n, lambda p: check_chunks(p, size, infos, table, opts))  # noqa: B023
@@ -133,6 +138,20 @@ def _existing_blobs(
             if table[c.blob_index].digester == opts.digester and c.digest not in dedup:
                 dedup.add(remapped[k * CHUNK_RECORD_SIZE : (k + 1) * CHUNK_RECORD_SIZE])
     return table, chunks, dedup
+
+
+def _kept_as_is(own: bytes, blobs: list[BlobInfo], pos: dict[str, int], size: int, table: list[BlobInfo],
+                cs: int) -> bool:
+    """Whether a v6 file's packed chunks stand as they are: blob indexes already the table's,
+    and a dense array of `cs` chunks in 4K-aligned blobs of that chunk size (`_check_dense`'s
+    rules, on the packed records). False sends the file the long way, which says what is wrong."""
+    if len(own) != (size + cs - 1) // cs * CHUNK_RECORD_SIZE:
+        return False
+    for k, (_d, bi, _f, _c, usize, _co, uoff, foff, _i, _crc) in enumerate(CHUNK.iter_unpack(own)):
+        if pos[blobs[bi].blob_id] != bi or foff != k * cs or usize != min(cs, size - k * cs) or uoff % 4096 \
+                or table[bi].chunk_size != cs:
+            return False
+    return True
 
 
 def _remap(own: bytes, blobs: list[BlobInfo], pos: dict[str, int]) -> tuple[bytes, list[ChunkInfo]]:
@@ -180,14 +199,15 @@ def _with_index(b: BlobInfo, index: int) -> BlobInfo:
 
 
 def build_image(root: "Tree | Inode", bootstrap_path: str, blob_dir: str, opts: BuildOptions,
-                chunk_dict: RafsImage | None = None) -> BuildResult:
+                chunk_dict: "RafsImage | None" = None) -> BuildResult:
     """Write `bootstrap_path` (RAFS v6, or v5 with `opts.fs_version == 5`) and, if there is new file data, one blob in `blob_dir`.
 
-    With `chunk_dict` (nydus-image's `--chunk-dict bootstrap=PATH`), chunks that image has are
-    referenced from its blobs instead of stored again; as nydus-image does, all of its blobs join
-    the blob table, ahead of the new one.
+    With `chunk_dict` (nydus-image's `--chunk-dict bootstrap=PATH`), new data whose chunks that
+    image has is referenced from its blobs instead of stored; the dictionary blobs some chunk
+    uses join the blob table (after the existing blobs, before the new one), the others do not.
 
-    Raises ValueError for unusable options and FormatError for trees RAFS cannot represent;
+    Raises ValueError for unusable options (`chunk_dict.ChunkDictError` for a dictionary of
+    another version, chunk size or digester) and FormatError for trees RAFS cannot represent;
     on error no partial blob or bootstrap is left behind.
     """
     check_options(opts)
@@ -195,24 +215,30 @@ def build_image(root: "Tree | Inode", bootstrap_path: str, blob_dir: str, opts: 
     plan: V5Plan | V6Plan = plan_v5(tree, opts) if opts.fs_version == 5 else plan_v6(tree, opts)
     order = plan.data_order()
     table, file_chunks, dedup = _existing_blobs(tree, plan.regular_files(), opts, want_dedup=bool(order))
-    if chunk_dict is not None:
-        extra, offered = load_chunk_dict(chunk_dict, opts, len(table), {b.blob_id: b.index for b in table})
-        table += extra
-        dedup.update(offered)
     if opts.blob_id is not None and opts.blob_id in {b.blob_id for b in table}:
         raise FormatError(f"blob id {opts.blob_id} is already used by a blob the image references")
     if isinstance(plan, V6Plan) and len(table) >= 254:
         raise FormatError(f"image would reference {len(table) + 1} blobs; RAFS v6 allows 254")
 
+    dict_blobs: list[BlobInfo] = []
+    existing: ChunkLookup = dedup
+    if chunk_dict is not None and order:
+        dict_blobs, dict_records = load_chunk_dict(chunk_dict, opts, first_index=len(table))
+        existing = _Either(dedup, dict_records)
+
     new_blob: BlobInfo | None = None
-    with BlobWriter(blob_dir, opts, blob_index=len(table), existing=dedup) as writer:
+    with BlobWriter(blob_dir, opts, blob_index=len(table) + len(dict_blobs), existing=existing) as writer:
         writer.add_files_stream(
             (_new_data(tree, n) for n in order), lambda i, chunks: file_chunks.override(order[i], chunks)
         )
         new_blob = writer.finish()
         blob_path = writer.path
     counts = (len(writer.chunks), writer.deduplicated, writer.stored_uncompressed, writer.stored_compressed)
-    del writer, dedup  # their chunk records and blob.meta buffers are not needed for the bootstrap
+    del writer, dedup, existing  # their chunk records and blob.meta buffers are not needed for the bootstrap
+    if dict_blobs:
+        table, new_blob = _place_dict_blobs(table, dict_blobs, new_blob, order, file_chunks)
+    if isinstance(plan, V6Plan) and len(table) + (new_blob is not None) > 254:
+        raise FormatError(f"image would reference {len(table) + 1} blobs; RAFS v6 allows 254")
     blobs = table + ([new_blob] if new_blob is not None else [])
     try:
         boot: bytes | bytearray
@@ -237,6 +263,55 @@ def build_image(root: "Tree | Inode", bootstrap_path: str, blob_dir: str, opts: 
         uncompressed_bytes=counts[2],
         compressed_bytes=counts[3],
     )
+
+
+class _Either:
+    """The chunks of the image's blobs, then those of a chunk dictionary."""
+
+    def __init__(self, first: ChunkRecords, second: ChunkRecords) -> None:
+        self.first, self.second = first, second
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self.first or digest in self.second
+
+    def get(self, digest: bytes, file_offset: int) -> bytes | None:
+        got = self.first.get(digest, file_offset)
+        return got if got is not None else self.second.get(digest, file_offset)
+
+
+def _place_dict_blobs(table: list[BlobInfo], dict_blobs: list[BlobInfo], new_blob: BlobInfo | None,
+                      order: "array[int]", file_chunks: FileChunks) -> tuple[list[BlobInfo], BlobInfo | None]:
+    """The blob table with the dictionary blobs the new files use (the table's own entry for one
+    it has already), and the new blob after them; the new files' chunk records renumbered."""
+    base, nd = len(table), len(dict_blobs)
+    used: set[int] = set()
+    for n in order:
+        for (bi,) in _BLOB_INDEX.iter_unpack(file_chunks(n)):
+            if base <= bi < base + nd:
+                used.add(bi)
+    at = {b.blob_id: b.index for b in table}
+    mapping: dict[int, int] = {}
+    added: list[BlobInfo] = []
+    for i, b in enumerate(dict_blobs):
+        if base + i not in used:
+            continue
+        if b.blob_id in at:
+            mapping[base + i] = at[b.blob_id]
+        else:
+            mapping[base + i] = base + len(added)
+            added.append(replace(b, index=base + len(added)))
+    new_index = base + len(added)
+    mapping[base + nd] = new_index
+    for n in order:
+        out = bytearray(file_chunks(n))
+        for off in range(0, len(out), CHUNK_RECORD_SIZE):
+            (bi,) = _BLOB_INDEX.unpack_from(out, off)
+            if bi in mapping:
+                U32.pack_into(out, off + _BLOB_INDEX_AT, mapping[bi])
+        file_chunks.override(n, bytes(out))
+    if new_blob is not None:
+        new_blob = replace(new_blob, index=new_index)
+    return table + added, new_blob
 
 
 def _new_data(tree: Tree, idx: int) -> FileData:

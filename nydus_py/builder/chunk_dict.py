@@ -11,7 +11,6 @@ v6 blobs differ in layout), chunk size (files are arrays of chunk-size chunks) a
 algorithm (digests compare only then). The compressor may differ: each blob names its own.
 """
 
-from collections.abc import Mapping
 from dataclasses import replace
 
 from ..rafs.errors import FormatError
@@ -41,22 +40,11 @@ def check_dict(image: RafsImage, opts: BuildOptions) -> None:
                                  f"the image {opts.digester.name}")
 
 
-def load_chunk_dict(image: RafsImage, opts: BuildOptions, first_index: int = 0,
-                    known: Mapping[str, int] | None = None) -> tuple[list[BlobInfo], ChunkRecords]:
+def load_chunk_dict(image: RafsImage, opts: BuildOptions, first_index: int = 0) -> tuple[list[BlobInfo], ChunkRecords]:
     """The dictionary's blobs (numbered from `first_index`, the position they take in the
-    build's blob list) and its distinct chunks, their records pointing at those numbers. A blob
-    the build lists already (`known`: blob id -> its index there) keeps that index and is not
-    returned again."""
+    build's blob list) and its distinct chunks, their records pointing at those numbers."""
     check_dict(image, opts)
-    known = known or {}
-    blobs: list[BlobInfo] = []
-    where: list[int] = []  # dictionary blob index -> index in the build's blob list
-    for b in image.blobs:
-        if b.blob_id in known:
-            where.append(known[b.blob_id])
-        else:
-            where.append(first_index + len(blobs))
-            blobs.append(replace(b, index=where[-1]))
+    blobs = [replace(b, index=first_index + i) for i, b in enumerate(image.blobs)]
     records = ChunkRecords()
     tree = tree_from_image(image)
     view = memoryview(tree.chunks)
@@ -68,9 +56,9 @@ def load_chunk_dict(image: RafsImage, opts: BuildOptions, first_index: int = 0,
         for off in range(a, a + size, CHUNK_RECORD_SIZE):
             rec = bytearray(view[off:off + CHUNK_RECORD_SIZE])
             (bi,) = U32.unpack_from(rec, _BLOB_INDEX)
-            if not 0 <= bi < len(where):
-                raise FormatError(f"chunk dict: {tree.path(n)!r} refers to blob {bi} of {len(where)}")
-            U32.pack_into(rec, _BLOB_INDEX, where[bi])
+            if not 0 <= bi < len(blobs):
+                raise FormatError(f"chunk dict: {tree.path(n)!r} refers to blob {bi} of {len(blobs)}")
+            U32.pack_into(rec, _BLOB_INDEX, first_index + bi)
             records.add(rec)
     view.release()
     return blobs, records

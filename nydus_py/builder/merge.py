@@ -56,27 +56,51 @@ def merge_layers(layers: "Sequence[Inode | Tree]", whiteout_spec: str = "oci", *
     With `consume` (`layers` must then be a list the caller gives up), each layer is dropped
     from the list once applied, so its memory can go before the next one is merged.
     """
-    if whiteout_spec not in WHITEOUT_SPECS:
-        raise ValueError(f"unknown whiteout spec {whiteout_spec!r}; expected one of {WHITEOUT_SPECS}")
+    merger = LayerMerger(whiteout_spec)
     if not layers:
         raise ValueError("merge_layers needs at least one layer")
     trees: list[Tree] = []
     for i, layer in enumerate(layers):
-        if isinstance(layer, Inode) and (not layer.is_dir or layer.children is None):
-            raise FormatError(f"layer {i}: root is not a directory")
-        tree = as_tree(layer)
-        if not tree.is_dir(0):
-            raise FormatError(f"layer {i}: root is not a directory")
-        trees.append(tree)
+        trees.append(_layer_tree(layer, i))
     if consume:
         assert isinstance(layers, list)
         layers.clear()
     trees.reverse()
-    result = Tree()
     while trees:
-        _apply(result, trees.pop(), whiteout_spec)
-    result.freeze()
-    return result
+        merger.add(trees.pop())
+    return merger.result()
+
+
+def _layer_tree(layer: "Inode | Tree", i: int) -> Tree:
+    if isinstance(layer, Inode) and (not layer.is_dir or layer.children is None):
+        raise FormatError(f"layer {i}: root is not a directory")
+    tree = as_tree(layer)
+    if not tree.is_dir(0):
+        raise FormatError(f"layer {i}: root is not a directory")
+    return tree
+
+
+class LayerMerger:
+    """`merge_layers` one layer at a time (lowest first), so a caller can merge each layer as
+    soon as it has it (the converter, while the layers above still build): `result()` is what
+    `merge_layers` of the same layers gives."""
+
+    def __init__(self, whiteout_spec: str = "oci") -> None:
+        if whiteout_spec not in WHITEOUT_SPECS:
+            raise ValueError(f"unknown whiteout spec {whiteout_spec!r}; expected one of {WHITEOUT_SPECS}")
+        self.spec = whiteout_spec
+        self.tree = Tree()
+        self.count = 0
+
+    def add(self, layer: "Inode | Tree") -> None:
+        _apply(self.tree, _layer_tree(layer, self.count), self.spec)
+        self.count += 1
+
+    def result(self) -> Tree:
+        if not self.count:
+            raise ValueError("merge_layers needs at least one layer")
+        self.tree.freeze()
+        return self.tree
 
 
 def _apply(result: Tree, layer: Tree, spec: str) -> None:

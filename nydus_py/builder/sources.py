@@ -31,8 +31,9 @@ import pwd
 import stat
 import tarfile
 import tempfile
+import threading
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -193,6 +194,64 @@ _WINDOW = 1 << 20  # read-ahead of small members
 _SMALL = 128 << 10
 
 
+class Restarted(Exception):
+    """The file being followed was truncated to start again (its download restarted)."""
+
+
+class Growth:
+    """How far a file that another thread is still writing has got (a layer tar while its
+    download inflates into it): readers of a `tree_from_tar(..., growth=)` wait here for the
+    bytes they need. The writer calls `grew` after each write, `restart` when it truncates the
+    file to write it again, and `close` at the end (with `failed` when it will not complete)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.written = 0
+        self.generation = 0  # bumped by a restart that dropped written bytes
+        self.done = False
+        self.failed = False
+        self._want = 1 << 63  # the least end a reader waits for: writes short of it wake nobody
+
+    def grew(self, total: int) -> None:
+        with self._cond:
+            self.written = total
+            if total >= self._want:  # (a wake-up per write would cost a futex call each, GIL held)
+                self._cond.notify_all()
+
+    def restart(self) -> None:
+        with self._cond:
+            if self.written:
+                self.generation += 1
+                self.written = 0
+                self._cond.notify_all()
+
+    def close(self, failed: bool = False) -> None:
+        with self._cond:
+            self.done = True
+            self.failed = self.failed or failed
+            self._cond.notify_all()
+
+    def check(self, generation: int) -> None:
+        """`Restarted` if the file restarted since `generation` (a short read's explanation)."""
+        with self._cond:
+            if self.generation != generation:
+                raise Restarted("the file restarted")
+
+    def wait(self, end: int, generation: int) -> int:
+        """Block until `end` bytes are written or the file is complete; the bytes written.
+        `Restarted` when the file was restarted since `generation`, OSError when it failed."""
+        with self._cond:
+            while self.written < end and not self.done and self.generation == generation:
+                self._want = min(self._want, end)
+                self._cond.wait()
+                self._want = 1 << 63  # (each waiter sets its end again before it waits again)
+            if self.generation != generation:
+                raise Restarted("the file restarted")
+            if self.failed:
+                raise OSError(_errno.EIO, "the file being read was not completed")
+            return self.written
+
+
 class _Backing:
     """A seekable file holding the (decompressed) tar; member data is read from it with pread.
 
@@ -200,11 +259,44 @@ class _Backing:
     so a layer of many small files costs a few big preads instead of one syscall (and one GIL
     hand-off) per file."""
 
-    def __init__(self, file: BinaryIO) -> None:
+    def __init__(self, file: BinaryIO, growth: Growth | None = None) -> None:
         self.file = file
         self.fd = file.fileno()
-        self.size = os.fstat(self.fd).st_size
+        self.growth = growth
+        self.generation = growth.generation if growth is not None else 0
+        self.size = os.fstat(self.fd).st_size if growth is None else 0
         self._win: tuple[int, memoryview] = (0, memoryview(b""))  # replaced whole: safe to share
+
+    def covers(self, end: int) -> bool:
+        """Whether the file reaches `end` (waiting for a growing file to get there or end)."""
+        if self.growth is not None and end > self.size:
+            self.size = self.growth.wait(end, self.generation)
+        return end <= self.size
+
+    def final_size(self) -> int:
+        if self.growth is not None:
+            self.covers(1 << 62)
+        return self.size
+
+    def _short(self, offset: int) -> FormatError:
+        """The error of a read that came back short at `offset`: `Restarted` (raised) when the
+        file being followed was truncated to start again meanwhile."""
+        if self.growth is not None:
+            self.growth.check(self.generation)
+        return FormatError(f"tar data truncated at offset {offset}")
+
+    def pread(self, offset: int, n: int) -> bytes:
+        """The `n` bytes at `offset` (FormatError past the end of the file)."""
+        if n <= _SMALL:
+            buf = bytearray(n)
+            self.read_into(memoryview(buf), offset)
+            return bytes(buf)
+        if self.growth is not None:
+            self.covers(offset + n)
+        data = os.pread(self.fd, n, offset)
+        if len(data) != n:
+            raise self._short(offset + len(data))
+        return data
 
     def open_range(self, offset: int, size: int) -> BinaryIO:
         """A stream over the member bytes [offset, offset+size)."""
@@ -213,6 +305,8 @@ class _Backing:
     def read_into(self, view: memoryview, offset: int) -> None:
         """Fill `view` with the bytes at `offset` (FormatError past the end of the file)."""
         n = len(view)
+        if self.growth is not None:
+            self.covers(offset + n)
         if n <= _SMALL:
             start, data = self._win
             if not (start <= offset and offset + n <= start + len(data)):
@@ -220,14 +314,14 @@ class _Backing:
                 self._win = (start, data)
             got = data[offset - start:offset - start + n]
             if len(got) != n:
-                raise FormatError(f"tar data truncated at offset {offset + len(got)}")
+                raise self._short(offset + len(got))
             view[:] = got
             return
         done = 0
         while done < n:  # straight into the caller's buffer (no bytes object in between)
             k = os.preadv(self.fd, [view[done:]], offset + done)
             if k <= 0:
-                raise FormatError(f"tar data truncated at offset {offset + done}")
+                raise self._short(offset + done)
             done += k
 
 
@@ -261,6 +355,45 @@ class _MemberReader(io.RawIOBase):
         self._b.read_into(memoryview(buf)[:n], self._off + self._pos)
         self._pos += n
         return n
+
+
+class _FollowingFile(io.RawIOBase):
+    """The tar stream of a growing backing file for `tarfile`: reads wait for the bytes."""
+
+    def __init__(self, backing: _Backing) -> None:
+        self._b = backing
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            base = 0
+        elif whence == io.SEEK_CUR:
+            base = self._pos
+        else:  # (waits for the end of the file: only when asked for)
+            base = self._b.final_size()
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf: "bytearray | memoryview") -> int:  # type: ignore[override]
+        b = self._b
+        b.covers(self._pos + len(buf))
+        n = max(0, min(len(buf), b.size - self._pos))
+        if not n:
+            return 0
+        k = os.preadv(b.fd, [memoryview(buf)[:n]], self._pos)
+        if k < n:
+            b._short(self._pos + k)  # (raises Restarted if that is why)
+        self._pos += k
+        return k
 
 
 class _CountingReader:
@@ -514,6 +647,8 @@ def tree_from_tar(
     *,
     limits: ExpansionLimits | None = DEFAULT_LIMITS,
     spool_dir: str | None = None,
+    growth: Growth | None = None,
+    on_file: Callable[[_Backing, int, int], None] | None = None,
 ) -> Tree:
     """The packed tree of one OCI layer tar (plain, gzip or zstd, detected by magic).
 
@@ -522,11 +657,23 @@ def tree_from_tar(
     A compressed (or unseekable) layer is first copied into an anonymous file in `spool_dir`
     (default: the temp dir; nothing is left there, whatever happens), refused with an
     `ExpansionLimitError` when it expands past `limits` (None: no caps).
+
+    With `growth`, `src` is a plain tar file still being written (see `Growth`): the archive is
+    read as far as it has got, waiting for more. `on_file(backing, offset, size)` is called for
+    each regular member with data as soon as it is parsed (its bytes are then at hand in the
+    backing: a caller chunks files in archive order while the rest is still arriving).
     """
-    backing = _open_backing(src, limits, spool_dir)
+    if growth is not None:
+        if isinstance(src, str | bytes | os.PathLike):
+            raise TypeError("a growing tar must be given as an open file")
+        backing = _Backing(src, growth)
+        fileobj: Any = _FollowingFile(backing)
+    else:
+        backing = _open_backing(src, limits, spool_dir)
+        fileobj = backing.file
     try:
         tar = tarfile.open(  # noqa: SIM115 (closing would close the backing file)
-            fileobj=backing.file, mode="r:", encoding="utf-8", errors="surrogateescape"
+            fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape"
         )
     except (tarfile.TarError, EOFError, OSError, ValueError) as e:
         raise FormatError(f"not a tar archive: {e}") from None
@@ -540,7 +687,9 @@ def tree_from_tar(
             break
         tar.members.clear()  # type: ignore[attr-defined]  # else TarFile keeps every TarInfo (~0.5 KiB each)
         _add_member(tt, member, backing)
-    trailing = backing.size - tar.offset
+        if on_file is not None and member.isreg() and member.size > 0:
+            on_file(backing, member.offset_data, member.size)
+    trailing = backing.final_size() - tar.offset
     if 0 < trailing < tarfile.BLOCKSIZE:
         raise FormatError(f"tar archive truncated: {trailing} stray bytes after offset {tar.offset}")
     tt.tree.freeze()
@@ -578,7 +727,7 @@ def _add_member(tt: _TarTree, m: tarfile.TarInfo, backing: _Backing) -> None:
     where = f"tar member {raw!r}"
     xattrs = _keep_xattrs(_pax_xattrs(m, tt.stats), where, tt.stats) if m.pax_headers else NO_XATTRS
     mode = fmt | (m.mode & 0o7777)
-    if fmt == stat.S_IFREG and (m.size < 0 or m.offset_data + m.size > backing.size):
+    if fmt == stat.S_IFREG and (m.size < 0 or not backing.covers(m.offset_data + m.size)):
         raise FormatError(
             f"{where}: declared size {m.size} at offset {m.offset_data} runs past the end of "
             f"the archive ({backing.size} bytes)"

@@ -83,6 +83,8 @@ MAPPED_BLKADDR_ALIGN = 0x8_0000  # nydus aligns device slots' flat-disk start to
 _BLOB_AND_INDEX = CHUNK.view("blob_index", "index")
 _BLOB_INDEX_END = CHUNK.offset("blob_index") + 4  # digest + blob_index open every record
 _INDEX_AT = CHUNK.offset("index")
+# chunk flags a v6 image may carry (an int: enum operations per chunk would cost more than the rest)
+_CHUNK_FLAGS_OK = int(ChunkFlags.COMPRESSED | ChunkFlags.HAS_CRC32 | ChunkFlags.ENCRYPTED | ChunkFlags.BATCH)
 
 
 def encode_xattrs(xattrs: Mapping[bytes, bytes], path: bytes = b"?") -> bytes:
@@ -611,8 +613,11 @@ def _chunk_table(plan: V6Plan, file_chunks: Callable[[int], bytes], nblobs: int)
         n = len(packed) // CHUNK_RECORD_SIZE
         if n != nchunks:
             raise FormatError(f"{plan.path(r)!r}: {n} chunks for {plan.r_dsize[r]} bytes, expected {nchunks}")
-        for k, c in enumerate(unpack_chunks(packed)):
-            _check_chunk(plan, r, k, c, cs, nblobs)
+        dsize = plan.r_dsize[r]
+        for k, (_d, bi, flags, _cs, usize, _co, uoff, foff, index, _crc) in enumerate(CHUNK.iter_unpack(packed)):
+            if (foff != k * cs or usize != min(cs, dsize - k * cs) or not 0 <= bi < nblobs or uoff % BLOCK
+                    or not 0 <= index < 1 << 24 or uoff // BLOCK > 0xFFFF_FFFF or flags & ~_CHUNK_FLAGS_OK):
+                _check_chunk(plan, r, k, unpack_chunks(packed)[k], cs, nblobs)  # (raises, saying what)
             rec = packed[k * CHUNK_RECORD_SIZE : (k + 1) * CHUNK_RECORD_SIZE]
             key = _table_key(rec)
             mask = len(table) - 1
@@ -694,5 +699,5 @@ def _check_chunk(plan: V6Plan, r: int, k: int, c: ChunkInfo, cs: int, nblobs: in
         raise FormatError(f"{plan.path(r)!r}: chunk {k} ci_index {c.index} needs more than 24 bits")
     if c.uncompressed_offset // BLOCK > 0xFFFF_FFFF:
         raise FormatError(f"{plan.path(r)!r}: chunk {k} uncompressed offset beyond 16 TiB")
-    if c.flags & ~(ChunkFlags.COMPRESSED | ChunkFlags.HAS_CRC32 | ChunkFlags.ENCRYPTED | ChunkFlags.BATCH):
+    if int(c.flags) & ~_CHUNK_FLAGS_OK:
         raise FormatError(f"{plan.path(r)!r}: chunk {k} has unknown flags {int(c.flags):#x}")

@@ -9,7 +9,6 @@ import dataclasses
 import json
 from typing import Any
 
-from ..convert.copier import CopyOptions, copy
 from ..convert.errors import ConvertError
 from ..convert.progress import human
 from .nydusify_check import add_endpoint_args
@@ -30,6 +29,8 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_copy(a: argparse.Namespace) -> int:
+    from ..convert.copier import CopyOptions, copy  # (here: not on the start-up path of `convert`)
+
     if a.jobs < 1 or a.jobs > 64:
         raise ConvertError("--jobs must be in 1..64")
     r = copy(CopyOptions(

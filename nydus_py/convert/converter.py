@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -48,6 +49,7 @@ from typing import Any
 from ..builder.chunk_dict import ChunkDictError
 from ..builder.limits import ExpansionLimits
 from ..builder.options import BuildOptions
+from ..builder.sources import Growth, Restarted
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
 from ..rafs.loader import open_bootstrap
@@ -97,7 +99,7 @@ class ConvertOptions:
     work_dir: str | None = None
     docker_config_paths: list[str] | None = None  # None: $DOCKER_CONFIG / ~/.docker/config.json
     jobs: int = 3  # concurrent downloads, and concurrent uploads
-    piece_size: int = 2 << 20  # upload piece
+    piece_size: int = 1 << 20  # upload read size (one streamed PUT per blob)
     # absolute paths (files or directories) read at startup, in reading order (nydusify's
     # --prefetch-patterns): first and contiguous in each layer's blob, and the prefetch table
     prefetch_patterns: list[bytes] = field(default_factory=list)
@@ -168,22 +170,26 @@ class _InflateSink:
     loop never hashes or decompresses."""
 
     def __init__(self, pool: ThreadPoolExecutor, tar_path: str, keep_path: str | None, size: int,
-                 limits: ExpansionLimits | None) -> None:
+                 limits: ExpansionLimits | None, growth: Growth | None = None) -> None:
         self.pool = pool
         self.size = size
         self.limits = limits
-        self.tar = open(tar_path, "wb")  # noqa: SIM115 (closed in close)
+        self.growth = growth
+        # unbuffered, so that what `growth` announces is in the file for a reader that follows it
+        self.tar = _GrowingFile(open(tar_path, "wb", buffering=0), growth)  # noqa: SIM115 (closed in close)
         self.keep = open(keep_path, "wb") if keep_path else None  # noqa: SIM115
         self.inflater: Inflater | None = None
         self._pending: asyncio.Future[None] | None = None
 
     async def restart(self) -> None:
         await self.settle()
+        if self.growth is not None:  # (first: a build reading a cut-short tar then knows why)
+            self.growth.restart()
         for f in (self.tar, self.keep):
             if f is not None:
                 f.seek(0)
                 f.truncate()
-        self.inflater = Inflater(self.tar, self.limits, self.size, self.keep)
+        self.inflater = Inflater(self.tar, self.limits, self.size, self.keep)  # type: ignore[arg-type]
 
     async def write(self, data: bytes) -> None:
         await self.settle()
@@ -215,6 +221,38 @@ class _InflateSink:
         self.tar.close()
         if self.keep is not None:
             self.keep.close()
+
+
+class _GrowingFile:
+    """The layer tar being written: each write is announced to `growth` (a build following it)."""
+
+    def __init__(self, raw: Any, growth: Growth | None) -> None:
+        self.raw = raw
+        self.growth = growth
+        self.pos = 0
+
+    def write(self, data: "bytes | bytearray | memoryview") -> int:
+        view = memoryview(data)
+        while view:
+            n = self.raw.write(view)
+            view = view[n:]
+        self.pos += len(data)
+        if self.growth is not None:
+            self.growth.grew(self.pos)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def seek(self, pos: int) -> int:
+        self.pos = self.raw.seek(pos)
+        return self.pos
+
+    def truncate(self) -> int:
+        return int(self.raw.truncate())
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 @dataclass
@@ -365,6 +403,7 @@ class Converter:
         self.cache = BuildCache(opts.build_cache_version, opts.build_cache_max_records, opts.fs_version) \
             if opts.build_cache else None
         self.cache_stats = CacheStats()
+        self.build_restarts = 0  # builds that followed a download which then restarted
         self.cache_used: list[Record] = []  # records this run hit or made, in layer order
         self.cache_new: dict[str, str] = {}  # digest -> local file of what new records need pushed
         # records made in this run: (record, its layer bootstrap, its blob file), for later platforms
@@ -487,7 +526,8 @@ class Converter:
         os.makedirs(blob_dir)
         os.makedirs(dl_dir)
         cpus = os.cpu_count() or 1
-        stack = LayerStack(self.build_opts, blob_dir, workers=max(1, cpus // self._build_jobs()))
+        # blobs are uploaded and deleted, not kept: no fsync (durable=False)
+        stack = LayerStack(self.build_opts, blob_dir, workers=max(1, cpus // self._build_jobs()), durable=False)
         loop = asyncio.get_running_loop()
         remote: dict[str, RemoteBlob] = {}  # blob hex -> where a blob not built here is
         dict_ids: set[str] = set()
@@ -504,9 +544,16 @@ class Converter:
         # order; each layer's blob is pushed as soon as it is built, while later layers build
         downloads: dict[str, asyncio.Task[_Fetched]] = {}
 
+        growths: dict[str, Growth] = {}  # how far each download's tar has got (its build follows it)
+
         def download(i: int, d: oci.Descriptor) -> asyncio.Task[_Fetched]:
             if d.digest not in downloads:
-                downloads[d.digest] = asyncio.create_task(self._fetch(src, i, d, dl_dir, bars[i], sem, unpacker))
+                growth = growths[d.digest] = Growth()
+                open(os.path.join(dl_dir, d.hex) + ".tar", "wb").close()  # there for a build to follow
+                task = asyncio.create_task(self._fetch(src, i, d, dl_dir, bars[i], sem, unpacker, growth))
+                # however the download ends (also cancelled before it ran), a build following it stops waiting
+                task.add_done_callback(functools.partial(_end_growth, growth))
+                downloads[d.digest] = task
             return downloads[d.digest]
 
         for i, d in enumerate(layers):
@@ -524,17 +571,38 @@ class Converter:
         started = [asyncio.Event() for _ in layers]
         preps: dict[int, asyncio.Task[tuple[_Fetched, PreparedLayer]]] = {}
 
-        async def prepare(i: int, d: oci.Descriptor) -> tuple[_Fetched, PreparedLayer]:
-            got = await download(i, d)
+        def checked(i: int, d: oci.Descriptor, got: _Fetched) -> _Fetched:
             if f"sha256:{got.diff_id}" != source.diff_ids[i]:
                 raise FormatError(f"layer {i + 1} ({d.short}): the uncompressed {got.kind} does not match the "
                                   f"config's diff_id {source.diff_ids[i][:19]} (it hashes to "
                                   f"sha256:{got.diff_id[:12]})")
+            return got
+
+        async def prepare(i: int, d: oci.Descriptor) -> tuple[_Fetched, PreparedLayer]:
+            task = download(i, d)
+            growth = growths[d.digest]
+            tar_path = os.path.join(dl_dir, d.hex) + ".tar"
             if i:  # slots go in layer order: a lower layer prepared first is committed first, and
                 await started[i - 1].wait()  # the layers above then find its chunks while preparing
             async with slots:
                 started[i].set()
-                prepared = await loop.run_in_executor(builder, self._prepare_layer, stack, i, d, got, bars[i])
+                while True:
+                    follow = not task.done()  # build while it downloads, from the tar as it grows
+                    if not follow:
+                        checked(i, d, task.result())
+                    try:
+                        prepared = await loop.run_in_executor(builder, self._prepare_layer, stack, i, d, tar_path,
+                                                              growth if follow else None, bars[i])
+                    except Restarted:  # the download started again: so does the build
+                        self.build_restarts += 1
+                        log.info("layer %d (%s): its download restarted, and so does its build", i + 1, d.short)
+                        continue
+                    except BaseException:
+                        if follow:  # a download that failed (or bad bytes) explains bad data best
+                            checked(i, d, await task)
+                        raise
+                    break
+            got = checked(i, d, await task)
             uses[d.digest] -= 1
             if not uses[d.digest]:
                 os.unlink(got.tar_path)
@@ -560,6 +628,8 @@ class Converter:
                 elif i in candidates:  # a record that was not usable: the layer is converted
                     start_prepare(i, d)
             for i, d in enumerate(layers):
+                if results:  # the layers below join the image tree now, not all at the end
+                    await loop.run_in_executor(builder, stack.merge_committed)
                 hit = hits.get(i)
                 if hit is not None:  # joins the stack where its commit would be
                     try:
@@ -678,7 +748,7 @@ class Converter:
         return result, nydus_desc
 
     async def _fetch(self, src: RegistryClient, i: int, d: oci.Descriptor, dl_dir: str, bar: Bar,
-                     sem: asyncio.Semaphore, unpacker: ThreadPoolExecutor) -> "_Fetched":
+                     sem: asyncio.Semaphore, unpacker: ThreadPoolExecutor, growth: Growth | None = None) -> "_Fetched":
         """Download layer `d` and decompress it to a tar file as it arrives (the pieces are
         inflated in `unpacker` while the next ones download), then check its size and digest.
         The compressed layer is kept on disk only when it is pushed too (`copy_original`)."""
@@ -688,7 +758,7 @@ class Converter:
         async with sem:
             bar.phase("pull", d.size)
             sink = _InflateSink(unpacker, tar_path, path if self.copy_original else None, d.size,
-                                self.opts.expansion_limits)
+                                self.opts.expansion_limits, growth)
             try:
                 try:
                     n, (dhex, tsize, kind) = await self._pull(src, d, where, sink, bar)
@@ -727,12 +797,16 @@ class Converter:
         is zstd, blake3, sha256 and I/O, which run outside the GIL), at most `jobs`."""
         return max(1, min(self.opts.jobs, os.cpu_count() or 1))
 
-    def _prepare_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, got: "_Fetched",
+    def _prepare_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, tar_path: str, growth: Growth | None,
                        bar: Bar) -> PreparedLayer:
-        with open(got.tar_path, "rb") as tar:
-            bar.phase("build", got.tar_size)
+        """Build layer `i` from its tar; with `growth`, while the tar is still being downloaded
+        (the bar then shows the download)."""
+        with open(tar_path, "rb") as tar:
+            if growth is None:
+                bar.phase("build", os.fstat(tar.fileno()).st_size)
             try:
-                prepared = stack.prepare_layer(tar, bar.advance, position=i)
+                prepared = stack.prepare_layer(tar, None if growth is not None else bar.advance, position=i,
+                                               growth=growth)
             except FormatError as e:
                 raise FormatError(f"layer {i + 1} ({d.short}): {e}") from None
         release_free_memory()
@@ -949,6 +1023,10 @@ class Converter:
 def _bootstrap_layer(boot_path: str, bl_path: str) -> tuple[str, int, str]:
     with open(boot_path, "rb") as bf, open(bl_path, "wb") as out:
         return write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
+
+
+def _end_growth(growth: Growth, task: "asyncio.Task[Any]") -> None:
+    growth.close(failed=task.cancelled() or task.exception() is not None)
 
 
 def _raise_failed(tasks: Iterable["asyncio.Task[Any]"]) -> None:

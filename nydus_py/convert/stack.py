@@ -23,19 +23,18 @@ layers drop out of the table, so only blobs the image uses are pushed.
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
-from ..builder.blob_writer import BlobWriter, with_blob_index
+from ..builder.blob_writer import BlobWriter, ChunkSource, with_blob_index
 from ..builder.build import build_image, check_options
 from ..builder.chunk_dict import load_chunk_dict
 from ..builder.chunk_records import ChunkRecords, SharedChunkRecords
-from ..builder.merge import merge_layers, tree_from_image
+from ..builder.merge import LayerMerger, tree_from_image
 from ..builder.options import BuildOptions, BuildResult
 from ..builder.packed import K_CHUNKS, K_TAR, Tree
-from ..builder.sources import SourceStats, tree_from_tar
-from ..builder.tree import FileData
+from ..builder.sources import Growth, SourceStats, tree_from_tar
 from ..builder.v5_writer import plan_v5
 from ..builder.v6_writer import plan_v6
 from ..rafs.errors import FormatError
@@ -79,49 +78,6 @@ log = logging.getLogger(__name__)
 FILE_OFFSET = CHUNK.view("file_offset")
 
 
-class _Counted:
-    """A stream of `data` that reports the bytes read (build progress)."""
-
-    __slots__ = ("f", "progress")
-
-    def __init__(self, f: BinaryIO, progress: Callable[[int], None]) -> None:
-        self.f = f
-        self.progress = progress
-
-    def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
-        self.progress(len(b))
-        return b
-
-    def __enter__(self) -> "_Counted":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.f.close()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-class _CountingOpener:
-    """`FileData.open` wrapping another opener's streams in `_Counted` (one small object per
-    file: no closure or class per file)."""
-
-    __slots__ = ("opener", "progress")
-
-    def __init__(self, opener: Callable[[], BinaryIO], progress: Callable[[int], None]) -> None:
-        self.opener = opener
-        self.progress = progress
-
-    def __call__(self) -> BinaryIO:
-        return _Counted(self.opener(), self.progress)  # type: ignore[return-value]
-
-
-def _counting(data: FileData, progress: Callable[[int], None]) -> FileData:
-    """`data` whose streams report the bytes read (build progress)."""
-    return FileData(size=data.size, open=_CountingOpener(data.open, progress))
-
-
 class _Below:
     """The chunks the layers below one being prepared hold: the committed ones, then those
     being prepared (their held blobs, looked at while they are written)."""
@@ -147,7 +103,7 @@ class _Below:
 class LayerStack:
     """Builds the layers of one image, lowest first, into `blob_dir`."""
 
-    def __init__(self, opts: BuildOptions, blob_dir: str, workers: int | None = None) -> None:
+    def __init__(self, opts: BuildOptions, blob_dir: str, workers: int | None = None, durable: bool = True) -> None:
         check_options(opts)
         if opts.blob_id is not None:
             raise ValueError("a layered build names each blob by its digest; blob_id cannot be set")
@@ -156,6 +112,7 @@ class LayerStack:
         self.blobs: list[BlobInfo] = []  # shared by every ChunkedData of the stack
         self.layers: list[Tree] = []
         self.workers = workers  # chunk workers per layer being prepared (None: one per core)
+        self.durable = durable  # fsync each finished blob (see BlobWriter)
         # every stored chunk of the committed layers (and of a chunk dictionary), packed; read by
         # layers being prepared
         self.dedup: ChunkRecords = SharedChunkRecords()
@@ -164,6 +121,7 @@ class LayerStack:
         self.rewrites = 0  # commits that wrote a held blob again (see commit_layer)
         self._lock = threading.Lock()
         self._finished = False
+        self._merger = LayerMerger("oci")  # the committed layers merged so far (`merge_committed`)
 
     def add_dict(self, image: RafsImage) -> int:
         """Dedup against the chunks of chunk dictionary `image` (before any layer); returns how
@@ -182,49 +140,62 @@ class LayerStack:
         return self.commit_layer(self.prepare_layer(tar, progress))
 
     def prepare_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None,
-                      position: int | None = None) -> PreparedLayer:
+                      position: int | None = None, growth: Growth | None = None) -> PreparedLayer:
         """The expensive part of `add_layer` (parse, chunk, hash, compress, write the chunk data),
         independent of the other layers: several may run at once, in any order. `position` is
         the layer's place in the image (default: the next one to commit). Chunks are deduplicated
         within the layer and against what the layers below hold - committed, or being prepared -
-        when a chunk is looked at; `commit_layer` does the rest."""
+        when a chunk is looked at; `commit_layer` does the rest.
+
+        Files are chunked in archive order as the tar is parsed (`BlobWriter.spill_file`), then
+        the blob is written in its own order from the spill: with `growth` (`tar` is a plain tar
+        file another thread is still writing), all that runs while the layer downloads; a restart
+        of the file is `sources.Restarted` (nothing of the layer is kept)."""
         if self._finished:
             raise RuntimeError("LayerStack already finished")
         if position is None:
             position = len(self.layers)
-        if position < len(self.layers) or position in self._held:
-            raise ValueError(f"layer {position} is committed or being prepared already")
-        stats = SourceStats()
-        tree = tree_from_tar(tar, stats)
-        opts = self._layer_options(tree)
-        plan = plan_v5(tree, opts) if opts.fs_version == 5 else plan_v6(tree, opts)
-        order = plan.data_order()
-        del plan
-        bset = tree.blob_set(self.blobs)
-        refs = 0
-
-        def stored(i: int, chunks: bytes) -> None:
-            nonlocal refs
-            n = order[i]
-            refs += len(chunks) // CHUNK_RECORD_SIZE
-            tree.set_chunks(n, chunks, tree.size[n], bset)
-
-        datas: Iterator[FileData] = (_file_data(tree, n) for n in order)
-        if progress is not None:
-            datas = (_counting(d, progress) for d in datas)
         with self._lock:
+            if position < len(self.layers) or position in self._held:
+                raise ValueError(f"layer {position} is committed or being prepared already")
             below = _Below(self.dedup, [w for p, w in sorted(self._held.items()) if p < position])
-            writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=below, workers=self.workers)
+            writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=below, workers=self.workers,
+                                durable=self.durable)
             self._held[position] = writer
         try:
-            writer.add_files_stream(datas, stored)
+            stats = SourceStats()
+
+            def on_file(backing: ChunkSource, offset: int, size: int) -> None:
+                writer.spill_file(backing, offset, size)
+                if progress is not None:
+                    progress(size)
+
+            tree = tree_from_tar(tar, stats, growth=growth, on_file=on_file)
+            writer.spill_finish()
+            opts = self._layer_options(tree)
+            plan = plan_v5(tree, opts) if opts.fs_version == 5 else plan_v6(tree, opts)
+            order = plan.data_order()
+            del plan
+            bset = tree.blob_set(self.blobs)
+            refs = 0
+
+            def stored(i: int, chunks: bytes) -> None:
+                nonlocal refs
+                n = order[i]
+                refs += len(chunks) // CHUNK_RECORD_SIZE
+                tree.set_chunks(n, chunks, tree.size[n], bset)
+
+            kind, a, size = tree.kind, tree.a, tree.size
+            for n in order:
+                if kind[n] != K_TAR:
+                    raise AssertionError("a layer's new data is all in its tar")
+            writer.add_spilled_stream(((a[n], size[n]) for n in order), stored)
             writer.hold()
         except BaseException:
             with self._lock:
                 self._held.pop(position, None)
             writer.abort()
             raise
-        kind = tree.kind
         for n in range(len(tree)):  # empty (or unreachable) files: no chunks; let go of the tar
             if kind[n] == K_TAR:
                 tree.set_chunks(n, b"", tree.size[n], bset)
@@ -253,7 +224,7 @@ class LayerStack:
                 log.debug("layer %d: its held blob is written again without the chunks of the layers below",
                           layer.position)
                 self.rewrites += 1
-                writer = BlobWriter(self.blob_dir, self.opts, blob_index=index)
+                writer = BlobWriter(self.blob_dir, self.opts, blob_index=index, durable=self.durable)
                 for chunk, data in held.stored_chunks():
                     if chunk.digest not in self.dedup:
                         writer.add_stored(chunk, data)
@@ -386,6 +357,13 @@ class LayerStack:
         tree.freeze()
         return replace(self.opts, prefetch_paths=mine)
 
+    def merge_committed(self) -> None:
+        """Merge the layers committed (or cached) since the last call into the image tree, so
+        that `finish` has only the rest to merge (a caller runs this while upper layers build).
+        The same tree as merging them all in `finish`."""
+        for tree in self.layers[self._merger.count:]:
+            self._merger.add(tree)
+
     def finish(self, bootstrap_path: str) -> BuildResult:
         """Write the merged image bootstrap (whiteouts applied). No blob data is written here.
 
@@ -397,19 +375,14 @@ class LayerStack:
             raise ValueError("no layers were added")
         self._finished = True
         self.dedup = ChunkRecords()
-        layers, self.layers = self.layers, []
-        root = merge_layers(layers, "oci", consume=True)  # each layer goes once merged
+        self.merge_committed()
+        self.layers = []
+        root = self._merger.result()
         scratch = os.path.join(self.blob_dir, ".merge")
         result = build_image(root, bootstrap_path, scratch, self.opts)
         if result.blob_id is not None:  # every file is ChunkedData: a new blob means a bug here
             raise AssertionError("merging layers wrote new blob data")
         return result
-
-
-def _file_data(tree: Tree, n: int) -> FileData:
-    data = tree.file_data(n)
-    assert data is not None  # data_order lists files with new data only
-    return data
 
 
 def _normalize(path: bytes) -> bytes:

@@ -225,3 +225,37 @@ def test_layers_prepared_out_of_order_equal_a_sequential_build(tmp_path, monkeyp
     assert len(rewritten) == rewrites
     stack.finish(str(tmp_path / "image.boot"))
     assert actual(str(tmp_path / "image.boot"), str(tmp_path / "blobs")) == expected(tars)
+
+
+@pytest.mark.parametrize("durable", [True, False])
+def test_blobs_are_fsynced_only_when_durable(tmp_path, monkeypatch, durable):
+    """convert's stack (durable=False) uploads and deletes its blobs: no fsync on the way to the
+    upload; a durable stack fsyncs each blob it names, the rewritten ones too."""
+    import nydus_py.builder.blob_writer as bw
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(bw.os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"), durable=durable)
+    tars = [make_tar(entries) for entries in layers(5)]
+    results = [stack.add_layer(io.BytesIO(t)) for t in tars]
+    named = sum(r.blob is not None for r in results)
+    assert named >= 2
+    assert len(synced) == (named if durable else 0)
+
+
+def test_layers_merged_as_they_commit_give_the_same_bootstrap(tmp_path):
+    """The converter merges each committed layer into the image tree while the layers above
+    build (`merge_committed`); `finish` then writes the bootstrap of merging them all at once."""
+    tars = [make_tar(entries) for entries in layers(7)]
+    boots = []
+    for early in (False, True):
+        stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / f"blobs-{early}"))
+        for t in tars:
+            stack.add_layer(io.BytesIO(t))
+            if early:
+                stack.merge_committed()
+        boot = tmp_path / f"boot-{early}"
+        stack.finish(str(boot))
+        boots.append(boot.read_bytes())
+    assert boots[0] == boots[1]

@@ -15,7 +15,7 @@ import random
 import re
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
@@ -32,6 +32,15 @@ USER_AGENT = "nydusd/1.0.0"
 # seconds a request waits for the first request of its client (which learns the authentication)
 # before it goes ahead on its own: long enough for a token round trip, short beside a stall
 FIRST_WAIT = 2.0
+
+# A request body: bytes, or a factory of a fresh stream of pieces (called once per send, so a
+# body streamed from a file can be sent again after a 401, a proxy failure or the HTTP fallback).
+BodyFactory = Callable[[], AsyncIterator[bytes]]
+Body = bytes | BodyFactory | None
+
+
+def _payload(data: Body) -> bytes | AsyncIterator[bytes] | None:
+    return data() if callable(data) else data
 
 
 @functools.lru_cache(maxsize=16)
@@ -171,7 +180,7 @@ class RegistryHttp:
 
     # -- sending --------------------------------------------------------------------------------
     async def send(self, method: str, url: str, headers: Mapping[str, str], *, prefetch: bool = False,
-                    data: bytes | None = None, proxied: bool = True) -> aiohttp.ClientResponse:
+                    data: Body = None, proxied: bool = True) -> aiohttp.ClientResponse:
         """One HTTP exchange (headers only; the caller reads and releases the body).
 
         Goes through the proxy while it is healthy; a proxy that fails or answers >= 500 is marked
@@ -194,7 +203,7 @@ class RegistryHttp:
                 target = "http://" + target[len("https://"):]
             try:
                 self.counters.requests += 1
-                resp = await session.request(method, target, headers=hdrs, data=data, proxy=self.cfg.proxy.url,
+                resp = await session.request(method, target, headers=hdrs, data=_payload(data), proxy=self.cfg.proxy.url,
                                              allow_redirects=False)
             except (aiohttp.ClientError, OSError) as e:
                 self._proxy_down(f"{type(e).__name__}: {e}")
@@ -212,7 +221,7 @@ class RegistryHttp:
             self.counters.fallbacks += 1
         try:
             self.counters.requests += 1
-            resp = await session.request(method, url, headers=hdrs, data=data, allow_redirects=False)
+            resp = await session.request(method, url, headers=hdrs, data=_payload(data), allow_redirects=False)
         except (aiohttp.ClientSSLError, aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError) as e:
             if self._maybe_plain_http(url, e) or self._origin_url(url) != url:
                 return await self.send(method, "http://" + url[len("https://"):], headers, prefetch=prefetch,
@@ -247,7 +256,7 @@ class RegistryHttp:
         return True
 
     async def request(self, method: str, url: str, headers: Mapping[str, str], *,
-                      prefetch: bool = False, data: bytes | None = None) -> aiohttp.ClientResponse:
+                      prefetch: bool = False, data: Body = None) -> aiohttp.ClientResponse:
         """`_send` plus authentication. The first request of a client goes alone so one of them,
         not a burst, learns how the registry wants to be authenticated; the others wait for its
         answer at most FIRST_WAIT seconds, so a first request that stalls (a slow range, a held
@@ -271,7 +280,7 @@ class RegistryHttp:
         return await self._auth_chain(method, url, headers, prefetch, data)
 
     async def _auth_chain(self, method: str, url: str, headers: Mapping[str, str], prefetch: bool,
-                          data: bytes | None) -> aiohttp.ClientResponse:
+                          data: Body) -> aiohttp.ClientResponse:
         tried, gen = self.auth.current()
         cur = tried
         for _ in range(6):
