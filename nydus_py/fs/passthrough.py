@@ -97,6 +97,7 @@ _NS = 1_000_000_000
 _new_attr = tuple.__new__
 # the open_how of each flags value without O_CREAT (a lookup's O_PATH|O_NOFOLLOW, a reopen's)
 _HOWS: dict[int, _OpenHow] = {}
+_LISTED_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 def _sys_openat2(dirfd: int, name: bytes, how: _OpenHow) -> int:
@@ -420,6 +421,14 @@ class PassthroughFilesystem(Filesystem):
     def _open_child(self, parent: _Inode, name: bytes) -> int:
         return openat_beneath(parent.fd, name, os.O_PATH | os.O_NOFOLLOW)
 
+    @staticmethod
+    def _open_listed(parent: _Inode, name: bytes) -> int:
+        """An O_PATH fd of `name` as the directory's own listing gave it (getdents: one
+        component, never "." or ".." here). openat(O_NOFOLLOW) of one component resolves no
+        path and follows no link, so it is as confined as openat2's RESOLVE_BENEATH, at a
+        third of the cost of the ctypes call (a READDIRPLUS opens one per entry)."""
+        return os.open(name, _LISTED_FLAGS, dir_fd=parent.fd)
+
     def lookup(self, parent: int, name: bytes) -> Entry:
         with self._using(parent, dir_only=True) as p:
             if name == b"." or (name == b".." and parent == ROOT_ID):
@@ -455,7 +464,7 @@ class PassthroughFilesystem(Filesystem):
                     yield Entry(0, 0, FuseAttr(ino=child, mode=typ), 0.0, 0.0), name, typ, off
                     continue
                 try:
-                    fd = self._open_child(p, name)
+                    fd = self._open_listed(p, name)
                 except FileNotFoundError:
                     log.debug("readdirplus(%d): %r was removed since the listing; left out", ino, name)
                     continue

@@ -289,3 +289,25 @@ def test_attr_times_before_1970_keep_their_fraction(pfs: PassthroughFilesystem, 
     assert (a.atime, a.atime_nsec) == (-2, 500_000_000)
     assert (a.mtime, a.mtime_nsec) == (2, 250_000_000)
     assert a.atime * 1_000_000_000 + a.atime_nsec == st.st_atime_ns
+
+
+def test_readdirplus_opens_listed_symlinks_as_links(pfs: PassthroughFilesystem, tree: Path, tmp_path: Path) -> None:
+    """READDIRPLUS opens the names of its own listing with openat(O_NOFOLLOW): a symlink there,
+    even one pointing out of the share or swapped in after the listing was taken, is the link
+    itself, never its target."""
+    outside = tmp_path / "out-of-share"
+    outside.mkdir()
+    (outside / "secret").write_bytes(b"s" * 4321)
+    (tree / "to-dir").symlink_to(outside)
+    (tree / "to-file").symlink_to(outside / "secret")
+    (tree / "swapped").write_bytes(b"x")
+    fh, _ = pfs.opendir(1, os.O_RDONLY)
+    it = iter(pfs.readdirplus(1, fh, 0))
+    got = {name: e for e, name, _t, _o in [next(it)]}
+    (tree / "swapped").unlink()
+    (tree / "swapped").symlink_to(outside / "secret")  # after the listing, before its lookup
+    got.update({name: e for e, name, _t, _o in it})
+    for name in (b"to-dir", b"to-file", b"swapped"):
+        attr = got[name].attr
+        assert stat.S_ISLNK(attr.mode), (name, oct(attr.mode))
+        assert attr.ino != (outside / "secret").stat().st_ino and attr.ino != outside.stat().st_ino
