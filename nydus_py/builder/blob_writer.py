@@ -22,6 +22,7 @@ of the chunk data region, where nydus writes the data size as offset and hashes 
 (spec 5.4 calls that a quirk nobody may rely on).
 """
 
+import bisect
 import contextlib
 import dataclasses
 import errno
@@ -29,6 +30,7 @@ import hashlib
 import os
 import tempfile
 import threading
+from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -148,7 +150,11 @@ class BlobWriter:
         self._spill_fd: int | None = None
         self._spill_pos = 0
         self._spilled = ChunkRecords()  # digest -> record whose compressed_offset is in the spill
-        self._file_digests: dict[int, bytearray] = {}  # file key -> its chunks' digests, in order
+        # each spilled file's chunk digests, packed (no object per file: a layer has 100k of them):
+        # file keys (increasing, as a tar's data offsets are), where each file's digests start
+        self._spill_file_keys = array("q")
+        self._spill_file_starts = array("q")
+        self._spill_digests = bytearray()
         self._spill_items: deque[tuple[Future[list[bytes]], list[int]]] = deque()
         self._spill_batch: list[bytes] = []
         self._spill_keys: list[int] = []
@@ -400,12 +406,19 @@ class BlobWriter:
             os.unlink(tmp)  # anonymous: gone with its fd, whatever happens
             self._spill_fd = fd
         cs = self.opts.chunk_size
-        self._file_digests[key] = bytearray()
+        keys = self._spill_file_keys
+        if keys and key <= keys[-1]:
+            raise ValueError(f"spill_file: file key {key} after {keys[-1]} (keys must increase)")
+        slot = len(self._spill_digests)
+        keys.append(key)
+        self._spill_file_starts.append(slot)
+        self._spill_digests += bytes(32 * chunk_count(size, cs))
         off = 0
         while off < size:
             want = min(cs, size - off)
             self._spill_batch.append(source.pread(key + off, want))
-            self._spill_keys.append(key)
+            self._spill_keys.append(slot)
+            slot += 32
             self._spill_bytes += want
             if self._spill_bytes >= _BATCH_BYTES or len(self._spill_batch) >= _BATCH_CHUNKS:
                 self._spill_submit()
@@ -421,9 +434,10 @@ class BlobWriter:
     def _spill_drain(self, limit: int) -> None:
         items = self._spill_items
         while len(items) > limit:
-            fut, keys = items.popleft()
-            for digest, key in zip(fut.result(), keys, strict=True):
-                self._file_digests[key] += digest
+            fut, slots = items.popleft()
+            digests = self._spill_digests
+            for digest, slot in zip(fut.result(), slots, strict=True):
+                digests[slot:slot + 32] = digest
 
     def spill_finish(self) -> None:
         """Wait for the chunks of every `spill_file` so far."""
@@ -469,10 +483,16 @@ class BlobWriter:
             raise RuntimeError("BlobWriter already finished")
         cs = self.opts.chunk_size
         spilled = self._spilled
+        keys, starts, all_digests = self._spill_file_keys, self._spill_file_starts, self._spill_digests
         for i, (key, size) in enumerate(files):
-            digests = self._file_digests.get(key)
-            if digests is None or len(digests) != 32 * chunk_count(size, cs):
+            j = bisect.bisect_left(keys, key)
+            if j == len(keys) or keys[j] != key:
+                raise AssertionError(f"file at {key} was not spilled")
+            start = starts[j]
+            end = starts[j + 1] if j + 1 < len(starts) else len(all_digests)
+            if end - start != 32 * chunk_count(size, cs):
                 raise AssertionError(f"file at {key} was not spilled whole")
+            digests = all_digests[start:end]
             out = bytearray()
             for k in range(len(digests) // 32):
                 d = bytes(digests[32 * k:32 * k + 32])
@@ -504,7 +524,9 @@ class BlobWriter:
             os.close(self._spill_fd)
             self._spill_fd = None
         self._spilled = ChunkRecords()
-        self._file_digests.clear()
+        self._spill_file_keys = array("q")
+        self._spill_file_starts = array("q")
+        self._spill_digests = bytearray()
 
     def _prepare_all(self, bufs: list[bytes]) -> list[_Prepared]:
         return [self._prepare(b) for b in bufs]
