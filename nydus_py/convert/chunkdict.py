@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -27,9 +25,10 @@ from .assemble import Assembly, push_assembly
 from .converter import parse_platforms
 from .errors import ConvertError
 from .pull import NydusImage, fetch_bootstrap
-from .push_retry import PushRetry, RetryStats, retry_pushes
+from .push_retry import PushRetry
 from .reference import parse_reference
-from .remote import Endpoint, endpoint_config, transport_error
+from .remote import Endpoint, transport_error
+from .session import tool_session
 
 
 @dataclass
@@ -83,26 +82,12 @@ class ChunkdictGenerator:
 
     async def run(self) -> ChunkdictImageResult:
         t0 = time.monotonic()
-        if self.opts.work_dir:
-            os.makedirs(self.opts.work_dir, exist_ok=True)
-        work = tempfile.mkdtemp(prefix="nydusify-chunkdict-", dir=self.opts.work_dir)
-        srcs = [RegistryClient(endpoint_config(ep, self.opts.docker_config_paths)) for ep in self.src_eps]
-        dst = RegistryClient(endpoint_config(self.dst_ep, self.opts.docker_config_paths))
-        stats = RetryStats()
-        retry_pushes(dst, self.opts.push_retry, stats)
-        try:
-            for c in srcs:
-                await c.start()
-            await dst.start()
-            result = await self._generate(srcs, dst, work)
-            result.push_retries = stats.retried
-            result.seconds = time.monotonic() - t0
-            return result
-        finally:
-            for c in srcs:
-                await c.close()
-            await dst.close()
-            shutil.rmtree(work, ignore_errors=True)
+        async with tool_session("nydusify-chunkdict-", self.opts.work_dir, self.src_eps, self.dst_ep,
+                                self.opts.push_retry, self.opts.docker_config_paths) as ts:
+            result = await self._generate(ts.sources, ts.target, ts.work)
+            result.push_retries = ts.retries.retried
+        result.seconds = time.monotonic() - t0
+        return result
 
     async def _generate(self, srcs: list[RegistryClient], dst: RegistryClient, work: str) -> ChunkdictImageResult:
         pulled: list[NydusImage] = []

@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -41,9 +39,10 @@ from .assemble import Assembly, push_assembly
 from .containerd import Ctr
 from .errors import ConvertError
 from .pull import fetch_bootstrap
-from .push_retry import PushRetry, RetryStats, retry_pushes
+from .push_retry import PushRetry
 from .reference import parse_reference
-from .remote import Endpoint, endpoint_config, transport_error
+from .remote import Endpoint, transport_error
+from .session import tool_session
 
 log = logging.getLogger(__name__)
 
@@ -126,24 +125,12 @@ class Committer:
             raise ConvertError(f"container {cid}: upper directory {upper} is not here (another host's container?)")
         src_ref = parse_reference(container.image)
         src_ep = Endpoint("source", src_ref, self.opts.source_insecure, self.opts.plain_http, self.opts.source_auth)
-        if self.opts.work_dir:
-            os.makedirs(self.opts.work_dir, exist_ok=True)
-        work = tempfile.mkdtemp(prefix="nydusify-commit-", dir=self.opts.work_dir)
-        src = RegistryClient(endpoint_config(src_ep, self.opts.docker_config_paths))
-        dst = RegistryClient(endpoint_config(self.dst_ep, self.opts.docker_config_paths))
-        stats = RetryStats()
-        retry_pushes(dst, self.opts.push_retry, stats)
-        try:
-            await src.start()
-            await dst.start()
-            result = await self._commit(cid, container.image, upper, src, src_ep, dst, work)
-            result.push_retries = stats.retried
-            result.seconds = time.monotonic() - t0
-            return result
-        finally:
-            await src.close()
-            await dst.close()
-            shutil.rmtree(work, ignore_errors=True)
+        async with tool_session("nydusify-commit-", self.opts.work_dir, [src_ep], self.dst_ep, self.opts.push_retry,
+                                self.opts.docker_config_paths) as ts:
+            result = await self._commit(cid, container.image, upper, ts.sources[0], src_ep, ts.target, ts.work)
+            result.push_retries = ts.retries.retried
+        result.seconds = time.monotonic() - t0
+        return result
 
     async def _commit(self, cid: str, image_ref: str, upper: str, src: RegistryClient, src_ep: Endpoint,
                       dst: RegistryClient, work: str) -> CommitResult:

@@ -19,8 +19,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -32,9 +30,10 @@ from .assemble import Assembly, push_assembly
 from .converter import parse_platforms
 from .errors import ConvertError
 from .pull import fetch_bootstrap
-from .push_retry import PushRetry, RetryStats, retry_pushes
+from .push_retry import PushRetry
 from .reference import parse_reference
-from .remote import Endpoint, endpoint_config, transport_error
+from .remote import Endpoint, transport_error
+from .session import tool_session
 from .tasks import gather_or_cancel
 
 log = logging.getLogger(__name__)
@@ -109,24 +108,12 @@ class Optimizer:
 
     async def run(self) -> OptimizeResult:
         t0 = time.monotonic()
-        if self.opts.work_dir:
-            os.makedirs(self.opts.work_dir, exist_ok=True)
-        work = tempfile.mkdtemp(prefix="nydusify-optimize-", dir=self.opts.work_dir)
-        src = RegistryClient(endpoint_config(self.src_ep, self.opts.docker_config_paths))
-        dst = RegistryClient(endpoint_config(self.dst_ep, self.opts.docker_config_paths))
-        stats = RetryStats()
-        retry_pushes(dst, self.opts.push_retry, stats)
-        try:
-            await src.start()
-            await dst.start()
-            result = await self._optimize(src, dst, work)
-            result.push_retries = stats.retried
-            result.seconds = time.monotonic() - t0
-            return result
-        finally:
-            await src.close()
-            await dst.close()
-            shutil.rmtree(work, ignore_errors=True)
+        async with tool_session("nydusify-optimize-", self.opts.work_dir, [self.src_ep], self.dst_ep,
+                                self.opts.push_retry, self.opts.docker_config_paths) as ts:
+            result = await self._optimize(ts.sources[0], ts.target, ts.work)
+            result.push_retries = ts.retries.retried
+        result.seconds = time.monotonic() - t0
+        return result
 
     async def _optimize(self, src: RegistryClient, dst: RegistryClient, work: str) -> OptimizeResult:
         try:
