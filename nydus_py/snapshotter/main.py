@@ -222,9 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         sn.close()
         return 2
     try:
-        server = serve(sn, conf.address)
-        if conf.uid or conf.gid:  # (upstream's uid/gid: who may connect, with mode 0660)
-            os.chown(socket_address(conf.address)[0], conf.uid, conf.gid)
+        server = serve(sn, conf.address, uid=conf.uid, gid=conf.gid)  # (upstream's uid/gid: who may connect)
     except (OSError, RuntimeError) as e:
         print(f"nydus-snapshotter-py: error: gRPC address {conf.address}: {getattr(e, 'strerror', None) or e}",
               file=sys.stderr)

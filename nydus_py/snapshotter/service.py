@@ -10,6 +10,7 @@ serves one snapshotter.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -148,18 +149,31 @@ def socket_address(address: str) -> tuple[str, str]:
     return path, "unix://" + path
 
 
-def serve(snapshotter: Snapshotter, address: str, workers: int = 8) -> grpc.Server:
-    """Start the gRPC server on unix socket `address` (a stale socket file is replaced)."""
-    path, target = socket_address(address)
+def serve(snapshotter: Snapshotter, address: str, workers: int = 8, uid: int = 0, gid: int = 0) -> grpc.Server:
+    """Start the gRPC server on unix socket `address` (a stale socket file is replaced). The
+    socket is bound under a temporary name, given mode 0660 and (upstream's uid/gid) its owner,
+    then renamed into place: no one sees it at `address` before its permissions are final."""
+    path, _target = socket_address(address)
     os.makedirs(os.path.dirname(path), mode=0o711, exist_ok=True)
-    if os.path.exists(path):
-        os.unlink(path)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    for stale in (tmp, path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(stale)
     server = grpc.server(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="snapshots"),
                          options=[("grpc.max_receive_message_length", 16 << 20),
                                   ("grpc.max_send_message_length", 16 << 20)])
     pb_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
-    if server.add_insecure_port(target) == 0:
-        raise OSError(f"cannot listen on {target}")
+    if server.add_insecure_port("unix://" + tmp) == 0:
+        raise OSError(f"cannot listen on {address}")
     server.start()
-    os.chmod(path, 0o660)
+    try:
+        os.chmod(tmp, 0o660)
+        if uid or gid:
+            os.chown(tmp, uid, gid)
+        os.rename(tmp, path)
+    except BaseException:
+        server.stop(None)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return server

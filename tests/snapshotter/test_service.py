@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import grpc
 import pytest
@@ -329,3 +330,42 @@ def test_labels_that_are_not_nydus_take_the_ordinary_path(rig: Rig):
     with pytest.raises(grpc.RpcError) as e:
         rig.prepare("default/3/extract sha256:r", "", bad)
     assert code(e) == grpc.StatusCode.UNAVAILABLE and "Not A Reference!" in e.value.details()
+
+
+def test_the_socket_appears_with_its_final_owner_and_mode(tmp_path: Path) -> None:
+    """serve() binds under a temporary name and renames the socket into place once it is 0660
+    and owned by upstream's uid/gid: a client (or a test) that sees the path never sees it
+    root-owned 0755 first."""
+    import threading
+
+    from nydus_py.snapshotter.service import serve
+    from nydus_py.snapshotter.snapshotter import Snapshotter
+
+    from .conftest import FakeMounter
+
+    sock = tmp_path / "run" / "snap.sock"
+    seen: list[tuple[int, int, int]] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            try:
+                st = os.stat(sock)
+            except FileNotFoundError:
+                continue
+            seen.append((st.st_uid, st.st_gid, st.st_mode & 0o777))
+            return
+
+    t = threading.Thread(target=watch)
+    t.start()
+    sn = Snapshotter(str(tmp_path / "state"), FakeMounter(tmp_path / "fake-mnt"))
+    try:
+        server = serve(sn, str(sock), workers=2, uid=1234, gid=2345)
+        done.set()
+        t.join()
+        assert seen == [(1234, 2345, 0o660)]
+        assert [p.name for p in sock.parent.iterdir()] == ["snap.sock"]  # no temporary name left
+        server.stop(None)
+    finally:
+        done.set()
+        sn.close()
