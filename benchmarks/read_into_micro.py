@@ -37,6 +37,7 @@ from nydus_py.builder.options import BuildOptions  # noqa: E402
 from nydus_py.builder.sources import tree_from_directory  # noqa: E402
 from nydus_py.fs.rafs_fs import RafsFilesystem  # noqa: E402
 from nydus_py.fuse.abi import Opcode  # noqa: E402
+from nydus_py.fuse.api import Filesystem  # noqa: E402
 from nydus_py.fuse.protocol import FuseSession  # noqa: E402
 from nydus_py.rafs import open_bootstrap  # noqa: E402
 from nydus_py.storage.cache.blobcache import BlobCacheManager  # noqa: E402
@@ -50,7 +51,7 @@ READ_IN = struct.Struct("<QQIIQII")
 MIB = 1 << 20
 
 
-def session(fs: RafsFilesystem) -> FuseSession:
+def session(fs: Filesystem) -> FuseSession:
     vfs = Vfs()
     vfs.mount("/", fs)
     s = FuseSession(vfs)

@@ -27,13 +27,14 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from read_into_micro import IN_HEADER, MIB, READ_IN, session  # noqa: E402
+
 from nydus_py.builder.build import build_image  # noqa: E402
 from nydus_py.builder.options import BuildOptions  # noqa: E402
 from nydus_py.builder.sources import tree_from_directory  # noqa: E402
 from nydus_py.fs.passthrough import PassthroughFilesystem  # noqa: E402
 from nydus_py.fs.rafs_fs import RafsFilesystem  # noqa: E402
 from nydus_py.fuse.abi import Opcode  # noqa: E402
-from nydus_py.fuse.api import Filesystem  # noqa: E402
 from nydus_py.fuse.protocol import FuseSession  # noqa: E402
 from nydus_py.rafs import open_bootstrap  # noqa: E402
 from nydus_py.storage.device import BlobDevice  # noqa: E402
@@ -41,13 +42,8 @@ from nydus_py.storage.localfs import LocalBlobDir  # noqa: E402
 from nydus_py.transport.vhost_user.inflight import InflightQueue  # noqa: E402
 from nydus_py.transport.vhost_user.virtiofs import fuse_into_handler  # noqa: E402
 from nydus_py.transport.vhost_user.virtqueue import GuestMemory, Region, Virtqueue  # noqa: E402
-from nydus_py.vfs.vfs import Vfs  # noqa: E402
 
-IN_HEADER = struct.Struct("<IIQQIIIHH")
-INIT_IN = struct.Struct("<IIIII44x")
-READ_IN = struct.Struct("<QQIIQII")
 DESC = struct.Struct("<QIHH")
-MIB = 1 << 20
 GPA, UVA, RAM = 0x4000_0000, 0x7F00_0000_0000, 32 << 20
 NUM = 1024
 RING_DESC, RING_AVAIL, RING_USED = 0x0, 0x4000, 0x8000
@@ -82,15 +78,6 @@ class GuestRing:
         struct.pack_into("<H", self.ram, RING_AVAIL + 4 + 2 * (self.avail % NUM), 0)
         self.avail = (self.avail + 1) & 0xFFFF
         struct.pack_into("<H", self.ram, RING_AVAIL + 2, self.avail)
-
-
-def session(fs: Filesystem) -> FuseSession:
-    vfs = Vfs()
-    vfs.mount("/", fs)
-    s = FuseSession(vfs)
-    s.handle(IN_HEADER.pack(IN_HEADER.size + INIT_IN.size, Opcode.INIT, 2, 0, 0, 0, 1, 0, 0)
-             + INIT_IN.pack(7, 45, MIB, 0x73FFFFFB | (1 << 30), 0x5FD))
-    return s
 
 
 def lookup_open(s: FuseSession, name: bytes) -> tuple[int, int]:

@@ -32,6 +32,7 @@ from ..rafs.constants import BlobFeatures, ChunkFlags
 from ..rafs.errors import FormatError
 from ..rafs.layout_common import CHUNK_RECORD_SIZE, pack_chunk, unpack_chunk
 from ..rafs.model import BlobInfo, ChunkInfo, RafsImage
+from ..storage.localfs import LocalBlobDir
 from .blob_writer import BlobWriter
 from .build import build_image
 from .merge import tree_from_image
@@ -224,18 +225,15 @@ def _rebuild(blobs: list[_Blob], i: int, index: int, blob_dir: str, image: RafsI
     opts = BuildOptions(fs_version=image.version, compressor=first.compressor, digester=first.digester,
                         chunk_size=first.chunk_size, blob_toc=bool(first.features & BlobFeatures.HAS_TOC))
     with BlobWriter(blob_dir, opts, blob_index=index) as writer:
-        for old in sorted(blobs[i].group):
-            b = blobs[old]
-            fd = os.open(os.path.join(blob_dir, b.info.blob_id), os.O_RDONLY)
-            try:
+        source = LocalBlobDir(blob_dir)  # (a short read is its FormatError)
+        try:
+            for old in sorted(blobs[i].group):
+                b = blobs[old]
                 for (coff, csize), rec in sorted(b.used.items()):
                     c: ChunkInfo = unpack_chunk(rec, 0)
-                    stored = os.pread(fd, csize, coff)
-                    if len(stored) != csize:
-                        raise FormatError(f"blob {b.info.blob_id}: chunk at {coff} (+{csize}) is past the end of the file")
-                    moved[(old, coff)] = unpack_chunk(writer.add_stored(c, stored), 0)
-            finally:
-                os.close(fd)
+                    moved[(old, coff)] = unpack_chunk(writer.add_stored(c, source.read(b.info, coff, csize)), 0)
+        finally:
+            source.close()
         info = writer.finish()
     assert info is not None  # a rebuilt blob has used chunks
     log.info("compact: blob %s holds the used chunks of %s", info.blob_id,

@@ -12,9 +12,9 @@ there, everything else stays where it was. Differences, by decision:
 - only chunks of one blob kind (the compressor, digester and chunk size of the first moved
   chunk) go into the new blob; others stay in place, each file logged and counted.
 
-Blobs are read through `read_stored(blob_id, offset, size)`, so the source may be a local blob
-directory (`nydus-image-py optimize -D`) or ranges fetched from a registry (`nydusify-py
-optimize`). The hint file is upstream's JSON (`{"version": "v1", "files": [{"path": "/abs",
+Blobs are read through a `BlobSource` (the stored bytes of each chunk), so the source may be a
+local blob directory or file (`nydus-image-py optimize -D/-b`) or the ranges `nydusify-py
+optimize` fetched from a registry into sparse files. The hint file is upstream's JSON (`{"version": "v1", "files": [{"path": "/abs",
 "ranges": [[offset, size], ...]}]}`) or, as its help text says, one absolute path per line.
 """
 
@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import logging
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..rafs.chunkdata import BlobSource
 from ..rafs.constants import BlobFeatures, ChunkFlags
 from ..rafs.errors import FormatError
 from ..rafs.layout_common import CHUNK_RECORD_SIZE, pack_chunk, unpack_chunk
@@ -37,9 +37,6 @@ from .options import BuildOptions
 from .packed import K_CHUNKS, Tree
 
 log = logging.getLogger(__name__)
-
-ReadStored = Callable[[str, int, int], bytes]
-
 
 @dataclass
 class PrefetchFile:
@@ -143,7 +140,7 @@ def _listed(tree: Tree, files: list[PrefetchFile], skipped: list[str]) -> list[t
 
 
 def optimize_image(image: RafsImage, files: list[PrefetchFile], bootstrap_path: str, blob_dir: str,
-                   read_stored: ReadStored) -> OptimizeResult:
+                   source: BlobSource) -> OptimizeResult:
     """Write `bootstrap_path` and the new blob (in `blob_dir`) for `image` with `files` moved."""
     tree = tree_from_image(image)
     skipped: list[str] = []
@@ -183,7 +180,7 @@ def optimize_image(image: RafsImage, files: list[PrefetchFile], bootstrap_path: 
                     key = (src.blob_id, c.compressed_offset)
                     rec = moved.get(key)
                     if rec is None:
-                        stored = read_stored(src.blob_id, c.compressed_offset, c.compressed_size)
+                        stored = source.read(src, c.compressed_offset, c.compressed_size)
                         if len(stored) != c.compressed_size:
                             raise FormatError(f"blob {src.blob_id}: chunk at {c.compressed_offset} "
                                               f"(+{c.compressed_size}) is past its end")

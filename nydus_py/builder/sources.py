@@ -325,13 +325,11 @@ class _Backing:
             done += k
 
 
-class _MemberReader(io.RawIOBase):
-    """Read-only stream over [offset, offset+size) of the backing file (independent position)."""
+class _BackingStream(io.RawIOBase):
+    """A readable, seekable stream with its own position over a `_Backing`."""
 
-    def __init__(self, backing: _Backing, offset: int, size: int) -> None:
+    def __init__(self, backing: _Backing) -> None:
         self._b = backing
-        self._off = offset
-        self._size = size
         self._pos = 0
 
     def readable(self) -> bool:
@@ -342,6 +340,15 @@ class _MemberReader(io.RawIOBase):
 
     def tell(self) -> int:
         return self._pos
+
+
+class _MemberReader(_BackingStream):
+    """Read-only stream over [offset, offset+size) of the backing file (independent position)."""
+
+    def __init__(self, backing: _Backing, offset: int, size: int) -> None:
+        super().__init__(backing)
+        self._off = offset
+        self._size = size
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
@@ -357,21 +364,8 @@ class _MemberReader(io.RawIOBase):
         return n
 
 
-class _FollowingFile(io.RawIOBase):
+class _FollowingFile(_BackingStream):
     """The tar stream of a growing backing file for `tarfile`: reads wait for the bytes."""
-
-    def __init__(self, backing: _Backing) -> None:
-        self._b = backing
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_SET:

@@ -8,16 +8,14 @@ import argparse
 import os
 from collections.abc import Mapping
 
-_TRUE = ("1", "t", "T", "TRUE", "true", "True")
-_FALSE = ("0", "f", "F", "FALSE", "false", "False")
+from ..config.goformat import parse_go_bool as go_bool
 
 
 def parse_go_bool(name: str, text: str) -> bool:
-    if text in _TRUE:
-        return True
-    if text in _FALSE:
-        return False
-    raise ValueError(f"environment variable {name}={text!r} is not a boolean (true/false/1/0)")
+    try:
+        return go_bool(text)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={text!r} is not a boolean (true/false/1/0)") from None
 
 
 def apply_env(parser: argparse.ArgumentParser, env_vars: Mapping[str, str],

@@ -245,6 +245,13 @@ def _prefetch_paths(list_file: str, root: "Inode | Tree") -> list[bytes]:
     return out
 
 
+def _dump_json(path: str | None, result: Any) -> None:
+    """--output-json: the result dataclass as JSON (nothing without a path)."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(dataclasses.asdict(result), f, indent=2)
+
+
 def _write_result(result: BuildResult, output_json: str | None) -> None:
     print(f"bootstrap: {result.bootstrap_path}")
     print(f"blob: {result.blob_id or '(none: no new data)'}")
@@ -253,9 +260,7 @@ def _write_result(result: BuildResult, output_json: str | None) -> None:
         f"inodes: {result.inodes}  chunks: {result.chunks}  deduplicated: {result.deduplicated}  "
         f"bytes: {result.uncompressed_bytes} -> {result.compressed_bytes}"
     )
-    if output_json:
-        with open(output_json, "w") as f:
-            json.dump(dataclasses.asdict(result), f, indent=2)
+    _dump_json(output_json, result)
 
 
 def _make_dirs(path: str) -> list[str]:
@@ -576,9 +581,7 @@ def cmd_compact(a: argparse.Namespace) -> int:
             pinned = frozenset(b.blob_id for b in d.blobs)
     with open_bootstrap(a.bootstrap) as img:
         result = compact_image(img, out, cfg, blob_dir, pinned)
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(dataclasses.asdict(result), f, indent=2)
+    _dump_json(a.output_json, result)
     if result.bootstrap_path is None:
         print(f"{result.blobs_before} blobs, fewer than layers_to_compact {cfg.layers_to_compact}: nothing to compact")
         return 0
@@ -591,31 +594,21 @@ def cmd_compact(a: argparse.Namespace) -> int:
 def cmd_optimize(a: argparse.Namespace) -> int:
     from ..builder.optimize import optimize_image, parse_prefetch_files
     from ..rafs import open_bootstrap
+    from ..storage.localfs import LocalBlobDir, SingleBlobFile
 
     with open(a.prefetch_files, "rb") as hints:
         files = parse_prefetch_files(hints.read(64 << 20))
     out = a.output_bootstrap or a.bootstrap + ".optimized"
     out_dir = a.output_blob_dir or a.blob_dir or os.path.dirname(os.path.abspath(a.blob))
-    fds: dict[str, int] = {}
-
-    def read_stored(blob_id: str, offset: int, size: int) -> bytes:
-        fd = fds.get(blob_id)
-        if fd is None:
-            path = a.blob if a.blob else os.path.join(a.blob_dir, blob_id)
-            fd = fds[blob_id] = os.open(path, os.O_RDONLY)
-        return os.pread(fd, size, offset)
-
+    source = SingleBlobFile(a.blob) if a.blob else LocalBlobDir(a.blob_dir)
     try:
         with open_bootstrap(a.bootstrap) as img:
             if a.blob and len(img.blobs) != 1:
                 raise ValueError(f"--blob: the image has {len(img.blobs)} blobs; give --blob-dir")
-            result = optimize_image(img, files, out, out_dir, read_stored)
+            result = optimize_image(img, files, out, out_dir, source)
     finally:
-        for fd in fds.values():
-            os.close(fd)
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(dataclasses.asdict(result), f, indent=2)
+        source.close()
+    _dump_json(a.output_json, result)
     print(f"moved {result.chunks_moved} chunks ({human_size(result.bytes_moved)}) of {result.files} files into blob "
           f"{result.blob_id or '(none: nothing to move)'}; {len(result.skipped)} listed paths skipped; bootstrap {out}")
     return 0
@@ -634,9 +627,7 @@ def cmd_chunkdict(a: argparse.Namespace) -> int:
         images = [stack.enter_context(open_bootstrap(p)) for p in a.sources]
         blob_dir = a.blob_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="chunkdict-"))
         result = generate_chunkdict(images, a.bootstrap, blob_dir, a.min_images)
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(dataclasses.asdict(result), f, indent=2)
+    _dump_json(a.output_json, result)
     print(f"chunk dictionary {a.bootstrap}: {result.chunks} of {result.distinct_chunks} distinct chunks "
           f"({human_size(result.uncompressed_bytes)}) in {len(result.blob_ids)} blobs of {result.images} images")
     return 0

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from ..builder.optimize import PrefetchFile, optimize_image, parse_prefetch_files, planned_ranges
 from ..rafs.loader import open_bootstrap
+from ..storage.localfs import LocalBlobDir
 from ..storage.registry import RegistryClient
 from . import oci
 from .assemble import Assembly, push_assembly
@@ -130,19 +131,11 @@ class Optimizer:
         with open_bootstrap(image.bootstrap_path) as img:
             need = planned_ranges(img, self.files)
             fetched = await self._fetch_ranges(src, need, src_dir)
-            fds: dict[str, int] = {}
-
-            def read_stored(blob_id: str, offset: int, size: int) -> bytes:
-                fd = fds.get(blob_id)
-                if fd is None:
-                    fd = fds[blob_id] = os.open(os.path.join(src_dir, blob_id), os.O_RDONLY)
-                return os.pread(fd, size, offset)
-
+            source = LocalBlobDir(src_dir)
             try:
-                built = await asyncio.to_thread(optimize_image, img, self.files, boot_out, out_dir, read_stored)
+                built = await asyncio.to_thread(optimize_image, img, self.files, boot_out, out_dir, source)
             finally:
-                for fd in fds.values():
-                    os.close(fd)
+                source.close()
         if built.blob_id is None or built.blob_path is None:
             raise ConvertError("none of the listed files has data in the image; nothing to optimize")
         pushed = await push_assembly(

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ..config.goformat import parse_go_duration
 from ..storage.registry.transfer import HttpStatusError
 
 log = logging.getLogger(__name__)
@@ -24,31 +24,7 @@ DEFAULT_COUNT = 3
 DEFAULT_DELAY = 5.0
 RETRY_STATUSES = frozenset((502, 503, 504))
 
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_TERM = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
-
 T = TypeVar("T")
-
-
-def parse_go_duration(text: str) -> float:
-    """Seconds in Go's `time.ParseDuration` syntax ("5s", "1m30s", "1.5h", "300ms", "0")."""
-    s = text.strip()
-    sign = 1.0
-    if s[:1] in ("+", "-"):
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if s == "0":
-        return 0.0
-    if not s:
-        raise ValueError(f"invalid duration {text!r}")
-    total, pos = 0.0, 0
-    while pos < len(s):
-        m = _TERM.match(s, pos)
-        if m is None:
-            raise ValueError(f"invalid duration {text!r} (e.g. 5s, 1m, 1h30m, 500ms)")
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    return sign * total
 
 
 @dataclass(frozen=True)

@@ -17,19 +17,18 @@ import fnmatch
 import json
 import logging
 import os
-import re
 import subprocess
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..config.goformat import parse_go_duration
+
 log = logging.getLogger(__name__)
 
 API_VERSION = "credentialprovider.kubelet.k8s.io/v1"
 EXEC_TIMEOUT = 60.0
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
-_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class ProviderConfigError(ValueError):
@@ -37,18 +36,13 @@ class ProviderConfigError(ValueError):
 
 
 def parse_duration(text: str) -> float:
-    """Go's time.Duration text ("12h", "1h30m", "0s", "0") in seconds."""
-    if text in ("0", ""):
+    """Go's time.Duration text ("12h", "1h30m", "0s", "0") in seconds; "" is 0."""
+    if text == "":
         return 0.0
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += float(m.group(1)) * _UNITS[m.group(2)]
-        pos = m.end()
-    if pos != len(text):
-        raise ProviderConfigError(f"invalid duration {text!r}")
-    return total
+    try:
+        return parse_go_duration(text)
+    except ValueError:
+        raise ProviderConfigError(f"invalid duration {text!r}") from None
 
 
 def _split(url: str) -> tuple[list[str], str, str]:
