@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 
 DEB_PACKAGES=(
   erofs-utils      # fsck.erofs / dump.erofs / mkfs.erofs: the oracle and peer for v6 images
+  cryptsetup-bin   # veritysetup: the oracle for `export --verity` hash trees (format and verify)
   squashfs-tools   # mksquashfs: build-speed peer
   squashfuse       # squashfuse_ll: FUSE peer in benchmarks
   fuse3            # fusermount3 for unprivileged mounts

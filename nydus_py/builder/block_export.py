@@ -13,21 +13,26 @@ devices don't match") cannot read such a disk, so by default the bootstrap copy 
 made self-contained: every chunk index gets its absolute block address, `extra_devices` becomes
 0 (the kernel then masks device ids away) and `blocks` the disk's size. The data sits at the same
 block addresses either way. `keep_device_table=True` gives upstream's bytes exactly.
+
+With `verity=True` a dm-verity hash tree of the disk's blocks follows them (`verity`), for a
+guest or host that opens the disk through dm-verity.
 """
 
 import os
 import stat
 from dataclasses import dataclass
 
+from ..rafs.chunkdata import BlobSource
 from ..rafs.errors import FormatError
 from ..rafs.layout_common import U16, U32
 from ..rafs.layout_v6 import CHUNK_INDEX, EROFS_SUPER_OFFSET, SUPERBLOCK
 from ..rafs.loader import open_bootstrap
 from ..rafs.model import ChunkInfo
 from ..rafs.v6 import V6Image
-from ..storage.device import BlobDevice
+from ..storage.device import BlobDevice, ChunkSource
 from ..storage.localfs import LocalBlobDir
 from .atomic import atomic_output
+from .verity import VerityTree, append_hash_tree
 
 BLOCK = 4096
 MAPPED_ALIGN = 0x8_0000  # where nydus starts each blob (512 KiB), for images whose slots say 0
@@ -42,21 +47,24 @@ class BlockExport:
     blobs: list[tuple[str, int, int]]  # blob id, first block, blocks
     chunks_written: int
     rewritten_indexes: int  # chunk index entries given absolute addresses (0 with keep_device_table)
+    verity: VerityTree | None = None  # the hash tree after the data blocks, when asked for
 
 
 def _align(n: int, a: int) -> int:
     return (n + a - 1) // a * a
 
 
-def export_block(bootstrap: str, blob_dir: str, output: str, *, keep_device_table: bool = False) -> BlockExport:
-    """Write the disk to `output` (atomically: a temp file renamed into place)."""
+def export_block(bootstrap: str, source: str | BlobSource | ChunkSource, output: str, *,
+                 keep_device_table: bool = False, verity: bool = False) -> BlockExport:
+    """Write the disk to `output` (atomically: a temp file renamed into place), reading the
+    chunks from `source`: a blob directory (closed after), or a backend or cache the caller owns."""
     with open(bootstrap, "rb") as f:
         boot = bytearray(f.read())
     image = open_bootstrap(bootstrap)
     try:
         if not isinstance(image, V6Image):
             raise FormatError(f"{bootstrap}: RAFS v{image.version}; a block disk needs RAFS v6 (EROFS)")
-        return _export(image, boot, blob_dir, output, keep_device_table)
+        return _export(image, boot, source, output, keep_device_table, verity)
     finally:
         image.close()
 
@@ -86,7 +94,8 @@ def _layout(image: V6Image, meta_end: int, keep: bool) -> list[tuple[str, int, i
     return out
 
 
-def _export(image: V6Image, boot: bytearray, blob_dir: str, output: str, keep: bool) -> BlockExport:
+def _export(image: V6Image, boot: bytearray, source: str | BlobSource | ChunkSource, output: str, keep: bool,
+            verity: bool) -> BlockExport:
     layout = _layout(image, len(boot), keep)
     total_blocks = max([_align(len(boot), BLOCK) // BLOCK, *(s + n for _b, s, n in layout)])
     rewritten = 0
@@ -111,12 +120,13 @@ def _export(image: V6Image, boot: bytearray, blob_dir: str, output: str, keep: b
                 rewritten += 1
         U16.pack_into(boot, EROFS_SUPER_OFFSET + SUPERBLOCK.offset("extra_devices"), 0)
         U32.pack_into(boot, EROFS_SUPER_OFFSET + SUPERBLOCK.offset("blocks"), total_blocks)
-    local = LocalBlobDir(blob_dir)
+    owned = LocalBlobDir(source) if isinstance(source, str) else None
     written = 0
+    tree = None
     try:
         with atomic_output(output, ".disk-", total_blocks * BLOCK) as fd:
             os.pwrite(fd, bytes(boot), 0)
-            device = BlobDevice(image, local, validate=True)
+            device = BlobDevice(image, owned or source, validate=True)  # type: ignore[arg-type]
             done: set[tuple[int, int]] = set()
             for ino in inodes:
                 for c in image.chunks(ino):
@@ -126,9 +136,13 @@ def _export(image: V6Image, boot: bytearray, blob_dir: str, output: str, keep: b
                     done.add(key)
                     _write_chunk(fd, device, c, layout[c.blob_index][1])
                     written += 1
+            if verity:
+                tree = append_hash_tree(fd, total_blocks)
     finally:
-        local.close()
-    return BlockExport(output, total_blocks * BLOCK, total_blocks, len(boot), layout, written, rewritten)
+        if owned is not None:
+            owned.close()
+    size = total_blocks * BLOCK + (tree.hash_bytes if tree else 0)
+    return BlockExport(output, size, total_blocks, len(boot), layout, written, rewritten, tree)
 
 
 def _write_chunk(fd: int, device: BlobDevice, c: ChunkInfo, first_block: int) -> None:

@@ -146,9 +146,15 @@ def _parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", help="write a RAFS v6 image as a raw EROFS block disk with the data inline")
     e.add_argument("--block", action="store_true", required=True, help="a raw block disk (the only export kind)")
-    e.add_argument("--bootstrap", "-B", required=True)
-    e.add_argument("--blob-dir", "--localfs-dir", "-D", dest="blob_dir", required=True, help="where the blobs are")
+    e.add_argument("--bootstrap", "-B", help="the image's bootstrap (else the --config entry's metadata_path)")
+    e.add_argument("--blob-dir", "--localfs-dir", "-D", dest="blob_dir", help="where the blobs are")
+    e.add_argument("--config", "-C", metavar="FILE",
+                   help="a BlobCacheEntry (JSON, type \"bootstrap\") whose config_v2 backend and cache give the "
+                        "blobs, e.g. a registry; instead of --blob-dir")
     e.add_argument("--output", "-O", help="disk file to write (default: DIR/<bootstrap name>.disk)")
+    e.add_argument("--verity", action="store_true",
+                   help="append a dm-verity hash tree (sha256, 4 KiB blocks, no superblock) and print the "
+                        "veritysetup options with its root digest")
     e.add_argument("--keep-device-table", action="store_true",
                    help="upstream's bytes: bootstrap verbatim, blob-relative chunk addresses (the kernel's flat "
                         "device mode reads it; fsck.erofs 1.5 does not)")
@@ -517,12 +523,38 @@ def render_stat(r: Any) -> str:
 
 def cmd_export(a: argparse.Namespace) -> int:
     from ..builder.block_export import export_block
+    from ..config.blob_entry import read_blob_cache_entry
 
-    output = a.output or os.path.join(a.blob_dir, os.path.basename(a.bootstrap) + ".disk")
-    r = export_block(a.bootstrap, a.blob_dir, output, keep_device_table=a.keep_device_table)
+    if bool(a.blob_dir) == bool(a.config):
+        raise ValueError("give exactly one of -D/--localfs-dir and -C/--config")
+    source: Any = a.blob_dir
+    bootstrap = a.bootstrap
+    if a.config:
+        from ..storage.factory import make_source
+
+        entry = read_blob_cache_entry(a.config)
+        if entry.blob_type != "bootstrap":
+            raise ValueError(f"{a.config}: a \"bootstrap\" entry is needed, not "
+                             f"{entry.blob_type!r}")
+        bootstrap = bootstrap or entry.metadata_path
+        if not bootstrap:
+            raise ValueError(f"no --bootstrap and no metadata_path in {a.config}")
+        source = make_source(entry.config.rafs)
+    elif not bootstrap:
+        raise ValueError("--bootstrap is needed with --localfs-dir")
+    if not a.output and not a.blob_dir:
+        raise ValueError("--output is needed with --config")
+    output = a.output or os.path.join(a.blob_dir, os.path.basename(bootstrap) + ".disk")
+    try:
+        r = export_block(bootstrap, source, output, keep_device_table=a.keep_device_table, verity=a.verity)
+    finally:
+        if not isinstance(source, str):
+            source.close()
     blobs = ", ".join(f"{bid[:12]} at block {start:#x} ({n} blocks)" for bid, start, n in r.blobs)
     print(f"wrote {r.output}: {r.blocks} blocks of 4096 ({r.size} bytes), bootstrap {r.bootstrap_bytes} bytes, "
           f"{r.chunks_written} chunks; blobs: {blobs or 'none'}")
+    if r.verity is not None:
+        print(r.verity.options())
     return 0
 
 

@@ -138,6 +138,7 @@ def v2_to_v1(raw: dict[str, Any]) -> dict[str, Any]:
     _note_unknown(bconf, BACKEND_KEYS.get(btype, set(bconf)), f"backend.{btype}.")
     cache = _obj(raw, "cache", "")
     ctype = cache.get("type", "")
+    _note_unknown(cache, {"type", "compressed", "validate", "filecache", "fscache", "prefetch"}, "cache.")
     cconf = cache.get("filecache") or cache.get("fscache") or {}
     device: dict[str, Any] = {
         "id": raw.get("id", ""),

@@ -5,6 +5,7 @@ checks (and extracts) the default, self-contained disk; upstream's verbatim layo
 mapped_blkaddr, byte for byte."""
 
 import io
+import json
 import os
 import random
 import stat
@@ -147,3 +148,64 @@ def test_errors_are_one_line(tmp_path, capsys):
     build_image(tree_from_directory(str(src)), str(v5), str(tmp_path / "b5"), BuildOptions(fs_version=5))
     assert image_cli(["export", "--block", "-B", str(v5), "-D", str(tmp_path / "b5"), "-O", str(tmp_path / "e")]) == 1
     assert "needs RAFS v6" in capsys.readouterr().err
+
+
+def test_verity_tree_after_the_disk_and_a_config_entry_instead_of_a_blob_dir(tmp_path, capsys):
+    """`--verity` appends the hash tree and prints upstream's options line, which `veritysetup
+    verify` accepts for the disk; the disk still mounts. `-C` with a BlobCacheEntry (localfs backend,
+    metadata_path) writes the same disk as `-B`/`-D`."""
+    erofs_available()
+    src, boot, blobs, _ids = two_blob_image(tmp_path)
+    plain, disk = tmp_path / "plain.disk", tmp_path / "verity.disk"
+    export(boot, blobs, plain)
+    capsys.readouterr()
+    export(boot, blobs, disk, "--verity")
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("dm-verity options: --no-superblock --format=1 -s \"\" --hash=sha256 ")
+    words = line.split()
+    data_blocks = int(words[words.index("--data-blocks") + 1])
+    hash_offset = int(words[words.index("--hash-offset") + 1])
+    assert hash_offset == data_blocks * 4096 == plain.stat().st_size
+    assert disk.read_bytes()[:hash_offset] == plain.read_bytes()
+    verify = [require_tool("veritysetup"), "verify", "--no-superblock", "--format=1", "-s", "", "--hash=sha256",
+              "--data-block-size=4096", "--hash-block-size=4096", f"--data-blocks={data_blocks}",
+              f"--hash-offset={hash_offset}", str(disk), str(disk), words[-1]]
+    r = subprocess.run(verify, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with loop_mount(disk, tmp_path / "mnt") as mnt:
+        assert compare_trees(str(src), str(mnt)) == 4
+    entry = tmp_path / "entry.json"
+    entry.write_text(json.dumps({"type": "bootstrap", "id": "disk-default", "domain_id": "block-nbd", "config_v2": {
+        "version": 2, "id": "factory", "backend": {"type": "localfs", "localfs": {"dir": str(blobs)}},
+        "cache": {"type": "filecache", "filecache": {"work_dir": str(tmp_path / "cache")}},
+        "metadata_path": str(boot)}}))
+    via_config = tmp_path / "config.disk"
+    assert image_cli(["export", "--block", "-C", str(entry), "-O", str(via_config)]) == 0
+    assert via_config.read_bytes() == plain.read_bytes()
+
+
+def test_config_entry_errors_are_one_line(tmp_path, capsys):
+    _src, boot, blobs, _ids = two_blob_image(tmp_path)
+    cases = [
+        ({"type": "datablob", "id": "x", "config_v2": {"version": 2, "backend": {
+            "type": "localfs", "localfs": {"dir": str(blobs)}}}}, "a \"bootstrap\" entry is needed"),
+        ({"type": "bootstrap", "id": "", "config_v2": {"version": 2}}, "id:"),
+        ({"type": "bootstrap", "id": "x"}, "neither config_v2 nor config"),
+        ({"type": "bootstrap", "id": "x", "config_v2": {"version": 1, "backend": {}}}, "version"),
+        ({"type": "bootstrap", "id": "x", "config_v2": {"version": 2, "backend": {
+            "type": "localfs", "localfs": {"dir": str(blobs)}}}}, "metadata_path"),
+    ]
+    for i, (obj, words) in enumerate(cases):
+        entry = tmp_path / f"entry{i}.json"
+        entry.write_text(json.dumps(obj))
+        assert image_cli(["export", "--block", "-C", str(entry), "-O", str(tmp_path / f"d{i}")]) == 1
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") <= 1, (obj, err)
+        assert not (tmp_path / f"d{i}").exists()
+    # the legacy form works too
+    legacy = tmp_path / "legacy.json"
+    legacy.write_text(json.dumps({"type": "bootstrap", "id": "x", "config": {
+        "backend_type": "localfs", "backend_config": {"dir": str(blobs)}, "cache_type": "filecache",
+        "cache_config": {"work_dir": str(tmp_path / "c2")}, "metadata_path": str(boot)}}))
+    assert image_cli(["export", "--block", "-C", str(legacy), "-O", str(tmp_path / "legacy.disk")]) == 0
+    assert (tmp_path / "legacy.disk").stat().st_size > 0
