@@ -47,6 +47,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 
@@ -74,7 +75,8 @@ log = logging.getLogger("nydusify-py")
 
 # nydusify's EnvVars for `convert`, by our dest names
 CONVERT_ENV = {
-    "source": "SOURCE", "target": "TARGET", "target_suffix": "TARGET_SUFFIX", "source_insecure": "SOURCE_INSECURE",
+    "source": "SOURCE", "target": "TARGET", "source_archive": "SOURCE_ARCHIVE", "target_archive": "TARGET_ARCHIVE",
+    "target_suffix": "TARGET_SUFFIX", "source_insecure": "SOURCE_INSECURE",
     "target_insecure": "TARGET_INSECURE", "build_cache": "BUILD_CACHE", "build_cache_tag": "BUILD_CACHE_TAG",
     "build_cache_version": "BUILD_CACHE_VERSION", "build_cache_insecure": "BUILD_CACHE_INSECURE",
     "build_cache_max_records": "BUILD_CACHE_MAX_RECORDS", "chunk_dict": "CHUNK_DICT",
@@ -91,10 +93,16 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     c = sub.add_parser("convert", help="pull an OCI/Docker image, build its Nydus form, push it")
     c.add_argument("--source", required=True, metavar="REF", help="source image, e.g. registry:5000/app:v1")
-    t = c.add_mutually_exclusive_group(required=True)
+    c.add_argument("--source-archive", metavar="FILE",
+                   help="read the source image from this OCI image layout tar (plain, gzip or zstd) instead of a "
+                        "registry; --source names the image in it (or it has only one)")
+    t = c.add_mutually_exclusive_group()
     t.add_argument("--target", metavar="REF", help="target image (a tag)")
     t.add_argument("--target-suffix", metavar="SUFFIX",
                    help="target = the source reference (tagged) plus SUFFIX, e.g. -nydus (conflicts with --target)")
+    c.add_argument("--target-archive", metavar="FILE",
+                   help="write the Nydus image as an OCI image layout tar here instead of pushing it; the target "
+                        "reference (default: the source's) names it inside")
     c.add_argument("--source-insecure", action="store_true", help="skip TLS checks / allow plain HTTP for the source")
     c.add_argument("--target-insecure", action="store_true", help="skip TLS checks / allow plain HTTP for the target")
     c.add_argument("--plain-http", action="store_true", help="talk plain HTTP to both registries")
@@ -150,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
     apply_env(c, CONVERT_ENV)
-    c.set_defaults(run=cmd_convert)
+    c.set_defaults(run=cmd_convert, usage_error=c.error)
     nydusify_check.add_parser(sub)
     nydusify_copy.add_parser(sub)
     nydusify_mount.add_parser(sub)
@@ -229,9 +237,18 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise ConvertError("--all-platforms conflicts with --platform")
     if a.target is not None and a.target_suffix is not None:
         raise ConvertError("--target conflicts with --target-suffix")
-    if a.target is None and a.target_suffix is None:
-        raise ConvertError("--target or --target-suffix is required")
-    target = a.target if a.target is not None else target_with_suffix(a.source, a.target_suffix)
+    if a.target is None and a.target_suffix is None and not a.target_archive:
+        a.usage_error("one of the arguments --target --target-suffix --target-archive is required")
+    if a.source_archive and not os.path.isfile(a.source_archive):
+        raise ConvertError(f"source archive not accessible: {a.source_archive}")
+    if a.target_archive and not os.path.isdir(os.path.dirname(os.path.abspath(a.target_archive))):
+        raise ConvertError(f"target archive directory not accessible: {os.path.dirname(a.target_archive)}")
+    if a.target is not None:
+        target = a.target
+    elif a.target_suffix is not None:
+        target = target_with_suffix(a.source, a.target_suffix)
+    else:
+        target = a.source
     if _batch_size(a.batch_size):
         raise ConvertError("--batch-size: batch chunks are not supported by nydusify-py; use 0")
     if a.docker_v2_format:
@@ -252,7 +269,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         build_cache=cache, build_cache_insecure=a.build_cache_insecure, build_cache_version=a.build_cache_version,
         build_cache_max_records=a.build_cache_max_records, chunk_dict=a.chunk_dict,
         chunk_dict_insecure=a.chunk_dict_insecure, push_retry=retry, with_referrer=a.with_referrer,
-        fs_align_chunk=a.fs_align_chunk,
+        fs_align_chunk=a.fs_align_chunk, source_archive=a.source_archive, target_archive=a.target_archive,
     )
     progress = Progress(sys.stderr, quiet=a.quiet)
     try:

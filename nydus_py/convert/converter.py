@@ -58,6 +58,7 @@ from . import oci
 from .build_cache import DEFAULT_VERSION, MAX_RECORDS, Blob, BuildCache, Record, build_params, chain_ids
 from .errors import ConvertError
 from .layer import Inflater, write_bootstrap_layer
+from .layout_archive import LayoutArchiveSource, LayoutArchiveTarget
 from .memory import release_free_memory
 from .progress import Bar, Progress, human
 from .push_retry import PushRetry, RetryStats, retry_pushes
@@ -117,6 +118,8 @@ class ConvertOptions:
     push_retry: PushRetry = field(default_factory=PushRetry)  # --push-retry-count/--push-retry-delay
     with_referrer: bool = False  # nydusify's --with-referrer: the manifest's `subject` is the source's
     fs_align_chunk: bool = False  # nydusify's --fs-align-chunk: 4 KiB-aligned chunks (v6 always is)
+    source_archive: str | None = None  # --source-archive: the source image from an OCI layout tar
+    target_archive: str | None = None  # --target-archive: the Nydus image into an OCI layout tar
 
 
 @dataclass
@@ -433,8 +436,10 @@ class Converter:
         if self.opts.work_dir:
             os.makedirs(self.opts.work_dir, exist_ok=True)
         work = tempfile.mkdtemp(prefix="nydusify-", dir=self.opts.work_dir)
-        src = RegistryClient(self.src_cfg)
-        dst = RegistryClient(self.dst_cfg)
+        src: Any = (LayoutArchiveSource(self.opts.source_archive, self.src_ref, work) if self.opts.source_archive
+                    else RegistryClient(self.src_cfg))
+        dst: Any = (LayoutArchiveTarget(self.opts.target_archive, self.dst_ref, work) if self.opts.target_archive
+                    else RegistryClient(self.dst_cfg))
         retries = RetryStats()
         retry_pushes(dst, self.opts.push_retry, retries)
         extra = {ep.side: RegistryClient(endpoint_config(ep, self.opts.docker_config_paths))
@@ -461,6 +466,8 @@ class Converter:
             if self.cache is not None:
                 await self._push_cache(dst)
                 result.build_cache = dataclasses.asdict(self.cache_stats)
+            if isinstance(dst, LayoutArchiveTarget):
+                await asyncio.to_thread(dst.finish)
             result.seconds = time.monotonic() - t0
             result.push_retries = retries.retried
             return result

@@ -166,4 +166,4 @@ def test_environment_variables_set_the_flags(tmp_path, image, plain_registry):
     r = nydusify(extra_env={"TARGET": f"{plain_registry.host}/upflags/env:v3"})
     assert r.returncode == 2 and "--source" in r.stderr
     r = nydusify("--source", src, "--plain-http")
-    assert r.returncode == 2 and "one of the arguments --target --target-suffix is required" in r.stderr, r.stderr
+    assert r.returncode == 2 and "one of the arguments --target --target-suffix --target-archive is required" in r.stderr, r.stderr
