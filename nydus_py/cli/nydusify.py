@@ -81,7 +81,7 @@ CONVERT_ENV = {
     "build_cache_version": "BUILD_CACHE_VERSION", "build_cache_insecure": "BUILD_CACHE_INSECURE",
     "build_cache_max_records": "BUILD_CACHE_MAX_RECORDS", "chunk_dict": "CHUNK_DICT",
     "chunk_dict_insecure": "CHUNK_DICT_INSECURE", "merge_platform": "MERGE_PLATFORM",
-    "with_referrer": "WITH_REFERRER", "oci": "OCI", "fs_version": "FS_VERSION", "fs_align_chunk": "FS_ALIGN_CHUNK",
+    "with_referrer": "WITH_REFERRER", "oci": "OCI", "reverse": "REVERSE", "fs_version": "FS_VERSION", "fs_align_chunk": "FS_ALIGN_CHUNK",
     "prefetch_dir": "PREFETCH_DIR", "prefetch_patterns": "PREFETCH_PATTERNS", "compressor": "COMPRESSOR",
     "chunk_size": "FS_CHUNK_SIZE", "batch_size": "BATCH_SIZE", "work_dir": "WORK_DIR", "output_json": "OUTPUT_JSON",
     "plain_http": "PLAIN_HTTP", "push_retry_count": "PUSH_RETRY_COUNT", "push_retry_delay": "PUSH_RETRY_DELAY",
@@ -147,6 +147,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="4 KiB-aligned chunk data for RAFS v5 (v6 always is)")
     c.add_argument("--with-referrer", action="store_true",
                    help="the Nydus manifest's `subject` names the source manifest (OCI referrers API)")
+    c.add_argument("--reverse", action="store_true",
+                   help="experimental: convert a Nydus image back to an OCI image (one flattened gzip layer)")
     c.add_argument("--docker-v2-format", action="store_true", help="deprecated by nydusify; no effect (see --oci)")
     c.add_argument("--batch-size", default="0", metavar="SIZE", help="only 0 (batch chunks are not built here)")
     c.add_argument("--push-retry-count", type=int, default=DEFAULT_COUNT, metavar="N",
@@ -259,6 +261,8 @@ def cmd_convert(a: argparse.Namespace) -> int:
         raise ConvertError(f"--push-retry-delay: {e}") from None
     if not 1 <= a.build_cache_max_records <= MAX_RECORDS:
         raise ConvertError(f"--build-cache-max-records must be in 1..{MAX_RECORDS}")
+    if a.reverse:
+        return _reverse(a, target, retry)
     cache = cache_ref_for(target, a.build_cache_tag) if a.build_cache_tag else a.build_cache
     opts = ConvertOptions(
         source=a.source, target=target, plain_http=a.plain_http, oci=a.oci, all_platforms=a.all_platforms,
@@ -280,6 +284,25 @@ def cmd_convert(a: argparse.Namespace) -> int:
     if a.output_json:
         with open(a.output_json, "w") as f:
             json.dump({**dataclasses.asdict(result), "dedup_ratio": result.dedup_ratio}, f, indent=2)
+    return 0
+
+
+def _reverse(a: argparse.Namespace, target: str, retry: PushRetry) -> int:
+    from ..convert.reverse import ReverseOptions, reverse_convert
+
+    if a.source_archive or a.target_archive:
+        raise ConvertError("--reverse reads from and pushes to registries; --source-archive/--target-archive are "
+                           "for the forward conversion")
+    r = reverse_convert(ReverseOptions(
+        source=a.source, target=target, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
+        plain_http=a.plain_http, source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform,
+        work_dir=a.work_dir, push_retry=retry))
+    print(f"converted {r.source} -> {r.target} (OCI, reversed): manifest {r.manifest_digest}\n"
+          f"  one layer {r.layer_digest[:19]}: {human(r.layer_bytes)} gzip, {human(r.tar_bytes)} tar, "
+          f"{r.entries} entries; fetched {human(r.fetched_bytes)} of blobs in {r.seconds:.1f}s")
+    if a.output_json:
+        with open(a.output_json, "w") as f:
+            json.dump(dataclasses.asdict(r), f, indent=2)
     return 0
 
 
