@@ -9,6 +9,7 @@ import os
 from collections.abc import Mapping
 
 from ..config.goformat import parse_go_bool as go_bool
+from ..config.goformat import parse_human_bytes
 
 
 def parse_go_bool(name: str, text: str) -> bool:
@@ -46,3 +47,11 @@ def apply_env(parser: argparse.ArgumentParser, env_vars: Mapping[str, str],
         for group in parser._mutually_exclusive_groups:
             if action in group._group_actions:
                 group.required = False  # the command checks that one of them is set
+
+
+def push_chunk_size(text: str) -> int:
+    """nydusify's `--push-chunk-size` (go-humanize sizes: 0MB, 10MB, 16MiB)."""
+    try:
+        return parse_human_bytes(text)
+    except ValueError as e:
+        raise ValueError(f"--push-chunk-size: {e}") from None

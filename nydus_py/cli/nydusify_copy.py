@@ -11,6 +11,7 @@ from typing import Any
 
 from ..convert.errors import ConvertError
 from ..convert.progress import human
+from .envflags import push_chunk_size
 from .nydusify_check import add_endpoint_args
 
 
@@ -23,6 +24,9 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--all-platforms", action="store_true", help="copy every platform of an index")
     c.add_argument("--work-dir", metavar="DIR", help="where blobs pass through (default: $TMPDIR)")
     c.add_argument("--jobs", type=int, default=3, metavar="N", help="concurrent blob copies (default 3)")
+    c.add_argument("--push-chunk-size", default="0MB", metavar="SIZE",
+                   help="upload blobs as PATCH requests of SIZE (e.g. 10MB, 16MiB) for registries or proxies "
+                        "that limit a request's size; 0MB (default): one streamed PUT per blob")
     c.add_argument("--output-json", metavar="FILE", help="write what was copied as JSON")
     c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
     c.set_defaults(run=cmd_copy)
@@ -36,7 +40,8 @@ def cmd_copy(a: argparse.Namespace) -> int:
     r = copy(CopyOptions(
         source=a.source, target=a.target, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
         plain_http=a.plain_http, source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform,
-        all_platforms=a.all_platforms, work_dir=a.work_dir, jobs=a.jobs))
+        all_platforms=a.all_platforms, work_dir=a.work_dir, jobs=a.jobs,
+        push_chunk_size=push_chunk_size(a.push_chunk_size)))
     print(f"copied {r.source} -> {r.target} ({r.digest})")
     print(f"  manifests {len(r.manifests)}; uploaded {len(r.uploaded)} blobs ({human(r.uploaded_bytes)}), "
           f"{len(r.reused)} already in the target ({human(r.reused_bytes)}); time {r.seconds:.2f} s")

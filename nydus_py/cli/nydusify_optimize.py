@@ -17,7 +17,7 @@ from ..convert.errors import ConvertError
 from ..convert.optimizer import POLICY, OptimizeOptions, optimize
 from ..convert.progress import human
 from ..convert.push_retry import PushRetry
-from .envflags import apply_env
+from .envflags import apply_env, push_chunk_size
 from .nydusify_check import add_endpoint_args
 
 log = logging.getLogger("nydusify-py")
@@ -38,6 +38,9 @@ def add_parser(sub: Any) -> None:
     c.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="platform to optimize (default: this machine's)")
     c.add_argument("--work-dir", metavar="DIR", help="where the fetched ranges and new blob go (removed at the end)")
     c.add_argument("--nydus-image", metavar="PATH", help="accepted; the build runs in this process")
+    c.add_argument("--push-chunk-size", default="0MB", metavar="SIZE",
+                   help="upload blobs as PATCH requests of SIZE (e.g. 10MB, 16MiB) for registries or proxies "
+                        "that limit a request's size; 0MB (default): one streamed PUT per blob")
     c.add_argument("--output-json", metavar="FILE", help="write the result as JSON")
     c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
     c.set_defaults(run=cmd_optimize)
@@ -54,7 +57,8 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     r = optimize(OptimizeOptions(
         source=a.source, target=a.target, prefetch_files=hints, source_insecure=a.source_insecure,
         target_insecure=a.target_insecure, plain_http=a.plain_http, source_auth=a.source_auth,
-        target_auth=a.target_auth, platform=a.platform, work_dir=a.work_dir, push_retry=PushRetry()))
+        target_auth=a.target_auth, platform=a.platform, work_dir=a.work_dir, push_retry=PushRetry(),
+        push_chunk_size=push_chunk_size(a.push_chunk_size)))
     print(f"optimized {r.source} -> {r.target} ({r.manifest_digest})")
     print(f"  {r.files} files: {r.chunks_moved} chunks ({human(r.bytes_moved)}) in blob {r.blob_id[:12]}; fetched "
           f"{human(r.fetched_bytes)} from the source; {len(r.skipped)} listed paths skipped; time {r.seconds:.2f} s")

@@ -40,3 +40,29 @@ def parse_go_bool(text: str) -> bool:
     if text in _FALSE:
         return False
     raise ValueError(f"{text!r} is not a boolean (true/false/1/0)")
+
+
+_SI = "kmgtpe"
+_SIZE = re.compile(r"^([0-9.,]+)\s*([a-zA-Z]*)$")
+
+
+def parse_human_bytes(text: str) -> int:
+    """go-humanize's `ParseBytes`, which nydusify's size flags use ("0MB", "10MB", "4MiB", "512k",
+    "1048576"): k/kb/m/mb... are powers of 1000, ki/kib/mi/mib... of 1024, any case."""
+    m = _SIZE.match(text.strip())
+    if m is None:
+        raise ValueError(f"invalid size {text!r} (e.g. 10MB, 4MiB, 1048576)")
+    try:
+        num = float(m.group(1).replace(",", ""))
+    except ValueError:
+        raise ValueError(f"invalid size {text!r}") from None
+    unit = m.group(2).lower()
+    if unit in ("", "b"):
+        mult = 1
+    elif unit[0] in _SI and unit[1:] in ("", "b"):
+        mult = 1000 ** (_SI.index(unit[0]) + 1)
+    elif unit[0] in _SI and unit[1:] in ("i", "ib"):
+        mult = 1024 ** (_SI.index(unit[0]) + 1)
+    else:
+        raise ValueError(f"invalid size {text!r}: unknown unit {m.group(2)!r}")
+    return int(num * mult)

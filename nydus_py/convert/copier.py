@@ -24,6 +24,7 @@ from ..storage.registry import RegistryClient
 from . import oci
 from .converter import parse_platforms
 from .errors import ConvertError
+from .push_retry import chunked_pushes
 from .reference import parse_reference
 from .remote import Endpoint, endpoint_config, transport_error
 from .tasks import gather_or_cancel
@@ -43,6 +44,7 @@ class CopyOptions:
     work_dir: str | None = None
     jobs: int = 3
     piece_size: int = 8 << 20
+    push_chunk_size: int = 0  # nydusify's --push-chunk-size: uploads as PATCH pieces of this size
     docker_config_paths: list[str] | None = None
 
 
@@ -90,6 +92,7 @@ class Copier:
         work = tempfile.mkdtemp(prefix="nydusify-copy-", dir=self.opts.work_dir)
         src = RegistryClient(endpoint_config(self.src_ep, self.opts.docker_config_paths))
         dst = RegistryClient(endpoint_config(self.dst_ep, self.opts.docker_config_paths))
+        chunked_pushes(dst, self.opts.push_chunk_size)
         try:
             await src.start()
             await dst.start()

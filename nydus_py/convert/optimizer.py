@@ -58,6 +58,7 @@ class OptimizeOptions:
     platform: str | None = None
     work_dir: str | None = None
     piece_size: int = 8 << 20
+    push_chunk_size: int = 0  # nydusify's --push-chunk-size: uploads as PATCH pieces of this size
     docker_config_paths: list[str] | None = None
     push_retry: PushRetry = field(default_factory=PushRetry)
 
@@ -110,7 +111,8 @@ class Optimizer:
     async def run(self) -> OptimizeResult:
         t0 = time.monotonic()
         async with tool_session("nydusify-optimize-", self.opts.work_dir, [self.src_ep], self.dst_ep,
-                                self.opts.push_retry, self.opts.docker_config_paths) as ts:
+                                self.opts.push_retry, self.opts.docker_config_paths,
+                                self.opts.push_chunk_size) as ts:
             result = await self._optimize(ts.sources[0], ts.target, ts.work)
             result.push_retries = ts.retries.retried
         result.seconds = time.monotonic() - t0

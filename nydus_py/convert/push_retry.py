@@ -85,3 +85,16 @@ def _describe(args: tuple[Any, ...]) -> str:
         if isinstance(a, str):
             return a
     return ""
+
+
+def chunked_pushes(client: Any, chunk: int) -> None:
+    """nydusify's --push-chunk-size: `client`'s blob-file uploads go up as PATCH requests of
+    `chunk` bytes (0: one streamed PUT, the default)."""
+    if chunk <= 0:
+        return
+    op = client.push_blob_file
+
+    def chunked(*args: Any, **kwargs: Any) -> Awaitable[Any]:
+        return op(*args, chunk=chunk, **kwargs)
+
+    client.push_blob_file = chunked

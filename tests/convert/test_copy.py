@@ -86,3 +86,23 @@ def test_copy_merged_index_and_all_platforms(tmp_path, plain_registry, other_reg
                "--platform", "linux/arm64")
     assert res["digest"] == res["manifests"][0]
     assert get_manifest(other_registry, "copied/multi", "arm")["mediaType"] == oci.OCI_MANIFEST
+
+
+def test_push_chunk_size_uploads_in_patch_pieces(tmp_path, plain_registry, other_registry):
+    """--push-chunk-size 64KiB: each blob goes up as PATCH requests of at most 64 KiB (counted in
+    the target registry's access log), and the copy still passes `check`; garbage is one line."""
+    _img, src = unique_source(plain_registry, "copy-chunked", 22)
+    ny = f"{plain_registry.host}/copy/chunked:v1"
+    convert(src, ny)
+    m = get_manifest(plain_registry, "copy/chunked", "v1")
+    sizes = [m["config"]["size"], *(ly["size"] for ly in m["layers"])]
+    assert max(sizes) > 3 * 65536
+    dst = f"{other_registry.host}/copied/chunked:v1"
+    patches = other_registry.log_text().count('"PATCH /v2/copied/chunked/blobs/uploads/')
+    copy(tmp_path, "--source", ny, "--target", dst, "--push-chunk-size", "64KiB")
+    patches = other_registry.log_text().count('"PATCH /v2/copied/chunked/blobs/uploads/') - patches
+    assert patches == sum(-(-s // 65536) for s in sizes if s)
+    r = check("--source", src, "--target", dst)
+    assert r.returncode == 0, r.stderr
+    bad = nydusify("copy", "--plain-http", "--source", ny, "--target", dst, "--push-chunk-size", "ten")
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "--push-chunk-size" in bad.stderr, bad.stderr

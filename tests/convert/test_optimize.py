@@ -56,10 +56,13 @@ def test_optimize_moves_the_listed_files_and_checks_equal(tmp_path, nydus_image,
         {"path": "/lib/m19"}]}))
     target = f"{plain_registry.host}/opt/app-opt:v1"
     out = tmp_path / "r.json"
+    patches = plain_registry.log_text().count('"PATCH /v2/opt/app-opt/blobs/uploads/')
     r = nydusify("optimize", "--source", nydus, "--target", target, "--plain-http", "--prefetch-files", str(hints),
-                 "--output-json", str(out))
+                 "--output-json", str(out), "--push-chunk-size", "16KiB")
     assert r.returncode == 0, r.stderr
     res = json.loads(out.read_text())
+    # the new blob (7 chunks, over 16 KiB) and the bootstrap layer went up in 16 KiB PATCH pieces
+    assert plain_registry.log_text().count('"PATCH /v2/opt/app-opt/blobs/uploads/') - patches >= 3
     assert res["files"] == 3 and res["skipped"] == ["/lib/m19: not in the image"]
     # main: 2 chunks of 16 KiB, m3's first chunk, extra: 4 chunks
     assert res["chunks_moved"] == 2 + 1 + 4

@@ -100,3 +100,20 @@ def test_retry_pushes_wraps_uploads_only():
     with pytest.raises(HttpStatusError):
         asyncio.run(c.get_blob("sha256:1"))
     assert stats.retried == 1
+
+
+@pytest.mark.parametrize(("text", "size"), [("0MB", 0), ("10MB", 10_000_000), ("16MiB", 16 << 20), ("512k", 512_000),
+                                           ("1048576", 1 << 20), ("1.5 KiB", 1536), ("2GB", 2_000_000_000),
+                                           ("8mi", 8 << 20), ("1,000B", 1000)])
+def test_human_sizes_parse_as_go_humanize_does(text, size):
+    from nydus_py.config.goformat import parse_human_bytes
+
+    assert parse_human_bytes(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "ten", "10XB", "MB", "1..2MB", "-1MB"])
+def test_bad_human_sizes_are_refused(text):
+    from nydus_py.config.goformat import parse_human_bytes
+
+    with pytest.raises(ValueError):
+        parse_human_bytes(text)

@@ -256,42 +256,64 @@ class ImageTransfer:
                 await asyncio.sleep(delay)
 
     async def push_blob_file(self, path: str, digest: str, *, piece: int = 1 << 20,
-                             progress: Callable[[int], None] | None = None) -> bool:
+                             progress: Callable[[int], None] | None = None, chunk: int = 0) -> bool:
         """Upload the file at `path` as blob `digest` unless the registry already has it (HEAD);
         True when it was uploaded. Sent as one streamed PUT of known length after the POST (the
         registry API's monolithic upload, as containerd pushes), read `piece` bytes at a time, so
         memory use is about one piece; a 2-4x faster upload than PATCH pieces, each of which
-        costs the registry a round of upload-state bookkeeping. The file must hash to `digest`
-        (the registry checks; a mismatch is its 400)."""
+        costs the registry a round of upload-state bookkeeping. With `chunk` > 0 (nydusify's
+        --push-chunk-size, for registries or proxies that limit a request's size) it goes up as
+        PATCH requests of `chunk` bytes, then an empty PUT. The file must hash to `digest` (the
+        registry checks; a mismatch is its 400)."""
         if await self.blob_exists(digest):
             return False
         _st, h, _b = await self._checked("POST", self.http.url("blobs/uploads/"), {}, None, (202,))
         location = self._upload_url(h)
         size = os.path.getsize(path)
-        sent = 0  # bytes reported to `progress` (a body sent again after a 401 is not counted twice)
-        timer: list[asyncio.Timeout] = []  # the request's timeout: a stall, not a slow upload, ends it
+        sent = [0]  # bytes reported to `progress` (a body sent again after a 401 is not counted twice)
+        if chunk > 0:
+            for start in range(0, size, chunk):
+                end = min(size, start + chunk)
+                timer: list[asyncio.Timeout] = []
+                hdrs = {"Content-Type": "application/octet-stream", "Content-Length": str(end - start),
+                        "Content-Range": f"{start}-{end - 1}"}
+                _st, h, _b = await self._checked(
+                    "PATCH", location, hdrs, self._file_body(path, start, end, piece, progress, sent, timer),
+                    (202,), timer)
+                location = self._upload_url(h)
+            sep = "&" if "?" in location else "?"
+            await self._checked("PUT", f"{location}{sep}digest={digest}",
+                                {"Content-Type": "application/octet-stream", "Content-Length": "0"}, b"", (201,))
+            return True
+        timer = []
+        sep = "&" if "?" in location else "?"
+        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
+        body = self._file_body(path, 0, size, piece, progress, sent, timer)
+        await self._checked("PUT", f"{location}{sep}digest={digest}", headers, body if size else b"", (201,), timer)
+        return True
+
+    def _file_body(self, path: str, start: int, end: int, piece: int, progress: Callable[[int], None] | None,
+                   sent: list[int], timer: list[asyncio.Timeout]) -> Callable[[], AsyncIterator[bytes]]:
+        """A request body of `path`'s bytes [start, end), read `piece` at a time; each piece moves
+        the request's timeout (`timer`) on, and `progress` hears of bytes not reported before."""
 
         async def body() -> AsyncIterator[bytes]:
-            nonlocal sent
             loop = asyncio.get_running_loop()
-            pos = 0
+            pos = start
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             try:
-                while pos < size:
-                    data = os.pread(fd, min(piece, size - pos), pos)
+                while pos < end:
+                    data = os.pread(fd, min(piece, end - pos), pos)
                     if not data:
                         raise OSError(errno.EIO, f"{path}: file shrank while uploading")
                     pos += len(data)
-                    if progress is not None and pos > sent:
-                        progress(pos - sent)
-                        sent = pos
+                    if progress is not None and pos > sent[0]:
+                        progress(pos - sent[0])
+                        sent[0] = pos
                     if timer:
                         timer[0].reschedule(loop.time() + self._request_timeout())
                     yield data
             finally:
                 os.close(fd)
 
-        sep = "&" if "?" in location else "?"
-        headers = {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
-        await self._checked("PUT", f"{location}{sep}digest={digest}", headers, body if size else b"", (201,), timer)
-        return True
+        return body
