@@ -6,7 +6,10 @@ A source archive is read in place (members found once by their tar headers, then
 file), so a multi-GiB archive costs no copy; a gzip- or zstd-compressed one is first inflated into
 the work directory (logged). The image in it is the one the index names after `--source`
 (`io.containerd.image.name` with the whole reference, or `org.opencontainers.image.ref.name` with
-the tag or the whole reference, as containerd's import matches them), or its only image.
+the tag or the whole reference, as containerd's import matches them), or its only image. A
+`docker save` archive of the older kind (`manifest.json`, no `index.json`) is read as containerd
+imports it: the image whose `RepoTags` name `--source` (or the only one) is given an OCI manifest
+made here, its layers' digests hashed once from the archive.
 
 A target archive is an OCI layout built in the work directory and written as one tar at
 `finish()`, atomically; the tagged manifest gets both name annotations, as containerd's export
@@ -34,6 +37,9 @@ log = logging.getLogger(__name__)
 
 LAYOUT_FILE = "oci-layout"
 INDEX_FILE = "index.json"
+DOCKER_MANIFEST_FILE = "manifest.json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
 _GZIP = b"\x1f\x8b"
@@ -75,6 +81,8 @@ class LayoutArchiveSource:
         self.ref = ref
         self.work = work
         self._members: dict[str, tuple[int, int]] = {}  # name -> (data offset, size)
+        self._by_digest: dict[str, str] = {}  # digest -> member, for a docker save archive
+        self._docker_manifest: bytes | None = None  # the OCI manifest made for a docker save image
         self._fd = -1
 
     async def start(self) -> None:
@@ -89,11 +97,60 @@ class LayoutArchiveSource:
                         self._members[os.path.normpath(m.name).lstrip("/")] = (m.offset_data, m.size)
         except (tarfile.TarError, EOFError) as e:
             raise ConvertError(f"source archive {self.path}: not a tar archive ({e})") from None
-        if INDEX_FILE not in self._members:
-            hint = " (a `docker save` archive without index.json: save it with Docker 25+ or `skopeo copy " \
-                   "docker-archive:... oci-archive:...`)" if "manifest.json" in self._members else ""
-            raise ConvertError(f"source archive {self.path}: no index.json; not an OCI image layout{hint}")
         self._fd = os.open(tar_path, os.O_RDONLY | os.O_CLOEXEC)
+        if INDEX_FILE not in self._members:
+            if DOCKER_MANIFEST_FILE not in self._members:
+                raise ConvertError(f"source archive {self.path}: neither index.json (an OCI image layout) nor "
+                                   "manifest.json (docker save)")
+            self._docker_image()
+
+    def _docker_image(self) -> None:
+        """The OCI manifest of the `docker save` image `--source` names, and its blobs' digests."""
+        entries = json.loads(self._read(DOCKER_MANIFEST_FILE))
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries) or not entries:
+            raise ConvertError(f"source archive {self.path}: manifest.json lists no image")
+        want = {str(self.ref), f"{self.ref.repository}:{self.ref.reference}",
+                f"{self.ref.repository.removeprefix('library/')}:{self.ref.reference}"}
+        picked = [e for e in entries if want & set(e.get("RepoTags") or [])]
+        if not picked and len(entries) == 1:
+            picked = entries
+        if not picked:
+            tags = sorted(t for e in entries for t in e.get("RepoTags") or [])
+            raise ConvertError(f"source archive {self.path} holds {len(entries)} images and none is tagged "
+                               f"{self.ref}: {', '.join(tags) or 'no tags'}")
+        entry = picked[0]
+        config = self._read(os.path.normpath(str(entry.get("Config", ""))))
+        layers = []
+        for name in entry.get("Layers") or []:
+            member = os.path.normpath(str(name))
+            digest, size, media = self._hash_member(member)
+            self._by_digest[digest] = member
+            layers.append({"mediaType": media, "digest": digest, "size": size})
+        config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+        self._by_digest[config_digest] = os.path.normpath(str(entry["Config"]))
+        manifest = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+                    "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+                    "layers": layers}
+        self._docker_manifest = oci.dumps(manifest)
+        log.info("source archive %s: docker save format; image %s, %d layers", self.path,
+                 ", ".join(entry.get("RepoTags") or ["(untagged)"]), len(layers))
+
+    def _hash_member(self, name: str) -> tuple[str, int, str]:
+        got = self._members.get(name)
+        if got is None:
+            raise ConvertError(f"source archive {self.path}: manifest.json names {name}, which is not in it")
+        off, size = got
+        h = hashlib.sha256()
+        head = os.pread(self._fd, 4, off)
+        pos = 0
+        while pos < size:
+            data = os.pread(self._fd, min(1 << 20, size - pos), off + pos)
+            if not data:
+                raise OSError(errno.EIO, f"{name}: the source archive {self.path} is cut short")
+            h.update(data)
+            pos += len(data)
+        media = OCI_LAYER + ("+gzip" if head.startswith(_GZIP) else "+zstd" if head == _ZSTD else "")
+        return "sha256:" + h.hexdigest(), size, media
 
     async def close(self) -> None:
         if self._fd >= 0:
@@ -111,6 +168,9 @@ class LayoutArchiveSource:
         if len(data) != size:
             raise OSError(errno.EIO, f"{name}: the source archive {self.path} is cut short")
         return data
+
+    def _member(self, digest: str) -> str:
+        return self._by_digest.get(digest) or _blob_name(digest)
 
     def _select(self) -> dict[str, Any]:
         index = oci.parse_json(self._read(INDEX_FILE), "source archive index.json")
@@ -133,6 +193,11 @@ class LayoutArchiveSource:
 
     async def fetch_manifest(self, reference: str,
                              accept: tuple[str, ...] = oci.ACCEPT) -> tuple[bytes, str, str] | None:
+        if self._docker_manifest is not None:
+            digest = "sha256:" + hashlib.sha256(self._docker_manifest).hexdigest()
+            if DIGEST.fullmatch(reference) and reference != digest:
+                return None
+            return self._docker_manifest, oci.OCI_MANIFEST, digest
         if DIGEST.fullmatch(reference):
             desc: dict[str, Any] = {"digest": reference, "mediaType": ""}
         else:
@@ -150,7 +215,7 @@ class LayoutArchiveSource:
         return body, str(media), digest
 
     async def get_blob(self, digest: str) -> bytes:
-        body = self._read(_blob_name(digest))
+        body = self._read(self._member(digest))
         if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
             raise OSError(errno.EIO, f"blob {digest}: content does not match its digest")
         return body
@@ -159,7 +224,7 @@ class LayoutArchiveSource:
                           progress: Callable[[int], None] | None = None, stall: float = 60.0,
                           piece: int = 1 << 20) -> int:
         """The blob's bytes into `sink`, a piece at a time (the caller hashes them)."""
-        off, size = self._members.get(_blob_name(digest)) or (0, -1)
+        off, size = self._members.get(self._member(digest)) or (0, -1)
         if size < 0:
             raise OSError(errno.ENOENT, f"blob {digest} is not in the source archive {self.path}")
         await sink.restart()

@@ -80,6 +80,52 @@ def test_convert_into_an_archive_and_archive_to_archive(sample, plain_registry, 
     passes_check(src, dst)
 
 
+def test_convert_a_docker_save_archive(plain_registry, skopeo, tmp_path):
+    """skopeo's `docker-archive:` (manifest.json, no index.json), two images in it: the one
+    --source names is converted."""
+    def gzip_only(seed: int) -> oi.OciImage:  # docker images have no zstd layers
+        return oi.make_image([oi.compress(oi.Layer(ly.entries, "gzip")) for ly in oi.sample_layers(seed=seed)])
+
+    mine = oi.write_layout(tmp_path / "mine", "v1", gzip_only(7))
+    src = f"{plain_registry.host}/archive/docker-src:v1"
+    oi.skopeo_push(skopeo, mine, "v1", src)
+    saved = tmp_path / "saved.tar"
+    other = oi.write_layout(tmp_path / "other", "v1", gzip_only(6))
+    r = subprocess.run([skopeo, "--insecure-policy", "copy", "--quiet", f"oci:{mine}:v1",
+                        f"docker-archive:{saved}:example.com/team/app:v1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(saved) as tf:
+        assert "manifest.json" in tf.getnames() and "index.json" not in tf.getnames()
+    dst = f"{plain_registry.host}/archive/from-docker-save:v1"
+    r = nydusify("--source", "example.com/team/app:v1", "--source-archive", str(saved), "--target", dst,
+                 "--target-insecure")
+    assert r.returncode == 0, r.stderr
+    passes_check(src, dst)
+    # a second image in the archive: the name picks
+    two = tmp_path / "two.tar"
+    r = subprocess.run([skopeo, "--insecure-policy", "copy", "--quiet", f"oci:{other}:v1",
+                        f"docker-archive:{two}:example.com/team/other:v2"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(saved) as a, tarfile.open(two) as b, tarfile.open(tmp_path / "both.tar", "w") as out:
+        entries = json.load(a.extractfile("manifest.json")) + json.load(b.extractfile("manifest.json"))  # type: ignore[arg-type]
+        for tf in (a, b):
+            for m in tf:
+                if m.name != "manifest.json":
+                    out.addfile(m, tf.extractfile(m) if m.isfile() else None)
+        body = json.dumps(entries).encode()
+        info = tarfile.TarInfo("manifest.json")
+        info.size = len(body)
+        out.addfile(info, io.BytesIO(body))
+    dst = f"{plain_registry.host}/archive/from-docker-save:v2"
+    r = nydusify("--source", "example.com/team/app:v1", "--source-archive", str(tmp_path / "both.tar"),
+                 "--target", dst, "--target-insecure")
+    assert r.returncode == 0, r.stderr
+    passes_check(src, dst)
+    r = nydusify("--source", "example.com/team/nope:v1", "--source-archive", str(tmp_path / "both.tar"),
+                 "--target", dst, "--target-insecure")
+    assert r.returncode == 1 and "none is tagged" in r.stderr and "example.com/team/other:v2" in r.stderr, r.stderr
+
+
 def test_archive_errors_are_one_line(sample, tmp_path, plain_registry):
     archive, _src = sample
     two = tmp_path / "two.tar"
@@ -102,7 +148,7 @@ def test_archive_errors_are_one_line(sample, tmp_path, plain_registry):
         info.size = 2
         tf.addfile(info, io.BytesIO(b"[]"))
     target = f"{plain_registry.host}/archive/never:v1"
-    cases = [(two, "holds 2 images and none is named"), (docker_save, "no index.json"),
+    cases = [(two, "holds 2 images and none is named"), (docker_save, "manifest.json lists no image"),
              (tmp_path / "missing.tar", "source archive not accessible")]
     for path, words in cases:
         r = nydusify("--source", "example.com/app:v1", "--source-archive", str(path), "--target", target,
