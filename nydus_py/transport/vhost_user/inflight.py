@@ -74,6 +74,7 @@ class InflightQueue:
         self.duplicates = 0  # heads the driver offered again while in flight (not served)
         self.dropped = 0  # completions after stop (not written, not pushed)
         self.writers = 0  # handlers writing into a chain's buffers right now (see guard)
+        self._waiters = 0  # threads waiting on `_idle` (completions notify only when there are)
 
     def pop(self) -> Chain | None:
         """The next available chain (now in flight), or None when there is none or the queue
@@ -126,7 +127,7 @@ class InflightQueue:
             del self.inflight[chain.head]
             self.completed += 1  # (counted before the driver can see it)
             self._push(chain.head, length)
-            if not self.inflight:
+            if self._waiters and not self.inflight:
                 self._idle.notify_all()
             return True
 
@@ -154,7 +155,7 @@ class InflightQueue:
     def end_write(self) -> None:
         with self.lock:
             self.writers -= 1
-            if not self.writers:
+            if self._waiters and not self.writers:
                 self._idle.notify_all()
 
     def complete_written(self, chain: Chain, length: int) -> bool:
@@ -171,7 +172,7 @@ class InflightQueue:
             del self.inflight[chain.head]
             self.completed += 1
             self._push(chain.head, length)
-            if not self.inflight:
+            if self._waiters and not self.inflight:
                 self._idle.notify_all()
             return True
 
@@ -188,7 +189,7 @@ class InflightQueue:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._idle.wait(left)
+                self._wait(left)
             return True
 
     def stop_popping(self) -> None:
@@ -215,8 +216,16 @@ class InflightQueue:
                     log.error("queue %d: %d writes into guest memory still running after %.0f s", self.index,
                               self.writers, WRITER_GRACE)
                     break
-                self._idle.wait(left)
+                self._wait(left)
             return n
+
+    def _wait(self, timeout: float) -> None:
+        """(under the lock) Wait on `_idle`, counted so that completions know to notify."""
+        self._waiters += 1
+        try:
+            self._idle.wait(timeout)
+        finally:
+            self._waiters -= 1
 
     def last_avail(self) -> int:
         with self.lock:

@@ -148,28 +148,34 @@ class QueueWorker:
             self.jobs.put(None)  # each pool thread exits after the request it is on
 
     def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self.stop_fd, select.POLLIN)
+        # The kick is watched edge-triggered and never read: every write of the front-end
+        # (each one a wake-up of the eventfd's waiters) reports it once more, so a kick costs
+        # one epoll_wait and no read(2) (its counter only grows: 2^64 kicks to overflow).
+        poller = select.epoll(2)
+        poller.register(self.stop_fd, select.EPOLLIN)
         if self.kick is not None:
-            poller.register(self.kick, select.POLLIN)
-        idle_timeout = None if self.kick is not None else POLL_INTERVAL_MS
+            poller.register(self.kick, select.EPOLLIN | select.EPOLLET)
+        idle_timeout = -1.0 if self.kick is not None else POLL_INTERVAL_MS / 1000
+        stop_fd = self.stop_fd
         try:
             while True:
                 if not self._drain():
                     return
                 # requests waiting for a busy pool: look again soon, to start a spare
                 waiting = bool(self.pool) and self._queued > self._idle
-                ready = poller.poll(SPARE_AFTER_MS if waiting else idle_timeout)
+                try:
+                    ready = poller.poll(SPARE_AFTER_MS / 1000 if waiting else idle_timeout)
+                except InterruptedError:
+                    continue
                 if waiting:
                     self._maybe_spare()
                 for fd, _ in ready:
-                    if fd == self.stop_fd:
+                    if fd == stop_fd:
                         return
-                    with contextlib.suppress(BlockingIOError, InterruptedError):
-                        os.eventfd_read(fd)
         except Exception:
             log.exception("queue %d: worker failed", self.vring.index)
         finally:
+            poller.close()
             with self._fd_lock:
                 self._exited = True
                 if self._stopped:  # stop() gave up waiting for us: the fds are ours to close
