@@ -81,25 +81,28 @@ class InflightQueue:
         stopped. A bad chain is completed here with 0 bytes and skipped. RingError propagates:
         the ring itself is broken."""
         with self.lock:
-            while self.popping:
-                head = self.vq.pop_head()
-                if head is None:
-                    return None
-                if head in self.inflight:
-                    self.duplicates += 1
-                    log.error("queue %d: the driver offered descriptor %d again while it is in flight; "
-                              "ignoring the second offer", self.index, head)
-                    continue
-                try:
-                    chain = self.vq.walk(head)
-                except DescriptorError as e:
-                    log.error("queue %d: %s; completing it with an empty reply", self.index, e)
-                    self.failed += 1
-                    self._push(head, 0)
-                    continue
-                self.inflight[head] = chain
-                return chain
-            return None
+            return self._pop() if self.popping else None
+
+    def _pop(self) -> Chain | None:
+        """(under the lock, popping) pop()."""
+        while True:
+            head = self.vq.pop_head()
+            if head is None:
+                return None
+            if head in self.inflight:
+                self.duplicates += 1
+                log.error("queue %d: the driver offered descriptor %d again while it is in flight; "
+                          "ignoring the second offer", self.index, head)
+                continue
+            try:
+                chain = self.vq.walk(head)
+            except DescriptorError as e:
+                log.error("queue %d: %s; completing it with an empty reply", self.index, e)
+                self.failed += 1
+                self._push(head, 0)
+                continue
+            self.inflight[head] = chain
+            return chain
 
     def arm(self) -> bool:
         """Nothing left to pop: ask for a kick (EVENT_IDX) and say whether more arrived
@@ -109,6 +112,20 @@ class InflightQueue:
                 return False
             self.vq.set_avail_event()
             return self.vq.pending() > 0
+
+    def pop_or_arm(self) -> Chain | None:
+        """pop(), and once nothing is left, arm() in the same critical section (a dispatcher
+        going idle after each request takes the lock once, not twice): None when the ring is
+        empty with the kick asked for, or the queue stopped (`popping`). RingError propagates."""
+        with self.lock:
+            while self.popping:
+                chain = self._pop()
+                if chain is not None:
+                    return chain
+                self.vq.set_avail_event()
+                if not self.vq.pending():
+                    return None
+            return None
 
     def complete(self, chain: Chain, reply: Buffers | None) -> bool:
         """Write `reply` into `chain` and return it to the driver; False (nothing written) if

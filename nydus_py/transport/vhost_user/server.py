@@ -91,6 +91,7 @@ class QueueWorker:
         self.ring = InflightQueue(vring.queue, vring.signal, index=vring.index)
         self.kick = os.dup(vring.kick) if vring.kick is not None else None
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.poller = select.epoll(2)  # the dispatcher's wait on kick and stop_fd (see _run)
         self.handler_errors = 0
         self.abandoned = 0
         self._stopped = False
@@ -151,7 +152,7 @@ class QueueWorker:
         # The kick is watched edge-triggered and never read: every write of the front-end
         # (each one a wake-up of the eventfd's waiters) reports it once more, so a kick costs
         # one epoll_wait and no read(2) (its counter only grows: 2^64 kicks to overflow).
-        poller = select.epoll(2)
+        poller = self.poller
         poller.register(self.stop_fd, select.EPOLLIN)
         if self.kick is not None:
             poller.register(self.kick, select.EPOLLIN | select.EPOLLET)
@@ -175,13 +176,13 @@ class QueueWorker:
         except Exception:
             log.exception("queue %d: worker failed", self.vring.index)
         finally:
-            poller.close()
             with self._fd_lock:
                 self._exited = True
                 if self._stopped:  # stop() gave up waiting for us: the fds are ours to close
                     self._close_fds()
 
     def _close_fds(self) -> None:
+        self.poller.close()
         for fd in (self.kick, self.stop_fd):
             if fd is not None:
                 with contextlib.suppress(OSError):
@@ -203,15 +204,11 @@ class QueueWorker:
         ring = self.ring
         while True:
             try:
-                chain = ring.pop()
+                # when empty: avail_event published, then a syscall-free re-check (the GIL
+                # switch and the store order on x86 make it a full barrier for this purpose)
+                chain = ring.pop_or_arm()
                 if chain is None:
-                    if not ring.popping:
-                        return False
-                    # a syscall-free re-check after publishing avail_event (the GIL switch and
-                    # the store order on x86 make it a full barrier for this purpose)
-                    if not ring.arm():
-                        return ring.popping
-                    continue
+                    return ring.popping
             except RingError as e:
                 log.error("queue %d: %s; the queue stops", self.vring.index, e)
                 return False

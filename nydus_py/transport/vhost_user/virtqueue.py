@@ -154,9 +154,9 @@ class Chain:
                 raise ValueError(f"reply of {total} bytes does not fit {self.writable_size()} writable bytes")
             m = memoryview(src).cast("B")
             off = 0
-            for dst in w:
-                n = min(len(dst), total - off)
-                dst[:n] = m[off : off + n]
+            for buf in w:
+                n = min(len(buf), total - off)
+                buf[:n] = m[off : off + n]
                 off += n
                 if off == total:
                     break
