@@ -51,6 +51,7 @@ from ..fuse.abi import (
     FATTR_MTIME_NOW,
     FATTR_SIZE,
     FATTR_UID,
+    FOpenFlags,
     InitFlags,
 )
 from ..fuse.api import (
@@ -99,6 +100,7 @@ _new_attr = tuple.__new__
 # the open_how of each flags value without O_CREAT (a lookup's O_PATH|O_NOFOLLOW, a reopen's)
 _HOWS: dict[int, _OpenHow] = {}
 _LISTED_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOFLUSH = int(FOpenFlags.NOFLUSH)
 
 
 def _sys_openat2(dirfd: int, name: bytes, how: _OpenHow) -> int:
@@ -191,7 +193,7 @@ def _reopen_proc_dirs_in_child() -> None:
     for p in list(_PROC_DIRS):
         if p.fd >= 0:
             new = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-            os.dup2(new, p.fd)  # (the same number: a request between fork and here sees no gap)
+            os.dup2(new, p.fd, inheritable=False)  # (the same number: no gap for a request)
             os.close(new)
 
 
@@ -586,7 +588,11 @@ class PassthroughFilesystem(Filesystem):
             if flags & _READ_ONLY_REFUSED and not self.writable:
                 raise FuseError(errno.EROFS)
             fd = self._reopen(node, flags)
-        return self._new_handle(fd, writes=flags & os.O_ACCMODE != os.O_RDONLY), 0
+        writes = flags & os.O_ACCMODE != os.O_RDONLY
+        # a read-only handle's FLUSH has nothing to do here (see flush): FOPEN_NOFLUSH tells the
+        # kernel (5.17+; ignored with a writeback cache, which we never ask for) not to send it,
+        # one request less per open-read-close of a file
+        return self._new_handle(fd, writes=writes), 0 if writes else _NOFLUSH
 
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes:
         if fh:  # the hot path: straight to the handle

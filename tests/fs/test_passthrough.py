@@ -14,7 +14,7 @@ import pytest
 
 from nydus_py.fs import passthrough as pt
 from nydus_py.fs.passthrough import PassthroughFilesystem
-from nydus_py.fuse.abi import FATTR_MODE, FATTR_MTIME, FATTR_SIZE
+from nydus_py.fuse.abi import FATTR_MODE, FATTR_MTIME, FATTR_SIZE, FOpenFlags
 from nydus_py.fuse.protocol import FuseSession
 from nydus_py.vfs import Vfs
 
@@ -365,6 +365,19 @@ def test_flush_of_a_read_only_handle_does_no_host_work(pfs: PassthroughFilesyste
     assert err.value.errno == errno.EBADF
     for fh in (ro, rw):
         pfs.release(f, fh)
+
+
+def test_read_only_opens_tell_the_kernel_not_to_send_flush(k: Kernel, tree: Path) -> None:
+    """OPEN answers FOPEN_NOFLUSH for a read-only open (its FLUSH would do nothing): a `cat` of
+    a small file costs four requests, not five. Opens for writing keep their FLUSH."""
+    f = lookup(k, lookup(k, 1, b"dir"), b"f.txt")
+    for flags, noflush in ((os.O_RDONLY, True), (os.O_RDONLY | os.O_NOATIME, True), (os.O_WRONLY, False),
+                           (os.O_RDWR, False), (os.O_WRONLY | os.O_APPEND, False)):
+        err, p = k.open(f, flags)
+        assert err == 0
+        fh, open_flags = struct.unpack_from("<QI", p)
+        assert bool(open_flags & FOpenFlags.NOFLUSH) == noflush, (flags, open_flags)
+        assert k.call(K.RELEASE, f, struct.pack("<QIIQ", fh, flags, 0, 0))[0] == 0
 
 
 def test_open_reopens_through_a_held_proc_fd_directory(pfs: PassthroughFilesystem) -> None:
