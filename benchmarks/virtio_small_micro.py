@@ -122,7 +122,7 @@ class Driver:
 
     def reply(self, head: int, w_offs: list[int]) -> bytes:
         q = self.q
-        got, length = q.wait_used(5.0) if q.call >= 0 else self.used()
+        got, length = q.wait_used(30.0) if q.call >= 0 else self.used()
         assert got == head, (got, head)
         q.free.append(head)
         out = b"".join(bytes(q.fe.mem[o : o + s]) for o, s in zip(w_offs, [16, 4096], strict=False))
