@@ -23,6 +23,9 @@ served from a local docker-registry through a fault proxy that stalls one blob f
 to read the rest. Run by the RAFS servers only (`nydus_py rafs`, `1w`, `2q4w`), one VM per rep:
 virtiofsd cannot serve a registry image, so it has no ratio; the JSON and the output say so.
 `--workloads` picks workloads (default: all); `--save-as` names the results files.
+`--baseline-repo DIR` adds `nydus_py passthrough baseline`, the passthrough server of another
+checkout (its own PYTHONPATH), run right after `nydus_py passthrough` (`--baseline-first`: right
+before), to compare two versions of the code in one run against the same virtiofsd.
 
 TCG on 2 shared host cores: absolute numbers measure this machine; compare ratios of one run.
 """
@@ -127,9 +130,11 @@ def warm_cache(root: Path, boot: Path, blobs: Path) -> Path:
 
 
 def measure(name: str, cmd: list[str], sock: str, work: Path, reps: int, workloads: list[str],
-            device_opts: str = "") -> dict[str, list[float]]:
+            device_opts: str = "", repo: Path = REPO) -> dict[str, list[float]]:
+    env = {**os.environ, "PYTHONPATH": str(repo)} if repo != REPO else None
     with open(work / f"{name}.log", "wb") as logf:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf)
+        proc = subprocess.Popen(cmd, cwd=repo, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
+                                env=env)
     try:
         r = run_guest(sock, guest_script(workloads, reps), work / f"vm-{name}", timeout=600,
                       watch_pid=proc.pid, device_opts=device_opts)
@@ -217,6 +222,10 @@ def main() -> int:
     ap.add_argument("--stall-seconds", type=float, default=30.0,
                     help=f"{STALL}: the proxy lets the stalled blob through this long after its first GET")
     ap.add_argument("--save-as", default="bench_virtiofs", help="results name under benchmarks/results")
+    ap.add_argument("--baseline-repo", help="also run `nydus_py passthrough baseline`: the passthrough server of "
+                    "another checkout (e.g. the main branch), in the same run, to compare code versions")
+    ap.add_argument("--baseline-first", action="store_true",
+                    help="run the baseline before `nydus_py passthrough` (alternate the order across runs)")
     args = ap.parse_args()
     chosen = [w.strip() for w in args.workloads.split(",") if w.strip()] or [*WORKLOADS, STALL]
     if unknown_w := set(chosen) - {*WORKLOADS, STALL}:
@@ -244,6 +253,16 @@ def main() -> int:
         "nydus_py rafs 2q4w": (socks["rafs2q"], [*daemon(socks["rafs2q"]), "--bootstrap", str(boot), "--config",
                                                  str(cfg), "--virtio-queues", "2", "--virtio-workers", "4"]),
     }
+    repos: dict[str, Path] = {}
+    if args.baseline_repo:
+        base = "nydus_py passthrough baseline"
+        repos[base] = Path(args.baseline_repo).resolve()
+        base_sock = str(tmp / "ptbase.sock")
+        base_run = (base_sock, [*daemon(base_sock), "--shared-dir", str(work / "tree")])
+        order = list(runs)
+        at = order.index("nydus_py passthrough") + (0 if args.baseline_first else 1)
+        order.insert(at, base)
+        runs = {n: base_run if n == base else runs[n] for n in order}
     # the RAFS servers' options beyond --bootstrap/--config, for the stall workload's own daemons
     stall_args = {"nydus_py rafs": [], "nydus_py rafs 1w": ["--virtio-workers", "1"],
                   "nydus_py rafs 2q4w": ["--virtio-queues", "2", "--virtio-workers", "4"]}
@@ -252,7 +271,10 @@ def main() -> int:
     if unknown := wanted - set(runs):
         ap.error(f"unknown servers {sorted(unknown)}; known: {list(runs)}")
     payload: dict[str, object] = {"accel": "tcg", "smp": 1, "reps": args.reps, "unit": "guest ms",
-                                  "workloads": chosen}
+                                  "workloads": chosen, "server_order": [n for n in runs if n in wanted],
+                                  "loadavg_start": os.getloadavg()}
+    if args.baseline_repo:
+        payload["baseline_repo"] = str(repos["nydus_py passthrough baseline"])
     med: dict[str, dict[str, float]] = {}
     if classic:
         raw: dict[str, dict[str, list[float]]] = {}
@@ -262,7 +284,7 @@ def main() -> int:
             if "@blobcache" in cmd:
                 cmd = [str(warm_cache(work, boot, work / "blobs")) if a == "@blobcache" else a for a in cmd]
             raw[name] = measure(name.replace(" ", "_"), cmd, sock, tmp, args.reps, classic,
-                                device_opts.get(name, ""))
+                                device_opts.get(name, ""), repos.get(name, REPO))
             print(name, {w: [round(v) for v in vals] for w, vals in raw[name].items()}, flush=True)
         med = {name: {w: statistics.median(v) for w, v in vals.items()} for name, vals in raw.items()}
         ratios = {name: {w: med[name][w] / med["virtiofsd"][w] for w in classic} for name in med}
@@ -287,6 +309,7 @@ def main() -> int:
         print(f"{STALL} virtiofsd: {NOT_APPLICABLE}")
         payload[STALL] = {"stall_seconds": args.stall_seconds, "unit": "guest ms from the 3 readers' start",
                           "servers": stall, "virtiofsd": NOT_APPLICABLE, "ratio_to_virtiofsd": None}
+    payload["loadavg_end"] = os.getloadavg()
     save(args.save_as, payload)
     plot(med, classic, stall, args.save_as)
     return 0

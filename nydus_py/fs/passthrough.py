@@ -36,6 +36,7 @@ import os
 import stat
 import threading
 import time
+import weakref
 from collections import Counter
 from collections.abc import Iterator
 from functools import partial
@@ -50,6 +51,7 @@ from ..fuse.abi import (
     FATTR_MTIME_NOW,
     FATTR_SIZE,
     FATTR_UID,
+    FOpenFlags,
     InitFlags,
 )
 from ..fuse.api import (
@@ -98,6 +100,7 @@ _new_attr = tuple.__new__
 # the open_how of each flags value without O_CREAT (a lookup's O_PATH|O_NOFOLLOW, a reopen's)
 _HOWS: dict[int, _OpenHow] = {}
 _LISTED_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
+_NOFLUSH = int(FOpenFlags.NOFLUSH)
 
 
 def _sys_openat2(dirfd: int, name: bytes, how: _OpenHow) -> int:
@@ -181,6 +184,22 @@ def _proc(fd: int) -> str:
     return f"/proc/self/fd/{fd}"
 
 
+# the live /proc/self/fd fds of filesystems: a forked child opens its own (the parent's would
+# name the parent's fds)
+_PROC_DIRS: "weakref.WeakSet[_ProcDir]" = weakref.WeakSet()
+
+
+def _reopen_proc_dirs_in_child() -> None:
+    for p in list(_PROC_DIRS):
+        if p.fd >= 0:
+            new = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            os.dup2(new, p.fd, inheritable=False)  # (the same number: no gap for a request)
+            os.close(new)
+
+
+os.register_at_fork(after_in_child=_reopen_proc_dirs_in_child)
+
+
 class _Held(abc.ABC):
     """An owner of fds (an inode or an open handle) that requests borrow: the context manager a
     `with self._using*(...)` block runs on.
@@ -252,13 +271,46 @@ class _Inode(_Held):
 
 
 class _Handle(_Held):
-    __slots__ = ("fd", "is_dir", "entries")
+    __slots__ = ("fd", "is_dir", "entries", "writes")
 
-    def __init__(self, fd: int, is_dir: bool) -> None:
+    def __init__(self, fd: int, is_dir: bool, writes: bool = True) -> None:
         super().__init__()
         self.fd = fd
         self.is_dir = is_dir
+        self.writes = writes  # opened for writing: FLUSH has host work to do (see flush)
         self.entries: list[tuple[bytes, int, int]] | None = None  # dirs: (name, host ino, S_IFMT type)
+
+    @property
+    def io_fd(self) -> int:
+        return self.fd
+
+    def _close_fds(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        self.fd = -1
+
+
+class _ProcDir(_Held):
+    """An O_PATH fd of /proc/self/fd: `reopen` resolves one name from it instead of walking
+    /proc/self/fd/N (as virtiofsd does). Held per call, so `close` never pulls it from under
+    a reopen in flight (whose fd number could otherwise be reused meanwhile)."""
+
+    __slots__ = ("fd", "__weakref__")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fd = os.open("/proc/self/fd", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        _PROC_DIRS.add(self)
+
+    def reopen(self, fd: int, flags: int) -> int:
+        """open(/proc/self/fd/`fd`, flags | O_CLOEXEC)."""
+        self.users.append(None)
+        try:
+            if self.dead:
+                raise FuseError(errno.ESTALE)
+            return os.open(str(fd), flags | os.O_CLOEXEC, dir_fd=self.fd)
+        finally:
+            self.__exit__(None, None, None)
 
     @property
     def io_fd(self) -> int:
@@ -294,6 +346,7 @@ class PassthroughFilesystem(Filesystem):
         # filesystem refused it once (logged; such reads then all go to the caller's pool)
         self.nowait_supported = True
         self.nowait_refused = 0
+        self._proc = _ProcDir()  # (closed by close())
         fd = os.open(self.root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         st = os.fstat(fd)
         self._root = _Inode(ROOT_ID, fd, (st.st_dev, st.st_ino), stat.S_IFDIR, 1)
@@ -329,7 +382,9 @@ class PassthroughFilesystem(Filesystem):
             self._inodes = {}
             self._by_key = {}
             self._root.dead = True
+            self._proc.dead = True
         self._root.close_if_unused()
+        self._proc.close_if_unused()
 
     # -- holding inodes and handles ----------------------------------------------------------
     def _using(self, ino: int, *, dir_only: bool = False) -> _Inode:
@@ -418,8 +473,13 @@ class PassthroughFilesystem(Filesystem):
             node.nlookup += 1
         return Entry(ino, 0, self._attr(st), self.entry_timeout, self.attr_timeout)
 
-    def _open_child(self, parent: _Inode, name: bytes) -> int:
-        return openat_beneath(parent.fd, name, os.O_PATH | os.O_NOFOLLOW)
+    @staticmethod
+    def _open_child(parent: _Inode, name: bytes) -> int:
+        """An O_PATH fd of `name` (one component, checked: never "." or "..") in `parent`, the
+        link itself for a symlink: openat(O_NOFOLLOW) resolves no path and follows no link, so
+        it is as confined as openat2's RESOLVE_BENEATH (see `_open_listed`), at half the cost
+        of the ctypes call on every LOOKUP."""
+        return os.open(component(name), _LISTED_FLAGS, dir_fd=parent.fd)
 
     @staticmethod
     def _open_listed(parent: _Inode, name: bytes) -> int:
@@ -437,7 +497,7 @@ class PassthroughFilesystem(Filesystem):
                 raise FuseError(errno.EACCES)
             else:
                 try:
-                    fd = self._open_child(p, component(name))
+                    fd = self._open_child(p, name)
                 except FileNotFoundError:
                     real = self._casefold(p, name)
                     if real is None:
@@ -502,11 +562,12 @@ class PassthroughFilesystem(Filesystem):
         return StatFs(v.f_blocks, v.f_bfree, v.f_bavail, v.f_files, v.f_ffree, v.f_bsize, v.f_namemax, v.f_frsize)
 
     # -- handles -----------------------------------------------------------------------------
-    def _new_handle(self, fd: int, is_dir: bool = False) -> int:
+    def _new_handle(self, fd: int, is_dir: bool = False, writes: bool = True) -> int:
+        h = _Handle(fd, is_dir, writes)
         with self._lock:
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = _Handle(fd, is_dir)
+            self._handles[fh] = h
         return fh
 
     def _reopen(self, node: _Inode, flags: int) -> int:
@@ -518,7 +579,7 @@ class PassthroughFilesystem(Filesystem):
         # O_DIRECT stays in the guest (as virtiofsd does by default): our buffers are not
         # aligned for it, and the guest's page cache choice says nothing about the host's
         flags &= ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY | os.O_NOFOLLOW | os.O_DIRECT)
-        return os.open(_proc(node.fd), flags | os.O_CLOEXEC)
+        return self._proc.reopen(node.fd, flags)
 
     def open(self, ino: int, flags: int) -> tuple[int, int]:
         with self._using(ino) as node:
@@ -527,7 +588,11 @@ class PassthroughFilesystem(Filesystem):
             if flags & _READ_ONLY_REFUSED and not self.writable:
                 raise FuseError(errno.EROFS)
             fd = self._reopen(node, flags)
-        return self._new_handle(fd), 0
+        writes = flags & os.O_ACCMODE != os.O_RDONLY
+        # a read-only handle's FLUSH has nothing to do here (see flush): FOPEN_NOFLUSH tells the
+        # kernel (5.17+; ignored with a writeback cache, which we never ask for) not to send it,
+        # one request less per open-read-close of a file
+        return self._new_handle(fd, writes=writes), 0 if writes else _NOFLUSH
 
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes:
         if fh:  # the hot path: straight to the handle
@@ -575,10 +640,13 @@ class PassthroughFilesystem(Filesystem):
     def flush(self, ino: int, fh: int) -> None:
         if not fh:
             return  # no OPEN was sent, so there is no file of the guest's to close
-        # close(dup(fd)): what close(2) of the guest's file means on the host (POSIX locks,
-        # NFS-style deferred write errors)
+        # close(dup(fd)): what close(2) of the guest's file means on the host (NFS-style
+        # deferred write errors; POSIX locks, which we never take). A handle opened read-only
+        # has written nothing, so there is nothing to report: a `cat` of many small files
+        # sends one FLUSH per file.
         with self._using_handle(fh) as h:
-            os.close(os.dup(h.fd))
+            if h.writes:
+                os.close(os.dup(h.fd))
 
     def release(self, ino: int, fh: int) -> None:
         with self._lock:

@@ -6,17 +6,21 @@ import fcntl
 import os
 import stat
 import struct
+import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from nydus_py.fs import passthrough as pt
 from nydus_py.fs.passthrough import PassthroughFilesystem
-from nydus_py.fuse.abi import FATTR_MODE, FATTR_MTIME, FATTR_SIZE
+from nydus_py.fuse.abi import FATTR_MODE, FATTR_MTIME, FATTR_SIZE, FOpenFlags
 from nydus_py.fuse.protocol import FuseSession
 from nydus_py.vfs import Vfs
 
 from ..fuse import kernel as K
 from ..fuse.kernel import Kernel, decode_attr_out, decode_dirents, decode_entry_out
+from ..waiting import wait_event
 
 
 @pytest.fixture
@@ -311,3 +315,126 @@ def test_readdirplus_opens_listed_symlinks_as_links(pfs: PassthroughFilesystem, 
         attr = got[name].attr
         assert stat.S_ISLNK(attr.mode), (name, oct(attr.mode))
         assert attr.ino != (outside / "secret").stat().st_ino and attr.ino != outside.stat().st_ino
+
+
+# -- the small-request path (a `cat` of many small files: LOOKUP, OPEN, READ, FLUSH, RELEASE) -----
+
+def test_lookup_opens_one_checked_name_without_openat2(pfs: PassthroughFilesystem, tree: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """LOOKUP opens its one component with openat(O_NOFOLLOW) (as READDIRPLUS does), not the
+    ctypes openat2: symlinks are the links themselves, and nothing but one name gets through."""
+    def no_openat2(*a: object) -> int:
+        raise AssertionError("LOOKUP used openat2")
+
+    monkeypatch.setattr(pt, "_sys_openat2", no_openat2)
+    d = pfs.lookup(1, b"dir")
+    assert stat.S_ISDIR(d.attr.mode)
+    f = pfs.lookup(d.ino, b"f.txt")
+    assert stat.S_ISREG(f.attr.mode) and f.attr.size == len(b"content\n")
+    for link in (b"escape", b"rel-escape"):
+        e = pfs.lookup(1, link)
+        assert stat.S_ISLNK(e.attr.mode) and e.attr.ino == os.lstat(tree / link.decode()).st_ino
+        with pytest.raises(OSError) as err:
+            pfs.lookup(e.ino, b"passwd")  # not a directory to look into
+        assert err.value.errno == errno.ENOTDIR
+    for bad in (b"../outside", b"dir/f.txt", b"", b"x\0y"):
+        with pytest.raises(OSError) as err:
+            pfs.lookup(1, bad)
+        assert err.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as err:
+        pfs.lookup(d.ino, b"..")
+    assert err.value.errno == errno.EACCES
+
+
+def test_flush_of_a_read_only_handle_does_no_host_work(pfs: PassthroughFilesystem,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """close(dup(fd)) reports deferred write errors (and drops POSIX locks, which we never take):
+    a handle opened read-only has neither, so its FLUSH skips the two syscalls."""
+    f = pfs.lookup(pfs.lookup(1, b"dir").ino, b"f.txt").ino
+    ro, _ = pfs.open(f, os.O_RDONLY)
+    rw, _ = pfs.open(f, os.O_RDWR)
+    dups: list[int] = []
+    real_dup = os.dup
+    monkeypatch.setattr(os, "dup", lambda fd: dups.append(fd) or real_dup(fd))
+    pfs.flush(f, ro)
+    assert dups == []
+    pfs.flush(f, rw)
+    assert len(dups) == 1
+    with pytest.raises(OSError) as err:
+        pfs.flush(f, 999)  # an unknown handle is still refused
+    assert err.value.errno == errno.EBADF
+    for fh in (ro, rw):
+        pfs.release(f, fh)
+
+
+def test_read_only_opens_tell_the_kernel_not_to_send_flush(k: Kernel, tree: Path) -> None:
+    """OPEN answers FOPEN_NOFLUSH for a read-only open (its FLUSH would do nothing): a `cat` of
+    a small file costs four requests, not five. Opens for writing keep their FLUSH."""
+    f = lookup(k, lookup(k, 1, b"dir"), b"f.txt")
+    for flags, noflush in ((os.O_RDONLY, True), (os.O_RDONLY | os.O_NOATIME, True), (os.O_WRONLY, False),
+                           (os.O_RDWR, False), (os.O_WRONLY | os.O_APPEND, False)):
+        err, p = k.open(f, flags)
+        assert err == 0
+        fh, open_flags = struct.unpack_from("<QI", p)
+        assert bool(open_flags & FOpenFlags.NOFLUSH) == noflush, (flags, open_flags)
+        assert k.call(K.RELEASE, f, struct.pack("<QIIQ", fh, flags, 0, 0))[0] == 0
+
+
+def test_open_reopens_through_a_held_proc_fd_directory(pfs: PassthroughFilesystem) -> None:
+    """OPEN resolves /proc/self/fd/N from a held fd of /proc/self/fd (one name to walk); a forked
+    child gets its own (the parent's would name the parent's fds)."""
+    p = pfs._proc
+    assert os.readlink(f"/proc/self/fd/{p.fd}") == f"/proc/{os.getpid()}/fd"
+    f = pfs.lookup(pfs.lookup(1, b"dir").ino, b"f.txt").ino
+    fh, _ = pfs.open(f, os.O_RDONLY)
+    assert pfs.read(f, fh, 0, 100) == b"content\n"
+    pfs.release(f, fh)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report where its copy points, and whether an OPEN works there
+        try:
+            ok = os.readlink(f"/proc/self/fd/{p.fd}") == f"/proc/{os.getpid()}/fd"
+            fh2, _ = pfs.open(f, os.O_RDONLY)
+            ok = ok and pfs.read(f, fh2, 0, 100) == b"content\n"
+            os.write(w, b"ok" if ok else b"bad")
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 10) == b"ok"
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+
+
+def test_close_leaves_the_proc_fd_directory_to_a_reopen_in_flight(pfs: PassthroughFilesystem,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() during an OPEN's reopen does not close the /proc/self/fd fd under it (its number
+    could be reused meanwhile); the reopen's end closes it."""
+    f = pfs.lookup(pfs.lookup(1, b"dir").ino, b"f.txt").ino
+    p = pfs._proc
+    entered, go = threading.Event(), threading.Event()
+    real_open = os.open
+
+    def paused_open(path: Any, flags: int, *args: Any, dir_fd: int | None = None, **kw: Any) -> int:
+        if dir_fd is not None and dir_fd == p.fd:
+            entered.set()
+            wait_event(go, what="the test to let the reopen go on")
+            os.fstat(dir_fd)  # still open
+        return real_open(path, flags, *args, dir_fd=dir_fd, **kw)
+
+    monkeypatch.setattr(os, "open", paused_open)
+    result: list[object] = []
+    t = threading.Thread(target=lambda: result.append(pfs.open(f, os.O_RDONLY)), daemon=True)
+    t.start()
+    wait_event(entered, what="the reopen to start")
+    fd = p.fd
+    pfs.close()
+    assert p.fd == fd
+    os.fstat(fd)  # the reopen in flight keeps it
+    go.set()
+    t.join(10)
+    assert result and p.fd == -1  # closed by the reopen's end
+    with pytest.raises(OSError) as err:
+        p.reopen(0, os.O_RDONLY)
+    assert err.value.errno == errno.ESTALE

@@ -234,13 +234,20 @@ def test_api_create_over_a_fifo_does_not_block(share: Share) -> None:
 
 def test_openat2_enosys_fallback_is_logged_and_counted(share: Share, monkeypatch: pytest.MonkeyPatch,
                                                        caplog: pytest.LogCaptureFixture) -> None:
-    """On a kernel without openat2 the O_NOFOLLOW fallback still confines, and says so."""
+    """On a kernel without openat2 the O_NOFOLLOW fallback still confines, and says so. (Lookups
+    never use openat2: one checked component opened with openat(O_NOFOLLOW) is as confined;
+    creates do.)"""
     monkeypatch.setattr(pt, "_have_openat2", True)
     monkeypatch.setattr(pt, "_sys_openat2", lambda dirfd, name, how: -errno.ENOSYS)
     before_count = pt.FALLBACKS["openat2_enosys"]
     fs = PassthroughFilesystem(str(share.root))
+    d = lookup_ino(fs, ROOT, b"dir")
     with caplog.at_level("ERROR", logger=pt.__name__):
-        f = lookup_ino(fs, lookup_ino(fs, ROOT, b"dir"), b"f.txt")
+        for name in (b"new1", b"new2"):
+            _entry, fh, _flags = fs.create(d, name, 0o644, os.O_RDWR | os.O_CREAT, CALLER)
+            fs.release(0, fh)
+    assert (share.root / "dir" / "new2").is_file()
+    f = lookup_ino(fs, d, b"f.txt")
     assert fs.getattr(f)[0].size == len(b"inside\n")
     assert pt.FALLBACKS["openat2_enosys"] == before_count + 2  # each fallback use counts
     assert any("openat2" in r.getMessage() for r in caplog.records)

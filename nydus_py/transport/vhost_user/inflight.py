@@ -74,31 +74,35 @@ class InflightQueue:
         self.duplicates = 0  # heads the driver offered again while in flight (not served)
         self.dropped = 0  # completions after stop (not written, not pushed)
         self.writers = 0  # handlers writing into a chain's buffers right now (see guard)
+        self._waiters = 0  # threads waiting on `_idle` (completions notify only when there are)
 
     def pop(self) -> Chain | None:
         """The next available chain (now in flight), or None when there is none or the queue
         stopped. A bad chain is completed here with 0 bytes and skipped. RingError propagates:
         the ring itself is broken."""
         with self.lock:
-            while self.popping:
-                head = self.vq.pop_head()
-                if head is None:
-                    return None
-                if head in self.inflight:
-                    self.duplicates += 1
-                    log.error("queue %d: the driver offered descriptor %d again while it is in flight; "
-                              "ignoring the second offer", self.index, head)
-                    continue
-                try:
-                    chain = self.vq.walk(head)
-                except DescriptorError as e:
-                    log.error("queue %d: %s; completing it with an empty reply", self.index, e)
-                    self.failed += 1
-                    self._push(head, 0)
-                    continue
-                self.inflight[head] = chain
-                return chain
-            return None
+            return self._pop() if self.popping else None
+
+    def _pop(self) -> Chain | None:
+        """(under the lock, popping) pop()."""
+        while True:
+            head = self.vq.pop_head()
+            if head is None:
+                return None
+            if head in self.inflight:
+                self.duplicates += 1
+                log.error("queue %d: the driver offered descriptor %d again while it is in flight; "
+                          "ignoring the second offer", self.index, head)
+                continue
+            try:
+                chain = self.vq.walk(head)
+            except DescriptorError as e:
+                log.error("queue %d: %s; completing it with an empty reply", self.index, e)
+                self.failed += 1
+                self._push(head, 0)
+                continue
+            self.inflight[head] = chain
+            return chain
 
     def arm(self) -> bool:
         """Nothing left to pop: ask for a kick (EVENT_IDX) and say whether more arrived
@@ -108,6 +112,20 @@ class InflightQueue:
                 return False
             self.vq.set_avail_event()
             return self.vq.pending() > 0
+
+    def pop_or_arm(self) -> Chain | None:
+        """pop(), and once nothing is left, arm() in the same critical section (a dispatcher
+        going idle after each request takes the lock once, not twice): None when the ring is
+        empty with the kick asked for, or the queue stopped (`popping`). RingError propagates."""
+        with self.lock:
+            while self.popping:
+                chain = self._pop()
+                if chain is not None:
+                    return chain
+                self.vq.set_avail_event()
+                if not self.vq.pending():
+                    return None
+            return None
 
     def complete(self, chain: Chain, reply: Buffers | None) -> bool:
         """Write `reply` into `chain` and return it to the driver; False (nothing written) if
@@ -126,7 +144,7 @@ class InflightQueue:
             del self.inflight[chain.head]
             self.completed += 1  # (counted before the driver can see it)
             self._push(chain.head, length)
-            if not self.inflight:
+            if self._waiters and not self.inflight:
                 self._idle.notify_all()
             return True
 
@@ -154,7 +172,7 @@ class InflightQueue:
     def end_write(self) -> None:
         with self.lock:
             self.writers -= 1
-            if not self.writers:
+            if self._waiters and not self.writers:
                 self._idle.notify_all()
 
     def complete_written(self, chain: Chain, length: int) -> bool:
@@ -171,7 +189,7 @@ class InflightQueue:
             del self.inflight[chain.head]
             self.completed += 1
             self._push(chain.head, length)
-            if not self.inflight:
+            if self._waiters and not self.inflight:
                 self._idle.notify_all()
             return True
 
@@ -188,7 +206,7 @@ class InflightQueue:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
-                self._idle.wait(left)
+                self._wait(left)
             return True
 
     def stop_popping(self) -> None:
@@ -215,8 +233,16 @@ class InflightQueue:
                     log.error("queue %d: %d writes into guest memory still running after %.0f s", self.index,
                               self.writers, WRITER_GRACE)
                     break
-                self._idle.wait(left)
+                self._wait(left)
             return n
+
+    def _wait(self, timeout: float) -> None:
+        """(under the lock) Wait on `_idle`, counted so that completions know to notify."""
+        self._waiters += 1
+        try:
+            self._idle.wait(timeout)
+        finally:
+            self._waiters -= 1
 
     def last_avail(self) -> int:
         with self.lock:

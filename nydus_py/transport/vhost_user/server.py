@@ -91,6 +91,7 @@ class QueueWorker:
         self.ring = InflightQueue(vring.queue, vring.signal, index=vring.index)
         self.kick = os.dup(vring.kick) if vring.kick is not None else None
         self.stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.poller = select.epoll(2)  # the dispatcher's wait on kick and stop_fd (see _run)
         self.handler_errors = 0
         self.abandoned = 0
         self._stopped = False
@@ -148,25 +149,30 @@ class QueueWorker:
             self.jobs.put(None)  # each pool thread exits after the request it is on
 
     def _run(self) -> None:
-        poller = select.poll()
-        poller.register(self.stop_fd, select.POLLIN)
+        # The kick is watched edge-triggered and never read: every write of the front-end
+        # (each one a wake-up of the eventfd's waiters) reports it once more, so a kick costs
+        # one epoll_wait and no read(2) (its counter only grows: 2^64 kicks to overflow).
+        poller = self.poller
+        poller.register(self.stop_fd, select.EPOLLIN)
         if self.kick is not None:
-            poller.register(self.kick, select.POLLIN)
-        idle_timeout = None if self.kick is not None else POLL_INTERVAL_MS
+            poller.register(self.kick, select.EPOLLIN | select.EPOLLET)
+        idle_timeout = -1.0 if self.kick is not None else POLL_INTERVAL_MS / 1000
+        stop_fd = self.stop_fd
         try:
             while True:
                 if not self._drain():
                     return
                 # requests waiting for a busy pool: look again soon, to start a spare
                 waiting = bool(self.pool) and self._queued > self._idle
-                ready = poller.poll(SPARE_AFTER_MS if waiting else idle_timeout)
+                try:
+                    ready = poller.poll(SPARE_AFTER_MS / 1000 if waiting else idle_timeout)
+                except InterruptedError:
+                    continue
                 if waiting:
                     self._maybe_spare()
                 for fd, _ in ready:
-                    if fd == self.stop_fd:
+                    if fd == stop_fd:
                         return
-                    with contextlib.suppress(BlockingIOError, InterruptedError):
-                        os.eventfd_read(fd)
         except Exception:
             log.exception("queue %d: worker failed", self.vring.index)
         finally:
@@ -176,6 +182,7 @@ class QueueWorker:
                     self._close_fds()
 
     def _close_fds(self) -> None:
+        self.poller.close()
         for fd in (self.kick, self.stop_fd):
             if fd is not None:
                 with contextlib.suppress(OSError):
@@ -197,15 +204,11 @@ class QueueWorker:
         ring = self.ring
         while True:
             try:
-                chain = ring.pop()
+                # when empty: avail_event published, then a syscall-free re-check (the GIL
+                # switch and the store order on x86 make it a full barrier for this purpose)
+                chain = ring.pop_or_arm()
                 if chain is None:
-                    if not ring.popping:
-                        return False
-                    # a syscall-free re-check after publishing avail_event (the GIL switch and
-                    # the store order on x86 make it a full barrier for this purpose)
-                    if not ring.arm():
-                        return ring.popping
-                    continue
+                    return ring.popping
             except RingError as e:
                 log.error("queue %d: %s; the queue stops", self.vring.index, e)
                 return False

@@ -24,7 +24,9 @@ from .virtqueue import Chain
 log = logging.getLogger(__name__)
 
 _UNIQUE = struct.Struct("<Q")
-_FORGET = struct.pack("<I", 2)  # the opcode field of a FORGET's in header
+_OPCODE = struct.Struct("<I")
+_OP_FORGET = 2
+_FORGET_LEN = 48  # fuse_in_header + fuse_forget_in (what `FuseSession.defer_forget` takes)
 # hiprio + request queues; Linux (up to 6.x) uses one request queue
 DEFAULT_REQUEST_QUEUES = 1
 HIPRIO_QUEUE = 0
@@ -40,8 +42,7 @@ def fuse_offload(chain: Chain) -> bool:
     r = chain.readable
     if not r or len(r[0]) < 8:
         return True
-    opcode = int.from_bytes(r[0][4:8], "little")
-    return opcode in OFFLOAD_OPCODES
+    return _OPCODE.unpack_from(r[0], 4)[0] in OFFLOAD_OPCODES
 
 
 def fuse_request_handler(session: FuseSession) -> RequestHandler:
@@ -60,7 +61,7 @@ def fuse_request_handler(session: FuseSession) -> RequestHandler:
 
 def _fit(req: memoryview, reply: Buffers, room: int) -> Buffers | None:
     """`reply`, or EIO when it is bigger than the guest's `room` (never a partial write)."""
-    size = sum(len(b) for b in reply)
+    size = len(reply[0]) if len(reply) == 1 else sum(len(b) for b in reply)
     if size <= room:
         return reply
     unique = _UNIQUE.unpack_from(req, 8)[0]
@@ -76,7 +77,7 @@ def fuse_into_handler(session: FuseSession) -> IntoHandler:
     waiting (`nowait`) when it is at hand; any other reply is returned as buffers, as
     `fuse_request_handler` does (EIO for one bigger than the guest's room)."""
     def handle(req: memoryview, chain: Chain, guard: AbstractContextManager[object], nowait: bool) -> Buffers | int | None:
-        if req[4:8] == _FORGET and session.defer_forget(req):
+        if len(req) == _FORGET_LEN and _OPCODE.unpack_from(req, 4)[0] == _OP_FORGET and session.defer_forget(req):
             return None  # applied with the others by the dispatcher's idle hook (flush_forgets)
         try:
             r = session.handle_into(req, chain.writable, guard, nowait)

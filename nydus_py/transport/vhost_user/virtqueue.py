@@ -122,7 +122,7 @@ class GuestMemory:
         return sum(r.size for r in self.regions)
 
 
-@dataclass
+@dataclass(slots=True)
 class Chain:
     """A popped request: the readable then writable buffers (views into guest memory)."""
 
@@ -143,12 +143,27 @@ class Chain:
     def write(self, parts: Sequence[bytes | bytearray | memoryview]) -> int:
         """Scatter `parts` across the writable buffers; returns the bytes written (all of
         them, or raises ValueError before writing anything if they don't fit)."""
+        if len(parts) == 1:  # the common case: one reply buffer (a header, or a header and its arguments)
+            src = parts[0]
+            total = len(src)
+            w = self.writable
+            if w and total <= len(w[0]):
+                w[0][:total] = src
+                return total
+            if total > self.writable_size():
+                raise ValueError(f"reply of {total} bytes does not fit {self.writable_size()} writable bytes")
+            m = memoryview(src).cast("B")
+            off = 0
+            for buf in w:
+                n = min(len(buf), total - off)
+                buf[:n] = m[off : off + n]
+                off += n
+                if off == total:
+                    break
+            return total
         total = sum(len(p) for p in parts)
         if total > self.writable_size():
             raise ValueError(f"reply of {total} bytes does not fit {self.writable_size()} writable bytes")
-        if len(parts) == 1 and self.writable and total <= len(self.writable[0]):
-            self.writable[0][:total] = parts[0]  # the common case: a small reply, one buffer
-            return total
         bufs = iter(self.writable)
         dst = next(bufs, None)
         doff = 0
@@ -189,6 +204,9 @@ class Virtqueue:
             raise RingError(f"{', '.join(which)} not inside guest memory")
         self.desc, self.avail, self.used = d, a, u
         self.last_avail = last_avail & 0xFFFF
+        # avail entries past last_avail known from the last read of the avail index: popped
+        # without reading it again (the index is ours to move: nothing else sets last_avail)
+        self._ahead = 0
         self.used_idx = U16.unpack_from(u, 2)[0]
         self._signalled_used = self.used_idx  # used idx at the last interrupt
         self._signalled_valid = False
@@ -215,9 +233,17 @@ class Virtqueue:
 
     def pop_head(self) -> int | None:
         """Consume the next avail entry and return its head (not yet walked), or None; lets a
-        caller refuse a head it already has in flight before reading its descriptors."""
-        if not self.pending():
-            return None
+        caller refuse a head it already has in flight before reading its descriptors. The avail
+        index is read again only once the entries up to its last value are consumed."""
+        if not self._ahead:
+            idx = self.avail_idx()
+            n = (idx - self.last_avail) & 0xFFFF
+            if n > self.num:
+                raise RingError(f"avail index {idx} is {n} ahead of {self.last_avail} (queue size {self.num})")
+            if not n:
+                return None
+            self._ahead = n
+        self._ahead -= 1
         head = U16.unpack_from(self.avail, 4 + 2 * (self.last_avail % self.num))[0]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if head >= self.num:
