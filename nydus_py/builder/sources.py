@@ -273,7 +273,9 @@ class TarPipe(Growth):
         self._held = 0  # bytes held
         self._starving = False  # the reader waits for bytes not written yet
         self._gone = False  # no reader will come: writes are dropped
-        self.dropped_unread = 0  # bytes written after the reader went (counted, for the logs)
+        self._draining = False  # the reader is past the archive's end: what follows is dropped
+        self.dropped_unread = 0  # bytes written after the reader went
+        self.peak_held = 0  # the most bytes held at once
 
     def feed(self, data: bytes) -> None:
         """Append the next piece of the tar (waiting while the reader is `limit` bytes behind)."""
@@ -281,13 +283,15 @@ class TarPipe(Growth):
             while self._held >= self.limit and not (self._starving or self._gone or self.done):
                 self._cond.wait()
             self.written += len(data)
-            if self._gone:
-                self.dropped_unread += len(data)
+            if self._gone or self._draining:
+                self.dropped_unread += len(data) if self._gone else 0
                 self._base = self.written
             else:
                 self._pieces.append(data)
                 self._held += len(data)
+                self.peak_held = max(self.peak_held, self._held)
             if self.written >= self._want:
+                self._starving = False  # (what it waits for is in: the limit holds again)
                 self._cond.notify_all()
 
     def grew(self, total: int) -> None:
@@ -297,6 +301,7 @@ class TarPipe(Growth):
         with self._cond:
             self._pieces.clear()
             self._base = self._held = 0
+            self._starving = self._draining = False
             super().restart()
 
     def release(self) -> None:
@@ -359,11 +364,13 @@ class TarPipe(Growth):
     def final_size(self, generation: int) -> int:
         """The tar's size once it is complete; the bytes still coming are dropped unread."""
         with self._cond:
+            if self.generation == generation:
+                self._pieces.clear()
+                self._base, self._held = self.written, 0
+                self._draining = True
+                self._cond.notify_all()
             while not self.done and self.generation == generation:
-                self._drop_before(self.written)
-                self._starving = True
                 self._cond.wait()
-            self._starving = False
             if self.generation != generation:
                 raise Restarted("the file restarted")
             if self.failed:
