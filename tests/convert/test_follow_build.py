@@ -17,10 +17,10 @@ import pytest
 
 from nydus_py.builder.blob_writer import BlobWriter
 from nydus_py.builder.options import BuildOptions
-from nydus_py.rafs import codec
-from nydus_py.rafs.errors import FormatError
 from nydus_py.builder.sources import Growth, Restarted, TarPipe, tree_from_tar
 from nydus_py.convert.stack import LayerStack, PreparedLayer
+from nydus_py.rafs import codec
+from nydus_py.rafs.errors import FormatError
 
 from ..waiting import wait_event, wait_until
 from .ociimage import Entry, make_tar
