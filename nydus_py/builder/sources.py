@@ -265,7 +265,7 @@ class TarPipe(Growth):
     both would wait for good). A reader that stops for good (`release`: the build failed or is
     done) lets the writer go on, dropping what it writes."""
 
-    def __init__(self, limit: int = 4 << 20) -> None:
+    def __init__(self, limit: int = 2 << 20) -> None:
         super().__init__()
         self.limit = limit
         self._pieces: deque[bytes] = deque()
