@@ -690,16 +690,16 @@ class Converter:
                 res = await loop.run_in_executor(builder, self._commit_layer, stack, i, d, got, prepared, bars[i])
                 results.append(res)
                 tar_bytes += got.tar_size
+                if res.blob is not None and res.blob_path is not None:  # (before the cache record: the
+                    bid = res.blob.blob_id  # last blob's push is what a conversion ends waiting for)
+                    pushes[f"sha256:{bid}"] = (asyncio.create_task(self._push_file(
+                        dst, f"sha256:{bid}", res.blob_path, f"blob {bid[:12]}", push_sem)),
+                        os.path.getsize(res.blob_path))
                 if self.cache is not None:  # the record of the layer just committed (the stack's top)
                     self.cache_stats.misses += 1
                     rec = await loop.run_in_executor(builder, self._cache_record, stack, chains[i], params, res,
                                                      dict_ids, work, i)
                     self.cache_used.append(rec)
-                if res.blob is not None and res.blob_path is not None:
-                    bid = res.blob.blob_id
-                    pushes[f"sha256:{bid}"] = (asyncio.create_task(self._push_file(
-                        dst, f"sha256:{bid}", res.blob_path, f"blob {bid[:12]}", push_sem)),
-                        os.path.getsize(res.blob_path))
                 _raise_failed(t for t, _ in pushes.values())
             merged = await loop.run_in_executor(builder, stack.finish, boot_path)
             bl_hex, bl_size, bl_diff = await loop.run_in_executor(builder, _bootstrap_layer, boot_path, bl_path)
