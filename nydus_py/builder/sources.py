@@ -329,10 +329,12 @@ class TarPipe(Growth):
         what lies before `offset` is dropped. `Restarted`/OSError as `Growth.wait`."""
         end = offset + n
         with self._cond:
+            if self._gone:  # (a build still running after its conversion gave up on it)
+                raise OSError(_errno.ECANCELED, "the tar's reader was let go")
             if offset < self._base:
                 raise AssertionError(f"TarPipe: read at {offset}, behind the pieces kept (from {self._base})")
             self._drop_before(offset)
-            while self.written < end and not self.done and self.generation == generation:
+            while self.written < end and not self.done and self.generation == generation and not self._gone:
                 self._starving = True
                 self._want = min(self._want, end)
                 self._cond.notify_all()
@@ -341,6 +343,8 @@ class TarPipe(Growth):
             self._starving = False
             if self.generation != generation:
                 raise Restarted("the file restarted")
+            if self._gone:
+                raise OSError(_errno.ECANCELED, "the tar's reader was let go")
             if self.failed:
                 raise OSError(_errno.EIO, "the file being read was not completed")
             return self._slice(offset, min(end, self.written))
@@ -364,13 +368,17 @@ class TarPipe(Growth):
     def final_size(self, generation: int) -> int:
         """The tar's size once it is complete; the bytes still coming are dropped unread."""
         with self._cond:
+            if self._gone:
+                raise OSError(_errno.ECANCELED, "the tar's reader was let go")
             if self.generation == generation:
                 self._pieces.clear()
                 self._base, self._held = self.written, 0
                 self._draining = True
                 self._cond.notify_all()
-            while not self.done and self.generation == generation:
+            while not self.done and self.generation == generation and not self._gone:
                 self._cond.wait()
+            if self._gone:
+                raise OSError(_errno.ECANCELED, "the tar's reader was let go")
             if self.generation != generation:
                 raise Restarted("the file restarted")
             if self.failed:

@@ -348,3 +348,21 @@ def test_a_chunk_a_layer_below_is_still_writing_is_referenced_not_stored_twice(t
         assert g.blob is not None and w.blob is not None and g.blob.blob_id == w.blob.blob_id
         assert g.new_chunks == w.new_chunks and g.deduplicated == w.deduplicated
     assert [bytes(t.chunks) for t in stack.layers] == [bytes(t.chunks) for t in seq.layers]
+
+
+def test_a_released_pipe_ends_its_build_with_an_error(tmp_path, spills):
+    """The converter lets go of a pipe whose build it gave up on (cancelled): a build still
+    running then stops with an error at its next read, not an assertion or a wait."""
+    tar = sample_tar(6)
+    pipe = TarPipe(limit=4 * CS)
+    stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
+    with builder() as pool:
+        fut = start_piped(pool, stack, pipe)
+        Feeder(pipe, tar[: len(tar) // 2], close=False).join()
+        wait_event(spills.first, 10, "the build to chunk a file")
+        pipe.release()
+        feeder = Feeder(pipe, tar[len(tar) // 2:])
+        with pytest.raises(OSError, match="let go"):
+            fut.result(30)
+        feeder.join()
+    assert not stack._held
