@@ -4,11 +4,11 @@ Order of work, chosen so that a failure never leaves a manifest pointing at miss
 that downloading, building and uploading overlap:
 
 1. resolve the source (index -> the platform's manifest), fetch and check the config;
-2. pull the layers (a few at a time), each decompressed into a tar file as it arrives (a worker
-   thread inflates one piece while the next downloads) and checked against its size, digest and
-   diff_id; build each layer's RAFS blob in a build thread, lowest layer first, while later
-   layers download; push that blob at once (HEAD first: a blob the target has is skipped), while
-   later layers build;
+2. pull the layers, each when its build starts (one per core at once, lowest layer first),
+   decompressed as it arrives (a worker thread inflates one piece while the next downloads) and
+   handed to the build in memory (`TarPipe`: no tar file), which chunks the files as they come;
+   each is checked against its size, digest and diff_id; push that blob at once (HEAD first: a
+   blob the target has is skipped), while later layers build;
 3. merge the bootstrap and write the bootstrap layer and the Nydus config, push them;
 4. check that every blob the manifest names is present, and only then push the manifest (and
    with `merge_platform` the index).
@@ -25,8 +25,9 @@ pushed at the very end.
 With `chunk_dict`, chunks the dictionary image has are referenced from its blobs, which then
 join the image (mounted or copied into the target like cached blobs).
 
-Memory stays flat with layer size: layers stream to disk, decompression and the build read 1 MiB
-at a time, uploads send one piece (2 MiB by default) at a time. Everything goes under one temp
+Memory stays flat with layer size: a layer's tar is at most a few MiB ahead of its build (or
+streams to disk when the original layers are pushed too), the build reads 1 MiB at a time,
+uploads send one piece (1 MiB by default) at a time. Everything goes under one temp
 directory that is removed at the end.
 """
 
