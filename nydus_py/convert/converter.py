@@ -99,7 +99,7 @@ class ConvertOptions:
     merge_platform: bool = False
     work_dir: str | None = None
     docker_config_paths: list[str] | None = None  # None: $DOCKER_CONFIG / ~/.docker/config.json
-    jobs: int = 3  # concurrent downloads, and concurrent uploads
+    jobs: int = 3  # concurrent uploads; layers downloaded and built at once (at most one per core)
     piece_size: int = 1 << 20  # upload read size (one streamed PUT per blob)
     # absolute paths (files or directories) read at startup, in reading order (nydusify's
     # --prefetch-patterns): first and contiguous in each layer's blob, and the prefetch table
