@@ -616,8 +616,13 @@ class Converter:
 
         async def prepare(i: int, d: oci.Descriptor) -> tuple[_Fetched, PreparedLayer]:
             tar_path = os.path.join(dl_dir, d.hex) + ".tar"
-            if i:  # slots go in layer order: a lower layer prepared first is committed first, and
-                await started[i - 1].wait()  # the layers above then find its chunks while preparing
+            # slots go in layer order: a lower layer prepared first is committed first, and the
+            # layers above then find its chunks while preparing. Layers the build cache may serve
+            # are not waited for (their records are still being fetched: this layer's download
+            # need not wait for that; one that turns out unusable is prepared after it then)
+            below = [j for j in range(i) if j not in candidates]
+            if below:
+                await started[below[-1]].wait()
             async with slots:
                 started[i].set()
                 task = download(i, d)  # (piped: starts now)
