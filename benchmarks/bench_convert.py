@@ -16,7 +16,12 @@ layer; the first image is converted with `--build-cache` (filling the cache), th
 (only its last layer converted, the others mounted from the cache). Reported: both wall times and
 their ratio (goal <= 0.3). Results: benchmarks/results/convert-build-cache.json.
 
+With `--baseline DIR` (a checkout of other code, e.g. `git worktree add /tmp/base main`), each
+run also converts with DIR's nydus_py, right after this tree's: old and new alternate in the same
+time window (the machine's load moves both alike), and the results carry both.
+
     python3 benchmarks/bench_convert.py [--size-mib 500] [--layers 5] [--runs 2] [--keep] [--build-cache]
+                                        [--baseline DIR]
 """
 
 from __future__ import annotations
@@ -173,12 +178,26 @@ def run_polled(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
     return {"wall_s": wall, "peak_rss_mib": hwm / 1024}
 
 
-def compile_package() -> None:
+def compile_package(root: Path = REPO) -> None:
     """Byte-compile nydus_py as `pip install` does: with PYTHONDONTWRITEBYTECODE set (as in our
     sandboxes) every run would otherwise compile its ~150 modules from source, ~0.1 s of start-up
     that an installed package never pays (skopeo, beside it, is a compiled binary)."""
-    subprocess.run([sys.executable, "-m", "compileall", "-q", str(REPO / "nydus_py")], check=True,
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(root / "nydus_py")], check=True,
                    stdout=subprocess.DEVNULL)
+
+
+def code_trees(args: argparse.Namespace) -> list[tuple[str, Path]]:
+    """(suffix of the result names, source tree): this tree, then the baseline if given."""
+    return [("", REPO)] + ([(" (baseline)", Path(args.baseline).resolve())] if args.baseline else [])
+
+
+def timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
+    """`run_polled` plus the CPU seconds the process used (user + system, once reaped)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    got = run_polled(cmd, env)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    got["cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return got
 
 
 def plot(payload: dict) -> None:
@@ -202,13 +221,14 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
             subprocess.run([skopeo, "--insecure-policy", "copy", "--quiet", "--preserve-digests",
                             "--dest-tls-verify=false", f"oci:{work / layout}:v1", f"docker://{src.host}/bench/app:{tag}"],
                            check=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "DOCKER_CONFIG": str(work / "no-docker-config")}
         runs: list[dict[str, float]] = []
-        for r in range(args.runs):
+        baseline_runs: list[dict[str, float]] = []
+        for r, (suffix, tree) in ((r, t) for r in range(args.runs) for t in code_trees(args)):  # old, new alternate
+            env = {**os.environ, "PYTHONPATH": str(tree), "DOCKER_CONFIG": str(work / "no-docker-config")}
             m: dict[str, float] = {}
             for tag, name in (("v1", "plain"), ("v1", "first"), ("v2", "rebuild")):
                 if name != "rebuild":  # the plain and the first conversion each into an empty registry
-                    dst = rig.Registry(registry, work, f"dst-{name}-{r}").start()
+                    dst = rig.Registry(registry, work, f"dst-{name}-{r}{'-b' if suffix else ''}").start()
                 out = work / f"result-{r}-{name}.json"
                 cmd = [sys.executable, "-m", "nydus_py.cli.nydusify", "convert", "-q", "--source",
                        f"{src.host}/bench/app:{tag}", "--target", f"{dst.host}/bench/app:{tag}-nydus",
@@ -217,10 +237,8 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
                 if name != "plain":
                     cmd += ["--build-cache", f"{dst.host}/bench/app:cache"]
                 try:
-                    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-                    got = run_polled(cmd, env)
-                    after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the conversion, once reaped
-                    m[f"{name}_cpu_s"] = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+                    got = timed(cmd, env)
+                    m[f"{name}_cpu_s"] = got["cpu_s"]
                     res = json.loads(out.read_text())
                     m[f"{name}_wall_s"] = got["wall_s"]
                     m[f"{name}_peak_rss_mib"] = got["peak_rss_mib"]
@@ -233,18 +251,23 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
             m["ratio"] = m["rebuild_wall_s"] / m["first_wall_s"]
             m["ratio_to_plain"] = m["rebuild_wall_s"] / m["plain_wall_s"]
             m["cpu_ratio"] = m["rebuild_cpu_s"] / m["first_cpu_s"]  # steadier than wall time on a busy machine
-            runs.append(m)
-            print(f"run {r + 1}: plain {m['plain_wall_s']:.2f}s, first with the cache {m['first_wall_s']:.2f}s "
+            m["load"] = os.getloadavg()[0]
+            (baseline_runs if suffix else runs).append(m)
+            print(f"run {r + 1}{suffix}: plain {m['plain_wall_s']:.2f}s, first with the cache {m['first_wall_s']:.2f}s "
                   f"({m['first_layers_built']:.0f} layers converted), rebuild {m['rebuild_wall_s']:.2f}s "
                   f"({m['rebuild_layers_built']:.0f} converted, {m['rebuild_layers_cached']:.0f} from the cache): "
                   f"{m['ratio']:.2f}x the first, {m['ratio_to_plain']:.2f}x the plain conversion; CPU "
-                  f"{m['rebuild_cpu_s']:.2f}s vs {m['first_cpu_s']:.2f}s: {m['cpu_ratio']:.2f}x")
+                  f"{m['rebuild_cpu_s']:.2f}s vs {m['first_cpu_s']:.2f}s: {m['cpu_ratio']:.2f}x (load {m['load']:.1f})")
         best = min(runs, key=lambda m: m["ratio"])
         median = sorted(m["ratio"] for m in runs)[len(runs) // 2]
         print(f"ratio rebuild/first: best {best['ratio']:.2f}, median {median:.2f} (load {os.getloadavg()[0]:.1f})")
         payload = {"median_ratio": median,"size_mib": args.size_mib, "layers": args.layers, "compressed_bytes": compressed,
                    "file_bytes": file_bytes, "cpus": os.cpu_count(), "runs": runs, "best": best,
                    "load": os.getloadavg()}
+        if baseline_runs:
+            payload["baseline"] = {"tree": str(Path(args.baseline).resolve()), "runs": baseline_runs,
+                                   "median_ratio": sorted(m["ratio"] for m in baseline_runs)[len(baseline_runs) // 2]}
+            print(f"baseline ratio rebuild/first: median {payload['baseline']['median_ratio']:.2f}")
         print(f"wrote {save('convert-build-cache', payload)}")
     finally:
         src.stop()
@@ -258,6 +281,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=2)
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--build-cache", action="store_true", help="the --build-cache rebuild case (one changed layer)")
+    ap.add_argument("--baseline", metavar="DIR", help="a source tree whose nydus_py also converts in each run (A/B)")
     args = ap.parse_args()
     registry = shutil.which("docker-registry")
     skopeo = shutil.which("skopeo")
@@ -265,7 +289,8 @@ def main() -> int:
         raise SystemExit("needs docker-registry and skopeo (scripts/install.sh)")
     work = Path(tempfile.mkdtemp(prefix="bench-convert-", dir=REPO / "benchmarks" / "work"))
     src = None
-    compile_package()
+    for _, tree in code_trees(args):
+        compile_package(tree)
     if args.build_cache:
         try:
             return build_cache_case(args, registry, skopeo, work)
@@ -280,11 +305,13 @@ def main() -> int:
         src = rig.plain_registry(registry, work)
         subprocess.run([skopeo, "--insecure-policy", "copy", "--quiet", "--preserve-digests", "--dest-tls-verify=false",
                         f"oci:{work / 'layout'}:v1", f"docker://{src.host}/bench/app:v1"], check=True)
-        env = {**os.environ, "PYTHONPATH": str(REPO), "DOCKER_CONFIG": str(work / "no-docker-config")}
-        runs: dict[str, list[dict[str, float]]] = {"nydusify-py convert": [], "skopeo copy": []}
+        trees = {f"nydusify-py convert{suffix}": tree for suffix, tree in code_trees(args)}
+        runs: dict[str, list[dict[str, float]]] = {name: [] for name in [*trees, "skopeo copy"]}
         for r in range(args.runs):
             for name in runs:
-                dst = rig.Registry(registry, work, f"dst-{name.split()[0]}-{r}").start()
+                dst = rig.Registry(registry, work, f"dst-{name.split()[0]}-{r}{'-b' if 'baseline' in name else ''}").start()
+                env = {**os.environ, "PYTHONPATH": str(trees.get(name, REPO)),
+                       "DOCKER_CONFIG": str(work / "no-docker-config")}
                 try:
                     if name == "skopeo copy":
                         cmd = [skopeo, "--insecure-policy", "copy", "--quiet", "--src-tls-verify=false",
@@ -294,16 +321,20 @@ def main() -> int:
                         cmd = [sys.executable, "-m", "nydus_py.cli.nydusify", "convert", "-q", "--source",
                                f"{src.host}/bench/app:v1", "--target", f"{dst.host}/bench/app:v1-nydus",
                                "--source-insecure", "--target-insecure", "--work-dir", str(work / "tmp")]
-                    m = run_polled(cmd, env)
+                    m = timed(cmd, env)
+                    m["load"] = os.getloadavg()[0]
                 finally:
                     dst.stop()
                     shutil.rmtree(dst.dir, ignore_errors=True)
                 m["mib_per_s_compressed"] = compressed / 2**20 / m["wall_s"]
                 m["mib_per_s_files"] = file_bytes / 2**20 / m["wall_s"]
                 runs[name].append(m)
-                print(f"run {r + 1} {name}: {m['wall_s']:.1f}s, peak RSS {m['peak_rss_mib']:.0f} MiB, "
-                      f"{m['mib_per_s_compressed']:.0f} MiB/s of image")
+                print(f"run {r + 1} {name}: {m['wall_s']:.2f}s (CPU {m['cpu_s']:.2f}s), peak RSS "
+                      f"{m['peak_rss_mib']:.0f} MiB, {m['mib_per_s_compressed']:.0f} MiB/s of image (load {m['load']:.1f})")
         best = {name: min(v, key=lambda m: m["wall_s"]) for name, v in runs.items()}
+        for name in trees:
+            ratios = sorted(a["wall_s"] / b["wall_s"] for a, b in zip(runs[name], runs["skopeo copy"], strict=True))
+            print(f"{name}: median {ratios[len(ratios) // 2]:.2f}x skopeo copy's wall time (same run)")
         payload = {"size_mib": args.size_mib, "layers": args.layers, "compressed_bytes": compressed,
                    "file_bytes": file_bytes, "cpus": os.cpu_count(), "runs": runs, "best": best}
         path = save("convert", payload)

@@ -110,6 +110,7 @@ class BlobWriter:
         existing: ChunkLookup | None = None,
         workers: int | None = None,
         durable: bool = True,
+        settle: Callable[[bytes], None] | None = None,
     ) -> None:
         if opts.compressor not in TOC_FLAGS:
             raise ValueError(f"compressor {opts.compressor.nydus_name} cannot be used for RAFS v6 blobs")
@@ -117,6 +118,9 @@ class BlobWriter:
         self.blob_dir = blob_dir
         self.blob_index = blob_index
         self.existing: ChunkLookup = existing if existing is not None else ChunkRecords()
+        # called (blob order) for a spilled chunk `existing` does not hold: a blob below that is
+        # still being written and may store it is waited for (see `spill_pending`)
+        self.settle = settle
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         # fsync the finished blob (an output file); a blob that is uploaded and deleted at once
         # (convert) skips it: the fsync cost ~20-100 ms per blob on the path to its upload
@@ -129,6 +133,7 @@ class BlobWriter:
         self.ci_entries = bytearray()
         self.digests = bytearray()
         self.deduplicated = 0
+        self.late_deduplicated = 0  # of those, chunks spilled and then found below (`add_spilled_stream`)
         self.uncompressed_bytes = 0  # file bytes consumed (all references)
         self.stored_uncompressed = 0  # bytes of distinct new chunks
         self.stored_compressed = 0
@@ -159,6 +164,7 @@ class BlobWriter:
         self._spill_batch: list[bytes] = []
         self._spill_keys: list[int] = []
         self._spill_bytes = 0
+        self._spill_closed = threading.Event()  # the blob-order write is done (or given up)
 
     # -- chunk pipeline -------------------------------------------------------------------------
 
@@ -504,12 +510,19 @@ class BlobWriter:
                     out += known
                     continue
                 rec = spilled.get(d, 0)
-                if rec is None:  # `existing` had it when it was looked at
+                # `existing` had it when it was looked at; or it has it now: a layer below, prepared
+                # beside this one, stored it meanwhile (referenced, not stored twice: the commit
+                # then need not write this blob again without it)
+                other = self.existing.get(d, foff)
+                if other is None and rec is not None and self.settle is not None:
+                    self.settle(d)
                     other = self.existing.get(d, foff)
-                    assert other is not None
+                if other is not None:
                     self.deduplicated += 1
+                    self.late_deduplicated += rec is not None
                     out += other
                     continue
+                assert rec is not None
                 (_d, _bi, flags, c_size, u_size, c_off, _uo, _fo, _ix, crc) = CHUNK.unpack(rec)
                 assert self._spill_fd is not None
                 stored = os.pread(self._spill_fd, c_size, c_off)
@@ -523,10 +536,22 @@ class BlobWriter:
         if self._spill_fd is not None:
             os.close(self._spill_fd)
             self._spill_fd = None
-        self._spilled = ChunkRecords()
+        with self._lock:
+            self._spilled = ChunkRecords()
         self._spill_file_keys = array("q")
         self._spill_file_starts = array("q")
         self._spill_digests = bytearray()
+        self._spill_closed.set()
+
+    def spill_pending(self, digest: bytes) -> bool:
+        """Whether `digest` is spilled here and the blob-order write has not ended: this blob
+        may still store it (unless its file turns out to be replaced)."""
+        with self._lock:
+            return not self._spill_closed.is_set() and digest in self._spilled
+
+    def wait_spill_closed(self) -> None:
+        """Until the blob-order write has ended (`add_spilled_stream` or `abort`)."""
+        self._spill_closed.wait()
 
     def _prepare_all(self, bufs: list[bytes]) -> list[_Prepared]:
         return [self._prepare(b) for b in bufs]

@@ -33,6 +33,7 @@ import tarfile
 import tempfile
 import threading
 import urllib.parse
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
@@ -252,6 +253,139 @@ class Growth:
             return self.written
 
 
+class TarPipe(Growth):
+    """A layer tar handed in memory from the thread that inflates it to the build that reads it
+    (`tree_from_tar(growth=pipe)`, with `on_file`): no tar file is written and read back, which
+    cost a copy into the page cache, one out of it, and the file's pages. The writer `feed`s
+    pieces (and `restart`s, `close`s as for `Growth`); the reader takes the bytes in archive order,
+    and the pieces before its latest read are dropped.
+
+    Bounded: a writer more than `limit` bytes ahead of its reader waits for it, unless the reader
+    is waiting for more than that (one read bigger than `limit`, a big pax header: let through, or
+    both would wait for good). A reader that stops for good (`release`: the build failed or is
+    done) lets the writer go on, dropping what it writes."""
+
+    def __init__(self, limit: int = 2 << 20) -> None:
+        super().__init__()
+        self.limit = limit
+        self._pieces: deque[bytes] = deque()
+        self._base = 0  # archive offset of the first piece held
+        self._held = 0  # bytes held
+        self._starving = False  # the reader waits for bytes not written yet
+        self._gone = False  # no reader will come: writes are dropped
+        self._draining = False  # the reader is past the archive's end: what follows is dropped
+        self.dropped_unread = 0  # bytes written after the reader went
+        self.peak_held = 0  # the most bytes held at once
+
+    def feed(self, data: bytes) -> None:
+        """Append the next piece of the tar (waiting while the reader is `limit` bytes behind)."""
+        with self._cond:
+            while self._held >= self.limit and not (self._starving or self._gone or self.done):
+                self._cond.wait()
+            self.written += len(data)
+            if self._gone or self._draining:
+                self.dropped_unread += len(data) if self._gone else 0
+                self._base = self.written
+            else:
+                self._pieces.append(data)
+                self._held += len(data)
+                self.peak_held = max(self.peak_held, self._held)
+            if self.written >= self._want:
+                self._starving = False  # (what it waits for is in: the limit holds again)
+                self._cond.notify_all()
+
+    def grew(self, total: int) -> None:
+        raise TypeError("a TarPipe is fed (`feed`), not written beside")
+
+    def restart(self) -> None:
+        with self._cond:
+            self._pieces.clear()
+            self._base = self._held = 0
+            self._starving = self._draining = False
+            super().restart()
+
+    def release(self) -> None:
+        """The reader is done with the tar (or failed): nothing written from now on is kept."""
+        with self._cond:
+            self._gone = True
+            self._pieces.clear()
+            self._base = self.written
+            self._held = 0
+            self._cond.notify_all()
+
+    def _drop_before(self, offset: int) -> None:
+        pieces = self._pieces
+        freed = False
+        while pieces and self._base + len(pieces[0]) <= offset:
+            n = len(pieces.popleft())
+            self._base += n
+            self._held -= n
+            freed = True
+        if freed:
+            self._cond.notify_all()  # a writer held back by the limit goes on
+
+    def read(self, offset: int, n: int, generation: int) -> bytes:
+        """Up to `n` bytes at `offset` (fewer only at the end of the tar), waiting for them;
+        what lies before `offset` is dropped. `Restarted`/OSError as `Growth.wait`."""
+        end = offset + n
+        with self._cond:
+            if self._gone:  # (a build still running after its conversion gave up on it)
+                raise OSError(_errno.ECANCELED, "the tar's reader was let go")
+            if offset < self._base:
+                raise AssertionError(f"TarPipe: read at {offset}, behind the pieces kept (from {self._base})")
+            self._drop_before(offset)
+            while self.written < end and not self.done and self.generation == generation and not self._gone:
+                self._starving = True
+                self._want = min(self._want, end)
+                self._cond.notify_all()
+                self._cond.wait()
+                self._want = 1 << 63
+            self._starving = False
+            if self.generation != generation:
+                raise Restarted("the file restarted")
+            if self._gone:
+                raise OSError(_errno.ECANCELED, "the tar's reader was let go")
+            if self.failed:
+                raise OSError(_errno.EIO, "the file being read was not completed")
+            return self._slice(offset, min(end, self.written))
+
+    def _slice(self, start: int, end: int) -> bytes:
+        if start >= end:
+            return b""
+        parts: list[memoryview | bytes] = []
+        pos = self._base
+        for p in self._pieces:
+            if pos >= end:
+                break
+            stop = pos + len(p)
+            if stop > start:
+                if pos >= start and stop <= end and len(p) == end - start:
+                    return p  # exactly one piece: no copy
+                parts.append(memoryview(p)[max(0, start - pos):min(len(p), end - pos)])
+            pos = stop
+        return b"".join(parts)
+
+    def final_size(self, generation: int) -> int:
+        """The tar's size once it is complete; the bytes still coming are dropped unread."""
+        with self._cond:
+            if self._gone:
+                raise OSError(_errno.ECANCELED, "the tar's reader was let go")
+            if self.generation == generation:
+                self._pieces.clear()
+                self._base, self._held = self.written, 0
+                self._draining = True
+                self._cond.notify_all()
+            while not self.done and self.generation == generation and not self._gone:
+                self._cond.wait()
+            if self._gone:
+                raise OSError(_errno.ECANCELED, "the tar's reader was let go")
+            if self.generation != generation:
+                raise Restarted("the file restarted")
+            if self.failed:
+                raise OSError(_errno.EIO, "the file being read was not completed")
+            return self.written
+
+
 class _Backing:
     """A seekable file holding the (decompressed) tar; member data is read from it with pread.
 
@@ -388,6 +522,74 @@ class _FollowingFile(_BackingStream):
             b._short(self._pos + k)  # (raises Restarted if that is why)
         self._pos += k
         return k
+
+
+class _PipeBacking:
+    """`_Backing` over a `TarPipe`: reads come in archive order (tarfile's headers, the member
+    data `on_file` chunks); member data is not checked ahead (`covers` does not wait: waiting
+    would hold a whole member in memory), a short one is found as it is read."""
+
+    def __init__(self, pipe: TarPipe) -> None:
+        self.pipe = pipe
+        self.generation = pipe.generation
+
+    @property
+    def size(self) -> int:
+        return self.pipe.written
+
+    def covers(self, end: int) -> bool:
+        pipe = self.pipe
+        return not (pipe.done and pipe.generation == self.generation and pipe.written < end)
+
+    def final_size(self) -> int:
+        return self.pipe.final_size(self.generation)
+
+    def pread(self, offset: int, n: int) -> bytes:
+        data = self.pipe.read(offset, n, self.generation)
+        if len(data) != n:
+            raise FormatError(f"tar data truncated at offset {offset + len(data)}")
+        return data
+
+    def read_into(self, view: memoryview, offset: int) -> None:
+        view[:] = self.pread(offset, len(view))
+
+    def open_range(self, offset: int, size: int) -> BinaryIO:
+        raise AssertionError("a piped tar's member data is read once, by on_file")
+
+
+class _PipeFile(io.RawIOBase):
+    """The tar stream of a `TarPipe` for `tarfile` (seeks forward only in effect: the bytes
+    skipped are dropped by the next read)."""
+
+    def __init__(self, backing: _PipeBacking) -> None:
+        self._b = backing
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
+        if whence == io.SEEK_SET:
+            base = 0
+        elif whence == io.SEEK_CUR:
+            base = self._pos
+        else:
+            base = self._b.final_size()
+        self._pos = max(0, base + pos)
+        return self._pos
+
+    def readinto(self, buf: "bytearray | memoryview") -> int:  # type: ignore[override]
+        data = self._b.pipe.read(self._pos, len(buf), self._b.generation)
+        n = len(data)
+        memoryview(buf)[:n] = data
+        self._pos += n
+        return n
 
 
 class _CountingReader:
@@ -636,7 +838,7 @@ class _TarTree:
 
 
 def tree_from_tar(
-    src: str | os.PathLike[str] | BinaryIO,
+    src: str | os.PathLike[str] | BinaryIO | None,
     stats: SourceStats | None = None,
     *,
     limits: ExpansionLimits | None = DEFAULT_LIMITS,
@@ -653,18 +855,41 @@ def tree_from_tar(
     `ExpansionLimitError` when it expands past `limits` (None: no caps).
 
     With `growth`, `src` is a plain tar file still being written (see `Growth`): the archive is
-    read as far as it has got, waiting for more. `on_file(backing, offset, size)` is called for
+    read as far as it has got, waiting for more. With a `TarPipe` as `growth`, the tar comes
+    through it in memory instead (`src` is not read; `on_file` required). `on_file(backing, offset, size)` is called for
     each regular member with data as soon as it is parsed (its bytes are then at hand in the
     backing: a caller chunks files in archive order while the rest is still arriving).
     """
+    backing: Any
+    if isinstance(growth, TarPipe):
+        if on_file is None:
+            raise TypeError("a piped tar's member data must be taken by on_file (it is not kept)")
+        backing = _PipeBacking(growth)
+        fileobj: Any = _PipeFile(backing)
+        try:
+            tree = _tree_from_tar(fileobj, backing, stats, on_file)
+        except Restarted:
+            raise  # (the build starts again, reading the new attempt: the pipe keeps what is fed)
+        except BaseException:
+            growth.release()  # no reader will come: a writer waiting for one goes on
+            raise
+        growth.release()
+        return tree
+    if src is None:
+        raise TypeError("no tar given")
     if growth is not None:
         if isinstance(src, str | bytes | os.PathLike):
             raise TypeError("a growing tar must be given as an open file")
         backing = _Backing(src, growth)
-        fileobj: Any = _FollowingFile(backing)
+        fileobj = _FollowingFile(backing)
     else:
         backing = _open_backing(src, limits, spool_dir)
         fileobj = backing.file
+    return _tree_from_tar(fileobj, backing, stats, on_file)
+
+
+def _tree_from_tar(fileobj: Any, backing: Any, stats: SourceStats | None,
+                   on_file: Callable[[Any, int, int], None] | None) -> Tree:
     try:
         tar = tarfile.open(  # noqa: SIM115 (closing would close the backing file)
             fileobj=fileobj, mode="r:", encoding="utf-8", errors="surrogateescape"

@@ -135,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
                         "(its blobs must be in the target repository) or REF")
     c.add_argument("--chunk-dict-insecure", action="store_true",
                    help="skip TLS checks / allow plain HTTP for the chunk dict registry")
-    c.add_argument("--jobs", type=int, default=3, metavar="N", help="concurrent downloads and uploads (default 3)")
+    c.add_argument("--jobs", type=int, default=3, metavar="N", help="concurrent uploads, and layers downloaded and built at once (at most one per core) (default 3)")
     c.add_argument("--output-json", metavar="FILE", help="write the conversion summary as JSON")
     c.add_argument("--prefetch-patterns", action="store_true",
                    help="read prefetch paths from STDIN, one absolute path per line (files read at startup, in "

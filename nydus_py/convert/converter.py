@@ -4,11 +4,11 @@ Order of work, chosen so that a failure never leaves a manifest pointing at miss
 that downloading, building and uploading overlap:
 
 1. resolve the source (index -> the platform's manifest), fetch and check the config;
-2. pull the layers (a few at a time), each decompressed into a tar file as it arrives (a worker
-   thread inflates one piece while the next downloads) and checked against its size, digest and
-   diff_id; build each layer's RAFS blob in a build thread, lowest layer first, while later
-   layers download; push that blob at once (HEAD first: a blob the target has is skipped), while
-   later layers build;
+2. pull the layers, each when its build starts (one per core at once, lowest layer first),
+   decompressed as it arrives (a worker thread inflates one piece while the next downloads) and
+   handed to the build in memory (`TarPipe`: no tar file), which chunks the files as they come;
+   each is checked against its size, digest and diff_id; push that blob at once (HEAD first: a
+   blob the target has is skipped), while later layers build;
 3. merge the bootstrap and write the bootstrap layer and the Nydus config, push them;
 4. check that every blob the manifest names is present, and only then push the manifest (and
    with `merge_platform` the index).
@@ -25,8 +25,9 @@ pushed at the very end.
 With `chunk_dict`, chunks the dictionary image has are referenced from its blobs, which then
 join the image (mounted or copied into the target like cached blobs).
 
-Memory stays flat with layer size: layers stream to disk, decompression and the build read 1 MiB
-at a time, uploads send one piece (2 MiB by default) at a time. Everything goes under one temp
+Memory stays flat with layer size: a layer's tar is at most a few MiB ahead of its build (or
+streams to disk when the original layers are pushed too), the build reads 1 MiB at a time,
+uploads send one piece (1 MiB by default) at a time. Everything goes under one temp
 directory that is removed at the end.
 """
 
@@ -49,7 +50,7 @@ from typing import Any
 from ..builder.chunk_dict import ChunkDictError
 from ..builder.limits import ExpansionLimits
 from ..builder.options import BuildOptions
-from ..builder.sources import Growth, Restarted
+from ..builder.sources import Growth, Restarted, TarPipe
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
 from ..rafs.loader import open_bootstrap
@@ -99,7 +100,7 @@ class ConvertOptions:
     merge_platform: bool = False
     work_dir: str | None = None
     docker_config_paths: list[str] | None = None  # None: $DOCKER_CONFIG / ~/.docker/config.json
-    jobs: int = 3  # concurrent downloads, and concurrent uploads
+    jobs: int = 3  # concurrent uploads; layers downloaded and built at once (at most one per core)
     piece_size: int = 1 << 20  # upload read size (one streamed PUT per blob)
     # absolute paths (files or directories) read at startup, in reading order (nydusify's
     # --prefetch-patterns): first and contiguous in each layer's blob, and the prefetch table
@@ -161,7 +162,7 @@ class ConvertResult:
 @dataclass
 class _Fetched:
     path: str  # the compressed layer (removed after unpacking unless the original is copied too)
-    tar_path: str
+    tar_path: str  # "" when the tar went to the build in memory
     tar_size: int
     kind: str  # gzip | zstd | tar
     diff_id: str  # sha256 hex of the tar
@@ -178,8 +179,11 @@ class _InflateSink:
         self.size = size
         self.limits = limits
         self.growth = growth
-        # unbuffered, so that what `growth` announces is in the file for a reader that follows it
-        self.tar = _GrowingFile(open(tar_path, "wb", buffering=0), growth)  # noqa: SIM115 (closed in close)
+        self.tar: _GrowingFile | _PipeWriter
+        if isinstance(growth, TarPipe):  # the build reads the tar from memory: no file
+            self.tar = _PipeWriter(growth)
+        else:  # unbuffered, so that what `growth` announces is in the file for a reader that follows it
+            self.tar = _GrowingFile(open(tar_path, "wb", buffering=0), growth)  # noqa: SIM115 (closed in close)
         self.keep = open(keep_path, "wb") if keep_path else None  # noqa: SIM115
         self.inflater: Inflater | None = None
         self._pending: asyncio.Future[None] | None = None
@@ -224,6 +228,30 @@ class _InflateSink:
         self.tar.close()
         if self.keep is not None:
             self.keep.close()
+
+
+class _PipeWriter:
+    """The layer tar handed to the build in memory (`TarPipe`): what the inflater writes is fed
+    to it (waiting while the build is far behind)."""
+
+    def __init__(self, pipe: TarPipe) -> None:
+        self.pipe = pipe
+
+    def write(self, data: "bytes | bytearray | memoryview") -> int:
+        self.pipe.feed(data if isinstance(data, bytes) else bytes(data))
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def seek(self, pos: int) -> int:
+        return pos  # (a restart: the pipe dropped what it held)
+
+    def truncate(self) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
 
 
 class _GrowingFile:
@@ -554,17 +582,25 @@ class Converter:
         growths: dict[str, Growth] = {}  # how far each download's tar has got (its build follows it)
 
         def download(i: int, d: oci.Descriptor) -> asyncio.Task[_Fetched]:
-            if d.digest not in downloads:
-                growth = growths[d.digest] = Growth()
-                open(os.path.join(dl_dir, d.hex) + ".tar", "wb").close()  # there for a build to follow
+            """The download of layer `i`. When the original layers are pushed too, shared by the
+            layers of that digest (its tar in a file that their builds follow); else the layer's own,
+            started by its build, its tar piped to that build in memory (`TarPipe`)."""
+            key = _download_key(i, d, self.copy_original)
+            piped = not self.copy_original
+            if key not in downloads:
+                growth = growths[key] = TarPipe() if piped else Growth()
+                if not piped:
+                    open(os.path.join(dl_dir, d.hex) + ".tar", "wb").close()  # there for a build to follow
                 task = asyncio.create_task(self._fetch(src, i, d, dl_dir, bars[i], sem, unpacker, growth))
                 # however the download ends (also cancelled before it ran), a build following it stops waiting
                 task.add_done_callback(functools.partial(_end_growth, growth))
-                downloads[d.digest] = task
-            return downloads[d.digest]
+                downloads[key] = task
+            return downloads[key]
 
+        # the original layers are pushed too: downloaded at once, kept (and their tars in files);
+        # else each layer downloads once its build starts, the tar going to it in memory
         for i, d in enumerate(layers):
-            if i not in candidates or self.copy_original:
+            if self.copy_original:
                 download(i, d)
         results: list[LayerResult] = []
         pushes: dict[str, tuple[asyncio.Task[bool], int]] = {}  # digest -> (sent? , size)
@@ -586,33 +622,43 @@ class Converter:
             return got
 
         async def prepare(i: int, d: oci.Descriptor) -> tuple[_Fetched, PreparedLayer]:
-            task = download(i, d)
-            growth = growths[d.digest]
             tar_path = os.path.join(dl_dir, d.hex) + ".tar"
-            if i:  # slots go in layer order: a lower layer prepared first is committed first, and
-                await started[i - 1].wait()  # the layers above then find its chunks while preparing
+            # slots go in layer order: a lower layer prepared first is committed first, and the
+            # layers above then find its chunks while preparing. Layers the build cache may serve
+            # are not waited for (their records are still being fetched: this layer's download
+            # need not wait for that; one that turns out unusable is prepared after it then)
+            below = [j for j in range(i) if j not in candidates]
+            if below:
+                await started[below[-1]].wait()
             async with slots:
                 started[i].set()
+                task = download(i, d)  # (piped: starts now)
+                growth = growths[_download_key(i, d, self.copy_original)]
+                piped = isinstance(growth, TarPipe)
                 while True:
-                    follow = not task.done()  # build while it downloads, from the tar as it grows
+                    follow = piped or not task.done()  # build while it downloads, from the tar as it grows
                     if not follow:
                         checked(i, d, task.result())
                     try:
-                        prepared = await loop.run_in_executor(builder, self._prepare_layer, stack, i, d, tar_path,
+                        prepared = await loop.run_in_executor(builder, self._prepare_layer, stack, i, d,
+                                                              None if piped else tar_path,
                                                               growth if follow else None, bars[i])
                     except Restarted:  # the download started again: so does the build
                         self.build_restarts += 1
                         log.info("layer %d (%s): its download restarted, and so does its build", i + 1, d.short)
                         continue
                     except BaseException:
+                        if isinstance(growth, TarPipe):  # nobody reads it now: the download goes on to its end
+                            growth.release()
                         if follow:  # a download that failed (or bad bytes) explains bad data best
                             checked(i, d, await task)
                         raise
                     break
             got = checked(i, d, await task)
-            uses[d.digest] -= 1
-            if not uses[d.digest]:
-                os.unlink(got.tar_path)
+            if not piped:
+                uses[d.digest] -= 1
+                if not uses[d.digest]:
+                    os.unlink(got.tar_path)
             return got, prepared
 
         def start_prepare(i: int, d: oci.Descriptor) -> None:
@@ -620,7 +666,8 @@ class Converter:
             if not uses.get(d.digest) and task is not None and task.done() and not task.cancelled() \
                     and task.exception() is None and not os.path.exists(task.result().tar_path):
                 del downloads[d.digest]  # the layers that used it are prepared and let go of its tar: pull again
-            uses[d.digest] = uses.get(d.digest, 0) + 1
+            if self.copy_original:  # (a piped download is its layer's own: not counted)
+                uses[d.digest] = uses.get(d.digest, 0) + 1
             preps[i] = asyncio.create_task(prepare(i, d))
 
         hits: dict[int, Hit] = {}
@@ -656,16 +703,16 @@ class Converter:
                 res = await loop.run_in_executor(builder, self._commit_layer, stack, i, d, got, prepared, bars[i])
                 results.append(res)
                 tar_bytes += got.tar_size
+                if res.blob is not None and res.blob_path is not None:  # (before the cache record: the
+                    bid = res.blob.blob_id  # last blob's push is what a conversion ends waiting for)
+                    pushes[f"sha256:{bid}"] = (asyncio.create_task(self._push_file(
+                        dst, f"sha256:{bid}", res.blob_path, f"blob {bid[:12]}", push_sem)),
+                        os.path.getsize(res.blob_path))
                 if self.cache is not None:  # the record of the layer just committed (the stack's top)
                     self.cache_stats.misses += 1
                     rec = await loop.run_in_executor(builder, self._cache_record, stack, chains[i], params, res,
                                                      dict_ids, work, i)
                     self.cache_used.append(rec)
-                if res.blob is not None and res.blob_path is not None:
-                    bid = res.blob.blob_id
-                    pushes[f"sha256:{bid}"] = (asyncio.create_task(self._push_file(
-                        dst, f"sha256:{bid}", res.blob_path, f"blob {bid[:12]}", push_sem)),
-                        os.path.getsize(res.blob_path))
                 _raise_failed(t for t, _ in pushes.values())
             merged = await loop.run_in_executor(builder, stack.finish, boot_path)
             bl_hex, bl_size, bl_diff = await loop.run_in_executor(builder, _bootstrap_layer, boot_path, bl_path)
@@ -756,12 +803,13 @@ class Converter:
 
     async def _fetch(self, src: RegistryClient, i: int, d: oci.Descriptor, dl_dir: str, bar: Bar,
                      sem: asyncio.Semaphore, unpacker: ThreadPoolExecutor, growth: Growth | None = None) -> "_Fetched":
-        """Download layer `d` and decompress it to a tar file as it arrives (the pieces are
-        inflated in `unpacker` while the next ones download), then check its size and digest.
+        """Download layer `d` and decompress it to a tar file (or into the `TarPipe` `growth`)
+        as it arrives (the pieces are inflated in `unpacker` while the next ones download), then
+        check its size and digest.
         The compressed layer is kept on disk only when it is pushed too (`copy_original`)."""
         where = f"layer {i + 1} ({d.short})"
         path = os.path.join(dl_dir, d.hex)
-        tar_path = path + ".tar"
+        tar_path = "" if isinstance(growth, TarPipe) else path + ".tar"
         async with sem:
             bar.phase("pull", d.size)
             sink = _InflateSink(unpacker, tar_path, path if self.copy_original else None, d.size,
@@ -772,8 +820,9 @@ class Converter:
                 finally:
                     await sink.close()
             except BaseException:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(tar_path)  # free the disk now, not when the work dir goes
+                if tar_path:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tar_path)  # free the disk now, not when the work dir goes
                 raise
             bar.finish(f"pulled {human(n)}, unpacked {human(tsize)} of {kind}")
         return _Fetched(path, tar_path, tsize, kind, dhex)
@@ -804,10 +853,17 @@ class Converter:
         is zstd, blake3, sha256 and I/O, which run outside the GIL), at most `jobs`."""
         return max(1, min(self.opts.jobs, os.cpu_count() or 1))
 
-    def _prepare_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, tar_path: str, growth: Growth | None,
+    def _prepare_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, tar_path: str | None, growth: Growth | None,
                        bar: Bar) -> PreparedLayer:
         """Build layer `i` from its tar; with `growth`, while the tar is still being downloaded
-        (the bar then shows the download)."""
+        (the bar then shows the download); with no `tar_path`, from the `TarPipe` `growth`."""
+        if tar_path is None:
+            try:
+                prepared = stack.prepare_layer(None, position=i, growth=growth)
+            except FormatError as e:
+                raise FormatError(f"layer {i + 1} ({d.short}): {e}") from None
+            release_free_memory()
+            return prepared
         with open(tar_path, "rb") as tar:
             if growth is None:
                 bar.phase("build", os.fstat(tar.fileno()).st_size)
@@ -1030,6 +1086,11 @@ class Converter:
 def _bootstrap_layer(boot_path: str, bl_path: str) -> tuple[str, int, str]:
     with open(boot_path, "rb") as bf, open(bl_path, "wb") as out:
         return write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
+
+
+def _download_key(i: int, d: oci.Descriptor, shared: bool) -> str:
+    """A download shared by the layers of a digest, or layer `i`'s own (piped to its build)."""
+    return d.digest if shared else f"{d.digest}#{i}"
 
 
 def _end_growth(growth: Growth, task: "asyncio.Task[Any]") -> None:

@@ -99,6 +99,15 @@ class _Below:
             got = w.held_record(digest, file_offset)
         return got
 
+    def settle(self, digest: bytes) -> None:
+        """Wait for the layers below that are still writing their blob and may store `digest`
+        (spilled there): found in one then, it is referenced above, not stored twice - so the
+        commit need not write this layer's blob again without it. (Layers below never wait for
+        the ones above.)"""
+        for w in self.held:
+            if w.spill_pending(digest):
+                w.wait_spill_closed()
+
 
 class LayerStack:
     """Builds the layers of one image, lowest first, into `blob_dir`."""
@@ -139,7 +148,7 @@ class LayerStack:
         read in place). `progress` gets the file bytes consumed."""
         return self.commit_layer(self.prepare_layer(tar, progress))
 
-    def prepare_layer(self, tar: BinaryIO, progress: Callable[[int], None] | None = None,
+    def prepare_layer(self, tar: BinaryIO | None, progress: Callable[[int], None] | None = None,
                       position: int | None = None, growth: Growth | None = None) -> PreparedLayer:
         """The expensive part of `add_layer` (parse, chunk, hash, compress, write the chunk data),
         independent of the other layers: several may run at once, in any order. `position` is
@@ -149,8 +158,9 @@ class LayerStack:
 
         Files are chunked in archive order as the tar is parsed (`BlobWriter.spill_file`), then
         the blob is written in its own order from the spill: with `growth` (`tar` is a plain tar
-        file another thread is still writing), all that runs while the layer downloads; a restart
-        of the file is `sources.Restarted` (nothing of the layer is kept)."""
+        file another thread is still writing, or no `tar` and a `sources.TarPipe` that hands it over
+        in memory), all that runs while the layer downloads; a restart of the file is
+        `sources.Restarted` (nothing of the layer is kept)."""
         if self._finished:
             raise RuntimeError("LayerStack already finished")
         if position is None:
@@ -160,7 +170,7 @@ class LayerStack:
                 raise ValueError(f"layer {position} is committed or being prepared already")
             below = _Below(self.dedup, [w for p, w in sorted(self._held.items()) if p < position])
             writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=below, workers=self.workers,
-                                durable=self.durable)
+                                durable=self.durable, settle=below.settle)
             self._held[position] = writer
         try:
             stats = SourceStats()

@@ -32,9 +32,9 @@ from nydus_py.rafs.constants import Compressor, Digester
 from nydus_py.rafs.model import BlobInfo
 from nydus_py.storage.registry import RegistryBackend, lazy_cas, parse_registry_config
 import aiohttp.connector as c
-host, scheme, blob_id = sys.argv[1:4]
+host, scheme, blob_id, extra = sys.argv[1:5]
 before = c._SSL_CONTEXT_VERIFIED.cert_store_stats()["x509_ca"]
-conf = {"host": host, "repo": "test/lazycas", "scheme": scheme, "timeout": 5, "read_deadline": 5.0}
+conf = {"host": host, "repo": "test/lazycas", "scheme": scheme, "timeout": 5, "read_deadline": 5.0, **json.loads(extra)}
 with RegistryBackend(parse_registry_config(conf, env={}, docker_config_paths=[])) as b:
     try:
         data = b.read(BlobInfo(0, blob_id, Compressor.NONE, Digester.SHA256, 0x10000), 0, 10).hex()
@@ -46,9 +46,9 @@ print(json.dumps({"before": before, "after": c._SSL_CONTEXT_VERIFIED.cert_store_
 """
 
 
-def probe(host: str, scheme: str, extra_env: dict[str, str] | None = None) -> dict[str, object]:
+def probe(host: str, scheme: str, extra_env: dict[str, str] | None = None, **conf: object) -> dict[str, object]:
     env = {**os.environ, "PYTHONPATH": str(REPO), **(extra_env or {})}
-    out = subprocess.run([sys.executable, "-c", PROBE, host, scheme, BLOB_ID], env=env, cwd=str(REPO),
+    out = subprocess.run([sys.executable, "-c", PROBE, host, scheme, BLOB_ID, json.dumps(conf)], env=env, cwd=str(REPO),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     result: dict[str, object] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -76,6 +76,17 @@ def test_a_verified_tls_connection_gets_the_default_store_first(tls_registry: tu
     assert r["data"] == DATA[:10].hex(), r  # verified with the default store: its CA came in time
     assert r["before"] == 0 and r["after"] == 1 and r["unverified_after"] == 1, r
     assert r["loaded"] == 2, r
+
+
+def test_an_unverified_tls_connection_never_reads_the_ca_store(tls_registry: tuple[rig.Registry, Path]) -> None:
+    """`skip_verify` (nydusify's --source-insecure, which tries HTTPS first): the store would not
+    be looked at, so it is not read (~40 ms of a conversion's start-up)."""
+    reg, ca = tls_registry
+    push(reg.host, ca_cert_files=[str(ca)])
+    r = probe(reg.host, "https", {"SSL_CERT_FILE": str(ca)}, skip_verify=True)
+    assert r["data"] == DATA[:10].hex(), r  # over TLS, unverified
+    assert r["before"] == 0 and r["after"] == 0 and r["unverified_after"] == 0, r
+    assert r["deferred"] == 2 and r["loaded"] == 0, r
 
 
 def test_without_the_ca_tls_is_still_refused(tls_registry: tuple[rig.Registry, Path], tmp_path: Path) -> None:

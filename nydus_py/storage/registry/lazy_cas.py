@@ -99,9 +99,12 @@ import aiohttp  # noqa: E402  (imported above, with the CA loading put off)
 
 
 class Connector(aiohttp.TCPConnector):
-    """A TCPConnector whose TLS connections get aiohttp's default contexts with their CAs."""
+    """A TCPConnector whose verified TLS connections get aiohttp's default contexts with their
+    CAs. An unverified one (`skip_verify`: `nydusify --*-insecure`, which also tries HTTPS before
+    falling back to HTTP) never reads the store: it would not look at it."""
 
     def _get_ssl_context(self, req: Any) -> Any:
-        if req.is_ssl():
+        ctx = super()._get_ssl_context(req)
+        if isinstance(ctx, ssl.SSLContext) and ctx.verify_mode != ssl.CERT_NONE:
             load_system_cas()
-        return super()._get_ssl_context(req)
+        return ctx

@@ -1,0 +1,96 @@
+"""The converter hands each layer's tar to its build in memory (`builder.sources.TarPipe`): no
+tar file is written and read back. The image still passes `nydusify-py check` against the
+source, also when a layer repeats (each use of it downloads for its own build)."""
+
+import asyncio
+import os
+import threading
+
+import pytest
+
+from nydus_py.builder.sources import TarPipe
+from nydus_py.convert import converter
+from nydus_py.convert.converter import ConvertOptions
+
+from . import ociimage as oi
+from . import regpush
+from .test_check import check
+
+pytestmark = [pytest.mark.slow]
+
+
+def test_layer_tars_reach_their_builds_in_memory(tmp_path, plain_registry, monkeypatch):
+    layers = oi.sample_layers(seed=3, big=1 << 20)
+    img = oi.make_image([*layers, layers[0]])  # the first layer again on top
+    regpush.push_image(plain_registry.url, "piped/app", "v1", img)
+    src, dst = f"{plain_registry.host}/piped/app:v1", f"{plain_registry.host}/piped/app:v1-nydus"
+    tar_files: list[str] = []
+    real_file = converter._GrowingFile.__init__
+
+    def spy_file(self, raw, growth):  # type: ignore[no-untyped-def]
+        tar_files.append(raw.name)
+        real_file(self, raw, growth)
+
+    fed: list[int] = []
+    lock = threading.Lock()
+    real_feed = TarPipe.feed
+
+    def spy_feed(self, data):  # type: ignore[no-untyped-def]
+        with lock:
+            fed.append(id(self))
+        real_feed(self, data)
+
+    monkeypatch.setattr(converter._GrowingFile, "__init__", spy_file)
+    monkeypatch.setattr(TarPipe, "feed", spy_feed)
+    work = tmp_path / "work"
+    res = converter.convert(ConvertOptions(source=src, target=dst, source_insecure=True, target_insecure=True,
+                                           work_dir=str(work), chunk_size=0x10000))
+    assert tar_files == []
+    assert len(set(fed)) == len(img.layers)  # one pipe per layer, the repeated one too
+    assert res.layers == len(img.layers) and res.layers_built == len(img.layers)
+    assert not os.path.exists(work) or not list(work.rglob("*.tar"))
+    r = check("--source", src, "--target", dst)
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_new_layer_downloads_while_the_cache_records_are_fetched(tmp_path, plain_registry, monkeypatch):
+    """A rebuild: the layers below have build-cache records, the top one is new. Its download
+    starts without waiting for those records (it waited for them: its build slot came after the
+    layers below, which the cache may serve, were settled). Here the records are only fetched
+    once the top layer's download has started: the conversion would wait for good otherwise."""
+    from .test_build_cache import app_layer, push, shared_layers
+
+    lower = shared_layers(41)
+    _, src1 = push(plain_registry, "piped/base", [*lower, app_layer(1)])
+    _, src2 = push(plain_registry, "piped/next", [*lower, app_layer(2)])
+    cache = f"{plain_registry.host}/piped/cache:v1"
+
+    def opts(src: str, dst: str) -> ConvertOptions:
+        return ConvertOptions(source=src, target=dst, source_insecure=True, target_insecure=True,
+                              work_dir=str(tmp_path / "work"), chunk_size=0x10000, build_cache=cache,
+                              build_cache_insecure=True)
+
+    first = converter.convert(opts(src1, f"{plain_registry.host}/piped/base:v1-nydus"))
+    assert first.layers_built == 3
+    started: dict[str, asyncio.Event] = {}
+
+    def event() -> asyncio.Event:
+        return started.setdefault("top", asyncio.Event())
+
+    real_fetch, real_hits = converter.Converter._fetch, converter.Converter._cache_hits
+
+    async def spy_fetch(self, src, i, d, *a, **k):  # type: ignore[no-untyped-def]
+        if i == len(lower):
+            event().set()
+        return await real_fetch(self, src, i, d, *a, **k)
+
+    async def hits_after_the_download(self, *a, **k):  # type: ignore[no-untyped-def]
+        await asyncio.wait_for(event().wait(), 20)
+        return await real_hits(self, *a, **k)
+
+    monkeypatch.setattr(converter.Converter, "_fetch", spy_fetch)
+    monkeypatch.setattr(converter.Converter, "_cache_hits", hits_after_the_download)
+    res = converter.convert(opts(src2, f"{plain_registry.host}/piped/next:v1-nydus"))
+    assert (res.layers_built, res.layers_cached) == (1, len(lower))
+    r = check("--source", src2, "--target", f"{plain_registry.host}/piped/next:v1-nydus")
+    assert r.returncode == 0, r.stderr
