@@ -5,10 +5,16 @@ a time and, without help, waits for each chunk's fetch + decompression in turn. 
 read sequentially, the next chunks are loaded into the device's chunk cache by a small thread
 pool while the current one is being served; the decompressors and pread release the GIL, so
 this overlaps on another core. Random readers never trigger it (it would only waste work).
+
+The same serves the blob views of the EROFS driver (`chunks_of`: a blob's chunks by view offset
+instead of a file's): EROFS asks for a big file in 1 MiB READs that straddle two chunks, so
+without it each READ waited for the previous one's second chunk, and every chunk of the file
+was decoded in turn on one thread.
 """
 
 import logging
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from ..rafs.model import ChunkInfo, RafsImage
@@ -23,21 +29,38 @@ _MIN_SLACK = 256 << 10
 _MAX_TRACKED = 4096
 
 
+# (key, offset, size) -> the chunks overlapping that range of the file (or blob view) `key`
+ChunksOf = Callable[[int, int, int], list[ChunkInfo]]
+
+
 class SequentialReadahead:
-    def __init__(self, image: RafsImage, device: BlobDevice, chunks: int = 2, threads: int = 2) -> None:
+    """`chunks_of` maps a range of what is read to its chunks: the image's files (inode numbers,
+    the default) or a blob's uncompressed view (blob indexes, `RafsImage.blob_chunks`).
+    Counters: `submitted` loads, how many `loaded` without error, and `hits`: chunks a later
+    read found loaded ahead (tracked only for `track_hits`: a chunk lookup per read)."""
+
+    def __init__(self, image: RafsImage, device: BlobDevice, chunks: int = 2, threads: int = 2, *,
+                 chunks_of: ChunksOf | None = None, track_hits: bool = False) -> None:
         self.image = image
         self.device = device
         self.chunks = chunks
         self.threads = threads
+        self.chunks_of: ChunksOf = chunks_of or image.chunks
+        self.track_hits = track_hits
         self.submitted = 0
+        self.loaded = 0
+        self.hits = 0
         self._last_end: dict[int, int] = {}
         self._inflight: set[tuple[int, int]] = set()
+        self._ahead: set[tuple[int, int]] = set()  # loaded ahead, not read since (track_hits)
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
     def after_read(self, ino: int, offset: int, end: int, file_size: int) -> None:
         """Note a served read of [offset, end) of `ino`; start loading the following chunks
         when the reader is sequential and has just entered a new chunk."""
+        if self._ahead:
+            self._count_hits(ino, offset, end)
         prev = self._last_end.get(ino)
         if len(self._last_end) >= _MAX_TRACKED:
             self._last_end.clear()
@@ -53,7 +76,7 @@ class SequentialReadahead:
         start = ((end - 1) // cs + 1) * cs
         todo: list[ChunkInfo] = []
         try:
-            chunks = self.image.chunks(ino, start, self.chunks * cs)
+            chunks = self.chunks_of(ino, start, self.chunks * cs)
         except Exception:  # the reader itself will meet (and report) a broken chunk table
             return
         with self._lock:
@@ -70,14 +93,39 @@ class SequentialReadahead:
             self.submitted += 1
             pool.submit(self._load, c)
 
+    def _count_hits(self, key: int, offset: int, end: int) -> None:
+        try:
+            chunks = self.chunks_of(key, offset, end - offset)
+        except Exception:
+            return
+        with self._lock:
+            for c in chunks:
+                k = (c.blob_index, c.compressed_offset)
+                if k in self._ahead:
+                    self._ahead.discard(k)
+                    self.hits += 1
+
     def _load(self, c: ChunkInfo) -> None:
+        key = (c.blob_index, c.compressed_offset)
+        ok = False
         try:
             self.device.load_chunk(c)
+            ok = True
         except Exception as e:  # logged by the device; the reader gets EIO when it arrives
             log.debug("readahead of chunk at %d failed: %s", c.compressed_offset, e)
         finally:
             with self._lock:
-                self._inflight.discard((c.blob_index, c.compressed_offset))
+                self._inflight.discard(key)
+                self.loaded += ok
+                if ok and self.track_hits:
+                    if len(self._ahead) >= _MAX_TRACKED:
+                        self._ahead.clear()
+                    self._ahead.add(key)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {"decode_ahead_submitted": self.submitted, "decode_ahead_loaded": self.loaded,
+                    "decode_ahead_hits": self.hits}
 
     def close(self) -> None:
         """Stop the pool (pending loads are dropped); a later read starts a new one."""

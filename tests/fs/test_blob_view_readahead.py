@@ -1,0 +1,176 @@
+"""Decode-ahead on the blob views: a sequential reader of a local blob's view gets its next chunks
+loaded (read and decompressed) on a pool while it is answered; random readers and remote blobs
+trigger nothing. Hits are counted in the views' metrics."""
+
+import random
+import threading
+from pathlib import Path
+
+import pytest
+
+from nydus_py.builder.options import BuildOptions
+from nydus_py.fs.blob_view import FIRST_BLOB, BlobViewFilesystem
+from nydus_py.fs.erofs_serve import ErofsServe
+from nydus_py.rafs import open_bootstrap
+from nydus_py.rafs.model import BlobInfo, RafsImage
+from nydus_py.storage.device import BlobDevice
+from nydus_py.storage.localfs import LocalBlobDir
+
+from ..builder.erofs_rig import erofs_available
+from ..waiting import wait_until
+from .mountrig import CHUNK, build
+
+N_CHUNKS = 48
+
+
+class CountingDir(LocalBlobDir):
+    """Counts backend reads by stored offset, and the threads that made them."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.reads: list[int] = []
+        self.threads: set[str] = set()
+        self._lock = threading.Lock()
+
+    def read(self, blob: BlobInfo, offset: int, size: int) -> bytes:
+        with self._lock:
+            self.reads.append(offset)
+            self.threads.add(threading.current_thread().name)
+        return super().read(blob, offset, size)
+
+
+def _image(tmp_path: Path) -> tuple[RafsImage, str, bytes]:
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(7)
+    # compressible but not trivially: every chunk is stored compressed and must be decoded
+    data = b"".join(rng.randbytes(512) * 8 for _ in range(N_CHUNKS * CHUNK // 4096))
+    (src / "big").write_bytes(data)
+    img = build(str(src), str(tmp_path / "img"), BuildOptions(chunk_size=CHUNK), views=False)
+    return open_bootstrap(img.boot), img.blob_dir, data
+
+
+def _view(image: RafsImage, source: CountingDir, *, local: bool, **kw: object) -> BlobViewFilesystem:
+    return BlobViewFilesystem(image, BlobDevice(image, source, validate=False), local=local, **kw)  # type: ignore[arg-type]
+
+
+def _file_span(image: RafsImage) -> tuple[int, int]:
+    """Where the file's bytes lie in the blob's view: [start, end)."""
+    ino = image.lookup(image.root_ino, b"big")
+    assert ino is not None
+    chunks = image.chunks(ino)
+    return chunks[0].uncompressed_offset, chunks[-1].uncompressed_offset + chunks[-1].uncompressed_size
+
+
+def _settle(fs: BlobViewFilesystem) -> None:
+    ra = fs.readahead
+    assert ra is not None
+    wait_until(lambda: not ra._inflight, what="the decode-ahead loads to finish")
+
+
+def test_sequential_view_reader_gets_chunks_decoded_ahead(tmp_path: Path) -> None:
+    image, blob_dir, data = _image(tmp_path)
+    source = CountingDir(blob_dir)
+    fs = _view(image, source, local=True)
+    try:
+        start, end = _file_span(image)
+        step = CHUNK + CHUNK // 2  # READs that straddle chunks, as EROFS's do
+        # the first READs: each needs a chunk the pool is loading, or has loaded
+        for off in range(start, start + 4 * step, step):
+            got = fs.read(FIRST_BLOB, 0, off, step)
+            assert bytes(got) == data[off - start: off - start + step]
+        _settle(fs)
+        ahead = set(source.reads)
+        read_so_far = {c.compressed_offset for c in image.blob_chunks(0, start, 4 * step)}
+        assert ahead - read_so_far, "no chunk past the reader was loaded"
+        assert any(t.startswith("rafs-readahead") for t in source.threads)
+        for off in range(start + 4 * step, end, step):
+            got = fs.read(FIRST_BLOB, 0, off, step)
+            assert bytes(got) == data[off - start: off - start + step]
+        _settle(fs)
+        snap = fs.snapshot()
+        assert snap["decode_ahead_submitted"] > 0
+        # most chunks of the file were decoded ahead and then read: hits
+        assert snap["decode_ahead_hits"] >= N_CHUNKS // 2, snap
+        # each chunk fetched once, and nothing far past the file (at most the window)
+        assert len(source.reads) == len(set(source.reads))
+        assert len(set(source.reads)) <= N_CHUNKS + 4
+    finally:
+        fs.close()
+        image.close()
+
+
+def test_a_chunk_decoded_ahead_is_not_fetched_again(tmp_path: Path) -> None:
+    """The READ that reaches a chunk the pool loaded is answered from memory."""
+    image, blob_dir, data = _image(tmp_path)
+    source = CountingDir(blob_dir)
+    fs = _view(image, source, local=True)
+    try:
+        start, _end = _file_span(image)
+        for off in range(start, start + 2 * CHUNK, CHUNK // 2):
+            assert bytes(fs.read(FIRST_BLOB, 0, off, CHUNK // 2)) == data[off - start: off - start + CHUNK // 2]
+        _settle(fs)
+        assert fs.readahead is not None and fs.readahead.submitted > 0
+        source.reads.clear()
+        off = start + 2 * CHUNK
+        assert bytes(fs.read(FIRST_BLOB, 0, off, CHUNK)) == data[off - start: off - start + CHUNK]
+        assert source.reads == [], "the chunk loaded ahead was fetched again"
+    finally:
+        fs.close()
+        image.close()
+
+
+def test_random_view_reader_triggers_nothing(tmp_path: Path) -> None:
+    image, blob_dir, data = _image(tmp_path)
+    source = CountingDir(blob_dir)
+    fs = _view(image, source, local=True)
+    try:
+        start, _end = _file_span(image)
+        for k in (30, 4, 22, 11, 40, 17):
+            off = start + k * CHUNK + 1024
+            assert bytes(fs.read(FIRST_BLOB, 0, off, 4096)) == data[off - start: off - start + 4096]
+        assert fs.readahead is not None and fs.readahead.submitted == 0
+        assert len(source.reads) == 6
+    finally:
+        fs.close()
+        image.close()
+
+
+def test_remote_views_read_nothing_ahead(tmp_path: Path) -> None:
+    """What follows in a remote blob is mostly other files: a network fetch nobody asked for."""
+    image, blob_dir, data = _image(tmp_path)
+    source = CountingDir(blob_dir)
+    fs = _view(image, source, local=False)
+    try:
+        assert fs.readahead is None
+        start, _end = _file_span(image)
+        for off in range(start, start + 4 * CHUNK, CHUNK):
+            assert bytes(fs.read(FIRST_BLOB, 0, off, CHUNK)) == data[off - start: off - start + CHUNK]
+        assert len(source.reads) == len(set(image.blob_chunks(0, start, 4 * CHUNK)))
+        assert fs.snapshot()["decode_ahead_hits"] == 0
+    finally:
+        fs.close()
+        image.close()
+
+
+@pytest.mark.slow
+def test_erofs_driver_reads_a_big_local_file_with_chunks_decoded_ahead(tmp_path: Path) -> None:
+    """Through the kernel: EROFS reads the file's view sequentially, the pool decodes ahead."""
+    erofs_available()
+    image, blob_dir, data = _image(tmp_path)
+    boot = str(tmp_path / "img" / "boot")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    serve = ErofsServe(image, BlobDevice(image, LocalBlobDir(blob_dir), validate=False), boot, str(mnt),
+                       local_blobs=True)
+    try:
+        serve.start()
+        with open(mnt / "big", "rb") as f:
+            assert f.read() == data
+        snap = serve.snapshot()
+        assert snap["kernel_reads"] > 0
+        assert snap["decode_ahead_submitted"] > 0 and snap["decode_ahead_hits"] > 0, snap
+    finally:
+        serve.close()
+        image.close()
+    assert serve.fs.readahead is not None and serve.fs.readahead._pool is None  # closed with the mounts
