@@ -141,7 +141,8 @@ class BlobViewFilesystem(Filesystem):
         if readahead_chunks is None:
             readahead_chunks = 4 if local else 0
         chunks_of = getattr(image, "blob_chunks", None)
-        self.readahead = (SequentialReadahead(image, device, readahead_chunks, chunks_of=chunks_of, track_hits=True)
+        self.readahead = (SequentialReadahead(image, device, readahead_chunks, chunks_of=chunks_of, track_hits=True,
+                                              release_behind=True)
                           if readahead_chunks > 0 and callable(chunks_of) else None)
         # Set by the transport before mounting: passthrough is then asked for at INIT.
         self.backing: BackingFiles | None = None
@@ -296,7 +297,8 @@ class BlobViewFilesystem(Filesystem):
         out = self.stats.snapshot()
         ra = self.readahead
         out.update(ra.snapshot() if ra is not None else
-                   {"decode_ahead_submitted": 0, "decode_ahead_loaded": 0, "decode_ahead_hits": 0})
+                   {"decode_ahead_submitted": 0, "decode_ahead_loaded": 0, "decode_ahead_hits": 0,
+                    "decode_ahead_skipped": 0, "released_behind": 0})
         return out
 
     def readdir(self, ino: int, fh: int, offset: int) -> Iterator[tuple[bytes, int, int, int]]:
