@@ -5,11 +5,13 @@ a time and, without help, waits for each chunk's fetch + decompression in turn. 
 read sequentially, the next chunks are loaded into the device's chunk cache by a small thread
 pool while the current one is being served; the decompressors and pread release the GIL, so
 this overlaps on another core. Random readers never trigger it (it would only waste work).
-With `release_behind` (the blob views), the chunks a sequential reader has passed are dropped
-from the in-memory chunk cache: EROFS's page cache holds those bytes now, and the next chunks
-decode into memory already mapped instead of fresh pages (in a micro-benchmark a third of a
-1 MiB zstd decode was page faults and zeroing). Not for files served by `rafs_fs`: a virtio-fs
-guest with cache=none reads a file again from us, and the chunk cache is what it hits.
+With `release_behind`, the chunks a sequential reader has passed are dropped from the in-memory
+chunk cache: the kernel's page cache holds those bytes now, and the next chunks decode into
+memory already mapped instead of fresh pages (in a micro-benchmark a third of a 1 MiB zstd
+decode was page faults and zeroing). The blob views do it for any read (EROFS's page cache
+holds the file); `rafs_fs` only for files of at least a quarter of the chunk cache, which a
+sequential read would otherwise flush of everything else (a smaller file read again, say
+with O_DIRECT, still hits).
 
 The same serves the blob views of the EROFS driver (`chunks_of`: a blob's chunks by view offset
 instead of a file's): EROFS asks for a big file in 1 MiB READs that straddle two chunks, so
@@ -43,12 +45,13 @@ class SequentialReadahead:
     the default) or a blob's uncompressed view (blob indexes, `RafsImage.blob_chunks`).
     Counters: `submitted` loads, how many `loaded` without error, and `hits`: chunks a later
     read found loaded, or being loaded, ahead (tracked only for `track_hits`: a chunk lookup
-    per read while any is outstanding). `release_behind`: the chunks a sequential reader has
-    passed leave the in-memory chunk cache (`released`), see `BlobDevice.release`."""
+    per read while any is outstanding). `release_behind`: the chunks a sequential reader of
+    something at least that big (0: anything) has passed leave the in-memory chunk cache
+    (`released`, see `BlobDevice.release`); None: never."""
 
     def __init__(self, image: RafsImage, device: BlobDevice, chunks: int = 2, threads: int = 2, *,
                  chunks_of: ChunksOf | None = None, track_hits: bool = False,
-                 release_behind: bool = False) -> None:
+                 release_behind: int | None = None) -> None:
         self.image = image
         self.device = device
         self.chunks = chunks
@@ -84,7 +87,7 @@ class SequentialReadahead:
             return
         if (end - 1) // cs == (prev - 1) // cs:
             return  # still inside the chunk whose successors were already asked for
-        if self.release_behind:
+        if self.release_behind is not None and file_size >= self.release_behind:
             self._release_behind(ino, offset - slack - cs)
         start = ((end - 1) // cs + 1) * cs
         todo: list[ChunkInfo] = []
