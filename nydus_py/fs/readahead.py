@@ -98,7 +98,8 @@ class SequentialReadahead:
         with self._lock:
             for c in chunks:
                 key = (c.blob_index, c.compressed_offset)
-                if key not in self._inflight and not self.device.holds(c):  # (no thread hand-off for a hit)
+                # no thread hand-off for a hit, nor a pool thread parked on another reader's load
+                if key not in self._inflight and not self.device.holds(c) and not self.device.loading(c):
                     self._inflight.add(key)
                     todo.append(c)
                     if self.track_hits:

@@ -173,6 +173,11 @@ class BlobDevice:
             return False
         return self.cache.peek(_key(chunk), chunk.uncompressed_size) is not None
 
+    def loading(self, chunk: ChunkInfo) -> bool:
+        """Whether a reader is loading `chunk` into the in-memory chunk cache right now (False
+        with a blob cache)."""
+        return self._chunked is None and self.cache.loading(_key(chunk))
+
     def release(self, chunk: ChunkInfo) -> bool:
         """Drop `chunk` from the in-memory chunk cache (a sequential reader has passed it, the
         kernel's page cache holds its bytes now): the memory goes to the next chunks, whose

@@ -264,3 +264,47 @@ def test_loads_the_reader_got_past_first_are_skipped(tmp_path: Path) -> None:
         source.gate.set()
         fs.close()
         image.close()
+
+
+class ReaderGatedDir(CountingDir):
+    """Holds the reads of one chunk (a concurrent READ loading it) until `gate` opens."""
+
+    def __init__(self, path: str, hold: int) -> None:
+        super().__init__(path)
+        self.hold = hold
+        self.gate = threading.Event()
+        self.held = threading.Event()
+
+    def read(self, blob: BlobInfo, offset: int, size: int) -> bytes:
+        if offset == self.hold:
+            self.held.set()
+            self.gate.wait(30)
+        return super().read(blob, offset, size)
+
+
+def test_a_chunk_another_reader_is_loading_is_not_handed_to_the_pool(tmp_path: Path) -> None:
+    """A pool thread would only wait for that reader's load, while the chunks after it wait
+    for a pool thread."""
+    image, blob_dir, data = _image(tmp_path)
+    start, _end = _file_span(image)
+    chunks = image.blob_chunks(0, start, 8 * CHUNK)
+    source = ReaderGatedDir(blob_dir, hold=chunks[3].compressed_offset)
+    fs = _view(image, source, local=True)
+    ra = fs.readahead
+    assert ra is not None
+    try:
+        off3 = start + 3 * CHUNK
+        other = threading.Thread(target=fs.device.read_blob, args=(0, off3, CHUNK, fs.sizes[0]))
+        other.start()  # a concurrent READ of chunk 3, stuck in the backend
+        wait_until(source.held.is_set, what="the other READ to be loading chunk 3")
+        for off in (start, start + CHUNK):  # sequential: chunks 2..5 are wanted ahead
+            assert bytes(fs.read(FIRST_BLOB, 0, off, CHUNK)) == data[off - start: off - start + CHUNK]
+        assert ra.submitted == 3  # 2, 4 and 5: not 3
+        source.gate.set()
+        other.join(30)
+        _settle(fs)
+        assert source.reads.count(chunks[3].compressed_offset) == 1
+    finally:
+        source.gate.set()
+        fs.close()
+        image.close()
