@@ -92,7 +92,8 @@ class SequentialReadahead:
         start = ((end - 1) // cs + 1) * cs
         todo: list[ChunkInfo] = []
         try:
-            chunks = self.chunks_of(ino, start, self.chunks * cs)
+            # (at most `chunks` + 1: past a big file's end, a view goes on with small files' chunks)
+            chunks = self.chunks_of(ino, start, self.chunks * cs)[: self.chunks + 1]
         except Exception:  # the reader itself will meet (and report) a broken chunk table
             return
         with self._lock:

@@ -55,9 +55,9 @@ def _view(image: RafsImage, source: CountingDir, *, local: bool, **kw: object) -
     return BlobViewFilesystem(image, BlobDevice(image, source, validate=False), local=local, **kw)  # type: ignore[arg-type]
 
 
-def _file_span(image: RafsImage) -> tuple[int, int]:
+def _file_span(image: RafsImage, name: bytes = b"big") -> tuple[int, int]:
     """Where the file's bytes lie in the blob's view: [start, end)."""
-    ino = image.lookup(image.root_ino, b"big")
+    ino = image.lookup(image.root_ino, name)
     assert ino is not None
     chunks = image.chunks(ino)
     return chunks[0].uncompressed_offset, chunks[-1].uncompressed_offset + chunks[-1].uncompressed_size
@@ -306,5 +306,32 @@ def test_a_chunk_another_reader_is_loading_is_not_handed_to_the_pool(tmp_path: P
         assert source.reads.count(chunks[3].compressed_offset) == 1
     finally:
         source.gate.set()
+        fs.close()
+        image.close()
+
+
+def test_past_a_big_file_the_window_is_chunks_not_bytes(tmp_path: Path) -> None:
+    """After a big file a view goes on with small files' chunks: a window of 4 chunks' bytes
+    would cover dozens of them; the decode-ahead takes a few."""
+    src = tmp_path / "src"
+    (src / "z").mkdir(parents=True)
+    rng = random.Random(9)
+    big = rng.randbytes(8 * CHUNK)
+    (src / "a_big").write_bytes(big)
+    for k in range(64):  # blob order follows: 64 small files of 4 KiB, one chunk each
+        (src / "z" / f"s{k:03d}").write_bytes(rng.randbytes(4096))
+    img = build(str(src), str(tmp_path / "img"), BuildOptions(chunk_size=CHUNK), views=False)
+    image = open_bootstrap(img.boot)
+    source = CountingDir(img.blob_dir)
+    fs = _view(image, source, local=True)
+    try:
+        start, end = _file_span(image, b"a_big")
+        assert image.blob_chunks(0, end, 4 * CHUNK)[-1].uncompressed_size == 4096  # small chunks follow
+        for off in range(start, end, CHUNK):
+            assert bytes(fs.read(FIRST_BLOB, 0, off, CHUNK)) == big[off - start: off - start + CHUNK]
+        _settle(fs)
+        past = [o for o in source.reads if o not in {c.compressed_offset for c in image.blob_chunks(0, start, end - start)}]
+        assert 0 < len(past) <= 5, len(past)
+    finally:
         fs.close()
         image.close()
