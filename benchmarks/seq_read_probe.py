@@ -1,7 +1,7 @@
-"""What one cold sequential read of bench_fusedev's 100 MiB file costs through `nydusd-py fuse`
-and `nydusd-py fuse --fs-driver erofs`, request by request.
+"""What one cold sequential read of bench_fusedev's 100 MiB file (or, `--workload small`, of its
+small files) costs through `nydusd-py fuse` and `nydusd-py fuse --fs-driver erofs`.
 
-Each pass: drop_caches, start the daemon (with an API socket), `dd bs=1M` the file once, read the
+Each pass: drop_caches, start the daemon (with an API socket), `dd bs=1M` the file once (or cat the small files), read the
 daemon's counters, stop it. Recorded per pass: wall time, the daemon's CPU time (per-thread
 schedstat, ns) and minor page faults, the READs the kernel sent and their sizes (fusedev: the
 block-size histogram of /api/v1/metrics; EROFS driver: the blob views' `kernel_reads` and
@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from bench_fusedev import BIG, build_images, write_config
+from bench_fusedev import BIG, build_images, small_files, write_config
 from common import drop_caches, save
 from fusedev_requests import task_times
 from gen_tree import generate
@@ -65,7 +65,7 @@ def fuse_bdis(prefixes: tuple[str, ...]) -> dict[str, str]:
     return out
 
 
-def one_pass(code: str, driver: str, work: str, info: dict, threads: int) -> dict:
+def one_pass(code: str, driver: str, work: str, info: dict, threads: int, workload: list[str]) -> dict:
     mnt = os.path.join(work, f"mnt-seqprobe-{driver}")
     os.makedirs(mnt, exist_ok=True)
     sock = os.path.join(work, f"seqprobe-{driver}.sock")
@@ -90,7 +90,7 @@ def one_pass(code: str, driver: str, work: str, info: dict, threads: int) -> dic
         cpu0, _ = task_times(proc.pid)
         f0 = minflt(proc.pid)
         t = time.perf_counter()
-        subprocess.run(["dd", f"if={BIG}", "of=/dev/null", "bs=1M", "status=none"], cwd=mnt, check=True)
+        subprocess.run(workload, cwd=mnt, check=True, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - t
         cpu1, _ = task_times(proc.pid)
         faults = minflt(proc.pid) - f0
@@ -124,6 +124,8 @@ def main() -> None:
     ap.add_argument("--drivers", default="fuse,erofs")
     ap.add_argument("--passes", type=int, default=3)
     ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--workload", choices=["seq", "small"], default="seq",
+                    help="seq: dd of the 100 MiB file; small: cat of every small file (bench_fusedev's list)")
     ap.add_argument("--tag", default="seq-read-probe")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -134,11 +136,15 @@ def main() -> None:
         generate(tree, args.scale)
     info = build_images(tree, work, "img-plain")
     codes = [os.path.abspath(c) for c in args.code.split(",")]
+    if args.workload == "seq":
+        workload = ["dd", f"if={BIG}", "of=/dev/null", "bs=1M", "status=none"]
+    else:
+        workload = ["xargs", "-0", "-a", small_files(tree, work, "plain")[1], "cat"]
     passes = []
     for k in range(args.passes):
         for driver in args.drivers.split(","):
             for code in codes:
-                p = one_pass(code, driver, work, info, args.threads)
+                p = one_pass(code, driver, work, info, args.threads, workload)
                 passes.append(p)
                 extra = {k: v for k, v in p.items() if k.startswith(("decode_ahead", "released"))}
                 print(f"pass {k} {driver:5s} {code:32s} {p['wall_ms']:7.1f} ms cpu {p['daemon_cpu_ms']:6.1f} ms "
@@ -154,7 +160,8 @@ def main() -> None:
     for k, v in summary.items():
         print(f"  {k:40s} wall {v['wall_ms']:7.1f} ms  cpu {v['daemon_cpu_ms']:6.1f} ms  minflt {v['minflt']:7.0f}  "
               f"reads {v['reads']:.0f}")
-    path = save(args.tag, {"scale": args.scale, "threads": args.threads, "passes": passes, "summary": summary})
+    path = save(args.tag, {"scale": args.scale, "threads": args.threads, "workload": args.workload, "passes": passes,
+                           "summary": summary})
     print(f"saved {path}")
 
 

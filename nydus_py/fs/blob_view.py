@@ -142,7 +142,7 @@ class BlobViewFilesystem(Filesystem):
             readahead_chunks = 4 if local else 0
         chunks_of = getattr(image, "blob_chunks", None)
         self.readahead = (SequentialReadahead(image, device, readahead_chunks, chunks_of=chunks_of, track_hits=True,
-                                              release_behind=0)
+                                              release_behind=0, min_chunk=image.chunk_size // 2)
                           if readahead_chunks > 0 and callable(chunks_of) else None)
         # Set by the transport before mounting: passthrough is then asked for at INIT.
         self.backing: BackingFiles | None = None

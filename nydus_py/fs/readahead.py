@@ -47,11 +47,13 @@ class SequentialReadahead:
     read found loaded, or being loaded, ahead (tracked only for `track_hits`: a chunk lookup
     per read while any is outstanding). `release_behind`: the chunks a sequential reader of
     something at least that big (0: anything) has passed leave the in-memory chunk cache
-    (`released`, see `BlobDevice.release`); None: never."""
+    (`released`, see `BlobDevice.release`); None: never. Chunks under `min_chunk` bytes are not
+    loaded ahead (small files' chunks, past a big file in a view: quick to decode when asked
+    for, and the hand-off would cost more than it saves)."""
 
     def __init__(self, image: RafsImage, device: BlobDevice, chunks: int = 2, threads: int = 2, *,
                  chunks_of: ChunksOf | None = None, track_hits: bool = False,
-                 release_behind: int | None = None) -> None:
+                 release_behind: int | None = None, min_chunk: int = 0) -> None:
         self.image = image
         self.device = device
         self.chunks = chunks
@@ -59,6 +61,7 @@ class SequentialReadahead:
         self.chunks_of: ChunksOf = chunks_of or image.chunks
         self.track_hits = track_hits
         self.release_behind = release_behind
+        self.min_chunk = min_chunk
         self.released = 0
         self.skipped = 0  # loads dropped: the reader had passed the chunk before the pool got to it
         self.submitted = 0
@@ -100,6 +103,8 @@ class SequentialReadahead:
             for c in chunks:
                 key = (c.blob_index, c.compressed_offset)
                 # no thread hand-off for a hit, nor a pool thread parked on another reader's load
+                if c.uncompressed_size < self.min_chunk:
+                    continue
                 if key not in self._inflight and not self.device.holds(c) and not self.device.loading(c):
                     self._inflight.add(key)
                     todo.append(c)
