@@ -102,9 +102,9 @@ class SequentialReadahead:
         with self._lock:
             for c in chunks:
                 key = (c.blob_index, c.compressed_offset)
-                # no thread hand-off for a hit, nor a pool thread parked on another reader's load
                 if c.uncompressed_size < self.min_chunk:
                     continue
+                # no thread hand-off for a hit, nor a pool thread parked on another reader's load
                 if key not in self._inflight and not self.device.holds(c) and not self.device.loading(c):
                     self._inflight.add(key)
                     todo.append(c)
