@@ -69,14 +69,15 @@ class SequentialReadahead:
         self.hits = 0
         self._last_end: dict[int, int] = {}
         self._inflight: set[tuple[int, int]] = set()
-        self._ahead: set[tuple[int, int]] = set()  # submitted ahead, not read since (track_hits)
+        # submitted ahead and not read since (track_hits): per key, chunk -> its [start, end) there
+        self._ahead: dict[int, dict[tuple[int, int], tuple[int, int]]] = {}
         self._lock = threading.Lock()
         self._pool: ThreadPoolExecutor | None = None
 
     def after_read(self, ino: int, offset: int, end: int, file_size: int) -> None:
         """Note a served read of [offset, end) of `ino`; start loading the following chunks
         when the reader is sequential and has just entered a new chunk."""
-        if self._ahead:
+        if self._ahead and ino in self._ahead:
             self._count_hits(ino, offset, end)
         prev = self._last_end.get(ino)
         if len(self._last_end) >= _MAX_TRACKED:
@@ -95,7 +96,10 @@ class SequentialReadahead:
         start = ((end - 1) // cs + 1) * cs
         todo: list[ChunkInfo] = []
         try:
-            # (at most `chunks` + 1: past a big file's end, a view goes on with small files' chunks)
+            # (a view goes on past a big file's end with small files' chunks: one decoded chunk
+            # record says so, not the hundreds in the window)
+            if self.min_chunk and not any(c.uncompressed_size >= self.min_chunk for c in self.chunks_of(ino, start, 1)):
+                return
             chunks = self.chunks_of(ino, start, self.chunks * cs)[: self.chunks + 1]
         except Exception:  # the reader itself will meet (and report) a broken chunk table
             return
@@ -111,7 +115,7 @@ class SequentialReadahead:
                     if self.track_hits:
                         if len(self._ahead) >= _MAX_TRACKED:
                             self._ahead.clear()
-                        self._ahead.add(key)
+                        self._ahead.setdefault(ino, {})[key] = (c.file_offset, c.file_offset + c.uncompressed_size)
             if todo and self._pool is None:
                 self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rafs-readahead")
             pool = self._pool
@@ -135,16 +139,20 @@ class SequentialReadahead:
                 self.released += n
 
     def _count_hits(self, key: int, offset: int, end: int) -> None:
-        try:
-            chunks = self.chunks_of(key, offset, end - offset)
-        except Exception:
-            return
+        """The chunks loaded ahead that [offset, end) of `key` reads are hits; those far
+        behind it will not be read (by this reader) any more."""
         with self._lock:
-            for c in chunks:
-                k = (c.blob_index, c.compressed_offset)
-                if k in self._ahead:
-                    self._ahead.discard(k)
+            ahead = self._ahead.get(key)
+            if not ahead:
+                return
+            for k, (lo, hi) in list(ahead.items()):
+                if lo < end and hi > offset:
+                    del ahead[k]
                     self.hits += 1
+                elif hi <= offset - 4 * _MIN_SLACK:
+                    del ahead[k]
+            if not ahead:
+                del self._ahead[key]
 
     def _load(self, c: ChunkInfo, ino: int) -> None:
         key = (c.blob_index, c.compressed_offset)
@@ -162,8 +170,8 @@ class SequentialReadahead:
                 self._inflight.discard(key)
                 self.loaded += ok
                 self.skipped += passed
-                if not ok:
-                    self._ahead.discard(key)
+                if not ok and ino in self._ahead:
+                    self._ahead[ino].pop(key, None)
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
