@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 
 from ..config import ConfigError, ParsedConfig, parse_any, read_config_file
 from ..daemon.errors import ApiError
-from ..daemon.heap import StartupHeap
+from ..daemon.heap import StartupHeap, tune_malloc
 from ..daemon.image_ref import image_source, is_image_source
 from ..daemon.instance import MountCmd
 from ..daemon.logsetup import setup_logging
@@ -346,6 +346,7 @@ class Daemon:
 def main(argv: list[str] | None = None) -> int:
     heap = StartupHeap()
     heap.begin()  # no cyclic collection until the daemon serves (daemon.heap)
+    tune_malloc()  # decoded chunks reuse the heap's pages (daemon.heap)
     try:
         return _main(argv, heap)
     finally:

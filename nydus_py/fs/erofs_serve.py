@@ -159,6 +159,7 @@ class ErofsServe:
                 os.rmdir(self.view_dir)
             self.view_dir = ""
         self.direct.release()
+        self.fs.close()  # the decode-ahead pool
 
     # -- failover / hot upgrade ------------------------------------------------------------------
     @property
@@ -275,7 +276,7 @@ class ErofsServe:
 
     def snapshot(self) -> dict[str, Any]:
         """Metrics: kernel reads through the views, and whether it is mounted."""
-        out = self.fs.stats.snapshot()
+        out = self.fs.snapshot()
         out.update(self.direct.snapshot())
         out.update({"fs_driver": "erofs", "mountpoint": self.target, "view_dir": self.view_dir,
                     "mounted": self.mounted, "lazy_detaches": self.lazy_detaches, "aborts": self.aborts,

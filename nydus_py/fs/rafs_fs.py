@@ -111,7 +111,11 @@ class RafsFilesystem(Filesystem):
         self.attr_timeout = attr_timeout
         self.xattrs = enable_xattr and image.has_xattrs
         self.root = image.root_ino
-        self.readahead = SequentialReadahead(image, device, readahead_chunks) if readahead_chunks > 0 else None
+        # a file of a quarter of the chunk cache read sequentially releases what it passed (it
+        # would flush the cache of everything else)
+        self.readahead = (SequentialReadahead(image, device, readahead_chunks,
+                                              release_behind=max(device.cache.capacity // 4, 8 * image.chunk_size))
+                          if readahead_chunks > 0 else None)
         self.failures = RecentFailures()
         self.casefold = CaseFolder("RAFS image") if case_insensitive else None
         self._statfs = StatFs(blocks=0, bfree=0, bavail=0, files=image.superblock_inodes(), ffree=0, bsize=4096,

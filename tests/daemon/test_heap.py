@@ -4,7 +4,11 @@ serves, not on the path of the first requests."""
 
 from __future__ import annotations
 
+import ctypes
 import gc
+import os
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -66,3 +70,41 @@ def test_end_restores_the_collector_as_begin_found_it() -> None:
     heap.begin()
     heap.end()
     assert gc.isenabled()
+
+
+# A chunk-sized working set freed and taken again, as a sequential reader's decoded chunks are:
+# the faults of the second round are the fresh pages it got (with glibc's defaults the freed heap
+# top went back to the kernel).
+_REUSE = r"""
+import resource, sys
+from nydus_py.daemon.heap import tune_malloc
+print(tune_malloc() if sys.argv[1] == "tune" else "-")
+held = [b"x" * (1 << 20)]
+held.clear()  # (an mmapped chunk freed: glibc's dynamic thresholds rise as they would)
+held = [b"x" * (1 << 20) for _ in range(8)]
+held.clear()
+f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+held = [b"x" * (1 << 20) for _ in range(8)]
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+"""
+
+
+def _second_round_faults(mode: str, env: dict[str, str] | None = None) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", _REUSE, mode], check=True, capture_output=True, text=True,
+                         env={**os.environ, **(env or {})}).stdout.split()
+    return out[0], int(out[1])
+
+
+def test_decoded_chunk_memory_is_reused_not_faulted_in_again() -> None:
+    if not hasattr(ctypes.CDLL(None), "mallopt"):
+        pytest.skip("no glibc mallopt")
+    tuned, faults = _second_round_faults("tune")
+    assert tuned == "True"
+    assert faults < 256, f"{faults} minor faults taking 8 MiB again (8 MiB is 2048 pages)"
+    _, untuned = _second_round_faults("none")
+    assert untuned >= 1024  # (the defaults this guards against: what the test is about)
+
+
+def test_the_environment_wins_over_tune_malloc() -> None:
+    tuned, _ = _second_round_faults("tune", {"MALLOC_TRIM_THRESHOLD_": str(128 << 10)})
+    assert tuned == "False"

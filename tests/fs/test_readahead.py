@@ -8,6 +8,7 @@ from nydus_py.builder.options import BuildOptions
 from nydus_py.fs.rafs_fs import RafsFilesystem
 from nydus_py.rafs import open_bootstrap
 from nydus_py.rafs.model import BlobInfo
+from nydus_py.storage.cache.chunk_cache import ChunkCache
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 
@@ -114,5 +115,46 @@ def test_chunks_already_held_are_not_handed_to_the_pool(tmp_path: Path) -> None:
         for off in range(0, 4 * CHUNK, step):  # all of these chunks and the next two are cached
             assert bytes(fs.read(ino, 0, off, step)) == data[off : off + step]
         assert ra.submitted == submitted
+    finally:
+        fs.close()
+
+
+def test_a_big_file_read_sequentially_releases_what_it_passed(tmp_path: Path) -> None:
+    """A file of a quarter of the chunk cache or more would flush it of everything else: its
+    chunks leave the cache once the reader is past them (the page cache holds them)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    data = random.Random(3).randbytes(N_CHUNKS * CHUNK)
+    (src / "f").write_bytes(data)
+    img = build(str(src), str(tmp_path / "img"), BuildOptions(chunk_size=CHUNK), views=False)
+    image = open_bootstrap(img.boot)
+    ino = image.lookup(image.root_ino, b"f")
+    assert ino is not None
+    source = CountingDir(img.blob_dir)
+    small = ChunkCache(N_CHUNKS * CHUNK)  # the file is all of it: released
+    fs = RafsFilesystem(image, BlobDevice(image, source, validate=False, cache=small), readahead_chunks=2)
+    try:
+        step = 32 << 10
+        for off in range(0, N_CHUNKS * CHUNK, step):
+            assert bytes(fs.read(ino, 0, off, step)) == data[off : off + step]
+        _settle(fs)
+        ra = fs.readahead
+        assert ra is not None and ra.released >= N_CHUNKS - 8
+        assert small.held <= 8 * CHUNK
+        assert len(source.reads) == len(set(source.reads)) == N_CHUNKS  # nothing decoded twice
+    finally:
+        fs.close()
+        image.close()
+
+
+def test_a_small_file_keeps_its_chunks(tmp_path: Path) -> None:
+    fs, ino, data, source, offsets = _setup(tmp_path)  # a 4 MiB file, a 64 MiB chunk cache
+    try:
+        step = 32 << 10
+        for off in range(0, N_CHUNKS * CHUNK, step):
+            assert bytes(fs.read(ino, 0, off, step)) == data[off : off + step]
+        _settle(fs)
+        assert fs.readahead is not None and fs.readahead.released == 0
+        assert fs.device.cache.held == N_CHUNKS * CHUNK
     finally:
         fs.close()

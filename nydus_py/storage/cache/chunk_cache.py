@@ -195,6 +195,23 @@ class ChunkCache:
             data = self.store._data.get((self.serial, key))
         return data if data is not None and len(data) >= need else None
 
+    def loading(self, key: Hashable) -> bool:
+        """Whether a load of `key` is under way (another reader will have it soon)."""
+        with self.store.lock:
+            return (self.serial, key) in self.store._loading
+
+    def discard(self, key: Hashable) -> bool:
+        """Drop `key`'s held bytes (a load under way is not touched); whether any were held."""
+        store = self.store
+        with store.lock:
+            gone = store._data.pop((self.serial, key), None)
+            if gone is None:
+                return False
+            store.size -= len(gone)
+            if self.serial in store._held:
+                store._held[self.serial] -= len(gone)
+        return True
+
     def clear(self) -> None:
         """Drop this view's entries (it stays usable)."""
         self.store._drop(self.serial, close=False)
