@@ -14,8 +14,10 @@ import fcntl
 import logging
 import mmap
 import os
+import select
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from ..fuse.abi import BACKING_ID, BACKING_MAP, FUSE_DEV_IOC_BACKING_CLOSE, FUSE_DEV_IOC_BACKING_OPEN
@@ -42,6 +44,53 @@ FUSE_READ = 15
 # READ, WRITE, FSYNC, FSYNCDIR, FALLOCATE, COPY_FILE_RANGE.
 _HANDOFF_OPCODES = frozenset({FUSE_READ, 16, 20, 30, 43, 47})
 
+# Busy-polling after a reply (see PollWindow): the longest window, in microseconds. A stream of
+# requests (a stat loop, a cold `find`) comes back within a few tens of microseconds of each
+# reply; a thread blocked in read(2) instead is woken through the scheduler, and in a VM whose
+# idle vCPUs halt that wake-up is an IPI through the host (50 us and more here).
+DEFAULT_POLL_US = 100
+_POLL_START_NS = 10_000  # the first window once requests come close together
+
+
+class PollWindow:
+    """How long a worker polls /dev/fuse after a reply before it blocks in read(2) (sans-IO).
+
+    The guest haltpoll governor's rule, in user space: the window grows (doubling, from
+    `start_ns` up to `limit_ns`) when a request came within `limit_ns` of the last reply but
+    after the window had run out, and shrinks (halving, to 0 below `start_ns`) when the worker
+    blocked longer than `limit_ns`: an idle daemon spins at most one window after its last
+    request and then sleeps in read(2); a sparse stream settles at no polling at all."""
+
+    __slots__ = ("limit_ns", "start_ns", "window_ns")
+
+    def __init__(self, limit_ns: int, start_ns: int = _POLL_START_NS) -> None:
+        self.limit_ns = max(0, limit_ns)
+        self.start_ns = min(start_ns, self.limit_ns)
+        self.window_ns = 0
+
+    def blocked(self, waited_ns: int) -> None:
+        """The worker slept `waited_ns` in read(2) (its window, if any, had run out)."""
+        if self.limit_ns == 0:
+            return
+        if waited_ns <= self.limit_ns:
+            self.window_ns = min(self.limit_ns, max(self.start_ns, self.window_ns * 2))
+        else:
+            w = self.window_ns // 2
+            self.window_ns = w if w >= self.start_ns else 0
+
+
+class PollStats:
+    """One worker's polling counters (the worker is their only writer; readers sum them)."""
+
+    __slots__ = ("reads", "hits", "misses", "spin_ns")
+
+    def __init__(self) -> None:
+        self.reads = 0  # requests read by this worker
+        self.hits = 0  # of them, found by polling (no sleep in read(2))
+        self.misses = 0  # windows that ran out with nothing to read
+        self.spin_ns = 0  # time spent polling
+
+
 # Reply bytes, or a list of buffers written with one writev (FuseSession.handle_vectored), or
 # None for requests the kernel expects no answer to.
 Handler = Callable[[memoryview], bytes | list[bytes | bytearray | memoryview] | None]
@@ -52,7 +101,7 @@ class FuseDevSession:
 
     def __init__(self, handler: Handler, mountpoint: str, *, threads: int = 4, max_write: int = 1 << 20,
                  fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
-                 leader_follower: bool = True, max_threads: int = 0) -> None:
+                 leader_follower: bool = True, max_threads: int = 0, poll_us: int = DEFAULT_POLL_US) -> None:
         if not 1 <= threads <= 1024:
             raise ValueError("thread count must be 1..1024")
         self.handler = handler
@@ -84,6 +133,17 @@ class FuseDevSession:
         self._lock = threading.Lock()
         # held by the one worker allowed to read /dev/fuse (None: every worker reads)
         self._reader = threading.Lock() if leader_follower and threads > 1 else None
+        self.poll_ns = max(0, poll_us) * 1000
+        self._poll_stats: list[PollStats] = []  # one per running worker
+        self._poll_done = PollStats()  # the counts of workers that have ended (spares retire)
+
+    def poll_metrics(self) -> dict[str, int]:
+        """Busy-polling counters summed over the workers (the metrics API shows them)."""
+        with self._lock:
+            stats = [*self._poll_stats, self._poll_done]
+        return {"poll_us": self.poll_ns // 1000, "requests": sum(p.reads for p in stats),
+                "poll_hits": sum(p.hits for p in stats), "poll_misses": sum(p.misses for p in stats),
+                "poll_spin_us": sum(p.spin_ns for p in stats) // 1000}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def mount(self) -> None:
@@ -254,6 +314,32 @@ class FuseDevSession:
         self._workers = []
         self.fd = -1
 
+    @staticmethod
+    def _poll_read(fd: int, buf: mmap.mmap, poller: select.poll, window: PollWindow, stats: PollStats,
+                   clock: Callable[[], int]) -> int:
+        """read(2) one request, after polling for it for the worker's window: a request found
+        so is read without the thread ever sleeping (no wake-up to pay). poll() releases the
+        GIL, so other workers run meanwhile."""
+        w = window.window_ns
+        if w:
+            t0 = now = clock()
+            end = t0 + w
+            poll = poller.poll
+            while not poll(0):
+                now = clock()
+                if now >= end:
+                    break
+            else:
+                stats.hits += 1
+                stats.spin_ns += clock() - t0
+                return os.readv(fd, [buf])
+            stats.misses += 1
+            stats.spin_ns += now - t0
+        t0 = clock()
+        n = os.readv(fd, [buf])
+        window.blocked(clock() - t0)
+        return n
+
     # -- the loop --------------------------------------------------------------------------------
     # Leader/follower: only the thread holding `_reader` reads /dev/fuse. It answers metadata
     # requests itself and keeps reading, so a stream of small requests never bounces between
@@ -270,13 +356,26 @@ class FuseDevSession:
         reader = self._reader
         leader = False
         retired = False
+        stats = PollStats()
+        with self._lock:
+            self._poll_stats.append(stats)
+        window = PollWindow(self.poll_ns)
+        poller: select.poll | None = None
+        if self.poll_ns:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+        clock = time.monotonic_ns
         try:
             while not retired:
                 if reader is not None and not leader:
                     reader.acquire()
                     leader = True
                 try:
-                    n = os.readv(fd, [buf])
+                    if poller is None:
+                        n = os.readv(fd, [buf])
+                    else:
+                        n = self._poll_read(fd, buf, poller, window, stats, clock)
+                    stats.reads += 1
                 except OSError as e:
                     if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                         continue
@@ -328,6 +427,13 @@ class FuseDevSession:
             # count below, or the session would never end.
             with contextlib.suppress(BufferError):
                 view.release()
+            with self._lock:
+                done = self._poll_done
+                done.reads += stats.reads
+                done.hits += stats.hits
+                done.misses += stats.misses
+                done.spin_ns += stats.spin_ns
+                self._poll_stats.remove(stats)
             if retired:  # a spare no longer needed: already uncounted, its channel closes
                 self._retire(fd)
             else:

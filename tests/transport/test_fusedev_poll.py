@@ -1,0 +1,165 @@
+"""Busy-polling of /dev/fuse after a reply: the window rule (sans-IO), and on a real mount that
+a stream of requests is read by polling (counted), and that an idle session's workers end up
+asleep in read(2) once the window has run out, burning no CPU."""
+
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+from nydus_py.api.client import ApiClient
+from nydus_py.fs.rafs_fs import RafsFilesystem
+from nydus_py.fuse.protocol import FuseSession
+from nydus_py.rafs import open_bootstrap
+from nydus_py.storage.device import BlobDevice
+from nydus_py.storage.localfs import LocalBlobDir
+from nydus_py.transport.fusedev import FuseDevSession, PollWindow
+from tests.conftest import require_device
+from tests.fs.mountrig import CHUNK, abort_connection, build, nydusd
+from tests.waiting import wait_until
+
+US = 1000
+
+
+def test_window_opens_when_requests_come_soon_after_a_reply() -> None:
+    w = PollWindow(100 * US, start_ns=10 * US)
+    assert w.window_ns == 0  # nothing polled before requests have been seen close together
+    w.blocked(30 * US)
+    assert w.window_ns == 10 * US
+    w.blocked(30 * US)
+    assert w.window_ns == 20 * US
+    for _ in range(10):
+        w.blocked(50 * US)
+    assert w.window_ns == 100 * US  # capped
+
+
+def test_window_closes_when_requests_stop() -> None:
+    w = PollWindow(100 * US, start_ns=10 * US)
+    for _ in range(5):
+        w.blocked(1 * US)
+    assert w.window_ns == 100 * US
+    w.blocked(10_000 * US)
+    assert w.window_ns == 50 * US
+    w.blocked(10_000 * US)
+    w.blocked(10_000 * US)
+    assert w.window_ns == 12_500
+    w.blocked(10_000 * US)
+    assert w.window_ns == 0  # below the start: no polling at all for a sparse stream
+
+
+def test_a_zero_limit_never_polls() -> None:
+    w = PollWindow(0)
+    for _ in range(3):
+        w.blocked(1)
+    assert w.window_ns == 0
+
+
+def _task_state(tid: int) -> tuple[str, str]:
+    """(state letter, wchan) of a thread of this process."""
+    stat = Path(f"/proc/self/task/{tid}/stat").read_text()
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state, Path(f"/proc/self/task/{tid}/wchan").read_text()
+
+
+def _serve(tmp_path: Path, poll_us: int):  # noqa: ANN202
+    require_device("/dev/fuse")
+    src = tmp_path / "src"
+    (src / "d").mkdir(parents=True)
+    (src / "d" / "f").write_bytes(os.urandom(CHUNK))
+    img = build(str(src), str(tmp_path / "img"), views=False)
+    image = open_bootstrap(img.boot)
+    source = LocalBlobDir(img.blob_dir)
+    fs = RafsFilesystem(image, BlobDevice(image, source), attr_timeout=0.0, readahead_chunks=0)
+    session = FuseSession(fs)
+    mnt = Path(os.path.realpath(tmp_path / "mnt"))
+    mnt.mkdir()
+    dev = FuseDevSession(session.handle_vectored, str(mnt), threads=2, max_write=session.max_write,
+                         poll_us=poll_us)
+    dev.mount()
+    watchdog = threading.Timer(120, abort_connection, args=(str(mnt),))
+    watchdog.start()
+
+    def close() -> None:
+        dev.close()
+        watchdog.cancel()
+        fs.close()
+        image.close()
+        source.close()
+
+    return dev, mnt, close
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_request_stream_is_polled_and_an_idle_session_sleeps_in_read(tmp_path: Path) -> None:
+    dev, mnt, close = _serve(tmp_path, poll_us=5000)  # a wide window: the stat loop always hits
+    try:
+        for _ in range(300):  # attr_timeout 0: every stat is GETATTRs, one right after another
+            os.stat(mnt / "d" / "f")
+        m = dev.poll_metrics()
+        assert m["poll_us"] == 5000
+        assert m["poll_hits"] >= 100, m  # most of the stream was read without sleeping
+        assert m["requests"] >= 600, m
+        # Nothing more comes: the window runs out, and each worker sleeps (the leader in
+        # fuse_dev_do_read, the other on the reader lock); a worker still polling is running.
+        tids = [t.native_id for t in dev._workers if t.native_id is not None]
+        assert len(tids) == 2
+
+        def asleep() -> list[tuple[str, str]] | None:
+            states = [_task_state(t) for t in tids]
+            ok = (all(s == "S" for s, _ in states) and any(w == "fuse_dev_do_read" for _, w in states)
+                  and dev.poll_metrics()["poll_misses"] >= 1)
+            return states if ok else None
+
+        wait_until(asleep, 10, lambda: f"workers asleep, one in read(2): {[_task_state(t) for t in tids]} "
+                                       f"{dev.poll_metrics()}")
+        spun = dev.poll_metrics()["poll_spin_us"]
+        assert all(w == "fuse_dev_do_read" or "futex" in w for _, w in asleep() or [])
+        # still asleep and not spinning: the counters only move when a request comes
+        assert dev.poll_metrics()["poll_spin_us"] == spun
+        os.stat(mnt / "d" / "f")
+        wait_until(lambda: dev.poll_metrics()["requests"] > m["requests"] + 2, 10, "the next requests")
+    finally:
+        close()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_poll_us_0_reads_blocking_only(tmp_path: Path) -> None:
+    dev, mnt, close = _serve(tmp_path, poll_us=0)
+    try:
+        for _ in range(50):
+            os.stat(mnt / "d" / "f")
+        m = dev.poll_metrics()
+        assert m["requests"] >= 100 and m["poll_hits"] == 0 and m["poll_misses"] == 0 and m["poll_spin_us"] == 0
+    finally:
+        close()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_daemon_flag_and_transport_metrics(tmp_path: Path) -> None:
+    """`--fuse-poll-us`: the window reaches the workers, and /api/v1/metrics/transport counts
+    the requests read by polling."""
+    require_device("/dev/fuse")
+    src = tmp_path / "src"
+    for i in range(20):
+        (src / f"d{i}").mkdir(parents=True)
+        (src / f"d{i}" / "f").write_bytes(b"x" * i)
+    img = build(str(src), str(tmp_path / "img"), views=False)
+    mnt, sock = str(tmp_path / "mnt"), str(tmp_path / "api.sock")
+    with nydusd(img.boot, img.blob_dir, mnt, str(tmp_path), args=("--fuse-poll-us", "3000", "--apisock", sock),
+                attr_timeout=0, entry_timeout=0):
+        wait_until(lambda: os.path.exists(sock), 30, "the API socket")
+        for _ in range(20):  # a stream of LOOKUPs and GETATTRs, each right after the last reply
+            for i in range(20):
+                os.stat(os.path.join(mnt, f"d{i}", "f"))
+        client = ApiClient(sock)
+        try:
+            m = client.call("GET", "/api/v1/metrics/transport")
+        finally:
+            client.close()
+    assert m["transport"] == "fusedev"
+    f = m["fusedev"]
+    assert f["poll_us"] == 3000 and f["requests"] >= 800 and f["poll_hits"] >= 100, f
