@@ -126,6 +126,32 @@ def test_a_request_stream_is_polled_and_an_idle_session_sleeps_in_read(tmp_path:
 
 @pytest.mark.slow
 @pytest.mark.root
+def test_no_polling_between_reads(tmp_path: Path) -> None:
+    """Where READs come every other request, the workers stop polling: the client's turn between
+    them is longer than polling pays for, and the spin would take the CPU it needs."""
+    dev, mnt, close = _serve(tmp_path, poll_us=5000)
+    try:
+        path = mnt / "d" / "f"
+        for _ in range(100):
+            os.stat(path)
+        before = dev.poll_metrics()
+        assert before["poll_hits"] >= 50, before
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+        try:
+            for _ in range(100):  # GETATTR, READ, GETATTR, READ, ...
+                os.stat(path)
+                assert len(os.pread(fd, 4096, 0)) == 4096
+        finally:
+            os.close(fd)
+        after = dev.poll_metrics()
+        assert after["requests"] >= before["requests"] + 200, after
+        assert after["poll_hits"] - before["poll_hits"] <= 20, (before, after)  # of 400 requests
+    finally:
+        close()
+
+
+@pytest.mark.slow
+@pytest.mark.root
 def test_poll_us_0_reads_blocking_only(tmp_path: Path) -> None:
     dev, mnt, close = _serve(tmp_path, poll_us=0)
     try:
