@@ -50,6 +50,9 @@ _HANDOFF_OPCODES = frozenset({FUSE_READ, 16, 20, 30, 43, 47})
 # idle vCPUs halt that wake-up is an IPI through the host (50 us and more here).
 DEFAULT_POLL_US = 100
 _POLL_START_NS = 10_000  # the first window once requests come close together
+# A sched_yield() that took longer than this let another task run: the CPU is not idle, and
+# polling on it stops (it would only delay whoever needs the CPU, the client included).
+_YIELD_BUSY_NS = 20_000
 # Polling only once this many requests in a row were metadata: where READs come every few
 # requests (cat of small files), the client spends its turn on page-cache work and the next
 # request comes later than polling pays for; a spinning thread then only takes the CPU the
@@ -74,6 +77,11 @@ class PollWindow:
         self.start_ns = min(start_ns, self.limit_ns)
         self.window_ns = 0
 
+    def contended(self) -> None:
+        """The spin gave the CPU to another task (the CPU is busy): poll less."""
+        w = self.window_ns // 2
+        self.window_ns = w if w >= self.start_ns else 0
+
     def blocked(self, waited_ns: int) -> None:
         """A request came `waited_ns` after the reply, its window (if any) having run out."""
         if self.limit_ns == 0:
@@ -88,12 +96,13 @@ class PollWindow:
 class PollStats:
     """One worker's polling counters (the worker is their only writer; readers sum them)."""
 
-    __slots__ = ("reads", "hits", "misses", "spin_ns")
+    __slots__ = ("reads", "hits", "misses", "yielded", "spin_ns")
 
     def __init__(self) -> None:
         self.reads = 0  # requests read by this worker
         self.hits = 0  # of them, found by polling (no sleep in read(2))
-        self.misses = 0  # windows that ran out with nothing to read
+        self.misses = 0  # windows that ran out with nothing to read (or were cut short: yielded)
+        self.yielded = 0  # spins stopped because another task took the CPU meanwhile
         self.spin_ns = 0  # time spent polling
 
 
@@ -150,6 +159,7 @@ class FuseDevSession:
             stats = [*self._poll_stats, self._poll_done]
         return {"poll_us": self.poll_ns // 1000, "requests": sum(p.reads for p in stats),
                 "poll_hits": sum(p.hits for p in stats), "poll_misses": sum(p.misses for p in stats),
+                "poll_yielded": sum(p.yielded for p in stats),
                 "poll_spin_us": sum(p.spin_ns for p in stats) // 1000}
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -335,12 +345,23 @@ class FuseDevSession:
             end = t0 + w
             poll = poller.poll
             yld = os.sched_yield
-            while not poll(0):
+            found = False
+            while not (found := bool(poll(0))):
                 now = clock()
                 if now >= end:
                     break
                 yld()
-            else:
+                if clock() - now > _YIELD_BUSY_NS:
+                    # Another task ran on this CPU meanwhile: the CPU is wanted (the client's
+                    # turn, or another process). One more look (the client may just have
+                    # sent), then sleep: spinning on a busy CPU only delays whoever needs it,
+                    # and a sleeper is woken ahead of a thread that has used its share.
+                    found = bool(poll(0))
+                    if not found:
+                        stats.yielded += 1
+                        window.contended()
+                    break
+            if found:
                 stats.hits += 1
                 stats.spin_ns += clock() - t0
                 return os.readv(fd, [buf])
@@ -447,6 +468,7 @@ class FuseDevSession:
                 done.reads += stats.reads
                 done.hits += stats.hits
                 done.misses += stats.misses
+                done.yielded += stats.yielded
                 done.spin_ns += stats.spin_ns
                 self._poll_stats.remove(stats)
             if retired:  # a spare no longer needed: already uncounted, its channel closes

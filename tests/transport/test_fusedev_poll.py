@@ -48,6 +48,17 @@ def test_window_closes_when_requests_stop() -> None:
     assert w.window_ns == 0  # below the start: no polling at all for a sparse stream
 
 
+def test_a_busy_cpu_halves_the_window() -> None:
+    w = PollWindow(100 * US, start_ns=10 * US)
+    for _ in range(5):
+        w.blocked(1 * US)
+    w.contended()
+    assert w.window_ns == 50 * US
+    for _ in range(3):
+        w.contended()
+    assert w.window_ns == 0
+
+
 def test_a_zero_limit_never_polls() -> None:
     w = PollWindow(0)
     for _ in range(3):
