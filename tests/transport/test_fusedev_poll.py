@@ -3,6 +3,8 @@ a stream of requests is read by polling (counted), and that an idle session's wo
 asleep in read(2) once the window has run out, burning no CPU."""
 
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -132,6 +134,33 @@ def test_a_request_stream_is_polled_and_an_idle_session_sleeps_in_read(tmp_path:
         os.stat(mnt / "d" / "f")
         wait_until(lambda: dev.poll_metrics()["requests"] > m["requests"] + 2, 10, "the next requests")
     finally:
+        close()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_polling_backs_off_when_another_task_wants_the_cpu(tmp_path: Path) -> None:
+    """A spin that yields to another runnable task stops and sleeps instead (poll_yielded): on a
+    busy CPU, spinning only delays the client and whatever else runs there."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    dev, mnt, close = _serve(tmp_path, poll_us=5000)
+    hog = subprocess.Popen(["taskset", "-c", str(cpus[0]), sys.executable, "-c", "while True: pass"])
+    try:
+        for t in dev._workers:  # the workers share the hog's CPU; the client (this thread) does not
+            assert t.native_id is not None
+            os.sched_setaffinity(t.native_id, {cpus[0]})
+        os.sched_setaffinity(threading.get_native_id(), {cpus[1]})
+        path = mnt / "d" / "f"
+        for _ in range(300):
+            os.stat(path)
+        m = dev.poll_metrics()
+        assert m["poll_yielded"] >= 1, m
+    finally:
+        os.sched_setaffinity(threading.get_native_id(), set(cpus))
+        hog.kill()
+        hog.wait()
         close()
 
 
