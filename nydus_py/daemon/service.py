@@ -402,7 +402,7 @@ class DaemonService:
     # -- transports -----------------------------------------------------------------------------
     def _new_fusedev(self) -> FuseDevSession:
         return FuseDevSession(self.session.handle_vectored, self.opts.mountpoint, threads=self.opts.threads,
-                              poll_us=self.opts.fuse_poll_us)
+                              poll_us=self.opts.fuse_poll_us, read_waits=self.session.read_waits)
 
     def _attach_transport(self, fd: int) -> None:
         if self.opts.io_uring:  # the predecessor's INIT decided; its ring entries died with it

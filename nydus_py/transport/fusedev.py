@@ -94,12 +94,13 @@ class PollWindow:
 
 
 class PollStats:
-    """One worker's polling counters (the worker is their only writer; readers sum them)."""
+    """One worker's counters (the worker is their only writer; readers sum them)."""
 
-    __slots__ = ("reads", "hits", "misses", "yielded", "spin_ns")
+    __slots__ = ("reads", "kept", "hits", "misses", "yielded", "spin_ns")
 
     def __init__(self) -> None:
         self.reads = 0  # requests read by this worker
+        self.kept = 0  # READs it answered itself, no hand-off (read_waits said they do not wait)
         self.hits = 0  # of them, found by polling (no sleep in read(2))
         self.misses = 0  # windows that ran out with nothing to read (or were cut short: yielded)
         self.yielded = 0  # spins stopped because another task took the CPU meanwhile
@@ -116,7 +117,8 @@ class FuseDevSession:
 
     def __init__(self, handler: Handler, mountpoint: str, *, threads: int = 4, max_write: int = 1 << 20,
                  fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
-                 leader_follower: bool = True, max_threads: int = 0, poll_us: int = DEFAULT_POLL_US) -> None:
+                 leader_follower: bool = True, max_threads: int = 0, poll_us: int = DEFAULT_POLL_US,
+                 read_waits: Callable[[memoryview], bool] | None = None) -> None:
         if not 1 <= threads <= 1024:
             raise ValueError("thread count must be 1..1024")
         self.handler = handler
@@ -149,6 +151,9 @@ class FuseDevSession:
         # held by the one worker allowed to read /dev/fuse (None: every worker reads)
         self._reader = threading.Lock() if leader_follower and threads > 1 else None
         self.poll_ns = max(0, poll_us) * 1000
+        # READs the handler says do not wait on slow I/O (local blobs) are answered by the
+        # reading thread, like metadata: no hand-off (None: every READ is handed on)
+        self.read_waits = read_waits
         self._poll_stats: list[PollStats] = []  # one per running worker
         self._poll_done = PollStats()  # the counts of workers that have ended (spares retire)
         self._since_handoff = 0  # requests read since the last hand-off one (READ, WRITE, ...)
@@ -158,6 +163,7 @@ class FuseDevSession:
         with self._lock:
             stats = [*self._poll_stats, self._poll_done]
         return {"poll_us": self.poll_ns // 1000, "requests": sum(p.reads for p in stats),
+                "reads_kept": sum(p.kept for p in stats),
                 "poll_hits": sum(p.hits for p in stats), "poll_misses": sum(p.misses for p in stats),
                 "poll_yielded": sum(p.yielded for p in stats),
                 "poll_spin_us": sum(p.spin_ns for p in stats) // 1000}
@@ -386,6 +392,7 @@ class FuseDevSession:
         buf = mmap.mmap(-1, self.bufsize)
         view = memoryview(buf)
         handler = self.handler
+        read_waits = self.read_waits
         reader = self._reader
         leader = False
         retired = False
@@ -418,6 +425,9 @@ class FuseDevSession:
                 if n == 0:
                     return
                 blocking = buf[4] in _HANDOFF_OPCODES and buf[5] == 0
+                if blocking and read_waits is not None and buf[4] == FUSE_READ and not read_waits(view[:n]):
+                    blocking = False
+                    stats.kept += 1
                 self._since_handoff = 0 if blocking else self._since_handoff + 1
                 if blocking:
                     # counted before the reader role goes: the next reader sees it and does
@@ -469,6 +479,7 @@ class FuseDevSession:
                 done.hits += stats.hits
                 done.misses += stats.misses
                 done.yielded += stats.yielded
+                done.kept += stats.kept
                 done.spin_ns += stats.spin_ns
                 self._poll_stats.remove(stats)
             if retired:  # a spare no longer needed: already uncounted, its channel closes

@@ -207,7 +207,7 @@ def test_poll_us_0_reads_blocking_only(tmp_path: Path) -> None:
 @pytest.mark.root
 def test_daemon_flag_and_transport_metrics(tmp_path: Path) -> None:
     """`--fuse-poll-us`: the window reaches the workers, and /api/v1/metrics/transport counts
-    the requests read by polling."""
+    the requests read by polling, and the READs answered without a hand-off."""
     require_device("/dev/fuse")
     src = tmp_path / "src"
     for i in range(20):
@@ -221,6 +221,8 @@ def test_daemon_flag_and_transport_metrics(tmp_path: Path) -> None:
         for _ in range(20):  # a stream of LOOKUPs and GETATTRs, each right after the last reply
             for i in range(20):
                 os.stat(os.path.join(mnt, f"d{i}", "f"))
+        for i in range(1, 20):  # READs of a localfs image: answered without a hand-off
+            assert Path(mnt, f"d{i}", "f").read_bytes() == b"x" * i
         client = ApiClient(sock)
         try:
             m = client.call("GET", "/api/v1/metrics/transport")
@@ -229,3 +231,4 @@ def test_daemon_flag_and_transport_metrics(tmp_path: Path) -> None:
     assert m["transport"] == "fusedev"
     f = m["fusedev"]
     assert f["poll_us"] == 3000 and f["requests"] >= 800 and f["poll_hits"] >= 100, f
+    assert f["reads_kept"] >= 19, f
