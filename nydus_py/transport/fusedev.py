@@ -44,6 +44,12 @@ FUSE_READ = 15
 # READ, WRITE, FSYNC, FSYNCDIR, FALLOCATE, COPY_FILE_RANGE.
 _HANDOFF_OPCODES = frozenset({FUSE_READ, 16, 20, 30, 43, 47})
 
+# A READ the filesystem says does not wait (read_waits) is answered by the reading thread when it
+# asks for at most this much (a small file, a random read); larger ones (sequential readahead
+# windows) are still handed on, so that the chunks of concurrent windows decode in parallel.
+KEEP_READ_MAX = 128 << 10
+_READ_SIZE = struct.Struct("<I")  # fuse_read_in.size, after in_header (40) + fh + offset
+
 # Busy-polling after a reply (see PollWindow): the longest window, in microseconds. A stream of
 # requests (a stat loop, a cold `find`) comes back within a few tens of microseconds of each
 # reply; a thread blocked in read(2) instead is woken through the scheduler, and in a VM whose
@@ -425,7 +431,8 @@ class FuseDevSession:
                 if n == 0:
                     return
                 blocking = buf[4] in _HANDOFF_OPCODES and buf[5] == 0
-                if blocking and read_waits is not None and buf[4] == FUSE_READ and not read_waits(view[:n]):
+                if (blocking and read_waits is not None and buf[4] == FUSE_READ
+                        and _READ_SIZE.unpack_from(buf, 56)[0] <= KEEP_READ_MAX and not read_waits(view[:n])):
                     blocking = False
                     stats.kept += 1
                 self._since_handoff = 0 if blocking else self._since_handoff + 1

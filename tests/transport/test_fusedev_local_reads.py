@@ -17,7 +17,7 @@ from nydus_py.rafs import open_bootstrap
 from nydus_py.storage.cache.blobcache import BlobCacheManager
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
-from nydus_py.transport.fusedev import FuseDevSession
+from nydus_py.transport.fusedev import KEEP_READ_MAX, FuseDevSession
 from nydus_py.vfs.vfs import Vfs
 from tests.conftest import require_device
 from tests.fs.mountrig import CHUNK, abort_connection, build
@@ -40,6 +40,7 @@ def image(tmp_path: Path):  # noqa: ANN201
     src.mkdir()
     for i in range(4):
         (src / f"f{i}").write_bytes(os.urandom(CHUNK + 100 * i))
+    (src / "big").write_bytes(os.urandom(8 * CHUNK))
     img = build(str(src), str(tmp_path / "img"), views=False)
     boot = open_bootstrap(img.boot)
     yield src, img, boot
@@ -83,6 +84,7 @@ def test_the_session_asks_the_filesystem_of_the_inode() -> None:
 
 def _serve_and_read(image, tmp_path: Path, read_waits):  # noqa: ANN001, ANN202
     require_device("/dev/fuse")
+    assert 8 * CHUNK >= 2 * KEEP_READ_MAX
     src, img, boot = image
     source = LocalBlobDir(img.blob_dir)
     fs = RafsFilesystem(boot, BlobDevice(boot, source), attr_timeout=0.0, readahead_chunks=0)
@@ -110,7 +112,16 @@ def _serve_and_read(image, tmp_path: Path, read_waits):  # noqa: ANN001, ANN202
                     assert os.pread(fd, 4096, 0) == (src / f"f{i}").read_bytes()[:4096]
                 finally:
                     os.close(fd)
-        return dev.poll_metrics(), threads
+        m = dev.poll_metrics()
+        # a READ larger than KEEP_READ_MAX (a readahead window) is handed on all the same
+        fd = os.open(mnt / "big", os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.pread(fd, KEEP_READ_MAX * 2, 0) == (src / "big").read_bytes()[:KEEP_READ_MAX * 2]
+        finally:
+            os.close(fd)
+        big = dev.poll_metrics()
+        assert big["reads_kept"] == m["reads_kept"], (m, big)
+        return m, threads
     finally:
         dev.close()
         watchdog.cancel()
