@@ -59,6 +59,7 @@ _POLL_START_NS = 10_000  # the first window once requests come close together
 # A sched_yield() that took longer than this let another task run: the CPU is not idle, and
 # polling on it stops (it would only delay whoever needs the CPU, the client included).
 _YIELD_BUSY_NS = 20_000
+POLL_COOLDOWN = 64  # requests read without polling after a spin met a busy CPU
 # Polling only once this many requests in a row were metadata: where READs come every few
 # requests (cat of small files), the client spends its turn on page-cache work and the next
 # request comes later than polling pays for; a spinning thread then only takes the CPU the
@@ -76,21 +77,27 @@ class PollWindow:
     last request and then sleeps in read(2); a stream whose requests come further apart than
     `limit_ns` settles at no polling at all."""
 
-    __slots__ = ("limit_ns", "start_ns", "window_ns")
+    __slots__ = ("limit_ns", "start_ns", "window_ns", "cooldown")
 
     def __init__(self, limit_ns: int, start_ns: int = _POLL_START_NS) -> None:
         self.limit_ns = max(0, limit_ns)
         self.start_ns = min(start_ns, self.limit_ns)
         self.window_ns = 0
+        self.cooldown = 0  # requests to go before the window may open again (contended)
 
     def contended(self) -> None:
-        """The spin gave the CPU to another task (the CPU is busy): poll less."""
-        w = self.window_ns // 2
-        self.window_ns = w if w >= self.start_ns else 0
+        """The spin gave the CPU to another task: the CPU is not idle (another process, or the
+        client itself shares this CPU, when a woken thread costs no IPI anyway). No polling
+        for the next `cooldown` requests."""
+        self.window_ns = 0
+        self.cooldown = POLL_COOLDOWN
 
     def blocked(self, waited_ns: int) -> None:
         """A request came `waited_ns` after the reply, its window (if any) having run out."""
         if self.limit_ns == 0:
+            return
+        if self.cooldown:
+            self.cooldown -= 1
             return
         if waited_ns <= self.limit_ns:
             self.window_ns = min(self.limit_ns, max(self.start_ns, self.window_ns * 2))
@@ -364,14 +371,14 @@ class FuseDevSession:
                     break
                 yld()
                 if clock() - now > _YIELD_BUSY_NS:
-                    # Another task ran on this CPU meanwhile: the CPU is wanted (the client's
-                    # turn, or another process). One more look (the client may just have
-                    # sent), then sleep: spinning on a busy CPU only delays whoever needs it,
-                    # and a sleeper is woken ahead of a thread that has used its share.
+                    # Another task ran on this CPU meanwhile: the CPU is wanted (another
+                    # process, or the client itself on this CPU, whose wake-ups cost no IPI:
+                    # polling gains nothing there and adds syscalls). One more look (the client
+                    # may just have sent), then no polling for a while: spinning on a busy CPU
+                    # only delays whoever needs it.
                     found = bool(poll(0))
-                    if not found:
-                        stats.yielded += 1
-                        window.contended()
+                    stats.yielded += 1
+                    window.contended()
                     break
             if found:
                 stats.hits += 1
