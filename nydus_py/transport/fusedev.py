@@ -49,6 +49,7 @@ _HANDOFF_OPCODES = frozenset({FUSE_READ, 16, 20, 30, 43, 47})
 # windows) are still handed on, so that the chunks of concurrent windows decode in parallel.
 KEEP_READ_MAX = 128 << 10
 _READ_SIZE = struct.Struct("<I")  # fuse_read_in.size, after in_header (40) + fh + offset
+_READ_SIZE_END = 60
 
 # Busy-polling after a reply (see PollWindow): the longest window, in microseconds. A stream of
 # requests (a stat loop, a cold `find`) comes back within a few tens of microseconds of each
@@ -60,10 +61,11 @@ _POLL_START_NS = 10_000  # the first window once requests come close together
 # polling on it stops (it would only delay whoever needs the CPU, the client included).
 _YIELD_BUSY_NS = 20_000
 POLL_COOLDOWN = 64  # requests read without polling after a spin met a busy CPU
-# Polling only once this many requests in a row were metadata: where READs come every few
-# requests (cat of small files), the client spends its turn on page-cache work and the next
-# request comes later than polling pays for; a spinning thread then only takes the CPU the
-# client needs (measured: cold small files slower with polling, find and stat loops faster).
+# Polling only once this many requests in a row were answered by the reading thread: where
+# handed-off READs come every few requests (cat of small files from a registry), the next
+# request comes only after the READ's worker replies, later than polling pays for; a spinning
+# thread then only takes the CPU that worker and the client need (measured, with local READs
+# still handed off: cold small files slower with polling, find and stat loops faster).
 POLL_AFTER_METADATA = 8
 
 
@@ -228,16 +230,16 @@ class FuseDevSession:
         log.debug("all %d FUSE workers are blocked; started a spare", self._running - 1)
         t.start()
 
-    def _enter_blocking(self, fd: int) -> None:
-        """A worker is about to handle a request that may block: keep one worker free."""
+    def _count_blocking(self) -> bool:
+        """A worker is about to handle a request that may block: counted; True when it must
+        start a spare (`_start_spare`, already counted in `_running`) to keep one worker free."""
         with self._lock:
             self._blocked += 1
             spare = (self._blocked >= self._running and self._running < self.max_threads
                      and not self._stopped.is_set())
             if spare:
                 self._running += 1
-        if spare:
-            self._start_spare(fd)
+        return spare
 
     def _leave_blocking(self, spare: bool) -> bool:
         """Done with a blocking request; True when this spare worker should retire (another
@@ -356,7 +358,7 @@ class FuseDevSession:
         so is read without the thread ever sleeping (no wake-up to pay). Not while another
         worker is inside a READ (or another hand-off request): its client waits for that reply
         before it sends more, and a spinning thread would only take CPU (and the GIL) from it;
-        nor right after READs (POLL_AFTER_METADATA). The spin yields the CPU between polls, so
+        nor right after hand-offs (POLL_AFTER_METADATA). The spin yields the CPU between polls, so
         that a client woken on this CPU runs at once."""
         w = window.window_ns
         if w and not self._blocked and self._since_handoff >= POLL_AFTER_METADATA:
@@ -438,7 +440,7 @@ class FuseDevSession:
                 if n == 0:
                     return
                 blocking = buf[4] in _HANDOFF_OPCODES and buf[5] == 0
-                if (blocking and read_waits is not None and buf[4] == FUSE_READ
+                if (blocking and read_waits is not None and buf[4] == FUSE_READ and n >= _READ_SIZE_END
                         and _READ_SIZE.unpack_from(buf, 56)[0] <= KEEP_READ_MAX and not read_waits(view[:n])):
                     blocking = False
                     stats.kept += 1
@@ -446,10 +448,12 @@ class FuseDevSession:
                 if blocking:
                     # counted before the reader role goes: the next reader sees it and does
                     # not spin while this request is handled
-                    self._enter_blocking(fd)
+                    spare = self._count_blocking()
                     if leader:
                         leader = False
                         reader.release()  # type: ignore[union-attr]
+                    if spare:
+                        self._start_spare(fd)
                 try:
                     reply = handler(view[:n])
                 except ValueError as e:  # FuseProtocolError: a fragment with no header to answer

@@ -53,10 +53,13 @@ def test_rafs_reads_wait_only_without_a_local_backend(image, tmp_path: Path) -> 
     metered = MeteredBackend(LocalBlobDir(img.blob_dir), BackendStats("localfs"))
     cache = BlobCacheManager(str(tmp_path / "cache"), LocalBlobDir(img.blob_dir))
     remote = RemoteDir(img.blob_dir)
+    fss = {name: RafsFilesystem(boot, BlobDevice(boot, src))
+           for name, src in (("local", local), ("metered", metered), ("cache", cache), ("remote", remote))}
     try:
-        answers = {name: RafsFilesystem(boot, BlobDevice(boot, src)).read_waits(boot.root_ino)
-                   for name, src in (("local", local), ("metered", metered), ("cache", cache), ("remote", remote))}
+        answers = {name: fs.read_waits(boot.root_ino) for name, fs in fss.items()}
     finally:
+        for fs in fss.values():
+            fs.close()
         for s in (local, metered.inner, remote):
             s.close()
         cache.close()
