@@ -46,6 +46,17 @@ class Variant(NydusPy):
             time.sleep(0.01)
 
 
+def halts() -> int:
+    """Idle entries of every CPU so far (cpuidle states but POLL: each a halt of the vCPU, whose
+    wake-up is an IPI through the host)."""
+    n = 0
+    for cpu in Path("/sys/devices/system/cpu").glob("cpu[0-9]*"):
+        for st in (cpu / "cpuidle").glob("state*"):
+            if (st / "name").read_text().strip() != "POLL":
+                n += int((st / "usage").read_text())
+    return n
+
+
 def cpu_s(pid: int) -> float:
     f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
@@ -70,10 +81,13 @@ def measure(v: Variant, native_us: float, n: int, reps: int, idle: float) -> dic
         res: dict[str, object] = {}
         for clients in (1, 4):
             before = _fop_count(v.apisock)
+            h0 = halts()
             batches = stat_clients(path, clients, n, reps)
-            per_stat = (_fop_count(v.apisock) - before) / (clients * (n * reps + 1))
+            requests = _fop_count(v.apisock) - before
+            per_stat = requests / (clients * (n * reps + 1))
             med = statistics.median(batches)
             res[f"c{clients}"] = {"stat_us": med, "getattr_rtt_us": (med - native_us) / per_stat,
+                                  "halts_per_request": (halts() - h0) / requests,
                                   "best_rtt_us": (min(batches) - native_us) / per_stat,
                                   "requests_per_stat": per_stat, "batches_us": batches}
         time.sleep(0.2)  # let the last burst's window run out (not what is measured)
@@ -125,16 +139,18 @@ def main() -> None:
             res = measure(v, native, args.n, args.reps, args.idle)
             raw[v.name].append(res)
             c1, c4 = res["c1"], res["c4"]
-            print(f"round {r} {v.name:8s} rtt 1 client {c1['getattr_rtt_us']:6.1f} us (best {c1['best_rtt_us']:6.1f})"  # type: ignore[index]
+            print(f"round {r} {v.name:8s} rtt 1 client {c1['getattr_rtt_us']:6.1f} us (best {c1['best_rtt_us']:6.1f}, "  # type: ignore[index]
+                  f"{c1['halts_per_request']:.2f} halts/request)"  # type: ignore[index]
                   f"  4 clients {c4['getattr_rtt_us']:6.1f} us/stat-per-client  idle cpu {res['idle_cpu_pct']:5.2f}%"  # type: ignore[index]
                   f"  load {res['loadavg1']}", flush=True)
     summary = {name: {"rtt_1_us": statistics.median(x["c1"]["getattr_rtt_us"] for x in rs),  # type: ignore[index]
                       "rtt_4_us": statistics.median(x["c4"]["getattr_rtt_us"] for x in rs),  # type: ignore[index]
+                      "halts_per_request_1": statistics.median(x["c1"]["halts_per_request"] for x in rs),  # type: ignore[index]
                       "idle_cpu_pct": statistics.median(x["idle_cpu_pct"] for x in rs)}  # type: ignore[misc]
                for name, rs in raw.items()}
     for name, s in summary.items():
-        print(f"{name:8s} GETATTR rtt: 1 client {s['rtt_1_us']:6.1f} us, 4 clients {s['rtt_4_us']:6.1f} us; "
-              f"idle CPU {s['idle_cpu_pct']:.2f}%")
+        print(f"{name:8s} GETATTR rtt: 1 client {s['rtt_1_us']:6.1f} us ({s['halts_per_request_1']:.2f} vCPU halts "
+              f"per request), 4 clients {s['rtt_4_us']:6.1f} us; idle CPU {s['idle_cpu_pct']:.2f}%")
     path = save(args.tag, {"native_stat_us": native, "summary": summary, "raw": raw, "threads": args.threads,
                            "cpuidle": Path("/sys/devices/system/cpu/cpuidle/current_driver").read_text().strip()})
     print(f"saved {path}")

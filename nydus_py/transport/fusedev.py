@@ -59,8 +59,16 @@ DEFAULT_POLL_US = 100
 _POLL_START_NS = 10_000  # the first window once requests come close together
 # A sched_yield() that took longer than this let another task run: the CPU is not idle, and
 # polling on it stops (it would only delay whoever needs the CPU, the client included).
-_YIELD_BUSY_NS = 20_000
+_YIELD_BUSY_NS = 5_000  # (a sched_yield with nothing else to run takes under 1 us here)
 POLL_COOLDOWN = 64  # requests read without polling after a spin met a busy CPU
+# Every RUNQ_EVERY requests a polling worker reads how long it has waited, runnable, for a CPU
+# (/proc/thread-self/schedstat): more than RUNQ_BUSY_NS per request means the CPUs are busy
+# (other processes), where a spinning thread competes as a CPU hog instead of being woken
+# ahead of them as a sleeper, and no halted vCPU is there to save a wake-up of: no polling
+# for RUNQ_COOLDOWN requests.
+RUNQ_EVERY = 32
+RUNQ_BUSY_NS = 5_000
+RUNQ_COOLDOWN = 1024
 # Polling only once this many requests in a row were answered by the reading thread: where
 # handed-off READs come every few requests (cat of small files from a registry), the next
 # request comes only after the READ's worker replies, later than polling pays for; a spinning
@@ -79,13 +87,14 @@ class PollWindow:
     last request and then sleeps in read(2); a stream whose requests come further apart than
     `limit_ns` settles at no polling at all."""
 
-    __slots__ = ("limit_ns", "start_ns", "window_ns", "cooldown")
+    __slots__ = ("limit_ns", "start_ns", "window_ns", "cooldown", "_runq_last")
 
     def __init__(self, limit_ns: int, start_ns: int = _POLL_START_NS) -> None:
         self.limit_ns = max(0, limit_ns)
         self.start_ns = min(start_ns, self.limit_ns)
         self.window_ns = 0
         self.cooldown = 0  # requests to go before the window may open again (contended)
+        self._runq_last = -1
 
     def contended(self) -> None:
         """The spin gave the CPU to another task: the CPU is not idle (another process, or the
@@ -93,6 +102,16 @@ class PollWindow:
         for the next `cooldown` requests."""
         self.window_ns = 0
         self.cooldown = POLL_COOLDOWN
+
+    def runq(self, total_ns: int) -> bool:
+        """The thread's run-queue wait so far (ns), sampled every RUNQ_EVERY requests; True
+        when the CPUs were found busy (no polling for RUNQ_COOLDOWN requests)."""
+        last, self._runq_last = self._runq_last, total_ns
+        if last < 0 or total_ns - last <= RUNQ_EVERY * RUNQ_BUSY_NS:
+            return False
+        self.window_ns = 0
+        self.cooldown = max(self.cooldown, RUNQ_COOLDOWN)
+        return True
 
     def blocked(self, waited_ns: int) -> None:
         """A request came `waited_ns` after the reply, its window (if any) having run out."""
@@ -111,7 +130,7 @@ class PollWindow:
 class PollStats:
     """One worker's counters (the worker is their only writer; readers sum them)."""
 
-    __slots__ = ("reads", "kept", "hits", "misses", "yielded", "spin_ns")
+    __slots__ = ("reads", "kept", "hits", "misses", "yielded", "busy", "spin_ns")
 
     def __init__(self) -> None:
         self.reads = 0  # requests read by this worker
@@ -119,6 +138,7 @@ class PollStats:
         self.hits = 0  # of them, found by polling (no sleep in read(2))
         self.misses = 0  # windows that ran out with nothing to read (or were cut short: yielded)
         self.yielded = 0  # spins stopped because another task took the CPU meanwhile
+        self.busy = 0  # times the run-queue wait said the CPUs are busy (polling paused)
         self.spin_ns = 0  # time spent polling
 
 
@@ -133,7 +153,7 @@ class FuseDevSession:
     def __init__(self, handler: Handler, mountpoint: str, *, threads: int = 4, max_write: int = 1 << 20,
                  fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
                  leader_follower: bool = True, max_threads: int = 0, poll_us: int = DEFAULT_POLL_US,
-                 read_waits: Callable[[memoryview], bool] | None = None) -> None:
+                 read_waits: Callable[[memoryview], bool] | None = None, busy_check: bool = True) -> None:
         if not 1 <= threads <= 1024:
             raise ValueError("thread count must be 1..1024")
         self.handler = handler
@@ -166,6 +186,9 @@ class FuseDevSession:
         # held by the one worker allowed to read /dev/fuse (None: every worker reads)
         self._reader = threading.Lock() if leader_follower and threads > 1 else None
         self.poll_ns = max(0, poll_us) * 1000
+        # stop polling when the CPU is busy (a long sched_yield, RUNQ_*); off only in tests of
+        # the polling itself, which must not depend on how loaded the machine is
+        self.busy_check = busy_check
         # READs the handler says do not wait on slow I/O (local blobs) are answered by the
         # reading thread, like metadata: no hand-off (None: every READ is handed on)
         self.read_waits = read_waits
@@ -180,7 +203,7 @@ class FuseDevSession:
         return {"poll_us": self.poll_ns // 1000, "requests": sum(p.reads for p in stats),
                 "reads_kept": sum(p.kept for p in stats),
                 "poll_hits": sum(p.hits for p in stats), "poll_misses": sum(p.misses for p in stats),
-                "poll_yielded": sum(p.yielded for p in stats),
+                "poll_yielded": sum(p.yielded for p in stats), "poll_cpu_busy": sum(p.busy for p in stats),
                 "poll_spin_us": sum(p.spin_ns for p in stats) // 1000}
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -353,15 +376,23 @@ class FuseDevSession:
         self.fd = -1
 
     def _poll_read(self, fd: int, buf: mmap.mmap, poller: select.poll, window: PollWindow, stats: PollStats,
-                   clock: Callable[[], int]) -> int:
+                   clock: Callable[[], int], runq_fd: int) -> int:
         """read(2) one request, after polling for it for the worker's window: a request found
         so is read without the thread ever sleeping (no wake-up to pay). Not while another
         worker is inside a READ (or another hand-off request): its client waits for that reply
         before it sends more, and a spinning thread would only take CPU (and the GIL) from it;
         nor right after hand-offs (POLL_AFTER_METADATA). The spin yields the CPU between polls, so
         that a client woken on this CPU runs at once."""
+        if runq_fd >= 0 and stats.reads % RUNQ_EVERY == 0:
+            try:
+                total = int(os.pread(runq_fd, 128, 0).split()[1])
+            except (OSError, ValueError, IndexError):
+                total = -1
+            if total >= 0 and window.runq(total):
+                stats.busy += 1
         w = window.window_ns
         if w and not self._blocked and self._since_handoff >= POLL_AFTER_METADATA:
+            busy_check = self.busy_check
             t0 = now = clock()
             end = t0 + w
             poll = poller.poll
@@ -372,7 +403,7 @@ class FuseDevSession:
                 if now >= end:
                     break
                 yld()
-                if clock() - now > _YIELD_BUSY_NS:
+                if busy_check and clock() - now > _YIELD_BUSY_NS:
                     # Another task ran on this CPU meanwhile: the CPU is wanted (another
                     # process, or the client itself on this CPU, whose wake-ups cost no IPI:
                     # polling gains nothing there and adds syscalls). One more look (the client
@@ -416,9 +447,15 @@ class FuseDevSession:
             self._poll_stats.append(stats)
         window = PollWindow(self.poll_ns)
         poller: select.poll | None = None
+        runq_fd = -1
         if self.poll_ns:
             poller = select.poll()
             poller.register(fd, select.POLLIN)
+            try:  # this thread's scheduler statistics (kernels without schedstats: no gating)
+                if self.busy_check:
+                    runq_fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                log.info("no /proc/thread-self/schedstat (%s): polling is not paused on busy CPUs", e)
         clock = time.monotonic_ns
         try:
             while not retired:
@@ -429,7 +466,7 @@ class FuseDevSession:
                     if poller is None:
                         n = os.readv(fd, [buf])
                     else:
-                        n = self._poll_read(fd, buf, poller, window, stats, clock)
+                        n = self._poll_read(fd, buf, poller, window, stats, clock, runq_fd)
                     stats.reads += 1
                 except OSError as e:
                     if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
@@ -491,12 +528,16 @@ class FuseDevSession:
             # count below, or the session would never end.
             with contextlib.suppress(BufferError):
                 view.release()
+            if runq_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(runq_fd)
             with self._lock:
                 done = self._poll_done
                 done.reads += stats.reads
                 done.hits += stats.hits
                 done.misses += stats.misses
                 done.yielded += stats.yielded
+                done.busy += stats.busy
                 done.kept += stats.kept
                 done.spin_ns += stats.spin_ns
                 self._poll_stats.remove(stats)

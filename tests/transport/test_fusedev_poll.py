@@ -16,7 +16,14 @@ from nydus_py.fuse.protocol import FuseSession
 from nydus_py.rafs import open_bootstrap
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
-from nydus_py.transport.fusedev import POLL_COOLDOWN, FuseDevSession, PollWindow
+from nydus_py.transport.fusedev import (
+    POLL_COOLDOWN,
+    RUNQ_BUSY_NS,
+    RUNQ_COOLDOWN,
+    RUNQ_EVERY,
+    FuseDevSession,
+    PollWindow,
+)
 from tests.conftest import require_device
 from tests.fs.mountrig import CHUNK, abort_connection, build, nydusd
 from tests.waiting import wait_until
@@ -63,6 +70,22 @@ def test_a_busy_cpu_stops_polling_for_a_while() -> None:
     assert w.window_ns == 10 * US
 
 
+def test_waiting_for_a_cpu_pauses_polling() -> None:
+    w = PollWindow(100 * US, start_ns=10 * US)
+    for _ in range(5):
+        w.blocked(1 * US)
+    assert not w.runq(1_000_000)  # the first sample only sets the start
+    assert not w.runq(1_000_000 + RUNQ_EVERY * RUNQ_BUSY_NS)  # at the bound: not busy
+    assert w.window_ns == 100 * US
+    assert w.runq(1_000_000 + 3 * RUNQ_EVERY * RUNQ_BUSY_NS)
+    assert w.window_ns == 0 and w.cooldown == RUNQ_COOLDOWN
+    for _ in range(RUNQ_COOLDOWN):
+        w.blocked(1 * US)
+    assert w.window_ns == 0
+    w.blocked(1 * US)
+    assert w.window_ns == 10 * US
+
+
 def test_a_zero_limit_never_polls() -> None:
     w = PollWindow(0)
     for _ in range(3):
@@ -77,7 +100,9 @@ def _task_state(tid: int) -> tuple[str, str]:
     return state, Path(f"/proc/self/task/{tid}/wchan").read_text()
 
 
-def _serve(tmp_path: Path, poll_us: int):  # noqa: ANN202
+def _serve(tmp_path: Path, poll_us: int, busy_check: bool = False):  # noqa: ANN202
+    """A RAFS mount served in this process; `busy_check` off unless asked: the mechanics are
+    tested on a machine that others may load (RUNQ_* would pause polling)."""
     require_device("/dev/fuse")
     src = tmp_path / "src"
     (src / "d").mkdir(parents=True)
@@ -90,7 +115,7 @@ def _serve(tmp_path: Path, poll_us: int):  # noqa: ANN202
     mnt = Path(os.path.realpath(tmp_path / "mnt"))
     mnt.mkdir()
     dev = FuseDevSession(session.handle_vectored, str(mnt), threads=2, max_write=session.max_write,
-                         poll_us=poll_us)
+                         poll_us=poll_us, busy_check=busy_check)
     dev.mount()
     watchdog = threading.Timer(120, abort_connection, args=(str(mnt),))
     watchdog.start()
@@ -147,7 +172,7 @@ def test_polling_backs_off_when_another_task_wants_the_cpu(tmp_path: Path) -> No
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         pytest.skip("needs two CPUs")
-    dev, mnt, close = _serve(tmp_path, poll_us=5000)
+    dev, mnt, close = _serve(tmp_path, poll_us=5000, busy_check=True)
     hog = subprocess.Popen(["taskset", "-c", str(cpus[0]), sys.executable, "-c", "while True: pass"])
     try:
         for t in dev._workers:  # the workers share the hog's CPU; the client (this thread) does not
@@ -163,6 +188,38 @@ def test_polling_backs_off_when_another_task_wants_the_cpu(tmp_path: Path) -> No
         os.sched_setaffinity(threading.get_native_id(), set(cpus))
         hog.kill()
         hog.wait()
+        close()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+@pytest.mark.parametrize("busy_check", [True, False])
+def test_polling_pauses_while_the_workers_wait_for_a_cpu(tmp_path: Path, busy_check: bool) -> None:
+    """Workers that wait, runnable, for a CPU another process holds stop polling (poll_cpu_busy):
+    there a spinning thread competes as a CPU hog instead of being woken ahead of it."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two CPUs")
+    dev, mnt, close = _serve(tmp_path, poll_us=5000, busy_check=busy_check)
+    hogs = [subprocess.Popen(["taskset", "-c", str(cpus[0]), sys.executable, "-c", "while True: pass"])
+            for _ in range(2)]
+    try:
+        for t in dev._workers:
+            assert t.native_id is not None
+            os.sched_setaffinity(t.native_id, {cpus[0]})
+        os.sched_setaffinity(threading.get_native_id(), {cpus[1]})
+        for _ in range(300):
+            os.stat(mnt / "d" / "f")
+        m = dev.poll_metrics()
+        if busy_check:
+            assert m["poll_cpu_busy"] >= 1, m
+        else:
+            assert m["poll_cpu_busy"] == 0, m
+    finally:
+        os.sched_setaffinity(threading.get_native_id(), set(cpus))
+        for h in hogs:
+            h.kill()
+            h.wait()
         close()
 
 
@@ -232,5 +289,6 @@ def test_daemon_flag_and_transport_metrics(tmp_path: Path) -> None:
             client.close()
     assert m["transport"] == "fusedev"
     f = m["fusedev"]
-    assert f["poll_us"] == 3000 and f["requests"] >= 800 and f["poll_hits"] >= 100, f
+    # (the stream is polled unless other processes keep the CPUs busy: then it pauses, counted)
+    assert f["poll_us"] == 3000 and f["requests"] >= 800 and f["poll_hits"] + f["poll_cpu_busy"] >= 1, f
     assert f["reads_kept"] >= 19, f
