@@ -87,7 +87,7 @@ class PollWindow:
     last request and then sleeps in read(2); a stream whose requests come further apart than
     `limit_ns` settles at no polling at all."""
 
-    __slots__ = ("limit_ns", "start_ns", "window_ns", "cooldown", "_runq_last")
+    __slots__ = ("limit_ns", "start_ns", "window_ns", "cooldown", "_runq_last", "_polled_last")
 
     def __init__(self, limit_ns: int, start_ns: int = _POLL_START_NS) -> None:
         self.limit_ns = max(0, limit_ns)
@@ -95,6 +95,7 @@ class PollWindow:
         self.window_ns = 0
         self.cooldown = 0  # requests to go before the window may open again (contended)
         self._runq_last = -1
+        self._polled_last = 0
 
     def contended(self) -> None:
         """The spin gave the CPU to another task: the CPU is not idle (another process, or the
@@ -103,11 +104,15 @@ class PollWindow:
         self.window_ns = 0
         self.cooldown = POLL_COOLDOWN
 
-    def runq(self, total_ns: int) -> bool:
-        """The thread's run-queue wait so far (ns), sampled every RUNQ_EVERY requests; True
-        when the CPUs were found busy (no polling for RUNQ_COOLDOWN requests)."""
+    def runq(self, total_ns: int, polled: int) -> bool:
+        """The thread's run-queue wait so far (ns) and how many requests it has read by polling
+        so far, sampled every RUNQ_EVERY requests; True when the CPUs were found busy (no
+        polling for RUNQ_COOLDOWN requests). Judged only over samples where every request was
+        polled for: a thread that slept waits in the run queue too while a halted vCPU wakes
+        up, which is the very wait polling saves, not a sign of a busy CPU."""
         last, self._runq_last = self._runq_last, total_ns
-        if last < 0 or total_ns - last <= RUNQ_EVERY * RUNQ_BUSY_NS:
+        polled_last, self._polled_last = self._polled_last, polled
+        if last < 0 or polled - polled_last < RUNQ_EVERY or total_ns - last <= RUNQ_EVERY * RUNQ_BUSY_NS:
             return False
         self.window_ns = 0
         self.cooldown = max(self.cooldown, RUNQ_COOLDOWN)
@@ -388,7 +393,7 @@ class FuseDevSession:
                 total = int(os.pread(runq_fd, 128, 0).split()[1])
             except (OSError, ValueError, IndexError):
                 total = -1
-            if total >= 0 and window.runq(total):
+            if total >= 0 and window.runq(total, stats.hits + stats.misses):
                 stats.busy += 1
         w = window.window_ns
         if w and not self._blocked and self._since_handoff >= POLL_AFTER_METADATA:
