@@ -61,6 +61,10 @@ _POLL_START_NS = 10_000  # the first window once requests come close together
 # polling on it stops (it would only delay whoever needs the CPU, the client included).
 _YIELD_BUSY_NS = 5_000  # (a sched_yield with nothing else to run takes under 1 us here)
 POLL_COOLDOWN = 64  # requests read without polling after a spin met a busy CPU
+# After this many requests in a row found waiting at the first poll (several clients keep the
+# queue full), requests are read without polling until a read sleeps (took over _QUEUED_NS).
+QUEUED_STREAK = 16
+_QUEUED_NS = 8_000
 # Every RUNQ_EVERY requests a polling worker reads how long it has waited, runnable, for a CPU
 # (/proc/thread-self/schedstat): more than RUNQ_BUSY_NS per request means the CPUs are busy
 # (other processes), where a spinning thread competes as a CPU hog instead of being woken
@@ -87,22 +91,24 @@ class PollWindow:
     last request and then sleeps in read(2); a stream whose requests come further apart than
     `limit_ns` settles at no polling at all."""
 
-    __slots__ = ("limit_ns", "start_ns", "window_ns", "cooldown", "_runq_last", "_polled_last")
+    __slots__ = ("limit_ns", "start_ns", "window_ns", "cooldown", "queued", "_runq_last", "_polled_last")
 
     def __init__(self, limit_ns: int, start_ns: int = _POLL_START_NS) -> None:
         self.limit_ns = max(0, limit_ns)
         self.start_ns = min(start_ns, self.limit_ns)
         self.window_ns = 0
         self.cooldown = 0  # requests to go before the window may open again (contended)
+        self.queued = 0  # requests in a row found waiting at the first poll (QUEUED_STREAK)
         self._runq_last = -1
         self._polled_last = 0
 
-    def contended(self) -> None:
+    def contended(self) -> None:  # (also ends a streak of queued requests)
         """The spin gave the CPU to another task: the CPU is not idle (another process, or the
         client itself shares this CPU, when a woken thread costs no IPI anyway). No polling
         for the next `cooldown` requests."""
         self.window_ns = 0
         self.cooldown = POLL_COOLDOWN
+        self.queued = 0
 
     def runq(self, total_ns: int, polled: int) -> bool:
         """The thread's run-queue wait so far (ns) and how many requests it has read by polling
@@ -135,13 +141,14 @@ class PollWindow:
 class PollStats:
     """One worker's counters (the worker is their only writer; readers sum them)."""
 
-    __slots__ = ("reads", "kept", "hits", "misses", "yielded", "busy", "spin_ns")
+    __slots__ = ("reads", "kept", "hits", "misses", "queued", "yielded", "busy", "spin_ns")
 
     def __init__(self) -> None:
         self.reads = 0  # requests read by this worker
         self.kept = 0  # READs it answered itself, no hand-off (read_waits said they do not wait)
         self.hits = 0  # of them, found by polling (no sleep in read(2))
         self.misses = 0  # windows that ran out with nothing to read (or were cut short: yielded)
+        self.queued = 0  # requests read straight off a full queue (QUEUED_STREAK), no poll()
         self.yielded = 0  # spins stopped because another task took the CPU meanwhile
         self.busy = 0  # times the run-queue wait said the CPUs are busy (polling paused)
         self.spin_ns = 0  # time spent polling
@@ -208,6 +215,7 @@ class FuseDevSession:
         return {"poll_us": self.poll_ns // 1000, "requests": sum(p.reads for p in stats),
                 "reads_kept": sum(p.kept for p in stats),
                 "poll_hits": sum(p.hits for p in stats), "poll_misses": sum(p.misses for p in stats),
+                "poll_queued": sum(p.queued for p in stats),
                 "poll_yielded": sum(p.yielded for p in stats), "poll_cpu_busy": sum(p.busy for p in stats),
                 "poll_spin_us": sum(p.spin_ns for p in stats) // 1000}
 
@@ -393,8 +401,20 @@ class FuseDevSession:
                 total = int(os.pread(runq_fd, 128, 0).split()[1])
             except (OSError, ValueError, IndexError):
                 total = -1
-            if total >= 0 and window.runq(total, stats.hits + stats.misses):
+            if total >= 0 and window.runq(total, stats.hits + stats.misses + stats.queued):
                 stats.busy += 1
+        if window.queued >= QUEUED_STREAK:
+            # Requests have been waiting every time (several clients): a poll() first would
+            # only add a syscall to each; read right away, and poll again once a read slept.
+            t0 = clock()
+            n = os.readv(fd, [buf])
+            waited = clock() - t0
+            if waited > _QUEUED_NS:
+                window.queued = 0
+                window.blocked(waited)
+            else:
+                stats.queued += 1
+            return n
         w = window.window_ns
         if w and not self._blocked and self._since_handoff >= POLL_AFTER_METADATA:
             busy_check = self.busy_check
@@ -419,9 +439,11 @@ class FuseDevSession:
                     window.contended()
                     break
             if found:
+                window.queued = window.queued + 1 if now == t0 else 0  # there at the first look
                 stats.hits += 1
                 stats.spin_ns += clock() - t0
                 return os.readv(fd, [buf])
+            window.queued = 0
             stats.misses += 1
             stats.spin_ns += now - t0
         else:
@@ -543,6 +565,7 @@ class FuseDevSession:
                 done.misses += stats.misses
                 done.yielded += stats.yielded
                 done.busy += stats.busy
+                done.queued += stats.queued
                 done.kept += stats.kept
                 done.spin_ns += stats.spin_ns
                 self._poll_stats.remove(stats)
