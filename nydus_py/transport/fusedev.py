@@ -63,7 +63,7 @@ _YIELD_BUSY_NS = 5_000  # (a sched_yield with nothing else to run takes under 1 
 POLL_COOLDOWN = 64  # requests read without polling after a spin met a busy CPU
 # After this many requests in a row found waiting at the first poll (several clients keep the
 # queue full), requests are read without polling until a read sleeps (took over _QUEUED_NS).
-QUEUED_STREAK = 16
+QUEUED_STREAK = 64
 _QUEUED_NS = 8_000
 # Every RUNQ_EVERY requests a polling worker reads how long it has waited, runnable, for a CPU
 # (/proc/thread-self/schedstat): more than RUNQ_BUSY_NS per request means the CPUs are busy
