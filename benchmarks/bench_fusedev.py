@@ -41,6 +41,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from common import drop_caches, grouped_bar_plot, save
 from gen_tree import generate
@@ -204,6 +205,28 @@ class NydusPy(FuseProcess):
                                     "--log-level", "warn", *api, *self.extra], probe)
         self.sigterm = True
         self.apisock = apisock
+
+
+class NydusPyBase(NydusPy):
+    """`--baseline REPO`: the same daemon from another checkout (the code before a change), run
+    beside nydus_py in the same rounds so that old and new meet the same machine load."""
+
+    name = "nydus_py_base"
+
+    def __init__(self, repo: str, *args: Any, **kw: Any) -> None:
+        super().__init__(*args, **kw)
+        self.repo = repo
+
+    def start(self) -> None:
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT, cwd=self.repo,
+                                         env={**os.environ, "PYTHONPATH": self.repo})
+        deadline = time.monotonic() + 30
+        while not (is_mountpoint(self.root) and os.path.exists(os.path.join(self.root, self.probe))):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not mount; see {self.log}")
+            time.sleep(0.01)
 
 
 class NydusPyUring(NydusPy):
@@ -436,6 +459,12 @@ def getattr_rtt(server: NydusPy, native_root: str, n: int = 2000, reps: int = 15
             "batches_us": fuse}
 
 
+def _median_rtt(runs: list[dict[str, object]]) -> dict[str, object]:
+    """The run of median round trip among `runs` (of getattr_rtt), with every run's figure."""
+    ordered = sorted(runs, key=lambda r: float(r["getattr_rtt_us"]))  # type: ignore[arg-type]
+    return {**ordered[len(ordered) // 2], "runs_us": [r["getattr_rtt_us"] for r in runs]}
+
+
 def _fop_count(apisock: str | None) -> int:
     """FUSE requests the daemon has answered so far (sum of `fop_hits` of GET /api/v1/metrics)."""
     assert apisock is not None
@@ -499,7 +528,8 @@ def bench_tree(tree: str, work: str, name: str, args: argparse.Namespace, worklo
     print(f"[{name}] building images ...", flush=True)
     info = build_images(tree, work, f"img-{name}")
     mnts = {n: os.path.join(work, f"mnt-{name}-{n}") for n in ("erofs", "squashfuse_ll", "nydus_py", "nydus_py_uring",
-                                                               "nydus_py_erofs", "nydus_py_erofs_cached")}
+                                                               "nydus_py_erofs", "nydus_py_erofs_cached",
+                                                               "nydus_py_base")}
     for m in mnts.values():
         os.makedirs(m, exist_ok=True)
         if is_mountpoint(m):
@@ -517,6 +547,8 @@ def bench_tree(tree: str, work: str, name: str, args: argparse.Namespace, worklo
         Erofs(mnts["erofs"], str(info["boot"]), list(info["views"])),  # type: ignore[arg-type]
         Squashfuse(mnts["squashfuse_ll"], str(info["sqfs"]), os.path.join(work, f"squashfuse-{name}.log")),
         NydusPy(mnts["nydus_py"], str(info["boot"]), cfg, os.path.join(work, f"nydusd-{name}.log"), args.threads),
+        NydusPyBase(args.baseline or "", mnts["nydus_py_base"], str(info["boot"]), cfg,
+                    os.path.join(work, f"nydusd-base-{name}.log"), args.threads),
         NydusPyUring(mnts["nydus_py_uring"], str(info["boot"]), cfg, os.path.join(work, f"nydusd-uring-{name}.log"),
                      args.threads),
         NydusPyErofs(mnts["nydus_py_erofs"], str(info["boot"]), cfg, os.path.join(work, f"nydusd-erofs-{name}.log"),
@@ -562,8 +594,12 @@ def main() -> None:
     ap.add_argument("--io-uring", action="store_true", help="also nydus_py_uring (FUSE over io_uring)")
     ap.add_argument("--servers", default="erofs,squashfuse_ll,nydus_py,nydus_py_erofs,nydus_py_erofs_cached",
                     help="comma-separated servers besides native (nydus_py_uring is added by --io-uring)")
+    ap.add_argument("--baseline", help="another checkout (the code before a change): adds nydus_py_base, run "
+                    "in the same rounds as nydus_py, GETATTR round trip included (alternated)")
+    ap.add_argument("--rtt-rounds", type=int, default=1, help="GETATTR measurements per daemon (alternated)")
     args = ap.parse_args()
-    args.servers = set(args.servers.split(",")) | ({"nydus_py_uring"} if args.io_uring else set())
+    args.servers = (set(args.servers.split(",")) | ({"nydus_py_uring"} if args.io_uring else set())
+                    | ({"nydus_py_base"} if args.baseline else set()))
     if args.io_uring:
         old_param = Path(ENABLE_URING_PARAM).read_text().strip()
         Path(ENABLE_URING_PARAM).write_text("Y")
@@ -618,12 +654,26 @@ def run(args: argparse.Namespace) -> None:
         rtt_cfg = write_config(os.path.join(work, "nydusd-rtt.json"), str(info["blobs"]), attr_timeout=0)
         rtt_uring = getattr_rtt(NydusPyUring(mnt, str(info["boot"]), rtt_cfg, os.path.join(work, "nydusd-rtt-uring.log"),
                                              args.threads, apisock=os.path.join(work, "rtt-uring-api.sock")), tree)
+    rtt_base = None
     if args.getattr and "nydus_py" in args.servers:
         mnt = os.path.join(work, "mnt-nydus_py_rtt")
         os.makedirs(mnt, exist_ok=True)
         rtt_cfg = write_config(os.path.join(work, "nydusd-rtt.json"), str(info["blobs"]), attr_timeout=0)
-        rtt = getattr_rtt(NydusPy(mnt, str(info["boot"]), rtt_cfg, os.path.join(work, "nydusd-rtt.log"),
-                                  args.threads, apisock=os.path.join(work, "rtt-api.sock")), tree)
+        rtts: dict[str, list[dict[str, object]]] = {"nydus_py": [], "nydus_py_base": []}
+        for r in range(args.rtt_rounds):
+            pair: list[tuple[str, NydusPy]] = [("nydus_py", NydusPy(
+                mnt, str(info["boot"]), rtt_cfg, os.path.join(work, "nydusd-rtt.log"), args.threads,
+                apisock=os.path.join(work, "rtt-api.sock")))]
+            if args.baseline:
+                pair.append(("nydus_py_base", NydusPyBase(
+                    args.baseline, mnt, str(info["boot"]), rtt_cfg, os.path.join(work, "nydusd-rtt-base.log"),
+                    args.threads, apisock=os.path.join(work, "rtt-api-base.sock"))))
+            for label, srv in (pair if r % 2 == 0 else pair[::-1]):
+                Path(srv.apisock or "").unlink(missing_ok=True)
+                rtts[label].append(getattr_rtt(srv, tree))
+                print(f"  GETATTR round trip {label}: {rtts[label][-1]['getattr_rtt_us']:.1f} us", flush=True)
+        rtt = _median_rtt(rtts["nydus_py"])
+        rtt_base = _median_rtt(rtts["nydus_py_base"]) if rtts["nydus_py_base"] else None
     flat = rss_for_flat_image(work, args.rss_files, args.threads) if args.rss_files else None
     rss = main_run["rss_after_lsR"]
     rss_tree = max(r[0] for r in rss) if rss else None
@@ -647,6 +697,10 @@ def run(args: argparse.Namespace) -> None:
         print(f"\nGETATTR: {rtt['stat_us']:.1f} us per stat of {BIG} on the mount (median of batches), "
               f"{rtt['native_stat_us']:.1f} us on ext4, {rtt['requests_per_stat']:.2f} GETATTRs per stat -> "
               f"round trip {rtt['getattr_rtt_us']:.1f} us (best batch {rtt['getattr_rtt_best_us']:.1f} us)")
+    if rtt_base is not None:
+        print(f"GETATTR round trip of the baseline ({args.baseline}): {rtt_base['getattr_rtt_us']:.1f} us "
+              f"(best batch {rtt_base['getattr_rtt_best_us']:.1f} us; runs {rtt_base['runs_us']}); "
+              f"nydus_py runs {rtt['runs_us'] if rtt else None}")
     uring = None
     if args.io_uring and "nydus_py" in names:
         uring = {"time_ratio_uring_to_fusedev": uring_ratios(runs, workloads), "getattr": rtt_uring}
@@ -690,7 +744,8 @@ def run(args: argparse.Namespace) -> None:
     print(f"\ntotal {elapsed:.0f} s")
     payload = {"scale": args.scale, "reps": args.reps, "threads": args.threads, "workloads": workloads,
                "image": info, "small_files": main_run["small_files"], "summary": summary, "raw": main_run["raw"],
-               "rss_after_lsR_tree_mib": rss, "getattr": rtt, "rss_flat": flat, "goals": goals,
+               "rss_after_lsR_tree_mib": rss, "getattr": rtt, "getattr_baseline": rtt_base,
+               "baseline": args.baseline, "loadavg_end": os.getloadavg(), "rss_flat": flat, "goals": goals,
                "xattr_tree": ({"files_with_xattr": xattr_files, "image": runs["xattr"]["image"],
                                "summary": runs["xattr"]["summary"], "raw": runs["xattr"]["raw"]}
                               if "xattr" in runs else None),

@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="cold passes (each on a fresh mount)")
     ap.add_argument("--warm", type=int, default=5, help="warm passes after each cold one")
     ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--daemon-args", default="", help="more nydusd-py flags (space-separated)")
     ap.add_argument("--tag", default="fusedev-requests")
     args = ap.parse_args()
     work = args.workdir
@@ -124,6 +125,7 @@ def main() -> None:
         cfg = write_config(os.path.join(work, f"nydusd-req-{tname}.json"), str(info["blobs"]))
         server = NydusPy(mnt, str(info["boot"]), cfg, os.path.join(work, f"nydusd-req-{tname}.log"), args.threads,
                          apisock=os.path.join(work, f"req-{tname}.sock"))
+        server.cmd += args.daemon_args.split()
         for w in args.workloads.split(","):
             cmd = CMDS[w] or ["xargs", "-0", "-a", small_list, "cat"]
             for rep in range(args.reps):

@@ -119,6 +119,8 @@ class Daemon:
             failover_policy=getattr(args, "failover_policy", "none"), upgrade=args.upgrade,
             debug=args.log_level in ("trace", "debug"), trim_interval=args.trim_interval,
             case_insensitive=bool(getattr(args, "case_insensitive", False)))
+        if getattr(args, "fuse_poll_us", None) is not None:
+            self.opts.fuse_poll_us = args.fuse_poll_us
         self.events = setup_logging(args.log_level, args.log_file, args.log_rotation_size)
         self.service = DaemonService(self.opts, self.events)
         self.servers: list[ApiServer] = []

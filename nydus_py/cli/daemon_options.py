@@ -39,6 +39,16 @@ def _threads(value: str) -> int:
     return n
 
 
+def _poll_us(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid poll window {value!r}") from None
+    if not 0 <= n <= 10_000:
+        raise argparse.ArgumentTypeError(f"poll window {n} us is not in 0..=10000")
+    return n
+
+
 def _queues(value: str) -> int:
     try:
         n = int(value)
@@ -115,6 +125,11 @@ def _fuse_options(p: argparse.ArgumentParser, required: bool) -> None:
                    help="serve FUSE requests over io_uring (kernel 6.14+ with fuse.enable_uring=Y; the daemon does not "
                    "set that module parameter). Falls back to /dev/fuse reads, logged and counted in "
                    "/api/v1/metrics/transport. Also the config key \"fuse_io_uring\": true")
+    g.add_argument("--fuse-poll-us", dest="fuse_poll_us", type=_poll_us, default=None, metavar="US",
+                   help="after a reply, a /dev/fuse worker polls for the next request for up to US "
+                   "microseconds (adaptive: only while requests keep coming; an idle daemon sleeps in "
+                   "read(2)) instead of sleeping at once, which saves the wake-up of every request of a "
+                   "stream. 0 turns it off. Default 100")
     g.add_argument("--failover-policy", choices=("none", "resend", "flush"), default="resend")
     g.add_argument("--writable", action="store_true", help="accepted; the filesystem is always read-only")
     g.add_argument("--fs-driver", choices=("fusedev", "erofs"), default=None,

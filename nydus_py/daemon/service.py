@@ -24,7 +24,7 @@ from ..config import ParsedConfig
 from ..fuse.protocol import FuseSession, notify_resend
 from ..metrics.fsstats import FsStats, FuseMetrics
 from ..transport.base import Transport
-from ..transport.fusedev import FuseDevSession
+from ..transport.fusedev import DEFAULT_POLL_US, FuseDevSession
 from ..transport.mount import connection_of, real_mountpoint
 from ..vfs import MAX_INDEX, Vfs, VfsError, normalize_path
 from . import supervisor
@@ -62,6 +62,8 @@ class DaemonOptions:
     # seconds a mount may take to build its instance (bootstrap, backend, cache); past it the
     # mount answers 504 and whatever it builds later is closed
     mount_timeout: float = 120.0
+    # --fuse-poll-us: how long a /dev/fuse worker may poll for the next request (transport/fusedev)
+    fuse_poll_us: int = DEFAULT_POLL_US
     # FUSE over io_uring (--io-uring / "fuse_io_uring": true); falls back to /dev/fuse reads
     io_uring: bool = False
     # --case-insensitive: every mount of this daemon gets case-insensitive LOOKUP (fs.casefold)
@@ -399,7 +401,8 @@ class DaemonService:
 
     # -- transports -----------------------------------------------------------------------------
     def _new_fusedev(self) -> FuseDevSession:
-        return FuseDevSession(self.session.handle_vectored, self.opts.mountpoint, threads=self.opts.threads)
+        return FuseDevSession(self.session.handle_vectored, self.opts.mountpoint, threads=self.opts.threads,
+                              poll_us=self.opts.fuse_poll_us, read_waits=self.session.read_waits)
 
     def _attach_transport(self, fd: int) -> None:
         if self.opts.io_uring:  # the predecessor's INIT decided; its ring entries died with it
@@ -647,9 +650,10 @@ class DaemonService:
         t = self.transport
         uring = sys.modules.get("nydus_py.transport.fuse_uring")  # (not loaded: not in use)
         if uring is not None and isinstance(t, uring.FuseUringSession):
-            return {"transport": "fuse_io_uring" if t.stats.active else "fusedev", "io_uring": t.stats.as_dict()}
+            return {"transport": "fuse_io_uring" if t.stats.active else "fusedev", "io_uring": t.stats.as_dict(),
+                    "fusedev": t.dev.poll_metrics()}
         if isinstance(t, FuseDevSession):
-            return {"transport": "fusedev", "io_uring": None}
+            return {"transport": "fusedev", "io_uring": None, "fusedev": t.poll_metrics()}
         raise Unsupported("transport metrics are only available for fusedev")
 
     def metrics_inflight(self) -> list[dict[str, int]] | None:

@@ -378,6 +378,9 @@ class RafsFilesystem(Filesystem):
             self.readahead.after_read(i, offset, offset + len(data), file_size)
         return data
 
+    def read_waits(self, ino: int) -> bool:
+        return not self.device.local
+
     def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
         """With a blob cache (validation off) whose chunks of the range are all ready: preadv
         from its data files straight into `dest`, no copy. Else one copy from the decoded

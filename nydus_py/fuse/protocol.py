@@ -141,6 +141,7 @@ _STATFS_REPLY = struct.Struct("<IiQQQQQQIII28x")
 _XATTR_SIZE_REPLY = struct.Struct("<IiQII")
 _LSEEK_REPLY = struct.Struct("<IiQQ")
 _FH = struct.Struct("<Q")  # the fh that starts read/release/flush/lseek in-args
+_NODEID = struct.Struct("<Q")  # fuse_in_header.nodeid, at offset 16
 _READ_HEAD = struct.Struct("<QQI")  # fh, offset, size of fuse_read_in
 _U32 = struct.Struct("<I")
 _U32X2 = struct.Struct("<II")
@@ -403,6 +404,18 @@ class FuseSession:
         if nowait:
             raise WouldBlock
         return self.handle_vectored(req)
+
+    def read_waits(self, req: bytes | bytearray | memoryview) -> bool:
+        """Whether request `req` (a READ) may wait on slow I/O: the filesystem's `read_waits`
+        for its inode (True before INIT, for a short request, or when the filesystem fails to
+        say: the cautious answer only costs a thread hand-off)."""
+        if len(req) < _HDR_SIZE or self._ops is not self._post_init_ops:
+            return True
+        try:
+            return bool(self.fs.read_waits(_NODEID.unpack_from(req, 16)[0]))
+        except Exception:
+            log.exception("read_waits failed; handing the READ on")
+            return True
 
     def defer_forget(self, req: bytes | bytearray | memoryview) -> bool:
         """Take a well-formed FORGET (after INIT) to be applied by the next `flush_forgets`,

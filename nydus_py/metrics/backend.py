@@ -77,6 +77,7 @@ class MeteredBackend:
     def __init__(self, inner: Any, stats: BackendStats) -> None:
         self.inner = inner
         self.stats = stats
+        self.local = bool(getattr(inner, "local", False))
         # the raw-chunk preadv into a caller's buffers (localfs), metered, when the inner has it
         if callable(getattr(inner, "preadv_into", None)):
             self.preadv_into = self._preadv_into

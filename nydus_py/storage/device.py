@@ -205,6 +205,12 @@ class BlobDevice:
         return out
 
     @property
+    def local(self) -> bool:
+        """Whether a read waits on a local disk at most: a local backend without a blob cache
+        (whose fills write and sync files). Transports answer such READs without a hand-off."""
+        return self._chunked is None and bool(getattr(self.source, "local", False))
+
+    @property
     def direct(self) -> bool:
         """Whether `read_ready_into` can answer (a blob cache without digest validation, or a
         local backend's uncompressed chunks without it)."""

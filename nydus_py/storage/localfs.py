@@ -15,6 +15,8 @@ _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 class LocalBlobDir:
     """Reads blob ranges with pread from `<dir>/<blob_id>`; fds are opened once and shared."""
 
+    local = True  # reads wait on a local disk at most (BlobDevice.local)
+
     def __init__(self, blob_dir: str, alt_dirs: list[str] | None = None) -> None:
         self.blob_dir = blob_dir
         self.search = [blob_dir, *(alt_dirs or [])]

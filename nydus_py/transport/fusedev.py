@@ -14,8 +14,10 @@ import fcntl
 import logging
 import mmap
 import os
+import select
 import struct
 import threading
+import time
 from collections.abc import Callable
 
 from ..fuse.abi import BACKING_ID, BACKING_MAP, FUSE_DEV_IOC_BACKING_CLOSE, FUSE_DEV_IOC_BACKING_OPEN
@@ -42,6 +44,116 @@ FUSE_READ = 15
 # READ, WRITE, FSYNC, FSYNCDIR, FALLOCATE, COPY_FILE_RANGE.
 _HANDOFF_OPCODES = frozenset({FUSE_READ, 16, 20, 30, 43, 47})
 
+# A READ the filesystem says does not wait (read_waits) is answered by the reading thread when it
+# asks for at most this much (a small file, a random read); larger ones (sequential readahead
+# windows) are still handed on, so that the chunks of concurrent windows decode in parallel.
+KEEP_READ_MAX = 128 << 10
+_READ_SIZE = struct.Struct("<I")  # fuse_read_in.size, after in_header (40) + fh + offset
+_READ_SIZE_END = 60
+
+# Busy-polling after a reply (see PollWindow): the longest window, in microseconds. A stream of
+# requests (a stat loop, a cold `find`) comes back within a few tens of microseconds of each
+# reply; a thread blocked in read(2) instead is woken through the scheduler, and in a VM whose
+# idle vCPUs halt that wake-up is an IPI through the host (50 us and more here).
+DEFAULT_POLL_US = 100
+_POLL_START_NS = 10_000  # the first window once requests come close together
+# A sched_yield() that took longer than this let another task run: the CPU is not idle, and
+# polling on it stops (it would only delay whoever needs the CPU, the client included).
+_YIELD_BUSY_NS = 5_000  # (a sched_yield with nothing else to run takes under 1 us here)
+POLL_COOLDOWN = 64  # requests read without polling after a spin met a busy CPU
+# After this many requests in a row found waiting at the first poll (several clients keep the
+# queue full), requests are read without polling until a read sleeps (took over _QUEUED_NS).
+QUEUED_STREAK = 64
+_QUEUED_NS = 8_000
+# Every RUNQ_EVERY requests a polling worker reads how long it has waited, runnable, for a CPU
+# (/proc/thread-self/schedstat): more than RUNQ_BUSY_NS per request means the CPUs are busy
+# (other processes), where a spinning thread competes as a CPU hog instead of being woken
+# ahead of them as a sleeper, and no halted vCPU is there to save a wake-up of: no polling
+# for RUNQ_COOLDOWN requests.
+RUNQ_EVERY = 32
+RUNQ_BUSY_NS = 5_000
+RUNQ_COOLDOWN = 1024
+# Polling only once this many requests in a row were answered by the reading thread: where
+# handed-off READs come every few requests (cat of small files from a registry), the next
+# request comes only after the READ's worker replies, later than polling pays for; a spinning
+# thread then only takes the CPU that worker and the client need (measured, with local READs
+# still handed off: cold small files slower with polling, find and stat loops faster).
+POLL_AFTER_METADATA = 8
+
+
+class PollWindow:
+    """How long a worker polls /dev/fuse after a reply before it blocks in read(2) (sans-IO).
+
+    The guest haltpoll governor's rule, in user space: when the window ran out before the
+    request came, it grows (doubling, from `start_ns` up to `limit_ns`) if the request came
+    within `limit_ns` of the reply (a longer window would have caught it), and shrinks (halving,
+    to 0 below `start_ns`) if it came later: an idle daemon spins at most one window after its
+    last request and then sleeps in read(2); a stream whose requests come further apart than
+    `limit_ns` settles at no polling at all."""
+
+    __slots__ = ("limit_ns", "start_ns", "window_ns", "cooldown", "queued", "_runq_last", "_polled_last")
+
+    def __init__(self, limit_ns: int, start_ns: int = _POLL_START_NS) -> None:
+        self.limit_ns = max(0, limit_ns)
+        self.start_ns = min(start_ns, self.limit_ns)
+        self.window_ns = 0
+        self.cooldown = 0  # requests to go before the window may open again (contended)
+        self.queued = 0  # requests in a row found waiting at the first poll (QUEUED_STREAK)
+        self._runq_last = -1
+        self._polled_last = 0
+
+    def contended(self) -> None:  # (also ends a streak of queued requests)
+        """The spin gave the CPU to another task: the CPU is not idle (another process, or the
+        client itself shares this CPU, when a woken thread costs no IPI anyway). No polling
+        for the next `cooldown` requests."""
+        self.window_ns = 0
+        self.cooldown = POLL_COOLDOWN
+        self.queued = 0
+
+    def runq(self, total_ns: int, polled: int) -> bool:
+        """The thread's run-queue wait so far (ns) and how many requests it has read by polling
+        so far, sampled every RUNQ_EVERY requests; True when the CPUs were found busy (no
+        polling for RUNQ_COOLDOWN requests). Judged only over samples where every request was
+        polled for: a thread that slept waits in the run queue too while a halted vCPU wakes
+        up, which is the very wait polling saves, not a sign of a busy CPU."""
+        last, self._runq_last = self._runq_last, total_ns
+        polled_last, self._polled_last = self._polled_last, polled
+        if last < 0 or polled - polled_last < RUNQ_EVERY or total_ns - last <= RUNQ_EVERY * RUNQ_BUSY_NS:
+            return False
+        self.window_ns = 0
+        self.cooldown = max(self.cooldown, RUNQ_COOLDOWN)
+        return True
+
+    def blocked(self, waited_ns: int) -> None:
+        """A request came `waited_ns` after the reply, its window (if any) having run out."""
+        if self.limit_ns == 0:
+            return
+        if self.cooldown:
+            self.cooldown -= 1
+            return
+        if waited_ns <= self.limit_ns:
+            self.window_ns = min(self.limit_ns, max(self.start_ns, self.window_ns * 2))
+        else:
+            w = self.window_ns // 2
+            self.window_ns = w if w >= self.start_ns else 0
+
+
+class PollStats:
+    """One worker's counters (the worker is their only writer; readers sum them)."""
+
+    __slots__ = ("reads", "kept", "hits", "misses", "queued", "yielded", "busy", "spin_ns")
+
+    def __init__(self) -> None:
+        self.reads = 0  # requests read by this worker
+        self.kept = 0  # READs it answered itself, no hand-off (read_waits said they do not wait)
+        self.hits = 0  # of them, found by polling (no sleep in read(2))
+        self.misses = 0  # windows that ran out with nothing to read (or were cut short: yielded)
+        self.queued = 0  # requests read straight off a full queue (QUEUED_STREAK), no poll()
+        self.yielded = 0  # spins stopped because another task took the CPU meanwhile
+        self.busy = 0  # times the run-queue wait said the CPUs are busy (polling paused)
+        self.spin_ns = 0  # time spent polling
+
+
 # Reply bytes, or a list of buffers written with one writev (FuseSession.handle_vectored), or
 # None for requests the kernel expects no answer to.
 Handler = Callable[[memoryview], bytes | list[bytes | bytearray | memoryview] | None]
@@ -52,7 +164,8 @@ class FuseDevSession:
 
     def __init__(self, handler: Handler, mountpoint: str, *, threads: int = 4, max_write: int = 1 << 20,
                  fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
-                 leader_follower: bool = True, max_threads: int = 0) -> None:
+                 leader_follower: bool = True, max_threads: int = 0, poll_us: int = DEFAULT_POLL_US,
+                 read_waits: Callable[[memoryview], bool] | None = None, busy_check: bool = True) -> None:
         if not 1 <= threads <= 1024:
             raise ValueError("thread count must be 1..1024")
         self.handler = handler
@@ -84,6 +197,27 @@ class FuseDevSession:
         self._lock = threading.Lock()
         # held by the one worker allowed to read /dev/fuse (None: every worker reads)
         self._reader = threading.Lock() if leader_follower and threads > 1 else None
+        self.poll_ns = max(0, poll_us) * 1000
+        # stop polling when the CPU is busy (a long sched_yield, RUNQ_*); off only in tests of
+        # the polling itself, which must not depend on how loaded the machine is
+        self.busy_check = busy_check
+        # READs the handler says do not wait on slow I/O (local blobs) are answered by the
+        # reading thread, like metadata: no hand-off (None: every READ is handed on)
+        self.read_waits = read_waits
+        self._poll_stats: list[PollStats] = []  # one per running worker
+        self._poll_done = PollStats()  # the counts of workers that have ended (spares retire)
+        self._since_handoff = 0  # requests read since the last hand-off one (READ, WRITE, ...)
+
+    def poll_metrics(self) -> dict[str, int]:
+        """Busy-polling counters summed over the workers (the metrics API shows them)."""
+        with self._lock:
+            stats = [*self._poll_stats, self._poll_done]
+        return {"poll_us": self.poll_ns // 1000, "requests": sum(p.reads for p in stats),
+                "reads_kept": sum(p.kept for p in stats),
+                "poll_hits": sum(p.hits for p in stats), "poll_misses": sum(p.misses for p in stats),
+                "poll_queued": sum(p.queued for p in stats),
+                "poll_yielded": sum(p.yielded for p in stats), "poll_cpu_busy": sum(p.busy for p in stats),
+                "poll_spin_us": sum(p.spin_ns for p in stats) // 1000}
 
     # -- lifecycle -------------------------------------------------------------------------------
     def mount(self) -> None:
@@ -132,16 +266,16 @@ class FuseDevSession:
         log.debug("all %d FUSE workers are blocked; started a spare", self._running - 1)
         t.start()
 
-    def _enter_blocking(self, fd: int) -> None:
-        """A worker is about to handle a request that may block: keep one worker free."""
+    def _count_blocking(self) -> bool:
+        """A worker is about to handle a request that may block: counted; True when it must
+        start a spare (`_start_spare`, already counted in `_running`) to keep one worker free."""
         with self._lock:
             self._blocked += 1
             spare = (self._blocked >= self._running and self._running < self.max_threads
                      and not self._stopped.is_set())
             if spare:
                 self._running += 1
-        if spare:
-            self._start_spare(fd)
+        return spare
 
     def _leave_blocking(self, spare: bool) -> bool:
         """Done with a blocking request; True when this spare worker should retire (another
@@ -254,6 +388,70 @@ class FuseDevSession:
         self._workers = []
         self.fd = -1
 
+    def _poll_read(self, fd: int, buf: mmap.mmap, poller: select.poll, window: PollWindow, stats: PollStats,
+                   clock: Callable[[], int], runq_fd: int) -> int:
+        """read(2) one request, after polling for it for the worker's window: a request found
+        so is read without the thread ever sleeping (no wake-up to pay). Not while another
+        worker is inside a READ (or another hand-off request): its client waits for that reply
+        before it sends more, and a spinning thread would only take CPU (and the GIL) from it;
+        nor right after hand-offs (POLL_AFTER_METADATA). The spin yields the CPU between polls, so
+        that a client woken on this CPU runs at once."""
+        if runq_fd >= 0 and stats.reads % RUNQ_EVERY == 0:
+            try:
+                total = int(os.pread(runq_fd, 128, 0).split()[1])
+            except (OSError, ValueError, IndexError):
+                total = -1
+            if total >= 0 and window.runq(total, stats.hits + stats.misses + stats.queued):
+                stats.busy += 1
+        if window.queued >= QUEUED_STREAK:
+            # Requests have been waiting every time (several clients): a poll() first would
+            # only add a syscall to each; read right away, and poll again once a read slept.
+            t0 = clock()
+            n = os.readv(fd, [buf])
+            waited = clock() - t0
+            if waited > _QUEUED_NS:
+                window.queued = 0
+                window.blocked(waited)
+            else:
+                stats.queued += 1
+            return n
+        w = window.window_ns
+        if w and not self._blocked and self._since_handoff >= POLL_AFTER_METADATA:
+            busy_check = self.busy_check
+            t0 = now = clock()
+            end = t0 + w
+            poll = poller.poll
+            yld = os.sched_yield
+            found = False
+            while not (found := bool(poll(0))):
+                now = clock()
+                if now >= end:
+                    break
+                yld()
+                if busy_check and clock() - now > _YIELD_BUSY_NS:
+                    # Another task ran on this CPU meanwhile: the CPU is wanted (another
+                    # process, or the client itself on this CPU, whose wake-ups cost no IPI:
+                    # polling gains nothing there and adds syscalls). One more look (the client
+                    # may just have sent), then no polling for a while: spinning on a busy CPU
+                    # only delays whoever needs it.
+                    found = bool(poll(0))
+                    stats.yielded += 1
+                    window.contended()
+                    break
+            if found:
+                window.queued = window.queued + 1 if now == t0 else 0  # there at the first look
+                stats.hits += 1
+                stats.spin_ns += clock() - t0
+                return os.readv(fd, [buf])
+            window.queued = 0
+            stats.misses += 1
+            stats.spin_ns += now - t0
+        else:
+            t0 = clock()
+        n = os.readv(fd, [buf])
+        window.blocked(clock() - t0)  # the whole wait, the spin included
+        return n
+
     # -- the loop --------------------------------------------------------------------------------
     # Leader/follower: only the thread holding `_reader` reads /dev/fuse. It answers metadata
     # requests itself and keeps reading, so a stream of small requests never bounces between
@@ -267,16 +465,36 @@ class FuseDevSession:
         buf = mmap.mmap(-1, self.bufsize)
         view = memoryview(buf)
         handler = self.handler
+        read_waits = self.read_waits
         reader = self._reader
         leader = False
         retired = False
+        stats = PollStats()
+        with self._lock:
+            self._poll_stats.append(stats)
+        window = PollWindow(self.poll_ns)
+        poller: select.poll | None = None
+        runq_fd = -1
+        if self.poll_ns:
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            try:  # this thread's scheduler statistics (kernels without schedstats: no gating)
+                if self.busy_check:
+                    runq_fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as e:
+                log.info("no /proc/thread-self/schedstat (%s): polling is not paused on busy CPUs", e)
+        clock = time.monotonic_ns
         try:
             while not retired:
                 if reader is not None and not leader:
                     reader.acquire()
                     leader = True
                 try:
-                    n = os.readv(fd, [buf])
+                    if poller is None:
+                        n = os.readv(fd, [buf])
+                    else:
+                        n = self._poll_read(fd, buf, poller, window, stats, clock, runq_fd)
+                    stats.reads += 1
                 except OSError as e:
                     if e.errno in (errno.EINTR, errno.EAGAIN, errno.ENOENT):
                         continue
@@ -286,11 +504,20 @@ class FuseDevSession:
                 if n == 0:
                     return
                 blocking = buf[4] in _HANDOFF_OPCODES and buf[5] == 0
+                if (blocking and read_waits is not None and buf[4] == FUSE_READ and n >= _READ_SIZE_END
+                        and _READ_SIZE.unpack_from(buf, 56)[0] <= KEEP_READ_MAX and not read_waits(view[:n])):
+                    blocking = False
+                    stats.kept += 1
+                self._since_handoff = 0 if blocking else self._since_handoff + 1
                 if blocking:
+                    # counted before the reader role goes: the next reader sees it and does
+                    # not spin while this request is handled
+                    spare = self._count_blocking()
                     if leader:
                         leader = False
                         reader.release()  # type: ignore[union-attr]
-                    self._enter_blocking(fd)
+                    if spare:
+                        self._start_spare(fd)
                 try:
                     reply = handler(view[:n])
                 except ValueError as e:  # FuseProtocolError: a fragment with no header to answer
@@ -328,6 +555,20 @@ class FuseDevSession:
             # count below, or the session would never end.
             with contextlib.suppress(BufferError):
                 view.release()
+            if runq_fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(runq_fd)
+            with self._lock:
+                done = self._poll_done
+                done.reads += stats.reads
+                done.hits += stats.hits
+                done.misses += stats.misses
+                done.yielded += stats.yielded
+                done.busy += stats.busy
+                done.queued += stats.queued
+                done.kept += stats.kept
+                done.spin_ns += stats.spin_ns
+                self._poll_stats.remove(stats)
             if retired:  # a spare no longer needed: already uncounted, its channel closes
                 self._retire(fd)
             else:

@@ -1,0 +1,90 @@
+"""Old against new `nydusd-py fuse`, alternated: per cold workload the wall time, the daemon's
+CPU and how often its threads slept (voluntary context switches: each a read(2) or lock wait
+that ends with a wake-up, which on a VM whose idle vCPUs halt is an IPI through the host).
+
+Sleeps and CPU depend little on how loaded the shared machine is, where wall time does: they
+say what a transport change did when wall times are noise. Run as root:
+
+python3 benchmarks/fusedev_sleeps.py --workdir DIR --baseline /path/to/old/checkout --rounds 4
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import time
+from pathlib import Path
+
+from bench_fusedev import build_images, small_files, write_config
+from common import drop_caches, save
+from fusedev_poll import REPO, Variant
+from gen_tree import generate
+
+
+def thread_sums(pid: int) -> tuple[int, int, int]:
+    """(CPU ns, voluntary, involuntary context switches) summed over the threads alive now."""
+    cpu = vol = invol = 0
+    for t in os.listdir(f"/proc/{pid}/task"):
+        try:
+            status = Path(f"/proc/{pid}/task/{t}/status").read_text()
+            cpu += int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0])
+        except FileNotFoundError:
+            continue
+        for line in status.splitlines():
+            if line.startswith("voluntary_ctxt_switches"):
+                vol += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches"):
+                invol += int(line.split()[1])
+    return cpu, vol, invol
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--scale", type=float, default=0.1)
+    ap.add_argument("--baseline", required=True, help="the old checkout (variant 'base')")
+    ap.add_argument("--workloads", default="small,find,lsR")
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=4)
+    ap.add_argument("--tag", default="fusedev-sleeps")
+    args = ap.parse_args()
+    tree = os.path.join(args.workdir, f"tree-{args.scale:g}")
+    if not os.path.isdir(tree):
+        generate(tree, args.scale)
+    info = build_images(tree, args.workdir, "img-plain")
+    _, small_list = small_files(tree, args.workdir, "plain")
+    cfg = write_config(os.path.join(args.workdir, "nydusd-sleeps.json"), str(info["blobs"]))
+    cmds = {"small": ["xargs", "-0", "-a", small_list, "cat"], "find": ["find", ".", "-type", "f"], "lsR": ["ls", "-lR"]}
+    variants = [("base", args.baseline), ("new", str(REPO))]
+    raw: dict[str, dict[str, list[dict[str, float]]]] = {}
+    for w in args.workloads.split(","):
+        for r in range(args.rounds):
+            for label, repo in (variants if r % 2 == 0 else variants[::-1]):
+                mnt = os.path.join(args.workdir, f"mnt-sleeps-{label}")
+                os.makedirs(mnt, exist_ok=True)
+                v = Variant(label, repo, [], mnt, str(info["boot"]), cfg, os.path.join(args.workdir, f"sleeps-{label}.log"),
+                            args.threads, os.path.join(args.workdir, f"sleeps-{label}.sock"))
+                drop_caches()
+                v.start()
+                assert v.proc is not None
+                try:
+                    a = thread_sums(v.proc.pid)
+                    t = time.perf_counter()
+                    subprocess.run(cmds[w], cwd=v.root, stdout=subprocess.DEVNULL, check=True)
+                    wall = time.perf_counter() - t
+                    b = thread_sums(v.proc.pid)
+                finally:
+                    v.stop()
+                raw.setdefault(w, {}).setdefault(label, []).append(
+                    {"wall_ms": wall * 1e3, "daemon_cpu_ms": (b[0] - a[0]) / 1e6, "sleeps": b[1] - a[1],
+                     "preempted": b[2] - a[2], "loadavg1": os.getloadavg()[0]})
+        for label, runs in raw[w].items():
+            med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
+            print(f"{w:6s} {label:5s} wall {med['wall_ms']:6.0f} ms  daemon CPU {med['daemon_cpu_ms']:6.0f} ms  "
+                  f"sleeps {med['sleeps']:6.0f}  preempted {med['preempted']:5.0f}  load {med['loadavg1']:.1f}", flush=True)
+    path = save(args.tag, {"baseline": args.baseline, "rounds": args.rounds, "raw": raw})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
