@@ -512,12 +512,11 @@ class FuseDevSession:
                 if blocking:
                     # counted before the reader role goes: the next reader sees it and does
                     # not spin while this request is handled
-                    spare = self._count_blocking()
+                    if self._count_blocking():
+                        self._start_spare(fd)
                     if leader:
                         leader = False
                         reader.release()  # type: ignore[union-attr]
-                    if spare:
-                        self._start_spare(fd)
                 try:
                     reply = handler(view[:n])
                 except ValueError as e:  # FuseProtocolError: a fragment with no header to answer
