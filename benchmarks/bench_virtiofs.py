@@ -221,6 +221,10 @@ def main() -> int:
                     "(default: all)")
     ap.add_argument("--stall-seconds", type=float, default=30.0,
                     help=f"{STALL}: the proxy lets the stalled blob through this long after its first GET")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the servers' sequence this many times, every other round in reverse order, and "
+                         "pool each server's reps: servers then share the machine's drifts (each round boots a "
+                         "guest per server with --reps reps)")
     ap.add_argument("--save-as", default="bench_virtiofs", help="results name under benchmarks/results")
     ap.add_argument("--baseline-repo", help="also run `nydus_py passthrough baseline`: the passthrough server of "
                     "another checkout (e.g. the main branch), in the same run, to compare code versions")
@@ -270,7 +274,8 @@ def main() -> int:
     wanted = {"virtiofsd", *(n.strip() for n in args.servers.split(",") if n.strip())} if args.servers else set(runs)
     if unknown := wanted - set(runs):
         ap.error(f"unknown servers {sorted(unknown)}; known: {list(runs)}")
-    payload: dict[str, object] = {"accel": "tcg", "smp": 1, "reps": args.reps, "unit": "guest ms",
+    payload: dict[str, object] = {"accel": "tcg", "smp": 1, "reps": args.reps, "rounds": args.rounds,
+                                  "unit": "guest ms",
                                   "workloads": chosen, "server_order": [n for n in runs if n in wanted],
                                   "loadavg_start": os.getloadavg()}
     if args.baseline_repo:
@@ -278,14 +283,17 @@ def main() -> int:
     med: dict[str, dict[str, float]] = {}
     if classic:
         raw: dict[str, dict[str, list[float]]] = {}
-        for name, (sock, cmd) in runs.items():
-            if name not in wanted:
-                continue
-            if "@blobcache" in cmd:
-                cmd = [str(warm_cache(work, boot, work / "blobs")) if a == "@blobcache" else a for a in cmd]
-            raw[name] = measure(name.replace(" ", "_"), cmd, sock, tmp, args.reps, classic,
-                                device_opts.get(name, ""), repos.get(name, REPO))
-            print(name, {w: [round(v) for v in vals] for w, vals in raw[name].items()}, flush=True)
+        for rnd in range(max(1, args.rounds)):
+            names = [n for n in runs if n in wanted]
+            for name in names if rnd % 2 == 0 else names[::-1]:
+                sock, cmd = runs[name]
+                if "@blobcache" in cmd:
+                    cmd = [str(warm_cache(work, boot, work / "blobs")) if a == "@blobcache" else a for a in cmd]
+                got = measure(name.replace(" ", "_"), cmd, sock, tmp, args.reps, classic,
+                              device_opts.get(name, ""), repos.get(name, REPO))
+                for w, vals in got.items():
+                    raw.setdefault(name, {}).setdefault(w, []).extend(vals)
+                print(f"round {rnd}", name, {w: [round(v) for v in vals] for w, vals in got.items()}, flush=True)
         med = {name: {w: statistics.median(v) for w, v in vals.items()} for name, vals in raw.items()}
         ratios = {name: {w: med[name][w] / med["virtiofsd"][w] for w in classic} for name in med}
         for name in med:

@@ -28,13 +28,11 @@ from ..storage.localfs import LocalBlobDir
 from ..storage.registry import RegistryClient
 from . import oci
 from .assemble import Assembly, push_assembly
-from .converter import parse_platforms
 from .errors import ConvertError
 from .pull import fetch_bootstrap
 from .push_retry import PushRetry
-from .reference import parse_reference
-from .remote import Endpoint, transport_error
-from .session import tool_session
+from .remote import transport_error
+from .session import one_image, tool_session
 from .tasks import gather_or_cancel
 
 log = logging.getLogger(__name__)
@@ -94,19 +92,12 @@ def merge_ranges(ranges: list[tuple[int, int]], gap: int = _MERGE_GAP) -> list[t
 class Optimizer:
     def __init__(self, opts: OptimizeOptions) -> None:
         self.opts = opts
-        self.src_ref = parse_reference(opts.source)
-        self.dst_ref = parse_reference(opts.target)
-        if self.dst_ref.digest:
-            raise ConvertError(f"target {opts.target} must name a tag, not a digest")
-        plats = parse_platforms(opts.platform)
-        if plats and len(plats) > 1:
-            raise ConvertError("optimize takes one --platform")
-        self.platform = plats[0] if plats else oci.host_platform()
+        one = one_image(opts, "optimize")
+        self.src_ref, self.dst_ref, self.platform = one.src_ref, one.dst_ref, one.platform
+        self.src_ep, self.dst_ep = one.src_ep, one.dst_ep
         self.files: list[PrefetchFile] = parse_prefetch_files(opts.prefetch_files)
         if not self.files:
             raise ConvertError("the prefetch files list no absolute path; nothing to optimize")
-        self.src_ep = Endpoint("source", self.src_ref, opts.source_insecure, opts.plain_http, opts.source_auth)
-        self.dst_ep = Endpoint("target", self.dst_ref, opts.target_insecure, opts.plain_http, opts.target_auth)
 
     async def run(self) -> OptimizeResult:
         t0 = time.monotonic()

@@ -10,10 +10,39 @@ import shutil
 import tempfile
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from ..storage.registry import RegistryClient
+from . import oci
+from .converter import parse_platforms
+from .errors import ConvertError
 from .push_retry import PushRetry, RetryStats, chunked_pushes, retry_pushes
+from .reference import ImageRef, parse_reference
 from .remote import Endpoint, endpoint_config
+
+
+@dataclass
+class OneImage:
+    """A tool's source image and target tag, for one platform."""
+    src_ref: ImageRef
+    dst_ref: ImageRef
+    platform: oci.Platform
+    src_ep: Endpoint
+    dst_ep: Endpoint
+
+
+def one_image(opts: Any, tool: str) -> OneImage:
+    """The endpoints of `opts` (source, target, platform, *_insecure, plain_http, *_auth): the
+    target must be a tag, and at most one --platform (default: this machine's)."""
+    src_ref, dst_ref = parse_reference(opts.source), parse_reference(opts.target)
+    if dst_ref.digest:
+        raise ConvertError(f"target {opts.target} must name a tag, not a digest")
+    plats = parse_platforms(opts.platform)
+    if plats and len(plats) > 1:
+        raise ConvertError(f"{tool} takes one --platform")
+    return OneImage(src_ref, dst_ref, plats[0] if plats else oci.host_platform(),
+                    Endpoint("source", src_ref, opts.source_insecure, opts.plain_http, opts.source_auth),
+                    Endpoint("target", dst_ref, opts.target_insecure, opts.plain_http, opts.target_auth))
 
 
 @dataclass
