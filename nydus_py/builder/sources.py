@@ -36,7 +36,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Generic, TypeVar
 
 import zstandard
 
@@ -386,6 +386,9 @@ class TarPipe(Growth):
             return self.written
 
 
+_B = TypeVar("_B", bound="_Backing | _PipeBacking")
+
+
 class _Backing:
     """A seekable file holding the (decompressed) tar; member data is read from it with pread.
 
@@ -459,10 +462,11 @@ class _Backing:
             done += k
 
 
-class _BackingStream(io.RawIOBase):
-    """A readable, seekable stream with its own position over a `_Backing`."""
+class _BackingStream(io.RawIOBase, Generic[_B]):
+    """A readable, seekable stream with its own position over a backing (`_Backing`, or a
+    `_PipeBacking`)."""
 
-    def __init__(self, backing: _Backing) -> None:
+    def __init__(self, backing: _B) -> None:
         self._b = backing
         self._pos = 0
 
@@ -476,7 +480,7 @@ class _BackingStream(io.RawIOBase):
         return self._pos
 
 
-class _MemberReader(_BackingStream):
+class _MemberReader(_BackingStream[_Backing]):
     """Read-only stream over [offset, offset+size) of the backing file (independent position)."""
 
     def __init__(self, backing: _Backing, offset: int, size: int) -> None:
@@ -498,18 +502,23 @@ class _MemberReader(_BackingStream):
         return n
 
 
-class _FollowingFile(_BackingStream):
-    """The tar stream of a growing backing file for `tarfile`: reads wait for the bytes."""
+class _TarStream(_BackingStream[_B]):
+    """The tar stream of a backing still being written, for `tarfile`: SEEK_END waits for the
+    end of the archive (only when asked for)."""
 
     def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_SET:
             base = 0
         elif whence == io.SEEK_CUR:
             base = self._pos
-        else:  # (waits for the end of the file: only when asked for)
+        else:
             base = self._b.final_size()
         self._pos = max(0, base + pos)
         return self._pos
+
+
+class _FollowingFile(_TarStream[_Backing]):
+    """The tar stream of a growing backing file: reads wait for the bytes."""
 
     def readinto(self, buf: "bytearray | memoryview") -> int:  # type: ignore[override]
         b = self._b
@@ -557,32 +566,9 @@ class _PipeBacking:
         raise AssertionError("a piped tar's member data is read once, by on_file")
 
 
-class _PipeFile(io.RawIOBase):
-    """The tar stream of a `TarPipe` for `tarfile` (seeks forward only in effect: the bytes
-    skipped are dropped by the next read)."""
-
-    def __init__(self, backing: _PipeBacking) -> None:
-        self._b = backing
-        self._pos = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        if whence == io.SEEK_SET:
-            base = 0
-        elif whence == io.SEEK_CUR:
-            base = self._pos
-        else:
-            base = self._b.final_size()
-        self._pos = max(0, base + pos)
-        return self._pos
+class _PipeFile(_TarStream["_PipeBacking"]):
+    """The tar stream of a `TarPipe` (seeks forward only in effect: the bytes skipped are
+    dropped by the next read)."""
 
     def readinto(self, buf: "bytearray | memoryview") -> int:  # type: ignore[override]
         data = self._b.pipe.read(self._pos, len(buf), self._b.generation)

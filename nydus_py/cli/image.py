@@ -251,7 +251,7 @@ def _prefetch_paths(list_file: str, root: "Inode | Tree") -> list[bytes]:
     return out
 
 
-def _dump_json(path: str | None, result: Any) -> None:
+def dump_json(path: str | None, result: Any) -> None:
     """--output-json: the result dataclass as JSON (nothing without a path)."""
     if path:
         with open(path, "w") as f:
@@ -266,7 +266,7 @@ def _write_result(result: BuildResult, output_json: str | None) -> None:
         f"inodes: {result.inodes}  chunks: {result.chunks}  deduplicated: {result.deduplicated}  "
         f"bytes: {result.uncompressed_bytes} -> {result.compressed_bytes}"
     )
-    _dump_json(output_json, result)
+    dump_json(output_json, result)
 
 
 def _make_dirs(path: str) -> list[str]:
@@ -613,7 +613,7 @@ def cmd_compact(a: argparse.Namespace) -> int:
             pinned = frozenset(b.blob_id for b in d.blobs)
     with open_bootstrap(a.bootstrap) as img:
         result = compact_image(img, out, cfg, blob_dir, pinned)
-    _dump_json(a.output_json, result)
+    dump_json(a.output_json, result)
     if result.bootstrap_path is None:
         print(f"{result.blobs_before} blobs, fewer than layers_to_compact {cfg.layers_to_compact}: nothing to compact")
         return 0
@@ -640,7 +640,7 @@ def cmd_optimize(a: argparse.Namespace) -> int:
             result = optimize_image(img, files, out, out_dir, source)
     finally:
         source.close()
-    _dump_json(a.output_json, result)
+    dump_json(a.output_json, result)
     print(f"moved {result.chunks_moved} chunks ({human_size(result.bytes_moved)}) of {result.files} files into blob "
           f"{result.blob_id or '(none: nothing to move)'}; {len(result.skipped)} listed paths skipped; bootstrap {out}")
     return 0
@@ -659,7 +659,7 @@ def cmd_chunkdict(a: argparse.Namespace) -> int:
         images = [stack.enter_context(open_bootstrap(p)) for p in a.sources]
         blob_dir = a.blob_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="chunkdict-"))
         result = generate_chunkdict(images, a.bootstrap, blob_dir, a.min_images)
-    _dump_json(a.output_json, result)
+    dump_json(a.output_json, result)
     print(f"chunk dictionary {a.bootstrap}: {result.chunks} of {result.distinct_chunks} distinct chunks "
           f"({human_size(result.uncompressed_bytes)}) in {len(result.blob_ids)} blobs of {result.images} images")
     return 0

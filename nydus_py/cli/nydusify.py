@@ -68,7 +68,8 @@ from . import (
     nydusify_optimize,
 )
 from .envflags import apply_env
-from .image import _chunk_size, add_limit_args, limits_from_args
+from .image import _chunk_size, add_limit_args, dump_json, limits_from_args
+from .nydusify_check import registry_flags
 
 PROG = "nydusify-py"
 log = logging.getLogger("nydusify-py")
@@ -294,15 +295,12 @@ def _reverse(a: argparse.Namespace, target: str, retry: PushRetry) -> int:
         raise ConvertError("--reverse reads from and pushes to registries; --source-archive/--target-archive are "
                            "for the forward conversion")
     r = reverse_convert(ReverseOptions(
-        source=a.source, target=target, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
-        plain_http=a.plain_http, source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform,
-        work_dir=a.work_dir, push_retry=retry))
+        **registry_flags(a), source=a.source, target=target, platform=a.platform,
+        push_retry=retry))
     print(f"converted {r.source} -> {r.target} (OCI, reversed): manifest {r.manifest_digest}\n"
           f"  one layer {r.layer_digest[:19]}: {human(r.layer_bytes)} gzip, {human(r.tar_bytes)} tar, "
           f"{r.entries} entries; fetched {human(r.fetched_bytes)} of blobs in {r.seconds:.1f}s")
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(dataclasses.asdict(r), f, indent=2)
+    dump_json(a.output_json, r)
     return 0
 
 

@@ -25,6 +25,12 @@ def add_endpoint_args(p: argparse.ArgumentParser, sides: tuple[str, ...]) -> Non
     p.add_argument("--plain-http", action="store_true", help="talk plain HTTP to the registries")
 
 
+def registry_flags(a: argparse.Namespace) -> dict[str, Any]:
+    """The `RegistryFlags` of a tool's options, from `add_endpoint_args`' flags and --work-dir."""
+    return {k: getattr(a, k) for k in ("source_insecure", "target_insecure", "plain_http", "source_auth",
+                                       "target_auth", "work_dir")}
+
+
 def add_parser(sub: Any) -> None:
     c = sub.add_parser("check", help="verify a Nydus image's manifest, bootstrap, blobs and (with --source) files")
     c.add_argument("--target", required=True, metavar="REF", help="the Nydus image")
@@ -57,9 +63,8 @@ def cmd_check(a: argparse.Namespace) -> int:
     from ..convert.checker import CheckOptions, check
 
     opts = CheckOptions(
-        target=a.target, source=a.source, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
-        plain_http=a.plain_http, source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform,
-        multi_platform=a.multi_platform, fs_check=not a.no_fs_check, work_dir=a.work_dir)
+        **registry_flags(a), target=a.target, source=a.source, platform=a.platform,
+        multi_platform=a.multi_platform, fs_check=not a.no_fs_check)
     report = check(opts)
     if report.ok:
         print(render(report))

@@ -5,13 +5,12 @@ convert/chunkdict.py), for `convert --chunk-dict REF`.
 """
 
 import argparse
-import dataclasses
-import json
 from typing import Any
 
 from ..convert.chunkdict import ChunkdictOptions, generate
 from ..convert.progress import human
-from .nydusify_check import add_endpoint_args
+from .image import dump_json
+from .nydusify_check import add_endpoint_args, registry_flags
 
 
 def add_parser(sub: Any) -> None:
@@ -33,12 +32,9 @@ def add_parser(sub: Any) -> None:
 def cmd_generate(a: argparse.Namespace) -> int:
     sources = [s for s in a.sources.split(",") if s]
     r = generate(ChunkdictOptions(
-        sources=sources, target=a.target, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
-        plain_http=a.plain_http, source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform,
-        work_dir=a.work_dir, min_images=a.min_images))
+        **registry_flags(a), sources=sources, target=a.target, platform=a.platform,
+        min_images=a.min_images))
     print(f"chunk dictionary {r.target} ({r.manifest_digest}): {r.chunks} of {r.distinct_chunks} distinct chunks "
           f"({human(r.uncompressed_bytes)}) of {len(r.sources)} images, in {len(r.blobs)} of their blobs")
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(dataclasses.asdict(r), f, indent=2)
+    dump_json(a.output_json, r)
     return 0

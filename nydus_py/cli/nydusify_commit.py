@@ -5,15 +5,14 @@ Nydus image (see convert/committer.py).
 """
 
 import argparse
-import dataclasses
-import json
 import logging
 from typing import Any
 
 from ..convert.committer import CommitOptions, commit
 from ..convert.errors import ConvertError
 from .envflags import apply_env
-from .nydusify_check import add_endpoint_args
+from .image import dump_json
+from .nydusify_check import add_endpoint_args, registry_flags
 
 log = logging.getLogger("nydusify-py")
 
@@ -44,13 +43,10 @@ def cmd_commit(a: argparse.Namespace) -> int:
     if a.nydus_image:
         log.info("--nydus-image %s is not used: the image is built in this process", a.nydus_image)
     r = commit(CommitOptions(
-        container=a.container, target=a.target, containerd_address=a.containerd_address, namespace=a.namespace,
-        source_insecure=a.source_insecure, target_insecure=a.target_insecure, plain_http=a.plain_http,
-        source_auth=a.source_auth, target_auth=a.target_auth, work_dir=a.work_dir, maximum_times=a.maximum_times))
+        **registry_flags(a), container=a.container, target=a.target, containerd_address=a.containerd_address,
+        namespace=a.namespace, maximum_times=a.maximum_times))
     print(f"committed container {r.container} ({r.source}) -> {r.target} ({r.manifest_digest})")
     print(f"  new blob {r.blob_id or '(none: no file data changed)'}; {r.committed_layers} commit layers; "
           f"{'paused while read' if r.paused else 'not running'}; time {r.seconds:.2f} s")
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(dataclasses.asdict(r), f, indent=2)
+    dump_json(a.output_json, r)
     return 0

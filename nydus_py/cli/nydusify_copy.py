@@ -5,14 +5,13 @@ the target already has skipped (see convert/copier.py).
 """
 
 import argparse
-import dataclasses
-import json
 from typing import Any
 
 from ..convert.errors import ConvertError
 from ..convert.progress import human
 from .envflags import push_chunk_size
-from .nydusify_check import add_endpoint_args
+from .image import dump_json
+from .nydusify_check import add_endpoint_args, registry_flags
 
 
 def add_parser(sub: Any) -> None:
@@ -38,14 +37,11 @@ def cmd_copy(a: argparse.Namespace) -> int:
     if a.jobs < 1 or a.jobs > 64:
         raise ConvertError("--jobs must be in 1..64")
     r = copy(CopyOptions(
-        source=a.source, target=a.target, source_insecure=a.source_insecure, target_insecure=a.target_insecure,
-        plain_http=a.plain_http, source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform,
-        all_platforms=a.all_platforms, work_dir=a.work_dir, jobs=a.jobs,
+        **registry_flags(a), source=a.source, target=a.target, platform=a.platform,
+        all_platforms=a.all_platforms, jobs=a.jobs,
         push_chunk_size=push_chunk_size(a.push_chunk_size)))
     print(f"copied {r.source} -> {r.target} ({r.digest})")
     print(f"  manifests {len(r.manifests)}; uploaded {len(r.uploaded)} blobs ({human(r.uploaded_bytes)}), "
           f"{len(r.reused)} already in the target ({human(r.reused_bytes)}); time {r.seconds:.2f} s")
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(dataclasses.asdict(r), f, indent=2)
+    dump_json(a.output_json, r)
     return 0

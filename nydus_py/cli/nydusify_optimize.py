@@ -8,8 +8,6 @@ FILE is nydus-image's hint file (`{"version": "v1", "files": [{"path": "/abs", "
 """
 
 import argparse
-import dataclasses
-import json
 import logging
 from typing import Any
 
@@ -18,7 +16,8 @@ from ..convert.optimizer import POLICY, OptimizeOptions, optimize
 from ..convert.progress import human
 from ..convert.push_retry import PushRetry
 from .envflags import apply_env, push_chunk_size
-from .nydusify_check import add_endpoint_args
+from .image import dump_json
+from .nydusify_check import add_endpoint_args, registry_flags
 
 log = logging.getLogger("nydusify-py")
 
@@ -55,14 +54,10 @@ def cmd_optimize(a: argparse.Namespace) -> int:
     with open(a.prefetch_files, "rb") as f:
         hints = f.read(64 << 20)
     r = optimize(OptimizeOptions(
-        source=a.source, target=a.target, prefetch_files=hints, source_insecure=a.source_insecure,
-        target_insecure=a.target_insecure, plain_http=a.plain_http, source_auth=a.source_auth,
-        target_auth=a.target_auth, platform=a.platform, work_dir=a.work_dir, push_retry=PushRetry(),
-        push_chunk_size=push_chunk_size(a.push_chunk_size)))
+        **registry_flags(a), source=a.source, target=a.target, prefetch_files=hints, platform=a.platform,
+        push_retry=PushRetry(), push_chunk_size=push_chunk_size(a.push_chunk_size)))
     print(f"optimized {r.source} -> {r.target} ({r.manifest_digest})")
     print(f"  {r.files} files: {r.chunks_moved} chunks ({human(r.bytes_moved)}) in blob {r.blob_id[:12]}; fetched "
           f"{human(r.fetched_bytes)} from the source; {len(r.skipped)} listed paths skipped; time {r.seconds:.2f} s")
-    if a.output_json:
-        with open(a.output_json, "w") as f:
-            json.dump(dataclasses.asdict(r), f, indent=2)
+    dump_json(a.output_json, r)
     return 0

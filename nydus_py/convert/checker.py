@@ -43,23 +43,16 @@ from .converter import parse_platforms, resolve_sources
 from .errors import ConvertError
 from .layer import decompress_to, extract_bootstrap
 from .reference import ImageRef, parse_reference
-from .remote import Endpoint, endpoint_config, transport_error
+from .remote import Endpoint, RegistryFlags, endpoint_config, transport_error
 
 
 @dataclass
-class CheckOptions:
+class CheckOptions(RegistryFlags):
     target: str
     source: str | None = None
-    source_insecure: bool = False
-    target_insecure: bool = False
-    plain_http: bool = False
-    source_auth: str | None = None
-    target_auth: str | None = None
     platform: str | None = None  # default: this machine's
     multi_platform: bool = False  # the target must be an index with the original and the Nydus manifest
     fs_check: bool = True  # rule 4 when a source is given
-    work_dir: str | None = None
-    docker_config_paths: list[str] | None = None
 
 
 @dataclass

@@ -27,24 +27,17 @@ from .errors import ConvertError
 from .pull import NydusImage, fetch_bootstrap
 from .push_retry import PushRetry
 from .reference import parse_reference
-from .remote import Endpoint, transport_error
+from .remote import Endpoint, RegistryFlags, transport_error
 from .session import tool_session
 
 
 @dataclass
-class ChunkdictOptions:
+class ChunkdictOptions(RegistryFlags):
     sources: list[str]
     target: str
-    source_insecure: bool = False
-    target_insecure: bool = False
-    plain_http: bool = False
-    source_auth: str | None = None
-    target_auth: str | None = None
     platform: str | None = None
-    work_dir: str | None = None
     min_images: int = 2
     piece_size: int = 8 << 20
-    docker_config_paths: list[str] | None = None
     push_retry: PushRetry = field(default_factory=PushRetry)
 
 

@@ -41,7 +41,7 @@ from .errors import ConvertError
 from .pull import fetch_bootstrap
 from .push_retry import PushRetry
 from .reference import parse_reference
-from .remote import Endpoint, transport_error
+from .remote import Endpoint, RegistryFlags, transport_error
 from .session import tool_session
 
 log = logging.getLogger(__name__)
@@ -53,20 +53,13 @@ REFUSED = (b"trusted.overlay.redirect", b"trusted.overlay.metacopy")
 
 
 @dataclass
-class CommitOptions:
+class CommitOptions(RegistryFlags):
     container: str
     target: str
     containerd_address: str = "/run/containerd/containerd.sock"
     namespace: str = "default"
-    source_insecure: bool = False
-    target_insecure: bool = False
-    plain_http: bool = False
-    source_auth: str | None = None
-    target_auth: str | None = None
-    work_dir: str | None = None
     maximum_times: int = 400
     piece_size: int = 8 << 20
-    docker_config_paths: list[str] | None = None
     push_retry: PushRetry = field(default_factory=PushRetry)
     ctr: str | None = None  # the ctr binary (default: from PATH)
 

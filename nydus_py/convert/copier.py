@@ -26,26 +26,19 @@ from .converter import parse_platforms
 from .errors import ConvertError
 from .push_retry import chunked_pushes
 from .reference import parse_reference
-from .remote import Endpoint, endpoint_config, transport_error
+from .remote import Endpoint, RegistryFlags, endpoint_config, transport_error
 from .tasks import gather_or_cancel
 
 
 @dataclass
-class CopyOptions:
+class CopyOptions(RegistryFlags):
     source: str
     target: str
-    source_insecure: bool = False
-    target_insecure: bool = False
-    plain_http: bool = False
-    source_auth: str | None = None
-    target_auth: str | None = None
     platform: str | None = None  # "os/arch[,os/arch]"; default this machine's
     all_platforms: bool = False
-    work_dir: str | None = None
     jobs: int = 3
     piece_size: int = 8 << 20
     push_chunk_size: int = 0  # nydusify's --push-chunk-size: uploads as PATCH pieces of this size
-    docker_config_paths: list[str] | None = None
 
 
 @dataclass

@@ -31,7 +31,7 @@ from .assemble import Assembly, push_assembly
 from .errors import ConvertError
 from .pull import fetch_bootstrap
 from .push_retry import PushRetry
-from .remote import transport_error
+from .remote import RegistryFlags, transport_error
 from .session import one_image, tool_session
 from .tasks import gather_or_cancel
 
@@ -44,20 +44,13 @@ _FETCHES = 8
 
 
 @dataclass
-class OptimizeOptions:
+class OptimizeOptions(RegistryFlags):
     source: str
     target: str
     prefetch_files: bytes  # the hint file's content
-    source_insecure: bool = False
-    target_insecure: bool = False
-    plain_http: bool = False
-    source_auth: str | None = None
-    target_auth: str | None = None
     platform: str | None = None
-    work_dir: str | None = None
     piece_size: int = 8 << 20
     push_chunk_size: int = 0  # nydusify's --push-chunk-size: uploads as PATCH pieces of this size
-    docker_config_paths: list[str] | None = None
     push_retry: PushRetry = field(default_factory=PushRetry)
 
 

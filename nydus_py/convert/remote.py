@@ -21,6 +21,20 @@ _PLAIN_HTTP_SIGNS = ("wrong version number", "wrong_version_number", "record lay
 _CERT_SIGNS = ("certificate verify failed", "certificate_verify_failed", "self-signed", "self signed")
 
 
+@dataclass(kw_only=True)
+class RegistryFlags:
+    """The registry flags every nydusify tool takes (`--source-insecure`, `--plain-http`,
+    `--*-auth`, `--work-dir`), as keyword fields of its options."""
+
+    source_insecure: bool = False
+    target_insecure: bool = False
+    plain_http: bool = False
+    source_auth: str | None = None  # "user:password" or base64 of it
+    target_auth: str | None = None
+    work_dir: str | None = None
+    docker_config_paths: list[str] | None = None  # None: $DOCKER_CONFIG / ~/.docker/config.json
+
+
 @dataclass(frozen=True)
 class Endpoint:
     """How to reach one side: `side` names it in messages and in the flag hints."""

@@ -28,7 +28,7 @@ from . import oci
 from .errors import ConvertError
 from .pull import fetch_bootstrap
 from .push_retry import PushRetry
-from .remote import transport_error
+from .remote import RegistryFlags, transport_error
 from .session import one_image, tool_session
 from .tasks import gather_or_cancel
 
@@ -39,18 +39,11 @@ _PIECE = 8 << 20
 
 
 @dataclass
-class ReverseOptions:
+class ReverseOptions(RegistryFlags):
     source: str
     target: str
-    source_insecure: bool = False
-    target_insecure: bool = False
-    plain_http: bool = False
-    source_auth: str | None = None
-    target_auth: str | None = None
     platform: str | None = None
-    work_dir: str | None = None
     compress_level: int = 6
-    docker_config_paths: list[str] | None = None
     push_retry: PushRetry = field(default_factory=PushRetry)
 
 

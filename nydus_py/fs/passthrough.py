@@ -270,15 +270,11 @@ class _Inode(_Held):
         self.rfd = self.fd = -1
 
 
-class _Handle(_Held):
-    __slots__ = ("fd", "is_dir", "entries", "writes")
+class _OneFd(_Held):
+    """An owner of exactly one fd, which data ops use too."""
 
-    def __init__(self, fd: int, is_dir: bool, writes: bool = True) -> None:
-        super().__init__()
-        self.fd = fd
-        self.is_dir = is_dir
-        self.writes = writes  # opened for writing: FLUSH has host work to do (see flush)
-        self.entries: list[tuple[bytes, int, int]] | None = None  # dirs: (name, host ino, S_IFMT type)
+    __slots__ = ("fd",)
+    fd: int
 
     @property
     def io_fd(self) -> int:
@@ -290,12 +286,23 @@ class _Handle(_Held):
         self.fd = -1
 
 
-class _ProcDir(_Held):
+class _Handle(_OneFd):
+    __slots__ = ("is_dir", "entries", "writes")
+
+    def __init__(self, fd: int, is_dir: bool, writes: bool = True) -> None:
+        super().__init__()
+        self.fd = fd
+        self.is_dir = is_dir
+        self.writes = writes  # opened for writing: FLUSH has host work to do (see flush)
+        self.entries: list[tuple[bytes, int, int]] | None = None  # dirs: (name, host ino, S_IFMT type)
+
+
+class _ProcDir(_OneFd):
     """An O_PATH fd of /proc/self/fd: `reopen` resolves one name from it instead of walking
     /proc/self/fd/N (as virtiofsd does). Held per call, so `close` never pulls it from under
     a reopen in flight (whose fd number could otherwise be reused meanwhile)."""
 
-    __slots__ = ("fd", "__weakref__")
+    __slots__ = ("__weakref__",)
 
     def __init__(self) -> None:
         super().__init__()
@@ -311,15 +318,6 @@ class _ProcDir(_Held):
             return os.open(str(fd), flags | os.O_CLOEXEC, dir_fd=self.fd)
         finally:
             self.__exit__(None, None, None)
-
-    @property
-    def io_fd(self) -> int:
-        return self.fd
-
-    def _close_fds(self) -> None:
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-        self.fd = -1
 
 
 class PassthroughFilesystem(Filesystem):
