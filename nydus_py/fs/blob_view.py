@@ -296,9 +296,7 @@ class BlobViewFilesystem(Filesystem):
         """The views' counters, with decode-ahead's."""
         out = self.stats.snapshot()
         ra = self.readahead
-        out.update(ra.snapshot() if ra is not None else
-                   {"decode_ahead_submitted": 0, "decode_ahead_loaded": 0, "decode_ahead_hits": 0,
-                    "decode_ahead_skipped": 0, "released_behind": 0})
+        out.update(ra.snapshot() if ra is not None else SequentialReadahead.idle_snapshot())
         return out
 
     def readdir(self, ino: int, fh: int, offset: int) -> Iterator[tuple[bytes, int, int, int]]:

@@ -40,6 +40,11 @@ _MAX_TRACKED = 4096
 ChunksOf = Callable[[int, int, int], list[ChunkInfo]]
 
 
+# the metrics keys of `SequentialReadahead.snapshot`, and the attributes they count
+_COUNTERS = (("decode_ahead_submitted", "submitted"), ("decode_ahead_loaded", "loaded"), ("decode_ahead_hits", "hits"),
+             ("decode_ahead_skipped", "skipped"), ("released_behind", "released"))
+
+
 class SequentialReadahead:
     """`chunks_of` maps a range of what is read to its chunks: the image's files (inode numbers,
     the default) or a blob's uncompressed view (blob indexes, `RafsImage.blob_chunks`).
@@ -175,9 +180,12 @@ class SequentialReadahead:
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return {"decode_ahead_submitted": self.submitted, "decode_ahead_loaded": self.loaded,
-                    "decode_ahead_hits": self.hits, "decode_ahead_skipped": self.skipped,
-                    "released_behind": self.released}
+            return {key: getattr(self, attr) for key, attr in _COUNTERS}
+
+    @staticmethod
+    def idle_snapshot() -> dict[str, int]:
+        """The counters of a reader with no decode-ahead (the same keys, all 0)."""
+        return dict.fromkeys((key for key, _attr in _COUNTERS), 0)
 
     def close(self) -> None:
         """Stop the pool (pending loads are dropped); a later read starts a new one."""
