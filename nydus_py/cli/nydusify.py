@@ -266,10 +266,9 @@ def cmd_convert(a: argparse.Namespace) -> int:
         return _reverse(a, target, retry)
     cache = cache_ref_for(target, a.build_cache_tag) if a.build_cache_tag else a.build_cache
     opts = ConvertOptions(
-        source=a.source, target=target, plain_http=a.plain_http, oci=a.oci, all_platforms=a.all_platforms,
-        source_insecure=a.source_insecure, target_insecure=a.target_insecure,
-        source_auth=a.source_auth, target_auth=a.target_auth, platform=a.platform, fs_version=a.fs_version,
-        compressor=a.compressor, chunk_size=a.chunk_size, merge_platform=a.merge_platform, work_dir=a.work_dir,
+        **registry_flags(a), source=a.source, target=target, oci=a.oci, all_platforms=a.all_platforms,
+        platform=a.platform, fs_version=a.fs_version, compressor=a.compressor, chunk_size=a.chunk_size,
+        merge_platform=a.merge_platform,
         jobs=a.jobs, prefetch_patterns=_prefetch_patterns(a), expansion_limits=limits_from_args(a),
         build_cache=cache, build_cache_insecure=a.build_cache_insecure, build_cache_version=a.build_cache_version,
         build_cache_max_records=a.build_cache_max_records, chunk_dict=a.chunk_dict,

@@ -64,7 +64,7 @@ from .memory import release_free_memory
 from .progress import Bar, Progress, human
 from .push_retry import PushRetry, RetryStats, retry_pushes
 from .reference import ImageRef, parse_reference
-from .remote import Endpoint, endpoint_config, transport_error
+from .remote import Endpoint, RegistryFlags, endpoint_config, transport_error
 from .reuse import (
     CacheStats,
     ChunkDict,
@@ -86,20 +86,14 @@ _PULL_PIECE = 256 << 10  # download piece handed to the inflate thread (two in f
 
 
 @dataclass
-class ConvertOptions:
+class ConvertOptions(RegistryFlags):
     source: str
     target: str
-    source_insecure: bool = False
-    target_insecure: bool = False
-    source_auth: str | None = None  # "user:password" or base64 of it
-    target_auth: str | None = None
     platform: str | None = None  # default: this machine's
     fs_version: int = 6
     compressor: str = "zstd"
     chunk_size: int = 1 << 20
     merge_platform: bool = False
-    work_dir: str | None = None
-    docker_config_paths: list[str] | None = None  # None: $DOCKER_CONFIG / ~/.docker/config.json
     jobs: int = 3  # concurrent uploads; layers downloaded and built at once (at most one per core)
     piece_size: int = 1 << 20  # upload read size (one streamed PUT per blob)
     # absolute paths (files or directories) read at startup, in reading order (nydusify's
@@ -107,7 +101,6 @@ class ConvertOptions:
     prefetch_patterns: list[bytes] = field(default_factory=list)
     # caps on how far one layer may expand (decompression bombs); None: no caps
     expansion_limits: ExpansionLimits | None = field(default_factory=ExpansionLimits)
-    plain_http: bool = False  # nydusify's --plain-http: both registries over plain HTTP
     oci: bool = False  # nydusify's --oci: OCI media types even for a Docker source
     all_platforms: bool = False  # every platform of a source index -> an index of Nydus manifests
     build_cache: str | None = None  # nydusify's --build-cache REF (a tag)
