@@ -348,10 +348,16 @@ def test_the_socket_appears_with_its_final_owner_and_mode(tmp_path: Path) -> Non
     done = threading.Event()
 
     def watch() -> None:
-        while not done.is_set():
+        # done is set only once serve() has returned, when the socket must exist: the last look
+        # after it always finds the socket, so the first sighting is recorded however the
+        # threads were scheduled (a watcher starved until serve() returned still looks once)
+        while True:
+            finished = done.is_set()
             try:
                 st = os.stat(sock)
             except FileNotFoundError:
+                if finished:
+                    return
                 continue
             seen.append((st.st_uid, st.st_gid, st.st_mode & 0o777))
             return
