@@ -96,3 +96,21 @@ def test_text_output_and_errors(images, capsys):
     assert "6 refs to 4 chunks (dedup ratio 33.3%)" in text
     assert main(["stat"]) == 1
     assert "one of --bootstrap and --blob-dir" in capsys.readouterr().err
+
+
+def test_config_is_checked_and_changes_nothing(images, tmp_path, capsys):
+    """upstream's `-C/--config`: a storage config for loading the bootstraps. Chunk sizes are in the
+    bootstraps' chunk tables here, so a good config gives the same statistics and a bad one is an error."""
+    _d, a, _b = images
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"version": 2, "backend": {"type": "localfs", "localfs": {"dir": str(tmp_path)}}}))
+    plain = stat_json(tmp_path, "-B", str(a))
+    with_config = stat_json(tmp_path, "-B", str(a), "-C", str(good))
+    assert with_config == plain
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    assert main(["stat", "-B", str(a), "-C", str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "JSON" in err.upper()
+    assert main(["stat", "-B", str(a), "-C", str(tmp_path / "missing.json")]) == 1
+    assert "missing.json" in capsys.readouterr().err
