@@ -20,24 +20,30 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..fuse.abi import InitFlags
-from ..fuse.api import OPEN_MUTATING_FLAGS, Caller, Entry, Filesystem, FuseAttr, FuseError, OpenResult, SetAttr
+from ..fuse.api import (
+    OPEN_MUTATING_FLAGS,
+    Caller,
+    Entry,
+    Filesystem,
+    FuseAttr,
+    FuseError,
+    OpenResult,
+    SetAttr,
+)
 from ..vfs.vfs import Entered, Vfs, VfsError
 
 T = TypeVar("T")
 
 
 class WritableVfs(Vfs):
+    # Whether the session routes mutating requests at all (it asks after init()): not while a
+    # read-only filesystem at / is the whole share, where nothing writable is reachable and a
+    # write OPEN must be EROFS before the kernel learns to skip OPEN.
+    writable = True
+
     def __init__(self) -> None:
         super().__init__()
         self._read_only = False  # INIT made the connection read-only (until it goes)
-
-    @property
-    def writable(self) -> bool:
-        """Whether mutating requests are routed at all (the session asks at INIT): not while
-        a read-only filesystem at / is the whole share, where nothing writable is reachable
-        and a write OPEN is EROFS before the kernel may learn to skip OPEN."""
-        root = self._rootfs
-        return root is None or bool(getattr(root.fs, "writable", False))
 
     def init(self, capable: InitFlags) -> InitFlags:
         """No POSIX_ACL (which the Vfs asks for): for a writable layer it also changes how
@@ -45,6 +51,8 @@ class WritableVfs(Vfs):
         written or tested for; the read-only images beside it lose only ACL caching. No
         NO_OPEN/NO_OPENDIR_SUPPORT either, unless a read-only filesystem is the whole share."""
         want = super().init(capable) & ~InitFlags.POSIX_ACL
+        root = self._rootfs
+        self.writable = root is None or bool(getattr(root.fs, "writable", False))
         if self.writable:
             want &= ~(InitFlags.NO_OPEN_SUPPORT | InitFlags.NO_OPENDIR_SUPPORT)
         return want
@@ -55,6 +63,7 @@ class WritableVfs(Vfs):
 
     def destroy(self) -> None:
         self._read_only = False
+        self.writable = True
         super().destroy()
 
     def mount(self, path: str, fs: Filesystem, index: int | None = None) -> int:
