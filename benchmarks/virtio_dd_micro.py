@@ -59,10 +59,12 @@ def cpu_ns(pid: int) -> int:
 class Server:
     """One backend process behind its socket, set up and INITed, `big.bin` looked up and opened."""
 
-    def __init__(self, label: str, cmd: list[str], sock: str) -> None:
+    def __init__(self, label: str, cmd: list[str], sock: str, repo: Path = REPO) -> None:
         self.label = label
+        # (cwd: `python -m` puts it first on sys.path, before PYTHONPATH)
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE)
+                                     stderr=subprocess.PIPE, cwd=repo,
+                                     env={**os.environ, "PYTHONPATH": str(repo)})
         deadline = time.monotonic() + 30
         while not os.path.exists(sock):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -165,32 +167,26 @@ def main() -> int:
             return [sys.executable, "-m", "nydus_py.cli.daemon", "virtiofs", "--sock", sock, "--log-level", "warn",
                     *extra]
 
-        cmds: dict[str, tuple[list[str], str, dict[str, str] | None]] = {}
+        cmds: dict[str, tuple[list[str], str, Path]] = {}
         for name in args.servers.split(","):
             sock = f"{tmp}/{name}.sock"
             extra = (["--bootstrap", str(boot), "--config", str(cfg)] if name == "rafs"
                      else ["--shared-dir", str(root / "tree")])
-            cmds[name] = (daemon(sock, *extra), sock, None)
+            cmds[name] = (daemon(sock, *extra), sock, REPO)
         if args.baseline_repo:
             sock = f"{tmp}/rafs-base.sock"
-            env = {**os.environ, "PYTHONPATH": str(Path(args.baseline_repo).resolve())}
-            cmds["rafs-base"] = (daemon(sock, "--bootstrap", str(boot), "--config", str(cfg)), sock, env)
+            cmds["rafs-base"] = (daemon(sock, "--bootstrap", str(boot), "--config", str(cfg)), sock,
+                                 Path(args.baseline_repo).resolve())
         if args.virtiofsd:
             sock = f"{tmp}/c.sock"
             cmds["virtiofsd"] = (["/usr/lib/qemu/virtiofsd", f"--socket-path={sock}", "-o",
-                                  f"source={root / 'tree'}", "-o", "cache=auto"], sock, None)
+                                  f"source={root / 'tree'}", "-o", "cache=auto"], sock, REPO)
         raw: dict[str, list[tuple[float, float]]] = {n: [] for n in cmds}
         for rnd in range(args.rounds):
             names = list(cmds) if rnd % 2 == 0 else list(cmds)[::-1]
             for name in names:
-                cmd, sock, env = cmds[name]
-                if env is not None:
-                    os.environ["PYTHONPATH"], old = env["PYTHONPATH"], os.environ.get("PYTHONPATH", "")
-                try:
-                    srv = Server(name, cmd, sock)
-                finally:
-                    if env is not None:
-                        os.environ["PYTHONPATH"] = old
+                cmd, sock, repo = cmds[name]
+                srv = Server(name, cmd, sock, repo)
                 try:
                     srv.reads(args.mib, 1)  # warm: the host's page cache, the first touch of guest pages
                     raw[name].append(srv.reads(args.mib, args.passes))
