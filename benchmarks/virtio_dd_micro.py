@@ -71,7 +71,14 @@ class Server:
                 err = self.proc.stderr.read().decode() if self.proc.stderr else ""
                 raise RuntimeError(f"{label} did not start: {err}")
             time.sleep(0.05)
-        self.fe = F.Frontend(sock, mem_size=RAM)
+        while True:  # (the socket file appears at bind, before listen)
+            try:
+                self.fe = F.Frontend(sock, mem_size=RAM)
+                break
+            except ConnectionRefusedError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         self.fe.setup(nqueues=2, num=NUM, features=F.F_VERSION_1 | F.F_PROTOCOL | F.F_INDIRECT | F.F_EVENT_IDX)
         self.q = self.fe.queues[1]
         self.unique = 10
