@@ -25,7 +25,8 @@ virtiofsd cannot serve a registry image, so it has no ratio; the JSON and the ou
 `--workloads` picks workloads (default: all); `--save-as` names the results files.
 `--baseline-repo DIR` adds `nydus_py passthrough baseline`, the passthrough server of another
 checkout (its own PYTHONPATH), run right after `nydus_py passthrough` (`--baseline-first`: right
-before), to compare two versions of the code in one run against the same virtiofsd.
+before), to compare two versions of the code in one run against the same virtiofsd;
+`--baseline-server rafs` does the same for the RAFS server (`nydus_py rafs baseline`).
 
 TCG on 2 shared host cores: absolute numbers measure this machine; compare ratios of one run.
 """
@@ -228,6 +229,8 @@ def main() -> int:
     ap.add_argument("--save-as", default="bench_virtiofs", help="results name under benchmarks/results")
     ap.add_argument("--baseline-repo", help="also run `nydus_py passthrough baseline`: the passthrough server of "
                     "another checkout (e.g. the main branch), in the same run, to compare code versions")
+    ap.add_argument("--baseline-server", choices=("passthrough", "rafs"), default="passthrough",
+                    help="which server --baseline-repo runs with the other checkout's code")
     ap.add_argument("--baseline-first", action="store_true",
                     help="run the baseline before `nydus_py passthrough` (alternate the order across runs)")
     args = ap.parse_args()
@@ -258,13 +261,15 @@ def main() -> int:
                                                  str(cfg), "--virtio-queues", "2", "--virtio-workers", "4"]),
     }
     repos: dict[str, Path] = {}
+    base = f"nydus_py {args.baseline_server} baseline"
     if args.baseline_repo:
-        base = "nydus_py passthrough baseline"
         repos[base] = Path(args.baseline_repo).resolve()
-        base_sock = str(tmp / "ptbase.sock")
-        base_run = (base_sock, [*daemon(base_sock), "--shared-dir", str(work / "tree")])
+        base_sock = str(tmp / "base.sock")
+        base_run = (base_sock, [*daemon(base_sock), "--shared-dir", str(work / "tree")]
+                    if args.baseline_server == "passthrough"
+                    else [*daemon(base_sock), "--bootstrap", str(boot), "--config", str(cfg)])
         order = list(runs)
-        at = order.index("nydus_py passthrough") + (0 if args.baseline_first else 1)
+        at = order.index(f"nydus_py {args.baseline_server}") + (0 if args.baseline_first else 1)
         order.insert(at, base)
         runs = {n: base_run if n == base else runs[n] for n in order}
     # the RAFS servers' options beyond --bootstrap/--config, for the stall workload's own daemons
@@ -279,7 +284,7 @@ def main() -> int:
                                   "workloads": chosen, "server_order": [n for n in runs if n in wanted],
                                   "loadavg_start": os.getloadavg()}
     if args.baseline_repo:
-        payload["baseline_repo"] = str(repos["nydus_py passthrough baseline"])
+        payload["baseline_repo"] = str(repos[base])
     med: dict[str, dict[str, float]] = {}
     if classic:
         raw: dict[str, dict[str, list[float]]] = {}

@@ -5,7 +5,13 @@ A request goes to the filesystem that owns its inode only if that filesystem is 
 everything else (RAFS, the pseudo directories that lead to mountpoints) answers EROFS, and so
 does an OPEN for writing or with O_TRUNC/O_CREAT. RENAME/LINK across two filesystems answer
 EXDEV, as the kernel does between mounts. The pseudo root never asks the kernel to skip OPEN
-(NO_OPEN_SUPPORT is session-wide, and a passthrough filesystem wants real handles).
+(NO_OPEN_SUPPORT is session-wide, and a passthrough filesystem wants real handles). A
+read-only filesystem mounted at / (`nydusd-py virtiofs --bootstrap`: one RAFS image is the
+share, and nothing can be mounted beside it) keeps what it asks for, as over /dev/fuse: the
+guest then sends no OPEN/RELEASE per file and no OPENDIR/RELEASEDIR per directory (a `cat` of
+small files costs LOOKUP and READ; virtiofsd's share costs twice that), and mutating requests
+answer EROFS, a write OPEN included (the session is read-only). While a connection
+was set up so, a writable filesystem cannot be mounted (its handles would never be asked for).
 """
 
 import errno
@@ -14,21 +20,60 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..fuse.abi import InitFlags
-from ..fuse.api import OPEN_MUTATING_FLAGS, Caller, Entry, FuseAttr, FuseError, OpenResult, SetAttr
-from ..vfs.vfs import Entered, Vfs
+from ..fuse.api import (
+    OPEN_MUTATING_FLAGS,
+    Caller,
+    Entry,
+    Filesystem,
+    FuseAttr,
+    FuseError,
+    OpenResult,
+    SetAttr,
+)
+from ..vfs.vfs import Entered, Vfs, VfsError
 
 T = TypeVar("T")
 
 
 class WritableVfs(Vfs):
+    # Whether the session routes mutating requests at all (it asks after init()): not while a
+    # read-only filesystem at / is the whole share, where nothing writable is reachable and a
+    # write OPEN must be EROFS before the kernel learns to skip OPEN.
     writable = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._read_only = False  # INIT made the connection read-only (until it goes)
 
     def init(self, capable: InitFlags) -> InitFlags:
         """No POSIX_ACL (which the Vfs asks for): for a writable layer it also changes how
         creates treat the umask and the parent's default ACL, which the passthrough was not
-        written or tested for; the read-only images beside it lose only ACL caching."""
-        return super().init(capable) & ~(InitFlags.NO_OPEN_SUPPORT | InitFlags.NO_OPENDIR_SUPPORT
-                                         | InitFlags.POSIX_ACL)
+        written or tested for; the read-only images beside it lose only ACL caching. No
+        NO_OPEN/NO_OPENDIR_SUPPORT either, unless a read-only filesystem is the whole share."""
+        want = super().init(capable) & ~InitFlags.POSIX_ACL
+        root = self._rootfs
+        self.writable = root is None or bool(getattr(root.fs, "writable", False))
+        if self.writable:
+            want &= ~(InitFlags.NO_OPEN_SUPPORT | InitFlags.NO_OPENDIR_SUPPORT)
+        return want
+
+    def negotiated(self, flags: InitFlags) -> None:
+        super().negotiated(flags)
+        self._read_only = not self.writable
+
+    def destroy(self) -> None:
+        self._read_only = False
+        self.writable = True
+        super().destroy()
+
+    def mount(self, path: str, fs: Filesystem, index: int | None = None) -> int:
+        """Vfs.mount, refusing a writable filesystem on a connection INIT made read-only (a
+        read-only filesystem was the share then, unmounted since): its writes would be EROFS
+        and its handles never asked for."""
+        if self._read_only and getattr(fs, "writable", False):
+            raise VfsError(f"cannot mount a writable filesystem at {path}: this connection was set up read-only "
+                           "(for the read-only filesystem that was at /); it needs a new connection", errno.EBUSY)
+        return super().mount(path, fs, index)
 
     def _route(self, ino: int, fn: Callable[[Any, int], T], *, write: bool = True) -> T:
         """Call `fn(fs, inner_ino)` inside the filesystem owning `ino` (EROFS if it is not

@@ -30,6 +30,7 @@ from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.transport.vhost_user import virtiofs_server
 from nydus_py.transport.vhost_user.inflight import Abandoned, InflightQueue
 from nydus_py.transport.vhost_user.server import QueueWorker, VhostUserServer
+from nydus_py.transport.vhost_user.virtiofs import fuse_into_handler
 from nydus_py.transport.vhost_user.virtqueue import Chain
 
 from ..fs.mountrig import CHUNK, build
@@ -290,6 +291,35 @@ def test_session_read_into_matches_the_buffered_reply() -> None:
             session.handle_into(req, [memoryview(mem)], guard, nowait=True)
     r = session.handle_into(lookup, [memoryview(bytearray(200))], guard)
     assert isinstance(r, list) and b"".join(r) == session.handle(lookup)
+
+
+class _NoWalk(list):  # type: ignore[type-arg]
+    """A READ's buffers that fail the test when walked whole (indexing and slicing still work)."""
+
+    def __iter__(self) -> Iterator[memoryview]:
+        raise AssertionError("the buffers were walked to sum their lengths")
+
+
+def test_handle_into_takes_the_room_the_transport_knows() -> None:
+    """The virtio handler passes the chain's writable size (known from its descriptors), so a
+    READ's 257 buffers are not walked again to sum their lengths; the reply is the same."""
+    session = FuseSession(MemFS())
+    init_req = struct.pack("<IIQQIIIHH", 40 + 64, 26, 1, 0, 0, 0, 1, 0, 0) + struct.pack("<IIIII44x", 7, 38, 0, 0, 0)
+    assert session.handle(init_req) is not None
+    lookup = struct.pack("<IIQQIIIHH", 40 + 6, LOOKUP, 2, 1, 0, 0, 1, 0, 0) + b"hello\0"
+    nodeid = struct.unpack_from("<Q", session.handle(lookup) or b"", 16)[0]
+    req = struct.pack("<IIQQIIIHH", 80, READ, 3, nodeid, 0, 0, 1, 0, 0) + struct.pack("<QQIIQII", 100 + nodeid, 0,
+                                                                                      4096, 0, 0, 0, 0)
+    want = session.handle(req)
+    mem = bytearray(16 + 4096)
+    v = memoryview(mem)
+    bufs = _NoWalk([v[:16], *(v[16 + o : 16 + o + 512] for o in range(0, 4096, 512))])
+    n = session.handle_into(req, bufs, threading.Lock(), room=len(mem))
+    assert isinstance(n, int) and bytes(mem[:n]) == want
+    chain = Chain(0, [memoryview(req)], bufs, len(mem))  # (walk gives the size with the views)
+    handler = fuse_into_handler(session)
+    mem[:] = bytes(len(mem))
+    assert handler(memoryview(req), chain, threading.Lock(), False) == n and bytes(mem[:n]) == want
 
 
 def test_rafs_read_into_nowait_from_the_chunk_cache(tmp_path: Path) -> None:

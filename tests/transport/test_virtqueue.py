@@ -314,6 +314,43 @@ def test_linear_table_merges_adjacent_buffers_and_remembers_the_writable_half() 
     assert c3 is not None and [len(v) for v in c3.writable] == [16, 0x3000, 0x1000, 0x1000, 0x1000]
 
 
+@settings(max_examples=300, deadline=None)
+@given(head=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 300), st.sampled_from([0, 2, 4])), max_size=4),
+       nexts=st.one_of(st.none(), st.lists(st.integers(0, 12), min_size=12, max_size=12)),
+       tail_pages=st.integers(1, 6), data=st.binary(min_size=64, max_size=64))
+def test_a_table_after_a_remembered_one_decodes_as_the_walk_does(
+        head: list[tuple[int, int, int]], nexts: list[int] | None, tail_pages: int, data: bytes) -> None:
+    """A table whose writable tail is the remembered one byte for byte (the fast path checks
+    only its head) gives the same chain, or the same error, as the entry-by-entry walk: any
+    head (readable or writable or indirect entries, empty, outside memory, none) and any
+    next fields."""
+    tail = [(GPA + DATA2 + 0x100 * (41 + k), 0x80, 2) for k in range(tail_pages)]
+    first = [(GPA + DATA2, 40, 0), (GPA + DATA2 + 0x40, 40, 0)] + tail
+    buf = bytearray(SIZE)
+    buf[DATA2 : DATA2 + 64] = data
+    _linear_table(buf, first)
+    _, q = make(buf)
+    q.linear_min = 1
+    c = q.pop()
+    assert c is not None and q._memo is not None  # the tail is remembered
+    q.push(0, 0)
+    second = [(GPA + DATA2 + slot * 0x100 if slot < 38 else (GPA + SIZE - 8 if slot == 38 else 1 << 40), length,
+               flags) for slot, length, flags in head] + tail
+    _linear_table(buf, second, None if nexts is None else [n if i < len(head) else (0 if i == len(second) - 1
+                                                                                      else i + 1)
+                                                             for i, n in enumerate(nexts[: len(second)])]
+                  + [0 if i == len(second) - 1 else i + 1 for i in range(len(nexts), len(second))])
+    offer(buf, 0, idx=2)
+    _, slow = _pop_both(buf)  # (on copies of the memory, before the fast pop marks it)
+    try:
+        c2 = q.pop()
+        assert c2 is not None
+        fast: object = (b"".join(c2.readable), b"".join(c2.writable), c2.writable_size(), _marks(q, c2))
+    except DescriptorError as e:
+        fast = ("error", str(e))
+    assert fast == slow
+
+
 @pytest.mark.parametrize("nexts, message", [
     ([1, 0, 0], "loops"),  # a loop inside the table
     ([1, 7, 0], "out of a table"),

@@ -80,7 +80,7 @@ def fuse_into_handler(session: FuseSession) -> IntoHandler:
         if len(req) == _FORGET_LEN and _OPCODE.unpack_from(req, 4)[0] == _OP_FORGET and session.defer_forget(req):
             return None  # applied with the others by the dispatcher's idle hook (flush_forgets)
         try:
-            r = session.handle_into(req, chain.writable, guard, nowait)
+            r = session.handle_into(req, chain.writable, guard, nowait, chain.writable_size())
         except FuseProtocolError as e:
             log.error("virtio-fs: %s", e)
             return None

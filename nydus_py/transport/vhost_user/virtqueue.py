@@ -211,8 +211,9 @@ class Virtqueue:
         self._signalled_used = self.used_idx  # used idx at the last interrupt
         self._signalled_valid = False
         self.linear_min = LINEAR_MIN
-        # (writable descriptors of the last linear indirect table, their views, their bytes)
-        self._memo: tuple[bytes, list[memoryview], int] | None = None
+        # (writable descriptors of the last linear indirect table, their views, their bytes,
+        # the number of readable descriptors before them)
+        self._memo: tuple[bytes, list[memoryview], int, int] | None = None
 
     # -- avail side ------------------------------------------------------------------------
     def avail_idx(self) -> int:
@@ -339,10 +340,27 @@ class Virtqueue:
         The writable half of the last table is remembered with its views: a reader that
         reuses its buffer (dd, fio and databases with O_DIRECT) sends the same 256 page
         descriptors every time, and a table equal byte for byte decodes to the same views (a
-        pure function of the bytes and this queue's memory table)."""
+        pure function of the bytes and this queue's memory table). A table whose tail is the
+        remembered one byte for byte has only its readable head checked (two entries for a
+        READ, not all 259)."""
         n = len(raw) // DESC_SIZE
         m = memoryview(raw)
         h = m.cast("H")
+        memo = self._memo
+        if memo is not None:
+            tail, kept, kept_bytes, r = memo
+            cut = r * DESC_SIZE
+            if len(raw) == cut + len(tail) and raw[cut:] == tail:
+                head_h = h[: r * 8]
+                if head_h[6::8].tolist() != _READABLE[:r] or head_h[7::8].tolist() != _NEXTS[:r]:
+                    return None
+                readable: list[memoryview] = []
+                if r:
+                    got = self._buffers(m[:cut])
+                    if got is None:
+                        return None
+                    readable = got[0]
+                return Chain(head, readable, list(kept), kept_bytes)
         flags = h[6::8].tolist()
         last = flags.pop()
         if h[7::8].tolist()[:-1] != _NEXTS[: n - 1]:
@@ -356,20 +374,15 @@ class Virtqueue:
             r = n
         elif last != DESC_F_WRITE:
             return None
-        readable: list[memoryview] = []
+        readable = []
         writable: list[memoryview] = []
         wbytes = 0
         if r < n:
-            tail = raw[r * DESC_SIZE :]
-            memo = self._memo
-            if memo is not None and memo[0] == tail:
-                writable, wbytes = memo[1], memo[2]
-            else:
-                got = self._buffers(m[r * DESC_SIZE :])
-                if got is None:
-                    return None
-                writable, wbytes = got
-                self._memo = (tail, writable, wbytes)
+            got = self._buffers(m[r * DESC_SIZE :])
+            if got is None:
+                return None
+            writable, wbytes = got
+            self._memo = (raw[r * DESC_SIZE :], writable, wbytes, r)
         if r:
             got = self._buffers(m[: r * DESC_SIZE])
             if got is None:
