@@ -489,10 +489,10 @@ class Converter:
                  for ep in (self.cache_ep, self.dict_ep) if ep is not None}
         for c in extra.values():
             retry_pushes(c, self.opts.push_retry, retries)
-        # layers are prepared (parsed, chunked, compressed) a few at once, and as many more write
-        # their blobs from their spills (see `_convert_one`); the extra thread commits them in
-        # order (and writes the bootstrap), never waiting behind a prepare
-        builder = ThreadPoolExecutor(2 * self._build_jobs() + 1, thread_name_prefix="nydusify-build")
+        # layers are prepared (parsed, chunked, compressed) a few at once, and one more writes its
+        # blob from its spill (see `_convert_one`); the extra thread commits them in order (and
+        # writes the bootstrap), never waiting behind a prepare
+        builder = ThreadPoolExecutor(self._build_jobs() + 2, thread_name_prefix="nydusify-build")
         # inflating + hashing + writing the tars of the layers being downloaded: one per core
         unpacker = ThreadPoolExecutor(self._build_jobs(), thread_name_prefix="nydusify-unpack")
         try:
@@ -626,9 +626,9 @@ class Converter:
         uses: dict[str, int] = {}  # layers still to prepare from each download (its tar goes after the last)
         # a layer holds a slot while it parses and chunks (CPU: one per core), and gives it up for
         # the blob write from its spill (mostly I/O), so that the next layer's download and parse
-        # start then; at most twice as many layers are in `_prepare_layer` at once (the threads)
+        # start then; one more layer than slots is in `_prepare_layer` at once (memory: buffers)
         slots = asyncio.Semaphore(self._build_jobs())
-        inflight = asyncio.Semaphore(2 * self._build_jobs())
+        inflight = asyncio.Semaphore(self._build_jobs() + 1)
         # set when a layer got its prepare slot, or at once for a layer the build cache serves
         # (not prepared: the layers above do not wait for it)
         started = [asyncio.Event() for _ in layers]
