@@ -39,7 +39,7 @@ def test_without_malloc_trim_it_is_logged_once_and_counted(fresh, monkeypatch, c
 _ARENAS = """
 import ctypes, json, os, sys, tempfile, threading
 from nydus_py.convert import memory
-limited = memory.limit_malloc_arenas(2) if sys.argv[1] == "limit" else None
+limited = memory.tune_malloc(2) if sys.argv[1] == "limit" else None
 go = threading.Barrier(8)
 def work():
     go.wait()  # all alive at once: each wants an arena of its own
@@ -57,38 +57,48 @@ path = os.path.join(tempfile.mkdtemp(), "info.xml")
 fp = libc.fopen(path.encode(), b"w")
 libc.malloc_info(0, fp)
 libc.fclose(fp)
-print(json.dumps([limited, open(path).read().count("<heap nr=")]))
+class Info(ctypes.Structure):  # mallinfo2
+    _fields_ = [(n, ctypes.c_size_t) for n in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
+                 "keepcost")]
+libc.mallinfo2.restype = Info
+big = bytearray(2 << 20)  # a fresh buffer past glibc's first mmap threshold (128 KiB)
+mapped = libc.mallinfo2().hblks
+print(json.dumps([limited, open(path).read().count("<heap nr="), mapped]))
 """
 
 
 @pytest.mark.parametrize("mode", ["limit", "default"])
-def test_malloc_arenas_are_limited_for_the_threads_started_after(mode):
+def test_malloc_arenas_are_limited_and_buffers_come_from_the_heap(mode):
     import json
     import os
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_ARENA_MAX", "GLIBC_TUNABLES")}
+    env = {k: v for k, v in os.environ.items() if k not in (*memory._ENV, "GLIBC_TUNABLES")}
     out = subprocess.run([sys.executable, "-c", _ARENAS, mode], check=True, capture_output=True, text=True, env=env)
-    limited, arenas = json.loads(out.stdout)
-    if mode == "limit":
-        assert limited is True and arenas <= 2
-    else:  # (what the limit is for: the threads took arenas of their own)
-        assert arenas > 2
+    limited, arenas, mapped = json.loads(out.stdout)
+    if mode == "limit":  # and chunk-sized buffers come from the heap
+        assert limited is True and arenas <= 2 and mapped == 0
+    else:  # (what the limit is for: the threads took arenas of their own; the buffer was mmapped)
+        assert arenas > 2 and mapped >= 1
 
 
-def test_an_arena_limit_from_the_environment_is_left_alone(monkeypatch, caplog):
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "3")
+@pytest.mark.parametrize("var", ["MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_"])
+def test_malloc_parameters_from_the_environment_are_left_alone(monkeypatch, caplog, var):
+    for k in memory._ENV:
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv(var, "3")
     with caplog.at_level(logging.INFO, logger="nydus_py.convert.memory"):
-        assert memory.limit_malloc_arenas(2) is False
-    assert "malloc arenas left as the environment sets them" in caplog.text
+        assert memory.tune_malloc(2) is False
+    assert f"malloc parameters left as the environment sets them ({var})" in caplog.text
 
 
-def test_nydusify_limits_the_arenas_before_anything_else(monkeypatch):
+def test_nydusify_tunes_malloc_before_anything_else(monkeypatch):
     from nydus_py.cli import nydusify
 
     calls: list[int | None] = []
-    monkeypatch.setattr(nydusify, "limit_malloc_arenas", lambda count=None: calls.append(count) or True)
+    monkeypatch.setattr(nydusify, "tune_malloc", lambda arenas=None: calls.append(arenas) or True)
     with pytest.raises(SystemExit):
         nydusify.main(["convert"])  # a usage error: no --source
     assert calls == [None]
