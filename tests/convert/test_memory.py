@@ -62,8 +62,9 @@ class Info(ctypes.Structure):  # mallinfo2
                 ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks",
                  "keepcost")]
 libc.mallinfo2.restype = Info
+before = libc.mallinfo2().hblks
 big = bytearray(2 << 20)  # a fresh buffer past glibc's first mmap threshold (128 KiB)
-mapped = libc.mallinfo2().hblks
+mapped = libc.mallinfo2().hblks - before
 print(json.dumps([limited, open(path).read().count("<heap nr="), mapped]))
 """
 
