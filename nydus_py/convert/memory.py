@@ -7,13 +7,13 @@ the free pages of every arena (a few ms). Where the C library has no `malloc_tri
 is logged once and counted, and memory is left to the allocator.
 
 `tune_malloc` (`nydusify-py`, before any thread starts): glibc gives each new thread an arena
-of its own while there are fewer than 8 per core, and each keeps its own free pieces: a
-conversion's dozen threads held 12-15 MiB more at its peak (514 MiB image: 82-89 MiB; with one
-arena per core 68-77). Fewer arenas alone trim their tops more often, and the next buffers are
-fresh pages again (page faults 50k -> 80k, +0.1-0.2 s of CPU); with ~1 MiB buffers kept on the
-heaps and 8 MiB of free top kept, 42-50k (the daemon does the same: `daemon.heap`). Setting any
-of these turns glibc's dynamic mmap threshold off: a trim threshold alone sent every buffer
-over 128 KiB to mmap (560k faults, +1.2 s). Environment settings win.
+of its own while there are fewer than 8 per core, and each keeps its own free pieces (514 MiB
+image on a busy machine: peak RSS 80-88 MiB, with one arena per core 68-77; on a quieter one
+73-76 -> 70-75). Fewer arenas alone trim their tops more often, and the next buffers are fresh
+pages again (page faults 50k -> 80k, +0.1-0.2 s of CPU); with ~1 MiB buffers kept on the heaps
+and 8 MiB of free top kept, 39-50k (the daemon does the same: `daemon.heap`). Setting any of
+these turns glibc's dynamic mmap threshold off: a trim threshold alone sent every buffer over
+128 KiB to mmap (560k faults, +1.2 s). Environment settings win.
 """
 
 import ctypes
