@@ -42,7 +42,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -225,28 +225,6 @@ class _InflateSink:
 
 async def _nothing() -> None:
     """No build cache to load."""
-
-
-class _Slot:
-    """One `asyncio.Semaphore` slot, held from `async with` until `release` or the block's end,
-    whichever comes first (released once; event loop thread only)."""
-
-    def __init__(self, sem: asyncio.Semaphore) -> None:
-        self.sem = sem
-        self.held = False
-
-    async def __aenter__(self) -> "_Slot":
-        await self.sem.acquire()
-        self.held = True
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
-
-    def release(self) -> None:
-        if self.held:
-            self.held = False
-            self.sem.release()
 
 
 class _PipeWriter:
@@ -493,10 +471,9 @@ class Converter:
                  for ep in (self.cache_ep, self.dict_ep) if ep is not None}
         for c in extra.values():
             retry_pushes(c, self.opts.push_retry, retries)
-        # layers are prepared (parsed, chunked, compressed) a few at once, and one more writes its
-        # blob from its spill (see `_convert_one`); the extra thread commits them in order (and
-        # writes the bootstrap), never waiting behind a prepare
-        builder = ThreadPoolExecutor(self._build_jobs() + 2, thread_name_prefix="nydusify-build")
+        # layers are prepared (parsed, chunked, compressed) a few at once; the extra thread commits
+        # them in order (and writes the bootstrap), never waiting behind a prepare
+        builder = ThreadPoolExecutor(self._build_jobs() + 1, thread_name_prefix="nydusify-build")
         # inflating + hashing + writing the tars of the layers being downloaded: one per core
         unpacker = ThreadPoolExecutor(self._build_jobs(), thread_name_prefix="nydusify-unpack")
         try:
@@ -643,11 +620,7 @@ class Converter:
         boot_path = os.path.join(work, "image.boot")
         bl_path = os.path.join(work, "bootstrap-layer.tar.gz")
         uses: dict[str, int] = {}  # layers still to prepare from each download (its tar goes after the last)
-        # a layer holds a slot while it parses and chunks (CPU: one per core), and gives it up for
-        # the blob write from its spill (mostly I/O), so that the next layer's download and parse
-        # start then; one more layer than slots is in `_prepare_layer` at once (memory: buffers)
         slots = asyncio.Semaphore(self._build_jobs())
-        inflight = asyncio.Semaphore(self._build_jobs() + 1)
         # set when a layer got its prepare slot, or at once for a layer the build cache serves
         # (not prepared: the layers above do not wait for it)
         started = [asyncio.Event() for _ in layers]
@@ -669,15 +642,11 @@ class Converter:
             below = [j for j in range(i) if j not in candidates]
             if below:
                 await started[below[-1]].wait()
-            async with inflight, _Slot(slots) as slot:
+            async with slots:
                 started[i].set()
                 task = download(i, d)  # (piped: starts now)
                 growth = growths[_download_key(i, d, self.copy_original)]
                 piped = isinstance(growth, TarPipe)
-
-                def spilled() -> None:  # (in the build thread)
-                    loop.call_soon_threadsafe(slot.release)
-
                 while True:
                     follow = piped or not task.done()  # build while it downloads, from the tar as it grows
                     if not follow:
@@ -685,7 +654,7 @@ class Converter:
                     try:
                         prepared = await loop.run_in_executor(builder, self._prepare_layer, stack, i, d,
                                                               None if piped else tar_path,
-                                                              growth if follow else None, bars[i], spilled)
+                                                              growth if follow else None, bars[i])
                     except Restarted:  # the download started again: so does the build
                         self.build_restarts += 1
                         log.info("layer %d (%s): its download restarted, and so does its build", i + 1, d.short)
@@ -897,13 +866,12 @@ class Converter:
         return max(1, min(self.opts.jobs, os.cpu_count() or 1))
 
     def _prepare_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, tar_path: str | None, growth: Growth | None,
-                       bar: Bar, spilled: Callable[[], None] | None = None) -> PreparedLayer:
+                       bar: Bar) -> PreparedLayer:
         """Build layer `i` from its tar; with `growth`, while the tar is still being downloaded
-        (the bar then shows the download); with no `tar_path`, from the `TarPipe` `growth`.
-        `spilled` as `LayerStack.prepare_layer`'s."""
+        (the bar then shows the download); with no `tar_path`, from the `TarPipe` `growth`."""
         if tar_path is None:
             try:
-                prepared = stack.prepare_layer(None, position=i, growth=growth, spilled=spilled)
+                prepared = stack.prepare_layer(None, position=i, growth=growth)
             except FormatError as e:
                 raise FormatError(f"layer {i + 1} ({d.short}): {e}") from None
             release_free_memory()
@@ -913,7 +881,7 @@ class Converter:
                 bar.phase("build", os.fstat(tar.fileno()).st_size)
             try:
                 prepared = stack.prepare_layer(tar, None if growth is not None else bar.advance, position=i,
-                                               growth=growth, spilled=spilled)
+                                               growth=growth)
             except FormatError as e:
                 raise FormatError(f"layer {i + 1} ({d.short}): {e}") from None
         release_free_memory()

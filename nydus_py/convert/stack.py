@@ -149,8 +149,7 @@ class LayerStack:
         return self.commit_layer(self.prepare_layer(tar, progress))
 
     def prepare_layer(self, tar: BinaryIO | None, progress: Callable[[int], None] | None = None,
-                      position: int | None = None, growth: Growth | None = None,
-                      spilled: Callable[[], None] | None = None) -> PreparedLayer:
+                      position: int | None = None, growth: Growth | None = None) -> PreparedLayer:
         """The expensive part of `add_layer` (parse, chunk, hash, compress, write the chunk data),
         independent of the other layers: several may run at once, in any order. `position` is
         the layer's place in the image (default: the next one to commit). Chunks are deduplicated
@@ -161,9 +160,7 @@ class LayerStack:
         the blob is written in its own order from the spill: with `growth` (`tar` is a plain tar
         file another thread is still writing, or no `tar` and a `sources.TarPipe` that hands it over
         in memory), all that runs while the layer downloads; a restart of the file is
-        `sources.Restarted` (nothing of the layer is kept). `spilled()` is called once the tar is
-        read and every chunk digested and compressed: what is left (writing the blob from the
-        spill) is mostly I/O, so a caller may start another layer's download and parse then."""
+        `sources.Restarted` (nothing of the layer is kept)."""
         if self._finished:
             raise RuntimeError("LayerStack already finished")
         if position is None:
@@ -185,8 +182,6 @@ class LayerStack:
 
             tree = tree_from_tar(tar, stats, growth=growth, on_file=on_file)
             writer.spill_finish()
-            if spilled is not None:
-                spilled()
             opts = self._layer_options(tree)
             plan = plan_v5(tree, opts) if opts.fs_version == 5 else plan_v6(tree, opts)
             order = plan.data_order()
