@@ -21,6 +21,9 @@ run also converts with DIR's nydus_py, right after this tree's: old and new alte
 time window (the machine's load moves both alike), and the results carry both; the manifest
 digests of both must be equal in each run (the output is byte for byte the same), else it fails.
 `--save-as NAME` writes benchmarks/results/NAME.json instead (no plot).
+On a machine others share, `chrt -r 10 python3 benchmarks/bench_convert.py ...` (root) runs it,
+the registries it starts and the conversions ahead of the other work: spreads of 0.1-0.4 s
+between runs instead of 1-3 s (h45-*-rt results).
 
     python3 benchmarks/bench_convert.py [--size-mib 500] [--layers 5] [--runs 2] [--keep] [--build-cache]
                                         [--baseline DIR] [--save-as NAME]
