@@ -54,6 +54,7 @@ from collections.abc import Callable
 from ..convert.build_cache import DEFAULT_VERSION, MAX_RECORDS
 from ..convert.converter import ConvertOptions, ConvertResult, convert
 from ..convert.errors import ConvertError
+from ..convert.memory import tune_malloc
 from ..convert.progress import Progress, human
 from ..convert.push_retry import DEFAULT_COUNT, PushRetry
 from ..convert.reference import parse_reference
@@ -304,6 +305,7 @@ def _reverse(a: argparse.Namespace, target: str, retry: PushRetry) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    tune_malloc()  # before any thread: a dozen of them would each keep an arena (convert.memory)
     try:
         parser = _parser()
     except ValueError as e:  # a nydusify environment variable with a bad value

@@ -7,7 +7,6 @@ convert/chunkdict.py), for `convert --chunk-dict REF`.
 import argparse
 from typing import Any
 
-from ..convert.chunkdict import ChunkdictOptions, generate
 from ..convert.progress import human
 from .image import dump_json
 from .nydusify_check import add_endpoint_args, registry_flags
@@ -30,6 +29,8 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
+    from ..convert.chunkdict import ChunkdictOptions, generate  # (here: not loaded by the other commands)
+
     sources = [s for s in a.sources.split(",") if s]
     r = generate(ChunkdictOptions(
         **registry_flags(a), sources=sources, target=a.target, platform=a.platform,

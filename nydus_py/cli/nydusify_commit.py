@@ -8,7 +8,6 @@ import argparse
 import logging
 from typing import Any
 
-from ..convert.committer import CommitOptions, commit
 from ..convert.errors import ConvertError
 from .envflags import apply_env
 from .image import dump_json
@@ -38,6 +37,8 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_commit(a: argparse.Namespace) -> int:
+    from ..convert.committer import CommitOptions, commit  # (here: not loaded by the other commands)
+
     if a.with_path:
         raise ConvertError("--with-path is not supported: only the container's root filesystem is committed")
     if a.nydus_image:

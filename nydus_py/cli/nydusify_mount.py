@@ -27,11 +27,16 @@ from ..convert.pull import resolve_nydus
 from ..convert.reference import ImageRef, parse_reference
 from ..convert.remote import Endpoint, endpoint_config, normalize_auth, transport_error
 from ..storage.registry import RegistryClient
-from ..transport.mount import is_mountpoint
 
 MOUNT_TIMEOUT = 120.0
 STOP_TIMEOUT = 30.0
 _SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGCHLD}
+
+
+def is_mountpoint(path: str) -> bool:
+    from ..transport.mount import is_mountpoint as check  # (here: ctypes is not loaded by the other commands)
+
+    return check(path)
 
 
 def add_parser(sub: Any) -> None:

@@ -42,10 +42,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from ..builder.chunk_dict import ChunkDictError
 from ..builder.limits import ExpansionLimits
@@ -221,6 +221,10 @@ class _InflateSink:
         self.tar.close()
         if self.keep is not None:
             self.keep.close()
+
+
+async def _nothing() -> None:
+    """No build cache to load."""
 
 
 class _PipeWriter:
@@ -482,8 +486,10 @@ class Converter:
                 self.chunk_dict = await load_chunk_dict(self.opts.chunk_dict, extra.get("chunk-dict"), self.dict_ep,
                                                         work)
             if self.cache is not None and self.cache_client is not None and self.cache_ep is not None:
-                await load_cache(self.cache_client, self.cache_ep, self.cache, self.cache_stats)
-            result = await self._convert(src, dst, work, builder, unpacker)
+                cache_load = load_cache(self.cache_client, self.cache_ep, self.cache, self.cache_stats)
+            else:
+                cache_load = _nothing()
+            result = await self._convert(src, dst, work, builder, unpacker, cache_load)
             if self.cache is not None:
                 await self._push_cache(dst)
                 result.build_cache = dataclasses.asdict(self.cache_stats)
@@ -502,17 +508,30 @@ class Converter:
             shutil.rmtree(work, ignore_errors=True)
 
     async def _convert(self, src: RegistryClient, dst: RegistryClient, work: str,
-                       builder: ThreadPoolExecutor, unpacker: ThreadPoolExecutor) -> ConvertResult:
-        try:
-            sources, index_type = await resolve_sources(src, self.src_ref, self.platforms, self.opts.all_platforms)
-        except OSError as e:
-            raise transport_error(self.src_ep, e) from None
-        # one request to the target before any concurrent ones: it fails fast when the target is
-        # unreachable, and settles its scheme (HTTP fallback) and auth while nothing else is in flight
-        try:
-            await dst.fetch_manifest(self.dst_ref.reference)
-        except OSError as e:
-            raise transport_error(self.dst_ep, e) from None
+                       builder: ThreadPoolExecutor, unpacker: ThreadPoolExecutor,
+                       cache_load: Awaitable[None]) -> ConvertResult:
+        async def resolve() -> tuple[list[_Source], str | None]:
+            try:
+                return await resolve_sources(src, self.src_ref, self.platforms, self.opts.all_platforms)
+            except OSError as e:
+                raise transport_error(self.src_ep, e) from None
+
+        async def probe() -> None:
+            # one request to the target before any concurrent ones to it: it fails fast when the target
+            # is unreachable, and settles its scheme (HTTP fallback) and auth while nothing else is in flight
+            try:
+                await dst.fetch_manifest(self.dst_ref.reference)
+            except OSError as e:
+                raise transport_error(self.dst_ep, e) from None
+
+        # the build cache's records, the source image and the target probe at once (each its own
+        # client): three round trips in the time of one, before any layer can start; a failure
+        # is raised in that order whatever finished first
+        got = await asyncio.gather(cache_load, resolve(), probe(), return_exceptions=True)
+        for r in got:
+            if isinstance(r, BaseException):
+                raise r
+        sources, index_type = cast(tuple[list[_Source], str | None], got[1])
         if index_type is None or (len(sources) == 1 and not self.opts.all_platforms):
             result, _ = await self._convert_one(sources[0], src, dst, work, builder, unpacker, tagged=True)
             self.progress.close()

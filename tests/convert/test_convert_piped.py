@@ -94,3 +94,46 @@ def test_a_new_layer_downloads_while_the_cache_records_are_fetched(tmp_path, pla
     assert (res.layers_built, res.layers_cached) == (1, len(lower))
     r = check("--source", src2, "--target", f"{plain_registry.host}/piped/next:v1-nydus")
     assert r.returncode == 0, r.stderr
+
+
+def test_cache_records_source_and_target_are_fetched_at_once(tmp_path, plain_registry, monkeypatch):
+    """The build cache's manifest, the source image and the target probe are three round trips
+    before any layer starts: they go at once. Here the cache is read only once the source is
+    being resolved (it was read before: the conversion would wait for good)."""
+    layers = oi.sample_layers(seed=7, big=1 << 16)
+    img = oi.make_image(layers[:2])
+    regpush.push_image(plain_registry.url, "piped/start", "v1", img)
+    resolving = asyncio.Event()
+    waited: list[bool] = []
+    real_resolve, real_load = converter.resolve_sources, converter.load_cache
+
+    async def spy_resolve(*a, **k):  # type: ignore[no-untyped-def]
+        resolving.set()
+        return await real_resolve(*a, **k)
+
+    async def load_after_resolve(*a, **k):  # type: ignore[no-untyped-def]
+        try:
+            await asyncio.wait_for(resolving.wait(), 15)
+            waited.append(True)
+        except TimeoutError:
+            waited.append(False)
+        return await real_load(*a, **k)
+
+    monkeypatch.setattr(converter, "resolve_sources", spy_resolve)
+    monkeypatch.setattr(converter, "load_cache", load_after_resolve)
+    res = converter.convert(ConvertOptions(
+        source=f"{plain_registry.host}/piped/start:v1", target=f"{plain_registry.host}/piped/start:v1-nydus",
+        source_insecure=True, target_insecure=True, work_dir=str(tmp_path / "work"), chunk_size=0x10000,
+        build_cache=f"{plain_registry.host}/piped/start:cache", build_cache_insecure=True))
+    assert waited == [True], "the source was resolved only after the build cache was read"
+    assert res.layers_built == 2
+
+
+def test_a_failing_cache_is_reported_before_a_failing_source(tmp_path, plain_registry):
+    """Fetched at once, a failure is still reported in the old order: the cache's first."""
+    with pytest.raises(Exception) as e:
+        converter.convert(ConvertOptions(
+            source=f"{plain_registry.host}/piped/missing:v1", target=f"{plain_registry.host}/piped/missing:v1-nydus",
+            source_insecure=True, target_insecure=True, work_dir=str(tmp_path / "work"),
+            build_cache="127.0.0.1:1/piped/cache:v1", build_cache_insecure=True))
+    assert "reading the build cache" in str(e.value), str(e.value)
