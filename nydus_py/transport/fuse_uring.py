@@ -21,7 +21,6 @@ import errno
 import logging
 import mmap
 import os
-import struct
 import threading
 from collections.abc import Callable
 from typing import Protocol
@@ -30,15 +29,15 @@ from ..fuse.abi import IN_HEADER, InitFlags
 from ..fuse.uring import (
     CMD_COMMIT_AND_FETCH,
     CMD_REGISTER,
+    ENT_IN_OUT_OFFSET,
     REQ_HEADER_SIZE,
     assemble_request,
     encode_cmd_req,
-    entry_commit_id,
     max_payload_size,
     place_error,
     place_reply,
 )
-from .fusedev import _HANDOFF_OPCODES, FuseDevSession, Handler
+from .fusedev import _HANDOFF_OPCODES, DEFAULT_POLL_US, FUSE_READ, FuseDevSession, Handler
 from .io_uring import SQE_HEAD, Ring, encode_uring_cmd, mmap_address, probe
 
 log = logging.getLogger(__name__)
@@ -51,8 +50,9 @@ JOIN_TIMEOUT = 10.0
 # what the kernel sends over /dev/fuse even when the ring serves the rest: INIT, FORGET,
 # INTERRUPT, BATCH_FORGET
 _DEV_ALWAYS = frozenset({26, 2, 36, 42})
-_COMMIT_ID = struct.Struct("<Q")
 _COMMIT_ID_OFFSET = SQE_HEAD.size + 8  # fuse_uring_cmd_req.commit_id in the SQE's command area
+_ENT_COMMIT_ID_Q = (ENT_IN_OUT_OFFSET + 8) >> 3  # fuse_uring_ent_in_out.commit_id, as a u64 index
+ReadWaits = Callable[[memoryview], bool]
 # CQE results that mean "the connection is going away", not a failure
 _TEARDOWN = frozenset({-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED})
 
@@ -67,6 +67,7 @@ class UringSession(Protocol):
 
     def handle_vectored(self, req: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview] | None:
         """The reply to one request as buffers to write in order (None: no reply)."""
+
 
 
 def possible_cpus(text: str) -> int:
@@ -112,6 +113,9 @@ class UringStats:
         self.dev_requests = 0  # requests read from /dev/fuse, but for INIT, FORGET and INTERRUPT
         self.worker_requests: list[int] = []  # per ring thread (each the only writer of its slot)
         self.worker_qid: list[int] = []  # the queue of each ring thread
+        # per ring thread: READs answered without counting as blocking (read_waits said they
+        # wait on nothing slower than a local disk: no spare is started for them)
+        self.worker_kept: list[int] = []
         self.spares_started = 0
         self.spare_failures = 0
         self.register_failures = 0
@@ -131,6 +135,7 @@ class UringStats:
             queue_requests[q] += n
         out["queue_requests"] = queue_requests
         out["ring_requests"] = sum(per)
+        out["reads_kept"] = sum(out.pop("worker_kept"))
         return out
 
 
@@ -145,12 +150,13 @@ class _Entry:
         pay_addr, self._pay_anchor = mmap_address(self.payload)
         self.iov = (ctypes.c_uint64 * 4)(hdr_addr, REQ_HEADER_SIZE, pay_addr, payload_size)
         self.hdr_view = memoryview(self.hdr)[:REQ_HEADER_SIZE]
+        self.hdr64 = self.hdr_view.cast("Q")  # (the commit id, one item read per request)
         self.pay_view = memoryview(self.payload)
-        self.commit_sqe: bytearray | None = None
+        self.armed = False  # its SQE slot holds its COMMIT_AND_FETCH (after the first request)
 
     def close(self) -> None:
-        self.hdr_view.release()
-        self.pay_view.release()
+        for v in (self.hdr64, self.hdr_view, self.pay_view):
+            v.release()
         del self._hdr_anchor, self._pay_anchor
         for m in (self.hdr, self.payload):
             with contextlib.suppress(BufferError):
@@ -159,16 +165,22 @@ class _Entry:
 
 class _Queue:
     """One ring thread of a kernel queue: its own ring and `depth` entries, which only it
-    touches (the kernel completes a command in the task that submitted it). Around a request
-    that may block (READ on a fetch, writes, syncs) it tells `blocking` so that the session
-    can start a spare thread for the queue."""
+    touches (the kernel completes a command in the task that submitted it). Entry i owns SQE
+    slot i of the ring, where its COMMIT_AND_FETCH stays prepared: a commit writes the commit
+    id and queues the slot, and every commit of a batch of completions goes to the kernel with
+    the one io_uring_enter that also waits for the next. Around a request that may block (a READ
+    that `read_waits` says may wait, writes, syncs) it tells `blocking` so that the session can
+    start a spare thread for the queue; a READ that waits on nothing slower than a local disk is
+    just answered ("kept", counted)."""
 
     def __init__(self, qid: int, fd: int, depth: int, payload_size: int, handler: Handler,
-                 stats: UringStats, blocking: Callable[[int, int], None] | None = None, slot: int = 0) -> None:
+                 stats: UringStats, blocking: Callable[[int, int], None] | None = None, slot: int = 0,
+                 read_waits: ReadWaits | None = None) -> None:
         self.qid = qid
         self.slot = slot  # this thread's index in stats.worker_requests
         self.fd = fd
         self.handler = handler
+        self.read_waits = read_waits
         self.stats = stats
         self.blocking = blocking
         self.ring = Ring(depth)
@@ -187,32 +199,38 @@ class _Queue:
                                     addr=ctypes.addressof(e.iov), length=2)
         return encode_uring_cmd(self.fd, cmd_op, encode_cmd_req(self.qid, commit_id), user_data=e.index)
 
-    def _commit_sqe(self, e: _Entry, commit_id: int) -> bytearray:
-        """COMMIT_AND_FETCH for `e`: its prepared SQE with the commit id filled in."""
-        if e.commit_sqe is None:
-            e.commit_sqe = bytearray(self._sqe(e, CMD_COMMIT_AND_FETCH))
-        _COMMIT_ID.pack_into(e.commit_sqe, _COMMIT_ID_OFFSET, commit_id)
-        return e.commit_sqe
+    def _commit(self, e: _Entry, commit_id: int) -> None:
+        """Queue COMMIT_AND_FETCH of `e` (sent by the loop's next io_uring_enter)."""
+        ring = self.ring
+        if not e.armed:  # (its slot held the REGISTER, done with once a request came)
+            ring.prepare(e.index, self._sqe(e, CMD_COMMIT_AND_FETCH))
+            e.armed = True
+        ring.set_u64(e.index, _COMMIT_ID_OFFSET, commit_id)
+        ring.submit_slot(e.index)
 
     def _run(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             os.sched_setaffinity(0, {self.qid})  # serve the queue on the CPU whose requests it gets
         outstanding = 0  # entries the kernel still holds for us
+        ring = self.ring
         try:
             for e in self.entries:
-                self.ring.push(self._sqe(e, CMD_REGISTER))
-            self.ring.enter(0)
+                ring.prepare(e.index, self._sqe(e, CMD_REGISTER))
+                ring.submit_slot(e.index)
+            ring.enter(0)
             outstanding = len(self.entries)
             self.registered.set()
             scratch = memoryview(self.scratch)
+            entries = self.entries
+            serve = self._serve
             while outstanding:
-                self.ring.enter(1)
-                for user_data, res, _ in self.ring.reap():
-                    e = self.entries[user_data]
+                ring.enter(1)  # the commits queued since the last call go with it
+                for user_data, res, _ in ring.reap():
+                    e = entries[user_data]
                     if res < 0:
                         outstanding -= 1
                         self._failed(e, res)
-                    elif not self._serve(e, scratch):
+                    elif not serve(e, scratch):
                         outstanding -= 1
         except Exception:
             log.exception("FUSE io_uring queue %d failed", self.qid)
@@ -233,11 +251,16 @@ class _Queue:
 
     def _serve(self, e: _Entry, scratch: memoryview) -> bool:
         """Answer the request in `e` and queue its commit; False when the entry is out of the game."""
-        self.stats.worker_requests[self.slot] += 1  # (this thread is the only writer of its slot)
-        commit_id = entry_commit_id(e.hdr_view)
+        stats = self.stats
+        stats.worker_requests[self.slot] += 1  # (this thread is the only writer of its slot)
+        commit_id = e.hdr64[_ENT_COMMIT_ID_Q]
         try:
             req = assemble_request(e.hdr_view, e.pay_view, scratch)
-            blocking = self.blocking is not None and req[4] in _HANDOFF_OPCODES and req[5] == 0
+            opcode = req[4] if req[5] == 0 else -1  # (opcodes are < 256; the rest is no READ)
+            blocking = opcode in _HANDOFF_OPCODES and self.blocking is not None
+            if blocking and opcode == FUSE_READ and self.read_waits is not None and not self.read_waits(req):
+                blocking = False
+                stats.worker_kept[self.slot] += 1
             if blocking:
                 self.blocking(self.qid, 1)  # type: ignore[misc]
             try:
@@ -254,7 +277,7 @@ class _Queue:
             self.stats.add("entry_errors")
             log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
             place_error(e.hdr_view, commit_id, -errno.EIO)
-        self.ring.push(self._commit_sqe(e, commit_id))
+        self._commit(e, commit_id)
         return True
 
     def _close(self) -> None:
@@ -271,7 +294,8 @@ class FuseUringSession:
     def __init__(self, session: UringSession, mountpoint: str, *, threads: int = 2, depth: int = DEFAULT_DEPTH,
                  fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
                  enable_param: str = ENABLE_URING_PARAM, queues: int = 0, workers: int = DEFAULT_WORKERS,
-                 max_workers: int = DEFAULT_MAX_WORKERS) -> None:
+                 max_workers: int = DEFAULT_MAX_WORKERS, poll_us: int = DEFAULT_POLL_US,
+                 read_waits: ReadWaits | None = None) -> None:
         if not 1 <= depth <= 64 or not 1 <= workers <= 64:
             raise ValueError("io_uring queue depth and workers per queue must be 1..64")
         self.session = session
@@ -294,8 +318,13 @@ class FuseUringSession:
         self.enable_param = enable_param
         self.nr_queues = queues or read_possible_cpus()
         self.stats = UringStats()
+        # READs that wait on nothing slower than a local disk (None: every READ may wait):
+        # ring threads answer them without counting as blocked, /dev/fuse workers without a
+        # hand-off (FuseDevSession, which also busy-polls after replies: `poll_us`)
+        self.read_waits = read_waits
         self.dev = FuseDevSession(self._dev_handle, mountpoint, threads=threads, max_write=session.max_write,
-                                  fsname=fsname, allow_other=allow_other, readahead_kb=readahead_kb)
+                                  fsname=fsname, allow_other=allow_other, readahead_kb=readahead_kb,
+                                  poll_us=poll_us, read_waits=read_waits)
         self.mountpoint = self.dev.mountpoint
         self.queues: list[_Queue] = []
         self.on_fallback: Callable[[str], None] | None = None
@@ -367,9 +396,10 @@ class FuseUringSession:
         with self.stats.lock:
             slot = len(self.stats.worker_requests)
             self.stats.worker_requests.append(0)
+            self.stats.worker_kept.append(0)
             self.stats.worker_qid.append(qid)
         return _Queue(qid, self.dev.fd, self.depth, self._payload, self.session.handle_vectored, self.stats,
-                      self._blocking, slot=slot)
+                      self._blocking, slot=slot, read_waits=self.read_waits)
 
     def _blocking(self, qid: int, delta: int) -> None:
         """A ring thread of `qid` enters (+1) or leaves (-1) a request that may block."""

@@ -69,7 +69,7 @@ def test_rafs_reads_wait_only_without_a_local_backend(image, tmp_path: Path) -> 
 
 def test_the_session_asks_the_filesystem_of_the_inode() -> None:
     class Local(MemFS):
-        def read_waits(self, ino: int) -> bool:
+        def read_waits(self, ino: int, offset: int = 0, size: int = 0) -> bool:
             return ino != 5
 
     vfs = Vfs()
