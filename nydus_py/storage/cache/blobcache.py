@@ -462,15 +462,19 @@ class BlobCacheManager:
         under concurrent fetches in the direction that matters: a chunk is marked only after its
         bytes are written, so one still being fetched (claimed in flight) reads as not ready and
         its READ is handed off; a chunk marked just after this answer only costs a needless
-        hand-off. A blob not opened yet, or without a chunk map, is not ready (a bit set by
-        another daemon since is seen by the read's own check, which rereads the map file). What
-        may still happen after True: an eviction or a map reset in between makes the READ fetch
-        on the thread that asked, as any READ would."""
+        hand-off. A blob not opened yet is opened (once: a restarted daemon's warm cache); one
+        without a chunk map is never ready. A bit set by another daemon since the map was
+        loaded is not seen here (the read's own check rereads the file). What may still happen
+        after True: an eviction or a map reset in between makes the READ fetch on the thread
+        that asked, as any READ would."""
         cb = self._blobs.get(blob.blob_id)  # (a dict read is atomic; the entry may go meanwhile)
-        m = cb.map if cb is not None else None
+        if cb is None:
+            cb = self._pin(blob)
+            self._unpin(cb)
+        m = cb.map
         if m is None:
             return False
-        return all(cb.cacheable(c) and m.is_ready(c.index) for c in chunks)  # type: ignore[union-attr]
+        return all(cb.cacheable(c) and m.is_ready(c.index) for c in chunks)
 
     def read_ready_into(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], offset: int,
                         bufs: list[memoryview], want: int, nowait: bool = False) -> bool:
