@@ -19,6 +19,7 @@ from nydus_py.api.client import ApiClient
 from nydus_py.fs.rafs_fs import RafsFilesystem
 from nydus_py.fuse.protocol import FuseSession
 from nydus_py.rafs import open_bootstrap
+from nydus_py.storage.cache.blobcache import BlobCacheManager
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.transport import fuse_uring
@@ -75,15 +76,18 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Image]:
 
 @contextlib.contextmanager
 def served(image: Image, mnt: Path, *, block_reads: tuple[threading.Event, threading.Event] | None = None,
-           **kw: int) -> Iterator[FuseUringSession]:
+           read_waits: bool = False, cache: Path | None = None, **kw: int) -> Iterator[FuseUringSession]:
     """An in-process FuseUringSession over the image; a watchdog aborts a hung connection so
     that a protocol bug fails the test instead of wedging it. (It finds the connection in
     mountinfo: a stat of the mountpoint would hang as well while the kernel holds requests
-    back for a ring that never becomes ready.)"""
+    back for a ring that never becomes ready.) `read_waits`: the transport asks the session
+    which READs may wait (as the daemon does); `cache`: through a blob cache there."""
     mnt.mkdir(exist_ok=True)
     img = open_bootstrap(image.boot)
-    source = LocalBlobDir(image.blob_dir)
-    fs = RafsFilesystem(img, BlobDevice(img, source, validate=True))
+    source: LocalBlobDir | BlobCacheManager = LocalBlobDir(image.blob_dir)
+    if cache is not None:
+        source = BlobCacheManager(str(cache), source, amplify_io=0, read_around=0)
+    fs = RafsFilesystem(img, BlobDevice(img, source, validate=cache is None), readahead_chunks=0)
     if block_reads is not None:  # a READ that waits, as one on a slow registry fetch does
         read = fs.read
         entered, release = block_reads
@@ -95,7 +99,7 @@ def served(image: Image, mnt: Path, *, block_reads: tuple[threading.Event, threa
 
         fs.read = slow_read  # type: ignore[method-assign]
     session = FuseSession(fs)
-    t = FuseUringSession(session, str(mnt), threads=2, **kw)
+    t = FuseUringSession(session, str(mnt), threads=2, read_waits=session.read_waits if read_waits else None, **kw)
     watchdog: threading.Timer | None = None
     try:
         t.mount()
@@ -209,6 +213,58 @@ def test_a_blocked_read_does_not_hold_up_its_queue(uring_on: None, tree: tuple[s
     assert stats["spares_started"] == (1 if config["workers"] == 1 else 0)
 
 
+def _files(src: str, n: int) -> list[str]:
+    """`n` non-empty small files of the tree (relative paths)."""
+    names = sorted(f for f in os.listdir(os.path.join(src, "many1")) if os.path.getsize(os.path.join(src, "many1", f)))
+    return [f"many1/{f}" for f in names[:n]]
+
+
+def _direct_reads(src: str, mnt: Path, names: list[str]) -> None:
+    """One O_DIRECT READ of each whole (small) file: no page cache, each reaches the daemon."""
+    for name in names:
+        want = Path(src, name).read_bytes()
+        fd = os.open(mnt / name, os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.pread(fd, 4096, 0) == want
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("read_waits", [True, False], ids=["read_waits", "no_hint"])
+def test_local_reads_are_kept_on_the_ring(uring_on: None, tree: tuple[str, Image], tmp_path: Path,
+                                          read_waits: bool) -> None:
+    """A READ of a local blob (no blob cache) waits on nothing slower than a local disk: the
+    ring thread answers it without counting itself blocked (no spare thread for it), and
+    counts it in `reads_kept`; without the hint every READ counts as blocking, as before."""
+    src, image = tree
+    names = _files(src, 12)
+    with served(image, tmp_path / "mnt", read_waits=read_waits, workers=1, max_workers=4) as t:
+        _direct_reads(src, tmp_path / "mnt", names)
+        stats = t.stats.as_dict()
+    assert stats["active"] and stats["dev_requests"] == 0
+    if read_waits:
+        assert stats["reads_kept"] >= len(names), stats
+        assert stats["spares_started"] == 0, stats
+    else:
+        assert stats["reads_kept"] == 0, stats
+
+
+def test_blob_cache_reads_are_kept_on_the_ring_once_ready(uring_on: None, tree: tuple[str, Image],
+                                                         tmp_path: Path) -> None:
+    """Through a blob cache, a READ whose chunk is not fetched yet still counts as blocking (a
+    spare may take its queue's other requests meanwhile); once its chunk is ready in the cache
+    the same READ is kept."""
+    src, image = tree
+    names = _files(src, 8)
+    with served(image, tmp_path / "mnt", read_waits=True, cache=tmp_path / "cache") as t:
+        _direct_reads(src, tmp_path / "mnt", names)
+        cold = t.stats.as_dict()["reads_kept"]
+        _direct_reads(src, tmp_path / "mnt", names)
+        warm = t.stats.as_dict()["reads_kept"]
+    assert cold == 0, cold
+    assert warm >= len(names), warm
+
+
 def test_mount_umount_rounds_leave_no_threads_or_fds(uring_on: None, tree: tuple[str, Image],
                                                       tmp_path: Path) -> None:
     _, image = tree
@@ -289,7 +345,9 @@ def test_daemon_io_uring_flag_and_transport_metrics(param: str, tree: tuple[str,
     if param == "Y":
         assert m["transport"] == "fuse_io_uring"
         assert u["active"] and u["fallbacks"] == 0 and u["ring_requests"] > 0 and u["dev_requests"] == 0
+        assert u["reads_kept"] >= 1  # the READ of a local blob, answered by its ring thread
     else:
         assert m["transport"] == "fusedev"
         assert u["fallbacks"] == 1 and "enable_uring is N" in u["fallback_reason"] and u["ring_requests"] == 0
         assert "FUSE io_uring not used" in log_text
+        assert m["fusedev"]["reads_kept"] >= 1  # the /dev/fuse fallback keeps local READs too
