@@ -57,6 +57,7 @@ def main() -> None:
     ap.add_argument("--tag", default="fusedev-sleeps")
     ap.add_argument("--io-uring", action="store_true", help="both daemons with --io-uring")
     ap.add_argument("--blobcache", action="store_true", help="through a blob cache, warmed before each run")
+    ap.add_argument("--extra", default="", help="more daemon flags for both variants (e.g. '--fuse-poll-us 0')")
     args = ap.parse_args()
     if not args.io_uring:
         return run(args)
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> None:
             "device": {"backend": {"type": "localfs", "config": {"dir": str(info["blobs"])}},
                        "cache": {"type": "blobcache", "config": {"work_dir": cache_dir}}},
             "mode": "direct", "digest_validate": False, "enable_xattr": True}))
-    extra = ["--io-uring"] if args.io_uring else []
+    extra = (["--io-uring"] if args.io_uring else []) + args.extra.split()
     cmds = {"small": ["xargs", "-0", "-a", small_list, "cat"], "find": ["find", ".", "-type", "f"], "lsR": ["ls", "-lR"]}
     variants = [("base", args.baseline), ("new", str(REPO))]
     raw: dict[str, dict[str, list[dict[str, float]]]] = {}
