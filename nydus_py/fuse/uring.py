@@ -35,6 +35,7 @@ _PAYLOAD_SZ = struct.Struct("<I")
 _PAYLOAD_SZ_OFFSET = ENT_IN_OUT_OFFSET + 16
 _U32 = struct.Struct("<I")
 _IN_HEADER_SIZE = IN_HEADER.size
+_SHORT = 512  # reply bytes copied by slicing; longer ones through a memoryview
 
 
 class RingEntryError(ValueError):
@@ -100,8 +101,8 @@ def place_reply(reply: bytes | bytearray | memoryview | Sequence[bytes | bytearr
     if n > len(payload):
         raise RingEntryError(f"reply payload {n} bytes exceeds the {len(payload)}-byte ring buffer")
     headers[:OUT_HEADER.size] = first[:OUT_HEADER.size]
-    if n:
-        payload[:n] = first[OUT_HEADER.size:]
+    if n:  # (a slice of bytes is a copy: a long one, a READDIRPLUS page, is taken as a view)
+        payload[:n] = first[OUT_HEADER.size:] if n <= _SHORT else memoryview(first)[OUT_HEADER.size:]
     pos = n
     for b in bufs[1:]:
         part = _bytes_view(b)
