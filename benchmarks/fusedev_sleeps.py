@@ -58,8 +58,10 @@ def main() -> None:
     ap.add_argument("--io-uring", action="store_true", help="both daemons with --io-uring")
     ap.add_argument("--blobcache", action="store_true", help="through a blob cache, warmed before each run")
     ap.add_argument("--extra", default="", help="more daemon flags for both variants (e.g. '--fuse-poll-us 0')")
+    ap.add_argument("--new-extra", default="", help="more daemon flags for the new variant only (e.g. "
+                    "'--io-uring' with --baseline this checkout: io_uring against /dev/fuse)")
     args = ap.parse_args()
-    if not args.io_uring:
+    if not args.io_uring and "--io-uring" not in args.new_extra.split():
         return run(args)
     old = Path(ENABLE_URING_PARAM).read_text().strip()
     Path(ENABLE_URING_PARAM).write_text("Y")
@@ -92,7 +94,7 @@ def run(args: argparse.Namespace) -> None:
             for label, repo in (variants if r % 2 == 0 else variants[::-1]):
                 mnt = os.path.join(args.workdir, f"mnt-sleeps-{label}")
                 os.makedirs(mnt, exist_ok=True)
-                v = Variant(label, repo, extra, mnt, str(info["boot"]), cfg, os.path.join(args.workdir, f"sleeps-{label}.log"),
+                v = Variant(label, repo, extra + (args.new_extra.split() if label == "new" else []), mnt, str(info["boot"]), cfg, os.path.join(args.workdir, f"sleeps-{label}.log"),
                             args.threads, os.path.join(args.workdir, f"sleeps-{label}.sock"))
                 if args.blobcache:  # a cache of its own, filled by reading the files once
                     shutil.rmtree(cache_dir, ignore_errors=True)

@@ -332,7 +332,7 @@ def test_daemon_io_uring_flag_and_transport_metrics(param: str, tree: tuple[str,
     src, image = tree
     mnt, sock = str(tmp_path / "mnt"), str(tmp_path / "api.sock")
     with uring_param(param), nydusd(image.boot, image.blob_dir, mnt, str(tmp_path),
-                                     args=("--io-uring", "--apisock", sock)) as d:
+                                     args=("--io-uring", "--apisock", sock, "--fuse-poll-us", "40")) as d:
         assert Path(mnt, "sub", "deeper", "leaf").read_bytes() == b"leaf\n"
         wait_until(lambda: os.path.exists(sock), 30, "the API socket")
         client = ApiClient(sock)
@@ -342,6 +342,7 @@ def test_daemon_io_uring_flag_and_transport_metrics(param: str, tree: tuple[str,
             client.close()
         log_text = d.log_text()
     u = m["io_uring"]
+    assert m["fusedev"]["poll_us"] == 40  # --fuse-poll-us reaches the /dev/fuse workers beside the ring
     if param == "Y":
         assert m["transport"] == "fuse_io_uring"
         assert u["active"] and u["fallbacks"] == 0 and u["ring_requests"] > 0 and u["dev_requests"] == 0
