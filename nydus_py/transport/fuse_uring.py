@@ -38,17 +38,7 @@ from ..fuse.uring import (
     place_reply,
 )
 from .fusedev import _HANDOFF_OPCODES, DEFAULT_POLL_US, FUSE_READ, FuseDevSession, Handler
-from .io_uring import (
-    IORING_SETUP_DEFER_TASKRUN,
-    IORING_SETUP_R_DISABLED,
-    IORING_SETUP_SINGLE_ISSUER,
-    IORING_SETUP_SQE128,
-    SQE_HEAD,
-    Ring,
-    encode_uring_cmd,
-    mmap_address,
-    probe,
-)
+from .io_uring import SQE_HEAD, Ring, encode_uring_cmd, mmap_address, probe
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +53,6 @@ _DEV_ALWAYS = frozenset({26, 2, 36, 42})
 _COMMIT_ID_OFFSET = SQE_HEAD.size + 8  # fuse_uring_cmd_req.commit_id in the SQE's command area
 _ENT_COMMIT_ID_Q = (ENT_IN_OUT_OFFSET + 8) >> 3  # fuse_uring_ent_in_out.commit_id, as a u64 index
 ReadWaits = Callable[[memoryview], bool]
-# A queue's ring: 128-byte SQEs; one thread submits and reaps (SINGLE_ISSUER, enabled by that
-# thread: R_DISABLED until then), and completions' task work (the kernel placing a request in
-# an entry) runs when that thread waits in io_uring_enter (DEFER_TASKRUN), not by interrupting it
-_RING_FLAGS = IORING_SETUP_SQE128 | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN | IORING_SETUP_R_DISABLED
 # CQE results that mean "the connection is going away", not a failure
 _TEARDOWN = frozenset({-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED})
 
@@ -197,7 +183,7 @@ class _Queue:
         self.read_waits = read_waits
         self.stats = stats
         self.blocking = blocking
-        self.ring = Ring(depth, _RING_FLAGS)
+        self.ring = Ring(depth)
         try:
             self.entries = [_Entry(i, payload_size) for i in range(depth)]
         except BaseException:
@@ -228,7 +214,6 @@ class _Queue:
         outstanding = 0  # entries the kernel still holds for us
         ring = self.ring
         try:
-            ring.enable()  # (this thread is the ring's single issuer)
             for e in self.entries:
                 ring.prepare(e.index, self._sqe(e, CMD_REGISTER))
                 ring.submit_slot(e.index)

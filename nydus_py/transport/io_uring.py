@@ -19,14 +19,9 @@ from typing import Literal
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
-SYS_IO_URING_REGISTER = 427
-IORING_REGISTER_ENABLE_RINGS = 12
 
 IORING_SETUP_SQE128 = 1 << 10
 IORING_SETUP_CQE32 = 1 << 11
-IORING_SETUP_R_DISABLED = 1 << 6
-IORING_SETUP_SINGLE_ISSUER = 1 << 12
-IORING_SETUP_DEFER_TASKRUN = 1 << 13
 IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_ENTER_GETEVENTS = 1 << 0
 IORING_OFF_SQ_RING = 0
@@ -250,12 +245,6 @@ class Ring:
         slot = self._reserve()
         self._sq32[self._sq_array_i + slot] = index
         self._publish()
-
-    def enable(self) -> None:
-        """IORING_REGISTER_ENABLE_RINGS: start a ring set up with IORING_SETUP_R_DISABLED; with
-        SINGLE_ISSUER the calling thread becomes the only one that may submit."""
-        _check(_syscall(ctypes.c_long(SYS_IO_URING_REGISTER), self._c_fd, ctypes.c_uint(IORING_REGISTER_ENABLE_RINGS),
-                        None, ctypes.c_uint(0)))
 
     def enter(self, min_complete: int = 0) -> int:
         """Submit what push() queued and wait for `min_complete` completions (GIL released)."""
