@@ -8,6 +8,14 @@ FUSE_OVER_IO_URING, `workers` ring threads per queue register `depth` entries ea
 has one queue per possible CPU and routes a request to the queue of the CPU its caller runs on;
 it holds every request back until all queues have an entry, then switches to the ring for good.
 
+A ring thread never waits on anything slower than a local disk: requests that may (a READ that
+`read_waits` says may wait on a fetch, writes, syncs) are handed to a small pool of threads
+(`max_workers` for the session), which write the reply into the entry and wake the ring thread
+through an eventfd polled in its ring; the ring thread sends the commit. So one thread with
+several entries serves a queue: concurrent requests from one CPU are answered in one batch per
+io_uring_enter, without thread switches, and metadata never queues behind a fetch (as long as
+the queue has entries left: `depth` is sized above the pool).
+
 Fallbacks (logged, counted in `stats`): io_uring unusable in this process, the module
 parameter fuse.enable_uring is N (the kernel then does not offer FUSE_OVER_IO_URING), or a
 queue fails to set up. Requests then keep flowing through the /dev/fuse workers. We never
@@ -15,14 +23,17 @@ flip /sys/module/fuse/parameters/enable_uring ourselves: it is host-wide policy 
 FUSE mount is offered the ring), so it stays the administrator's decision.
 """
 
+import collections
 import contextlib
 import ctypes
 import errno
 import logging
 import mmap
 import os
+import queue
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from ..fuse.abi import IN_HEADER, InitFlags
@@ -38,14 +49,14 @@ from ..fuse.uring import (
     place_reply,
 )
 from .fusedev import _HANDOFF_OPCODES, DEFAULT_POLL_US, FUSE_READ, FuseDevSession, Handler
-from .io_uring import SQE_HEAD, Ring, encode_uring_cmd, mmap_address, probe
+from .io_uring import SQE_HEAD, Ring, encode_sqe, encode_uring_cmd, mmap_address, probe
 
 log = logging.getLogger(__name__)
 
 ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
-DEFAULT_DEPTH = 1
-DEFAULT_WORKERS = 4
-DEFAULT_MAX_WORKERS = 16  # per queue, spares included
+DEFAULT_WORKERS = 1  # ring threads per queue
+DEFAULT_MAX_WORKERS = 16  # threads answering requests that may block, for the whole session
+DEFAULT_DEPTH = DEFAULT_MAX_WORKERS + 4  # entries per ring thread: handed-off requests hold theirs
 JOIN_TIMEOUT = 10.0
 # what the kernel sends over /dev/fuse even when the ring serves the rest: INIT, FORGET,
 # INTERRUPT, BATCH_FORGET
@@ -53,6 +64,9 @@ _DEV_ALWAYS = frozenset({26, 2, 36, 42})
 _COMMIT_ID_OFFSET = SQE_HEAD.size + 8  # fuse_uring_cmd_req.commit_id in the SQE's command area
 _ENT_COMMIT_ID_Q = (ENT_IN_OUT_OFFSET + 8) >> 3  # fuse_uring_ent_in_out.commit_id, as a u64 index
 ReadWaits = Callable[[memoryview], bool]
+_WAKE = 1 << 32  # user_data of the eventfd poll (entries are 0..depth-1)
+IORING_OP_POLL_ADD = 6
+_POLLIN = 0x1
 # CQE results that mean "the connection is going away", not a failure
 _TEARDOWN = frozenset({-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED})
 
@@ -113,11 +127,11 @@ class UringStats:
         self.dev_requests = 0  # requests read from /dev/fuse, but for INIT, FORGET and INTERRUPT
         self.worker_requests: list[int] = []  # per ring thread (each the only writer of its slot)
         self.worker_qid: list[int] = []  # the queue of each ring thread
-        # per ring thread: READs answered without counting as blocking (read_waits said they
-        # wait on nothing slower than a local disk: no spare is started for them)
+        # per ring thread: READs it answered itself (read_waits said they wait on nothing slower
+        # than a local disk), and requests it handed to the pool (they may wait)
         self.worker_kept: list[int] = []
-        self.spares_started = 0
-        self.spare_failures = 0
+        self.worker_handed: list[int] = []
+        self.pool_threads = 0  # threads of the hand-off pool started so far
         self.register_failures = 0
         self.commit_failures = 0
         self.entry_errors = 0  # entries that could not be decoded or answered (EIO committed)
@@ -136,6 +150,7 @@ class UringStats:
         out["queue_requests"] = queue_requests
         out["ring_requests"] = sum(per)
         out["reads_kept"] = sum(out.pop("worker_kept"))
+        out["handed_off"] = sum(out.pop("worker_handed"))
         return out
 
 
@@ -163,33 +178,88 @@ class _Entry:
                 m.close()
 
 
+class _Pool:
+    """Daemon threads for requests that may block, started as needed up to `limit` and kept
+    (idle ones wait on the task queue). Every task runs: a task queued at the limit waits for
+    a thread, its ring entry meanwhile held (`DEFAULT_DEPTH` leaves entries for the rest)."""
+
+    def __init__(self, limit: int, stats: UringStats) -> None:
+        self.limit = max(1, limit)
+        self.stats = stats
+        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # (that thread takes it)
+                start = False
+            else:
+                start = len(self._threads) < self.limit
+                if start:
+                    t = threading.Thread(target=self._work, name=f"fuse-uring-io-{len(self._threads)}", daemon=True)
+                    self._threads.append(t)
+        self._tasks.put(task)
+        if start:
+            self.stats.add("pool_threads")
+            t.start()
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            try:
+                task()
+            except BaseException:  # (a task reports its own errors; this is a last resort)
+                log.exception("FUSE io_uring hand-off task failed")
+            with self._lock:
+                self._idle += 1
+
+    def close(self, timeout: float) -> None:
+        with self._lock:
+            threads, self._threads = self._threads, []
+            self._idle = 0
+        for _ in threads:
+            self._tasks.put(None)
+        for t in threads:
+            t.join(timeout)
+            if t.is_alive():
+                log.error("a FUSE io_uring hand-off thread is still busy after the unmount")
+
+
 class _Queue:
     """One ring thread of a kernel queue: its own ring and `depth` entries, which only it
     touches (the kernel completes a command in the task that submitted it). Entry i owns SQE
     slot i of the ring, where its COMMIT_AND_FETCH stays prepared: a commit writes the commit
     id and queues the slot, and every commit of a batch of completions goes to the kernel with
-    the one io_uring_enter that also waits for the next. Around a request that may block (a READ
-    that `read_waits` says may wait, writes, syncs) it tells `blocking` so that the session can
-    start a spare thread for the queue; a READ that waits on nothing slower than a local disk is
-    just answered ("kept", counted)."""
+    the one io_uring_enter that also waits for the next. A request that may block (a READ that
+    `read_waits` says may wait, writes, syncs) is handed to the pool with its entry; the pool
+    thread writes the reply into the entry and wakes this thread through `efd` (slot `depth`
+    keeps a poll of it armed), which commits it. A READ that waits on nothing slower than a
+    local disk is answered here ("kept", counted)."""
 
     def __init__(self, qid: int, fd: int, depth: int, payload_size: int, handler: Handler,
-                 stats: UringStats, blocking: Callable[[int, int], None] | None = None, slot: int = 0,
+                 stats: UringStats, pool: _Pool | None = None, slot: int = 0,
                  read_waits: ReadWaits | None = None) -> None:
         self.qid = qid
         self.slot = slot  # this thread's index in stats.worker_requests
         self.fd = fd
+        self.depth = depth
         self.handler = handler
         self.read_waits = read_waits
         self.stats = stats
-        self.blocking = blocking
-        self.ring = Ring(depth)
+        self.pool = pool
+        self.ring = Ring(depth + 1)  # (+1: the eventfd poll's slot)
         try:
             self.entries = [_Entry(i, payload_size) for i in range(depth)]
+            self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         except BaseException:
             self.ring.close()
             raise
         self.scratch = mmap.mmap(-1, payload_size + mmap.PAGESIZE)  # requests reassembled here
+        # entries answered by the pool, to commit: (entry, commit id; None: retire the entry)
+        self.done: collections.deque[tuple[_Entry, int | None]] = collections.deque()
+        self.wake_armed = False
         self.thread = threading.Thread(target=self._run, name=f"fuse-uring-{qid}.{slot}", daemon=True)
         self.registered = threading.Event()  # every REGISTER was passed to the kernel
 
@@ -211,12 +281,16 @@ class _Queue:
     def _run(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             os.sched_setaffinity(0, {self.qid})  # serve the queue on the CPU whose requests it gets
-        outstanding = 0  # entries the kernel still holds for us
+        outstanding = 0  # entries the kernel or the pool still holds for us
         ring = self.ring
         try:
             for e in self.entries:
                 ring.prepare(e.index, self._sqe(e, CMD_REGISTER))
                 ring.submit_slot(e.index)
+            if self.pool is not None:
+                ring.prepare(self.depth, encode_sqe(IORING_OP_POLL_ADD, self.efd, op_flags=_POLLIN, user_data=_WAKE))
+                ring.submit_slot(self.depth)
+                self.wake_armed = True
             ring.enter(0)
             outstanding = len(self.entries)
             self.registered.set()
@@ -226,6 +300,9 @@ class _Queue:
             while outstanding:
                 ring.enter(1)  # the commits queued since the last call go with it
                 for user_data, res, _ in ring.reap():
+                    if user_data == _WAKE:
+                        outstanding -= self._woken(res)
+                        continue
                     e = entries[user_data]
                     if res < 0:
                         outstanding -= 1
@@ -237,6 +314,26 @@ class _Queue:
         finally:
             self.registered.set()
             self._close()
+
+    def _woken(self, res: int) -> int:
+        """The eventfd poll fired: commit what the pool answered, re-arm; entries retired."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.efd)  # (before draining: a later answer fires the next poll)
+        retired = 0
+        done = self.done
+        while done:
+            e, commit_id = done.popleft()
+            if commit_id is None:
+                retired += 1
+            else:
+                self._commit(e, commit_id)
+        if res < 0:  # the poll itself failed: no more hand-offs from this queue
+            self.wake_armed = False
+            log.error("FUSE io_uring queue %d: eventfd poll failed: %s; requests that may block are answered "
+                      "by the ring thread itself", self.qid, os.strerror(-res))
+        else:
+            self.ring.submit_slot(self.depth)
+        return retired
 
     def _failed(self, e: _Entry, res: int) -> None:
         if res in _TEARDOWN:
@@ -250,24 +347,22 @@ class _Queue:
             log.error("FUSE io_uring queue %d: COMMIT_AND_FETCH failed: %s", self.qid, os.strerror(-res))
 
     def _serve(self, e: _Entry, scratch: memoryview) -> bool:
-        """Answer the request in `e` and queue its commit; False when the entry is out of the game."""
+        """Answer the request in `e` and queue its commit, or hand it to the pool; False when
+        the entry is out of the game."""
         stats = self.stats
         stats.worker_requests[self.slot] += 1  # (this thread is the only writer of its slot)
         commit_id = e.hdr64[_ENT_COMMIT_ID_Q]
         try:
             req = assemble_request(e.hdr_view, e.pay_view, scratch)
             opcode = req[4] if req[5] == 0 else -1  # (opcodes are < 256; the rest is no READ)
-            blocking = opcode in _HANDOFF_OPCODES and self.blocking is not None
-            if blocking and opcode == FUSE_READ and self.read_waits is not None and not self.read_waits(req):
-                blocking = False
-                stats.worker_kept[self.slot] += 1
-            if blocking:
-                self.blocking(self.qid, 1)  # type: ignore[misc]
-            try:
-                reply = self.handler(req)
-            finally:
-                if blocking:
-                    self.blocking(self.qid, -1)  # type: ignore[misc]
+            if opcode in _HANDOFF_OPCODES:
+                if opcode == FUSE_READ and self.read_waits is not None and not self.read_waits(req):
+                    stats.worker_kept[self.slot] += 1
+                elif self.wake_armed:
+                    stats.worker_handed[self.slot] += 1
+                    self.pool.submit(partial(self._answer, e, commit_id, bytes(req)))  # type: ignore[union-attr]
+                    return True
+            reply = self.handler(req)
             if reply is None:  # nothing to commit: the entry is not re-armed
                 log.warning("FUSE io_uring queue %d: opcode %d wants no reply; entry %d retired", self.qid,
                             IN_HEADER.unpack_from(e.hdr_view)[1], e.index)
@@ -280,12 +375,36 @@ class _Queue:
         self._commit(e, commit_id)
         return True
 
+    def _answer(self, e: _Entry, commit_id: int, req: bytes) -> None:
+        """(a pool thread) Answer a handed-off request into its entry, then wake the ring thread."""
+        cid: int | None = commit_id
+        try:
+            reply = self.handler(memoryview(req))
+            if reply is None:
+                log.warning("FUSE io_uring queue %d: opcode %d wants no reply; entry %d retired", self.qid,
+                            IN_HEADER.unpack_from(req)[1], e.index)
+                cid = None
+            else:
+                place_reply(reply, e.hdr_view, e.pay_view)
+        except ValueError as ex:  # RingEntryError, FuseProtocolError
+            self.stats.add("entry_errors")
+            log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
+            place_error(e.hdr_view, commit_id, -errno.EIO)
+        finally:
+            self.done.append((e, cid))
+            try:
+                os.eventfd_write(self.efd, 1)
+            except OSError as ex:  # (the queue ended meanwhile: nothing left to commit to)
+                log.debug("FUSE io_uring queue %d: waking the ring thread: %s", self.qid, ex)
+
     def _close(self) -> None:
         with contextlib.suppress(BufferError):
             self.scratch.close()
         for e in self.entries:
             e.close()
         self.ring.close()
+        with contextlib.suppress(OSError):
+            os.close(self.efd)
 
 
 class FuseUringSession:
@@ -300,21 +419,16 @@ class FuseUringSession:
             raise ValueError("io_uring queue depth and workers per queue must be 1..64")
         self.session = session
         self.depth = depth  # entries per ring thread
-        # Ring threads per queue, each with its own ring and `depth` entries. With one entry
-        # each, a thread stuck in a slow READ holds only its own entry: the kernel hands the
-        # next requests of that CPU to the other threads' entries (most recently committed
-        # first, so a stream of metadata requests stays on one warm thread).
+        # Ring threads per queue, each with its own ring and `depth` entries (the kernel hands a
+        # request to the most recently committed free entry of its queue).
         self.workers = workers
-        # Spares: when every ring thread of a queue is inside a request that may block (READs
-        # waiting on the registry), one more is started for that queue, up to `max_workers`,
-        # so metadata never queues behind data. The kernel has no way to unregister an entry,
-        # so spares stay until the connection ends.
-        self.max_workers = max(workers, max_workers)
+        # Threads that answer requests that may block (READs waiting on the registry, writes),
+        # started as needed: the ring threads hand such requests over and go on, so metadata
+        # never queues behind data while the queue has free entries.
+        self.max_workers = max_workers
         self._lock = threading.Lock()
-        self._blocked: list[int] = []  # per queue: ring threads inside a blocking request
-        self._running: list[int] = []  # per queue: ring threads
         self._payload = 0
-        self._stopping = False
+        self._pool: _Pool | None = None
         self.enable_param = enable_param
         self.nr_queues = queues or read_possible_cpus()
         self.stats = UringStats()
@@ -378,8 +492,6 @@ class FuseUringSession:
         with self.stats.lock:
             self.stats.queues = self.nr_queues
             self.stats.entries = len(self.queues) * self.depth
-        self._blocked = [0] * self.nr_queues
-        self._running = [self.workers] * self.nr_queues
         for q in self.queues:
             q.thread.start()
         for q in self.queues:
@@ -388,8 +500,9 @@ class FuseUringSession:
             self.stats.active = self.stats.register_failures == 0
         if self.stats.register_failures:
             self.fallback(f"{self.stats.register_failures} REGISTER commands failed")
-        log.info("FUSE io_uring: %d queues x %d threads x %d entries of %d KiB on %s", self.nr_queues,
-                 self.workers, self.depth, payload >> 10, self.mountpoint)
+        log.info("FUSE io_uring: %d queues x %d threads x %d entries of %d KiB on %s (up to %d threads for "
+                 "requests that may block)", self.nr_queues, self.workers, self.depth, payload >> 10,
+                 self.mountpoint, self.max_workers)
 
     def _new_queue(self, qid: int) -> _Queue:
         """A ring thread for queue `qid` (not started), with its slot in the request counters."""
@@ -397,34 +510,12 @@ class FuseUringSession:
             slot = len(self.stats.worker_requests)
             self.stats.worker_requests.append(0)
             self.stats.worker_kept.append(0)
+            self.stats.worker_handed.append(0)
             self.stats.worker_qid.append(qid)
+        if self._pool is None:
+            self._pool = _Pool(self.max_workers, self.stats)
         return _Queue(qid, self.dev.fd, self.depth, self._payload, self.session.handle_vectored, self.stats,
-                      self._blocking, slot=slot, read_waits=self.read_waits)
-
-    def _blocking(self, qid: int, delta: int) -> None:
-        """A ring thread of `qid` enters (+1) or leaves (-1) a request that may block."""
-        with self._lock:
-            self._blocked[qid] += delta
-            spare = (delta > 0 and self._blocked[qid] >= self._running[qid] < self.max_workers
-                     and not self._stopping)
-            if spare:
-                self._running[qid] += 1
-        if not spare:
-            return
-        try:
-            q = self._new_queue(qid)
-        except OSError as e:
-            with self._lock:
-                self._running[qid] -= 1
-            self.stats.add("spare_failures")
-            log.warning("no spare FUSE io_uring thread for queue %d (%s); requests may queue", qid, e)
-            return
-        with self._lock:
-            self.queues.append(q)
-        self.stats.add("spares_started")
-        self.stats.add("entries", self.depth)
-        log.debug("all FUSE io_uring threads of queue %d are blocked; started a spare", qid)
-        q.thread.start()
+                      self._pool, slot=slot, read_waits=self.read_waits)
 
     def _abandon_ring(self, reason: str) -> None:
         """INIT negotiated the ring, so the kernel holds every request until all queues are
@@ -467,8 +558,9 @@ class FuseUringSession:
         self._join()
 
     def _join(self) -> None:
+        """After the unmount: the ring threads end once the pool has answered what they handed
+        it (its commits fail, the connection being gone), then the pool's threads go."""
         with self._lock:
-            self._stopping = True  # (the connection is gone: no more spares)
             queues = list(self.queues)
         for q in queues:
             if q.thread.ident is not None:
@@ -477,3 +569,6 @@ class FuseUringSession:
                 log.error("FUSE io_uring queue %d did not end after the unmount", q.qid)
         with self._lock:
             self.queues = [q for q in self.queues if q.thread.is_alive()]
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(JOIN_TIMEOUT)
