@@ -48,7 +48,16 @@ from ..fuse.uring import (
     place_error,
     place_reply,
 )
-from .fusedev import _HANDOFF_OPCODES, DEFAULT_POLL_US, FUSE_READ, FuseDevSession, Handler
+from .fusedev import (
+    _HANDOFF_OPCODES,
+    _READ_SIZE,
+    _READ_SIZE_END,
+    DEFAULT_POLL_US,
+    FUSE_READ,
+    KEEP_READ_MAX,
+    FuseDevSession,
+    Handler,
+)
 from .io_uring import SQE_HEAD, Ring, encode_sqe, encode_uring_cmd, mmap_address, probe
 
 log = logging.getLogger(__name__)
@@ -235,8 +244,9 @@ class _Queue:
     the one io_uring_enter that also waits for the next. A request that may block (a READ that
     `read_waits` says may wait, writes, syncs) is handed to the pool with its entry; the pool
     thread writes the reply into the entry and wakes this thread through `efd` (slot `depth`
-    keeps a poll of it armed), which commits it. A READ that waits on nothing slower than a
-    local disk is answered here ("kept", counted)."""
+    keeps a poll of it armed), which commits it. A READ of at most KEEP_READ_MAX that waits on
+    nothing slower than a local disk is answered here ("kept", counted); larger ones (readahead
+    windows) go to the pool too, so that concurrent windows decode in parallel."""
 
     def __init__(self, qid: int, fd: int, depth: int, payload_size: int, handler: Handler,
                  stats: UringStats, pool: _Pool | None = None, slot: int = 0,
@@ -356,7 +366,8 @@ class _Queue:
             req = assemble_request(e.hdr_view, e.pay_view, scratch)
             opcode = req[4] if req[5] == 0 else -1  # (opcodes are < 256; the rest is no READ)
             if opcode in _HANDOFF_OPCODES:
-                if opcode == FUSE_READ and self.read_waits is not None and not self.read_waits(req):
+                if (opcode == FUSE_READ and self.read_waits is not None and len(req) >= _READ_SIZE_END
+                        and _READ_SIZE.unpack_from(req, 56)[0] <= KEEP_READ_MAX and not self.read_waits(req)):
                     stats.worker_kept[self.slot] += 1
                 elif self.wake_armed:
                     stats.worker_handed[self.slot] += 1

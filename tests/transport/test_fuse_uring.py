@@ -24,6 +24,7 @@ from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.transport import fuse_uring
 from nydus_py.transport.fuse_uring import ENABLE_URING_PARAM, FuseUringSession, read_possible_cpus
+from nydus_py.transport.fusedev import KEEP_READ_MAX
 from nydus_py.transport.io_uring import probe
 from nydus_py.transport.mount import abort_connection, connection_of, is_mountpoint
 from tests.builder.erofs_rig import compare_trees
@@ -241,7 +242,16 @@ def test_local_reads_are_kept_on_the_ring(uring_on: None, tree: tuple[str, Image
     with served(image, tmp_path / "mnt", read_waits=read_waits) as t:
         _direct_reads(src, tmp_path / "mnt", names)
         stats = t.stats.as_dict()
+        # a READ larger than KEEP_READ_MAX (a readahead window) goes to the pool all the same,
+        # so that concurrent windows decode in parallel
+        fd = os.open(tmp_path / "mnt" / "big-random", os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.pread(fd, 2 * KEEP_READ_MAX, 0) == Path(src, "big-random").read_bytes()[:2 * KEEP_READ_MAX]
+        finally:
+            os.close(fd)
+        big = t.stats.as_dict()
     assert stats["active"] and stats["dev_requests"] == 0
+    assert big["reads_kept"] == stats["reads_kept"] and big["handed_off"] > stats["handed_off"], (stats, big)
     if read_waits:
         assert stats["reads_kept"] >= len(names), stats
         assert stats["handed_off"] == 0 and stats["pool_threads"] == 0, stats
