@@ -76,6 +76,8 @@ class BlobDevice:
         self.released_chunks = 0  # dropped from the chunk cache behind sequential readers
         self._stats_lock = threading.Lock()
         self._chunked = source if isinstance(source, ChunkSource) else None
+        ready = getattr(self._chunked, "chunks_ready", None)  # (range_ready's bitmap lookup)
+        self._chunks_ready: Callable[[BlobInfo, Sequence[ChunkInfo]], bool] | None = ready if callable(ready) else None
         # the blob cache's preadv into caller buffers: not with validation on (every cached read
         # is digest-checked there, which needs the bytes in our hands first)
         ready_into = getattr(self._chunked, "read_ready_into", None)
@@ -216,8 +218,8 @@ class BlobDevice:
         if self._chunked is None:
             peek = self.cache.peek
             return all(peek(_key(c), min(c.uncompressed_size, end - c.file_offset)) is not None for c in chunks)
-        ready = getattr(self._chunked, "chunks_ready", None)
-        if not callable(ready):
+        ready = self._chunks_ready
+        if ready is None:
             return False
         blobs = self.image.blobs
         for c in chunks:
