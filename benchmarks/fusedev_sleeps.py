@@ -13,9 +13,11 @@ python3 benchmarks/fusedev_sleeps.py --workdir DIR --baseline /path/to/old/check
 """
 
 import argparse
+import http.client
 import json
 import os
 import shutil
+import socket
 import statistics
 import subprocess
 import time
@@ -44,6 +46,20 @@ def thread_sums(pid: int) -> tuple[int, int, int]:
             elif line.startswith("nonvoluntary_ctxt_switches"):
                 invol += int(line.split()[1])
     return cpu, vol, invol
+
+
+def transport(apisock: str | None) -> str:
+    """Which transport serves the daemon's mount (/api/v1/metrics/transport)."""
+    assert apisock is not None
+    conn = http.client.HTTPConnection("localhost", timeout=10)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(apisock)
+    conn.sock = sock
+    try:
+        conn.request("GET", "/api/v1/metrics/transport")
+        return str(json.loads(conn.getresponse().read())["transport"])
+    finally:
+        conn.close()
 
 
 def main() -> None:
@@ -107,6 +123,9 @@ def run(args: argparse.Namespace) -> None:
                 v.start()
                 assert v.proc is not None
                 try:
+                    if "--io-uring" in v.cmd and transport(v.apisock) != "fuse_io_uring":
+                        # (fuse.enable_uring is host-wide: another run may have set it back meanwhile)
+                        raise RuntimeError(f"{label}: io_uring fell back to /dev/fuse reads; see {v.log}")
                     a = thread_sums(v.proc.pid)
                     n0 = _fop_count(v.apisock)
                     t = time.perf_counter()
