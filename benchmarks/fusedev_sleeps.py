@@ -38,7 +38,7 @@ def thread_sums(pid: int) -> tuple[int, int, int]:
         try:
             status = Path(f"/proc/{pid}/task/{t}/status").read_text()
             cpu += int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0])
-        except FileNotFoundError:
+        except OSError:  # (a thread that ended meanwhile: ENOENT or ESRCH)
             continue
         for line in status.splitlines():
             if line.startswith("voluntary_ctxt_switches"):
