@@ -92,7 +92,6 @@ class UringSession(Protocol):
         """The reply to one request as buffers to write in order (None: no reply)."""
 
 
-
 def possible_cpus(text: str) -> int:
     """How many queues the kernel makes: num_possible_cpus(), from a cpu list like '0-3,5'."""
     n = 0
@@ -397,9 +396,12 @@ class _Queue:
                 cid = None
             else:
                 place_reply(reply, e.hdr_view, e.pay_view)
-        except ValueError as ex:  # RingEntryError, FuseProtocolError
+        except Exception as ex:  # RingEntryError, FuseProtocolError; never commit a stale entry
             self.stats.add("entry_errors")
-            log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
+            if isinstance(ex, ValueError):
+                log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
+            else:
+                log.exception("FUSE io_uring queue %d: answering EIO", self.qid)
             place_error(e.hdr_view, commit_id, -errno.EIO)
         finally:
             self.done.append((e, cid))
