@@ -243,6 +243,20 @@ class NydusPyUring(NydusPy):
                 raise RuntimeError(f"{self.name} fell back to /dev/fuse reads; see {self.log}")
 
 
+class NydusPyUringBase(NydusPyBase):
+    """`--baseline REPO --io-uring`: the baseline checkout's daemon with `--io-uring`."""
+
+    name = "nydus_py_uring_base"
+    extra = ("--io-uring",)
+
+    def start(self) -> None:
+        super().start()
+        with open(self.log, errors="replace") as f:
+            if "io_uring not used" in f.read():
+                self.stop()
+                raise RuntimeError(f"{self.name} fell back to /dev/fuse reads; see {self.log}")
+
+
 class NydusPyErofs(FuseProcess):
     """`nydusd-py fuse --fs-driver erofs`: the same config, served by the kernel EROFS driver."""
 
@@ -529,7 +543,7 @@ def bench_tree(tree: str, work: str, name: str, args: argparse.Namespace, worklo
     info = build_images(tree, work, f"img-{name}")
     mnts = {n: os.path.join(work, f"mnt-{name}-{n}") for n in ("erofs", "squashfuse_ll", "nydus_py", "nydus_py_uring",
                                                                "nydus_py_erofs", "nydus_py_erofs_cached",
-                                                               "nydus_py_base")}
+                                                               "nydus_py_base", "nydus_py_uring_base")}
     for m in mnts.values():
         os.makedirs(m, exist_ok=True)
         if is_mountpoint(m):
@@ -551,6 +565,8 @@ def bench_tree(tree: str, work: str, name: str, args: argparse.Namespace, worklo
                     os.path.join(work, f"nydusd-base-{name}.log"), args.threads),
         NydusPyUring(mnts["nydus_py_uring"], str(info["boot"]), cfg, os.path.join(work, f"nydusd-uring-{name}.log"),
                      args.threads),
+        NydusPyUringBase(args.baseline or "", mnts["nydus_py_uring_base"], str(info["boot"]), cfg,
+                         os.path.join(work, f"nydusd-uring-base-{name}.log"), args.threads),
         NydusPyErofs(mnts["nydus_py_erofs"], str(info["boot"]), cfg, os.path.join(work, f"nydusd-erofs-{name}.log"),
                      args.threads),
         NydusPyErofsCached(mnts["nydus_py_erofs_cached"], str(info["boot"]), cached_cfg,
@@ -599,7 +615,8 @@ def main() -> None:
     ap.add_argument("--rtt-rounds", type=int, default=1, help="GETATTR measurements per daemon (alternated)")
     args = ap.parse_args()
     args.servers = (set(args.servers.split(",")) | ({"nydus_py_uring"} if args.io_uring else set())
-                    | ({"nydus_py_base"} if args.baseline else set()))
+                    | ({"nydus_py_base"} if args.baseline else set())
+                    | ({"nydus_py_uring_base"} if args.baseline and args.io_uring else set()))
     if args.io_uring:
         old_param = Path(ENABLE_URING_PARAM).read_text().strip()
         Path(ENABLE_URING_PARAM).write_text("Y")
@@ -610,15 +627,15 @@ def main() -> None:
     run(args)
 
 
-def uring_ratios(runs: dict, workloads: list[str]) -> dict:
-    """nydus_py_uring / nydus_py time per workload: median of the per-rep ratios (<1: the ring
-    is faster)."""
+def uring_ratios(runs: dict, workloads: list[str], uring: str = "nydus_py_uring", dev: str = "nydus_py") -> dict:
+    """`uring` / `dev` time per workload (nydus_py_uring / nydus_py, or the baseline's pair):
+    median of the per-rep ratios (<1: the ring is faster)."""
     out = {}
     for tname, run in runs.items():
         for w in workloads:
             for t in ("cold", "warm"):
                 per = run["raw"][w][t]
-                ratios = [u / f for u, f in zip(per["nydus_py_uring"], per["nydus_py"], strict=True)]
+                ratios = [u / f for u, f in zip(per[uring], per[dev], strict=True)]
                 out[f"{tname} {w} {t}"] = statistics.median(ratios)
     return out
 
@@ -704,9 +721,15 @@ def run(args: argparse.Namespace) -> None:
     uring = None
     if args.io_uring and "nydus_py" in names:
         uring = {"time_ratio_uring_to_fusedev": uring_ratios(runs, workloads), "getattr": rtt_uring}
-        print("\nnydus_py_uring / nydus_py time (median of per-rep ratios; <1: io_uring faster)")
+        base = "nydus_py_uring_base" in names and "nydus_py_base" in names
+        if base:
+            uring["baseline_time_ratio_uring_to_fusedev"] = uring_ratios(runs, workloads, "nydus_py_uring_base",
+                                                                          "nydus_py_base")
+        print("\nnydus_py_uring / nydus_py time (median of per-rep ratios; <1: io_uring faster)"
+              + (", and the same of the baseline" if base else ""))
         for k, v in uring["time_ratio_uring_to_fusedev"].items():
-            print(f"  {k:24s} {v:6.2f}")
+            old = f"   baseline {uring['baseline_time_ratio_uring_to_fusedev'][k]:6.2f}" if base else ""
+            print(f"  {k:24s} {v:6.2f}{old}")
         if rtt_uring is not None:
             print(f"GETATTR over io_uring: round trip {rtt_uring['getattr_rtt_us']:.1f} us (best batch "
                   f"{rtt_uring['getattr_rtt_best_us']:.1f} us)" + (

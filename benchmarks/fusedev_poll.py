@@ -5,7 +5,8 @@ checkout's daemon, e.g. main before a change) and extra flags (`--fuse-poll-us N
 every variant in turn: start, a stat loop on one file with attr_timeout 0 (each stat is one
 GETATTR per path component; the daemon's own count divides), by 1 client and by 4 clients at
 once, then the daemon's CPU over `--idle` seconds of nothing (busy-polling must not burn an idle
-CPU). Rounds rotate the starting variant. Run as root:
+CPU). Rounds rotate the starting variant. `--io-uring` runs every variant with `--io-uring`
+(fuse.enable_uring=Y for the run, restored after). Run as root:
 
 python3 benchmarks/fusedev_poll.py --workdir DIR [--baseline /path/to/old/repo] --rounds 3
 """
@@ -23,6 +24,7 @@ from common import save
 from gen_tree import generate
 
 REPO = Path(__file__).resolve().parents[1]
+ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 
 
 class Variant(NydusPy):
@@ -112,7 +114,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--idle", type=float, default=2.0, help="seconds of idle CPU measurement")
     ap.add_argument("--tag", default="fusedev-poll")
+    ap.add_argument("--io-uring", action="store_true", help="every variant with --io-uring")
     args = ap.parse_args()
+    if not args.io_uring:
+        return run(args)
+    old = Path(ENABLE_URING_PARAM).read_text().strip()
+    Path(ENABLE_URING_PARAM).write_text("Y")
+    try:
+        run(args)
+    finally:
+        Path(ENABLE_URING_PARAM).write_text(old)
+
+
+def run(args: argparse.Namespace) -> None:
     tree = os.path.join(args.workdir, f"tree-{args.scale:g}")
     if not os.path.isdir(tree):
         generate(tree, args.scale)
@@ -121,6 +135,7 @@ def main() -> None:
     variants: list[Variant] = []
 
     def add(label: str, repo: str, extra: list[str]) -> None:
+        extra = [*extra, "--io-uring"] if args.io_uring else extra
         mnt = os.path.join(args.workdir, f"mnt-poll-{len(variants)}")
         os.makedirs(mnt, exist_ok=True)
         variants.append(Variant(label, repo, extra, mnt, str(info["boot"]), cfg,
@@ -152,6 +167,7 @@ def main() -> None:
         print(f"{name:8s} GETATTR rtt: 1 client {s['rtt_1_us']:6.1f} us ({s['halts_per_request_1']:.2f} vCPU halts "
               f"per request), 4 clients {s['rtt_4_us']:6.1f} us; idle CPU {s['idle_cpu_pct']:.2f}%")
     path = save(args.tag, {"native_stat_us": native, "summary": summary, "raw": raw, "threads": args.threads,
+                           "io_uring": args.io_uring,
                            "cpuidle": Path("/sys/devices/system/cpu/cpuidle/current_driver").read_text().strip()})
     print(f"saved {path}")
 

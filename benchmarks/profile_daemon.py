@@ -4,6 +4,8 @@ Each pass: drop_caches, mount, run the workload, unmount; py-spy samples the dae
 threads, idle ones left out) for the whole run. Prints where the daemon's CPU went, by function
 (self time) and by a few layers (inclusive), and keeps the collapsed stacks.
 
+`--io-uring` profiles `nydusd-py fuse --io-uring` (fuse.enable_uring=Y for the run, restored).
+
 Run as root: python3 benchmarks/profile_daemon.py --workdir DIR --workload small --passes 3
 """
 
@@ -18,8 +20,12 @@ from pathlib import Path
 from bench_fusedev import NydusPy, build_images, small_files, write_config
 from common import drop_caches, save
 
+ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 LAYERS = {  # a frame's file path fragment -> layer
     "transport/fusedev.py": "transport (read/write /dev/fuse, hand-offs)",
+    "transport/fuse_uring.py": "transport (io_uring ring loop)",
+    "transport/io_uring.py": "io_uring ring (ctypes enter, SQE/CQE)",
+    "fuse/uring.py": "ring entry codec (assemble, place reply)",
     "fuse/protocol.py": "fuse protocol (decode, dispatch, pack)",
     "metrics/": "metrics observer",
     "vfs/": "vfs routing",
@@ -62,7 +68,19 @@ def main() -> None:
     ap.add_argument("--gil", action=argparse.BooleanOptionalAction, default=True,
                     help="only samples holding the GIL (Python work; without it, threads in read/write(2) and "
                          "runnable ones waiting for a CPU are sampled too)")
+    ap.add_argument("--io-uring", action="store_true", help="profile the daemon with --io-uring")
     args = ap.parse_args()
+    if not args.io_uring:
+        return run(args)
+    old = Path(ENABLE_URING_PARAM).read_text().strip()
+    Path(ENABLE_URING_PARAM).write_text("Y")
+    try:
+        return run(args)
+    finally:
+        Path(ENABLE_URING_PARAM).write_text(old)
+
+
+def run(args: argparse.Namespace) -> None:
     tree = os.path.join(args.workdir, f"tree-{args.scale:g}")
     info = build_images(tree, args.workdir, "img-plain")
     _, small_list = small_files(tree, args.workdir, "plain")
@@ -71,6 +89,8 @@ def main() -> None:
     os.makedirs(mnt, exist_ok=True)
     cfg = write_config(os.path.join(args.workdir, "nydusd-prof.json"), str(info["blobs"]))
     server = NydusPy(mnt, str(info["boot"]), cfg, os.path.join(args.workdir, "nydusd-prof.log"), 4)
+    if args.io_uring:
+        server.cmd.append("--io-uring")
     tag = args.tag or f"profile-{args.workload}"
     out = Path(args.workdir) / f"{tag}.stacks"
     raw: list[str] = []

@@ -424,7 +424,8 @@ class DaemonService:
         if self.opts.io_uring:
             from ..transport.fuse_uring import FuseUringSession as Uring
 
-            t = Uring(self.session, self.opts.mountpoint, threads=self.opts.threads)
+            t = Uring(self.session, self.opts.mountpoint, threads=self.opts.threads, poll_us=self.opts.fuse_poll_us,
+                      read_waits=self.session.read_waits)
         t.mount()
         self.transport = t
         self.fuse_fd = t.fd

@@ -378,8 +378,17 @@ class RafsFilesystem(Filesystem):
             self.readahead.after_read(i, offset, offset + len(data), file_size)
         return data
 
-    def read_waits(self, ino: int) -> bool:
-        return not self.device.local
+    def read_waits(self, ino: int, offset: int = 0, size: int = 0) -> bool:
+        """A local backend without a blob cache never waits; otherwise a READ waits unless
+        every chunk of its range is ready locally now (`BlobDevice.range_ready`)."""
+        if self.device.local:
+            return False
+        if size <= 0:
+            return True
+        try:
+            return not self.device.range_ready(self._img(ino), offset, size)
+        except (FormatError, OSError):  # (the READ itself reports a broken chunk table)
+            return True
 
     def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
         """With a blob cache (validation off) whose chunks of the range are all ready: preadv

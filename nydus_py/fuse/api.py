@@ -219,11 +219,12 @@ class Filesystem(ABC):
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
         """Up to `size` bytes at `offset`; fewer only at end of file (b"" past it)."""
 
-    def read_waits(self, ino: int) -> bool:
-        """Whether a READ of `ino` may wait on something slower than a local disk (a registry
-        fetch): a transport hands such READs to another thread first, so that other requests
-        keep flowing; a READ that does not wait is answered by the thread that read it (no
-        hand-off: no thread wake-ups and GIL passes per READ). True unless the filesystem knows."""
+    def read_waits(self, ino: int, offset: int = 0, size: int = 0) -> bool:
+        """Whether a READ of [offset, +size) of `ino` may wait on something slower than a local
+        disk (a registry fetch): a transport hands such READs to another thread first, so that
+        other requests keep flowing; a READ that does not wait is answered by the thread that
+        read it (no hand-off: no thread wake-ups and GIL passes per READ). `size` 0: any READ
+        of `ino`. A cheap hint, asked before every READ; True unless the filesystem knows."""
         return True
 
     def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:

@@ -413,12 +413,16 @@ class FuseSession:
 
     def read_waits(self, req: bytes | bytearray | memoryview) -> bool:
         """Whether request `req` (a READ) may wait on slow I/O: the filesystem's `read_waits`
-        for its inode (True before INIT, for a short request, or when the filesystem fails to
-        say: the cautious answer only costs a thread hand-off)."""
+        for its inode and range (True before INIT, for a request too short to name an inode,
+        or when the filesystem fails to say: the cautious answer only costs a thread hand-off;
+        a READ too short to name its range asks about the inode alone)."""
         if len(req) < _HDR_SIZE or self._ops is not self._post_init_ops:
             return True
+        offset = size = 0
+        if len(req) >= _HDR_SIZE + _READ_HEAD.size:
+            _fh, offset, size = _READ_HEAD.unpack_from(req, _HDR_SIZE)
         try:
-            return bool(self.fs.read_waits(_NODEID.unpack_from(req, 16)[0]))
+            return bool(self.fs.read_waits(_NODEID.unpack_from(req, 16)[0], offset, size))
         except Exception:
             log.exception("read_waits failed; handing the READ on")
             return True

@@ -32,6 +32,10 @@ CMD_COMMIT_AND_FETCH = 2
 PAGE_SIZE = 4096
 MIN_READ_BUFFER = 8192
 _PAYLOAD_SZ = struct.Struct("<I")
+_PAYLOAD_SZ_OFFSET = ENT_IN_OUT_OFFSET + 16
+_U32 = struct.Struct("<I")
+_IN_HEADER_SIZE = IN_HEADER.size
+_SHORT = 512  # reply bytes copied by slicing; longer ones through a memoryview
 
 
 class RingEntryError(ValueError):
@@ -69,15 +73,17 @@ def assemble_request(headers: memoryview, payload: memoryview, out: memoryview) 
     The kernel fills `in_out` with the fuse_in_header, `op_in` with in_args[0] (the per-op
     header, empty for ops like LOOKUP) and the payload with the other in_args; in_header.len
     is the total, so the op header's size is what remains after the payload."""
-    total = IN_HEADER.unpack_from(headers)[0]
-    payload_sz = ENT_IN_OUT.unpack_from(headers, ENT_IN_OUT_OFFSET)[2]
-    op_sz = total - IN_HEADER.size - payload_sz
+    total = _U32.unpack_from(headers, 0)[0]
+    payload_sz = _U32.unpack_from(headers, _PAYLOAD_SZ_OFFSET)[0]
+    h = _IN_HEADER_SIZE
+    op_sz = total - h - payload_sz
     if not 0 <= op_sz <= OP_IN_OUT_SZ or payload_sz > len(payload) or total > len(out):
         raise RingEntryError(f"ring entry: request length {total}, payload {payload_sz}: does not fit")
-    h = IN_HEADER.size
     out[:h] = headers[:h]
-    out[h:h + op_sz] = headers[OP_IN_OFFSET:OP_IN_OFFSET + op_sz]
-    out[h + op_sz:total] = payload[:payload_sz]
+    if op_sz:
+        out[h:h + op_sz] = headers[OP_IN_OFFSET:OP_IN_OFFSET + op_sz]
+    if payload_sz:
+        out[h + op_sz:total] = payload[:payload_sz]
     return out[:total]
 
 
@@ -87,24 +93,37 @@ def place_reply(reply: bytes | bytearray | memoryview | Sequence[bytes | bytearr
     out header into `in_out`, the rest into the payload buffer, its size into
     ent_in_out.payload_sz. Returns the payload size. RingEntryError when it does not fit
     (the caller answers EIO instead)."""
-    bufs = [reply] if isinstance(reply, bytes | bytearray | memoryview) else list(reply)
-    first = memoryview(bufs[0]).cast("B")
-    if len(first) < OUT_HEADER.size:
+    bufs = (reply,) if isinstance(reply, bytes | bytearray | memoryview) else reply
+    first = _bytes_view(bufs[0])
+    n = len(first) - OUT_HEADER.size
+    if n < 0:
         raise RingEntryError("reply shorter than fuse_out_header")
+    if n > len(payload):
+        raise RingEntryError(f"reply payload {n} bytes exceeds the {len(payload)}-byte ring buffer")
     headers[:OUT_HEADER.size] = first[:OUT_HEADER.size]
-    pos = 0
-    parts = [first[OUT_HEADER.size:]] + [memoryview(b).cast("B") for b in bufs[1:]]
-    for part in parts:
+    if n:  # (a slice of bytes is a copy: a long one, a READDIRPLUS page, is taken as a view)
+        payload[:n] = first[OUT_HEADER.size:] if n <= _SHORT else memoryview(first)[OUT_HEADER.size:]
+    pos = n
+    for b in bufs[1:]:
+        part = _bytes_view(b)
         n = len(part)
         if pos + n > len(payload):
             raise RingEntryError(f"reply payload {pos + n} bytes exceeds the {len(payload)}-byte ring buffer")
         payload[pos:pos + n] = part
         pos += n
-    _PAYLOAD_SZ.pack_into(headers, ENT_IN_OUT_OFFSET + 16, pos)
+    _PAYLOAD_SZ.pack_into(headers, _PAYLOAD_SZ_OFFSET, pos)
     return pos
+
+
+def _bytes_view(b: bytes | bytearray | memoryview) -> bytes | bytearray | memoryview:
+    """`b` as something whose len() and slices count bytes."""
+    if type(b) is bytes or type(b) is bytearray:
+        return b
+    v = memoryview(b)
+    return v if v.format == "B" and v.ndim == 1 else v.cast("B")
 
 
 def place_error(headers: memoryview, unique: int, error: int) -> None:
     """An error-only reply (negative errno) in the entry."""
     OUT_HEADER.pack_into(headers, 0, OUT_HEADER.size, error, unique)
-    _PAYLOAD_SZ.pack_into(headers, ENT_IN_OUT_OFFSET + 16, 0)
+    _PAYLOAD_SZ.pack_into(headers, _PAYLOAD_SZ_OFFSET, 0)

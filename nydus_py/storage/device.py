@@ -88,6 +88,8 @@ class BlobDevice:
         self.released_chunks = 0  # dropped from the chunk cache behind sequential readers
         self._stats_lock = threading.Lock()
         self._chunked = source if isinstance(source, ChunkSource) else None
+        ready = getattr(self._chunked, "chunks_ready", None)  # (range_ready's bitmap lookup)
+        self._chunks_ready: Callable[[BlobInfo, Sequence[ChunkInfo]], bool] | None = ready if callable(ready) else None
         # the blob cache's preadv into caller buffers: not with validation on (every cached read
         # is digest-checked there, which needs the bytes in our hands first)
         ready_into = getattr(self._chunked, "read_ready_into", None)
@@ -218,6 +220,27 @@ class BlobDevice:
         with self._stats_lock:
             self.bytes_read += len(out)
         return out
+
+    def range_ready(self, ino: int, offset: int, size: int) -> bool:
+        """Whether a read of [offset, +size) of file `ino` would be answered from local data now,
+        without waiting for the backend: every chunk of the range ready in the blob cache (its
+        chunk-map bits, `chunks_ready`) or, without a blob cache, held in the in-memory chunk
+        cache (far enough for the read). A cheap hint asked before a READ (no per-chunk object
+        beyond the range's own, no file read): a chunk being fetched is not ready until stored;
+        one evicted between this answer and the read is fetched by that read all the same."""
+        end = offset + size
+        chunks = self.image.chunks(ino, offset, size)
+        if self._chunked is None:
+            peek = self.cache.peek
+            return all(peek(_key(c), min(c.uncompressed_size, end - c.file_offset)) is not None for c in chunks)
+        ready = self._chunks_ready
+        if ready is None:
+            return False
+        blobs = self.image.blobs
+        for c in chunks:
+            if not 0 <= c.blob_index < len(blobs) or not ready(blobs[c.blob_index], (c,)):
+                return False
+        return True
 
     @property
     def local(self) -> bool:

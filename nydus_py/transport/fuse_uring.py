@@ -8,6 +8,14 @@ FUSE_OVER_IO_URING, `workers` ring threads per queue register `depth` entries ea
 has one queue per possible CPU and routes a request to the queue of the CPU its caller runs on;
 it holds every request back until all queues have an entry, then switches to the ring for good.
 
+A ring thread never waits on anything slower than a local disk: requests that may (a READ that
+`read_waits` says may wait on a fetch, writes, syncs) are handed to a small pool of threads
+(`max_workers` for the session), which write the reply into the entry and wake the ring thread
+through an eventfd polled in its ring; the ring thread sends the commit. So one thread with
+several entries serves a queue: concurrent requests from one CPU are answered in one batch per
+io_uring_enter, without thread switches, and metadata never queues behind a fetch (as long as
+the queue has entries left: `depth` is sized above the pool).
+
 Fallbacks (logged, counted in `stats`): io_uring unusable in this process, the module
 parameter fuse.enable_uring is N (the kernel then does not offer FUSE_OVER_IO_URING), or a
 queue fails to set up. Requests then keep flowing through the /dev/fuse workers. We never
@@ -15,44 +23,59 @@ flip /sys/module/fuse/parameters/enable_uring ourselves: it is host-wide policy 
 FUSE mount is offered the ring), so it stays the administrator's decision.
 """
 
+import collections
 import contextlib
 import ctypes
 import errno
 import logging
 import mmap
 import os
-import struct
+import queue
 import threading
 from collections.abc import Callable
+from functools import partial
 from typing import Protocol
 
 from ..fuse.abi import IN_HEADER, InitFlags
 from ..fuse.uring import (
     CMD_COMMIT_AND_FETCH,
     CMD_REGISTER,
+    ENT_IN_OUT_OFFSET,
     REQ_HEADER_SIZE,
     assemble_request,
     encode_cmd_req,
-    entry_commit_id,
     max_payload_size,
     place_error,
     place_reply,
 )
-from .fusedev import _HANDOFF_OPCODES, FuseDevSession, Handler
-from .io_uring import SQE_HEAD, Ring, encode_uring_cmd, mmap_address, probe
+from .fusedev import (
+    _HANDOFF_OPCODES,
+    _READ_SIZE,
+    _READ_SIZE_END,
+    DEFAULT_POLL_US,
+    FUSE_READ,
+    KEEP_READ_MAX,
+    FuseDevSession,
+    Handler,
+)
+from .io_uring import SQE_HEAD, Ring, encode_sqe, encode_uring_cmd, mmap_address, probe
 
 log = logging.getLogger(__name__)
 
 ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
-DEFAULT_DEPTH = 1
-DEFAULT_WORKERS = 4
-DEFAULT_MAX_WORKERS = 16  # per queue, spares included
+DEFAULT_WORKERS = 1  # ring threads per queue
+DEFAULT_MAX_WORKERS = 16  # threads answering requests that may block, for the whole session
+DEFAULT_DEPTH = DEFAULT_MAX_WORKERS + 4  # entries per ring thread: handed-off requests hold theirs
 JOIN_TIMEOUT = 10.0
 # what the kernel sends over /dev/fuse even when the ring serves the rest: INIT, FORGET,
 # INTERRUPT, BATCH_FORGET
 _DEV_ALWAYS = frozenset({26, 2, 36, 42})
-_COMMIT_ID = struct.Struct("<Q")
 _COMMIT_ID_OFFSET = SQE_HEAD.size + 8  # fuse_uring_cmd_req.commit_id in the SQE's command area
+_ENT_COMMIT_ID_Q = (ENT_IN_OUT_OFFSET + 8) >> 3  # fuse_uring_ent_in_out.commit_id, as a u64 index
+ReadWaits = Callable[[memoryview], bool]
+_WAKE = 1 << 32  # user_data of the eventfd poll (entries are 0..depth-1)
+IORING_OP_POLL_ADD = 6
+_POLLIN = 0x1
 # CQE results that mean "the connection is going away", not a failure
 _TEARDOWN = frozenset({-errno.ENOTCONN, -errno.ECONNABORTED, -errno.ECANCELED})
 
@@ -112,8 +135,11 @@ class UringStats:
         self.dev_requests = 0  # requests read from /dev/fuse, but for INIT, FORGET and INTERRUPT
         self.worker_requests: list[int] = []  # per ring thread (each the only writer of its slot)
         self.worker_qid: list[int] = []  # the queue of each ring thread
-        self.spares_started = 0
-        self.spare_failures = 0
+        # per ring thread: READs it answered itself (read_waits said they wait on nothing slower
+        # than a local disk), and requests it handed to the pool (they may wait)
+        self.worker_kept: list[int] = []
+        self.worker_handed: list[int] = []
+        self.pool_threads = 0  # threads of the hand-off pool started so far
         self.register_failures = 0
         self.commit_failures = 0
         self.entry_errors = 0  # entries that could not be decoded or answered (EIO committed)
@@ -131,6 +157,8 @@ class UringStats:
             queue_requests[q] += n
         out["queue_requests"] = queue_requests
         out["ring_requests"] = sum(per)
+        out["reads_kept"] = sum(out.pop("worker_kept"))
+        out["handed_off"] = sum(out.pop("worker_handed"))
         return out
 
 
@@ -145,39 +173,102 @@ class _Entry:
         pay_addr, self._pay_anchor = mmap_address(self.payload)
         self.iov = (ctypes.c_uint64 * 4)(hdr_addr, REQ_HEADER_SIZE, pay_addr, payload_size)
         self.hdr_view = memoryview(self.hdr)[:REQ_HEADER_SIZE]
+        self.hdr64 = self.hdr_view.cast("Q")  # (the commit id, one item read per request)
         self.pay_view = memoryview(self.payload)
-        self.commit_sqe: bytearray | None = None
+        self.armed = False  # its SQE slot holds its COMMIT_AND_FETCH (after the first request)
 
     def close(self) -> None:
-        self.hdr_view.release()
-        self.pay_view.release()
+        for v in (self.hdr64, self.hdr_view, self.pay_view):
+            v.release()
         del self._hdr_anchor, self._pay_anchor
         for m in (self.hdr, self.payload):
             with contextlib.suppress(BufferError):
                 m.close()
 
 
+class _Pool:
+    """Daemon threads for requests that may block, started as needed up to `limit` and kept
+    (idle ones wait on the task queue). Every task runs: a task queued at the limit waits for
+    a thread, its ring entry meanwhile held (`DEFAULT_DEPTH` leaves entries for the rest)."""
+
+    def __init__(self, limit: int, stats: UringStats) -> None:
+        self.limit = max(1, limit)
+        self.stats = stats
+        self._tasks: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._lock:
+            if self._idle:
+                self._idle -= 1  # (that thread takes it)
+                start = False
+            else:
+                start = len(self._threads) < self.limit
+                if start:
+                    t = threading.Thread(target=self._work, name=f"fuse-uring-io-{len(self._threads)}", daemon=True)
+                    self._threads.append(t)
+        self._tasks.put(task)
+        if start:
+            self.stats.add("pool_threads")
+            t.start()
+
+    def _work(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            try:
+                task()
+            except BaseException:  # (a task reports its own errors; this is a last resort)
+                log.exception("FUSE io_uring hand-off task failed")
+            with self._lock:
+                self._idle += 1
+
+    def close(self, timeout: float) -> None:
+        with self._lock:
+            threads, self._threads = self._threads, []
+            self._idle = 0
+        for _ in threads:
+            self._tasks.put(None)
+        for t in threads:
+            t.join(timeout)
+            if t.is_alive():
+                log.error("a FUSE io_uring hand-off thread is still busy after the unmount")
+
+
 class _Queue:
     """One ring thread of a kernel queue: its own ring and `depth` entries, which only it
-    touches (the kernel completes a command in the task that submitted it). Around a request
-    that may block (READ on a fetch, writes, syncs) it tells `blocking` so that the session
-    can start a spare thread for the queue."""
+    touches (the kernel completes a command in the task that submitted it). Entry i owns SQE
+    slot i of the ring, where its COMMIT_AND_FETCH stays prepared: a commit writes the commit
+    id and queues the slot, and every commit of a batch of completions goes to the kernel with
+    the one io_uring_enter that also waits for the next. A request that may block (a READ that
+    `read_waits` says may wait, writes, syncs) is handed to the pool with its entry; the pool
+    thread writes the reply into the entry and wakes this thread through `efd` (slot `depth`
+    keeps a poll of it armed), which commits it. A READ of at most KEEP_READ_MAX that waits on
+    nothing slower than a local disk is answered here ("kept", counted); larger ones (readahead
+    windows) go to the pool too, so that concurrent windows decode in parallel."""
 
     def __init__(self, qid: int, fd: int, depth: int, payload_size: int, handler: Handler,
-                 stats: UringStats, blocking: Callable[[int, int], None] | None = None, slot: int = 0) -> None:
+                 stats: UringStats, pool: _Pool | None = None, slot: int = 0,
+                 read_waits: ReadWaits | None = None) -> None:
         self.qid = qid
         self.slot = slot  # this thread's index in stats.worker_requests
         self.fd = fd
+        self.depth = depth
         self.handler = handler
+        self.read_waits = read_waits
         self.stats = stats
-        self.blocking = blocking
-        self.ring = Ring(depth)
+        self.pool = pool
+        self.ring = Ring(depth + 1)  # (+1: the eventfd poll's slot)
         try:
             self.entries = [_Entry(i, payload_size) for i in range(depth)]
+            self.efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         except BaseException:
             self.ring.close()
             raise
         self.scratch = mmap.mmap(-1, payload_size + mmap.PAGESIZE)  # requests reassembled here
+        # entries answered by the pool, to commit: (entry, commit id; None: retire the entry)
+        self.done: collections.deque[tuple[_Entry, int | None]] = collections.deque()
+        self.wake_armed = False
         self.thread = threading.Thread(target=self._run, name=f"fuse-uring-{qid}.{slot}", daemon=True)
         self.registered = threading.Event()  # every REGISTER was passed to the kernel
 
@@ -187,38 +278,71 @@ class _Queue:
                                     addr=ctypes.addressof(e.iov), length=2)
         return encode_uring_cmd(self.fd, cmd_op, encode_cmd_req(self.qid, commit_id), user_data=e.index)
 
-    def _commit_sqe(self, e: _Entry, commit_id: int) -> bytearray:
-        """COMMIT_AND_FETCH for `e`: its prepared SQE with the commit id filled in."""
-        if e.commit_sqe is None:
-            e.commit_sqe = bytearray(self._sqe(e, CMD_COMMIT_AND_FETCH))
-        _COMMIT_ID.pack_into(e.commit_sqe, _COMMIT_ID_OFFSET, commit_id)
-        return e.commit_sqe
+    def _commit(self, e: _Entry, commit_id: int) -> None:
+        """Queue COMMIT_AND_FETCH of `e` (sent by the loop's next io_uring_enter)."""
+        ring = self.ring
+        if not e.armed:  # (its slot held the REGISTER, done with once a request came)
+            ring.prepare(e.index, self._sqe(e, CMD_COMMIT_AND_FETCH))
+            e.armed = True
+        ring.set_u64(e.index, _COMMIT_ID_OFFSET, commit_id)
+        ring.submit_slot(e.index)
 
     def _run(self) -> None:
         with contextlib.suppress(OSError, ValueError):
             os.sched_setaffinity(0, {self.qid})  # serve the queue on the CPU whose requests it gets
-        outstanding = 0  # entries the kernel still holds for us
+        outstanding = 0  # entries the kernel or the pool still holds for us
+        ring = self.ring
         try:
             for e in self.entries:
-                self.ring.push(self._sqe(e, CMD_REGISTER))
-            self.ring.enter(0)
+                ring.prepare(e.index, self._sqe(e, CMD_REGISTER))
+                ring.submit_slot(e.index)
+            if self.pool is not None:
+                ring.prepare(self.depth, encode_sqe(IORING_OP_POLL_ADD, self.efd, op_flags=_POLLIN, user_data=_WAKE))
+                ring.submit_slot(self.depth)
+                self.wake_armed = True
+            ring.enter(0)
             outstanding = len(self.entries)
             self.registered.set()
             scratch = memoryview(self.scratch)
+            entries = self.entries
+            serve = self._serve
             while outstanding:
-                self.ring.enter(1)
-                for user_data, res, _ in self.ring.reap():
-                    e = self.entries[user_data]
+                ring.enter(1)  # the commits queued since the last call go with it
+                for user_data, res, _ in ring.reap():
+                    if user_data == _WAKE:
+                        outstanding -= self._woken(res)
+                        continue
+                    e = entries[user_data]
                     if res < 0:
                         outstanding -= 1
                         self._failed(e, res)
-                    elif not self._serve(e, scratch):
+                    elif not serve(e, scratch):
                         outstanding -= 1
         except Exception:
             log.exception("FUSE io_uring queue %d failed", self.qid)
         finally:
             self.registered.set()
             self._close()
+
+    def _woken(self, res: int) -> int:
+        """The eventfd poll fired: commit what the pool answered, re-arm; entries retired."""
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.efd)  # (before draining: a later answer fires the next poll)
+        retired = 0
+        done = self.done
+        while done:
+            e, commit_id = done.popleft()
+            if commit_id is None:
+                retired += 1
+            else:
+                self._commit(e, commit_id)
+        if res < 0:  # the poll itself failed: no more hand-offs from this queue
+            self.wake_armed = False
+            log.error("FUSE io_uring queue %d: eventfd poll failed: %s; requests that may block are answered "
+                      "by the ring thread itself", self.qid, os.strerror(-res))
+        else:
+            self.ring.submit_slot(self.depth)
+        return retired
 
     def _failed(self, e: _Entry, res: int) -> None:
         if res in _TEARDOWN:
@@ -232,19 +356,23 @@ class _Queue:
             log.error("FUSE io_uring queue %d: COMMIT_AND_FETCH failed: %s", self.qid, os.strerror(-res))
 
     def _serve(self, e: _Entry, scratch: memoryview) -> bool:
-        """Answer the request in `e` and queue its commit; False when the entry is out of the game."""
-        self.stats.worker_requests[self.slot] += 1  # (this thread is the only writer of its slot)
-        commit_id = entry_commit_id(e.hdr_view)
+        """Answer the request in `e` and queue its commit, or hand it to the pool; False when
+        the entry is out of the game."""
+        stats = self.stats
+        stats.worker_requests[self.slot] += 1  # (this thread is the only writer of its slot)
+        commit_id = e.hdr64[_ENT_COMMIT_ID_Q]
         try:
             req = assemble_request(e.hdr_view, e.pay_view, scratch)
-            blocking = self.blocking is not None and req[4] in _HANDOFF_OPCODES and req[5] == 0
-            if blocking:
-                self.blocking(self.qid, 1)  # type: ignore[misc]
-            try:
-                reply = self.handler(req)
-            finally:
-                if blocking:
-                    self.blocking(self.qid, -1)  # type: ignore[misc]
+            opcode = req[4] if req[5] == 0 else -1  # (opcodes are < 256; the rest is no READ)
+            if opcode in _HANDOFF_OPCODES:
+                if (opcode == FUSE_READ and self.read_waits is not None and len(req) >= _READ_SIZE_END
+                        and _READ_SIZE.unpack_from(req, 56)[0] <= KEEP_READ_MAX and not self.read_waits(req)):
+                    stats.worker_kept[self.slot] += 1
+                elif self.wake_armed:
+                    stats.worker_handed[self.slot] += 1
+                    self.pool.submit(partial(self._answer, e, commit_id, bytes(req)))  # type: ignore[union-attr]
+                    return True
+            reply = self.handler(req)
             if reply is None:  # nothing to commit: the entry is not re-armed
                 log.warning("FUSE io_uring queue %d: opcode %d wants no reply; entry %d retired", self.qid,
                             IN_HEADER.unpack_from(e.hdr_view)[1], e.index)
@@ -254,8 +382,33 @@ class _Queue:
             self.stats.add("entry_errors")
             log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
             place_error(e.hdr_view, commit_id, -errno.EIO)
-        self.ring.push(self._commit_sqe(e, commit_id))
+        self._commit(e, commit_id)
         return True
+
+    def _answer(self, e: _Entry, commit_id: int, req: bytes) -> None:
+        """(a pool thread) Answer a handed-off request into its entry, then wake the ring thread."""
+        cid: int | None = commit_id
+        try:
+            reply = self.handler(memoryview(req))
+            if reply is None:
+                log.warning("FUSE io_uring queue %d: opcode %d wants no reply; entry %d retired", self.qid,
+                            IN_HEADER.unpack_from(req)[1], e.index)
+                cid = None
+            else:
+                place_reply(reply, e.hdr_view, e.pay_view)
+        except Exception as ex:  # RingEntryError, FuseProtocolError; never commit a stale entry
+            self.stats.add("entry_errors")
+            if isinstance(ex, ValueError):
+                log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
+            else:
+                log.exception("FUSE io_uring queue %d: answering EIO", self.qid)
+            place_error(e.hdr_view, commit_id, -errno.EIO)
+        finally:
+            self.done.append((e, cid))
+            try:
+                os.eventfd_write(self.efd, 1)
+            except OSError as ex:  # (the queue ended meanwhile: nothing left to commit to)
+                log.debug("FUSE io_uring queue %d: waking the ring thread: %s", self.qid, ex)
 
     def _close(self) -> None:
         with contextlib.suppress(BufferError):
@@ -263,6 +416,8 @@ class _Queue:
         for e in self.entries:
             e.close()
         self.ring.close()
+        with contextlib.suppress(OSError):
+            os.close(self.efd)
 
 
 class FuseUringSession:
@@ -271,31 +426,32 @@ class FuseUringSession:
     def __init__(self, session: UringSession, mountpoint: str, *, threads: int = 2, depth: int = DEFAULT_DEPTH,
                  fsname: str = "rafs", allow_other: bool = True, readahead_kb: int = 1024,
                  enable_param: str = ENABLE_URING_PARAM, queues: int = 0, workers: int = DEFAULT_WORKERS,
-                 max_workers: int = DEFAULT_MAX_WORKERS) -> None:
+                 max_workers: int = DEFAULT_MAX_WORKERS, poll_us: int = DEFAULT_POLL_US,
+                 read_waits: ReadWaits | None = None) -> None:
         if not 1 <= depth <= 64 or not 1 <= workers <= 64:
             raise ValueError("io_uring queue depth and workers per queue must be 1..64")
         self.session = session
         self.depth = depth  # entries per ring thread
-        # Ring threads per queue, each with its own ring and `depth` entries. With one entry
-        # each, a thread stuck in a slow READ holds only its own entry: the kernel hands the
-        # next requests of that CPU to the other threads' entries (most recently committed
-        # first, so a stream of metadata requests stays on one warm thread).
+        # Ring threads per queue, each with its own ring and `depth` entries (the kernel hands a
+        # request to the most recently committed free entry of its queue).
         self.workers = workers
-        # Spares: when every ring thread of a queue is inside a request that may block (READs
-        # waiting on the registry), one more is started for that queue, up to `max_workers`,
-        # so metadata never queues behind data. The kernel has no way to unregister an entry,
-        # so spares stay until the connection ends.
-        self.max_workers = max(workers, max_workers)
+        # Threads that answer requests that may block (READs waiting on the registry, writes),
+        # started as needed: the ring threads hand such requests over and go on, so metadata
+        # never queues behind data while the queue has free entries.
+        self.max_workers = max_workers
         self._lock = threading.Lock()
-        self._blocked: list[int] = []  # per queue: ring threads inside a blocking request
-        self._running: list[int] = []  # per queue: ring threads
         self._payload = 0
-        self._stopping = False
+        self._pool: _Pool | None = None
         self.enable_param = enable_param
         self.nr_queues = queues or read_possible_cpus()
         self.stats = UringStats()
+        # READs that wait on nothing slower than a local disk (None: every READ may wait):
+        # ring threads answer them without counting as blocked, /dev/fuse workers without a
+        # hand-off (FuseDevSession, which also busy-polls after replies: `poll_us`)
+        self.read_waits = read_waits
         self.dev = FuseDevSession(self._dev_handle, mountpoint, threads=threads, max_write=session.max_write,
-                                  fsname=fsname, allow_other=allow_other, readahead_kb=readahead_kb)
+                                  fsname=fsname, allow_other=allow_other, readahead_kb=readahead_kb,
+                                  poll_us=poll_us, read_waits=read_waits)
         self.mountpoint = self.dev.mountpoint
         self.queues: list[_Queue] = []
         self.on_fallback: Callable[[str], None] | None = None
@@ -349,8 +505,6 @@ class FuseUringSession:
         with self.stats.lock:
             self.stats.queues = self.nr_queues
             self.stats.entries = len(self.queues) * self.depth
-        self._blocked = [0] * self.nr_queues
-        self._running = [self.workers] * self.nr_queues
         for q in self.queues:
             q.thread.start()
         for q in self.queues:
@@ -359,42 +513,22 @@ class FuseUringSession:
             self.stats.active = self.stats.register_failures == 0
         if self.stats.register_failures:
             self.fallback(f"{self.stats.register_failures} REGISTER commands failed")
-        log.info("FUSE io_uring: %d queues x %d threads x %d entries of %d KiB on %s", self.nr_queues,
-                 self.workers, self.depth, payload >> 10, self.mountpoint)
+        log.info("FUSE io_uring: %d queues x %d threads x %d entries of %d KiB on %s (up to %d threads for "
+                 "requests that may block)", self.nr_queues, self.workers, self.depth, payload >> 10,
+                 self.mountpoint, self.max_workers)
 
     def _new_queue(self, qid: int) -> _Queue:
         """A ring thread for queue `qid` (not started), with its slot in the request counters."""
         with self.stats.lock:
             slot = len(self.stats.worker_requests)
             self.stats.worker_requests.append(0)
+            self.stats.worker_kept.append(0)
+            self.stats.worker_handed.append(0)
             self.stats.worker_qid.append(qid)
+        if self._pool is None:
+            self._pool = _Pool(self.max_workers, self.stats)
         return _Queue(qid, self.dev.fd, self.depth, self._payload, self.session.handle_vectored, self.stats,
-                      self._blocking, slot=slot)
-
-    def _blocking(self, qid: int, delta: int) -> None:
-        """A ring thread of `qid` enters (+1) or leaves (-1) a request that may block."""
-        with self._lock:
-            self._blocked[qid] += delta
-            spare = (delta > 0 and self._blocked[qid] >= self._running[qid] < self.max_workers
-                     and not self._stopping)
-            if spare:
-                self._running[qid] += 1
-        if not spare:
-            return
-        try:
-            q = self._new_queue(qid)
-        except OSError as e:
-            with self._lock:
-                self._running[qid] -= 1
-            self.stats.add("spare_failures")
-            log.warning("no spare FUSE io_uring thread for queue %d (%s); requests may queue", qid, e)
-            return
-        with self._lock:
-            self.queues.append(q)
-        self.stats.add("spares_started")
-        self.stats.add("entries", self.depth)
-        log.debug("all FUSE io_uring threads of queue %d are blocked; started a spare", qid)
-        q.thread.start()
+                      self._pool, slot=slot, read_waits=self.read_waits)
 
     def _abandon_ring(self, reason: str) -> None:
         """INIT negotiated the ring, so the kernel holds every request until all queues are
@@ -437,8 +571,9 @@ class FuseUringSession:
         self._join()
 
     def _join(self) -> None:
+        """After the unmount: the ring threads end once the pool has answered what they handed
+        it (its commits fail, the connection being gone), then the pool's threads go."""
         with self._lock:
-            self._stopping = True  # (the connection is gone: no more spares)
             queues = list(self.queues)
         for q in queues:
             if q.thread.ident is not None:
@@ -447,3 +582,6 @@ class FuseUringSession:
                 log.error("FUSE io_uring queue %d did not end after the unmount", q.qid)
         with self._lock:
             self.queues = [q for q in self.queues if q.thread.is_alive()]
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close(JOIN_TIMEOUT)

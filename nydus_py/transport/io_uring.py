@@ -15,11 +15,13 @@ import errno
 import mmap
 import os
 import struct
+from typing import Literal
 
 SYS_IO_URING_SETUP = 425
 SYS_IO_URING_ENTER = 426
 
 IORING_SETUP_SQE128 = 1 << 10
+IORING_SETUP_CQE32 = 1 << 11
 IORING_FEAT_SINGLE_MMAP = 1 << 0
 IORING_ENTER_GETEVENTS = 1 << 0
 IORING_OFF_SQ_RING = 0
@@ -80,7 +82,7 @@ class Params:
 
     @property
     def cq_ring_size(self) -> int:
-        return self.cq_off.cqes + self.cq_entries * CQE.size * (2 if self.flags & (1 << 11) else 1)
+        return self.cq_off.cqes + self.cq_entries * CQE.size * (2 if self.flags & IORING_SETUP_CQE32 else 1)
 
 
 def encode_params(flags: int) -> bytearray:
@@ -141,6 +143,12 @@ def _check(ret: int) -> int:
     return ret
 
 
+def _words(buf: mmap.mmap, fmt: Literal["I", "Q"]) -> memoryview:
+    """`buf` as an array of `fmt` items (its length rounded down to a whole item)."""
+    size = struct.calcsize(fmt)
+    return memoryview(buf)[:len(buf) // size * size].cast(fmt)
+
+
 def _addr(buf: mmap.mmap) -> tuple[int, ctypes.c_char]:
     anchor = ctypes.c_char.from_buffer(buf)
     return ctypes.addressof(anchor), anchor
@@ -171,26 +179,72 @@ class Ring:
             raise
         self._sq_mask = _U32.unpack_from(self._sq, p.sq_off.ring_mask)[0]
         self._cq_mask = _U32.unpack_from(self._cq, p.cq_off.ring_mask)[0]
-        # The SQ index array maps ring slots to SQE slots; identity, set once.
+        # Typed views of the shared rings: a ring index or a CQE field is one item access, not
+        # a struct call (the ring loop touches them for every request). Every offset the
+        # kernel gives is aligned to its field's size.
+        self._sq32 = _words(self._sq, "I")
+        self._cq32 = self._sq32 if self._cq is self._sq else _words(self._cq, "I")
+        self._cqi32 = self._cq32.cast("B").cast("i")
+        self._cq64 = _words(self._cq, "Q")
+        self._sqe64 = _words(self._sqes, "Q")
+        self._sq_tail_i = p.sq_off.tail >> 2
+        self._sq_head_i = p.sq_off.head >> 2
+        self._sq_array_i = p.sq_off.array >> 2
+        self._cq_head_i = p.cq_off.head >> 2
+        self._cq_tail_i = p.cq_off.tail >> 2
+        self._cqes = p.cq_off.cqes
+        self._cqe_size = CQE.size * (2 if p.flags & IORING_SETUP_CQE32 else 1)
+        # The SQ index array maps ring slots to SQE slots: identity for push(); submit_slot()
+        # points a ring slot at a prepared SQE instead.
         for i in range(p.sq_entries):
-            _U32.pack_into(self._sq, p.sq_off.array + 4 * i, i)
-        self._tail = _U32.unpack_from(self._sq, p.sq_off.tail)[0]
-        self._head = _U32.unpack_from(self._sq, p.sq_off.head)[0]  # last seen; reread when full
+            self._sq32[self._sq_array_i + i] = i
+        self._tail = self._sq32[self._sq_tail_i]
+        self._head = self._sq32[self._sq_head_i]  # last seen; reread when full
         self.pending = 0  # SQEs queued and not yet passed to io_uring_enter
         self._c_fd = ctypes.c_int(self.fd)
 
-    def push(self, sqe: bytes | bytearray) -> None:
-        """Queue one SQE (submitted by the next enter()); OSError(EBUSY) if the SQ is full."""
-        p = self.params
-        if sq_free(self._head, self._tail, p.sq_entries) <= 0:  # (the kernel may have moved on)
-            self._head = _U32.unpack_from(self._sq, p.sq_off.head)[0]
-            if sq_free(self._head, self._tail, p.sq_entries) <= 0:
+    def _reserve(self) -> int:
+        """The ring slot of the next SQE; OSError(EBUSY) if the SQ is full."""
+        if sq_free(self._head, self._tail, self.params.sq_entries) <= 0:  # (the kernel may have moved on)
+            self._head = self._sq32[self._sq_head_i]
+            if sq_free(self._head, self._tail, self.params.sq_entries) <= 0:
                 raise OSError(errno.EBUSY, "io_uring submission queue full")
-        slot = ring_slot(self._tail, self._sq_mask)
-        self._sqes[slot * self.sqe_size:(slot + 1) * self.sqe_size] = sqe
+        return ring_slot(self._tail, self._sq_mask)
+
+    def _publish(self) -> None:
         self._tail = (self._tail + 1) & _MASK32
-        _U32.pack_into(self._sq, p.sq_off.tail, self._tail)
+        self._sq32[self._sq_tail_i] = self._tail
         self.pending += 1
+
+    def push(self, sqe: bytes | bytearray) -> None:
+        """Queue one SQE (submitted by the next enter()), written into the SQE slot of its ring
+        slot; OSError(EBUSY) if the SQ is full. Not on a ring whose SQE slots hold prepared
+        SQEs (`prepare`): it would overwrite them."""
+        slot = self._reserve()
+        self._sqes[slot * self.sqe_size:(slot + 1) * self.sqe_size] = sqe
+        self._sq32[self._sq_array_i + slot] = slot
+        self._publish()
+
+    def prepare(self, index: int, sqe: bytes | bytearray) -> None:
+        """Write `sqe` into SQE slot `index` (< sq_entries), to be submitted by `submit_slot`
+        as often as wanted: a command repeated with one field changed (a ring entry's
+        COMMIT_AND_FETCH) costs one `set_u64` and one `submit_slot`, not a 128-byte copy. The
+        kernel reads an SQE while io_uring_enter submits it, so a slot may be rewritten once
+        that command has completed."""
+        if not 0 <= index < self.params.sq_entries:
+            raise ValueError(f"SQE slot {index} outside a ring of {self.params.sq_entries}")
+        self._sqes[index * self.sqe_size:(index + 1) * self.sqe_size] = sqe
+
+    def set_u64(self, index: int, offset: int, value: int) -> None:
+        """Store a u64 at byte `offset` (8-aligned) of the prepared SQE in slot `index`."""
+        self._sqe64[(index * self.sqe_size + offset) >> 3] = value
+
+    def submit_slot(self, index: int) -> None:
+        """Queue the SQE prepared in slot `index` (submitted by the next enter());
+        OSError(EBUSY) if the SQ is full."""
+        slot = self._reserve()
+        self._sq32[self._sq_array_i + slot] = index
+        self._publish()
 
     def enter(self, min_complete: int = 0) -> int:
         """Submit what push() queued and wait for `min_complete` completions (GIL released)."""
@@ -206,15 +260,22 @@ class Ring:
 
     def reap(self) -> list[tuple[int, int, int]]:
         """The completions ready now, (user_data, res, flags) each, and mark them consumed."""
-        off = self.params.cq_off
-        head = _U32.unpack_from(self._cq, off.head)[0]
-        tail = _U32.unpack_from(self._cq, off.tail)[0]
-        n = cq_ready(head, tail)
-        out = [decode_cqe(self._cq, off.cqes + ring_slot(head + i, self._cq_mask) * CQE.size) for i in range(n)]
-        _U32.pack_into(self._cq, off.head, (head + n) & _MASK32)
+        cq32 = self._cq32
+        head = cq32[self._cq_head_i]
+        n = cq_ready(head, cq32[self._cq_tail_i])
+        if not n:
+            return []
+        q, i32, mask, base, size = self._cq64, self._cqi32, self._cq_mask, self._cqes, self._cqe_size
+        out = []
+        for k in range(n):
+            at = base + ((head + k) & mask) * size
+            out.append((q[at >> 3], i32[(at >> 2) + 2], cq32[(at >> 2) + 3]))
+        cq32[self._cq_head_i] = (head + n) & _MASK32
         return out
 
     def close(self) -> None:
+        for v in (self._cqi32, self._cq64, self._sqe64, self._cq32, self._sq32):
+            v.release()
         for m in {id(self._sq): self._sq, id(self._cq): self._cq, id(self._sqes): self._sqes}.values():
             m.close()
         if self.fd >= 0:

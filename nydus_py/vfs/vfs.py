@@ -515,14 +515,14 @@ class Vfs(Filesystem):
         with self.entered(ino) as (fs, inner):
             return fs.read(inner, fh, offset, size)
 
-    def read_waits(self, ino: int) -> bool:
+    def read_waits(self, ino: int, offset: int = 0, size: int = 0) -> bool:
         """The owning filesystem's answer; a hint only (not entered: a filesystem unmounted
         meanwhile answers the READ itself with ESTALE)."""
         idx = ino >> INO_SHIFT
         slot = self._slots[idx] if idx else self._rootfs
         if slot is None or slot.closed:
             return True
-        return slot.fs.read_waits(slot.inner(ino))
+        return slot.fs.read_waits(slot.inner(ino), offset, size)
 
     def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
         if self._pseudo_node(ino) is not None:

@@ -17,12 +17,15 @@ import pytest
 
 from nydus_py.api.client import ApiClient
 from nydus_py.fs.rafs_fs import RafsFilesystem
+from nydus_py.fuse.abi import InitFlags
 from nydus_py.fuse.protocol import FuseSession
 from nydus_py.rafs import open_bootstrap
+from nydus_py.storage.cache.blobcache import BlobCacheManager
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 from nydus_py.transport import fuse_uring
 from nydus_py.transport.fuse_uring import ENABLE_URING_PARAM, FuseUringSession, read_possible_cpus
+from nydus_py.transport.fusedev import KEEP_READ_MAX
 from nydus_py.transport.io_uring import probe
 from nydus_py.transport.mount import abort_connection, connection_of, is_mountpoint
 from tests.builder.erofs_rig import compare_trees
@@ -75,15 +78,18 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Image]:
 
 @contextlib.contextmanager
 def served(image: Image, mnt: Path, *, block_reads: tuple[threading.Event, threading.Event] | None = None,
-           **kw: int) -> Iterator[FuseUringSession]:
+           read_waits: bool = False, cache: Path | None = None, **kw: int) -> Iterator[FuseUringSession]:
     """An in-process FuseUringSession over the image; a watchdog aborts a hung connection so
     that a protocol bug fails the test instead of wedging it. (It finds the connection in
     mountinfo: a stat of the mountpoint would hang as well while the kernel holds requests
-    back for a ring that never becomes ready.)"""
+    back for a ring that never becomes ready.) `read_waits`: the transport asks the session
+    which READs may wait (as the daemon does); `cache`: through a blob cache there."""
     mnt.mkdir(exist_ok=True)
     img = open_bootstrap(image.boot)
-    source = LocalBlobDir(image.blob_dir)
-    fs = RafsFilesystem(img, BlobDevice(img, source, validate=True))
+    source: LocalBlobDir | BlobCacheManager = LocalBlobDir(image.blob_dir)
+    if cache is not None:
+        source = BlobCacheManager(str(cache), source, amplify_io=0, read_around=0)
+    fs = RafsFilesystem(img, BlobDevice(img, source, validate=cache is None), readahead_chunks=0)
     if block_reads is not None:  # a READ that waits, as one on a slow registry fetch does
         read = fs.read
         entered, release = block_reads
@@ -95,13 +101,17 @@ def served(image: Image, mnt: Path, *, block_reads: tuple[threading.Event, threa
 
         fs.read = slow_read  # type: ignore[method-assign]
     session = FuseSession(fs)
-    t = FuseUringSession(session, str(mnt), threads=2, **kw)
+    t = FuseUringSession(session, str(mnt), threads=2, read_waits=session.read_waits if read_waits else None, **kw)
     watchdog: threading.Timer | None = None
     try:
         t.mount()
         watchdog = threading.Timer(120, abort_connection, args=(connection_of(t.mountpoint),))
         watchdog.start()
         os.stat(mnt)  # INIT answered, and (over the ring) every queue registered
+        # (`active` is set by the INIT worker once every queue registered: the kernel may serve
+        # requests over the ring a moment before)
+        wait_until(lambda: t.stats.active or t.stats.fallbacks or not t.session.flags & InitFlags.OVER_IO_URING, 30,
+                   "the ring to be active or given up")
         yield t
     finally:
         try:
@@ -169,13 +179,13 @@ def test_concurrent_readers_on_every_cpu(uring_on: None, tree: tuple[str, Image]
     assert stats["dev_requests"] == 0
 
 
-@pytest.mark.parametrize("config", [{"workers": 2, "max_workers": 2}, {"workers": 1, "max_workers": 4}],
-                         ids=["workers", "spare"])
+@pytest.mark.parametrize("config", [{}, {"workers": 2}, {"depth": 2, "max_workers": 1}],
+                         ids=["default", "workers", "smallest"])
 def test_a_blocked_read_does_not_hold_up_its_queue(uring_on: None, tree: tuple[str, Image], tmp_path: Path,
                                                    config: dict[str, int]) -> None:
-    """A READ that waits (registry fetch) holds one ring thread and its entry: metadata
-    requests from the same CPU, so on the same queue, are answered by another ring thread
-    meanwhile (one of the queue's, or a spare started because all of them were blocked)."""
+    """A READ that waits (registry fetch) is handed to the pool with its entry: metadata
+    requests from the same CPU, so on the same queue, are answered by the ring thread from its
+    other entries meanwhile (two entries and one pool thread are enough)."""
     src, image = tree
     mnt = tmp_path / "mnt"
     entered, release = threading.Event(), threading.Event()
@@ -206,7 +216,68 @@ def test_a_blocked_read_does_not_hold_up_its_queue(uring_on: None, tree: tuple[s
     assert got["names"] == sorted(os.listdir(os.path.join(src, "many2")))
     assert got["data"] == Path(src, "text").read_bytes()
     assert stats["dev_requests"] == 0 and stats["entry_errors"] == 0
-    assert stats["spares_started"] == (1 if config["workers"] == 1 else 0)
+    assert stats["handed_off"] >= 1 and 1 <= stats["pool_threads"] <= config.get("max_workers", 16)
+
+
+def _files(src: str, n: int) -> list[str]:
+    """`n` non-empty small files of the tree (relative paths)."""
+    names = sorted(f for f in os.listdir(os.path.join(src, "many1")) if os.path.getsize(os.path.join(src, "many1", f)))
+    return [f"many1/{f}" for f in names[:n]]
+
+
+def _direct_reads(src: str, mnt: Path, names: list[str]) -> None:
+    """One O_DIRECT READ of each whole (small) file: no page cache, each reaches the daemon."""
+    for name in names:
+        want = Path(src, name).read_bytes()
+        fd = os.open(mnt / name, os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.pread(fd, 4096, 0) == want
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.parametrize("read_waits", [True, False], ids=["read_waits", "no_hint"])
+def test_local_reads_are_kept_on_the_ring(uring_on: None, tree: tuple[str, Image], tmp_path: Path,
+                                          read_waits: bool) -> None:
+    """A READ of a local blob (no blob cache) waits on nothing slower than a local disk: the
+    ring thread answers it itself and counts it in `reads_kept`; without the hint every READ
+    is handed to the pool, as one that may wait."""
+    src, image = tree
+    names = _files(src, 12)
+    with served(image, tmp_path / "mnt", read_waits=read_waits) as t:
+        _direct_reads(src, tmp_path / "mnt", names)
+        stats = t.stats.as_dict()
+        # a READ larger than KEEP_READ_MAX (a readahead window) goes to the pool all the same,
+        # so that concurrent windows decode in parallel
+        fd = os.open(tmp_path / "mnt" / "big-random", os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.pread(fd, 2 * KEEP_READ_MAX, 0) == Path(src, "big-random").read_bytes()[:2 * KEEP_READ_MAX]
+        finally:
+            os.close(fd)
+        big = t.stats.as_dict()
+    assert stats["active"] and stats["dev_requests"] == 0
+    assert big["reads_kept"] == stats["reads_kept"] and big["handed_off"] > stats["handed_off"], (stats, big)
+    if read_waits:
+        assert stats["reads_kept"] >= len(names), stats
+        assert stats["handed_off"] == 0 and stats["pool_threads"] == 0, stats
+    else:
+        assert stats["reads_kept"] == 0, stats
+        assert stats["handed_off"] >= len(names), stats
+
+
+def test_blob_cache_reads_are_kept_on_the_ring_once_ready(uring_on: None, tree: tuple[str, Image],
+                                                         tmp_path: Path) -> None:
+    """Through a blob cache, a READ whose chunk is not fetched yet is handed to the pool (it
+    may wait); once its chunk is ready in the cache the same READ is kept."""
+    src, image = tree
+    names = _files(src, 8)
+    with served(image, tmp_path / "mnt", read_waits=True, cache=tmp_path / "cache") as t:
+        _direct_reads(src, tmp_path / "mnt", names)
+        cold = t.stats.as_dict()
+        _direct_reads(src, tmp_path / "mnt", names)
+        warm = t.stats.as_dict()
+    assert cold["reads_kept"] == 0 and cold["handed_off"] >= len(names), cold
+    assert warm["reads_kept"] >= len(names) and warm["handed_off"] == cold["handed_off"], warm
 
 
 def test_mount_umount_rounds_leave_no_threads_or_fds(uring_on: None, tree: tuple[str, Image],
@@ -218,7 +289,7 @@ def test_mount_umount_rounds_leave_no_threads_or_fds(uring_on: None, tree: tuple
         with served(image, tmp_path / "mnt", depth=1 + i % 3, workers=1 + i % 2) as t:
             assert sorted(os.listdir(tmp_path / "mnt" / "sub")) == ["deeper", "leaf-link", "rel"]
             assert (tmp_path / "mnt" / "sub" / "deeper" / "leaf").read_bytes() == b"leaf\n"
-            assert t.stats.active
+            assert t.stats.active and not t.stats.fallbacks, t.stats.as_dict()
     assert set(threading.enumerate()) - threads_before == set()
     assert set(os.listdir("/proc/self/fd")) - fds_before == set()
 
@@ -276,7 +347,7 @@ def test_daemon_io_uring_flag_and_transport_metrics(param: str, tree: tuple[str,
     src, image = tree
     mnt, sock = str(tmp_path / "mnt"), str(tmp_path / "api.sock")
     with uring_param(param), nydusd(image.boot, image.blob_dir, mnt, str(tmp_path),
-                                     args=("--io-uring", "--apisock", sock)) as d:
+                                     args=("--io-uring", "--apisock", sock, "--fuse-poll-us", "40")) as d:
         assert Path(mnt, "sub", "deeper", "leaf").read_bytes() == b"leaf\n"
         wait_until(lambda: os.path.exists(sock), 30, "the API socket")
         client = ApiClient(sock)
@@ -286,10 +357,13 @@ def test_daemon_io_uring_flag_and_transport_metrics(param: str, tree: tuple[str,
             client.close()
         log_text = d.log_text()
     u = m["io_uring"]
+    assert m["fusedev"]["poll_us"] == 40  # --fuse-poll-us reaches the /dev/fuse workers beside the ring
     if param == "Y":
         assert m["transport"] == "fuse_io_uring"
         assert u["active"] and u["fallbacks"] == 0 and u["ring_requests"] > 0 and u["dev_requests"] == 0
+        assert u["reads_kept"] >= 1  # the READ of a local blob, answered by its ring thread
     else:
         assert m["transport"] == "fusedev"
         assert u["fallbacks"] == 1 and "enable_uring is N" in u["fallback_reason"] and u["ring_requests"] == 0
         assert "FUSE io_uring not used" in log_text
+        assert m["fusedev"]["reads_kept"] >= 1  # the /dev/fuse fallback keeps local READs too

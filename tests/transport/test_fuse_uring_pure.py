@@ -46,8 +46,10 @@ def test_enable_uring_param(tmp_path: Path) -> None:
 def test_stats_add_up_per_queue() -> None:
     s = UringStats()
     s.queues = 2
-    s.worker_requests, s.worker_qid = [3, 4, 5, 6], [0, 0, 1, 0]  # (the last: a spare of queue 0)
+    s.worker_requests, s.worker_qid = [3, 4, 5, 6], [0, 0, 1, 0]  # (queue 0 has three ring threads)
+    s.worker_kept, s.worker_handed = [1, 0, 2, 0], [0, 1, 1, 1]
     d = s.as_dict()
     assert d["queue_requests"] == [13, 5] and d["ring_requests"] == 18
+    assert d["reads_kept"] == 3 and d["handed_off"] == 3
     s.add("fallbacks")
     assert s.as_dict()["fallbacks"] == 1

@@ -1,10 +1,14 @@
 """READs that wait on nothing slower than a local disk are answered by the thread that read
 them (no leader hand-off: no thread wake-ups and GIL passes per READ); READs that may wait on a
 registry are still handed on. The hint goes Filesystem.read_waits -> Vfs -> FuseSession ->
-FuseDevSession."""
+FuseDevSession. Through a blob cache, a READ whose chunks are all ready in it (warm, or
+prefetched) does not wait either; one whose chunk is not fetched yet is handed on."""
 
+import contextlib
 import os
+import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +25,7 @@ from nydus_py.transport.fusedev import KEEP_READ_MAX, FuseDevSession
 from nydus_py.vfs.vfs import Vfs
 from tests.conftest import require_device
 from tests.fs.mountrig import CHUNK, abort_connection, build
-from tests.fuse.kernel import Kernel
+from tests.fuse.kernel import Kernel, decode_entry_out
 from tests.fuse.memfs import MemFS
 
 GETATTR, READ = 3, 15
@@ -69,7 +73,7 @@ def test_rafs_reads_wait_only_without_a_local_backend(image, tmp_path: Path) -> 
 
 def test_the_session_asks_the_filesystem_of_the_inode() -> None:
     class Local(MemFS):
-        def read_waits(self, ino: int) -> bool:
+        def read_waits(self, ino: int, offset: int = 0, size: int = 0) -> bool:
             return ino != 5
 
     vfs = Vfs()
@@ -147,3 +151,76 @@ def test_reads_that_may_wait_are_handed_on(image, tmp_path: Path) -> None:  # no
     m, threads = _serve_and_read(image, tmp_path, lambda s: None)
     assert m["reads_kept"] == 0, m
     assert len(threads[GETATTR] | threads[READ]) >= 2, threads  # each READ passes the role on
+
+
+def _read_req(k: Kernel, ino: int, offset: int, size: int) -> bytes:
+    return k.build(READ, ino, struct.pack("<QQIIQII", 0, offset, size, 0, 0, 0x8000, 0))[1]
+
+
+def test_the_session_asks_about_the_reads_range_in_the_blob_cache(image, tmp_path: Path) -> None:  # noqa: ANN001
+    _src, img, boot = image
+    cache = BlobCacheManager(str(tmp_path / "cache"), LocalBlobDir(img.blob_dir), amplify_io=0, read_around=0)
+    fs = RafsFilesystem(boot, BlobDevice(boot, cache, validate=False), readahead_chunks=0)
+    try:
+        session = FuseSession(fs)
+        k = Kernel(session)
+        k.init()
+        f1, f2 = (decode_entry_out(k.lookup(1, name)[1])["nodeid"] for name in (b"f1", b"f2"))
+        assert session.read_waits(_read_req(k, f1, 0, 4096))  # not fetched yet: may wait
+        assert k.read(f1, 0, 0, 4096)[0] == 0  # fetched into the cache (its first chunk)
+        assert not session.read_waits(_read_req(k, f1, 0, 4096))  # ready: does not wait
+        assert not session.read_waits(_read_req(k, f1, 100, CHUNK - 100))
+        assert session.read_waits(_read_req(k, f1, CHUNK - 100, 4096))  # reaches its second chunk
+        assert session.read_waits(_read_req(k, f2, 0, 4096))  # another file's chunk
+        assert session.read_waits(k.build(READ, f1)[1])  # no range: the inode alone may wait
+    finally:
+        fs.close()
+        cache.close()
+
+
+@contextlib.contextmanager
+def _cached_mount(image, tmp_path: Path) -> Iterator[tuple[Path, FuseDevSession]]:  # noqa: ANN001
+    """The image through a blob cache (validation off), served with read_waits."""
+    require_device("/dev/fuse")
+    _src, img, boot = image
+    cache = BlobCacheManager(str(tmp_path / "cache"), LocalBlobDir(img.blob_dir), amplify_io=0, read_around=0)
+    fs = RafsFilesystem(boot, BlobDevice(boot, cache, validate=False), attr_timeout=0.0, readahead_chunks=0)
+    session = FuseSession(fs)
+    mnt = Path(os.path.realpath(tmp_path / "mnt"))
+    mnt.mkdir()
+    dev = FuseDevSession(session.handle_vectored, str(mnt), threads=4, max_write=session.max_write, poll_us=0,
+                         read_waits=session.read_waits)
+    dev.mount()
+    watchdog = threading.Timer(120, abort_connection, args=(str(mnt),))
+    watchdog.start()
+    try:
+        yield mnt, dev
+    finally:
+        dev.close()
+        watchdog.cancel()
+        fs.close()
+        cache.close()
+
+
+def direct_reads(src: Path, mnt: Path, names: list[str], size: int = 4096) -> None:
+    """One O_DIRECT READ of the head of each file (no page cache: each one reaches the daemon)."""
+    for name in names:
+        fd = os.open(mnt / name, os.O_RDONLY | os.O_DIRECT)
+        try:
+            assert os.pread(fd, size, 0) == (src / name).read_bytes()[:size]
+        finally:
+            os.close(fd)
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_reads_ready_in_the_blob_cache_stay_on_the_reading_thread(image, tmp_path: Path) -> None:  # noqa: ANN001
+    src = image[0]
+    names = [f"f{i}" for i in range(4)]
+    with _cached_mount(image, tmp_path) as (mnt, dev):
+        direct_reads(src, mnt, names)  # cold: each chunk fetched into the cache, on a handed-off READ
+        cold = dev.poll_metrics()["reads_kept"]
+        direct_reads(src, mnt, names)  # warm: every chunk ready
+        warm = dev.poll_metrics()["reads_kept"]
+    assert cold == 0, cold
+    assert warm - cold >= len(names), (cold, warm)

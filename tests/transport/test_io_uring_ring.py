@@ -97,3 +97,32 @@ def test_nop_round_trip_through_a_real_ring() -> None:
         assert len(list(r.reap())) == 4
     finally:
         r.close()
+
+
+def test_prepared_slots_are_submitted_again_with_one_field_changed() -> None:
+    """A ring entry's COMMIT_AND_FETCH stays prepared in its SQE slot: `set_u64` changes one
+    field (here a NOP's user_data, at byte 32) and `submit_slot` queues that slot again, as
+    often as wanted, in any order of slots; push() still works beside them."""
+    if probe() is not None:
+        pytest.skip(f"io_uring unavailable: {probe()}")
+    r = Ring(4)
+    try:
+        for slot in range(3):
+            r.prepare(slot, encode_sqe(IORING_OP_NOP, -1, user_data=slot))
+        seen = []
+        for k in range(10):  # more submissions than the SQ holds: ring slots wrap, SQE slots stay
+            slot = (2, 0, 1)[k % 3]
+            r.set_u64(slot, 32, 1000 + k)
+            r.submit_slot(slot)
+            if r.pending == 3 or k == 9:
+                n = r.pending
+                assert r.enter(n) == n
+                seen += [ud for ud, res, _ in r.reap() if res == 0]
+        assert seen == [1000 + k for k in range(10)]
+        r.push(encode_sqe(IORING_OP_NOP, -1, user_data=77))  # (into the ring slot's own SQE slot)
+        r.enter(1)
+        assert [ud for ud, _, _ in r.reap()] == [77]
+        with pytest.raises(ValueError):
+            r.prepare(4, encode_sqe(IORING_OP_NOP, -1))  # outside the SQE array
+    finally:
+        r.close()

@@ -455,6 +455,27 @@ class BlobCacheManager:
         finally:
             self._unpin(cb)
 
+    def chunks_ready(self, blob: BlobInfo, chunks: Sequence[ChunkInfo]) -> bool:
+        """Whether every chunk of `chunks` (all of `blob`) is ready in the cache now, as its
+        chunk map's bits in memory say: no lock, no pin, no file read, nothing per chunk of the
+        blob. A hint for a transport choosing whether a READ may wait (`read_waits`), correct
+        under concurrent fetches in the direction that matters: a chunk is marked only after its
+        bytes are written, so one still being fetched (claimed in flight) reads as not ready and
+        its READ is handed off; a chunk marked just after this answer only costs a needless
+        hand-off. A blob not opened yet is opened (once: a restarted daemon's warm cache); one
+        without a chunk map is never ready. A bit set by another daemon since the map was
+        loaded is not seen here (the read's own check rereads the file). What may still happen
+        after True: an eviction or a map reset in between makes the READ fetch on the thread
+        that asked, as any READ would."""
+        cb = self._blobs.get(blob.blob_id)  # (a dict read is atomic; the entry may go meanwhile)
+        if cb is None:
+            cb = self._pin(blob)
+            self._unpin(cb)
+        m = cb.map
+        if m is None:
+            return False
+        return all(cb.cacheable(c) and m.is_ready(c.index) for c in chunks)
+
     def read_ready_into(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], offset: int,
                         bufs: list[memoryview], want: int, nowait: bool = False) -> bool:
         """preadv bytes [offset, +want) of the blob's data file straight into `bufs` (`want` bytes, guest
