@@ -115,6 +115,10 @@ class RafsImage(ABC):
     def getattr(self, ino: int) -> Attr:
         """Attributes of `ino`; FormatError if it is not a valid inode of this image."""
 
+    def mode(self, ino: int) -> int:
+        """st_mode of `ino` (what a type check needs, without the rest of getattr)."""
+        return self.getattr(ino).mode
+
     @abstractmethod
     def lookup(self, parent: int, name: bytes) -> int | None:
         """Inode of `name` in directory `parent`, or None. Never matches '.' or '..'."""

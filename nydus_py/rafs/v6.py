@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
+import operator
 import os
 import re
 import stat
@@ -95,6 +96,10 @@ INODE_CACHE = 8192
 # READDIR(PLUS) requests (a 4 KiB reply holds ~25 entries) that each start over in the same block;
 # ~15 KiB each at most
 DIR_BLOCK_CACHE = 64
+# validated '..' of recently seen directories, for all the images of the process together: a
+# directory's parent is checked when its parent lists it, when it is listed itself and when a
+# LOOKUP or READDIR asks for its '..' (one int each, ~100 bytes with the cache's own entry)
+PARENT_CACHE = 4096
 
 _BLOB_ID_RE = re.compile(rb"[0-9A-Za-z_.\-]{64}")
 
@@ -166,6 +171,20 @@ def _cached_dir_block(serial: int, dir_nid: int, b: int) -> tuple[tuple[bytes, i
     return image._decode_dir_block(dir_nid, b)
 
 
+@functools.lru_cache(maxsize=PARENT_CACHE)
+def _cached_parent(serial: int, dir_nid: int) -> int:
+    """The validated '..' of directory `dir_nid` of open image `serial` (process-wide cache)."""
+    image = _open_images.get(serial)
+    if image is None:
+        raise FormatError("image is closed")
+    return image._decode_dotdot(dir_nid)
+
+
+_NAME = operator.itemgetter(0)
+# NamedTuples made without their Python-level __new__ (on every decoded inode and listed entry)
+_TUPLE_NEW = tuple.__new__
+
+
 class V6Image(RafsImage):
     """A RAFS v6 bootstrap. `buf` is an mmap (closed by close()) or any bytes-like object."""
 
@@ -185,6 +204,7 @@ class V6Image(RafsImage):
         self._inode: Callable[[int], _Inode] = functools.partial(_cached_inode, self._serial)
         self._dir_blocks: Callable[[int, int], tuple[tuple[bytes, int, int], ...]] = functools.partial(
             _cached_dir_block, self._serial)
+        self._parent: Callable[[int], int] = functools.partial(_cached_parent, self._serial)
         self._parse_superblocks()
         self.blobs: list[BlobInfo] = self._parse_blob_table()
         self.devices: list[DeviceSlot] = self._parse_device_slots()
@@ -401,7 +421,10 @@ class V6Image(RafsImage):
         if not isinstance(nid, int) or nid < 0 or nid > self._max_nid:
             raise FormatError(f"nid {nid} is outside the meta area (max {self._max_nid})")
         off = self._meta_start + nid * EROFS_NID_SIZE
-        (fmt,) = self._unpack(U16, off, f"inode {nid}")  # i_format, first in both inode records
+        # a nid <= _max_nid leaves room for a compact inode before the meta area's end; i_format
+        # comes first in both forms, so one unpack serves the (usual) compact inode
+        (fmt, icount, mode, nlink, size, mdelta, i_u, _ino, uid,
+         gid) = COMPACT_INODE.unpack_from(self._buf, off)  # fmt: skip
         extended = bool(fmt & 1)
         if fmt & ~0xF:
             raise FormatError(f"inode {nid}: unknown i_format bits {fmt:#x}")
@@ -410,15 +433,14 @@ class V6Image(RafsImage):
             raise FormatError(f"inode {nid}: compressed EROFS data layout {layout} is not supported by RAFS")
         if layout not in (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE, EROFS_INODE_CHUNK_BASED):
             raise FormatError(f"inode {nid}: unknown data layout {layout}")
-        isize = EXTENDED_INODE.size if extended else COMPACT_INODE.size
-        if off + isize > self._meta_end:
-            raise FormatError(f"inode {nid} at {off} runs past the meta area end {self._meta_end}")
         if extended:
+            isize = EXTENDED_INODE.size
+            if off + isize > self._meta_end:
+                raise FormatError(f"inode {nid} at {off} runs past the meta area end {self._meta_end}")
             (_f, icount, mode, size, i_u, _ino, uid, gid, mtime, mtime_nsec,
              nlink) = EXTENDED_INODE.unpack_from(self._buf, off)  # fmt: skip
         else:
-            (_f, icount, mode, nlink, size, mdelta, i_u, _ino, uid,
-             gid) = COMPACT_INODE.unpack_from(self._buf, off)  # fmt: skip
+            isize = COMPACT_INODE.size
             mtime, mtime_nsec = self.build_time + mdelta, self.build_time_nsec
         ifmt = stat.S_IFMT(mode)
         if ifmt not in _VALID_IFMT:
@@ -432,8 +454,8 @@ class V6Image(RafsImage):
             raise FormatError(f"inode {nid}: xattr ibody runs past the meta area end")
         if self._own_ids is not None:
             uid, gid = self._own_ids
-        ino = _Inode(nid, off, extended, layout, mode, nlink, size, i_u, uid, gid, mtime, mtime_nsec,
-                     xattr_off, xsize, data_off)  # fmt: skip
+        ino = _TUPLE_NEW(_Inode, (nid, off, extended, layout, mode, nlink, size, i_u, uid, gid, mtime, mtime_nsec,
+                                  xattr_off, xsize, data_off))  # fmt: skip
         self._check_layout(ino, ifmt)
         return ino
 
@@ -518,21 +540,15 @@ class V6Image(RafsImage):
 
     def getattr(self, ino: int) -> Attr:
         i = self._inode(ino)
-        rdev = 0
-        if stat.S_IFMT(i.mode) in (stat.S_IFCHR, stat.S_IFBLK):
-            rdev = decode_dev(i.i_u)
-        return Attr(
-            ino=ino,
-            mode=i.mode,
-            nlink=i.nlink,
-            uid=i.uid,
-            gid=i.gid,
-            rdev=rdev,
-            size=i.size,
-            blocks=-(-i.size // 512),
-            mtime=i.mtime,
-            mtime_nsec=i.mtime_nsec,
-        )
+        mode = i.mode
+        ifmt = mode & 0o170000
+        rdev = decode_dev(i.i_u) if ifmt == stat.S_IFCHR or ifmt == stat.S_IFBLK else 0
+        size = i.size
+        return _TUPLE_NEW(Attr, (ino, mode, i.nlink, i.uid, i.gid, rdev, size, -(-size // 512), i.mtime,
+                                 i.mtime_nsec))
+
+    def mode(self, ino: int) -> int:
+        return self._inode(ino).mode
 
     def _block_count(self, ino: _Inode) -> int:
         return -(-ino.size // BLOCK)
@@ -584,56 +600,44 @@ class V6Image(RafsImage):
             raise FormatError(f"{where}: invalid first name offset {nameoff0}")
         return data, nameoff0 // DIRENT_SIZE, where
 
-    @staticmethod
-    def _entry_name(data: bytes, i: int, n: int, where: str) -> bytes:
-        """Name of entry `i` of a block with `n` entries (the last one ends at NUL or block end)."""
-        nameoff = DIRENT_NAMEOFF.unpack_from(data, DIRENT_SIZE * i)[0]
-        end = DIRENT_NAMEOFF.unpack_from(data, DIRENT_SIZE * (i + 1))[0] if i + 1 < n else len(data)
-        if not DIRENT_SIZE * n <= nameoff < end <= len(data):
-            raise FormatError(f"{where}: entry {i} name offsets {nameoff}..{end} are not increasing inside the block")
-        name = data[nameoff:end]
-        if i + 1 == n:
-            nul = name.find(b"\0")
-            if nul >= 0:
-                name = name[:nul]
-            if not name:
-                raise FormatError(f"{where}: entry {i} has an empty name")
-        return name
-
     def _find(self, ino: _Inode, name: bytes) -> tuple[int, int] | None:
         """(nid, file_type) of `name` in directory `ino`, like the kernel: binary search over the
-        blocks' first names, then inside one block, decoding only the probed entries.
+        blocks' first names, then inside one block. Blocks come parsed and validated from the
+        process-wide block cache, so the LOOKUPs of the names of one directory parse each of its
+        blocks once (and a READDIR(PLUS) of it parses them for the LOOKUPs that follow, too).
 
-        Ordering is fully checked by readdir; here a corrupt order can only make a lookup miss.
+        Ordering across blocks is fully checked by readdir; here a corrupt order can only make a
+        lookup miss.
         """
+        nid = ino.nid
+        blocks = self._dir_blocks
         lo, hi = 0, self._block_count(ino) - 1
-        target: tuple[bytes, int, str] | None = None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            head = self._block_head(ino, mid)
-            if self._entry_name(head[0], 0, head[1], head[2]) <= name:
-                target, lo = head, mid + 1
-            else:
-                hi = mid - 1
-        if target is None:
-            return None
-        data, n, where = target
-        lo, hi = 0, n - 1
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            got = self._entry_name(data, mid, n, where)
+        target: tuple[tuple[bytes, int, int], ...] | None = None
+        if hi == 0:
+            target = blocks(nid, 0)
+        else:
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                ents = blocks(nid, mid)
+                if ents[0][0] <= name:
+                    target, lo = ents, mid + 1
+                else:
+                    hi = mid - 1
+            if target is None:
+                return None
+        j = bisect.bisect_left(target, name, key=_NAME)
+        if j < len(target):
+            got, child, ftype = target[j]
             if got == name:
-                nid, _off, ftype = DIRENT.unpack_from(data, DIRENT_SIZE * mid)
-                if ftype not in FT_TO_IFMT:
-                    raise FormatError(f"{where}: entry {name!r} has invalid file type {ftype}")
-                return nid, ftype
-            if got < name:
-                lo = mid + 1
-            else:
-                hi = mid - 1
+                return child, ftype
         return None
 
     def _dotdot(self, dir_ino: _Inode) -> int:
+        return self._parent(dir_ino.nid)
+
+    def _decode_dotdot(self, dir_nid: int) -> int:
+        """The '..' of directory `dir_nid`, checked: a directory entry, the root's is the root."""
+        dir_ino = self._inode(dir_nid)
         hit = self._find(dir_ino, b"..")
         if hit is None:
             raise FormatError(f"directory {dir_ino.nid} has no '..' entry")
@@ -982,6 +986,7 @@ class V6Image(RafsImage):
         # (these raise: closed; the shared caches' entries age out)
         self._inode = self._decode_inode
         self._dir_blocks = self._decode_dir_block
+        self._parent = self._decode_dotdot
         self._chunk_keys = self._chunk_pos = None
         self._blob_maps.clear()
         close = getattr(self._buf, "close", None)
