@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from functools import partial
 
-from ..fuse.abi import FOpenFlags, InitFlags
+from ..fuse.abi import DIRENTPLUS, FOpenFlags, InitFlags
 from ..fuse.api import (
     DEFAULT_WANT,
     DirEntryPlusTuple,
@@ -27,6 +27,7 @@ from ..fuse.api import (
     StatFs,
 )
 from ..fuse.iovec import ReadDest, WouldBlock, scatter
+from ..fuse.protocol import split_timeout
 from ..rafs.acl import ACL_NAMES, acl_xattr_problem
 from ..rafs.errors import FormatError
 from ..rafs.model import Attr, DirEntry, RafsImage
@@ -98,6 +99,10 @@ class _Listings:
 
 _LISTINGS = _Listings()
 _TUPLE_NEW = tuple.__new__  # a FuseAttr/Entry made without their keyword-taking __new__ (hot path)
+_DP_SIZE = DIRENTPLUS.size  # fuse_entry_out + fuse_dirent, before the name
+_DP_PACK_INTO = DIRENTPLUS.pack_into
+_DT_DIR = stat.S_IFDIR >> 12
+_NAME_MAX = 255
 
 
 class RafsFilesystem(Filesystem):
@@ -187,7 +192,7 @@ class RafsFilesystem(Filesystem):
                 return self._entry(p)
             if name == b"..":
                 return self._entry(self.image.parent(p))
-            if not stat.S_ISDIR(self.image.getattr(p).mode):
+            if not stat.S_ISDIR(self.image.mode(p)):
                 raise FuseError(errno.ENOTDIR)
             child = self.image.lookup(p, name)
             if child is None and self.casefold is not None:
@@ -289,6 +294,71 @@ class RafsFilesystem(Filesystem):
         except FormatError as ex:
             log.error("readdirplus inode %d: %s", i, ex)
             raise FuseError(errno.EIO) from None
+
+    def readdirplus_packed(self, ino: int, fh: int, offset: int, size: int, base: int = 0,
+                           dotdot: int = 0) -> bytes | bytearray | memoryview | None:
+        """`readdirplus` packed into one buffer: each child's inode fields go from the image's
+        getattr tuple straight into its fuse_direntplus record (no Entry/FuseAttr per entry,
+        no generator hops). A directory too big to keep (streamed) takes `readdirplus`."""
+        i = self._img(ino)
+        try:
+            parent, kids = self._listing(i)
+            if kids is None:
+                return None
+            skip = max(0, offset - _DOTDOT)
+            heads: list[tuple[bytes, int]] = []
+            if offset < _DOT:
+                heads.append((b".", ino | base))
+            if offset < _DOTDOT:
+                heads.append((b"..", dotdot or self._fuse(parent) | base))
+            # how many records fit: the exact buffer (the kernel may offer far more than needed)
+            used = 0
+            for h, (name, _d) in enumerate(heads):
+                rec = (_DP_SIZE + len(name) + 7) & ~7
+                if used + rec > size:
+                    heads = heads[:h]
+                    skip = len(kids)  # full: no child goes after a head that did not fit
+                    break
+                used += rec
+            end = skip
+            n_kids = len(kids)
+            while end < n_kids:
+                rec = (_DP_SIZE + len(kids[end][0]) + 7) & ~7
+                if used + rec > size:
+                    break
+                used += rec
+                end += 1
+            buf = bytearray(used)
+            pack = _DP_PACK_INTO
+            pos = 0
+            cookie = _DOT if offset < _DOT else _DOTDOT
+            for name, d_ino in heads:
+                nl = len(name)
+                pack(buf, pos, 0, 0, 0, 0, 0, 0, d_ino, 0, 0, 0, 0, 0, 0, 0, 0, stat.S_IFDIR, 0, 0, 0, 0, 0, 0,
+                     d_ino, cookie, nl, _DT_DIR)
+                buf[pos + _DP_SIZE : pos + _DP_SIZE + nl] = name
+                pos += (_DP_SIZE + nl + 7) & ~7
+                cookie += 1
+            es, ens = split_timeout(self.entry_timeout)
+            as_, ans = split_timeout(self.attr_timeout)
+            getattr_ = self.image.getattr
+            root = self.root
+            for k in range(skip, end):
+                name, child, typ = kids[k]
+                nl = len(name)
+                if not 0 < nl <= _NAME_MAX or b"/" in name:  # (the image checked them: never sent)
+                    log.error("readdirplus(%d): skipping invalid name %r", ino, name)
+                    continue
+                _i, mode, nlink, uid, gid, rdev, fsize, blocks, mtime, nsec = getattr_(child)
+                kino = (child if child != root and child != FUSE_ROOT_ID else self._fuse(child)) | base
+                pack(buf, pos, kino, 0, es, as_, ens, ans, kino, fsize, blocks, mtime, mtime, mtime, nsec, nsec,
+                     nsec, mode, nlink, uid, gid, rdev, 4096, 0, kino, k + _FIRST_CHILD, nl, typ >> 12)
+                buf[pos + _DP_SIZE : pos + _DP_SIZE + nl] = name
+                pos += (_DP_SIZE + nl + 7) & ~7
+        except FormatError as ex:
+            log.error("readdirplus inode %d: %s", i, ex)
+            raise FuseError(errno.EIO) from None
+        return buf if pos == used else memoryview(buf)[:pos]
 
     def statfs(self, ino: int) -> StatFs:
         """From the superblock, like nydusd: counting the inodes would walk the whole tree (and,

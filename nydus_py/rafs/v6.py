@@ -104,6 +104,9 @@ PARENT_CACHE = 4096
 _BLOB_ID_RE = re.compile(rb"[0-9A-Za-z_.\-]{64}")
 
 _VALID_IFMT = frozenset(FT_TO_IFMT.values())
+_FT_IFMT = tuple(FT_TO_IFMT.get(ft, -1) for ft in range(max(FT_TO_IFMT) + 1))  # file type -> S_IFMT bits
+_S_IFMT = 0o170000
+_S_IFDIR = stat.S_IFDIR
 _FT_NAMES = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFCHR: "char device",
              stat.S_IFBLK: "block device", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket",
              stat.S_IFLNK: "symlink"}  # fmt: skip
@@ -148,14 +151,21 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-_open_images: weakref.WeakValueDictionary[int, V6Image] = weakref.WeakValueDictionary()
+# serial -> the open image (a plain dict of weak references: its get() is C, a WeakValueDictionary's
+# is Python code, on every miss of the caches below)
+_open_images: dict[int, weakref.ref[V6Image]] = {}
+_NOT_OPEN = (lambda: None)
+
+
+def _forget_serial(serial: int) -> Callable[[object], None]:
+    return lambda _ref: _open_images.pop(serial, None)
 _serials = itertools.count(1)
 
 
 @functools.lru_cache(maxsize=INODE_CACHE)
 def _cached_inode(serial: int, nid: int) -> _Inode:
     """Inode `nid` of open image `serial`, from the process-wide cache (errors are not cached)."""
-    image = _open_images.get(serial)
+    image = _open_images.get(serial, _NOT_OPEN)()
     if image is None:
         raise FormatError("image is closed")
     return image._decode_inode(nid)
@@ -165,7 +175,7 @@ def _cached_inode(serial: int, nid: int) -> _Inode:
 def _cached_dir_block(serial: int, dir_nid: int, b: int) -> tuple[tuple[bytes, int, int], ...]:
     """Block `b` of directory `dir_nid` of open image `serial`, parsed, from the process-wide cache
     (one budget for every image, as for inodes)."""
-    image = _open_images.get(serial)
+    image = _open_images.get(serial, _NOT_OPEN)()
     if image is None:
         raise FormatError("image is closed")
     return image._decode_dir_block(dir_nid, b)
@@ -174,7 +184,7 @@ def _cached_dir_block(serial: int, dir_nid: int, b: int) -> tuple[tuple[bytes, i
 @functools.lru_cache(maxsize=PARENT_CACHE)
 def _cached_parent(serial: int, dir_nid: int) -> int:
     """The validated '..' of directory `dir_nid` of open image `serial` (process-wide cache)."""
-    image = _open_images.get(serial)
+    image = _open_images.get(serial, _NOT_OPEN)()
     if image is None:
         raise FormatError("image is closed")
     return image._decode_dotdot(dir_nid)
@@ -200,7 +210,7 @@ class V6Image(RafsImage):
         self._inode_count: int | None = None
         self._inode_count_error: str | None = None
         self._serial = next(_serials)
-        _open_images[self._serial] = self
+        _open_images[self._serial] = weakref.ref(self, _forget_serial(self._serial))
         self._inode: Callable[[int], _Inode] = functools.partial(_cached_inode, self._serial)
         self._dir_blocks: Callable[[int, int], tuple[tuple[bytes, int, int], ...]] = functools.partial(
             _cached_dir_block, self._serial)
@@ -688,6 +698,7 @@ class V6Image(RafsImage):
         saw_dot = saw_dotdot = False
         complete = skip == 0
         subdirs: set[int] = set()
+        dnid, root, inode, parent_of = d.nid, self.root_ino, self._inode, self._parent
         for b in range(nblocks):
             ents = self._dir_block(d, b)
             if prev_last is not None and ents[0][0] <= prev_last:
@@ -695,23 +706,27 @@ class V6Image(RafsImage):
             prev_last = ents[-1][0]
             for name, nid, ftype in ents:
                 if name == b".":
-                    if nid != d.nid or ftype != EROFS_FT_DIR:
-                        raise FormatError(f"directory {d.nid}: '.' points to {nid} (type {ftype})")
+                    if nid != dnid or ftype != EROFS_FT_DIR:
+                        raise FormatError(f"directory {dnid}: '.' points to {nid} (type {ftype})")
                     saw_dot = True
                     continue
                 if name == b"..":
-                    self._dotdot(d)
+                    parent_of(dnid)
                     saw_dotdot = True
                     continue
                 if skip:
                     skip -= 1
                     continue
-                ifmt = self._check_child(d.nid, name, nid, ftype)
-                if ifmt == stat.S_IFDIR:
+                # _check_child inlined (on every entry of every listing); it raises the errors
+                ifmt = inode(nid).mode & _S_IFMT
+                if _FT_IFMT[ftype] != ifmt or ifmt == _S_IFDIR and (
+                        nid == dnid or nid == root or parent_of(nid) != dnid):
+                    self._check_child(dnid, name, nid, ftype)
+                if ifmt == _S_IFDIR:
                     if nid in subdirs:
-                        raise FormatError(f"directory {d.nid}: subdirectory {nid} listed twice")
+                        raise FormatError(f"directory {dnid}: subdirectory {nid} listed twice")
                     subdirs.add(nid)
-                yield DirEntry(name, nid, ifmt)
+                yield _TUPLE_NEW(DirEntry, (name, nid, ifmt))
         if complete and not (saw_dot and saw_dotdot):
             raise FormatError(f"directory {d.nid} lacks '.' or '..'")
 
