@@ -39,6 +39,9 @@ class BlobInfo:
     blob_toc_digest: bytes = b"\0" * 32
 
 
+_COMPRESSED = int(ChunkFlags.COMPRESSED)
+
+
 class ChunkInfo(NamedTuple):
     """One chunk of file data: where it is in its blob and what it must hash to."""
 
@@ -55,7 +58,7 @@ class ChunkInfo(NamedTuple):
 
     @property
     def compressed(self) -> bool:
-        return bool(self.flags & ChunkFlags.COMPRESSED)
+        return bool(int(self.flags) & _COMPRESSED)  # (int &: IntFlag's own & is Python code)
 
 
 class Attr(NamedTuple):

@@ -41,10 +41,11 @@ from .constants import (
     SuperFlags,
 )
 from .errors import FormatError
-from .layout_common import CHUNK_KEY, CHUNK_RECORD_SIZE, U16, U32, Record, unpack_chunk
+from .layout_common import CHUNK, CHUNK_KEY, CHUNK_RECORD_SIZE, U16, U32, Record, chunk_flags, unpack_chunk
 from .layout_v6 import (
     BLOB_ENTRY,
     CHUNK_INDEX,
+    CHUNK_INDEX_SIZE,
     COMPACT_INODE,
     DEVSLOT,
     DIRENT,
@@ -218,6 +219,8 @@ class V6Image(RafsImage):
         self._parse_superblocks()
         self.blobs: list[BlobInfo] = self._parse_blob_table()
         self.devices: list[DeviceSlot] = self._parse_device_slots()
+        # per blob: its chunks are zran/batch ones, which chunks() refuses
+        self._refused = [bool(int(b.features) & _REFUSED_FEATURES) for b in self.blobs]
         root = self._inode(self.root_ino)
         if not stat.S_ISDIR(root.mode):
             raise FormatError(f"root nid {self.root_ino} is not a directory (mode {root.mode:o})")
@@ -857,59 +860,73 @@ class V6Image(RafsImage):
         return n
 
     def _check_record(self, rec: ChunkInfo, where: str) -> BlobInfo:
-        if not 0 <= rec.blob_index < len(self.blobs):
-            raise FormatError(f"{where}: blob index {rec.blob_index} out of range")
-        blob = self.blobs[rec.blob_index]
-        flags = int(rec.flags)
+        problem = self._record_problem(rec.blob_index, int(rec.flags), rec.compressed_size, rec.uncompressed_size,
+                                       rec.index, rec.compressed_offset, rec.uncompressed_offset)
+        if problem is not None:
+            raise FormatError(f"{where}: {problem}")
+        return self.blobs[rec.blob_index]
+
+    def _record_problem(self, blob_index: int, flags: int, c_size: int, u_size: int, index: int, c_off: int,
+                        u_off: int) -> str | None:
+        """What is wrong with a chunk record's fields (None: nothing), on plain ints."""
+        if not 0 <= blob_index < len(self.blobs):
+            return f"blob index {blob_index} out of range"
+        blob = self.blobs[blob_index]
         if flags & ~CHUNK_FLAGS_KNOWN:
-            raise FormatError(f"{where}: unknown chunk flags {flags:#x}")
-        if rec.compressed_size == 0 or not 0 < rec.uncompressed_size <= self.chunk_size:
-            raise FormatError(f"{where}: invalid sizes {rec.compressed_size}/{rec.uncompressed_size}")
-        packed = flags & _PACKED_FLAGS
-        if not packed and rec.compressed_size != rec.uncompressed_size:
-            raise FormatError(f"{where}: uncompressed chunk stored in {rec.compressed_size} bytes, not {rec.uncompressed_size}")
-        if rec.index >= blob.chunk_count:
-            raise FormatError(f"{where}: chunk index {rec.index} >= blob {blob.index} chunk count {blob.chunk_count}")
-        if blob.compressed_size and rec.compressed_offset + rec.compressed_size > blob.compressed_size:
-            raise FormatError(f"{where}: compressed range ends past blob size {blob.compressed_size}")
-        if blob.uncompressed_size and rec.uncompressed_offset + rec.uncompressed_size > blob.uncompressed_size:
-            raise FormatError(f"{where}: uncompressed range ends past blob size {blob.uncompressed_size}")
-        return blob
+            return f"unknown chunk flags {flags:#x}"
+        if c_size == 0 or not 0 < u_size <= self.chunk_size:
+            return f"invalid sizes {c_size}/{u_size}"
+        if not flags & _PACKED_FLAGS and c_size != u_size:
+            return f"uncompressed chunk stored in {c_size} bytes, not {u_size}"
+        if index >= blob.chunk_count:
+            return f"chunk index {index} >= blob {blob.index} chunk count {blob.chunk_count}"
+        if blob.compressed_size and c_off + c_size > blob.compressed_size:
+            return f"compressed range ends past blob size {blob.compressed_size}"
+        if blob.uncompressed_size and u_off + u_size > blob.uncompressed_size:
+            return f"uncompressed range ends past blob size {blob.uncompressed_size}"
+        return None
 
     def chunks(self, ino: int, offset: int = 0, size: int | None = None) -> list[ChunkInfo]:
         i = self._ifmt_inode(ino, stat.S_IFREG, "regular file")
         start = max(0, offset)
-        end = i.size if size is None else min(i.size, start + size)
+        isize = i.size
+        end = isize if size is None else min(isize, start + size)
         if end <= start or i.layout != EROFS_INODE_CHUNK_BASED:
             return []
         cs = self.chunk_size
-        base = _align(i.data_off, CHUNK_INDEX.size)
+        base = _align(i.data_off, CHUNK_INDEX_SIZE)
+        buf = self._buf
+        nblobs = len(self.blobs)
+        keys, pos = self._chunk_index()
         out = []
         for k in range(start // cs, (end - 1) // cs + 1):
-            advise, device_id, blkaddr = CHUNK_INDEX.unpack_from(self._buf, base + CHUNK_INDEX.size * k)
+            advise, device_id, blkaddr = CHUNK_INDEX.unpack_from(buf, base + CHUNK_INDEX_SIZE * k)
             if blkaddr == HOLE_BLKADDR:
                 continue
-            where = f"inode {ino} chunk {k}"
             blob_index = (device_id & 0xFF) - 1
-            if not 0 <= blob_index < len(self.blobs):
-                raise FormatError(f"{where}: device id {device_id & 0xFF} names no blob ({len(self.blobs)} blobs)")
-            blob = self.blobs[blob_index]
-            if int(blob.features) & _REFUSED_FEATURES:
-                raise FormatError(f"{where}: blob {blob.blob_id} uses zran/batch chunks, which are not supported")
+            if not 0 <= blob_index < nblobs:
+                raise FormatError(f"inode {ino} chunk {k}: device id {device_id & 0xFF} names no blob ({nblobs} blobs)")
+            if self._refused[blob_index]:
+                raise FormatError(f"inode {ino} chunk {k}: blob {self.blobs[blob_index].blob_id} uses zran/batch "
+                                  "chunks, which are not supported")
             ci_index = ((device_id >> 8) << 16) | advise
-            keys, pos = self._chunk_index()
             key = blob_index << 56 | ci_index << 32 | blkaddr
             j = bisect.bisect_left(keys, key)
             if j >= len(keys) or keys[j] != key:
-                raise FormatError(
-                    f"{where}: (blob {blob_index}, ci_index {ci_index}, blkaddr {blkaddr:#x}) is not in the chunk table"
-                )
-            rec = self.chunk_record(pos[j])
-            self._check_record(rec, f"{where} (chunk table record {pos[j]})")
-            want = min(cs, i.size - k * cs)
-            if rec.uncompressed_size != want:
-                raise FormatError(f"{where}: chunk table says {rec.uncompressed_size} bytes, file needs {want}")
-            out.append(rec._replace(file_offset=k * cs))
+                raise FormatError(f"inode {ino} chunk {k}: (blob {blob_index}, ci_index {ci_index}, blkaddr "
+                                  f"{blkaddr:#x}) is not in the chunk table")
+            r = pos[j]
+            # the record's fields as ints (no IntFlag arithmetic, no _replace: on every READ)
+            (digest, b_index, flags, c_size, u_size, c_off, u_off, _f_off, index,
+             crc) = CHUNK.unpack_from(buf, self._ct_off + r * CHUNK_RECORD_SIZE)  # fmt: skip
+            problem = self._record_problem(b_index, flags, c_size, u_size, index, c_off, u_off)
+            if problem is not None:
+                raise FormatError(f"inode {ino} chunk {k} (chunk table record {r}): {problem}")
+            want = min(cs, isize - k * cs)
+            if u_size != want:
+                raise FormatError(f"inode {ino} chunk {k}: chunk table says {u_size} bytes, file needs {want}")
+            out.append(_TUPLE_NEW(ChunkInfo, (digest, b_index, chunk_flags(flags), c_off, c_size, u_off, u_size,
+                                              k * cs, index, crc)))
         return out
 
     def chunk_index_span(self, ino: int) -> tuple[int, int]:
