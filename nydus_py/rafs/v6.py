@@ -108,6 +108,9 @@ _VALID_IFMT = frozenset(FT_TO_IFMT.values())
 _FT_IFMT = tuple(FT_TO_IFMT.get(ft, -1) for ft in range(max(FT_TO_IFMT) + 1))  # file type -> S_IFMT bits
 _S_IFMT = 0o170000
 _S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+# the chunk format bits that must be exactly INDEXES (unknown bits clear) for a chunk-based file
+_CHUNK_FMT_CHECK = 0xFFFF & ~EROFS_CHUNK_FORMAT_BLKBITS_MASK
 _FT_NAMES = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFCHR: "char device",
              stat.S_IFBLK: "block device", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket",
              stat.S_IFLNK: "symlink"}  # fmt: skip
@@ -469,7 +472,11 @@ class V6Image(RafsImage):
             uid, gid = self._own_ids
         ino = _TUPLE_NEW(_Inode, (nid, off, extended, layout, mode, nlink, size, i_u, uid, gid, mtime, mtime_nsec,
                                   xattr_off, xsize, data_off))  # fmt: skip
-        self._check_layout(ino, ifmt)
+        # the common case inline: a chunk-based file whose chunk indexes lie in the meta area
+        if not (ifmt == _S_IFREG and layout == EROFS_INODE_CHUNK_BASED and (i_u & 0xFFFF) & _CHUNK_FMT_CHECK
+                == EROFS_CHUNK_FORMAT_INDEXES
+                and ((data_off + 7) & ~7) + CHUNK_INDEX_SIZE * -(-size // self.chunk_size) <= self._meta_end):
+            self._check_layout(ino, ifmt)
         return ino
 
     def _check_layout(self, ino: _Inode, ifmt: int) -> None:
@@ -576,24 +583,30 @@ class V6Image(RafsImage):
         nameoff0 = DIRENT_SIZE * n
         length = len(data)
         ents = list(DIRENT.iter_unpack(data[:nameoff0]))
+        # names lie back to back from nameoff0 (checked below: increasing offsets, the first at
+        # nameoff0), so two scans of the block say whether any name has a NUL (all but the last,
+        # which ends at one) or a '/'; only then is each name searched, for the error to report
+        scan = data.find(b"/", nameoff0) >= 0 or data.find(b"\0", nameoff0, ents[-1][1]) >= 0
         out = []
         prev = b""
+        last = n - 1
+        ft_ok = FT_TO_IFMT
         for i, (nid, nameoff, ftype) in enumerate(ents):
-            end = ents[i + 1][1] if i + 1 < n else length
+            end = ents[i + 1][1] if i < last else length
             if not nameoff < end <= length or nameoff < nameoff0:
                 raise FormatError(f"{where}: entry {i} name offsets {nameoff}..{end} are not increasing inside the block")
             name = data[nameoff:end]
-            if i + 1 == n:
+            if i == last:
                 nul = name.find(b"\0")
                 if nul >= 0:
                     name = name[:nul]
-            elif b"\0" in name:
+            elif scan and b"\0" in name:
                 raise FormatError(f"{where}: entry {i} name contains NUL")
             if not name:
                 raise FormatError(f"{where}: entry {i} has an empty name")
-            if len(name) > MAX_NAME or b"/" in name:
+            if len(name) > MAX_NAME or scan and b"/" in name:
                 raise FormatError(f"{where}: invalid name {name[:64]!r}")
-            if ftype not in FT_TO_IFMT:
+            if ftype not in ft_ok:
                 raise FormatError(f"{where}: entry {name!r} has invalid file type {ftype}")
             if name <= prev:
                 raise FormatError(f"{where}: entries not sorted ({prev!r} then {name!r})")
