@@ -7,7 +7,6 @@ from .constants import ChunkFlags
 from .errors import DigestMismatch, FormatError
 from .model import BlobInfo, ChunkInfo, RafsImage
 
-
 _ENCRYPTED = int(ChunkFlags.ENCRYPTED)
 _COMPRESSED = int(ChunkFlags.COMPRESSED)
 

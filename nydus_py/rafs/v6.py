@@ -41,7 +41,7 @@ from .constants import (
     SuperFlags,
 )
 from .errors import FormatError
-from .layout_common import CHUNK, CHUNK_KEY, CHUNK_RECORD_SIZE, U16, U32, Record, chunk_flags, unpack_chunk
+from .layout_common import CHUNK, CHUNK_KEY, CHUNK_RECORD_SIZE, U32, Record, chunk_flags, unpack_chunk
 from .layout_v6 import (
     BLOB_ENTRY,
     CHUNK_INDEX,
@@ -158,11 +158,21 @@ def _align(x: int, a: int) -> int:
 # serial -> the open image (a plain dict of weak references: its get() is C, a WeakValueDictionary's
 # is Python code, on every miss of the caches below)
 _open_images: dict[int, weakref.ref[V6Image]] = {}
-_NOT_OPEN = (lambda: None)
+
+
+def _NOT_OPEN() -> None:  # noqa: N802 (stands in for a dead weak reference)
+    return None
 
 
 def _forget_serial(serial: int) -> Callable[[object], None]:
-    return lambda _ref: _open_images.pop(serial, None)
+    """The weak reference's callback: an image collected without close() leaves the table."""
+
+    def forget(_ref: object) -> None:
+        _open_images.pop(serial, None)
+
+    return forget
+
+
 _serials = itertools.count(1)
 
 
@@ -736,7 +746,7 @@ class V6Image(RafsImage):
                 # _check_child inlined (on every entry of every listing); it raises the errors
                 ifmt = inode(nid).mode & _S_IFMT
                 if _FT_IFMT[ftype] != ifmt or ifmt == _S_IFDIR and (
-                        nid == dnid or nid == root or parent_of(nid) != dnid):
+                        nid in (dnid, root) or parent_of(nid) != dnid):
                     self._check_child(dnid, name, nid, ftype)
                 if ifmt == _S_IFDIR:
                     if nid in subdirs:

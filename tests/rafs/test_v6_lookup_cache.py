@@ -3,6 +3,7 @@ validated) once for all the LOOKUPs of a directory, each directory's '..' is che
 parent's listing, its own listing and every '..' asked, and both caches are bounded and answer
 nothing for a closed image (a remount is a new image)."""
 
+import gc
 import os
 import random
 import shutil
@@ -12,7 +13,7 @@ import pytest
 
 from nydus_py.builder.options import BuildOptions
 from nydus_py.rafs import FormatError, open_bootstrap
-from nydus_py.rafs.v6 import DIR_BLOCK_CACHE, PARENT_CACHE, _cached_dir_block, _cached_parent
+from nydus_py.rafs.v6 import DIR_BLOCK_CACHE, PARENT_CACHE, _cached_dir_block, _cached_parent, _open_images
 
 from ..fs.mountrig import build
 
@@ -106,3 +107,13 @@ def test_caches_are_bounded_and_a_closed_image_answers_nothing(tmp_path: Path) -
     a2 = image.lookup(image.root_ino, b"a")
     assert a2 is not None and image.lookup(a2, b"x") is None and image.lookup(a2, b"z") is not None
     image.close()
+
+
+def test_an_image_dropped_without_close_leaves_the_open_table(tmp_path: Path) -> None:
+    boot = _image(tmp_path, "img", {"a/b": b"1"})
+    image = open_bootstrap(boot)
+    serial = image._serial  # type: ignore[attr-defined]
+    assert serial in _open_images
+    del image
+    gc.collect()
+    assert serial not in _open_images
