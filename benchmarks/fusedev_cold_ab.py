@@ -46,6 +46,12 @@ def start(repo: str, work: str, mnt: str, log: str) -> subprocess.Popen[bytes]:
     return proc
 
 
+def cpu_ms(pid: int) -> float:
+    """utime + stime of process `pid` (all its threads) in ms."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")
+
+
 def stop(proc: subprocess.Popen[bytes], mnt: str) -> None:
     proc.send_signal(signal.SIGTERM)
     try:
@@ -73,22 +79,28 @@ def main() -> None:
             ("new", str(REPO), mnt)]
     cmd = WORKLOADS[args.workload](work)
     ms: dict[str, list[float]] = {name: [] for name, _r, _d in arms}
+    cpu: dict[str, list[float]] = {name: [] for name, r, _d in arms if r}  # the daemon's, during the run
     for r in range(args.rounds):
         for name, repo, root in arms:
             drop_caches()
             proc = start(repo, work, mnt, os.path.join(work, f"cold-ab-{name}.log")) if repo else None
+            c0 = cpu_ms(proc.pid) if proc is not None else 0.0
             t = time.perf_counter()
             subprocess.run(cmd, cwd=root, stdout=subprocess.DEVNULL, check=True)
             ms[name].append((time.perf_counter() - t) * 1e3)
+            extra = ""
             if proc is not None:
+                cpu[name].append(cpu_ms(proc.pid) - c0)
+                extra = f", daemon CPU {cpu[name][-1]:.0f} ms"
                 stop(proc, mnt)
-            print(f"round {r} {name:6s} {ms[name][-1]:8.1f} ms (load {os.getloadavg()[0]:.2f})", flush=True)
+            print(f"round {r} {name:6s} {ms[name][-1]:8.1f} ms{extra} (load {os.getloadavg()[0]:.2f})", flush=True)
     ratios = {k: statistics.median(a / b for a, b in zip(v, ms["native"], strict=True)) for k, v in ms.items()}
     for k, v in ms.items():
-        print(f"{k:6s} median {statistics.median(v):8.1f} ms, median ratio to native {ratios[k]:.2f}")
+        daemon = f", daemon CPU median {statistics.median(cpu[k]):.0f} ms" if k in cpu else ""
+        print(f"{k:6s} median {statistics.median(v):8.1f} ms, median ratio to native {ratios[k]:.2f}{daemon}")
     if args.json:
         Path(args.json).write_text(json.dumps({"workload": args.workload, "cmd": cmd, "baseline": args.baseline,
-                                               "ms": ms, "median_ratio_to_native": ratios,
+                                               "ms": ms, "daemon_cpu_ms": cpu, "median_ratio_to_native": ratios,
                                                "loadavg_end": os.getloadavg()}, indent=1) + "\n")
 
 
