@@ -47,9 +47,15 @@ def start(repo: str, work: str, mnt: str, log: str) -> subprocess.Popen[bytes]:
 
 
 def cpu_ms(pid: int) -> float:
-    """utime + stime of process `pid` (all its threads) in ms."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) * 1e3 / os.sysconf("SC_CLK_TCK")
+    """CPU time of process `pid` so far, in ms, summed over its threads (schedstat: ns, not the
+    10 ms ticks of /proc/PID/stat)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # a thread that ended meanwhile
+    return total / 1e6
 
 
 def stop(proc: subprocess.Popen[bytes], mnt: str) -> None:
@@ -91,12 +97,12 @@ def main() -> None:
             extra = ""
             if proc is not None:
                 cpu[name].append(cpu_ms(proc.pid) - c0)
-                extra = f", daemon CPU {cpu[name][-1]:.0f} ms"
+                extra = f", daemon CPU {cpu[name][-1]:.1f} ms"
                 stop(proc, mnt)
             print(f"round {r} {name:6s} {ms[name][-1]:8.1f} ms{extra} (load {os.getloadavg()[0]:.2f})", flush=True)
     ratios = {k: statistics.median(a / b for a, b in zip(v, ms["native"], strict=True)) for k, v in ms.items()}
     for k, v in ms.items():
-        daemon = f", daemon CPU median {statistics.median(cpu[k]):.0f} ms" if k in cpu else ""
+        daemon = f", daemon CPU median {statistics.median(cpu[k]):.1f} ms" if k in cpu else ""
         print(f"{k:6s} median {statistics.median(v):8.1f} ms, median ratio to native {ratios[k]:.2f}{daemon}")
     if args.json:
         Path(args.json).write_text(json.dumps({"workload": args.workload, "cmd": cmd, "baseline": args.baseline,
