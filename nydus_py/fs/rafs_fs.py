@@ -58,23 +58,27 @@ LABEL_NAMESPACE = b"security."
 LISTING_BUDGET = 8192
 
 
+# a listed child: name, image inode, S_IFMT bits, attributes (RafsImage.listing)
+_Child = tuple[bytes, int, int, Attr]
+
+
 class _Listings:
     """The process-wide LRU of validated listings, keyed by (filesystem serial, directory)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.held: OrderedDict[tuple[int, int], tuple[int, tuple[DirEntry, ...]]] = OrderedDict()
+        self.held: OrderedDict[tuple[int, int], tuple[int, tuple[_Child, ...]]] = OrderedDict()
         self.entries = 0
         self.serials = itertools.count(1)
 
-    def get(self, key: tuple[int, int]) -> tuple[int, tuple[DirEntry, ...]] | None:
+    def get(self, key: tuple[int, int]) -> tuple[int, tuple[_Child, ...]] | None:
         with self.lock:
             hit = self.held.get(key)
             if hit is not None:
                 self.held.move_to_end(key)
             return hit
 
-    def put(self, key: tuple[int, int], value: tuple[int, tuple[DirEntry, ...]]) -> None:
+    def put(self, key: tuple[int, int], value: tuple[int, tuple[_Child, ...]]) -> None:
         with self.lock:
             if key in self.held:
                 return
@@ -239,27 +243,29 @@ class RafsFilesystem(Filesystem):
         """Entries of this filesystem's listings held now."""
         return _LISTINGS.held_by(self._serial)
 
-    def _listing(self, i: int) -> tuple[int, tuple[DirEntry, ...] | None]:
-        """(parent, validated children) of directory `i`, kept for the requests that continue
-        the listing; children None for a directory too big for LISTING_BUDGET (streamed)."""
+    def _listing(self, i: int) -> tuple[int, tuple[_Child, ...] | None]:
+        """(parent, validated children with their attributes) of directory `i`, kept for the
+        requests that continue the listing; children None for a directory too big for
+        LISTING_BUDGET (streamed)."""
         hit = _LISTINGS.get((self._serial, i))
         if hit is not None:
             return hit
         parent = self.image.parent(i)
         if i in self._too_big:
             return parent, None
-        kids = tuple(itertools.islice(self.image.readdir(i), LISTING_BUDGET + 1))
-        if len(kids) > LISTING_BUDGET:
+        kids = self.image.listing(i, LISTING_BUDGET)
+        if kids is None:
             with self._listing_lock:
                 if len(self._too_big) >= 1024:
                     self._too_big.clear()
                 self._too_big.add(i)
             return parent, None
-        _LISTINGS.put((self._serial, i), (parent, kids))
-        return parent, kids
+        listed = (parent, tuple(kids))
+        _LISTINGS.put((self._serial, i), listed)
+        return listed
 
-    def _children(self, i: int, offset: int) -> tuple[int, Iterator[tuple[int, DirEntry]]]:
-        """(parent, (cookie, entry) of each child after readdir cookie `offset`)."""
+    def _children(self, i: int, offset: int) -> tuple[int, Iterator[tuple[int, _Child | DirEntry]]]:
+        """(parent, (cookie, (name, inode, type, ...)) of each child after readdir cookie `offset`)."""
         parent, kids = self._listing(i)
         skip = max(0, offset - _DOTDOT)
         if kids is None:
@@ -275,7 +281,7 @@ class RafsFilesystem(Filesystem):
             if offset < _DOTDOT:
                 yield b"..", self._fuse(parent), stat.S_IFDIR, _DOTDOT
             for n, e in kids:
-                yield e.name, self._fuse(e.ino), e.type, n
+                yield e[0], self._fuse(e[1]), e[2], n
         except FormatError as ex:
             log.error("readdir inode %d: %s", i, ex)
             raise FuseError(errno.EIO) from None
@@ -290,16 +296,16 @@ class RafsFilesystem(Filesystem):
                 pino = self._fuse(parent)
                 yield Entry(0, 0, FuseAttr(ino=pino, mode=stat.S_IFDIR), 0.0, 0.0), b"..", stat.S_IFDIR, _DOTDOT
             for n, e in kids:
-                yield self._entry(e.ino), e.name, e.type, n
+                yield self._entry(e[1]), e[0], e[2], n
         except FormatError as ex:
             log.error("readdirplus inode %d: %s", i, ex)
             raise FuseError(errno.EIO) from None
 
     def readdirplus_packed(self, ino: int, fh: int, offset: int, size: int, base: int = 0,
                            dotdot: int = 0) -> bytes | bytearray | memoryview | None:
-        """`readdirplus` packed into one buffer: each child's inode fields go from the image's
-        getattr tuple straight into its fuse_direntplus record (no Entry/FuseAttr per entry,
-        no generator hops). A directory too big to keep (streamed) takes `readdirplus`."""
+        """`readdirplus` packed into one buffer: each child's attributes, decoded with the listing,
+        go straight into its fuse_direntplus record (no Entry/FuseAttr per entry, no generator
+        hops). A directory too big to keep (streamed) takes `readdirplus`."""
         i = self._img(ino)
         try:
             parent, kids = self._listing(i)
@@ -341,15 +347,14 @@ class RafsFilesystem(Filesystem):
                 cookie += 1
             es, ens = split_timeout(self.entry_timeout)
             as_, ans = split_timeout(self.attr_timeout)
-            getattr_ = self.image.getattr
             root = self.root
             for k in range(skip, end):
-                name, child, typ = kids[k]
+                name, child, typ, attr = kids[k]
                 nl = len(name)
                 if not 0 < nl <= _NAME_MAX or b"/" in name:  # (the image checked them: never sent)
                     log.error("readdirplus(%d): skipping invalid name %r", ino, name)
                     continue
-                _i, mode, nlink, uid, gid, rdev, fsize, blocks, mtime, nsec = getattr_(child)
+                _i, mode, nlink, uid, gid, rdev, fsize, blocks, mtime, nsec = attr
                 kino = (child if child != root and child != FUSE_ROOT_ID else self._fuse(child)) | base
                 pack(buf, pos, kino, 0, es, as_, ens, ans, kino, fsize, blocks, mtime, mtime, mtime, nsec, nsec,
                      nsec, mode, nlink, uid, gid, rdev, 4096, 0, kino, k + _FIRST_CHILD, nl, typ >> 12)

@@ -133,6 +133,16 @@ class RafsImage(ABC):
         '.' and '..' are not included; the filesystem layer adds them.
         """
 
+    def listing(self, ino: int, limit: int) -> list[tuple[bytes, int, int, Attr]] | None:
+        """(name, inode, S_IFMT, attributes) of each child of directory `ino`, as `readdir` and
+        `getattr` give them (and check them); None when it has more than `limit` children."""
+        out: list[tuple[bytes, int, int, Attr]] = []
+        for e in self.readdir(ino):
+            if len(out) == limit:
+                return None
+            out.append((e.name, e.ino, e.type, self.getattr(e.ino)))
+        return out
+
     @abstractmethod
     def parent(self, ino: int) -> int:
         """Parent directory inode of directory `ino` (the root is its own parent)."""

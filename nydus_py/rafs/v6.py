@@ -569,12 +569,15 @@ class V6Image(RafsImage):
         return self.sb_inos
 
     def getattr(self, ino: int) -> Attr:
-        i = self._inode(ino)
+        return self._attr_of(ino, self._inode(ino))
+
+    @staticmethod
+    def _attr_of(nid: int, i: _Inode) -> Attr:
         mode = i.mode
-        ifmt = mode & 0o170000
+        ifmt = mode & _S_IFMT
         rdev = decode_dev(i.i_u) if ifmt == stat.S_IFCHR or ifmt == stat.S_IFBLK else 0
         size = i.size
-        return _TUPLE_NEW(Attr, (ino, mode, i.nlink, i.uid, i.gid, rdev, size, -(-size // 512), i.mtime,
+        return _TUPLE_NEW(Attr, (nid, mode, i.nlink, i.uid, i.gid, rdev, size, -(-size // 512), i.mtime,
                                  i.mtime_nsec))
 
     def mode(self, ino: int) -> int:
@@ -716,15 +719,31 @@ class V6Image(RafsImage):
 
     def readdir(self, ino: int, offset: int = 0) -> Iterator[DirEntry]:
         d = self._ifmt_inode(ino, stat.S_IFDIR, "directory")
-        return self._readdir(d, max(0, offset))
+        return (_TUPLE_NEW(DirEntry, (name, nid, ifmt)) for name, nid, ifmt, _i in
+                self._readdir(d, max(0, offset), self._inode))
 
-    def _readdir(self, d: _Inode, skip: int) -> Iterator[DirEntry]:
+    def listing(self, ino: int, limit: int) -> list[tuple[bytes, int, int, Attr]] | None:
+        """`readdir` with each child's attributes, decoded once here (not through the inode cache,
+        not looked up again by a getattr: what a READDIRPLUS needs); None past `limit` children."""
+        d = self._ifmt_inode(ino, stat.S_IFDIR, "directory")
+        out: list[tuple[bytes, int, int, Attr]] = []
+        attr_of = self._attr_of
+        for name, nid, ifmt, child in self._readdir(d, 0, self._decode_inode):
+            if len(out) == limit:
+                return None
+            out.append((name, nid, ifmt, attr_of(nid, child)))
+        return out
+
+    def _readdir(self, d: _Inode, skip: int,
+                 inode: Callable[[int], _Inode]) -> Iterator[tuple[bytes, int, int, _Inode]]:
+        """(name, nid, S_IFMT, decoded inode) of each child after the first `skip`, each checked
+        against its dirent and, for a directory, its '..' (`inode`: how children are decoded)."""
         nblocks = self._block_count(d)
         prev_last: bytes | None = None
         saw_dot = saw_dotdot = False
         complete = skip == 0
         subdirs: set[int] = set()
-        dnid, root, inode, parent_of = d.nid, self.root_ino, self._inode, self._parent
+        dnid, root, parent_of = d.nid, self.root_ino, self._parent
         for b in range(nblocks):
             ents = self._dir_block(d, b)
             if prev_last is not None and ents[0][0] <= prev_last:
@@ -744,7 +763,8 @@ class V6Image(RafsImage):
                     skip -= 1
                     continue
                 # _check_child inlined (on every entry of every listing); it raises the errors
-                ifmt = inode(nid).mode & _S_IFMT
+                child = inode(nid)
+                ifmt = child.mode & _S_IFMT
                 if _FT_IFMT[ftype] != ifmt or ifmt == _S_IFDIR and (
                         nid in (dnid, root) or parent_of(nid) != dnid):
                     self._check_child(dnid, name, nid, ftype)
@@ -752,7 +772,7 @@ class V6Image(RafsImage):
                     if nid in subdirs:
                         raise FormatError(f"directory {dnid}: subdirectory {nid} listed twice")
                     subdirs.add(nid)
-                yield _TUPLE_NEW(DirEntry, (name, nid, ifmt))
+                yield name, nid, ifmt, child
         if complete and not (saw_dot and saw_dotdot):
             raise FormatError(f"directory {d.nid} lacks '.' or '..'")
 
