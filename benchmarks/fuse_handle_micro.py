@@ -8,7 +8,8 @@ BlobDevice on the config's backend, mounted at / of a Vfs, the daemon's metrics 
 fed the requests a cold walk makes: READDIRPLUS of every directory until the empty reply
 (as `find`/`ls -lR` after a mount), LOOKUP of every path component and READ of every small file
 (as `cat` of each file), plus GETATTR and GETXATTR. Every pass starts on a fresh image and
-device (nothing decoded or cached yet). `--profile OP` prints a cProfile of that pass.
+device (nothing decoded or cached yet). Replies are taken as the buffers the fusedev transport
+writes (`handle_vectored`): a READ's data is not joined behind its header. `--profile OP` prints a cProfile of that pass.
 
 python3 benchmarks/fuse_handle_micro.py --boot B --config C [--profile readdirplus]
 """
@@ -59,9 +60,14 @@ class Rig:
         self.handle(Opcode.INIT, 0, INIT_IN.pack(7, 45, 1 << 20, 0x73FFFFFB | (1 << 30), 0x5FD))
 
     def handle(self, opcode: int, nodeid: int, args: bytes) -> bytes:
+        """The reply's first buffer (READ data stays apart, as /dev/fuse's writev sends it)."""
+        return self.handle_vectored(opcode, nodeid, args)[0]
+
+    def handle_vectored(self, opcode: int, nodeid: int, args: bytes) -> list:
+        """The reply as the buffers the fusedev transport writes with one writev."""
         self.unique += 2
         req = IN_HEADER.pack(IN_HEADER.size + len(args), opcode, self.unique, nodeid, 0, 0, 1, 0, 0) + args
-        r = self.session.handle(req)
+        r = self.session.handle_vectored(req)
         assert r is not None
         return r
 
@@ -95,7 +101,7 @@ def walk_readdirplus(rig: Rig) -> int:
         d = dirs.pop()
         off = 0
         while True:
-            r = rig.handle(Opcode.READDIRPLUS, d, READ_IN.pack(0, off, 32768, 0, 0, 0, 0))
+            r = b"".join(rig.handle_vectored(Opcode.READDIRPLUS, d, READ_IN.pack(0, off, 32768, 0, 0, 0, 0)))
             n += 1
             ents = direntplus(r)
             if not ents:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from functools import partial
 
-from ..fuse.abi import FOpenFlags, InitFlags
+from ..fuse.abi import DIRENTPLUS, FOpenFlags, InitFlags
 from ..fuse.api import (
     DEFAULT_WANT,
     DirEntryPlusTuple,
@@ -27,6 +27,7 @@ from ..fuse.api import (
     StatFs,
 )
 from ..fuse.iovec import ReadDest, WouldBlock, scatter
+from ..fuse.protocol import split_timeout
 from ..rafs.acl import ACL_NAMES, acl_xattr_problem
 from ..rafs.errors import FormatError
 from ..rafs.model import Attr, DirEntry, RafsImage
@@ -57,23 +58,27 @@ LABEL_NAMESPACE = b"security."
 LISTING_BUDGET = 8192
 
 
+# a listed child: name, image inode, S_IFMT bits, attributes (RafsImage.listing)
+_Child = tuple[bytes, int, int, Attr]
+
+
 class _Listings:
     """The process-wide LRU of validated listings, keyed by (filesystem serial, directory)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.held: OrderedDict[tuple[int, int], tuple[int, tuple[DirEntry, ...]]] = OrderedDict()
+        self.held: OrderedDict[tuple[int, int], tuple[int, tuple[_Child, ...]]] = OrderedDict()
         self.entries = 0
         self.serials = itertools.count(1)
 
-    def get(self, key: tuple[int, int]) -> tuple[int, tuple[DirEntry, ...]] | None:
+    def get(self, key: tuple[int, int]) -> tuple[int, tuple[_Child, ...]] | None:
         with self.lock:
             hit = self.held.get(key)
             if hit is not None:
                 self.held.move_to_end(key)
             return hit
 
-    def put(self, key: tuple[int, int], value: tuple[int, tuple[DirEntry, ...]]) -> None:
+    def put(self, key: tuple[int, int], value: tuple[int, tuple[_Child, ...]]) -> None:
         with self.lock:
             if key in self.held:
                 return
@@ -98,6 +103,10 @@ class _Listings:
 
 _LISTINGS = _Listings()
 _TUPLE_NEW = tuple.__new__  # a FuseAttr/Entry made without their keyword-taking __new__ (hot path)
+_DP_SIZE = DIRENTPLUS.size  # fuse_entry_out + fuse_dirent, before the name
+_DP_PACK_INTO = DIRENTPLUS.pack_into
+_DT_DIR = stat.S_IFDIR >> 12
+_NAME_MAX = 255
 
 
 class RafsFilesystem(Filesystem):
@@ -187,7 +196,7 @@ class RafsFilesystem(Filesystem):
                 return self._entry(p)
             if name == b"..":
                 return self._entry(self.image.parent(p))
-            if not stat.S_ISDIR(self.image.getattr(p).mode):
+            if not stat.S_ISDIR(self.image.mode(p)):
                 raise FuseError(errno.ENOTDIR)
             child = self.image.lookup(p, name)
             if child is None and self.casefold is not None:
@@ -234,27 +243,29 @@ class RafsFilesystem(Filesystem):
         """Entries of this filesystem's listings held now."""
         return _LISTINGS.held_by(self._serial)
 
-    def _listing(self, i: int) -> tuple[int, tuple[DirEntry, ...] | None]:
-        """(parent, validated children) of directory `i`, kept for the requests that continue
-        the listing; children None for a directory too big for LISTING_BUDGET (streamed)."""
+    def _listing(self, i: int) -> tuple[int, tuple[_Child, ...] | None]:
+        """(parent, validated children with their attributes) of directory `i`, kept for the
+        requests that continue the listing; children None for a directory too big for
+        LISTING_BUDGET (streamed)."""
         hit = _LISTINGS.get((self._serial, i))
         if hit is not None:
             return hit
         parent = self.image.parent(i)
         if i in self._too_big:
             return parent, None
-        kids = tuple(itertools.islice(self.image.readdir(i), LISTING_BUDGET + 1))
-        if len(kids) > LISTING_BUDGET:
+        kids = self.image.listing(i, LISTING_BUDGET)
+        if kids is None:
             with self._listing_lock:
                 if len(self._too_big) >= 1024:
                     self._too_big.clear()
                 self._too_big.add(i)
             return parent, None
-        _LISTINGS.put((self._serial, i), (parent, kids))
-        return parent, kids
+        listed = (parent, tuple(kids))
+        _LISTINGS.put((self._serial, i), listed)
+        return listed
 
-    def _children(self, i: int, offset: int) -> tuple[int, Iterator[tuple[int, DirEntry]]]:
-        """(parent, (cookie, entry) of each child after readdir cookie `offset`)."""
+    def _children(self, i: int, offset: int) -> tuple[int, Iterator[tuple[int, _Child | DirEntry]]]:
+        """(parent, (cookie, (name, inode, type, ...)) of each child after readdir cookie `offset`)."""
         parent, kids = self._listing(i)
         skip = max(0, offset - _DOTDOT)
         if kids is None:
@@ -270,7 +281,7 @@ class RafsFilesystem(Filesystem):
             if offset < _DOTDOT:
                 yield b"..", self._fuse(parent), stat.S_IFDIR, _DOTDOT
             for n, e in kids:
-                yield e.name, self._fuse(e.ino), e.type, n
+                yield e[0], self._fuse(e[1]), e[2], n
         except FormatError as ex:
             log.error("readdir inode %d: %s", i, ex)
             raise FuseError(errno.EIO) from None
@@ -285,10 +296,74 @@ class RafsFilesystem(Filesystem):
                 pino = self._fuse(parent)
                 yield Entry(0, 0, FuseAttr(ino=pino, mode=stat.S_IFDIR), 0.0, 0.0), b"..", stat.S_IFDIR, _DOTDOT
             for n, e in kids:
-                yield self._entry(e.ino), e.name, e.type, n
+                yield self._entry(e[1]), e[0], e[2], n
         except FormatError as ex:
             log.error("readdirplus inode %d: %s", i, ex)
             raise FuseError(errno.EIO) from None
+
+    def readdirplus_packed(self, ino: int, fh: int, offset: int, size: int, base: int = 0,
+                           dotdot: int = 0) -> bytes | bytearray | memoryview | None:
+        """`readdirplus` packed into one buffer: each child's attributes, decoded with the listing,
+        go straight into its fuse_direntplus record (no Entry/FuseAttr per entry, no generator
+        hops). A directory too big to keep (streamed) takes `readdirplus`."""
+        i = self._img(ino)
+        try:
+            parent, kids = self._listing(i)
+            if kids is None:
+                return None
+            skip = max(0, offset - _DOTDOT)
+            heads: list[tuple[bytes, int]] = []
+            if offset < _DOT:
+                heads.append((b".", ino | base))
+            if offset < _DOTDOT:
+                heads.append((b"..", dotdot or self._fuse(parent) | base))
+            # how many records fit: the exact buffer (the kernel may offer far more than needed)
+            used = 0
+            for h, (name, _d) in enumerate(heads):
+                rec = (_DP_SIZE + len(name) + 7) & ~7
+                if used + rec > size:
+                    heads = heads[:h]
+                    skip = len(kids)  # full: no child goes after a head that did not fit
+                    break
+                used += rec
+            end = skip
+            n_kids = len(kids)
+            while end < n_kids:
+                rec = (_DP_SIZE + len(kids[end][0]) + 7) & ~7
+                if used + rec > size:
+                    break
+                used += rec
+                end += 1
+            buf = bytearray(used)
+            pack = _DP_PACK_INTO
+            pos = 0
+            cookie = _DOT if offset < _DOT else _DOTDOT
+            for name, d_ino in heads:
+                nl = len(name)
+                pack(buf, pos, 0, 0, 0, 0, 0, 0, d_ino, 0, 0, 0, 0, 0, 0, 0, 0, stat.S_IFDIR, 0, 0, 0, 0, 0, 0,
+                     d_ino, cookie, nl, _DT_DIR)
+                buf[pos + _DP_SIZE : pos + _DP_SIZE + nl] = name
+                pos += (_DP_SIZE + nl + 7) & ~7
+                cookie += 1
+            es, ens = split_timeout(self.entry_timeout)
+            as_, ans = split_timeout(self.attr_timeout)
+            root = self.root
+            for k in range(skip, end):
+                name, child, typ, attr = kids[k]
+                nl = len(name)
+                if not 0 < nl <= _NAME_MAX or b"/" in name:  # (the image checked them: never sent)
+                    log.error("readdirplus(%d): skipping invalid name %r", ino, name)
+                    continue
+                _i, mode, nlink, uid, gid, rdev, fsize, blocks, mtime, nsec = attr
+                kino = (child if child != root and child != FUSE_ROOT_ID else self._fuse(child)) | base
+                pack(buf, pos, kino, 0, es, as_, ens, ans, kino, fsize, blocks, mtime, mtime, mtime, nsec, nsec,
+                     nsec, mode, nlink, uid, gid, rdev, 4096, 0, kino, k + _FIRST_CHILD, nl, typ >> 12)
+                buf[pos + _DP_SIZE : pos + _DP_SIZE + nl] = name
+                pos += (_DP_SIZE + nl + 7) & ~7
+        except FormatError as ex:
+            log.error("readdirplus inode %d: %s", i, ex)
+            raise FuseError(errno.EIO) from None
+        return buf if pos == used else memoryview(buf)[:pos]
 
     def statfs(self, ino: int) -> StatFs:
         """From the superblock, like nydusd: counting the inodes would walk the whole tree (and,

@@ -267,6 +267,16 @@ class Filesystem(ABC):
             else:
                 yield self.lookup(ino, name), name, typ, off
 
+    def readdirplus_packed(self, ino: int, fh: int, offset: int, size: int, base: int = 0,
+                           dotdot: int = 0) -> bytes | bytearray | memoryview | None:
+        """READDIRPLUS already in wire form: the fuse_direntplus records (at most `size` bytes,
+        the same entries and cookies `readdirplus` would give) that a filesystem packs straight
+        from its own records, with no Entry/FuseAttr tuples per entry; b"" at the end of the
+        listing. None (this default): the handler builds the reply from `readdirplus`. `base` is
+        OR'ed into every inode number and, when non-zero, `dotdot` is the d_ino of ".." (what a
+        VFS mounting the filesystem below another does to its numbers)."""
+        return None
+
     def releasedir(self, ino: int, fh: int) -> None:
         """Last close of an open directory."""
         return None

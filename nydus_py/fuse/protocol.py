@@ -217,7 +217,7 @@ _OBS_HEAD = struct.Struct("<4xIQQ")  # opcode, unique, nodeid of fuse_in_header
 _timeout_cache: dict[float, tuple[int, int]] = {}
 
 
-def _tsplit(t: float) -> tuple[int, int]:
+def split_timeout(t: float) -> tuple[int, int]:
     """Seconds as a float -> (sec, nsec) for the *_valid fields (cached: filesystems reuse a
     handful of timeout values)."""
     r = _timeout_cache.get(t)
@@ -721,7 +721,7 @@ class FuseSession:
 
     def _getattr(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
         attr, timeout = self.fs.getattr(nodeid)
-        s, ns = _tsplit(timeout)
+        s, ns = split_timeout(timeout)
         return _ATTR_REPLY.pack(_ATTR_SIZE, 0, unique, s, ns, 0, *attr)
 
     def _readlink(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
@@ -802,8 +802,17 @@ class FuseSession:
         parts[0] = _OUT(16 + used, 0, unique)
         return b"".join(parts)
 
-    def _readdirplus(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def _readdirplus(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> Reply:
         fh, offset, size = _READ_HEAD.unpack_from(body)
+        packed = self.fs.readdirplus_packed(nodeid, fh, offset, size)
+        if packed is not None:
+            n = len(packed)
+            if n > size:
+                log.error("readdirplus(%d): %d packed bytes for a %d-byte request", nodeid, n, size)
+                return _OUT(16, -errno.EIO, unique)
+            if not n:
+                return _OUT(16, 0, unique)
+            return _OUT(16 + n, 0, unique), packed
         parts = [b""]
         append = parts.append
         used = 0
@@ -824,8 +833,8 @@ class FuseSession:
                                       entry.ino)
                 break
             ino, gen, attr, et, at = entry
-            es, ens = _tsplit(et)
-            as_, ans = _tsplit(at)
+            es, ens = split_timeout(et)
+            as_, ans = split_timeout(at)
             append(_DIRENTPLUS_PACK(ino, gen, es, as_, ens, ans, *attr, attr[0] or ino, off, nl, typ >> 12))
             append(name)
             pad = rec - _DIRENTPLUS_SIZE - nl
@@ -842,7 +851,7 @@ class FuseSession:
         req = SetAttr(valid, fh if valid & FATTR_FH else None, size, atime, atimensec, mtime, mtimensec, mode,
                       a_uid, a_gid)
         attr, timeout = self.fs.setattr(nodeid, req)
-        s, ns = _tsplit(timeout)
+        s, ns = split_timeout(timeout)
         return _ATTR_REPLY.pack(_ATTR_SIZE, 0, unique, s, ns, 0, *attr)
 
     def _mknod(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
@@ -891,8 +900,8 @@ class FuseSession:
         name = _cstr(body, CREATE_IN.size)
         entry, fh, open_flags = self.fs.create(nodeid, _name(name), mode, flags, Caller(uid, gid))
         ino, gen, attr, et, at = entry
-        es, ens = _tsplit(et)
-        as_, ans = _tsplit(at)
+        es, ens = split_timeout(et)
+        as_, ans = split_timeout(at)
         return _CREATE_REPLY.pack(_CREATE_REPLY.size, 0, unique, ino, gen, es, as_, ens, ans, *attr, fh,
                                   open_flags, 0)
 
@@ -980,8 +989,8 @@ def open_reply(unique: int, opened: OpenResult, passthrough: bool) -> bytes:
 
 def _entry_reply(unique: int, entry: Entry) -> bytes:
     ino, gen, attr, et, at = entry
-    es, ens = _tsplit(et)
-    as_, ans = _tsplit(at)
+    es, ens = split_timeout(et)
+    as_, ans = split_timeout(at)
     return _ENTRY_REPLY.pack(_ENTRY_SIZE, 0, unique, ino, gen, es, as_, ens, ans, *attr)
 
 

@@ -7,6 +7,9 @@ from .constants import ChunkFlags
 from .errors import DigestMismatch, FormatError
 from .model import BlobInfo, ChunkInfo, RafsImage
 
+_ENCRYPTED = int(ChunkFlags.ENCRYPTED)
+_COMPRESSED = int(ChunkFlags.COMPRESSED)
+
 
 class BlobSource(Protocol):
     """Anything that can return a byte range of a data blob (local dir, cache, registry)."""
@@ -25,9 +28,10 @@ def decode_chunk(raw: bytes, chunk: ChunkInfo, blob: BlobInfo, validate: bool = 
             f"blob {blob.blob_id}: short read at offset {chunk.compressed_offset}: "
             f"got {len(raw)} of {chunk.compressed_size} bytes"
         )
-    if chunk.flags & ChunkFlags.ENCRYPTED:
+    flags = int(chunk.flags)  # (int &: IntFlag's own & is Python code, on every chunk)
+    if flags & _ENCRYPTED:
         raise FormatError(f"blob {blob.blob_id}: encrypted chunks are not supported")
-    if chunk.compressed:
+    if flags & _COMPRESSED:
         data = codec.decompress(blob.compressor, raw, chunk.uncompressed_size)
     else:
         if chunk.compressed_size != chunk.uncompressed_size:

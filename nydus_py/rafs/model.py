@@ -39,6 +39,9 @@ class BlobInfo:
     blob_toc_digest: bytes = b"\0" * 32
 
 
+_COMPRESSED = int(ChunkFlags.COMPRESSED)
+
+
 class ChunkInfo(NamedTuple):
     """One chunk of file data: where it is in its blob and what it must hash to."""
 
@@ -55,7 +58,7 @@ class ChunkInfo(NamedTuple):
 
     @property
     def compressed(self) -> bool:
-        return bool(self.flags & ChunkFlags.COMPRESSED)
+        return bool(int(self.flags) & _COMPRESSED)  # (int &: IntFlag's own & is Python code)
 
 
 class Attr(NamedTuple):
@@ -115,6 +118,10 @@ class RafsImage(ABC):
     def getattr(self, ino: int) -> Attr:
         """Attributes of `ino`; FormatError if it is not a valid inode of this image."""
 
+    def mode(self, ino: int) -> int:
+        """st_mode of `ino` (what a type check needs, without the rest of getattr)."""
+        return self.getattr(ino).mode
+
     @abstractmethod
     def lookup(self, parent: int, name: bytes) -> int | None:
         """Inode of `name` in directory `parent`, or None. Never matches '.' or '..'."""
@@ -125,6 +132,16 @@ class RafsImage(ABC):
 
         '.' and '..' are not included; the filesystem layer adds them.
         """
+
+    def listing(self, ino: int, limit: int) -> list[tuple[bytes, int, int, Attr]] | None:
+        """(name, inode, S_IFMT, attributes) of each child of directory `ino`, as `readdir` and
+        `getattr` give them (and check them); None when it has more than `limit` children."""
+        out: list[tuple[bytes, int, int, Attr]] = []
+        for e in self.readdir(ino):
+            if len(out) == limit:
+                return None
+            out.append((e.name, e.ino, e.type, self.getattr(e.ino)))
+        return out
 
     @abstractmethod
     def parent(self, ino: int) -> int:

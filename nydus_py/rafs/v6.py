@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import functools
 import itertools
+import operator
 import os
 import re
 import stat
@@ -40,10 +41,11 @@ from .constants import (
     SuperFlags,
 )
 from .errors import FormatError
-from .layout_common import CHUNK_KEY, CHUNK_RECORD_SIZE, U16, U32, Record, unpack_chunk
+from .layout_common import CHUNK, CHUNK_KEY, CHUNK_RECORD_SIZE, U32, Record, chunk_flags, unpack_chunk
 from .layout_v6 import (
     BLOB_ENTRY,
     CHUNK_INDEX,
+    CHUNK_INDEX_SIZE,
     COMPACT_INODE,
     DEVSLOT,
     DIRENT,
@@ -95,10 +97,20 @@ INODE_CACHE = 8192
 # READDIR(PLUS) requests (a 4 KiB reply holds ~25 entries) that each start over in the same block;
 # ~15 KiB each at most
 DIR_BLOCK_CACHE = 64
+# validated '..' of recently seen directories, for all the images of the process together: a
+# directory's parent is checked when its parent lists it, when it is listed itself and when a
+# LOOKUP or READDIR asks for its '..' (one int each, ~100 bytes with the cache's own entry)
+PARENT_CACHE = 4096
 
 _BLOB_ID_RE = re.compile(rb"[0-9A-Za-z_.\-]{64}")
 
 _VALID_IFMT = frozenset(FT_TO_IFMT.values())
+_FT_IFMT = tuple(FT_TO_IFMT.get(ft, -1) for ft in range(max(FT_TO_IFMT) + 1))  # file type -> S_IFMT bits
+_S_IFMT = 0o170000
+_S_IFDIR = stat.S_IFDIR
+_S_IFREG = stat.S_IFREG
+# the chunk format bits that must be exactly INDEXES (unknown bits clear) for a chunk-based file
+_CHUNK_FMT_CHECK = 0xFFFF & ~EROFS_CHUNK_FORMAT_BLKBITS_MASK
 _FT_NAMES = {stat.S_IFREG: "file", stat.S_IFDIR: "directory", stat.S_IFCHR: "char device",
              stat.S_IFBLK: "block device", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket",
              stat.S_IFLNK: "symlink"}  # fmt: skip
@@ -143,14 +155,31 @@ def _align(x: int, a: int) -> int:
     return (x + a - 1) // a * a
 
 
-_open_images: weakref.WeakValueDictionary[int, V6Image] = weakref.WeakValueDictionary()
+# serial -> the open image (a plain dict of weak references: its get() is C, a WeakValueDictionary's
+# is Python code, on every miss of the caches below)
+_open_images: dict[int, weakref.ref[V6Image]] = {}
+
+
+def _NOT_OPEN() -> None:  # noqa: N802 (stands in for a dead weak reference)
+    return None
+
+
+def _forget_serial(serial: int) -> Callable[[object], None]:
+    """The weak reference's callback: an image collected without close() leaves the table."""
+
+    def forget(_ref: object) -> None:
+        _open_images.pop(serial, None)
+
+    return forget
+
+
 _serials = itertools.count(1)
 
 
 @functools.lru_cache(maxsize=INODE_CACHE)
 def _cached_inode(serial: int, nid: int) -> _Inode:
     """Inode `nid` of open image `serial`, from the process-wide cache (errors are not cached)."""
-    image = _open_images.get(serial)
+    image = _open_images.get(serial, _NOT_OPEN)()
     if image is None:
         raise FormatError("image is closed")
     return image._decode_inode(nid)
@@ -160,10 +189,24 @@ def _cached_inode(serial: int, nid: int) -> _Inode:
 def _cached_dir_block(serial: int, dir_nid: int, b: int) -> tuple[tuple[bytes, int, int], ...]:
     """Block `b` of directory `dir_nid` of open image `serial`, parsed, from the process-wide cache
     (one budget for every image, as for inodes)."""
-    image = _open_images.get(serial)
+    image = _open_images.get(serial, _NOT_OPEN)()
     if image is None:
         raise FormatError("image is closed")
     return image._decode_dir_block(dir_nid, b)
+
+
+@functools.lru_cache(maxsize=PARENT_CACHE)
+def _cached_parent(serial: int, dir_nid: int) -> int:
+    """The validated '..' of directory `dir_nid` of open image `serial` (process-wide cache)."""
+    image = _open_images.get(serial, _NOT_OPEN)()
+    if image is None:
+        raise FormatError("image is closed")
+    return image._decode_dotdot(dir_nid)
+
+
+_NAME = operator.itemgetter(0)
+# NamedTuples made without their Python-level __new__ (on every decoded inode and listed entry)
+_TUPLE_NEW = tuple.__new__
 
 
 class V6Image(RafsImage):
@@ -181,13 +224,16 @@ class V6Image(RafsImage):
         self._inode_count: int | None = None
         self._inode_count_error: str | None = None
         self._serial = next(_serials)
-        _open_images[self._serial] = self
+        _open_images[self._serial] = weakref.ref(self, _forget_serial(self._serial))
         self._inode: Callable[[int], _Inode] = functools.partial(_cached_inode, self._serial)
         self._dir_blocks: Callable[[int, int], tuple[tuple[bytes, int, int], ...]] = functools.partial(
             _cached_dir_block, self._serial)
+        self._parent: Callable[[int], int] = functools.partial(_cached_parent, self._serial)
         self._parse_superblocks()
         self.blobs: list[BlobInfo] = self._parse_blob_table()
         self.devices: list[DeviceSlot] = self._parse_device_slots()
+        # per blob: its chunks are zran/batch ones, which chunks() refuses
+        self._refused = [bool(int(b.features) & _REFUSED_FEATURES) for b in self.blobs]
         root = self._inode(self.root_ino)
         if not stat.S_ISDIR(root.mode):
             raise FormatError(f"root nid {self.root_ino} is not a directory (mode {root.mode:o})")
@@ -401,7 +447,10 @@ class V6Image(RafsImage):
         if not isinstance(nid, int) or nid < 0 or nid > self._max_nid:
             raise FormatError(f"nid {nid} is outside the meta area (max {self._max_nid})")
         off = self._meta_start + nid * EROFS_NID_SIZE
-        (fmt,) = self._unpack(U16, off, f"inode {nid}")  # i_format, first in both inode records
+        # a nid <= _max_nid leaves room for a compact inode before the meta area's end; i_format
+        # comes first in both forms, so one unpack serves the (usual) compact inode
+        (fmt, icount, mode, nlink, size, mdelta, i_u, _ino, uid,
+         gid) = COMPACT_INODE.unpack_from(self._buf, off)  # fmt: skip
         extended = bool(fmt & 1)
         if fmt & ~0xF:
             raise FormatError(f"inode {nid}: unknown i_format bits {fmt:#x}")
@@ -410,15 +459,14 @@ class V6Image(RafsImage):
             raise FormatError(f"inode {nid}: compressed EROFS data layout {layout} is not supported by RAFS")
         if layout not in (EROFS_INODE_FLAT_PLAIN, EROFS_INODE_FLAT_INLINE, EROFS_INODE_CHUNK_BASED):
             raise FormatError(f"inode {nid}: unknown data layout {layout}")
-        isize = EXTENDED_INODE.size if extended else COMPACT_INODE.size
-        if off + isize > self._meta_end:
-            raise FormatError(f"inode {nid} at {off} runs past the meta area end {self._meta_end}")
         if extended:
+            isize = EXTENDED_INODE.size
+            if off + isize > self._meta_end:
+                raise FormatError(f"inode {nid} at {off} runs past the meta area end {self._meta_end}")
             (_f, icount, mode, size, i_u, _ino, uid, gid, mtime, mtime_nsec,
              nlink) = EXTENDED_INODE.unpack_from(self._buf, off)  # fmt: skip
         else:
-            (_f, icount, mode, nlink, size, mdelta, i_u, _ino, uid,
-             gid) = COMPACT_INODE.unpack_from(self._buf, off)  # fmt: skip
+            isize = COMPACT_INODE.size
             mtime, mtime_nsec = self.build_time + mdelta, self.build_time_nsec
         ifmt = stat.S_IFMT(mode)
         if ifmt not in _VALID_IFMT:
@@ -432,9 +480,13 @@ class V6Image(RafsImage):
             raise FormatError(f"inode {nid}: xattr ibody runs past the meta area end")
         if self._own_ids is not None:
             uid, gid = self._own_ids
-        ino = _Inode(nid, off, extended, layout, mode, nlink, size, i_u, uid, gid, mtime, mtime_nsec,
-                     xattr_off, xsize, data_off)  # fmt: skip
-        self._check_layout(ino, ifmt)
+        ino = _TUPLE_NEW(_Inode, (nid, off, extended, layout, mode, nlink, size, i_u, uid, gid, mtime, mtime_nsec,
+                                  xattr_off, xsize, data_off))  # fmt: skip
+        # the common case inline: a chunk-based file whose chunk indexes lie in the meta area
+        if not (ifmt == _S_IFREG and layout == EROFS_INODE_CHUNK_BASED and (i_u & 0xFFFF) & _CHUNK_FMT_CHECK
+                == EROFS_CHUNK_FORMAT_INDEXES
+                and ((data_off + 7) & ~7) + CHUNK_INDEX_SIZE * -(-size // self.chunk_size) <= self._meta_end):
+            self._check_layout(ino, ifmt)
         return ino
 
     def _check_layout(self, ino: _Inode, ifmt: int) -> None:
@@ -517,22 +569,19 @@ class V6Image(RafsImage):
         return self.sb_inos
 
     def getattr(self, ino: int) -> Attr:
-        i = self._inode(ino)
-        rdev = 0
-        if stat.S_IFMT(i.mode) in (stat.S_IFCHR, stat.S_IFBLK):
-            rdev = decode_dev(i.i_u)
-        return Attr(
-            ino=ino,
-            mode=i.mode,
-            nlink=i.nlink,
-            uid=i.uid,
-            gid=i.gid,
-            rdev=rdev,
-            size=i.size,
-            blocks=-(-i.size // 512),
-            mtime=i.mtime,
-            mtime_nsec=i.mtime_nsec,
-        )
+        return self._attr_of(ino, self._inode(ino))
+
+    @staticmethod
+    def _attr_of(nid: int, i: _Inode) -> Attr:
+        mode = i.mode
+        ifmt = mode & _S_IFMT
+        rdev = decode_dev(i.i_u) if ifmt == stat.S_IFCHR or ifmt == stat.S_IFBLK else 0
+        size = i.size
+        return _TUPLE_NEW(Attr, (nid, mode, i.nlink, i.uid, i.gid, rdev, size, -(-size // 512), i.mtime,
+                                 i.mtime_nsec))
+
+    def mode(self, ino: int) -> int:
+        return self._inode(ino).mode
 
     def _block_count(self, ino: _Inode) -> int:
         return -(-ino.size // BLOCK)
@@ -547,24 +596,30 @@ class V6Image(RafsImage):
         nameoff0 = DIRENT_SIZE * n
         length = len(data)
         ents = list(DIRENT.iter_unpack(data[:nameoff0]))
+        # names lie back to back from nameoff0 (checked below: increasing offsets, the first at
+        # nameoff0), so two scans of the block say whether any name has a NUL (all but the last,
+        # which ends at one) or a '/'; only then is each name searched, for the error to report
+        scan = data.find(b"/", nameoff0) >= 0 or data.find(b"\0", nameoff0, ents[-1][1]) >= 0
         out = []
         prev = b""
+        last = n - 1
+        ft_ok = FT_TO_IFMT
         for i, (nid, nameoff, ftype) in enumerate(ents):
-            end = ents[i + 1][1] if i + 1 < n else length
+            end = ents[i + 1][1] if i < last else length
             if not nameoff < end <= length or nameoff < nameoff0:
                 raise FormatError(f"{where}: entry {i} name offsets {nameoff}..{end} are not increasing inside the block")
             name = data[nameoff:end]
-            if i + 1 == n:
+            if i == last:
                 nul = name.find(b"\0")
                 if nul >= 0:
                     name = name[:nul]
-            elif b"\0" in name:
+            elif scan and b"\0" in name:
                 raise FormatError(f"{where}: entry {i} name contains NUL")
             if not name:
                 raise FormatError(f"{where}: entry {i} has an empty name")
-            if len(name) > MAX_NAME or b"/" in name:
+            if len(name) > MAX_NAME or scan and b"/" in name:
                 raise FormatError(f"{where}: invalid name {name[:64]!r}")
-            if ftype not in FT_TO_IFMT:
+            if ftype not in ft_ok:
                 raise FormatError(f"{where}: entry {name!r} has invalid file type {ftype}")
             if name <= prev:
                 raise FormatError(f"{where}: entries not sorted ({prev!r} then {name!r})")
@@ -584,56 +639,44 @@ class V6Image(RafsImage):
             raise FormatError(f"{where}: invalid first name offset {nameoff0}")
         return data, nameoff0 // DIRENT_SIZE, where
 
-    @staticmethod
-    def _entry_name(data: bytes, i: int, n: int, where: str) -> bytes:
-        """Name of entry `i` of a block with `n` entries (the last one ends at NUL or block end)."""
-        nameoff = DIRENT_NAMEOFF.unpack_from(data, DIRENT_SIZE * i)[0]
-        end = DIRENT_NAMEOFF.unpack_from(data, DIRENT_SIZE * (i + 1))[0] if i + 1 < n else len(data)
-        if not DIRENT_SIZE * n <= nameoff < end <= len(data):
-            raise FormatError(f"{where}: entry {i} name offsets {nameoff}..{end} are not increasing inside the block")
-        name = data[nameoff:end]
-        if i + 1 == n:
-            nul = name.find(b"\0")
-            if nul >= 0:
-                name = name[:nul]
-            if not name:
-                raise FormatError(f"{where}: entry {i} has an empty name")
-        return name
-
     def _find(self, ino: _Inode, name: bytes) -> tuple[int, int] | None:
         """(nid, file_type) of `name` in directory `ino`, like the kernel: binary search over the
-        blocks' first names, then inside one block, decoding only the probed entries.
+        blocks' first names, then inside one block. Blocks come parsed and validated from the
+        process-wide block cache, so the LOOKUPs of the names of one directory parse each of its
+        blocks once (and a READDIR(PLUS) of it parses them for the LOOKUPs that follow, too).
 
-        Ordering is fully checked by readdir; here a corrupt order can only make a lookup miss.
+        Ordering across blocks is fully checked by readdir; here a corrupt order can only make a
+        lookup miss.
         """
+        nid = ino.nid
+        blocks = self._dir_blocks
         lo, hi = 0, self._block_count(ino) - 1
-        target: tuple[bytes, int, str] | None = None
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            head = self._block_head(ino, mid)
-            if self._entry_name(head[0], 0, head[1], head[2]) <= name:
-                target, lo = head, mid + 1
-            else:
-                hi = mid - 1
-        if target is None:
-            return None
-        data, n, where = target
-        lo, hi = 0, n - 1
-        while lo <= hi:
-            mid = (lo + hi) // 2
-            got = self._entry_name(data, mid, n, where)
+        target: tuple[tuple[bytes, int, int], ...] | None = None
+        if hi == 0:
+            target = blocks(nid, 0)
+        else:
+            while lo <= hi:
+                mid = (lo + hi) // 2
+                ents = blocks(nid, mid)
+                if ents[0][0] <= name:
+                    target, lo = ents, mid + 1
+                else:
+                    hi = mid - 1
+            if target is None:
+                return None
+        j = bisect.bisect_left(target, name, key=_NAME)
+        if j < len(target):
+            got, child, ftype = target[j]
             if got == name:
-                nid, _off, ftype = DIRENT.unpack_from(data, DIRENT_SIZE * mid)
-                if ftype not in FT_TO_IFMT:
-                    raise FormatError(f"{where}: entry {name!r} has invalid file type {ftype}")
-                return nid, ftype
-            if got < name:
-                lo = mid + 1
-            else:
-                hi = mid - 1
+                return child, ftype
         return None
 
     def _dotdot(self, dir_ino: _Inode) -> int:
+        return self._parent(dir_ino.nid)
+
+    def _decode_dotdot(self, dir_nid: int) -> int:
+        """The '..' of directory `dir_nid`, checked: a directory entry, the root's is the root."""
+        dir_ino = self._inode(dir_nid)
         hit = self._find(dir_ino, b"..")
         if hit is None:
             raise FormatError(f"directory {dir_ino.nid} has no '..' entry")
@@ -676,14 +719,31 @@ class V6Image(RafsImage):
 
     def readdir(self, ino: int, offset: int = 0) -> Iterator[DirEntry]:
         d = self._ifmt_inode(ino, stat.S_IFDIR, "directory")
-        return self._readdir(d, max(0, offset))
+        return (_TUPLE_NEW(DirEntry, (name, nid, ifmt)) for name, nid, ifmt, _i in
+                self._readdir(d, max(0, offset), self._inode))
 
-    def _readdir(self, d: _Inode, skip: int) -> Iterator[DirEntry]:
+    def listing(self, ino: int, limit: int) -> list[tuple[bytes, int, int, Attr]] | None:
+        """`readdir` with each child's attributes, decoded once here (not through the inode cache,
+        not looked up again by a getattr: what a READDIRPLUS needs); None past `limit` children."""
+        d = self._ifmt_inode(ino, stat.S_IFDIR, "directory")
+        out: list[tuple[bytes, int, int, Attr]] = []
+        attr_of = self._attr_of
+        for name, nid, ifmt, child in self._readdir(d, 0, self._decode_inode):
+            if len(out) == limit:
+                return None
+            out.append((name, nid, ifmt, attr_of(nid, child)))
+        return out
+
+    def _readdir(self, d: _Inode, skip: int,
+                 inode: Callable[[int], _Inode]) -> Iterator[tuple[bytes, int, int, _Inode]]:
+        """(name, nid, S_IFMT, decoded inode) of each child after the first `skip`, each checked
+        against its dirent and, for a directory, its '..' (`inode`: how children are decoded)."""
         nblocks = self._block_count(d)
         prev_last: bytes | None = None
         saw_dot = saw_dotdot = False
         complete = skip == 0
         subdirs: set[int] = set()
+        dnid, root, parent_of = d.nid, self.root_ino, self._parent
         for b in range(nblocks):
             ents = self._dir_block(d, b)
             if prev_last is not None and ents[0][0] <= prev_last:
@@ -691,23 +751,28 @@ class V6Image(RafsImage):
             prev_last = ents[-1][0]
             for name, nid, ftype in ents:
                 if name == b".":
-                    if nid != d.nid or ftype != EROFS_FT_DIR:
-                        raise FormatError(f"directory {d.nid}: '.' points to {nid} (type {ftype})")
+                    if nid != dnid or ftype != EROFS_FT_DIR:
+                        raise FormatError(f"directory {dnid}: '.' points to {nid} (type {ftype})")
                     saw_dot = True
                     continue
                 if name == b"..":
-                    self._dotdot(d)
+                    parent_of(dnid)
                     saw_dotdot = True
                     continue
                 if skip:
                     skip -= 1
                     continue
-                ifmt = self._check_child(d.nid, name, nid, ftype)
-                if ifmt == stat.S_IFDIR:
+                # _check_child inlined (on every entry of every listing); it raises the errors
+                child = inode(nid)
+                ifmt = child.mode & _S_IFMT
+                if _FT_IFMT[ftype] != ifmt or ifmt == _S_IFDIR and (
+                        nid in (dnid, root) or parent_of(nid) != dnid):
+                    self._check_child(dnid, name, nid, ftype)
+                if ifmt == _S_IFDIR:
                     if nid in subdirs:
-                        raise FormatError(f"directory {d.nid}: subdirectory {nid} listed twice")
+                        raise FormatError(f"directory {dnid}: subdirectory {nid} listed twice")
                     subdirs.add(nid)
-                yield DirEntry(name, nid, ifmt)
+                yield name, nid, ifmt, child
         if complete and not (saw_dot and saw_dotdot):
             raise FormatError(f"directory {d.nid} lacks '.' or '..'")
 
@@ -838,59 +903,73 @@ class V6Image(RafsImage):
         return n
 
     def _check_record(self, rec: ChunkInfo, where: str) -> BlobInfo:
-        if not 0 <= rec.blob_index < len(self.blobs):
-            raise FormatError(f"{where}: blob index {rec.blob_index} out of range")
-        blob = self.blobs[rec.blob_index]
-        flags = int(rec.flags)
+        problem = self._record_problem(rec.blob_index, int(rec.flags), rec.compressed_size, rec.uncompressed_size,
+                                       rec.index, rec.compressed_offset, rec.uncompressed_offset)
+        if problem is not None:
+            raise FormatError(f"{where}: {problem}")
+        return self.blobs[rec.blob_index]
+
+    def _record_problem(self, blob_index: int, flags: int, c_size: int, u_size: int, index: int, c_off: int,
+                        u_off: int) -> str | None:
+        """What is wrong with a chunk record's fields (None: nothing), on plain ints."""
+        if not 0 <= blob_index < len(self.blobs):
+            return f"blob index {blob_index} out of range"
+        blob = self.blobs[blob_index]
         if flags & ~CHUNK_FLAGS_KNOWN:
-            raise FormatError(f"{where}: unknown chunk flags {flags:#x}")
-        if rec.compressed_size == 0 or not 0 < rec.uncompressed_size <= self.chunk_size:
-            raise FormatError(f"{where}: invalid sizes {rec.compressed_size}/{rec.uncompressed_size}")
-        packed = flags & _PACKED_FLAGS
-        if not packed and rec.compressed_size != rec.uncompressed_size:
-            raise FormatError(f"{where}: uncompressed chunk stored in {rec.compressed_size} bytes, not {rec.uncompressed_size}")
-        if rec.index >= blob.chunk_count:
-            raise FormatError(f"{where}: chunk index {rec.index} >= blob {blob.index} chunk count {blob.chunk_count}")
-        if blob.compressed_size and rec.compressed_offset + rec.compressed_size > blob.compressed_size:
-            raise FormatError(f"{where}: compressed range ends past blob size {blob.compressed_size}")
-        if blob.uncompressed_size and rec.uncompressed_offset + rec.uncompressed_size > blob.uncompressed_size:
-            raise FormatError(f"{where}: uncompressed range ends past blob size {blob.uncompressed_size}")
-        return blob
+            return f"unknown chunk flags {flags:#x}"
+        if c_size == 0 or not 0 < u_size <= self.chunk_size:
+            return f"invalid sizes {c_size}/{u_size}"
+        if not flags & _PACKED_FLAGS and c_size != u_size:
+            return f"uncompressed chunk stored in {c_size} bytes, not {u_size}"
+        if index >= blob.chunk_count:
+            return f"chunk index {index} >= blob {blob.index} chunk count {blob.chunk_count}"
+        if blob.compressed_size and c_off + c_size > blob.compressed_size:
+            return f"compressed range ends past blob size {blob.compressed_size}"
+        if blob.uncompressed_size and u_off + u_size > blob.uncompressed_size:
+            return f"uncompressed range ends past blob size {blob.uncompressed_size}"
+        return None
 
     def chunks(self, ino: int, offset: int = 0, size: int | None = None) -> list[ChunkInfo]:
         i = self._ifmt_inode(ino, stat.S_IFREG, "regular file")
         start = max(0, offset)
-        end = i.size if size is None else min(i.size, start + size)
+        isize = i.size
+        end = isize if size is None else min(isize, start + size)
         if end <= start or i.layout != EROFS_INODE_CHUNK_BASED:
             return []
         cs = self.chunk_size
-        base = _align(i.data_off, CHUNK_INDEX.size)
+        base = _align(i.data_off, CHUNK_INDEX_SIZE)
+        buf = self._buf
+        nblobs = len(self.blobs)
+        keys, pos = self._chunk_index()
         out = []
         for k in range(start // cs, (end - 1) // cs + 1):
-            advise, device_id, blkaddr = CHUNK_INDEX.unpack_from(self._buf, base + CHUNK_INDEX.size * k)
+            advise, device_id, blkaddr = CHUNK_INDEX.unpack_from(buf, base + CHUNK_INDEX_SIZE * k)
             if blkaddr == HOLE_BLKADDR:
                 continue
-            where = f"inode {ino} chunk {k}"
             blob_index = (device_id & 0xFF) - 1
-            if not 0 <= blob_index < len(self.blobs):
-                raise FormatError(f"{where}: device id {device_id & 0xFF} names no blob ({len(self.blobs)} blobs)")
-            blob = self.blobs[blob_index]
-            if int(blob.features) & _REFUSED_FEATURES:
-                raise FormatError(f"{where}: blob {blob.blob_id} uses zran/batch chunks, which are not supported")
+            if not 0 <= blob_index < nblobs:
+                raise FormatError(f"inode {ino} chunk {k}: device id {device_id & 0xFF} names no blob ({nblobs} blobs)")
+            if self._refused[blob_index]:
+                raise FormatError(f"inode {ino} chunk {k}: blob {self.blobs[blob_index].blob_id} uses zran/batch "
+                                  "chunks, which are not supported")
             ci_index = ((device_id >> 8) << 16) | advise
-            keys, pos = self._chunk_index()
             key = blob_index << 56 | ci_index << 32 | blkaddr
             j = bisect.bisect_left(keys, key)
             if j >= len(keys) or keys[j] != key:
-                raise FormatError(
-                    f"{where}: (blob {blob_index}, ci_index {ci_index}, blkaddr {blkaddr:#x}) is not in the chunk table"
-                )
-            rec = self.chunk_record(pos[j])
-            self._check_record(rec, f"{where} (chunk table record {pos[j]})")
-            want = min(cs, i.size - k * cs)
-            if rec.uncompressed_size != want:
-                raise FormatError(f"{where}: chunk table says {rec.uncompressed_size} bytes, file needs {want}")
-            out.append(rec._replace(file_offset=k * cs))
+                raise FormatError(f"inode {ino} chunk {k}: (blob {blob_index}, ci_index {ci_index}, blkaddr "
+                                  f"{blkaddr:#x}) is not in the chunk table")
+            r = pos[j]
+            # the record's fields as ints (no IntFlag arithmetic, no _replace: on every READ)
+            (digest, b_index, flags, c_size, u_size, c_off, u_off, _f_off, index,
+             crc) = CHUNK.unpack_from(buf, self._ct_off + r * CHUNK_RECORD_SIZE)  # fmt: skip
+            problem = self._record_problem(b_index, flags, c_size, u_size, index, c_off, u_off)
+            if problem is not None:
+                raise FormatError(f"inode {ino} chunk {k} (chunk table record {r}): {problem}")
+            want = min(cs, isize - k * cs)
+            if u_size != want:
+                raise FormatError(f"inode {ino} chunk {k}: chunk table says {u_size} bytes, file needs {want}")
+            out.append(_TUPLE_NEW(ChunkInfo, (digest, b_index, chunk_flags(flags), c_off, c_size, u_off, u_size,
+                                              k * cs, index, crc)))
         return out
 
     def chunk_index_span(self, ino: int) -> tuple[int, int]:
@@ -982,6 +1061,7 @@ class V6Image(RafsImage):
         # (these raise: closed; the shared caches' entries age out)
         self._inode = self._decode_inode
         self._dir_blocks = self._decode_dir_block
+        self._parent = self._decode_dotdot
         self._chunk_keys = self._chunk_pos = None
         self._blob_maps.clear()
         close = getattr(self._buf, "close", None)

@@ -595,6 +595,18 @@ class Vfs(Filesystem):
             return self._pseudo_readdirplus(node, offset)
         return self._routed_readdirplus(self.entered(ino), fh, offset)
 
+    def readdirplus_packed(self, ino: int, fh: int, offset: int, size: int, base: int = 0,
+                           dotdot: int = 0) -> bytes | bytearray | memoryview | None:
+        """The mounted filesystem's packed READDIRPLUS, its inode numbers moved to its slot as
+        `_routed_readdirplus` moves them (None for the pseudo directories)."""
+        if self._pseudo_node(ino) is not None:
+            return None
+        e = self.entered(ino)
+        with e as (fs, inner):
+            slot = e.slot
+            up = slot.parent.ino if inner == ROOT_ID and slot.parent is not None else 0
+            return fs.readdirplus_packed(inner, fh, offset, size, slot.base, up)
+
     def _pseudo_readdirplus(self, node: _Pseudo, offset: int) -> Iterator[DirEntryPlusTuple]:
         for name, cino, typ, off in self._pseudo_readdir(node, offset):
             if name in (b".", b".."):

@@ -22,7 +22,7 @@ BIG = 300
 
 
 class CountingImage:
-    """The image, counting readdir() calls per directory."""
+    """The image, counting the decodes of each directory (readdir() and listing() calls)."""
 
     def __init__(self, image: RafsImage) -> None:
         self._image = image
@@ -31,6 +31,10 @@ class CountingImage:
     def readdir(self, ino: int, offset: int = 0):  # type: ignore[no-untyped-def]
         self.readdirs[ino] = self.readdirs.get(ino, 0) + 1
         return self._image.readdir(ino, offset)
+
+    def listing(self, ino: int, limit: int):  # type: ignore[no-untyped-def]
+        self.readdirs[ino] = self.readdirs.get(ino, 0) + 1
+        return self._image.listing(ino, limit)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._image, name)

@@ -455,3 +455,29 @@ def test_notifications() -> None:
     assert struct.unpack_from("<IiQQII", m) == (len(m), 3, 0, 1, 5, 0) and m[32:] == b"hello\0"
     m = notify_delete(1, 2, b"hello")
     assert struct.unpack_from("<IiQQQII", m) == (len(m), 6, 0, 1, 2, 5, 0) and m[40:] == b"hello\0"
+
+
+def test_readdirplus_packed_by_the_filesystem_is_sent_as_it_is_and_never_past_the_size() -> None:
+    """A filesystem's `readdirplus_packed` reply goes out untouched (the session packs nothing);
+    b"" ends the listing; more bytes than the kernel asked for is a filesystem bug, answered EIO."""
+
+    class Packed(MemFS):
+        payload = b""
+
+        def readdirplus_packed(self, ino: int, fh: int, offset: int, size: int, base: int = 0,
+                               dotdot: int = 0) -> bytes:
+            return self.payload
+
+    fs = Packed()
+    k = Kernel(FuseSession(fs))
+    assert k.init(45)[0] == 0
+    plain = Kernel(FuseSession(MemFS()))
+    assert plain.init(45)[0] == 0
+    err, want = plain.read(1, 201, 0, 4096, opcode=K.READDIRPLUS)
+    assert err == 0 and want
+    fs.payload = want
+    assert k.read(1, 201, 0, 4096, opcode=K.READDIRPLUS) == (0, want)
+    fs.payload = b""
+    assert k.read(1, 201, 0, 4096, opcode=K.READDIRPLUS) == (0, b"")
+    fs.payload = want
+    assert k.read(1, 201, 0, len(want) - 1, opcode=K.READDIRPLUS)[0] == errno.EIO

@@ -323,6 +323,24 @@ def test_chunk_record_corruptions() -> None:
         V6Image(mutate(BASE, sizes)).chunks(BASE.nids[b"/file"])
 
 
+def test_chunk_record_fields_checked_on_every_read() -> None:
+    """chunks() (on every READ) checks the record's fields itself: unknown flags, a stored size that
+    disagrees with an uncompressed chunk, a range past the blob."""
+    ct = BASE.chunk_table_off
+
+    def every(fmt: str, at: int, value: int) -> bytearray:
+        def poke_all(bt: bytearray) -> None:
+            for i in range(BASE.chunk_count):
+                struct.pack_into(fmt, bt, ct + 80 * i + at, value)
+        return mutate(BASE, poke_all)
+
+    for boot, match in ((every("<I", 36, 0x100), "unknown chunk flags"),
+                        (every("<I", 36, 0), "uncompressed chunk stored in"),
+                        (every("<Q", 48, 1 << 39), "compressed range ends past blob size")):
+        with pytest.raises(FormatError, match=match):
+            V6Image(boot).chunks(BASE.nids[b"/file"])
+
+
 # ---------------------------------------------------------------------------------- superblocks
 
 
