@@ -66,15 +66,13 @@ TRIM_THRESHOLD = 8 << 20  # free heap top kept for the next buffers (malloc_trim
 _ENV = ("MALLOC_ARENA_MAX", "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
-def tune_malloc(arenas: int | None = None) -> bool:
-    """For the threads started from now on: at most `arenas` malloc arenas (default: one per
-    core, at least 2), buffers up to `MMAP_THRESHOLD` from the heaps and `TRIM_THRESHOLD` of
-    free heap top kept (see the module docstring). False (logged) when the environment sets
-    glibc's malloc parameters (those win: setting one turns glibc's own adjustments off, so
-    all are left alone then) or the C library has no mallopt (musl)."""
-    env = [k for k in _ENV if k in os.environ]
-    if env or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        log.info("malloc parameters left as the environment sets them (%s)", ", ".join(env) or "GLIBC_TUNABLES")
+def set_malloc(settings: tuple[tuple[int, int], ...], env: tuple[str, ...], what: str) -> bool:
+    """mallopt each (parameter, value) of `settings`; False (logged) when the environment sets
+    any of `env` or glibc's malloc tunables (those win: setting one turns glibc's own adjustments
+    off, so all are left alone then), the C library has no mallopt (musl), or glibc refuses one."""
+    given = [k for k in env if k in os.environ]
+    if given or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
+        log.info("%s left as the environment sets them (%s)", what, ", ".join(given) or "GLIBC_TUNABLES")
         return False
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -83,9 +81,17 @@ def tune_malloc(arenas: int | None = None) -> bool:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt.restype = ctypes.c_int
-    n = arenas if arenas is not None else max(2, min(8, os.cpu_count() or 1))
-    for what, value in ((_M_ARENA_MAX, n), (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD)):
-        if mallopt(what, value) != 1:
-            log.warning("mallopt refused parameter %d = %d: malloc keeps its default there", what, value)
+    for param, value in settings:
+        if mallopt(param, value) != 1:
+            log.warning("mallopt refused parameter %d = %d: malloc keeps its default there", param, value)
             return False
     return True
+
+
+def tune_malloc(arenas: int | None = None) -> bool:
+    """For the threads started from now on: at most `arenas` malloc arenas (default: one per
+    core, at least 2), buffers up to `MMAP_THRESHOLD` from the heaps and `TRIM_THRESHOLD` of
+    free heap top kept (see the module docstring); False (logged) where `set_malloc` says."""
+    n = arenas if arenas is not None else max(2, min(8, os.cpu_count() or 1))
+    settings = ((_M_ARENA_MAX, n), (_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return set_malloc(settings, _ENV, "malloc parameters")

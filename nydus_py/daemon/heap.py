@@ -22,15 +22,13 @@ malloc_trim. Minor faults of four cold 100 MiB reads: 22-37k -> 7-8k (fusedev), 
 (EROFS views). Environment settings of glibc's malloc win (MALLOC_*_ / GLIBC_TUNABLES).
 """
 
-import ctypes
 import gc
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
 
-from ..convert.memory import release_free_memory
+from ..convert.memory import release_free_memory, set_malloc
 
 log = logging.getLogger(__name__)
 
@@ -45,21 +43,8 @@ _ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 def tune_malloc() -> bool:
     """Set glibc's malloc thresholds for chunk-sized buffers (see the module docstring); False
     (logged) when the environment sets them or the C library has no mallopt (musl)."""
-    env = [k for k in _ENV if k in os.environ]
-    if env or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
-        log.info("malloc thresholds left as the environment sets them (%s)", ", ".join(env) or "GLIBC_TUNABLES")
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError) as e:
-        log.info("mallopt is not available (%s): malloc keeps its default thresholds", e)
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1 and mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
-    if not ok:
-        log.warning("mallopt refused the malloc thresholds; fresh pages for every decoded chunk")
-    return ok
+    settings = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    return set_malloc(settings, _ENV, "malloc thresholds")
 
 
 def trim_heap() -> bool:
