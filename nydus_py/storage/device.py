@@ -296,22 +296,8 @@ class BlobDevice:
             pos = hi
         if pos != end:
             return self._fallback()
-        total = end - offset
-        if len(runs) > 1:
-            views = split(bufs, [n for _b, _o, n, _cs in runs])
-        else:  # `bufs` are `size` bytes: as they are unless the file ends first
-            views = [bufs if total == size else trim(bufs, 0, total, size)]
-        try:
-            for (b, o, n, cs), v in zip(runs, views, strict=True):
-                if not direct(blobs[b], cs, o, v, n, nowait):
-                    return self._fallback()
-        except BlockingIOError:
-            self._fallback()
-            raise
-        with self._stats_lock:
-            self.direct_reads += 1
-            self.bytes_read += total
-        return total
+        return self._read_pieces(end - offset, size, bufs, [n for _b, _o, n, _cs in runs],
+                                 lambda i, v: direct(blobs[runs[i][0]], runs[i][3], runs[i][1], v, runs[i][2], nowait))
 
     def _raw_read_into(self, ino: int, offset: int, end: int, size: int, file_size: int, bufs: list[memoryview],
                        nowait: bool) -> int:
@@ -324,14 +310,20 @@ class BlobDevice:
         raw = self._raw_into
         assert raw is not None
         blobs = self.image.blobs
-        total = end - offset
-        if len(pieces) > 1:
-            views = split(bufs, [n for _b, _o, n in pieces])
+        return self._read_pieces(end - offset, size, bufs, [n for _b, _o, n in pieces],
+                                 lambda i, v: raw(blobs[pieces[i][0]], pieces[i][1], v, pieces[i][2], nowait))
+
+    def _read_pieces(self, total: int, size: int, bufs: list[memoryview], lengths: list[int],
+                     read_one: Callable[[int, list[memoryview]], bool]) -> int:
+        """`total` bytes into `bufs` (`size` bytes), piece i of `lengths` by `read_one(i, views)`;
+        -1 (counted as a fallback) when a piece cannot be read that way."""
+        if len(lengths) > 1:
+            views = split(bufs, lengths)
         else:  # `bufs` are `size` bytes: as they are unless the file ends first
             views = [bufs if total == size else trim(bufs, 0, total, size)]
         try:
-            for (b, o, n), v in zip(pieces, views, strict=True):
-                if not raw(blobs[b], o, v, n, nowait):
+            for i, v in enumerate(views):
+                if not read_one(i, v):
                     return self._fallback()
         except BlockingIOError:
             self._fallback()
