@@ -27,12 +27,10 @@ limits the run to some servers (native is always there: ratios are to it).
 """
 
 import argparse
-import http.client
 import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import struct
 import subprocess
@@ -43,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import drop_caches, grouped_bar_plot, save
+from common import api_get, drop_caches, grouped_bar_plot, save
 from gen_tree import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -482,15 +480,7 @@ def _median_rtt(runs: list[dict[str, object]]) -> dict[str, object]:
 def _fop_count(apisock: str | None) -> int:
     """FUSE requests the daemon has answered so far (sum of `fop_hits` of GET /api/v1/metrics)."""
     assert apisock is not None
-    conn = http.client.HTTPConnection("localhost", timeout=10)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(apisock)
-    conn.sock = sock
-    try:
-        conn.request("GET", "/api/v1/metrics")
-        return sum(json.loads(conn.getresponse().read())["fop_hits"])
-    finally:
-        conn.close()
+    return sum(api_get(apisock, "/api/v1/metrics")["fop_hits"])
 
 
 def rss_for_flat_image(work: str, files: int, threads: int) -> dict[str, float]:

@@ -1,13 +1,33 @@
 """Shared benchmark plumbing: run a command measuring wall time and peak RSS, keep JSON + PNG."""
 
+import http.client
 import json
 import os
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def api_get_text(apisock: str, path: str) -> str:
+    """GET `path` from a daemon's API socket (the body as text)."""
+    conn = http.client.HTTPConnection("localhost", timeout=10)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(apisock)
+    conn.sock = sock
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()
+
+
+def api_get(apisock: str, path: str) -> dict:  # type: ignore[type-arg]
+    """GET `path` from a daemon's API socket (a JSON body)."""
+    return json.loads(api_get_text(apisock, path))  # type: ignore[no-any-return]
 
 
 def run_measured(cmd: list[str], **kw: object) -> dict[str, float]:

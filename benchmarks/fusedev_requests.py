@@ -12,17 +12,15 @@ Run as root: python3 benchmarks/fusedev_requests.py --scale 0.1 --workdir DIR --
 """
 
 import argparse
-import http.client
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from bench_fusedev import NydusPy, build_images, make_xattr_tree, small_files, write_config
-from common import drop_caches, save
+from common import api_get_text, drop_caches, save
 from gen_tree import generate
 
 _SAMPLE = re.compile(r'^nydusd_fuse_requests_total\{mountpoint="([^"]*)",op="(\w+)"\} (\S+)$', re.M)
@@ -35,15 +33,7 @@ CMDS = {
 
 def fuse_requests(apisock: str) -> dict[str, int]:
     """Requests answered so far per opcode name, summed over mountpoints."""
-    conn = http.client.HTTPConnection("localhost", timeout=10)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(apisock)
-    conn.sock = sock
-    try:
-        conn.request("GET", "/metrics")
-        text = conn.getresponse().read().decode()
-    finally:
-        conn.close()
+    text = api_get_text(apisock, "/metrics")
     out: dict[str, int] = {}
     for _mp, op, v in _SAMPLE.findall(text):
         out[op] = out.get(op, 0) + int(float(v))

@@ -13,18 +13,16 @@ python3 benchmarks/fusedev_sleeps.py --workdir DIR --baseline /path/to/old/check
 """
 
 import argparse
-import http.client
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
 from bench_fusedev import _fop_count, build_images, small_files, write_config
-from common import drop_caches, save
+from common import api_get, drop_caches, save
 from fusedev_poll import REPO, Variant
 from gen_tree import generate
 
@@ -51,15 +49,7 @@ def thread_sums(pid: int) -> tuple[int, int, int]:
 def transport(apisock: str | None) -> str:
     """Which transport serves the daemon's mount (/api/v1/metrics/transport)."""
     assert apisock is not None
-    conn = http.client.HTTPConnection("localhost", timeout=10)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(apisock)
-    conn.sock = sock
-    try:
-        conn.request("GET", "/api/v1/metrics/transport")
-        return str(json.loads(conn.getresponse().read())["transport"])
-    finally:
-        conn.close()
+    return str(api_get(apisock, "/api/v1/metrics/transport")["transport"])
 
 
 def main() -> None:

@@ -17,10 +17,7 @@ Run as root: python3 benchmarks/seq_read_probe.py --workdir DIR [--code A,B] [--
 """
 
 import argparse
-import http.client
-import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,23 +25,12 @@ import time
 from pathlib import Path
 
 from bench_fusedev import BIG, build_images, small_files, write_config
-from common import drop_caches, save
+from common import api_get, drop_caches, save
 from fusedev_requests import task_times
 from gen_tree import generate
 
 REPO = Path(__file__).resolve().parents[1]
 
-
-def api_get(sock: str, path: str) -> dict:
-    conn = http.client.HTTPConnection("localhost", timeout=10)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(sock)
-    conn.sock = s
-    try:
-        conn.request("GET", path)
-        return json.loads(conn.getresponse().read())
-    finally:
-        conn.close()
 
 
 def minflt(pid: int) -> int:
