@@ -19,11 +19,24 @@ import threading
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
-from concurrent.futures import Future
 
 DEFAULT_BUDGET = 128 << 20
 
 _serials = itertools.count(1)
+
+
+class _Load:
+    """One load under way. Most loads have no waiter, so the event a waiter sleeps on is made
+    only when one comes (under the store's lock, while the load is still listed: the owner,
+    which unlists it under the same lock, then sees the event and sets it). A
+    concurrent.futures.Future cost ~4.6 us per load here, this ~0.5 us."""
+
+    __slots__ = ("data", "error", "event")
+
+    def __init__(self) -> None:
+        self.data: bytes | None = None
+        self.error: BaseException | None = None
+        self.event: threading.Event | None = None
 
 
 class ChunkStore:
@@ -34,7 +47,7 @@ class ChunkStore:
         self._fixed = capacity_bytes
         self.size = 0
         self._data: OrderedDict[tuple[int, Hashable], bytes] = OrderedDict()
-        self._loading: dict[tuple[int, Hashable], Future[bytes]] = {}
+        self._loading: dict[tuple[int, Hashable], _Load] = {}
         self._held: dict[int, int] = {}  # view serial -> bytes of its entries
         self._asked: dict[int, int] = {}  # live view serial -> capacity it asked for
         self.lock = threading.Lock()
@@ -164,14 +177,22 @@ class ChunkCache:
                     store._data.move_to_end(skey)
                     self.hits += 1
                     return data
-                fut = store._loading.get(skey)
-                owner = fut is None
-                if fut is None:
-                    fut = Future()
-                    store._loading[skey] = fut
+                pending = store._loading.get(skey)
+                if pending is None:
+                    pending = store._loading[skey] = _Load()
                     self.misses += 1
+                    owner = True
+                else:
+                    owner = False
+                    if pending.event is None:
+                        pending.event = threading.Event()
+                    event = pending.event
             if not owner:
-                data = fut.result()
+                event.wait()
+                if pending.error is not None:
+                    raise pending.error
+                data = pending.data
+                assert data is not None
                 if len(data) >= need:
                     return data
                 continue
@@ -180,12 +201,17 @@ class ChunkCache:
             except BaseException as e:
                 with store.lock:
                     del store._loading[skey]
-                fut.set_exception(e)
+                    pending.error = e
+                    done = pending.event
+                if done is not None:
+                    done.set()
                 raise
             with store.lock:
                 del store._loading[skey]
-                data = store._put(skey, data)
-            fut.set_result(data)
+                data = pending.data = store._put(skey, data)
+                done = pending.event
+            if done is not None:
+                done.set()
             return data
 
     def peek(self, key: Hashable, need: int = 0) -> bytes | None:
