@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from nydus_py.builder.options import BuildOptions
+from nydus_py.rafs.constants import Compressor
 from nydus_py.fs.passthrough import PassthroughFilesystem
 from nydus_py.fs.rafs_fs import RafsFilesystem
 from nydus_py.fuse.api import Filesystem
@@ -47,7 +48,10 @@ DATA = random.Random(15).randbytes(SIZE)
 
 class GatedDir(LocalBlobDir):
     """A blob directory whose read of one offset waits for the test (a stalled fetch), and
-    that can hand back wrong bytes for another (the digest check refuses them)."""
+    that can hand back wrong bytes for another (the digest check refuses them). It stands for a
+    remote backend (its reads may wait on the network: not `local`)."""
+
+    local = False
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -235,6 +239,46 @@ def test_cached_read_skips_the_pool_while_a_stalled_one_waits_in_it(rafs: Rig) -
     q.free.append(stalled)
     assert got == stalled and length == 16 + 4096
     assert bytes(rafs.fe.mem[w_off + 16 : w_off + 16 + 4096]) == DATA[3 * CHUNK : 3 * CHUNK + 4096]
+
+
+class ColdDir(LocalBlobDir):
+    """A local blob directory whose blob is out of the host's page cache (RWF_NOWAIT reads
+    refused), recording the thread of each blocking read."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.threads: list[str] = []
+
+    def preadv_into(self, blob: BlobInfo, offset: int, bufs: list[memoryview], want: int,
+                    nowait: bool = False) -> bool:
+        if nowait:
+            raise BlockingIOError(errno.EAGAIN, "not in the page cache")
+        self.threads.append(threading.current_thread().name)
+        return super().preadv_into(blob, offset, bufs, want)
+
+
+def test_local_read_out_of_the_page_cache_is_answered_by_the_dispatcher(tmp_path: Path) -> None:
+    """A READ of a local blob file (no blob cache) that misses RWF_NOWAIT waits on the disk at
+    most: the dispatcher reads it itself instead of handing it to the pool."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(DATA)
+    img = build(str(src), str(tmp_path / "img"), BuildOptions(chunk_size=CHUNK, compressor=Compressor.NONE), views=False)
+    image = open_bootstrap(img.boot)
+    source = ColdDir(img.blob_dir)
+    fs = RafsFilesystem(image, BlobDevice(image, source, validate=False), readahead_chunks=0)
+    assert fs.device.raw_direct and not fs.read_waits(1)
+    srv, fe, nodeid = _start(tmp_path, fs)
+    try:
+        r = Rig(srv, fe, fs, nodeid)
+        err, p = r.read(CHUNK - 100, 2 * CHUNK, [16, CHUNK, CHUNK], 50)
+        assert err == 0 and p == DATA[CHUNK - 100 : 3 * CHUNK - 100]
+        w = r.worker
+        assert source.threads == [w.thread.name] and w.handed_over == 0
+        assert (w.inline_nowait, w.inline_blocking) == (0, 1)
+    finally:
+        fe.close()
+        srv.stop()
 
 
 def test_passthrough_read_of_cached_pages_skips_the_pool(tmp_path: Path) -> None:
