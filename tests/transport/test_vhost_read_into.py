@@ -22,7 +22,7 @@ from nydus_py.rafs.constants import Compressor
 from nydus_py.fs.passthrough import PassthroughFilesystem
 from nydus_py.fs.rafs_fs import RafsFilesystem
 from nydus_py.fuse.api import Filesystem
-from nydus_py.fuse.iovec import BufferDest, WouldBlock
+from nydus_py.fuse.iovec import BufferDest, ReadDest, WouldBlock, scatter
 from nydus_py.fuse.protocol import FuseSession
 from nydus_py.rafs import open_bootstrap
 from nydus_py.rafs.model import BlobInfo
@@ -335,6 +335,58 @@ def test_session_read_into_matches_the_buffered_reply() -> None:
             session.handle_into(req, [memoryview(mem)], guard, nowait=True)
     r = session.handle_into(lookup, [memoryview(bytearray(200))], guard)
     assert isinstance(r, list) and b"".join(r) == session.handle(lookup)
+
+
+class _CountingGuard:
+    """A write guard that counts its entries and what the header held at each exit."""
+
+    def __init__(self, mem: bytearray) -> None:
+        self.mem = mem
+        self.entries = 0
+        self.headers: list[tuple[int, int, int]] = []
+
+    def __enter__(self) -> None:
+        self.entries += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.headers.append(struct.unpack_from("<IiQ", self.mem))
+
+
+class _ShortFs(MemFS):
+    """Fills the whole request, then says it wrote fewer bytes (the header must say so)."""
+
+    def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
+        dest.fill(lambda bufs: scatter(bufs, b"x" * dest.size))
+        return 3
+
+
+def test_read_into_writes_its_header_in_the_same_guard_as_its_data() -> None:
+    """A READ answered into the transport's buffers takes their write guard once: the reply
+    header goes in with the data. A filesystem that answers differently from what it filled,
+    or fails, still gets a header that says what it answered."""
+    def setup(fs: Filesystem) -> tuple[FuseSession, int]:
+        session = FuseSession(fs)
+        init_req = struct.pack("<IIQQIIIHH", 40 + 64, 26, 1, 0, 0, 0, 1, 0, 0) + struct.pack("<IIIII44x", 7, 38, 0, 0, 0)
+        assert session.handle(init_req) is not None
+        lookup = struct.pack("<IIQQIIIHH", 40 + 6, LOOKUP, 2, 1, 0, 0, 1, 0, 0) + b"hello\0"
+        return session, struct.unpack_from("<Q", session.handle(lookup) or b"", 16)[0]
+
+    for fs, fh, want in ((MemFS(), None, b"hello world\n"), (_ShortFs(), None, b"xxx"), (MemFS(), 7, None)):
+        session, nodeid = setup(fs)
+        req = struct.pack("<IIQQIIIHH", 80, READ, 9, nodeid, 0, 0, 1, 0, 0) + struct.pack(
+            "<QQIIQII", 100 + nodeid if fh is None else fh, 0, 64, 0, 0, 0, 0)
+        mem = bytearray(16 + 64)
+        guard = _CountingGuard(mem)
+        n = session.handle_into(req, [memoryview(mem)[:16], memoryview(mem)[16:]], guard)
+        if want is None:  # a bad handle: EBADF, in a guard of its own (no data was written)
+            assert n == 16 and guard.entries == 1 and guard.headers == [(16, -errno.EBADF, 9)]
+            continue
+        assert n == 16 + len(want) and bytes(mem[16:n]) == want
+        assert struct.unpack_from("<IiQ", mem) == (n, 0, 9)
+        if isinstance(fs, _ShortFs):  # the fill's header said 64: written again
+            assert guard.entries == 2 and guard.headers == [(16 + 64, 0, 9), (n, 0, 9)]
+        else:
+            assert guard.entries == 1 and guard.headers == [(n, 0, 9)]
 
 
 class _NoWalk(list):  # type: ignore[type-arg]
