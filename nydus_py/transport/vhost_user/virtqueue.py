@@ -347,22 +347,17 @@ class Virtqueue:
         remembered one byte for byte has only its readable head checked (two entries for a
         READ, not all 259)."""
         n = len(raw) // DESC_SIZE
-        m = memoryview(raw)
-        h = m.cast("H")
         memo = self._memo
         if memo is not None:
             tail, kept, kept_bytes, r = memo
             cut = r * DESC_SIZE
             if len(raw) == cut + len(tail) and raw[cut:] == tail:
-                head_h = h[: r * 8]
-                if head_h[6::8].tolist() != _READABLE[:r] or head_h[7::8].tolist() != _NEXTS[:r]:
+                readable: list[memoryview] | None = self._head(raw, r) if r else []
+                if readable is None:
                     return None
-                readable: list[memoryview] | None = []
-                if r:
-                    readable = self._head(raw, r)
-                    if readable is None:
-                        return None
                 return Chain(head, readable, list(kept), kept_bytes)
+        m = memoryview(raw)
+        h = m.cast("H")
         flags = h[6::8].tolist()
         last = flags.pop()
         if h[7::8].tolist()[:-1] != _NEXTS[: n - 1]:
@@ -386,27 +381,31 @@ class Virtqueue:
             writable, wbytes = got
             self._memo = (raw[r * DESC_SIZE :], writable, wbytes, r)
         if r:
-            head_bufs = self._head(raw, r)
+            head_bufs = self._head(raw, r, checked=True)
             if head_bufs is None:
                 return None
             readable = head_bufs
         return Chain(head, readable, list(writable), wbytes)
 
-    def _head(self, raw: bytes, r: int) -> list[memoryview] | None:
-        """Views of the buffers of the first `r` descriptors of `raw` (flags and order already
-        checked), decoded one by one: for a request's few readable descriptors (a READ's 2)
-        that is quicker than `_buffers`' whole-table steps. None when one is empty, outside
-        guest memory, or they are over the byte limit."""
+    def _head(self, raw: bytes, r: int, checked: bool = False) -> list[memoryview] | None:
+        """Views of the buffers of the first `r` descriptors of `raw`, which must be readable
+        and each chained to the next (unless `checked`: the caller did); None when they are
+        not, or one is empty, outside guest memory, or they are over the byte limit. A
+        request's few (a READ's 2) are decoded one by one: quicker than the whole-table steps
+        of `_buffers`, used for more."""
         if r > FEW:
+            h = memoryview(raw)[: r * DESC_SIZE].cast("H")
+            if not checked and (h[6::8].tolist() != _READABLE[:r] or h[7::8].tolist() != _NEXTS[:r]):
+                return None
             got = self._buffers(memoryview(raw)[: r * DESC_SIZE])
             return None if got is None else got[0]
         gpa = self.memory.gpa
         out: list[memoryview] = []
         total = 0
         start = end = -1  # the run of buffers adjacent in guest memory that out[-1] views
-        for i in range(0, r * DESC_SIZE, DESC_SIZE):
-            addr, length, _flags, _next = DESC.unpack_from(raw, i)
-            if not length:
+        for i in range(r):
+            addr, length, flags, nxt = DESC.unpack_from(raw, i * DESC_SIZE)
+            if not length or not checked and (flags != DESC_F_NEXT or nxt != i + 1):
                 return None
             total += length
             if addr == end:  # adjacent to the previous one: one view (as `_buffers` does)
