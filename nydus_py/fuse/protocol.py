@@ -467,7 +467,7 @@ class FuseSession:
     def _read_into(self, unique: int, nodeid: int, fh: int, offset: int, size: int, bufs: Sequence[memoryview],
                    room: int, guard: AbstractContextManager[object], nowait: bool) -> int:
         obs = self.observer
-        token = obs.started(Opcode.READ, nodeid, unique) if obs is not None and not nowait else None
+        token = obs.started(_OP_READ, nodeid, unique) if obs is not None and not nowait else None
         dest = _GuardedDest(trim(bufs, _OUT_SIZE, size, room), size, guard, bufs[0], unique)
         err = 0
         got = 0
@@ -499,7 +499,7 @@ class FuseSession:
         finally:
             if obs is not None:
                 if token is None:
-                    token = obs.started(Opcode.READ, nodeid, unique)
+                    token = obs.started(_OP_READ, nodeid, unique)
                 obs.finished(token, cast(Reply, (_OUT(_OUT_SIZE + got, -err, unique), _Span(got))))
         return _OUT_SIZE + got
 

@@ -18,13 +18,13 @@ from pathlib import Path
 import pytest
 
 from nydus_py.builder.options import BuildOptions
-from nydus_py.rafs.constants import Compressor
 from nydus_py.fs.passthrough import PassthroughFilesystem
 from nydus_py.fs.rafs_fs import RafsFilesystem
 from nydus_py.fuse.api import Filesystem
 from nydus_py.fuse.iovec import BufferDest, ReadDest, WouldBlock, scatter
 from nydus_py.fuse.protocol import FuseSession
 from nydus_py.rafs import open_bootstrap
+from nydus_py.rafs.constants import Compressor
 from nydus_py.rafs.model import BlobInfo
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir

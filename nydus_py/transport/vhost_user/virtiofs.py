@@ -19,7 +19,15 @@ from contextlib import AbstractContextManager
 from ...fuse.abi import OUT_HEADER
 from ...fuse.protocol import FuseProtocolError, FuseSession
 from .backend import Backend
-from .server import DEFAULT_WORKERS, STOP_GRACE, Buffers, IntoHandler, RequestHandler, VhostUserServer, WaitsLocally
+from .server import (
+    DEFAULT_WORKERS,
+    STOP_GRACE,
+    Buffers,
+    IntoHandler,
+    RequestHandler,
+    VhostUserServer,
+    WaitsLocally,
+)
 from .virtqueue import Chain
 
 log = logging.getLogger(__name__)
