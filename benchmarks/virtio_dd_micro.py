@@ -12,7 +12,16 @@ after every request. Servers take turns for `--rounds` rounds (every other round
 order), so drifts of a shared machine fall on all of them; the median over rounds counts.
 Daemon CPU is the sum of its threads' (and children's) on-CPU time from /proc/*/schedstat.
 
-python3 benchmarks/virtio_dd_micro.py [--mib 50] [--passes 4] [--rounds 4] [--virtiofsd] [--json out.json]
+`--interleave`: every server is started once and their passes alternate (`--rounds` times),
+closer in time than a server per round.
+
+`--cold`: before every READ the server's files (the blob, or the tree's file) leave the host's
+page cache (POSIX_FADV_DONTNEED), so each READ waits on the disk: a READ the dispatcher can't
+answer from the page cache (RWF_NOWAIT), as 9 of 250 were in a guest run while other processes
+dropped caches.
+
+python3 benchmarks/virtio_dd_micro.py [--mib 50] [--passes 4] [--rounds 4] [--virtiofsd] [--cold] [--interleave]
+    [--baseline-repo DIR] [--json out.json]
 """
 
 import argparse
@@ -109,8 +118,10 @@ class Server:
             assert struct.unpack_from("<i", out, 4)[0] == 0, (self.label, out[:16])
         return out
 
-    def reads(self, mib: int, passes: int) -> tuple[float, float]:
-        """(wall us, daemon CPU us) per 1 MiB READ over `passes` passes of the first `mib` MiB."""
+    def reads(self, mib: int, passes: int, cold: list[str] | None = None) -> tuple[float, float]:
+        """(wall us, daemon CPU us) per 1 MiB READ over `passes` passes of the first `mib` MiB;
+        the files `cold` leave the page cache before each READ."""
+        fds = [os.open(p, os.O_RDONLY) for p in cold or ()]
         fe, q = self.fe, self.q
         mem = fe.mem
         descs = [(F.GPA_BASE + REQ, 40, 0), (F.GPA_BASE + REQ + 64, 40, 0), (F.GPA_BASE + REQ + 128, 16, F.WRITE)]
@@ -119,11 +130,14 @@ class Server:
         t0 = time.perf_counter()
         n = 0
         for _ in range(passes):
+            fe.brk = 0x10000  # (the front-end's allocator: keep the indirect tables below REQ)
             for k in range(mib):
                 self.unique += 2
                 mem[REQ : REQ + 40] = IN_HEADER.pack(80, Opcode.READ, self.unique, self.nodeid, 0, 0, 1, 0, 0)
                 mem[REQ + 64 : REQ + 104] = READ_IN.pack(self.fh, k * MIB, MIB, 0, 0, os.O_RDONLY | os.O_DIRECT, 0)
                 struct.pack_into("<H", mem, q.avail + 4 + 2 * q.num, q.last_used)  # used_event
+                for fd in fds:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
                 head, _ = q.add([], [], indirect=True, raw=descs)
                 q.do_kick()
                 got, length = q.wait_used(30.0)
@@ -131,6 +145,8 @@ class Server:
                 q.free.append(head)
                 n += 1
         wall = (time.perf_counter() - t0) / n * 1e6
+        for fd in fds:
+            os.close(fd)
         return wall, (cpu_ns(self.proc.pid) - c0) / n / 1e3
 
     def close(self) -> None:
@@ -151,9 +167,13 @@ def main() -> int:
     ap.add_argument("--virtiofsd", action="store_true")
     ap.add_argument("--servers", default="rafs,passthrough", help="nydusd-py servers (rafs, passthrough)")
     ap.add_argument("--baseline-repo", help="also run the rafs server of this checkout (`rafs-base`)")
+    ap.add_argument("--cold", action="store_true", help="every READ misses the host's page cache")
+    ap.add_argument("--interleave", action="store_true",
+                    help="start every server once and alternate their passes (rounds: alternations)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    results: dict[str, object] = {"mib": args.mib, "passes": args.passes, "rounds": args.rounds,
+    results: dict[str, object] = {"mib": args.mib, "passes": args.passes, "rounds": args.rounds, "cold": args.cold,
+                                  "interleave": args.interleave,
                                   "loadavg": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="virtio-dd-micro-") as tmp:
         root = Path(tmp)
@@ -189,21 +209,44 @@ def main() -> int:
             cmds["virtiofsd"] = (["/usr/lib/qemu/virtiofsd", f"--socket-path={sock}", "-o",
                                   f"source={root / 'tree'}", "-o", "cache=auto"], sock, REPO)
         raw: dict[str, list[tuple[float, float]]] = {n: [] for n in cmds}
-        for rnd in range(args.rounds):
+
+        def cold_files(name: str) -> list[str] | None:
+            if not args.cold:
+                return None
+            return [str(p) for p in blobs.iterdir()] if name.startswith("rafs") else [str(root / "tree" / "big.bin")]
+
+        def report(rnd: int, name: str) -> None:
+            wall, cpu = raw[name][-1]
+            print(f"round {rnd} {name:12s} round trip {wall:7.1f} us/READ  daemon CPU {cpu:7.1f} us/READ", flush=True)
+
+        if args.interleave:  # every server up at once, their passes alternated
+            servers: dict[str, Server] = {}
+            try:
+                for name, (cmd, sock, repo) in cmds.items():
+                    servers[name] = Server(name, cmd, sock, repo)
+                    servers[name].reads(args.mib, 1)  # warm
+                for rnd in range(args.rounds):
+                    for name in (list(cmds) if rnd % 2 == 0 else list(cmds)[::-1]):
+                        raw[name].append(servers[name].reads(args.mib, args.passes, cold_files(name)))
+                        report(rnd, name)
+            finally:
+                for name, srv in servers.items():
+                    srv.close()
+                    if os.path.exists(cmds[name][1]):
+                        os.unlink(cmds[name][1])
+        for rnd in range(0 if args.interleave else args.rounds):
             names = list(cmds) if rnd % 2 == 0 else list(cmds)[::-1]
             for name in names:
                 cmd, sock, repo = cmds[name]
                 srv = Server(name, cmd, sock, repo)
                 try:
                     srv.reads(args.mib, 1)  # warm: the host's page cache, the first touch of guest pages
-                    raw[name].append(srv.reads(args.mib, args.passes))
+                    raw[name].append(srv.reads(args.mib, args.passes, cold_files(name)))
                 finally:
                     srv.close()
                     if os.path.exists(sock):
                         os.unlink(sock)
-                wall, cpu = raw[name][-1]
-                print(f"round {rnd} {name:12s} round trip {wall:7.1f} us/READ  daemon CPU {cpu:7.1f} us/READ",
-                      flush=True)
+                report(rnd, name)
     summary = {n: {"round_trip_us": statistics.median(w for w, _ in v), "daemon_cpu_us": statistics.median(c for _, c in v)}
                for n, v in raw.items()}
     for n, s in summary.items():

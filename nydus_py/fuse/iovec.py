@@ -40,7 +40,8 @@ def trim(bufs: Sequence[memoryview], skip: int, limit: int, total: int = -1) -> 
         total -= len(bufs[i])
         i += 1
     if not skip and total == limit:
-        return list(bufs[i:])
+        rest = bufs[i:]  # (a list's slice is a new list already: not copied twice)
+        return rest if type(rest) is list else list(rest)
     out: list[memoryview] = []
     for b in bufs[i:]:
         if not limit:

@@ -184,18 +184,28 @@ class _Span:
 
 
 class _GuardedDest:
-    """A ReadDest over a transport's buffers, written only while its guard is held."""
+    """A ReadDest over a transport's buffers, written only while its guard is held. A fill
+    that succeeds also writes the reply header (into `head`) for its byte count inside the
+    same guard: a READ then takes the guard once, not twice (`header` says which count)."""
 
-    __slots__ = ("bufs", "size", "guard")
+    __slots__ = ("bufs", "size", "guard", "head", "unique", "header")
 
-    def __init__(self, bufs: list[memoryview], size: int, guard: AbstractContextManager[object]) -> None:
+    def __init__(self, bufs: list[memoryview], size: int, guard: AbstractContextManager[object],
+                 head: memoryview, unique: int) -> None:
         self.bufs = bufs
         self.size = size
         self.guard = guard
+        self.head = head
+        self.unique = unique
+        self.header = -1  # the byte count of the success header written, -1: none
 
     def fill(self, write: Callable[[list[memoryview]], int]) -> int:
         with self.guard:
-            return write(self.bufs)
+            n = write(self.bufs)
+            if 0 <= n <= self.size:
+                _OUT_INTO(self.head, 0, _OUT_SIZE + n, 0, self.unique)
+                self.header = n
+            return n
 
 
 class FuseProtocolError(ValueError):
@@ -461,8 +471,8 @@ class FuseSession:
     def _read_into(self, unique: int, nodeid: int, fh: int, offset: int, size: int, bufs: Sequence[memoryview],
                    room: int, guard: AbstractContextManager[object], nowait: bool) -> int:
         obs = self.observer
-        token = obs.started(Opcode.READ, nodeid, unique) if obs is not None and not nowait else None
-        dest = _GuardedDest(trim(bufs, _OUT_SIZE, size, room), size, guard)
+        token = obs.started(_OP_READ, nodeid, unique) if obs is not None and not nowait else None
+        dest = _GuardedDest(trim(bufs, _OUT_SIZE, size, room), size, guard, bufs[0], unique)
         err = 0
         got = 0
         try:
@@ -487,12 +497,13 @@ class FuseSession:
         elif err:
             got = 0
         try:
-            with guard:  # (raises when the transport has dropped the request meanwhile)
-                _OUT_INTO(bufs[0], 0, _OUT_SIZE + got, -err, unique)
+            if err or dest.header != got:  # (else written with the data, in the same guard)
+                with guard:  # (raises when the transport has dropped the request meanwhile)
+                    _OUT_INTO(bufs[0], 0, _OUT_SIZE + got, -err, unique)
         finally:
             if obs is not None:
                 if token is None:
-                    token = obs.started(Opcode.READ, nodeid, unique)
+                    token = obs.started(_OP_READ, nodeid, unique)
                 obs.finished(token, cast(Reply, (_OUT(_OUT_SIZE + got, -err, unique), _Span(got))))
         return _OUT_SIZE + got
 

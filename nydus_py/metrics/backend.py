@@ -8,13 +8,13 @@ reads.
 
 import threading
 import time
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any
 
 from ..rafs.model import BlobInfo
-from .fsstats import size_bucket
+from .fsstats import BLOCK_BOUNDS
 
 # backend latency bucket upper bounds in milliseconds (the last bucket is "more")
 BACKEND_LATENCY_BOUNDS_MS = (1, 20, 50, 100, 500, 1000, 2000)
@@ -41,8 +41,8 @@ class BackendStats:
 
     def record(self, nbytes: int, seconds: float, ok: bool, prefetch: bool) -> None:
         ms = seconds * 1000.0
-        lb = backend_latency_bucket(ms)
-        sb = size_bucket(nbytes)
+        lb = bisect_left(BACKEND_LATENCY_BOUNDS_MS, ms)  # (backend_latency_bucket, size_bucket: inline)
+        sb = bisect_right(BLOCK_BOUNDS, nbytes)
         with self.lock:
             self.read_count += 1
             if not ok:

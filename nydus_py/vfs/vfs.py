@@ -525,10 +525,15 @@ class Vfs(Filesystem):
         return slot.fs.read_waits(slot.inner(ino), offset, size)
 
     def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
-        if self._pseudo_node(ino) is not None:
+        # (`entered`, inline: a virtio-fs READ's hot path)
+        if not ino >> INO_SHIFT and self._rootfs is None:
+            self._pseudo_node(ino)  # ENOENT/ESTALE when it is none
             raise FuseError(errno.EISDIR)
-        with self.entered(ino) as (fs, inner):
-            return fs.read_into(inner, fh, offset, size, dest, nowait)
+        slot = self._slot(ino)
+        try:
+            return slot.fs.read_into(ino & INO_MASK if slot.base else ino, fh, offset, size, dest, nowait)
+        finally:
+            self._leave(slot)
 
     def release(self, ino: int, fh: int) -> None:
         e = self._entered_quietly(ino)

@@ -21,9 +21,10 @@ from nydus_py.builder.options import BuildOptions
 from nydus_py.fs.passthrough import PassthroughFilesystem
 from nydus_py.fs.rafs_fs import RafsFilesystem
 from nydus_py.fuse.api import Filesystem
-from nydus_py.fuse.iovec import BufferDest, WouldBlock
+from nydus_py.fuse.iovec import BufferDest, ReadDest, WouldBlock, scatter
 from nydus_py.fuse.protocol import FuseSession
 from nydus_py.rafs import open_bootstrap
+from nydus_py.rafs.constants import Compressor
 from nydus_py.rafs.model import BlobInfo
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
@@ -47,7 +48,10 @@ DATA = random.Random(15).randbytes(SIZE)
 
 class GatedDir(LocalBlobDir):
     """A blob directory whose read of one offset waits for the test (a stalled fetch), and
-    that can hand back wrong bytes for another (the digest check refuses them)."""
+    that can hand back wrong bytes for another (the digest check refuses them). It stands for a
+    remote backend (its reads may wait on the network: not `local`)."""
+
+    local = False
 
     def __init__(self, path: str) -> None:
         super().__init__(path)
@@ -237,6 +241,46 @@ def test_cached_read_skips_the_pool_while_a_stalled_one_waits_in_it(rafs: Rig) -
     assert bytes(rafs.fe.mem[w_off + 16 : w_off + 16 + 4096]) == DATA[3 * CHUNK : 3 * CHUNK + 4096]
 
 
+class ColdDir(LocalBlobDir):
+    """A local blob directory whose blob is out of the host's page cache (RWF_NOWAIT reads
+    refused), recording the thread of each blocking read."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        self.threads: list[str] = []
+
+    def preadv_into(self, blob: BlobInfo, offset: int, bufs: list[memoryview], want: int,
+                    nowait: bool = False) -> bool:
+        if nowait:
+            raise BlockingIOError(errno.EAGAIN, "not in the page cache")
+        self.threads.append(threading.current_thread().name)
+        return super().preadv_into(blob, offset, bufs, want)
+
+
+def test_local_read_out_of_the_page_cache_is_answered_by_the_dispatcher(tmp_path: Path) -> None:
+    """A READ of a local blob file (no blob cache) that misses RWF_NOWAIT waits on the disk at
+    most: the dispatcher reads it itself instead of handing it to the pool."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(DATA)
+    img = build(str(src), str(tmp_path / "img"), BuildOptions(chunk_size=CHUNK, compressor=Compressor.NONE), views=False)
+    image = open_bootstrap(img.boot)
+    source = ColdDir(img.blob_dir)
+    fs = RafsFilesystem(image, BlobDevice(image, source, validate=False), readahead_chunks=0)
+    assert fs.device.raw_direct and not fs.read_waits(1)
+    srv, fe, nodeid = _start(tmp_path, fs)
+    try:
+        r = Rig(srv, fe, fs, nodeid)
+        err, p = r.read(CHUNK - 100, 2 * CHUNK, [16, CHUNK, CHUNK], 50)
+        assert err == 0 and p == DATA[CHUNK - 100 : 3 * CHUNK - 100]
+        w = r.worker
+        assert source.threads == [w.thread.name] and w.handed_over == 0
+        assert (w.inline_nowait, w.inline_blocking) == (0, 1)
+    finally:
+        fe.close()
+        srv.stop()
+
+
 def test_passthrough_read_of_cached_pages_skips_the_pool(tmp_path: Path) -> None:
     r = _passthrough(tmp_path)
     try:
@@ -291,6 +335,58 @@ def test_session_read_into_matches_the_buffered_reply() -> None:
             session.handle_into(req, [memoryview(mem)], guard, nowait=True)
     r = session.handle_into(lookup, [memoryview(bytearray(200))], guard)
     assert isinstance(r, list) and b"".join(r) == session.handle(lookup)
+
+
+class _CountingGuard:
+    """A write guard that counts its entries and what the header held at each exit."""
+
+    def __init__(self, mem: bytearray) -> None:
+        self.mem = mem
+        self.entries = 0
+        self.headers: list[tuple[int, int, int]] = []
+
+    def __enter__(self) -> None:
+        self.entries += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self.headers.append(struct.unpack_from("<IiQ", self.mem))
+
+
+class _ShortFs(MemFS):
+    """Fills the whole request, then says it wrote fewer bytes (the header must say so)."""
+
+    def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
+        dest.fill(lambda bufs: scatter(bufs, b"x" * dest.size))
+        return 3
+
+
+def test_read_into_writes_its_header_in_the_same_guard_as_its_data() -> None:
+    """A READ answered into the transport's buffers takes their write guard once: the reply
+    header goes in with the data. A filesystem that answers differently from what it filled,
+    or fails, still gets a header that says what it answered."""
+    def setup(fs: Filesystem) -> tuple[FuseSession, int]:
+        session = FuseSession(fs)
+        init_req = struct.pack("<IIQQIIIHH", 40 + 64, 26, 1, 0, 0, 0, 1, 0, 0) + struct.pack("<IIIII44x", 7, 38, 0, 0, 0)
+        assert session.handle(init_req) is not None
+        lookup = struct.pack("<IIQQIIIHH", 40 + 6, LOOKUP, 2, 1, 0, 0, 1, 0, 0) + b"hello\0"
+        return session, struct.unpack_from("<Q", session.handle(lookup) or b"", 16)[0]
+
+    for fs, fh, want in ((MemFS(), None, b"hello world\n"), (_ShortFs(), None, b"xxx"), (MemFS(), 7, None)):
+        session, nodeid = setup(fs)
+        req = struct.pack("<IIQQIIIHH", 80, READ, 9, nodeid, 0, 0, 1, 0, 0) + struct.pack(
+            "<QQIIQII", 100 + nodeid if fh is None else fh, 0, 64, 0, 0, 0, 0)
+        mem = bytearray(16 + 64)
+        guard = _CountingGuard(mem)
+        n = session.handle_into(req, [memoryview(mem)[:16], memoryview(mem)[16:]], guard)
+        if want is None:  # a bad handle: EBADF, in a guard of its own (no data was written)
+            assert n == 16 and guard.entries == 1 and guard.headers == [(16, -errno.EBADF, 9)]
+            continue
+        assert n == 16 + len(want) and bytes(mem[16:n]) == want
+        assert struct.unpack_from("<IiQ", mem) == (n, 0, 9)
+        if isinstance(fs, _ShortFs):  # the fill's header said 64: written again
+            assert guard.entries == 2 and guard.headers == [(16 + 64, 0, 9), (n, 0, 9)]
+        else:
+            assert guard.entries == 1 and guard.headers == [(n, 0, 9)]
 
 
 class _NoWalk(list):  # type: ignore[type-arg]

@@ -314,6 +314,31 @@ def test_linear_table_merges_adjacent_buffers_and_remembers_the_writable_half() 
     assert c3 is not None and [len(v) for v in c3.writable] == [16, 0x3000, 0x1000, 0x1000, 0x1000]
 
 
+def test_a_remembered_table_decodes_only_its_few_readable_descriptors() -> None:
+    """A READ's table sent again (dd reusing its buffer) is decoded without the whole-table
+    steps: its two readable descriptors one by one (adjacent ones still one view), its
+    writable half taken from the memo."""
+    buf = bytearray(SIZE)
+    pages = [GPA + DATA2 + 0x1000 * p for p in (3, 4, 5, 1, 7, 8)]
+    descs = [(GPA + 0x1000, 40, 0), (GPA + 0x1028, 40, 0), (GPA + 0x1050, 16, 2)] + [(a, 0x1000, 2) for a in pages]
+    _linear_table(buf, descs)
+    _, q = make(buf)
+    q.linear_min = 1
+    c = q.pop()
+    assert c is not None
+    q.push(0, 0)
+
+    def no_table_steps(part: memoryview) -> None:
+        raise AssertionError("a remembered table's head decoded in whole-table steps")
+
+    q._buffers = no_table_steps  # type: ignore[method-assign]
+    buf[0x1000:0x1050] = bytes(range(80))
+    offer(buf, 0, idx=2)
+    c2 = q.pop()
+    assert c2 is not None and [bytes(v) for v in c2.readable] == [bytes(range(80))]
+    assert c2.writable == c.writable and c2.writable_size() == c.writable_size()
+
+
 @settings(max_examples=300, deadline=None)
 @given(head=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 300), st.sampled_from([0, 2, 4])), max_size=4),
        nexts=st.one_of(st.none(), st.lists(st.integers(0, 12), min_size=12, max_size=12)),

@@ -274,3 +274,34 @@ def test_an_image_without_xattrs_does_not_switch_xattrs_off_for_the_others() -> 
 
 def vfs_root_child(vfs: Vfs) -> int:
     return vfs.lookup(ROOT, b"hello").ino
+
+
+def test_read_into_routes_like_read_and_leaves_the_slot() -> None:
+    """read_into (virtio-fs READs) answers as read does, in shared and dedicated mode: the
+    mounted filesystem's bytes, EISDIR on a pseudo directory, ENOENT for an unknown pseudo
+    inode, ESTALE after an umount; and it leaves the slot (an umount afterwards does not wait)."""
+    from nydus_py.fuse.iovec import BufferDest
+
+    def read_into(vfs: Vfs, ino: int, fh: int) -> bytes:
+        buf = bytearray(100)
+        n = vfs.read_into(ino, fh, 0, 100, BufferDest([memoryview(buf)], 100))
+        return bytes(buf[:n])
+
+    vfs = Vfs()
+    ia = vfs.mount("/snap-a", MemFS())
+    hello = vfs.lookup(walk(vfs, "/snap-a"), b"hello").ino
+    assert read_into(vfs, hello, 102) == b"hello world\n"
+    for ino, code in ((ROOT, errno.EISDIR), (walk(vfs, "/snap-a") - (ia << INO_SHIFT) + 7, errno.ENOENT)):
+        with pytest.raises(FuseError) as e:
+            read_into(vfs, ino, 0)
+        assert e.value.errno == code
+    assert vfs._slots[ia] is not None and vfs._slots[ia].active == 0  # (an umount would wait for it)
+    vfs.umount("/snap-a")
+    with pytest.raises(FuseError) as e:
+        read_into(vfs, hello, 102)
+    assert e.value.errno == errno.ESTALE
+    dedicated = Vfs()
+    dedicated.mount("/", MemFS())
+    h = dedicated.lookup(ROOT, b"hello").ino
+    assert h == 2 and read_into(dedicated, h, 102) == b"hello world\n"
+    dedicated.umount("/")

@@ -50,11 +50,21 @@ class _WriteGuard:
         self.chain = chain
 
     def __enter__(self) -> "_WriteGuard":
-        self.ring.begin_write(self.chain)
+        ring = self.ring
+        chain = self.chain
+        with ring.lock:  # (begin_write, inline: a READ's one guard is on the hot path)
+            if not ring.stopped and ring.inflight.get(chain.head) is chain:
+                ring.writers += 1
+                return self
+        ring.begin_write(chain)  # raises Abandoned
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.ring.end_write()
+        ring = self.ring
+        with ring.lock:  # (end_write, inline)
+            ring.writers -= 1
+            if ring._waiters and not ring.writers:
+                ring._idle.notify_all()
 
 
 class InflightQueue:

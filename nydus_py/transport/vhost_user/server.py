@@ -51,6 +51,10 @@ Offload = Callable[[Chain], bool]
 # (None: 0 bytes). With nowait it raises WouldBlock rather than wait on I/O: the dispatcher tries
 # that first for a request bound for the pool, and hands it over only then.
 IntoHandler = Callable[[memoryview, Chain, AbstractContextManager[object], bool], Buffers | int | None]
+# Whether a request that would wait (its nowait try raised WouldBlock) waits on a local disk at
+# most (a READ of a local blob file out of the host's page cache): the dispatcher then answers it
+# itself, as fusedev's reading worker does, instead of handing it over.
+WaitsLocally = Callable[[memoryview], bool]
 STOP_TIMEOUT = 30.0
 # How long stopping a queue (GET_VRING_BASE, a memory change) waits for requests in flight; the
 # front-end waits for our answer meanwhile, so this is short next to a stalled registry.
@@ -72,17 +76,24 @@ class QueueWorker:
     dispatcher answers it itself, saving the hand-off (as fusedev's leader does). With one worker the dispatcher answers requests itself (no hand-off, no spares).
     With an `into` handler, replies may be written into the chain directly, and a request bound
     for the pool is first tried on the dispatcher with nowait (a READ of cached data): only one
-    that would wait is handed over (`inline_nowait` counts the others)."""
+    that would wait is handed over (`inline_nowait` counts the others), unless `waits_locally`
+    says it waits on a local disk at most: the dispatcher then answers it with a blocking read
+    (`inline_blocking`), which costs less than the hand-off (a pool thread's wake-up, the GIL
+    passed twice) and keeps the order of a sequential reader's READs. A request that may wait on
+    the network (a remote backend, a blob cache fetch) still goes to the pool."""
 
     def __init__(self, vring: Vring, handler: RequestHandler, name: str, *, workers: int = 1,
                  stop_grace: float = STOP_GRACE, max_workers: int = 0, offload: Offload | None = None,
-                 into: IntoHandler | None = None, on_idle: Callable[[], object] | None = None) -> None:
+                 into: IntoHandler | None = None, on_idle: Callable[[], object] | None = None,
+                 waits_locally: WaitsLocally | None = None) -> None:
         assert vring.queue is not None
         self.offload = offload
         self.on_idle = on_idle  # run by the dispatcher each time it has emptied the ring
         self.into = into
+        self.waits_locally = waits_locally
         self.inline = 0  # requests the dispatcher answered itself while it has a pool
         self.inline_nowait = 0  # of the pool-bound ones, answered by the dispatcher without waiting
+        self.inline_blocking = 0  # of the pool-bound ones, answered by the dispatcher waiting on a local disk
         self.handed_over = 0  # requests handed to the pool
         self.vring = vring
         self.handler = handler
@@ -213,13 +224,29 @@ class QueueWorker:
                 log.error("queue %d: %s; the queue stops", self.vring.index, e)
                 return False
             if self.pool and (self.offload is None or self.offload(chain)):
-                if self.into is not None and self._serve(chain, nowait=True):
-                    continue
+                if self.into is not None:
+                    req = memoryview(chain.read_all())
+                    if self._serve(chain, nowait=True, req=req):
+                        continue
+                    if self._waits_locally(req):
+                        self.inline_blocking += 1
+                        self._serve(chain, req=req)
+                        continue
                 self._hand_over(chain)
             else:
                 if self.pool:
                     self.inline += 1
                 self._serve(chain)
+
+    def _waits_locally(self, req: memoryview) -> bool:
+        """`waits_locally(req)`; False (hand over: the cautious answer) when unset or it fails."""
+        if self.waits_locally is None:
+            return False
+        try:
+            return self.waits_locally(req)
+        except Exception:
+            log.exception("queue %d: waits_locally failed; handing the request over", self.vring.index)
+            return False
 
     def _hand_over(self, chain: Chain) -> None:
         with self._pool_lock:
@@ -272,13 +299,15 @@ class QueueWorker:
             with self._pool_lock:
                 self._idle += 1
 
-    def _serve(self, chain: Chain, nowait: bool = False) -> bool:
-        """Answer `chain` and complete it; False (nothing written, not completed) when `nowait`
-        and the handler would wait."""
+    def _serve(self, chain: Chain, nowait: bool = False, req: memoryview | None = None) -> bool:
+        """Answer `chain` (whose request bytes are `req` when the caller has them) and complete
+        it; False (nothing written, not completed) when `nowait` and the handler would wait."""
         reply: Buffers | int | None
         try:
             if self.into is not None:
-                reply = self.into(memoryview(chain.read_all()), chain, self.ring.guard(chain), nowait)
+                if req is None:
+                    req = memoryview(chain.read_all())
+                reply = self.into(req, chain, self.ring.guard(chain), nowait)
             else:
                 reply = self.handler(memoryview(chain.read_all()), chain.writable_size())
         except WouldBlock:
@@ -318,13 +347,15 @@ class VhostUserServer:
                  on_disconnect: Callable[[], None] | None = None,
                  queue_workers: int | Callable[[int], int] = 1, stop_grace: float = STOP_GRACE,
                  max_workers: int = 0, offload: Offload | None = None, into: IntoHandler | None = None,
-                 on_idle: Callable[[], object] | None = None) -> None:
+                 on_idle: Callable[[], object] | None = None, waits_locally: WaitsLocally | None = None) -> None:
         """`queue_workers`: pool threads per running queue (or a function of the queue index);
         `max_workers`: with spares, at most this many per queue (0: 4 x queue_workers);
         `offload`: which requests go to the pool (None: all); `into`: the handler used instead
         of `handler`, which may write replies into the chain and answer without waiting;
-        `on_idle`: run by a queue's dispatcher whenever it has emptied its ring."""
+        `on_idle`: run by a queue's dispatcher whenever it has emptied its ring;
+        `waits_locally`: which requests that would wait the dispatcher answers itself anyway."""
         self.on_idle = on_idle
+        self.waits_locally = waits_locally
         self.path = path
         self.offload = offload
         self.into = into
@@ -462,7 +493,7 @@ class VhostUserServer:
         n = self.queue_workers(vring.index) if callable(self.queue_workers) else self.queue_workers
         w = QueueWorker(vring, self.handler, f"vhost-user-q{vring.index}", workers=max(1, n),
                         stop_grace=self.stop_grace, max_workers=self.max_workers, offload=self.offload,
-                        into=self.into, on_idle=self.on_idle)
+                        into=self.into, on_idle=self.on_idle, waits_locally=self.waits_locally)
         self.workers[vring.index] = w
         w.start()
         log.debug("queue %d started (size %d)", vring.index, vring.num)

@@ -4,7 +4,8 @@ Each chain's readable half is one FUSE request (fuse_in_header + args + WRITE da
 goes into the writable half: a READ's data straight from the filesystem (preadv into guest
 memory for passthrough, one copy from the decoded chunk for RAFS), anything else scattered from
 the reply's buffers. A READ whose data is at hand (page cache, chunk caches) is answered by the
-queue's dispatcher without the pool hand-off. The same `FuseSession` as /dev/fuse answers it. Differences from
+queue's dispatcher without the pool hand-off, and so is one that would wait on a local disk at most
+(RAFS over local blob files). The same `FuseSession` as /dev/fuse answers it. Differences from
 /dev/fuse handled here: FORGET/BATCH_FORGET chains are completed with 0 bytes, a reply bigger
 than the guest's writable room becomes EIO (never a partial write), and a disconnect resets the
 session so the next guest starts with INIT.
@@ -18,7 +19,15 @@ from contextlib import AbstractContextManager
 from ...fuse.abi import OUT_HEADER
 from ...fuse.protocol import FuseProtocolError, FuseSession
 from .backend import Backend
-from .server import DEFAULT_WORKERS, STOP_GRACE, Buffers, IntoHandler, RequestHandler, VhostUserServer
+from .server import (
+    DEFAULT_WORKERS,
+    STOP_GRACE,
+    Buffers,
+    IntoHandler,
+    RequestHandler,
+    VhostUserServer,
+    WaitsLocally,
+)
 from .virtqueue import Chain
 
 log = logging.getLogger(__name__)
@@ -26,6 +35,7 @@ log = logging.getLogger(__name__)
 _UNIQUE = struct.Struct("<Q")
 _OPCODE = struct.Struct("<I")
 _OP_FORGET = 2
+_OP_READ = 15
 _FORGET_LEN = 48  # fuse_in_header + fuse_forget_in (what `FuseSession.defer_forget` takes)
 # hiprio + request queues; Linux (up to 6.x) uses one request queue
 DEFAULT_REQUEST_QUEUES = 1
@@ -91,6 +101,15 @@ def fuse_into_handler(session: FuseSession) -> IntoHandler:
     return handle
 
 
+def fuse_waits_locally(session: FuseSession) -> WaitsLocally:
+    """A server WaitsLocally: a READ whose filesystem waits on a local disk at most
+    (`FuseSession.read_waits` False: RAFS over a local backend without a blob cache)."""
+    def waits_locally(req: memoryview) -> bool:
+        return len(req) >= 8 and _OPCODE.unpack_from(req, 4)[0] == _OP_READ and not session.read_waits(req)
+
+    return waits_locally
+
+
 def virtiofs_server(session: FuseSession, sock: str, *, request_queues: int = DEFAULT_REQUEST_QUEUES,
                     queue_size: int = 1024, workers: int = DEFAULT_WORKERS,
                     stop_grace: float = STOP_GRACE, max_workers: int = 0) -> VhostUserServer:
@@ -112,4 +131,4 @@ def virtiofs_server(session: FuseSession, sock: str, *, request_queues: int = DE
     return VhostUserServer(sock, fuse_request_handler(session), backend_factory=backend,
                            on_disconnect=session.reset, queue_workers=queue_workers, stop_grace=stop_grace,
                            max_workers=max_workers, offload=fuse_offload, into=fuse_into_handler(session),
-                           on_idle=session.flush_forgets)
+                           on_idle=session.flush_forgets, waits_locally=fuse_waits_locally(session))
