@@ -225,23 +225,24 @@ def _drop_pages(path: str) -> bool:
     return not _resident(path)
 
 
-def test_ready_chunks_not_in_the_page_cache_go_to_the_pool(crig: CacheRig) -> None:
-    """The dispatcher's attempt reads with RWF_NOWAIT: chunks ready on disk but not in the page
-    cache are handed to the pool (which may wait for the disk), and read there with preadv.
-    (An RWF_NOWAIT read that fails starts the kernel's readahead, so residency is checked with
-    mincore, not with a read.)"""
+def test_ready_chunks_not_in_the_page_cache_are_read_by_the_dispatcher(crig: CacheRig) -> None:
+    """The dispatcher's attempt reads with RWF_NOWAIT; chunks ready in the blob cache but not in
+    the page cache wait on the local disk at most (`read_waits` False: their range is ready), so
+    the dispatcher reads them itself with a blocking preadv (`inline_blocking`) instead of
+    handing them to the pool. (An RWF_NOWAIT read that fails starts the kernel's readahead, so
+    residency is checked with mincore, not with a read.)"""
     _warm(crig)
     crig.cache.flush()  # the written pages become clean (fdatasync), so they can be dropped
     blob = crig.device.image.blobs[1]
     if not _drop_pages(os.path.join(crig.cache.work_dir, blob.blob_id + DATA_SUFFIX)):
         pytest.skip("the cache's filesystem keeps the pages")
     w = crig.rig.worker
-    handed, inline = w.handed_over, w.inline_nowait
+    handed, inline, blocking = w.handed_over, w.inline_nowait, w.inline_blocking
     d0 = crig.device.direct_reads
     err, p = crig.read(10, 4096, [16, 4096], 8)  # chunk 0: blob 1
     assert err == 0 and p == DATA[10:4106]
-    assert (w.handed_over, w.inline_nowait) == (handed + 1, inline)
-    assert crig.device.direct_reads == d0 + 1  # by the pool thread's preadv
-    err, p = crig.read(20, 4096, [16, 4096], 9)  # in the page cache now: the dispatcher answers
+    assert (w.handed_over, w.inline_nowait, w.inline_blocking) == (handed, inline, blocking + 1)
+    assert crig.device.direct_reads == d0 + 1  # the blocking preadv (the nowait try that would block counts none)
+    err, p = crig.read(20, 4096, [16, 4096], 9)  # in the page cache now: the nowait try answers
     assert err == 0 and p == DATA[20:4116]
-    assert (w.handed_over, w.inline_nowait) == (handed + 1, inline + 1)
+    assert (w.handed_over, w.inline_nowait, w.inline_blocking) == (handed, inline + 1, blocking + 1)

@@ -103,7 +103,8 @@ def fuse_into_handler(session: FuseSession) -> IntoHandler:
 
 def fuse_waits_locally(session: FuseSession) -> WaitsLocally:
     """A server WaitsLocally: a READ whose filesystem waits on a local disk at most
-    (`FuseSession.read_waits` False: RAFS over a local backend without a blob cache)."""
+    (`FuseSession.read_waits` False: RAFS over a local backend without a blob cache, or a
+    range whose chunks are all ready in the blob cache's local files)."""
     def waits_locally(req: memoryview) -> bool:
         return len(req) >= 8 and _OPCODE.unpack_from(req, 4)[0] == _OP_READ and not session.read_waits(req)
 
