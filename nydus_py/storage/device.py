@@ -87,6 +87,10 @@ class BlobDevice:
         self.decoded_bytes = 0
         self.released_chunks = 0  # dropped from the chunk cache behind sequential readers
         self._stats_lock = threading.Lock()
+        # the chunks of the last range asked for: a READ asks `range_ready` (read_waits), then
+        # reads (a nowait try, maybe a blocking one): one decode of its chunk records, not three.
+        # One tuple, replaced whole (a reader compares its key, so threads never mix ranges).
+        self._last_chunks: tuple[int, int, int, list[ChunkInfo]] = (-1, 0, 0, [])
         self._chunked = source if isinstance(source, ChunkSource) else None
         ready = getattr(self._chunked, "chunks_ready", None)  # (range_ready's bitmap lookup)
         self._chunks_ready: Callable[[BlobInfo, Sequence[ChunkInfo]], bool] | None = ready if callable(ready) else None
@@ -167,6 +171,16 @@ class BlobDevice:
             self.decoded_bytes += len(data)
         return data
 
+    def _chunks(self, ino: int, offset: int, size: int) -> list[ChunkInfo]:
+        """`image.chunks(ino, offset, size)` (clipped to the file by the image), the last
+        range's answer again when it is asked twice in a row. Callers never change the list."""
+        last = self._last_chunks
+        if last[0] == ino and last[1] == offset and last[2] == size:
+            return last[3]
+        chunks = self.image.chunks(ino, offset, size)
+        self._last_chunks = (ino, offset, size, chunks)
+        return chunks
+
     def read(self, ino: int, offset: int, size: int, file_size: int | None = None) -> bytes | memoryview:
         """Bytes [offset, offset+size) of regular file `ino`, clipped to its size; holes are zeros."""
         if file_size is None:
@@ -174,7 +188,7 @@ class BlobDevice:
         end = min(file_size, offset + size)
         if offset >= end:
             return b""
-        chunks = self.image.chunks(ino, offset, end - offset)
+        chunks = self._chunks(ino, offset, size)
         extra = (self.image.chunks(ino, end, self.amplify_io)
                  if self._chunked is not None and self.amplify_io and end < file_size else [])
         spans = [(offset - c.file_offset, end - c.file_offset) for c in chunks]
@@ -212,7 +226,7 @@ class BlobDevice:
         end = min(file_size, offset + size)
         if offset >= end:
             return b""
-        chunks = self.image.chunks(ino, offset, end - offset)
+        chunks = self._chunks(ino, offset, size)
         datas = self._peek(chunks, end)
         if datas is None:
             return None
@@ -229,7 +243,7 @@ class BlobDevice:
         beyond the range's own, no file read): a chunk being fetched is not ready until stored;
         one evicted between this answer and the read is fetched by that read all the same."""
         end = offset + size
-        chunks = self.image.chunks(ino, offset, size)
+        chunks = self._chunks(ino, offset, size)
         if self._chunked is None:
             peek = self.cache.peek
             return all(peek(_key(c), min(c.uncompressed_size, end - c.file_offset)) is not None for c in chunks)
@@ -279,7 +293,7 @@ class BlobDevice:
         # runs: (blob index, data file offset, length, chunks), contiguous in file and data file
         runs: list[tuple[int, int, int, list[ChunkInfo]]] = []
         pos = offset
-        for c in self.image.chunks(ino, offset, end - offset):
+        for c in self._chunks(ino, offset, size):
             lo = max(pos, c.file_offset)
             hi = min(end, c.file_offset + c.uncompressed_size)
             if hi <= lo:

@@ -94,3 +94,38 @@ def test_device_range_ready_through_a_blob_cache_and_the_chunk_cache(tmp_path) -
         cache.close()
         plain.close()
         image.close()
+
+
+def test_a_read_after_its_readiness_check_decodes_its_chunk_records_once(tmp_path) -> None:  # noqa: ANN001
+    """A READ asks `range_ready` (read_waits), then reads (maybe a nowait try and a blocking one):
+    the chunk records of its range are decoded once, and another range is decoded afresh."""
+    img = images.build(tmp_path / "img")
+    image = open_bootstrap(str(img.boot))
+    cache = BlobCacheManager(str(tmp_path / "cache"), LocalBlobDir(str(img.blob_dir)), amplify_io=0, read_around=0)
+    calls: list[tuple[int, int, int | None]] = []
+    real = image.chunks
+
+    def counting(ino: int, offset: int = 0, size: int | None = None):  # noqa: ANN202
+        calls.append((ino, offset, size))
+        return real(ino, offset, size)
+
+    image.chunks = counting  # type: ignore[method-assign]
+    try:
+        dev = BlobDevice(image, cache, validate=False)
+        small = resolve_path(image, b"/small/f03")
+        other = resolve_path(image, b"/small/f04")
+        want = img.files["small/f03"]
+        assert dev.read(small, 0, 1 << 20) == want  # fetched into the blob cache (another range)
+        calls.clear()
+        assert dev.range_ready(small, 0, 4096)
+        mem = bytearray(4096)
+        assert dev.read_ready_into(small, 0, 4096, len(want), [memoryview(mem)]) == min(4096, len(want))
+        assert dev.read_ready_into(small, 0, 4096, len(want), [memoryview(mem)], nowait=True) == min(4096, len(want))
+        assert bytes(mem[: len(want)]) == want[:4096]
+        assert calls == [(small, 0, 4096)]
+        assert not dev.range_ready(other, 0, 4096) and calls[-1] == (other, 0, 4096)
+        assert dev.read_cached(small, 0, 4096, len(want)) == want[:4096]  # the other range came between
+        assert calls[-1] == (small, 0, 4096) and len(calls) == 3
+    finally:
+        cache.close()
+        image.close()
