@@ -41,7 +41,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from common import api_get, drop_caches, grouped_bar_plot, save
+from common import api_get, drop_caches, fuse_uring_enabled, grouped_bar_plot, save
 from gen_tree import generate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -51,7 +51,6 @@ from nydus_py.builder.build import build_image  # noqa: E402
 from nydus_py.builder.cache_view import write_cache_view  # noqa: E402
 from nydus_py.builder.options import BuildOptions  # noqa: E402
 from nydus_py.builder.sources import tree_from_directory  # noqa: E402
-from nydus_py.transport.fuse_uring import ENABLE_URING_PARAM  # noqa: E402
 from nydus_py.transport.mount import is_mountpoint, sys_mount, sys_umount  # noqa: E402
 
 BIG = "opt/models/bigfile_100m.bin"
@@ -607,14 +606,8 @@ def main() -> None:
     args.servers = (set(args.servers.split(",")) | ({"nydus_py_uring"} if args.io_uring else set())
                     | ({"nydus_py_base"} if args.baseline else set())
                     | ({"nydus_py_uring_base"} if args.baseline and args.io_uring else set()))
-    if args.io_uring:
-        old_param = Path(ENABLE_URING_PARAM).read_text().strip()
-        Path(ENABLE_URING_PARAM).write_text("Y")
-        try:
-            return run(args)
-        finally:
-            Path(ENABLE_URING_PARAM).write_text(old_param)
-    run(args)
+    with fuse_uring_enabled(args.io_uring):
+        run(args)
 
 
 def uring_ratios(runs: dict, workloads: list[str], uring: str = "nydus_py_uring", dev: str = "nydus_py") -> dict:

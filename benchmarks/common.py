@@ -1,5 +1,6 @@
 """Shared benchmark plumbing: run a command measuring wall time and peak RSS, keep JSON + PNG."""
 
+import contextlib
 import http.client
 import json
 import os
@@ -7,9 +8,26 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
+
+
+@contextlib.contextmanager
+def fuse_uring_enabled(on: bool = True) -> Iterator[None]:
+    """fuse.enable_uring=Y for the block (when `on`), the old value restored after: the
+    parameter is host-wide and the daemon never writes it."""
+    if not on:
+        yield
+        return
+    old = Path(ENABLE_URING_PARAM).read_text().strip()
+    Path(ENABLE_URING_PARAM).write_text("Y")
+    try:
+        yield
+    finally:
+        Path(ENABLE_URING_PARAM).write_text(old)
 
 
 def api_get_text(apisock: str, path: str) -> str:

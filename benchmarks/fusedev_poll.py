@@ -20,11 +20,10 @@ import time
 from pathlib import Path
 
 from bench_fusedev import BIG, STAT_PROBE, NydusPy, _fop_count, build_images, write_config
-from common import save
+from common import fuse_uring_enabled, save
 from gen_tree import generate
 
 REPO = Path(__file__).resolve().parents[1]
-ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 
 
 class Variant(NydusPy):
@@ -116,14 +115,8 @@ def main() -> None:
     ap.add_argument("--tag", default="fusedev-poll")
     ap.add_argument("--io-uring", action="store_true", help="every variant with --io-uring")
     args = ap.parse_args()
-    if not args.io_uring:
-        return run(args)
-    old = Path(ENABLE_URING_PARAM).read_text().strip()
-    Path(ENABLE_URING_PARAM).write_text("Y")
-    try:
+    with fuse_uring_enabled(args.io_uring):
         run(args)
-    finally:
-        Path(ENABLE_URING_PARAM).write_text(old)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -22,11 +22,9 @@ import time
 from pathlib import Path
 
 from bench_fusedev import _fop_count, build_images, small_files, write_config
-from common import api_get, drop_caches, save
+from common import api_get, drop_caches, fuse_uring_enabled, save
 from fusedev_poll import REPO, Variant
 from gen_tree import generate
-
-ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 
 
 def thread_sums(pid: int) -> tuple[int, int, int]:
@@ -67,14 +65,8 @@ def main() -> None:
     ap.add_argument("--new-extra", default="", help="more daemon flags for the new variant only (e.g. "
                     "'--io-uring' with --baseline this checkout: io_uring against /dev/fuse)")
     args = ap.parse_args()
-    if not args.io_uring and "--io-uring" not in args.new_extra.split():
-        return run(args)
-    old = Path(ENABLE_URING_PARAM).read_text().strip()
-    Path(ENABLE_URING_PARAM).write_text("Y")
-    try:
+    with fuse_uring_enabled(args.io_uring or "--io-uring" in args.new_extra.split()):
         run(args)
-    finally:
-        Path(ENABLE_URING_PARAM).write_text(old)
 
 
 def run(args: argparse.Namespace) -> None:

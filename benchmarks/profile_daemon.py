@@ -18,9 +18,8 @@ import sys
 from pathlib import Path
 
 from bench_fusedev import NydusPy, build_images, small_files, write_config
-from common import drop_caches, save
+from common import drop_caches, fuse_uring_enabled, save
 
-ENABLE_URING_PARAM = "/sys/module/fuse/parameters/enable_uring"
 LAYERS = {  # a frame's file path fragment -> layer
     "transport/fusedev.py": "transport (read/write /dev/fuse, hand-offs)",
     "transport/fuse_uring.py": "transport (io_uring ring loop)",
@@ -70,14 +69,8 @@ def main() -> None:
                          "runnable ones waiting for a CPU are sampled too)")
     ap.add_argument("--io-uring", action="store_true", help="profile the daemon with --io-uring")
     args = ap.parse_args()
-    if not args.io_uring:
-        return run(args)
-    old = Path(ENABLE_URING_PARAM).read_text().strip()
-    Path(ENABLE_URING_PARAM).write_text("Y")
-    try:
-        return run(args)
-    finally:
-        Path(ENABLE_URING_PARAM).write_text(old)
+    with fuse_uring_enabled(args.io_uring):
+        run(args)
 
 
 def run(args: argparse.Namespace) -> None:
