@@ -14,7 +14,6 @@ import random
 import struct
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,14 +25,13 @@ from virtio_read_micro import (  # noqa: E402
     GuestRing,
     Opcode,
     build_image,
-    fuse_into_handler,
+    run,
     tree_from_directory,
 )
 
 from nydus_py.config import parse_any  # noqa: E402
 from nydus_py.daemon.instance import MountCmd  # noqa: E402
 from nydus_py.daemon.service import DaemonOptions, DaemonService  # noqa: E402
-from nydus_py.fuse.iovec import WouldBlock  # noqa: E402
 
 READS = 1000
 INIT_IN = struct.Struct("<IIIII44x")
@@ -56,32 +54,11 @@ def main() -> int:
         r = bytes(s.handle(IN_HEADER.pack(48, Opcode.LOOKUP, 3, 1, 0, 0, 1, 0, 0) + b"big.bin\0") or b"")
         nodeid = struct.unpack_from("<Q", r, 16)[0]
         g = GuestRing(False)
-        handler = fuse_into_handler(s)
-        ring = g.ring
-
-        def run() -> None:
-            for k in range(READS):
-                g.offer(nodeid, 0, 100 + k, (k % 16) * MIB)
-                chain = ring.pop()
-                assert chain is not None
-                try:
-                    n = handler(memoryview(chain.read_all()), chain, ring.guard(chain), True)
-                except WouldBlock:  # (another process dropped the host's page cache: as the pool would)
-                    n = handler(memoryview(chain.read_all()), chain, ring.guard(chain), False)
-                assert n == 16 + MIB, n
-                ring.complete_written(chain, n)
-                ring.arm()
-
-        per = []
-        for _ in range(5):
-            t = time.thread_time()
-            run()
-            per.append((time.thread_time() - t) / READS * 1e6)
-        per.sort()
+        per = sorted(run(g, s, nodeid, 0, 16, READS) for _ in range(5))
         print(f"daemon stack CPU per 1 MiB READ, ring to ring: best {per[0]:6.1f} us  median {per[2]:6.1f} us")
         if len(sys.argv) > 1:
             prof = cProfile.Profile()
-            prof.runcall(run)
+            prof.runcall(run, g, s, nodeid, 0, 16, READS)
             pstats.Stats(prof).sort_stats("tottime").print_stats(25)
         svc.umount("/")
     return 0
