@@ -473,6 +473,21 @@ class Vfs(Filesystem):
             raise FuseError(errno.ENOENT)
         return self._child_entry(child)
 
+    def lookup_packed(self, parent: int, name: bytes, base: int = 0) -> bytes | None:
+        """The mounted filesystem's packed LOOKUP, its inode numbers moved to its slot as
+        `lookup` moves them (None in the pseudo directories and for ".." of a filesystem's root
+        below one: `lookup` answers those)."""
+        if not parent >> INO_SHIFT and self._rootfs is None:
+            return None
+        slot = self._slot(parent)
+        try:
+            inner = parent & INO_MASK if slot.base else parent
+            if name == b".." and inner == ROOT_ID and slot.parent is not None:
+                return None
+            return slot.fs.lookup_packed(inner, name, slot.base)
+        finally:
+            self._leave(slot)
+
     def forget(self, ino: int, nlookup: int) -> None:
         e = self._entered_quietly(ino)
         if e is not None:
