@@ -26,7 +26,7 @@ from ..metrics.fsstats import FsStats, FuseMetrics
 from ..transport.base import Transport
 from ..transport.fusedev import DEFAULT_POLL_US, FuseDevSession
 from ..transport.mount import connection_of, real_mountpoint
-from ..vfs import MAX_INDEX, Vfs, VfsError, normalize_path
+from ..vfs import INO_MASK, INO_SHIFT, MAX_INDEX, Vfs, VfsError, normalize_path
 from . import supervisor
 from .errors import ApiError, BadRequest, Conflict, InternalError, NotFound, NotReady, Timeout, Unsupported
 from .heap import trim_heap
@@ -114,11 +114,11 @@ class DaemonService:
         log.info("state %s --%s--> %s", old.value, event.value, new.value)
 
     def _route(self, nodeid: int) -> tuple[FsStats | None, int]:
-        index, inner = self.vfs.split(nodeid)
-        inst = self._by_index[index]
+        # (Vfs.split, inline: on every request)
+        inst = self._by_index[nodeid >> INO_SHIFT]
         if inst is None:
             return None, nodeid
-        return inst.stats, inner
+        return inst.stats, nodeid & INO_MASK
 
     @property
     def state(self) -> DaemonState:

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from functools import partial
 
-from ..fuse.abi import DIRENTPLUS, FOpenFlags, InitFlags
+from ..fuse.abi import DIRENTPLUS, ENTRY_OUT, FOpenFlags, InitFlags
 from ..fuse.api import (
     DEFAULT_WANT,
     DirEntryPlusTuple,
@@ -105,6 +105,7 @@ _LISTINGS = _Listings()
 _TUPLE_NEW = tuple.__new__  # a FuseAttr/Entry made without their keyword-taking __new__ (hot path)
 _DP_SIZE = DIRENTPLUS.size  # fuse_entry_out + fuse_dirent, before the name
 _DP_PACK_INTO = DIRENTPLUS.pack_into
+_ENTRY_PACK = ENTRY_OUT.pack
 _DT_DIR = stat.S_IFDIR >> 12
 _NAME_MAX = 255
 
@@ -190,12 +191,29 @@ class RafsFilesystem(Filesystem):
 
     # -- metadata ----------------------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> Entry:
+        return self._entry(self._child(parent, name))
+
+    def lookup_packed(self, parent: int, name: bytes, base: int = 0) -> bytes:
+        """`lookup`'s fuse_entry_out packed from the child's decoded attributes (as
+        `readdirplus_packed` packs its records): no Entry/FuseAttr tuples."""
+        _i, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec = self._getattr(self._child(parent, name))
+        root = _i == self.root
+        if _i == FUSE_ROOT_ID and not root:
+            self._fuse(_i)  # raises: image inode 1 cannot be exported
+        kino = (FUSE_ROOT_ID if root else _i) | base
+        es, ens = split_timeout(self.entry_timeout)
+        as_, ans = split_timeout(self.attr_timeout)
+        return _ENTRY_PACK(kino, 0, es, as_, ens, ans, kino, size, blocks, mtime, mtime, mtime, nsec, nsec, nsec,
+                           mode, nlink, uid, gid, rdev, 4096, 0)
+
+    def _child(self, parent: int, name: bytes) -> int:
+        """The image inode of child `name` of kernel inode `parent` (FuseError when none)."""
         p = self._img(parent)
         try:
             if name == b".":
-                return self._entry(p)
+                return p
             if name == b"..":
-                return self._entry(self.image.parent(p))
+                return self.image.parent(p)
             if not stat.S_ISDIR(self.image.mode(p)):
                 raise FuseError(errno.ENOTDIR)
             child = self.image.lookup(p, name)
@@ -208,7 +226,7 @@ class RafsFilesystem(Filesystem):
             raise FuseError(errno.EIO) from None
         if child is None:
             raise FuseError(errno.ENOENT)
-        return self._entry(child)
+        return child
 
     def getattr(self, ino: int) -> tuple[FuseAttr, float]:
         return self._attr(self._getattr(self._img(ino))), self.attr_timeout

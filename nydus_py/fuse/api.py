@@ -189,6 +189,14 @@ class Filesystem(ABC):
     def lookup(self, parent: int, name: bytes) -> Entry:
         """Child `name` of directory `parent`; each success adds one to its lookup count."""
 
+    def lookup_packed(self, parent: int, name: bytes, base: int = 0) -> bytes | None:
+        """`lookup` already in wire form: the fuse_entry_out (abi.ENTRY_OUT) of the child, packed
+        straight from the filesystem's own records with no Entry/FuseAttr tuples (a cold walk
+        sends a LOOKUP per path component); errors raise as from `lookup`. `base` is OR'ed into
+        the inode numbers (what a VFS mounting the filesystem below another does to them).
+        None (this default): the handler builds the reply from `lookup`."""
+        return None
+
     def forget(self, ino: int, nlookup: int) -> None:
         """The kernel dropped `nlookup` references to `ino` (never answered; errors are logged)."""
         return None

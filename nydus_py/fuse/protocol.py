@@ -41,6 +41,7 @@ from .abi import (
     CREATE_IN,
     DIRENT,
     DIRENTPLUS,
+    ENTRY_OUT,
     FALLOCATE_IN,
     FATTR_FH,
     FILESYSTEM_MAX_STACK_DEPTH,
@@ -149,6 +150,7 @@ _LSEEK_IN = struct.Struct("<QqI")  # fh, offset (signed loff_t), whence
 _CREATE_REPLY = struct.Struct("<IiQQQQQII" + ATTR_FMT + "QIi")  # out_header, entry_out, open_out
 _MAX_OFFSET = (1 << 63) - 1
 _ENTRY_SIZE = _ENTRY_REPLY.size
+_ENTRY_OUT_SIZE = ENTRY_OUT.size
 _ATTR_SIZE = _ATTR_REPLY.size
 _DIRENT_SIZE = DIRENT.size
 _DIRENTPLUS_SIZE = DIRENTPLUS.size
@@ -709,7 +711,14 @@ class FuseSession:
 
     # -- inodes ---------------------------------------------------------------------------------
     def _lookup(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
-        return _entry_reply(unique, self.fs.lookup(nodeid, _cstr(body, 0)))
+        name = _cstr(body, 0)
+        packed = self.fs.lookup_packed(nodeid, name)
+        if packed is None:
+            return _entry_reply(unique, self.fs.lookup(nodeid, name))
+        if len(packed) != _ENTRY_OUT_SIZE:
+            log.error("lookup(%d, %r): %d packed bytes, not a fuse_entry_out", nodeid, name, len(packed))
+            return _OUT(16, -errno.EIO, unique)
+        return _OUT(_ENTRY_SIZE, 0, unique) + packed
 
     def _forget(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> None:
         try:

@@ -29,6 +29,8 @@ LATENCY_BOUNDS_US = (200, 1_000, 20_000, 50_000, 500_000, 1_000_000, 2_000_000)
 # block-size bucket upper bounds in bytes (exclusive)
 BLOCK_BOUNDS = (1 << 10, 4 << 10, 16 << 10, 64 << 10, 128 << 10, 512 << 10, 1 << 20)
 _ERR = struct.Struct("<i")
+_ERR_AT_4 = _ERR.unpack_from
+_clock_ns = time.perf_counter_ns
 _READ = int(Opcode.READ)
 _OPEN = int(Opcode.OPEN)
 _RELEASE = int(Opcode.RELEASE)
@@ -175,32 +177,31 @@ class FuseMetrics:
     def __init__(self, route: Callable[[int], tuple[FsStats | None, int]]) -> None:
         # route(kernel nodeid) -> (stats of its filesystem or None, the filesystem's own inode)
         self.route = route
-        self.inflight: dict[int, tuple[int, int, int]] = {}  # unique -> (nodeid, opcode, perf_counter_ns)
+        self.inflight: dict[int, tuple[int, int, int, int]] = {}  # unique -> (nodeid, opcode, perf_counter_ns, unique)
         self.pseudo = FsStats("")  # requests on the pseudo root (shared mode)
 
     def started(self, opcode: int, nodeid: int, unique: int) -> object:
-        t0 = time.perf_counter_ns()
-        self.inflight[unique] = (nodeid, opcode, t0)
-        return unique, opcode, nodeid, t0
+        # the in-flight entry is the token itself: one tuple per request
+        token = self.inflight[unique] = (nodeid, opcode, _clock_ns(), unique)
+        return token
 
     def finished(self, token: object, reply: Any) -> None:
-        unique: int
-        opcode: int
         nodeid: int
+        opcode: int
         t0: int
-        unique, opcode, nodeid, t0 = token  # type: ignore[misc]
-        elapsed_us = (time.perf_counter_ns() - t0) // 1000
+        unique: int
+        nodeid, opcode, t0, unique = token  # type: ignore[misc]
+        elapsed_us = (_clock_ns() - t0) // 1000
         self.inflight.pop(unique, None)
-        error = 0
-        nbytes = 0
-        if reply is not None:
-            if isinstance(reply, tuple):
-                head, data = reply
-                nbytes = len(data)
-            else:
-                head = reply
-                nbytes = len(reply) - 16
-            error = _ERR.unpack_from(head, 4)[0]
+        if reply is None:
+            error = nbytes = 0
+        elif isinstance(reply, tuple):
+            head, data = reply
+            nbytes = len(data)
+            error = _ERR_AT_4(head, 4)[0]
+        else:
+            nbytes = len(reply) - 16
+            error = _ERR_AT_4(reply, 4)[0]
         stats, ino = self.route(nodeid)
         (stats or self.pseudo).record(opcode, ino, elapsed_us, error, nbytes)
 
@@ -208,4 +209,4 @@ class FuseMetrics:
         """nydusd's in-flight entries; start times are wall-clock seconds (from the monotonic clock)."""
         wall, mono = time.time(), time.perf_counter_ns()
         return [{"inode": n, "opcode": op, "unique": u, "timestamp_secs": int(wall - (mono - t0) / 1e9)}
-                for u, (n, op, t0) in sorted(self.inflight.items())]
+                for _, (n, op, t0, u) in sorted(self.inflight.items())]

@@ -452,14 +452,18 @@ class Vfs(Filesystem):
                 log.exception("destroy() of %s failed", s.path)
 
     def lookup(self, parent: int, name: bytes) -> Entry:
-        node = self._pseudo_node(parent)
-        if node is None:
-            e = self.entered(parent)
-            with e as (fs, inner):
-                slot = e.slot
+        if parent >> INO_SHIFT or self._rootfs is not None:
+            # (`entered`, inline: on every LOOKUP)
+            slot = self._slot(parent)
+            try:
+                inner = parent & INO_MASK if slot.base else parent
                 if name == b".." and inner == ROOT_ID and slot.parent is not None:
                     return self._pseudo_entry(slot.parent)
-                return self._fix_entry(slot, fs.lookup(inner, name))
+                return self._fix_entry(slot, slot.fs.lookup(inner, name))
+            finally:
+                self._leave(slot)
+        node = self._pseudo_node(parent)
+        assert node is not None  # (index 0 without a filesystem at /: a pseudo node or ENOENT/ESTALE)
         if name == b".":
             return self._pseudo_entry(node)
         if name == b"..":
@@ -468,6 +472,21 @@ class Vfs(Filesystem):
         if child is None:
             raise FuseError(errno.ENOENT)
         return self._child_entry(child)
+
+    def lookup_packed(self, parent: int, name: bytes, base: int = 0) -> bytes | None:
+        """The mounted filesystem's packed LOOKUP, its inode numbers moved to its slot as
+        `lookup` moves them (None in the pseudo directories and for ".." of a filesystem's root
+        below one: `lookup` answers those)."""
+        if not parent >> INO_SHIFT and self._rootfs is None:
+            return None
+        slot = self._slot(parent)
+        try:
+            inner = parent & INO_MASK if slot.base else parent
+            if name == b".." and inner == ROOT_ID and slot.parent is not None:
+                return None
+            return slot.fs.lookup_packed(inner, name, slot.base)
+        finally:
+            self._leave(slot)
 
     def forget(self, ino: int, nlookup: int) -> None:
         e = self._entered_quietly(ino)
@@ -510,10 +529,15 @@ class Vfs(Filesystem):
             return fs.open(inner, flags)
 
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
-        if self._pseudo_node(ino) is not None:
+        # (`entered`, inline: on every READ)
+        if not ino >> INO_SHIFT and self._rootfs is None:
+            self._pseudo_node(ino)  # ENOENT/ESTALE when it is none
             raise FuseError(errno.EISDIR)
-        with self.entered(ino) as (fs, inner):
-            return fs.read(inner, fh, offset, size)
+        slot = self._slot(ino)
+        try:
+            return slot.fs.read(ino & INO_MASK if slot.base else ino, fh, offset, size)
+        finally:
+            self._leave(slot)
 
     def read_waits(self, ino: int, offset: int = 0, size: int = 0) -> bool:
         """The owning filesystem's answer; a hint only (not entered: a filesystem unmounted

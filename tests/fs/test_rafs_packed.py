@@ -1,8 +1,9 @@
-"""RafsFilesystem packs READDIRPLUS replies itself (`readdirplus_packed`): byte for byte what the
-session builds from `readdirplus` tuples, for every piece of a listing, every reply size, hard
-links, several-block directories, and a VFS that moves the inode numbers of a mount below
-another (shared daemons)."""
+"""RafsFilesystem packs READDIRPLUS and LOOKUP replies itself (`readdirplus_packed`,
+`lookup_packed`): byte for byte what the session builds from `readdirplus`/`lookup` tuples, for
+every piece of a listing, every reply size, hard links, several-block directories, errors, and a
+VFS that moves the inode numbers of a mount below another (shared daemons)."""
 
+import errno
 import os
 import stat
 import struct
@@ -15,6 +16,7 @@ from nydus_py.builder.options import BuildOptions
 from nydus_py.builder.sources import tree_from_directory
 from nydus_py.fs.rafs_fs import RafsFilesystem
 from nydus_py.fuse.abi import IN_HEADER, INIT_IN, Opcode
+from nydus_py.fuse.api import Entry
 from nydus_py.fuse.protocol import FuseSession
 from nydus_py.rafs import open_bootstrap
 from nydus_py.rafs.model import RafsImage
@@ -27,10 +29,14 @@ DIRENTPLUS_HEAD = 128 + 24  # fuse_entry_out + fuse_dirent, then the name
 
 
 class Unpacked(RafsFilesystem):
-    """The same filesystem without the packed path: the session packs `readdirplus` tuples."""
+    """The same filesystem without the packed paths: the session packs `readdirplus` and
+    `lookup` tuples."""
 
     def readdirplus_packed(self, ino: int, fh: int, offset: int, size: int, base: int = 0,
                            dotdot: int = 0) -> None:
+        return None
+
+    def lookup_packed(self, parent: int, name: bytes, base: int = 0) -> None:
         return None
 
 
@@ -132,3 +138,39 @@ def test_packed_listing_of_a_shared_mount_leads_back_to_the_pseudo_tree(image: t
     big = {r[1]: r for r in records(packed.readdirplus(packed.entry_ino(b"big", packed.root), 0, 1 << 20))}
     assert big[b"hard-elsewhere"][0] == file_ino
     assert stat.S_ISFIFO(recs[b"fifo"][4]) and stat.S_ISLNK(recs[b"link"][4])
+
+
+@pytest.mark.parametrize("at", ["/", "/shared/a"])
+def test_packed_lookups_equal_the_tuple_path(image: tuple[RafsImage, str], at: str) -> None:
+    packed, plain, _fs = _pair(image, at)
+    big = packed.entry_ino(b"big", packed.root)
+    sub = packed.entry_ino(b"sub", big)
+    file_ino = packed.entry_ino(b"file", packed.root)
+    names = [b"file", b"hard", b"link", b"fifo", b"big", b"empty-dir", b".", b"..", b"missing"]
+    asked = [(packed.root, n) for n in names] + [(big, b"sub"), (big, b"hard-elsewhere"), (big, b".."),
+                                                 (sub, b"leaf"), (sub, b".."), (file_ino, b"x"), (1, b"nope")]
+    errors = set()
+    for parent, name in asked:
+        got = packed.call(Opcode.LOOKUP, parent, name + b"\0")
+        want = plain.call(Opcode.LOOKUP, parent, name + b"\0")
+        assert got[:8] == want[:8] and got[16:] == want[16:], (parent, name)  # (the uniques differ)
+        errors.add(struct.unpack_from("<i", got, 4)[0])
+    assert errors == {0, -errno.ENOENT, -errno.ENOTDIR}
+
+
+def test_the_session_answers_lookup_from_the_packed_form(image: tuple[RafsImage, str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    packed, _plain, fs = _pair(image, "/shared/a")
+    calls: list[bytes] = []
+    tuple_lookup = fs.lookup
+
+    def counted(parent: int, name: bytes) -> Entry:
+        calls.append(name)
+        return tuple_lookup(parent, name)
+
+    monkeypatch.setattr(fs, "lookup", counted)
+    big = packed.entry_ino(b"big", packed.root)
+    assert packed.entry_ino(b"sub", big) and packed.entry_ino(b"..", big) == packed.root
+    assert calls == []  # no Entry/FuseAttr tuples on the way
+    # ".." of the mount's root leads to the pseudo tree: the VFS answers it from `lookup`
+    assert packed.entry_ino(b"..", packed.root) == packed.entry_ino(b"shared", 1)

@@ -141,6 +141,7 @@ class ChunkCache:
         self.serial = next(_serials)
         self.hits = 0
         self.misses = 0
+        self.passed = 0  # loads handed to their readers without being kept (get(hold=False))
         self.store._open(self.serial, capacity_bytes)
         self._finalizer = weakref.finalize(self, self.store._orphan, self.serial)
 
@@ -164,10 +165,12 @@ class ChunkCache:
         """Bytes held for this view."""
         return self.store.held(self.serial)
 
-    def get(self, key: Hashable, load: Callable[[], bytes], need: int = 0) -> bytes:
+    def get(self, key: Hashable, load: Callable[[], bytes], need: int = 0, hold: bool = True) -> bytes:
         """The held bytes of `key` when they are at least `need` long, else `load()`'s (which
         replace a shorter held prefix). Concurrent misses share one load; a waiter whose
-        shared load came out too short loads again."""
+        shared load came out too short loads again. `hold=False`: a load is handed to its
+        readers (and waiters) but not kept (counted in `passed`): the caller's reader takes
+        the whole chunk at once, and keeping a copy only costs fresh pages."""
         store = self.store
         skey = (self.serial, key)
         while True:
@@ -208,7 +211,11 @@ class ChunkCache:
                 raise
             with store.lock:
                 del store._loading[skey]
-                data = pending.data = store._put(skey, data)
+                if hold:
+                    data = store._put(skey, data)
+                else:
+                    self.passed += 1
+                pending.data = data
                 done = pending.event
             if done is not None:
                 done.set()
