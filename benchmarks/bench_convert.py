@@ -9,7 +9,8 @@ skopeo to a loopback docker-registry (the source). Then, each run against a fres
   * `skopeo copy docker://SRC docker://DST`: the cost of a plain pull + push of the same image.
 
 Measured: wall time, the process's peak RSS (VmHWM, polled), and throughput in MiB/s of the source
-image (compressed) and of its file data. Results: benchmarks/results/convert.{json,png}.
+image (compressed) and of its file data. Child processes of a conversion, if any,
+are reported apart: `helpers_peak_rss_mib` sums their peaks. Results: benchmarks/results/convert.{json,png}.
 
 With `--build-cache`, the rebuild case instead: a second image equal to the first but for its last
 layer; the first image is converted with `--build-cache` (filling the cache), then the second
@@ -20,6 +21,8 @@ With `--baseline DIR` (a checkout of other code, e.g. `git worktree add /tmp/bas
 run also converts with DIR's nydus_py, right after this tree's: old and new alternate in the same
 time window (the machine's load moves both alike), and the results carry both; the manifest
 digests of both must be equal in each run (the output is byte for byte the same), else it fails.
+(The conversions run `python3 -P`: without it `-m` puts the working directory first on sys.path,
+and a run from a checkout converted with that checkout's code for both trees.)
 `--save-as NAME` writes benchmarks/results/NAME.json instead (no plot).
 On a machine others share, `chrt -r 10 python3 benchmarks/bench_convert.py ...` (root) runs it,
 the registries it starts and the conversions ahead of the other work: spreads of 0.1-0.4 s
@@ -167,20 +170,56 @@ def run_polled(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     hwm = 0
     status = f"/proc/{proc.pid}/status"
+    helpers: dict[int, int] = {}  # child processes: pid -> their peak
+    names: dict[int, str] = {}
     while proc.poll() is None:
-        try:
-            with open(status) as f:
-                for line in f:
-                    if line.startswith("VmHWM:"):
-                        hwm = max(hwm, int(line.split()[1]))
-        except (OSError, ValueError):
-            pass
+        hwm = max(hwm, _hwm(status))
+        kids = children(proc.pid)
+        for k in kids:
+            if k not in helpers:
+                try:
+                    with open(f"/proc/{k}/cmdline", "rb") as f:
+                        names[k] = f.read().replace(b"\0", b" ").decode(errors="replace")[:200]
+                except OSError:
+                    pass
+            helpers[k] = max(helpers.get(k, 0), _hwm(f"/proc/{k}/status"))
         time.sleep(0.02)
     wall = time.perf_counter() - t0
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     if proc.returncode != 0:
         raise RuntimeError(f"{cmd[0]} failed: {err[-2000:]}")
-    return {"wall_s": wall, "peak_rss_mib": hwm / 1024}
+    # the children's peaks summed (an upper bound of theirs at any one time)
+    return {"wall_s": wall, "peak_rss_mib": hwm / 1024, "helpers_peak_rss_mib": sum(helpers.values()) / 1024,
+            "helpers": len(helpers), "helper_cmds": sorted(set(names.values()))}  # type: ignore[dict-item]
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of every thread of `pid` (a child started by a thread is listed
+    under that thread's task only)."""
+    out: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{t}/children") as f:
+                out += [int(k) for k in f.read().split()]
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def _hwm(status: str) -> int:
+    """VmHWM (KiB) from a /proc/PID/status; 0 when the process is gone."""
+    try:
+        with open(status) as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def compile_package(root: Path = REPO) -> None:
@@ -236,7 +275,7 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
                 if name != "rebuild":  # the plain and the first conversion each into an empty registry
                     dst = rig.Registry(registry, work, f"dst-{name}-{r}{'-b' if suffix else ''}").start()
                 out = work / f"result-{r}-{name}.json"
-                cmd = [sys.executable, "-m", "nydus_py.cli.nydusify", "convert", "-q", "--source",
+                cmd = [sys.executable, "-P", "-m", "nydus_py.cli.nydusify", "convert", "-q", "--source",
                        f"{src.host}/bench/app:{tag}", "--target", f"{dst.host}/bench/app:{tag}-nydus",
                        "--source-insecure", "--target-insecure", "--work-dir", str(work / "tmp"),
                        "--output-json", str(out)]
@@ -330,7 +369,7 @@ def main() -> int:
                                "--dest-tls-verify=false", f"docker://{src.host}/bench/app:v1",
                                f"docker://{dst.host}/bench/app:v1"]
                     else:
-                        cmd = [sys.executable, "-m", "nydus_py.cli.nydusify", "convert", "-q", "--source",
+                        cmd = [sys.executable, "-P", "-m", "nydus_py.cli.nydusify", "convert", "-q", "--source",
                                f"{src.host}/bench/app:v1", "--target", f"{dst.host}/bench/app:v1-nydus",
                                "--source-insecure", "--target-insecure", "--work-dir", str(work / "tmp"),
                                "--output-json", str(work / "result.json")]
@@ -347,7 +386,7 @@ def main() -> int:
                 m["mib_per_s_files"] = file_bytes / 2**20 / m["wall_s"]
                 runs[name].append(m)
                 print(f"run {r + 1} {name}: {m['wall_s']:.2f}s (CPU {m['cpu_s']:.2f}s), peak RSS "
-                      f"{m['peak_rss_mib']:.0f} MiB, {m['mib_per_s_compressed']:.0f} MiB/s of image (load {m['load']:.1f})")
+                      f"{m['peak_rss_mib']:.0f} MiB (+{m['helpers']:.0f} helpers {m['helpers_peak_rss_mib']:.0f} MiB), {m['mib_per_s_compressed']:.0f} MiB/s of image (load {m['load']:.1f})")
         best = {name: min(v, key=lambda m: m["wall_s"]) for name, v in runs.items()}
         for name in trees:
             ratios = sorted(a["wall_s"] / b["wall_s"] for a, b in zip(runs[name], runs["skopeo copy"], strict=True))
