@@ -370,10 +370,12 @@ def test_prefetch_progress_in_blobcache_metrics(tmp_path: Path, images: list[Ima
         assert (c.post(f"{V1}/mount?mountpoint=/p", json=body)).status == 204
 
         def finished() -> dict[str, Any] | None:
+            # the chunk map's bits go durable in batches after their data (one fdatasync per
+            # batch, a moment after the prefetch threads end), so data_all_ready comes a little later
             bc = c.get(f"{V1}/metrics/blobcache", params={"id": "/p"}).json()
-            return bc if bc["prefetch_end_time_secs"] else None
+            return bc if bc["prefetch_end_time_secs"] and bc["data_all_ready"] else None
 
-        bc = wait_until(finished, 20, "prefetch to finish")
+        bc = wait_until(finished, 20, "prefetch to finish and every chunk to be marked ready")
         assert bc["prefetch_end_time_secs"] >= bc["prefetch_begin_time_secs"] > 0
         assert bc["prefetch_data_amount"] > 0 and bc["prefetch_workers"] == 2
         assert bc["data_all_ready"] is True and bc["underlying_files"]

@@ -19,6 +19,7 @@ from nydus_py.api import promtext as pt
 from nydus_py.daemon.instance import MountCmd
 from nydus_py.daemon.service import DaemonOptions, DaemonService
 from tests.daemon.rig import make_image, snapshotter_config
+from tests.waiting import wait_until
 
 
 class Families:
@@ -95,6 +96,9 @@ def test_the_daemons_page_is_prometheus_clients(tmp_path: Path, monkeypatch: pyt
             ino = svc.vfs.lookup(root.ino, f"id-{i}".encode()).ino
             svc.vfs.read(ino, 0, 0, 100)
             svc.metrics.finished(svc.metrics.started(15, ino, 7 + i), (b"\x10\0\0\0\0\0\0\0" + bytes(8), b"x" * 9))
+        # both snapshots must see the same counters: the background prefetch ends first
+        wait_until(lambda: all(svc.metrics_blobcache(f"/s{i}")["prefetch_end_time_secs"] for i in range(2)),
+                   20, "both mounts' prefetch to finish")
         monkeypatch.setattr(prom, "rss_bytes", lambda: 12345678)
         monkeypatch.setattr(prom, "time", SimpleNamespace(time=lambda: svc.started_at + 42.5))
         ours = prom.exposition(prom.make_registry(svc))
