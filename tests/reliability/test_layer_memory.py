@@ -192,4 +192,6 @@ def test_write_plans_hold_no_object_per_entry(many_entries: Path, fs_version: in
     plan, blocks, top = retained_blocks(lambda: (plan_v5 if fs_version == 5 else plan_v6)(tree, opts))
     assert blocks < 100, (blocks, top)  # ~10 000 with an object per inode
     order, blocks, top = retained_blocks(plan.data_order)
-    assert len(order) == ENTRIES - 100 and blocks < 20, (blocks, top)
+    # bounded like the plan (~10 000 with an object per entry); not tighter: threads other tests
+    # left waiting (threading's Condition waiters) allocate a few blocks within the window
+    assert len(order) == ENTRIES - 100 and blocks < 100, (blocks, top)
