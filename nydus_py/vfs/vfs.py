@@ -528,12 +528,16 @@ class Vfs(Filesystem):
         with self.entered(ino) as (fs, inner):
             return fs.open(inner, flags)
 
-    def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
-        # (`entered`, inline: on every READ)
+    def _file_slot(self, ino: int) -> _Slot:
+        """`entered`'s slot for a file's data request, inline on every READ (the caller leaves
+        it): EISDIR for a pseudo directory, ENOENT/ESTALE for no inode."""
         if not ino >> INO_SHIFT and self._rootfs is None:
             self._pseudo_node(ino)  # ENOENT/ESTALE when it is none
             raise FuseError(errno.EISDIR)
-        slot = self._slot(ino)
+        return self._slot(ino)
+
+    def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
+        slot = self._file_slot(ino)
         try:
             return slot.fs.read(ino & INO_MASK if slot.base else ino, fh, offset, size)
         finally:
@@ -549,11 +553,7 @@ class Vfs(Filesystem):
         return slot.fs.read_waits(slot.inner(ino), offset, size)
 
     def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
-        # (`entered`, inline: a virtio-fs READ's hot path)
-        if not ino >> INO_SHIFT and self._rootfs is None:
-            self._pseudo_node(ino)  # ENOENT/ESTALE when it is none
-            raise FuseError(errno.EISDIR)
-        slot = self._slot(ino)
+        slot = self._file_slot(ino)
         try:
             return slot.fs.read_into(ino & INO_MASK if slot.base else ino, fh, offset, size, dest, nowait)
         finally:

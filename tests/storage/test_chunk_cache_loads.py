@@ -45,17 +45,24 @@ def _loading_has_waiter(cache: ChunkCache, key: str) -> bool:
     return pending is not None and pending.event is not None
 
 
-def test_concurrent_misses_share_one_load() -> None:
-    cache = ChunkCache(1 << 20)
-    load, started, go, calls = _blocked_load(lambda: b"x" * 100)
-    owner, got = _waiters(cache, "k", 0, load)
+def _share_one_load(cache: ChunkCache, result: Callable[[], bytes]) -> tuple[list[object], list[int]]:
+    """WAITERS readers miss `k` at once; the owner's load is released only once another reader
+    waits on it. (What each reader got, the load's call count.)"""
+    load, started, go, calls = _blocked_load(result)
+    threads, got = _waiters(cache, "k", 0, load)
     assert started.wait(10)
     wait_until(lambda: _loading_has_waiter(cache, "k"), what="a second reader waiting on the load")
     go.set()
-    for t in owner:
+    for t in threads:
         t.join(10)
+    return got, calls
+
+
+def test_concurrent_misses_share_one_load() -> None:
+    cache = ChunkCache(1 << 20)
+    got, calls = _share_one_load(cache, lambda: b"x" * 100)
     assert got == [b"x" * 100] * WAITERS and calls == [1]
-    assert cache.get("k", load) == b"x" * 100 and calls == [1]  # held now: a hit
+    assert cache.get("k", lambda: b"other") == b"x" * 100 and calls == [1]  # held now: a hit
     assert cache.misses == 1
 
 
@@ -65,13 +72,7 @@ def test_a_failed_load_reaches_every_waiter_and_is_not_cached() -> None:
     def fail() -> bytes:
         raise OSError(5, "chunk digest mismatch")
 
-    load, started, go, calls = _blocked_load(fail)
-    threads, got = _waiters(cache, "k", 0, load)
-    assert started.wait(10)
-    wait_until(lambda: _loading_has_waiter(cache, "k"), what="a second reader waiting on the load")
-    go.set()
-    for t in threads:
-        t.join(10)
+    got, _calls = _share_one_load(cache, fail)
     # the waiters get the owner's error; a reader that came after it loads (and fails) again
     assert len(got) == WAITERS and all(isinstance(g, OSError) and "digest mismatch" in str(g) for g in got)
     assert not cache.loading("k")
