@@ -119,11 +119,11 @@ def split(events: list[tuple[float, int, int, str, str]]) -> dict[str, Any]:
         r["npread"] = len(ps)
         rows.append(r)
     out: dict[str, Any] = {"requests": len(order), "split": len(rows)}
-    for op in ("LOOKUP", "READ"):
-        rs = [r for r in rows if r["op"] == op]
+    for opname in ("LOOKUP", "READ"):
+        rs = [r for r in rows if r["op"] == opname]
         if not rs:
             continue
-        out[op] = {
+        out[opname] = {
             "n": len(rs),
             "same_cpu": sum(1 for r in rs if r["ccpu"] == r["dcpu"]),
             "preads": sum(r["npread"] for r in rs),
