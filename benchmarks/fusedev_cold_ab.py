@@ -18,9 +18,10 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
-from common import drop_caches
+from common import drop_caches, fuse_uring_enabled
 
 REPO = Path(__file__).resolve().parents[1]
 WORKLOADS = {
@@ -30,10 +31,10 @@ WORKLOADS = {
 }
 
 
-def start(repo: str, work: str, mnt: str, log: str) -> subprocess.Popen[bytes]:
+def start(repo: str, work: str, mnt: str, log: str, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
     cmd = [sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--config", os.path.join(work, "nydusd-plain.json"),
            "--bootstrap", os.path.join(work, "img-plain", "boot"), "--mountpoint", mnt, "--thread-num", "4",
-           "--log-level", "warn"]
+           "--log-level", "warn", *extra]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=repo, env={**os.environ, "PYTHONPATH": repo}, stdout=subprocess.DEVNULL,
                                 stderr=out)
@@ -77,7 +78,14 @@ def main() -> None:
     ap.add_argument("--workload", choices=sorted(WORKLOADS), default="find")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--json", help="write the results here")
+    ap.add_argument("--io-uring", action="store_true", help="both daemons with --io-uring (fuse.enable_uring=Y "
+                    "for the run, restored after)")
     args = ap.parse_args()
+    with fuse_uring_enabled(args.io_uring):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     work = args.workdir
     mnt = os.path.join(work, "mnt-cold-ab")
     os.makedirs(mnt, exist_ok=True)
@@ -89,7 +97,8 @@ def main() -> None:
     for r in range(args.rounds):
         for name, repo, root in arms:
             drop_caches()
-            proc = start(repo, work, mnt, os.path.join(work, f"cold-ab-{name}.log")) if repo else None
+            flags = ["--io-uring"] if args.io_uring else []
+            proc = start(repo, work, mnt, os.path.join(work, f"cold-ab-{name}.log"), flags) if repo else None
             c0 = cpu_ms(proc.pid) if proc is not None else 0.0
             t = time.perf_counter()
             subprocess.run(cmd, cwd=root, stdout=subprocess.DEVNULL, check=True)
@@ -106,6 +115,7 @@ def main() -> None:
         print(f"{k:6s} median {statistics.median(v):8.1f} ms, median ratio to native {ratios[k]:.2f}{daemon}")
     if args.json:
         Path(args.json).write_text(json.dumps({"workload": args.workload, "cmd": cmd, "baseline": args.baseline,
+                                               "io_uring": args.io_uring,
                                                "ms": ms, "daemon_cpu_ms": cpu, "median_ratio_to_native": ratios,
                                                "loadavg_end": os.getloadavg()}, indent=1) + "\n")
 
