@@ -165,6 +165,8 @@ class BlobWriter:
         self._spill_keys: list[int] = []
         self._spill_bytes = 0
         self._spill_closed = threading.Event()  # the blob-order write is done (or given up)
+        self.spill_writes = 0  # pwritev calls into the spill (one per batch with a new chunk)
+        self.spill_reads = 0  # preads of the spill (a window serves the small chunks near each other)
 
     # -- chunk pipeline -------------------------------------------------------------------------
 
@@ -456,31 +458,39 @@ class BlobWriter:
             raise
 
     def _spill_all(self, bufs: list[bytes]) -> list[bytes]:
-        return [self._spill_one(b) for b in bufs]
-
-    def _spill_one(self, data: bytes) -> bytes:
-        """Worker: the chunk's digest; a new one is compressed and appended to the spill."""
-        d = codec.digest(self.opts.digester, data)
-        with self._lock:
-            if d in self._spilled:
-                return d
-        if d in self.existing:
-            return d
-        crc = codec.crc32c(data)
-        stored, compressed = self._pack(data)
-        flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
-        with self._lock:
-            if d in self._spilled:  # another worker had the same chunk at the same time
-                return d
-            pos = self._spill_pos
-            self._spill_pos += len(stored)
-            self._spilled.add(CHUNK.pack(d, 0, int(flags), len(stored), len(data), pos, 0, 0, 0, crc))
+        """Worker: each chunk's digest; the new ones are compressed and appended to the spill
+        together, with one pwritev per batch (a pwrite per chunk gave the GIL up and took it
+        back once per small file: under contention each such hand-off costs a wake-up)."""
+        out: list[bytes] = []
+        new: list[tuple[bytes, int, bytes, int, int]] = []  # digest, flags, stored, size, crc
+        for data in bufs:
+            d = codec.digest(self.opts.digester, data)
+            out.append(d)
+            with self._lock:
+                if d in self._spilled:
+                    continue
+            if d in self.existing:
+                continue
+            crc = codec.crc32c(data)
+            stored, compressed = self._pack(data)
+            flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
+            new.append((d, int(flags), stored, len(data), crc))
+        if not new:
+            return out
+        parts: list[bytes] = []
+        with self._lock:  # the batch's new chunks take one contiguous run of the spill
+            start = pos = self._spill_pos
+            for d, flags, stored, size, crc in new:
+                if d in self._spilled:  # another worker (or this batch) had the same chunk
+                    continue
+                self._spilled.add(CHUNK.pack(d, 0, flags, len(stored), size, pos, 0, 0, 0, crc))
+                parts.append(stored)
+                pos += len(stored)
+            self._spill_pos = pos
         assert self._spill_fd is not None
-        view = memoryview(stored)
-        while view:
-            n = os.pwrite(self._spill_fd, view, pos)
-            view, pos = view[n:], pos + n
-        return d
+        self.spill_writes += 1
+        _pwritev_all(self._spill_fd, parts, start)
+        return out
 
     def add_spilled_stream(self, files: Iterable[tuple[int, int]], done: Callable[[int, bytes], None]) -> None:
         """Write the blob from the spill: `files` are (key, size) of files given to
@@ -489,6 +499,8 @@ class BlobWriter:
             raise RuntimeError("BlobWriter already finished")
         cs = self.opts.chunk_size
         spilled = self._spilled
+        assert self._spill_fd is not None or not self._spill_file_keys
+        spill = _SpillReader(self._spill_fd if self._spill_fd is not None else -1)
         keys, starts, all_digests = self._spill_file_keys, self._spill_file_starts, self._spill_digests
         for i, (key, size) in enumerate(files):
             j = bisect.bisect_left(keys, key)
@@ -524,12 +536,10 @@ class BlobWriter:
                     continue
                 assert rec is not None
                 (_d, _bi, flags, c_size, u_size, c_off, _uo, _fo, _ix, crc) = CHUNK.unpack(rec)
-                assert self._spill_fd is not None
-                stored = os.pread(self._spill_fd, c_size, c_off)
-                if len(stored) != c_size:
-                    raise OSError(errno.EIO, "spill file is short")
+                stored = spill.read(c_off, c_size)
                 out += self._store(d, stored, ChunkFlags(flags), u_size, crc, foff)
             done(i, bytes(out))
+        self.spill_reads += spill.reads
         self._close_spill()
 
     def _close_spill(self) -> None:
@@ -801,6 +811,52 @@ def with_blob_index(records: "bytes | bytearray | memoryview", index: int) -> by
     for off in range(_BLOB_INDEX_AT, len(out), CHUNK_RECORD_SIZE):
         out[off:off + 4] = field
     return out
+
+
+_SPILL_WINDOW = 1 << 20
+
+
+class _SpillReader:
+    """Reads of the spill in blob order: a chunk smaller than the window is served from a
+    1 MiB read-ahead window (small files spilled near each other are read back near each
+    other), so a layer of many small files costs a few preads, not one per chunk."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.reads = 0
+        self._start = 0
+        self._win = b""
+
+    def read(self, offset: int, n: int) -> bytes:
+        start, win = self._start, self._win
+        if not (start <= offset and offset + n <= start + len(win)):
+            self.reads += 1
+            if n >= _SPILL_WINDOW:
+                return self._exact(offset, n)
+            start, win = offset, os.pread(self.fd, _SPILL_WINDOW, offset)
+            if len(win) < n:
+                raise OSError(errno.EIO, "spill file is short")
+            self._start, self._win = start, win
+        return win[offset - start:offset - start + n]
+
+    def _exact(self, offset: int, n: int) -> bytes:
+        data = os.pread(self.fd, n, offset)
+        if len(data) != n:
+            raise OSError(errno.EIO, "spill file is short")
+        return data
+
+
+def _pwritev_all(fd: int, parts: list[bytes], pos: int) -> None:
+    """Write `parts` back to back at `pos` (pwritev, in rounds of at most _WRITE_PARTS)."""
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        n = os.pwritev(fd, views[:_WRITE_PARTS], pos)
+        pos += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes:
