@@ -1,0 +1,80 @@
+"""A layer of many small files costs a few spill writes and reads, not one per chunk: the
+chunks a worker spills from one batch go out with one pwritev, and the blob-order write reads
+the spill back through a 1 MiB window. Each syscall per chunk gave the GIL up and took it back
+(a wake-up under contention); the blob is the same byte for byte."""
+
+import os
+import random
+
+import pytest
+
+from nydus_py.builder.blob_writer import BlobWriter
+from nydus_py.builder.options import BuildOptions
+from tests.builder.test_blob_writer import fd
+
+FILES = 300
+
+
+class _Bytes:
+    """A ChunkSource over bytes in memory (a layer tar's data at offsets)."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def pread(self, offset: int, n: int) -> bytes:
+        return self.data[offset:offset + n]
+
+
+def _files(rng: random.Random) -> list[bytes]:
+    # small files, half of them repeated once (dedup inside the layer), one bigger than a chunk
+    out = [rng.randbytes(rng.randint(100, 12 << 10)) for _ in range(FILES)]
+    out += out[: FILES // 2]
+    out.append(rng.randbytes(300 << 10))
+    return out
+
+
+def _blob(path: str, w: BlobWriter) -> bytes:
+    info = w.finish()
+    assert info is not None
+    with open(os.path.join(path, info.blob_id), "rb") as f:
+        return f.read()
+
+
+def test_small_files_are_spilled_and_read_back_in_a_few_syscalls(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    files = _files(random.Random(7))
+    opts = BuildOptions(chunk_size=0x10000)
+    ref = BlobWriter(str(tmp_path / "ref"), opts, blob_index=0, workers=2)
+    ref_chunks = ref.add_files([fd(d) for d in files])
+    ref_blob = _blob(str(tmp_path / "ref"), ref)
+
+    data = b"".join(files)
+    offsets = []
+    pos = 0
+    for d in files:
+        offsets.append(pos)
+        pos += len(d)
+    calls = {"write": 0, "read": 0}
+    for name, kind in (("pwrite", "write"), ("pwritev", "write"), ("pread", "read")):
+        real = getattr(os, name)
+
+        def counted(*a, _real=real, _kind=kind):  # type: ignore[no-untyped-def]
+            calls[_kind] += 1
+            return _real(*a)
+
+        monkeypatch.setattr(os, name, counted)
+    w = BlobWriter(str(tmp_path / "spill"), opts, blob_index=0, workers=2)
+    src = _Bytes(data)
+    for off, d in zip(offsets, files, strict=True):
+        w.spill_file(src, off, len(d))
+    w.spill_finish()
+    writes = calls["write"]
+    got: list[bytes] = []
+    w.add_spilled_stream(((off, len(d)) for off, d in zip(offsets, files, strict=True)), lambda _i, c: got.append(c))
+    reads = calls["read"]
+    monkeypatch.undo()
+    assert _blob(str(tmp_path / "spill"), w) == ref_blob
+    assert got == ref_chunks
+    # ~3 MiB of new small chunks: 256 KiB batches -> about 14 writes and 4 window reads (one per chunk before: 300+)
+    assert writes <= 40, writes
+    assert reads <= 20, reads
+    assert w.spill_writes == writes and w.spill_reads == reads
