@@ -207,7 +207,8 @@ class BlobWriter:
     def _write(self, data: "bytes | bytearray") -> None:
         """Queue `data` for the writer thread (file write + blob sha256 overlap chunk work).
         Small pieces are gathered up to 1 MiB (one hand-off each), as a list written with one
-        writev: never copied into one buffer (a copy that would hold the GIL)."""
+        writev: big pieces are never copied (a copy holds the GIL); runs of small ones are joined
+        by the writer thread (`_coalesce`: one hash update each, not one per chunk)."""
         self._pos += len(data)
         self._wbuf.append(bytes(data) if isinstance(data, bytearray) else data)  # (a bytearray may change)
         self._wsize += len(data)
@@ -224,6 +225,7 @@ class BlobWriter:
 
     def _write_now(self, parts: list[bytes]) -> None:
         assert self._fd is not None
+        parts = _coalesce(parts)
         views = [memoryview(p) for p in parts]
         while views:
             n = os.writev(self._fd, views)
@@ -814,6 +816,28 @@ def with_blob_index(records: "bytes | bytearray | memoryview", index: int) -> by
 
 
 _SPILL_WINDOW = 1 << 20
+_SMALL_PART = 64 << 10
+
+
+def _coalesce(parts: list[bytes]) -> list[bytes]:
+    """`parts` with each run of small ones joined: the blob's sha256 then takes one update per
+    run, not one per small chunk (each update of 2 KiB or more gives the GIL up and takes it
+    back: a wake-up under contention). Only small parts are copied (big ones are most bytes)."""
+    if len(parts) <= 4:
+        return parts
+    out: list[bytes] = []
+    run: list[bytes] = []
+    for p in parts:
+        if len(p) < _SMALL_PART:
+            run.append(p)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run = []
+        out.append(p)
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
 
 
 class _SpillReader:

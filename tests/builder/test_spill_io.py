@@ -78,3 +78,41 @@ def test_small_files_are_spilled_and_read_back_in_a_few_syscalls(tmp_path, monke
     assert writes <= 40, writes
     assert reads <= 20, reads
     assert w.spill_writes == writes and w.spill_reads == reads
+
+
+class _CountingHash:
+    """Stands in for the blob's sha256, counting its updates."""
+
+    def __init__(self, inner) -> None:  # type: ignore[no-untyped-def]
+        self.inner = inner
+        self.updates = 0
+
+    def update(self, data) -> None:  # type: ignore[no-untyped-def]
+        self.updates += 1
+        self.inner.update(data)
+
+    def copy(self):  # type: ignore[no-untyped-def]
+        return self.inner.copy()
+
+    def hexdigest(self) -> str:
+        return str(self.inner.hexdigest())
+
+    def digest(self) -> bytes:
+        return bytes(self.inner.digest())
+
+
+def test_the_blob_hash_takes_runs_of_small_chunks_at_once(tmp_path) -> None:
+    """Each hash update of 2 KiB or more is a GIL hand-off: a blob of small chunks hashed chunk
+    by chunk had one per small file. The blob and its id (its sha256) stay the same."""
+    files = _files(random.Random(11))
+    opts = BuildOptions(chunk_size=0x10000)
+    ref = BlobWriter(str(tmp_path / "ref"), opts, blob_index=0, workers=2)
+    ref.add_files([fd(d) for d in files])
+    ref_blob = _blob(str(tmp_path / "ref"), ref)
+    w = BlobWriter(str(tmp_path / "counted"), opts, blob_index=0, workers=2)
+    counting = _CountingHash(w._hash)
+    w._hash = counting  # type: ignore[assignment]
+    w.add_files([fd(d) for d in files])
+    assert _blob(str(tmp_path / "counted"), w) == ref_blob
+    # ~300 stored small chunks and the trailers: one update per chunk before (300+)
+    assert counting.updates <= 30, counting.updates
