@@ -460,32 +460,41 @@ class BlobWriter:
             raise
 
     def _spill_all(self, bufs: list[bytes]) -> list[bytes]:
-        """Worker: each chunk's digest; the new ones are compressed and appended to the spill
-        together, with one pwritev per batch (a pwrite per chunk gave the GIL up and took it
-        back once per small file: under contention each such hand-off costs a wake-up)."""
+        """Worker: each chunk's digest; the new ones are compressed together
+        (`codec.compress_many`) and appended to the spill with one pwritev per batch (a pwrite
+        and a compression call per chunk each gave the GIL up and took it back once per small
+        file: under contention each such hand-off waits for the GIL again)."""
         out: list[bytes] = []
-        new: list[tuple[bytes, int, bytes, int, int]] = []  # digest, flags, stored, size, crc
+        new: list[tuple[bytes, bytes, int]] = []  # digest, data, crc
+        taken: set[bytes] = set()  # (a chunk twice in the batch is compressed once)
         for data in bufs:
             d = codec.digest(self.opts.digester, data)
             out.append(d)
+            if d in taken:
+                continue
             with self._lock:
                 if d in self._spilled:
                     continue
             if d in self.existing:
                 continue
-            crc = codec.crc32c(data)
-            stored, compressed = self._pack(data)
-            flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
-            new.append((d, int(flags), stored, len(data), crc))
+            taken.add(d)
+            new.append((d, data, codec.crc32c(data)))
         if not new:
             return out
-        parts: list[bytes] = []
+        if self.opts.compressor == Compressor.NONE:
+            packed: list[bytes | memoryview] = [data for _d, data, _c in new]
+        else:
+            packed = codec.compress_many(self.opts.compressor, [data for _d, data, _c in new])
+        parts: list[bytes | memoryview] = []
         with self._lock:  # the batch's new chunks take one contiguous run of the spill
             start = pos = self._spill_pos
-            for d, flags, stored, size, crc in new:
+            for (d, data, crc), out_c in zip(new, packed, strict=True):
                 if d in self._spilled:  # another worker (or this batch) had the same chunk
                     continue
-                self._spilled.add(CHUNK.pack(d, 0, flags, len(stored), size, pos, 0, 0, 0, crc))
+                compressed = self.opts.compressor != Compressor.NONE and len(out_c) < len(data)
+                stored = out_c if compressed else data
+                flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
+                self._spilled.add(CHUNK.pack(d, 0, int(flags), len(stored), len(data), pos, 0, 0, 0, crc))
                 parts.append(stored)
                 pos += len(stored)
             self._spill_pos = pos
@@ -870,7 +879,7 @@ class _SpillReader:
         return data
 
 
-def _pwritev_all(fd: int, parts: list[bytes], pos: int) -> None:
+def _pwritev_all(fd: int, parts: "list[bytes | memoryview]", pos: int) -> None:
     """Write `parts` back to back at `pos` (pwritev, in rounds of at most _WRITE_PARTS)."""
     views = [memoryview(p) for p in parts if p]
     while views:
