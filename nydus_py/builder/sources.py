@@ -44,6 +44,7 @@ from ..rafs.acl import acl_from_text
 from ..rafs.errors import FormatError
 from .limits import ExpansionLimits, ExpansionMeter, remaining_size
 from .packed import DEAD, Tree
+from .tar_headers import plain_next
 from .tree import NO_XATTRS
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class SourceStats:
     """What a source reader dropped or noticed, for the CLI to report."""
 
     entries: int = 0
+    plain_headers: int = 0  # tar members whose header `tar_headers.plain_next` read (not tarfile)
     skipped_xattrs: int = 0
     skipped_xattr_names: set[bytes] = field(default_factory=set)
 
@@ -192,6 +194,7 @@ def _set_from_stat(tree: Tree, idx: int, path: bytes, st: os.stat_result, stats:
 
 
 _WINDOW = 1 << 20  # read-ahead of small members
+PLAIN_HEADERS = True  # plain member headers read by `tar_headers` (tests compare with tarfile's own)
 _SMALL = 128 << 10
 
 
@@ -897,7 +900,11 @@ def _tree_from_tar(fileobj: Any, backing: Any, stats: SourceStats | None,
     tt = _TarTree(stats, backing)
     while True:
         try:
-            member = tar.next()
+            member = plain_next(tar) if PLAIN_HEADERS else None
+            if member is None:
+                member = tar.next()
+            elif stats is not None:
+                stats.plain_headers += 1
         except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as e:
             raise FormatError(f"corrupt tar archive at offset {tar.offset}: {e}") from None
         if member is None:
