@@ -165,6 +165,8 @@ class BlobWriter:
         self._spill_keys: list[int] = []
         self._spill_bytes = 0
         self._spill_closed = threading.Event()  # the blob-order write is done (or given up)
+        self.spill_writes = 0  # pwritev calls into the spill (one per batch with a new chunk)
+        self.spill_reads = 0  # preads of the spill (a window serves the small chunks near each other)
 
     # -- chunk pipeline -------------------------------------------------------------------------
 
@@ -205,7 +207,8 @@ class BlobWriter:
     def _write(self, data: "bytes | bytearray") -> None:
         """Queue `data` for the writer thread (file write + blob sha256 overlap chunk work).
         Small pieces are gathered up to 1 MiB (one hand-off each), as a list written with one
-        writev: never copied into one buffer (a copy that would hold the GIL)."""
+        writev: big pieces are never copied (a copy holds the GIL); runs of small ones are joined
+        by the writer thread (`_coalesce`: one hash update each, not one per chunk)."""
         self._pos += len(data)
         self._wbuf.append(bytes(data) if isinstance(data, bytearray) else data)  # (a bytearray may change)
         self._wsize += len(data)
@@ -222,6 +225,7 @@ class BlobWriter:
 
     def _write_now(self, parts: list[bytes]) -> None:
         assert self._fd is not None
+        parts = _coalesce(parts)
         views = [memoryview(p) for p in parts]
         while views:
             n = os.writev(self._fd, views)
@@ -456,31 +460,48 @@ class BlobWriter:
             raise
 
     def _spill_all(self, bufs: list[bytes]) -> list[bytes]:
-        return [self._spill_one(b) for b in bufs]
-
-    def _spill_one(self, data: bytes) -> bytes:
-        """Worker: the chunk's digest; a new one is compressed and appended to the spill."""
-        d = codec.digest(self.opts.digester, data)
-        with self._lock:
-            if d in self._spilled:
-                return d
-        if d in self.existing:
-            return d
-        crc = codec.crc32c(data)
-        stored, compressed = self._pack(data)
-        flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
-        with self._lock:
-            if d in self._spilled:  # another worker had the same chunk at the same time
-                return d
-            pos = self._spill_pos
-            self._spill_pos += len(stored)
-            self._spilled.add(CHUNK.pack(d, 0, int(flags), len(stored), len(data), pos, 0, 0, 0, crc))
+        """Worker: each chunk's digest; the new ones are compressed together
+        (`codec.compress_many`) and appended to the spill with one pwritev per batch (a pwrite
+        and a compression call per chunk each gave the GIL up and took it back once per small
+        file: under contention each such hand-off waits for the GIL again)."""
+        out: list[bytes] = []
+        new: list[tuple[bytes, bytes, int]] = []  # digest, data, crc
+        taken: set[bytes] = set()  # (a chunk twice in the batch is compressed once)
+        for data in bufs:
+            d = codec.digest(self.opts.digester, data)
+            out.append(d)
+            if d in taken:
+                continue
+            with self._lock:
+                if d in self._spilled:
+                    continue
+            if d in self.existing:
+                continue
+            taken.add(d)
+            new.append((d, data, codec.crc32c(data)))
+        if not new:
+            return out
+        if self.opts.compressor == Compressor.NONE:
+            packed: list[bytes | memoryview] = [data for _d, data, _c in new]
+        else:
+            packed = codec.compress_many(self.opts.compressor, [data for _d, data, _c in new])
+        parts: list[bytes | memoryview] = []
+        with self._lock:  # the batch's new chunks take one contiguous run of the spill
+            start = pos = self._spill_pos
+            for (d, data, crc), out_c in zip(new, packed, strict=True):
+                if d in self._spilled:  # another worker (or this batch) had the same chunk
+                    continue
+                compressed = self.opts.compressor != Compressor.NONE and len(out_c) < len(data)
+                stored = out_c if compressed else data
+                flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
+                self._spilled.add(CHUNK.pack(d, 0, int(flags), len(stored), len(data), pos, 0, 0, 0, crc))
+                parts.append(stored)
+                pos += len(stored)
+            self._spill_pos = pos
         assert self._spill_fd is not None
-        view = memoryview(stored)
-        while view:
-            n = os.pwrite(self._spill_fd, view, pos)
-            view, pos = view[n:], pos + n
-        return d
+        self.spill_writes += 1
+        _pwritev_all(self._spill_fd, parts, start)
+        return out
 
     def add_spilled_stream(self, files: Iterable[tuple[int, int]], done: Callable[[int, bytes], None]) -> None:
         """Write the blob from the spill: `files` are (key, size) of files given to
@@ -489,6 +510,8 @@ class BlobWriter:
             raise RuntimeError("BlobWriter already finished")
         cs = self.opts.chunk_size
         spilled = self._spilled
+        assert self._spill_fd is not None or not self._spill_file_keys
+        spill = _SpillReader(self._spill_fd if self._spill_fd is not None else -1)
         keys, starts, all_digests = self._spill_file_keys, self._spill_file_starts, self._spill_digests
         for i, (key, size) in enumerate(files):
             j = bisect.bisect_left(keys, key)
@@ -524,12 +547,10 @@ class BlobWriter:
                     continue
                 assert rec is not None
                 (_d, _bi, flags, c_size, u_size, c_off, _uo, _fo, _ix, crc) = CHUNK.unpack(rec)
-                assert self._spill_fd is not None
-                stored = os.pread(self._spill_fd, c_size, c_off)
-                if len(stored) != c_size:
-                    raise OSError(errno.EIO, "spill file is short")
+                stored = spill.read(c_off, c_size)
                 out += self._store(d, stored, ChunkFlags(flags), u_size, crc, foff)
             done(i, bytes(out))
+        self.spill_reads += spill.reads
         self._close_spill()
 
     def _close_spill(self) -> None:
@@ -801,6 +822,74 @@ def with_blob_index(records: "bytes | bytearray | memoryview", index: int) -> by
     for off in range(_BLOB_INDEX_AT, len(out), CHUNK_RECORD_SIZE):
         out[off:off + 4] = field
     return out
+
+
+_SPILL_WINDOW = 1 << 20
+_SMALL_PART = 64 << 10
+
+
+def _coalesce(parts: list[bytes]) -> list[bytes]:
+    """`parts` with each run of small ones joined: the blob's sha256 then takes one update per
+    run, not one per small chunk (each update of 2 KiB or more gives the GIL up and takes it
+    back: a wake-up under contention). Only small parts are copied (big ones are most bytes)."""
+    if len(parts) <= 4:
+        return parts
+    out: list[bytes] = []
+    run: list[bytes] = []
+    for p in parts:
+        if len(p) < _SMALL_PART:
+            run.append(p)
+            continue
+        if run:
+            out.append(run[0] if len(run) == 1 else b"".join(run))
+            run = []
+        out.append(p)
+    if run:
+        out.append(run[0] if len(run) == 1 else b"".join(run))
+    return out
+
+
+class _SpillReader:
+    """Reads of the spill in blob order: a chunk smaller than the window is served from a
+    1 MiB read-ahead window (small files spilled near each other are read back near each
+    other), so a layer of many small files costs a few preads, not one per chunk."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.reads = 0
+        self._start = 0
+        self._win = b""
+
+    def read(self, offset: int, n: int) -> bytes:
+        start, win = self._start, self._win
+        if not (start <= offset and offset + n <= start + len(win)):
+            self.reads += 1
+            if n >= _SPILL_WINDOW:
+                return self._exact(offset, n)
+            start, win = offset, os.pread(self.fd, _SPILL_WINDOW, offset)
+            if len(win) < n:
+                raise OSError(errno.EIO, "spill file is short")
+            self._start, self._win = start, win
+        return win[offset - start:offset - start + n]
+
+    def _exact(self, offset: int, n: int) -> bytes:
+        data = os.pread(self.fd, n, offset)
+        if len(data) != n:
+            raise OSError(errno.EIO, "spill file is short")
+        return data
+
+
+def _pwritev_all(fd: int, parts: "list[bytes | memoryview]", pos: int) -> None:
+    """Write `parts` back to back at `pos` (pwritev, in rounds of at most _WRITE_PARTS)."""
+    views = [memoryview(p) for p in parts if p]
+    while views:
+        n = os.pwritev(fd, views[:_WRITE_PARTS], pos)
+        pos += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if n:
+            views[0] = views[0][n:]
 
 
 def _read_exact(stream: BinaryIO, n: int) -> bytes:

@@ -44,6 +44,7 @@ from ..rafs.acl import acl_from_text
 from ..rafs.errors import FormatError
 from .limits import ExpansionLimits, ExpansionMeter, remaining_size
 from .packed import DEAD, Tree
+from .tar_headers import plain_next
 from .tree import NO_XATTRS
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class SourceStats:
     """What a source reader dropped or noticed, for the CLI to report."""
 
     entries: int = 0
+    plain_headers: int = 0  # tar members whose header `tar_headers.plain_next` read (not tarfile)
     skipped_xattrs: int = 0
     skipped_xattr_names: set[bytes] = field(default_factory=set)
 
@@ -192,6 +194,7 @@ def _set_from_stat(tree: Tree, idx: int, path: bytes, st: os.stat_result, stats:
 
 
 _WINDOW = 1 << 20  # read-ahead of small members
+PLAIN_HEADERS = True  # plain member headers read by `tar_headers` (tests compare with tarfile's own)
 _SMALL = 128 << 10
 
 
@@ -276,12 +279,17 @@ class TarPipe(Growth):
         self._draining = False  # the reader is past the archive's end: what follows is dropped
         self.dropped_unread = 0  # bytes written after the reader went
         self.peak_held = 0  # the most bytes held at once
+        self.writer_waits = 0  # times the writer blocked on a full pipe (each ends in a wake-up)
+        self.writer_blocked = False
 
     def feed(self, data: bytes) -> None:
         """Append the next piece of the tar (waiting while the reader is `limit` bytes behind)."""
         with self._cond:
             while self._held >= self.limit and not (self._starving or self._gone or self.done):
+                self.writer_waits += 1
+                self.writer_blocked = True
                 self._cond.wait()
+                self.writer_blocked = False
             self.written += len(data)
             if self._gone or self._draining:
                 self.dropped_unread += len(data) if self._gone else 0
@@ -313,6 +321,10 @@ class TarPipe(Growth):
             self._held = 0
             self._cond.notify_all()
 
+    def _wake_writer(self) -> None:
+        self.writer_blocked = False  # (woken: blocked again only once it waits again)
+        self._cond.notify_all()
+
     def _drop_before(self, offset: int) -> None:
         pieces = self._pieces
         freed = False
@@ -321,8 +333,11 @@ class TarPipe(Growth):
             self._base += n
             self._held -= n
             freed = True
-        if freed:
-            self._cond.notify_all()  # a writer held back by the limit goes on
+        # a writer held back by the limit goes on once half the pipe is read (then it feeds
+        # several pieces in a row): a wake-up per piece read cost a futex call and a thread
+        # switch each, with the GIL hand-offs around them
+        if freed and self.writer_blocked and self._held <= self.limit // 2:
+            self._wake_writer()
 
     def read(self, offset: int, n: int, generation: int) -> bytes:
         """Up to `n` bytes at `offset` (fewer only at the end of the tar), waiting for them;
@@ -337,7 +352,7 @@ class TarPipe(Growth):
             while self.written < end and not self.done and self.generation == generation and not self._gone:
                 self._starving = True
                 self._want = min(self._want, end)
-                self._cond.notify_all()
+                self._wake_writer()
                 self._cond.wait()
                 self._want = 1 << 63
             self._starving = False
@@ -885,7 +900,11 @@ def _tree_from_tar(fileobj: Any, backing: Any, stats: SourceStats | None,
     tt = _TarTree(stats, backing)
     while True:
         try:
-            member = tar.next()
+            member = plain_next(tar) if PLAIN_HEADERS else None
+            if member is None:
+                member = tar.next()
+            elif stats is not None:
+                stats.plain_headers += 1
         except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as e:
             raise FormatError(f"corrupt tar archive at offset {tar.offset}: {e}") from None
         if member is None:

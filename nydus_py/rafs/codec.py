@@ -8,7 +8,7 @@ import contextlib
 import gzip
 import threading
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import blake3
 import lz4.block
@@ -49,6 +49,17 @@ def compress(algo: Compressor, data: bytes) -> bytes:
     if algo == Compressor.GZIP:
         return gzip.compress(data, mtime=0)
     raise FormatError(f"unsupported compressor id {int(algo)}")
+
+
+def compress_many(algo: Compressor, datas: "Sequence[bytes]") -> "list[bytes | memoryview]":
+    """`compress` of each of `datas` (the same bytes). zstd takes them all in one call
+    (`multi_compress_to_buffer`, one thread: the same frames): one GIL hand-off for a batch of
+    small chunks, not one each - under contention each hand-off waits for the GIL again."""
+    if algo == Compressor.ZSTD and len(datas) > 1 and all(datas):
+        got = _zstd_compressor().multi_compress_to_buffer(list(datas), threads=0)
+        # (each segment is a buffer into the batch's output; the stubs do not say so)
+        return [memoryview(got[i]) for i in range(len(got))]  # type: ignore[arg-type]
+    return [compress(algo, d) for d in datas]
 
 
 @contextlib.contextmanager
