@@ -542,31 +542,34 @@ class PassthroughFilesystem(Filesystem):
         lookup."""
         with self._using(ino, dir_only=True) as p:
             entries = self._listing(fh, offset)
-            pfd = p.fd
-            opened: list[tuple[int, bytes, int, int, os.stat_result]] = []  # (index, name, type, fd, st)
-            heads: list[tuple[int, bytes, int]] = []  # (index, name, type) of "." and ".."
+            heads: list[tuple[int, bytes, int]] = []  # (index, name, type) of "." and ".." (first in a listing)
             used = 0
+            first = offset
+            while first < 2 and first < len(entries):
+                name, _hino, typ = entries[first]
+                rec = (_DP_SIZE + len(name) + 7) & ~7
+                if used + rec > size:
+                    first = len(entries)  # full: no child after a head that did not fit
+                    break
+                heads.append((first, name, typ))
+                used += rec
+                first += 1
+            opened: list[tuple[int, bytes, int, int, os.stat_result]] = []  # (index, name, type, fd, st)
+            pfd = p.fd
+            open_, fstat = os.open, os.fstat
             try:
-                for k in range(offset, len(entries)):
+                for k in range(first, len(entries)):
                     name, _hino, typ = entries[k]
-                    nl = len(name)
-                    rec = (_DP_SIZE + nl + 7) & ~7
+                    rec = (_DP_SIZE + len(name) + 7) & ~7
                     if used + rec > size:
                         break
-                    if name == b"." or name == b"..":
-                        heads.append((k, name, typ))
-                        used += rec
-                        continue
-                    if not 0 < nl <= NAME_MAX or b"/" in name:  # (never from getdents)
-                        log.error("readdirplus(%d): skipping invalid name %r", ino, name)
-                        continue
                     try:
-                        fd = os.open(name, _LISTED_FLAGS, dir_fd=pfd)
+                        fd = open_(name, _LISTED_FLAGS, dir_fd=pfd)
                     except FileNotFoundError:
                         log.debug("readdirplus(%d): %r was removed since the listing; left out", ino, name)
                         continue
                     try:
-                        st = os.fstat(fd)
+                        st = fstat(fd)
                     except BaseException:
                         os.close(fd)
                         raise
@@ -1029,7 +1032,11 @@ def _scan(fd: int) -> list[tuple[bytes, int, int]]:
                     typ = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
             except OSError:
                 continue
-            entries.append((e.name, e.inode(), typ))
+            name = e.name
+            if len(name) > NAME_MAX or b"/" in name:  # (never from getdents: checked once here, not per reply)
+                log.error("passthrough: skipping invalid name %r in a listing", name)
+                continue
+            entries.append((name, e.inode(), typ))
     return entries
 
 
