@@ -103,6 +103,7 @@ _new_attr = tuple.__new__
 _HOWS: dict[int, _OpenHow] = {}
 _LISTED_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOFLUSH = int(FOpenFlags.NOFLUSH)
+_S_IFMT = 0o170000
 _DP_SIZE = DIRENTPLUS.size  # fuse_entry_out + fuse_dirent, before the name
 _DP_PACK_INTO = DIRENTPLUS.pack_into
 
@@ -254,7 +255,10 @@ class _Inode(_Held):
     __slots__ = ("ino", "fd", "key", "mode", "nlookup", "rfd")
 
     def __init__(self, ino: int, fd: int, key: tuple[int, int], mode: int, nlookup: int = 0) -> None:
-        super().__init__()
+        # (_Held.__init__ inline: a READDIRPLUS makes one per entry)
+        self.users: list[None] = []
+        self.dead = False
+        self._unclosed: list[None] = [None]
         self.ino = ino
         self.fd = fd  # O_PATH (| O_NOFOLLOW for symlinks)
         self.key = key  # (st_dev, st_ino) on the host
@@ -610,22 +614,23 @@ class PassthroughFilesystem(Filesystem):
             return []
         nodeids: list[int] = []
         dup: list[int] = []
+        new = _Inode
         with self._lock:
             inodes, by_key = self._inodes, self._by_key  # (destroy() swaps them under the lock)
+            next_ino = self._next_ino
             for _k, _n, _t, fd, st in opened:
-                key = (st.st_dev, st.st_ino)
+                key = (st[2], st[1])  # (st_dev, st_ino)
                 ino = by_key.get(key)
                 if ino is not None:
                     dup.append(fd)
-                    node = inodes[ino]
+                    inodes[ino].nlookup += 1
                 else:
-                    ino = self._next_ino
-                    self._next_ino += 1
-                    node = _Inode(ino, fd, key, stat.S_IFMT(st.st_mode))
-                    inodes[ino] = node
+                    ino = next_ino
+                    next_ino += 1
+                    inodes[ino] = new(ino, fd, key, st[0] & _S_IFMT, 1)
                     by_key[key] = ino
-                node.nlookup += 1
                 nodeids.append(ino)
+            self._next_ino = next_ino
         for fd in dup:
             os.close(fd)
         return nodeids
