@@ -43,6 +43,7 @@ from functools import partial
 from typing import Self
 
 from ..fuse.abi import (
+    DIRENTPLUS,
     FATTR_ATIME,
     FATTR_ATIME_NOW,
     FATTR_GID,
@@ -68,6 +69,7 @@ from ..fuse.api import (
 )
 from ..fuse.api import OPEN_MUTATING_FLAGS as _OPEN_MUTATING
 from ..fuse.iovec import ReadDest, WouldBlock, trim
+from ..fuse.protocol import split_timeout
 from .casefold import CaseFolder
 
 log = logging.getLogger(__name__)
@@ -101,6 +103,9 @@ _new_attr = tuple.__new__
 _HOWS: dict[int, _OpenHow] = {}
 _LISTED_FLAGS = os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC
 _NOFLUSH = int(FOpenFlags.NOFLUSH)
+_S_IFMT = 0o170000
+_DP_SIZE = DIRENTPLUS.size  # fuse_entry_out + fuse_dirent, before the name
+_DP_PACK_INTO = DIRENTPLUS.pack_into
 
 
 def _sys_openat2(dirfd: int, name: bytes, how: _OpenHow) -> int:
@@ -250,7 +255,10 @@ class _Inode(_Held):
     __slots__ = ("ino", "fd", "key", "mode", "nlookup", "rfd")
 
     def __init__(self, ino: int, fd: int, key: tuple[int, int], mode: int, nlookup: int = 0) -> None:
-        super().__init__()
+        # (_Held.__init__ inline: a READDIRPLUS makes one per entry)
+        self.users: list[None] = []
+        self.dead = False
+        self._unclosed: list[None] = [None]
         self.ino = ino
         self.fd = fd  # O_PATH (| O_NOFOLLOW for symlinks)
         self.key = key  # (st_dev, st_ino) on the host
@@ -528,6 +536,105 @@ class PassthroughFilesystem(Filesystem):
                     continue
                 yield self._register(fd), name, typ, off
 
+    def readdirplus_packed(self, ino: int, fh: int, offset: int, size: int, base: int = 0,
+                           dotdot: int = 0) -> bytearray:
+        """`readdirplus` packed into one buffer, byte for byte what the session builds from its
+        tuples (`base` and `dotdot` as the Vfs moves them), without Entry/FuseAttr objects or a
+        generator hop per entry, and only the entries that fit are opened: the tuple path opens
+        (and then forgets) one more per full reply. The children are opened and stat'ed first,
+        then registered under one lock round trip; a failure closes what it opened and counts no
+        lookup."""
+        with self._using(ino, dir_only=True) as p:
+            entries = self._listing(fh, offset)
+            heads: list[tuple[int, bytes, int]] = []  # (index, name, type) of "." and ".." (first in a listing)
+            used = 0
+            first = offset
+            while first < 2 and first < len(entries):
+                name, _hino, typ = entries[first]
+                rec = (_DP_SIZE + len(name) + 7) & ~7
+                if used + rec > size:
+                    first = len(entries)  # full: no child after a head that did not fit
+                    break
+                heads.append((first, name, typ))
+                used += rec
+                first += 1
+            opened: list[tuple[int, bytes, int, int, os.stat_result]] = []  # (index, name, type, fd, st)
+            pfd = p.fd
+            open_, fstat = os.open, os.fstat
+            try:
+                for k in range(first, len(entries)):
+                    name, _hino, typ = entries[k]
+                    rec = (_DP_SIZE + len(name) + 7) & ~7
+                    if used + rec > size:
+                        break
+                    try:
+                        fd = open_(name, _LISTED_FLAGS, dir_fd=pfd)
+                    except FileNotFoundError:
+                        log.debug("readdirplus(%d): %r was removed since the listing; left out", ino, name)
+                        continue
+                    try:
+                        st = fstat(fd)
+                    except BaseException:
+                        os.close(fd)
+                        raise
+                    opened.append((k, name, typ, fd, st))
+                    used += rec
+            except BaseException:
+                for _k, _n, _t, fd, _st in opened:
+                    os.close(fd)
+                raise
+        nodeids = self._register_many(opened)
+        buf = bytearray(used)
+        pack = _DP_PACK_INTO
+        pos = 0
+        for k, name, typ in heads:  # (the listing's "." and "..": the directory's own number)
+            d_ino = dotdot if dotdot and name == b".." else ino | base
+            nl = len(name)
+            pack(buf, pos, 0, 0, 0, 0, 0, 0, d_ino, 0, 0, 0, 0, 0, 0, 0, 0, typ, 0, 0, 0, 0, 0, 0, d_ino, k + 1, nl,
+                 typ >> 12)
+            buf[pos + _DP_SIZE : pos + _DP_SIZE + nl] = name
+            pos += (_DP_SIZE + nl + 7) & ~7
+        es, ens = split_timeout(self.entry_timeout)
+        as_, ans = split_timeout(self.attr_timeout)
+        for (k, name, typ, _fd, st), nodeid in zip(opened, nodeids, strict=True):
+            a_ino = st[1] | base
+            nl = len(name)
+            pack(buf, pos, nodeid | base, 0, es, as_, ens, ans, a_ino, st[6], st.st_blocks, st[7], st[8], st[9],
+                 st.st_atime_ns % _NS, st.st_mtime_ns % _NS, st.st_ctime_ns % _NS, st[0], st[3], st[4], st[5],
+                 st.st_rdev, st.st_blksize, 0, a_ino or nodeid | base, k + 1, nl, typ >> 12)
+            buf[pos + _DP_SIZE : pos + _DP_SIZE + nl] = name
+            pos += (_DP_SIZE + nl + 7) & ~7
+        return buf
+
+    def _register_many(self, opened: list[tuple[int, bytes, int, int, os.stat_result]]) -> list[int]:
+        """`_register` of several fresh O_PATH fds with their fstat (ours: no request shares
+        them) in one lock round trip; their inode numbers. The fds of inodes already known are
+        closed after it."""
+        if not opened:
+            return []
+        nodeids: list[int] = []
+        dup: list[int] = []
+        new = _Inode
+        with self._lock:
+            inodes, by_key = self._inodes, self._by_key  # (destroy() swaps them under the lock)
+            next_ino = self._next_ino
+            for _k, _n, _t, fd, st in opened:
+                key = (st[2], st[1])  # (st_dev, st_ino)
+                ino = by_key.get(key)
+                if ino is not None:
+                    dup.append(fd)
+                    inodes[ino].nlookup += 1
+                else:
+                    ino = next_ino
+                    next_ino += 1
+                    inodes[ino] = new(ino, fd, key, st[0] & _S_IFMT, 1)
+                    by_key[key] = ino
+                nodeids.append(ino)
+            self._next_ino = next_ino
+        for fd in dup:
+            os.close(fd)
+        return nodeids
+
     def forget(self, ino: int, nlookup: int) -> None:
         if ino == ROOT_ID:
             return
@@ -685,14 +792,18 @@ class PassthroughFilesystem(Filesystem):
         self.release(ino, fh)
 
     def readdir(self, ino: int, fh: int, offset: int) -> Iterator[DirEntryTuple]:
+        return _entries_from(self._listing(fh, offset), offset, ino)
+
+    def _listing(self, fh: int, offset: int) -> list[tuple[bytes, int, int]]:
+        """The listing of directory handle `fh` (EBADF if it is none): taken afresh at offset 0,
+        a snapshot per pass over the directory, so cookies stay stable under changes."""
         with self._using_handle(fh) as h:
             if not h.is_dir:
                 raise FuseError(errno.EBADF)
             entries = h.entries
             if entries is None or offset == 0:
-                # a snapshot per pass over the directory, so cookies stay stable under changes
                 entries = h.entries = _scan(h.fd)
-        return _entries_from(entries, offset, ino)
+        return entries
 
     # -- creating ----------------------------------------------------------------------------
     def _check_writable(self) -> None:
@@ -926,7 +1037,11 @@ def _scan(fd: int) -> list[tuple[bytes, int, int]]:
                     typ = stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
             except OSError:
                 continue
-            entries.append((e.name, e.inode(), typ))
+            name = e.name
+            if len(name) > NAME_MAX or b"/" in name:  # (never from getdents: checked once here, not per reply)
+                log.error("passthrough: skipping invalid name %r in a listing", name)
+                continue
+            entries.append((name, e.inode(), typ))
     return entries
 
 
