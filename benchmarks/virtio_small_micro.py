@@ -41,15 +41,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from read_into_micro import IN_HEADER, session  # noqa: E402
+from read_into_micro import IN_HEADER, INIT_IN, MIB, session  # noqa: E402
 
 from nydus_py.fs.passthrough import PassthroughFilesystem  # noqa: E402
+from nydus_py.fs.writable_vfs import WritableVfs  # noqa: E402
 from nydus_py.fuse.abi import Opcode  # noqa: E402
 from nydus_py.fuse.iovec import WouldBlock  # noqa: E402
 from nydus_py.fuse.protocol import FuseSession  # noqa: E402
+from nydus_py.metrics.fsstats import FsStats, FuseMetrics  # noqa: E402
 from nydus_py.transport.vhost_user.server import QueueWorker  # noqa: E402
 from nydus_py.transport.vhost_user.virtiofs import fuse_into_handler, fuse_offload  # noqa: E402
 from nydus_py.transport.vhost_user.virtqueue import GuestMemory, Region, Virtqueue  # noqa: E402
+from nydus_py.vfs.vfs import INO_MASK, Vfs  # noqa: E402
 from tests.transport import vhost_frontend as F  # noqa: E402
 
 NUM = 1024
@@ -232,14 +235,31 @@ class FakeVring:
         os.eventfd_write(self.call, 1)
 
 
-def stages(root: Path, names: list[bytes], profile: bool) -> dict[str, object]:
-    """CPU per request of the dispatcher's own code, one thread, no kick/poll."""
+def daemon_session(fs: PassthroughFilesystem) -> FuseSession:
+    """The session as `nydusd-py virtiofs --shared-dir` builds it (DaemonService): the share at /
+    of a WritableVfs, and the metrics observer on every request."""
+    vfs: Vfs = WritableVfs()
+    vfs.mount("/", fs)
+    s = FuseSession(vfs)
+    stats = FsStats("/")
+    s.set_observer(FuseMetrics(lambda nodeid: (stats, nodeid & INO_MASK)))
+    s.handle(IN_HEADER.pack(IN_HEADER.size + INIT_IN.size, Opcode.INIT, 2, 0, 0, 0, 1, 0, 0)
+             + INIT_IN.pack(7, 45, MIB, 0x73FFFFFB | (1 << 30), 0x5FD))
+    return s
+
+
+def stages(root: Path, names: list[bytes], profile: bool, stack: str = "plain") -> dict[str, object]:
+    """CPU per request of the dispatcher's own code, one thread, no kick/poll. `stack`: plain
+    (a read-only share in a Vfs, no observer) or daemon (as the daemon: `daemon_session`)."""
+    global session
+    if stack == "daemon":
+        session = daemon_session  # (also for _reinit)
     ram = Ram()
     q = F.DriverQueue(ram, 1, NUM, 0, 0x4000, 0x8000)  # type: ignore[arg-type]
     mem = GuestMemory([Region(F.GPA_BASE, RAM, F.UVA_BASE, memoryview(ram.mem))])
     vq = Virtqueue(mem, NUM, F.UVA_BASE, F.UVA_BASE + 0x4000, F.UVA_BASE + 0x8000, indirect=True, event_idx=True)
     call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    fs = PassthroughFilesystem(str(root), writable=False)
+    fs = PassthroughFilesystem(str(root), writable=stack == "daemon")
     s = session(fs)
     w = QueueWorker(FakeVring(vq, call), lambda r, n: None, "micro", workers=4,  # type: ignore[arg-type]
                     offload=fuse_offload, into=fuse_into_handler(s), on_idle=s.flush_forgets)
@@ -390,17 +410,20 @@ def main() -> int:
     ap.add_argument("--modes", default="stages,daemon")
     ap.add_argument("--virtiofsd", action="store_true", help="also drive QEMU's virtiofsd in daemon mode")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--stack", choices=("plain", "daemon"), default="plain",
+                    help="stages: a read-only share in a plain Vfs without observer, or the daemon's session "
+                    "(writable share in a WritableVfs, metrics observer)")
     ap.add_argument("--py-spy", help="daemon mode: sample nydusd-py with py-spy into this file (raw format)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     modes = args.modes.split(",")
-    results: dict[str, object] = {"files": args.files, "loadavg": os.getloadavg()}
+    results: dict[str, object] = {"files": args.files, "stack": args.stack, "loadavg": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="virtio-small-micro-") as tmp:
         root = Path(tmp) / "tree"
         root.mkdir()
         names = make_tree(root, args.files)
         if "stages" in modes:
-            r = stages(root, names, args.profile)
+            r = stages(root, names, args.profile, args.stack)
             results["stages"] = r
             print(f"stages: dispatcher CPU per file {r['cpu_us_per_file']:.1f} us ({r['requests_per_file']:.0f} "
                   "requests: mean); "
