@@ -118,7 +118,7 @@ class Driver:
 
     def submit(self, op: str, nodeid: int, arg: bytes | int) -> tuple[int, list[int]]:
         q = self.q
-        struct.pack_into("<H", q.fe.mem, q.avail + 4 + 2 * q.num, q.last_used)  # used_event
+        F.store16(q.fe.mem, q.avail + 4 + 2 * q.num, q.last_used)  # used_event
         self.unique += 2
         self.sent += 1
         return q.add(request(op, self.unique, nodeid, arg), WRITABLE[op], indirect=True)

@@ -13,6 +13,7 @@ between two reads, so each descriptor is read exactly once and checked before us
 """
 
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import compress, islice
@@ -25,9 +26,10 @@ DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
-U16 = struct.Struct("<H")
-USED_ELEM = struct.Struct("<II")
 MAX_QUEUE_SIZE = 32768
+# the rings' u16/u32 fields are accessed as native memoryview items (see Virtqueue.__init__)
+if sys.byteorder != "little":
+    raise ImportError("the virtqueue code reads virtio's little-endian rings as native integers")
 # An indirect table can't be longer than this many descriptors (Linux allocates at most one per
 # scatterlist entry of a request; 1 MiB of 4 KiB pages plus headers is ~260).
 MAX_INDIRECT = 4096
@@ -215,11 +217,19 @@ class Virtqueue:
             which = [n for n, v in (("descriptor table", d), ("avail ring", a), ("used ring", u)) if v is None]
             raise RingError(f"{', '.join(which)} not inside guest memory")
         self.desc, self.avail, self.used = d, a, u
+        # The ring fields as u16/u32 items: an item is read or stored with one load or store of
+        # its size (memoryview items go through memcpy of the type), never through other values
+        # on the way. struct's pack_into clears the bytes before it writes them: a driver
+        # polling the used index could see 0 in between (Linux: a stale used element taken for
+        # a reply, or the queue marked broken).
+        self._avail16 = a.cast("H")  # flags, idx, ring[num], used_event
+        self._used16 = u.cast("H")  # flags, idx, ..., avail_event at 2 + 4 * num
+        self._used32 = u[: 4 + 8 * num].cast("I")  # ring[i] = (id at 1 + 2i, len at 2 + 2i)
         self.last_avail = last_avail & 0xFFFF
         # avail entries past last_avail known from the last read of the avail index: popped
         # without reading it again (the index is ours to move: nothing else sets last_avail)
         self._ahead = 0
-        self.used_idx = U16.unpack_from(u, 2)[0]
+        self.used_idx = self._used16[1]
         self._signalled_used = self.used_idx  # used idx at the last interrupt
         self._signalled_valid = False
         self.linear_min = LINEAR_MIN
@@ -229,7 +239,7 @@ class Virtqueue:
 
     # -- avail side ------------------------------------------------------------------------
     def avail_idx(self) -> int:
-        return int(U16.unpack_from(self.avail, 2)[0])
+        return self._avail16[1]
 
     def pending(self) -> int:
         """How many chains the driver has made available that we have not popped."""
@@ -257,17 +267,17 @@ class Virtqueue:
                 return None
             self._ahead = n
         self._ahead -= 1
-        head = U16.unpack_from(self.avail, 4 + 2 * (self.last_avail % self.num))[0]
+        head = self._avail16[2 + self.last_avail % self.num]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if head >= self.num:
             raise RingError(f"avail ring names descriptor {head} of {self.num}")
-        return int(head)
+        return head
 
     def set_avail_event(self) -> None:
         """With EVENT_IDX: ask to be kicked once the driver makes the entry after
         `last_avail` available."""
         if self.event_idx:
-            U16.pack_into(self.used, 4 + 8 * self.num, self.last_avail)
+            self._used16[2 + 4 * self.num] = self.last_avail
 
     def walk(self, head: int) -> Chain:
         """The chain starting at descriptor `head` (DescriptorError if it is bad)."""
@@ -499,10 +509,12 @@ class Virtqueue:
         """Return chain `head` to the driver with `length` bytes written. The element is stored
         before the index that publishes it (x86 keeps stores in order; the GIL and the
         mmap'd buffer give no reordering of their own)."""
-        slot = self.used_idx % self.num
-        USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, length)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        U16.pack_into(self.used, 2, self.used_idx)
+        slot = 2 * (self.used_idx % self.num)
+        elems = self._used32
+        elems[1 + slot] = head
+        elems[2 + slot] = length
+        self.used_idx = idx = (self.used_idx + 1) & 0xFFFF
+        self._used16[1] = idx  # (one store: see __init__)
 
     def needs_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
@@ -512,8 +524,8 @@ class Virtqueue:
         self._signalled_used = new
         self._signalled_valid = True
         if not self.event_idx:
-            return not U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT and new != old
-        used_event = U16.unpack_from(self.avail, 4 + 2 * self.num)[0]
+            return not self._avail16[0] & AVAIL_F_NO_INTERRUPT and new != old
+        used_event = self._avail16[2 + self.num]
         if not valid:
             return True
         return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
