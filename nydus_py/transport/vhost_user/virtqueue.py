@@ -45,15 +45,11 @@ FEW = 4
 _NEXTS = list(range(1, MAX_INDIRECT + 1))
 _READABLE = [DESC_F_NEXT] * MAX_INDIRECT
 _WRITABLE = [DESC_F_NEXT | DESC_F_WRITE] * MAX_INDIRECT
-# Short indirect tables (`Virtqueue._small`): a Struct per length, and the shapes drivers lay
-# out (flags of every entry, then the next fields of all but the last) -> readable entries.
-_SMALL_TABLES = [struct.Struct("<" + "QIHH" * n) for n in range(LINEAR_MIN)]
-_SHAPES: dict[tuple[int, ...], int] = {}
-for _n in range(1, LINEAR_MIN):
-    for _r in range(_n + 1):
-        _flags = [DESC_F_NEXT] * _r + [DESC_F_NEXT | DESC_F_WRITE] * (_n - _r)
-        _flags[-1] &= ~DESC_F_NEXT
-        _SHAPES[(*_flags, *range(1, _n))] = _r
+# Short indirect tables (a metadata request's 3-6 descriptors) decoded lately, remembered per
+# queue with their views (`Virtqueue._tables`): a driver sending one request at a time gets
+# its request and argument buffers back from its allocator each time (Linux: the same fuse_req
+# and argument buffer for every OPEN, RELEASE, GETATTR...), so the same table comes again.
+TABLES_KEPT = 16
 
 
 class VirtqueueError(ValueError):
@@ -236,6 +232,9 @@ class Virtqueue:
         # (writable descriptors of the last linear indirect table, their views, their bytes,
         # the number of readable descriptors before them)
         self._memo: tuple[bytes, list[memoryview], int, int] | None = None
+        # short indirect tables -> (readable views, writable views, writable bytes), oldest first:
+        # a pure function of the bytes and this queue's memory table, as `_memo`
+        self._tables: dict[bytes, tuple[list[memoryview], list[memoryview], int]] = {}
 
     # -- avail side ------------------------------------------------------------------------
     def avail_idx(self) -> int:
@@ -292,6 +291,7 @@ class Virtqueue:
         rbytes = wbytes = 0
         limit = self.max_chain_bytes
         hit = mem._hit  # the region of the previous buffer (a READ's pages are mostly in one)
+        key: bytes | None = None  # a short indirect table that is the whole chain (to remember)
         while True:
             seen += 1
             if seen > size:
@@ -315,9 +315,15 @@ class Virtqueue:
                 # decoded from one copy: the guest can't change the table under us while we walk it
                 raw = bytes(t)
                 if seen == 1:  # the chain is this table
-                    chain = self._linear(head, raw) if length >= self.linear_min * DESC_SIZE else self._small(head, raw)
-                    if chain is not None:
-                        return chain
+                    if length >= self.linear_min * DESC_SIZE:
+                        chain = self._linear(head, raw)
+                        if chain is not None:
+                            return chain
+                    else:
+                        known = self._tables.get(raw)
+                        if known is not None:  # decoded before, byte for byte: the same views
+                            return Chain(head, list(known[0]), list(known[1]), known[2])
+                        key = raw
                 entries = list(DESC.iter_unpack(raw))
                 size = length // DESC_SIZE
                 idx = 0
@@ -346,47 +352,16 @@ class Virtqueue:
                 if length:
                     readable.append(buf)  # type: ignore[arg-type]
             if not flags & DESC_F_NEXT:
+                if key is not None:
+                    tables = self._tables
+                    if len(tables) >= TABLES_KEPT:
+                        del tables[next(iter(tables))]  # (the oldest)
+                    tables[key] = (readable, writable, wbytes)
+                    return Chain(head, list(readable), list(writable), wbytes)
                 return Chain(head, readable, writable, wbytes)
             if nxt >= size:
                 raise DescriptorError(head, f"next descriptor {nxt} out of a table of {size}")
             idx = nxt
-
-    def _small(self, head: int, raw: bytes) -> Chain | None:
-        """The chain of a short indirect table (a metadata request's 2-6 descriptors) laid out
-        as drivers do: entry i's next is i+1, readable entries then writable ones, none empty,
-        within the byte limits. Decoded with one unpack, its shape (flags and nexts) checked
-        with one dict look-up, instead of one walk step per descriptor. None when the table is
-        anything else: `walk` then decodes it entry by entry (and reports what is wrong)."""
-        n = len(raw) >> 4
-        if n >= LINEAR_MIN:
-            return None  # (a queue whose linear_min was raised)
-        v = _SMALL_TABLES[n].unpack(raw)
-        r = _SHAPES.get(v[2::4] + v[3 : 4 * n - 4 : 4])  # (the last entry's next is not followed)
-        if r is None:
-            return None
-        lens = v[1::4]
-        limit = self.max_chain_bytes
-        wbytes = sum(lens[r:])
-        if 0 in lens or wbytes > limit or sum(lens[:r]) > limit:
-            return None
-        mem = self.memory
-        hit = mem._hit
-        bufs: list[memoryview] = []
-        append = bufs.append
-        for i in range(0, 4 * n, 4):
-            addr = v[i]
-            length = v[i + 1]
-            if hit is not None:
-                off = addr - hit.gpa
-                if off >= 0 and off + length <= hit.size:
-                    append(hit.view[off : off + length])
-                    continue
-            buf = mem.gpa(addr, length)
-            if buf is None:
-                return None
-            append(buf)
-            hit = mem._hit
-        return Chain(head, bufs[:r], bufs[r:], wbytes)
 
     def _linear(self, head: int, raw: bytes) -> Chain | None:
         """The chain of an indirect table laid out as drivers do (Linux always): entry i's next
