@@ -520,3 +520,30 @@ def test_a_metadata_table_sent_again_is_not_decoded_again(monkeypatch: pytest.Mo
         assert c is not None and len(c.read_all()) == 40
         q.push(0, 0)
     assert counting.iter_unpacks == 2 + virtqueue.TABLES_KEPT + 4 and len(q._tables) == virtqueue.TABLES_KEPT
+
+
+@settings(max_examples=200, deadline=None)
+@given(event_idx=st.booleans(),
+       steps=st.lists(st.tuples(st.integers(0, NUM - 1), st.integers(0, 1 << 20), st.integers(0, 0xFFFF),
+                                st.integers(0, 3), st.integers(0, NUM)), min_size=1, max_size=40))
+def test_push_notify_and_rearm_do_what_their_parts_do(event_idx: bool, steps: list[tuple[int, int, int, int, int]]) -> None:
+    """The dispatcher's one-call forms: push_notify is push then needs_notify, rearm is
+    set_avail_event then pending (the same ring bytes, answers and errors)."""
+    one, q1 = make(event_idx=event_idx)
+    two, q2 = make(event_idx=event_idx)
+    for head, length, used_event, flags, offered in steps:
+        for buf in (one, two):
+            struct.pack_into("<HH", buf, AVAIL, flags, offered)
+            struct.pack_into("<H", buf, AVAIL + 4 + 2 * NUM, used_event)
+        q2.push(head, length)
+        assert q1.push_notify(head, length) == q2.needs_notify()
+        q2.set_avail_event()
+        try:
+            parts: object = q2.pending() > 0
+        except RingError as e:
+            parts = str(e)
+        try:
+            whole: object = q1.rearm()
+        except RingError as e:
+            whole = str(e)
+        assert whole == parts and one == two
