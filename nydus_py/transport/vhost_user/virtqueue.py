@@ -235,6 +235,8 @@ class Virtqueue:
         # short indirect tables -> (readable views, writable views, writable bytes), oldest first:
         # a pure function of the bytes and this queue's memory table, as `_memo`
         self._tables: dict[bytes, tuple[list[memoryview], list[memoryview], int]] = {}
+        self.tables_decoded = 0  # short tables walked and kept
+        self.tables_reused = 0  # short tables found kept
 
     # -- avail side ------------------------------------------------------------------------
     def avail_idx(self) -> int:
@@ -333,6 +335,7 @@ class Virtqueue:
                     else:
                         known = self._tables.get(raw)
                         if known is not None:  # decoded before, byte for byte: the same views
+                            self.tables_reused += 1
                             return Chain(head, list(known[0]), list(known[1]), known[2])
                         key = raw
                 entries = list(DESC.iter_unpack(raw))
@@ -368,6 +371,7 @@ class Virtqueue:
                     if len(tables) >= TABLES_KEPT:
                         del tables[next(iter(tables))]  # (the oldest)
                     tables[key] = (readable, writable, wbytes)
+                    self.tables_decoded += 1
                     return Chain(head, list(readable), list(writable), wbytes)
                 return Chain(head, readable, writable, wbytes)
             if nxt >= size:
