@@ -31,6 +31,7 @@ import abc
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import stat
 import threading
@@ -164,6 +165,7 @@ def _renameat2(olddir: int, old: bytes, newdir: int, new: bytes, flags: int) -> 
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_PAGE_MASK = mmap.PAGESIZE - 1
 
 
 def _preadv_full(fd: int, offset: int, size: int, bufs: list[memoryview]) -> int:
@@ -633,8 +635,13 @@ class PassthroughFilesystem(Filesystem):
                             "goes to the worker pool", e)
                 raise WouldBlock from None
             raise
-        if n == size or offset + n >= os.fstat(fd).st_size:
-            return n  # all of it, or a short read at the end of the file
+        if n == size or (offset + n) & _PAGE_MASK:
+            # all of it, or it stopped inside a page: at the end of the file (the page cache
+            # reads whole pages, so a read missing one stops at its start; a small file's READ
+            # needs no fstat to tell)
+            return n
+        if offset + n >= os.fstat(fd).st_size:
+            return n  # a short read at the end of the file, on a page boundary
         raise WouldBlock  # the rest is not in the page cache
 
     def write(self, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:
