@@ -547,3 +547,33 @@ def test_push_notify_and_rearm_do_what_their_parts_do(event_idx: bool, steps: li
         except RingError as e:
             whole = str(e)
         assert whole == parts and one == two
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=0, max_size=6),
+       parts=st.lists(st.binary(min_size=0, max_size=60), min_size=1, max_size=3), as_view=st.booleans())
+def test_chain_write_scatters_its_parts_in_order(sizes: list[int], parts: list[bytes], as_view: bool) -> None:
+    """A reply (one buffer, as a metadata reply with arguments, or several) goes into the
+    writable buffers in order, nothing past its length is touched, and one that does not fit
+    raises before anything is written."""
+    mem = bytearray(b"\xee" * 300)
+    bufs, off = [], 0
+    for n in sizes:
+        bufs.append(memoryview(mem)[off : off + n])
+        off += n + 3  # (gaps that must stay untouched)
+    c = Chain(0, [], bufs)
+    data = b"".join(parts)
+    given_parts = [memoryview(p) if as_view else p for p in parts]
+    expected = bytearray(mem)
+    o = k = 0
+    for n in sizes:
+        take = data[k : k + n]
+        expected[o : o + len(take)] = take
+        k += len(take)
+        o += n + 3
+    if len(data) > sum(sizes):
+        with pytest.raises(ValueError):
+            c.write(given_parts)
+        assert mem == b"\xee" * 300
+    else:
+        assert c.write(given_parts) == len(data) and mem == expected

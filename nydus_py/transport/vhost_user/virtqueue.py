@@ -162,14 +162,18 @@ class Chain:
                 return total
             if total > self.writable_size():
                 raise ValueError(f"reply of {total} bytes does not fit {self.writable_size()} writable bytes")
-            m = memoryview(src).cast("B")
+            # (a reply with arguments: Linux gives the out header and each argument a buffer)
+            m = memoryview(src)
+            if m.format != "B":
+                m = m.cast("B")
             off = 0
             for buf in w:
-                n = min(len(buf), total - off)
-                buf[:n] = m[off : off + n]
-                off += n
-                if off == total:
+                n = len(buf)
+                if total - off <= n:
+                    buf[: total - off] = m[off:]
                     break
+                buf[:] = m[off : off + n]
+                off += n
             return total
         total = sum(len(p) for p in parts)
         if total > self.writable_size():
