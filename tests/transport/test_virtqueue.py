@@ -519,7 +519,7 @@ def test_a_metadata_table_sent_again_is_not_decoded_again(monkeypatch: pytest.Mo
         c = q.pop()
         assert c is not None and len(c.read_all()) == 40
         q.push(0, 0)
-    assert counting.iter_unpacks == 2 + virtqueue.TABLES_KEPT + 4 and len(q._tables) == virtqueue.TABLES_KEPT
+    assert counting.iter_unpacks == 2 + virtqueue.TABLES_KEPT + 4 and 0 < len(q._tables) <= virtqueue.TABLES_KEPT
 
 
 @settings(max_examples=200, deadline=None)

@@ -236,8 +236,8 @@ class Virtqueue:
         # (writable descriptors of the last linear indirect table, their views, their bytes,
         # the number of readable descriptors before them)
         self._memo: tuple[bytes, list[memoryview], int, int] | None = None
-        # short indirect tables -> (readable views, writable views, writable bytes), oldest first:
-        # a pure function of the bytes and this queue's memory table, as `_memo`
+        # short indirect tables -> (readable views, writable views, writable bytes), at most
+        # TABLES_KEPT: a pure function of the bytes and this queue's memory table, as `_memo`
         self._tables: dict[bytes, tuple[list[memoryview], list[memoryview], int]] = {}
         self.tables_decoded = 0  # short tables walked and kept
         self.tables_reused = 0  # short tables found kept
@@ -373,7 +373,7 @@ class Virtqueue:
                 if key is not None:
                     tables = self._tables
                     if len(tables) >= TABLES_KEPT:
-                        del tables[next(iter(tables))]  # (the oldest)
+                        tables.clear()  # (a driver's few tables come back at once; cheaper than LRU upkeep)
                     tables[key] = (readable, writable, wbytes)
                     self.tables_decoded += 1
                     return Chain(head, list(readable), list(writable), wbytes)
