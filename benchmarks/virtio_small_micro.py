@@ -41,15 +41,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from read_into_micro import IN_HEADER, session  # noqa: E402
+from read_into_micro import IN_HEADER, INIT_IN, MIB, session  # noqa: E402
 
 from nydus_py.fs.passthrough import PassthroughFilesystem  # noqa: E402
+from nydus_py.fs.writable_vfs import WritableVfs  # noqa: E402
 from nydus_py.fuse.abi import Opcode  # noqa: E402
 from nydus_py.fuse.iovec import WouldBlock  # noqa: E402
 from nydus_py.fuse.protocol import FuseSession  # noqa: E402
+from nydus_py.metrics.fsstats import FsStats, FuseMetrics  # noqa: E402
 from nydus_py.transport.vhost_user.server import QueueWorker  # noqa: E402
 from nydus_py.transport.vhost_user.virtiofs import fuse_into_handler, fuse_offload  # noqa: E402
 from nydus_py.transport.vhost_user.virtqueue import GuestMemory, Region, Virtqueue  # noqa: E402
+from nydus_py.vfs.vfs import INO_MASK, Vfs  # noqa: E402
 from tests.transport import vhost_frontend as F  # noqa: E402
 
 NUM = 1024
@@ -108,17 +111,45 @@ class Ram:
 class Driver:
     """Submits one request at a time on `q`, asking for an interrupt after it (EVENT_IDX)."""
 
-    def __init__(self, q: F.DriverQueue) -> None:
+    # --reuse-buffers: each opcode's request and reply buffers at fixed places (below the bump
+    # allocator's area), as Linux's allocators hand a guest sending one request at a time the
+    # same fuse_req and argument buffer again; a READ's data page is fresh each time (the page
+    # cache's). Then an opcode's indirect table is the same bytes every time (but a READ's).
+    reuse = False
+
+    def __init__(self, q: F.DriverQueue, fixed_base: int = 0) -> None:
         self.q = q
         self.unique = 100
         self.sent = 0  # requests submitted
+        self.fixed_base = fixed_base  # 2 KiB for --reuse-buffers
+        self.fixed: dict[str, tuple[list[int], list[int]]] = {}
 
     def submit(self, op: str, nodeid: int, arg: bytes | int) -> tuple[int, list[int]]:
         q = self.q
-        struct.pack_into("<H", q.fe.mem, q.avail + 4 + 2 * q.num, q.last_used)  # used_event
+        F.store16(q.fe.mem, q.avail + 4 + 2 * q.num, q.last_used)  # used_event
         self.unique += 2
         self.sent += 1
-        return q.add(request(op, self.unique, nodeid, arg), WRITABLE[op], indirect=True)
+        readable = request(op, self.unique, nodeid, arg)
+        if not self.reuse:
+            return q.add(readable, WRITABLE[op], indirect=True)
+        places = self.fixed.get(op)
+        if places is None:  # 96 bytes per readable part, 16 or 128 per writable one
+            base = self.fixed_base + 384 * OPS.index(op)
+            places = self.fixed[op] = ([base, base + 96], [base + 192, base + 208])
+        mem = q.fe.mem
+        descs = []
+        for off, data in zip(places[0], readable, strict=True):
+            mem[off : off + len(data)] = data
+            descs.append((F.GPA_BASE + off, len(data), 0))
+        w_offs = []
+        for off, size in zip(places[1], WRITABLE[op], strict=False):
+            if size > 128:  # (a READ's page)
+                off = q.fe.alloc(size)
+            mem[off : off + size] = b"\xee" * size
+            w_offs.append(off)
+            descs.append((F.GPA_BASE + off, size, F.WRITE))
+        head, _ = q.add([], [], indirect=True, raw=descs)
+        return head, w_offs
 
     def reply(self, head: int, w_offs: list[int]) -> bytes:
         q = self.q
@@ -232,20 +263,37 @@ class FakeVring:
         os.eventfd_write(self.call, 1)
 
 
-def stages(root: Path, names: list[bytes], profile: bool) -> dict[str, object]:
-    """CPU per request of the dispatcher's own code, one thread, no kick/poll."""
+def daemon_session(fs: PassthroughFilesystem) -> FuseSession:
+    """The session as `nydusd-py virtiofs --shared-dir` builds it (DaemonService): the share at /
+    of a WritableVfs, and the metrics observer on every request."""
+    vfs: Vfs = WritableVfs()
+    vfs.mount("/", fs)
+    s = FuseSession(vfs)
+    stats = FsStats("/")
+    s.set_observer(FuseMetrics(lambda nodeid: (stats, nodeid & INO_MASK)))
+    s.handle(IN_HEADER.pack(IN_HEADER.size + INIT_IN.size, Opcode.INIT, 2, 0, 0, 0, 1, 0, 0)
+             + INIT_IN.pack(7, 45, MIB, 0x73FFFFFB | (1 << 30), 0x5FD))
+    return s
+
+
+def stages(root: Path, names: list[bytes], profile: bool, stack: str = "plain") -> dict[str, object]:
+    """CPU per request of the dispatcher's own code, one thread, no kick/poll. `stack`: plain
+    (a read-only share in a Vfs, no observer) or daemon (as the daemon: `daemon_session`)."""
+    global session
+    if stack == "daemon":
+        session = daemon_session  # (also for _reinit)
     ram = Ram()
     q = F.DriverQueue(ram, 1, NUM, 0, 0x4000, 0x8000)  # type: ignore[arg-type]
     mem = GuestMemory([Region(F.GPA_BASE, RAM, F.UVA_BASE, memoryview(ram.mem))])
     vq = Virtqueue(mem, NUM, F.UVA_BASE, F.UVA_BASE + 0x4000, F.UVA_BASE + 0x8000, indirect=True, event_idx=True)
     call = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    fs = PassthroughFilesystem(str(root), writable=False)
+    fs = PassthroughFilesystem(str(root), writable=stack == "daemon")
     s = session(fs)
     w = QueueWorker(FakeVring(vq, call), lambda r, n: None, "micro", workers=4,  # type: ignore[arg-type]
                     offload=fuse_offload, into=fuse_into_handler(s), on_idle=s.flush_forgets)
     for t in w.pool:  # (for READs whose data left the host's page cache: other processes drop it)
         t.start()
-    driver = Driver(q)
+    driver = Driver(q, fixed_base=0xC000)  # (after the rings at 0, 0x4000, 0x8000)
     driver.dirs = _lookup_dirs(s, names)  # type: ignore[attr-defined]
     for n in names:  # warm: the host page cache and the dentries, as after the guest's first pass
         per_file(driver, n, lambda op: w._drain())
@@ -335,7 +383,7 @@ def daemon(root: Path, names: list[bytes], cmd: list[str], sock: str, label: str
         fe = F.Frontend(sock, mem_size=RAM)
         fe.setup(nqueues=2, num=NUM, features=F.F_VERSION_1 | F.F_PROTOCOL | F.F_INDIRECT | F.F_EVENT_IDX)
         q = fe.queues[1]
-        driver = Driver(q)
+        driver = Driver(q, fixed_base=fe.ring_alloc(2048, 16))
         init = IN_HEADER.pack(104, Opcode.INIT, 1, 0, 0, 0, 1, 0, 0) + struct.pack("<IIIII44x", 7, 38, 1 << 20,
                                                                                      0x73FFFFFB, 0)
         head, w = q.add([init], [16, 256], indirect=True)
@@ -390,17 +438,24 @@ def main() -> int:
     ap.add_argument("--modes", default="stages,daemon")
     ap.add_argument("--virtiofsd", action="store_true", help="also drive QEMU's virtiofsd in daemon mode")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--reuse-buffers", action="store_true",
+                    help="each opcode's request buffers at fixed places, as a guest's allocators give them back (its "
+                    "indirect table then repeats byte for byte, a READ's excepted)")
+    ap.add_argument("--stack", choices=("plain", "daemon"), default="plain",
+                    help="stages: a read-only share in a plain Vfs without observer, or the daemon's session "
+                    "(writable share in a WritableVfs, metrics observer)")
     ap.add_argument("--py-spy", help="daemon mode: sample nydusd-py with py-spy into this file (raw format)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
     modes = args.modes.split(",")
-    results: dict[str, object] = {"files": args.files, "loadavg": os.getloadavg()}
+    Driver.reuse = args.reuse_buffers
+    results: dict[str, object] = {"files": args.files, "stack": args.stack, "reuse_buffers": args.reuse_buffers, "loadavg": os.getloadavg()}
     with tempfile.TemporaryDirectory(prefix="virtio-small-micro-") as tmp:
         root = Path(tmp) / "tree"
         root.mkdir()
         names = make_tree(root, args.files)
         if "stages" in modes:
-            r = stages(root, names, args.profile)
+            r = stages(root, names, args.profile, args.stack)
             results["stages"] = r
             print(f"stages: dispatcher CPU per file {r['cpu_us_per_file']:.1f} us ({r['requests_per_file']:.0f} "
                   "requests: mean); "

@@ -28,10 +28,10 @@ fd per inode, opened on first use and closed with the inode. Our own handles sta
 """
 
 import abc
-import contextlib
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import stat
 import threading
@@ -170,6 +170,7 @@ def _renameat2(olddir: int, old: bytes, newdir: int, new: bytes, flags: int) -> 
 
 
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+_PAGE_MASK = mmap.PAGESIZE - 1
 
 
 def _preadv_full(fd: int, offset: int, size: int, bufs: list[memoryview]) -> int:
@@ -273,8 +274,10 @@ class _Inode(_Held):
     def _close_fds(self) -> None:
         for fd in (self.rfd, self.fd):
             if fd >= 0:
-                with contextlib.suppress(OSError):
+                try:  # noqa: SIM105 (not contextlib.suppress: an object per close, on every FORGET)
                     os.close(fd)
+                except OSError:
+                    pass
         self.rfd = self.fd = -1
 
 
@@ -289,8 +292,10 @@ class _OneFd(_Held):
         return self.fd
 
     def _close_fds(self) -> None:
-        with contextlib.suppress(OSError):
+        try:  # noqa: SIM105 (not contextlib.suppress: an object per close, on every RELEASE)
             os.close(self.fd)
+        except OSError:
+            pass
         self.fd = -1
 
 
@@ -298,7 +303,10 @@ class _Handle(_OneFd):
     __slots__ = ("is_dir", "entries", "writes")
 
     def __init__(self, fd: int, is_dir: bool, writes: bool = True) -> None:
-        super().__init__()
+        # (_Held.__init__, inline: one handle per OPEN)
+        self.users = []
+        self.dead = False
+        self._unclosed = [None]
         self.fd = fd
         self.is_dir = is_dir
         self.writes = writes  # opened for writing: FLUSH has host work to do (see flush)
@@ -677,9 +685,10 @@ class PassthroughFilesystem(Filesystem):
 
     def _reopen(self, node: _Inode, flags: int) -> int:
         """A real fd for the inode (the caller holds it), through /proc/self/fd."""
-        if stat.S_ISLNK(node.mode):
-            raise FuseError(errno.ELOOP)
-        if not (stat.S_ISREG(node.mode) or stat.S_ISDIR(node.mode)):
+        mode = node.mode  # (S_IFMT bits only: compared, not stat.S_IS*() calls, on every OPEN)
+        if mode != stat.S_IFREG and mode != stat.S_IFDIR:
+            if mode == stat.S_IFLNK:
+                raise FuseError(errno.ELOOP)
             raise FuseError(errno.EACCES)  # never open device nodes, FIFOs or sockets of the host
         # O_DIRECT stays in the guest (as virtiofsd does by default): our buffers are not
         # aligned for it, and the guest's page cache choice says nothing about the host's
@@ -688,7 +697,7 @@ class PassthroughFilesystem(Filesystem):
 
     def open(self, ino: int, flags: int) -> tuple[int, int]:
         with self._using(ino) as node:
-            if stat.S_ISDIR(node.mode):
+            if node.mode == stat.S_IFDIR:
                 raise FuseError(errno.EISDIR)
             if flags & _READ_ONLY_REFUSED and not self.writable:
                 raise FuseError(errno.EROFS)
@@ -733,8 +742,13 @@ class PassthroughFilesystem(Filesystem):
                             "goes to the worker pool", e)
                 raise WouldBlock from None
             raise
-        if n == size or offset + n >= os.fstat(fd).st_size:
-            return n  # all of it, or a short read at the end of the file
+        if n == size or (offset + n) & _PAGE_MASK:
+            # all of it, or it stopped inside a page: at the end of the file (the page cache
+            # reads whole pages, so a read missing one stops at its start; a small file's READ
+            # needs no fstat to tell)
+            return n
+        if offset + n >= os.fstat(fd).st_size:
+            return n  # a short read at the end of the file, on a page boundary
         raise WouldBlock  # the rest is not in the page cache
 
     def write(self, ino: int, fh: int, offset: int, data: memoryview, flags: int) -> int:

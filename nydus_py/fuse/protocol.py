@@ -410,9 +410,10 @@ class FuseSession:
         (the caller then retries on a thread that may wait); only READs can be answered so.
         `room`: the bytes of `bufs` when the caller knows them (a virtio chain does: summing
         a READ's 257 buffer lengths here cost a tenth of its Python time)."""
-        if len(req) >= _READ_MIN and self._ops is self._post_init_ops and not self.debug:
+        if (len(req) >= _READ_MIN and _U32.unpack_from(req, 4)[0] == _OP_READ and self._ops is self._post_init_ops
+                and not self.debug):
             length, opcode, unique, nodeid, _uid, _gid, _pid, extlen, _pad = IN_HEADER.unpack_from(req)
-            if (opcode == _OP_READ and length <= len(req) and length - (extlen << 3) >= _READ_MIN
+            if (length <= len(req) and length - (extlen << 3) >= _READ_MIN
                     and bufs and len(bufs[0]) >= _OUT_SIZE):
                 fh, offset, size = _READ_HEAD.unpack_from(req, _HDR_SIZE)
                 if room < 0:
@@ -421,7 +422,12 @@ class FuseSession:
                     return self._read_into(unique, nodeid, fh, offset, size, bufs, room, guard, nowait)
         if nowait:
             raise WouldBlock
-        return self.handle_vectored(req)
+        r = self._call(req)  # (handle_vectored, inline: every request but a READ)
+        if r is None:
+            return None
+        if isinstance(r, tuple):
+            return list(r)
+        return [r]
 
     def read_waits(self, req: bytes | bytearray | memoryview) -> bool:
         """Whether request `req` (a READ) may wait on slow I/O: the filesystem's `read_waits`

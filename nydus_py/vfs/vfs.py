@@ -523,10 +523,11 @@ class Vfs(Filesystem):
             return fs.readlink(inner)
 
     def open(self, ino: int, flags: int) -> OpenResult:
-        if self._pseudo_node(ino) is not None:
-            raise FuseError(errno.EISDIR)
-        with self.entered(ino) as (fs, inner):
-            return fs.open(inner, flags)
+        slot = self._file_slot(ino)  # (`entered`, inline: on every OPEN)
+        try:
+            return slot.fs.open(ino & INO_MASK if slot.base else ino, flags)
+        finally:
+            self._leave(slot)
 
     def _file_slot(self, ino: int) -> _Slot:
         """`entered`'s slot for a file's data request, inline on every READ (the caller leaves
@@ -560,16 +561,26 @@ class Vfs(Filesystem):
             self._leave(slot)
 
     def release(self, ino: int, fh: int) -> None:
-        e = self._entered_quietly(ino)
-        if e is not None:
-            with e as (fs, inner):
-                fs.release(inner, fh)
+        # (`_entered_quietly`, inline: on every RELEASE)
+        if not ino >> INO_SHIFT and self._rootfs is None:
+            return  # a pseudo directory: nothing to release
+        try:
+            slot = self._slot(ino)
+        except FuseError:
+            return  # the filesystem is gone, and its handles with it
+        try:
+            slot.fs.release(ino & INO_MASK if slot.base else ino, fh)
+        finally:
+            self._leave(slot)
 
     def flush(self, ino: int, fh: int) -> None:
         if self._pseudo_node(ino) is not None:
             raise FuseError(errno.ENOSYS)
-        with self.entered(ino) as (fs, inner):
-            fs.flush(inner, fh)
+        slot = self._slot(ino)  # (`entered`, inline: on every FLUSH)
+        try:
+            slot.fs.flush(ino & INO_MASK if slot.base else ino, fh)
+        finally:
+            self._leave(slot)
 
     def opendir(self, ino: int, flags: int) -> tuple[int, int]:
         if self._pseudo_node(ino) is not None:

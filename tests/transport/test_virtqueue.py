@@ -412,3 +412,168 @@ def test_short_tables_take_the_walk_and_long_ones_the_one_pass_decode() -> None:
         c = q.pop()
         assert c is not None and c.writable_size() == 16 * (n - 1)
     assert calls == [LINEAR_MIN]
+
+
+# -- short indirect tables decoded before (Virtqueue._tables) ------------------------------------
+def _pop_twice_and_walk(buf: bytearray, limit: int, change: bytes) -> tuple[object, object]:
+    """(second pop of head 0 from a queue that popped the same table before, with the data under
+    it changed to `change` in between; the same from a fresh queue): a Chain's bytes and the
+    marks written through it, or the error text."""
+    out: list[object] = []
+    for again in (True, False):
+        mem = bytearray(buf)
+        _, q = make(mem)
+        q.max_chain_bytes = limit
+        if again:
+            try:
+                q.pop()
+                q.push(0, 0)
+            except DescriptorError:
+                pass
+            offer(mem, 0, idx=2)
+        mem[DATA2 : DATA2 + len(change)] = change
+        if not again:
+            offer(mem, 0, idx=2)
+            q.last_avail = 1
+        try:
+            c = q.pop()
+            assert c is not None
+            # (the memory past the rings: the first queue pushed once more)
+            out.append((b"".join(c.readable), b"".join(c.writable), c.writable_size(), _marks(q, c)[LIN_TABLE:]))
+        except DescriptorError as e:
+            out.append(("error", str(e)))
+    return out[0], out[1]
+
+
+@settings(max_examples=400, deadline=None)
+@given(layout=st.lists(st.tuples(st.one_of(st.integers(0, 37), st.integers(38, 41)),
+                                 st.sampled_from([0, 1, 8, 9, 16, 40, 100, 300]),
+                                 st.sampled_from([0, 0, 2, 2, 4, 8, 10])), min_size=1, max_size=LINEAR_MIN - 1),
+       nexts=st.one_of(st.none(), st.lists(st.integers(0, LINEAR_MIN), min_size=LINEAR_MIN, max_size=LINEAR_MIN)),
+       data=st.binary(min_size=64, max_size=64), change=st.binary(min_size=64, max_size=64),
+       limit=st.sampled_from([64 << 20, 64 << 20, 300, 100]), ordinary=st.booleans())
+def test_a_short_table_sent_again_decodes_as_the_walk_does(layout: list[tuple[int, int, int]],
+                                                           nexts: list[int] | None, data: bytes, change: bytes,
+                                                           limit: int, ordinary: bool) -> None:
+    """Any short table (empty, overlapping, out-of-memory and boundary-crossing buffers; nested
+    indirect and unknown flags; readable after writable; loops and out-of-table nexts; the byte
+    limits) popped a second time, with the data under its buffers changed in between, gives the
+    same chain (the new data), or the same error, as the walk of a queue that never saw it."""
+    buf = bytearray(SIZE)
+    buf[DATA2 : DATA2 + 64] = data
+    edges = {38: GPA + SIZE - 8, 39: GPA - 8, 40: GPA + SIZE, 41: 1 << 40}  # (straddling or outside memory)
+    descs = [(edges.get(slot, GPA + DATA2 + slot * 0x100), length, flags) for slot, length, flags in layout]
+    if ordinary:  # the shape drivers send: readable then writable, no other flags, linear nexts
+        descs = sorted(((a, n, f & 2) for a, n, f in descs), key=lambda d: d[2])
+    _linear_table(buf, descs, None if nexts is None or ordinary else nexts[: len(descs)])
+    again, fresh = _pop_twice_and_walk(buf, limit, change)
+    assert again == fresh
+
+
+class _CountingDesc:
+    """virtqueue.DESC, counting the tables it decodes entry by entry (the walk's iter_unpack)."""
+
+    def __init__(self, real: struct.Struct) -> None:
+        self.real = real
+        self.size = real.size
+        self.iter_unpacks = 0
+
+    def unpack_from(self, buf: object, offset: int = 0) -> tuple[int, ...]:
+        return self.real.unpack_from(buf, offset)  # type: ignore[arg-type]
+
+    def iter_unpack(self, buf: bytes) -> object:
+        self.iter_unpacks += 1
+        return self.real.iter_unpack(buf)
+
+
+def test_a_metadata_table_sent_again_is_not_decoded_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver sending one request at a time reuses its request buffers: an OPEN's and a
+    RELEASE's tables come again byte for byte, and are decoded once each (their views kept,
+    the data under them read afresh); a table that differs in one byte is decoded; at most
+    TABLES_KEPT tables are kept."""
+    from nydus_py.transport.vhost_user import virtqueue
+
+    counting = _CountingDesc(virtqueue.DESC)
+    monkeypatch.setattr(virtqueue, "DESC", counting)
+    buf = bytearray(SIZE)
+    open_ = [(GPA + DATA2, 40, 0), (GPA + DATA2 + 40, 8, 0), (GPA + DATA2 + 0x100, 16, 2), (GPA + DATA2 + 0x110, 16, 2)]
+    release = [(GPA + DATA2, 40, 0), (GPA + DATA2 + 40, 24, 0), (GPA + DATA2 + 0x100, 16, 2)]
+    _, q = make(buf)
+    idx = 0
+    for round_ in range(3):
+        for descs in (open_, release):
+            buf[DATA2 : DATA2 + 64] = bytes([round_]) * 64
+            _linear_table(buf, descs)
+            idx += 1
+            offer(buf, 0, idx=idx)
+            c = q.pop()
+            assert c is not None and c.read_all() == bytes([round_]) * sum(d[1] for d in descs if not d[2])
+            c.write([b"\x77" * c.writable_size()])
+            assert bytes(buf[DATA2 + 0x100 : DATA2 + 0x100 + c.writable_size()]) == b"\x77" * c.writable_size()
+            q.push(0, 0)
+    assert counting.iter_unpacks == 2 and (q.tables_decoded, q.tables_reused) == (2, 4)
+    for k in range(virtqueue.TABLES_KEPT + 4):  # (other argument buffers)
+        _linear_table(buf, [(GPA + DATA2 + 8 * k, 40, 0), (GPA + DATA2 + 0x100, 16, 2)])
+        idx += 1
+        offer(buf, 0, idx=idx)
+        c = q.pop()
+        assert c is not None and len(c.read_all()) == 40
+        q.push(0, 0)
+    assert counting.iter_unpacks == 2 + virtqueue.TABLES_KEPT + 4 and 0 < len(q._tables) <= virtqueue.TABLES_KEPT
+
+
+@settings(max_examples=200, deadline=None)
+@given(event_idx=st.booleans(),
+       steps=st.lists(st.tuples(st.integers(0, NUM - 1), st.integers(0, 1 << 20), st.integers(0, 0xFFFF),
+                                st.integers(0, 3), st.integers(0, NUM)), min_size=1, max_size=40))
+def test_push_notify_and_rearm_do_what_their_parts_do(event_idx: bool, steps: list[tuple[int, int, int, int, int]]) -> None:
+    """The dispatcher's one-call forms: push_notify is push then needs_notify, rearm is
+    set_avail_event then pending (the same ring bytes, answers and errors)."""
+    one, q1 = make(event_idx=event_idx)
+    two, q2 = make(event_idx=event_idx)
+    for head, length, used_event, flags, offered in steps:
+        for buf in (one, two):
+            struct.pack_into("<HH", buf, AVAIL, flags, offered)
+            struct.pack_into("<H", buf, AVAIL + 4 + 2 * NUM, used_event)
+        q2.push(head, length)
+        assert q1.push_notify(head, length) == q2.needs_notify()
+        q2.set_avail_event()
+        try:
+            parts: object = q2.pending() > 0
+        except RingError as e:
+            parts = str(e)
+        try:
+            whole: object = q1.rearm()
+        except RingError as e:
+            whole = str(e)
+        assert whole == parts and one == two
+
+
+@settings(max_examples=300, deadline=None)
+@given(sizes=st.lists(st.integers(0, 40), min_size=0, max_size=6),
+       parts=st.lists(st.binary(min_size=0, max_size=60), min_size=1, max_size=3), as_view=st.booleans())
+def test_chain_write_scatters_its_parts_in_order(sizes: list[int], parts: list[bytes], as_view: bool) -> None:
+    """A reply (one buffer, as a metadata reply with arguments, or several) goes into the
+    writable buffers in order, nothing past its length is touched, and one that does not fit
+    raises before anything is written."""
+    mem = bytearray(b"\xee" * 300)
+    bufs, off = [], 0
+    for n in sizes:
+        bufs.append(memoryview(mem)[off : off + n])
+        off += n + 3  # (gaps that must stay untouched)
+    c = Chain(0, [], bufs)
+    data = b"".join(parts)
+    given_parts = [memoryview(p) if as_view else p for p in parts]
+    expected = bytearray(mem)
+    o = k = 0
+    for n in sizes:
+        take = data[k : k + n]
+        expected[o : o + len(take)] = take
+        k += len(take)
+        o += n + 3
+    if len(data) > sum(sizes):
+        with pytest.raises(ValueError):
+            c.write(given_parts)
+        assert mem == b"\xee" * 300
+    else:
+        assert c.write(given_parts) == len(data) and mem == expected

@@ -29,6 +29,17 @@ GPA_BASE = 0x4000_0000
 UVA_BASE = 0x7F00_0000_0000
 
 
+def store16(mem: mmap.mmap, off: int, value: int) -> None:
+    """One 2-byte store, as a driver publishes a ring index: the backend reads it at any moment,
+    and struct's pack_into clears the bytes before it writes them (a backend that read the avail
+    index as 0 in between stopped the queue: "avail index 0 is ... ahead")."""
+    view = memoryview(mem)
+    try:
+        view[off : off + 2].cast("H")[0] = value
+    finally:
+        view.release()
+
+
 class Hangup(Exception):
     """The backend closed the connection."""
 
@@ -92,7 +103,7 @@ class DriverQueue:
     def publish(self, head: int) -> None:
         struct.pack_into("<H", self.fe.mem, self.avail + 4 + 2 * (self.avail_idx % self.num), head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
-        struct.pack_into("<H", self.fe.mem, self.avail + 2, self.avail_idx)
+        store16(self.fe.mem, self.avail + 2, self.avail_idx)
 
     def do_kick(self) -> None:
         os.eventfd_write(self.kick, 1)

@@ -305,3 +305,44 @@ def test_read_into_routes_like_read_and_leaves_the_slot() -> None:
     h = dedicated.lookup(ROOT, b"hello").ino
     assert h == 2 and read_into(dedicated, h, 102) == b"hello world\n"
     dedicated.umount("/")
+
+
+def test_open_release_and_flush_route_and_leave_the_slot() -> None:
+    """OPEN, FLUSH and RELEASE (entered inline) reach the owning filesystem with its own inode
+    number, in shared and dedicated mode; OPEN is EISDIR on a pseudo directory, ENOENT for an
+    unknown pseudo inode, ESTALE after an umount; RELEASE of a pseudo directory or of a gone
+    filesystem is silent; each leaves the slot (an umount afterwards does not wait)."""
+    vfs = Vfs()
+    fs = MemFS()
+    ia = vfs.mount("/snap-a", fs)
+    hello = vfs.lookup(walk(vfs, "/snap-a"), b"hello").ino
+    inner = hello & ((1 << INO_SHIFT) - 1)
+    fh, _ = vfs.open(hello, 0)
+    with pytest.raises(FuseError) as e:
+        vfs.flush(hello, fh)  # (MemFS has none: the filesystem's answer, through the routing)
+    assert e.value.errno == errno.ENOSYS
+    vfs.release(hello, fh)
+    assert fs.opened == [(inner, 0)] and fs.released == [(inner, fh)] and fh == 100 + inner
+    for ino, code in ((ROOT, errno.EISDIR), (walk(vfs, "/snap-a") - (ia << INO_SHIFT) + 7, errno.ENOENT)):
+        with pytest.raises(FuseError) as e:
+            vfs.open(ino, 0)
+        assert e.value.errno == code
+    vfs.release(ROOT, 5)  # (a pseudo directory: nothing to release)
+    with pytest.raises(FuseError) as e:
+        vfs.open(walk(vfs, "/snap-a"), 0)  # (the filesystem's own directory: its answer)
+    assert e.value.errno == errno.EISDIR
+    assert vfs._slots[ia] is not None and vfs._slots[ia].active == 0
+    vfs.umount("/snap-a")
+    with pytest.raises(FuseError) as e:
+        vfs.open(hello, 0)
+    assert e.value.errno == errno.ESTALE
+    vfs.release(hello, fh)  # (gone with its filesystem: silent)
+    assert fs.released == [(inner, fh)]
+    dedicated = Vfs()
+    mem = MemFS()
+    dedicated.mount("/", mem)
+    h = dedicated.lookup(ROOT, b"hello").ino
+    fh, _ = dedicated.open(h, 0)
+    dedicated.release(h, fh)
+    assert mem.opened == [(h, 0)] and mem.released == [(h, fh)] and dedicated._rootfs is not None
+    assert dedicated._rootfs.active == 0

@@ -132,8 +132,7 @@ class InflightQueue:
                 chain = self._pop()
                 if chain is not None:
                     return chain
-                self.vq.set_avail_event()
-                if not self.vq.pending():
+                if not self.vq.rearm():
                     return None
             return None
 
@@ -142,8 +141,9 @@ class InflightQueue:
         the queue stopped meanwhile or the chain is not in flight. A reply that does not fit
         completes the chain with 0 bytes."""
         with self.lock:
-            if not self._replyable(chain):
-                return False
+            head = chain.head
+            if self.stopped or self.inflight.get(head) is not chain:
+                return self._replyable(chain)  # (False: dropped, logged and counted there)
             length = 0
             if reply:
                 try:
@@ -151,9 +151,10 @@ class InflightQueue:
                 except ValueError as e:
                     log.error("queue %d: %s", self.index, e)
                     self.failed += 1
-            del self.inflight[chain.head]
+            del self.inflight[head]
             self.completed += 1  # (counted before the driver can see it)
-            self._push(chain.head, length)
+            if self.vq.push_notify(head, length):
+                self.signal()
             if self._waiters and not self.inflight:
                 self._idle.notify_all()
             return True
@@ -198,14 +199,14 @@ class InflightQueue:
                 length = 0
             del self.inflight[chain.head]
             self.completed += 1
-            self._push(chain.head, length)
+            if self.vq.push_notify(chain.head, length):
+                self.signal()
             if self._waiters and not self.inflight:
                 self._idle.notify_all()
             return True
 
     def _push(self, head: int, length: int) -> None:
-        self.vq.push(head, length)
-        if self.vq.needs_notify():
+        if self.vq.push_notify(head, length):
             self.signal()
 
     def wait_idle(self, timeout: float) -> bool:

@@ -502,8 +502,9 @@ class VhostUserServer:
         w = self.workers.pop(vring.index, None)
         if w is not None:
             w.stop()
-            log.debug("queue %d stopped after %d requests (%d failed, %d abandoned)", vring.index, w.served,
-                      w.failed, w.abandoned)
+            vq = w.ring.vq
+            log.debug("queue %d stopped after %d requests (%d failed, %d abandoned; short tables: %d decoded, %d "
+                      "reused)", vring.index, w.served, w.failed, w.abandoned, vq.tables_decoded, vq.tables_reused)
 
 
 def _recv_exact(conn: socket.socket, n: int) -> bytes | None:

@@ -13,6 +13,7 @@ between two reads, so each descriptor is read exactly once and checked before us
 """
 
 import struct
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import compress, islice
@@ -25,9 +26,10 @@ DESC_F_WRITE = 2
 DESC_F_INDIRECT = 4
 AVAIL_F_NO_INTERRUPT = 1
 USED_F_NO_NOTIFY = 1
-U16 = struct.Struct("<H")
-USED_ELEM = struct.Struct("<II")
 MAX_QUEUE_SIZE = 32768
+# the rings' u16/u32 fields are accessed as native memoryview items (see Virtqueue.__init__)
+if sys.byteorder != "little":
+    raise ImportError("the virtqueue code reads virtio's little-endian rings as native integers")
 # An indirect table can't be longer than this many descriptors (Linux allocates at most one per
 # scatterlist entry of a request; 1 MiB of 4 KiB pages plus headers is ~260).
 MAX_INDIRECT = 4096
@@ -43,6 +45,11 @@ FEW = 4
 _NEXTS = list(range(1, MAX_INDIRECT + 1))
 _READABLE = [DESC_F_NEXT] * MAX_INDIRECT
 _WRITABLE = [DESC_F_NEXT | DESC_F_WRITE] * MAX_INDIRECT
+# Short indirect tables (a metadata request's 3-6 descriptors) decoded lately, remembered per
+# queue with their views (`Virtqueue._tables`): a driver sending one request at a time gets
+# its request and argument buffers back from its allocator each time (Linux: the same fuse_req
+# and argument buffer for every OPEN, RELEASE, GETATTR...), so the same table comes again.
+TABLES_KEPT = 16
 
 
 class VirtqueueError(ValueError):
@@ -155,14 +162,18 @@ class Chain:
                 return total
             if total > self.writable_size():
                 raise ValueError(f"reply of {total} bytes does not fit {self.writable_size()} writable bytes")
-            m = memoryview(src).cast("B")
+            # (a reply with arguments: Linux gives the out header and each argument a buffer)
+            m = memoryview(src)
+            if m.format != "B":
+                m = m.cast("B")
             off = 0
             for buf in w:
-                n = min(len(buf), total - off)
-                buf[:n] = m[off : off + n]
-                off += n
-                if off == total:
+                n = len(buf)
+                if total - off <= n:
+                    buf[: total - off] = m[off:]
                     break
+                buf[:] = m[off : off + n]
+                off += n
             return total
         total = sum(len(p) for p in parts)
         if total > self.writable_size():
@@ -206,21 +217,34 @@ class Virtqueue:
             which = [n for n, v in (("descriptor table", d), ("avail ring", a), ("used ring", u)) if v is None]
             raise RingError(f"{', '.join(which)} not inside guest memory")
         self.desc, self.avail, self.used = d, a, u
+        # The ring fields as u16/u32 items: an item is read or stored with one load or store of
+        # its size (memoryview items go through memcpy of the type), never through other values
+        # on the way. struct's pack_into clears the bytes before it writes them: a driver
+        # polling the used index could see 0 in between (Linux: a stale used element taken for
+        # a reply, or the queue marked broken).
+        self._avail16 = a.cast("H")  # flags, idx, ring[num], used_event
+        self._used16 = u.cast("H")  # flags, idx, ..., avail_event at 2 + 4 * num
+        self._used32 = u[: 4 + 8 * num].cast("I")  # ring[i] = (id at 1 + 2i, len at 2 + 2i)
         self.last_avail = last_avail & 0xFFFF
         # avail entries past last_avail known from the last read of the avail index: popped
         # without reading it again (the index is ours to move: nothing else sets last_avail)
         self._ahead = 0
-        self.used_idx = U16.unpack_from(u, 2)[0]
+        self.used_idx = self._used16[1]
         self._signalled_used = self.used_idx  # used idx at the last interrupt
         self._signalled_valid = False
         self.linear_min = LINEAR_MIN
         # (writable descriptors of the last linear indirect table, their views, their bytes,
         # the number of readable descriptors before them)
         self._memo: tuple[bytes, list[memoryview], int, int] | None = None
+        # short indirect tables -> (readable views, writable views, writable bytes), at most
+        # TABLES_KEPT: a pure function of the bytes and this queue's memory table, as `_memo`
+        self._tables: dict[bytes, tuple[list[memoryview], list[memoryview], int]] = {}
+        self.tables_decoded = 0  # short tables walked and kept
+        self.tables_reused = 0  # short tables found kept
 
     # -- avail side ------------------------------------------------------------------------
     def avail_idx(self) -> int:
-        return int(U16.unpack_from(self.avail, 2)[0])
+        return self._avail16[1]
 
     def pending(self) -> int:
         """How many chains the driver has made available that we have not popped."""
@@ -248,17 +272,28 @@ class Virtqueue:
                 return None
             self._ahead = n
         self._ahead -= 1
-        head = U16.unpack_from(self.avail, 4 + 2 * (self.last_avail % self.num))[0]
+        head = self._avail16[2 + self.last_avail % self.num]
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         if head >= self.num:
             raise RingError(f"avail ring names descriptor {head} of {self.num}")
-        return int(head)
+        return head
 
     def set_avail_event(self) -> None:
         """With EVENT_IDX: ask to be kicked once the driver makes the entry after
         `last_avail` available."""
         if self.event_idx:
-            U16.pack_into(self.used, 4 + 8 * self.num, self.last_avail)
+            self._used16[2 + 4 * self.num] = self.last_avail
+
+    def rearm(self) -> bool:
+        """`set_avail_event`, then whether anything is pending (`pending`, which raises
+        RingError): one call for a dispatcher that found the ring empty."""
+        last = self.last_avail
+        if self.event_idx:
+            self._used16[2 + 4 * self.num] = last
+        n = (self._avail16[1] - last) & 0xFFFF
+        if n > self.num:
+            raise RingError(f"avail index {self._avail16[1]} is {n} ahead of {last} (queue size {self.num})")
+        return n > 0
 
     def walk(self, head: int) -> Chain:
         """The chain starting at descriptor `head` (DescriptorError if it is bad)."""
@@ -273,6 +308,7 @@ class Virtqueue:
         rbytes = wbytes = 0
         limit = self.max_chain_bytes
         hit = mem._hit  # the region of the previous buffer (a READ's pages are mostly in one)
+        key: bytes | None = None  # a short indirect table that is the whole chain (to remember)
         while True:
             seen += 1
             if seen > size:
@@ -295,10 +331,17 @@ class Virtqueue:
                     raise DescriptorError(head, f"indirect table {addr:#x}+{length:#x} outside guest memory")
                 # decoded from one copy: the guest can't change the table under us while we walk it
                 raw = bytes(t)
-                if seen == 1 and length >= self.linear_min * DESC_SIZE:  # the chain is this table
-                    chain = self._linear(head, raw)
-                    if chain is not None:
-                        return chain
+                if seen == 1:  # the chain is this table
+                    if length >= self.linear_min * DESC_SIZE:
+                        chain = self._linear(head, raw)
+                        if chain is not None:
+                            return chain
+                    else:
+                        known = self._tables.get(raw)
+                        if known is not None:  # decoded before, byte for byte: the same views
+                            self.tables_reused += 1
+                            return Chain(head, list(known[0]), list(known[1]), known[2])
+                        key = raw
                 entries = list(DESC.iter_unpack(raw))
                 size = length // DESC_SIZE
                 idx = 0
@@ -327,6 +370,13 @@ class Virtqueue:
                 if length:
                     readable.append(buf)  # type: ignore[arg-type]
             if not flags & DESC_F_NEXT:
+                if key is not None:
+                    tables = self._tables
+                    if len(tables) >= TABLES_KEPT:
+                        tables.clear()  # (a driver's few tables come back at once; cheaper than LRU upkeep)
+                    tables[key] = (readable, writable, wbytes)
+                    self.tables_decoded += 1
+                    return Chain(head, list(readable), list(writable), wbytes)
                 return Chain(head, readable, writable, wbytes)
             if nxt >= size:
                 raise DescriptorError(head, f"next descriptor {nxt} out of a table of {size}")
@@ -453,10 +503,30 @@ class Virtqueue:
         """Return chain `head` to the driver with `length` bytes written. The element is stored
         before the index that publishes it (x86 keeps stores in order; the GIL and the
         mmap'd buffer give no reordering of their own)."""
-        slot = self.used_idx % self.num
-        USED_ELEM.pack_into(self.used, 4 + 8 * slot, head, length)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        U16.pack_into(self.used, 2, self.used_idx)
+        slot = 2 * (self.used_idx % self.num)
+        elems = self._used32
+        elems[1 + slot] = head
+        elems[2 + slot] = length
+        self.used_idx = idx = (self.used_idx + 1) & 0xFFFF
+        self._used16[1] = idx  # (one store: see __init__)
+
+    def push_notify(self, head: int, length: int) -> bool:
+        """`push`, then `needs_notify` (one call on every completion)."""
+        slot = 2 * (self.used_idx % self.num)
+        elems = self._used32
+        elems[1 + slot] = head
+        elems[2 + slot] = length
+        self.used_idx = new = (self.used_idx + 1) & 0xFFFF
+        self._used16[1] = new  # (one store: see __init__)
+        old = self._signalled_used
+        valid = self._signalled_valid
+        self._signalled_used = new
+        self._signalled_valid = True
+        if not self.event_idx:
+            return not self._avail16[0] & AVAIL_F_NO_INTERRUPT and new != old
+        if not valid:
+            return True
+        return ((new - self._avail16[2 + self.num] - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
     def needs_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
@@ -466,8 +536,8 @@ class Virtqueue:
         self._signalled_used = new
         self._signalled_valid = True
         if not self.event_idx:
-            return not U16.unpack_from(self.avail, 0)[0] & AVAIL_F_NO_INTERRUPT and new != old
-        used_event = U16.unpack_from(self.avail, 4 + 2 * self.num)[0]
+            return not self._avail16[0] & AVAIL_F_NO_INTERRUPT and new != old
+        used_event = self._avail16[2 + self.num]
         if not valid:
             return True
         return ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
