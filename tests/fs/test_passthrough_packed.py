@@ -8,7 +8,9 @@ import os
 import stat
 import struct
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -88,6 +90,17 @@ class Share:
         return [({**e, "nodeid": self.key(e["nodeid"])}, ino, off, typ, name)
                 for e, ino, off, typ, name in decode_direntplus(payload)]
 
+    def pages(self, ino: int, fh: int, offset: int = 0) -> Iterator[list[Any]]:
+        """The decoded 4 KiB READDIRPLUS replies of a listing from `offset` to its end."""
+        while True:
+            err, p = self.readdirplus(ino, fh, offset, 4096)
+            assert err == 0
+            recs = decode_direntplus(p)
+            if not recs:
+                return
+            yield recs
+            offset = recs[-1][2]
+
     def lookups(self) -> Counter[tuple[int, int]]:
         return Counter({n.key: n.nlookup for i, n in self.fs._inodes.items() if i != pt.ROOT_ID})
 
@@ -136,16 +149,9 @@ def test_only_the_entries_sent_are_opened(tree: Path, monkeypatch: pytest.Monkey
         return real_open(path, flags, *a, **kw)  # type: ignore[arg-type]
 
     monkeypatch.setattr(pt.os, "open", counting_open)
-    offset = 0
     sent = 0
-    while True:
-        err, p = share.readdirplus(big, fh, offset, 4096)
-        assert err == 0
-        recs = decode_direntplus(p)
-        if not recs:
-            break
+    for recs in share.pages(big, fh):
         sent += sum(1 for e, *_ in recs if e["nodeid"])
-        offset = recs[-1][2]
         assert len(opened) == sent, (len(opened), sent)
     assert sent == 62  # 60 files, sub, hard-elsewhere
 
@@ -195,14 +201,7 @@ def test_an_entry_removed_or_swapped_since_the_listing(tree: Path, tmp_path: Pat
     os.unlink(tree / "big" / swapped.decode())
     (tree / "big" / swapped.decode()).symlink_to(tmp_path / "elsewhere")
     got = {}
-    offset = first[-1][2]
-    while True:
-        err, p = share.readdirplus(big, fh, offset, 4096)
-        assert err == 0
-        recs = decode_direntplus(p)
-        if not recs:
-            break
+    for recs in share.pages(big, fh, first[-1][2]):
         got.update({name: e for e, _i, _o, _t, name in recs})
-        offset = recs[-1][2]
     assert gone not in got and set(got) == set(rest) - {gone}
     assert stat.S_ISLNK(got[swapped]["attr"]["mode"])
