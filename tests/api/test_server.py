@@ -65,7 +65,9 @@ class Conn:
 
     def closed_by_server(self) -> bool:
         """True when the server has closed its end (EOF pending), without waiting."""
-        if not select.select([self.s], [], [], 0)[0]:
+        p = select.poll()  # (not select(): it refuses fds of 1024 and above)
+        p.register(self.s, select.POLLIN)
+        if not p.poll(0):
             return False
         self.s.setblocking(False)
         try:

@@ -53,11 +53,24 @@ def tree(tmp_path: Path) -> Path:
     return root
 
 
+_SHARED: list[PassthroughFilesystem] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_shares() -> Iterator[None]:
+    """Each test's filesystems closed after it: every inode a listing registers holds an fd,
+    and a test session that kept them all reached fd numbers select() refuses (1024+)."""
+    yield
+    while _SHARED:
+        _SHARED.pop().close()
+
+
 class Share:
     """A passthrough filesystem at `at` of a Vfs, behind a session."""
 
     def __init__(self, fs: PassthroughFilesystem, at: str) -> None:
         self.fs = fs
+        _SHARED.append(fs)
         vfs = Vfs()
         vfs.mount(at, fs)
         self.k = Kernel(FuseSession(vfs))

@@ -8,7 +8,6 @@ no longer does, and that the driver still gets every reply and every interrupt i
 Driven over plain buffers and by the Python front-end, no QEMU."""
 
 import os
-import select
 import struct
 import threading
 from collections.abc import Iterator
@@ -143,7 +142,7 @@ def ask(fe: F.Frontend, unique: int, *, want_interrupt: bool = True) -> tuple[in
 
 def kicks_unread(fd: int) -> int:
     """The kick eventfd's counter (read here, so it is 0 afterwards), 0 if nothing is there."""
-    if not select.select([fd], [], [], 0)[0]:
+    if not F.readable(fd, 0):
         return 0
     return os.eventfd_read(fd)
 
@@ -173,12 +172,12 @@ def test_event_idx_signals_when_the_driver_asks_and_not_when_it_does_not(
         q.add([fuse_req(LOOKUP, 1, b"hello\0", unique)], OUT, indirect=True)
         q.do_kick()
         if want:  # the interrupt comes, and the reply with it
-            assert select.select([q.call], [], [], 10)[0], f"no interrupt for request {unique}"
+            assert F.readable(q.call, 10), f"no interrupt for request {unique}"
         else:  # the reply is in the used ring ...
             wait_until(lambda: q.used_idx() != q.last_used, what=f"the reply to request {unique}")
         head, n = q.wait_used()
         q.free.append(head)
         assert n == 144
         if not want:  # ... and no interrupt came with it (the signal would precede nothing else)
-            assert not select.select([q.call], [], [], 0.2)[0], f"an interrupt nobody asked for ({unique})"
+            assert not F.readable(q.call, 0.2), f"an interrupt nobody asked for ({unique})"
         kicks_unread(q.call)

@@ -40,6 +40,14 @@ def store16(mem: mmap.mmap, off: int, value: int) -> None:
         view.release()
 
 
+def readable(fd: "int | socket.socket", timeout: float) -> bool:
+    """Whether `fd` is readable within `timeout` s. poll, not select: select refuses fds of
+    1024 and above, which a long test session reaches."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(max(0, int(timeout * 1000))))
+
+
 class Hangup(Exception):
     """The backend closed the connection."""
 
@@ -118,8 +126,7 @@ class DriverQueue:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"queue {self.index}: no used element within {timeout} s")
-            r, _, _ = select.select([self.call], [], [], min(left, 0.05))
-            if r:
+            if readable(self.call, min(left, 0.05)):
                 os.eventfd_read(self.call)
         slot = self.last_used % self.num
         elem = struct.unpack_from("<II", self.fe.mem, self.used + 4 + 8 * slot)
@@ -210,8 +217,7 @@ class Frontend:
         return int(struct.unpack("<Q", self.recv_reply(request))[0])
 
     def is_closed(self, timeout: float = 2.0) -> bool:
-        r, _, _ = select.select([self.sock], [], [], timeout)
-        if not r:
+        if not readable(self.sock, timeout):
             return False
         try:
             return self.sock.recv(1, socket.MSG_PEEK) == b""
