@@ -226,14 +226,7 @@ class BlobWriter:
     def _write_now(self, parts: list[bytes]) -> None:
         assert self._fd is not None
         parts = _coalesce(parts)
-        views = [memoryview(p) for p in parts]
-        while views:
-            n = os.writev(self._fd, views)
-            while views and n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            if n:
-                views[0] = views[0][n:]
+        _writev_all(self._fd, parts)
         for p in parts:
             self._hash.update(p)
 
@@ -500,7 +493,7 @@ class BlobWriter:
             self._spill_pos = pos
         assert self._spill_fd is not None
         self.spill_writes += 1
-        _pwritev_all(self._spill_fd, parts, start)
+        _writev_all(self._spill_fd, parts, start)
         return out
 
     def add_spilled_stream(self, files: Iterable[tuple[int, int]], done: Callable[[int, bytes], None]) -> None:
@@ -879,12 +872,16 @@ class _SpillReader:
         return data
 
 
-def _pwritev_all(fd: int, parts: "list[bytes | memoryview]", pos: int) -> None:
-    """Write `parts` back to back at `pos` (pwritev, in rounds of at most _WRITE_PARTS)."""
+def _writev_all(fd: int, parts: "Sequence[bytes | memoryview]", pos: int | None = None) -> None:
+    """Write `parts` back to back: at `pos` (pwritev), or at the file's offset (writev) without
+    one; in rounds of at most _WRITE_PARTS buffers, short writes resumed."""
     views = [memoryview(p) for p in parts if p]
     while views:
-        n = os.pwritev(fd, views[:_WRITE_PARTS], pos)
-        pos += n
+        if pos is None:
+            n = os.writev(fd, views[:_WRITE_PARTS])
+        else:
+            n = os.pwritev(fd, views[:_WRITE_PARTS], pos)
+            pos += n
         while views and n >= len(views[0]):
             n -= len(views[0])
             views.pop(0)

@@ -472,19 +472,7 @@ class PassthroughFilesystem(Filesystem):
         except OSError:
             os.close(fd)
             raise
-        key = (st.st_dev, st.st_ino)
-        with self._lock:
-            ino = self._by_key.get(key)
-            if ino is not None:
-                os.close(fd)
-                node = self._inodes[ino]
-            else:
-                ino = self._next_ino
-                self._next_ino += 1
-                node = _Inode(ino, fd, key, stat.S_IFMT(st.st_mode))
-                self._inodes[ino] = node
-                self._by_key[key] = ino
-            node.nlookup += 1
+        ino = self._register_many([(0, b"", 0, fd, st)])[0]
         return Entry(ino, 0, self._attr(st), self.entry_timeout, self.attr_timeout)
 
     @staticmethod

@@ -422,12 +422,7 @@ class FuseSession:
                     return self._read_into(unique, nodeid, fh, offset, size, bufs, room, guard, nowait)
         if nowait:
             raise WouldBlock
-        r = self._call(req)  # (handle_vectored, inline: every request but a READ)
-        if r is None:
-            return None
-        if isinstance(r, tuple):
-            return list(r)
-        return [r]
+        return self.handle_vectored(req)
 
     def read_waits(self, req: bytes | bytearray | memoryview) -> bool:
         """Whether request `req` (a READ) may wait on slow I/O: the filesystem's `read_waits`

@@ -489,22 +489,25 @@ class Vfs(Filesystem):
             self._leave(slot)
 
     def forget(self, ino: int, nlookup: int) -> None:
-        e = self._entered_quietly(ino)
-        if e is not None:
-            with e as (fs, inner):
-                fs.forget(inner, nlookup)
+        slot = self._slot_quietly(ino)
+        if slot is not None:
+            try:
+                slot.fs.forget(ino & INO_MASK if slot.base else ino, nlookup)
+            finally:
+                self._leave(slot)
 
     def batch_forget(self, items: list[tuple[int, int]]) -> None:
         for ino, n in items:
             self.forget(ino, n)
 
-    def _entered_quietly(self, ino: int) -> Entered | None:
-        """For requests without an error reply (FORGET, RELEASE*): None for a pseudo directory or
-        a filesystem that is gone (nothing left to forget or release)."""
+    def _slot_quietly(self, ino: int) -> _Slot | None:
+        """`entered`'s slot (the caller leaves it) for requests without an error reply (FORGET,
+        RELEASE*): None for a pseudo directory or a filesystem that is gone (nothing left to
+        forget or release)."""
         if not (ino >> INO_SHIFT) and self._rootfs is None:
             return None
         try:
-            return self.entered(ino)
+            return self._slot(ino)
         except FuseError:
             return None
 
@@ -561,13 +564,9 @@ class Vfs(Filesystem):
             self._leave(slot)
 
     def release(self, ino: int, fh: int) -> None:
-        # (`_entered_quietly`, inline: on every RELEASE)
-        if not ino >> INO_SHIFT and self._rootfs is None:
-            return  # a pseudo directory: nothing to release
-        try:
-            slot = self._slot(ino)
-        except FuseError:
-            return  # the filesystem is gone, and its handles with it
+        slot = self._slot_quietly(ino)
+        if slot is None:
+            return  # a pseudo directory, or the filesystem is gone and its handles with it
         try:
             slot.fs.release(ino & INO_MASK if slot.base else ino, fh)
         finally:
@@ -589,10 +588,12 @@ class Vfs(Filesystem):
             return fs.opendir(inner, flags)
 
     def releasedir(self, ino: int, fh: int) -> None:
-        e = self._entered_quietly(ino)
-        if e is not None:
-            with e as (fs, inner):
-                fs.releasedir(inner, fh)
+        slot = self._slot_quietly(ino)
+        if slot is not None:
+            try:
+                slot.fs.releasedir(ino & INO_MASK if slot.base else ino, fh)
+            finally:
+                self._leave(slot)
 
     def _pseudo_children(self, node: _Pseudo) -> list[tuple[bytes, "_Pseudo | _Slot"]]:
         with self._lock:

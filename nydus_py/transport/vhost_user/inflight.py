@@ -52,16 +52,16 @@ class _WriteGuard:
     def __enter__(self) -> "_WriteGuard":
         ring = self.ring
         chain = self.chain
-        with ring.lock:  # (begin_write, inline: a READ's one guard is on the hot path)
-            if not ring.stopped and ring.inflight.get(chain.head) is chain:
-                ring.writers += 1
-                return self
-        ring.begin_write(chain)  # raises Abandoned
+        with ring.lock:
+            if ring.stopped or ring.inflight.get(chain.head) is not chain:
+                raise Abandoned(errno.ESHUTDOWN, f"queue {ring.index}: chain {chain.head} may no longer be written "
+                                f"({'the queue stopped' if ring.stopped else 'not in flight'})")
+            ring.writers += 1
         return self
 
     def __exit__(self, *exc: object) -> None:
         ring = self.ring
-        with ring.lock:  # (end_write, inline)
+        with ring.lock:
             ring.writers -= 1
             if ring._waiters and not ring.writers:
                 ring._idle.notify_all()
@@ -141,9 +141,9 @@ class InflightQueue:
         the queue stopped meanwhile or the chain is not in flight. A reply that does not fit
         completes the chain with 0 bytes."""
         with self.lock:
+            if not self._replyable(chain):
+                return False
             head = chain.head
-            if self.stopped or self.inflight.get(head) is not chain:
-                return self._replyable(chain)  # (False: dropped, logged and counted there)
             length = 0
             if reply:
                 try:
@@ -153,8 +153,7 @@ class InflightQueue:
                     self.failed += 1
             del self.inflight[head]
             self.completed += 1  # (counted before the driver can see it)
-            if self.vq.push_notify(head, length):
-                self.signal()
+            self._push(head, length)
             if self._waiters and not self.inflight:
                 self._idle.notify_all()
             return True
@@ -173,19 +172,6 @@ class InflightQueue:
         """The context in which a handler may write into `chain`'s buffers itself."""
         return _WriteGuard(self, chain)
 
-    def begin_write(self, chain: Chain) -> None:
-        with self.lock:
-            if self.stopped or self.inflight.get(chain.head) is not chain:
-                raise Abandoned(errno.ESHUTDOWN, f"queue {self.index}: chain {chain.head} may no longer be written "
-                                f"({'the queue stopped' if self.stopped else 'not in flight'})")
-            self.writers += 1
-
-    def end_write(self) -> None:
-        with self.lock:
-            self.writers -= 1
-            if self._waiters and not self.writers:
-                self._idle.notify_all()
-
     def complete_written(self, chain: Chain, length: int) -> bool:
         """Return `chain` to the driver with `length` bytes its handler wrote (inside `guard`);
         False (nothing pushed) if the queue stopped meanwhile or the chain is not in flight."""
@@ -199,8 +185,7 @@ class InflightQueue:
                 length = 0
             del self.inflight[chain.head]
             self.completed += 1
-            if self.vq.push_notify(chain.head, length):
-                self.signal()
+            self._push(chain.head, length)
             if self._waiters and not self.inflight:
                 self._idle.notify_all()
             return True

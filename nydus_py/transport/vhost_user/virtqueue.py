@@ -286,14 +286,9 @@ class Virtqueue:
 
     def rearm(self) -> bool:
         """`set_avail_event`, then whether anything is pending (`pending`, which raises
-        RingError): one call for a dispatcher that found the ring empty."""
-        last = self.last_avail
-        if self.event_idx:
-            self._used16[2 + 4 * self.num] = last
-        n = (self._avail16[1] - last) & 0xFFFF
-        if n > self.num:
-            raise RingError(f"avail index {self._avail16[1]} is {n} ahead of {last} (queue size {self.num})")
-        return n > 0
+        RingError): what a dispatcher that found the ring empty does."""
+        self.set_avail_event()
+        return self.pending() > 0
 
     def walk(self, head: int) -> Chain:
         """The chain starting at descriptor `head` (DescriptorError if it is bad)."""
@@ -511,22 +506,9 @@ class Virtqueue:
         self._used16[1] = idx  # (one store: see __init__)
 
     def push_notify(self, head: int, length: int) -> bool:
-        """`push`, then `needs_notify` (one call on every completion)."""
-        slot = 2 * (self.used_idx % self.num)
-        elems = self._used32
-        elems[1 + slot] = head
-        elems[2 + slot] = length
-        self.used_idx = new = (self.used_idx + 1) & 0xFFFF
-        self._used16[1] = new  # (one store: see __init__)
-        old = self._signalled_used
-        valid = self._signalled_valid
-        self._signalled_used = new
-        self._signalled_valid = True
-        if not self.event_idx:
-            return not self._avail16[0] & AVAIL_F_NO_INTERRUPT and new != old
-        if not valid:
-            return True
-        return ((new - self._avail16[2 + self.num] - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+        """`push`, then `needs_notify`: what every completion does."""
+        self.push(head, length)
+        return self.needs_notify()
 
     def needs_notify(self) -> bool:
         """Whether the driver wants an interrupt for what was pushed since the last one."""
