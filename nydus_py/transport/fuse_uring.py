@@ -280,12 +280,10 @@ class _Queue:
 
     def _commit(self, e: _Entry, commit_id: int) -> None:
         """Queue COMMIT_AND_FETCH of `e` (sent by the loop's next io_uring_enter)."""
-        ring = self.ring
         if not e.armed:  # (its slot held the REGISTER, done with once a request came)
-            ring.prepare(e.index, self._sqe(e, CMD_COMMIT_AND_FETCH))
+            self.ring.prepare(e.index, self._sqe(e, CMD_COMMIT_AND_FETCH))
             e.armed = True
-        ring.set_u64(e.index, _COMMIT_ID_OFFSET, commit_id)
-        ring.submit_slot(e.index)
+        self.ring.resubmit(e.index, _COMMIT_ID_OFFSET, commit_id)
 
     def _run(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -306,9 +304,16 @@ class _Queue:
             scratch = memoryview(self.scratch)
             entries = self.entries
             serve = self._serve
+            wait = ring.submit_and_wait()  # (one C call per round: see the class doc)
+            reap = ring.reap_results
             while outstanding:
-                ring.enter(1)  # the commits queued since the last call go with it
-                for user_data, res, _ in ring.reap():
+                if wait() < 0:  # the commits queued since the last call go with it
+                    ring.check_enter()  # (raises unless interrupted)
+                cq = reap()
+                k, n = 0, len(cq)
+                while k < n:
+                    user_data, res = cq[k], cq[k + 1]
+                    k += 2
                     if user_data == _WAKE:
                         outstanding -= self._woken(res)
                         continue
@@ -382,7 +387,10 @@ class _Queue:
             self.stats.add("entry_errors")
             log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
             place_error(e.hdr_view, commit_id, -errno.EIO)
-        self._commit(e, commit_id)
+        if e.armed:
+            self.ring.resubmit(e.index, _COMMIT_ID_OFFSET, commit_id)
+        else:
+            self._commit(e, commit_id)
         return True
 
     def _answer(self, e: _Entry, commit_id: int, req: bytes) -> None:
