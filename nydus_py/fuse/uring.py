@@ -39,6 +39,9 @@ _OUT_SIZE = OUT_HEADER.size
 _U32 = struct.Struct("<I")
 _IN_HEADER_SIZE = IN_HEADER.size
 _SHORT = 512  # reply bytes copied by slicing; longer ones through a memoryview
+# bytes before an entry's payload buffer, where `request_in_place` puts the in_header and the
+# op header (40 + up to 128)
+REQUEST_ROOM = 256
 
 
 class RingEntryError(ValueError):
@@ -87,6 +90,24 @@ def assemble_request(headers: memoryview, payload: memoryview, out: memoryview) 
     if payload_sz:
         out[h + op_sz:total] = payload[:payload_sz]
     return out[:total]
+
+
+def request_in_place(headers: memoryview, buf: memoryview) -> memoryview:
+    """Join a fetched entry into one FUSE request without copying its payload: `buf` is the
+    entry's payload mapping, whose first REQUEST_ROOM bytes are ours (the kernel is given the
+    rest as the payload buffer). The in_header and op header are copied just before the
+    payload, so a LOOKUP's name or a WRITE's data stays where the kernel put it. The same
+    checks as `assemble_request`."""
+    total, payload_sz = _LENGTHS.unpack_from(headers)
+    h = _IN_HEADER_SIZE
+    op_sz = total - h - payload_sz
+    if not 0 <= op_sz <= OP_IN_OUT_SZ or payload_sz > len(buf) - REQUEST_ROOM:
+        raise RingEntryError(f"ring entry: request length {total}, payload {payload_sz}: does not fit")
+    start = REQUEST_ROOM - h - op_sz
+    buf[start:start + h] = headers[:h]
+    if op_sz:
+        buf[start + h:REQUEST_ROOM] = headers[OP_IN_OFFSET:OP_IN_OFFSET + op_sz]
+    return buf[start:REQUEST_ROOM + payload_sz]
 
 
 def place_reply(reply: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview],
