@@ -329,7 +329,7 @@ class Ring:
             one = [q[at], i32[2 * at + 2]]
             cq32[self._cq_head_i] = tail  # (after reading: the kernel may reuse the slot from now on)
             return one
-        out = []
+        out: list[int] = []
         while head != tail:
             at = base + (head & mask) * size
             out += (q[at], i32[2 * at + 2])
