@@ -258,10 +258,10 @@ class Ring:
     def resubmit(self, index: int, offset: int, value: int) -> None:
         """`set_u64(index, offset, value)` and `submit_slot(index)` in one call (a ring entry's
         commit: the ring thread makes one per request)."""
-        self._sqe64[index * self._sqe_q + (offset >> 3)] = value
         tail = self._tail
         if (tail - self._head) & _MASK32 >= self.params.sq_entries:
             self._reserve()  # (rereads the head; raises if the SQ is really full)
+        self._sqe64[index * self._sqe_q + (offset >> 3)] = value
         self._sq32[self._sq_array_i + (tail & self._sq_mask)] = index
         self._tail = tail = (tail + 1) & _MASK32
         self._sq32[self._sq_tail_i] = tail
