@@ -307,7 +307,7 @@ class _Queue:
             self.registered.set()
             entries = self.entries
             serve = self._serve
-            wait = ring.submit_and_wait()  # (one C call per round: see the class doc)
+            wait = ring.submit_and_wait()  # (io_uring_enter with its arguments bound once)
             reap = ring.reap_results
             while outstanding:
                 if wait() < 0:  # the commits queued since the last call go with it
