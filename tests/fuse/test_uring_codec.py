@@ -116,7 +116,7 @@ def _in_place(hdr: memoryview, pay: memoryview, room: int = 64 * 1024) -> tuple[
     (Opcode.LOOKUP, b"", b"name\0"),
     (Opcode.SETXATTR, GETATTR_IN.pack(0, 0, 0), b"user.x\0value"),
     (Opcode.SETXATTR, bytes(range(128)), b"p" * 9000),  # the largest op header
-])
+], ids=["read", "lookup", "setxattr", "largest-op-header"])
 def test_request_in_place_equals_the_assembled_request(opcode: int, op_in: bytes, payload: bytes) -> None:
     hdr, pay = _entry(opcode, 42, op_in, payload)
     req, buf = _in_place(hdr, pay)
