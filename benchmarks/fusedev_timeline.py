@@ -16,7 +16,8 @@ own work: open, page cache, write to /dev/null). Whether client and daemon threa
 same CPU is counted too (a wake-up there is a context switch, elsewhere an IPI).
 
 Tracing adds a few microseconds to every event, so sums are above an untraced pass; the split,
-not the total, is the result. Uses bench_fusedev's --workdir (tree, image, nydusd-plain.json,
+not the total, is the result. The trace is system-wide, so only the requests of the traced
+mount's connection count (other FUSE mounts on the machine stay out of the split). Uses bench_fusedev's --workdir (tree, image, nydusd-plain.json,
 small-plain.list). Run as root; `--io-uring` also traces `nydusd-py fuse --io-uring` (sets
 fuse.enable_uring=Y for the run and restores it).
 
@@ -45,16 +46,26 @@ OPS = {1: "LOOKUP", 15: "READ"}
 _LINE = re.compile(r"^\s*(.+?)\s+(\d+)\s+\[(\d+)\]\s+([\d.]+):\s+(\S+):\s*(.*)$")
 _REQ = re.compile(r"req (\d+)")
 _OPC = re.compile(r"opcode (\d+)")
+_CONN = re.compile(r"connection (\d+)")
 _NEXT = re.compile(r"next_pid=(\d+)")
 
 
-def trace(repo: str, work: str, uring: bool, out: str) -> list[tuple[float, int, int, str, str]]:
-    """One traced cold pass: events as (time us, tid, cpu, event, fields)."""
+def connection_id(mnt: str) -> int:
+    """The `connection` the fuse tracepoints print for the mount at `mnt`: its superblock's
+    dev_t in the kernel's encoding (major << 20 | minor)."""
+    dev = os.stat(mnt).st_dev
+    return (os.major(dev) << 20) | os.minor(dev)
+
+
+def trace(repo: str, work: str, uring: bool, out: str) -> tuple[list[tuple[float, int, int, str, str]], int]:
+    """One traced cold pass: events as (time us, tid, cpu, event, fields), and the mount's
+    connection id."""
     mnt = os.path.join(work, "mnt-timeline")
     os.makedirs(mnt, exist_ok=True)
     extra = ["--io-uring"] if uring else []
     proc = start(repo, work, mnt, os.path.join(work, "timeline-daemon.log"), extra)
     try:
+        conn = connection_id(mnt)
         drop_caches()
         cmd = ["perf", "record", "-q", "-a", "-o", out, "-e", ",".join(EVENTS), "--", "xargs", "-0", "-a",
                os.path.join(work, "small-plain.list"), "cat"]
@@ -69,11 +80,12 @@ def trace(repo: str, work: str, uring: bool, out: str) -> list[tuple[float, int,
         if m:
             _comm, tid, cpu, t, name, rest = m.groups()
             events.append((float(t) * 1e6, int(tid), int(cpu), name, rest))
-    return events
+    return events, conn
 
 
-def split(events: list[tuple[float, int, int, str, str]]) -> dict[str, Any]:
-    """Per request the intervals above, from the events of one pass."""
+def split(events: list[tuple[float, int, int, str, str]], conn: int | None = None) -> dict[str, Any]:
+    """Per request the intervals above, from the events of one pass (of connection `conn`
+    only, when given)."""
     reqs: dict[int, dict[str, Any]] = {}
     order: list[int] = []
     got: dict[int, float] = {}  # daemon thread -> its last return with a request
@@ -83,6 +95,8 @@ def split(events: list[tuple[float, int, int, str, str]]) -> dict[str, Any]:
     blocks: dict[int, list[float]] = {}  # thread -> times it issued block I/O
     runs: dict[int, list[float]] = {}  # tid -> times it was switched in
     for t, tid, cpu, name, rest in events:
+        if conn is not None and name.startswith("fuse:") and int(_CONN.search(rest).group(1)) != conn:  # type: ignore[union-attr]
+            continue  # (another FUSE mount's request)
         if name == "fuse:fuse_request_send":
             u, op = int(_REQ.search(rest).group(1)), int(_OPC.search(rest).group(1))  # type: ignore[union-attr]
             reqs[u] = {"op": OPS.get(op, str(op)), "send": t, "client": tid, "ccpu": cpu}
@@ -178,7 +192,7 @@ def main() -> None:
     res: dict[str, Any] = {"loadavg_start": os.getloadavg()}
     with tempfile.TemporaryDirectory() as tmp, fuse_uring_enabled(args.io_uring):
         for name, uring in [("dev", False), *([("uring", True)] if args.io_uring else [])]:
-            res[name] = split(trace(args.repo, args.workdir, uring, os.path.join(tmp, f"{name}.data")))
+            res[name] = split(*trace(args.repo, args.workdir, uring, os.path.join(tmp, f"{name}.data")))
             show(name, res[name])
     res["loadavg_end"] = os.getloadavg()
     print(f"load average {res['loadavg_start'][0]:.2f} -> {res['loadavg_end'][0]:.2f}")

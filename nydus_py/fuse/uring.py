@@ -33,9 +33,15 @@ PAGE_SIZE = 4096
 MIN_READ_BUFFER = 8192
 _PAYLOAD_SZ = struct.Struct("<I")
 _PAYLOAD_SZ_OFFSET = ENT_IN_OUT_OFFSET + 16
+# in_header.len and ent_in_out.payload_sz, read with one call
+_LENGTHS = struct.Struct(f"<I{_PAYLOAD_SZ_OFFSET - 4}xI")
+_OUT_SIZE = OUT_HEADER.size
 _U32 = struct.Struct("<I")
 _IN_HEADER_SIZE = IN_HEADER.size
 _SHORT = 512  # reply bytes copied by slicing; longer ones through a memoryview
+# bytes before an entry's payload buffer, where `request_in_place` puts the in_header and the
+# op header (40 + up to 128)
+REQUEST_ROOM = 256
 
 
 class RingEntryError(ValueError):
@@ -73,8 +79,7 @@ def assemble_request(headers: memoryview, payload: memoryview, out: memoryview) 
     The kernel fills `in_out` with the fuse_in_header, `op_in` with in_args[0] (the per-op
     header, empty for ops like LOOKUP) and the payload with the other in_args; in_header.len
     is the total, so the op header's size is what remains after the payload."""
-    total = _U32.unpack_from(headers, 0)[0]
-    payload_sz = _U32.unpack_from(headers, _PAYLOAD_SZ_OFFSET)[0]
+    total, payload_sz = _LENGTHS.unpack_from(headers)
     h = _IN_HEADER_SIZE
     op_sz = total - h - payload_sz
     if not 0 <= op_sz <= OP_IN_OUT_SZ or payload_sz > len(payload) or total > len(out):
@@ -87,30 +92,51 @@ def assemble_request(headers: memoryview, payload: memoryview, out: memoryview) 
     return out[:total]
 
 
+def request_in_place(headers: memoryview, buf: memoryview) -> memoryview:
+    """Join a fetched entry into one FUSE request without copying its payload: `buf` is the
+    entry's payload mapping, whose first REQUEST_ROOM bytes are ours (the kernel is given the
+    rest as the payload buffer). The in_header and op header are copied just before the
+    payload, so a LOOKUP's name or a WRITE's data stays where the kernel put it. The same
+    checks as `assemble_request`."""
+    total, payload_sz = _LENGTHS.unpack_from(headers)
+    h = _IN_HEADER_SIZE
+    op_sz = total - h - payload_sz
+    if not 0 <= op_sz <= OP_IN_OUT_SZ or payload_sz > len(buf) - REQUEST_ROOM:
+        raise RingEntryError(f"ring entry: request length {total}, payload {payload_sz}: does not fit")
+    start = REQUEST_ROOM - h - op_sz
+    buf[start:start + h] = headers[:h]
+    if op_sz:
+        buf[start + h:REQUEST_ROOM] = headers[OP_IN_OFFSET:OP_IN_OFFSET + op_sz]
+    return buf[start:REQUEST_ROOM + payload_sz]
+
+
 def place_reply(reply: bytes | bytearray | memoryview | Sequence[bytes | bytearray | memoryview],
                 headers: memoryview, payload: memoryview) -> int:
     """Split a reply (bytes or gathered buffers, fuse_out_header first) into the entry: the
     out header into `in_out`, the rest into the payload buffer, its size into
     ent_in_out.payload_sz. Returns the payload size. RingEntryError when it does not fit
     (the caller answers EIO instead)."""
-    bufs = (reply,) if isinstance(reply, bytes | bytearray | memoryview) else reply
-    first = _bytes_view(bufs[0])
-    n = len(first) - OUT_HEADER.size
+    bufs = reply if type(reply) is list else (reply,) if isinstance(reply, bytes | bytearray | memoryview) else reply
+    first = bufs[0]
+    if type(first) is not bytes:
+        first = _bytes_view(first)
+    n = len(first) - _OUT_SIZE
     if n < 0:
         raise RingEntryError("reply shorter than fuse_out_header")
     if n > len(payload):
         raise RingEntryError(f"reply payload {n} bytes exceeds the {len(payload)}-byte ring buffer")
-    headers[:OUT_HEADER.size] = first[:OUT_HEADER.size]
+    headers[:_OUT_SIZE] = first[:_OUT_SIZE]
     if n:  # (a slice of bytes is a copy: a long one, a READDIRPLUS page, is taken as a view)
-        payload[:n] = first[OUT_HEADER.size:] if n <= _SHORT else memoryview(first)[OUT_HEADER.size:]
+        payload[:n] = first[_OUT_SIZE:] if n <= _SHORT else memoryview(first)[_OUT_SIZE:]
     pos = n
-    for b in bufs[1:]:
-        part = _bytes_view(b)
-        n = len(part)
-        if pos + n > len(payload):
-            raise RingEntryError(f"reply payload {pos + n} bytes exceeds the {len(payload)}-byte ring buffer")
-        payload[pos:pos + n] = part
-        pos += n
+    if len(bufs) > 1:
+        for b in bufs[1:]:
+            part = _bytes_view(b)
+            n = len(part)
+            if pos + n > len(payload):
+                raise RingEntryError(f"reply payload {pos + n} bytes exceeds the {len(payload)}-byte ring buffer")
+            payload[pos:pos + n] = part
+            pos += n
     _PAYLOAD_SZ.pack_into(headers, _PAYLOAD_SZ_OFFSET, pos)
     return pos
 

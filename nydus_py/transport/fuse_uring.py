@@ -42,11 +42,12 @@ from ..fuse.uring import (
     CMD_REGISTER,
     ENT_IN_OUT_OFFSET,
     REQ_HEADER_SIZE,
-    assemble_request,
+    REQUEST_ROOM,
     encode_cmd_req,
     max_payload_size,
     place_error,
     place_reply,
+    request_in_place,
 )
 from .fusedev import (
     _HANDOFF_OPCODES,
@@ -163,22 +164,26 @@ class UringStats:
 
 
 class _Entry:
-    """One ring entry: its two registered buffers and the iovec array that points at them."""
+    """One ring entry: its two registered buffers and the iovec array that points at them. The
+    payload mapping starts with REQUEST_ROOM bytes of ours before the registered payload
+    buffer: a request is joined there in place (`request_in_place`), its payload not copied."""
 
     def __init__(self, index: int, payload_size: int) -> None:
         self.index = index
         self.hdr = mmap.mmap(-1, mmap.PAGESIZE)
-        self.payload = mmap.mmap(-1, payload_size)  # pages become resident as replies touch them
+        # pages become resident as requests and replies touch them
+        self.payload = mmap.mmap(-1, REQUEST_ROOM + payload_size)
         hdr_addr, self._hdr_anchor = mmap_address(self.hdr)
         pay_addr, self._pay_anchor = mmap_address(self.payload)
-        self.iov = (ctypes.c_uint64 * 4)(hdr_addr, REQ_HEADER_SIZE, pay_addr, payload_size)
+        self.iov = (ctypes.c_uint64 * 4)(hdr_addr, REQ_HEADER_SIZE, pay_addr + REQUEST_ROOM, payload_size)
         self.hdr_view = memoryview(self.hdr)[:REQ_HEADER_SIZE]
         self.hdr64 = self.hdr_view.cast("Q")  # (the commit id, one item read per request)
-        self.pay_view = memoryview(self.payload)
+        self.buf = memoryview(self.payload)
+        self.pay_view = self.buf[REQUEST_ROOM:]
         self.armed = False  # its SQE slot holds its COMMIT_AND_FETCH (after the first request)
 
     def close(self) -> None:
-        for v in (self.hdr64, self.hdr_view, self.pay_view):
+        for v in (self.hdr64, self.hdr_view, self.pay_view, self.buf):
             v.release()
         del self._hdr_anchor, self._pay_anchor
         for m in (self.hdr, self.payload):
@@ -265,7 +270,6 @@ class _Queue:
         except BaseException:
             self.ring.close()
             raise
-        self.scratch = mmap.mmap(-1, payload_size + mmap.PAGESIZE)  # requests reassembled here
         # entries answered by the pool, to commit: (entry, commit id; None: retire the entry)
         self.done: collections.deque[tuple[_Entry, int | None]] = collections.deque()
         self.wake_armed = False
@@ -280,12 +284,10 @@ class _Queue:
 
     def _commit(self, e: _Entry, commit_id: int) -> None:
         """Queue COMMIT_AND_FETCH of `e` (sent by the loop's next io_uring_enter)."""
-        ring = self.ring
         if not e.armed:  # (its slot held the REGISTER, done with once a request came)
-            ring.prepare(e.index, self._sqe(e, CMD_COMMIT_AND_FETCH))
+            self.ring.prepare(e.index, self._sqe(e, CMD_COMMIT_AND_FETCH))
             e.armed = True
-        ring.set_u64(e.index, _COMMIT_ID_OFFSET, commit_id)
-        ring.submit_slot(e.index)
+        self.ring.resubmit(e.index, _COMMIT_ID_OFFSET, commit_id)
 
     def _run(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -303,12 +305,18 @@ class _Queue:
             ring.enter(0)
             outstanding = len(self.entries)
             self.registered.set()
-            scratch = memoryview(self.scratch)
             entries = self.entries
             serve = self._serve
+            wait = ring.submit_and_wait()  # (io_uring_enter with its arguments bound once)
+            reap = ring.reap_results
             while outstanding:
-                ring.enter(1)  # the commits queued since the last call go with it
-                for user_data, res, _ in ring.reap():
+                if wait() < 0:  # the commits queued since the last call go with it
+                    ring.check_enter()  # (raises unless interrupted)
+                cq = reap()
+                k, n = 0, len(cq)
+                while k < n:
+                    user_data, res = cq[k], cq[k + 1]
+                    k += 2
                     if user_data == _WAKE:
                         outstanding -= self._woken(res)
                         continue
@@ -316,7 +324,7 @@ class _Queue:
                     if res < 0:
                         outstanding -= 1
                         self._failed(e, res)
-                    elif not serve(e, scratch):
+                    elif not serve(e):
                         outstanding -= 1
         except Exception:
             log.exception("FUSE io_uring queue %d failed", self.qid)
@@ -355,14 +363,14 @@ class _Queue:
             self.stats.add("commit_failures")
             log.error("FUSE io_uring queue %d: COMMIT_AND_FETCH failed: %s", self.qid, os.strerror(-res))
 
-    def _serve(self, e: _Entry, scratch: memoryview) -> bool:
+    def _serve(self, e: _Entry) -> bool:
         """Answer the request in `e` and queue its commit, or hand it to the pool; False when
         the entry is out of the game."""
         stats = self.stats
         stats.worker_requests[self.slot] += 1  # (this thread is the only writer of its slot)
         commit_id = e.hdr64[_ENT_COMMIT_ID_Q]
         try:
-            req = assemble_request(e.hdr_view, e.pay_view, scratch)
+            req = request_in_place(e.hdr_view, e.buf)
             opcode = req[4] if req[5] == 0 else -1  # (opcodes are < 256; the rest is no READ)
             if opcode in _HANDOFF_OPCODES:
                 if (opcode == FUSE_READ and self.read_waits is not None and len(req) >= _READ_SIZE_END
@@ -382,7 +390,10 @@ class _Queue:
             self.stats.add("entry_errors")
             log.error("FUSE io_uring queue %d: answering EIO: %s", self.qid, ex)
             place_error(e.hdr_view, commit_id, -errno.EIO)
-        self._commit(e, commit_id)
+        if e.armed:
+            self.ring.resubmit(e.index, _COMMIT_ID_OFFSET, commit_id)
+        else:
+            self._commit(e, commit_id)
         return True
 
     def _answer(self, e: _Entry, commit_id: int, req: bytes) -> None:
@@ -411,8 +422,6 @@ class _Queue:
                 log.debug("FUSE io_uring queue %d: waking the ring thread: %s", self.qid, ex)
 
     def _close(self) -> None:
-        with contextlib.suppress(BufferError):
-            self.scratch.close()
         for e in self.entries:
             e.close()
         self.ring.close()

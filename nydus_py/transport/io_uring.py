@@ -15,6 +15,8 @@ import errno
 import mmap
 import os
 import struct
+from collections.abc import Callable
+from functools import partial
 from typing import Literal
 
 SYS_IO_URING_SETUP = 425
@@ -200,8 +202,16 @@ class Ring:
             self._sq32[self._sq_array_i + i] = i
         self._tail = self._sq32[self._sq_tail_i]
         self._head = self._sq32[self._sq_head_i]  # last seen; reread when full
-        self.pending = 0  # SQEs queued and not yet passed to io_uring_enter
         self._c_fd = ctypes.c_int(self.fd)
+        self._sqe_q = self.sqe_size >> 3  # an SQE's size in u64 items
+        self._cqe_q = self._cqe_size >> 3
+        self._cqes_q = self._cqes >> 3
+
+    @property
+    def pending(self) -> int:
+        """SQEs queued and not yet taken by the kernel (it moves the SQ head as it takes them,
+        so this needs no bookkeeping of ours)."""
+        return (self._tail - self._sq32[self._sq_head_i]) & _MASK32
 
     def _reserve(self) -> int:
         """The ring slot of the next SQE; OSError(EBUSY) if the SQ is full."""
@@ -214,7 +224,6 @@ class Ring:
     def _publish(self) -> None:
         self._tail = (self._tail + 1) & _MASK32
         self._sq32[self._sq_tail_i] = self._tail
-        self.pending += 1
 
     def push(self, sqe: bytes | bytearray) -> None:
         """Queue one SQE (submitted by the next enter()), written into the SQE slot of its ring
@@ -246,17 +255,50 @@ class Ring:
         self._sq32[self._sq_array_i + slot] = index
         self._publish()
 
+    def resubmit(self, index: int, offset: int, value: int) -> None:
+        """`set_u64(index, offset, value)` and `submit_slot(index)` in one call (a ring entry's
+        commit: the ring thread makes one per request)."""
+        tail = self._tail
+        if (tail - self._head) & _MASK32 >= self.params.sq_entries:
+            self._reserve()  # (rereads the head; raises if the SQ is really full)
+        self._sqe64[index * self._sqe_q + (offset >> 3)] = value
+        self._sq32[self._sq_array_i + (tail & self._sq_mask)] = index
+        self._tail = tail = (tail + 1) & _MASK32
+        self._sq32[self._sq_tail_i] = tail
+
     def enter(self, min_complete: int = 0) -> int:
         """Submit what push() queued and wait for `min_complete` completions (GIL released)."""
         flags = IORING_ENTER_GETEVENTS if min_complete else 0
         while True:
             ret = _syscall(_SYS_ENTER, self._c_fd, self.pending, min_complete, flags, None, _ZERO)
             if ret >= 0:
-                self.pending -= min(ret, self.pending)
                 return ret
             e = ctypes.get_errno()
             if e != errno.EINTR:
                 raise OSError(e, os.strerror(e))
+
+    def submit_and_wait(self) -> Callable[[], int]:
+        """A call that submits everything queued and waits for one completion, for a ring loop:
+        io_uring_enter with its arguments bound once but to_submit (it must be exact: the kernel
+        skips the wait when it submitted fewer than asked). It returns the syscall's result: -1
+        with errno set on failure (`check_enter` raises unless EINTR)."""
+        to_submit = ctypes.c_uint(0)
+        call = partial(_syscall, _SYS_ENTER, self._c_fd, to_submit, ctypes.c_uint(1),
+                       ctypes.c_uint(IORING_ENTER_GETEVENTS), None, _ZERO)
+        sq32, head_i = self._sq32, self._sq_head_i
+
+        def wait() -> int:
+            to_submit.value = (self._tail - sq32[head_i]) & _MASK32
+            return int(call())
+
+        return wait
+
+    @staticmethod
+    def check_enter() -> None:
+        """After a `submit_and_wait` call returned -1: OSError unless it was interrupted."""
+        e = ctypes.get_errno()
+        if e != errno.EINTR:
+            raise OSError(e, os.strerror(e))
 
     def reap(self) -> list[tuple[int, int, int]]:
         """The completions ready now, (user_data, res, flags) each, and mark them consumed."""
@@ -265,12 +307,34 @@ class Ring:
         n = cq_ready(head, cq32[self._cq_tail_i])
         if not n:
             return []
-        q, i32, mask, base, size = self._cq64, self._cqi32, self._cq_mask, self._cqes, self._cqe_size
+        q, i32, mask, base, size = self._cq64, self._cqi32, self._cq_mask, self._cqes_q, self._cqe_q
         out = []
         for k in range(n):
-            at = base + ((head + k) & mask) * size
-            out.append((q[at >> 3], i32[(at >> 2) + 2], cq32[(at >> 2) + 3]))
+            at = base + ((head + k) & mask) * size  # (in u64 items)
+            out.append((q[at], i32[2 * at + 2], cq32[2 * at + 3]))
         cq32[self._cq_head_i] = (head + n) & _MASK32
+        return out
+
+    def reap_results(self) -> list[int]:
+        """Like `reap`, as a flat [user_data, res, user_data, res, ...] (flags left out): one
+        list, no tuple per completion."""
+        cq32 = self._cq32
+        head = cq32[self._cq_head_i]
+        tail = cq32[self._cq_tail_i]
+        if head == tail:
+            return []
+        q, i32, mask, base, size = self._cq64, self._cqi32, self._cq_mask, self._cqes_q, self._cqe_q
+        if (tail - head) & _MASK32 == 1:
+            at = base + (head & mask) * size
+            one = [q[at], i32[2 * at + 2]]
+            cq32[self._cq_head_i] = tail  # (after reading: the kernel may reuse the slot from now on)
+            return one
+        out: list[int] = []
+        while head != tail:
+            at = base + (head & mask) * size
+            out += (q[at], i32[2 * at + 2])
+            head = (head + 1) & _MASK32
+        cq32[self._cq_head_i] = head
         return out
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from nydus_py.fuse.uring import (
     ENT_IN_OUT_OFFSET,
     OP_IN_OFFSET,
     REQ_HEADER_SIZE,
+    REQUEST_ROOM,
     RingEntryError,
     assemble_request,
     decode_cmd_req,
@@ -22,6 +23,7 @@ from nydus_py.fuse.uring import (
     max_payload_size,
     place_error,
     place_reply,
+    request_in_place,
 )
 
 
@@ -99,6 +101,44 @@ def test_assemble_request_rejects_inconsistent_lengths() -> None:
     hdr, pay = _entry(Opcode.WRITE, 1, b"", b"x" * 5000)
     with pytest.raises(RingEntryError):  # does not fit the scratch buffer
         assemble_request(hdr, pay, memoryview(bytearray(4096)))
+
+
+def _in_place(hdr: memoryview, pay: memoryview, room: int = 64 * 1024) -> tuple[memoryview, memoryview]:
+    """The entry's payload mapping as the transport lays it out: REQUEST_ROOM bytes, then the
+    payload buffer the kernel filled."""
+    buf = memoryview(bytearray(REQUEST_ROOM + room))
+    buf[REQUEST_ROOM:REQUEST_ROOM + min(room, len(pay))] = pay[:room]
+    return request_in_place(hdr, buf), buf
+
+
+@pytest.mark.parametrize("opcode, op_in, payload", [
+    (Opcode.READ, READ_IN.pack(5, 4096, 8192, 0, 0, 0, 0), b""),
+    (Opcode.LOOKUP, b"", b"name\0"),
+    (Opcode.SETXATTR, GETATTR_IN.pack(0, 0, 0), b"user.x\0value"),
+    (Opcode.SETXATTR, bytes(range(128)), b"p" * 9000),  # the largest op header
+], ids=["read", "lookup", "setxattr", "largest-op-header"])
+def test_request_in_place_equals_the_assembled_request(opcode: int, op_in: bytes, payload: bytes) -> None:
+    hdr, pay = _entry(opcode, 42, op_in, payload)
+    req, buf = _in_place(hdr, pay)
+    assert bytes(req) == bytes(assemble_request(hdr, pay, memoryview(bytearray(1 << 16))))
+    assert bytes(req) == bytes(hdr[:IN_HEADER.size]) + op_in + payload
+    # the payload is the kernel's own bytes, not a copy
+    if payload:
+        buf[REQUEST_ROOM] ^= 0xFF
+        assert req[IN_HEADER.size + len(op_in)] == payload[0] ^ 0xFF
+
+
+def test_request_in_place_rejects_what_assemble_rejects() -> None:
+    hdr, pay = _entry(Opcode.READ, 1, b"", b"")
+    IN_HEADER.pack_into(hdr, 0, IN_HEADER.size + 129, Opcode.READ, 1, 0, 0, 0, 0, 0, 0)  # op header > 128
+    with pytest.raises(RingEntryError):
+        _in_place(hdr, pay)
+    IN_HEADER.pack_into(hdr, 0, IN_HEADER.size - 1, Opcode.READ, 1, 0, 0, 0, 0, 0, 0)
+    with pytest.raises(RingEntryError):
+        _in_place(hdr, pay)
+    hdr, pay = _entry(Opcode.WRITE, 1, b"", b"x" * 5000)
+    with pytest.raises(RingEntryError):  # a payload size beyond the registered buffer
+        _in_place(hdr, pay, room=4096)
 
 
 def test_place_reply_splits_header_and_gathered_data() -> None:

@@ -1,7 +1,9 @@
 """The thin io_uring: SQE/CQE/params encodings and ring index math as pure functions, and a
 NOP round trip through a real ring (wrapping its counters)."""
 
+import os
 import struct
+import threading
 
 import pytest
 
@@ -11,6 +13,7 @@ from nydus_py.transport.io_uring import (
     IORING_OP_URING_CMD,
     IORING_SETUP_SQE128,
     PARAMS,
+    SYS_IO_URING_ENTER,
     Params,
     Ring,
     cq_ready,
@@ -23,6 +26,7 @@ from nydus_py.transport.io_uring import (
     ring_slot,
     sq_free,
 )
+from tests.waiting import wait_until
 
 
 def test_struct_sizes_match_the_uapi() -> None:
@@ -125,4 +129,75 @@ def test_prepared_slots_are_submitted_again_with_one_field_changed() -> None:
         with pytest.raises(ValueError):
             r.prepare(4, encode_sqe(IORING_OP_NOP, -1))  # outside the SQE array
     finally:
+        r.close()
+
+
+def test_the_ring_loop_calls_submit_wait_and_reap_like_enter_and_reap() -> None:
+    """What the FUSE ring thread uses: `resubmit` (set_u64 + submit_slot in one call), the bound
+    `submit_and_wait` (submits exactly what is queued, then waits for one completion: asking
+    the kernel to submit more than is queued would make it skip the wait) and `reap_results`
+    (flat user_data, res pairs), over more rounds than the rings hold, one or several
+    completions per round."""
+    if probe() is not None:
+        pytest.skip(f"io_uring unavailable: {probe()}")
+    r = Ring(4)
+    try:
+        for slot in range(4):
+            r.prepare(slot, encode_sqe(IORING_OP_NOP, -1, user_data=slot))
+        wait = r.submit_and_wait()
+        seen: list[int] = []
+        for k in range(40):
+            batch = 1 + k % 3  # 1, 2 or 3 SQEs queued per round
+            for slot in range(batch):
+                r.resubmit(slot, 32, 1000 * k + slot)
+            assert r.pending == batch
+            assert wait() == batch
+            assert r.pending == 0
+            got: list[int] = []
+            while len(got) < 2 * batch:  # (NOPs complete at submission: all are there)
+                got += r.reap_results()
+            seen += got
+        want = [v for k in range(40) for slot in range(1 + k % 3) for v in (1000 * k + slot, 0)]
+        assert seen == want
+        assert r.reap_results() == []
+        for slot in range(4):  # the SQ is full until the kernel takes it
+            r.resubmit(slot, 32, slot)
+        with pytest.raises(OSError):
+            r.resubmit(1, 32, 8)  # (and slot 1, queued, is left as it was)
+        assert wait() == 4
+        assert r.reap_results() == [0, 0, 1, 0, 2, 0, 3, 0]
+    finally:
+        r.close()
+
+
+def test_submit_and_wait_waits_for_a_completion() -> None:
+    """The bound call really sleeps in the kernel until something completes (here a poll of an
+    eventfd, written only once this thread is seen blocked in io_uring_enter), and returns with
+    that completion ready to reap."""
+    if probe() is not None:
+        pytest.skip(f"io_uring unavailable: {probe()}")
+    r = Ring(4)
+    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    me = threading.get_native_id()
+
+    def blocked_in_enter() -> bool:
+        with open(f"/proc/self/task/{me}/syscall") as f:
+            return f.read().split(" ", 1)[0] == str(SYS_IO_URING_ENTER)
+
+    def write_once_blocked() -> None:
+        try:
+            wait_until(blocked_in_enter, 10, "the ring thread to sleep in io_uring_enter")
+        finally:
+            os.eventfd_write(efd, 1)  # (also on a timeout: the wait below must end)
+
+    writer = threading.Thread(target=write_once_blocked)
+    try:
+        r.prepare(0, encode_sqe(6, efd, op_flags=0x1, user_data=99))  # IORING_OP_POLL_ADD, POLLIN
+        r.resubmit(0, 32, 99)
+        writer.start()
+        assert r.submit_and_wait()() == 1
+        assert r.reap_results() == [99, 0x1]  # (the poll's result: the events that fired)
+    finally:
+        writer.join()
+        os.close(efd)
         r.close()
