@@ -461,13 +461,16 @@ class RafsFilesystem(Filesystem):
     # -- data ------------------------------------------------------------------------------------
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | memoryview:
         i, file_size = self._readable(ino, offset, size)
+        # the whole file at once (a small file's one READ): nothing follows for readahead
+        whole = offset == 0 and size >= file_size
         try:
-            data = self.device.read(i, offset, size, file_size)
+            data = (self.device.read_whole(i, file_size) if whole
+                    else self.device.read(i, offset, size, file_size))
         except (FormatError, OSError) as e:
             log.error("read inode %d [%d, +%d): %s", i, offset, size, e)
             self.failures.failed(i, offset, min(file_size, offset + size))
             raise FuseError(errno.EIO) from None
-        if self.readahead is not None and data:
+        if self.readahead is not None and data and not whole:
             self.readahead.after_read(i, offset, offset + len(data), file_size)
         return data
 
