@@ -196,7 +196,15 @@ class RafsFilesystem(Filesystem):
     def lookup_packed(self, parent: int, name: bytes, base: int = 0) -> bytes:
         """`lookup`'s fuse_entry_out packed from the child's decoded attributes (as
         `readdirplus_packed` packs its records): no Entry/FuseAttr tuples."""
-        _i, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec = self._getattr(self._child(parent, name))
+        attr = None
+        if self.casefold is None:
+            try:  # (the common case in one image call; errors and misses take _child, which says why)
+                attr = self.image.lookup_attr(self._img(parent), name)
+            except FormatError:
+                attr = None
+        if attr is None:
+            attr = self._getattr(self._child(parent, name))
+        _i, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec = attr
         root = _i == self.root
         if _i == FUSE_ROOT_ID and not root:
             self._fuse(_i)  # raises: image inode 1 cannot be exported
