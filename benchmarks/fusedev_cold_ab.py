@@ -113,10 +113,16 @@ def run(args: argparse.Namespace) -> None:
     for k, v in ms.items():
         daemon = f", daemon CPU median {statistics.median(cpu[k]):.1f} ms" if k in cpu else ""
         print(f"{k:6s} median {statistics.median(v):8.1f} ms, median ratio to native {ratios[k]:.2f}{daemon}")
+    # new/base within each round (the two ran a few seconds apart): steadier than the arms' own
+    # medians when other work on the machine comes and goes between rounds
+    paired = {"wall": statistics.median(n / b for n, b in zip(ms["new"], ms["base"], strict=True)),
+              "daemon_cpu": statistics.median(n / b for n, b in zip(cpu["new"], cpu["base"], strict=True))}
+    print(f"new/base paired by round, median: wall {paired['wall']:.3f}, daemon CPU {paired['daemon_cpu']:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"workload": args.workload, "cmd": cmd, "baseline": args.baseline,
                                                "io_uring": args.io_uring,
                                                "ms": ms, "daemon_cpu_ms": cpu, "median_ratio_to_native": ratios,
+                                               "paired_new_over_base": paired,
                                                "loadavg_end": os.getloadavg()}, indent=1) + "\n")
 
 

@@ -196,7 +196,15 @@ class RafsFilesystem(Filesystem):
     def lookup_packed(self, parent: int, name: bytes, base: int = 0) -> bytes:
         """`lookup`'s fuse_entry_out packed from the child's decoded attributes (as
         `readdirplus_packed` packs its records): no Entry/FuseAttr tuples."""
-        _i, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec = self._getattr(self._child(parent, name))
+        attr = None
+        if self.casefold is None:
+            try:  # (the common case in one image call; errors and misses take _child, which says why)
+                attr = self.image.lookup_attr(self._img(parent), name)
+            except FormatError:
+                attr = None
+        if attr is None:
+            attr = self._getattr(self._child(parent, name))
+        _i, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec = attr
         root = _i == self.root
         if _i == FUSE_ROOT_ID and not root:
             self._fuse(_i)  # raises: image inode 1 cannot be exported
@@ -461,13 +469,16 @@ class RafsFilesystem(Filesystem):
     # -- data ------------------------------------------------------------------------------------
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | memoryview:
         i, file_size = self._readable(ino, offset, size)
+        # the whole file at once (a small file's one READ): nothing follows for readahead
+        whole = offset == 0 and size >= file_size
         try:
-            data = self.device.read(i, offset, size, file_size)
+            data = (self.device.read_whole(i, file_size) if whole
+                    else self.device.read(i, offset, size, file_size))
         except (FormatError, OSError) as e:
             log.error("read inode %d [%d, +%d): %s", i, offset, size, e)
             self.failures.failed(i, offset, min(file_size, offset + size))
             raise FuseError(errno.EIO) from None
-        if self.readahead is not None and data:
+        if self.readahead is not None and data and not whole:
             self.readahead.after_read(i, offset, offset + len(data), file_size)
         return data
 

@@ -7,6 +7,7 @@ filesystem layer's job.
 """
 
 import mmap
+import stat
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -125,6 +126,14 @@ class RafsImage(ABC):
     @abstractmethod
     def lookup(self, parent: int, name: bytes) -> int | None:
         """Inode of `name` in directory `parent`, or None. Never matches '.' or '..'."""
+
+    def lookup_attr(self, parent: int, name: bytes) -> Attr | None:
+        """`getattr` of `lookup(parent, name)` (one LOOKUP's work); None when there is no such
+        child or `parent` is not a directory (the caller's slower path tells which)."""
+        if not stat.S_ISDIR(self.mode(parent)):
+            return None
+        ino = self.lookup(parent, name)
+        return None if ino is None else self.getattr(ino)
 
     @abstractmethod
     def readdir(self, ino: int, offset: int = 0) -> Iterator[DirEntry]:

@@ -717,6 +717,20 @@ class V6Image(RafsImage):
         self._check_child(parent, name, hit[0], hit[1])
         return hit[0]
 
+    def lookup_attr(self, parent: int, name: bytes) -> Attr | None:
+        """`lookup` + `getattr` in one frame, each inode fetched from the cache once (a cold
+        LOOKUP's work: about a fifth fewer Python calls)."""
+        d = self._inode(parent)
+        if (d.mode & _S_IFMT != _S_IFDIR or name == b"." or name == b".." or not name or len(name) > MAX_NAME
+                or b"/" in name or b"\0" in name):
+            return None
+        hit = self._find(d, name)
+        if hit is None:
+            return None
+        nid = hit[0]
+        self._check_child(parent, name, nid, hit[1])
+        return self._attr_of(nid, self._inode(nid))
+
     def readdir(self, ino: int, offset: int = 0) -> Iterator[DirEntry]:
         d = self._ifmt_inode(ino, stat.S_IFDIR, "directory")
         return (_TUPLE_NEW(DirEntry, (name, nid, ifmt)) for name, nid, ifmt, _i in

@@ -158,3 +158,41 @@ def test_a_small_file_keeps_its_chunks(tmp_path: Path) -> None:
         assert fs.device.cache.held == N_CHUNKS * CHUNK
     finally:
         fs.close()
+
+
+def test_whole_small_file_reads_leave_a_sequential_readers_tracking(tmp_path: Path, monkeypatch) -> None:
+    """A READ of a whole file has nothing after it to read ahead: it is not tracked, so a
+    stream of small files read whole (a `cat` of a tree) never flushes the table where a
+    concurrent sequential reader is followed (it holds _MAX_TRACKED files, then starts over)."""
+    import nydus_py.fs.readahead as readahead
+
+    monkeypatch.setattr(readahead, "_MAX_TRACKED", 4)
+    src = tmp_path / "src"
+    src.mkdir()
+    rng = random.Random(5)
+    big = rng.randbytes(8 * CHUNK)
+    (src / "big").write_bytes(big)
+    smalls = {f"s{k}": rng.randbytes(3000) for k in range(8)}
+    for name, data in smalls.items():
+        (src / name).write_bytes(data)
+    img = build(str(src), str(tmp_path / "img"), BuildOptions(chunk_size=CHUNK), views=False)
+    image = open_bootstrap(img.boot)
+    source = CountingDir(img.blob_dir)
+    fs = RafsFilesystem(image, BlobDevice(image, source, validate=True), readahead_chunks=2)
+    try:
+        ino = image.lookup(image.root_ino, b"big")
+        assert ino is not None
+        offsets = [c.compressed_offset for c in image.chunks(ino)]
+        step = 16 << 10
+        for off in range(0, CHUNK, step):  # the big file's first chunk, sequentially
+            assert bytes(fs.read(ino, 0, off, step)) == big[off : off + step]
+        for name, data in smalls.items():  # more small files read whole than the table holds
+            sino = image.lookup(image.root_ino, name.encode())
+            assert sino is not None
+            assert bytes(fs.read(sino, 0, 0, 128 << 10)) == data
+        source.reads.clear()
+        assert bytes(fs.read(ino, 0, CHUNK, step)) == big[CHUNK : CHUNK + step]  # into chunk 1
+        _settle(fs)
+        assert set(source.reads) == set(offsets[1:4])  # still followed: chunks 2 and 3 came ahead
+    finally:
+        fs.close()

@@ -112,3 +112,51 @@ def test_concurrent_whole_readers_share_one_load_not_kept(tmp_path: Path) -> Non
     second.join(10)
     assert got == [files["small"]] * 2
     assert source.reads == 1 and dev.chunk_loads == 1 and dev.cache.held == 0 and dev.cache.passed == 1
+
+
+def test_read_whole_of_a_one_chunk_file_decodes_it_once_not_kept(tmp_path: Path) -> None:
+    """`read_whole` (a small file's one READ): the chunk decoded, handed over, counted, not kept."""
+    dev, image, files, source = _setup(tmp_path)
+    small = _ino(image, "small")
+    assert bytes(dev.read_whole(small, len(files["small"]))) == files["small"]
+    assert source.reads == 1 and dev.chunk_loads == 1 and dev.cache.passed == 1 and dev.cache.held == 0
+    assert dev.bytes_read == len(files["small"])
+
+
+def test_read_whole_hits_a_chunk_already_held(tmp_path: Path) -> None:
+    dev, image, files, source = _setup(tmp_path)
+    small = _ino(image, "small")
+    assert bytes(dev.read(small, 0, 4096)) == files["small"][:4096]  # a part: the chunk is kept
+    assert bytes(dev.read_whole(small, len(files["small"]))) == files["small"]
+    assert source.reads == 1 and dev.chunk_loads == 1
+
+
+def test_read_whole_of_a_file_of_several_chunks_reads_them_all(tmp_path: Path) -> None:
+    dev, image, files, source = _setup(tmp_path)
+    big = _ino(image, "big")
+    assert bytes(dev.read_whole(big, len(files["big"]))) == files["big"]
+    assert source.reads == 3 and dev.chunk_loads == 3
+
+
+def test_concurrent_read_whole_readers_share_one_load(tmp_path: Path) -> None:
+    dev, image, files, source = _setup(tmp_path)
+    small = _ino(image, "small")
+    source.gate = True
+    got: list[bytes] = []
+
+    def reader() -> None:
+        got.append(bytes(dev.read_whole(small, len(files["small"]))))
+
+    first = threading.Thread(target=reader, daemon=True)
+    first.start()
+    assert source.entered.wait(10)
+    second = threading.Thread(target=reader, daemon=True)
+    second.start()
+    store = dev.cache.store
+    wait_until(lambda: any(p.event is not None for p in list(store._loading.values())),
+               what="the second reader waiting on the first one's load")
+    source.go.set()
+    first.join(10)
+    second.join(10)
+    assert got == [files["small"]] * 2
+    assert source.reads == 1 and dev.chunk_loads == 1 and dev.cache.held == 0
