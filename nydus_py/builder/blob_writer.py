@@ -111,6 +111,7 @@ class BlobWriter:
         workers: int | None = None,
         durable: bool = True,
         settle: Callable[[bytes], None] | None = None,
+        archive_order: bool = False,
     ) -> None:
         if opts.compressor not in TOC_FLAGS:
             raise ValueError(f"compressor {opts.compressor.nydus_name} cannot be used for RAFS v6 blobs")
@@ -121,6 +122,10 @@ class BlobWriter:
         # called (blob order) for a spilled chunk `existing` does not hold: a blob below that is
         # still being written and may store it is waited for (see `spill_pending`)
         self.settle = settle
+        # `spill_file` stores each new chunk in the blob at once, in the order files come (a
+        # tar's, as upstream's tarball builder dumps them): no spill, no second pass; the blob's
+        # bytes (and sha256) grow while the layer is chunked (`written`)
+        self.archive_order = archive_order
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         # fsync the finished blob (an output file); a blob that is uploaded and deleted at once
         # (convert) skips it: the fsync cost ~20-100 ms per blob on the path to its upload
@@ -165,6 +170,14 @@ class BlobWriter:
         self._spill_keys: list[int] = []
         self._spill_bytes = 0
         self._spill_closed = threading.Event()  # the blob-order write is done (or given up)
+        # archive order: signalled when chunks leave `_packing` (stored, or found below) and at
+        # the close, for a layer above waiting on one of them (`wait_chunk`)
+        self._settled = threading.Condition(self._lock)
+        self._chunk_waiters = 0
+        # archive order: each spilled file's chunk records (same keys/starts as the digests)
+        self._file_records = bytearray()
+        self._direct_items: deque[tuple[Future[list[_Prepared]], list[tuple[int, int]]]] = deque()
+        self._direct_places: list[tuple[int, int]] = []  # (record slot, file offset) per batch chunk
         self.spill_writes = 0  # pwritev calls into the spill (one per batch with a new chunk)
         self.spill_reads = 0  # preads of the spill (a window serves the small chunks near each other)
 
@@ -250,6 +263,22 @@ class BlobWriter:
             self.deduplicated += 1
             return known
         assert prep.packed is not None
+        if self.archive_order and self.settle is not None:
+            # a layer below, prepared beside this one, may have it by now, or be about to store
+            # it (pending there): referenced then, not stored twice (else the commit writes this
+            # blob again without it; the result is the same either way)
+            other = self.existing.get(prep.digest, file_offset)
+            if other is None:
+                self.settle(prep.digest)
+                other = self.existing.get(prep.digest, file_offset)
+            if other is not None:
+                with self._lock:
+                    self._packing.pop(prep.digest, None)
+                    if self._chunk_waiters:
+                        self._settled.notify_all()
+                self.deduplicated += 1
+                self.late_deduplicated += 1
+                return other
         stored, compressed = prep.packed.result()
         flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
         return self._store(prep.digest, stored, flags, prep.size, prep.crc, file_offset)
@@ -403,6 +432,10 @@ class BlobWriter:
             raise RuntimeError("BlobWriter already finished")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nydus-blob")
+        if self.archive_order:
+            self._open()  # (the blob file is what a spill was)
+            self._direct_file(source, key, size)
+            return
         if self._spill_fd is None:
             os.makedirs(self.blob_dir, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".spill-", suffix=".tmp")
@@ -445,12 +478,99 @@ class BlobWriter:
     def spill_finish(self) -> None:
         """Wait for the chunks of every `spill_file` so far."""
         try:
+            if self.archive_order:
+                self._direct_submit()
+                self._direct_drain(0)
+                return
             self._spill_submit()
             self._spill_drain(0)
         except BaseException:
             for fut, _ in self._spill_items:
                 fut.cancel()
+            for dfut, _ in self._direct_items:
+                dfut.cancel()
             raise
+
+    # -- archive order: the blob written as the files come ----------------------------------------
+
+    def _direct_file(self, source: "ChunkSource", key: int, size: int) -> None:
+        """`spill_file` in archive order: the chunks go through the workers (`_prepare_batch`)
+        and are stored (or referenced) in submission order by `_direct_drain`, as
+        `add_files_stream` does: the same decisions at any thread timing."""
+        cs = self.opts.chunk_size
+        keys = self._spill_file_keys
+        if keys and key <= keys[-1]:
+            raise ValueError(f"spill_file: file key {key} after {keys[-1]} (keys must increase)")
+        slot = len(self._file_records)
+        keys.append(key)
+        self._spill_file_starts.append(slot)
+        self._file_records += bytes(CHUNK_RECORD_SIZE * chunk_count(size, cs))
+        off = 0
+        while off < size:
+            want = min(cs, size - off)
+            self._spill_batch.append(source.pread(key + off, want))
+            self._direct_places.append((slot, off))
+            slot += CHUNK_RECORD_SIZE
+            self._spill_bytes += want
+            if self._spill_bytes >= _BATCH_BYTES or len(self._spill_batch) >= _BATCH_CHUNKS:
+                self._direct_submit()
+                self._direct_drain(self.workers + 2)
+            off += want
+
+    def _direct_submit(self) -> None:
+        if self._spill_batch:
+            assert self._pool is not None
+            self._direct_items.append((self._pool.submit(self._prepare_batch, self._spill_batch),
+                                       self._direct_places))
+            self._spill_batch, self._direct_places, self._spill_bytes = [], [], 0
+
+    def _direct_drain(self, limit: int) -> None:
+        items, records = self._direct_items, self._file_records
+        while len(items) > limit:
+            fut, places = items.popleft()
+            for prep, (slot, foff) in zip(fut.result(), places, strict=True):
+                records[slot:slot + CHUNK_RECORD_SIZE] = self._commit(prep, foff)
+            if self._chunk_waiters:
+                with self._settled:
+                    self._settled.notify_all()
+
+    def _prepare_batch(self, bufs: list[bytes]) -> list[_Prepared]:
+        """Worker: `_prepare` of each chunk, the new ones compressed together
+        (`codec.compress_many`: one GIL hand-off for a batch of small chunks)."""
+        out: list[_Prepared] = []
+        own: list[tuple[Future[tuple[bytes, bool]], bytes]] = []
+        for data in bufs:
+            d = codec.digest(self.opts.digester, data)
+            crc = codec.crc32c(data)
+            fut: Future[tuple[bytes, bool]] | None = None
+            with self._lock:
+                if d not in self.chunks:
+                    fut = self._packing.get(d)
+                    if fut is None and d not in self.existing:
+                        fut = Future()
+                        self._packing[d] = fut
+                        own.append((fut, data))
+            out.append(_Prepared(d, crc, len(data), fut))
+        if own:
+            try:
+                if self.opts.compressor == Compressor.NONE:
+                    packed: list[tuple[bytes, bool]] = [(data, False) for _f, data in own]
+                else:
+                    outs = codec.compress_many(self.opts.compressor, [data for _f, data in own])
+                    packed = [(c, True) if len(c) < len(data) else (data, False)
+                              for c, (_f, data) in zip(outs, own, strict=True)]
+            except BaseException as e:
+                for f, _data in own:
+                    f.set_exception(e)
+                raise
+            for (f, _data), got in zip(own, packed, strict=True):
+                f.set_result(got)
+        return out
+
+    def written(self) -> int:
+        """Bytes of the blob handed to its writer so far (archive order: they reach the file
+        in order, behind the chunking)."""
+        return self._pos
 
     def _spill_all(self, bufs: list[bytes]) -> list[bytes]:
         """Worker: each chunk's digest; the new ones are compressed together
@@ -501,6 +621,9 @@ class BlobWriter:
         `spill_file`, in blob order; `done(i, chunks)` as in `add_files_stream`."""
         if self._closed:
             raise RuntimeError("BlobWriter already finished")
+        if self.archive_order:
+            self._spilled_records(files, done)
+            return
         cs = self.opts.chunk_size
         spilled = self._spilled
         assert self._spill_fd is not None or not self._spill_file_keys
@@ -546,6 +669,23 @@ class BlobWriter:
         self.spill_reads += spill.reads
         self._close_spill()
 
+    def _spilled_records(self, files: Iterable[tuple[int, int]], done: Callable[[int, bytes], None]) -> None:
+        """Archive order: the chunk records `spill_file` kept for each of `files`."""
+        cs = self.opts.chunk_size
+        keys, starts, records = self._spill_file_keys, self._spill_file_starts, self._file_records
+        for i, (key, size) in enumerate(files):
+            j = bisect.bisect_left(keys, key)
+            if j == len(keys) or keys[j] != key:
+                raise AssertionError(f"file at {key} was not spilled")
+            start = starts[j]
+            end = starts[j + 1] if j + 1 < len(starts) else len(records)
+            if end - start != CHUNK_RECORD_SIZE * chunk_count(size, cs):
+                raise AssertionError(f"file at {key} was not spilled whole")
+            self.uncompressed_bytes += size
+            done(i, bytes(records[start:end]))
+        self._file_records = bytearray()
+        self._close_spill()
+
     def _close_spill(self) -> None:
         if self._spill_fd is not None:
             os.close(self._spill_fd)
@@ -556,12 +696,31 @@ class BlobWriter:
         self._spill_file_starts = array("q")
         self._spill_digests = bytearray()
         self._spill_closed.set()
+        with self._settled:
+            self._settled.notify_all()
 
     def spill_pending(self, digest: bytes) -> bool:
         """Whether `digest` is spilled here and the blob-order write has not ended: this blob
-        may still store it (unless its file turns out to be replaced)."""
+        may still store it (unless its file turns out to be replaced). In archive order: it is
+        being compressed or waits for its turn to be stored."""
         with self._lock:
-            return not self._spill_closed.is_set() and digest in self._spilled
+            if self._spill_closed.is_set():
+                return False
+            return digest in (self._packing if self.archive_order else self._spilled)
+
+    def wait_chunk(self, digest: bytes) -> None:
+        """Until `digest` is no longer pending here (`spill_pending`): stored, found below, or
+        the layer ended. In archive order that is the next drain of this layer's chunks; with a
+        spill, the end of the blob-order write."""
+        if not self.archive_order:
+            self.wait_spill_closed()
+            return
+        with self._settled:
+            self._chunk_waiters += 1
+            try:
+                self._settled.wait_for(lambda: self._spill_closed.is_set() or digest not in self._packing)
+            finally:
+                self._chunk_waiters -= 1
 
     def wait_spill_closed(self) -> None:
         """Until the blob-order write has ended (`add_spilled_stream` or `abort`)."""

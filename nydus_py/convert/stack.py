@@ -106,7 +106,7 @@ class _Below:
         the ones above.)"""
         for w in self.held:
             if w.spill_pending(digest):
-                w.wait_spill_closed()
+                w.wait_chunk(digest)
 
 
 class LayerStack:
@@ -169,8 +169,10 @@ class LayerStack:
             if position < len(self.layers) or position in self._held:
                 raise ValueError(f"layer {position} is committed or being prepared already")
             below = _Below(self.dedup, [w for p, w in sorted(self._held.items()) if p < position])
+            # archive order unless prefetch files go first (their order needs the whole tree)
             writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=below, workers=self.workers,
-                                durable=self.durable, settle=below.settle)
+                                durable=self.durable, settle=below.settle,
+                                archive_order=not self.opts.prefetch_paths)
             self._held[position] = writer
         try:
             stats = SourceStats()

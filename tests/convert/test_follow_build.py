@@ -320,13 +320,13 @@ def test_a_chunk_a_layer_below_is_still_writing_is_referenced_not_stored_twice(t
     seq = LayerStack(opts, str(tmp_path / "seq"))
     want = [seq.add_layer(io.BytesIO(t)) for t in (lower, upper)]
     waited = threading.Event()
-    real_wait = BlobWriter.wait_spill_closed
+    real_wait = BlobWriter.wait_chunk
 
-    def spy_wait(self):  # type: ignore[no-untyped-def]
+    def spy_wait(self, digest):  # type: ignore[no-untyped-def]
         waited.set()
-        real_wait(self)
+        real_wait(self, digest)
 
-    monkeypatch.setattr(BlobWriter, "wait_spill_closed", spy_wait)
+    monkeypatch.setattr(BlobWriter, "wait_chunk", spy_wait)
     rewritten: list[int] = []
     real_stored = BlobWriter.stored_chunks
     monkeypatch.setattr(BlobWriter, "stored_chunks", lambda w: rewritten.append(1) or real_stored(w))
