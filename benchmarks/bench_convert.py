@@ -21,6 +21,8 @@ With `--baseline DIR` (a checkout of other code, e.g. `git worktree add /tmp/bas
 run also converts with DIR's nydus_py, right after this tree's: old and new alternate in the same
 time window (the machine's load moves both alike), and the results carry both; the manifest
 digests of both must be equal in each run (the output is byte for byte the same), else it fails.
+With `--format-changed` (the two trees write different bytes on purpose), each tree's digests
+must instead be equal across its own runs (the output stays deterministic).
 (The conversions run `python3 -P`: without it `-m` puts the working directory first on sys.path,
 and a run from a checkout converted with that checkout's code for both trees.)
 `--save-as NAME` writes benchmarks/results/NAME.json instead (no plot).
@@ -288,10 +290,10 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
                     m[f"{name}_wall_s"] = got["wall_s"]
                     m[f"{name}_peak_rss_mib"] = got["peak_rss_mib"]
                     m[f"{name}_layers_built"] = res["layers_built"]
-                    digests.setdefault((r, name), set()).add(res["manifest_digest"])
-                    if len(digests[(r, name)]) > 1:
-                        raise SystemExit(f"run {r + 1} {name}: manifest digests differ between the trees: "
-                                         f"{sorted(digests[(r, name)])}")
+                    key = (-1, name + suffix) if args.format_changed else (r, name)
+                    digests.setdefault(key, set()).add(res["manifest_digest"])
+                    if len(digests.get(key, ())) > 1:
+                        raise SystemExit(f"run {r + 1} {name}: manifest digests differ: {sorted(digests[key])}")
                     m[f"{name}_layers_cached"] = res["layers_cached"]
                 finally:
                     if name != "first":
@@ -332,6 +334,8 @@ def main() -> int:
     ap.add_argument("--build-cache", action="store_true", help="the --build-cache rebuild case (one changed layer)")
     ap.add_argument("--baseline", metavar="DIR", help="a source tree whose nydus_py also converts in each run (A/B)")
     ap.add_argument("--save-as", metavar="NAME", help="results in benchmarks/results/NAME.json (no plot)")
+    ap.add_argument("--format-changed", action="store_true",
+                    help="with --baseline: the trees' outputs differ on purpose (each must be deterministic)")
     args = ap.parse_args()
     registry = shutil.which("docker-registry")
     skopeo = shutil.which("skopeo")
@@ -358,6 +362,7 @@ def main() -> int:
         trees = {f"nydusify-py convert{suffix}": tree for suffix, tree in code_trees(args)}
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in [*trees, "skopeo copy"]}
         digests: set[str] = set()  # the manifest digests of every conversion: one
+        per_tree: dict[str, set[str]] = {}  # with --format-changed: one per tree
         for r in range(args.runs):
             for name in runs:
                 dst = rig.Registry(registry, work, f"dst-{name.split()[0]}-{r}{'-b' if 'baseline' in name else ''}").start()
@@ -375,7 +380,12 @@ def main() -> int:
                                "--output-json", str(work / "result.json")]
                     m = timed(cmd, env)
                     m["load"] = os.getloadavg()[0]
-                    if name != "skopeo copy":
+                    if name != "skopeo copy" and args.format_changed:
+                        per_tree.setdefault(name, set()).add(json.loads((work / "result.json").read_text())["manifest_digest"])
+                        if len(per_tree[name]) > 1:
+                            raise SystemExit(f"run {r + 1}: {name}'s manifest digests differ: {sorted(per_tree[name])}")
+                        digests |= per_tree[name]
+                    elif name != "skopeo copy":
                         digests.add(json.loads((work / "result.json").read_text())["manifest_digest"])
                         if len(digests) > 1:
                             raise SystemExit(f"run {r + 1}: manifest digests differ between the trees: {sorted(digests)}")
