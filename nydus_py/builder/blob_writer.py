@@ -76,6 +76,23 @@ def blob_features(blob_toc: bool) -> BlobFeatures:
     return f
 
 
+class BlobWatch(Protocol):
+    """Hears how far the blob file has been written, so a reader can follow it while it grows
+    (convert uploads a layer's blob as it is written). The file only ever grows: bytes once
+    announced never change."""
+
+    def opened(self, path: str) -> None:
+        """The (still unnamed) blob file exists at `path`, empty; called in the building thread
+        (a reader opens it now: the file is renamed when finished, unlinked when dropped)."""
+
+    def grew(self, size: int) -> None:
+        """The file's first `size` bytes are written (the writer thread)."""
+
+    def closed(self, blob_id: str | None) -> None:
+        """The blob is complete as `blob_id` (every byte announced), or None: dropped (aborted,
+        no chunk stored, or to be written again elsewhere), its bytes no blob of the image."""
+
+
 class ChunkSource(Protocol):
     """Where `BlobWriter.spill_file` reads a file's bytes (a layer tar's backing file)."""
 
@@ -112,6 +129,7 @@ class BlobWriter:
         durable: bool = True,
         settle: Callable[[bytes], None] | None = None,
         archive_order: bool = False,
+        watch: BlobWatch | None = None,
     ) -> None:
         if opts.compressor not in TOC_FLAGS:
             raise ValueError(f"compressor {opts.compressor.nydus_name} cannot be used for RAFS v6 blobs")
@@ -130,6 +148,10 @@ class BlobWriter:
         # fsync the finished blob (an output file); a blob that is uploaded and deleted at once
         # (convert) skips it: the fsync cost ~20-100 ms per blob on the path to its upload
         self.durable = durable
+        self.watch = watch  # told of the blob file's growth (a reader follows it)
+        self._watched = watch is not None  # `watch` has yet to hear of the blob's end (once)
+        self._announce = False  # `watch` was told of the file: it hears of its growth
+        self._written = 0  # bytes in the file (writer thread)
         # RAFS v5: plain chunk data, unaligned, no trailers (see the module docstring)
         self.plain = opts.fs_version == 5
         self.features = BlobFeatures.CAP_TAR_TOC if self.plain else blob_features(opts.blob_toc)
@@ -216,6 +238,9 @@ class BlobWriter:
         if self._fd is None:
             os.makedirs(self.blob_dir, exist_ok=True)
             self._fd, self._tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".blob-", suffix=".tmp")
+            if self.watch is not None:
+                self.watch.opened(self._tmp)
+                self._announce = True
 
     def _write(self, data: "bytes | bytearray") -> None:
         """Queue `data` for the writer thread (file write + blob sha256 overlap chunk work).
@@ -242,6 +267,10 @@ class BlobWriter:
         _writev_all(self._fd, parts)
         for p in parts:
             self._hash.update(p)
+            self._written += len(p)
+        if self._announce:
+            assert self.watch is not None
+            self.watch.grew(self._written)
 
     def _flush(self) -> None:
         if self._wbuf:
@@ -557,7 +586,8 @@ class BlobWriter:
                     packed: list[tuple[bytes, bool]] = [(data, False) for _f, data in own]
                 else:
                     outs = codec.compress_many(self.opts.compressor, [data for _f, data in own])
-                    packed = [(c, True) if len(c) < len(data) else (data, False)
+                    # (small chunks only come more than one a batch: copied out of its buffer)
+                    packed = [(bytes(c), True) if len(c) < len(data) else (data, False)
                               for c, (_f, data) in zip(outs, own, strict=True)]
             except BaseException as e:
                 for f, _data in own:
@@ -901,6 +931,10 @@ class BlobWriter:
         validate_blob_id(blob_id)
         assert self._fd is not None and self._tmp is not None
         self._stop_writer()
+        if self._watched:  # every byte is in the file, and announced
+            assert self.watch is not None
+            self._watched = False
+            self.watch.closed(blob_id)
         if self.durable:
             os.fsync(self._fd)
         os.close(self._fd)
@@ -927,6 +961,10 @@ class BlobWriter:
     def _discard(self) -> None:
         self._stop_writer()
         self._close_spill()
+        if self._watched:
+            assert self.watch is not None
+            self._watched = False
+            self.watch.closed(None)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
