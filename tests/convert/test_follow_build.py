@@ -34,7 +34,7 @@ def sample_tar(seed: int) -> bytes:
     entries = [Entry("z", "dir"), Entry("z/first", data=rng.randbytes(3 * CS + 17)), Entry("a", "dir"),
                Entry("a/small", data=b"s" * 100), Entry("a/shared", data=shared), Entry("b", data=shared),
                Entry("a/link", "link", target="a/small"), Entry("empty", data=b""),
-               Entry("z/first", data=rng.randbytes(CS))]  # the later member wins: the first is not stored
+               Entry("z/first", data=rng.randbytes(CS))]  # the later member wins (the first one's chunks are stored too, as upstream does)
     entries += [Entry(f"m{k}", data=rng.randbytes(rng.randrange(1, 3 * CS))) for k in range(12)]
     return make_tar(entries)
 
