@@ -295,6 +295,7 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
                     if len(digests.get(key, ())) > 1:
                         raise SystemExit(f"run {r + 1} {name}: manifest digests differ: {sorted(digests[key])}")
                     m[f"{name}_layers_cached"] = res["layers_cached"]
+                    m[f"{name}_blobs_streamed"] = res.get("stream_push", {}).get("streamed", 0)
                 finally:
                     if name != "first":
                         dst.stop()
@@ -306,7 +307,8 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
             (baseline_runs if suffix else runs).append(m)
             print(f"run {r + 1}{suffix}: plain {m['plain_wall_s']:.2f}s, first with the cache {m['first_wall_s']:.2f}s "
                   f"({m['first_layers_built']:.0f} layers converted), rebuild {m['rebuild_wall_s']:.2f}s "
-                  f"({m['rebuild_layers_built']:.0f} converted, {m['rebuild_layers_cached']:.0f} from the cache): "
+                  f"({m['rebuild_layers_built']:.0f} converted, {m['rebuild_layers_cached']:.0f} from the cache, "
+                  f"{m['rebuild_blobs_streamed']:.0f} blob pushed while written): "
                   f"{m['ratio']:.2f}x the first, {m['ratio_to_plain']:.2f}x the plain conversion; CPU "
                   f"{m['rebuild_cpu_s']:.2f}s vs {m['first_cpu_s']:.2f}s: {m['cpu_ratio']:.2f}x (load {m['load']:.1f})")
         best = min(runs, key=lambda m: m["ratio"])

@@ -651,10 +651,6 @@ class Converter:
         streams: dict[int, tuple[BlobStream, asyncio.Task[bool | None]]] = {}
         stream_tasks: list[asyncio.Task[bool | None]] = []
         taken: set[asyncio.Task[bool | None]] = set()  # the streams a push took over
-        # set once the layers below the first one built here that the build cache serves are in
-        # the stack: a layer above cached ones builds after that (its download starts at once),
-        # so it finds their chunks while chunking and its blob is final as written (streamed)
-        cached_below = asyncio.Event()
 
         def new_stream(i: int, d: oci.Descriptor) -> BlobStream | None:
             if not self._stream_pushes(dst):
@@ -685,8 +681,6 @@ class Converter:
             async with slots:
                 started[i].set()
                 task = download(i, d)  # (piped: starts now)
-                if any(j in candidates for j in range(i)):
-                    await cached_below.wait()
                 growth = growths[_download_key(i, d, self.copy_original)]
                 piped = isinstance(growth, TarPipe)
                 while True:
@@ -753,7 +747,6 @@ class Converter:
                             remote[hit.blob.hex] = hit.blob
                         results.append(res)
                         continue
-                cached_below.set()
                 got, prepared = await preps[i]
                 res = await loop.run_in_executor(builder, self._commit_layer, stack, i, d, got, prepared, bars[i])
                 results.append(res)

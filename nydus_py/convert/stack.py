@@ -165,10 +165,13 @@ class LayerStack:
         `sources.Restarted` (nothing of the layer is kept).
 
         `watch` follows the layer's blob file as it is written (`BlobWatch`), only when the blob
-        is written in archive order and every layer below is committed (or cached) already: its
-        chunks are all known, so the commit cannot write the blob again without some (its bytes
-        are final as they come). Otherwise it hears `closed(None)` at once, and the blob is
-        pushed once committed (`PreparedLayer.streamed` says which)."""
+        is written in archive order and no layer below is being prepared: the layers below are
+        committed, or come from a build cache (`add_cached_layer`, maybe still joining: their
+        chunks are found from then on), so the blob's bytes are final as they come unless a
+        cached layer joins after this one stored some of its chunks (the commit then writes the
+        blob again and `watch` hears `closed(None)`: deterministic output, a wasted upload).
+        Otherwise it hears `closed(None)` at once, and the blob is pushed once committed
+        (`PreparedLayer.streamed` says which)."""
         if self._finished:
             raise RuntimeError("LayerStack already finished")
         if position is None:
@@ -179,7 +182,7 @@ class LayerStack:
             below = _Below(self.dedup, [w for p, w in sorted(self._held.items()) if p < position])
             # archive order unless prefetch files go first (their order needs the whole tree)
             archive = not self.opts.prefetch_paths
-            streamed = watch is not None and archive and position == len(self.layers) and not below.held
+            streamed = watch is not None and archive and not below.held
             writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=below, workers=self.workers,
                                 durable=self.durable, settle=below.settle, archive_order=archive,
                                 watch=watch if streamed else None)

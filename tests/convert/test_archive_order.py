@@ -1,7 +1,8 @@
 """A converted layer's blob is written in archive order while the layer is chunked (as upstream's
 tarball builder dumps each entry's data as it parses the tar): its bytes reach the blob file
 before the tar has all arrived, so its upload can follow it, which the stack allows only when
-every layer below is committed (their chunks all known: the blob cannot be written again)."""
+no layer below is being prepared (a layer below that joins later with shared chunks makes the
+commit write the blob again: the watch then hears the blob dropped)."""
 
 import io
 import os
@@ -87,7 +88,7 @@ def test_chunks_are_stored_in_archive_order_not_tree_order(tmp_path):
     assert sorted(first, key=first.__getitem__) == names
 
 
-def test_a_layer_is_streamed_only_when_every_layer_below_is_committed(tmp_path):
+def test_a_layer_is_streamed_only_when_no_layer_below_is_being_prepared(tmp_path):
     """Layer 0: followed (opened, growth up to the finished blob, its name). Layer 1, prepared
     while layer 0 is held: not followed (`closed(None)` at once, no file announced). Layer 2,
     prepared once 0 and 1 are committed: followed."""
@@ -109,3 +110,25 @@ def test_a_layer_is_streamed_only_when_every_layer_below_is_committed(tmp_path):
         assert w.events[0][0] == "opened" and w.events[-1] == ("closed", r.blob.blob_id)
         assert w.grown() == os.path.getsize(r.blob_path)
     assert watches[1].events == [("closed", None)] and r1.blob is not None
+
+
+def test_a_streamed_blob_that_a_lower_layer_joining_later_shares_is_dropped_and_written_again(tmp_path):
+    """Layer 1 is prepared (and followed) before layer 0 has started (as above build-cache hits
+    still joining); layer 0 then stores chunks layer 1 stored too: layer 1's commit writes its
+    blob again without them, its watch hears `closed(None)` after the file, and both blobs are
+    those of building the layers one after the other."""
+    rng = random.Random(13)
+    common = rng.randbytes(2 * CS)
+    tars = [make_tar([Entry("a", data=common + rng.randbytes(CS))]),
+            make_tar([Entry("b", data=rng.randbytes(CS + 3)), Entry("c", data=common)])]
+    seq = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "seq"))
+    want = [seq.add_layer(io.BytesIO(t)) for t in tars]
+    stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
+    watch = Recorder()
+    p1 = stack.prepare_layer(io.BytesIO(tars[1]), position=1, watch=watch)  # type: ignore[arg-type]
+    assert p1.streamed and watch.events[0][0] == "opened"
+    p0 = stack.prepare_layer(io.BytesIO(tars[0]), position=0)
+    got = [stack.commit_layer(p0), stack.commit_layer(p1)]
+    assert stack.rewrites == 1 and watch.events[-1] == ("closed", None)
+    for g, w in zip(got, want, strict=True):
+        assert g.blob is not None and w.blob is not None and g.blob.blob_id == w.blob.blob_id
