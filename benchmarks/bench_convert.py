@@ -57,6 +57,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import grouped_bar_plot, save  # noqa: E402
 from tests.storage import registry_rig as rig  # noqa: E402
+from tests.storage.fault_proxy import FaultProxy  # noqa: E402
 
 TEXT = b"".join(b"%08d the quick brown fox jumps over the lazy dog; config=value\n" % i for i in range(20000))
 MTIME = 1_700_000_000
@@ -237,6 +238,23 @@ def code_trees(args: argparse.Namespace) -> list[tuple[str, Path]]:
     return [("", REPO)] + ([(" (baseline)", Path(args.baseline).resolve())] if args.baseline else [])
 
 
+class Target:
+    """A target registry, behind a proxy that reads request bodies at --upload-mbit when set (an
+    upload link slower than loopback, as to a remote registry; Location headers point through it)."""
+
+    def __init__(self, dst: rig.Registry, upload_mbit: float) -> None:
+        self.dst = dst
+        self.proxy = FaultProxy(dst.url, match=lambda _m, _p: False, forwarded_host=True,
+                                upload_bandwidth=upload_mbit * 1e6 / 8) if upload_mbit else None
+        self.host = self.proxy.host if self.proxy is not None else dst.host
+
+    def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+        self.dst.stop()
+        shutil.rmtree(self.dst.dir, ignore_errors=True)
+
+
 def timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
     """`run_polled` plus the CPU seconds the process used (user + system, once reaped)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -275,7 +293,8 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
             m: dict[str, float] = {}
             for tag, name in (("v1", "plain"), ("v1", "first"), ("v2", "rebuild")):
                 if name != "rebuild":  # the plain and the first conversion each into an empty registry
-                    dst = rig.Registry(registry, work, f"dst-{name}-{r}{'-b' if suffix else ''}").start()
+                    dst = Target(rig.Registry(registry, work, f"dst-{name}-{r}{'-b' if suffix else ''}").start(),
+                                 args.upload_mbit)
                 out = work / f"result-{r}-{name}.json"
                 cmd = [sys.executable, "-P", "-m", "nydus_py.cli.nydusify", "convert", "-q", "--source",
                        f"{src.host}/bench/app:{tag}", "--target", f"{dst.host}/bench/app:{tag}-nydus",
@@ -299,7 +318,6 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
                 finally:
                     if name != "first":
                         dst.stop()
-                        shutil.rmtree(dst.dir, ignore_errors=True)
             m["ratio"] = m["rebuild_wall_s"] / m["first_wall_s"]
             m["ratio_to_plain"] = m["rebuild_wall_s"] / m["plain_wall_s"]
             m["cpu_ratio"] = m["rebuild_cpu_s"] / m["first_cpu_s"]  # steadier than wall time on a busy machine
@@ -336,6 +354,8 @@ def main() -> int:
     ap.add_argument("--build-cache", action="store_true", help="the --build-cache rebuild case (one changed layer)")
     ap.add_argument("--baseline", metavar="DIR", help="a source tree whose nydus_py also converts in each run (A/B)")
     ap.add_argument("--save-as", metavar="NAME", help="results in benchmarks/results/NAME.json (no plot)")
+    ap.add_argument("--upload-mbit", type=float, default=0.0,
+                    help="the target registry behind a proxy reading uploads at this rate (0: loopback)")
     ap.add_argument("--format-changed", action="store_true",
                     help="with --baseline: the trees' outputs differ on purpose (each must be deterministic)")
     args = ap.parse_args()
@@ -367,7 +387,9 @@ def main() -> int:
         per_tree: dict[str, set[str]] = {}  # with --format-changed: one per tree
         for r in range(args.runs):
             for name in runs:
-                dst = rig.Registry(registry, work, f"dst-{name.split()[0]}-{r}{'-b' if 'baseline' in name else ''}").start()
+                dst = Target(rig.Registry(registry, work,
+                                          f"dst-{name.split()[0]}-{r}{'-b' if 'baseline' in name else ''}").start(),
+                             args.upload_mbit)
                 env = {**os.environ, "PYTHONPATH": str(trees.get(name, REPO)),
                        "DOCKER_CONFIG": str(work / "no-docker-config")}
                 try:
@@ -393,7 +415,6 @@ def main() -> int:
                             raise SystemExit(f"run {r + 1}: manifest digests differ between the trees: {sorted(digests)}")
                 finally:
                     dst.stop()
-                    shutil.rmtree(dst.dir, ignore_errors=True)
                 m["mib_per_s_compressed"] = compressed / 2**20 / m["wall_s"]
                 m["mib_per_s_files"] = file_bytes / 2**20 / m["wall_s"]
                 runs[name].append(m)

@@ -36,7 +36,7 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,13 +74,17 @@ class Request:
 class FaultProxy:
     def __init__(self, upstream: str | None = None, *, stall_seconds: float = 30.0, challenge: str = "",
                  match: Callable[[str, str], bool] = is_blob_get, latency: float = 0.0,
-                 bandwidth: float = 0.0, forwarded_host: bool = False) -> None:
+                 bandwidth: float = 0.0, forwarded_host: bool = False, upload_bandwidth: float = 0.0) -> None:
         self.upstream = upstream.rstrip("/") if upstream else None
         self.stall_seconds = stall_seconds
         self.challenge = challenge
         self.match = match
         self.latency = latency  # seconds added to every request
         self.bandwidth = bandwidth  # bytes/s shared by all responses (0 = unlimited)
+        # bytes/s shared by all request bodies, read at that pace (an upload link: the client's
+        # sends wait on the socket; 0 = unlimited)
+        self.upload_bandwidth = upload_bandwidth
+        self._up_free = 0.0
         # tell the registry the client's Host (X-Forwarded-Host): the upload URLs it answers
         # (Location) then point here, so a session's PATCH and PUT come through too
         self.forwarded_host = forwarded_host
@@ -196,9 +200,18 @@ class FaultProxy:
                 headers[k.strip().lower()] = v.strip()
                 raw_headers.append((k.strip(), v.strip()))
         if headers.get("transfer-encoding", "").lower() == "chunked":  # (a stream upload's PATCH)
-            body = await self._read_chunked(reader)
+            body = await self._read_chunked(reader, self._pace_up)
         else:
-            body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+            length = int(headers.get("content-length", "0") or 0)
+            if not self.upload_bandwidth:
+                body = await reader.readexactly(length)
+            else:
+                pieces = []
+                while length > 0:
+                    pieces.append(await reader.readexactly(min(length, 256 << 10)))
+                    length -= len(pieces[-1])
+                    await self._pace_up(len(pieces[-1]))
+                body = b"".join(pieces)
         if target.startswith(("http://", "https://")):
             url = target
             path = "/" + target.split("://", 1)[1].split("/", 1)[1] if "/" in target.split("://", 1)[1] else "/"
@@ -273,7 +286,8 @@ class FaultProxy:
         await self._respond(writer, status, out_headers, data)
 
     @staticmethod
-    async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    async def _read_chunked(reader: asyncio.StreamReader,
+                            pace: Callable[[int], Awaitable[None]] | None = None) -> bytes:
         """A request body in chunked transfer encoding (forwarded with its length then)."""
         parts = []
         while True:
@@ -284,6 +298,18 @@ class FaultProxy:
                 return b"".join(parts)
             parts.append(await reader.readexactly(size))
             await reader.readexactly(2)
+            if pace is not None:
+                await pace(size)
+
+    async def _pace_up(self, n: int) -> None:
+        """Wait for `n` request-body bytes to cross the shared upload link."""
+        if not self.upload_bandwidth:
+            return
+        now = time.monotonic()
+        start = max(now, self._up_free)
+        self._up_free = start + n / self.upload_bandwidth
+        if self._up_free > now:
+            await asyncio.sleep(self._up_free - now)
 
     def _mangle(self, fault: str, data: bytes, headers: list[tuple[str, str]]) -> tuple[bytes, int, list[tuple[str, str]]]:
         h = dict(headers)
