@@ -255,15 +255,11 @@ class BlobWriter:
             self._wbuf, self._wsize = [], 0
 
     def _send(self, parts: list[bytes]) -> None:
-        if self.archive_order:
-            # written here, between chunk batches (writev and sha256 release the GIL): a writer
-            # thread beside the chunk workers only added hand-offs (2.5x the context switches)
-            self._write_now(parts)
-            return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="nydus-blob-write")
         self._writes.append(self._writer.submit(self._write_now, parts))
-        while len(self._writes) > 4:  # bounded memory: a few MiB queued
+        # bounded memory: a few MiB queued (in archive order this overlaps the chunk window)
+        while len(self._writes) > (2 if self.archive_order else 4):
             self._writes.popleft().result()
 
     def _write_now(self, parts: list[bytes]) -> None:
