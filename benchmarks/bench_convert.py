@@ -21,6 +21,8 @@ With `--baseline DIR` (a checkout of other code, e.g. `git worktree add /tmp/bas
 run also converts with DIR's nydus_py, right after this tree's: old and new alternate in the same
 time window (the machine's load moves both alike), and the results carry both; the manifest
 digests of both must be equal in each run (the output is byte for byte the same), else it fails.
+With `--upload-mbit N`, the target registry sits behind a proxy that reads request bodies at N
+Mbit/s (an upload link as to a remote registry; skopeo's pushes go through it too).
 With `--format-changed` (the two trees write different bytes on purpose), each tree's digests
 must instead be equal across its own runs (the output stays deterministic).
 (The conversions run `python3 -P`: without it `-m` puts the working directory first on sys.path,

@@ -15,7 +15,10 @@ uncompressed offsets packed back to back (no 4K alignment), features CAP_TAR_TOC
 
 Chunks are digested, CRC'd and compressed in a thread pool (zstd, lz4, blake3, hashlib and crc32c
 release the GIL), but decisions (dedup, offsets, chunk indexes) are taken in submission order, so
-the blob is byte-for-byte deterministic whatever the scheduling.
+the blob is byte-for-byte deterministic whatever the scheduling. A converted layer
+(`spill_file` with `archive_order`) stores its chunks in the tar's order as it is parsed, as
+upstream's tarball builder does (`Node::dump_node_data_with_reader` while it walks the tar): a
+file a later member of the same tar replaces keeps its chunks in the blob, as there.
 
 One deviation from nydus, on purpose: the ToC entry `image.blob` records offset 0 and the sha256
 of the chunk data region, where nydus writes the data size as offset and hashes data + tar header
@@ -451,7 +454,8 @@ class BlobWriter:
     # -- archive order first, blob order after (a layer chunked while it downloads) -------------
 
     def spill_file(self, source: "ChunkSource", key: int, size: int) -> None:
-        """Chunk a file now, in the order files come (a tar's): digest, CRC and - for a chunk
+        """Chunk a file now, in the order files come (a tar's). In archive order, its new chunks
+        are stored in the blob now (`_direct_file`); otherwise, as follows. Digest, CRC and - for a chunk
         neither this blob nor `existing` holds - compression, the stored bytes going to an
         anonymous spill file. `source.pread(key + off, n)` gives its bytes (`key`: the file's
         offset in the source, which names it for `add_spilled_stream`). Then

@@ -158,8 +158,10 @@ class LayerStack:
         within the layer and against what the layers below hold - committed, or being prepared -
         when a chunk is looked at; `commit_layer` does the rest.
 
-        Files are chunked in archive order as the tar is parsed (`BlobWriter.spill_file`), then
-        the blob is written in its own order from the spill: with `growth` (`tar` is a plain tar
+        Files are chunked in archive order as the tar is parsed (`BlobWriter.spill_file`), and
+        written into the blob in that order as they come (as upstream's tarball builder does),
+        or - with prefetch paths, whose files go first - into a spill, the blob then written in
+        tree order from it: with `growth` (`tar` is a plain tar
         file another thread is still writing, or no `tar` and a `sources.TarPipe` that hands it over
         in memory), all that runs while the layer downloads; a restart of the file is
         `sources.Restarted` (nothing of the layer is kept).
