@@ -21,6 +21,10 @@ With `--baseline DIR` (a checkout of other code, e.g. `git worktree add /tmp/bas
 run also converts with DIR's nydus_py, right after this tree's: old and new alternate in the same
 time window (the machine's load moves both alike), and the results carry both; the manifest
 digests of both must be equal in each run (the output is byte for byte the same), else it fails.
+With `--upload-mbit N`, the target registry sits behind a proxy that reads request bodies at N
+Mbit/s (an upload link as to a remote registry; skopeo's pushes go through it too).
+With `--format-changed` (the two trees write different bytes on purpose), each tree's digests
+must instead be equal across its own runs (the output stays deterministic).
 (The conversions run `python3 -P`: without it `-m` puts the working directory first on sys.path,
 and a run from a checkout converted with that checkout's code for both trees.)
 `--save-as NAME` writes benchmarks/results/NAME.json instead (no plot).
@@ -55,6 +59,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.common import grouped_bar_plot, save  # noqa: E402
 from tests.storage import registry_rig as rig  # noqa: E402
+from tests.storage.fault_proxy import FaultProxy  # noqa: E402
 
 TEXT = b"".join(b"%08d the quick brown fox jumps over the lazy dog; config=value\n" % i for i in range(20000))
 MTIME = 1_700_000_000
@@ -235,6 +240,23 @@ def code_trees(args: argparse.Namespace) -> list[tuple[str, Path]]:
     return [("", REPO)] + ([(" (baseline)", Path(args.baseline).resolve())] if args.baseline else [])
 
 
+class Target:
+    """A target registry, behind a proxy that reads request bodies at --upload-mbit when set (an
+    upload link slower than loopback, as to a remote registry; Location headers point through it)."""
+
+    def __init__(self, dst: rig.Registry, upload_mbit: float) -> None:
+        self.dst = dst
+        self.proxy = FaultProxy(dst.url, match=lambda _m, _p: False, forwarded_host=True,
+                                upload_bandwidth=upload_mbit * 1e6 / 8) if upload_mbit else None
+        self.host = self.proxy.host if self.proxy is not None else dst.host
+
+    def stop(self) -> None:
+        if self.proxy is not None:
+            self.proxy.stop()
+        self.dst.stop()
+        shutil.rmtree(self.dst.dir, ignore_errors=True)
+
+
 def timed(cmd: list[str], env: dict[str, str]) -> dict[str, float]:
     """`run_polled` plus the CPU seconds the process used (user + system, once reaped)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -273,7 +295,8 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
             m: dict[str, float] = {}
             for tag, name in (("v1", "plain"), ("v1", "first"), ("v2", "rebuild")):
                 if name != "rebuild":  # the plain and the first conversion each into an empty registry
-                    dst = rig.Registry(registry, work, f"dst-{name}-{r}{'-b' if suffix else ''}").start()
+                    dst = Target(rig.Registry(registry, work, f"dst-{name}-{r}{'-b' if suffix else ''}").start(),
+                                 args.upload_mbit)
                 out = work / f"result-{r}-{name}.json"
                 cmd = [sys.executable, "-P", "-m", "nydus_py.cli.nydusify", "convert", "-q", "--source",
                        f"{src.host}/bench/app:{tag}", "--target", f"{dst.host}/bench/app:{tag}-nydus",
@@ -288,15 +311,15 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
                     m[f"{name}_wall_s"] = got["wall_s"]
                     m[f"{name}_peak_rss_mib"] = got["peak_rss_mib"]
                     m[f"{name}_layers_built"] = res["layers_built"]
-                    digests.setdefault((r, name), set()).add(res["manifest_digest"])
-                    if len(digests[(r, name)]) > 1:
-                        raise SystemExit(f"run {r + 1} {name}: manifest digests differ between the trees: "
-                                         f"{sorted(digests[(r, name)])}")
+                    key = (-1, name + suffix) if args.format_changed else (r, name)
+                    digests.setdefault(key, set()).add(res["manifest_digest"])
+                    if len(digests.get(key, ())) > 1:
+                        raise SystemExit(f"run {r + 1} {name}: manifest digests differ: {sorted(digests[key])}")
                     m[f"{name}_layers_cached"] = res["layers_cached"]
+                    m[f"{name}_blobs_streamed"] = res.get("stream_push", {}).get("streamed", 0)
                 finally:
                     if name != "first":
                         dst.stop()
-                        shutil.rmtree(dst.dir, ignore_errors=True)
             m["ratio"] = m["rebuild_wall_s"] / m["first_wall_s"]
             m["ratio_to_plain"] = m["rebuild_wall_s"] / m["plain_wall_s"]
             m["cpu_ratio"] = m["rebuild_cpu_s"] / m["first_cpu_s"]  # steadier than wall time on a busy machine
@@ -304,7 +327,8 @@ def build_cache_case(args: argparse.Namespace, registry: str, skopeo: str, work:
             (baseline_runs if suffix else runs).append(m)
             print(f"run {r + 1}{suffix}: plain {m['plain_wall_s']:.2f}s, first with the cache {m['first_wall_s']:.2f}s "
                   f"({m['first_layers_built']:.0f} layers converted), rebuild {m['rebuild_wall_s']:.2f}s "
-                  f"({m['rebuild_layers_built']:.0f} converted, {m['rebuild_layers_cached']:.0f} from the cache): "
+                  f"({m['rebuild_layers_built']:.0f} converted, {m['rebuild_layers_cached']:.0f} from the cache, "
+                  f"{m['rebuild_blobs_streamed']:.0f} blob pushed while written): "
                   f"{m['ratio']:.2f}x the first, {m['ratio_to_plain']:.2f}x the plain conversion; CPU "
                   f"{m['rebuild_cpu_s']:.2f}s vs {m['first_cpu_s']:.2f}s: {m['cpu_ratio']:.2f}x (load {m['load']:.1f})")
         best = min(runs, key=lambda m: m["ratio"])
@@ -332,6 +356,10 @@ def main() -> int:
     ap.add_argument("--build-cache", action="store_true", help="the --build-cache rebuild case (one changed layer)")
     ap.add_argument("--baseline", metavar="DIR", help="a source tree whose nydus_py also converts in each run (A/B)")
     ap.add_argument("--save-as", metavar="NAME", help="results in benchmarks/results/NAME.json (no plot)")
+    ap.add_argument("--upload-mbit", type=float, default=0.0,
+                    help="the target registry behind a proxy reading uploads at this rate (0: loopback)")
+    ap.add_argument("--format-changed", action="store_true",
+                    help="with --baseline: the trees' outputs differ on purpose (each must be deterministic)")
     args = ap.parse_args()
     registry = shutil.which("docker-registry")
     skopeo = shutil.which("skopeo")
@@ -358,9 +386,12 @@ def main() -> int:
         trees = {f"nydusify-py convert{suffix}": tree for suffix, tree in code_trees(args)}
         runs: dict[str, list[dict[str, float]]] = {name: [] for name in [*trees, "skopeo copy"]}
         digests: set[str] = set()  # the manifest digests of every conversion: one
+        per_tree: dict[str, set[str]] = {}  # with --format-changed: one per tree
         for r in range(args.runs):
             for name in runs:
-                dst = rig.Registry(registry, work, f"dst-{name.split()[0]}-{r}{'-b' if 'baseline' in name else ''}").start()
+                dst = Target(rig.Registry(registry, work,
+                                          f"dst-{name.split()[0]}-{r}{'-b' if 'baseline' in name else ''}").start(),
+                             args.upload_mbit)
                 env = {**os.environ, "PYTHONPATH": str(trees.get(name, REPO)),
                        "DOCKER_CONFIG": str(work / "no-docker-config")}
                 try:
@@ -375,13 +406,17 @@ def main() -> int:
                                "--output-json", str(work / "result.json")]
                     m = timed(cmd, env)
                     m["load"] = os.getloadavg()[0]
-                    if name != "skopeo copy":
+                    if name != "skopeo copy" and args.format_changed:
+                        per_tree.setdefault(name, set()).add(json.loads((work / "result.json").read_text())["manifest_digest"])
+                        if len(per_tree[name]) > 1:
+                            raise SystemExit(f"run {r + 1}: {name}'s manifest digests differ: {sorted(per_tree[name])}")
+                        digests |= per_tree[name]
+                    elif name != "skopeo copy":
                         digests.add(json.loads((work / "result.json").read_text())["manifest_digest"])
                         if len(digests) > 1:
                             raise SystemExit(f"run {r + 1}: manifest digests differ between the trees: {sorted(digests)}")
                 finally:
                     dst.stop()
-                    shutil.rmtree(dst.dir, ignore_errors=True)
                 m["mib_per_s_compressed"] = compressed / 2**20 / m["wall_s"]
                 m["mib_per_s_files"] = file_bytes / 2**20 / m["wall_s"]
                 runs[name].append(m)

@@ -15,7 +15,10 @@ uncompressed offsets packed back to back (no 4K alignment), features CAP_TAR_TOC
 
 Chunks are digested, CRC'd and compressed in a thread pool (zstd, lz4, blake3, hashlib and crc32c
 release the GIL), but decisions (dedup, offsets, chunk indexes) are taken in submission order, so
-the blob is byte-for-byte deterministic whatever the scheduling.
+the blob is byte-for-byte deterministic whatever the scheduling. A converted layer
+(`spill_file` with `archive_order`) stores its chunks in the tar's order as it is parsed, as
+upstream's tarball builder does (`Node::dump_node_data_with_reader` while it walks the tar): a
+file a later member of the same tar replaces keeps its chunks in the blob, as there.
 
 One deviation from nydus, on purpose: the ToC entry `image.blob` records offset 0 and the sha256
 of the chunk data region, where nydus writes the data size as offset and hashes data + tar header
@@ -76,6 +79,23 @@ def blob_features(blob_toc: bool) -> BlobFeatures:
     return f
 
 
+class BlobWatch(Protocol):
+    """Hears how far the blob file has been written, so a reader can follow it while it grows
+    (convert uploads a layer's blob as it is written). The file only ever grows: bytes once
+    announced never change."""
+
+    def opened(self, path: str) -> None:
+        """The (still unnamed) blob file exists at `path`, empty; called in the building thread
+        (a reader opens it now: the file is renamed when finished, unlinked when dropped)."""
+
+    def grew(self, size: int) -> None:
+        """The file's first `size` bytes are written (the writer thread)."""
+
+    def closed(self, blob_id: str | None) -> None:
+        """The blob is complete as `blob_id` (every byte announced), or None: dropped (aborted,
+        no chunk stored, or to be written again elsewhere), its bytes no blob of the image."""
+
+
 class ChunkSource(Protocol):
     """Where `BlobWriter.spill_file` reads a file's bytes (a layer tar's backing file)."""
 
@@ -111,6 +131,8 @@ class BlobWriter:
         workers: int | None = None,
         durable: bool = True,
         settle: Callable[[bytes], None] | None = None,
+        archive_order: bool = False,
+        watch: BlobWatch | None = None,
     ) -> None:
         if opts.compressor not in TOC_FLAGS:
             raise ValueError(f"compressor {opts.compressor.nydus_name} cannot be used for RAFS v6 blobs")
@@ -121,10 +143,18 @@ class BlobWriter:
         # called (blob order) for a spilled chunk `existing` does not hold: a blob below that is
         # still being written and may store it is waited for (see `spill_pending`)
         self.settle = settle
+        # `spill_file` stores each new chunk in the blob at once, in the order files come (a
+        # tar's, as upstream's tarball builder dumps them): no spill, no second pass; the blob's
+        # bytes (and sha256) grow while the layer is chunked (`written`)
+        self.archive_order = archive_order
         self.workers = workers or max(1, min(8, os.cpu_count() or 1))
         # fsync the finished blob (an output file); a blob that is uploaded and deleted at once
         # (convert) skips it: the fsync cost ~20-100 ms per blob on the path to its upload
         self.durable = durable
+        self.watch = watch  # told of the blob file's growth (a reader follows it)
+        self._watched = watch is not None  # `watch` has yet to hear of the blob's end (once)
+        self._announce = False  # `watch` was told of the file: it hears of its growth
+        self._written = 0  # bytes in the file (writer thread)
         # RAFS v5: plain chunk data, unaligned, no trailers (see the module docstring)
         self.plain = opts.fs_version == 5
         self.features = BlobFeatures.CAP_TAR_TOC if self.plain else blob_features(opts.blob_toc)
@@ -165,6 +195,14 @@ class BlobWriter:
         self._spill_keys: list[int] = []
         self._spill_bytes = 0
         self._spill_closed = threading.Event()  # the blob-order write is done (or given up)
+        # archive order: signalled when chunks leave `_packing` (stored, or found below) and at
+        # the close, for a layer above waiting on one of them (`wait_chunk`)
+        self._settled = threading.Condition(self._lock)
+        self._chunk_waiters = 0
+        # archive order: each spilled file's chunk records (same keys/starts as the digests)
+        self._file_records = bytearray()
+        self._direct_items: deque[tuple[Future[list[_Prepared]], list[tuple[int, int]]]] = deque()
+        self._direct_places: list[tuple[int, int]] = []  # (record slot, file offset) per batch chunk
         self.spill_writes = 0  # pwritev calls into the spill (one per batch with a new chunk)
         self.spill_reads = 0  # preads of the spill (a window serves the small chunks near each other)
 
@@ -203,6 +241,9 @@ class BlobWriter:
         if self._fd is None:
             os.makedirs(self.blob_dir, exist_ok=True)
             self._fd, self._tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".blob-", suffix=".tmp")
+            if self.watch is not None:
+                self.watch.opened(self._tmp)
+                self._announce = True
 
     def _write(self, data: "bytes | bytearray") -> None:
         """Queue `data` for the writer thread (file write + blob sha256 overlap chunk work).
@@ -220,7 +261,8 @@ class BlobWriter:
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="nydus-blob-write")
         self._writes.append(self._writer.submit(self._write_now, parts))
-        while len(self._writes) > 4:  # bounded memory: a few MiB queued
+        # bounded memory: a few MiB queued (in archive order this overlaps the chunk window)
+        while len(self._writes) > (2 if self.archive_order else 4):
             self._writes.popleft().result()
 
     def _write_now(self, parts: list[bytes]) -> None:
@@ -229,6 +271,10 @@ class BlobWriter:
         _writev_all(self._fd, parts)
         for p in parts:
             self._hash.update(p)
+            self._written += len(p)
+        if self._announce:
+            assert self.watch is not None
+            self.watch.grew(self._written)
 
     def _flush(self) -> None:
         if self._wbuf:
@@ -250,6 +296,22 @@ class BlobWriter:
             self.deduplicated += 1
             return known
         assert prep.packed is not None
+        if self.archive_order and self.settle is not None:
+            # a layer below, prepared beside this one, may have it by now, or be about to store
+            # it (pending there): referenced then, not stored twice (else the commit writes this
+            # blob again without it; the result is the same either way)
+            other = self.existing.get(prep.digest, file_offset)
+            if other is None:
+                self.settle(prep.digest)
+                other = self.existing.get(prep.digest, file_offset)
+            if other is not None:
+                with self._lock:
+                    self._packing.pop(prep.digest, None)
+                    if self._chunk_waiters:
+                        self._settled.notify_all()
+                self.deduplicated += 1
+                self.late_deduplicated += 1
+                return other
         stored, compressed = prep.packed.result()
         flags = ChunkFlags.HAS_CRC32 | (ChunkFlags.COMPRESSED if compressed else ChunkFlags(0))
         return self._store(prep.digest, stored, flags, prep.size, prep.crc, file_offset)
@@ -392,7 +454,8 @@ class BlobWriter:
     # -- archive order first, blob order after (a layer chunked while it downloads) -------------
 
     def spill_file(self, source: "ChunkSource", key: int, size: int) -> None:
-        """Chunk a file now, in the order files come (a tar's): digest, CRC and - for a chunk
+        """Chunk a file now, in the order files come (a tar's). In archive order, its new chunks
+        are stored in the blob now (`_direct_file`); otherwise, as follows. Digest, CRC and - for a chunk
         neither this blob nor `existing` holds - compression, the stored bytes going to an
         anonymous spill file. `source.pread(key + off, n)` gives its bytes (`key`: the file's
         offset in the source, which names it for `add_spilled_stream`). Then
@@ -403,6 +466,10 @@ class BlobWriter:
             raise RuntimeError("BlobWriter already finished")
         if self._pool is None:
             self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="nydus-blob")
+        if self.archive_order:
+            self._open()  # (the blob file is what a spill was)
+            self._direct_file(source, key, size)
+            return
         if self._spill_fd is None:
             os.makedirs(self.blob_dir, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".spill-", suffix=".tmp")
@@ -445,12 +512,100 @@ class BlobWriter:
     def spill_finish(self) -> None:
         """Wait for the chunks of every `spill_file` so far."""
         try:
+            if self.archive_order:
+                self._direct_submit()
+                self._direct_drain(0)
+                return
             self._spill_submit()
             self._spill_drain(0)
         except BaseException:
             for fut, _ in self._spill_items:
                 fut.cancel()
+            for dfut, _ in self._direct_items:
+                dfut.cancel()
             raise
+
+    # -- archive order: the blob written as the files come ----------------------------------------
+
+    def _direct_file(self, source: "ChunkSource", key: int, size: int) -> None:
+        """`spill_file` in archive order: the chunks go through the workers (`_prepare_batch`)
+        and are stored (or referenced) in submission order by `_direct_drain`, as
+        `add_files_stream` does: the same decisions at any thread timing."""
+        cs = self.opts.chunk_size
+        keys = self._spill_file_keys
+        if keys and key <= keys[-1]:
+            raise ValueError(f"spill_file: file key {key} after {keys[-1]} (keys must increase)")
+        slot = len(self._file_records)
+        keys.append(key)
+        self._spill_file_starts.append(slot)
+        self._file_records += bytes(CHUNK_RECORD_SIZE * chunk_count(size, cs))
+        off = 0
+        while off < size:
+            want = min(cs, size - off)
+            self._spill_batch.append(source.pread(key + off, want))
+            self._direct_places.append((slot, off))
+            slot += CHUNK_RECORD_SIZE
+            self._spill_bytes += want
+            if self._spill_bytes >= _BATCH_BYTES or len(self._spill_batch) >= _BATCH_CHUNKS:
+                self._direct_submit()
+                self._direct_drain(self.workers + 2)
+            off += want
+
+    def _direct_submit(self) -> None:
+        if self._spill_batch:
+            assert self._pool is not None
+            self._direct_items.append((self._pool.submit(self._prepare_batch, self._spill_batch),
+                                       self._direct_places))
+            self._spill_batch, self._direct_places, self._spill_bytes = [], [], 0
+
+    def _direct_drain(self, limit: int) -> None:
+        items, records = self._direct_items, self._file_records
+        while len(items) > limit:
+            fut, places = items.popleft()
+            for prep, (slot, foff) in zip(fut.result(), places, strict=True):
+                records[slot:slot + CHUNK_RECORD_SIZE] = self._commit(prep, foff)
+            if self._chunk_waiters:
+                with self._settled:
+                    self._settled.notify_all()
+
+    def _prepare_batch(self, bufs: list[bytes]) -> list[_Prepared]:
+        """Worker: `_prepare` of each chunk, the new ones compressed together
+        (`codec.compress_many`: one GIL hand-off for a batch of small chunks)."""
+        out: list[_Prepared] = []
+        own: list[tuple[Future[tuple[bytes, bool]], bytes]] = []
+        for data in bufs:
+            d = codec.digest(self.opts.digester, data)
+            crc = codec.crc32c(data)
+            fut: Future[tuple[bytes, bool]] | None = None
+            with self._lock:
+                if d not in self.chunks:
+                    fut = self._packing.get(d)
+                    if fut is None and d not in self.existing:
+                        fut = Future()
+                        self._packing[d] = fut
+                        own.append((fut, data))
+            out.append(_Prepared(d, crc, len(data), fut))
+        if own:
+            try:
+                if self.opts.compressor == Compressor.NONE:
+                    packed: list[tuple[bytes, bool]] = [(data, False) for _f, data in own]
+                else:
+                    outs = codec.compress_many(self.opts.compressor, [data for _f, data in own])
+                    # (small chunks only come more than one a batch: copied out of its buffer)
+                    packed = [(bytes(c), True) if len(c) < len(data) else (data, False)
+                              for c, (_f, data) in zip(outs, own, strict=True)]
+            except BaseException as e:
+                for f, _data in own:
+                    f.set_exception(e)
+                raise
+            for (f, _data), got in zip(own, packed, strict=True):
+                f.set_result(got)
+        return out
+
+    def written(self) -> int:
+        """Bytes of the blob handed to its writer so far (archive order: they reach the file
+        in order, behind the chunking)."""
+        return self._pos
 
     def _spill_all(self, bufs: list[bytes]) -> list[bytes]:
         """Worker: each chunk's digest; the new ones are compressed together
@@ -501,6 +656,9 @@ class BlobWriter:
         `spill_file`, in blob order; `done(i, chunks)` as in `add_files_stream`."""
         if self._closed:
             raise RuntimeError("BlobWriter already finished")
+        if self.archive_order:
+            self._spilled_records(files, done)
+            return
         cs = self.opts.chunk_size
         spilled = self._spilled
         assert self._spill_fd is not None or not self._spill_file_keys
@@ -546,6 +704,23 @@ class BlobWriter:
         self.spill_reads += spill.reads
         self._close_spill()
 
+    def _spilled_records(self, files: Iterable[tuple[int, int]], done: Callable[[int, bytes], None]) -> None:
+        """Archive order: the chunk records `spill_file` kept for each of `files`."""
+        cs = self.opts.chunk_size
+        keys, starts, records = self._spill_file_keys, self._spill_file_starts, self._file_records
+        for i, (key, size) in enumerate(files):
+            j = bisect.bisect_left(keys, key)
+            if j == len(keys) or keys[j] != key:
+                raise AssertionError(f"file at {key} was not spilled")
+            start = starts[j]
+            end = starts[j + 1] if j + 1 < len(starts) else len(records)
+            if end - start != CHUNK_RECORD_SIZE * chunk_count(size, cs):
+                raise AssertionError(f"file at {key} was not spilled whole")
+            self.uncompressed_bytes += size
+            done(i, bytes(records[start:end]))
+        self._file_records = bytearray()
+        self._close_spill()
+
     def _close_spill(self) -> None:
         if self._spill_fd is not None:
             os.close(self._spill_fd)
@@ -556,12 +731,31 @@ class BlobWriter:
         self._spill_file_starts = array("q")
         self._spill_digests = bytearray()
         self._spill_closed.set()
+        with self._settled:
+            self._settled.notify_all()
 
     def spill_pending(self, digest: bytes) -> bool:
         """Whether `digest` is spilled here and the blob-order write has not ended: this blob
-        may still store it (unless its file turns out to be replaced)."""
+        may still store it (unless its file turns out to be replaced). In archive order: it is
+        being compressed or waits for its turn to be stored."""
         with self._lock:
-            return not self._spill_closed.is_set() and digest in self._spilled
+            if self._spill_closed.is_set():
+                return False
+            return digest in (self._packing if self.archive_order else self._spilled)
+
+    def wait_chunk(self, digest: bytes) -> None:
+        """Until `digest` is no longer pending here (`spill_pending`): stored, found below, or
+        the layer ended. In archive order that is the next drain of this layer's chunks; with a
+        spill, the end of the blob-order write."""
+        if not self.archive_order:
+            self.wait_spill_closed()
+            return
+        with self._settled:
+            self._chunk_waiters += 1
+            try:
+                self._settled.wait_for(lambda: self._spill_closed.is_set() or digest not in self._packing)
+            finally:
+                self._chunk_waiters -= 1
 
     def wait_spill_closed(self) -> None:
         """Until the blob-order write has ended (`add_spilled_stream` or `abort`)."""
@@ -742,6 +936,10 @@ class BlobWriter:
         validate_blob_id(blob_id)
         assert self._fd is not None and self._tmp is not None
         self._stop_writer()
+        if self._watched:  # every byte is in the file, and announced
+            assert self.watch is not None
+            self._watched = False
+            self.watch.closed(blob_id)
         if self.durable:
             os.fsync(self._fd)
         os.close(self._fd)
@@ -768,6 +966,10 @@ class BlobWriter:
     def _discard(self) -> None:
         self._stop_writer()
         self._close_spill()
+        if self._watched:
+            assert self.watch is not None
+            self._watched = False
+            self.watch.closed(None)
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None

@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_COUNT}; 0 or less: the default)")
     c.add_argument("--push-retry-delay", default="5s", metavar="DURATION",
                    help="wait between upload attempts, Go syntax: 500ms, 5s, 1m (default 5s)")
+    c.add_argument("--no-stream-push", dest="stream_push", action="store_false",
+                   help="push each layer blob once it is complete (one PUT), not while it is written (PATCH "
+                        "pieces; a registry that refuses them gets whole blobs anyway)")
     add_limit_args(c)
     c.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     c.add_argument("-v", "--verbose", action="store_true", help="log registry traffic decisions")
@@ -275,6 +278,7 @@ def cmd_convert(a: argparse.Namespace) -> int:
         build_cache_max_records=a.build_cache_max_records, chunk_dict=a.chunk_dict,
         chunk_dict_insecure=a.chunk_dict_insecure, push_retry=retry, with_referrer=a.with_referrer,
         fs_align_chunk=a.fs_align_chunk, source_archive=a.source_archive, target_archive=a.target_archive,
+        stream_push=a.stream_push,
     )
     progress = Progress(sys.stderr, quiet=a.quiet)
     try:

@@ -7,8 +7,9 @@ that downloading, building and uploading overlap:
 2. pull the layers, each when its build starts (one per core at once, lowest layer first),
    decompressed as it arrives (a worker thread inflates one piece while the next downloads) and
    handed to the build in memory (`TarPipe`: no tar file), which chunks the files as they come;
-   each is checked against its size, digest and diff_id; push that blob at once (HEAD first: a
-   blob the target has is skipped), while later layers build;
+   each is checked against its size, digest and diff_id; its blob is pushed while it is written
+   (`stream_push`: one PATCH following the file, then PUT ?digest=) or once built (HEAD first: a blob the target
+   has is skipped; a re-conversion into an existing tag, a failed stream), while later layers build;
 3. merge the bootstrap and write the bootstrap layer and the Nydus config, push them;
 4. check that every blob the manifest names is present, and only then push the manifest (and
    with `merge_platform` the index).
@@ -78,6 +79,7 @@ from .reuse import (
     same_repo,
 )
 from .stack import CacheMismatch, LayerResult, LayerStack, PreparedLayer
+from .stream_push import PATCH_PIECE, BlobStream, StreamRefused, StreamStats, Target
 from .tasks import gather_or_cancel
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,10 @@ class ConvertOptions(RegistryFlags):
     with_referrer: bool = False  # nydusify's --with-referrer: the manifest's `subject` is the source's
     fs_align_chunk: bool = False  # nydusify's --fs-align-chunk: 4 KiB-aligned chunks (v6 always is)
     source_archive: str | None = None  # --source-archive: the source image from an OCI layout tar
+    # each layer's blob uploaded while it is written (one PATCH following the file, or PATCHes of
+    # `stream_piece` bytes, see `stream_push`); False: one PUT once it is complete
+    stream_push: bool = True
+    stream_piece: int = PATCH_PIECE
     target_archive: str | None = None  # --target-archive: the Nydus image into an OCI layout tar
 
 
@@ -145,6 +151,7 @@ class ConvertResult:
     dict_blobs: list[str] = field(default_factory=list)  # chunk-dictionary blobs the image references
     build_cache: dict[str, Any] = field(default_factory=dict)  # CacheStats, with a cache
     push_retries: int = 0  # uploads tried again after a 502-504 or a connection failure
+    stream_push: dict[str, int] = field(default_factory=dict)  # StreamStats: blobs pushed while written
 
     @property
     def dedup_ratio(self) -> float:
@@ -432,6 +439,12 @@ class Converter:
             if opts.build_cache else None
         self.cache_stats = CacheStats()
         self.build_restarts = 0  # builds that followed a download which then restarted
+        # the target repository had images before this run (the tag, or any: their blobs may be
+        # those of layers converted here; unknown counts as yes)
+        self.target_has_images = False
+        self.stream_target = Target()  # refused: the target refused a PATCH upload, blobs go up whole
+        self.stream_skip_logged = False
+        self.stream_stats = StreamStats()
         self.cache_used: list[Record] = []  # records this run hit or made, in layer order
         self.cache_new: dict[str, str] = {}  # digest -> local file of what new records need pushed
         # records made in this run: (record, its layer bootstrap, its blob file), for later platforms
@@ -497,6 +510,7 @@ class Converter:
                 await asyncio.to_thread(dst.finish)
             result.seconds = time.monotonic() - t0
             result.push_retries = retries.retried
+            result.stream_push = dataclasses.asdict(self.stream_stats)
             return result
         finally:
             unpacker.shutdown(wait=True, cancel_futures=True)
@@ -520,9 +534,16 @@ class Converter:
             # one request to the target before any concurrent ones to it: it fails fast when the target
             # is unreachable, and settles its scheme (HTTP fallback) and auth while nothing else is in flight
             try:
-                await dst.fetch_manifest(self.dst_ref.reference)
+                self.target_has_images = await dst.fetch_manifest(self.dst_ref.reference) is not None
             except OSError as e:
                 raise transport_error(self.dst_ep, e) from None
+            if not self.target_has_images and self.opts.stream_push and isinstance(dst, RegistryClient):
+                try:  # (only streamed pushes ask)
+                    self.target_has_images = await dst.has_tags()
+                except OSError as e:
+                    log.info("target %s: listing its tags failed (%s); taken as a repository with images",
+                             self.dst_ref, e)
+                    self.target_has_images = True
 
         # the build cache's records, the source image and the target probe at once (each its own
         # client): three round trips in the time of one, before any layer can start; a failure
@@ -625,6 +646,21 @@ class Converter:
         # (not prepared: the layers above do not wait for it)
         started = [asyncio.Event() for _ in layers]
         preps: dict[int, asyncio.Task[tuple[_Fetched, PreparedLayer]]] = {}
+        # each layer's blob pushed while it is written: the stream of its latest build attempt,
+        # and every stream task (an attempt that restarted drops its stream, which ends itself)
+        streams: dict[int, tuple[BlobStream, asyncio.Task[bool | None]]] = {}
+        stream_tasks: list[asyncio.Task[bool | None]] = []
+        taken: set[asyncio.Task[bool | None]] = set()  # the streams a push took over
+
+        def new_stream(i: int, d: oci.Descriptor) -> BlobStream | None:
+            if not self._stream_pushes(dst):
+                return None
+            stream = BlobStream(loop, f"layer {i + 1} ({d.short}) blob", self.opts.stream_piece,
+                                self.opts.piece_size, target=self.stream_target)
+            task = asyncio.create_task(stream.run(dst))
+            streams[i] = (stream, task)
+            stream_tasks.append(task)
+            return stream
 
         def checked(i: int, d: oci.Descriptor, got: _Fetched) -> _Fetched:
             if f"sha256:{got.diff_id}" != source.diff_ids[i]:
@@ -654,7 +690,7 @@ class Converter:
                     try:
                         prepared = await loop.run_in_executor(builder, self._prepare_layer, stack, i, d,
                                                               None if piped else tar_path,
-                                                              growth if follow else None, bars[i])
+                                                              growth if follow else None, bars[i], new_stream(i, d))
                     except Restarted:  # the download started again: so does the build
                         self.build_restarts += 1
                         log.info("layer %d (%s): its download restarted, and so does its build", i + 1, d.short)
@@ -717,9 +753,16 @@ class Converter:
                 tar_bytes += got.tar_size
                 if res.blob is not None and res.blob_path is not None:  # (before the cache record: the
                     bid = res.blob.blob_id  # last blob's push is what a conversion ends waiting for)
-                    pushes[f"sha256:{bid}"] = (asyncio.create_task(self._push_file(
-                        dst, f"sha256:{bid}", res.blob_path, f"blob {bid[:12]}", push_sem)),
-                        os.path.getsize(res.blob_path))
+                    digest, label = f"sha256:{bid}", f"blob {bid[:12]}"
+                    streamed = streams.pop(i, None)
+                    if streamed is not None and not prepared.streamed:  # (its stream ended: closed(None))
+                        self.stream_stats.whole += 1
+                        streamed = None
+                    if streamed is not None:
+                        taken.add(streamed[1])
+                    push = (self._push_streamed(dst, *streamed, digest, res.blob_path, label, push_sem)
+                            if streamed is not None else self._push_file(dst, digest, res.blob_path, label, push_sem))
+                    pushes[digest] = (asyncio.create_task(push), os.path.getsize(res.blob_path))
                 if self.cache is not None:  # the record of the layer just committed (the stack's top)
                     self.cache_stats.misses += 1
                     rec = await loop.run_in_executor(builder, self._cache_record, stack, chains[i], params, res,
@@ -732,8 +775,11 @@ class Converter:
                 if bid in dict_ids and bid not in remote and not os.path.exists(os.path.join(blob_dir, bid)):
                     remote[bid] = await self._dict_blob_in_target(dst, bid)
         except BaseException:  # the layer blobs being pushed stop too
-            await _cancel_all([*preps.values(), *downloads.values(), *(t for t, _ in pushes.values())])
+            await _cancel_all([*preps.values(), *downloads.values(), *(t for t, _ in pushes.values()), *stream_tasks])
             raise
+        # streams no push took over: layers that stored nothing (no file, no session) and build
+        # attempts that restarted (their blob dropped: they end by themselves)
+        await _cancel_all([t for t in stream_tasks if t not in taken])
         boot_size = os.path.getsize(boot_path)
         blob_files = [(bid, os.path.join(blob_dir, bid)) for bid in merged.blob_ids
                       if os.path.exists(os.path.join(blob_dir, bid))]
@@ -866,12 +912,12 @@ class Converter:
         return max(1, min(self.opts.jobs, os.cpu_count() or 1))
 
     def _prepare_layer(self, stack: LayerStack, i: int, d: oci.Descriptor, tar_path: str | None, growth: Growth | None,
-                       bar: Bar) -> PreparedLayer:
+                       bar: Bar, watch: BlobStream | None = None) -> PreparedLayer:
         """Build layer `i` from its tar; with `growth`, while the tar is still being downloaded
         (the bar then shows the download); with no `tar_path`, from the `TarPipe` `growth`."""
         if tar_path is None:
             try:
-                prepared = stack.prepare_layer(None, position=i, growth=growth)
+                prepared = stack.prepare_layer(None, position=i, growth=growth, watch=watch)
             except FormatError as e:
                 raise FormatError(f"layer {i + 1} ({d.short}): {e}") from None
             release_free_memory()
@@ -881,7 +927,7 @@ class Converter:
                 bar.phase("build", os.fstat(tar.fileno()).st_size)
             try:
                 prepared = stack.prepare_layer(tar, None if growth is not None else bar.advance, position=i,
-                                               growth=growth)
+                                               growth=growth, watch=watch)
             except FormatError as e:
                 raise FormatError(f"layer {i + 1} ({d.short}): {e}") from None
         release_free_memory()
@@ -910,6 +956,52 @@ class Converter:
                 raise transport_error(self.dst_ep, e, "pushing") from None
             bar.close(f"pushed {human(size)}" if sent else f"already in the target ({human(size)})")
             return sent
+
+    def _stream_pushes(self, dst: Any) -> bool:
+        """Whether layer blobs go up while they are written (before their digest is known, so
+        before a HEAD could find them in the target). Not into a repository that has images
+        already (a re-conversion, or another image sharing layers: their blobs may be there, and
+        the HEAD before a whole push skips them) unless a build cache with records says which
+        layers are new (those it lacks); not after the registry refused a PATCH upload; not into
+        an archive."""
+        if not self.opts.stream_push or self.stream_target.refused or not isinstance(dst, RegistryClient):
+            return False
+        if self.target_has_images and (self.cache is None or not self.cache.records):
+            if not self.stream_skip_logged:
+                self.stream_skip_logged = True
+                log.info("target repository %s has images: layer blobs are pushed once built (HEAD first), "
+                         "not while written", self.dst_ref)
+            return False
+        return True
+
+    async def _push_streamed(self, dst: RegistryClient, stream: BlobStream, task: "asyncio.Task[bool | None]",
+                             digest: str, path: str, label: str, sem: asyncio.Semaphore) -> bool:
+        """The push of a blob that was uploaded while written (`task`): its outcome; if it did not
+        complete (refused, failed, the blob written again at its commit), the whole file pushed
+        now the usual way (HEAD, one PUT, retried as `push_retry` says), logged and counted."""
+        stats = self.stream_stats
+        try:
+            got = await task
+        except StreamRefused as e:
+            stats.refused += 1  # (the next layers are pushed whole at once)
+            log.warning("%s: %s; pushing it whole instead (and the next blobs too)", label, e)
+        except Exception as e:  # noqa: BLE001 - any failure of the stream: the file is pushed whole
+            stats.failed += 1
+            log.warning("%s: its upload while it was written failed (%s); pushing it whole instead", label, e)
+        else:
+            if got is not None and stream.blob_id == digest.removeprefix("sha256:"):
+                if got:
+                    stats.streamed += 1
+                else:
+                    stats.existed += 1
+                size = os.path.getsize(path)
+                pieces = f" ({stream.patches} pieces)" if stream.piece > 0 else ""
+                self.progress.bar(label).close(f"pushed {human(size)} while written{pieces}"
+                                               if got else f"already in the target ({human(size)})")
+                return got
+            stats.dropped += 1
+            log.info("%s: the blob streamed while written was written again at its commit; pushing it whole", label)
+        return await self._push_file(dst, digest, path, label, sem)
 
     async def _push_rest(self, dst: RegistryClient, pushes: dict[str, tuple["asyncio.Task[bool]", int]],
                          files: list[tuple[str, str, int, str]], small: list[tuple[str, bytes]],

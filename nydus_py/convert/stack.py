@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import BinaryIO
 
-from ..builder.blob_writer import BlobWriter, ChunkSource, with_blob_index
+from ..builder.blob_writer import BlobWatch, BlobWriter, ChunkSource, with_blob_index
 from ..builder.build import build_image, check_options
 from ..builder.chunk_dict import load_chunk_dict
 from ..builder.chunk_records import ChunkRecords, SharedChunkRecords
@@ -54,6 +54,7 @@ class PreparedLayer:
     refs: int  # chunk references of the layer's files
     entries: int
     position: int  # its place in the image, lowest 0
+    streamed: bool = False  # its blob file was followed by a `BlobWatch` while written
 
 
 @dataclass
@@ -106,7 +107,7 @@ class _Below:
         the ones above.)"""
         for w in self.held:
             if w.spill_pending(digest):
-                w.wait_spill_closed()
+                w.wait_chunk(digest)
 
 
 class LayerStack:
@@ -149,18 +150,30 @@ class LayerStack:
         return self.commit_layer(self.prepare_layer(tar, progress))
 
     def prepare_layer(self, tar: BinaryIO | None, progress: Callable[[int], None] | None = None,
-                      position: int | None = None, growth: Growth | None = None) -> PreparedLayer:
+                      position: int | None = None, growth: Growth | None = None,
+                      watch: BlobWatch | None = None) -> PreparedLayer:
         """The expensive part of `add_layer` (parse, chunk, hash, compress, write the chunk data),
         independent of the other layers: several may run at once, in any order. `position` is
         the layer's place in the image (default: the next one to commit). Chunks are deduplicated
         within the layer and against what the layers below hold - committed, or being prepared -
         when a chunk is looked at; `commit_layer` does the rest.
 
-        Files are chunked in archive order as the tar is parsed (`BlobWriter.spill_file`), then
-        the blob is written in its own order from the spill: with `growth` (`tar` is a plain tar
+        Files are chunked in archive order as the tar is parsed (`BlobWriter.spill_file`), and
+        written into the blob in that order as they come (as upstream's tarball builder does),
+        or - with prefetch paths, whose files go first - into a spill, the blob then written in
+        tree order from it: with `growth` (`tar` is a plain tar
         file another thread is still writing, or no `tar` and a `sources.TarPipe` that hands it over
         in memory), all that runs while the layer downloads; a restart of the file is
-        `sources.Restarted` (nothing of the layer is kept)."""
+        `sources.Restarted` (nothing of the layer is kept).
+
+        `watch` follows the layer's blob file as it is written (`BlobWatch`), only when the blob
+        is written in archive order and no layer below is being prepared: the layers below are
+        committed, or come from a build cache (`add_cached_layer`, maybe still joining: their
+        chunks are found from then on), so the blob's bytes are final as they come unless a
+        cached layer joins after this one stored some of its chunks (the commit then writes the
+        blob again and `watch` hears `closed(None)`: deterministic output, a wasted upload).
+        Otherwise it hears `closed(None)` at once, and the blob is pushed once committed
+        (`PreparedLayer.streamed` says which)."""
         if self._finished:
             raise RuntimeError("LayerStack already finished")
         if position is None:
@@ -169,9 +182,15 @@ class LayerStack:
             if position < len(self.layers) or position in self._held:
                 raise ValueError(f"layer {position} is committed or being prepared already")
             below = _Below(self.dedup, [w for p, w in sorted(self._held.items()) if p < position])
+            # archive order unless prefetch files go first (their order needs the whole tree)
+            archive = not self.opts.prefetch_paths
+            streamed = watch is not None and archive and not below.held
             writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=below, workers=self.workers,
-                                durable=self.durable, settle=below.settle)
+                                durable=self.durable, settle=below.settle, archive_order=archive,
+                                watch=watch if streamed else None)
             self._held[position] = writer
+        if watch is not None and not streamed:
+            watch.closed(None)
         try:
             stats = SourceStats()
 
@@ -211,7 +230,7 @@ class LayerStack:
                 tree.set_chunks(n, b"", tree.size[n], bset)
         tree.backings.clear()
         tree.freeze()
-        return PreparedLayer(tree, writer, refs, stats.entries, position)
+        return PreparedLayer(tree, writer, refs, stats.entries, position, streamed)
 
     def commit_layer(self, layer: PreparedLayer) -> LayerResult:
         """Add a prepared layer on top of the stack (in layer order): its blob takes the next

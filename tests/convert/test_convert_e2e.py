@@ -372,13 +372,14 @@ def test_bad_input_fails_clearly_and_pushes_nothing(case, tmp_path, source_image
 
 def test_failed_push_leaves_no_manifest_and_rerun_completes(tmp_path, source_image, plain_registry):
     img, src = source_image
-    # uploads through a proxy that fails the first blob upload it sees
+    # uploads through a proxy that fails the first blob upload it sees (whole pushes: a blob
+    # streamed while written that fails is pushed whole then, see test_stream_push)
     proxy = FaultProxy(plain_registry.url, match=lambda m, p: m == "POST" and "/blobs/uploads/" in p)
     try:
         target = f"{proxy.host}/test/flaky:v1"
         proxy.inject("5xx", 1)
         r = nydusify("--source", src, "--target", target, "--source-insecure", "--target-insecure", "--jobs", "1",
-                     "--push-retry-count", "1")
+                     "--push-retry-count", "1", "--no-stream-push")
         assert r.returncode == 1 and "503" in r.stderr, r.stderr
         st, _ = http_get(f"{plain_registry.url}/v2/test/flaky/manifests/v1", oci.OCI_MANIFEST)
         assert st == 404  # no manifest pointing at missing blobs

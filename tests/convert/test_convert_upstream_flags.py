@@ -56,13 +56,15 @@ def bootstrap_of(reg: rig.Registry, repo: str, tag: str, path) -> dict:
 
 
 def test_upload_answered_503_is_tried_again(tmp_path, image, plain_registry):
+    """(Whole-blob pushes, `--no-stream-push`: a blob streamed while written whose stream fails
+    is pushed whole through this retry path, see test_stream_push.)"""
     _img, src = image
     proxy = FaultProxy(plain_registry.url, match=lambda m, p: m in ("POST", "PATCH", "PUT") and "/blobs/uploads/" in p)
     try:
         proxy.inject("5xx", 2)
         out = tmp_path / "r.json"
         r = nydusify("--source", src, "--target", f"{proxy.host}/upflags/retry:v1", "--plain-http", "--jobs", "1",
-                     "--push-retry-delay", "20ms", "--output-json", str(out))
+                     "--push-retry-delay", "20ms", "--output-json", str(out), "--no-stream-push")
         assert r.returncode == 0, r.stderr
         assert json.loads(out.read_text())["push_retries"] == 2
         assert sum("retrying in 0.02s" in ln for ln in r.stderr.splitlines()) == 2, r.stderr
@@ -73,7 +75,7 @@ def test_upload_answered_503_is_tried_again(tmp_path, image, plain_registry):
         # a count of 1 is one attempt: the same fault now fails the conversion, with no manifest
         proxy.inject("5xx", 1)
         r = nydusify("--source", src, "--target", f"{proxy.host}/upflags/once:v1", "--plain-http", "--jobs", "1",
-                     "--push-retry-count", "1")
+                     "--push-retry-count", "1", "--no-stream-push")
         assert r.returncode == 1 and "503" in r.stderr and "retrying" not in r.stderr, r.stderr
         assert http_get(f"{plain_registry.url}/v2/upflags/once/manifests/v1", oci.OCI_MANIFEST)[0] == 404
     finally:

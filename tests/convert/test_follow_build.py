@@ -34,7 +34,7 @@ def sample_tar(seed: int) -> bytes:
     entries = [Entry("z", "dir"), Entry("z/first", data=rng.randbytes(3 * CS + 17)), Entry("a", "dir"),
                Entry("a/small", data=b"s" * 100), Entry("a/shared", data=shared), Entry("b", data=shared),
                Entry("a/link", "link", target="a/small"), Entry("empty", data=b""),
-               Entry("z/first", data=rng.randbytes(CS))]  # the later member wins: the first is not stored
+               Entry("z/first", data=rng.randbytes(CS))]  # the later member wins (the first one's chunks are stored too, as upstream does)
     entries += [Entry(f"m{k}", data=rng.randbytes(rng.randrange(1, 3 * CS))) for k in range(12)]
     return make_tar(entries)
 
@@ -320,13 +320,13 @@ def test_a_chunk_a_layer_below_is_still_writing_is_referenced_not_stored_twice(t
     seq = LayerStack(opts, str(tmp_path / "seq"))
     want = [seq.add_layer(io.BytesIO(t)) for t in (lower, upper)]
     waited = threading.Event()
-    real_wait = BlobWriter.wait_spill_closed
+    real_wait = BlobWriter.wait_chunk
 
-    def spy_wait(self):  # type: ignore[no-untyped-def]
+    def spy_wait(self, digest):  # type: ignore[no-untyped-def]
         waited.set()
-        real_wait(self)
+        real_wait(self, digest)
 
-    monkeypatch.setattr(BlobWriter, "wait_spill_closed", spy_wait)
+    monkeypatch.setattr(BlobWriter, "wait_chunk", spy_wait)
     rewritten: list[int] = []
     real_stored = BlobWriter.stored_chunks
     monkeypatch.setattr(BlobWriter, "stored_chunks", lambda w: rewritten.append(1) or real_stored(w))

@@ -172,11 +172,13 @@ def test_finished_stack_refuses_more_layers(tmp_path):
 
 def _sequential_blob(stack: LayerStack, tar: bytes, blob_dir: str) -> tuple[str | None, list[bytes]]:
     """The oracle: one layer built the straightforward way, deduplicating against the chunks the
-    stack holds while it writes (what `add_layer` did before layers could be prepared apart)."""
+    stack holds while it writes (what `add_layer` did before layers could be prepared apart),
+    its files' data in archive order (as upstream's tarball builder dumps each entry's data
+    while it parses the tar)."""
     from nydus_py.builder.v6_writer import plan_v6
 
     tree = tree_from_tar(io.BytesIO(tar))
-    order = plan_v6(tree, stack.opts).data_order()
+    order = sorted(plan_v6(tree, stack.opts).data_order(), key=lambda n: tree.a[n])  # offset in the tar
     with BlobWriter(blob_dir, stack.opts, blob_index=len(stack.blobs), existing=stack.dedup) as w:
         chunks = w.add_files([tree.file_data(n) for n in order])
         blob = w.finish()
@@ -197,7 +199,9 @@ def test_layers_prepared_out_of_order_equal_a_sequential_build(tmp_path, monkeyp
     already, else its held blob is written again without them)."""
     rng = random.Random(11)
     common, only2 = rng.randbytes(3 * CS), rng.randbytes(CS + 3)
-    tars = [make_tar([Entry("a", data=common + rng.randbytes(CS)), Entry("b", data=rng.randbytes(2 * CS + 7))]),
+    # archive order is not tree order (b before a, a file of /z before /y): the blobs follow the archive
+    tars = [make_tar([Entry("z", "dir"), Entry("z/q", data=rng.randbytes(CS + 5)), Entry("b", data=rng.randbytes(2 * CS + 7)),
+                      Entry("a", data=common + rng.randbytes(CS)), Entry("y", data=rng.randbytes(CS - 9))]),
             make_tar([Entry("c", data=rng.randbytes(CS) + common), Entry("d", data=common[:CS])]),  # dups of 0
             make_tar([Entry("e", data=only2)]),  # nothing shared
             make_tar([Entry("f", data=common)]),  # nothing new: no blob

@@ -16,6 +16,7 @@ matching requests (by default: blob GETs):
   corrupt        206 with the right headers and one flipped byte
   200_for_206    fetch without Range and answer 200 with the whole blob
   expired_token  401 with the registry's Bearer challenge, whatever token was sent
+  405            405 Method Not Allowed (a registry that does not take this method, e.g. PATCH)
 
 Besides, `hold_if(request)` holds every request it selects (e.g. by Range) until `release_held()`,
 then forwards it normally: a registry stalled for as long as the test wants, not for a fixed time.
@@ -35,14 +36,14 @@ import struct
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 KINDS = ("5xx", "reset", "stall", "truncate", "truncate_200", "short", "oversize", "bad_range", "corrupt", "200_for_206",
-         "expired_token")
+         "expired_token", "405")
 HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade",
        "proxy-authorization", "content-length"}
 
@@ -73,13 +74,20 @@ class Request:
 class FaultProxy:
     def __init__(self, upstream: str | None = None, *, stall_seconds: float = 30.0, challenge: str = "",
                  match: Callable[[str, str], bool] = is_blob_get, latency: float = 0.0,
-                 bandwidth: float = 0.0) -> None:
+                 bandwidth: float = 0.0, forwarded_host: bool = False, upload_bandwidth: float = 0.0) -> None:
         self.upstream = upstream.rstrip("/") if upstream else None
         self.stall_seconds = stall_seconds
         self.challenge = challenge
         self.match = match
         self.latency = latency  # seconds added to every request
         self.bandwidth = bandwidth  # bytes/s shared by all responses (0 = unlimited)
+        # bytes/s shared by all request bodies, read at that pace (an upload link: the client's
+        # sends wait on the socket; 0 = unlimited)
+        self.upload_bandwidth = upload_bandwidth
+        self._up_free = 0.0
+        # tell the registry the client's Host (X-Forwarded-Host): the upload URLs it answers
+        # (Location) then point here, so a session's PATCH and PUT come through too
+        self.forwarded_host = forwarded_host
         self._link_free = 0.0
         self.body_bytes = 0
         self.faults: deque[str] = deque()
@@ -191,7 +199,19 @@ class FaultProxy:
                 k, v = line.split(":", 1)
                 headers[k.strip().lower()] = v.strip()
                 raw_headers.append((k.strip(), v.strip()))
-        body = await reader.readexactly(int(headers.get("content-length", "0") or 0))
+        if headers.get("transfer-encoding", "").lower() == "chunked":  # (a stream upload's PATCH)
+            body = await self._read_chunked(reader, self._pace_up)
+        else:
+            length = int(headers.get("content-length", "0") or 0)
+            if not self.upload_bandwidth:
+                body = await reader.readexactly(length)
+            else:
+                pieces = []
+                while length > 0:
+                    pieces.append(await reader.readexactly(min(length, 256 << 10)))
+                    length -= len(pieces[-1])
+                    await self._pace_up(len(pieces[-1]))
+                body = b"".join(pieces)
         if target.startswith(("http://", "https://")):
             url = target
             path = "/" + target.split("://", 1)[1].split("/", 1)[1] if "/" in target.split("://", 1)[1] else "/"
@@ -219,6 +239,11 @@ class FaultProxy:
             req.status = 503
             await self._respond(writer, 503, [("Content-Type", "text/plain")], b"injected 503")
             return
+        if fault == "405":
+            req.status = 405
+            await self._respond(writer, 405, [("Content-Type", "application/json")],
+                                b'{"errors":[{"code":"UNSUPPORTED","message":"method not allowed (injected)"}]}')
+            return
         if fault == "reset":
             self._rst(writer)
             return
@@ -232,6 +257,8 @@ class FaultProxy:
                                 b'{"errors":[{"code":"UNAUTHORIZED","message":"token expired (injected)"}]}')
             return
         fwd = [(k, v) for k, v in raw_headers if k.lower() not in HOP and k.lower() != "host"]
+        if self.forwarded_host and "host" in headers:
+            fwd.append(("X-Forwarded-Host", headers["host"]))
         if fault == "200_for_206":
             fwd = [(k, v) for k, v in fwd if k.lower() != "range"]
         assert self._session is not None
@@ -257,6 +284,32 @@ class FaultProxy:
                 self._rst(writer)
                 return
         await self._respond(writer, status, out_headers, data)
+
+    @staticmethod
+    async def _read_chunked(reader: asyncio.StreamReader,
+                            pace: Callable[[int], Awaitable[None]] | None = None) -> bytes:
+        """A request body in chunked transfer encoding (forwarded with its length then)."""
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                    pass
+                return b"".join(parts)
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+            if pace is not None:
+                await pace(size)
+
+    async def _pace_up(self, n: int) -> None:
+        """Wait for `n` request-body bytes to cross the shared upload link."""
+        if not self.upload_bandwidth:
+            return
+        now = time.monotonic()
+        start = max(now, self._up_free)
+        self._up_free = start + n / self.upload_bandwidth
+        if self._up_free > now:
+            await asyncio.sleep(self._up_free - now)
 
     def _mangle(self, fault: str, data: bytes, headers: list[tuple[str, str]]) -> tuple[bytes, int, list[tuple[str, str]]]:
         h = dict(headers)

@@ -33,8 +33,13 @@ class RegistryClient:
         self.push_blob = self.transfer.push_blob
         self.push_blob_file = self.transfer.push_blob_file
         self.mount_blob = self.transfer.mount_blob
+        self.open_upload = self.transfer.open_upload
+        self.patch_upload = self.transfer.patch_upload
+        self.close_upload = self.transfer.close_upload
+        self.cancel_upload = self.transfer.cancel_upload
         self.push_manifest = self.transfer.push_manifest
         self.get_manifest = self.transfer.get_manifest
+        self.has_tags = self.transfer.has_tags
         self.fetch_manifest = self.transfer.fetch_manifest
         self.get_blob = self.transfer.get_blob
         self.download_blob = self.transfer.download_blob

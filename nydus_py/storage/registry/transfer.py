@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import hashlib
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -138,6 +139,35 @@ class ImageTransfer:
                 log.info("blob %s: cancelling the upload opened instead of a mount failed: %s", digest, e)
         return False
 
+    # -- an upload session in steps (a blob pushed while it is written) ------------------------
+
+    async def open_upload(self) -> str:
+        """POST an upload session; its URL (the next request's target)."""
+        _st, h, _b = await self._checked("POST", self.http.url("blobs/uploads/"), {}, None, (202,))
+        return self._upload_url(h)
+
+    async def patch_upload(self, location: str, start: int, end: int | None, body: Body,
+                           timer: list[asyncio.Timeout] | None = None) -> str:
+        """Append bytes [start, end) to the session at `location` (one PATCH of known length), or
+        with `end` None a body of unknown length (chunked transfer encoding, no Content-Range: the
+        stream upload `docker push` sends); the session's next URL. A registry that takes no
+        PATCH answers HttpStatusError."""
+        hdrs = {"Content-Type": "application/octet-stream"}
+        if end is not None:
+            hdrs.update({"Content-Length": str(end - start), "Content-Range": f"{start}-{end - 1}"})
+        _st, h, _b = await self._checked("PATCH", location, hdrs, body, (202,), timer)
+        return self._upload_url(h)
+
+    async def close_upload(self, location: str, digest: str) -> None:
+        """Complete the session as blob `digest` (an empty PUT; the registry checks the digest)."""
+        sep = "&" if "?" in location else "?"
+        await self._checked("PUT", f"{location}{sep}digest={digest}",
+                            {"Content-Type": "application/octet-stream", "Content-Length": "0"}, b"", (201,))
+
+    async def cancel_upload(self, location: str) -> None:
+        """DELETE a session that will not complete (a registry expires it anyway)."""
+        await self._checked("DELETE", location, {}, None, (202, 204, 404))
+
     def _upload_url(self, headers: Mapping[str, str]) -> str:
         loc = headers.get("Location")
         if not loc:
@@ -148,6 +178,18 @@ class ImageTransfer:
         _st, h, _b = await self._checked("PUT", self.http.url(f"manifests/{reference}"), {"Content-Type": media_type},
                                          body, (201,))
         return h.get("Docker-Content-Digest") or "sha256:" + hashlib.sha256(body).hexdigest()
+
+    async def has_tags(self) -> bool:
+        """Whether the repository lists a tag (GET tags/list?n=1; a repository the registry does
+        not know has none)."""
+        st, _h, body = await self._checked("GET", self.http.url("tags/list?n=1"), {}, None, (200, 404))
+        if st == 404:
+            return False
+        try:
+            tags = json.loads(body).get("tags")
+        except (ValueError, AttributeError):
+            raise OSError(errno.EIO, f"tags/list of {self.http.cfg.repo}: not a JSON object") from None
+        return bool(tags)
 
     async def get_manifest(self, reference: str) -> tuple[bytes, str]:
         _st, h, body = await self._checked("GET", self.http.url(f"manifests/{reference}"),
