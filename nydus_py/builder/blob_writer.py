@@ -475,24 +475,37 @@ class BlobWriter:
             fd, tmp = tempfile.mkstemp(dir=self.blob_dir, prefix=".spill-", suffix=".tmp")
             os.unlink(tmp)  # anonymous: gone with its fd, whatever happens
             self._spill_fd = fd
+        self._queue_chunks(source, key, size, self._spill_digests, 32, direct=False)
+
+    def _queue_chunks(self, source: "ChunkSource", key: int, size: int, table: bytearray, unit: int, *,
+                      direct: bool) -> None:
+        """Queue file `key`'s chunks for the workers, in batches, each with its slot in `table`
+        (`unit` bytes a chunk: a digest for the spill, a chunk record in archive order)."""
         cs = self.opts.chunk_size
         keys = self._spill_file_keys
         if keys and key <= keys[-1]:
             raise ValueError(f"spill_file: file key {key} after {keys[-1]} (keys must increase)")
-        slot = len(self._spill_digests)
+        slot = len(table)
         keys.append(key)
         self._spill_file_starts.append(slot)
-        self._spill_digests += bytes(32 * chunk_count(size, cs))
+        table += bytes(unit * chunk_count(size, cs))
         off = 0
         while off < size:
             want = min(cs, size - off)
             self._spill_batch.append(source.pread(key + off, want))
-            self._spill_keys.append(slot)
-            slot += 32
+            if direct:
+                self._direct_places.append((slot, off))
+            else:
+                self._spill_keys.append(slot)
+            slot += unit
             self._spill_bytes += want
             if self._spill_bytes >= _BATCH_BYTES or len(self._spill_batch) >= _BATCH_CHUNKS:
-                self._spill_submit()
-                self._spill_drain(self.workers + 2)
+                if direct:
+                    self._direct_submit()
+                    self._direct_drain(self.workers + 2)
+                else:
+                    self._spill_submit()
+                    self._spill_drain(self.workers + 2)
             off += want
 
     def _spill_submit(self) -> None:
@@ -531,25 +544,7 @@ class BlobWriter:
         """`spill_file` in archive order: the chunks go through the workers (`_prepare_batch`)
         and are stored (or referenced) in submission order by `_direct_drain`, as
         `add_files_stream` does: the same decisions at any thread timing."""
-        cs = self.opts.chunk_size
-        keys = self._spill_file_keys
-        if keys and key <= keys[-1]:
-            raise ValueError(f"spill_file: file key {key} after {keys[-1]} (keys must increase)")
-        slot = len(self._file_records)
-        keys.append(key)
-        self._spill_file_starts.append(slot)
-        self._file_records += bytes(CHUNK_RECORD_SIZE * chunk_count(size, cs))
-        off = 0
-        while off < size:
-            want = min(cs, size - off)
-            self._spill_batch.append(source.pread(key + off, want))
-            self._direct_places.append((slot, off))
-            slot += CHUNK_RECORD_SIZE
-            self._spill_bytes += want
-            if self._spill_bytes >= _BATCH_BYTES or len(self._spill_batch) >= _BATCH_CHUNKS:
-                self._direct_submit()
-                self._direct_drain(self.workers + 2)
-            off += want
+        self._queue_chunks(source, key, size, self._file_records, CHUNK_RECORD_SIZE, direct=True)
 
     def _direct_submit(self) -> None:
         if self._spill_batch:
