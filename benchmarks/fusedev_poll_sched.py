@@ -7,7 +7,9 @@ then the daemon's polling counters (metrics API) beside what the scheduler did:
     of the daemon, a kernel thread, another process);
   - each wake-up of the client and of a daemon thread: on the waker's CPU (a context switch)
     or on another one (an IPI to a halted vCPU on this VM);
-  - on how many CPUs the client and the reading thread ran.
+  - on how many CPUs the client and the reading thread ran;
+  - and, once the pass is over, that the idle daemon sleeps: 2 s with no requests, spin time
+    and CPU time of the daemon over them.
 
 Uses bench_fusedev's --workdir (tree, image, nydusd-plain.json, small-plain.list). Run as
 root. `--repo` picks the checkout whose daemon runs, so old and new code can be traced in turn.
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from common import api_get, drop_caches
-from fusedev_cold_ab import WORKLOADS, start, stop
+from fusedev_cold_ab import WORKLOADS, cpu_ms, start, stop
 
 REPO = Path(__file__).resolve().parents[1]
 EVENTS = ["sched:sched_switch", "sched:sched_wakeup"]
@@ -68,6 +70,13 @@ def one_pass(repo: str, work: str, workload: str, out: str) -> dict[str, Any]:
         load = os.getloadavg()[0]
         subprocess.run(cmd, cwd=mnt, stdout=subprocess.DEVNULL, check=True)
         after = api_get(sock, "/api/v1/metrics/transport")["fusedev"]
+        # an idle daemon sleeps: once the last window has run out, spin time stays flat
+        time.sleep(0.5)
+        idle0 = api_get(sock, "/api/v1/metrics/transport")["fusedev"]
+        cpu0 = cpu_ms(proc.pid)
+        time.sleep(2)
+        idle1 = api_get(sock, "/api/v1/metrics/transport")["fusedev"]
+        idle_cpu = cpu_ms(proc.pid) - cpu0
         daemon |= {int(t) for t in os.listdir(f"/proc/{proc.pid}/task")}
     finally:
         stop(proc, mnt)
@@ -103,7 +112,9 @@ def one_pass(repo: str, work: str, workload: str, out: str) -> dict[str, Any]:
                 if pid in group:
                     wakes[who][f"by {waker}, {'same CPU' if target == cpu else 'other CPU'}"] += 1
     delta = {k: after[k] - before.get(k, 0) for k in after if isinstance(after[k], int) and k != "poll_us"}
-    return {"load": load, "poll": delta, "ran_instead_of_a_runnable_daemon_thread": dict(instead.most_common()),
+    return {"load": load, "poll": delta, "idle_2s": {"spin_us": idle1["poll_spin_us"] - idle0["poll_spin_us"],
+                                                     "requests": idle1["requests"] - idle0["requests"],
+                                                     "daemon_cpu_ms": round(idle_cpu, 2)}, "ran_instead_of_a_runnable_daemon_thread": dict(instead.most_common()),
             "wakeups": {k: dict(v.most_common()) for k, v in wakes.items()},
             "cpus": {k: sorted(v) for k, v in cpus.items()}}
 
