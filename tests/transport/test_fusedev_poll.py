@@ -274,6 +274,37 @@ def test_polling_pauses_while_the_workers_wait_for_a_cpu(tmp_path: Path, busy_ch
 
 @pytest.mark.slow
 @pytest.mark.root
+def test_a_client_on_the_workers_cpu_is_no_busy_cpu(tmp_path: Path) -> None:
+    """Client and workers on one CPU, nothing else there: the client, woken on that CPU by each
+    reply, runs before the worker reads its next request, and the worker waits in the run queue
+    for its turns (tens of microseconds each). That is no load: the stream stays polled (it
+    paused for 1024 requests per run-queue sample before). Another process on that CPU would
+    pause it, rightly, so one round of three must see none."""
+    cpus = sorted(os.sched_getaffinity(0))
+    dev, mnt, close = _serve(tmp_path, poll_us=100, busy_check=True)
+    rounds = []
+    try:
+        for t in dev._workers:
+            assert t.native_id is not None
+            os.sched_setaffinity(t.native_id, {cpus[0]})
+        os.sched_setaffinity(threading.get_native_id(), {cpus[0]})
+        for _ in range(3):
+            before = dev.poll_metrics()
+            for _ in range(600):
+                os.stat(mnt / "d" / "f")
+            m = dev.poll_metrics()
+            d = {k: m[k] - before[k] for k in ("requests", "poll_hits", "poll_queued", "poll_cpu_busy")}
+            rounds.append(d)
+            if d["poll_cpu_busy"] == 0 and d["poll_hits"] + d["poll_queued"] >= 0.9 * d["requests"]:
+                return
+        pytest.fail(f"the stream was paused as if the CPU were busy in every round: {rounds}")
+    finally:
+        os.sched_setaffinity(threading.get_native_id(), set(cpus))
+        close()
+
+
+@pytest.mark.slow
+@pytest.mark.root
 def test_no_polling_between_reads(tmp_path: Path) -> None:
     """Where READs come every other request, the workers stop polling: the client's turn between
     them is longer than polling pays for, and the spin would take the CPU it needs."""
