@@ -57,21 +57,30 @@ _READ_SIZE_END = 60
 # idle vCPUs halt that wake-up is an IPI through the host (50 us and more here).
 DEFAULT_POLL_US = 100
 _POLL_START_NS = 10_000  # the first window once requests come close together
-# A sched_yield() that took longer than this let another task run: the CPU is not idle, and
-# polling on it stops (it would only delay whoever needs the CPU, the client included).
+# A sched_yield() that took longer than this let another task run on this CPU meanwhile.
 _YIELD_BUSY_NS = 5_000  # (a sched_yield with nothing else to run takes under 1 us here)
+# Such a yield is a busy CPU only when the other task kept the CPU for longer than this: a task
+# that runs whole time slices (a CPU hog: another process), where spinning only delays whoever
+# needs the CPU, the client included. A shorter turn (a kernel thread such as rcu_preempt or a
+# kworker, another thread of the daemon, or the client itself, woken on this CPU by the reply)
+# says nothing about load; polling goes on (counted: poll_lent). On a quiet VM such short turns
+# came about every 20 ms and used to stop polling for POLL_COOLDOWN requests each time.
+_YIELD_HOG_NS = 100_000
 POLL_COOLDOWN = 64  # requests read without polling after a spin met a busy CPU
 # After this many requests in a row found waiting at the first poll (several clients keep the
 # queue full), requests are read without polling until a read sleeps (took over _QUEUED_NS).
 QUEUED_STREAK = 64
 _QUEUED_NS = 8_000
 # Every RUNQ_EVERY requests a polling worker reads how long it has waited, runnable, for a CPU
-# (/proc/thread-self/schedstat): more than RUNQ_BUSY_NS per request means the CPUs are busy
-# (other processes), where a spinning thread competes as a CPU hog instead of being woken
-# ahead of them as a sleeper, and no halted vCPU is there to save a wake-up of: no polling
-# for RUNQ_COOLDOWN requests.
+# and how often it was switched in (/proc/thread-self/schedstat): more than RUNQ_BUSY_NS per
+# request, in waits of more than RUNQ_SLICE_NS each on average, means the CPUs are busy (other
+# processes' time slices), where a spinning thread competes as a CPU hog instead of being woken
+# ahead of them as a sleeper, and no halted vCPU is there to save a wake-up of: no polling for
+# RUNQ_COOLDOWN requests. Short waits are the client's turns (woken on this CPU by a reply, it
+# runs before the worker reads its next request: no IPI either way) and kernel threads.
 RUNQ_EVERY = 32
 RUNQ_BUSY_NS = 5_000
+RUNQ_SLICE_NS = _YIELD_HOG_NS
 RUNQ_COOLDOWN = 1024
 # Polling only once this many requests in a row were answered by the reading thread: where
 # handed-off READs come every few requests (cat of small files from a registry), the next
@@ -91,7 +100,8 @@ class PollWindow:
     last request and then sleeps in read(2); a stream whose requests come further apart than
     `limit_ns` settles at no polling at all."""
 
-    __slots__ = ("limit_ns", "start_ns", "window_ns", "cooldown", "queued", "_runq_last", "_polled_last")
+    __slots__ = ("limit_ns", "start_ns", "window_ns", "cooldown", "queued", "_runq_last", "_switches_last",
+                 "_polled_last")
 
     def __init__(self, limit_ns: int, start_ns: int = _POLL_START_NS) -> None:
         self.limit_ns = max(0, limit_ns)
@@ -100,6 +110,7 @@ class PollWindow:
         self.cooldown = 0  # requests to go before the window may open again (contended)
         self.queued = 0  # requests in a row found waiting at the first poll (QUEUED_STREAK)
         self._runq_last = -1
+        self._switches_last = 0
         self._polled_last = 0
 
     def contended(self) -> None:  # (also ends a streak of queued requests)
@@ -110,15 +121,31 @@ class PollWindow:
         self.cooldown = POLL_COOLDOWN
         self.queued = 0
 
-    def runq(self, total_ns: int, polled: int) -> bool:
-        """The thread's run-queue wait so far (ns) and how many requests it has read by polling
-        so far, sampled every RUNQ_EVERY requests; True when the CPUs were found busy (no
-        polling for RUNQ_COOLDOWN requests). Judged only over samples where every request was
-        polled for: a thread that slept waits in the run queue too while a halted vCPU wakes
-        up, which is the very wait polling saves, not a sign of a busy CPU."""
+    def lent(self, ns: int) -> bool:
+        """A sched_yield took `ns` (over _YIELD_BUSY_NS): another task ran on this CPU. True (and
+        contended) when it held the CPU for a time slice (_YIELD_HOG_NS); a short turn is no
+        sign of load, and polling goes on."""
+        if ns <= _YIELD_HOG_NS:
+            return False
+        self.contended()
+        return True
+
+    def runq(self, total_ns: int, switches: int, polled: int) -> bool:
+        """The thread's run-queue wait so far (ns), how often it was switched in so far, and how
+        many requests it has read by polling so far, sampled every RUNQ_EVERY requests; True
+        when the CPUs were found busy (no polling for RUNQ_COOLDOWN requests). Judged only over
+        samples where every request was polled for (a thread that slept waits in the run queue
+        too while a halted vCPU wakes up, which is the very wait polling saves), and only by
+        waits of time-slice length (RUNQ_SLICE_NS on average): the client's turns on this CPU
+        and kernel threads wait it for a few microseconds each, other processes' slices for
+        much longer."""
         last, self._runq_last = self._runq_last, total_ns
+        switches_last, self._switches_last = self._switches_last, switches
         polled_last, self._polled_last = self._polled_last, polled
-        if last < 0 or polled - polled_last < RUNQ_EVERY or total_ns - last <= RUNQ_EVERY * RUNQ_BUSY_NS:
+        wait = total_ns - last
+        if last < 0 or polled - polled_last < RUNQ_EVERY or wait <= RUNQ_EVERY * RUNQ_BUSY_NS:
+            return False
+        if wait <= RUNQ_SLICE_NS * max(1, switches - switches_last):
             return False
         self.window_ns = 0
         self.cooldown = max(self.cooldown, RUNQ_COOLDOWN)
@@ -141,7 +168,7 @@ class PollWindow:
 class PollStats:
     """One worker's counters (the worker is their only writer; readers sum them)."""
 
-    __slots__ = ("reads", "kept", "hits", "misses", "queued", "yielded", "busy", "spin_ns")
+    __slots__ = ("reads", "kept", "hits", "misses", "queued", "yielded", "lent", "busy", "spin_ns")
 
     def __init__(self) -> None:
         self.reads = 0  # requests read by this worker
@@ -149,7 +176,8 @@ class PollStats:
         self.hits = 0  # of them, found by polling (no sleep in read(2))
         self.misses = 0  # windows that ran out with nothing to read (or were cut short: yielded)
         self.queued = 0  # requests read straight off a full queue (QUEUED_STREAK), no poll()
-        self.yielded = 0  # spins stopped because another task took the CPU meanwhile
+        self.yielded = 0  # spins stopped because another task took the CPU meanwhile (a time slice)
+        self.lent = 0  # yields that let another task run for a short turn; polling went on
         self.busy = 0  # times the run-queue wait said the CPUs are busy (polling paused)
         self.spin_ns = 0  # time spent polling
 
@@ -216,7 +244,8 @@ class FuseDevSession:
                 "reads_kept": sum(p.kept for p in stats),
                 "poll_hits": sum(p.hits for p in stats), "poll_misses": sum(p.misses for p in stats),
                 "poll_queued": sum(p.queued for p in stats),
-                "poll_yielded": sum(p.yielded for p in stats), "poll_cpu_busy": sum(p.busy for p in stats),
+                "poll_yielded": sum(p.yielded for p in stats), "poll_lent": sum(p.lent for p in stats),
+                "poll_cpu_busy": sum(p.busy for p in stats),
                 "poll_spin_us": sum(p.spin_ns for p in stats) // 1000}
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -398,10 +427,11 @@ class FuseDevSession:
         that a client woken on this CPU runs at once."""
         if runq_fd >= 0 and stats.reads % RUNQ_EVERY == 0:
             try:
-                total = int(os.pread(runq_fd, 128, 0).split()[1])
+                fields = os.pread(runq_fd, 128, 0).split()
+                total, switches = int(fields[1]), int(fields[2])
             except (OSError, ValueError, IndexError):
-                total = -1
-            if total >= 0 and window.runq(total, stats.hits + stats.misses + stats.queued):
+                total = switches = -1
+            if total >= 0 and window.runq(total, switches, stats.hits + stats.misses + stats.queued):
                 stats.busy += 1
         if window.queued >= QUEUED_STREAK:
             # Requests have been waiting every time (several clients): a poll() first would
@@ -428,16 +458,17 @@ class FuseDevSession:
                 if now >= end:
                     break
                 yld()
-                if busy_check and clock() - now > _YIELD_BUSY_NS:
-                    # Another task ran on this CPU meanwhile: the CPU is wanted (another
-                    # process, or the client itself on this CPU, whose wake-ups cost no IPI:
-                    # polling gains nothing there and adds syscalls). One more look (the client
-                    # may just have sent), then no polling for a while: spinning on a busy CPU
-                    # only delays whoever needs it.
-                    found = bool(poll(0))
-                    stats.yielded += 1
-                    window.contended()
-                    break
+                if busy_check and (lent := clock() - now) > _YIELD_BUSY_NS:
+                    # Another task ran on this CPU meanwhile. A time slice of it: the CPU is
+                    # wanted (another process), and spinning on a busy CPU only delays whoever
+                    # needs it: one more look (the client may just have sent), then no polling
+                    # for a while. A short turn (a kernel thread, the client woken here by our
+                    # reply): go on polling.
+                    if window.lent(lent):
+                        found = bool(poll(0))
+                        stats.yielded += 1
+                        break
+                    stats.lent += 1
             if found:
                 window.queued = window.queued + 1 if now == t0 else 0  # there at the first look
                 stats.hits += 1
@@ -563,6 +594,7 @@ class FuseDevSession:
                 done.hits += stats.hits
                 done.misses += stats.misses
                 done.yielded += stats.yielded
+                done.lent += stats.lent
                 done.busy += stats.busy
                 done.queued += stats.queued
                 done.kept += stats.kept

@@ -21,6 +21,7 @@ from nydus_py.transport.fusedev import (
     RUNQ_BUSY_NS,
     RUNQ_COOLDOWN,
     RUNQ_EVERY,
+    RUNQ_SLICE_NS,
     FuseDevSession,
     PollWindow,
 )
@@ -74,19 +75,54 @@ def test_waiting_for_a_cpu_pauses_polling() -> None:
     w = PollWindow(100 * US, start_ns=10 * US)
     for _ in range(5):
         w.blocked(1 * US)
-    assert not w.runq(1_000_000, 0)  # the first sample only sets the start
-    assert not w.runq(1_000_000 + RUNQ_EVERY * RUNQ_BUSY_NS, RUNQ_EVERY)  # at the bound: not busy
+    assert not w.runq(1_000_000, 10, 0)  # the first sample only sets the start
+    # at the bound: not busy
+    assert not w.runq(1_000_000 + RUNQ_EVERY * RUNQ_BUSY_NS, 11, RUNQ_EVERY)
     assert w.window_ns == 100 * US
     # a long wait over requests not all polled for: wake-ups of a sleeping thread, not busy CPUs
-    assert not w.runq(2_000_000 + 3 * RUNQ_EVERY * RUNQ_BUSY_NS, 2 * RUNQ_EVERY - 1)
+    assert not w.runq(2_000_000 + 3 * RUNQ_EVERY * RUNQ_BUSY_NS, 12, 2 * RUNQ_EVERY - 1)
     assert w.window_ns == 100 * US
-    assert w.runq(3_000_000 + 6 * RUNQ_EVERY * RUNQ_BUSY_NS, 3 * RUNQ_EVERY - 1)
+    # waits of time-slice length, all requests polled for: other processes hold the CPUs
+    assert w.runq(3_000_000 + 6 * RUNQ_EVERY * RUNQ_BUSY_NS, 13, 3 * RUNQ_EVERY - 1)
     assert w.window_ns == 0 and w.cooldown == RUNQ_COOLDOWN
     for _ in range(RUNQ_COOLDOWN):
         w.blocked(1 * US)
     assert w.window_ns == 0
     w.blocked(1 * US)
     assert w.window_ns == 10 * US
+
+
+def test_short_waits_for_the_cpu_do_not_pause_polling() -> None:
+    """The client woken on this CPU by a reply runs before the worker reads its next request:
+    the worker waits in the run queue for one client turn per request (tens of microseconds,
+    one switch each), more than RUNQ_BUSY_NS a request, and yet no other process wants the CPU
+    (on a quiet machine that stopped polling for RUNQ_COOLDOWN requests)."""
+    w = PollWindow(100 * US, start_ns=10 * US)
+    for _ in range(5):
+        w.blocked(1 * US)
+    turn = RUNQ_SLICE_NS // 3  # a client turn, well over RUNQ_BUSY_NS
+    assert turn > 4 * RUNQ_BUSY_NS
+    assert not w.runq(1_000_000, 100, 0)
+    for k in range(1, 6):  # one switch-in per request, every request polled for
+        assert not w.runq(1_000_000 + k * RUNQ_EVERY * turn, 100 + k * RUNQ_EVERY, k * RUNQ_EVERY)
+    assert w.window_ns == 100 * US and w.cooldown == 0
+    # the same wait in a few long waits (other processes' time slices): busy
+    assert w.runq(1_000_000 + 6 * RUNQ_EVERY * turn, 100 + 5 * RUNQ_EVERY + 2, 6 * RUNQ_EVERY)
+    assert w.window_ns == 0 and w.cooldown == RUNQ_COOLDOWN
+
+
+def test_a_short_turn_of_another_task_does_not_stop_polling() -> None:
+    """A sched_yield that let a kernel thread or the client run for a few tens of microseconds
+    is no busy CPU; one that let a task run for a time slice is."""
+    w = PollWindow(100 * US, start_ns=10 * US)
+    for _ in range(5):
+        w.blocked(1 * US)
+    for _ in range(1000):  # a quiet machine: rcu_preempt, kworkers, the client's turns
+        assert not w.lent(30 * US)
+    assert w.window_ns == 100 * US and w.cooldown == 0
+    w.queued = 5
+    assert w.lent(2000 * US)  # a CPU hog's time slice
+    assert w.window_ns == 0 and w.cooldown == POLL_COOLDOWN and w.queued == 0
 
 
 def test_contention_ends_a_streak_of_queued_requests() -> None:
@@ -233,6 +269,37 @@ def test_polling_pauses_while_the_workers_wait_for_a_cpu(tmp_path: Path, busy_ch
         for h in hogs:
             h.kill()
             h.wait()
+        close()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_client_on_the_workers_cpu_is_no_busy_cpu(tmp_path: Path) -> None:
+    """Client and workers on one CPU, nothing else there: the client, woken on that CPU by each
+    reply, runs before the worker reads its next request, and the worker waits in the run queue
+    for its turns (tens of microseconds each). That is no load: the stream stays polled (it
+    paused for 1024 requests per run-queue sample before). Another process on that CPU would
+    pause it, rightly, so one round of three must see none."""
+    cpus = sorted(os.sched_getaffinity(0))
+    dev, mnt, close = _serve(tmp_path, poll_us=100, busy_check=True)
+    rounds = []
+    try:
+        for t in dev._workers:
+            assert t.native_id is not None
+            os.sched_setaffinity(t.native_id, {cpus[0]})
+        os.sched_setaffinity(threading.get_native_id(), {cpus[0]})
+        for _ in range(3):
+            before = dev.poll_metrics()
+            for _ in range(600):
+                os.stat(mnt / "d" / "f")
+            m = dev.poll_metrics()
+            d = {k: m[k] - before[k] for k in ("requests", "poll_hits", "poll_queued", "poll_cpu_busy")}
+            rounds.append(d)
+            if d["poll_cpu_busy"] == 0 and d["poll_hits"] + d["poll_queued"] >= 0.9 * d["requests"]:
+                return
+        pytest.fail(f"the stream was paused as if the CPU were busy in every round: {rounds}")
+    finally:
+        os.sched_setaffinity(threading.get_native_id(), set(cpus))
         close()
 
 
