@@ -658,15 +658,9 @@ class BlobWriter:
         spilled = self._spilled
         assert self._spill_fd is not None or not self._spill_file_keys
         spill = _SpillReader(self._spill_fd if self._spill_fd is not None else -1)
-        keys, starts, all_digests = self._spill_file_keys, self._spill_file_starts, self._spill_digests
+        all_digests = self._spill_digests
         for i, (key, size) in enumerate(files):
-            j = bisect.bisect_left(keys, key)
-            if j == len(keys) or keys[j] != key:
-                raise AssertionError(f"file at {key} was not spilled")
-            start = starts[j]
-            end = starts[j + 1] if j + 1 < len(starts) else len(all_digests)
-            if end - start != 32 * chunk_count(size, cs):
-                raise AssertionError(f"file at {key} was not spilled whole")
+            start, end = self._spilled_span(key, size, all_digests, 32)
             digests = all_digests[start:end]
             out = bytearray()
             for k in range(len(digests) // 32):
@@ -701,20 +695,26 @@ class BlobWriter:
 
     def _spilled_records(self, files: Iterable[tuple[int, int]], done: Callable[[int, bytes], None]) -> None:
         """Archive order: the chunk records `spill_file` kept for each of `files`."""
-        cs = self.opts.chunk_size
-        keys, starts, records = self._spill_file_keys, self._spill_file_starts, self._file_records
+        records = self._file_records
         for i, (key, size) in enumerate(files):
-            j = bisect.bisect_left(keys, key)
-            if j == len(keys) or keys[j] != key:
-                raise AssertionError(f"file at {key} was not spilled")
-            start = starts[j]
-            end = starts[j + 1] if j + 1 < len(starts) else len(records)
-            if end - start != CHUNK_RECORD_SIZE * chunk_count(size, cs):
-                raise AssertionError(f"file at {key} was not spilled whole")
+            start, end = self._spilled_span(key, size, records, CHUNK_RECORD_SIZE)
             self.uncompressed_bytes += size
             done(i, bytes(records[start:end]))
         self._file_records = bytearray()
         self._close_spill()
+
+    def _spilled_span(self, key: int, size: int, table: bytearray, unit: int) -> tuple[int, int]:
+        """Where file `key`'s slots (`unit` bytes a chunk) lie in `table`, as `_queue_chunks`
+        placed them; AssertionError if the file was not given to `spill_file` whole."""
+        keys, starts = self._spill_file_keys, self._spill_file_starts
+        j = bisect.bisect_left(keys, key)
+        if j == len(keys) or keys[j] != key:
+            raise AssertionError(f"file at {key} was not spilled")
+        start = starts[j]
+        end = starts[j + 1] if j + 1 < len(starts) else len(table)
+        if end - start != unit * chunk_count(size, self.opts.chunk_size):
+            raise AssertionError(f"file at {key} was not spilled whole")
+        return start, end
 
     def _close_spill(self) -> None:
         if self._spill_fd is not None:
