@@ -489,27 +489,26 @@ class Vfs(Filesystem):
             self._leave(slot)
 
     def forget(self, ino: int, nlookup: int) -> None:
-        slot = self._slot_quietly(ino)
-        if slot is not None:
-            try:
-                slot.fs.forget(ino & INO_MASK if slot.base else ino, nlookup)
-            finally:
-                self._leave(slot)
+        self._quietly(ino, "forget", nlookup)
 
     def batch_forget(self, items: list[tuple[int, int]]) -> None:
         for ino, n in items:
             self.forget(ino, n)
 
-    def _slot_quietly(self, ino: int) -> _Slot | None:
-        """`entered`'s slot (the caller leaves it) for requests without an error reply (FORGET,
-        RELEASE*): None for a pseudo directory or a filesystem that is gone (nothing left to
-        forget or release)."""
+    def _quietly(self, ino: int, op: str, arg: int) -> None:
+        """`op(inner ino, arg)` on `ino`'s filesystem, inside its slot, for requests without an
+        error reply (FORGET, RELEASE*): nothing for a pseudo directory or a filesystem that is
+        gone (nothing left to forget or release)."""
         if not (ino >> INO_SHIFT) and self._rootfs is None:
-            return None
+            return
         try:
-            return self._slot(ino)
+            slot = self._slot(ino)
         except FuseError:
-            return None
+            return
+        try:
+            getattr(slot.fs, op)(ino & INO_MASK if slot.base else ino, arg)
+        finally:
+            self._leave(slot)
 
     def getattr(self, ino: int) -> tuple[FuseAttr, float]:
         node = self._pseudo_node(ino)
@@ -564,13 +563,7 @@ class Vfs(Filesystem):
             self._leave(slot)
 
     def release(self, ino: int, fh: int) -> None:
-        slot = self._slot_quietly(ino)
-        if slot is None:
-            return  # a pseudo directory, or the filesystem is gone and its handles with it
-        try:
-            slot.fs.release(ino & INO_MASK if slot.base else ino, fh)
-        finally:
-            self._leave(slot)
+        self._quietly(ino, "release", fh)  # (a filesystem that is gone took its handles with it)
 
     def flush(self, ino: int, fh: int) -> None:
         if self._pseudo_node(ino) is not None:
@@ -588,12 +581,7 @@ class Vfs(Filesystem):
             return fs.opendir(inner, flags)
 
     def releasedir(self, ino: int, fh: int) -> None:
-        slot = self._slot_quietly(ino)
-        if slot is not None:
-            try:
-                slot.fs.releasedir(ino & INO_MASK if slot.base else ino, fh)
-            finally:
-                self._leave(slot)
+        self._quietly(ino, "releasedir", fh)
 
     def _pseudo_children(self, node: _Pseudo) -> list[tuple[bytes, "_Pseudo | _Slot"]]:
         with self._lock:
