@@ -28,6 +28,8 @@ WORKLOADS = {
     "find": lambda w: ["find", ".", "-type", "f"],
     "lsR": lambda w: ["ls", "-lR"],
     "small": lambda w: ["xargs", "-0", "-a", os.path.join(w, "small-plain.list"), "cat"],
+    # the small files looked up but not read (what LOOKUP-time work costs when no READ follows)
+    "stat": lambda w: ["xargs", "-0", "-a", os.path.join(w, "small-plain.list"), "stat", "-c", "%s"],
 }
 
 
@@ -80,6 +82,9 @@ def main() -> None:
     ap.add_argument("--json", help="write the results here")
     ap.add_argument("--io-uring", action="store_true", help="both daemons with --io-uring (fuse.enable_uring=Y "
                     "for the run, restored after)")
+    ap.add_argument("--base-args", default="", help="more daemon flags for the baseline arm (e.g. "
+                    "'--fuse-warm-kb 0' with --baseline set to this checkout: a feature's own cost)")
+    ap.add_argument("--new-args", default="", help="more daemon flags for the new arm")
     args = ap.parse_args()
     with fuse_uring_enabled(args.io_uring):
         run(args)
@@ -97,7 +102,8 @@ def run(args: argparse.Namespace) -> None:
     for r in range(args.rounds):
         for name, repo, root in arms:
             drop_caches()
-            flags = ["--io-uring"] if args.io_uring else []
+            flags = (["--io-uring"] if args.io_uring else []) + (args.base_args if name == "base" else
+                                                                  args.new_args if name == "new" else "").split()
             proc = start(repo, work, mnt, os.path.join(work, f"cold-ab-{name}.log"), flags) if repo else None
             c0 = cpu_ms(proc.pid) if proc is not None else 0.0
             t = time.perf_counter()
@@ -121,6 +127,7 @@ def run(args: argparse.Namespace) -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"workload": args.workload, "cmd": cmd, "baseline": args.baseline,
                                                "io_uring": args.io_uring,
+                                               "base_args": args.base_args, "new_args": args.new_args,
                                                "ms": ms, "daemon_cpu_ms": cpu, "median_ratio_to_native": ratios,
                                                "paired_new_over_base": paired,
                                                "loadavg_end": os.getloadavg()}, indent=1) + "\n")

@@ -57,6 +57,7 @@ class DaemonCollector:
         yield from self._backend(instances)
         yield from self._cache(instances)
         yield from self._prefetch(instances)
+        yield from self._warm(instances, svc)
         yield from self._casefold(instances)
 
     def _daemon(self, svc: Any) -> Iterator[Metric]:
@@ -177,6 +178,28 @@ class DaemonCollector:
             done.add_metric([mp], 1.0 if p.done.is_set() else 0.0)
         yield from (chunks, planned, errors, done)
 
+
+    def _warm(self, instances: list[Instance], svc: Any) -> Iterator[Metric]:
+        """Small files decoded right after their LOOKUP for the READ that follows (storage/warm):
+        per mount; and the FUSE session's gate (fuse/warm), mountpoint "", which stops warming
+        while LOOKUPs go unread."""
+        fam = CounterMetricFamily("nydusd_small_file_warm", "Small files decoded after their LOOKUP: warmed, hit "
+                                  "(their READ took them), wasted (pushed out unread); for mountpoint \"\" the "
+                                  "session's gate: lookups it let warm or skipped (READs were not following)",
+                                  labels=["mountpoint", "event"])
+        for inst in instances:
+            if inst.device is None:
+                continue
+            w = inst.device.warmed
+            for event, n in (("warmed", w.warmed), ("hit", w.hits), ("wasted", w.wasted)):
+                fam.add_metric([inst.mountpoint, event], float(n))
+        session = getattr(svc, "session", None)
+        if session is not None:
+            g = session.warm_gate
+            for event, n in (("lookup_warmed", g.warmed), ("lookup_skipped", g.skipped), ("followed", g.followed),
+                             ("unfollowed", g.unfollowed)):
+                fam.add_metric(["", event], float(n))
+        yield fam
 
     def _casefold(self, instances: list[Instance]) -> Iterator[Metric]:
         """Case-insensitive LOOKUP (only mounts that have it on)."""

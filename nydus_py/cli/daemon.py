@@ -121,6 +121,8 @@ class Daemon:
             case_insensitive=bool(getattr(args, "case_insensitive", False)))
         if getattr(args, "fuse_poll_us", None) is not None:
             self.opts.fuse_poll_us = args.fuse_poll_us
+        if getattr(args, "fuse_warm_kb", None) is not None:
+            self.opts.fuse_warm_kb = args.fuse_warm_kb
         self.events = setup_logging(args.log_level, args.log_file, args.log_rotation_size)
         self.service = DaemonService(self.opts, self.events)
         self.servers: list[ApiServer] = []

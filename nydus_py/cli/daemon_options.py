@@ -49,6 +49,16 @@ def _poll_us(value: str) -> int:
     return n
 
 
+def _warm_kb(value: str) -> int:
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid size {value!r}") from None
+    if not 0 <= n <= 1024:
+        raise argparse.ArgumentTypeError(f"warm size {n} KB is not in 0..=1024")
+    return n
+
+
 def _queues(value: str) -> int:
     try:
         n = int(value)
@@ -130,6 +140,11 @@ def _fuse_options(p: argparse.ArgumentParser, required: bool) -> None:
                    "microseconds (adaptive: only while requests keep coming; an idle daemon sleeps in "
                    "read(2)) instead of sleeping at once, which saves the wake-up of every request of a "
                    "stream. 0 turns it off. Default 100")
+    g.add_argument("--fuse-warm-kb", dest="fuse_warm_kb", type=_warm_kb, default=None, metavar="KB",
+                   help="a LOOKUP of a regular file of at most KB kilobytes stored in one chunk of a local blob "
+                   "decodes the file right after its reply, while the process that asked wakes up, so the READ "
+                   "that usually follows is answered at once (/dev/fuse only: an io_uring queue runs on the "
+                   "requester's CPU). 0 turns it off. Default 128")
     g.add_argument("--failover-policy", choices=("none", "resend", "flush"), default="resend")
     g.add_argument("--writable", action="store_true", help="accepted; the filesystem is always read-only")
     g.add_argument("--fs-driver", choices=("fusedev", "erofs"), default=None,

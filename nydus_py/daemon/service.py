@@ -48,6 +48,9 @@ STATE_FORMAT = "nydus_py/takeover/1"  # the fd handed over is /dev/fuse itself
 STATE_FORMAT_BUNDLE = "nydus_py/takeover/2"
 
 
+DEFAULT_WARM_KB = 128
+
+
 @dataclass
 class DaemonOptions:
     mode: str = "fuse"  # fuse | virtiofs
@@ -64,6 +67,9 @@ class DaemonOptions:
     mount_timeout: float = 120.0
     # --fuse-poll-us: how long a /dev/fuse worker may poll for the next request (transport/fusedev)
     fuse_poll_us: int = DEFAULT_POLL_US
+    # --fuse-warm-kb: a /dev/fuse LOOKUP of a regular file up to this size decodes its data right
+    # after the reply, for the READ that likely follows (FuseSession.warm_max; 0: off)
+    fuse_warm_kb: int = DEFAULT_WARM_KB
     # FUSE over io_uring (--io-uring / "fuse_io_uring": true); falls back to /dev/fuse reads
     io_uring: bool = False
     # --case-insensitive: every mount of this daemon gets case-insensitive LOOKUP (fs.casefold)
@@ -401,6 +407,7 @@ class DaemonService:
 
     # -- transports -----------------------------------------------------------------------------
     def _new_fusedev(self) -> FuseDevSession:
+        self.session.warm_max = self.opts.fuse_warm_kb << 10
         return FuseDevSession(self.session.handle_vectored, self.opts.mountpoint, threads=self.opts.threads,
                               poll_us=self.opts.fuse_poll_us, read_waits=self.session.read_waits)
 
@@ -424,6 +431,9 @@ class DaemonService:
         if self.opts.io_uring:
             from ..transport.fuse_uring import FuseUringSession as Uring
 
+            # no warming: a ring thread serves its queue on the requester's own CPU, where work
+            # after the reply only delays the requester
+            self.session.warm_max = 0
             t = Uring(self.session, self.opts.mountpoint, threads=self.opts.threads, poll_us=self.opts.fuse_poll_us,
                       read_waits=self.session.read_waits)
         t.mount()

@@ -482,6 +482,13 @@ class RafsFilesystem(Filesystem):
             self.readahead.after_read(i, offset, offset + len(data), file_size)
         return data
 
+    def warm(self, ino: int, size: int) -> None:
+        """The file's one chunk decoded into the chunk cache for its READ (`BlobDevice.warm`)."""
+        try:
+            self.device.warm(self._img(ino), size)
+        except Exception as e:  # (the READ reports a broken file; a warm-up only says so in debug)
+            log.debug("warm inode %d: %s", ino, e)
+
     def read_waits(self, ino: int, offset: int = 0, size: int = 0) -> bool:
         """A local backend without a blob cache never waits; otherwise a READ waits unless
         every chunk of its range is ready locally now (`BlobDevice.range_ready`)."""

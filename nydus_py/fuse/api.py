@@ -235,6 +235,11 @@ class Filesystem(ABC):
         of `ino`. A cheap hint, asked before every READ; True unless the filesystem knows."""
         return True
 
+    def warm(self, ino: int, size: int) -> None:  # noqa: B027 (optional, as read_waits)
+        """Make the READ of all of regular file `ino` (`size` bytes) that will likely follow its
+        LOOKUP cheap, if that costs no waiting (local data): called by a transport right after
+        the LOOKUP reply, while the caller wakes up. Never raises; nothing by default."""
+
     def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
         """Like `read`, but the data goes into `dest` (at most `dest.size` bytes; fewer only at
         end of file); returns how many bytes were written. A transport that owns the reply's

@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
+from functools import partial
 from typing import Protocol, cast
 
 from .abi import (
@@ -83,6 +84,7 @@ from .abi import (
 )
 from .api import OPEN_MUTATING_FLAGS, Caller, Entry, Filesystem, OpenResult, SetAttr
 from .iovec import WouldBlock, trim
+from .warm import WarmGate
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,9 @@ _FH = struct.Struct("<Q")  # the fh that starts read/release/flush/lseek in-args
 _NODEID = struct.Struct("<Q")  # fuse_in_header.nodeid, at offset 16
 _READ_HEAD = struct.Struct("<QQI")  # fh, offset, size of fuse_read_in
 _U32 = struct.Struct("<I")
+_U64X2 = struct.Struct("<QQ")
+_S_IFMT = 0o170000
+_S_IFREG = 0o100000
 _U32X2 = struct.Struct("<II")
 _LSEEK_IN = struct.Struct("<QqI")  # fh, offset (signed loff_t), whence
 _CREATE_REPLY = struct.Struct("<IiQQQQQII" + ATTR_FMT + "QIi")  # out_header, entry_out, open_out
@@ -162,6 +167,16 @@ _MAX_SECS = (1 << 63) - 1
 _O_READ_ONLY_REFUSED = os.O_ACCMODE | OPEN_MUTATING_FLAGS
 
 Reply = bytes | tuple[bytes, bytes | bytearray | memoryview] | None
+
+
+class Then(bytes):
+    """A reply with work for its transport to do once the reply is written (the kernel has it,
+    the requester is being woken): `after()`. Used to decode a small file's data while the
+    process that looked it up wakes up and opens it, so the READ that follows finds it ready.
+    Any transport may write it as plain bytes and skip `after` (nothing is lost but time)."""
+
+    after: Callable[[], object]
+
 Buffer = bytes | bytearray | memoryview
 _OUT_SIZE = OUT_HEADER.size
 _OUT_INTO = OUT_HEADER.pack_into
@@ -314,6 +329,10 @@ class FuseSession:
         self._no_open = False
         self._passthrough = False  # PASSTHROUGH negotiated (read per OPEN: an int, not an enum op)
         self._no_opendir = False
+        # LOOKUPs of regular files up to this size (0: none) warm their data after the reply
+        # (`Filesystem.warm`) while READs follow LOOKUPs; a transport that runs `Then.after` sets it
+        self.warm_max = 0
+        self.warm_gate = WarmGate()
         self._init_lock = threading.Lock()
 
         self._pre_init_ops: dict[int, tuple[_Op, int]] = {
@@ -715,7 +734,15 @@ class FuseSession:
         if len(packed) != _ENTRY_OUT_SIZE:
             log.error("lookup(%d, %r): %d packed bytes, not a fuse_entry_out", nodeid, name, len(packed))
             return _OUT(16, -errno.EIO, unique)
-        return _OUT(_ENTRY_SIZE, 0, unique) + packed
+        reply = _OUT(_ENTRY_SIZE, 0, unique) + packed
+        if self.warm_max:
+            child, size = _U64X2.unpack_from(packed, 40)  # fuse_attr.ino (the nodeid), .size
+            if (0 < size <= self.warm_max and _U32.unpack_from(packed, 100)[0] & _S_IFMT == _S_IFREG
+                    and self.warm_gate.looked_up(child)):
+                then = Then(reply)
+                then.after = partial(self.fs.warm, child, size)
+                return then
+        return reply
 
     def _forget(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> None:
         try:
@@ -763,6 +790,8 @@ class FuseSession:
 
     def _read(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> Reply:
         fh, offset, size = _READ_HEAD.unpack_from(body)
+        if not offset and self.warm_max:
+            self.warm_gate.read(nodeid)
         data = self.fs.read(nodeid, fh, offset, size)
         n = len(data)
         if n > size:

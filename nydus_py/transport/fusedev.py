@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 
 from ..fuse.abi import BACKING_ID, BACKING_MAP, FUSE_DEV_IOC_BACKING_CLOSE, FUSE_DEV_IOC_BACKING_OPEN
+from ..fuse.protocol import Then
 from .mount import (
     abort_detached_connection,
     connection_of,
@@ -561,8 +562,12 @@ class FuseDevSession:
                 try:
                     if isinstance(reply, list):
                         os.writev(fd, reply)  # header + data without joining them first
+                        head = reply[0]
                     else:
                         os.write(fd, reply)
+                        head = reply
+                    if type(head) is Then:
+                        head.after()  # (while the requester wakes up)
                     if buf[4] == FUSE_INIT and buf[5] == 0:
                         if self._ra_pending:
                             self._after_init()

@@ -546,6 +546,14 @@ class Vfs(Filesystem):
         finally:
             self._leave(slot)
 
+    def warm(self, ino: int, size: int) -> None:
+        """The owning filesystem's `warm`; not entered, as `read_waits` (a filesystem going
+        away meanwhile fails the warm-up, and the READ, if any, answers for itself)."""
+        idx = ino >> INO_SHIFT
+        slot = self._slots[idx] if idx else self._rootfs
+        if slot is not None and not slot.closed:
+            slot.fs.warm(slot.inner(ino), size)
+
     def read_waits(self, ino: int, offset: int = 0, size: int = 0) -> bool:
         """The owning filesystem's answer; a hint only (not entered: a filesystem unmounted
         meanwhile answers the READ itself with ESTALE)."""
