@@ -662,10 +662,24 @@ class DaemonService:
         uring = sys.modules.get("nydus_py.transport.fuse_uring")  # (not loaded: not in use)
         if uring is not None and isinstance(t, uring.FuseUringSession):
             return {"transport": "fuse_io_uring" if t.stats.active else "fusedev", "io_uring": t.stats.as_dict(),
-                    "fusedev": t.dev.poll_metrics()}
+                    "fusedev": t.dev.poll_metrics(), "warm": self._warm_metrics()}
         if isinstance(t, FuseDevSession):
-            return {"transport": "fusedev", "io_uring": None, "fusedev": t.poll_metrics()}
+            return {"transport": "fusedev", "io_uring": None, "fusedev": t.poll_metrics(), "warm": self._warm_metrics()}
         raise Unsupported("transport metrics are only available for fusedev")
+
+    def _warm_metrics(self) -> dict[str, int]:
+        """Small files decoded after their LOOKUP (--fuse-warm-kb): the session's gate, and the
+        files its mounts decoded, READs took and pushed out unread."""
+        g = self.session.warm_gate
+        out = {"warm_kb": self.session.warm_max >> 10, "lookups_warmed": g.warmed, "lookups_skipped": g.skipped,
+               "followed": g.followed, "unfollowed": g.unfollowed, "warmed": 0, "hits": 0, "wasted": 0}
+        for inst in list(self.instances.values()):
+            if inst.device is not None:
+                w = inst.device.warmed
+                out["warmed"] += w.warmed
+                out["hits"] += w.hits
+                out["wasted"] += w.wasted
+        return out
 
     def metrics_inflight(self) -> list[dict[str, int]] | None:
         if self.opts.mode != "fuse":

@@ -358,6 +358,8 @@ def test_daemon_io_uring_flag_and_transport_metrics(param: str, tree: tuple[str,
         log_text = d.log_text()
     u = m["io_uring"]
     assert m["fusedev"]["poll_us"] == 40  # --fuse-poll-us reaches the /dev/fuse workers beside the ring
+    # no warming with --io-uring: a ring thread answers on the requester's own CPU
+    assert m["warm"]["warm_kb"] == 0 and m["warm"]["warmed"] == 0
     if param == "Y":
         assert m["transport"] == "fuse_io_uring"
         assert u["active"] and u["fallbacks"] == 0 and u["ring_requests"] > 0 and u["dev_requests"] == 0

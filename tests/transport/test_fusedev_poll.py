@@ -355,7 +355,8 @@ def test_daemon_flag_and_transport_metrics(tmp_path: Path) -> None:
         (src / f"d{i}" / "f").write_bytes(b"x" * i)
     img = build(str(src), str(tmp_path / "img"), views=False)
     mnt, sock = str(tmp_path / "mnt"), str(tmp_path / "api.sock")
-    with nydusd(img.boot, img.blob_dir, mnt, str(tmp_path), args=("--fuse-poll-us", "3000", "--apisock", sock),
+    with nydusd(img.boot, img.blob_dir, mnt, str(tmp_path), args=("--fuse-poll-us", "3000", "--apisock", sock,
+                                                                  "--fuse-warm-kb", "64"),
                 attr_timeout=0, entry_timeout=0):
         wait_until(lambda: os.path.exists(sock), 30, "the API socket")
         for _ in range(20):  # a stream of LOOKUPs and GETATTRs, each right after the last reply
@@ -374,3 +375,8 @@ def test_daemon_flag_and_transport_metrics(tmp_path: Path) -> None:
     assert f["poll_us"] == 3000 and f["requests"] >= 800, f
     assert f["poll_hits"] + f["poll_queued"] + f["poll_cpu_busy"] >= 1, f
     assert f["reads_kept"] >= 19, f
+    # --fuse-warm-kb reaches the session; the stat stream stopped the warming, the reads
+    # (each right after its file's LOOKUP: attr and entry timeouts are 0) brought it back
+    w = m["warm"]
+    assert w["warm_kb"] == 64 and w["lookups_skipped"] >= 300 and w["followed"] >= 19, w
+    assert w["warmed"] == w["lookups_warmed"] and w["warmed"] >= w["hits"], w
