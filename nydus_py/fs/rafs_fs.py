@@ -35,6 +35,7 @@ from ..storage.device import BlobDevice
 from .casefold import CaseFolder
 from .failed_reads import RecentFailures
 from .readahead import SequentialReadahead
+from .walk_ahead import WalkAhead
 
 log = logging.getLogger(__name__)
 
@@ -137,8 +138,9 @@ class RafsFilesystem(Filesystem):
         self._closed = False
         self.name_scan_failures = 0
         self._serial = next(_LISTINGS.serials)  # this filesystem's key in _LISTINGS
-        self._listing_lock = threading.Lock()  # (_too_big)
+        self._listing_lock = threading.Lock()  # (_too_big, walk)
         self._too_big: set[int] = set()  # directories streamed (more entries than the budget)
+        self.walk = WalkAhead()  # the directory a depth-first walk lists next (under _listing_lock)
 
     def init(self, capable: InitFlags) -> InitFlags:
         """Zero-message open/opendir (as nydusd's RAFS asks): the kernel stops sending OPEN,
@@ -488,6 +490,20 @@ class RafsFilesystem(Filesystem):
             self.device.warm(self._img(ino), size)
         except Exception as e:  # (the READ reports a broken file; a warm-up only says so in debug)
             log.debug("warm inode %d: %s", ino, e)
+
+    def warm_next_dir(self, ino: int) -> None:
+        """Decode the listing a depth-first walk asks for after directory `ino`'s (`WalkAhead`),
+        into the listings LRU its READDIRPLUS packs from."""
+        try:
+            i = self._img(ino)
+            _parent, kids = self._listing(i)
+            subdirs = [] if kids is None else [k[1] for k in kids if k[2] == stat.S_IFDIR]
+            with self._listing_lock:
+                nxt = self.walk.listed(i, subdirs)
+            if nxt is not None:
+                self._listing(nxt)
+        except Exception as e:  # (the READDIR itself reports a broken directory)
+            log.debug("warm the listing after directory %d: %s", ino, e)
 
     def read_waits(self, ino: int, offset: int = 0, size: int = 0) -> bool:
         """A local backend without a blob cache never waits; otherwise a READ waits unless

@@ -845,8 +845,20 @@ class FuseSession:
             if pad:
                 append(_PADS[pad])
             used += rec
+        if not used:
+            return self._listing_ended(unique, nodeid)
         parts[0] = _OUT(16 + used, 0, unique)
         return b"".join(parts)
+
+    def _listing_ended(self, unique: int, nodeid: int) -> bytes:
+        """The empty reply that ends a listing; with warming on, it warms the listing a walk
+        of the tree asks for next (`Filesystem.warm_next_dir`) once written."""
+        reply = _OUT(16, 0, unique)
+        if not self.warm_max:
+            return reply
+        then = Then(reply)
+        then.after = partial(self.fs.warm_next_dir, nodeid)
+        return then
 
     def _readdirplus(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> Reply:
         fh, offset, size = _READ_HEAD.unpack_from(body)
@@ -857,7 +869,7 @@ class FuseSession:
                 log.error("readdirplus(%d): %d packed bytes for a %d-byte request", nodeid, n, size)
                 return _OUT(16, -errno.EIO, unique)
             if not n:
-                return _OUT(16, 0, unique)
+                return self._listing_ended(unique, nodeid)
             return _OUT(16 + n, 0, unique), packed
         parts = [b""]
         append = parts.append

@@ -554,6 +554,14 @@ class Vfs(Filesystem):
         if slot is not None and not slot.closed:
             slot.fs.warm(slot.inner(ino), size)
 
+    def warm_next_dir(self, ino: int) -> None:
+        """As `warm`: the owning filesystem's (a walk that goes on into another mount's tree
+        lists that one cold)."""
+        idx = ino >> INO_SHIFT
+        slot = self._slots[idx] if idx else self._rootfs
+        if slot is not None and not slot.closed:
+            slot.fs.warm_next_dir(slot.inner(ino))
+
     def read_waits(self, ino: int, offset: int = 0, size: int = 0) -> bool:
         """The owning filesystem's answer; a hint only (not entered: a filesystem unmounted
         meanwhile answers the READ itself with ESTALE)."""
