@@ -141,10 +141,12 @@ def _fuse_options(p: argparse.ArgumentParser, required: bool) -> None:
                    "read(2)) instead of sleeping at once, which saves the wake-up of every request of a "
                    "stream. 0 turns it off. Default 100")
     g.add_argument("--fuse-warm-kb", dest="fuse_warm_kb", type=_warm_kb, default=None, metavar="KB",
-                   help="a LOOKUP of a regular file of at most KB kilobytes stored in one chunk of a local blob "
-                   "decodes the file right after its reply, while the process that asked wakes up, so the READ "
-                   "that usually follows is answered at once (/dev/fuse only: an io_uring queue runs on the "
-                   "requester's CPU). 0 turns it off. Default 128")
+                   help="warming, after a reply is written, while the process that asked wakes up: a LOOKUP of a "
+                   "regular file of at most KB kilobytes stored in one chunk of a local blob decodes the file, "
+                   "so the READ that usually follows is answered at once (paused while LOOKUPs go unread); "
+                   "the empty READDIR that ends a listing decodes the directory a depth-first walk (find, "
+                   "ls -R) lists next. /dev/fuse only (an io_uring queue runs on the requester's CPU). 0 "
+                   "turns both off. Default 128")
     g.add_argument("--failover-policy", choices=("none", "resend", "flush"), default="resend")
     g.add_argument("--writable", action="store_true", help="accepted; the filesystem is always read-only")
     g.add_argument("--fs-driver", choices=("fusedev", "erofs"), default=None,

@@ -68,7 +68,8 @@ class DaemonOptions:
     # --fuse-poll-us: how long a /dev/fuse worker may poll for the next request (transport/fusedev)
     fuse_poll_us: int = DEFAULT_POLL_US
     # --fuse-warm-kb: a /dev/fuse LOOKUP of a regular file up to this size decodes its data right
-    # after the reply, for the READ that likely follows (FuseSession.warm_max; 0: off)
+    # after the reply, for the READ that likely follows, and a listing's end decodes the next
+    # directory of a depth-first walk (FuseSession.warm_max; 0: neither)
     fuse_warm_kb: int = DEFAULT_WARM_KB
     # FUSE over io_uring (--io-uring / "fuse_io_uring": true); falls back to /dev/fuse reads
     io_uring: bool = False
