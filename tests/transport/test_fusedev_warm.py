@@ -4,6 +4,7 @@ files that are only stat'ed stop the warming after a few. Contents stay exact ei
 
 import os
 import random
+import subprocess
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -136,3 +137,46 @@ def test_warm_size_0_warms_nothing(tree, tmp_path: Path) -> None:  # noqa: ANN00
         m.close()
         fs.close()
         source.close()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_a_depth_first_walk_gets_each_next_listing_decoded_ahead(tmp_path: Path) -> None:
+    rng = random.Random(4)
+    src = tmp_path / "src"
+    dirs = [src]
+    for i in range(40):  # a random tree of 41 directories, a few files in each
+        d = rng.choice(dirs) / f"d{i:02d}"
+        d.mkdir(parents=True)
+        dirs.append(d)
+        for j in range(rng.randrange(0, 4)):
+            (d / f"f{j}").write_bytes(rng.randbytes(rng.randrange(0, 3000)))
+    img = build(str(src), str(tmp_path / "img"), views=False)
+    mnt = Path(os.path.realpath(tmp_path / "mnt"))
+    m, fs, source = _mount(img.boot, img.blob_dir, mnt)
+    try:
+        walk = subprocess.run(["ls", "-lRn", "--time-style=+%s"], cwd=mnt, capture_output=True, check=True,
+                              env={**os.environ, "LC_ALL": "C"}).stdout
+        native = subprocess.run(["ls", "-lRn", "--time-style=+%s"], cwd=src, capture_output=True, check=True,
+                                env={**os.environ, "LC_ALL": "C"}).stdout
+        # the same listing (the link counts and sizes of directories differ between ext4 and RAFS)
+        assert _names(walk) == _names(native)
+        # every listing's end but the last predicted the next directory of the walk
+        assert fs.walk.predicted == len(dirs) - 1, fs.walk.predicted
+    finally:
+        m.close()
+        fs.close()
+        source.close()
+
+
+def _names(ls: bytes) -> list[bytes]:
+    """`ls -lRn` output reduced to directory headers and entry names (no block totals)."""
+    out = []
+    for line in ls.splitlines():
+        if line.startswith(b"total"):
+            continue
+        if line.endswith(b":") or not line:
+            out.append(line)
+        else:
+            out.append(line.split()[-1])
+    return out
