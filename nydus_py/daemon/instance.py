@@ -155,7 +155,8 @@ class Instance:
 
     def trim(self) -> bool:
         """Give back what an idle mount can rebuild on demand: the bootstrap's mapped pages and
-        the filesystem's kept listings, and its decoded chunks in the daemon's shared cache."""
+        the filesystem's kept listings and walk predictions, and its decoded chunks in the
+        daemon's shared cache and warmed files."""
         fs_trim = getattr(self.fs, "trim", None)
         listings = bool(fs_trim()) if callable(fs_trim) else False
         pages = self.image.trim() if self.image is not None else False
@@ -163,6 +164,7 @@ class Instance:
         if self.device is not None:
             chunks = self.device.cache.held > 0
             self.device.cache.clear()
+            chunks = self.device.warmed.clear() or chunks
         return pages or listings or chunks
 
     # -- views --------------------------------------------------------------------------------

@@ -263,8 +263,11 @@ class RafsFilesystem(Filesystem):
         return 0, FOpenFlags.KEEP_CACHE | FOpenFlags.CACHE_DIR
 
     def trim(self) -> bool:
-        """Drop the kept listings (an idle mount's: the idle trimmer's round); True if any."""
-        return _LISTINGS.drop(self._serial)
+        """Drop the kept listings and walk predictions (an idle mount's: the idle trimmer's
+        round); True if any."""
+        with self._listing_lock:
+            walked = self.walk.clear()
+        return _LISTINGS.drop(self._serial) or walked
 
     @property
     def _listed(self) -> int:

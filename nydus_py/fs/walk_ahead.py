@@ -16,7 +16,7 @@ walk that is not depth first only loses the predictions, cleared when the table 
 from collections.abc import Sequence
 
 # directories waiting for their turn, at most: a depth-first walk keeps its frontier here
-WALK_TABLE = 4096
+WALK_TABLE = 1024
 
 
 class WalkAhead:
@@ -41,3 +41,9 @@ class WalkAhead:
         if after is not None:
             self.predicted += 1
         return after
+
+    def clear(self) -> bool:
+        """Forget the waiting directories (an idle mount's trim); whether there were any."""
+        held = bool(self._after)
+        self._after.clear()
+        return held

@@ -1,18 +1,22 @@
 """Small files decoded right after their LOOKUP (`BlobDevice.warm`), kept for their READ.
 
 Whether to warm at all is the FUSE session's call (`fuse.warm.WarmGate`); this keeps what was
-decoded, at most `keep` files, the oldest pushed out unread first, for the one READ that takes it.
+decoded, at most `keep` files and `max_bytes`, the oldest pushed out unread first, for the one
+READ that takes it. An idle mount's trimmer clears it.
 """
 
 import threading
 
 # files kept for their READ (a LOOKUP without a READ leaves one behind until it is pushed out)
 WARM_KEEP = 16
+WARM_BYTES = 1 << 20
 
 
 class WarmStore:
-    def __init__(self, keep: int = WARM_KEEP) -> None:
+    def __init__(self, keep: int = WARM_KEEP, max_bytes: int = WARM_BYTES) -> None:
         self.keep = keep
+        self.max_bytes = max_bytes
+        self.size = 0
         self._items: dict[int, bytes] = {}
         self._lock = threading.Lock()
         self.warmed = 0  # files decoded for their READ
@@ -22,11 +26,14 @@ class WarmStore:
     def put(self, ino: int, data: bytes) -> None:
         with self._lock:
             items = self._items
-            items.pop(ino, None)  # (looked up again: it goes to the back)
+            old = items.pop(ino, None)  # (looked up again: it goes to the back)
+            if old is not None:
+                self.size -= len(old)
             items[ino] = data
+            self.size += len(data)
             self.warmed += 1
-            if len(items) > self.keep:
-                del items[next(iter(items))]
+            while len(items) > self.keep or self.size > self.max_bytes:
+                self.size -= len(items.pop(next(iter(items))))
                 self.wasted += 1
 
     def take(self, ino: int) -> bytes | None:
@@ -36,9 +43,14 @@ class WarmStore:
         with self._lock:
             data = self._items.pop(ino, None)
             if data is not None:
+                self.size -= len(data)
                 self.hits += 1
             return data
 
-    def clear(self) -> None:
+    def clear(self) -> bool:
+        """Drop what is kept (an idle mount's trim); whether anything was."""
         with self._lock:
+            held = bool(self._items)
             self._items.clear()
+            self.size = 0
+            return held

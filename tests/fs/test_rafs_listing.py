@@ -135,3 +135,12 @@ def test_one_budget_for_every_filesystem_and_trim_drops_its_own(fs: RafsFilesyst
     _walk_in_pieces(other_fs, other, 10)
     other_fs.close()
     assert other_fs._listed == 0
+
+
+def test_an_idle_trim_forgets_the_walk_predictions(fs: RafsFilesystem) -> None:
+    """WalkAhead's waiting directories are given back with the listings (an idle mount keeps
+    nothing per directory)."""
+    fs.warm_next_dir(1)  # the root listed to its end: its subdirectories wait for their turn
+    assert fs.walk._after and fs.walk.predicted == 1
+    fs.trim()
+    assert not fs.walk._after and not fs.trim()

@@ -111,3 +111,14 @@ def test_a_chunk_that_fails_its_digest_is_not_warmed_and_its_read_fails(tmp_path
         dev.read_whole(ino, len(files["s9"]))
     source.flip = None  # the blob is right again: so is the READ
     assert bytes(dev.read_whole(ino, len(files["s9"]))) == files["s9"]
+
+
+def test_the_store_holds_at_most_its_bytes_and_an_idle_trim_empties_it() -> None:
+    store = WarmStore(keep=16, max_bytes=10_000)
+    for ino in range(5):
+        store.put(ino, bytes(3000))
+    assert store.size <= 10_000 and store.wasted == 2  # 5 x 3000 > 10000: the two oldest went
+    assert store.take(0) is None and store.take(4) == bytes(3000)
+    assert store.size == 6000
+    assert store.clear() and store.size == 0 and store.take(3) is None
+    assert not store.clear()
