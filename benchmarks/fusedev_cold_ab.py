@@ -33,8 +33,9 @@ WORKLOADS = {
 }
 
 
-def start(repo: str, work: str, mnt: str, log: str, extra: Sequence[str] = ()) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--config", os.path.join(work, "nydusd-plain.json"),
+def start(repo: str, work: str, mnt: str, log: str, extra: Sequence[str] = (),
+          config: str = "nydusd-plain.json") -> subprocess.Popen[bytes]:
+    cmd = [sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--config", os.path.join(work, config),
            "--bootstrap", os.path.join(work, "img-plain", "boot"), "--mountpoint", mnt, "--thread-num", "4",
            "--log-level", "warn", *extra]
     with open(log, "ab") as out:
@@ -85,6 +86,8 @@ def main() -> None:
     ap.add_argument("--base-args", default="", help="more daemon flags for the baseline arm (e.g. "
                     "'--fuse-warm-kb 0' with --baseline set to this checkout: a feature's own cost)")
     ap.add_argument("--new-args", default="", help="more daemon flags for the new arm")
+    ap.add_argument("--config", default="nydusd-plain.json", help="the daemons' config, in --workdir (e.g. one "
+                    "with a blob cache filled beforehand)")
     args = ap.parse_args()
     with fuse_uring_enabled(args.io_uring):
         run(args)
@@ -104,7 +107,8 @@ def run(args: argparse.Namespace) -> None:
             drop_caches()
             flags = (["--io-uring"] if args.io_uring else []) + (args.base_args if name == "base" else
                                                                   args.new_args if name == "new" else "").split()
-            proc = start(repo, work, mnt, os.path.join(work, f"cold-ab-{name}.log"), flags) if repo else None
+            proc = (start(repo, work, mnt, os.path.join(work, f"cold-ab-{name}.log"), flags, args.config)
+                    if repo else None)
             c0 = cpu_ms(proc.pid) if proc is not None else 0.0
             t = time.perf_counter()
             subprocess.run(cmd, cwd=root, stdout=subprocess.DEVNULL, check=True)

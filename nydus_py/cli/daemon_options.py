@@ -142,7 +142,8 @@ def _fuse_options(p: argparse.ArgumentParser, required: bool) -> None:
                    "stream. 0 turns it off. Default 100")
     g.add_argument("--fuse-warm-kb", dest="fuse_warm_kb", type=_warm_kb, default=None, metavar="KB",
                    help="warming, after a reply is written, while the process that asked wakes up: a LOOKUP of a "
-                   "regular file of at most KB kilobytes stored in one chunk of a local blob decodes the file, "
+                   "regular file of at most KB kilobytes whose data needs no waiting (one chunk of a local blob, or "
+                   "chunks ready in the blob cache) reads it, "
                    "so the READ that usually follows is answered at once (paused while LOOKUPs go unread); "
                    "the empty READDIR that ends a listing decodes the directory a depth-first walk (find, "
                    "ls -R) lists next. /dev/fuse only (an io_uring queue runs on the requester's CPU). 0 "

@@ -211,42 +211,58 @@ class BlobDevice:
         return out
 
     def read_whole(self, ino: int, file_size: int) -> bytes | memoryview:
-        """All of file `ino` (`file_size` bytes): `read(ino, 0, file_size)`, with a shortcut
-        for what a cold small file's one READ asks (no blob cache, the file in one chunk): that
-        chunk through the chunk cache as `_load` takes a chunk read whole (decoded, handed over,
-        not kept; concurrent readers share one load), without the per-range lists, the
-        `functools.partial` and the assembly. Per small file that is a few Python calls and
-        objects fewer, which on a CPU whose caches the client and the kernel just went through
-        count double."""
-        if self._chunked is None and 0 < file_size <= self.image.chunk_size:
+        """All of file `ino` (`file_size` bytes): `read(ino, 0, file_size)`, or what `warm`
+        read for it, with a shortcut for what a cold small file's one READ asks (no blob cache,
+        the file in one chunk): that chunk through the chunk cache as `_load` takes a chunk read
+        whole (decoded, handed over, not kept; concurrent readers share one load), without the
+        per-range lists, the `functools.partial` and the assembly. Per small file that is a few
+        Python calls and objects fewer, which on a CPU whose caches the client and the kernel
+        just went through count double."""
+        if 0 < file_size <= self.image.chunk_size:
             data = self.warmed.take(ino)
             if data is not None and len(data) == file_size:
                 with self._stats_lock:
                     self.bytes_read += file_size
                 return data
-            chunks = self.image.chunks(ino, 0, file_size)
-            if len(chunks) == 1:
-                c = chunks[0]
-                if c.file_offset == 0 and c.uncompressed_size == file_size:
+            if self._chunked is None:
+                c = self._whole_chunk(ino, file_size)
+                if c is not None:
                     data = self.cache.get(_key(c), lambda: self._fetch(c, file_size), file_size, False)
                     with self._stats_lock:
                         self.bytes_read += file_size
                     return data if len(data) == file_size else memoryview(data)[:file_size]
         return self.read(ino, 0, file_size, file_size)
 
-    def warm(self, ino: int, file_size: int) -> bool:
-        """Decode all of small file `ino` (one chunk; a local blob, no blob cache: no waiting)
-        for the `read_whole` that likely follows, and keep it for that one READ (`WarmStore`).
-        Called right after the file's LOOKUP reply, while the
-        process that asked wakes up, so the READ's reply costs a dict pop instead of the chunk
-        lookup and the decode. Whether it did."""
-        if self._chunked is not None or not self.local or not 0 < file_size <= self.image.chunk_size:
-            return False
+    def _whole_chunk(self, ino: int, file_size: int) -> ChunkInfo | None:
+        """The one chunk that holds all of file `ino`, if one does."""
         chunks = self.image.chunks(ino, 0, file_size)
-        if len(chunks) != 1:
+        if len(chunks) == 1:
+            c = chunks[0]
+            if c.file_offset == 0 and c.uncompressed_size == file_size:
+                return c
+        return None
+
+    def warm(self, ino: int, file_size: int) -> bool:
+        """Read all of small file `ino` for the `read_whole` that likely follows, and keep it
+        for that one READ (`WarmStore`), when that needs no waiting: without a blob cache, a
+        file in one chunk of a local blob (decoded); with one, a file whose chunks are all
+        ready in it. Called right after the file's LOOKUP reply, while the process that asked
+        wakes up, so the READ's reply costs a dict pop instead of the chunk lookup and the
+        decode (or the cache read). Whether it did."""
+        if not 0 < file_size <= self.image.chunk_size:
             return False
-        c = chunks[0]
-        if c.file_offset or c.uncompressed_size != file_size:
+        if self._chunked is not None:
+            if not self.range_ready(ino, 0, file_size):
+                return False
+            data = self.read(ino, 0, file_size, file_size)
+            if len(data) != file_size:
+                return False
+            self.warmed.put(ino, data)
+            return True
+        if not self.local:
+            return False
+        c = self._whole_chunk(ino, file_size)
+        if c is None:
             return False
         self.warmed.put(ino, self.cache.get(_key(c), lambda: self._fetch(c, file_size), file_size, False))
         return True

@@ -17,13 +17,13 @@ class WarmStore:
         self.keep = keep
         self.max_bytes = max_bytes
         self.size = 0
-        self._items: dict[int, bytes] = {}
+        self._items: dict[int, bytes | memoryview] = {}
         self._lock = threading.Lock()
         self.warmed = 0  # files decoded for their READ
         self.hits = 0  # READs answered with them
         self.wasted = 0  # pushed out unread
 
-    def put(self, ino: int, data: bytes) -> None:
+    def put(self, ino: int, data: bytes | memoryview) -> None:
         with self._lock:
             items = self._items
             old = items.pop(ino, None)  # (looked up again: it goes to the back)
@@ -36,7 +36,7 @@ class WarmStore:
                 self.size -= len(items.pop(next(iter(items))))
                 self.wasted += 1
 
-    def take(self, ino: int) -> bytes | None:
+    def take(self, ino: int) -> bytes | memoryview | None:
         """The decoded file for the READ of all of `ino` (None: not kept)."""
         if not self._items:
             return None

@@ -10,6 +10,7 @@ import pytest
 from nydus_py.builder.options import BuildOptions
 from nydus_py.rafs import open_bootstrap
 from nydus_py.rafs.model import BlobInfo, RafsImage
+from nydus_py.storage.cache import BlobCacheManager
 from nydus_py.storage.cache.chunk_cache import ChunkCache
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
@@ -122,3 +123,21 @@ def test_the_store_holds_at_most_its_bytes_and_an_idle_trim_empties_it() -> None
     assert store.size == 6000
     assert store.clear() and store.size == 0 and store.take(3) is None
     assert not store.clear()
+
+
+def test_with_a_blob_cache_only_files_whose_chunks_are_ready_are_warmed(tmp_path: Path) -> None:
+    image, blob_dir, files = _image(tmp_path)
+    remote = RemoteDir(blob_dir)
+    cache = BlobCacheManager(str(tmp_path / "cache"), remote, amplify_io=0, read_around=0)
+    dev = BlobDevice(image, cache, cache=ChunkCache(64 << 20))
+    try:
+        s2, s3 = _ino(image, "s2"), _ino(image, "s3")
+        assert not dev.warm(s2, len(files["s2"]))  # not fetched yet: warming never fetches
+        assert remote.reads == 0 and dev.warmed.warmed == 0
+        assert bytes(dev.read_whole(s3, len(files["s3"]))) == files["s3"]  # fetched by a READ
+        fetched = remote.reads
+        assert dev.warm(s3, len(files["s3"]))  # ready now: read from the cache's files
+        assert remote.reads == fetched
+        assert bytes(dev.read_whole(s3, len(files["s3"]))) == files["s3"] and dev.warmed.hits == 1
+    finally:
+        cache.close()
