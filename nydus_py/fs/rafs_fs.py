@@ -473,6 +473,12 @@ class RafsFilesystem(Filesystem):
 
     # -- data ------------------------------------------------------------------------------------
     def read(self, ino: int, fh: int, offset: int, size: int) -> bytes | memoryview:
+        if not offset and self.device.warmed:
+            # the READ that follows the file's LOOKUP: what `warm` read then (a regular file,
+            # read whole and right moments ago) needs none of `_readable`'s checks
+            data = self.device.take_warmed(self._img(ino), size)
+            if data is not None:
+                return data
         i, file_size = self._readable(ino, offset, size)
         # the whole file at once (a small file's one READ): nothing follows for readahead
         whole = offset == 0 and size >= file_size

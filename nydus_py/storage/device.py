@@ -219,10 +219,8 @@ class BlobDevice:
         Python calls and objects fewer, which on a CPU whose caches the client and the kernel
         just went through count double."""
         if 0 < file_size <= self.image.chunk_size:
-            data = self.warmed.take(ino)
+            data = self.take_warmed(ino, file_size)
             if data is not None and len(data) == file_size:
-                with self._stats_lock:
-                    self.bytes_read += file_size
                 return data
             if self._chunked is None:
                 c = self._whole_chunk(ino, file_size)
@@ -232,6 +230,15 @@ class BlobDevice:
                         self.bytes_read += file_size
                     return data if len(data) == file_size else memoryview(data)[:file_size]
         return self.read(ino, 0, file_size, file_size)
+
+    def take_warmed(self, ino: int, room: int) -> bytes | memoryview | None:
+        """All of file `ino` as `warm` read it, for a READ of at most `room` bytes from its
+        start (None: not kept, or larger than `room`)."""
+        data = self.warmed.take(ino, room)
+        if data is not None:
+            with self._stats_lock:
+                self.bytes_read += len(data)
+        return data
 
     def _whole_chunk(self, ino: int, file_size: int) -> ChunkInfo | None:
         """The one chunk that holds all of file `ino`, if one does."""

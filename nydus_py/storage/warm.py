@@ -36,15 +36,21 @@ class WarmStore:
                 self.size -= len(items.pop(next(iter(items))))
                 self.wasted += 1
 
-    def take(self, ino: int) -> bytes | memoryview | None:
-        """The decoded file for the READ of all of `ino` (None: not kept)."""
+    def __bool__(self) -> bool:
+        return bool(self._items)
+
+    def take(self, ino: int, room: int = -1) -> bytes | memoryview | None:
+        """The file `ino` as read, for a READ of all of it (of `room` bytes when given: a READ
+        too small for the file leaves it kept); None: not kept."""
         if not self._items:
             return None
         with self._lock:
-            data = self._items.pop(ino, None)
-            if data is not None:
-                self.size -= len(data)
-                self.hits += 1
+            data = self._items.get(ino)
+            if data is None or len(data) > room >= 0:
+                return None
+            del self._items[ino]
+            self.size -= len(data)
+            self.hits += 1
             return data
 
     def clear(self) -> bool:

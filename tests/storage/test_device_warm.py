@@ -141,3 +141,11 @@ def test_with_a_blob_cache_only_files_whose_chunks_are_ready_are_warmed(tmp_path
         assert bytes(dev.read_whole(s3, len(files["s3"]))) == files["s3"] and dev.warmed.hits == 1
     finally:
         cache.close()
+
+
+def test_a_read_too_small_for_the_warmed_file_leaves_it_kept() -> None:
+    store = WarmStore()
+    store.put(7, b"x" * 5000)
+    assert store.take(7, 4096) is None  # (an O_DIRECT or mmap read of the first page)
+    assert store.take(7, 8192) == b"x" * 5000 and store.take(7, 8192) is None
+    assert store.hits == 1
