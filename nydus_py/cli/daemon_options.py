@@ -10,6 +10,7 @@ several request queues.
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from ..daemon.version import version_text
@@ -29,44 +30,25 @@ class _VersionAction(argparse.Action):
         parser.exit(0)
 
 
-def _threads(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid thread count {value!r}") from None
-    if not 1 <= n <= 1024:
-        raise argparse.ArgumentTypeError(f"thread count {n} is not in 1..=1024")
-    return n
+def _int_in(lo: int, hi: int, what: str, unit: str = "") -> Callable[[str], int]:
+    """An argparse type: an int in lo..=hi, else one line naming `what` (e.g. "thread count")."""
+
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {what} {value!r}") from None
+        if not lo <= n <= hi:
+            raise argparse.ArgumentTypeError(f"{what} {n}{unit} is not in {lo}..={hi}")
+        return n
+
+    return parse
 
 
-def _poll_us(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid poll window {value!r}") from None
-    if not 0 <= n <= 10_000:
-        raise argparse.ArgumentTypeError(f"poll window {n} us is not in 0..=10000")
-    return n
-
-
-def _warm_kb(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid size {value!r}") from None
-    if not 0 <= n <= 1024:
-        raise argparse.ArgumentTypeError(f"warm size {n} KB is not in 0..=1024")
-    return n
-
-
-def _queues(value: str) -> int:
-    try:
-        n = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid queue count {value!r}") from None
-    if not 1 <= n <= 255:
-        raise argparse.ArgumentTypeError(f"queue count {n} is not in 1..=255")
-    return n
+_threads = _int_in(1, 1024, "thread count")
+_poll_us = _int_in(0, 10_000, "poll window", " us")
+_warm_kb = _int_in(0, 1024, "warm size", " KB")
+_queues = _int_in(1, 255, "queue count")
 
 
 def _nonneg(value: str) -> int:

@@ -2,6 +2,7 @@
 reply is written (while the process that asked wakes up), and the READ that follows takes it;
 files that are only stat'ed stop the warming after a few. Contents stay exact either way."""
 
+import contextlib
 import os
 import random
 import subprocess
@@ -53,14 +54,21 @@ class _Mount:
         self.watchdog.cancel()
 
 
-def _mount(boot: str, blob_dir: str, mnt: Path, warm_kb: int = 128,
-           fs_cls: type[RafsFilesystem] = RafsFilesystem) -> tuple[_Mount, RafsFilesystem, LocalBlobDir]:
+@contextlib.contextmanager
+def _mounted(boot: str, blob_dir: str, mnt: Path, warm_kb: int = 128,
+             fs_cls: type[RafsFilesystem] = RafsFilesystem) -> Iterator[tuple[_Mount, RafsFilesystem]]:
     require_device("/dev/fuse")
     mnt.mkdir(exist_ok=True)
     image = open_bootstrap(boot)
     source = LocalBlobDir(blob_dir)
     fs = fs_cls(image, BlobDevice(image, source, validate=True), readahead_chunks=0)
-    return _Mount(fs, mnt, warm_kb), fs, source
+    m = _Mount(fs, mnt, warm_kb)
+    try:
+        yield m, fs
+    finally:
+        m.close()
+        fs.close()
+        source.close()
 
 
 @pytest.mark.slow
@@ -68,8 +76,7 @@ def _mount(boot: str, blob_dir: str, mnt: Path, warm_kb: int = 128,
 def test_reads_after_lookups_take_the_warmed_files_and_stats_stop_the_warming(tree, tmp_path: Path) -> None:  # noqa: ANN001
     src, boot, blob_dir = tree
     mnt = Path(os.path.realpath(tmp_path / "mnt"))
-    m, fs, source = _mount(boot, blob_dir, mnt)
-    try:
+    with _mounted(boot, blob_dir, mnt) as (m, fs):
         names = [f"d/f{i:03d}" for i in range(N)]
         for name in names[: N // 2]:  # open by path and read: LOOKUP, READ
             assert (mnt / name).read_bytes() == (src / name).read_bytes()
@@ -87,10 +94,6 @@ def test_reads_after_lookups_take_the_warmed_files_and_stats_stop_the_warming(tr
         assert stats_warmed <= most and gate.skipped >= N // 2 - most and gate.score < 0, vars(gate)
         for name in names[N // 2 :]:  # now read them (their dentries are cached: READs only)
             assert (mnt / name).read_bytes() == (src / name).read_bytes()
-    finally:
-        m.close()
-        fs.close()
-        source.close()
 
 
 class _WaitingWarm(RafsFilesystem):
@@ -109,18 +112,13 @@ class _WaitingWarm(RafsFilesystem):
 def test_the_warm_up_runs_after_the_lookup_reply_is_written(tree, tmp_path: Path) -> None:  # noqa: ANN001
     src, boot, blob_dir = tree
     mnt = Path(os.path.realpath(tmp_path / "mnt"))
-    m, fs, source = _mount(boot, blob_dir, mnt, fs_cls=_WaitingWarm)
-    try:
+    with _mounted(boot, blob_dir, mnt, fs_cls=_WaitingWarm):
         os.stat(mnt / "d")
         assert os.stat(mnt / "d" / "f007").st_size == (src / "d" / "f007").stat().st_size
         _WaitingWarm.stat_returned.set()
         assert (mnt / "d" / "f007").read_bytes() == (src / "d" / "f007").read_bytes()
         # a warm-up run before the reply was written would have held the stat for 10 s and seen False
         assert _WaitingWarm.warm_saw_it == [True]
-    finally:
-        m.close()
-        fs.close()
-        source.close()
 
 
 @pytest.mark.slow
@@ -128,15 +126,10 @@ def test_the_warm_up_runs_after_the_lookup_reply_is_written(tree, tmp_path: Path
 def test_warm_size_0_warms_nothing(tree, tmp_path: Path) -> None:  # noqa: ANN001
     src, boot, blob_dir = tree
     mnt = Path(os.path.realpath(tmp_path / "mnt"))
-    m, fs, source = _mount(boot, blob_dir, mnt, warm_kb=0)
-    try:
+    with _mounted(boot, blob_dir, mnt, warm_kb=0) as (m, fs):
         for i in range(10):
             assert (mnt / f"d/f{i:03d}").read_bytes() == (src / f"d/f{i:03d}").read_bytes()
         assert fs.device.warmed.warmed == 0 and m.session.warm_gate.warmed == 0
-    finally:
-        m.close()
-        fs.close()
-        source.close()
 
 
 @pytest.mark.slow
@@ -153,8 +146,7 @@ def test_a_depth_first_walk_gets_each_next_listing_decoded_ahead(tmp_path: Path)
             (d / f"f{j}").write_bytes(rng.randbytes(rng.randrange(0, 3000)))
     img = build(str(src), str(tmp_path / "img"), views=False)
     mnt = Path(os.path.realpath(tmp_path / "mnt"))
-    m, fs, source = _mount(img.boot, img.blob_dir, mnt)
-    try:
+    with _mounted(img.boot, img.blob_dir, mnt) as (m, fs):
         walk = subprocess.run(["ls", "-lRn", "--time-style=+%s"], cwd=mnt, capture_output=True, check=True,
                               env={**os.environ, "LC_ALL": "C"}).stdout
         native = subprocess.run(["ls", "-lRn", "--time-style=+%s"], cwd=src, capture_output=True, check=True,
@@ -163,10 +155,6 @@ def test_a_depth_first_walk_gets_each_next_listing_decoded_ahead(tmp_path: Path)
         assert _names(walk) == _names(native)
         # every listing's end but the last predicted the next directory of the walk
         assert fs.walk.predicted == len(dirs) - 1, fs.walk.predicted
-    finally:
-        m.close()
-        fs.close()
-        source.close()
 
 
 def _names(ls: bytes) -> list[bytes]:
