@@ -15,21 +15,37 @@ GIL; a lost update of the score between threads only shifts a heuristic by one.
 WATCH = 16
 # the score's bounds: how many net READs (or misses) it remembers
 SCORE_LIMIT = 8
+# while warming is off, one LOOKUP in this many is watched (the way back when READs follow
+# again); the others cost the session one comparison
+SKIP_SAMPLE = 4
 
 
 class WarmGate:
     """The score of the last LOOKUPs of small files: +1 for one whose READ came, -1 for one
     pushed out of the watch list unread; warm while it is not negative."""
 
-    def __init__(self, watch: int = WATCH, limit: int = SCORE_LIMIT) -> None:
+    def __init__(self, watch: int = WATCH, limit: int = SCORE_LIMIT, sample: int = SKIP_SAMPLE) -> None:
         self.watch = watch
         self.limit = limit
+        self.sample = sample
         self.score = 0
+        self._tick = 0
         self._watched: dict[int, None] = {}
         self.warmed = 0  # LOOKUPs the gate let warm
         self.skipped = 0  # LOOKUPs it did not (READs were not following)
         self.followed = 0  # watched LOOKUPs whose READ came
         self.unfollowed = 0  # watched LOOKUPs pushed out unread
+
+    def watching(self) -> bool:
+        """Whether the next LOOKUP of a small file is to be passed to `looked_up`: all of them
+        while warming is on, one in `sample` while it is off (the rest only count as skipped)."""
+        if self.score >= 0:
+            return True
+        self._tick += 1
+        if self._tick % self.sample:
+            self.skipped += 1
+            return False
+        return True
 
     def looked_up(self, nodeid: int) -> bool:
         """A LOOKUP of small file `nodeid` was answered; whether to warm it."""

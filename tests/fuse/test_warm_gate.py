@@ -50,3 +50,22 @@ def test_a_file_looked_up_again_is_watched_once() -> None:
     for _ in range(10):
         g.looked_up(5)
     assert g.unfollowed == 0 and g.score == 0
+
+
+def test_while_off_one_lookup_in_sample_is_watched_and_that_is_the_way_back() -> None:
+    g = WarmGate(watch=4, limit=2, sample=4)
+    for ino in range(10):
+        if g.watching():
+            g.looked_up(ino)
+    assert g.score < 0
+    asked = [g.watching() for _ in range(12)]
+    assert asked.count(True) == 3  # the rest cost nothing but a count
+    back = 0
+    for ino in range(100, 200):  # READs follow LOOKUPs again: the sampled ones bring it back
+        if g.watching():
+            warmed = g.looked_up(ino)
+            g.read(ino)
+            if warmed:
+                break
+        back += 1
+    assert g.score >= 0 and back < 40, (g.score, back)
