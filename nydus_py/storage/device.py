@@ -264,7 +264,8 @@ class BlobDevice:
             data = self.read(ino, 0, file_size, file_size)
             if len(data) != file_size:
                 return False
-            self.warmed.put(ino, data)
+            # a view may hold a larger buffer alive (a chunk the file is a part of): keep a copy
+            self.warmed.put(ino, bytes(data) if isinstance(data, memoryview) else data)
             return True
         if not self.local:
             return False
