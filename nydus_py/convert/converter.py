@@ -33,6 +33,7 @@ directory that is removed at the end.
 """
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -42,6 +43,7 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -169,16 +171,23 @@ class _Fetched:
 
 
 class _InflateSink:
-    """`stream_blob`'s sink for a layer: each piece is inflated (`layer.Inflater`) in a worker
-    thread while the event loop reads the next one, so at most two pieces are in memory and the
-    loop never hashes or decompresses."""
+    """`stream_blob`'s sink for a layer: the pieces are inflated (`layer.Inflater`) in a worker
+    thread, in order, while the event loop reads the next ones; the loop never hashes or
+    decompresses.
+
+    The pieces go through a queue of at most `ahead` bytes: the loop waits only when the queue
+    is full, and one pool job inflates every piece queued while it runs. (A round trip per piece,
+    the loop waiting for each piece's inflate before handing over the next, cost a thread
+    wake-up each way per 256 KiB: the worker waited for the loop and the loop for the worker,
+    and under GIL contention each wake-up waited for a switch interval.)"""
 
     def __init__(self, pool: ThreadPoolExecutor, tar_path: str, keep_path: str | None, size: int,
-                 limits: ExpansionLimits | None, growth: Growth | None = None) -> None:
+                 limits: ExpansionLimits | None, growth: Growth | None = None, ahead: int = 1 << 20) -> None:
         self.pool = pool
         self.size = size
         self.limits = limits
         self.growth = growth
+        self.ahead = ahead
         self.tar: _GrowingFile | _PipeWriter
         if isinstance(growth, TarPipe):  # the build reads the tar from memory: no file
             self.tar = _PipeWriter(growth)
@@ -186,7 +195,14 @@ class _InflateSink:
             self.tar = _GrowingFile(open(tar_path, "wb", buffering=0), growth)  # noqa: SIM115 (closed in close)
         self.keep = open(keep_path, "wb") if keep_path else None  # noqa: SIM115
         self.inflater: Inflater | None = None
-        self._pending: asyncio.Future[None] | None = None
+        self._lock = threading.Lock()
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._queued = 0  # bytes in the queue or being fed
+        self._running = False  # a pool job is draining the queue
+        self._error: BaseException | None = None  # what a feed raised (the rest of the queue dropped)
+        self._waiter: asyncio.Future[None] | None = None  # the loop waiting for room or for the end
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.jobs = 0  # pool jobs started (one per run of pieces, not one per piece)
 
     async def restart(self) -> None:
         await self.settle()
@@ -199,19 +215,72 @@ class _InflateSink:
         self.inflater = Inflater(self.tar, self.limits, self.size, self.keep)  # type: ignore[arg-type]
 
     async def write(self, data: bytes) -> None:
-        await self.settle()
+        """Queue the next piece; wait only while more than `ahead` bytes are queued."""
         assert self.inflater is not None
-        self._pending = asyncio.get_running_loop().run_in_executor(self.pool, self.inflater.feed, data)
+        self._loop = asyncio.get_running_loop()
+        with self._lock:
+            self._raise_locked()
+            self._queue.append(data)
+            self._queued += len(data)
+            start = not self._running
+            self._running = True
+        if start:
+            self.jobs += 1
+            self.pool.submit(self._drain)
+        while True:
+            with self._lock:
+                self._raise_locked()
+                if self._queued <= self.ahead:
+                    return
+                waiter = self._waiter = self._loop.create_future()
+            await waiter
 
     async def settle(self) -> None:
-        """Wait for the piece being inflated."""
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            await pending
+        """Wait until every piece queued is inflated (the error of one that failed is raised)."""
+        while True:
+            with self._lock:
+                if not self._running:
+                    self._raise_locked()
+                    return
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await waiter
+
+    def _raise_locked(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _drain(self) -> None:
+        """Pool job: feed the queued pieces in order until the queue is empty."""
+        inflater = self.inflater
+        assert inflater is not None
+        while True:
+            with self._lock:
+                if not self._queue or self._error is not None:
+                    self._running = False
+                    self._wake_locked()
+                    return
+                data = self._queue.popleft()
+            try:
+                inflater.feed(data)
+            except BaseException as e:  # (a write error of the tar file: the download stops with it)
+                with self._lock:
+                    self._error = e
+                    self._queue.clear()
+                    self._queued = 0
+                continue
+            with self._lock:
+                self._queued -= len(data)
+                if self._queued <= self.ahead // 2:  # room again: the loop goes on reading
+                    self._wake_locked()
+
+    def _wake_locked(self) -> None:
+        waiter, self._waiter = self._waiter, None
+        if waiter is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(_resolve, waiter)
 
     def finish(self) -> tuple[str, int, str]:
         """The tar's (diff_id, size, kind) once settled; the FormatError of bad data."""
-        assert self.inflater is not None and self._pending is None
+        assert self.inflater is not None and not self._running
         return self.inflater.finish()
 
     def layer_hex(self) -> str:
@@ -220,14 +289,20 @@ class _InflateSink:
 
     async def close(self) -> None:
         """Wait for the worker (also after an error or a cancel: it must not write to a closed
-        file), then close the files."""
-        if self._pending is not None:
-            with contextlib.suppress(BaseException):
-                await asyncio.shield(self._pending)
-            self._pending = None
+        file; the pieces it has not started are dropped), then close the files."""
+        with self._lock:
+            self._queued -= sum(len(p) for p in self._queue)
+            self._queue.clear()
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(self.settle())
         self.tar.close()
         if self.keep is not None:
             self.keep.close()
+
+
+def _resolve(waiter: "asyncio.Future[None]") -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 async def _nothing() -> None:
