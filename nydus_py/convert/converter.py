@@ -21,9 +21,8 @@ With `build_cache` (see `build_cache`), layers whose ChainID and build parameter
 are neither pulled nor prepared: their cached layer bootstrap joins the stack where their commit
 would be (the layers above, prepared meanwhile, find its chunks from then on, as they do a
 committed layer's) and their blob is mounted (same registry) or copied into the target with the
-last pushes; the record of each layer built is made right after its commit (the top layer's once
-the merged bootstrap is written, beside the bootstrap layer) and its blobs go up at once, beside
-the image's. The cache manifest is pushed at the very end.
+last pushes; the record of each layer built is made right after its commit. The cache image is
+pushed at the very end.
 With `chunk_dict`, chunks the dictionary image has are referenced from its blobs, which then
 join the image (mounted or copied into the target like cached blobs).
 
@@ -54,7 +53,6 @@ from typing import Any, cast
 from ..builder.chunk_dict import ChunkDictError
 from ..builder.limits import ExpansionLimits
 from ..builder.options import BuildOptions
-from ..builder.packed import Tree
 from ..builder.sources import Growth, Restarted, TarPipe
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
@@ -526,8 +524,6 @@ class Converter:
         self.stream_stats = StreamStats()
         self.cache_used: list[Record] = []  # records this run hit or made, in layer order
         self.cache_new: dict[str, str] = {}  # digest -> local file of what new records need pushed
-        self.cache_sent: set[str] = set()  # of those, the ones pushed (or found there) already
-        self._cache_pushes: list[asyncio.Task[None]] = []  # records' blobs going up beside the image
         # records made in this run: (record, its layer bootstrap, its blob file), for later platforms
         self.cache_made: dict[tuple[str, str], tuple[Record, str, str | None]] = {}
         if opts.build_cache:
@@ -594,7 +590,6 @@ class Converter:
             result.stream_push = dataclasses.asdict(self.stream_stats)
             return result
         finally:
-            await _cancel_all(self._cache_pushes)
             unpacker.shutdown(wait=True, cancel_futures=True)
             builder.shutdown(wait=True, cancel_futures=True)
             await src.close()
@@ -719,9 +714,6 @@ class Converter:
                 download(i, d)
         results: list[LayerResult] = []
         pushes: dict[str, tuple[asyncio.Task[bool], int]] = {}  # digest -> (sent? , size)
-        # the top layer built here, its cache record still to make: (tree, chain id, result, index)
-        top_record: tuple[Tree, str, LayerResult, int] | None = None
-        record: asyncio.Future[Record] | None = None  # that record being made
         tar_bytes = 0
         boot_path = os.path.join(work, "image.boot")
         bl_path = os.path.join(work, "bootstrap-layer.tar.gz")
@@ -855,32 +847,18 @@ class Converter:
                     pushes[digest] = (asyncio.create_task(push), os.path.getsize(res.blob_path))
                 if self.cache is not None:  # the record of the layer just committed (the stack's top)
                     self.cache_stats.misses += 1
-                    if i == len(layers) - 1:  # the top layer's: made beside the bootstrap layer, below
-                        top_record = (stack.layers[-1], chains[i], res, i)
-                    else:
-                        rec = await loop.run_in_executor(builder, self._cache_record, stack, chains[i], params, res,
-                                                         dict_ids, work, i)
-                        self.cache_used.append(rec)
-                        self._cache_pushes.append(asyncio.create_task(self._push_record_blobs(rec, pushes)))
+                    rec = await loop.run_in_executor(builder, self._cache_record, stack, chains[i], params, res,
+                                                     dict_ids, work, i)
+                    self.cache_used.append(rec)
                 _raise_failed(t for t, _ in pushes.values())
             merged = await loop.run_in_executor(builder, stack.finish, boot_path)
-            # the top layer's cache record (Python) is written while the bootstrap layer is
-            # compressed (zlib, outside the GIL) and then pushed: not one after the other
-            if top_record is not None:
-                layer, chain, res, i = top_record
-                record = loop.run_in_executor(builder, functools.partial(
-                    self._cache_record, stack, chain, params, res, dict_ids, work, i, layer=layer))
             bl_hex, bl_size, bl_diff = await loop.run_in_executor(builder, _bootstrap_layer, boot_path, bl_path)
             for bid in merged.blob_ids:  # a local chunk dictionary's blobs: in the target already, or an error
                 if bid in dict_ids and bid not in remote and not os.path.exists(os.path.join(blob_dir, bid)):
                     remote[bid] = await self._dict_blob_in_target(dst, bid)
         except BaseException:  # the layer blobs being pushed stop too
             await _cancel_all([*preps.values(), *downloads.values(), *(t for t, _ in pushes.values()), *stream_tasks])
-            if record is not None:  # (a builder thread: let it end before the work dir goes)
-                await asyncio.gather(record, return_exceptions=True)
             raise
-        if record is not None:  # its blobs go up beside the image's; the cache manifest comes last
-            self._cache_pushes.append(asyncio.create_task(self._record_made(record, pushes)))
         # streams no push took over: layers that stored nothing (no file, no session) and build
         # attempts that restarted (their blob dropped: they end by themselves)
         await _cancel_all([t for t in stream_tasks if t not in taken])
@@ -961,8 +939,6 @@ class Converter:
                                         manifest["mediaType"])
         except OSError as e:
             raise transport_error(self.dst_ep, e, "pushing the manifest") from None
-        if record is not None:  # (in layer order; made before the next platform looks for it: `cache_made`)
-            self.cache_used.append(await record)
         return result, nydus_desc
 
     async def _fetch(self, src: RegistryClient, i: int, d: oci.Descriptor, dl_dir: str, bar: Bar,
@@ -1227,12 +1203,11 @@ class Converter:
         return res
 
     def _cache_record(self, stack: LayerStack, chain: str, params: str, res: LayerResult, dict_ids: set[str],
-                      work: str, i: int, layer: Tree | None = None) -> Record:
-        """The build cache record of layer `i` just built (the stack's top, or `layer`, its tree
-        kept from then): its own bootstrap, as a layer."""
+                      work: str, i: int) -> Record:
+        """The build cache record of layer `i` just built: its own bootstrap, as a layer."""
         boot = os.path.join(work, f"layer-{i}.boot")
         tgz = os.path.join(work, f"layer-{i}.boot.tar.gz")
-        used = stack.write_layer_bootstrap(boot, layer)
+        used = stack.write_layer_bootstrap(boot)
         with open(boot, "rb") as bf, open(tgz, "wb") as out:
             hexd, size, diff = write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
         self.cache_new[f"sha256:{hexd}"] = tgz
@@ -1250,62 +1225,34 @@ class Converter:
         self.cache_made[rec.key] = (rec, boot, res.blob_path if blob is not None else None)
         return rec
 
-    async def _record_made(self, record: "asyncio.Future[Record]",
-                           image_pushes: dict[str, tuple["asyncio.Task[bool]", int]]) -> None:
-        """The top layer's record, once made: its blobs go up while the image is pushed."""
-        await self._push_record_blobs(await record, image_pushes)
-
-    async def _push_record_blobs(self, rec: Record, image_pushes: dict[str, tuple["asyncio.Task[bool]", int]]) -> None:
-        """Get the blobs of a record made here into the cache's repository, at once, while the
-        image is still being built and pushed (the cache manifest comes after the image's). A
-        layer blob the image pushes goes after that push: then the cache finds it there, or
-        mounts it from there, instead of a second upload."""
-        assert self.cache_client is not None and self.cache_ep is not None
-        client, ep = self.cache_client, self.cache_ep
-        wanted = [b.digest for b in (rec.bootstrap, rec.blob)
-                  if b is not None and b.digest in self.cache_new and b.digest not in self.cache_sent]
-        self.cache_sent.update(wanted)
-
-        async def one(digest: str) -> None:
-            pushed = image_pushes.get(digest)
-            if pushed is not None:
-                await asyncio.shield(pushed[0])  # (its failure fails the image first)
-            if await client.blob_exists(digest):
-                return
-            if ep.ref.host == self.dst_ref.host and not same_repo(ep.ref, self.dst_ref) \
-                    and await client.mount_blob(digest, self.dst_ref.repository):
-                return
-            await client.push_blob_file(self.cache_new[digest], digest, piece=self.opts.piece_size)
-
-        await gather_or_cancel(one(d) for d in wanted)
-
     async def _push_cache(self, dst: RegistryClient) -> None:
-        """After the image is pushed: the records' blobs (pushed as the records were made) waited
-        for, the chunk-dictionary blobs they reference, then the cache manifest."""
+        """The blobs of new records, then the cache manifest (after the image is pushed)."""
         assert self.cache is not None and self.cache_client is not None and self.cache_ep is not None
         cache, client, ep = self.cache, self.cache_client, self.cache_ep
+        cache.record(self.cache_used)
+        self.cache_stats.records = len(cache.records)
+        # what this run made, and the dictionary blobs its records reference (records kept from
+        # before were complete when they were pushed)
+        wanted = {b.digest: b for r in self.cache_used for b in (r.bootstrap, r.blob)
+                  if b is not None and b.digest in self.cache_new}
+        wanted.update({cache.references[h].digest: cache.references[h] for r in self.cache_used
+                       for h in r.reference_blobs if h in cache.references})
         try:
-            early, self._cache_pushes = self._cache_pushes, []
-            for task in early:  # (raised here: the image is pushed by now)
-                await task
-            cache.record(self.cache_used)
-            self.cache_stats.records = len(cache.records)
-            # the dictionary blobs the records reference (records kept from before were complete
-            # when they were pushed)
-            refs = {cache.references[h].digest: cache.references[h] for r in self.cache_used
-                    for h in r.reference_blobs if h in cache.references}
-            for digest, blob in refs.items():
-                if digest in self.cache_sent or await client.blob_exists(digest):
+            for digest, blob in wanted.items():
+                if await client.blob_exists(digest):
                     continue
                 if ep.ref.host == self.dst_ref.host and not same_repo(ep.ref, self.dst_ref) \
                         and await client.mount_blob(digest, self.dst_ref.repository):
                     continue
-                if self.chunk_dict is not None and blob.hex in self.chunk_dict.blobs:
-                    src = self.chunk_dict.blobs[blob.hex]
-                    await place_blob(client, ep, src, os.path.dirname(self.chunk_dict.bootstrap_path),
-                                     self.opts.piece_size)
-                    continue
-                raise ConvertError(f"build cache {ep.ref}: blob {digest[:19]} of a kept record is gone")
+                path = self.cache_new.get(digest)
+                if path is None:
+                    if self.chunk_dict is not None and blob.hex in self.chunk_dict.blobs:
+                        src = self.chunk_dict.blobs[blob.hex]
+                        await place_blob(client, ep, src, os.path.dirname(self.chunk_dict.bootstrap_path),
+                                         self.opts.piece_size)
+                        continue
+                    raise ConvertError(f"build cache {ep.ref}: blob {digest[:19]} of a kept record is gone")
+                await client.push_blob_file(path, digest, piece=self.opts.piece_size)
             config, config_desc, manifest, mtype = cache.export()
             await client.push_blob(config, config_desc["digest"])
             await client.push_manifest(ep.ref.reference, manifest, mtype)

@@ -307,16 +307,13 @@ class LayerStack:
         view.release()
         tree.chunks[:] = out
 
-    def write_layer_bootstrap(self, path: str, layer: Tree | None = None) -> list[str]:
-        """The last added layer alone (or `layer`, one the caller kept, also after `finish`), as a
-        bootstrap (whiteouts kept as entries, chunks pointing at the blobs the layer uses): what a
-        build cache stores for it. Returns its blob table."""
-        if layer is None:
-            if self._finished or not self.layers:
-                raise RuntimeError("no layer to write")
-            layer = self.layers[-1]
+    def write_layer_bootstrap(self, path: str) -> list[str]:
+        """The last added layer alone, as a bootstrap (whiteouts kept as entries, chunks pointing
+        at the blobs the layer uses): what a build cache stores for it. Returns its blob table."""
+        if self._finished or not self.layers:
+            raise RuntimeError("no layer to write")
         scratch = os.path.join(self.blob_dir, ".layer")
-        result = build_image(layer, path, scratch, replace(self.opts, prefetch_paths=[]))
+        result = build_image(self.layers[-1], path, scratch, replace(self.opts, prefetch_paths=[]))
         if result.blob_id is not None:  # every file is ChunkedData by now
             raise AssertionError("a layer bootstrap wrote new blob data")
         return result.blob_ids
