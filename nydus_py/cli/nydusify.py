@@ -45,6 +45,7 @@ a layer that expands past `--max-expanded-size` (default 64G), or more than
 
 import argparse
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -310,6 +311,9 @@ def _reverse(a: argparse.Namespace, target: str, retry: PushRetry) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     tune_malloc()  # before any thread: a dozen of them would each keep an arena (convert.memory)
+    # what the imports made lives until exit: a full collection then need not walk it (one cost
+    # ~15 ms in a 0.7 s --build-cache rebuild; the younger generations are collected as before)
+    gc.freeze()
     try:
         parser = _parser()
     except ValueError as e:  # a nydusify environment variable with a bad value

@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 from nydus_py.convert import build_cache as bc
-from nydus_py.convert import oci
+from nydus_py.convert import converter, oci
+from nydus_py.convert.converter import ConvertOptions
+from nydus_py.convert.stack import LayerStack
 from tests.storage import registry_rig as rig
 
 from . import ociimage as oi
@@ -100,6 +102,52 @@ def test_second_image_converts_only_its_new_layer(tmp_path: Path, plain_registry
     r = check("--source", src_b, "--target", f"{plain_registry.host}/bc/b-nydus:v1")
     assert r.returncode == 0, r.stderr
     assert "paths equal to the source's layers" in r.stdout
+
+
+def test_cached_base_layers_join_before_the_new_layer_is_built(tmp_path: Path, plain_registry: rig.Registry,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """When every layer below a new one comes from the build cache, they join the stack before
+    the new layer is prepared (the old converter prepared it at once, beside their joining, which
+    held the GIL against its whole pipeline: 0 layers had joined when it started). So the new
+    layer's file that a cached layer has is referenced, not stored, and its blob pushed while it
+    was written is the final one (a shared chunk stored before the cached layers joined used to
+    drop that stream). The image is the uncached conversion's."""
+    host = plain_registry.host
+    rng = random.Random(9)
+    big = rng.randbytes(300_000)
+    base = [oi.compress(oi.Layer([oi.Entry("lib", "dir", mode=0o755), oi.Entry("lib/big.so", data=big)], "gzip")),
+            oi.compress(oi.Layer([oi.Entry("etc", "dir", mode=0o755),
+                                  oi.Entry("etc/conf", data=rng.randbytes(100_000))], "zstd"))]
+
+    def top(seed: int) -> oi.Layer:
+        return oi.compress(oi.Layer([oi.Entry("app", "dir", mode=0o755), oi.Entry("app/big.so", data=big),
+                                     oi.Entry("app/main", data=random.Random(seed).randbytes(200_000))], "gzip"))
+
+    _, src_a = push(plain_registry, "bc/join-a", [*base, top(1)])
+    _, src_b = push(plain_registry, "bc/join-b", [*base, top(2)])
+    cache = f"{host}/bc/join-nydus:cache"
+
+    def opts(src: str, dst: str, work: str, **kw: str) -> ConvertOptions:
+        return ConvertOptions(source=src, target=dst, source_insecure=True, target_insecure=True,
+                              work_dir=str(tmp_path / work), **kw)
+
+    converter.convert(opts(src_a, f"{host}/bc/join-nydus:a", "w1", build_cache=cache))
+    joined: list[tuple[int | None, int]] = []  # (layer prepared, layers in the stack then)
+    real = LayerStack.prepare_layer
+
+    def spy(self: LayerStack, tar, progress=None, position=None, growth=None, watch=None):  # type: ignore[no-untyped-def]
+        joined.append((position, len(self.layers)))
+        return real(self, tar, progress, position=position, growth=growth, watch=watch)
+
+    monkeypatch.setattr(LayerStack, "prepare_layer", spy)
+    res = converter.convert(opts(src_b, f"{host}/bc/join-nydus:b", "w2", build_cache=cache))
+    monkeypatch.setattr(LayerStack, "prepare_layer", real)
+    assert joined == [(2, 2)]
+    assert (res.layers_built, res.layers_cached) == (1, 2)
+    assert res.stream_push["streamed"] == 1 and res.stream_push["dropped"] == res.stream_push["whole"] == 0
+    assert res.deduplicated >= 1  # app/big.so: the cached base's chunk
+    plain = converter.convert(opts(src_b, f"{host}/bc/join-plain:b", "w3"))
+    assert plain.manifest_digest == res.manifest_digest
 
 
 def test_cache_hits_need_the_same_parameters(tmp_path: Path, plain_registry: rig.Registry) -> None:

@@ -336,11 +336,10 @@ def test_a_repository_with_images_gets_whole_pushes(plain_registry, tmp_path, ca
 def test_a_rebuild_with_build_cache_records_streams_its_new_layer(plain_registry, tmp_path):
     """Into the repository of the first image (it has images), but the build cache's records tell
     which layers are new: the new top layer's blob is streamed, the others come from the cache.
-    The top layer shares no chunk with the cached ones: one that does is streamed only if they
-    join the stack before it stores those chunks (else the stream is dropped and the blob pushed
-    whole: the output is the same, the push path timing-dependent), which
-    `test_archive_order.py::test_a_streamed_blob_that_a_lower_layer_joining_later_shares_is_dropped_and_written_again`
-    covers."""
+    (Cached layers below it join the stack before it is prepared, so a top layer sharing chunks
+    with them streams too: `test_build_cache.py::test_cached_base_layers_join_before_the_new_layer_is_built`;
+    a stream dropped because a lower layer joined late is
+    `test_archive_order.py::test_a_streamed_blob_that_a_lower_layer_joining_later_shares_is_dropped_and_written_again`.)"""
     layers = oi.sample_layers(seed=25, big=3 * MiB)
     regpush.push_image(plain_registry.url, "stream/cached-src", "v1", oi.make_image(layers))
     rng = random.Random(26)
