@@ -735,7 +735,7 @@ class FuseSession:
             log.error("lookup(%d, %r): %d packed bytes, not a fuse_entry_out", nodeid, name, len(packed))
             return _OUT(16, -errno.EIO, unique)
         reply = _OUT(_ENTRY_SIZE, 0, unique) + packed
-        if self.warm_max and self.warm_gate.watching():
+        if self.warm_max:
             child, size = _U64X2.unpack_from(packed, 40)  # fuse_attr.ino (the nodeid), .size
             if (0 < size <= self.warm_max and _U32.unpack_from(packed, 100)[0] & _S_IFMT == _S_IFREG
                     and self.warm_gate.looked_up(child)):

@@ -15,8 +15,8 @@ GIL; a lost update of the score between threads only shifts a heuristic by one.
 WATCH = 16
 # the score's bounds: how many net READs (or misses) it remembers
 SCORE_LIMIT = 8
-# while warming is off, one LOOKUP in this many is watched (the way back when READs follow
-# again); the others cost the session one comparison
+# while warming is off, one small file's LOOKUP in this many is watched (the way back when
+# READs follow again); the others only count
 SKIP_SAMPLE = 4
 
 
@@ -36,19 +36,16 @@ class WarmGate:
         self.followed = 0  # watched LOOKUPs whose READ came
         self.unfollowed = 0  # watched LOOKUPs pushed out unread
 
-    def watching(self) -> bool:
-        """Whether the next LOOKUP of a small file is to be passed to `looked_up`: all of them
-        while warming is on, one in `sample` while it is off (the rest only count as skipped)."""
-        if self.score >= 0:
-            return True
-        self._tick += 1
-        if self._tick % self.sample:
-            self.skipped += 1
-            return False
-        return True
-
     def looked_up(self, nodeid: int) -> bool:
-        """A LOOKUP of small file `nodeid` was answered; whether to warm it."""
+        """A LOOKUP of small file `nodeid` was answered; whether to warm it. While warming is
+        off, only one of `sample` such LOOKUPs is watched (the way back when READs follow
+        again); the rest cost a count. (Counted over small files' LOOKUPs only: a walk that
+        alternates a directory and a file would otherwise never sample its files.)"""
+        if self.score < 0:
+            self._tick += 1
+            if self._tick % self.sample:
+                self.skipped += 1
+                return False
         watched = self._watched
         watched[nodeid] = None
         if len(watched) > self.watch:  # the oldest watched LOOKUP went unread

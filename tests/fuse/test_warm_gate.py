@@ -13,7 +13,7 @@ def test_it_warms_while_reads_follow_lookups() -> None:
 
 
 def test_lookups_left_unread_stop_it_after_the_watch_list_fills() -> None:
-    g = WarmGate(watch=4, limit=3)
+    g = WarmGate(watch=4, limit=3, sample=1)  # (every LOOKUP watched while off: the score alone)
     answers = [g.looked_up(ino) for ino in range(20)]
     # the first 4 fill the watch list; the 5th pushes one out unread: the score goes negative
     assert answers[:4] == [True] * 4 and not any(answers[4:])
@@ -22,7 +22,7 @@ def test_lookups_left_unread_stop_it_after_the_watch_list_fills() -> None:
 
 
 def test_reads_of_looked_up_files_bring_it_back() -> None:
-    g = WarmGate(watch=4, limit=3)
+    g = WarmGate(watch=4, limit=3, sample=1)
     for ino in range(20):
         g.looked_up(ino)
     assert not g.looked_up(100)
@@ -55,17 +55,17 @@ def test_a_file_looked_up_again_is_watched_once() -> None:
 def test_while_off_one_lookup_in_sample_is_watched_and_that_is_the_way_back() -> None:
     g = WarmGate(watch=4, limit=2, sample=4)
     for ino in range(10):
-        if g.watching():
-            g.looked_up(ino)
+        g.looked_up(ino)
     assert g.score < 0
-    asked = [g.watching() for _ in range(12)]
-    assert asked.count(True) == 3  # the rest cost nothing but a count
+    watched_before = dict(g._watched)
+    asked = [g.looked_up(1000 + k) for k in range(12)]
+    assert not any(asked)
+    assert len(set(g._watched) - set(watched_before)) == 3  # one in 4 watched; the rest only counted
     back = 0
     for ino in range(100, 200):  # READs follow LOOKUPs again: the sampled ones bring it back
-        if g.watching():
-            warmed = g.looked_up(ino)
-            g.read(ino)
-            if warmed:
-                break
+        warmed = g.looked_up(ino)
+        g.read(ino)
+        if warmed:
+            break
         back += 1
     assert g.score >= 0 and back < 40, (g.score, back)

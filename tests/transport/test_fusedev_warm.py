@@ -56,12 +56,14 @@ class _Mount:
 
 @contextlib.contextmanager
 def _mounted(boot: str, blob_dir: str, mnt: Path, warm_kb: int = 128,
-             fs_cls: type[RafsFilesystem] = RafsFilesystem) -> Iterator[tuple[_Mount, RafsFilesystem]]:
+             fs_cls: type[RafsFilesystem] = RafsFilesystem, timeout: float = 86400.0,
+             ) -> Iterator[tuple[_Mount, RafsFilesystem]]:
     require_device("/dev/fuse")
     mnt.mkdir(exist_ok=True)
     image = open_bootstrap(boot)
     source = LocalBlobDir(blob_dir)
-    fs = fs_cls(image, BlobDevice(image, source, validate=True), readahead_chunks=0)
+    fs = fs_cls(image, BlobDevice(image, source, validate=True), readahead_chunks=0, entry_timeout=timeout,
+                attr_timeout=timeout)
     m = _Mount(fs, mnt, warm_kb)
     try:
         yield m, fs
@@ -94,6 +96,31 @@ def test_reads_after_lookups_take_the_warmed_files_and_stats_stop_the_warming(tr
         assert stats_warmed <= most and gate.skipped >= N // 2 - most and gate.score < 0, vars(gate)
         for name in names[N // 2 :]:  # now read them (their dentries are cached: READs only)
             assert (mnt / name).read_bytes() == (src / name).read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.root
+def test_reads_after_a_stat_storm_bring_the_warming_back_when_lookups_alternate_dirs_and_files(
+        tmp_path: Path) -> None:
+    """With no dentry caching every read looks up a directory, then a file: the gate, off after
+    the stats, samples small files' LOOKUPs (not every LOOKUP), so it sees the files read again.
+    (Each file is read once: a file read again from the page cache is a LOOKUP with no READ.)"""
+    src = tmp_path / "src"
+    names = [f"d{i:02d}/f{j}" for i in range(50) for j in range(3)]
+    for n, name in enumerate(names):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        (src / name).write_bytes(bytes([n % 256]) * (100 + n))
+    img = build(str(src), str(tmp_path / "img"), views=False)
+    mnt = Path(os.path.realpath(tmp_path / "mnt"))
+    with _mounted(img.boot, img.blob_dir, mnt, timeout=0.0) as (m, fs):
+        gate = m.session.warm_gate
+        for name in names:
+            os.stat(mnt / name)
+        assert gate.score < 0
+        hits = fs.device.warmed.hits
+        for name in names:
+            assert (mnt / name).read_bytes() == (src / name).read_bytes()
+        assert gate.score >= 0 and fs.device.warmed.hits > hits, vars(gate)
 
 
 class _WaitingWarm(RafsFilesystem):
