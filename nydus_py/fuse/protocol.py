@@ -171,11 +171,18 @@ Reply = bytes | tuple[bytes, bytes | bytearray | memoryview] | None
 
 class Then(bytes):
     """A reply with work for its transport to do once the reply is written (the kernel has it,
-    the requester is being woken): `after()`. Used to decode a small file's data while the
-    process that looked it up wakes up and opens it, so the READ that follows finds it ready.
-    Any transport may write it as plain bytes and skip `after` (nothing is lost but time)."""
+    the requester is being woken): `after()`. Used to read a small file while the process that
+    looked it up wakes up and opens it, so the READ that follows finds it ready, and to decode
+    the next directory of a walk after a listing's end. Any transport may write it as plain
+    bytes and skip `after` (nothing is lost but time)."""
 
     after: Callable[[], object]
+
+    @classmethod
+    def reply(cls, reply: bytes, fn: Callable[..., object], *args: int) -> "Then":
+        then = cls(reply)
+        then.after = partial(fn, *args)
+        return then
 
 Buffer = bytes | bytearray | memoryview
 _OUT_SIZE = OUT_HEADER.size
@@ -739,9 +746,7 @@ class FuseSession:
             child, size = _U64X2.unpack_from(packed, 40)  # fuse_attr.ino (the nodeid), .size
             if (0 < size <= self.warm_max and _U32.unpack_from(packed, 100)[0] & _S_IFMT == _S_IFREG
                     and self.warm_gate.looked_up(child)):
-                then = Then(reply)
-                then.after = partial(self.fs.warm, child, size)
-                return then
+                return Then.reply(reply, self.fs.warm, child, size)
         return reply
 
     def _forget(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> None:
@@ -854,11 +859,7 @@ class FuseSession:
         """The empty reply that ends a listing; with warming on, it warms the listing a walk
         of the tree asks for next (`Filesystem.warm_next_dir`) once written."""
         reply = _OUT(16, 0, unique)
-        if not self.warm_max:
-            return reply
-        then = Then(reply)
-        then.after = partial(self.fs.warm_next_dir, nodeid)
-        return then
+        return Then.reply(reply, self.fs.warm_next_dir, nodeid) if self.warm_max else reply
 
     def _readdirplus(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> Reply:
         fh, offset, size = _READ_HEAD.unpack_from(body)

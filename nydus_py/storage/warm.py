@@ -36,9 +36,6 @@ class WarmStore:
                 self.size -= len(items.pop(next(iter(items))))
                 self.wasted += 1
 
-    def __bool__(self) -> bool:
-        return bool(self._items)
-
     def take(self, ino: int, room: int = -1) -> bytes | memoryview | None:
         """The file `ino` as read, for a READ of all of it (of `room` bytes when given: a READ
         too small for the file leaves it kept); None: not kept."""

@@ -546,30 +546,28 @@ class Vfs(Filesystem):
         finally:
             self._leave(slot)
 
-    def warm(self, ino: int, size: int) -> None:
-        """The owning filesystem's `warm`; not entered, as `read_waits` (a filesystem going
-        away meanwhile fails the warm-up, and the READ, if any, answers for itself)."""
+    def _owner(self, ino: int) -> _Slot | None:
+        """The slot of `ino`'s filesystem for a hint (`read_waits`, the warm-ups), not entered:
+        a filesystem unmounted meanwhile answers the request itself (ESTALE), and a warm-up on
+        it fails quietly. None for a pseudo directory or a closed slot."""
         idx = ino >> INO_SHIFT
         slot = self._slots[idx] if idx else self._rootfs
-        if slot is not None and not slot.closed:
+        return None if slot is None or slot.closed else slot
+
+    def warm(self, ino: int, size: int) -> None:
+        slot = self._owner(ino)
+        if slot is not None:
             slot.fs.warm(slot.inner(ino), size)
 
     def warm_next_dir(self, ino: int) -> None:
-        """As `warm`: the owning filesystem's (a walk that goes on into another mount's tree
-        lists that one cold)."""
-        idx = ino >> INO_SHIFT
-        slot = self._slots[idx] if idx else self._rootfs
-        if slot is not None and not slot.closed:
+        slot = self._owner(ino)  # (a walk that goes on into another mount's tree lists that one cold)
+        if slot is not None:
             slot.fs.warm_next_dir(slot.inner(ino))
 
     def read_waits(self, ino: int, offset: int = 0, size: int = 0) -> bool:
-        """The owning filesystem's answer; a hint only (not entered: a filesystem unmounted
-        meanwhile answers the READ itself with ESTALE)."""
-        idx = ino >> INO_SHIFT
-        slot = self._slots[idx] if idx else self._rootfs
-        if slot is None or slot.closed:
-            return True
-        return slot.fs.read_waits(slot.inner(ino), offset, size)
+        """The owning filesystem's answer (`_owner`: a hint only)."""
+        slot = self._owner(ino)
+        return True if slot is None else slot.fs.read_waits(slot.inner(ino), offset, size)
 
     def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
         slot = self._file_slot(ino)

@@ -146,6 +146,14 @@ def _task_state(tid: int) -> tuple[str, str]:
     return state, Path(f"/proc/self/task/{tid}/wchan").read_text()
 
 
+def _pin(dev: FuseDevSession, workers_cpu: int, client_cpu: int) -> None:
+    """The session's workers onto one CPU, the client (this thread) onto another or the same."""
+    for t in dev._workers:
+        assert t.native_id is not None
+        os.sched_setaffinity(t.native_id, {workers_cpu})
+    os.sched_setaffinity(threading.get_native_id(), {client_cpu})
+
+
 def _serve(tmp_path: Path, poll_us: int, busy_check: bool = False):  # noqa: ANN202
     """A RAFS mount served in this process; `busy_check` off unless asked: the mechanics are
     tested on a machine that others may load (RUNQ_* would pause polling)."""
@@ -221,10 +229,7 @@ def test_polling_backs_off_when_another_task_wants_the_cpu(tmp_path: Path) -> No
     dev, mnt, close = _serve(tmp_path, poll_us=5000, busy_check=True)
     hog = subprocess.Popen(["taskset", "-c", str(cpus[0]), sys.executable, "-c", "while True: pass"])
     try:
-        for t in dev._workers:  # the workers share the hog's CPU; the client (this thread) does not
-            assert t.native_id is not None
-            os.sched_setaffinity(t.native_id, {cpus[0]})
-        os.sched_setaffinity(threading.get_native_id(), {cpus[1]})
+        _pin(dev, cpus[0], cpus[1])  # the workers share the hog's CPU; the client (this thread) does not
         path = mnt / "d" / "f"
         for _ in range(300):
             os.stat(path)
@@ -251,10 +256,7 @@ def test_polling_pauses_while_the_workers_wait_for_a_cpu(tmp_path: Path, busy_ch
     hogs = [subprocess.Popen(["taskset", "-c", str(cpus[0]), sys.executable, "-c", "while True: pass"])
             for _ in range(2)]
     try:
-        for t in dev._workers:
-            assert t.native_id is not None
-            os.sched_setaffinity(t.native_id, {cpus[0]})
-        os.sched_setaffinity(threading.get_native_id(), {cpus[1]})
+        _pin(dev, cpus[0], cpus[1])
         for _ in range(300):
             os.stat(mnt / "d" / "f")
         m = dev.poll_metrics()
@@ -284,10 +286,7 @@ def test_a_client_on_the_workers_cpu_is_no_busy_cpu(tmp_path: Path) -> None:
     dev, mnt, close = _serve(tmp_path, poll_us=100, busy_check=True)
     rounds = []
     try:
-        for t in dev._workers:
-            assert t.native_id is not None
-            os.sched_setaffinity(t.native_id, {cpus[0]})
-        os.sched_setaffinity(threading.get_native_id(), {cpus[0]})
+        _pin(dev, cpus[0], cpus[0])
         for _ in range(3):
             before = dev.poll_metrics()
             for _ in range(600):

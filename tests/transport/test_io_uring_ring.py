@@ -4,6 +4,7 @@ NOP round trip through a real ring (wrapping its counters)."""
 import os
 import struct
 import threading
+from collections.abc import Iterator
 
 import pytest
 
@@ -27,6 +28,19 @@ from nydus_py.transport.io_uring import (
     sq_free,
 )
 from tests.waiting import wait_until
+
+
+@pytest.fixture
+def ring() -> Iterator[Ring]:
+    """A real 4-entry ring (skipped where this kernel has no usable io_uring), closed after."""
+    why = probe()
+    if why is not None:
+        pytest.skip(f"io_uring unavailable: {why}")
+    r = Ring(4)
+    try:
+        yield r
+    finally:
+        r.close()
 
 
 def test_struct_sizes_match_the_uapi() -> None:
@@ -79,104 +93,87 @@ def test_ring_math_wraps_u32_counters() -> None:
     assert ring_slot(8, 7) == 0
 
 
-def test_nop_round_trip_through_a_real_ring() -> None:
-    if probe() is not None:
-        pytest.skip(f"io_uring unavailable: {probe()}")
-    r = Ring(4)
-    try:
-        assert r.sqe_size == 128 and r.params.sq_entries == 4
-        seen = []
-        for i in range(11):  # more than the ring holds: slots are reused
-            r.push(encode_sqe(IORING_OP_NOP, -1, user_data=1000 + i))
-            if r.pending == 3 or i == 10:
-                n = r.pending
-                assert r.enter(n) == n
-                seen += [(ud, res) for ud, res, _ in r.reap()]
-        assert seen == [(1000 + i, 0) for i in range(11)]
-        for _ in range(4):
-            r.push(encode_sqe(IORING_OP_NOP, -1))
-        with pytest.raises(OSError):  # the SQ is full until enter() hands it over
-            r.push(encode_sqe(IORING_OP_NOP, -1))
-        r.enter(4)
-        assert len(list(r.reap())) == 4
-    finally:
-        r.close()
+def test_nop_round_trip_through_a_real_ring(ring: Ring) -> None:
+    r = ring
+    assert r.sqe_size == 128 and r.params.sq_entries == 4
+    seen = []
+    for i in range(11):  # more than the ring holds: slots are reused
+        r.push(encode_sqe(IORING_OP_NOP, -1, user_data=1000 + i))
+        if r.pending == 3 or i == 10:
+            n = r.pending
+            assert r.enter(n) == n
+            seen += [(ud, res) for ud, res, _ in r.reap()]
+    assert seen == [(1000 + i, 0) for i in range(11)]
+    for _ in range(4):
+        r.push(encode_sqe(IORING_OP_NOP, -1))
+    with pytest.raises(OSError):  # the SQ is full until enter() hands it over
+        r.push(encode_sqe(IORING_OP_NOP, -1))
+    r.enter(4)
+    assert len(list(r.reap())) == 4
 
 
-def test_prepared_slots_are_submitted_again_with_one_field_changed() -> None:
+def test_prepared_slots_are_submitted_again_with_one_field_changed(ring: Ring) -> None:
     """A ring entry's COMMIT_AND_FETCH stays prepared in its SQE slot: `set_u64` changes one
     field (here a NOP's user_data, at byte 32) and `submit_slot` queues that slot again, as
     often as wanted, in any order of slots; push() still works beside them."""
-    if probe() is not None:
-        pytest.skip(f"io_uring unavailable: {probe()}")
-    r = Ring(4)
-    try:
-        for slot in range(3):
-            r.prepare(slot, encode_sqe(IORING_OP_NOP, -1, user_data=slot))
-        seen = []
-        for k in range(10):  # more submissions than the SQ holds: ring slots wrap, SQE slots stay
-            slot = (2, 0, 1)[k % 3]
-            r.set_u64(slot, 32, 1000 + k)
-            r.submit_slot(slot)
-            if r.pending == 3 or k == 9:
-                n = r.pending
-                assert r.enter(n) == n
-                seen += [ud for ud, res, _ in r.reap() if res == 0]
-        assert seen == [1000 + k for k in range(10)]
-        r.push(encode_sqe(IORING_OP_NOP, -1, user_data=77))  # (into the ring slot's own SQE slot)
-        r.enter(1)
-        assert [ud for ud, _, _ in r.reap()] == [77]
-        with pytest.raises(ValueError):
-            r.prepare(4, encode_sqe(IORING_OP_NOP, -1))  # outside the SQE array
-    finally:
-        r.close()
+    r = ring
+    for slot in range(3):
+        r.prepare(slot, encode_sqe(IORING_OP_NOP, -1, user_data=slot))
+    seen = []
+    for k in range(10):  # more submissions than the SQ holds: ring slots wrap, SQE slots stay
+        slot = (2, 0, 1)[k % 3]
+        r.set_u64(slot, 32, 1000 + k)
+        r.submit_slot(slot)
+        if r.pending == 3 or k == 9:
+            n = r.pending
+            assert r.enter(n) == n
+            seen += [ud for ud, res, _ in r.reap() if res == 0]
+    assert seen == [1000 + k for k in range(10)]
+    r.push(encode_sqe(IORING_OP_NOP, -1, user_data=77))  # (into the ring slot's own SQE slot)
+    r.enter(1)
+    assert [ud for ud, _, _ in r.reap()] == [77]
+    with pytest.raises(ValueError):
+        r.prepare(4, encode_sqe(IORING_OP_NOP, -1))  # outside the SQE array
 
 
-def test_the_ring_loop_calls_submit_wait_and_reap_like_enter_and_reap() -> None:
+def test_the_ring_loop_calls_submit_wait_and_reap_like_enter_and_reap(ring: Ring) -> None:
     """What the FUSE ring thread uses: `resubmit` (set_u64 + submit_slot in one call), the bound
     `submit_and_wait` (submits exactly what is queued, then waits for one completion: asking
     the kernel to submit more than is queued would make it skip the wait) and `reap_results`
     (flat user_data, res pairs), over more rounds than the rings hold, one or several
     completions per round."""
-    if probe() is not None:
-        pytest.skip(f"io_uring unavailable: {probe()}")
-    r = Ring(4)
-    try:
-        for slot in range(4):
-            r.prepare(slot, encode_sqe(IORING_OP_NOP, -1, user_data=slot))
-        wait = r.submit_and_wait()
-        seen: list[int] = []
-        for k in range(40):
-            batch = 1 + k % 3  # 1, 2 or 3 SQEs queued per round
-            for slot in range(batch):
-                r.resubmit(slot, 32, 1000 * k + slot)
-            assert r.pending == batch
-            assert wait() == batch
-            assert r.pending == 0
-            got: list[int] = []
-            while len(got) < 2 * batch:  # (NOPs complete at submission: all are there)
-                got += r.reap_results()
-            seen += got
-        want = [v for k in range(40) for slot in range(1 + k % 3) for v in (1000 * k + slot, 0)]
-        assert seen == want
-        assert r.reap_results() == []
-        for slot in range(4):  # the SQ is full until the kernel takes it
-            r.resubmit(slot, 32, slot)
-        with pytest.raises(OSError):
-            r.resubmit(1, 32, 8)  # (and slot 1, queued, is left as it was)
-        assert wait() == 4
-        assert r.reap_results() == [0, 0, 1, 0, 2, 0, 3, 0]
-    finally:
-        r.close()
+    r = ring
+    for slot in range(4):
+        r.prepare(slot, encode_sqe(IORING_OP_NOP, -1, user_data=slot))
+    wait = r.submit_and_wait()
+    seen: list[int] = []
+    for k in range(40):
+        batch = 1 + k % 3  # 1, 2 or 3 SQEs queued per round
+        for slot in range(batch):
+            r.resubmit(slot, 32, 1000 * k + slot)
+        assert r.pending == batch
+        assert wait() == batch
+        assert r.pending == 0
+        got: list[int] = []
+        while len(got) < 2 * batch:  # (NOPs complete at submission: all are there)
+            got += r.reap_results()
+        seen += got
+    want = [v for k in range(40) for slot in range(1 + k % 3) for v in (1000 * k + slot, 0)]
+    assert seen == want
+    assert r.reap_results() == []
+    for slot in range(4):  # the SQ is full until the kernel takes it
+        r.resubmit(slot, 32, slot)
+    with pytest.raises(OSError):
+        r.resubmit(1, 32, 8)  # (and slot 1, queued, is left as it was)
+    assert wait() == 4
+    assert r.reap_results() == [0, 0, 1, 0, 2, 0, 3, 0]
 
 
-def test_submit_and_wait_waits_for_a_completion() -> None:
+def test_submit_and_wait_waits_for_a_completion(ring: Ring) -> None:
     """The bound call really sleeps in the kernel until something completes (here a poll of an
     eventfd, written only once this thread is seen blocked in io_uring_enter), and returns with
     that completion ready to reap."""
-    if probe() is not None:
-        pytest.skip(f"io_uring unavailable: {probe()}")
-    r = Ring(4)
+    r = ring
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     me = threading.get_native_id()
 
@@ -200,4 +197,3 @@ def test_submit_and_wait_waits_for_a_completion() -> None:
     finally:
         writer.join()
         os.close(efd)
-        r.close()
