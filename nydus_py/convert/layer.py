@@ -12,7 +12,6 @@ The bootstrap layer is what nydusify pushes: a gzip tar with a directory `image`
 layer digest and re-running a conversion reuses it.
 """
 
-import gzip
 import hashlib
 import io
 import tarfile
@@ -20,7 +19,7 @@ from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import zstandard
-from zlib_ng import zlib_ng
+from zlib_ng import gzip_ng, zlib_ng
 
 from ..builder.limits import ExpansionLimits, ExpansionMeter, remaining_size
 from ..builder.sources import DEFAULT_LIMITS, GZIP_MAGIC, detect_compression
@@ -190,8 +189,9 @@ def write_bootstrap_layer(boot: BinaryIO, boot_size: int, dst: BinaryIO) -> tupl
     """
     outer = _HashWriter(dst)
     # level 6 (as Go's gzip.DefaultCompression, which nydusify uses): 9 costs ~0.7 s on a 1 MiB
-    # bootstrap (its tables make deflate's lazy matching crawl) for <1% less size
-    with gzip.GzipFile(filename="", mode="wb", fileobj=outer, mtime=0, compresslevel=6) as gz:
+    # bootstrap (its tables make deflate's lazy matching crawl) for <1% less size. zlib-ng's
+    # deflate: 13 ms instead of 28 on a 1.3 MiB bootstrap (on every conversion's serial tail)
+    with gzip_ng.GzipFile(filename="", mode="wb", fileobj=outer, mtime=0, compresslevel=6) as gz:
         inner = _HashWriter(gz)  # type: ignore[arg-type]
         with tarfile.open(fileobj=inner, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             d = tarfile.TarInfo("image")
