@@ -4,8 +4,8 @@
 end, the next directory listed is D's first subdirectory, or, when D has none, the next
 subdirectory after D in its parent's listing, or after its parent in the grandparent's, and so
 on (listing order: what readdir returned, the image's sorted names). The FUSE session calls
-`listed` when a listing ends (its empty READDIR), right after answering it; the filesystem then
-decodes the predicted directory while the walker works through D's entries. A wrong guess costs
+`listed` when a listing ends (after the reply with its last entries, or its empty READDIR);
+the filesystem then decodes the predicted directory while the walker works through D's entries. A wrong guess costs
 one decode that a later request may still use (the listings are an LRU).
 
 Sans-IO: directories are numbers. It keeps, per directory whose turn has not come yet, the one

@@ -158,6 +158,9 @@ _ENTRY_SIZE = _ENTRY_REPLY.size
 _ENTRY_OUT_SIZE = ENTRY_OUT.size
 _ATTR_SIZE = _ATTR_REPLY.size
 _DIRENT_SIZE = DIRENT.size
+# the biggest record of one entry (a NAME_MAX name), READDIR and READDIRPLUS
+_DIRENT_MAX = (DIRENT.size + NAME_MAX + 7) & ~7
+_DIRENTPLUS_MAX = (DIRENTPLUS.size + NAME_MAX + 7) & ~7
 _DIRENTPLUS_SIZE = DIRENTPLUS.size
 _DIRENT_PACK = DIRENT.pack
 _DIRENTPLUS_PACK = DIRENTPLUS.pack
@@ -340,6 +343,9 @@ class FuseSession:
         # (`Filesystem.warm`) while READs follow LOOKUPs; a transport that runs `Then.after` sets it
         self.warm_max = 0
         self.warm_gate = WarmGate()
+        # the directory whose listing's last entries went out with its next listing's warm-up
+        # (its empty READDIR then has none; a heuristic slot, shared by the workers)
+        self._ended_early = 0
         self._init_lock = threading.Lock()
 
         self._pre_init_ops: dict[int, tuple[_Op, int]] = {
@@ -831,7 +837,7 @@ class FuseSession:
         self.fs.releasedir(nodeid, _FH.unpack_from(body)[0])
         return _OUT(16, 0, unique)
 
-    def _readdir(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> bytes:
+    def _readdir(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> Reply:
         fh, offset, size = _READ_HEAD.unpack_from(body)
         parts = [b""]
         append = parts.append
@@ -852,13 +858,27 @@ class FuseSession:
             used += rec
         if not used:
             return self._listing_ended(unique, nodeid)
-        parts[0] = _OUT(16 + used, 0, unique)
-        return b"".join(parts)
+        return self._listing_head(unique, nodeid, used, size, _DIRENT_MAX), b"".join(parts)
+
+    def _listing_head(self, unique: int, nodeid: int, used: int, size: int, biggest: int) -> bytes:
+        """The header of a READDIR(PLUS) reply of `used` bytes. When any further entry would have
+        fit in `size` bytes, this reply holds the listing's last entry: the walk's next listing
+        is warmed once it is written (`Filesystem.warm_next_dir`), a round trip before the empty
+        READDIR that ends the listing would (the walker then still has this reply's entries to
+        take in, and that READDIR to send, while the worker decodes)."""
+        head = _OUT(16 + used, 0, unique)
+        if not self.warm_max or used + biggest > size:
+            return head
+        self._ended_early = nodeid
+        return Then.reply(head, self.fs.warm_next_dir, nodeid)
 
     def _listing_ended(self, unique: int, nodeid: int) -> bytes:
         """The empty reply that ends a listing; with warming on, it warms the listing a walk
         of the tree asks for next (`Filesystem.warm_next_dir`) once written."""
         reply = _OUT(16, 0, unique)
+        if self._ended_early == nodeid:  # (warmed after its last entries already)
+            self._ended_early = 0
+            return reply
         return Then.reply(reply, self.fs.warm_next_dir, nodeid) if self.warm_max else reply
 
     def _readdirplus(self, unique: int, nodeid: int, body: memoryview, uid: int, gid: int) -> Reply:
@@ -871,7 +891,7 @@ class FuseSession:
                 return _OUT(16, -errno.EIO, unique)
             if not n:
                 return self._listing_ended(unique, nodeid)
-            return _OUT(16 + n, 0, unique), packed
+            return self._listing_head(unique, nodeid, n, size, _DIRENTPLUS_MAX), packed
         parts = [b""]
         append = parts.append
         used = 0
