@@ -61,17 +61,17 @@ def read_bound(n: int, latency_s: float, arrivals: Sequence[float], t0: float = 
     return tau - t0
 
 
-def best_order_arrivals(sizes: Sequence[int], bandwidth_bps: float) -> list[float]:
+def best_order_arrivals(sizes: Sequence[float], bandwidth_bps: float) -> list[float]:
     """Arrival times (s) of files of stored `sizes` fetched smallest first over `bandwidth_bps`
     bytes/s from time 0: the fetch order that covers the most files at every moment."""
-    out, acc = [], 0
+    out, acc = [], 0.0
     for s in sorted(sizes):
         acc += s
         out.append(acc / bandwidth_bps)
     return out
 
 
-def bounds(n: int, latency_s: float, bandwidth_bps: float, blob_bytes: int, stored_sizes: Sequence[int],
+def bounds(n: int, latency_s: float, bandwidth_bps: float, blob_bytes: int, stored_sizes: Sequence[float],
            t0: float, full_pull_s: float) -> dict[str, object]:
     """The bound fields saved beside a `no_hints_1_reader*` result: read and from-start times
     (from-start = t0 + read) for the best fetch order and for blob order, and the speedups over
@@ -82,8 +82,9 @@ def bounds(n: int, latency_s: float, bandwidth_bps: float, blob_bytes: int, stor
     def pair(read: float) -> dict[str, float]:
         return {"read": read, "from_start": t0 + read}
 
-    def speedup(read: float) -> dict[str, float]:
-        return {"read": full_pull_s / read if read > 0 else math.inf, "from_start": full_pull_s / (t0 + read)}
+    def speedup(read: float) -> dict[str, float | None]:
+        # (None, not inf: JSON has no infinity) the bound's read takes no time when all arrives first
+        return {"read": full_pull_s / read if read > 0 else None, "from_start": full_pull_s / (t0 + read)}
 
     return {"bound_s": pair(best), "bound_speedup": speedup(best),
             "bound_blob_order_s": pair(blob), "bound_blob_order_speedup": speedup(blob)}

@@ -83,3 +83,43 @@ def test_bounds_fields() -> None:
     assert out["bound_s"]["from_start"] == pytest.approx(0.25 + read)  # type: ignore[index]
     assert out["bound_speedup"]["read"] == pytest.approx(2.73 / read)  # type: ignore[index]
     assert out["bound_s"]["read"] < out["bound_blob_order_s"]["read"]  # type: ignore[index]
+
+
+def test_clustered_set_is_runs_of_neighbours() -> None:
+    from benchmarks.bench_lazy_registry import clustered_set, random_set
+
+    rng = random.Random(9)
+    files = {f"layer{li}/d{d:02d}/f{k:05d}": rng.randrange(1 << 10, 48 << 10)
+             for li in range(2) for d in range(10) for k in range(d, 400, 10)}
+    files["layer0/big/f00001"] = 9 << 20  # huge files stay out, as in the random set
+    total = sum(files.values())
+    runs = clustered_set(files, 0.064, random.Random(1))
+    flat = [rel for run in runs for rel in run]
+    got = sum(files[rel] for rel in flat)
+    assert total * 0.064 <= got < total * 0.064 + (48 << 10)
+    assert "layer0/big/f00001" not in flat and len(set(flat)) == len(flat)
+    tree = sorted(files)
+    for run in runs:
+        assert len({rel.rsplit("/", 1)[0] for rel in run}) == 1  # one directory
+        first = tree.index(run[0])
+        assert run == tree[first:first + len(run)]  # consecutive, in tree order
+    assert len({run[0].rsplit("/", 1)[0] for run in runs}) == len(runs)  # each directory once
+    # the random set is the one the benchmark drew before it was a function (results stay comparable)
+    rng = random.Random(2)
+    order = sorted(files)
+    rng.shuffle(order)
+    old: list[str] = []
+    acc = 0
+    for rel in order:
+        if acc >= total * 0.064:
+            break
+        if files[rel] <= 8 << 20:
+            old.append(rel)
+            acc += files[rel]
+    assert random_set(files, 0.064, random.Random(2)) == old
+
+
+def test_bounds_when_everything_arrives_before_the_mount() -> None:
+    out = bounds(246, L, 1e12, 50 << 20, [10 << 10] * 3000, t0=0.25, full_pull_s=0.5)
+    assert out["bound_s"] == {"read": 0.0, "from_start": 0.25}
+    assert out["bound_speedup"] == {"read": None, "from_start": 2.0}
