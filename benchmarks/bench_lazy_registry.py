@@ -34,6 +34,9 @@ the kernel EROFS driver over the daemon's lazy blob views; names prefixed `erofs
 benchmarks/results/<--save-as, default lazy_registry>.{json,png}.
 
     python3 benchmarks/bench_lazy_registry.py [--size-mib 500] [--merging-mib 2] [--keep]
+
+A/B of two daemons: BENCH_DAEMON_REPO=<other checkout> runs that checkout's nydusd-py (the rest,
+images and sets included, stays this one's); alternate the two in one shell loop, same rounds.
 """
 
 from __future__ import annotations
@@ -322,13 +325,14 @@ def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int
                                str(run / "cache"), **extra)
     (run / "config.json").write_text(json.dumps(cfg))
     drop_caches()
-    env = {**images.env_without_auth(), "PYTHONPATH": str(REPO)}
+    daemon_repo = os.environ.get("BENCH_DAEMON_REPO", str(REPO))  # A/B: the daemon of another checkout
+    env = {**images.env_without_auth(), "PYTHONPATH": daemon_repo}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--config", str(run / "config.json"),
                              "--bootstrap", str(boot), "--mountpoint", str(mnt), "--apisock", sock,
                              "--thread-num", "8", "--log-level", os.environ.get("BENCH_LOG_LEVEL", "warn"), "--log-file", str(run / "nydusd.log"),
                              "--fs-driver", driver, *argv_pf],
-                            env=env, cwd=str(REPO))
+                            env=env, cwd=daemon_repo)
     try:
         while not (is_mountpoint(str(mnt)) and os.path.exists(sock)):
             if proc.poll() is not None or time.perf_counter() - t0 > 60:
