@@ -15,6 +15,14 @@ backend and an empty blobcache. Measured:
       amplification), and ordered image with fs_prefetch from its prefetch table (the main one)
   (c) full pull + unpack of the OCI image: `skopeo copy` then `tar -xzf` of every layer
   (d) bytes fetched from the registry against bytes read (backend metrics)
+  (f) clustered_1_reader(_prefetch_all): a second startup set of the same byte share made of runs
+      of files that sit together in the tree (a run of consecutive files of a random directory, in
+      tree order; runs in random order), as an application start reads a package's modules or a
+      set of shared libraries; plain image, no hints, one reader
+  (g) beside each no_hints_1_reader* result, the best time any lazy reader could reach on that run
+      (`bound_s`, `bound_speedup`: read and from daemon start; benchmarks/lazy_bound.py derives it):
+      from the run's network, the plain image's blob bytes, the set's file count, the run's mount
+      time and the measured latency of one small ranged GET (`bound_inputs`, the median of a few)
   (e) whole_tree_1_reader: every file of the plain image read by one reader in readdir order (as
       `tar -c` does), no hints: lazy time over the full pull's (`whole_over_pull`, lower is
       better) and bytes fetched over the blobs' bytes (`fetched_over_blob`); `bytes_by_mode` says
@@ -26,6 +34,9 @@ the kernel EROFS driver over the daemon's lazy blob views; names prefixed `erofs
 benchmarks/results/<--save-as, default lazy_registry>.{json,png}.
 
     python3 benchmarks/bench_lazy_registry.py [--size-mib 500] [--merging-mib 2] [--keep]
+
+A/B of two daemons: BENCH_DAEMON_REPO=<other checkout> runs that checkout's nydusd-py (the rest,
+images and sets included, stays this one's); alternate the two in one shell loop, same rounds.
 """
 
 from __future__ import annotations
@@ -50,6 +61,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.common import RESULTS, drop_caches, grouped_bar_plot, save  # noqa: E402
+from benchmarks.lazy_bound import bounds  # noqa: E402
 from nydus_py.builder.build import build_image  # noqa: E402
 from nydus_py.builder.merge import merge_layers, tree_from_image  # noqa: E402
 from nydus_py.builder.options import BuildOptions  # noqa: E402
@@ -93,6 +105,79 @@ def make_layers(root: Path, total: int, layers: int, seed: int) -> dict[str, int
             p.write_bytes(content(rng, s))
             files[rel] = s
     return files
+
+
+def random_set(files: dict[str, int], share: float, rng: random.Random) -> list[str]:
+    """Files in random order until `share` of the bytes (the huge files over 8 MiB left out)."""
+    total = sum(files.values())
+    order = sorted(files)
+    rng.shuffle(order)
+    startup, acc = [], 0
+    for rel in order:
+        if acc >= total * share:
+            break
+        if files[rel] > 8 << 20:
+            continue  # the startup set is made of ordinary files, not the huge ones
+        startup.append(rel)
+        acc += files[rel]
+    return startup
+
+
+def clustered_set(files: dict[str, int], share: float, rng: random.Random,
+                  run_files: tuple[int, int] = (4, 16)) -> list[list[str]]:
+    """Runs of files that sit together in the tree, until `share` of the bytes: each run is a
+    random start in a random directory (each directory once) and up to `run_files` of its next
+    files in tree (name) order, the order the image stores and lists them; runs in random order.
+    That is what an application start reads (a package's modules, a set of shared libraries),
+    unlike `random_set`, which no daemon can predict. Files over 8 MiB are left out as there."""
+    total = sum(files.values())
+    dirs: dict[str, list[str]] = {}
+    for rel in sorted(files):
+        if files[rel] <= 8 << 20:
+            dirs.setdefault(rel.rsplit("/", 1)[0], []).append(rel)
+    names = sorted(dirs)
+    rng.shuffle(names)
+    runs, acc = [], 0
+    for d in names:
+        if acc >= total * share:
+            break
+        members = dirs[d]
+        start = rng.randrange(len(members))
+        run = []
+        for rel in members[start:start + rng.randint(*run_files)]:
+            if acc >= total * share:
+                break
+            run.append(rel)
+            acc += files[rel]
+        runs.append(run)
+    return runs
+
+
+def probe_network(host: str, repo: str, boot: Path, rounds: int = 7) -> dict[str, float]:
+    """On-demand latency of one small ranged GET (the median of `rounds`, after one that sets up
+    the connection and the token) and the throughput of one whole-blob GET, through `host`."""
+    cfg = parse_registry_config(images.registry_config(host, repo, timeout=60), env={}, docker_config_paths=[])
+    with open_bootstrap(str(boot)) as img:
+        blobs = list(img.blobs)
+    rng = random.Random(7)
+    with RegistryBackend(cfg) as b:
+        b.read(blobs[0], 0, 4096)
+        lat = []
+        for _ in range(rounds):
+            blob = rng.choice(blobs)
+            off = rng.randrange(max(1, blob.compressed_size - 16384))
+            t = time.perf_counter()
+            b.read(blob, off, 16384)
+            lat.append(time.perf_counter() - t)
+        lat.sort()
+        big = max(blobs, key=lambda x: x.compressed_size)
+        t = time.perf_counter()
+        n = len(b.read(big, 0, big.compressed_size))
+        whole = time.perf_counter() - t
+    median = lat[len(lat) // 2]
+    return {"get_latency_s": median, "get_latency_samples_s": lat,  # type: ignore[dict-item]
+            "whole_blob_bytes": n, "whole_blob_s": whole,
+            "measured_bandwidth_Bps": n / max(whole - median, 1e-6)}
 
 
 def build_nydus(root: Path, layers: int, out: Path,
@@ -240,13 +325,14 @@ def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int
                                str(run / "cache"), **extra)
     (run / "config.json").write_text(json.dumps(cfg))
     drop_caches()
-    env = {**images.env_without_auth(), "PYTHONPATH": str(REPO)}
+    daemon_repo = os.environ.get("BENCH_DAEMON_REPO", str(REPO))  # A/B: the daemon of another checkout
+    env = {**images.env_without_auth(), "PYTHONPATH": daemon_repo}
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "nydus_py.cli.daemon", "fuse", "--config", str(run / "config.json"),
                              "--bootstrap", str(boot), "--mountpoint", str(mnt), "--apisock", sock,
                              "--thread-num", "8", "--log-level", os.environ.get("BENCH_LOG_LEVEL", "warn"), "--log-file", str(run / "nydusd.log"),
                              "--fs-driver", driver, *argv_pf],
-                            env=env, cwd=str(REPO))
+                            env=env, cwd=daemon_repo)
     try:
         while not (is_mountpoint(str(mnt)) and os.path.exists(sock)):
             if proc.poll() is not None or time.perf_counter() - t0 > 60:
@@ -289,7 +375,8 @@ def lazy_run(work: Path, boot: Path, host: str, startup: list[str], threads: int
             "backend_requests": backend["read_count"], "prefetch_requests": cache["prefetch_requests_count"],
             "prefetch_bytes": cache["prefetch_data_amount"],
             "prefetch_s": cache["prefetch_cumulative_time_millis"] / 1000, "clean_exit": clean_exit,
-            "bytes_by_mode": cache.get("fetched_bytes"), "streams": cache.get("streams")}
+            "bytes_by_mode": cache.get("fetched_bytes"), "streams": cache.get("streams"),
+            "amplification": cache.get("amplification")}
 
 
 def full_pull(work: Path, host: str) -> dict[str, object]:
@@ -334,7 +421,11 @@ VARIANTS = (  # name, image, readers, prefetch ("whole": every file of the tree,
     ("ordered_on_demand", "ordered", 1, "none"),
     ("ordered_prefetch", "ordered", 1, "table"),
     ("whole_tree_1_reader", "plain", 1, "whole"),
+    ("clustered_1_reader", "plain", 1, "none"),
+    ("clustered_1_reader_prefetch_all", "plain", 1, "all"),
 )
+CLUSTERED = {"clustered_1_reader", "clustered_1_reader_prefetch_all"}  # these read the clustered set
+BOUNDED = "no_hints_1_reader"  # the variants (this prefix) that read the random set one file at a time
 WHOLE = {"whole_tree_1_reader"}
 MAIN = "ordered_prefetch"
 DRIVERS = ("fusedev", "erofs")
@@ -343,6 +434,25 @@ DRIVERS = ("fusedev", "erofs")
 def variant_key(driver: str, name: str) -> str:
     """fusedev variants keep their historical names; the others are prefixed with the driver."""
     return name if driver == "fusedev" else f"{driver}_{name}"
+
+
+def x(v: float | None) -> str:
+    """A speedup for the summary lines (None: the bound's read takes no time, no finite ratio)."""
+    return "    -" if v is None else f"{v:5.2f}x"
+
+
+def summary(label: str, res: dict[str, object], keys: list[str]) -> None:
+    """One line per variant: speedups over the full pull (read, from daemon start), the bound
+    where it applies (best fetch order; blob order in brackets) and bytes fetched over read."""
+    sp, st, fo = res["speedup"], res["speedup_start_to_done"], res["fetched_over_read"]
+    for v in keys:
+        r = res[v]
+        line = f"[{label}] {v:36s} read {sp[v]:6.2f}x  from start {st[v]:5.2f}x"  # type: ignore[index]
+        if "bound_speedup" in r:  # type: ignore[operator]
+            bs, bb = r["bound_speedup"], r["bound_blob_order_speedup"]  # type: ignore[index]
+            line += (f"  bound read {x(bs['read'])} from start {x(bs['from_start'])}"
+                     f" (blob order {x(bb['read'])} / {x(bb['from_start'])})")
+        print(line + f"  fetched/read {fo[v]:5.2f}", flush=True)  # type: ignore[index]
 
 
 def main() -> int:
@@ -377,17 +487,10 @@ def main() -> int:
         files = make_layers(work / "src", a.size_mib << 20, a.layers, a.seed)
         gen_s = time.perf_counter() - t
         total = sum(files.values())
-        rng = random.Random(a.seed + 1)
-        order = sorted(files)
-        rng.shuffle(order)
-        startup, acc = [], 0
-        for rel in order:
-            if acc >= total * a.startup_pct / 100:
-                break
-            if files[rel] > 8 << 20:
-                continue  # the startup set is made of ordinary files, not the huge ones
-            startup.append(rel)
-            acc += files[rel]
+        startup = random_set(files, a.startup_pct / 100, random.Random(a.seed + 1))
+        acc = sum(files[rel] for rel in startup)
+        runs = clustered_set(files, a.startup_pct / 100, random.Random(a.seed + 2))
+        clustered = [rel for run in runs for rel in run]
         # "plain": built as is; "ordered": the startup set (in reading order) as prefetch files
         built = {"plain": build_nydus(work / "src", a.layers, work / "nydus"),
                  "ordered": build_nydus(work / "src", a.layers, work / "nydus-ordered", startup)}
@@ -410,18 +513,23 @@ def main() -> int:
         proxy = FaultProxy(registry.url, latency=a.latency_ms / 1000, bandwidth=a.bandwidth_mbit * 1e6 / 8,
                            match=lambda m, p: False)
         results: dict[str, dict[str, object]] = {}
-        for label, host in (("loopback", registry.host), (f"{a.latency_ms:g}ms+{a.bandwidth_mbit:g}Mbit", proxy.host)):
+        shaped = f"{a.latency_ms:g}ms+{a.bandwidth_mbit:g}Mbit"
+        for label, host in (("loopback", registry.host), (shaped, proxy.host)):
             res: dict[str, object] = {}
+            net = probe_network(host, "bench/plain", built["plain"][0])
+            # the proxy paces every response to the configured rate: that is the link; loopback's is measured
+            net["bandwidth_Bps"] = a.bandwidth_mbit * 1e6 / 8 if label == shaped else net["measured_bandwidth_Bps"]
             for driver in drivers:
                 for vname, image, readers, pf in variants:
                     key = variant_key(driver, vname)
                     print(f"[{label}] {key} ...", flush=True)
-                    runs = [lazy_run(work, built[image][0], host, startup, readers, repo=f"bench/{image}",
+                    sset = clustered if vname in CLUSTERED else startup
+                    lazy = [lazy_run(work, built[image][0], host, sset, readers, repo=f"bench/{image}",
                                      prefetch="none" if pf == "whole" else pf,
                                      merging_size=int(a.merging_mib * (1 << 20)),
                                      prefetch_threads=a.prefetch_threads, driver=driver, whole=pf == "whole")
                             for _ in range(max(1, a.repeat))]
-                    res[key] = best(runs, "startup_read_s", "start_to_done_s", "first_byte_s")
+                    res[key] = best(lazy, "startup_read_s", "start_to_done_s", "first_byte_s")
             print(f"[{label}] full pull ...", flush=True)
             pull = best([full_pull(work, host) for _ in range(max(1, a.repeat))], "total_s")
             res["full_pull"] = pull
@@ -439,12 +547,25 @@ def main() -> int:
                 for v in keys if v.removeprefix("erofs_") in WHOLE}
             res["fetched_over_blob"] = {v: res[v]["backend_bytes"] / nydus_bytes  # type: ignore[index]
                                         for v in keys if v.removeprefix("erofs_") in WHOLE}
+            # the bound beside each run that reads the random set one file at a time (lazy_bound.py);
+            # the pool the set is drawn from, stored sizes scaled by the blobs' compression
+            pool = [s * nydus_bytes / total for s in files.values() if s <= 8 << 20]
+            res["bound_inputs"] = {**net, "blob_bytes": nydus_bytes, "files": len(startup), "pool_files": len(pool),
+                                   "full_pull_s": pull["total_s"]}
+            for v in keys:
+                if v.removeprefix("erofs_").startswith(BOUNDED):
+                    run: dict[str, object] = res[v]  # type: ignore[assignment]
+                    run.update(bounds(len(startup), net["get_latency_s"], net["bandwidth_Bps"], nydus_bytes, pool,
+                                      float(run["mount_s"]), float(pull["total_s"])))  # type: ignore[arg-type]
             results[label] = res
             print(json.dumps(res, indent=1), flush=True)
+            summary(label, res, keys)
         payload: dict[str, object] = {
             "image": {"size_bytes": total, "files": len(files), "layers": a.layers, "nydus_blob_bytes": nydus_bytes,
                       "oci_layer_bytes": oci_bytes, "bootstrap_bytes": built["plain"][0].stat().st_size,
-                      "startup_files": len(startup), "startup_bytes": acc, "startup_pct": 100 * acc / total},
+                      "startup_files": len(startup), "startup_bytes": acc, "startup_pct": 100 * acc / total,
+                      "clustered_files": len(clustered), "clustered_runs": len(runs),
+                      "clustered_bytes": sum(files[rel] for rel in clustered)},
             "setup_s": {"generate": gen_s, "nydus_build_plain": built["plain"][3],
                         "nydus_build_ordered": built["ordered"][3], "push_all": push_s},
             "network": {"latency_ms": a.latency_ms, "bandwidth_mbit": a.bandwidth_mbit},
@@ -462,8 +583,13 @@ def main() -> int:
                      "blobs); ordered = built with the startup set as prefetch files (first and contiguous in "
                      "each blob, in reading order; prefetch table). *_prefetch_list: --prefetch-files; "
                      "ordered_prefetch: fs_prefetch from the bootstrap's prefetch table; *_prefetch_all: background "
-                     "completion of every blob (prefetch_all, no bandwidth cap) beside the reader. Other jobs shared the "
-                     "2 CPUs during the run.",
+                     "completion of every blob (prefetch_all, no bandwidth cap) beside the reader. clustered_*: the "
+                     "clustered startup set (runs of neighbouring files of random directories, same byte share). "
+                     "bound_s / bound_speedup (beside no_hints_1_reader*): the best read / from-start time any lazy "
+                     "reader could reach on the random set (benchmarks/lazy_bound.py; smallest files fetched first "
+                     "from daemon start; bound_blob_order_*: streamed in blob order), from bound_inputs and the run's "
+                     "mount_s; a read speedup of null: the bound's read takes no time (everything arrives before the "
+                     "mount). Other jobs shared the 2 CPUs during the run.",
         }
         payload["total_run_s"] = time.perf_counter() - t_all
         save(a.save_as, payload)

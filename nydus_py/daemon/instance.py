@@ -216,6 +216,12 @@ class Instance:
                                     "prefetch": c["prefetch_data_amount"]}
             out["streams"] = {k: c[k] for k in ("stream_switches", "stream_reads", "streamed_chunks",
                                                 "stream_skipped_bytes", "stream_failures")}
+            # on-demand amplification: how misses took their neighbours along, and what that cost;
+            # `waited`: chunks a read waited for while another read or a prefetch fetched them
+            out["amplification"] = {k: c[k] for k in ("backend_reads", "waited", "sequential_misses",
+                                                      "amplified_chunks", "followed_chunks", "around_chunks",
+                                                      "around_refused", "demand_bytes", "ahead_bytes",
+                                                      "ahead_used_bytes")}
         if self.erofs is not None:  # kernel reads through the blob views, and what they fetched
             ev = self.erofs.snapshot()
             if self.backend_stats is not None:

@@ -125,6 +125,9 @@ def test_dedicated_daemon_sequence(root: Path, images: list[Image]) -> None:
         assert bc2["underlying_files"], "the blob cache holds the blobs that were read"
         assert bc2["fetched_bytes"]["ondemand"] > 0 and bc2["fetched_bytes"]["stream"] == 0
         assert bc2["streams"]["stream_switches"] == 0  # (a localfs backend never streams)
+        amp = bc2["amplification"]  # how misses took neighbours along (what bench_lazy_registry reports)
+        assert amp["backend_reads"] >= 1 and amp["demand_bytes"] > 0 and amp["ahead_used_bytes"] <= amp["ahead_bytes"]
+        assert amp["waited"] >= 0
         assert api.get(f"{V1}/metrics/inflight").status == 204
         be = api.get(f"{V1}/metrics/backend").json()
         assert be["read_count"] >= 1 and be["read_errors"] == 0
