@@ -8,12 +8,8 @@ from pathlib import Path
 
 from nydus_py.fs.rafs_fs import RafsFilesystem
 from nydus_py.fuse.protocol import FuseSession, Then
-from nydus_py.rafs import open_bootstrap
-from nydus_py.storage.device import BlobDevice
-from nydus_py.storage.localfs import LocalBlobDir
-from nydus_py.vfs.vfs import Vfs
-from tests.fs.mountrig import build
 from tests.fuse.kernel import READDIR, READDIRPLUS, Kernel, decode_direntplus, decode_dirents
+from tests.fuse.warm_rig import warm_session
 
 
 @contextmanager
@@ -24,22 +20,8 @@ def _session(tmp_path: Path) -> Iterator[tuple[Kernel, FuseSession, RafsFilesyst
         (src / d / "f").write_bytes(d.encode())
     for i in range(40):  # a directory that takes several replies of 4 KiB
         (src / f"{'n' * 60}{i:03d}").write_bytes(b"x")
-    img = build(str(src), str(tmp_path / "img"), views=False)
-    image = open_bootstrap(img.boot)
-    source = LocalBlobDir(img.blob_dir)
-    fs = RafsFilesystem(image, BlobDevice(image, source), readahead_chunks=0)
-    vfs = Vfs()
-    vfs.mount("/", fs)
-    session = FuseSession(vfs)
-    session.warm_max = 128 << 10
-    k = Kernel(session)
-    k.init()
-    try:
-        yield k, session, fs
-    finally:
-        fs.close()
-        source.close()
-        image.close()
+    with warm_session(src, tmp_path / "img") as rig:
+        yield rig
 
 
 def _list(k: Kernel, session: FuseSession, nodeid: int, size: int, plus: bool = True) -> list[bool]:

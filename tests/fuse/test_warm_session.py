@@ -5,14 +5,9 @@ fixed pattern of directories and files cannot hide its files from the sample."""
 import struct
 from pathlib import Path
 
-from nydus_py.fs.rafs_fs import RafsFilesystem
 from nydus_py.fuse.protocol import FuseSession, Then
-from nydus_py.rafs import open_bootstrap
-from nydus_py.storage.device import BlobDevice
-from nydus_py.storage.localfs import LocalBlobDir
-from nydus_py.vfs.vfs import Vfs
-from tests.fs.mountrig import build
 from tests.fuse.kernel import LOOKUP, Kernel
+from tests.fuse.warm_rig import warm_session
 
 
 def _lookup(k: Kernel, session: FuseSession, parent: int, name: str) -> int:
@@ -34,18 +29,8 @@ def test_files_looked_up_between_directories_in_a_fixed_pattern_still_bring_warm
         (src / f"f{i:02d}").write_bytes(b"s" * (50 + i))
     for i in range(60):
         (src / "dA" / f"g{i:02d}").write_bytes(bytes([i]) * (200 + i))
-    img = build(str(src), str(tmp_path / "img"), views=False)
-    image = open_bootstrap(img.boot)
-    source = LocalBlobDir(img.blob_dir)
-    fs = RafsFilesystem(image, BlobDevice(image, source), readahead_chunks=0)
-    vfs = Vfs()
-    vfs.mount("/", fs)
-    session = FuseSession(vfs)
-    session.warm_max = 128 << 10
-    k = Kernel(session)
-    k.init()
-    gate = session.warm_gate
-    try:
+    with warm_session(src, tmp_path / "img") as (k, session, fs):
+        gate = session.warm_gate
         for i in range(17):  # stat'ed only: the 17th pushes an unread LOOKUP out, warming stops
             _lookup(k, session, 1, f"f{i:02d}")
         assert gate.score < 0
@@ -60,7 +45,3 @@ def test_files_looked_up_between_directories_in_a_fixed_pattern_still_bring_warm
         # counting every LOOKUP, the files would always fall on the same place of the sample
         # and never be watched; counting only small files' LOOKUPs, one in `sample` is
         assert gate.score >= 0 and fs.device.warmed.hits > hits, vars(gate)
-    finally:
-        fs.close()
-        source.close()
-        image.close()
