@@ -127,7 +127,7 @@ def _fuse_options(p: argparse.ArgumentParser, required: bool) -> None:
                    "regular file of at most KB kilobytes whose data needs no waiting (one chunk of a local blob, or "
                    "chunks ready in the blob cache) reads it, "
                    "so the READ that usually follows is answered at once (paused while LOOKUPs go unread); "
-                   "the empty READDIR that ends a listing decodes the directory a depth-first walk (find, "
+                   "the READDIR reply that ends a listing decodes the directory a depth-first walk (find, "
                    "ls -R) lists next. /dev/fuse only (an io_uring queue runs on the requester's CPU). 0 "
                    "turns both off. Default 128")
     g.add_argument("--failover-policy", choices=("none", "resend", "flush"), default="resend")

@@ -5,8 +5,9 @@ end, the next directory listed is D's first subdirectory, or, when D has none, t
 subdirectory after D in its parent's listing, or after its parent in the grandparent's, and so
 on (listing order: what readdir returned, the image's sorted names). The FUSE session calls
 `listed` when a listing ends (after the reply with its last entries, or its empty READDIR);
-the filesystem then decodes the predicted directory while the walker works through D's entries. A wrong guess costs
-one decode that a later request may still use (the listings are an LRU).
+the filesystem then decodes the predicted directory while the walker works through D's
+entries. A wrong guess costs one decode that a later request may still use (the listings are
+an LRU).
 
 Sans-IO: directories are numbers. It keeps, per directory whose turn has not come yet, the one
 to go to after it; entries are taken when their directory ends, and the table is bounded (a

@@ -241,9 +241,10 @@ class Filesystem(ABC):
         the LOOKUP reply, while the caller wakes up. Never raises; nothing by default."""
 
     def warm_next_dir(self, ino: int) -> None:  # noqa: B027 (optional, as warm)
-        """Directory `ino` was listed to its end (the reply with its last entries, or its empty READDIR, answered): make the listing
-        a walk of the tree asks for next cheap, if that costs no waiting. Called by a transport
-        right after that reply. Never raises; nothing by default."""
+        """Directory `ino` was listed to its end (the reply with its last entries, or its empty
+        READDIR, answered): make the listing a walk of the tree asks for next cheap, if that
+        costs no waiting. Called by a transport right after that reply. Never raises; nothing
+        by default."""
 
     def read_into(self, ino: int, fh: int, offset: int, size: int, dest: ReadDest, nowait: bool = False) -> int:
         """Like `read`, but the data goes into `dest` (at most `dest.size` bytes; fewer only at

@@ -506,7 +506,7 @@ class Vfs(Filesystem):
         except FuseError:
             return
         try:
-            getattr(slot.fs, op)(ino & INO_MASK if slot.base else ino, arg)
+            getattr(slot.fs, op)(slot.inner(ino), arg)
         finally:
             self._leave(slot)
 
