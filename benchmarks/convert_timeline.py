@@ -106,6 +106,12 @@ def timed_main(argv: list[str]) -> int:
         _wrap(converter, n, n)
     for n in ("finish", "merge_committed", "add_cached_layer", "write_layer_bootstrap"):
         _wrap(stack.LayerStack, n, "stack." + n)
+    if os.environ.get("CONVERT_TIMELINE_PUSHES"):  # each registry call of the push (many lines)
+        from nydus_py.storage.registry.transfer import ImageTransfer
+
+        _wrap(converter.Converter, "_push_file", "_push_file")
+        for n in ("blob_exists", "push_blob", "push_manifest", "push_blob_file"):
+            _wrap(ImageTransfer, n, "registry." + n)
     gc.callbacks.append(_gc_callback)
     try:
         return nydusify.main(argv)

@@ -782,6 +782,16 @@ class BlobWriter:
         with self._lock:
             return digest in self.chunks
 
+    def stored_digests(self) -> list[bytes]:
+        """The digests this blob stores so far (safe while other threads write it)."""
+        with self._lock:
+            return list(self.chunks)
+
+    def chunks_final(self) -> bool:
+        """Whether every chunk this blob will store is stored (the chunk writing has ended, or
+        was given up): what it holds changes no more."""
+        return self._spill_closed.is_set()
+
     def held_record(self, digest: bytes, file_offset: int) -> bytes | None:
         with self._lock:
             return self.chunks.get(digest, file_offset)

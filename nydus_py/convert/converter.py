@@ -7,7 +7,8 @@ that downloading, building and uploading overlap:
 2. pull the layers, each when its build starts (one per core at once, lowest layer first),
    decompressed as it arrives (a worker thread inflates one piece while the next downloads) and
    handed to the build in memory (`TarPipe`: no tar file), which chunks the files as they come;
-   each is checked against its size, digest and diff_id; its blob is pushed while it is written
+   each is checked against its size and digest (and its diff_id when build-cache records are
+   written: they are keyed by diff_ids); its blob is pushed while it is written
    (`stream_push`: one PATCH following the file, then PUT ?digest=) or once built (HEAD first: a blob the target
    has is skipped; a re-conversion into an existing tag, a failed stream), while later layers build;
 3. merge the bootstrap and write the bootstrap layer and the Nydus config, push them;
@@ -167,7 +168,7 @@ class _Fetched:
     tar_path: str  # "" when the tar went to the build in memory
     tar_size: int
     kind: str  # gzip | zstd | tar
-    diff_id: str  # sha256 hex of the tar
+    diff_id: str  # sha256 hex of the tar ("" when not hashed: `_checks_diff_ids`)
 
 
 class _InflateSink:
@@ -184,12 +185,14 @@ class _InflateSink:
     and under GIL contention each wake-up waited for a switch interval.)"""
 
     def __init__(self, pool: ThreadPoolExecutor, tar_path: str, keep_path: str | None, size: int,
-                 limits: ExpansionLimits | None, growth: Growth | None = None, ahead: int = 256 << 10) -> None:
+                 limits: ExpansionLimits | None, growth: Growth | None = None, ahead: int = 256 << 10,
+                 diff_id: bool = True) -> None:
         self.pool = pool
         self.size = size
         self.limits = limits
         self.growth = growth
         self.ahead = ahead
+        self.diff_id = diff_id  # hash the tar (`Inflater`'s diff_id)
         self.tar: _GrowingFile | _PipeWriter
         if isinstance(growth, TarPipe):  # the build reads the tar from memory: no file
             self.tar = _PipeWriter(growth)
@@ -214,7 +217,8 @@ class _InflateSink:
             if f is not None:
                 f.seek(0)
                 f.truncate()
-        self.inflater = Inflater(self.tar, self.limits, self.size, self.keep)  # type: ignore[arg-type]
+        self.inflater = Inflater(self.tar, self.limits, self.size, self.keep,  # type: ignore[arg-type]
+                                 diff_id=self.diff_id)
 
     async def write(self, data: bytes) -> None:
         """Queue the next piece; wait only while more than `ahead` bytes are queued."""
@@ -740,7 +744,7 @@ class Converter:
             return stream
 
         def checked(i: int, d: oci.Descriptor, got: _Fetched) -> _Fetched:
-            if f"sha256:{got.diff_id}" != source.diff_ids[i]:
+            if self._checks_diff_ids() and f"sha256:{got.diff_id}" != source.diff_ids[i]:
                 raise FormatError(f"layer {i + 1} ({d.short}): the uncompressed {got.kind} does not match the "
                                   f"config's diff_id {source.diff_ids[i][:19]} (it hashes to "
                                   f"sha256:{got.diff_id[:12]})")
@@ -953,7 +957,7 @@ class Converter:
         async with sem:
             bar.phase("pull", d.size)
             sink = _InflateSink(unpacker, tar_path, path if self.copy_original else None, d.size,
-                                self.opts.expansion_limits, growth)
+                                self.opts.expansion_limits, growth, diff_id=self._checks_diff_ids())
             try:
                 try:
                     n, (dhex, tsize, kind) = await self._pull(src, d, where, sink, bar)
@@ -987,6 +991,16 @@ class Converter:
             return n, sink.finish()
         except FormatError as e:
             raise type(e)(f"{where}: {e}") from None
+
+    def _checks_diff_ids(self) -> bool:
+        """Whether each layer's tar is hashed and checked against the config's diff_id: only
+        when build-cache records are written. They are keyed by the ChainID of those diff_ids,
+        so a config that lies about a layer would file its blob under another image's layers.
+        Otherwise nothing uses the source's diff_ids (the Nydus config lists the new blobs),
+        and the layer's digest, which is checked, already fixes every byte of its tar; the
+        hash would be a sha256 pass over the uncompressed bytes, about a tenth of the
+        conversion's CPU. (nydusify does not check them either.)"""
+        return self.cache is not None
 
     def _build_jobs(self) -> int:
         """Layers prepared at once: one per core (processes would not pay here: most of the work

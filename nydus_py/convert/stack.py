@@ -110,6 +110,71 @@ class _Below:
                 w.wait_chunk(digest)
 
 
+class _LateWatch:
+    """The `BlobWatch` of a layer prepared beside layers below it: it hears how the blob file
+    grows but tells `watch` nothing until every layer below has stored all its chunks (from
+    then on this layer references what they hold instead of storing it) and none of them holds
+    a chunk this blob stores (else the commit writes this blob again without it). Then `watch`
+    hears of the file and follows it from its start: the upload runs while this layer is still
+    being built instead of after its commit (in a conversion, the last layer's upload was the
+    tail: ~0.24 s for a 55 MB blob to a local registry). Thread-safe: the build thread opens
+    the file, the blob's writer thread reports its growth."""
+
+    def __init__(self, watch: BlobWatch, below: _Below) -> None:
+        self.watch = watch
+        self.below = below
+        self.writer: BlobWriter | None = None  # this layer's (set before it stores a chunk)
+        self._lock = threading.Lock()
+        self._path: str | None = None
+        self._size = 0
+        self.armed = False  # `watch` follows the file
+        self._shared = False  # a layer below holds one of this blob's chunks: never armed
+        self._closed = False
+
+    def opened(self, path: str) -> None:
+        with self._lock:
+            self._path = path
+            self._try_arm_locked()
+
+    def grew(self, size: int) -> None:
+        with self._lock:
+            self._size = size
+            if self.armed:
+                self.watch.grew(size)
+            else:
+                self._try_arm_locked()
+
+    def closed(self, blob_id: str | None) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self.watch.closed(blob_id if self.armed else None)
+
+    def settle(self) -> bool:
+        """At the end of the layer's preparation: whether `watch` follows the file; if it does
+        not by now, it hears `closed(None)` (the blob is pushed whole once committed)."""
+        with self._lock:
+            self._try_arm_locked()
+            if not self.armed and not self._closed:
+                self._closed = True
+                self.watch.closed(None)
+            return self.armed
+
+    def _try_arm_locked(self) -> None:
+        if self.armed or self._shared or self._closed or self._path is None or self.writer is None:
+            return
+        if not all(w.chunks_final() for w in self.below.held):
+            return
+        below = self.below
+        if any(d in below for d in self.writer.stored_digests()):
+            self._shared = True
+            return
+        self.armed = True
+        self.watch.opened(self._path)
+        if self._size:
+            self.watch.grew(self._size)
+
+
 class LayerStack:
     """Builds the layers of one image, lowest first, into `blob_dir`."""
 
@@ -167,13 +232,16 @@ class LayerStack:
         `sources.Restarted` (nothing of the layer is kept).
 
         `watch` follows the layer's blob file as it is written (`BlobWatch`), only when the blob
-        is written in archive order and no layer below is being prepared: the layers below are
-        committed, or come from a build cache (`add_cached_layer`, maybe still joining: their
-        chunks are found from then on), so the blob's bytes are final as they come unless a
-        cached layer joins after this one stored some of its chunks (the commit then writes the
-        blob again and `watch` hears `closed(None)`: deterministic output, a wasted upload).
-        Otherwise it hears `closed(None)` at once, and the blob is pushed once committed
-        (`PreparedLayer.streamed` says which)."""
+        is written in archive order. When no layer below is being prepared (the layers below are
+        committed, or come from a build cache: `add_cached_layer`, maybe still joining, their
+        chunks found from then on), it follows the file from its start: the blob's bytes are
+        final as they come unless a cached layer joins after this one stored some of its chunks
+        (the commit then writes the blob again and `watch` hears `closed(None)`: deterministic
+        output, a wasted upload). When layers below are still being prepared, it follows the
+        file once they have stored all their chunks, if none of those is one this blob stores
+        (`_LateWatch`). Otherwise it hears `closed(None)` (at once, or at the end of the
+        preparation), and the blob is pushed once committed (`PreparedLayer.streamed` says
+        which)."""
         if self._finished:
             raise RuntimeError("LayerStack already finished")
         if position is None:
@@ -185,11 +253,14 @@ class LayerStack:
             # archive order unless prefetch files go first (their order needs the whole tree)
             archive = not self.opts.prefetch_paths
             streamed = watch is not None and archive and not below.held
+            late = _LateWatch(watch, below) if watch is not None and archive and below.held else None
             writer = BlobWriter(self.blob_dir, self.opts, blob_index=0, existing=below, workers=self.workers,
                                 durable=self.durable, settle=below.settle, archive_order=archive,
-                                watch=watch if streamed else None)
+                                watch=watch if streamed else late)
+            if late is not None:
+                late.writer = writer
             self._held[position] = writer
-        if watch is not None and not streamed:
+        if watch is not None and not streamed and late is None:
             watch.closed(None)
         try:
             stats = SourceStats()
@@ -220,6 +291,8 @@ class LayerStack:
                     raise AssertionError("a layer's new data is all in its tar")
             writer.add_spilled_stream(((a[n], size[n]) for n in order), stored)
             writer.hold()
+            if late is not None:
+                streamed = late.settle()
         except BaseException:
             with self._lock:
                 self._held.pop(position, None)

@@ -344,11 +344,12 @@ def test_bad_input_fails_clearly_and_pushes_nothing(case, tmp_path, source_image
         push_raw(plain_registry, "bad/trunc", "v1", [(gz, gzip.compress(tar, mtime=0)[:-5000])],
                  one_layer_config(sha(tar)))
         source, expect = f"{host}/bad/trunc:v1", "truncated gzip"
-    elif case == "diff-id-mismatch":
+    elif case == "diff-id-mismatch":  # checked where it is used: the build cache's keys
         tar = small_tar("diff id")
         push_raw(plain_registry, "bad/diffid", "v1", [(gz, gzip.compress(tar, mtime=0))],
                  one_layer_config(sha(tar + b"\0" * 512)))
         source, expect = f"{host}/bad/diffid:v1", "does not match the config's diff_id"
+        extra = ["--build-cache", f"{host}/cache/diffid:cache"]
     elif case == "not-a-tar":
         junk = os.urandom(5000)
         push_raw(plain_registry, "bad/junk", "v1", [(gz, gzip.compress(junk, mtime=0))], one_layer_config(sha(junk)))
@@ -368,6 +369,23 @@ def test_bad_input_fails_clearly_and_pushes_nothing(case, tmp_path, source_image
     assert len(errors) == 1 and expect in errors[0], r.stderr
     assert "Traceback" not in r.stderr
     assert not repo_exists(plain_registry, target_repo)  # nothing was pushed
+
+
+def test_a_config_lying_about_diff_ids_converts_without_a_build_cache(tmp_path, plain_registry):
+    """Without build-cache records nothing uses the source's diff_ids (the tar is fixed by the
+    layer digest, which is checked), so the tar is not hashed; the image converts, and its
+    Nydus config lists the new blobs, not the lying diff_id."""
+    host = plain_registry.host
+    tar = small_tar("diff id, no cache")
+    lie = sha(tar + b"\0" * 512)
+    push_raw(plain_registry, "lying/diffid", "v1", [("application/vnd.oci.image.layer.v1.tar+gzip",
+                                                       gzip.compress(tar, mtime=0))], one_layer_config(lie))
+    res = convert(tmp_path, f"{host}/lying/diffid:v1", f"{host}/lying/diffid:v1-nydus")
+    assert res["layers_built"] == 1
+    st, body = http_get(f"{plain_registry.url}/v2/lying/diffid/manifests/v1-nydus", oci.OCI_MANIFEST)
+    assert st == 200
+    st, cfg = http_get(f"{plain_registry.url}/v2/lying/diffid/blobs/{json.loads(body)['config']['digest']}")
+    assert st == 200 and lie not in json.loads(cfg)["rootfs"]["diff_ids"]
 
 
 def test_failed_push_leaves_no_manifest_and_rerun_completes(tmp_path, source_image, plain_registry):

@@ -198,3 +198,23 @@ def test_inflater_takes_pieces_smaller_than_the_magic():
     for i in range(len(blob)):
         inf.feed(blob[i:i + 1])
     assert inf.finish() == (hashlib.sha256(data).hexdigest(), len(data), "zstd") and out.getvalue() == data
+
+
+def test_an_inflater_without_diff_id_copies_the_same_tar_and_still_checks_the_layer():
+    data = random.Random(5).randbytes(300_000)
+    blob = gzip.compress(data, mtime=0)
+    outs = []
+    for want in (True, False):
+        out = io.BytesIO()
+        inflater = Inflater(out, diff_id=want)
+        for pos in range(0, len(blob), 7000):
+            inflater.feed(blob[pos:pos + 7000])
+        outs.append((inflater.finish(), out.getvalue(), inflater.layer_hash.hexdigest()))
+    (hashed, tar1, layer1), (unhashed, tar2, layer2) = outs
+    assert hashed == (hashlib.sha256(data).hexdigest(), len(data), "gzip")
+    assert unhashed == ("", len(data), "gzip")
+    assert tar1 == tar2 == data and layer1 == layer2 == hashlib.sha256(blob).hexdigest()
+    broken = Inflater(io.BytesIO(), diff_id=False)
+    broken.feed(blob[:-9])
+    with pytest.raises(FormatError, match="truncated gzip"):
+        broken.finish()
