@@ -1251,22 +1251,29 @@ class Converter:
                   if b is not None and b.digest in self.cache_new}
         wanted.update({cache.references[h].digest: cache.references[h] for r in self.cache_used
                        for h in r.reference_blobs if h in cache.references})
-        try:
-            for digest, blob in wanted.items():
+        sem = asyncio.Semaphore(max(1, self.opts.jobs))
+
+        async def one(digest: str, blob: Blob) -> None:
+            async with sem:
                 if await client.blob_exists(digest):
-                    continue
+                    return
                 if ep.ref.host == self.dst_ref.host and not same_repo(ep.ref, self.dst_ref) \
                         and await client.mount_blob(digest, self.dst_ref.repository):
-                    continue
+                    return
                 path = self.cache_new.get(digest)
                 if path is None:
                     if self.chunk_dict is not None and blob.hex in self.chunk_dict.blobs:
                         src = self.chunk_dict.blobs[blob.hex]
                         await place_blob(client, ep, src, os.path.dirname(self.chunk_dict.bootstrap_path),
                                          self.opts.piece_size)
-                        continue
+                        return
                     raise ConvertError(f"build cache {ep.ref}: blob {digest[:19]} of a kept record is gone")
                 await client.push_blob_file(path, digest, piece=self.opts.piece_size)
+
+        try:
+            # `jobs` at once, as the image's blobs (one after another, ~25 round trips for a
+            # 5-layer image's records took 59 ms of a first conversion's tail)
+            await gather_or_cancel(one(d, b) for d, b in wanted.items())
             config, config_desc, manifest, mtype = cache.export()
             await client.push_blob(config, config_desc["digest"])
             await client.push_manifest(ep.ref.reference, manifest, mtype)
