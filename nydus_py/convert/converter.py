@@ -737,7 +737,7 @@ class Converter:
             if not self._stream_pushes(dst):
                 return None
             stream = BlobStream(loop, f"layer {i + 1} ({d.short}) blob", self.opts.stream_piece,
-                                self.opts.piece_size, target=self.stream_target)
+                                target=self.stream_target)
             task = asyncio.create_task(stream.run(dst))
             streams[i] = (stream, task)
             stream_tasks.append(task)

@@ -38,7 +38,11 @@ from .push_retry import RETRY_STATUSES
 log = logging.getLogger(__name__)
 
 PATCH_PIECE = 0  # bytes per PATCH; 0: one PATCH that follows the file (see the docstring)
-READ_PIECE = 1 << 20  # bytes read from the file and handed to the connection at a time
+# bytes read from the file and handed to the connection at a time. Streams run beside the builds
+# (two at once when a layer streams once those below are done, with a backlog to send), and on
+# Python 3.11 each piece is copied again by the transport's writelines, the rest of it into the
+# transport's buffer when the socket is full: about 3 pieces held per stream
+READ_PIECE = 256 << 10
 
 
 class StreamRefused(Exception):
