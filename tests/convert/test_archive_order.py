@@ -116,6 +116,13 @@ def _prepare_piped(pool, stack: LayerStack, pipe: TarPipe, position: int, watch:
     return pool.submit(stack.prepare_layer, None, position=position, growth=pipe, watch=watch)
 
 
+def _oracle_and_stack(tmp_path, tars: list[bytes]):
+    """The layers built one after the other (what any schedule must give), and a fresh stack."""
+    seq = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "seq"))
+    want = [seq.add_layer(io.BytesIO(t)) for t in tars]
+    return want, LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
+
+
 def _blob_bytes(stack: LayerStack, position: int) -> int:
     w = stack._held.get(position)
     fd = None if w is None else w._fd
@@ -130,9 +137,7 @@ def test_a_layer_prepared_beside_a_lower_one_is_streamed_once_that_one_has_store
     rng = random.Random(17)
     tars = [make_tar([Entry(f"a{k}", data=rng.randbytes(4 * CS + k)) for k in range(8)]),
             make_tar([Entry(f"b{k}", data=rng.randbytes(4 * CS + k)) for k in range(16)])]
-    seq = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "seq"))
-    want = [seq.add_layer(io.BytesIO(t)) for t in tars]
-    stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
+    want, stack = _oracle_and_stack(tmp_path, tars)
     pipes, watch = [TarPipe(), TarPipe()], Recorder()
     with builder() as pool0, builder() as pool1:
         f0 = _prepare_piped(pool0, stack, pipes[0], 0)
@@ -167,9 +172,7 @@ def test_a_layer_sharing_chunks_a_lower_one_stored_later_is_not_streamed(tmp_pat
     common = rng.randbytes(3 * CS)
     tars = [make_tar([Entry("x", data=rng.randbytes(2 * CS)), Entry("c", data=common)]),
             make_tar([Entry("c1", data=common)] + [Entry(f"b{k}", data=rng.randbytes(4 * CS + k)) for k in range(16)])]
-    seq = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "seq"))
-    want = [seq.add_layer(io.BytesIO(t)) for t in tars]
-    stack = LayerStack(BuildOptions(chunk_size=CS), str(tmp_path / "blobs"))
+    want, stack = _oracle_and_stack(tmp_path, tars)
     pipes, watch = [TarPipe(), TarPipe()], Recorder()
     with builder() as pool0, builder() as pool1:
         f0 = _prepare_piped(pool0, stack, pipes[0], 0)
