@@ -1,6 +1,7 @@
 """A RAFS image as a FUSE filesystem: the one request handler behind /dev/fuse and virtio-fs.
 
-Everything is answered from the mmap'd bootstrap on demand (no per-inode state), with long
+Everything is answered from the mmap'd bootstrap on demand (no per-inode state but a bounded
+map of the directories regular files were looked up in, for directory-aware read-around), with long
 entry/attr timeouts and KEEP_CACHE/CACHE_DIR because the tree never changes. Data goes through a
 BlobDevice, so a damaged chunk is EIO and never wrong bytes.
 """
@@ -112,6 +113,7 @@ _DP_SIZE = DIRENTPLUS.size  # fuse_entry_out + fuse_dirent, before the name
 _DP_PACK_INTO = DIRENTPLUS.pack_into
 _ENTRY_PACK = ENTRY_OUT.pack
 _DT_DIR = stat.S_IFDIR >> 12
+_S_IFMT, _S_IFREG = 0o170000, stat.S_IFREG
 _NAME_MAX = 255
 
 
@@ -225,7 +227,7 @@ class RafsFilesystem(Filesystem):
         if attr is None:
             attr = self._getattr(self._child(parent, name))
         _i, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec = attr
-        if self._dir_aware and stat.S_ISREG(mode):
+        if self._dir_aware and mode & _S_IFMT == _S_IFREG:
             self._note_parent(_i, self._img(parent))
         root = _i == self.root
         if _i == FUSE_ROOT_ID and not root:
