@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from nydus_py.builder.options import BuildOptions
+from nydus_py.fs.rafs_fs import RafsFilesystem
 from nydus_py.rafs import open_bootstrap
 from nydus_py.rafs.model import BlobInfo, RafsImage
 from nydus_py.storage.cache import BlobCacheManager
@@ -18,7 +19,6 @@ from nydus_py.storage.cache.around import DIR_CREDIT
 from nydus_py.storage.cache.blobcache import AROUND_WASTE
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
-from nydus_py.fs.rafs_fs import RafsFilesystem
 
 from .mountrig import build
 
