@@ -49,7 +49,7 @@ _V1_DEVICE = {"id", "backend", "cache", "external_backends"}
 _V1_CACHE = {"type", "compressed", "validate", "config"}
 _V1_CACHE_CONF = {"work_dir", "disable_indexed_map", "enable_encryption", "enable_convergent_encryption",
                   "encryption_key", "size_limit", "stream_size", "streams", "dense_ratio",
-                  "read_around"}
+                  "read_around", "dir_around"}
 _V1_PREFETCH = {"enable", "threads_count", "merging_size", "bandwidth_rate", "prefetch_all", "stream_prefetch"}
 
 _logged: set[str] = set()

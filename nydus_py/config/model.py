@@ -39,6 +39,9 @@ class CacheConfig:
     # read-around of a random miss (this daemon's key): bytes after it taken along, within a
     # budget of unused bytes (storage/cache/blobcache); 0: off
     read_around: int = 64 << 10
+    # directory-aware read-around (this daemon's key): a cold read of a file takes the following
+    # files of its directory stored right after it, up to these bytes, while their record allows; 0: off
+    dir_around: int = 256 << 10
 
 
 @dataclass
@@ -113,6 +116,7 @@ def parse_config(text: str | bytes) -> RafsConfig:
         streams=_get(cache_conf, "streams", int, 4, "device.cache.config."),
         dense_ratio=float(_get(cache_conf, "dense_ratio", (int, float), 0.15, "device.cache.config.")),
         read_around=_get(cache_conf, "read_around", int, 64 << 10, "device.cache.config."),
+        dir_around=_get(cache_conf, "dir_around", int, 256 << 10, "device.cache.config."),
     )
     if cache.type in ("blobcache", "filecache") and not cache.work_dir:
         raise ConfigError("device.cache.config.work_dir: blobcache needs a work_dir")
@@ -120,6 +124,8 @@ def parse_config(text: str | bytes) -> RafsConfig:
         raise ConfigError("device.cache.config.size_limit: must be >= 0")
     if not 0 <= cache.read_around <= 1 << 20:
         raise ConfigError("device.cache.config.read_around: must be 0..1 MiB (0: off)")
+    if not 0 <= cache.dir_around <= 4 << 20:
+        raise ConfigError("device.cache.config.dir_around: must be 0..4 MiB (0: off)")
     if cache.stream_size < 0 or not 1 <= cache.streams <= 64 or not 0 < cache.dense_ratio <= 1:
         raise ConfigError("device.cache.config: stream_size must be >= 0 (0: no streams), streams 1..64, "
                           "dense_ratio in (0, 1]")

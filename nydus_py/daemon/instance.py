@@ -220,8 +220,9 @@ class Instance:
             # `waited`: chunks a read waited for while another read or a prefetch fetched them
             out["amplification"] = {k: c[k] for k in ("backend_reads", "waited", "sequential_misses",
                                                       "amplified_chunks", "followed_chunks", "around_chunks",
-                                                      "around_refused", "demand_bytes", "ahead_bytes",
-                                                      "ahead_used_bytes")}
+                                                      "around_refused", "dir_guesses", "dir_chunks",
+                                                      "dir_bytes", "dir_used_bytes", "dir_refused",
+                                                      "demand_bytes", "ahead_bytes", "ahead_used_bytes")}
         if self.erofs is not None:  # kernel reads through the blob views, and what they fetched
             ev = self.erofs.snapshot()
             if self.backend_stats is not None:

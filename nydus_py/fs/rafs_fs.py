@@ -1,6 +1,7 @@
 """A RAFS image as a FUSE filesystem: the one request handler behind /dev/fuse and virtio-fs.
 
-Everything is answered from the mmap'd bootstrap on demand (no per-inode state), with long
+Everything is answered from the mmap'd bootstrap on demand (no per-inode state but a bounded
+map of the directories regular files were looked up in, for directory-aware read-around), with long
 entry/attr timeouts and KEEP_CACHE/CACHE_DIR because the tree never changes. Data goes through a
 BlobDevice, so a damaged chunk is EIO and never wrong bytes.
 """
@@ -57,6 +58,10 @@ LABEL_NAMESPACE = b"security."
 # streamed as before. One budget for every filesystem of the process (a shared daemon with 50
 # images walked holds at most this many entries, not this many per image).
 LISTING_BUDGET = 8192
+# Parents of the regular files looked up lately, for directory-aware read-around (a cold READ of
+# a file takes the following files of its directory along: storage/cache/around.py). A READ
+# follows its file's LOOKUP closely; the map is cleared when full (no per-inode state).
+PARENTS_MAX = 4096
 
 
 # a listed child: name, image inode, S_IFMT bits, attributes (RafsImage.listing)
@@ -108,6 +113,7 @@ _DP_SIZE = DIRENTPLUS.size  # fuse_entry_out + fuse_dirent, before the name
 _DP_PACK_INTO = DIRENTPLUS.pack_into
 _ENTRY_PACK = ENTRY_OUT.pack
 _DT_DIR = stat.S_IFDIR >> 12
+_S_IFMT, _S_IFREG = 0o170000, stat.S_IFREG
 _NAME_MAX = 255
 
 
@@ -141,6 +147,10 @@ class RafsFilesystem(Filesystem):
         self._listing_lock = threading.Lock()  # (_too_big, walk)
         self._too_big: set[int] = set()  # directories streamed (more entries than the budget)
         self.walk = WalkAhead()  # the directory a depth-first walk lists next (under _listing_lock)
+        # regular file -> the directory it was looked up in (PARENTS_MAX), only when the device
+        # reads around by directory
+        self._parents: dict[int, int] = {}
+        self._dir_aware = device.dir_aware
 
     def init(self, capable: InitFlags) -> InitFlags:
         """Zero-message open/opendir (as nydusd's RAFS asks): the kernel stops sending OPEN,
@@ -193,7 +203,17 @@ class RafsFilesystem(Filesystem):
 
     # -- metadata ----------------------------------------------------------------------------------
     def lookup(self, parent: int, name: bytes) -> Entry:
-        return self._entry(self._child(parent, name))
+        i = self._child(parent, name)
+        e = self._entry(i)
+        if self._dir_aware and stat.S_ISREG(e.attr.mode):
+            self._note_parent(i, self._img(parent))
+        return e
+
+    def _note_parent(self, ino: int, parent: int) -> None:
+        parents = self._parents
+        if len(parents) >= PARENTS_MAX:
+            parents.clear()  # (atomic; the READs of files looked up just before lose their guess)
+        parents[ino] = parent
 
     def lookup_packed(self, parent: int, name: bytes, base: int = 0) -> bytes:
         """`lookup`'s fuse_entry_out packed from the child's decoded attributes (as
@@ -207,6 +227,8 @@ class RafsFilesystem(Filesystem):
         if attr is None:
             attr = self._getattr(self._child(parent, name))
         _i, mode, nlink, uid, gid, rdev, size, blocks, mtime, nsec = attr
+        if self._dir_aware and mode & _S_IFMT == _S_IFREG:
+            self._note_parent(_i, self._img(parent))
         root = _i == self.root
         if _i == FUSE_ROOT_ID and not root:
             self._fuse(_i)  # raises: image inode 1 cannot be exported
@@ -483,9 +505,12 @@ class RafsFilesystem(Filesystem):
         i, file_size = self._readable(ino, offset, size)
         # the whole file at once (a small file's one READ): nothing follows for readahead
         whole = offset == 0 and size >= file_size
+        # a file's first READ: its directory's next files may come along (`_siblings`)
+        p = self._parents.get(i) if offset == 0 and self._parents else None
+        sib = None if p is None else partial(self._siblings, i, p)
         try:
-            data = (self.device.read_whole(i, file_size) if whole
-                    else self.device.read(i, offset, size, file_size))
+            data = (self.device.read_whole(i, file_size, sib) if whole
+                    else self.device.read(i, offset, size, file_size, sib))
         except (FormatError, OSError) as e:
             log.error("read inode %d [%d, +%d): %s", i, offset, size, e)
             self.failures.failed(i, offset, min(file_size, offset + size))
@@ -493,6 +518,22 @@ class RafsFilesystem(Filesystem):
         if self.readahead is not None and data and not whole:
             self.readahead.after_read(i, offset, offset + len(data), file_size)
         return data
+
+    def _siblings(self, i: int, parent: int) -> Iterator[tuple[int, int]]:
+        """(inode, size) of the regular files after `i` in directory `parent`, in listing
+        order (subdirectories and other types skipped: a builder stores a directory's files
+        together, its subdirectories' elsewhere), from the kept listing; nothing for a
+        directory too big to keep. Called by the blob cache on a random miss only."""
+        _pp, kids = self._listing(parent)
+        if kids is None:
+            return
+        after = False
+        for _name, ino, ifmt, attr in kids:
+            if after:
+                if ifmt == stat.S_IFREG:
+                    yield ino, attr.size
+            elif ino == i:
+                after = True
 
     def warm(self, ino: int, size: int) -> None:
         """The file read for the READ that follows, which `read_whole` then takes (`BlobDevice.warm`)."""

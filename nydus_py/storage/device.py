@@ -18,7 +18,7 @@ import errno
 import logging
 import threading
 from bisect import bisect_right
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Protocol, runtime_checkable
 
@@ -40,6 +40,10 @@ PARTIAL_STEP = 128 << 10
 # decoding and checking the chunk records again (about 5 us of Python per chunk per READ).
 RAW_WINDOW = 64
 RAW_WINDOWS = 256
+# a file's bytes whose chunks a directory-aware read-around looks at (its budget is far smaller)
+AROUND_FILE_BYTES = 8 << 20
+# (inode, size) of the regular files after the one being read in its directory, in order
+Siblings = Callable[[], Iterable[tuple[int, int]]]
 # chunk flags whose stored bytes are not the file's bytes
 _NOT_RAW = int(ChunkFlags.COMPRESSED | ChunkFlags.ENCRYPTED)
 
@@ -55,14 +59,17 @@ class ChunkSource(Protocol):
     when that is cheap, not returned. `follow(c)` yields the chunks stored after `c` in its
     blob (of any file), for amplification across files; `follow_late` opens that window one
     sequential miss later. `table(blob)` lists all the blob's chunks in blob order (for
-    adaptive fetching: a blob read densely streams what is missing of it).
+    adaptive fetching: a blob read densely streams what is missing of it). `around(c)` yields
+    the chunks of the files after the one being read in its directory, in directory order (`c`:
+    the last chunk claimed), for directory-aware read-around of a random miss.
     """
 
     def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo] = (),
                     prefetch: bool = False,
                     follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None,
                     follow_late: bool = False,
-                    table: Callable[[BlobInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
+                    table: Callable[[BlobInfo], Iterable[ChunkInfo]] | None = None,
+                    around: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
         """Decoded bytes of `chunks`, all of `blob`; OSError(EIO) or FormatError, never wrong bytes."""
 
 
@@ -123,14 +130,15 @@ class BlobDevice:
         return self._load([chunk])[0]
 
     def _load(self, chunks: list[ChunkInfo], extra: Sequence[ChunkInfo] = (),
-              spans: Sequence[tuple[int, int]] | None = None) -> list[bytes]:
+              spans: Sequence[tuple[int, int]] | None = None, siblings: Siblings | None = None) -> list[bytes]:
         """Decoded chunks: through the ChunkSource (the blob cache), else once each through the
         in-memory chunk cache from the plain backend. `spans[k]`: the range [lo, hi) of chunk
         k the reader needs (chunk-relative); without validation only that much is promised,
         and the result may be a prefix of the chunk covering it; a chunk a span takes whole is
-        handed over, not kept in the chunk cache. Without `spans`, whole chunks, kept."""
+        handed over, not kept in the chunk cache. Without `spans`, whole chunks, kept.
+        `siblings`: the files after this one in its directory (`read`), for the blob cache."""
         if self._chunked is not None:
-            return self._load_chunks(chunks, extra)
+            return self._load_chunks(chunks, extra, around=None if siblings is None else self._around(siblings))
         get = self.cache.get
         if spans is None:
             return [get(_key(c), partial(self._fetch, c, c.uncompressed_size), c.uncompressed_size) for c in chunks]
@@ -194,8 +202,11 @@ class BlobDevice:
         self._last_chunks = (ino, offset, size, chunks)
         return chunks
 
-    def read(self, ino: int, offset: int, size: int, file_size: int | None = None) -> bytes | memoryview:
-        """Bytes [offset, offset+size) of regular file `ino`, clipped to its size; holes are zeros."""
+    def read(self, ino: int, offset: int, size: int, file_size: int | None = None,
+             siblings: Siblings | None = None) -> bytes | memoryview:
+        """Bytes [offset, offset+size) of regular file `ino`, clipped to its size; holes are zeros.
+        `siblings()`: (inode, size) of the regular files after `ino` in its directory, in
+        order, for a blob cache's directory-aware read-around (called only on a random miss)."""
         if file_size is None:
             file_size = self.image.getattr(ino).size
         end = min(file_size, offset + size)
@@ -205,12 +216,24 @@ class BlobDevice:
         extra = (self.image.chunks(ino, end, self.amplify_io)
                  if self._chunked is not None and self.amplify_io and end < file_size else [])
         spans = [(offset - c.file_offset, end - c.file_offset) for c in chunks]
-        out = _assemble(chunks, self._load(chunks, extra, spans), offset, end)
+        out = _assemble(chunks, self._load(chunks, extra, spans, siblings if self._chunked is not None else None),
+                        offset, end)
         with self._stats_lock:
             self.bytes_read += len(out)
         return out
 
-    def read_whole(self, ino: int, file_size: int) -> bytes | memoryview:
+    def _around(self, siblings: Siblings) -> Callable[[ChunkInfo], Iterator[ChunkInfo]]:
+        """`around` for the blob cache: the chunks of the files `siblings()` lists, file by
+        file, decoded only as far as the blob cache takes them (it stops at the first that does
+        not continue the blob). The first AROUND_FILE_BYTES of each file at most: a guess's
+        budget is a few hundred KiB."""
+        def around(_last: ChunkInfo) -> Iterator[ChunkInfo]:
+            for ino, size in siblings():
+                if size > 0:
+                    yield from self.image.chunks(ino, 0, min(size, AROUND_FILE_BYTES))
+        return around
+
+    def read_whole(self, ino: int, file_size: int, siblings: Siblings | None = None) -> bytes | memoryview:
         """All of file `ino` (`file_size` bytes): `read(ino, 0, file_size)`, or what `warm`
         read for it, with a shortcut for what a cold small file's one READ asks (no blob cache,
         the file in one chunk): that chunk through the chunk cache as `_load` takes a chunk read
@@ -229,7 +252,7 @@ class BlobDevice:
                     with self._stats_lock:
                         self.bytes_read += file_size
                     return data if len(data) == file_size else memoryview(data)[:file_size]
-        return self.read(ino, 0, file_size, file_size)
+        return self.read(ino, 0, file_size, file_size, siblings)
 
     def take_warmed(self, ino: int, room: int) -> bytes | memoryview | None:
         """All of file `ino` as `warm` read it, for a READ of at most `room` bytes from its
@@ -333,6 +356,12 @@ class BlobDevice:
             if not 0 <= c.blob_index < len(blobs) or not ready(blobs[c.blob_index], (c,)):
                 return False
         return True
+
+    @property
+    def dir_aware(self) -> bool:
+        """Whether reads take the following files of their directory along (a blob cache with
+        `dir_around`): the filesystem then tells `read` a file's siblings."""
+        return self._chunked is not None and getattr(self._chunked, "dir_around", 0) > 0
 
     @property
     def local(self) -> bool:
@@ -542,7 +571,8 @@ class BlobDevice:
         return out
 
     def _load_chunks(self, chunks: list[ChunkInfo], extra: Sequence[ChunkInfo] = (), *,
-                     follow_late: bool = False) -> list[bytes]:
+                     follow_late: bool = False,
+                     around: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
         """Decoded chunks through the ChunkSource, one call per blob (so it can merge them)."""
         assert self._chunked is not None
         blobs = self.image.blobs
@@ -556,7 +586,7 @@ class BlobDevice:
             more = [c for c in extra if c.blob_index == bi]
             try:
                 got = self._chunked.read_chunks(blobs[bi], [chunks[k] for k in ks], more, follow=self._follow,
-                                                follow_late=follow_late, table=self._table)
+                                                follow_late=follow_late, table=self._table, around=around)
             except (FormatError, OSError) as e:
                 with self._stats_lock:
                     self.read_errors += 1

@@ -41,7 +41,8 @@ def make_source(cfg: RafsConfig, backend: BlobSource | None = None) -> BlobSourc
     return BlobCacheManager(cfg.cache.work_dir, backend, validate=cfg.cache.validate or cfg.digest_validate,
                             amplify_io=cfg.amplify_io, size_limit=cfg.cache.size_limit,
                             stream_size=cfg.cache.stream_size, streams=cfg.cache.streams,
-                            dense_fraction=cfg.cache.dense_ratio, read_around=cfg.cache.read_around)
+                            dense_fraction=cfg.cache.dense_ratio, read_around=cfg.cache.read_around,
+                            dir_around=cfg.cache.dir_around)
 
 
 def make_prefetcher(cfg: RafsConfig, image: RafsImage, source: BlobSource | ChunkSource,

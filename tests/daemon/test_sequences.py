@@ -128,6 +128,8 @@ def test_dedicated_daemon_sequence(root: Path, images: list[Image]) -> None:
         amp = bc2["amplification"]  # how misses took neighbours along (what bench_lazy_registry reports)
         assert amp["backend_reads"] >= 1 and amp["demand_bytes"] > 0 and amp["ahead_used_bytes"] <= amp["ahead_bytes"]
         assert amp["waited"] >= 0
+        # directory-aware read-around: what the guesses brought, and what of it reads used
+        assert 0 <= amp["dir_used_bytes"] <= amp["dir_bytes"] and amp["dir_chunks"] >= amp["dir_guesses"] >= 0
         assert api.get(f"{V1}/metrics/inflight").status == 204
         be = api.get(f"{V1}/metrics/backend").json()
         assert be["read_count"] >= 1 and be["read_errors"] == 0

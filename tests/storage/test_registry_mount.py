@@ -143,9 +143,11 @@ def test_lazy_mount_fetches_only_what_is_read(tmp_path, daemons, pushed, plain_r
     try:
         backend = images.registry_config(proxy.host, "test/e2e", read_deadline=4.0, timeout=1.5)
         config = images.nydusd_config(backend, str(tmp_path / "cache"), amplify_io=1 << 20)
-        # read-around off: only chunks of the files read may come (tests/storage/test_read_around.py
-        # has the neighbours it takes along)
+        # read-around off, blind and by directory: only chunks of the files read may come
+        # (tests/storage/test_read_around.py and tests/fs/test_dir_around.py have the neighbours
+        # they take along)
         config["device"]["cache"]["config"]["read_around"] = 0  # type: ignore[index]
+        config["device"]["cache"]["config"]["dir_around"] = 0  # type: ignore[index]
         d = Nydusd(tmp_path, "lazy", boot, config)
         daemons.append(d)
         read = ["etc/passwd", "big/c.bin", "small/f07"]

@@ -435,14 +435,19 @@ def test_config_keys_reach_the_cache(tmp_path):
         off.close()
     default = parse_config(conf()).cache
     assert (default.stream_size, default.streams, default.dense_ratio) == (8 << 20, 4, 0.15)
-    assert default.read_around == 64 << 10
-    no_around = make_source(parse_config(conf(read_around=0)))
+    assert default.read_around == 64 << 10 and default.dir_around == 256 << 10
+    no_around = make_source(parse_config(conf(read_around=0, dir_around=0)))
     try:
-        assert isinstance(no_around, BlobCacheManager) and no_around.read_around == 0
+        assert isinstance(no_around, BlobCacheManager) and no_around.read_around == 0 == no_around.dir_around
     finally:
         no_around.close()
+    dir_around = make_source(parse_config(conf(dir_around=128 << 10)))
+    try:
+        assert isinstance(dir_around, BlobCacheManager) and dir_around.dir_around == 128 << 10
+    finally:
+        dir_around.close()
     for bad in ({"stream_size": -1}, {"streams": 0}, {"dense_ratio": 0}, {"dense_ratio": 1.5}, {"streams": "4"},
-                {"read_around": -1}, {"read_around": 2 << 20}):
+                {"read_around": -1}, {"read_around": 2 << 20}, {"dir_around": -1}, {"dir_around": 5 << 20}):
         with pytest.raises(ConfigError):
             parse_config(conf(**bad))
 

@@ -27,6 +27,13 @@ What it promises:
   directory), so a first command read without hints waits for fewer round trips one after
   another; scattered reads that never use their neighbours waste at most a fifth as many bytes
   again as they need, then fetch only what they read.
+* Directory-aware read-around (`around.py`): a cold read of a file from its start may bring
+  `around(c)`, the chunks of the files that follow it in its directory (the filesystem knows
+  them); the miss then takes those that continue the blob right after it, missing, within
+  `dir_around` bytes (256 KiB), instead of the blind window, while the guesses' own record
+  allows (`around.DirGate`: unused bytes within twice the used ones, plus what the blind budget
+  leaves and a credit for the first guesses). A guess that takes nothing (the next file is
+  stored elsewhere, or refused) leaves the miss to the blind window's rule.
 * Dense reads switch a blob to streams (adaptive fetching, `streams.py`): many distinct chunks
   of one blob fetched on demand in a short window make the rest of it come in large parallel
   ranged reads, decoded as they arrive, without ever making an on-demand read wait behind one.
@@ -71,6 +78,7 @@ from typing import Any
 from ...rafs.chunkdata import BlobSource, decode_chunk, verify_chunk
 from ...rafs.errors import DigestMismatch, FormatError
 from ...rafs.model import BlobInfo, ChunkInfo
+from .around import DIR_AROUND, DirGate, take_adjacent
 from .chunk_map import Binding, ChunkMap
 from .streams import DenseDetector, FetchAbandoned, Streamer, Table, dense_units
 
@@ -107,6 +115,11 @@ class CacheStats:
         self.followed_chunks = 0  # of those, chunks of other files taken along (`follow`)
         self.around_chunks = 0  # of those, taken along by a random miss's read-around
         self.around_refused = 0  # random misses without read-around: the byte budget was spent
+        self.dir_guesses = 0  # random misses that took following files of their directory along
+        self.dir_chunks = 0  # chunks they took (also in amplified/followed_chunks, not in around_chunks)
+        self.dir_bytes = 0  # their compressed bytes (also in ahead_bytes)
+        self.dir_used_bytes = 0  # of those, bytes of chunks a read used later (also in ahead_used_bytes)
+        self.dir_refused = 0  # directory guesses offered but refused: their record was spent
         self.demand_bytes = 0  # compressed bytes of the chunks on-demand reads asked for (read-around's budget)
         self.ahead_bytes = 0  # compressed bytes fetched along on demand (amplification, read-around)
         self.ahead_used_bytes = 0  # of those, bytes of chunks a read used later
@@ -225,13 +238,15 @@ class BlobCacheManager:
     def __init__(self, work_dir: str, source: BlobSource, *, validate: bool = False, amplify_io: int = 1 << 20,
                  size_limit: int = 0, sync_delay: float = 0.1, stream_size: int = 8 << 20, streams: int = 4,
                  stream_lookahead: int = 1 << 20, dense_fraction: float = 0.15, dense_window: float = 5.0,
-                 dense_min_chunks: int = 64, read_around: int = READ_AROUND) -> None:
+                 dense_min_chunks: int = 64, read_around: int = READ_AROUND,
+                 dir_around: int = DIR_AROUND) -> None:
         """Adaptive fetching (streams.py), for backends that can stream (`read_stream`): a blob
         whose on-demand fetches took `dense_fraction` of its chunks (at least `dense_min_chunks`;
         a large chunk counts once per 64 KiB) within `dense_window` seconds streams the rest in
         `streams` parallel ranges of at least `stream_size` bytes, claiming chunks
         `stream_lookahead` bytes ahead of what arrived.
-        `stream_size` 0 turns it off. `read_around` 0 turns read-around off (module docstring)."""
+        `stream_size` 0 turns it off. `read_around` 0 turns read-around off, `dir_around` 0 its
+        directory-aware form (module docstring)."""
         os.makedirs(work_dir, exist_ok=True)
         self.work_dir = work_dir
         self.source = source
@@ -239,8 +254,11 @@ class BlobCacheManager:
         self.nowait_supported = True  # RWF_NOWAIT reads of the data files (`read_ready_into`)
         self.amplify_io = max(0, amplify_io)
         self.read_around = max(0, read_around)
-        # chunks fetched along (amplification) that no read has used yet: (blob id, offset) -> size
-        self._ahead: dict[tuple[str, int], int] = {}
+        self.dir_around = max(0, dir_around)
+        self._dir_gate = DirGate()  # (lock) the directory guesses' record
+        # chunks fetched along (amplification) that no read has used yet: (blob id, offset) ->
+        # (size, taken by a directory guess)
+        self._ahead: dict[tuple[str, int], tuple[int, bool]] = {}
         self.size_limit = max(0, size_limit)
         self.stats = CacheStats()
         self._lock = threading.Lock()
@@ -416,7 +434,8 @@ class BlobCacheManager:
     def read_chunks(self, blob: BlobInfo, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo] = (),
                     prefetch: bool = False,
                     follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None,
-                    follow_late: bool = False, table: Table | None = None) -> list[bytes]:
+                    follow_late: bool = False, table: Table | None = None,
+                    around: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
         """Decoded bytes of `chunks` (all of `blob`), fetching what is missing; chunks in `extra`
         are fetched along when missing and within the `amplify_io` budget, but not returned.
         `follow(c)` gives the chunks stored after `c` in the blob, for cross-file amplification
@@ -425,6 +444,9 @@ class BlobCacheManager:
         (blob views: the first is usually the tail of the file the kernel is reading).
         `table(blob)` gives all of the blob's chunks: with it, dense reading switches the blob to
         streams (adaptive fetching, see streams.py).
+        `around(c)`: the chunks of the files after this one in its directory, in order (`c`:
+        the last chunk this read claims), for a random miss's directory-aware read-around; it
+        is only called on such a miss.
 
         A chunk that cannot be had raises OSError(EIO) or FormatError (DigestMismatch); the
         caller answers EIO. Nothing wrong is ever returned or cached.
@@ -436,7 +458,7 @@ class BlobCacheManager:
             with self._lock:
                 self.stats.total += 1
             return self._read(cb, chunks, extra, prefetch, None if prefetch else follow, follow_late,
-                              None if prefetch else table)
+                              None if prefetch else table, None if prefetch else around)
         finally:
             self._unpin(cb)
 
@@ -613,7 +635,8 @@ class BlobCacheManager:
 
     def _read(self, cb: CachedBlob, chunks: Sequence[ChunkInfo], extra: Sequence[ChunkInfo],
               prefetch: bool, follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None,
-              follow_late: bool = False, table: Table | None = None) -> list[bytes]:
+              follow_late: bool = False, table: Table | None = None,
+              around: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
         out: list[bytes | None] = [self._cached(cb, c) for c in chunks]
         missing = [k for k, d in enumerate(out) if d is None]
         hits = len(chunks) - len(missing)
@@ -632,14 +655,14 @@ class BlobCacheManager:
             return out  # type: ignore[return-value]
         streaming = self.streamer is not None and self.streamer.streaming(cb.blob.blob_id)
         if streaming:  # the streams bring the rest: fetch just what this read needs
-            extra, follow = (), None
+            extra, follow, around = (), None, None
         mine, waits, recheck = self._claim(cb, chunks, missing, extra, prefetch)
-        around = 0
-        if mine and follow is not None:
-            around = self._follow(cb, mine, follow, follow_late)
+        guessed = 0
+        if mine and (follow is not None or around is not None):
+            guessed = self._follow(cb, mine, follow, follow_late, around)
         if mine and table is not None and not streaming:
             # (read-around's chunks are no sign of dense reading: a scattered reader takes them)
-            self._note_dense(cb, mine[:len(mine) - around], table)
+            self._note_dense(cb, mine[:len(mine) - guessed], table)
         demand = bool(mine) and not prefetch
         if demand:
             self._demand_begin()
@@ -677,19 +700,26 @@ class BlobCacheManager:
         ahead = self._ahead
         s = self.stats
         for c, d in zip(chunks, out, strict=True):
-            was_ahead = ahead.pop((bid, c.compressed_offset), None) is not None if ahead else False
-            if was_ahead:
+            was = ahead.pop((bid, c.compressed_offset), None) if ahead else None
+            if was is not None:
                 s.ahead_used_bytes += c.compressed_size
-            if d is None or was_ahead:
+                if was[1]:
+                    s.dir_used_bytes += c.compressed_size
+                    self._dir_gate.used_later(c.compressed_size)
+            if d is None or was is not None:
                 s.demand_bytes += c.compressed_size
 
-    def _fetched_along(self, bid: str, taken: Iterable[ChunkInfo]) -> None:
-        """(lock held) Remember chunks fetched ahead of need, to credit their later use."""
+    def _fetched_along(self, bid: str, taken: Iterable[ChunkInfo], guess: bool = False) -> None:
+        """(lock held) Remember chunks fetched ahead of need, to credit their later use;
+        `guess`: taken by a directory guess (also on its own record)."""
         if len(self._ahead) > _AHEAD_MAX:
             self._ahead.clear()  # (their use goes uncredited: read-around only stops sooner)
         for c in taken:
-            self._ahead[(bid, c.compressed_offset)] = c.compressed_size
+            self._ahead[(bid, c.compressed_offset)] = (c.compressed_size, guess)
             self.stats.ahead_bytes += c.compressed_size
+            if guess:
+                self.stats.dir_bytes += c.compressed_size
+                self._dir_gate.fetched_along(c.compressed_size)
 
     def _note_dense(self, cb: CachedBlob, mine: list[tuple[ChunkInfo, Future[bytes]]], table: Table) -> None:
         """Count an on-demand fetch's chunks towards the blob's density; a blob read densely
@@ -751,13 +781,15 @@ class BlobCacheManager:
         return mine, waits, recheck
 
     def _follow(self, cb: CachedBlob, mine: list[tuple[ChunkInfo, Future[bytes]]],
-                follow: Callable[[ChunkInfo], Iterable[ChunkInfo]], late: bool = False) -> int:
+                follow: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None, late: bool = False,
+                around: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> int:
         """Cross-file amplification of an on-demand miss: when the miss starts where an earlier
         fetch of this blob ended (within MERGE_GAP), claim the blob's next adjacent missing chunks in a
         window that doubles per sequential miss (up to what `amplify_io` leaves); a random
-        miss closes the window, and reads around within `read_around` while the budget allows.
-        Remembers where this fetch ends for the next miss. Returns how many chunks read-around
-        added (last in `mine`)."""
+        miss closes the window, and takes the following files of its directory (`around`,
+        within `dir_around`) or else reads around within `read_around`, each while its budget
+        allows. Remembers where this fetch ends for the next miss. Returns how many chunks
+        read-around added (last in `mine`)."""
         bid = cb.blob.blob_id
         first = min(c.compressed_offset for c, _ in mine)
         last = max((c for c, _ in mine), key=lambda c: c.compressed_offset + c.compressed_size)
@@ -766,7 +798,7 @@ class BlobCacheManager:
         with self._lock:
             streams = self._streams.setdefault(bid, OrderedDict())
             window = 0
-            around = False
+            random_miss = True
             for e, w in list(streams.items()):
                 if abs(first - e) <= MERGE_GAP:
                     del streams[e]
@@ -774,15 +806,22 @@ class BlobCacheManager:
                     # takes no chunk); the next one opens FOLLOW_MIN
                     window = LATE_MARK if late and w == 0 else min(self.amplify_io, max(2 * w, FOLLOW_MIN))
                     self.stats.sequential_misses += 1
+                    random_miss = False
                     break
-            else:
-                around = self._around_allowed()
+            guess = random_miss and around is not None and budget > 0 and self._dir_allowed()
         seq_window = window
-        if around:
-            window = self.read_around
-        budget = min(budget, window)
         taken: list[tuple[ChunkInfo, Future[bytes]]] = []
-        if budget > 0:
+        if guess:
+            assert around is not None
+            taken = self._take_guess(cb, around, last, min(budget, self.dir_around))
+        blind = False
+        if random_miss and not taken and follow is not None:
+            with self._lock:
+                blind = self._around_allowed()
+            if blind:
+                window = self.read_around
+        budget = min(budget, window)
+        if budget > 0 and follow is not None and not taken:
             try:
                 for c in follow(last):
                     gap = c.compressed_offset - end
@@ -799,18 +838,62 @@ class BlobCacheManager:
                     end = c.compressed_offset + c.compressed_size
             except (FormatError, OSError) as e:  # a broken table only ends the amplification
                 log.warning("blob %s: cross-file amplification stopped: %s", bid, e)
+        if taken:
+            last = max((c for c, _ in taken), key=lambda c: c.compressed_offset + c.compressed_size)
+            end = max(end, last.compressed_offset + last.compressed_size)
         mine.extend(taken)
+        guessed = bool(taken) and guess
         with self._lock:
             self.stats.amplified_chunks += len(taken)
             self.stats.followed_chunks += len(taken)
-            if around:
+            if guessed:
+                self.stats.dir_guesses += 1
+                self.stats.dir_chunks += len(taken)
+            elif blind:
                 self.stats.around_chunks += len(taken)
-            self._fetched_along(bid, (c for c, _ in taken))
+            self._fetched_along(bid, (c for c, _ in taken), guessed)
             streams = self._streams.setdefault(bid, OrderedDict())
             streams[end] = seq_window
             while len(streams) > _STREAMS:
                 streams.popitem(last=False)
-        return len(taken) if around else 0
+        return len(taken) if guessed or blind else 0
+
+    def _take_guess(self, cb: CachedBlob, around: Callable[[ChunkInfo], Iterable[ChunkInfo]], last: ChunkInfo,
+                    budget: int) -> list[tuple[ChunkInfo, Future[bytes]]]:
+        """Claim the chunks of the following files of the directory that continue the blob
+        right after `last`, missing, within `budget` bytes (`around.take_adjacent`)."""
+        bid = cb.blob.blob_id
+        claimed: list[tuple[ChunkInfo, Future[bytes]]] = []
+
+        def claim(c: ChunkInfo) -> bool:
+            if c.blob_index != last.blob_index or not cb.cacheable(c):
+                return False
+            with self._lock:
+                key = (bid, c.compressed_offset)
+                if key in self._inflight or cb.ready(c):
+                    return False
+                fut: Future[bytes] = Future()
+                self._inflight[key] = (fut, False)
+            claimed.append((c, fut))
+            return True
+
+        try:
+            take_adjacent(around(last), last.compressed_offset + last.compressed_size, budget, MERGE_GAP, claim)
+        except (FormatError, OSError) as e:  # a broken directory or chunk table only ends the guess
+            log.warning("blob %s: directory read-around stopped: %s", bid, e)
+        return claimed
+
+    def _dir_allowed(self) -> bool:
+        """(lock held) A random miss may take its directory's following files while their
+        record allows (`around.DirGate`), with what the blind budget leaves as a shared part."""
+        if self.dir_around <= 0:
+            return False
+        s = self.stats
+        free = AROUND_WASTE * (s.demand_bytes + s.ahead_used_bytes) - (s.ahead_bytes - s.ahead_used_bytes)
+        if self._dir_gate.allows(self.dir_around, free):
+            return True
+        s.dir_refused += 1
+        return False
 
     def _around_allowed(self) -> bool:
         """(lock held) A random miss may read around while the unused bytes fetched along, with
