@@ -73,6 +73,7 @@ from tests.storage import images  # noqa: E402
 from tests.storage import registry_rig as rig  # noqa: E402
 from tests.storage.fault_proxy import FaultProxy  # noqa: E402
 
+HUGE = 8 << 20  # files over this are left out of the startup sets (ordinary files, not the huge ones)
 TEXT = b"".join(b"%08d the quick brown fox jumps over the lazy dog; config=value\n" % i for i in range(20000))
 
 
@@ -116,8 +117,8 @@ def random_set(files: dict[str, int], share: float, rng: random.Random) -> list[
     for rel in order:
         if acc >= total * share:
             break
-        if files[rel] > 8 << 20:
-            continue  # the startup set is made of ordinary files, not the huge ones
+        if files[rel] > HUGE:
+            continue
         startup.append(rel)
         acc += files[rel]
     return startup
@@ -133,7 +134,7 @@ def clustered_set(files: dict[str, int], share: float, rng: random.Random,
     total = sum(files.values())
     dirs: dict[str, list[str]] = {}
     for rel in sorted(files):
-        if files[rel] <= 8 << 20:
+        if files[rel] <= HUGE:
             dirs.setdefault(rel.rsplit("/", 1)[0], []).append(rel)
     names = sorted(dirs)
     rng.shuffle(names)
@@ -549,7 +550,7 @@ def main() -> int:
                                         for v in keys if v.removeprefix("erofs_") in WHOLE}
             # the bound beside each run that reads the random set one file at a time (lazy_bound.py);
             # the pool the set is drawn from, stored sizes scaled by the blobs' compression
-            pool = [s * nydus_bytes / total for s in files.values() if s <= 8 << 20]
+            pool = [s * nydus_bytes / total for s in files.values() if s <= HUGE]
             res["bound_inputs"] = {**net, "blob_bytes": nydus_bytes, "files": len(startup), "pool_files": len(pool),
                                    "full_pull_s": pull["total_s"]}
             for v in keys:

@@ -1253,14 +1253,18 @@ class Converter:
                        for h in r.reference_blobs if h in cache.references})
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
 
+        mountable = ep.ref.host == self.dst_ref.host and not same_repo(ep.ref, self.dst_ref)
+
         async def one(digest: str, blob: Blob) -> None:
             async with sem:
+                path = self.cache_new.get(digest)
+                if path is not None and not mountable:  # (its HEAD skips a blob the cache has)
+                    await client.push_blob_file(path, digest, piece=self.opts.piece_size)
+                    return
                 if await client.blob_exists(digest):
                     return
-                if ep.ref.host == self.dst_ref.host and not same_repo(ep.ref, self.dst_ref) \
-                        and await client.mount_blob(digest, self.dst_ref.repository):
+                if mountable and await client.mount_blob(digest, self.dst_ref.repository):
                     return
-                path = self.cache_new.get(digest)
                 if path is None:
                     if self.chunk_dict is not None and blob.hex in self.chunk_dict.blobs:
                         src = self.chunk_dict.blobs[blob.hex]

@@ -216,8 +216,7 @@ class BlobDevice:
         extra = (self.image.chunks(ino, end, self.amplify_io)
                  if self._chunked is not None and self.amplify_io and end < file_size else [])
         spans = [(offset - c.file_offset, end - c.file_offset) for c in chunks]
-        out = _assemble(chunks, self._load(chunks, extra, spans, siblings if self._chunked is not None else None),
-                        offset, end)
+        out = _assemble(chunks, self._load(chunks, extra, spans, siblings), offset, end)
         with self._stats_lock:
             self.bytes_read += len(out)
         return out

@@ -6,6 +6,8 @@ a real image, a real blob cache and a local backend that counts its reads."""
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,15 +56,21 @@ def _tree(src: Path, dirs: int, files: int, seed: int = 5) -> dict[str, bytes]:
     return out
 
 
-def _mount(tmp_path: Path, dirs: int, files: int, **cache: int) -> tuple[RafsFilesystem, BlobCacheManager,
-                                                                          CountingDir, dict[str, bytes]]:
+@contextmanager
+def _mount(tmp_path: Path, dirs: int, files: int,
+           **cache: int) -> Iterator[tuple[RafsFilesystem, BlobCacheManager, CountingDir, dict[str, bytes]]]:
+    """The filesystem over a blob cache of a `_tree` image, closed (with its cache) at the end."""
     tree = _tree(tmp_path / "src", dirs, files)
     img = build(str(tmp_path / "src"), str(tmp_path / "img"), BuildOptions(chunk_size=1 << 20), views=False)
     image: RafsImage = open_bootstrap(img.boot)
     source = CountingDir(img.blob_dir)
     cache_mgr = BlobCacheManager(str(tmp_path / "cache"), source, stream_size=0, **cache)
     fs = RafsFilesystem(image, BlobDevice(image, cache_mgr, validate=True, amplify_io=1 << 20), readahead_chunks=0)
-    return fs, cache_mgr, source, tree
+    try:
+        yield fs, cache_mgr, source, tree
+    finally:
+        fs.close()
+        cache_mgr.close()
 
 
 def _cat(fs: RafsFilesystem, rel: str) -> bytes:
@@ -74,8 +82,7 @@ def _cat(fs: RafsFilesystem, rel: str) -> bytes:
 
 
 def test_a_run_of_a_directory_costs_one_backend_read(tmp_path: Path) -> None:
-    fs, m, source, tree = _mount(tmp_path, 3, 12)
-    try:
+    with _mount(tmp_path, 3, 12) as (fs, m, source, tree):
         run = [f"d01/f{f:03d}" for f in range(3, 9)]  # a run of six neighbours, not from the first
         for rel in run:
             assert _cat(fs, rel) == tree[rel]
@@ -83,14 +90,10 @@ def test_a_run_of_a_directory_costs_one_backend_read(tmp_path: Path) -> None:
         s = m.stats
         assert s.dir_guesses == 1 and s.dir_chunks >= len(run) - 1
         assert s.dir_used_bytes > 0 and s.around_chunks == 0
-    finally:
-        fs.close()
-        m.close()
 
 
 def test_the_guess_stops_where_the_directory_does(tmp_path: Path) -> None:
-    fs, m, source, tree = _mount(tmp_path, 3, 6)
-    try:
+    with _mount(tmp_path, 3, 6) as (fs, m, source, tree):
         for rel in ("d00/f002", "d00/f003", "d00/f004", "d00/f005"):
             assert _cat(fs, rel) == tree[rel]
         assert source.reads == 1
@@ -98,30 +101,21 @@ def test_the_guess_stops_where_the_directory_does(tmp_path: Path) -> None:
         assert m.stats.dir_chunks == 3 and m.stats.dir_used_bytes == m.stats.dir_bytes
         assert _cat(fs, "d01/f000") == tree["d01/f000"]
         assert source.reads == 2
-    finally:
-        fs.close()
-        m.close()
 
 
 def test_without_a_lookup_the_blind_window_still_applies(tmp_path: Path) -> None:
-    fs, m, _source, tree = _mount(tmp_path, 2, 8)
-    try:
+    with _mount(tmp_path, 2, 8) as (fs, m, _source, tree):
         ino = fs.lookup(fs.lookup(1, b"d00").ino, b"f001").ino
         fs._parents.clear()  # (as after READDIRPLUS, which creates the dentry without a LOOKUP)
         assert bytes(fs.read(ino, 0, 0, 128 << 10)) == tree["d00/f001"]
         assert m.stats.dir_guesses == 0 and m.stats.dir_refused == 0
-    finally:
-        fs.close()
-        m.close()
 
 
 @pytest.mark.parametrize("dir_around", [0, 256 << 10])
 def test_guesses_that_go_unread_stop(tmp_path: Path, dir_around: int) -> None:
-    fs, m, source, tree = _mount(tmp_path, 40, 12, dir_around=dir_around, read_around=0)
-    try:
+    with _mount(tmp_path, 40, 12, dir_around=dir_around, read_around=0) as (fs, m, source, tree):
         rng = random.Random(9)
         picks = rng.sample(sorted(r for r in tree if "/sub/" not in r and not r.endswith("f011")), 150)
-        picks = [p for k, p in enumerate(picks) if p not in picks[:k]]
         for rel in picks:
             assert _cat(fs, rel) == tree[rel]
         s = m.stats
@@ -133,6 +127,3 @@ def test_guesses_that_go_unread_stop(tmp_path: Path, dir_around: int) -> None:
         # the guesses' waste: within their credit, the blind budget and one window
         assert unused <= DIR_CREDIT + AROUND_WASTE * (s.demand_bytes + s.ahead_used_bytes) + dir_around
         assert source.bytes - s.demand_bytes <= unused + s.dir_used_bytes
-    finally:
-        fs.close()
-        m.close()

@@ -888,11 +888,9 @@ class BlobCacheManager:
         record allows (`around.DirGate`), with what the blind budget leaves as a shared part."""
         if self.dir_around <= 0:
             return False
-        s = self.stats
-        free = AROUND_WASTE * (s.demand_bytes + s.ahead_used_bytes) - (s.ahead_bytes - s.ahead_used_bytes)
-        if self._dir_gate.allows(self.dir_around, free):
+        if self._dir_gate.allows(self.dir_around, self._blind_room()):
             return True
-        s.dir_refused += 1
+        self.stats.dir_refused += 1
         return False
 
     def _around_allowed(self) -> bool:
@@ -900,12 +898,16 @@ class BlobCacheManager:
         a full window more, stay within the budget (module docstring)."""
         if self.read_around <= 0:
             return False
-        s = self.stats
-        unused = s.ahead_bytes - s.ahead_used_bytes
-        if unused + self.read_around <= AROUND_WASTE * (s.demand_bytes + s.ahead_used_bytes):
+        if self.read_around <= self._blind_room():
             return True
-        s.around_refused += 1
+        self.stats.around_refused += 1
         return False
+
+    def _blind_room(self) -> float:
+        """(lock held) Bytes the read-around budget has left: `AROUND_WASTE` of what reads used,
+        less the bytes fetched along that no read has used yet (negative when overspent)."""
+        s = self.stats
+        return AROUND_WASTE * (s.demand_bytes + s.ahead_used_bytes) - (s.ahead_bytes - s.ahead_used_bytes)
 
     @staticmethod
     def _advance(streams: OrderedDict[int, int], hits: list[ChunkInfo]) -> None:
