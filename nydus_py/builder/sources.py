@@ -36,7 +36,7 @@ import urllib.parse
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Generic, TypeVar
+from typing import Any, BinaryIO, Generic, Protocol, TypeVar
 
 import zstandard
 
@@ -215,6 +215,7 @@ class Growth:
         self.done = False
         self.failed = False
         self._want = 1 << 63  # the least end a reader waits for: writes short of it wake nobody
+        self._events = 0  # changes a waiter must see (a reader that let go of the lock compares it)
 
     def grew(self, total: int) -> None:
         with self._cond:
@@ -227,12 +228,14 @@ class Growth:
             if self.written:
                 self.generation += 1
                 self.written = 0
+                self._events += 1
                 self._cond.notify_all()
 
     def close(self, failed: bool = False) -> None:
         with self._cond:
             self.done = True
             self.failed = self.failed or failed
+            self._events += 1
             self._cond.notify_all()
 
     def check(self, generation: int) -> None:
@@ -256,6 +259,20 @@ class Growth:
             return self.written
 
 
+class PipeSource(Protocol):
+    """What a `TarPipe`'s reader may run itself instead of waiting for a writer thread: the
+    inflating of the next compressed piece (`pull`), which `feed`s the pipe."""
+
+    def pull(self) -> bool:
+        """Feed the pipe from the next piece waiting, unless none is waiting or another thread
+        is feeding; whether a piece was taken. Called without the pipe's lock."""
+        raise NotImplementedError
+
+    def reader_gone(self) -> None:
+        """The reader will not pull again (`release`): what still comes must be fed by others."""
+        raise NotImplementedError
+
+
 class TarPipe(Growth):
     """A layer tar handed in memory from the thread that inflates it to the build that reads it
     (`tree_from_tar(growth=pipe)`, with `on_file`): no tar file is written and read back, which
@@ -266,7 +283,13 @@ class TarPipe(Growth):
     Bounded: a writer more than `limit` bytes ahead of its reader waits for it, unless the reader
     is waiting for more than that (one read bigger than `limit`, a big pax header: let through, or
     both would wait for good). A reader that stops for good (`release`: the build failed or is
-    done) lets the writer go on, dropping what it writes."""
+    done) lets the writer go on, dropping what it writes.
+
+    With a `source` (`attach`), the reader inflates the tar itself: when it lacks bytes it
+    `pull`s the next compressed piece, and waits only when none has arrived (the download tells
+    it of each with `arrived`). A writer thread between download and build cost two thread
+    hand-offs per piece, each a futex call and a GIL hand-off, and under CFS a preempted
+    holder of the GIL stalled every thread of the conversion."""
 
     def __init__(self, limit: int = 2 << 20) -> None:
         super().__init__()
@@ -281,16 +304,57 @@ class TarPipe(Growth):
         self.peak_held = 0  # the most bytes held at once
         self.writer_waits = 0  # times the writer blocked on a full pipe (each ends in a wake-up)
         self.writer_blocked = False
+        self.source: PipeSource | None = None
+        self._reader_waiting = False  # the reader waits on the lock's condition (`arrived` wakes it)
+        self.pulled = 0  # pieces the reader inflated itself
+        self.reader_waits = 0  # times the reader waited for bytes (each ended in a wake-up)
+
+    def attach(self, source: PipeSource) -> None:
+        """The reader pulls from `source` from now on (see the class docstring)."""
+        with self._cond:
+            self.source = source
+
+    def arrived(self) -> None:
+        """A compressed piece is waiting for `source.pull`: a reader waiting for bytes wakes."""
+        with self._cond:
+            self._events += 1
+            if self._reader_waiting:
+                self._cond.notify_all()
+
+    def _pull_or_wait(self) -> None:
+        """With the lock held: inflate the next piece (the lock let go meanwhile), or wait for one
+        (or for a writer's bytes) when none is waiting."""
+        source = self.source
+        if source is not None:
+            seen = self._events
+            self._cond.release()  # (held once: read and final_size do not nest)
+            try:
+                pulled = source.pull()
+            finally:
+                self._cond.acquire()
+            if pulled:
+                self.pulled += 1
+                return
+            if self._events != seen:  # a piece arrived (or the end, a restart) while the lock was let go
+                return
+        self.reader_waits += 1
+        self._reader_waiting = True
+        try:
+            self._cond.wait()
+        finally:
+            self._reader_waiting = False
 
     def feed(self, data: bytes) -> None:
-        """Append the next piece of the tar (waiting while the reader is `limit` bytes behind)."""
+        """Append the next piece of the tar (waiting while the reader is `limit` bytes behind;
+        never with a `source`: its feeder is the reader, pulling what it lacks)."""
         with self._cond:
-            while self._held >= self.limit and not (self._starving or self._gone or self.done):
+            while self._held >= self.limit and not (self._starving or self._gone or self.done or self.source):
                 self.writer_waits += 1
                 self.writer_blocked = True
                 self._cond.wait()
                 self.writer_blocked = False
             self.written += len(data)
+            self._events += 1
             if self._gone or self._draining:
                 self.dropped_unread += len(data) if self._gone else 0
                 self._base = self.written
@@ -313,13 +377,18 @@ class TarPipe(Growth):
             super().restart()
 
     def release(self) -> None:
-        """The reader is done with the tar (or failed): nothing written from now on is kept."""
+        """The reader is done with the tar (or failed): nothing written from now on is kept,
+        and a `source` is told that nobody pulls any more."""
         with self._cond:
             self._gone = True
             self._pieces.clear()
             self._base = self.written
             self._held = 0
+            self._events += 1
             self._cond.notify_all()
+            source = self.source
+        if source is not None:
+            source.reader_gone()
 
     def _wake_writer(self) -> None:
         self.writer_blocked = False  # (woken: blocked again only once it waits again)
@@ -353,7 +422,7 @@ class TarPipe(Growth):
                 self._starving = True
                 self._want = min(self._want, end)
                 self._wake_writer()
-                self._cond.wait()
+                self._pull_or_wait()
                 self._want = 1 << 63
             self._starving = False
             if self.generation != generation:
@@ -391,7 +460,7 @@ class TarPipe(Growth):
                 self._draining = True
                 self._cond.notify_all()
             while not self.done and self.generation == generation and not self._gone:
-                self._cond.wait()
+                self._pull_or_wait()  # (draining: what the pulls feed is dropped)
             if self._gone:
                 raise OSError(_errno.ECANCELED, "the tar's reader was let go")
             if self.generation != generation:

@@ -46,7 +46,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -172,45 +172,64 @@ class _Fetched:
 
 
 class _InflateSink:
-    """`stream_blob`'s sink for a layer: the pieces are inflated (`layer.Inflater`) in a worker
-    thread, in order, while the event loop reads the next ones; the loop never hashes or
-    decompresses.
+    """`stream_blob`'s sink for a layer: the pieces are inflated (`layer.Inflater`) off the event
+    loop, in order, while the loop reads the next ones; the loop never hashes or decompresses.
 
-    The pieces go through a queue of at most `ahead` bytes (one 256 KiB piece beside the one
-    being inflated, as the old sink held: 512 KiB was ~20 ms faster in a 0.73 s rebuild but
-    peaked ~6 MiB higher in a first conversion, median of 5): the loop waits only when the queue
-    is full, and one pool job inflates every piece queued while it runs. (A round trip per piece,
-    the loop waiting for each piece's inflate before handing over the next, cost a thread
-    wake-up each way per 256 KiB: the worker waited for the loop and the loop for the worker,
-    and under GIL contention each wake-up waited for a switch interval.)"""
+    When the tar goes to its build in memory (a `TarPipe`), the build's thread inflates the
+    pieces itself as it reads (`pull`, the pipe's `source`): the loop queues a piece and tells the
+    pipe (`arrived`), which wakes the reader only if it is waiting for bytes. A thread between
+    them cost a wake-up each way per piece (loop to inflater, inflater to build, and the build
+    waking the inflater when the pipe had room), each a futex call and a GIL hand-off; under
+    CFS each preemption of a thread holding the GIL stalled the others (about 5,600 preemptions
+    per conversion of the benchmark's image). Once the build lets the pipe go (`reader_gone`:
+    done or failed), the rest is inflated in `pool`, as for a tar file.
+
+    With a tar file, the pieces go through a queue of at most `ahead` bytes (one 256 KiB piece
+    beside the one being inflated, as the old sink held: 512 KiB was ~20 ms faster in a 0.73 s
+    rebuild but peaked ~6 MiB higher in a first conversion, median of 5): the loop waits only when
+    the queue is full, and one pool job inflates every piece queued while it runs. (A round trip
+    per piece, the loop waiting for each piece's inflate before handing over the next, cost a
+    thread wake-up each way per 256 KiB: the worker waited for the loop and the loop for the
+    worker, and under GIL contention each wake-up waited for a switch interval.) A piped tar's
+    queue holds up to `PULL_AHEAD` (the pipe itself then holds little: what one pull inflates)."""
+
+    PULL_AHEAD = 1 << 20
 
     def __init__(self, pool: ThreadPoolExecutor, tar_path: str, keep_path: str | None, size: int,
-                 limits: ExpansionLimits | None, growth: Growth | None = None, ahead: int = 256 << 10,
+                 limits: ExpansionLimits | None, growth: Growth | None = None, ahead: int | None = None,
                  diff_id: bool = True) -> None:
         self.pool = pool
         self.size = size
         self.limits = limits
         self.growth = growth
-        self.ahead = ahead
         self.diff_id = diff_id  # hash the tar (`Inflater`'s diff_id)
         self.tar: _GrowingFile | _PipeWriter
+        self._pipe: TarPipe | None = None
         if isinstance(growth, TarPipe):  # the build reads the tar from memory: no file
             self.tar = _PipeWriter(growth)
+            self._pipe = growth
         else:  # unbuffered, so that what `growth` announces is in the file for a reader that follows it
             self.tar = _GrowingFile(open(tar_path, "wb", buffering=0), growth)  # noqa: SIM115 (closed in close)
+        self.ahead = ahead if ahead is not None else self.PULL_AHEAD if self._pipe is not None else 256 << 10
         self.keep = open(keep_path, "wb") if keep_path else None  # noqa: SIM115
         self.inflater: Inflater | None = None
         self._lock = threading.Lock()
         self._queue: collections.deque[bytes] = collections.deque()
         self._queued = 0  # bytes in the queue or being fed
-        self._running = False  # a pool job is draining the queue
+        self._running = False  # a thread is feeding the inflater (a pool job, or the reader's pull)
+        self._pulling = self._pipe is not None  # the pipe's reader inflates (no pool job)
+        self._steps: Iterator[None] | None = None  # the piece a pull is inflating (`Inflater.steps`)
+        self._steps_size = 0  # its size (in `_queued` until it is done)
+        self._idle_wanted = False  # the loop waits for no thread to be feeding (`_drop_queued`)
         self._error: BaseException | None = None  # what a feed raised (the rest of the queue dropped)
         self._waiter: asyncio.Future[None] | None = None  # the loop waiting for room or for the end
         self._loop: asyncio.AbstractEventLoop | None = None
         self.jobs = 0  # pool jobs started (one per run of pieces, not one per piece)
+        if self._pipe is not None:
+            self._pipe.attach(self)
 
     async def restart(self) -> None:
-        await self.settle()
+        await self._drop_queued()  # (what the failed attempt left queued is of no use)
         if self.growth is not None:  # (first: a build reading a cut-short tar then knows why)
             self.growth.restart()
         for f in (self.tar, self.keep):
@@ -228,11 +247,14 @@ class _InflateSink:
             self._raise_locked()
             self._queue.append(data)
             self._queued += len(data)
-            start = not self._running
-            self._running = True
+            start = not self._running and not self._pulling
+            if start:
+                self._running = True
         if start:
             self.jobs += 1
             self.pool.submit(self._drain)
+        elif self._pipe is not None:
+            self._pipe.arrived()
         while True:
             with self._lock:
                 self._raise_locked()
@@ -245,20 +267,99 @@ class _InflateSink:
         """Wait until every piece queued is inflated (the error of one that failed is raised)."""
         while True:
             with self._lock:
-                if not self._running:
+                if not self._running and ((not self._queue and self._steps is None) or self._error is not None):
                     self._raise_locked()
                     return
                 waiter = self._waiter = asyncio.get_running_loop().create_future()
             await waiter
+
+    async def _drop_queued(self) -> None:
+        """Drop the pieces not started (and a piece a pull left half done), once no thread feeds."""
+        while True:
+            with self._lock:
+                self._queued -= sum(len(p) for p in self._queue)
+                self._queue.clear()
+                if not self._running:
+                    if self._steps is not None:
+                        self._steps = None
+                        self._queued -= self._steps_size
+                    self._idle_wanted = False
+                    self._raise_locked()
+                    return
+                self._idle_wanted = True  # (a pull wakes the loop after its step, not only after a piece)
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await waiter
+
+    def pull(self) -> bool:
+        """`PipeSource.pull`, on the build's thread: one step of inflating into the pipe (at
+        most 256 KiB of gzip output: `Inflater.steps`), from the piece being inflated or the next
+        one queued."""
+        with self._lock:
+            if self._running or self._error is not None:
+                return False
+            steps = self._steps
+            if steps is None:
+                if not self._queue:
+                    return False
+                data = self._queue.popleft()
+                assert self.inflater is not None
+                steps = self._steps = self.inflater.steps(data)
+                self._steps_size = len(data)
+            self._running = True
+        try:
+            more = next(steps, _DONE) is not _DONE
+        except BaseException as e:  # (a write error: the loop raises it, the download stops)
+            with self._lock:
+                self._error = e
+                self._queue.clear()
+                self._queued = 0
+                self._steps = None
+                self._running = False
+                self._wake_locked()
+            return False
+        with self._lock:
+            self._running = False
+            if not more:
+                self._steps = None
+                self._queued -= self._steps_size
+            # room again (or all inflated: a settle goes on), or a restart/close waits for no feeder
+            if (not more and self._queued <= self.ahead // 2) or self._idle_wanted:
+                self._wake_locked()
+        return True
+
+    def reader_gone(self) -> None:
+        """`PipeSource.reader_gone`: the pieces still queued and to come are inflated in the pool."""
+        with self._lock:
+            self._pulling = False
+            start = (bool(self._queue) or self._steps is not None) and not self._running and self._error is None
+            if start:
+                self._running = True
+        if start:
+            self.jobs += 1
+            self.pool.submit(self._drain)
 
     def _raise_locked(self) -> None:
         if self._error is not None:
             raise self._error
 
     def _drain(self) -> None:
-        """Pool job: feed the queued pieces in order until the queue is empty."""
+        """Pool job: feed the queued pieces in order until the queue is empty (first the rest of
+        a piece a reader that went away was inflating)."""
         inflater = self.inflater
         assert inflater is not None
+        steps, self._steps = self._steps, None  # (no pull runs: `_running` is set)
+        if steps is not None:
+            try:
+                for _ in steps:
+                    pass
+            except BaseException as e:
+                with self._lock:
+                    self._error = e
+                    self._queue.clear()
+                    self._queued = 0
+            else:
+                with self._lock:
+                    self._queued -= self._steps_size
         while True:
             with self._lock:
                 if not self._queue or self._error is not None:
@@ -296,14 +397,14 @@ class _InflateSink:
     async def close(self) -> None:
         """Wait for the worker (also after an error or a cancel: it must not write to a closed
         file; the pieces it has not started are dropped), then close the files."""
-        with self._lock:
-            self._queued -= sum(len(p) for p in self._queue)
-            self._queue.clear()
         with contextlib.suppress(BaseException):
-            await asyncio.shield(self.settle())
+            await asyncio.shield(self._drop_queued())
         self.tar.close()
         if self.keep is not None:
             self.keep.close()
+
+
+_DONE = object()  # (`next`'s default: a piece's steps are over)
 
 
 def _resolve(waiter: "asyncio.Future[None]") -> None:

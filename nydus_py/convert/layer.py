@@ -15,7 +15,7 @@ layer digest and re-running a conversion reuses it.
 import hashlib
 import io
 import tarfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 import zstandard
@@ -88,6 +88,14 @@ class Inflater:
         self.error: FormatError | None = None
 
     def feed(self, data: bytes) -> None:
+        for _ in self.steps(data):
+            pass
+
+    def steps(self, data: bytes) -> Iterator[None]:
+        """`feed`, one step per write of output (at most 256 KiB from gzip): a reader that
+        inflates as it reads (`converter._InflateSink.pull`) takes only what it needs, so a
+        piece that expands a thousandfold (zeros) is not held whole. The compressed piece is
+        hashed (and kept) at the first step."""
         self.layer_hash.update(data)
         self.layer_size += len(data)
         if self.keep is not None:
@@ -95,11 +103,11 @@ class Inflater:
         if self.error is not None:
             return
         try:
-            self._inflate(data)
+            yield from self._inflate(data)
         except FormatError as e:
             self.error = e
 
-    def _inflate(self, data: bytes) -> None:
+    def _inflate(self, data: bytes) -> Iterator[None]:
         if not self.kind:
             self._head += data
             if len(self._head) < 4:
@@ -108,13 +116,14 @@ class Inflater:
             self.kind = detect_compression(data[:4]) or "tar"
         self.meter.consumed(len(data))  # before the bytes are expanded, so the ratio sees them
         if self.kind == "gzip":
-            self._gunzip(data)
+            yield from self._gunzip(data)
         elif self.kind == "zstd":
-            self._unzstd(data)
+            yield from self._unzstd(data)
         else:
             self.out.write(data)
+            yield
 
-    def _gunzip(self, buf: bytes) -> None:
+    def _gunzip(self, buf: bytes) -> Iterator[None]:
         d = self._gz
         if d is None:
             d = self._gz = zlib_ng.decompressobj(16 + zlib_ng.MAX_WBITS)
@@ -128,22 +137,28 @@ class Inflater:
                 d = self._gz = zlib_ng.decompressobj(16 + zlib_ng.MAX_WBITS)
                 buf = rest
             try:
-                self.out.write(d.decompress(buf, _GZIP_OUT))
+                out = d.decompress(buf, _GZIP_OUT)
             except zlib_ng.error as e:  # type: ignore[misc]  # (the stub types it as a value)
                 raise FormatError(f"corrupt gzip layer: {e}") from None
             buf = d.unused_data if d.eof else d.unconsumed_tail
+            if out:
+                self.out.write(out)
+                yield
 
-    def _unzstd(self, data: bytes) -> None:
+    def _unzstd(self, data: bytes) -> Iterator[None]:
         for pos in range(0, len(data), _ZSTD_FEED):
             buf = data[pos:pos + _ZSTD_FEED]
             while buf:
                 if self._zs is None or self._zs.eof:  # the (next) frame
                     self._zs = zstandard.ZstdDecompressor().decompressobj()
                 try:
-                    self.out.write(self._zs.decompress(buf))
+                    out = self._zs.decompress(buf)
                 except zstandard.ZstdError as e:
                     raise FormatError(f"corrupt zstd layer: {e}") from None
                 buf = self._zs.unused_data if self._zs.eof else b""
+                if out:
+                    self.out.write(out)
+                    yield
 
     def finish(self) -> tuple[str, int, str]:
         """(sha256 hex of the tar = diff_id, "" if not hashed; tar size, kind); the FormatError
