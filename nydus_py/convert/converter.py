@@ -5,8 +5,8 @@ that downloading, building and uploading overlap:
 
 1. resolve the source (index -> the platform's manifest), fetch and check the config;
 2. pull the layers, each when its build starts (one per core at once, lowest layer first),
-   decompressed as it arrives (a worker thread inflates one piece while the next downloads) and
-   handed to the build in memory (`TarPipe`: no tar file), which chunks the files as they come;
+   handed to the build in memory (`TarPipe`: no tar file), whose thread inflates the pieces as
+   it reads them (`_InflateSink.pull`) while the next ones download, and chunks the files as they come;
    each is checked against its size and digest (and its diff_id when build-cache records are
    written: they are keyed by diff_ids); its blob is pushed while it is written
    (`stream_push`: one PATCH following the file, then PUT ?digest=) or once built (HEAD first: a blob the target
@@ -87,7 +87,7 @@ from .tasks import gather_or_cancel
 
 log = logging.getLogger(__name__)
 
-_PULL_PIECE = 256 << 10  # download piece handed to the inflate thread (two in flight per layer)
+_PULL_PIECE = 256 << 10  # download piece handed to the inflating (up to `_InflateSink.ahead` queued per layer)
 
 
 @dataclass
