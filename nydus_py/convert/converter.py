@@ -22,8 +22,10 @@ With `build_cache` (see `build_cache`), layers whose ChainID and build parameter
 are neither pulled nor prepared: their cached layer bootstrap joins the stack where their commit
 would be (the layers above, prepared meanwhile, find its chunks from then on, as they do a
 committed layer's) and their blob is mounted (same registry) or copied into the target with the
-last pushes; the record of each layer built is made right after its commit. The cache image is
-pushed at the very end.
+last pushes; the record of each layer built is written on a builder thread once it is committed
+(beside later commits and the merged bootstrap: it only reads that layer's tree), and is complete
+before the manifest is pushed. The cache's new blobs and config go up beside the last image's own
+pushes, the cache manifest after the image's: a cache push that failed fails the command then.
 With `chunk_dict`, chunks the dictionary image has are referenced from its blobs, which then
 join the image (mounted or copied into the target like cached blobs).
 
@@ -46,7 +48,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -54,6 +56,7 @@ from typing import Any, cast
 from ..builder.chunk_dict import ChunkDictError
 from ..builder.limits import ExpansionLimits
 from ..builder.options import BuildOptions
+from ..builder.packed import Tree
 from ..builder.sources import Growth, Restarted, TarPipe
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
@@ -527,6 +530,9 @@ class Converter:
         self.stream_skip_logged = False
         self.stream_stats = StreamStats()
         self.cache_used: list[Record] = []  # records this run hit or made, in layer order
+        # the build cache's blobs and config, pushed beside the last image's own pushes (its
+        # manifest goes after the image's): the export to push with the cache manifest
+        self.cache_push: asyncio.Task[tuple[bytes, str]] | None = None
         self.cache_new: dict[str, str] = {}  # digest -> local file of what new records need pushed
         # records made in this run: (record, its layer bootstrap, its blob file), for later platforms
         self.cache_made: dict[tuple[str, str], tuple[Record, str, str | None]] = {}
@@ -583,7 +589,12 @@ class Converter:
                 cache_load = load_cache(self.cache_client, self.cache_ep, self.cache, self.cache_stats)
             else:
                 cache_load = _nothing()
-            result = await self._convert(src, dst, work, builder, unpacker, cache_load)
+            try:
+                result = await self._convert(src, dst, work, builder, unpacker, cache_load)
+            except BaseException:
+                if self.cache_push is not None:
+                    await _cancel_all([self.cache_push])
+                raise
             if self.cache is not None:
                 await self._push_cache(dst)
                 result.build_cache = dataclasses.asdict(self.cache_stats)
@@ -635,7 +646,7 @@ class Converter:
                 raise r
         sources, index_type = cast(tuple[list[_Source], str | None], got[1])
         if index_type is None or (len(sources) == 1 and not self.opts.all_platforms):
-            result, _ = await self._convert_one(sources[0], src, dst, work, builder, unpacker, tagged=True)
+            result, _ = await self._convert_one(sources[0], src, dst, work, builder, unpacker, tagged=True, last=True)
             self.progress.close()
             return result
         # several images: each Nydus manifest by digest, then one index under the tag
@@ -644,7 +655,8 @@ class Converter:
         for n, source in enumerate(sources):
             sub = os.path.join(work, f"platform-{n}")
             os.makedirs(sub)
-            res, nydus_desc = await self._convert_one(source, src, dst, sub, builder, unpacker, tagged=False)
+            res, nydus_desc = await self._convert_one(source, src, dst, sub, builder, unpacker, tagged=False,
+                                                      last=n == len(sources) - 1)
             results.append(res)
             if self.opts.merge_platform:
                 entries += oci.merged_index(source.manifest_desc, nydus_desc, source.platform)["manifests"]
@@ -662,9 +674,11 @@ class Converter:
 
     async def _convert_one(self, source: _Source, src: RegistryClient, dst: RegistryClient, work: str,
                            builder: ThreadPoolExecutor, unpacker: ThreadPoolExecutor,
-                           tagged: bool) -> tuple[ConvertResult, dict[str, Any]]:
+                           tagged: bool, last: bool) -> tuple[ConvertResult, dict[str, Any]]:
         """Convert one source image and push it; its manifest goes under the target tag when
         `tagged` (or, with merge_platform, an index of the original and it), else by digest only.
+        With a build cache, the `last` image of the run starts the cache's pushes (all but its
+        manifest) beside its own (`self.cache_push`).
         Returns the result and the Nydus manifest's descriptor."""
         ui = self.progress
         layers = source.manifest.layers
@@ -806,6 +820,10 @@ class Converter:
             preps[i] = asyncio.create_task(prepare(i, d))
 
         hits: dict[int, Hit] = {}
+        # the build cache records of this image in layer order: hits, and the records of the layers
+        # built here, each written on a builder thread off the commit path (it only reads its layer's
+        # tree): beside later layers' commits and the merged bootstrap, not before them
+        used: list[Record | asyncio.Future[Record]] = []
         try:
             for i, d in enumerate(layers):  # prepared while the records are fetched (above cached ones: once they joined)
                 if i not in candidates:
@@ -828,7 +846,7 @@ class Converter:
                     else:
                         started[i].set()
                         self.cache_stats.hits += 1
-                        self.cache_used.append(hit.record)
+                        used.append(hit.record)
                         if hit.blob is not None:
                             remote[hit.blob.hex] = hit.blob
                         results.append(res)
@@ -851,17 +869,20 @@ class Converter:
                     pushes[digest] = (asyncio.create_task(push), os.path.getsize(res.blob_path))
                 if self.cache is not None:  # the record of the layer just committed (the stack's top)
                     self.cache_stats.misses += 1
-                    rec = await loop.run_in_executor(builder, self._cache_record, stack, chains[i], params, res,
-                                                     dict_ids, work, i)
-                    self.cache_used.append(rec)
+                    used.append(loop.run_in_executor(builder, self._cache_record, stack, stack.top(), chains[i],
+                                                     params, res, dict_ids, work, i))
                 _raise_failed(t for t, _ in pushes.values())
+                _raise_failed(r for r in used if isinstance(r, asyncio.Future))
             merged = await loop.run_in_executor(builder, stack.finish, boot_path)
             bl_hex, bl_size, bl_diff = await loop.run_in_executor(builder, _bootstrap_layer, boot_path, bl_path)
+            for entry in used:  # (a record that failed fails the conversion before anything but layer blobs is pushed)
+                self.cache_used.append(await entry if isinstance(entry, asyncio.Future) else entry)
             for bid in merged.blob_ids:  # a local chunk dictionary's blobs: in the target already, or an error
                 if bid in dict_ids and bid not in remote and not os.path.exists(os.path.join(blob_dir, bid)):
                     remote[bid] = await self._dict_blob_in_target(dst, bid)
         except BaseException:  # the layer blobs being pushed stop too
-            await _cancel_all([*preps.values(), *downloads.values(), *(t for t, _ in pushes.values()), *stream_tasks])
+            await _cancel_all([*preps.values(), *downloads.values(), *(t for t, _ in pushes.values()), *stream_tasks,
+                               *(r for r in used if isinstance(r, asyncio.Future))])
             raise
         # streams no push took over: layers that stored nothing (no file, no session) and build
         # attempts that restarted (their blob dropped: they end by themselves)
@@ -912,6 +933,8 @@ class Converter:
                     seen.add(d.digest)
                     files.append((d.digest, downloads[d.digest].result().path, d.size, f"original layer {i + 1}"))
             small.append((source.manifest.config.digest, source.config_bytes))
+        if self.cache is not None and last:  # (records are complete: the cache's content can go up)
+            self.cache_push = asyncio.create_task(self._push_cache_content(dict(pushes)))
         try:
             await self._push_rest(dst, pushes, files, small, push_sem, result, elsewhere, work)
             needed = [d for d, *_ in files] + [d for d, _ in small] + [r.digest for r in elsewhere]
@@ -1216,12 +1239,13 @@ class Converter:
                   (f", blob {hit.record.blob.hex[:12]})" if hit.record.blob else ")"))
         return res
 
-    def _cache_record(self, stack: LayerStack, chain: str, params: str, res: LayerResult, dict_ids: set[str],
-                      work: str, i: int) -> Record:
-        """The build cache record of layer `i` just built: its own bootstrap, as a layer."""
+    def _cache_record(self, stack: LayerStack, layer: Tree, chain: str, params: str, res: LayerResult,
+                      dict_ids: set[str], work: str, i: int) -> Record:
+        """The build cache record of layer `i` (its tree `layer`), built here: its own bootstrap,
+        as a layer."""
         boot = os.path.join(work, f"layer-{i}.boot")
         tgz = os.path.join(work, f"layer-{i}.boot.tar.gz")
-        used = stack.write_layer_bootstrap(boot)
+        used = stack.write_layer_bootstrap(boot, layer)
         with open(boot, "rb") as bf, open(tgz, "wb") as out:
             hexd, size, diff = write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
         self.cache_new[f"sha256:{hexd}"] = tgz
@@ -1240,7 +1264,23 @@ class Converter:
         return rec
 
     async def _push_cache(self, dst: RegistryClient) -> None:
-        """The blobs of new records, then the cache manifest (after the image is pushed)."""
+        """The cache manifest, once the image is pushed, after the cache's blobs and config
+        (`cache_push`, started beside the last image's pushes)."""
+        assert self.cache_client is not None and self.cache_ep is not None
+        if self.cache_push is None:  # (no image got to its pushes: not reached in a run that ends well)
+            self.cache_push = asyncio.create_task(self._push_cache_content({}))
+        manifest, mtype = await self.cache_push
+        try:
+            await self.cache_client.push_manifest(self.cache_ep.ref.reference, manifest, mtype)
+        except OSError as e:
+            raise transport_error(self.cache_ep, e, "the image is pushed, but pushing the build cache failed") from None
+
+    async def _push_cache_content(self, image_pushes: dict[str, tuple["asyncio.Task[bool]", int]]) -> tuple[bytes, str]:
+        """The blobs of new records, the dictionary blobs they reference and the cache config;
+        returns the cache manifest and its media type. A record's blob that the image pushes
+        (`image_pushes`) is waited for first, so that it is found there (or mounted from there),
+        not uploaded twice. Runs beside the image's last pushes; an error in it is raised once
+        the image is pushed (`_push_cache`), as when it ran after them."""
         assert self.cache is not None and self.cache_client is not None and self.cache_ep is not None
         cache, client, ep = self.cache, self.cache_client, self.cache_ep
         cache.record(self.cache_used)
@@ -1254,8 +1294,13 @@ class Converter:
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
 
         mountable = ep.ref.host == self.dst_ref.host and not same_repo(ep.ref, self.dst_ref)
+        same = ep.ref.host == self.dst_ref.host and same_repo(ep.ref, self.dst_ref)
 
         async def one(digest: str, blob: Blob) -> None:
+            image_push = image_pushes.get(digest)
+            if image_push is not None and (mountable or same):
+                with contextlib.suppress(Exception):  # (its failure is the image's to report)
+                    await asyncio.shield(image_push[0])
             async with sem:
                 path = self.cache_new.get(digest)
                 if path is not None and not mountable:  # (its HEAD skips a blob the cache has)
@@ -1280,9 +1325,9 @@ class Converter:
             await gather_or_cancel(one(d, b) for d, b in wanted.items())
             config, config_desc, manifest, mtype = cache.export()
             await client.push_blob(config, config_desc["digest"])
-            await client.push_manifest(ep.ref.reference, manifest, mtype)
         except OSError as e:
             raise transport_error(ep, e, "the image is pushed, but pushing the build cache failed") from None
+        return manifest, mtype
 
     @staticmethod
     def _account(result: ConvertResult, digest: str, size: int, sent: bool) -> None:
@@ -1308,7 +1353,7 @@ def _end_growth(growth: Growth, task: "asyncio.Task[Any]") -> None:
     growth.close(failed=task.cancelled() or task.exception() is not None)
 
 
-def _raise_failed(tasks: Iterable["asyncio.Task[Any]"]) -> None:
+def _raise_failed(tasks: Iterable["asyncio.Future[Any]"]) -> None:
     """Raise the error of the first finished task that failed (a push that failed early stops
     the conversion at once, not after the last layer)."""
     for t in tasks:
@@ -1316,7 +1361,7 @@ def _raise_failed(tasks: Iterable["asyncio.Task[Any]"]) -> None:
             t.result()
 
 
-async def _cancel_all(tasks: list["asyncio.Task[Any]"]) -> None:
+async def _cancel_all(tasks: Sequence["asyncio.Future[Any]"]) -> None:
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
