@@ -1,5 +1,5 @@
 """`nydusify-py` loads at start only what `convert` needs: the other commands' own modules
-(containerd for commit, the chunk-dictionary generator, the FUSE mount helpers) are imported by
+(containerd for commit, the chunk-dictionary generator, the FUSE mount helpers, the optimizer) are imported by
 those commands (issue 14: a cached rebuild pays the start-up in full)."""
 
 import json
@@ -12,6 +12,8 @@ LAZY = {
     "nydus_py.convert.committer": "commit",
     "nydus_py.convert.chunkdict": "chunkdict generate",
     "nydus_py.transport.mount": "mount",
+    "nydus_py.convert.optimizer": "optimize",
+    "nydus_py.builder.optimize": "optimize",
 }
 
 
@@ -21,6 +23,13 @@ def test_the_nydusify_entry_point_loads_no_other_commands_modules() -> None:
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     loaded = json.loads(out.stdout)
     assert loaded == [], {m: LAZY[m] for m in loaded}
+
+
+def test_optimize_names_the_optimizers_policy() -> None:
+    from nydus_py.cli import nydusify_optimize
+    from nydus_py.convert import optimizer
+
+    assert nydusify_optimize.POLICY == optimizer.POLICY
 
 
 def test_what_the_imports_made_is_left_out_of_full_collections() -> None:
