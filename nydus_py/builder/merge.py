@@ -94,7 +94,9 @@ class LayerMerger:
         self.count = 0
 
     def add(self, layer: "Inode | Tree") -> None:
-        _apply(self.tree, _layer_tree(layer, self.count), self.spec)
+        tree = _layer_tree(layer, self.count)
+        self.tree.reserve(len(tree))  # (at most one new entry per layer entry)
+        _apply(self.tree, tree, self.spec)
         self.count += 1
 
     def result(self) -> Tree:
@@ -221,6 +223,9 @@ def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: b
             if not os.path.isfile(source.path(b.blob_id)):
                 raise FormatError(f"blob {b.blob_id} not found in {blob_dir}")
     tree = Tree()
+    # the superblock's inode count (names, in nydus images) sizes the name index; capped, as an
+    # image may say anything (past the cap the index grows as entries come)
+    tree.reserve(min(max(image.superblock_inodes(), 0), 1 << 16))
     bset = tree.blob_set(blobs)
     if rewrite:
         assert source is not None
