@@ -433,6 +433,7 @@ class LayerStack:
         bset = tree.blob_set(self.blobs)
         own_index = where.get(blob_id or "", -1)
         new = ChunkRecords()
+        new.reserve(len(tree.chunks) // CHUNK_RECORD_SIZE)  # (every reference of the layer, at most)
         refs = file_bytes = 0
         chunks = tree.chunks
         for n in range(len(tree)):
