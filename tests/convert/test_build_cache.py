@@ -19,6 +19,7 @@ from nydus_py.convert import converter, oci
 from nydus_py.convert.converter import ConvertOptions
 from nydus_py.convert.errors import ConvertError
 from nydus_py.convert.stack import LayerStack
+from nydus_py.rafs.errors import FormatError
 from nydus_py.storage.registry.transfer import ImageTransfer
 from tests.storage import registry_rig as rig
 
@@ -395,3 +396,23 @@ def test_a_failed_cache_push_fails_the_command_after_the_image_is_pushed(
     assert ("manifest", "b") in events and ("manifest", "cache") not in events
     assert get_manifest(plain_registry, "bc/fails-nydus", "b")["layers"]
     assert cache_manifest(plain_registry, "bc/fails-nydus", "cache") == before
+
+
+def test_a_record_that_fails_leaves_no_manifest(tmp_path: Path, plain_registry: rig.Registry,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new layer's record is written after the merged bootstrap, beside the image's pushes,
+    but the image manifest still waits for it: a record that fails fails the conversion with no
+    image manifest and no new cache manifest pushed."""
+    opts, src_b, _cache = _rebuild_rig(tmp_path, plain_registry, "recfail")
+    before = cache_manifest(plain_registry, "bc/recfail-nydus", "cache")
+
+    def broken(self: LayerStack, path: str, layer: object = None) -> list[str]:
+        raise FormatError("record writer broken by the test")
+
+    monkeypatch.setattr(LayerStack, "write_layer_bootstrap", broken)
+    events = _spy_pushes(monkeypatch)
+    with pytest.raises(FormatError, match="broken by the test"):
+        converter.convert(opts(src_b, "b"))
+    assert not [e for e in events if e[0] == "manifest"], events
+    assert http_get(f"{plain_registry.url}/v2/bc/recfail-nydus/manifests/b")[0] == 404
+    assert cache_manifest(plain_registry, "bc/recfail-nydus", "cache") == before
