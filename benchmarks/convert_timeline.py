@@ -100,8 +100,9 @@ def timed_main(argv: list[str]) -> int:
 
     _event("imports done")
     for n in ("_convert_one", "_cache_hits", "_cached_layer", "_prepare_layer", "_commit_layer", "_cache_record",
-              "_push_rest", "_push_cache", "_push_streamed", "_fetch"):
-        _wrap(converter.Converter, n, n)
+              "_push_rest", "_push_cache", "_push_cache_content", "_push_streamed", "_fetch"):
+        if hasattr(converter.Converter, n):  # (a --baseline tree may lack some)
+            _wrap(converter.Converter, n, n)
     for n in ("resolve_sources", "load_cache", "_bootstrap_layer"):
         _wrap(converter, n, n)
     for n in ("finish", "merge_committed", "add_cached_layer", "write_layer_bootstrap"):

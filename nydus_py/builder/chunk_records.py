@@ -70,8 +70,17 @@ class ChunkRecords:
             self._grow()
         return True
 
-    def _grow(self) -> None:
-        cap = len(self._table) * 2
+    def reserve(self, n: int) -> None:
+        """Room for `n` more records at once: no rehash while they are added (the table doubles
+        as it fills otherwise, each time rehashing every record)."""
+        cap = len(self._table)
+        while (self._count + n) * 2 > cap:
+            cap *= 2
+        if cap != len(self._table):
+            self._grow(cap)
+
+    def _grow(self, cap: int = 0) -> None:
+        cap = cap or len(self._table) * 2
         table = array("q", bytes(8 * cap))
         mask = cap - 1
         records = self.records
@@ -89,6 +98,7 @@ class ChunkRecords:
         if not self._count:
             self.records, self._table, self._count = other.records, other._table, other._count
         else:
+            self.reserve(other._count)
             view = memoryview(other.records)
             for n in range(other._count):
                 self.add(view[n * CHUNK_RECORD_SIZE : (n + 1) * CHUNK_RECORD_SIZE])
@@ -135,3 +145,7 @@ class SharedChunkRecords(ChunkRecords):
     def update(self, other: ChunkRecords) -> None:
         with self._lock:
             super().update(other)
+
+    def reserve(self, n: int) -> None:
+        with self._lock:
+            super().reserve(n)

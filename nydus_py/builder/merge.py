@@ -22,7 +22,8 @@ from typing import BinaryIO
 from ..rafs.chunkdata import read_file_range
 from ..rafs.errors import FormatError
 from ..rafs.layout_common import pack_chunks
-from ..rafs.model import BlobInfo, RafsImage
+from ..rafs.model import Attr, BlobInfo, RafsImage
+from ..rafs.v6 import V6Image
 from ..storage.localfs import LocalBlobDir
 from .packed import DEAD, K_LINK, Tree, as_tree
 from .tree import Inode
@@ -93,7 +94,9 @@ class LayerMerger:
         self.count = 0
 
     def add(self, layer: "Inode | Tree") -> None:
-        _apply(self.tree, _layer_tree(layer, self.count), self.spec)
+        tree = _layer_tree(layer, self.count)
+        self.tree.reserve(len(tree))  # (at most one new entry per layer entry)
+        _apply(self.tree, tree, self.spec)
         self.count += 1
 
     def result(self) -> Tree:
@@ -220,63 +223,87 @@ def tree_from_image(image: RafsImage, blob_dir: str | None = None, *, rewrite: b
             if not os.path.isfile(source.path(b.blob_id)):
                 raise FormatError(f"blob {b.blob_id} not found in {blob_dir}")
     tree = Tree()
+    # the superblock's inode count (names, in nydus images) sizes the name index; capped, as an
+    # image may say anything (past the cap the index grows as entries come)
+    tree.reserve(min(max(image.superblock_inodes(), 0), 1 << 16))
     bset = tree.blob_set(blobs)
     if rewrite:
         assert source is not None
         tree.backings.append(_ImageBacking(source, image, max(image.chunk_size, 4096)))
 
-    def fill(idx: int, ino: int, path: bytes) -> None:
-        a = image.getattr(ino)
+    # a v6 image packs each file's chunk list itself (the same checks, no ChunkInfo per chunk;
+    # its chunks' blob indexes and sizes are checked against the blob table and the file there)
+    packed_chunks = image.packed_chunks if isinstance(image, V6Image) and not rewrite else None
+
+    def fill(idx: int, ino: int, a: Attr) -> None:
+        """The attributes `add` did not set (xattrs) and the data of entry `idx` (inode `ino`)."""
+        names = image.listxattr(ino)
+        if names:
+            xattrs: dict[bytes, bytes] = {}
+            for name in names:
+                value = image.getxattr(ino, name)
+                if value is not None:
+                    xattrs[name] = value
+            tree.set_xattrs(idx, xattrs)
         fmt = stat.S_IFMT(a.mode)
-        xattrs: dict[bytes, bytes] = {}
-        for name in image.listxattr(ino):
-            value = image.getxattr(ino, name)
-            if value is not None:
-                xattrs[name] = value
-        tree.set_attrs(idx, a.mode, a.uid, a.gid, a.mtime, a.mtime_nsec, xattrs)
-        if fmt in (stat.S_IFCHR, stat.S_IFBLK):
-            tree.set_rdev(idx, a.rdev)
-        elif fmt == stat.S_IFLNK:
-            tree.set_symlink(idx, image.readlink(ino))
-        elif fmt == stat.S_IFREG:
+        if fmt == stat.S_IFREG:
             if rewrite:
                 tree.set_tar(idx, ino, a.size)
+            elif packed_chunks is not None:
+                tree.set_chunks(idx, packed_chunks(ino), a.size, bset)
             else:
                 chunks = image.chunks(ino)
                 for c in chunks:
                     if not 0 <= c.blob_index < len(blobs):
-                        raise FormatError(f"{path!r}: chunk refers to blob index {c.blob_index} of {len(blobs)}")
+                        raise FormatError(f"{tree.path(idx)!r}: chunk refers to blob index {c.blob_index} of "
+                                          f"{len(blobs)}")
                     if c.file_offset + c.uncompressed_size > a.size + image.chunk_size:
-                        raise FormatError(f"{path!r}: chunk at file offset {c.file_offset} beyond size {a.size}")
+                        raise FormatError(f"{tree.path(idx)!r}: chunk at file offset {c.file_offset} beyond size "
+                                          f"{a.size}")
                 tree.set_chunks(idx, pack_chunks(chunks), a.size, bset)
+        elif fmt in (stat.S_IFCHR, stat.S_IFBLK):
+            tree.set_rdev(idx, a.rdev)
+        elif fmt == stat.S_IFLNK:
+            tree.set_symlink(idx, image.readlink(ino))
         elif fmt not in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFDIR):
-            raise FormatError(f"{path!r}: unknown file type {fmt:o}")
+            raise FormatError(f"{tree.path(idx)!r}: unknown file type {fmt:o}")
 
     root_ino = image.root_ino
-    fill(0, root_ino, b"/")
+    ra = image.getattr(root_ino)
+    tree.set_attrs(0, ra.mode, ra.uid, ra.gid, ra.mtime, ra.mtime_nsec, {})
+    fill(0, root_ino, ra)
     if not tree.is_dir(0):
         raise FormatError("image root is not a directory")
     shared: dict[int, int] = {}  # inode number -> entry, non-directories (only while reading)
     seen_dirs = {root_ino}
-    stack: list[tuple[int, bytes, int]] = [(root_ino, b"/", 0)]
+    getattr_ = image.getattr
+    # (inode, entry); an entry's path is only made for an error message (tree.path)
+    stack: list[tuple[int, int]] = [(root_ino, 0)]
     while stack:
-        ino, path, d = stack.pop()
+        ino, d = stack.pop()
+        prev = b""
         for e in image.readdir(ino):
-            _check_name(e.name, path)
-            cpath = path.rstrip(b"/") + b"/" + e.name
-            if tree.lookup(d, e.name) >= 0:
-                raise FormatError(f"{cpath!r}: duplicate directory entry")
+            name = e.name
+            if not name or name == b"." or name == b".." or b"/" in name or b"\0" in name:
+                _check_name(name, tree.path(d))
+            # names in increasing byte order cannot repeat (v6 and v5 readers list them so):
+            # only one out of order is looked up
+            if name <= prev and tree.lookup(d, name) >= 0:
+                raise FormatError(f"{tree.path(d).rstrip(b'/') + b'/' + name!r}: duplicate directory entry")
+            prev = name
             existing = shared.get(e.ino)
             if existing is not None:
-                tree.add_link(d, e.name, existing)
+                tree.add_link(d, name, existing)
                 continue
             if e.ino in seen_dirs:
-                raise FormatError(f"{cpath!r}: directory inode {e.ino} reached twice (loop or hard-linked dir)")
-            child = tree.add(d, e.name, 0)
-            fill(child, e.ino, cpath)
-            if tree.is_dir(child):
+                raise FormatError(f"{tree.path(d).rstrip(b'/') + b'/' + name!r}: directory inode {e.ino} reached "
+                                  "twice (loop or hard-linked dir)")
+            a = getattr_(e.ino)
+            child = tree.add(d, name, a.mode, a.uid, a.gid, a.mtime, a.mtime_nsec)
+            fill(child, e.ino, a)
+            if stat.S_ISDIR(a.mode):
                 seen_dirs.add(e.ino)
-                stack.append((e.ino, cpath, child))
+                stack.append((e.ino, child))
             else:
                 shared[e.ino] = child
     tree.freeze()

@@ -298,10 +298,18 @@ class Tree:
             ns = self._rebuild_ns()
         return ns
 
-    def _rebuild_ns(self) -> "array[int]":
+    def reserve(self, n: int) -> None:
+        """Room in the name index for `n` more entries, made at once: no rebuild while they are
+        added (it grows by half each time otherwise: a tree built name by name rehashes every
+        entry about three times over)."""
+        ns = self._ns
+        if ns is None or (self._ns_fill + n + 1) * 2 > len(ns):
+            self._rebuild_ns(n)
+
+    def _rebuild_ns(self, extra: int = 0) -> "array[int]":
         live = sum(1 for p in self.parent if p != DEAD)
         cap = 64
-        while cap < 3 * live:
+        while cap < 3 * (live + extra):
             cap *= 2
         self._ns = ns = array("q", bytes(8 * cap))
         self._ns_fill = 0

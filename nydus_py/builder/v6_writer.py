@@ -602,36 +602,47 @@ def _chunk_table(plan: V6Plan, file_chunks: Callable[[int], bytes], nblobs: int)
     1/256 of the chunks at once, never an object per chunk for the whole table."""
     cs = plan.chunk_size
     records = bytearray()
-    table = array("q", bytes(8 * 1024))
+    # sized for the tree's chunk records (an upper bound for most images: files with new data
+    # add theirs) at a load of 1/4: no rehash while filling, and few probes that compare keys
+    cap = 1024
+    while cap < 4 * (len(plan.tree.chunks) // CHUNK_RECORD_SIZE):
+        cap *= 2
+    table = array("q", bytes(8 * cap))
+    mask = cap - 1
     count = 0
     buckets = [array("I") for _ in range(256)]  # record numbers by the digest's first byte
+    size, key_end, ix, ix_end = CHUNK_RECORD_SIZE, _BLOB_INDEX_END, _INDEX_AT, _INDEX_AT + 4
+    iter_unpack, r_ftype, r_node, r_dsize = CHUNK.iter_unpack, plan.r_ftype, plan.r_node, plan.r_dsize
     for r in range(len(plan)):
-        if plan.r_ftype[r] != EROFS_FT_REG_FILE:
+        if r_ftype[r] != EROFS_FT_REG_FILE:
             continue
         nchunks = plan.nchunks(r)
-        packed = file_chunks(plan.r_node[r]) if nchunks else b""
-        n = len(packed) // CHUNK_RECORD_SIZE
+        packed = file_chunks(r_node[r]) if nchunks else b""
+        n = len(packed) // size
         if n != nchunks:
-            raise FormatError(f"{plan.path(r)!r}: {n} chunks for {plan.r_dsize[r]} bytes, expected {nchunks}")
-        dsize = plan.r_dsize[r]
-        for k, (_d, bi, flags, _cs, usize, _co, uoff, foff, index, _crc) in enumerate(CHUNK.iter_unpack(packed)):
+            raise FormatError(f"{plan.path(r)!r}: {n} chunks for {r_dsize[r]} bytes, expected {nchunks}")
+        dsize = r_dsize[r]
+        off = 0
+        for k, (_d, bi, flags, _cs, usize, _co, uoff, foff, index, _crc) in enumerate(iter_unpack(packed)):
             if (foff != k * cs or usize != min(cs, dsize - k * cs) or not 0 <= bi < nblobs or uoff % BLOCK
                     or not 0 <= index < 1 << 24 or uoff // BLOCK > 0xFFFF_FFFF or flags & ~_CHUNK_FLAGS_OK):
                 _check_chunk(plan, r, k, unpack_chunks(packed)[k], cs, nblobs)  # (raises, saying what)
-            rec = packed[k * CHUNK_RECORD_SIZE : (k + 1) * CHUNK_RECORD_SIZE]
-            key = _table_key(rec)
-            mask = len(table) - 1
+            # (`_table_key` inlined: this loop runs once per chunk of the image)
+            key = packed[off : off + key_end] + packed[off + ix : off + ix_end]
             h = hash(key) & mask
-            while table[h] and _table_key(records, (table[h] - 1) * CHUNK_RECORD_SIZE) != key:
+            t = table[h]
+            while t and _table_key(records, (t - 1) * size) != key:
                 h = (h + 1) & mask
-            if table[h]:
-                continue
-            records += rec
-            table[h] = count + 1
-            buckets[rec[0]].append(count)
-            count += 1
-            if count * 2 > len(table):
-                table = _grown(records, count, len(table) * 2)
+                t = table[h]
+            if not t:
+                records += packed[off : off + size]
+                table[h] = count + 1
+                buckets[packed[off]].append(count)
+                count += 1
+                if count * 2 > len(table):
+                    table = _grown(records, count, len(table) * 2)
+                    mask = len(table) - 1
+            off += size
     del table
     out = bytearray(len(records))
     pos = 0

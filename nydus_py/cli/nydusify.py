@@ -43,35 +43,47 @@ a layer that expands past `--max-expanded-size` (default 64G), or more than
 `--expansion-ratio-grace` (default 64M), fails the conversion (a decompression bomb).
 """
 
-import argparse
-import dataclasses
 import gc
-import json
-import logging
-import os
-import sys
-from collections.abc import Callable
 
-from ..convert.build_cache import DEFAULT_VERSION, MAX_RECORDS
-from ..convert.converter import ConvertOptions, ConvertResult, convert
-from ..convert.errors import ConvertError
-from ..convert.memory import tune_malloc
-from ..convert.progress import Progress, human
-from ..convert.push_retry import DEFAULT_COUNT, PushRetry
-from ..convert.reference import parse_reference
-from ..convert.reuse import cache_ref_for
-from ..rafs.errors import FormatError
-from . import (
-    nydusify_check,
-    nydusify_chunkdict,
-    nydusify_commit,
-    nydusify_copy,
-    nydusify_mount,
-    nydusify_optimize,
-)
-from .envflags import apply_env
-from .image import _chunk_size, add_limit_args, dump_json, limits_from_args
-from .nydusify_check import registry_flags
+# The imports below make ~200k objects and no garbage, yet set off ~70 collections (~8 ms of a
+# start-up that a --build-cache rebuild pays in full): the collector is off while they run, and
+# what they made is frozen before it is on again (else its first collection walks all of it as
+# young objects: the same ~10 ms at once). `main` freezes what the argument parsing adds.
+_GC_WAS_ON = gc.isenabled()
+gc.disable()
+try:
+    import argparse
+    import dataclasses
+    import json
+    import logging
+    import os
+    import sys
+    from collections.abc import Callable
+
+    from ..convert.build_cache import DEFAULT_VERSION, MAX_RECORDS
+    from ..convert.converter import ConvertOptions, ConvertResult, convert
+    from ..convert.errors import ConvertError
+    from ..convert.memory import tune_malloc
+    from ..convert.progress import Progress, human
+    from ..convert.push_retry import DEFAULT_COUNT, PushRetry
+    from ..convert.reference import parse_reference
+    from ..convert.reuse import cache_ref_for
+    from ..rafs.errors import FormatError
+    from . import (
+        nydusify_check,
+        nydusify_chunkdict,
+        nydusify_commit,
+        nydusify_copy,
+        nydusify_mount,
+        nydusify_optimize,
+    )
+    from .envflags import apply_env
+    from .image import _chunk_size, add_limit_args, dump_json, limits_from_args
+    from .nydusify_check import registry_flags
+finally:
+    if _GC_WAS_ON:
+        gc.freeze()
+        gc.enable()
 
 PROG = "nydusify-py"
 log = logging.getLogger("nydusify-py")

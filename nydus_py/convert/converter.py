@@ -22,8 +22,11 @@ With `build_cache` (see `build_cache`), layers whose ChainID and build parameter
 are neither pulled nor prepared: their cached layer bootstrap joins the stack where their commit
 would be (the layers above, prepared meanwhile, find its chunks from then on, as they do a
 committed layer's) and their blob is mounted (same registry) or copied into the target with the
-last pushes; the record of each layer built is made right after its commit. The cache image is
-pushed at the very end.
+last pushes; the record of each layer built is written on a builder thread from that layer's tree:
+at once when a layer above it is built (beside that build), else once the merged bootstrap is
+written (beside the bootstrap layer's gzip and the pushes), and is complete before the manifest is
+pushed. The cache's new blobs and config go up beside the last image's own pushes, the cache
+manifest after the image's: a cache push that failed fails the command then.
 With `chunk_dict`, chunks the dictionary image has are referenced from its blobs, which then
 join the image (mounted or copied into the target like cached blobs).
 
@@ -46,7 +49,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import Awaitable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, cast
@@ -54,6 +57,7 @@ from typing import Any, cast
 from ..builder.chunk_dict import ChunkDictError
 from ..builder.limits import ExpansionLimits
 from ..builder.options import BuildOptions
+from ..builder.packed import Tree
 from ..builder.sources import Growth, Restarted, TarPipe
 from ..rafs.constants import Compressor
 from ..rafs.errors import FormatError
@@ -628,6 +632,9 @@ class Converter:
         self.stream_skip_logged = False
         self.stream_stats = StreamStats()
         self.cache_used: list[Record] = []  # records this run hit or made, in layer order
+        # the build cache's blobs and config, pushed beside the last image's own pushes (its
+        # manifest goes after the image's): the export to push with the cache manifest
+        self.cache_push: asyncio.Task[tuple[bytes, str]] | None = None
         self.cache_new: dict[str, str] = {}  # digest -> local file of what new records need pushed
         # records made in this run: (record, its layer bootstrap, its blob file), for later platforms
         self.cache_made: dict[tuple[str, str], tuple[Record, str, str | None]] = {}
@@ -684,7 +691,12 @@ class Converter:
                 cache_load = load_cache(self.cache_client, self.cache_ep, self.cache, self.cache_stats)
             else:
                 cache_load = _nothing()
-            result = await self._convert(src, dst, work, builder, unpacker, cache_load)
+            try:
+                result = await self._convert(src, dst, work, builder, unpacker, cache_load)
+            except BaseException:
+                if self.cache_push is not None:
+                    await _cancel_all([self.cache_push])
+                raise
             if self.cache is not None:
                 await self._push_cache(dst)
                 result.build_cache = dataclasses.asdict(self.cache_stats)
@@ -736,7 +748,7 @@ class Converter:
                 raise r
         sources, index_type = cast(tuple[list[_Source], str | None], got[1])
         if index_type is None or (len(sources) == 1 and not self.opts.all_platforms):
-            result, _ = await self._convert_one(sources[0], src, dst, work, builder, unpacker, tagged=True)
+            result, _ = await self._convert_one(sources[0], src, dst, work, builder, unpacker, tagged=True, last=True)
             self.progress.close()
             return result
         # several images: each Nydus manifest by digest, then one index under the tag
@@ -745,7 +757,8 @@ class Converter:
         for n, source in enumerate(sources):
             sub = os.path.join(work, f"platform-{n}")
             os.makedirs(sub)
-            res, nydus_desc = await self._convert_one(source, src, dst, sub, builder, unpacker, tagged=False)
+            res, nydus_desc = await self._convert_one(source, src, dst, sub, builder, unpacker, tagged=False,
+                                                      last=n == len(sources) - 1)
             results.append(res)
             if self.opts.merge_platform:
                 entries += oci.merged_index(source.manifest_desc, nydus_desc, source.platform)["manifests"]
@@ -763,9 +776,11 @@ class Converter:
 
     async def _convert_one(self, source: _Source, src: RegistryClient, dst: RegistryClient, work: str,
                            builder: ThreadPoolExecutor, unpacker: ThreadPoolExecutor,
-                           tagged: bool) -> tuple[ConvertResult, dict[str, Any]]:
+                           tagged: bool, last: bool) -> tuple[ConvertResult, dict[str, Any]]:
         """Convert one source image and push it; its manifest goes under the target tag when
         `tagged` (or, with merge_platform, an index of the original and it), else by digest only.
+        With a build cache, the `last` image of the run starts the cache's pushes (all but its
+        manifest) beside its own (`self.cache_push`).
         Returns the result and the Nydus manifest's descriptor."""
         ui = self.progress
         layers = source.manifest.layers
@@ -907,6 +922,14 @@ class Converter:
             preps[i] = asyncio.create_task(prepare(i, d))
 
         hits: dict[int, Hit] = {}
+        # the build cache records of this image in layer order: hits, and the records of the layers
+        # built here, each written on a builder thread off the commit path (it only reads its layer's
+        # tree). One with a layer built above it is written at once (beside that build); the others
+        # wait until the merged bootstrap is written: both are Python work that holds the GIL, side
+        # by side they only take turns (and starve the event loop), while after it the record runs
+        # beside the bootstrap layer's gzip and the pushes, which mostly wait
+        used: list[Record | asyncio.Future[Record] | functools.partial[Record]] = []
+        records: asyncio.Task[None] | None = None  # all of them made (self.cache_used extended)
         try:
             for i, d in enumerate(layers):  # prepared while the records are fetched (above cached ones: once they joined)
                 if i not in candidates:
@@ -929,7 +952,7 @@ class Converter:
                     else:
                         started[i].set()
                         self.cache_stats.hits += 1
-                        self.cache_used.append(hit.record)
+                        used.append(hit.record)
                         if hit.blob is not None:
                             remote[hit.blob.hex] = hit.blob
                         results.append(res)
@@ -952,99 +975,121 @@ class Converter:
                     pushes[digest] = (asyncio.create_task(push), os.path.getsize(res.blob_path))
                 if self.cache is not None:  # the record of the layer just committed (the stack's top)
                     self.cache_stats.misses += 1
-                    rec = await loop.run_in_executor(builder, self._cache_record, stack, chains[i], params, res,
-                                                     dict_ids, work, i)
-                    self.cache_used.append(rec)
+                    make = functools.partial(self._cache_record, stack, stack.top(), chains[i], params, res,
+                                             dict_ids, work, i)
+                    built_above = any(j not in hits for j in range(i + 1, len(layers)))
+                    used.append(loop.run_in_executor(builder, make) if built_above else make)
                 _raise_failed(t for t, _ in pushes.values())
+                _raise_failed(r for r in used if isinstance(r, asyncio.Future))
             merged = await loop.run_in_executor(builder, stack.finish, boot_path)
+            used = [loop.run_in_executor(builder, r) if isinstance(r, functools.partial) else r for r in used]
+            if self.cache is not None:
+                records = asyncio.create_task(self._collect_records(used))
             bl_hex, bl_size, bl_diff = await loop.run_in_executor(builder, _bootstrap_layer, boot_path, bl_path)
             for bid in merged.blob_ids:  # a local chunk dictionary's blobs: in the target already, or an error
                 if bid in dict_ids and bid not in remote and not os.path.exists(os.path.join(blob_dir, bid)):
                     remote[bid] = await self._dict_blob_in_target(dst, bid)
         except BaseException:  # the layer blobs being pushed stop too
-            await _cancel_all([*preps.values(), *downloads.values(), *(t for t, _ in pushes.values()), *stream_tasks])
+            await _cancel_all([*preps.values(), *downloads.values(), *(t for t, _ in pushes.values()), *stream_tasks,
+                               *(r for r in used if isinstance(r, asyncio.Future)), *([records] if records else [])])
             raise
-        # streams no push took over: layers that stored nothing (no file, no session) and build
-        # attempts that restarted (their blob dropped: they end by themselves)
-        await _cancel_all([t for t in stream_tasks if t not in taken])
-        boot_size = os.path.getsize(boot_path)
-        blob_files = [(bid, os.path.join(blob_dir, bid)) for bid in merged.blob_ids
-                      if os.path.exists(os.path.join(blob_dir, bid))]
-        elsewhere = [remote[bid] for bid in merged.blob_ids if (bid, os.path.join(blob_dir, bid)) not in blob_files]
-        sizes = {**{bid: os.path.getsize(p) for bid, p in blob_files}, **{r.hex: r.size for r in elsewhere}}
-        missing_here = [bid for bid in merged.blob_ids if bid not in sizes]
-        if missing_here:  # a blob neither built nor known remotely: a bug, not bad input
-            raise AssertionError(f"blobs {missing_here} of the image are nowhere")
-        blob_layers = [oci.blob_layer(bid, sizes[bid]) for bid in merged.blob_ids]
-        # nydusify keeps a Docker source's media types unless --oci (an index entry with
-        # artifactType, as --merge-platform writes, needs OCI ones)
-        docker = source.manifest.media_type == oci.DOCKER_MANIFEST and not self.opts.oci and not self.opts.merge_platform
-        config = oci.nydus_config(source.config, [f"sha256:{bid}" for bid in merged.blob_ids], f"sha256:{bl_diff}")
-        config_bytes = oci.dumps(config)
-        config_desc = {"mediaType": oci.DOCKER_CONFIG if docker else oci.OCI_CONFIG, "digest": _sha(config_bytes),
-                       "size": len(config_bytes)}
-        layer_descs = [*blob_layers, oci.bootstrap_layer(f"sha256:{bl_hex}", bl_size, f"sha256:{bl_diff}",
-                                                         self.build_opts.fs_version, docker=docker)]
-        manifest = oci.nydus_manifest(config_desc, layer_descs, merged=self.opts.merge_platform, docker=docker,
-                                      subject=source.manifest_desc if self.opts.with_referrer else None)
-        manifest_bytes = oci.dumps(manifest)
-        ui.log(f"{len(blob_layers)} blobs ({human(sum(d['size'] for d in blob_layers))}, {len(blob_files)} built here) and a "
-               f"{human(boot_size)} bootstrap; pushing to {self.dst_ref}")
-
-        result = ConvertResult(
-            source=str(self.src_ref), target=str(self.dst_ref), platform=str(source.platform),
-            manifest_digest=_sha(manifest_bytes), index_digest=None, layers=len(layers),
-            source_bytes=sum(d.size for d in layers), tar_bytes=tar_bytes,
-            file_bytes=sum(r.file_bytes for r in results), chunks=sum(r.chunks for r in results),
-            deduplicated=sum(r.deduplicated for r in results), blob_bytes=sum(d["size"] for d in blob_layers),
-            bootstrap_bytes=boot_size, bootstrap_layer_bytes=bl_size,
-            layers_built=sum(not r.cached for r in results), layers_cached=sum(r.cached for r in results),
-            dict_blobs=[bid for bid in merged.blob_ids if bid in dict_ids])
-
-        files: list[tuple[str, str, int, str]] = [  # digest, path, size, label
-            *((f"sha256:{bid}", p, os.path.getsize(p), f"blob {bid[:12]}") for bid, p in blob_files),
-            (f"sha256:{bl_hex}", bl_path, bl_size, "bootstrap layer"),
-        ]
-        small: list[tuple[str, bytes]] = [(_sha(config_bytes), config_bytes)]
-        if self.copy_original:
-            seen: set[str] = set()
-            for i, d in enumerate(layers):
-                if d.digest not in seen:
-                    seen.add(d.digest)
-                    files.append((d.digest, downloads[d.digest].result().path, d.size, f"original layer {i + 1}"))
-            small.append((source.manifest.config.digest, source.config_bytes))
         try:
-            await self._push_rest(dst, pushes, files, small, push_sem, result, elsewhere, work)
-            needed = [d for d, *_ in files] + [d for d, _ in small] + [r.digest for r in elsewhere]
-            present: dict[str, bool] = {}
+            # streams no push took over: layers that stored nothing (no file, no session) and build
+            # attempts that restarted (their blob dropped: they end by themselves)
+            await _cancel_all([t for t in stream_tasks if t not in taken])
+            boot_size = os.path.getsize(boot_path)
+            blob_files = [(bid, os.path.join(blob_dir, bid)) for bid in merged.blob_ids
+                          if os.path.exists(os.path.join(blob_dir, bid))]
+            elsewhere = [remote[bid] for bid in merged.blob_ids if (bid, os.path.join(blob_dir, bid)) not in blob_files]
+            sizes = {**{bid: os.path.getsize(p) for bid, p in blob_files}, **{r.hex: r.size for r in elsewhere}}
+            missing_here = [bid for bid in merged.blob_ids if bid not in sizes]
+            if missing_here:  # a blob neither built nor known remotely: a bug, not bad input
+                raise AssertionError(f"blobs {missing_here} of the image are nowhere")
+            blob_layers = [oci.blob_layer(bid, sizes[bid]) for bid in merged.blob_ids]
+            # nydusify keeps a Docker source's media types unless --oci (an index entry with
+            # artifactType, as --merge-platform writes, needs OCI ones)
+            docker = source.manifest.media_type == oci.DOCKER_MANIFEST and not self.opts.oci and not self.opts.merge_platform
+            config = oci.nydus_config(source.config, [f"sha256:{bid}" for bid in merged.blob_ids], f"sha256:{bl_diff}")
+            config_bytes = oci.dumps(config)
+            config_desc = {"mediaType": oci.DOCKER_CONFIG if docker else oci.OCI_CONFIG, "digest": _sha(config_bytes),
+                           "size": len(config_bytes)}
+            layer_descs = [*blob_layers, oci.bootstrap_layer(f"sha256:{bl_hex}", bl_size, f"sha256:{bl_diff}",
+                                                             self.build_opts.fs_version, docker=docker)]
+            manifest = oci.nydus_manifest(config_desc, layer_descs, merged=self.opts.merge_platform, docker=docker,
+                                          subject=source.manifest_desc if self.opts.with_referrer else None)
+            manifest_bytes = oci.dumps(manifest)
+            ui.log(f"{len(blob_layers)} blobs ({human(sum(d['size'] for d in blob_layers))}, {len(blob_files)} built here) and a "
+                   f"{human(boot_size)} bootstrap; pushing to {self.dst_ref}")
 
-            async def check(digest: str) -> None:
-                present[digest] = await dst.blob_exists(digest)
+            result = ConvertResult(
+                source=str(self.src_ref), target=str(self.dst_ref), platform=str(source.platform),
+                manifest_digest=_sha(manifest_bytes), index_digest=None, layers=len(layers),
+                source_bytes=sum(d.size for d in layers), tar_bytes=tar_bytes,
+                file_bytes=sum(r.file_bytes for r in results), chunks=sum(r.chunks for r in results),
+                deduplicated=sum(r.deduplicated for r in results), blob_bytes=sum(d["size"] for d in blob_layers),
+                bootstrap_bytes=boot_size, bootstrap_layer_bytes=bl_size,
+                layers_built=sum(not r.cached for r in results), layers_cached=sum(r.cached for r in results),
+                dict_blobs=[bid for bid in merged.blob_ids if bid in dict_ids])
 
-            await gather_or_cancel(check(d) for d in needed)  # at once, not one after another
-            missing = [d for d in needed if not present[d]]
-        except OSError as e:
-            raise transport_error(self.dst_ep, e, "pushing") from None
-        if missing:
-            raise ConvertError(f"the target does not have {len(missing)} blob(s) after the push "
-                               f"({', '.join(m[:19] for m in missing)}); no manifest was pushed")
-        nydus_desc = {"mediaType": manifest["mediaType"], "digest": result.manifest_digest,
-                      "size": len(manifest_bytes)}
-        try:
-            if self.opts.merge_platform:
-                if self.copy_original:
-                    await dst.push_manifest(source.manifest_desc["digest"], source.manifest_bytes,
-                                            source.manifest_desc["mediaType"])
-                await dst.push_manifest(result.manifest_digest, manifest_bytes, manifest["mediaType"])
-                if tagged:
-                    index_bytes = oci.dumps(oci.merged_index(source.manifest_desc, nydus_desc, source.platform))
-                    result.index_digest = await dst.push_manifest(self.dst_ref.reference, index_bytes, oci.OCI_INDEX)
-            else:
-                await dst.push_manifest(self.dst_ref.reference if tagged else result.manifest_digest, manifest_bytes,
-                                        manifest["mediaType"])
-        except OSError as e:
-            raise transport_error(self.dst_ep, e, "pushing the manifest") from None
-        return result, nydus_desc
+            files: list[tuple[str, str, int, str]] = [  # digest, path, size, label
+                *((f"sha256:{bid}", p, os.path.getsize(p), f"blob {bid[:12]}") for bid, p in blob_files),
+                (f"sha256:{bl_hex}", bl_path, bl_size, "bootstrap layer"),
+            ]
+            small: list[tuple[str, bytes]] = [(_sha(config_bytes), config_bytes)]
+            if self.copy_original:
+                seen: set[str] = set()
+                for i, d in enumerate(layers):
+                    if d.digest not in seen:
+                        seen.add(d.digest)
+                        files.append((d.digest, downloads[d.digest].result().path, d.size, f"original layer {i + 1}"))
+                small.append((source.manifest.config.digest, source.config_bytes))
+            if records is not None and last:  # (the cache's content, once the records are made)
+                self.cache_push = asyncio.create_task(self._push_cache_content(dict(pushes), records))
+            try:
+                await self._push_rest(dst, pushes, files, small, push_sem, result, elsewhere, work)
+                needed = [d for d, *_ in files] + [d for d, _ in small] + [r.digest for r in elsewhere]
+                present: dict[str, bool] = {}
+
+                async def check(digest: str) -> None:
+                    present[digest] = await dst.blob_exists(digest)
+
+                await gather_or_cancel(check(d) for d in needed)  # at once, not one after another
+                missing = [d for d in needed if not present[d]]
+            except OSError as e:
+                raise transport_error(self.dst_ep, e, "pushing") from None
+            if missing:
+                raise ConvertError(f"the target does not have {len(missing)} blob(s) after the push "
+                                   f"({', '.join(m[:19] for m in missing)}); no manifest was pushed")
+            nydus_desc = {"mediaType": manifest["mediaType"], "digest": result.manifest_digest,
+                          "size": len(manifest_bytes)}
+            if records is not None:  # (a record that failed leaves no manifest)
+                await records
+            try:
+                if self.opts.merge_platform:
+                    if self.copy_original:
+                        await dst.push_manifest(source.manifest_desc["digest"], source.manifest_bytes,
+                                                source.manifest_desc["mediaType"])
+                    await dst.push_manifest(result.manifest_digest, manifest_bytes, manifest["mediaType"])
+                    if tagged:
+                        index_bytes = oci.dumps(oci.merged_index(source.manifest_desc, nydus_desc, source.platform))
+                        result.index_digest = await dst.push_manifest(self.dst_ref.reference, index_bytes, oci.OCI_INDEX)
+                else:
+                    await dst.push_manifest(self.dst_ref.reference if tagged else result.manifest_digest, manifest_bytes,
+                                            manifest["mediaType"])
+            except OSError as e:
+                raise transport_error(self.dst_ep, e, "pushing the manifest") from None
+            return result, nydus_desc
+        except BaseException:
+            if records is not None:  # (a record failed, or the pushes did: it stops too)
+                await _cancel_all([records])
+            raise
+
+    async def _collect_records(self, used: list[Any]) -> None:
+        """Wait for this image's build cache records (futures of those made here), then add them
+        all to `cache_used` in layer order."""
+        got = [await r if isinstance(r, asyncio.Future) else r for r in used]
+        self.cache_used.extend(got)
+
 
     async def _fetch(self, src: RegistryClient, i: int, d: oci.Descriptor, dl_dir: str, bar: Bar,
                      sem: asyncio.Semaphore, unpacker: ThreadPoolExecutor, growth: Growth | None = None) -> "_Fetched":
@@ -1317,12 +1362,13 @@ class Converter:
                   (f", blob {hit.record.blob.hex[:12]})" if hit.record.blob else ")"))
         return res
 
-    def _cache_record(self, stack: LayerStack, chain: str, params: str, res: LayerResult, dict_ids: set[str],
-                      work: str, i: int) -> Record:
-        """The build cache record of layer `i` just built: its own bootstrap, as a layer."""
+    def _cache_record(self, stack: LayerStack, layer: Tree, chain: str, params: str, res: LayerResult,
+                      dict_ids: set[str], work: str, i: int) -> Record:
+        """The build cache record of layer `i` (its tree `layer`), built here: its own bootstrap,
+        as a layer."""
         boot = os.path.join(work, f"layer-{i}.boot")
         tgz = os.path.join(work, f"layer-{i}.boot.tar.gz")
-        used = stack.write_layer_bootstrap(boot)
+        used = stack.write_layer_bootstrap(boot, layer)
         with open(boot, "rb") as bf, open(tgz, "wb") as out:
             hexd, size, diff = write_bootstrap_layer(bf, os.fstat(bf.fileno()).st_size, out)
         self.cache_new[f"sha256:{hexd}"] = tgz
@@ -1341,8 +1387,28 @@ class Converter:
         return rec
 
     async def _push_cache(self, dst: RegistryClient) -> None:
-        """The blobs of new records, then the cache manifest (after the image is pushed)."""
+        """The cache manifest, once the image is pushed, after the cache's blobs and config
+        (`cache_push`, started beside the last image's pushes)."""
+        assert self.cache_client is not None and self.cache_ep is not None
+        if self.cache_push is None:  # (no image got to its pushes: not reached in a run that ends well)
+            self.cache_push = asyncio.create_task(self._push_cache_content({}, None))
+        manifest, mtype = await self.cache_push
+        try:
+            await self.cache_client.push_manifest(self.cache_ep.ref.reference, manifest, mtype)
+        except OSError as e:
+            raise transport_error(self.cache_ep, e, "the image is pushed, but pushing the build cache failed") from None
+
+    async def _push_cache_content(self, image_pushes: dict[str, tuple["asyncio.Task[bool]", int]],
+                                  records: "asyncio.Task[None] | None") -> tuple[bytes, str]:
+        """The blobs of new records, the dictionary blobs they reference and the cache config,
+        once the last image's `records` are made; returns the cache manifest and its media type.
+        A record's blob that the image pushes (`image_pushes`) is waited for first, so that it
+        is found there (or mounted from there), not uploaded twice. Runs beside the image's last
+        pushes; an error in it is raised once the image is pushed (`_push_cache`), as when it ran
+        after them."""
         assert self.cache is not None and self.cache_client is not None and self.cache_ep is not None
+        if records is not None:
+            await asyncio.shield(records)  # (the image's to report if it fails; cancelled, not cancelling)
         cache, client, ep = self.cache, self.cache_client, self.cache_ep
         cache.record(self.cache_used)
         self.cache_stats.records = len(cache.records)
@@ -1355,8 +1421,13 @@ class Converter:
         sem = asyncio.Semaphore(max(1, self.opts.jobs))
 
         mountable = ep.ref.host == self.dst_ref.host and not same_repo(ep.ref, self.dst_ref)
+        same = ep.ref.host == self.dst_ref.host and same_repo(ep.ref, self.dst_ref)
 
         async def one(digest: str, blob: Blob) -> None:
+            image_push = image_pushes.get(digest)
+            if image_push is not None and (mountable or same):
+                with contextlib.suppress(Exception):  # (its failure is the image's to report)
+                    await asyncio.shield(image_push[0])
             async with sem:
                 path = self.cache_new.get(digest)
                 if path is not None and not mountable:  # (its HEAD skips a blob the cache has)
@@ -1381,9 +1452,9 @@ class Converter:
             await gather_or_cancel(one(d, b) for d, b in wanted.items())
             config, config_desc, manifest, mtype = cache.export()
             await client.push_blob(config, config_desc["digest"])
-            await client.push_manifest(ep.ref.reference, manifest, mtype)
         except OSError as e:
             raise transport_error(ep, e, "the image is pushed, but pushing the build cache failed") from None
+        return manifest, mtype
 
     @staticmethod
     def _account(result: ConvertResult, digest: str, size: int, sent: bool) -> None:
@@ -1409,7 +1480,7 @@ def _end_growth(growth: Growth, task: "asyncio.Task[Any]") -> None:
     growth.close(failed=task.cancelled() or task.exception() is not None)
 
 
-def _raise_failed(tasks: Iterable["asyncio.Task[Any]"]) -> None:
+def _raise_failed(tasks: Iterable["asyncio.Future[Any]"]) -> None:
     """Raise the error of the first finished task that failed (a push that failed early stops
     the conversion at once, not after the last layer)."""
     for t in tasks:
@@ -1417,7 +1488,7 @@ def _raise_failed(tasks: Iterable["asyncio.Task[Any]"]) -> None:
             t.result()
 
 
-async def _cancel_all(tasks: list["asyncio.Task[Any]"]) -> None:
+async def _cancel_all(tasks: Sequence["asyncio.Future[Any]"]) -> None:
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)

@@ -380,13 +380,20 @@ class LayerStack:
         view.release()
         tree.chunks[:] = out
 
-    def write_layer_bootstrap(self, path: str) -> list[str]:
-        """The last added layer alone, as a bootstrap (whiteouts kept as entries, chunks pointing
-        at the blobs the layer uses): what a build cache stores for it. Returns its blob table."""
+    def top(self) -> Tree:
+        """The last added layer's tree, for `write_layer_bootstrap` (also once later layers were
+        added or the stack finished: a build-cache record is written off the commit path)."""
         if self._finished or not self.layers:
             raise RuntimeError("no layer to write")
-        scratch = os.path.join(self.blob_dir, ".layer")
-        result = build_image(self.layers[-1], path, scratch, replace(self.opts, prefetch_paths=[]))
+        return self.layers[-1]
+
+    def write_layer_bootstrap(self, path: str, layer: Tree | None = None) -> list[str]:
+        """One layer alone (`layer`, from `top`; default: the last added one), as a bootstrap
+        (whiteouts kept as entries, chunks pointing at the blobs the layer uses): what a build
+        cache stores for it. Returns its blob table. Only reads the tree, so it may run beside
+        the commits of later layers and `finish` (each call writes nothing but `path`)."""
+        tree = layer if layer is not None else self.top()
+        result = build_image(tree, path, path + ".scratch", replace(self.opts, prefetch_paths=[]))
         if result.blob_id is not None:  # every file is ChunkedData by now
             raise AssertionError("a layer bootstrap wrote new blob data")
         return result.blob_ids
@@ -426,6 +433,7 @@ class LayerStack:
         bset = tree.blob_set(self.blobs)
         own_index = where.get(blob_id or "", -1)
         new = ChunkRecords()
+        new.reserve(len(tree.chunks) // CHUNK_RECORD_SIZE)  # (every reference of the layer, at most)
         refs = file_bytes = 0
         chunks = tree.chunks
         for n in range(len(tree)):

@@ -207,6 +207,7 @@ def _cached_parent(serial: int, dir_nid: int) -> int:
 _NAME = operator.itemgetter(0)
 # NamedTuples made without their Python-level __new__ (on every decoded inode and listed entry)
 _TUPLE_NEW = tuple.__new__
+_CHUNK_PACK = CHUNK.pack
 
 
 class V6Image(RafsImage):
@@ -944,6 +945,16 @@ class V6Image(RafsImage):
         return None
 
     def chunks(self, ino: int, offset: int = 0, size: int | None = None) -> list[ChunkInfo]:
+        return self._chunks(ino, offset, size, False)
+
+    def packed_chunks(self, ino: int) -> bytes:
+        """The whole file's chunk records packed as a v5 chunk list (`pack_chunks(chunks(ino))`,
+        with the same checks, but no ChunkInfo per chunk): what a build tree of the image keeps
+        (`builder.merge.tree_from_image`, a build-cache layer joining a conversion)."""
+        return b"".join(self._chunks(ino, 0, None, True))
+
+    def _chunks(self, ino: int, offset: int, size: int | None, packed: bool) -> list[Any]:
+        """`chunks`' ChunkInfos, or with `packed` each as its packed record (the same checks)."""
         i = self._ifmt_inode(ino, stat.S_IFREG, "regular file")
         start = max(0, offset)
         isize = i.size
@@ -955,7 +966,7 @@ class V6Image(RafsImage):
         buf = self._buf
         nblobs = len(self.blobs)
         keys, pos = self._chunk_index()
-        out = []
+        out: list[Any] = []
         for k in range(start // cs, (end - 1) // cs + 1):
             advise, device_id, blkaddr = CHUNK_INDEX.unpack_from(buf, base + CHUNK_INDEX_SIZE * k)
             if blkaddr == HOLE_BLKADDR:
@@ -982,8 +993,11 @@ class V6Image(RafsImage):
             want = min(cs, isize - k * cs)
             if u_size != want:
                 raise FormatError(f"inode {ino} chunk {k}: chunk table says {u_size} bytes, file needs {want}")
-            out.append(_TUPLE_NEW(ChunkInfo, (digest, b_index, chunk_flags(flags), c_off, c_size, u_off, u_size,
-                                              k * cs, index, crc)))
+            if packed:  # (the record as stored, at this file offset: pack_chunk of the ChunkInfo below)
+                out.append(_CHUNK_PACK(digest, b_index, flags, c_size, u_size, c_off, u_off, k * cs, index, crc))
+            else:
+                out.append(_TUPLE_NEW(ChunkInfo, (digest, b_index, chunk_flags(flags), c_off, c_size, u_off, u_size,
+                                                  k * cs, index, crc)))
         return out
 
     def chunk_index_span(self, ino: int) -> tuple[int, int]:

@@ -278,3 +278,59 @@ def test_merge_image_trees_reuses_chunks(nydus_fixtures: Path) -> None:
     assert b"symlink-test" not in (merged.root.children or {})
     f = lookup(merged, "hardlink-test/foo")
     assert isinstance(f.data, ChunkedData) and f.data.blobs[0].blob_id.startswith("d7b86b1e")
+
+
+class _Generic:
+    """An image seen only through the RafsImage calls (not a V6Image: tree_from_image's generic
+    path), with `readdir` listings optionally replaced."""
+
+    def __init__(self, image: object, listings: dict[int, list] | None = None) -> None:
+        self._image, self._listings = image, listings or {}
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._image, name)
+
+    def readdir(self, ino: int, offset: int = 0) -> object:
+        return iter(self._listings.get(ino) or list(self._image.readdir(ino, offset)))  # type: ignore[attr-defined]
+
+
+def _v6_image(tmp_path: Path) -> Path:
+    from nydus_py.builder.build import build_image
+    from nydus_py.builder.options import BuildOptions
+
+    layer = make_tar([member("d", tarfile.DIRTYPE, mode=0o755), member("d/a", data=b"a" * 70_000),
+                      member("d/b", data=b"b" * 5, uid=7, gid=8, pax={"SCHILY.xattr.user.k": "v"}),
+                      member("d/hl", tarfile.LNKTYPE, linkname="d/a"), member("d/s", tarfile.SYMTYPE, linkname="a"),
+                      member("d/e"), member("dev", tarfile.CHRTYPE, dev=(1, 3)), member("z", data=b"zz")])
+    boot = tmp_path / "v6.boot"
+    (tmp_path / "blobs").mkdir()
+    build_image(tree_from_tar(io.BytesIO(layer)), str(boot), str(tmp_path / "blobs"),
+                BuildOptions(fs_version=6, chunk_size=0x4000))
+    return boot
+
+
+def test_tree_from_v6_image_is_the_generic_paths_tree(tmp_path: Path) -> None:
+    """A v6 image's tree (its chunk lists packed by the reader, entries added with their
+    attributes, no name lookup for names in order) is the one the generic path makes."""
+    with open_bootstrap(str(_v6_image(tmp_path))) as img:
+        fast, generic = tree_from_image(img), tree_from_image(_Generic(img))  # type: ignore[arg-type]
+        assert describe(fast, data=False) == describe(generic, data=False)
+        files = [n for n in range(len(fast)) if fast.kind[n] == fast.kind[fast.find(b"/d/a")]]
+        assert len(files) == 4  # a, b, e, z (hl is a link)
+        for n in files:
+            path = fast.path(n)
+            assert fast.chunk_bytes(n) == generic.chunk_bytes(generic.find(path)), path
+        assert len(fast.chunk_bytes(fast.find(b"/d/a"))) == 5 * 80  # 70000 bytes in 16 KiB chunks
+
+
+def test_tree_from_image_rejects_a_name_listed_twice(tmp_path: Path) -> None:
+    """A directory listing a name twice is refused, also when the names are not in order (then
+    each is looked up); out of order alone is accepted."""
+    with open_bootstrap(str(_v6_image(tmp_path))) as img:
+        d = img.lookup(img.root_ino, b"d")
+        ents = list(img.readdir(d))
+        twice = _Generic(img, {d: [*ents, ents[0]]})
+        with pytest.raises(FormatError, match="d/a'?: duplicate directory entry"):
+            tree_from_image(twice)  # type: ignore[arg-type]
+        shuffled = tree_from_image(_Generic(img, {d: ents[::-1]}))  # type: ignore[arg-type]
+        assert describe(shuffled, data=False) == describe(tree_from_image(img), data=False)

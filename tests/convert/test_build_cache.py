@@ -4,23 +4,29 @@ access log shows the shared blobs mounted, not uploaded), and gives the same man
 conversion without the cache; a cache hit needs the same build parameters; the image passes
 `check`; the cache manifest has nydusify's layout."""
 
+import errno
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from nydus_py.convert import build_cache as bc
 from nydus_py.convert import converter, oci
 from nydus_py.convert.converter import ConvertOptions
+from nydus_py.convert.errors import ConvertError
 from nydus_py.convert.stack import LayerStack
+from nydus_py.rafs.errors import FormatError
+from nydus_py.storage.registry.transfer import ImageTransfer
 from tests.storage import registry_rig as rig
 
 from . import ociimage as oi
 from . import regpush
 from .test_check import check, nydusify
-from .test_convert_e2e import convert, get_manifest
+from .test_convert_e2e import convert, get_manifest, http_get
 
 pytestmark = [pytest.mark.slow]
 
@@ -308,3 +314,105 @@ def test_cached_and_misfit_layers_among_parallel_builds(tmp_path: Path, plain_re
     assert again["manifest_digest"] == first["manifest_digest"]
     r = check("--source", src, "--target", f"{target}:v2")
     assert r.returncode == 0, r.stderr
+
+
+def _spy_pushes(monkeypatch: pytest.MonkeyPatch,
+                fail: Callable[[str], bool] = lambda _path: False) -> list[tuple[str, str]]:
+    """Every upload the conversion starts, in order: ("blob", digest) or ("manifest", reference);
+    the upload of a file whose path `fail`s raises EACCES (not retried)."""
+    events: list[tuple[str, str]] = []
+    real_file, real_blob, real_manifest = (ImageTransfer.push_blob_file, ImageTransfer.push_blob,
+                                           ImageTransfer.push_manifest)
+
+    async def push_blob_file(self: ImageTransfer, path: str, digest: str, **kw: Any) -> Any:
+        events.append(("blob", digest))
+        if fail(path):
+            raise OSError(errno.EACCES, "refused by the test")
+        return await real_file(self, path, digest, **kw)
+
+    async def push_blob(self: ImageTransfer, data: bytes, digest: str | None = None, chunk_size: int = 0) -> str:
+        events.append(("blob", digest or ""))
+        return await real_blob(self, data, digest, chunk_size)
+
+    async def push_manifest(self: ImageTransfer, reference: str, body: bytes, media_type: str) -> str:
+        events.append(("manifest", reference))
+        return await real_manifest(self, reference, body, media_type)
+
+    monkeypatch.setattr(ImageTransfer, "push_blob_file", push_blob_file)
+    monkeypatch.setattr(ImageTransfer, "push_blob", push_blob)
+    monkeypatch.setattr(ImageTransfer, "push_manifest", push_manifest)
+    return events
+
+
+def _rebuild_rig(tmp_path: Path, reg: rig.Registry, name: str) -> tuple[Callable[..., ConvertOptions], str, str]:
+    """Two images that differ in their top layer, the first converted with a build cache (the
+    target's repository, tag `cache`): (options maker, the second's source, the cache ref)."""
+    base = shared_layers(5)
+    _, src_a = push(reg, f"bc/{name}-a", [*base, app_layer(50)])
+    _, src_b = push(reg, f"bc/{name}-b", [*base, app_layer(51)])
+    cache = f"{reg.host}/bc/{name}-nydus:cache"
+
+    def opts(src: str, tag: str, **kw: Any) -> ConvertOptions:
+        return ConvertOptions(source=src, target=f"{reg.host}/bc/{name}-nydus:{tag}", source_insecure=True,
+                              target_insecure=True, work_dir=str(tmp_path / tag), build_cache=cache, **kw)
+
+    converter.convert(opts(src_a, "a"))
+    return opts, src_b, cache
+
+
+def test_cache_content_goes_up_beside_the_image_pushes(tmp_path: Path, plain_registry: rig.Registry,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new record's bootstrap and the cache config are uploaded beside the image's last
+    pushes, before its manifest (the old converter started them only after it: ~20 ms more of a
+    rebuild's serial tail); the cache manifest still goes last, once the image is pushed, and
+    names only blobs the cache repository has."""
+    opts, src_b, _cache = _rebuild_rig(tmp_path, plain_registry, "beside")
+    events = _spy_pushes(monkeypatch)
+    res = converter.convert(opts(src_b, "b"))
+    assert (res.layers_built, res.layers_cached) == (1, 2)
+    m = cache_manifest(plain_registry, "bc/beside-nydus", "cache")
+    boots = {ly["digest"] for ly in m["layers"] if ly["annotations"].get(oci.ANNO_NYDUS_BOOTSTRAP) == "true"}
+    new_boot = [i for i, (kind, d) in enumerate(events) if kind == "blob" and d in boots]
+    config = [i for i, (kind, d) in enumerate(events) if kind == "blob" and d == m["config"]["digest"]]
+    image_manifest = events.index(("manifest", "b"))
+    assert len(new_boot) == 1 and len(config) == 1, events
+    assert new_boot[0] < image_manifest and config[0] < image_manifest, events
+    assert events[-1] == ("manifest", "cache") and image_manifest < len(events) - 1
+    for ly in m["layers"]:
+        status, _ = http_get(f"{plain_registry.url}/v2/bc/beside-nydus/blobs/{ly['digest']}")
+        assert status == 200, ly
+
+
+def test_a_failed_cache_push_fails_the_command_after_the_image_is_pushed(
+        tmp_path: Path, plain_registry: rig.Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache upload that fails while the image is still being pushed does not stop the image:
+    its manifest is pushed, then the conversion fails naming the cache (as when the cache's
+    pushes came after the image's); the cache manifest is not replaced."""
+    opts, src_b, _cache = _rebuild_rig(tmp_path, plain_registry, "fails")
+    before = cache_manifest(plain_registry, "bc/fails-nydus", "cache")
+    events = _spy_pushes(monkeypatch, fail=lambda path: path.endswith(".boot.tar.gz"))  # a record's bootstrap
+    with pytest.raises(ConvertError, match="the image is pushed, but pushing the build cache failed"):
+        converter.convert(opts(src_b, "b"))
+    assert ("manifest", "b") in events and ("manifest", "cache") not in events
+    assert get_manifest(plain_registry, "bc/fails-nydus", "b")["layers"]
+    assert cache_manifest(plain_registry, "bc/fails-nydus", "cache") == before
+
+
+def test_a_record_that_fails_leaves_no_manifest(tmp_path: Path, plain_registry: rig.Registry,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The new layer's record is written after the merged bootstrap, beside the image's pushes,
+    but the image manifest still waits for it: a record that fails fails the conversion with no
+    image manifest and no new cache manifest pushed."""
+    opts, src_b, _cache = _rebuild_rig(tmp_path, plain_registry, "recfail")
+    before = cache_manifest(plain_registry, "bc/recfail-nydus", "cache")
+
+    def broken(self: LayerStack, path: str, layer: object = None) -> list[str]:
+        raise FormatError("record writer broken by the test")
+
+    monkeypatch.setattr(LayerStack, "write_layer_bootstrap", broken)
+    events = _spy_pushes(monkeypatch)
+    with pytest.raises(FormatError, match="broken by the test"):
+        converter.convert(opts(src_b, "b"))
+    assert not [e for e in events if e[0] == "manifest"], events
+    assert http_get(f"{plain_registry.url}/v2/bc/recfail-nydus/manifests/b")[0] == 404
+    assert cache_manifest(plain_registry, "bc/recfail-nydus", "cache") == before

@@ -8,6 +8,7 @@ from nydus_py.builder.build import build_image
 from nydus_py.builder.options import BuildOptions
 from nydus_py.builder.sources import tree_from_directory
 from nydus_py.rafs import open_bootstrap
+from nydus_py.rafs.layout_common import pack_chunks
 
 
 def _image(tmp_path, version, prefetch=()):  # noqa: ANN001, ANN202
@@ -66,3 +67,17 @@ def test_images_without_a_blob_chunk_table_yield_nothing(tmp_path, version):
     with _image(tmp_path, version) as img:
         c = _all_chunks(img)[0]
         assert list(img.chunks_after(c)) == []
+
+
+def test_v6_packed_chunks_are_the_chunks_packed(tmp_path):
+    """`packed_chunks` (what a build tree of the image keeps) is `pack_chunks(chunks(ino))` for
+    every file: the records as stored, each at its file offset, empty for an empty file."""
+    (tmp_path / "src" / "empty").parent.mkdir(parents=True)
+    (tmp_path / "src" / "empty").write_bytes(b"")
+    with _image(tmp_path, 6) as img:
+        files = 0
+        for _path, ino in img.walk():
+            if img.getattr(ino).mode & 0o170000 == 0o100000:
+                files += 1
+                assert img.packed_chunks(ino) == pack_chunks(img.chunks(ino))
+        assert files == 20

@@ -297,6 +297,8 @@ def test_chunk_index_corruptions(fmt: str, at: int, value: int, match: str) -> N
     boot = mutate(BASE, lambda bt: struct.pack_into(fmt, bt, off + at, value))
     with pytest.raises(FormatError, match=match):
         V6Image(boot).chunks(BASE.nids[b"/file"])
+    with pytest.raises(FormatError, match=match):  # (the records packed for a build tree: the same checks)
+        V6Image(boot).packed_chunks(BASE.nids[b"/file"])
 
 
 def test_chunk_record_corruptions() -> None:
@@ -321,6 +323,8 @@ def test_chunk_record_corruptions() -> None:
             struct.pack_into("<I", bt, ct + 80 * i + 36, 1)
     with pytest.raises(FormatError, match="file needs"):
         V6Image(mutate(BASE, sizes)).chunks(BASE.nids[b"/file"])
+    with pytest.raises(FormatError, match="file needs"):
+        V6Image(mutate(BASE, sizes)).packed_chunks(BASE.nids[b"/file"])
 
 
 def test_chunk_record_fields_checked_on_every_read() -> None:
