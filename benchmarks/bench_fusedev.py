@@ -1,8 +1,10 @@
 """nydus_py over /dev/fuse against native ext4, kernel EROFS and squashfuse_ll, side by side.
 
-One tree (gen_tree.py), six servers: the directory itself, the same RAFS v6 bootstrap mounted by
+One tree (gen_tree.py), seven servers: the directory itself, the same RAFS v6 bootstrap mounted by
 the kernel EROFS driver (file-backed, device=<cache view>), a mksquashfs image under
-squashfuse_ll, `nydusd-py fuse` on the bootstrap + blob, `nydusd-py fuse --fs-driver erofs`
+squashfuse_ll, `nydusd-py fuse` on the bootstrap + blob (a bare localfs backend: each read
+decompresses its chunk), the same over a blob cache made complete first (`nydus_py_cached`: decoded
+chunks, as a registry image is served by default), `nydusd-py fuse --fs-driver erofs`
 (the kernel EROFS driver on the bootstrap, data lazily through the daemon's blob views, no blob
 cache), and the same over a blob cache made complete before the first measurement
 (`nydus_py_erofs_cached`: the blobs go to EROFS as the cache's data files). Workloads, cold (unmount,
@@ -266,24 +268,20 @@ class NydusPyErofs(FuseProcess):
         self.sigterm = True
 
 
-class NydusPyErofsCached(NydusPyErofs):
-    """`--fs-driver erofs` over a blob cache that is complete before the first measurement (filled
-    once by reading every file, then remounted and the page cache dropped): each blob is handed
-    to EROFS as the cache's data file itself, so cold reads never reach the daemon."""
+class _FilledCache:
+    """A daemon over a blob cache that is complete before the first measurement: filled once by
+    reading every file, then remounted and the page cache dropped."""
 
-    name = "nydus_py_erofs_cached"
+    cache_dir: str
+    filled: bool
+    root: str
 
-    def __init__(self, mnt: str, boot: str, config: str, log: str, threads: int, cache_dir: str) -> None:
-        super().__init__(mnt, boot, config, log, threads)
-        self.cache_dir = cache_dir
-        self.filled = False
-
-    def start(self) -> None:
-        super().start()
+    def _fill_then_start(self, start: Any, stop: Any) -> None:
+        start()
         if self.filled:
             return
         subprocess.run(["sh", "-c", "find . -type f -exec cat {} + > /dev/null"], cwd=self.root, check=True)
-        self.stop()  # (the cache flushes its chunk maps on the way out)
+        stop()  # (the cache flushes its chunk maps on the way out)
         maps = [e.path for e in os.scandir(self.cache_dir) if e.name.endswith(".chunk_map")]
         for path in maps:
             with open(path, "rb") as f:
@@ -293,7 +291,38 @@ class NydusPyErofsCached(NydusPyErofs):
             raise RuntimeError(f"no blob cache in {self.cache_dir}")
         self.filled = True
         drop_caches()
-        super().start()
+        start()
+
+
+class NydusPyErofsCached(_FilledCache, NydusPyErofs):
+    """`--fs-driver erofs` over a complete blob cache (`_FilledCache`): each blob is handed to
+    EROFS as the cache's data file itself, so cold reads never reach the daemon."""
+
+    name = "nydus_py_erofs_cached"
+
+    def __init__(self, mnt: str, boot: str, config: str, log: str, threads: int, cache_dir: str) -> None:
+        super().__init__(mnt, boot, config, log, threads)
+        self.cache_dir = cache_dir
+        self.filled = False
+
+    def start(self) -> None:
+        self._fill_then_start(super().start, self.stop)
+
+
+class NydusPyCached(_FilledCache, NydusPy):
+    """`nydusd-py fuse` over a complete blob cache (`_FilledCache`), as a registry image is served
+    by default (`--image` configs have a blob cache): reads come from the cache's decoded chunks,
+    not decompressed from the blob on each read as with a bare localfs backend."""
+
+    name = "nydus_py_cached"
+
+    def __init__(self, mnt: str, boot: str, config: str, log: str, threads: int, cache_dir: str) -> None:
+        super().__init__(mnt, boot, config, log, threads)
+        self.cache_dir = cache_dir
+        self.filled = False
+
+    def start(self) -> None:
+        self._fill_then_start(super().start, self.stop)
 
 
 # -- workloads ----------------------------------------------------------------------------------------
@@ -531,7 +560,7 @@ def bench_tree(tree: str, work: str, name: str, args: argparse.Namespace, worklo
     print(f"[{name}] building images ...", flush=True)
     info = build_images(tree, work, f"img-{name}")
     mnts = {n: os.path.join(work, f"mnt-{name}-{n}") for n in ("erofs", "squashfuse_ll", "nydus_py", "nydus_py_uring",
-                                                               "nydus_py_erofs", "nydus_py_erofs_cached",
+                                                               "nydus_py_erofs", "nydus_py_erofs_cached", "nydus_py_cached",
                                                                "nydus_py_base", "nydus_py_uring_base")}
     for m in mnts.values():
         os.makedirs(m, exist_ok=True)
@@ -544,6 +573,13 @@ def bench_tree(tree: str, work: str, name: str, args: argparse.Namespace, worklo
     Path(cached_cfg).write_text(json.dumps({
         "device": {"backend": {"type": "localfs", "config": {"dir": str(info["blobs"])}},
                    "cache": {"type": "blobcache", "config": {"work_dir": cache_dir}}},
+        "mode": "direct", "digest_validate": False, "enable_xattr": True}))
+    fuse_cache_dir = os.path.join(work, f"fuse-cache-{name}")  # (its own: the erofs one is handed to the kernel)
+    shutil.rmtree(fuse_cache_dir, ignore_errors=True)
+    fuse_cached_cfg = os.path.join(work, f"nydusd-fuse-cached-{name}.json")
+    Path(fuse_cached_cfg).write_text(json.dumps({
+        "device": {"backend": {"type": "localfs", "config": {"dir": str(info["blobs"])}},
+                   "cache": {"type": "blobcache", "config": {"work_dir": fuse_cache_dir}}},
         "mode": "direct", "digest_validate": False, "enable_xattr": True}))
     servers: list[Server] = [
         Native(tree),
@@ -560,6 +596,8 @@ def bench_tree(tree: str, work: str, name: str, args: argparse.Namespace, worklo
                      args.threads),
         NydusPyErofsCached(mnts["nydus_py_erofs_cached"], str(info["boot"]), cached_cfg,
                            os.path.join(work, f"nydusd-erofs-cached-{name}.log"), args.threads, cache_dir),
+        NydusPyCached(mnts["nydus_py_cached"], str(info["boot"]), fuse_cached_cfg,
+                      os.path.join(work, f"nydusd-cached-{name}.log"), args.threads, fuse_cache_dir),
     ]
     servers = [s for s in servers if s.name == "native" or s.name in args.servers]
     names = [s.name for s in servers]
@@ -597,7 +635,7 @@ def main() -> None:
     ap.add_argument("--workdir", help="keep the tree and images here (reused across runs)")
     ap.add_argument("--tag", default="fusedev", help="name of the JSON/PNG result files")
     ap.add_argument("--io-uring", action="store_true", help="also nydus_py_uring (FUSE over io_uring)")
-    ap.add_argument("--servers", default="erofs,squashfuse_ll,nydus_py,nydus_py_erofs,nydus_py_erofs_cached",
+    ap.add_argument("--servers", default="erofs,squashfuse_ll,nydus_py,nydus_py_cached,nydus_py_erofs,nydus_py_erofs_cached",
                     help="comma-separated servers besides native (nydus_py_uring is added by --io-uring)")
     ap.add_argument("--baseline", help="another checkout (the code before a change): adds nydus_py_base, run "
                     "in the same rounds as nydus_py, GETATTR round trip included (alternated)")

@@ -212,6 +212,13 @@ class BlobDevice:
         end = min(file_size, offset + size)
         if offset >= end:
             return b""
+        if self._ready_into is not None:
+            # ready in the blob cache: exactly the range, by one preadv per run, not each chunk
+            # read whole from the data file (a 4 KiB random READ read and copied its 1 MiB chunk:
+            # 2.4x the time of decoding chunks from a local blob into the chunk cache)
+            buf = bytearray(end - offset)
+            if self.read_ready_into(ino, offset, end - offset, file_size, [memoryview(buf)]) == end - offset:
+                return memoryview(buf)
         chunks = self._chunks(ino, offset, size)
         extra = (self.image.chunks(ino, end, self.amplify_io)
                  if self._chunked is not None and self.amplify_io and end < file_size else [])
