@@ -270,18 +270,22 @@ class NydusPyErofs(FuseProcess):
 
 class _FilledCache:
     """A daemon over a blob cache that is complete before the first measurement: filled once by
-    reading every file, then remounted and the page cache dropped."""
+    reading every file, then remounted and the page cache dropped. (Mixed in before a daemon
+    class: `super()` is that daemon.)"""
 
-    cache_dir: str
-    filled: bool
     root: str
 
-    def _fill_then_start(self, start: Any, stop: Any) -> None:
-        start()
+    def __init__(self, mnt: str, boot: str, config: str, log: str, threads: int, cache_dir: str) -> None:
+        super().__init__(mnt, boot, config, log, threads)  # type: ignore[call-arg]
+        self.cache_dir = cache_dir
+        self.filled = False
+
+    def start(self) -> None:
+        super().start()  # type: ignore[misc]
         if self.filled:
             return
         subprocess.run(["sh", "-c", "find . -type f -exec cat {} + > /dev/null"], cwd=self.root, check=True)
-        stop()  # (the cache flushes its chunk maps on the way out)
+        self.stop()  # type: ignore[attr-defined]  # (the cache flushes its chunk maps on the way out)
         maps = [e.path for e in os.scandir(self.cache_dir) if e.name.endswith(".chunk_map")]
         for path in maps:
             with open(path, "rb") as f:
@@ -291,7 +295,7 @@ class _FilledCache:
             raise RuntimeError(f"no blob cache in {self.cache_dir}")
         self.filled = True
         drop_caches()
-        start()
+        super().start()  # type: ignore[misc]
 
 
 class NydusPyErofsCached(_FilledCache, NydusPyErofs):
@@ -300,14 +304,6 @@ class NydusPyErofsCached(_FilledCache, NydusPyErofs):
 
     name = "nydus_py_erofs_cached"
 
-    def __init__(self, mnt: str, boot: str, config: str, log: str, threads: int, cache_dir: str) -> None:
-        super().__init__(mnt, boot, config, log, threads)
-        self.cache_dir = cache_dir
-        self.filled = False
-
-    def start(self) -> None:
-        self._fill_then_start(super().start, self.stop)
-
 
 class NydusPyCached(_FilledCache, NydusPy):
     """`nydusd-py fuse` over a complete blob cache (`_FilledCache`), as a registry image is served
@@ -315,14 +311,6 @@ class NydusPyCached(_FilledCache, NydusPy):
     not decompressed from the blob on each read as with a bare localfs backend."""
 
     name = "nydus_py_cached"
-
-    def __init__(self, mnt: str, boot: str, config: str, log: str, threads: int, cache_dir: str) -> None:
-        super().__init__(mnt, boot, config, log, threads)
-        self.cache_dir = cache_dir
-        self.filled = False
-
-    def start(self) -> None:
-        self._fill_then_start(super().start, self.stop)
 
 
 # -- workloads ----------------------------------------------------------------------------------------
