@@ -14,6 +14,10 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import zstandard
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from nydus_py.builder.sources import TarPipe
 from nydus_py.convert import converter
 
@@ -186,3 +190,22 @@ def test_a_piece_arriving_during_a_pull_is_pulled() -> None:
 
     pipe.attach(Late(pipe.arrived))
     _returns(lambda: pipe.read(0, 3, pipe.generation))
+
+
+_GZ, _TAR = mixed_layer()
+
+
+@settings(max_examples=20, deadline=None)
+@given(piece=st.integers(64, 300_000), step=st.integers(512, 200_000), stop=st.none() | st.integers(0, len(_TAR)),
+       kind=st.sampled_from(["gzip", "zstd", "tar"]))
+def test_any_piece_and_read_sizes_give_the_whole_tar(piece: int, step: int, stop: int | None, kind: str) -> None:
+    """Whatever sizes the download's pieces and the build's reads have, and wherever the build
+    lets go, the reader gets the tar's bytes in order and the digests cover the whole layer."""
+    blob = {"gzip": _GZ, "zstd": zstandard.ZstdCompressor(level=1).compress(_TAR), "tar": _TAR}[kind]
+    got: list[bytes] = []
+    _, _, (diff_id, size, got_kind) = run(blob, piece, lambda p: read_all(p, step, got, stop_at=stop))
+    data = b"".join(got)
+    assert (diff_id, size, got_kind) == (hashlib.sha256(_TAR).hexdigest(), len(_TAR), kind)
+    assert data == _TAR[:len(data)]
+    if stop is None:
+        assert len(data) == len(_TAR)
