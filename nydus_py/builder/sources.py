@@ -266,11 +266,9 @@ class PipeSource(Protocol):
     def pull(self) -> bool:
         """Feed the pipe from the next piece waiting, unless none is waiting or another thread
         is feeding; whether a piece was taken. Called without the pipe's lock."""
-        raise NotImplementedError
 
     def reader_gone(self) -> None:
         """The reader will not pull again (`release`): what still comes must be fed by others."""
-        raise NotImplementedError
 
 
 class TarPipe(Growth):

@@ -314,10 +314,7 @@ class _InflateSink:
             more = next(steps, _DONE) is not _DONE
         except BaseException as e:  # (a write error: the loop raises it, the download stops)
             with self._lock:
-                self._error = e
-                self._queue.clear()
-                self._queued = 0
-                self._steps = None
+                self._fail_locked(e)
                 self._running = False
                 self._wake_locked()
             return False
@@ -349,40 +346,36 @@ class _InflateSink:
     def _drain(self) -> None:
         """Pool job: feed the queued pieces in order until the queue is empty (first the rest of
         a piece a reader that went away was inflating)."""
-        inflater = self.inflater
-        assert inflater is not None
-        steps, self._steps = self._steps, None  # (no pull runs: `_running` is set)
-        if steps is not None:
-            try:
-                for _ in steps:
-                    pass
-            except BaseException as e:
-                with self._lock:
-                    self._error = e
-                    self._queue.clear()
-                    self._queued = 0
-            else:
-                with self._lock:
-                    self._queued -= self._steps_size
+        assert self.inflater is not None
         while True:
             with self._lock:
-                if not self._queue or self._error is not None:
+                if self._error is not None or (self._steps is None and not self._queue):
                     self._running = False
                     self._wake_locked()
                     return
-                data = self._queue.popleft()
+                if self._steps is None:
+                    data = self._queue.popleft()
+                    self._steps, self._steps_size = self.inflater.steps(data), len(data)
+                steps = self._steps
             try:
-                inflater.feed(data)
+                for _ in steps:
+                    pass
             except BaseException as e:  # (a write error of the tar file: the download stops with it)
                 with self._lock:
-                    self._error = e
-                    self._queue.clear()
-                    self._queued = 0
+                    self._fail_locked(e)
                 continue
             with self._lock:
-                self._queued -= len(data)
+                self._steps = None
+                self._queued -= self._steps_size
                 if self._queued <= self.ahead // 2:  # room again: the loop goes on reading
                     self._wake_locked()
+
+    def _fail_locked(self, e: BaseException) -> None:
+        """(lock held) A feed failed: keep its error for the loop, drop what is queued."""
+        self._error = e
+        self._queue.clear()
+        self._queued = 0
+        self._steps = None
 
     def _wake_locked(self) -> None:
         waiter, self._waiter = self._waiter, None

@@ -22,6 +22,7 @@ from nydus_py.storage.cache.blobcache import AROUND_WASTE
 from nydus_py.storage.device import BlobDevice
 from nydus_py.storage.localfs import LocalBlobDir
 
+from ..storage.images import write_files
 from .mountrig import build
 
 FILE = 6000  # random bytes: a file's chunk is about this big compressed
@@ -49,11 +50,7 @@ def _tree(src: Path, dirs: int, files: int, seed: int = 5) -> dict[str, bytes]:
             rel = f"d{d:02d}/f{f:03d}"
             out[rel] = rng.randbytes(FILE + rng.randrange(500))
         out[f"d{d:02d}/sub/inner"] = rng.randbytes(FILE)  # a subdirectory: stored elsewhere
-    for rel, data in out.items():
-        p = src / rel
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_bytes(data)
-    return out
+    return write_files(src, out)
 
 
 @contextmanager

@@ -38,6 +38,11 @@ def make_tree(root: Path, seed: int = 7) -> dict[str, bytes]:
     }
     for i in range(30):
         files[f"small/f{i:02d}"] = rng.randbytes(rng.randrange(1, 3000))
+    return write_files(root, files)
+
+
+def write_files(root: Path, files: dict[str, bytes]) -> dict[str, bytes]:
+    """Write `files` (relative path -> bytes) under `root`, making directories; returns `files`."""
     for rel, data in files.items():
         p = root / rel
         p.parent.mkdir(parents=True, exist_ok=True)

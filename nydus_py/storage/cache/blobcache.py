@@ -547,14 +547,7 @@ class BlobCacheManager:
             with self._lock:
                 self.stats.direct_reads += 1
                 self.stats.direct_bytes += n
-                # hits as `_read` counts them: read-around's budget credits the use of chunks
-                # fetched along, and a sequential reader's stream moves over them
-                self._credit(cb.blob.blob_id, chunks, [b""] * len(chunks))
-                streams = self._streams.get(cb.blob.blob_id)
-                if streams:
-                    self._advance(streams, list(chunks))
-                self.stats.chunk_hits += len(chunks)
-                self.stats.whole_hits += 1
+                self._note_hits(cb.blob.blob_id, chunks, [b""] * len(chunks))  # (as `_read` counts them)
             return True
         finally:
             self._unpin(cb)
@@ -681,18 +674,8 @@ class BlobCacheManager:
               around: Callable[[ChunkInfo], Iterable[ChunkInfo]] | None = None) -> list[bytes]:
         out: list[bytes | None] = [self._cached(cb, c) for c in chunks]
         missing = [k for k, d in enumerate(out) if d is None]
-        hits = len(chunks) - len(missing)
         with self._lock:
-            if not prefetch:
-                self._credit(cb.blob.blob_id, chunks, out)
-            streams = self._streams.get(cb.blob.blob_id) if follow is not None and hits else None
-            if streams:
-                self._advance(streams, [c for c, d in zip(chunks, out, strict=True) if d is not None])
-            self.stats.chunk_hits += hits
-            if not missing:
-                self.stats.whole_hits += 1
-            elif hits:
-                self.stats.partial_hits += 1
+            self._note_hits(cb.blob.blob_id, chunks, out, prefetch, follow is not None)
         if not missing:
             return out  # type: ignore[return-value]
         streaming = self.streamer is not None and self.streamer.streaming(cb.blob.blob_id)
@@ -736,7 +719,24 @@ class BlobCacheManager:
                 out[k] = self._read(cb, [chunks[k]], (), prefetch)[0]
         return out  # type: ignore[return-value]
 
-    def _credit(self, bid: str, chunks: Sequence[ChunkInfo], out: list[bytes | None]) -> None:
+    def _note_hits(self, bid: str, chunks: Sequence[ChunkInfo], out: Sequence[bytes | None],
+                   prefetch: bool = False, follows: bool = True) -> None:
+        """(lock held) What a read found in the cache (`out[k]` None: missing): an on-demand
+        read's credit towards read-around's budget (`_credit`), a sequential reader's stream
+        carried over its hits (`follows`: the reader amplifies across files), the hit counters."""
+        if not prefetch:
+            self._credit(bid, chunks, out)
+        hits = [c for c, d in zip(chunks, out, strict=True) if d is not None]
+        streams = self._streams.get(bid) if follows and hits else None
+        if streams:
+            self._advance(streams, hits)
+        self.stats.chunk_hits += len(hits)
+        if len(hits) == len(chunks):
+            self.stats.whole_hits += 1
+        elif hits:
+            self.stats.partial_hits += 1
+
+    def _credit(self, bid: str, chunks: Sequence[ChunkInfo], out: Sequence[bytes | None]) -> None:
         """(lock held) What an on-demand read asks for, towards read-around's budget: its
         missing chunks, and the chunks fetched along earlier that it uses now (each once)."""
         ahead = self._ahead
